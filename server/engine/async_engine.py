@@ -1,0 +1,174 @@
+"""Drive the engine from a background thread and stream its outputs into asyncio.
+
+The event loop never runs model code: submissions and aborts go through a thread-safe inbox,
+the engine thread steps whenever there is work, and each output is handed to the request's
+asyncio queue with call_soon_threadsafe. Leaving a stream early aborts its request, so a
+client that disconnects frees its KV blocks within one iteration.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.config import EngineConfig
+from server.engine.llm_engine import Engine
+from server.engine.outputs import EngineStats, ModelInfo, RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: Engine | None = None):
+        self.config = config
+        self.engine = engine if engine is not None else Engine.from_config(config)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; requests still in flight end with Unavailable."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Unavailable("the server is shutting down"))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render chat messages with the model's template, ready for the assistant's turn."""
+        if not messages:
+            raise InvalidRequest("messages is empty: send at least one message")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("this model has no chat template: send a plain prompt instead of messages")
+        for i, m in enumerate(messages):
+            if m.get("role") not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role is {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(m.get("content"), str):
+                raise InvalidRequest(f"messages[{i}].content must be text")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str, adapter: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; errors are raised before the first output."""
+        if self._thread is None or self._stopping:
+            raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
+        if adapter:
+            raise NotFound(f"adapter {adapter!r} is not loaded: adapter serving is not available in this build yet")
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.engine.validate(prompt_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
+            limit = self.config.max_num_seqs + self.config.max_waiting
+            if len(self._streams) >= limit:
+                raise ResourceExhausted(
+                    f"the server is at its limit of {limit} concurrent requests: retry later"
+                )
+            self._streams[request_id] = stream
+        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                del self._streams[request_id]
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                log.exception("engine step failed; failing the requests in the batch")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        self.engine.abort_all()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt_ids, params = command
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params)
+                except TandemError as exc:
+                    self._deliver(request_id, exc)
+            else:
+                out = self.engine.abort(command[1])
+                if out is not None:
+                    self._deliver(out.request_id, out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for out in self.engine.abort_all():
+            self._deliver(out.request_id, RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}"))
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

@@ -1,0 +1,51 @@
+"""Incremental detokenization and stop-string handling for one sequence.
+
+Decoding a token alone loses context (a leading space, half of a multi-byte character), so
+each step decodes a short window of tokens before and after the new ones and emits only the
+text that is complete. Text that could still become a stop string is held back until it
+cannot.
+"""
+
+from typing import Any
+
+# Tokens of context before the unread ones; enough for byte-level and SentencePiece merges.
+CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: list[str]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, 0)
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def add(self, token_id: int) -> bool:
+        """Append one generated token; True when a stop string appeared (text is cut before it)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.prefix_offset, self.read_offset)
+        full = self._decode(self.prefix_offset, len(self.ids))
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return False
+        start = max(len(self.text) - self.hold_back, 0)
+        self.text += full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        for s in self.stop:
+            at = self.text.find(s, start)
+            if at != -1:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def take(self, finished: bool) -> str:
+        """The text not yet handed out; while running, keep back what may start a stop string."""
+        end = len(self.text) if finished else max(len(self.text) - self.hold_back, self.emitted)
+        piece = self.text[self.emitted : end]
+        self.emitted = end
+        return piece
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)

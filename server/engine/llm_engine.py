@@ -1,0 +1,165 @@
+"""The synchronous engine: requests in, one iteration per `step()`, outputs out.
+
+A step is: schedule -> run the model -> sample -> update sequences (stops, detokenize).
+It is not thread-safe; AsyncEngine drives it from a single thread.
+"""
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import BlockAllocator, KVCache
+from server.engine.model_runner import ModelRunner
+from server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
+from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
+from server.errors import InvalidRequest, ResourceExhausted
+from server.model.loader import LoadedModel, load_model
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        model = loaded.model
+        shape = model.shape
+        self.device = model.embed.device
+        self.dtype = model.embed.dtype
+        num_blocks = config.kv_cache_bytes // KVCache.bytes_per_block(shape, config.block_size, self.dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is too small for one KV block of this model")
+        if config.max_model_len is not None and config.max_model_len > shape.max_position:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {shape.max_position}")
+        self.max_model_len = min(config.max_model_len or shape.max_position, num_blocks * config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.allocator)
+        self.runner = ModelRunner(model, KVCache(shape, num_blocks, config.block_size, self.dtype, self.device), config.block_size, self.device)
+        self.sampler = Sampler(self.device)
+        self.info = ModelInfo(
+            name=loaded.name,
+            architecture=loaded.architecture,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_model_len=self.max_model_len,
+            vocab_size=shape.vocab_size,
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._reported: dict[str, int] = {}
+        self._arrivals = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        return cls(load_model(config.model, config.resolve_dtype(), config.resolve_device()), config)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest for anything this request could never run with."""
+        vocab = self.info.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        params.validate(len(prompt_ids), self.max_model_len, vocab)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        self.validate(prompt_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise ResourceExhausted(
+                f"the request queue is full ({self.config.max_waiting} waiting): retry later or raise --max-waiting"
+            )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(request_id, len(prompt_ids), list(prompt_ids), params, self._arrivals, generator)
+        self._arrivals += 1
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        self._reported[request_id] = 0
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output, None if unknown."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._output(seq)
+
+    def abort_all(self) -> list[RequestOutput]:
+        return [self.abort(request_id) for request_id in list(self._seqs)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        with torch.inference_mode():
+            sampling, logits = self.runner.execute(scheduled)
+            sampled = self.sampler(logits, sampling)
+        for seq, n in scheduled.chunks:
+            seq.num_computed += n
+        outputs = []
+        for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.pending_logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        total = self.allocator.num_blocks
+        free = self.allocator.num_free
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=free,
+            num_total_blocks=total,
+            kv_usage=(total - free) / total,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        hit_stop_string = self._detok[seq.request_id].add(token)
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return FinishReason.EOS
+        if hit_stop_string:
+            return FinishReason.STOP
+        if seq.num_generated >= params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        rid = seq.request_id
+        finished = seq.finish_reason is not None
+        start = self._reported[rid]
+        self._reported[rid] = seq.num_generated
+        logprobs = seq.pending_logprobs if seq.params.logprobs is not None else None
+        seq.pending_logprobs = []
+        out = RequestOutput(
+            request_id=rid,
+            text=self._detok[rid].take(finished),
+            token_ids=seq.output_ids[start:],
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_len,
+            generated_tokens=seq.num_generated,
+            logprobs=logprobs,
+        )
+        if finished:
+            del self._seqs[rid], self._detok[rid], self._reported[rid]
+        return out

@@ -1,0 +1,63 @@
+"""What the engine streams back for each request."""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_new_tokens or the context limit reached
+    EOS = "eos"  # the model's end-of-sequence token
+    STOP = "stop"  # a stop string or stop token id
+    ABORT = "abort"  # cancelled by the caller or the server
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and, if asked, the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's stream.
+
+    text and token_ids hold only what is new since the previous output; text may lag the
+    tokens while a multi-byte character or a possible stop string is incomplete.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    generated_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What a client may ask about the served model."""
+
+    name: str
+    architecture: str
+    dtype: str
+    device: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load, read by metrics and tests (free blocks find leaks)."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    num_preemptions: int

@@ -1,0 +1,105 @@
+"""Continuous batching: which sequences run this iteration, and how many tokens each.
+
+The scheduler is the only owner of request state. Each iteration it fills a token budget:
+first the running sequences (oldest first; one token for a decode, a chunk for a prefill
+in progress), then new or preempted sequences from the queue, preempted first. When the KV
+cache has no block for a running sequence, the newest running sequence is preempted (its
+blocks freed, to be recomputed later) rather than failing anything.
+"""
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+from server.config import EngineConfig
+from server.engine.kv_cache import BlockAllocator
+from server.engine.outputs import FinishReason
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The work of one iteration: sequences with the number of tokens each computes."""
+
+    chunks: list[tuple[Sequence, int]]
+    num_preempted: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark a sequence finished and give its blocks back, wherever it is."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[tuple[Sequence, int]] = []
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self.allocator.grow(seq.block_table, seq.num_computed + n)
+                chunks.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.allocator.grow(seq.block_table, seq.num_computed + n)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            chunks.append((seq, n))
+            budget -= n
+        return ScheduledBatch(chunks, preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

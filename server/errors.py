@@ -1,0 +1,33 @@
+"""Domain errors raised by the engine and the model loader.
+
+Each class corresponds to one gRPC status code; the server maps them in one place.
+Messages are written for the user: they say what was wrong and what to change.
+"""
+
+
+class TandemError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class InvalidRequest(TandemError):
+    """The request itself is malformed (maps to INVALID_ARGUMENT)."""
+
+
+class NotFound(TandemError):
+    """An adapter, router or job named in the request does not exist (NOT_FOUND)."""
+
+
+class IncompatibleAdapter(TandemError):
+    """An adapter exists but cannot be served on this base model (FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(TandemError):
+    """The queue, the KV cache or the adapter slots are full (RESOURCE_EXHAUSTED)."""
+
+
+class Unavailable(TandemError):
+    """The engine is not ready or is draining (UNAVAILABLE)."""
+
+
+class ModelLoadError(TandemError):
+    """The model path is missing, corrupt or of an unsupported architecture."""

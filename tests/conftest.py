@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random Llama (with the real SmolLM2 tokenizer) and the real SmolLM2."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.model.loader import default_model_path
+
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name, local_files_only=True)
+
+
+def make_tiny_hf_model(tokenizer, seed: int = 0, **overrides):
+    """A randomly initialised LlamaForCausalLM sized for tests, vocabulary of the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY_CONFIG, **overrides},
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(smollm2_tokenizer):
+    return make_tiny_hf_model(smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_hf_model, smollm2_tokenizer) -> Path:
+    """The tiny model saved as a Hugging Face directory (safetensors + tokenizer + chat template)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """The real SmolLM2 as a transformers model (float32), the oracle for end-to-end tests."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32, local_files_only=True
+    ).eval()

@@ -1,0 +1,32 @@
+"""Building engines around in-memory transformers models, and running them to completion."""
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.llm_engine import Engine
+from server.engine.sampling_params import SamplingParams
+from server.model.loader import LoadedModel, build_from_hf, eos_token_ids
+
+
+def make_engine(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **config) -> Engine:
+    model = build_from_hf(hf_model, dtype, torch.device("cpu"))
+    loaded = LoadedModel(model, tokenizer, "test-model", hf_model.config.model_type, eos_token_ids(hf_model, tokenizer))
+    return Engine(loaded, EngineConfig(**config))
+
+
+def run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list[int]]:
+    """Step the engine, adding requests at the given iterations; returns generated ids per request."""
+    outputs: dict[str, list[int]] = {}
+    step = 0
+    while step <= max(arrivals) or engine.has_work():
+        for rid, ids, params in arrivals.get(step, []):
+            engine.add_request(rid, ids, params)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        step += 1
+    return outputs
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
