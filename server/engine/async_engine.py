@@ -17,7 +17,7 @@ from server.config import EngineConfig
 from server.engine.llm_engine import Engine
 from server.engine.outputs import EngineStats, ModelInfo, RequestOutput
 from server.engine.sampling_params import SamplingParams
-from server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
+from server.errors import InvalidRequest, NotFound, TandemError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,7 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
-            limit = self.config.max_num_seqs + self.config.max_waiting
-            if len(self._streams) >= limit:
-                raise ResourceExhausted(
-                    f"the server is at its limit of {limit} concurrent requests: retry later"
-                )
+            self.engine.check_capacity(len(self._streams))
             self._streams[request_id] = stream
         self._inbox.put(("add", request_id, prompt_ids, params))
         self._wake.set()

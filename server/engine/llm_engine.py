@@ -65,14 +65,23 @@ class Engine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         params.validate(len(prompt_ids), self.max_model_len, vocab)
 
+    @property
+    def capacity(self) -> int:
+        """Requests the engine holds at once: running plus queued."""
+        return self.config.max_num_seqs + self.config.max_waiting
+
+    def check_capacity(self, live_requests: int) -> None:
+        if live_requests >= self.capacity:
+            raise ResourceExhausted(
+                f"the server is at its limit of {self.capacity} concurrent requests "
+                f"({self.config.max_num_seqs} running + {self.config.max_waiting} queued): retry later"
+            )
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise ResourceExhausted(
-                f"the request queue is full ({self.config.max_waiting} waiting): retry later or raise --max-waiting"
-            )
+        self.check_capacity(len(self._seqs))
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)

@@ -1,0 +1,1 @@
+"""The gRPC surface: servicers, request conversion, auth, status mapping, health, lifecycle."""

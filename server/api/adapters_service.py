@@ -1,0 +1,35 @@
+"""tandem.v1.Adapters: proto in, adapter catalog call, proto out."""
+
+import asyncio
+
+import grpc
+
+from server.api import convert
+from server.api.adapter_catalog import resolve_adapter_dir
+from server.api.serving_state import ServingState
+from server.metrics import Metrics
+from tandem.v1 import adapters_pb2, adapters_pb2_grpc
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, state: ServingState, adapters_dir: str | None, metrics: Metrics):
+        self._state = state
+        self._adapters_dir = adapters_dir
+        self._metrics = metrics
+
+    async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
+        with self._state.admit():
+            directory = resolve_adapter_dir(self._adapters_dir, request.name, request.path)
+            # Reading adapter weights takes disk time: keep it off the event loop.
+            info = await asyncio.to_thread(self._state.catalog.load, request.name, directory)
+            self._metrics.lora_adapter_loads.inc()
+            return adapters_pb2.LoadAdapterResponse(adapter=convert.adapter_info(info))
+
+    async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
+        with self._state.admit():
+            self._state.catalog.unload(request.name)
+            return adapters_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
+        with self._state.admit():
+            return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in self._state.catalog.list()])

@@ -1,0 +1,118 @@
+"""Assembles the gRPC server: services, health, reflection, interceptor, limits, TLS, and
+the start → attach engine → drain lifecycle. `build_server()` is what the CLI and tests call."""
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from server.api.adapter_catalog import AdapterCatalog
+from server.api.adapters_service import AdaptersServicer
+from server.api.auth import TokenTable
+from server.api.generation_service import GenerationServicer
+from server.api.interceptor import CallInterceptor
+from server.api.serving_state import ServingState
+from server.config import ServerConfig
+from server.metrics import Metrics
+from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+if TYPE_CHECKING:
+    from server.engine.async_engine import AsyncEngine
+
+log = logging.getLogger("tandem.server")
+
+SERVICES = [
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+]
+# Long generations stream for minutes: let clients keep the connection alive with pings.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class TandemServer:
+    """A built server: `start()` serves health at once, `attach_engine()` makes it ready,
+    `drain()` stops it gracefully."""
+
+    def __init__(self, server: grpc.aio.Server, state: ServingState, metrics: Metrics, config: ServerConfig, port: int):
+        self._server = server
+        self.state = state
+        self.metrics = metrics
+        self.config = config
+        self.port = port
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        await self.state.mark_loading()
+        await self._server.start()
+        self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}})
+
+    async def attach_engine(self, engine: "AsyncEngine", catalog: AdapterCatalog | None = None) -> None:
+        await self.state.attach(engine, catalog)
+        log.info("ready", extra={"fields": {"model": engine.info.name}})
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Readiness off, new calls refused with UNAVAILABLE, in-flight calls given `grace`
+        seconds (default: the config's) before they are cancelled. True if all finished."""
+        grace = self.config.drain_grace_seconds if grace is None else grace
+        await self.state.begin_drain()
+        log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        finished = await self.state.wait_idle(grace)
+        await self._server.stop(grace=0)
+        self.metrics.close()
+        log.info("stopped", extra={"fields": {"in_flight_finished": finished}})
+        return finished
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def build_server(config: ServerConfig, metrics: Metrics | None = None) -> TandemServer:
+    """Builds (but does not start) a server bound to config.host:config.port.
+
+    Call it inside the asyncio loop that will run the server.
+    """
+    metrics = metrics or Metrics()
+    tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file else None
+    server = grpc.aio.server(
+        interceptors=[CallInterceptor(tokens, metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            *KEEPALIVE_OPTIONS,
+        ],
+    )
+    health = health_aio.HealthServicer()
+    state = ServingState(health, SERVICES)
+    metrics.bind(state)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state, config.adapters_dir, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    credentials = _credentials(config)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: is another process using it? ({exc})") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is another process using it?")
+    return TandemServer(server, state, metrics, config, port)

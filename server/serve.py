@@ -1,0 +1,44 @@
+"""`tandem serve`: health up at once, model loaded off the event loop, ready when loaded,
+graceful drain on SIGTERM/SIGINT."""
+
+import asyncio
+import logging
+import signal
+
+from server.api.grpc_server import build_server
+from server.config import EngineConfig, ServerConfig
+from server.errors import ModelLoadError
+
+log = logging.getLogger("tandem.serve")
+
+
+async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Runs until SIGTERM or SIGINT; returns the process exit status."""
+    from server.engine.async_engine import AsyncEngine  # torch import: only when serving
+
+    server = build_server(server_config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    loading = asyncio.create_task(asyncio.to_thread(AsyncEngine, engine_config))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    engine = None
+    if loading.done():
+        try:
+            engine = loading.result()
+        except (ModelLoadError, OSError, ValueError) as exc:
+            log.error("cannot load the model: %s", exc)
+            await server.drain(grace=0)
+            return 1
+        engine.start()
+        await server.attach_engine(engine)
+        await stopping
+    log.info("signal received: draining")
+    await server.drain()
+    if engine is not None:
+        engine.shutdown()
+    return 0

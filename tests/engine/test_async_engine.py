@@ -1,0 +1,120 @@
+"""The asyncio face of the engine: streams, early exits that free resources, errors up front."""
+
+import asyncio
+
+import pytest
+
+from server.config import EngineConfig
+from server.engine.async_engine import AsyncEngine
+from server.engine.sampling_params import SamplingParams
+from server.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", max_num_seqs=4, max_waiting=2))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+async def collect(engine, prompt, params, rid):
+    return [out async for out in engine.generate(prompt, params, rid)]
+
+
+def test_loads_a_hugging_face_directory(engine):
+    assert engine.info.architecture == "llama"
+    assert engine.info.dtype == "float32"
+    assert engine.info.max_model_len == 512
+
+
+def test_concurrent_streams_end_with_usage(engine):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+        return await asyncio.gather(*(collect(engine, f"Hello number {i}", params, f"s{i}") for i in range(4)))
+
+    for outs in asyncio.run(main()):
+        assert outs[-1].finished and outs[-1].finish_reason.value == "length"
+        assert sum(len(o.token_ids) for o in outs) == 6 == outs[-1].generated_tokens
+        assert outs[-1].prompt_tokens > 0
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(engine):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
+        stream = engine.generate("A long story", params, "early")
+        await stream.__anext__()
+        assert engine.stats().num_free_blocks < engine.stats().num_total_blocks
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert engine.stats().num_running == 0
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_cancelled_task_aborts(engine):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
+        task = asyncio.create_task(collect(engine, "Cancel me", params, "cancel"))
+        while engine.stats().num_running == 0:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_errors_come_before_any_output(engine):
+    async def first(prompt, params, rid="e", adapter=None):
+        async for _ in engine.generate(prompt, params, rid, adapter):
+            pass
+
+    with pytest.raises(InvalidRequest, match="top_p"):
+        asyncio.run(first("hi", SamplingParams(top_p=2.0)))
+    with pytest.raises(NotFound, match="adapter 'nope'"):
+        asyncio.run(first("hi", SamplingParams(), adapter="nope"))
+
+
+def test_a_full_server_refuses_at_once(engine):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_new_tokens=300, ignore_eos=True)
+        streams = [engine.generate("busy", params, f"b{i}") for i in range(6)]
+        firsts = [await s.__anext__() for s in streams]
+        with pytest.raises(ResourceExhausted, match="limit of 6"):
+            await collect(engine, "one too many", params, "extra")
+        for s in streams:
+            await s.aclose()
+        return firsts
+
+    assert len(asyncio.run(main())) == 6
+
+
+def test_chat_template_and_its_errors(engine):
+    ids = engine.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert "<|im_start|>assistant" in engine.tokenizer.decode(ids)
+    with pytest.raises(InvalidRequest, match="role"):
+        engine.apply_chat_template([{"role": "wizard", "content": "Hi"}])
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.apply_chat_template([])
+
+
+def test_not_started_is_unavailable(tiny_model_dir):
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+
+    async def main():
+        async for _ in eng.generate("hi", SamplingParams(), "x"):
+            pass
+
+    with pytest.raises(Unavailable):
+        asyncio.run(main())

@@ -1,0 +1,89 @@
+"""Finish reasons, aborts and scheduling limits; no KV block is ever leaked."""
+
+import torch
+
+from server.engine.kv_cache import KVCache
+from server.engine.outputs import FinishReason
+from server.engine.sampling_params import SamplingParams
+from tests.engine.helpers import make_engine, random_prompts
+
+
+def drain(engine):
+    finals = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    return finals
+
+
+def test_finish_reasons(tiny_hf_model, smollm2_tokenizer):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    prompt = random_prompts([6], len(smollm2_tokenizer))[0]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    ids = []
+    engine.add_request("len", prompt, SamplingParams(max_new_tokens=5, **greedy))
+    while engine.has_work():
+        for out in engine.step():
+            ids += out.token_ids
+            last = out
+    assert last.finish_reason is FinishReason.LENGTH and last.generated_tokens == 5 == len(ids)
+
+    engine.add_request("stop", prompt, SamplingParams(max_new_tokens=10, stop_token_ids=[ids[2]], **greedy))
+    out = drain(engine)["stop"]
+    assert out.finish_reason is FinishReason.STOP and out.generated_tokens == ids.index(ids[2]) + 1
+    engine.eos_token_ids = {ids[2]}
+    engine.add_request("eos", prompt, SamplingParams(max_new_tokens=10, temperature=0.0))
+    assert drain(engine)["eos"].finish_reason is FinishReason.EOS
+    engine.add_request("ignore", prompt, SamplingParams(max_new_tokens=10, **greedy))
+    assert drain(engine)["ignore"].finish_reason is FinishReason.LENGTH
+
+
+def test_aborts_and_preemptions_leak_no_blocks(tiny_hf_model, smollm2_tokenizer):
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    block_bytes = KVCache.bytes_per_block(shape, 4, torch.float32)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=20 * block_bytes, max_num_batched_tokens=24)
+    prompts = random_prompts([9, 14, 3, 17, 8, 11, 5, 12], len(smollm2_tokenizer), seed=7)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=1.0, max_new_tokens=20, ignore_eos=True, seed=i))
+    finals = {}
+    step = 0
+    while engine.has_work():
+        if step == 3:
+            finals["r1"] = engine.abort("r1")  # running
+        if step == 4:
+            finals["r7"] = engine.abort("r7")  # still waiting
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        step += 1
+    assert engine.stats().num_preemptions > 0
+    assert finals["r1"].finish_reason is FinishReason.ABORT
+    assert finals["r7"].finish_reason is FinishReason.ABORT
+    assert all(finals[f"r{i}"].finish_reason is FinishReason.LENGTH for i in (0, 2, 3, 4, 5, 6))
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+    assert engine.abort("r1") is None
+
+
+def test_token_budget_and_sequence_cap_are_respected(tiny_hf_model, smollm2_tokenizer):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_batched_tokens=10, max_num_seqs=3)
+    for i, p in enumerate(random_prompts([25, 4, 4, 4, 4], len(smollm2_tokenizer))):
+        engine.add_request(f"r{i}", p, SamplingParams(max_new_tokens=4, temperature=0.0))
+    batches = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        batches.append([(s.request_id, n) for s, n in batch.chunks])
+        assert len(engine.scheduler.running) <= 3
+        return batch
+
+    engine.scheduler.schedule = recording
+    finals = drain(engine)
+    assert len(finals) == 5
+    # The long prompt is chunked to the whole budget; FIFO means nobody jumps ahead of it.
+    assert batches[0] == [("r0", 10)]
+    assert batches[1] == [("r0", 10)]
+    assert batches[2] == [("r0", 5), ("r1", 4), ("r2", 1)]
+    assert all(sum(n for _, n in b) <= 10 for b in batches)
+    assert max(len(b) for b in batches) == 3
