@@ -1,0 +1,1 @@
+"""Generated code for the Tandem API (see proto/). Do not edit."""
