@@ -55,27 +55,31 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str, metadata: dict[str, str]):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record, token = await self._open(method, metadata, context)
+            ended: BaseException | None = None
             try:
                 self._authorize(method, metadata)
                 return await behavior(request, context)
             except BaseException as exc:
+                ended = exc
                 await self._fail(exc, record, context)
             finally:
-                self._close(record, context, token)
+                self._close(record, context, token, ended)
 
         return unary
 
     def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str, metadata: dict[str, str]):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             record, token = await self._open(method, metadata, context)
+            ended: BaseException | None = None
             try:
                 self._authorize(method, metadata)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as exc:
+                ended = exc
                 await self._fail(exc, record, context)
             finally:
-                self._close(record, context, token)
+                self._close(record, context, token, ended)
 
         return stream
 
@@ -98,9 +102,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             log.exception("unexpected error in %s (request id %s)", record.method, record.request_id)
         await context.abort(code, message)
 
-    def _close(self, record: CallRecord, context: grpc.aio.ServicerContext, token: object) -> None:
+    def _close(self, record: CallRecord, context: grpc.aio.ServicerContext, token: object, ended: BaseException | None) -> None:
         reset_current_call(token)
-        status = _final_status(context)
+        status = _final_status(context, ended)
         latency = time.monotonic() - record.started
         self._metrics.requests.labels(record.method, status, record.finish_reason).inc()
         if record.is_generation and status == "OK":
@@ -126,12 +130,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def _final_status(context: grpc.aio.ServicerContext) -> str:
-    """The status the call ends with, as far as the server can tell from its side."""
+def _final_status(context: grpc.aio.ServicerContext, ended: BaseException | None) -> str:
+    """The status the call ends with, as far as the server can tell from its side.
+
+    A call the client left (cancel, deadline) ends the handler with CancelledError, or for a
+    stream with GeneratorExit, and sets no code.
+    """
     code = context.code()
     if code is not None and code != grpc.StatusCode.OK:
         return code.name
-    if context.cancelled():
+    if (ended is not None and not isinstance(ended, Exception)) or context.cancelled():
         remaining = context.time_remaining()
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "OK"

@@ -30,7 +30,3 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
         if cls in _CODES:
             return _CODES[cls], str(exc)[:MAX_MESSAGE_CHARS]
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
-
-
-def is_bug(code: grpc.StatusCode) -> bool:
-    return code == grpc.StatusCode.INTERNAL
