@@ -1,0 +1,111 @@
+"""Bearer-token roles, and TLS / mutual TLS, against real servers."""
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients import TandemClient, TandemRpcError
+from tests.api.conftest import loopback
+from tests.api.harness import ServerThread
+
+INFERENCE_TOKEN = "inference-token-4f1c9e"
+ADMIN_TOKEN = "admin-token-8d2b7a"
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(TandemRpcError) as info:
+        call()
+    return info.value.code
+
+
+@pytest.fixture(scope="module")
+def auth_server(tiny_engine, tmp_path_factory) -> Iterator[ServerThread]:
+    tokens = tmp_path_factory.mktemp("auth") / "tokens"
+    tokens.write_text(f"inference {INFERENCE_TOKEN}\nadmin {ADMIN_TOKEN}\n")
+    thread = ServerThread(loopback(auth_tokens_file=str(tokens)), tiny_engine)
+    yield thread
+    thread.stop()
+
+
+def test_calls_without_a_valid_token_are_unauthenticated(auth_server):
+    with TandemClient(auth_server.target) as anonymous:
+        assert code_of(lambda: anonymous.generate("hi", max_new_tokens=1)) == grpc.StatusCode.UNAUTHENTICATED
+        assert anonymous.health() == "SERVING"  # probes send no token
+        assert anonymous.health("tandem.v1.Generation") == "SERVING"
+    with TandemClient(auth_server.target, token="wrong") as stranger:
+        assert code_of(lambda: stranger.list_adapters()) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_roles(auth_server):
+    with TandemClient(auth_server.target, token=INFERENCE_TOKEN) as user:
+        assert user.generate("hi", max_new_tokens=2).generated_tokens == 2
+        assert user.list_adapters() == []
+        assert code_of(lambda: user.load_adapter("x")) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: user.unload_adapter("x")) == grpc.StatusCode.PERMISSION_DENIED
+    with TandemClient(auth_server.target, token=ADMIN_TOKEN) as admin:
+        assert admin.generate("hi", max_new_tokens=1).generated_tokens == 1
+        assert code_of(lambda: admin.unload_adapter("x")) == grpc.StatusCode.NOT_FOUND  # past auth
+
+
+def test_tokens_never_reach_the_logs(auth_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    for token in (INFERENCE_TOKEN, ADMIN_TOKEN, "wrong-token-123"):
+        with TandemClient(auth_server.target, token=token) as client:
+            try:
+                client.generate("hi", max_new_tokens=1)
+            except TandemRpcError:
+                pass
+    logged = " ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert "Generate" in logged
+    assert not any(t in logged for t in (INFERENCE_TOKEN, ADMIN_TOKEN, "wrong-token-123"))
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all EC P-256."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("certs")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *key, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "1", "-subj", "/CN=tandem-test-ca")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", *key, "-keyout", f"{d}/{name}.key", "-out", f"{d}/{name}.csr", "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text(extension + "\n")
+        _openssl(
+            "x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+            "-CAcreateserial", "-out", f"{d}/{name}.pem", "-days", "1", "-extfile", f"{d}/{name}.ext",
+        )
+    return d
+
+
+def test_tls(tiny_engine, certs):
+    thread = ServerThread(loopback(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key")), tiny_engine)
+    try:
+        with TandemClient(thread.target, ca_cert=str(certs / "ca.pem")) as client:
+            assert client.generate("hi", max_new_tokens=2).generated_tokens == 2
+        with TandemClient(thread.target, max_retries=0, timeout=5) as plaintext:
+            assert code_of(lambda: plaintext.model_info()) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        thread.stop()
+
+
+def test_mutual_tls(tiny_engine, certs):
+    config = loopback(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    thread = ServerThread(config, tiny_engine)
+    try:
+        ca = str(certs / "ca.pem")
+        with TandemClient(thread.target, ca_cert=ca, client_cert=str(certs / "client.pem"), client_key=str(certs / "client.key")) as client:
+            assert client.generate("hi", max_new_tokens=2).generated_tokens == 2
+        with TandemClient(thread.target, ca_cert=ca, max_retries=0, timeout=5) as no_cert:
+            assert code_of(lambda: no_cert.model_info()) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        thread.stop()

@@ -1,0 +1,59 @@
+"""The `tandem` command against a real server: output, exit codes, env twins, --help."""
+
+import io
+import json
+
+import pytest
+
+from server.cli import ENGINE_FLAGS, SERVER_FLAGS, env_name, main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_and_reports(server, capsys):
+    code, out, err = run(capsys, "generate", "Hello", "--max-new-tokens", "4", "--target", server.target)
+    assert code == 0 and out.strip()
+    assert "[length; " in err and "4 generated" in err
+
+
+def test_generate_json(server, capsys):
+    code, out, _ = run(capsys, "generate", "Hello", "--max-new-tokens", "3", "--json", "--seed", "1", "--target", server.target)
+    result = json.loads(out)
+    assert code == 0 and result["generated_tokens"] == 3 and result["seed"] == 1
+
+
+def test_target_from_the_environment(server, capsys, monkeypatch):
+    monkeypatch.setenv("TANDEM_TARGET", server.target)
+    code, out, _ = run(capsys, "model", "--json")
+    assert code == 0 and json.loads(out)["max_model_len"] == 512
+
+
+def test_health_adapters_and_chat(server, capsys, monkeypatch):
+    assert run(capsys, "health", "--service", "tandem.v1.Generation", "--target", server.target)[:2] == (0, "SERVING\n")
+    code, out, _ = run(capsys, "adapters", "list", "--json", "--target", server.target)
+    assert code == 0 and json.loads(out) == []
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi!\nAnd again?\n/exit\n"))
+    code, out, _ = run(capsys, "chat", "--max-new-tokens", "3", "--target", server.target)
+    assert code == 0 and len(out.strip().splitlines()) >= 1
+
+
+def test_errors_have_readable_messages_and_scriptable_exit_codes(server, capsys):
+    code, _, err = run(capsys, "generate", "hi", "--adapter", "nope", "--target", server.target)
+    assert code == 10 + 5 and "NOT_FOUND" in err and "nope" in err and "request id" in err
+    code, _, err = run(capsys, "generate", "hi", "--temperature", "-1", "--target", server.target)
+    assert code == 10 + 3 and "temperature" in err
+    code, out, _ = run(capsys, "health", "--target", "127.0.0.1:1", "--timeout", "1")
+    assert code == 1 and out.strip() != "SERVING"
+
+
+def test_serve_help_documents_every_flag_and_its_env_twin(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, _, _ in ENGINE_FLAGS + SERVER_FLAGS:
+        assert flag in text and env_name(flag) in text.replace("- ", "-"), flag

@@ -1,0 +1,111 @@
+"""Every status code the API promises, each from a real bad request over a real channel."""
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from clients import AsyncTandemClient, TandemClient, TandemRpcError
+from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
+from tests.api.harness import ServerThread
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(TandemRpcError) as info:
+        call()
+    return info.value.code, info.value.message
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({}, "exactly one of prompt, messages"),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "got prompt, messages"),
+        ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+        ({"prompt": "hi", "top_p": 0.0}, "top_p"),
+        ({"prompt": "hi", "max_new_tokens": 10_000}, "context limit"),
+        ({"prompt": "hi", "logprobs": 99}, "logprobs"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+        ({"prompt_token_ids": [10**6]}, "token ids"),
+    ],
+)
+def test_invalid_argument(client, kwargs, words):
+    code, message = code_of(lambda: client.generate(**kwargs))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in message
+
+
+def test_invalid_argument_in_a_stream_comes_before_any_chunk(client):
+    code, _ = code_of(lambda: list(client.stream("hi", temperature=-1.0)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tokenize_needs_exactly_one_input(client):
+    assert code_of(lambda: client.tokenize())[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_not_found(client):
+    code, message = code_of(lambda: client.generate("hi", adapter="no-such-adapter"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no-such-adapter" in message
+    assert code_of(lambda: client.unload_adapter("no-such-adapter"))[0] == grpc.StatusCode.NOT_FOUND
+    code, message = code_of(lambda: client.load_adapter("no-such-adapter"))
+    assert code == grpc.StatusCode.NOT_FOUND and "--adapters-dir" in message
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model_dir, tmp_path_factory) -> Iterator[ServerThread]:
+    """One running sequence, one waiting, 64 KiB messages, and an adapters directory."""
+    adapters = tmp_path_factory.mktemp("adapters")
+    (adapters / "style").mkdir()
+    (adapters / "style" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    engine = start_engine(tiny_model_dir, max_num_seqs=1, max_waiting=1)
+    thread = ServerThread(loopback(max_message_bytes=64 << 10, adapters_dir=str(adapters)), engine)
+    yield thread
+    thread.stop()
+    engine.shutdown()
+
+
+def test_full_queue_is_refused_at_once(limited):
+    async def scenario() -> tuple[grpc.StatusCode, str, float]:
+        async with AsyncTandemClient(limited.target, max_retries=0) as client:
+
+            async def consume() -> None:
+                async for _ in client.stream("Once upon a time", max_new_tokens=500, ignore_eos=True):
+                    pass
+
+            busy = [asyncio.create_task(consume()) for _ in range(2)]  # one running, one waiting
+            for _ in range(500):
+                stats = limited.engine.stats()
+                if stats.num_running + stats.num_waiting == 2:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"the two streams never filled the engine: {stats}")
+            start = time.monotonic()
+            try:
+                await client.generate("hi", max_new_tokens=2)
+            except TandemRpcError as error:
+                return error.code, error.message, time.monotonic() - start
+            finally:
+                for task in busy:
+                    task.cancel()
+            raise AssertionError("a third request was admitted")
+
+    code, message, seconds = asyncio.run(scenario())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in message
+    assert seconds < 2.0
+    assert wait_until(lambda: all_blocks_free(limited.engine), timeout=5)
+
+
+def test_oversized_message_is_refused(limited):
+    with TandemClient(limited.target, max_retries=0) as client:
+        code, _ = code_of(lambda: client.generate("word " * 20_000, max_new_tokens=1))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_loading_a_found_adapter_says_this_build_cannot_serve_it(limited):
+    with TandemClient(limited.target) as client:
+        code, message = code_of(lambda: client.load_adapter("style"))
+        assert code == grpc.StatusCode.UNIMPLEMENTED and "style" in message
+        assert code_of(lambda: client.load_adapter("x", path="../../etc"))[0] == grpc.StatusCode.INVALID_ARGUMENT

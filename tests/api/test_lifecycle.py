@@ -1,0 +1,115 @@
+"""Health through start-up and drain, client retries while loading, and `tandem serve`
+exiting 0 after SIGTERM with the in-flight request completed."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients import TandemClient, TandemRpcError
+from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, loopback, wait_until
+from tests.api.harness import ServerThread
+
+REPO = Path(__file__).resolve().parents[2]
+READY = "tandem.v1.Generation"
+
+
+def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine):
+    thread = ServerThread(loopback(), None)
+    try:
+        with TandemClient(thread.target, max_retries=0) as impatient:
+            assert impatient.health() == "SERVING"  # alive
+            assert impatient.health(READY) == "NOT_SERVING"
+            assert impatient.health("tandem.v1.Adapters") == "NOT_SERVING"
+            with pytest.raises(TandemRpcError) as info:
+                impatient.generate("hi", max_new_tokens=1)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.message
+        threading.Timer(0.5, thread.attach, [tiny_engine]).start()
+        with TandemClient(thread.target, max_retries=8, backoff_seconds=0.2, max_backoff_seconds=0.5) as patient:
+            assert patient.generate("hi", max_new_tokens=2).generated_tokens == 2  # retried UNAVAILABLE
+            assert patient.health(READY) == "SERVING"
+    finally:
+        thread.stop()
+
+
+def test_drain_finishes_in_flight_work_and_refuses_new_work(tiny_engine):
+    thread = ServerThread(loopback(), tiny_engine)
+    with TandemClient(thread.target, max_retries=0) as client:
+        stream = client.stream("Once upon a time", max_new_tokens=300, ignore_eos=True)
+        first = next(stream)
+        drained = thread.submit(thread.server.drain(grace=30))
+        assert wait_until(lambda: client.health(READY) == "NOT_SERVING")
+        assert client.health() == "SERVING"
+        with pytest.raises(TandemRpcError) as info:
+            client.generate("hi", max_new_tokens=1)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.message
+        chunks = [first, *stream]
+        assert chunks[-1].finish_reason == "length" and chunks[-1].generated_tokens == 300
+    assert drained.result(30) is True
+    thread.close()
+
+
+def test_drain_cancels_what_outlives_the_grace_period(tiny_engine):
+    thread = ServerThread(loopback(), tiny_engine)
+    with TandemClient(thread.target, max_retries=0) as client:
+        stream = client.stream("Once upon a time", max_new_tokens=480, ignore_eos=True)
+        next(stream)
+        assert thread.run(thread.server.drain(grace=0.1)) is False
+        with pytest.raises(TandemRpcError) as info:
+            list(stream)
+        assert info.value.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=5)
+    thread.close()
+
+
+def _read_lines(pipe, lines: "queue.Queue[str]") -> None:
+    for line in pipe:
+        lines.put(line)
+
+
+def test_serve_drains_on_sigterm_and_exits_0(tiny_model_dir):
+    env = {
+        **os.environ,
+        "TANDEM_HOST": "127.0.0.1",
+        "TANDEM_PORT": "0",
+        "TANDEM_METRICS_PORT": "0",
+        "TANDEM_KV_CACHE_BYTES": str(KV_CACHE_BYTES),
+        "TANDEM_DRAIN_GRACE_SECONDS": "30",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--dtype", "float32"],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stderr, lines), daemon=True).start()
+    logged = []
+    try:
+        while not any(entry.get("msg") == "listening" for entry in logged):
+            line = lines.get(timeout=60)
+            if line.startswith("{"):
+                logged.append(json.loads(line))
+        port = next(entry["port"] for entry in logged if entry.get("msg") == "listening")
+        with TandemClient(f"127.0.0.1:{port}", max_retries=0) as client:
+            assert wait_until(lambda: client.health(READY) == "SERVING", timeout=60)
+            stream = client.stream("Once upon a time", max_new_tokens=200, ignore_eos=True)
+            next(stream)
+            process.send_signal(signal.SIGTERM)
+            rest = list(stream)
+            assert rest[-1].finish_reason == "length" and rest[-1].generated_tokens == 200
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    while not lines.empty():
+        line = lines.get()
+        if line.startswith("{"):
+            logged.append(json.loads(line))
+    requests = [entry for entry in logged if entry.get("msg") == "request"]
+    assert any(r["method"] == "GenerateStream" and r["status"] == "OK" and r["generated_tokens"] == 200 for r in requests)
