@@ -26,12 +26,16 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-waiting", int, "queued requests; beyond it new requests get RESOURCE_EXHAUSTED at once"),
     ("--max-model-len", int, "context limit, prompt + generated; unset = the model's own"),
     ("--num-threads", int, "CPU threads for torch; unset = torch's choice"),
+    ("--adapters-dir", str, "directory of PEFT adapters, one folder per name; unset = no adapters"),
+    ("--max-lora-rank", int, "largest adapter rank accepted (slot storage is padded to it)"),
+    ("--max-loras", int, "device adapter slots: distinct adapters in one iteration"),
+    ("--lora-pool-bytes", int, "memory cap for the device adapter slots (may lower --max-loras)"),
+    ("--adapter-cache-bytes", int, "host memory for parsed adapters, LRU; in-use adapters are pinned"),
 ]
 SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--host", str, "address to listen on"),
     ("--port", int, "gRPC port (0 picks a free one)"),
     ("--metrics-port", int, "Prometheus /metrics HTTP port (0 picks a free one)"),
-    ("--adapters-dir", str, "directory of PEFT adapters that LoadAdapter may read"),
     ("--auth-tokens-file", str, "file of '<inference|admin> <token>' lines; unset = no auth"),
     ("--tls-cert", str, "PEM certificate chain; with --tls-key turns TLS on"),
     ("--tls-key", str, "PEM private key of --tls-cert"),

@@ -22,6 +22,10 @@ class EngineConfig:
     max_num_seqs: cap on sequences running at once.
     max_waiting: cap on queued requests; beyond it submissions are refused at once.
     max_model_len: context limit (prompt + generated); None = the model's own limit.
+    adapters_dir: directory of PEFT adapters, one folder per name; None serves no adapters.
+    max_lora_rank: largest adapter rank accepted; slot storage is padded to it.
+    max_loras: device slots, i.e. distinct adapters in one iteration, capped by lora_pool_bytes.
+    adapter_cache_bytes: host-memory budget for parsed adapters (LRU, in-use ones pinned).
     """
 
     model: str | None = None
@@ -34,13 +38,21 @@ class EngineConfig:
     max_waiting: int = 1024
     max_model_len: int | None = None
     num_threads: int | None = None
+    adapters_dir: str | None = None
+    max_lora_rank: int = 256
+    max_loras: int = 8
+    lora_pool_bytes: int = 4 << 30
+    adapter_cache_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        for name in ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting"):
+        for name in (
+            "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
+            "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
@@ -83,7 +95,6 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090
-    adapters_dir: str | None = None
     auth_tokens_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from server.api.adapter_catalog import SlotStats
+    from server.adapters.registry import SlotStats
     from server.engine.outputs import EngineStats
 
 # Bucket edges follow vLLM's so dashboards written for it read ours unchanged.

@@ -5,23 +5,20 @@ import asyncio
 import grpc
 
 from server.api import convert
-from server.api.adapter_catalog import resolve_adapter_dir
 from server.api.serving_state import ServingState
 from server.metrics import Metrics
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, state: ServingState, adapters_dir: str | None, metrics: Metrics):
+    def __init__(self, state: ServingState, metrics: Metrics):
         self._state = state
-        self._adapters_dir = adapters_dir
         self._metrics = metrics
 
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
         with self._state.admit():
-            directory = resolve_adapter_dir(self._adapters_dir, request.name, request.path)
             # Reading adapter weights takes disk time: keep it off the event loop.
-            info = await asyncio.to_thread(self._state.catalog.load, request.name, directory)
+            info = await asyncio.to_thread(self._state.catalog.load, request.name, request.path)
             self._metrics.lora_adapter_loads.inc()
             return adapters_pb2.LoadAdapterResponse(adapter=convert.adapter_info(info))
 

@@ -4,7 +4,7 @@ is set, roles); value ranges are checked by SamplingParams.validate inside the e
 from typing import TYPE_CHECKING
 
 from server import __version__
-from server.api.adapter_catalog import AdapterInfo, AdapterTier
+from server.adapters.registry import AdapterInfo, AdapterTier
 from server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.errors import InvalidRequest

@@ -10,7 +10,6 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from server.api.adapter_catalog import AdapterCatalog
 from server.api.adapters_service import AdaptersServicer
 from server.api.auth import TokenTable
 from server.api.generation_service import GenerationServicer
@@ -54,8 +53,8 @@ class TandemServer:
         self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}})
 
-    async def attach_engine(self, engine: "AsyncEngine", catalog: AdapterCatalog | None = None) -> None:
-        await self.state.attach(engine, catalog)
+    async def attach_engine(self, engine: "AsyncEngine") -> None:
+        await self.state.attach(engine)
         log.info("ready", extra={"fields": {"model": engine.info.name}})
 
     async def drain(self, grace: float | None = None) -> bool:
@@ -104,7 +103,7 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     state = ServingState(health, SERVICES)
     metrics.bind(state)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state, config.adapters_dir, metrics), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Iterator
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from server.api.adapter_catalog import AdapterCatalog, NoAdapterServing, SlotStats
+from server.adapters.registry import SlotStats
+from server.api.adapter_catalog import AdapterCatalog, NoAdapterServing
 from server.api.call_record import CallRecord, current_call
 from server.errors import Unavailable
 from server.metrics import LoraActivity
@@ -44,11 +45,11 @@ class ServingState:
         for service in self._services:
             await self._health.set(service, NOT_SERVING)
 
-    async def attach(self, engine: "AsyncEngine", catalog: AdapterCatalog | None = None) -> None:
-        """Makes a started engine available and turns readiness on."""
+    async def attach(self, engine: "AsyncEngine") -> None:
+        """Makes a started engine (and its adapter registry, if any) available; readiness on."""
         self._engine = engine
-        if catalog is not None:
-            self.catalog = catalog
+        if engine.engine.registry is not None:
+            self.catalog = engine.engine.registry
         if not self._draining:
             for service in self._services:
                 await self._health.set(service, SERVING)

@@ -20,7 +20,6 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     errors.ModelLoadError: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

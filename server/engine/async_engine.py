@@ -95,8 +95,12 @@ class AsyncEngine:
         """Stream a request's outputs; errors are raised before the first output."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
+        lora = None
         if adapter:
-            raise NotFound(f"adapter {adapter!r} is not loaded: adapter serving is not available in this build yet")
+            if self.engine.registry is None:
+                raise NotFound(f"adapter {adapter!r} not found: the server has no adapters directory (--adapters-dir)")
+            # A first use reads the adapter from disk: keep that off the event loop.
+            lora = await asyncio.to_thread(self.engine.registry.get, adapter)
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -105,7 +109,7 @@ class AsyncEngine:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             self.engine.check_capacity(len(self._streams))
             self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._inbox.put(("add", request_id, prompt_ids, params, lora))
         self._wake.set()
         finished = False
         try:
@@ -149,9 +153,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, request_id, prompt_ids, params = command
+                _, request_id, prompt_ids, params, lora = command
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.engine.add_request(request_id, prompt_ids, params, lora)
                 except TandemError as exc:
                     self._deliver(request_id, exc)
             else:

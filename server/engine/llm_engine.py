@@ -6,6 +6,9 @@ It is not thread-safe; AsyncEngine drives it from a single thread.
 
 import torch
 
+from server.adapters.peft_format import LoRAAdapter
+from server.adapters.registry import AdapterRegistry
+from server.adapters.slot_pool import SlotPool
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import BlockAllocator, KVCache
@@ -35,8 +38,11 @@ class Engine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {shape.max_position}")
         self.max_model_len = min(config.max_model_len or shape.max_position, num_blocks * config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.scheduler = Scheduler(config, self.allocator)
-        self.runner = ModelRunner(model, KVCache(shape, num_blocks, config.block_size, self.dtype, self.device), config.block_size, self.device)
+        self.registry = self._adapter_registry(model, config)
+        pool = None if self.registry is None else self.registry.pool
+        self.scheduler = Scheduler(config, self.allocator, pool)
+        kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         self.sampler = Sampler(self.device)
         self.info = ModelInfo(
             name=loaded.name,
@@ -51,6 +57,23 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._reported: dict[str, int] = {}
         self._arrivals = 0
+
+    def _adapter_registry(self, model, config: EngineConfig) -> AdapterRegistry | None:
+        """The adapter tiers, when the server has an adapters directory."""
+        if config.adapters_dir is None:
+            return None
+        # Small LoRA matmuls run faster in float32 than in bf16 on CPU, so CPU slots are float32.
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        per_slot = SlotPool.slot_bytes(model, config.max_lora_rank, dtype)
+        num_slots = min(config.max_loras, config.lora_pool_bytes // per_slot)
+        if num_slots < 1:
+            raise ValueError(
+                f"one adapter slot at --max-lora-rank {config.max_lora_rank} needs {per_slot} bytes, more than "
+                f"--lora-pool-bytes {config.lora_pool_bytes}: lower the rank or raise the budget"
+            )
+        pool = SlotPool(model, num_slots, config.max_lora_rank, dtype, self.device)
+        pool.attach(model)
+        return AdapterRegistry(config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -77,7 +100,10 @@ class Engine:
                 f"({self.config.max_num_seqs} running + {self.config.max_waiting} queued): retry later"
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: LoRAAdapter | None = None
+    ) -> None:
+        """Queue a request; adapter is the version to use (from registry.get), pinned until it ends."""
         if request_id in self._seqs:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
@@ -86,7 +112,9 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
-        seq = Sequence(request_id, len(prompt_ids), list(prompt_ids), params, self._arrivals, generator)
+        seq = Sequence(request_id, len(prompt_ids), list(prompt_ids), params, self._arrivals, generator, adapter)
+        if adapter is not None:
+            self.registry.pin(adapter)
         self._arrivals += 1
         self._seqs[request_id] = seq
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
@@ -171,4 +199,6 @@ class Engine:
         )
         if finished:
             del self._seqs[rid], self._detok[rid], self._reported[rid]
+            if seq.adapter is not None:
+                self.registry.unpin(seq.adapter)
         return out

@@ -8,6 +8,8 @@ logits, since only those sample.
 
 import torch
 
+from kernels.lora import LoRABatch
+from server.adapters.slot_pool import SlotPool
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -16,8 +18,9 @@ from server.model.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device):
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device, pool: SlotPool | None = None):
         self.model = model
+        self.pool = pool
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
@@ -34,6 +37,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        adapter_slots: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Sequence] = []
         bs = self.block_size
@@ -42,6 +46,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
+            adapter_slots.extend([-1 if seq.slot is None else seq.slot] * n)
             if start + n == len(seq.token_ids):
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(seq)
@@ -78,6 +83,7 @@ class ModelRunner:
             attn=attn,
             kv_caches=self.kv_cache.layers,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
+            lora=None if max(adapter_slots) < 0 else LoRABatch.build(adapter_slots, self.pool.num_slots, self.device),
         )
         return batch, sampling
 

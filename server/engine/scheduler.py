@@ -5,12 +5,18 @@ first the running sequences (oldest first; one token for a decode, a chunk for a
 in progress), then new or preempted sequences from the queue, preempted first. When the KV
 cache has no block for a running sequence, the newest running sequence is preempted (its
 blocks freed, to be recomputed later) rather than failing anything.
+
+A sequence with an adapter runs only while its adapter holds a device slot. When the oldest
+waiting sequence cannot get a slot (all pinned by running sequences), nobody behind it may
+take a slot either: only base-model sequences pass it. Running sequences always finish,
+so its slot comes, and an unpopular adapter is never starved by popular ones.
 """
 
 import bisect
 from collections import deque
 from dataclasses import dataclass
 
+from server.adapters.slot_pool import SlotPool
 from server.config import EngineConfig
 from server.engine.kv_cache import BlockAllocator
 from server.engine.outputs import FinishReason
@@ -30,9 +36,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: BlockAllocator):
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator, pool: SlotPool | None = None):
         self.config = config
         self.allocator = allocator
+        self.pool = pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -59,6 +66,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.allocator.free(seq.block_table)
+        self._release_slot(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -83,13 +91,20 @@ class Scheduler:
                 i += 1
                 continue
             break
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        slot_blocked = False
+        for seq in list(self.waiting):
+            if preempted or budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq.adapter is not None and (slot_blocked or not self.pool.can_acquire(seq.adapter)):
+                slot_blocked = True
+                continue
             n = min(seq.num_uncomputed, budget)
             if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.allocator.grow(seq.block_table, seq.num_computed + n)
+            if seq.adapter is not None:
+                seq.slot = self.pool.acquire(seq.adapter)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunks.append((seq, n))
@@ -99,7 +114,13 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.allocator.free(seq.block_table)
+        self._release_slot(seq)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None

@@ -5,6 +5,7 @@ from enum import Enum
 
 import torch
 
+from server.adapters.peft_format import LoRAAdapter
 from server.engine.outputs import FinishReason, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -23,6 +24,8 @@ class Sequence:
     tokens whose keys/values are in the KV cache; when it reaches len(token_ids) the next
     token is sampled. Preemption frees the blocks and sets num_computed to 0: the whole
     sequence is recomputed later, and sampling resumes where it stopped.
+    adapter is the exact adapter version the request started with; slot is its device
+    slot while the sequence runs (pinned), None while it waits.
     """
 
     request_id: str
@@ -31,6 +34,8 @@ class Sequence:
     params: SamplingParams
     arrival: int
     generator: torch.Generator | None = None
+    adapter: LoRAAdapter | None = None
+    slot: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.lora import LoRABatch
+
 
 @dataclass
 class PrefillChunk:
@@ -44,6 +46,7 @@ class ForwardBatch:
     input_ids, positions: [T].
     kv_caches: per layer a (key, value) pair, each [num_slots, num_kv_heads, head_dim].
     logits_indices: [N] rows whose next-token logits are needed (last token of a sequence).
+    lora: each token's adapter slot, grouped for the LoRA kernels; None when no token has one.
     """
 
     input_ids: torch.Tensor
@@ -51,3 +54,4 @@ class ForwardBatch:
     attn: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     logits_indices: torch.Tensor
+    lora: LoRABatch | None = None

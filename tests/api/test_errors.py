@@ -59,8 +59,8 @@ def limited(tiny_model_dir, tmp_path_factory) -> Iterator[ServerThread]:
     adapters = tmp_path_factory.mktemp("adapters")
     (adapters / "style").mkdir()
     (adapters / "style" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
-    engine = start_engine(tiny_model_dir, max_num_seqs=1, max_waiting=1)
-    thread = ServerThread(loopback(max_message_bytes=64 << 10, adapters_dir=str(adapters)), engine)
+    engine = start_engine(tiny_model_dir, max_num_seqs=1, max_waiting=1, adapters_dir=str(adapters), max_lora_rank=8)
+    thread = ServerThread(loopback(max_message_bytes=64 << 10), engine)
     yield thread
     thread.stop()
     engine.shutdown()
@@ -104,8 +104,10 @@ def test_oversized_message_is_refused(limited):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_loading_a_found_adapter_says_this_build_cannot_serve_it(limited):
+def test_an_adapter_without_weights_is_a_failed_precondition(limited):
     with TandemClient(limited.target) as client:
         code, message = code_of(lambda: client.load_adapter("style"))
-        assert code == grpc.StatusCode.UNIMPLEMENTED and "style" in message
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "'style' has no adapter_model.safetensors" in message
+        code, message = code_of(lambda: client.generate("hi", adapter="style"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "style" in message
         assert code_of(lambda: client.load_adapter("x", path="../../etc"))[0] == grpc.StatusCode.INVALID_ARGUMENT

@@ -5,7 +5,7 @@ import pytest
 
 from server import errors
 from server.api import convert
-from server.api.adapter_catalog import resolve_adapter_dir
+from server.adapters.registry import resolve_adapter_dir
 from server.api.auth import PermissionDenied, Role, TokenTable, Unauthenticated
 from server.api.status_mapping import status_for
 from tandem.v1 import generation_pb2
@@ -65,7 +65,7 @@ def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
         resolve_adapter_dir(str(tmp_path), "x", "../../etc")
     with pytest.raises(errors.InvalidRequest, match="single path component"):
         resolve_adapter_dir(str(tmp_path), "a/b", "")
-    with pytest.raises(errors.NotFound, match="no adapter"):
+    with pytest.raises(errors.NotFound, match="'missing' not found"):
         resolve_adapter_dir(str(tmp_path), "missing", "")
     with pytest.raises(errors.NotFound, match="--adapters-dir"):
         resolve_adapter_dir(None, "ok", "")

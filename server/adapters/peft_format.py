@@ -1,0 +1,209 @@
+"""The one place that knows the adapter layout: PEFT files on disk <-> our fused linears.
+
+A PEFT LoRA adapter is `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. Our model
+fuses q/k/v and gate/up, so an adapter is regrouped per (layer, group): the group's slices
+share one shrink, their A rows stacked and zero-padded to the group's largest rank, their
+B scaled by alpha / r (alpha / sqrt(r) with rsLoRA) so the kernels never scale.
+"""
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from server.errors import IncompatibleAdapter, NotFound
+from server.model.linear import FusedLinear
+from server.model.llama import LlamaModel
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# PEFT module name -> (our fused group, slice index within it).
+MODULE_SLICES = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("o", 0),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", 0),
+}
+GROUPS = ("qkv", "o", "gate_up", "down")
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<name>\w+)")
+
+
+def group_linears(model: LlamaModel) -> dict[tuple[int, str], FusedLinear]:
+    """Every LoRA-able linear of the model, by (layer, group)."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        out[(i, "qkv")] = layer.attn.qkv
+        out[(i, "o")] = layer.attn.o_proj
+        out[(i, "gate_up")] = layer.mlp.gate_up
+        out[(i, "down")] = layer.mlp.down
+    return out
+
+
+@dataclass
+class GroupDelta:
+    """One adapter's weights for one fused linear: a [S * rank, in], b [sum(out_slices), rank]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter read from disk and checked against the base model, ready for a slot."""
+
+    name: str
+    path: Path
+    content_hash: str
+    rank: int
+    targets: list[str]
+    groups: dict[tuple[int, str], GroupDelta]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size() for g in self.groups.values())
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over the config and the weights: a re-uploaded adapter gets a new identity."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(path / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read_adapter(name: str, path: Path, model: LlamaModel, max_rank: int) -> LoRAAdapter:
+    """Load and validate a PEFT LoRA adapter; every refusal says exactly why."""
+    if not (path / CONFIG_FILE).is_file():
+        raise NotFound(f"adapter {name!r} not found: {path} has no {CONFIG_FILE}")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise IncompatibleAdapter(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
+    _check_config(name, config)
+    digest = content_hash(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
+    modules = _pair_tensors(name, tensors)
+    linears = group_linears(model)
+    per_group: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    targets = set()
+    for module, (a, b) in modules.items():
+        layer, kind = _locate(name, module, len(model.layers))
+        group, slice_idx = MODULE_SLICES[kind]
+        linear = linears[(layer, group)]
+        r = a.shape[0]
+        want_in, want_out = linear.in_features, linear.out_slices[slice_idx]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or a.shape[1] != want_in or b.shape[0] != want_out:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} does not fit the base model: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"the base layer needs A [r, {want_in}] and B [{want_out}, r]"
+            )
+        if r > max_rank:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
+            )
+        per_group.setdefault((layer, group), {})[slice_idx] = (a, b, _scale(config, module, r))
+        targets.add(kind)
+    groups = {key: _regroup(linears[key], slices) for key, slices in per_group.items()}
+    return LoRAAdapter(
+        name=name,
+        path=path,
+        content_hash=digest,
+        rank=max(g.rank for g in groups.values()),
+        targets=sorted(targets, key=list(MODULE_SLICES).index),
+        groups=groups,
+    )
+
+
+def _check_config(name: str, config: dict) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise IncompatibleAdapter(f"adapter {name!r} is a {config.get('peft_type')} adapter; only LoRA is served")
+    if config.get("use_dora"):
+        raise IncompatibleAdapter(f"adapter {name!r} uses DoRA, which Tandem does not serve")
+    if config.get("modules_to_save"):
+        raise IncompatibleAdapter(
+            f"adapter {name!r} has modules_to_save {config['modules_to_save']}: full-weight modules are not served"
+        )
+    if config.get("bias", "none") != "none":
+        raise IncompatibleAdapter(f"adapter {name!r} trains biases (bias={config['bias']!r}), which Tandem does not serve")
+    if not config.get("r") or "lora_alpha" not in config:
+        raise IncompatibleAdapter(f"adapter {name!r} has no r or lora_alpha in {CONFIG_FILE}")
+
+
+def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.fullmatch(key)
+        if m is None:
+            raise IncompatibleAdapter(f"adapter {name!r} has an unexpected tensor {key!r}: only LoRA A/B weights are served")
+        found.setdefault(m["module"], {})[m["ab"]] = tensor.float()
+    if not found:
+        raise IncompatibleAdapter(f"adapter {name!r} has no LoRA weights")
+    pairs = {}
+    for module, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise IncompatibleAdapter(f"adapter {name!r} has lora_A without lora_B (or the reverse) for {module}")
+        pairs[module] = (ab["A"], ab["B"])
+    return pairs
+
+
+def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
+    if module.endswith(("embed_tokens", "lm_head")):
+        raise IncompatibleAdapter(f"adapter {name!r} adapts {module}: LoRA on embeddings or lm_head is not served")
+    m = _LAYER_MODULE.fullmatch(module)
+    if m is None or m["name"] not in MODULE_SLICES:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} targets {module}, which is not one of the projections {', '.join(MODULE_SLICES)}"
+        )
+    layer = int(m["layer"])
+    if layer >= num_layers:
+        raise IncompatibleAdapter(f"adapter {name!r} targets layer {layer}; the base model has {num_layers} layers")
+    return layer, m["name"]
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rule: a pattern key matches a module name by its dotted suffix."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _scale(config: dict, module: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _regroup(linear: FusedLinear, slices: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> GroupDelta:
+    """Stack a group's slices: A rows per slice padded to the group rank, B scaled."""
+    rank = max(a.shape[0] for a, _, _ in slices.values())
+    num_slices = len(linear.out_slices)
+    a_all = torch.zeros(num_slices, rank, linear.in_features)
+    b_all = torch.zeros(sum(linear.out_slices), rank)
+    start = 0
+    for s, width in enumerate(linear.out_slices):
+        if s in slices:
+            a, b, scale = slices[s]
+            a_all[s, : a.shape[0]] = a
+            b_all[start : start + width, : a.shape[0]] = b * scale
+        start += width
+    return GroupDelta(a_all.view(num_slices * rank, linear.in_features), b_all, rank)

@@ -1,0 +1,165 @@
+"""The disk and host tiers: adapters by name, read lazily, kept in an LRU host cache.
+
+Thousands of adapters may sit in the adapters directory; one is read the first time a
+request or LoadAdapter names it. The host cache holds parsed adapters up to a byte budget;
+an adapter used by a queued or running request is pinned and never evicted. Requests hold
+the LoRAAdapter object they started with, so reloading a name (a new content hash) never
+mixes versions inside one request. Thread-safe: API threads and the engine thread share it.
+"""
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from server.adapters.peft_format import LoRAAdapter, read_adapter
+from server.adapters.slot_pool import SlotPool
+from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from server.model.llama import LlamaModel
+
+
+class AdapterTier(str, Enum):
+    DISK = "disk"
+    HOST = "host"
+    DEVICE = "device"
+
+
+@dataclass
+class AdapterInfo:
+    """One known adapter as the API reports it."""
+
+    name: str
+    rank: int
+    target_modules: list[str] = field(default_factory=list)
+    tier: AdapterTier = AdapterTier.DISK
+    content_hash: str = ""
+    in_use: int = 0
+    path: str = ""
+
+
+@dataclass
+class SlotStats:
+    """Device slot pool occupancy and churn, for metrics."""
+
+    max_loras: int
+    slots_in_use: int
+    loads: int
+    evictions: int
+    load_seconds_total: float
+    host_evictions: int
+
+
+def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path:
+    """The directory to read `name` from: adapters_dir/path (default adapters_dir/name).
+
+    Refuses paths that leave the adapters directory, so an admin token cannot make the
+    server read arbitrary files.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidRequest(f"adapter name must be a non-empty single path component, got {name!r}")
+    if adapters_dir is None:
+        raise NotFound(f"adapter {name!r} not found: the server has no adapters directory (start it with --adapters-dir)")
+    root = Path(adapters_dir).resolve()
+    directory = (root / (path or name)).resolve()
+    if not directory.is_relative_to(root):
+        raise InvalidRequest(f"path {path!r} is outside the adapters directory")
+    if not (directory / "adapter_config.json").is_file():
+        raise NotFound(f"adapter {name!r} not found: no {directory.relative_to(root)}/adapter_config.json in the adapters directory")
+    return directory
+
+
+class AdapterRegistry:
+    def __init__(self, adapters_dir: str | None, model: LlamaModel, max_rank: int, host_bytes: int, pool: SlotPool):
+        self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
+        self.model = model
+        self.max_rank = max_rank
+        self.host_bytes = host_bytes
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._known: dict[str, AdapterInfo] = {}
+        self._in_use: dict[str, int] = {}
+        self.host_evictions = 0
+
+    def get(self, name: str) -> LoRAAdapter:
+        """The adapter a new request should use: from the host cache, else from disk."""
+        with self._lock:
+            adapter = self._cache.get(name)
+            if adapter is not None:
+                self._cache.move_to_end(name)
+                return adapter
+        return self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, ""))
+
+    def load(self, name: str, path: str = "") -> AdapterInfo:
+        """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
+        a changed file becomes a new version at once."""
+        adapter = self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, path))
+        with self._lock:
+            return self._info(adapter)
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter; requests already using it finish with the version they hold."""
+        with self._lock:
+            if self._cache.pop(name, None) is None and self._known.pop(name, None) is None:
+                raise NotFound(f"adapter {name!r} is not loaded")
+            self._known.pop(name, None)
+
+    def pin(self, adapter: LoRAAdapter) -> None:
+        with self._lock:
+            self._in_use[adapter.name] = self._in_use.get(adapter.name, 0) + 1
+
+    def unpin(self, adapter: LoRAAdapter) -> None:
+        with self._lock:
+            self._in_use[adapter.name] -= 1
+            if not self._in_use[adapter.name]:
+                del self._in_use[adapter.name]
+            self._evict_over_budget()
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            infos = [self._info(a) for a in self._cache.values()]
+            cached = {i.name for i in infos}
+            infos += [info for name, info in self._known.items() if name not in cached]
+        return sorted(infos, key=lambda i: i.name)
+
+    def slot_stats(self) -> SlotStats:
+        s = self.pool.stats()
+        return SlotStats(s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions)
+
+    def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
+        try:
+            adapter = read_adapter(name, directory, self.model, self.max_rank)
+        except IncompatibleAdapter:
+            with self._lock:
+                self._cache.pop(name, None)
+            raise
+        with self._lock:
+            self._cache[name] = adapter
+            self._cache.move_to_end(name)
+            self._known[name] = self._info(adapter, AdapterTier.DISK)
+            self._evict_over_budget()
+        return adapter
+
+    def _evict_over_budget(self) -> None:
+        total = sum(a.nbytes for a in self._cache.values())
+        for name in list(self._cache):
+            if total <= self.host_bytes:
+                return
+            if self._in_use.get(name):
+                continue
+            total -= self._cache.pop(name).nbytes
+            self.host_evictions += 1
+
+    def _info(self, adapter: LoRAAdapter, tier: AdapterTier | None = None) -> AdapterInfo:
+        if tier is None:
+            tier = AdapterTier.DEVICE if self.pool.resident(adapter) else AdapterTier.HOST
+        return AdapterInfo(
+            name=adapter.name,
+            rank=adapter.rank,
+            target_modules=adapter.targets,
+            tier=tier,
+            content_hash=adapter.content_hash,
+            in_use=self._in_use.get(adapter.name, 0),
+            path=str(adapter.path),
+        )
