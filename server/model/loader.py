@@ -129,7 +129,7 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> Ll
         layers.append(
             DecoderLayer(
                 RMSNorm(t(p + "input_layernorm.weight"), shape.rms_norm_eps),
-                Attention(i, shape, qkv, o_proj, rotary),
+                Attention(i, shape, qkv, o_proj),
                 RMSNorm(t(p + "post_attention_layernorm.weight"), shape.rms_norm_eps),
                 MLP(gate_up, down),
             )
@@ -138,6 +138,7 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> Ll
     return LlamaModel(
         shape,
         t("model.embed_tokens.weight"),
+        rotary,
         layers,
         RMSNorm(t("model.norm.weight"), shape.rms_norm_eps),
         None if tied else t("lm_head.weight"),
