@@ -14,13 +14,14 @@ def make_engine(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **confi
     return Engine(loaded, EngineConfig(**config))
 
 
-def run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list[int]]:
-    """Step the engine, adding requests at the given iterations; returns generated ids per request."""
+def run(engine: Engine, arrivals: dict[int, list[tuple]]) -> dict[str, list[int]]:
+    """Step the engine, adding requests (rid, prompt ids, params[, adapter]) at the given
+    iterations; returns generated ids per request."""
     outputs: dict[str, list[int]] = {}
     step = 0
     while step <= max(arrivals) or engine.has_work():
-        for rid, ids, params in arrivals.get(step, []):
-            engine.add_request(rid, ids, params)
+        for request in arrivals.get(step, []):
+            engine.add_request(*request)
         for out in engine.step():
             outputs.setdefault(out.request_id, []).extend(out.token_ids)
         step += 1
