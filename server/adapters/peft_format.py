@@ -38,6 +38,8 @@ MODULE_SLICES = {
 GROUPS = ("qkv", "o", "gate_up", "down")
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<name>\w+)")
+# PEFT saves embedding LoRA as lora_embedding_A/B (no .weight) and, beside it, the base layer.
+_EMBEDDING_KEY = re.compile(r"base_model\.model\.(?P<module>(.+\.)?(embed_tokens|lm_head))\..+")
 
 
 def group_linears(model: LlamaModel) -> dict[tuple[int, str], FusedLinear]:
@@ -153,6 +155,10 @@ def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tupl
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.fullmatch(key)
+        embedding = _EMBEDDING_KEY.fullmatch(key)
+        if embedding is not None:
+            module = embedding["module"]
+            raise IncompatibleAdapter(f"adapter {name!r} adapts {module}: LoRA on embeddings or lm_head is not served")
         if m is None:
             raise IncompatibleAdapter(f"adapter {name!r} has an unexpected tensor {key!r}: only LoRA A/B weights are served")
         found.setdefault(m["module"], {})[m["ab"]] = tensor.float()
@@ -167,8 +173,6 @@ def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tupl
 
 
 def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
-    if module.endswith(("embed_tokens", "lm_head")):
-        raise IncompatibleAdapter(f"adapter {name!r} adapts {module}: LoRA on embeddings or lm_head is not served")
     m = _LAYER_MODULE.fullmatch(module)
     if m is None or m["name"] not in MODULE_SLICES:
         raise IncompatibleAdapter(

@@ -9,13 +9,13 @@ mixes versions inside one request. Thread-safe: API threads and the engine threa
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 from server.adapters.peft_format import LoRAAdapter, read_adapter
 from server.adapters.slot_pool import SlotPool
-from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from server.errors import InvalidRequest, NotFound
 from server.model.llama import LlamaModel
 
 
@@ -94,16 +94,16 @@ class AdapterRegistry:
     def load(self, name: str, path: str = "") -> AdapterInfo:
         """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
         a changed file becomes a new version at once."""
-        adapter = self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, path))
+        self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, path))
         with self._lock:
-            return self._info(adapter)
+            return self._live(self._known[name])
 
     def unload(self, name: str) -> None:
         """Forget an adapter; requests already using it finish with the version they hold."""
         with self._lock:
-            if self._cache.pop(name, None) is None and self._known.pop(name, None) is None:
+            if self._known.pop(name, None) is None:
                 raise NotFound(f"adapter {name!r} is not loaded")
-            self._known.pop(name, None)
+            self._cache.pop(name, None)
 
     def pin(self, adapter: LoRAAdapter) -> None:
         with self._lock:
@@ -117,33 +117,32 @@ class AdapterRegistry:
             self._evict_over_budget()
 
     def list(self) -> list[AdapterInfo]:
+        """Every adapter read so far, with its tier and in-use count as they are now."""
         with self._lock:
-            infos = [self._info(a) for a in self._cache.values()]
-            cached = {i.name for i in infos}
-            infos += [info for name, info in self._known.items() if name not in cached]
-        return sorted(infos, key=lambda i: i.name)
+            return [self._live(info) for _, info in sorted(self._known.items())]
 
     def slot_stats(self) -> SlotStats:
         s = self.pool.stats()
         return SlotStats(s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions)
 
     def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
-        try:
-            adapter = read_adapter(name, directory, self.model, self.max_rank)
-        except IncompatibleAdapter:
-            with self._lock:
-                self._cache.pop(name, None)
-            raise
+        # A failed read leaves the version already cached (if any) in place.
+        adapter = read_adapter(name, directory, self.model, self.max_rank)
         with self._lock:
             self._cache[name] = adapter
             self._cache.move_to_end(name)
-            self._known[name] = self._info(adapter, AdapterTier.DISK)
+            self._known[name] = AdapterInfo(
+                name=name, rank=adapter.rank, target_modules=adapter.targets,
+                content_hash=adapter.content_hash, path=str(adapter.path),
+            )
             self._evict_over_budget()
         return adapter
 
     def _evict_over_budget(self) -> None:
+        """Drop least recently used adapters not in use; the newest stays even over budget,
+        since the request that read it has not pinned it yet."""
         total = sum(a.nbytes for a in self._cache.values())
-        for name in list(self._cache):
+        for name in list(self._cache)[:-1]:
             if total <= self.host_bytes:
                 return
             if self._in_use.get(name):
@@ -151,15 +150,11 @@ class AdapterRegistry:
             total -= self._cache.pop(name).nbytes
             self.host_evictions += 1
 
-    def _info(self, adapter: LoRAAdapter, tier: AdapterTier | None = None) -> AdapterInfo:
-        if tier is None:
-            tier = AdapterTier.DEVICE if self.pool.resident(adapter) else AdapterTier.HOST
-        return AdapterInfo(
-            name=adapter.name,
-            rank=adapter.rank,
-            target_modules=adapter.targets,
-            tier=tier,
-            content_hash=adapter.content_hash,
-            in_use=self._in_use.get(adapter.name, 0),
-            path=str(adapter.path),
-        )
+    def _live(self, info: AdapterInfo) -> AdapterInfo:
+        if self.pool.resident(info.content_hash):
+            tier = AdapterTier.DEVICE
+        elif info.name in self._cache and self._cache[info.name].content_hash == info.content_hash:
+            tier = AdapterTier.HOST
+        else:
+            tier = AdapterTier.DISK
+        return replace(info, tier=tier, in_use=self._in_use.get(info.name, 0))

@@ -64,11 +64,11 @@ class SlotPool:
             layer.mlp.gate_up = LoRALinear(layer.mlp.gate_up, self.weights[(i, "gate_up")])
             layer.mlp.down = LoRALinear(layer.mlp.down, self.weights[(i, "down")])
 
-    def resident(self, adapter: LoRAAdapter) -> bool:
-        return adapter.content_hash in self._slot_of
+    def resident(self, content_hash: str) -> bool:
+        return content_hash in self._slot_of
 
     def can_acquire(self, adapter: LoRAAdapter) -> bool:
-        return self.resident(adapter) or any(p == 0 for p in self._pins)
+        return self.resident(adapter.content_hash) or any(p == 0 for p in self._pins)
 
     def acquire(self, adapter: LoRAAdapter) -> int:
         """Pin the adapter's slot, loading it first if needed; call can_acquire before."""

@@ -1,0 +1,200 @@
+"""Every adapter Tandem cannot serve is refused with its exact reason, and a refused adapter
+costs nothing but itself: the engine keeps serving other adapters and the base model."""
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoHaConfig, get_peft_model
+
+from server.adapters.peft_format import read_adapter
+from server.adapters.registry import resolve_adapter_dir
+from server.engine.sampling_params import SamplingParams
+from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from server.model.loader import build_from_hf
+from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
+from tests.conftest import make_tiny_hf_model
+from tests.engine.helpers import make_engine, random_prompts
+
+MAX_RANK = 8
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_hf_model):
+    """Our model built from the tiny Llama: what read_adapter checks adapters against."""
+    return build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("refused-adapters")
+
+
+def refusal(cls: type[Exception], name: str, path: Path, base, max_rank: int = MAX_RANK) -> str:
+    with pytest.raises(cls) as info:
+        read_adapter(name, path, base, max_rank)
+    assert type(info.value) is cls
+    return str(info.value)
+
+
+def test_a_good_adapter_is_read(tiny_hf_model, base, root):
+    adapter = read_adapter("good", make_adapter(tiny_hf_model, root / "good", r=4), base, MAX_RANK)
+    assert (adapter.name, adapter.rank, adapter.targets) == ("good", 4, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert len(adapter.content_hash) == 64
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(use_dora=True), "adapter 'x' uses DoRA, which Tandem does not serve"),
+        (
+            dict(modules_to_save=["lm_head"]),
+            "adapter 'x' has modules_to_save ['lm_head']: full-weight modules are not served",
+        ),
+        (dict(bias="all"), "adapter 'x' trains biases (bias='all'), which Tandem does not serve"),
+        (dict(bias="lora_only"), "adapter 'x' trains biases (bias='lora_only'), which Tandem does not serve"),
+    ],
+    ids=["dora", "modules_to_save", "bias-all", "bias-lora_only"],
+)
+def test_config_refusals(tiny_hf_model, base, tmp_path, options, reason):
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, **options)
+    assert refusal(IncompatibleAdapter, "x", path, base) == reason
+
+
+@pytest.mark.parametrize(
+    "targets, module",
+    [
+        (["embed_tokens"], "model.embed_tokens"),
+        (["q_proj", "embed_tokens"], "model.embed_tokens"),
+        (["lm_head"], "lm_head"),
+    ],
+    ids=["embed_tokens", "attention+embed_tokens", "lm_head"],
+)
+def test_embedding_and_lm_head_lora_are_refused(tiny_hf_model, base, tmp_path, targets, module):
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=targets)
+    reason = f"adapter 'x' adapts {module}: LoRA on embeddings or lm_head is not served"
+    assert refusal(IncompatibleAdapter, "x", path, base) == reason
+
+
+def test_non_lora_adapter_is_refused(tiny_hf_model, base, tmp_path):
+    peft_model = get_peft_model(copy.deepcopy(tiny_hf_model), LoHaConfig(r=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "x")
+    assert refusal(IncompatibleAdapter, "x", tmp_path / "x", base) == "adapter 'x' is a LOHA adapter; only LoRA is served"
+
+
+def test_shapes_that_do_not_fit_the_base_are_refused(smollm2_tokenizer, base, tmp_path):
+    narrow = make_tiny_hf_model(smollm2_tokenizer, hidden_size=32, intermediate_size=64)
+    path = make_adapter(narrow, tmp_path / "x", r=4, target_modules=["q_proj"])
+    assert refusal(IncompatibleAdapter, "x", path, base) == (
+        f"adapter 'x' does not fit the base model: {Q} has A (4, 32) and B (32, 4), "
+        "the base layer needs A [r, 64] and B [64, r]"
+    )
+    deeper = make_tiny_hf_model(smollm2_tokenizer, num_hidden_layers=3)
+    path = make_adapter(deeper, tmp_path / "y", r=4, target_modules=["q_proj"])
+    assert refusal(IncompatibleAdapter, "y", path, base) == "adapter 'y' targets layer 2; the base model has 2 layers"
+
+
+def test_rank_above_the_maximum_is_refused(tiny_hf_model, base, tmp_path):
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=16, target_modules=["q_proj"])
+    assert refusal(IncompatibleAdapter, "x", path, base) == (
+        f"adapter 'x' has rank 16 on {Q}, the server's maximum is {MAX_RANK} (--max-lora-rank)"
+    )
+    assert read_adapter("x", path, base, max_rank=16).rank == 16
+    # Only one module's rank_pattern entry is too big: that module is named.
+    path = make_adapter(tiny_hf_model, tmp_path / "y", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 12})
+    assert refusal(IncompatibleAdapter, "y", path, base) == (
+        f"adapter 'y' has rank 12 on model.layers.0.self_attn.v_proj, the server's maximum is {MAX_RANK} (--max-lora-rank)"
+    )
+
+
+def test_incomplete_configs_are_refused(tiny_hf_model, base, tmp_path):
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj"])
+    edit_config(path, r=None)
+    assert refusal(IncompatibleAdapter, "x", path, base) == "adapter 'x' has no r or lora_alpha in adapter_config.json"
+    (path / "adapter_config.json").write_text("{not json")
+    assert refusal(IncompatibleAdapter, "x", path, base).startswith("adapter 'x' has an unreadable adapter_config.json: ")
+    path = make_adapter(tiny_hf_model, tmp_path / "y", r=4, target_modules=["q_proj"])
+    weights_file(path).unlink()
+    assert refusal(IncompatibleAdapter, "y", path, base) == (
+        "adapter 'y' has no adapter_model.safetensors (only safetensors adapters are served)"
+    )
+
+
+def _truncate(path: Path) -> None:
+    data = weights_file(path).read_bytes()
+    weights_file(path).write_bytes(data[: len(data) // 2])
+
+
+def _garble(path: Path) -> None:
+    weights_file(path).write_bytes(os.urandom(4096))
+
+
+def _cut_header(path: Path) -> None:
+    weights_file(path).write_bytes(weights_file(path).read_bytes()[:20])
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble, _cut_header], ids=["truncated", "garbage", "cut-header"])
+def test_corrupt_weights_are_refused(tiny_hf_model, base, tmp_path, damage):
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj"])
+    damage(path)
+    assert refusal(IncompatibleAdapter, "x", path, base).startswith("adapter 'x' has a corrupt adapter_model.safetensors: ")
+
+
+def test_missing_adapters_are_not_found(base, root, tmp_path):
+    reason = refusal(NotFound, "ghost", tmp_path / "ghost", base)
+    assert reason == f"adapter 'ghost' not found: {tmp_path / 'ghost'} has no adapter_config.json"
+    with pytest.raises(NotFound) as info:
+        resolve_adapter_dir(root, "ghost", "")
+    assert str(info.value) == "adapter 'ghost' not found: no ghost/adapter_config.json in the adapters directory"
+    with pytest.raises(NotFound, match=r"the server has no adapters directory \(start it with --adapters-dir\)"):
+        resolve_adapter_dir(None, "ghost", "")
+
+
+def test_paths_outside_the_adapters_directory_are_invalid(tiny_hf_model, tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    outside = make_adapter(tiny_hf_model, tmp_path / "outside", r=4, target_modules=["q_proj"])
+    for path in ("../outside", str(outside), "sub/../../outside"):
+        with pytest.raises(InvalidRequest) as info:
+            resolve_adapter_dir(root, "x", path)
+        assert str(info.value) == f"path {path!r} is outside the adapters directory"
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidRequest, match="is outside the adapters directory"):
+        resolve_adapter_dir(root, "link", "")
+    for name in ("", ".", "..", "a/b", "../outside"):
+        with pytest.raises(InvalidRequest) as info:
+            resolve_adapter_dir(root, name, "")
+        assert str(info.value) == f"adapter name must be a non-empty single path component, got {name!r}"
+
+
+def test_a_corrupt_adapter_fails_alone(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """The engine refuses the corrupt adapter, then serves a good one and the base model as before."""
+    make_adapter(tiny_hf_model, tmp_path / "good", r=4, seed=1)
+    _truncate(make_adapter(tiny_hf_model, tmp_path / "bad", r=4, seed=2))
+    engine = make_engine(
+        tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=MAX_RANK, max_loras=2, kv_cache_bytes=8 << 20
+    )
+    prompt = random_prompts([9], len(smollm2_tokenizer))[0]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def generate(adapter_name: str | None) -> list[int]:
+        adapter = None if adapter_name is None else engine.registry.get(adapter_name)
+        engine.add_request("r", prompt, params, adapter)
+        ids = []
+        while engine.has_work():
+            ids += [t for out in engine.step() for t in out.token_ids]
+        return ids
+
+    good, plain = generate("good"), generate(None)
+    assert good != plain and len(good) == 8
+    for _ in range(2):
+        with pytest.raises(IncompatibleAdapter, match="^adapter 'bad' has a corrupt adapter_model.safetensors: "):
+            engine.registry.get("bad")
+        with pytest.raises(IncompatibleAdapter, match="^adapter 'bad' has a corrupt"):
+            engine.registry.load("bad")
+    assert [a.name for a in engine.registry.list()] == ["good"]
+    assert generate("good") == good and generate(None) == plain
+    assert engine.allocator.num_free == engine.allocator.num_blocks

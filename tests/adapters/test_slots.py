@@ -1,0 +1,288 @@
+"""Adapters through the engine: more adapters in use than device slots, starvation, preemption,
+the host cache's budget, and reloading an adapter while a request still uses the old version.
+
+The oracle for every output is the same request run alone (greedy, float32) on an engine
+with enough slots for every adapter."""
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.adapters.peft_format import read_adapter
+from server.engine.kv_cache import KVCache
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import SequenceStatus
+from server.model.loader import build_from_hf
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.engine.helpers import make_engine, random_prompts
+
+MAX_RANK = 16
+# Mixed ranks and target sets, one rsLoRA, one with per-module rank and alpha patterns.
+ADAPTERS = {
+    "attn4": dict(r=4),
+    "all8": dict(r=8, target_modules=ALL_LINEAR),
+    "qv2rs": dict(r=2, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "pattern": dict(r=4, target_modules=ALL_LINEAR, rank_pattern={"down_proj": 8}, alpha_pattern={"o_proj": 32}),
+    "mlp16": dict(r=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+}
+NAMES = list(ADAPTERS)
+KV_CACHE_BYTES = 8 << 20
+# Three more of one shape (equal sizes in the host cache), different weights.
+SAME_SIZE = ("same0", "same1", "same2")
+Request = tuple[str, list[int], SamplingParams, str | None]
+
+
+def adapter_engine(tiny_hf_model, tokenizer, adapters_dir: Path, **config):
+    config = dict(kv_cache_bytes=KV_CACHE_BYTES, max_lora_rank=MAX_RANK, **config)
+    return make_engine(tiny_hf_model, tokenizer, adapters_dir=str(adapters_dir), **config)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, tiny_hf_model) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, (name, options) in enumerate(ADAPTERS.items()):
+        make_adapter(tiny_hf_model, root / name, seed=seed, **options)
+    for seed, name in enumerate(SAME_SIZE, start=10):
+        make_adapter(tiny_hf_model, root / name, seed=seed, **ADAPTERS["all8"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    """Output of one request run alone on an engine with a slot for every adapter (memoised)."""
+    engine = adapter_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=8)
+    cache: dict[tuple, list[int]] = {}
+
+    def reference(prompt: list[int], n: int, adapter: str | None) -> list[int]:
+        key = (tuple(prompt), n, adapter)
+        if key not in cache:
+            cache[key] = run(engine, {0: [("ref", prompt, greedy(n), adapter)]})[0]["ref"]
+        return cache[key]
+
+    return reference
+
+
+def run(engine, arrivals: dict[int, list[Request]], on_step=None, max_steps: int = 2000):
+    """Step the engine, adding requests (by adapter name) at the given steps.
+
+    Returns generated ids per request and the step at which each finished."""
+    outputs: dict[str, list[int]] = {}
+    finished_at: dict[str, int] = {}
+    step = 0
+    while step <= max(arrivals) or engine.has_work():
+        assert step < max_steps, "the engine did not finish its requests"
+        for rid, ids, params, name in arrivals.get(step, []):
+            engine.add_request(rid, ids, params, None if name is None else engine.registry.get(name))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finished_at[out.request_id] = step
+        if on_step is not None:
+            on_step(engine)
+        step += 1
+    return outputs, finished_at
+
+
+def check_slots(engine) -> None:
+    """Every running sequence's slot holds its exact adapter version, and pins count them."""
+    pool = engine.registry.pool
+    for seq in engine.scheduler.waiting:
+        assert seq.slot is None
+    for seq in engine.scheduler.running:
+        if seq.adapter is None:
+            assert seq.slot is None
+        else:
+            assert pool._owner[seq.slot] == seq.adapter.content_hash
+    users = Counter(seq.slot for seq in engine.scheduler.running if seq.slot is not None)
+    assert pool._pins == [users[s] for s in range(pool.num_slots)]
+    assert engine.registry.slot_stats().slots_in_use <= pool.num_slots
+
+
+def guard_evictions(engine) -> list[int]:
+    """Fail at once if the pool ever loads into a slot a running sequence uses; returns loaded slots."""
+    pool = engine.registry.pool
+    load = pool._load
+    loaded = []
+
+    def checked_load(slot, adapter):
+        assert pool._pins[slot] == 0, f"slot {slot} is pinned"
+        assert all(seq.slot != slot for seq in engine.scheduler.running), f"slot {slot} belongs to a running sequence"
+        loaded.append(slot)
+        load(slot, adapter)
+
+    pool._load = checked_load
+    return loaded
+
+
+def assert_clean(engine) -> None:
+    assert not engine.has_work()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert engine.registry.pool._pins == [0] * engine.registry.pool.num_slots
+    assert engine.registry._in_use == {}
+    assert all(info.in_use == 0 for info in engine.registry.list())
+
+
+def test_adapters_change_outputs(alone, smollm2_tokenizer):
+    """The oracle is worth something: each adapter's greedy output differs from the base's and each other's."""
+    prompt = random_prompts([8], len(smollm2_tokenizer), seed=5)[0]
+    outputs = [tuple(alone(prompt, 8, name)) for name in [None, *NAMES]]
+    assert len(set(outputs)) == len(outputs)
+
+
+def test_more_adapters_than_slots(tiny_hf_model, smollm2_tokenizer, adapters_dir, alone):
+    engine = adapter_engine(
+        tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=2,
+        max_num_batched_tokens=48, block_size=8,
+    )
+    assert engine.registry.pool.num_slots == 2
+    loaded = guard_evictions(engine)
+    vocab = len(smollm2_tokenizer)
+    prompts = random_prompts([5, 11, 7, 14, 9, 6, 12, 8, 10, 13, 4], vocab, seed=2)
+    lengths = [9, 6, 12, 7, 10, 8, 5, 11, 6, 9, 7]
+    # A first wave with every adapter and a base request, then a second wave in the reverse order.
+    names = [*NAMES, None, *reversed(NAMES)]
+    requests = [(f"r{i}", p, greedy(n), name) for i, (p, n, name) in enumerate(zip(prompts, lengths, names))]
+    outputs, _ = run(engine, {0: requests[:6], 4: requests[6:]}, on_step=check_slots)
+    for rid, prompt, params, name in requests:
+        assert outputs[rid] == alone(prompt, params.max_new_tokens, name), (rid, name)
+    stats = engine.registry.slot_stats()
+    assert stats.evictions > 0 and stats.loads == len(loaded) >= len(NAMES)
+    assert stats.slots_in_use == 2
+    assert_clean(engine)
+
+
+def test_an_unpopular_adapter_is_not_starved(tiny_hf_model, smollm2_tokenizer, adapters_dir, alone):
+    """Two popular adapters take both slots with a new request every step; the third adapter
+    still gets a slot within a few request lifetimes."""
+    engine = adapter_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=2)
+    guard_evictions(engine)
+    vocab = len(smollm2_tokenizer)
+    n = 6
+    stream = random_prompts([5] * 60, vocab, seed=3)
+    arrivals = {step: [(f"p{step}", stream[step], greedy(n), NAMES[step % 2])] for step in range(60)}
+    rare_prompt = random_prompts([7], vocab, seed=4)[0]
+    arrivals[3].append(("rare", rare_prompt, greedy(n), NAMES[4]))
+    outputs, finished_at = run(engine, arrivals, on_step=check_slots)
+    assert finished_at["rare"] - 3 <= 3 * (n + 2)
+    assert outputs["rare"] == alone(rare_prompt, n, NAMES[4])
+    # The popular stream went on after the unpopular request (nothing stalled for good).
+    assert max(finished_at.values()) > finished_at["rare"] and len(finished_at) == 61
+    for step in (0, 1, 30, 59):
+        assert outputs[f"p{step}"] == alone(stream[step], n, NAMES[step % 2])
+    assert_clean(engine)
+
+
+def test_preemption_with_adapters(tiny_hf_model, smollm2_tokenizer, adapters_dir, alone):
+    shape = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu")).shape
+    block_bytes = KVCache.bytes_per_block(shape, 4, torch.float32)
+    engine = make_engine(
+        tiny_hf_model, smollm2_tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=MAX_RANK, max_loras=3,
+        block_size=4, kv_cache_bytes=12 * block_bytes, max_num_batched_tokens=16,
+    )
+    guard_evictions(engine)
+    preempt, preempted = engine.scheduler._preempt, []
+
+    def recording_preempt(seq):
+        preempted.append(seq.adapter is not None)
+        preempt(seq)
+
+    engine.scheduler._preempt = recording_preempt
+    prompts = random_prompts([8, 6, 9, 7, 10, 5, 8, 6], len(smollm2_tokenizer), seed=6)
+    names = [NAMES[0], NAMES[1], None, NAMES[2], NAMES[0], NAMES[3], NAMES[1], NAMES[4]]
+    requests = [(f"r{i}", p, greedy(12), name) for i, (p, name) in enumerate(zip(prompts, names))]
+    outputs, _ = run(engine, {0: requests}, on_step=check_slots)
+    assert any(preempted) and engine.scheduler.num_preemptions == len(preempted)
+    for rid, prompt, params, name in requests:
+        assert outputs[rid] == alone(prompt, params.max_new_tokens, name), (rid, name)
+    assert_clean(engine)
+
+
+def test_host_cache_evicts_the_least_recent_unused_adapter(tiny_hf_model, smollm2_tokenizer, tmp_path, alone, adapters_dir):
+    for name, source in zip("abc", SAME_SIZE):
+        shutil.copytree(adapters_dir / source, tmp_path / name)
+    base = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    size = read_adapter("a", tmp_path / "a", base, MAX_RANK).nbytes
+    engine = adapter_engine(
+        tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2,
+        adapter_cache_bytes=size * 3 // 2,
+    )
+    registry = engine.registry
+
+    def cached() -> list[str]:
+        return list(registry._cache)
+
+    registry.get("a")
+    registry.get("b")
+    assert cached() == ["b"] and registry.host_evictions == 1
+    registry.get("c")
+    assert cached() == ["c"] and registry.host_evictions == 2
+    a = registry.get("a")
+    assert cached() == ["a"] and registry.host_evictions == 3
+    prompt = random_prompts([6], len(smollm2_tokenizer), seed=7)[0]
+    engine.add_request("uses-a", prompt, greedy(6), a)
+    # a is pinned by its request, and b was just read for a request that will pin it:
+    # both stay, over budget, until they are no longer in use.
+    b = registry.get("b")
+    assert cached() == ["a", "b"] and registry.host_evictions == 3
+    engine.add_request("uses-b", prompt, greedy(6), b)
+    registry.get("c")
+    assert cached() == ["a", "b", "c"]
+    assert {i.name: i.in_use for i in registry.list()} == {"a": 1, "b": 1, "c": 0}
+    outputs = {}
+    while engine.has_work():
+        assert "a" in cached()
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    assert outputs == {"uses-a": alone(prompt, 6, SAME_SIZE[0]), "uses-b": alone(prompt, 6, SAME_SIZE[1])}
+    assert sum(registry._cache[n].nbytes for n in cached()) <= size * 3 // 2
+    assert_clean(engine)
+
+
+def test_reload_keeps_versions_apart(tiny_hf_model, smollm2_tokenizer, tmp_path, alone, adapters_dir):
+    """A request holds the version it started with; after a reload new requests get the new one."""
+    old, new = adapters_dir / NAMES[1], adapters_dir / NAMES[3]
+    shutil.copytree(old, tmp_path / "live")
+    engine = adapter_engine(
+        tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2, max_num_seqs=2
+    )
+    guard_evictions(engine)
+    registry = engine.registry
+    prompts = random_prompts([7, 9, 8, 6], len(smollm2_tokenizer), seed=8)
+    first = registry.get("live")
+    engine.add_request("running", prompts[0], greedy(10), first)
+    outputs: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        check_slots(engine)
+
+    for _ in range(3):
+        step()
+    engine.add_request("base", prompts[1], greedy(10), None)
+    engine.add_request("queued", prompts[2], greedy(10), registry.get("live"))
+    step()
+    assert engine.scheduler.find("queued").status is SequenceStatus.WAITING
+    assert len(outputs["running"]) == 4
+
+    for f in new.iterdir():
+        shutil.copy(f, tmp_path / "live" / f.name)
+    info = registry.load("live")
+    assert info.content_hash != first.content_hash
+    assert [(i.name, i.content_hash, i.rank) for i in registry.list()] == [("live", info.content_hash, 8)]
+    engine.add_request("after", prompts[3], greedy(10), registry.get("live"))
+    while engine.has_work():
+        step()
+    assert outputs["running"] == alone(prompts[0], 10, NAMES[1])
+    assert outputs["queued"] == alone(prompts[2], 10, NAMES[1])
+    assert outputs["after"] == alone(prompts[3], 10, NAMES[3])
+    assert outputs["base"] == alone(prompts[1], 10, None)
+    assert engine.registry.pool.resident(first.content_hash) and registry.get("live").content_hash == info.content_hash
+    assert_clean(engine)
