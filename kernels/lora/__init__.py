@@ -1,0 +1,61 @@
+"""Batched multi-LoRA: y += B_slot(A_slot x) for a ragged batch where each token has a slot.
+
+The model's LoRA layer calls lora_delta once per linear group per step; the engine builds
+one LoRABatch per step and shares it across layers. The Triton kernels run when the
+tensors are on CUDA; the torch reference (also the production CPU path) runs otherwise.
+backend="triton" forces the kernels, e.g. on CPU tensors when they were imported with
+TRITON_INTERPRET=1 (tests); backend="torch" forces the reference.
+"""
+
+from torch import Tensor
+
+from . import reference
+from .batch import LoRABatch, LoRAWeights, Segment
+
+__all__ = ["LoRABatch", "LoRAWeights", "Segment", "lora_delta", "lora_expand", "lora_shrink"]
+
+
+def _impl(x: Tensor, backend: str | None):
+    if backend is None:
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "torch":
+        return reference
+    if backend == "triton":
+        # Imported on first use: CPU serving never needs triton.
+        from . import triton_sgmv
+
+        return triton_sgmv
+    raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+
+
+def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch, *, backend: str | None = None) -> Tensor:
+    """v[t, s * max_rank + j] = x[t] . a[slot_t, s * max_rank + j] for j < rank of slot_t.
+
+    x: [T, in_features]. Returns v: [T, S * max_rank], float32 (float64 for float64 x on
+    the torch path); columns past a slot's rank and rows without an adapter are zero.
+    """
+    return _impl(x, backend).lora_shrink(x, w, batch)
+
+
+def lora_expand(
+    v: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor, *, backend: str | None = None
+) -> None:
+    """y[t, slice s] += v[t, s * max_rank : s * max_rank + rank] @ b[slot_t, slice s, :rank].T.
+
+    v: [T, S * max_rank] as lora_shrink returns it; y: [T, sum(out_slices)], updated in
+    place in its own dtype. Rows of tokens without an adapter are left bit-identical.
+    """
+    _impl(v, backend).lora_expand(v, w, batch, y)
+
+
+def lora_delta(
+    x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor, *, backend: str | None = None
+) -> None:
+    """y += LoRA(x) for every token with an adapter: lora_shrink then lora_expand.
+
+    x: [T, in_features]; y: [T, sum(out_slices)] (the base layer's output), updated in place;
+    rows of tokens without an adapter are left bit-identical. On Triton, steps of up to
+    triton_sgmv.FUSED_MAX_TOKENS tokens take one fused launch; the torch path picks between
+    a segment loop and one batched matmul pair (see reference). No autograd: forward only.
+    """
+    _impl(x, backend).lora_delta(x, w, batch, y)

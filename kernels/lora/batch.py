@@ -1,0 +1,231 @@
+"""The two data types every batched-LoRA call takes: the step's token grouping and a slot pool."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tokens of one adapter slot in a step: sorted_tokens[start : start + length]."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """The adapter tokens as a [G, L] grid for batched matmuls on the CPU path.
+
+    Row g holds the tokens of slot first_slot + g (G = the span of slots from the first
+    active one to the last), padded to the longest segment L. Built only for decode-like
+    steps: several segments, G * L <= 512 and at most twice the real rows.
+
+    tokens: [G * L] int64, the token at each grid position (token 0 where padding).
+    rows:   [num_lora_tokens] int64, the grid position of each of sorted_tokens[:num_lora_tokens].
+    """
+
+    first_slot: int
+    num_slots: int
+    length: int
+    tokens: Tensor
+    rows: Tensor
+
+
+@dataclass(frozen=True)
+class LoRABatch:
+    """How one engine step's tokens map to adapter slots; built once, shared by every layer.
+
+    Tokens are grouped by slot through an index array; activations are never permuted.
+    Segment tensors have a fixed length of num_slots so a kernel grid over them does not
+    depend on the batch: the active segments come first, the rest have slot -1, length 0.
+
+    token_slots:   [T] int32, slot of each token, -1 = no adapter.
+    sorted_tokens: [T] int64, token indices grouped by slot in ascending slot order,
+                   tokens without an adapter last (the first num_lora_tokens have one).
+    seg_slots:     [num_slots] int32, slot of each segment, -1 past the active ones.
+    seg_starts:    [num_slots] int32, start of each segment in sorted_tokens.
+    seg_lens:      [num_slots] int32, tokens in each segment, 0 past the active ones.
+    segments:      host copy of the active segments, so the CPU path never syncs.
+    num_lora_tokens: number of tokens with an adapter (host int).
+    in_order:      every token has an adapter and sorted_tokens is 0..T-1 (one adapter, or
+                   T = 1), so the CPU path can skip the gather and scatter.
+    padded:        the grid layout for the CPU path's batched matmuls, or None (on CPU
+                   only, and only when there are several segments and little padding).
+    """
+
+    token_slots: Tensor
+    sorted_tokens: Tensor
+    seg_slots: Tensor
+    seg_starts: Tensor
+    seg_lens: Tensor
+    segments: tuple[Segment, ...]
+    num_lora_tokens: int
+    in_order: bool = False
+    padded: PaddedLayout | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slots.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        token_slots: Tensor | Sequence[int],
+        num_slots: int,
+        device: torch.device | str | None = None,
+    ) -> "LoRABatch":
+        """Group a step's tokens by slot.
+
+        token_slots: [T] slot per token (-1 = none), a host list or tensor. The grouping is
+            computed on the host; pass host values (the scheduler has them) so building for a
+            CUDA step costs one host-to-device copy and no sync. A CUDA tensor is accepted
+            but costs one sync here, once per step.
+        device: where the tensors go; defaults to token_slots' device (CPU for a list).
+        """
+        if isinstance(token_slots, Tensor):
+            device = token_slots.device if device is None else device
+            host = token_slots.detach().to("cpu", torch.int64).reshape(-1)
+        else:
+            host = torch.tensor(list(token_slots), dtype=torch.int64)
+        if host.numel() and (int(host.min()) < -1 or int(host.max()) >= num_slots):
+            raise ValueError(f"token slots must lie in [-1, {num_slots}), got {host.min()}..{host.max()}")
+        # Tokens without an adapter sort after every slot.
+        key = torch.where(host < 0, num_slots, host)
+        sorted_tokens = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+        starts = torch.cumsum(counts, 0) - counts
+        active = torch.nonzero(counts).reshape(-1)
+        num_active = active.numel()
+        seg_slots = torch.full((num_slots,), -1, dtype=torch.int32)
+        seg_starts = torch.zeros(num_slots, dtype=torch.int32)
+        seg_lens = torch.zeros(num_slots, dtype=torch.int32)
+        seg_slots[:num_active] = active.to(torch.int32)
+        seg_starts[:num_active] = starts[active].to(torch.int32)
+        seg_lens[:num_active] = counts[active].to(torch.int32)
+        segments = tuple(
+            Segment(slot, start, length)
+            for slot, start, length in zip(active.tolist(), starts[active].tolist(), counts[active].tolist())
+        )
+        num_lora_tokens = int(counts.sum())
+        device = torch.device("cpu" if device is None else device)
+        padded = None
+        if device.type == "cpu":
+            padded = _padded_layout(segments, sorted_tokens[:num_lora_tokens], num_lora_tokens)
+        return cls(
+            token_slots=host.to(device=device, dtype=torch.int32),
+            sorted_tokens=sorted_tokens.to(device),
+            seg_slots=seg_slots.to(device),
+            seg_starts=seg_starts.to(device),
+            seg_lens=seg_lens.to(device),
+            segments=segments,
+            num_lora_tokens=num_lora_tokens,
+            in_order=bool(torch.equal(sorted_tokens[:num_lora_tokens], torch.arange(host.numel()))),
+            padded=padded,
+        )
+
+
+_MAX_GRID_ROWS = 512
+
+
+def _padded_layout(
+    segments: tuple[Segment, ...], lora_tokens: Tensor, num_lora_tokens: int
+) -> PaddedLayout | None:
+    if len(segments) < 2:
+        return None
+    first_slot = segments[0].slot
+    num_slots = segments[-1].slot - first_slot + 1
+    length = max(seg.length for seg in segments)
+    if num_slots * length > min(2 * num_lora_tokens, _MAX_GRID_ROWS):
+        return None
+    rows = torch.cat(
+        [torch.arange(seg.length) + (seg.slot - first_slot) * length for seg in segments]
+    )
+    tokens = torch.zeros(num_slots * length, dtype=torch.int64)
+    tokens[rows] = lora_tokens
+    return PaddedLayout(first_slot, num_slots, length, tokens, rows)
+
+
+@dataclass
+class LoRAWeights:
+    """One slot pool for a group of linears that share an input (e.g. fused q/k/v).
+
+    S = len(out_slices) output slices share one shrink; N = sum(out_slices).
+
+    a: [num_slots, S * max_rank, in_features]. Slice s of slot i uses rows
+       s * max_rank : s * max_rank + rank_i; rows past the rank are never read.
+    b: [num_slots, N, max_rank]. Slice s owns rows offset_s : offset_s + out_slices[s];
+       only the first rank_i columns are read. The LoRA scale (alpha / r, or alpha / sqrt(r)
+       for rsLoRA) is folded into b when the adapter is loaded; the kernels never scale.
+    slot_ranks: [num_slots] int32 on a's device, the real rank of each slot (1..max_rank).
+    host_ranks: host copy of slot_ranks (the CPU path reads it without a device sync);
+       whoever writes a slot keeps both in step, e.g. through set_rank.
+    out_slices: output width of each slice, e.g. (q_dim, kv_dim, kv_dim).
+    """
+
+    a: Tensor
+    b: Tensor
+    slot_ranks: Tensor
+    out_slices: tuple[int, ...]
+    host_ranks: list[int] = field(default_factory=list)
+    # [S] int32 start column and width of each slice, [N] int64 slice index of each column.
+    slice_starts: Tensor = field(init=False, repr=False)
+    slice_widths: Tensor = field(init=False, repr=False)
+    slice_of_col: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.out_slices = tuple(int(w) for w in self.out_slices)
+        num_slots, n_out, max_rank = self.b.shape
+        if not self.out_slices or min(self.out_slices) <= 0:
+            raise ValueError(f"out_slices must be positive widths, got {self.out_slices}")
+        if n_out != sum(self.out_slices):
+            raise ValueError(f"b has {n_out} output rows, out_slices sum to {sum(self.out_slices)}")
+        if self.a.dim() != 3 or self.a.shape[:2] != (num_slots, self.num_slices * max_rank):
+            raise ValueError(
+                f"a must be [{num_slots}, {self.num_slices} * {max_rank}, in_features], got {tuple(self.a.shape)}"
+            )
+        if self.a.dtype != self.b.dtype:
+            raise ValueError(f"a and b must share a dtype, got {self.a.dtype} and {self.b.dtype}")
+        if tuple(self.slot_ranks.shape) != (num_slots,):
+            raise ValueError(f"slot_ranks must be [{num_slots}], got {tuple(self.slot_ranks.shape)}")
+        if not self.host_ranks:
+            self.host_ranks = self.slot_ranks.tolist()
+        if len(self.host_ranks) != num_slots or not all(1 <= r <= max_rank for r in self.host_ranks):
+            raise ValueError(f"slot ranks must lie in [1, {max_rank}], got {self.host_ranks}")
+        starts = [sum(self.out_slices[:s]) for s in range(self.num_slices)]
+        self.slice_starts = torch.tensor(starts, dtype=torch.int32, device=self.b.device)
+        self.slice_widths = torch.tensor(self.out_slices, dtype=torch.int32, device=self.b.device)
+        self.slice_of_col = torch.repeat_interleave(
+            torch.arange(self.num_slices, device=self.b.device),
+            torch.tensor(self.out_slices, device=self.b.device),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.b.shape[0]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.out_slices)
+
+    @property
+    def max_rank(self) -> int:
+        return self.b.shape[2]
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[1]
+
+    def set_rank(self, slot: int, rank: int) -> None:
+        """Record the real rank of a slot just written (device tensor and host copy)."""
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank must lie in [1, {self.max_rank}], got {rank}")
+        self.slot_ranks[slot] = rank
+        self.host_ranks[slot] = rank

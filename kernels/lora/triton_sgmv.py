@@ -1,0 +1,297 @@
+"""Triton batched-LoRA kernels (segmented gather matrix-vector, "SGMV") and their launchers.
+
+Every kernel's grid is (tiles of T x tiles of the N or rank dim, slices, num_slots): it
+depends on the shapes of the step, never on its content, so a launch can be captured in a
+CUDA graph. A program finds its segment through LoRABatch.seg_*, gathers its tokens' rows
+through sorted_tokens, and exits at once when its segment is empty, its token tile lies
+past the segment, or its rank tile lies past the slot's real rank.
+
+Three kernels: shrink (v = x A^T per slice, optionally split over K), expand (y += v B^T
+per slice, the reduction stopping at the real rank) and, for decode-sized steps, a fused
+shrink+expand that keeps each token tile's v on chip. The two-launch path keeps v in
+float32 in global memory; every matmul accumulates in float32.
+"""
+
+import triton
+import triton.language as tl
+import torch
+from torch import Tensor
+
+from .batch import LoRABatch, LoRAWeights
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, v_ptr, ranks_ptr, sorted_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr,
+    in_features,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_vt, stride_vr,
+    MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_slice = tl.program_id(1)
+    pid_seg = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + pid_seg)
+    if slot < 0:
+        return
+    seg_len = tl.load(seg_lens_ptr + pid_seg)
+    pid_k = pid % SPLIT_K
+    pid_n = (pid // SPLIT_K) % NUM_N_TILES
+    pid_m = pid // (SPLIT_K * NUM_N_TILES)
+    rank = tl.load(ranks_ptr + slot)
+    if pid_m * BLOCK_M >= seg_len or pid_n * BLOCK_N >= rank:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    seg_start = tl.load(seg_starts_ptr + pid_seg)
+    tokens = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < rank
+    rows = pid_slice * MAX_RANK + offs_n
+    x_rows = x_ptr + tokens[:, None] * stride_xt
+    a_rows = a_ptr + slot.to(tl.int64) * stride_as + rows[None, :] * stride_ar
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_features
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # Rows past the rank are masked, never read: they may hold anything.
+        a = tl.load(a_rows + offs_k[:, None] * stride_ak, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, a.to(x.dtype), acc, input_precision=PRECISION)
+
+    v = v_ptr + tokens[:, None] * stride_vt + rows[None, :] * stride_vr
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(v, acc, mask=mask)
+    else:
+        tl.atomic_add(v, acc, mask=mask)
+
+
+@triton.jit
+def _expand_kernel(
+    v_ptr, b_ptr, y_ptr, ranks_ptr, sorted_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr,
+    slice_starts_ptr, slice_widths_ptr,
+    stride_vt, stride_vr, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_slice = tl.program_id(1)
+    pid_seg = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + pid_seg)
+    if slot < 0:
+        return
+    seg_len = tl.load(seg_lens_ptr + pid_seg)
+    pid_n = pid % NUM_N_TILES
+    pid_m = pid // NUM_N_TILES
+    width = tl.load(slice_widths_ptr + pid_slice)
+    if pid_m * BLOCK_M >= seg_len or pid_n * BLOCK_N >= width:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    seg_start = tl.load(seg_starts_ptr + pid_seg)
+    tokens = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < width
+    cols = tl.load(slice_starts_ptr + pid_slice) + offs_n
+    rank = tl.load(ranks_ptr + slot)
+    v_rows = v_ptr + tokens[:, None] * stride_vt
+    b_rows = b_ptr + slot.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The reduction stops at the slot's real rank, not at max_rank.
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        v = tl.load(v_rows + (pid_slice * MAX_RANK + offs_r)[None, :] * stride_vr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_rows + offs_r[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(v.to(b.dtype), b, acc, input_precision=PRECISION)
+
+    y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    out = tl.load(y, mask=mask, other=0.0).to(tl.float32) + acc
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, sorted_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr,
+    slice_starts_ptr, slice_widths_ptr,
+    in_features,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+    stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    MAX_RANK: tl.constexpr, NUM_N_GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Shrink and expand in one program: the [BLOCK_M, rank] tile of v never leaves the chip.
+
+    BLOCK_R covers max_rank; loads past the slot's rank are masked, so memory traffic is
+    proportional to the real rank. Program group g expands the slice's column tiles
+    g, g + NUM_N_GROUPS, ...; each group recomputes the (cheap) shrink.
+    """
+    pid = tl.program_id(0)
+    pid_slice = tl.program_id(1)
+    pid_seg = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + pid_seg)
+    if slot < 0:
+        return
+    seg_len = tl.load(seg_lens_ptr + pid_seg)
+    pid_g = pid % NUM_N_GROUPS
+    pid_m = pid // NUM_N_GROUPS
+    width = tl.load(slice_widths_ptr + pid_slice)
+    if pid_m * BLOCK_M >= seg_len or pid_g * BLOCK_N >= width:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    seg_start = tl.load(seg_starts_ptr + pid_seg)
+    tokens = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    slot64 = slot.to(tl.int64)
+    x_rows = x_ptr + tokens[:, None] * stride_xt
+    a_rows = a_ptr + slot64 * stride_as + (pid_slice * MAX_RANK + offs_r)[None, :] * stride_ar
+
+    v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_features
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(a_rows + offs_k[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        v = tl.dot(x, a.to(x.dtype), v, input_precision=PRECISION)
+
+    col0 = tl.load(slice_starts_ptr + pid_slice)
+    b_rows = b_ptr + slot64 * stride_bs + offs_r[:, None] * stride_br
+    y_rows = y_ptr + tokens[:, None] * stride_yt
+    v = v.to(b_ptr.dtype.element_ty)
+    for n0 in range(pid_g * BLOCK_N, width, NUM_N_GROUPS * BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < width
+        cols = col0 + offs_n
+        b = tl.load(b_rows + cols[None, :] * stride_bn, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        delta = tl.dot(v, b, input_precision=PRECISION)
+        y = y_rows + cols[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        out = tl.load(y, mask=mask, other=0.0).to(tl.float32) + delta
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products rather than TF32 ones.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _block_m(num_tokens: int) -> int:
+    # Decode-sized steps spread few tokens over many segments: keep the token tile at the
+    # tensor-core minimum so a 4-token segment does not pay for a 64-row tile.
+    return 16 if num_tokens <= 128 else 64
+
+
+def _shrink_split_k(num_tokens: int, in_features: int) -> int:
+    # Decode-sized steps launch few programs per segment; splitting K keeps SMs busy.
+    # Not yet tuned on a GPU.
+    if num_tokens > 64:
+        return 1
+    return max(1, min(8, in_features // 512))
+
+
+def shrink_into(x: Tensor, w: LoRAWeights, batch: LoRABatch, v: Tensor, split_k: int = 1) -> None:
+    """Write v[t, s * max_rank + j] for tokens with an adapter and j < their slot's rank.
+
+    x: [T, in_features]; v: [T, S * max_rank] float32. Other elements of v are not written.
+    With split_k > 1 the partial sums are atomically added, so v must start at zero.
+    """
+    num_tokens = batch.num_tokens
+    if num_tokens == 0:
+        return
+    block_m = _block_m(num_tokens)
+    block_n = _block(w.max_rank, 16, 32)
+    block_k = _block(w.in_features, 16, 128)
+    num_n_tiles = triton.cdiv(w.max_rank, block_n)
+    grid = (triton.cdiv(num_tokens, block_m) * num_n_tiles * split_k, w.num_slices, w.num_slots)
+    _shrink_kernel[grid](
+        x, w.a, v, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
+        w.in_features,
+        x.stride(0), x.stride(1), w.a.stride(0), w.a.stride(1), w.a.stride(2), v.stride(0), v.stride(1),
+        MAX_RANK=w.max_rank, NUM_N_TILES=num_n_tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, PRECISION=_precision(x.dtype),
+    )
+
+
+def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch) -> Tensor:
+    """Same contract as reference.lora_shrink: v [T, S * max_rank] float32, zero elsewhere."""
+    v = torch.zeros((batch.num_tokens, w.num_slices * w.max_rank), dtype=torch.float32, device=x.device)
+    shrink_into(x, w, batch, v, split_k=_shrink_split_k(batch.num_tokens, w.in_features))
+    return v
+
+
+def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
+    """Same contract as reference.lora_expand: y [T, N] += per-slice v_s @ b_s[:, :rank].T."""
+    num_tokens = batch.num_tokens
+    if num_tokens == 0:
+        return
+    block_m = _block_m(num_tokens)
+    block_n = _block(max(w.out_slices), 16, 128)
+    block_r = _block(w.max_rank, 16, 32)
+    num_n_tiles = triton.cdiv(max(w.out_slices), block_n)
+    grid = (triton.cdiv(num_tokens, block_m) * num_n_tiles, w.num_slices, w.num_slots)
+    _expand_kernel[grid](
+        v, w.b, y, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
+        w.slice_starts, w.slice_widths,
+        v.stride(0), v.stride(1), w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
+        MAX_RANK=w.max_rank, NUM_N_TILES=num_n_tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_precision(w.b.dtype),
+    )
+
+
+def fused_delta(
+    x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor, num_n_groups: int | None = None
+) -> None:
+    """y += LoRA(x) in one launch, v kept on chip (decode-sized steps).
+
+    Grid (tiles of T x num_n_groups, slices, num_slots); each program shrinks its token
+    tile for its slice, then expands into every num_n_groups-th column tile of the slice.
+    """
+    num_tokens = batch.num_tokens
+    if num_tokens == 0:
+        return
+    block_m = _block_m(num_tokens)
+    block_n = _block(max(w.out_slices), 16, 64)
+    if num_n_groups is None:
+        num_n_groups = max(1, min(8, triton.cdiv(max(w.out_slices), 4 * block_n)))
+    grid = (triton.cdiv(num_tokens, block_m) * num_n_groups, w.num_slices, w.num_slots)
+    _fused_kernel[grid](
+        x, w.a, w.b, y, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
+        w.slice_starts, w.slice_widths,
+        w.in_features,
+        x.stride(0), x.stride(1), w.a.stride(0), w.a.stride(1), w.a.stride(2),
+        w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
+        MAX_RANK=w.max_rank, NUM_N_GROUPS=num_n_groups,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block(w.in_features, 16, 64),
+        BLOCK_R=_block(w.max_rank, 16, 128), PRECISION=_precision(x.dtype),
+    )
+
+
+# Steps up to this many tokens take the fused kernel. Chosen without GPU measurements:
+# bench/lora_kernels.py on a GPU compares both paths.
+FUSED_MAX_TOKENS = 64
+
+
+def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
+    """y += LoRA(x): the fused kernel for decode-sized steps, else shrink then expand
+    (two launches, v through global memory as float32)."""
+    if batch.num_tokens <= FUSED_MAX_TOKENS and w.max_rank <= 128:
+        fused_delta(x, w, batch, y)
+    else:
+        lora_expand(lora_shrink(x, w, batch), w, batch, y)

@@ -1,0 +1,421 @@
+"""Batched-LoRA kernels: Triton against the torch reference, the reference against an oracle.
+
+Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, float32
+only, small shapes); with CUDA they run natively in float32, bfloat16 and float16.
+"""
+
+import contextlib
+import importlib
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.lora import LoRABatch, LoRAWeights, lora_delta, lora_expand, lora_shrink, reference
+
+CUDA = torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _triton_interpreter():
+    """TRITON_INTERPRET=1 for the duration, without CUDA; the previous value comes back after.
+
+    Triton reads the variable when it decorates a kernel and again while it imports parts of
+    itself on first launch, so it is set while this module imports the kernels and while its
+    tests run (an autouse fixture), never for other test modules.
+    """
+    if CUDA:
+        yield
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _import_triton_sgmv():
+    try:
+        with _triton_interpreter():
+            module = importlib.import_module("kernels.lora.triton_sgmv")
+            from triton.runtime.interpreter import InterpretedFunction
+
+            if not CUDA and not isinstance(module._shrink_kernel, InterpretedFunction):
+                # Imported earlier for a GPU: decorate the kernels again, interpreted.
+                module = importlib.reload(module)
+    except ImportError:
+        return None
+    return module
+
+
+triton_sgmv = _import_triton_sgmv()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_testing():
+    with _triton_interpreter():
+        yield
+
+
+needs_triton = pytest.mark.skipif(triton_sgmv is None, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+DEVICE = "cuda" if CUDA else "cpu"
+# The interpreter computes bf16 wrongly, so on CPU the kernels are checked in float32 only.
+KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-10}
+
+
+class Case:
+    """A random slot pool and step: ragged segments, tokens without an adapter, mixed ranks.
+
+    The weights past each slot's rank hold NaN, so any read of them poisons the result.
+    slots: the token slots; by default num_tokens random ones, a `no_adapter` share of -1.
+    """
+
+    def __init__(self, seed, num_tokens, in_features, out_slices, ranks, max_rank,
+                 dtype=torch.float32, device="cpu", no_adapter=0.25, slots=None):
+        gen = torch.Generator().manual_seed(seed)
+        num_slots, num_slices = len(ranks), len(out_slices)
+        self.num_slots = num_slots
+        a = torch.randn(num_slots, num_slices * max_rank, in_features, generator=gen) / in_features**0.5
+        b = torch.randn(num_slots, sum(out_slices), max_rank, generator=gen) / max_rank**0.5
+        self.a_clean, self.b_clean = a.clone(), b.clone()
+        for slot, rank in enumerate(ranks):
+            for s in range(num_slices):
+                a[slot, s * max_rank + rank : (s + 1) * max_rank] = float("nan")
+            b[slot, :, rank:] = float("nan")
+        slot_ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
+        self.w = LoRAWeights(a.to(device, dtype), b.to(device, dtype), slot_ranks, out_slices)
+        if slots is None:
+            random_slots = torch.randint(0, num_slots, (num_tokens,), generator=gen)
+            random_slots[torch.rand(num_tokens, generator=gen) < no_adapter] = -1
+            slots = random_slots.tolist()
+        self.slots, num_tokens = list(slots), len(slots)
+        self.batch = LoRABatch.build(self.slots, num_slots, device=device)
+        self.x = torch.randn(num_tokens, in_features, generator=gen).to(device, dtype)
+        self.y = torch.randn(num_tokens, sum(out_slices), generator=gen).to(device, dtype)
+        self.ranks, self.max_rank, self.out_slices = list(ranks), max_rank, tuple(out_slices)
+
+    def oracle_v(self):
+        """float64 v [T, S * max_rank], token by token."""
+        num_slices, max_rank = len(self.out_slices), self.max_rank
+        x, a = self.x.double().cpu(), self.a_clean.to(self.w.a.dtype).double()
+        v = torch.zeros(len(self.slots), num_slices * max_rank, dtype=torch.float64)
+        for t, slot in enumerate(self.slots):
+            if slot < 0:
+                continue
+            for s in range(num_slices):
+                rows = slice(s * max_rank, s * max_rank + self.ranks[slot])
+                v[t, rows] = torch.einsum("k,rk->r", x[t], a[slot, rows])
+        return v
+
+    def oracle_expand(self, v):
+        """float64 y + per-slice v_s @ b_s.T, token by token."""
+        y, b = self.y.double().cpu(), self.b_clean.to(self.w.b.dtype).double()
+        v = v.double().cpu()
+        for t, slot in enumerate(self.slots):
+            if slot < 0:
+                continue
+            rank, start = self.ranks[slot], 0
+            for s, width in enumerate(self.out_slices):
+                v_s = v[t, s * self.max_rank : s * self.max_rank + rank]
+                y[t, start : start + width] += torch.einsum("r,nr->n", v_s, b[slot, start : start + width, :rank])
+                start += width
+        return y
+
+
+def lora_rows(case):
+    return torch.tensor([s >= 0 for s in case.slots], dtype=torch.bool, device=case.y.device)
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=tol, atol=tol)
+
+
+# (num_tokens, in_features, out_slices, ranks, max_rank): none of the dims is a block multiple.
+SHAPES = {
+    "qkv_gqa": (37, 72, (88, 24, 24), [1, 5, 16, 32, 17], 32),
+    "gate_up_rank128": (23, 40, (136, 136), [128, 3, 64, 100], 128),
+    "down": (19, 150, (200,), [8, 1, 2], 8),
+    "long_segments": (200, 48, (40, 24, 24), [16, 5], 16),
+    "one_token": (1, 56, (40, 24, 24), [7, 3], 8),
+    "no_tokens": (0, 56, (40, 24, 24), [7, 3], 8),
+}
+
+
+def make_case(name, dtype, seed=0, device=DEVICE, **kw):
+    num_tokens, in_features, out_slices, ranks, max_rank = SHAPES[name]
+    return Case(seed, num_tokens, in_features, out_slices, ranks, max_rank, dtype, device, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("name", SHAPES)
+def test_triton_shrink_writes_exactly_the_real_rank(name, dtype):
+    case = make_case(name, dtype)
+    w, batch = case.w, case.batch
+    v = torch.full((batch.num_tokens, w.num_slices * w.max_rank), float("nan"), device=DEVICE)
+    triton_sgmv.shrink_into(case.x, w, batch, v)
+    expected = reference.lora_shrink(case.x, w, batch)
+    written = torch.zeros_like(v, dtype=torch.bool)
+    for t, slot in enumerate(case.slots):
+        if slot >= 0:
+            for s in range(w.num_slices):
+                written[t, s * w.max_rank : s * w.max_rank + case.ranks[slot]] = True
+    assert_close(v[written], expected[written], dtype)
+    assert v[~written].isnan().all(), "the kernel wrote past a rank or into a row without adapter"
+
+
+@needs_triton
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_triton_shrink_split_k(split_k):
+    case = make_case("qkv_gqa", torch.float32, seed=1)
+    w, batch = case.w, case.batch
+    v = torch.zeros(batch.num_tokens, w.num_slices * w.max_rank, device=DEVICE)
+    triton_sgmv.shrink_into(case.x, w, batch, v, split_k=split_k)
+    assert_close(v, case.oracle_v(), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("name", SHAPES)
+def test_triton_expand_matches_reference(name, dtype):
+    case = make_case(name, dtype)
+    w, batch = case.w, case.batch
+    v = case.oracle_v().float().to(DEVICE)
+    # Expand must read neither rows without an adapter nor columns past a rank.
+    v[v == 0] = float("nan")
+    y_triton, y_ref = case.y.clone(), case.y.clone()
+    lora_expand(v, w, batch, y_triton, backend="triton")
+    reference.lora_expand(v, w, batch, y_ref)
+    assert_close(y_triton, y_ref, dtype)
+    rows = lora_rows(case)
+    assert torch.equal(y_triton[~rows], case.y[~rows]), "rows without an adapter changed"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("name", SHAPES)
+def test_triton_delta_matches_reference(name, dtype):
+    case = make_case(name, dtype, seed=2)
+    y_triton, y_ref = case.y.clone(), case.y.clone()
+    lora_delta(case.x, case.w, case.batch, y_triton, backend="triton")
+    reference.lora_delta(case.x, case.w, case.batch, y_ref)
+    assert_close(y_triton, y_ref, dtype)
+    rows = lora_rows(case)
+    assert torch.equal(y_triton[~rows], case.y[~rows])
+    shrunk = lora_shrink(case.x, case.w, case.batch, backend="triton")
+    assert_close(shrunk, reference.lora_shrink(case.x, case.w, case.batch), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_n_groups", [1, 2, 5])
+@pytest.mark.parametrize("name", ["qkv_gqa", "gate_up_rank128", "long_segments", "no_tokens"])
+def test_triton_fused_delta_matches_reference(name, num_n_groups):
+    case = make_case(name, torch.float32, seed=3)
+    y_fused, y_ref = case.y.clone(), case.y.clone()
+    triton_sgmv.fused_delta(case.x, case.w, case.batch, y_fused, num_n_groups=num_n_groups)
+    reference.lora_delta(case.x, case.w, case.batch, y_ref)
+    assert_close(y_fused, y_ref, torch.float32)
+    rows = lora_rows(case)
+    assert torch.equal(y_fused[~rows], case.y[~rows])
+
+
+@needs_triton
+def test_triton_every_token_without_adapter_leaves_y_alone():
+    case = make_case("qkv_gqa", torch.float32, no_adapter=1.0)
+    y = case.y.clone()
+    lora_delta(case.x, case.w, case.batch, y, backend="triton")
+    assert torch.equal(y, case.y)
+    v = lora_shrink(case.x, case.w, case.batch, backend="triton")
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+@st.composite
+def random_cases(draw, dtype):
+    num_slices = draw(st.sampled_from([1, 2, 3]))
+    max_rank = draw(st.sampled_from([1, 4, 16, 33, 64]))
+    ranks = draw(st.lists(st.integers(1, max_rank), min_size=1, max_size=5))
+    out_slices = draw(st.lists(st.integers(1, 70), min_size=num_slices, max_size=num_slices))
+    return Case(
+        seed=draw(st.integers(0, 2**16)),
+        num_tokens=draw(st.integers(0, 40)),
+        in_features=draw(st.integers(1, 90)),
+        out_slices=out_slices,
+        ranks=ranks,
+        max_rank=max_rank,
+        dtype=dtype,
+        no_adapter=draw(st.sampled_from([0.0, 0.3, 1.0])),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_cases(torch.float64))
+def test_reference_matches_token_oracle_float64(case):
+    expected_v = case.oracle_v()
+    v = reference.lora_shrink(case.x, case.w, case.batch)
+    assert v.dtype == torch.float64
+    assert_close(v, expected_v, torch.float64)
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(expected_v), torch.float64)
+    y = case.y.clone()
+    reference.lora_expand(v, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(expected_v), torch.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(random_cases(torch.bfloat16))
+def test_reference_matches_token_oracle_bfloat16(case):
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.bfloat16)
+    rows = lora_rows(case)
+    assert torch.equal(y[~rows], case.y[~rows])
+    v = reference.lora_shrink(case.x, case.w, case.batch)
+    assert v.dtype == torch.float32
+    torch.testing.assert_close(v.double(), case.oracle_v(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [4, 300])
+def test_reference_expand_paths_agree(tokens):
+    # Few tokens take the one-matmul-and-gather path, many take the slice-by-slice one.
+    case = Case(3, tokens, 64, (96, 32, 32), [16, 9], 16, torch.float32, no_adapter=0.1)
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
+
+
+def test_reference_decode_grid_path():
+    # Many short segments of one rank: one bmm pair over the padded grid of slots 0..4,
+    # where slot 1 holds NaN and no token uses it.
+    slots = [0, 2, 3, 4, 0, 2, 3, 4, -1, 0]
+    case = Case(4, 0, 48, (40, 16, 16), [8, 8, 8, 8, 8], 16, torch.float32, slots=slots)
+    case.w.a[1].fill_(float("nan"))
+    case.w.b[1].fill_(float("nan"))
+    assert case.batch.padded is not None and case.batch.padded.num_slots == 5
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
+    assert torch.equal(y[8], case.y[8])
+
+
+@pytest.mark.parametrize(
+    "dtype, num_tokens, grid_dtype",
+    [
+        (torch.bfloat16, 24, torch.float32),
+        (torch.bfloat16, 90, torch.bfloat16),
+        (torch.float32, 90, torch.float32),
+        (torch.float32, 300, None),
+    ],
+)
+def test_reference_grid_dtype(dtype, num_tokens, grid_dtype):
+    # Small grids run in float32; larger ones in a half-precision pool's own dtype; a
+    # float32 pool's grid is capped, past which the segment loop runs.
+    slots = [t % 3 for t in range(num_tokens)]
+    case = Case(7, 0, 40, (24, 8, 8), [6, 6, 6], 8, dtype, slots=slots)
+    assert reference._grid_dtype(case.x, case.w, case.batch, torch.float32) == grid_dtype
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), dtype)
+
+
+@pytest.mark.parametrize(
+    "slots", [[1, 1, 1], [0], [1, 0, 1, 0, 1, 0]], ids=["one_adapter", "one_token", "mixed_ranks"]
+)
+def test_reference_segment_paths(slots):
+    case = Case(5, 0, 33, (20, 12), [3, 7], 8, torch.bfloat16, slots=slots)
+    assert case.batch.in_order == (len(set(slots)) == 1)
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "ranks, slots",
+    [([5, 16, 9, 1], [0, 1, 3, 0, -1, 3]), ([9, 9, 9, 9], [0, 1, 3, 0, -1, 3]), ([9, 9, 9, 9], [3, 3])],
+    ids=["segments", "grid", "in_order"],
+)
+def test_reference_ignores_weights_past_the_rank(ranks, slots):
+    # Case stores NaN past every rank; slot 2, which no token uses, is NaN throughout.
+    case = Case(6, 0, 40, (24, 8, 8), ranks, 16, torch.float32, slots=slots)
+    case.w.a[2].fill_(float("nan"))
+    case.w.b[2].fill_(float("nan"))
+    expected_v = case.oracle_v()
+    expected_y = case.oracle_expand(expected_v)
+    assert_close(reference.lora_shrink(case.x, case.w, case.batch), expected_v, torch.float32)
+    v = expected_v.float()
+    v[v == 0] = float("nan")
+    y = case.y.clone()
+    reference.lora_expand(v, case.w, case.batch, y)
+    assert_close(y, expected_y, torch.float32)
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, expected_y, torch.float32)
+
+
+def test_dispatcher_uses_the_reference_on_cpu():
+    case = make_case("qkv_gqa", torch.float32, device="cpu")
+    y, y_ref = case.y.clone(), case.y.clone()
+    lora_delta(case.x, case.w, case.batch, y)
+    reference.lora_delta(case.x, case.w, case.batch, y_ref)
+    assert torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="backend"):
+        lora_delta(case.x, case.w, case.batch, y, backend="cutlass")
+
+
+def test_batch_groups_tokens_by_slot():
+    batch = LoRABatch.build([2, -1, 0, 2, 2, -1, 0], num_slots=4)
+    assert batch.sorted_tokens.tolist() == [2, 6, 0, 3, 4, 1, 5]
+    assert batch.seg_slots.tolist() == [0, 2, -1, -1]
+    assert batch.seg_starts.tolist()[:2] == [0, 2]
+    assert batch.seg_lens.tolist() == [2, 3, 0, 0]
+    assert batch.num_lora_tokens == 5
+    assert [(s.slot, s.start, s.length) for s in batch.segments] == [(0, 0, 2), (2, 2, 3)]
+    assert batch.token_slots.dtype == torch.int32
+    assert not batch.in_order
+    grid = batch.padded
+    assert (grid.first_slot, grid.num_slots, grid.length) == (0, 3, 3)
+    assert grid.tokens.tolist() == [2, 6, 0, 0, 0, 0, 0, 3, 4]
+    assert grid.rows.tolist() == [0, 1, 6, 7, 8]
+    assert LoRABatch.build([1, 1], num_slots=2).in_order
+    assert LoRABatch.build([1, -1], num_slots=2).padded is None
+
+
+def test_batch_rejects_unknown_slots():
+    with pytest.raises(ValueError, match="token slots"):
+        LoRABatch.build([0, 4], num_slots=4)
+    with pytest.raises(ValueError, match="token slots"):
+        LoRABatch.build(torch.tensor([-2]), num_slots=4)
+
+
+def test_weights_validate_shapes_and_ranks():
+    a, b = torch.zeros(2, 3 * 8, 16), torch.zeros(2, 40, 8)
+    ranks = torch.tensor([8, 2], dtype=torch.int32)
+    w = LoRAWeights(a, b, ranks, (24, 8, 8))
+    assert (w.num_slices, w.max_rank, w.in_features, w.out_features) == (3, 8, 16, 40)
+    assert w.slice_starts.tolist() == [0, 24, 32]
+    w.set_rank(1, 5)
+    assert w.host_ranks == [8, 5] and w.slot_ranks.tolist() == [8, 5]
+    with pytest.raises(ValueError, match="out_slices"):
+        LoRAWeights(a, b, ranks, (24, 8, 9))
+    with pytest.raises(ValueError, match="a must be"):
+        LoRAWeights(a, b, ranks, (32, 8))
+    with pytest.raises(ValueError, match="ranks"):
+        LoRAWeights(a, b, torch.tensor([0, 2], dtype=torch.int32), (24, 8, 8))
+
+
+@needs_cuda
+def test_batch_built_on_cuda_matches_host():
+    host = LoRABatch.build([1, -1, 0, 1], num_slots=3)
+    dev = LoRABatch.build(torch.tensor([1, -1, 0, 1], device="cuda"), num_slots=3)
+    assert dev.sorted_tokens.is_cuda and dev.segments == host.segments
+    assert torch.equal(dev.seg_lens.cpu(), host.seg_lens)
