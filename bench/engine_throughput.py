@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="N = 1, 8 only and a short staggered run")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per point; the best of each side is kept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -155,11 +156,15 @@ def main() -> None:
     fixed = []
     for n in (1, 8) if args.quick else (1, 8, 32, 64):
         prompts = [[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(n)]
-        ours = engine_fixed(loaded, prompts, out_len)
-        theirs = hf_fixed(hf, prompts, out_len, pad)
+        # Interleaved repeats, best of each: the machine is shared, noise only ever slows a run.
+        samples = [(engine_fixed(loaded, prompts, out_len), hf_fixed(hf, prompts, out_len, pad)) for _ in range(args.repeats)]
+        ours, theirs = max(a for a, _ in samples), max(b for _, b in samples)
         # Work per generated token, prefill included, over the measured peak.
         achieved = ours * fpt * (prompt_len + out_len) / out_len / 1e12
-        fixed.append({"concurrency": n, "tandem_tok_s": ours, "transformers_tok_s": theirs, "ratio": ours / theirs, "peak_fraction": achieved / peak})
+        fixed.append({
+            "concurrency": n, "tandem_tok_s": ours, "transformers_tok_s": theirs, "ratio": ours / theirs,
+            "peak_fraction": achieved / peak, "samples": samples,
+        })
         print(f"N={n:3d}  tandem {ours:7.1f} tok/s  transformers {theirs:7.1f} tok/s  ratio {ours / theirs:4.2f}x  {100 * achieved / peak:4.1f}% of matmul peak", flush=True)
     n_req, rate = (16, 2.0) if args.quick else (64, 4.0)
     reqs = workload(n_req, rate, seed=1, vocab=vocab)
