@@ -1,9 +1,15 @@
 """Shared fixtures: a tiny random Llama (with the real SmolLM2 tokenizer) and the real SmolLM2."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run only under Triton's interpreter, and Triton reads this
+# variable when it is first imported, which peft and transformers do during collection.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server.model.loader import default_model_path
 

@@ -4,9 +4,7 @@ Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, f
 only, small shapes); with CUDA they run natively in float32, bfloat16 and float16.
 """
 
-import contextlib
 import importlib
-import os
 
 import pytest
 import torch
@@ -18,49 +16,15 @@ from kernels.lora import LoRABatch, LoRAWeights, lora_delta, lora_expand, lora_s
 CUDA = torch.cuda.is_available()
 
 
-@contextlib.contextmanager
-def _triton_interpreter():
-    """TRITON_INTERPRET=1 for the duration, without CUDA; the previous value comes back after.
-
-    Triton reads the variable when it decorates a kernel and again while it imports parts of
-    itself on first launch, so it is set while this module imports the kernels and while its
-    tests run (an autouse fixture), never for other test modules.
-    """
-    if CUDA:
-        yield
-        return
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
 def _import_triton_sgmv():
+    """The Triton kernels; on CPU they run interpreted (tests/conftest.py sets TRITON_INTERPRET)."""
     try:
-        with _triton_interpreter():
-            module = importlib.import_module("kernels.lora.triton_sgmv")
-            from triton.runtime.interpreter import InterpretedFunction
-
-            if not CUDA and not isinstance(module._shrink_kernel, InterpretedFunction):
-                # Imported earlier for a GPU: decorate the kernels again, interpreted.
-                module = importlib.reload(module)
+        return importlib.import_module("kernels.lora.triton_sgmv")
     except ImportError:
         return None
-    return module
 
 
 triton_sgmv = _import_triton_sgmv()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret_while_testing():
-    with _triton_interpreter():
-        yield
 
 
 needs_triton = pytest.mark.skipif(triton_sgmv is None, reason="triton is not installed")
