@@ -53,6 +53,11 @@ class _PulledMetrics(Collector):
         slots = self._source.slot_stats()
         yield GaugeMetricFamily("tandem:lora_slots_in_use", "Device adapter slots holding an adapter.", slots.slots_in_use)
         yield CounterMetricFamily("tandem:lora_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)
+        yield CounterMetricFamily("tandem:lora_slot_loads", "Adapters copied into a device slot.", slots.loads)
+        yield CounterMetricFamily(
+            "tandem:lora_slot_load_seconds", "Time spent copying adapters into device slots.", slots.load_seconds_total
+        )
+        yield CounterMetricFamily("tandem:lora_host_evictions", "Adapters dropped from the host-memory cache.", slots.host_evictions)
         activity = self._source.lora_activity()
         info = GaugeMetricFamily(
             "tandem:lora_requests_info",

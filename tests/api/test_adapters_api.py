@@ -161,6 +161,11 @@ def test_metrics_show_adapter_slots(client, lora_server):
     assert loads is not None and float(loads[1]) >= 1
     assert re.search(r'^tandem:lora_requests_info\{max_lora="2",', text, re.MULTILINE)
     assert re.search(r"^tandem:lora_adapter_evictions_total \S+$", text, re.MULTILINE)
+    slot_loads = re.search(r"^tandem:lora_slot_loads_total (\S+)$", text, re.MULTILINE)
+    assert slot_loads is not None and float(slot_loads[1]) >= 1
+    load_seconds = re.search(r"^tandem:lora_slot_load_seconds_total (\S+)$", text, re.MULTILINE)
+    assert load_seconds is not None and float(load_seconds[1]) > 0
+    assert re.search(r"^tandem:lora_host_evictions_total \S+$", text, re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
