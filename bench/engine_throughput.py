@@ -10,7 +10,6 @@ machine's matmul peak (measured here, in the serving dtype) that the engine reac
 """
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -21,13 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.report import machine_info, write_result  # noqa: E402
 from server.config import DTYPES, EngineConfig  # noqa: E402
 from server.engine.llm_engine import Engine  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
@@ -183,11 +181,7 @@ def main() -> None:
     )
     result = {"machine": info, "dtype": args.dtype, "threads": args.threads, "matmul_peak_tflops": peak, "fixed": fixed, "staggered": staggered,
               "latencies": {"tandem": ours_lat, "transformers_static": hf_lat}}
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"engine_throughput_cpu_{args.dtype}" + ("_quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / stem}.json and .png")
+    write_result(f"engine_throughput_cpu_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

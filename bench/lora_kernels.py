@@ -8,7 +8,6 @@ the CPU serving path) and, when CUDA is present, on the GPU (Triton kernels).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.machine import machine_info  # noqa: E402
+from bench.report import machine_info, write_result  # noqa: E402
 from kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
 
 HIDDEN, Q, KV, INTER = 576, 576, 192, 1536
@@ -169,7 +168,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -202,10 +200,7 @@ def main():
         "rows": rows,
         "per_layer": per_layer,
     }
-    out = args.out or Path(__file__).parent / "results" / f"lora_kernels_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(f"lora_kernels_{device.type}", result)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.report import machine_info, write_result  # noqa: E402
 from server.adapters.slot_pool import SlotPool  # noqa: E402
 from server.config import DTYPES, EngineConfig  # noqa: E402
 from server.engine.llm_engine import Engine  # noqa: E402
@@ -45,7 +45,6 @@ from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 CONCURRENCY, PROMPT_LEN, OUT_LEN = 32, 32, 64
 RANK, SLOTS, DISTINCT_FILES = 16, 64, 8
 GOALS = {"8_adapters_vs_base": 0.9, "2048_adapters_vs_base": 0.8, "vs_peft": 3.0}
@@ -273,11 +272,7 @@ def main() -> None:
         ],
         "adapter_creation": made, "baselines": baselines, "runs": results, "peft": peft, "goals": goals,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"lora_serving_cpu_{args.dtype}" + ("_quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / stem}.json and .png")
+    write_result(f"lora_serving_cpu_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

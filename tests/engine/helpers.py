@@ -4,7 +4,6 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.llm_engine import Engine
-from server.engine.sampling_params import SamplingParams
 from server.model.loader import LoadedModel, build_from_hf, eos_token_ids
 
 

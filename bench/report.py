@@ -1,11 +1,16 @@
-"""What every benchmark result records: the machine, the commit, the date."""
+"""What every benchmark result records (the machine, the commit, the date) and where it goes."""
 
 import datetime
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def machine_info() -> dict:
@@ -31,3 +36,12 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def write_result(stem: str, result: dict, plot: Callable[[dict, Path], None] | None = None) -> None:
+    """bench/results/<stem>.json, and <stem>.png when the benchmark draws one."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        plot(result, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / stem}.json" + (" and .png" if plot is not None else ""))
