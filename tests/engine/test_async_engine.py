@@ -118,3 +118,27 @@ def test_not_started_is_unavailable(tiny_model_dir):
 
     with pytest.raises(Unavailable):
         asyncio.run(main())
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    execute = eng.engine.runner.execute
+    calls = {"n": 0}
+
+    def fail_once(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return execute(scheduled)
+
+    eng.engine.runner.execute = fail_once
+    eng.start()
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+        with pytest.raises(RuntimeError, match="internal engine error: RuntimeError: boom"):
+            asyncio.run(collect(eng, "first", params, "victim"))
+        outs = asyncio.run(collect(eng, "second", params, "survivor"))
+        assert outs[-1].finished and outs[-1].generated_tokens == 4
+        assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    finally:
+        eng.shutdown()
