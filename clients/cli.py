@@ -74,13 +74,14 @@ def _print_json(value: Any) -> None:
 
 
 def _run_generate(args: argparse.Namespace, client: TandemClient) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": text}]} if args.chat else {"prompt": text}
     options = _sampling_options(args)
     if args.json:
-        _print_json(asdict(client.generate(prompt, adapter=args.adapter, **options)))
+        _print_json(asdict(client.generate(adapter=args.adapter, **request, **options)))
         return 0
     last = None
-    for chunk in client.stream(prompt, adapter=args.adapter, **options):
+    for chunk in client.stream(adapter=args.adapter, **request, **options):
         print(chunk.text, end="", flush=True)
         last = chunk
     print()
@@ -177,6 +178,9 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     generate = commands.add_parser("generate", help="generate text (streams to the terminal)")
     generate.add_argument("prompt", help="the prompt; - reads it from standard input")
     generate.add_argument("--json", action="store_true", help="wait for the whole answer and print it as JSON")
+    generate.add_argument(
+        "--chat", action="store_true", help="send the prompt as one user message through the model's chat template"
+    )
     _sampling_flags(generate)
     generate.set_defaults(run=_runner(_run_generate))
 

@@ -26,6 +26,13 @@ def test_generate_json(server, capsys):
     assert code == 0 and result["generated_tokens"] == 3 and result["seed"] == 1
 
 
+def test_generate_chat_renders_the_prompt_as_a_user_message(server, capsys):
+    code, out, _ = run(capsys, "generate", "Hello", "--chat", "--max-new-tokens", "2", "--json", "--target", server.target)
+    plain = json.loads(run(capsys, "generate", "Hello", "--max-new-tokens", "2", "--json", "--target", server.target)[1])
+    # The chat template wraps "Hello" in role markers: many more prompt tokens than the bare word.
+    assert code == 0 and json.loads(out)["prompt_tokens"] > plain["prompt_tokens"] + 5
+
+
 def test_target_from_the_environment(server, capsys, monkeypatch):
     monkeypatch.setenv("TANDEM_TARGET", server.target)
     code, out, _ = run(capsys, "model", "--json")
