@@ -2,7 +2,7 @@
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar, Unpack
+from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,9 +13,6 @@ from clients.convert import Messages
 from clients.errors import TandemRpcError
 from clients.types import AdapterInfo, Completion, ModelInfo, SamplingOptions, StreamChunk
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
-
-T = TypeVar("T")
-
 
 class TandemClient:
     """Talks to one Tandem server. Use as a context manager or call close().

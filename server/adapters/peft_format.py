@@ -35,7 +35,6 @@ MODULE_SLICES = {
     "up_proj": ("gate_up", 1),
     "down_proj": ("down", 0),
 }
-GROUPS = ("qkv", "o", "gate_up", "down")
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<name>\w+)")
 # PEFT saves embedding LoRA as lora_embedding_A/B (no .weight) and, beside it, the base layer.

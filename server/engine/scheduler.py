@@ -28,7 +28,6 @@ class ScheduledBatch:
     """The work of one iteration: sequences with the number of tokens each computes."""
 
     chunks: list[tuple[Sequence, int]]
-    num_preempted: int
 
     @property
     def num_tokens(self) -> int:
@@ -109,7 +108,7 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunks.append((seq, n))
             budget -= n
-        return ScheduledBatch(chunks, preempted)
+        return ScheduledBatch(chunks)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
