@@ -1,7 +1,8 @@
 """The two data types every batched-LoRA call takes: the step's token grouping and a slot pool."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -17,22 +18,45 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class PaddedLayout:
-    """The adapter tokens as a [G, L] grid for batched matmuls on the CPU path.
+class Grid:
+    """Short segments as a [G, L] grid of token rows, for one bmm pair on the CPU path.
 
     Row g holds the tokens of slot first_slot + g (G = the span of slots from the first
-    active one to the last), padded to the longest segment L. Built only for decode-like
-    steps: several segments, G * L <= 512 and at most twice the real rows.
+    grid segment to the last), padded to L. Slots in the span with no grid tokens are
+    computed and thrown away, which on CPU is cheaper than a matmul pair per segment.
 
-    tokens: [G * L] int64, the token at each grid position (token 0 where padding).
-    rows:   [num_lora_tokens] int64, the grid position of each of sorted_tokens[:num_lora_tokens].
+    segments: the segments in the grid.
+    tokens:   [G * L] int64, the token at each grid position (token 0 where padding).
+    rows:     [n] int64, the grid positions holding real tokens.
+    row_tokens: [n] int64, the token at each of rows (where its delta is added).
     """
 
+    segments: tuple[Segment, ...]
     first_slot: int
     num_slots: int
     length: int
     tokens: Tensor
     rows: Tensor
+    row_tokens: Tensor
+
+
+@dataclass(frozen=True)
+class Loose:
+    """A segment computed on its own (one shrink and one expand): a long one, e.g. a prefill
+    chunk, or every segment when no grid pays off. first_token: its tokens are
+    first_token, first_token + 1, ... (no gather or scatter needed), else None."""
+
+    segment: Segment
+    tokens: Tensor
+    first_token: int | None
+
+
+@dataclass(frozen=True)
+class CPUPlan:
+    """How the CPU path computes a step: short segments in one grid, the rest loose."""
+
+    grid: Grid | None
+    loose: tuple[Loose, ...]
 
 
 @dataclass(frozen=True)
@@ -51,10 +75,6 @@ class LoRABatch:
     seg_lens:      [num_slots] int32, tokens in each segment, 0 past the active ones.
     segments:      host copy of the active segments, so the CPU path never syncs.
     num_lora_tokens: number of tokens with an adapter (host int).
-    in_order:      every token has an adapter and sorted_tokens is 0..T-1 (one adapter, or
-                   T = 1), so the CPU path can skip the gather and scatter.
-    padded:        the grid layout for the CPU path's batched matmuls, or None (on CPU
-                   only, and only when there are several segments and little padding).
     """
 
     token_slots: Tensor
@@ -64,12 +84,19 @@ class LoRABatch:
     seg_lens: Tensor
     segments: tuple[Segment, ...]
     num_lora_tokens: int
-    in_order: bool = False
-    padded: PaddedLayout | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
+
+    @cached_property
+    def cpu_plan(self) -> CPUPlan:
+        """How the torch path groups this step's segments into matmuls; built on first use."""
+        host = self.sorted_tokens.cpu()
+        plan = _cpu_plan(self.segments, host)
+        if self.sorted_tokens.device.type == "cpu":
+            return plan
+        return _plan_to(plan, self.sorted_tokens.device)
 
     @classmethod
     def build(
@@ -112,9 +139,6 @@ class LoRABatch:
         )
         num_lora_tokens = int(counts.sum())
         device = torch.device("cpu" if device is None else device)
-        padded = None
-        if device.type == "cpu":
-            padded = _padded_layout(segments, sorted_tokens[:num_lora_tokens], num_lora_tokens)
         return cls(
             token_slots=host.to(device=device, dtype=torch.int32),
             sorted_tokens=sorted_tokens.to(device),
@@ -123,30 +147,63 @@ class LoRABatch:
             seg_lens=seg_lens.to(device),
             segments=segments,
             num_lora_tokens=num_lora_tokens,
-            in_order=bool(torch.equal(sorted_tokens[:num_lora_tokens], torch.arange(host.numel()))),
-            padded=padded,
         )
 
 
-_MAX_GRID_ROWS = 512
+# On CPU a separate shrink/expand pair per segment costs about as much as this many extra
+# rows in the grid's bmm pair (measured on SmolLM2 shapes, two threads: ~35 us per segment,
+# ~0.6-0.9 us per grid row). The grid itself costs one such pair.
+_SEGMENT_COST_ROWS = 40
 
 
-def _padded_layout(
-    segments: tuple[Segment, ...], lora_tokens: Tensor, num_lora_tokens: int
-) -> PaddedLayout | None:
-    if len(segments) < 2:
-        return None
+def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor) -> CPUPlan:
+    """Pick the grid length L that minimises padded grid rows + loose rows + per-pair cost.
+
+    Segments up to L tokens go in the grid, longer ones (prefill chunks) run loose, so one
+    long prompt does not pad every decode token's row to its length.
+    """
+    lengths = sorted({seg.length for seg in segments})
+    best_cost = sum(seg.length for seg in segments) + _SEGMENT_COST_ROWS * len(segments)
+    best_length = 0
+    for length in lengths:
+        short = [seg for seg in segments if seg.length <= length]
+        if len(short) < 2:
+            continue
+        span = short[-1].slot - short[0].slot + 1
+        loose = [seg.length for seg in segments if seg.length > length]
+        cost = span * length + sum(loose) + _SEGMENT_COST_ROWS * (len(loose) + 1)
+        if cost < best_cost:
+            best_cost, best_length = cost, length
+    grid_segments = tuple(seg for seg in segments if seg.length <= best_length)
+    loose = tuple(loose_segment(seg, sorted_tokens) for seg in segments if seg.length > best_length)
+    return CPUPlan(_grid(grid_segments, sorted_tokens, best_length) if grid_segments else None, loose)
+
+
+def _plan_to(plan: CPUPlan, device: torch.device) -> CPUPlan:
+    """The plan with its index tensors on device (the torch path run on CUDA tensors)."""
+    grid = plan.grid
+    if grid is not None:
+        grid = replace(grid, tokens=grid.tokens.to(device), rows=grid.rows.to(device), row_tokens=grid.row_tokens.to(device))
+    return CPUPlan(grid, tuple(replace(item, tokens=item.tokens.to(device)) for item in plan.loose))
+
+
+def loose_segment(segment: Segment, sorted_tokens: Tensor) -> Loose:
+    """A segment to compute on its own, with its tokens (a host check for contiguity)."""
+    tokens = sorted_tokens[segment.start : segment.start + segment.length]
+    host = tokens.cpu()
+    first = int(host[0])
+    contiguous = bool(torch.all(host.diff() == 1))
+    return Loose(segment, tokens, first if contiguous else None)
+
+
+def _grid(segments: tuple[Segment, ...], sorted_tokens: Tensor, length: int) -> Grid:
     first_slot = segments[0].slot
     num_slots = segments[-1].slot - first_slot + 1
-    length = max(seg.length for seg in segments)
-    if num_slots * length > min(2 * num_lora_tokens, _MAX_GRID_ROWS):
-        return None
-    rows = torch.cat(
-        [torch.arange(seg.length) + (seg.slot - first_slot) * length for seg in segments]
-    )
+    rows = torch.cat([torch.arange(seg.length) + (seg.slot - first_slot) * length for seg in segments])
+    row_tokens = torch.cat([sorted_tokens[seg.start : seg.start + seg.length] for seg in segments])
     tokens = torch.zeros(num_slots * length, dtype=torch.int64)
-    tokens[rows] = lora_tokens
-    return PaddedLayout(first_slot, num_slots, length, tokens, rows)
+    tokens[rows] = row_tokens
+    return Grid(segments, first_slot, num_slots, length, tokens, rows, row_tokens)
 
 
 @dataclass

@@ -5,30 +5,29 @@ is one shrink matmul for all slices at once and one expand, trimmed to the slot'
 Rows are gathered once with index_select and the deltas scattered once with index_add_.
 Segment bounds and ranks come from host copies, so nothing here syncs with a device.
 
-On CPU each small op costs ~5 us whatever its size, so lora_delta runs decode-like steps
-(several short segments of one rank) as one bmm pair over a padded [slots, tokens] grid
-instead: 3-5x faster than the segment loop for 8-16 adapters x 1-8 tokens each (SmolLM2
-shapes, two threads).
+On CPU each small op costs ~5 us whatever its size, so lora_delta follows the batch's
+CPU plan instead: the short segments (decode tokens) run as one bmm pair over a padded
+[slots, tokens] grid, 2-4x faster than a matmul pair per segment for 8-64 adapters x 1-10
+tokens each (SmolLM2 shapes, two threads), and only long segments (prefill chunks) run on
+their own.
 
 Small matmuls run in float32 even for bf16/fp16 inputs: on the CPUs we serve from, a
-4 x 576 x 48 matmul takes ~4 us in fp32 and ~14 us in bf16. Larger grids are different:
-there, converting the weights and the float32 temporaries (fresh pages from the allocator
-on every call) cost more than bf16 matmuls, so grids over 32 rows run in the pool's dtype.
+4 x 576 x 48 matmul takes ~4 us in fp32 and ~14 us in bf16, and the serving pool is
+float32 on CPU. A half-precision pool's grids over 32 rows run in its own dtype, where
+converting the weights on every call would cost more than the bf16 matmuls.
 """
 
 import torch
 from torch import Tensor
 
-from .batch import LoRABatch, LoRAWeights, PaddedLayout
+from .batch import Grid, LoRABatch, LoRAWeights, Loose, loose_segment
 
 # Below this many wasted multiply-adds, one matmul of every slice's v against every column
 # plus a gather beats S small matmuls (measured: 11 us vs 22 us at 4 tokens, 576 -> 960).
 _GATHER_EXPAND_MAX_WASTE = 1 << 19
-# Grids up to _FP32_GRID_ROWS rows run in float32; larger ones in a half-precision pool's
-# dtype, or for a float32 pool only up to _FP32_POOL_GRID_MAX_ROWS (measured on SmolLM2
-# shapes; past these the segment loop or the half-precision grid is faster).
+# Grids up to _FP32_GRID_ROWS rows run in float32 whatever the pool's dtype (measured on
+# SmolLM2 shapes; past this, converting a half-precision pool costs more than it saves).
 _FP32_GRID_ROWS = 32
-_FP32_POOL_GRID_MAX_ROWS = 128
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,54 +104,53 @@ def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
-    """y += LoRA(x): shrink then expand, in the sorted token order.
+    """y += LoRA(x), following the batch's CPU plan.
 
     x: [T, in_features], y: [T, N] updated in place (rows without an adapter untouched).
-    Decode-like steps whose adapters share one rank run as one bmm pair over the padded
-    grid (batch.padded); the rest loop over segments.
+    The plan's grid segments run as one bmm pair when they share one rank in w (else each
+    runs on its own); loose segments (long ones, e.g. prefill chunks) one matmul pair each.
     """
     if batch.num_lora_tokens == 0:
         return
     cdt = _compute_dtype(x.dtype)
-    ranks = {w.host_ranks[seg.slot] for seg in batch.segments}
-    grid_dtype = _grid_dtype(x, w, batch, cdt) if len(ranks) == 1 else None
-    if grid_dtype is not None:
-        delta = _delta_padded(x, w, batch.padded, ranks.pop(), grid_dtype)
-    else:
-        delta = _delta_segments(x, w, batch, cdt)
-    if batch.in_order:
-        y.add_(delta)
-    else:
-        y.index_add_(0, batch.sorted_tokens[: batch.num_lora_tokens], delta.to(y.dtype))
+    plan = batch.cpu_plan
+    loose = plan.loose
+    grid = plan.grid
+    if grid is not None:
+        ranks = {w.host_ranks[seg.slot] for seg in grid.segments}
+        if len(ranks) == 1:
+            delta = _delta_grid(x, w, grid, ranks.pop(), _grid_dtype(x, w, grid, cdt))
+            y.index_add_(0, grid.row_tokens, delta.to(y.dtype))
+        else:
+            loose = loose + tuple(loose_segment(seg, batch.sorted_tokens) for seg in grid.segments)
+    for item in loose:
+        _delta_loose(x, w, item, cdt, y)
 
 
-def _grid_dtype(x: Tensor, w: LoRAWeights, batch: LoRABatch, cdt: torch.dtype) -> torch.dtype | None:
-    """The dtype to run the padded grid in, or None where the segment loop is faster."""
-    if batch.padded is None:
-        return None
-    rows = batch.padded.num_slots * batch.padded.length
-    if rows <= _FP32_GRID_ROWS:
+def _grid_dtype(x: Tensor, w: LoRAWeights, grid: Grid, cdt: torch.dtype) -> torch.dtype:
+    """Small grids and float32 pools run in float32; larger grids in a half pool's dtype."""
+    if grid.num_slots * grid.length <= _FP32_GRID_ROWS or w.a.dtype == cdt or x.dtype != w.a.dtype:
         return cdt
-    if w.a.dtype == cdt:
-        return cdt if rows <= _FP32_POOL_GRID_MAX_ROWS else None
-    return w.a.dtype if x.dtype == w.a.dtype else None
+    return w.a.dtype
 
 
-def _delta_segments(x: Tensor, w: LoRAWeights, batch: LoRABatch, cdt: torch.dtype) -> Tensor:
-    """[num_lora_tokens, N] deltas in sorted order, one shrink and one expand per segment."""
-    xs = x if batch.in_order else x.index_select(0, batch.sorted_tokens[: batch.num_lora_tokens])
-    xs = xs.to(cdt)
-    delta = torch.empty((batch.num_lora_tokens, w.out_features), dtype=cdt, device=x.device)
-    for seg in batch.segments:
-        rows = slice(seg.start, seg.start + seg.length)
-        rank = w.host_ranks[seg.slot]
-        v = _shrink_segment(xs[rows], w.a[seg.slot], rank, w)
-        _expand_segment(v, w.b[seg.slot], rank, w, delta[rows])
-    return delta
+def _delta_loose(x: Tensor, w: LoRAWeights, item: Loose, cdt: torch.dtype, y: Tensor) -> None:
+    """y[tokens of one segment] += its LoRA delta: one shrink and one expand."""
+    seg = item.segment
+    rank = w.host_ranks[seg.slot]
+    first = item.first_token
+    xs = x.index_select(0, item.tokens) if first is None else x[first : first + seg.length]
+    v = _shrink_segment(xs.to(cdt), w.a[seg.slot], rank, w)
+    delta = torch.empty((seg.length, w.out_features), dtype=cdt, device=x.device)
+    _expand_segment(v, w.b[seg.slot], rank, w, delta)
+    if first is None:
+        y.index_add_(0, item.tokens, delta.to(y.dtype))
+    else:
+        y[first : first + seg.length] += delta
 
 
-def _delta_padded(x: Tensor, w: LoRAWeights, grid: PaddedLayout, rank: int, cdt: torch.dtype) -> Tensor:
-    """[num_lora_tokens, N] deltas in sorted order, from bmm over the [G, L] token grid.
+def _delta_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dtype) -> Tensor:
+    """[n, N] deltas of the grid's tokens (in grid.rows order), from bmm over the [G, L] grid.
 
     The slots of the grid that no token uses (between active ones) are computed and thrown
     away; their weights may hold anything. Every used slot has exactly `rank`.

@@ -265,7 +265,8 @@ def test_reference_decode_grid_path():
     case = Case(4, 0, 48, (40, 16, 16), [8, 8, 8, 8, 8], 16, torch.float32, slots=slots)
     case.w.a[1].fill_(float("nan"))
     case.w.b[1].fill_(float("nan"))
-    assert case.batch.padded is not None and case.batch.padded.num_slots == 5
+    grid = case.batch.cpu_plan.grid
+    assert grid is not None and grid.num_slots == 5 and not case.batch.cpu_plan.loose
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
@@ -278,15 +279,16 @@ def test_reference_decode_grid_path():
         (torch.bfloat16, 24, torch.float32),
         (torch.bfloat16, 90, torch.bfloat16),
         (torch.float32, 90, torch.float32),
-        (torch.float32, 300, None),
+        (torch.float32, 300, torch.float32),
     ],
 )
 def test_reference_grid_dtype(dtype, num_tokens, grid_dtype):
-    # Small grids run in float32; larger ones in a half-precision pool's own dtype; a
-    # float32 pool's grid is capped, past which the segment loop runs.
+    # Small grids and float32 pools run in float32; larger grids in a half pool's dtype.
     slots = [t % 3 for t in range(num_tokens)]
     case = Case(7, 0, 40, (24, 8, 8), [6, 6, 6], 8, dtype, slots=slots)
-    assert reference._grid_dtype(case.x, case.w, case.batch, torch.float32) == grid_dtype
+    grid = case.batch.cpu_plan.grid
+    assert grid is not None and grid.num_slots * grid.length == num_tokens
+    assert reference._grid_dtype(case.x, case.w, grid, torch.float32) == grid_dtype
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), dtype)
@@ -297,7 +299,10 @@ def test_reference_grid_dtype(dtype, num_tokens, grid_dtype):
 )
 def test_reference_segment_paths(slots):
     case = Case(5, 0, 33, (20, 12), [3, 7], 8, torch.bfloat16, slots=slots)
-    assert case.batch.in_order == (len(set(slots)) == 1)
+    plan = case.batch.cpu_plan
+    if len(set(slots)) == 1:
+        # One adapter: no grid, and its tokens are read and updated in place, no gather.
+        assert plan.grid is None and [item.first_token for item in plan.loose] == [0]
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.bfloat16)
@@ -345,13 +350,41 @@ def test_batch_groups_tokens_by_slot():
     assert batch.num_lora_tokens == 5
     assert [(s.slot, s.start, s.length) for s in batch.segments] == [(0, 0, 2), (2, 2, 3)]
     assert batch.token_slots.dtype == torch.int32
-    assert not batch.in_order
-    grid = batch.padded
+    grid = batch.cpu_plan.grid
     assert (grid.first_slot, grid.num_slots, grid.length) == (0, 3, 3)
     assert grid.tokens.tolist() == [2, 6, 0, 0, 0, 0, 0, 3, 4]
     assert grid.rows.tolist() == [0, 1, 6, 7, 8]
-    assert LoRABatch.build([1, 1], num_slots=2).in_order
-    assert LoRABatch.build([1, -1], num_slots=2).padded is None
+    assert grid.row_tokens.tolist() == [2, 6, 0, 3, 4]
+    assert not batch.cpu_plan.loose
+    one = LoRABatch.build([-1, 1, 1], num_slots=2).cpu_plan
+    assert one.grid is None and [(item.segment.slot, item.first_token) for item in one.loose] == [(1, 1)]
+    scattered = LoRABatch.build([1, -1, 1], num_slots=2).cpu_plan
+    assert [(item.tokens.tolist(), item.first_token) for item in scattered.loose] == [([0, 2], None)]
+
+
+def test_cpu_plan_runs_long_segments_loose():
+    # A 100-token prefill chunk on slot 1 next to one decode token on each of 6 slots: the
+    # decode tokens share a grid of length 1 (slot 1's row is padding); the chunk runs alone.
+    slots = [3, 0] + [1] * 100 + [2, 4, 5, 6, -1]
+    case = Case(8, 0, 40, (24, 8, 8), [6] * 7, 8, torch.float32, slots=slots)
+    plan = case.batch.cpu_plan
+    assert (plan.grid.first_slot, plan.grid.num_slots, plan.grid.length) == (0, 7, 1)
+    assert sorted(plan.grid.row_tokens.tolist()) == [0, 1, 102, 103, 104, 105]
+    assert [(item.segment.slot, item.first_token) for item in plan.loose] == [(1, 2)]
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
+    assert torch.equal(y[106], case.y[106])
+
+
+def test_reference_grid_with_mixed_ranks_runs_each_segment():
+    # The grid's segments have ranks 3 and 7 in this weight group: each runs on its own.
+    slots = [0, 1, 0, 1, 2]
+    case = Case(9, 0, 40, (24, 8, 8), [3, 7, 3], 8, torch.float32, slots=slots)
+    assert case.batch.cpu_plan.grid is not None
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
 
 
 def test_batch_rejects_unknown_slots():
