@@ -19,7 +19,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class Grid:
-    """Short segments as a [G, L] grid of token rows, for one bmm pair on the CPU path.
+    """Short segments of nearby slots as a [G, L] grid of token rows, for one bmm pair on
+    the CPU path.
 
     Row g holds the tokens of slot first_slot + g (G = the span of slots from the first
     grid segment to the last), padded to L. Slots in the span with no grid tokens are
@@ -53,9 +54,9 @@ class Loose:
 
 @dataclass(frozen=True)
 class CPUPlan:
-    """How the CPU path computes a step: short segments in one grid, the rest loose."""
+    """How the CPU path computes a step: short segments in grids, the rest loose."""
 
-    grid: Grid | None
+    grids: tuple[Grid, ...]
     loose: tuple[Loose, ...]
 
 
@@ -150,41 +151,56 @@ class LoRABatch:
         )
 
 
-# On CPU a separate shrink/expand pair per segment costs about as much as this many extra
-# rows in the grid's bmm pair (measured on SmolLM2 shapes, two threads: ~35 us per segment,
-# ~0.6-0.9 us per grid row). The grid itself costs one such pair.
-_SEGMENT_COST_ROWS = 40
+# Costs of the CPU path in units of one grid row (~0.6 us), measured on SmolLM2 shapes with
+# two threads and weights not in cache: a shrink/expand pair costs ~30 us whatever its
+# size, and streaming one slot's weights through it ~6 us, whether or not a token uses it.
+_PAIR_COST = 45
+_SLOT_COST = 10
 
 
 def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor) -> CPUPlan:
-    """Pick the grid length L that minimises padded grid rows + loose rows + per-pair cost.
+    """Pick the grid length L, and where to split the grids, that cost the least.
 
-    Segments up to L tokens go in the grid, longer ones (prefill chunks) run loose, so one
-    long prompt does not pad every decode token's row to its length.
+    Segments up to L tokens go in grids (one per run of nearby slots), longer ones (prefill
+    chunks) run loose, so one long prompt does not pad every decode token's row to its
+    length and a wide gap between slots does not stream the unused slots' weights.
     """
-    lengths = sorted({seg.length for seg in segments})
-    best_cost = sum(seg.length for seg in segments) + _SEGMENT_COST_ROWS * len(segments)
-    best_length = 0
-    for length in lengths:
-        short = [seg for seg in segments if seg.length <= length]
-        if len(short) < 2:
-            continue
-        span = short[-1].slot - short[0].slot + 1
-        loose = [seg.length for seg in segments if seg.length > length]
-        cost = span * length + sum(loose) + _SEGMENT_COST_ROWS * (len(loose) + 1)
+    best_cost = sum(_PAIR_COST + _SLOT_COST + seg.length for seg in segments)
+    best: tuple[int, list[list[Segment]]] = (0, [])
+    for length in sorted({seg.length for seg in segments}):
+        runs = _runs([seg for seg in segments if seg.length <= length], length)
+        cost = sum(_PAIR_COST + (run[-1].slot - run[0].slot + 1) * (_SLOT_COST + length) for run in runs)
+        in_grids = {seg for run in runs for seg in run}
+        cost += sum(_PAIR_COST + _SLOT_COST + seg.length for seg in segments if seg not in in_grids)
         if cost < best_cost:
-            best_cost, best_length = cost, length
-    grid_segments = tuple(seg for seg in segments if seg.length <= best_length)
-    loose = tuple(loose_segment(seg, sorted_tokens) for seg in segments if seg.length > best_length)
-    return CPUPlan(_grid(grid_segments, sorted_tokens, best_length) if grid_segments else None, loose)
+            best_cost, best = cost, (length, runs)
+    length, runs = best
+    in_grids = {seg for run in runs for seg in run}
+    return CPUPlan(
+        tuple(_grid(tuple(run), sorted_tokens, length) for run in runs),
+        tuple(loose_segment(seg, sorted_tokens) for seg in segments if seg not in in_grids),
+    )
+
+
+def _runs(short: list[Segment], length: int) -> list[list[Segment]]:
+    """Short segments (in slot order) split where the empty slots between two cost more
+    than another matmul pair; runs of one segment are left out (they run loose)."""
+    runs: list[list[Segment]] = []
+    for seg in short:
+        if runs and (seg.slot - runs[-1][-1].slot - 1) * (_SLOT_COST + length) <= _PAIR_COST:
+            runs[-1].append(seg)
+        else:
+            runs.append([seg])
+    return [run for run in runs if len(run) > 1]
 
 
 def _plan_to(plan: CPUPlan, device: torch.device) -> CPUPlan:
     """The plan with its index tensors on device (the torch path run on CUDA tensors)."""
-    grid = plan.grid
-    if grid is not None:
-        grid = replace(grid, tokens=grid.tokens.to(device), rows=grid.rows.to(device), row_tokens=grid.row_tokens.to(device))
-    return CPUPlan(grid, tuple(replace(item, tokens=item.tokens.to(device)) for item in plan.loose))
+    grids = tuple(
+        replace(g, tokens=g.tokens.to(device), rows=g.rows.to(device), row_tokens=g.row_tokens.to(device))
+        for g in plan.grids
+    )
+    return CPUPlan(grids, tuple(replace(item, tokens=item.tokens.to(device)) for item in plan.loose))
 
 
 def loose_segment(segment: Segment, sorted_tokens: Tensor) -> Loose:

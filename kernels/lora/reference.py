@@ -107,16 +107,16 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     """y += LoRA(x), following the batch's CPU plan.
 
     x: [T, in_features], y: [T, N] updated in place (rows without an adapter untouched).
-    The plan's grid segments run as one bmm pair when they share one rank in w (else each
-    runs on its own); loose segments (long ones, e.g. prefill chunks) one matmul pair each.
+    Each of the plan's grids runs as one bmm pair when its segments share one rank in w
+    (else each runs on its own); loose segments (long ones, e.g. prefill chunks) one
+    matmul pair each.
     """
     if batch.num_lora_tokens == 0:
         return
     cdt = _compute_dtype(x.dtype)
     plan = batch.cpu_plan
     loose = plan.loose
-    grid = plan.grid
-    if grid is not None:
+    for grid in plan.grids:
         ranks = {w.host_ranks[seg.slot] for seg in grid.segments}
         if len(ranks) == 1:
             delta = _delta_grid(x, w, grid, ranks.pop(), _grid_dtype(x, w, grid, cdt))

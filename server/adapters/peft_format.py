@@ -154,7 +154,8 @@ def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tupl
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.fullmatch(key)
-        embedding = _EMBEDDING_KEY.fullmatch(key)
+        # The substring test first: the regex backtracks, and an adapter has ~400 keys.
+        embedding = _EMBEDDING_KEY.fullmatch(key) if "embed_tokens" in key or "lm_head" in key else None
         if embedding is not None:
             module = embedding["module"]
             raise IncompatibleAdapter(f"adapter {name!r} adapts {module}: LoRA on embeddings or lm_head is not served")

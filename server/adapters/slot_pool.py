@@ -1,9 +1,10 @@
 """The device tier: a fixed number of slots, each holding one adapter for every layer.
 
 Slots are keyed by content hash, so two versions of an adapter under one name never share
-a slot. A slot in use by a running sequence is pinned; a new adapter takes a free slot or
-evicts the least recently used unpinned one. Storage is padded to max_rank; compute is
-trimmed to each slot's real rank by the kernels.
+a slot. A slot in use by a running sequence is pinned; a new adapter takes an unpinned slot
+that keeps the pinned slots close together (the CPU path streams every slot between the
+first and the last one a step uses), the least recently used of those. Storage is padded
+to max_rank; compute is trimmed to each slot's real rank by the kernels.
 """
 
 import time
@@ -74,11 +75,22 @@ class SlotPool:
         """Pin the adapter's slot, loading it first if needed; call can_acquire before."""
         slot = self._slot_of.get(adapter.content_hash)
         if slot is None:
-            slot = next(s for s in self._lru if self._pins[s] == 0)
+            slot = self._victim()
             self._load(slot, adapter)
         self._pins[slot] += 1
         self._lru.move_to_end(slot)
         return slot
+
+    def _victim(self) -> int:
+        """The unpinned slot that widens the span of pinned slots least; LRU among those."""
+        pinned = [s for s, pins in enumerate(self._pins) if pins]
+        lo, hi = (min(pinned), max(pinned)) if pinned else (0, 0)
+
+        def widening(slot: int) -> int:
+            return 0 if not pinned else max(hi, slot) - min(lo, slot) - (hi - lo)
+
+        # min() keeps the first of equals, and _lru iterates least recently used first.
+        return min((s for s in self._lru if self._pins[s] == 0), key=widening)
 
     def release(self, slot: int) -> None:
         self._pins[slot] -= 1

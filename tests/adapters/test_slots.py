@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.adapters.peft_format import read_adapter
+from server.adapters.peft_format import LoRAAdapter, read_adapter
+from server.adapters.slot_pool import SlotPool
 from server.engine.kv_cache import KVCache
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import SequenceStatus
@@ -286,3 +287,25 @@ def test_reload_keeps_versions_apart(tiny_hf_model, smollm2_tokenizer, tmp_path,
     assert outputs["base"] == alone(prompts[1], 10, None)
     assert engine.registry.pool.resident(first.content_hash) and registry.get("live").content_hash == info.content_hash
     assert_clean(engine)
+
+
+def test_new_adapters_fill_gaps_between_pinned_slots(tiny_hf_model):
+    # The CPU path streams every slot between the first and last one a step uses, so a new
+    # adapter goes into an unpinned slot inside that span (least recently used first) before
+    # one that widens it, even when the slot outside is less recently used.
+    pool = SlotPool(build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu")), 6, 4, torch.float32, torch.device("cpu"))
+
+    def adapter(name: str) -> LoRAAdapter:
+        return LoRAAdapter(name, Path(name), f"hash-{name}", 4, [], {})
+
+    names = [f"a{i}" for i in range(6)]
+    assert [pool.acquire(adapter(n)) for n in names] == list(range(6))
+    for slot in range(6):
+        pool.release(slot)
+    assert [pool.acquire(adapter(n)) for n in names[1:5]] == [1, 2, 3, 4]  # LRU order: 0, 5, 1, 2, 3, 4
+    pool.release(2)
+    pool.release(3)
+    assert pool.acquire(adapter("b")) == 2
+    assert pool.acquire(adapter("c")) == 3
+    assert pool.acquire(adapter("d")) == 0
+    assert not pool.resident("hash-a2") and pool.resident("hash-a5")

@@ -265,8 +265,8 @@ def test_reference_decode_grid_path():
     case = Case(4, 0, 48, (40, 16, 16), [8, 8, 8, 8, 8], 16, torch.float32, slots=slots)
     case.w.a[1].fill_(float("nan"))
     case.w.b[1].fill_(float("nan"))
-    grid = case.batch.cpu_plan.grid
-    assert grid is not None and grid.num_slots == 5 and not case.batch.cpu_plan.loose
+    (grid,) = case.batch.cpu_plan.grids
+    assert grid.num_slots == 5 and not case.batch.cpu_plan.loose
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
@@ -286,8 +286,8 @@ def test_reference_grid_dtype(dtype, num_tokens, grid_dtype):
     # Small grids and float32 pools run in float32; larger grids in a half pool's dtype.
     slots = [t % 3 for t in range(num_tokens)]
     case = Case(7, 0, 40, (24, 8, 8), [6, 6, 6], 8, dtype, slots=slots)
-    grid = case.batch.cpu_plan.grid
-    assert grid is not None and grid.num_slots * grid.length == num_tokens
+    (grid,) = case.batch.cpu_plan.grids
+    assert grid.num_slots * grid.length == num_tokens
     assert reference._grid_dtype(case.x, case.w, grid, torch.float32) == grid_dtype
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
@@ -302,7 +302,7 @@ def test_reference_segment_paths(slots):
     plan = case.batch.cpu_plan
     if len(set(slots)) == 1:
         # One adapter: no grid, and its tokens are read and updated in place, no gather.
-        assert plan.grid is None and [item.first_token for item in plan.loose] == [0]
+        assert not plan.grids and [item.first_token for item in plan.loose] == [0]
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.bfloat16)
@@ -350,14 +350,14 @@ def test_batch_groups_tokens_by_slot():
     assert batch.num_lora_tokens == 5
     assert [(s.slot, s.start, s.length) for s in batch.segments] == [(0, 0, 2), (2, 2, 3)]
     assert batch.token_slots.dtype == torch.int32
-    grid = batch.cpu_plan.grid
+    (grid,) = batch.cpu_plan.grids
     assert (grid.first_slot, grid.num_slots, grid.length) == (0, 3, 3)
     assert grid.tokens.tolist() == [2, 6, 0, 0, 0, 0, 0, 3, 4]
     assert grid.rows.tolist() == [0, 1, 6, 7, 8]
     assert grid.row_tokens.tolist() == [2, 6, 0, 3, 4]
     assert not batch.cpu_plan.loose
     one = LoRABatch.build([-1, 1, 1], num_slots=2).cpu_plan
-    assert one.grid is None and [(item.segment.slot, item.first_token) for item in one.loose] == [(1, 1)]
+    assert not one.grids and [(item.segment.slot, item.first_token) for item in one.loose] == [(1, 1)]
     scattered = LoRABatch.build([1, -1, 1], num_slots=2).cpu_plan
     assert [(item.tokens.tolist(), item.first_token) for item in scattered.loose] == [([0, 2], None)]
 
@@ -368,8 +368,9 @@ def test_cpu_plan_runs_long_segments_loose():
     slots = [3, 0] + [1] * 100 + [2, 4, 5, 6, -1]
     case = Case(8, 0, 40, (24, 8, 8), [6] * 7, 8, torch.float32, slots=slots)
     plan = case.batch.cpu_plan
-    assert (plan.grid.first_slot, plan.grid.num_slots, plan.grid.length) == (0, 7, 1)
-    assert sorted(plan.grid.row_tokens.tolist()) == [0, 1, 102, 103, 104, 105]
+    (grid,) = plan.grids
+    assert (grid.first_slot, grid.num_slots, grid.length) == (0, 7, 1)
+    assert sorted(grid.row_tokens.tolist()) == [0, 1, 102, 103, 104, 105]
     assert [(item.segment.slot, item.first_token) for item in plan.loose] == [(1, 2)]
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
@@ -377,11 +378,23 @@ def test_cpu_plan_runs_long_segments_loose():
     assert torch.equal(y[106], case.y[106])
 
 
+def test_cpu_plan_splits_grids_at_wide_gaps():
+    # Slots 0-2 and 60-62 in use: two grids, not one streaming the 57 unused slots between.
+    slots = [0, 1, 2, 60, 61, 62, 0, 61]
+    case = Case(10, 0, 40, (24, 8, 8), [6] * 63, 8, torch.float32, slots=slots)
+    plan = case.batch.cpu_plan
+    assert [(g.first_slot, g.num_slots, g.length) for g in plan.grids] == [(0, 3, 2), (60, 3, 2)]
+    assert not plan.loose
+    y = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
+
+
 def test_reference_grid_with_mixed_ranks_runs_each_segment():
     # The grid's segments have ranks 3 and 7 in this weight group: each runs on its own.
     slots = [0, 1, 0, 1, 2]
     case = Case(9, 0, 40, (24, 8, 8), [3, 7, 3], 8, torch.float32, slots=slots)
-    assert case.batch.cpu_plan.grid is not None
+    assert len(case.batch.cpu_plan.grids) == 1
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
