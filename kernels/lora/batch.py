@@ -58,6 +58,25 @@ class CPUPlan:
 
     grids: tuple[Grid, ...]
     loose: tuple[Loose, ...]
+    sorted_tokens: Tensor
+    _by_rank: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def by_rank(self, grid: Grid, ranks: tuple[int, ...]) -> tuple[tuple[tuple[int, Grid], ...], tuple[Loose, ...]]:
+        """A grid whose segments have these ranks (in one weight group) as one grid per rank,
+        plus the segments alone in their rank; built once per step and rank pattern.
+
+        Each grid keeps the full slot span: the other ranks' slots in it are computed at
+        this rank and thrown away, so whatever their storage holds cannot leak."""
+        key = (grid.first_slot, ranks)
+        if key not in self._by_rank:
+            classes: dict[int, list[Segment]] = {}
+            for seg, rank in zip(grid.segments, ranks):
+                classes.setdefault(rank, []).append(seg)
+            self._by_rank[key] = (
+                tuple((r, _grid(tuple(segs), self.sorted_tokens, grid.length)) for r, segs in classes.items() if len(segs) > 1),
+                tuple(loose_segment(segs[0], self.sorted_tokens) for segs in classes.values() if len(segs) == 1),
+            )
+        return self._by_rank[key]
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,7 @@ def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor) -> CPUPlan:
     return CPUPlan(
         tuple(_grid(tuple(run), sorted_tokens, length) for run in runs),
         tuple(loose_segment(seg, sorted_tokens) for seg in segments if seg not in in_grids),
+        sorted_tokens,
     )
 
 
@@ -200,7 +220,8 @@ def _plan_to(plan: CPUPlan, device: torch.device) -> CPUPlan:
         replace(g, tokens=g.tokens.to(device), rows=g.rows.to(device), row_tokens=g.row_tokens.to(device))
         for g in plan.grids
     )
-    return CPUPlan(grids, tuple(replace(item, tokens=item.tokens.to(device)) for item in plan.loose))
+    loose = tuple(replace(item, tokens=item.tokens.to(device)) for item in plan.loose)
+    return CPUPlan(grids, loose, plan.sorted_tokens.to(device))
 
 
 def loose_segment(segment: Segment, sorted_tokens: Tensor) -> Loose:

@@ -20,7 +20,7 @@ converting the weights on every call would cost more than the bf16 matmuls.
 import torch
 from torch import Tensor
 
-from .batch import Grid, LoRABatch, LoRAWeights, Loose, loose_segment
+from .batch import Grid, LoRABatch, LoRAWeights, Loose
 
 # Below this many wasted multiply-adds, one matmul of every slice's v against every column
 # plus a gather beats S small matmuls (measured: 11 us vs 22 us at 4 tokens, 576 -> 960).
@@ -107,8 +107,8 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     """y += LoRA(x), following the batch's CPU plan.
 
     x: [T, in_features], y: [T, N] updated in place (rows without an adapter untouched).
-    Each of the plan's grids runs as one bmm pair when its segments share one rank in w
-    (else each runs on its own); loose segments (long ones, e.g. prefill chunks) one
+    Each of the plan's grids runs as one bmm pair per rank among its segments in w (a rank
+    with one segment runs it alone); loose segments (long ones, e.g. prefill chunks) one
     matmul pair each.
     """
     if batch.num_lora_tokens == 0:
@@ -117,14 +117,21 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     plan = batch.cpu_plan
     loose = plan.loose
     for grid in plan.grids:
-        ranks = {w.host_ranks[seg.slot] for seg in grid.segments}
-        if len(ranks) == 1:
-            delta = _delta_grid(x, w, grid, ranks.pop(), _grid_dtype(x, w, grid, cdt))
-            y.index_add_(0, grid.row_tokens, delta.to(y.dtype))
-        else:
-            loose = loose + tuple(loose_segment(seg, batch.sorted_tokens) for seg in grid.segments)
+        ranks = tuple(w.host_ranks[seg.slot] for seg in grid.segments)
+        if len(set(ranks)) == 1:
+            _add_grid(x, w, grid, ranks[0], cdt, y)
+            continue
+        by_rank, alone = plan.by_rank(grid, ranks)
+        for rank, sub in by_rank:
+            _add_grid(x, w, sub, rank, cdt, y)
+        loose = loose + alone
     for item in loose:
         _delta_loose(x, w, item, cdt, y)
+
+
+def _add_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dtype, y: Tensor) -> None:
+    delta = _delta_grid(x, w, grid, rank, _grid_dtype(x, w, grid, cdt))
+    y.index_add_(0, grid.row_tokens, delta.to(y.dtype))
 
 
 def _grid_dtype(x: Tensor, w: LoRAWeights, grid: Grid, cdt: torch.dtype) -> torch.dtype:

@@ -390,11 +390,17 @@ def test_cpu_plan_splits_grids_at_wide_gaps():
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
 
 
-def test_reference_grid_with_mixed_ranks_runs_each_segment():
-    # The grid's segments have ranks 3 and 7 in this weight group: each runs on its own.
-    slots = [0, 1, 0, 1, 2]
-    case = Case(9, 0, 40, (24, 8, 8), [3, 7, 3], 8, torch.float32, slots=slots)
-    assert len(case.batch.cpu_plan.grids) == 1
+def test_reference_grid_with_mixed_ranks_runs_a_grid_per_rank():
+    # One grid over slots 0-3 with ranks 3, 7, 3, 5 in this weight group: slots 0 and 2 run
+    # as one rank-3 grid over slots 0-2 (slot 1's rows are computed at rank 3 and thrown
+    # away); slots 1 and 3, alone in their ranks, run loose. Storage past every rank is NaN.
+    slots = [0, 1, 0, 1, 2, 3, 2]
+    case = Case(9, 0, 40, (24, 8, 8), [3, 7, 3, 5], 8, torch.float32, slots=slots)
+    plan = case.batch.cpu_plan
+    (grid,) = plan.grids
+    by_rank, alone = plan.by_rank(grid, (3, 7, 3, 5))
+    assert [(rank, g.first_slot, g.num_slots) for rank, g in by_rank] == [(3, 0, 3)]
+    assert [item.segment.slot for item in alone] == [1, 3]
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
