@@ -58,6 +58,9 @@ class _PulledMetrics(Collector):
             "tandem:lora_slot_load_seconds", "Time spent copying adapters into device slots.", slots.load_seconds_total
         )
         yield CounterMetricFamily("tandem:lora_host_evictions", "Adapters dropped from the host-memory cache.", slots.host_evictions)
+        yield CounterMetricFamily(
+            "tandem:lora_slot_prefetches", "Adapters loaded into a slot ahead of the sequence that needs them.", slots.prefetches
+        )
         activity = self._source.lora_activity()
         info = GaugeMetricFamily(
             "tandem:lora_requests_info",

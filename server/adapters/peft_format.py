@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,6 +75,11 @@ class LoRAAdapter:
     @property
     def nbytes(self) -> int:
         return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size() for g in self.groups.values())
+
+    def pin_memory(self) -> "LoRAAdapter":
+        """The adapter in page-locked host memory, so its copies to a CUDA slot can overlap compute."""
+        groups = {key: GroupDelta(g.a.pin_memory(), g.b.pin_memory(), g.rank) for key, g in self.groups.items()}
+        return replace(self, groups=groups)
 
 
 def content_hash(path: Path) -> str:

@@ -48,6 +48,7 @@ class SlotStats:
     evictions: int
     load_seconds_total: float
     host_evictions: int
+    prefetches: int
 
 
 def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path:
@@ -123,11 +124,15 @@ class AdapterRegistry:
 
     def slot_stats(self) -> SlotStats:
         s = self.pool.stats()
-        return SlotStats(s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions)
+        return SlotStats(
+            s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions, s.prefetches
+        )
 
     def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
         # A failed read leaves the version already cached (if any) in place.
         adapter = read_adapter(name, directory, self.model, self.max_rank)
+        if self.pool.device.type == "cuda":
+            adapter = adapter.pin_memory()
         with self._lock:
             self._cache[name] = adapter
             self._cache.move_to_end(name)

@@ -5,10 +5,18 @@ a slot. A slot in use by a running sequence is pinned; a new adapter takes an un
 that keeps the pinned slots close together (the CPU path streams every slot between the
 first and the last one a step uses), the least recently used of those. Storage is padded
 to max_rank; compute is trimmed to each slot's real rank by the kernels.
+
+Prefetch: after an iteration's forward is queued, the scheduler hands the adapters the next
+waiting sequences need to prefetch(), which loads them into unpinned slots. On CUDA those
+copies run on a side stream from pinned host memory, so they overlap the iteration's
+compute; an event per slot makes the compute stream wait for its copy before any kernel
+reads the slot (at acquire, or before the slot is written again). On CPU there is nothing
+to overlap, so the engine leaves prefetch_ahead at 0 there.
 """
 
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +34,14 @@ class PoolStats:
     loads: int
     evictions: int
     load_seconds_total: float
+    prefetches: int
 
 
 class SlotPool:
     def __init__(self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.device = device
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         for key, linear in group_linears(model).items():
             s = len(linear.out_slices)
@@ -48,6 +58,11 @@ class SlotPool:
         self.loads = 0
         self.evictions = 0
         self.load_seconds = 0.0
+        self.prefetches = 0
+        # How many upcoming adapters to load ahead each iteration; 0 turns prefetch off.
+        self.prefetch_ahead = 4 if device.type == "cuda" else 0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending: dict[int, torch.cuda.Event] = {}
 
     @staticmethod
     def slot_bytes(model: LlamaModel, max_rank: int, dtype: torch.dtype) -> int:
@@ -75,14 +90,35 @@ class SlotPool:
         """Pin the adapter's slot, loading it first if needed; call can_acquire before."""
         slot = self._slot_of.get(adapter.content_hash)
         if slot is None:
-            slot = self._victim()
+            slot = self._victim(set())
             self._load(slot, adapter)
+        self._wait_for(slot)
         self._pins[slot] += 1
         self._lru.move_to_end(slot)
         return slot
 
-    def _victim(self) -> int:
-        """The unpinned slot that widens the span of pinned slots least; LRU among those."""
+    def prefetch(self, upcoming: list[LoRAAdapter]) -> int:
+        """Load the adapters of upcoming sequences (soonest first) that are not resident,
+        without evicting a pinned slot or one that holds another upcoming adapter.
+        Returns how many were loaded."""
+        keep = {self._slot_of[a.content_hash] for a in upcoming if a.content_hash in self._slot_of}
+        loaded = 0
+        for adapter in upcoming:
+            if self.resident(adapter.content_hash):
+                continue
+            slot = self._victim(keep)
+            if slot is None:
+                break
+            self._load(slot, adapter, self._stream)
+            self._lru.move_to_end(slot)
+            keep.add(slot)
+            loaded += 1
+        self.prefetches += loaded
+        return loaded
+
+    def _victim(self, keep: set[int]) -> int | None:
+        """The unpinned slot not in keep that widens the span of pinned slots least; LRU
+        among those. None when every slot is pinned or kept."""
         pinned = [s for s, pins in enumerate(self._pins) if pins]
         lo, hi = (min(pinned), max(pinned)) if pinned else (0, 0)
 
@@ -90,31 +126,48 @@ class SlotPool:
             return 0 if not pinned else max(hi, slot) - min(lo, slot) - (hi - lo)
 
         # min() keeps the first of equals, and _lru iterates least recently used first.
-        return min((s for s in self._lru if self._pins[s] == 0), key=widening)
+        return min((s for s in self._lru if self._pins[s] == 0 and s not in keep), key=widening, default=None)
+
+    def _wait_for(self, slot: int) -> None:
+        """Order the current stream after a prefetch into the slot (no host sync)."""
+        event = self._pending.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
     def release(self, slot: int) -> None:
         self._pins[slot] -= 1
 
     def stats(self) -> PoolStats:
-        return PoolStats(self.num_slots, sum(o is not None for o in self._owner), self.loads, self.evictions, self.load_seconds)
+        return PoolStats(
+            self.num_slots, sum(o is not None for o in self._owner), self.loads, self.evictions, self.load_seconds,
+            self.prefetches,
+        )
 
-    def _load(self, slot: int, adapter: LoRAAdapter) -> None:
+    def _load(self, slot: int, adapter: LoRAAdapter, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Copy an adapter into a slot, on `stream` (then recorded as pending) or the current one."""
         start = time.perf_counter()
+        self._wait_for(slot)
         old = self._owner[slot]
         if old is not None:
             del self._slot_of[old]
             self.evictions += 1
-        for key, w in self.weights.items():
-            delta = adapter.groups.get(key)
-            s = w.num_slices
-            w.a[slot].zero_()
-            w.b[slot].zero_()
-            if delta is None:
-                w.set_rank(slot, 1)
-                continue
-            w.a[slot].view(s, self.max_rank, -1)[:, : delta.rank] = delta.a.view(s, delta.rank, -1)
-            w.b[slot][:, : delta.rank] = delta.b
-            w.set_rank(slot, delta.rank)
+        # No wait on the compute stream: the iteration in flight reads only pinned slots.
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for key, w in self.weights.items():
+                delta = adapter.groups.get(key)
+                s = w.num_slices
+                w.a[slot].zero_()
+                w.b[slot].zero_()
+                if delta is None:
+                    w.set_rank(slot, 1)
+                    continue
+                a = w.a[slot].view(s, self.max_rank, -1)[:, : delta.rank]
+                a.copy_(delta.a.view(s, delta.rank, -1), non_blocking=True)
+                w.b[slot][:, : delta.rank].copy_(delta.b, non_blocking=True)
+                w.set_rank(slot, delta.rank)
+        if stream is not None:
+            self._pending[slot] = torch.cuda.Event()
+            self._pending[slot].record(stream)
         self._owner[slot] = adapter.content_hash
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1

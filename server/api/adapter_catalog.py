@@ -37,4 +37,6 @@ class NoAdapterServing:
         raise NotFound(f"adapter {name!r} is not loaded")
 
     def slot_stats(self) -> SlotStats:
-        return SlotStats(max_loras=0, slots_in_use=0, loads=0, evictions=0, load_seconds_total=0.0, host_evictions=0)
+        return SlotStats(
+            max_loras=0, slots_in_use=0, loads=0, evictions=0, load_seconds_total=0.0, host_evictions=0, prefetches=0
+        )

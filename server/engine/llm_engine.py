@@ -141,6 +141,9 @@ class Engine:
             return []
         with torch.inference_mode():
             sampling, logits = self.runner.execute(scheduled)
+            # Queued after the forward and before the sampler's sync: on CUDA the adapter
+            # copies for the next iterations overlap this one's compute.
+            self.scheduler.prefetch()
             sampled = self.sampler(logits, sampling)
         for seq, n in scheduled.chunks:
             seq.num_computed += n

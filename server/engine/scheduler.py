@@ -16,6 +16,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
+from server.adapters.peft_format import LoRAAdapter
 from server.adapters.slot_pool import SlotPool
 from server.config import EngineConfig
 from server.engine.kv_cache import BlockAllocator
@@ -109,6 +110,19 @@ class Scheduler:
             chunks.append((seq, n))
             budget -= n
         return ScheduledBatch(chunks)
+
+    def prefetch(self) -> int:
+        """Hand the pool the adapters the next waiting sequences need (pool.prefetch_ahead of
+        them, soonest first), to load while the iteration just queued computes."""
+        if self.pool is None or not self.pool.prefetch_ahead:
+            return 0
+        upcoming: dict[str, LoRAAdapter] = {}
+        for seq in self.waiting:
+            if seq.adapter is not None:
+                upcoming.setdefault(seq.adapter.content_hash, seq.adapter)
+                if len(upcoming) == self.pool.prefetch_ahead:
+                    break
+        return self.pool.prefetch(list(upcoming.values()))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

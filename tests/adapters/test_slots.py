@@ -112,11 +112,11 @@ def guard_evictions(engine) -> list[int]:
     load = pool._load
     loaded = []
 
-    def checked_load(slot, adapter):
+    def checked_load(slot, adapter, *stream):
         assert pool._pins[slot] == 0, f"slot {slot} is pinned"
         assert all(seq.slot != slot for seq in engine.scheduler.running), f"slot {slot} belongs to a running sequence"
         loaded.append(slot)
-        load(slot, adapter)
+        load(slot, adapter, *stream)
 
     pool._load = checked_load
     return loaded
@@ -156,6 +156,40 @@ def test_more_adapters_than_slots(tiny_hf_model, smollm2_tokenizer, adapters_dir
     stats = engine.registry.slot_stats()
     assert stats.evictions > 0 and stats.loads == len(loaded) >= len(NAMES)
     assert stats.slots_in_use == 2
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize("prefetch_ahead", [0, 4], ids=["off", "on"])
+def test_prefetch_loads_adapters_before_their_sequences_run(
+    tiny_hf_model, smollm2_tokenizer, adapters_dir, alone, prefetch_ahead
+):
+    # Sequences wait for a running place (max_num_seqs 2) while slots are free: with
+    # prefetch on, their adapters are loaded during earlier iterations (on CUDA, overlapping
+    # them), so admission finds them resident; outputs are the same either way.
+    engine = adapter_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=4, max_num_seqs=2, block_size=8)
+    pool = engine.registry.pool
+    pool.prefetch_ahead = prefetch_ahead  # off by default on CPU, where nothing overlaps
+    loaded = guard_evictions(engine)
+    acquire, misses = pool.acquire, []
+
+    def counted_acquire(adapter):
+        misses.append(not pool.resident(adapter.content_hash))
+        return acquire(adapter)
+
+    pool.acquire = counted_acquire
+    prompts = random_prompts([6, 9, 5, 8, 7, 10, 6], len(smollm2_tokenizer), seed=4)
+    names = [*NAMES, "attn4", "same0"]
+    requests = [(f"r{i}", p, greedy(6), name) for i, (p, name) in enumerate(zip(prompts, names))]
+    outputs, _ = run(engine, {0: requests}, on_step=check_slots)
+    for rid, prompt, params, name in requests:
+        assert outputs[rid] == alone(prompt, params.max_new_tokens, name), (rid, name)
+    stats = engine.registry.slot_stats()
+    assert stats.loads == len(loaded) and stats.evictions > 0
+    if prefetch_ahead:
+        # Only the first two, admitted before any iteration ran, are loaded on admission.
+        assert sum(misses) == 2 and stats.prefetches == stats.loads - 2
+    else:
+        assert sum(misses) == stats.loads and stats.prefetches == 0
     assert_clean(engine)
 
 
@@ -309,3 +343,42 @@ def test_new_adapters_fill_gaps_between_pinned_slots(tiny_hf_model):
     assert pool.acquire(adapter("c")) == 3
     assert pool.acquire(adapter("d")) == 0
     assert not pool.resident("hash-a2") and pool.resident("hash-a5")
+
+
+def test_prefetch_loads_upcoming_adapters_without_evicting_pinned_or_upcoming(tiny_hf_model):
+    pool = SlotPool(build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu")), 3, 4, torch.float32, torch.device("cpu"))
+
+    def adapter(name: str) -> LoRAAdapter:
+        return LoRAAdapter(name, Path(name), f"hash-{name}", 4, [], {})
+
+    running, upcoming = adapter("running"), adapter("upcoming")
+    assert [pool.acquire(running), pool.acquire(upcoming), pool.acquire(adapter("old"))] == [0, 1, 2]
+    pool.release(1)
+    pool.release(2)
+    # Slot 1 (unpinned, least recently used) holds an upcoming adapter: only slot 2 may go.
+    assert pool.prefetch([upcoming, adapter("new"), adapter("newer")]) == 1
+    assert pool.resident("hash-new") and pool.resident("hash-upcoming") and not pool.resident("hash-old")
+    loads = pool.loads
+    assert pool.acquire(adapter("new")) == 2 and pool.loads == loads
+    assert pool.prefetch([adapter("newer")]) == 1  # slot 1 is no longer kept for anyone
+    # Slots 0 and 2 are pinned, slot 1 holds "newer", which comes first: nothing to evict.
+    assert pool.prefetch([adapter("newer"), adapter("newest")]) == 0
+    assert pool.resident("hash-newer") and pool.stats().prefetches == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetch_copies_on_a_side_stream_and_acquire_waits_for_it(tiny_hf_model, adapters_dir):
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    pool = SlotPool(model, 2, MAX_RANK, torch.float32, torch.device("cuda"))
+    assert pool.prefetch_ahead > 0
+    adapter = read_adapter("all8", adapters_dir / "all8", model, MAX_RANK).pin_memory()
+    assert pool.prefetch([adapter]) == 1 and pool._pending
+    slot = pool.acquire(adapter)
+    assert not pool._pending
+    for key, delta in adapter.groups.items():
+        w = pool.weights[key]
+        s = w.num_slices
+        a = w.a[slot].view(s, MAX_RANK, -1)[:, : delta.rank].cpu()
+        assert torch.equal(a, delta.a.view(s, delta.rank, -1))
+        assert torch.equal(w.b[slot][:, : delta.rank].cpu(), delta.b)
+        assert int(w.slot_ranks[slot]) == delta.rank == w.host_ranks[slot]
