@@ -254,7 +254,8 @@ class LoRAWeights:
     b: [num_slots, N, max_rank]. Slice s owns rows offset_s : offset_s + out_slices[s];
        only the first rank_i columns are read. The LoRA scale (alpha / r, or alpha / sqrt(r)
        for rsLoRA) is folded into b when the adapter is loaded; the kernels never scale.
-    slot_ranks: [num_slots] int32 on a's device, the real rank of each slot (1..max_rank).
+    slot_ranks: [num_slots] int32 on a's device, the real rank of each slot (0..max_rank;
+       0 = the slot's adapter does not adapt this linear, so its tokens are skipped).
     host_ranks: host copy of slot_ranks (the CPU path reads it without a device sync);
        whoever writes a slot keeps both in step, e.g. through set_rank.
     out_slices: output width of each slice, e.g. (q_dim, kv_dim, kv_dim).
@@ -287,8 +288,8 @@ class LoRAWeights:
             raise ValueError(f"slot_ranks must be [{num_slots}], got {tuple(self.slot_ranks.shape)}")
         if not self.host_ranks:
             self.host_ranks = self.slot_ranks.tolist()
-        if len(self.host_ranks) != num_slots or not all(1 <= r <= max_rank for r in self.host_ranks):
-            raise ValueError(f"slot ranks must lie in [1, {max_rank}], got {self.host_ranks}")
+        if len(self.host_ranks) != num_slots or not all(0 <= r <= max_rank for r in self.host_ranks):
+            raise ValueError(f"slot ranks must lie in [0, {max_rank}], got {self.host_ranks}")
         starts = [sum(self.out_slices[:s]) for s in range(self.num_slices)]
         self.slice_starts = torch.tensor(starts, dtype=torch.int32, device=self.b.device)
         self.slice_widths = torch.tensor(self.out_slices, dtype=torch.int32, device=self.b.device)
@@ -319,7 +320,7 @@ class LoRAWeights:
 
     def set_rank(self, slot: int, rank: int) -> None:
         """Record the real rank of a slot just written (device tensor and host copy)."""
-        if not 1 <= rank <= self.max_rank:
-            raise ValueError(f"rank must lie in [1, {self.max_rank}], got {rank}")
+        if not 0 <= rank <= self.max_rank:
+            raise ValueError(f"rank must lie in [0, {self.max_rank}], got {rank}")
         self.slot_ranks[slot] = rank
         self.host_ranks[slot] = rank

@@ -109,7 +109,7 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     x: [T, in_features], y: [T, N] updated in place (rows without an adapter untouched).
     Each of the plan's grids runs as one bmm pair per rank among its segments in w (a rank
     with one segment runs it alone); loose segments (long ones, e.g. prefill chunks) one
-    matmul pair each.
+    matmul pair each. Slots of rank 0 in w (adapters that leave this linear alone) cost nothing.
     """
     if batch.num_lora_tokens == 0:
         return
@@ -119,14 +119,17 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     for grid in plan.grids:
         ranks = tuple(w.host_ranks[seg.slot] for seg in grid.segments)
         if len(set(ranks)) == 1:
-            _add_grid(x, w, grid, ranks[0], cdt, y)
+            if ranks[0]:
+                _add_grid(x, w, grid, ranks[0], cdt, y)
             continue
         by_rank, alone = plan.by_rank(grid, ranks)
         for rank, sub in by_rank:
-            _add_grid(x, w, sub, rank, cdt, y)
+            if rank:
+                _add_grid(x, w, sub, rank, cdt, y)
         loose = loose + alone
     for item in loose:
-        _delta_loose(x, w, item, cdt, y)
+        if w.host_ranks[item.segment.slot]:
+            _delta_loose(x, w, item, cdt, y)
 
 
 def _add_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dtype, y: Tensor) -> None:

@@ -88,7 +88,9 @@ def _expand_kernel(
     pid_n = pid % NUM_N_TILES
     pid_m = pid // NUM_N_TILES
     width = tl.load(slice_widths_ptr + pid_slice)
-    if pid_m * BLOCK_M >= seg_len or pid_n * BLOCK_N >= width:
+    rank = tl.load(ranks_ptr + slot)
+    # Rank 0: the slot's adapter does not touch this linear; y stays as it is.
+    if pid_m * BLOCK_M >= seg_len or pid_n * BLOCK_N >= width or rank == 0:
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,7 +100,6 @@ def _expand_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < width
     cols = tl.load(slice_starts_ptr + pid_slice) + offs_n
-    rank = tl.load(ranks_ptr + slot)
     v_rows = v_ptr + tokens[:, None] * stride_vt
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
 
@@ -145,14 +146,14 @@ def _fused_kernel(
     pid_g = pid % NUM_N_GROUPS
     pid_m = pid // NUM_N_GROUPS
     width = tl.load(slice_widths_ptr + pid_slice)
-    if pid_m * BLOCK_M >= seg_len or pid_g * BLOCK_N >= width:
+    rank = tl.load(ranks_ptr + slot)
+    if pid_m * BLOCK_M >= seg_len or pid_g * BLOCK_N >= width or rank == 0:
         return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_len
     seg_start = tl.load(seg_starts_ptr + pid_seg)
     tokens = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
-    rank = tl.load(ranks_ptr + slot)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     slot64 = slot.to(tl.int64)

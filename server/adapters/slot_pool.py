@@ -48,7 +48,7 @@ class SlotPool:
             self.weights[key] = LoRAWeights(
                 a=torch.zeros(num_slots, s * max_rank, linear.in_features, dtype=dtype, device=device),
                 b=torch.zeros(num_slots, sum(linear.out_slices), max_rank, dtype=dtype, device=device),
-                slot_ranks=torch.ones(num_slots, dtype=torch.int32, device=device),
+                slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
                 out_slices=linear.out_slices,
             )
         self._owner: list[str | None] = [None] * num_slots
@@ -159,7 +159,7 @@ class SlotPool:
                 w.a[slot].zero_()
                 w.b[slot].zero_()
                 if delta is None:
-                    w.set_rank(slot, 1)
+                    w.set_rank(slot, 0)
                     continue
                 a = w.a[slot].view(s, self.max_rank, -1)[:, : delta.rank]
                 a.copy_(delta.a.view(s, delta.rank, -1), non_blocking=True)

@@ -111,6 +111,8 @@ SHAPES = {
     "long_segments": (200, 48, (40, 24, 24), [16, 5], 16),
     "one_token": (1, 56, (40, 24, 24), [7, 3], 8),
     "no_tokens": (0, 56, (40, 24, 24), [7, 3], 8),
+    # Rank 0: the adapter leaves this linear alone (the slot is NaN throughout).
+    "rank_zero": (29, 40, (24, 8, 8), [0, 6, 0, 3], 8),
 }
 
 
@@ -206,7 +208,8 @@ def test_triton_every_token_without_adapter_leaves_y_alone():
 def random_cases(draw, dtype):
     num_slices = draw(st.sampled_from([1, 2, 3]))
     max_rank = draw(st.sampled_from([1, 4, 16, 33, 64]))
-    ranks = draw(st.lists(st.integers(1, max_rank), min_size=1, max_size=5))
+    # Rank 0 is a slot whose adapter leaves this linear alone.
+    ranks = draw(st.lists(st.integers(0, max_rank), min_size=1, max_size=5))
     out_slices = draw(st.lists(st.integers(1, 70), min_size=num_slices, max_size=num_slices))
     return Case(
         seed=draw(st.integers(0, 2**16)),
@@ -310,8 +313,14 @@ def test_reference_segment_paths(slots):
 
 @pytest.mark.parametrize(
     "ranks, slots",
-    [([5, 16, 9, 1], [0, 1, 3, 0, -1, 3]), ([9, 9, 9, 9], [0, 1, 3, 0, -1, 3]), ([9, 9, 9, 9], [3, 3])],
-    ids=["segments", "grid", "in_order"],
+    [
+        ([5, 16, 9, 1], [0, 1, 3, 0, -1, 3]),
+        ([9, 9, 9, 9], [0, 1, 3, 0, -1, 3]),
+        ([9, 9, 9, 9], [3, 3]),
+        ([0, 9, 9, 9], [0, 1, 3, 0, -1, 3, 1]),
+        ([0, 9, 9, 0], [3, 3, 0]),
+    ],
+    ids=["segments", "grid", "in_order", "rank_zero_in_grid", "rank_zero_loose"],
 )
 def test_reference_ignores_weights_past_the_rank(ranks, slots):
     # Case stores NaN past every rank; slot 2, which no token uses, is NaN throughout.
@@ -421,12 +430,17 @@ def test_weights_validate_shapes_and_ranks():
     assert w.slice_starts.tolist() == [0, 24, 32]
     w.set_rank(1, 5)
     assert w.host_ranks == [8, 5] and w.slot_ranks.tolist() == [8, 5]
+    w.set_rank(1, 0)  # the slot's adapter leaves this linear alone
+    assert w.host_ranks == [8, 0] and w.slot_ranks.tolist() == [8, 0]
+    with pytest.raises(ValueError, match="rank must"):
+        w.set_rank(0, 9)
     with pytest.raises(ValueError, match="out_slices"):
         LoRAWeights(a, b, ranks, (24, 8, 9))
     with pytest.raises(ValueError, match="a must be"):
         LoRAWeights(a, b, ranks, (32, 8))
-    with pytest.raises(ValueError, match="ranks"):
-        LoRAWeights(a, b, torch.tensor([0, 2], dtype=torch.int32), (24, 8, 8))
+    for bad in ([-1, 2], [9, 2]):
+        with pytest.raises(ValueError, match="ranks"):
+            LoRAWeights(a, b, torch.tensor(bad, dtype=torch.int32), (24, 8, 8))
 
 
 @needs_cuda
