@@ -4,7 +4,8 @@
 until --requests have run), prompt 32 random tokens, 64 generated tokens, greedy, ignore_eos.
 Rank-16 adapters on all seven projections, a device pool of 64 slots. Each request draws its
 adapter from 1, 8, 64, 512 or 2048 distinct adapters, uniformly or with Zipf (alpha = 1)
-popularity. Every run gets a fresh engine (cold host cache and slot pool), so adapter reads
+popularity; one more run uses 8 adapters on q_proj and v_proj only (PEFT's default targets).
+Every run gets a fresh engine (cold host cache and slot pool), so adapter reads
 (disk -> host: hash, parse, regroup) and slot loads (host -> slot copy) are inside the
 timed run and reported apart. Baseline runs (the same engine, no adapters) are interleaved,
 and each run is compared with the mean of the baselines just before and after it, so drift
@@ -47,6 +48,8 @@ from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
 
 CONCURRENCY, PROMPT_LEN, OUT_LEN = 32, 32, 64
 RANK, SLOTS, DISTINCT_FILES = 16, 64, 8
+# PEFT's default target_modules for Llama: the common adapter in the wild.
+QV_ONLY = ("q_proj", "v_proj")
 GOALS = {"8_adapters_vs_base": 0.9, "2048_adapters_vs_base": 0.8, "vs_peft": 3.0}
 
 
@@ -76,7 +79,13 @@ def make_adapters(hf, root: Path, count: int) -> dict:
         src = bases[i % len(bases)]
         os.link(src / "adapter_model.safetensors", d / "adapter_model.safetensors")
         (d / "adapter_config.json").write_text(json.dumps({**base_configs[i % len(bases)], "revision": i}))
+    for i in range(min(count, DISTINCT_FILES)):
+        make_adapter(hf, root / "adapters" / qv_name(i), r=RANK, target_modules=QV_ONLY, seed=100 + i)
     return {"seconds": time.perf_counter() - start, "weight_file_bytes": (bases[0] / "adapter_model.safetensors").stat().st_size}
+
+
+def qv_name(i: int) -> str:
+    return f"qv{i:04d}"
 
 
 def draw(num_adapters: int, popularity: str, n: int, seed: int) -> list[int]:
@@ -95,20 +104,26 @@ def engine_config(adapters_dir: Path | None) -> EngineConfig:
     )
 
 
-def engine_run(loaded: LoadedModel, prompts: list[list[int]], out_len: int, adapters_dir: Path | None = None, choice: list[int] | None = None) -> dict:
+def engine_run(
+    loaded: LoadedModel, prompts: list[list[int]], out_len: int, adapters_dir: Path | None = None,
+    choice: list[int] | None = None, naming=adapter_name,
+) -> dict:
     """A fresh engine; CONCURRENCY requests in flight until every prompt has run."""
     engine = Engine(loaded, engine_config(adapters_dir))
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     get_s = step_s = 0.0
     nxt = generated = steps = 0
+    distinct_per_step = []
+    adapter_bytes = []
 
     def submit() -> None:
         nonlocal nxt, get_s
         adapter = None
         if choice is not None:
             t = time.perf_counter()
-            adapter = engine.registry.get(adapter_name(choice[nxt]))
+            adapter = engine.registry.get(naming(choice[nxt]))
             get_s += time.perf_counter() - t
+            adapter_bytes.append(adapter.nbytes)
         engine.add_request(str(nxt), prompts[nxt], params, adapter)
         nxt += 1
 
@@ -117,6 +132,7 @@ def engine_run(loaded: LoadedModel, prompts: list[list[int]], out_len: int, adap
     while nxt < min(CONCURRENCY, len(prompts)):
         submit()
     while engine.has_work():
+        distinct_per_step.append(len({seq.slot for seq in engine.scheduler.running if seq.slot is not None}))
         t = time.perf_counter()
         outs = engine.step()
         step_s += time.perf_counter() - t
@@ -131,7 +147,8 @@ def engine_run(loaded: LoadedModel, prompts: list[list[int]], out_len: int, adap
     if engine.registry is not None:
         s = engine.registry.slot_stats()
         result.update(
-            distinct=len(set(choice)), slot_loads=s.loads, slot_evictions=s.evictions, slot_load_s=s.load_seconds_total,
+            distinct=len(set(choice)), mean_adapters_per_step=statistics.mean(distinct_per_step),
+            adapter_bytes=statistics.mean(adapter_bytes), slot_loads=s.loads, slot_evictions=s.evictions, slot_load_s=s.load_seconds_total,
             host_evictions=s.host_evictions, tok_s_without_reads=generated / (wall - get_s),
         )
     del engine
@@ -200,7 +217,11 @@ def main() -> None:
         made = make_adapters(hf, tmp, max(counts))
         adapters_dir = tmp / "adapters"
         print(f"made {max(counts)} adapters ({DISTINCT_FILES} distinct weight files of {made['weight_file_bytes'] / 2**20:.1f} MiB) in {made['seconds']:.1f}s", flush=True)
-        runs = [(n, "uniform") for n in counts if n == 1] + [(n, p) for n in counts if n > 1 for p in popularities]
+        runs = [(n, "uniform", "all") for n in counts if n == 1]
+        for n in counts:
+            runs += [(n, p, "all") for p in popularities if n > 1]
+            if n == 8:
+                runs.append((8, "uniform", "qv"))
         peft_names = [adapter_name(i) for i in draw(8, "uniform", n_req, seed=8)]
         pm = None if args.quick else peft_model(hf, adapters_dir, [adapter_name(i) for i in range(8)], dtype)
 
@@ -214,17 +235,22 @@ def main() -> None:
         baselines = [engine_run(loaded, prompts, OUT_LEN)]
         print(f"baseline (no adapters)          {baselines[-1]['tok_s']:7.1f} tok/s", flush=True)
         results = []
-        for n, pop in runs:
+        base_bytes = sizes(loaded, dtype)["base_bytes"]
+        for n, pop, targets in runs:
             choice = draw(n, pop, n_req, seed=1000 + n + (0 if pop == "uniform" else 1))
-            r = {"adapters": n, "popularity": pop, **engine_run(loaded, prompts, OUT_LEN, adapters_dir, choice)}
+            naming = adapter_name if targets == "all" else qv_name
+            r = {"adapters": n, "popularity": pop, "targets": targets, **engine_run(loaded, prompts, OUT_LEN, adapters_dir, choice, naming)}
             baselines.append(engine_run(loaded, prompts, OUT_LEN))
             base = statistics.mean(b["tok_s"] for b in baselines[-2:])
             r["baseline_tok_s"] = base
             r["ratio"] = r["tok_s"] / base
             r["ratio_without_reads"] = r["tok_s_without_reads"] / base
+            # What a step streams besides the base weights: each adapter in the batch once.
+            r["adapter_bytes_per_step_vs_base"] = r["mean_adapters_per_step"] * r["adapter_bytes"] / base_bytes
             results.append(r)
             print(
-                f"{n:5d} adapters {pop:7s} ({r['distinct']:3d} used)  {r['tok_s']:7.1f} tok/s  {r['ratio']:4.2f}x base "
+                f"{n:5d} adapters {pop:7s} {targets:3s} ({r['distinct']:3d} used, {r['mean_adapters_per_step']:4.1f}/step, "
+                f"{r['adapter_bytes_per_step_vs_base']:4.2f}x base bytes)  {r['tok_s']:7.1f} tok/s  {r['ratio']:4.2f}x base "
                 f"({r['ratio_without_reads']:4.2f}x without adapter reads)  reads {r['get_s']:5.2f}s  "
                 f"slot loads {r['slot_loads']:4d} evictions {r['slot_evictions']:4d} {r['slot_load_s']:5.2f}s  "
                 f"host evictions {r['host_evictions']:4d}  wall {r['wall_s']:5.1f}s  [next baseline {baselines[-1]['tok_s']:.1f}]",
@@ -233,7 +259,7 @@ def main() -> None:
         peft = None
         if pm is not None:
             peft = peft_run(pm, prompts, peft_names, OUT_LEN, pad)
-            ours = next(r for r in results if r["adapters"] == 8 and r["popularity"] == "uniform")
+            ours = next(r for r in results if (r["adapters"], r["popularity"], r["targets"]) == (8, "uniform", "all"))
             peft["tandem_8_uniform_tok_s"] = ours["tok_s"]
             peft["speedup"] = ours["tok_s"] / peft["tok_s"]
             print(f"peft mixed batch, 8 adapters    {peft['tok_s']:7.1f} tok/s  tandem {peft['speedup']:.2f}x faster", flush=True)
@@ -242,7 +268,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     goals = {}
-    by = {(r["adapters"], r["popularity"]): r for r in results}
+    by = {(r["adapters"], r["popularity"]): r for r in results if r["targets"] == "all"}
     if (8, "uniform") in by:
         goals["8_adapters_vs_base"] = {"goal": GOALS["8_adapters_vs_base"], "uniform": by[(8, "uniform")]["ratio"], "zipf": by.get((8, "zipf"), {}).get("ratio")}
     if (2048, "uniform") in by:
@@ -267,6 +293,9 @@ def main() -> None:
             "Each run uses a fresh engine (cold host cache and slot pool); tok_s includes adapter reads (registry.get) and "
             "slot loads; tok_s_without_reads leaves out registry.get.",
             "ratio: against the mean of the baseline runs just before and after (interleaved against machine drift).",
+            "adapter_bytes_per_step_vs_base: mean distinct adapters in the running batch x one adapter's float32 bytes, over "
+            "the base model's bytes in the serving dtype: what each decode step streams for LoRA besides the base weights. "
+            "targets 'qv': 8 adapters on q_proj and v_proj only (PEFT's default), rank 16.",
             "CPU slots are float32 by the engine's design (small LoRA matmuls are faster in float32 on CPU); the peft model "
             "is entirely in the serving dtype, adapters included.",
         ],
@@ -283,11 +312,17 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     base = statistics.mean(x["tok_s"] for x in result["baselines"])
+    runs = [r for r in result["runs"] if r["targets"] == "all"]
     for pop, marker in (("uniform", "o"), ("zipf", "s")):
-        rs = [r for r in result["runs"] if r["popularity"] == pop or r["adapters"] == 1]
+        rs = [r for r in runs if r["popularity"] == pop or r["adapters"] == 1]
         if any(r["popularity"] == pop for r in rs):
             a.plot([r["adapters"] for r in rs], [r["tok_s"] for r in rs], marker=marker, label=f"tandem, {pop}")
             b.plot([r["adapters"] for r in rs], [r["ratio"] for r in rs], marker=marker, label=f"tandem, {pop}")
+    for r in result["runs"]:
+        if r["targets"] == "qv":
+            label = "tandem, q/v-only adapters (PEFT default)"
+            a.plot([r["adapters"]], [r["tok_s"]], marker="^", linestyle="", color="purple", label=label)
+            b.plot([r["adapters"]], [r["ratio"]], marker="^", linestyle="", color="purple", label=label)
     a.axhline(base, color="k", linestyle="--", label="tandem, no adapters (mean)")
     if result["peft"] is not None:
         a.axhline(result["peft"]["tok_s"], color="r", linestyle=":", label="peft mixed batch, 8 adapters")

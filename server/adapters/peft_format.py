@@ -2,9 +2,12 @@
 
 A PEFT LoRA adapter is `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. Our model
-fuses q/k/v and gate/up, so an adapter is regrouped per (layer, group): the group's slices
-share one shrink, their A rows stacked and zero-padded to the group's largest rank, their
-B scaled by alpha / r (alpha / sqrt(r) with rsLoRA) so the kernels never scale.
+fuses q/k/v and gate/up, so an adapter is grouped per (layer, group): the group's slices
+share one shrink at the group's largest rank (a slot holds each slice's A rows, zero past
+the slice's own rank), their B scaled by alpha / r (alpha / sqrt(r) with rsLoRA) as they
+are copied into a slot, so the kernels never scale. The tensors are kept as read (views of
+the file's mapping) and copied once, into the slot: a second copy of a 20 MB adapter, or
+scaling it in place, costs ~30-40 ms of page faults on our hosts.
 """
 
 import hashlib
@@ -54,10 +57,11 @@ def group_linears(model: LlamaModel) -> dict[tuple[int, str], FusedLinear]:
 
 @dataclass
 class GroupDelta:
-    """One adapter's weights for one fused linear: a [S * rank, in], b [sum(out_slices), rank]."""
+    """One adapter's weights for one fused linear, per slice s of it that the adapter adapts:
+    slices[s] = (a [r_s, in], b [out_s, r_s], scale), b unscaled as read. rank: the largest
+    r_s, the rank the group runs at in a slot."""
 
-    a: torch.Tensor
-    b: torch.Tensor
+    slices: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
     rank: int
 
 
@@ -74,11 +78,16 @@ class LoRAAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.a.numel() * g.a.element_size() + g.b.numel() * g.b.element_size() for g in self.groups.values())
+        return sum(
+            t.numel() * t.element_size() for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b)
+        )
 
     def pin_memory(self) -> "LoRAAdapter":
         """The adapter in page-locked host memory, so its copies to a CUDA slot can overlap compute."""
-        groups = {key: GroupDelta(g.a.pin_memory(), g.b.pin_memory(), g.rank) for key, g in self.groups.items()}
+        groups = {
+            key: GroupDelta({s: (a.pin_memory(), b.pin_memory(), scale) for s, (a, b, scale) in g.slices.items()}, g.rank)
+            for key, g in self.groups.items()
+        }
         return replace(self, groups=groups)
 
 
@@ -129,7 +138,7 @@ def read_adapter(name: str, path: Path, model: LlamaModel, max_rank: int) -> LoR
             )
         per_group.setdefault((layer, group), {})[slice_idx] = (a, b, _scale(config, module, r))
         targets.add(kind)
-    groups = {key: _regroup(linears[key], slices) for key, slices in per_group.items()}
+    groups = {key: GroupDelta(slices, max(a.shape[0] for a, _, _ in slices.values())) for key, slices in per_group.items()}
     return LoRAAdapter(
         name=name,
         path=path,
@@ -200,19 +209,3 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 def _scale(config: dict, module: str, r: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def _regroup(linear: FusedLinear, slices: dict[int, tuple[torch.Tensor, torch.Tensor, float]]) -> GroupDelta:
-    """Stack a group's slices: A rows per slice padded to the group rank, B scaled."""
-    rank = max(a.shape[0] for a, _, _ in slices.values())
-    num_slices = len(linear.out_slices)
-    a_all = torch.zeros(num_slices, rank, linear.in_features)
-    b_all = torch.zeros(sum(linear.out_slices), rank)
-    start = 0
-    for s, width in enumerate(linear.out_slices):
-        if s in slices:
-            a, b, scale = slices[s]
-            a_all[s, : a.shape[0]] = a
-            b_all[start : start + width, : a.shape[0]] = b * scale
-        start += width
-    return GroupDelta(a_all.view(num_slices * rank, linear.in_features), b_all, rank)

@@ -4,7 +4,8 @@ Slots are keyed by content hash, so two versions of an adapter under one name ne
 a slot. A slot in use by a running sequence is pinned; a new adapter takes an unpinned slot
 that keeps the pinned slots close together (the CPU path streams every slot between the
 first and the last one a step uses), the least recently used of those. Storage is padded
-to max_rank; compute is trimmed to each slot's real rank by the kernels.
+to max_rank; compute is trimmed to each slot's real rank by the kernels, which never read
+past it (so a load zeroes only up to the adapter's rank).
 
 Prefetch: after an iteration's forward is queued, the scheduler hands the adapters the next
 waiting sequences need to prefetch(), which loads them into unpinned slots. On CUDA those
@@ -155,15 +156,18 @@ class SlotPool:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for key, w in self.weights.items():
                 delta = adapter.groups.get(key)
-                s = w.num_slices
-                w.a[slot].zero_()
-                w.b[slot].zero_()
                 if delta is None:
                     w.set_rank(slot, 0)
                     continue
-                a = w.a[slot].view(s, self.max_rank, -1)[:, : delta.rank]
-                a.copy_(delta.a.view(s, delta.rank, -1), non_blocking=True)
-                w.b[slot][:, : delta.rank].copy_(delta.b, non_blocking=True)
+                # Zero what the kernels read (up to the group's rank), then the slices over it.
+                a_slot = w.a[slot].view(w.num_slices, self.max_rank, -1)[:, : delta.rank]
+                b_slot = w.b[slot][:, : delta.rank]
+                a_slot.zero_()
+                b_slot.zero_()
+                for s, (a, b, scale) in delta.slices.items():
+                    col = sum(w.out_slices[:s])
+                    a_slot[s, : a.shape[0]].copy_(a, non_blocking=True)
+                    b_slot[col : col + b.shape[0], : b.shape[1]].copy_(b, non_blocking=True).mul_(scale)
                 w.set_rank(slot, delta.rank)
         if stream is not None:
             self._pending[slot] = torch.cuda.Event()

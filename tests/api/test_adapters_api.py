@@ -164,7 +164,8 @@ def test_metrics_show_adapter_slots(client, lora_server):
     slot_loads = re.search(r"^tandem:lora_slot_loads_total (\S+)$", text, re.MULTILINE)
     assert slot_loads is not None and float(slot_loads[1]) >= 1
     load_seconds = re.search(r"^tandem:lora_slot_load_seconds_total (\S+)$", text, re.MULTILINE)
-    assert load_seconds is not None and float(load_seconds[1]) > 0
+    # Copying a tiny adapter into a slot takes well under a second (not a clock difference gone wrong).
+    assert load_seconds is not None and 0 < float(load_seconds[1]) < 5
     assert re.search(r"^tandem:lora_host_evictions_total \S+$", text, re.MULTILINE)
 
 
