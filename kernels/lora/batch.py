@@ -266,10 +266,9 @@ class LoRAWeights:
     slot_ranks: Tensor
     out_slices: tuple[int, ...]
     host_ranks: list[int] = field(default_factory=list)
-    # [S] int32 start column and width of each slice, [N] int64 slice index of each column.
+    # [S] int32 start column and width of each slice.
     slice_starts: Tensor = field(init=False, repr=False)
     slice_widths: Tensor = field(init=False, repr=False)
-    slice_of_col: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.out_slices = tuple(int(w) for w in self.out_slices)
@@ -293,10 +292,6 @@ class LoRAWeights:
         starts = [sum(self.out_slices[:s]) for s in range(self.num_slices)]
         self.slice_starts = torch.tensor(starts, dtype=torch.int32, device=self.b.device)
         self.slice_widths = torch.tensor(self.out_slices, dtype=torch.int32, device=self.b.device)
-        self.slice_of_col = torch.repeat_interleave(
-            torch.arange(self.num_slices, device=self.b.device),
-            torch.tensor(self.out_slices, device=self.b.device),
-        )
 
     @property
     def num_slots(self) -> int:
