@@ -1,7 +1,7 @@
 """The two data types every batched-LoRA call takes: the step's token grouping and a slot pool."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -58,23 +58,28 @@ class CPUPlan:
 
     grids: tuple[Grid, ...]
     loose: tuple[Loose, ...]
-    sorted_tokens: Tensor
+    host_tokens: Tensor
+    device: torch.device
     _by_rank: dict = field(default_factory=dict, repr=False, compare=False)
 
     def by_rank(self, grid: Grid, ranks: tuple[int, ...]) -> tuple[tuple[tuple[int, Grid], ...], tuple[Loose, ...]]:
         """A grid whose segments have these ranks (in one weight group) as one grid per rank,
         plus the segments alone in their rank; built once per step and rank pattern.
 
-        Each grid keeps the full slot span: the other ranks' slots in it are computed at
-        this rank and thrown away, so whatever their storage holds cannot leak."""
+        Each grid spans its own rank's slots; other ranks' slots inside that span are
+        computed at this rank and thrown away, so whatever their storage holds cannot leak."""
         key = (grid.first_slot, ranks)
         if key not in self._by_rank:
             classes: dict[int, list[Segment]] = {}
             for seg, rank in zip(grid.segments, ranks):
                 classes.setdefault(rank, []).append(seg)
             self._by_rank[key] = (
-                tuple((r, _grid(tuple(segs), self.sorted_tokens, grid.length)) for r, segs in classes.items() if len(segs) > 1),
-                tuple(loose_segment(segs[0], self.sorted_tokens) for segs in classes.values() if len(segs) == 1),
+                tuple(
+                    (r, _grid(tuple(segs), self.host_tokens, grid.length, self.device))
+                    for r, segs in classes.items()
+                    if len(segs) > 1
+                ),
+                tuple(_loose(segs[0], self.host_tokens, self.device) for segs in classes.values() if len(segs) == 1),
             )
         return self._by_rank[key]
 
@@ -112,11 +117,7 @@ class LoRABatch:
     @cached_property
     def cpu_plan(self) -> CPUPlan:
         """How the torch path groups this step's segments into matmuls; built on first use."""
-        host = self.sorted_tokens.cpu()
-        plan = _cpu_plan(self.segments, host)
-        if self.sorted_tokens.device.type == "cpu":
-            return plan
-        return _plan_to(plan, self.sorted_tokens.device)
+        return _cpu_plan(self.segments, self.sorted_tokens.cpu(), self.sorted_tokens.device)
 
     @classmethod
     def build(
@@ -177,7 +178,7 @@ _PAIR_COST = 45
 _SLOT_COST = 10
 
 
-def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor) -> CPUPlan:
+def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor, device: torch.device) -> CPUPlan:
     """Pick the grid length L, and where to split the grids, that cost the least.
 
     Segments up to L tokens go in grids (one per run of nearby slots), longer ones (prefill
@@ -196,9 +197,10 @@ def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor) -> CPUPlan:
     length, runs = best
     in_grids = {seg for run in runs for seg in run}
     return CPUPlan(
-        tuple(_grid(tuple(run), sorted_tokens, length) for run in runs),
-        tuple(loose_segment(seg, sorted_tokens) for seg in segments if seg not in in_grids),
+        tuple(_grid(tuple(run), sorted_tokens, length, device) for run in runs),
+        tuple(_loose(seg, sorted_tokens, device) for seg in segments if seg not in in_grids),
         sorted_tokens,
+        device,
     )
 
 
@@ -214,33 +216,22 @@ def _runs(short: list[Segment], length: int) -> list[list[Segment]]:
     return [run for run in runs if len(run) > 1]
 
 
-def _plan_to(plan: CPUPlan, device: torch.device) -> CPUPlan:
-    """The plan with its index tensors on device (the torch path run on CUDA tensors)."""
-    grids = tuple(
-        replace(g, tokens=g.tokens.to(device), rows=g.rows.to(device), row_tokens=g.row_tokens.to(device))
-        for g in plan.grids
-    )
-    loose = tuple(replace(item, tokens=item.tokens.to(device)) for item in plan.loose)
-    return CPUPlan(grids, loose, plan.sorted_tokens.to(device))
-
-
-def loose_segment(segment: Segment, sorted_tokens: Tensor) -> Loose:
-    """A segment to compute on its own, with its tokens (a host check for contiguity)."""
+def _loose(segment: Segment, sorted_tokens: Tensor, device: torch.device) -> Loose:
+    """A segment to compute on its own; sorted_tokens on the host, the result on device."""
     tokens = sorted_tokens[segment.start : segment.start + segment.length]
-    host = tokens.cpu()
-    first = int(host[0])
-    contiguous = bool(torch.all(host.diff() == 1))
-    return Loose(segment, tokens, first if contiguous else None)
+    contiguous = bool(torch.all(tokens.diff() == 1))
+    return Loose(segment, tokens.to(device), int(tokens[0]) if contiguous else None)
 
 
-def _grid(segments: tuple[Segment, ...], sorted_tokens: Tensor, length: int) -> Grid:
+def _grid(segments: tuple[Segment, ...], sorted_tokens: Tensor, length: int, device: torch.device) -> Grid:
+    """The grid of these segments; sorted_tokens on the host, the index tensors on device."""
     first_slot = segments[0].slot
     num_slots = segments[-1].slot - first_slot + 1
     rows = torch.cat([torch.arange(seg.length) + (seg.slot - first_slot) * length for seg in segments])
     row_tokens = torch.cat([sorted_tokens[seg.start : seg.start + seg.length] for seg in segments])
     tokens = torch.zeros(num_slots * length, dtype=torch.int64)
     tokens[rows] = row_tokens
-    return Grid(segments, first_slot, num_slots, length, tokens, rows, row_tokens)
+    return Grid(segments, first_slot, num_slots, length, tokens.to(device), rows.to(device), row_tokens.to(device))
 
 
 @dataclass

@@ -86,12 +86,15 @@ def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     cdt = _compute_dtype(v.dtype)
     index = batch.sorted_tokens[: batch.num_lora_tokens]
     vs = v.index_select(0, index).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
-    deltas = []
+    tokens, deltas = [], []
     for seg in batch.segments:
         rows = slice(seg.start, seg.start + seg.length)
         rank = w.host_ranks[seg.slot]
-        deltas.append(_expand_segment(vs[rows, :, :rank].to(cdt), w.b[seg.slot], rank, w))
-    y.index_add_(0, index, torch.cat(deltas).to(y.dtype))
+        if rank:
+            tokens.append(index[rows])
+            deltas.append(_expand_segment(vs[rows, :, :rank].to(cdt), w.b[seg.slot], rank, w))
+    if deltas:
+        y.index_add_(0, torch.cat(tokens), torch.cat(deltas).to(y.dtype))
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:

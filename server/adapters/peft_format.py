@@ -19,8 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from server.errors import IncompatibleAdapter, NotFound
 from server.model.linear import FusedLinear
@@ -94,11 +92,12 @@ class LoRAAdapter:
 
 def content_hash(path: Path) -> str:
     """sha256 over the config and the weights: a re-uploaded adapter gets a new identity."""
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(path / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    return _digest((path / CONFIG_FILE).read_bytes(), _read_all(path / WEIGHTS_FILE))
+
+
+def _digest(config: bytes, weights: bytes) -> str:
+    h = hashlib.sha256(config)
+    h.update(weights)
     return h.hexdigest()
 
 
@@ -109,17 +108,24 @@ def read_adapter(name: str, path: Path, model: LlamaModel, max_rank: int) -> LoR
     if not (path / WEIGHTS_FILE).is_file():
         raise IncompatibleAdapter(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config_bytes = (path / CONFIG_FILE).read_bytes()
+        config = json.loads(config_bytes)
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
     _check_config(name, config)
-    # Hash on a second thread while this one parses (hashlib releases the GIL): about half
-    # of a cold read is the hash.
+    try:
+        weights = _read_all(path / WEIGHTS_FILE)
+    except OSError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
+    # One read into memory we own: the hash is of exactly the bytes parsed, and the tensors
+    # are views of them (a mapping of the file would change under a cached adapter if the
+    # file were overwritten in place; a copy per tensor costs another pass of page faults).
+    # Hash on a second thread while this one parses (hashlib releases the GIL).
     with ThreadPoolExecutor(1, thread_name_prefix="adapter-hash") as hasher:
-        digest = hasher.submit(content_hash, path)
+        digest = hasher.submit(_digest, config_bytes, weights)
         try:
-            tensors = load_file(str(path / WEIGHTS_FILE))
-        except (SafetensorError, OSError, ValueError) as exc:
+            tensors = _parse_safetensors(weights)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
         modules = _pair_tensors(name, tensors)
     linears = group_linears(model)
@@ -151,6 +157,43 @@ def read_adapter(name: str, path: Path, model: LlamaModel, max_rank: int) -> LoR
         targets=sorted(targets, key=list(MODULE_SLICES).index),
         groups=groups,
     )
+
+
+def _read_all(path: Path) -> bytearray:
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb") as f:
+        if f.readinto(data) != len(data) or f.read(1):
+            raise OSError(f"{path} changed size while being read")
+    return data
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _parse_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in data, as views of it: an 8-byte little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    if len(data) < 8:
+        raise ValueError(f"the file has {len(data)} bytes, fewer than a header")
+    header_len = int.from_bytes(data[:8], "little")
+    if 8 + header_len > len(data):
+        raise ValueError(f"the header claims {header_len} bytes, the file has {len(data) - 8} after its length")
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} has dtype {info['dtype']}; adapters must be F32, F16, BF16 or F64")
+        shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= len(data) - base or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {key!r} lies outside the file or does not match its shape {shape}")
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(0, dtype=dtype)
+        tensors[key] = flat.view(shape)
+    return tensors
 
 
 def _check_config(name: str, config: dict) -> None:

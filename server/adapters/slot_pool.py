@@ -1,9 +1,10 @@
 """The device tier: a fixed number of slots, each holding one adapter for every layer.
 
 Slots are keyed by content hash, so two versions of an adapter under one name never share
-a slot. A slot in use by a running sequence is pinned; a new adapter takes an unpinned slot
-that keeps the pinned slots close together (the CPU path streams every slot between the
-first and the last one a step uses), the least recently used of those. Storage is padded
+a slot. A slot in use by a running sequence is pinned; a new adapter takes an unpinned slot:
+on CPU one that keeps the pinned slots close together (the CPU path streams every slot
+between the first and the last one a step uses), then an empty one, then the least
+recently used. Storage is padded
 to max_rank; compute is trimmed to each slot's real rank by the kernels, which never read
 past it (so a load zeroes only up to the adapter's rank).
 
@@ -62,6 +63,9 @@ class SlotPool:
         self.prefetches = 0
         # How many upcoming adapters to load ahead each iteration; 0 turns prefetch off.
         self.prefetch_ahead = 4 if device.type == "cuda" else 0
+        # Keep the slots in use together (the CPU path's grids stream whole slot spans; the
+        # Triton kernels read only the slots a step uses).
+        self.compact_slots = device.type == "cpu"
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: dict[int, torch.cuda.Event] = {}
 
@@ -118,22 +122,25 @@ class SlotPool:
         return loaded
 
     def _victim(self, keep: set[int]) -> int | None:
-        """The unpinned slot not in keep that widens the span of pinned slots least; LRU
-        among those. None when every slot is pinned or kept."""
+        """The unpinned slot not in keep to load into, None when every slot is pinned or kept:
+        an empty one before one holding an adapter, least recently used first; on CPU first
+        of all the one that widens the span of pinned slots least (there a step streams every
+        slot in that span, so an adapter worth keeping may go to keep the span tight)."""
         pinned = [s for s, pins in enumerate(self._pins) if pins]
         lo, hi = (min(pinned), max(pinned)) if pinned else (0, 0)
 
-        def widening(slot: int) -> int:
-            return 0 if not pinned else max(hi, slot) - min(lo, slot) - (hi - lo)
+        def cost(slot: int) -> tuple[int, bool]:
+            widening = max(hi, slot) - min(lo, slot) - (hi - lo) if pinned and self.compact_slots else 0
+            return widening, self._owner[slot] is not None
 
         # min() keeps the first of equals, and _lru iterates least recently used first.
-        return min((s for s in self._lru if self._pins[s] == 0 and s not in keep), key=widening, default=None)
+        return min((s for s in self._lru if self._pins[s] == 0 and s not in keep), key=cost, default=None)
 
-    def _wait_for(self, slot: int) -> None:
-        """Order the current stream after a prefetch into the slot (no host sync)."""
+    def _wait_for(self, slot: int, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Order `stream` (default: the current one) after a prefetch into the slot, no host sync."""
         event = self._pending.pop(slot, None)
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            (stream or torch.cuda.current_stream()).wait_event(event)
 
     def release(self, slot: int) -> None:
         self._pins[slot] -= 1
@@ -147,12 +154,14 @@ class SlotPool:
     def _load(self, slot: int, adapter: LoRAAdapter, stream: "torch.cuda.Stream | None" = None) -> None:
         """Copy an adapter into a slot, on `stream` (then recorded as pending) or the current one."""
         start = time.perf_counter()
-        self._wait_for(slot)
+        self._wait_for(slot, stream)
         old = self._owner[slot]
         if old is not None:
             del self._slot_of[old]
             self.evictions += 1
-        # No wait on the compute stream: the iteration in flight reads only pinned slots.
+        # No wait on the compute stream: the iteration in flight reads only pinned slots, and
+        # every earlier one has finished (the engine syncs once per step, in the sampler).
+        # Overlapping iterations (async scheduling) would need the side stream to wait here.
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for key, w in self.weights.items():
                 delta = adapter.groups.get(key)
@@ -167,7 +176,11 @@ class SlotPool:
                 for s, (a, b, scale) in delta.slices.items():
                     col = sum(w.out_slices[:s])
                     a_slot[s, : a.shape[0]].copy_(a, non_blocking=True)
-                    b_slot[col : col + b.shape[0], : b.shape[1]].copy_(b, non_blocking=True).mul_(scale)
+                    b_dst = b_slot[col : col + b.shape[0], : b.shape[1]]
+                    if b_dst.dtype == torch.float32:
+                        b_dst.copy_(b, non_blocking=True).mul_(scale)
+                    else:  # scaled in float32 on the device, then rounded once into the slot
+                        b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
                 w.set_rank(slot, delta.rank)
         if stream is not None:
             self._pending[slot] = torch.cuda.Event()

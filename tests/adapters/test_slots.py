@@ -4,6 +4,7 @@ the host cache's budget, and reloading an adapter while a request still uses the
 The oracle for every output is the same request run alone (greedy, float32) on an engine
 with enough slots for every adapter."""
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -384,3 +385,54 @@ def test_cuda_prefetch_copies_on_a_side_stream_and_acquire_waits_for_it(tiny_hf_
             assert torch.equal(a_slot[s, : a.shape[0]], a)
             torch.testing.assert_close(w.b[slot][start : start + b.shape[0], : b.shape[1]].cpu(), b * scale)
         assert int(w.slot_ranks[slot]) == delta.rank == w.host_ranks[slot]
+
+
+def test_a_cached_adapter_keeps_its_weights_when_its_file_is_overwritten_in_place(tiny_hf_model, adapters_dir, tmp_path):
+    # `cp new.safetensors old.safetensors` rewrites the file in place: the version already
+    # read must keep its own weights (same size: no silent swap; smaller: no crash).
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    path = shutil.copytree(adapters_dir / "all8", tmp_path / "x")
+    weights, other = path / "adapter_model.safetensors", adapters_dir / "same0" / "adapter_model.safetensors"
+    assert weights.stat().st_size == other.stat().st_size
+    adapter = read_adapter("x", path, model, MAX_RANK)
+
+    def snapshot() -> dict:
+        return {(key, s): (a.clone(), b.clone()) for key, g in adapter.groups.items() for s, (a, b, _) in g.slices.items()}
+
+    before = snapshot()
+    with open(weights, "r+b") as f:
+        f.write(other.read_bytes())
+    after = snapshot()
+    assert all(torch.equal(before[k][0], after[k][0]) and torch.equal(before[k][1], after[k][1]) for k in before)
+    os.truncate(weights, 100)
+    pool = SlotPool(model, 1, MAX_RANK, torch.float32, torch.device("cpu"))
+    slot = pool.acquire(adapter)
+    a_q = before[((0, "qkv"), 0)][0]
+    assert torch.equal(pool.weights[(0, "qkv")].a[slot, : a_q.shape[0]], a_q)
+
+
+def test_on_cuda_new_adapters_take_empty_slots_then_the_least_recently_used(tiny_hf_model):
+    # The Triton kernels read only the slots a step uses: no reason to evict a warm adapter
+    # while a slot is empty.
+    pool = SlotPool(build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu")), 4, 4, torch.float32, torch.device("cpu"))
+    pool.compact_slots = False  # what a CUDA pool does
+
+    def adapter(name: str) -> LoRAAdapter:
+        return LoRAAdapter(name, Path(name), f"hash-{name}", 4, [], {})
+
+    assert [pool.acquire(adapter(n)) for n in "abc"] == [0, 1, 2]
+    pool.release(1)
+    assert pool.acquire(adapter("d")) == 3 and pool.resident("hash-b")
+    pool.release(0)
+    assert pool.acquire(adapter("e")) == 0  # a was used before b
+    assert pool.resident("hash-b") and not pool.resident("hash-a")
+
+
+def test_a_half_precision_pool_rounds_scaled_b_once(tiny_hf_model, adapters_dir):
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    adapter = read_adapter("qv2rs", adapters_dir / "qv2rs", model, MAX_RANK)  # rsLoRA: scale alpha / sqrt(r)
+    pool = SlotPool(model, 1, MAX_RANK, torch.bfloat16, torch.device("cpu"))
+    slot = pool.acquire(adapter)
+    a, b, scale = adapter.groups[(0, "qkv")].slices[0]
+    assert scale not in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    assert torch.equal(pool.weights[(0, "qkv")].b[slot, : b.shape[0], : b.shape[1]], (b * scale).bfloat16())
