@@ -2,7 +2,9 @@
 
 SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536), 8 adapters of rank 16,
 tokens spread round-robin over the adapters. Runs on CPU (the torch reference, which is
-the CPU serving path) and, when CUDA is present, on the GPU (Triton kernels).
+the CPU serving path) and, when CUDA is present, on the GPU (Triton kernels). Achieved
+bandwidth: the least bytes lora_delta must move (each active slot's A and B at its rank,
+x, y read and written) over its time, against a large copy's bandwidth on the same device.
 
     python bench/lora_kernels.py            # writes bench/results/lora_kernels_<device>.json
 """
@@ -56,6 +58,26 @@ def naive_delta(x, w, token_slots, y):
             start += width
 
 
+def lora_bytes(x, w, batch, y) -> int:
+    """The least memory lora_delta must move: each active slot's A and B at its rank, x once,
+    and y read and written for the tokens with an adapter."""
+    item = w.a.element_size()
+    weights = sum(
+        (w.num_slices * w.in_features + w.out_features) * w.host_ranks[seg.slot] * item for seg in batch.segments
+    )
+    n = batch.num_lora_tokens
+    return weights + n * w.in_features * x.element_size() + 2 * n * w.out_features * y.element_size()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write): the practical peak."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = min(timeit([lambda: dst.copy_(src)], device, calls=10, budget=5.0))
+    return 2 * src.numel() * src.element_size() / seconds
+
+
 def timeit(fns, device, calls=300, budget=1.0):
     """Seconds per call of each function, the functions taking turns.
 
@@ -91,7 +113,7 @@ def timeit(fns, device, calls=300, budget=1.0):
     return best
 
 
-def run(device, dtypes):
+def run(device, dtypes, peak_gb_s):
     rows = []
     for dtype in dtypes:
         for name, (in_features, out_slices) in GROUPS.items():
@@ -123,6 +145,9 @@ def run(device, dtypes):
                 row = {"dtype": str(dtype).removeprefix("torch."), "group": name, "tokens": num_tokens}
                 row.update({key: t * 1e6 for key, t in times.items()})
                 row["lora_over_base"] = times["lora_delta_us"] / times["base_gemm_us"]
+                row["lora_bytes"] = lora_bytes(x, w, batch, y)
+                row["lora_gb_s"] = row["lora_bytes"] / times["lora_delta_us"] / 1e9
+                row["of_copy_bandwidth"] = row["lora_gb_s"] / peak_gb_s
                 row["naive_over_lora"] = times["naive_loop_us"] / times["lora_delta_us"]
                 rows.append(row)
     return rows
@@ -130,7 +155,7 @@ def run(device, dtypes):
 
 # Optional columns: printed when a row has them (CPU bf16 rows, CUDA rows).
 EXTRA_COLUMNS = {"lora_delta_fp32_pool_us": "f32pool_us", "triton_two_launch_us": "2launch_us",
-                 "torch_reference_us": "torch_us"}
+                 "torch_reference_us": "torch_us", "lora_gb_s": "lora_GB/s", "of_copy_bandwidth": "of_copy_bw"}
 
 
 def print_header(rows):
@@ -145,11 +170,11 @@ def print_row(r, rows):
         f"{r['dtype']:>8} {r['group']:>7} {r['tokens']:>4} "
         f"{r['base_gemm_us']:>9.1f} {r['lora_delta_us']:>9.1f} {r['naive_loop_us']:>9.1f} "
         f"{r['lora_over_base']:>9.2f} {r['naive_over_lora']:>10.2f}"
-        + "".join(f" {r[key]:>11.1f}" if key in r else f" {'-':>11}" for key in extra),
+        + "".join(f" {r[key]:>11.{2 if key == 'of_copy_bandwidth' else 1}f}" if key in r else f" {'-':>11}" for key in extra),
     )
 
 
-def summarise(rows):
+def summarise(rows, peak_gb_s):
     """Per decoder layer (all four groups): each timing summed, for each dtype and token count."""
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -160,6 +185,9 @@ def summarise(rows):
             layer.update({k: sum(r[k] for r in sel) for k in keys})
             layer["lora_over_base"] = layer["lora_delta_us"] / layer["base_gemm_us"]
             layer["naive_over_lora"] = layer["naive_loop_us"] / layer["lora_delta_us"]
+            layer["lora_bytes"] = sum(r["lora_bytes"] for r in sel)
+            layer["lora_gb_s"] = layer["lora_bytes"] / layer["lora_delta_us"] / 1e3
+            layer["of_copy_bandwidth"] = layer["lora_gb_s"] / peak_gb_s
             out.append(layer)
     return out
 
@@ -175,8 +203,10 @@ def main():
     if device.type == "cpu" and load_at_start > 0.5:
         print(f"warning: load average {load_at_start:.2f}; other processes skew CPU timings")
     dtypes = (torch.bfloat16, torch.float32) if device.type == "cpu" else (torch.bfloat16, torch.float16)
-    rows = run(device, dtypes)
-    per_layer = summarise(rows)
+    peak_gb_s = copy_bandwidth(device) / 1e9
+    print(f"copy bandwidth (read + write) on {device.type}: {peak_gb_s:.1f} GB/s")
+    rows = run(device, dtypes, peak_gb_s)
+    per_layer = summarise(rows, peak_gb_s)
     print_header(rows)
     for r in rows:
         print_row(r, rows)
@@ -194,9 +224,13 @@ def main():
             "groups": {k: {"in": i, "out_slices": list(o)} for k, (i, o) in GROUPS.items()},
             "token_assignment": "round-robin over the adapters",
             "lora_delta_fp32_pool_us": "bf16 activations with the slot pool stored in float32",
+            "lora_gb_s": "the least bytes lora_delta must move (active slots' A and B at their rank, x, y read and "
+            "written) over its time; of_copy_bandwidth: that over copy_bandwidth_gb_s, a 1 GiB (CUDA) or 256 MiB (CPU) "
+            "copy on the same device. CPU timings are fastest calls, so the weights may sit in cache.",
             "timing": "CPU: fastest of up to 300 interleaved single calls; CUDA: best of 10 rounds of 50; "
             "lora_delta adds into a preallocated y",
         },
+        "copy_bandwidth_gb_s": peak_gb_s,
         "rows": rows,
         "per_layer": per_layer,
     }
