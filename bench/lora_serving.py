@@ -19,6 +19,7 @@ adapter directory hard-links one of them and has its own adapter_config.json (an
 into a slot like a real one. The adapters live in a temp dir removed at the end.
 
     .venv/bin/python bench/lora_serving.py [--dtype bfloat16] [--quick]
+    PYTHONPATH=. python bench/lora_serving.py --model llama-8b --device cuda   # on a GPU host
 """
 
 import argparse
@@ -54,15 +55,51 @@ QV_ONLY = ("q_proj", "v_proj")
 GOALS = {"8_adapters_vs_base": 0.9, "2048_adapters_vs_base": 0.8, "vs_peft": 3.0}
 
 
-def load(dtype: torch.dtype):
-    """The embedded SmolLM2 through transformers in float32, built once into our model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# Randomly initialised Llama shapes for machines without the SmolLM2 file (the GPU hosts):
+# the compute per token is the real model's. "tiny" is for a smoke run on CPU.
+RANDOM_MODELS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+}
 
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True)
-    loaded = LoadedModel(build_from_hf(hf, dtype, torch.device("cpu")), tok, path.stem, "llama", eos_token_ids(hf, tok))
+
+def load(model: str, dtype: torch.dtype, device: torch.device):
+    """Our model and the transformers one it is built from (for adapters and peft), and a tokenizer.
+
+    smollm2: the embedded GGUF through transformers in float32 on the CPU (peft's copy moves
+    to the device). Random shapes: built on the device in the serving dtype, with a word-level
+    tokenizer over the vocabulary (prompts are random token ids; only decoding needs it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if model == "smollm2":
+        path = default_model_path()
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True)
+        name = path.stem
+    else:
+        config = LlamaConfig(**RANDOM_MODELS[model], max_position_embeddings=4096)
+        torch.manual_seed(0)
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tok = word_tokenizer(config.vocab_size)
+        name = f"random {model}"
+    loaded = LoadedModel(build_from_hf(hf, dtype, device), tok, name, "llama", eos_token_ids(hf, tok))
     return loaded, hf.eval(), tok
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer whose token i is the word t<i>: enough to decode random ids offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")
 
 
 def adapter_name(i: int) -> str:
@@ -111,6 +148,8 @@ def engine_run(
 ) -> dict:
     """A fresh engine; CONCURRENCY requests in flight until every prompt has run."""
     engine = Engine(loaded, engine_config(adapters_dir))
+    # An adapter's bytes in a slot (read as float32; slots are float32 on CPU, the serving dtype on CUDA).
+    pool_itemsize = 0 if engine.registry is None else next(iter(engine.registry.pool.weights.values())).a.element_size()
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     get_s = step_s = 0.0
     nxt = generated = steps = 0
@@ -124,7 +163,7 @@ def engine_run(
             t = time.perf_counter()
             adapter = engine.registry.get(naming(choice[nxt]))
             get_s += time.perf_counter() - t
-            adapter_bytes.append(adapter.nbytes)
+            adapter_bytes.append(adapter.nbytes // 4 * pool_itemsize)
         engine.add_request(str(nxt), prompts[nxt], params, adapter)
         nxt += 1
 
@@ -149,7 +188,7 @@ def engine_run(
         s = engine.registry.slot_stats()
         result.update(
             distinct=len(set(choice)), mean_adapters_per_step=statistics.mean(distinct_per_step),
-            adapter_bytes=statistics.mean(adapter_bytes), slot_loads=s.loads, slot_evictions=s.evictions, slot_load_s=s.load_seconds_total,
+            adapter_bytes=statistics.mean(adapter_bytes), slot_itemsize=pool_itemsize, slot_loads=s.loads, slot_evictions=s.evictions, slot_load_s=s.load_seconds_total,
             host_evictions=s.host_evictions, tok_s_without_reads=generated / (wall - get_s),
         )
     del engine
@@ -157,13 +196,13 @@ def engine_run(
     return result
 
 
-def peft_model(hf, adapters_root: Path, names: list[str], dtype: torch.dtype):
+def peft_model(hf, adapters_root: Path, names: list[str], dtype: torch.dtype, device: torch.device | None = None):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapters_root / names[0]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(adapters_root / name), adapter_name=name)
-    return model.to(dtype).eval()
+    return model.to(device=next(hf.parameters()).device if device is None else device, dtype=dtype).eval()
 
 
 def peft_run(model, prompts: list[list[int]], names: list[str], out_len: int, pad_id: int) -> dict:
@@ -172,7 +211,7 @@ def peft_run(model, prompts: list[list[int]], names: list[str], out_len: int, pa
     start = time.perf_counter()
     generated = 0
     for i in range(0, len(prompts), CONCURRENCY):
-        ids = torch.tensor(prompts[i : i + CONCURRENCY])
+        ids = torch.tensor(prompts[i : i + CONCURRENCY], device=model.device)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names[i : i + CONCURRENCY],
@@ -199,6 +238,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", *RANDOM_MODELS],
+                    help="the embedded SmolLM2, or a randomly initialised Llama shape (GPU hosts have no SmolLM2 file)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--requests", type=int, help=f"requests per run (default 96, quick 32), {CONCURRENCY} in flight")
     ap.add_argument("--quick", action="store_true", help="1, 8 and 64 adapters, uniform only, no peft")
     args = ap.parse_args()
@@ -208,7 +250,8 @@ def main() -> None:
     counts = (1, 8, 64) if args.quick else (1, 8, 64, 512, 2048)
     popularities = ("uniform",) if args.quick else ("uniform", "zipf")
     info = machine_info()
-    loaded, hf, tok = load(dtype)
+    device = torch.device(args.device)
+    loaded, hf, tok = load(args.model, dtype, device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     vocab = loaded.model.shape.vocab_size
     rng = random.Random(0)
@@ -225,7 +268,7 @@ def main() -> None:
                 runs.append((8, "uniform", "qv"))
         peft_choice = draw(8, "uniform", n_req, seed=8)
         peft_names = [adapter_name(i) for i in peft_choice]
-        pm = None if args.quick else peft_model(hf, adapters_dir, [adapter_name(i) for i in range(8)], dtype)
+        pm = None if args.quick else peft_model(hf, adapters_dir, [adapter_name(i) for i in range(8)], dtype, device)
 
         # Warm-up: kernel selection, allocator growth, first-touch pages, on every side.
         warm = prompts[:CONCURRENCY]
@@ -247,11 +290,11 @@ def main() -> None:
             r["baseline_tok_s"] = base
             r["ratio"] = r["tok_s"] / base
             r["ratio_without_reads"] = r["tok_s_without_reads"] / base
-            # What a step streams besides the base weights: each adapter in the batch once
-            # (float32 here, as the CPU pool holds them), and the throughput ratio a step whose
-            # time is its bytes could reach even with the adapters in the serving dtype.
+            # What a step streams besides the base weights: each adapter in the batch once (as
+            # the pool holds it), and the throughput ratio a step whose time is its bytes could
+            # reach with the adapters in the serving dtype.
             r["adapter_bytes_per_step_vs_base"] = r["mean_adapters_per_step"] * r["adapter_bytes"] / base_bytes
-            r["bandwidth_bound_ratio"] = 1 / (1 + r["adapter_bytes_per_step_vs_base"] * dtype.itemsize / 4)
+            r["bandwidth_bound_ratio"] = 1 / (1 + r["adapter_bytes_per_step_vs_base"] * dtype.itemsize / r["slot_itemsize"])
             results.append(r)
             print(
                 f"{n:5d} adapters {pop:7s} {targets:3s} ({r['distinct']:3d} used, {r['mean_adapters_per_step']:4.1f}/step, "
@@ -284,7 +327,7 @@ def main() -> None:
     if peft is not None:
         goals["vs_peft"] = {"goal": GOALS["vs_peft"], "speedup": peft["speedup"]}
     result = {
-        "machine": info, "dtype": args.dtype, "threads": args.threads,
+        "machine": info, "model": loaded.name, "device": device.type, "dtype": args.dtype, "threads": args.threads,
         "workload": {
             "concurrency": CONCURRENCY, "requests_per_run": n_req, "prompt_len": PROMPT_LEN, "output_len": OUT_LEN,
             "greedy": True, "ignore_eos": True, "rank": RANK, "target_modules": list(ALL_LINEAR), "slots": SLOTS,
@@ -304,19 +347,21 @@ def main() -> None:
             "Each run uses a fresh engine (cold host cache and slot pool); tok_s includes adapter reads (registry.get) and "
             "slot loads; tok_s_without_reads leaves out registry.get.",
             "ratio: against the mean of the baseline runs just before and after (interleaved against machine drift).",
-            "adapter_bytes_per_step_vs_base: mean distinct adapters in the running batch x one adapter's float32 bytes, over "
-            "the base model's bytes in the serving dtype: what each decode step streams for LoRA besides the base weights. "
+            "adapter_bytes_per_step_vs_base: mean distinct adapters in the running batch x one adapter's bytes in a slot "
+            "(float32 on CPU, the serving dtype on CUDA), over the base model's bytes in the serving dtype: what each decode "
+            "step streams for LoRA besides the base weights. "
             "bandwidth_bound_ratio: 1 / (1 + that ratio with the adapters in the serving dtype): the most a step whose "
             "time is the bytes it streams (decode on a GPU) could reach against the base model for this adapter mix. "
             "The issue's 0.9x / 0.8x goals come from 7B models, where a rank-16 all-linear adapter is ~0.6% of the base "
             "bytes; here it is 3.6%.",
             "targets 'qv': 8 adapters on q_proj and v_proj only (PEFT's default), rank 16.",
-            "CPU slots are float32 by the engine's design (small LoRA matmuls are faster in float32 on CPU); the peft model "
-            "is entirely in the serving dtype, adapters included.",
+            "Slots are float32 on CPU by the engine's design (small LoRA matmuls are faster in float32 there), the serving "
+            "dtype on CUDA; the peft model is entirely in the serving dtype, adapters included.",
         ],
         "adapter_creation": made, "baselines": baselines, "runs": results, "peft": peft, "goals": goals,
     }
-    write_result(f"lora_serving_cpu_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
+    model = "" if args.model == "smollm2" else f"_{args.model}"
+    write_result(f"lora_serving_{device.type}{model}_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -349,7 +394,7 @@ def plot(result: dict, path: Path) -> None:
     a.set_ylabel("generated tokens/s")
     a.set_ylim(bottom=0)
     w = result["workload"]
-    a.set_title(f"SmolLM2-135M, {result['dtype']}, {w['concurrency']} concurrent, rank {w['rank']}, {w['slots']} slots", fontsize=9)
+    a.set_title(f"{result['model']}, {result['dtype']}, {w['concurrency']} concurrent, rank {w['rank']}, {w['slots']} slots", fontsize=9)
     a.legend(fontsize=8)
     b.axhline(0.9, color="g", linestyle=":", label="goal, 8 adapters")
     b.axhline(0.8, color="orange", linestyle=":", label="goal, 2048 adapters")
