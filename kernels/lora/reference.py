@@ -13,8 +13,8 @@ their own.
 
 Small matmuls run in float32 even for bf16/fp16 inputs: on the CPUs we serve from, a
 4 x 576 x 48 matmul takes ~4 us in fp32 and ~14 us in bf16, and the serving pool is
-float32 on CPU. A half-precision pool's grids over 32 rows run in its own dtype, where
-converting the weights on every call would cost more than the bf16 matmuls.
+float32 on CPU. Large ones (prefill chunks) run in the activations' half precision, the
+pool's weights converted per call: there float32 costs 3x more (see _matmul_dtype).
 """
 
 import torch
@@ -22,9 +22,12 @@ from torch import Tensor
 
 from .batch import Grid, LoRABatch, LoRAWeights, Loose
 
-# Grids up to _FP32_GRID_ROWS rows run in float32 whatever the pool's dtype (measured on
-# SmolLM2 shapes; past this, converting a half-precision pool costs more than it saves).
-_FP32_GRID_ROWS = 32
+# When to multiply in the activations' half precision instead of float32 (measured on
+# SmolLM2 shapes, two threads): with a half-precision pool past 32 rows; with a float32 pool,
+# whose weights are then converted on every call, from 128 rows with at least 32 per weight
+# matrix (a 512-token prefill chunk: 3.2x faster; a decode grid of 8 x 4 tokens: slower).
+_HALF_POOL_MIN_ROWS = 33
+_FP32_POOL_MIN_ROWS, _FP32_POOL_MIN_ROWS_PER_MATRIX = 128, 32
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,15 +130,19 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
 
 
 def _add_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dtype, y: Tensor) -> None:
-    delta = _delta_grid(x, w, grid, rank, _grid_dtype(x, w, grid, cdt))
+    delta = _delta_grid(x, w, grid, rank, _matmul_dtype(x, w, grid.num_slots * grid.length, grid.length, cdt))
     y.index_add_(0, grid.row_tokens, delta.to(y.dtype))
 
 
-def _grid_dtype(x: Tensor, w: LoRAWeights, grid: Grid, cdt: torch.dtype) -> torch.dtype:
-    """Small grids and float32 pools run in float32; larger grids in a half pool's dtype."""
-    if grid.num_slots * grid.length <= _FP32_GRID_ROWS or w.a.dtype == cdt or x.dtype != w.a.dtype:
+def _matmul_dtype(x: Tensor, w: LoRAWeights, rows: int, rows_per_matrix: int, cdt: torch.dtype) -> torch.dtype:
+    """float32 (cdt) for small matmuls, x's half precision for large ones (see the constants)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
         return cdt
-    return w.a.dtype
+    if w.a.dtype == x.dtype:
+        return x.dtype if rows >= _HALF_POOL_MIN_ROWS else cdt
+    if w.a.dtype == cdt and rows >= _FP32_POOL_MIN_ROWS and rows_per_matrix >= _FP32_POOL_MIN_ROWS_PER_MATRIX:
+        return x.dtype
+    return cdt
 
 
 def _delta_loose(x: Tensor, w: LoRAWeights, item: Loose, cdt: torch.dtype, y: Tensor) -> None:
@@ -144,7 +151,7 @@ def _delta_loose(x: Tensor, w: LoRAWeights, item: Loose, cdt: torch.dtype, y: Te
     rank = w.host_ranks[seg.slot]
     first = item.first_token
     xs = x.index_select(0, item.tokens) if first is None else x[first : first + seg.length]
-    v = _shrink_segment(xs.to(cdt), w.a[seg.slot], rank, w)
+    v = _shrink_segment(xs.to(_matmul_dtype(x, w, seg.length, seg.length, cdt)), w.a[seg.slot], rank, w)
     delta = _expand_segment(v, w.b[seg.slot], rank, w)
     if first is None:
         y.index_add_(0, item.tokens, delta.to(y.dtype))

@@ -252,6 +252,20 @@ def test_reference_matches_token_oracle_bfloat16(case):
     torch.testing.assert_close(v.double(), case.oracle_v(), rtol=1e-3, atol=1e-4)
 
 
+def test_float32_pool_multiplies_prefill_chunks_in_the_activations_dtype():
+    # The CPU serving pool is float32 and the activations bf16: a 200-token chunk is
+    # multiplied in bf16 (its weights converted), decode-sized work in float32.
+    case = Case(12, 0, 40, (24, 8, 8), [6, 5], 8, torch.float32, slots=[0] * 200 + [1, 1, -1])
+    case.x, case.y = case.x.bfloat16().float(), case.y.bfloat16().float()
+    x, y = case.x.bfloat16(), case.y.bfloat16()
+    assert reference._matmul_dtype(x, case.w, 200, 200, torch.float32) == torch.bfloat16
+    assert reference._matmul_dtype(x, case.w, 128, 16, torch.float32) == torch.float32
+    assert reference._matmul_dtype(x, case.w, 2, 2, torch.float32) == torch.float32
+    reference.lora_delta(x, case.w, case.batch, y)
+    assert_close(y, case.oracle_expand(case.oracle_v()), torch.bfloat16)
+    assert torch.equal(y[-1], case.y[-1].bfloat16())
+
+
 @pytest.mark.parametrize("tokens", [4, 300])
 def test_reference_few_and_many_tokens(tokens):
     # Few tokens run in one grid; 300 over two adapters of different ranks, each on its own.
@@ -286,12 +300,13 @@ def test_reference_decode_grid_path():
     ],
 )
 def test_reference_grid_dtype(dtype, num_tokens, grid_dtype):
-    # Small grids and float32 pools run in float32; larger grids in a half pool's dtype.
+    # Small grids and float32 activations run in float32; larger grids in a half pool's dtype.
     slots = [t % 3 for t in range(num_tokens)]
     case = Case(7, 0, 40, (24, 8, 8), [6, 6, 6], 8, dtype, slots=slots)
     (grid,) = case.batch.cpu_plan.grids
-    assert grid.num_slots * grid.length == num_tokens
-    assert reference._grid_dtype(case.x, case.w, grid, torch.float32) == grid_dtype
+    rows = grid.num_slots * grid.length
+    assert rows == num_tokens
+    assert reference._matmul_dtype(case.x, case.w, rows, grid.length, torch.float32) == grid_dtype
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), dtype)
