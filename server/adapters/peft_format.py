@@ -101,8 +101,13 @@ def _digest(config: bytes, weights: bytes) -> str:
     return h.hexdigest()
 
 
-def read_adapter(name: str, path: Path, model: LlamaModel, max_rank: int) -> LoRAAdapter:
-    """Load and validate a PEFT LoRA adapter; every refusal says exactly why."""
+def read_adapter(
+    name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32
+) -> LoRAAdapter:
+    """Load and validate a PEFT LoRA adapter; every refusal says exactly why.
+
+    Every weight must be finite and fit slot_dtype once scaled: one NaN would turn its
+    requests' output into garbage, so it is refused here, before any request uses it."""
     if not (path / CONFIG_FILE).is_file():
         raise NotFound(f"adapter {name!r} not found: {path} has no {CONFIG_FILE}")
     if not (path / WEIGHTS_FILE).is_file():
@@ -146,7 +151,9 @@ def read_adapter(name: str, path: Path, model: LlamaModel, max_rank: int) -> LoR
             raise IncompatibleAdapter(
                 f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
             )
-        per_group.setdefault((layer, group), {})[slice_idx] = (a, b, _scale(config, module, r))
+        scale = _scale(name, config, module, r)
+        _check_finite(name, module, a, b, scale, slot_dtype)
+        per_group.setdefault((layer, group), {})[slice_idx] = (a, b, scale)
         targets.add(kind)
     groups = {key: GroupDelta(slices, max(a.shape[0] for a, _, _ in slices.values())) for key, slices in per_group.items()}
     return LoRAAdapter(
@@ -253,6 +260,26 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-def _scale(config: dict, module: str, r: int) -> float:
+def _scale(name: str, config: dict, module: str, r: int) -> float:
     alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    if not _is_finite_number(alpha):
+        raise IncompatibleAdapter(f"adapter {name!r} has lora_alpha {alpha!r} for {module}; it must be a finite number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, slot_dtype: torch.dtype) -> None:
+    """Refuse NaN/inf weights, and weights that overflow slot_dtype as a slot holds them (B scaled)."""
+    for label, t in (("lora_A", a), ("lora_B", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise IncompatibleAdapter(f"adapter {name!r} has NaN or infinite values in {module}.{label}")
+    largest = max(float(a.abs().amax()) if a.numel() else 0.0, float(b.abs().amax()) * abs(scale) if b.numel() else 0.0)
+    limit = torch.finfo(slot_dtype).max
+    if not largest <= limit:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} overflows {str(slot_dtype).removeprefix('torch.')} in {module}: "
+            f"its largest scaled weight is {largest:.3g}, the limit {limit:.3g}"
+        )

@@ -130,7 +130,7 @@ class AdapterRegistry:
 
     def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
         # A failed read leaves the version already cached (if any) in place.
-        adapter = read_adapter(name, directory, self.model, self.max_rank)
+        adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype)
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()
         with self._lock:

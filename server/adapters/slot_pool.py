@@ -43,6 +43,7 @@ class SlotPool:
     def __init__(self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.dtype = dtype
         self.device = device
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         for key, linear in group_linears(model).items():

@@ -1,7 +1,9 @@
 """The paged KV cache: fixed-size blocks, a free list, per-layer key/value storage.
 
 A token's flat slot is block_id * block_size + offset; every layer uses the same slots, so
-one block table per sequence addresses all layers.
+one block table per sequence addresses all layers. One more slot past the last block, the
+null slot, is never handed out and never written: padded attention positions read it, so
+what a freed block still holds (another request's keys, even NaN) never reaches a softmax.
 """
 
 import torch
@@ -38,10 +40,12 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Key and value storage for every layer: each [num_blocks * block_size, kv_heads, head_dim]."""
+    """Key and value storage for every layer: each [num_blocks * block_size + 1, kv_heads, head_dim],
+    the last row the all-zero null slot."""
 
     def __init__(self, shape: ModelShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        slots = num_blocks * block_size
+        self.null_slot = num_blocks * block_size
+        slots = self.null_slot + 1
         self.layers = [
             (
                 torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device),

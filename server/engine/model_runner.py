@@ -61,8 +61,12 @@ class ModelRunner:
             lens = torch.tensor([s.num_computed + 1 for s, _ in decodes])
             width = int(lens.max())
             ctx = torch.arange(width)
-            attn.decode_slots = self._context_slots([s.block_table for s, _ in decodes], ctx).to(self.device)
-            attn.decode_mask = (ctx[None, :] < lens[:, None]).view(len(decodes), 1, 1, width).to(self.device)
+            valid = ctx[None, :] < lens[:, None]
+            # Padding reads the null slot (zeros), never a stale slot: under the mask a score
+            # of -inf still turns a NaN value into NaN (0 * NaN), so stale data must not be read.
+            context = self._context_slots([s.block_table for s, _ in decodes], ctx)
+            attn.decode_slots = torch.where(valid, context, self.kv_cache.null_slot).to(self.device)
+            attn.decode_mask = valid.view(len(decodes), 1, 1, width).to(self.device)
         row = len(decodes)
         for seq, n in prefills:
             total = seq.num_computed + n
