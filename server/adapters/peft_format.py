@@ -1,8 +1,8 @@
-"""The one place that knows the adapter layout: PEFT files on disk <-> our fused linears.
+"""The one place that knows the adapter file layout: PEFT files on disk <-> our fused linears.
 
 A PEFT LoRA adapter is `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. Our model
-fuses q/k/v and gate/up, so an adapter is grouped per (layer, group): the group's slices
+fuses q/k/v and gate/up (server/model/lora_targets.py), so an adapter is grouped per (layer, group): the group's slices
 share one shrink at the group's largest rank (a slot holds each slice's A rows, zero past
 the slice's own rank), their B scaled by alpha / r (alpha / sqrt(r) with rsLoRA) as they
 are copied into a slot, so the kernels never scale. The tensors are kept as read (views of
@@ -21,37 +21,16 @@ from pathlib import Path
 import torch
 
 from server.errors import IncompatibleAdapter, NotFound
-from server.model.linear import FusedLinear
 from server.model.llama import LlamaModel
+from server.model.lora_targets import TARGET_SLICES, group_linears
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# PEFT module name -> (our fused group, slice index within it).
-MODULE_SLICES = {
-    "q_proj": ("qkv", 0),
-    "k_proj": ("qkv", 1),
-    "v_proj": ("qkv", 2),
-    "o_proj": ("o", 0),
-    "gate_proj": ("gate_up", 0),
-    "up_proj": ("gate_up", 1),
-    "down_proj": ("down", 0),
-}
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<name>\w+)")
 # PEFT saves embedding LoRA as lora_embedding_A/B (no .weight) and, beside it, the base layer.
 _EMBEDDING_KEY = re.compile(r"base_model\.model\.(?P<module>(.+\.)?(embed_tokens|lm_head))\..+")
-
-
-def group_linears(model: LlamaModel) -> dict[tuple[int, str], FusedLinear]:
-    """Every LoRA-able linear of the model, by (layer, group)."""
-    out = {}
-    for i, layer in enumerate(model.layers):
-        out[(i, "qkv")] = layer.attn.qkv
-        out[(i, "o")] = layer.attn.o_proj
-        out[(i, "gate_up")] = layer.mlp.gate_up
-        out[(i, "down")] = layer.mlp.down
-    return out
 
 
 @dataclass
@@ -138,7 +117,7 @@ def read_adapter(
     targets = set()
     for module, (a, b) in modules.items():
         layer, kind = _locate(name, module, len(model.layers))
-        group, slice_idx = MODULE_SLICES[kind]
+        group, slice_idx = TARGET_SLICES[kind]
         linear = linears[(layer, group)]
         r = a.shape[0]
         want_in, want_out = linear.in_features, linear.out_slices[slice_idx]
@@ -161,7 +140,7 @@ def read_adapter(
         path=path,
         content_hash=digest.result(),
         rank=max(g.rank for g in groups.values()),
-        targets=sorted(targets, key=list(MODULE_SLICES).index),
+        targets=sorted(targets, key=list(TARGET_SLICES).index),
         groups=groups,
     )
 
@@ -242,9 +221,9 @@ def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tupl
 
 def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
     m = _LAYER_MODULE.fullmatch(module)
-    if m is None or m["name"] not in MODULE_SLICES:
+    if m is None or m["name"] not in TARGET_SLICES:
         raise IncompatibleAdapter(
-            f"adapter {name!r} targets {module}, which is not one of the projections {', '.join(MODULE_SLICES)}"
+            f"adapter {name!r} targets {module}, which is not one of the projections {', '.join(TARGET_SLICES)}"
         )
     layer = int(m["layer"])
     if layer >= num_layers:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from kernels.lora import LoRAWeights
-from server.adapters.peft_format import LoRAAdapter, group_linears
+from server.adapters.peft_format import LoRAAdapter
 from server.model.llama import LlamaModel
 from server.model.lora_linear import LoRALinear
+from server.model.lora_targets import group_linears, replace_linears
 
 
 @dataclass
@@ -80,11 +81,7 @@ class SlotPool:
 
     def attach(self, model: LlamaModel) -> None:
         """Swap every LoRA-able linear of the model for one that reads this pool."""
-        for i, layer in enumerate(model.layers):
-            layer.attn.qkv = LoRALinear(layer.attn.qkv, self.weights[(i, "qkv")])
-            layer.attn.o_proj = LoRALinear(layer.attn.o_proj, self.weights[(i, "o")])
-            layer.mlp.gate_up = LoRALinear(layer.mlp.gate_up, self.weights[(i, "gate_up")])
-            layer.mlp.down = LoRALinear(layer.mlp.down, self.weights[(i, "down")])
+        replace_linears(model, lambda key, linear: LoRALinear(linear, self.weights[key]))
 
     def resident(self, content_hash: str) -> bool:
         return content_hash in self._slot_of
