@@ -1,11 +1,13 @@
 """Bearer-token authorization with two roles.
 
-The tokens file has one "<role> <token>" per line ('#' starts a comment); role is
+The tokens file has one "<role> <token>" per line; '#' at the start of a line or after
+whitespace starts a comment, so a token may contain '#'. role is
 `inference` (generation, tokenization, listing) or `admin` (everything, including adapter
 mutations). Only SHA-256 digests of the tokens are kept, so a token can never reach a log.
 """
 
 import hashlib
+import re
 from enum import IntEnum
 from pathlib import Path
 
@@ -33,6 +35,10 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+# A '#' inside a token (hash#tail) is part of it; one at the start or after a space is not.
+_COMMENT = re.compile(r"(?:^|\s)#.*")
+
+
 class TokenTable:
     """Maps token digests to roles and decides whether a call may proceed."""
 
@@ -44,7 +50,7 @@ class TokenTable:
         """Parses the tokens file; errors name the line, never the token."""
         roles: dict[bytes, Role] = {}
         for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-            line = line.split("#", 1)[0].strip()
+            line = _COMMENT.sub("", line, count=1).strip()
             if not line:
                 continue
             parts = line.split()
