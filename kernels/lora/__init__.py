@@ -5,27 +5,35 @@ one LoRABatch per step and shares it across layers. The Triton kernels run when 
 tensors are on CUDA; the torch reference (also the production CPU path) runs otherwise.
 backend="triton" forces the kernels, e.g. on CPU tensors when they were imported with
 TRITON_INTERPRET=1 (tests); backend="torch" forces the reference.
+
+lora_delta_autograd is the differentiable form, for fine-tuning on the serving model.
 """
 
 from torch import Tensor
 
-from . import reference
+from . import autograd, reference
 from .batch import LoRABatch, LoRAWeights, Segment
 
-__all__ = ["LoRABatch", "LoRAWeights", "Segment", "lora_delta", "lora_expand", "lora_shrink"]
+__all__ = [
+    "LoRABatch", "LoRAWeights", "Segment", "lora_delta", "lora_delta_autograd", "lora_expand", "lora_shrink",
+]
+
+
+def _backend(x: Tensor, backend: str | None) -> str:
+    if backend is None:
+        return "triton" if x.is_cuda else "torch"
+    if backend in ("torch", "triton"):
+        return backend
+    raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
 
 
 def _impl(x: Tensor, backend: str | None):
-    if backend is None:
-        backend = "triton" if x.is_cuda else "torch"
-    if backend == "torch":
+    if _backend(x, backend) == "torch":
         return reference
-    if backend == "triton":
-        # Imported on first use: CPU serving never needs triton.
-        from . import triton_sgmv
+    # Imported on first use: CPU serving never needs triton.
+    from . import triton_sgmv
 
-        return triton_sgmv
-    raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    return triton_sgmv
 
 
 def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch, *, backend: str | None = None) -> Tensor:
@@ -56,6 +64,18 @@ def lora_delta(
     x: [T, in_features]; y: [T, sum(out_slices)] (the base layer's output), updated in place;
     rows of tokens without an adapter are left bit-identical. On Triton, steps of up to
     triton_sgmv.FUSED_MAX_TOKENS tokens take one fused launch; the torch path picks between
-    a segment loop and one batched matmul pair (see reference). No autograd: forward only.
+    a segment loop and one batched matmul pair (see reference). Forward only: lora_delta_autograd
+    is the differentiable form.
     """
     _impl(x, backend).lora_delta(x, w, batch, y)
+
+
+def lora_delta_autograd(x: Tensor, w: LoRAWeights, batch: LoRABatch, *, backend: str | None = None) -> Tensor:
+    """LoRA(x) as a new tensor, differentiable in x, w.a and w.b (whichever require grad).
+
+    x: [T, in_features]. Returns delta: [T, sum(out_slices)] in x's dtype, zero rows for
+    tokens without an adapter. Forward: lora_shrink then lora_expand, keeping v (float32) for
+    the backward. Gradients come back in each input's dtype (w.a / w.b may be float32 master
+    weights under bfloat16 activations), zero for slots without tokens and past each rank.
+    """
+    return autograd.lora_delta(x, w, batch, _backend(x, backend))
