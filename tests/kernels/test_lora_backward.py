@@ -1,4 +1,10 @@
-"""Gradients of batched LoRA: the torch reference against dense autograd."""
+"""Gradients of batched LoRA: the reference against dense autograd, Triton against the reference.
+
+Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, float32
+only, small shapes); with CUDA they run natively and mixed precision is checked too.
+"""
+
+import importlib
 
 import pytest
 import torch
@@ -9,6 +15,17 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
+def _import_triton_backward():
+    """The Triton kernels; on CPU they run interpreted (tests/conftest.py sets TRITON_INTERPRET)."""
+    try:
+        return importlib.import_module("kernels.lora.triton_sgmv_backward")
+    except ImportError:
+        return None
+
+
+triton_backward = _import_triton_backward()
+needs_triton = pytest.mark.skipif(triton_backward is None, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 class Step:
@@ -163,7 +180,7 @@ def spy(fn, called):
     return wrapper
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize(
     "needs, calls",
     [
@@ -178,7 +195,7 @@ def test_only_the_needed_gradients_are_computed(backend, needs, calls, monkeypat
     dtype = torch.float64 if backend == "torch" else torch.float32
     step = make_step("qkv", dtype, DEVICE if backend == "triton" else "cpu", seed=4)
     full = step.grads(backend)
-    module = reference_backward
+    module = reference_backward if backend == "torch" else triton_backward
     called = []
     for fn in ("grad_v", "grad_x", "grad_a", "grad_b"):
         monkeypatch.setattr(module, fn, spy(getattr(module, fn), called))
@@ -205,3 +222,70 @@ def test_dispatcher_uses_the_reference_on_cpu():
     assert_grads_close(step.grads(None), step.grads("torch"), 0)
     with pytest.raises(ValueError, match="backend"):
         lora_delta_autograd(step.x, step.weights(), step.batch, backend="cutlass")
+
+
+@needs_triton
+@pytest.mark.parametrize("name", SHAPES)
+def test_triton_gradients_match_reference(name):
+    step = make_step(name, torch.float32, DEVICE, seed=6)
+    grads = step.grads("triton")
+    assert_grads_close(grads, step.grads("torch"), 1e-4)
+    assert_zero_where_unused(step, grads[2], grads[3])
+
+
+def poisoned(t, keep):
+    """t with NaN wherever keep is False."""
+    return t.masked_fill(~keep, float("nan"))
+
+
+@needs_triton
+@pytest.mark.parametrize("name", SHAPES)
+def test_triton_kernels_write_exactly_their_elements(name):
+    # Outputs start as NaN, so an element a kernel should write but does not stays NaN;
+    # inputs hold NaN where a kernel must not read (rows without an adapter, past a rank).
+    step = make_step(name, torch.float32, DEVICE, seed=7)
+    w, batch = step.weights(), step.batch
+    num_slices, max_rank = len(step.out_slices), step.max_rank
+    lora_token = torch.tensor([s >= 0 for s in step.slots], dtype=torch.bool, device=DEVICE)
+    token_rank = torch.tensor([step.ranks[s] if s >= 0 else 0 for s in step.slots], device=DEVICE)
+    v_kept = (torch.arange(max_rank, device=DEVICE)[None, :] < token_rank[:, None]).repeat(1, num_slices)
+    rank_kept = step.written_rank().to(DEVICE)
+    a_kept = rank_kept[:, None, :, None].expand(-1, num_slices, -1, w.in_features).reshape(w.a.shape)
+    b_kept = rank_kept[:, None, :].expand(w.b.shape)
+    x, dy = poisoned(step.x, lora_token[:, None]), poisoned(step.dy, lora_token[:, None])
+    v, dv = reference.lora_shrink(step.x, w, batch), reference_backward.grad_v(step.dy, w, batch)
+
+    def check(into, args, out, expected, kept):
+        into(*args, out)
+        torch.testing.assert_close(out[kept], expected[kept], rtol=1e-4, atol=1e-4)
+        assert out[~kept].isnan().all(), f"{into.__name__} wrote an element it does not own"
+
+    nan = float("nan")
+    check(triton_backward.grad_v_into, (dy, w, batch), torch.full_like(dv, nan), dv, v_kept)
+    dv_in = poisoned(dv, v_kept)
+    check(triton_backward.grad_x_into, (dv_in, w, batch), torch.full_like(step.x, nan),
+          reference_backward.grad_x(dv, w, batch, torch.float32), lora_token[:, None].expand_as(step.x))
+    check(triton_backward.grad_a_into, (dv_in, x, w, batch), torch.full_like(w.a, nan),
+          reference_backward.grad_a(dv, step.x, w, batch), a_kept)
+    check(triton_backward.grad_b_into, (dy, poisoned(v, v_kept), w, batch), torch.full_like(w.b, nan),
+          reference_backward.grad_b(step.dy, v, w, batch), b_kept)
+
+
+@needs_triton
+def test_triton_long_segment_spans_token_tiles():
+    # Over 128 tokens the token tile is 64 rows: the per-slot reductions loop over several.
+    slots = [0] * 100 + [1, -1] * 20
+    step = Step(8, slots, 48, (40, 24, 24), [16, 5, 7], 16, torch.float32, DEVICE)
+    assert_grads_close(step.grads("triton"), step.grads("torch"), 1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_triton_mixed_precision_on_cuda(weights_dtype):
+    # bfloat16 activations with float32 master weights or a bfloat16 pool.
+    step = make_step("qkv", torch.float32, "cuda", seed=9)
+    x, a, b = step.x.bfloat16(), step.a.to(weights_dtype), step.b.to(weights_dtype)
+    grads = step.grads("triton", x=x, a=a, b=b)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16, weights_dtype, weights_dtype]
+    assert_grads_close(grads, step.grads("torch", x=x, a=a, b=b), 3e-2)
+    assert_zero_where_unused(step, grads[2], grads[3])
