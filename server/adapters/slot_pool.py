@@ -26,8 +26,7 @@ import torch
 from kernels.lora import LoRAWeights
 from server.adapters.peft_format import LoRAAdapter
 from server.model.llama import LlamaModel
-from server.model.lora_linear import LoRALinear
-from server.model.lora_targets import group_linears, replace_linears
+from server.model.lora_targets import group_linears
 
 
 @dataclass
@@ -78,10 +77,6 @@ class SlotPool:
             (len(l.out_slices) * l.in_features + sum(l.out_slices)) * max_rank for l in group_linears(model).values()
         )
         return per_slot * itemsize
-
-    def attach(self, model: LlamaModel) -> None:
-        """Swap every LoRA-able linear of the model for one that reads this pool."""
-        replace_linears(model, lambda key, linear: LoRALinear(linear, self.weights[key]))
 
     def resident(self, content_hash: str) -> bool:
         return content_hash in self._slot_of

@@ -11,6 +11,7 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.slot_pool import SlotPool
 from server.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.iteration import SchedulerOutput, TrainingResult, TrainingWork
 from server.engine.kv_cache import BlockAllocator, KVCache
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
@@ -20,6 +21,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.errors import InvalidRequest, ResourceExhausted
 from server.model.loader import LoadedModel, load_model
+from server.model.lora_linear import attach_lora
 
 
 class Engine:
@@ -38,6 +40,7 @@ class Engine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {shape.max_position}")
         self.max_model_len = min(config.max_model_len or shape.max_position, num_blocks * config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
+        attach_lora(model)
         self.registry = self._adapter_registry(model, config)
         pool = None if self.registry is None else self.registry.pool
         self.scheduler = Scheduler(config, self.allocator, pool)
@@ -72,7 +75,6 @@ class Engine:
                 f"--lora-pool-bytes {config.lora_pool_bytes}: lower the rank or raise the budget"
             )
         pool = SlotPool(model, num_slots, config.max_lora_rank, dtype, self.device)
-        pool.attach(model)
         return AdapterRegistry(config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool)
 
     @classmethod
@@ -136,19 +138,20 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        """One inference iteration; no autograd anywhere in it."""
         scheduled = self.scheduler.schedule()
-        if not scheduled.chunks:
+        if not scheduled:
             return []
         with torch.inference_mode():
-            sampling, logits = self.runner.execute(scheduled)
+            result = self.runner.execute(scheduled)
             # Queued after the forward and before the sampler's sync: on CUDA the adapter
             # copies for the next iterations overlap this one's compute.
             self.scheduler.prefetch()
-            sampled = self.sampler(logits, sampling)
-        for seq, n in scheduled.chunks:
-            seq.num_computed += n
+            sampled = self.sampler(result.logits, result.sampled)
+        for chunk in scheduled.inference:
+            chunk.seq.num_computed += chunk.num_tokens
         outputs = []
-        for seq, token, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+        for seq, token, logprob in zip(result.sampled, sampled.token_ids, sampled.logprobs):
             seq.token_ids.append(token)
             if logprob is not None:
                 seq.pending_logprobs.append(logprob)
@@ -157,6 +160,14 @@ class Engine:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._output(seq))
         return outputs
+
+    def train(self, work: TrainingWork, loss_scale: float) -> TrainingResult:
+        """Forward and backward of training sequences through the served model: gradients of
+        loss_scale * (summed token loss) accumulate in the weights work.weights were built from."""
+        with torch.enable_grad():
+            result = self.runner.execute(SchedulerOutput(training=work))
+            (result.train_loss * loss_scale).backward()
+        return TrainingResult(float(result.train_loss), result.train_targets, work.num_tokens)
 
     def stats(self) -> EngineStats:
         total = self.allocator.num_blocks

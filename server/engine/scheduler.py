@@ -14,25 +14,14 @@ so its slot comes, and an unpopular adapter is never starved by popular ones.
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
 
 from server.adapters.peft_format import LoRAAdapter
 from server.adapters.slot_pool import SlotPool
 from server.config import EngineConfig
+from server.engine.iteration import ScheduledChunk, SchedulerOutput
 from server.engine.kv_cache import BlockAllocator
 from server.engine.outputs import FinishReason
 from server.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledBatch:
-    """The work of one iteration: sequences with the number of tokens each computes."""
-
-    chunks: list[tuple[Sequence, int]]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.chunks)
 
 
 class Scheduler:
@@ -70,9 +59,9 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        chunks: list[tuple[Sequence, int]] = []
+        chunks: list[ScheduledChunk] = []
         preempted = 0
         i = 0
         while i < len(self.running) and budget > 0:
@@ -86,7 +75,7 @@ class Scheduler:
                     break
             else:
                 self.allocator.grow(seq.block_table, seq.num_computed + n)
-                chunks.append((seq, n))
+                chunks.append(ScheduledChunk(seq, n))
                 budget -= n
                 i += 1
                 continue
@@ -107,9 +96,12 @@ class Scheduler:
                 seq.slot = self.pool.acquire(seq.adapter)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            chunks.append((seq, n))
+            chunks.append(ScheduledChunk(seq, n))
             budget -= n
-        return ScheduledBatch(chunks)
+        # A chunk of one token is a decode, whether a generated token or a prompt's last one.
+        return SchedulerOutput(
+            decodes=[c for c in chunks if c.num_tokens == 1], prefills=[c for c in chunks if c.num_tokens > 1]
+        )
 
     def prefetch(self) -> int:
         """Hand the pool the adapters the next waiting sequences need (pool.prefetch_ahead of

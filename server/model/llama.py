@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.model.attention import paged_attention, write_kv
+from server.model.attention import attention
 from server.model.batch import ForwardBatch
 from server.model.linear import FusedLinear
 
@@ -85,8 +85,7 @@ class Attention(nn.Module):
         k = Rotary.apply(k.view(t, self.num_kv_heads, self.head_dim), rope)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_idx]
-        write_kv(k_cache, v_cache, k, v, batch.attn.slot_mapping)
-        return self.o_proj(paged_attention(q, k_cache, v_cache, batch.attn), batch)
+        return self.o_proj(attention(q, k, v, k_cache, v_cache, batch.attn), batch)
 
 
 class MLP(nn.Module):

@@ -15,10 +15,10 @@ def record_logits(engine: Engine) -> dict[str, list[torch.Tensor]]:
     execute = engine.runner.execute
 
     def wrapped(scheduled):
-        seqs, logits = execute(scheduled)
-        for seq, row in zip(seqs, logits):
+        result = execute(scheduled)
+        for seq, row in zip(result.sampled, result.logits):
             seen.setdefault(seq.request_id, []).append(row.clone())
-        return seqs, logits
+        return result
 
     engine.runner.execute = wrapped
     return seen

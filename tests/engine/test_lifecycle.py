@@ -74,7 +74,7 @@ def test_token_budget_and_sequence_cap_are_respected(tiny_hf_model, smollm2_toke
 
     def recording():
         batch = schedule()
-        batches.append([(s.request_id, n) for s, n in batch.chunks])
+        batches.append({c.seq.request_id: c.num_tokens for c in batch.inference})
         assert len(engine.scheduler.running) <= 3
         return batch
 
@@ -82,8 +82,8 @@ def test_token_budget_and_sequence_cap_are_respected(tiny_hf_model, smollm2_toke
     finals = drain(engine)
     assert len(finals) == 5
     # The long prompt is chunked to the whole budget; FIFO means nobody jumps ahead of it.
-    assert batches[0] == [("r0", 10)]
-    assert batches[1] == [("r0", 10)]
-    assert batches[2] == [("r0", 5), ("r1", 4), ("r2", 1)]
-    assert all(sum(n for _, n in b) <= 10 for b in batches)
+    assert batches[0] == {"r0": 10}
+    assert batches[1] == {"r0": 10}
+    assert batches[2] == {"r0": 5, "r1": 4, "r2": 1}
+    assert all(sum(b.values()) <= 10 for b in batches)
     assert max(len(b) for b in batches) == 3
