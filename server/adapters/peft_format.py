@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from server.adapters.patterns import MAX_ADAPTER_CHOICES, MAX_PATTERN_KEYS, NotSimple, pattern_choices
 from server.errors import IncompatibleAdapter, NotFound
 from server.model.llama import LlamaModel
 from server.model.lora_targets import TARGET_SLICES, group_linears
@@ -83,7 +84,8 @@ def _digest(config: bytes, weights: bytes) -> str:
 def read_adapter(
     name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32
 ) -> LoRAAdapter:
-    """Load and validate a PEFT LoRA adapter; every refusal says exactly why.
+    """Load and validate a PEFT LoRA adapter; every refusal says exactly why, and where in
+    which file, but never quotes the file's bytes.
 
     Every weight must be finite and fit slot_dtype once scaled: one NaN would turn its
     requests' output into garbage, so it is refused here, before any request uses it."""
@@ -91,14 +93,16 @@ def read_adapter(
         raise NotFound(f"adapter {name!r} not found: {path} has no {CONFIG_FILE}")
     if not (path / WEIGHTS_FILE).is_file():
         raise IncompatibleAdapter(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
+    config_path, weights_path = _own_file(name, path, CONFIG_FILE), _own_file(name, path, WEIGHTS_FILE)
     try:
-        config_bytes = (path / CONFIG_FILE).read_bytes()
-        config = json.loads(config_bytes)
+        config_bytes = config_path.read_bytes()
+        config = _json_object(config_bytes)
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
     _check_config(name, config)
+    alphas = _alpha_patterns(config)
     try:
-        weights = _read_all(path / WEIGHTS_FILE)
+        weights = _read_all(weights_path)
     except OSError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
     # One read into memory we own: the hash is of exactly the bytes parsed, and the tensors
@@ -109,7 +113,7 @@ def read_adapter(
         digest = hasher.submit(_digest, config_bytes, weights)
         try:
             tensors = _parse_safetensors(weights)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except ValueError as exc:
             raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
         modules = _pair_tensors(name, tensors)
     linears = group_linears(model)
@@ -119,18 +123,20 @@ def read_adapter(
         layer, kind = _locate(name, module, len(model.layers))
         group, slice_idx = TARGET_SLICES[kind]
         linear = linears[(layer, group)]
-        r = a.shape[0]
         want_in, want_out = linear.in_features, linear.out_slices[slice_idx]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or a.shape[1] != want_in or b.shape[0] != want_out:
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[1] != want_in or b.shape[0] != want_out:
             raise IncompatibleAdapter(
                 f"adapter {name!r} does not fit the base model: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"the base layer needs A [r, {want_in}] and B [{want_out}, r]"
             )
+        r = a.shape[0]
+        if r == 0:
+            raise IncompatibleAdapter(f"adapter {name!r} has rank 0 on {module}; a LoRA rank is at least 1")
         if r > max_rank:
             raise IncompatibleAdapter(
                 f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
             )
-        scale = _scale(name, config, module, r)
+        scale = _scale(name, config, alphas, module, r)
         _check_finite(name, module, a, b, scale, slot_dtype)
         per_group.setdefault((layer, group), {})[slice_idx] = (a, b, scale)
         targets.add(kind)
@@ -145,6 +151,15 @@ def read_adapter(
     )
 
 
+def _own_file(name: str, directory: Path, file: str) -> Path:
+    """The real path of directory/file; refused when a symlink leads out of the adapter's
+    directory, so that an adapter folder cannot make the server read other files."""
+    real = (directory / file).resolve()
+    if not real.is_relative_to(directory.resolve()):
+        raise IncompatibleAdapter(f"adapter {name!r} has a {file} that links outside its directory")
+    return real
+
+
 def _read_all(path: Path) -> bytearray:
     data = bytearray(path.stat().st_size)
     with open(path, "rb") as f:
@@ -156,45 +171,162 @@ def _read_all(path: Path) -> bytearray:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
+class _TensorEntry:
+    """One tensor of a safetensors header: its bytes are data[begin:end] of the data section."""
+
+    key: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
 def _parse_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in data, as views of it: an 8-byte little-endian
-    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data. Raises
+    ValueError saying what is wrong and where."""
     if len(data) < 8:
         raise ValueError(f"the file has {len(data)} bytes, fewer than a header")
     header_len = int.from_bytes(data[:8], "little")
     if 8 + header_len > len(data):
-        raise ValueError(f"the header claims {header_len} bytes, the file has {len(data) - 8} after its length")
-    header = json.loads(bytes(data[8 : 8 + header_len]))
+        raise ValueError(f"its header length points past the end of the file ({len(data)} bytes)")
+    try:
+        header = _json_object(bytes(data[8 : 8 + header_len]))
+    except ValueError as exc:
+        raise ValueError(f"its header: {exc}") from exc
     base = 8 + header_len
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"tensor {key!r} has dtype {info['dtype']}; adapters must be F32, F16, BF16 or F64")
-        shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
-        count = math.prod(shape)
-        if not 0 <= begin <= end <= len(data) - base or end - begin != count * dtype.itemsize:
-            raise ValueError(f"tensor {key!r} lies outside the file or does not match its shape {shape}")
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin) if count else torch.empty(0, dtype=dtype)
-        tensors[key] = flat.view(shape)
-    return tensors
+    entries = [_tensor_entry(key, info) for key, info in header.items() if key != "__metadata__"]
+    _check_layout(entries, len(data) - base)
+    return {e.key: _view(data, base, e) for e in entries}
+
+
+def _tensor_entry(key: str, info: object) -> _TensorEntry:
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {key!r} is described by {_json_type(info)}, not an object")
+    dtype_name = info.get("dtype")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise ValueError(f"tensor {key!r} has dtype {_shown(dtype_name)}; adapters must be F32, F16, BF16 or F64")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (_is_size_list(shape) and _is_size_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {key!r} needs a shape and data_offsets [begin, end] of non-negative integers")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {key!r} has {end - begin} bytes, its shape {shape} needs {math.prod(shape) * dtype.itemsize}")
+    return _TensorEntry(key, dtype, shape, begin, end)
+
+
+def _is_size_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
+    """The format's rule: the tensors tile the data section, each at an offset aligned to its
+    dtype. An overlap, or bytes no tensor owns, would let one file read as two different ones."""
+    position = 0
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin < position:
+            raise ValueError(f"tensor {e.key!r} overlaps the tensor before it in the data section")
+        if e.begin > position:
+            raise ValueError(f"the data section has {e.begin - position} bytes that no tensor owns before tensor {e.key!r}")
+        if e.begin % e.dtype.itemsize:
+            raise ValueError(
+                f"tensor {e.key!r} starts at byte {e.begin} of the data section, not a multiple of its dtype's {e.dtype.itemsize} bytes"
+            )
+        position = e.end
+    if position != data_bytes:
+        raise ValueError(f"the data section has {data_bytes - position} bytes after its last tensor")
+
+
+def _view(data: bytearray, base: int, e: _TensorEntry) -> torch.Tensor:
+    count = math.prod(e.shape)
+    flat = torch.frombuffer(data, dtype=e.dtype, count=count, offset=base + e.begin) if count else torch.empty(0, dtype=e.dtype)
+    return flat.view(e.shape)
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), "null")
+
+
+def _shown(value: object) -> str:
+    """A file's value as an error message may show it: short names and numbers as written,
+    anything else only by its JSON type (messages must not carry a file's contents)."""
+    plain = isinstance(value, (str, int, float)) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    text = repr(value) if plain else ""
+    return text if 0 < len(text) <= 64 else _json_type(value)
+
+
+def _json_object(data: bytes) -> dict:
+    """The JSON object in data. Errors say where the text is malformed, never what it holds."""
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"it is not valid JSON (line {exc.lineno}, column {exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"it is not UTF-8 text (byte {exc.start})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ValueError("it holds a number too long or nesting too deep to read") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"it holds {_json_type(value)}, not a JSON object")
+    return value
 
 
 def _check_config(name: str, config: dict) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise IncompatibleAdapter(f"adapter {name!r} is a {config.get('peft_type')} adapter; only LoRA is served")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        kind = peft_type if isinstance(peft_type, str) and len(peft_type) <= 64 else f"non-LoRA ({_json_type(peft_type)})"
+        raise IncompatibleAdapter(f"adapter {name!r} is a {kind} adapter; only LoRA is served")
     if config.get("use_dora"):
         raise IncompatibleAdapter(f"adapter {name!r} uses DoRA, which Tandem does not serve")
     if config.get("modules_to_save"):
         raise IncompatibleAdapter(
-            f"adapter {name!r} has modules_to_save {config['modules_to_save']}: full-weight modules are not served"
+            f"adapter {name!r} has modules_to_save {_shown(config['modules_to_save'])}: full-weight modules are not served"
         )
     if config.get("bias", "none") != "none":
-        raise IncompatibleAdapter(f"adapter {name!r} trains biases (bias={config['bias']!r}), which Tandem does not serve")
-    if not config.get("r") or "lora_alpha" not in config:
+        raise IncompatibleAdapter(f"adapter {name!r} trains biases (bias={_shown(config['bias'])}), which Tandem does not serve")
+    if config.get("r") is None or "lora_alpha" not in config:
         raise IncompatibleAdapter(f"adapter {name!r} has no r or lora_alpha in {CONFIG_FILE}")
+    if not _is_rank(config["r"]):
+        raise IncompatibleAdapter(f"adapter {name!r} has r {_shown(config['r'])}; a LoRA rank is an integer of at least 1")
+    _check_patterns(name, config)
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_patterns(name: str, config: dict) -> None:
+    """PEFT's regexes (alpha_pattern and rank_pattern keys, a string target_modules) must be
+    simple (server/adapters/patterns.py): a pathological one would hold the GIL for hours."""
+    patterns = []
+    for field in ("alpha_pattern", "rank_pattern"):
+        given = config.get(field) or {}
+        if not isinstance(given, dict) or len(given) > MAX_PATTERN_KEYS:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} has {field} {_shown(given)}; it must be an object of at most {MAX_PATTERN_KEYS} pattern keys"
+            )
+        patterns += [(f"{field} key", key) for key in given]
+    bad_ranks = [key for key, r in (config.get("rank_pattern") or {}).items() if not _is_rank(r)]
+    if bad_ranks:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} has rank_pattern key {_shown(bad_ranks[0])} with a rank that is not an integer of at least 1"
+        )
+    if isinstance(config.get("target_modules"), str):
+        patterns.append(("target_modules", config["target_modules"]))
+    choices = 0
+    for field, pattern in patterns:
+        try:
+            choices += pattern_choices(pattern)
+        except NotSimple as exc:
+            raise IncompatibleAdapter(f"adapter {name!r} has {field} {_shown(pattern)}, which {exc}") from exc
+    if choices > MAX_ADAPTER_CHOICES:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} has {choices} quantifiers and alternations in its patterns, more than {MAX_ADAPTER_CHOICES}"
+        )
 
 
 def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -225,24 +357,25 @@ def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
         raise IncompatibleAdapter(
             f"adapter {name!r} targets {module}, which is not one of the projections {', '.join(TARGET_SLICES)}"
         )
-    layer = int(m["layer"])
+    digits = m["layer"]
+    # int() refuses thousands of digits (and is slow on them): no model has a billion layers.
+    layer = int(digits) if len(digits) <= 9 else num_layers
     if layer >= num_layers:
-        raise IncompatibleAdapter(f"adapter {name!r} targets layer {layer}; the base model has {num_layers} layers")
+        shown = digits if len(digits) <= 9 else f"index of {len(digits)} digits"
+        raise IncompatibleAdapter(f"adapter {name!r} targets layer {shown}; the base model has {num_layers} layers")
     return layer, m["name"]
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rule: a pattern key matches a module name by its dotted suffix."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+def _alpha_patterns(config: dict) -> list[tuple[re.Pattern, object]]:
+    """alpha_pattern compiled once per adapter, in PEFT's rule: a key matches a module name
+    by its dotted suffix, and the first key that matches wins."""
+    return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in (config.get("alpha_pattern") or {}).items()]
 
 
-def _scale(name: str, config: dict, module: str, r: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+def _scale(name: str, config: dict, alphas: list[tuple[re.Pattern, object]], module: str, r: int) -> float:
+    alpha = next((value for pattern, value in alphas if pattern.match(module)), config["lora_alpha"])
     if not _is_finite_number(alpha):
-        raise IncompatibleAdapter(f"adapter {name!r} has lora_alpha {alpha!r} for {module}; it must be a finite number")
+        raise IncompatibleAdapter(f"adapter {name!r} has lora_alpha {_shown(alpha)} for {module}; it must be a finite number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 

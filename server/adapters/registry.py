@@ -18,6 +18,9 @@ from server.adapters.slot_pool import SlotPool
 from server.errors import InvalidRequest, NotFound
 from server.model.llama import LlamaModel
 
+NAME_MAX_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
+PATH_MAX_BYTES = 4096  # and the longest path (PATH_MAX)
+
 
 class AdapterTier(str, Enum):
     DISK = "disk"
@@ -55,19 +58,32 @@ def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path
     """The directory to read `name` from: adapters_dir/path (default adapters_dir/name).
 
     Refuses paths that leave the adapters directory, so an admin token cannot make the
-    server read arbitrary files.
+    server read arbitrary files, and names or paths the file system would refuse.
     """
     if not name or "/" in name or name in (".", ".."):
         raise InvalidRequest(f"adapter name must be a non-empty single path component, got {name!r}")
+    _check_file_name("adapter name", name, NAME_MAX_BYTES)
+    for part in path.split("/"):
+        _check_file_name("path", part, NAME_MAX_BYTES)
     if adapters_dir is None:
         raise NotFound(f"adapter {name!r} not found: the server has no adapters directory (start it with --adapters-dir)")
     root = Path(adapters_dir).resolve()
     directory = (root / (path or name)).resolve()
     if not directory.is_relative_to(root):
         raise InvalidRequest(f"path {path!r} is outside the adapters directory")
+    _check_file_name("path", str(directory / "adapter_config.json"), PATH_MAX_BYTES - 1)
     if not (directory / "adapter_config.json").is_file():
         raise NotFound(f"adapter {name!r} not found: no {directory.relative_to(root)}/adapter_config.json in the adapters directory")
     return directory
+
+
+def _check_file_name(label: str, text: str, limit: int) -> None:
+    """Names the OS would refuse (a NUL byte, too long) are the caller's error, not the server's."""
+    if "\0" in text:
+        raise InvalidRequest(f"{label} must not contain a NUL character")
+    size = len(text.encode(errors="surrogatepass"))
+    if size > limit:
+        raise InvalidRequest(f"{label} is too long: {size} bytes where the file system allows {limit}")
 
 
 class AdapterRegistry:
