@@ -167,7 +167,7 @@ class Engine:
         with torch.enable_grad():
             result = self.runner.execute(SchedulerOutput(training=work))
             (result.train_loss * loss_scale).backward()
-        return TrainingResult(float(result.train_loss), result.train_targets, work.num_tokens)
+        return TrainingResult(result.train_loss.item(), result.train_targets, work.num_tokens)
 
     def stats(self) -> EngineStats:
         total = self.allocator.num_blocks

@@ -1,0 +1,106 @@
+"""Training through our own forward gives the gradients of ordinary full-sequence training:
+the A/B gradients of Tandem's path equal a `peft` model's on the same base and data."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
+from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from tests.adapters.make_adapters import ALL_LINEAR, ATTENTION
+from tests.engine.helpers import make_engine, random_prompts
+
+CASES = {
+    "r4-all-linear": LoRASpec(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
+    "r16-attention-rslora": LoRASpec(r=16, lora_alpha=16, target_modules=ATTENTION, use_rslora=True),
+    "r64-q-v": LoRASpec(r=64, lora_alpha=32, target_modules=("q_proj", "v_proj")),
+    "r8-mlp": LoRASpec(r=8, lora_alpha=4, target_modules=("gate_proj", "down_proj")),
+}
+
+
+def randomize(adapter: TrainableAdapter, seed: int) -> None:
+    """Non-zero B (PEFT starts it at zero, which would leave A without a gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.a.values():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        for p in adapter.b.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def peft_twin(hf_model, adapter: TrainableAdapter):
+    """A peft model with the same LoRA settings and weights as adapter."""
+    spec = adapter.spec
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.lora_alpha, target_modules=list(spec.target_modules), use_rslora=spec.use_rslora,
+        lora_dropout=0.0,
+    )
+    model = get_peft_model(copy.deepcopy(hf_model), config)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in adapter.peft_tensors().items():
+            params[key.replace(".weight", ".default.weight")].copy_(value)
+    return model
+
+
+def sequences(vocab: int, lengths: list[int], prompt_lens: list[int]) -> list[TrainingSequence]:
+    """Random sequences whose first prompt_len tokens carry no loss (a prompt)."""
+    out = []
+    for ids, p in zip(random_prompts(lengths, vocab, seed=3), prompt_lens):
+        out.append(TrainingSequence(ids, [IGNORE_INDEX] * p + ids[p:]))
+    return out
+
+
+def peft_loss(model, seqs: list[TrainingSequence]) -> torch.Tensor:
+    """Hugging Face's loss on a right-padded batch: the mean over every target token."""
+    width = max(s.num_tokens for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : s.num_tokens] = torch.tensor(s.input_ids)
+        labels[i, : s.num_tokens] = torch.tensor(s.labels)
+        mask[i, : s.num_tokens] = 1
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def assert_gradients_equal_peft(hf_model, tokenizer, spec: LoRASpec, lengths: list[int], prompt_lens: list[int]) -> None:
+    engine = make_engine(hf_model, tokenizer)
+    adapter = TrainableAdapter(engine.runner.model, spec, seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(len(tokenizer), lengths, prompt_lens)
+    num_targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
+
+    result = engine.train(TrainingWork(seqs, adapter.slot_weights()), loss_scale=1 / num_targets)
+
+    twin = peft_twin(hf_model, adapter)
+    loss = peft_loss(twin, seqs)
+    loss.backward()
+    assert (result.num_targets, result.num_tokens) == (num_targets, sum(lengths))
+    torch.testing.assert_close(torch.tensor(result.loss_sum / num_targets), loss.detach(), rtol=1e-5, atol=1e-6)
+    twin_grads = {name: p.grad for name, p in twin.named_parameters() if p.requires_grad}
+    ours = {}
+    for kind, masters in (("lora_A", adapter.a), ("lora_B", adapter.b)):
+        for layer_target, p in masters.items():
+            layer, target = layer_target.split("_", 1)
+            group = "self_attn" if target in ATTENTION else "mlp"
+            ours[f"base_model.model.model.layers.{layer}.{group}.{target}.{kind}.default.weight"] = p.grad
+    assert ours.keys() == twin_grads.keys()
+    for key, grad in ours.items():
+        torch.testing.assert_close(grad, twin_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    # The frozen base never gets a gradient.
+    assert all(p.grad is None for p in engine.runner.model.parameters())
+
+
+@pytest.mark.parametrize("spec", CASES.values(), ids=CASES.keys())
+def test_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec):
+    """Sequences of different lengths in one step, some with a prompt that carries no loss."""
+    assert_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec, [5, 23, 12], [2, 10, 0])
+
+
+@pytest.mark.smollm
+def test_gradients_equal_peft_on_smollm2(smollm2_hf, smollm2_tokenizer):
+    spec = LoRASpec(r=16, lora_alpha=32, target_modules=ALL_LINEAR)
+    assert_gradients_equal_peft(smollm2_hf, smollm2_tokenizer, spec, [48, 17, 30], [20, 0, 5])
