@@ -3,7 +3,9 @@
 Decoding a token alone loses context (a leading space, half of a multi-byte character), so
 each step decodes a short window of tokens before and after the new ones and emits only the
 text that is complete. Text that could still become a stop string is held back until it
-cannot.
+cannot. Stop strings are looked for only where one could end in the new text (the new text
+and the longest stop string's length before it), so a step costs the same however long the
+text grows; SamplingParams bounds how many stop strings there are and how long.
 """
 
 from typing import Any
@@ -33,11 +35,11 @@ class IncrementalDetokenizer:
         start = max(len(self.text) - self.hold_back, 0)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        for s in self.stop:
-            at = self.text.find(s, start)
-            if at != -1:
-                self.text = self.text[:at]
-                return True
+        found = [at for s in self.stop if (at := self.text.find(s, start)) != -1]
+        if found:
+            # The earliest stop string wins, whatever its place in the list.
+            self.text = self.text[: min(found)]
+            return True
         return False
 
     def take(self, finished: bool) -> str:
