@@ -96,6 +96,8 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # Without it a second server on the same port binds too and takes connections.
+            ("grpc.so_reuseport", 0),
             *KEEPALIVE_OPTIONS,
         ],
     )
