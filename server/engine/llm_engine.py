@@ -169,6 +169,12 @@ class Engine:
             (result.train_loss * loss_scale).backward()
         return TrainingResult(result.train_loss.item(), result.train_targets, work.num_tokens)
 
+    def loss(self, work: TrainingWork) -> TrainingResult:
+        """The summed token loss of training sequences, no gradient (an eval pass)."""
+        with torch.inference_mode():
+            result = self.runner.execute(SchedulerOutput(training=work))
+        return TrainingResult(result.train_loss.item(), result.train_targets, work.num_tokens)
+
     def stats(self) -> EngineStats:
         total = self.allocator.num_blocks
         free = self.allocator.num_free

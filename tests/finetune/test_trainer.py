@@ -1,0 +1,128 @@
+"""The trainer's optimisation equals peft + torch.optim.AdamW on the same data, and its plan
+is deterministic, so a resumed job runs the steps an uninterrupted one would."""
+
+import pytest
+import torch
+
+from server.engine.iteration import IGNORE_INDEX, TrainingSequence
+from server.finetune.dataset import TrainingExample
+from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from server.finetune.trainer import Hyperparameters, Trainer, TrainingDiverged, micro_batches, plan_steps
+from tests.adapters.make_adapters import ALL_LINEAR
+from tests.engine.helpers import make_engine, random_prompts
+from tests.finetune.test_gradients import peft_loss, peft_twin, randomize
+
+
+def examples(vocab: int, lengths: list[int], seed: int = 3) -> list[TrainingExample]:
+    out = []
+    for ids in random_prompts(lengths, vocab, seed=seed):
+        prompt = len(ids) // 3
+        out.append(TrainingExample(tuple(ids), tuple([IGNORE_INDEX] * prompt + ids[prompt:])))
+    return out
+
+
+def run_to_end(trainer: Trainer, engine) -> list:
+    return [r for r in trainer.run(engine) if r is not None]
+
+
+def test_steps_equal_peft_with_adamw(tiny_hf_model, smollm2_tokenizer):
+    """Two optimizer steps with clipping, weight decay, warm-up and micro-batching (gradient
+    accumulation) give the weights of peft trained with AdamW on the same batches."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    spec = LoRASpec(r=8, lora_alpha=16, target_modules=ALL_LINEAR)
+    adapter = TrainableAdapter(engine.runner.model, spec, seed=0)
+    randomize(adapter, seed=1)
+    twin = peft_twin(tiny_hf_model, adapter)
+    data = examples(len(smollm2_tokenizer), [9, 30, 14, 21, 6, 17])
+    hp = Hyperparameters(
+        learning_rate=5e-3, warmup_steps=1, tokens_per_step=50, weight_decay=0.1, max_grad_norm=0.5, seed=7, max_steps=2
+    )
+    trainer = Trainer(adapter, hp, data, [], micro_batch_tokens=24)
+    reports = run_to_end(trainer, engine)
+    assert [r.step for r in reports] == [1, 2] and trainer.done
+
+    params = [p for p in twin.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer._lr_factor)
+    for step, indices in enumerate(trainer.plan):
+        seqs = [TrainingSequence(data[i].input_ids, data[i].labels) for i in indices]
+        loss = peft_loss(twin, seqs)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+        assert reports[step].train_loss == pytest.approx(loss.item(), rel=1e-5)
+        assert reports[step].grad_norm == pytest.approx(norm.item(), rel=1e-4)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    assert [r.learning_rate for r in reports] == [0.0, 5e-3]
+    twin_params = dict(twin.named_parameters())
+    for key, value in adapter.peft_tensors().items():
+        torch.testing.assert_close(value, twin_params[key.replace(".weight", ".default.weight")], rtol=1e-4, atol=1e-6)
+
+
+def test_the_plan_covers_every_epoch_and_is_deterministic():
+    data = [TrainingExample((1,) * n, (1,) * n) for n in (5, 9, 3, 7, 4)]
+    hp = Hyperparameters(n_epochs=3, tokens_per_step=10, seed=11)
+    plan = plan_steps(data, hp)
+    assert plan == plan_steps(data, hp)
+    assert sorted(i for step in plan for i in step) == sorted(list(range(5)) * 3)
+    assert all(sum(data[i].num_tokens for i in step) <= 10 or len(step) == 1 for step in plan)
+    assert plan != plan_steps(data, Hyperparameters(n_epochs=3, tokens_per_step=10, seed=12))
+    assert len(plan_steps(data, Hyperparameters(max_steps=17, tokens_per_step=10))) == 17
+    assert [len(g) for g in micro_batches([data[i] for i in (0, 2, 1, 3)], 10)] == [2, 1, 1]
+
+
+def test_a_resumed_trainer_ends_with_the_same_weights(tiny_hf_model, smollm2_tokenizer):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    spec = LoRASpec(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), lora_dropout=0.1)
+    data = examples(len(smollm2_tokenizer), [8, 12, 10, 9, 11, 7, 13, 6])
+    hp = Hyperparameters(learning_rate=1e-2, tokens_per_step=30, n_epochs=2, seed=3)
+
+    whole = Trainer(TrainableAdapter(engine.runner.model, spec, seed=5), hp, data, [], 64)
+    run_to_end(whole, engine)
+
+    first = Trainer(TrainableAdapter(engine.runner.model, spec, seed=5), hp, data, [], 64)
+    for report in first.run(engine):
+        if report is not None and report.step == 3:
+            break
+    saved_weights = {k: v.clone() for k, v in first.adapter.peft_tensors().items()}
+    saved_state = first.state_dict()
+    resumed = Trainer(TrainableAdapter(engine.runner.model, spec, seed=99), hp, data, [], 64)
+    resumed.adapter.load_peft_tensors(saved_weights)
+    resumed.load_state_dict(saved_state)
+    reports = run_to_end(resumed, engine)
+    assert reports[0].step == 4 and resumed.step == whole.step == whole.total_steps
+    for key, value in whole.adapter.peft_tensors().items():
+        assert torch.equal(value, resumed.adapter.peft_tensors()[key]), key
+
+
+def test_a_diverging_job_fails_with_a_clear_error(tiny_hf_model, smollm2_tokenizer):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4, target_modules=("q_proj",)), seed=0)
+    with torch.no_grad():
+        next(iter(adapter.a.values()))[0, 0] = float("nan")
+    trainer = Trainer(adapter, Hyperparameters(max_steps=2), examples(len(smollm2_tokenizer), [8, 9]), [], 64)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged at step 1: loss nan, gradient norm nan$"):
+        run_to_end(trainer, engine)
+    assert trainer.step == 0
+
+
+def test_eval_loss_is_reported_at_checkpoint_intervals(tiny_hf_model, smollm2_tokenizer):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4, lora_dropout=0.5), seed=0)
+    data = examples(len(smollm2_tokenizer), [8, 9, 10, 11, 12])
+    held_out = examples(len(smollm2_tokenizer), [7, 15], seed=4)
+    trainer = Trainer(adapter, Hyperparameters(max_steps=5, tokens_per_step=10, checkpoint_interval=2), data, held_out, 64)
+    reports = run_to_end(trainer, engine)
+    assert [r.eval_loss is not None for r in reports] == [False, True, False, True, True]
+    # No dropout in evaluation: the final weights give the final eval loss again, exactly.
+    assert evaluate(trainer, engine) == evaluate(trainer, engine) == reports[-1].eval_loss
+
+
+def evaluate(trainer: Trainer, engine) -> float:
+    steps = trainer._evaluate(engine)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
