@@ -54,15 +54,20 @@ class SlotStats:
     prefetches: int
 
 
+def check_adapter_name(name: str) -> None:
+    """A name must be one directory of the adapters directory (InvalidRequest otherwise)."""
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidRequest(f"adapter name must be a non-empty single path component, got {name!r}")
+    _check_file_name("adapter name", name, NAME_MAX_BYTES)
+
+
 def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path:
     """The directory to read `name` from: adapters_dir/path (default adapters_dir/name).
 
     Refuses paths that leave the adapters directory, so an admin token cannot make the
     server read arbitrary files, and names or paths the file system would refuse.
     """
-    if not name or "/" in name or name in (".", ".."):
-        raise InvalidRequest(f"adapter name must be a non-empty single path component, got {name!r}")
-    _check_file_name("adapter name", name, NAME_MAX_BYTES)
+    check_adapter_name(name)
     for part in path.split("/"):
         _check_file_name("path", part, NAME_MAX_BYTES)
     if adapters_dir is None:
