@@ -58,9 +58,8 @@ def current_call() -> CallRecord:
     return _current.get()
 
 
-def set_current_call(record: CallRecord) -> object:
-    return _current.set(record)
-
-
-def reset_current_call(token: object) -> None:
-    _current.reset(token)  # type: ignore[arg-type]
+def set_current_call(record: CallRecord) -> None:
+    """Makes `record` the current call of this task. Never reset: grpc.aio serves each call in
+    a task of its own, whose context ends with it, and a stream that the garbage collector
+    closes runs its cleanup in another task, where resetting would raise."""
+    _current.set(record)

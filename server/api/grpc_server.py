@@ -12,12 +12,13 @@ from grpc_reflection.v1alpha import reflection
 
 from server.api.adapters_service import AdaptersServicer
 from server.api.auth import TokenTable
+from server.api.finetuning_service import FineTuningServicer
 from server.api.generation_service import GenerationServicer
 from server.api.interceptor import CallInterceptor
 from server.api.serving_state import ServingState
 from server.config import ServerConfig
 from server.metrics import Metrics
-from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+from tandem.v1 import adapters_pb2, adapters_pb2_grpc, finetuning_pb2, finetuning_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
@@ -27,6 +28,7 @@ log = logging.getLogger("tandem.server")
 SERVICES = [
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+    finetuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
 ]
 # Long generations stream for minutes: let clients keep the connection alive with pings.
 KEEPALIVE_OPTIONS = [
@@ -92,7 +94,7 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     metrics = metrics or Metrics()
     tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file else None
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(tokens, metrics)],
+        interceptors=[CallInterceptor(tokens, metrics, config.max_message_bytes)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -106,6 +108,7 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     metrics.bind(state)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state, metrics), server)
+    finetuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
