@@ -31,6 +31,8 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-loras", int, "device adapter slots: distinct adapters in one iteration"),
     ("--lora-pool-bytes", int, "memory cap for the device adapter slots (may lower --max-loras)"),
     ("--adapter-cache-bytes", int, "host memory for parsed adapters, LRU; in-use adapters are pinned"),
+    ("--data-dir", str, "fine-tuning: training files and job state (needs --adapters-dir); unset = no fine-tuning"),
+    ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),
 ]
 SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--host", str, "address to listen on"),

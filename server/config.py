@@ -26,6 +26,9 @@ class EngineConfig:
     max_lora_rank: largest adapter rank accepted; slot storage is padded to it.
     max_loras: device slots, i.e. distinct adapters in one iteration, capped by lora_pool_bytes.
     adapter_cache_bytes: host-memory budget for parsed adapters (LRU, in-use ones pinned).
+    data_dir: where fine-tuning jobs read training files and keep their state; None turns
+        fine-tuning off (it also needs adapters_dir, where trained adapters are published).
+    max_training_file_bytes: the largest dataset a fine-tuning job accepts.
     """
 
     model: str | None = None
@@ -43,6 +46,8 @@ class EngineConfig:
     max_loras: int = 8
     lora_pool_bytes: int = 4 << 30
     adapter_cache_bytes: int = 2 << 30
+    data_dir: str | None = None
+    max_training_file_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -51,12 +56,14 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
-            "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes",
+            "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.data_dir is not None and self.adapters_dir is None:
+            raise ValueError("--data-dir (fine-tuning) needs --adapters-dir too: trained adapters are published there")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

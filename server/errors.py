@@ -17,8 +17,18 @@ class NotFound(TandemError):
     """An adapter, router or job named in the request does not exist (NOT_FOUND)."""
 
 
-class IncompatibleAdapter(TandemError):
+class FailedPrecondition(TandemError):
+    """The request is valid but the thing it acts on is not in a state that allows it, e.g.
+    cancelling a finished job (FAILED_PRECONDITION)."""
+
+
+class IncompatibleAdapter(FailedPrecondition):
     """An adapter exists but cannot be served on this base model (FAILED_PRECONDITION)."""
+
+
+class AlreadyExists(TandemError):
+    """What the request would create is already there or under way, e.g. a second job
+    training the same adapter name (ALREADY_EXISTS)."""
 
 
 class ResourceExhausted(TandemError):

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from server.adapters.registry import SlotStats
     from server.engine.outputs import EngineStats
+    from server.finetune.jobs import FinetuneStats
 
 # Bucket edges follow vLLM's so dashboards written for it read ours unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -37,6 +38,8 @@ class MetricsSource(Protocol):
     def slot_stats(self) -> "SlotStats": ...
 
     def lora_activity(self) -> LoraActivity: ...
+
+    def finetune_stats(self) -> "FinetuneStats | None": ...
 
 
 class _PulledMetrics(Collector):
@@ -72,6 +75,21 @@ class _PulledMetrics(Collector):
             time.time(),
         )
         yield info
+        yield from _finetune_metrics(self._source.finetune_stats())
+
+
+def _finetune_metrics(stats: "FinetuneStats | None") -> Iterator[Metric]:
+    if stats is None:
+        return
+    jobs = GaugeMetricFamily("tandem:finetune_jobs", "Fine-tuning jobs by state.", labels=["state"])
+    for state, count in stats.jobs.items():
+        jobs.add_metric([state], count)
+    yield jobs
+    yield CounterMetricFamily("tandem:finetune_tokens", "Tokens trained on (forward and backward).", stats.tokens_total)
+    if stats.running_loss is not None:
+        loss = GaugeMetricFamily("tandem:finetune_loss", "Train loss of the running job's last step.", labels=["adapter"])
+        loss.add_metric([stats.running_adapter], stats.running_loss)
+        yield loss
 
 
 class Metrics:

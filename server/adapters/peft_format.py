@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as save_safetensors
 
 from server.adapters.patterns import MAX_ADAPTER_CHOICES, MAX_PATTERN_KEYS, NotSimple, pattern_choices
+from server.atomic_files import write_directory
 from server.errors import IncompatibleAdapter, NotFound
 from server.model.llama import LlamaModel
 from server.model.lora_targets import TARGET_SLICES, group_linears
@@ -395,3 +397,38 @@ def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scal
             f"adapter {name!r} overflows {str(slot_dtype).removeprefix('torch.')} in {module}: "
             f"its largest scaled weight is {largest:.3g}, the limit {limit:.3g}"
         )
+
+
+def peft_config(
+    r: int, lora_alpha: float, target_modules: list[str], use_rslora: bool, lora_dropout: float, base_model: str
+) -> dict:
+    """adapter_config.json of a LoRA adapter trained here, as peft writes it for a causal LM."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        "use_rslora": use_rslora,
+        "lora_dropout": lora_dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
+def adapter_files(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """The two files of a PEFT adapter, as bytes: what write_adapter and checkpoints store."""
+    weights = save_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, {"format": "pt"})
+    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: weights}
+
+
+def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a PEFT adapter atomically: readers see the old version or the new, never a mix."""
+    write_directory(directory, adapter_files(config, tensors))

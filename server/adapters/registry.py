@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
-from server.adapters.peft_format import LoRAAdapter, read_adapter
+import torch
+
+from server.adapters.peft_format import LoRAAdapter, read_adapter, write_adapter
 from server.adapters.slot_pool import SlotPool
-from server.errors import InvalidRequest, NotFound
+from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
 from server.model.llama import LlamaModel
 
 NAME_MAX_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
@@ -58,6 +60,9 @@ def check_adapter_name(name: str) -> None:
     """A name must be one directory of the adapters directory (InvalidRequest otherwise)."""
     if not name or "/" in name or name in (".", ".."):
         raise InvalidRequest(f"adapter name must be a non-empty single path component, got {name!r}")
+    # Hidden entries of the adapters directory are the server's own (interrupted writes).
+    if name.startswith("."):
+        raise InvalidRequest(f"adapter name must not start with '.', got {name!r}")
     _check_file_name("adapter name", name, NAME_MAX_BYTES)
 
 
@@ -119,6 +124,15 @@ class AdapterRegistry:
         self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, path))
         with self._lock:
             return self._live(self._known[name])
+
+    def publish(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> AdapterInfo:
+        """Write a new version of `name` into the adapters directory, atomically, and make it
+        the version new requests get; requests already running finish on theirs."""
+        check_adapter_name(name)
+        if self.adapters_dir is None:
+            raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
+        write_adapter(self.adapters_dir / name, config, tensors)
+        return self.load(name)
 
     def unload(self, name: str) -> None:
         """Forget an adapter; requests already using it finish with the version they hold."""

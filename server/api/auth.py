@@ -27,8 +27,10 @@ class Role(IntEnum):
     ADMIN = 2
 
 
-# Methods not listed need the inference role.
+# Methods not listed (and outside ADMIN_SERVICES) need the inference role.
 ADMIN_METHODS = frozenset({"/tandem.v1.Adapters/LoadAdapter", "/tandem.v1.Adapters/UnloadAdapter"})
+# Every method of these services needs the admin role.
+ADMIN_SERVICES = ("/tandem.v1.FineTuning/",)
 
 
 def _digest(token: str) -> bytes:
@@ -70,7 +72,7 @@ class TokenTable:
         role = self._roles.get(_digest(token.strip()))
         if role is None:
             raise Unauthenticated("unknown bearer token")
-        needed = Role.ADMIN if method in ADMIN_METHODS else Role.INFERENCE
+        needed = Role.ADMIN if method in ADMIN_METHODS or method.startswith(ADMIN_SERVICES) else Role.INFERENCE
         if role < needed:
             raise PermissionDenied(f"{method} needs the {needed.name.lower()} role; this token has {role.name.lower()}")
         return role

@@ -21,6 +21,7 @@ from server.metrics import LoraActivity
 if TYPE_CHECKING:
     from server.engine.async_engine import AsyncEngine
     from server.engine.outputs import EngineStats
+    from server.finetune.jobs import FinetuneStats
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -60,6 +61,14 @@ class ServingState:
         for service in self._services:
             await self._health.set(service, NOT_SERVING)
 
+    def abort_generations(self) -> None:
+        """Ends every generation in flight with finish reason ABORT: each stream gets its last
+        message, as the proto promises, instead of an error when the server stops."""
+        if self._engine is not None:
+            for call in list(self._in_flight.values()):
+                if call.engine_request_id:
+                    self._engine.abort(call.engine_request_id)
+
     async def wait_idle(self, timeout: float) -> bool:
         """True once no admitted call is left, False if `timeout` seconds pass first."""
         try:
@@ -91,6 +100,10 @@ class ServingState:
 
     def engine_stats(self) -> "EngineStats | None":
         return None if self._engine is None else self._engine.stats()
+
+    def finetune_stats(self) -> "FinetuneStats | None":
+        jobs = None if self._engine is None else self._engine.jobs
+        return None if jobs is None else jobs.stats()
 
     def slot_stats(self) -> SlotStats:
         return self.catalog.slot_stats()

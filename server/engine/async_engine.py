@@ -13,11 +13,13 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from server.adapters.peft_format import LoRAAdapter
 from server.config import EngineConfig
 from server.engine.llm_engine import Engine
 from server.engine.outputs import EngineStats, ModelInfo, RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.errors import InvalidRequest, NotFound, TandemError, Unavailable
+from server.finetune.jobs import JobManager
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +32,36 @@ class _Stream:
     queue: asyncio.Queue
 
 
+@dataclass(frozen=True)
+class _Add:
+    """Inbox command: queue a request (adapter: the exact version it runs with)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoRAAdapter | None
+
+
+@dataclass(frozen=True)
+class _Abort:
+    """Inbox command: stop a request and free what it holds."""
+
+    request_id: str
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: Engine | None = None):
         self.config = config
         self.engine = engine if engine is not None else Engine.from_config(config)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.jobs: JobManager | None = None
+        if config.data_dir is not None:
+            self.jobs = JobManager(self.engine, config.data_dir, config.max_training_file_bytes, wake=self._wake.set)
 
     @property
     def info(self) -> ModelInfo:
@@ -65,6 +87,8 @@ class AsyncEngine:
             streams = list(self._streams.values())
         for stream in streams:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Unavailable("the server is shutting down"))
+        if self.jobs is not None:
+            self.jobs.close()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -109,7 +133,7 @@ class AsyncEngine:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             self.engine.check_capacity(len(self._streams))
             self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, prompt_ids, params, lora))
+        self._inbox.put(_Add(request_id, prompt_ids, params, lora))
         self._wake.set()
         finished = False
         try:
@@ -126,25 +150,34 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(_Abort(request_id))
         self._wake.set()
 
     def _loop(self) -> None:
         while not self._stopping:
             self._drain_inbox()
-            if not self.engine.has_work():
+            inference = self.engine.has_work()
+            training = self.jobs is not None and self.jobs.has_work()
+            if not inference and not training:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:
-                log.exception("engine step failed; failing the requests in the batch")
-                self._fail_all(exc)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            if inference:
+                self._step()
+            # One training micro-batch between inference iterations (issue 5 fuses them).
+            if training:
+                self.jobs.run_once()
         self.engine.abort_all()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the requests in the batch")
+            self._fail_all(exc)
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -152,14 +185,13 @@ class AsyncEngine:
                 command = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "add":
-                _, request_id, prompt_ids, params, lora = command
+            if isinstance(command, _Add):
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params, lora)
+                    self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.adapter)
                 except TandemError as exc:
-                    self._deliver(request_id, exc)
+                    self._deliver(command.request_id, exc)
             else:
-                out = self.engine.abort(command[1])
+                out = self.engine.abort(command.request_id)
                 if out is not None:
                     self._deliver(out.request_id, out)
 

@@ -23,10 +23,11 @@ from server.model.lora_targets import TARGET_SLICES, TARGETS, group_linears, mod
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """PEFT's LoRA settings of an adapter to train (names as in peft.LoraConfig)."""
+    """PEFT's LoRA settings of an adapter to train (names as in peft.LoraConfig); lora_alpha
+    None is 2 * r."""
 
     r: int = 16
-    lora_alpha: float = 32.0
+    lora_alpha: float | None = None
     target_modules: tuple[str, ...] = TARGETS
     use_rslora: bool = False
     lora_dropout: float = 0.0
@@ -34,6 +35,8 @@ class LoRASpec:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise InvalidRequest(f"lora.r must be at least 1, got {self.r}")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", 2.0 * self.r)
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise InvalidRequest(f"lora.lora_alpha must be a finite number > 0, got {self.lora_alpha}")
         unknown = sorted(set(self.target_modules) - set(TARGETS))
@@ -75,24 +78,13 @@ class TrainableAdapter(nn.Module):
     @classmethod
     def from_adapter(cls, model: LlamaModel, adapter: LoRAAdapter, lora_dropout: float) -> "TrainableAdapter":
         """Continue training a served adapter: same rank, targets and scale, its weights as the start."""
-        slices = [(key, s, a, b, scale) for key, g in adapter.groups.items() for s, (a, b, scale) in g.slices.items()]
-        ranks = {a.shape[0] for *_, a, _, _ in slices}
-        scales = {scale for *_, scale in slices}
-        if len(ranks) != 1 or len(scales) != 1:
-            raise IncompatibleAdapter(
-                f"adapter {adapter.name!r} has several ranks or scales (rank_pattern / alpha_pattern); "
-                "only adapters with one rank and one alpha can be trained further"
-            )
-        r, scale = ranks.pop(), scales.pop()
-        targets = tuple(sorted({target_of(layer, group, s) for (layer, group), s, *_ in slices}, key=TARGETS.index))
-        # The scale is what serving uses; alpha is derived back from it with the plain rule.
-        spec = LoRASpec(r=r, lora_alpha=scale * r, target_modules=targets, lora_dropout=lora_dropout)
-        trainable = cls(model, spec, seed=0)
+        trainable = cls(model, spec_of(adapter, lora_dropout), seed=0)
         with torch.no_grad():
-            for (layer, group), s, a, b, _ in slices:
-                name = _name(layer, target_of(layer, group, s))
-                trainable.a[name].copy_(a)
-                trainable.b[name].copy_(b)
+            for (layer, group), g in adapter.groups.items():
+                for s, (a, b, _) in g.slices.items():
+                    name = _name(layer, target_of(layer, group, s))
+                    trainable.a[name].copy_(a)
+                    trainable.b[name].copy_(b)
         return trainable
 
     def slot_weights(self) -> dict[tuple[int, str], LoRAWeights]:
@@ -140,6 +132,23 @@ class TrainableAdapter(nn.Module):
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
+
+def spec_of(adapter: LoRAAdapter, lora_dropout: float) -> LoRASpec:
+    """The LoRA settings to continue training a served adapter with; refuses adapters whose
+    projections differ in rank or scale (rank_pattern / alpha_pattern)."""
+    slices = [(layer, group, s, a.shape[0], scale) for (layer, group), g in adapter.groups.items() for s, (a, _, scale) in g.slices.items()]
+    ranks = {r for *_, r, _ in slices}
+    scales = {scale for *_, scale in slices}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise IncompatibleAdapter(
+            f"adapter {adapter.name!r} has several ranks or scales (rank_pattern / alpha_pattern); "
+            "only adapters with one rank and one alpha can be trained further"
+        )
+    r, scale = ranks.pop(), scales.pop()
+    targets = {target_of(layer, group, s) for layer, group, s, *_ in slices}
+    # Serving knows only the scale; alpha is derived back from it with the plain rule.
+    return LoRASpec(r=r, lora_alpha=scale * r, target_modules=tuple(targets), lora_dropout=lora_dropout)
 
 
 def _name(layer: int, target: str) -> str:

@@ -33,8 +33,9 @@ class TrainingDiverged(TandemError):
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """How a job trains. max_steps 0 trains n_epochs over the data; warmup is linear from 0;
-    max_grad_norm 0 turns clipping off; checkpoint_interval counts optimizer steps."""
+    """How a job trains. max_steps 0 trains n_epochs over the data; max_seq_length 0 is the
+    server's context limit; warmup is linear from 0; max_grad_norm 0 turns clipping off;
+    checkpoint_interval counts optimizer steps."""
 
     learning_rate: float = 2e-4
     lr_scheduler: str = "linear"
@@ -42,7 +43,7 @@ class Hyperparameters:
     n_epochs: int = 1
     max_steps: int = 0
     tokens_per_step: int = 4096
-    max_seq_length: int = 1024
+    max_seq_length: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_fraction: float = 0.0
@@ -57,7 +58,7 @@ class Hyperparameters:
             ("n_epochs", 1 <= self.n_epochs <= 1000, "in [1, 1000]"),
             ("max_steps", 0 <= self.max_steps <= 10_000_000, "in [0, 10000000] (0: n_epochs over the data)"),
             ("tokens_per_step", self.tokens_per_step >= 1, ">= 1"),
-            ("max_seq_length", self.max_seq_length >= 2, ">= 2"),
+            ("max_seq_length", self.max_seq_length >= 2 or self.max_seq_length == 0, ">= 2 (0: the context limit)"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
             ("max_grad_norm", math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0 (0: no clipping)"),
             ("eval_fraction", 0 <= self.eval_fraction <= 0.5, "in [0, 0.5]"),

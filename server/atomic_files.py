@@ -1,0 +1,91 @@
+"""All-or-nothing writes: a crash or a kill at any moment leaves either the old content or
+the new, never a half-written file or directory.
+
+Files: write a temp file beside the target, fsync it, rename it over the target, fsync the
+directory. Directories: build the whole new directory beside the target, fsync it, then
+swap it into place in one step (Linux's renameat2 RENAME_EXCHANGE, so readers never see
+the name missing), then remove the old one. Leftover temp entries (from a kill mid-write)
+start with TEMP_PREFIX; `remove_leftovers` clears them at start-up.
+"""
+
+import ctypes
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+TEMP_PREFIX = ".tandem-tmp-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Replace path's content with data atomically and durably."""
+    temp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    try:
+        _write_synced(temp, data)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
+    """Make path a directory holding exactly these files, atomically and durably."""
+    temp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    temp.mkdir(parents=True)
+    try:
+        for name, data in files.items():
+            _write_synced(temp / name, data)
+        fsync_dir(temp)
+        if path.exists() and _exchange(temp, path):
+            # temp now holds the old version.
+            shutil.rmtree(temp)
+        else:
+            if path.exists():
+                shutil.rmtree(path)
+            os.rename(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Delete what interrupted writes left in directory; returns what was removed."""
+    removed = []
+    for entry in directory.glob(f"{TEMP_PREFIX}*"):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step; False where the system cannot (then the caller
+    falls back to remove-then-rename, which leaves the name missing for a moment)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
