@@ -3,9 +3,12 @@ graceful drain on SIGTERM/SIGINT."""
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+from typing import NoReturn
 
-from server.api.grpc_server import build_server
+from server.api.grpc_server import TandemServer, build_server
 from server.config import EngineConfig, ServerConfig
 from server.errors import ModelLoadError
 
@@ -26,19 +29,30 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
     loading = asyncio.create_task(asyncio.to_thread(AsyncEngine, engine_config))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    engine = None
-    if loading.done():
-        try:
-            engine = loading.result()
-        except (ModelLoadError, OSError, ValueError) as exc:
-            log.error("cannot load the model: %s", exc)
-            await server.drain(grace=0)
-            return 1
-        engine.start()
-        await server.attach_engine(engine)
-        await stopping
+    if not loading.done():
+        await _exit_during_load(server)
+    try:
+        engine = loading.result()
+    except (ModelLoadError, OSError, ValueError) as exc:
+        log.error("cannot load the model: %s", exc)
+        await server.drain(grace=0)
+        return 1
+    engine.start()
+    await server.attach_engine(engine)
+    await stopping
     log.info("signal received: draining")
     await server.drain()
-    if engine is not None:
-        engine.shutdown()
+    engine.shutdown()
     return 0
+
+
+async def _exit_during_load(server: TandemServer) -> NoReturn:
+    """Stops serving health and ends the process now. The model load runs in a thread that
+    cannot be interrupted, and returning would wait for it (asyncio.run joins its executor,
+    the interpreter its threads) for up to minutes, past Kubernetes' grace period."""
+    log.info("signal received while loading the model: exiting without waiting for the load")
+    await server.drain(grace=0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,13 +11,16 @@ from server.metrics import Metrics
 
 @dataclass
 class CallRecord:
-    """One RPC from arrival to its final status; times are time.monotonic() seconds."""
+    """One RPC from arrival to its final status; times are time.monotonic() seconds.
+    engine_request_id: the engine's id of the generation this call runs ("" if none), by
+    which a drain aborts it."""
 
     request_id: str
     method: str
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
     adapter: str = ""
+    engine_request_id: str = ""
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finish_reason: str = ""

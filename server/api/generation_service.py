@@ -30,6 +30,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             params = convert.sampling_params_of(request)
             # Callers may reuse an x-request-id (retries do); engine ids must stay unique.
             engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
+            call.engine_request_id = engine_id
             stream = engine.generate(prompt, params, engine_id, adapter=request.adapter or None)
             async with aclosing(stream):
                 async for out in stream:

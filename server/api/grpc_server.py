@@ -30,6 +30,8 @@ SERVICES = [
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
     finetuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
 ]
+# How long aborted generations get to send their last message before the server stops.
+ABORT_WAIT_SECONDS = 5.0
 # Long generations stream for minutes: let clients keep the connection alive with pings.
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -61,11 +63,15 @@ class TandemServer:
 
     async def drain(self, grace: float | None = None) -> bool:
         """Readiness off, new calls refused with UNAVAILABLE, in-flight calls given `grace`
-        seconds (default: the config's) before they are cancelled. True if all finished."""
+        seconds (default: the config's); then generations end with FINISH_REASON_ABORT and
+        what is left is cancelled. True if all finished within the grace period."""
         grace = self.config.drain_grace_seconds if grace is None else grace
         await self.state.begin_drain()
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         finished = await self.state.wait_idle(grace)
+        if not finished:
+            self.state.abort_generations()
+            await self.state.wait_idle(ABORT_WAIT_SECONDS)
         await self._server.stop(grace=0)
         self.metrics.close()
         log.info("stopped", extra={"fields": {"in_flight_finished": finished}})

@@ -1,9 +1,15 @@
 """Issue 11, defect 3: a '#' inside a token is part of the token. Only a '#' at the start of
-a line or after whitespace starts a comment in the tokens file."""
+a line or after whitespace starts a comment in the tokens file. And defect 15's choice:
+server reflection, like health, needs no token (it exposes only the public .proto schema)."""
 
+import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from clients import TandemClient, TandemRpcError
 from server.api.auth import Role, TokenTable, Unauthenticated
+from tests.api.conftest import loopback
+from tests.api.harness import ServerThread
 
 LOAD = "/tandem.v1.Adapters/LoadAdapter"
 
@@ -27,3 +33,20 @@ def test_a_line_of_only_a_comment_after_the_role_is_still_an_error(tmp_path):
     path.write_text("admin #not-a-token\n")
     with pytest.raises(ValueError, match=r":1: expected '<inference\|admin> <token>'$"):
         TokenTable.from_file(path)
+
+
+def test_reflection_and_health_need_no_token_and_the_api_does(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("inference secret-token\n")
+    thread = ServerThread(loopback(auth_tokens_file=str(path)), None)
+    try:
+        with grpc.insecure_channel(thread.target) as channel:
+            services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert {"tandem.v1.Generation", "tandem.v1.Adapters", "grpc.health.v1.Health"} <= set(services)
+        with TandemClient(thread.target, max_retries=0) as anonymous:
+            assert anonymous.health() == "SERVING"
+            with pytest.raises(TandemRpcError) as info:
+                anonymous.model_info()
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        thread.stop()

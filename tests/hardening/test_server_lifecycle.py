@@ -3,13 +3,26 @@ SIGTERM during the model load exits at once; streams cut by a drain end with a f
 FINISH_REASON_ABORT message, as the proto promises, not with an error."""
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from clients import TandemClient
 from server.api.grpc_server import build_server
-from tests.api.conftest import loopback
+from server.engine.async_engine import AsyncEngine
+from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_second_server_on_the_same_port_is_an_error():
@@ -22,3 +35,67 @@ def test_a_second_server_on_the_same_port_is_an_error():
             asyncio.run(second())
     finally:
         first.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> Iterator[AsyncEngine]:
+    engine = start_engine(tiny_model_dir)
+    yield engine
+    engine.shutdown()
+
+
+def test_generations_cut_by_a_drain_end_with_finish_reason_abort(engine):
+    """A stream gets a last message with FINISH_REASON_ABORT and a unary Generate its partial
+    completion with it, instead of CANCELLED / UNAVAILABLE errors."""
+    thread = ServerThread(loopback(), engine)
+    with TandemClient(thread.target, max_retries=0) as client:
+        stream = client.stream("Once upon a time", max_new_tokens=480, ignore_eos=True)
+        first = next(stream)
+        unary = ThreadPoolExecutor(1).submit(client.generate, "A long story", max_new_tokens=480, ignore_eos=True)
+        assert wait_until(lambda: engine.stats().num_running == 2)
+        assert thread.run(thread.server.drain(grace=0.1)) is False
+        chunks = [first, *stream]
+        completion = unary.result(10)
+    assert chunks[-1].finish_reason == "abort" and 0 < chunks[-1].generated_tokens < 480
+    assert completion.finish_reason == "abort" and 0 < completion.generated_tokens < 480
+    assert wait_until(lambda: all_blocks_free(engine), timeout=5)
+    thread.close()
+
+
+SLOW_LOAD = """
+import sys, time
+import server.engine.async_engine as async_engine
+
+class SlowToLoad(async_engine.AsyncEngine):
+    def __init__(self, *args, **kwargs):
+        time.sleep(120)  # a model that takes minutes to load
+        super().__init__(*args, **kwargs)
+
+async_engine.AsyncEngine = SlowToLoad
+from server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
+    env = {**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_PORT": "0", "TANDEM_METRICS_PORT": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD, "serve", "--model", str(tiny_model_dir), "--dtype", "float32"],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        logged = []
+        while not any(entry.get("msg") == "listening" for entry in logged):
+            line = process.stderr.readline()
+            assert line, "the server ended before listening"
+            if line.startswith("{"):
+                logged.append(json.loads(line))
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - started < 20
+        messages = [json.loads(line)["msg"] for line in process.stderr.read().splitlines() if line.startswith("{")]
+        assert "signal received while loading the model: exiting without waiting for the load" in messages
+        assert "ready" not in messages
+    finally:
+        process.kill()
