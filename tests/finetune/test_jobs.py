@@ -1,0 +1,205 @@
+"""Fine-tuning jobs end to end on the tiny model: a job trains, publishes a PEFT adapter that
+peft loads and that Tandem serves with peft's tokens; bad requests are refused before a job
+exists; cancelled and diverging jobs publish nothing; a restarted server resumes a job from
+its checkpoint and ends with the adapter an uninterrupted run makes."""
+
+import copy
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from server.adapters.peft_format import WEIGHTS_FILE, content_hash
+from server.config import EngineConfig
+from server.engine.async_engine import AsyncEngine
+from server.engine.sampling_params import SamplingParams
+from server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound
+from server.finetune.job import Job, JobStatus
+from server.finetune.jobs import JobRequest
+from server.finetune.trainable_adapter import LoRASpec
+from server.finetune.trainer import Hyperparameters
+from tests.adapters.make_adapters import make_adapter
+from tests.engine.helpers import make_engine
+
+MAX_RANK = 16
+DATA = "\n".join(json.dumps({"prompt": f"Item {i}:", "completion": f" value {i * 7}"}) for i in range(24))
+HP = Hyperparameters(learning_rate=1e-2, max_steps=6, tokens_per_step=48, checkpoint_interval=2, seed=4)
+
+
+@pytest.fixture
+def dirs(tmp_path) -> tuple[Path, Path]:
+    adapters, data = tmp_path / "adapters", tmp_path / "data"
+    adapters.mkdir()
+    data.mkdir()
+    return adapters, data
+
+
+def start(model_dir: Path, dirs: tuple[Path, Path]) -> AsyncEngine:
+    adapters, data = dirs
+    config = EngineConfig(
+        model=str(model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(adapters), data_dir=str(data),
+        max_lora_rank=MAX_RANK, max_num_batched_tokens=32,
+    )
+    engine = AsyncEngine(config)
+    engine.start()
+    return engine
+
+
+def wait_for(engine: AsyncEngine, job_id: str, done=lambda job: job.status.terminal, timeout: float = 120) -> Job:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = engine.jobs.get(job_id)
+        if done(job):
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {engine.jobs.get(job_id)}")
+
+
+def request(adapter: str = "tuned", **changes) -> JobRequest:
+    return JobRequest(**{"adapter": adapter, "hyperparameters": HP, "training_data": DATA, "lora": LoRASpec(r=8), **changes})
+
+
+def test_a_job_trains_publishes_and_serves_what_peft_serves(tiny_model_dir, tiny_hf_model, smollm2_tokenizer, dirs):
+    engine = start(tiny_model_dir, dirs)
+    try:
+        events: list[Job] = []
+        job = engine.jobs.create(request())
+        engine.jobs.watch(job.id, events.append)
+        job = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED and job.error is None
+    assert (job.step, job.total_steps, job.num_examples) == (6, 6, 24)
+    assert job.content_hash == content_hash(dirs[0] / "tuned")
+    assert job.trained_tokens > 6 * 30 and job.tokens_per_second > 0 and job.finished_at >= job.started_at > 0
+    statuses = [e.status for e in events]
+    assert statuses[0] is JobStatus.QUEUED and statuses[-1] is JobStatus.SUCCEEDED
+    assert [e.step for e in events if e.status is JobStatus.RUNNING][-1] == 6
+    losses = [e.train_loss for e in events if e.train_loss is not None]
+    assert losses[-1] < losses[0]  # it learns something even in six steps
+
+    # The published files are a PEFT adapter; peft's greedy tokens are Tandem's.
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_hf_model), str(dirs[0] / "tuned")).eval()
+    served = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(dirs[0]), max_lora_rank=MAX_RANK, kv_cache_bytes=8 << 20)
+    prompt = smollm2_tokenizer("Item 3:").input_ids
+    served.add_request("r", prompt, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True), served.registry.get("tuned"))
+    ours = [t for _ in iter(served.has_work, False) for out in served.step() for t in out.token_ids]
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert ours == theirs[0, len(prompt) :].tolist()
+
+
+def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_model, dirs):
+    adapters, data = dirs
+    (data / "ok.jsonl").write_text(DATA)
+    make_adapter(tiny_hf_model, adapters / "patterned", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 8})
+    engine = start(tiny_model_dir, dirs)
+    try:
+        jobs = engine.jobs
+        cases = [
+            (NotFound, request(base_adapter="ghost"), "adapter 'ghost' not found"),
+            (InvalidRequest, request(training_data=DATA + '\n{"prompt": "x"}\nnot json'), "training data has 2 invalid lines: line 25: "),
+            (InvalidRequest, request(training_data="", training_file="../escape.jsonl"), 'training_file "../escape.jsonl" is outside the data directory'),
+            (InvalidRequest, request(training_data="", training_file=".tandem/jobs.sqlite"), "is inside the server's own .tandem directory"),
+            (NotFound, request(training_data="", training_file="missing.jsonl"), 'training_file "missing.jsonl" not found'),
+            (InvalidRequest, request(training_data=""), "give exactly one of training_file"),
+            (InvalidRequest, request(training_file="ok.jsonl"), "give exactly one of training_file"),
+            (InvalidRequest, request(lora=LoRASpec(r=32)), "lora.r 32 is above the server's --max-lora-rank 16"),
+            (InvalidRequest, request(adapter="a/b"), "adapter name must be a non-empty single path component"),
+            (InvalidRequest, request(adapter=".hidden"), "adapter name must not start with '.'"),
+            (IncompatibleAdapter, request(base_adapter="patterned"), "adapter 'patterned' has several ranks or scales"),
+            (
+                InvalidRequest,
+                request(hyperparameters=Hyperparameters(max_seq_length=4096)),
+                "hyperparameters.max_seq_length 4096 exceeds the server's context limit 512",
+            ),
+        ]
+        for cls, bad, message in cases:
+            with pytest.raises(cls) as info:
+                jobs.create(bad)
+            assert type(info.value) is cls and message in str(info.value), (message, str(info.value))
+        assert jobs.list_jobs() == []
+        long = jobs.create(request(hyperparameters=Hyperparameters(max_steps=500, tokens_per_step=48)))
+        with pytest.raises(AlreadyExists, match=rf"^adapter 'tuned' is already being trained by job {long.id}: wait for it or cancel it$"):
+            jobs.create(request())
+        assert jobs.create(request(adapter="other", training_data="", training_file="ok.jsonl")).status is JobStatus.QUEUED
+        with pytest.raises(NotFound, match="^fine-tuning job 'nope' not found$"):
+            jobs.cancel("nope")
+        assert jobs.cancel(long.id).status is JobStatus.CANCELLED
+        with pytest.raises(FailedPrecondition, match=rf"^job {long.id} already ended \(cancelled\); nothing to cancel$"):
+            jobs.cancel(long.id)
+    finally:
+        engine.shutdown()
+    assert not (adapters / "tuned").exists()
+
+
+def test_a_cancelled_running_job_publishes_nothing(tiny_model_dir, dirs):
+    engine = start(tiny_model_dir, dirs)
+    try:
+        job = engine.jobs.create(request(hyperparameters=Hyperparameters(max_steps=1000, tokens_per_step=48)))
+        wait_for(engine, job.id, lambda j: j.step >= 2)
+        assert engine.jobs.cancel(job.id).status is JobStatus.CANCELLED
+        time.sleep(0.3)
+        job = engine.jobs.get(job.id)
+        assert job.status is JobStatus.CANCELLED and not engine.jobs.has_work()
+    finally:
+        engine.shutdown()
+    assert not (dirs[0] / "tuned").exists()
+
+
+def test_a_diverging_job_fails_and_publishes_nothing(tiny_model_dir, tiny_hf_model, dirs):
+    """Continuing an adapter whose weights are finite (it is served) but as large as float32
+    goes overflows the forward: the job fails with training_diverged and the adapter on disk
+    stays as it was."""
+    base = make_adapter(tiny_hf_model, dirs[0] / "huge", r=8, target_modules=["q_proj", "v_proj"])
+    tensors = load_file(base / WEIGHTS_FILE)
+    save_file({k: torch.full_like(v, 3e38) if "lora_A" in k else v for k, v in tensors.items()}, base / WEIGHTS_FILE)
+    before = content_hash(base)
+    engine = start(tiny_model_dir, dirs)
+    try:
+        job = engine.jobs.create(request(adapter="huge", base_adapter="huge", lora=None))
+        job = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.FAILED and job.error.code == "training_diverged"
+    assert job.error.message.startswith("training diverged at step 1: loss ")
+    assert content_hash(base) == before and job.content_hash == ""
+
+
+def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_model_dir, tmp_path):
+    """Stop the server after step 3 (checkpoints at 2, 4, 6): the restarted one resumes from
+    step 2 and publishes bit-identical weights to an uninterrupted run's."""
+    whole = (tmp_path / "a" / "adapters", tmp_path / "a" / "data")
+    cut = (tmp_path / "b" / "adapters", tmp_path / "b" / "data")
+    for d in (*whole, *cut):
+        d.mkdir(parents=True)
+    engine = start(tiny_model_dir, whole)
+    try:
+        wait_for(engine, engine.jobs.create(request(lora=LoRASpec(r=8, lora_dropout=0.1))).id)
+    finally:
+        engine.shutdown()
+
+    engine = start(tiny_model_dir, cut)
+    stepped = threading.Event()
+    try:
+        job = engine.jobs.create(request(lora=LoRASpec(r=8, lora_dropout=0.1)))
+        engine.jobs.watch(job.id, lambda j: j.step >= 3 and stepped.set())
+        assert stepped.wait(60)
+    finally:
+        engine.shutdown()
+    assert sorted(p.name for p in (cut[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir()) == ["step-00000002"]
+
+    engine = start(tiny_model_dir, cut)
+    try:
+        assert engine.jobs.get(job.id).status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+        resumed = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert resumed.status is JobStatus.SUCCEEDED and resumed.step == 6
+    a, b = load_file(whole[0] / "tuned" / WEIGHTS_FILE), load_file(cut[0] / "tuned" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
