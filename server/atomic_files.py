@@ -11,6 +11,7 @@ start with TEMP_PREFIX; `remove_leftovers` clears them at start-up.
 import ctypes
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,10 +54,14 @@ def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
     fsync_dir(path.parent)
 
 
-def remove_leftovers(directory: Path) -> list[Path]:
-    """Delete what interrupted writes left in directory; returns what was removed."""
+def remove_leftovers(directory: Path, min_age_seconds: float = 0.0) -> list[Path]:
+    """Delete what interrupted writes left in directory; returns what was removed. In a
+    directory other processes may write too, min_age_seconds spares their writes in flight."""
     removed = []
+    now = time.time()
     for entry in directory.glob(f"{TEMP_PREFIX}*"):
+        if now - entry.lstat().st_mtime < min_age_seconds:
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

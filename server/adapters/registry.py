@@ -17,9 +17,13 @@ import torch
 
 from server.adapters.peft_format import LoRAAdapter, read_adapter, write_adapter
 from server.adapters.slot_pool import SlotPool
+from server.atomic_files import remove_leftovers
 from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
 from server.model.llama import LlamaModel
 
+# Interrupted publishes older than this are removed at start-up; younger ones may be another
+# replica's write in flight (the adapters directory can be a shared volume).
+LEFTOVER_AGE_SECONDS = 3600.0
 NAME_MAX_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
 PATH_MAX_BYTES = 4096  # and the longest path (PATH_MAX)
 
@@ -108,6 +112,8 @@ class AdapterRegistry:
         self._known: dict[str, AdapterInfo] = {}
         self._in_use: dict[str, int] = {}
         self.host_evictions = 0
+        if self.adapters_dir is not None and self.adapters_dir.is_dir():
+            remove_leftovers(self.adapters_dir, min_age_seconds=LEFTOVER_AGE_SECONDS)
 
     def get(self, name: str) -> LoRAAdapter:
         """The adapter a new request should use: from the host cache, else from disk."""
