@@ -33,26 +33,25 @@ def _messages(messages) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def prompt_of(request: generation_pb2.GenerateRequest, engine: "AsyncEngine") -> str | list[int]:
-    """The engine prompt: text, rendered chat messages, or the given token ids."""
+def prompt_of(request: generation_pb2.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+    """The engine prompt: text, chat messages, or the given token ids."""
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name)]
     if len(given) != 1:
         raise InvalidRequest(
             f"set exactly one of prompt, messages and prompt_token_ids (got {', '.join(given) or 'none'})"
         )
     if request.messages:
-        return engine.apply_chat_template(_messages(request.messages))
+        return _messages(request.messages)
     if request.prompt_token_ids:
         return list(request.prompt_token_ids)
     return request.prompt
 
 
-def tokens_of(request: generation_pb2.TokenizeRequest, engine: "AsyncEngine") -> list[int]:
+def text_of(request: generation_pb2.TokenizeRequest) -> str | list[dict[str, str]]:
+    """What to tokenize: text or chat messages."""
     if bool(request.text) == bool(request.messages):
         raise InvalidRequest("set exactly one of text and messages")
-    if request.messages:
-        return engine.apply_chat_template(_messages(request.messages))
-    return engine.tokenize(request.text)
+    return _messages(request.messages) if request.messages else request.text
 
 
 def sampling_params_of(request: generation_pb2.GenerateRequest) -> SamplingParams:

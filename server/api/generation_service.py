@@ -26,7 +26,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         with self._state.admit() as engine:
             call = current_call()
             call.adapter = request.adapter
-            prompt = convert.prompt_of(request, engine)
+            prompt = convert.prompt_of(request)
             params = convert.sampling_params_of(request)
             # Callers may reuse an x-request-id (retries do); engine ids must stay unique.
             engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
@@ -50,10 +50,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> generation_pb2.TokenizeResponse:
         with self._state.admit() as engine:
-            token_ids = convert.tokens_of(request, engine)
-            return generation_pb2.TokenizeResponse(
-                token_ids=token_ids, tokens=[engine.decode([t]) for t in token_ids]
-            )
+            token_ids = await engine.encode(convert.text_of(request))
+            return generation_pb2.TokenizeResponse(token_ids=token_ids, tokens=await engine.token_texts(token_ids))
 
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
         with self._state.admit() as engine:

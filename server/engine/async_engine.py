@@ -24,6 +24,20 @@ from server.finetune.jobs import JobManager
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
+# No token of the tokenizers we serve spans this many characters: a longer text cannot fit
+# the context, so it is refused before any tokenizing.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """Chat messages the template can render: a role it knows and text content each."""
+    if not messages:
+        raise InvalidRequest("messages is empty: send at least one message")
+    for i, m in enumerate(messages):
+        if m.get("role") not in CHAT_ROLES:
+            raise InvalidRequest(f"messages[{i}].role is {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidRequest(f"messages[{i}].content must be text")
 
 
 @dataclass
@@ -101,22 +115,44 @@ class AsyncEngine:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Render chat messages with the model's template, ready for the assistant's turn."""
-        if not messages:
-            raise InvalidRequest("messages is empty: send at least one message")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("this model has no chat template: send a plain prompt instead of messages")
-        for i, m in enumerate(messages):
-            if m.get("role") not in CHAT_ROLES:
-                raise InvalidRequest(f"messages[{i}].role is {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(m.get("content"), str):
-                raise InvalidRequest(f"messages[{i}].content must be text")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    async def encode(self, prompt: "str | list[dict[str, str]]") -> list[int]:
+        """The tokens of a text, or of chat messages rendered with the chat template.
+
+        Checked and capped first, then tokenized off the event loop: megabytes of text take
+        seconds, which would stall every other call, health probes included."""
+        if isinstance(prompt, str):
+            self._check_length(len(prompt), "the text")
+            return await asyncio.to_thread(self.tokenize, prompt)
+        check_messages(prompt)
+        self._check_length(sum(len(m["content"]) for m in prompt), "the messages' text")
+        return await asyncio.to_thread(self.apply_chat_template, prompt)
+
+    async def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text on its own, off the event loop."""
+        return await asyncio.to_thread(self.tokenizer.batch_decode, [[t] for t in token_ids], skip_special_tokens=True)
+
+    def _check_length(self, chars: int, what: str) -> None:
+        limit = self.info.max_model_len * MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            raise InvalidRequest(
+                f"{what} is {chars} characters long; no more than {limit} can fit the context limit of "
+                f"{self.info.max_model_len} tokens: shorten it"
+            )
+
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str, adapter: str | None = None
+        self,
+        prompt: "str | list[int] | list[dict[str, str]]",
+        params: SamplingParams,
+        request_id: str,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; errors are raised before the first output."""
+        """Stream a request's outputs for a text, token ids, or chat messages; errors are
+        raised before the first output."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
         lora = None
@@ -125,7 +161,8 @@ class AsyncEngine:
                 raise NotFound(f"adapter {adapter!r} not found: the server has no adapters directory (--adapters-dir)")
             # A first use reads the adapter from disk: keep that off the event loop.
             lora = await asyncio.to_thread(self.engine.registry.get, adapter)
-        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        prompt_ids = await self.encode(prompt) if is_text else list(prompt)
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:

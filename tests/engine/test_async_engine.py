@@ -101,12 +101,20 @@ def test_a_full_server_refuses_at_once(engine):
 
 
 def test_chat_template_and_its_errors(engine):
-    ids = engine.apply_chat_template([{"role": "user", "content": "Hi"}])
+    ids = asyncio.run(engine.encode([{"role": "user", "content": "Hi"}]))
     assert "<|im_start|>assistant" in engine.tokenizer.decode(ids)
     with pytest.raises(InvalidRequest, match="role"):
-        engine.apply_chat_template([{"role": "wizard", "content": "Hi"}])
+        asyncio.run(engine.encode([{"role": "wizard", "content": "Hi"}]))
     with pytest.raises(InvalidRequest, match="empty"):
-        engine.apply_chat_template([])
+        asyncio.run(engine.encode([]))
+
+
+def test_text_too_long_for_the_context_is_refused_before_tokenizing(engine):
+    limit = engine.info.max_model_len * 32
+    with pytest.raises(InvalidRequest, match=rf"^the text is {limit + 1} characters long; no more than {limit} can fit"):
+        asyncio.run(engine.encode("x" * (limit + 1)))
+    with pytest.raises(InvalidRequest, match=rf"^the messages' text is {limit + 1} characters long"):
+        asyncio.run(engine.encode([{"role": "user", "content": "y" * (limit + 1)}]))
 
 
 def test_not_started_is_unavailable(tiny_model_dir):
