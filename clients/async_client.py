@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import convert
-from clients.connection import ConnectionSettings, Deadline, is_retryable, new_request_id, request_id_from, retry_delays
+from clients.connection import Attempts, ConnectionSettings, new_request_id, request_id_from
 from clients.convert import Messages
 from clients.errors import TandemRpcError
 from clients.types import AdapterInfo, Completion, ModelInfo, SamplingOptions, StreamChunk
@@ -45,18 +45,14 @@ class AsyncTandemClient:
 
     async def _unary(self, method: Callable, request: Any, timeout: float | None, request_id: str | None) -> tuple[Any, str]:
         request_id = new_request_id(request_id)
-        deadline = Deadline(self.settings.timeout if timeout is None else timeout)
-        delays = retry_delays(self.settings)
+        attempts = Attempts(self.settings, self.settings.timeout if timeout is None else timeout)
         while True:
-            call = method(request, timeout=deadline.remaining(), metadata=self.settings.metadata(request_id))
+            call = method(request, timeout=attempts.deadline.remaining(), metadata=self.settings.metadata(request_id))
             try:
                 response = await call
                 return response, request_id_from(await call.initial_metadata(), request_id)
             except grpc.RpcError as error:
-                delay = next(delays, None) if is_retryable(error) else None
-                remaining = deadline.remaining()
-                if delay is None or (remaining is not None and delay >= remaining):
-                    raise TandemRpcError.wrap(error, request_id) from None
+                delay = attempts.pause_after(error, request_id)
             await asyncio.sleep(delay)
 
     async def generate(
@@ -88,11 +84,10 @@ class AsyncTandemClient:
         """Yields chunks as they are generated; closing the iterator cancels the request."""
         request = convert.generate_request(prompt, messages, prompt_token_ids, adapter, options)
         request_id = new_request_id(request_id)
-        deadline = Deadline(self.settings.timeout if timeout is None else timeout)
-        delays = retry_delays(self.settings)
+        attempts = Attempts(self.settings, self.settings.timeout if timeout is None else timeout)
         while True:
             call = self._generation.GenerateStream(
-                request, timeout=deadline.remaining(), metadata=self.settings.metadata(request_id)
+                request, timeout=attempts.deadline.remaining(), metadata=self.settings.metadata(request_id)
             )
             received = False
             try:
@@ -101,10 +96,7 @@ class AsyncTandemClient:
                     yield convert.stream_chunk(response)
                 return
             except grpc.RpcError as error:
-                delay = next(delays, None) if is_retryable(error) and not received else None
-                remaining = deadline.remaining()
-                if delay is None or (remaining is not None and delay >= remaining):
-                    raise TandemRpcError.wrap(error, request_id) from None
+                delay = attempts.pause_after(error, request_id, retry=not received)
             finally:
                 call.cancel()
             await asyncio.sleep(delay)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from clients.errors import TandemRpcError
+
 REQUEST_ID_KEY = "x-request-id"
 
 
@@ -90,3 +92,20 @@ def is_retryable(error: grpc.RpcError) -> bool:
     """Only UNAVAILABLE: the server did no work (loading, draining, unreachable)."""
     code = getattr(error, "code", None)
     return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+
+
+class Attempts:
+    """The deadline and the retry budget of one call, shared by all its attempts."""
+
+    def __init__(self, settings: ConnectionSettings, timeout: float | None):
+        self.deadline = Deadline(timeout)
+        self._delays = retry_delays(settings)
+
+    def pause_after(self, error: grpc.RpcError, request_id: str | None, retry: bool = True) -> float:
+        """Seconds to wait before the next attempt; raises the call's TandemRpcError when
+        there is none (retry False, not retryable, retries spent, or the deadline would pass first)."""
+        delay = next(self._delays, None) if retry and is_retryable(error) else None
+        remaining = self.deadline.remaining()
+        if delay is None or (remaining is not None and delay >= remaining):
+            raise TandemRpcError.wrap(error, request_id) from None
+        return delay
