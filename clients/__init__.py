@@ -3,12 +3,14 @@
 from clients.async_client import AsyncTandemClient
 from clients.errors import TandemRpcError
 from clients.sync_client import TandemClient
-from clients.types import AdapterInfo, Completion, ModelInfo, StreamChunk, TokenLogprob
+from clients.types import AdapterInfo, Completion, FinetuneJob, FinetuneJobError, ModelInfo, StreamChunk, TokenLogprob
 
 __all__ = [
     "AdapterInfo",
     "AsyncTandemClient",
     "Completion",
+    "FinetuneJob",
+    "FinetuneJobError",
     "ModelInfo",
     "StreamChunk",
     "TandemClient",

@@ -2,17 +2,19 @@
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import convert
 from clients.connection import Attempts, ConnectionSettings, new_request_id, request_id_from
-from clients.convert import Messages
+from clients.convert import Call, Messages, TrainingData
 from clients.errors import TandemRpcError
-from clients.types import AdapterInfo, Completion, ModelInfo, SamplingOptions, StreamChunk
+from clients.types import AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, SamplingOptions, StreamChunk
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+T = TypeVar("T")
 
 
 class AsyncTandemClient:
@@ -33,6 +35,7 @@ class AsyncTandemClient:
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stubs: dict[type, Any] = {}
 
     async def close(self) -> None:
         await self._channel.close()
@@ -53,6 +56,32 @@ class AsyncTandemClient:
                 return response, request_id_from(await call.initial_metadata(), request_id)
             except grpc.RpcError as error:
                 delay = attempts.pause_after(error, request_id)
+            await asyncio.sleep(delay)
+
+    def _stub(self, kind: type) -> Any:
+        if kind not in self._stubs:
+            self._stubs[kind] = kind(self._channel)
+        return self._stubs[kind]
+
+    async def _call(self, call: Call[T], timeout: float | None) -> T:
+        response, _ = await self._unary(getattr(self._stub(call.stub), call.method), call.request, timeout, None)
+        return call.result(response)
+
+    async def _watch(self, call: Call[T], timeout: float | None) -> AsyncIterator[T]:
+        """As TandemClient._watch: reconnects on UNAVAILABLE at any point; no deadline unless given."""
+        request_id = new_request_id(None)
+        attempts = Attempts(self.settings, timeout)
+        method = getattr(self._stub(call.stub), call.method)
+        while True:
+            responses = method(call.request, timeout=attempts.deadline.remaining(), metadata=self.settings.metadata(request_id))
+            try:
+                async for response in responses:
+                    yield call.result(response)
+                return
+            except grpc.RpcError as error:
+                delay = attempts.pause_after(error, request_id)
+            finally:
+                responses.cancel()
             await asyncio.sleep(delay)
 
     async def generate(
@@ -127,3 +156,31 @@ class AsyncTandemClient:
         except grpc.RpcError as error:
             raise TandemRpcError.wrap(error, None) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def create_finetune_job(
+        self,
+        adapter: str,
+        *,
+        training_file: str | None = None,
+        training_data: TrainingData | None = None,
+        base_adapter: str = "",
+        lora: LoraOptions | None = None,
+        hyperparameters: Hyperparameters | None = None,
+        timeout: float | None = None,
+    ) -> FinetuneJob:
+        """As TandemClient.create_finetune_job."""
+        call = convert.create_finetune_job(adapter, training_file, training_data, base_adapter, lora, hyperparameters)
+        return await self._call(call, timeout)
+
+    async def get_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:
+        return await self._call(convert.get_finetune_job(job_id), timeout)
+
+    async def list_finetune_jobs(self, timeout: float | None = None) -> list[FinetuneJob]:
+        return await self._call(convert.list_finetune_jobs(), timeout)
+
+    async def cancel_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:
+        return await self._call(convert.cancel_finetune_job(job_id), timeout)
+
+    def watch_finetune_job(self, job_id: str, timeout: float | None = None) -> AsyncIterator[FinetuneJob]:
+        """As TandemClient.watch_finetune_job: `async for job in client.watch_finetune_job(id)`."""
+        return self._watch(convert.watch_finetune_job(job_id), timeout)

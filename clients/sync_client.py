@@ -2,17 +2,20 @@
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import convert
 from clients.connection import Attempts, ConnectionSettings, new_request_id, request_id_from
-from clients.convert import Messages
+from clients.convert import Call, Messages, TrainingData
 from clients.errors import TandemRpcError
-from clients.types import AdapterInfo, Completion, ModelInfo, SamplingOptions, StreamChunk
+from clients.types import AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, SamplingOptions, StreamChunk
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+T = TypeVar("T")
+
 
 class TandemClient:
     """Talks to one Tandem server. Use as a context manager or call close().
@@ -31,6 +34,7 @@ class TandemClient:
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stubs: dict[type, Any] = {}
 
     def close(self) -> None:
         self._channel.close()
@@ -53,6 +57,34 @@ class TandemClient:
                 return response, request_id_from(call.initial_metadata(), request_id)
             except grpc.RpcError as error:
                 delay = attempts.pause_after(error, request_id)
+            time.sleep(delay)
+
+    def _stub(self, kind: type) -> Any:
+        if kind not in self._stubs:
+            self._stubs[kind] = kind(self._channel)
+        return self._stubs[kind]
+
+    def _call(self, call: Call[T], timeout: float | None) -> T:
+        response, _ = self._unary(getattr(self._stub(call.stub), call.method), call.request, timeout, None)
+        return call.result(response)
+
+    def _watch(self, call: Call[T], timeout: float | None) -> Iterator[T]:
+        """Runs a server stream whose every (re)connection starts with the whole current state,
+        so it reconnects on UNAVAILABLE even after responses arrived. Such a stream may last
+        hours: no deadline unless `timeout` is given."""
+        request_id = new_request_id(None)
+        attempts = Attempts(self.settings, timeout)
+        method = getattr(self._stub(call.stub), call.method)
+        while True:
+            responses = method(call.request, timeout=attempts.deadline.remaining(), metadata=self.settings.metadata(request_id))
+            try:
+                for response in responses:
+                    yield call.result(response)
+                return
+            except grpc.RpcError as error:
+                delay = attempts.pause_after(error, request_id)
+            finally:
+                responses.cancel()
             time.sleep(delay)
 
     def generate(
@@ -132,3 +164,37 @@ class TandemClient:
         except grpc.RpcError as error:
             raise TandemRpcError.wrap(error, None) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def create_finetune_job(
+        self,
+        adapter: str,
+        *,
+        training_file: str | None = None,
+        training_data: TrainingData | None = None,
+        base_adapter: str = "",
+        lora: LoraOptions | None = None,
+        hyperparameters: Hyperparameters | None = None,
+        timeout: float | None = None,
+    ) -> FinetuneJob:
+        """Queues a job that trains `adapter` (a new version if it exists) on exactly one of
+        training_file (a JSONL file in the server's --data-dir) and training_data (JSONL, or
+        its lines as dicts); base_adapter continues a served adapter. The server checks the
+        whole dataset first: a bad line fails this call, not the job. Needs an admin token."""
+        call = convert.create_finetune_job(adapter, training_file, training_data, base_adapter, lora, hyperparameters)
+        return self._call(call, timeout)
+
+    def get_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:
+        return self._call(convert.get_finetune_job(job_id), timeout)
+
+    def list_finetune_jobs(self, timeout: float | None = None) -> list[FinetuneJob]:
+        """Every job, newest first."""
+        return self._call(convert.list_finetune_jobs(), timeout)
+
+    def cancel_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:
+        """Stops a queued or running job; nothing is published. FAILED_PRECONDITION once it ended."""
+        return self._call(convert.cancel_finetune_job(job_id), timeout)
+
+    def watch_finetune_job(self, job_id: str, timeout: float | None = None) -> Iterator[FinetuneJob]:
+        """Yields the job now, then after every change (status, each optimizer step), and
+        ends after the snapshot in which it ended. timeout None: no deadline (jobs take hours)."""
+        return self._watch(convert.watch_finetune_job(job_id), timeout)

@@ -79,3 +79,91 @@ class AdapterInfo:
     content_hash: str
     in_use: int
     path: str
+
+
+class LoraOptions(TypedDict, total=False):
+    """PEFT's LoRA settings for a fine-tuning job (peft.LoraConfig names); unset = the server's
+    defaults, or the base adapter's settings when training continues one.
+
+    r 16; lora_alpha 2 * r; target_modules: any of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj (all seven by default; a str is read as comma-separated names).
+    """
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str] | str
+    lora_dropout: float
+
+
+class Hyperparameters(TypedDict, total=False):
+    """How a fine-tuning job trains (OpenAI's names where it has them); unset = the server default.
+
+    learning_rate 2e-4 (AdamW); lr_scheduler "linear", "cosine" or "constant"; n_epochs 1;
+    max_steps 0 = n_epochs over the data; tokens_per_step 4096; max_seq_length 0 = the
+    context limit; max_grad_norm 1.0 (0 = off); eval_fraction in [0, 0.5];
+    checkpoint_interval 50 steps.
+    """
+
+    learning_rate: float
+    lr_scheduler: str
+    warmup_steps: int
+    n_epochs: int
+    max_steps: int
+    tokens_per_step: int
+    max_seq_length: int
+    weight_decay: float
+    max_grad_norm: float
+    eval_fraction: float
+    checkpoint_interval: int
+    seed: int
+
+
+@dataclass
+class FinetuneJobError:
+    """Why a job failed. code: training_diverged, publish_failed, validation_failed or
+    internal_error; param: the request field it concerns, or ""."""
+
+    code: str
+    message: str
+    param: str
+
+
+FINETUNE_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class FinetuneJob:
+    """A snapshot of one fine-tuning job.
+
+    status: "validating_files", "queued", "running", then "succeeded", "failed" or
+    "cancelled". Times are Unix seconds, 0 = not yet (estimated_finish: 0 = unknown or
+    ended). train_loss / eval_loss: mean token loss of the last step / the last eval point,
+    None before there is one. content_hash: the adapter version a succeeded job published.
+    lora and hyperparameters: the settings the job actually uses, defaults filled in.
+    """
+
+    id: str
+    adapter: str
+    base_adapter: str
+    status: str
+    created_at: int
+    started_at: int
+    finished_at: int
+    estimated_finish: int
+    step: int
+    total_steps: int
+    num_examples: int
+    num_eval_examples: int
+    trained_tokens: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_second: float
+    error: FinetuneJobError | None
+    content_hash: str
+    lora: dict
+    hyperparameters: dict
+
+    @property
+    def ended(self) -> bool:
+        return self.status in FINETUNE_TERMINAL
