@@ -1,4 +1,4 @@
-"""The client side of the `tandem` command: generate, chat, adapters, health, model.
+"""The client side of the `tandem` command: generate, chat, adapters, finetune, health, model.
 
 Flags are added by server/cli.py's `add_env_flag` (passed in), which gives each its
 TANDEM_* environment twin; this module never reads the environment itself.
@@ -11,16 +11,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from clients.errors import TandemRpcError
+from clients.job_display import ProgressDisplay, job_details, job_table, outcome
 from clients.sync_client import TandemClient
-from clients.types import SamplingOptions
+from clients.types import FinetuneJob, Hyperparameters, LoraOptions, SamplingOptions
 
 EXIT_NOT_SERVING = 1
+EXIT_JOB_FAILED = 1  # a watched fine-tuning job failed or was cancelled
 EXIT_RPC_BASE = 10  # exit status 10 + gRPC status code
 
 AddFlag = Callable[[argparse.ArgumentParser, str, Callable[[str], Any], str, Any], None]
+FlagSpec = tuple[str, Callable[[str], Any], str]  # (flag, type, help)
 
 
 def _connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -> None:
@@ -33,6 +36,58 @@ def _connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -> Non
     add_flag(group, "--client-cert", str, "PEM client certificate (mutual TLS)", None)
     add_flag(group, "--client-key", str, "PEM key of --client-cert", None)
     add_flag(group, "--timeout", float, "seconds per call, retries included", 300.0)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# `finetune create` flags with TANDEM_* twins; unset ones leave the server's default.
+LORA_FLAGS: list[FlagSpec] = [
+    ("--r", int, "LoRA rank (server default 16; at most its --max-lora-rank)"),
+    ("--lora-alpha", float, "scale numerator (default 2 * r)"),
+    ("--target-modules", _comma_list, "comma-separated, e.g. q_proj,v_proj (default: all seven projections)"),
+    ("--lora-dropout", float, "dropout on each adapted linear's input, in [0, 1)"),
+]
+HYPERPARAMETER_FLAGS: list[FlagSpec] = [
+    ("--learning-rate", float, "AdamW learning rate (default 2e-4)"),
+    ("--lr-scheduler", str, "linear (default), cosine or constant, after the warm-up"),
+    ("--warmup-steps", int, "linear warm-up steps"),
+    ("--n-epochs", int, "passes over the data (default 1; ignored with --max-steps)"),
+    ("--max-steps", int, "optimizer steps to run (default: n-epochs over the data)"),
+    ("--tokens-per-step", int, "tokens per optimizer step (default 4096)"),
+    ("--max-seq-length", int, "longest example in tokens; longer ones are refused (default: the context limit)"),
+    ("--weight-decay", float, "AdamW weight decay"),
+    ("--max-grad-norm", float, "gradient clipping by global norm (default 1.0, 0 = off)"),
+    ("--eval-fraction", float, "share of the examples held out for eval loss, in [0, 0.5]"),
+    ("--checkpoint-interval", int, "optimizer steps between checkpoints and eval points (default 50)"),
+    ("--seed", int, "data order, initialisation and dropout"),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _given(args: argparse.Namespace, flags: list[FlagSpec]) -> dict[str, Any]:
+    return {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in flags if getattr(args, _dest(flag)) is not None}
+
+
+def _finetune_create_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -> None:
+    parser.add_argument("adapter", help="name of the adapter to publish (a new version if it exists)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--training-file", help="a JSONL file inside the server's --data-dir")
+    data.add_argument("--data", help="a local JSONL file, sent with the request")
+    parser.add_argument("--base-adapter", default="", help="continue training this served adapter")
+    lora = parser.add_argument_group("LoRA (unset: the server's defaults, or the base adapter's settings)")
+    for flag, kind, text in LORA_FLAGS:
+        add_flag(lora, flag, kind, text, None)
+    lora.add_argument("--use-rslora", action="store_true", help="scale by lora_alpha / sqrt(r)")
+    training = parser.add_argument_group("training (unset: the server's defaults)")
+    for flag, kind, text in HYPERPARAMETER_FLAGS:
+        add_flag(training, flag, kind, text, None)
+    parser.add_argument("--watch", action="store_true", help="show progress until the job ends (Ctrl-C stops watching, not the job)")
+    parser.add_argument("--json", action="store_true", help="print the job (with --watch: the ended job) as JSON")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +208,72 @@ def _run_adapters(args: argparse.Namespace, client: TandemClient) -> int:
     return 0
 
 
+def _print_job(job: FinetuneJob, as_json: bool) -> None:
+    if as_json:
+        _print_json(asdict(job))
+    else:
+        print("\n".join(job_details(job)))
+
+
+def _follow(client: TandemClient, job_id: str, as_json: bool) -> int:
+    """Shows the job's progress on stderr until it ends, then its outcome; 0 only if it succeeded."""
+    display = ProgressDisplay(sys.stderr)
+    job = None
+    try:
+        for job in client.watch_finetune_job(job_id):
+            display.show(job)
+    finally:
+        display.close()
+    if job is None:
+        raise ValueError(f"the server sent no state for job {job_id}")
+    if as_json:
+        _print_json(asdict(job))
+    else:
+        print(outcome(job))
+    return 0 if job.status == "succeeded" else EXIT_JOB_FAILED
+
+
+def _run_finetune_create(args: argparse.Namespace, client: TandemClient) -> int:
+    lora = _given(args, LORA_FLAGS) | ({"use_rslora": True} if args.use_rslora else {})
+    job = client.create_finetune_job(
+        args.adapter,
+        training_file=args.training_file,
+        training_data=Path(args.data).read_text(encoding="utf-8") if args.data else None,
+        base_adapter=args.base_adapter,
+        lora=cast(LoraOptions, lora),
+        hyperparameters=cast(Hyperparameters, _given(args, HYPERPARAMETER_FLAGS)),
+    )
+    if not args.watch:
+        _print_job(job, args.json)
+        return 0
+    print(f"{job.id}: {job.status}, {job.num_examples} examples, {job.total_steps} steps", file=sys.stderr)
+    return _follow(client, job.id, args.json)
+
+
+def _run_finetune_list(args: argparse.Namespace, client: TandemClient) -> int:
+    jobs = client.list_finetune_jobs()
+    if args.json:
+        _print_json([asdict(job) for job in jobs])
+    else:
+        print("\n".join(job_table(jobs)))
+    return 0
+
+
+def _run_finetune_get(args: argparse.Namespace, client: TandemClient) -> int:
+    _print_job(client.get_finetune_job(args.id), args.json)
+    return 0
+
+
+def _run_finetune_cancel(args: argparse.Namespace, client: TandemClient) -> int:
+    job = client.cancel_finetune_job(args.id)
+    print(f"{job.id}: {job.status}")
+    return 0
+
+
+def _run_finetune_watch(args: argparse.Namespace, client: TandemClient) -> int:
+    return _follow(client, args.id, args.json)
+
+
 def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callable[[argparse.Namespace], int]:
     """Connects, runs `action`, and turns failures into a message and an exit status."""
 
@@ -173,8 +294,33 @@ def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callab
     return run
 
 
+FINETUNE_EPILOG = """create --watch and watch exit 0 when the job succeeded, 1 when it failed or was
+cancelled, 10+N when a call failed with gRPC status code N."""
+
+
+def _add_finetune_command(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None:
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune LoRA adapters on the served model (admin)", epilog=FINETUNE_EPILOG
+    )
+    actions = finetune.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="validate a dataset and queue a job", epilog=FINETUNE_EPILOG)
+    _finetune_create_flags(create, add_flag)
+    listing = actions.add_parser("list", help="list jobs, newest first")
+    get = actions.add_parser("get", help="show one job")
+    cancel = actions.add_parser("cancel", help="stop a queued or running job; nothing is published")
+    watch = actions.add_parser("watch", help="show a job's progress until it ends", epilog=FINETUNE_EPILOG)
+    for parser in (get, cancel, watch):
+        parser.add_argument("id", help="job id (ftjob-...)")
+    for parser in (listing, get, watch):
+        parser.add_argument("--json", action="store_true")
+    runs = {create: _run_finetune_create, listing: _run_finetune_list, get: _run_finetune_get, cancel: _run_finetune_cancel}
+    for parser, run in (runs | {watch: _run_finetune_watch}).items():
+        _connection_flags(parser, add_flag)
+        parser.set_defaults(run=_runner(run))
+
+
 def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None:
-    """Adds generate, chat, model, health and adapters to the `tandem` parser."""
+    """Adds generate, chat, model, health, adapters and finetune to the `tandem` parser."""
     generate = commands.add_parser("generate", help="generate text (streams to the terminal)")
     generate.add_argument("prompt", help="the prompt; - reads it from standard input")
     generate.add_argument("--json", action="store_true", help="wait for the whole answer and print it as JSON")
@@ -211,3 +357,4 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     for parser in (generate, chat, model, health, listing, load, unload):
         _connection_flags(parser, add_flag)
     adapters.set_defaults(run=_runner(_run_adapters))
+    _add_finetune_command(commands, add_flag)
