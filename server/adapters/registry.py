@@ -111,13 +111,17 @@ class AdapterRegistry:
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._known: dict[str, AdapterInfo] = {}
         self._in_use: dict[str, int] = {}
+        # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
+        self._unloaded: set[str] = set()
         self.host_evictions = 0
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
             remove_leftovers(self.adapters_dir, min_age_seconds=LEFTOVER_AGE_SECONDS)
 
     def get(self, name: str) -> LoRAAdapter:
-        """The adapter a new request should use: from the host cache, else from disk."""
+        """The adapter a new request should use: from the host cache, else from disk (unless
+        an admin unloaded it)."""
         with self._lock:
+            self._check_not_unloaded(name)
             adapter = self._cache.get(name)
             if adapter is not None:
                 self._cache.move_to_end(name)
@@ -126,14 +130,18 @@ class AdapterRegistry:
 
     def load(self, name: str, path: str = "") -> AdapterInfo:
         """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
-        a changed file becomes a new version at once."""
-        self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, path))
+        a changed file becomes a new version at once, and an unloaded name is usable again."""
+        directory = resolve_adapter_dir(self.adapters_dir, name, path)
+        with self._lock:
+            self._unloaded.discard(name)
+        self._read_and_cache(name, directory)
         with self._lock:
             return self._live(self._known[name])
 
     def publish(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> AdapterInfo:
         """Write a new version of `name` into the adapters directory, atomically, and make it
-        the version new requests get; requests already running finish on theirs."""
+        the version new requests get (loading it, as an admin would); requests already
+        running finish on theirs."""
         check_adapter_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
@@ -141,11 +149,17 @@ class AdapterRegistry:
         return self.load(name)
 
     def unload(self, name: str) -> None:
-        """Forget an adapter; requests already using it finish with the version they hold."""
+        """Forget an adapter and refuse it until an admin loads it again (its files stay on
+        disk); requests already using it finish with the version they hold."""
         with self._lock:
             if self._known.pop(name, None) is None:
                 raise NotFound(f"adapter {name!r} is not loaded")
             self._cache.pop(name, None)
+            self._unloaded.add(name)
+
+    def _check_not_unloaded(self, name: str) -> None:
+        if name in self._unloaded:
+            raise NotFound(f"adapter {name!r} was unloaded: an admin must load it (LoadAdapter) before it is served again")
 
     def pin(self, adapter: LoRAAdapter) -> None:
         with self._lock:
@@ -175,6 +189,8 @@ class AdapterRegistry:
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()
         with self._lock:
+            # An unload while this read was under way wins (load clears the mark first).
+            self._check_not_unloaded(name)
             self._cache[name] = adapter
             self._cache.move_to_end(name)
             self._known[name] = AdapterInfo(

@@ -1,0 +1,29 @@
+"""Issue 11, defect 5: UnloadAdapter keeps an adapter unloaded. The rule: an unloaded name is
+refused (NOT_FOUND, saying why) until an admin loads it again; its files stay on disk."""
+
+import pytest
+
+from server.engine.sampling_params import SamplingParams
+from server.errors import NotFound
+from tests.adapters.make_adapters import make_adapter
+from tests.engine.helpers import make_engine
+
+
+def test_an_unloaded_adapter_stays_unloaded_until_loaded(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    make_adapter(tiny_hf_model, tmp_path / "style", r=4)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    registry = engine.registry
+    first = registry.get("style")
+    engine.add_request("running", [5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True), first)
+    registry.unload("style")
+    message = "^adapter 'style' was unloaded: an admin must load it \\(LoadAdapter\\) before it is served again$"
+    for _ in range(2):  # neither the host cache nor the disk brings it back
+        with pytest.raises(NotFound, match=message):
+            registry.get("style")
+    assert [a.name for a in registry.list()] == []
+    while engine.has_work():  # the request that held it finishes on its version
+        engine.step()
+    with pytest.raises(NotFound, match="^adapter 'style' is not loaded$"):
+        registry.unload("style")
+    assert registry.load("style").content_hash == first.content_hash
+    assert registry.get("style").content_hash == first.content_hash
