@@ -60,7 +60,9 @@ def add_env_flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str
         try:
             default = kind(os.environ[env])
         except ValueError:
-            parser.error(f"{env}={os.environ[env]!r} is not a valid {kind.__name__}")
+            # parser may be an argument group, which has no error(): exit as argparse would.
+            print(f"tandem: error: {env}={os.environ[env]!r} is not a valid {kind.__name__}", file=sys.stderr)
+            raise SystemExit(2) from None
     shown = "unset" if default is None else default
     parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {shown}]")
 

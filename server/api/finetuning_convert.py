@@ -3,7 +3,6 @@ only the fields a request sets reach the dataclasses, whose defaults are the one
 
 from server.finetune.job import Job, JobStatus
 from server.finetune.jobs import JobRequest
-from server.finetune.trainable_adapter import LoRASpec
 from server.finetune.trainer import Hyperparameters
 from tandem.v1 import finetuning_pb2
 
@@ -24,7 +23,7 @@ def job_request(request: finetuning_pb2.CreateJobRequest) -> JobRequest:
         training_file=request.training_file,
         training_data=request.training_data,
         base_adapter=request.base_adapter,
-        lora=_lora(request.lora) if request.HasField("lora") else None,
+        lora=_lora(request.lora),
     )
 
 
@@ -36,15 +35,14 @@ def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
 
 
-def _lora(lora: finetuning_pb2.LoraConfig) -> LoRASpec:
-    return LoRASpec(
-        **_given(
-            r=lora.r or None,
-            lora_alpha=_optional(lora, "lora_alpha"),
-            target_modules=tuple(lora.target_modules) or None,
-            use_rslora=lora.use_rslora,
-            lora_dropout=lora.lora_dropout,
-        )
+def _lora(lora: finetuning_pb2.LoraConfig) -> dict:
+    """The LoRASpec fields the request sets."""
+    return _given(
+        r=lora.r or None,
+        lora_alpha=_optional(lora, "lora_alpha"),
+        target_modules=tuple(lora.target_modules) or None,
+        use_rslora=lora.use_rslora or None,
+        lora_dropout=lora.lora_dropout or None,
     )
 
 

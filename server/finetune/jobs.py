@@ -33,7 +33,7 @@ from server.finetune.dataset import TrainingExample, parse_dataset, resolve_trai
 from server.finetune.job import Job, JobError, JobStatus
 from server.finetune.job_store import JobStore
 from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter, spec_of
-from server.finetune.trainer import Hyperparameters, StepReport, Trainer, TrainingDiverged, plan_steps
+from server.finetune.trainer import Hyperparameters, StepPlan, StepReport, Trainer, TrainingDiverged
 
 log = logging.getLogger("tandem.finetune")
 
@@ -44,15 +44,15 @@ DATASET_FILE = "train.jsonl"
 @dataclass(frozen=True)
 class JobRequest:
     """What CreateJob asks for. Exactly one of training_file (a file name inside the data
-    directory) and training_data (inline JSONL). lora None: the defaults, or the base
-    adapter's settings when training continues from base_adapter."""
+    directory) and training_data (inline JSONL). lora: the LoRASpec fields the request sets;
+    the rest are the defaults, or the base adapter's when training continues from one."""
 
     adapter: str
     hyperparameters: Hyperparameters
     training_file: str = ""
     training_data: str = ""
     base_adapter: str = ""
-    lora: LoRASpec | None = None
+    lora: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,12 @@ class FinetuneStats:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A job's examples, tokenized, and the adapter it starts from (None: fresh)."""
+    """A job's examples, tokenized, its step plan, and the adapter it starts from (None:
+    fresh); made off the engine thread."""
 
     train: list[TrainingExample]
     evaluation: list[TrainingExample]
+    plan: StepPlan
     base: LoRAAdapter | None
 
 
@@ -131,7 +133,7 @@ class JobManager:
             hyperparameters=hp,
             status=JobStatus.QUEUED,
             created_at=time.time(),
-            total_steps=len(plan_steps(prepared.train, hp)),
+            total_steps=len(prepared.plan),
             num_examples=len(prepared.train),
             num_eval_examples=len(prepared.evaluation),
         )
@@ -239,7 +241,10 @@ class JobManager:
             adapter = TrainableAdapter(model, job.lora, seed=job.hyperparameters.seed)
         else:
             adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
-        trainer = Trainer(adapter, job.hyperparameters, prepared.train, prepared.evaluation, self.engine.config.max_num_batched_tokens)
+        trainer = Trainer(
+            adapter, job.hyperparameters, prepared.train, prepared.evaluation, self.engine.config.max_num_batched_tokens,
+            prepared.plan,
+        )
         resumed = checkpoints.latest(self._job_dir(job.id) / "checkpoints")
         if resumed is not None:
             tensors, state = checkpoints.load(resumed)
@@ -307,16 +312,17 @@ class JobManager:
     # Helpers
 
     def _spec(self, request: JobRequest, base: LoRAAdapter | None) -> LoRASpec:
-        """The LoRA settings: the base adapter's (a given lora must agree) or the request's."""
+        """The LoRA settings: the request's over the defaults, or over the base adapter's
+        (which only lora_dropout may change: the weights fix the rest)."""
         if base is None:
-            spec = request.lora or LoRASpec()
+            spec = LoRASpec(**request.lora)
         else:
-            spec = spec_of(base, request.lora.lora_dropout if request.lora else 0.0)
-            given = request.lora
-            if given is not None and (given.r, given.target_modules) != (spec.r, spec.target_modules):
+            continued = spec_of(base, 0.0)
+            spec = LoRASpec(**{**dataclasses.asdict(continued), **request.lora})
+            if dataclasses.replace(spec, lora_dropout=0.0) != continued:
                 raise InvalidRequest(
-                    f"lora (r {given.r}, targets {list(given.target_modules)}) disagrees with base adapter "
-                    f"{base.name!r} (r {spec.r}, targets {list(spec.target_modules)}): leave lora unset to continue it"
+                    f"lora {request.lora} disagrees with base adapter {base.name!r} (r {continued.r}, lora_alpha "
+                    f"{continued.lora_alpha:g}, target_modules {list(continued.target_modules)}): set only lora_dropout to continue it"
                 )
         max_rank = self.engine.config.max_lora_rank
         if spec.r > max_rank:
@@ -346,7 +352,7 @@ class JobManager:
     def _prepare(self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None) -> _Prepared:
         examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length)
         train, evaluation = split_eval(examples, hp.eval_fraction, hp.seed)
-        return _Prepared(train, evaluation, base)
+        return _Prepared(train, evaluation, StepPlan(train, hp), base)
 
     def _revalidate(self, job_ids: list[str]) -> None:
         """Re-tokenize interrupted jobs' stored datasets (off the engine thread), then queue them."""

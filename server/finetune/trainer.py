@@ -25,6 +25,9 @@ from server.finetune.dataset import TrainingExample
 from server.finetune.trainable_adapter import TrainableAdapter
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
+# OpenAI's limit on epochs; a million steps is weeks of CPU time.
+MAX_EPOCHS = 50
+MAX_STEPS = 1_000_000
 
 
 class TrainingDiverged(TandemError):
@@ -55,8 +58,8 @@ class Hyperparameters:
             ("learning_rate", math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1, "in (0, 1]"),
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("n_epochs", 1 <= self.n_epochs <= 1000, "in [1, 1000]"),
-            ("max_steps", 0 <= self.max_steps <= 10_000_000, "in [0, 10000000] (0: n_epochs over the data)"),
+            ("n_epochs", 1 <= self.n_epochs <= MAX_EPOCHS, f"in [1, {MAX_EPOCHS}]"),
+            ("max_steps", 0 <= self.max_steps <= MAX_STEPS, f"in [0, {MAX_STEPS}] (0: n_epochs over the data)"),
             ("tokens_per_step", self.tokens_per_step >= 1, ">= 1"),
             ("max_seq_length", self.max_seq_length >= 2 or self.max_seq_length == 0, ">= 2 (0: the context limit)"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
@@ -84,24 +87,51 @@ class StepReport:
     eval_loss: float | None = None
 
 
-def plan_steps(examples: list[TrainingExample], hp: Hyperparameters) -> list[list[int]]:
-    """The example indices of every optimizer step, in order."""
-    steps: list[list[int]] = []
-    epoch = 0
-    while (len(steps) < hp.max_steps) if hp.max_steps else (epoch < hp.n_epochs):
-        order = list(range(len(examples)))
-        random.Random(hp.seed * 1_000_003 + epoch).shuffle(order)
-        current: list[int] = []
+class StepPlan:
+    """The example indices of every optimizer step, in order: each epoch's examples in a
+    seeded order, packed greedily into steps of up to tokens_per_step tokens.
+
+    Built an epoch at a time as steps are read (a plan of a million steps costs seconds
+    and memory when built whole); counting the steps of n_epochs packs each epoch once,
+    so build a plan off the engine thread."""
+
+    def __init__(self, examples: list[TrainingExample], hp: Hyperparameters):
+        self._tokens = [e.num_tokens for e in examples]
+        self._hp = hp
+        self._epoch, self._start, self._steps = 0, 0, self._pack(0)
+        self._len = hp.max_steps or sum(len(self._pack(epoch)) for epoch in range(hp.n_epochs))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, step: int) -> list[int]:
+        if not 0 <= step < self._len:
+            raise IndexError(f"step {step} is outside the plan of {self._len} steps")
+        if step < self._start:
+            self._epoch, self._start, self._steps = 0, 0, self._pack(0)
+        while step >= self._start + len(self._steps):
+            self._start += len(self._steps)
+            self._epoch += 1
+            self._steps = self._pack(self._epoch)
+        return self._steps[step - self._start]
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self._tokens)))
+        random.Random(self._hp.seed * 1_000_003 + epoch).shuffle(order)
+        steps: list[list[int]] = [[]]
         tokens = 0
         for i in order:
-            if current and tokens + examples[i].num_tokens > hp.tokens_per_step:
-                steps.append(current)
-                current, tokens = [], 0
-            current.append(i)
-            tokens += examples[i].num_tokens
-        steps.append(current)
-        epoch += 1
-    return steps[: hp.max_steps] if hp.max_steps else steps
+            if steps[-1] and tokens + self._tokens[i] > self._hp.tokens_per_step:
+                steps.append([])
+                tokens = 0
+            steps[-1].append(i)
+            tokens += self._tokens[i]
+        return steps
+
+
+def plan_steps(examples: list[TrainingExample], hp: Hyperparameters) -> list[list[int]]:
+    """The whole plan as a list (for a short plan: a test's or a benchmark's)."""
+    return list(StepPlan(examples, hp))
 
 
 def micro_batches(examples: list[TrainingExample], max_tokens: int) -> list[list[TrainingExample]]:
@@ -125,13 +155,14 @@ class Trainer:
         train: list[TrainingExample],
         evaluation: list[TrainingExample],
         micro_batch_tokens: int,
+        plan: StepPlan | None = None,
     ):
         self.adapter = adapter
         self.hp = hp
         self.train = train
         self.evaluation = evaluation
         self.micro_batch_tokens = micro_batch_tokens
-        self.plan = plan_steps(train, hp)
+        self.plan = StepPlan(train, hp) if plan is None else plan
         self.step = 0
         self.optimizer = torch.optim.AdamW(
             adapter.parameters(), lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=hp.weight_decay

@@ -64,3 +64,11 @@ def test_serve_help_documents_every_flag_and_its_env_twin(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag, _, _ in ENGINE_FLAGS + SERVER_FLAGS:
         assert flag in text and env_name(flag) in text.replace("- ", "-"), flag
+
+
+def test_a_bad_environment_value_exits_2_with_its_name(capsys, monkeypatch):
+    monkeypatch.setenv("TANDEM_TIMEOUT", "soon")
+    with pytest.raises(SystemExit) as info:
+        main(["model"])
+    assert info.value.code == 2
+    assert "tandem: error: TANDEM_TIMEOUT='soon' is not a valid float" in capsys.readouterr().err

@@ -21,7 +21,6 @@ from server.engine.sampling_params import SamplingParams
 from server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound
 from server.finetune.job import Job, JobStatus
 from server.finetune.jobs import JobRequest
-from server.finetune.trainable_adapter import LoRASpec
 from server.finetune.trainer import Hyperparameters
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
@@ -61,7 +60,7 @@ def wait_for(engine: AsyncEngine, job_id: str, done=lambda job: job.status.termi
 
 
 def request(adapter: str = "tuned", **changes) -> JobRequest:
-    return JobRequest(**{"adapter": adapter, "hyperparameters": HP, "training_data": DATA, "lora": LoRASpec(r=8), **changes})
+    return JobRequest(**{"adapter": adapter, "hyperparameters": HP, "training_data": DATA, "lora": {"r": 8}, **changes})
 
 
 def test_a_job_trains_publishes_and_serves_what_peft_serves(tiny_model_dir, tiny_hf_model, smollm2_tokenizer, dirs):
@@ -98,6 +97,7 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
     adapters, data = dirs
     (data / "ok.jsonl").write_text(DATA)
     make_adapter(tiny_hf_model, adapters / "patterned", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 8})
+    make_adapter(tiny_hf_model, adapters / "plain", r=4)
     engine = start(tiny_model_dir, dirs)
     try:
         jobs = engine.jobs
@@ -109,10 +109,16 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
             (NotFound, request(training_data="", training_file="missing.jsonl"), 'training_file "missing.jsonl" not found'),
             (InvalidRequest, request(training_data=""), "give exactly one of training_file"),
             (InvalidRequest, request(training_file="ok.jsonl"), "give exactly one of training_file"),
-            (InvalidRequest, request(lora=LoRASpec(r=32)), "lora.r 32 is above the server's --max-lora-rank 16"),
+            (InvalidRequest, request(lora={"r": 32}), "lora.r 32 is above the server's --max-lora-rank 16"),
             (InvalidRequest, request(adapter="a/b"), "adapter name must be a non-empty single path component"),
             (InvalidRequest, request(adapter=".hidden"), "adapter name must not start with '.'"),
-            (IncompatibleAdapter, request(base_adapter="patterned"), "adapter 'patterned' has several ranks or scales"),
+            (IncompatibleAdapter, request(base_adapter="patterned", lora={}), "adapter 'patterned' has several ranks or scales"),
+            (
+                InvalidRequest,
+                request(base_adapter="plain", lora={"r": 8}),
+                "lora {'r': 8} disagrees with base adapter 'plain' (r 4, lora_alpha 16, target_modules "
+                "['q_proj', 'k_proj', 'v_proj', 'o_proj']): set only lora_dropout to continue it",
+            ),
             (
                 InvalidRequest,
                 request(hyperparameters=Hyperparameters(max_seq_length=4096)),
@@ -128,6 +134,8 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
         with pytest.raises(AlreadyExists, match=rf"^adapter 'tuned' is already being trained by job {long.id}: wait for it or cancel it$"):
             jobs.create(request())
         assert jobs.create(request(adapter="other", training_data="", training_file="ok.jsonl")).status is JobStatus.QUEUED
+        continued = jobs.create(request(adapter="plain", base_adapter="plain", lora={"lora_dropout": 0.2}))
+        assert (continued.lora.r, continued.lora.lora_dropout) == (4, 0.2)
         with pytest.raises(NotFound, match="^fine-tuning job 'nope' not found$"):
             jobs.cancel("nope")
         assert jobs.cancel(long.id).status is JobStatus.CANCELLED
@@ -162,7 +170,7 @@ def test_a_diverging_job_fails_and_publishes_nothing(tiny_model_dir, tiny_hf_mod
     before = content_hash(base)
     engine = start(tiny_model_dir, dirs)
     try:
-        job = engine.jobs.create(request(adapter="huge", base_adapter="huge", lora=None))
+        job = engine.jobs.create(request(adapter="huge", base_adapter="huge", lora={}))
         job = wait_for(engine, job.id)
     finally:
         engine.shutdown()
@@ -180,14 +188,14 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
         d.mkdir(parents=True)
     engine = start(tiny_model_dir, whole)
     try:
-        wait_for(engine, engine.jobs.create(request(lora=LoRASpec(r=8, lora_dropout=0.1))).id)
+        wait_for(engine, engine.jobs.create(request(lora={"r": 8, "lora_dropout": 0.1})).id)
     finally:
         engine.shutdown()
 
     engine = start(tiny_model_dir, cut)
     stepped = threading.Event()
     try:
-        job = engine.jobs.create(request(lora=LoRASpec(r=8, lora_dropout=0.1)))
+        job = engine.jobs.create(request(lora={"r": 8, "lora_dropout": 0.1}))
         engine.jobs.watch(job.id, lambda j: j.step >= 3 and stepped.set())
         assert stepped.wait(60)
     finally:

@@ -7,7 +7,7 @@ import torch
 from server.engine.iteration import IGNORE_INDEX, TrainingSequence
 from server.finetune.dataset import TrainingExample
 from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
-from server.finetune.trainer import Hyperparameters, Trainer, TrainingDiverged, micro_batches, plan_steps
+from server.finetune.trainer import MAX_STEPS, Hyperparameters, StepPlan, Trainer, TrainingDiverged, micro_batches, plan_steps
 from tests.adapters.make_adapters import ALL_LINEAR
 from tests.engine.helpers import make_engine, random_prompts
 from tests.finetune.test_gradients import peft_loss, peft_twin, randomize
@@ -69,6 +69,9 @@ def test_the_plan_covers_every_epoch_and_is_deterministic():
     assert all(sum(data[i].num_tokens for i in step) <= 10 or len(step) == 1 for step in plan)
     assert plan != plan_steps(data, Hyperparameters(n_epochs=3, tokens_per_step=10, seed=12))
     assert len(plan_steps(data, Hyperparameters(max_steps=17, tokens_per_step=10))) == 17
+    # Built an epoch at a time: the longest plan allowed costs nothing until it is read.
+    long = StepPlan(data, Hyperparameters(max_steps=MAX_STEPS, tokens_per_step=10))
+    assert len(long) == MAX_STEPS and long[40] == plan_steps(data, Hyperparameters(max_steps=41, tokens_per_step=10))[40]
     assert [len(g) for g in micro_batches([data[i] for i in (0, 2, 1, 3)], 10)] == [2, 1, 1]
 
 
