@@ -18,12 +18,15 @@ from server.config import EngineConfig
 from server.engine.llm_engine import Engine
 from server.engine.outputs import EngineStats, ModelInfo, RequestOutput
 from server.engine.sampling_params import SamplingParams
-from server.errors import InvalidRequest, NotFound, TandemError, Unavailable
+from server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
 from server.finetune.jobs import JobManager
 
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
+# A reader this many outputs behind has stopped reading (gRPC's own buffers absorb far more
+# before a stream's handler waits); its request is stopped rather than buffered without bound.
+MAX_UNREAD_OUTPUTS = 256
 # No token of the tokenizers we serve spans this many characters: a longer text cannot fit
 # the context, so it is refused before any tokenizing.
 MAX_CHARS_PER_TOKEN = 32
@@ -42,8 +45,17 @@ def check_messages(messages: list[dict[str, str]]) -> None:
 
 @dataclass
 class _Stream:
+    """A request's outputs on their way to its reader. delivered is counted by the engine
+    thread, read by the reader's loop: each counter has one writer."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    delivered: int = 0
+    read: int = 0
+
+    @property
+    def unread(self) -> int:
+        return self.delivered - self.read
 
 
 @dataclass(frozen=True)
@@ -176,6 +188,7 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await stream.queue.get()
+                stream.read += 1
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
@@ -215,6 +228,23 @@ class AsyncEngine:
             return
         for out in outputs:
             self._deliver(out.request_id, out)
+            self._stop_if_unread(out)
+
+    def _stop_if_unread(self, out: RequestOutput) -> None:
+        """Abort a running request whose reader has stopped reading (its outputs would pile
+        up in memory without bound) and end its stream with RESOURCE_EXHAUSTED."""
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+        if stream is None or out.finished or stream.unread <= MAX_UNREAD_OUTPUTS:
+            return
+        self.engine.abort(out.request_id)
+        self._deliver(
+            out.request_id,
+            ResourceExhausted(
+                f"the stream's reader fell {stream.unread} outputs behind, so the request was stopped: "
+                "read a stream as it arrives (or use the unary call)"
+            ),
+        )
 
     def _drain_inbox(self) -> None:
         while True:
@@ -240,4 +270,5 @@ class AsyncEngine:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is not None:
+            stream.delivered += 1
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

@@ -1,0 +1,44 @@
+"""Issue 11, defect 8: a stream whose reader stops reading cannot pile up outputs without
+bound: once MAX_UNREAD_OUTPUTS are waiting, its request is stopped (its KV blocks freed)
+and the stream ends with RESOURCE_EXHAUSTED after what was already delivered."""
+
+import asyncio
+import time
+
+import pytest
+
+from server.config import EngineConfig
+from server.engine.async_engine import MAX_UNREAD_OUTPUTS, AsyncEngine
+from server.engine.sampling_params import SamplingParams
+from server.errors import ResourceExhausted
+
+
+def test_a_reader_that_stops_reading_stops_its_request(tiny_model_dir):
+    engine = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=16 << 20))
+    engine.start()
+
+    async def main() -> tuple[int, BaseException | None, int, int]:
+        stalled = engine.generate("Once upon a time", SamplingParams(temperature=0, max_new_tokens=480, ignore_eos=True), "slow")
+        await stalled.__anext__()
+        reader = [out async for out in engine.generate("Hi", SamplingParams(max_new_tokens=4), "fast")]
+        deadline = time.monotonic() + 60
+        while engine.stats().num_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        running = engine.stats().num_running
+        received, error = 1, None
+        try:
+            async for _ in stalled:
+                received += 1
+        except ResourceExhausted as exc:
+            error = exc
+        return running, error, received, len(reader)
+
+    try:
+        running, error, received, others = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert running == 0 and others >= 1
+    assert error is not None and str(error).startswith(f"the stream's reader fell {MAX_UNREAD_OUTPUTS + 1} outputs behind")
+    assert received == MAX_UNREAD_OUTPUTS + 2  # the first, then everything delivered before the stop
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
