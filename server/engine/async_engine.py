@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from server.adapters.peft_format import LoRAAdapter
 from server.config import EngineConfig
+from server.engine.chat import check_messages, render_chat
 from server.engine.llm_engine import Engine
 from server.engine.outputs import EngineStats, ModelInfo, RequestOutput
 from server.engine.sampling_params import SamplingParams
@@ -23,24 +24,12 @@ from server.finetune.jobs import JobManager
 
 log = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "user", "assistant")
 # A reader this many outputs behind has stopped reading (gRPC's own buffers absorb far more
 # before a stream's handler waits); its request is stopped rather than buffered without bound.
 MAX_UNREAD_OUTPUTS = 256
 # No token of the tokenizers we serve spans this many characters: a longer text cannot fit
 # the context, so it is refused before any tokenizing.
 MAX_CHARS_PER_TOKEN = 32
-
-
-def check_messages(messages: list[dict[str, str]]) -> None:
-    """Chat messages the template can render: a role it knows and text content each."""
-    if not messages:
-        raise InvalidRequest("messages is empty: send at least one message")
-    for i, m in enumerate(messages):
-        if m.get("role") not in CHAT_ROLES:
-            raise InvalidRequest(f"messages[{i}].role is {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise InvalidRequest(f"messages[{i}].content must be text")
 
 
 @dataclass
@@ -127,9 +116,7 @@ class AsyncEngine:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Render chat messages with the model's template, ready for the assistant's turn."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest("this model has no chat template: send a plain prompt instead of messages")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     async def encode(self, prompt: "str | list[dict[str, str]]") -> list[int]:

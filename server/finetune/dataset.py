@@ -22,10 +22,10 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
+from server.engine.chat import CHAT_ROLES, render_chat
+from server.engine.iteration import IGNORE_INDEX
 from server.errors import InvalidRequest, NotFound
 
-IGNORE_INDEX = -100
-CHAT_ROLES = ("system", "user", "assistant")
 # The keys of each line format; a line has exactly one format's keys.
 FORMATS = {"prompt/completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
 # The refusal travels in gRPC trailers, which proxies cap at a few KB.
@@ -284,7 +284,7 @@ def _render_turns(messages: list[dict], tokenizer) -> tuple[str, list[_Assistant
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render_chat(tokenizer, messages, add_generation_prompt)
     except TemplateError as e:
         raise _LineError(f"the chat template refused it ({_excerpt(str(e), 80)})") from None
 
