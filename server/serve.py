@@ -20,11 +20,12 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
     from server.engine.async_engine import AsyncEngine  # torch import: only when serving
 
     server = build_server(server_config)
-    await server.start()
+    # Before start() logs "listening": a SIGTERM from then on must drain, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
 
     loading = asyncio.create_task(asyncio.to_thread(AsyncEngine, engine_config))
     stopping = asyncio.create_task(stop.wait())
