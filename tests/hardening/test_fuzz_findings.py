@@ -1,0 +1,160 @@
+"""What tests/hardening/test_fuzz.py found, one focused test each, failing until fixed
+(strict xfail: a fix turns it into an unexpected pass, and then the mark and the bound the
+fuzz keeps around the finding go).
+
+Over gRPC the first three are INTERNAL for LoadAdapter and for any Generate naming the
+adapter, inference tokens included."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.adapters.peft_format import read_adapter
+from server.adapters.registry import resolve_adapter_dir
+from server.config import EngineConfig
+from server.engine.async_engine import AsyncEngine
+from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from server.finetune.job import JobStatus
+from server.finetune.jobs import JobRequest
+from server.finetune.trainable_adapter import LoRASpec
+from server.finetune.trainer import Hyperparameters
+from server.model.loader import build_from_hf
+from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+MAX_DETAILS = 1000  # server/api/status_mapping.py cuts messages here
+
+
+@pytest.fixture(scope="module")
+def base(tiny_hf_model):
+    return build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def template(tiny_hf_model, tmp_path_factory) -> Path:
+    return make_adapter(tiny_hf_model, tmp_path_factory.mktemp("template") / "t", r=4, target_modules=["q_proj"])
+
+
+@pytest.fixture
+def adapter(template, tmp_path) -> Path:
+    return Path(shutil.copytree(template, tmp_path / "x"))
+
+
+def write_header(path: Path, header: dict) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peft_format.py:385 _is_finite_number calls math.isfinite on a JSON integer too large for a float: "
+    "OverflowError, INTERNAL",
+)
+@pytest.mark.parametrize("fields", [dict(lora_alpha=10**400), dict(alpha_pattern={"q_proj": 10**400})], ids=["lora_alpha", "alpha_pattern"])
+def test_an_integer_alpha_too_large_for_a_float_is_refused(adapter, base, fields):
+    edit_config(adapter, **fields)
+    with pytest.raises(IncompatibleAdapter, match="it must be a finite number"):
+        read_adapter("x", adapter, base, 8)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="patterns.py:41 re.compile raises OverflowError (not re.error) for a repetition count of 2^32 - 1 "
+    "or more: INTERNAL",
+)
+@pytest.mark.parametrize("field", ["target_modules", "alpha_pattern", "rank_pattern"])
+def test_a_repetition_count_too_large_for_re_is_refused(adapter, base, field):
+    pattern = "q_proj{4294967295}"
+    edit_config(adapter, **{field: pattern if field == "target_modules" else {pattern: 4}})
+    with pytest.raises(IncompatibleAdapter, match="is not a valid regular expression"):
+        read_adapter("x", adapter, base, 8)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peft_format.py:247 _view hands torch a dimension of 2^63 or more (an empty tensor passes the byte "
+    "count): TypeError, INTERNAL",
+)
+def test_a_dimension_too_large_for_torch_is_refused(adapter, base):
+    write_header(
+        weights_file(adapter),
+        {
+            f"{Q}.lora_A.weight": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]},
+            f"{Q}.lora_B.weight": {"dtype": "F32", "shape": [64, 0], "data_offsets": [0, 0]},
+        },
+    )
+    with pytest.raises(IncompatibleAdapter, match="corrupt adapter_model.safetensors"):
+        read_adapter("x", adapter, base, 8)
+
+
+LONG = "L" * 2000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="peft_format.py quotes tensor names from the safetensors header whole (_tensor_entry, _check_layout, "
+    "_pair_tensors:342-351, _locate:360): file bytes in the message, cut at 1000 characters",
+)
+@pytest.mark.parametrize(
+    "key",
+    [LONG, f"base_model.model.{LONG}.lora_A.weight", f"base_model.model.{LONG}.lm_head.lora_B.weight"],
+    ids=["unexpected", "not-a-projection", "lm-head"],
+)
+def test_refusals_never_quote_a_long_tensor_name(adapter, base, key):
+    write_header(weights_file(adapter), {key: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}})
+    with pytest.raises(IncompatibleAdapter) as info:
+        read_adapter("x", adapter, base, 8)
+    assert LONG[:65] not in str(info.value) and len(str(info.value)) < MAX_DETAILS
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="registry.py:66, 69 and 90 quote the request's adapter name or path whole: the message is cut at "
+    "1000 characters",
+)
+@pytest.mark.parametrize("name, path", [("a/" + LONG, ""), ("." + LONG, ""), ("x", "d/" * 2000)], ids=["slash", "dot", "path"])
+def test_refusals_of_long_names_and_paths_stay_short(tmp_path, name, path):
+    with pytest.raises((InvalidRequest, NotFound)) as info:
+        resolve_adapter_dir(tmp_path, name, path)
+    assert len(str(info.value)) < MAX_DETAILS
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trainable_adapter.py:45 quotes lora.target_modules whole (and jobs.py:324 the whole lora settings): "
+    "the message is cut at 1000 characters",
+)
+def test_a_refused_target_module_list_is_not_quoted_whole():
+    with pytest.raises(InvalidRequest) as info:
+        LoRASpec(target_modules=("not_a_projection",) * 1000)
+    assert len(str(info.value)) < MAX_DETAILS
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trainer.py:195 seeds torch with seed * 1_000_003 + step, past int64 for seeds from 2^63 / 1_000_003: "
+    "the job CreateJob accepted fails with internal_error (ValueError: Overflow when unpacking long long)",
+)
+def test_every_seed_createjob_accepts_trains(tiny_model_dir, tmp_path):
+    (tmp_path / "adapters").mkdir()
+    config = EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(tmp_path / "adapters"),
+        data_dir=str(tmp_path / "data"), max_lora_rank=8,
+    )
+    engine = AsyncEngine(config)
+    engine.start()
+    try:
+        data = "\n".join(json.dumps({"prompt": f"Item {i}:", "completion": f" value {i}"}) for i in range(4))
+        hp = Hyperparameters(max_steps=1, tokens_per_step=64, seed=2**63 - 1)
+        job = engine.jobs.create(JobRequest(adapter="tuned", hyperparameters=hp, training_data=data, lora={"r": 4}))
+        deadline = time.monotonic() + 60
+        while not engine.jobs.get(job.id).status.terminal and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job = engine.jobs.get(job.id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED, job.error
