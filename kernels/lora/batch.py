@@ -100,6 +100,9 @@ class LoRABatch:
     seg_lens:      [num_slots] int32, tokens in each segment, 0 past the active ones.
     segments:      host copy of the active segments, so the CPU path never syncs.
     num_lora_tokens: number of tokens with an adapter (host int).
+    first_lora_token: when the tokens with an adapter, in sorted order, are the consecutive
+                   rows first, first + 1, ... (a training batch, a lone prefill chunk), that
+                   first row, so the torch path slices them instead of gathering; else None.
     """
 
     token_slots: Tensor
@@ -109,6 +112,7 @@ class LoRABatch:
     seg_lens: Tensor
     segments: tuple[Segment, ...]
     num_lora_tokens: int
+    first_lora_token: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -159,6 +163,8 @@ class LoRABatch:
             for slot, start, length in zip(active.tolist(), starts[active].tolist(), counts[active].tolist())
         )
         num_lora_tokens = int(counts.sum())
+        lora_rows = sorted_tokens[:num_lora_tokens]
+        run = num_lora_tokens and torch.equal(lora_rows, torch.arange(int(lora_rows[0]), int(lora_rows[0]) + num_lora_tokens))
         device = torch.device("cpu" if device is None else device)
         return cls(
             token_slots=host.to(device=device, dtype=torch.int32),
@@ -168,6 +174,7 @@ class LoRABatch:
             seg_lens=seg_lens.to(device),
             segments=segments,
             num_lora_tokens=num_lora_tokens,
+            first_lora_token=int(lora_rows[0]) if run else None,
         )
 
 

@@ -34,6 +34,26 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def lora_rows(t: Tensor, batch: LoRABatch) -> Tensor:
+    """[num_lora_tokens, ...]: t's rows of the tokens with an adapter, in sorted order; a view
+    (no copy) when they are consecutive rows."""
+    first, n = batch.first_lora_token, batch.num_lora_tokens
+    return t[first : first + n] if first is not None else t.index_select(0, batch.sorted_tokens[:n])
+
+
+def put_lora_rows(out: Tensor, batch: LoRABatch, values: Tensor, accumulate: bool = False) -> None:
+    """out[rows of the tokens with an adapter] = values (+= with accumulate), values in sorted order."""
+    first, n = batch.first_lora_token, batch.num_lora_tokens
+    values = values.to(out.dtype)
+    if first is None:
+        index = batch.sorted_tokens[:n]
+        out.index_add_(0, index, values) if accumulate else out.index_copy_(0, index, values)
+    elif accumulate:
+        out[first : first + n] += values
+    else:
+        out[first : first + n] = values
+
+
 def _shrink_segment(xs: Tensor, a_slot: Tensor, rank: int, w: LoRAWeights) -> Tensor:
     """xs [n, in] (compute dtype), a_slot [S * max_rank, in] -> [n, S, rank]."""
     num_slices, in_features = w.num_slices, w.in_features
@@ -67,14 +87,14 @@ def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch) -> Tensor:
     v = x.new_zeros((batch.num_tokens, num_slices * max_rank), dtype=cdt)
     if batch.num_lora_tokens == 0:
         return v
-    index = batch.sorted_tokens[: batch.num_lora_tokens]
-    xs = x.index_select(0, index).to(cdt)
+    xs = lora_rows(x, batch)
     vs = v.new_zeros((batch.num_lora_tokens, num_slices, max_rank))
     for seg in batch.segments:
         rows = slice(seg.start, seg.start + seg.length)
         rank = w.host_ranks[seg.slot]
-        vs[rows, :, :rank] = _shrink_segment(xs[rows], w.a[seg.slot], rank, w)
-    v.index_copy_(0, index, vs.view(batch.num_lora_tokens, -1))
+        mdt = _matmul_dtype(x.dtype, w, seg.length, seg.length)
+        vs[rows, :, :rank] = _shrink_segment(xs[rows].to(mdt), w.a[seg.slot], rank, w)
+    put_lora_rows(v, batch, vs.view(batch.num_lora_tokens, -1))
     return v
 
 
@@ -86,18 +106,15 @@ def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     """
     if batch.num_lora_tokens == 0:
         return
-    cdt = _compute_dtype(v.dtype)
-    index = batch.sorted_tokens[: batch.num_lora_tokens]
-    vs = v.index_select(0, index).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
-    tokens, deltas = [], []
+    vs = lora_rows(v, batch).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
+    deltas = y.new_zeros((batch.num_lora_tokens, y.shape[1]))
     for seg in batch.segments:
         rows = slice(seg.start, seg.start + seg.length)
         rank = w.host_ranks[seg.slot]
         if rank:
-            tokens.append(index[rows])
-            deltas.append(_expand_segment(vs[rows, :, :rank].to(cdt), w.b[seg.slot], rank, w))
-    if deltas:
-        y.index_add_(0, torch.cat(tokens), torch.cat(deltas).to(y.dtype))
+            mdt = _matmul_dtype(y.dtype, w, seg.length, seg.length)
+            deltas[rows] = _expand_segment(vs[rows, :, :rank].to(mdt), w.b[seg.slot], rank, w)
+    put_lora_rows(y, batch, deltas, accumulate=True)
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
@@ -110,48 +127,49 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     """
     if batch.num_lora_tokens == 0:
         return
-    cdt = _compute_dtype(x.dtype)
     plan = batch.cpu_plan
     loose = plan.loose
     for grid in plan.grids:
         ranks = tuple(w.host_ranks[seg.slot] for seg in grid.segments)
         if len(set(ranks)) == 1:
             if ranks[0]:
-                _add_grid(x, w, grid, ranks[0], cdt, y)
+                _add_grid(x, w, grid, ranks[0], y)
             continue
         by_rank, alone = plan.by_rank(grid, ranks)
         for rank, sub in by_rank:
             if rank:
-                _add_grid(x, w, sub, rank, cdt, y)
+                _add_grid(x, w, sub, rank, y)
         loose = loose + alone
     for item in loose:
         if w.host_ranks[item.segment.slot]:
-            _delta_loose(x, w, item, cdt, y)
+            _delta_loose(x, w, item, y)
 
 
-def _add_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dtype, y: Tensor) -> None:
-    delta = _delta_grid(x, w, grid, rank, _matmul_dtype(x, w, grid.num_slots * grid.length, grid.length, cdt))
+def _add_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, y: Tensor) -> None:
+    delta = _delta_grid(x, w, grid, rank, _matmul_dtype(x.dtype, w, grid.num_slots * grid.length, grid.length))
     y.index_add_(0, grid.row_tokens, delta.to(y.dtype))
 
 
-def _matmul_dtype(x: Tensor, w: LoRAWeights, rows: int, rows_per_matrix: int, cdt: torch.dtype) -> torch.dtype:
-    """float32 (cdt) for small matmuls, x's half precision for large ones (see the constants)."""
-    if x.dtype not in (torch.bfloat16, torch.float16):
+def _matmul_dtype(dtype: torch.dtype, w: LoRAWeights, rows: int, rows_per_matrix: int) -> torch.dtype:
+    """For activations of dtype: float32 for small matmuls, their half precision for large
+    ones (see the constants)."""
+    cdt = _compute_dtype(dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
         return cdt
-    if w.a.dtype == x.dtype:
-        return x.dtype if rows >= _HALF_POOL_MIN_ROWS else cdt
+    if w.a.dtype == dtype:
+        return dtype if rows >= _HALF_POOL_MIN_ROWS else cdt
     if w.a.dtype == cdt and rows >= _FP32_POOL_MIN_ROWS and rows_per_matrix >= _FP32_POOL_MIN_ROWS_PER_MATRIX:
-        return x.dtype
+        return dtype
     return cdt
 
 
-def _delta_loose(x: Tensor, w: LoRAWeights, item: Loose, cdt: torch.dtype, y: Tensor) -> None:
+def _delta_loose(x: Tensor, w: LoRAWeights, item: Loose, y: Tensor) -> None:
     """y[tokens of one segment] += its LoRA delta: one shrink and one expand."""
     seg = item.segment
     rank = w.host_ranks[seg.slot]
     first = item.first_token
     xs = x.index_select(0, item.tokens) if first is None else x[first : first + seg.length]
-    v = _shrink_segment(xs.to(_matmul_dtype(x, w, seg.length, seg.length, cdt)), w.a[seg.slot], rank, w)
+    v = _shrink_segment(xs.to(_matmul_dtype(x.dtype, w, seg.length, seg.length)), w.a[seg.slot], rank, w)
     delta = _expand_segment(v, w.b[seg.slot], rank, w)
     if first is None:
         y.index_add_(0, item.tokens, delta.to(y.dtype))

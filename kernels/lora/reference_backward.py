@@ -5,9 +5,11 @@ With v = x A^T (per slice, saved by the forward) and dy the gradient of the delt
     dx = dv A               (reduced over slices and ranks)
     dA = dv^T x,  dB_s = dy_s^T v_s   (per slot, reduced over its segment's tokens)
 As in reference.py: one loop over the segments, never over tokens, each segment's work
-trimmed to its slot's real rank; rows gathered once with index_select; segment bounds
-and ranks read from host copies, so nothing here syncs with a device. Every product runs
-in float32 (float64 for float64 inputs), as the forward's small matmuls do.
+trimmed to its slot's real rank; the rows with an adapter sliced when consecutive (a
+training batch) and gathered once otherwise; segment bounds and ranks read from host
+copies, so nothing here syncs with a device. Products run where the forward's do: float32
+(float64 for float64 inputs) for small segments, the activations' half precision for
+large ones (a training batch in bf16), accumulated into float32 gradients.
 """
 
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .batch import LoRABatch, LoRAWeights
-from .reference import _compute_dtype
+from .reference import _compute_dtype, _matmul_dtype, lora_rows, put_lora_rows
 
 
 def _slices(w: LoRAWeights) -> Iterator[tuple[int, slice]]:
@@ -41,16 +43,15 @@ def grad_v(dy: Tensor, w: LoRAWeights, batch: LoRABatch) -> Tensor:
     dy: [T, N]. Returns dv: [T, S * max_rank] in float32 (float64 for float64 dy); columns
     past a slot's rank and rows of tokens without an adapter are zero.
     """
-    cdt = _compute_dtype(dy.dtype)
-    dv = dy.new_zeros((batch.num_tokens, w.num_slices * w.max_rank), dtype=cdt)
-    index = batch.sorted_tokens[: batch.num_lora_tokens]
-    dys = dy.index_select(0, index).to(cdt)
+    dv = dy.new_zeros((batch.num_tokens, w.num_slices * w.max_rank), dtype=_compute_dtype(dy.dtype))
+    dys = lora_rows(dy, batch)
     dvs = dv.new_zeros((batch.num_lora_tokens, w.num_slices, w.max_rank))
     for rows, slot, rank in _segments(w, batch):
-        b_r = w.b[slot, :, :rank].to(cdt)
+        mdt = _matmul_dtype(dy.dtype, w, rows.stop - rows.start, rows.stop - rows.start)
+        b_r = w.b[slot, :, :rank].to(mdt)
         for s, cols in _slices(w):
-            dvs[rows, s, :rank] = torch.mm(dys[rows, cols], b_r[cols])
-    dv.index_copy_(0, index, dvs.view(batch.num_lora_tokens, w.num_slices * w.max_rank))
+            dvs[rows, s, :rank] = torch.mm(dys[rows, cols].to(mdt), b_r[cols])
+    put_lora_rows(dv, batch, dvs.view(batch.num_lora_tokens, w.num_slices * w.max_rank))
     return dv
 
 
@@ -60,17 +61,14 @@ def grad_x(dv: Tensor, w: LoRAWeights, batch: LoRABatch, dtype: torch.dtype) -> 
     dv: [T, S * max_rank] as grad_v returns it (columns past a rank are not read).
     Returns dx: [T, in_features] in dtype (x's); rows of tokens without an adapter are zero.
     """
-    cdt = _compute_dtype(dv.dtype)
-    dx = dv.new_zeros((batch.num_tokens, w.in_features), dtype=cdt)
-    index = batch.sorted_tokens[: batch.num_lora_tokens]
-    dvs = dv.index_select(0, index).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
-    tokens, grads = [], []
+    dx = dv.new_zeros((batch.num_tokens, w.in_features), dtype=dtype)
+    dvs = lora_rows(dv, batch).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
+    grads = dv.new_zeros((batch.num_lora_tokens, w.in_features), dtype=dtype)
     for rows, slot, rank in _segments(w, batch):
-        tokens.append(index[rows])
-        grads.append(torch.mm(_trim(dvs[rows], rank).to(cdt), _a_rows(w, slot, rank).to(cdt)))
-    if grads:
-        dx.index_copy_(0, torch.cat(tokens), torch.cat(grads))
-    return dx.to(dtype)
+        mdt = _matmul_dtype(dtype, w, rows.stop - rows.start, rows.stop - rows.start)
+        grads[rows] = torch.mm(_trim(dvs[rows], rank).to(mdt), _a_rows(w, slot, rank).to(mdt))
+    put_lora_rows(dx, batch, grads)
+    return dx
 
 
 def _trim(dvs: Tensor, rank: int) -> Tensor:
@@ -90,14 +88,13 @@ def grad_a(dv: Tensor, x: Tensor, w: LoRAWeights, batch: LoRABatch) -> Tensor:
     dv: [T, S * max_rank], x: [T, in_features]. Returns da: like w.a, in its dtype; zero
     for slots without tokens and rows past a slot's rank.
     """
-    cdt = _compute_dtype(dv.dtype)
     da = w.a.new_zeros(w.a.shape)
     da_slices = da.view(w.num_slots, w.num_slices, w.max_rank, w.in_features)
-    index = batch.sorted_tokens[: batch.num_lora_tokens]
-    xs = x.index_select(0, index).to(cdt)
-    dvs = dv.index_select(0, index).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
+    xs = lora_rows(x, batch)
+    dvs = lora_rows(dv, batch).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
     for rows, slot, rank in _segments(w, batch):
-        da_r = torch.mm(_trim(dvs[rows], rank).to(cdt).t(), xs[rows])
+        mdt = _matmul_dtype(x.dtype, w, rows.stop - rows.start, rows.stop - rows.start)
+        da_r = torch.mm(_trim(dvs[rows], rank).to(mdt).t(), xs[rows].to(mdt))
         da_slices[slot, :, :rank] = da_r.view(w.num_slices, rank, w.in_features)
     return da
 
@@ -108,12 +105,11 @@ def grad_b(dy: Tensor, v: Tensor, w: LoRAWeights, batch: LoRABatch) -> Tensor:
     dy: [T, N], v: [T, S * max_rank] as the forward's shrink returns it. Returns db: like
     w.b, in its dtype; zero for slots without tokens and columns past a slot's rank.
     """
-    cdt = _compute_dtype(dy.dtype)
     db = w.b.new_zeros(w.b.shape)
-    index = batch.sorted_tokens[: batch.num_lora_tokens]
-    dys = dy.index_select(0, index).to(cdt)
-    vs = v.index_select(0, index).to(cdt).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
+    dys = lora_rows(dy, batch)
+    vs = lora_rows(v, batch).view(batch.num_lora_tokens, w.num_slices, w.max_rank)
     for rows, slot, rank in _segments(w, batch):
+        mdt = _matmul_dtype(dy.dtype, w, rows.stop - rows.start, rows.stop - rows.start)
         for s, cols in _slices(w):
-            db[slot, cols, :rank] = torch.mm(dys[rows, cols].t(), vs[rows, s, :rank])
+            db[slot, cols, :rank] = torch.mm(dys[rows, cols].to(mdt).t(), vs[rows, s, :rank].to(mdt))
     return db

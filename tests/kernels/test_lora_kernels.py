@@ -258,9 +258,9 @@ def test_float32_pool_multiplies_prefill_chunks_in_the_activations_dtype():
     case = Case(12, 0, 40, (24, 8, 8), [6, 5], 8, torch.float32, slots=[0] * 200 + [1, 1, -1])
     case.x, case.y = case.x.bfloat16().float(), case.y.bfloat16().float()
     x, y = case.x.bfloat16(), case.y.bfloat16()
-    assert reference._matmul_dtype(x, case.w, 200, 200, torch.float32) == torch.bfloat16
-    assert reference._matmul_dtype(x, case.w, 128, 16, torch.float32) == torch.float32
-    assert reference._matmul_dtype(x, case.w, 2, 2, torch.float32) == torch.float32
+    assert reference._matmul_dtype(x.dtype, case.w, 200, 200) == torch.bfloat16
+    assert reference._matmul_dtype(x.dtype, case.w, 128, 16) == torch.float32
+    assert reference._matmul_dtype(x.dtype, case.w, 2, 2) == torch.float32
     reference.lora_delta(x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), torch.bfloat16)
     assert torch.equal(y[-1], case.y[-1].bfloat16())
@@ -306,7 +306,7 @@ def test_reference_grid_dtype(dtype, num_tokens, grid_dtype):
     (grid,) = case.batch.cpu_plan.grids
     rows = grid.num_slots * grid.length
     assert rows == num_tokens
-    assert reference._matmul_dtype(case.x, case.w, rows, grid.length, torch.float32) == grid_dtype
+    assert reference._matmul_dtype(case.x.dtype, case.w, rows, grid.length) == grid_dtype
     y = case.y.clone()
     reference.lora_delta(case.x, case.w, case.batch, y)
     assert_close(y, case.oracle_expand(case.oracle_v()), dtype)
