@@ -5,6 +5,14 @@ Messages are written for the user: they say what was wrong and what to change.
 """
 
 
+def excerpt(value: object, limit: int = 64) -> str:
+    """How a message quotes what a caller or a file gave: repr'd, cut to limit characters (a
+    message travels in gRPC trailers, and must not carry a file's contents)."""
+    text = repr(value[:limit]) if isinstance(value, str) else repr(value)[:limit]
+    long = len(value) > limit if isinstance(value, str) else len(repr(value)) > limit
+    return text + "…" if long else text
+
+
 class TandemError(Exception):
     """Base class for errors a user can act on."""
 

@@ -41,6 +41,8 @@ def pattern_choices(pattern: str) -> int:
         re.compile(pattern)
     except re.error as exc:
         raise NotSimple(f"is not a valid regular expression ({exc.msg} at position {exc.pos})") from None
+    except OverflowError:  # a repetition count past what re holds
+        raise NotSimple("is not a valid regular expression (a repetition count is too large)") from None
     return choices
 
 

@@ -23,11 +23,13 @@ from safetensors.torch import save as save_safetensors
 
 from server.adapters.patterns import MAX_ADAPTER_CHOICES, MAX_PATTERN_KEYS, NotSimple, pattern_choices
 from server.atomic_files import write_directory
-from server.errors import IncompatibleAdapter, NotFound
+from server.errors import IncompatibleAdapter, NotFound, excerpt
 from server.model.llama import LlamaModel
 from server.model.lora_targets import TARGET_SLICES, group_linears
 
 CONFIG_FILE = "adapter_config.json"
+# Far past any real adapter's dimension, and below what torch's shapes hold (2^63).
+MAX_DIMENSION = 1 << 40
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
@@ -205,17 +207,17 @@ def _parse_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
 
 def _tensor_entry(key: str, info: object) -> _TensorEntry:
     if not isinstance(info, dict):
-        raise ValueError(f"tensor {key!r} is described by {_json_type(info)}, not an object")
+        raise ValueError(f"tensor {excerpt(key)} is described by {_json_type(info)}, not an object")
     dtype_name = info.get("dtype")
     dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise ValueError(f"tensor {key!r} has dtype {_shown(dtype_name)}; adapters must be F32, F16, BF16 or F64")
+        raise ValueError(f"tensor {excerpt(key)} has dtype {_shown(dtype_name)}; adapters must be F32, F16, BF16 or F64")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (_is_size_list(shape) and _is_size_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
-        raise ValueError(f"tensor {key!r} needs a shape and data_offsets [begin, end] of non-negative integers")
+        raise ValueError(f"tensor {excerpt(key)} needs a shape and data_offsets [begin, end] of non-negative integers")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"tensor {key!r} has {end - begin} bytes, its shape {shape} needs {math.prod(shape) * dtype.itemsize}")
+        raise ValueError(f"tensor {excerpt(key)} has {end - begin} bytes, its shape {excerpt(shape)} needs {math.prod(shape) * dtype.itemsize}")
     return _TensorEntry(key, dtype, shape, begin, end)
 
 
@@ -229,12 +231,12 @@ def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
     position = 0
     for e in sorted(entries, key=lambda e: (e.begin, e.end)):
         if e.begin < position:
-            raise ValueError(f"tensor {e.key!r} overlaps the tensor before it in the data section")
+            raise ValueError(f"tensor {excerpt(e.key)} overlaps the tensor before it in the data section")
         if e.begin > position:
-            raise ValueError(f"the data section has {e.begin - position} bytes that no tensor owns before tensor {e.key!r}")
+            raise ValueError(f"the data section has {e.begin - position} bytes that no tensor owns before tensor {excerpt(e.key)}")
         if e.begin % e.dtype.itemsize:
             raise ValueError(
-                f"tensor {e.key!r} starts at byte {e.begin} of the data section, not a multiple of its dtype's {e.dtype.itemsize} bytes"
+                f"tensor {excerpt(e.key)} starts at byte {e.begin} of the data section, not a multiple of its dtype's {e.dtype.itemsize} bytes"
             )
         position = e.end
     if position != data_bytes:
@@ -242,6 +244,8 @@ def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
 
 
 def _view(data: bytearray, base: int, e: _TensorEntry) -> torch.Tensor:
+    if any(d >= MAX_DIMENSION for d in e.shape):
+        raise ValueError(f"tensor {excerpt(e.key)} has a dimension of {max(e.shape)}, more than any adapter has")
     count = math.prod(e.shape)
     flat = torch.frombuffer(data, dtype=e.dtype, count=count, offset=base + e.begin) if count else torch.empty(0, dtype=e.dtype)
     return flat.view(e.shape)
@@ -339,16 +343,16 @@ def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tupl
         embedding = _EMBEDDING_KEY.fullmatch(key) if "embed_tokens" in key or "lm_head" in key else None
         if embedding is not None:
             module = embedding["module"]
-            raise IncompatibleAdapter(f"adapter {name!r} adapts {module}: LoRA on embeddings or lm_head is not served")
+            raise IncompatibleAdapter(f"adapter {name!r} adapts {excerpt(module)}: LoRA on embeddings or lm_head is not served")
         if m is None:
-            raise IncompatibleAdapter(f"adapter {name!r} has an unexpected tensor {key!r}: only LoRA A/B weights are served")
+            raise IncompatibleAdapter(f"adapter {name!r} has an unexpected tensor {excerpt(key)}: only LoRA A/B weights are served")
         found.setdefault(m["module"], {})[m["ab"]] = tensor.float()
     if not found:
         raise IncompatibleAdapter(f"adapter {name!r} has no LoRA weights")
     pairs = {}
     for module, ab in found.items():
         if set(ab) != {"A", "B"}:
-            raise IncompatibleAdapter(f"adapter {name!r} has lora_A without lora_B (or the reverse) for {module}")
+            raise IncompatibleAdapter(f"adapter {name!r} has lora_A without lora_B (or the reverse) for {excerpt(module)}")
         pairs[module] = (ab["A"], ab["B"])
     return pairs
 
@@ -357,7 +361,7 @@ def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
     m = _LAYER_MODULE.fullmatch(module)
     if m is None or m["name"] not in TARGET_SLICES:
         raise IncompatibleAdapter(
-            f"adapter {name!r} targets {module}, which is not one of the projections {', '.join(TARGET_SLICES)}"
+            f"adapter {name!r} targets {excerpt(module)}, which is not one of the projections {', '.join(TARGET_SLICES)}"
         )
     digits = m["layer"]
     # int() refuses thousands of digits (and is slow on them): no model has a billion layers.
@@ -382,7 +386,12 @@ def _scale(name: str, config: dict, alphas: list[tuple[re.Pattern, object]], mod
 
 
 def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer past float's range
+        return False
 
 
 def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, slot_dtype: torch.dtype) -> None:

@@ -18,7 +18,7 @@ import torch
 from server.adapters.peft_format import LoRAAdapter, read_adapter, write_adapter
 from server.adapters.slot_pool import SlotPool
 from server.atomic_files import remove_leftovers
-from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from server.model.llama import LlamaModel
 
 # Interrupted publishes older than this are removed at start-up; younger ones may be another
@@ -63,10 +63,10 @@ class SlotStats:
 def check_adapter_name(name: str) -> None:
     """A name must be one directory of the adapters directory (InvalidRequest otherwise)."""
     if not name or "/" in name or name in (".", ".."):
-        raise InvalidRequest(f"adapter name must be a non-empty single path component, got {name!r}")
+        raise InvalidRequest(f"adapter name must be a non-empty single path component, got {excerpt(name)}")
     # Hidden entries of the adapters directory are the server's own (interrupted writes).
     if name.startswith("."):
-        raise InvalidRequest(f"adapter name must not start with '.', got {name!r}")
+        raise InvalidRequest(f"adapter name must not start with '.', got {excerpt(name)}")
     _check_file_name("adapter name", name, NAME_MAX_BYTES)
 
 
@@ -80,14 +80,15 @@ def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path
     for part in path.split("/"):
         _check_file_name("path", part, NAME_MAX_BYTES)
     if adapters_dir is None:
-        raise NotFound(f"adapter {name!r} not found: the server has no adapters directory (start it with --adapters-dir)")
+        raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
     root = Path(adapters_dir).resolve()
     directory = (root / (path or name)).resolve()
     if not directory.is_relative_to(root):
-        raise InvalidRequest(f"path {path!r} is outside the adapters directory")
+        raise InvalidRequest(f"path {excerpt(path, 200)} is outside the adapters directory")
     _check_file_name("path", str(directory / "adapter_config.json"), PATH_MAX_BYTES - 1)
     if not (directory / "adapter_config.json").is_file():
-        raise NotFound(f"adapter {name!r} not found: no {directory.relative_to(root)}/adapter_config.json in the adapters directory")
+        shown = excerpt(f"{directory.relative_to(root)}/adapter_config.json", 200)
+        raise NotFound(f"adapter {excerpt(name)} not found: no {shown} in the adapters directory")
     return directory
 
 
@@ -153,13 +154,13 @@ class AdapterRegistry:
         disk); requests already using it finish with the version they hold."""
         with self._lock:
             if self._known.pop(name, None) is None:
-                raise NotFound(f"adapter {name!r} is not loaded")
+                raise NotFound(f"adapter {excerpt(name)} is not loaded")
             self._cache.pop(name, None)
             self._unloaded.add(name)
 
     def _check_not_unloaded(self, name: str) -> None:
         if name in self._unloaded:
-            raise NotFound(f"adapter {name!r} was unloaded: an admin must load it (LoadAdapter) before it is served again")
+            raise NotFound(f"adapter {excerpt(name)} was unloaded: an admin must load it (LoadAdapter) before it is served again")
 
     def pin(self, adapter: LoRAAdapter) -> None:
         with self._lock:

@@ -7,7 +7,7 @@ server/adapters/registry.py implements AdapterCatalog; the servicer knows nothin
 from typing import Protocol
 
 from server.adapters.registry import AdapterInfo, SlotStats
-from server.errors import NotFound
+from server.errors import NotFound, excerpt
 
 
 class AdapterCatalog(Protocol):
@@ -31,10 +31,10 @@ class NoAdapterServing:
         return []
 
     def load(self, name: str, path: str = "") -> AdapterInfo:
-        raise NotFound(f"adapter {name!r} not found: the server has no adapters directory (start it with --adapters-dir)")
+        raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
 
     def unload(self, name: str) -> None:
-        raise NotFound(f"adapter {name!r} is not loaded")
+        raise NotFound(f"adapter {excerpt(name)} is not loaded")
 
     def slot_stats(self) -> SlotStats:
         return SlotStats(

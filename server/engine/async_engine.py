@@ -19,7 +19,7 @@ from server.engine.chat import check_messages, render_chat
 from server.engine.llm_engine import Engine
 from server.engine.outputs import EngineStats, ModelInfo, RequestOutput
 from server.engine.sampling_params import SamplingParams
-from server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
+from server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
 from server.finetune.jobs import JobManager
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class AsyncEngine:
         lora = None
         if adapter:
             if self.engine.registry is None:
-                raise NotFound(f"adapter {adapter!r} not found: the server has no adapters directory (--adapters-dir)")
+                raise NotFound(f"adapter {excerpt(adapter)} not found: the server has no adapters directory (--adapters-dir)")
             # A first use reads the adapter from disk: keep that off the event loop.
             lora = await asyncio.to_thread(self.engine.registry.get, adapter)
         is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))

@@ -27,7 +27,7 @@ from server.adapters.peft_format import LoRAAdapter, peft_config
 from server.adapters.registry import check_adapter_name
 from server.atomic_files import remove_leftovers, write_file
 from server.engine.llm_engine import Engine
-from server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError
+from server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError, excerpt
 from server.finetune import checkpoints
 from server.finetune.dataset import TrainingExample, parse_dataset, resolve_training_file, split_eval
 from server.finetune.job import Job, JobError, JobStatus
@@ -156,7 +156,7 @@ class JobManager:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"fine-tuning job {job_id!r} not found")
+            raise NotFound(f"fine-tuning job {excerpt(job_id)} not found")
         return job
 
     def list_jobs(self) -> list[Job]:
@@ -179,7 +179,7 @@ class JobManager:
         returns the function that stops the calls. The current state is sent first."""
         with self._lock:
             if job_id not in self._jobs:
-                raise NotFound(f"fine-tuning job {job_id!r} not found")
+                raise NotFound(f"fine-tuning job {excerpt(job_id)} not found")
             self._watchers.setdefault(job_id, []).append(callback)
             callback(self._jobs[job_id])
 
@@ -321,7 +321,7 @@ class JobManager:
             spec = LoRASpec(**{**dataclasses.asdict(continued), **request.lora})
             if dataclasses.replace(spec, lora_dropout=0.0) != continued:
                 raise InvalidRequest(
-                    f"lora {request.lora} disagrees with base adapter {base.name!r} (r {continued.r}, lora_alpha "
+                    f"lora {excerpt(request.lora, 200)} disagrees with base adapter {base.name!r} (r {continued.r}, lora_alpha "
                     f"{continued.lora_alpha:g}, target_modules {list(continued.target_modules)}): set only lora_dropout to continue it"
                 )
         max_rank = self.engine.config.max_lora_rank

@@ -16,7 +16,7 @@ from torch import nn
 
 from kernels.lora import LoRAWeights
 from server.adapters.peft_format import LoRAAdapter
-from server.errors import IncompatibleAdapter, InvalidRequest
+from server.errors import IncompatibleAdapter, InvalidRequest, excerpt
 from server.model.llama import LlamaModel
 from server.model.lora_targets import TARGET_SLICES, TARGETS, group_linears, module_path, target_of
 
@@ -42,7 +42,7 @@ class LoRASpec:
         unknown = sorted(set(self.target_modules) - set(TARGETS))
         if unknown or not self.target_modules:
             raise InvalidRequest(
-                f"lora.target_modules must be a non-empty subset of {', '.join(TARGETS)}; got {list(self.target_modules)}"
+                f"lora.target_modules must be a non-empty subset of {', '.join(TARGETS)}; got {excerpt(list(self.target_modules), 200)}"
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise InvalidRequest(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")

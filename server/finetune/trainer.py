@@ -192,7 +192,8 @@ class Trainer:
         while not self.done:
             examples = [self.train[i] for i in self.plan[self.step]]
             targets = sum(e.num_target_tokens for e in examples)
-            generator = torch.Generator(device=engine.device).manual_seed(self.hp.seed * 1_000_003 + self.step)
+            # Any seed CreateJob accepts (< 2^63) maps to a torch seed (which must fit int64).
+            generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
             loss_sum = 0.0
             for group in micro_batches(examples, self.micro_batch_tokens):
                 work = self._work(group, self.adapter.spec.lora_dropout, generator)

@@ -75,7 +75,7 @@ def test_config_refusals(tiny_hf_model, base, tmp_path, options, reason):
 )
 def test_embedding_and_lm_head_lora_are_refused(tiny_hf_model, base, tmp_path, targets, module):
     path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=targets)
-    reason = f"adapter 'x' adapts {module}: LoRA on embeddings or lm_head is not served"
+    reason = f"adapter 'x' adapts '{module}': LoRA on embeddings or lm_head is not served"
     assert refusal(IncompatibleAdapter, "x", path, base) == reason
 
 
@@ -148,7 +148,7 @@ def test_missing_adapters_are_not_found(base, root, tmp_path):
     assert reason == f"adapter 'ghost' not found: {tmp_path / 'ghost'} has no adapter_config.json"
     with pytest.raises(NotFound) as info:
         resolve_adapter_dir(root, "ghost", "")
-    assert str(info.value) == "adapter 'ghost' not found: no ghost/adapter_config.json in the adapters directory"
+    assert str(info.value) == "adapter 'ghost' not found: no 'ghost/adapter_config.json' in the adapters directory"
     with pytest.raises(NotFound, match=r"the server has no adapters directory \(start it with --adapters-dir\)"):
         resolve_adapter_dir(None, "ghost", "")
 

@@ -181,7 +181,7 @@ def test_a_diverging_job_fails_and_publishes_nothing(tiny_model_dir, tiny_hf_mod
 
 def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_model_dir, tmp_path):
     """Stop the server after step 3 (checkpoints at 2, 4, 6): the restarted one resumes from
-    step 2 and publishes bit-identical weights to an uninterrupted run's."""
+    its newest checkpoint and publishes bit-identical weights to an uninterrupted run's."""
     whole = (tmp_path / "a" / "adapters", tmp_path / "a" / "data")
     cut = (tmp_path / "b" / "adapters", tmp_path / "b" / "data")
     for d in (*whole, *cut):
@@ -200,7 +200,9 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
         assert stepped.wait(60)
     finally:
         engine.shutdown()
-    assert sorted(p.name for p in (cut[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir()) == ["step-00000002"]
+    # The engine thread finishes the micro-batch it is in, so the stop lands after step 3 or 4.
+    kept = sorted(p.name for p in (cut[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir())
+    assert kept in (["step-00000002"], ["step-00000002", "step-00000004"])
 
     engine = start(tiny_model_dir, cut)
     try:

@@ -1,9 +1,6 @@
-"""What tests/hardening/test_fuzz.py found, one focused test each, failing until fixed
-(strict xfail: a fix turns it into an unexpected pass, and then the mark and the bound the
-fuzz keeps around the finding go).
-
-Over gRPC the first three are INTERNAL for LoadAdapter and for any Generate naming the
-adapter, inference tokens included."""
+"""What tests/hardening/test_fuzz.py found, one focused regression test each: inputs that
+gave INTERNAL (for LoadAdapter and any Generate naming the adapter), refusals that quoted
+a caller's or a file's text whole, and a seed CreateJob accepted but training could not use."""
 
 import json
 import shutil
@@ -49,11 +46,6 @@ def write_header(path: Path, header: dict) -> None:
     path.write_bytes(len(text).to_bytes(8, "little") + text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_format.py:385 _is_finite_number calls math.isfinite on a JSON integer too large for a float: "
-    "OverflowError, INTERNAL",
-)
 @pytest.mark.parametrize("fields", [dict(lora_alpha=10**400), dict(alpha_pattern={"q_proj": 10**400})], ids=["lora_alpha", "alpha_pattern"])
 def test_an_integer_alpha_too_large_for_a_float_is_refused(adapter, base, fields):
     edit_config(adapter, **fields)
@@ -61,11 +53,6 @@ def test_an_integer_alpha_too_large_for_a_float_is_refused(adapter, base, fields
         read_adapter("x", adapter, base, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="patterns.py:41 re.compile raises OverflowError (not re.error) for a repetition count of 2^32 - 1 "
-    "or more: INTERNAL",
-)
 @pytest.mark.parametrize("field", ["target_modules", "alpha_pattern", "rank_pattern"])
 def test_a_repetition_count_too_large_for_re_is_refused(adapter, base, field):
     pattern = "q_proj{4294967295}"
@@ -74,11 +61,6 @@ def test_a_repetition_count_too_large_for_re_is_refused(adapter, base, field):
         read_adapter("x", adapter, base, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_format.py:247 _view hands torch a dimension of 2^63 or more (an empty tensor passes the byte "
-    "count): TypeError, INTERNAL",
-)
 def test_a_dimension_too_large_for_torch_is_refused(adapter, base):
     write_header(
         weights_file(adapter),
@@ -94,11 +76,6 @@ def test_a_dimension_too_large_for_torch_is_refused(adapter, base):
 LONG = "L" * 2000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peft_format.py quotes tensor names from the safetensors header whole (_tensor_entry, _check_layout, "
-    "_pair_tensors:342-351, _locate:360): file bytes in the message, cut at 1000 characters",
-)
 @pytest.mark.parametrize(
     "key",
     [LONG, f"base_model.model.{LONG}.lora_A.weight", f"base_model.model.{LONG}.lm_head.lora_B.weight"],
@@ -111,11 +88,6 @@ def test_refusals_never_quote_a_long_tensor_name(adapter, base, key):
     assert LONG[:65] not in str(info.value) and len(str(info.value)) < MAX_DETAILS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.py:66, 69 and 90 quote the request's adapter name or path whole: the message is cut at "
-    "1000 characters",
-)
 @pytest.mark.parametrize("name, path", [("a/" + LONG, ""), ("." + LONG, ""), ("x", "d/" * 2000)], ids=["slash", "dot", "path"])
 def test_refusals_of_long_names_and_paths_stay_short(tmp_path, name, path):
     with pytest.raises((InvalidRequest, NotFound)) as info:
@@ -123,22 +95,12 @@ def test_refusals_of_long_names_and_paths_stay_short(tmp_path, name, path):
     assert len(str(info.value)) < MAX_DETAILS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainable_adapter.py:45 quotes lora.target_modules whole (and jobs.py:324 the whole lora settings): "
-    "the message is cut at 1000 characters",
-)
 def test_a_refused_target_module_list_is_not_quoted_whole():
     with pytest.raises(InvalidRequest) as info:
         LoRASpec(target_modules=("not_a_projection",) * 1000)
     assert len(str(info.value)) < MAX_DETAILS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py:195 seeds torch with seed * 1_000_003 + step, past int64 for seeds from 2^63 / 1_000_003: "
-    "the job CreateJob accepted fails with internal_error (ValueError: Overflow when unpacking long long)",
-)
 def test_every_seed_createjob_accepts_trains(tiny_model_dir, tmp_path):
     (tmp_path / "adapters").mkdir()
     config = EngineConfig(
