@@ -33,6 +33,8 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--adapter-cache-bytes", int, "host memory for parsed adapters, LRU; in-use adapters are pinned"),
     ("--data-dir", str, "fine-tuning: training files and job state (needs --adapters-dir); unset = no fine-tuning"),
     ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),
+    ("--finetune-mode", str, "coserve (training tokens inside inference iterations) or timeslice (between them)"),
+    ("--coserve-itl-p99", float, "inter-token latency target in seconds that steers co-served fine-tuning's share; unset = a fixed half"),
 ]
 SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--host", str, "address to listen on"),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FINETUNE_MODES = ("coserve", "timeslice")
 
 
 @dataclass
@@ -29,6 +30,11 @@ class EngineConfig:
     data_dir: where fine-tuning jobs read training files and keep their state; None turns
         fine-tuning off (it also needs adapters_dir, where trained adapters are published).
     max_training_file_bytes: the largest dataset a fine-tuning job accepts.
+    finetune_mode: "coserve" runs training tokens inside the inference iterations (forward
+        chunks, then backward slices of a few layers, within a share of the token budget);
+        "timeslice" runs one training micro-batch between inference iterations.
+    coserve_itl_p99: the inter-token latency target (seconds) that steers co-served
+        fine-tuning's share of each iteration; None keeps the share fixed at one half.
     """
 
     model: str | None = None
@@ -48,6 +54,8 @@ class EngineConfig:
     adapter_cache_bytes: int = 2 << 30
     data_dir: str | None = None
     max_training_file_bytes: int = 256 << 20
+    finetune_mode: str = "coserve"
+    coserve_itl_p99: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -62,6 +70,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.finetune_mode not in FINETUNE_MODES:
+            raise ValueError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune_mode!r}")
+        if self.coserve_itl_p99 is not None and not self.coserve_itl_p99 > 0:
+            raise ValueError(f"coserve_itl_p99 must be a positive number of seconds, got {self.coserve_itl_p99}")
         if self.data_dir is not None and self.adapters_dir is None:
             raise ValueError("--data-dir (fine-tuning) needs --adapters-dir too: trained adapters are published there")
 

@@ -62,13 +62,77 @@ class TrainingWork:
         return sum(s.num_tokens for s in self.sequences)
 
 
+@dataclass(frozen=True)
+class TrainingChunk:
+    """Tokens [start, start + num_tokens) of a co-served training sequence, forwarded like a
+    prefill chunk through the paged cache (block_table holds blocks only training uses).
+
+    input_row: where the chunk's first token sits in its micro-batch's stored layer inputs."""
+
+    seq: TrainingSequence
+    start: int
+    num_tokens: int
+    block_table: list[int]
+    input_row: int
+
+
+@dataclass
+class TrainingForward:
+    """Forward chunks of co-served training sequences, in the same forward as inference and
+    without a graph: each layer's input for the chunks' rows is stored in inputs
+    [num_layers, micro-batch tokens, hidden], from which the backward slices recompute."""
+
+    chunks: list[TrainingChunk]
+    weights: Mapping[tuple[int, str], LoRAWeights]
+    inputs: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class TrainingBackward:
+    """Backward through layers [first, last] (top down, last first) of a co-served micro-batch:
+    each layer is recomputed from its stored input with autograd, then backpropagated.
+
+    grad: the gradient at the output of layer `last`; None when `last` is the top layer, whose
+    slice starts from the loss (final norm, lm_head, loss_scale * summed cross-entropy)."""
+
+    sequences: list[TrainingSequence]
+    weights: Mapping[tuple[int, str], LoRAWeights]
+    inputs: torch.Tensor
+    first: int
+    last: int
+    grad: torch.Tensor | None
+    loss_scale: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What a backward slice leaves: the gradient at its first layer's input, and the summed
+    token loss and target count when the slice started from the loss."""
+
+    grad: torch.Tensor
+    loss_sum: float | None
+    num_targets: int
+
+
 @dataclass
 class SchedulerOutput:
-    """The work of one iteration. decodes: one token each; prefills: longer chunks."""
+    """The work of one iteration. decodes: one token each; prefills: longer chunks; training:
+    whole sequences trained in their own iteration (time-sliced fine-tuning); train_forward /
+    train_backward: co-served fine-tuning work that shares the iteration with inference."""
 
     decodes: list[ScheduledChunk] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
     training: TrainingWork | None = None
+    train_forward: TrainingForward | None = None
+    train_backward: TrainingBackward | None = None
 
     @property
     def inference(self) -> list[ScheduledChunk]:
@@ -77,11 +141,12 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        train = 0 if self.training is None else self.training.num_tokens
+        """Tokens that run the forward pass in this iteration's batch."""
+        train = sum(w.num_tokens for w in (self.training, self.train_forward) if w is not None)
         return sum(c.num_tokens for c in self.inference) + train
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills or self.training)
+        return bool(self.decodes or self.prefills or self.training or self.train_forward or self.train_backward)
 
 
 @dataclass

@@ -4,13 +4,17 @@ A step is: schedule -> run the model -> sample -> update sequences (stops, detok
 It is not thread-safe; AsyncEngine drives it from a single thread.
 """
 
+import time
+
 import torch
 
 from server.adapters.peft_format import LoRAAdapter
 from server.adapters.registry import AdapterRegistry
 from server.adapters.slot_pool import SlotPool
 from server.config import EngineConfig
+from server.engine.coserve import CoServer
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.finetune_share import FinetuneShare
 from server.engine.iteration import SchedulerOutput, TrainingResult, TrainingWork
 from server.engine.kv_cache import BlockAllocator, KVCache
 from server.engine.model_runner import ModelRunner
@@ -47,6 +51,13 @@ class Engine:
         kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         self.sampler = Sampler(self.device)
+        self.share = FinetuneShare(config.coserve_itl_p99)
+        self.coserve = CoServer(
+            self.allocator, shape.num_layers, shape.hidden_size, config.max_num_batched_tokens, self.share, self.dtype,
+            self.device,
+        )
+        # Tokens run per kind of work since start (backward as token-layers / num_layers).
+        self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_backward")}
         self.info = ModelInfo(
             name=loaded.name,
             architecture=loaded.architecture,
@@ -135,19 +146,33 @@ class Engine:
         return [self.abort(request_id) for request_id in list(self._seqs)]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.coserve.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """One inference iteration; no autograd anywhere in it."""
+        """One iteration: inference, plus co-served fine-tuning work within its share.
+
+        Inference rows never enter a graph: the forward runs under inference_mode, or under
+        no_grad when it carries training chunks (their stored layer inputs must stay usable
+        by autograd); a backward slice then runs on its own, from stored inputs."""
+        started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        self.coserve.plan(scheduled, bool(self.scheduler.running))
         if not scheduled:
             return []
-        with torch.inference_mode():
-            result = self.runner.execute(scheduled)
-            # Queued after the forward and before the sampler's sync: on CUDA the adapter
-            # copies for the next iterations overlap this one's compute.
-            self.scheduler.prefetch()
-            sampled = self.sampler(result.logits, result.sampled)
+        try:
+            with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
+                result = self.runner.execute(scheduled)
+                # Queued after the forward and before the sampler's sync: on CUDA the adapter
+                # copies for the next iterations overlap this one's compute.
+                self.scheduler.prefetch()
+                sampled = self.sampler(result.logits, result.sampled)
+            backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
+        except Exception as exc:
+            self.coserve.abort(exc)
+            raise
+        self.coserve.finish(scheduled, backward)
+        self._count(scheduled)
+        self.share.observe(time.perf_counter() - started, bool(scheduled.decodes))
         for chunk in scheduled.inference:
             chunk.seq.num_computed += chunk.num_tokens
         outputs = []
@@ -160,6 +185,17 @@ class Engine:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._output(seq))
         return outputs
+
+    def _count(self, scheduled: SchedulerOutput) -> None:
+        tokens = self.iteration_tokens
+        tokens["decode"] += len(scheduled.decodes)
+        tokens["prefill"] += sum(c.num_tokens for c in scheduled.prefills)
+        if scheduled.train_forward is not None:
+            tokens["train_forward"] += scheduled.train_forward.num_tokens
+        backward = scheduled.train_backward
+        if backward is not None:
+            layers = backward.last - backward.first + 1
+            tokens["train_backward"] += backward.num_tokens * layers / self.runner.model.shape.num_layers
 
     def train(self, work: TrainingWork, loss_scale: float) -> TrainingResult:
         """Forward and backward of training sequences through the served model: gradients of

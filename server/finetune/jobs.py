@@ -215,7 +215,7 @@ class JobManager:
             if self._running is None:
                 self._start(self.get(job_id))
             elif self.get(job_id).status is not JobStatus.RUNNING:
-                self._running = None  # cancelled: drop the trainer, publish nothing
+                self._drop()  # cancelled: publish nothing
             else:
                 report = next(self._running.steps)
                 if report is not None:
@@ -251,7 +251,10 @@ class JobManager:
             adapter.load_peft_tensors(tensors)
             trainer.load_state_dict(state)
             log.info("job resumed", extra={"fields": {"job_id": job.id, "from_step": trainer.step}})
-        self._running = _Running(job.id, trainer, trainer.run(self.engine), time.monotonic())
+        # Co-served steps recompute layers from inputs stored by a gradient-free forward, which
+        # lora_dropout would make disagree with the recompute: those jobs run time-sliced.
+        coserve = self.engine.config.finetune_mode == "coserve" and not job.lora.lora_dropout
+        self._running = _Running(job.id, trainer, trainer.run(self.engine, coserve), time.monotonic())
         self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step)
         if trainer.done:  # killed after its last checkpoint, before publishing
             self._publish(self._running)
@@ -287,7 +290,7 @@ class JobManager:
         """Publish the finished adapter; from here on the job can no longer be cancelled."""
         with self._lock:
             if self._jobs[running.job_id].status is not JobStatus.RUNNING:
-                self._running = None
+                self._drop()
                 return
             self._publishing = running.job_id
         job = self.get(running.job_id)
@@ -302,9 +305,14 @@ class JobManager:
         self._end(job.id, None, content_hash=info.content_hash)
         log.info("job succeeded", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "content_hash": info.content_hash}})
 
+    def _drop(self) -> None:
+        """Forget the running job's trainer and whatever it has in flight in the engine."""
+        self._running = None
+        self.engine.coserve.abort()
+
     def _end(self, job_id: str, error: JobError | None, **changes) -> None:
         """The running job is over: succeeded (error None) or failed."""
-        self._running = None
+        self._drop()
         self._prepared.pop(job_id, None)
         status = JobStatus.SUCCEEDED if error is None else JobStatus.FAILED
         self._update(job_id, status=status, finished_at=time.time(), error=error, estimated_finish=0.0, **changes)

@@ -186,24 +186,38 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def run(self, engine: Engine) -> Iterator[StepReport | None]:
-        """Train to the end of the plan; yields None after every micro-batch and a StepReport
-        after every optimizer step. Raises TrainingDiverged on a non-finite loss or weight."""
+    def run(self, engine: Engine, coserve: bool = False) -> Iterator[StepReport | None]:
+        """Train to the end of the plan; yields None after every micro-batch (co-served: after
+        every engine iteration that works on one) and a StepReport after every optimizer step.
+        Raises TrainingDiverged on a non-finite loss or weight."""
         while not self.done:
             examples = [self.train[i] for i in self.plan[self.step]]
             targets = sum(e.num_target_tokens for e in examples)
-            # Any seed CreateJob accepts (< 2^63) maps to a torch seed (which must fit int64).
             generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
             loss_sum = 0.0
             for group in micro_batches(examples, self.micro_batch_tokens):
                 work = self._work(group, self.adapter.spec.lora_dropout, generator)
-                loss_sum += engine.train(work, loss_scale=1 / targets).loss_sum
-                yield None
+                loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
             report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
             if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
                 eval_loss = yield from self._evaluate(engine)
                 report = StepReport(**{**report.__dict__, "eval_loss": eval_loss})
             yield report
+
+    @staticmethod
+    def _micro_batch(engine: Engine, work: TrainingWork, loss_scale: float, coserve: bool) -> Iterator[None]:
+        """Forward and backward of one micro-batch; returns its summed token loss. Time-sliced:
+        in one call of the engine. Co-served: inside the engine's iterations, waited for."""
+        if not coserve:
+            loss_sum = engine.train(work, loss_scale).loss_sum
+            yield None
+            return loss_sum
+        batch = engine.coserve.submit(work, loss_scale)
+        while not batch.done:
+            if batch.error is not None:
+                raise batch.error
+            yield None
+        return batch.loss_sum
 
     def _work(self, examples: list[TrainingExample], dropout: float = 0.0, generator: torch.Generator | None = None) -> TrainingWork:
         sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]

@@ -1,0 +1,100 @@
+"""Co-served fine-tuning is exact: a micro-batch worked off inside inference iterations
+(forward chunks through the paged cache, backward slices recomputed from stored layer
+inputs) gives the gradients of the same micro-batch trained alone, and the inference
+requests in those iterations give the tokens they give without it."""
+
+import pytest
+import torch
+
+from server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
+from server.engine.sampling_params import SamplingParams
+from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from tests.adapters.make_adapters import ALL_LINEAR
+from tests.engine.helpers import make_engine, random_prompts, run
+from tests.finetune.test_gradients import randomize
+
+
+def sequences(vocab: int) -> list[TrainingSequence]:
+    out = []
+    for ids, prompt in zip(random_prompts([37, 9, 22], vocab, seed=7), [10, 0, 5]):
+        out.append(TrainingSequence(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
+
+def grads(adapter: TrainableAdapter) -> dict[str, torch.Tensor]:
+    out = {name: p.grad.clone() for name, p in adapter.named_parameters()}
+    adapter.zero_grad(set_to_none=True)
+    return out
+
+
+def coserve(engine, adapter: TrainableAdapter, seqs: list[TrainingSequence], scale: float, arrivals: dict | None = None):
+    """Work one micro-batch off through engine.step(), with inference requests arriving."""
+    arrivals = arrivals or {}
+    batch = engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), scale)
+    outputs: dict[str, list[int]] = {}
+    step = 0
+    while step <= max(arrivals, default=0) or engine.has_work():
+        for request in arrivals.get(step, []):
+            engine.add_request(*request)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        step += 1
+    assert batch.done
+    return batch, outputs
+
+
+@pytest.mark.parametrize("budget", [16, 64, 512], ids=["chunks-16", "chunks-64", "one-chunk"])
+def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_model, smollm2_tokenizer, budget):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_batched_tokens=budget, block_size=4, kv_cache_bytes=4 << 20)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(len(smollm2_tokenizer))
+    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
+
+    alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
+    expected = grads(adapter)
+    batch, _ = coserve(engine, adapter, seqs, 1 / targets)
+    got = grads(adapter)
+
+    assert batch.num_targets == alone.num_targets == targets
+    assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and not engine.coserve.has_work()
+
+
+def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_tokenizer):
+    """Greedy requests of different lengths (chunked prefill, decodes) arriving while a
+    micro-batch is co-served give the tokens they give on an idle engine; the micro-batch's
+    gradients do not change either."""
+    prompts = random_prompts([30, 5, 61, 12], len(smollm2_tokenizer), seed=11)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    arrivals = {0: [("a", prompts[0], params)], 2: [("b", prompts[1], params), ("c", prompts[2], params)], 9: [("d", prompts[3], params)]}
+    config = dict(max_num_batched_tokens=48, block_size=4, kv_cache_bytes=4 << 20)
+
+    idle = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    expected_tokens = run(idle, arrivals)
+
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    randomize(adapter, seed=2)
+    seqs = sequences(len(smollm2_tokenizer))
+    _, alone_outputs = coserve(engine, adapter, seqs, 0.01)
+    alone = grads(adapter)
+    mixed = []
+    execute = engine.runner.execute
+
+    def recording(scheduled):
+        mixed.append(bool(scheduled.inference) and (scheduled.train_forward or scheduled.train_backward) is not None)
+        return execute(scheduled)
+
+    engine.runner.execute = recording
+    _, outputs = coserve(engine, adapter, seqs, 0.01, arrivals)
+    together = grads(adapter)
+    assert sum(mixed) >= 5  # iterations that carried inference and training together
+
+    assert outputs == expected_tokens and not alone_outputs
+    for name in alone:
+        torch.testing.assert_close(together[name], alone[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert engine.iteration_tokens["train_forward"] == 2 * sum(s.num_tokens for s in seqs)
