@@ -234,4 +234,6 @@ def finetune_job(job: finetuning_pb2.Job) -> FinetuneJob:
         content_hash=job.content_hash,
         lora=_fields(job.lora),
         hyperparameters=_fields(job.hyperparameters),
+        mode=job.mode,
+        finetune_share=job.finetune_share,
     )

@@ -35,8 +35,12 @@ def progress_line(job: FinetuneJob, now: float) -> str:
     """Status, step/total, train and eval loss, speed and time left, in one line."""
     return (
         f"{job.status}  step {job.step}/{job.total_steps}  train {_loss(job.train_loss)}  "
-        f"eval {_loss(job.eval_loss)}  {job.tokens_per_second:.0f} tok/s  eta {_eta(job, now)}"
+        f"eval {_loss(job.eval_loss)}  {job.tokens_per_second:.0f} tok/s  eta {_eta(job, now)}{_share(job)}"
     )
+
+
+def _share(job: FinetuneJob) -> str:
+    return f"  share {job.finetune_share:.0%}" if job.mode == "coserve" and job.status == "running" else ""
 
 
 def progress_bar(job: FinetuneJob, width: int = BAR_WIDTH) -> str:

@@ -141,6 +141,8 @@ class FinetuneJob:
     ended). train_loss / eval_loss: mean token loss of the last step / the last eval point,
     None before there is one. content_hash: the adapter version a succeeded job published.
     lora and hyperparameters: the settings the job actually uses, defaults filled in.
+    mode: "coserve" or "timeslice"; finetune_share: a co-served job's share of each
+    iteration's token budget now.
     """
 
     id: str
@@ -163,6 +165,8 @@ class FinetuneJob:
     content_hash: str
     lora: dict
     hyperparameters: dict
+    mode: str = ""
+    finetune_share: float = 0.0
 
     @property
     def ended(self) -> bool:

@@ -53,6 +53,18 @@ class _PulledMetrics(Collector):
             yield GaugeMetricFamily("tandem:num_requests_waiting", "Requests queued for admission.", stats.num_waiting)
             yield GaugeMetricFamily("tandem:kv_cache_usage_perc", "KV cache blocks in use (0 to 1).", stats.kv_usage)
             yield CounterMetricFamily("tandem:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
+            tokens = CounterMetricFamily(
+                "tandem:iteration_tokens",
+                "Tokens run per kind of work: decode, prefill, train_forward, train_backward (token-layers / layers).",
+                labels=["kind"],
+            )
+            for kind, count in stats.iteration_tokens.items():
+                tokens.add_metric([kind], count)
+            yield tokens
+            yield GaugeMetricFamily(
+                "tandem:finetune_share", "Share of the next iteration's token budget co-served fine-tuning may use.",
+                stats.finetune_share,
+            )
         slots = self._source.slot_stats()
         yield GaugeMetricFamily("tandem:lora_slots_in_use", "Device adapter slots holding an adapter.", slots.slots_in_use)
         yield CounterMetricFamily("tandem:lora_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)

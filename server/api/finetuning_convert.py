@@ -83,6 +83,8 @@ def job(job: Job) -> finetuning_pb2.Job:
         tokens_per_second=job.tokens_per_second,
         estimated_finish=int(job.estimated_finish),
         content_hash=job.content_hash,
+        mode=job.mode,
+        finetune_share=job.finetune_share,
         lora=finetuning_pb2.LoraConfig(
             r=spec.r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
             target_modules=list(spec.target_modules), lora_dropout=spec.lora_dropout,

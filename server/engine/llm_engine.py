@@ -221,6 +221,8 @@ class Engine:
             num_total_blocks=total,
             kv_usage=(total - free) / total,
             num_preemptions=self.scheduler.num_preemptions,
+            iteration_tokens=dict(self.iteration_tokens),
+            finetune_share=self.share.current(bool(self.scheduler.running)),
         )
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:

@@ -61,3 +61,5 @@ class EngineStats:
     num_total_blocks: int
     kv_usage: float
     num_preemptions: int
+    iteration_tokens: dict[str, float] = field(default_factory=dict)
+    finetune_share: float = 0.0

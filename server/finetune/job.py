@@ -63,6 +63,8 @@ class Job:
     estimated_finish: float = 0.0
     error: JobError | None = None
     content_hash: str = ""
+    mode: str = ""
+    finetune_share: float = 0.0
 
     def replace(self, **changes) -> "Job":
         return dataclasses.replace(self, **changes)

@@ -255,7 +255,8 @@ class JobManager:
         # lora_dropout would make disagree with the recompute: those jobs run time-sliced.
         coserve = self.engine.config.finetune_mode == "coserve" and not job.lora.lora_dropout
         self._running = _Running(job.id, trainer, trainer.run(self.engine, coserve), time.monotonic())
-        self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step)
+        mode = "coserve" if coserve else "timeslice"
+        self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step, mode=mode)
         if trainer.done:  # killed after its last checkpoint, before publishing
             self._publish(self._running)
 
@@ -275,6 +276,7 @@ class JobManager:
             eval_loss=job.eval_loss if report.eval_loss is None else report.eval_loss,
             trained_tokens=job.trained_tokens + report.tokens,
             tokens_per_second=report.tokens / elapsed if elapsed > 0 else 0.0,
+            finetune_share=self.engine.stats().finetune_share if job.mode == "coserve" else 0.0,
             estimated_finish=time.time() + average * (report.total_steps - report.step),
         )
         trainer = running.trainer

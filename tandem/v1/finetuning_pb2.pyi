@@ -93,7 +93,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter", "base_adapter", "status", "created_at", "started_at", "finished_at", "step", "total_steps", "num_examples", "num_eval_examples", "trained_tokens", "train_loss", "eval_loss", "tokens_per_second", "estimated_finish", "error", "content_hash", "lora", "hyperparameters")
+    __slots__ = ("id", "adapter", "base_adapter", "status", "created_at", "started_at", "finished_at", "step", "total_steps", "num_examples", "num_eval_examples", "trained_tokens", "train_loss", "eval_loss", "tokens_per_second", "estimated_finish", "error", "content_hash", "lora", "hyperparameters", "mode", "finetune_share")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     BASE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,8 @@ class Job(_message.Message):
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_SHARE_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter: str
     base_adapter: str
@@ -134,7 +136,9 @@ class Job(_message.Message):
     content_hash: str
     lora: LoraConfig
     hyperparameters: Hyperparameters
-    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., base_adapter: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., estimated_finish: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., content_hash: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ...) -> None: ...
+    mode: str
+    finetune_share: float
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., base_adapter: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., estimated_finish: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., content_hash: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., mode: _Optional[str] = ..., finetune_share: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -4,6 +4,8 @@ status codes."""
 
 import asyncio
 import json
+import re
+import urllib.request
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -22,7 +24,7 @@ LINES = [{"prompt": f"Q: {i} plus one?\nA:", "completion": f" {i + 1}"} for i in
 # A handful of optimizer steps of a few examples each: the job ends in well under a second.
 QUICK = {"max_steps": 3, "tokens_per_step": 64, "learning_rate": 1e-2, "eval_fraction": 0.2, "seed": 1}
 # Minutes of steps, far more than any test waits for: the job is still queued or running when
-# cancelled. (The server plans every step up front, so a million would take seconds to create.)
+# cancelled.
 ENDLESS = {"max_steps": 10_000, "tokens_per_step": 64}
 PROMPT = [101, 2020, 345, 7777, 12]
 
@@ -163,3 +165,17 @@ def test_fine_tuning_needs_the_admin_role(ft_auth_server):
         assert rpc_error(lambda: list(user.watch_finetune_job("ftjob-x"))).code == grpc.StatusCode.PERMISSION_DENIED
     with TandemClient(ft_auth_server.target, token=ADMIN_TOKEN) as admin:
         assert isinstance(admin.list_finetune_jobs(), list)
+
+
+def test_a_coserved_job_shows_in_the_metrics(ft_client, ft_server):
+    job = ft_client.create_finetune_job("ft-metrics", training_data=LINES, lora={"r": 4}, hyperparameters=QUICK)
+    final = list(ft_client.watch_finetune_job(job.id))[-1]
+    assert final.status == "succeeded" and final.mode == "coserve"
+    url = f"http://127.0.0.1:{ft_server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for kind in ("train_forward", "train_backward"):
+        value = re.search(rf'^tandem:iteration_tokens_total{{kind="{kind}"}} (\S+)$', text, re.M)
+        assert value and float(value.group(1)) > 0, kind
+    assert re.search(r"^tandem:finetune_share \S+$", text, re.M)
+    assert re.search(r'^tandem:finetune_jobs\{state="succeeded"\} [1-9]', text, re.M)
+    assert re.search(r"^tandem:finetune_tokens_total [1-9]", text, re.M)
