@@ -98,3 +98,63 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
     for name in alone:
         torch.testing.assert_close(together[name], alone[name], rtol=1e-4, atol=1e-6, msg=name)
     assert engine.iteration_tokens["train_forward"] == 2 * sum(s.num_tokens for s in seqs)
+
+
+class FakeClock:
+    """Iteration time as a function of the work in it: cost per token of forward, three
+    times that per token-layer of a backward slice (as BACKWARD_COST assumes)."""
+
+    def __init__(self, engine, seconds_per_token: float):
+        self.now = 0.0
+        execute, backward = engine.runner.execute, engine.runner.backward
+        layers = engine.runner.model.shape.num_layers
+
+        def timed_execute(scheduled):
+            self.now += scheduled.num_tokens * seconds_per_token
+            return execute(scheduled)
+
+        def timed_backward(work):
+            self.now += 3 * work.num_tokens * (work.last - work.first + 1) / layers * seconds_per_token
+            return backward(work)
+
+        engine.runner.execute, engine.runner.backward = timed_execute, timed_backward
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def decode_iteration_times(tiny_hf_model, tokenizer, monkeypatch, target: float | None) -> tuple[list[float], float]:
+    """Iteration times of the iterations that decode, while micro-batches are co-served back
+    to back beside four long generations; and the training tokens forwarded."""
+    engine = make_engine(tiny_hf_model, tokenizer, max_num_batched_tokens=256, coserve_itl_p99=target, kv_cache_bytes=8 << 20)
+    clock = FakeClock(engine, seconds_per_token=0.001)
+    monkeypatch.setattr("server.engine.llm_engine.time.perf_counter", clock)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    seqs = [TrainingSequence(ids, ids) for ids in random_prompts([8, 8], len(tokenizer), seed=3)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=100, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts([6, 9, 4, 7], len(tokenizer), seed=4)):
+        engine.add_request(f"r{i}", prompt, params)
+    times = []
+    batch = engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
+    while engine.scheduler.has_work():
+        if batch.done:
+            batch = engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
+        before = clock.now
+        decoding = bool(engine.scheduler.running)
+        engine.step()
+        if decoding:
+            times.append(clock.now - before)
+    return times[20:], engine.iteration_tokens["train_forward"]
+
+
+def test_the_guard_keeps_decode_iterations_within_the_target(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """With iteration time made a function of the work (a fake clock), a fixed share breaks
+    a 30 ms target beside four decodes; the guard keeps every decode iteration within it
+    after it settles, and fine-tuning still moves."""
+    target = 0.030
+    fixed, _ = decode_iteration_times(tiny_hf_model, smollm2_tokenizer, monkeypatch, None)
+    guarded, trained = decode_iteration_times(tiny_hf_model, smollm2_tokenizer, monkeypatch, target)
+    p99 = lambda times: sorted(times)[int(0.99 * (len(times) - 1))]  # noqa: E731
+    assert p99(fixed) > target
+    assert p99(guarded) <= target
+    assert trained > 20 * 16, trained
