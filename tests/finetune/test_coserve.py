@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
+from server.engine.kv_cache import KVCache
 from server.engine.sampling_params import SamplingParams
+from server.finetune.dataset import TrainingExample
 from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
-from tests.adapters.make_adapters import ALL_LINEAR
+from server.finetune.trainer import Hyperparameters, Trainer
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.engine.helpers import make_engine, random_prompts, run
 from tests.finetune.test_gradients import randomize
 
@@ -158,3 +161,70 @@ def test_the_guard_keeps_decode_iterations_within_the_target(tiny_hf_model, smol
     assert p99(fixed) > target
     assert p99(guarded) <= target
     assert trained > 20 * 16, trained
+
+
+def train_beside(engine, trainer, arrivals: dict, aborts: dict) -> dict[str, list[int]]:
+    """Drive a co-served trainer (None: none) to its end while requests arrive (and some are
+    aborted), one engine iteration per turn; returns each request's tokens."""
+    outputs: dict[str, list[int]] = {}
+    steps = iter(()) if trainer is None else trainer.run(engine, coserve=True)
+    turn, training = 0, trainer is not None
+    while training or engine.has_work() or turn <= max(arrivals, default=0):
+        for request in arrivals.get(turn, []):
+            engine.add_request(*request)
+        for rid in aborts.get(turn, []):
+            engine.abort(rid)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        training = training and next(steps, StopIteration) is not StopIteration
+        turn += 1
+    return outputs
+
+
+def test_a_job_coserved_beside_a_random_stream_ends_where_it_ends_alone(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """Three optimizer steps beside requests for three adapters and the base model, with
+    chunked prefills, preemptions (a KV cache too small for all of them) and aborts: the
+    adapter equals the job run alone, the requests' tokens equal an engine without the job,
+    and nothing is held afterwards."""
+    for seed, name in enumerate(["a", "b", "c"]):
+        make_adapter(tiny_hf_model, tmp_path / name, r=4 + 2 * seed, seed=seed)
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    config = dict(
+        max_num_batched_tokens=40, block_size=4, kv_cache_bytes=40 * KVCache.bytes_per_block(shape, 4, torch.float32),
+        adapters_dir=str(tmp_path), max_lora_rank=8, max_loras=2,
+    )
+    vocab = len(smollm2_tokenizer)
+    examples = [TrainingExample(tuple(ids), tuple(ids)) for ids in random_prompts([14, 9, 20, 11, 17, 8], vocab, seed=5)]
+    hp = Hyperparameters(learning_rate=1e-3, max_steps=3, tokens_per_step=40, seed=2)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    prompts = random_prompts([25, 6, 31, 12, 3, 18, 40], vocab, seed=6)
+    names = ["a", "", "b", "c", "a", "", "b"]
+
+    def stream(engine) -> tuple[dict, dict]:
+        arrivals: dict[int, list] = {}
+        for i, (prompt, name) in enumerate(zip(prompts, names)):
+            arrivals.setdefault(2 * i, []).append((f"r{i}", prompt, params, engine.registry.get(name) if name else None))
+        return arrivals, {9: ["r3"]}
+
+    alone_engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    alone = Trainer(TrainableAdapter(alone_engine.runner.model, LoRASpec(r=4), seed=0), hp, examples, [], 40)
+    train_beside(alone_engine, alone, {}, {})
+
+    idle = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    expected = train_beside(idle, None, *stream(idle))
+
+    busy = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    beside = Trainer(TrainableAdapter(busy.runner.model, LoRASpec(r=4), seed=0), hp, examples, [], 40)
+    got = train_beside(busy, beside, *stream(busy))
+
+    assert beside.done and busy.scheduler.num_preemptions > 0
+    assert {k: v for k, v in got.items() if k != "r3"} == {k: v for k, v in expected.items() if k != "r3"}
+    # Chunks split differently beside inference and share GEMMs with its rows (float-level
+    # differences in the forward); AdamW's first steps move each weight by about the learning
+    # rate whatever the gradient's size, magnifying them where a gradient is near zero or
+    # changes sign: 1e-5 is a hundredth of one step's move.
+    for name, value in alone.adapter.peft_tensors().items():
+        torch.testing.assert_close(beside.adapter.peft_tensors()[name], value, rtol=1e-4, atol=1e-5)
+    stats = busy.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and not busy.coserve.has_work()
+    assert busy.registry.pool.stats().slots_in_use >= 1 and all(p == 0 for p in busy.registry.pool._pins)
