@@ -11,7 +11,6 @@ from server.errors import InvalidRequest
 from tandem.v1 import adapters_pb2, generation_pb2
 
 if TYPE_CHECKING:
-    from server.engine.async_engine import AsyncEngine
     from server.engine.outputs import ModelInfo
 
 DEFAULT_MAX_NEW_TOKENS = SamplingParams.max_new_tokens

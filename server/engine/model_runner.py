@@ -25,7 +25,6 @@ from server.engine.iteration import (
     SchedulerOutput,
     TrainingBackward,
     TrainingForward,
-    TrainingSequence,
     TrainingWork,
 )
 from server.engine.kv_cache import KVCache

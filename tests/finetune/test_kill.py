@@ -3,7 +3,6 @@ no file is half-written where a reader looks, the job resumes from its last comp
 checkpoint at restart, and its final adapter equals an uninterrupted run's."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

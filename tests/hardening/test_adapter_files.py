@@ -20,7 +20,6 @@ from server.adapters.patterns import NotSimple, pattern_choices
 from server.adapters.peft_format import read_adapter
 from server.adapters.registry import resolve_adapter_dir
 from server.errors import IncompatibleAdapter, InvalidRequest
-from server.model.loader import build_from_hf
 from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
@@ -30,22 +29,6 @@ Q = "model.layers.0.self_attn.q_proj"
 A_KEY = f"base_model.model.{Q}.lora_A.weight"
 B_KEY = f"base_model.model.{Q}.lora_B.weight"
 SECRET = "SECRET-d41d8cd98f00"
-
-
-@pytest.fixture(scope="module")
-def base(tiny_hf_model):
-    return build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def template(tiny_hf_model, tmp_path_factory) -> Path:
-    """A good rank-4 q_proj adapter; tests change copies of it."""
-    return make_adapter(tiny_hf_model, tmp_path_factory.mktemp("template") / "t", r=4, target_modules=["q_proj"])
-
-
-@pytest.fixture
-def adapter(template, tmp_path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "x"))
 
 
 def refusal(path: Path, base, cls: type[Exception] = IncompatibleAdapter) -> str:

@@ -5,7 +5,6 @@ and the stream ends with RESOURCE_EXHAUSTED after what was already delivered."""
 import asyncio
 import time
 
-import pytest
 
 from server.config import EngineConfig
 from server.engine.async_engine import MAX_UNREAD_OUTPUTS, AsyncEngine

@@ -3,12 +3,10 @@ gave INTERNAL (for LoadAdapter and any Generate naming the adapter), refusals th
 a caller's or a file's text whole, and a seed CreateJob accepted but training could not use."""
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from server.adapters.peft_format import read_adapter
 from server.adapters.registry import resolve_adapter_dir
@@ -19,26 +17,10 @@ from server.finetune.job import JobStatus
 from server.finetune.jobs import JobRequest
 from server.finetune.trainable_adapter import LoRASpec
 from server.finetune.trainer import Hyperparameters
-from server.model.loader import build_from_hf
-from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
+from tests.adapters.make_adapters import edit_config, weights_file
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 MAX_DETAILS = 1000  # server/api/status_mapping.py cuts messages here
-
-
-@pytest.fixture(scope="module")
-def base(tiny_hf_model):
-    return build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def template(tiny_hf_model, tmp_path_factory) -> Path:
-    return make_adapter(tiny_hf_model, tmp_path_factory.mktemp("template") / "t", r=4, target_modules=["q_proj"])
-
-
-@pytest.fixture
-def adapter(template, tmp_path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "x"))
 
 
 def write_header(path: Path, header: dict) -> None:

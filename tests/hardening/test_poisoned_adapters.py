@@ -14,7 +14,6 @@ from clients import TandemClient, TandemRpcError
 from server.adapters.peft_format import read_adapter
 from server.engine.sampling_params import SamplingParams
 from server.errors import IncompatibleAdapter
-from server.model.loader import build_from_hf
 from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
@@ -29,11 +28,6 @@ def poison(adapter_dir: Path, suffix: str, value: float) -> None:
     key = next(k for k in tensors if k.endswith(suffix))
     tensors[key][0, 0] = value
     save_file(tensors, weights_file(adapter_dir))
-
-
-@pytest.fixture(scope="module")
-def base(tiny_hf_model):
-    return build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
