@@ -17,8 +17,8 @@ load generator's together, and the engine's own counters can be read directly.
 
     .venv/bin/python bench/soak.py [--minutes 5] [--workers 6] [--no-finetune] [--model PATH]
 
-Prints a table and writes bench/results/soak_cpu.json. tests/hardening/test_soak.py runs
-the same soak for 90 seconds on the tiny test model.
+Prints a table and writes bench/results/soak_cpu.json (soak_cpu_<dtype>.json with --dtype).
+tests/hardening/test_soak.py runs the same soak for 90 seconds on the tiny test model.
 """
 
 import argparse
@@ -100,6 +100,7 @@ class SoakReport:
     server_statuses: status -> count from the server's own request metric."""
 
     settings: SoakSettings
+    dtype: str  # the one the engine serves in
     seconds: float
     requests: dict[str, dict[str, int]]
     server_statuses: dict[str, int]
@@ -452,14 +453,18 @@ def wait_idle(engine: AsyncEngine, timeout: float = IDLE_TIMEOUT) -> None:
         time.sleep(0.05)
 
 
-def settled_rss(engine: AsyncEngine) -> float:
-    """RSS once the server is idle, garbage is collected and the C allocator has handed its
-    free pages back (malloc_trim): memory in use, not what the allocator keeps for later,
-    which swings by more than 5% with whatever ran last (a training step, a burst)."""
-    wait_idle(engine)
+def memory_in_use_mb() -> float:
+    """RSS once garbage is collected and the C allocator has handed its free pages back
+    (malloc_trim): memory in use, not what the allocator keeps for later, which swings by
+    more than 5% with whatever ran last (a training step, a burst)."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return rss_mb()
+
+
+def settled_rss(engine: AsyncEngine) -> float:
+    wait_idle(engine)
+    return memory_in_use_mb()
 
 
 def server_statuses(server: ServerThread) -> dict[str, int]:
@@ -499,6 +504,7 @@ def run_soak(settings: SoakSettings, model: str | None, workdir: Path, dtype: st
         jobs = load.finetuning.ListJobs(finetuning_pb2.ListJobsRequest(), timeout=CALL_TIMEOUT).jobs if settings.finetune else []
         return SoakReport(
             settings=settings,
+            dtype=engine.info.dtype,
             seconds=seconds,
             requests=requests,
             server_statuses=server_statuses(server),
@@ -528,7 +534,7 @@ def print_report(report: SoakReport) -> None:
     print(f"\n{'call':<12}" + "".join(f"{s:>20}" for s in statuses))
     for kind, by_status in report.requests.items():
         print(f"{kind:<12}" + "".join(f"{by_status.get(s, 0):>20}" for s in statuses))
-    print(f"\n{report.total_requests} calls in {report.seconds:.0f} s ({report.total_requests / report.seconds:.1f}/s), "
+    print(f"\n{report.dtype}: {report.total_requests} calls in {report.seconds:.0f} s ({report.total_requests / report.seconds:.1f}/s), "
           f"{report.generated_tokens} tokens generated ({report.generated_tokens / report.seconds:.1f}/s)")
     print(f"server-side statuses: {report.server_statuses}")
     print(f"RSS after warm-up {report.rss_after_warmup_mb:.0f} MB, after the soak {report.rss_after_mb:.0f} MB ({report.rss_growth:+.2%})")
@@ -546,7 +552,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=SoakSettings.workers)
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--model", help="a Hugging Face directory or .gguf file (default: the embedded SmolLM2)")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     settings = SoakSettings(
@@ -558,7 +564,6 @@ def main() -> None:
     result = {
         "machine": machine_info(),
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "dtype": args.dtype,
         **asdict(report),
         "total_requests": report.total_requests,
         "requests_per_second": report.total_requests / report.seconds,
@@ -566,7 +571,7 @@ def main() -> None:
         "rss_growth": report.rss_growth,
         "failures": report.failures(),
     }
-    write_result("soak_cpu", result)
+    write_result("soak_cpu" if args.dtype == "auto" else f"soak_cpu_{args.dtype}", result)
     sys.exit(1 if report.failures() else 0)
 
 
