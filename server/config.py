@@ -35,6 +35,9 @@ class EngineConfig:
         "timeslice" runs one training micro-batch between inference iterations.
     coserve_itl_p99: the inter-token latency target (seconds) that steers co-served
         fine-tuning's share of each iteration; None keeps the share fixed at one half.
+    finetune_micro_batch_tokens: training tokens whose gradients are computed together (a
+        step of more tokens accumulates several). Co-served, it bounds the memory training
+        holds (its KV blocks and stored layer inputs); time-sliced, how long inference waits.
     """
 
     model: str | None = None
@@ -56,6 +59,7 @@ class EngineConfig:
     max_training_file_bytes: int = 256 << 20
     finetune_mode: str = "coserve"
     coserve_itl_p99: float | None = None
+    finetune_micro_batch_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -65,6 +69,7 @@ class EngineConfig:
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
             "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes",
+            "finetune_micro_batch_tokens",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

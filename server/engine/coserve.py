@@ -60,13 +60,12 @@ class CoservedBatch:
 
 class CoServer:
     def __init__(
-        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, budget: int, share: FinetuneShare,
-        dtype: torch.dtype, device: torch.device,
+        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, share: FinetuneShare, dtype: torch.dtype,
+        device: torch.device,
     ):
         self.allocator = allocator
         self.num_layers = num_layers
         self.hidden_size = hidden_size
-        self.budget = budget
         self.share = share
         self.dtype = dtype
         self.device = device
@@ -99,7 +98,7 @@ class CoServer:
         batch = self._queue[0]
         if not batch.started and not self._start(batch):
             return  # waits for free KV blocks
-        allowance = min(int(self.share.current(inference_running) * self.budget), self.budget - scheduled.num_tokens)
+        allowance = self.share.allowance(scheduled.num_tokens, inference_running)
         if allowance <= 0:
             return
         if batch.forwarding:
@@ -157,8 +156,17 @@ class CoServer:
                 batch.next_seq, batch.next_pos = batch.next_seq + 1, 0
         return TrainingForward(chunks, batch.work.weights, batch.inputs)
 
+    def work(self, scheduled: SchedulerOutput) -> float:
+        """The iteration's work in forward-token equivalents (a backward token-layer counts
+        BACKWARD_COST / num_layers), what the share's cost model is fitted to."""
+        backward = scheduled.train_backward
+        if backward is None:
+            return float(scheduled.num_tokens)
+        layers = backward.last - backward.first + 1
+        return scheduled.num_tokens + BACKWARD_COST * backward.num_tokens * layers / self.num_layers
+
     def _backward(self, batch: CoservedBatch, allowance: int) -> TrainingBackward:
-        """The next k layers down, k from the allowance in token-layers (at least one)."""
+        """The next k layers down, k from the allowance in forward-token equivalents (at least one)."""
         tokens = batch.inputs.shape[1]
         layers = max(1, allowance * self.num_layers // (BACKWARD_COST * tokens))
         last = batch.next_layer

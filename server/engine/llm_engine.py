@@ -51,11 +51,8 @@ class Engine:
         kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         self.sampler = Sampler(self.device)
-        self.share = FinetuneShare(config.coserve_itl_p99)
-        self.coserve = CoServer(
-            self.allocator, shape.num_layers, shape.hidden_size, config.max_num_batched_tokens, self.share, self.dtype,
-            self.device,
-        )
+        self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens)
+        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_backward")}
         self.info = ModelInfo(
@@ -172,7 +169,7 @@ class Engine:
             raise
         self.coserve.finish(scheduled, backward)
         self._count(scheduled)
-        self.share.observe(time.perf_counter() - started, bool(scheduled.decodes))
+        self.share.observe(time.perf_counter() - started, self.coserve.work(scheduled), bool(scheduled.decodes))
         for chunk in scheduled.inference:
             chunk.seq.num_computed += chunk.num_tokens
         outputs = []
@@ -222,7 +219,7 @@ class Engine:
             kv_usage=(total - free) / total,
             num_preemptions=self.scheduler.num_preemptions,
             iteration_tokens=dict(self.iteration_tokens),
-            finetune_share=self.share.current(bool(self.scheduler.running)),
+            finetune_share=self.share.share,
         )
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:

@@ -242,7 +242,7 @@ class JobManager:
         else:
             adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
         trainer = Trainer(
-            adapter, job.hyperparameters, prepared.train, prepared.evaluation, self.engine.config.max_num_batched_tokens,
+            adapter, job.hyperparameters, prepared.train, prepared.evaluation, self.engine.config.finetune_micro_batch_tokens,
             prepared.plan,
         )
         resumed = checkpoints.latest(self._job_dir(job.id) / "checkpoints")

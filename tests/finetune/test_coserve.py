@@ -8,6 +8,7 @@ import torch
 
 from server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
 from server.engine.kv_cache import KVCache
+from server.engine.finetune_share import FinetuneShare
 from server.engine.sampling_params import SamplingParams
 from server.finetune.dataset import TrainingExample
 from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
@@ -152,8 +153,8 @@ def decode_iteration_times(tiny_hf_model, tokenizer, monkeypatch, target: float 
 
 def test_the_guard_keeps_decode_iterations_within_the_target(tiny_hf_model, smollm2_tokenizer, monkeypatch):
     """With iteration time made a function of the work (a fake clock), a fixed share breaks
-    a 30 ms target beside four decodes; the guard keeps every decode iteration within it
-    after it settles, and fine-tuning still moves."""
+    a 30 ms target beside four decodes; the guard's cost model fills iterations up to the
+    target and no further once it has learned, and fine-tuning still moves."""
     target = 0.030
     fixed, _ = decode_iteration_times(tiny_hf_model, smollm2_tokenizer, monkeypatch, None)
     guarded, trained = decode_iteration_times(tiny_hf_model, smollm2_tokenizer, monkeypatch, target)
@@ -228,3 +229,18 @@ def test_a_job_coserved_beside_a_random_stream_ends_where_it_ends_alone(tiny_hf_
     stats = busy.stats()
     assert stats.num_free_blocks == stats.num_total_blocks and not busy.coserve.has_work()
     assert busy.registry.pool.stats().slots_in_use >= 1 and all(p == 0 for p in busy.registry.pool._pins)
+
+
+def test_the_share_fills_an_iteration_up_to_the_target():
+    """Taught that an iteration costs 5 ms + 1 ms per token, the guard lets a 40 ms target
+    hold 35 tokens of work: 35 minus the inference tokens already in it; the whole budget
+    with no inference; half of it without a target."""
+    share = FinetuneShare(0.040, budget=256)
+    for work in [10, 60, 30, 90, 20, 50, 40, 70, 15, 80]:
+        share.observe(0.005 + 0.001 * work, work, decoded=False)
+    assert share.allowance(5, inference_running=True) == 30
+    assert share.allowance(40, inference_running=True) == 0
+    assert share.allowance(0, inference_running=False) == 256
+    share.observe(0.060, 40, decoded=True)  # over the target: the estimate is cut by 0.7 (and refitted)
+    assert 0 < share.allowance(5, inference_running=True) <= 21
+    assert FinetuneShare(None, budget=256).allowance(100, inference_running=True) == 128
