@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
-from server.config import DTYPES, EngineConfig  # noqa: E402
-from server.engine.llm_engine import Engine  # noqa: E402
-from server.engine.sampling_params import SamplingParams  # noqa: E402
-from server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
+from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
+from tandem.server.engine.llm_engine import Engine  # noqa: E402
+from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
+from tandem.server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
 
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.report import machine_info, write_result  # noqa: E402
 from bench.synthetic_task import EVAL_SEED, TRAIN_SEED, exact_match, make_examples, to_messages, write_jsonl  # noqa: E402
-from clients import AsyncTandemClient, TandemClient  # noqa: E402
+from tandem.client import AsyncTandemClient, TandemClient  # noqa: E402
 
 ADAPTER = "record-to-json"
 
@@ -33,7 +33,7 @@ ADAPTER = "record-to-json"
 def start_server(root: Path, threads: int) -> tuple[subprocess.Popen, str]:
     log = root / "server.log"
     args = [
-        sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        sys.executable, "-m", "tandem.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
         "--adapters-dir", str(root / "adapters"), "--data-dir", str(root / "data"), "--max-lora-rank", "16",
         "--max-num-batched-tokens", "1024", "--num-threads", str(threads),
     ]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine_info, write_result  # noqa: E402
-from kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
+from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
 
 HIDDEN, Q, KV, INTER = 576, 576, 192, 1536
 # name -> (in_features, output slices)
@@ -135,7 +135,7 @@ def run(device, dtypes, peak_gb_s):
                     w32 = LoRAWeights(w.a.float(), w.b.float(), w.slot_ranks, w.out_slices)
                     fns["lora_delta_fp32_pool_us"] = lambda: lora_delta(x, w32, batch, y)
                 if device.type == "cuda":
-                    from kernels.lora import triton_sgmv
+                    from tandem.kernels.lora import triton_sgmv
 
                     fns["triton_two_launch_us"] = lambda: triton_sgmv.lora_expand(
                         triton_sgmv.lora_shrink(x, w, batch), w, batch, y

@@ -41,11 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
-from server.adapters.slot_pool import SlotPool  # noqa: E402
-from server.config import DTYPES, EngineConfig  # noqa: E402
-from server.engine.llm_engine import Engine  # noqa: E402
-from server.engine.sampling_params import SamplingParams  # noqa: E402
-from server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
+from tandem.server.adapters.slot_pool import SlotPool  # noqa: E402
+from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
+from tandem.server.engine.llm_engine import Engine  # noqa: E402
+from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
+from tandem.server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
 
 CONCURRENCY, PROMPT_LEN, OUT_LEN = 32, 32, 64

@@ -40,10 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
-from server.adapters.peft_format import peft_config, write_adapter  # noqa: E402
-from server.config import EngineConfig, ServerConfig  # noqa: E402
-from server.engine.async_engine import AsyncEngine  # noqa: E402
-from server.model.lora_targets import TARGET_SLICES, group_linears, module_path  # noqa: E402
+from tandem.server.adapters.peft_format import peft_config, write_adapter  # noqa: E402
+from tandem.server.config import EngineConfig, ServerConfig  # noqa: E402
+from tandem.server.engine.async_engine import AsyncEngine  # noqa: E402
+from tandem.server.model.lora_targets import TARGET_SLICES, group_linears, module_path  # noqa: E402
 from tandem.v1 import (  # noqa: E402
     adapters_pb2, adapters_pb2_grpc, finetuning_pb2, finetuning_pb2_grpc, generation_pb2, generation_pb2_grpc,
 )

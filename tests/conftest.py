@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from server.model.loader import default_model_path
+from tandem.server.model.loader import default_model_path
 
 TINY_CONFIG = dict(
     hidden_size=64,

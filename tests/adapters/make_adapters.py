@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = ATTENTION + ("gate_proj", "up_proj", "down_proj")

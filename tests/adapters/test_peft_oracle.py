@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from server.engine.sampling_params import SamplingParams
+from tandem.server.engine.sampling_params import SamplingParams
 from tests.adapters.make_adapters import ALL_LINEAR, ATTENTION, make_adapter
 from tests.engine.helpers import make_engine, run
 from tests.engine.test_forward_oracle import record_logits

@@ -9,11 +9,11 @@ import pytest
 import torch
 from peft import LoHaConfig, get_peft_model
 
-from server.adapters.peft_format import read_adapter
-from server.adapters.registry import resolve_adapter_dir
-from server.engine.sampling_params import SamplingParams
-from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
-from server.model.loader import build_from_hf
+from tandem.server.adapters.peft_format import read_adapter
+from tandem.server.adapters.registry import resolve_adapter_dir
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from tandem.server.model.loader import build_from_hf
 from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
 from tests.conftest import make_tiny_hf_model
 from tests.engine.helpers import make_engine, random_prompts

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.adapters.peft_format import LoRAAdapter, read_adapter
-from server.adapters.slot_pool import SlotPool
-from server.engine.kv_cache import KVCache
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import SequenceStatus
-from server.model.loader import build_from_hf
+from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter
+from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.engine.kv_cache import KVCache
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.engine.sequence import SequenceStatus
+from tandem.server.model.loader import build_from_hf
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.engine.helpers import make_engine, random_prompts
 

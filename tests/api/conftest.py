@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from clients import TandemClient
-from server.config import EngineConfig, ServerConfig
-from server.engine.async_engine import AsyncEngine
+from tandem.client import TandemClient
+from tandem.server.config import EngineConfig, ServerConfig
+from tandem.server.engine.async_engine import AsyncEngine
 from tests.api.harness import ServerThread
 
 KV_CACHE_BYTES = 16 << 20  # plenty for the tiny model, small enough to allocate at once

@@ -7,9 +7,9 @@ from concurrent.futures import Future
 from collections.abc import Coroutine
 from typing import Any
 
-from server.api.grpc_server import TandemServer, build_server
-from server.config import ServerConfig
-from server.engine.async_engine import AsyncEngine
+from tandem.server.api.grpc_server import TandemServer, build_server
+from tandem.server.config import ServerConfig
+from tandem.server.engine.async_engine import AsyncEngine
 
 
 class ServerThread:

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients import AsyncTandemClient, TandemClient, TandemRpcError
-from server.adapters.peft_format import content_hash
-from server.engine.async_engine import AsyncEngine
-from server.engine.sampling_params import SamplingParams
+from tandem.client import AsyncTandemClient, TandemClient, TandemRpcError
+from tandem.server.adapters.peft_format import content_hash
+from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.engine.sampling_params import SamplingParams
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients import TandemClient, TandemRpcError
+from tandem.client import TandemClient, TandemRpcError
 from tests.api.conftest import loopback
 from tests.api.harness import ServerThread
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from server.cli import ENGINE_FLAGS, SERVER_FLAGS, env_name, main
+from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, env_name, main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

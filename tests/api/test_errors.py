@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from clients import AsyncTandemClient, TandemClient, TandemRpcError
+from tandem.client import AsyncTandemClient, TandemClient, TandemRpcError
 from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 

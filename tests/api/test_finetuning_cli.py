@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from clients import FinetuneJob, FinetuneJobError, TandemClient
-from clients.cli import _follow
-from clients.job_display import ProgressDisplay, job_table
-from server.cli import main
-from server.engine.async_engine import AsyncEngine
+from tandem.client import FinetuneJob, FinetuneJobError, TandemClient
+from tandem.client.cli import _follow
+from tandem.client.job_display import ProgressDisplay, job_table
+from tandem.server.cli import main
+from tandem.server.engine.async_engine import AsyncEngine
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients import AsyncTandemClient, FinetuneJob, TandemClient, TandemRpcError
-from server.engine.async_engine import AsyncEngine
+from tandem.client import AsyncTandemClient, FinetuneJob, TandemClient, TandemRpcError
+from tandem.server.engine.async_engine import AsyncEngine
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
 

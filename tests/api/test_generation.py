@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from clients import AsyncTandemClient, TandemRpcError
+from tandem.client import AsyncTandemClient, TandemRpcError
 from tests.api.conftest import all_blocks_free, wait_until
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "Once upon a time"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients import TandemClient, TandemRpcError
+from tandem.client import TandemClient, TandemRpcError
 from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, loopback, wait_until
 from tests.api.harness import ServerThread
 
@@ -82,7 +82,7 @@ def test_serve_drains_on_sigterm_and_exits_0(tiny_model_dir):
         "TANDEM_DRAIN_GRACE_SECONDS": "30",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--dtype", "float32"],
+        [sys.executable, "-m", "tandem.server.cli", "serve", "--model", str(tiny_model_dir), "--dtype", "float32"],
         cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     lines: queue.Queue[str] = queue.Queue()

@@ -2,9 +2,9 @@
 
 import pytest
 
-from clients import TandemClient
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine
+from tandem.client import TandemClient
+from tandem.server.config import EngineConfig
+from tandem.server.engine.async_engine import AsyncEngine
 from tests.api.conftest import loopback
 from tests.api.harness import ServerThread
 

@@ -3,11 +3,11 @@
 import grpc
 import pytest
 
-from server import errors
-from server.api import convert
-from server.adapters.registry import resolve_adapter_dir
-from server.api.auth import PermissionDenied, Role, TokenTable, Unauthenticated
-from server.api.status_mapping import status_for
+from tandem.server import errors
+from tandem.server.api import convert
+from tandem.server.adapters.registry import resolve_adapter_dir
+from tandem.server.api.auth import PermissionDenied, Role, TokenTable, Unauthenticated
+from tandem.server.api.status_mapping import status_for
 from tandem.v1 import generation_pb2
 
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from server.config import EngineConfig
-from server.engine.llm_engine import Engine
-from server.model.loader import LoadedModel, build_from_hf, eos_token_ids
+from tandem.server.config import EngineConfig
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.model.loader import LoadedModel, build_from_hf, eos_token_ids
 
 
 def make_engine(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **config) -> Engine:

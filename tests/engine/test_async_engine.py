@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine
-from server.engine.sampling_params import SamplingParams
-from server.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
+from tandem.server.config import EngineConfig
+from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Streaming text: pieces must concatenate to the full decode, stop strings cut the text."""
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from tandem.server.engine.detokenizer import IncrementalDetokenizer
 
 
 def stream(tokenizer, prompt_ids, output_ids, stop=()):

@@ -2,10 +2,10 @@
 
 import torch
 
-from server.engine.kv_cache import KVCache
-from server.engine.llm_engine import Engine
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import build_from_hf
+from tandem.server.engine.kv_cache import KVCache
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.model.loader import build_from_hf
 from tests.engine.helpers import make_engine, random_prompts, run
 
 

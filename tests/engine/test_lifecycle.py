@@ -2,9 +2,9 @@
 
 import torch
 
-from server.engine.kv_cache import KVCache
-from server.engine.outputs import FinishReason
-from server.engine.sampling_params import SamplingParams
+from tandem.server.engine.kv_cache import KVCache
+from tandem.server.engine.outputs import FinishReason
+from tandem.server.engine.sampling_params import SamplingParams
 from tests.engine.helpers import make_engine, random_prompts
 
 

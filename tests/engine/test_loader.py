@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from server.errors import ModelLoadError
-from server.model.loader import load_model
+from tandem.server.errors import ModelLoadError
+from tandem.server.model.loader import load_model
 
 CPU = torch.device("cpu")
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from server.engine.sampler import Sampler, _filter_top_k_top_p
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
+from tandem.server.engine.sampler import Sampler, _filter_top_k_top_p
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.engine.sequence import Sequence
 from tests.engine.helpers import make_engine, random_prompts, run
 
 
@@ -110,7 +110,7 @@ def test_no_logprobs_unless_asked():
     ("logprobs", 21, "logprobs"),
 ])
 def test_invalid_sampling_params_are_refused_with_the_field_named(field, value, message):
-    from server.errors import InvalidRequest
+    from tandem.server.errors import InvalidRequest
 
     params = SamplingParams(**{field: value})
     with pytest.raises(InvalidRequest, match=message):
@@ -118,7 +118,7 @@ def test_invalid_sampling_params_are_refused_with_the_field_named(field, value, 
 
 
 def test_prompts_that_cannot_run_are_refused(tiny_hf_model, smollm2_tokenizer):
-    from server.errors import InvalidRequest
+    from tandem.server.errors import InvalidRequest
 
     engine = make_engine(tiny_hf_model, smollm2_tokenizer)
     with pytest.raises(InvalidRequest, match="empty"):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from server.config import EngineConfig
-from server.engine.llm_engine import Engine
-from server.engine.sampling_params import SamplingParams
+from tandem.server.config import EngineConfig
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.engine.sampling_params import SamplingParams
 from tests.engine.helpers import make_engine, run
 
 pytestmark = pytest.mark.smollm

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from server import atomic_files
-from server.cli import main as tandem
+from tandem.server import atomic_files
+from tandem.server.cli import main as tandem
 
 
 def install(match: str, nth: int, marker: Path) -> None:

@@ -6,13 +6,13 @@ requests in those iterations give the tokens they give without it."""
 import pytest
 import torch
 
-from server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
-from server.engine.kv_cache import KVCache
-from server.engine.finetune_share import FinetuneShare
-from server.engine.sampling_params import SamplingParams
-from server.finetune.dataset import TrainingExample
-from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
-from server.finetune.trainer import Hyperparameters, Trainer
+from tandem.server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
+from tandem.server.engine.kv_cache import KVCache
+from tandem.server.engine.finetune_share import FinetuneShare
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.finetune.dataset import TrainingExample
+from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from tandem.server.finetune.trainer import Hyperparameters, Trainer
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.engine.helpers import make_engine, random_prompts, run
 from tests.finetune.test_gradients import randomize
@@ -132,7 +132,7 @@ def decode_iteration_times(tiny_hf_model, tokenizer, monkeypatch, target: float 
     to back beside four long generations; and the training tokens forwarded."""
     engine = make_engine(tiny_hf_model, tokenizer, max_num_batched_tokens=256, coserve_itl_p99=target, kv_cache_bytes=8 << 20)
     clock = FakeClock(engine, seconds_per_token=0.001)
-    monkeypatch.setattr("server.engine.llm_engine.time.perf_counter", clock)
+    monkeypatch.setattr("tandem.server.engine.llm_engine.time.perf_counter", clock)
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
     seqs = [TrainingSequence(ids, ids) for ids in random_prompts([8, 8], len(tokenizer), seed=3)]
     params = SamplingParams(temperature=0.0, max_new_tokens=100, ignore_eos=True)

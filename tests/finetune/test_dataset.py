@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import InvalidRequest, NotFound
-from server.finetune.dataset import (
+from tandem.server.errors import InvalidRequest, NotFound
+from tandem.server.finetune.dataset import (
     IGNORE_INDEX,
     TrainingExample,
     parse_dataset,

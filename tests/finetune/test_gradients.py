@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
-from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from tandem.server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
+from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
 from tests.adapters.make_adapters import ALL_LINEAR, ATTENTION
 from tests.engine.helpers import make_engine, random_prompts
 

@@ -14,14 +14,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from server.adapters.peft_format import WEIGHTS_FILE, content_hash
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine
-from server.engine.sampling_params import SamplingParams
-from server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound
-from server.finetune.job import Job, JobStatus
-from server.finetune.jobs import JobRequest
-from server.finetune.trainer import Hyperparameters
+from tandem.server.adapters.peft_format import WEIGHTS_FILE, content_hash
+from tandem.server.config import EngineConfig
+from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound
+from tandem.server.finetune.job import Job, JobStatus
+from tandem.server.finetune.jobs import JobRequest
+from tandem.server.finetune.trainer import Hyperparameters
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.adapters.peft_format import WEIGHTS_FILE, content_hash
-from server.atomic_files import TEMP_PREFIX
-from server.finetune.job import JobStatus
+from tandem.server.adapters.peft_format import WEIGHTS_FILE, content_hash
+from tandem.server.atomic_files import TEMP_PREFIX
+from tandem.server.finetune.job import JobStatus
 from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
 from tests.adapters.make_adapters import make_adapter
 from tests.finetune.test_jobs import DATA, request, start, wait_for

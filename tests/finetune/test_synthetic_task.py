@@ -8,7 +8,7 @@ import pytest
 
 from bench import synthetic_task
 from bench.synthetic_task import EVAL_SEED, FIELDS, TRAIN_SEED, exact_match, make_examples, to_messages
-from server.finetune.dataset import parse_dataset
+from tandem.server.finetune.dataset import parse_dataset
 
 PROMPT = re.compile(r"Convert to JSON: (\w+=\w+)(; \w+=\w+){2,4}\n")
 

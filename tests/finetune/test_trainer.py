@@ -4,10 +4,10 @@ is deterministic, so a resumed job runs the steps an uninterrupted one would."""
 import pytest
 import torch
 
-from server.engine.iteration import IGNORE_INDEX, TrainingSequence
-from server.finetune.dataset import TrainingExample
-from server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
-from server.finetune.trainer import MAX_STEPS, Hyperparameters, StepPlan, Trainer, TrainingDiverged, micro_batches, plan_steps
+from tandem.server.engine.iteration import IGNORE_INDEX, TrainingSequence
+from tandem.server.finetune.dataset import TrainingExample
+from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from tandem.server.finetune.trainer import MAX_STEPS, Hyperparameters, StepPlan, Trainer, TrainingDiverged, micro_batches, plan_steps
 from tests.adapters.make_adapters import ALL_LINEAR
 from tests.engine.helpers import make_engine, random_prompts
 from tests.finetune.test_gradients import peft_loss, peft_twin, randomize

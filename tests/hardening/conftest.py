@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.model.loader import build_from_hf
+from tandem.server.model.loader import build_from_hf
 from tests.adapters.make_adapters import make_adapter
 
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clients import TandemClient, TandemRpcError
-from server.adapters.patterns import NotSimple, pattern_choices
-from server.adapters.peft_format import read_adapter
-from server.adapters.registry import resolve_adapter_dir
-from server.errors import IncompatibleAdapter, InvalidRequest
+from tandem.client import TandemClient, TandemRpcError
+from tandem.server.adapters.patterns import NotSimple, pattern_choices
+from tandem.server.adapters.peft_format import read_adapter
+from tandem.server.adapters.registry import resolve_adapter_dir
+from tandem.server.errors import IncompatibleAdapter, InvalidRequest
 from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread

@@ -6,8 +6,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from clients import TandemClient, TandemRpcError
-from server.api.auth import Role, TokenTable, Unauthenticated
+from tandem.client import TandemClient, TandemRpcError
+from tandem.server.api.auth import Role, TokenTable, Unauthenticated
 from tests.api.conftest import loopback
 from tests.api.harness import ServerThread
 

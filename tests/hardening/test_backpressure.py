@@ -6,10 +6,10 @@ import asyncio
 import time
 
 
-from server.config import EngineConfig
-from server.engine.async_engine import MAX_UNREAD_OUTPUTS, AsyncEngine
-from server.engine.sampling_params import SamplingParams
-from server.errors import ResourceExhausted
+from tandem.server.config import EngineConfig
+from tandem.server.engine.async_engine import MAX_UNREAD_OUTPUTS, AsyncEngine
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import ResourceExhausted
 
 
 def test_a_reader_that_stops_reading_stops_its_request(tiny_model_dir):

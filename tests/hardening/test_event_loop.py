@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from clients import TandemClient, TandemRpcError
+from tandem.client import TandemClient, TandemRpcError
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
 

@@ -21,10 +21,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from server.adapters.registry import AdapterRegistry
-from server.errors import FailedPrecondition, InvalidRequest, NotFound
-from server.engine.async_engine import AsyncEngine
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from tandem.server.adapters.registry import AdapterRegistry
+from tandem.server.errors import FailedPrecondition, InvalidRequest, NotFound
+from tandem.server.engine.async_engine import AsyncEngine
 from tandem.v1 import (
     adapters_pb2, adapters_pb2_grpc, finetuning_pb2, finetuning_pb2_grpc, generation_pb2, generation_pb2_grpc,
 )

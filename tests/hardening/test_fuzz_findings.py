@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from bench.soak import memory_in_use_mb
-from server.adapters.peft_format import read_adapter
-from server.adapters.registry import resolve_adapter_dir
-from server.config import EngineConfig
-from server.engine.async_engine import AsyncEngine
-from server.engine.sampling_params import SamplingParams
-from server.errors import IncompatibleAdapter, InvalidRequest, NotFound
-from server.finetune.job import JobStatus
-from server.finetune.jobs import JobRequest
-from server.finetune.trainable_adapter import LoRASpec
-from server.finetune.trainer import Hyperparameters
+from tandem.server.adapters.peft_format import read_adapter
+from tandem.server.adapters.registry import resolve_adapter_dir
+from tandem.server.config import EngineConfig
+from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound
+from tandem.server.finetune.job import JobStatus
+from tandem.server.finetune.jobs import JobRequest
+from tandem.server.finetune.trainable_adapter import LoRASpec
+from tandem.server.finetune.trainer import Hyperparameters
 from tests.adapters.make_adapters import edit_config, weights_file
 from tests.conftest import make_tiny_hf_model
 from tests.engine.helpers import make_engine

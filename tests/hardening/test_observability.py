@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from clients import TandemClient, TandemRpcError
-from server.api.interceptor import CallInterceptor, _final_status
-from server.engine.async_engine import AsyncEngine
-from server.metrics import Metrics
+from tandem.client import TandemClient, TandemRpcError
+from tandem.server.api.interceptor import CallInterceptor, _final_status
+from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.metrics import Metrics
 from tandem.v1 import generation_pb2
 from tests.api.conftest import loopback, start_engine, wait_until
 from tests.api.harness import ServerThread

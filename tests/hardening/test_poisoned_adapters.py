@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clients import TandemClient, TandemRpcError
-from server.adapters.peft_format import read_adapter
-from server.engine.sampling_params import SamplingParams
-from server.errors import IncompatibleAdapter
+from tandem.client import TandemClient, TandemRpcError
+from tandem.server.adapters.peft_format import read_adapter
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import IncompatibleAdapter
 from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread

@@ -9,11 +9,11 @@ import grpc
 import pytest
 import torch
 
-from clients import TandemClient, TandemRpcError
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.sampler import Sampler
-from server.engine.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
-from server.errors import InvalidRequest
+from tandem.client import TandemClient, TandemRpcError
+from tandem.server.engine.detokenizer import IncrementalDetokenizer
+from tandem.server.engine.sampler import Sampler
+from tandem.server.engine.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
+from tandem.server.errors import InvalidRequest
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
 from tests.engine.helpers import make_engine, random_prompts, run

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from clients import TandemClient
-from server.api.grpc_server import build_server
-from server.engine.async_engine import AsyncEngine
+from tandem.client import TandemClient
+from tandem.server.api.grpc_server import build_server
+from tandem.server.engine.async_engine import AsyncEngine
 from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 
@@ -64,7 +64,7 @@ def test_generations_cut_by_a_drain_end_with_finish_reason_abort(engine):
 
 SLOW_LOAD = """
 import sys, time
-import server.engine.async_engine as async_engine
+import tandem.server.engine.async_engine as async_engine
 
 class SlowToLoad(async_engine.AsyncEngine):
     def __init__(self, *args, **kwargs):
@@ -72,7 +72,7 @@ class SlowToLoad(async_engine.AsyncEngine):
         super().__init__(*args, **kwargs)
 
 async_engine.AsyncEngine = SlowToLoad
-from server.cli import main
+from tandem.server.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

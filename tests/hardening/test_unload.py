@@ -3,8 +3,8 @@ refused (NOT_FOUND, saying why) until an admin loads it again; its files stay on
 
 import pytest
 
-from server.engine.sampling_params import SamplingParams
-from server.errors import NotFound
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import NotFound
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
 

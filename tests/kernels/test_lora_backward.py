@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from kernels.lora import LoRABatch, LoRAWeights, lora_delta_autograd, reference, reference_backward
+from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta_autograd, reference, reference_backward
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -18,7 +18,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 def _import_triton_backward():
     """The Triton kernels; on CPU they run interpreted (tests/conftest.py sets TRITON_INTERPRET)."""
     try:
-        return importlib.import_module("kernels.lora.triton_sgmv_backward")
+        return importlib.import_module("tandem.kernels.lora.triton_sgmv_backward")
     except ImportError:
         return None
 

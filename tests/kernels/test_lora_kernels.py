@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.lora import LoRABatch, LoRAWeights, lora_delta, lora_expand, lora_shrink, reference
+from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta, lora_expand, lora_shrink, reference
 
 CUDA = torch.cuda.is_available()
 
@@ -19,7 +19,7 @@ CUDA = torch.cuda.is_available()
 def _import_triton_sgmv():
     """The Triton kernels; on CPU they run interpreted (tests/conftest.py sets TRITON_INTERPRET)."""
     try:
-        return importlib.import_module("kernels.lora.triton_sgmv")
+        return importlib.import_module("tandem.kernels.lora.triton_sgmv")
     except ImportError:
         return None
 

@@ -1,0 +1,19 @@
+"""Python clients for Tandem: `TandemClient` (blocking) and `AsyncTandemClient` (asyncio)."""
+
+from tandem.client.async_client import AsyncTandemClient
+from tandem.client.errors import TandemRpcError
+from tandem.client.sync_client import TandemClient
+from tandem.client.types import AdapterInfo, Completion, FinetuneJob, FinetuneJobError, ModelInfo, StreamChunk, TokenLogprob
+
+__all__ = [
+    "AdapterInfo",
+    "AsyncTandemClient",
+    "Completion",
+    "FinetuneJob",
+    "FinetuneJobError",
+    "ModelInfo",
+    "StreamChunk",
+    "TandemClient",
+    "TandemRpcError",
+    "TokenLogprob",
+]

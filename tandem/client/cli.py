@@ -1,0 +1,360 @@
+"""The client side of the `tandem` command: generate, chat, adapters, finetune, health, model.
+
+Flags are added by server/cli.py's `add_env_flag` (passed in), which gives each its
+TANDEM_* environment twin; this module never reads the environment itself.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, cast
+
+from tandem.client.errors import TandemRpcError
+from tandem.client.job_display import ProgressDisplay, job_details, job_table, outcome
+from tandem.client.sync_client import TandemClient
+from tandem.client.types import FinetuneJob, Hyperparameters, LoraOptions, SamplingOptions
+
+EXIT_NOT_SERVING = 1
+EXIT_JOB_FAILED = 1  # a watched fine-tuning job failed or was cancelled
+EXIT_RPC_BASE = 10  # exit status 10 + gRPC status code
+
+AddFlag = Callable[[argparse.ArgumentParser, str, Callable[[str], Any], str, Any], None]
+FlagSpec = tuple[str, Callable[[str], Any], str]  # (flag, type, help)
+
+
+def _connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -> None:
+    group = parser.add_argument_group("connection")
+    add_flag(group, "--target", str, "server address host:port", "localhost:50051")
+    add_flag(group, "--token-file", str, "file holding the bearer token (or set TANDEM_TOKEN)", None)
+    add_flag(group, "--token", str, "bearer token; prefer the environment or --token-file (flags show in ps)", None)
+    group.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-cert)")
+    add_flag(group, "--ca-cert", str, "PEM CA to trust (default: system roots)", None)
+    add_flag(group, "--client-cert", str, "PEM client certificate (mutual TLS)", None)
+    add_flag(group, "--client-key", str, "PEM key of --client-cert", None)
+    add_flag(group, "--timeout", float, "seconds per call, retries included", 300.0)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# `finetune create` flags with TANDEM_* twins; unset ones leave the server's default.
+LORA_FLAGS: list[FlagSpec] = [
+    ("--r", int, "LoRA rank (server default 16; at most its --max-lora-rank)"),
+    ("--lora-alpha", float, "scale numerator (default 2 * r)"),
+    ("--target-modules", _comma_list, "comma-separated, e.g. q_proj,v_proj (default: all seven projections)"),
+    ("--lora-dropout", float, "dropout on each adapted linear's input, in [0, 1)"),
+]
+HYPERPARAMETER_FLAGS: list[FlagSpec] = [
+    ("--learning-rate", float, "AdamW learning rate (default 2e-4)"),
+    ("--lr-scheduler", str, "linear (default), cosine or constant, after the warm-up"),
+    ("--warmup-steps", int, "linear warm-up steps"),
+    ("--n-epochs", int, "passes over the data (default 1; ignored with --max-steps)"),
+    ("--max-steps", int, "optimizer steps to run (default: n-epochs over the data)"),
+    ("--tokens-per-step", int, "tokens per optimizer step (default 4096)"),
+    ("--max-seq-length", int, "longest example in tokens; longer ones are refused (default: the context limit)"),
+    ("--weight-decay", float, "AdamW weight decay"),
+    ("--max-grad-norm", float, "gradient clipping by global norm (default 1.0, 0 = off)"),
+    ("--eval-fraction", float, "share of the examples held out for eval loss, in [0, 0.5]"),
+    ("--checkpoint-interval", int, "optimizer steps between checkpoints and eval points (default 50)"),
+    ("--seed", int, "data order, initialisation and dropout"),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _given(args: argparse.Namespace, flags: list[FlagSpec]) -> dict[str, Any]:
+    return {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in flags if getattr(args, _dest(flag)) is not None}
+
+
+def _finetune_create_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -> None:
+    parser.add_argument("adapter", help="name of the adapter to publish (a new version if it exists)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--training-file", help="a JSONL file inside the server's --data-dir")
+    data.add_argument("--data", help="a local JSONL file, sent with the request")
+    parser.add_argument("--base-adapter", default="", help="continue training this served adapter")
+    lora = parser.add_argument_group("LoRA (unset: the server's defaults, or the base adapter's settings)")
+    for flag, kind, text in LORA_FLAGS:
+        add_flag(lora, flag, kind, text, None)
+    lora.add_argument("--use-rslora", action="store_true", help="scale by lora_alpha / sqrt(r)")
+    training = parser.add_argument_group("training (unset: the server's defaults)")
+    for flag, kind, text in HYPERPARAMETER_FLAGS:
+        add_flag(training, flag, kind, text, None)
+    parser.add_argument("--watch", action="store_true", help="show progress until the job ends (Ctrl-C stops watching, not the job)")
+    parser.add_argument("--json", action="store_true", help="print the job (with --watch: the ended job) as JSON")
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--adapter", default="", help="adapter name (default: the base model)")
+    group.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (server default 256)")
+    group.add_argument("--temperature", type=float, help="0 (default) = greedy")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    group.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats")
+    group.add_argument("--seed", type=int, help="reproducible sampling")
+    group.add_argument("--stop", action="append", help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+
+
+def _sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+    options: SamplingOptions = {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # type: ignore[misc]
+    if args.ignore_eos:
+        options["ignore_eos"] = True
+    return options
+
+
+def _client(args: argparse.Namespace) -> TandemClient:
+    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    return TandemClient(
+        args.target,
+        token=token,
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        timeout=args.timeout,
+    )
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _run_generate(args: argparse.Namespace, client: TandemClient) -> int:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": text}]} if args.chat else {"prompt": text}
+    options = _sampling_options(args)
+    if args.json:
+        _print_json(asdict(client.generate(adapter=args.adapter, **request, **options)))
+        return 0
+    last = None
+    for chunk in client.stream(adapter=args.adapter, **request, **options):
+        print(chunk.text, end="", flush=True)
+        last = chunk
+    print()
+    if last is not None:
+        print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + {last.generated_tokens} generated tokens]", file=sys.stderr)
+    return 0
+
+
+def _run_chat(args: argparse.Namespace, client: TandemClient) -> int:
+    """A loop with history; /reset forgets it, /exit or end of input leaves."""
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            del history[1 if args.system else 0 :]
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        reply = []
+        for chunk in client.stream(messages=history, adapter=args.adapter, **_sampling_options(args)):
+            print(chunk.text, end="", flush=True)
+            reply.append(chunk.text)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _run_model(args: argparse.Namespace, client: TandemClient) -> int:
+    info = asdict(client.model_info())
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:14} {value}")
+    return 0
+
+
+def _run_health(args: argparse.Namespace, client: TandemClient) -> int:
+    """Prints the status; with --wait polls until SERVING or the time is up."""
+    end = time.monotonic() + args.wait
+    while True:
+        try:
+            status = client.health(args.service, timeout=min(5.0, args.timeout))
+        except TandemRpcError as error:
+            status = error.code.name
+        if status == "SERVING" or time.monotonic() >= end:
+            print(status)
+            return 0 if status == "SERVING" else EXIT_NOT_SERVING
+        time.sleep(0.5)
+
+
+def _run_adapters(args: argparse.Namespace, client: TandemClient) -> int:
+    if args.action == "list":
+        adapters = [asdict(a) for a in client.list_adapters()]
+        if args.json:
+            _print_json(adapters)
+            return 0
+        for a in adapters:
+            print(f"{a['name']}\trank={a['rank']}\ttier={a['tier']}\tin_use={a['in_use']}\t{a['content_hash'][:12]}")
+    elif args.action == "load":
+        _print_json(asdict(client.load_adapter(args.name, args.path)))
+    else:
+        client.unload_adapter(args.name)
+    return 0
+
+
+def _print_job(job: FinetuneJob, as_json: bool) -> None:
+    if as_json:
+        _print_json(asdict(job))
+    else:
+        print("\n".join(job_details(job)))
+
+
+def _follow(client: TandemClient, job_id: str, as_json: bool) -> int:
+    """Shows the job's progress on stderr until it ends, then its outcome; 0 only if it succeeded."""
+    display = ProgressDisplay(sys.stderr)
+    job = None
+    try:
+        for job in client.watch_finetune_job(job_id):
+            display.show(job)
+    finally:
+        display.close()
+    if job is None:
+        raise ValueError(f"the server sent no state for job {job_id}")
+    if as_json:
+        _print_json(asdict(job))
+    else:
+        print(outcome(job))
+    return 0 if job.status == "succeeded" else EXIT_JOB_FAILED
+
+
+def _run_finetune_create(args: argparse.Namespace, client: TandemClient) -> int:
+    lora = _given(args, LORA_FLAGS) | ({"use_rslora": True} if args.use_rslora else {})
+    job = client.create_finetune_job(
+        args.adapter,
+        training_file=args.training_file,
+        training_data=Path(args.data).read_text(encoding="utf-8") if args.data else None,
+        base_adapter=args.base_adapter,
+        lora=cast(LoraOptions, lora),
+        hyperparameters=cast(Hyperparameters, _given(args, HYPERPARAMETER_FLAGS)),
+    )
+    if not args.watch:
+        _print_job(job, args.json)
+        return 0
+    print(f"{job.id}: {job.status}, {job.num_examples} examples, {job.total_steps} steps", file=sys.stderr)
+    return _follow(client, job.id, args.json)
+
+
+def _run_finetune_list(args: argparse.Namespace, client: TandemClient) -> int:
+    jobs = client.list_finetune_jobs()
+    if args.json:
+        _print_json([asdict(job) for job in jobs])
+    else:
+        print("\n".join(job_table(jobs)))
+    return 0
+
+
+def _run_finetune_get(args: argparse.Namespace, client: TandemClient) -> int:
+    _print_job(client.get_finetune_job(args.id), args.json)
+    return 0
+
+
+def _run_finetune_cancel(args: argparse.Namespace, client: TandemClient) -> int:
+    job = client.cancel_finetune_job(args.id)
+    print(f"{job.id}: {job.status}")
+    return 0
+
+
+def _run_finetune_watch(args: argparse.Namespace, client: TandemClient) -> int:
+    return _follow(client, args.id, args.json)
+
+
+def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callable[[argparse.Namespace], int]:
+    """Connects, runs `action`, and turns failures into a message and an exit status."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with _client(args) as client:
+                return action(args, client)
+        except TandemRpcError as error:
+            suffix = f" (request id {error.request_id})" if error.request_id else ""
+            print(f"tandem: {error}{suffix}", file=sys.stderr)
+            return EXIT_RPC_BASE + error.code.value[0]
+        except (OSError, ValueError) as error:
+            print(f"tandem: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+FINETUNE_EPILOG = """create --watch and watch exit 0 when the job succeeded, 1 when it failed or was
+cancelled, 10+N when a call failed with gRPC status code N."""
+
+
+def _add_finetune_command(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None:
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune LoRA adapters on the served model (admin)", epilog=FINETUNE_EPILOG
+    )
+    actions = finetune.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="validate a dataset and queue a job", epilog=FINETUNE_EPILOG)
+    _finetune_create_flags(create, add_flag)
+    listing = actions.add_parser("list", help="list jobs, newest first")
+    get = actions.add_parser("get", help="show one job")
+    cancel = actions.add_parser("cancel", help="stop a queued or running job; nothing is published")
+    watch = actions.add_parser("watch", help="show a job's progress until it ends", epilog=FINETUNE_EPILOG)
+    for parser in (get, cancel, watch):
+        parser.add_argument("id", help="job id (ftjob-...)")
+    for parser in (listing, get, watch):
+        parser.add_argument("--json", action="store_true")
+    runs = {create: _run_finetune_create, listing: _run_finetune_list, get: _run_finetune_get, cancel: _run_finetune_cancel}
+    for parser, run in (runs | {watch: _run_finetune_watch}).items():
+        _connection_flags(parser, add_flag)
+        parser.set_defaults(run=_runner(run))
+
+
+def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None:
+    """Adds generate, chat, model, health, adapters and finetune to the `tandem` parser."""
+    generate = commands.add_parser("generate", help="generate text (streams to the terminal)")
+    generate.add_argument("prompt", help="the prompt; - reads it from standard input")
+    generate.add_argument("--json", action="store_true", help="wait for the whole answer and print it as JSON")
+    generate.add_argument(
+        "--chat", action="store_true", help="send the prompt as one user message through the model's chat template"
+    )
+    _sampling_flags(generate)
+    generate.set_defaults(run=_runner(_run_generate))
+
+    chat = commands.add_parser("chat", help="chat interactively (keeps the conversation)")
+    chat.add_argument("--system", default="", help="system message")
+    _sampling_flags(chat)
+    chat.set_defaults(run=_runner(_run_chat))
+
+    model = commands.add_parser("model", help="show the served model")
+    model.add_argument("--json", action="store_true")
+    model.set_defaults(run=_runner(_run_model))
+
+    health = commands.add_parser("health", help="check liveness, or readiness of a service")
+    health.add_argument("--service", default="", help="'' = liveness; tandem.v1.Generation = readiness")
+    health.add_argument("--wait", type=float, default=0.0, help="poll up to this many seconds for SERVING")
+    health.set_defaults(run=_runner(_run_health))
+
+    adapters = commands.add_parser("adapters", help="list, load or unload adapters")
+    actions = adapters.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="list registered adapters")
+    listing.add_argument("--json", action="store_true")
+    load = actions.add_parser("load", help="register an adapter from the server's --adapters-dir (admin)")
+    load.add_argument("name")
+    load.add_argument("--path", default="", help="directory inside --adapters-dir (default: NAME)")
+    unload = actions.add_parser("unload", help="unregister an adapter (admin)")
+    unload.add_argument("name")
+
+    for parser in (generate, chat, model, health, listing, load, unload):
+        _connection_flags(parser, add_flag)
+    adapters.set_defaults(run=_runner(_run_adapters))
+    _add_finetune_command(commands, add_flag)

@@ -1,0 +1,111 @@
+"""Channel settings shared by the sync and asyncio clients: address, TLS, token, deadline,
+retries. The token travels as `authorization: Bearer` metadata."""
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tandem.client.errors import TandemRpcError
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+@dataclass
+class ConnectionSettings:
+    """target: "host:port". tls: use TLS (implied by ca_cert / client_cert); ca_cert: PEM
+    file of the CA to trust (default: system roots); client_cert + client_key: mutual TLS.
+    timeout: seconds for a whole call, retries included; None = no deadline.
+    max_retries: extra attempts on UNAVAILABLE before any token arrived."""
+
+    target: str = "localhost:50051"
+    token: str | None = None
+    tls: bool = False
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    timeout: float | None = 60.0
+    max_retries: int = 3
+    backoff_seconds: float = 0.2
+    max_backoff_seconds: float = 5.0
+    max_message_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("mutual TLS needs both client_cert and client_key")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+
+    def metadata(self, request_id: str) -> list[tuple[str, str]]:
+        metadata = [(REQUEST_ID_KEY, request_id)]
+        if self.token:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        return metadata
+
+
+def new_request_id(request_id: str | None) -> str:
+    return request_id or uuid.uuid4().hex
+
+
+def request_id_from(initial_metadata, fallback: str) -> str:
+    """The id the server used (it replaces ids it finds malformed)."""
+    for key, value in initial_metadata or ():
+        if key == REQUEST_ID_KEY:
+            return value
+    return fallback
+
+
+class Deadline:
+    """One deadline across all attempts of a call."""
+
+    def __init__(self, timeout: float | None):
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+
+def retry_delays(settings: ConnectionSettings) -> Iterator[float]:
+    """Exponential backoff with full jitter, max_retries delays long."""
+    for attempt in range(settings.max_retries):
+        yield random.uniform(0, min(settings.max_backoff_seconds, settings.backoff_seconds * 2**attempt))
+
+
+def is_retryable(error: grpc.RpcError) -> bool:
+    """Only UNAVAILABLE: the server did no work (loading, draining, unreachable)."""
+    code = getattr(error, "code", None)
+    return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+
+
+class Attempts:
+    """The deadline and the retry budget of one call, shared by all its attempts."""
+
+    def __init__(self, settings: ConnectionSettings, timeout: float | None):
+        self.deadline = Deadline(timeout)
+        self._delays = retry_delays(settings)
+
+    def pause_after(self, error: grpc.RpcError, request_id: str | None, retry: bool = True) -> float:
+        """Seconds to wait before the next attempt; raises the call's TandemRpcError when
+        there is none (retry False, not retryable, retries spent, or the deadline would pass first)."""
+        delay = next(self._delays, None) if retry and is_retryable(error) else None
+        remaining = self.deadline.remaining()
+        if delay is None or (remaining is not None and delay >= remaining):
+            raise TandemRpcError.wrap(error, request_id) from None
+        return delay

@@ -1,0 +1,239 @@
+"""Client-side proto ⇄ dataclass conversion, shared by the sync and asyncio clients, and the
+planned calls (`Call`) that both clients execute."""
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.message import Message
+
+from tandem.client.types import (
+    AdapterInfo,
+    Completion,
+    FinetuneJob,
+    FinetuneJobError,
+    Hyperparameters,
+    LoraOptions,
+    ModelInfo,
+    SamplingOptions,
+    StreamChunk,
+    TokenLogprob,
+)
+from tandem.v1 import adapters_pb2, finetuning_pb2, finetuning_pb2_grpc, generation_pb2
+
+T = TypeVar("T")
+
+_FINISH = {
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_EOS: "eos",
+    generation_pb2.FINISH_REASON_STOP: "stop",
+    generation_pb2.FINISH_REASON_ABORT: "abort",
+}
+_TIERS = {
+    adapters_pb2.ADAPTER_TIER_DISK: "disk",
+    adapters_pb2.ADAPTER_TIER_HOST: "host",
+    adapters_pb2.ADAPTER_TIER_DEVICE: "device",
+}
+
+Messages = Sequence[dict[str, str]]
+
+
+def _proto_messages(messages: Messages | None) -> list[generation_pb2.Message]:
+    return [generation_pb2.Message(role=m["role"], content=m["content"]) for m in messages or ()]
+
+
+def generate_request(
+    prompt: str | None, messages: Messages | None, prompt_token_ids: Sequence[int] | None, adapter: str, options: SamplingOptions
+) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        prompt=prompt or "",
+        messages=_proto_messages(messages),
+        prompt_token_ids=list(prompt_token_ids or ()),
+        adapter=adapter,
+        **options,
+    )
+
+
+def tokenize_request(text: str | None, messages: Messages | None) -> generation_pb2.TokenizeRequest:
+    return generation_pb2.TokenizeRequest(text=text or "", messages=_proto_messages(messages))
+
+
+def _logprobs(items) -> list[TokenLogprob]:
+    return [TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for lp in items]
+
+
+def completion(response: generation_pb2.GenerateResponse, request_id: str) -> Completion:
+    return Completion(
+        text=response.text,
+        finish_reason=_FINISH.get(response.finish_reason, "unspecified"),
+        prompt_tokens=response.usage.prompt_tokens,
+        generated_tokens=response.usage.generated_tokens,
+        token_ids=list(response.token_ids),
+        logprobs=_logprobs(response.logprobs),
+        seed=response.seed if response.HasField("seed") else None,
+        request_id=request_id,
+    )
+
+
+def stream_chunk(response: generation_pb2.GenerateStreamResponse) -> StreamChunk:
+    return StreamChunk(
+        text=response.text,
+        token_ids=list(response.token_ids),
+        finish_reason=_FINISH.get(response.finish_reason),
+        prompt_tokens=response.usage.prompt_tokens,
+        generated_tokens=response.usage.generated_tokens,
+        logprobs=_logprobs(response.logprobs),
+    )
+
+
+def model_info(info: generation_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model=info.model,
+        architecture=info.architecture,
+        dtype=info.dtype,
+        device=info.device,
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        eos_token_ids=list(info.eos_token_ids),
+        max_lora_rank=info.max_lora_rank,
+        version=info.version,
+    )
+
+
+def adapter_info(info: adapters_pb2.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        name=info.name,
+        rank=info.rank,
+        target_modules=list(info.target_modules),
+        tier=_TIERS.get(info.tier, "unspecified"),
+        content_hash=info.content_hash,
+        in_use=info.in_use,
+        path=info.path,
+    )
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One RPC planned without I/O, so that the blocking and the asyncio client share all of a
+    method but the waiting: the stub class of its service, the method's name on the stub, the
+    request, and how each response becomes what the caller gets."""
+
+    stub: type
+    method: str
+    request: Message
+    result: Callable[[Any], T]
+
+
+TrainingData = str | Sequence[Mapping[str, Any]]
+
+
+def _jsonl(data: TrainingData) -> str:
+    """Lines given as dicts become JSONL; a str is sent as it is."""
+    if isinstance(data, str):
+        return data
+    return "\n".join(json.dumps(line, ensure_ascii=False) for line in data) + "\n"
+
+
+def _lora_config(lora: LoraOptions) -> finetuning_pb2.LoraConfig:
+    fields: dict[str, Any] = dict(lora)
+    if isinstance(fields.get("target_modules"), str):
+        # A str would otherwise be read as a list of one-letter module names.
+        fields["target_modules"] = [m.strip() for m in fields["target_modules"].split(",") if m.strip()]
+    return finetuning_pb2.LoraConfig(**fields)
+
+
+def create_finetune_job(
+    adapter: str,
+    training_file: str | None,
+    training_data: TrainingData | None,
+    base_adapter: str,
+    lora: LoraOptions | None,
+    hyperparameters: Hyperparameters | None,
+) -> Call[FinetuneJob]:
+    """Raises ValueError for both training_file and training_data (proto keeps only one of
+    them) or an unknown lora / hyperparameters key; the server judges everything else."""
+    if training_file is not None and training_data is not None:
+        raise ValueError("give exactly one of training_file and training_data")
+    request = finetuning_pb2.CreateJobRequest(
+        adapter=adapter,
+        base_adapter=base_adapter,
+        training_file=training_file,
+        training_data=None if training_data is None else _jsonl(training_data),
+        # An empty dict means the defaults, as None does (a set lora must agree with a base adapter).
+        lora=_lora_config(lora) if lora else None,
+        hyperparameters=finetuning_pb2.Hyperparameters(**hyperparameters) if hyperparameters else None,
+    )
+    return Call(finetuning_pb2_grpc.FineTuningStub, "CreateJob", request, finetune_job)
+
+
+def get_finetune_job(job_id: str) -> Call[FinetuneJob]:
+    return Call(finetuning_pb2_grpc.FineTuningStub, "GetJob", finetuning_pb2.GetJobRequest(id=job_id), finetune_job)
+
+
+def list_finetune_jobs() -> Call[list[FinetuneJob]]:
+    return Call(
+        finetuning_pb2_grpc.FineTuningStub,
+        "ListJobs",
+        finetuning_pb2.ListJobsRequest(),
+        lambda response: [finetune_job(job) for job in response.jobs],
+    )
+
+
+def cancel_finetune_job(job_id: str) -> Call[FinetuneJob]:
+    return Call(finetuning_pb2_grpc.FineTuningStub, "CancelJob", finetuning_pb2.CancelJobRequest(id=job_id), finetune_job)
+
+
+def watch_finetune_job(job_id: str) -> Call[FinetuneJob]:
+    """A server stream: the job now, then after every change until it ends."""
+    return Call(
+        finetuning_pb2_grpc.FineTuningStub,
+        "WatchJob",
+        finetuning_pb2.WatchJobRequest(id=job_id),
+        lambda event: finetune_job(event.job),
+    )
+
+
+def _value(message: Message, field) -> Any:
+    if field.is_repeated:
+        return list(getattr(message, field.name))
+    if field.has_presence and not message.HasField(field.name):
+        return None
+    return getattr(message, field.name)
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    """A settings message as a plain dict of every field by its proto name (unset optional: None)."""
+    return {field.name: _value(message, field) for field in message.DESCRIPTOR.fields}
+
+
+def _status(status: int) -> str:
+    return finetuning_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
+
+
+def finetune_job(job: finetuning_pb2.Job) -> FinetuneJob:
+    error = job.error
+    return FinetuneJob(
+        id=job.id,
+        adapter=job.adapter,
+        base_adapter=job.base_adapter,
+        status=_status(job.status),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        estimated_finish=job.estimated_finish,
+        step=job.step,
+        total_steps=job.total_steps,
+        num_examples=job.num_examples,
+        num_eval_examples=job.num_eval_examples,
+        trained_tokens=job.trained_tokens,
+        train_loss=job.train_loss if job.HasField("train_loss") else None,
+        eval_loss=job.eval_loss if job.HasField("eval_loss") else None,
+        tokens_per_second=job.tokens_per_second,
+        error=FinetuneJobError(error.code, error.message, error.param) if job.HasField("error") else None,
+        content_hash=job.content_hash,
+        lora=_fields(job.lora),
+        hyperparameters=_fields(job.hyperparameters),
+        mode=job.mode,
+        finetune_share=job.finetune_share,
+    )

@@ -1,0 +1,1 @@
+"""The Tandem server: engine, model, adapters, fine-tuning and the gRPC API."""

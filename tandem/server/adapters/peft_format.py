@@ -1,0 +1,443 @@
+"""The one place that knows the adapter file layout: PEFT files on disk <-> our fused linears.
+
+A PEFT LoRA adapter is `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. Our model
+fuses q/k/v and gate/up (server/model/lora_targets.py), so an adapter is grouped per (layer, group): the group's slices
+share one shrink at the group's largest rank (a slot holds each slice's A rows, zero past
+the slice's own rank), their B scaled by alpha / r (alpha / sqrt(r) with rsLoRA) as they
+are copied into a slot, so the kernels never scale. The tensors are kept as read (views of
+the file's mapping) and copied once, into the slot: a second copy of a 20 MB adapter, or
+scaling it in place, costs ~30-40 ms of page faults on our hosts.
+"""
+
+import hashlib
+import json
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from tandem.server.adapters.patterns import MAX_ADAPTER_CHOICES, MAX_PATTERN_KEYS, NotSimple, pattern_choices
+from tandem.server.atomic_files import write_directory
+from tandem.server.errors import IncompatibleAdapter, NotFound, excerpt
+from tandem.server.model.llama import LlamaModel
+from tandem.server.model.lora_targets import TARGET_SLICES, group_linears
+
+CONFIG_FILE = "adapter_config.json"
+# Far past any real adapter's dimension, and below what torch's shapes hold (2^63).
+MAX_DIMENSION = 1 << 40
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<name>\w+)")
+# PEFT saves embedding LoRA as lora_embedding_A/B (no .weight) and, beside it, the base layer.
+_EMBEDDING_KEY = re.compile(r"base_model\.model\.(?P<module>(.+\.)?(embed_tokens|lm_head))\..+")
+
+
+@dataclass
+class GroupDelta:
+    """One adapter's weights for one fused linear, per slice s of it that the adapter adapts:
+    slices[s] = (a [r_s, in], b [out_s, r_s], scale), b unscaled as read. rank: the largest
+    r_s, the rank the group runs at in a slot."""
+
+    slices: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+    rank: int
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter read from disk and checked against the base model, ready for a slot."""
+
+    name: str
+    path: Path
+    content_hash: str
+    rank: int
+    targets: list[str]
+    groups: dict[tuple[int, str], GroupDelta]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b)
+        )
+
+    def pin_memory(self) -> "LoRAAdapter":
+        """The adapter in page-locked host memory, so its copies to a CUDA slot can overlap compute."""
+        groups = {
+            key: GroupDelta({s: (a.pin_memory(), b.pin_memory(), scale) for s, (a, b, scale) in g.slices.items()}, g.rank)
+            for key, g in self.groups.items()
+        }
+        return replace(self, groups=groups)
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over the config and the weights: a re-uploaded adapter gets a new identity."""
+    return _digest((path / CONFIG_FILE).read_bytes(), _read_all(path / WEIGHTS_FILE))
+
+
+def _digest(config: bytes, weights: bytes) -> str:
+    h = hashlib.sha256(config)
+    h.update(weights)
+    return h.hexdigest()
+
+
+def read_adapter(
+    name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32
+) -> LoRAAdapter:
+    """Load and validate a PEFT LoRA adapter; every refusal says exactly why, and where in
+    which file, but never quotes the file's bytes.
+
+    Every weight must be finite and fit slot_dtype once scaled: one NaN would turn its
+    requests' output into garbage, so it is refused here, before any request uses it."""
+    if not (path / CONFIG_FILE).is_file():
+        raise NotFound(f"adapter {name!r} not found: {path} has no {CONFIG_FILE}")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise IncompatibleAdapter(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
+    config_path, weights_path = _own_file(name, path, CONFIG_FILE), _own_file(name, path, WEIGHTS_FILE)
+    try:
+        config_bytes = config_path.read_bytes()
+        config = _json_object(config_bytes)
+    except (OSError, ValueError) as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
+    _check_config(name, config)
+    alphas = _alpha_patterns(config)
+    try:
+        weights = _read_all(weights_path)
+    except OSError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
+    # One read into memory we own: the hash is of exactly the bytes parsed, and the tensors
+    # are views of them (a mapping of the file would change under a cached adapter if the
+    # file were overwritten in place; a copy per tensor costs another pass of page faults).
+    # Hash on a second thread while this one parses (hashlib releases the GIL).
+    with ThreadPoolExecutor(1, thread_name_prefix="adapter-hash") as hasher:
+        digest = hasher.submit(_digest, config_bytes, weights)
+        try:
+            tensors = _parse_safetensors(weights)
+        except ValueError as exc:
+            raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
+        modules = _pair_tensors(name, tensors)
+    linears = group_linears(model)
+    per_group: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    targets = set()
+    for module, (a, b) in modules.items():
+        layer, kind = _locate(name, module, len(model.layers))
+        group, slice_idx = TARGET_SLICES[kind]
+        linear = linears[(layer, group)]
+        want_in, want_out = linear.in_features, linear.out_slices[slice_idx]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[1] != want_in or b.shape[0] != want_out:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} does not fit the base model: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"the base layer needs A [r, {want_in}] and B [{want_out}, r]"
+            )
+        r = a.shape[0]
+        if r == 0:
+            raise IncompatibleAdapter(f"adapter {name!r} has rank 0 on {module}; a LoRA rank is at least 1")
+        if r > max_rank:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
+            )
+        scale = _scale(name, config, alphas, module, r)
+        _check_finite(name, module, a, b, scale, slot_dtype)
+        per_group.setdefault((layer, group), {})[slice_idx] = (a, b, scale)
+        targets.add(kind)
+    groups = {key: GroupDelta(slices, max(a.shape[0] for a, _, _ in slices.values())) for key, slices in per_group.items()}
+    return LoRAAdapter(
+        name=name,
+        path=path,
+        content_hash=digest.result(),
+        rank=max(g.rank for g in groups.values()),
+        targets=sorted(targets, key=list(TARGET_SLICES).index),
+        groups=groups,
+    )
+
+
+def _own_file(name: str, directory: Path, file: str) -> Path:
+    """The real path of directory/file; refused when a symlink leads out of the adapter's
+    directory, so that an adapter folder cannot make the server read other files."""
+    real = (directory / file).resolve()
+    if not real.is_relative_to(directory.resolve()):
+        raise IncompatibleAdapter(f"adapter {name!r} has a {file} that links outside its directory")
+    return real
+
+
+def _read_all(path: Path) -> bytearray:
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb") as f:
+        if f.readinto(data) != len(data) or f.read(1):
+            raise OSError(f"{path} changed size while being read")
+    return data
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    """One tensor of a safetensors header: its bytes are data[begin:end] of the data section."""
+
+    key: str
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def _parse_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in data, as views of it: an 8-byte little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data. Raises
+    ValueError saying what is wrong and where."""
+    if len(data) < 8:
+        raise ValueError(f"the file has {len(data)} bytes, fewer than a header")
+    header_len = int.from_bytes(data[:8], "little")
+    if 8 + header_len > len(data):
+        raise ValueError(f"its header length points past the end of the file ({len(data)} bytes)")
+    try:
+        header = _json_object(bytes(data[8 : 8 + header_len]))
+    except ValueError as exc:
+        raise ValueError(f"its header: {exc}") from exc
+    base = 8 + header_len
+    entries = [_tensor_entry(key, info) for key, info in header.items() if key != "__metadata__"]
+    _check_layout(entries, len(data) - base)
+    return {e.key: _view(data, base, e) for e in entries}
+
+
+def _tensor_entry(key: str, info: object) -> _TensorEntry:
+    if not isinstance(info, dict):
+        raise ValueError(f"tensor {excerpt(key)} is described by {_json_type(info)}, not an object")
+    dtype_name = info.get("dtype")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise ValueError(f"tensor {excerpt(key)} has dtype {_shown(dtype_name)}; adapters must be F32, F16, BF16 or F64")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (_is_size_list(shape) and _is_size_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {excerpt(key)} needs a shape and data_offsets [begin, end] of non-negative integers")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {excerpt(key)} has {end - begin} bytes, its shape {excerpt(shape)} needs {math.prod(shape) * dtype.itemsize}")
+    return _TensorEntry(key, dtype, shape, begin, end)
+
+
+def _is_size_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
+    """The format's rule: the tensors tile the data section, each at an offset aligned to its
+    dtype. An overlap, or bytes no tensor owns, would let one file read as two different ones."""
+    position = 0
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin < position:
+            raise ValueError(f"tensor {excerpt(e.key)} overlaps the tensor before it in the data section")
+        if e.begin > position:
+            raise ValueError(f"the data section has {e.begin - position} bytes that no tensor owns before tensor {excerpt(e.key)}")
+        if e.begin % e.dtype.itemsize:
+            raise ValueError(
+                f"tensor {excerpt(e.key)} starts at byte {e.begin} of the data section, not a multiple of its dtype's {e.dtype.itemsize} bytes"
+            )
+        position = e.end
+    if position != data_bytes:
+        raise ValueError(f"the data section has {data_bytes - position} bytes after its last tensor")
+
+
+def _view(data: bytearray, base: int, e: _TensorEntry) -> torch.Tensor:
+    if any(d >= MAX_DIMENSION for d in e.shape):
+        raise ValueError(f"tensor {excerpt(e.key)} has a dimension of {max(e.shape)}, more than any adapter has")
+    count = math.prod(e.shape)
+    flat = torch.frombuffer(data, dtype=e.dtype, count=count, offset=base + e.begin) if count else torch.empty(0, dtype=e.dtype)
+    return flat.view(e.shape)
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), "null")
+
+
+def _shown(value: object) -> str:
+    """A file's value as an error message may show it: short names and numbers as written,
+    anything else only by its JSON type (messages must not carry a file's contents)."""
+    plain = isinstance(value, (str, int, float)) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    text = repr(value) if plain else ""
+    return text if 0 < len(text) <= 64 else _json_type(value)
+
+
+def _json_object(data: bytes) -> dict:
+    """The JSON object in data. Errors say where the text is malformed, never what it holds."""
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"it is not valid JSON (line {exc.lineno}, column {exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"it is not UTF-8 text (byte {exc.start})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ValueError("it holds a number too long or nesting too deep to read") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"it holds {_json_type(value)}, not a JSON object")
+    return value
+
+
+def _check_config(name: str, config: dict) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        kind = peft_type if isinstance(peft_type, str) and len(peft_type) <= 64 else f"non-LoRA ({_json_type(peft_type)})"
+        raise IncompatibleAdapter(f"adapter {name!r} is a {kind} adapter; only LoRA is served")
+    if config.get("use_dora"):
+        raise IncompatibleAdapter(f"adapter {name!r} uses DoRA, which Tandem does not serve")
+    if config.get("modules_to_save"):
+        raise IncompatibleAdapter(
+            f"adapter {name!r} has modules_to_save {_shown(config['modules_to_save'])}: full-weight modules are not served"
+        )
+    if config.get("bias", "none") != "none":
+        raise IncompatibleAdapter(f"adapter {name!r} trains biases (bias={_shown(config['bias'])}), which Tandem does not serve")
+    if config.get("r") is None or "lora_alpha" not in config:
+        raise IncompatibleAdapter(f"adapter {name!r} has no r or lora_alpha in {CONFIG_FILE}")
+    if not _is_rank(config["r"]):
+        raise IncompatibleAdapter(f"adapter {name!r} has r {_shown(config['r'])}; a LoRA rank is an integer of at least 1")
+    _check_patterns(name, config)
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_patterns(name: str, config: dict) -> None:
+    """PEFT's regexes (alpha_pattern and rank_pattern keys, a string target_modules) must be
+    simple (server/adapters/patterns.py): a pathological one would hold the GIL for hours."""
+    patterns = []
+    for field in ("alpha_pattern", "rank_pattern"):
+        given = config.get(field) or {}
+        if not isinstance(given, dict) or len(given) > MAX_PATTERN_KEYS:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} has {field} {_shown(given)}; it must be an object of at most {MAX_PATTERN_KEYS} pattern keys"
+            )
+        patterns += [(f"{field} key", key) for key in given]
+    bad_ranks = [key for key, r in (config.get("rank_pattern") or {}).items() if not _is_rank(r)]
+    if bad_ranks:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} has rank_pattern key {_shown(bad_ranks[0])} with a rank that is not an integer of at least 1"
+        )
+    if isinstance(config.get("target_modules"), str):
+        patterns.append(("target_modules", config["target_modules"]))
+    choices = 0
+    for field, pattern in patterns:
+        try:
+            choices += pattern_choices(pattern)
+        except NotSimple as exc:
+            raise IncompatibleAdapter(f"adapter {name!r} has {field} {_shown(pattern)}, which {exc}") from exc
+    if choices > MAX_ADAPTER_CHOICES:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} has {choices} quantifiers and alternations in its patterns, more than {MAX_ADAPTER_CHOICES}"
+        )
+
+
+def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.fullmatch(key)
+        # The substring test first: the regex backtracks, and an adapter has ~400 keys.
+        embedding = _EMBEDDING_KEY.fullmatch(key) if "embed_tokens" in key or "lm_head" in key else None
+        if embedding is not None:
+            module = embedding["module"]
+            raise IncompatibleAdapter(f"adapter {name!r} adapts {excerpt(module)}: LoRA on embeddings or lm_head is not served")
+        if m is None:
+            raise IncompatibleAdapter(f"adapter {name!r} has an unexpected tensor {excerpt(key)}: only LoRA A/B weights are served")
+        found.setdefault(m["module"], {})[m["ab"]] = tensor.float()
+    if not found:
+        raise IncompatibleAdapter(f"adapter {name!r} has no LoRA weights")
+    pairs = {}
+    for module, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise IncompatibleAdapter(f"adapter {name!r} has lora_A without lora_B (or the reverse) for {excerpt(module)}")
+        pairs[module] = (ab["A"], ab["B"])
+    return pairs
+
+
+def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
+    m = _LAYER_MODULE.fullmatch(module)
+    if m is None or m["name"] not in TARGET_SLICES:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} targets {excerpt(module)}, which is not one of the projections {', '.join(TARGET_SLICES)}"
+        )
+    digits = m["layer"]
+    # int() refuses thousands of digits (and is slow on them): no model has a billion layers.
+    layer = int(digits) if len(digits) <= 9 else num_layers
+    if layer >= num_layers:
+        shown = digits if len(digits) <= 9 else f"index of {len(digits)} digits"
+        raise IncompatibleAdapter(f"adapter {name!r} targets layer {shown}; the base model has {num_layers} layers")
+    return layer, m["name"]
+
+
+def _alpha_patterns(config: dict) -> list[tuple[re.Pattern, object]]:
+    """alpha_pattern compiled once per adapter, in PEFT's rule: a key matches a module name
+    by its dotted suffix, and the first key that matches wins."""
+    return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in (config.get("alpha_pattern") or {}).items()]
+
+
+def _scale(name: str, config: dict, alphas: list[tuple[re.Pattern, object]], module: str, r: int) -> float:
+    alpha = next((value for pattern, value in alphas if pattern.match(module)), config["lora_alpha"])
+    if not _is_finite_number(alpha):
+        raise IncompatibleAdapter(f"adapter {name!r} has lora_alpha {_shown(alpha)} for {module}; it must be a finite number")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _is_finite_number(value: object) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer past float's range
+        return False
+
+
+def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, slot_dtype: torch.dtype) -> None:
+    """Refuse NaN/inf weights, and weights that overflow slot_dtype as a slot holds them (B scaled)."""
+    for label, t in (("lora_A", a), ("lora_B", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise IncompatibleAdapter(f"adapter {name!r} has NaN or infinite values in {module}.{label}")
+    largest = max(float(a.abs().amax()) if a.numel() else 0.0, float(b.abs().amax()) * abs(scale) if b.numel() else 0.0)
+    limit = torch.finfo(slot_dtype).max
+    if not largest <= limit:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} overflows {str(slot_dtype).removeprefix('torch.')} in {module}: "
+            f"its largest scaled weight is {largest:.3g}, the limit {limit:.3g}"
+        )
+
+
+def peft_config(
+    r: int, lora_alpha: float, target_modules: list[str], use_rslora: bool, lora_dropout: float, base_model: str
+) -> dict:
+    """adapter_config.json of a LoRA adapter trained here, as peft writes it for a causal LM."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        "use_rslora": use_rslora,
+        "lora_dropout": lora_dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+
+
+def adapter_files(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """The two files of a PEFT adapter, as bytes: what write_adapter and checkpoints store."""
+    weights = save_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, {"format": "pt"})
+    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: weights}
+
+
+def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a PEFT adapter atomically: readers see the old version or the new, never a mix."""
+    write_directory(directory, adapter_files(config, tensors))

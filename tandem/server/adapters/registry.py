@@ -1,0 +1,223 @@
+"""The disk and host tiers: adapters by name, read lazily, kept in an LRU host cache.
+
+Thousands of adapters may sit in the adapters directory; one is read the first time a
+request or LoadAdapter names it. The host cache holds parsed adapters up to a byte budget;
+an adapter used by a queued or running request is pinned and never evicted. Requests hold
+the LoRAAdapter object they started with, so reloading a name (a new content hash) never
+mixes versions inside one request. Thread-safe: API threads and the engine thread share it.
+"""
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter, write_adapter
+from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.atomic_files import remove_leftovers
+from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
+from tandem.server.model.llama import LlamaModel
+
+# Interrupted publishes older than this are removed at start-up; younger ones may be another
+# replica's write in flight (the adapters directory can be a shared volume).
+LEFTOVER_AGE_SECONDS = 3600.0
+NAME_MAX_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
+PATH_MAX_BYTES = 4096  # and the longest path (PATH_MAX)
+
+
+class AdapterTier(str, Enum):
+    DISK = "disk"
+    HOST = "host"
+    DEVICE = "device"
+
+
+@dataclass
+class AdapterInfo:
+    """One known adapter as the API reports it."""
+
+    name: str
+    rank: int
+    target_modules: list[str] = field(default_factory=list)
+    tier: AdapterTier = AdapterTier.DISK
+    content_hash: str = ""
+    in_use: int = 0
+    path: str = ""
+
+
+@dataclass
+class SlotStats:
+    """Device slot pool occupancy and churn, for metrics."""
+
+    max_loras: int
+    slots_in_use: int
+    loads: int
+    evictions: int
+    load_seconds_total: float
+    host_evictions: int
+    prefetches: int
+
+
+def check_adapter_name(name: str) -> None:
+    """A name must be one directory of the adapters directory (InvalidRequest otherwise)."""
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidRequest(f"adapter name must be a non-empty single path component, got {excerpt(name)}")
+    # Hidden entries of the adapters directory are the server's own (interrupted writes).
+    if name.startswith("."):
+        raise InvalidRequest(f"adapter name must not start with '.', got {excerpt(name)}")
+    _check_file_name("adapter name", name, NAME_MAX_BYTES)
+
+
+def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path:
+    """The directory to read `name` from: adapters_dir/path (default adapters_dir/name).
+
+    Refuses paths that leave the adapters directory, so an admin token cannot make the
+    server read arbitrary files, and names or paths the file system would refuse.
+    """
+    check_adapter_name(name)
+    for part in path.split("/"):
+        _check_file_name("path", part, NAME_MAX_BYTES)
+    if adapters_dir is None:
+        raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
+    root = Path(adapters_dir).resolve()
+    directory = (root / (path or name)).resolve()
+    if not directory.is_relative_to(root):
+        raise InvalidRequest(f"path {excerpt(path, 200)} is outside the adapters directory")
+    _check_file_name("path", str(directory / "adapter_config.json"), PATH_MAX_BYTES - 1)
+    if not (directory / "adapter_config.json").is_file():
+        shown = excerpt(f"{directory.relative_to(root)}/adapter_config.json", 200)
+        raise NotFound(f"adapter {excerpt(name)} not found: no {shown} in the adapters directory")
+    return directory
+
+
+def _check_file_name(label: str, text: str, limit: int) -> None:
+    """Names the OS would refuse (a NUL byte, too long) are the caller's error, not the server's."""
+    if "\0" in text:
+        raise InvalidRequest(f"{label} must not contain a NUL character")
+    size = len(text.encode(errors="surrogatepass"))
+    if size > limit:
+        raise InvalidRequest(f"{label} is too long: {size} bytes where the file system allows {limit}")
+
+
+class AdapterRegistry:
+    def __init__(self, adapters_dir: str | None, model: LlamaModel, max_rank: int, host_bytes: int, pool: SlotPool):
+        self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
+        self.model = model
+        self.max_rank = max_rank
+        self.host_bytes = host_bytes
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._known: dict[str, AdapterInfo] = {}
+        self._in_use: dict[str, int] = {}
+        # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
+        self._unloaded: set[str] = set()
+        self.host_evictions = 0
+        if self.adapters_dir is not None and self.adapters_dir.is_dir():
+            remove_leftovers(self.adapters_dir, min_age_seconds=LEFTOVER_AGE_SECONDS)
+
+    def get(self, name: str) -> LoRAAdapter:
+        """The adapter a new request should use: from the host cache, else from disk (unless
+        an admin unloaded it)."""
+        with self._lock:
+            self._check_not_unloaded(name)
+            adapter = self._cache.get(name)
+            if adapter is not None:
+                self._cache.move_to_end(name)
+                return adapter
+        return self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, ""))
+
+    def load(self, name: str, path: str = "") -> AdapterInfo:
+        """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
+        a changed file becomes a new version at once, and an unloaded name is usable again."""
+        directory = resolve_adapter_dir(self.adapters_dir, name, path)
+        with self._lock:
+            self._unloaded.discard(name)
+        self._read_and_cache(name, directory)
+        with self._lock:
+            return self._live(self._known[name])
+
+    def publish(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> AdapterInfo:
+        """Write a new version of `name` into the adapters directory, atomically, and make it
+        the version new requests get (loading it, as an admin would); requests already
+        running finish on theirs."""
+        check_adapter_name(name)
+        if self.adapters_dir is None:
+            raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
+        write_adapter(self.adapters_dir / name, config, tensors)
+        return self.load(name)
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter and refuse it until an admin loads it again (its files stay on
+        disk); requests already using it finish with the version they hold."""
+        with self._lock:
+            if self._known.pop(name, None) is None:
+                raise NotFound(f"adapter {excerpt(name)} is not loaded")
+            self._cache.pop(name, None)
+            self._unloaded.add(name)
+
+    def _check_not_unloaded(self, name: str) -> None:
+        if name in self._unloaded:
+            raise NotFound(f"adapter {excerpt(name)} was unloaded: an admin must load it (LoadAdapter) before it is served again")
+
+    def pin(self, adapter: LoRAAdapter) -> None:
+        with self._lock:
+            self._in_use[adapter.name] = self._in_use.get(adapter.name, 0) + 1
+
+    def unpin(self, adapter: LoRAAdapter) -> None:
+        with self._lock:
+            self._in_use[adapter.name] -= 1
+            if not self._in_use[adapter.name]:
+                del self._in_use[adapter.name]
+            self._evict_over_budget()
+
+    def list(self) -> list[AdapterInfo]:
+        """Every adapter read so far, with its tier and in-use count as they are now."""
+        with self._lock:
+            return [self._live(info) for _, info in sorted(self._known.items())]
+
+    def slot_stats(self) -> SlotStats:
+        s = self.pool.stats()
+        return SlotStats(
+            s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions, s.prefetches
+        )
+
+    def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
+        # A failed read leaves the version already cached (if any) in place.
+        adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype)
+        if self.pool.device.type == "cuda":
+            adapter = adapter.pin_memory()
+        with self._lock:
+            # An unload while this read was under way wins (load clears the mark first).
+            self._check_not_unloaded(name)
+            self._cache[name] = adapter
+            self._cache.move_to_end(name)
+            self._known[name] = AdapterInfo(
+                name=name, rank=adapter.rank, target_modules=adapter.targets,
+                content_hash=adapter.content_hash, path=str(adapter.path),
+            )
+            self._evict_over_budget()
+        return adapter
+
+    def _evict_over_budget(self) -> None:
+        """Drop least recently used adapters not in use; the newest stays even over budget,
+        since the request that read it has not pinned it yet."""
+        total = sum(a.nbytes for a in self._cache.values())
+        for name in list(self._cache)[:-1]:
+            if total <= self.host_bytes:
+                return
+            if self._in_use.get(name):
+                continue
+            total -= self._cache.pop(name).nbytes
+            self.host_evictions += 1
+
+    def _live(self, info: AdapterInfo) -> AdapterInfo:
+        if self.pool.resident(info.content_hash):
+            tier = AdapterTier.DEVICE
+        elif info.name in self._cache and self._cache[info.name].content_hash == info.content_hash:
+            tier = AdapterTier.HOST
+        else:
+            tier = AdapterTier.DISK
+        return replace(info, tier=tier, in_use=self._in_use.get(info.name, 0))

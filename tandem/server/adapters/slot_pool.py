@@ -1,0 +1,184 @@
+"""The device tier: a fixed number of slots, each holding one adapter for every layer.
+
+Slots are keyed by content hash, so two versions of an adapter under one name never share
+a slot. A slot in use by a running sequence is pinned; a new adapter takes an unpinned slot:
+on CPU one that keeps the pinned slots close together (the CPU path streams every slot
+between the first and the last one a step uses), then an empty one, then the least
+recently used. Storage is padded
+to max_rank; compute is trimmed to each slot's real rank by the kernels, which never read
+past it (so a load zeroes only up to the adapter's rank).
+
+Prefetch: after an iteration's forward is queued, the scheduler hands the adapters the next
+waiting sequences need to prefetch(), which loads them into unpinned slots. On CUDA those
+copies run on a side stream from pinned host memory, so they overlap the iteration's
+compute; an event per slot makes the compute stream wait for its copy before any kernel
+reads the slot (at acquire, or before the slot is written again). On CPU there is nothing
+to overlap, so the engine leaves prefetch_ahead at 0 there.
+"""
+
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from tandem.kernels.lora import LoRAWeights
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.model.llama import LlamaModel
+from tandem.server.model.lora_targets import group_linears
+
+
+@dataclass
+class PoolStats:
+    num_slots: int
+    slots_in_use: int
+    loads: int
+    evictions: int
+    load_seconds_total: float
+    prefetches: int
+
+
+class SlotPool:
+    def __init__(self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        self.weights: dict[tuple[int, str], LoRAWeights] = {}
+        for key, linear in group_linears(model).items():
+            s = len(linear.out_slices)
+            self.weights[key] = LoRAWeights(
+                a=torch.zeros(num_slots, s * max_rank, linear.in_features, dtype=dtype, device=device),
+                b=torch.zeros(num_slots, sum(linear.out_slices), max_rank, dtype=dtype, device=device),
+                slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                out_slices=linear.out_slices,
+            )
+        self._owner: list[str | None] = [None] * num_slots
+        self._slot_of: dict[str, int] = {}
+        self._pins = [0] * num_slots
+        self._lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_slots))
+        self.loads = 0
+        self.evictions = 0
+        self.load_seconds = 0.0
+        self.prefetches = 0
+        # How many upcoming adapters to load ahead each iteration; 0 turns prefetch off.
+        self.prefetch_ahead = 4 if device.type == "cuda" else 0
+        # Keep the slots in use together (the CPU path's grids stream whole slot spans; the
+        # Triton kernels read only the slots a step uses).
+        self.compact_slots = device.type == "cpu"
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending: dict[int, torch.cuda.Event] = {}
+
+    @staticmethod
+    def slot_bytes(model: LlamaModel, max_rank: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_slot = sum(
+            (len(l.out_slices) * l.in_features + sum(l.out_slices)) * max_rank for l in group_linears(model).values()
+        )
+        return per_slot * itemsize
+
+    def resident(self, content_hash: str) -> bool:
+        return content_hash in self._slot_of
+
+    def can_acquire(self, adapter: LoRAAdapter) -> bool:
+        return self.resident(adapter.content_hash) or any(p == 0 for p in self._pins)
+
+    def acquire(self, adapter: LoRAAdapter) -> int:
+        """Pin the adapter's slot, loading it first if needed; call can_acquire before."""
+        slot = self._slot_of.get(adapter.content_hash)
+        if slot is None:
+            slot = self._victim(set())
+            self._load(slot, adapter)
+        self._wait_for(slot)
+        self._pins[slot] += 1
+        self._lru.move_to_end(slot)
+        return slot
+
+    def prefetch(self, upcoming: list[LoRAAdapter]) -> int:
+        """Load the adapters of upcoming sequences (soonest first) that are not resident,
+        without evicting a pinned slot or one that holds another upcoming adapter.
+        Returns how many were loaded."""
+        keep = {self._slot_of[a.content_hash] for a in upcoming if a.content_hash in self._slot_of}
+        loaded = 0
+        for adapter in upcoming:
+            if self.resident(adapter.content_hash):
+                continue
+            slot = self._victim(keep)
+            if slot is None:
+                break
+            self._load(slot, adapter, self._stream)
+            self._lru.move_to_end(slot)
+            keep.add(slot)
+            loaded += 1
+        self.prefetches += loaded
+        return loaded
+
+    def _victim(self, keep: set[int]) -> int | None:
+        """The unpinned slot not in keep to load into, None when every slot is pinned or kept:
+        an empty one before one holding an adapter, least recently used first; on CPU first
+        of all the one that widens the span of pinned slots least (there a step streams every
+        slot in that span, so an adapter worth keeping may go to keep the span tight)."""
+        pinned = [s for s, pins in enumerate(self._pins) if pins]
+        lo, hi = (min(pinned), max(pinned)) if pinned else (0, 0)
+
+        def cost(slot: int) -> tuple[int, bool]:
+            widening = max(hi, slot) - min(lo, slot) - (hi - lo) if pinned and self.compact_slots else 0
+            return widening, self._owner[slot] is not None
+
+        # min() keeps the first of equals, and _lru iterates least recently used first.
+        return min((s for s in self._lru if self._pins[s] == 0 and s not in keep), key=cost, default=None)
+
+    def _wait_for(self, slot: int, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Order `stream` (default: the current one) after a prefetch into the slot, no host sync."""
+        event = self._pending.pop(slot, None)
+        if event is not None:
+            (stream or torch.cuda.current_stream()).wait_event(event)
+
+    def release(self, slot: int) -> None:
+        self._pins[slot] -= 1
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            self.num_slots, sum(o is not None for o in self._owner), self.loads, self.evictions, self.load_seconds,
+            self.prefetches,
+        )
+
+    def _load(self, slot: int, adapter: LoRAAdapter, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Copy an adapter into a slot, on `stream` (then recorded as pending) or the current one."""
+        start = time.perf_counter()
+        self._wait_for(slot, stream)
+        old = self._owner[slot]
+        if old is not None:
+            del self._slot_of[old]
+            self.evictions += 1
+        # No wait on the compute stream: the iteration in flight reads only pinned slots, and
+        # every earlier one has finished (the engine syncs once per step, in the sampler).
+        # Overlapping iterations (async scheduling) would need the side stream to wait here.
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for key, w in self.weights.items():
+                delta = adapter.groups.get(key)
+                if delta is None:
+                    w.set_rank(slot, 0)
+                    continue
+                # Zero what the kernels read (up to the group's rank), then the slices over it.
+                a_slot = w.a[slot].view(w.num_slices, self.max_rank, -1)[:, : delta.rank]
+                b_slot = w.b[slot][:, : delta.rank]
+                a_slot.zero_()
+                b_slot.zero_()
+                for s, (a, b, scale) in delta.slices.items():
+                    col = sum(w.out_slices[:s])
+                    a_slot[s, : a.shape[0]].copy_(a, non_blocking=True)
+                    b_dst = b_slot[col : col + b.shape[0], : b.shape[1]]
+                    if b_dst.dtype == torch.float32:
+                        b_dst.copy_(b, non_blocking=True).mul_(scale)
+                    else:  # scaled in float32 on the device, then rounded once into the slot
+                        b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
+                w.set_rank(slot, delta.rank)
+        if stream is not None:
+            self._pending[slot] = torch.cuda.Event()
+            self._pending[slot].record(stream)
+        self._owner[slot] = adapter.content_hash
+        self._slot_of[adapter.content_hash] = slot
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - start

@@ -1,0 +1,42 @@
+"""What the Adapters service needs from the adapter registry, and the catalog of a server
+that serves no adapters.
+
+server/adapters/registry.py implements AdapterCatalog; the servicer knows nothing else of it.
+"""
+
+from typing import Protocol
+
+from tandem.server.adapters.registry import AdapterInfo, SlotStats
+from tandem.server.errors import NotFound, excerpt
+
+
+class AdapterCatalog(Protocol):
+    max_rank: int
+
+    def list(self) -> list[AdapterInfo]: ...
+
+    def load(self, name: str, path: str = "") -> AdapterInfo: ...
+
+    def unload(self, name: str) -> None: ...
+
+    def slot_stats(self) -> SlotStats: ...
+
+
+class NoAdapterServing:
+    """The catalog of a server started without --adapters-dir: adapters cannot be served."""
+
+    max_rank = 0
+
+    def list(self) -> list[AdapterInfo]:
+        return []
+
+    def load(self, name: str, path: str = "") -> AdapterInfo:
+        raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
+
+    def unload(self, name: str) -> None:
+        raise NotFound(f"adapter {excerpt(name)} is not loaded")
+
+    def slot_stats(self) -> SlotStats:
+        return SlotStats(
+            max_loras=0, slots_in_use=0, loads=0, evictions=0, load_seconds_total=0.0, host_evictions=0, prefetches=0
+        )

@@ -1,0 +1,32 @@
+"""tandem.v1.Adapters: proto in, adapter catalog call, proto out."""
+
+import asyncio
+
+import grpc
+
+from tandem.server.api import convert
+from tandem.server.api.serving_state import ServingState
+from tandem.server.metrics import Metrics
+from tandem.v1 import adapters_pb2, adapters_pb2_grpc
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, state: ServingState, metrics: Metrics):
+        self._state = state
+        self._metrics = metrics
+
+    async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
+        with self._state.admit():
+            # Reading adapter weights takes disk time: keep it off the event loop.
+            info = await asyncio.to_thread(self._state.catalog.load, request.name, request.path)
+            self._metrics.lora_adapter_loads.inc()
+            return adapters_pb2.LoadAdapterResponse(adapter=convert.adapter_info(info))
+
+    async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
+        with self._state.admit():
+            self._state.catalog.unload(request.name)
+            return adapters_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
+        with self._state.admit():
+            return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in self._state.catalog.list()])

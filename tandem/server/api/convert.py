@@ -1,0 +1,144 @@
+"""Proto messages ⇄ engine types. Structural checks live here (which of the prompt fields
+is set, roles); value ranges are checked by SamplingParams.validate inside the engine."""
+
+from typing import TYPE_CHECKING
+
+from tandem import __version__
+from tandem.server.adapters.registry import AdapterInfo, AdapterTier
+from tandem.server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import InvalidRequest
+from tandem.v1 import adapters_pb2, generation_pb2
+
+if TYPE_CHECKING:
+    from tandem.server.engine.outputs import ModelInfo
+
+DEFAULT_MAX_NEW_TOKENS = SamplingParams.max_new_tokens
+
+_FINISH_REASONS = {
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.ABORT: generation_pb2.FINISH_REASON_ABORT,
+}
+_TIERS = {
+    AdapterTier.DISK: adapters_pb2.ADAPTER_TIER_DISK,
+    AdapterTier.HOST: adapters_pb2.ADAPTER_TIER_HOST,
+    AdapterTier.DEVICE: adapters_pb2.ADAPTER_TIER_DEVICE,
+}
+
+
+def _messages(messages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def prompt_of(request: generation_pb2.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+    """The engine prompt: text, chat messages, or the given token ids."""
+    given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name)]
+    if len(given) != 1:
+        raise InvalidRequest(
+            f"set exactly one of prompt, messages and prompt_token_ids (got {', '.join(given) or 'none'})"
+        )
+    if request.messages:
+        return _messages(request.messages)
+    if request.prompt_token_ids:
+        return list(request.prompt_token_ids)
+    return request.prompt
+
+
+def text_of(request: generation_pb2.TokenizeRequest) -> str | list[dict[str, str]]:
+    """What to tokenize: text or chat messages."""
+    if bool(request.text) == bool(request.messages):
+        raise InvalidRequest("set exactly one of text and messages")
+    return _messages(request.messages) if request.messages else request.text
+
+
+def sampling_params_of(request: generation_pb2.GenerateRequest) -> SamplingParams:
+    """Proto defaults mean "unset": temperature 0 is greedy, max_new_tokens 0 is the default."""
+    return SamplingParams(
+        max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+        seed=request.seed if request.HasField("seed") else None,
+        stop=list(request.stop),
+        stop_token_ids=list(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+    )
+
+
+def _logprobs(logprobs: list[TokenLogprob] | None) -> list[generation_pb2.TokenLogprob]:
+    return [
+        generation_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[generation_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+        )
+        for lp in logprobs or []
+    ]
+
+
+def _usage(out: RequestOutput) -> generation_pb2.Usage:
+    return generation_pb2.Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated_tokens)
+
+
+def _finish_reason(out: RequestOutput) -> int:
+    return _FINISH_REASONS[out.finish_reason] if out.finished and out.finish_reason else 0
+
+
+def stream_response(out: RequestOutput, request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateStreamResponse:
+    response = generation_pb2.GenerateStreamResponse(
+        text=out.text,
+        token_ids=out.token_ids,
+        logprobs=_logprobs(out.logprobs),
+        finish_reason=_finish_reason(out),
+        usage=_usage(out),
+    )
+    if request.HasField("seed"):
+        response.seed = request.seed
+    return response
+
+
+def generate_response(
+    outputs: list[RequestOutput], request: generation_pb2.GenerateRequest
+) -> generation_pb2.GenerateResponse:
+    """Joins the increments of one finished request into the unary answer."""
+    last = outputs[-1]
+    response = generation_pb2.GenerateResponse(
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        logprobs=[lp for o in outputs for lp in _logprobs(o.logprobs)],
+        finish_reason=_finish_reason(last),
+        usage=_usage(last),
+    )
+    if request.HasField("seed"):
+        response.seed = request.seed
+    return response
+
+
+def model_info(info: "ModelInfo", max_lora_rank: int) -> generation_pb2.ModelInfo:
+    return generation_pb2.ModelInfo(
+        model=info.name,
+        architecture=info.architecture,
+        dtype=info.dtype,
+        device=info.device,
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        eos_token_ids=info.eos_token_ids,
+        max_lora_rank=max_lora_rank,
+        version=__version__,
+    )
+
+
+def adapter_info(info: AdapterInfo) -> adapters_pb2.AdapterInfo:
+    return adapters_pb2.AdapterInfo(
+        name=info.name,
+        rank=info.rank,
+        target_modules=info.target_modules,
+        tier=_TIERS[info.tier],
+        content_hash=info.content_hash,
+        in_use=info.in_use,
+        path=info.path,
+    )

@@ -1,0 +1,62 @@
+"""tandem.v1.FineTuning: proto in, job manager call, proto out."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from tandem.server.api import finetuning_convert as convert
+from tandem.server.api.serving_state import ServingState
+from tandem.server.errors import FailedPrecondition
+from tandem.server.finetune.job import Job
+from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
+
+if TYPE_CHECKING:
+    from tandem.server.engine.async_engine import AsyncEngine
+    from tandem.server.finetune.jobs import JobManager
+
+
+def _jobs(engine: "AsyncEngine") -> "JobManager":
+    if engine.jobs is None:
+        raise FailedPrecondition("fine-tuning is off: start the server with --data-dir and --adapters-dir")
+    return engine.jobs
+
+
+class FineTuningServicer(finetuning_pb2_grpc.FineTuningServicer):
+    def __init__(self, state: ServingState):
+        self._state = state
+
+    async def CreateJob(self, request: finetuning_pb2.CreateJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.Job:
+        with self._state.admit() as engine:
+            jobs = _jobs(engine)
+            # Reading and tokenizing the whole dataset takes a while: off the event loop.
+            return convert.job(await asyncio.to_thread(jobs.create, convert.job_request(request)))
+
+    async def GetJob(self, request: finetuning_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.Job:
+        with self._state.admit() as engine:
+            return convert.job(_jobs(engine).get(request.id))
+
+    async def ListJobs(self, request: finetuning_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.ListJobsResponse:
+        with self._state.admit() as engine:
+            return finetuning_pb2.ListJobsResponse(jobs=[convert.job(j) for j in _jobs(engine).list_jobs()])
+
+    async def CancelJob(self, request: finetuning_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.Job:
+        with self._state.admit() as engine:
+            return convert.job(_jobs(engine).cancel(request.id))
+
+    async def WatchJob(
+        self, request: finetuning_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[finetuning_pb2.JobEvent]:
+        with self._state.admit() as engine:
+            loop = asyncio.get_running_loop()
+            updates: asyncio.Queue[Job] = asyncio.Queue()
+            stop = _jobs(engine).watch(request.id, lambda job: loop.call_soon_threadsafe(updates.put_nowait, job))
+            try:
+                while True:
+                    job = await updates.get()
+                    yield finetuning_pb2.JobEvent(job=convert.job(job))
+                    if job.status.terminal:
+                        return
+            finally:
+                stop()

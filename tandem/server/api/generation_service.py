@@ -1,0 +1,58 @@
+"""tandem.v1.Generation: proto in, engine call, proto out. No policy lives here."""
+
+import secrets
+from contextlib import aclosing
+from typing import AsyncIterator
+
+import grpc
+
+from tandem.server.api import convert
+from tandem.server.api.call_record import current_call
+from tandem.server.api.serving_state import ServingState
+from tandem.server.engine.outputs import RequestOutput
+from tandem.v1 import generation_pb2, generation_pb2_grpc
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, state: ServingState):
+        self._state = state
+
+    async def _outputs(self, request: generation_pb2.GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """The engine's increments for one request.
+
+        aclosing() makes a cancelled call (client gone, deadline) close the engine's generator
+        at once, which aborts the sequence and frees its KV blocks.
+        """
+        with self._state.admit() as engine:
+            call = current_call()
+            call.adapter = request.adapter
+            prompt = convert.prompt_of(request)
+            params = convert.sampling_params_of(request)
+            # Callers may reuse an x-request-id (retries do); engine ids must stay unique.
+            engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
+            call.engine_request_id = engine_id
+            stream = engine.generate(prompt, params, engine_id, adapter=request.adapter or None)
+            async with aclosing(stream):
+                async for out in stream:
+                    call.on_output(out)
+                    yield out
+
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
+        outputs = [out async for out in self._outputs(request)]
+        return convert.generate_response(outputs, request)
+
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        async with aclosing(self._outputs(request)) as outputs:
+            async for out in outputs:
+                yield convert.stream_response(out, request)
+
+    async def Tokenize(self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> generation_pb2.TokenizeResponse:
+        with self._state.admit() as engine:
+            token_ids = await engine.encode(convert.text_of(request))
+            return generation_pb2.TokenizeResponse(token_ids=token_ids, tokens=await engine.token_texts(token_ids))
+
+    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
+        with self._state.admit() as engine:
+            return convert.model_info(engine.info, self._state.catalog.max_rank)

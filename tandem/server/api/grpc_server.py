@@ -1,0 +1,128 @@
+"""Assembles the gRPC server: services, health, reflection, interceptor, limits, TLS, and
+the start → attach engine → drain lifecycle. `build_server()` is what the CLI and tests call."""
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from tandem.server.api.adapters_service import AdaptersServicer
+from tandem.server.api.auth import TokenTable
+from tandem.server.api.finetuning_service import FineTuningServicer
+from tandem.server.api.generation_service import GenerationServicer
+from tandem.server.api.interceptor import CallInterceptor
+from tandem.server.api.serving_state import ServingState
+from tandem.server.config import ServerConfig
+from tandem.server.metrics import Metrics
+from tandem.v1 import adapters_pb2, adapters_pb2_grpc, finetuning_pb2, finetuning_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+if TYPE_CHECKING:
+    from tandem.server.engine.async_engine import AsyncEngine
+
+log = logging.getLogger("tandem.server")
+
+SERVICES = [
+    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+    finetuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
+]
+# How long aborted generations get to send their last message before the server stops.
+ABORT_WAIT_SECONDS = 5.0
+# Long generations stream for minutes: let clients keep the connection alive with pings.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class TandemServer:
+    """A built server: `start()` serves health at once, `attach_engine()` makes it ready,
+    `drain()` stops it gracefully."""
+
+    def __init__(self, server: grpc.aio.Server, state: ServingState, metrics: Metrics, config: ServerConfig, port: int):
+        self._server = server
+        self.state = state
+        self.metrics = metrics
+        self.config = config
+        self.port = port
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        await self.state.mark_loading()
+        await self._server.start()
+        self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}})
+
+    async def attach_engine(self, engine: "AsyncEngine") -> None:
+        await self.state.attach(engine)
+        log.info("ready", extra={"fields": {"model": engine.info.name}})
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Readiness off, new calls refused with UNAVAILABLE, in-flight calls given `grace`
+        seconds (default: the config's); then generations end with FINISH_REASON_ABORT and
+        what is left is cancelled. True if all finished within the grace period."""
+        grace = self.config.drain_grace_seconds if grace is None else grace
+        await self.state.begin_drain()
+        log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        finished = await self.state.wait_idle(grace)
+        if not finished:
+            self.state.abort_generations()
+            await self.state.wait_idle(ABORT_WAIT_SECONDS)
+        await self._server.stop(grace=0)
+        self.metrics.close()
+        log.info("stopped", extra={"fields": {"in_flight_finished": finished}})
+        return finished
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def build_server(config: ServerConfig, metrics: Metrics | None = None) -> TandemServer:
+    """Builds (but does not start) a server bound to config.host:config.port.
+
+    Call it inside the asyncio loop that will run the server.
+    """
+    metrics = metrics or Metrics()
+    tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file else None
+    server = grpc.aio.server(
+        interceptors=[CallInterceptor(tokens, metrics, config.max_message_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Without it a second server on the same port binds too and takes connections.
+            ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
+        ],
+    )
+    health = health_aio.HealthServicer()
+    state = ServingState(health, SERVICES)
+    metrics.bind(state)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state, metrics), server)
+    finetuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(state), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    credentials = _credentials(config)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: is another process using it? ({exc})") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is another process using it?")
+    return TandemServer(server, state, metrics, config, port)

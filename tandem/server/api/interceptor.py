@@ -1,0 +1,192 @@
+"""Every tandem.v1 call passes through here: request id, auth, error mapping, one log line
+and the request metrics. Health and reflection are left alone (probes send no token).
+
+A request that does not parse (invalid protobuf, a string field that is not UTF-8) reaches
+the handler as Undecodable, so that it too is authorized, logged and counted, and answered
+INVALID_ARGUMENT; a reply larger than max_reply_bytes becomes RESOURCE_EXHAUSTED here,
+where it is logged, instead of failing inside grpc after the call was recorded as OK.
+"""
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from tandem.server.api.auth import TokenTable
+from tandem.server.api.call_record import CallRecord, set_current_call
+from tandem.server.api.status_mapping import status_for
+from tandem.server.errors import InvalidRequest, ResourceExhausted
+from tandem.server.metrics import Metrics
+
+log = logging.getLogger("tandem.requests")
+
+API_PREFIX = "/tandem.v1."
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+DEADLINE_SLACK_SECONDS = 0.1
+
+
+def _request_id(metadata: dict[str, str]) -> str:
+    given = metadata.get(REQUEST_ID_KEY, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request that did not parse is handed to the handler as: why it did not."""
+
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning Undecodable instead of raising: grpc would answer UNKNOWN
+    before any handler ran, unauthorized, unlogged and uncounted."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return deserialize
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: TokenTable | None, metrics: Metrics, max_reply_bytes: int):
+        self._tokens = tokens
+        self._metrics = metrics
+        self._max_reply_bytes = max_reply_bytes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(API_PREFIX):
+            return handler
+        metadata = {m.key: m.value for m in details.invocation_metadata or ()}
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, details.method, metadata),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap_unary(handler.unary_unary, details.method, metadata),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str, metadata: dict[str, str]):
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            record = await self._open(method, metadata, context)
+            ended: BaseException | None = None
+            try:
+                self._admit(request, method, metadata)
+                return self._sized(await behavior(request, context))
+            except BaseException as exc:
+                ended = exc
+                await self._fail(exc, record, context)
+            finally:
+                self._close(record, context, ended)
+
+        return unary
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str, metadata: dict[str, str]):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            record = await self._open(method, metadata, context)
+            ended: BaseException | None = None
+            try:
+                self._admit(request, method, metadata)
+                async for response in behavior(request, context):
+                    yield self._sized(response)
+            except BaseException as exc:
+                ended = exc
+                await self._fail(exc, record, context)
+            finally:
+                self._close(record, context, ended)
+
+        return stream
+
+    async def _open(self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext) -> CallRecord:
+        record = CallRecord(request_id=_request_id(metadata), method=method.rsplit("/", 1)[-1], metrics=self._metrics)
+        await context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
+        set_current_call(record)
+        return record
+
+    def _admit(self, request: Any, method: str, metadata: dict[str, str]) -> None:
+        """Auth first, so that a caller without a token learns nothing about its request."""
+        if self._tokens is not None:
+            self._tokens.authorize(method, metadata)
+        if isinstance(request, Undecodable):
+            raise InvalidRequest(f"the request is not valid protobuf: {request.reason}")
+
+    def _sized(self, response: Message) -> Message:
+        size = response.ByteSize()
+        if size > self._max_reply_bytes:
+            raise ResourceExhausted(
+                f"the reply would be {size} bytes, more than the server's limit of {self._max_reply_bytes} "
+                "(--max-message-bytes): ask for less"
+            )
+        return response
+
+    async def _fail(self, exc: BaseException, record: CallRecord, context: grpc.aio.ServicerContext) -> None:
+        """Re-raises cancellation and aborts; turns every other exception into a status."""
+        # An abort already carries its status; CancelledError / GeneratorExit mean the call is gone.
+        if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+            raise exc
+        code, message = status_for(exc, record.request_id)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("unexpected error in %s (request id %s)", record.method, record.request_id)
+        await context.abort(code, message)
+
+    def _close(self, record: CallRecord, context: grpc.aio.ServicerContext, ended: BaseException | None) -> None:
+        status = _final_status(context, ended)
+        latency = time.monotonic() - record.started
+        self._metrics.requests.labels(record.method, status, record.finish_reason).inc()
+        if record.is_generation and status == "OK":
+            self._metrics.e2e_request_latency.observe(latency)
+            self._metrics.prompt_tokens.inc(record.prompt_tokens)
+            self._metrics.generation_tokens.inc(record.generated_tokens)
+            self._metrics.request_success.labels(record.finish_reason).inc()
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": record.request_id,
+                    "method": record.method,
+                    "status": status,
+                    "adapter": record.adapter,
+                    "prompt_tokens": record.prompt_tokens,
+                    "generated_tokens": record.generated_tokens,
+                    "finish_reason": record.finish_reason,
+                    "ttft_ms": None if record.first_token_at is None else round((record.first_token_at - record.started) * 1000, 1),
+                    "latency_ms": round(latency * 1000, 1),
+                }
+            },
+        )
+
+
+def _final_status(context: grpc.aio.ServicerContext, ended: BaseException | None) -> str:
+    """The status the call ends with, as far as the server can tell from its side.
+
+    A call the client left (cancel, deadline) ends the handler with CancelledError, or for a
+    stream with GeneratorExit, and sets no code. The client's own deadline timer cancels the
+    call too, and its cancel can reach the server a moment before the server's timer fires:
+    a cancel within DEADLINE_SLACK_SECONDS of the deadline is the deadline.
+    """
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        return code.name
+    if (ended is not None and not isinstance(ended, Exception)) or context.cancelled():
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS else "CANCELLED"
+    return "OK"

@@ -1,0 +1,116 @@
+"""Whether the server can take work, and which work is in flight.
+
+Start-up and drain are one state machine: LOADING (no engine yet) → SERVING → DRAINING.
+Readiness in grpc.health.v1 follows it, and every RPC is admitted through `admit()`, which
+refuses with UNAVAILABLE outside SERVING and counts the calls a drain waits for.
+"""
+
+import asyncio
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from tandem.server.adapters.registry import SlotStats
+from tandem.server.api.adapter_catalog import AdapterCatalog, NoAdapterServing
+from tandem.server.api.call_record import CallRecord, current_call
+from tandem.server.errors import Unavailable
+from tandem.server.metrics import LoraActivity
+
+if TYPE_CHECKING:
+    from tandem.server.engine.async_engine import AsyncEngine
+    from tandem.server.engine.outputs import EngineStats
+    from tandem.server.finetune.jobs import FinetuneStats
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServingState:
+    """The engine slot, the drain flag, the in-flight calls and the readiness they imply."""
+
+    def __init__(self, health: health_aio.HealthServicer, services: list[str]):
+        self._health = health
+        self._services = services
+        self._engine: "AsyncEngine | None" = None
+        self.catalog: AdapterCatalog = NoAdapterServing()
+        self._draining = False
+        self._in_flight: dict[int, CallRecord] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def mark_loading(self) -> None:
+        """Liveness SERVING, readiness NOT_SERVING: the process is up, the model is not."""
+        await self._health.set("", SERVING)
+        for service in self._services:
+            await self._health.set(service, NOT_SERVING)
+
+    async def attach(self, engine: "AsyncEngine") -> None:
+        """Makes a started engine (and its adapter registry, if any) available; readiness on."""
+        self._engine = engine
+        if engine.engine.registry is not None:
+            self.catalog = engine.engine.registry
+        if not self._draining:
+            for service in self._services:
+                await self._health.set(service, SERVING)
+
+    async def begin_drain(self) -> None:
+        """Readiness off and new work refused; calls already admitted keep running."""
+        self._draining = True
+        for service in self._services:
+            await self._health.set(service, NOT_SERVING)
+
+    def abort_generations(self) -> None:
+        """Ends every generation in flight with finish reason ABORT: each stream gets its last
+        message, as the proto promises, instead of an error when the server stops."""
+        if self._engine is not None:
+            for call in list(self._in_flight.values()):
+                if call.engine_request_id:
+                    self._engine.abort(call.engine_request_id)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no admitted call is left, False if `timeout` seconds pass first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def engine(self) -> "AsyncEngine | None":
+        return self._engine
+
+    @contextmanager
+    def admit(self) -> Iterator["AsyncEngine"]:
+        """Yields the engine for one call, or raises Unavailable while loading or draining."""
+        if self._draining:
+            raise Unavailable("the server is shutting down: retry on another replica")
+        if self._engine is None:
+            raise Unavailable("the model is still loading: retry in a few seconds")
+        record = current_call()
+        self._in_flight[id(record)] = record
+        self._idle.clear()
+        try:
+            yield self._engine
+        finally:
+            del self._in_flight[id(record)]
+            if not self._in_flight:
+                self._idle.set()
+
+    def engine_stats(self) -> "EngineStats | None":
+        return None if self._engine is None else self._engine.stats()
+
+    def finetune_stats(self) -> "FinetuneStats | None":
+        jobs = None if self._engine is None else self._engine.jobs
+        return None if jobs is None else jobs.stats()
+
+    def slot_stats(self) -> SlotStats:
+        return self.catalog.slot_stats()
+
+    def lora_activity(self) -> LoraActivity:
+        calls = [c for c in list(self._in_flight.values()) if c.adapter]
+        return LoraActivity(
+            running=[c.adapter for c in calls if not c.waiting],
+            waiting=[c.adapter for c in calls if c.waiting],
+        )

@@ -1,0 +1,124 @@
+"""The `tandem` command. Every `serve` flag has a TANDEM_* environment twin; this module is
+the only place that reads the environment."""
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tandem.client import cli as client_cli
+
+EPILOG = """exit status: 0 success; 1 not serving, or a local failure (model load, bad file);
+2 bad command line; 10+N a call failed with gRPC status code N (e.g. 15 NOT_FOUND,
+13 INVALID_ARGUMENT, 24 UNAVAILABLE)."""
+
+# (flag, type, help); the default comes from the config dataclass, the env twin from the flag.
+ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
+    ("--model", str, "Hugging Face model directory or .gguf file; unset = the embedded SmolLM2-135M-Instruct"),
+    ("--dtype", str, "weights and activations: auto (bfloat16 where the hardware has it), float32, bfloat16, float16"),
+    ("--device", str, "auto, cpu, cuda or cuda:N"),
+    ("--block-size", int, "tokens per KV-cache block"),
+    ("--kv-cache-bytes", int, "memory for the paged KV cache, all layers"),
+    ("--max-num-batched-tokens", int, "token budget of one engine iteration (decode + prefill chunks)"),
+    ("--max-num-seqs", int, "sequences running at once"),
+    ("--max-waiting", int, "queued requests; beyond it new requests get RESOURCE_EXHAUSTED at once"),
+    ("--max-model-len", int, "context limit, prompt + generated; unset = the model's own"),
+    ("--num-threads", int, "CPU threads for torch; unset = torch's choice"),
+    ("--adapters-dir", str, "directory of PEFT adapters, one folder per name; unset = no adapters"),
+    ("--max-lora-rank", int, "largest adapter rank accepted (slot storage is padded to it)"),
+    ("--max-loras", int, "device adapter slots: distinct adapters in one iteration"),
+    ("--lora-pool-bytes", int, "memory cap for the device adapter slots (may lower --max-loras)"),
+    ("--adapter-cache-bytes", int, "host memory for parsed adapters, LRU; in-use adapters are pinned"),
+    ("--data-dir", str, "fine-tuning: training files and job state (needs --adapters-dir); unset = no fine-tuning"),
+    ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),
+    ("--finetune-mode", str, "coserve (training tokens inside inference iterations) or timeslice (between them)"),
+    ("--finetune-micro-batch-tokens", int, "training tokens per gradient computation (bounds training memory; time-sliced, inference's wait)"),
+    ("--coserve-itl-p99", float, "inter-token latency target in seconds that steers co-served fine-tuning's share; unset = a fixed half"),
+]
+SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
+    ("--host", str, "address to listen on"),
+    ("--port", int, "gRPC port (0 picks a free one)"),
+    ("--metrics-port", int, "Prometheus /metrics HTTP port (0 picks a free one)"),
+    ("--auth-tokens-file", str, "file of '<inference|admin> <token>' lines; unset = no auth"),
+    ("--tls-cert", str, "PEM certificate chain; with --tls-key turns TLS on"),
+    ("--tls-key", str, "PEM private key of --tls-cert"),
+    ("--tls-client-ca", str, "PEM CA bundle; requires client certificates signed by it (mutual TLS)"),
+    ("--max-message-bytes", int, "largest request or response message; bigger ones are refused"),
+    ("--drain-grace-seconds", float, "after SIGTERM, how long in-flight requests may run"),
+    ("--log-format", str, "json (one object per line) or text"),
+    ("--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def env_name(flag: str) -> str:
+    return "TANDEM_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_env_flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], help: str, default: Any) -> None:
+    """Adds `flag` whose default is its TANDEM_* environment variable, else `default`."""
+    env = env_name(flag)
+    if env in os.environ:
+        try:
+            default = kind(os.environ[env])
+        except ValueError:
+            # parser may be an argument group, which has no error(): exit as argparse would.
+            print(f"tandem: error: {env}={os.environ[env]!r} is not a valid {kind.__name__}", file=sys.stderr)
+            raise SystemExit(2) from None
+    shown = "unset" if default is None else default
+    parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {shown}]")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    from tandem.server.config import EngineConfig, ServerConfig  # imports torch: only for serve
+
+    parser = commands.add_parser("serve", help="run the gRPC server", description="Run the Tandem gRPC server.", epilog=EPILOG)
+    engine_defaults, server_defaults = EngineConfig(), ServerConfig()
+    engine = parser.add_argument_group("model and engine")
+    for flag, kind, text in ENGINE_FLAGS:
+        add_env_flag(engine, flag, kind, text, getattr(engine_defaults, _dest(flag)))
+    server = parser.add_argument_group("server")
+    for flag, kind, text in SERVER_FLAGS:
+        add_env_flag(server, flag, kind, text, getattr(server_defaults, _dest(flag)))
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from tandem.server.config import EngineConfig, ServerConfig
+    from tandem.server.logging_setup import configure_logging
+    from tandem.server.serve import serve
+
+    try:
+        engine_config = EngineConfig(**{_dest(f): getattr(args, _dest(f)) for f, _, _ in ENGINE_FLAGS})
+        server_config = ServerConfig(**{_dest(f): getattr(args, _dest(f)) for f, _, _ in SERVER_FLAGS})
+    except ValueError as exc:
+        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(server_config.log_format, server_config.log_level)
+    try:
+        return asyncio.run(serve(engine_config, server_config))
+    except (OSError, ValueError) as exc:
+        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: one base model, many LoRA adapters, over gRPC.", epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_command(commands)
+    client_cli.add_commands(commands, add_env_flag)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

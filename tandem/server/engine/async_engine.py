@@ -1,0 +1,261 @@
+"""Drive the engine from a background thread and stream its outputs into asyncio.
+
+The event loop never runs model code: submissions and aborts go through a thread-safe inbox,
+the engine thread steps whenever there is work, and each output is handed to the request's
+asyncio queue with call_soon_threadsafe. Leaving a stream early aborts its request, so a
+client that disconnects frees its KV blocks within one iteration.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.config import EngineConfig
+from tandem.server.engine.chat import check_messages, render_chat
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.engine.outputs import EngineStats, ModelInfo, RequestOutput
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
+from tandem.server.finetune.jobs import JobManager
+
+log = logging.getLogger(__name__)
+
+# A reader this many outputs behind has stopped reading (gRPC's own buffers absorb far more
+# before a stream's handler waits); its request is stopped rather than buffered without bound.
+MAX_UNREAD_OUTPUTS = 256
+# No token of the tokenizers we serve spans this many characters: a longer text cannot fit
+# the context, so it is refused before any tokenizing.
+MAX_CHARS_PER_TOKEN = 32
+
+
+@dataclass
+class _Stream:
+    """A request's outputs on their way to its reader. delivered is counted by the engine
+    thread, read by the reader's loop: each counter has one writer."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    delivered: int = 0
+    read: int = 0
+
+    @property
+    def unread(self) -> int:
+        return self.delivered - self.read
+
+
+@dataclass(frozen=True)
+class _Add:
+    """Inbox command: queue a request (adapter: the exact version it runs with)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoRAAdapter | None
+
+
+@dataclass(frozen=True)
+class _Abort:
+    """Inbox command: stop a request and free what it holds."""
+
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: Engine | None = None):
+        self.config = config
+        self.engine = engine if engine is not None else Engine.from_config(config)
+        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.jobs: JobManager | None = None
+        if config.data_dir is not None:
+            self.jobs = JobManager(self.engine, config.data_dir, config.max_training_file_bytes, wake=self._wake.set)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; requests still in flight end with Unavailable."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Unavailable("the server is shutting down"))
+        if self.jobs is not None:
+            self.jobs.close()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render chat messages with the model's template, ready for the assistant's turn."""
+        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    async def encode(self, prompt: "str | list[dict[str, str]]") -> list[int]:
+        """The tokens of a text, or of chat messages rendered with the chat template.
+
+        Checked and capped first, then tokenized off the event loop: megabytes of text take
+        seconds, which would stall every other call, health probes included."""
+        if isinstance(prompt, str):
+            self._check_length(len(prompt), "the text")
+            return await asyncio.to_thread(self.tokenize, prompt)
+        check_messages(prompt)
+        self._check_length(sum(len(m["content"]) for m in prompt), "the messages' text")
+        return await asyncio.to_thread(self.apply_chat_template, prompt)
+
+    async def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's text on its own, off the event loop."""
+        return await asyncio.to_thread(self.tokenizer.batch_decode, [[t] for t in token_ids], skip_special_tokens=True)
+
+    def _check_length(self, chars: int, what: str) -> None:
+        limit = self.info.max_model_len * MAX_CHARS_PER_TOKEN
+        if chars > limit:
+            raise InvalidRequest(
+                f"{what} is {chars} characters long; no more than {limit} can fit the context limit of "
+                f"{self.info.max_model_len} tokens: shorten it"
+            )
+
+    async def generate(
+        self,
+        prompt: "str | list[int] | list[dict[str, str]]",
+        params: SamplingParams,
+        request_id: str,
+        adapter: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs for a text, token ids, or chat messages; errors are
+        raised before the first output."""
+        if self._thread is None or self._stopping:
+            raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
+        lora = None
+        if adapter:
+            if self.engine.registry is None:
+                raise NotFound(f"adapter {excerpt(adapter)} not found: the server has no adapters directory (--adapters-dir)")
+            # A first use reads the adapter from disk: keep that off the event loop.
+            lora = await asyncio.to_thread(self.engine.registry.get, adapter)
+        is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        prompt_ids = await self.encode(prompt) if is_text else list(prompt)
+        self.engine.validate(prompt_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
+            self.engine.check_capacity(len(self._streams))
+            self._streams[request_id] = stream
+        self._inbox.put(_Add(request_id, prompt_ids, params, lora))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                stream.read += 1
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            with self._lock:
+                del self._streams[request_id]
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            inference = self.engine.has_work()
+            training = self.jobs is not None and self.jobs.has_work()
+            if not inference and not training:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            if inference:
+                self._step()
+            # One training micro-batch between inference iterations (issue 5 fuses them).
+            if training:
+                self.jobs.run_once()
+        self.engine.abort_all()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing the requests in the batch")
+            self._fail_all(exc)
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out)
+            self._stop_if_unread(out)
+
+    def _stop_if_unread(self, out: RequestOutput) -> None:
+        """Abort a running request whose reader has stopped reading (its outputs would pile
+        up in memory without bound) and end its stream with RESOURCE_EXHAUSTED."""
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+        if stream is None or out.finished or stream.unread <= MAX_UNREAD_OUTPUTS:
+            return
+        self.engine.abort(out.request_id)
+        self._deliver(
+            out.request_id,
+            ResourceExhausted(
+                f"the stream's reader fell {stream.unread} outputs behind, so the request was stopped: "
+                "read a stream as it arrives (or use the unary call)"
+            ),
+        )
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                try:
+                    self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.adapter)
+                except TandemError as exc:
+                    self._deliver(command.request_id, exc)
+            else:
+                out = self.engine.abort(command.request_id)
+                if out is not None:
+                    self._deliver(out.request_id, out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for out in self.engine.abort_all():
+            self._deliver(out.request_id, RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}"))
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.delivered += 1
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

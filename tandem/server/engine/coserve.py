@@ -1,0 +1,176 @@
+"""Co-served fine-tuning: training micro-batches that run inside the inference iterations.
+
+A micro-batch (TrainingWork: whole sequences + the trained weights) is submitted by the
+trainer and worked off over several iterations, after the inference tokens, within the
+fine-tuning share of the token budget (server/engine/finetune_share.py):
+
+1. Forward: the sequences' tokens run in chunks, like prefill chunks, through KV blocks
+   taken from the free list only (never from inference) and held until the micro-batch
+   ends. No graph: each layer's input for the training rows is stored instead.
+2. Backward, top layer first, a few layers per iteration: each layer is recomputed from its
+   stored input with autograd and backpropagated, handing the gradient at its input to the
+   next slice. The top slice starts from the loss. A slice of k layers over T tokens costs
+   about 3kT token-layers (recompute + backward), the forward of a chunk of n tokens nL.
+
+Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
+the optimizer. Memory held for training: the micro-batch's KV blocks and its stored layer
+inputs (num_layers x tokens x hidden), both bounded by the micro-batch's token count.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.server.engine.iteration import BackwardResult, SchedulerOutput, TrainingBackward, TrainingChunk, TrainingForward, TrainingWork
+from tandem.server.engine.kv_cache import BlockAllocator
+from tandem.server.engine.finetune_share import FinetuneShare
+
+# A backward layer costs about three forward layers: the recompute, then dX and dW.
+BACKWARD_COST = 3
+
+
+@dataclass
+class CoservedBatch:
+    """A micro-batch in flight. done once its backward reached the bottom layer; then
+    loss_sum and num_targets hold its summed token loss. error: why it was dropped, if an
+    iteration carrying it failed."""
+
+    work: TrainingWork
+    loss_scale: float
+    inputs: torch.Tensor | None = None
+    block_tables: list[list[int]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    next_seq: int = 0
+    next_pos: int = 0
+    next_layer: int = -1
+    grad: torch.Tensor | None = None
+    loss_sum: float = 0.0
+    num_targets: int = 0
+    done: bool = False
+    error: Exception | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.inputs is not None
+
+    @property
+    def forwarding(self) -> bool:
+        return self.next_seq < len(self.work.sequences)
+
+
+class CoServer:
+    def __init__(
+        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, share: FinetuneShare, dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.allocator = allocator
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.share = share
+        self.dtype = dtype
+        self.device = device
+        self._queue: list[CoservedBatch] = []
+
+    def submit(self, work: TrainingWork, loss_scale: float) -> CoservedBatch:
+        """Queue a micro-batch; its gradients of loss_scale * (summed token loss) accumulate
+        in the weights work.weights were built from, once it is done."""
+        batch = CoservedBatch(work, loss_scale)
+        self._queue.append(batch)
+        return batch
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def abort(self, error: Exception | None = None) -> None:
+        """Drop every queued micro-batch (each marked with error, when given) and give back
+        what the running one holds."""
+        if self._queue and self._queue[0].started:
+            self._release(self._queue[0])
+        for batch in self._queue:
+            batch.error = error
+        self._queue.clear()
+
+    def plan(self, scheduled: SchedulerOutput, inference_running: bool) -> None:
+        """Add this iteration's training work to `scheduled`: forward chunks or a backward
+        slice of the running micro-batch, within the share of the token budget left."""
+        if not self._queue:
+            return
+        batch = self._queue[0]
+        if not batch.started and not self._start(batch):
+            return  # waits for free KV blocks
+        allowance = self.share.allowance(scheduled.num_tokens, inference_running)
+        if allowance <= 0:
+            return
+        if batch.forwarding:
+            scheduled.train_forward = self._forward(batch, allowance)
+        else:
+            scheduled.train_backward = self._backward(batch, allowance)
+
+    def finish(self, scheduled: SchedulerOutput, result: BackwardResult | None) -> None:
+        """Advance the running micro-batch past what this iteration did."""
+        if result is None:
+            return
+        batch = self._queue[0]
+        batch.grad = result.grad
+        batch.next_layer = scheduled.train_backward.first - 1
+        if result.loss_sum is not None:
+            batch.loss_sum, batch.num_targets = result.loss_sum, result.num_targets
+        if batch.next_layer < 0:
+            self._release(batch)
+            batch.done = True
+            self._queue.pop(0)
+
+    def _start(self, batch: CoservedBatch) -> bool:
+        """Take KV blocks for the whole micro-batch from the free list, if there are enough."""
+        lengths = [s.num_tokens for s in batch.work.sequences]
+        needed = sum(self.allocator.blocks_needed([], n) for n in lengths)
+        if needed > self.allocator.num_free:
+            return False
+        for n in lengths:
+            table: list[int] = []
+            self.allocator.grow(table, n)
+            batch.block_tables.append(table)
+        batch.rows = [sum(lengths[:i]) for i in range(len(lengths))]
+        batch.inputs = torch.empty(self.num_layers, sum(lengths), self.hidden_size, dtype=self.dtype, device=self.device)
+        batch.next_layer = self.num_layers - 1
+        return True
+
+    def _release(self, batch: CoservedBatch) -> None:
+        for table in batch.block_tables:
+            self.allocator.free(table)
+        batch.inputs = None
+
+    def _forward(self, batch: CoservedBatch, allowance: int) -> TrainingForward:
+        """Chunks of the next allowance tokens, in sequence order."""
+        chunks = []
+        sequences = batch.work.sequences
+        while allowance > 0 and batch.forwarding:
+            seq = sequences[batch.next_seq]
+            n = min(allowance, seq.num_tokens - batch.next_pos)
+            chunks.append(
+                TrainingChunk(seq, batch.next_pos, n, batch.block_tables[batch.next_seq], batch.rows[batch.next_seq] + batch.next_pos)
+            )
+            allowance -= n
+            batch.next_pos += n
+            if batch.next_pos == seq.num_tokens:
+                batch.next_seq, batch.next_pos = batch.next_seq + 1, 0
+        return TrainingForward(chunks, batch.work.weights, batch.inputs)
+
+    def work(self, scheduled: SchedulerOutput) -> float:
+        """The iteration's work in forward-token equivalents (a backward token-layer counts
+        BACKWARD_COST / num_layers), what the share's cost model is fitted to."""
+        backward = scheduled.train_backward
+        if backward is None:
+            return float(scheduled.num_tokens)
+        layers = backward.last - backward.first + 1
+        return scheduled.num_tokens + BACKWARD_COST * backward.num_tokens * layers / self.num_layers
+
+    def _backward(self, batch: CoservedBatch, allowance: int) -> TrainingBackward:
+        """The next k layers down, k from the allowance in forward-token equivalents (at least one)."""
+        tokens = batch.inputs.shape[1]
+        layers = max(1, allowance * self.num_layers // (BACKWARD_COST * tokens))
+        last = batch.next_layer
+        first = max(0, last - layers + 1)
+        return TrainingBackward(
+            batch.work.sequences, batch.work.weights, batch.inputs, first, last, batch.grad, batch.loss_scale
+        )

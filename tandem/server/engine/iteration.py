@@ -1,0 +1,175 @@
+"""The named types one engine iteration passes along: scheduler -> model runner -> engine.
+
+An iteration carries up to three kinds of work in one ragged batch, in this row order:
+decode tokens, prefill chunks, then training sequences. Inference rows sample tokens;
+training rows return a loss whose gradient flows into the trained adapters' weights.
+"""
+
+from collections.abc import Mapping, Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.kernels.lora import LoRAWeights
+from tandem.server.engine.sequence import Sequence
+
+# A label that asks for no loss (Hugging Face's convention).
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """seq computes its next num_tokens uncomputed tokens this iteration."""
+
+    seq: Sequence
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    """A whole sequence to train on (its K/V live only inside the iteration).
+
+    input_ids: [n] token ids. labels: [n], labels[i] = input_ids[i] where the loss applies to
+    token i (predicted from the tokens before it), IGNORE_INDEX elsewhere.
+    slot: the index of its adapter in TrainingWork.weights' stacked slots.
+    """
+
+    input_ids: Seq[int]
+    labels: Seq[int]
+    slot: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TrainingWork:
+    """Training sequences for one iteration and the weights they train.
+
+    weights: per (layer, group) the trained adapters stacked as slots, built from float32
+        master weights with autograd (server/finetune); a group absent is not trained.
+    dropout / generator: lora_dropout and the randomness it draws from (None = global).
+    """
+
+    sequences: list[TrainingSequence]
+    weights: Mapping[tuple[int, str], LoRAWeights]
+    dropout: float = 0.0
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+
+@dataclass(frozen=True)
+class TrainingChunk:
+    """Tokens [start, start + num_tokens) of a co-served training sequence, forwarded like a
+    prefill chunk through the paged cache (block_table holds blocks only training uses).
+
+    input_row: where the chunk's first token sits in its micro-batch's stored layer inputs."""
+
+    seq: TrainingSequence
+    start: int
+    num_tokens: int
+    block_table: list[int]
+    input_row: int
+
+
+@dataclass
+class TrainingForward:
+    """Forward chunks of co-served training sequences, in the same forward as inference and
+    without a graph: each layer's input for the chunks' rows is stored in inputs
+    [num_layers, micro-batch tokens, hidden], from which the backward slices recompute."""
+
+    chunks: list[TrainingChunk]
+    weights: Mapping[tuple[int, str], LoRAWeights]
+    inputs: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class TrainingBackward:
+    """Backward through layers [first, last] (top down, last first) of a co-served micro-batch:
+    each layer is recomputed from its stored input with autograd, then backpropagated.
+
+    grad: the gradient at the output of layer `last`; None when `last` is the top layer, whose
+    slice starts from the loss (final norm, lm_head, loss_scale * summed cross-entropy)."""
+
+    sequences: list[TrainingSequence]
+    weights: Mapping[tuple[int, str], LoRAWeights]
+    inputs: torch.Tensor
+    first: int
+    last: int
+    grad: torch.Tensor | None
+    loss_scale: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What a backward slice leaves: the gradient at its first layer's input, and the summed
+    token loss and target count when the slice started from the loss."""
+
+    grad: torch.Tensor
+    loss_sum: float | None
+    num_targets: int
+
+
+@dataclass
+class SchedulerOutput:
+    """The work of one iteration. decodes: one token each; prefills: longer chunks; training:
+    whole sequences trained in their own iteration (time-sliced fine-tuning); train_forward /
+    train_backward: co-served fine-tuning work that shares the iteration with inference."""
+
+    decodes: list[ScheduledChunk] = field(default_factory=list)
+    prefills: list[ScheduledChunk] = field(default_factory=list)
+    training: TrainingWork | None = None
+    train_forward: TrainingForward | None = None
+    train_backward: TrainingBackward | None = None
+
+    @property
+    def inference(self) -> list[ScheduledChunk]:
+        """The inference chunks in batch row order."""
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that run the forward pass in this iteration's batch."""
+        train = sum(w.num_tokens for w in (self.training, self.train_forward) if w is not None)
+        return sum(c.num_tokens for c in self.inference) + train
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills or self.training or self.train_forward or self.train_backward)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one forward produced.
+
+    sampled: the sequences that sample a token this iteration, in logits row order.
+    logits: [len(sampled), vocab] float32.
+    train_loss: the summed cross-entropy over every target token of the training rows, with
+        its graph (None when the iteration trains nothing); train_targets counts those tokens.
+    """
+
+    sampled: list[Sequence]
+    logits: torch.Tensor
+    train_loss: torch.Tensor | None = None
+    train_targets: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What one training forward/backward did: the summed token loss (a float, the graph is
+    gone), how many target tokens it covers, and how many tokens ran."""
+
+    loss_sum: float
+    num_targets: int
+    num_tokens: int

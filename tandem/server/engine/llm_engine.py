@@ -1,0 +1,259 @@
+"""The synchronous engine: requests in, one iteration per `step()`, outputs out.
+
+A step is: schedule -> run the model -> sample -> update sequences (stops, detokenize).
+It is not thread-safe; AsyncEngine drives it from a single thread.
+"""
+
+import time
+
+import torch
+
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters.registry import AdapterRegistry
+from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.config import EngineConfig
+from tandem.server.engine.coserve import CoServer
+from tandem.server.engine.detokenizer import IncrementalDetokenizer
+from tandem.server.engine.finetune_share import FinetuneShare
+from tandem.server.engine.iteration import SchedulerOutput, TrainingResult, TrainingWork
+from tandem.server.engine.kv_cache import BlockAllocator, KVCache
+from tandem.server.engine.model_runner import ModelRunner
+from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
+from tandem.server.engine.sampler import Sampler
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.engine.scheduler import Scheduler
+from tandem.server.engine.sequence import Sequence
+from tandem.server.errors import InvalidRequest, ResourceExhausted
+from tandem.server.model.loader import LoadedModel, load_model
+from tandem.server.model.lora_linear import attach_lora
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        model = loaded.model
+        shape = model.shape
+        self.device = model.embed.device
+        self.dtype = model.embed.dtype
+        num_blocks = config.kv_cache_bytes // KVCache.bytes_per_block(shape, config.block_size, self.dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is too small for one KV block of this model")
+        if config.max_model_len is not None and config.max_model_len > shape.max_position:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {shape.max_position}")
+        self.max_model_len = min(config.max_model_len or shape.max_position, num_blocks * config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        attach_lora(model)
+        self.registry = self._adapter_registry(model, config)
+        pool = None if self.registry is None else self.registry.pool
+        self.scheduler = Scheduler(config, self.allocator, pool)
+        kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
+        self.sampler = Sampler(self.device)
+        self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens)
+        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
+        # Tokens run per kind of work since start (backward as token-layers / num_layers).
+        self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_backward")}
+        self.info = ModelInfo(
+            name=loaded.name,
+            architecture=loaded.architecture,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_model_len=self.max_model_len,
+            vocab_size=shape.vocab_size,
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._reported: dict[str, int] = {}
+        self._arrivals = 0
+
+    def _adapter_registry(self, model, config: EngineConfig) -> AdapterRegistry | None:
+        """The adapter tiers, when the server has an adapters directory."""
+        if config.adapters_dir is None:
+            return None
+        # Small LoRA matmuls run faster in float32 than in bf16 on CPU, so CPU slots are float32.
+        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        per_slot = SlotPool.slot_bytes(model, config.max_lora_rank, dtype)
+        num_slots = min(config.max_loras, config.lora_pool_bytes // per_slot)
+        if num_slots < 1:
+            raise ValueError(
+                f"one adapter slot at --max-lora-rank {config.max_lora_rank} needs {per_slot} bytes, more than "
+                f"--lora-pool-bytes {config.lora_pool_bytes}: lower the rank or raise the budget"
+            )
+        pool = SlotPool(model, num_slots, config.max_lora_rank, dtype, self.device)
+        return AdapterRegistry(config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        return cls(load_model(config.model, config.resolve_dtype(), config.resolve_device()), config)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest for anything this request could never run with."""
+        vocab = self.info.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        params.validate(len(prompt_ids), self.max_model_len, vocab)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the engine holds at once: running plus queued."""
+        return self.config.max_num_seqs + self.config.max_waiting
+
+    def check_capacity(self, live_requests: int) -> None:
+        if live_requests >= self.capacity:
+            raise ResourceExhausted(
+                f"the server is at its limit of {self.capacity} concurrent requests "
+                f"({self.config.max_num_seqs} running + {self.config.max_waiting} queued): retry later"
+            )
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: LoRAAdapter | None = None
+    ) -> None:
+        """Queue a request; adapter is the version to use (from registry.get), pinned until it ends."""
+        if request_id in self._seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        self.validate(prompt_ids, params)
+        self.check_capacity(len(self._seqs))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(request_id, len(prompt_ids), list(prompt_ids), params, self._arrivals, generator, adapter)
+        if adapter is not None:
+            self.registry.pin(adapter)
+        self._arrivals += 1
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        self._reported[request_id] = 0
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output, None if unknown."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._output(seq)
+
+    def abort_all(self) -> list[RequestOutput]:
+        return [self.abort(request_id) for request_id in list(self._seqs)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self.coserve.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: inference, plus co-served fine-tuning work within its share.
+
+        Inference rows never enter a graph: the forward runs under inference_mode, or under
+        no_grad when it carries training chunks (their stored layer inputs must stay usable
+        by autograd); a backward slice then runs on its own, from stored inputs."""
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        self.coserve.plan(scheduled, bool(self.scheduler.running))
+        if not scheduled:
+            return []
+        try:
+            with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
+                result = self.runner.execute(scheduled)
+                # Queued after the forward and before the sampler's sync: on CUDA the adapter
+                # copies for the next iterations overlap this one's compute.
+                self.scheduler.prefetch()
+                sampled = self.sampler(result.logits, result.sampled)
+            backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
+        except Exception as exc:
+            self.coserve.abort(exc)
+            raise
+        self.coserve.finish(scheduled, backward)
+        self._count(scheduled)
+        self.share.observe(time.perf_counter() - started, self.coserve.work(scheduled), bool(scheduled.decodes))
+        for chunk in scheduled.inference:
+            chunk.seq.num_computed += chunk.num_tokens
+        outputs = []
+        for seq, token, logprob in zip(result.sampled, sampled.token_ids, sampled.logprobs):
+            seq.token_ids.append(token)
+            if logprob is not None:
+                seq.pending_logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _count(self, scheduled: SchedulerOutput) -> None:
+        tokens = self.iteration_tokens
+        tokens["decode"] += len(scheduled.decodes)
+        tokens["prefill"] += sum(c.num_tokens for c in scheduled.prefills)
+        if scheduled.train_forward is not None:
+            tokens["train_forward"] += scheduled.train_forward.num_tokens
+        backward = scheduled.train_backward
+        if backward is not None:
+            layers = backward.last - backward.first + 1
+            tokens["train_backward"] += backward.num_tokens * layers / self.runner.model.shape.num_layers
+
+    def train(self, work: TrainingWork, loss_scale: float) -> TrainingResult:
+        """Forward and backward of training sequences through the served model: gradients of
+        loss_scale * (summed token loss) accumulate in the weights work.weights were built from."""
+        with torch.enable_grad():
+            result = self.runner.execute(SchedulerOutput(training=work))
+            (result.train_loss * loss_scale).backward()
+        return TrainingResult(result.train_loss.item(), result.train_targets, work.num_tokens)
+
+    def loss(self, work: TrainingWork) -> TrainingResult:
+        """The summed token loss of training sequences, no gradient (an eval pass)."""
+        with torch.inference_mode():
+            result = self.runner.execute(SchedulerOutput(training=work))
+        return TrainingResult(result.train_loss.item(), result.train_targets, work.num_tokens)
+
+    def stats(self) -> EngineStats:
+        total = self.allocator.num_blocks
+        free = self.allocator.num_free
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=free,
+            num_total_blocks=total,
+            kv_usage=(total - free) / total,
+            num_preemptions=self.scheduler.num_preemptions,
+            iteration_tokens=dict(self.iteration_tokens),
+            finetune_share=self.share.share,
+        )
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        hit_stop_string = self._detok[seq.request_id].add(token)
+        if token in params.stop_token_ids:
+            return FinishReason.STOP
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return FinishReason.EOS
+        if hit_stop_string:
+            return FinishReason.STOP
+        if seq.num_generated >= params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        rid = seq.request_id
+        finished = seq.finish_reason is not None
+        start = self._reported[rid]
+        self._reported[rid] = seq.num_generated
+        logprobs = seq.pending_logprobs if seq.params.logprobs is not None else None
+        seq.pending_logprobs = []
+        out = RequestOutput(
+            request_id=rid,
+            text=self._detok[rid].take(finished),
+            token_ids=seq.output_ids[start:],
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_len,
+            generated_tokens=seq.num_generated,
+            logprobs=logprobs,
+        )
+        if finished:
+            del self._seqs[rid], self._detok[rid], self._reported[rid]
+            if seq.adapter is not None:
+                self.registry.unpin(seq.adapter)
+        return out

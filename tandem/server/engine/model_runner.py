@@ -1,0 +1,273 @@
+"""Run one scheduled iteration through the model: build the ragged batch, return logits and,
+for training rows, their loss.
+
+The runner has no policy: the scheduler decided who runs and how many tokens each computes.
+A chunk of one token is a decode (batched into one attention call); longer chunks are
+prefills (one attention call each); co-served training chunks run like prefills through
+blocks of their own, with each layer's input for their rows stored on the way (a forward
+pre-hook per layer); time-sliced training sequences come last and attend to their own rows
+only. Only rows that finish a sequence's known tokens get logits, since only those sample;
+training rows get logits only where a label asks for them. `backward` runs a co-served
+backward slice: layers recomputed from their stored inputs, then backpropagated.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels.lora import LoRABatch
+from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.engine.iteration import (
+    IGNORE_INDEX,
+    BackwardResult,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    TrainingBackward,
+    TrainingForward,
+    TrainingWork,
+)
+from tandem.server.engine.kv_cache import KVCache
+from tandem.server.engine.sequence import Sequence
+from tandem.server.model.batch import AttentionMetadata, ForwardBatch, FreshChunk, LoRARows, PrefillChunk
+from tandem.server.model.llama import LlamaModel
+
+
+@dataclass
+class _TrainingRows:
+    """Where the training rows' loss comes from: hidden rows [M] predict targets [M]."""
+
+    rows: torch.Tensor
+    targets: torch.Tensor
+
+
+@dataclass
+class _Capture:
+    """Store each layer's input rows [rows] into inputs[layer, dest] during one forward."""
+
+    rows: torch.Tensor
+    inputs: torch.Tensor
+    dest: torch.Tensor
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device, pool: SlotPool | None = None):
+        self.model = model
+        self.pool = pool
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+        self._capture: _Capture | None = None
+        for i, layer in enumerate(model.layers):
+            layer.register_forward_pre_hook(self._capture_hook(i))
+
+    def _capture_hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if self._capture is not None:
+                c = self._capture
+                c.inputs[layer].index_copy_(0, c.dest, args[0].index_select(0, c.rows))
+
+        return hook
+
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward. Run it under inference_mode unless scheduled.training is set; then
+        train_loss carries the graph back to the trained weights."""
+        if not scheduled.num_tokens:  # a co-served backward slice alone
+            return ModelRunnerOutput([], torch.empty(0, self.model.shape.vocab_size, device=self.device))
+        batch, sampled, training = self.prepare(scheduled)
+        self._capture = self._capture_of(scheduled.train_forward, len(batch.attn.slot_mapping))
+        try:
+            hidden = self.model(batch)
+        finally:
+            self._capture = None
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if training is None:
+            return ModelRunnerOutput(sampled, logits)
+        train_logits = self.model.compute_logits(hidden[training.rows])
+        loss = F.cross_entropy(train_logits, training.targets, reduction="sum")
+        return ModelRunnerOutput(sampled, logits, loss, int(training.targets.numel()))
+
+    def backward(self, work: TrainingBackward) -> BackwardResult:
+        """A co-served backward slice: layers work.last .. work.first, each recomputed from its
+        stored input over the micro-batch's whole sequences (fresh attention, trained LoRA with
+        autograd) and backpropagated; the LoRA masters accumulate gradients."""
+        batch, training = self._recompute_batch(work)
+        rope = self.model.rotary.table(batch.positions)
+        grad, loss_sum = work.grad, None
+        with torch.enable_grad():
+            for layer in range(work.last, work.first - 1, -1):
+                x = work.inputs[layer].detach().requires_grad_()
+                out = self.model.layers[layer](x, batch, rope)
+                if grad is None:  # the top layer: the loss is where the gradient starts
+                    logits = self.model.compute_logits(self.model.norm(out)[training.rows])
+                    loss = F.cross_entropy(logits, training.targets, reduction="sum")
+                    (loss * work.loss_scale).backward()
+                    loss_sum = loss.item()
+                else:
+                    out.backward(grad)
+                grad = x.grad
+        return BackwardResult(grad, loss_sum, int(training.targets.numel()))
+
+    def _recompute_batch(self, work: TrainingBackward) -> tuple[ForwardBatch, _TrainingRows]:
+        """The micro-batch's sequences as fresh chunks, rows in order, for recomputing layers."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        attn = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [], [])
+        as_work = TrainingWork(work.sequences, work.weights)
+        training = self._add_training(as_work, input_ids, positions, attn)
+        batch = ForwardBatch(
+            input_ids=self._index(input_ids),
+            positions=self._index(positions),
+            attn=attn,
+            kv_caches=self.kv_cache.layers,
+            logits_indices=self._index([]),
+            train_lora=self._trained_lora(as_work, len(input_ids)),
+        )
+        return batch, training
+
+    def prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence], _TrainingRows | None]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        adapter_slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+        bs = self.block_size
+        for chunk in scheduled.inference:
+            seq, n = chunk.seq, chunk.num_tokens
+            start = seq.num_computed
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
+            adapter_slots.extend([-1 if seq.slot is None else seq.slot] * n)
+            if start + n == len(seq.token_ids):
+                logits_rows.append(len(input_ids) - 1)
+                sampled.append(seq)
+        attn = AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long),
+            num_decodes=len(scheduled.decodes),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=[],
+            fresh=[],
+        )
+        if scheduled.decodes:
+            self._decode_context(scheduled.decodes, attn)
+        row = len(scheduled.decodes)
+        for chunk in scheduled.prefills:
+            attn.prefills.append(self._prefill_chunk(chunk.seq.num_computed, chunk.seq.block_table, chunk.num_tokens, row))
+            row += chunk.num_tokens
+        num_inference = len(adapter_slots)
+        forward = scheduled.train_forward
+        if forward is not None:
+            self._add_train_forward(forward, input_ids, positions, slots, attn)
+        attn.slot_mapping = torch.tensor(slots, dtype=torch.long).to(self.device)
+        work = scheduled.training
+        if work is not None and forward is not None:
+            raise ValueError("an iteration trains time-sliced or co-served, not both")
+        training = None if work is None else self._add_training(work, input_ids, positions, attn)
+        trained = work or forward
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device),
+            positions=torch.tensor(positions, dtype=torch.long).to(self.device),
+            attn=attn,
+            kv_caches=self.kv_cache.layers,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
+            lora=self._served_lora(adapter_slots + [-1] * (len(input_ids) - num_inference)),
+            train_lora=None if trained is None else self._trained_lora(trained, len(input_ids)),
+        )
+        return batch, sampled, training
+
+    def _decode_context(self, decodes: list, attn: AttentionMetadata) -> None:
+        lens = torch.tensor([c.seq.num_computed + 1 for c in decodes])
+        width = int(lens.max())
+        ctx = torch.arange(width)
+        valid = ctx[None, :] < lens[:, None]
+        # Padding reads the null slot (zeros), never a stale slot: under the mask a score
+        # of -inf still turns a NaN value into NaN (0 * NaN), so stale data must not be read.
+        context = self._context_slots([c.seq.block_table for c in decodes], ctx)
+        attn.decode_slots = torch.where(valid, context, self.kv_cache.null_slot).to(self.device)
+        attn.decode_mask = valid.view(len(decodes), 1, 1, width).to(self.device)
+
+    def _prefill_chunk(self, computed: int, block_table: list[int], n: int, row: int) -> PrefillChunk:
+        """Rows [row, row + n) hold positions computed .. computed + n - 1 of a sequence."""
+        total = computed + n
+        ctx = torch.arange(total)
+        query_pos = torch.arange(computed, total)
+        return PrefillChunk(
+            start=row,
+            end=row + n,
+            context_slots=self._context_slots([block_table], ctx)[0].to(self.device),
+            mask=(ctx[None, :] <= query_pos[:, None]).to(self.device),
+        )
+
+    def _add_train_forward(
+        self, forward: TrainingForward, input_ids: list[int], positions: list[int], slots: list[int], attn: AttentionMetadata
+    ) -> None:
+        """Append co-served training chunks as prefill chunks over their own KV blocks."""
+        bs = self.block_size
+        for chunk in forward.chunks:
+            start, n, table = chunk.start, chunk.num_tokens, chunk.block_table
+            attn.prefills.append(self._prefill_chunk(start, table, n, len(input_ids)))
+            input_ids.extend(chunk.seq.input_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+
+    def _capture_of(self, forward: TrainingForward | None, first_row: int) -> _Capture | None:
+        """Where the layer inputs of the co-served chunks' rows go (they follow the inference rows)."""
+        if forward is None:
+            return None
+        rows, dest = [], []
+        row = first_row - forward.num_tokens
+        for chunk in forward.chunks:
+            rows.extend(range(row, row + chunk.num_tokens))
+            dest.extend(range(chunk.input_row, chunk.input_row + chunk.num_tokens))
+            row += chunk.num_tokens
+        return _Capture(self._index(rows), forward.inputs, self._index(dest))
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _add_training(
+        self, work: TrainingWork, input_ids: list[int], positions: list[int], attn: AttentionMetadata
+    ) -> _TrainingRows:
+        """Append the training sequences' rows; each row predicts the next token's label."""
+        rows: list[int] = []
+        targets: list[int] = []
+        for seq in work.sequences:
+            start, n = len(input_ids), seq.num_tokens
+            input_ids.extend(seq.input_ids)
+            positions.extend(range(n))
+            ctx = torch.arange(n)
+            attn.fresh.append(FreshChunk(start, start + n, (ctx[None, :] <= ctx[:, None]).to(self.device)))
+            for i in range(n - 1):
+                if seq.labels[i + 1] != IGNORE_INDEX:
+                    rows.append(start + i)
+                    targets.append(seq.labels[i + 1])
+        return _TrainingRows(
+            torch.tensor(rows, dtype=torch.long).to(self.device), torch.tensor(targets, dtype=torch.long).to(self.device)
+        )
+
+    def _served_lora(self, adapter_slots: list[int]) -> LoRARows | None:
+        if not adapter_slots or max(adapter_slots) < 0:
+            return None
+        return LoRARows(LoRABatch.build(adapter_slots, self.pool.num_slots, self.device), self.pool.weights)
+
+    def _trained_lora(self, trained: TrainingWork | TrainingForward, num_rows: int) -> LoRARows:
+        """The trained adapters' rows: every row after the inference rows (slot 0 for co-served chunks)."""
+        if isinstance(trained, TrainingWork):
+            token_slots = [seq.slot for seq in trained.sequences for _ in range(seq.num_tokens)]
+            dropout, generator = trained.dropout, trained.generator
+        else:
+            token_slots = [c.seq.slot for c in trained.chunks for _ in range(c.num_tokens)]
+            dropout, generator = 0.0, None
+        num_slots = next(iter(trained.weights.values())).num_slots
+        token_slots = [-1] * (num_rows - len(token_slots)) + token_slots
+        return LoRARows(LoRABatch.build(token_slots, num_slots, self.device), trained.weights, dropout, generator)
+
+    def _context_slots(self, tables: list[list[int]], ctx: torch.Tensor) -> torch.Tensor:
+        """[len(tables), len(ctx)] flat slots of positions ctx in each table (0 past a table's end)."""
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        block_idx = (ctx // self.block_size).clamp(max=width - 1)
+        return padded[:, block_idx] * self.block_size + ctx % self.block_size

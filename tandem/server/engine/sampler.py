@@ -1,0 +1,109 @@
+"""Turn next-token logits into tokens, one row per sequence, with per-row options.
+
+All rows are processed together; only seeded rows draw their noise from their own
+generator, so a seeded request samples the same tokens whatever else is in the batch.
+Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which equals drawing
+from p and needs one noise vector per row.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.server.engine.outputs import TokenLogprob
+from tandem.server.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    """token_ids: [N] chosen tokens; logprobs: per row, None unless the request asked."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int | None = None):
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: [N, vocab] float32, row i belongs to seqs[i]."""
+        raw = logits
+        logits = self._penalize(logits, seqs)
+        greedy = [s.params.greedy for s in seqs]
+        if all(greedy):
+            chosen = logits.argmax(dim=-1)
+        else:
+            chosen = self._sample(logits, seqs, greedy)
+        token_ids = chosen.tolist()
+        return SamplerOutput(token_ids, _logprobs(raw, seqs, token_ids))
+
+    def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Repetition penalty (CTRL / transformers style) over prompt and output tokens."""
+        rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            ids = torch.tensor(seqs[i].token_ids, device=logits.device).unique()
+            penalty = seqs[i].params.repetition_penalty
+            picked = logits[i, ids]
+            logits[i, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        device = logits.device
+        temps = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=device)
+        scaled = logits / temps[:, None]
+        top_k = [s.params.top_k for s in seqs]
+        top_p = [s.params.top_p for s in seqs]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            scaled = _filter_top_k_top_p(scaled, top_k, top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(
+                generator=self.generator
+            )
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[i].exponential_(generator=s.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), sampled)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set logits outside each row's top-k / top-p nucleus to -inf (the top token always stays)."""
+    vocab = logits.shape[1]
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device)
+    remove = ranks[None, :] >= k[:, None]
+    p = torch.tensor(top_p, device=device, dtype=logits.dtype)
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    # A token is cut when the tokens ranked above it already cover top_p.
+    remove |= (probs.cumsum(dim=-1) - probs) > p[:, None]
+    remove[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+
+
+def _logprobs(raw: torch.Tensor, seqs: list[Sequence], token_ids: list[int]) -> list[TokenLogprob | None]:
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    if not rows:
+        return out
+    logp = torch.log_softmax(raw[rows], dim=-1)
+    for j, i in enumerate(rows):
+        n = seqs[i].params.logprobs
+        top = []
+        if n:
+            values, ids = logp[j].topk(n)
+            top = list(zip(ids.tolist(), values.tolist()))
+        out[i] = TokenLogprob(token_ids[i], logp[j, token_ids[i]].item(), top)
+    return out

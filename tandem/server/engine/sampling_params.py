@@ -1,0 +1,88 @@
+"""Per-request sampling options and their validation."""
+
+from dataclasses import dataclass, field
+
+from tandem.server.errors import InvalidRequest
+
+MAX_LOGPROBS = 20
+# Stop lists are matched at every token: their size is bounded so one request cannot slow
+# every batch it shares. OpenAI allows 4 strings; some users need more.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+# Below this temperature, logits / temperature can overflow float32 (NaN probabilities that
+# always sample token 0); such temperatures are as good as greedy anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    temperature 0 (or any below GREEDY_BELOW_TEMPERATURE) means greedy. top_k 0 and top_p 1
+    switch those filters off.
+    seed makes sampling reproducible whatever else shares the batch.
+    logprobs None returns none; 0 returns the sampled token's log-probability; N > 0 adds
+    the N most likely tokens at each step (raw model distribution, before any filtering).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    def validate(self, prompt_len: int, max_model_len: int, vocab_size: int) -> None:
+        """Raise InvalidRequest naming the first bad field and its allowed range."""
+        if prompt_len == 0:
+            raise InvalidRequest("the prompt is empty: send at least one token")
+        if prompt_len >= max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {prompt_len} tokens but the context limit is {max_model_len}: "
+                "shorten the prompt"
+            )
+        if self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if prompt_len + self.max_new_tokens > max_model_len:
+            raise InvalidRequest(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
+                f"context limit of {max_model_len}: ask for at most {max_model_len - prompt_len} new tokens"
+            )
+        if not self.temperature >= 0.0 or self.temperature == float("inf"):
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be in [0, 2^63), got {self.seed}")
+        self._validate_stops()
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequest(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    def _validate_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise InvalidRequest(f"stop strings may have at most {MAX_STOP_CHARS} characters; one has {longest}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(
+                f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed"
+            )

@@ -1,0 +1,131 @@
+"""Continuous batching: which sequences run this iteration, and how many tokens each.
+
+The scheduler is the only owner of request state. Each iteration it fills a token budget:
+first the running sequences (oldest first; one token for a decode, a chunk for a prefill
+in progress), then new or preempted sequences from the queue, preempted first. When the KV
+cache has no block for a running sequence, the newest running sequence is preempted (its
+blocks freed, to be recomputed later) rather than failing anything.
+
+A sequence with an adapter runs only while its adapter holds a device slot. When the oldest
+waiting sequence cannot get a slot (all pinned by running sequences), nobody behind it may
+take a slot either: only base-model sequences pass it. Running sequences always finish,
+so its slot comes, and an unpopular adapter is never starved by popular ones.
+"""
+
+import bisect
+from collections import deque
+
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.config import EngineConfig
+from tandem.server.engine.iteration import ScheduledChunk, SchedulerOutput
+from tandem.server.engine.kv_cache import BlockAllocator
+from tandem.server.engine.outputs import FinishReason
+from tandem.server.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator, pool: SlotPool | None = None):
+        self.config = config
+        self.allocator = allocator
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark a sequence finished and give its blocks back, wherever it is."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_table)
+        self._release_slot(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self.allocator.grow(seq.block_table, seq.num_computed + n)
+                chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        slot_blocked = False
+        for seq in list(self.waiting):
+            if preempted or budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq.adapter is not None and (slot_blocked or not self.pool.can_acquire(seq.adapter)):
+                slot_blocked = True
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                break
+            self.waiting.remove(seq)
+            self.allocator.grow(seq.block_table, seq.num_computed + n)
+            if seq.adapter is not None:
+                seq.slot = self.pool.acquire(seq.adapter)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        # A chunk of one token is a decode, whether a generated token or a prompt's last one.
+        return SchedulerOutput(
+            decodes=[c for c in chunks if c.num_tokens == 1], prefills=[c for c in chunks if c.num_tokens > 1]
+        )
+
+    def prefetch(self) -> int:
+        """Hand the pool the adapters the next waiting sequences need (pool.prefetch_ahead of
+        them, soonest first), to load while the iteration just queued computes."""
+        if self.pool is None or not self.pool.prefetch_ahead:
+            return 0
+        upcoming: dict[str, LoRAAdapter] = {}
+        for seq in self.waiting:
+            if seq.adapter is not None:
+                upcoming.setdefault(seq.adapter.content_hash, seq.adapter)
+                if len(upcoming) == self.pool.prefetch_ahead:
+                    break
+        return self.pool.prefetch(list(upcoming.values()))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        self._release_slot(seq)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None

@@ -1,0 +1,55 @@
+"""A request's state while the engine works on it."""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.engine.outputs import FinishReason, TokenLogprob
+from tandem.server.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and progress.
+
+    token_ids holds the prompt followed by every generated token. num_computed counts the
+    tokens whose keys/values are in the KV cache; when it reaches len(token_ids) the next
+    token is sampled. Preemption frees the blocks and sets num_computed to 0: the whole
+    sequence is recomputed later, and sampling resumes where it stopped.
+    adapter is the exact adapter version the request started with; slot is its device
+    slot while the sequence runs (pinned), None while it waits.
+    """
+
+    request_id: str
+    prompt_len: int
+    token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    generator: torch.Generator | None = None
+    adapter: LoRAAdapter | None = None
+    slot: int | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]

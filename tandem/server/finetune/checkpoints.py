@@ -1,0 +1,56 @@
+"""A job's checkpoints: a PEFT adapter (loadable by peft as it stands) plus the trainer's
+state, one directory per optimizer step, each written all-or-nothing.
+
+    <job dir>/checkpoints/step-00000040/adapter_config.json
+                                       /adapter_model.safetensors
+                                       /trainer_state.pt      (optimizer, schedule, step)
+
+A directory named step-* is complete by construction (it appears by one rename), so the
+newest one is always a good place to resume from; older ones beyond `keep` are removed.
+"""
+
+import io
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from tandem.server.adapters.peft_format import WEIGHTS_FILE, adapter_files
+from tandem.server.atomic_files import remove_leftovers, write_directory
+
+STATE_FILE = "trainer_state.pt"
+_PREFIX = "step-"
+
+
+def save(checkpoints: Path, step: int, config: dict, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+    """Write the checkpoint after `step`; returns its directory."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = checkpoints / f"{_PREFIX}{step:08d}"
+    write_directory(path, {**adapter_files(config, tensors), STATE_FILE: buffer.getvalue()})
+    for old in _all(checkpoints)[:-keep]:
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    return path
+
+
+def latest(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint, after clearing what interrupted writes left."""
+    if not checkpoints.is_dir():
+        return None
+    remove_leftovers(checkpoints)
+    found = _all(checkpoints)
+    return found[-1] if found else None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter's PEFT tensors and the trainer state of a checkpoint."""
+    tensors = load_safetensors((path / WEIGHTS_FILE).read_bytes())
+    state = torch.load(io.BytesIO((path / STATE_FILE).read_bytes()), weights_only=True)
+    return tensors, state
+
+
+def _all(checkpoints: Path) -> list[Path]:
+    return sorted(p for p in checkpoints.iterdir() if p.name.startswith(_PREFIX) and p.is_dir())

@@ -1,0 +1,365 @@
+"""Training data for fine-tuning jobs: JSONL lines into token ids and loss masks.
+
+A job's dataset is validated in full before the job is queued, so a bad line fails the request
+that submitted it, with its line number and what to change, rather than a job hours later.
+Each line is one of three formats, and a file may mix them:
+
+- {"prompt": str, "completion": str}: the loss applies to the completion and the eos after it;
+- {"messages": [{"role": ..., "content": ...}, ...]}: rendered with the chat template as the
+  server renders chat requests; the loss applies to each assistant turn (its content and the
+  end-of-turn token closing it), never to a turn header or another role's turn;
+- {"text": str}: the loss applies to every token.
+
+Sequences longer than max_seq_length are refused, never truncated: a truncated example
+trains on something the user did not write.
+"""
+
+import difflib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import TemplateError
+
+from tandem.server.engine.chat import CHAT_ROLES, render_chat
+from tandem.server.engine.iteration import IGNORE_INDEX
+from tandem.server.errors import InvalidRequest, NotFound
+
+# The keys of each line format; a line has exactly one format's keys.
+FORMATS = {"prompt/completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+# The refusal travels in gRPC trailers, which proxies cap at a few KB.
+MAX_ERROR_CHARS = 1000
+# Enough of a user's string to recognise it, not enough to copy their data into logs.
+EXCERPT_CHARS = 24
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One training sequence. input_ids: [n] token ids; labels: [n], labels[i] = input_ids[i] where the
+    loss applies to token i (predicted from tokens < i), IGNORE_INDEX elsewhere (the Hugging Face convention:
+    the model shifts internally)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"input_ids has {len(self.input_ids)} tokens but labels has {len(self.labels)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_target_tokens(self) -> int:
+        """Tokens the loss applies to; position 0 has no tokens before it to be predicted from."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+class _LineError(Exception):
+    """Why one line is refused; collected so that every bad line is reported at once."""
+
+
+@dataclass(frozen=True)
+class _AssistantTurn:
+    """messages[index] is an assistant turn; `before` renders the turns before it ready for the
+    assistant (what the server would prompt with), `through` the turns up to and including it."""
+
+    index: int
+    before: str
+    through: str
+
+
+def parse_dataset(data: str | bytes, tokenizer, max_seq_length: int, *, max_errors: int = 20) -> list[TrainingExample]:
+    """Every non-blank line of a JSONL dataset as a training example, in file order.
+
+    Raises InvalidRequest naming every invalid line (line number and reason; the first
+    max_errors of them) if any line is invalid, or if there are no examples at all.
+    """
+    errors: dict[int, str] = {}
+    examples: dict[int, TrainingExample] = {}
+    encoders = {"prompt/completion": _encode_prompts, "messages": _encode_chats, "text": _encode_texts}
+    for name, records in _read_records(data, errors).items():
+        for number, result in encoders[name](records, tokenizer).items():
+            if isinstance(result, str):
+                errors[number] = result
+            else:
+                examples[number] = result
+    for number, example in examples.items():
+        if example.num_tokens > max_seq_length:
+            errors[number] = (
+                f"has {example.num_tokens} tokens, more than max_seq_length {max_seq_length} "
+                "(raise max_seq_length or shorten it)"
+            )
+        elif example.num_target_tokens == 0:
+            errors[number] = "has no tokens to train on (a text line needs at least two tokens)"
+    if errors:
+        raise InvalidRequest(_summarize(errors, max_errors))
+    if not examples:
+        raise InvalidRequest("training data has no examples: give one JSON object per line")
+    return [examples[number] for number in sorted(examples)]
+
+
+def resolve_training_file(data_dir: str | Path | None, name: str) -> Path:
+    """The file `name` (relative to data_dir) names, resolved.
+
+    Refuses names that leave data_dir (absolute paths, '..', symlinks pointing out), so a job
+    request cannot make the server read arbitrary files.
+    """
+    if data_dir is None:
+        raise InvalidRequest("training_file cannot be read: the server was started without --data-dir")
+    if not name:
+        raise InvalidRequest("training_file is empty: name a file in the data directory")
+    shown = _excerpt(name, 100)
+    root = Path(data_dir).resolve()
+    try:
+        path = (root / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(root):
+            raise InvalidRequest(f"training_file {shown} is outside the data directory: name a file relative to it")
+        if not path.is_file():
+            raise NotFound(f"training_file {shown} not found: no such file in the data directory")
+    except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+        raise InvalidRequest(f"training_file {shown} is not a valid path") from None
+    return path
+
+
+def split_eval(
+    examples: list[TrainingExample], eval_fraction: float, seed: int
+) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """(train, eval): a seeded random eval_fraction of the examples held out, both in file order.
+
+    The same examples, fraction and seed give the same split, so a job's eval loss can be
+    reproduced; a fraction above 0 holds out at least one example and leaves at least one.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise InvalidRequest(f"eval_fraction must be at least 0 and less than 1, got {eval_fraction}")
+    if eval_fraction == 0:
+        return list(examples), []
+    num_eval = max(1, round(len(examples) * eval_fraction))
+    if num_eval >= len(examples):
+        raise InvalidRequest(
+            f"eval_fraction {eval_fraction} of {len(examples)} examples leaves no training examples: "
+            "add examples or set eval_fraction to 0"
+        )
+    held_out = set(random.Random(seed).sample(range(len(examples)), num_eval))
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    return train, [e for i, e in enumerate(examples) if i in held_out]
+
+
+def _read_records(data: str | bytes, errors: dict[int, str]) -> dict[str, dict[int, dict]]:
+    """Each valid line's JSON object, by format and line number; each invalid line's reason goes
+    into errors."""
+    data = data.removeprefix(b"\xef\xbb\xbf" if isinstance(data, bytes) else "\ufeff")
+    by_format: dict[str, dict[int, dict]] = {}
+    for number, line in enumerate(data.split(b"\n" if isinstance(data, bytes) else "\n"), start=1):
+        try:
+            record = _load(line)
+            if record is not None:
+                by_format.setdefault(_format_of(record), {})[number] = record
+        except _LineError as e:
+            errors[number] = str(e)
+    return by_format
+
+
+def _load(line: str | bytes) -> object | None:
+    """The JSON value on one line; None for a blank line."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _LineError(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _LineError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise _LineError("not valid JSON (nested too deeply)") from None
+
+
+def _format_of(record: object) -> str:
+    """The line's format, once its keys and values are checked."""
+    if not isinstance(record, dict):
+        raise _LineError(f"not a JSON object, got {_json_type(record)}")
+    formats = [name for name, keys in FORMATS.items() if any(key in record for key in keys)]
+    if not formats:
+        all_keys = tuple(key for keys in FORMATS.values() for key in keys)
+        got = ", ".join(_describe_key(key, all_keys) for key in list(record)[:3]) or "none"
+        raise _LineError(f'unknown format: expected "prompt" and "completion", "messages" or "text" keys, got {got}')
+    if len(formats) > 1:
+        raise _LineError(f"mixes the {' and '.join(formats)} formats: use one format per line")
+    (name,) = formats
+    _check_keys(record, FORMATS[name], "")
+    if name == "messages":
+        _check_messages(record["messages"])
+    else:
+        for key in FORMATS[name]:
+            _check_text(record[key], f'"{key}"')
+    return name
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list):
+        raise _LineError(f'"messages" must be a list, got {_json_type(messages)}')
+    if not messages:
+        raise _LineError('"messages" is empty')
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _LineError(f'{where} must be an object with "role" and "content", got {_json_type(message)}')
+        _check_keys(message, ("role", "content"), f"{where}: ")
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            got = _excerpt(role) if isinstance(role, str) else _json_type(role)
+            raise _LineError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {got}")
+        _check_text(message["content"], f"{where}.content")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise _LineError('"messages" has no assistant message: the loss applies only to assistant turns')
+    if messages[0]["role"] == "assistant":
+        raise _LineError("messages[0] is an assistant message: start with the system or user turn it answers")
+
+
+def _check_keys(record: dict, expected: tuple[str, ...], where: str) -> None:
+    problems = [f'missing "{key}"' for key in expected if key not in record]
+    problems += [f"unknown key {_describe_key(key, expected)}" for key in record if key not in expected][:3]
+    if problems:
+        raise _LineError(where + ", ".join(problems))
+
+
+def _check_text(value: object, name: str) -> None:
+    if not isinstance(value, str):
+        raise _LineError(f"{name} must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise _LineError(f"{name} is empty")
+
+
+def _encode_prompts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample]:
+    """The prompt tokenized as the server tokenizes a prompt, then the completion and eos as targets."""
+    prompts = tokenizer([r["prompt"] for r in records.values()]).input_ids
+    completions = tokenizer([r["completion"] for r in records.values()], add_special_tokens=False).input_ids
+    eos = [tokenizer.eos_token_id]
+    return {
+        number: TrainingExample(tuple(prompt + completion + eos), (IGNORE_INDEX,) * len(prompt) + tuple(completion + eos))
+        for number, prompt, completion in zip(records, prompts, completions)
+    }
+
+
+def _encode_texts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample]:
+    texts = tokenizer([r["text"] for r in records.values()]).input_ids
+    return {number: TrainingExample(tuple(ids), (IGNORE_INDEX, *ids[1:])) for number, ids in zip(records, texts)}
+
+
+def _encode_chats(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample | str]:
+    """Conversations rendered whole, each assistant turn located by rendering the turns up to it;
+    a reason instead of an example for each line that cannot be labelled."""
+    if not getattr(tokenizer, "chat_template", None):
+        return {number: '"messages" needs a chat template and this model has none' for number in records}
+    results: dict[int, TrainingExample | str] = {}
+    rendered: dict[int, tuple[str, list[_AssistantTurn]]] = {}
+    for number, record in records.items():
+        try:
+            rendered[number] = _render_turns(record["messages"], tokenizer)
+        except _LineError as e:
+            results[number] = str(e)
+    texts = list({text for full, turns in rendered.values() for text in (full, *_turn_texts(turns))})
+    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False).input_ids)) if texts else {}
+    for number, (full, turns) in rendered.items():
+        try:
+            results[number] = _label_turns(ids[full], turns, ids, records[number]["messages"], tokenizer)
+        except _LineError as e:
+            results[number] = str(e)
+    return results
+
+
+def _render_turns(messages: list[dict], tokenizer) -> tuple[str, list[_AssistantTurn]]:
+    turns = [
+        _AssistantTurn(i, _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False))
+        for i, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
+    return _render(tokenizer, messages, False), turns
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt)
+    except TemplateError as e:
+        raise _LineError(f"the chat template refused it ({_excerpt(str(e), 80)})") from None
+
+
+def _turn_texts(turns: list[_AssistantTurn]) -> list[str]:
+    return [text for turn in turns for text in (turn.before, turn.through)]
+
+
+def _label_turns(
+    full: list[int], turns: list[_AssistantTurn], ids: dict[str, list[int]], messages: list[dict], tokenizer
+) -> TrainingExample:
+    """Labels on each assistant turn's tokens, found as the tokens `through` adds to `before`.
+
+    That is only sound if both renderings tokenize to prefixes of the whole conversation's
+    tokens: a template that renders earlier turns differently later, or text that merges into
+    one token across the turn boundary, would shift the span, so such lines are refused.
+    """
+    labels = [IGNORE_INDEX] * len(full)
+    for turn in turns:
+        before, through = ids[turn.before], ids[turn.through]
+        if not (len(before) < len(through) and full[: len(through)] == through and through[: len(before)] == before):
+            raise _LineError(_unlocatable(turn.index, messages[turn.index]["content"]))
+        end = _turn_end(through, len(before), tokenizer)
+        labels[len(before) : end] = full[len(before) : end]
+    return TrainingExample(tuple(full), tuple(labels))
+
+
+def _turn_end(tokens: list[int], start: int, tokenizer) -> int:
+    """The end of a turn's labelled span: the turn less the whitespace a template puts between
+    turns (the newline after <|im_end|>), which generation never reaches since it stops at the
+    end-of-turn token."""
+    end = len(tokens)
+    while end > start + 1 and not tokenizer.decode(tokens[end - 1 : end]).strip():
+        end -= 1
+    return end
+
+
+def _unlocatable(index: int, content: str) -> str:
+    if content[:1].isspace():
+        return (
+            f"messages[{index}].content starts with whitespace, which tokenizes together with the chat "
+            "template's turn header: strip it"
+        )
+    return (
+        f"cannot locate the assistant turn messages[{index}]: the chat template does not render the turns "
+        "before it as a prefix of the whole conversation"
+    )
+
+
+def _summarize(errors: dict[int, str], max_errors: int) -> str:
+    """One message naming the first invalid lines, short enough for gRPC trailers."""
+    head = f"training data has {len(errors)} invalid line{'s' if len(errors) != 1 else ''}: "
+    # Room for the longest possible tail, "; ... and <count> more".
+    budget = MAX_ERROR_CHARS - len(head) - len(f"; ... and {len(errors)} more")
+    parts: list[str] = []
+    for number, reason in sorted(errors.items())[:max_errors]:
+        part = f"line {number}: {reason}"
+        if parts and len("; ".join(parts)) + 2 + len(part) > budget:
+            break
+        parts.append(part)
+    rest = len(errors) - len(parts)
+    return head + "; ".join(parts) + (f"; ... and {rest} more" if rest else "")
+
+
+def _describe_key(key: str, candidates: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1)
+    return _excerpt(key) + (f' (did you mean "{close[0]}"?)' if close else "")
+
+
+def _excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    return json.dumps(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _json_type(value: object) -> str:
+    for kind, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"

@@ -1,0 +1,87 @@
+"""A fine-tuning job as users see it: OpenAI's job vocabulary, PEFT's LoRA names.
+
+status: validating_files -> queued -> running -> succeeded | failed | cancelled. A job
+killed with the server is queued again at restart and resumes from its last checkpoint.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+
+from tandem.server.finetune.trainable_adapter import LoRASpec
+from tandem.server.finetune.trainer import Hyperparameters
+
+
+class JobStatus(str, Enum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed: a stable code (e.g. training_diverged), a message to act on, and the
+    request field it concerns, if one."""
+
+    code: str
+    message: str
+    param: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job; the manager replaces it as the job progresses.
+
+    Times are Unix seconds (0 = not yet). train_loss / eval_loss: of the last step and the
+    last eval point (None before). content_hash: of the adapter version it published.
+    """
+
+    id: str
+    adapter: str
+    base_adapter: str
+    lora: LoRASpec
+    hyperparameters: Hyperparameters
+    status: JobStatus = JobStatus.VALIDATING_FILES
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    step: int = 0
+    total_steps: int = 0
+    num_examples: int = 0
+    num_eval_examples: int = 0
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float = 0.0
+    estimated_finish: float = 0.0
+    error: JobError | None = None
+    content_hash: str = ""
+    mode: str = ""
+    finetune_share: float = 0.0
+
+    def replace(self, **changes) -> "Job":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        record = dataclasses.asdict(self)
+        record["status"] = self.status.value
+        record["lora"]["target_modules"] = list(self.lora.target_modules)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Job":
+        record = dict(record)
+        record["status"] = JobStatus(record["status"])
+        lora = dict(record["lora"])
+        lora["target_modules"] = tuple(lora["target_modules"])
+        record["lora"] = LoRASpec(**lora)
+        record["hyperparameters"] = Hyperparameters(**record["hyperparameters"])
+        record["error"] = None if record["error"] is None else JobError(**record["error"])
+        return cls(**record)

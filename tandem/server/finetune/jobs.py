@@ -1,0 +1,405 @@
+"""Fine-tuning jobs: validated in full at creation, queued, trained one at a time in the engine
+thread between inference iterations, checkpointed, and published as a new adapter version.
+
+Threads: API calls (create, get, list, cancel, watch) run on worker threads; `run_once`
+runs on the engine thread, one micro-batch per call, so inference waits at most one
+micro-batch. One lock guards the job table; every change is saved to the job store first,
+then announced to watchers.
+
+On disk, under <data-dir>/.tandem/ (the rest of the data directory holds users' files):
+    jobs.sqlite                       the job table (server/finetune/job_store.py)
+    jobs/<id>/train.jsonl             the dataset as submitted, so a restart can resume
+    jobs/<id>/checkpoints/step-*/     PEFT adapter + trainer state (checkpoints.py)
+At start-up, a job the server was running (or had queued) is re-validated from its stored
+dataset and queued again; it resumes from its newest complete checkpoint.
+"""
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.server.adapters.peft_format import LoRAAdapter, peft_config
+from tandem.server.adapters.registry import check_adapter_name
+from tandem.server.atomic_files import remove_leftovers, write_file
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError, excerpt
+from tandem.server.finetune import checkpoints
+from tandem.server.finetune.dataset import TrainingExample, parse_dataset, resolve_training_file, split_eval
+from tandem.server.finetune.job import Job, JobError, JobStatus
+from tandem.server.finetune.job_store import JobStore
+from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter, spec_of
+from tandem.server.finetune.trainer import Hyperparameters, StepPlan, StepReport, Trainer, TrainingDiverged
+
+log = logging.getLogger("tandem.finetune")
+
+STATE_DIR = ".tandem"
+DATASET_FILE = "train.jsonl"
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What CreateJob asks for. Exactly one of training_file (a file name inside the data
+    directory) and training_data (inline JSONL). lora: the LoRASpec fields the request sets;
+    the rest are the defaults, or the base adapter's when training continues from one."""
+
+    adapter: str
+    hyperparameters: Hyperparameters
+    training_file: str = ""
+    training_data: str = ""
+    base_adapter: str = ""
+    lora: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FinetuneStats:
+    """For metrics: jobs per status, tokens trained since start, the running job's last loss."""
+
+    jobs: dict[str, int]
+    tokens_total: int
+    running_adapter: str
+    running_loss: float | None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A job's examples, tokenized, its step plan, and the adapter it starts from (None:
+    fresh); made off the engine thread."""
+
+    train: list[TrainingExample]
+    evaluation: list[TrainingExample]
+    plan: StepPlan
+    base: LoRAAdapter | None
+
+
+@dataclass
+class _Running:
+    job_id: str
+    trainer: Trainer
+    steps: Iterator[StepReport | None]
+    last_step_at: float
+    seconds_per_step: float | None = None
+
+
+class JobManager:
+    def __init__(self, engine: Engine, data_dir: str | Path, max_training_file_bytes: int, wake: Callable[[], None]):
+        if engine.registry is None:
+            raise ValueError("fine-tuning publishes adapters: start the server with --adapters-dir as well as --data-dir")
+        self.engine = engine
+        self.registry = engine.registry
+        self.data_dir = Path(data_dir).resolve()
+        self.state_dir = self.data_dir / STATE_DIR
+        (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self.max_training_file_bytes = max_training_file_bytes
+        self._wake = wake
+        self._lock = threading.RLock()
+        self._store = JobStore(self.state_dir)
+        self._jobs = {job.id: job for job in self._store.load_all()}
+        self._prepared: dict[str, _Prepared] = {}
+        self._watchers: dict[str, list[Callable[[Job], None]]] = {}
+        self._running: _Running | None = None
+        self._publishing: str | None = None
+        self.tokens_total = 0
+        interrupted = [job for job in self._jobs.values() if not job.status.terminal]
+        for job in interrupted:
+            self._update(job.id, status=JobStatus.VALIDATING_FILES)
+        if interrupted:
+            threading.Thread(target=self._revalidate, args=([j.id for j in interrupted],), name="tandem-jobs", daemon=True).start()
+
+    # API side (any thread)
+
+    def create(self, request: JobRequest) -> Job:
+        """Validate everything (dataset included), then queue the job. Raises InvalidRequest
+        naming every bad dataset line, AlreadyExists, NotFound or FailedPrecondition."""
+        check_adapter_name(request.adapter)
+        hp = request.hyperparameters
+        limit = self.engine.max_model_len
+        if hp.max_seq_length > limit:
+            raise InvalidRequest(f"hyperparameters.max_seq_length {hp.max_seq_length} exceeds the server's context limit {limit}")
+        hp = dataclasses.replace(hp, max_seq_length=hp.max_seq_length or limit)
+        base = self.registry.get(request.base_adapter) if request.base_adapter else None
+        spec = self._spec(request, base)
+        data = self._dataset_bytes(request)
+        prepared = self._prepare(data, hp, base)
+        job = Job(
+            id=f"ftjob-{uuid.uuid4().hex[:24]}",
+            adapter=request.adapter,
+            base_adapter=request.base_adapter,
+            lora=spec,
+            hyperparameters=hp,
+            status=JobStatus.QUEUED,
+            created_at=time.time(),
+            total_steps=len(prepared.plan),
+            num_examples=len(prepared.train),
+            num_eval_examples=len(prepared.evaluation),
+        )
+        with self._lock:
+            busy = [j for j in self._jobs.values() if j.adapter == job.adapter and not j.status.terminal]
+            if busy:
+                raise AlreadyExists(
+                    f"adapter {job.adapter!r} is already being trained by job {busy[0].id}: wait for it or cancel it"
+                )
+            self._job_dir(job.id).mkdir(parents=True)
+            write_file(self._job_dir(job.id) / DATASET_FILE, data)
+            self._prepared[job.id] = prepared
+            self._jobs[job.id] = job
+            self._store.save(job)
+        log.info("job created", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "total_steps": job.total_steps}})
+        self._wake()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"fine-tuning job {excerpt(job_id)} not found")
+        return job
+
+    def list_jobs(self) -> list[Job]:
+        """Every job, newest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a job; a running one stops before its next micro-batch and publishes nothing."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.status.terminal:
+                raise FailedPrecondition(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
+            if self._publishing == job_id:
+                raise FailedPrecondition(f"job {job_id} is publishing its adapter; it can no longer be cancelled")
+            return self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time())
+
+    def watch(self, job_id: str, callback: Callable[[Job], None]) -> Callable[[], None]:
+        """Call callback(job) on every change of the job, from whatever thread makes it;
+        returns the function that stops the calls. The current state is sent first."""
+        with self._lock:
+            if job_id not in self._jobs:
+                raise NotFound(f"fine-tuning job {excerpt(job_id)} not found")
+            self._watchers.setdefault(job_id, []).append(callback)
+            callback(self._jobs[job_id])
+
+        def stop() -> None:
+            with self._lock:
+                self._watchers[job_id].remove(callback)
+
+        return stop
+
+    def stats(self) -> FinetuneStats:
+        with self._lock:
+            counts = {status.value: 0 for status in JobStatus}
+            for job in self._jobs.values():
+                counts[job.status.value] += 1
+            running = self._jobs[self._running.job_id] if self._running else None
+        return FinetuneStats(counts, self.tokens_total, running.adapter if running else "", running.train_loss if running else None)
+
+    # Engine thread
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self._running is not None or any(
+                j.status is JobStatus.QUEUED and j.id in self._prepared for j in self._jobs.values()
+            )
+
+    def run_once(self) -> None:
+        """Start the oldest queued job if none runs, else run one micro-batch of the running one.
+        A job that raises fails alone; the engine thread goes on."""
+        job_id = self._running.job_id if self._running else self._next_queued()
+        if job_id is None:
+            return
+        try:
+            if self._running is None:
+                self._start(self.get(job_id))
+            elif self.get(job_id).status is not JobStatus.RUNNING:
+                self._drop()  # cancelled: publish nothing
+            else:
+                report = next(self._running.steps)
+                if report is not None:
+                    self._on_step(self._running, report)
+        except TrainingDiverged as exc:
+            self._end(job_id, JobError("training_diverged", str(exc)))
+        except Exception as exc:
+            log.exception("fine-tuning job %s failed", job_id)
+            self._end(job_id, JobError("internal_error", f"{type(exc).__name__}: {exc}"[:500]))
+
+    def close(self) -> None:
+        self._store.close()
+
+    def _next_queued(self) -> str | None:
+        with self._lock:
+            queued = [j for j in self._jobs.values() if j.status is JobStatus.QUEUED and j.id in self._prepared]
+        return min(queued, key=lambda j: (j.created_at, j.id)).id if queued else None
+
+    def _start(self, job: Job) -> None:
+        prepared = self._prepared[job.id]
+        model = self.engine.runner.model
+        if prepared.base is None:
+            adapter = TrainableAdapter(model, job.lora, seed=job.hyperparameters.seed)
+        else:
+            adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
+        trainer = Trainer(
+            adapter, job.hyperparameters, prepared.train, prepared.evaluation, self.engine.config.finetune_micro_batch_tokens,
+            prepared.plan,
+        )
+        resumed = checkpoints.latest(self._job_dir(job.id) / "checkpoints")
+        if resumed is not None:
+            tensors, state = checkpoints.load(resumed)
+            adapter.load_peft_tensors(tensors)
+            trainer.load_state_dict(state)
+            log.info("job resumed", extra={"fields": {"job_id": job.id, "from_step": trainer.step}})
+        # Co-served steps recompute layers from inputs stored by a gradient-free forward, which
+        # lora_dropout would make disagree with the recompute: those jobs run time-sliced.
+        coserve = self.engine.config.finetune_mode == "coserve" and not job.lora.lora_dropout
+        self._running = _Running(job.id, trainer, trainer.run(self.engine, coserve), time.monotonic())
+        mode = "coserve" if coserve else "timeslice"
+        self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step, mode=mode)
+        if trainer.done:  # killed after its last checkpoint, before publishing
+            self._publish(self._running)
+
+    def _on_step(self, running: _Running, report: StepReport) -> None:
+        now = time.monotonic()
+        elapsed = now - running.last_step_at
+        running.last_step_at = now
+        # A moving average: steps slow down while inference is busy and speed up when idle.
+        average = elapsed if running.seconds_per_step is None else 0.8 * running.seconds_per_step + 0.2 * elapsed
+        running.seconds_per_step = average
+        job = self.get(running.job_id)
+        self.tokens_total += report.tokens
+        self._update(
+            job.id,
+            step=report.step,
+            train_loss=report.train_loss,
+            eval_loss=job.eval_loss if report.eval_loss is None else report.eval_loss,
+            trained_tokens=job.trained_tokens + report.tokens,
+            tokens_per_second=report.tokens / elapsed if elapsed > 0 else 0.0,
+            finetune_share=self.engine.stats().finetune_share if job.mode == "coserve" else 0.0,
+            estimated_finish=time.time() + average * (report.total_steps - report.step),
+        )
+        trainer = running.trainer
+        if report.step % job.hyperparameters.checkpoint_interval == 0 or trainer.done:
+            checkpoints.save(
+                self._job_dir(job.id) / "checkpoints", report.step, self._peft_config(job), trainer.adapter.peft_tensors(),
+                trainer.state_dict(),
+            )
+        if trainer.done:
+            self._publish(running)
+
+    def _publish(self, running: _Running) -> None:
+        """Publish the finished adapter; from here on the job can no longer be cancelled."""
+        with self._lock:
+            if self._jobs[running.job_id].status is not JobStatus.RUNNING:
+                self._drop()
+                return
+            self._publishing = running.job_id
+        job = self.get(running.job_id)
+        try:
+            info = self.registry.publish(job.adapter, self._peft_config(job), running.trainer.adapter.peft_tensors())
+        except (OSError, TandemError) as exc:
+            log.exception("publishing the adapter of job %s failed", job.id)
+            self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r}: {exc}"[:500]))
+            return
+        finally:
+            self._publishing = None
+        self._end(job.id, None, content_hash=info.content_hash)
+        log.info("job succeeded", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "content_hash": info.content_hash}})
+
+    def _drop(self) -> None:
+        """Forget the running job's trainer and whatever it has in flight in the engine."""
+        self._running = None
+        self.engine.coserve.abort()
+
+    def _end(self, job_id: str, error: JobError | None, **changes) -> None:
+        """The running job is over: succeeded (error None) or failed."""
+        self._drop()
+        self._prepared.pop(job_id, None)
+        status = JobStatus.SUCCEEDED if error is None else JobStatus.FAILED
+        self._update(job_id, status=status, finished_at=time.time(), error=error, estimated_finish=0.0, **changes)
+
+    # Helpers
+
+    def _spec(self, request: JobRequest, base: LoRAAdapter | None) -> LoRASpec:
+        """The LoRA settings: the request's over the defaults, or over the base adapter's
+        (which only lora_dropout may change: the weights fix the rest)."""
+        if base is None:
+            spec = LoRASpec(**request.lora)
+        else:
+            continued = spec_of(base, 0.0)
+            spec = LoRASpec(**{**dataclasses.asdict(continued), **request.lora})
+            if dataclasses.replace(spec, lora_dropout=0.0) != continued:
+                raise InvalidRequest(
+                    f"lora {excerpt(request.lora, 200)} disagrees with base adapter {base.name!r} (r {continued.r}, lora_alpha "
+                    f"{continued.lora_alpha:g}, target_modules {list(continued.target_modules)}): set only lora_dropout to continue it"
+                )
+        max_rank = self.engine.config.max_lora_rank
+        if spec.r > max_rank:
+            raise InvalidRequest(f"lora.r {spec.r} is above the server's --max-lora-rank {max_rank}: the adapter could not be served")
+        return spec
+
+    def _dataset_bytes(self, request: JobRequest) -> bytes:
+        if bool(request.training_file) == bool(request.training_data):
+            raise InvalidRequest("give exactly one of training_file (a file in the data directory) and training_data (inline JSONL)")
+        if request.training_data:
+            data = request.training_data.encode()
+        else:
+            path = resolve_training_file(self.data_dir, request.training_file)
+            if path.is_relative_to(self.state_dir):
+                raise InvalidRequest(f"training_file {request.training_file!r} is inside the server's own {STATE_DIR} directory")
+            size = path.stat().st_size
+            if size > self.max_training_file_bytes:
+                raise InvalidRequest(
+                    f"training_file {request.training_file!r} has {size} bytes, more than the limit of "
+                    f"{self.max_training_file_bytes} (--max-training-file-bytes)"
+                )
+            data = path.read_bytes()
+        if len(data) > self.max_training_file_bytes:
+            raise InvalidRequest(f"training_data has {len(data)} bytes, more than the limit of {self.max_training_file_bytes}")
+        return data
+
+    def _prepare(self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None) -> _Prepared:
+        examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length)
+        train, evaluation = split_eval(examples, hp.eval_fraction, hp.seed)
+        return _Prepared(train, evaluation, StepPlan(train, hp), base)
+
+    def _revalidate(self, job_ids: list[str]) -> None:
+        """Re-tokenize interrupted jobs' stored datasets (off the engine thread), then queue them."""
+        for job_id in job_ids:
+            job = self.get(job_id)
+            try:
+                remove_leftovers(self._job_dir(job_id))
+                base = self.registry.get(job.base_adapter) if job.base_adapter else None
+                prepared = self._prepare((self._job_dir(job_id) / DATASET_FILE).read_bytes(), job.hyperparameters, base)
+            except (OSError, TandemError) as exc:
+                error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
+                self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error)
+                continue
+            with self._lock:
+                self._prepared[job_id] = prepared
+            self._update(job_id, status=JobStatus.QUEUED)
+            self._wake()
+
+    def _peft_config(self, job: Job) -> dict:
+        spec = job.lora
+        return peft_config(
+            spec.r, spec.lora_alpha, list(spec.target_modules), spec.use_rslora, spec.lora_dropout, self.engine.info.name
+        )
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.state_dir / "jobs" / job_id
+
+    def _update(self, job_id: str, **changes) -> Job:
+        """Save a changed job, then tell its watchers. A cancelled job stays cancelled."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.status is JobStatus.CANCELLED and changes.get("status") is not JobStatus.CANCELLED:
+                return job
+            job = job.replace(**changes)
+            self._jobs[job_id] = job
+            self._store.save(job)
+            watchers = list(self._watchers.get(job_id, ()))
+        for callback in watchers:
+            callback(job)
+        return job

@@ -1,0 +1,160 @@
+"""The float32 master weights of one adapter being trained, and how they enter a batch.
+
+Masters are kept in PEFT's shapes (A [r, in], B [out, r] per projection), so a checkpoint
+is a PEFT adapter as it stands. Each iteration builds the fused slot layout the kernels read
+(server/model/lora_targets.py: q/k/v and gate/up share one shrink) from them with autograd,
+scale folded into B as a serving slot holds it; the gradient flows back into the masters.
+Inference never reads the masters: a finished version is published as files and served
+from a slot like any other adapter.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tandem.kernels.lora import LoRAWeights
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.errors import IncompatibleAdapter, InvalidRequest, excerpt
+from tandem.server.model.llama import LlamaModel
+from tandem.server.model.lora_targets import TARGET_SLICES, TARGETS, group_linears, module_path, target_of
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """PEFT's LoRA settings of an adapter to train (names as in peft.LoraConfig); lora_alpha
+    None is 2 * r."""
+
+    r: int = 16
+    lora_alpha: float | None = None
+    target_modules: tuple[str, ...] = TARGETS
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise InvalidRequest(f"lora.r must be at least 1, got {self.r}")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", 2.0 * self.r)
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise InvalidRequest(f"lora.lora_alpha must be a finite number > 0, got {self.lora_alpha}")
+        unknown = sorted(set(self.target_modules) - set(TARGETS))
+        if unknown or not self.target_modules:
+            raise InvalidRequest(
+                f"lora.target_modules must be a non-empty subset of {', '.join(TARGETS)}; got {excerpt(list(self.target_modules), 200)}"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise InvalidRequest(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        object.__setattr__(self, "target_modules", tuple(t for t in TARGETS if t in self.target_modules))
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class TrainableAdapter(nn.Module):
+    """Master weights per (layer, target): a_{layer}_{target} [r, in], b_... [out, r], float32."""
+
+    def __init__(self, model: LlamaModel, spec: LoRASpec, seed: int):
+        super().__init__()
+        self.spec = spec
+        self.num_layers = len(model.layers)
+        self._linears = group_linears(model)
+        device = model.embed.device
+        generator = torch.Generator().manual_seed(seed)
+        self.a = nn.ParameterDict()
+        self.b = nn.ParameterDict()
+        for layer in range(self.num_layers):
+            for target in spec.target_modules:
+                group, s = TARGET_SLICES[target]
+                linear = self._linears[(layer, group)]
+                # PEFT's init: A as nn.Linear's default (Kaiming-uniform, a = sqrt(5)), B = 0.
+                a = torch.empty(spec.r, linear.in_features)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+                self.a[_name(layer, target)] = nn.Parameter(a.to(device))
+                self.b[_name(layer, target)] = nn.Parameter(torch.zeros(linear.out_slices[s], spec.r, device=device))
+
+    @classmethod
+    def from_adapter(cls, model: LlamaModel, adapter: LoRAAdapter, lora_dropout: float) -> "TrainableAdapter":
+        """Continue training a served adapter: same rank, targets and scale, its weights as the start."""
+        trainable = cls(model, spec_of(adapter, lora_dropout), seed=0)
+        with torch.no_grad():
+            for (layer, group), g in adapter.groups.items():
+                for s, (a, b, _) in g.slices.items():
+                    name = _name(layer, target_of(layer, group, s))
+                    trainable.a[name].copy_(a)
+                    trainable.b[name].copy_(b)
+        return trainable
+
+    def slot_weights(self) -> dict[tuple[int, str], LoRAWeights]:
+        """The masters as one slot per adapted group, with autograd: a [1, S * r, in], b [1, N, r]
+        (scaled); slices the spec does not target are zero and get no gradient."""
+        r, scale = self.spec.r, self.spec.scale
+        targeted = {TARGET_SLICES[t][0] for t in self.spec.target_modules}
+        out = {}
+        for (layer, group), linear in self._linears.items():
+            if group not in targeted:
+                continue
+            a_parts, b_parts = [], []
+            for s, width in enumerate(linear.out_slices):
+                name = _name(layer, target_of(layer, group, s))
+                if name in self.a:
+                    a_parts.append(self.a[name])
+                    b_parts.append(self.b[name] * scale)
+                else:
+                    a_parts.append(self._zeros(r, linear.in_features))
+                    b_parts.append(self._zeros(width, r))
+            ranks = torch.full((1,), r, dtype=torch.int32, device=a_parts[0].device)
+            out[(layer, group)] = LoRAWeights(
+                torch.cat(a_parts).unsqueeze(0), torch.cat(b_parts).unsqueeze(0), ranks, linear.out_slices, [r]
+            )
+        return out
+
+    def _zeros(self, rows: int, cols: int) -> torch.Tensor:
+        return torch.zeros(rows, cols, device=next(iter(self.a.values())).device)
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights under PEFT's safetensors keys (B unscaled, as PEFT stores it)."""
+        out = {}
+        for name in self.a:
+            layer, target = _parse_name(name)
+            prefix = f"base_model.model.{module_path(layer, target)}"
+            out[f"{prefix}.lora_A.weight"] = self.a[name].detach()
+            out[f"{prefix}.lora_B.weight"] = self.b[name].detach()
+        return out
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore weights saved by peft_tensors (a checkpoint)."""
+        with torch.no_grad():
+            for key, value in self.peft_tensors().items():
+                value.copy_(tensors[key])
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
+
+def spec_of(adapter: LoRAAdapter, lora_dropout: float) -> LoRASpec:
+    """The LoRA settings to continue training a served adapter with; refuses adapters whose
+    projections differ in rank or scale (rank_pattern / alpha_pattern)."""
+    slices = [(layer, group, s, a.shape[0], scale) for (layer, group), g in adapter.groups.items() for s, (a, _, scale) in g.slices.items()]
+    ranks = {r for *_, r, _ in slices}
+    scales = {scale for *_, scale in slices}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise IncompatibleAdapter(
+            f"adapter {adapter.name!r} has several ranks or scales (rank_pattern / alpha_pattern); "
+            "only adapters with one rank and one alpha can be trained further"
+        )
+    r, scale = ranks.pop(), scales.pop()
+    targets = {target_of(layer, group, s) for layer, group, s, *_ in slices}
+    # Serving knows only the scale; alpha is derived back from it with the plain rule.
+    return LoRASpec(r=r, lora_alpha=scale * r, target_modules=tuple(targets), lora_dropout=lora_dropout)
+
+
+def _name(layer: int, target: str) -> str:
+    return f"{layer}_{target}"
+
+
+def _parse_name(name: str) -> tuple[int, str]:
+    layer, target = name.split("_", 1)
+    return int(layer), target

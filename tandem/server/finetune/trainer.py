@@ -1,0 +1,261 @@
+"""One job's optimisation: a fixed plan of steps, AdamW on the float32 masters, run through
+the serving engine one micro-batch at a time.
+
+The plan is a pure function of the examples and the hyperparameters (epochs in seeded
+orders, packed greedily into steps of up to tokens_per_step tokens), so a job resumed from
+the checkpoint after step k runs exactly the steps an uninterrupted job would. A step's
+loss is the mean over all its target tokens (Hugging Face's), whatever its micro-batches:
+each micro-batch's summed loss is scaled by 1 / (the step's target tokens).
+
+`Trainer.run` is a generator that yields after every micro-batch, so the engine thread can
+run inference iterations in between: inference waits at most one micro-batch.
+"""
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tandem.server.engine.iteration import TrainingSequence, TrainingWork
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.errors import InvalidRequest, TandemError
+from tandem.server.finetune.dataset import TrainingExample
+from tandem.server.finetune.trainable_adapter import TrainableAdapter
+
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+# OpenAI's limit on epochs; a million steps is weeks of CPU time.
+MAX_EPOCHS = 50
+MAX_STEPS = 1_000_000
+
+
+class TrainingDiverged(TandemError):
+    """The loss, a gradient or a weight became NaN or infinite: the job fails, nothing is published."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """How a job trains. max_steps 0 trains n_epochs over the data; max_seq_length 0 is the
+    server's context limit; warmup is linear from 0; max_grad_norm 0 turns clipping off;
+    checkpoint_interval counts optimizer steps."""
+
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    n_epochs: int = 1
+    max_steps: int = 0
+    tokens_per_step: int = 4096
+    max_seq_length: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.0
+    checkpoint_interval: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("learning_rate", math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1, "in (0, 1]"),
+            ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("n_epochs", 1 <= self.n_epochs <= MAX_EPOCHS, f"in [1, {MAX_EPOCHS}]"),
+            ("max_steps", 0 <= self.max_steps <= MAX_STEPS, f"in [0, {MAX_STEPS}] (0: n_epochs over the data)"),
+            ("tokens_per_step", self.tokens_per_step >= 1, ">= 1"),
+            ("max_seq_length", self.max_seq_length >= 2 or self.max_seq_length == 0, ">= 2 (0: the context limit)"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("max_grad_norm", math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0 (0: no clipping)"),
+            ("eval_fraction", 0 <= self.eval_fraction <= 0.5, "in [0, 0.5]"),
+            ("checkpoint_interval", self.checkpoint_interval >= 1, ">= 1"),
+            ("seed", 0 <= self.seed < 2**63, "in [0, 2^63)"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise InvalidRequest(f"hyperparameters.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One optimizer step done: its mean token loss, the gradient norm before clipping, the
+    learning rate it used, its tokens, and the eval loss when it was an eval point."""
+
+    step: int
+    total_steps: int
+    train_loss: float
+    grad_norm: float
+    learning_rate: float
+    tokens: int
+    eval_loss: float | None = None
+
+
+class StepPlan:
+    """The example indices of every optimizer step, in order: each epoch's examples in a
+    seeded order, packed greedily into steps of up to tokens_per_step tokens.
+
+    Built an epoch at a time as steps are read (a plan of a million steps costs seconds
+    and memory when built whole); counting the steps of n_epochs packs each epoch once,
+    so build a plan off the engine thread."""
+
+    def __init__(self, examples: list[TrainingExample], hp: Hyperparameters):
+        self._tokens = [e.num_tokens for e in examples]
+        self._hp = hp
+        self._epoch, self._start, self._steps = 0, 0, self._pack(0)
+        self._len = hp.max_steps or sum(len(self._pack(epoch)) for epoch in range(hp.n_epochs))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, step: int) -> list[int]:
+        if not 0 <= step < self._len:
+            raise IndexError(f"step {step} is outside the plan of {self._len} steps")
+        if step < self._start:
+            self._epoch, self._start, self._steps = 0, 0, self._pack(0)
+        while step >= self._start + len(self._steps):
+            self._start += len(self._steps)
+            self._epoch += 1
+            self._steps = self._pack(self._epoch)
+        return self._steps[step - self._start]
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        order = list(range(len(self._tokens)))
+        random.Random(self._hp.seed * 1_000_003 + epoch).shuffle(order)
+        steps: list[list[int]] = [[]]
+        tokens = 0
+        for i in order:
+            if steps[-1] and tokens + self._tokens[i] > self._hp.tokens_per_step:
+                steps.append([])
+                tokens = 0
+            steps[-1].append(i)
+            tokens += self._tokens[i]
+        return steps
+
+
+def plan_steps(examples: list[TrainingExample], hp: Hyperparameters) -> list[list[int]]:
+    """The whole plan as a list (for a short plan: a test's or a benchmark's)."""
+    return list(StepPlan(examples, hp))
+
+
+def micro_batches(examples: list[TrainingExample], max_tokens: int) -> list[list[TrainingExample]]:
+    """Consecutive groups of up to max_tokens tokens (a longer example runs alone)."""
+    groups: list[list[TrainingExample]] = []
+    tokens = 0
+    for example in examples:
+        if not groups or tokens + example.num_tokens > max_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(example)
+        tokens += example.num_tokens
+    return groups
+
+
+class Trainer:
+    def __init__(
+        self,
+        adapter: TrainableAdapter,
+        hp: Hyperparameters,
+        train: list[TrainingExample],
+        evaluation: list[TrainingExample],
+        micro_batch_tokens: int,
+        plan: StepPlan | None = None,
+    ):
+        self.adapter = adapter
+        self.hp = hp
+        self.train = train
+        self.evaluation = evaluation
+        self.micro_batch_tokens = micro_batch_tokens
+        self.plan = StepPlan(train, hp) if plan is None else plan
+        self.step = 0
+        self.optimizer = torch.optim.AdamW(
+            adapter.parameters(), lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=hp.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs beyond the adapter's weights to resume exactly."""
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def run(self, engine: Engine, coserve: bool = False) -> Iterator[StepReport | None]:
+        """Train to the end of the plan; yields None after every micro-batch (co-served: after
+        every engine iteration that works on one) and a StepReport after every optimizer step.
+        Raises TrainingDiverged on a non-finite loss or weight."""
+        while not self.done:
+            examples = [self.train[i] for i in self.plan[self.step]]
+            targets = sum(e.num_target_tokens for e in examples)
+            generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
+            loss_sum = 0.0
+            for group in micro_batches(examples, self.micro_batch_tokens):
+                work = self._work(group, self.adapter.spec.lora_dropout, generator)
+                loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
+            report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
+            if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
+                eval_loss = yield from self._evaluate(engine)
+                report = StepReport(**{**report.__dict__, "eval_loss": eval_loss})
+            yield report
+
+    @staticmethod
+    def _micro_batch(engine: Engine, work: TrainingWork, loss_scale: float, coserve: bool) -> Iterator[None]:
+        """Forward and backward of one micro-batch; returns its summed token loss. Time-sliced:
+        in one call of the engine. Co-served: inside the engine's iterations, waited for."""
+        if not coserve:
+            loss_sum = engine.train(work, loss_scale).loss_sum
+            yield None
+            return loss_sum
+        batch = engine.coserve.submit(work, loss_scale)
+        while not batch.done:
+            if batch.error is not None:
+                raise batch.error
+            yield None
+        return batch.loss_sum
+
+    def _work(self, examples: list[TrainingExample], dropout: float = 0.0, generator: torch.Generator | None = None) -> TrainingWork:
+        sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]
+        return TrainingWork(sequences, self.adapter.slot_weights(), dropout, generator)
+
+    def _optimizer_step(self, loss: float, tokens: int) -> StepReport:
+        params = list(self.adapter.parameters())
+        max_norm = self.hp.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        step = self.step + 1
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not self.adapter.all_finite():
+            raise TrainingDiverged(f"training diverged at step {step}: a weight became NaN or infinite")
+        self.step = step
+        return StepReport(step, self.total_steps, loss, grad_norm, lr, tokens)
+
+    def _evaluate(self, engine: Engine) -> Iterator[None]:
+        """Mean token loss over the eval examples, no gradient; yields between micro-batches."""
+        loss_sum = 0.0
+        targets = sum(e.num_target_tokens for e in self.evaluation)
+        for group in micro_batches(self.evaluation, self.micro_batch_tokens):
+            loss_sum += engine.loss(self._work(group)).loss_sum
+            yield None
+        return loss_sum / targets
+
+    def _lr_factor(self, step: int) -> float:
+        """transformers' schedules: linear warm-up, then linear or cosine decay to 0, or constant."""
+        warmup = self.hp.warmup_steps
+        if step < warmup:
+            return step / warmup
+        if self.hp.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        if self.hp.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

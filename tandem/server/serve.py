@@ -1,0 +1,59 @@
+"""`tandem serve`: health up at once, model loaded off the event loop, ready when loaded,
+graceful drain on SIGTERM/SIGINT."""
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import NoReturn
+
+from tandem.server.api.grpc_server import TandemServer, build_server
+from tandem.server.config import EngineConfig, ServerConfig
+from tandem.server.errors import ModelLoadError
+
+log = logging.getLogger("tandem.serve")
+
+
+async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Runs until SIGTERM or SIGINT; returns the process exit status."""
+    from tandem.server.engine.async_engine import AsyncEngine  # torch import: only when serving
+
+    server = build_server(server_config)
+    # Before start() logs "listening": a SIGTERM from then on must drain, not kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+
+    loading = asyncio.create_task(asyncio.to_thread(AsyncEngine, engine_config))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        await _exit_during_load(server)
+    try:
+        engine = loading.result()
+    except (ModelLoadError, OSError, ValueError) as exc:
+        log.error("cannot load the model: %s", exc)
+        await server.drain(grace=0)
+        return 1
+    engine.start()
+    await server.attach_engine(engine)
+    await stopping
+    log.info("signal received: draining")
+    await server.drain()
+    engine.shutdown()
+    return 0
+
+
+async def _exit_during_load(server: TandemServer) -> NoReturn:
+    """Stops serving health and ends the process now. The model load runs in a thread that
+    cannot be interrupted, and returning would wait for it (asyncio.run joins its executor,
+    the interpreter its threads) for up to minutes, past Kubernetes' grace period."""
+    log.info("signal received while loading the model: exiting without waiting for the load")
+    await server.drain(grace=0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
