@@ -44,7 +44,7 @@ def start_server(root: Path, threads: int) -> tuple[subprocess.Popen, str]:
             if line.startswith("{") and json.loads(line).get("msg") == "listening":
                 target = f"127.0.0.1:{json.loads(line)['port']}"
                 with TandemClient(target, max_retries=0) as client:
-                    while client.health("tandem.v1.FineTuning") != "SERVING":
+                    while client.health("tandem.v1.FineTuningService") != "SERVING":
                         assert process.poll() is None, log.read_text()[-2000:]
                         time.sleep(0.2)
                 return process, target

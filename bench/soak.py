@@ -188,9 +188,9 @@ class Load:
     def __init__(self, server: ServerThread, adapters: list[str], settings: SoakSettings):
         self.server = server
         self.channel = grpc.insecure_channel(server.target)
-        self.generation = generation_pb2_grpc.GenerationStub(self.channel)
-        self.adapter_stub = adapters_pb2_grpc.AdaptersStub(self.channel)
-        self.finetuning = finetuning_pb2_grpc.FineTuningStub(self.channel)
+        self.generation = generation_pb2_grpc.GenerationServiceStub(self.channel)
+        self.adapter_stub = adapters_pb2_grpc.AdaptersServiceStub(self.channel)
+        self.finetuning = finetuning_pb2_grpc.FineTuningServiceStub(self.channel)
         self.settings = settings
         self.churned = list(adapters)  # the churn's: never the reference adapter
         self.served = ["", "", REFERENCE, *adapters]  # what requests name; "" (the base) twice as often
@@ -360,7 +360,7 @@ class Load:
         ])
         try:
             if isinstance(bad, bytes):
-                self.channel.unary_unary("/tandem.v1.Generation/Generate")(bad, timeout=CALL_TIMEOUT)
+                self.channel.unary_unary("/tandem.v1.GenerationService/Generate")(bad, timeout=CALL_TIMEOUT)
             elif rng.random() < 0.5:
                 self.generation.Generate(bad, timeout=CALL_TIMEOUT)
             else:
@@ -416,7 +416,7 @@ class Load:
             hyperparameters=finetuning_pb2.Hyperparameters(max_steps=4, tokens_per_step=128, learning_rate=1e-3),
         )
         while time.monotonic() < until:
-            job = self.finetuning.CreateJob(request, timeout=CALL_TIMEOUT)
+            job = self.finetuning.CreateJob(request, timeout=CALL_TIMEOUT).job
             watch = self.finetuning.WatchJob(finetuning_pb2.WatchJobRequest(id=job.id), timeout=CALL_TIMEOUT * 10)
             timer = threading.Timer(max(0.0, until - time.monotonic()), self._cancel_job, args=(job.id,))
             timer.start()

@@ -32,8 +32,8 @@ class AsyncTandemClient:
             self._channel = grpc.aio.secure_channel(s.target, s.credentials(), options=s.options())
         else:
             self._channel = grpc.aio.insecure_channel(s.target, options=s.options())
-        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
-        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stubs: dict[type, Any] = {}
 
@@ -111,7 +111,7 @@ class AsyncTandemClient:
         **options: Unpack[SamplingOptions],
     ) -> AsyncIterator[StreamChunk]:
         """Yields chunks as they are generated; closing the iterator cancels the request."""
-        request = convert.generate_request(prompt, messages, prompt_token_ids, adapter, options)
+        request = convert.generate_request(prompt, messages, prompt_token_ids, adapter, options, generation_pb2.GenerateStreamRequest)
         request_id = new_request_id(request_id)
         attempts = Attempts(self.settings, self.settings.timeout if timeout is None else timeout)
         while True:

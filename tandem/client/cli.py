@@ -340,7 +340,7 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     model.set_defaults(run=_runner(_run_model))
 
     health = commands.add_parser("health", help="check liveness, or readiness of a service")
-    health.add_argument("--service", default="", help="'' = liveness; tandem.v1.Generation = readiness")
+    health.add_argument("--service", default="", help="'' = liveness; tandem.v1.GenerationService = readiness")
     health.add_argument("--wait", type=float, default=0.0, help="poll up to this many seconds for SERVING")
     health.set_defaults(run=_runner(_run_health))
 

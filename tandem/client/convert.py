@@ -43,16 +43,26 @@ def _proto_messages(messages: Messages | None) -> list[generation_pb2.Message]:
     return [generation_pb2.Message(role=m["role"], content=m["content"]) for m in messages or ()]
 
 
+GenerationRequest = generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest
+
+
 def generate_request(
-    prompt: str | None, messages: Messages | None, prompt_token_ids: Sequence[int] | None, adapter: str, options: SamplingOptions
-) -> generation_pb2.GenerateRequest:
-    return generation_pb2.GenerateRequest(
+    prompt: str | None,
+    messages: Messages | None,
+    prompt_token_ids: Sequence[int] | None,
+    adapter: str,
+    options: SamplingOptions,
+    kind: type[GenerationRequest] = generation_pb2.GenerateRequest,
+) -> GenerationRequest:
+    """Generate's request, or GenerateStream's (kind): the two messages have the same fields."""
+    return kind(
         prompt=prompt or "",
         messages=_proto_messages(messages),
         prompt_token_ids=list(prompt_token_ids or ()),
         adapter=adapter,
         **options,
     )
+
 
 
 def tokenize_request(text: str | None, messages: Messages | None) -> generation_pb2.TokenizeRequest:
@@ -87,7 +97,7 @@ def stream_chunk(response: generation_pb2.GenerateStreamResponse) -> StreamChunk
     )
 
 
-def model_info(info: generation_pb2.ModelInfo) -> ModelInfo:
+def model_info(info: generation_pb2.GetModelInfoResponse) -> ModelInfo:
     return ModelInfo(
         model=info.model,
         architecture=info.architecture,
@@ -164,16 +174,16 @@ def create_finetune_job(
         lora=_lora_config(lora) if lora else None,
         hyperparameters=finetuning_pb2.Hyperparameters(**hyperparameters) if hyperparameters else None,
     )
-    return Call(finetuning_pb2_grpc.FineTuningStub, "CreateJob", request, finetune_job)
+    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CreateJob", request, _job_of)
 
 
 def get_finetune_job(job_id: str) -> Call[FinetuneJob]:
-    return Call(finetuning_pb2_grpc.FineTuningStub, "GetJob", finetuning_pb2.GetJobRequest(id=job_id), finetune_job)
+    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "GetJob", finetuning_pb2.GetJobRequest(id=job_id), _job_of)
 
 
 def list_finetune_jobs() -> Call[list[FinetuneJob]]:
     return Call(
-        finetuning_pb2_grpc.FineTuningStub,
+        finetuning_pb2_grpc.FineTuningServiceStub,
         "ListJobs",
         finetuning_pb2.ListJobsRequest(),
         lambda response: [finetune_job(job) for job in response.jobs],
@@ -181,16 +191,16 @@ def list_finetune_jobs() -> Call[list[FinetuneJob]]:
 
 
 def cancel_finetune_job(job_id: str) -> Call[FinetuneJob]:
-    return Call(finetuning_pb2_grpc.FineTuningStub, "CancelJob", finetuning_pb2.CancelJobRequest(id=job_id), finetune_job)
+    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CancelJob", finetuning_pb2.CancelJobRequest(id=job_id), _job_of)
 
 
 def watch_finetune_job(job_id: str) -> Call[FinetuneJob]:
     """A server stream: the job now, then after every change until it ends."""
     return Call(
-        finetuning_pb2_grpc.FineTuningStub,
+        finetuning_pb2_grpc.FineTuningServiceStub,
         "WatchJob",
         finetuning_pb2.WatchJobRequest(id=job_id),
-        lambda event: finetune_job(event.job),
+        _job_of,
     )
 
 
@@ -209,6 +219,11 @@ def _fields(message: Message) -> dict[str, Any]:
 
 def _status(status: int) -> str:
     return finetuning_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
+
+
+def _job_of(response: finetuning_pb2.CreateJobResponse | finetuning_pb2.GetJobResponse | finetuning_pb2.CancelJobResponse | finetuning_pb2.WatchJobResponse) -> FinetuneJob:
+    """Every job RPC answers with its own message wrapping one Job."""
+    return finetune_job(response.job)
 
 
 def finetune_job(job: finetuning_pb2.Job) -> FinetuneJob:

@@ -31,8 +31,8 @@ class TandemClient:
             self._channel = grpc.secure_channel(s.target, s.credentials(), options=s.options())
         else:
             self._channel = grpc.insecure_channel(s.target, options=s.options())
-        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
-        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._stubs: dict[type, Any] = {}
 
@@ -116,7 +116,7 @@ class TandemClient:
     ) -> Iterator[StreamChunk]:
         """Yields chunks as they are generated. Leaving the loop early cancels the request
         on the server. Retries only while no chunk has arrived."""
-        request = convert.generate_request(prompt, messages, prompt_token_ids, adapter, options)
+        request = convert.generate_request(prompt, messages, prompt_token_ids, adapter, options, generation_pb2.GenerateStreamRequest)
         request_id = new_request_id(request_id)
         attempts = Attempts(self.settings, self.settings.timeout if timeout is None else timeout)
         while True:
@@ -158,7 +158,7 @@ class TandemClient:
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING" or "SERVICE_UNKNOWN"; "" asks about the process, a
-        service name ("tandem.v1.Generation") about readiness."""
+        service name ("tandem.v1.GenerationService") about readiness."""
         try:
             response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.settings.timeout)
         except grpc.RpcError as error:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/adapters.proto\x12\ttandem.v1\"\x9b\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12$\n\x04tier\x18\x04 \x01(\x0e\x32\x16.tandem.v1.AdapterTier\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06in_use\x18\x06 \x01(\r\x12\x0c\n\x04path\x18\x07 \x01(\t\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\">\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\xfd\x01\n\x08\x41\x64\x61pters\x12L\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x1e.tandem.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/adapters.proto\x12\ttandem.v1\"\x9b\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12$\n\x04tier\x18\x04 \x01(\x0e\x32\x16.tandem.v1.AdapterTier\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06in_use\x18\x06 \x01(\r\x12\x0c\n\x04path\x18\x07 \x01(\t\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\">\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\x84\x02\n\x0f\x41\x64\x61ptersService\x12L\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x1e.tandem.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +47,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTADAPTERSREQUEST']._serialized_end=395
   _globals['_LISTADAPTERSRESPONSE']._serialized_start=397
   _globals['_LISTADAPTERSRESPONSE']._serialized_end=461
-  _globals['_ADAPTERS']._serialized_start=580
-  _globals['_ADAPTERS']._serialized_end=833
+  _globals['_ADAPTERSSERVICE']._serialized_start=580
+  _globals['_ADAPTERSSERVICE']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

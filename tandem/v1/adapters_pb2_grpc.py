@@ -25,8 +25,8 @@ if _version_not_supported:
     )
 
 
-class AdaptersStub:
-    """Adapters loads and unloads adapters (Hugging Face PEFT format) at run time.
+class AdaptersServiceStub:
+    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) at run time.
     LoadAdapter and UnloadAdapter need a bearer token with the admin role.
     """
 
@@ -37,24 +37,24 @@ class AdaptersStub:
             channel: A grpc.Channel.
         """
         self.LoadAdapter = channel.unary_unary(
-                '/tandem.v1.Adapters/LoadAdapter',
+                '/tandem.v1.AdaptersService/LoadAdapter',
                 request_serializer=tandem_dot_v1_dot_adapters__pb2.LoadAdapterRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_adapters__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
         self.UnloadAdapter = channel.unary_unary(
-                '/tandem.v1.Adapters/UnloadAdapter',
+                '/tandem.v1.AdaptersService/UnloadAdapter',
                 request_serializer=tandem_dot_v1_dot_adapters__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_adapters__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
-                '/tandem.v1.Adapters/ListAdapters',
+                '/tandem.v1.AdaptersService/ListAdapters',
                 request_serializer=tandem_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
 
 
-class AdaptersServicer:
-    """Adapters loads and unloads adapters (Hugging Face PEFT format) at run time.
+class AdaptersServiceServicer:
+    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) at run time.
     LoadAdapter and UnloadAdapter need a bearer token with the admin role.
     """
 
@@ -80,7 +80,7 @@ class AdaptersServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AdaptersServicer_to_server(servicer, server):
+def add_AdaptersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
@@ -99,14 +99,14 @@ def add_AdaptersServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tandem.v1.Adapters', rpc_method_handlers)
+            'tandem.v1.AdaptersService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tandem.v1.Adapters', rpc_method_handlers)
+    server.add_registered_method_handlers('tandem.v1.AdaptersService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Adapters:
-    """Adapters loads and unloads adapters (Hugging Face PEFT format) at run time.
+class AdaptersService:
+    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) at run time.
     LoadAdapter and UnloadAdapter need a bearer token with the admin role.
     """
 
@@ -124,7 +124,7 @@ class Adapters:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Adapters/LoadAdapter',
+            '/tandem.v1.AdaptersService/LoadAdapter',
             tandem_dot_v1_dot_adapters__pb2.LoadAdapterRequest.SerializeToString,
             tandem_dot_v1_dot_adapters__pb2.LoadAdapterResponse.FromString,
             options,
@@ -151,7 +151,7 @@ class Adapters:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Adapters/UnloadAdapter',
+            '/tandem.v1.AdaptersService/UnloadAdapter',
             tandem_dot_v1_dot_adapters__pb2.UnloadAdapterRequest.SerializeToString,
             tandem_dot_v1_dot_adapters__pb2.UnloadAdapterResponse.FromString,
             options,
@@ -178,7 +178,7 @@ class Adapters:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Adapters/ListAdapters',
+            '/tandem.v1.AdaptersService/ListAdapters',
             tandem_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
             tandem_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
             options,

@@ -25,8 +25,8 @@ if _version_not_supported:
     )
 
 
-class FineTuningStub:
-    """FineTuning trains LoRA adapters on the frozen base model the server already holds and
+class FineTuningServiceStub:
+    """FineTuningService trains LoRA adapters on the frozen base model the server already holds and
     publishes each finished adapter into the adapters directory under its name, as a new
     version: requests that arrive after use it, requests already running finish on theirs.
     Names follow OpenAI's fine-tuning jobs and PEFT's LoraConfig. Every RPC needs a bearer
@@ -47,34 +47,34 @@ class FineTuningStub:
             channel: A grpc.Channel.
         """
         self.CreateJob = channel.unary_unary(
-                '/tandem.v1.FineTuning/CreateJob',
+                '/tandem.v1.FineTuningService/CreateJob',
                 request_serializer=tandem_dot_v1_dot_finetuning__pb2.CreateJobRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.Job.FromString,
+                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.CreateJobResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
-                '/tandem.v1.FineTuning/GetJob',
+                '/tandem.v1.FineTuningService/GetJob',
                 request_serializer=tandem_dot_v1_dot_finetuning__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.Job.FromString,
+                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
-                '/tandem.v1.FineTuning/ListJobs',
+                '/tandem.v1.FineTuningService/ListJobs',
                 request_serializer=tandem_dot_v1_dot_finetuning__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_finetuning__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
-                '/tandem.v1.FineTuning/CancelJob',
+                '/tandem.v1.FineTuningService/CancelJob',
                 request_serializer=tandem_dot_v1_dot_finetuning__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.Job.FromString,
+                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
-                '/tandem.v1.FineTuning/WatchJob',
+                '/tandem.v1.FineTuningService/WatchJob',
                 request_serializer=tandem_dot_v1_dot_finetuning__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.JobEvent.FromString,
+                response_deserializer=tandem_dot_v1_dot_finetuning__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
 
 
-class FineTuningServicer:
-    """FineTuning trains LoRA adapters on the frozen base model the server already holds and
+class FineTuningServiceServicer:
+    """FineTuningService trains LoRA adapters on the frozen base model the server already holds and
     publishes each finished adapter into the adapters directory under its name, as a new
     version: requests that arrive after use it, requests already running finish on theirs.
     Names follow OpenAI's fine-tuning jobs and PEFT's LoraConfig. Every RPC needs a bearer
@@ -123,17 +123,17 @@ class FineTuningServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FineTuningServicer_to_server(servicer, server):
+def add_FineTuningServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
                     request_deserializer=tandem_dot_v1_dot_finetuning__pb2.CreateJobRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.Job.SerializeToString,
+                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.CreateJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=tandem_dot_v1_dot_finetuning__pb2.GetJobRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.Job.SerializeToString,
+                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.GetJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -143,23 +143,23 @@ def add_FineTuningServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=tandem_dot_v1_dot_finetuning__pb2.CancelJobRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.Job.SerializeToString,
+                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.CancelJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=tandem_dot_v1_dot_finetuning__pb2.WatchJobRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.JobEvent.SerializeToString,
+                    response_serializer=tandem_dot_v1_dot_finetuning__pb2.WatchJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tandem.v1.FineTuning', rpc_method_handlers)
+            'tandem.v1.FineTuningService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tandem.v1.FineTuning', rpc_method_handlers)
+    server.add_registered_method_handlers('tandem.v1.FineTuningService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class FineTuning:
-    """FineTuning trains LoRA adapters on the frozen base model the server already holds and
+class FineTuningService:
+    """FineTuningService trains LoRA adapters on the frozen base model the server already holds and
     publishes each finished adapter into the adapters directory under its name, as a new
     version: requests that arrive after use it, requests already running finish on theirs.
     Names follow OpenAI's fine-tuning jobs and PEFT's LoraConfig. Every RPC needs a bearer
@@ -187,9 +187,9 @@ class FineTuning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.FineTuning/CreateJob',
+            '/tandem.v1.FineTuningService/CreateJob',
             tandem_dot_v1_dot_finetuning__pb2.CreateJobRequest.SerializeToString,
-            tandem_dot_v1_dot_finetuning__pb2.Job.FromString,
+            tandem_dot_v1_dot_finetuning__pb2.CreateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,9 +214,9 @@ class FineTuning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.FineTuning/GetJob',
+            '/tandem.v1.FineTuningService/GetJob',
             tandem_dot_v1_dot_finetuning__pb2.GetJobRequest.SerializeToString,
-            tandem_dot_v1_dot_finetuning__pb2.Job.FromString,
+            tandem_dot_v1_dot_finetuning__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -241,7 +241,7 @@ class FineTuning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.FineTuning/ListJobs',
+            '/tandem.v1.FineTuningService/ListJobs',
             tandem_dot_v1_dot_finetuning__pb2.ListJobsRequest.SerializeToString,
             tandem_dot_v1_dot_finetuning__pb2.ListJobsResponse.FromString,
             options,
@@ -268,9 +268,9 @@ class FineTuning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.FineTuning/CancelJob',
+            '/tandem.v1.FineTuningService/CancelJob',
             tandem_dot_v1_dot_finetuning__pb2.CancelJobRequest.SerializeToString,
-            tandem_dot_v1_dot_finetuning__pb2.Job.FromString,
+            tandem_dot_v1_dot_finetuning__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -295,9 +295,9 @@ class FineTuning:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/tandem.v1.FineTuning/WatchJob',
+            '/tandem.v1.FineTuningService/WatchJob',
             tandem_dot_v1_dot_finetuning__pb2.WatchJobRequest.SerializeToString,
-            tandem_dot_v1_dot_finetuning__pb2.JobEvent.FromString,
+            tandem_dot_v1_dot_finetuning__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,8 +25,8 @@ if _version_not_supported:
     )
 
 
-class GenerationStub:
-    """Generation runs the model. Every RPC answers with gRPC status codes:
+class GenerationServiceStub:
+    """GenerationService runs the model. Every RPC answers with gRPC status codes:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown adapter), FAILED_PRECONDITION (adapter
     incompatible with the base model), RESOURCE_EXHAUSTED (queue full, sent at once),
     UNAVAILABLE (model loading or server draining: safe to retry elsewhere),
@@ -41,29 +41,29 @@ class GenerationStub:
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_unary(
-                '/tandem.v1.Generation/Generate',
+                '/tandem.v1.GenerationService/Generate',
                 request_serializer=tandem_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
-                '/tandem.v1.Generation/GenerateStream',
-                request_serializer=tandem_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                '/tandem.v1.GenerationService/GenerateStream',
+                request_serializer=tandem_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
-                '/tandem.v1.Generation/Tokenize',
+                '/tandem.v1.GenerationService/Tokenize',
                 request_serializer=tandem_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/tandem.v1.Generation/GetModelInfo',
+                '/tandem.v1.GenerationService/GetModelInfo',
                 request_serializer=tandem_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=tandem_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+                response_deserializer=tandem_dot_v1_dot_generation__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
 
 
-class GenerationServicer:
-    """Generation runs the model. Every RPC answers with gRPC status codes:
+class GenerationServiceServicer:
+    """GenerationService runs the model. Every RPC answers with gRPC status codes:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown adapter), FAILED_PRECONDITION (adapter
     incompatible with the base model), RESOURCE_EXHAUSTED (queue full, sent at once),
     UNAVAILABLE (model loading or server draining: safe to retry elsewhere),
@@ -101,7 +101,7 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_GenerationServicer_to_server(servicer, server):
+def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -110,7 +110,7 @@ def add_GenerationServicer_to_server(servicer, server):
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=tandem_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    request_deserializer=tandem_dot_v1_dot_generation__pb2.GenerateStreamRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
@@ -121,18 +121,18 @@ def add_GenerationServicer_to_server(servicer, server):
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=tandem_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=tandem_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
+                    response_serializer=tandem_dot_v1_dot_generation__pb2.GetModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tandem.v1.Generation', rpc_method_handlers)
+            'tandem.v1.GenerationService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tandem.v1.Generation', rpc_method_handlers)
+    server.add_registered_method_handlers('tandem.v1.GenerationService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Generation:
-    """Generation runs the model. Every RPC answers with gRPC status codes:
+class GenerationService:
+    """GenerationService runs the model. Every RPC answers with gRPC status codes:
     INVALID_ARGUMENT (bad input), NOT_FOUND (unknown adapter), FAILED_PRECONDITION (adapter
     incompatible with the base model), RESOURCE_EXHAUSTED (queue full, sent at once),
     UNAVAILABLE (model loading or server draining: safe to retry elsewhere),
@@ -154,7 +154,7 @@ class Generation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Generation/Generate',
+            '/tandem.v1.GenerationService/Generate',
             tandem_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             tandem_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
@@ -181,8 +181,8 @@ class Generation:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/tandem.v1.Generation/GenerateStream',
-            tandem_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            '/tandem.v1.GenerationService/GenerateStream',
+            tandem_dot_v1_dot_generation__pb2.GenerateStreamRequest.SerializeToString,
             tandem_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
@@ -208,7 +208,7 @@ class Generation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Generation/Tokenize',
+            '/tandem.v1.GenerationService/Tokenize',
             tandem_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
             tandem_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
             options,
@@ -235,9 +235,9 @@ class Generation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tandem.v1.Generation/GetModelInfo',
+            '/tandem.v1.GenerationService/GetModelInfo',
             tandem_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
-            tandem_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+            tandem_dot_v1_dot_generation__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,7 +36,7 @@ def test_calls_without_a_valid_token_are_unauthenticated(auth_server):
     with TandemClient(auth_server.target) as anonymous:
         assert code_of(lambda: anonymous.generate("hi", max_new_tokens=1)) == grpc.StatusCode.UNAUTHENTICATED
         assert anonymous.health() == "SERVING"  # probes send no token
-        assert anonymous.health("tandem.v1.Generation") == "SERVING"
+        assert anonymous.health("tandem.v1.GenerationService") == "SERVING"
     with TandemClient(auth_server.target, token="wrong") as stranger:
         assert code_of(lambda: stranger.list_adapters()) == grpc.StatusCode.UNAUTHENTICATED
 

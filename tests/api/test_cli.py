@@ -40,7 +40,7 @@ def test_target_from_the_environment(server, capsys, monkeypatch):
 
 
 def test_health_adapters_and_chat(server, capsys, monkeypatch):
-    assert run(capsys, "health", "--service", "tandem.v1.Generation", "--target", server.target)[:2] == (0, "SERVING\n")
+    assert run(capsys, "health", "--service", "tandem.v1.GenerationService", "--target", server.target)[:2] == (0, "SERVING\n")
     code, out, _ = run(capsys, "adapters", "list", "--json", "--target", server.target)
     assert code == 0 and json.loads(out) == []
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi!\nAnd again?\n/exit\n"))

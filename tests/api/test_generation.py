@@ -105,17 +105,17 @@ def test_reflection_lists_the_services(server):
     """What grpcurl does: list services, then fetch their descriptors from the server."""
     with grpc.insecure_channel(server.target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
-        assert {"tandem.v1.Generation", "tandem.v1.Adapters", "grpc.health.v1.Health"} <= set(database.get_services())
+        assert {"tandem.v1.GenerationService", "tandem.v1.AdaptersService", "grpc.health.v1.Health"} <= set(database.get_services())
         pool = DescriptorPool(database)
-        methods = {m.name for m in pool.FindServiceByName("tandem.v1.Generation").methods}
+        methods = {m.name for m in pool.FindServiceByName("tandem.v1.GenerationService").methods}
         assert methods == {"Generate", "GenerateStream", "Tokenize", "GetModelInfo"}
         assert "prompt" in pool.FindMessageTypeByName("tandem.v1.GenerateRequest").fields_by_name
 
 
 def test_health_is_serving(client):
     assert client.health() == "SERVING"
-    assert client.health("tandem.v1.Generation") == "SERVING"
-    assert client.health("tandem.v1.Adapters") == "SERVING"
+    assert client.health("tandem.v1.GenerationService") == "SERVING"
+    assert client.health("tandem.v1.AdaptersService") == "SERVING"
 
 
 def _logged_status(caplog, request_id: str) -> str | None:

@@ -18,7 +18,7 @@ from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, loopback, wait_u
 from tests.api.harness import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
-READY = "tandem.v1.Generation"
+READY = "tandem.v1.GenerationService"
 
 
 def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine):
@@ -27,7 +27,7 @@ def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine):
         with TandemClient(thread.target, max_retries=0) as impatient:
             assert impatient.health() == "SERVING"  # alive
             assert impatient.health(READY) == "NOT_SERVING"
-            assert impatient.health("tandem.v1.Adapters") == "NOT_SERVING"
+            assert impatient.health("tandem.v1.AdaptersService") == "NOT_SERVING"
             with pytest.raises(TandemRpcError) as info:
                 impatient.generate("hi", max_new_tokens=1)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.message

@@ -16,14 +16,14 @@ def test_token_file_roles_and_errors(tmp_path):
     path.write_text("# comment\ninference  reader-token\nadmin admin-token  # trailing comment\n")
     table = TokenTable.from_file(path)
     bearer = lambda t: {"authorization": f"Bearer {t}"}  # noqa: E731
-    assert table.authorize("/tandem.v1.Generation/Generate", bearer("reader-token")) == Role.INFERENCE
-    assert table.authorize("/tandem.v1.Adapters/LoadAdapter", bearer("admin-token")) == Role.ADMIN
+    assert table.authorize("/tandem.v1.GenerationService/Generate", bearer("reader-token")) == Role.INFERENCE
+    assert table.authorize("/tandem.v1.AdaptersService/LoadAdapter", bearer("admin-token")) == Role.ADMIN
     with pytest.raises(PermissionDenied, match="needs the admin role"):
-        table.authorize("/tandem.v1.Adapters/LoadAdapter", bearer("reader-token"))
+        table.authorize("/tandem.v1.AdaptersService/LoadAdapter", bearer("reader-token"))
     with pytest.raises(Unauthenticated, match="missing bearer token"):
-        table.authorize("/tandem.v1.Generation/Generate", {})
+        table.authorize("/tandem.v1.GenerationService/Generate", {})
     with pytest.raises(Unauthenticated, match="unknown"):
-        table.authorize("/tandem.v1.Generation/Generate", bearer("guess"))
+        table.authorize("/tandem.v1.GenerationService/Generate", bearer("guess"))
 
 
 def test_token_file_errors_never_show_the_token(tmp_path):

@@ -68,11 +68,11 @@ def create_job(port: int) -> str:
         ),
     )
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = finetuning_pb2_grpc.FineTuningStub(channel)
+        stub = finetuning_pb2_grpc.FineTuningServiceStub(channel)
         end = time.monotonic() + 60
         while True:
             try:
-                return stub.CreateJob(message, timeout=30).id
+                return stub.CreateJob(message, timeout=30).job.id
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > end:
                     raise

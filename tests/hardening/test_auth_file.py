@@ -11,7 +11,7 @@ from tandem.server.api.auth import Role, TokenTable, Unauthenticated
 from tests.api.conftest import loopback
 from tests.api.harness import ServerThread
 
-LOAD = "/tandem.v1.Adapters/LoadAdapter"
+LOAD = "/tandem.v1.AdaptersService/LoadAdapter"
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -25,7 +25,7 @@ def test_a_hash_inside_a_token_is_part_of_it(tmp_path):
     assert table.authorize(LOAD, bearer("hash#tail")) == Role.ADMIN
     with pytest.raises(Unauthenticated):
         table.authorize(LOAD, bearer("hash"))
-    assert table.authorize("/tandem.v1.Generation/Generate", bearer("plain")) == Role.INFERENCE
+    assert table.authorize("/tandem.v1.GenerationService/Generate", bearer("plain")) == Role.INFERENCE
 
 
 def test_a_line_of_only_a_comment_after_the_role_is_still_an_error(tmp_path):
@@ -42,7 +42,7 @@ def test_reflection_and_health_need_no_token_and_the_api_does(tmp_path):
     try:
         with grpc.insecure_channel(thread.target) as channel:
             services = ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert {"tandem.v1.Generation", "tandem.v1.Adapters", "grpc.health.v1.Health"} <= set(services)
+        assert {"tandem.v1.GenerationService", "tandem.v1.AdaptersService", "grpc.health.v1.Health"} <= set(services)
         with TandemClient(thread.target, max_retries=0) as anonymous:
             assert anonymous.health() == "SERVING"
             with pytest.raises(TandemRpcError) as info:

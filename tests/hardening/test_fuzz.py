@@ -65,18 +65,18 @@ ALLOWED["GenerateStream"] = ALLOWED["Generate"]
 # Every method, whether it streams, and the field numbers of its string fields (a.b: field b
 # of the message in field a), where bytes that are not UTF-8 make the request unparsable.
 METHODS = {
-    "/tandem.v1.Generation/Generate": (False, ["1", "3", "10", "2.1", "2.2"]),
-    "/tandem.v1.Generation/GenerateStream": (True, ["1", "3", "10", "2.1", "2.2"]),
-    "/tandem.v1.Generation/Tokenize": (False, ["1", "2.1", "2.2"]),
-    "/tandem.v1.Generation/GetModelInfo": (False, []),
-    "/tandem.v1.Adapters/LoadAdapter": (False, ["1", "2"]),
-    "/tandem.v1.Adapters/UnloadAdapter": (False, ["1"]),
-    "/tandem.v1.Adapters/ListAdapters": (False, []),
-    "/tandem.v1.FineTuning/CreateJob": (False, ["1", "2", "3", "4", "5.4", "6.2"]),
-    "/tandem.v1.FineTuning/GetJob": (False, ["1"]),
-    "/tandem.v1.FineTuning/ListJobs": (False, []),
-    "/tandem.v1.FineTuning/CancelJob": (False, ["1"]),
-    "/tandem.v1.FineTuning/WatchJob": (True, ["1"]),
+    "/tandem.v1.GenerationService/Generate": (False, ["1", "3", "10", "2.1", "2.2"]),
+    "/tandem.v1.GenerationService/GenerateStream": (True, ["1", "3", "10", "2.1", "2.2"]),
+    "/tandem.v1.GenerationService/Tokenize": (False, ["1", "2.1", "2.2"]),
+    "/tandem.v1.GenerationService/GetModelInfo": (False, []),
+    "/tandem.v1.AdaptersService/LoadAdapter": (False, ["1", "2"]),
+    "/tandem.v1.AdaptersService/UnloadAdapter": (False, ["1"]),
+    "/tandem.v1.AdaptersService/ListAdapters": (False, []),
+    "/tandem.v1.FineTuningService/CreateJob": (False, ["1", "2", "3", "4", "5.4", "6.2"]),
+    "/tandem.v1.FineTuningService/GetJob": (False, ["1"]),
+    "/tandem.v1.FineTuningService/ListJobs": (False, []),
+    "/tandem.v1.FineTuningService/CancelJob": (False, ["1"]),
+    "/tandem.v1.FineTuningService/WatchJob": (True, ["1"]),
 }
 
 
@@ -94,9 +94,9 @@ class Fuzzed:
     engine: AsyncEngine
     adapters_dir: Path
     channel: grpc.Channel
-    generation: generation_pb2_grpc.GenerationStub
-    adapters: adapters_pb2_grpc.AdaptersStub
-    finetuning: finetuning_pb2_grpc.FineTuningStub
+    generation: generation_pb2_grpc.GenerationServiceStub
+    adapters: adapters_pb2_grpc.AdaptersServiceStub
+    finetuning: finetuning_pb2_grpc.FineTuningServiceStub
     reference: list[list[int]]
 
     @property
@@ -128,7 +128,7 @@ def fuzzed(tiny_model_dir, tiny_hf_model, tmp_path_factory) -> Iterator[Fuzzed]:
     server = ServerThread(loopback(), engine)
     channel = grpc.insecure_channel(server.target)
     stubs = (
-        generation_pb2_grpc.GenerationStub(channel), adapters_pb2_grpc.AdaptersStub(channel), finetuning_pb2_grpc.FineTuningStub(channel),
+        generation_pb2_grpc.GenerationServiceStub(channel), adapters_pb2_grpc.AdaptersServiceStub(channel), finetuning_pb2_grpc.FineTuningServiceStub(channel),
     )
     fuzzed = Fuzzed(server, engine, adapters_dir, channel, *stubs, reference=[])
     assert fuzzed.generation.GetModelInfo(generation_pb2.GetModelInfoRequest()).vocab_size == VOCAB
@@ -364,7 +364,7 @@ def test_adapter_requests(fuzzed, name, path, unload):
 @given(request=job_requests(), job_id=st.sampled_from(["", "ftjob-0"]) | TEXT)
 def test_finetuning_requests(fuzzed, request, job_id):
     code, job = outcome("CreateJob", lambda: fuzzed.finetuning.CreateJob(request, timeout=TIMEOUT))
-    created = [job.id] if code == Code.OK else []
+    created = [job.job.id] if code == Code.OK else []
     for id_ in created:
         cancel(fuzzed, id_)
     for id_ in [job_id, *created]:
@@ -372,8 +372,8 @@ def test_finetuning_requests(fuzzed, request, job_id):
         _, got = outcome("GetJob", lambda: fuzzed.finetuning.GetJob(finetuning_pb2.GetJobRequest(id=id_), timeout=TIMEOUT))
         _, watched = outcome("WatchJob", lambda: list(fuzzed.finetuning.WatchJob(finetuning_pb2.WatchJobRequest(id=id_), timeout=TIMEOUT)))
         if id_ in created:  # an ended job answers at once, and its watch ends with that state
-            assert got.status in ENDED or got.error.code == "training_diverged", got
-            assert watched[-1].job.status == got.status
+            assert got.job.status in ENDED or got.job.error.code == "training_diverged", got
+            assert watched[-1].job.status == got.job.status
     outcome("ListJobs", lambda: fuzzed.finetuning.ListJobs(finetuning_pb2.ListJobsRequest(), timeout=TIMEOUT))
 
 

@@ -24,7 +24,7 @@ from tests.api.conftest import loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 
 TOKEN = "inference-token-0b7e"
-GENERATE = "/tandem.v1.Generation/Generate"
+GENERATE = "/tandem.v1.GenerationService/Generate"
 # A GenerateRequest whose prompt (field 1) holds bytes that are not UTF-8.
 BAD_UTF8 = b"\x0a\x02\xff\xfe"
 
@@ -72,7 +72,7 @@ def raw_call(server: ServerThread, method: str, data: bytes, token: str | None =
 
 def test_a_request_that_does_not_parse_is_invalid_argument_after_auth(server, logged):
     assert raw_call(server, GENERATE, BAD_UTF8).code() == grpc.StatusCode.UNAUTHENTICATED
-    for method, data in [(GENERATE, BAD_UTF8), ("/tandem.v1.Generation/GenerateStream", BAD_UTF8), ("/tandem.v1.Generation/Tokenize", b"\xff\xff\xff")]:
+    for method, data in [(GENERATE, BAD_UTF8), ("/tandem.v1.GenerationService/GenerateStream", BAD_UTF8), ("/tandem.v1.GenerationService/Tokenize", b"\xff\xff\xff")]:
         error = raw_call(server, method, data, TOKEN)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
         assert error.details().startswith("the request is not valid protobuf: Error parsing message with type 'tandem.v1.")
@@ -177,7 +177,7 @@ def test_a_stream_closed_from_another_task_is_still_logged_and_counted(logged):
         async def continuation(details):
             return grpc.unary_stream_rpc_method_handler(replies)
 
-        method = "/tandem.v1.Generation/GenerateStream"
+        method = "/tandem.v1.GenerationService/GenerateStream"
         handler = await CallInterceptor(None, metrics, 1 << 20).intercept_service(continuation, _Details(method))
         stream = handler.unary_stream(generation_pb2.GenerateRequest(), _ExpiredContext(0.0))
         await anext(stream)

@@ -1,4 +1,4 @@
-"""tandem.v1.Adapters: proto in, adapter catalog call, proto out."""
+"""tandem.v1.AdaptersService: proto in, adapter catalog call, proto out."""
 
 import asyncio
 
@@ -10,7 +10,7 @@ from tandem.server.metrics import Metrics
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc
 
 
-class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     def __init__(self, state: ServingState, metrics: Metrics):
         self._state = state
         self._metrics = metrics

@@ -28,9 +28,9 @@ class Role(IntEnum):
 
 
 # Methods not listed (and outside ADMIN_SERVICES) need the inference role.
-ADMIN_METHODS = frozenset({"/tandem.v1.Adapters/LoadAdapter", "/tandem.v1.Adapters/UnloadAdapter"})
+ADMIN_METHODS = frozenset({"/tandem.v1.AdaptersService/LoadAdapter", "/tandem.v1.AdaptersService/UnloadAdapter"})
 # Every method of these services needs the admin role.
-ADMIN_SERVICES = ("/tandem.v1.FineTuning/",)
+ADMIN_SERVICES = ("/tandem.v1.FineTuningService/",)
 
 
 def _digest(token: str) -> bytes:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from tandem.server.engine.outputs import ModelInfo
 
 DEFAULT_MAX_NEW_TOKENS = SamplingParams.max_new_tokens
+# Generate's and GenerateStream's requests: the same fields under two names (buf STANDARD).
+GenerationRequest = generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest
 
 _FINISH_REASONS = {
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
@@ -32,7 +34,7 @@ def _messages(messages) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def prompt_of(request: generation_pb2.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+def prompt_of(request: GenerationRequest) -> str | list[int] | list[dict[str, str]]:
     """The engine prompt: text, chat messages, or the given token ids."""
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name)]
     if len(given) != 1:
@@ -53,7 +55,7 @@ def text_of(request: generation_pb2.TokenizeRequest) -> str | list[dict[str, str
     return _messages(request.messages) if request.messages else request.text
 
 
-def sampling_params_of(request: generation_pb2.GenerateRequest) -> SamplingParams:
+def sampling_params_of(request: GenerationRequest) -> SamplingParams:
     """Proto defaults mean "unset": temperature 0 is greedy, max_new_tokens 0 is the default."""
     return SamplingParams(
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
@@ -88,7 +90,7 @@ def _finish_reason(out: RequestOutput) -> int:
     return _FINISH_REASONS[out.finish_reason] if out.finished and out.finish_reason else 0
 
 
-def stream_response(out: RequestOutput, request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateStreamResponse:
+def stream_response(out: RequestOutput, request: GenerationRequest) -> generation_pb2.GenerateStreamResponse:
     response = generation_pb2.GenerateStreamResponse(
         text=out.text,
         token_ids=out.token_ids,
@@ -118,8 +120,8 @@ def generate_response(
     return response
 
 
-def model_info(info: "ModelInfo", max_lora_rank: int) -> generation_pb2.ModelInfo:
-    return generation_pb2.ModelInfo(
+def model_info(info: "ModelInfo", max_lora_rank: int) -> generation_pb2.GetModelInfoResponse:
+    return generation_pb2.GetModelInfoResponse(
         model=info.name,
         architecture=info.architecture,
         dtype=info.dtype,

@@ -1,4 +1,4 @@
-"""tandem.v1.FineTuning messages <-> fine-tuning job types. Proto3 zeros mean "the default":
+"""tandem.v1.FineTuningService messages <-> fine-tuning job types. Proto3 zeros mean "the default":
 only the fields a request sets reach the dataclasses, whose defaults are the one source."""
 
 from tandem.server.finetune.job import Job, JobStatus

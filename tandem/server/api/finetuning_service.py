@@ -1,4 +1,4 @@
-"""tandem.v1.FineTuning: proto in, job manager call, proto out."""
+"""tandem.v1.FineTuningService: proto in, job manager call, proto out."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -23,31 +23,32 @@ def _jobs(engine: "AsyncEngine") -> "JobManager":
     return engine.jobs
 
 
-class FineTuningServicer(finetuning_pb2_grpc.FineTuningServicer):
+class FineTuningServicer(finetuning_pb2_grpc.FineTuningServiceServicer):
     def __init__(self, state: ServingState):
         self._state = state
 
-    async def CreateJob(self, request: finetuning_pb2.CreateJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.Job:
+    async def CreateJob(self, request: finetuning_pb2.CreateJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.CreateJobResponse:
         with self._state.admit() as engine:
             jobs = _jobs(engine)
             # Reading and tokenizing the whole dataset takes a while: off the event loop.
-            return convert.job(await asyncio.to_thread(jobs.create, convert.job_request(request)))
+            job = await asyncio.to_thread(jobs.create, convert.job_request(request))
+            return finetuning_pb2.CreateJobResponse(job=convert.job(job))
 
-    async def GetJob(self, request: finetuning_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.Job:
+    async def GetJob(self, request: finetuning_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.GetJobResponse:
         with self._state.admit() as engine:
-            return convert.job(_jobs(engine).get(request.id))
+            return finetuning_pb2.GetJobResponse(job=convert.job(_jobs(engine).get(request.id)))
 
     async def ListJobs(self, request: finetuning_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.ListJobsResponse:
         with self._state.admit() as engine:
             return finetuning_pb2.ListJobsResponse(jobs=[convert.job(j) for j in _jobs(engine).list_jobs()])
 
-    async def CancelJob(self, request: finetuning_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.Job:
+    async def CancelJob(self, request: finetuning_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.CancelJobResponse:
         with self._state.admit() as engine:
-            return convert.job(_jobs(engine).cancel(request.id))
+            return finetuning_pb2.CancelJobResponse(job=convert.job(_jobs(engine).cancel(request.id)))
 
     async def WatchJob(
         self, request: finetuning_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[finetuning_pb2.JobEvent]:
+    ) -> AsyncIterator[finetuning_pb2.WatchJobResponse]:
         with self._state.admit() as engine:
             loop = asyncio.get_running_loop()
             updates: asyncio.Queue[Job] = asyncio.Queue()
@@ -55,7 +56,7 @@ class FineTuningServicer(finetuning_pb2_grpc.FineTuningServicer):
             try:
                 while True:
                     job = await updates.get()
-                    yield finetuning_pb2.JobEvent(job=convert.job(job))
+                    yield finetuning_pb2.WatchJobResponse(job=convert.job(job))
                     if job.status.terminal:
                         return
             finally:

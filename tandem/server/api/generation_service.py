@@ -1,4 +1,4 @@
-"""tandem.v1.Generation: proto in, engine call, proto out. No policy lives here."""
+"""tandem.v1.GenerationService: proto in, engine call, proto out. No policy lives here."""
 
 import secrets
 from contextlib import aclosing
@@ -13,11 +13,11 @@ from tandem.server.engine.outputs import RequestOutput
 from tandem.v1 import generation_pb2, generation_pb2_grpc
 
 
-class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, state: ServingState):
         self._state = state
 
-    async def _outputs(self, request: generation_pb2.GenerateRequest) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request: convert.GenerationRequest) -> AsyncIterator[RequestOutput]:
         """The engine's increments for one request.
 
         aclosing() makes a cancelled call (client gone, deadline) close the engine's generator
@@ -42,7 +42,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return convert.generate_response(outputs, request)
 
     async def GenerateStream(
-        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: generation_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         async with aclosing(self._outputs(request)) as outputs:
             async for out in outputs:
@@ -53,6 +53,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             token_ids = await engine.encode(convert.text_of(request))
             return generation_pb2.TokenizeResponse(token_ids=token_ids, tokens=await engine.token_texts(token_ids))
 
-    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfo:
+    async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> generation_pb2.GetModelInfoResponse:
         with self._state.admit() as engine:
             return convert.model_info(engine.info, self._state.catalog.max_rank)

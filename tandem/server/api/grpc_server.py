@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tandem.server")
 
 SERVICES = [
-    generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
-    finetuning_pb2.DESCRIPTOR.services_by_name["FineTuning"].full_name,
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdaptersService"].full_name,
+    finetuning_pb2.DESCRIPTOR.services_by_name["FineTuningService"].full_name,
 ]
 # How long aborted generations get to send their last message before the server stops.
 ABORT_WAIT_SECONDS = 5.0
@@ -112,9 +112,9 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     health = health_aio.HealthServicer()
     state = ServingState(health, SERVICES)
     metrics.bind(state)
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state, metrics), server)
-    finetuning_pb2_grpc.add_FineTuningServicer_to_server(FineTuningServicer(state), server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(state), server)
+    adapters_pb2_grpc.add_AdaptersServiceServicer_to_server(AdaptersServicer(state, metrics), server)
+    finetuning_pb2_grpc.add_FineTuningServiceServicer_to_server(FineTuningServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
