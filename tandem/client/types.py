@@ -70,7 +70,8 @@ class ModelInfo:
 
 @dataclass
 class AdapterInfo:
-    """tier is "disk", "host" or "device"."""
+    """tier is "disk", "host" or "device"; path is relative to the server's adapters directory,
+    empty in a listing for a caller without the admin role."""
 
     name: str
     rank: int

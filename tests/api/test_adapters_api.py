@@ -72,7 +72,7 @@ def test_load_and_list(client, adapters_dir):
     assert (info.name, info.rank, info.target_modules) == ("alpha", 4, ["q_proj", "k_proj", "v_proj", "o_proj"])
     assert info.tier in ("host", "device") and info.in_use == 0
     assert info.content_hash == content_hash(adapters_dir / "alpha")
-    assert Path(info.path) == (adapters_dir / "alpha").resolve()
+    assert info.path == "alpha"  # relative to the adapters directory: the server's layout stays private
     beta = client.load_adapter("beta")
     assert (beta.rank, beta.target_modules) == (8, list(ALL_LINEAR))
     listed = {a.name: a for a in client.list_adapters()}
@@ -184,7 +184,9 @@ def test_loading_adapters_needs_the_admin_role(auth_server):
         assert rpc_error(lambda: user.unload_adapter("beta")).code == grpc.StatusCode.PERMISSION_DENIED
         assert user.generate(prompt_token_ids=PROMPTS[0], adapter="beta", max_new_tokens=2).generated_tokens == 2
         assert "beta" in {a.name for a in user.list_adapters()}
+        assert {a.path for a in user.list_adapters()} == {""}  # where adapters live is for admins
     with TandemClient(auth_server.target, token=ADMIN_TOKEN) as admin:
         assert admin.load_adapter("beta").name == "beta"
+        assert {a.name: a.path for a in admin.list_adapters()}["beta"] == "beta"
     with TandemClient(auth_server.target) as anonymous:
         assert rpc_error(lambda: anonymous.load_adapter("beta")).code == grpc.StatusCode.UNAUTHENTICATED

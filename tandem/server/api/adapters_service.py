@@ -5,6 +5,8 @@ import asyncio
 import grpc
 
 from tandem.server.api import convert
+from tandem.server.api.auth import Role
+from tandem.server.api.call_record import current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.metrics import Metrics
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc
@@ -29,4 +31,6 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
 
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
         with self._state.admit():
-            return adapters_pb2.ListAdaptersResponse(adapters=[convert.adapter_info(a) for a in self._state.catalog.list()])
+            show_path = current_call().role == Role.ADMIN
+            adapters = [convert.adapter_info(a, show_path) for a in self._state.catalog.list()]
+            return adapters_pb2.ListAdaptersResponse(adapters=adapters)

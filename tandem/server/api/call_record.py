@@ -5,6 +5,7 @@ import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from tandem.server.api.auth import Role
 from tandem.server.engine.outputs import RequestOutput
 from tandem.server.metrics import Metrics
 
@@ -13,7 +14,7 @@ from tandem.server.metrics import Metrics
 class CallRecord:
     """One RPC from arrival to its final status; times are time.monotonic() seconds.
     engine_request_id: the engine's id of the generation this call runs ("" if none), by
-    which a drain aborts it."""
+    which a drain aborts it. role: the caller's (admin when auth is off, as every method is open then)."""
 
     request_id: str
     method: str
@@ -27,6 +28,7 @@ class CallRecord:
     first_token_at: float | None = None
     last_token_at: float | None = None
     is_generation: bool = False
+    role: Role = Role.ADMIN
 
     def on_output(self, out: RequestOutput) -> None:
         """Records one engine increment: TTFT on the first token, inter-token latency after."""

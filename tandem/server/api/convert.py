@@ -134,7 +134,8 @@ def model_info(info: "ModelInfo", max_lora_rank: int) -> generation_pb2.GetModel
     )
 
 
-def adapter_info(info: AdapterInfo) -> adapters_pb2.AdapterInfo:
+def adapter_info(info: AdapterInfo, show_path: bool = True) -> adapters_pb2.AdapterInfo:
+    """show_path False leaves `path` empty: where adapters live on the server is for admins."""
     return adapters_pb2.AdapterInfo(
         name=info.name,
         rank=info.rank,
@@ -142,5 +143,5 @@ def adapter_info(info: AdapterInfo) -> adapters_pb2.AdapterInfo:
         tier=_TIERS[info.tier],
         content_hash=info.content_hash,
         in_use=info.in_use,
-        path=info.path,
+        path=info.path if show_path else "",
     )

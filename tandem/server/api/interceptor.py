@@ -90,7 +90,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             record = await self._open(method, metadata, context)
             ended: BaseException | None = None
             try:
-                self._admit(request, method, metadata)
+                self._admit(request, record, method, metadata)
                 return self._sized(await behavior(request, context))
             except BaseException as exc:
                 ended = exc
@@ -105,7 +105,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             record = await self._open(method, metadata, context)
             ended: BaseException | None = None
             try:
-                self._admit(request, method, metadata)
+                self._admit(request, record, method, metadata)
                 async for response in behavior(request, context):
                     yield self._sized(response)
             except BaseException as exc:
@@ -122,10 +122,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         set_current_call(record)
         return record
 
-    def _admit(self, request: Any, method: str, metadata: dict[str, str]) -> None:
+    def _admit(self, request: Any, record: CallRecord, method: str, metadata: dict[str, str]) -> None:
         """Auth first, so that a caller without a token learns nothing about its request."""
         if self._tokens is not None:
-            self._tokens.authorize(method, metadata)
+            record.role = self._tokens.authorize(method, metadata)
         if isinstance(request, Undecodable):
             raise InvalidRequest(f"the request is not valid protobuf: {request.reason}")
 
