@@ -1,4 +1,6 @@
-"""Batched multi-LoRA: y += B_slot(A_slot x) for a ragged batch where each token has a slot.
+"""Batched multi-LoRA: y += B_slot(A_slot x) for a ragged batch where each token has a slot,
+or y += sum_i w_i B_slot_i(A_slot_i x) where a token has k weighted (slot, weight) pairs
+(routed steps: a router mixes k experts per token; see LoRAPairs).
 
 The model's LoRA layer calls lora_delta once per linear group per step; the engine builds
 one LoRABatch per step and shares it across layers. The Triton kernels run when the
@@ -12,10 +14,11 @@ lora_delta_autograd is the differentiable form, for fine-tuning on the serving m
 from torch import Tensor
 
 from . import autograd, reference
-from .batch import LoRABatch, LoRAWeights, Segment
+from .batch import LoRABatch, LoRAPairs, LoRAWeights, Segment, plain_pairs
 
 __all__ = [
-    "LoRABatch", "LoRAWeights", "Segment", "lora_delta", "lora_delta_autograd", "lora_expand", "lora_shrink",
+    "LoRABatch", "LoRAPairs", "LoRAWeights", "Segment", "lora_delta", "lora_delta_autograd", "lora_delta_pairs",
+    "lora_expand", "lora_shrink", "plain_pairs",
 ]
 
 
@@ -68,6 +71,19 @@ def lora_delta(
     is the differentiable form.
     """
     _impl(x, backend).lora_delta(x, w, batch, y)
+
+
+def lora_delta_pairs(
+    x: Tensor, w: LoRAWeights, pairs: LoRAPairs, y: Tensor, *, backend: str | None = None
+) -> None:
+    """y[t] += sum_i weight[t, i] * LoRA_slot(t, i)(x[t]) for every (slot, weight) pair.
+
+    x: [T, in_features]; y: [T, sum(out_slices)], updated in place; rows of tokens without a
+    pair are left bit-identical. On Triton, one pass over the entries grouped by slot (the
+    same launches as lora_delta, the weighted adds atomic); no loop or launch per slot.
+    Plain steps should keep using lora_delta: its CPU plan is faster for one slot per token.
+    """
+    _impl(x, backend).lora_delta_pairs(x, w, pairs, y)
 
 
 def lora_delta_autograd(x: Tensor, w: LoRAWeights, batch: LoRABatch, *, backend: str | None = None) -> Tensor:

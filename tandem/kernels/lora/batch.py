@@ -178,6 +178,71 @@ class LoRABatch:
         )
 
 
+@dataclass(frozen=True)
+class LoRAPairs:
+    """Up to k (slot, weight) pairs per token: y[t] += sum_i weight[t, i] * B_slot(A_slot x[t]).
+
+    What a routed step computes (a router mixes k experts per token; a plain-adapter token is
+    one pair of weight 1, a base token none). Routing changes at every layer, so this is
+    built once per layer, entirely on the tensors' device: no host value is read, so a CUDA
+    step never syncs for it. Entries are the (token, pair) positions grouped by slot; the
+    segment tensors are indexed by slot (not compacted, since compacting needs the count of
+    active slots on the host), an unused slot being slot -1 with length 0.
+
+    sorted_tokens: [T * k] int64, the token of each entry, grouped by slot in ascending
+                   order, entries without a slot last.
+    weights:       [T * k] float32, the weight of each entry, in the same order.
+    seg_slots:     [num_slots] int32, s at index s when slot s has entries, else -1.
+    seg_starts:    [num_slots] int32, start of slot s's entries in sorted_tokens.
+    seg_lens:      [num_slots] int32, number of entries of slot s.
+    num_tokens:    T (host int).
+    """
+
+    sorted_tokens: Tensor
+    weights: Tensor
+    seg_slots: Tensor
+    seg_starts: Tensor
+    seg_lens: Tensor
+    num_tokens: int
+
+    @property
+    def num_entries(self) -> int:
+        return self.sorted_tokens.shape[0]
+
+    @classmethod
+    def build(cls, slots: Tensor, weights: Tensor, num_slots: int) -> "LoRAPairs":
+        """Group the pairs by slot. slots: [T, k] integer, -1 = no pair (its weight is
+        ignored); weights: [T, k]. Slots must lie in [-1, num_slots): they are not checked,
+        since checking would read them on the host."""
+        num_tokens, k = slots.shape
+        flat = slots.reshape(-1).to(torch.int64)
+        key = torch.where(flat < 0, num_slots, flat)
+        order = torch.argsort(key, stable=True)
+        # scatter_add_ rather than bincount: bincount sizes its output from the data (a sync).
+        counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=key.device)
+        counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_slots]
+        all_slots = torch.arange(num_slots, dtype=torch.int32, device=key.device)
+        return cls(
+            sorted_tokens=order // k,
+            weights=weights.reshape(-1).to(torch.float32)[order],
+            seg_slots=torch.where(counts > 0, all_slots, -1).to(torch.int32),
+            seg_starts=(torch.cumsum(counts, 0) - counts).to(torch.int32),
+            seg_lens=counts.to(torch.int32),
+            num_tokens=num_tokens,
+        )
+
+
+def plain_pairs(batch: LoRABatch, k: int) -> tuple[Tensor, Tensor]:
+    """A plain batch as [T, k] (slots, weights) for LoRAPairs.build: each token's slot with
+    weight 1, then k - 1 empty pairs; a routed step starts from these and overwrites the
+    rows of its routed tokens."""
+    slots = torch.full((batch.num_tokens, k), -1, dtype=torch.int32, device=batch.token_slots.device)
+    slots[:, 0] = batch.token_slots
+    weights = torch.zeros((batch.num_tokens, k), dtype=torch.float32, device=slots.device)
+    weights[:, 0] = 1.0
+    return slots, weights
+
+
 # Costs of the CPU path in units of one grid row (~0.6 us), measured on SmolLM2 shapes with
 # two threads and weights not in cache: a shrink/expand pair costs ~30 us whatever its
 # size, and streaming one slot's weights through it ~6 us, whether or not a token uses it.

@@ -20,7 +20,7 @@ pool's weights converted per call: there float32 costs 3x more (see _matmul_dtyp
 import torch
 from torch import Tensor
 
-from .batch import Grid, LoRABatch, LoRAWeights, Loose
+from .batch import Grid, LoRABatch, LoRAPairs, LoRAWeights, Loose
 
 # When to multiply in the activations' half precision instead of float32 (measured on
 # SmolLM2 shapes, two threads): with a half-precision pool past 32 rows; with a float32 pool,
@@ -196,3 +196,28 @@ def _delta_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dty
         start += width
     delta = parts[0] if num_slices == 1 else torch.cat(parts, 2)
     return delta.view(grid.num_slots * grid.length, w.out_features).index_select(0, grid.rows)
+
+
+def lora_delta_pairs(x: Tensor, w: LoRAWeights, pairs: LoRAPairs, y: Tensor) -> None:
+    """y[t] += sum_i weight[t, i] * LoRA_slot(t, i)(x[t]) for every pair: one shrink and
+    one expand per slot with entries (the same loop over slots as the plain path, never
+    one over tokens or pairs), then one weighted index_add_.
+
+    Reads the segment bounds on the host: on CPU tensors (this path's use) that is free.
+    """
+    lens = pairs.seg_lens.tolist()
+    num_entries = sum(lens)
+    if num_entries == 0:
+        return
+    tokens = pairs.sorted_tokens[:num_entries]
+    xs = x.index_select(0, tokens)
+    deltas = torch.zeros((num_entries, y.shape[1]), dtype=_compute_dtype(y.dtype), device=y.device)
+    for slot, (start, length) in enumerate(zip(pairs.seg_starts.tolist(), lens)):
+        rank = w.host_ranks[slot]
+        if length and rank:
+            mdt = _matmul_dtype(x.dtype, w, length, length)
+            rows = slice(start, start + length)
+            v = _shrink_segment(xs[rows].to(mdt), w.a[slot], rank, w)
+            deltas[rows] = _expand_segment(v, w.b[slot], rank, w)
+    deltas *= pairs.weights[:num_entries, None].to(deltas.dtype)
+    y.index_add_(0, tokens, deltas.to(y.dtype))

@@ -17,7 +17,21 @@ import triton.language as tl
 import torch
 from torch import Tensor
 
-from .batch import LoRABatch, LoRAWeights
+from .batch import LoRABatch, LoRAPairs, LoRAWeights
+
+
+@triton.jit
+def _add_into(y, delta, mask, weight_ptrs, mask_m, PAIRS: tl.constexpr):
+    """y[mask] += delta (float32). A plain batch gives each token one segment, so one program
+    owns its rows: load, add, store. With pairs a token's entries sit in several segments,
+    i.e. programs running at once: each adds its weighted share atomically (y is float32
+    then; the launchers pass a float32 buffer for half-precision outputs)."""
+    if PAIRS:
+        weight = tl.load(weight_ptrs, mask=mask_m, other=0.0)
+        tl.atomic_add(y, delta * weight[:, None], mask=mask)
+    else:
+        out = tl.load(y, mask=mask, other=0.0).to(tl.float32) + delta
+        tl.store(y, out.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -27,7 +41,7 @@ def _shrink_kernel(
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_vt, stride_vr,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, PAIRS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_slice = tl.program_id(1)
@@ -62,7 +76,9 @@ def _shrink_kernel(
         a = tl.load(a_rows + offs_k[:, None] * stride_ak, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x, a.to(x.dtype), acc, input_precision=PRECISION)
 
-    v = v_ptr + tokens[:, None] * stride_vt + rows[None, :] * stride_vr
+    # Pairs: a token has a row of v per pair, at its entry's position.
+    v_row = (seg_start + offs_m).to(tl.int64) if PAIRS else tokens
+    v = v_ptr + v_row[:, None] * stride_vt + rows[None, :] * stride_vr
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(v, acc, mask=mask)
@@ -73,10 +89,11 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     v_ptr, b_ptr, y_ptr, ranks_ptr, sorted_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr,
-    slice_starts_ptr, slice_widths_ptr,
+    slice_starts_ptr, slice_widths_ptr, weights_ptr,
     stride_vt, stride_vr, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MAX_RANK: tl.constexpr, NUM_N_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_slice = tl.program_id(1)
@@ -100,7 +117,8 @@ def _expand_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < width
     cols = tl.load(slice_starts_ptr + pid_slice) + offs_n
-    v_rows = v_ptr + tokens[:, None] * stride_vt
+    v_row = (seg_start + offs_m).to(tl.int64) if PAIRS else tokens
+    v_rows = v_ptr + v_row[:, None] * stride_vt
     b_rows = b_ptr + slot.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -115,20 +133,19 @@ def _expand_kernel(
 
     y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
-    out = tl.load(y, mask=mask, other=0.0).to(tl.float32) + acc
-    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+    _add_into(y, acc, mask, weights_ptr + seg_start + offs_m, mask_m, PAIRS)
 
 
 @triton.jit
 def _fused_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, sorted_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr,
-    slice_starts_ptr, slice_widths_ptr,
+    slice_starts_ptr, slice_widths_ptr, weights_ptr,
     in_features,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
     stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     MAX_RANK: tl.constexpr, NUM_N_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """Shrink and expand in one program: the [BLOCK_M, rank] tile of v never leaves the chip.
 
@@ -180,8 +197,7 @@ def _fused_kernel(
         delta = tl.dot(v, b, input_precision=PRECISION)
         y = y_rows + cols[None, :] * stride_yn
         mask = mask_m[:, None] & mask_n[None, :]
-        out = tl.load(y, mask=mask, other=0.0).to(tl.float32) + delta
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+        _add_into(y, delta, mask, weights_ptr + seg_start + offs_m, mask_m, PAIRS)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -207,85 +223,103 @@ def _shrink_split_k(num_tokens: int, in_features: int) -> int:
     return max(1, min(8, in_features // 512))
 
 
-def shrink_into(x: Tensor, w: LoRAWeights, batch: LoRABatch, v: Tensor, split_k: int = 1) -> None:
-    """Write v[t, s * max_rank + j] for tokens with an adapter and j < their slot's rank.
+def _entries(batch: LoRABatch | LoRAPairs) -> int:
+    """Rows of sorted_tokens: T for a plain batch, T * k for pairs (the bound on a segment)."""
+    return batch.sorted_tokens.shape[0]
 
-    x: [T, in_features]; v: [T, S * max_rank] float32. Other elements of v are not written.
-    With split_k > 1 the partial sums are atomically added, so v must start at zero.
+
+def _pair_args(batch: LoRABatch | LoRAPairs) -> tuple[Tensor, bool]:
+    """The weights pointer and PAIRS flag (a plain batch passes any tensor; it is never read)."""
+    if isinstance(batch, LoRAPairs):
+        return batch.weights, True
+    return batch.sorted_tokens, False
+
+
+def shrink_into(x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, v: Tensor, split_k: int = 1) -> None:
+    """Write v[t, s * max_rank + j] for tokens with an adapter and j < their slot's rank
+    (with pairs: v[e, ...] for each entry e of batch.sorted_tokens, in slot order).
+
+    x: [T, in_features]; v: [T (or T * k), S * max_rank] float32. Other elements are not
+    written. With split_k > 1 the partial sums are atomically added, so v must start at zero.
     """
-    num_tokens = batch.num_tokens
-    if num_tokens == 0:
+    rows = _entries(batch)
+    if rows == 0:
         return
-    block_m = _block_m(num_tokens)
+    block_m = _block_m(rows)
     block_n = _block(w.max_rank, 16, 32)
     block_k = _block(w.in_features, 16, 128)
     num_n_tiles = triton.cdiv(w.max_rank, block_n)
-    grid = (triton.cdiv(num_tokens, block_m) * num_n_tiles * split_k, w.num_slices, w.num_slots)
+    grid = (triton.cdiv(rows, block_m) * num_n_tiles * split_k, w.num_slices, w.num_slots)
     _shrink_kernel[grid](
         x, w.a, v, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
         w.in_features,
         x.stride(0), x.stride(1), w.a.stride(0), w.a.stride(1), w.a.stride(2), v.stride(0), v.stride(1),
         MAX_RANK=w.max_rank, NUM_N_TILES=num_n_tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, PRECISION=_precision(x.dtype),
+        SPLIT_K=split_k, PRECISION=_precision(x.dtype), PAIRS=isinstance(batch, LoRAPairs),
     )
 
 
-def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch) -> Tensor:
-    """Same contract as reference.lora_shrink: v [T, S * max_rank] float32, zero elsewhere."""
-    v = torch.zeros((batch.num_tokens, w.num_slices * w.max_rank), dtype=torch.float32, device=x.device)
-    shrink_into(x, w, batch, v, split_k=_shrink_split_k(batch.num_tokens, w.in_features))
+def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs) -> Tensor:
+    """Same contract as reference.lora_shrink: v [T, S * max_rank] float32, zero elsewhere
+    (with pairs [T * k, ...], a row per entry)."""
+    v = torch.zeros((_entries(batch), w.num_slices * w.max_rank), dtype=torch.float32, device=x.device)
+    shrink_into(x, w, batch, v, split_k=_shrink_split_k(_entries(batch), w.in_features))
     return v
 
 
-def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
-    """Same contract as reference.lora_expand: y [T, N] += per-slice v_s @ b_s[:, :rank].T."""
-    num_tokens = batch.num_tokens
-    if num_tokens == 0:
+def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tensor) -> None:
+    """Same contract as reference.lora_expand: y [T, N] += per-slice v_s @ b_s[:, :rank].T
+    (with pairs weighted by each entry's weight, y float32: adds are atomic)."""
+    rows = _entries(batch)
+    if rows == 0:
         return
-    block_m = _block_m(num_tokens)
+    weights, pairs = _pair_args(batch)
+    block_m = _block_m(rows)
     block_n = _block(max(w.out_slices), 16, 128)
     block_r = _block(w.max_rank, 16, 32)
     num_n_tiles = triton.cdiv(max(w.out_slices), block_n)
-    grid = (triton.cdiv(num_tokens, block_m) * num_n_tiles, w.num_slices, w.num_slots)
+    grid = (triton.cdiv(rows, block_m) * num_n_tiles, w.num_slices, w.num_slots)
     _expand_kernel[grid](
         v, w.b, y, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
-        w.slice_starts, w.slice_widths,
+        w.slice_starts, w.slice_widths, weights,
         v.stride(0), v.stride(1), w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
         MAX_RANK=w.max_rank, NUM_N_TILES=num_n_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_precision(w.b.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_precision(w.b.dtype), PAIRS=pairs,
     )
 
 
 def fused_delta(
-    x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor, num_n_groups: int | None = None
+    x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tensor, num_n_groups: int | None = None
 ) -> None:
-    """y += LoRA(x) in one launch, v kept on chip (decode-sized steps).
+    """y += LoRA(x) in one launch, v kept on chip (decode-sized steps); with pairs, each
+    entry's weighted delta, added atomically (y float32).
 
     Grid (tiles of T x num_n_groups, slices, num_slots); each program shrinks its token
     tile for its slice, then expands into every num_n_groups-th column tile of the slice.
     """
-    num_tokens = batch.num_tokens
-    if num_tokens == 0:
+    rows = _entries(batch)
+    if rows == 0:
         return
-    block_m = _block_m(num_tokens)
+    weights, pairs = _pair_args(batch)
+    block_m = _block_m(rows)
     block_n = _block(max(w.out_slices), 16, 64)
     if num_n_groups is None:
         num_n_groups = max(1, min(8, triton.cdiv(max(w.out_slices), 4 * block_n)))
-    grid = (triton.cdiv(num_tokens, block_m) * num_n_groups, w.num_slices, w.num_slots)
+    grid = (triton.cdiv(rows, block_m) * num_n_groups, w.num_slices, w.num_slots)
     _fused_kernel[grid](
         x, w.a, w.b, y, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
-        w.slice_starts, w.slice_widths,
+        w.slice_starts, w.slice_widths, weights,
         w.in_features,
         x.stride(0), x.stride(1), w.a.stride(0), w.a.stride(1), w.a.stride(2),
         w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
         MAX_RANK=w.max_rank, NUM_N_GROUPS=num_n_groups,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block(w.in_features, 16, 64),
-        BLOCK_R=_block(w.max_rank, 16, 128), PRECISION=_precision(x.dtype),
+        BLOCK_R=_block(w.max_rank, 16, 128), PRECISION=_precision(x.dtype), PAIRS=pairs,
     )
 
 
-# Steps up to this many tokens take the fused kernel. Chosen without GPU measurements:
-# bench/lora_kernels.py on a GPU compares both paths.
+# Steps up to this many tokens (or pair entries) take the fused kernel. Chosen without GPU
+# measurements: bench/lora_kernels.py on a GPU compares both paths.
 FUSED_MAX_TOKENS = 64
 
 
@@ -296,3 +330,16 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
         fused_delta(x, w, batch, y)
     else:
         lora_expand(lora_shrink(x, w, batch), w, batch, y)
+
+
+def lora_delta_pairs(x: Tensor, w: LoRAWeights, pairs: LoRAPairs, y: Tensor) -> None:
+    """y[t] += sum_i weight[t, i] * LoRA_slot(t, i)(x[t]) in the launches of a plain step
+    (fused, or shrink then expand), never one per expert. The weighted adds are atomic and
+    in float32: a half-precision y gets them through a float32 buffer, added once."""
+    out = y if y.dtype == torch.float32 else torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    if pairs.num_entries <= FUSED_MAX_TOKENS and w.max_rank <= 128:
+        fused_delta(x, w, pairs, out)
+    else:
+        lora_expand(lora_shrink(x, w, pairs), w, pairs, out)
+    if out is not y:
+        y += out.to(y.dtype)
