@@ -27,6 +27,8 @@ class EngineConfig:
     max_lora_rank: largest adapter rank accepted; slot storage is padded to it.
     max_loras: device slots, i.e. distinct adapters in one iteration, capped by lora_pool_bytes.
     adapter_cache_bytes: host-memory budget for parsed adapters (LRU, in-use ones pinned).
+    adapter_refresh_seconds: how often a cached adapter's files are checked (one stat each,
+        when a request names it) for a new version another process published; 0 = every request.
     data_dir: where fine-tuning jobs read training files and keep their state; None turns
         fine-tuning off (it also needs adapters_dir, where trained adapters are published).
     max_training_file_bytes: the largest dataset a fine-tuning job accepts.
@@ -55,6 +57,7 @@ class EngineConfig:
     max_loras: int = 8
     lora_pool_bytes: int = 4 << 30
     adapter_cache_bytes: int = 2 << 30
+    adapter_refresh_seconds: float = 2.0
     data_dir: str | None = None
     max_training_file_bytes: int = 256 << 20
     finetune_mode: str = "coserve"
@@ -77,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.finetune_mode not in FINETUNE_MODES:
             raise ValueError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune_mode!r}")
+        if not self.adapter_refresh_seconds >= 0:
+            raise ValueError(f"adapter_refresh_seconds must be >= 0, got {self.adapter_refresh_seconds}")
         if self.coserve_itl_p99 is not None and not self.coserve_itl_p99 > 0:
             raise ValueError(f"coserve_itl_p99 must be a positive number of seconds, got {self.coserve_itl_p99}")
         if self.data_dir is not None and self.adapters_dir is None:
@@ -110,6 +115,7 @@ class ServerConfig:
     """What the gRPC server needs beyond the engine: addresses, security, limits, drain.
 
     port / metrics_port: 0 picks a free port (tests use it).
+    http_port: the OpenAI-compatible HTTP front's port (0 picks a free one); None turns it off.
     auth_tokens_file: lines "<role> <token>" (role inference or admin); None = no auth.
     tls_cert / tls_key: PEM files that turn TLS on; tls_client_ca also requires and checks
     client certificates (mutual TLS).
@@ -119,6 +125,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090
+    http_port: int | None = 8000
     auth_tokens_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -129,8 +136,8 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
-            if not 0 <= getattr(self, name) < 65536:
+        for name in ("port", "metrics_port", "http_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

@@ -5,9 +5,17 @@ request or LoadAdapter names it. The host cache holds parsed adapters up to a by
 an adapter used by a queued or running request is pinned and never evicted. Requests hold
 the LoRAAdapter object they started with, so reloading a name (a new content hash) never
 mixes versions inside one request. Thread-safe: API threads and the engine thread share it.
+
+The adapters directory may be shared by several replicas (a ReadWriteMany volume): a cached
+adapter's files are checked (one stat each) at most every `refresh_seconds` when a request
+names it, and a changed file is read as a new version, so what one replica publishes the
+others serve without a restart.
 """
 
+import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -15,17 +23,23 @@ from pathlib import Path
 
 import torch
 
-from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter, write_adapter
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, write_adapter
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import remove_leftovers
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
+
+log = logging.getLogger("tandem.adapters")
 
 # Interrupted publishes older than this are removed at start-up; younger ones may be another
 # replica's write in flight (the adapters directory can be a shared volume).
 LEFTOVER_AGE_SECONDS = 3600.0
 NAME_MAX_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
 PATH_MAX_BYTES = 4096  # and the longest path (PATH_MAX)
+# What identifies one version of an adapter's files without reading them: (inode, size,
+# mtime) of the config and the weights. An atomic publish makes new inodes; a copy in place
+# changes the size or the mtime.
+FileStamp = tuple[tuple[int, int, int], ...]
 
 
 class AdapterTier(str, Enum):
@@ -101,33 +115,75 @@ def _check_file_name(label: str, text: str, limit: int) -> None:
         raise InvalidRequest(f"{label} is too long: {size} bytes where the file system allows {limit}")
 
 
+def file_stamp(directory: Path) -> FileStamp | None:
+    """The stamp of an adapter's files now; None while they are missing (being replaced)."""
+    try:
+        stats = [os.stat(directory / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
 class AdapterRegistry:
-    def __init__(self, adapters_dir: str | None, model: LlamaModel, max_rank: int, host_bytes: int, pool: SlotPool):
+    def __init__(
+        self, adapters_dir: str | None, model: LlamaModel, max_rank: int, host_bytes: int, pool: SlotPool,
+        refresh_seconds: float = 2.0,
+    ):
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
         self.model = model
         self.max_rank = max_rank
         self.host_bytes = host_bytes
         self.pool = pool
+        self.refresh_seconds = refresh_seconds
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        # name -> (stamp of the files the cached version was read from, when last checked)
+        self._stamps: dict[str, tuple[FileStamp | None, float]] = {}
         self._known: dict[str, AdapterInfo] = {}
         self._in_use: dict[str, int] = {}
         # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
         self._unloaded: set[str] = set()
         self.host_evictions = 0
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        # A serving replica may mount a shared adapters directory read-only: only the
+        # replica that publishes can clean it, and the others must start all the same.
+        try:
             remove_leftovers(self.adapters_dir, min_age_seconds=LEFTOVER_AGE_SECONDS)
+        except OSError as exc:
+            log.warning("interrupted adapter writes left in place: %s", exc)
 
     def get(self, name: str) -> LoRAAdapter:
-        """The adapter a new request should use: from the host cache, else from disk (unless
-        an admin unloaded it)."""
+        """The adapter a new request should use: from the host cache (re-read if its files
+        changed since, checked at most every refresh_seconds), else from disk (unless an
+        admin unloaded it)."""
         with self._lock:
             self._check_not_unloaded(name)
             adapter = self._cache.get(name)
             if adapter is not None:
                 self._cache.move_to_end(name)
-                return adapter
-        return self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, ""))
+                stamp, checked_at = self._stamps[name]
+                if time.monotonic() - checked_at < self.refresh_seconds:
+                    return adapter
+                self._stamps[name] = (stamp, time.monotonic())
+        if adapter is None:
+            return self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, ""))
+        return self._refreshed(adapter, stamp)
+
+    def _refreshed(self, adapter: LoRAAdapter, stamp: FileStamp | None) -> LoRAAdapter:
+        """`adapter`, or the newer version its files hold now. Files missing (an adapter being
+        replaced) or unreadable (copied by hand, half written) keep the cached version: a
+        request is never failed for a version it did not ask for."""
+        now = file_stamp(adapter.path)
+        if now is None or now == stamp:
+            return adapter
+        try:
+            return self._read_and_cache(adapter.name, adapter.path)
+        except (IncompatibleAdapter, NotFound) as exc:
+            log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
+            return adapter
 
     def load(self, name: str, path: str = "") -> AdapterInfo:
         """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
@@ -156,6 +212,7 @@ class AdapterRegistry:
             if self._known.pop(name, None) is None:
                 raise NotFound(f"adapter {excerpt(name)} is not loaded")
             self._cache.pop(name, None)
+            self._stamps.pop(name, None)
             self._unloaded.add(name)
 
     def _check_not_unloaded(self, name: str) -> None:
@@ -185,7 +242,9 @@ class AdapterRegistry:
         )
 
     def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
-        # A failed read leaves the version already cached (if any) in place.
+        # A failed read leaves the version already cached (if any) in place. The stamp is
+        # taken first: a change during the read is seen (and read again) at the next check.
+        stamp = file_stamp(directory)
         adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype)
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()
@@ -194,6 +253,7 @@ class AdapterRegistry:
             self._check_not_unloaded(name)
             self._cache[name] = adapter
             self._cache.move_to_end(name)
+            self._stamps[name] = (stamp, time.monotonic())
             self._known[name] = AdapterInfo(
                 name=name, rank=adapter.rank, target_modules=adapter.targets,
                 # Relative to the adapters directory, as the proto says: never the server's layout.
@@ -212,6 +272,7 @@ class AdapterRegistry:
             if self._in_use.get(name):
                 continue
             total -= self._cache.pop(name).nbytes
+            self._stamps.pop(name, None)
             self.host_evictions += 1
 
     def _live(self, info: AdapterInfo) -> AdapterInfo:

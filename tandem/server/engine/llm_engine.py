@@ -83,7 +83,9 @@ class Engine:
                 f"--lora-pool-bytes {config.lora_pool_bytes}: lower the rank or raise the budget"
             )
         pool = SlotPool(model, num_slots, config.max_lora_rank, dtype, self.device)
-        return AdapterRegistry(config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool)
+        return AdapterRegistry(
+            config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool, config.adapter_refresh_seconds
+        )
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":

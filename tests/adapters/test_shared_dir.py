@@ -1,0 +1,87 @@
+"""Replicas sharing one adapters directory (a ReadWriteMany volume in Kubernetes): what one
+replica publishes the others serve without a restart, within --adapter-refresh-seconds."""
+
+import errno
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tandem.server.adapters import registry as registry_module
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
+from tests.adapters.make_adapters import make_adapter
+from tests.engine.helpers import make_engine
+
+RANK = 8
+
+
+@pytest.fixture
+def versions(tmp_path, tiny_hf_model):
+    """Two versions of one adapter, made apart from the shared directory."""
+    return [make_adapter(tiny_hf_model, tmp_path / f"v{i}", r=4, seed=i) for i in (1, 2)]
+
+
+@pytest.fixture
+def shared(tmp_path, versions):
+    root = tmp_path / "shared"
+    root.mkdir()
+    publish(versions[0], root / "style")
+    return root
+
+
+def publish(version, directory) -> None:
+    """What the trainer replica's registry.publish does on disk: one atomic directory swap."""
+    write_adapter(directory, json.loads((version / CONFIG_FILE).read_text()), load_file(version / WEIGHTS_FILE))
+
+
+def replica(tiny_hf_model, tokenizer, root, **config):
+    return make_engine(tiny_hf_model, tokenizer, adapters_dir=str(root), max_lora_rank=RANK, kv_cache_bytes=8 << 20, **config)
+
+
+def test_a_replica_serves_the_version_another_replica_published(tiny_hf_model, smollm2_tokenizer, shared, versions):
+    trainer = replica(tiny_hf_model, smollm2_tokenizer, shared)
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    old = server.registry.get("style")
+    config = json.loads((versions[1] / CONFIG_FILE).read_text())
+    new = trainer.registry.publish("style", config, load_file(versions[1] / WEIGHTS_FILE))
+    assert new.content_hash != old.content_hash
+    assert server.registry.get("style").content_hash == new.content_hash
+    assert [(i.name, i.content_hash) for i in server.registry.list()] == [("style", new.content_hash)]
+
+
+def test_a_cached_version_is_checked_again_only_after_the_refresh_interval(
+    tiny_hf_model, smollm2_tokenizer, shared, versions, monkeypatch
+):
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=30)
+    old = server.registry.get("style")
+    publish(versions[1], shared / "style")
+    assert server.registry.get("style") is old
+    later = registry_module.time.monotonic() + 31
+    monkeypatch.setattr(registry_module.time, "monotonic", lambda: later)
+    assert server.registry.get("style").content_hash != old.content_hash
+
+
+def test_a_half_copied_new_version_keeps_the_cached_one_until_the_copy_is_whole(
+    tiny_hf_model, smollm2_tokenizer, shared, versions
+):
+    # An operator copying files by hand (not atomically) must not fail requests mid-copy.
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    old = server.registry.get("style")
+    weights = (versions[1] / WEIGHTS_FILE).read_bytes()
+    (shared / "style" / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    assert server.registry.get("style") is old
+    (shared / "style" / WEIGHTS_FILE).write_bytes(weights)
+    assert server.registry.get("style").content_hash != old.content_hash
+
+
+def test_a_replica_starts_on_a_read_only_shared_directory_with_leftovers(
+    tiny_hf_model, smollm2_tokenizer, shared, monkeypatch
+):
+    # Serving replicas mount the volume read-only: removing a crashed publish's leftovers
+    # fails there, and only the trainer (which mounts it writable) may clean them.
+    def read_only(directory, min_age_seconds):
+        raise OSError(errno.EROFS, "Read-only file system", str(directory))
+
+    monkeypatch.setattr(registry_module, "remove_leftovers", read_only)
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared)
+    assert server.registry.get("style").rank == 4
