@@ -10,6 +10,12 @@ The adapters directory may be shared by several replicas (a ReadWriteMany volume
 adapter's files are checked (one stat each) at most every `refresh_seconds` when a request
 names it, and a changed file is read as a new version, so what one replica publishes the
 others serve without a restart.
+
+A folder of the adapters directory holding router_config.json is a router (a mixture of
+expert adapters, router_format.py): got, loaded, listed, pinned and unloaded under its name
+like an adapter (a changed router is read again by LoadAdapter). get() resolves its experts
+to their current versions each time, and refuses experts that are unknown, routers
+themselves, or that do not adapt what its gates route.
 """
 
 import logging
@@ -24,10 +30,12 @@ from pathlib import Path
 import torch
 
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, write_adapter
+from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import remove_leftovers
-from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
+from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
+from tandem.server.model.lora_targets import TARGETS
 
 log = logging.getLogger("tandem.adapters")
 
@@ -59,6 +67,7 @@ class AdapterInfo:
     content_hash: str = ""
     in_use: int = 0
     path: str = ""
+    experts: list[str] = field(default_factory=list)  # a router's experts, in gate order
 
 
 @dataclass
@@ -100,7 +109,7 @@ def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path
     if not directory.is_relative_to(root):
         raise InvalidRequest(f"path {excerpt(path, 200)} is outside the adapters directory")
     _check_file_name("path", str(directory / "adapter_config.json"), PATH_MAX_BYTES - 1)
-    if not (directory / "adapter_config.json").is_file():
+    if not (directory / "adapter_config.json").is_file() and not is_router(directory):
         shown = excerpt(f"{directory.relative_to(root)}/adapter_config.json", 200)
         raise NotFound(f"adapter {excerpt(name)} not found: no {shown} in the adapters directory")
     return directory
@@ -140,6 +149,7 @@ class AdapterRegistry:
         # name -> (stamp of the files the cached version was read from, when last checked)
         self._stamps: dict[str, tuple[FileStamp | None, float]] = {}
         self._known: dict[str, AdapterInfo] = {}
+        self._routers: dict[str, Router] = {}
         self._in_use: dict[str, int] = {}
         # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
         self._unloaded: set[str] = set()
@@ -155,12 +165,13 @@ class AdapterRegistry:
         except OSError as exc:
             log.warning("interrupted adapter writes left in place: %s", exc)
 
-    def get(self, name: str) -> LoRAAdapter:
+    def get(self, name: str) -> LoRAAdapter | Router:
         """The adapter a new request should use: from the host cache (re-read if its files
         changed since, checked at most every refresh_seconds), else from disk (unless an
-        admin unloaded it)."""
+        admin unloaded it). A router comes with its experts' current versions."""
         with self._lock:
             self._check_not_unloaded(name)
+            router = self._routers.get(name)
             adapter = self._cache.get(name)
             if adapter is not None:
                 self._cache.move_to_end(name)
@@ -168,9 +179,51 @@ class AdapterRegistry:
                 if time.monotonic() - checked_at < self.refresh_seconds:
                     return adapter
                 self._stamps[name] = (stamp, time.monotonic())
+        if router is not None:
+            return self._with_experts(router)
         if adapter is None:
-            return self._read_and_cache(name, resolve_adapter_dir(self.adapters_dir, name, ""))
+            directory = resolve_adapter_dir(self.adapters_dir, name, "")
+            if is_router(directory):
+                return self._with_experts(self._read_router(name, directory))
+            return self._read_and_cache(name, directory)
         return self._refreshed(adapter, stamp)
+
+    def _read_router(self, name: str, directory: Path) -> Router:
+        router = read_router(name, directory, self.model)
+        if router.num_experts > self.pool.num_slots:
+            raise FailedPrecondition(
+                f"router {name!r} mixes {router.num_experts} experts, more than the server's {self.pool.num_slots} "
+                "adapter slots: raise --max-loras (and --lora-pool-bytes)"
+            )
+        experts = self._with_experts(router).adapters
+        with self._lock:
+            self._check_not_unloaded(name)
+            self._routers[name] = router
+            self._known[name] = AdapterInfo(
+                name=name, rank=max(a.rank for a in experts), target_modules=_union(a.targets for a in experts),
+                content_hash=router.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
+                experts=list(router.experts),
+            )
+        return router
+
+    def _with_experts(self, router: Router) -> Router:
+        """The router with its experts' current versions; refused with the exact reason
+        when an expert is unknown, a router, or leaves a gated linear alone."""
+        adapters = []
+        for expert in router.experts:
+            try:
+                check_adapter_name(expert)
+                if expert in self._routers or (self.adapters_dir is not None and is_router(self.adapters_dir / expert)):
+                    raise FailedPrecondition(f"router {router.name!r} uses {expert!r}, a router: experts must be LoRA adapters")
+                adapters.append(self.get(expert))
+            except NotFound as exc:
+                raise NotFound(f"router {router.name!r} uses expert {expert!r}, which cannot be served: {exc}") from exc
+            except InvalidRequest as exc:
+                raise FailedPrecondition(f"router {router.name!r} names an invalid expert: {exc}") from exc
+            except IncompatibleAdapter as exc:
+                raise IncompatibleAdapter(f"router {router.name!r} uses expert {expert!r}, which cannot be served: {exc}") from exc
+        check_experts(router, adapters)
+        return replace(router, adapters=tuple(adapters))
 
     def _refreshed(self, adapter: LoRAAdapter, stamp: FileStamp | None) -> LoRAAdapter:
         """`adapter`, or the newer version its files hold now. Files missing (an adapter being
@@ -191,7 +244,10 @@ class AdapterRegistry:
         directory = resolve_adapter_dir(self.adapters_dir, name, path)
         with self._lock:
             self._unloaded.discard(name)
-        self._read_and_cache(name, directory)
+        if is_router(directory):
+            self._read_router(name, directory)
+        else:
+            self._read_and_cache(name, directory)
         with self._lock:
             return self._live(self._known[name])
 
@@ -212,6 +268,7 @@ class AdapterRegistry:
             if self._known.pop(name, None) is None:
                 raise NotFound(f"adapter {excerpt(name)} is not loaded")
             self._cache.pop(name, None)
+            self._routers.pop(name, None)
             self._stamps.pop(name, None)
             self._unloaded.add(name)
 
@@ -219,15 +276,19 @@ class AdapterRegistry:
         if name in self._unloaded:
             raise NotFound(f"adapter {excerpt(name)} was unloaded: an admin must load it (LoadAdapter) before it is served again")
 
-    def pin(self, adapter: LoRAAdapter) -> None:
+    def pin(self, adapter: LoRAAdapter | Router) -> None:
+        """Count a request using the adapter (a router: and each of its experts), so that
+        its host copy is not evicted while the request runs."""
         with self._lock:
-            self._in_use[adapter.name] = self._in_use.get(adapter.name, 0) + 1
+            for name in _names(adapter):
+                self._in_use[name] = self._in_use.get(name, 0) + 1
 
-    def unpin(self, adapter: LoRAAdapter) -> None:
+    def unpin(self, adapter: LoRAAdapter | Router) -> None:
         with self._lock:
-            self._in_use[adapter.name] -= 1
-            if not self._in_use[adapter.name]:
-                del self._in_use[adapter.name]
+            for name in _names(adapter):
+                self._in_use[name] -= 1
+                if not self._in_use[name]:
+                    del self._in_use[name]
             self._evict_over_budget()
 
     def list(self) -> list[AdapterInfo]:
@@ -276,10 +337,24 @@ class AdapterRegistry:
             self.host_evictions += 1
 
     def _live(self, info: AdapterInfo) -> AdapterInfo:
-        if self.pool.resident(info.content_hash):
+        if info.experts:  # a router: on the device when every expert's cached version is
+            cached = [self._cache.get(e) for e in info.experts]
+            on_device = all(a is not None and self.pool.resident(a.content_hash) for a in cached)
+            tier = AdapterTier.DEVICE if on_device else AdapterTier.HOST
+        elif self.pool.resident(info.content_hash):
             tier = AdapterTier.DEVICE
         elif info.name in self._cache and self._cache[info.name].content_hash == info.content_hash:
             tier = AdapterTier.HOST
         else:
             tier = AdapterTier.DISK
         return replace(info, tier=tier, in_use=self._in_use.get(info.name, 0))
+
+
+def _names(adapter: LoRAAdapter | Router) -> list[str]:
+    """The names a request on this adapter pins: a router's and its experts'."""
+    return [adapter.name, *(a.name for a in adapter.adapters)] if isinstance(adapter, Router) else [adapter.name]
+
+
+def _union(target_lists) -> list[str]:
+    merged = {t for targets in target_lists for t in targets}
+    return [t for t in TARGETS if t in merged]

@@ -14,6 +14,9 @@ copies run on a side stream from pinned host memory, so they overlap the iterati
 compute; an event per slot makes the compute stream wait for its copy before any kernel
 reads the slot (at acquire, or before the slot is written again). On CPU there is nothing
 to overlap, so the engine leaves prefetch_ahead at 0 there.
+
+A router (a mixture of expert adapters) holds a slot per expert: acquiring it pins every
+expert's slot at once, and its "slot" is the tuple of them, in gate order.
 """
 
 import time
@@ -25,6 +28,7 @@ import torch
 
 from tandem.kernels.lora import LoRAWeights
 from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters.router_format import Router
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import group_linears
 
@@ -81,11 +85,21 @@ class SlotPool:
     def resident(self, content_hash: str) -> bool:
         return content_hash in self._slot_of
 
-    def can_acquire(self, adapter: LoRAAdapter) -> bool:
-        return self.resident(adapter.content_hash) or any(p == 0 for p in self._pins)
+    def can_acquire(self, adapter: LoRAAdapter | Router) -> bool:
+        """Whether acquire can pin the slots now: one per adapter missing from the pool must
+        be free of pins (a router's resident experts are pinned first, so none is evicted)."""
+        needed = {a.content_hash for a in _experts(adapter)}
+        missing = sum(not self.resident(h) for h in needed)
+        free = sum(1 for s, pins in enumerate(self._pins) if pins == 0 and self._owner[s] not in needed)
+        return missing <= free
 
-    def acquire(self, adapter: LoRAAdapter) -> int:
-        """Pin the adapter's slot, loading it first if needed; call can_acquire before."""
+    def acquire(self, adapter: LoRAAdapter | Router) -> int | tuple[int, ...]:
+        """Pin the adapter's slot, loading it first if needed (a router: its experts' slots,
+        resident ones first); call can_acquire before."""
+        if isinstance(adapter, Router):
+            order = sorted(adapter.adapters, key=lambda a: not self.resident(a.content_hash))
+            slots = {a.content_hash: self.acquire(a) for a in order}
+            return tuple(slots[a.content_hash] for a in adapter.adapters)
         slot = self._slot_of.get(adapter.content_hash)
         if slot is None:
             slot = self._victim(set())
@@ -95,10 +109,11 @@ class SlotPool:
         self._lru.move_to_end(slot)
         return slot
 
-    def prefetch(self, upcoming: list[LoRAAdapter]) -> int:
-        """Load the adapters of upcoming sequences (soonest first) that are not resident,
-        without evicting a pinned slot or one that holds another upcoming adapter.
-        Returns how many were loaded."""
+    def prefetch(self, upcoming: list[LoRAAdapter | Router]) -> int:
+        """Load the adapters of upcoming sequences (soonest first; a router's experts) that
+        are not resident, without evicting a pinned slot or one that holds another upcoming
+        adapter. Returns how many were loaded."""
+        upcoming = [a for item in upcoming for a in _experts(item)]
         keep = {self._slot_of[a.content_hash] for a in upcoming if a.content_hash in self._slot_of}
         loaded = 0
         for adapter in upcoming:
@@ -135,8 +150,10 @@ class SlotPool:
         if event is not None:
             (stream or torch.cuda.current_stream()).wait_event(event)
 
-    def release(self, slot: int) -> None:
-        self._pins[slot] -= 1
+    def release(self, slot: int | tuple[int, ...]) -> None:
+        """Unpin what acquire pinned (a router's tuple: each expert's slot)."""
+        for s in slot if isinstance(slot, tuple) else (slot,):
+            self._pins[s] -= 1
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -182,3 +199,8 @@ class SlotPool:
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1
         self.load_seconds += time.perf_counter() - start
+
+
+def _experts(adapter: LoRAAdapter | Router) -> tuple[LoRAAdapter, ...]:
+    """The adapters that must sit in slots for this one to run."""
+    return adapter.adapters if isinstance(adapter, Router) else (adapter,)

@@ -31,6 +31,7 @@ from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.sequence import Sequence
 from tandem.server.model.batch import AttentionMetadata, ForwardBatch, FreshChunk, LoRARows, PrefillChunk
 from tandem.server.model.llama import LlamaModel
+from tandem.server.model.routing import RoutedRows, StepRouter
 
 
 @dataclass
@@ -130,6 +131,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         adapter_slots: list[int] = []
+        routed: list[tuple[Sequence, int, int]] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
         bs = self.block_size
@@ -139,7 +141,11 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
-            adapter_slots.extend([-1 if seq.slot is None else seq.slot] * n)
+            if isinstance(seq.slot, tuple):  # a router: its experts' slots, chosen per linear
+                routed.append((seq, len(adapter_slots), n))
+                adapter_slots.extend([-1] * n)
+            else:
+                adapter_slots.extend([-1 if seq.slot is None else seq.slot] * n)
             if start + n == len(seq.token_ids):
                 logits_rows.append(len(input_ids) - 1)
                 sampled.append(seq)
@@ -173,7 +179,7 @@ class ModelRunner:
             attn=attn,
             kv_caches=self.kv_cache.layers,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
-            lora=self._served_lora(adapter_slots + [-1] * (len(input_ids) - num_inference)),
+            lora=self._served_lora(adapter_slots + [-1] * (len(input_ids) - num_inference), routed),
             train_lora=None if trained is None else self._trained_lora(trained, len(input_ids)),
         )
         return batch, sampled, training
@@ -248,10 +254,27 @@ class ModelRunner:
             torch.tensor(rows, dtype=torch.long).to(self.device), torch.tensor(targets, dtype=torch.long).to(self.device)
         )
 
-    def _served_lora(self, adapter_slots: list[int]) -> LoRARows | None:
-        if not adapter_slots or max(adapter_slots) < 0:
+    def _served_lora(self, adapter_slots: list[int], routed: list[tuple[Sequence, int, int]]) -> LoRARows | None:
+        """The served adapters' rows; routed: (sequence, first row, rows) of each router's chunk."""
+        if not routed and (not adapter_slots or max(adapter_slots) < 0):
             return None
-        return LoRARows(LoRABatch.build(adapter_slots, self.pool.num_slots, self.device), self.pool.weights)
+        tokens = LoRABatch.build(adapter_slots, self.pool.num_slots, self.device)
+        return LoRARows(tokens, self.pool.weights, routing=self._routing(routed) if routed else None)
+
+    def _routing(self, routed: list[tuple[Sequence, int, int]]) -> RoutedRows:
+        """The step's routers (one per router version and expert slots) and routed rows."""
+        index: dict[tuple[str, tuple[int, ...]], int] = {}
+        routers: list[StepRouter] = []
+        token_routers: list[int] = []
+        rows: list[int] = []
+        for seq, start, n in routed:
+            router, key = seq.adapter, (seq.adapter.content_hash, seq.slot)
+            if key not in index:
+                index[key] = len(routers)
+                routers.append(StepRouter(router.gates_on(self.device), seq.slot, router.top_k, router.temperature))
+            token_routers.extend([index[key]] * n)
+            rows.extend(range(start, start + n))
+        return RoutedRows.build(routers, token_routers, rows, self.device)
 
     def _trained_lora(self, trained: TrainingWork | TrainingForward, num_rows: int) -> LoRARows:
         """The trained adapters' rows: every row after the inference rows (slot 0 for co-served chunks)."""

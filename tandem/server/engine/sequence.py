@@ -6,6 +6,7 @@ from enum import Enum
 import torch
 
 from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters.router_format import Router
 from tandem.server.engine.outputs import FinishReason, TokenLogprob
 from tandem.server.engine.sampling_params import SamplingParams
 
@@ -25,7 +26,8 @@ class Sequence:
     token is sampled. Preemption frees the blocks and sets num_computed to 0: the whole
     sequence is recomputed later, and sampling resumes where it stopped.
     adapter is the exact adapter version the request started with; slot is its device
-    slot while the sequence runs (pinned), None while it waits.
+    slot while the sequence runs (pinned), None while it waits. A router's slot is the
+    tuple of its experts' slots, in gate order.
     """
 
     request_id: str
@@ -34,8 +36,8 @@ class Sequence:
     params: SamplingParams
     arrival: int
     generator: torch.Generator | None = None
-    adapter: LoRAAdapter | None = None
-    slot: int | None = None
+    adapter: LoRAAdapter | Router | None = None
+    slot: int | tuple[int, ...] | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.kernels.lora import LoRABatch, LoRAWeights
+from tandem.server.model.routing import RoutedRows
 
 
 @dataclass
@@ -70,12 +71,15 @@ class LoRARows:
         a group absent here is not adapted by any slot.
     dropout: probability of zeroing an element of a linear's input before its LoRA shrink
         (training only; PEFT's lora_dropout), with generator the randomness it draws from.
+    routing: the rows whose experts a router picks per linear (served only); their slot in
+        tokens is -1.
     """
 
     tokens: LoRABatch
     weights: Mapping[tuple[int, str], LoRAWeights]
     dropout: float = 0.0
     generator: torch.Generator | None = None
+    routing: RoutedRows | None = None
 
 
 @dataclass

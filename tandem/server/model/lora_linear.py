@@ -8,7 +8,7 @@ the batch, so one call serves every adapter at once and the layer holds no state
 
 import torch
 
-from tandem.kernels.lora import lora_delta, lora_delta_autograd
+from tandem.kernels.lora import lora_delta, lora_delta_autograd, lora_delta_pairs
 from tandem.server.model.batch import ForwardBatch, LoRARows
 from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import LlamaModel
@@ -23,10 +23,14 @@ class LoRALinear(FusedLinear):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         y = super().forward(x, batch)
         served = batch.lora
-        if served is not None and served.tokens.num_lora_tokens and self.key in served.weights:
+        if served is not None and self.key in served.weights:
+            w, routing = served.weights[self.key], served.routing
             # In place and outside any graph: served adapters are frozen.
             with torch.no_grad():
-                lora_delta(x.detach(), served.weights[self.key], served.tokens, y)
+                if routing is not None and self.key in routing.gates:
+                    lora_delta_pairs(x.detach(), w, routing.pairs(x.detach(), served.tokens, self.key, w.num_slots), y)
+                elif served.tokens.num_lora_tokens:
+                    lora_delta(x.detach(), w, served.tokens, y)
         trained = batch.train_lora
         if trained is not None and self.key in trained.weights:
             y = y + lora_delta_autograd(_dropout(x, trained), trained.weights[self.key], trained.tokens)

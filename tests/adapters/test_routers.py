@@ -1,0 +1,187 @@
+"""Routers (mixtures of LoRA experts) on the tiny model: served logits equal a plain torch
+implementation (dense gates, top-k softmax with temperature, a loop over experts with
+PEFT-style deltas) in a batch mixed with plain-adapter and base requests; experts are pinned
+while a router runs; mismatched routers are refused with the reason."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tandem.server.adapters.router_format import CONFIG_FILE, GATES_FILE, router_config, write_router
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, NotFound
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.engine.helpers import make_engine, run
+from tests.engine.test_forward_oracle import record_logits
+
+EXPERTS = {"e0": 4, "e1": 8, "e2": 8}
+GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+TOP_K, TEMPERATURE = 2, 0.7
+NEW_TOKENS = 6
+
+
+def random_gates(model, num_experts: int, seed: int, groups=("qkv", "o", "gate_up", "down")) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    inputs = {"qkv": config.hidden_size, "o": config.hidden_size, "gate_up": config.hidden_size, "down": config.intermediate_size}
+    return {
+        (layer, group): torch.randn(num_experts, inputs[group], generator=g)
+        for layer in range(config.num_hidden_layers)
+        for group in groups
+    }
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, tiny_hf_model) -> Path:
+    root = tmp_path_factory.mktemp("router-adapters")
+    for seed, (name, r) in enumerate(EXPERTS.items()):
+        make_adapter(tiny_hf_model, root / name, r=r, target_modules=ALL_LINEAR, seed=seed, b_std=0.2)
+    make_adapter(tiny_hf_model, root / "qv-only", r=4, target_modules=["q_proj", "v_proj"], seed=7)
+    gates = random_gates(tiny_hf_model, len(EXPERTS), seed=3)
+    write_router(root / "mix", router_config(list(EXPERTS), TOP_K, TEMPERATURE), gates)
+    return root
+
+
+def expert_weights(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """PEFT module path -> (A, B, alpha / r) of one adapter, as peft would apply it."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = tensors[key.replace("lora_A", "lora_B")]
+            out[module] = (a, b, config["lora_alpha"] / a.shape[0])
+    return out
+
+
+def oracle_model(hf_model, adapters_dir: Path, experts: list[str], gates: dict | None):
+    """The HF model with a forward hook on every projection adding the mixture's delta:
+    with gates, top-k softmax(gate x / T) over the experts; without, the one expert at weight 1."""
+    model = copy.deepcopy(hf_model)
+    weights = [expert_weights(adapters_dir / e) for e in experts]
+    for layer_idx, layer in enumerate(model.model.layers):
+        for target, group in GROUP_OF.items():
+            parent = layer.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            module = getattr(parent, target)
+            path = f"model.layers.{layer_idx}.{'self_attn' if parent is layer.self_attn else 'mlp'}.{target}"
+            gate = None if gates is None else gates[(layer_idx, group)]
+            module.register_forward_hook(_hook([w[path] for w in weights], gate))
+    return model
+
+
+def _hook(expert_weights: list, gate: torch.Tensor | None):
+    def hook(module, inputs, output):
+        x = inputs[0]
+        if gate is None:
+            mix = torch.ones(*x.shape[:-1], 1)
+        else:
+            top = (x @ gate.t() / TEMPERATURE).topk(TOP_K, dim=-1)
+            mix = torch.zeros(*x.shape[:-1], gate.shape[0]).scatter(-1, top.indices, torch.softmax(top.values, -1))
+        for e, (a, b, scale) in enumerate(expert_weights):
+            output = output + mix[..., e : e + 1] * ((x @ a.t()) @ b.t()) * scale
+        return output
+
+    return hook
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def engine_for(tiny_hf_model, tokenizer, adapters_dir, **config):
+    return make_engine(tiny_hf_model, tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=8, kv_cache_bytes=1 << 22, **config)
+
+
+def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    engine = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=4)
+    seen = record_logits(engine)
+    prompts = [[5, 17, 300, 42, 9, 77, 1200], [8, 8, 450, 13], [99, 3, 4, 5, 6], [640, 2, 31]]
+    kinds = ["mix", "e1", "", "mix"]
+    arrivals = {0: [], 1: []}
+    for i, (prompt, kind) in enumerate(zip(prompts, kinds)):
+        adapter = engine.registry.get(kind) if kind else None
+        arrivals[i % 2].append((f"req{i}", prompt, greedy(), adapter))
+    outputs = run(engine, arrivals)
+
+    gates = load_file(str(adapters_dir / "mix" / GATES_FILE))
+    gates = {(int(k.split(".")[1]), k.split(".")[2]): g for k, g in gates.items()}
+    oracles = {
+        "mix": oracle_model(tiny_hf_model, adapters_dir, list(EXPERTS), gates),
+        "e1": oracle_model(tiny_hf_model, adapters_dir, ["e1"], None),
+        "": tiny_hf_model,
+    }
+    for i, (prompt, kind) in enumerate(zip(prompts, kinds)):
+        full = torch.tensor([prompt + outputs[f"req{i}"]])
+        with torch.no_grad():
+            expected = oracles[kind](full).logits[0, len(prompt) - 1 : -1].float()
+        torch.testing.assert_close(torch.stack(seen[f"req{i}"]), expected, rtol=1e-4, atol=1e-4, msg=kind or "base")
+    # The mixture changes the output: the comparison is not of base logits with themselves.
+    with torch.no_grad():
+        base = tiny_hf_model(torch.tensor([prompts[0] + outputs["req0"]])).logits[0, len(prompts[0]) - 1 : -1]
+    assert (torch.stack(seen["req0"]) - base).abs().max() > 1e-2
+
+
+def test_a_running_router_pins_its_experts_and_releases_them(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    engine = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=3)
+    pool = engine.registry.pool
+    engine.add_request("r", [5, 6, 7], greedy(), engine.registry.get("mix"))
+    engine.step()
+    assert sorted(pool._pins) == [1, 1, 1]
+    assert {info.name: info.in_use for info in engine.registry.list()} == {"mix": 1, "e0": 1, "e1": 1, "e2": 1}
+    # A plain request for a fourth adapter waits: every slot is pinned by the router's experts.
+    engine.add_request("p", [5, 6], greedy(), engine.registry.get("qv-only"))
+    engine.step()
+    assert engine.scheduler.find("p").slot is None
+    while engine.has_work():
+        engine.step()
+    assert sorted(pool._pins) == [0, 0, 0]
+
+
+def test_routers_are_listed_and_unloaded_like_adapters(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=4).registry
+    info = registry.load("mix")
+    assert info.experts == list(EXPERTS) and info.rank == 8 and info.path == "mix"
+    assert {i.name for i in registry.list()} == {"mix", *EXPERTS}
+    registry.unload("mix")
+    with pytest.raises(NotFound, match="was unloaded"):
+        registry.get("mix")
+
+
+def write(root: Path, name: str, experts: list[str], gates: dict, **config) -> None:
+    write_router(root / name, {**router_config(experts), **config}, gates)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda m, d: write(d, "r", ["e0", "nope"], random_gates(m, 2, 0)), NotFound, "uses expert 'nope'"),
+        (lambda m, d: write(d, "r", ["e0", "qv-only"], random_gates(m, 2, 0)), IncompatibleAdapter,
+         r"gates layer 0 down \(down_proj\), which its expert 'qv-only' does not adapt"),
+        (lambda m, d: write(d, "r", ["e0", "e1"], {(0, "qkv"): torch.randn(2, 96)}), IncompatibleAdapter,
+         r"layers.0.qkv.weight is \[2, 96\], the base layer needs \[2 experts, 64 inputs\]"),
+        (lambda m, d: write(d, "r", ["e0", "e1"], {(5, "qkv"): torch.randn(2, 64)}), IncompatibleAdapter,
+         "gates layer 5; the base model has 2 layers"),
+        (lambda m, d: write(d, "r", ["e0", "mix"], random_gates(m, 2, 0)), FailedPrecondition, "'mix', a router"),
+        (lambda m, d: write(d, "r", ["e0", "e1"], random_gates(m, 2, 0), top_k=3), IncompatibleAdapter, "top_k 3"),
+        (lambda m, d: write(d, "r", ["e0", "e1", "e2"], random_gates(m, 3, 0)), FailedPrecondition,
+         "mixes 3 experts, more than the server's 2 adapter slots"),
+        (lambda m, d: (d / "r").mkdir() or (d / "r" / CONFIG_FILE).write_text("{}"), IncompatibleAdapter,
+         f"has no {GATES_FILE}"),
+    ],
+    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "slots", "no-gates"],
+)
+def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, make, error, message):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    for name in ["e0", "e1", "e2", "qv-only", "mix"]:
+        shutil.copytree(adapters_dir / name, root / name)
+    make(tiny_hf_model, root)
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=2).registry
+    with pytest.raises(error, match=message):
+        registry.get("r")
