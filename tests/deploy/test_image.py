@@ -1,0 +1,75 @@
+"""The container image without Docker: the Dockerfile passes a linter, its Python install
+step is deploy/install.sh, and that script, run the same way in a dry run against the test
+environment, finds every pinned version already there (what CI tests is what ships)."""
+
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import REPO
+
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+sys.path.insert(0, str(REPO / "deploy"))
+import freeze_constraints  # noqa: E402  (a script beside the Dockerfile, not a package)
+
+
+def _tool(name: str) -> str:
+    path = Path(sysconfig.get_path("scripts")) / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    return str(path)
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per line of the Dockerfile, continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_dockerfile_passes_hadolint():
+    run = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_both_images_install_through_the_script_ci_runs_and_run_as_a_numeric_user():
+    stages, runs = {}, []
+    for instruction, args in _instructions():
+        if instruction == "FROM":
+            stage = args.split(" AS ")[-1].strip() if " AS " in args else args
+            stages[stage] = []
+        elif instruction == "RUN":
+            stages[stage].append(args)
+        elif instruction == "USER":
+            assert re.fullmatch(r"\d+(:\d+)?", args), f"USER {args}: the kubelet checks runAsNonRoot on numeric ids only"
+    for build in ("build-cpu", "build-cuda"):
+        runs = stages[build]
+        assert len(runs) == 1 and runs[0].startswith("deploy/install.sh /opt/tandem/bin/python "), runs
+    assert {"cpu", "cuda"} <= set(stages)
+    assert _instructions()[-1] == ("COPY", "--from=build-cpu /opt/tandem /opt/tandem"), "cpu must stay the default (last) target"
+
+
+def test_the_constraints_pin_exactly_the_runtime_environment_under_test():
+    expected = freeze_constraints.render()
+    assert freeze_constraints.CONSTRAINTS.read_text() == expected, (
+        "deploy/constraints.txt differs from this environment's runtime packages: "
+        "run `.venv/bin/python deploy/freeze_constraints.py` (after `bash scripts/setup.sh`) and commit it"
+    )
+
+
+def test_the_image_install_script_resolves_to_what_is_installed():
+    # The image's commands and constraints, with no index and no build isolation: every
+    # pinned package must already be here, so only the project itself would be installed.
+    env = {**os.environ, "PIP_DRY_RUN": "1", "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_NO_COLOR": "1"}
+    run = subprocess.run(
+        ["sh", "deploy/install.sh", sys.executable, "https://download.pytorch.org/whl/cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    would = [line for line in run.stdout.splitlines() if line.startswith("Would install")]
+    assert would and all(line.split()[2:] == ["tandem-0.1.0"] for line in would), would
