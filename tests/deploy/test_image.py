@@ -54,6 +54,15 @@ def test_both_images_install_through_the_script_ci_runs_and_run_as_a_numeric_use
     assert _instructions()[-1] == ("COPY", "--from=build-cpu /opt/tandem /opt/tandem"), "cpu must stay the default (last) target"
 
 
+def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_more():
+    allowed = {line[1:] for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    assert "*" in lines, "everything else (.venv, bench results) must stay out of the context"
+    copied = {src for instruction, args in _instructions() if instruction == "COPY" and not args.startswith("--from")
+              for src in args.split()[:-1]}
+    assert copied == allowed
+
+
 def test_the_constraints_pin_exactly_the_runtime_environment_under_test():
     expected = freeze_constraints.render()
     assert freeze_constraints.CONSTRAINTS.read_text() == expected, (
