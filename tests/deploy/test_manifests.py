@@ -1,0 +1,231 @@
+"""What a platform engineer relies on in the rendered manifests: they are valid for the
+Kubernetes versions we support, probes and drain fit the server's own behaviour, secrets
+stay out of plain text, GPUs only where asked for, adapters shared, pods locked down."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tandem.server.api.grpc_server import ABORT_WAIT_SECONDS, SERVICES
+from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, env_name
+from tests.deploy.conftest import K8S, REPO, RENDERINGS, TOKENS, config_map, container, find, tandem_workloads
+
+SCHEMAS = REPO / "deploy" / "schemas"
+CUSTOM_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-inference.networking.k8s.io-v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway.networking.k8s.io-v1.json",
+}
+# The oldest Kubernetes we support (native gRPC probes are GA from 1.27) and the newest
+# kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+READINESS_SERVICE = next(s for s in SERVICES if s.startswith("tandem.v1.Generation"))
+METRICS_SOURCE = (REPO / "tandem" / "server" / "metrics.py").read_text()
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_every_rendering_is_valid_against_the_kubernetes_and_crd_schemas(rendered, name):
+    for obj in rendered[name]:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in CUSTOM_SCHEMAS:
+            schema = json.loads((SCHEMAS / CUSTOM_SCHEMAS[key]).read_text())
+            jsonschema.validate(obj, schema, cls=jsonschema.Draft202012Validator)
+            continue
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_a_misspelt_field_fails_validation(rendered):
+    # The check above is only worth something if it rejects what the API server would.
+    pool = find(rendered["gpu"], "InferencePool")[0]
+    pool = {**pool, "spec": {**pool["spec"], "targetPort": [{"number": 8000}]}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(pool, json.loads((SCHEMAS / CUSTOM_SCHEMAS[("inference.networking.k8s.io/v1", "InferencePool")]).read_text()))
+    workload = tandem_workloads(rendered["cpu"])[0]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**workload, "spec": {**workload["spec"], "replica": 1}}, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_probes_ask_the_grpc_port_about_the_generation_service(rendered, name):
+    for workload in tandem_workloads(rendered[name]):
+        c = container(workload)
+        grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+        assert int(config_map(rendered[name])["TANDEM_PORT"]) == grpc_port
+        for probe in ("startupProbe", "readinessProbe"):
+            assert c[probe]["grpc"] == {"port": grpc_port, "service": READINESS_SERVICE}
+        # Liveness asks about the process, which is SERVING even while it drains.
+        assert c["livenessProbe"]["grpc"]["port"] == grpc_port
+        assert c["livenessProbe"]["grpc"].get("service", "") == ""
+
+
+def test_with_tls_the_probes_run_tandem_health_inside_the_pod(rendered):
+    # The kubelet's gRPC probes cannot speak TLS.
+    for workload in tandem_workloads(rendered["cpu-tls"]):
+        c = container(workload)
+        readiness = c["readinessProbe"]["exec"]["command"]
+        assert readiness[:2] == ["tandem", "health"] and readiness[-2:] == ["--service", READINESS_SERVICE]
+        assert "--ca-cert" in readiness and "grpc" not in c["startupProbe"]
+    data = config_map(rendered["cpu-tls"])
+    assert data["TANDEM_TLS_CERT"].startswith("/etc/tandem/tls/") and data["TANDEM_TLS_KEY"].startswith("/etc/tandem/tls/")
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_grace_period_outlasts_the_pre_stop_delay_and_the_drain(rendered, name):
+    drain = float(config_map(rendered[name])["TANDEM_DRAIN_GRACE_SECONDS"])
+    for workload in tandem_workloads(rendered[name]):
+        c = container(workload)
+        command = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        pre_stop = float(command[1])
+        assert pre_stop >= 5, "endpoints need a few seconds to drop the pod before it drains"
+        grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > pre_stop + drain + ABORT_WAIT_SECONDS
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_no_secret_value_is_written_into_the_manifests(rendered, name):
+    sensitive = re.compile(r"TOKEN|SECRET|PASSWORD|KEY$", re.IGNORECASE)
+    objects = rendered[name]
+    for workload in tandem_workloads(objects):
+        for var in container(workload).get("env", []):
+            assert not (sensitive.search(var["name"]) and "value" in var), f"{var['name']} is inlined"
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["auth"]["secret"]["secretName"].startswith("tandem-auth-")
+    tokens = [line.split()[1] for line in TOKENS.splitlines()]
+    plain = yaml.safe_dump([o for o in objects if o["kind"] != "Secret"])
+    assert not any(token in plain for token in tokens)
+    for value in config_map(objects).values():
+        assert not any(token in value for token in tokens)
+    (auth,) = [s for s in find(objects, "Secret") if s["metadata"]["name"].startswith("tandem-auth-")]
+    assert set(auth["data"]) == {"tokens"}
+
+
+def test_the_gpu_overlays_tokens_are_never_committed():
+    path = K8S / "overlays" / "gpu" / "tokens"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+    assert ignored.returncode == 0, f"{path} must be ignored by git: it holds the production tokens"
+
+
+def test_gpus_are_asked_for_in_the_gpu_overlay_only(rendered):
+    assert "nvidia.com/gpu" not in yaml.safe_dump(rendered["cpu"])
+    for workload in tandem_workloads(rendered["gpu"]):
+        resources = container(workload)["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == "1"
+        spec = workload["spec"]["template"]["spec"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+    assert config_map(rendered["gpu"])["TANDEM_DEVICE"] == "cuda"
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_every_replica_shares_the_adapters_volume_and_only_the_trainer_writes_it(rendered, name):
+    objects = rendered[name]
+    adapters_dir = config_map(objects)["TANDEM_ADAPTERS_DIR"]
+    writers = []
+    for workload in tandem_workloads(objects):
+        spec = workload["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "tandem-adapters"]
+        (mount,) = [m for m in container(workload)["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["mountPath"] == adapters_dir
+        read_only = mount.get("readOnly", False) or volume["persistentVolumeClaim"].get("readOnly", False)
+        env = {v["name"]: v for v in container(workload).get("env", [])}
+        if not read_only:
+            writers.append(workload)
+        # Fine-tuning (a data dir) exactly where the adapters are writable.
+        assert ("TANDEM_DATA_DIR" in env) == (not read_only)
+    assert [(w["kind"], w["metadata"]["name"], w["spec"]["replicas"]) for w in writers] == [("StatefulSet", "tandem-trainer", 1)]
+    (claim,) = find(objects, "PersistentVolumeClaim", "tandem-adapters")
+    assert claim["spec"]["accessModes"] == (["ReadWriteMany"] if name == "gpu" else ["ReadWriteOnce"])
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_every_pod_runs_locked_down(rendered, name):
+    for workload in [o for o in rendered[name] if o["kind"] in ("Deployment", "StatefulSet")]:
+        spec = workload["spec"]["template"]["spec"]
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and isinstance(pod["runAsUser"], int) and pod["runAsUser"] > 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        emptydirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+        if workload in tandem_workloads(rendered[name]):
+            # The server writes temporary files and compiler caches under /tmp only.
+            (tmp,) = [m for m in container(workload)["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp["name"] in emptydirs
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_config_holds_only_variables_tandem_serve_reads(rendered, name):
+    known = {env_name(flag) for flag, _, _ in ENGINE_FLAGS + SERVER_FLAGS}
+    assert set(config_map(rendered[name])) <= known
+    for workload in tandem_workloads(rendered[name]):
+        assert {v["name"] for v in container(workload)["env"]} <= known
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_torch_threads_follow_the_cpu_request(rendered, name):
+    for workload in tandem_workloads(rendered[name]):
+        (threads,) = [v for v in container(workload)["env"] if v["name"] == "TANDEM_NUM_THREADS"]
+        assert threads["valueFrom"]["resourceFieldRef"] == {"containerName": "tandem", "resource": "requests.cpu", "divisor": "1"}
+
+
+def test_images_are_pinned_and_the_laptop_never_pulls(rendered):
+    for name in RENDERINGS:
+        for workload in [o for o in rendered[name] if o["kind"] in ("Deployment", "StatefulSet")]:
+            for c in workload["spec"]["template"]["spec"]["containers"]:
+                tag = c["image"].rpartition(":")[2]
+                assert "/" not in tag and tag not in ("", "latest"), c["image"]
+                if name == "cpu" and workload in tandem_workloads(rendered[name]):
+                    assert c["imagePullPolicy"] == "IfNotPresent"
+    assert all(container(w)["image"].endswith("-cuda") for w in tandem_workloads(rendered["gpu"]))
+
+
+def test_services_balance_per_request_or_per_replica(rendered):
+    objects = rendered["cpu"]
+    (main,) = find(objects, "Service", "tandem")
+    (headless,) = find(objects, "Service", "tandem-headless")
+    grpc = next(p for p in main["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"
+    assert headless["spec"]["clusterIP"] == "None"
+    (trainer,) = find(objects, "Service", "tandem-trainer")
+    assert trainer["spec"]["selector"]["app.kubernetes.io/component"] == "trainer"
+
+
+def test_the_autoscaler_scales_the_servers_on_a_metric_the_adapter_serves(rendered):
+    objects = rendered["gpu"]
+    (hpa,) = find(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tandem"}
+    (metric,) = hpa["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    assert name == "tandem:num_requests_waiting" and f'"{name}"' in METRICS_SOURCE
+    values = yaml.safe_load((K8S / "components" / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["name"]["as"] == name and rule["seriesQuery"].startswith(name + "{")
+    (monitor,) = find(objects, "ServiceMonitor")
+    scraped = [s for s in find(objects, "Service") if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in scraped] == ["tandem"], "each pod must be scraped once"
+
+
+def test_the_endpoint_picker_reads_metrics_the_server_exports(rendered):
+    objects = rendered["gpu"]
+    (pool,) = find(objects, "InferencePool")
+    (picker,) = find(objects, "Deployment", "tandem-endpoint-picker")
+    args = dict(a.removeprefix("--").split("=", 1) for a in container(picker, "epp")["args"])
+    for flag in ("total-queued-requests-metric", "kv-cache-usage-percentage-metric", "lora-info-metric"):
+        assert f'"{args[flag]}"' in METRICS_SOURCE, f"the server exports no {args[flag]}"
+    data = config_map(objects)
+    assert args["model-server-metrics-port"] == data["TANDEM_METRICS_PORT"]
+    assert pool["spec"]["targetPorts"] == [{"number": int(data["TANDEM_HTTP_PORT"])}]
+    assert pool["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "tandem"}
+    (service,) = find(objects, "Service", pool["spec"]["endpointPickerRef"]["name"])
+    assert pool["spec"]["endpointPickerRef"]["port"]["number"] in [p["port"] for p in service["spec"]["ports"]]
