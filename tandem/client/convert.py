@@ -120,6 +120,7 @@ def adapter_info(info: adapters_pb2.AdapterInfo) -> AdapterInfo:
         content_hash=info.content_hash,
         in_use=info.in_use,
         path=info.path,
+        experts=list(info.experts),
     )
 
 

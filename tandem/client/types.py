@@ -71,7 +71,8 @@ class ModelInfo:
 @dataclass
 class AdapterInfo:
     """tier is "disk", "host" or "device"; path is relative to the server's adapters directory,
-    empty in a listing for a caller without the admin role."""
+    empty in a listing for a caller without the admin role. experts: a router's experts, in
+    gate order (empty for a plain adapter)."""
 
     name: str
     rank: int
@@ -80,6 +81,7 @@ class AdapterInfo:
     content_hash: str
     in_use: int
     path: str
+    experts: list[str] = field(default_factory=list)
 
 
 class LoraOptions(TypedDict, total=False):

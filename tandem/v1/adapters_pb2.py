@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/adapters.proto\x12\ttandem.v1\"\x9b\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12$\n\x04tier\x18\x04 \x01(\x0e\x32\x16.tandem.v1.AdapterTier\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06in_use\x18\x06 \x01(\r\x12\x0c\n\x04path\x18\x07 \x01(\t\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\">\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\x84\x02\n\x0f\x41\x64\x61ptersService\x12L\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x1e.tandem.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/adapters.proto\x12\ttandem.v1\"\xac\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12$\n\x04tier\x18\x04 \x01(\x0e\x32\x16.tandem.v1.AdapterTier\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06in_use\x18\x06 \x01(\r\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x08 \x03(\t\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\">\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\x84\x02\n\x0f\x41\x64\x61ptersService\x12L\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x1e.tandem.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTIER']._serialized_start=463
-  _globals['_ADAPTERTIER']._serialized_end=577
+  _globals['_ADAPTERTIER']._serialized_start=480
+  _globals['_ADAPTERTIER']._serialized_end=594
   _globals['_ADAPTERINFO']._serialized_start=40
-  _globals['_ADAPTERINFO']._serialized_end=195
-  _globals['_LOADADAPTERREQUEST']._serialized_start=197
-  _globals['_LOADADAPTERREQUEST']._serialized_end=245
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=247
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=309
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=311
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=347
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=349
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=372
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=374
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=395
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=397
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=461
-  _globals['_ADAPTERSSERVICE']._serialized_start=580
-  _globals['_ADAPTERSSERVICE']._serialized_end=840
+  _globals['_ADAPTERINFO']._serialized_end=212
+  _globals['_LOADADAPTERREQUEST']._serialized_start=214
+  _globals['_LOADADAPTERREQUEST']._serialized_end=262
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=264
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=326
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=328
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=364
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=366
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=389
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=391
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=412
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=414
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=478
+  _globals['_ADAPTERSSERVICE']._serialized_start=597
+  _globals['_ADAPTERSSERVICE']._serialized_end=857
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ ADAPTER_TIER_HOST: AdapterTier
 ADAPTER_TIER_DEVICE: AdapterTier
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "rank", "target_modules", "tier", "content_hash", "in_use", "path")
+    __slots__ = ("name", "rank", "target_modules", "tier", "content_hash", "in_use", "path", "experts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class AdapterInfo(_message.Message):
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     IN_USE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -34,7 +35,8 @@ class AdapterInfo(_message.Message):
     content_hash: str
     in_use: int
     path: str
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., content_hash: _Optional[str] = ..., in_use: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+    experts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., content_hash: _Optional[str] = ..., in_use: _Optional[int] = ..., path: _Optional[str] = ..., experts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path")

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdaptersServiceStub:
-    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) at run time.
+    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) and routers (mixtures
+    of adapters, README "Routers") at run time.
     LoadAdapter and UnloadAdapter need a bearer token with the admin role.
     """
 
@@ -54,7 +55,8 @@ class AdaptersServiceStub:
 
 
 class AdaptersServiceServicer:
-    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) at run time.
+    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) and routers (mixtures
+    of adapters, README "Routers") at run time.
     LoadAdapter and UnloadAdapter need a bearer token with the admin role.
     """
 
@@ -106,7 +108,8 @@ def add_AdaptersServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdaptersService:
-    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) at run time.
+    """AdaptersService loads and unloads adapters (Hugging Face PEFT format) and routers (mixtures
+    of adapters, README "Routers") at run time.
     LoadAdapter and UnloadAdapter need a bearer token with the admin role.
     """
 

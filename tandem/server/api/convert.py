@@ -144,4 +144,5 @@ def adapter_info(info: AdapterInfo, show_path: bool = True) -> adapters_pb2.Adap
         content_hash=info.content_hash,
         in_use=info.in_use,
         path=info.path if show_path else "",
+        experts=info.experts,
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tandem.server.adapters.peft_format import LoRAAdapter, peft_config
 from tandem.server.adapters.registry import check_adapter_name
+from tandem.server.adapters.router_format import Router
 from tandem.server.atomic_files import remove_leftovers, write_file
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError, excerpt
@@ -122,6 +123,8 @@ class JobManager:
             raise InvalidRequest(f"hyperparameters.max_seq_length {hp.max_seq_length} exceeds the server's context limit {limit}")
         hp = dataclasses.replace(hp, max_seq_length=hp.max_seq_length or limit)
         base = self.registry.get(request.base_adapter) if request.base_adapter else None
+        if isinstance(base, Router):
+            raise FailedPrecondition(f"base_adapter {request.base_adapter!r} is a router: fine-tuning starts from a LoRA adapter")
         spec = self._spec(request, base)
         data = self._dataset_bytes(request)
         prepared = self._prepare(data, hp, base)

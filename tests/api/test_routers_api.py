@@ -1,0 +1,70 @@
+"""Routers over a real server: loaded and listed with their experts, named in `adapter` beside
+plain-adapter and base requests, and refused with the right status code and reason."""
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem.client import TandemClient
+from tandem.server.adapters.router_format import router_config, write_router
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.adapters.test_routers import random_gates
+from tests.api.conftest import loopback, start_engine
+from tests.api.harness import ServerThread
+from tests.api.test_adapters_api import rpc_error
+
+PROMPT = [101, 2020, 345, 7777, 12]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_hf_model, tiny_model_dir) -> Iterator[ServerThread]:
+    root: Path = tmp_path_factory.mktemp("router-api")
+    for seed, name in enumerate(["e0", "e1", "e2"]):
+        make_adapter(tiny_hf_model, root / name, r=4, target_modules=ALL_LINEAR, seed=seed, b_std=0.2)
+    make_adapter(tiny_hf_model, root / "qv", r=4, target_modules=["q_proj", "v_proj"], seed=5)
+    write_router(root / "mix", router_config(["e0", "e1", "e2"]), random_gates(tiny_hf_model, 3, seed=1))
+    write_router(root / "unknown", router_config(["e0", "nope"]), random_gates(tiny_hf_model, 2, seed=1))
+    write_router(root / "partial", router_config(["e0", "qv"]), random_gates(tiny_hf_model, 2, seed=1))
+    engine = start_engine(tiny_model_dir, adapters_dir=str(root), max_lora_rank=8, max_loras=4)
+    thread = ServerThread(loopback(), engine)
+    yield thread
+    thread.stop()
+    engine.shutdown()
+
+
+@pytest.fixture
+def client(server) -> Iterator[TandemClient]:
+    with TandemClient(server.target, timeout=60) as c:
+        yield c
+
+
+def test_router_is_loaded_listed_and_served_beside_plain_requests(client):
+    info = client.load_adapter("mix")
+    assert info.experts == ["e0", "e1", "e2"] and info.rank == 4
+    assert {a.name: a.experts for a in client.list_adapters()}["mix"] == ["e0", "e1", "e2"]
+    alone = client.generate(prompt_token_ids=PROMPT, adapter="mix", max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    with ThreadPoolExecutor(3) as pool:
+        calls = [
+            pool.submit(client.generate, prompt_token_ids=PROMPT, adapter=name, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+            for name in ["mix", "e1", ""]
+        ]
+        mixed, plain, base = [c.result() for c in calls]
+    assert mixed.token_ids == alone.token_ids and len(alone.token_ids) == 6
+    assert len(plain.token_ids) == len(base.token_ids) == 6
+
+
+@pytest.mark.parametrize(
+    "name, code, reason",
+    [
+        ("unknown", grpc.StatusCode.NOT_FOUND, "router 'unknown' uses expert 'nope'"),
+        ("partial", grpc.StatusCode.FAILED_PRECONDITION, "which its expert 'qv' does not adapt"),
+    ],
+)
+def test_mismatched_router_is_refused_with_its_reason(client, name, code, reason):
+    error = rpc_error(lambda: client.generate(prompt_token_ids=PROMPT, adapter=name, max_new_tokens=2))
+    assert error.code == code and reason in str(error)
+    error = rpc_error(lambda: client.load_adapter(name))
+    assert error.code == code and reason in str(error)
