@@ -205,6 +205,8 @@ def test_the_autoscaler_scales_the_servers_on_a_metric_the_adapter_serves(render
     objects = rendered["gpu"]
     (hpa,) = find(objects, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tandem"}
+    (servers,) = find(objects, "Deployment", "tandem")
+    assert "replicas" not in servers["spec"], "an apply would reset the count the autoscaler chose"
     (metric,) = hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
     assert name == "tandem:num_requests_waiting" and f'"{name}"' in METRICS_SOURCE
