@@ -3,6 +3,7 @@ Kubernetes versions we support, probes and drain fit the server's own behaviour,
 stay out of plain text, GPUs only where asked for, adapters shared, pods locked down."""
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 from tandem.server.api.grpc_server import ABORT_WAIT_SECONDS, SERVICES
-from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, env_name
+from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name
+from tandem.server.config import EngineConfig, ServerConfig
 from tests.deploy.conftest import K8S, REPO, RENDERINGS, TOKENS, config_map, container, find, tandem_workloads
 
 SCHEMAS = REPO / "deploy" / "schemas"
@@ -170,6 +172,26 @@ def test_config_holds_only_variables_tandem_serve_reads(rendered, name):
     assert set(config_map(rendered[name])) <= known
     for workload in tandem_workloads(rendered[name]):
         assert {v["name"] for v in container(workload)["env"]} <= known
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, monkeypatch):
+    # What `tandem serve` would refuse at start: a bad value, fine-tuning without adapters.
+    def fields(args, flags) -> dict:
+        return {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in flags}
+
+    for workload in tandem_workloads(rendered[name]):
+        env = dict(config_map(rendered[name]))
+        # Values from the downward API (the thread count) stand in as "2".
+        env.update({v["name"]: v.get("value", "2") for v in container(workload)["env"]})
+        for var in [v for v in os.environ if v.startswith("TANDEM_")]:
+            monkeypatch.delenv(var)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        args = build_parser().parse_args(["serve"])
+        engine, server = EngineConfig(**fields(args, ENGINE_FLAGS)), ServerConfig(**fields(args, SERVER_FLAGS))
+        assert engine.adapters_dir == "/adapters" and server.auth_tokens_file == "/etc/tandem/auth/tokens"
+        assert (engine.data_dir is not None) == (workload["kind"] == "StatefulSet")
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
