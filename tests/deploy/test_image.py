@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -81,4 +82,4 @@ def test_the_image_install_script_resolves_to_what_is_installed():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     would = [line for line in run.stdout.splitlines() if line.startswith("Would install")]
-    assert would and all(line.split()[2:] == ["tandem-0.1.0"] for line in would), would
+    assert would and all(line.split()[2:] == [f"tandem-{metadata.version('tandem')}"] for line in would), would
