@@ -2,6 +2,7 @@
 step is deploy/install.sh, and that script, run the same way in a dry run against the test
 environment, finds every pinned version already there (what CI tests is what ships)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -15,8 +16,10 @@ import pytest
 from tests.deploy.conftest import REPO
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
-sys.path.insert(0, str(REPO / "deploy"))
-import freeze_constraints  # noqa: E402  (a script beside the Dockerfile, not a package)
+# A script beside the Dockerfile, not a package of ours.
+_spec = importlib.util.spec_from_file_location("freeze_constraints", REPO / "deploy" / "freeze_constraints.py")
+freeze_constraints = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(freeze_constraints)
 
 
 def _tool(name: str) -> str:
