@@ -13,6 +13,8 @@ K8S = REPO / "deploy" / "k8s"
 TOKENS = "inference rendered-test-inference-token\nadmin rendered-test-admin-token\n"
 # What the tests render: the two overlays, and the laptop one with TLS on.
 RENDERINGS = ("cpu", "gpu", "cpu-tls")
+# deploy/k8s itself renders the laptop overlay.
+DEFAULT = "default"
 
 
 def _prepare(root: Path) -> None:
@@ -41,6 +43,9 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         run = subprocess.run([kubectl, "kustomize", str(root / "overlays" / name)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"kubectl kustomize overlays/{name} failed:\n{run.stderr}"
         out[name] = [doc for doc in yaml.safe_load_all(run.stdout) if doc]
+    run = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"kubectl kustomize deploy/k8s failed:\n{run.stderr}"
+    out[DEFAULT] = [doc for doc in yaml.safe_load_all(run.stdout) if doc]
     return out
 
 

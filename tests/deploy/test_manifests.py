@@ -16,7 +16,7 @@ import yaml
 from tandem.server.api.grpc_server import ABORT_WAIT_SECONDS, SERVICES
 from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name
 from tandem.server.config import EngineConfig, ServerConfig
-from tests.deploy.conftest import K8S, REPO, RENDERINGS, TOKENS, config_map, container, find, tandem_workloads
+from tests.deploy.conftest import DEFAULT, K8S, REPO, RENDERINGS, TOKENS, config_map, container, find, tandem_workloads
 
 SCHEMAS = REPO / "deploy" / "schemas"
 CUSTOM_SCHEMAS = {
@@ -41,6 +41,10 @@ def test_every_rendering_is_valid_against_the_kubernetes_and_crd_schemas(rendere
             continue
         for version in KUBERNETES_VERSIONS:
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_deploy_k8s_itself_is_the_laptop_deployment(rendered):
+    assert rendered[DEFAULT] == rendered["cpu"]
 
 
 def test_a_misspelt_field_fails_validation(rendered):
