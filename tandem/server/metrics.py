@@ -1,8 +1,10 @@
-"""Prometheus metrics with vLLM's names under the `tandem:` prefix.
+"""Prometheus metrics with vLLM's names and labels under the `tandem:` prefix.
 
-Latencies and token counts are pushed by the API layer as requests progress; engine and
+Latencies and token counts are pushed by the API layer as requests end; engine and
 adapter gauges are pulled from a MetricsSource at scrape time, so they are never stale.
-Each Metrics owns its registry (no process-global state), so tests can run many servers.
+Every series carries vLLM's `model_name` label, added at scrape time (the name is known
+once the model has loaded). Each Metrics owns its registries (no process-global state), so
+tests can run many servers.
 """
 
 import time
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -22,6 +24,37 @@ if TYPE_CHECKING:
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's 1-2-5 series up to its max_model_len; ours stops at the largest context we expect.
+REQUEST_TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5)) + (1_000_000,)
+# The engine's finish reasons as vLLM's finished_reason label says them.
+VLLM_FINISHED_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
+# A generation the caller cancelled, or whose deadline passed, ended as an abort.
+ABORT_STATUSES = frozenset({"CANCELLED", "DEADLINE_EXCEEDED"})
+
+
+@dataclass
+class CallSummary:
+    """One RPC as the request metrics see it when it ends. Times are time.monotonic()
+    seconds; None where the call never got there. generation: it reached the engine."""
+
+    method: str
+    status: str
+    finish_reason: str
+    generation: bool
+    prompt_tokens: int
+    generated_tokens: int
+    arrived: float
+    ended: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+    @property
+    def finished_reason(self) -> str:
+        """vLLM's finished_reason: stop, length or abort ("" for a call that generated nothing)."""
+        if self.finish_reason:
+            return VLLM_FINISHED_REASONS.get(self.finish_reason, self.finish_reason)
+        return "abort" if self.generation and self.status in ABORT_STATUSES else ""
 
 
 @dataclass
@@ -54,13 +87,22 @@ class _PulledMetrics(Collector):
             yield GaugeMetricFamily("tandem:kv_cache_usage_perc", "KV cache blocks in use (0 to 1).", stats.kv_usage)
             yield CounterMetricFamily("tandem:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
             tokens = CounterMetricFamily(
-                "tandem:iteration_tokens",
+                "tandem:iteration_tokens_by_kind",
                 "Tokens run per kind of work: decode, prefill, train_forward, train_backward (token-layers / layers).",
                 labels=["kind"],
             )
             for kind, count in stats.iteration_tokens.items():
                 tokens.add_metric([kind], count)
             yield tokens
+            if stats.iteration_token_histogram is not None:
+                histogram = stats.iteration_token_histogram
+                yield HistogramMetricFamily(
+                    "tandem:iteration_tokens_total", "Inference tokens (decode + prefill) per engine iteration.",
+                    buckets=histogram.cumulative(), sum_value=histogram.total,
+                )
+            cache = GaugeMetricFamily("tandem:cache_config_info", "KV cache settings (vLLM's labels).", labels=sorted(stats.cache_config))
+            cache.add_metric([stats.cache_config[k] for k in sorted(stats.cache_config)], 1)
+            yield cache
             yield GaugeMetricFamily(
                 "tandem:finetune_share", "Share of the next iteration's token budget co-served fine-tuning may use.",
                 stats.finetune_share,
@@ -104,12 +146,30 @@ def _finetune_metrics(stats: "FinetuneStats | None") -> Iterator[Metric]:
         yield loss
 
 
-class Metrics:
-    """All instruments of one server."""
+class _ModelNameLabel(Collector):
+    """Every series of `inner` with model_name="..." first among its labels."""
 
-    def __init__(self) -> None:
+    def __init__(self, inner: CollectorRegistry, metrics: "Metrics"):
+        self._inner = inner
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            label = {"model_name": self._metrics.model_name}
+            labelled.samples = [s._replace(labels={**label, **s.labels}) for s in metric.samples]
+            yield labelled
+
+
+class Metrics:
+    """All instruments of one server. model_name labels every series (vLLM's label); the
+    server sets it when the model has loaded."""
+
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
         self.registry = CollectorRegistry()
-        r = self.registry
+        r = self._instruments = CollectorRegistry()
+        self.registry.register(_ModelNameLabel(r, self))
         self.time_to_first_token = Histogram(
             "tandem:time_to_first_token_seconds", "Time from request arrival to its first token.", buckets=TTFT_BUCKETS, registry=r
         )
@@ -128,11 +188,51 @@ class Metrics:
             "tandem:requests", "RPCs by method, status code and finish reason.", ["method", "status", "finished_reason"], registry=r
         )
         self.lora_adapter_loads = Counter("tandem:lora_adapter_loads", "Successful LoadAdapter calls.", registry=r)
+        self.request_prompt_tokens = Histogram(
+            "tandem:request_prompt_tokens", "Prompt tokens of each finished generation.", buckets=REQUEST_TOKEN_BUCKETS, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            "tandem:request_generation_tokens", "Tokens generated by each finished generation.", buckets=REQUEST_TOKEN_BUCKETS, registry=r
+        )
+        self.request_queue_time = Histogram(
+            "tandem:request_queue_time_seconds", "Time from arrival until the engine first scheduled the request.", buckets=E2E_BUCKETS, registry=r
+        )
+        self.request_prefill_time = Histogram(
+            "tandem:request_prefill_time_seconds", "Time from first scheduled to the first token.", buckets=E2E_BUCKETS, registry=r
+        )
+        self.request_decode_time = Histogram(
+            "tandem:request_decode_time_seconds", "Time from the first token to the last.", buckets=E2E_BUCKETS, registry=r
+        )
+        self.request_inference_time = Histogram(
+            "tandem:request_inference_time_seconds", "Time from first scheduled to the last token.", buckets=E2E_BUCKETS, registry=r
+        )
         self._http = None
 
     def bind(self, source: MetricsSource) -> None:
         """Adds the gauges read from the engine and the adapter pool at scrape time."""
-        self.registry.register(_PulledMetrics(source))
+        self._instruments.register(_PulledMetrics(source))
+
+    def observe_call(self, call: CallSummary) -> None:
+        """Counts one ended RPC; a generation that finished (or was aborted) also goes into
+        vLLM's request histograms."""
+        reason = call.finished_reason
+        self.requests.labels(call.method, call.status, reason).inc()
+        if not call.generation or not (call.status == "OK" or reason == "abort"):
+            return
+        self.request_success.labels(reason).inc()
+        self.e2e_request_latency.observe(call.ended - call.arrived)
+        self.prompt_tokens.inc(call.prompt_tokens)
+        self.generation_tokens.inc(call.generated_tokens)
+        self.request_prompt_tokens.observe(call.prompt_tokens)
+        self.request_generation_tokens.observe(call.generated_tokens)
+        if call.scheduled is None:
+            return
+        self.request_queue_time.observe(call.scheduled - call.arrived)
+        if call.last_token is not None:
+            self.request_inference_time.observe(call.last_token - call.scheduled)
+        if call.first_token is not None and call.last_token is not None:
+            self.request_prefill_time.observe(call.first_token - call.scheduled)
+            self.request_decode_time.observe(call.last_token - call.first_token)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint in a thread; returns the bound port."""

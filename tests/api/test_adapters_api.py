@@ -155,18 +155,18 @@ def test_metrics_show_adapter_slots(client, lora_server):
     client.generate(prompt_token_ids=PROMPTS[2], adapter="alpha", max_new_tokens=2)
     url = f"http://127.0.0.1:{lora_server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    slots = re.search(r"^tandem:lora_slots_in_use (\S+)$", text, re.MULTILINE)
+    slots = re.search(r'^tandem:lora_slots_in_use\{model_name="[^"]*"\} (\S+)$', text, re.MULTILINE)
     assert slots is not None and 1 <= float(slots[1]) <= 2
-    loads = re.search(r"^tandem:lora_adapter_loads_total (\S+)$", text, re.MULTILINE)
+    loads = re.search(r'^tandem:lora_adapter_loads_total\{model_name="[^"]*"\} (\S+)$', text, re.MULTILINE)
     assert loads is not None and float(loads[1]) >= 1
     assert re.search(r'^tandem:lora_requests_info\{max_lora="2",', text, re.MULTILINE)
-    assert re.search(r"^tandem:lora_adapter_evictions_total \S+$", text, re.MULTILINE)
-    slot_loads = re.search(r"^tandem:lora_slot_loads_total (\S+)$", text, re.MULTILINE)
+    assert re.search(r'^tandem:lora_adapter_evictions_total\{model_name="[^"]*"\} \S+$', text, re.MULTILINE)
+    slot_loads = re.search(r'^tandem:lora_slot_loads_total\{model_name="[^"]*"\} (\S+)$', text, re.MULTILINE)
     assert slot_loads is not None and float(slot_loads[1]) >= 1
-    load_seconds = re.search(r"^tandem:lora_slot_load_seconds_total (\S+)$", text, re.MULTILINE)
+    load_seconds = re.search(r'^tandem:lora_slot_load_seconds_total\{model_name="[^"]*"\} (\S+)$', text, re.MULTILINE)
     # Copying a tiny adapter into a slot takes well under a second (not a clock difference gone wrong).
     assert load_seconds is not None and 0 < float(load_seconds[1]) < 5
-    assert re.search(r"^tandem:lora_host_evictions_total \S+$", text, re.MULTILINE)
+    assert re.search(r'^tandem:lora_host_evictions_total\{model_name="[^"]*"\} \S+$', text, re.MULTILINE)
 
 
 @pytest.fixture(scope="module")

@@ -174,8 +174,8 @@ def test_a_coserved_job_shows_in_the_metrics(ft_client, ft_server):
     url = f"http://127.0.0.1:{ft_server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for kind in ("train_forward", "train_backward"):
-        value = re.search(rf'^tandem:iteration_tokens_total{{kind="{kind}"}} (\S+)$', text, re.M)
+        value = re.search(rf'^tandem:iteration_tokens_by_kind_total{{kind="{kind}",model_name="[^"]*"}} (\S+)$', text, re.M)
         assert value and float(value.group(1)) > 0, kind
-    assert re.search(r"^tandem:finetune_share \S+$", text, re.M)
-    assert re.search(r'^tandem:finetune_jobs\{state="succeeded"\} [1-9]', text, re.M)
-    assert re.search(r"^tandem:finetune_tokens_total [1-9]", text, re.M)
+    assert re.search(r'^tandem:finetune_share\{model_name="[^"]*"\} \S+$', text, re.M)
+    assert re.search(r'^tandem:finetune_jobs\{model_name="[^"]*",state="succeeded"\} [1-9]', text, re.M)
+    assert re.search(r'^tandem:finetune_tokens_total\{model_name="[^"]*"\} [1-9]', text, re.M)

@@ -83,8 +83,9 @@ def test_request_id_is_echoed_and_logged(client, caplog):
 def test_metrics_scrape_shows_the_request(server, client):
     client.generate("Hello", max_new_tokens=4)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'tandem:requests_total{finished_reason="length",method="Generate",status="OK"}' in text
-    assert 'tandem:request_success_total{finished_reason="length"}' in text
+    model = server.engine.info.name
+    assert f'tandem:requests_total{{finished_reason="length",method="Generate",model_name="{model}",status="OK"}}' in text
+    assert f'tandem:request_success_total{{finished_reason="length",model_name="{model}"}}' in text
     for name in (
         "tandem:time_to_first_token_seconds_count",
         "tandem:inter_token_latency_seconds_count",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tandem.server.api.auth import Role
 from tandem.server.engine.outputs import RequestOutput
-from tandem.server.metrics import Metrics
+from tandem.server.metrics import CallSummary, Metrics
 
 
 @dataclass
@@ -27,13 +27,14 @@ class CallRecord:
     finish_reason: str = ""
     first_token_at: float | None = None
     last_token_at: float | None = None
-    is_generation: bool = False
     role: Role = Role.ADMIN
+    scheduled_at: float | None = None  # when the engine first scheduled the generation
 
     def on_output(self, out: RequestOutput) -> None:
         """Records one engine increment: TTFT on the first token, inter-token latency after."""
         now = time.monotonic()
-        self.is_generation = True
+        if self.scheduled_at is None:
+            self.scheduled_at = out.first_scheduled_at
         self.prompt_tokens = out.prompt_tokens
         new_tokens = out.generated_tokens - self.generated_tokens
         if new_tokens > 0:
@@ -49,6 +50,13 @@ class CallRecord:
         self.generated_tokens = out.generated_tokens
         if out.finished and out.finish_reason is not None:
             self.finish_reason = out.finish_reason.value
+
+    def summary(self, status: str) -> CallSummary:
+        """The call as the request metrics count it, ending now with `status`."""
+        return CallSummary(
+            self.method, status, self.finish_reason, bool(self.engine_request_id), self.prompt_tokens,
+            self.generated_tokens, self.started, time.monotonic(), self.scheduled_at, self.first_token_at, self.last_token_at,
+        )
 
     @property
     def waiting(self) -> bool:

@@ -58,6 +58,7 @@ class TandemServer:
         log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}})
 
     async def attach_engine(self, engine: "AsyncEngine") -> None:
+        self.metrics.model_name = engine.info.name
         await self.state.attach(engine)
         log.info("ready", extra={"fields": {"model": engine.info.name}})
 

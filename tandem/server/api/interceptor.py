@@ -151,12 +151,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def _close(self, record: CallRecord, context: grpc.aio.ServicerContext, ended: BaseException | None) -> None:
         status = _final_status(context, ended)
         latency = time.monotonic() - record.started
-        self._metrics.requests.labels(record.method, status, record.finish_reason).inc()
-        if record.is_generation and status == "OK":
-            self._metrics.e2e_request_latency.observe(latency)
-            self._metrics.prompt_tokens.inc(record.prompt_tokens)
-            self._metrics.generation_tokens.inc(record.generated_tokens)
-            self._metrics.request_success.labels(record.finish_reason).inc()
+        self._metrics.observe_call(record.summary(status))
         log.info(
             "request",
             extra={

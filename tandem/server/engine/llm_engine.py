@@ -22,6 +22,7 @@ from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, R
 from tandem.server.engine.sampler import Sampler
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.engine.scheduler import Scheduler
+from tandem.server.engine.token_histogram import ITERATION_TOKEN_BUCKETS, TokenHistogram
 from tandem.server.engine.sequence import Sequence
 from tandem.server.errors import InvalidRequest, ResourceExhausted
 from tandem.server.model.loader import LoadedModel, load_model
@@ -55,6 +56,7 @@ class Engine:
         self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_backward")}
+        self.iteration_histogram = TokenHistogram(ITERATION_TOKEN_BUCKETS)
         self.info = ModelInfo(
             name=loaded.name,
             architecture=loaded.architecture,
@@ -155,6 +157,7 @@ class Engine:
         by autograd); a backward slice then runs on its own, from stored inputs."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        scheduled_at = time.monotonic()
         self.coserve.plan(scheduled, bool(self.scheduler.running))
         if not scheduled:
             return []
@@ -173,6 +176,8 @@ class Engine:
         self._count(scheduled)
         self.share.observe(time.perf_counter() - started, self.coserve.work(scheduled), bool(scheduled.decodes))
         for chunk in scheduled.inference:
+            if chunk.seq.first_scheduled_at is None:
+                chunk.seq.first_scheduled_at = scheduled_at
             chunk.seq.num_computed += chunk.num_tokens
         outputs = []
         for seq, token, logprob in zip(result.sampled, sampled.token_ids, sampled.logprobs):
@@ -188,7 +193,10 @@ class Engine:
     def _count(self, scheduled: SchedulerOutput) -> None:
         tokens = self.iteration_tokens
         tokens["decode"] += len(scheduled.decodes)
-        tokens["prefill"] += sum(c.num_tokens for c in scheduled.prefills)
+        prefill = sum(c.num_tokens for c in scheduled.prefills)
+        tokens["prefill"] += prefill
+        if scheduled.decodes or prefill:
+            self.iteration_histogram.observe(len(scheduled.decodes) + prefill)
         if scheduled.train_forward is not None:
             tokens["train_forward"] += scheduled.train_forward.num_tokens
         backward = scheduled.train_backward
@@ -222,6 +230,13 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             iteration_tokens=dict(self.iteration_tokens),
             finetune_share=self.share.share,
+            iteration_token_histogram=self.iteration_histogram.snapshot(),
+            cache_config={
+                "block_size": str(self.config.block_size),
+                "cache_dtype": str(self.dtype).removeprefix("torch."),
+                "num_gpu_blocks": str(total),
+                "enable_prefix_caching": "False",
+            },
         )
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -253,6 +268,7 @@ class Engine:
             prompt_tokens=seq.prompt_len,
             generated_tokens=seq.num_generated,
             logprobs=logprobs,
+            first_scheduled_at=seq.first_scheduled_at,
         )
         if finished:
             del self._seqs[rid], self._detok[rid], self._reported[rid]

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tandem.server.engine.token_histogram import TokenHistogram
+
 
 class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens or the context limit reached
@@ -36,6 +38,8 @@ class RequestOutput:
     prompt_tokens: int
     generated_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    # time.monotonic() when the engine first scheduled the request (None: still queued).
+    first_scheduled_at: float | None = None
 
 
 @dataclass
@@ -63,3 +67,7 @@ class EngineStats:
     num_preemptions: int
     iteration_tokens: dict[str, float] = field(default_factory=dict)
     finetune_share: float = 0.0
+    # Inference tokens (decode + prefill) per iteration since start.
+    iteration_token_histogram: TokenHistogram | None = None
+    # The KV cache's settings under vLLM's cache_config_info label names.
+    cache_config: dict[str, str] = field(default_factory=dict)

@@ -42,6 +42,7 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    first_scheduled_at: float | None = None  # time.monotonic() of its first scheduled chunk
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property

@@ -1,0 +1,123 @@
+"""The Prometheus exposition as vLLM's dashboards read it: every series labelled model_name,
+vLLM's finished_reason values (stop, length, abort; a cancelled stream is an abort), the
+request histograms, iteration tokens and cache_config_info; and the Grafana dashboard in
+deploy/grafana queries only series the server exposes."""
+
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tandem.client import TandemClient
+from tandem.server.metrics import CallSummary
+from tests.api.conftest import loopback, wait_until
+from tests.api.harness import ServerThread
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tandem.json"
+PROMPT = [101, 2020, 345, 7777, 12]
+
+
+@pytest.fixture(scope="module")
+def metrics_server(tiny_engine) -> Iterator[ServerThread]:
+    """A server of its own: its request metrics count only this module's calls."""
+    thread = ServerThread(loopback(), tiny_engine)
+    yield thread
+    thread.stop()
+
+
+def scrape(server: ServerThread) -> dict[str, list]:
+    """Sample name -> [(labels, value)] from the server's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples: dict[str, list], name: str, **labels: str) -> float:
+    matching = [v for got, v in samples.get(name, []) if all(got.get(k) == want for k, want in labels.items())]
+    assert len(matching) == 1, (name, labels, samples.get(name))
+    return matching[0]
+
+
+@pytest.fixture(scope="module")
+def after_known_requests(metrics_server) -> dict[str, list]:
+    """length (4 tokens), stop (2 tokens, a stop token id), a stream cancelled after its
+    first message, and a Tokenize call; then one scrape."""
+    with TandemClient(metrics_server.target, timeout=60, max_retries=0) as client:
+        first = client.generate(prompt_token_ids=PROMPT, max_new_tokens=4, ignore_eos=True)
+        assert (first.finish_reason, first.generated_tokens) == ("length", 4)
+        stopped = client.generate(prompt_token_ids=PROMPT, max_new_tokens=8, ignore_eos=True, stop_token_ids=[first.token_ids[1]])
+        assert (stopped.finish_reason, stopped.generated_tokens) == ("stop", 2)
+        stream = client.stream(prompt_token_ids=PROMPT, max_new_tokens=400, ignore_eos=True)
+        next(stream)
+        stream.close()
+        client.tokenize("hello")
+    model = metrics_server.engine.info.name
+    assert wait_until(lambda: ("abort", model) in {(l["finished_reason"], l["model_name"]) for l, _ in scrape(metrics_server).get("tandem:request_success_total", [])})
+    return scrape(metrics_server)
+
+
+def test_every_series_carries_model_name(after_known_requests, metrics_server):
+    model = metrics_server.engine.info.name
+    unlabelled = {name for name, rows in after_known_requests.items() for labels, _ in rows if labels.get("model_name") != model}
+    assert unlabelled == set()
+
+
+def test_finished_reasons_and_calls(after_known_requests):
+    s = after_known_requests
+    assert {labels["finished_reason"]: v for labels, v in s["tandem:request_success_total"]} == {"length": 1, "stop": 1, "abort": 1}
+    assert value(s, "tandem:requests_total", method="Generate", status="OK", finished_reason="length") == 1
+    assert value(s, "tandem:requests_total", method="Generate", status="OK", finished_reason="stop") == 1
+    assert value(s, "tandem:requests_total", method="GenerateStream", status="CANCELLED", finished_reason="abort") == 1
+    assert value(s, "tandem:requests_total", method="Tokenize", status="OK", finished_reason="") == 1
+
+
+def test_request_histograms(after_known_requests):
+    s = after_known_requests
+    assert value(s, "tandem:request_prompt_tokens_count") == 3
+    assert value(s, "tandem:request_prompt_tokens_sum") == 3 * len(PROMPT)
+    assert value(s, "tandem:request_prompt_tokens_bucket", le="5.0") == 3
+    assert value(s, "tandem:request_generation_tokens_count") == 3
+    assert value(s, "tandem:request_generation_tokens_sum") >= 4 + 2 + 1  # the cancelled stream got at least one
+    assert value(s, "tandem:request_generation_tokens_bucket", le="2.0") >= 1  # the stopped one
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert value(s, f"tandem:request_{phase}_time_seconds_count") == 3, phase
+        assert value(s, f"tandem:request_{phase}_time_seconds_sum") >= 0, phase
+    e2e = value(s, "tandem:e2e_request_latency_seconds_sum")
+    phases = sum(value(s, f"tandem:request_{p}_time_seconds_sum") for p in ("queue", "prefill", "decode"))
+    assert phases <= e2e  # queue, prefill and decode are successive parts of each request
+    assert value(s, "tandem:prompt_tokens_total") == 3 * len(PROMPT)
+
+
+def test_iteration_tokens_and_cache_config(after_known_requests, tiny_engine):
+    s = after_known_requests
+    assert value(s, "tandem:iteration_tokens_total_count") >= 1
+    # Every prompt was prefilled and every generated token but the last decoded by some iteration.
+    assert value(s, "tandem:iteration_tokens_total_sum") >= 3 * len(PROMPT) + 4 + 2 - 2
+    assert value(s, "tandem:iteration_tokens_total_bucket", le="+Inf") == value(s, "tandem:iteration_tokens_total_count")
+    assert {labels["kind"] for labels, _ in s["tandem:iteration_tokens_by_kind_total"]} >= {"decode", "prefill"}
+    stats = tiny_engine.stats()
+    (labels, one), = s["tandem:cache_config_info"]
+    assert one == 1
+    assert (labels["block_size"], labels["num_gpu_blocks"], labels["cache_dtype"]) == ("16", str(stats.num_total_blocks), "float32")
+
+
+def test_eos_is_counted_as_stop():
+    """vLLM's dashboards know stop, length and abort; the engine's eos is a stop."""
+    call = CallSummary("Generate", "OK", "eos", True, 3, 2, arrived=0.0, ended=1.0)
+    assert call.finished_reason == "stop"
+    assert CallSummary("GenerateStream", "DEADLINE_EXCEEDED", "", True, 3, 0, arrived=0.0, ended=1.0).finished_reason == "abort"
+    assert CallSummary("Generate", "INVALID_ARGUMENT", "", True, 0, 0, arrived=0.0, ended=1.0).finished_reason == ""
+
+
+def test_the_grafana_dashboard_queries_only_exposed_series(after_known_requests):
+    exprs = [target["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for target in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"tandem:[a-z0-9_:]+", expr)}
+    assert len(queried) >= 15
+    assert sorted(queried - set(after_known_requests)) == []
