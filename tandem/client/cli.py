@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from tandem.client.errors import TandemRpcError
 from tandem.client.job_display import ProgressDisplay, job_details, job_table, outcome
+from tandem.client.live_line import LiveLine
 from tandem.client.sync_client import TandemClient
 from tandem.client.types import FinetuneJob, Hyperparameters, LoraOptions, SamplingOptions
 
@@ -180,16 +181,22 @@ def _run_model(args: argparse.Namespace, client: TandemClient) -> int:
 
 
 def _run_health(args: argparse.Namespace, client: TandemClient) -> int:
-    """Prints the status; with --wait polls until SERVING or the time is up."""
-    end = time.monotonic() + args.wait
+    """Prints the status; with --wait polls until SERVING or the time is up, showing on
+    stderr what it waits for (a line redrawn on a terminal, a line per change elsewhere)."""
+    started = time.monotonic()
+    progress = LiveLine(sys.stderr)
+    what = args.service or "the server"
     while True:
         try:
             status = client.health(args.service, timeout=min(5.0, args.timeout))
         except TandemRpcError as error:
             status = error.code.name
-        if status == "SERVING" or time.monotonic() >= end:
+        waited = time.monotonic() - started
+        if status == "SERVING" or waited >= args.wait:
+            progress.close()
             print(status)
             return 0 if status == "SERVING" else EXIT_NOT_SERVING
+        progress.show(f"waiting for {what}: {status}" + (f", {waited:.0f} s of {args.wait:.0f}" if progress.live else ""))
         time.sleep(0.5)
 
 

@@ -5,6 +5,7 @@ import time
 from dataclasses import asdict
 from typing import Any, TextIO
 
+from tandem.client.live_line import LiveLine
 from tandem.client.types import FinetuneJob
 
 BAR_WIDTH = 24
@@ -49,29 +50,18 @@ def progress_bar(job: FinetuneJob, width: int = BAR_WIDTH) -> str:
 
 
 class ProgressDisplay:
-    """Shows each snapshot of a job on `stream`: redraws one line on a terminal, else writes a
-    line whenever what it shows changed."""
+    """Shows each snapshot of a job on `stream`: a bar and the progress line, redrawn on a
+    terminal; elsewhere the line alone, whenever it changed."""
 
     def __init__(self, stream: TextIO):
-        self._stream = stream
-        self._live = stream.isatty()
-        self._last = ""
+        self._line = LiveLine(stream)
 
     def show(self, job: FinetuneJob) -> None:
         line = progress_line(job, time.time())
-        if self._live:
-            # \r back to the start, \x1b[K clears what a longer previous line left.
-            self._stream.write(f"\r{progress_bar(job)} {line}\x1b[K")
-            self._stream.flush()
-        elif line != self._last:
-            print(line, file=self._stream, flush=True)
-        self._last = line
+        self._line.show(f"{progress_bar(job)} {line}" if self._line.live else line)
 
     def close(self) -> None:
-        """Ends the live line, so that what follows starts on a line of its own."""
-        if self._live and self._last:
-            self._stream.write("\n")
-            self._stream.flush()
+        self._line.close()
 
 
 def outcome(job: FinetuneJob) -> str:

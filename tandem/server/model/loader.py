@@ -5,7 +5,9 @@ GGUF file; nothing is ever fetched from a hub. The transformers model is only a 
 area: its tensors are fused (q/k/v, gate/up) into a LlamaModel and then dropped.
 """
 
+import contextlib
 import importlib.util
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from tandem.server.errors import ModelLoadError
+from tandem.server.load_phases import load_phase
 from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import MLP, Attention, DecoderLayer, LlamaModel, ModelShape, RMSNorm, Rotary
 
@@ -55,13 +58,19 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
     if not model_path.exists():
         raise ModelLoadError(f"model path {str(model_path)!r} does not exist")
     source, kwargs = _source(model_path)
-    config = _call(model_path, "read the model config", _auto("AutoConfig").from_pretrained, source, **kwargs)
-    check_supported(config)
-    tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
-    hf_model = _call(
-        model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=torch.float32, **kwargs
-    )
-    model = build_from_hf(hf_model, dtype, device)
+    _quiet_transformers()
+    with load_phase("read", model=str(model_path)):
+        config = _call(model_path, "read the model config", _auto("AutoConfig").from_pretrained, source, **kwargs)
+        check_supported(config)
+        tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
+    # GGUF weights are dequantised to float32 here (under a raw tqdm bar that no setting
+    # turns off: it goes to a sink); a safetensors directory is only read.
+    with load_phase("dequantise", gguf=model_path.is_file()), contextlib.redirect_stderr(io.StringIO()):
+        hf_model = _call(
+            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=torch.float32, **kwargs
+        )
+    with load_phase("build", dtype=str(dtype).removeprefix("torch."), device=str(device)):
+        model = build_from_hf(hf_model, dtype, device)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -184,6 +193,18 @@ def _auto(name: str) -> Any:
     import transformers
 
     return getattr(transformers, name)
+
+
+def _quiet_transformers() -> None:
+    """No progress bars (their control characters garbled the JSON log), and transformers'
+    own messages go through our logging instead of its private stderr handler."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
 
 def _rope_parameters(config: Any) -> dict:

@@ -1,0 +1,26 @@
+"""One status line that keeps a terminal informed: redrawn in place on a terminal, written as
+a new line only when it changes elsewhere (a log file, a pipe)."""
+
+from typing import TextIO
+
+
+class LiveLine:
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.live = stream.isatty()
+        self._last = ""
+
+    def show(self, line: str) -> None:
+        if self.live:
+            # \r back to the start, \x1b[K clears what a longer previous line left.
+            self._stream.write(f"\r{line}\x1b[K")
+            self._stream.flush()
+        elif line != self._last:
+            print(line, file=self._stream, flush=True)
+        self._last = line
+
+    def close(self) -> None:
+        """Ends the live line, so that what follows starts on a line of its own."""
+        if self.live and self._last:
+            self._stream.write("\n")
+            self._stream.flush()

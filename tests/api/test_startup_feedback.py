@@ -1,0 +1,69 @@
+"""Start-up says what it is doing: the server logs each load phase with its duration and no
+library progress bars, and `tandem health --wait` shows what it is waiting for."""
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+import transformers
+from tqdm import tqdm
+
+from tandem.server.cli import main
+from tandem.server.config import EngineConfig
+from tandem.server.engine.llm_engine import Engine
+from tandem.server.load_phases import PHASES
+from tests.api.conftest import KV_CACHE_BYTES, loopback
+from tests.api.harness import ServerThread
+
+READY = "tandem.v1.GenerationService"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def loading_server() -> Iterator[ServerThread]:
+    """Up, but with no engine: readiness stays NOT_SERVING."""
+    thread = ServerThread(loopback(), None)
+    yield thread
+    thread.stop()
+
+
+def test_health_wait_writes_a_line_per_change_off_a_terminal(loading_server, capsys):
+    code = main(["health", "--service", READY, "--wait", "1.2", "--target", loading_server.target])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, "NOT_SERVING\n")  # stdout stays the bare status, for scripts
+    assert err == f"waiting for {READY}: NOT_SERVING\n"
+
+
+def test_health_wait_redraws_one_line_on_a_terminal(loading_server, capsys, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(["health", "--wait", "1.2", "--service", READY, "--target", loading_server.target]) == 1
+    drawn = terminal.getvalue()
+    assert drawn.startswith(f"\rwaiting for {READY}: NOT_SERVING, 0 s of 1\x1b[K")
+    assert drawn.count("\r") >= 2 and drawn.endswith("\x1b[K\n")  # redrawn in place, then ended
+
+
+def test_load_phases_are_logged_in_order_with_their_durations(tiny_model_dir, caplog, capfd, monkeypatch):
+    """A progress bar drawn while the weights load (transformers draws a raw tqdm bar while
+    it dequantises GGUF tensors) never reaches the server's stderr."""
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def with_a_progress_bar(*args, **kwargs):
+        for _ in tqdm(range(50), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", with_a_progress_bar)
+    caplog.set_level(logging.INFO, logger="tandem.load")
+    Engine.from_config(EngineConfig(model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=KV_CACHE_BYTES))
+    lines = [r.fields for r in caplog.records if r.name == "tandem.load"]
+    assert [(line["phase"], line["state"]) for line in lines] == [(p, s) for p in PHASES for s in ("started", "done")]
+    assert [line["step"] for line in lines if line["state"] == "done"] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(line["seconds"] >= 0 for line in lines if line["state"] == "done")
+    err = capfd.readouterr().err
+    assert "de-quantizing" not in err and "\r" not in err
