@@ -50,9 +50,9 @@ def test_aborts_and_preemptions_leak_no_blocks(tiny_hf_model, smollm2_tokenizer)
     step = 0
     while engine.has_work():
         if step == 3:
-            finals["r1"] = engine.abort("r1")  # running
+            (finals["r1"],) = engine.abort("r1")  # running
         if step == 4:
-            finals["r7"] = engine.abort("r7")  # still waiting
+            (finals["r7"],) = engine.abort("r7")  # still waiting
         for out in engine.step():
             if out.finished:
                 finals[out.request_id] = out
@@ -62,7 +62,7 @@ def test_aborts_and_preemptions_leak_no_blocks(tiny_hf_model, smollm2_tokenizer)
     assert finals["r7"].finish_reason is FinishReason.ABORT
     assert all(finals[f"r{i}"].finish_reason is FinishReason.LENGTH for i in (0, 2, 3, 4, 5, 6))
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
-    assert engine.abort("r1") is None
+    assert engine.abort("r1") == []
 
 
 def test_token_budget_and_sequence_cap_are_respected(tiny_hf_model, smollm2_tokenizer):

@@ -151,7 +151,8 @@ class AsyncEngine:
         adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs for a text, token ids, or chat messages; errors are
-        raised before the first output."""
+        raised before the first output. With params.n > 1 the n completions' outputs
+        interleave (RequestOutput.index tells them apart); the stream ends when all have."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
         lora = None
@@ -171,19 +172,19 @@ class AsyncEngine:
             self._streams[request_id] = stream
         self._inbox.put(_Add(request_id, prompt_ids, params, lora))
         self._wake.set()
-        finished = False
+        unfinished = params.n
         try:
-            while not finished:
+            while unfinished:
                 item = await stream.queue.get()
                 stream.read += 1
                 if isinstance(item, Exception):
                     raise item
-                finished = item.finished
+                unfinished -= item.finished
                 yield item
         finally:
             with self._lock:
                 del self._streams[request_id]
-            if not finished:
+            if unfinished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -245,8 +246,7 @@ class AsyncEngine:
                 except TandemError as exc:
                     self._deliver(command.request_id, exc)
             else:
-                out = self.engine.abort(command.request_id)
-                if out is not None:
+                for out in self.engine.abort(command.request_id):
                     self._deliver(out.request_id, out)
 
     def _fail_all(self, exc: Exception) -> None:

@@ -126,13 +126,16 @@ class BackwardResult:
 class SchedulerOutput:
     """The work of one iteration. decodes: one token each; prefills: longer chunks; training:
     whole sequences trained in their own iteration (time-sliced fine-tuning); train_forward /
-    train_backward: co-served fine-tuning work that shares the iteration with inference."""
+    train_backward: co-served fine-tuning work that shares the iteration with inference.
+    block_copies: (source, destination) KV blocks to copy before the forward: a completion
+    forking from its group's first sequence takes the shared prompt's keys and values."""
 
     decodes: list[ScheduledChunk] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
     training: TrainingWork | None = None
     train_forward: TrainingForward | None = None
     train_backward: TrainingBackward | None = None
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def inference(self) -> list[ScheduledChunk]:
@@ -157,12 +160,17 @@ class ModelRunnerOutput:
     logits: [len(sampled), vocab] float32.
     train_loss: the summed cross-entropy over every target token of the training rows, with
         its graph (None when the iteration trains nothing); train_targets counts those tokens.
+    prompt_rows: (sequence, count) for sequences that asked for prompt log-probabilities:
+        prompt_logits [sum of counts, vocab] holds, in that order, the logits of each one's next
+        `count` prompt positions (each predicting the prompt token after it).
     """
 
     sampled: list[Sequence]
     logits: torch.Tensor
     train_loss: torch.Tensor | None = None
     train_targets: int = 0
+    prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)
+    prompt_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,18 @@ class KVCache:
             for _ in range(shape.num_layers)
         ]
 
+    def copy_blocks(self, pairs: list[tuple[int, int]], block_size: int) -> None:
+        """Copy every layer's keys and values of block source into block destination, for
+        each (source, destination) pair."""
+        offsets = torch.arange(block_size)
+        src = (torch.tensor([s for s, _ in pairs])[:, None] * block_size + offsets).flatten()
+        dst = (torch.tensor([d for _, d in pairs])[:, None] * block_size + offsets).flatten()
+        device = self.layers[0][0].device
+        src, dst = src.to(device), dst.to(device)
+        for keys, values in self.layers:
+            keys.index_copy_(0, dst, keys.index_select(0, src))
+            values.index_copy_(0, dst, values.index_select(0, src))
+
     @staticmethod
     def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -15,15 +15,14 @@ from tandem.server.config import EngineConfig
 from tandem.server.engine.coserve import CoServer
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
 from tandem.server.engine.finetune_share import FinetuneShare
-from tandem.server.engine.iteration import SchedulerOutput, TrainingResult, TrainingWork
+from tandem.server.engine.iteration import ModelRunnerOutput, SchedulerOutput, TrainingResult, TrainingWork
 from tandem.server.engine.kv_cache import BlockAllocator, KVCache
 from tandem.server.engine.model_runner import ModelRunner
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
-from tandem.server.engine.sampler import Sampler
+from tandem.server.engine.sampler import Sampler, token_logprobs
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.engine.scheduler import Scheduler
 from tandem.server.engine.token_histogram import ITERATION_TOKEN_BUCKETS, TokenHistogram
-from tandem.server.load_phases import load_phase
 from tandem.server.engine.sequence import Sequence
 from tandem.server.errors import InvalidRequest, ResourceExhausted
 from tandem.server.model.loader import LoadedModel, load_model
@@ -68,6 +67,7 @@ class Engine:
             eos_token_ids=sorted(self.eos_token_ids),
         )
         self._seqs: dict[str, Sequence] = {}
+        self._groups: dict[str, list[Sequence]] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._reported: dict[str, int] = {}
         self._arrivals = 0
@@ -94,9 +94,7 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> "Engine":
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model, config.resolve_dtype(), config.resolve_device())
-        with load_phase("engine", kv_cache_bytes=config.kv_cache_bytes):
-            return cls(loaded, config)
+        return cls(load_model(config.model, config.resolve_dtype(), config.resolve_device()), config)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest for anything this request could never run with."""
@@ -120,34 +118,49 @@ class Engine:
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: LoRAAdapter | None = None
     ) -> None:
-        """Queue a request; adapter is the version to use (from registry.get), pinned until it ends."""
-        if request_id in self._seqs:
+        """Queue a request (params.n sequences, one group named request_id); adapter is the
+        version to use (from registry.get), pinned until the request ends."""
+        ids = [request_id] + [f"{request_id}#{i}" for i in range(1, params.n)]
+        if request_id in self._groups or any(i in self._seqs for i in ids):
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        self.check_capacity(len(self._seqs))
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed)
-        seq = Sequence(request_id, len(prompt_ids), list(prompt_ids), params, self._arrivals, generator, adapter)
-        if adapter is not None:
-            self.registry.pin(adapter)
-        self._arrivals += 1
-        self._seqs[request_id] = seq
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
-        self._reported[request_id] = 0
-        self.scheduler.add(seq)
+        self.check_capacity(len(self._seqs) + params.n - 1)
+        first = None
+        group = []
+        for index, seq_id in enumerate(ids):
+            seq = Sequence(
+                seq_id, len(prompt_ids), list(prompt_ids), params, self._arrivals, self._generator(params, index),
+                adapter, group_id=request_id, index=index, fork_of=first,
+            )
+            first = first or seq
+            group.append(seq)
+            if adapter is not None:
+                self.registry.pin(adapter)
+            self._arrivals += 1
+            self._seqs[seq_id] = seq
+            self._detok[seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+            self._reported[seq_id] = 0
+            self.scheduler.add(seq)
+        self._groups[request_id] = group
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; returns its final output, None if unknown."""
-        seq = self._seqs.get(request_id)
-        if seq is None:
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        """Completion index of a seeded request draws from seed + index (mod 2^63)."""
+        if params.seed is None:
             return None
-        self.scheduler.finish(seq, FinishReason.ABORT)
-        return self._output(seq)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed((params.seed + index) % 2**63)
+        return generator
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request's sequences now and free their blocks; returns their final outputs
+        (none if the request is unknown or over)."""
+        live = list(self._groups.get(request_id, ()))
+        for seq in live:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        return [self._output(seq) for seq in live]
 
     def abort_all(self) -> list[RequestOutput]:
-        return [self.abort(request_id) for request_id in list(self._seqs)]
+        return [out for request_id in list(self._groups) for out in self.abort(request_id)]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.coserve.has_work()
@@ -171,6 +184,7 @@ class Engine:
                 # copies for the next iterations overlap this one's compute.
                 self.scheduler.prefetch()
                 sampled = self.sampler(result.logits, result.sampled)
+                self._add_prompt_logprobs(result)
             backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
         except Exception as exc:
             self.coserve.abort(exc)
@@ -192,6 +206,16 @@ class Engine:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._output(seq))
         return outputs
+
+    def _add_prompt_logprobs(self, result: ModelRunnerOutput) -> None:
+        """Append the prompt tokens' log-probabilities the forward computed to their sequences."""
+        row = 0
+        for seq, count in result.prompt_rows:
+            first = len(seq.prompt_logprobs)
+            targets = seq.token_ids[first + 1 : first + 1 + count]
+            logits = result.prompt_logits[row : row + count]
+            seq.prompt_logprobs.extend(token_logprobs(logits, targets, seq.params.prompt_logprobs))
+            row += count
 
     def _count(self, scheduled: SchedulerOutput) -> None:
         tokens = self.iteration_tokens
@@ -260,10 +284,11 @@ class Engine:
         finished = seq.finish_reason is not None
         start = self._reported[rid]
         self._reported[rid] = seq.num_generated
-        logprobs = seq.pending_logprobs if seq.params.logprobs is not None else None
+        params = seq.params
+        logprobs = seq.pending_logprobs if params.logprobs is not None else None
         seq.pending_logprobs = []
         out = RequestOutput(
-            request_id=rid,
+            request_id=seq.group,
             text=self._detok[rid].take(finished),
             token_ids=seq.output_ids[start:],
             finished=finished,
@@ -272,9 +297,15 @@ class Engine:
             generated_tokens=seq.num_generated,
             logprobs=logprobs,
             first_scheduled_at=seq.first_scheduled_at,
+            index=seq.index,
+            prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None and start == 0 and seq.index == 0 else None,
         )
         if finished:
             del self._seqs[rid], self._detok[rid], self._reported[rid]
+            group = self._groups[seq.group]
+            group.remove(seq)
+            if not group:
+                del self._groups[seq.group]
             if seq.adapter is not None:
                 self.registry.unpin(seq.adapter)
         return out

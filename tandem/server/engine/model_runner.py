@@ -75,18 +75,41 @@ class ModelRunner:
         train_loss carries the graph back to the trained weights."""
         if not scheduled.num_tokens:  # a co-served backward slice alone
             return ModelRunnerOutput([], torch.empty(0, self.model.shape.vocab_size, device=self.device))
+        if scheduled.block_copies:
+            self.kv_cache.copy_blocks(scheduled.block_copies, self.block_size)
         batch, sampled, training = self.prepare(scheduled)
         self._capture = self._capture_of(scheduled.train_forward, len(batch.attn.slot_mapping))
         try:
             hidden = self.model(batch)
         finally:
             self._capture = None
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        if training is None:
-            return ModelRunnerOutput(sampled, logits)
-        train_logits = self.model.compute_logits(hidden[training.rows])
-        loss = F.cross_entropy(train_logits, training.targets, reduction="sum")
-        return ModelRunnerOutput(sampled, logits, loss, int(training.targets.numel()))
+        out = ModelRunnerOutput(sampled, self.model.compute_logits(hidden[batch.logits_indices]))
+        out.prompt_rows, rows = self._prompt_positions(scheduled)
+        if rows:
+            out.prompt_logits = self.model.compute_logits(hidden[self._index(rows)])
+        if training is not None:
+            train_logits = self.model.compute_logits(hidden[training.rows])
+            out.train_loss = F.cross_entropy(train_logits, training.targets, reduction="sum")
+            out.train_targets = int(training.targets.numel())
+        return out
+
+    def _prompt_positions(self, scheduled: SchedulerOutput) -> tuple[list[tuple[Sequence, int]], list[int]]:
+        """The batch rows whose logits score a prompt token, for sequences that asked for
+        prompt log-probabilities (a completion group's first only), each position once even
+        when a preempted sequence computes its prompt again: ([(seq, count)], rows)."""
+        owners: list[tuple[Sequence, int]] = []
+        rows: list[int] = []
+        row = 0
+        for chunk in scheduled.inference:
+            seq, start = chunk.seq, chunk.seq.num_computed
+            if seq.params.prompt_logprobs is not None and seq.index == 0:
+                first = max(start, len(seq.prompt_logprobs))
+                end = min(start + chunk.num_tokens, seq.prompt_len - 1)
+                if end > first:
+                    owners.append((seq, end - first))
+                    rows.extend(range(row + first - start, row + end - start))
+            row += chunk.num_tokens
+        return owners, rows
 
     def backward(self, work: TrainingBackward) -> BackwardResult:
         """A co-served backward slice: layers work.last .. work.first, each recomputed from its

@@ -28,6 +28,8 @@ class RequestOutput:
 
     text and token_ids hold only what is new since the previous output; text may lag the
     tokens while a multi-byte character or a possible stop string is incomplete.
+    index: which of the request's n completions this is. prompt_logprobs: in the first
+    output of completion 0 when asked for, one per prompt token after the first.
     """
 
     request_id: str
@@ -40,6 +42,8 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     # time.monotonic() when the engine first scheduled the request (None: still queued).
     first_scheduled_at: float | None = None
+    index: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

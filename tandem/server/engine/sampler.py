@@ -43,16 +43,23 @@ class Sampler:
         return SamplerOutput(token_ids, _logprobs(raw, seqs, token_ids))
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Repetition penalty (CTRL / transformers style) over prompt and output tokens."""
-        rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-        if not rows:
+        """Repetition penalty (CTRL / transformers style) over prompt and output tokens, then
+        presence and frequency penalties (OpenAI's) over output tokens."""
+        repeated = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        counted = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+        if not repeated and not counted:
             return logits
         logits = logits.clone()
-        for i in rows:
+        for i in repeated:
             ids = torch.tensor(seqs[i].token_ids, device=logits.device).unique()
             penalty = seqs[i].params.repetition_penalty
             picked = logits[i, ids]
             logits[i, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        for i in counted:
+            params = seqs[i].params
+            output = torch.tensor(seqs[i].output_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(output, minlength=logits.shape[1]).to(logits.dtype)
+            logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
@@ -64,6 +71,9 @@ class Sampler:
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             scaled = _filter_top_k_top_p(scaled, top_k, top_p)
         probs = torch.softmax(scaled, dim=-1)
+        min_p = [s.params.min_p for s in seqs]
+        if any(min_p):
+            probs = _filter_min_p(probs, torch.tensor(min_p, device=device, dtype=probs.dtype))
         noise = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
         if unseeded:
@@ -93,17 +103,29 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[floa
     return logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
 
 
+def _filter_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities below min_p [N] times each row's largest (renormalising is not
+    needed: the exponential race samples in proportion to what is left)."""
+    floor = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return probs.masked_fill(probs < floor, 0.0)
+
+
 def _logprobs(raw: torch.Tensor, seqs: list[Sequence], token_ids: list[int]) -> list[TokenLogprob | None]:
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     out: list[TokenLogprob | None] = [None] * len(seqs)
-    if not rows:
-        return out
-    logp = torch.log_softmax(raw[rows], dim=-1)
-    for j, i in enumerate(rows):
-        n = seqs[i].params.logprobs
-        top = []
-        if n:
-            values, ids = logp[j].topk(n)
-            top = list(zip(ids.tolist(), values.tolist()))
-        out[i] = TokenLogprob(token_ids[i], logp[j, token_ids[i]].item(), top)
+    for i in rows:
+        out[i] = token_logprobs(raw[i : i + 1], [token_ids[i]], seqs[i].params.logprobs)[0]
     return out
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top: int) -> list[TokenLogprob]:
+    """logits [N, vocab] (raw, before any penalty or filter): each row's log-probability of
+    token_ids[row] and, when top > 0, its `top` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(t, p) for t, p in zip(token_ids, chosen)]
+    values, ids = logp.topk(top, dim=-1)
+    return [
+        TokenLogprob(t, p, list(zip(i, v))) for t, p, i, v in zip(token_ids, chosen, ids.tolist(), values.tolist())
+    ]

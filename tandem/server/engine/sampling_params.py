@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from tandem.server.errors import InvalidRequest
 
 MAX_LOGPROBS = 20
+# Completions of one prompt per request: each holds its own KV blocks once forked.
+MAX_N = 16
+# OpenAI's range for presence and frequency penalties.
+MAX_PENALTY = 2.0
 # Stop lists are matched at every token: their size is bounded so one request cannot slow
 # every batch it shares. OpenAI allows 4 strings; some users need more.
 MAX_STOP_STRINGS = 16
@@ -19,11 +23,18 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    temperature 0 (or any below GREEDY_BELOW_TEMPERATURE) means greedy. top_k 0 and top_p 1
-    switch those filters off.
-    seed makes sampling reproducible whatever else shares the batch.
+    temperature 0 (or any below GREEDY_BELOW_TEMPERATURE) means greedy. top_k 0, top_p 1 and
+    min_p 0 switch those filters off; min_p drops tokens less likely than min_p times the
+    most likely one (after temperature).
+    presence_penalty / frequency_penalty (OpenAI's) subtract from a token's logit once if it
+    was generated, and once per time it was generated; repetition_penalty (CTRL's) divides
+    the logits of every token of the prompt and the output.
+    n: completions of the prompt; they share its prefill (the first computes the prompt, the
+    others copy its KV blocks). seed makes sampling reproducible whatever else shares the
+    batch; completion i draws from seed + i.
     logprobs None returns none; 0 returns the sampled token's log-probability; N > 0 adds
     the N most likely tokens at each step (raw model distribution, before any filtering).
+    prompt_logprobs likewise for every prompt token after the first (first completion only).
     """
 
     max_new_tokens: int = 256
@@ -31,11 +42,16 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    n: int = 1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -65,14 +81,23 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.repetition_penalty < float("inf"):
             raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise InvalidRequest(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequest(f"seed must be in [0, 2^63), got {self.seed}")
         self._validate_stops()
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequest(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

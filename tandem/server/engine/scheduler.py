@@ -81,17 +81,26 @@ class Scheduler:
                 continue
             break
         slot_blocked = False
+        copies: list[tuple[int, int]] = []
         for seq in list(self.waiting):
             if preempted or budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            fork = self._fork_point(seq)
+            if fork is None:
+                continue
             if seq.adapter is not None and (slot_blocked or not self.pool.can_acquire(seq.adapter)):
                 slot_blocked = True
                 continue
-            n = min(seq.num_uncomputed, budget)
-            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            start = max(seq.num_computed, fork)
+            n = min(len(seq.token_ids) - start, budget)
+            if not self.allocator.can_grow(seq.block_table, start + n):
                 break
             self.waiting.remove(seq)
-            self.allocator.grow(seq.block_table, seq.num_computed + n)
+            self.allocator.grow(seq.block_table, start + n)
+            if start > seq.num_computed:
+                shared = -(-start // self.allocator.block_size)
+                copies.extend(zip(seq.fork_of.block_table[:shared], seq.block_table[:shared]))
+                seq.num_computed = start
             if seq.adapter is not None:
                 seq.slot = self.pool.acquire(seq.adapter)
             seq.status = SequenceStatus.RUNNING
@@ -100,8 +109,26 @@ class Scheduler:
             budget -= n
         # A chunk of one token is a decode, whether a generated token or a prompt's last one.
         return SchedulerOutput(
-            decodes=[c for c in chunks if c.num_tokens == 1], prefills=[c for c in chunks if c.num_tokens > 1]
+            decodes=[c for c in chunks if c.num_tokens == 1],
+            prefills=[c for c in chunks if c.num_tokens > 1],
+            block_copies=copies,
         )
+
+    @staticmethod
+    def _fork_point(seq: Sequence) -> int | None:
+        """How many prompt tokens seq may copy from its group's first sequence instead of
+        computing them: all but the last (whose logits it needs) once the first has computed
+        them and holds them; 0 when it computes its prompt itself; None while it should wait
+        for the first to get there."""
+        first = seq.fork_of
+        if first is None or seq.num_computed > 0:
+            return 0
+        if first.status is SequenceStatus.FINISHED:
+            return 0
+        shared = seq.prompt_len - 1
+        if first.status is SequenceStatus.RUNNING and first.num_computed >= shared:
+            return shared
+        return None
 
     def prefetch(self) -> int:
         """Hand the pool the adapters the next waiting sequences need (pool.prefetch_ahead of

@@ -28,6 +28,10 @@ class Sequence:
     adapter is the exact adapter version the request started with; slot is its device
     slot while the sequence runs (pinned), None while it waits. A router's slot is the
     tuple of its experts' slots, in gate order.
+    A request for n completions is n sequences of one group (group_id, the request's id),
+    completion `index` each. fork_of is the group's first sequence, which computes the shared
+    prompt: the others copy its KV blocks instead of computing the prompt again.
+    prompt_logprobs[p] is the log-probability of prompt token p + 1 (when asked for).
     """
 
     request_id: str
@@ -38,12 +42,20 @@ class Sequence:
     generator: torch.Generator | None = None
     adapter: LoRAAdapter | Router | None = None
     slot: int | tuple[int, ...] | None = None
+    group_id: str = ""
+    index: int = 0
+    fork_of: "Sequence | None" = None
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     first_scheduled_at: float | None = None  # time.monotonic() of its first scheduled chunk
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        return self.group_id or self.request_id
 
     @property
     def num_generated(self) -> int:
