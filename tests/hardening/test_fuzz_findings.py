@@ -2,7 +2,7 @@
 gave INTERNAL (for LoadAdapter and any Generate naming the adapter), refusals that quoted
 a caller's or a file's text whole, and a seed CreateJob accepted but training could not use.
 And what the soak (bench/soak.py) found: memory that grows with every new batch shape in
-bfloat16 on CPU (a strict xfail until fixed)."""
+bfloat16 on CPU (fixed by padding rows to buckets: tandem/kernels/row_buckets.py)."""
 
 import json
 import time
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.soak import memory_in_use_mb
+from tandem.kernels.row_buckets import bucket_rows
 from tandem.server.adapters.peft_format import read_adapter
 from tandem.server.adapters.registry import resolve_adapter_dir
 from tandem.server.config import EngineConfig
@@ -118,18 +119,16 @@ def _serve(engine, prompt_lengths) -> None:
             engine.step()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bfloat16 on CPU (what dtype auto picks on CPUs with bf16 units): torch (oneDNN) keeps a compiled "
-    "matmul for every shape it meets, ~2 MB per token count per iteration here, and model_runner.py runs as many "
-    "token counts as there are (1..max_num_batched_tokens), so RSS grows by hundreds of MB to GBs: +630 MB "
-    "for prompts of 9..299 tokens on the tiny model, +9% in the 5-minute SmolLM2 soak (float32: flat)",
-)
 def test_serving_every_prompt_length_in_bfloat16_does_not_grow_memory(smollm2_tokenizer):
-    # Dimensions no other test uses: matmuls of these shapes have not been compiled before.
+    # oneDNN keeps a compiled kernel per matmul shape (~2 MB per row count an iteration
+    # meets; +630 MB over prompts of 9..72 tokens before the fix). Once each row bucket has
+    # been met, every further prompt length must cost no memory. Dimensions no other test
+    # uses, so that no shape has been compiled before.
     hf = make_tiny_hf_model(smollm2_tokenizer, hidden_size=48, intermediate_size=80)
     engine = make_engine(hf, smollm2_tokenizer, dtype=torch.bfloat16, kv_cache_bytes=8 << 20)
-    _serve(engine, range(1, 9))
+    lengths = range(1, 161)
+    _serve(engine, sorted({bucket_rows(n) for n in lengths}))
     before = memory_in_use_mb()
-    _serve(engine, range(9, 73))
+    _serve(engine, lengths)
     assert memory_in_use_mb() - before < 32
+

@@ -8,8 +8,9 @@ it wraps `forward` to add a per-token delta to each slice, so the model code nev
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tandem.kernels import row_buckets
 
 if TYPE_CHECKING:
     from tandem.server.model.batch import ForwardBatch
@@ -36,7 +37,7 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: "ForwardBatch") -> torch.Tensor:
         """x: [T, in_features] -> [T, sum(out_slices)]; batch carries per-token adapter ids for LoRA."""
-        return F.linear(x, self.weight, self.bias)
+        return row_buckets.linear(x, self.weight, self.bias)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(y, self.out_slices, dim=-1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels import row_buckets
 from tandem.server.model.attention import attention
 from tandem.server.model.batch import ForwardBatch
 from tandem.server.model.linear import FusedLinear
@@ -135,4 +136,4 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
-        return F.linear(hidden, self.lm_head).float()
+        return row_buckets.linear(hidden, self.lm_head).float()
