@@ -20,6 +20,9 @@ from tests.engine.helpers import make_engine, run
 from tests.engine.test_forward_oracle import record_logits
 
 EXPERTS = {"e0": 4, "e1": 8, "e2": 8}
+# Two routers: experts of mixed ranks (served as pairs grouped by slot), and of one rank
+# (on CPU served dense over the experts).
+ROUTERS = {"mix": ["e0", "e1", "e2"], "same": ["e1", "e2", "e3"]}
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 TOP_K, TEMPERATURE = 2, 0.7
 NEW_TOKENS = 6
@@ -39,11 +42,12 @@ def random_gates(model, num_experts: int, seed: int, groups=("qkv", "o", "gate_u
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory, tiny_hf_model) -> Path:
     root = tmp_path_factory.mktemp("router-adapters")
-    for seed, (name, r) in enumerate(EXPERTS.items()):
+    for seed, (name, r) in enumerate({**EXPERTS, "e3": 8}.items()):
         make_adapter(tiny_hf_model, root / name, r=r, target_modules=ALL_LINEAR, seed=seed, b_std=0.2)
     make_adapter(tiny_hf_model, root / "qv-only", r=4, target_modules=["q_proj", "v_proj"], seed=7)
-    gates = random_gates(tiny_hf_model, len(EXPERTS), seed=3)
-    write_router(root / "mix", router_config(list(EXPERTS), TOP_K, TEMPERATURE), gates)
+    for seed, (name, experts) in enumerate(ROUTERS.items()):
+        gates = random_gates(tiny_hf_model, len(experts), seed=3 + seed)
+        write_router(root / name, router_config(experts, TOP_K, TEMPERATURE), gates)
     return root
 
 
@@ -98,21 +102,22 @@ def engine_for(tiny_hf_model, tokenizer, adapters_dir, **config):
     return make_engine(tiny_hf_model, tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=8, kv_cache_bytes=1 << 22, **config)
 
 
-def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smollm2_tokenizer, adapters_dir, router):
     engine = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=4)
     seen = record_logits(engine)
     prompts = [[5, 17, 300, 42, 9, 77, 1200], [8, 8, 450, 13], [99, 3, 4, 5, 6], [640, 2, 31]]
-    kinds = ["mix", "e1", "", "mix"]
+    kinds = [router, "e1", "", router]
     arrivals = {0: [], 1: []}
     for i, (prompt, kind) in enumerate(zip(prompts, kinds)):
         adapter = engine.registry.get(kind) if kind else None
         arrivals[i % 2].append((f"req{i}", prompt, greedy(), adapter))
     outputs = run(engine, arrivals)
 
-    gates = load_file(str(adapters_dir / "mix" / GATES_FILE))
+    gates = load_file(str(adapters_dir / router / GATES_FILE))
     gates = {(int(k.split(".")[1]), k.split(".")[2]): g for k, g in gates.items()}
     oracles = {
-        "mix": oracle_model(tiny_hf_model, adapters_dir, list(EXPERTS), gates),
+        router: oracle_model(tiny_hf_model, adapters_dir, ROUTERS[router], gates),
         "e1": oracle_model(tiny_hf_model, adapters_dir, ["e1"], None),
         "": tiny_hf_model,
     }
@@ -120,7 +125,7 @@ def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smo
         full = torch.tensor([prompt + outputs[f"req{i}"]])
         with torch.no_grad():
             expected = oracles[kind](full).logits[0, len(prompt) - 1 : -1].float()
-        torch.testing.assert_close(torch.stack(seen[f"req{i}"]), expected, rtol=1e-4, atol=1e-4, msg=kind or "base")
+        torch.testing.assert_close(torch.stack(seen[f"req{i}"]), expected, rtol=1e-3, atol=1e-3, msg=kind or "base")
     # The mixture changes the output: the comparison is not of base logits with themselves.
     with torch.no_grad():
         base = tiny_hf_model(torch.tensor([prompts[0] + outputs["req0"]])).logits[0, len(prompts[0]) - 1 : -1]

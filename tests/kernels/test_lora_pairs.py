@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tandem.kernels.lora import LoRABatch, LoRAPairs, lora_delta, lora_delta_pairs, plain_pairs
+from tandem.kernels.lora.reference import lora_delta_mixture, uniform_rank
 from tests.kernels.test_lora_kernels import DEVICE, KERNEL_DTYPES, Case, assert_close, needs_triton, triton_sgmv
 
 # (num_tokens, in_features, out_slices, ranks, max_rank): mixed ranks, NaN past each rank.
@@ -121,3 +122,23 @@ def test_plain_pairs_puts_each_token_slot_first_with_weight_one():
     slots, weights = plain_pairs(batch, 3)
     assert slots.tolist() == [[1, -1, -1], [-1, -1, -1], [0, -1, -1]]
     assert weights.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("slots", [(1, 2, 3), (4, 1, 3)], ids=["consecutive", "scattered"])
+def test_dense_mixture_equals_the_pairs_it_mixes(slots):
+    """The CPU path of a router's tokens (dense over its experts, all of one rank) adds what
+    the same top-2 pairs add; tokens outside rows are left alone."""
+    case = Case(5, 9, 40, (24, 8, 8), [3, 6, 6, 6, 6], 8, torch.float64, slots=[-1] * 9)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.tensor([0, 2, 3, 7])
+    experts = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in rows])
+    weights = torch.softmax(torch.randn(len(rows), 2, generator=gen, dtype=torch.float64), 1)
+    mix = torch.zeros(len(rows), 3, dtype=torch.float64).scatter_(1, experts, weights)
+    pair_slots = torch.full((9, 2), -1, dtype=torch.int32)
+    pair_slots[rows] = torch.tensor(slots, dtype=torch.int32)[experts]
+    pair_weights = torch.zeros(9, 2, dtype=torch.float64)
+    pair_weights[rows] = weights
+    assert uniform_rank(case.w, slots) == 6 and uniform_rank(case.w, (0, 1)) is None
+    y = case.y.clone()
+    lora_delta_mixture(case.x, case.w, slots, 6, mix, rows, y)
+    assert_close(y, naive(case, pair_slots, pair_weights), torch.float64)

@@ -1,10 +1,12 @@
 """Per-token routing over LoRA experts in a served step: at every gated linear a router's
 gate over that linear's input picks each routed token's top-k experts and their weights.
 
-Built once per step (RoutedRows); the per-linear work (gate matmul, top-k, softmax, the
-grouping of (token, expert) pairs by slot) runs on the activations' device with no host
-sync, and feeds the same batched-LoRA kernels as plain adapters: plain-adapter tokens are
-one pair of weight 1, routed tokens k pairs, all in one LoRAPairs.
+Built once per step (RoutedRows). On CUDA the per-linear work (gate matmul, top-k, softmax,
+the grouping of (token, expert) pairs by slot) runs on the device with no host sync, and
+feeds the same batched-LoRA kernels as plain adapters: plain-adapter tokens are one pair of
+weight 1, routed tokens k pairs, all in one LoRAPairs pass. On CPU the plain tokens keep
+the plain path (its grids) and each router's tokens run dense over its experts
+(reference.lora_delta_mixture), which there costs less than grouping pairs by slot.
 """
 
 from collections.abc import Mapping
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tandem.kernels.lora import LoRABatch, LoRAPairs, plain_pairs
+from tandem.kernels.lora import LoRABatch, LoRAPairs, LoRAWeights, lora_delta, lora_delta_pairs, plain_pairs
+from tandem.kernels.lora.reference import lora_delta_mixture, uniform_rank
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class RoutedRows:
     k:       the step's largest top_k (host).
     usage:   [R, E] float32, each token's gate weights summed over the gated linears, for
              reporting which expert the gate chose; updated by every routed layer.
+    step_routers: the routers, with router_rows[i] the positions (in tokens) of router i's.
     """
 
     tokens: Tensor
@@ -52,6 +56,8 @@ class RoutedRows:
     gated: Mapping[tuple[int, str], Tensor]
     k: int
     usage: Tensor
+    step_routers: tuple[StepRouter, ...]
+    router_rows: tuple[Tensor, ...]
 
     @classmethod
     def build(cls, routers: list[StepRouter], token_routers: list[int], tokens: list[int], device: torch.device) -> "RoutedRows":
@@ -82,6 +88,11 @@ class RoutedRows:
             gated=gated,
             k=max(r.top_k for r in routers),
             usage=torch.zeros(len(tokens), num_experts, device=device),
+            step_routers=tuple(routers),
+            router_rows=tuple(
+                torch.tensor([p for p, r in enumerate(token_routers) if r == i], dtype=torch.int64).to(device)
+                for i in range(len(routers))
+            ),
         )
 
     def route(self, x: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,6 +115,26 @@ class RoutedRows:
         weights = torch.softmax(top_logits.masked_fill(empty, float("-inf")), dim=1).nan_to_num(0.0)
         slots = expert_slots.gather(1, experts).masked_fill(empty, -1)
         return experts, slots, weights
+
+    def add_delta(self, x: Tensor, w: LoRAWeights, batch: LoRABatch, key: tuple[int, str], y: Tensor) -> None:
+        """y += the step's LoRA deltas at linear `key` (x: its input [T, in]): plain-adapter
+        tokens' and routed tokens' alike; adds the routed weights to usage."""
+        if x.device.type != "cpu":
+            lora_delta_pairs(x, w, self.pairs(x, batch, key, w.num_slots), y)
+            return
+        ranks = [uniform_rank(w, r.expert_slots) for r in self.step_routers]
+        if None in ranks:  # experts of different ranks here: no dense stack; pairs instead
+            lora_delta_pairs(x, w, self.pairs(x, batch, key, w.num_slots), y)
+            return
+        if batch.num_lora_tokens:
+            lora_delta(x, w, batch, y)
+        experts, _, weights = self.route(x.index_select(0, self.tokens), key)
+        mix = torch.zeros_like(self.usage).scatter_add_(1, experts, weights)
+        self.usage.add_(mix)
+        for router, rank, positions in zip(self.step_routers, ranks, self.router_rows):
+            rows_mix = mix if len(self.step_routers) == 1 else mix.index_select(0, positions)
+            rows = self.tokens if len(self.step_routers) == 1 else self.tokens.index_select(0, positions)
+            lora_delta_mixture(x, w, router.expert_slots, rank, rows_mix[:, : len(router.expert_slots)], rows, y)
 
     def pairs(self, x: Tensor, batch: LoRABatch, key: tuple[int, str], num_slots: int) -> LoRAPairs:
         """The step's (slot, weight) pairs at linear `key`: plain tokens' slots with weight 1,
