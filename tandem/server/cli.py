@@ -3,6 +3,7 @@ the only place that reads the environment."""
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -75,10 +76,20 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def add_serve_command(commands: argparse._SubParsersAction) -> None:
+def server_installed() -> bool:
+    """Whether `tandem serve` can run here: the base install is the client alone, without torch."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def add_serve_command(commands: argparse._SubParsersAction, with_flags: bool = True) -> None:
+    """with_flags False leaves serve's flags out: their defaults come from the config, which
+    imports torch, and client commands (bench on a load-generator machine) need none of it."""
+    parser = commands.add_parser("serve", help="run the gRPC server", description="Run the Tandem gRPC server.", epilog=EPILOG)
+    parser.set_defaults(run=_run_serve)
+    if not with_flags or not server_installed():
+        return
     from tandem.server.config import EngineConfig, ServerConfig  # imports torch: only for serve
 
-    parser = commands.add_parser("serve", help="run the gRPC server", description="Run the Tandem gRPC server.", epilog=EPILOG)
     engine_defaults, server_defaults = EngineConfig(), ServerConfig()
     engine = parser.add_argument_group("model and engine")
     for flag, kind, text in ENGINE_FLAGS:
@@ -86,10 +97,12 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     server = parser.add_argument_group("server")
     for flag, kind, text in SERVER_FLAGS:
         add_env_flag(server, flag, kind, text, getattr(server_defaults, _dest(flag)))
-    parser.set_defaults(run=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if not server_installed():
+        print("tandem serve: error: this install has the client only; install the server with: pip install 'tandem[server]'", file=sys.stderr)
+        return 1
     from tandem.server.config import EngineConfig, ServerConfig
     from tandem.server.logging_setup import configure_logging
     from tandem.server.serve import serve
@@ -108,16 +121,19 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "serve") -> argparse.ArgumentParser:
+    """command: the subcommand about to run; serve's flags are built only for serve (or None: help)."""
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: one base model, many LoRA adapters, over gRPC.", epilog=EPILOG)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_serve_command(commands)
+    add_serve_command(commands, with_flags=command in (None, "serve"))
     client_cli.add_commands(commands, add_env_flag)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return args.run(args)
 
 
