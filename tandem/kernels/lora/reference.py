@@ -223,11 +223,9 @@ def lora_delta_pairs(x: Tensor, w: LoRAWeights, pairs: LoRAPairs, y: Tensor) -> 
     y.index_add_(0, tokens, deltas.to(y.dtype))
 
 
-def lora_delta_mixture(
-    x: Tensor, w: LoRAWeights, slots: tuple[int, ...], rank: int, mix: Tensor, rows: Tensor, y: Tensor
-) -> None:
-    """y[rows] += sum_e mix[:, e] * LoRA_slots[e](x[rows]): one router's tokens against all of
-    its experts at once, the CPU path of routed tokens.
+def lora_delta_mixture(xs: Tensor, w: LoRAWeights, slots: tuple[int, ...], rank: int, mix: Tensor) -> Tensor | None:
+    """[n, N]: sum_e mix[:, e] * LoRA_slots[e](xs), one router's tokens against all of its
+    experts at once, the CPU path of routed tokens; None when rank is 0 (no delta).
 
     Dense over the experts: one shrink over their stacked A, the mixture weights (zero for
     experts outside a token's top-k) applied to v, one bmm per slice summed over experts. On
@@ -235,11 +233,11 @@ def lora_delta_mixture(
     either way, and a few dense matmuls cost less than grouping the pairs by slot.
     Experts in consecutive slots (the CPU pool keeps them together) are read in place.
 
-    x: [T, in]; every slot in slots has `rank` at w (the caller checks: see uniform_rank);
-    mix: [n, E] float32 and rows: [n] int64, the router's tokens; y: [T, N] updated in place.
+    xs: [n, in], the router's tokens; every slot in slots has `rank` at w (the caller
+    checks: see uniform_rank); mix: [n, E] float32.
     """
-    if rank == 0 or rows.numel() == 0:
-        return
+    if rank == 0:
+        return None
     num_experts, num_slices, in_features = len(slots), w.num_slices, w.in_features
     first = slots[0]
     if slots == tuple(range(first, first + num_experts)):
@@ -247,18 +245,16 @@ def lora_delta_mixture(
     else:
         index = torch.tensor(slots, device=w.a.device)
         a, b = w.a.index_select(0, index), w.b.index_select(0, index)
-    cdt = _compute_dtype(x.dtype)
-    xs = x.index_select(0, rows).to(cdt)
+    cdt = _compute_dtype(xs.dtype)
     a_r = a.view(num_experts, num_slices, w.max_rank, in_features)[:, :, :rank].reshape(-1, in_features).to(cdt)
-    v = torch.mm(xs, a_r.t()).view(-1, num_experts, num_slices, rank) * mix.to(cdt)[:, :, None, None]
+    v = torch.mm(xs.to(cdt), a_r.t()).view(-1, num_experts, num_slices, rank) * mix.to(cdt)[:, :, None, None]
     v = v.permute(2, 1, 0, 3)  # [S, E, n, rank]
     b_r = b[:, :, :rank].to(cdt)
     parts, start = [], 0
     for s, width in enumerate(w.out_slices):
         parts.append(torch.bmm(v[s], b_r[:, start : start + width].transpose(1, 2)).sum(0))
         start += width
-    delta = parts[0] if num_slices == 1 else torch.cat(parts, 1)
-    y.index_add_(0, rows, delta.to(y.dtype))
+    return parts[0] if num_slices == 1 else torch.cat(parts, 1)
 
 
 def uniform_rank(w: LoRAWeights, slots: tuple[int, ...]) -> int | None:

@@ -32,15 +32,20 @@ class StepRouter:
 
 @dataclass(frozen=True)
 class RoutedRows:
-    """The routed tokens of a step.
+    """The routed tokens of a step, with what the per-linear routing needs per token, built
+    once per step so that a gated linear costs a few ops (this runs 4 times per layer).
 
-    tokens:  [R] int64, the rows of routed tokens.
-    routers: [R] int64, each routed token's router (index into the step's routers).
-    expert_slots: [num_routers, E] int64, the slot of each router's expert e (-1 past its experts).
-    top_k:   [num_routers] int64; temperature: [num_routers] float32.
-    gates:   per (layer, group) gated by any of the step's routers, [num_routers, E, in]
-             float32 (zero rows for a router without a gate there: its tokens get no delta).
-    gated:   per (layer, group), [num_routers] bool, which routers gate it.
+    tokens:  [R] int64, the rows of routed tokens; first_token: when they are consecutive
+             rows first, first + 1, ... (one routed sequence, or all rows), that first row.
+    routers: [R] int64, each routed token's router (index into step_routers).
+    token_slots: [R, E] int64, the slot of each token's router's expert e (-1 past them).
+    inv_temperature: [R, 1] float32.
+    logit_bias: [R, E], -inf past a router's experts (they never win); None when every
+             router has E experts.
+    empty:   per gated (layer, group), [R, k] bool, the pairs that stay empty (past a
+             router's top_k, or every pair of a router without a gate there); None when none.
+    gates:   per (layer, group) gated by any router, [num_routers, E, in] float32 (zero for
+             a router without a gate there).
     k:       the step's largest top_k (host).
     usage:   [R, E] float32, each token's gate weights summed over the gated linears, for
              reporting which expert the gate chose; updated by every routed layer.
@@ -48,12 +53,13 @@ class RoutedRows:
     """
 
     tokens: Tensor
+    first_token: int | None
     routers: Tensor
-    expert_slots: Tensor
-    top_k: Tensor
-    temperature: Tensor
+    token_slots: Tensor
+    inv_temperature: Tensor
+    logit_bias: Tensor | None
+    empty: Mapping[tuple[int, str], Tensor | None]
     gates: Mapping[tuple[int, str], Tensor]
-    gated: Mapping[tuple[int, str], Tensor]
     k: int
     usage: Tensor
     step_routers: tuple[StepRouter, ...]
@@ -63,12 +69,15 @@ class RoutedRows:
     def build(cls, routers: list[StepRouter], token_routers: list[int], tokens: list[int], device: torch.device) -> "RoutedRows":
         """token_routers[i]: the router (index into routers) of row tokens[i]."""
         num_experts = max(len(r.expert_slots) for r in routers)
-        slots = [list(r.expert_slots) + [-1] * (num_experts - len(r.expert_slots)) for r in routers]
-        keys = sorted({key for r in routers for key in r.gates})
-        gates, gated = {}, {}
-        for key in keys:
+        k = max(r.top_k for r in routers)
+        which = torch.tensor(token_routers, dtype=torch.int64)
+        slots = torch.tensor([list(r.expert_slots) + [-1] * (num_experts - len(r.expert_slots)) for r in routers])[which]
+        short = [i for i, r in enumerate(routers) if r.top_k < k]
+        past_top_k = torch.arange(k)[None, :] >= torch.tensor([r.top_k for r in routers])[which][:, None]
+        gates, empty = {}, {}
+        for key in sorted({key for r in routers for key in r.gates}):
             present = [key in r.gates for r in routers]
-            if all(present) and len(routers) == 1:
+            if len(routers) == 1:
                 gates[key] = routers[0].gates[key].unsqueeze(0)  # a view: no copy per step
             else:
                 in_features = next(r.gates[key].shape[1] for r in routers if key in r.gates)
@@ -77,16 +86,19 @@ class RoutedRows:
                     if key in r.gates:
                         stack[i, : len(r.expert_slots)] = r.gates[key]
                 gates[key] = stack
-            gated[key] = torch.tensor(present, device=device)
+            ungated = ~torch.tensor(present)[which][:, None]
+            empty[key] = (past_top_k | ungated).to(device) if short or not all(present) else None
+        first = tokens[0] if tokens == list(range(tokens[0], tokens[0] + len(tokens))) else None
         return cls(
             tokens=torch.tensor(tokens, dtype=torch.int64).to(device),
-            routers=torch.tensor(token_routers, dtype=torch.int64).to(device),
-            expert_slots=torch.tensor(slots, dtype=torch.int64).to(device),
-            top_k=torch.tensor([r.top_k for r in routers], dtype=torch.int64).to(device),
-            temperature=torch.tensor([r.temperature for r in routers], dtype=torch.float32).to(device),
+            first_token=first,
+            routers=which.to(device),
+            token_slots=slots.to(device),
+            inv_temperature=torch.tensor([1 / r.temperature for r in routers], dtype=torch.float32)[which][:, None].to(device),
+            logit_bias=torch.where(slots < 0, float("-inf"), 0.0).to(device) if (slots < 0).any() else None,
+            empty=empty,
             gates=gates,
-            gated=gated,
-            k=max(r.top_k for r in routers),
+            k=k,
             usage=torch.zeros(len(tokens), num_experts, device=device),
             step_routers=tuple(routers),
             router_rows=tuple(
@@ -95,10 +107,15 @@ class RoutedRows:
             ),
         )
 
-    def route(self, x: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor, Tensor]:
-        """At the linear `key`, for routed rows' inputs x [R, in]: [R, k] expert indices,
-        slots (-1 = no pair) and weights. Logits in float32; experts past a router's count
-        never win; pairs past a router's top_k, or of a router without a gate here, are empty."""
+    def rows_of(self, t: Tensor) -> Tensor:
+        """t's rows of the routed tokens: a view when they are consecutive."""
+        first = self.first_token
+        return t[first : first + self.tokens.shape[0]] if first is not None else t.index_select(0, self.tokens)
+
+    def route(self, x: Tensor, key: tuple[int, str]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """At the linear `key`, for routed rows' inputs x [R, in]: [R, k] expert indices and
+        weights (softmax over the top-k gate logits / temperature, in float32), and which
+        pairs stay empty (weight 0; None when none)."""
         gates = self.gates[key]
         num_routers, num_experts, _ = gates.shape
         if num_routers == 1:
@@ -106,15 +123,15 @@ class RoutedRows:
         else:
             all_logits = (x.to(torch.float32) @ gates.reshape(num_routers * num_experts, -1).t()).view(-1, num_routers, num_experts)
             logits = all_logits.gather(1, self.routers.view(-1, 1, 1).expand(-1, 1, num_experts)).squeeze(1)
-        expert_slots = self.expert_slots[self.routers]
-        logits = logits / self.temperature[self.routers, None]
-        logits = logits.masked_fill(expert_slots < 0, float("-inf"))
+        logits = logits * self.inv_temperature
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         top_logits, experts = logits.topk(self.k, dim=1)
-        empty = torch.arange(self.k, device=x.device)[None, :] >= self.top_k[self.routers, None]
-        empty = empty | ~self.gated[key][self.routers, None]
+        empty = self.empty[key]
+        if empty is None:
+            return experts, torch.softmax(top_logits, dim=1), None
         weights = torch.softmax(top_logits.masked_fill(empty, float("-inf")), dim=1).nan_to_num(0.0)
-        slots = expert_slots.gather(1, experts).masked_fill(empty, -1)
-        return experts, slots, weights
+        return experts, weights, empty
 
     def add_delta(self, x: Tensor, w: LoRAWeights, batch: LoRABatch, key: tuple[int, str], y: Tensor) -> None:
         """y += the step's LoRA deltas at linear `key` (x: its input [T, in]): plain-adapter
@@ -128,20 +145,39 @@ class RoutedRows:
             return
         if batch.num_lora_tokens:
             lora_delta(x, w, batch, y)
-        experts, _, weights = self.route(x.index_select(0, self.tokens), key)
+        xs = self.rows_of(x)
+        experts, weights, _ = self.route(xs, key)
         mix = torch.zeros_like(self.usage).scatter_add_(1, experts, weights)
         self.usage.add_(mix)
+        if len(self.step_routers) == 1:
+            router = self.step_routers[0]
+            delta = lora_delta_mixture(xs, w, router.expert_slots, ranks[0], mix[:, : len(router.expert_slots)])
+            if delta is not None:
+                _add_rows(y, delta, self.tokens, self.first_token)
+            return
         for router, rank, positions in zip(self.step_routers, ranks, self.router_rows):
-            rows_mix = mix if len(self.step_routers) == 1 else mix.index_select(0, positions)
-            rows = self.tokens if len(self.step_routers) == 1 else self.tokens.index_select(0, positions)
-            lora_delta_mixture(x, w, router.expert_slots, rank, rows_mix[:, : len(router.expert_slots)], rows, y)
+            n = len(router.expert_slots)
+            delta = lora_delta_mixture(xs.index_select(0, positions), w, router.expert_slots, rank, mix.index_select(0, positions)[:, :n])
+            if delta is not None:
+                _add_rows(y, delta, self.tokens.index_select(0, positions), None)
 
     def pairs(self, x: Tensor, batch: LoRABatch, key: tuple[int, str], num_slots: int) -> LoRAPairs:
         """The step's (slot, weight) pairs at linear `key`: plain tokens' slots with weight 1,
         routed tokens' top-k experts; adds the routed weights to usage."""
-        experts, slots, weights = self.route(x.index_select(0, self.tokens), key)
+        experts, weights, empty = self.route(self.rows_of(x), key)
         self.usage.scatter_add_(1, experts, weights)
+        slots = self.token_slots.gather(1, experts)
+        if empty is not None:
+            slots = slots.masked_fill(empty, -1)
         all_slots, all_weights = plain_pairs(batch, self.k)
         all_slots.index_copy_(0, self.tokens, slots.to(all_slots.dtype))
         all_weights.index_copy_(0, self.tokens, weights)
         return LoRAPairs.build(all_slots, all_weights, num_slots)
+
+
+def _add_rows(y: Tensor, delta: Tensor, rows: Tensor, first: int | None) -> None:
+    """y[rows] += delta (rows first, first + 1, ... when first is given: a slice, no scatter)."""
+    if first is None:
+        y.index_add_(0, rows, delta.to(y.dtype))
+    else:
+        y[first : first + delta.shape[0]] += delta.to(y.dtype)
