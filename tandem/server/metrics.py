@@ -107,6 +107,14 @@ class _PulledMetrics(Collector):
                 "tandem:finetune_share", "Share of the next iteration's token budget co-served fine-tuning may use.",
                 stats.finetune_share,
             )
+            experts = CounterMetricFamily(
+                "tandem:router_expert_tokens",
+                "Tokens a router ran, by the expert its gates weighted most (summed over the gated linears).",
+                labels=["router", "expert"],
+            )
+            for (router, expert), count in sorted(stats.router_expert_tokens.items()):
+                experts.add_metric([router, expert], count)
+            yield experts
         slots = self._source.slot_stats()
         yield GaugeMetricFamily("tandem:lora_slots_in_use", "Device adapter slots holding an adapter.", slots.slots_in_use)
         yield CounterMetricFamily("tandem:lora_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)

@@ -20,11 +20,11 @@ from tests.engine.helpers import make_engine, run
 from tests.engine.test_forward_oracle import record_logits
 
 EXPERTS = {"e0": 4, "e1": 8, "e2": 8}
-# Two routers: experts of mixed ranks (served as pairs grouped by slot), and of one rank
-# (on CPU served dense over the experts).
-ROUTERS = {"mix": ["e0", "e1", "e2"], "same": ["e1", "e2", "e3"]}
+# Routers as (experts, top_k, temperature): experts of mixed ranks (served as pairs grouped
+# by slot), of one rank (on CPU served dense over the experts), and one with fewer experts
+# and a smaller top_k than the others it shares a step with.
+ROUTERS = {"mix": (["e0", "e1", "e2"], 2, 0.7), "same": (["e1", "e2", "e3"], 2, 0.7), "solo": (["e3", "e1"], 1, 1.3)}
 GROUP_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
-TOP_K, TEMPERATURE = 2, 0.7
 NEW_TOKENS = 6
 
 
@@ -45,9 +45,9 @@ def adapters_dir(tmp_path_factory, tiny_hf_model) -> Path:
     for seed, (name, r) in enumerate({**EXPERTS, "e3": 8}.items()):
         make_adapter(tiny_hf_model, root / name, r=r, target_modules=ALL_LINEAR, seed=seed, b_std=0.2)
     make_adapter(tiny_hf_model, root / "qv-only", r=4, target_modules=["q_proj", "v_proj"], seed=7)
-    for seed, (name, experts) in enumerate(ROUTERS.items()):
+    for seed, (name, (experts, top_k, temperature)) in enumerate(ROUTERS.items()):
         gates = random_gates(tiny_hf_model, len(experts), seed=3 + seed)
-        write_router(root / name, router_config(experts, TOP_K, TEMPERATURE), gates)
+        write_router(root / name, router_config(experts, top_k, temperature), gates)
     return root
 
 
@@ -64,10 +64,17 @@ def expert_weights(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Ten
     return out
 
 
-def oracle_model(hf_model, adapters_dir: Path, experts: list[str], gates: dict | None):
-    """The HF model with a forward hook on every projection adding the mixture's delta:
-    with gates, top-k softmax(gate x / T) over the experts; without, the one expert at weight 1."""
+def oracle_model(hf_model, adapters_dir: Path, name: str, usage: list | None = None):
+    """The HF model with a forward hook on every projection adding the delta of adapter
+    `name`: for a router, top-k softmax(gate x / T) over its experts; for an adapter, that one
+    expert at weight 1. usage, when given, collects a router's mixture weights at each gated
+    linear (once per fused group)."""
     model = copy.deepcopy(hf_model)
+    experts, top_k, temperature = ROUTERS.get(name, ([name], 1, 1.0))
+    gates = None
+    if name in ROUTERS:
+        gates = load_file(str(adapters_dir / name / GATES_FILE))
+        gates = {(int(k.split(".")[1]), k.split(".")[2]): g for k, g in gates.items()}
     weights = [expert_weights(adapters_dir / e) for e in experts]
     for layer_idx, layer in enumerate(model.model.layers):
         for target, group in GROUP_OF.items():
@@ -75,18 +82,22 @@ def oracle_model(hf_model, adapters_dir: Path, experts: list[str], gates: dict |
             module = getattr(parent, target)
             path = f"model.layers.{layer_idx}.{'self_attn' if parent is layer.self_attn else 'mlp'}.{target}"
             gate = None if gates is None else gates[(layer_idx, group)]
-            module.register_forward_hook(_hook([w[path] for w in weights], gate))
+            first_of_group = target in ("q_proj", "o_proj", "gate_proj", "down_proj")
+            hook = _hook([w[path] for w in weights], gate, top_k, temperature, usage if first_of_group else None)
+            module.register_forward_hook(hook)
     return model
 
 
-def _hook(expert_weights: list, gate: torch.Tensor | None):
+def _hook(expert_weights: list, gate: torch.Tensor | None, top_k: int, temperature: float, usage: list | None):
     def hook(module, inputs, output):
         x = inputs[0]
         if gate is None:
             mix = torch.ones(*x.shape[:-1], 1)
         else:
-            top = (x @ gate.t() / TEMPERATURE).topk(TOP_K, dim=-1)
+            top = (x @ gate.t() / temperature).topk(top_k, dim=-1)
             mix = torch.zeros(*x.shape[:-1], gate.shape[0]).scatter(-1, top.indices, torch.softmax(top.values, -1))
+            if usage is not None:
+                usage.append(mix[0])
         for e, (a, b, scale) in enumerate(expert_weights):
             output = output + mix[..., e : e + 1] * ((x @ a.t()) @ b.t()) * scale
         return output
@@ -102,25 +113,19 @@ def engine_for(tiny_hf_model, tokenizer, adapters_dir, **config):
     return make_engine(tiny_hf_model, tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=8, kv_cache_bytes=1 << 22, **config)
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
-def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smollm2_tokenizer, adapters_dir, router):
+@pytest.mark.parametrize("first, second", [("mix", "mix"), ("same", "same"), ("same", "solo"), ("mix", "solo")])
+def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smollm2_tokenizer, adapters_dir, first, second):
     engine = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=4)
     seen = record_logits(engine)
     prompts = [[5, 17, 300, 42, 9, 77, 1200], [8, 8, 450, 13], [99, 3, 4, 5, 6], [640, 2, 31]]
-    kinds = [router, "e1", "", router]
+    kinds = [first, "e1", "", second]
     arrivals = {0: [], 1: []}
     for i, (prompt, kind) in enumerate(zip(prompts, kinds)):
         adapter = engine.registry.get(kind) if kind else None
         arrivals[i % 2].append((f"req{i}", prompt, greedy(), adapter))
     outputs = run(engine, arrivals)
 
-    gates = load_file(str(adapters_dir / router / GATES_FILE))
-    gates = {(int(k.split(".")[1]), k.split(".")[2]): g for k, g in gates.items()}
-    oracles = {
-        router: oracle_model(tiny_hf_model, adapters_dir, ROUTERS[router], gates),
-        "e1": oracle_model(tiny_hf_model, adapters_dir, ["e1"], None),
-        "": tiny_hf_model,
-    }
+    oracles = {kind: oracle_model(tiny_hf_model, adapters_dir, kind) for kind in {first, second, "e1"}} | {"": tiny_hf_model}
     for i, (prompt, kind) in enumerate(zip(prompts, kinds)):
         full = torch.tensor([prompt + outputs[f"req{i}"]])
         with torch.no_grad():
@@ -130,6 +135,32 @@ def test_router_logits_equal_a_torch_mixture_in_a_mixed_batch(tiny_hf_model, smo
     with torch.no_grad():
         base = tiny_hf_model(torch.tensor([prompts[0] + outputs["req0"]])).logits[0, len(prompts[0]) - 1 : -1]
     assert (torch.stack(seen["req0"]) - base).abs().max() > 1e-2
+
+
+def test_each_token_reports_the_expert_its_gates_weighted_most(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    engine = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=4)
+    prompt = [5, 17, 300, 42, 9, 77, 1200]
+    engine.add_request("r", prompt, greedy(), engine.registry.get("mix"))
+    engine.add_request("p", [8, 8, 450], greedy(), engine.registry.get("e1"))
+    tokens, experts, plain = [], [], []
+    while engine.has_work():
+        for out in engine.step():
+            if out.request_id == "r":
+                tokens += out.token_ids
+                experts += out.top_experts
+            else:
+                plain.append(out.top_experts)
+    usage: list[torch.Tensor] = []
+    model = oracle_model(tiny_hf_model, adapters_dir, "mix", usage)
+    with torch.no_grad():
+        model(torch.tensor([prompt + tokens[:-1]]))
+    top = torch.stack(usage).sum(0).argmax(-1)[len(prompt) - 1 :]
+    assert experts == [ROUTERS["mix"][0][e] for e in top.tolist()] and len(experts) == NEW_TOKENS
+    assert plain == [None] * NEW_TOKENS
+    # Every routed token computed (prompt and generated, but the last) counts once.
+    counts = engine.stats().router_expert_tokens
+    assert set(counts) <= {("mix", e) for e in ROUTERS["mix"][0]}
+    assert sum(counts.values()) == len(prompt) + NEW_TOKENS - 1
 
 
 def test_a_running_router_pins_its_experts_and_releases_them(tiny_hf_model, smollm2_tokenizer, adapters_dir):

@@ -5,6 +5,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import re
+import urllib.request
+
 import grpc
 import pytest
 
@@ -54,6 +57,13 @@ def test_router_is_loaded_listed_and_served_beside_plain_requests(client):
         mixed, plain, base = [c.result() for c in calls]
     assert mixed.token_ids == alone.token_ids and len(alone.token_ids) == 6
     assert len(plain.token_ids) == len(base.token_ids) == 6
+
+
+def test_metrics_count_routed_tokens_by_top_expert(client, server):
+    client.generate(prompt_token_ids=PROMPT, adapter="mix", max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    counts = re.findall(r'^tandem:router_expert_tokens_total\{.*expert="(e\d)".*router="mix"\} (\S+)$', text, re.MULTILINE)
+    assert counts and sum(float(c) for _, c in counts) >= len(PROMPT) + 2
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ class Engine:
                 # copies for the next iterations overlap this one's compute.
                 self.scheduler.prefetch()
                 sampled = self.sampler(result.logits, result.sampled)
+                self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
             backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
         except Exception as exc:
@@ -257,6 +258,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             iteration_tokens=dict(self.iteration_tokens),
             finetune_share=self.share.share,
+            router_expert_tokens=dict(self.runner.router_expert_tokens),
             iteration_token_histogram=self.iteration_histogram.snapshot(),
             cache_config={
                 "block_size": str(self.config.block_size),
@@ -296,6 +298,7 @@ class Engine:
             prompt_tokens=seq.prompt_len,
             generated_tokens=seq.num_generated,
             logprobs=logprobs,
+            top_experts=[seq.adapter.experts[e] for e in seq.top_experts[start:]] or None,
             first_scheduled_at=seq.first_scheduled_at,
             index=seq.index,
             prompt_logprobs=seq.prompt_logprobs if params.prompt_logprobs is not None and start == 0 and seq.index == 0 else None,

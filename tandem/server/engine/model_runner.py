@@ -11,6 +11,7 @@ training rows get logits only where a label asks for them. `backward` runs a co-
 backward slice: layers recomputed from their stored inputs, then backpropagated.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self._capture: _Capture | None = None
+        # The last forward's routing, until record_top_experts reads it.
+        self._routed: tuple[RoutedRows, list[tuple[Sequence, int, int]]] | None = None
+        # (router, expert) -> routed tokens whose top expert it was, since start.
+        self.router_expert_tokens: Counter[tuple[str, str]] = Counter()
         for i, layer in enumerate(model.layers):
             layer.register_forward_pre_hook(self._capture_hook(i))
 
@@ -279,6 +284,7 @@ class ModelRunner:
 
     def _served_lora(self, adapter_slots: list[int], routed: list[tuple[Sequence, int, int]]) -> LoRARows | None:
         """The served adapters' rows; routed: (sequence, first row, rows) of each router's chunk."""
+        self._routed = None
         if not routed and (not adapter_slots or max(adapter_slots) < 0):
             return None
         tokens = LoRABatch.build(adapter_slots, self.pool.num_slots, self.device)
@@ -297,7 +303,27 @@ class ModelRunner:
                 routers.append(StepRouter(router.gates_on(self.device), seq.slot, router.top_k, router.temperature))
             token_routers.extend([index[key]] * n)
             rows.extend(range(start, start + n))
-        return RoutedRows.build(routers, token_routers, rows, self.device)
+        routing = RoutedRows.build(routers, token_routers, rows, self.device)
+        self._routed = (routing, routed)
+        return routing
+
+    def record_top_experts(self) -> None:
+        """After a forward with routed rows: count each routed token under its router's top
+        expert (the one its gates weighted most, summed over the gated linears), and append
+        the top expert of each routed sequence's sampled token to seq.top_experts. Reads the
+        gate weights on the host: call it after the step's sync (the sampler's)."""
+        if self._routed is None:
+            return
+        routing, routed = self._routed
+        self._routed = None
+        top = routing.usage.argmax(1).tolist()
+        row = 0
+        for seq, start, n in routed:
+            router = seq.adapter
+            self.router_expert_tokens.update((router.name, router.experts[e]) for e in top[row : row + n])
+            if seq.num_computed + n == len(seq.token_ids):  # its last row samples a token
+                seq.top_experts.append(top[row + n - 1])
+            row += n
 
     def _trained_lora(self, trained: TrainingWork | TrainingForward, num_rows: int) -> LoRARows:
         """The trained adapters' rows: every row after the inference rows (slot 0 for co-served chunks)."""

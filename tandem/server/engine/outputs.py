@@ -40,6 +40,8 @@ class RequestOutput:
     prompt_tokens: int
     generated_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    # A router's request: per new token, the name of the expert its gates weighted most.
+    top_experts: list[str] | None = None
     # time.monotonic() when the engine first scheduled the request (None: still queued).
     first_scheduled_at: float | None = None
     index: int = 0
@@ -71,6 +73,8 @@ class EngineStats:
     num_preemptions: int
     iteration_tokens: dict[str, float] = field(default_factory=dict)
     finetune_share: float = 0.0
+    # (router, expert) -> routed tokens whose top expert it was, since start.
+    router_expert_tokens: dict[tuple[str, str], int] = field(default_factory=dict)
     # Inference tokens (decode + prefill) per iteration since start.
     iteration_token_histogram: TokenHistogram | None = None
     # The KV cache's settings under vLLM's cache_config_info label names.

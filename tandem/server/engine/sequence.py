@@ -27,7 +27,8 @@ class Sequence:
     sequence is recomputed later, and sampling resumes where it stopped.
     adapter is the exact adapter version the request started with; slot is its device
     slot while the sequence runs (pinned), None while it waits. A router's slot is the
-    tuple of its experts' slots, in gate order.
+    tuple of its experts' slots, in gate order, and top_experts holds, per generated token,
+    the index of the expert its gates weighted most.
     A request for n completions is n sequences of one group (group_id, the request's id),
     completion `index` each. fork_of is the group's first sequence, which computes the shared
     prompt: the others copy its KV blocks instead of computing the prompt again.
@@ -51,6 +52,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     first_scheduled_at: float | None = None  # time.monotonic() of its first scheduled chunk
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    top_experts: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
