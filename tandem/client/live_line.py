@@ -19,6 +19,13 @@ class LiveLine:
             print(line, file=self._stream, flush=True)
         self._last = line
 
+    def clear(self) -> None:
+        """Wipes the live line, so that other output takes its place."""
+        if self.live and self._last:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+        self._last = ""
+
     def close(self) -> None:
         """Ends the live line, so that what follows starts on a line of its own."""
         if self.live and self._last:

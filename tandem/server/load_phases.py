@@ -18,7 +18,9 @@ PHASES = ("read", "dequantise", "build", "engine")
 def load_phase(phase: str, **fields: object) -> Iterator[None]:
     """Logs `phase` starting, then done with its seconds (or failed, then re-raises)."""
     step = f"{PHASES.index(phase) + 1}/{len(PHASES)}"
-    log.info(f"loading: {phase}", extra={"fields": {"phase": phase, "step": step, "state": "started", **fields}})
+    # live: on a terminal this line is redrawn in place until the next one (logging_setup).
+    started_fields = {"phase": phase, "step": step, "state": "started", **fields}
+    log.info(f"loading the model: {phase} ({step})", extra={"fields": started_fields, "live": True})
     started = time.perf_counter()
     state = "failed"
     try:
@@ -26,4 +28,4 @@ def load_phase(phase: str, **fields: object) -> Iterator[None]:
         state = "done"
     finally:
         seconds = round(time.perf_counter() - started, 3)
-        log.info(f"loading: {phase} {state}", extra={"fields": {"phase": phase, "step": step, "state": state, "seconds": seconds, **fields}})
+        log.info(f"loading the model: {phase} {state} ({step})", extra={"fields": {"phase": phase, "step": step, "state": state, "seconds": seconds, **fields}})

@@ -1,13 +1,16 @@
 """Process-wide logging: one JSON object per line (or plain text for terminals).
 
 Structured fields travel in `extra={"fields": {...}}`, so the request log line is
-machine-readable without string parsing.
+machine-readable without string parsing. On a terminal, start-up progress is one live line.
 """
 
 import json
 import logging
 import sys
 import time
+from typing import TextIO
+
+from tandem.client.live_line import LiveLine
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,8 +37,24 @@ class TextFormatter(logging.Formatter):
         return f"{super().format(record)} {suffix}".rstrip()
 
 
+class TerminalHandler(logging.StreamHandler):
+    """stderr on a terminal: a record logged with extra={"live": True} (a start-up phase under
+    way) is a status line redrawn in place; any other record wipes it and is written as usual."""
+
+    def __init__(self, stream: TextIO):
+        super().__init__(stream)
+        self._line = LiveLine(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "live", False):
+            self._line.show(record.getMessage())
+            return
+        self._line.clear()
+        super().emit(record)
+
+
 def configure_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TerminalHandler(sys.stderr) if sys.stderr.isatty() else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from tandem.server.cli import main
 from tandem.server.config import EngineConfig
 from tandem.server.engine.llm_engine import Engine
-from tandem.server.load_phases import PHASES
+from tandem.server.load_phases import PHASES, load_phase
+from tandem.server.logging_setup import JsonFormatter, TerminalHandler
 from tests.api.conftest import KV_CACHE_BYTES, loopback
 from tests.api.harness import ServerThread
 
@@ -67,3 +68,19 @@ def test_load_phases_are_logged_in_order_with_their_durations(tiny_model_dir, ca
     assert all(line["seconds"] >= 0 for line in lines if line["state"] == "done")
     err = capfd.readouterr().err
     assert "de-quantizing" not in err and "\r" not in err
+
+
+def test_serve_on_a_terminal_shows_the_phase_under_way_as_one_live_line(monkeypatch):
+    """The phase's start is redrawn in place; the line that it is done replaces it, as JSON."""
+    terminal = Terminal()
+    handler = TerminalHandler(terminal)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tandem.load")
+    monkeypatch.setattr(logger, "handlers", [handler])
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    with load_phase("read"):
+        pass
+    _, live, done = terminal.getvalue().split("\r")
+    assert live == "loading the model: read (1/4)\x1b[K"
+    assert done.startswith("\x1b[K{") and '"state": "done"' in done and done.endswith("}\n")
