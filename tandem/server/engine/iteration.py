@@ -12,6 +12,7 @@ import torch
 
 from tandem.kernels.lora import LoRAWeights
 from tandem.server.engine.sequence import Sequence
+from tandem.server.model.routing import RoutedRows
 
 # A label that asks for no loss (Hugging Face's convention).
 IGNORE_INDEX = -100
@@ -50,12 +51,15 @@ class TrainingWork:
     weights: per (layer, group) the trained adapters stacked as slots, built from float32
         master weights with autograd (server/finetune); a group absent is not trained.
     dropout / generator: lora_dropout and the randomness it draws from (None = global).
+    routing: when a router's gates train (server/finetune/trainable_gates.py), its rows (the
+        sequences' rows in order, from 0) over the experts in weights; then only it trains.
     """
 
     sequences: list[TrainingSequence]
     weights: Mapping[tuple[int, str], LoRAWeights]
     dropout: float = 0.0
     generator: torch.Generator | None = None
+    routing: RoutedRows | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -327,15 +327,19 @@ class ModelRunner:
 
     def _trained_lora(self, trained: TrainingWork | TrainingForward, num_rows: int) -> LoRARows:
         """The trained adapters' rows: every row after the inference rows (slot 0 for co-served chunks)."""
+        routing = None
         if isinstance(trained, TrainingWork):
             token_slots = [seq.slot for seq in trained.sequences for _ in range(seq.num_tokens)]
-            dropout, generator = trained.dropout, trained.generator
+            dropout, generator, routing = trained.dropout, trained.generator, trained.routing
         else:
             token_slots = [c.seq.slot for c in trained.chunks for _ in range(c.num_tokens)]
             dropout, generator = 0.0, None
         num_slots = next(iter(trained.weights.values())).num_slots
+        if routing is not None and num_rows != len(token_slots):
+            raise ValueError("a router's gates train in iterations of their own (time-sliced), not beside inference rows")
         token_slots = [-1] * (num_rows - len(token_slots)) + token_slots
-        return LoRARows(LoRABatch.build(token_slots, num_slots, self.device), trained.weights, dropout, generator)
+        tokens = LoRABatch.build(token_slots, num_slots, self.device)
+        return LoRARows(tokens, trained.weights, dropout, generator, routing)
 
     def _context_slots(self, tables: list[list[int]], ctx: torch.Tensor) -> torch.Tensor:
         """[len(tables), len(ctx)] flat slots of positions ctx in each table (0 past a table's end)."""

@@ -32,7 +32,10 @@ class LoRALinear(FusedLinear):
                 elif served.tokens.num_lora_tokens:
                     lora_delta(x.detach(), w, served.tokens, y)
         trained = batch.train_lora
-        if trained is not None and self.key in trained.weights:
+        if trained is not None and trained.routing is not None:  # a router's gates train
+            if self.key in trained.routing.gates:
+                y = y + trained.routing.trained_delta(_dropout(x, trained), trained.weights[self.key], self.key, x.shape[0])
+        elif trained is not None and self.key in trained.weights:
             y = y + lora_delta_autograd(_dropout(x, trained), trained.weights[self.key], trained.tokens)
         return y
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tandem.kernels.lora import LoRABatch, LoRAPairs, LoRAWeights, lora_delta, lora_delta_pairs, plain_pairs
@@ -50,6 +51,8 @@ class RoutedRows:
     usage:   [R, E] float32, each token's gate weights summed over the gated linears, for
              reporting which expert the gate chose; updated by every routed layer.
     step_routers: the routers, with router_rows[i] the positions (in tokens) of router i's.
+    labels:  training only: [R] int64, the expert each routed token's task calls for (-1 =
+             none); aux_scale weighs the routing loss (see trained_delta).
     """
 
     tokens: Tensor
@@ -64,10 +67,16 @@ class RoutedRows:
     usage: Tensor
     step_routers: tuple[StepRouter, ...]
     router_rows: tuple[Tensor, ...]
+    labels: Tensor | None = None
+    aux_scale: float = 0.0
 
     @classmethod
-    def build(cls, routers: list[StepRouter], token_routers: list[int], tokens: list[int], device: torch.device) -> "RoutedRows":
-        """token_routers[i]: the router (index into routers) of row tokens[i]."""
+    def build(
+        cls, routers: list[StepRouter], token_routers: list[int], tokens: list[int], device: torch.device,
+        labels: list[int] | None = None, aux_scale: float = 0.0,
+    ) -> "RoutedRows":
+        """token_routers[i]: the router (index into routers) of row tokens[i]; labels[i]
+        (training): the expert its task calls for, -1 = none."""
         num_experts = max(len(r.expert_slots) for r in routers)
         k = max(r.top_k for r in routers)
         which = torch.tensor(token_routers, dtype=torch.int64)
@@ -105,6 +114,8 @@ class RoutedRows:
                 torch.tensor([p for p, r in enumerate(token_routers) if r == i], dtype=torch.int64).to(device)
                 for i in range(len(routers))
             ),
+            labels=None if labels is None else torch.tensor(labels, dtype=torch.int64).to(device),
+            aux_scale=aux_scale,
         )
 
     def rows_of(self, t: Tensor) -> Tensor:
@@ -161,6 +172,36 @@ class RoutedRows:
             if delta is not None:
                 _add_rows(y, delta, self.tokens.index_select(0, positions), None)
 
+    def trained_delta(self, x: Tensor, w: LoRAWeights, key: tuple[int, str], num_rows: int) -> Tensor:
+        """The routed rows' delta at `key` as a new [num_rows, N] tensor, differentiable in x
+        and in the gates (the experts' weights are frozen): how a router's gates train.
+
+        With labels, the routing loss of this linear, aux_scale * (summed cross-entropy of the
+        full softmax over experts against each labelled token's expert), joins the objective
+        through the output (see _AddLoss). One router per training step."""
+        (router,) = self.step_routers
+        xs = self.rows_of(x)
+        experts, weights, _ = self.route(xs, key)
+        mix = torch.zeros(xs.shape[0], self.usage.shape[1], device=x.device).scatter(1, experts, weights)
+        self.usage.add_(mix.detach())
+        rank = uniform_rank(w, router.expert_slots)
+        if rank is not None:
+            delta = lora_delta_mixture(xs, w, router.expert_slots, rank, mix)
+        else:  # experts of different ranks: one at a time (a training path, not a serving one)
+            delta = None
+            for e, slot in enumerate(router.expert_slots):
+                part = lora_delta_mixture(xs, w, (slot,), w.host_ranks[slot], mix[:, e : e + 1])
+                if part is not None:
+                    delta = part if delta is None else delta + part
+        out = torch.zeros(num_rows, w.out_features, dtype=x.dtype, device=x.device)
+        if delta is not None:
+            out = out.index_add(0, self.tokens, delta.to(x.dtype))
+        if self.labels is not None and self.aux_scale:
+            logits = (xs.to(torch.float32) @ self.gates[key][0].t()) * self.inv_temperature
+            loss = F.cross_entropy(logits, self.labels, ignore_index=-1, reduction="sum")
+            out = _AddLoss.apply(out, loss * self.aux_scale)
+        return out
+
     def pairs(self, x: Tensor, batch: LoRABatch, key: tuple[int, str], num_slots: int) -> LoRAPairs:
         """The step's (slot, weight) pairs at linear `key`: plain tokens' slots with weight 1,
         routed tokens' top-k experts; adds the routed weights to usage."""
@@ -181,3 +222,19 @@ def _add_rows(y: Tensor, delta: Tensor, rows: Tensor, first: int | None) -> None
         y.index_add_(0, rows, delta.to(y.dtype))
     else:
         y[first : first + delta.shape[0]] += delta.to(y.dtype)
+
+
+class _AddLoss(torch.autograd.Function):
+    """Identity on y whose backward also starts the gradient of a scalar `loss`, as if it were
+    added to the objective: how an auxiliary loss computed inside the model reaches the
+    backward that starts from the language-model loss (Megatron's MoE aux-loss scaler)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, loss: Tensor) -> Tensor:
+        ctx.save_for_backward(loss)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        (loss,) = ctx.saved_tensors
+        return grad, torch.ones_like(loss)
