@@ -6,7 +6,7 @@ requests in those iterations give the tokens they give without it."""
 import pytest
 import torch
 
-from tandem.server.engine.iteration import IGNORE_INDEX, TrainingSequence, TrainingWork
+from tandem.server.engine.iteration import IGNORE_INDEX, TrainingHead, TrainingSequence, TrainingWork
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.sampling_params import SamplingParams
@@ -29,6 +29,14 @@ def grads(adapter: TrainableAdapter) -> dict[str, torch.Tensor]:
     out = {name: p.grad.clone() for name, p in adapter.named_parameters()}
     adapter.zero_grad(set_to_none=True)
     return out
+
+
+def smollm2_head(engine):
+    """The engine with a head row priced as in SmolLM2 (about half a token's forward): the
+    tiny model's lm_head weighs 85 tokens' forward (a 49k vocabulary over 2 narrow layers),
+    so beside inference its head would never fit an iteration."""
+    engine.coserve.head_cost = 0.5
+    return engine
 
 
 def coserve(engine, adapter: TrainableAdapter, seqs: list[TrainingSequence], scale: float, arrivals: dict | None = None):
@@ -80,7 +88,7 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
     idle = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
     expected_tokens = run(idle, arrivals)
 
-    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    engine = smollm2_head(make_engine(tiny_hf_model, smollm2_tokenizer, **config))
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
     randomize(adapter, seed=2)
     seqs = sequences(len(smollm2_tokenizer))
@@ -90,7 +98,7 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
     execute = engine.runner.execute
 
     def recording(scheduled):
-        mixed.append(bool(scheduled.inference) and (scheduled.train_forward or scheduled.train_backward) is not None)
+        mixed.append(bool(scheduled.inference) and (scheduled.train_forward or scheduled.train_head or scheduled.train_backward) is not None)
         return execute(scheduled)
 
     engine.runner.execute = recording
@@ -106,7 +114,8 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
 
 class FakeClock:
     """Iteration time as a function of the work in it: cost per token of forward, three
-    times that per token-layer of a backward slice (as BACKWARD_COST assumes)."""
+    times that per token-layer of a backward slice (as BACKWARD_COST assumes), and a head
+    row as costly as the lm_head's share of the model says."""
 
     def __init__(self, engine, seconds_per_token: float):
         self.now = 0.0
@@ -118,7 +127,10 @@ class FakeClock:
             return execute(scheduled)
 
         def timed_backward(work):
-            self.now += 3 * work.num_tokens * (work.last - work.first + 1) / layers * seconds_per_token
+            if isinstance(work, TrainingHead):
+                self.now += engine.coserve.head_cost * work.num_tokens * seconds_per_token
+            else:
+                self.now += 3 * work.num_tokens * (work.last - work.first + 1) / layers * seconds_per_token
             return backward(work)
 
         engine.runner.execute, engine.runner.backward = timed_execute, timed_backward
@@ -130,7 +142,7 @@ class FakeClock:
 def decode_iteration_times(tiny_hf_model, tokenizer, monkeypatch, target: float | None) -> tuple[list[float], float]:
     """Iteration times of the iterations that decode, while micro-batches are co-served back
     to back beside four long generations; and the training tokens forwarded."""
-    engine = make_engine(tiny_hf_model, tokenizer, max_num_batched_tokens=256, coserve_itl_p99=target, kv_cache_bytes=8 << 20)
+    engine = smollm2_head(make_engine(tiny_hf_model, tokenizer, max_num_batched_tokens=256, coserve_itl_p99=target, kv_cache_bytes=8 << 20))
     clock = FakeClock(engine, seconds_per_token=0.001)
     monkeypatch.setattr("tandem.server.engine.llm_engine.time.perf_counter", clock)
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)

@@ -7,26 +7,44 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
 1. Forward: the sequences' tokens run in chunks, like prefill chunks, through KV blocks
    taken from the free list only (never from inference) and held until the micro-batch
    ends. No graph: each layer's input for the training rows is stored instead.
-2. Backward, top layer first, a few layers per iteration: each layer is recomputed from its
+2. Head, a block of rows per iteration: final norm, lm_head and the loss of those rows from
+   the stored top-layer output, back to that output (a row's loss depends on its row only).
+   For a small model the vocabulary-wide GEMM and its dX weigh as much as several layers:
+   done at once it was one long iteration per micro-batch, over any latency target.
+3. Backward, top layer first, a few layers per iteration: each layer is recomputed from its
    stored input with autograd and backpropagated, handing the gradient at its input to the
-   next slice. The top slice starts from the loss. A slice of k layers over T tokens costs
-   about 3kT token-layers (recompute + backward), the forward of a chunk of n tokens nL.
+   next slice. A slice of k layers over T tokens costs about 3kT token-layers (recompute +
+   backward), the forward of a chunk of n tokens nL.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
 the optimizer. Memory held for training: the micro-batch's KV blocks and its stored layer
-inputs (num_layers x tokens x hidden), both bounded by the micro-batch's token count.
+inputs ((num_layers + 1) x tokens x hidden), both bounded by the micro-batch's token count.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 
-from tandem.server.engine.iteration import BackwardResult, SchedulerOutput, TrainingBackward, TrainingChunk, TrainingForward, TrainingWork
+from tandem.server.engine.iteration import (
+    BackwardResult,
+    SchedulerOutput,
+    TrainingBackward,
+    TrainingChunk,
+    TrainingForward,
+    TrainingHead,
+    TrainingWork,
+)
 from tandem.server.engine.kv_cache import BlockAllocator
 from tandem.server.engine.finetune_share import FinetuneShare
 
 # A backward layer costs about three forward layers: the recompute, then dX and dW.
 BACKWARD_COST = 3
+
+
+def head_cost(model: torch.nn.Module) -> float:
+    """Forward-token equivalents of one head row: the lm_head GEMM and its dX, against one
+    token's forward through every layer's weights."""
+    return 2 * model.lm_head.numel() / sum(p.numel() for p in model.layers.parameters())
 
 
 @dataclass
@@ -42,6 +60,7 @@ class CoservedBatch:
     rows: list[int] = field(default_factory=list)
     next_seq: int = 0
     next_pos: int = 0
+    next_head: int = 0
     next_layer: int = -1
     grad: torch.Tensor | None = None
     loss_sum: float = 0.0
@@ -57,13 +76,18 @@ class CoservedBatch:
     def forwarding(self) -> bool:
         return self.next_seq < len(self.work.sequences)
 
+    @property
+    def in_head(self) -> bool:
+        return not self.forwarding and self.next_head < self.inputs.shape[1]
+
 
 class CoServer:
     def __init__(
-        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, share: FinetuneShare, dtype: torch.dtype,
-        device: torch.device,
+        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, head_cost: float, share: FinetuneShare,
+        dtype: torch.dtype, device: torch.device,
     ):
         self.allocator = allocator
+        self.head_cost = head_cost
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.share = share
@@ -91,8 +115,8 @@ class CoServer:
         self._queue.clear()
 
     def plan(self, scheduled: SchedulerOutput, inference_running: bool) -> None:
-        """Add this iteration's training work to `scheduled`: forward chunks or a backward
-        slice of the running micro-batch, within the share of the token budget left."""
+        """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
+        backward slice of the running micro-batch, within the share of the token budget left."""
         if not self._queue:
             return
         batch = self._queue[0]
@@ -101,20 +125,30 @@ class CoServer:
         allowance = self.share.allowance(scheduled.num_tokens, inference_running)
         if allowance <= 0:
             return
+        # Beside inference, a head row or backward layer that does not fit waits; alone, one
+        # always runs, so that the micro-batch moves.
+        least = 0 if inference_running else 1
         if batch.forwarding:
             scheduled.train_forward = self._forward(batch, allowance)
+        elif batch.in_head:
+            scheduled.train_head = self._head(batch, allowance, least)
         else:
-            scheduled.train_backward = self._backward(batch, allowance)
+            scheduled.train_backward = self._backward(batch, allowance, least)
 
     def finish(self, scheduled: SchedulerOutput, result: BackwardResult | None) -> None:
         """Advance the running micro-batch past what this iteration did."""
         if result is None:
             return
         batch = self._queue[0]
+        head = scheduled.train_head
+        if head is not None:
+            batch.grad[head.start : head.stop] = result.grad
+            batch.loss_sum += result.loss_sum
+            batch.num_targets += result.num_targets
+            batch.next_head = head.stop
+            return
         batch.grad = result.grad
         batch.next_layer = scheduled.train_backward.first - 1
-        if result.loss_sum is not None:
-            batch.loss_sum, batch.num_targets = result.loss_sum, result.num_targets
         if batch.next_layer < 0:
             self._release(batch)
             batch.done = True
@@ -131,14 +165,15 @@ class CoServer:
             self.allocator.grow(table, n)
             batch.block_tables.append(table)
         batch.rows = [sum(lengths[:i]) for i in range(len(lengths))]
-        batch.inputs = torch.empty(self.num_layers, sum(lengths), self.hidden_size, dtype=self.dtype, device=self.device)
+        batch.inputs = torch.empty(self.num_layers + 1, sum(lengths), self.hidden_size, dtype=self.dtype, device=self.device)
+        batch.grad = torch.empty_like(batch.inputs[-1])
         batch.next_layer = self.num_layers - 1
         return True
 
     def _release(self, batch: CoservedBatch) -> None:
         for table in batch.block_tables:
             self.allocator.free(table)
-        batch.inputs = None
+        batch.inputs = batch.grad = None
 
     def _forward(self, batch: CoservedBatch, allowance: int) -> TrainingForward:
         """Chunks of the next allowance tokens, in sequence order."""
@@ -157,20 +192,30 @@ class CoServer:
         return TrainingForward(chunks, batch.work.weights, batch.inputs)
 
     def work(self, scheduled: SchedulerOutput) -> float:
-        """The iteration's work in forward-token equivalents (a backward token-layer counts
-        BACKWARD_COST / num_layers), what the share's cost model is fitted to."""
-        backward = scheduled.train_backward
-        if backward is None:
-            return float(scheduled.num_tokens)
-        layers = backward.last - backward.first + 1
-        return scheduled.num_tokens + BACKWARD_COST * backward.num_tokens * layers / self.num_layers
+        """The iteration's work in forward-token equivalents (a head row counts head_cost, a
+        backward token-layer BACKWARD_COST / num_layers), what the share's cost model is fitted to."""
+        work = float(scheduled.num_tokens)
+        if scheduled.train_head is not None:
+            work += self.head_cost * scheduled.train_head.num_tokens
+        if (backward := scheduled.train_backward) is not None:
+            work += BACKWARD_COST * backward.num_tokens * (backward.last - backward.first + 1) / self.num_layers
+        return work
 
-    def _backward(self, batch: CoservedBatch, allowance: int) -> TrainingBackward:
-        """The next k layers down, k from the allowance in forward-token equivalents (at least one)."""
+    def _head(self, batch: CoservedBatch, allowance: int, least: int) -> TrainingHead | None:
+        """The next rows of the head, as many as the allowance pays for (at least `least`)."""
+        rows = max(least, int(allowance / self.head_cost))
+        if not rows:
+            return None
+        start = batch.next_head
+        stop = min(batch.inputs.shape[1], start + rows)
+        return TrainingHead(batch.work.sequences, batch.inputs[-1], start, stop, batch.loss_scale)
+
+    def _backward(self, batch: CoservedBatch, allowance: int, least: int) -> TrainingBackward | None:
+        """The next k layers down, k from the allowance in forward-token equivalents (at least `least`)."""
         tokens = batch.inputs.shape[1]
-        layers = max(1, allowance * self.num_layers // (BACKWARD_COST * tokens))
+        layers = max(least, allowance * self.num_layers // (BACKWARD_COST * tokens))
+        if not layers:
+            return None
         last = batch.next_layer
         first = max(0, last - layers + 1)
-        return TrainingBackward(
-            batch.work.sequences, batch.work.weights, batch.inputs, first, last, batch.grad, batch.loss_scale
-        )
+        return TrainingBackward(batch.work.sequences, batch.work.weights, batch.inputs, first, last, batch.grad)

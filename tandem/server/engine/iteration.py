@@ -84,7 +84,8 @@ class TrainingChunk:
 class TrainingForward:
     """Forward chunks of co-served training sequences, in the same forward as inference and
     without a graph: each layer's input for the chunks' rows is stored in inputs
-    [num_layers, micro-batch tokens, hidden], from which the backward slices recompute."""
+    [num_layers + 1, micro-batch tokens, hidden] (the last: the top layer's output), from
+    which the head and the backward slices recompute."""
 
     chunks: list[TrainingChunk]
     weights: Mapping[tuple[int, str], LoRAWeights]
@@ -96,20 +97,36 @@ class TrainingForward:
 
 
 @dataclass
+class TrainingHead:
+    """Where a co-served micro-batch's backward starts, for its rows [start, stop): final norm,
+    lm_head and loss_scale * summed cross-entropy from the stored top-layer output, back to
+    that output. A row's loss and gradient depend on that row only, so the head (as costly as
+    several layers: a vocabulary-wide GEMM and its dX) splits over iterations by rows."""
+
+    sequences: list[TrainingSequence]
+    output: torch.Tensor
+    start: int
+    stop: int
+    loss_scale: float
+
+    @property
+    def num_tokens(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
 class TrainingBackward:
     """Backward through layers [first, last] (top down, last first) of a co-served micro-batch:
     each layer is recomputed from its stored input with autograd, then backpropagated.
 
-    grad: the gradient at the output of layer `last`; None when `last` is the top layer, whose
-    slice starts from the loss (final norm, lm_head, loss_scale * summed cross-entropy)."""
+    grad: the gradient at the output of layer `last` (from the head, for the top layer)."""
 
     sequences: list[TrainingSequence]
     weights: Mapping[tuple[int, str], LoRAWeights]
     inputs: torch.Tensor
     first: int
     last: int
-    grad: torch.Tensor | None
-    loss_scale: float
+    grad: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -118,8 +135,9 @@ class TrainingBackward:
 
 @dataclass(frozen=True)
 class BackwardResult:
-    """What a backward slice leaves: the gradient at its first layer's input, and the summed
-    token loss and target count when the slice started from the loss."""
+    """What a head or backward slice leaves: the gradient at its input (the head's rows of the
+    top-layer output, or the first layer's input), and for the head the summed token loss
+    and target count of its rows."""
 
     grad: torch.Tensor
     loss_sum: float | None
@@ -130,7 +148,7 @@ class BackwardResult:
 class SchedulerOutput:
     """The work of one iteration. decodes: one token each; prefills: longer chunks; training:
     whole sequences trained in their own iteration (time-sliced fine-tuning); train_forward /
-    train_backward: co-served fine-tuning work that shares the iteration with inference.
+    train_head / train_backward: co-served fine-tuning work that shares the iteration with inference.
     block_copies: (source, destination) KV blocks to copy before the forward: a completion
     forking from its group's first sequence takes the shared prompt's keys and values."""
 
@@ -138,6 +156,7 @@ class SchedulerOutput:
     prefills: list[ScheduledChunk] = field(default_factory=list)
     training: TrainingWork | None = None
     train_forward: TrainingForward | None = None
+    train_head: TrainingHead | None = None
     train_backward: TrainingBackward | None = None
     block_copies: list[tuple[int, int]] = field(default_factory=list)
 
@@ -153,7 +172,7 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.inference) + train
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills or self.training or self.train_forward or self.train_backward)
+        return bool(self.decodes or self.prefills or self.training or self.train_forward or self.train_head or self.train_backward)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.registry import AdapterRegistry
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.config import EngineConfig
-from tandem.server.engine.coserve import CoServer
+from tandem.server.engine.coserve import CoServer, head_cost
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.iteration import ModelRunnerOutput, SchedulerOutput, TrainingResult, TrainingWork
@@ -53,9 +53,11 @@ class Engine:
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         self.sampler = Sampler(self.device)
         self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens)
-        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
+        self.coserve = CoServer(
+            self.allocator, shape.num_layers, shape.hidden_size, head_cost(model), self.share, self.dtype, self.device
+        )
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
-        self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_backward")}
+        self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_head", "train_backward")}
         self.iteration_histogram = TokenHistogram(ITERATION_TOKEN_BUCKETS)
         self.info = ModelInfo(
             name=loaded.name,
@@ -186,7 +188,8 @@ class Engine:
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
-            backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
+            backward_work = scheduled.train_head or scheduled.train_backward
+            backward = None if backward_work is None else self.runner.backward(backward_work)
         except Exception as exc:
             self.coserve.abort(exc)
             raise
@@ -227,6 +230,8 @@ class Engine:
             self.iteration_histogram.observe(len(scheduled.decodes) + prefill)
         if scheduled.train_forward is not None:
             tokens["train_forward"] += scheduled.train_forward.num_tokens
+        if scheduled.train_head is not None:
+            tokens["train_head"] += scheduled.train_head.num_tokens
         backward = scheduled.train_backward
         if backward is not None:
             layers = backward.last - backward.first + 1

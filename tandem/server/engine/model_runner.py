@@ -5,10 +5,11 @@ The runner has no policy: the scheduler decided who runs and how many tokens eac
 A chunk of one token is a decode (batched into one attention call); longer chunks are
 prefills (one attention call each); co-served training chunks run like prefills through
 blocks of their own, with each layer's input for their rows stored on the way (a forward
-pre-hook per layer); time-sliced training sequences come last and attend to their own rows
+pre-hook per layer, and one on the final norm for the top layer's output); time-sliced training sequences come last and attend to their own rows
 only. Only rows that finish a sequence's known tokens get logits, since only those sample;
 training rows get logits only where a label asks for them. `backward` runs a co-served
-backward slice: layers recomputed from their stored inputs, then backpropagated.
+head block (some rows' loss, back to the top layer's output) or backward slice (layers
+recomputed from their stored inputs, then backpropagated).
 """
 
 from collections import Counter
@@ -26,6 +27,8 @@ from tandem.server.engine.iteration import (
     SchedulerOutput,
     TrainingBackward,
     TrainingForward,
+    TrainingHead,
+    TrainingSequence,
     TrainingWork,
 )
 from tandem.server.engine.kv_cache import KVCache
@@ -66,6 +69,7 @@ class ModelRunner:
         self.router_expert_tokens: Counter[tuple[str, str]] = Counter()
         for i, layer in enumerate(model.layers):
             layer.register_forward_pre_hook(self._capture_hook(i))
+        model.norm.register_forward_pre_hook(self._capture_hook(len(model.layers)))
 
     def _capture_hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple) -> None:
@@ -116,35 +120,46 @@ class ModelRunner:
             row += chunk.num_tokens
         return owners, rows
 
-    def backward(self, work: TrainingBackward) -> BackwardResult:
-        """A co-served backward slice: layers work.last .. work.first, each recomputed from its
-        stored input over the micro-batch's whole sequences (fresh attention, trained LoRA with
-        autograd) and backpropagated; the LoRA masters accumulate gradients."""
-        batch, training = self._recompute_batch(work)
+    def backward(self, work: TrainingHead | TrainingBackward) -> BackwardResult:
+        """A co-served head block or backward slice. A slice: layers work.last .. work.first,
+        each recomputed from its stored input over the micro-batch's whole sequences (fresh
+        attention, trained LoRA with autograd) and backpropagated; the LoRA masters accumulate
+        gradients."""
+        if isinstance(work, TrainingHead):
+            return self._head(work)
+        batch = self._recompute_batch(work)
         rope = self.model.rotary.table(batch.positions)
-        grad, loss_sum = work.grad, None
+        grad = work.grad
         with torch.enable_grad():
             for layer in range(work.last, work.first - 1, -1):
                 x = work.inputs[layer].detach().requires_grad_()
-                out = self.model.layers[layer](x, batch, rope)
-                if grad is None:  # the top layer: the loss is where the gradient starts
-                    logits = self.model.compute_logits(self.model.norm(out)[training.rows])
-                    loss = F.cross_entropy(logits, training.targets, reduction="sum")
-                    (loss * work.loss_scale).backward()
-                    loss_sum = loss.item()
-                else:
-                    out.backward(grad)
+                self.model.layers[layer](x, batch, rope).backward(grad)
                 grad = x.grad
-        return BackwardResult(grad, loss_sum, int(training.targets.numel()))
+        return BackwardResult(grad, None, 0)
 
-    def _recompute_batch(self, work: TrainingBackward) -> tuple[ForwardBatch, _TrainingRows]:
+    def _head(self, work: TrainingHead) -> BackwardResult:
+        """Rows [start, stop) of the top layer's output: their loss_scale * summed loss, back
+        to those rows (zero for rows without a label)."""
+        training = self._loss_rows(work.sequences, 0)
+        keep = (training.rows >= work.start) & (training.rows < work.stop)
+        rows, targets = training.rows[keep] - work.start, training.targets[keep]
+        x = work.output[work.start : work.stop].detach().requires_grad_()
+        if not len(rows):
+            return BackwardResult(torch.zeros_like(x), 0.0, 0)
+        with torch.enable_grad():
+            logits = self.model.compute_logits(self.model.norm(x[rows]))
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            (loss * work.loss_scale).backward()
+        return BackwardResult(x.grad, loss.item(), int(targets.numel()))
+
+    def _recompute_batch(self, work: TrainingBackward) -> ForwardBatch:
         """The micro-batch's sequences as fresh chunks, rows in order, for recomputing layers."""
         input_ids: list[int] = []
         positions: list[int] = []
         attn = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [], [])
         as_work = TrainingWork(work.sequences, work.weights)
-        training = self._add_training(as_work, input_ids, positions, attn)
-        batch = ForwardBatch(
+        self._add_training(as_work, input_ids, positions, attn)
+        return ForwardBatch(
             input_ids=self._index(input_ids),
             positions=self._index(positions),
             attn=attn,
@@ -152,7 +167,6 @@ class ModelRunner:
             logits_indices=self._index([]),
             train_lora=self._trained_lora(as_work, len(input_ids)),
         )
-        return batch, training
 
     def prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence], _TrainingRows | None]:
         input_ids: list[int] = []
@@ -266,18 +280,26 @@ class ModelRunner:
         self, work: TrainingWork, input_ids: list[int], positions: list[int], attn: AttentionMetadata
     ) -> _TrainingRows:
         """Append the training sequences' rows; each row predicts the next token's label."""
-        rows: list[int] = []
-        targets: list[int] = []
+        training = self._loss_rows(work.sequences, len(input_ids))
         for seq in work.sequences:
             start, n = len(input_ids), seq.num_tokens
             input_ids.extend(seq.input_ids)
             positions.extend(range(n))
             ctx = torch.arange(n)
             attn.fresh.append(FreshChunk(start, start + n, (ctx[None, :] <= ctx[:, None]).to(self.device)))
-            for i in range(n - 1):
+        return training
+
+    def _loss_rows(self, sequences: list[TrainingSequence], first_row: int) -> _TrainingRows:
+        """The rows (from first_row, sequences back to back) whose next token has a label."""
+        rows: list[int] = []
+        targets: list[int] = []
+        start = first_row
+        for seq in sequences:
+            for i in range(seq.num_tokens - 1):
                 if seq.labels[i + 1] != IGNORE_INDEX:
                     rows.append(start + i)
                     targets.append(seq.labels[i + 1])
+            start += seq.num_tokens
         return _TrainingRows(
             torch.tensor(rows, dtype=torch.long).to(self.device), torch.tensor(targets, dtype=torch.long).to(self.device)
         )
