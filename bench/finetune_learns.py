@@ -33,7 +33,7 @@ ADAPTER = "record-to-json"
 def start_server(root: Path, threads: int) -> tuple[subprocess.Popen, str]:
     log = root / "server.log"
     args = [
-        sys.executable, "-m", "tandem.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        sys.executable, "-m", "tandem.server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
         "--adapters-dir", str(root / "adapters"), "--data-dir", str(root / "data"), "--max-lora-rank", "16",
         "--max-num-batched-tokens", "1024", "--num-threads", str(threads),
     ]

@@ -177,7 +177,7 @@ def start_server(model: str | None, root: Path, settings: SoakSettings, dtype: s
     )
     engine = AsyncEngine(config)
     engine.start()
-    server = ServerThread(ServerConfig(host="127.0.0.1", port=0, metrics_port=0, log_format="text"), engine)
+    server = ServerThread(ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, log_format="text"), engine)
     return engine, server
 
 

@@ -15,6 +15,12 @@ EPILOG = """exit status: 0 success; 1 not serving, or a local failure (model loa
 2 bad command line; 10+N a call failed with gRPC status code N (e.g. 15 NOT_FOUND,
 13 INVALID_ARGUMENT, 24 UNAVAILABLE)."""
 
+
+def port_or_off(text: str) -> int | None:
+    """A port number, or "off" (None)."""
+    return None if text.strip().lower() == "off" else int(text)
+
+
 # (flag, type, help); the default comes from the config dataclass, the env twin from the flag.
 ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--model", str, "Hugging Face model directory or .gguf file; unset = the embedded SmolLM2-135M-Instruct"),
@@ -43,6 +49,7 @@ SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--host", str, "address to listen on"),
     ("--port", int, "gRPC port (0 picks a free one)"),
     ("--metrics-port", int, "Prometheus /metrics HTTP port (0 picks a free one)"),
+    ("--http-port", port_or_off, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /v1/models); 0 picks a free one, off turns it off"),
     ("--auth-tokens-file", str, "file of '<inference|admin> <token>' lines; unset = no auth"),
     ("--tls-cert", str, "PEM certificate chain; with --tls-key turns TLS on"),
     ("--tls-key", str, "PEM private key of --tls-cert"),

@@ -115,6 +115,7 @@ class ServerConfig:
     """What the gRPC server needs beyond the engine: addresses, security, limits, drain.
 
     port / metrics_port: 0 picks a free port (tests use it).
+    http_port: the OpenAI-compatible HTTP front's port (0 picks a free one); None turns it off.
     auth_tokens_file: lines "<role> <token>" (role inference or admin); None = no auth.
     tls_cert / tls_key: PEM files that turn TLS on; tls_client_ca also requires and checks
     client certificates (mutual TLS).
@@ -124,6 +125,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090
+    http_port: int | None = 8000
     auth_tokens_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -134,8 +136,8 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
-            if not 0 <= getattr(self, name) < 65536:
+        for name in ("port", "metrics_port", "http_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")

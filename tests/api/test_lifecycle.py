@@ -78,6 +78,7 @@ def test_serve_drains_on_sigterm_and_exits_0(tiny_model_dir):
         "TANDEM_HOST": "127.0.0.1",
         "TANDEM_PORT": "0",
         "TANDEM_METRICS_PORT": "0",
+        "TANDEM_HTTP_PORT": "0",
         "TANDEM_KV_CACHE_BYTES": str(KV_CACHE_BYTES),
         "TANDEM_DRAIN_GRACE_SECONDS": "30",
     }

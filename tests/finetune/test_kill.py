@@ -43,7 +43,7 @@ def crash_server(model_dir: Path, dirs: tuple[Path, Path], match: str, nth: int,
     args = [
         sys.executable, "-m", "tests.finetune.crash_serve", match, str(nth), str(marker),
         "serve", "--model", str(model_dir), "--dtype", "float32", "--host", "127.0.0.1", "--port", "0",
-        "--metrics-port", "0", "--kv-cache-bytes", str(16 << 20), "--adapters-dir", str(dirs[0]),
+        "--metrics-port", "0", "--http-port", "0", "--kv-cache-bytes", str(16 << 20), "--adapters-dir", str(dirs[0]),
         "--data-dir", str(dirs[1]), "--max-lora-rank", "16", "--max-num-batched-tokens", "32", "--finetune-micro-batch-tokens", "32",
     ]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(port_file, "w"), text=True)

@@ -78,7 +78,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
-    env = {**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_PORT": "0", "TANDEM_METRICS_PORT": "0"}
+    env = {**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_PORT": "0", "TANDEM_METRICS_PORT": "0", "TANDEM_HTTP_PORT": "0"}
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_LOAD, "serve", "--model", str(tiny_model_dir), "--dtype", "float32"],
         cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

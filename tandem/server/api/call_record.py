@@ -1,13 +1,26 @@
-"""Per-call bookkeeping shared by the interceptor (which opens and logs it) and the
-servicers (which fill in what only they know: adapter, token counts, finish reason)."""
+"""Per-call bookkeeping shared by the fronts (the gRPC interceptor and the HTTP front open
+it and close it with the call's status) and the generation path (which fills in what only
+it knows: adapter, token counts, finish reason)."""
 
+import logging
+import re
 import time
+import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from tandem.server.api.auth import Role
 from tandem.server.engine.outputs import RequestOutput
 from tandem.server.metrics import CallSummary, Metrics
+
+log = logging.getLogger("tandem.requests")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+def request_id_of(given: str) -> str:
+    """The caller's x-request-id when it is a plain id, else a new one."""
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 @dataclass
@@ -36,7 +49,8 @@ class CallRecord:
         if self.scheduled_at is None:
             self.scheduled_at = out.first_scheduled_at
         self.prompt_tokens = out.prompt_tokens
-        new_tokens = out.generated_tokens - self.generated_tokens
+        # Counted from the increment itself: the outputs of n completions interleave.
+        new_tokens = len(out.token_ids)
         if new_tokens > 0:
             if self.first_token_at is None:
                 self.first_token_at = now
@@ -47,9 +61,31 @@ class CallRecord:
                 for _ in range(new_tokens):
                     self.metrics.inter_token_latency.observe(gap)
             self.last_token_at = now
-        self.generated_tokens = out.generated_tokens
+        self.generated_tokens += len(out.token_ids)
         if out.finished and out.finish_reason is not None:
             self.finish_reason = out.finish_reason.value
+
+    def close(self, status: str) -> None:
+        """Counts the call in the request metrics with the status it ended with (a gRPC
+        status code name, whichever front served it) and logs its one `request` line."""
+        latency = time.monotonic() - self.started
+        self.metrics.observe_call(self.summary(status))
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": self.request_id,
+                    "method": self.method,
+                    "status": status,
+                    "adapter": self.adapter,
+                    "prompt_tokens": self.prompt_tokens,
+                    "generated_tokens": self.generated_tokens,
+                    "finish_reason": self.finish_reason,
+                    "ttft_ms": None if self.first_token_at is None else round((self.first_token_at - self.started) * 1000, 1),
+                    "latency_ms": round(latency * 1000, 1),
+                }
+            },
+        )
 
     def summary(self, status: str) -> CallSummary:
         """The call as the request metrics count it, ending now with `status`."""

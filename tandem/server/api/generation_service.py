@@ -1,13 +1,11 @@
 """tandem.v1.GenerationService: proto in, engine call, proto out. No policy lives here."""
 
-import secrets
 from contextlib import aclosing
 from typing import AsyncIterator
 
 import grpc
 
-from tandem.server.api import convert
-from tandem.server.api.call_record import current_call
+from tandem.server.api import convert, generation
 from tandem.server.api.serving_state import ServingState
 from tandem.server.engine.outputs import RequestOutput
 from tandem.v1 import generation_pb2, generation_pb2_grpc
@@ -17,25 +15,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, state: ServingState):
         self._state = state
 
-    async def _outputs(self, request: convert.GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """The engine's increments for one request.
-
-        aclosing() makes a cancelled call (client gone, deadline) close the engine's generator
-        at once, which aborts the sequence and frees its KV blocks.
-        """
-        with self._state.admit() as engine:
-            call = current_call()
-            call.adapter = request.adapter
-            prompt = convert.prompt_of(request)
-            params = convert.sampling_params_of(request)
-            # Callers may reuse an x-request-id (retries do); engine ids must stay unique.
-            engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
-            call.engine_request_id = engine_id
-            stream = engine.generate(prompt, params, engine_id, adapter=request.adapter or None)
-            async with aclosing(stream):
-                async for out in stream:
-                    call.on_output(out)
-                    yield out
+    def _outputs(self, request: convert.GenerationRequest) -> AsyncIterator[RequestOutput]:
+        prompt = convert.prompt_of(request)
+        return generation.generate(self._state, prompt, convert.sampling_params_of(request), request.adapter)
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
         outputs = [out async for out in self._outputs(request)]

@@ -18,6 +18,8 @@ from tandem.server.api.interceptor import CallInterceptor
 from tandem.server.api.serving_state import ServingState
 from tandem.server.config import ServerConfig
 from tandem.server.metrics import Metrics
+from tandem.server.openai_api.app import build_app
+from tandem.server.openai_api.front import HttpFront
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, finetuning_pb2, finetuning_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 if TYPE_CHECKING:
@@ -41,21 +43,34 @@ KEEPALIVE_OPTIONS = [
 
 class TandemServer:
     """A built server: `start()` serves health at once, `attach_engine()` makes it ready,
-    `drain()` stops it gracefully."""
+    `drain()` stops it gracefully. The OpenAI-compatible HTTP front (http, None when off)
+    shares its state: same engine, same admission, same drain."""
 
-    def __init__(self, server: grpc.aio.Server, state: ServingState, metrics: Metrics, config: ServerConfig, port: int):
+    def __init__(
+        self, server: grpc.aio.Server, state: ServingState, metrics: Metrics, config: ServerConfig, port: int, http: HttpFront | None
+    ):
         self._server = server
         self.state = state
         self.metrics = metrics
         self.config = config
         self.port = port
+        self.http = http
         self.metrics_port: int | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     async def start(self) -> None:
         await self.state.mark_loading()
         await self._server.start()
+        if self.http is not None:
+            await self.http.start()
         self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-        log.info("listening", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}})
+        log.info(
+            "listening",
+            extra={"fields": {"port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}},
+        )
 
     async def attach_engine(self, engine: "AsyncEngine") -> None:
         self.metrics.model_name = engine.info.name
@@ -68,12 +83,16 @@ class TandemServer:
         what is left is cancelled. True if all finished within the grace period."""
         grace = self.config.drain_grace_seconds if grace is None else grace
         await self.state.begin_drain()
+        if self.http is not None:
+            self.http.stop_accepting()
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         finished = await self.state.wait_idle(grace)
         if not finished:
             self.state.abort_generations()
             await self.state.wait_idle(ABORT_WAIT_SECONDS)
         await self._server.stop(grace=0)
+        if self.http is not None:
+            await self.http.close()
         self.metrics.close()
         log.info("stopped", extra={"fields": {"in_flight_finished": finished}})
         return finished
@@ -126,4 +145,15 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
         raise OSError(f"cannot listen on {address}: is another process using it? ({exc})") from exc
     if port == 0:
         raise OSError(f"cannot listen on {address}: is another process using it?")
-    return TandemServer(server, state, metrics, config, port)
+    return TandemServer(server, state, metrics, config, port, _http_front(config, state, tokens, metrics))
+
+
+def _http_front(config: ServerConfig, state: ServingState, tokens: TokenTable | None, metrics: Metrics) -> HttpFront | None:
+    """The OpenAI-compatible front on config.http_port, bound now (None when turned off)."""
+    if config.http_port is None:
+        return None
+    app = build_app(state, tokens, metrics, config.max_message_bytes)
+    try:
+        return HttpFront(app, config.host, config.http_port)
+    except OSError as exc:
+        raise OSError(f"cannot listen for HTTP on {config.host}:{config.http_port}: is another process using it? ({exc})") from exc

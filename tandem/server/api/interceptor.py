@@ -8,9 +8,6 @@ where it is logged, instead of failing inside grpc after the call was recorded a
 """
 
 import logging
-import re
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -18,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from tandem.server.api.auth import TokenTable
-from tandem.server.api.call_record import CallRecord, set_current_call
+from tandem.server.api.call_record import CallRecord, request_id_of, set_current_call
 from tandem.server.api.status_mapping import status_for
 from tandem.server.errors import InvalidRequest, ResourceExhausted
 from tandem.server.metrics import Metrics
@@ -27,13 +24,7 @@ log = logging.getLogger("tandem.requests")
 
 API_PREFIX = "/tandem.v1."
 REQUEST_ID_KEY = "x-request-id"
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 DEADLINE_SLACK_SECONDS = 0.1
-
-
-def _request_id(metadata: dict[str, str]) -> str:
-    given = metadata.get(REQUEST_ID_KEY, "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -117,7 +108,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return stream
 
     async def _open(self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext) -> CallRecord:
-        record = CallRecord(request_id=_request_id(metadata), method=method.rsplit("/", 1)[-1], metrics=self._metrics)
+        record = CallRecord(request_id=request_id_of(metadata.get(REQUEST_ID_KEY, "")), method=method.rsplit("/", 1)[-1], metrics=self._metrics)
         await context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
         set_current_call(record)
         return record
@@ -149,25 +140,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(code, message)
 
     def _close(self, record: CallRecord, context: grpc.aio.ServicerContext, ended: BaseException | None) -> None:
-        status = _final_status(context, ended)
-        latency = time.monotonic() - record.started
-        self._metrics.observe_call(record.summary(status))
-        log.info(
-            "request",
-            extra={
-                "fields": {
-                    "request_id": record.request_id,
-                    "method": record.method,
-                    "status": status,
-                    "adapter": record.adapter,
-                    "prompt_tokens": record.prompt_tokens,
-                    "generated_tokens": record.generated_tokens,
-                    "finish_reason": record.finish_reason,
-                    "ttft_ms": None if record.first_token_at is None else round((record.first_token_at - record.started) * 1000, 1),
-                    "latency_ms": round(latency * 1000, 1),
-                }
-            },
-        )
+        record.close(_final_status(context, ended))
 
 
 def _final_status(context: grpc.aio.ServicerContext, ended: BaseException | None) -> str:

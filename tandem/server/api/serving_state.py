@@ -78,6 +78,10 @@ class ServingState:
         return True
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
     def engine(self) -> "AsyncEngine | None":
         return self._engine
 

@@ -1,0 +1,250 @@
+"""The OpenAI-compatible routes. Thin, as the gRPC servicers are: body -> convert -> the
+shared generation path (admission, call record, engine) -> responses. Every failure becomes
+OpenAI's error body with the status that status_mapping gives its gRPC code.
+
+Each call is logged once and counted in tandem:requests like a gRPC call, under the method
+names below, with the gRPC status name it would have had.
+"""
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import grpc
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tandem.server.api import generation
+from tandem.server.api.auth import TokenTable
+from tandem.server.api.call_record import CallRecord, current_call, request_id_of, set_current_call
+from tandem.server.api.serving_state import ServingState
+from tandem.server.api.status_mapping import http_error_for, status_for
+from tandem.server.engine.outputs import RequestOutput
+from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import InvalidRequest, NotFound, TandemError, Unavailable
+from tandem.server.metrics import Metrics
+from tandem.server.openai_api import convert, responses
+from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+log = logging.getLogger("tandem.requests")
+
+METHODS = {"/v1/completions": "Completions", "/v1/chat/completions": "ChatCompletions", "/v1/models": "ListModels"}
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(exc: BaseException, request_id: str) -> JSONResponse:
+    """The reply to a call that failed; NotFound is always the `model` (an adapter) here."""
+    error = http_error_for(exc, request_id)
+    missing = isinstance(exc, NotFound)
+    body = _error_body(error.message, error.type, "model_not_found" if missing else error.code, "model" if missing else None)
+    return JSONResponse(body, status_code=error.status, headers={REQUEST_ID_HEADER: request_id})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    problems = []
+    for e in exc.errors()[:5]:
+        where = ".".join(str(part) for part in e["loc"] if part != "body")
+        problems.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "invalid request body: " + "; ".join(problems)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class BodyLimit:
+    """Refuses a body over --max-message-bytes with 413 in OpenAI's error shape: at once when
+    its Content-Length says so, else once the bytes read pass the limit. (FastAPI's own
+    max_body_size answers a declared length in plain text whatever the app replies.)"""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        read = 0
+
+        async def counted() -> Message:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than the server's limit of {self.limit} bytes (--max-message-bytes)"
+        await JSONResponse(_error_body(message, "invalid_request_error", "resource_exhausted"), status_code=413)(scope, receive, send)
+
+
+def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, max_body_bytes: int) -> FastAPI:
+    """The app for one server; state is the gRPC services' own (same engine, same drain)."""
+    app = FastAPI(title="Tandem (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    created = int(time.time())
+
+    def new_record(request: Request) -> CallRecord:
+        return CallRecord(request_id_of(request.headers.get(REQUEST_ID_HEADER, "")), METHODS[request.url.path], metrics)
+
+    async def open_call(request: Request) -> CallRecord:
+        """Opens the call's record (async: it must run in the endpoint's own context), then
+        checks its token before anything of the body is used."""
+        record = new_record(request)
+        set_current_call(record)
+        request.state.record = record
+        if tokens is not None:
+            tokens.authorize(request.url.path, {"authorization": request.headers.get("authorization", "")})
+        return record
+
+    async def handle_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, RequestValidationError):
+            exc = InvalidRequest(_validation_message(exc))
+        record = getattr(request.state, "record", None)
+        if record is None and request.url.path in METHODS:
+            record = new_record(request)
+        request_id = record.request_id if record else request_id_of("")
+        code, _ = status_for(exc, request_id)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("unexpected error in %s (request id %s)", request.url.path, request_id, exc_info=exc)
+        if record is not None:
+            record.close(code.name)
+        return _error(exc, request_id)
+
+    async def handle_http(request: Request, exc: HTTPException) -> Response:
+        """The framework's own refusals (no such route, wrong method, a body too large) in
+        OpenAI's error shape."""
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = _error_body(message, "invalid_request_error", None)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    # TandemError (what users cause) is answered by the framework's exception middleware;
+    # Exception (a bug) by its outermost one, which also re-raises it for uvicorn to log.
+    app.add_exception_handler(TandemError, handle_error)
+    app.add_exception_handler(Exception, handle_error)
+    app.add_exception_handler(RequestValidationError, handle_error)
+    app.add_exception_handler(HTTPException, handle_http)
+
+    async def token_texts(outputs: list[RequestOutput]) -> responses.TokenTexts:
+        ids = responses.token_ids_in(outputs)
+        if not ids or state.engine is None:
+            return {}
+        return dict(zip(ids, await state.engine.token_texts(ids)))
+
+    async def run(
+        record: CallRecord,
+        body: SamplingFields,
+        prompt: str | list[int] | list[dict[str, str]],
+        params: SamplingParams,
+        renderer: responses.CompletionRenderer,
+    ) -> Response:
+        """Starts the generation; errors before its first output are the call's HTTP status."""
+        base_model = state.engine.info.name if state.engine is not None else ""
+        outputs = generation.generate(state, prompt, params, convert.adapter_of(body.model, base_model))
+        headers = {REQUEST_ID_HEADER: record.request_id}
+        if body.stream:
+            first = await anext(outputs)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = stream(outputs, first, renderer, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        choices = responses.Choices(params.n)
+        seen: list[RequestOutput] = []
+        async with aclosing(outputs):
+            async for out in outputs:
+                choices.add(out)
+                seen.append(out)
+        reply = renderer.whole(choices, await token_texts(seen))
+        record.close("OK")
+        return JSONResponse(reply, headers=headers)
+
+    async def stream(
+        outputs: AsyncIterator[RequestOutput], first: RequestOutput, renderer: responses.CompletionRenderer, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """SSE events until [DONE]; an error after the first event ends the stream with an
+        error event, as OpenAI's servers do. The record closes with how the stream ended."""
+        record = current_call()
+        status = "CANCELLED"
+        progress = responses.Progress(renderer.n)
+        try:
+            async with aclosing(outputs):
+                out: RequestOutput | None = first
+                while out is not None:
+                    for chunk in renderer.chunks(out, await token_texts([out]), progress):
+                        yield _sse(chunk)
+                    progress.add(out)
+                    out = await anext(outputs, None)
+            if include_usage:
+                yield _sse({**renderer.base, "choices": [], "usage": progress.usage()})
+            yield "data: [DONE]\n\n"
+            status = "OK"
+        except Exception as exc:
+            error = http_error_for(exc, record.request_id)
+            status = status_for(exc, record.request_id)[0].name
+            if error.status == 500:
+                log.error("unexpected error in a stream (request id %s)", record.request_id, exc_info=exc)
+            yield _sse(_error_body(error.message, error.type, error.code))
+        finally:
+            record.close(status)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, record: CallRecord = Depends(open_call)) -> Response:
+        renderer = responses.CompletionRenderer(f"cmpl-{record.request_id}", body.model, body.n)
+        return await run(record, body, convert.completion_prompt(body), convert.completion_params(body), renderer)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, record: CallRecord = Depends(open_call)) -> Response:
+        renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", body.model, body.n)
+        return await run(record, body, convert.chat_messages(body), convert.chat_params(body), renderer)
+
+    @app.get("/v1/models")
+    async def models(record: CallRecord = Depends(open_call)) -> Response:
+        with state.admit() as engine:
+            base = engine.info.name
+            names = {a.name for a in state.catalog.list()} | _adapters_on_disk(engine.config.adapters_dir)
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "tandem", "root": base, "parent": None, "max_model_len": engine.info.max_model_len}]
+        data += [
+            {"id": name, "object": "model", "created": created, "owned_by": "tandem", "root": name, "parent": base}
+            for name in sorted(names)
+        ]
+        record.close("OK")
+        return JSONResponse({"object": "list", "data": data}, headers={REQUEST_ID_HEADER: record.request_id})
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 once the model is loaded and while not draining (readiness), else 503."""
+        if state.engine is None or state.draining:
+            return _error(Unavailable("not ready: the model is loading or the server is draining"), request_id_of(""))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _adapters_on_disk(adapters_dir: str | None) -> set[str]:
+    """Adapter folders (with an adapter_config.json) in the adapters directory, read lazily
+    on first use and so not yet in the registry's list."""
+    if adapters_dir is None:
+        return set()
+    root = Path(adapters_dir)
+    return {p.parent.name for p in root.glob("*/adapter_config.json")} if root.is_dir() else set()

@@ -1,0 +1,90 @@
+"""OpenAI request bodies -> what the engine takes: the prompt, SamplingParams, the adapter.
+
+Value ranges are checked where the gRPC front's are (SamplingParams.validate, chat checks in
+AsyncEngine.encode); here only what is OpenAI's own: which fields Tandem does not serve,
+one prompt per request, the `model` name, and OpenAI's defaults.
+"""
+
+from tandem.server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from tandem.server.errors import InvalidRequest
+from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+# OpenAI's default for /v1/completions; chat has none (until the end), Tandem uses gRPC's.
+DEFAULT_COMPLETION_TOKENS = 16
+DEFAULT_CHAT_TOKENS = SamplingParams.max_new_tokens
+# OpenAI's newer name for the system role.
+_ROLE_ALIASES = {"developer": "system"}
+
+
+def adapter_of(model: str, base_model: str) -> str:
+    """The adapter a request's `model` names: "" (the base model) for the base model's name
+    or an empty one, else the adapter of that name."""
+    return "" if model in ("", base_model) else model
+
+
+def completion_prompt(body: CompletionRequest) -> str | list[int]:
+    """One text or one list of token ids (a list holding one of them counts as it)."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise InvalidRequest(f"prompt holds {len(prompt)} prompts; send one prompt per request (use n for several completions)")
+        prompt = prompt[0]
+    if not prompt:
+        raise InvalidRequest("prompt is empty: send at least one token")
+    return prompt
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: a role and text (parts joined)."""
+    messages = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        messages.append({"role": _ROLE_ALIASES.get(m.role, m.role), "content": content})
+    return messages
+
+
+def completion_params(body: CompletionRequest) -> SamplingParams:
+    _refuse(body.echo, "echo")
+    _refuse(body.suffix, "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequest("best_of is not supported (only best_of = n): drop it, or use n")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+    return _params(body, DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens, body.logprobs)
+
+
+def chat_params(body: ChatCompletionRequest) -> SamplingParams:
+    _refuse(body.tools, "tools")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true")
+    given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _params(body, DEFAULT_CHAT_TOKENS if given is None else given, logprobs)
+
+
+def _refuse(value: object, name: str) -> None:
+    if value:
+        raise InvalidRequest(f"{name} is not supported by this server: drop it from the request")
+
+
+def _params(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    _refuse(body.logit_bias, "logit_bias")
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        n=body.n,
+        seed=body.seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=body.prompt_logprobs,
+    )

@@ -1,0 +1,193 @@
+"""Engine outputs -> OpenAI response bodies (plain dicts, serialised once by the app).
+
+Log-probabilities name tokens by their text: the caller looks up the texts of every token id
+the outputs mention (`token_ids_in`) and passes them as `texts`.
+"""
+
+import time
+from collections.abc import Iterable
+
+from tandem.server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+
+# OpenAI has one "stop" for both; "abort" is vLLM's value for a request the server ended.
+FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+
+TokenTexts = dict[int, str]
+
+
+def token_ids_in(outputs: Iterable[RequestOutput]) -> list[int]:
+    """Every token id whose text a response shows (sampled, top and prompt alternatives)."""
+    ids: set[int] = set()
+    for out in outputs:
+        for lp in (out.logprobs or []) + (out.prompt_logprobs or []):
+            ids.add(lp.token_id)
+            ids.update(t for t, _ in lp.top)
+    return sorted(ids)
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    return FINISH_REASONS[out.finish_reason] if out.finished and out.finish_reason else None
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts, offset: int) -> dict | None:
+    """The legacy Completions format; offset: characters of this choice's text before these tokens."""
+    if logprobs is None:
+        return None
+    tokens = [texts[lp.token_id] for lp in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{texts[t]: p for t, p in lp.top} for lp in logprobs] if any(lp.top for lp in logprobs) else None,
+        "text_offset": offsets,
+    }
+
+
+def _chat_token(token_id: int, logprob: float, texts: TokenTexts) -> dict:
+    text = texts[token_id]
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts) -> dict | None:
+    """The Chat Completions format."""
+    if logprobs is None:
+        return None
+    return {
+        "content": [
+            {**_chat_token(lp.token_id, lp.logprob, texts), "top_logprobs": [_chat_token(t, p, texts) for t, p in lp.top]}
+            for lp in logprobs
+        ]
+    }
+
+
+def prompt_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts) -> list | None:
+    """vLLM's format: None for the first prompt token, then per token {token id: {logprob,
+    decoded_token}} for the token itself and the top alternatives."""
+    if logprobs is None:
+        return None
+    entries: list[dict | None] = [None]
+    for lp in logprobs:
+        entries.append(
+            {str(t): {"logprob": p, "decoded_token": texts[t]} for t, p in [(lp.token_id, lp.logprob), *lp.top]}
+        )
+    return entries
+
+
+class Choices:
+    """The n choices of a non-streamed response, joined from interleaved increments."""
+
+    def __init__(self, n: int):
+        self.text = [""] * n
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
+        self.finish: list[str | None] = [None] * n
+        self.generated = [0] * n
+        self.prompt_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        i = out.index
+        self.text[i] += out.text
+        if out.logprobs is not None:
+            self.logprobs[i] = (self.logprobs[i] or []) + out.logprobs
+        self.finish[i] = finish_reason(out) or self.finish[i]
+        self.generated[i] = out.generated_tokens
+        self.prompt_tokens = out.prompt_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(self.generated))
+
+
+class Progress:
+    """What a stream has sent so far, per choice: whether it started, its characters (the
+    text offsets of completion logprobs) and tokens (usage)."""
+
+    def __init__(self, n: int):
+        self.started = [False] * n
+        self.chars = [0] * n
+        self.generated = [0] * n
+        self.prompt_tokens = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.started[out.index] = True
+        self.chars[out.index] += len(out.text)
+        self.generated[out.index] = out.generated_tokens
+        self.prompt_tokens = out.prompt_tokens
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(self.generated))
+
+
+class CompletionRenderer:
+    """Bodies of /v1/completions: text choices with the legacy logprobs format, and vLLM's
+    prompt_logprobs on each choice when asked for."""
+
+    chunk_object = "text_completion"
+
+    def __init__(self, response_id: str, model: str, n: int):
+        self.n = n
+        self.base = {"id": response_id, "object": self.chunk_object, "created": int(time.time()), "model": model}
+
+    def chunks(self, out: RequestOutput, texts: TokenTexts, progress: Progress) -> list[dict]:
+        reason = finish_reason(out)
+        if not out.text and reason is None and out.logprobs is None:
+            return []
+        choice = {
+            "index": out.index, "text": out.text,
+            "logprobs": completion_logprobs(out.logprobs, texts, progress.chars[out.index]), "finish_reason": reason,
+        }
+        if out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs(out.prompt_logprobs, texts)
+        return [{**self.base, "choices": [choice]}]
+
+    def whole(self, choices: Choices, texts: TokenTexts) -> dict:
+        prompt = prompt_logprobs(choices.prompt_logprobs, texts)
+        items = []
+        for i in range(self.n):
+            item = {
+                "index": i, "text": choices.text[i],
+                "logprobs": completion_logprobs(choices.logprobs[i], texts, 0), "finish_reason": choices.finish[i],
+            }
+            if prompt is not None:
+                item["prompt_logprobs"] = prompt
+            items.append(item)
+        return {**self.base, "choices": items, "usage": choices.usage()}
+
+
+class ChatRenderer(CompletionRenderer):
+    """Bodies of /v1/chat/completions: an assistant message (or deltas, the first naming the
+    role) with the chat logprobs format."""
+
+    chunk_object = "chat.completion.chunk"
+
+    def chunks(self, out: RequestOutput, texts: TokenTexts, progress: Progress) -> list[dict]:
+        events = []
+        if not progress.started[out.index]:
+            role = {"index": out.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            events.append({**self.base, "choices": [role]})
+        reason = finish_reason(out)
+        if out.text or reason is not None or out.logprobs:
+            choice = {
+                "index": out.index, "delta": {"content": out.text} if out.text else {},
+                "logprobs": chat_logprobs(out.logprobs, texts), "finish_reason": reason,
+            }
+            events.append({**self.base, "choices": [choice]})
+        return events
+
+    def whole(self, choices: Choices, texts: TokenTexts) -> dict:
+        items = [
+            {
+                "index": i, "message": {"role": "assistant", "content": choices.text[i]},
+                "logprobs": chat_logprobs(choices.logprobs[i], texts), "finish_reason": choices.finish[i],
+            }
+            for i in range(self.n)
+        ]
+        return {**self.base, "object": "chat.completion", "choices": items, "usage": choices.usage()}

@@ -1,0 +1,72 @@
+"""The HTTP front's bearer tokens (the gRPC API's tokens file and roles) and its part in the
+graceful drain: new connections refused, streams in flight finished."""
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.api.conftest import loopback, wait_until
+from tests.api.harness import ServerThread
+from tests.http.conftest import TOKEN
+
+
+def _sdk(server: ServerThread, token: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key=token, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def auth_server(adapter_engine, tmp_path_factory) -> Iterator[ServerThread]:
+    tokens = tmp_path_factory.mktemp("http-auth") / "tokens"
+    tokens.write_text(f"inference {TOKEN}\n")
+    thread = ServerThread(loopback(auth_tokens_file=str(tokens)), adapter_engine)
+    yield thread
+    thread.stop()
+
+
+def test_bearer_tokens(auth_server, base_model):
+    body = json.dumps({"model": base_model, "prompt": "Hi", "max_tokens": 2}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{auth_server.server.http_port}/v1/completions", data=body)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    error = json.loads(caught.value.read())["error"]
+    assert caught.value.code == 401 and error["type"] == "authentication_error" and "bearer token" in error["message"]
+    with pytest.raises(openai.AuthenticationError, match="unknown bearer token"):
+        _sdk(auth_server, token="wrong").models.list()
+    ok = _sdk(auth_server, token=TOKEN).completions.create(model=base_model, prompt="Hi", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+    # Probes send no token.
+    with urllib.request.urlopen(f"http://127.0.0.1:{auth_server.server.http_port}/health", timeout=10) as reply:
+        assert reply.status == 200
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    except urllib.error.URLError as exc:
+        return isinstance(exc.reason, ConnectionRefusedError)
+    except TimeoutError:
+        return False
+    return False
+
+
+def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_engine, base_model):
+    server = ServerThread(loopback(), adapter_engine)
+    port = server.server.http_port
+    stream = _sdk(server).completions.create(
+        model=base_model, prompt="Once upon a time", max_tokens=300, temperature=1.0, seed=3, n=4, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = [next(stream)]
+    drained = server.submit(server.server.drain(grace=60))
+    assert wait_until(lambda: server.server.state.draining)
+    assert _refuses_connections(port)
+    assert not drained.done()  # waiting for the stream
+    chunks.extend(stream)
+    assert drained.result(60) is True
+    server.close()
+    finished = [c.choices[0] for c in chunks if c.choices[0].finish_reason]
+    assert sorted((c.index, c.finish_reason) for c in finished) == [(i, "length") for i in range(4)]

@@ -1,0 +1,145 @@
+"""The OpenAI-compatible front through the real `openai` SDK: completions, chat, streaming
+with usage, n, stop strings, logprobs, adapters as `model`, errors in OpenAI's shape, and
+the same greedy tokens as the gRPC API."""
+
+import http.client
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.http.conftest import ADAPTER
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_completion_equals_grpc_greedy(oai, grpc_client, base_model):
+    http = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=12, temperature=0)
+    grpc = grpc_client.generate(PROMPT, max_new_tokens=12)
+    (choice,) = http.choices
+    assert choice.text == grpc.text and choice.finish_reason == "length"
+    assert http.usage.prompt_tokens == grpc.prompt_tokens and http.usage.completion_tokens == 12
+    assert http.usage.total_tokens == grpc.prompt_tokens + 12
+    assert http.object == "text_completion" and http.model == base_model
+
+
+def test_chat_equals_grpc_greedy(oai, grpc_client, base_model):
+    http = oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=10, temperature=0)
+    grpc = grpc_client.generate(messages=CHAT, max_new_tokens=10)
+    (choice,) = http.choices
+    assert choice.message.role == "assistant" and choice.message.content == grpc.text
+    assert http.usage.prompt_tokens == grpc.prompt_tokens
+
+
+def test_chat_stream_with_usage(oai, grpc_client, base_model):
+    chunks = list(
+        oai.chat.completions.create(
+            model=base_model, messages=CHAT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    grpc = grpc_client.generate(messages=CHAT, max_new_tokens=10)
+    *content, usage = chunks
+    assert content[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in content) == grpc.text
+    assert [c.choices[0].finish_reason for c in content][-1] == "length"
+    assert usage.choices == [] and usage.usage.completion_tokens == 10
+    assert usage.usage.prompt_tokens == grpc.prompt_tokens
+
+
+def test_completion_stream_without_usage(oai, base_model):
+    chunks = list(oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=6, temperature=0, stream=True))
+    whole = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert all(c.usage is None for c in chunks)
+
+
+def test_n_completions_are_seeded_and_counted(oai, base_model):
+    ask = dict(model=base_model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7, n=2)
+    first = oai.completions.create(**ask)
+    again = oai.completions.create(**ask)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text
+    assert first.usage.completion_tokens == 16
+    streamed = list(oai.completions.create(**ask, stream=True))
+    for i in (0, 1):
+        assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == i) == first.choices[i].text
+
+
+def test_stop_string_cuts_the_text(oai, base_model):
+    full = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_logprobs_match_grpc(oai, grpc_client, base_model):
+    grpc = grpc_client.generate(PROMPT, max_new_tokens=5, logprobs=2)
+    completion = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2).choices[0]
+    assert completion.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in grpc.logprobs], abs=1e-5)
+    assert "".join(completion.logprobs.tokens) == completion.text
+    assert completion.logprobs.text_offset[0] == 0 and all(len(top) == 2 for top in completion.logprobs.top_logprobs)
+    chat = oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy takes the top token
+    assert bytes(content[0].bytes).decode() == content[0].token
+
+
+def test_prompt_logprobs_extension(oai, base_model):
+    body = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 1})
+    prompt_logprobs = body.model_extra["choices"][0]["prompt_logprobs"] if body.model_extra.get("choices") else body.choices[0].model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == body.usage.prompt_tokens
+    assert all(1 <= len(entry) <= 2 for entry in prompt_logprobs[1:])
+
+
+def test_adapter_as_model(oai, grpc_client, base_model):
+    models = oai.models.list().data
+    assert [(m.id, m.model_extra["parent"]) for m in models] == [(base_model, None), (ADAPTER, base_model)]
+    tuned = oai.completions.create(model=ADAPTER, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+    assert tuned == grpc_client.generate(PROMPT, max_new_tokens=10, adapter=ADAPTER).text
+    assert tuned != oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+    assert oai.completions.create(model="", prompt=PROMPT, max_tokens=3, temperature=0).model == ""
+
+
+def test_unknown_model_is_404_in_openai_shape(oai):
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.chat.completions.create(model="no-such-adapter", messages=CHAT, max_tokens=2)
+    error = caught.value
+    assert error.status_code == 404 and error.code == "model_not_found" and error.param == "model"
+    assert "no-such-adapter" in error.message and error.type == "not_found_error"
+
+
+def test_bad_requests_are_400_and_name_the_field(oai, base_model):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=base_model, prompt=PROMPT, temperature=-1)
+    assert "temperature" in caught.value.message and caught.value.code == "invalid_argument"
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        oai.completions.create(model=base_model, prompt=PROMPT, logit_bias={"5": 1.0})
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        oai.chat.completions.create(model=base_model, messages=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        oai.chat.completions.create(model=base_model, messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
+
+
+def test_framework_refusals_are_in_openai_shape(http_server):
+    port = http_server.server.http_port
+    too_large = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    too_large.putrequest("POST", "/v1/completions")
+    too_large.putheader("content-type", "application/json")
+    too_large.putheader("content-length", str(5 << 20))  # over --max-message-bytes; the body is never sent
+    too_large.endheaders()
+    reply = too_large.getresponse()
+    assert reply.status == 413 and "--max-message-bytes" in json.loads(reply.read())["error"]["message"]
+    url = f"http://127.0.0.1:{port}"
+    for request, status in [
+        (urllib.request.Request(f"{url}/v1/nothing-here"), 404),
+        (urllib.request.Request(f"{url}/v1/completions", data=b"{not json", headers={"content-type": "application/json"}), 400),
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == status
+        assert json.loads(caught.value.read())["error"]["message"]
