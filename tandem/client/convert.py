@@ -83,6 +83,7 @@ def completion(response: generation_pb2.GenerateResponse, request_id: str) -> Co
         logprobs=_logprobs(response.logprobs),
         seed=response.seed if response.HasField("seed") else None,
         request_id=request_id,
+        top_experts=list(response.top_experts),
     )
 
 
@@ -94,6 +95,7 @@ def stream_chunk(response: generation_pb2.GenerateStreamResponse) -> StreamChunk
         prompt_tokens=response.usage.prompt_tokens,
         generated_tokens=response.usage.generated_tokens,
         logprobs=_logprobs(response.logprobs),
+        top_experts=list(response.top_experts),
     )
 
 

@@ -20,6 +20,7 @@ class SamplingOptions(TypedDict, total=False):
     stop_token_ids: list[int]
     ignore_eos: bool
     logprobs: int
+    return_top_experts: bool
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Completion:
     logprobs: list[TokenLogprob]
     seed: int | None
     request_id: str
+    # With return_top_experts and a router: per generated token, the expert its gates weighted most.
+    top_experts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class StreamChunk:
     prompt_tokens: int
     generated_tokens: int
     logprobs: list[TokenLogprob]
+    top_experts: list[str] = field(default_factory=list)
 
 
 @dataclass

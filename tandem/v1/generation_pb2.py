@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfe\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.tandem.v1.Message\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x0e \x03(\rB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x84\x03\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.tandem.v1.Message\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x0e \x03(\rB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xcb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xd1\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"E\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.tandem.v1.Message\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xc4\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x15\n\rmax_lora_rank\x18\x08 \x01(\r\x12\x0f\n\x07version\x18\t \x01(\t*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xc7\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .tandem.v1.GenerateStreamRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9b\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.tandem.v1.Message\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x0e \x03(\r\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\t\n\x01n\x18\x12 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\rH\x04\x88\x01\x01\x12\x1a\n\x12return_top_experts\x18\x1e \x01(\x08\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xa1\x04\n\x15GenerateStreamRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.tandem.v1.Message\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x0e \x03(\r\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\t\n\x01n\x18\x12 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\rH\x04\x88\x01\x01\x12\x1a\n\x12return_top_experts\x18\x1e \x01(\x08\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xbe\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12*\n\x0b\x63ompletions\x18\x07 \x03(\x0b\x32\x15.tandem.v1.Completion\x12\x30\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x13\n\x0btop_experts\x18\x1e \x03(\tB\x07\n\x05_seed\"\xb1\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\"\xa7\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05index\x18\x07 \x01(\r\x12\x30\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x13\n\x0btop_experts\x18\x1e \x03(\tB\x07\n\x05_seed\"E\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.tandem.v1.Message\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xc4\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x15\n\rmax_lora_rank\x18\x08 \x01(\r\x12\x0f\n\x07version\x18\t \x01(\t*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xc7\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .tandem.v1.GenerateStreamRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1820
-  _globals['_FINISHREASON']._serialized_end=1963
+  _globals['_FINISHREASON']._serialized_start=2515
+  _globals['_FINISHREASON']._serialized_end=2658
   _globals['_MESSAGE']._serialized_start=41
   _globals['_MESSAGE']._serialized_end=81
   _globals['_GENERATEREQUEST']._serialized_start=84
-  _globals['_GENERATEREQUEST']._serialized_end=466
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=469
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=857
-  _globals['_USAGE']._serialized_start=859
-  _globals['_USAGE']._serialized_end=915
-  _globals['_TOPLOGPROB']._serialized_start=917
-  _globals['_TOPLOGPROB']._serialized_end=964
-  _globals['_TOKENLOGPROB']._serialized_start=966
-  _globals['_TOKENLOGPROB']._serialized_end=1051
-  _globals['_GENERATERESPONSE']._serialized_start=1054
-  _globals['_GENERATERESPONSE']._serialized_end=1257
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1260
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1469
-  _globals['_TOKENIZEREQUEST']._serialized_start=1471
-  _globals['_TOKENIZEREQUEST']._serialized_end=1540
-  _globals['_TOKENIZERESPONSE']._serialized_start=1542
-  _globals['_TOKENIZERESPONSE']._serialized_end=1595
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1597
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1618
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1621
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1817
-  _globals['_GENERATIONSERVICE']._serialized_start=1966
-  _globals['_GENERATIONSERVICE']._serialized_end=2293
+  _globals['_GENERATEREQUEST']._serialized_end=623
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=626
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1171
+  _globals['_USAGE']._serialized_start=1173
+  _globals['_USAGE']._serialized_end=1229
+  _globals['_TOPLOGPROB']._serialized_start=1231
+  _globals['_TOPLOGPROB']._serialized_end=1278
+  _globals['_TOKENLOGPROB']._serialized_start=1280
+  _globals['_TOKENLOGPROB']._serialized_end=1365
+  _globals['_GENERATERESPONSE']._serialized_start=1368
+  _globals['_GENERATERESPONSE']._serialized_end=1686
+  _globals['_COMPLETION']._serialized_start=1689
+  _globals['_COMPLETION']._serialized_end=1866
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1869
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2164
+  _globals['_TOKENIZEREQUEST']._serialized_start=2166
+  _globals['_TOKENIZEREQUEST']._serialized_end=2235
+  _globals['_TOKENIZERESPONSE']._serialized_start=2237
+  _globals['_TOKENIZERESPONSE']._serialized_end=2290
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2292
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2313
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2316
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2512
+  _globals['_GENERATIONSERVICE']._serialized_start=2661
+  _globals['_GENERATIONSERVICE']._serialized_end=2988
 # @@protoc_insertion_point(module_scope)

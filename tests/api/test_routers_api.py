@@ -57,6 +57,15 @@ def test_router_is_loaded_listed_and_served_beside_plain_requests(client):
         mixed, plain, base = [c.result() for c in calls]
     assert mixed.token_ids == alone.token_ids and len(alone.token_ids) == 6
     assert len(plain.token_ids) == len(base.token_ids) == 6
+    assert alone.top_experts == [] and plain.top_experts == []  # not asked for / not a router
+
+
+def test_top_experts_come_back_when_asked(client):
+    options = dict(prompt_token_ids=PROMPT, adapter="mix", max_new_tokens=5, temperature=0.0, ignore_eos=True, return_top_experts=True)
+    unary = client.generate(**options)
+    streamed = [e for chunk in client.stream(**options) for e in chunk.top_experts]
+    assert len(unary.top_experts) == 5 and set(unary.top_experts) <= {"e0", "e1", "e2"}
+    assert streamed == unary.top_experts
 
 
 def test_metrics_count_routed_tokens_by_top_expert(client, server):

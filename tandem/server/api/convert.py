@@ -97,6 +97,7 @@ def stream_response(out: RequestOutput, request: GenerationRequest) -> generatio
         logprobs=_logprobs(out.logprobs),
         finish_reason=_finish_reason(out),
         usage=_usage(out),
+        top_experts=(out.top_experts or []) if request.return_top_experts else [],
     )
     if request.HasField("seed"):
         response.seed = request.seed
@@ -114,6 +115,7 @@ def generate_response(
         logprobs=[lp for o in outputs for lp in _logprobs(o.logprobs)],
         finish_reason=_finish_reason(last),
         usage=_usage(last),
+        top_experts=[e for o in outputs for e in o.top_experts or []] if request.return_top_experts else [],
     )
     if request.HasField("seed"):
         response.seed = request.seed
