@@ -3,11 +3,12 @@
 from tandem.client.async_client import AsyncTandemClient
 from tandem.client.errors import TandemRpcError
 from tandem.client.sync_client import TandemClient
-from tandem.client.types import AdapterInfo, Completion, FinetuneJob, FinetuneJobError, ModelInfo, StreamChunk, TokenLogprob
+from tandem.client.types import AdapterInfo, Choice, Completion, FinetuneJob, FinetuneJobError, ModelInfo, StreamChunk, TokenLogprob
 
 __all__ = [
     "AdapterInfo",
     "AsyncTandemClient",
+    "Choice",
     "Completion",
     "FinetuneJob",
     "FinetuneJobError",

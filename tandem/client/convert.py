@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 
 from tandem.client.types import (
     AdapterInfo,
+    Choice,
     Completion,
     FinetuneJob,
     FinetuneJobError,
@@ -84,6 +85,11 @@ def completion(response: generation_pb2.GenerateResponse, request_id: str) -> Co
         seed=response.seed if response.HasField("seed") else None,
         request_id=request_id,
         top_experts=list(response.top_experts),
+        choices=[
+            Choice(c.index, c.text, list(c.token_ids), _logprobs(c.logprobs), _FINISH.get(c.finish_reason, "unspecified"), c.generated_tokens)
+            for c in response.completions
+        ],
+        prompt_logprobs=_logprobs(response.prompt_logprobs),
     )
 
 
@@ -96,6 +102,8 @@ def stream_chunk(response: generation_pb2.GenerateStreamResponse) -> StreamChunk
         generated_tokens=response.usage.generated_tokens,
         logprobs=_logprobs(response.logprobs),
         top_experts=list(response.top_experts),
+        index=response.index,
+        prompt_logprobs=_logprobs(response.prompt_logprobs),
     )
 
 

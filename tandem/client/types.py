@@ -7,7 +7,9 @@ from typing import TypedDict
 class SamplingOptions(TypedDict, total=False):
     """Sampling keywords accepted by generate() and stream(); unset = the server default.
 
-    temperature 0 (the default) is greedy; max_new_tokens 0 means 256.
+    temperature 0 (the default) is greedy; max_new_tokens 0 means 256. n > 1 asks for n
+    completions of the prompt (Completion.choices; streamed chunks say their index).
+    prompt_logprobs N: each prompt token's log-probability and the N most likely.
     """
 
     max_new_tokens: int
@@ -21,6 +23,11 @@ class SamplingOptions(TypedDict, total=False):
     ignore_eos: bool
     logprobs: int
     return_top_experts: bool
+    presence_penalty: float
+    frequency_penalty: float
+    min_p: float
+    n: int
+    prompt_logprobs: int
 
 
 @dataclass
@@ -31,8 +38,21 @@ class TokenLogprob:
 
 
 @dataclass
+class Choice:
+    """One of the n completions of a request that asked for n > 1."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+    generated_tokens: int
+
+
+@dataclass
 class Completion:
-    """A whole answer. finish_reason is "length", "eos", "stop" or "abort"."""
+    """A whole answer. finish_reason is "length", "eos", "stop" or "abort". With n > 1 the
+    fields are completion 0's, choices holds all n and generated_tokens counts them all."""
 
     text: str
     finish_reason: str
@@ -44,11 +64,15 @@ class Completion:
     request_id: str
     # With return_top_experts and a router: per generated token, the expert its gates weighted most.
     top_experts: list[str] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    # With prompt_logprobs: one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
 class StreamChunk:
-    """One streamed increment; finish_reason is None until the last chunk."""
+    """One streamed increment of completion `index`; finish_reason is None until that
+    completion's last chunk."""
 
     text: str
     token_ids: list[int]
@@ -57,6 +81,8 @@ class StreamChunk:
     generated_tokens: int
     logprobs: list[TokenLogprob]
     top_experts: list[str] = field(default_factory=list)
+    index: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

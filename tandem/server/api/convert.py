@@ -68,6 +68,11 @@ def sampling_params_of(request: GenerationRequest) -> SamplingParams:
         stop_token_ids=list(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        min_p=request.min_p,
+        n=request.n or 1,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
 
 
@@ -98,6 +103,8 @@ def stream_response(out: RequestOutput, request: GenerationRequest) -> generatio
         finish_reason=_finish_reason(out),
         usage=_usage(out),
         top_experts=(out.top_experts or []) if request.return_top_experts else [],
+        index=out.index,
+        prompt_logprobs=_logprobs(out.prompt_logprobs),
     )
     if request.HasField("seed"):
         response.seed = request.seed
@@ -107,19 +114,34 @@ def stream_response(out: RequestOutput, request: GenerationRequest) -> generatio
 def generate_response(
     outputs: list[RequestOutput], request: generation_pb2.GenerateRequest
 ) -> generation_pb2.GenerateResponse:
-    """Joins the increments of one finished request into the unary answer."""
-    last = outputs[-1]
+    """Joins the increments of one finished request into the unary answer: completion 0 in
+    the top-level fields, and with n > 1 every completion in `completions`."""
+    completions = [_completion(i, [o for o in outputs if o.index == i], request) for i in range(request.n or 1)]
+    first = completions[0]
     response = generation_pb2.GenerateResponse(
-        text="".join(o.text for o in outputs),
-        token_ids=[t for o in outputs for t in o.token_ids],
-        logprobs=[lp for o in outputs for lp in _logprobs(o.logprobs)],
-        finish_reason=_finish_reason(last),
-        usage=_usage(last),
-        top_experts=[e for o in outputs for e in o.top_experts or []] if request.return_top_experts else [],
+        text=first.text,
+        token_ids=first.token_ids,
+        logprobs=first.logprobs,
+        finish_reason=first.finish_reason,
+        usage=generation_pb2.Usage(prompt_tokens=outputs[-1].prompt_tokens, generated_tokens=sum(c.generated_tokens for c in completions)),
+        top_experts=[e for o in outputs if o.index == 0 for e in o.top_experts or []] if request.return_top_experts else [],
+        completions=completions if len(completions) > 1 else [],
+        prompt_logprobs=[lp for o in outputs for lp in _logprobs(o.prompt_logprobs)],
     )
     if request.HasField("seed"):
         response.seed = request.seed
     return response
+
+
+def _completion(index: int, outputs: list[RequestOutput], request: generation_pb2.GenerateRequest) -> generation_pb2.Completion:
+    return generation_pb2.Completion(
+        index=index,
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        logprobs=[lp for o in outputs for lp in _logprobs(o.logprobs)],
+        finish_reason=_finish_reason(outputs[-1]),
+        generated_tokens=outputs[-1].generated_tokens,
+    )
 
 
 def model_info(info: "ModelInfo", max_lora_rank: int) -> generation_pb2.GetModelInfoResponse:
