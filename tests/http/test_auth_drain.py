@@ -70,3 +70,16 @@ def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_en
     server.close()
     finished = [c.choices[0] for c in chunks if c.choices[0].finish_reason]
     assert sorted((c.index, c.finish_reason) for c in finished) == [(i, "length") for i in range(4)]
+
+
+def test_a_stream_past_the_grace_period_ends_with_abort(adapter_engine, base_model):
+    server = ServerThread(loopback(), adapter_engine)
+    stream = _sdk(server).completions.create(
+        model=base_model, prompt="Once upon a time", max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = [next(stream)]
+    drained = server.submit(server.server.drain(grace=0))
+    chunks.extend(stream)
+    assert drained.result(60) is False
+    server.close()
+    assert chunks[-1].choices[0].finish_reason == "abort"
