@@ -11,7 +11,9 @@ from tandem.client import convert
 from tandem.client.connection import Attempts, ConnectionSettings, new_request_id, request_id_from
 from tandem.client.convert import Call, Messages, TrainingData
 from tandem.client.errors import TandemRpcError
-from tandem.client.types import AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, SamplingOptions, StreamChunk
+from tandem.client.types import (
+    AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, RouterTraining, SamplingOptions, StreamChunk,
+)
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 T = TypeVar("T")
@@ -166,10 +168,11 @@ class AsyncTandemClient:
         base_adapter: str = "",
         lora: LoraOptions | None = None,
         hyperparameters: Hyperparameters | None = None,
+        router: RouterTraining | None = None,
         timeout: float | None = None,
     ) -> FinetuneJob:
         """As TandemClient.create_finetune_job."""
-        call = convert.create_finetune_job(adapter, training_file, training_data, base_adapter, lora, hyperparameters)
+        call = convert.create_finetune_job(adapter, training_file, training_data, base_adapter, lora, hyperparameters, router)
         return await self._call(call, timeout)
 
     async def get_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:

@@ -17,6 +17,7 @@ from tandem.client.types import (
     Hyperparameters,
     LoraOptions,
     ModelInfo,
+    RouterTraining,
     SamplingOptions,
     StreamChunk,
     TokenLogprob,
@@ -171,6 +172,7 @@ def create_finetune_job(
     base_adapter: str,
     lora: LoraOptions | None,
     hyperparameters: Hyperparameters | None,
+    router: RouterTraining | None = None,
 ) -> Call[FinetuneJob]:
     """Raises ValueError for both training_file and training_data (proto keeps only one of
     them) or an unknown lora / hyperparameters key; the server judges everything else."""
@@ -184,6 +186,7 @@ def create_finetune_job(
         # An empty dict means the defaults, as None does (a set lora must agree with a base adapter).
         lora=_lora_config(lora) if lora else None,
         hyperparameters=finetuning_pb2.Hyperparameters(**hyperparameters) if hyperparameters else None,
+        router=finetuning_pb2.RouterTraining(**router) if router else None,
     )
     return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CreateJob", request, _job_of)
 

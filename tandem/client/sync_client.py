@@ -11,7 +11,9 @@ from tandem.client import convert
 from tandem.client.connection import Attempts, ConnectionSettings, new_request_id, request_id_from
 from tandem.client.convert import Call, Messages, TrainingData
 from tandem.client.errors import TandemRpcError
-from tandem.client.types import AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, SamplingOptions, StreamChunk
+from tandem.client.types import (
+    AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, RouterTraining, SamplingOptions, StreamChunk,
+)
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 T = TypeVar("T")
@@ -174,13 +176,16 @@ class TandemClient:
         base_adapter: str = "",
         lora: LoraOptions | None = None,
         hyperparameters: Hyperparameters | None = None,
+        router: RouterTraining | None = None,
         timeout: float | None = None,
     ) -> FinetuneJob:
         """Queues a job that trains `adapter` (a new version if it exists) on exactly one of
         training_file (a JSONL file in the server's --data-dir) and training_data (JSONL, or
-        its lines as dicts); base_adapter continues a served adapter. The server checks the
-        whole dataset first: a bad line fails this call, not the job. Needs an admin token."""
-        call = convert.create_finetune_job(adapter, training_file, training_data, base_adapter, lora, hyperparameters)
+        its lines as dicts); base_adapter continues a served adapter; router trains the gates
+        of a router named `adapter` over its experts instead (lines may carry "task"). The
+        server checks the whole dataset first: a bad line fails this call, not the job. Needs
+        an admin token."""
+        call = convert.create_finetune_job(adapter, training_file, training_data, base_adapter, lora, hyperparameters, router)
         return self._call(call, timeout)
 
     def get_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:

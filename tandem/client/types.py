@@ -114,6 +114,16 @@ class AdapterInfo:
     experts: list[str] = field(default_factory=list)
 
 
+class RouterTraining(TypedDict, total=False):
+    """A gate-training job: the router's experts (adapter names, in gate order), top_k (2),
+    temperature (1) and the routing loss's weight (1)."""
+
+    experts: list[str]
+    top_k: int
+    temperature: float
+    routing_loss_weight: float
+
+
 class LoraOptions(TypedDict, total=False):
     """PEFT's LoRA settings for a fine-tuning job (peft.LoraConfig names); unset = the server's
     defaults, or the base adapter's settings when training continues one.

@@ -67,20 +67,34 @@ class Hyperparameters(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., n_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., tokens_per_step: _Optional[int] = ..., max_seq_length: _Optional[int] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., eval_fraction: _Optional[float] = ..., checkpoint_interval: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("adapter", "base_adapter", "training_file", "training_data", "lora", "hyperparameters")
+    __slots__ = ("adapter", "base_adapter", "training_file", "training_data", "lora", "hyperparameters", "router")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     BASE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
     TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     base_adapter: str
     training_file: str
     training_data: str
     lora: LoraConfig
     hyperparameters: Hyperparameters
-    def __init__(self, adapter: _Optional[str] = ..., base_adapter: _Optional[str] = ..., training_file: _Optional[str] = ..., training_data: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ...) -> None: ...
+    router: RouterTraining
+    def __init__(self, adapter: _Optional[str] = ..., base_adapter: _Optional[str] = ..., training_file: _Optional[str] = ..., training_data: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., router: _Optional[_Union[RouterTraining, _Mapping]] = ...) -> None: ...
+
+class RouterTraining(_message.Message):
+    __slots__ = ("experts", "top_k", "temperature", "routing_loss_weight")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    temperature: float
+    routing_loss_weight: float
+    def __init__(self, experts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., routing_loss_weight: _Optional[float] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message", "param")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tandem.server.engine.iteration import IGNORE_INDEX
 from tandem.server.finetune.dataset import TrainingExample
-from tandem.server.finetune.trainable_gates import TrainableGates, task_index
+from tandem.server.finetune.trainable_gates import RouterSpec, TrainableGates
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.adapters.test_routers import GROUP_OF, expert_weights
 from tests.engine.helpers import make_engine
@@ -34,11 +34,12 @@ def engine(tiny_hf_model, smollm2_tokenizer, adapters_dir):
     return make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=8, kv_cache_bytes=1 << 22)
 
 
-def examples() -> list[TrainingExample]:
+def examples(task_a: str = "e2") -> list[TrainingExample]:
+    """Two examples: the first labelled with task_a, the second unlabelled."""
     prompt_a, answer_a = [5, 17, 300, 42], [9, 77, 1200]
     prompt_b, answer_b = [8, 450, 13], [640, 2, 31, 7]
     return [
-        TrainingExample(tuple(prompt_a + answer_a), (IGNORE_INDEX,) * len(prompt_a) + tuple(answer_a)),
+        TrainingExample(tuple(prompt_a + answer_a), (IGNORE_INDEX,) * len(prompt_a) + tuple(answer_a), task_a),
         TrainingExample(tuple(prompt_b + answer_b), (IGNORE_INDEX,) * len(prompt_b) + tuple(answer_b)),
     ]
 
@@ -79,14 +80,15 @@ def _hook(expert_weights, gate, task, routing_losses):
 
 def make_gates(engine) -> TrainableGates:
     experts = [engine.registry.get(e) for e in EXPERTS]
-    return TrainableGates(engine.runner.model, experts, 8, TOP_K, TEMPERATURE, ROUTING_WEIGHT, init_std=0.5)
+    spec = RouterSpec(tuple(EXPERTS), TOP_K, TEMPERATURE, ROUTING_WEIGHT)
+    return TrainableGates(engine.runner.model, experts, 8, spec, init_std=0.5)
 
 
 def test_gate_gradient_equals_plain_autograd(engine, tiny_hf_model, adapters_dir):
     gates = make_gates(engine)
-    data, tasks = examples(), [task_index(EXPERTS, "e2"), task_index(EXPERTS, "")]
+    data, tasks = examples(), [2, -1]
     targets = sum(e.num_target_tokens for e in data)
-    engine.train(gates.work(data, tasks, 1 / targets), 1 / targets)
+    engine.train(gates.work(data, loss_scale=1 / targets), 1 / targets)
     oracle_gates = {key: g.detach().clone().requires_grad_() for key, g in gates.gates().items()}
     total = sum(oracle_loss(tiny_hf_model, adapters_dir, oracle_gates, e, t, 1 / targets, len(gates.keys)) for e, t in zip(data, tasks))
     total.backward()
@@ -98,12 +100,12 @@ def test_gate_gradient_equals_plain_autograd(engine, tiny_hf_model, adapters_dir
 
 def test_routing_loss_teaches_the_gates_a_labelled_task(engine):
     gates = make_gates(engine)
-    data = examples()[:1]
+    data = examples("e1")[:1]
     optimizer = torch.optim.Adam(gates.parameters(), lr=0.2)
     targets = data[0].num_target_tokens
     shares = []
     for _ in range(15):
-        work = gates.work(data, [1], 1 / targets)
+        work = gates.work(data, loss_scale=1 / targets)
         engine.train(work, 1 / targets)
         optimizer.step()
         optimizer.zero_grad()

@@ -32,7 +32,7 @@ import torch
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, write_adapter
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
-from tandem.server.atomic_files import remove_leftovers
+from tandem.server.atomic_files import remove_leftovers, write_directory
 from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGETS
@@ -259,6 +259,14 @@ class AdapterRegistry:
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
         write_adapter(self.adapters_dir / name, config, tensors)
+        return self.load(name)
+
+    def publish_router(self, name: str, files: dict[str, bytes]) -> AdapterInfo:
+        """Write a new version of router `name` (router_format's files) atomically and load it."""
+        check_adapter_name(name)
+        if self.adapters_dir is None:
+            raise IncompatibleAdapter("publishing a router needs an adapters directory (start the server with --adapters-dir)")
+        write_directory(self.adapters_dir / name, files)
         return self.load(name)
 
     def unload(self, name: str) -> None:

@@ -179,10 +179,22 @@ def gate_key(layer: int, group: str) -> str:
     return f"layers.{layer}.{group}.weight"
 
 
+def router_files(config: dict, gates: dict[tuple[int, str], torch.Tensor]) -> dict[str, bytes]:
+    """The two files of a router, as bytes: what write_router and gate-training checkpoints store."""
+    tensors = {gate_key(*key): g.detach().to("cpu", torch.float32).contiguous() for key, g in gates.items()}
+    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), GATES_FILE: save_safetensors(tensors, {"format": "pt"})}
+
+
+def gates_of(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+    """Gate tensors by (layer, group), from their file keys (as written here; not validated)."""
+    out = {}
+    for key, tensor in tensors.items():
+        match = _GATE_KEY.fullmatch(key)
+        if match is not None:
+            out[(int(match["layer"]), match["group"])] = tensor
+    return out
+
+
 def write_router(directory: Path, config: dict, gates: dict[tuple[int, str], torch.Tensor]) -> None:
     """Write a router atomically: readers see the old version or the new, never a mix."""
-    tensors = {gate_key(*key): g.detach().to("cpu", torch.float32).contiguous() for key, g in gates.items()}
-    write_directory(
-        directory,
-        {CONFIG_FILE: json.dumps(config, indent=2).encode(), GATES_FILE: save_safetensors(tensors, {"format": "pt"})},
-    )
+    write_directory(directory, router_files(config, gates))

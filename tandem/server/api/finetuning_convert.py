@@ -3,6 +3,7 @@ only the fields a request sets reach the dataclasses, whose defaults are the one
 
 from tandem.server.finetune.job import Job, JobStatus
 from tandem.server.finetune.jobs import JobRequest
+from tandem.server.finetune.trainable_gates import RouterSpec
 from tandem.server.finetune.trainer import Hyperparameters
 from tandem.v1 import finetuning_pb2
 
@@ -24,6 +25,19 @@ def job_request(request: finetuning_pb2.CreateJobRequest) -> JobRequest:
         training_data=request.training_data,
         base_adapter=request.base_adapter,
         lora=_lora(request.lora),
+        router=_router(request.router) if request.HasField("router") else None,
+    )
+
+
+def _router(router: finetuning_pb2.RouterTraining) -> RouterSpec:
+    """The gate-training spec; unset fields take RouterSpec's defaults."""
+    return RouterSpec(
+        tuple(router.experts),
+        **_given(
+            top_k=router.top_k or None,
+            temperature=_optional(router, "temperature"),
+            routing_loss_weight=_optional(router, "routing_loss_weight"),
+        ),
     )
 
 

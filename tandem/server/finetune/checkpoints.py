@@ -1,8 +1,9 @@
-"""A job's checkpoints: a PEFT adapter (loadable by peft as it stands) plus the trainer's
-state, one directory per optimizer step, each written all-or-nothing.
+"""A job's checkpoints: a PEFT adapter (loadable by peft as it stands), or a router's files
+for a gate-training job, plus the trainer's state, one directory per optimizer step, each
+written all-or-nothing.
 
-    <job dir>/checkpoints/step-00000040/adapter_config.json
-                                       /adapter_model.safetensors
+    <job dir>/checkpoints/step-00000040/adapter_config.json      (router_config.json)
+                                       /adapter_model.safetensors (router_gates.safetensors)
                                        /trainer_state.pt      (optimizer, schedule, step)
 
 A directory named step-* is complete by construction (it appears by one rename), so the
@@ -15,20 +16,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from tandem.server.adapters.peft_format import WEIGHTS_FILE, adapter_files
 from tandem.server.atomic_files import remove_leftovers, write_directory
 
 STATE_FILE = "trainer_state.pt"
 _PREFIX = "step-"
 
 
-def save(checkpoints: Path, step: int, config: dict, tensors: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
-    """Write the checkpoint after `step`; returns its directory."""
+def save(checkpoints: Path, step: int, files: dict[str, bytes], state: dict, keep: int = 2) -> Path:
+    """Write the checkpoint after `step` (files: what is trained, as its own files); returns its directory."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     path = checkpoints / f"{_PREFIX}{step:08d}"
-    write_directory(path, {**adapter_files(config, tensors), STATE_FILE: buffer.getvalue()})
+    write_directory(path, {**files, STATE_FILE: buffer.getvalue()})
     for old in _all(checkpoints)[:-keep]:
         for file in old.iterdir():
             file.unlink()
@@ -45,9 +45,9 @@ def latest(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The adapter's PEFT tensors and the trainer state of a checkpoint."""
-    tensors = load_safetensors((path / WEIGHTS_FILE).read_bytes())
+def load(path: Path, weights_file: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained tensors (in weights_file) and the trainer state of a checkpoint."""
+    tensors = load_safetensors((path / weights_file).read_bytes())
     state = torch.load(io.BytesIO((path / STATE_FILE).read_bytes()), weights_only=True)
     return tensors, state
 

@@ -10,6 +10,9 @@ Each line is one of three formats, and a file may mix them:
   end-of-turn token closing it), never to a turn header or another role's turn;
 - {"text": str}: the loss applies to every token.
 
+Any line may also carry "task": str, a label for training a router's gates (the expert that
+task calls for; server/finetune/trainable_gates.py); other jobs ignore it.
+
 Sequences longer than max_seq_length are refused, never truncated: a truncated example
 trains on something the user did not write.
 """
@@ -17,7 +20,7 @@ trains on something the user did not write.
 import difflib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jinja2 import TemplateError
@@ -28,6 +31,8 @@ from tandem.server.errors import InvalidRequest, NotFound
 
 # The keys of each line format; a line has exactly one format's keys.
 FORMATS = {"prompt/completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+# The optional task label a line of any format may carry.
+TASK_KEY = "task"
 # The refusal travels in gRPC trailers, which proxies cap at a few KB.
 MAX_ERROR_CHARS = 1000
 # Enough of a user's string to recognise it, not enough to copy their data into logs.
@@ -42,6 +47,7 @@ class TrainingExample:
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    task: str = ""
 
     def __post_init__(self):
         if len(self.input_ids) != len(self.labels):
@@ -85,7 +91,7 @@ def parse_dataset(data: str | bytes, tokenizer, max_seq_length: int, *, max_erro
             if isinstance(result, str):
                 errors[number] = result
             else:
-                examples[number] = result
+                examples[number] = replace(result, task=records[number].get(TASK_KEY, ""))
     for number, example in examples.items():
         if example.num_tokens > max_seq_length:
             errors[number] = (
@@ -191,7 +197,9 @@ def _format_of(record: object) -> str:
     if len(formats) > 1:
         raise _LineError(f"mixes the {' and '.join(formats)} formats: use one format per line")
     (name,) = formats
-    _check_keys(record, FORMATS[name], "")
+    if TASK_KEY in record:
+        _check_text(record[TASK_KEY], f'"{TASK_KEY}"')
+    _check_keys({k: v for k, v in record.items() if k != TASK_KEY}, FORMATS[name], "")
     if name == "messages":
         _check_messages(record["messages"])
     else:

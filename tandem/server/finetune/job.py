@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from tandem.server.finetune.trainable_adapter import LoRASpec
+from tandem.server.finetune.trainable_gates import RouterSpec
 from tandem.server.finetune.trainer import Hyperparameters
 
 
@@ -41,6 +42,8 @@ class Job:
 
     Times are Unix seconds (0 = not yet). train_loss / eval_loss: of the last step and the
     last eval point (None before). content_hash: of the adapter version it published.
+    router: set for a gate-training job: it trains the gates of a router named `adapter`
+    over frozen experts (lora is then unused).
     """
 
     id: str
@@ -65,6 +68,7 @@ class Job:
     content_hash: str = ""
     mode: str = ""
     finetune_share: float = 0.0
+    router: RouterSpec | None = None
 
     def replace(self, **changes) -> "Job":
         return dataclasses.replace(self, **changes)
@@ -73,6 +77,8 @@ class Job:
         record = dataclasses.asdict(self)
         record["status"] = self.status.value
         record["lora"]["target_modules"] = list(self.lora.target_modules)
+        if self.router is not None:
+            record["router"]["experts"] = list(self.router.experts)
         return record
 
     @classmethod
@@ -84,4 +90,5 @@ class Job:
         record["lora"] = LoRASpec(**lora)
         record["hyperparameters"] = Hyperparameters(**record["hyperparameters"])
         record["error"] = None if record["error"] is None else JobError(**record["error"])
+        record["router"] = None if record.get("router") is None else RouterSpec(**record["router"])
         return cls(**record)

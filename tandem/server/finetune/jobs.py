@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.server.adapters.peft_format import LoRAAdapter, peft_config
+from tandem.server.adapters.peft_format import WEIGHTS_FILE, LoRAAdapter, adapter_files, peft_config
 from tandem.server.adapters.registry import check_adapter_name
-from tandem.server.adapters.router_format import Router
+from tandem.server.adapters.router_format import GATES_FILE, Router
 from tandem.server.atomic_files import remove_leftovers, write_file
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError, excerpt
@@ -34,6 +34,7 @@ from tandem.server.finetune.dataset import TrainingExample, parse_dataset, resol
 from tandem.server.finetune.job import Job, JobError, JobStatus
 from tandem.server.finetune.job_store import JobStore
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter, spec_of
+from tandem.server.finetune.trainable_gates import RouterSpec, TrainableGates
 from tandem.server.finetune.trainer import Hyperparameters, StepPlan, StepReport, Trainer, TrainingDiverged
 
 log = logging.getLogger("tandem.finetune")
@@ -46,7 +47,9 @@ DATASET_FILE = "train.jsonl"
 class JobRequest:
     """What CreateJob asks for. Exactly one of training_file (a file name inside the data
     directory) and training_data (inline JSONL). lora: the LoRASpec fields the request sets;
-    the rest are the defaults, or the base adapter's when training continues from one."""
+    the rest are the defaults, or the base adapter's when training continues from one.
+    router: a gate-training job instead: the gates of a router named `adapter` over these
+    frozen experts train (no base_adapter, no lora); lines may carry a "task" label."""
 
     adapter: str
     hyperparameters: Hyperparameters
@@ -54,6 +57,7 @@ class JobRequest:
     training_data: str = ""
     base_adapter: str = ""
     lora: dict = dataclasses.field(default_factory=dict)
+    router: RouterSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class _Prepared:
     evaluation: list[TrainingExample]
     plan: StepPlan
     base: LoRAAdapter | None
+    experts: list[LoRAAdapter] | None = None
 
 
 @dataclass
@@ -125,15 +130,19 @@ class JobManager:
         base = self.registry.get(request.base_adapter) if request.base_adapter else None
         if isinstance(base, Router):
             raise FailedPrecondition(f"base_adapter {request.base_adapter!r} is a router: fine-tuning starts from a LoRA adapter")
-        spec = self._spec(request, base)
+        if request.router is not None and (request.base_adapter or request.lora):
+            raise InvalidRequest("a gate-training job (router) trains only gates: give no base_adapter and no lora")
+        # A gate-training job trains no LoRA weights: its lora is a placeholder.
+        spec = self._spec(request, base) if request.router is None else LoRASpec(r=1)
         data = self._dataset_bytes(request)
-        prepared = self._prepare(data, hp, base)
+        prepared = self._prepare(data, hp, base, request.router)
         job = Job(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
             adapter=request.adapter,
             base_adapter=request.base_adapter,
             lora=spec,
             hyperparameters=hp,
+            router=request.router,
             status=JobStatus.QUEUED,
             created_at=time.time(),
             total_steps=len(prepared.plan),
@@ -240,7 +249,9 @@ class JobManager:
     def _start(self, job: Job) -> None:
         prepared = self._prepared[job.id]
         model = self.engine.runner.model
-        if prepared.base is None:
+        if job.router is not None:
+            adapter = TrainableGates(model, prepared.experts, self.engine.config.max_lora_rank, job.router, seed=job.hyperparameters.seed)
+        elif prepared.base is None:
             adapter = TrainableAdapter(model, job.lora, seed=job.hyperparameters.seed)
         else:
             adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
@@ -250,13 +261,17 @@ class JobManager:
         )
         resumed = checkpoints.latest(self._job_dir(job.id) / "checkpoints")
         if resumed is not None:
-            tensors, state = checkpoints.load(resumed)
-            adapter.load_peft_tensors(tensors)
+            tensors, state = checkpoints.load(resumed, GATES_FILE if job.router is not None else WEIGHTS_FILE)
+            if job.router is not None:
+                adapter.load_gate_tensors(tensors)
+            else:
+                adapter.load_peft_tensors(tensors)
             trainer.load_state_dict(state)
             log.info("job resumed", extra={"fields": {"job_id": job.id, "from_step": trainer.step}})
         # Co-served steps recompute layers from inputs stored by a gradient-free forward, which
-        # lora_dropout would make disagree with the recompute: those jobs run time-sliced.
-        coserve = self.engine.config.finetune_mode == "coserve" and not job.lora.lora_dropout
+        # lora_dropout would make disagree with the recompute: those jobs run time-sliced, and
+        # so do gate-training jobs (their routed rows train in iterations of their own).
+        coserve = self.engine.config.finetune_mode == "coserve" and not job.lora.lora_dropout and job.router is None
         self._running = _Running(job.id, trainer, trainer.run(self.engine, coserve), time.monotonic())
         mode = "coserve" if coserve else "timeslice"
         self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step, mode=mode)
@@ -284,10 +299,7 @@ class JobManager:
         )
         trainer = running.trainer
         if report.step % job.hyperparameters.checkpoint_interval == 0 or trainer.done:
-            checkpoints.save(
-                self._job_dir(job.id) / "checkpoints", report.step, self._peft_config(job), trainer.adapter.peft_tensors(),
-                trainer.state_dict(),
-            )
+            checkpoints.save(self._job_dir(job.id) / "checkpoints", report.step, self._files(job, trainer.adapter), trainer.state_dict())
         if trainer.done:
             self._publish(running)
 
@@ -300,7 +312,10 @@ class JobManager:
             self._publishing = running.job_id
         job = self.get(running.job_id)
         try:
-            info = self.registry.publish(job.adapter, self._peft_config(job), running.trainer.adapter.peft_tensors())
+            if job.router is not None:
+                info = self.registry.publish_router(job.adapter, running.trainer.adapter.files())
+            else:
+                info = self.registry.publish(job.adapter, self._peft_config(job), running.trainer.adapter.peft_tensors())
         except (OSError, TandemError) as exc:
             log.exception("publishing the adapter of job %s failed", job.id)
             self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r}: {exc}"[:500]))
@@ -362,10 +377,33 @@ class JobManager:
             raise InvalidRequest(f"training_data has {len(data)} bytes, more than the limit of {self.max_training_file_bytes}")
         return data
 
-    def _prepare(self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None) -> _Prepared:
+    def _prepare(self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None, router: RouterSpec | None = None) -> _Prepared:
         examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length)
+        experts = None if router is None else self._experts(router, examples)
         train, evaluation = split_eval(examples, hp.eval_fraction, hp.seed)
-        return _Prepared(train, evaluation, StepPlan(train, hp), base)
+        return _Prepared(train, evaluation, StepPlan(train, hp), base, experts)
+
+    def _experts(self, router: RouterSpec, examples: list[TrainingExample]) -> list[LoRAAdapter]:
+        """A gate-training job's experts (current versions), refused when one is unknown
+        (NotFound) or a router, or when a line's task is not an expert (InvalidRequest)."""
+        experts = []
+        for name in router.experts:
+            expert = self.registry.get(name)
+            if not isinstance(expert, LoRAAdapter):
+                raise FailedPrecondition(f"router expert {name!r} is not a LoRA adapter: experts must be adapters")
+            experts.append(expert)
+        for number, example in enumerate(examples, start=1):
+            try:
+                router.task_index(example.task)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"training example {number}: {exc}") from None
+        return experts
+
+    def _files(self, job: Job, trained: TrainableAdapter | TrainableGates) -> dict[str, bytes]:
+        """What a checkpoint of the job holds: the router's files, or the PEFT adapter's."""
+        if job.router is not None:
+            return trained.files()
+        return adapter_files(self._peft_config(job), trained.peft_tensors())
 
     def _revalidate(self, job_ids: list[str]) -> None:
         """Re-tokenize interrupted jobs' stored datasets (off the engine thread), then queue them."""
@@ -374,7 +412,7 @@ class JobManager:
             try:
                 remove_leftovers(self._job_dir(job_id))
                 base = self.registry.get(job.base_adapter) if job.base_adapter else None
-                prepared = self._prepare((self._job_dir(job_id) / DATASET_FILE).read_bytes(), job.hyperparameters, base)
+                prepared = self._prepare((self._job_dir(job_id) / DATASET_FILE).read_bytes(), job.hyperparameters, base, job.router)
             except (OSError, TandemError) as exc:
                 error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
                 self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error)

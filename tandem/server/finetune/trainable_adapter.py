@@ -16,6 +16,7 @@ from torch import nn
 
 from tandem.kernels.lora import LoRAWeights
 from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.engine.iteration import TrainingSequence, TrainingWork
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, excerpt
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGET_SLICES, TARGETS, group_linears, module_path, target_of
@@ -110,6 +111,16 @@ class TrainableAdapter(nn.Module):
                 torch.cat(a_parts).unsqueeze(0), torch.cat(b_parts).unsqueeze(0), ranks, linear.out_slices, [r]
             )
         return out
+
+    @property
+    def dropout(self) -> float:
+        return self.spec.lora_dropout
+
+    def work(self, examples: list, dropout: float = 0.0, generator: torch.Generator | None = None, loss_scale: float = 1.0) -> TrainingWork:
+        """A training micro-batch of these examples on this adapter (loss_scale: unused here;
+        the trainer scales the loss)."""
+        sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]
+        return TrainingWork(sequences, self.slot_weights(), dropout, generator)
 
     def _zeros(self, rows: int, cols: int) -> torch.Tensor:
         return torch.zeros(rows, cols, device=next(iter(self.a.values())).device)

@@ -13,47 +13,76 @@ through RoutedRows.trained_delta. A finished router is published as router files
 (router_format.py) and served like any router.
 """
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from tandem.server.adapters.peft_format import LoRAAdapter
-from tandem.server.adapters.router_format import DEFAULT_TOP_K, router_config
+from tandem.server.adapters.router_format import DEFAULT_TOP_K, gate_key, gates_of, router_config, router_files
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.iteration import TrainingSequence, TrainingWork
-from tandem.server.errors import InvalidRequest
+from tandem.server.errors import InvalidRequest, excerpt
 from tandem.server.finetune.dataset import TrainingExample
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import group_linears
 from tandem.server.model.routing import RoutedRows, StepRouter
 
 
+@dataclass(frozen=True)
+class RouterSpec:
+    """What a gate-training job trains: a router over these experts (adapter names, in gate
+    order), with top_k and temperature, the routing loss weighed by routing_loss_weight."""
+
+    experts: tuple[str, ...]
+    top_k: int = DEFAULT_TOP_K
+    temperature: float = 1.0
+    routing_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "experts", tuple(self.experts))
+        if not self.experts or len(set(self.experts)) != len(self.experts):
+            raise InvalidRequest(f"router.experts must be distinct adapter names, at least one, got {excerpt(list(self.experts), 200)}")
+        if not 1 <= self.top_k <= len(self.experts):
+            raise InvalidRequest(f"router.top_k must lie in [1, {len(self.experts)}] (the experts), got {self.top_k}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise InvalidRequest(f"router.temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.routing_loss_weight) and self.routing_loss_weight >= 0):
+            raise InvalidRequest(f"router.routing_loss_weight must be a finite number >= 0, got {self.routing_loss_weight}")
+
+    def task_index(self, task: str) -> int:
+        """The expert a task label names (-1 for none); InvalidRequest for one that is not an expert."""
+        if not task:
+            return -1
+        if task not in self.experts:
+            raise InvalidRequest(f"task {excerpt(task)} is not one of the router's experts {list(self.experts)}")
+        return self.experts.index(task)
+
+
 class TrainableGates(nn.Module):
     """Gate masters per gated (layer, group): gate_{layer}_{group} [num_experts, in], float32.
 
-    experts: the expert adapters, in gate order; every group all of them adapt is gated.
+    experts: the expert adapters, in the spec's order; every group all of them adapt is gated.
     Gates start at zero (a uniform mixture; ties broken by expert order) unless init_std > 0.
     """
 
-    def __init__(
-        self, model: LlamaModel, experts: list[LoRAAdapter], max_rank: int, top_k: int = DEFAULT_TOP_K,
-        temperature: float = 1.0, routing_loss_weight: float = 1.0, init_std: float = 0.0, seed: int = 0,
-    ):
+    dropout = 0.0  # the trainer's interface: gates train without lora_dropout
+
+    def __init__(self, model: LlamaModel, experts: list[LoRAAdapter], max_rank: int, spec: RouterSpec, init_std: float = 0.0, seed: int = 0):
         super().__init__()
-        if not 1 <= top_k <= len(experts):
-            raise InvalidRequest(f"top_k must lie in [1, {len(experts)}] (the experts), got {top_k}")
-        if not temperature > 0 or routing_loss_weight < 0:
-            raise InvalidRequest("temperature must be > 0 and routing_loss_weight >= 0")
+        if [e.name for e in experts] != list(spec.experts):
+            raise ValueError("experts must be the spec's, in its order")
+        self.spec = spec
         self.experts = list(experts)
-        self.top_k, self.temperature, self.routing_loss_weight = top_k, temperature, routing_loss_weight
         device = model.embed.device
         self.pool = SlotPool(model, len(experts), max_rank, torch.float32, device)
         self.pool.compact_slots = False
         self.expert_slots = tuple(self.pool.acquire(adapter) for adapter in experts)
-        shared = set.intersection(*(set(adapter.groups) for adapter in experts))
-        generator = torch.Generator().manual_seed(seed)
-        self.keys = sorted(shared)
+        self.keys = sorted(set.intersection(*(set(adapter.groups) for adapter in experts)))
         if not self.keys:
-            raise InvalidRequest("the experts adapt no linear in common: there is nothing to gate")
+            raise InvalidRequest(f"experts {list(spec.experts)} adapt no linear in common: there is nothing to gate")
+        generator = torch.Generator().manual_seed(seed)
         linears = group_linears(model)
         for layer, group in self.keys:
             init = torch.randn(len(experts), linears[(layer, group)].in_features, generator=generator) * init_std
@@ -63,17 +92,17 @@ class TrainableGates(nn.Module):
         return {key: getattr(self, _name(key)) for key in self.keys}
 
     def work(
-        self, examples: list[TrainingExample], tasks: list[int], loss_scale: float, dropout: float = 0.0,
-        generator: torch.Generator | None = None,
+        self, examples: list[TrainingExample], dropout: float = 0.0, generator: torch.Generator | None = None, loss_scale: float = 1.0,
     ) -> TrainingWork:
         """A training micro-batch: every row routed over the experts by the gates (with
-        autograd). tasks[i]: the expert example i's task calls for, -1 = unlabelled;
-        loss_scale: what the trainer scales this micro-batch's summed token loss by."""
+        autograd), labelled with its example's task (the routing loss); loss_scale: what the
+        trainer scales this micro-batch's summed token loss by (the routing loss is too)."""
         sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]
         rows = sum(e.num_tokens for e in examples)
+        tasks = [self.spec.task_index(e.task) for e in examples]
         labels = [task for e, task in zip(examples, tasks) for _ in range(e.num_tokens)]
-        router = StepRouter(self.gates(), self.expert_slots, self.top_k, self.temperature)
-        aux_scale = self.routing_loss_weight * loss_scale / len(self.keys)
+        router = StepRouter(self.gates(), self.expert_slots, self.spec.top_k, self.spec.temperature)
+        aux_scale = self.spec.routing_loss_weight * loss_scale / len(self.keys)
         routing = RoutedRows.build(
             [router], [0] * rows, list(range(rows)), self.pool.device, labels if any(t >= 0 for t in tasks) else None, aux_scale,
         )
@@ -82,19 +111,19 @@ class TrainableGates(nn.Module):
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
 
-    def router_files(self) -> tuple[dict, dict[tuple[int, str], torch.Tensor]]:
-        """The router_config.json fields and the gates, as write_router takes them."""
-        config = router_config([e.name for e in self.experts], self.top_k, self.temperature)
-        return config, {key: g.detach().cpu() for key, g in self.gates().items()}
+    def files(self) -> dict[str, bytes]:
+        """The router's files as they stand (router_format.py): what a checkpoint and a publish write."""
+        config = router_config(list(self.spec.experts), self.spec.top_k, self.spec.temperature)
+        return router_files(config, {key: g.detach() for key, g in self.gates().items()})
 
-
-def task_index(experts: list[str], task: str) -> int:
-    """The expert index a task label names (-1 for no label); InvalidRequest for an unknown one."""
-    if not task:
-        return -1
-    if task not in experts:
-        raise InvalidRequest(f"task {task!r} is not one of the router's experts {experts}")
-    return experts.index(task)
+    def load_gate_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the gates from a checkpoint's gate tensors."""
+        saved = gates_of(tensors)
+        with torch.no_grad():
+            for key, gate in self.gates().items():
+                if key not in saved:
+                    raise ValueError(f"the checkpoint has no {gate_key(*key)}")
+                gate.copy_(saved[key])
 
 
 def _name(key: tuple[int, str]) -> str:

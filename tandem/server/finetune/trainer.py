@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.server.engine.iteration import TrainingSequence, TrainingWork
+from tandem.server.engine.iteration import TrainingWork
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.errors import InvalidRequest, TandemError
 from tandem.server.finetune.dataset import TrainingExample
 from tandem.server.finetune.trainable_adapter import TrainableAdapter
+from tandem.server.finetune.trainable_gates import TrainableGates
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 # OpenAI's limit on epochs; a million steps is weeks of CPU time.
@@ -150,7 +151,7 @@ def micro_batches(examples: list[TrainingExample], max_tokens: int) -> list[list
 class Trainer:
     def __init__(
         self,
-        adapter: TrainableAdapter,
+        adapter: TrainableAdapter | TrainableGates,
         hp: Hyperparameters,
         train: list[TrainingExample],
         evaluation: list[TrainingExample],
@@ -196,7 +197,7 @@ class Trainer:
             generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
             loss_sum = 0.0
             for group in micro_batches(examples, self.micro_batch_tokens):
-                work = self._work(group, self.adapter.spec.lora_dropout, generator)
+                work = self.adapter.work(group, self.adapter.dropout, generator, 1 / targets)
                 loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
             report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
             if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
@@ -219,10 +220,6 @@ class Trainer:
             yield None
         return batch.loss_sum
 
-    def _work(self, examples: list[TrainingExample], dropout: float = 0.0, generator: torch.Generator | None = None) -> TrainingWork:
-        sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]
-        return TrainingWork(sequences, self.adapter.slot_weights(), dropout, generator)
-
     def _optimizer_step(self, loss: float, tokens: int) -> StepReport:
         params = list(self.adapter.parameters())
         max_norm = self.hp.max_grad_norm or math.inf
@@ -244,7 +241,7 @@ class Trainer:
         loss_sum = 0.0
         targets = sum(e.num_target_tokens for e in self.evaluation)
         for group in micro_batches(self.evaluation, self.micro_batch_tokens):
-            loss_sum += engine.loss(self._work(group)).loss_sum
+            loss_sum += engine.loss(self.adapter.work(group)).loss_sum
             yield None
         return loss_sum / targets
 

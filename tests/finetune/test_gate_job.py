@@ -1,0 +1,89 @@
+"""Gate training as a fine-tuning job on the tiny model: a job with a router spec trains the
+gates over frozen experts from task-labelled lines, checkpoints and publishes router files,
+and the router is then served; bad gate-training requests are refused before a job exists."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tandem.server.adapters.router_format import GATES_FILE, Router, gates_of, router_config, write_router
+from tandem.server.api.finetuning_convert import job_request
+from tandem.server.errors import FailedPrecondition, InvalidRequest, NotFound
+from tandem.server.finetune.job import JobStatus
+from tandem.server.finetune.jobs import JobRequest
+from tandem.server.finetune.trainable_gates import RouterSpec
+from tandem.server.model.lora_targets import group_linears
+from tandem.v1 import finetuning_pb2
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.finetune.test_jobs import HP, dirs, start, wait_for  # noqa: F401 (dirs: a fixture)
+
+TASKS = {"e0": "Count:", "e1": "Spell:"}
+DATA = "\n".join(
+    json.dumps({"prompt": f"{prompt} {i}", "completion": f" {i * (3 if task == 'e0' else 5)}", **({"task": task} if i % 4 else {})})
+    for i in range(12)
+    for task, prompt in TASKS.items()
+)
+
+
+@pytest.fixture
+def experts(dirs, tiny_hf_model):
+    for seed, name in enumerate(TASKS):
+        make_adapter(tiny_hf_model, dirs[0] / name, r=8, target_modules=ALL_LINEAR, seed=seed, b_std=0.2)
+    make_adapter(tiny_hf_model, dirs[0] / "qv", r=4, target_modules=["q_proj", "v_proj"], seed=9)
+    return dirs
+
+
+def gate_request(**changes) -> JobRequest:
+    fields = {"adapter": "learned", "hyperparameters": HP, "training_data": DATA, "router": RouterSpec(("e0", "e1"), top_k=1)}
+    return JobRequest(**{**fields, **changes})
+
+
+def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_dir, experts):
+    engine = start(tiny_model_dir, experts)
+    try:
+        job = wait_for(engine, engine.jobs.create(gate_request()).id)
+        router = engine.engine.registry.get("learned")
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED and job.mode == "timeslice" and job.router.experts == ("e0", "e1")
+    assert (job.step, job.total_steps) == (6, 6) and job.train_loss is not None
+    assert isinstance(router, Router) and router.experts == ("e0", "e1") and router.top_k == 1
+    assert [a.name for a in router.adapters] == ["e0", "e1"]
+    # The gates moved off their zero start, and the last checkpoint holds what was published.
+    assert all(g.abs().max() > 0 for g in router.gates.values())
+    checkpoint = sorted((experts[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir())[-1]
+    saved = gates_of(load_file(str(checkpoint / GATES_FILE)))
+    assert saved.keys() == router.gates.keys() and all(torch.equal(saved[k], router.gates[k]) for k in saved)
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"router": RouterSpec(("e0", "nope"))}, NotFound, "'nope' not found"),
+        ({"router": RouterSpec(("e0", "e1"), top_k=1), "training_data": json.dumps({"text": "a b c", "task": "e7"})},
+         InvalidRequest, "training example 1: task 'e7' is not one of the router's experts"),
+        ({"lora": {"r": 4}}, InvalidRequest, "trains only gates"),
+        ({"router": RouterSpec(("e0", "learned-before"))}, FailedPrecondition, "'learned-before' is not a LoRA adapter"),
+    ],
+    ids=["unknown-expert", "unknown-task", "lora-too", "router-expert"],
+)
+def test_bad_gate_jobs_are_refused(tiny_model_dir, experts, changes, error, message):
+    engine = start(tiny_model_dir, experts)
+    try:
+        linears = group_linears(engine.engine.runner.model)
+        write_router(experts[0] / "learned-before", router_config(["e0", "e1"]), {k: torch.zeros(2, l.in_features) for k, l in linears.items()})
+        with pytest.raises(error, match=message):
+            engine.jobs.create(gate_request(**changes))
+        assert engine.jobs.list_jobs() == []
+    finally:
+        engine.shutdown()
+
+
+def test_the_api_request_carries_the_router_spec():
+    request = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=["a", "b"], temperature=0.5))
+    assert job_request(request).router == RouterSpec(("a", "b"), top_k=2, temperature=0.5, routing_loss_weight=1.0)
+    assert job_request(finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}")).router is None
+    with pytest.raises(InvalidRequest, match="router.top_k must lie in"):
+        job_request(finetuning_pb2.CreateJobRequest(adapter="r", router=finetuning_pb2.RouterTraining(experts=["a"], top_k=3)))
