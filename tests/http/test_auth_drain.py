@@ -1,6 +1,7 @@
 """The HTTP front's bearer tokens (the gRPC API's tokens file and roles) and its part in the
 graceful drain: new connections refused, streams in flight finished."""
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.api.conftest import loopback, wait_until
+from tests.api.conftest import all_blocks_free, loopback, wait_until
 from tests.api.harness import ServerThread
 from tests.http.conftest import TOKEN
 
@@ -83,3 +84,13 @@ def test_a_stream_past_the_grace_period_ends_with_abort(adapter_engine, base_mod
     assert drained.result(60) is False
     server.close()
     assert chunks[-1].choices[0].finish_reason == "abort"
+
+
+def test_a_client_that_leaves_a_unary_call_frees_its_generation(http_server, adapter_engine, base_model):
+    body = json.dumps({"model": base_model, "prompt": "Hi", "max_tokens": 400, "n": 8, "ignore_eos": True}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", http_server.server.http_port, timeout=30)
+    connection.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+    assert wait_until(lambda: adapter_engine.stats().num_running > 0)
+    connection.close()
+    # Eight 400-token completions take many seconds here; the abort frees them at once.
+    assert wait_until(lambda: all_blocks_free(adapter_engine), timeout=3)

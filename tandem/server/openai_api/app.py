@@ -6,12 +6,14 @@ Each call is logged once and counted in tandem:requests like a gRPC call, under 
 names below, with the gRPC status name it would have had.
 """
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import grpc
 from fastapi import Depends, FastAPI, Request
@@ -150,6 +152,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         return dict(zip(ids, await state.engine.token_texts(ids)))
 
     async def run(
+        request: Request,
         record: CallRecord,
         body: SamplingFields,
         prompt: str | list[int] | list[dict[str, str]],
@@ -167,10 +170,16 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         choices = responses.Choices(params.n)
         seen: list[RequestOutput] = []
-        async with aclosing(outputs):
-            async for out in outputs:
-                choices.add(out)
-                seen.append(out)
+
+        async def collect() -> None:
+            async with aclosing(outputs):
+                async for out in outputs:
+                    choices.add(out)
+                    seen.append(out)
+
+        if not await _unless_disconnected(request, collect()):
+            record.close("CANCELLED")
+            return Response(status_code=499)  # nobody is there to read it
         reply = renderer.whole(choices, await token_texts(seen))
         record.close("OK")
         return JSONResponse(reply, headers=headers)
@@ -205,14 +214,14 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             record.close(status)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, record: CallRecord = Depends(open_call)) -> Response:
+    async def completions(body: CompletionRequest, request: Request, record: CallRecord = Depends(open_call)) -> Response:
         renderer = responses.CompletionRenderer(f"cmpl-{record.request_id}", body.model, body.n)
-        return await run(record, body, convert.completion_prompt(body), convert.completion_params(body), renderer)
+        return await run(request, record, body, convert.completion_prompt(body), convert.completion_params(body), renderer)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, record: CallRecord = Depends(open_call)) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request, record: CallRecord = Depends(open_call)) -> Response:
         renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", body.model, body.n)
-        return await run(record, body, convert.chat_messages(body), convert.chat_params(body), renderer)
+        return await run(request, record, body, convert.chat_messages(body), convert.chat_params(body), renderer)
 
     @app.get("/v1/models")
     async def models(record: CallRecord = Depends(open_call)) -> Response:
@@ -239,6 +248,31 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, None]) -> bool:
+    """Runs work to its end (True), or cancels it when the client disconnects first (False):
+    a generation nobody waits for is aborted, as a cancelled gRPC call's is. (Streams need
+    none of this: the framework cancels a stream whose client has gone.)"""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _adapters_on_disk(adapters_dir: str | None) -> set[str]:
