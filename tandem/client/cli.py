@@ -1,4 +1,4 @@
-"""The client side of the `tandem` command: generate, chat, adapters, finetune, health, model.
+"""The client side of the `tandem` command: generate, chat, adapters, finetune, health, model, bench.
 
 Flags are added by server/cli.py's `add_env_flag` (passed in), which gives each its
 TANDEM_* environment twin; this module never reads the environment itself.
@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
+from tandem.client.bench.cli import add_command as add_bench_command
+from tandem.client.cli_connection import AddFlag, add_connection_flags, connection_settings, rpc_failure
 from tandem.client.errors import TandemRpcError
 from tandem.client.job_display import ProgressDisplay, job_details, job_table, outcome
 from tandem.client.live_line import LiveLine
@@ -21,22 +23,7 @@ from tandem.client.types import FinetuneJob, Hyperparameters, LoraOptions, Sampl
 
 EXIT_NOT_SERVING = 1
 EXIT_JOB_FAILED = 1  # a watched fine-tuning job failed or was cancelled
-EXIT_RPC_BASE = 10  # exit status 10 + gRPC status code
-
-AddFlag = Callable[[argparse.ArgumentParser, str, Callable[[str], Any], str, Any], None]
 FlagSpec = tuple[str, Callable[[str], Any], str]  # (flag, type, help)
-
-
-def _connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -> None:
-    group = parser.add_argument_group("connection")
-    add_flag(group, "--target", str, "server address host:port", "localhost:50051")
-    add_flag(group, "--token-file", str, "file holding the bearer token (or set TANDEM_TOKEN)", None)
-    add_flag(group, "--token", str, "bearer token; prefer the environment or --token-file (flags show in ps)", None)
-    group.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-cert)")
-    add_flag(group, "--ca-cert", str, "PEM CA to trust (default: system roots)", None)
-    add_flag(group, "--client-cert", str, "PEM client certificate (mutual TLS)", None)
-    add_flag(group, "--client-key", str, "PEM key of --client-cert", None)
-    add_flag(group, "--timeout", float, "seconds per call, retries included", 300.0)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -113,16 +100,7 @@ def _sampling_options(args: argparse.Namespace) -> SamplingOptions:
 
 
 def _client(args: argparse.Namespace) -> TandemClient:
-    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
-    return TandemClient(
-        args.target,
-        token=token,
-        tls=args.tls,
-        ca_cert=args.ca_cert,
-        client_cert=args.client_cert,
-        client_key=args.client_key,
-        timeout=args.timeout,
-    )
+    return TandemClient(args.target, **connection_settings(args))
 
 
 def _print_json(value: Any) -> None:
@@ -289,9 +267,7 @@ def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callab
             with _client(args) as client:
                 return action(args, client)
         except TandemRpcError as error:
-            suffix = f" (request id {error.request_id})" if error.request_id else ""
-            print(f"tandem: {error}{suffix}", file=sys.stderr)
-            return EXIT_RPC_BASE + error.code.value[0]
+            return rpc_failure(error)
         except (OSError, ValueError) as error:
             print(f"tandem: {error}", file=sys.stderr)
             return 1
@@ -322,12 +298,12 @@ def _add_finetune_command(commands: argparse._SubParsersAction, add_flag: AddFla
         parser.add_argument("--json", action="store_true")
     runs = {create: _run_finetune_create, listing: _run_finetune_list, get: _run_finetune_get, cancel: _run_finetune_cancel}
     for parser, run in (runs | {watch: _run_finetune_watch}).items():
-        _connection_flags(parser, add_flag)
+        add_connection_flags(parser, add_flag)
         parser.set_defaults(run=_runner(run))
 
 
 def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None:
-    """Adds generate, chat, model, health, adapters and finetune to the `tandem` parser."""
+    """Adds generate, chat, model, health, adapters, finetune and bench to the `tandem` parser."""
     generate = commands.add_parser("generate", help="generate text (streams to the terminal)")
     generate.add_argument("prompt", help="the prompt; - reads it from standard input")
     generate.add_argument("--json", action="store_true", help="wait for the whole answer and print it as JSON")
@@ -362,6 +338,7 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     unload.add_argument("name")
 
     for parser in (generate, chat, model, health, listing, load, unload):
-        _connection_flags(parser, add_flag)
+        add_connection_flags(parser, add_flag)
     adapters.set_defaults(run=_runner(_run_adapters))
     _add_finetune_command(commands, add_flag)
+    add_bench_command(commands, add_flag)

@@ -1,0 +1,67 @@
+"""Timing one streamed request: time to first token, the gaps between tokens, end to end.
+
+Definitions follow vLLM's benchmark and Tandem's server histograms, so both can be compared:
+TTFT = first token - send; ITL = gap between token arrivals (a message carrying k tokens after
+a gap g counts k gaps of g/k; extra tokens in the first message count none);
+TPOT = (E2E - TTFT) / (output tokens - 1); E2E = end of stream - send.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from tandem.client.async_client import AsyncTandemClient
+from tandem.client.bench.workload import BenchRequest
+from tandem.client.errors import TandemRpcError
+
+
+@dataclass
+class RequestRecord:
+    """What one request measured; times in seconds. status is "OK" or a gRPC status name."""
+
+    adapter: str
+    sent_at: float
+    status: str = "OK"
+    error: str = ""
+    ttft: float | None = None
+    e2e: float | None = None
+    itls: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.e2e is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def finished_at(self) -> float:
+        return self.sent_at + (self.e2e or 0.0)
+
+
+async def timed_stream(client: AsyncTandemClient, request: BenchRequest, timeout: float) -> RequestRecord:
+    """Sends one streaming request and times it; an RPC error ends in the record, not raised."""
+    sent_at = time.perf_counter()
+    record = RequestRecord(request.adapter, sent_at)
+    last_token_at = sent_at
+    try:
+        async for chunk in client.stream(timeout=timeout, **request.stream_kwargs()):
+            now = time.perf_counter()
+            new_tokens = len(chunk.token_ids)
+            if new_tokens and record.ttft is None:
+                record.ttft = now - sent_at
+            elif new_tokens:
+                record.itls.extend([(now - last_token_at) / new_tokens] * new_tokens)
+            if new_tokens:
+                last_token_at = now
+            record.prompt_tokens, record.output_tokens = chunk.prompt_tokens, chunk.generated_tokens
+            record.finish_reason = chunk.finish_reason or record.finish_reason
+    except TandemRpcError as error:
+        record.status, record.error = error.code.name, error.message
+    record.e2e = time.perf_counter() - sent_at
+    return record

@@ -1,0 +1,103 @@
+"""What a sweep reports: the result document (JSON), and the tables printed at the end."""
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tandem.client.bench.runner import PointResult
+from tandem.client.bench.stats import BASE_MODEL
+
+PER_ADAPTER_ROWS = 8
+
+
+def build_result(settings: dict, model: dict, results: list[PointResult], save_requests: bool = False) -> dict:
+    """The JSON document: how the run was set up, what it measured, and the server's view."""
+    points = []
+    for result in results:
+        point = dict(result.summary)
+        if save_requests:
+            point["request_records"] = [asdict(r) for r in result.records]
+        points.append(point)
+    return {
+        "tool": "tandem bench",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "client_host": platform.node(),
+        "model": model,
+        "settings": settings,
+        "points": points,
+    }
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def sweep_table(result: dict) -> list[str]:
+    """One row per load point: throughput, latency percentiles (ms), goodput."""
+    header = ["load", "ok", "failed", "req/s", "out tok/s", "TTFT mean", "p50", "p99", "TPOT mean", "p99",
+              "ITL p50", "p99", "E2E p50", "p99", "goodput/s"]
+    rows = []
+    for p in result["points"]:
+        lat = p["latency"]
+        goodput = p.get("goodput", {}).get("requests_per_second")
+        rows.append([
+            p["load"]["label"], str(p["completed"]), str(p["failed"]), f"{p['request_throughput']:.2f}",
+            f"{p['output_throughput']:.1f}", _ms(lat["ttft"]["mean"]), _ms(lat["ttft"]["median"]), _ms(lat["ttft"]["p99"]),
+            _ms(lat["tpot"]["mean"]), _ms(lat["tpot"]["p99"]), _ms(lat["itl"]["median"]), _ms(lat["itl"]["p99"]),
+            _ms(lat["e2e"]["median"]), _ms(lat["e2e"]["p99"]), "-" if goodput is None else f"{goodput:.2f}",
+        ])
+    return _rows(header, rows)
+
+
+def server_table(result: dict) -> list[str]:
+    """Client and server figures side by side (counts; mean latencies in ms)."""
+    rows = []
+    for p in result["points"]:
+        for figure, match in p.get("client_vs_server", {}).items():
+            show = _ms if figure.endswith("_mean") else _count
+            rows.append([p["load"]["label"], figure, show(match["client"]), show(match["server"]), match["server_metric"]])
+    return _rows(["load", "figure", "client", "server", "server metric"], rows) if rows else []
+
+
+def adapter_table(point: dict) -> list[str]:
+    rows = []
+    for name, a in list(point["per_adapter"].items())[:PER_ADAPTER_ROWS]:
+        lat = a["latency"]
+        rows.append([name, str(a["requests"]), str(sum(a["errors"].values())), str(a["output_tokens"]),
+                     _ms(lat["ttft"]["median"]), _ms(lat["ttft"]["p99"]), _ms(lat["tpot"]["median"]), _ms(lat["e2e"]["p99"])])
+    return _rows(["adapter", "requests", "failed", "out tokens", "TTFT p50", "p99", "TPOT p50", "E2E p99"], rows)
+
+
+def render(result: dict) -> str:
+    """The text printed at the end of a run."""
+    lines = ["", "latencies in ms; goodput = requests/s within every SLO"]
+    lines += sweep_table(result)
+    errors = [(p["load"]["label"], code, n) for p in result["points"] for code, n in p["errors"].items()]
+    if errors:
+        lines += ["", "errors by status: " + ", ".join(f"{label} {code} x{n}" for label, code, n in errors)]
+    server = server_table(result)
+    if server:
+        lines += ["", "client vs server (the server's Prometheus counters and histograms over the same run)", *server]
+    last = result["points"][-1] if result["points"] else None
+    if last and (len(last["per_adapter"]) > 1 or BASE_MODEL not in last["per_adapter"]):
+        shown = min(PER_ADAPTER_ROWS, len(last["per_adapter"]))
+        lines += ["", f"per adapter at {last['load']['label']} ({shown} most requested of {len(last['per_adapter'])})"]
+        lines += adapter_table(last)
+    return "\n".join(lines)

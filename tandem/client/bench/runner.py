@@ -1,0 +1,249 @@
+"""Runs a sweep: checks the server answers, warms up, then for each load point sends the
+requests, waits for them, and summarizes them beside the server's metrics.
+
+Every loop is bounded: a point sends at most `num_requests` requests or for at most
+`duration` seconds, each request has its own deadline, and a point waits for its
+stragglers no longer than that deadline.
+"""
+
+import asyncio
+import itertools
+import math
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import grpc
+import numpy as np
+
+from tandem.client.async_client import AsyncTandemClient
+from tandem.client.bench import server_metrics
+from tandem.client.bench.arrivals import LoadPoint, inter_arrival_gaps
+from tandem.client.bench.measurement import RequestRecord, timed_stream
+from tandem.client.bench.progress import Progress
+from tandem.client.bench.stats import summarize_run
+from tandem.client.bench.workload import BenchRequest, cycle
+from tandem.client.errors import TandemRpcError
+from tandem.client.types import FinetuneJob, Hyperparameters
+
+# After a point, the server may still be closing its last calls when the client has read them.
+SETTLE_SCRAPES = 30
+SETTLE_PAUSE_S = 0.1
+STRAGGLER_SLACK_S = 5.0
+
+
+class BenchError(Exception):
+    """The run cannot go on (e.g. every warm-up request failed); carries the gRPC code if any."""
+
+    def __init__(self, message: str, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LoadPlan:
+    """How load is applied at each point. At least one of num_requests and duration bounds it."""
+
+    points: list[LoadPoint]
+    num_requests: int | None = None
+    duration: float | None = None
+    burstiness: float = 1.0
+    warmup_requests: int = 1
+    request_timeout: float = 300.0
+    slo: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("give at least one --request-rate or --concurrency")
+        if self.num_requests is None and self.duration is None:
+            raise ValueError("bound each point with --num-requests or --duration")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ValueError("--num-requests must be >= 1")
+        if self.duration is not None and not self.duration > 0:
+            raise ValueError("--duration must be > 0")
+
+
+@dataclass
+class FinetuneLoad:
+    """A fine-tuning job started after the warm-up and cancelled after the sweep if still running."""
+
+    adapter: str
+    training_data: str
+    hyperparameters: Hyperparameters = field(default_factory=dict)  # type: ignore[assignment]
+
+
+@dataclass
+class PointResult:
+    point: LoadPoint
+    records: list[RequestRecord]
+    summary: dict
+
+
+class _Tracker:
+    """Counts requests done / in flight / failed for the progress line."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.done = self.running = self.failed = 0
+
+    async def run(self, request: Awaitable[RequestRecord]) -> RequestRecord:
+        self.running += 1
+        self._show()
+        try:
+            record = await request
+        finally:
+            self.running -= 1
+        self.done += 1
+        self.failed += not record.ok
+        self._show()
+        return record
+
+    def _show(self) -> None:
+        self.progress.update(self.done, self.running, self.failed)
+
+
+def _limits_reached(plan: LoadPlan, sent: int, elapsed: float) -> bool:
+    return (plan.num_requests is not None and sent >= plan.num_requests) or (plan.duration is not None and elapsed >= plan.duration)
+
+
+async def _open_loop(send: Callable[[], Awaitable[RequestRecord]], plan: LoadPlan, rate: float,
+                     rng: np.random.Generator) -> list[asyncio.Task]:
+    """Sends at Poisson / gamma times regardless of how many are in flight."""
+    loop = asyncio.get_running_loop()
+    start, offset, tasks = loop.time(), 0.0, []
+    while not _limits_reached(plan, len(tasks), offset):
+        await asyncio.sleep(max(0.0, start + offset - loop.time()))
+        tasks.append(asyncio.create_task(send()))
+        offset += float(inter_arrival_gaps(rate, 1, rng, plan.burstiness)[0])
+    return tasks
+
+
+async def _closed_loop(send: Callable[[], Awaitable[RequestRecord]], plan: LoadPlan, concurrency: int) -> list[asyncio.Task]:
+    """`concurrency` workers, each sending its next request when the last one ends."""
+    loop = asyncio.get_running_loop()
+    start, sent = loop.time(), itertools.count()
+
+    async def worker() -> list[RequestRecord]:
+        records = []
+        while not _limits_reached(plan, next(sent), loop.time() - start):
+            records.append(await send())
+        return records
+
+    return [asyncio.create_task(worker()) for _ in range(concurrency)]
+
+
+async def run_point(client: AsyncTandemClient, requests: Iterator[BenchRequest], point: LoadPoint, plan: LoadPlan,
+                    rng: np.random.Generator, progress: Progress) -> list[RequestRecord]:
+    tracker = _Tracker(progress)
+
+    def send() -> Awaitable[RequestRecord]:
+        return tracker.run(timed_stream(client, next(requests), plan.request_timeout))
+
+    if point.concurrency is not None:
+        tasks = await _closed_loop(send, plan, point.concurrency)
+    else:
+        tasks = await _open_loop(send, plan, point.rate, rng)
+    done, pending = await asyncio.wait(tasks, timeout=plan.request_timeout + STRAGGLER_SLACK_S) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    progress.close()
+    records: list[RequestRecord] = []
+    for task in tasks:
+        if task in done:
+            result = task.result()
+            records.extend(result if isinstance(result, list) else [result])
+    return records
+
+
+async def _warm_up(client: AsyncTandemClient, requests: Iterator[BenchRequest], plan: LoadPlan) -> None:
+    """Requests that are not measured; if all fail, the sweep would only measure errors: stop."""
+    if plan.warmup_requests < 1:
+        return
+    records = await asyncio.gather(*(timed_stream(client, next(requests), plan.request_timeout) for _ in range(plan.warmup_requests)))
+    failed = [r for r in records if not r.ok]
+    if len(failed) == len(records):
+        first = failed[0]
+        raise BenchError(f"every warm-up request failed, e.g. {first.status}: {first.error}", grpc.StatusCode[first.status])
+
+
+class ServerScraper:
+    """Scrapes the metrics endpoint around each point; a failure is reported, never fatal."""
+
+    def __init__(self, url: str | None, log: TextIO):
+        self.url, self.log, self._warned = url, log, False
+
+    async def scrape(self) -> dict | None:
+        if self.url is None:
+            return None
+        try:
+            return await asyncio.to_thread(server_metrics.scrape, self.url)
+        except server_metrics.ScrapeError as error:
+            if not self._warned:
+                print(f"tandem bench: warning: {error}; the report has no server view", file=self.log)
+                self._warned = True
+            return None
+
+    async def settled(self, before: dict, completed: int) -> dict | None:
+        """The scrape after a point, once the server has counted every completed request."""
+        after = None
+        for _ in range(SETTLE_SCRAPES):
+            after = await self.scrape()
+            counted = None if after is None else server_metrics.counter_total(before, after, "request_success")
+            if counted is None or counted >= completed:
+                return after
+            await asyncio.sleep(SETTLE_PAUSE_S)
+        return after
+
+
+def _job_state(job: FinetuneJob) -> dict:
+    return {"id": job.id, "adapter": job.adapter, "status": job.status, "step": job.step, "total_steps": job.total_steps,
+            "trained_tokens": job.trained_tokens, "tokens_per_second": job.tokens_per_second, "mode": job.mode}
+
+
+async def run_sweep(client: AsyncTandemClient, requests: list[BenchRequest], plan: LoadPlan, seed: int,
+                    metrics_url: str | None, finetune: FinetuneLoad | None = None, progress: bool = True,
+                    log: TextIO = sys.stderr) -> list[PointResult]:
+    """Runs every point of the plan in order, each over the same requests in the same order."""
+    rng = np.random.default_rng(seed)
+    scraper = ServerScraper(metrics_url, log)
+    await _warm_up(client, cycle(requests), plan)
+    job = None
+    if finetune is not None:
+        job = await client.create_finetune_job(finetune.adapter, training_data=finetune.training_data,
+                                               hyperparameters=finetune.hyperparameters)
+    results = []
+    try:
+        for point in plan.points:
+            before = await scraper.scrape()
+            bar = Progress(point.label, plan.num_requests, plan.duration, stream=log, enabled=progress)
+            records = await run_point(client, cycle(requests), point, plan, rng, bar)
+            summary = summarize_run(records, plan.slo)
+            summary["load"] = {"label": point.label, "rate": _json_rate(point.rate), "concurrency": point.concurrency,
+                               "burstiness": plan.burstiness if point.rate is not None else None}
+            if before is not None:
+                after = await scraper.settled(before, summary["completed"])
+                if after is not None:
+                    summary["server"] = server_metrics.server_view(before, after)
+                    summary["client_vs_server"] = server_metrics.client_vs_server(summary, before, after)
+            if job is not None:
+                summary["finetune_job"] = _job_state(await client.get_finetune_job(job.id))
+            results.append(PointResult(point, records, summary))
+    finally:
+        if job is not None:
+            await _stop_job(client, job.id, log)
+    return results
+
+
+async def _stop_job(client: AsyncTandemClient, job_id: str, log: TextIO) -> None:
+    try:
+        if not (await client.get_finetune_job(job_id)).ended:
+            await client.cancel_finetune_job(job_id)
+    except TandemRpcError as error:
+        print(f"tandem bench: warning: could not cancel fine-tuning job {job_id}: {error}", file=log)
+
+
+def _json_rate(rate: float | None) -> float | str | None:
+    """JSON has no infinity: an all-at-once rate is written "inf"."""
+    return "inf" if rate is not None and math.isinf(rate) else rate
+

@@ -1,0 +1,161 @@
+"""The server's view of a run: its Prometheus metrics scraped before and after, as deltas.
+
+Names are matched loosely so that relabelling on the server does not break the report:
+every series of a family is summed over its labels (a `model_name` label, or any other,
+changes nothing), and a family is found by its short name, with the `tandem:`-style prefix
+and a counter's `_total` suffix taken off.
+"""
+
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tandem.client.bench.stats import PERCENTILES
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class ScrapeError(Exception):
+    """The metrics endpoint could not be read or parsed."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: type and samples {(sample name, labels): value}."""
+
+    name: str
+    kind: str
+    samples: dict[tuple[str, Labels], float]
+
+
+def short_name(name: str) -> str:
+    """"tandem:generation_tokens_total" -> "generation_tokens"."""
+    name = name.rsplit(":", 1)[-1]
+    return name.removesuffix("_total")
+
+
+def parse(text: str) -> dict[str, Family]:
+    """Families by short name, never a `_created` timestamp. Series without a TYPE line are
+    merged into their family (counters when named `_total`)."""
+    families: dict[str, Family] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):
+            continue
+        name = short_name(family.name)
+        kind = "counter" if family.type == "unknown" and family.name.endswith("_total") else family.type
+        known = families.get(name)
+        merged = Family(family.name, known.kind if known and kind == "unknown" else kind, dict(known.samples) if known else {})
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                merged.samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+        families[name] = merged
+    return families
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[str, Family]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as error:
+        raise ScrapeError(f"cannot read the server's metrics at {url}: {error}") from None
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise ScrapeError(f"{url} did not answer Prometheus text: {error}") from None
+
+
+def _delta(before: dict[str, Family], after: dict[str, Family], name: str) -> dict[tuple[str, Labels], float]:
+    old = before.get(name)
+    new = after.get(name)
+    if new is None:
+        return {}
+    return {key: value - (old.samples.get(key, 0.0) if old else 0.0) for key, value in new.samples.items()}
+
+
+def counter_total(before: dict[str, Family], after: dict[str, Family], name: str) -> float | None:
+    """A counter's increase summed over all its series; None when the server has no such family."""
+    if name not in after:
+        return None
+    return sum(_delta(before, after, name).values())
+
+
+def counter_by_label(before: dict[str, Family], after: dict[str, Family], name: str) -> dict[str, dict[str, float]]:
+    """label -> value -> increase, each label's breakdown summed over the other labels."""
+    breakdown: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for (_, labels), value in _delta(before, after, name).items():
+        for label, label_value in labels:
+            breakdown[label][label_value] += value
+    return {label: {k: v for k, v in values.items() if v} for label, values in breakdown.items()}
+
+
+def histogram_summary(before: dict[str, Family], after: dict[str, Family], name: str) -> dict | None:
+    """Observations between the scrapes: count, mean, and p50/p90/p99 estimated from the
+    buckets (linear within a bucket, as PromQL's histogram_quantile does)."""
+    family = after.get(name)
+    if family is None or family.kind != "histogram":
+        return None
+    count = total = 0.0
+    buckets: dict[float, float] = defaultdict(float)
+    for (sample, labels), value in _delta(before, after, name).items():
+        if sample.endswith("_count"):
+            count += value
+        elif sample.endswith("_sum"):
+            total += value
+        elif sample.endswith("_bucket"):
+            buckets[float(dict(labels)["le"])] += value
+    summary: dict = {"count": int(count), "mean": total / count if count else None}
+    for p in PERCENTILES:
+        summary["median" if p == 50 else f"p{p}"] = bucket_quantile(p / 100, sorted(buckets.items()))
+    return summary
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """buckets: (upper bound, cumulative count) in increasing order, ending at +Inf."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, cumulative in buckets:
+        if cumulative >= rank:
+            if upper == float("inf"):
+                return lower
+            inside = cumulative - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 0.0)
+        lower, below = upper, cumulative
+    return lower
+
+
+def server_view(before: dict[str, Family], after: dict[str, Family]) -> dict:
+    """Every counter's increase (with per-label breakdowns) and every histogram's summary."""
+    counters, histograms = {}, {}
+    for name, family in sorted(after.items()):
+        if family.kind == "counter":
+            counters[name] = {"total": counter_total(before, after, name), "by_label": counter_by_label(before, after, name)}
+        elif family.kind == "histogram":
+            histograms[name] = histogram_summary(before, after, name)
+    return {"counters": counters, "histograms": histograms}
+
+
+# Client figure -> (server counter or histogram short name); the histogram's mean is compared.
+COUNT_MATCHES = {"completed": "request_success", "output_tokens": "generation_tokens", "prompt_tokens": "prompt_tokens"}
+LATENCY_MATCHES = {
+    "ttft": "time_to_first_token_seconds",
+    "itl": "inter_token_latency_seconds",
+    "tpot": "time_per_output_token_seconds",
+    "e2e": "e2e_request_latency_seconds",
+}
+
+
+def client_vs_server(summary: dict, before: dict[str, Family], after: dict[str, Family]) -> dict:
+    """The client's counts and mean latencies beside the server's for the same run."""
+    rows = {}
+    for figure, name in COUNT_MATCHES.items():
+        rows[figure] = {"client": summary[figure], "server": counter_total(before, after, name), "server_metric": name}
+    for figure, name in LATENCY_MATCHES.items():
+        server = histogram_summary(before, after, name)
+        if server is not None:
+            rows[f"{figure}_mean"] = {"client": summary["latency"][figure]["mean"], "server": server["mean"], "server_metric": name}
+    return rows

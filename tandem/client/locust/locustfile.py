@@ -1,0 +1,81 @@
+"""Locust over Tandem's Python client, for teams already load-testing with locust.
+
+Each user streams requests back to back through `TandemClient` and reports two request
+events per request, named by adapter ("(base)" for the base model): "TTFT" (time to first
+token) and "E2E" (end to end), with the tokens generated as the response length. Locust's
+web UI, CSV output and distributed mode work unchanged. Needs `pip install 'tandem[locust]'`.
+
+    locust -f tandem/client/locust/locustfile.py --host localhost:50051 \\
+        --popularity zipf --adapters a,b,c --max-new-tokens 64 --headless -u 16 -r 4 -t 2m
+"""
+
+import time
+
+# gRPC must cooperate with gevent's greenlets before the first channel exists.
+from grpc.experimental import gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import numpy as np  # noqa: E402
+from locust import User, constant, events, task  # noqa: E402
+
+from tandem.client import TandemClient, TandemRpcError  # noqa: E402
+from tandem.client.bench.popularity import POPULARITIES, build_popularity  # noqa: E402
+from tandem.client.bench.prompts import synthetic_prompts  # noqa: E402
+from tandem.client.bench.stats import BASE_MODEL  # noqa: E402
+
+
+@events.init_command_line_parser.add_listener
+def _tandem_options(parser) -> None:
+    parser.add_argument("--popularity", choices=POPULARITIES, default="none", help="adapter choice per request")
+    parser.add_argument("--adapters", default="", help="adapter names in popularity order, comma-separated")
+    parser.add_argument("--zipf-alpha", type=float, default=1.0, help="Zipf exponent for --popularity zipf")
+    parser.add_argument("--adapter-weights", default=None, help="JSON file of adapter -> weight for --popularity weights")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (generated past end-of-sequence)")
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds each request may take")
+    parser.add_argument("--token", default=None, help="bearer token, when the server has auth on")
+
+
+class TandemUser(User):
+    """One closed-loop client: a request, then the next as soon as it ends."""
+
+    wait_time = constant(0)
+    host = "localhost:50051"
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        names = [n.strip() for n in options.adapters.split(",") if n.strip()]
+        self.popularity = build_popularity(options.popularity, names, None, options.zipf_alpha, options.adapter_weights)
+        self.prompts = synthetic_prompts()
+        self.rng = np.random.default_rng()
+        self.max_new_tokens = options.max_new_tokens
+        self.client = TandemClient(self.host, token=options.token, timeout=options.request_timeout, max_retries=0)
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    def _report(self, kind: str, adapter: str, seconds: float, tokens: int, error: Exception | None = None) -> None:
+        self.environment.events.request.fire(
+            request_type=kind, name=adapter or BASE_MODEL, response_time=seconds * 1000, response_length=tokens,
+            exception=error, context={},
+        )
+
+    @task
+    def stream(self) -> None:
+        adapter = self.popularity.draw(1, self.rng)[0]
+        prompt = self.prompts[int(self.rng.integers(len(self.prompts)))]
+        started = time.perf_counter()
+        first_token = None
+        tokens = 0
+        try:
+            for chunk in self.client.stream(adapter=adapter, max_new_tokens=self.max_new_tokens, ignore_eos=True,
+                                            **prompt.request_fields()):
+                if first_token is None and chunk.token_ids:
+                    first_token = time.perf_counter()
+                tokens = chunk.generated_tokens
+        except TandemRpcError as error:
+            self._report("E2E", adapter, time.perf_counter() - started, tokens, error)
+            return
+        ended = time.perf_counter()
+        self._report("TTFT", adapter, (first_token or ended) - started, tokens)
+        self._report("E2E", adapter, ended - started, tokens)

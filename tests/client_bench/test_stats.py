@@ -1,0 +1,109 @@
+"""Percentiles, goodput and the server-metrics arithmetic on known numbers."""
+
+import pytest
+
+from tandem.client.bench.measurement import RequestRecord
+from tandem.client.bench.server_metrics import bucket_quantile, client_vs_server, counter_by_label, counter_total, histogram_summary, parse
+from tandem.client.bench.stats import meets_slo, parse_slo, summarize, summarize_run
+
+
+def record(adapter="", sent_at=0.0, ttft=0.1, e2e=1.0, tokens=10, status="OK", itls=()) -> RequestRecord:
+    return RequestRecord(adapter, sent_at, status=status, ttft=ttft, e2e=e2e, itls=list(itls), prompt_tokens=5,
+                         output_tokens=tokens)
+
+
+def test_percentiles_of_known_samples():
+    s = summarize(range(1, 101))
+    assert (s["count"], s["mean"], s["median"]) == (100, 50.5, 50.5)
+    assert s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+    assert summarize([3.0]) == {"count": 1, "mean": 3.0, "median": 3.0, "p90": 3.0, "p99": 3.0}
+    assert summarize([])["median"] is None
+
+
+def test_tpot_excludes_the_first_token():
+    assert record(ttft=0.2, e2e=1.1, tokens=10).tpot == pytest.approx(0.1)
+    assert record(tokens=1).tpot is None
+
+
+def test_run_summary_counts_throughput_goodput_errors_and_adapters():
+    records = [
+        record("a", 0.0, ttft=0.1, e2e=1.0, tokens=10, itls=[0.1] * 9),
+        record("a", 0.5, ttft=0.9, e2e=2.0, tokens=12),  # misses the TTFT SLO
+        record("b", 1.0, ttft=0.2, e2e=3.0, tokens=20),  # TPOT 2.8/19 > 0.1
+        record("", 1.5, ttft=None, e2e=0.5, tokens=0, status="NOT_FOUND"),
+    ]
+    summary = summarize_run(records, parse_slo("ttft=0.5,tpot=0.1"))
+    assert summary["duration_s"] == pytest.approx(4.0)  # first send 0.0 to last end 1.0 + 3.0
+    assert (summary["completed"], summary["failed"], summary["errors"]) == (3, 1, {"NOT_FOUND": 1})
+    assert summary["output_tokens"] == 42 and summary["prompt_tokens"] == 15
+    assert summary["request_throughput"] == pytest.approx(0.75) and summary["output_throughput"] == pytest.approx(10.5)
+    assert summary["goodput"]["good_requests"] == 1
+    assert summary["latency"]["itl"]["count"] == 9
+    assert list(summary["per_adapter"]) == ["a", "(base)", "b"]  # most requested first, then by name
+    assert summary["per_adapter"]["(base)"]["errors"] == {"NOT_FOUND": 1}
+
+
+def test_slo_parsing_and_one_token_answers():
+    assert parse_slo("ttft=0.5, tpot=0.05") == {"ttft": 0.5, "tpot": 0.05}
+    with pytest.raises(ValueError, match="METRIC=SECONDS"):
+        parse_slo("latency=1")
+    assert meets_slo(record(tokens=1), {"tpot": 0.01})  # no TPOT to miss
+    assert not meets_slo(record(status="UNAVAILABLE"), {})
+
+
+BEFORE = """# TYPE tandem:generation_tokens_total counter
+tandem:generation_tokens_total{model_name="m"} 100.0
+# TYPE tandem:generation_tokens_created gauge
+tandem:generation_tokens_created{model_name="m"} 1.7e9
+# TYPE tandem:requests_total counter
+tandem:requests_total{method="GenerateStream",status="OK",model_name="m"} 4.0
+# TYPE tandem:time_to_first_token_seconds histogram
+tandem:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 2.0
+tandem:time_to_first_token_seconds_bucket{le="1.0",model_name="m"} 4.0
+tandem:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 4.0
+tandem:time_to_first_token_seconds_count{model_name="m"} 4.0
+tandem:time_to_first_token_seconds_sum{model_name="m"} 1.0
+"""
+# After: a second label value appears (another model / adapter), which is summed in, and
+# the requests counter comes without a TYPE line.
+AFTER = """# TYPE tandem:generation_tokens_total counter
+tandem:generation_tokens_total{model_name="m"} 130.0
+tandem:generation_tokens_total{model_name="n"} 12.0
+# TYPE tandem:generation_tokens_created gauge
+tandem:generation_tokens_created{model_name="m"} 1.8e9
+tandem:generation_tokens_created{model_name="n"} 1.8e9
+tandem:requests_total{method="GenerateStream",status="OK",model_name="m"} 9.0
+tandem:requests_total{method="GenerateStream",status="NOT_FOUND",model_name="m"} 2.0
+# TYPE tandem:time_to_first_token_seconds histogram
+tandem:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 6.0
+tandem:time_to_first_token_seconds_bucket{le="1.0",model_name="m"} 12.0
+tandem:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 14.0
+tandem:time_to_first_token_seconds_count{model_name="m"} 14.0
+tandem:time_to_first_token_seconds_sum{model_name="m"} 6.0
+"""
+
+
+def test_server_deltas_sum_over_labels_and_skip_created():
+    before, after = parse(BEFORE), parse(AFTER)
+    assert counter_total(before, after, "generation_tokens") == 42.0
+    assert counter_total(before, after, "no_such_metric") is None
+    assert counter_by_label(before, after, "requests")["status"] == {"OK": 5.0, "NOT_FOUND": 2.0}
+    ttft = histogram_summary(before, after, "time_to_first_token_seconds")
+    # 10 new observations: 4 <= 0.1, 4 in (0.1, 1], 2 above 1 s
+    assert ttft["count"] == 10 and ttft["mean"] == pytest.approx(0.5)
+    assert ttft["median"] == pytest.approx(0.1 + 0.9 * (5 - 4) / 4)
+    assert ttft["p99"] == 1.0  # in the +Inf bucket: its lower edge, as PromQL does
+
+
+def test_bucket_quantile_interpolates_within_a_bucket():
+    assert bucket_quantile(0.5, [(1.0, 0.0), (2.0, 10.0), (float("inf"), 10.0)]) == pytest.approx(1.5)
+    assert bucket_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None
+
+
+def test_client_vs_server_pairs_counts_and_means():
+    before, after = parse(BEFORE), parse(AFTER)
+    summary = {"completed": 5, "output_tokens": 42, "prompt_tokens": 7, "latency": {"ttft": {"mean": 0.45}}}
+    rows = client_vs_server(summary, before, after)
+    assert rows["output_tokens"] == {"client": 42, "server": 42.0, "server_metric": "generation_tokens"}
+    assert rows["completed"]["server"] is None  # the server has no request_success here
+    assert rows["ttft_mean"]["server"] == pytest.approx(0.5)
