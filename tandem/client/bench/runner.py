@@ -62,6 +62,8 @@ class LoadPlan:
             raise ValueError("--num-requests must be >= 1")
         if self.duration is not None and not self.duration > 0:
             raise ValueError("--duration must be > 0")
+        if self.num_requests is None and any(p.rate is not None and math.isinf(p.rate) for p in self.points):
+            raise ValueError("rate inf sends every request at once: bound it with --num-requests")
 
 
 @dataclass
