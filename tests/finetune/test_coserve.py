@@ -35,7 +35,7 @@ def smollm2_head(engine):
     """The engine with a head row priced as in SmolLM2 (about half a token's forward): the
     tiny model's lm_head weighs 85 tokens' forward (a 49k vocabulary over 2 narrow layers),
     so beside inference its head would never fit an iteration."""
-    engine.coserve.head_cost = 0.5
+    engine.share.prior["head"] = 0.5
     return engine
 
 
@@ -128,7 +128,7 @@ class FakeClock:
 
         def timed_backward(work):
             if isinstance(work, TrainingHead):
-                self.now += engine.coserve.head_cost * work.num_tokens * seconds_per_token
+                self.now += engine.share.prior["head"] * work.num_tokens * seconds_per_token
             else:
                 self.now += 3 * work.num_tokens * (work.last - work.first + 1) / layers * seconds_per_token
             return backward(work)
@@ -243,16 +243,39 @@ def test_a_job_coserved_beside_a_random_stream_ends_where_it_ends_alone(tiny_hf_
     assert busy.registry.pool.stats().slots_in_use >= 1 and all(p == 0 for p in busy.registry.pool._pins)
 
 
+PRIOR = {"inference": 1.0, "forward": 1.0, "head": 0.5, "backward": 3.0}
+
+
 def test_the_share_fills_an_iteration_up_to_the_target():
-    """Taught that an iteration costs 5 ms + 1 ms per token, the guard lets a 40 ms target
-    hold 35 tokens of work: 35 minus the inference tokens already in it; the whole budget
-    with no inference; half of it without a target."""
-    share = FinetuneShare(0.040, budget=256)
-    for work in [10, 60, 30, 90, 20, 50, 40, 70, 15, 80]:
-        share.observe(0.005 + 0.001 * work, work, decoded=False)
-    assert share.allowance(5, inference_running=True) == 30
-    assert share.allowance(40, inference_running=True) == 0
-    assert share.allowance(0, inference_running=False) == 256
-    share.observe(0.060, 40, decoded=True)  # over the target: the estimate is cut by 0.7 (and refitted)
-    assert 0 < share.allowance(5, inference_running=True) <= 21
-    assert FinetuneShare(None, budget=256).allowance(100, inference_running=True) == 128
+    """Taught that an iteration costs 5 ms + 1 ms per inference token + 2 ms per forward
+    token + 0.25 ms per head row + 4 ms per backward unit (not the prior's proportions), the
+    guard lets a 40 ms target beside 5 inference tokens hold 15 forward tokens, 120 head
+    rows or 7.5 backward units; nothing when inference fills it; the whole budget with no
+    inference; half of it without a target."""
+    share = FinetuneShare(0.040, budget=256, prior=PRIOR)
+    cost = {"inference": 0.001, "forward": 0.002, "head": 0.00025, "backward": 0.004}
+    mixes = [(10, 0, 0, 0), (4, 20, 0, 0), (30, 0, 40, 0), (2, 0, 0, 8), (20, 10, 0, 0), (6, 0, 80, 0),
+             (12, 0, 0, 3), (1, 30, 0, 0), (25, 0, 10, 0), (8, 0, 0, 6), (3, 5, 0, 0), (15, 0, 0, 1)]
+    for mix in mixes * 4:  # a few seconds of iterations
+        work = dict(zip(cost, mix))
+        share.observe(0.005 + sum(cost[k] * units for k, units in work.items()), work, decoded=False)
+    assert share.allowance(5, True, "forward") == pytest.approx(15, rel=0.05)
+    assert share.allowance(5, True, "head") == pytest.approx(120, rel=0.05)
+    assert share.allowance(5, True, "backward") == pytest.approx(7.5, rel=0.05)
+    assert share.allowance(40, True, "forward") == 0
+    assert share.allowance(0, False, "forward") == 256
+    assert share.allowance(0, False, "head") == 512
+    share.observe(0.060, {"inference": 5, "forward": 15}, decoded=True)  # over the target: cut by 0.7 (and refitted)
+    assert 0 < share.allowance(5, True, "forward") <= 0.7 * 15 + 1
+    assert FinetuneShare(None, budget=256, prior=PRIOR).allowance(100, True, "forward") == 128
+
+
+def test_a_kind_not_seen_yet_is_priced_by_its_prior():
+    """Only forward work measured (1 ms per token, no fixed part): a head row is priced at the
+    prior's half a token, a backward unit at three."""
+    share = FinetuneShare(0.040, budget=256, prior=PRIOR)
+    for n in [10, 20, 30, 15, 25, 5, 35, 12, 22, 18]:
+        share.observe(0.001 * n, {"forward": n}, decoded=False)
+    costs = share.costs()
+    assert costs["head"] == pytest.approx(0.0005, rel=0.05)
+    assert costs["backward"] == pytest.approx(0.003, rel=0.05)

@@ -41,10 +41,13 @@ from tandem.server.engine.finetune_share import FinetuneShare
 BACKWARD_COST = 3
 
 
-def head_cost(model: torch.nn.Module) -> float:
-    """Forward-token equivalents of one head row: the lm_head GEMM and its dX, against one
-    token's forward through every layer's weights."""
-    return 2 * model.lm_head.numel() / sum(p.numel() for p in model.layers.parameters())
+def prior_costs(model: torch.nn.Module) -> dict[str, float]:
+    """Each kind of work's cost per unit relative to a forward token, from the model's shape:
+    what the latency guard assumes until it has measured (finetune_share.py). A head row is
+    the lm_head GEMM and its dX against one token's forward through every layer's weights; a
+    backward unit (a token through one layer / num_layers) BACKWARD_COST forward tokens."""
+    head = 2 * model.lm_head.numel() / sum(p.numel() for p in model.layers.parameters())
+    return {"inference": 1.0, "forward": 1.0, "head": head, "backward": float(BACKWARD_COST)}
 
 
 @dataclass
@@ -83,11 +86,10 @@ class CoservedBatch:
 
 class CoServer:
     def __init__(
-        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, head_cost: float, share: FinetuneShare,
-        dtype: torch.dtype, device: torch.device,
+        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, share: FinetuneShare, dtype: torch.dtype,
+        device: torch.device,
     ):
         self.allocator = allocator
-        self.head_cost = head_cost
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.share = share
@@ -122,18 +124,18 @@ class CoServer:
         batch = self._queue[0]
         if not batch.started and not self._start(batch):
             return  # waits for free KV blocks
-        allowance = self.share.allowance(scheduled.num_tokens, inference_running)
-        if allowance <= 0:
-            return
+        kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
+        units = self.share.allowance(scheduled.num_tokens, inference_running, kind)
         # Beside inference, a head row or backward layer that does not fit waits; alone, one
         # always runs, so that the micro-batch moves.
         least = 0 if inference_running else 1
-        if batch.forwarding:
-            scheduled.train_forward = self._forward(batch, allowance)
-        elif batch.in_head:
-            scheduled.train_head = self._head(batch, allowance, least)
+        if kind == "forward":
+            if int(units) > 0:
+                scheduled.train_forward = self._forward(batch, int(units))
+        elif kind == "head":
+            scheduled.train_head = self._head(batch, max(least, int(units)))
         else:
-            scheduled.train_backward = self._backward(batch, allowance, least)
+            scheduled.train_backward = self._backward(batch, units, least)
 
     def finish(self, scheduled: SchedulerOutput, result: BackwardResult | None) -> None:
         """Advance the running micro-batch past what this iteration did."""
@@ -191,29 +193,31 @@ class CoServer:
                 batch.next_seq, batch.next_pos = batch.next_seq + 1, 0
         return TrainingForward(chunks, batch.work.weights, batch.inputs)
 
-    def work(self, scheduled: SchedulerOutput) -> float:
-        """The iteration's work in forward-token equivalents (a head row counts head_cost, a
-        backward token-layer BACKWARD_COST / num_layers), what the share's cost model is fitted to."""
-        work = float(scheduled.num_tokens)
+    def work(self, scheduled: SchedulerOutput) -> dict[str, float]:
+        """The iteration's units of each kind of work, what the share's cost model is fitted to:
+        inference and forward tokens, head rows, backward token-layers / num_layers."""
+        work = {"inference": float(sum(c.num_tokens for c in scheduled.inference))}
+        if scheduled.train_forward is not None:
+            work["forward"] = float(scheduled.train_forward.num_tokens)
         if scheduled.train_head is not None:
-            work += self.head_cost * scheduled.train_head.num_tokens
+            work["head"] = float(scheduled.train_head.num_tokens)
         if (backward := scheduled.train_backward) is not None:
-            work += BACKWARD_COST * backward.num_tokens * (backward.last - backward.first + 1) / self.num_layers
+            work["backward"] = backward.num_tokens * (backward.last - backward.first + 1) / self.num_layers
         return work
 
-    def _head(self, batch: CoservedBatch, allowance: int, least: int) -> TrainingHead | None:
-        """The next rows of the head, as many as the allowance pays for (at least `least`)."""
-        rows = max(least, int(allowance / self.head_cost))
+    def _head(self, batch: CoservedBatch, rows: int) -> TrainingHead | None:
+        """The next `rows` rows of the head."""
         if not rows:
             return None
         start = batch.next_head
         stop = min(batch.inputs.shape[1], start + rows)
         return TrainingHead(batch.work.sequences, batch.inputs[-1], start, stop, batch.loss_scale)
 
-    def _backward(self, batch: CoservedBatch, allowance: int, least: int) -> TrainingBackward | None:
-        """The next k layers down, k from the allowance in forward-token equivalents (at least `least`)."""
+    def _backward(self, batch: CoservedBatch, units: float, least: int) -> TrainingBackward | None:
+        """The next k layers down, as many as `units` (token-layers / num_layers) pay for, at
+        least `least`."""
         tokens = batch.inputs.shape[1]
-        layers = max(least, allowance * self.num_layers // (BACKWARD_COST * tokens))
+        layers = max(least, int(units * self.num_layers / tokens))
         if not layers:
             return None
         last = batch.next_layer

@@ -12,7 +12,7 @@ from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.registry import AdapterRegistry
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.config import EngineConfig
-from tandem.server.engine.coserve import CoServer, head_cost
+from tandem.server.engine.coserve import CoServer, prior_costs
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.iteration import ModelRunnerOutput, SchedulerOutput, TrainingResult, TrainingWork
@@ -52,10 +52,8 @@ class Engine:
         kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         self.sampler = Sampler(self.device)
-        self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens)
-        self.coserve = CoServer(
-            self.allocator, shape.num_layers, shape.hidden_size, head_cost(model), self.share, self.dtype, self.device
-        )
+        self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens, prior_costs(model))
+        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_head", "train_backward")}
         self.iteration_histogram = TokenHistogram(ITERATION_TOKEN_BUCKETS)
