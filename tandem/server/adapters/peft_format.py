@@ -61,9 +61,13 @@ class LoRAAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b)
-        )
+        """Bytes its weights hold in host memory (packed ones for a compressed adapter)."""
+        return sum(t.nbytes for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b))
+
+    @property
+    def float32_bytes(self) -> int:
+        """Bytes its weights would take as float32 PEFT tensors."""
+        return sum(4 * t.shape[0] * t.shape[1] for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b))
 
     def pin_memory(self) -> "LoRAAdapter":
         """The adapter in page-locked host memory, so its copies to a CUDA slot can overlap compute."""
@@ -97,14 +101,8 @@ def read_adapter(
         raise NotFound(f"adapter {name!r} not found: {path} has no {CONFIG_FILE}")
     if not (path / WEIGHTS_FILE).is_file():
         raise IncompatibleAdapter(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
-    config_path, weights_path = _own_file(name, path, CONFIG_FILE), _own_file(name, path, WEIGHTS_FILE)
-    try:
-        config_bytes = config_path.read_bytes()
-        config = _json_object(config_bytes)
-    except (OSError, ValueError) as exc:
-        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
-    _check_config(name, config)
-    alphas = _alpha_patterns(config)
+    config_bytes, config = read_config(name, path)
+    weights_path = _own_file(name, path, WEIGHTS_FILE)
     try:
         weights = _read_all(weights_path)
     except OSError as exc:
@@ -119,7 +117,27 @@ def read_adapter(
             tensors = _parse_safetensors(weights)
         except ValueError as exc:
             raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-        modules = _pair_tensors(name, tensors)
+        modules = pair_tensors(name, tensors)
+    return adapter_of_modules(name, path, config, modules, digest.result(), model, max_rank, slot_dtype)
+
+
+def read_config(name: str, path: Path) -> tuple[bytes, dict]:
+    """An adapter's adapter_config.json, as bytes and checked (IncompatibleAdapter otherwise)."""
+    try:
+        config_bytes = _own_file(name, path, CONFIG_FILE).read_bytes()
+        config = _json_object(config_bytes)
+    except (OSError, ValueError) as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
+    _check_config(name, config)
+    return config_bytes, config
+
+
+def adapter_of_modules(
+    name: str, path: Path, config: dict, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], digest: str,
+    model: LlamaModel, max_rank: int, slot_dtype: torch.dtype,
+) -> LoRAAdapter:
+    """The adapter of PEFT module path -> (A, B), checked against the base model and the config."""
+    alphas = _alpha_patterns(config)
     linears = group_linears(model)
     per_group: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     targets = set()
@@ -148,7 +166,7 @@ def read_adapter(
     return LoRAAdapter(
         name=name,
         path=path,
-        content_hash=digest.result(),
+        content_hash=digest,
         rank=max(g.rank for g in groups.values()),
         targets=sorted(targets, key=list(TARGET_SLICES).index),
         groups=groups,
@@ -335,7 +353,8 @@ def _check_patterns(name: str, config: dict) -> None:
         )
 
 
-def _pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT tensor key -> tensor, paired per module path as (A, B); refused when unpaired or unexpected."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.fullmatch(key)

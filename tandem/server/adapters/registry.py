@@ -29,7 +29,11 @@ from pathlib import Path
 
 import torch
 
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, write_adapter
+from tandem.server.adapters.compeft_format import WEIGHTS_FILE as COMPRESSED_FILE
+from tandem.server.adapters.compeft_format import compressed_files, is_compressed, read_compressed
+from tandem.server.adapters.merging import MergeSpec, merge_adapters, module_weights
+from tandem.server.adapters.mixture import Mixture, check_members
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, read_config, write_adapter
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import remove_leftovers, write_directory
@@ -68,6 +72,8 @@ class AdapterInfo:
     in_use: int = 0
     path: str = ""
     experts: list[str] = field(default_factory=list)  # a router's experts, in gate order
+    format: str = "peft"  # how its weights are stored: "peft", "compeft" or "router"
+    compression_ratio: float = 1.0  # float32 PEFT bytes / host cache bytes; 0 for a router
 
 
 @dataclass
@@ -126,8 +132,9 @@ def _check_file_name(label: str, text: str, limit: int) -> None:
 
 def file_stamp(directory: Path) -> FileStamp | None:
     """The stamp of an adapter's files now; None while they are missing (being replaced)."""
+    weights = COMPRESSED_FILE if is_compressed(directory) else WEIGHTS_FILE
     try:
-        stats = [os.stat(directory / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        stats = [os.stat(directory / name) for name in (CONFIG_FILE, weights)]
     except OSError:
         return None
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
@@ -188,6 +195,19 @@ class AdapterRegistry:
             return self._read_and_cache(name, directory)
         return self._refreshed(adapter, stamp)
 
+    def mixture(self, members: list[tuple[str, float]]) -> Mixture:
+        """The current versions of a per-request mixture's adapters, with their weights;
+        refused when a member is unknown (NotFound), a router, or the mixture is malformed
+        (InvalidRequest)."""
+        check_members(members, self.pool.num_slots)
+        adapters = []
+        for name, _ in members:
+            adapter = self.get(name)
+            if isinstance(adapter, Router):
+                raise InvalidRequest(f"a mixture names {excerpt(name)}, a router: a mixture mixes LoRA adapters")
+            adapters.append(adapter)
+        return Mixture(tuple(adapters), tuple(float(w) for _, w in members))
+
     def _read_router(self, name: str, directory: Path) -> Router:
         router = read_router(name, directory, self.model)
         if router.num_experts > self.pool.num_slots:
@@ -202,7 +222,7 @@ class AdapterRegistry:
             self._known[name] = AdapterInfo(
                 name=name, rank=max(a.rank for a in experts), target_modules=_union(a.targets for a in experts),
                 content_hash=router.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
-                experts=list(router.experts),
+                experts=list(router.experts), format="router", compression_ratio=0.0,
             )
         return router
 
@@ -269,6 +289,39 @@ class AdapterRegistry:
         write_directory(self.adapters_dir / name, files)
         return self.load(name)
 
+    def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]:
+        """Merge adapters into a new version of `name` (merging.py), published like a trained
+        adapter; returns it and each projection's relative reconstruction error."""
+        spec.check(self.max_rank)
+        check_adapter_name(name)
+        adapters = [self._plain(n, "merge") for n in spec.adapters]
+        base_model = read_config(adapters[0].name, adapters[0].path)[1].get("base_model_name_or_path", "")
+        result = merge_adapters(adapters, spec, base_model)
+        return self.publish(name, result.config, result.tensors), result.errors
+
+    def compress(self, name: str, source: str, density: float) -> AdapterInfo:
+        """Write the ComPEFT-compressed form of adapter `source` (compeft_format.py) as a new
+        version of `name`, and load it."""
+        check_adapter_name(name)
+        adapter = self._plain(source, "compress")
+        _, config = read_config(adapter.name, adapter.path)
+        tensors = {}
+        for module, (a, b, _) in module_weights(adapter).items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b
+        files = compressed_files(config, tensors, density)
+        if self.adapters_dir is None:
+            raise IncompatibleAdapter("writing an adapter needs an adapters directory (start the server with --adapters-dir)")
+        write_directory(self.adapters_dir / name, files)
+        return self.load(name)
+
+    def _plain(self, name: str, action: str) -> LoRAAdapter:
+        """The current version of a LoRA adapter (InvalidRequest for a router)."""
+        adapter = self.get(name)
+        if isinstance(adapter, Router):
+            raise InvalidRequest(f"cannot {action} {excerpt(name)}: it is a router, and only LoRA adapters can be {action}d")
+        return adapter
+
     def unload(self, name: str) -> None:
         """Forget an adapter and refuse it until an admin loads it again (its files stay on
         disk); requests already using it finish with the version they hold."""
@@ -284,14 +337,15 @@ class AdapterRegistry:
         if name in self._unloaded:
             raise NotFound(f"adapter {excerpt(name)} was unloaded: an admin must load it (LoadAdapter) before it is served again")
 
-    def pin(self, adapter: LoRAAdapter | Router) -> None:
-        """Count a request using the adapter (a router: and each of its experts), so that
+    def pin(self, adapter: LoRAAdapter | Router | Mixture) -> None:
+        """Count a request using the adapter (a router: and each of its experts; a mixture:
+        each of its adapters), so that
         its host copy is not evicted while the request runs."""
         with self._lock:
             for name in _names(adapter):
                 self._in_use[name] = self._in_use.get(name, 0) + 1
 
-    def unpin(self, adapter: LoRAAdapter | Router) -> None:
+    def unpin(self, adapter: LoRAAdapter | Router | Mixture) -> None:
         with self._lock:
             for name in _names(adapter):
                 self._in_use[name] -= 1
@@ -314,7 +368,8 @@ class AdapterRegistry:
         # A failed read leaves the version already cached (if any) in place. The stamp is
         # taken first: a change during the read is seen (and read again) at the next check.
         stamp = file_stamp(directory)
-        adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype)
+        read = read_compressed if is_compressed(directory) else read_adapter
+        adapter = read(name, directory, self.model, self.max_rank, self.pool.dtype)
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()
         with self._lock:
@@ -327,6 +382,8 @@ class AdapterRegistry:
                 name=name, rank=adapter.rank, target_modules=adapter.targets,
                 # Relative to the adapters directory, as the proto says: never the server's layout.
                 content_hash=adapter.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
+                format="compeft" if read is read_compressed else "peft",
+                compression_ratio=adapter.float32_bytes / adapter.nbytes,
             )
             self._evict_over_budget()
         return adapter
@@ -358,8 +415,10 @@ class AdapterRegistry:
         return replace(info, tier=tier, in_use=self._in_use.get(info.name, 0))
 
 
-def _names(adapter: LoRAAdapter | Router) -> list[str]:
-    """The names a request on this adapter pins: a router's and its experts'."""
+def _names(adapter: LoRAAdapter | Router | Mixture) -> list[str]:
+    """The names a request on this adapter pins: a router's and its experts', a mixture's adapters'."""
+    if isinstance(adapter, Mixture):
+        return [a.name for a in adapter.adapters]
     return [adapter.name, *(a.name for a in adapter.adapters)] if isinstance(adapter, Router) else [adapter.name]
 
 

@@ -16,7 +16,8 @@ reads the slot (at acquire, or before the slot is written again). On CPU there i
 to overlap, so the engine leaves prefetch_ahead at 0 there.
 
 A router (a mixture of expert adapters) holds a slot per expert: acquiring it pins every
-expert's slot at once, and its "slot" is the tuple of them, in gate order.
+expert's slot at once, and its "slot" is the tuple of them, in gate order. A per-request
+mixture likewise holds a slot per adapter, in the request's order.
 """
 
 import time
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from tandem.kernels.lora import LoRAWeights
+from tandem.server.adapters.compeft_format import as_dense
+from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.router_format import Router
 from tandem.server.model.llama import LlamaModel
@@ -85,7 +88,7 @@ class SlotPool:
     def resident(self, content_hash: str) -> bool:
         return content_hash in self._slot_of
 
-    def can_acquire(self, adapter: LoRAAdapter | Router) -> bool:
+    def can_acquire(self, adapter: LoRAAdapter | Router | Mixture) -> bool:
         """Whether acquire can pin the slots now: one per adapter missing from the pool must
         be free of pins (a router's resident experts are pinned first, so none is evicted)."""
         needed = {a.content_hash for a in _experts(adapter)}
@@ -93,10 +96,10 @@ class SlotPool:
         free = sum(1 for s, pins in enumerate(self._pins) if pins == 0 and self._owner[s] not in needed)
         return missing <= free
 
-    def acquire(self, adapter: LoRAAdapter | Router) -> int | tuple[int, ...]:
-        """Pin the adapter's slot, loading it first if needed (a router: its experts' slots,
-        resident ones first); call can_acquire before."""
-        if isinstance(adapter, Router):
+    def acquire(self, adapter: LoRAAdapter | Router | Mixture) -> int | tuple[int, ...]:
+        """Pin the adapter's slot, loading it first if needed (a router or a mixture: its
+        adapters' slots, resident ones first); call can_acquire before."""
+        if isinstance(adapter, (Router, Mixture)):
             order = sorted(adapter.adapters, key=lambda a: not self.resident(a.content_hash))
             slots = {a.content_hash: self.acquire(a) for a in order}
             return tuple(slots[a.content_hash] for a in adapter.adapters)
@@ -109,7 +112,7 @@ class SlotPool:
         self._lru.move_to_end(slot)
         return slot
 
-    def prefetch(self, upcoming: list[LoRAAdapter | Router]) -> int:
+    def prefetch(self, upcoming: list[LoRAAdapter | Router | Mixture]) -> int:
         """Load the adapters of upcoming sequences (soonest first; a router's experts) that
         are not resident, without evicting a pinned slot or one that holds another upcoming
         adapter. Returns how many were loaded."""
@@ -184,6 +187,8 @@ class SlotPool:
                 a_slot.zero_()
                 b_slot.zero_()
                 for s, (a, b, scale) in delta.slices.items():
+                    # A compressed adapter's packed bits unpack on the slot's device.
+                    a, b = as_dense(a, self.device), as_dense(b, self.device)
                     col = sum(w.out_slices[:s])
                     a_slot[s, : a.shape[0]].copy_(a, non_blocking=True)
                     b_dst = b_slot[col : col + b.shape[0], : b.shape[1]]
@@ -201,6 +206,6 @@ class SlotPool:
         self.load_seconds += time.perf_counter() - start
 
 
-def _experts(adapter: LoRAAdapter | Router) -> tuple[LoRAAdapter, ...]:
+def _experts(adapter: LoRAAdapter | Router | Mixture) -> tuple[LoRAAdapter, ...]:
     """The adapters that must sit in slots for this one to run."""
-    return adapter.adapters if isinstance(adapter, Router) else (adapter,)
+    return adapter.adapters if isinstance(adapter, (Router, Mixture)) else (adapter,)

@@ -13,7 +13,9 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
 from tandem.server.engine.llm_engine import Engine
@@ -49,12 +51,12 @@ class _Stream:
 
 @dataclass(frozen=True)
 class _Add:
-    """Inbox command: queue a request (adapter: the exact version it runs with)."""
+    """Inbox command: queue a request (adapter: the exact version(s) it runs with)."""
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: LoRAAdapter | None
+    adapter: LoRAAdapter | Router | Mixture | None
 
 
 @dataclass(frozen=True)
@@ -149,18 +151,26 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         adapter: str | None = None,
+        mixture: list[tuple[str, float]] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs for a text, token ids, or chat messages; errors are
         raised before the first output. With params.n > 1 the n completions' outputs
-        interleave (RequestOutput.index tells them apart); the stream ends when all have."""
+        interleave (RequestOutput.index tells them apart); the stream ends when all have.
+        mixture: (adapter, weight) pairs served as one weighted sum, instead of adapter."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
+        if adapter and mixture:
+            raise InvalidRequest("name one adapter or a mixture of adapters, not both")
         lora = None
-        if adapter:
+        if adapter or mixture:
             if self.engine.registry is None:
-                raise NotFound(f"adapter {excerpt(adapter)} not found: the server has no adapters directory (--adapters-dir)")
+                shown = excerpt(adapter or mixture[0][0])
+                raise NotFound(f"adapter {shown} not found: the server has no adapters directory (--adapters-dir)")
             # A first use reads the adapter from disk: keep that off the event loop.
-            lora = await asyncio.to_thread(self.engine.registry.get, adapter)
+            if mixture:
+                lora = await asyncio.to_thread(self.engine.registry.mixture, mixture)
+            else:
+                lora = await asyncio.to_thread(self.engine.registry.get, adapter)
         is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         prompt_ids = await self.encode(prompt) if is_text else list(prompt)
         self.engine.validate(prompt_ids, params)

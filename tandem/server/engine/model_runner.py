@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels.lora import LoRABatch
+from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.iteration import (
     IGNORE_INDEX,
@@ -35,6 +36,7 @@ from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.sequence import Sequence
 from tandem.server.model.batch import AttentionMetadata, ForwardBatch, FreshChunk, LoRARows, PrefillChunk
 from tandem.server.model.llama import LlamaModel
+from tandem.server.model.mixed_rows import MixedRows
 from tandem.server.model.routing import RoutedRows, StepRouter
 
 
@@ -174,6 +176,7 @@ class ModelRunner:
         slots: list[int] = []
         adapter_slots: list[int] = []
         routed: list[tuple[Sequence, int, int]] = []
+        mixed: list[tuple[Sequence, int, int]] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
         bs = self.block_size
@@ -183,7 +186,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if isinstance(seq.slot, tuple):  # a router: its experts' slots, chosen per linear
+            if isinstance(seq.adapter, Mixture):  # its adapters' slots, at fixed weights
+                mixed.append((seq, len(adapter_slots), n))
+                adapter_slots.extend([-1] * n)
+            elif isinstance(seq.slot, tuple):  # a router: its experts' slots, chosen per linear
                 routed.append((seq, len(adapter_slots), n))
                 adapter_slots.extend([-1] * n)
             else:
@@ -221,7 +227,7 @@ class ModelRunner:
             attn=attn,
             kv_caches=self.kv_cache.layers,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
-            lora=self._served_lora(adapter_slots + [-1] * (len(input_ids) - num_inference), routed),
+            lora=self._served_lora(adapter_slots + [-1] * (len(input_ids) - num_inference), routed, mixed),
             train_lora=None if trained is None else self._trained_lora(trained, len(input_ids)),
         )
         return batch, sampled, training
@@ -304,13 +310,20 @@ class ModelRunner:
             torch.tensor(rows, dtype=torch.long).to(self.device), torch.tensor(targets, dtype=torch.long).to(self.device)
         )
 
-    def _served_lora(self, adapter_slots: list[int], routed: list[tuple[Sequence, int, int]]) -> LoRARows | None:
-        """The served adapters' rows; routed: (sequence, first row, rows) of each router's chunk."""
+    def _served_lora(
+        self, adapter_slots: list[int], routed: list[tuple[Sequence, int, int]], mixed: list[tuple[Sequence, int, int]]
+    ) -> LoRARows | None:
+        """The served adapters' rows; routed and mixed: (sequence, first row, rows) of each
+        router's and each mixture's chunk."""
         self._routed = None
-        if not routed and (not adapter_slots or max(adapter_slots) < 0):
+        if not routed and not mixed and (not adapter_slots or max(adapter_slots) < 0):
             return None
         tokens = LoRABatch.build(adapter_slots, self.pool.num_slots, self.device)
-        return LoRARows(tokens, self.pool.weights, routing=self._routing(routed) if routed else None)
+        mixtures = None
+        if mixed:
+            chunks = [(seq.slot, seq.adapter.weights, start, n) for seq, start, n in mixed]
+            mixtures = MixedRows.build(adapter_slots, chunks, self.pool.num_slots, self.device)
+        return LoRARows(tokens, self.pool.weights, routing=self._routing(routed) if routed else None, mixed=mixtures)
 
     def _routing(self, routed: list[tuple[Sequence, int, int]]) -> RoutedRows:
         """The step's routers (one per router version and expert slots) and routed rows."""

@@ -5,6 +5,7 @@ from enum import Enum
 
 import torch
 
+from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.router_format import Router
 from tandem.server.engine.outputs import FinishReason, TokenLogprob
@@ -28,7 +29,8 @@ class Sequence:
     adapter is the exact adapter version the request started with; slot is its device
     slot while the sequence runs (pinned), None while it waits. A router's slot is the
     tuple of its experts' slots, in gate order, and top_experts holds, per generated token,
-    the index of the expert its gates weighted most.
+    the index of the expert its gates weighted most. A per-request mixture's slot is the
+    tuple of its adapters' slots, in the request's order.
     A request for n completions is n sequences of one group (group_id, the request's id),
     completion `index` each. fork_of is the group's first sequence, which computes the shared
     prompt: the others copy its KV blocks instead of computing the prompt again.
@@ -41,7 +43,7 @@ class Sequence:
     params: SamplingParams
     arrival: int
     generator: torch.Generator | None = None
-    adapter: LoRAAdapter | Router | None = None
+    adapter: LoRAAdapter | Router | Mixture | None = None
     slot: int | tuple[int, ...] | None = None
     group_id: str = ""
     index: int = 0

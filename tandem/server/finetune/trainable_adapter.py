@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tandem.kernels.lora import LoRAWeights
+from tandem.server.adapters.compeft_format import as_dense
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.engine.iteration import TrainingSequence, TrainingWork
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, excerpt
@@ -84,8 +85,8 @@ class TrainableAdapter(nn.Module):
             for (layer, group), g in adapter.groups.items():
                 for s, (a, b, _) in g.slices.items():
                     name = _name(layer, target_of(layer, group, s))
-                    trainable.a[name].copy_(a)
-                    trainable.b[name].copy_(b)
+                    trainable.a[name].copy_(as_dense(a))  # a compressed adapter unpacks here
+                    trainable.b[name].copy_(as_dense(b))
         return trainable
 
     def slot_weights(self) -> dict[tuple[int, str], LoRAWeights]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.kernels.lora import LoRABatch, LoRAWeights
+from tandem.server.model.mixed_rows import MixedRows
 from tandem.server.model.routing import RoutedRows
 
 
@@ -73,6 +74,8 @@ class LoRARows:
         (training only; PEFT's lora_dropout), with generator the randomness it draws from.
     routing: the rows whose experts a router picks per linear (served only); their slot in
         tokens is -1.
+    mixed: the step's fixed-weight pairs when it serves a per-request mixture (served only):
+        plain tokens' and mixture tokens' pairs; mixture rows' slot in tokens is -1.
     """
 
     tokens: LoRABatch
@@ -80,6 +83,7 @@ class LoRARows:
     dropout: float = 0.0
     generator: torch.Generator | None = None
     routing: RoutedRows | None = None
+    mixed: MixedRows | None = None
 
 
 @dataclass

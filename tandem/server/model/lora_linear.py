@@ -8,7 +8,7 @@ the batch, so one call serves every adapter at once and the layer holds no state
 
 import torch
 
-from tandem.kernels.lora import lora_delta, lora_delta_autograd
+from tandem.kernels.lora import lora_delta, lora_delta_autograd, lora_delta_pairs
 from tandem.server.model.batch import ForwardBatch, LoRARows
 from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import LlamaModel
@@ -28,7 +28,9 @@ class LoRALinear(FusedLinear):
             # In place and outside any graph: served adapters are frozen.
             with torch.no_grad():
                 if routing is not None and self.key in routing.gates:
-                    routing.add_delta(x.detach(), w, served.tokens, self.key, y)
+                    routing.add_delta(x.detach(), w, served.tokens, self.key, y, served.mixed)
+                elif served.mixed is not None:
+                    lora_delta_pairs(x.detach(), w, served.mixed.pairs, y)
                 elif served.tokens.num_lora_tokens:
                     lora_delta(x.detach(), w, served.tokens, y)
         trained = batch.train_lora

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from tandem.kernels.lora import LoRABatch, LoRAPairs, LoRAWeights, lora_delta, lora_delta_pairs, plain_pairs
 from tandem.kernels.lora.reference import lora_delta_mixture, uniform_rank
+from tandem.server.model.mixed_rows import MixedRows
 
 
 @dataclass(frozen=True)
@@ -144,17 +145,21 @@ class RoutedRows:
         weights = torch.softmax(top_logits.masked_fill(empty, float("-inf")), dim=1).nan_to_num(0.0)
         return experts, weights, empty
 
-    def add_delta(self, x: Tensor, w: LoRAWeights, batch: LoRABatch, key: tuple[int, str], y: Tensor) -> None:
-        """y += the step's LoRA deltas at linear `key` (x: its input [T, in]): plain-adapter
-        tokens' and routed tokens' alike; adds the routed weights to usage."""
+    def add_delta(
+        self, x: Tensor, w: LoRAWeights, batch: LoRABatch, key: tuple[int, str], y: Tensor, mixed: MixedRows | None = None
+    ) -> None:
+        """y += the step's LoRA deltas at linear `key` (x: its input [T, in]): plain-adapter,
+        mixture and routed tokens' alike; adds the routed weights to usage."""
         if x.device.type != "cpu":
-            lora_delta_pairs(x, w, self.pairs(x, batch, key, w.num_slots), y)
+            lora_delta_pairs(x, w, self.pairs(x, batch, key, w.num_slots, mixed), y)
             return
         ranks = [uniform_rank(w, r.expert_slots) for r in self.step_routers]
         if None in ranks:  # experts of different ranks here: no dense stack; pairs instead
-            lora_delta_pairs(x, w, self.pairs(x, batch, key, w.num_slots), y)
+            lora_delta_pairs(x, w, self.pairs(x, batch, key, w.num_slots, mixed), y)
             return
-        if batch.num_lora_tokens:
+        if mixed is not None:
+            lora_delta_pairs(x, w, mixed.pairs, y)
+        elif batch.num_lora_tokens:
             lora_delta(x, w, batch, y)
         xs = self.rows_of(x)
         experts, weights, _ = self.route(xs, key)
@@ -202,15 +207,24 @@ class RoutedRows:
             out = _AddLoss.apply(out, loss * self.aux_scale)
         return out
 
-    def pairs(self, x: Tensor, batch: LoRABatch, key: tuple[int, str], num_slots: int) -> LoRAPairs:
+    def pairs(
+        self, x: Tensor, batch: LoRABatch, key: tuple[int, str], num_slots: int, mixed: MixedRows | None = None
+    ) -> LoRAPairs:
         """The step's (slot, weight) pairs at linear `key`: plain tokens' slots with weight 1,
-        routed tokens' top-k experts; adds the routed weights to usage."""
+        mixture tokens' fixed pairs, routed tokens' top-k experts; adds the routed weights to usage."""
         experts, weights, empty = self.route(self.rows_of(x), key)
         self.usage.scatter_add_(1, experts, weights)
         slots = self.token_slots.gather(1, experts)
         if empty is not None:
             slots = slots.masked_fill(empty, -1)
-        all_slots, all_weights = plain_pairs(batch, self.k)
+        if mixed is None:
+            all_slots, all_weights = plain_pairs(batch, self.k)
+        else:
+            k = max(self.k, mixed.k)
+            all_slots = F.pad(mixed.slots, (0, k - mixed.k), value=-1)
+            all_weights = F.pad(mixed.weights, (0, k - mixed.k))
+            slots = F.pad(slots, (0, k - self.k), value=-1)
+            weights = F.pad(weights, (0, k - self.k))
         all_slots.index_copy_(0, self.tokens, slots.to(all_slots.dtype))
         all_weights.index_copy_(0, self.tokens, weights)
         return LoRAPairs.build(all_slots, all_weights, num_slots)

@@ -1,0 +1,87 @@
+"""The merge methods over task deltas, as their papers define them (and peft implements them
+in peft.utils.merge_utils, whose conventions these follow), plus the truncated-SVD
+re-factorisation of a merged delta into LoRA factors.
+
+Every method takes the adapters' full deltas of one projection stacked as [N, out, in]
+(dW_i = scale_i * B_i A_i) and their weights [N], and returns the merged [out, in]:
+- linear: sum_i w_i dW_i.
+- TIES (Yadav et al. 2023): trim each dW_i to its `density` largest magnitudes, elect each
+  parameter's sign as the sign of the trimmed deltas' sum, and take the disjoint mean: the
+  weighted deltas that agree with the elected sign, summed, over how many agree.
+- DARE-TIES (Yu et al. 2024): DARE's drop (each parameter kept with probability density,
+  from a seeded generator, the kept rescaled by 1 / density) instead of TIES' trim.
+- Breadcrumbs (Davari & Belilovsky 2024): per delta, drop the `gamma` fraction of largest
+  magnitudes (outliers) and keep only the next `density` fraction (dropping the tiny ones),
+  then sum weighted.
+"""
+
+import torch
+from torch import Tensor
+
+
+def linear(deltas: Tensor, weights: Tensor) -> Tensor:
+    return (deltas * weights.view(-1, 1, 1)).sum(0)
+
+
+def ties(deltas: Tensor, weights: Tensor, density: float) -> Tensor:
+    return _elect_and_merge(torch.stack([magnitude_trim(d, density) for d in deltas]), weights)
+
+
+def dare_ties(deltas: Tensor, weights: Tensor, density: float, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.stack([_dare_drop(d, density, generator) for d in deltas])
+    return _elect_and_merge(kept, weights)
+
+
+def breadcrumbs(deltas: Tensor, weights: Tensor, density: float, gamma: float) -> Tensor:
+    return linear(torch.stack([breadcrumb_mask(d, density, gamma) * d for d in deltas]), weights)
+
+
+def magnitude_trim(delta: Tensor, density: float) -> Tensor:
+    """delta with all but its int(density * numel) largest magnitudes set to zero."""
+    return delta * _rank_band(delta, 0, int(density * delta.numel()))
+
+
+def breadcrumb_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """1 on the magnitudes ranked (from the largest) past the top int(gamma * numel) and
+    within the next int(density * numel); 0 elsewhere."""
+    top = int(gamma * delta.numel())
+    return _rank_band(delta, top, top + int(density * delta.numel()))
+
+
+def _rank_band(delta: Tensor, first: int, stop: int) -> Tensor:
+    """A 0/1 mask of the entries whose magnitude ranks in [first, stop) (0 = the largest)."""
+    order = delta.abs().flatten().argsort(descending=True, stable=True)
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask[order[first:stop]] = 1
+    return mask.view_as(delta)
+
+
+def _dare_drop(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density
+    return delta * keep / density
+
+
+def _elect_and_merge(trimmed: Tensor, weights: Tensor) -> Tensor:
+    """TIES' sign election (sign of the trimmed deltas' sum, + on ties) and disjoint mean."""
+    elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)
+    agree = (trimmed.sign() == elected).to(trimmed.dtype)
+    weighted = trimmed * weights.view(-1, 1, 1)
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def refactor(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """The rank-`rank` truncated SVD of delta [out, in] as LoRA factors (b [out, rank],
+    a [rank, in], float32, the singular values split evenly between them) and the relative
+    error ||delta - b a||_F / ||delta||_F of those float32 factors (0 for a zero delta).
+    Past the delta's own rank the factors are zero."""
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    k = min(rank, s.shape[0])
+    root = s[:k].sqrt()
+    b = torch.zeros(delta.shape[0], rank, dtype=torch.float32)
+    a = torch.zeros(rank, delta.shape[1], dtype=torch.float32)
+    b[:, :k] = (u[:, :k] * root).float()
+    a[:k] = (root[:, None] * vh[:k]).float()
+    norm = float(torch.linalg.matrix_norm(delta.to(torch.float64)))
+    error = float(torch.linalg.matrix_norm(delta.to(torch.float64) - b.double() @ a.double())) / norm if norm else 0.0
+    return b, a, error

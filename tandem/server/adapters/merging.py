@@ -1,0 +1,124 @@
+"""Merging adapters into a new one (AdaptersService.MergeAdapters): per projection, each
+adapter's full delta dW = scale * B A, combined by a method of merge_methods.py, then
+re-factorised to the requested rank by truncated SVD and written as a PEFT adapter whose
+scale is 1 (lora_alpha = r), with the relative reconstruction error of every projection.
+
+Every adapter must adapt the same projections (a merge over a projection that only some of
+them adapt is refused rather than silently treating the others' delta as zero).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tandem.server.adapters import merge_methods
+from tandem.server.adapters.compeft_format import as_dense
+from tandem.server.adapters.peft_format import LoRAAdapter, peft_config
+from tandem.server.errors import FailedPrecondition, InvalidRequest, excerpt
+from tandem.server.model.lora_targets import TARGETS, module_path, target_of
+
+METHODS = ("linear", "ties", "dare_ties", "breadcrumbs")
+DEFAULT_DENSITY = 0.5
+DEFAULT_GAMMA = 0.01
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """What to merge and how. weights: one per adapter (empty = 1 each); rank 0 = the largest
+    of the adapters' ranks; density / gamma None = the method's default."""
+
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...]
+    method: str
+    rank: int = 0
+    density: float | None = None
+    gamma: float | None = None
+    seed: int = 0
+
+    def check(self, max_rank: int) -> None:
+        """Refuse a malformed merge before any adapter is read (InvalidRequest)."""
+        if self.method not in METHODS:
+            raise InvalidRequest(f"merge method must be one of {', '.join(METHODS)}, got {excerpt(self.method)}")
+        if not self.adapters:
+            raise InvalidRequest("a merge needs at least one adapter")
+        twice = sorted({a for a in self.adapters if self.adapters.count(a) > 1})
+        if twice:
+            raise InvalidRequest(f"adapter {excerpt(twice[0])} is named twice: give each adapter once, with its total weight")
+        if self.weights and len(self.weights) != len(self.adapters):
+            raise InvalidRequest(f"{len(self.weights)} weights for {len(self.adapters)} adapters: give one weight per adapter (or none)")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise InvalidRequest("merge weights must be finite numbers")
+        if not 0 <= self.rank <= max_rank:
+            raise InvalidRequest(f"rank {self.rank} is above the server's maximum LoRA rank {max_rank} (--max-lora-rank)")
+        if self.method == "linear" and self.density is not None:
+            raise InvalidRequest("density applies to ties, dare_ties and breadcrumbs, not to linear")
+        if self.method != "breadcrumbs" and self.gamma is not None:
+            raise InvalidRequest("gamma applies to breadcrumbs only")
+        density = self.density_or_default
+        if not 0 < density <= 1:
+            raise InvalidRequest(f"density must lie in (0, 1], got {density}")
+        if self.method == "breadcrumbs" and not 0 <= self.gamma_or_default <= 1 - density:
+            raise InvalidRequest(f"gamma must lie in [0, 1 - density] = [0, {1 - density:g}], got {self.gamma_or_default}")
+
+    @property
+    def density_or_default(self) -> float:
+        return (1.0 if self.method == "linear" else DEFAULT_DENSITY) if self.density is None else self.density
+
+    @property
+    def gamma_or_default(self) -> float:
+        return DEFAULT_GAMMA if self.gamma is None else self.gamma
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter's PEFT config and tensors, and per PEFT module path the relative
+    reconstruction error of its rank-r factors."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    errors: dict[str, float]
+
+
+def module_weights(adapter: LoRAAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """PEFT module path -> (A, B dense float32 on the host, PEFT scale) of an adapter."""
+    out = {}
+    for (layer, group), g in sorted(adapter.groups.items()):
+        for s, (a, b, scale) in sorted(g.slices.items()):
+            out[module_path(layer, target_of(layer, group, s))] = (as_dense(a).float(), as_dense(b).float(), scale)
+    return out
+
+
+def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str) -> MergeResult:
+    """Merge checked adapters as spec says (spec.check passed)."""
+    weights = torch.tensor(spec.weights or [1.0] * len(adapters), dtype=torch.float64)
+    per_adapter = [module_weights(a) for a in adapters]
+    modules = list(per_adapter[0])
+    for adapter, found in zip(adapters[1:], per_adapter[1:]):
+        if set(found) != set(modules):
+            differ = sorted(set(found) ^ set(modules))[0]
+            raise FailedPrecondition(
+                f"adapters {adapters[0].name!r} and {adapter.name!r} adapt different projections "
+                f"({differ} is in one only): merge adapters that adapt the same modules"
+            )
+    rank = spec.rank or max(a.rank for a in adapters)
+    tensors, errors = {}, {}
+    for module in modules:
+        deltas = torch.stack([scale * (b.double() @ a.double()) for a, b, scale in (m[module] for m in per_adapter)])
+        b, a, errors[module] = merge_methods.refactor(_combine(deltas, weights, spec), rank)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    targets = [t for t in TARGETS if any(m.endswith(f".{t}") for m in modules)]
+    config = peft_config(rank, rank, targets, use_rslora=False, lora_dropout=0.0, base_model=base_model)
+    return MergeResult(config, tensors, errors)
+
+
+def _combine(deltas: torch.Tensor, weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    density = spec.density_or_default
+    if spec.method == "linear":
+        return merge_methods.linear(deltas, weights)
+    if spec.method == "ties":
+        return merge_methods.ties(deltas, weights, density)
+    if spec.method == "dare_ties":
+        return merge_methods.dare_ties(deltas, weights, density, spec.seed)
+    return merge_methods.breadcrumbs(deltas, weights, density, spec.gamma_or_default)
