@@ -165,8 +165,10 @@ class Trainer:
         self.micro_batch_tokens = micro_batch_tokens
         self.plan = StepPlan(train, hp) if plan is None else plan
         self.step = 0
+        # fused: one kernel over all the masters. The per-tensor loop took ~150 ms for a rank-16
+        # all-linear SmolLM2 adapter on CPU, between two co-served iterations (the ITL tail).
         self.optimizer = torch.optim.AdamW(
-            adapter.parameters(), lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=hp.weight_decay
+            adapter.parameters(), lr=hp.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=hp.weight_decay, fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
@@ -223,7 +225,7 @@ class Trainer:
     def _optimizer_step(self, loss: float, tokens: int) -> StepReport:
         params = list(self.adapter.parameters())
         max_norm = self.hp.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
         step = self.step + 1
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             raise TrainingDiverged(f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}")
