@@ -15,6 +15,10 @@ fields such as "id": 1234567890. So +40 points measures what the adapter learned
 The prompt ends with a newline: in the prompt/completion format nothing else tells the model
 that the prompt is over ("age=3" could go on as "age=34").
 
+Two more deterministic tasks with exact-match answers (make_sort_examples: sort numbers;
+make_reverse_examples: reverse words) make three with the JSON one (TASKS), for training one
+adapter per task and a router over them (bench/routing_eval.py).
+
 No server imports, so clients and tests can use it.
 
     python bench/synthetic_task.py --out DIR --train 2000 --eval 100 --format messages
@@ -57,6 +61,48 @@ def make_examples(n: int, seed: int) -> list[dict]:
         if zlib.crc32(prompt.encode()) % 2 == seed % 2:
             examples.setdefault(prompt, {"prompt": prompt, "completion": json.dumps(record)})
     return list(examples.values())
+
+
+WORDS = ("red", "fox", "river", "stone", "quiet", "lamp", "seven", "cloud", "mint", "owl", "paper", "drum",
+         "salt", "tiger", "violet", "wheel", "honey", "north", "glass", "maple")
+
+
+def make_sort_examples(n: int, seed: int) -> list[dict]:
+    """A second task: 4 to 6 distinct numbers below 100, sorted ascending, space-separated.
+
+        prompt:     Sort ascending: 42 7 19 3
+        completion: 3 7 19 42
+
+    Deterministic and split by prompt parity like make_examples."""
+    rng = random.Random(seed)
+    return _distinct(n, seed, lambda: rng.sample(range(100), rng.randint(4, 6)),
+                     lambda xs: ("Sort ascending: " + " ".join(map(str, xs)) + "\n", " ".join(map(str, sorted(xs)))))
+
+
+def make_reverse_examples(n: int, seed: int) -> list[dict]:
+    """A third task: 3 to 5 words from WORDS, in reverse order.
+
+        prompt:     Reverse the words: red fox owl
+        completion: owl fox red
+
+    Deterministic and split by prompt parity like make_examples."""
+    rng = random.Random(seed)
+    return _distinct(n, seed, lambda: rng.sample(WORDS, rng.randint(3, 5)),
+                     lambda ws: ("Reverse the words: " + " ".join(ws) + "\n", " ".join(reversed(ws))))
+
+
+def _distinct(n: int, seed: int, draw, render) -> list[dict]:
+    """n distinct examples of render(draw()), only those whose prompt's parity is the seed's."""
+    examples: dict[str, dict] = {}
+    while len(examples) < n:
+        prompt, completion = render(draw())
+        if zlib.crc32(prompt.encode()) % 2 == seed % 2:
+            examples.setdefault(prompt, {"prompt": prompt, "completion": completion})
+    return list(examples.values())
+
+
+# Every task: name -> example maker (n, seed). Each scores by exact_match.
+TASKS = {"json": make_examples, "sort": make_sort_examples, "reverse": make_reverse_examples}
 
 
 def to_messages(example: dict) -> dict:

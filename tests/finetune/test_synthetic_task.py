@@ -54,3 +54,15 @@ def test_the_written_files_are_valid_training_data(tmp_path, monkeypatch, smollm
     expected = make_examples(40, TRAIN_SEED)[0]
     first = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
     assert first == (to_messages(expected) if fmt == "messages" else expected)
+
+
+@pytest.mark.parametrize("name", ["sort", "reverse"])
+def test_the_other_tasks_are_deterministic_disjoint_and_right(name):
+    make = synthetic_task.TASKS[name]
+    assert make(40, TRAIN_SEED) == make(40, TRAIN_SEED)
+    train, held_out = make(300, TRAIN_SEED), make(100, EVAL_SEED)
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in held_out}
+    for example in train:
+        items = example["prompt"].split(": ", 1)[1].split()
+        expected = sorted(items, key=int) if name == "sort" else items[::-1]
+        assert example["completion"] == " ".join(expected) and example["prompt"].endswith("\n")
