@@ -6,12 +6,16 @@ a gap g counts k gaps of g/k; extra tokens in the first message count none);
 TPOT = (E2E - TTFT) / (output tokens - 1); E2E = end of stream - send.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
 from tandem.client.async_client import AsyncTandemClient
 from tandem.client.bench.workload import BenchRequest
 from tandem.client.errors import TandemRpcError
+from tandem.client.types import StreamChunk
+
+DEADLINE_SLACK_S = 5.0
 
 
 @dataclass
@@ -50,18 +54,26 @@ async def timed_stream(client: AsyncTandemClient, request: BenchRequest, timeout
     record = RequestRecord(request.adapter, sent_at)
     last_token_at = sent_at
     try:
-        async for chunk in client.stream(timeout=timeout, **request.stream_kwargs()):
-            now = time.perf_counter()
-            new_tokens = len(chunk.token_ids)
-            if new_tokens and record.ttft is None:
-                record.ttft = now - sent_at
-            elif new_tokens:
-                record.itls.extend([(now - last_token_at) / new_tokens] * new_tokens)
-            if new_tokens:
-                last_token_at = now
-            record.prompt_tokens, record.output_tokens = chunk.prompt_tokens, chunk.generated_tokens
-            record.finish_reason = chunk.finish_reason or record.finish_reason
+        # The gRPC deadline ends the call; the client-side bound only guards against a stuck channel.
+        async with asyncio.timeout(timeout + DEADLINE_SLACK_S):
+            async for chunk in client.stream(timeout=timeout, **request.stream_kwargs()):
+                last_token_at = _observe(record, chunk, sent_at, last_token_at)
     except TandemRpcError as error:
         record.status, record.error = error.code.name, error.message
+    except TimeoutError:
+        record.status, record.error = "DEADLINE_EXCEEDED", f"the stream did not end within {timeout:g} s (client side)"
     record.e2e = time.perf_counter() - sent_at
     return record
+
+
+def _observe(record: RequestRecord, chunk: StreamChunk, sent_at: float, last_token_at: float) -> float:
+    """Adds one streamed message to the record; returns when its tokens arrived (or the last did)."""
+    now = time.perf_counter()
+    new_tokens = len(chunk.token_ids)
+    if new_tokens and record.ttft is None:
+        record.ttft = now - sent_at
+    elif new_tokens:
+        record.itls.extend([(now - last_token_at) / new_tokens] * new_tokens)
+    record.prompt_tokens, record.output_tokens = chunk.prompt_tokens, chunk.generated_tokens
+    record.finish_reason = chunk.finish_reason or record.finish_reason
+    return now if new_tokens else last_token_at

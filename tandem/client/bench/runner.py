@@ -2,8 +2,7 @@
 requests, waits for them, and summarizes them beside the server's metrics.
 
 Every loop is bounded: a point sends at most `num_requests` requests or for at most
-`duration` seconds, each request has its own deadline, and a point waits for its
-stragglers no longer than that deadline.
+`duration` seconds, and each request ends by its own deadline (measurement.timed_stream).
 """
 
 import asyncio
@@ -30,7 +29,6 @@ from tandem.client.types import FinetuneJob, Hyperparameters
 # After a point, the server may still be closing its last calls when the client has read them.
 SETTLE_SCRAPES = 30
 SETTLE_PAUSE_S = 0.1
-STRAGGLER_SLACK_S = 5.0
 
 
 class BenchError(Exception):
@@ -83,33 +81,33 @@ class PointResult:
 
 
 class _Tracker:
-    """Counts requests done / in flight / failed for the progress line."""
+    """Collects the records of a point as requests end, and counts them for the progress line."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
-        self.done = self.running = self.failed = 0
+        self.records: list[RequestRecord] = []
+        self.running = self.failed = 0
 
-    async def run(self, request: Awaitable[RequestRecord]) -> RequestRecord:
+    async def run(self, request: Awaitable[RequestRecord]) -> None:
         self.running += 1
         self._show()
         try:
             record = await request
         finally:
             self.running -= 1
-        self.done += 1
+        self.records.append(record)
         self.failed += not record.ok
         self._show()
-        return record
 
     def _show(self) -> None:
-        self.progress.update(self.done, self.running, self.failed)
+        self.progress.update(len(self.records), self.running, self.failed)
 
 
 def _limits_reached(plan: LoadPlan, sent: int, elapsed: float) -> bool:
     return (plan.num_requests is not None and sent >= plan.num_requests) or (plan.duration is not None and elapsed >= plan.duration)
 
 
-async def _open_loop(send: Callable[[], Awaitable[RequestRecord]], plan: LoadPlan, rate: float,
+async def _open_loop(send: Callable[[], Awaitable[None]], plan: LoadPlan, rate: float,
                      rng: np.random.Generator) -> list[asyncio.Task]:
     """Sends at Poisson / gamma times regardless of how many are in flight."""
     loop = asyncio.get_running_loop()
@@ -121,41 +119,33 @@ async def _open_loop(send: Callable[[], Awaitable[RequestRecord]], plan: LoadPla
     return tasks
 
 
-async def _closed_loop(send: Callable[[], Awaitable[RequestRecord]], plan: LoadPlan, concurrency: int) -> list[asyncio.Task]:
+async def _closed_loop(send: Callable[[], Awaitable[None]], plan: LoadPlan, concurrency: int) -> list[asyncio.Task]:
     """`concurrency` workers, each sending its next request when the last one ends."""
     loop = asyncio.get_running_loop()
     start, sent = loop.time(), itertools.count()
 
-    async def worker() -> list[RequestRecord]:
-        records = []
+    async def worker() -> None:
         while not _limits_reached(plan, next(sent), loop.time() - start):
-            records.append(await send())
-        return records
+            await send()
 
     return [asyncio.create_task(worker()) for _ in range(concurrency)]
 
 
 async def run_point(client: AsyncTandemClient, requests: Iterator[BenchRequest], point: LoadPoint, plan: LoadPlan,
                     rng: np.random.Generator, progress: Progress) -> list[RequestRecord]:
+    """Every request of one point, in the order they ended. Each ends by its own deadline."""
     tracker = _Tracker(progress)
 
-    def send() -> Awaitable[RequestRecord]:
+    def send() -> Awaitable[None]:
         return tracker.run(timed_stream(client, next(requests), plan.request_timeout))
 
     if point.concurrency is not None:
         tasks = await _closed_loop(send, plan, point.concurrency)
     else:
         tasks = await _open_loop(send, plan, point.rate, rng)
-    done, pending = await asyncio.wait(tasks, timeout=plan.request_timeout + STRAGGLER_SLACK_S) if tasks else (set(), set())
-    for task in pending:
-        task.cancel()
+    await asyncio.gather(*tasks)
     progress.close()
-    records: list[RequestRecord] = []
-    for task in tasks:
-        if task in done:
-            result = task.result()
-            records.extend(result if isinstance(result, list) else [result])
-    return records
+    return tracker.records
 
 
 async def _warm_up(client: AsyncTandemClient, requests: Iterator[BenchRequest], plan: LoadPlan) -> None:
