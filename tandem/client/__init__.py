@@ -3,7 +3,9 @@
 from tandem.client.async_client import AsyncTandemClient
 from tandem.client.errors import TandemRpcError
 from tandem.client.sync_client import TandemClient
-from tandem.client.types import AdapterInfo, Choice, Completion, FinetuneJob, FinetuneJobError, ModelInfo, StreamChunk, TokenLogprob
+from tandem.client.types import (
+    AdapterInfo, Choice, Completion, FinetuneJob, FinetuneJobError, MergeResult, ModelInfo, StreamChunk, TokenLogprob,
+)
 
 __all__ = [
     "AdapterInfo",
@@ -12,6 +14,7 @@ __all__ = [
     "Completion",
     "FinetuneJob",
     "FinetuneJobError",
+    "MergeResult",
     "ModelInfo",
     "StreamChunk",
     "TandemClient",

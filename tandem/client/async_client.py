@@ -1,7 +1,7 @@
 """The asyncio Python client; the same calls as TandemClient, awaitable."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -12,7 +12,8 @@ from tandem.client.connection import Attempts, ConnectionSettings, new_request_i
 from tandem.client.convert import Call, Messages, TrainingData
 from tandem.client.errors import TandemRpcError
 from tandem.client.types import (
-    AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, ModelInfo, RouterTraining, SamplingOptions, StreamChunk,
+    AdapterInfo, Completion, FinetuneJob, Hyperparameters, LoraOptions, MergeResult, ModelInfo, RouterTraining, SamplingOptions,
+    StreamChunk,
 )
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 
@@ -92,7 +93,7 @@ class AsyncTandemClient:
         *,
         messages: Messages | None = None,
         prompt_token_ids: Sequence[int] | None = None,
-        adapter: str = "",
+        adapter: str | Mapping[str, float] = "",
         timeout: float | None = None,
         request_id: str | None = None,
         **options: Unpack[SamplingOptions],
@@ -107,7 +108,7 @@ class AsyncTandemClient:
         *,
         messages: Messages | None = None,
         prompt_token_ids: Sequence[int] | None = None,
-        adapter: str = "",
+        adapter: str | Mapping[str, float] = "",
         timeout: float | None = None,
         request_id: str | None = None,
         **options: Unpack[SamplingOptions],
@@ -147,6 +148,22 @@ class AsyncTandemClient:
     async def load_adapter(self, name: str, path: str = "", timeout: float | None = None) -> AdapterInfo:
         request = adapters_pb2.LoadAdapterRequest(name=name, path=path)
         response, _ = await self._unary(self._adapters.LoadAdapter, request, timeout, None)
+        return convert.adapter_info(response.adapter)
+
+    async def merge_adapters(
+        self, name: str, adapters: Mapping[str, float] | Sequence[str], method: str, rank: int = 0, *,
+        density: float | None = None, gamma: float | None = None, seed: int | None = None, timeout: float | None = None,
+    ) -> MergeResult:
+        """Merges adapters (names, or name -> weight) into a new adapter `name` by method
+        linear, ties, dare_ties or breadcrumbs, at `rank` (0 = the inputs' largest); admin."""
+        request = convert.merge_request(name, adapters, method, rank, density=density, gamma=gamma, seed=seed)
+        response, _ = await self._unary(self._adapters.MergeAdapters, request, timeout, None)
+        return convert.merge_result(response)
+
+    async def compress_adapter(self, name: str, source: str, density: float | None = None, timeout: float | None = None) -> AdapterInfo:
+        """Publishes the ComPEFT-compressed form of adapter `source` as `name` (density unset = 0.1); admin."""
+        request = adapters_pb2.CompressAdapterRequest(name=name, source=source, **({} if density is None else {"density": density}))
+        response, _ = await self._unary(self._adapters.CompressAdapter, request, timeout, None)
         return convert.adapter_info(response.adapter)
 
     async def unload_adapter(self, name: str, timeout: float | None = None) -> None:

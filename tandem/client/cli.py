@@ -80,7 +80,10 @@ def _finetune_create_flags(parser: argparse.ArgumentParser, add_flag: AddFlag) -
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
-    group.add_argument("--adapter", default="", help="adapter name (default: the base model)")
+    group.add_argument(
+        "--adapter", default="", type=_adapter_arg,
+        help="adapter name (default: the base model), or a mixture NAME=WEIGHT,NAME=WEIGHT served as one weighted sum",
+    )
     group.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (server default 256)")
     group.add_argument("--temperature", type=float, help="0 (default) = greedy")
     group.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
@@ -97,6 +100,16 @@ def _sampling_options(args: argparse.Namespace) -> SamplingOptions:
     if args.ignore_eos:
         options["ignore_eos"] = True
     return options
+
+
+def _adapter_arg(value: str) -> str | dict[str, float]:
+    """--adapter: a name, or "a=0.7,b=0.3" for a per-request mixture."""
+    if "=" not in value:
+        return value
+    try:
+        return {name: float(weight) for name, weight in (part.split("=", 1) for part in value.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a mixture is NAME=WEIGHT,NAME=WEIGHT with numeric weights, got {value!r}") from None
 
 
 def _client(args: argparse.Namespace) -> TandemClient:
@@ -185,9 +198,20 @@ def _run_adapters(args: argparse.Namespace, client: TandemClient) -> int:
             _print_json(adapters)
             return 0
         for a in adapters:
-            print(f"{a['name']}\trank={a['rank']}\ttier={a['tier']}\tin_use={a['in_use']}\t{a['content_hash'][:12]}")
+            ratio = f"\tratio={a['compression_ratio']:.1f}" if a["format"] == "compeft" else ""
+            print(f"{a['name']}\trank={a['rank']}\ttier={a['tier']}\tin_use={a['in_use']}\t{a['format']}{ratio}\t{a['content_hash'][:12]}")
     elif args.action == "load":
         _print_json(asdict(client.load_adapter(args.name, args.path)))
+    elif args.action == "merge":
+        if args.weights and len(args.weights) != len(args.adapters):
+            raise SystemExit(f"--weights gives {len(args.weights)} weights for {len(args.adapters)} adapters")
+        adapters = dict(zip(args.adapters, args.weights)) if args.weights else args.adapters
+        result = client.merge_adapters(
+            args.name, adapters, args.method, args.rank, density=args.density, gamma=args.gamma, seed=args.seed
+        )
+        _print_json(asdict(result))
+    elif args.action == "compress":
+        _print_json(asdict(client.compress_adapter(args.name, args.source, args.density)))
     else:
         client.unload_adapter(args.name)
     return 0
@@ -327,7 +351,7 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     health.add_argument("--wait", type=float, default=0.0, help="poll up to this many seconds for SERVING")
     health.set_defaults(run=_runner(_run_health))
 
-    adapters = commands.add_parser("adapters", help="list, load or unload adapters")
+    adapters = commands.add_parser("adapters", help="list, load, unload, merge or compress adapters")
     actions = adapters.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="list registered adapters")
     listing.add_argument("--json", action="store_true")
@@ -336,8 +360,21 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     load.add_argument("--path", default="", help="directory inside --adapters-dir (default: NAME)")
     unload = actions.add_parser("unload", help="unregister an adapter (admin)")
     unload.add_argument("name")
+    merge = actions.add_parser("merge", help="merge adapters into a new adapter NAME (admin)")
+    merge.add_argument("name")
+    merge.add_argument("adapters", nargs="+", help="the adapters to merge")
+    merge.add_argument("--method", required=True, choices=["linear", "ties", "dare_ties", "breadcrumbs"])
+    merge.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
+    merge.add_argument("--rank", type=int, default=0, help="the merged rank (default: the inputs' largest)")
+    merge.add_argument("--density", type=float, help="fraction of each delta kept (ties, dare_ties, breadcrumbs; default 0.5)")
+    merge.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest magnitudes dropped (default 0.01)")
+    merge.add_argument("--seed", type=int, help="dare_ties: the random drop's seed")
+    compress = actions.add_parser("compress", help="publish a ComPEFT-compressed copy of adapter SOURCE as NAME (admin)")
+    compress.add_argument("name")
+    compress.add_argument("source")
+    compress.add_argument("--density", type=float, help="fraction of each A and B kept (default 0.1)")
 
-    for parser in (generate, chat, model, health, listing, load, unload):
+    for parser in (generate, chat, model, health, listing, load, unload, merge, compress):
         add_connection_flags(parser, add_flag)
     adapters.set_defaults(run=_runner(_run_adapters))
     _add_finetune_command(commands, add_flag)

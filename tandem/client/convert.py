@@ -16,6 +16,7 @@ from tandem.client.types import (
     FinetuneJobError,
     Hyperparameters,
     LoraOptions,
+    MergeResult,
     ModelInfo,
     RouterTraining,
     SamplingOptions,
@@ -52,16 +53,19 @@ def generate_request(
     prompt: str | None,
     messages: Messages | None,
     prompt_token_ids: Sequence[int] | None,
-    adapter: str,
+    adapter: str | Mapping[str, float],
     options: SamplingOptions,
     kind: type[GenerationRequest] = generation_pb2.GenerateRequest,
 ) -> GenerationRequest:
-    """Generate's request, or GenerateStream's (kind): the two messages have the same fields."""
+    """Generate's request, or GenerateStream's (kind): the two messages have the same fields.
+    adapter: a name, or name -> weight for a per-request mixture."""
+    mixture = [generation_pb2.AdapterWeight(name=n, weight=w) for n, w in adapter.items()] if isinstance(adapter, Mapping) else []
     return kind(
         prompt=prompt or "",
         messages=_proto_messages(messages),
         prompt_token_ids=list(prompt_token_ids or ()),
-        adapter=adapter,
+        adapter="" if mixture else str(adapter),
+        adapters=mixture,
         **options,
     )
 
@@ -132,7 +136,30 @@ def adapter_info(info: adapters_pb2.AdapterInfo) -> AdapterInfo:
         in_use=info.in_use,
         path=info.path,
         experts=list(info.experts),
+        format=info.format,
+        compression_ratio=info.compression_ratio,
     )
+
+
+MERGE_METHODS = {
+    "linear": adapters_pb2.MERGE_METHOD_LINEAR,
+    "ties": adapters_pb2.MERGE_METHOD_TIES,
+    "dare_ties": adapters_pb2.MERGE_METHOD_DARE_TIES,
+    "breadcrumbs": adapters_pb2.MERGE_METHOD_BREADCRUMBS,
+}
+
+
+def merge_request(name: str, adapters: Mapping[str, float] | Sequence[str], method: str, rank: int, **params) -> adapters_pb2.MergeAdaptersRequest:
+    """adapters: names (weight 1 each) or name -> weight; params: density, gamma, seed (unset = the server's defaults)."""
+    weights = list(adapters.values()) if isinstance(adapters, Mapping) else []
+    return adapters_pb2.MergeAdaptersRequest(
+        name=name, adapters=list(adapters), weights=weights, method=MERGE_METHODS.get(method, 0), rank=rank,
+        **{k: v for k, v in params.items() if v is not None},
+    )
+
+
+def merge_result(response: adapters_pb2.MergeAdaptersResponse) -> MergeResult:
+    return MergeResult(adapter_info(response.adapter), {e.module: e.relative_error for e in response.errors})
 
 
 @dataclass(frozen=True)

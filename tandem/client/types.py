@@ -112,6 +112,17 @@ class AdapterInfo:
     in_use: int
     path: str
     experts: list[str] = field(default_factory=list)
+    format: str = "peft"  # "peft", "compeft" (compressed) or "router"
+    compression_ratio: float = 1.0  # float32 PEFT bytes / bytes in the server's host cache
+
+
+@dataclass
+class MergeResult:
+    """A merged adapter, and per projection (PEFT module path) the relative error of its
+    rank-r factors: ||dW - B A||_F / ||dW||_F."""
+
+    adapter: AdapterInfo
+    errors: dict[str, float]
 
 
 class RouterTraining(TypedDict, total=False):

@@ -24,29 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/adapters.proto\x12\ttandem.v1\"\xac\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12$\n\x04tier\x18\x04 \x01(\x0e\x32\x16.tandem.v1.AdapterTier\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06in_use\x18\x06 \x01(\r\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x08 \x03(\t\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\">\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03\x32\x84\x02\n\x0f\x41\x64\x61ptersService\x12L\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x1e.tandem.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/adapters.proto\x12\ttandem.v1\"\xd7\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_modules\x18\x03 \x03(\t\x12$\n\x04tier\x18\x04 \x01(\x0e\x32\x16.tandem.v1.AdapterTier\x12\x14\n\x0c\x63ontent_hash\x18\x05 \x01(\t\x12\x0e\n\x06in_use\x18\x06 \x01(\r\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x0f\n\x07\x65xperts\x18\x08 \x03(\t\x12\x0e\n\x06\x66ormat\x18\t \x01(\t\x12\x19\n\x11\x63ompression_ratio\x18\n \x01(\x02\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\">\n\x13LoadAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo\"\xcb\x01\n\x14MergeAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x02\x12&\n\x06method\x18\x04 \x01(\x0e\x32\x16.tandem.v1.MergeMethod\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x14\n\x07\x64\x65nsity\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x42\n\n\x08_densityB\x08\n\x06_gamma\"9\n\x0fProjectionError\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x16\n\x0erelative_error\x18\x02 \x01(\x02\"l\n\x15MergeAdaptersResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo\x12*\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x1a.tandem.v1.ProjectionError\"X\n\x16\x43ompressAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x14\n\x07\x64\x65nsity\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\n\n\x08_density\"B\n\x17\x43ompressAdapterResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.tandem.v1.AdapterInfo*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x03*\x95\x01\n\x0bMergeMethod\x12\x1c\n\x18MERGE_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13MERGE_METHOD_LINEAR\x10\x01\x12\x15\n\x11MERGE_METHOD_TIES\x10\x02\x12\x1a\n\x16MERGE_METHOD_DARE_TIES\x10\x03\x12\x1c\n\x18MERGE_METHOD_BREADCRUMBS\x10\x04\x32\xb2\x03\n\x0f\x41\x64\x61ptersService\x12L\n\x0bLoadAdapter\x12\x1d.tandem.v1.LoadAdapterRequest\x1a\x1e.tandem.v1.LoadAdapterResponse\x12R\n\rUnloadAdapter\x12\x1f.tandem.v1.UnloadAdapterRequest\x1a .tandem.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponse\x12R\n\rMergeAdapters\x12\x1f.tandem.v1.MergeAdaptersRequest\x1a .tandem.v1.MergeAdaptersResponse\x12X\n\x0f\x43ompressAdapter\x12!.tandem.v1.CompressAdapterRequest\x1a\".tandem.v1.CompressAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERTIER']._serialized_start=480
-  _globals['_ADAPTERTIER']._serialized_end=594
+  _globals['_ADAPTERTIER']._serialized_start=1056
+  _globals['_ADAPTERTIER']._serialized_end=1170
+  _globals['_MERGEMETHOD']._serialized_start=1173
+  _globals['_MERGEMETHOD']._serialized_end=1322
   _globals['_ADAPTERINFO']._serialized_start=40
-  _globals['_ADAPTERINFO']._serialized_end=212
-  _globals['_LOADADAPTERREQUEST']._serialized_start=214
-  _globals['_LOADADAPTERREQUEST']._serialized_end=262
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=264
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=326
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=328
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=364
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=366
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=389
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=391
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=412
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=414
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=478
-  _globals['_ADAPTERSSERVICE']._serialized_start=597
-  _globals['_ADAPTERSSERVICE']._serialized_end=857
+  _globals['_ADAPTERINFO']._serialized_end=255
+  _globals['_LOADADAPTERREQUEST']._serialized_start=257
+  _globals['_LOADADAPTERREQUEST']._serialized_end=305
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=307
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=369
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=371
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=407
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=409
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=432
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=434
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=455
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=457
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=521
+  _globals['_MERGEADAPTERSREQUEST']._serialized_start=524
+  _globals['_MERGEADAPTERSREQUEST']._serialized_end=727
+  _globals['_PROJECTIONERROR']._serialized_start=729
+  _globals['_PROJECTIONERROR']._serialized_end=786
+  _globals['_MERGEADAPTERSRESPONSE']._serialized_start=788
+  _globals['_MERGEADAPTERSRESPONSE']._serialized_end=896
+  _globals['_COMPRESSADAPTERREQUEST']._serialized_start=898
+  _globals['_COMPRESSADAPTERREQUEST']._serialized_end=986
+  _globals['_COMPRESSADAPTERRESPONSE']._serialized_start=988
+  _globals['_COMPRESSADAPTERRESPONSE']._serialized_end=1054
+  _globals['_ADAPTERSSERVICE']._serialized_start=1325
+  _globals['_ADAPTERSSERVICE']._serialized_end=1759
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,8 @@ if _version_not_supported:
 class AdaptersServiceStub:
     """AdaptersService loads and unloads adapters (Hugging Face PEFT format) and routers (mixtures
     of adapters, README "Routers") at run time.
-    LoadAdapter and UnloadAdapter need a bearer token with the admin role.
+    LoadAdapter, UnloadAdapter, MergeAdapters and CompressAdapter need a bearer token with
+    the admin role.
     """
 
     def __init__(self, channel):
@@ -52,12 +53,23 @@ class AdaptersServiceStub:
                 request_serializer=tandem_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.MergeAdapters = channel.unary_unary(
+                '/tandem.v1.AdaptersService/MergeAdapters',
+                request_serializer=tandem_dot_v1_dot_adapters__pb2.MergeAdaptersRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_adapters__pb2.MergeAdaptersResponse.FromString,
+                _registered_method=True)
+        self.CompressAdapter = channel.unary_unary(
+                '/tandem.v1.AdaptersService/CompressAdapter',
+                request_serializer=tandem_dot_v1_dot_adapters__pb2.CompressAdapterRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_adapters__pb2.CompressAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdaptersServiceServicer:
     """AdaptersService loads and unloads adapters (Hugging Face PEFT format) and routers (mixtures
     of adapters, README "Routers") at run time.
-    LoadAdapter and UnloadAdapter need a bearer token with the admin role.
+    LoadAdapter, UnloadAdapter, MergeAdapters and CompressAdapter need a bearer token with
+    the admin role.
     """
 
     def LoadAdapter(self, request, context):
@@ -81,6 +93,23 @@ class AdaptersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapters(self, request, context):
+        """Merges adapters into a new one (README "Adapter algebra"): the method combines their
+        full deltas dW = scale * B A per projection, truncated SVD re-factorises the result to
+        `rank`, and the new adapter is written as a PEFT adapter and published under `name`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompressAdapter(self, request, context):
+        """Writes a ComPEFT-compressed copy of an adapter (each A and B sparsified to its largest
+        magnitudes, kept as signs times one scale per tensor) and publishes it under `name`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +128,16 @@ def add_AdaptersServiceServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_adapters__pb2.ListAdaptersRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_adapters__pb2.ListAdaptersResponse.SerializeToString,
             ),
+            'MergeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapters,
+                    request_deserializer=tandem_dot_v1_dot_adapters__pb2.MergeAdaptersRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_adapters__pb2.MergeAdaptersResponse.SerializeToString,
+            ),
+            'CompressAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompressAdapter,
+                    request_deserializer=tandem_dot_v1_dot_adapters__pb2.CompressAdapterRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_adapters__pb2.CompressAdapterResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.AdaptersService', rpc_method_handlers)
@@ -110,7 +149,8 @@ def add_AdaptersServiceServicer_to_server(servicer, server):
 class AdaptersService:
     """AdaptersService loads and unloads adapters (Hugging Face PEFT format) and routers (mixtures
     of adapters, README "Routers") at run time.
-    LoadAdapter and UnloadAdapter need a bearer token with the admin role.
+    LoadAdapter, UnloadAdapter, MergeAdapters and CompressAdapter need a bearer token with
+    the admin role.
     """
 
     @staticmethod
@@ -184,6 +224,60 @@ class AdaptersService:
             '/tandem.v1.AdaptersService/ListAdapters',
             tandem_dot_v1_dot_adapters__pb2.ListAdaptersRequest.SerializeToString,
             tandem_dot_v1_dot_adapters__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.AdaptersService/MergeAdapters',
+            tandem_dot_v1_dot_adapters__pb2.MergeAdaptersRequest.SerializeToString,
+            tandem_dot_v1_dot_adapters__pb2.MergeAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompressAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.AdaptersService/CompressAdapter',
+            tandem_dot_v1_dot_adapters__pb2.CompressAdapterRequest.SerializeToString,
+            tandem_dot_v1_dot_adapters__pb2.CompressAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

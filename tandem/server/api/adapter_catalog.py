@@ -6,6 +6,7 @@ server/adapters/registry.py implements AdapterCatalog; the servicer knows nothin
 
 from typing import Protocol
 
+from tandem.server.adapters.merging import MergeSpec
 from tandem.server.adapters.registry import AdapterInfo, SlotStats
 from tandem.server.errors import NotFound, excerpt
 
@@ -18,6 +19,10 @@ class AdapterCatalog(Protocol):
     def load(self, name: str, path: str = "") -> AdapterInfo: ...
 
     def unload(self, name: str) -> None: ...
+
+    def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]: ...
+
+    def compress(self, name: str, source: str, density: float) -> AdapterInfo: ...
 
     def slot_stats(self) -> SlotStats: ...
 
@@ -35,6 +40,12 @@ class NoAdapterServing:
 
     def unload(self, name: str) -> None:
         raise NotFound(f"adapter {excerpt(name)} is not loaded")
+
+    def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]:
+        raise NotFound(f"adapter {excerpt(spec.adapters[0] if spec.adapters else name)} not found: the server has no adapters directory (start it with --adapters-dir)")
+
+    def compress(self, name: str, source: str, density: float) -> AdapterInfo:
+        raise NotFound(f"adapter {excerpt(source)} not found: the server has no adapters directory (start it with --adapters-dir)")
 
     def slot_stats(self) -> SlotStats:
         return SlotStats(

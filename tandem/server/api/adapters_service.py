@@ -29,6 +29,20 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             self._state.catalog.unload(request.name)
             return adapters_pb2.UnloadAdapterResponse()
 
+    async def MergeAdapters(self, request: adapters_pb2.MergeAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.MergeAdaptersResponse:
+        with self._state.admit():
+            # Reading, merging and factorising every projection takes seconds: off the event loop.
+            info, errors = await asyncio.to_thread(self._state.catalog.merge, request.name, convert.merge_spec_of(request))
+            return convert.merge_response(info, errors)
+
+    async def CompressAdapter(
+        self, request: adapters_pb2.CompressAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.CompressAdapterResponse:
+        with self._state.admit():
+            density = request.density if request.HasField("density") else convert.DEFAULT_COMPRESS_DENSITY
+            info = await asyncio.to_thread(self._state.catalog.compress, request.name, request.source, density)
+            return adapters_pb2.CompressAdapterResponse(adapter=convert.adapter_info(info))
+
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
         with self._state.admit():
             show_path = current_call().role == Role.ADMIN

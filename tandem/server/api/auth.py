@@ -28,7 +28,9 @@ class Role(IntEnum):
 
 
 # Methods not listed (and outside ADMIN_SERVICES) need the inference role.
-ADMIN_METHODS = frozenset({"/tandem.v1.AdaptersService/LoadAdapter", "/tandem.v1.AdaptersService/UnloadAdapter"})
+ADMIN_METHODS = frozenset(
+    f"/tandem.v1.AdaptersService/{m}" for m in ("LoadAdapter", "UnloadAdapter", "MergeAdapters", "CompressAdapter")
+)
 # Every method of these services needs the admin role.
 ADMIN_SERVICES = ("/tandem.v1.FineTuningService/",)
 

@@ -4,6 +4,7 @@ is set, roles); value ranges are checked by SamplingParams.validate inside the e
 from typing import TYPE_CHECKING
 
 from tandem import __version__
+from tandem.server.adapters.merging import MergeSpec
 from tandem.server.adapters.registry import AdapterInfo, AdapterTier
 from tandem.server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from tandem.server.engine.sampling_params import SamplingParams
@@ -14,6 +15,13 @@ if TYPE_CHECKING:
     from tandem.server.engine.outputs import ModelInfo
 
 DEFAULT_MAX_NEW_TOKENS = SamplingParams.max_new_tokens
+DEFAULT_COMPRESS_DENSITY = 0.1
+_MERGE_METHODS = {
+    adapters_pb2.MERGE_METHOD_LINEAR: "linear",
+    adapters_pb2.MERGE_METHOD_TIES: "ties",
+    adapters_pb2.MERGE_METHOD_DARE_TIES: "dare_ties",
+    adapters_pb2.MERGE_METHOD_BREADCRUMBS: "breadcrumbs",
+}
 # Generate's and GenerateStream's requests: the same fields under two names (buf STANDARD).
 GenerationRequest = generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest
 
@@ -46,6 +54,11 @@ def prompt_of(request: GenerationRequest) -> str | list[int] | list[dict[str, st
     if request.prompt_token_ids:
         return list(request.prompt_token_ids)
     return request.prompt
+
+
+def mixture_of(request: GenerationRequest) -> list[tuple[str, float]] | None:
+    """The request's per-request mixture as (adapter, weight) pairs; None when it names none."""
+    return [(a.name, a.weight) for a in request.adapters] or None
 
 
 def text_of(request: generation_pb2.TokenizeRequest) -> str | list[dict[str, str]]:
@@ -169,4 +182,28 @@ def adapter_info(info: AdapterInfo, show_path: bool = True) -> adapters_pb2.Adap
         in_use=info.in_use,
         path=info.path if show_path else "",
         experts=info.experts,
+        format=info.format,
+        compression_ratio=info.compression_ratio,
+    )
+
+
+def merge_spec_of(request: adapters_pb2.MergeAdaptersRequest) -> MergeSpec:
+    """Unset optional fields mean the method's defaults (MergeSpec checks the values)."""
+    if request.method not in _MERGE_METHODS:
+        raise InvalidRequest("set method to MERGE_METHOD_LINEAR, _TIES, _DARE_TIES or _BREADCRUMBS")
+    return MergeSpec(
+        adapters=tuple(request.adapters),
+        weights=tuple(request.weights),
+        method=_MERGE_METHODS[request.method],
+        rank=request.rank,
+        density=request.density if request.HasField("density") else None,
+        gamma=request.gamma if request.HasField("gamma") else None,
+        seed=request.seed,
+    )
+
+
+def merge_response(info: AdapterInfo, errors: dict[str, float]) -> adapters_pb2.MergeAdaptersResponse:
+    return adapters_pb2.MergeAdaptersResponse(
+        adapter=adapter_info(info),
+        errors=[adapters_pb2.ProjectionError(module=m, relative_error=e) for m, e in errors.items()],
     )

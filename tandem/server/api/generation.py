@@ -12,20 +12,23 @@ from tandem.server.engine.sampling_params import SamplingParams
 
 
 async def generate(
-    state: ServingState, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams, adapter: str
+    state: ServingState, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams, adapter: str,
+    mixture: list[tuple[str, float]] | None = None,
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's increments for one request (adapter "" = the base model).
+    """The engine's increments for one request (adapter "" = the base model; mixture:
+    (adapter, weight) pairs served as one weighted sum instead).
 
     aclosing() makes a cancelled call (client gone, deadline) close the engine's generator
     at once, which aborts the request and frees its KV blocks.
     """
     with state.admit() as engine:
         call = current_call()
-        call.adapter = adapter
+        # A mixture shows as its adapters and weights, e.g. "sql*0.7+json*0.3".
+        call.adapter = adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or [])
         # Callers may reuse a request id (retries do); engine ids must stay unique.
         engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
         call.engine_request_id = engine_id
-        stream = engine.generate(prompt, params, engine_id, adapter=adapter or None)
+        stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture)
         async with aclosing(stream):
             async for out in stream:
                 call.on_output(out)

@@ -1,0 +1,104 @@
+"""Adapter algebra over a real server: a per-request mixture (unary and streamed) beside plain
+and base requests, MergeAdapters and CompressAdapter published and served, ListAdapters'
+format and ratio, refusals as status codes with the reason, and the admin role."""
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem.client import TandemClient
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.api.conftest import loopback, start_engine
+from tests.api.harness import ServerThread
+from tests.api.test_adapters_api import rpc_error
+
+PROMPT = [101, 2020, 345, 7777, 12]
+ADMIN_TOKEN = "algebra-admin-5e1"
+INFERENCE_TOKEN = "algebra-user-77a"
+GREEDY = dict(prompt_token_ids=PROMPT, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_hf_model, tiny_model_dir) -> Iterator[ServerThread]:
+    root: Path = tmp_path_factory.mktemp("algebra-api")
+    for seed, name in enumerate(["a0", "a1"]):
+        make_adapter(tiny_hf_model, root / name, r=4, target_modules=ALL_LINEAR, seed=30 + seed, b_std=0.3)
+    make_adapter(tiny_hf_model, root / "qv", r=4, target_modules=["q_proj", "v_proj"], seed=33)
+    tokens = tmp_path_factory.mktemp("algebra-auth") / "tokens"
+    tokens.write_text(f"inference {INFERENCE_TOKEN}\nadmin {ADMIN_TOKEN}\n")
+    engine = start_engine(tiny_model_dir, adapters_dir=str(root), max_lora_rank=8, max_loras=4)
+    thread = ServerThread(loopback(auth_tokens_file=str(tokens)), engine)
+    yield thread
+    thread.stop()
+    engine.shutdown()
+
+
+@pytest.fixture
+def admin(server) -> Iterator[TandemClient]:
+    with TandemClient(server.target, token=ADMIN_TOKEN, timeout=120) as c:
+        yield c
+
+
+def test_a_mixture_is_served_beside_plain_and_base_requests(admin):
+    alone = admin.generate(adapter={"a0": 0.6, "a1": 0.4}, **GREEDY)
+    streamed = [t for chunk in admin.stream(adapter={"a0": 0.6, "a1": 0.4}, **GREEDY) for t in chunk.token_ids]
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(admin.generate, adapter=a, **GREEDY) for a in ({"a0": 0.6, "a1": 0.4}, "a1", "")]
+        mixed, plain, base = [c.result() for c in calls]
+    assert mixed.token_ids == alone.token_ids == streamed and len(alone.token_ids) == 6
+    # One member at weight 1 is that adapter.
+    assert admin.generate(adapter={"a1": 1.0}, **GREEDY).token_ids == plain.token_ids
+    assert len(base.token_ids) == 6
+
+
+@pytest.mark.parametrize(
+    "adapter, code, reason",
+    [
+        ({"a0": 1.0, "nope": 1.0}, grpc.StatusCode.NOT_FOUND, "adapter 'nope' not found"),
+        ({"a0": float("inf")}, grpc.StatusCode.INVALID_ARGUMENT, "must be a finite number"),
+    ],
+)
+def test_bad_mixtures_are_refused_with_the_reason(admin, adapter, code, reason):
+    error = rpc_error(lambda: admin.generate(adapter=adapter, **GREEDY))
+    assert error.code == code and reason in str(error)
+
+
+def test_merge_and_compress_publish_servable_adapters(admin):
+    result = admin.merge_adapters("ties-ab", {"a0": 1.0, "a1": 0.5}, "ties", rank=6, density=0.4)
+    assert result.adapter.name == "ties-ab" and result.adapter.rank == 6 and result.adapter.format == "peft"
+    assert len(result.errors) == 2 * 7 and all(0 <= e < 1 for e in result.errors.values())
+    assert len(admin.generate(adapter="ties-ab", **GREEDY).token_ids) == 6
+
+    small = admin.compress_adapter("a0-small", "a0", density=0.2)
+    assert small.format == "compeft" and small.compression_ratio > 10
+    listed = {a.name: a for a in admin.list_adapters()}
+    assert listed["a0-small"].format == "compeft" and listed["a0"].format == "peft"
+    assert len(admin.generate(adapter="a0-small", **GREEDY).token_ids) == 6
+
+
+@pytest.mark.parametrize(
+    "call, code, reason",
+    [
+        (lambda c: c.merge_adapters("m", ["a0", "nope"], "linear"), grpc.StatusCode.NOT_FOUND, "adapter 'nope' not found"),
+        (lambda c: c.merge_adapters("m", ["a0", "qv"], "linear"), grpc.StatusCode.FAILED_PRECONDITION, "adapt different projections"),
+        (lambda c: c.merge_adapters("m", ["a0", "a1"], "ties", rank=9), grpc.StatusCode.INVALID_ARGUMENT, "maximum LoRA rank 8"),
+        (lambda c: c.merge_adapters("m", ["a0", "a1"], "ties", density=1.5), grpc.StatusCode.INVALID_ARGUMENT, "density must lie in (0, 1]"),
+        (lambda c: c.merge_adapters("m", ["a0"], "slerp"), grpc.StatusCode.INVALID_ARGUMENT, "set method to"),
+        (lambda c: c.compress_adapter("s", "a0", density=0.0), grpc.StatusCode.INVALID_ARGUMENT, "density must lie in (0, 1]"),
+        (lambda c: c.compress_adapter("s", "nope"), grpc.StatusCode.NOT_FOUND, "adapter 'nope' not found"),
+    ],
+    ids=["unknown", "targets", "rank", "density", "method", "compress-density", "compress-unknown"],
+)
+def test_bad_merges_and_compressions_are_refused_with_the_reason(admin, call, code, reason):
+    error = rpc_error(lambda: call(admin))
+    assert error.code == code and reason in str(error)
+
+
+def test_merge_and_compress_need_the_admin_role(server):
+    with TandemClient(server.target, token=INFERENCE_TOKEN) as user:
+        assert rpc_error(lambda: user.merge_adapters("m", ["a0", "a1"], "linear")).code == grpc.StatusCode.PERMISSION_DENIED
+        assert rpc_error(lambda: user.compress_adapter("s", "a0")).code == grpc.StatusCode.PERMISSION_DENIED
+        assert len(user.generate(adapter={"a0": 0.5, "a1": 0.5}, **GREEDY).token_ids) == 6
