@@ -26,6 +26,7 @@ import argparse
 import functools
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -718,6 +719,57 @@ def print_comparison(c: dict) -> None:
     print(f"  {'total':36s} {c['tandem_total_ms']:9.0f} {c['peft_total_ms']:9.0f} {c['tandem_total_ms'] - c['peft_total_ms']:+9.0f}")
 
 
+def matmul_rate(dtype: torch.dtype, m: int = 1024, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
+    """FLOP/s of the best of `repeats` [m, k] x [k, n] GEMMs: what a training step's large
+    GEMMs (1024 tokens through an MLP projection of SmolLM2) can reach on these threads."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+def step_flops_per_token(hf, seq_len: int) -> float:
+    """FLOPs one trained token costs with a frozen base, whatever the implementation: the
+    forward (2 per weight) and the backward to the activations (2 per weight, no weight
+    gradient), over every linear and the lm_head, plus causal attention (QK^T and PV, forward
+    and twice in backward, over half the sequence on average). LoRA's own FLOPs are < 3% here
+    and left out, so this is a lower bound on the work."""
+    cfg = hf.config
+    weights = sum(p.numel() for name, p in hf.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
+    if cfg.tie_word_embeddings:
+        weights += cfg.vocab_size * cfg.hidden_size
+    attention = 3 * 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * seq_len / 2
+    return 4 * weights + attention
+
+
+def compute_floor(hf, threads: int) -> dict:
+    """The step-time floor on this machine: tokens/s if every FLOP ran at the measured GEMM rate."""
+    torch.set_num_threads(threads)
+    out = {"threads": threads, "gemm_shape": [1024, 576, 1536]}
+    for dtype in (torch.float32, torch.bfloat16):
+        rate = matmul_rate(dtype)
+        name = str(dtype).removeprefix("torch.")
+        out[name] = {"gemm_flops_per_s": rate}
+        for seq_len in SHAPES:
+            flops = step_flops_per_token(hf, seq_len)
+            out[name][f"tok_s_ceiling_seq{seq_len}"] = rate / flops
+            out[name][f"flops_per_token_seq{seq_len}"] = flops
+    return out
+
+
+def print_floor(floor: dict, summary: list[dict] | None = None) -> None:
+    print(f"\nthe floor: measured GEMM rate ({floor['threads']} threads) and what it allows")
+    for dtype in ("float32", "bfloat16"):
+        f = floor[dtype]
+        ceilings = "  ".join(f"seq {s}: <= {f[f'tok_s_ceiling_seq{s}']:.0f} tok/s" for s in SHAPES)
+        print(f"  {dtype:9s} {f['gemm_flops_per_s'] / 1e9:7.1f} GFLOP/s   {ceilings}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -728,7 +780,15 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-only", action="store_true", help="measure the floor and add it to bench/results/finetune_cpu.json")
     args = ap.parse_args()
+    if args.floor_only:
+        path = Path(__file__).resolve().parent / "results" / "finetune_cpu.json"
+        result = json.loads(path.read_text())
+        result["floor"] = compute_floor(load_gguf()[0], args.threads) | {"measured": machine_info()}
+        print_floor(result["floor"])
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.worker:
         case = Case(**json.loads(args.worker))
         print(RESULT_PREFIX + json.dumps(worker(case, args.model_dir)), flush=True)
@@ -771,6 +831,8 @@ def main() -> None:
                 print_profile(pair[0])
                 comparisons.append(compare_profiles(*pair))
                 print_comparison(comparisons[-1])
+        floor = compute_floor(load_staged(model_dir)[0], args.threads)
+        print_floor(floor)
     result = {
         "machine": info, "code": code, "model": model_name, "threads": args.threads, "engine_auto_dtype_on_this_cpu": auto_dtype,
         "workload": {
@@ -782,6 +844,9 @@ def main() -> None:
             "tandem_kv_cache_bytes": KV_CACHE_BYTES, "tandem_micro_batches": sorted({c.micro_batch for c in cases(0, 0, 0) if c.micro_batch}),
         },
         "notes": [
+            "floor: the best-of-20 rate of a [1024, 576] x [576, 1536] GEMM per dtype on the run's threads, and the "
+            "tokens/s a step could reach if all its FLOPs (4 per frozen weight, forward and backward to the activations, "
+            "plus causal attention; LoRA's < 3% left out) ran at that rate: a ceiling for any implementation.",
             "tok_s: tokens of an optimizer step / the median wall time of the measured steps (forward, backward, "
             "clipping, AdamW step; warm-up steps excluded), the median over rounds when there are several; tok_s_mean "
             "in runs: the same over the sum of the step times. Each configuration runs in a fresh process, on a copy of "
@@ -824,7 +889,7 @@ def main() -> None:
             "GEMM, float32 upcast, cross-entropy and the row gathers. Times are self CPU time; Python between ops "
             "counts in the enclosing label's own time. profile_comparison puts the two side by side.",
         ],
-        "runs": runs, "summary": summary, "ratios": ratios, "profile_comparison": comparisons, "profiles": profiles,
+        "floor": floor, "runs": runs, "summary": summary, "ratios": ratios, "profile_comparison": comparisons, "profiles": profiles,
         "wall_s": time.perf_counter() - started,
     }
     stem = "finetune_cpu" + ("" if args.threads == 2 else f"_threads{args.threads}") + ("_quick" if args.quick else "")
