@@ -25,6 +25,7 @@ from tandem.server.engine.scheduler import Scheduler
 from tandem.server.engine.token_histogram import ITERATION_TOKEN_BUCKETS, TokenHistogram
 from tandem.server.engine.sequence import Sequence
 from tandem.server.errors import InvalidRequest, ResourceExhausted
+from tandem.server.load_phases import load_phase
 from tandem.server.model.loader import LoadedModel, load_model
 from tandem.server.model.lora_linear import attach_lora
 
@@ -94,7 +95,9 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> "Engine":
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        return cls(load_model(config.model, config.resolve_dtype(), config.resolve_device()), config)
+        loaded = load_model(config.model, config.resolve_dtype(), config.resolve_device())
+        with load_phase("engine", kv_cache_bytes=config.kv_cache_bytes):
+            return cls(loaded, config)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest for anything this request could never run with."""
