@@ -21,6 +21,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
-from bench.synthetic_task import EVAL_SEED, TASKS  # noqa: E402
+from bench.synthetic_task import EVAL_SEED, TASKS, exact_match  # noqa: E402
 from bench.task_adapters import (  # noqa: E402
-    RANK, accuracy, add_arguments, adapters_dir, answers, apply_quick, held_out, load_model, make_engine, task_adapters, train_rows,
+    RANK, add_arguments, adapters_dir, answers, completions, apply_quick, held_out, load_model, make_engine, task_adapters, train_rows,
 )
 from tandem.server.adapters.router_format import router_config, router_files  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
@@ -42,17 +43,18 @@ from tandem.server.model.lora_targets import group_linears  # noqa: E402
 GOALS = {"router_vs_matching_adapter": 0.95}
 
 
-def train_router(engine: Engine, rows: list[dict], steps: int) -> float:
-    """Train a top-2 router's gates over the task adapters on task-labelled rows; seconds."""
+def train_router(engine: Engine, rows: list[dict], steps: int) -> tuple[float, list[float]]:
+    """Train a top-2 router's gates over the task adapters on task-labelled rows; seconds, and
+    each step's language-model loss."""
     start = time.perf_counter()
     hp = Hyperparameters(learning_rate=5e-3, max_steps=steps, tokens_per_step=1024, seed=0)
     examples = parse_dataset("\n".join(json.dumps(r) for r in rows), engine.tokenizer, 512)
     experts = [engine.registry.get(t) for t in TASKS]
     gates = TrainableGates(engine.runner.model, experts, RANK, RouterSpec(tuple(TASKS), top_k=2))
-    for _ in Trainer(gates, hp, examples, [], engine.config.finetune_micro_batch_tokens).run(engine):
-        pass
+    trainer = Trainer(gates, hp, examples, [], engine.config.finetune_micro_batch_tokens)
+    losses = [report.train_loss for report in trainer.run(engine) if report is not None]
     engine.registry.publish_router("router", gates.files())
-    return time.perf_counter() - start
+    return time.perf_counter() - start, losses
 
 
 def publish_uniform(engine: Engine) -> None:
@@ -97,20 +99,27 @@ def main() -> None:
         engine = make_engine(loaded, directory, len(TASKS) + 1)
         result["task_adapters"] = task_adapters(engine, args.train, args.steps)
         publish_uniform(engine)
-        result["seconds"]["train_router"] = train_router(engine, mixed, args.gate_steps)
+        result["seconds"]["train_router"], result["router_train_loss"] = train_router(engine, mixed, args.gate_steps)
         print(f"trained the router in {result['seconds']['train_router']:.0f}s", flush=True)
         mixes = composite(examples, args.eval)
         scores: dict[str, dict[str, float]] = {}
+        top_expert_share: dict[str, dict[str, float]] = {}
         for config in [None, *TASKS, "uniform", "router"]:
             label = config or "base"
-            scores[label] = {task: accuracy(engine, task_examples, config) for task, task_examples in examples.items()}
+            scores[label] = {}
+            for task, task_examples in examples.items():
+                outs = completions(engine, [e["prompt"] for e in task_examples], config)
+                scores[label][task] = sum(exact_match(t, e) for (t, _), e in zip(outs, task_examples)) / len(task_examples)
+                if config == "router":
+                    top = Counter(expert for _, experts in outs for expert in experts)
+                    top_expert_share[task] = {e: top[e] / max(1, top.total()) for e in TASKS}
             texts = answers(engine, [m["prompt"] for m in mixes], config)
             scores[label]["composite"] = sum(composite_score(t, m) for t, m in zip(texts, mixes)) / len(mixes)
             print(f"{label:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in scores[label].items()), flush=True)
     ratios = {task: scores["router"][task] / scores[task][task] if scores[task][task] else None for task in TASKS}
     best_single_composite = max(scores[t]["composite"] for t in TASKS)
     result.update(
-        accuracy=scores, router_vs_matching_adapter=ratios,
+        accuracy=scores, router_vs_matching_adapter=ratios, router_top_expert_share=top_expert_share,
         router_beats_every_adapter_on_composite=scores["router"]["composite"] > best_single_composite,
         goals=GOALS,
         meets_goals=all(r is not None and r >= GOALS["router_vs_matching_adapter"] for r in ratios.values())
@@ -119,6 +128,8 @@ def main() -> None:
     print(f"{'':8s} " + "  ".join(f"{k:>9s}" for k in [*TASKS, "composite"]))
     for label, row in scores.items():
         print(f"{label:8s} " + "  ".join(f"{row[k]:9.2f}" for k in [*TASKS, "composite"]))
+    for task, share in top_expert_share.items():
+        print(f"router on {task}: generated tokens' top expert " + ", ".join(f"{e} {v:.0%}" for e, v in share.items()))
     print("router / matching adapter: " + ", ".join(f"{t} {r if r is None else round(r, 3)}" for t, r in ratios.items()))
     write_result("routing_eval" + ("_quick" if args.quick else ""), result, plot)
 

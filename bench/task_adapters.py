@@ -133,19 +133,26 @@ def task_adapters(engine: Engine, train: int, steps: int) -> dict:
     return {**record, "reused": False}
 
 
-def answers(engine: Engine, prompts: list[str], adapter: str | None) -> list[str]:
-    """Greedy answers to user messages, all requests in flight at once."""
+def completions(engine: Engine, prompts: list[str], adapter: str | None) -> list[tuple[str, list[str]]]:
+    """Greedy answers to user messages, all requests in flight at once, each with the top
+    expert of every generated token (a router's; empty for anything else)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
     lora = None if adapter is None else engine.registry.get(adapter)
-    texts: dict[str, str] = {}
+    outs: dict[str, tuple[str, list[str]]] = {}
     for i, prompt in enumerate(prompts):
         text = render_chat(engine.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
         engine.add_request(f"{adapter}-{i}", engine.tokenizer(text, add_special_tokens=False).input_ids, params, lora)
-        texts[f"{adapter}-{i}"] = ""
+        outs[f"{adapter}-{i}"] = ("", [])
     while engine.has_work():
         for out in engine.step():
-            texts[out.request_id] += out.text
-    return [texts[f"{adapter}-{i}"] for i in range(len(prompts))]
+            text, experts = outs[out.request_id]
+            outs[out.request_id] = (text + out.text, experts + (out.top_experts or []))
+    return [outs[f"{adapter}-{i}"] for i in range(len(prompts))]
+
+
+def answers(engine: Engine, prompts: list[str], adapter: str | None) -> list[str]:
+    """Greedy answers to user messages, all requests in flight at once."""
+    return [text for text, _ in completions(engine, prompts, adapter)]
 
 
 def accuracy(engine: Engine, examples: list[dict], adapter: str | None) -> float:
