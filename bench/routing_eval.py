@@ -3,7 +3,9 @@ to JSON, sort numbers, reverse words), one adapter per task trained through Tand
 a router's gates trained over them, then exact-match accuracy on held-out examples of the
 base model, of every adapter on every task, of the uniform average of the adapters (a router
 with zero gates mixing all three equally) and of the trained router, plus composite prompts
-that ask for two tasks at once (the answers on two lines; scored per answer line).
+that ask for two tasks at once (the answers on two lines; scored per answer line). Two
+diagnostics: the same gates routing top-1 (router-top1: what the second expert's weight
+costs), and on each task the share of generated tokens whose top expert was each adapter.
 
 Goals (issue 10): the router reaches at least 95% of the matching adapter's accuracy on each
 task, and beats every single adapter on the composite prompts.
@@ -13,7 +15,7 @@ scheduler, chat template as the server applies it). The task adapters come from
 bench/task_adapters.py: with --adapters-dir they are trained once and reused (by
 bench/algebra_eval.py too), else trained afresh in a temporary directory.
 
-    .venv/bin/python bench/routing_eval.py [--steps 30] [--gate-steps 30] [--eval 30] [--adapters-dir DIR] [--quick]
+    .venv/bin/python bench/routing_eval.py [--steps 30] [--gate-steps 30] [--gate-lr 5e-3] [--eval 30] [--adapters-dir DIR] [--quick]
 """
 
 import argparse
@@ -43,17 +45,20 @@ from tandem.server.model.lora_targets import group_linears  # noqa: E402
 GOALS = {"router_vs_matching_adapter": 0.95}
 
 
-def train_router(engine: Engine, rows: list[dict], steps: int) -> tuple[float, list[float]]:
-    """Train a top-2 router's gates over the task adapters on task-labelled rows; seconds, and
-    each step's language-model loss."""
+def train_router(engine: Engine, rows: list[dict], steps: int, lr: float) -> tuple[float, list[float]]:
+    """Train a top-2 router's gates over the task adapters on task-labelled rows and publish it,
+    with a top-1 twin on the same gates (router-top1: how much the second expert costs); seconds,
+    and each step's language-model loss."""
     start = time.perf_counter()
-    hp = Hyperparameters(learning_rate=5e-3, max_steps=steps, tokens_per_step=1024, seed=0)
+    hp = Hyperparameters(learning_rate=lr, max_steps=steps, tokens_per_step=1024, seed=0)
     examples = parse_dataset("\n".join(json.dumps(r) for r in rows), engine.tokenizer, 512)
     experts = [engine.registry.get(t) for t in TASKS]
     gates = TrainableGates(engine.runner.model, experts, RANK, RouterSpec(tuple(TASKS), top_k=2))
     trainer = Trainer(gates, hp, examples, [], engine.config.finetune_micro_batch_tokens)
     losses = [report.train_loss for report in trainer.run(engine) if report is not None]
     engine.registry.publish_router("router", gates.files())
+    top1 = router_config(list(TASKS), top_k=1)
+    engine.registry.publish_router("router-top1", router_files(top1, {key: g.detach() for key, g in gates.gates().items()}))
     return time.perf_counter() - start, losses
 
 
@@ -85,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--gate-steps", type=int, default=30, help="optimizer steps of the router's gates")
+    parser.add_argument("--gate-lr", type=float, default=5e-3, help="the gates' peak learning rate (linear decay)")
     args = parser.parse_args()
     apply_quick(args)
     if args.quick:
@@ -99,12 +105,12 @@ def main() -> None:
         engine = make_engine(loaded, directory, len(TASKS) + 1)
         result["task_adapters"] = task_adapters(engine, args.train, args.steps)
         publish_uniform(engine)
-        result["seconds"]["train_router"], result["router_train_loss"] = train_router(engine, mixed, args.gate_steps)
+        result["seconds"]["train_router"], result["router_train_loss"] = train_router(engine, mixed, args.gate_steps, args.gate_lr)
         print(f"trained the router in {result['seconds']['train_router']:.0f}s", flush=True)
         mixes = composite(examples, args.eval)
         scores: dict[str, dict[str, float]] = {}
         top_expert_share: dict[str, dict[str, float]] = {}
-        for config in [None, *TASKS, "uniform", "router"]:
+        for config in [None, *TASKS, "uniform", "router", "router-top1"]:
             label = config or "base"
             scores[label] = {}
             for task, task_examples in examples.items():
@@ -115,7 +121,7 @@ def main() -> None:
                     top_expert_share[task] = {e: top[e] / max(1, top.total()) for e in TASKS}
             texts = answers(engine, [m["prompt"] for m in mixes], config)
             scores[label]["composite"] = sum(composite_score(t, m) for t, m in zip(texts, mixes)) / len(mixes)
-            print(f"{label:8s} " + "  ".join(f"{k} {v:.2f}" for k, v in scores[label].items()), flush=True)
+            print(f"{label:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in scores[label].items()), flush=True)
     ratios = {task: scores["router"][task] / scores[task][task] if scores[task][task] else None for task in TASKS}
     best_single_composite = max(scores[t]["composite"] for t in TASKS)
     result.update(
@@ -125,9 +131,9 @@ def main() -> None:
         meets_goals=all(r is not None and r >= GOALS["router_vs_matching_adapter"] for r in ratios.values())
         and scores["router"]["composite"] > best_single_composite,
     )
-    print(f"{'':8s} " + "  ".join(f"{k:>9s}" for k in [*TASKS, "composite"]))
+    print(f"{'':12s} " + "  ".join(f"{k:>9s}" for k in [*TASKS, "composite"]))
     for label, row in scores.items():
-        print(f"{label:8s} " + "  ".join(f"{row[k]:9.2f}" for k in [*TASKS, "composite"]))
+        print(f"{label:12s} " + "  ".join(f"{row[k]:9.2f}" for k in [*TASKS, "composite"]))
     for task, share in top_expert_share.items():
         print(f"router on {task}: generated tokens' top expert " + ", ".join(f"{e} {v:.0%}" for e, v in share.items()))
     print("router / matching adapter: " + ", ".join(f"{t} {r if r is None else round(r, 3)}" for t, r in ratios.items()))
