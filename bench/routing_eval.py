@@ -15,7 +15,7 @@ scheduler, chat template as the server applies it). The task adapters come from
 bench/task_adapters.py: with --adapters-dir they are trained once and reused (by
 bench/algebra_eval.py too), else trained afresh in a temporary directory.
 
-    .venv/bin/python bench/routing_eval.py [--steps 30] [--gate-steps 30] [--gate-lr 5e-3] [--eval 30] [--adapters-dir DIR] [--quick]
+    .venv/bin/python bench/routing_eval.py [--steps 30] [--gate-steps 60] [--gate-lr 1e-2] [--eval 30] [--adapters-dir DIR] [--quick]
 """
 
 import argparse
@@ -89,8 +89,8 @@ def composite_score(text: str, example: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    parser.add_argument("--gate-steps", type=int, default=30, help="optimizer steps of the router's gates")
-    parser.add_argument("--gate-lr", type=float, default=5e-3, help="the gates' peak learning rate (linear decay)")
+    parser.add_argument("--gate-steps", type=int, default=60, help="optimizer steps of the router's gates")
+    parser.add_argument("--gate-lr", type=float, default=1e-2, help="the gates' peak learning rate (linear decay)")
     args = parser.parse_args()
     apply_quick(args)
     if args.quick:
