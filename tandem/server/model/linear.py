@@ -1,8 +1,10 @@
 """The one linear layer every projection of the model goes through.
 
 Fusing q/k/v and gate/up into one weight halves the number of GEMM launches; the output
-is split into named slices afterwards. Batched LoRA (issue 2) attaches here and only here:
-it wraps `forward` to add a per-token delta to each slice, so the model code never changes.
+is split into named slices afterwards. Forwards without autograd run through a copy of the
+weight reordered once for oneDNN where the CPU has it (tandem/kernels/packed_linear.py).
+Batched LoRA (issue 2) attaches here and only here: it wraps `forward` to add a per-token
+delta to each slice, so the model code never changes.
 """
 
 from typing import TYPE_CHECKING
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tandem.kernels import row_buckets
+from tandem.kernels.packed_linear import Prepacked
 
 if TYPE_CHECKING:
     from tandem.server.model.batch import ForwardBatch
@@ -30,6 +32,7 @@ class FusedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_slices = out_slices
+        self.packed = Prepacked()
 
     @property
     def in_features(self) -> int:
@@ -37,7 +40,7 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: "ForwardBatch") -> torch.Tensor:
         """x: [T, in_features] -> [T, sum(out_slices)]; batch carries per-token adapter ids for LoRA."""
-        return row_buckets.linear(x, self.weight, self.bias)
+        return self.packed.linear(x, self.weight, self.bias)
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(y, self.out_slices, dim=-1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.kernels import row_buckets
+from tandem.kernels.packed_linear import Prepacked
 from tandem.server.model.attention import attention
 from tandem.server.model.batch import ForwardBatch
 from tandem.server.model.linear import FusedLinear
@@ -125,6 +125,7 @@ class LlamaModel(nn.Module):
         self.norm = norm
         # lm_head None means tied embeddings: the output projection is the embedding itself.
         self.lm_head = self.embed if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.lm_head_packed = Prepacked()
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for every token of the batch."""
@@ -136,4 +137,4 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
-        return row_buckets.linear(hidden, self.lm_head).float()
+        return self.lm_head_packed.linear(hidden, self.lm_head).float()

@@ -1,0 +1,73 @@
+"""Frozen weights reordered once for oneDNN, for inference matmuls on CPU.
+
+`F.linear` in bfloat16 on CPU hands oneDNN the weight in its plain layout, and oneDNN
+repacks it into the blocked layout its (AMX / AVX-512) kernels read on every call: for
+SmolLM2's lm_head that is 56 MB copied per decode step. Reordering once, on first use, and
+calling oneDNN's linear with the reordered weight skips that (bench/base_linears.py
+measures it per shape and row count). The reordered copy serves only forwards without
+autograd: oneDNN's linear has no backward, so a forward that trains (activation gradients
+through the frozen base) keeps `F.linear` on the plain weight, which stays the weight of
+record. Without oneDNN, on other devices or dtypes, prepack returns None and every call is
+`F.linear`, so the engine runs the same everywhere.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels import row_buckets
+
+# Measured on a 2-core Xeon with AMX over SmolLM2's shapes, weights streamed from memory
+# (bench/results/base_linears_cpu.json): up to 256 rows the reordered weight ran 1.2-1.6x
+# faster than F.linear on every shape; at 512 it lost on two (0.76-0.81x) and tied over a
+# layer, so rows past this (long prefill chunks) keep F.linear.
+PACKED_MAX_ROWS = 256
+
+
+def supported(weight: torch.Tensor) -> bool:
+    """Whether this build and CPU run oneDNN's linear on a reordered weight of this dtype.
+    bfloat16 only: in float32 the reordered weight lost to F.linear (MKL) on SmolLM2's
+    smaller shapes and at 1-2 rows, and won only on the lm_head and gate/up (the bench)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return ops._is_mkldnn_bf16_supported()
+    return False
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight [out, in] reordered for oneDNN, or None where the plain path must serve."""
+    if not supported(weight):
+        return None
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+class Prepacked:
+    """One frozen weight's oneDNN copy, made on its first forward without autograd and then
+    kept; made again if the weight passed in is another tensor (replaced, moved, recast).
+    Lazy, so a layer rebuilt around the same weight (LoRA attaching) packs it only once."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, in] -> [T, out] = x weight^T (+ bias). Through the reordered weight when there
+        is one, T <= PACKED_MAX_ROWS and no graph is being recorded, else F.linear; rows
+        padded to their bucket either way (oneDNN keeps a kernel per shape)."""
+        rows = x.shape[0]
+        if rows > PACKED_MAX_ROWS or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return row_buckets.linear(x, weight, bias)
+        key = (weight.data_ptr(), weight.dtype, weight.device, weight.shape)
+        if key != self._key:
+            self._packed, self._key = prepack(weight), key
+        if self._packed is None:
+            return row_buckets.linear(x, weight, bias)
+        padded = row_buckets.bucket_rows(rows)
+        if padded != rows:
+            x = F.pad(x, (0, 0, 0, padded - rows))
+        y = torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+        return y if padded == rows else y[:rows]
