@@ -1,8 +1,9 @@
 """Drive the engine from a background thread and stream its outputs into asyncio.
 
 The event loop never runs model code: submissions and aborts go through a thread-safe inbox,
-the engine thread steps whenever there is work, and each output is handed to the request's
-asyncio queue with call_soon_threadsafe. Leaving a stream early aborts its request, so a
+the engine thread steps whenever there is work, and a step's outputs are handed to their
+requests' asyncio queues in one call_soon_threadsafe per event loop (one wake-up of the loop
+per step, not one per stream). Leaving a stream early aborts its request, so a
 client that disconnects frees its KV blocks within one iteration.
 """
 
@@ -10,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -74,6 +76,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        # Deliveries of the engine thread's current pass, posted together by _flush.
+        self._pending: list[tuple[_Stream, RequestOutput | Exception]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.jobs: JobManager | None = None
@@ -204,6 +208,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stopping:
             self._drain_inbox()
+            self._flush()
             inference = self.engine.has_work()
             training = self.jobs is not None and self.jobs.has_work()
             if not inference and not training:
@@ -212,6 +217,7 @@ class AsyncEngine:
                 continue
             if inference:
                 self._step()
+                self._flush()
             # One training micro-batch between inference iterations (issue 5 fuses them).
             if training:
                 self.jobs.run_once()
@@ -268,4 +274,18 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
         if stream is not None:
             stream.delivered += 1
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            self._pending.append((stream, item))
+
+    def _flush(self) -> None:
+        """Post the pending deliveries: one callback per event loop, in delivery order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | Exception]]] = defaultdict(list)
+        for stream, item in self._pending:
+            by_loop[stream.loop].append((stream.queue, item))
+        self._pending = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | Exception]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
