@@ -38,13 +38,12 @@ from safetensors.torch import save as save_safetensors
 from tandem.server.adapters.peft_format import (
     CONFIG_FILE,
     LoRAAdapter,
-    _digest,
     _json_object,
     _own_file,
-    _read_all,
     adapter_of_modules,
     pair_tensors,
     read_config,
+    read_hashed,
 )
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
@@ -144,12 +143,12 @@ def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slo
         raise NotFound(f"adapter {name!r} not found: {path} has no {WEIGHTS_FILE}")
     config_bytes, config = read_config(name, path)
     try:
-        data = _read_all(_own_file(name, path, WEIGHTS_FILE))
+        data, digest = read_hashed(_own_file(name, path, WEIGHTS_FILE), config_bytes)
         ternary = parse_compressed(bytes(data))
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
     modules = pair_tensors(name, {key: t.dense() for key, t in ternary.items()})
-    adapter = adapter_of_modules(name, path, config, modules, _digest(config_bytes, data), model, max_rank, slot_dtype)
+    adapter = adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype)
     for (layer, group), g in adapter.groups.items():
         for s, (_, _, scale) in list(g.slices.items()):
             key = f"base_model.model.{module_path(layer, target_of(layer, group, s))}"

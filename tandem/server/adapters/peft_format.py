@@ -6,15 +6,17 @@ fuses q/k/v and gate/up (server/model/lora_targets.py), so an adapter is grouped
 share one shrink at the group's largest rank (a slot holds each slice's A rows, zero past
 the slice's own rank), their B scaled by alpha / r (alpha / sqrt(r) with rsLoRA) as they
 are copied into a slot, so the kernels never scale. The tensors are kept as read (views of
-the file's mapping) and copied once, into the slot: a second copy of a 20 MB adapter, or
-scaling it in place, costs ~30-40 ms of page faults on our hosts.
+the bytes read) and copied once, into the slot: a second copy of a 20 MB adapter, or
+scaling it in place, costs ~30-40 ms of page faults on our hosts. The server reads into its
+host slab (host_slab.py), memory touched once, for the same reason.
 """
 
 import hashlib
 import json
 import math
+import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from tandem.server.model.lora_targets import TARGET_SLICES, group_linears
 CONFIG_FILE = "adapter_config.json"
 # Far past any real adapter's dimension, and below what torch's shapes hold (2^63).
 MAX_DIMENSION = 1 << 40
+# Bytes read per system call, each hashed at once while it is still in the CPU's cache.
+READ_PIECE_BYTES = 1 << 20
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
@@ -78,22 +82,42 @@ class LoRAAdapter:
         return replace(self, groups=groups)
 
 
+# Writable memory for n bytes: a host slab's block (host_slab.py), or new memory.
+Buffer = Callable[[int], "bytearray | memoryview"]
+
+
 def content_hash(path: Path) -> str:
     """sha256 over the config and the weights: a re-uploaded adapter gets a new identity."""
-    return _digest((path / CONFIG_FILE).read_bytes(), _read_all(path / WEIGHTS_FILE))
+    return read_hashed(path / WEIGHTS_FILE, (path / CONFIG_FILE).read_bytes())[1]
 
 
-def _digest(config: bytes, weights: bytes) -> str:
-    h = hashlib.sha256(config)
-    h.update(weights)
-    return h.hexdigest()
+def read_hashed(path: Path, prefix: bytes, buffer: Buffer = bytearray) -> tuple[bytearray | memoryview, str]:
+    """The file's bytes, in memory from buffer(its size), and sha256(prefix + those bytes),
+    in one pass. The bytes are ours: a file overwritten later leaves them as read. OSError
+    when the file cannot be read or changes size while being read."""
+    h = hashlib.sha256(prefix)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = buffer(size)
+        view = memoryview(data)
+        done = 0
+        while done < size:
+            got = f.readinto(view[done : done + READ_PIECE_BYTES])
+            if not got:
+                break
+            h.update(view[done : done + got])
+            done += got
+        if done != size or f.read(1):
+            raise OSError(f"{path} changed size while being read")
+    return data, h.hexdigest()
 
 
 def read_adapter(
-    name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32
+    name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32,
+    buffer: Buffer = bytearray,
 ) -> LoRAAdapter:
     """Load and validate a PEFT LoRA adapter; every refusal says exactly why, and where in
-    which file, but never quotes the file's bytes.
+    which file, but never quotes the file's bytes. Its tensors are views of buffer(file size).
 
     Every weight must be finite and fit slot_dtype once scaled: one NaN would turn its
     requests' output into garbage, so it is refused here, before any request uses it."""
@@ -103,22 +127,19 @@ def read_adapter(
         raise IncompatibleAdapter(f"adapter {name!r} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
     config_bytes, config = read_config(name, path)
     weights_path = _own_file(name, path, WEIGHTS_FILE)
-    try:
-        weights = _read_all(weights_path)
-    except OSError as exc:
-        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
     # One read into memory we own: the hash is of exactly the bytes parsed, and the tensors
     # are views of them (a mapping of the file would change under a cached adapter if the
     # file were overwritten in place; a copy per tensor costs another pass of page faults).
-    # Hash on a second thread while this one parses (hashlib releases the GIL).
-    with ThreadPoolExecutor(1, thread_name_prefix="adapter-hash") as hasher:
-        digest = hasher.submit(_digest, config_bytes, weights)
-        try:
-            tensors = _parse_safetensors(weights)
-        except ValueError as exc:
-            raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-        modules = pair_tensors(name, tensors)
-    return adapter_of_modules(name, path, config, modules, digest.result(), model, max_rank, slot_dtype)
+    try:
+        weights, digest = read_hashed(weights_path, config_bytes, buffer)
+    except OSError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
+    try:
+        tensors = _parse_safetensors(weights)
+    except ValueError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
+    modules = pair_tensors(name, tensors)
+    return adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype)
 
 
 def read_config(name: str, path: Path) -> tuple[bytes, dict]:
@@ -182,14 +203,6 @@ def _own_file(name: str, directory: Path, file: str) -> Path:
     return real
 
 
-def _read_all(path: Path) -> bytearray:
-    data = bytearray(path.stat().st_size)
-    with open(path, "rb") as f:
-        if f.readinto(data) != len(data) or f.read(1):
-            raise OSError(f"{path} changed size while being read")
-    return data
-
-
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -204,7 +217,7 @@ class _TensorEntry:
     end: int
 
 
-def _parse_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
+def _parse_safetensors(data: bytearray | memoryview) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in data, as views of it: an 8-byte little-endian
     header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data. Raises
     ValueError saying what is wrong and where."""
@@ -261,7 +274,7 @@ def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
         raise ValueError(f"the data section has {data_bytes - position} bytes after its last tensor")
 
 
-def _view(data: bytearray, base: int, e: _TensorEntry) -> torch.Tensor:
+def _view(data: bytearray | memoryview, base: int, e: _TensorEntry) -> torch.Tensor:
     if any(d >= MAX_DIMENSION for d in e.shape):
         raise ValueError(f"tensor {excerpt(e.key)} has a dimension of {max(e.shape)}, more than any adapter has")
     count = math.prod(e.shape)
@@ -415,16 +428,28 @@ def _is_finite_number(value: object) -> bool:
 
 def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, slot_dtype: torch.dtype) -> None:
     """Refuse NaN/inf weights, and weights that overflow slot_dtype as a slot holds them (B scaled)."""
+    magnitudes = []
     for label, t in (("lora_A", a), ("lora_B", b)):
-        if not bool(torch.isfinite(t).all()):
+        magnitudes.append(_magnitude(t))
+        if not math.isfinite(magnitudes[-1]):
             raise IncompatibleAdapter(f"adapter {name!r} has NaN or infinite values in {module}.{label}")
-    largest = max(float(a.abs().amax()) if a.numel() else 0.0, float(b.abs().amax()) * abs(scale) if b.numel() else 0.0)
+    largest = max(magnitudes[0], magnitudes[1] * abs(scale))
     limit = torch.finfo(slot_dtype).max
     if not largest <= limit:
         raise IncompatibleAdapter(
             f"adapter {name!r} overflows {str(slot_dtype).removeprefix('torch.')} in {module}: "
             f"its largest scaled weight is {largest:.3g}, the limit {limit:.3g}"
         )
+
+
+def _magnitude(t: torch.Tensor) -> float:
+    """The largest |value| of t, NaN when t holds one, in one pass that writes nothing: a
+    temporary the size of the adapter (t.abs(), isfinite(t)) is new memory, faulted in
+    page by page on every read."""
+    if not t.numel():
+        return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
 
 
 def peft_config(

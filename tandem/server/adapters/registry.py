@@ -2,7 +2,10 @@
 
 Thousands of adapters may sit in the adapters directory; one is read the first time a
 request or LoadAdapter names it. The host cache holds parsed adapters up to a byte budget;
-an adapter used by a queued or running request is pinned and never evicted. Requests hold
+an adapter used by a queued or running request is pinned and never evicted. The budget is
+also the cache's memory, a host slab (host_slab.py) that PEFT files are read into: a read
+evicts least recently used adapters until its block fits, and takes new memory only when
+the adapters in use leave no room. Requests hold
 the LoRAAdapter object they started with, so reloading a name (a new content hash) never
 mixes versions inside one request. Thread-safe: API threads and the engine thread share it.
 
@@ -31,6 +34,7 @@ import torch
 
 from tandem.server.adapters.compeft_format import WEIGHTS_FILE as COMPRESSED_FILE
 from tandem.server.adapters.compeft_format import compressed_files, is_compressed, read_compressed
+from tandem.server.adapters.host_slab import HostSlab
 from tandem.server.adapters.merging import MergeSpec, merge_adapters, module_weights
 from tandem.server.adapters.mixture import Mixture, check_members
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, read_config, write_adapter
@@ -151,6 +155,8 @@ class AdapterRegistry:
         self.host_bytes = host_bytes
         self.pool = pool
         self.refresh_seconds = refresh_seconds
+        # The cache's budget as memory touched once (page-locked on CUDA) that reads fill.
+        self.slab = HostSlab(host_bytes, pin=pool.device.type == "cuda")
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         # name -> (stamp of the files the cached version was read from, when last checked)
@@ -368,10 +374,13 @@ class AdapterRegistry:
         # A failed read leaves the version already cached (if any) in place. The stamp is
         # taken first: a change during the read is seen (and read again) at the next check.
         stamp = file_stamp(directory)
-        read = read_compressed if is_compressed(directory) else read_adapter
-        adapter = read(name, directory, self.model, self.max_rank, self.pool.dtype)
+        compressed = is_compressed(directory)
+        if compressed:  # packed bits, a small copy of the file: no slab block outlives the read
+            adapter = read_compressed(name, directory, self.model, self.max_rank, self.pool.dtype)
+        else:
+            adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype, lambda n: self._memory(name, n))
         if self.pool.device.type == "cuda":
-            adapter = adapter.pin_memory()
+            adapter = adapter.pin_memory()  # a no-op for tensors in the (page-locked) slab
         with self._lock:
             # An unload while this read was under way wins (load clears the mark first).
             self._check_not_unloaded(name)
@@ -382,11 +391,26 @@ class AdapterRegistry:
                 name=name, rank=adapter.rank, target_modules=adapter.targets,
                 # Relative to the adapters directory, as the proto says: never the server's layout.
                 content_hash=adapter.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
-                format="compeft" if read is read_compressed else "peft",
+                format="compeft" if compressed else "peft",
                 compression_ratio=adapter.float32_bytes / adapter.nbytes,
             )
             self._evict_over_budget()
         return adapter
+
+    def _memory(self, name: str, size: int) -> "memoryview | bytearray":
+        """Memory to read `size` bytes of name's weights into: a slab block, evicting least
+        recently used adapters not in use (but not name's cached version, kept if the read
+        fails) until one fits; new memory when none does (the cache then runs over budget
+        while the adapters in use need it, as it always has)."""
+        with self._lock:
+            while (block := self.slab.block(size)) is None:
+                victim = next((n for n in self._cache if n != name and not self._in_use.get(n)), None)
+                if victim is None:
+                    return bytearray(size)
+                self._cache.pop(victim)
+                self._stamps.pop(victim, None)
+                self.host_evictions += 1
+            return block
 
     def _evict_over_budget(self) -> None:
         """Drop least recently used adapters not in use; the newest stays even over budget,

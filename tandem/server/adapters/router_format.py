@@ -28,12 +28,11 @@ from safetensors.torch import save as save_safetensors
 
 from tandem.server.adapters.peft_format import (
     LoRAAdapter,
-    _digest,
     _json_object,
     _own_file,
     _parse_safetensors,
-    _read_all,
     _shown,
+    read_hashed,
 )
 from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, NotFound
@@ -97,14 +96,14 @@ def read_router(name: str, path: Path, model: LlamaModel) -> Router:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
     experts, top_k, temperature = _check_config(name, config)
     try:
-        data = _read_all(_own_file(name, path, GATES_FILE))
+        data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes)
         tensors = _parse_safetensors(data)
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {GATES_FILE}: {exc}") from exc
     return Router(
         name=name,
         path=path,
-        content_hash=_digest(config_bytes, data),
+        content_hash=digest,
         experts=experts,
         top_k=top_k,
         temperature=temperature,

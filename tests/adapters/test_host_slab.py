@@ -1,0 +1,178 @@
+"""Adapter reads into the host slab: the bytes and hash are the file's, a file that changes
+while it is read is refused or read whole, and the cache's evictions give the slab's space
+back to later reads (or, when every adapter is in use, the read takes new memory)."""
+
+import gc
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem.server.adapters import peft_format
+from tandem.server.adapters.host_slab import ALIGN, HostSlab, SlabStats
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_hashed
+from tandem.server.adapters.registry import AdapterRegistry
+from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.errors import IncompatibleAdapter
+from tandem.server.model.loader import build_from_hf
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+
+MAX_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def base(tiny_hf_model):
+    return build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tiny_hf_model) -> Path:
+    """Three adapters of one size (different weights) and one twice as large."""
+    root = tmp_path_factory.mktemp("slab-adapters")
+    for seed, name in enumerate("abc"):
+        make_adapter(tiny_hf_model, root / name, r=4, target_modules=ALL_LINEAR, seed=seed)
+    make_adapter(tiny_hf_model, root / "big", r=MAX_RANK, target_modules=ALL_LINEAR, seed=9)
+    return root
+
+
+def file_digest(directory: Path) -> str:
+    return hashlib.sha256((directory / CONFIG_FILE).read_bytes() + (directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+
+def in_slab(adapter, slab: HostSlab) -> bool:
+    chunks = [(torch.frombuffer(c.buffer, dtype=torch.uint8).data_ptr(), c.size) for c in slab._chunks]
+    ptrs = [t.data_ptr() for g in adapter.groups.values() for a, b, _ in g.slices.values() for t in (a, b)]
+    return all(any(start <= p < start + size for start, size in chunks) for p in ptrs)
+
+
+def block_size(directory: Path) -> int:
+    return -(-(directory / WEIGHTS_FILE).stat().st_size // ALIGN) * ALIGN
+
+
+@pytest.mark.parametrize("piece", [peft_format.READ_PIECE_BYTES, 1000], ids=["one-piece", "many-pieces"])
+def test_a_slab_read_holds_the_files_bytes_and_their_sha256(sources, base, monkeypatch, piece):
+    monkeypatch.setattr(peft_format, "READ_PIECE_BYTES", piece)
+    slab = HostSlab(1 << 20)
+    weights = sources / "a" / WEIGHTS_FILE
+    data, digest = read_hashed(weights, b"prefix", slab.block)
+    assert isinstance(data, memoryview) and bytes(data) == weights.read_bytes()
+    assert digest == hashlib.sha256(b"prefix" + weights.read_bytes()).hexdigest()
+
+    adapter = read_adapter("a", sources / "a", base, MAX_RANK, buffer=slab.block)
+    fresh = read_adapter("a", sources / "a", base, MAX_RANK)
+    assert adapter.content_hash == fresh.content_hash == file_digest(sources / "a")
+    assert in_slab(adapter, slab) and not in_slab(fresh, slab)
+    for key, g in fresh.groups.items():
+        for s, (a, b, scale) in g.slices.items():
+            a2, b2, scale2 = adapter.groups[key].slices[s]
+            assert torch.equal(a, a2) and torch.equal(b, b2) and scale == scale2
+
+
+def test_a_block_returns_to_the_slab_when_its_last_view_dies_and_free_space_coalesces():
+    slab = HostSlab(4 * ALIGN)
+    blocks = [slab.block(ALIGN) for _ in range(4)]
+    assert slab.block(1) is None and slab.stats().misses == 1
+    view = torch.frombuffer(blocks[1], dtype=torch.uint8)
+    del blocks[1:3]
+    assert slab.stats().used == 3 * ALIGN  # block 1 is still seen by a tensor
+    del view
+    gc.collect()
+    assert slab.stats().used == 2 * ALIGN
+    whole = slab.block(2 * ALIGN)  # blocks 1 and 2, merged back into one run
+    assert whole is not None and slab.stats() == SlabStats(4 * ALIGN, 4 * ALIGN, 4 * ALIGN, 3, 1)
+
+
+def _changing(path: Path, change) -> "peft_format.Buffer":
+    """A buffer that changes the file once its size has been taken, before its bytes are read."""
+
+    def buffer(size: int):
+        change(path)
+        return bytearray(size)
+
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda p: p.write_bytes(p.read_bytes()[:100]), lambda p: p.write_bytes(p.read_bytes() + b"\0" * 8)],
+    ids=["truncated", "grown"],
+)
+def test_a_file_that_changes_size_while_read_is_refused_and_its_block_freed(sources, base, tmp_path, change):
+    path = shutil.copytree(sources / "a", tmp_path / "x")
+    slab = HostSlab(1 << 20)
+
+    def buffer(size: int):
+        change(path / WEIGHTS_FILE)
+        return slab.block(size)
+
+    with pytest.raises(IncompatibleAdapter) as info:
+        read_adapter("x", path, base, MAX_RANK, buffer=buffer)
+    assert str(info.value).startswith("adapter 'x' has an unreadable adapter_model.safetensors: ")
+    assert str(info.value).endswith("changed size while being read")
+    del info
+    gc.collect()
+    assert slab.stats().used == 0
+
+
+def test_a_file_overwritten_before_its_bytes_are_read_is_read_whole_and_hashed_as_read(sources, base, tmp_path):
+    # The size is taken, then `cp b a` rewrites the file in place (same size): what is read,
+    # hashed and checked is b's bytes, all of them, never a mix the hash does not describe.
+    path = shutil.copytree(sources / "a", tmp_path / "x")
+    other = (sources / "b" / WEIGHTS_FILE).read_bytes()
+    adapter = read_adapter("x", path, base, MAX_RANK, buffer=_changing(path / WEIGHTS_FILE, lambda p: p.write_bytes(other)))
+    assert adapter.content_hash == hashlib.sha256((path / CONFIG_FILE).read_bytes() + other).hexdigest()
+    b = read_adapter("b", sources / "b", base, MAX_RANK)
+    q = (0, "qkv")
+    assert torch.equal(adapter.groups[q].slices[0][0], b.groups[q].slices[0][0])
+
+
+def registry_of(root: Path, base, host_bytes: int) -> AdapterRegistry:
+    return AdapterRegistry(str(root), base, MAX_RANK, host_bytes, SlotPool(base, 2, MAX_RANK, torch.float32, torch.device("cpu")))
+
+
+def test_evicted_adapters_give_their_slab_space_to_later_reads(sources, base, tmp_path):
+    for name in "abc":
+        shutil.copytree(sources / name, tmp_path / name)
+    registry = registry_of(tmp_path, base, 2 * block_size(sources / "a"))
+    first = registry.get("a")
+    start = first.groups[(0, "qkv")].slices[0][0].data_ptr()
+    assert in_slab(first, registry.slab)
+    del first
+    registry.get("b")
+    c = registry.get("c")  # the slab holds two: a, least recently used, goes and c takes its place
+    assert list(registry._cache) == ["b", "c"] and registry.host_evictions == 1
+    assert in_slab(c, registry.slab) and c.groups[(0, "qkv")].slices[0][0].data_ptr() == start
+    stats = registry.slab.stats()
+    # One refusal (c's first try), answered by evicting a; nothing read outside the slab.
+    assert (stats.mapped, stats.used, stats.blocks, stats.misses) == (registry.host_bytes, registry.host_bytes, 2, 1)
+    assert c.content_hash == file_digest(tmp_path / "c")
+
+
+def test_an_evicted_adapter_a_request_still_holds_keeps_its_bytes(sources, base, tmp_path):
+    for name in "ab":
+        shutil.copytree(sources / name, tmp_path / name)
+    registry = registry_of(tmp_path, base, block_size(sources / "a"))
+    a = registry.get("a")
+    before = a.groups[(0, "qkv")].slices[0][0].clone()
+    b = registry.get("b")  # a is evicted, but its block is still seen: b takes new memory
+    assert list(registry._cache) == ["b"] and not in_slab(b, registry.slab)
+    assert torch.equal(a.groups[(0, "qkv")].slices[0][0], before)
+
+
+def test_reads_past_the_free_space_take_new_memory_when_every_cached_adapter_is_in_use(sources, base, tmp_path):
+    for name in ("a", "b", "big"):
+        shutil.copytree(sources / name, tmp_path / name)
+    registry = registry_of(tmp_path, base, 2 * block_size(sources / "a"))
+    a = registry.get("a")
+    registry.pin(a)
+    big = registry.get("big")  # larger than the free space, and a is in use: served all the same
+    assert not in_slab(big, registry.slab) and big.content_hash == file_digest(tmp_path / "big")
+    assert registry.slab.stats().misses == 1 and list(registry._cache) == ["a", "big"]
+    registry.pin(big)
+    b = registry.get("b")  # fits beside a once nothing else is left to evict
+    assert in_slab(b, registry.slab) and list(registry._cache) == ["a", "big", "b"]
+    registry.unpin(a)
+    registry.unpin(big)
+    assert list(registry._cache) == ["b"]
