@@ -8,16 +8,18 @@ tensors are on CUDA; the torch reference (also the production CPU path) runs oth
 backend="triton" forces the kernels, e.g. on CPU tensors when they were imported with
 TRITON_INTERPRET=1 (tests); backend="torch" forces the reference.
 
-lora_delta_autograd is the differentiable form, for fine-tuning on the serving model.
+lora_delta_autograd is the differentiable form, for fine-tuning on the serving model;
+lora_add_autograd adds it to the base output, through single_adapter.py's dense path when
+every row trains one adapter (a fine-tuning micro-batch).
 """
 
 from torch import Tensor
 
-from . import autograd, reference
+from . import autograd, reference, single_adapter
 from .batch import LoRABatch, LoRAPairs, LoRAWeights, Segment, plain_pairs
 
 __all__ = [
-    "LoRABatch", "LoRAPairs", "LoRAWeights", "Segment", "lora_delta", "lora_delta_autograd", "lora_delta_pairs",
+    "LoRABatch", "LoRAPairs", "LoRAWeights", "Segment", "lora_add_autograd", "lora_delta", "lora_delta_autograd", "lora_delta_pairs",
     "lora_expand", "lora_shrink", "plain_pairs",
 ]
 
@@ -95,3 +97,16 @@ def lora_delta_autograd(x: Tensor, w: LoRAWeights, batch: LoRABatch, *, backend:
     weights under bfloat16 activations), zero for slots without tokens and past each rank.
     """
     return autograd.lora_delta(x, w, batch, _backend(x, backend))
+
+
+def lora_add_autograd(y: Tensor, x: Tensor, w: LoRAWeights, batch: LoRABatch, *, backend: str | None = None) -> Tensor:
+    """y + LoRA(x) as a new tensor, differentiable in y, x, w.a and w.b.
+
+    y: [T, sum(out_slices)] (the base layer's output), x: [T, in_features]. On the torch path,
+    a batch whose every row has w's one slot at its full rank (single_adapter.applies) takes
+    one shrink and one expand, with the weights converted once per version; any other batch
+    is y + lora_delta_autograd(x, w, batch).
+    """
+    if _backend(x, backend) == "torch" and single_adapter.applies(w, batch):
+        return single_adapter.lora_add(y, x, w)
+    return y + lora_delta_autograd(x, w, batch, backend=backend)

@@ -76,6 +76,9 @@ class TrainableAdapter(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
                 self.a[_name(layer, target)] = nn.Parameter(a.to(device))
                 self.b[_name(layer, target)] = nn.Parameter(torch.zeros(linear.out_slices[s], spec.r, device=device))
+        self._groups = {TARGET_SLICES[t][0] for t in spec.target_modules}
+        self._slots: dict[tuple[int, str], LoRAWeights] | None = None
+        self._slot_versions: list[int] = []
 
     @classmethod
     def from_adapter(cls, model: LlamaModel, adapter: LoRAAdapter, lora_dropout: float) -> "TrainableAdapter":
@@ -90,28 +93,44 @@ class TrainableAdapter(nn.Module):
         return trainable
 
     def slot_weights(self) -> dict[tuple[int, str], LoRAWeights]:
-        """The masters as one slot per adapted group, with autograd: a [1, S * r, in], b [1, N, r]
-        (scaled); slices the spec does not target are zero and get no gradient."""
+        """The masters as one slot per adapted group: a [1, S * r, in], b [1, N, r] (scaled);
+        slices the spec does not target are zero and get no gradient.
+
+        Built once per version of the masters (an optimizer step or a restore changes them in
+        place), not per micro-batch: the slots are leaves of their own, and a hook moves each
+        gradient that reaches them into the masters' .grad, as autograd through the fusing
+        would (a slice of a, b's rows times the scale)."""
+        versions = [p._version for p in self.parameters()]
+        if self._slots is None or versions != self._slot_versions:
+            with torch.no_grad():
+                self._slots = {key: self._fuse(key, linear) for key, linear in self._linears.items() if key[1] in self._groups}
+            self._slot_versions = versions
+        return self._slots
+
+    def _fuse(self, key: tuple[int, str], linear) -> LoRAWeights:
+        """The slot of one group, its leaves hooked to hand their gradients to the masters."""
+        layer, group = key
         r, scale = self.spec.r, self.spec.scale
-        targeted = {TARGET_SLICES[t][0] for t in self.spec.target_modules}
-        out = {}
-        for (layer, group), linear in self._linears.items():
-            if group not in targeted:
-                continue
-            a_parts, b_parts = [], []
-            for s, width in enumerate(linear.out_slices):
-                name = _name(layer, target_of(layer, group, s))
-                if name in self.a:
-                    a_parts.append(self.a[name])
-                    b_parts.append(self.b[name] * scale)
-                else:
-                    a_parts.append(self._zeros(r, linear.in_features))
-                    b_parts.append(self._zeros(width, r))
-            ranks = torch.full((1,), r, dtype=torch.int32, device=a_parts[0].device)
-            out[(layer, group)] = LoRAWeights(
-                torch.cat(a_parts).unsqueeze(0), torch.cat(b_parts).unsqueeze(0), ranks, linear.out_slices, [r]
-            )
-        return out
+        a_parts, b_parts, masters = [], [], []
+        row = 0
+        for s, width in enumerate(linear.out_slices):
+            name = _name(layer, target_of(layer, group, s))
+            if name in self.a:
+                a_parts.append(self.a[name])
+                b_parts.append(self.b[name] * scale)
+                masters.append((name, slice(s * r, (s + 1) * r), slice(row, row + width)))
+            else:
+                a_parts.append(self._zeros(r, linear.in_features))
+                b_parts.append(self._zeros(width, r))
+            row += width
+        a = torch.cat(a_parts).unsqueeze(0).requires_grad_()
+        b = torch.cat(b_parts).unsqueeze(0).requires_grad_()
+        a_parts = [(self.a[n], rows) for n, rows, _ in masters]
+        b_parts = [(self.b[n], rows) for n, _, rows in masters]
+        a.register_post_accumulate_grad_hook(lambda leaf: _to_masters(leaf, a_parts, 1.0))
+        b.register_post_accumulate_grad_hook(lambda leaf: _to_masters(leaf, b_parts, scale))
+        ranks = torch.full((1,), r, dtype=torch.int32, device=a.device)
+        return LoRAWeights(a, b, ranks, linear.out_slices, [r])
 
     @property
     def dropout(self) -> float:
@@ -144,6 +163,18 @@ class TrainableAdapter(nn.Module):
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
+
+def _to_masters(leaf: torch.Tensor, parts: list[tuple[nn.Parameter, slice]], scale: float) -> None:
+    """Add each master's rows of a slot's gradient (times scale) to its .grad; clear the slot's."""
+    grad = leaf.grad[0]
+    leaf.grad = None
+    for master, rows in parts:
+        part = grad[rows] * scale
+        if master.grad is None:
+            master.grad = part
+        else:
+            master.grad += part
 
 
 def spec_of(adapter: LoRAAdapter, lora_dropout: float) -> LoRASpec:

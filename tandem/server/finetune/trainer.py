@@ -231,6 +231,10 @@ class Trainer:
             raise TrainingDiverged(f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        # The fused step writes the masters without bumping their version counters; bump them,
+        # so that what was built from the old values (the adapter's slots) is built again.
+        for p in params:
+            torch.autograd.graph.increment_version(p)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if not self.adapter.all_finite():

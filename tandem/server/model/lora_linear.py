@@ -8,7 +8,7 @@ the batch, so one call serves every adapter at once and the layer holds no state
 
 import torch
 
-from tandem.kernels.lora import lora_delta, lora_delta_autograd, lora_delta_pairs
+from tandem.kernels.lora import lora_add_autograd, lora_delta, lora_delta_pairs
 from tandem.server.model.batch import ForwardBatch, LoRARows
 from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import LlamaModel
@@ -24,22 +24,26 @@ class LoRALinear(FusedLinear):
         y = super().forward(x, batch)
         served = batch.lora
         if served is not None and self.key in served.weights:
-            w, routing = served.weights[self.key], served.routing
-            # In place and outside any graph: served adapters are frozen.
-            with torch.no_grad():
-                if routing is not None and self.key in routing.gates:
-                    routing.add_delta(x.detach(), w, served.tokens, self.key, y, served.mixed)
-                elif served.mixed is not None:
-                    lora_delta_pairs(x.detach(), w, served.mixed.pairs, y)
-                elif served.tokens.num_lora_tokens:
-                    lora_delta(x.detach(), w, served.tokens, y)
+            self.add_served(x, served, y)
         trained = batch.train_lora
         if trained is not None and trained.routing is not None:  # a router's gates train
             if self.key in trained.routing.gates:
                 y = y + trained.routing.trained_delta(_dropout(x, trained), trained.weights[self.key], self.key, x.shape[0])
         elif trained is not None and self.key in trained.weights:
-            y = y + lora_delta_autograd(_dropout(x, trained), trained.weights[self.key], trained.tokens)
+            y = lora_add_autograd(y, _dropout(x, trained), trained.weights[self.key], trained.tokens)
         return y
+
+    def add_served(self, x: torch.Tensor, served: LoRARows, y: torch.Tensor) -> None:
+        """y += the served adapters' deltas, in place and outside any graph (served adapters
+        are frozen); one method so that a profiler can time every served LoRA call."""
+        w, routing = served.weights[self.key], served.routing
+        with torch.no_grad():
+            if routing is not None and self.key in routing.gates:
+                routing.add_delta(x.detach(), w, served.tokens, self.key, y, served.mixed)
+            elif served.mixed is not None:
+                lora_delta_pairs(x.detach(), w, served.mixed.pairs, y)
+            elif served.tokens.num_lora_tokens:
+                lora_delta(x.detach(), w, served.tokens, y)
 
 
 def _dropout(x: torch.Tensor, rows: LoRARows) -> torch.Tensor:
