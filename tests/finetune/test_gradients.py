@@ -104,3 +104,10 @@ def test_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec):
 def test_gradients_equal_peft_on_smollm2(smollm2_hf, smollm2_tokenizer):
     spec = LoRASpec(r=16, lora_alpha=32, target_modules=ALL_LINEAR)
     assert_gradients_equal_peft(smollm2_hf, smollm2_tokenizer, spec, [48, 17, 30], [20, 0, 5])
+
+
+def test_gradients_equal_peft_with_runs_of_one_length(tiny_hf_model, smollm2_tokenizer):
+    """Consecutive sequences of one length share an attention call; runs of several lengths
+    and a lone sequence between them in one step."""
+    spec = CASES["r4-all-linear"]
+    assert_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec, [9, 9, 9, 4, 6, 6], [2, 0, 3, 0, 1, 0])
