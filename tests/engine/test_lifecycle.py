@@ -1,10 +1,16 @@
 """Finish reasons, aborts and scheduling limits; no KV block is ever leaked."""
 
+import gc
+import weakref
+
 import torch
 
+from tandem.server.config import EngineConfig
 from tandem.server.engine.kv_cache import KVCache
+from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.outputs import FinishReason
 from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.model.loader import LoadedModel
 from tests.engine.helpers import make_engine, random_prompts
 
 
@@ -87,3 +93,19 @@ def test_token_budget_and_sequence_cap_are_respected(tiny_hf_model, smollm2_toke
     assert batches[2] == {"r0": 5, "r1": 4, "r2": 1}
     assert all(sum(b.values()) <= 10 for b in batches)
     assert max(len(b) for b in batches) == 3
+
+
+def test_an_engine_dropped_frees_its_kv_cache_and_hooks(tiny_hf_model, smollm2_tokenizer):
+    # Engines built one after another on one model (a benchmark's runs) must not keep the
+    # earlier ones' KV caches alive through the hooks they put on the shared model.
+    first = make_engine(tiny_hf_model, smollm2_tokenizer)
+    loaded = LoadedModel(first.runner.model, smollm2_tokenizer, "test-model", "llama", [])
+    cache = weakref.ref(first.runner.kv_cache)
+    hooks = len(first.runner.model.norm._forward_pre_hooks)
+    del first
+    gc.collect()
+    assert cache() is None
+    second = Engine(loaded, EngineConfig())
+    second.add_request("r", random_prompts([4], len(smollm2_tokenizer))[0], SamplingParams(max_new_tokens=2, temperature=0.0))
+    drain(second)
+    assert len(second.runner.model.norm._forward_pre_hooks) == hooks

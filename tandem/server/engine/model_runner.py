@@ -12,6 +12,7 @@ head block (some rows' loss, back to the top layer's output) or backward slice (
 recomputed from their stored inputs, then backpropagated).
 """
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 
@@ -69,17 +70,24 @@ class ModelRunner:
         self._routed: tuple[RoutedRows, list[tuple[Sequence, int, int]]] | None = None
         # (router, expert) -> routed tokens whose top expert it was, since start.
         self.router_expert_tokens: Counter[tuple[str, str]] = Counter()
-        for i, layer in enumerate(model.layers):
-            layer.register_forward_pre_hook(self._capture_hook(i))
-        model.norm.register_forward_pre_hook(self._capture_hook(len(model.layers)))
+        for i, module in enumerate([*model.layers, model.norm]):
+            self._add_capture_hook(module, i)
 
-    def _capture_hook(self, layer: int):
+    def _add_capture_hook(self, module: torch.nn.Module, layer: int) -> None:
+        """A pre-hook on module that copies its input rows while a capture is set. It holds
+        the runner weakly and removes itself once the runner is gone: a model outlives the
+        engines built on it (a benchmark builds dozens), whose KV caches it must not keep."""
+        runner = weakref.ref(self)
+
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            if self._capture is not None:
-                c = self._capture
+            me = runner()
+            if me is None:
+                handle.remove()
+            elif me._capture is not None:
+                c = me._capture
                 c.inputs[layer].index_copy_(0, c.dest, args[0].index_select(0, c.rows))
 
-        return hook
+        handle = module.register_forward_pre_hook(hook)
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """One forward. Run it under inference_mode unless scheduled.training is set; then
