@@ -107,7 +107,9 @@ def fresh_process(root: Path, count: int, reads: int) -> dict:
         "from bench.adapter_reads import random_smollm2, read_times;"
         f"print(json.dumps(read_times(random_smollm2()[1], [Path({str(root)!r}) / f'a{{i}}' for i in range({count})], {reads})))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if out.returncode:
+        raise RuntimeError(f"the fresh process failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
