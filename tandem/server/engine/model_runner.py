@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from tandem.kernels.linear_cross_entropy import linear_cross_entropy
 from tandem.kernels.lora import LoRABatch
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.slot_pool import SlotPool
@@ -107,7 +107,8 @@ class ModelRunner:
         if rows:
             out.prompt_logits = self.model.compute_logits(hidden[self._index(rows)])
         if training is not None:
-            out.train_loss = linear_cross_entropy(hidden[training.rows], self.model.lm_head, training.targets)
+            train_logits = self.model.compute_logits(hidden[training.rows])
+            out.train_loss = F.cross_entropy(train_logits, training.targets, reduction="sum")
             out.train_targets = int(training.targets.numel())
         return out
 
@@ -156,7 +157,8 @@ class ModelRunner:
         if not len(rows):
             return BackwardResult(torch.zeros_like(x), 0.0, 0)
         with torch.enable_grad():
-            loss = linear_cross_entropy(self.model.norm(x[rows]), self.model.lm_head, targets)
+            logits = self.model.compute_logits(self.model.norm(x[rows]))
+            loss = F.cross_entropy(logits, targets, reduction="sum")
             (loss * work.loss_scale).backward()
         return BackwardResult(x.grad, loss.item(), int(targets.numel()))
 
