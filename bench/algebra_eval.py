@@ -9,7 +9,7 @@ file on disk, and the host-cache bytes against float32 PEFT).
 Goal (issue 12): each compressed adapter keeps at least 95% of its uncompressed task accuracy
 at the chosen density (the lowest density at which all three do, reported as chosen_density).
 
-    .venv/bin/python bench/algebra_eval.py [--steps 30] [--eval 30] [--densities 0.05 0.1 0.2 0.3] [--adapters-dir DIR] [--quick]
+    .venv/bin/python bench/algebra_eval.py [--steps 30] [--eval 30] [--densities 0.05 0.1 0.2 0.3 0.5 1] [--adapters-dir DIR] [--quick]
 """
 
 import argparse
@@ -40,7 +40,7 @@ def compressed_name(task: str, density: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3], help="ComPEFT densities")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0], help="ComPEFT densities")
     args = parser.parse_args()
     apply_quick(args)
     loaded = load_model(args.quick)

@@ -29,9 +29,11 @@ from bench.lora_serving import load  # noqa: E402
 from bench.report import machine_info, write_result  # noqa: E402
 from tandem.server.adapters.compeft_format import WEIGHTS_FILE as COMPRESSED_FILE  # noqa: E402
 from tandem.server.adapters.compeft_format import compressed_files, read_compressed  # noqa: E402
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter  # noqa: E402
+from tandem.server.adapters.lora_init import draw_order, initial_a  # noqa: E402
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter  # noqa: E402
 from tandem.server.adapters.slot_pool import SlotPool  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
+from tandem.server.model.lora_targets import module_path  # noqa: E402
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
 
 RANK, SLOTS, WORKLOAD_ADAPTERS = 16, 64, 2048
@@ -40,12 +42,22 @@ FORMATS = ("peft", "compeft")
 
 
 def make_files(hf, root: Path, count: int, density: float) -> None:
+    """count adapters as the trainer leaves them (A = its seeded draw plus a move, B the
+    move), each as PEFT writes it and compressed as `tandem adapters compress` would: A as
+    its move from the redrawn start, so every compressed read redraws it."""
     from safetensors.torch import load_file
 
+    layers = hf.config.num_hidden_layers
     for i in range(count):
         peft_dir = make_adapter(hf, root / "peft" / f"a{i}", r=RANK, target_modules=ALL_LINEAR, seed=i)
         config = json.loads((peft_dir / CONFIG_FILE).read_text())
-        files = compressed_files(config, load_file(str(peft_dir / WEIGHTS_FILE)), density)
+        moves = load_file(str(peft_dir / WEIGHTS_FILE))
+        modules = draw_order((layer, target) for layer in range(layers) for target in ALL_LINEAR)
+        keys = [f"base_model.model.{module_path(layer, target)}.lora_{ab}.weight" for layer, target in modules for ab in "AB"]
+        starts = iter(initial_a([tuple(moves[k].shape) for k in keys[::2]], seed=i))
+        tensors = {k: next(starts) + 0.1 * moves[k] if ".lora_A." in k else moves[k] for k in keys}
+        write_adapter(peft_dir, config, tensors, a_init_seed=i)
+        files = compressed_files(config, tensors, density, a_init_seed=i)
         (root / "compeft" / f"a{i}").mkdir(parents=True)
         for name, data in files.items():
             (root / "compeft" / f"a{i}" / name).write_bytes(data)

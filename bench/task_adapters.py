@@ -105,7 +105,7 @@ def train_adapter(engine: Engine, name: str, rows: list[dict], steps: int) -> fl
     for _ in Trainer(adapter, hp, examples, [], engine.config.finetune_micro_batch_tokens).run(engine):
         pass
     config = peft_config(spec.r, spec.lora_alpha, list(spec.target_modules), False, 0.0, engine.info.name)
-    engine.registry.publish(name, config, adapter.peft_tensors())
+    engine.registry.publish(name, config, adapter.peft_tensors(), adapter.a_init_seed)
     return time.perf_counter() - start
 
 

@@ -1,7 +1,8 @@
 """ComPEFT-compressed adapters: the packed file round-trips to exactly the sparsified ternary
-tensors, is ~32 / (1 + density) times smaller than float32, serves exactly like the same
-tensors written as a PEFT adapter, counts its packed bytes in the host cache, shows its
-format and ratio, and is refused with the reason when corrupt or truncated."""
+tensors (a trained adapter's A as its move from the trainer's seeded draw), is ~32 / (1 +
+density) times smaller than float32, serves exactly like the same tensors written as a PEFT
+adapter, counts its packed bytes in the host cache, shows its format and ratio, and is
+refused with the reason when corrupt or truncated."""
 
 import json
 import math
@@ -9,11 +10,14 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save
 
-from tandem.server.adapters.compeft_format import WEIGHTS_FILE, TernaryTensor, compressed_files, parse_compressed
-from tandem.server.adapters.peft_format import write_adapter
+from tandem.server.adapters.compeft_format import WEIGHTS_FILE, compressed_files, dense_slices, parse_compressed
+from tandem.server.adapters.lora_init import initial_a
+from tandem.server.adapters.peft_format import peft_config, write_adapter
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest
+from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+from tandem.server.model.lora_targets import module_path, target_of
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.adapters.test_routers import engine_for, greedy
 from tests.engine.helpers import run
@@ -30,13 +34,54 @@ def sparsified_ternary(t: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(kept, flat.sign() * flat[kept].abs().mean(), 0.0).view_as(t)
 
 
+def unpacked(data: bytes) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed file, unpacked the way a slot load unpacks it."""
+    tensors = parse_compressed(data)
+    packed = next(iter(tensors.values())).packed
+    return dict(zip(tensors, packed.unpacked()))
+
+
 @pytest.mark.parametrize("shape, density", [((8, 64), 0.1), ((96, 4), 0.05), ((3, 5), 0.3), ((7, 9), 1.0)])
 def test_decompression_equals_the_sparsified_ternary_tensor_exactly(shape, density):
     t = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
     files = compressed_files({}, {"k": t}, density)
-    restored = parse_compressed(files[WEIGHTS_FILE])["k"].dense()
-    assert torch.equal(restored, sparsified_ternary(t, density))
-    assert torch.equal(TernaryTensor.compress(t, density).dense(), restored)
+    assert torch.equal(unpacked(files[WEIGHTS_FILE])["k"], sparsified_ternary(t, density))
+
+
+def test_a_whole_adapter_unpacks_in_one_pass_to_each_tensor_exactly():
+    """Tensors whose bits do not fill whole bytes sit at padded offsets in the shared arrays."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(shape, generator=g) for i, shape in enumerate([(3, 5), (7, 9), (8, 64), (1, 1), (13, 3)])}
+    for density in (0.3, 1.0):  # (1, 1) keeps its one entry: a mask-less tensor among masked ones
+        restored = unpacked(compressed_files({}, tensors, density)[WEIGHTS_FILE])
+        assert list(restored) == list(tensors)
+        for key, t in tensors.items():
+            assert torch.equal(restored[key], sparsified_ternary(t, density)), (key, density)
+
+
+def test_signs_alone_at_density_one_are_32_times_smaller_than_float32():
+    t = torch.randn(64, 128)
+    data = compressed_files({}, {"k": t}, 1.0)[WEIGHTS_FILE]
+    tensors = load(data)
+    assert tensors["masks"].numel() == 0 and tensors["signs"].numel() == t.numel() // 8
+
+
+def test_a_trained_adapters_a_is_stored_as_its_move_from_the_seeded_draw():
+    """With the trainer's seed the lora_A tensors unpack to draw + sparsified ternary move,
+    drawn in the order listed; B (which starts at zero) is compressed whole."""
+    a_keys = [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in range(3)]
+    shapes = [(4, 16), (4, 16), (4, 24)]
+    start = initial_a(shapes, seed=11)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for key, s0 in zip(a_keys, start):
+        tensors[key] = s0 + 0.01 * torch.randn(s0.shape, generator=g)
+        tensors[key.replace("lora_A", "lora_B")] = 0.01 * torch.randn(8, 4, generator=g)
+    restored = unpacked(compressed_files({}, tensors, 0.2, a_init_seed=11)[WEIGHTS_FILE])
+    for key, s0 in zip(a_keys, start):
+        torch.testing.assert_close(restored[key], s0 + sparsified_ternary(tensors[key] - s0, 0.2), rtol=0, atol=0)
+        b_key = key.replace("lora_A", "lora_B")
+        assert torch.equal(restored[b_key], sparsified_ternary(tensors[b_key], 0.2))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +121,74 @@ def test_compressed_adapter_serves_like_its_tensors_as_peft_and_is_small(tiny_hf
     torch.testing.assert_close(torch.stack(seen["c"]), torch.stack(seen["p"]), rtol=0, atol=1e-6)
     # Compression changed the adapter: the comparison is not of one tensor with itself.
     assert (torch.stack(seen["c"]) - torch.stack(seen["f"])).abs().max() > 1e-3
+
+
+def test_a_trained_adapter_records_its_seed_and_compresses_as_its_move(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """An adapter the trainer drew from a seed records it in its file; compressing it
+    redraws the start and codes only the move (A = draw + sparsified ternary move), while
+    the same weights with no record are coded whole."""
+    engine = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=4)
+    spec = LoRASpec(r=8, target_modules=ALL_LINEAR)
+    trained = TrainableAdapter(engine.runner.model, spec, seed=7)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # what a few Adam steps do: small, sign-like moves of every weight
+        for p in trained.parameters():
+            p += 1e-3 * torch.randn(p.shape, generator=g).sign()
+    config = peft_config(8, 16, list(ALL_LINEAR), False, 0.0, "tiny")
+    engine.registry.publish("trained", config, trained.peft_tensors(), trained.a_init_seed)
+    assert engine.registry.get("trained").a_init_seed == 7
+    engine.registry.compress("moved", "trained", 0.3)
+    write_adapter(tmp_path / "unseeded", config, trained.peft_tensors())
+    assert engine.registry.get("unseeded").a_init_seed is None
+    engine.registry.compress("whole", "unseeded", 0.3)
+
+    start = TrainableAdapter(engine.runner.model, spec, seed=7).peft_tensors()
+    weights = trained.peft_tensors()
+    moved = module_tensors(engine.registry.get("moved"))
+    whole = module_tensors(engine.registry.get("whole"))
+    assert set(moved) == set(whole) == set(weights)
+    for key, t in weights.items():
+        a0 = start[key] if ".lora_A." in key else torch.zeros_like(t)
+        assert torch.equal(moved[key], a0 + sparsified_ternary(t - a0, 0.3)), key
+        assert torch.equal(whole[key], sparsified_ternary(t, 0.3)), key
+
+
+def module_tensors(adapter) -> dict[str, torch.Tensor]:
+    """An adapter's weights, unpacked, under PEFT's keys."""
+    out = {}
+    for ((layer, group), s), (a, b) in dense_slices(adapter).items():
+        prefix = f"base_model.model.{module_path(layer, target_of(layer, group, s))}"
+        out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = a, b
+    return out
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"a_init_seed": "x1"}, "a_init_seed 'x1' is not a version-2 non-negative 64-bit integer"),
+        ({"version": "1", "a_init_seed": "3"}, "a_init_seed '3' is not a version-2"),
+        ({"version": "3"}, "a version in 1, 2"),
+    ],
+)
+def test_a_bad_seed_or_version_is_refused(metadata, message):
+    tensors = parse_safetensors_parts(compressed_files({}, {"k": torch.randn(4, 8)}, 0.5)[WEIGHTS_FILE])
+    with pytest.raises(ValueError, match=message):
+        parse_compressed(save(tensors[0], tensors[1] | metadata))
+
+
+def test_mask_bits_past_a_tensors_end_and_repeated_keys_are_refused():
+    tensors, metadata = parse_safetensors_parts(compressed_files({}, {"k": torch.randn(3, 5)}, 0.5)[WEIGHTS_FILE])
+    tensors["masks"][-1] |= 1  # 15 entries: the last bit of the second byte is padding
+    with pytest.raises(ValueError, match="sets mask bits past its 15 entries"):
+        parse_compressed(save(tensors, metadata))
+    tensors, metadata = parse_safetensors_parts(compressed_files({}, {"k": torch.randn(2, 8), "j": torch.randn(2, 8)}, 0.5)[WEIGHTS_FILE])
+    with pytest.raises(ValueError, match="names a key twice"):
+        parse_compressed(save(tensors, metadata | {"tensors": metadata["tensors"].replace('"j"', '"k"')}))
+
+
+def parse_safetensors_parts(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, to damage and save again."""
+    return load(data), json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
 
 
 @pytest.mark.parametrize(

@@ -5,40 +5,56 @@ A compressed adapter is a folder of the adapters directory holding PEFT's own
 `adapter_config.json` (so ranks, alphas and targets keep PEFT's meaning) and, instead of
 `adapter_model.safetensors`, `adapter_model.compeft`: a safetensors container (readable by
 the `safetensors` package) whose `__metadata__` is
-    {"format": "compeft", "version": "1",
-     "tensors": "[[<PEFT key>, rows, cols, kept], ...]"}   (a JSON string, in storage order)
+    {"format": "compeft", "version": "2",
+     "tensors": "[[<PEFT key>, rows, cols, kept], ...]",   (a JSON string, in storage order)
+     "a_init_seed": "<integer>"}                            (optional)
 for every PEFT tensor key K (`base_model.model.<module>.lora_A.weight`, ...), and which holds
 three tensors, each the concatenation over those keys in that order:
     masks   U8 [sum ceil(rows * cols / 8)]  the kept entries, one bit each, row-major, most
                                            significant bit first (numpy.packbits), each
-                                           tensor's bits padded to a whole byte
+                                           tensor's bits padded with zeros to a whole byte;
+                                           none for a tensor that keeps every entry
     signs   U8 [sum ceil(kept / 8)]         per kept entry in order, 1 = negative, padded alike
     scales  F32 [number of keys]            the magnitude of every kept entry of each tensor
-so entry i of K is scale * (1 - 2 * sign) where its mask bit i is set, else 0.
+so entry i of K is scale * (1 - 2 * sign) where its mask bit i is set (or K keeps every
+entry), else 0. With
+a_init_seed, each lora_A tensor stores its fine-tuned residual, and entry i of it is that
+plus entry i of the trainer's initial A for the seed (lora_init.py), drawn for the lora_A
+keys in storage order, which the writer makes the trainer's draw order. Version 1 is
+version 2 without a_init_seed; both are read.
+
+ComPEFT compresses the update training made, not the weights: a trained A is mostly its
+random initial draw, which no sparse sign code keeps (an adapter compressed whole lost most
+of its task accuracy at density 0.3), while the move is small and sign-like (Adam's steps).
+B starts at zero, so B is its own residual. An adapter whose start is unknown (not trained
+here from a seed) is compressed whole.
 
 Compressing keeps each tensor's ceil(density * numel) largest magnitudes (at least one) and
 sets the scale to their mean magnitude, the one value that minimises the squared error of
-the kept entries for those signs. About 32 / (1 + density) times smaller than float32.
+the kept entries for those signs. About 32 / (1 + density) times smaller than float32, and
+32 times at density 1 (signs alone, as in BitDelta, Liu et al. 2024), which also unpacks
+fastest: no mask to scatter through.
 
 The server reads these files directly: the host cache holds the packed bits (and counts
-their bytes); a slot load unpacks them on the slot's device, with no dense copy on disk or
-in the cache.
+their bytes); a slot load unpacks the whole adapter in one pass on the slot's device, with
+no dense copy on disk or in the cache.
 """
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from tandem.server.adapters.lora_init import initial_a, initial_a_bound
 from tandem.server.adapters.peft_format import (
     CONFIG_FILE,
     LoRAAdapter,
-    _json_object,
     _own_file,
     adapter_of_modules,
     pair_tensors,
@@ -47,56 +63,116 @@ from tandem.server.adapters.peft_format import (
 )
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
-from tandem.server.model.lora_targets import module_path, target_of
 
 WEIGHTS_FILE = "adapter_model.compeft"
 FORMAT = "compeft"
-VERSION = "1"
+VERSION = "2"
+_READ_VERSIONS = ("1", "2")
 _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+# Byte -> its 8 bits (most significant first), as 0/1 and as the sign +1 (0) / -1 (1): an
+# unpack is one table lookup per byte.
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).to(torch.uint8)
+_SIGNS = 1.0 - 2.0 * _BITS.float()
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+class PackedAdapter:
+    """A compressed adapter's three packed arrays and its listing, as its file holds them.
+
+    Its tensors (TernaryTensor) are views of it, so the whole adapter unpacks in one pass of
+    a few vectorised operations (unpacked) rather than a handful per tensor."""
+
+    def __init__(
+        self, keys: list[str], shapes: list[tuple[int, int]], kept: list[int],
+        masks: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, a_init_seed: int | None,
+    ):
+        self.keys, self.shapes, self.kept = keys, shapes, kept
+        self.masks, self.signs, self.scales = masks, signs, scales
+        self.a_init_seed = a_init_seed
+        self.sparse = [k < r * c for k, (r, c) in zip(kept, shapes)]
+        self.mask_bytes = [math.ceil(r * c / 8) if sparse else 0 for sparse, (r, c) in zip(self.sparse, shapes)]
+        sign_bytes = [math.ceil(k / 8) for k in kept]
+        self.mask_at = _starts(self.mask_bytes)
+        self.sign_at = _starts(sign_bytes)
+        self.nbytes = [m + s + 4 for m, s in zip(self.mask_bytes, sign_bytes)]
+        self.residual = [a_init_seed is not None and key.endswith(".lora_A.weight") for key in keys]
+        self._pinned: PackedAdapter | None = None
+
+    def tensors(self) -> dict[str, "TernaryTensor"]:
+        return {key: TernaryTensor(self, i) for i, key in enumerate(self.keys)}
+
+    def unpacked(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Every tensor, dense float32 on device, in listing order."""
+        signs = F.embedding(self.signs.to(device, non_blocking=True).long(), _SIGNS.to(device)).flatten()
+        values = torch.cat([signs[8 * at : 8 * at + k] for at, k in zip(self.sign_at, self.kept)])
+        counts = torch.tensor(self.kept, device=device)
+        values *= self.scales.to(device, non_blocking=True).repeat_interleave(counts, output_size=values.numel())
+        value_at = _starts(self.kept)
+        if any(self.sparse):  # their kept values scatter through their masks, one pass for all
+            kept = F.embedding(self.masks.to(device, non_blocking=True).long(), _BITS.to(device)).view(torch.bool).flatten()
+            scattered = values if all(self.sparse) else torch.cat(
+                [values[at : at + k] for at, k, sparse in zip(value_at, self.kept, self.sparse) if sparse]
+            )
+            flat = torch.zeros(kept.numel(), dtype=torch.float32, device=device).masked_scatter_(kept, scattered)
+        out = [
+            (flat[8 * m : 8 * m + r * c] if sparse else values[v : v + r * c]).view(r, c)
+            for sparse, m, v, (r, c) in zip(self.sparse, self.mask_at, value_at, self.shapes)
+        ]
+        if self.a_init_seed is not None:
+            moved = [t for t, residual in zip(out, self.residual) if residual]
+            for t, start in zip(moved, initial_a([tuple(t.shape) for t in moved], self.a_init_seed)):
+                t += start.to(device, non_blocking=True)
+        return out
+
+    def pin_memory(self) -> "PackedAdapter":
+        """The same adapter with its arrays in page-locked memory (made once)."""
+        if self._pinned is None:
+            self._pinned = PackedAdapter(
+                self.keys, self.shapes, self.kept, self.masks.pin_memory(), self.signs.pin_memory(), self.scales.pin_memory(),
+                self.a_init_seed,
+            )
+        return self._pinned
 
 
 @dataclass(frozen=True)
 class TernaryTensor:
-    """A [rows, cols] tensor kept as packed bits: scale * sign where mask is set, else 0."""
+    """One [rows, cols] tensor of a PackedAdapter: tensor-like enough for the checks a PEFT
+    tensor goes through (shape, dim, magnitude), unpacked with its whole adapter
+    (dense_slices)."""
 
-    shape: tuple[int, int]
-    mask: torch.Tensor  # U8 [ceil(numel / 8)]
-    signs: torch.Tensor  # U8 [ceil(kept / 8)]
-    scale: float
-    kept: int
+    packed: PackedAdapter
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shapes[self.index]
 
     @property
     def nbytes(self) -> int:
-        return self.mask.numel() + self.signs.numel() + 4
+        return self.packed.nbytes[self.index]
 
     def dim(self) -> int:
         return 2
 
+    def float(self) -> "TernaryTensor":
+        """Itself: its entries are float32 once unpacked."""
+        return self
+
+    def magnitude(self) -> float:
+        """The largest |entry| it can unpack to (without reading its bits)."""
+        largest = float(self.packed.scales[self.index]) if self.packed.kept[self.index] else 0.0
+        return largest + (initial_a_bound(self.shape[1]) if self.packed.residual[self.index] else 0.0)
+
     def pin_memory(self) -> "TernaryTensor":
-        return TernaryTensor(self.shape, self.mask.pin_memory(), self.signs.pin_memory(), self.scale, self.kept)
+        return replace(self, packed=self.packed.pin_memory())
 
-    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The float32 tensor on device, unpacked there with no host sync."""
-        numel = self.shape[0] * self.shape[1]
-        mask = _unpack(self.mask.to(device, non_blocking=True), numel)
-        if not self.kept:
-            return torch.zeros(self.shape, dtype=torch.float32, device=device)
-        negative = _unpack(self.signs.to(device, non_blocking=True), self.kept)
-        values = self.scale * (1.0 - 2.0 * negative.to(torch.float32))
-        index = (torch.cumsum(mask, 0) - 1).clamp(min=0)
-        return torch.where(mask.bool(), values[index], 0.0).view(self.shape)
 
-    @classmethod
-    def compress(cls, t: torch.Tensor, density: float) -> "TernaryTensor":
-        """Keep t's ceil(density * numel) largest magnitudes as their signs times their mean magnitude."""
-        flat = t.detach().to("cpu", torch.float32).flatten()
-        kept = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
-        top = flat.abs().argsort(descending=True, stable=True)[:kept]
-        mask = torch.zeros(flat.numel(), dtype=torch.bool)
-        mask[top] = True
-        values = flat[mask]
-        scale = float(values.abs().mean())
-        return cls(tuple(t.shape), _pack(mask), _pack(values < 0), scale, kept)
+def _starts(sizes: list[int]) -> list[int]:
+    out, at = [], 0
+    for size in sizes:
+        out.append(at)
+        at += size
+    return out
 
 
 def _pack(bits: torch.Tensor) -> torch.Tensor:
@@ -106,39 +182,64 @@ def _pack(bits: torch.Tensor) -> torch.Tensor:
     return (padded.view(-1, 8) << _BIT_SHIFTS).sum(1, dtype=torch.uint8)
 
 
-def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """U8 [ceil(n / 8)] -> int64 [n] of 0/1."""
-    shifts = _BIT_SHIFTS.to(packed.device)
-    return ((packed[:, None] >> shifts) & 1).flatten()[:n].to(torch.int64)
+def sparsify(t: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """ComPEFT's code of t: the mask of its ceil(density * numel) largest magnitudes (at least
+    one), their signs (True = negative) and their mean magnitude."""
+    flat = t.detach().to("cpu", torch.float32).flatten()
+    kept = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[flat.abs().argsort(descending=True, stable=True)[:kept]] = True
+    values = flat[mask]
+    return mask, values < 0, float(values.abs().mean())
 
 
-def as_dense(t: "torch.Tensor | TernaryTensor", device: torch.device | str = "cpu") -> torch.Tensor:
-    """A slice weight as a dense tensor: a TernaryTensor unpacked on device, a tensor as it is."""
-    return t.dense(device) if isinstance(t, TernaryTensor) else t
+def dense_slices(adapter: LoRAAdapter, device: torch.device | str = "cpu") -> dict[tuple[tuple[int, str], int], tuple[torch.Tensor, torch.Tensor]]:
+    """(group key, slice) -> (A, B) dense of every slice of an adapter: a compressed one's
+    unpacked on device in one pass, a PEFT one's tensors as they are."""
+    packed = next(
+        (a.packed for g in adapter.groups.values() for a, _, _ in g.slices.values() if isinstance(a, TernaryTensor)), None
+    )
+    dense = packed.unpacked(device) if packed is not None else []
+
+    def one(t: "torch.Tensor | TernaryTensor") -> torch.Tensor:
+        return dense[t.index] if isinstance(t, TernaryTensor) else t
+
+    return {(key, s): (one(a), one(b)) for key, g in adapter.groups.items() for s, (a, b, _) in g.slices.items()}
 
 
 def is_compressed(directory: Path) -> bool:
     return (directory / WEIGHTS_FILE).is_file()
 
 
-def compressed_files(config: dict, tensors: dict[str, torch.Tensor], density: float) -> dict[str, bytes]:
-    """The two files of the compressed form of a PEFT adapter (config and PEFT-keyed tensors)."""
+def compressed_files(config: dict, tensors: dict[str, torch.Tensor], density: float, a_init_seed: int | None = None) -> dict[str, bytes]:
+    """The two files of the compressed form of a PEFT adapter (config and PEFT-keyed tensors).
+    With a_init_seed (the adapter was trained here from that seed), tensors must list the
+    lora_A keys in the trainer's draw order (lora_init.draw_order), and each A is stored as
+    its move from its initial draw."""
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise InvalidRequest(f"density must lie in (0, 1], got {density}")
-    ternary = {key: TernaryTensor.compress(t, density) for key, t in tensors.items()}
+    tensors = {k: t.detach().to("cpu", torch.float32) for k, t in tensors.items()}
+    if a_init_seed is not None:
+        a_keys = [k for k in tensors if k.endswith(".lora_A.weight")]
+        for key, start in zip(a_keys, initial_a([tuple(tensors[k].shape) for k in a_keys], a_init_seed)):
+            tensors[key] = tensors[key] - start
+    codes = {key: sparsify(t, density) for key, t in tensors.items()}
     packed = {
-        "masks": torch.cat([t.mask for t in ternary.values()]),
-        "signs": torch.cat([t.signs for t in ternary.values()]),
-        "scales": torch.tensor([t.scale for t in ternary.values()], dtype=torch.float32),
+        "masks": torch.cat([_pack(mask) for mask, _, _ in codes.values() if not mask.all()] or [torch.zeros(0, dtype=torch.uint8)]),
+        "signs": torch.cat([_pack(negative) for _, negative, _ in codes.values()]),
+        "scales": torch.tensor([scale for *_, scale in codes.values()], dtype=torch.float32),
     }
-    listing = [[key, *t.shape, t.kept] for key, t in ternary.items()]
+    listing = [[key, *tensors[key].shape, int(mask.sum())] for key, (mask, _, _) in codes.items()]
     metadata = {"format": FORMAT, "version": VERSION, "tensors": json.dumps(listing)}
+    if a_init_seed is not None:
+        metadata["a_init_seed"] = str(a_init_seed)
     return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: save_safetensors(packed, metadata)}
 
 
 def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32) -> LoRAAdapter:
-    """Load and validate a compressed adapter: checked like a PEFT adapter (on its unpacked
-    tensors, once), kept packed. Corrupt or truncated files are refused with the reason."""
+    """Load and validate a compressed adapter: checked like a PEFT adapter (shapes, ranks,
+    scales, magnitudes: the packed code bounds every entry without unpacking it), kept
+    packed. Corrupt or truncated files are refused with the reason."""
     if not (path / WEIGHTS_FILE).is_file():
         raise NotFound(f"adapter {name!r} not found: {path} has no {WEIGHTS_FILE}")
     config_bytes, config = read_config(name, path)
@@ -147,13 +248,7 @@ def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slo
         ternary = parse_compressed(bytes(data))
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-    modules = pair_tensors(name, {key: t.dense() for key, t in ternary.items()})
-    adapter = adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype)
-    for (layer, group), g in adapter.groups.items():
-        for s, (_, _, scale) in list(g.slices.items()):
-            key = f"base_model.model.{module_path(layer, target_of(layer, group, s))}"
-            g.slices[s] = (ternary[f"{key}.lora_A.weight"], ternary[f"{key}.lora_B.weight"], scale)
-    return adapter
+    return adapter_of_modules(name, path, config, pair_tensors(name, ternary), digest, model, max_rank, slot_dtype)
 
 
 def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
@@ -163,41 +258,69 @@ def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
         metadata = _metadata(data)
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"it is not a readable safetensors container ({exc})") from exc
-    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
-        raise ValueError(f"its metadata must name format {FORMAT!r} version {VERSION!r}")
+    if metadata.get("format") != FORMAT or metadata.get("version") not in _READ_VERSIONS:
+        raise ValueError(f"its metadata must name format {FORMAT!r} and a version in {', '.join(_READ_VERSIONS)}")
     try:
         listing = json.loads(metadata.get("tensors", ""))
     except ValueError as exc:
         raise ValueError("its tensors metadata is not a JSON list") from exc
-    if not isinstance(listing, list) or set(tensors) != {"masks", "signs", "scales"}:
-        raise ValueError("it must hold a tensors list in its metadata and exactly the tensors masks, signs and scales")
+    if not isinstance(listing, list) or not listing or set(tensors) != {"masks", "signs", "scales"}:
+        raise ValueError("it must hold a non-empty tensors list in its metadata and exactly the tensors masks, signs and scales")
     for part, dtype in (("masks", torch.uint8), ("signs", torch.uint8), ("scales", torch.float32)):
         if tensors[part].dtype != dtype or tensors[part].dim() != 1:
             raise ValueError(f"its {part} must be a 1-d {str(dtype).removeprefix('torch.')} tensor")
-    if tensors["scales"].numel() != len(listing) or not torch.isfinite(tensors["scales"]).all():
-        raise ValueError(f"it lists {len(listing)} tensors but holds {tensors['scales'].numel()} finite scales")
-    out, mask_at, sign_at = {}, 0, 0
-    for i, entry in enumerate(listing):
-        key, rows, cols, kept = _entry(entry)
-        numel = rows * cols
-        mask = tensors["masks"][mask_at : mask_at + math.ceil(numel / 8)]
-        if mask.numel() != math.ceil(numel / 8):
-            raise ValueError(f"tensor {excerpt(key)} runs past the end of the packed masks")
-        if (marked := int(_unpack(mask, numel).sum())) != kept:
-            raise ValueError(f"tensor {excerpt(key)} lists {kept} kept entries but its mask sets {marked}")
-        signs = tensors["signs"][sign_at : sign_at + math.ceil(kept / 8)]
-        if signs.numel() != math.ceil(kept / 8):
-            raise ValueError(f"tensor {excerpt(key)} runs past the end of the packed signs")
-        out[key] = TernaryTensor((rows, cols), mask.clone(), signs.clone(), float(tensors["scales"][i]), kept)
-        mask_at, sign_at = mask_at + mask.numel(), sign_at + signs.numel()
-    if mask_at != tensors["masks"].numel() or sign_at != tensors["signs"].numel():
-        raise ValueError("it holds packed bytes that no listed tensor owns")
-    return out
+    masks, signs, scales = tensors["masks"], tensors["signs"], tensors["scales"]
+    if scales.numel() != len(listing) or not torch.isfinite(scales).all():
+        raise ValueError(f"it lists {len(listing)} tensors but holds {scales.numel()} finite scales")
+    entries = [_entry(e) for e in listing]
+    if len({key for key, *_ in entries}) != len(entries):
+        raise ValueError("its tensors list names a key twice")
+    packed = PackedAdapter(
+        [key for key, *_ in entries], [(rows, cols) for _, rows, cols, _ in entries], [kept for *_, kept in entries],
+        masks, signs, scales, _seed(metadata),
+    )
+    _check_bits(packed)
+    return packed.tensors()
+
+
+def _check_bits(packed: PackedAdapter) -> None:
+    """Every tensor's mask and signs lie inside the arrays, which hold nothing else; each mask
+    sets exactly its kept count of bits and none in its padding."""
+    mask_bytes = packed.mask_bytes
+    _check_size("masks", packed.mask_at[-1] + mask_bytes[-1], packed.masks)
+    # Bits set per tensor from a per-byte count: one pass, not an unpack per tensor.
+    per_byte = torch.cat([torch.zeros(1, dtype=torch.int64), _POPCOUNT[packed.masks.long()].cumsum(0)])
+    starts = torch.tensor(packed.mask_at)
+    marked = (per_byte[starts + torch.tensor(mask_bytes)] - per_byte[starts]).tolist()
+    for i, key in enumerate(packed.keys):
+        (rows, cols), kept = packed.shapes[i], packed.kept[i]
+        if not packed.sparse[i]:
+            continue
+        tail = rows * cols % 8
+        if tail and int(packed.masks[packed.mask_at[i] + mask_bytes[i] - 1]) & ((1 << (8 - tail)) - 1):
+            raise ValueError(f"tensor {excerpt(key)} sets mask bits past its {rows * cols} entries")
+        if marked[i] != kept:
+            raise ValueError(f"tensor {excerpt(key)} lists {kept} kept entries but its mask sets {marked[i]}")
+    _check_size("signs", packed.sign_at[-1] + math.ceil(packed.kept[-1] / 8), packed.signs)
+
+
+def _check_size(part: str, needed: int, array: torch.Tensor) -> None:
+    if needed != array.numel():
+        raise ValueError(f"its listed tensors need {needed} bytes of packed {part}, it holds {array.numel()}")
 
 
 def _metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+
+
+def _seed(metadata: dict) -> int | None:
+    seed = metadata.get("a_init_seed")
+    if seed is None:
+        return None
+    if metadata.get("version") == "1" or not (isinstance(seed, str) and seed.isdigit() and int(seed) < 1 << 63):
+        raise ValueError(f"its a_init_seed {excerpt(seed)} is not a version-2 non-negative 64-bit integer")
+    return int(seed)
 
 
 def _entry(entry: object) -> tuple[str, int, int, int]:

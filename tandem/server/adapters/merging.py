@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.server.adapters import merge_methods
-from tandem.server.adapters.compeft_format import as_dense
+from tandem.server.adapters.compeft_format import dense_slices
 from tandem.server.adapters.peft_format import LoRAAdapter, peft_config
 from tandem.server.errors import FailedPrecondition, InvalidRequest, excerpt
 from tandem.server.model.lora_targets import TARGETS, module_path, target_of
@@ -83,9 +83,11 @@ class MergeResult:
 def module_weights(adapter: LoRAAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """PEFT module path -> (A, B dense float32 on the host, PEFT scale) of an adapter."""
     out = {}
+    dense = dense_slices(adapter)
     for (layer, group), g in sorted(adapter.groups.items()):
-        for s, (a, b, scale) in sorted(g.slices.items()):
-            out[module_path(layer, target_of(layer, group, s))] = (as_dense(a).float(), as_dense(b).float(), scale)
+        for s, (_, _, scale) in sorted(g.slices.items()):
+            a, b = dense[((layer, group), s)]
+            out[module_path(layer, target_of(layer, group, s))] = (a.float(), b.float(), scale)
     return out
 
 

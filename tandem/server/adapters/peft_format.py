@@ -35,6 +35,8 @@ MAX_DIMENSION = 1 << 40
 # Bytes read per system call, each hashed at once while it is still in the CPU's cache.
 READ_PIECE_BYTES = 1 << 20
 WEIGHTS_FILE = "adapter_model.safetensors"
+# The safetensors metadata entry of a weights file that records its trainer's init seed.
+A_INIT_SEED_KEY = "tandem.lora_a_init_seed"
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _LAYER_MODULE = re.compile(r"model\.layers\.(?P<layer>\d+)\.(self_attn|mlp)\.(?P<name>\w+)")
@@ -62,6 +64,9 @@ class LoRAAdapter:
     rank: int
     targets: list[str]
     groups: dict[tuple[int, str], GroupDelta]
+    # The seed the trainer drew its initial A from (lora_init.py), when it was trained here
+    # from one: its A is that draw plus what training moved, and compresses as the move.
+    a_init_seed: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -136,10 +141,12 @@ def read_adapter(
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
     try:
         tensors = _parse_safetensors(weights)
+        seed = _a_init_seed(weights)
     except ValueError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
     modules = pair_tensors(name, tensors)
-    return adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype)
+    adapter = adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype)
+    return replace(adapter, a_init_seed=seed)
 
 
 def read_config(name: str, path: Path) -> tuple[bytes, dict]:
@@ -234,6 +241,19 @@ def _parse_safetensors(data: bytearray | memoryview) -> dict[str, torch.Tensor]:
     entries = [_tensor_entry(key, info) for key, info in header.items() if key != "__metadata__"]
     _check_layout(entries, len(data) - base)
     return {e.key: _view(data, base, e) for e in entries}
+
+
+def _a_init_seed(data: bytearray | memoryview) -> int | None:
+    """The trainer's init seed a weights file records in its safetensors metadata (a header
+    _parse_safetensors has checked), or None. PEFT ignores the entry."""
+    header = _json_object(bytes(data[8 : 8 + int.from_bytes(data[:8], "little")]))
+    metadata = header.get("__metadata__")
+    seed = metadata.get(A_INIT_SEED_KEY) if isinstance(metadata, dict) else None
+    if seed is None:
+        return None
+    if not (isinstance(seed, str) and seed.isdigit() and int(seed) < 1 << 63):
+        raise ValueError(f"its metadata's {A_INIT_SEED_KEY} {excerpt(seed)} is not a non-negative 64-bit integer")
+    return int(seed)
 
 
 def _tensor_entry(key: str, info: object) -> _TensorEntry:
@@ -445,7 +465,9 @@ def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scal
 def _magnitude(t: torch.Tensor) -> float:
     """The largest |value| of t, NaN when t holds one, in one pass that writes nothing: a
     temporary the size of the adapter (t.abs(), isfinite(t)) is new memory, faulted in
-    page by page on every read."""
+    page by page on every read. A compressed tensor (compeft_format) states its bound."""
+    if not isinstance(t, torch.Tensor):
+        return t.magnitude()
     if not t.numel():
         return 0.0
     lo, hi = (float(v) for v in torch.aminmax(t))
@@ -476,12 +498,14 @@ def peft_config(
     }
 
 
-def adapter_files(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    """The two files of a PEFT adapter, as bytes: what write_adapter and checkpoints store."""
-    weights = save_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, {"format": "pt"})
+def adapter_files(config: dict, tensors: dict[str, torch.Tensor], a_init_seed: int | None = None) -> dict[str, bytes]:
+    """The two files of a PEFT adapter, as bytes: what write_adapter and checkpoints store;
+    a_init_seed (LoRAAdapter's) goes into the weights file's safetensors metadata."""
+    metadata = {"format": "pt"} | ({} if a_init_seed is None else {A_INIT_SEED_KEY: str(a_init_seed)})
+    weights = save_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata)
     return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: weights}
 
 
-def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor], a_init_seed: int | None = None) -> None:
     """Write a PEFT adapter atomically: readers see the old version or the new, never a mix."""
-    write_directory(directory, adapter_files(config, tensors))
+    write_directory(directory, adapter_files(config, tensors, a_init_seed))

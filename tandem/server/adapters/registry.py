@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from tandem.server.adapters.compeft_format import WEIGHTS_FILE as COMPRESSED_FILE
-from tandem.server.adapters.compeft_format import compressed_files, is_compressed, read_compressed
+from tandem.server.adapters.compeft_format import compressed_files, dense_slices, is_compressed, read_compressed
 from tandem.server.adapters.host_slab import HostSlab
-from tandem.server.adapters.merging import MergeSpec, merge_adapters, module_weights
+from tandem.server.adapters.lora_init import draw_order
+from tandem.server.adapters.merging import MergeSpec, merge_adapters
 from tandem.server.adapters.mixture import Mixture, check_members
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, read_config, write_adapter
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
@@ -43,7 +44,7 @@ from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import remove_leftovers, write_directory
 from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
-from tandem.server.model.lora_targets import TARGETS
+from tandem.server.model.lora_targets import TARGETS, module_path, target_of
 
 log = logging.getLogger("tandem.adapters")
 
@@ -277,14 +278,15 @@ class AdapterRegistry:
         with self._lock:
             return self._live(self._known[name])
 
-    def publish(self, name: str, config: dict, tensors: dict[str, torch.Tensor]) -> AdapterInfo:
+    def publish(self, name: str, config: dict, tensors: dict[str, torch.Tensor], a_init_seed: int | None = None) -> AdapterInfo:
         """Write a new version of `name` into the adapters directory, atomically, and make it
         the version new requests get (loading it, as an admin would); requests already
-        running finish on theirs."""
+        running finish on theirs. a_init_seed: the trainer's, for an adapter trained here
+        from a seed (LoRAAdapter.a_init_seed)."""
         check_adapter_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
-        write_adapter(self.adapters_dir / name, config, tensors)
+        write_adapter(self.adapters_dir / name, config, tensors, a_init_seed)
         return self.load(name)
 
     def publish_router(self, name: str, files: dict[str, bytes]) -> AdapterInfo:
@@ -311,11 +313,12 @@ class AdapterRegistry:
         check_adapter_name(name)
         adapter = self._plain(source, "compress")
         _, config = read_config(adapter.name, adapter.path)
+        modules = {(layer, target_of(layer, group, s)): ab for ((layer, group), s), ab in dense_slices(adapter).items()}
         tensors = {}
-        for module, (a, b, _) in module_weights(adapter).items():
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b
-        files = compressed_files(config, tensors, density)
+        for layer, target in draw_order(modules):  # the order compressed_files draws the initial As in
+            prefix = f"base_model.model.{module_path(layer, target)}"
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = modules[(layer, target)]
+        files = compressed_files(config, tensors, density, adapter.a_init_seed)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("writing an adapter needs an adapters directory (start the server with --adapters-dir)")
         write_directory(self.adapters_dir / name, files)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.kernels.lora import LoRAWeights
-from tandem.server.adapters.compeft_format import as_dense
+from tandem.server.adapters.compeft_format import dense_slices
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.router_format import Router
@@ -176,6 +176,8 @@ class SlotPool:
         # every earlier one has finished (the engine syncs once per step, in the sampler).
         # Overlapping iterations (async scheduling) would need the side stream to wait here.
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            # A compressed adapter's packed bits unpack on the slot's device, all in one pass.
+            dense = dense_slices(adapter, self.device)
             for key, w in self.weights.items():
                 delta = adapter.groups.get(key)
                 if delta is None:
@@ -186,9 +188,8 @@ class SlotPool:
                 b_slot = w.b[slot][:, : delta.rank]
                 a_slot.zero_()
                 b_slot.zero_()
-                for s, (a, b, scale) in delta.slices.items():
-                    # A compressed adapter's packed bits unpack on the slot's device.
-                    a, b = as_dense(a, self.device), as_dense(b, self.device)
+                for s, (_, _, scale) in delta.slices.items():
+                    a, b = dense[(key, s)]
                     col = sum(w.out_slices[:s])
                     a_slot[s, : a.shape[0]].copy_(a, non_blocking=True)
                     b_dst = b_slot[col : col + b.shape[0], : b.shape[1]]

@@ -315,7 +315,8 @@ class JobManager:
             if job.router is not None:
                 info = self.registry.publish_router(job.adapter, running.trainer.adapter.files())
             else:
-                info = self.registry.publish(job.adapter, self._peft_config(job), running.trainer.adapter.peft_tensors())
+                trained = running.trainer.adapter
+                info = self.registry.publish(job.adapter, self._peft_config(job), trained.peft_tensors(), trained.a_init_seed)
         except (OSError, TandemError) as exc:
             log.exception("publishing the adapter of job %s failed", job.id)
             self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r}: {exc}"[:500]))
@@ -403,7 +404,7 @@ class JobManager:
         """What a checkpoint of the job holds: the router's files, or the PEFT adapter's."""
         if job.router is not None:
             return trained.files()
-        return adapter_files(self._peft_config(job), trained.peft_tensors())
+        return adapter_files(self._peft_config(job), trained.peft_tensors(), trained.a_init_seed)
 
     def _revalidate(self, job_ids: list[str]) -> None:
         """Re-tokenize interrupted jobs' stored datasets (off the engine thread), then queue them."""

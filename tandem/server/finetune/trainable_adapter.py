@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from tandem.kernels.lora import LoRAWeights
-from tandem.server.adapters.compeft_format import as_dense
+from tandem.server.adapters.compeft_format import dense_slices
+from tandem.server.adapters.lora_init import draw_order, initial_a
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.engine.iteration import TrainingSequence, TrainingWork
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, excerpt
@@ -64,18 +65,16 @@ class TrainableAdapter(nn.Module):
         self.num_layers = len(model.layers)
         self._linears = group_linears(model)
         device = model.embed.device
-        generator = torch.Generator().manual_seed(seed)
+        # PEFT's init (lora_init.py), drawn from the seed; a compressed copy redraws it.
+        self.a_init_seed: int | None = seed
+        modules = draw_order((layer, target) for layer in range(self.num_layers) for target in spec.target_modules)
+        shapes = [(spec.r, self._linears[(layer, TARGET_SLICES[target][0])].in_features) for layer, target in modules]
         self.a = nn.ParameterDict()
         self.b = nn.ParameterDict()
-        for layer in range(self.num_layers):
-            for target in spec.target_modules:
-                group, s = TARGET_SLICES[target]
-                linear = self._linears[(layer, group)]
-                # PEFT's init: A as nn.Linear's default (Kaiming-uniform, a = sqrt(5)), B = 0.
-                a = torch.empty(spec.r, linear.in_features)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-                self.a[_name(layer, target)] = nn.Parameter(a.to(device))
-                self.b[_name(layer, target)] = nn.Parameter(torch.zeros(linear.out_slices[s], spec.r, device=device))
+        for (layer, target), a in zip(modules, initial_a(shapes, seed)):
+            group, s = TARGET_SLICES[target]
+            self.a[_name(layer, target)] = nn.Parameter(a.to(device))
+            self.b[_name(layer, target)] = nn.Parameter(torch.zeros(self._linears[(layer, group)].out_slices[s], spec.r, device=device))
         self._groups = {TARGET_SLICES[t][0] for t in spec.target_modules}
         self._slots: dict[tuple[int, str], LoRAWeights] | None = None
         self._slot_versions: list[int] = []
@@ -84,12 +83,12 @@ class TrainableAdapter(nn.Module):
     def from_adapter(cls, model: LlamaModel, adapter: LoRAAdapter, lora_dropout: float) -> "TrainableAdapter":
         """Continue training a served adapter: same rank, targets and scale, its weights as the start."""
         trainable = cls(model, spec_of(adapter, lora_dropout), seed=0)
+        trainable.a_init_seed = None  # it starts from the served weights, not from a draw
         with torch.no_grad():
-            for (layer, group), g in adapter.groups.items():
-                for s, (a, b, _) in g.slices.items():
-                    name = _name(layer, target_of(layer, group, s))
-                    trainable.a[name].copy_(as_dense(a))  # a compressed adapter unpacks here
-                    trainable.b[name].copy_(as_dense(b))
+            for ((layer, group), s), (a, b) in dense_slices(adapter).items():  # a compressed adapter unpacks here
+                name = _name(layer, target_of(layer, group, s))
+                trainable.a[name].copy_(a)
+                trainable.b[name].copy_(b)
         return trainable
 
     def slot_weights(self) -> dict[tuple[int, str], LoRAWeights]:
