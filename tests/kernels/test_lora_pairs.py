@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tandem.kernels.lora import LoRABatch, LoRAPairs, lora_delta, lora_delta_pairs, plain_pairs
-from tandem.kernels.lora.reference import lora_delta_mixture, uniform_rank
+from tandem.kernels.lora.mixture import lora_delta_mixture, uniform_rank
 from tests.kernels.test_lora_kernels import DEVICE, KERNEL_DTYPES, Case, assert_close, needs_triton, triton_sgmv
 
 # (num_tokens, in_features, out_slices, ranks, max_rank): mixed ranks, NaN past each rank.
@@ -142,3 +142,20 @@ def test_dense_mixture_equals_the_pairs_it_mixes(slots):
     y = case.y.clone()
     y.index_add_(0, rows, lora_delta_mixture(case.x[rows], case.w, slots, 6, mix))
     assert_close(y, naive(case, pair_slots, pair_weights), torch.float64)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["in-place", "through-a-temporary"])
+def test_dense_mixture_adds_into_out_and_follows_a_rewritten_slot(out_dtype):
+    """Added into rows of y in place (or through a float32 temporary for a bfloat16 y) it adds
+    what it returns; after a slot is written, the experts' stacked weights are made again."""
+    case = Case(2, 6, 40, (24, 8, 8), [6, 6, 6, 6], 8, slots=[-1] * 6)
+    slots, mix = (1, 2, 3), torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(2)), 1)
+    x = case.x[1:5]
+    delta = lora_delta_mixture(x, case.w, slots, 6, mix)
+    y = case.y.to(out_dtype)
+    expected = y[1:5].float() + delta
+    assert lora_delta_mixture(x, case.w, slots, 6, mix, out=y[1:5]) is not None
+    assert_close(y[1:5].float(), expected.to(out_dtype).float(), out_dtype)
+    assert torch.equal(y[[0, 5]], case.y[[0, 5]].to(out_dtype))
+    case.w.b[2, :, :6] *= 2  # the pool writes a slot in place
+    torch.testing.assert_close(lora_delta_mixture(x, case.w, slots, 6, mix) - delta, lora_delta_mixture(x, case.w, (2,), 6, mix[:, 1:2]) / 2)

@@ -6,7 +6,7 @@ the grouping of (token, expert) pairs by slot) runs on the device with no host s
 feeds the same batched-LoRA kernels as plain adapters: plain-adapter tokens are one pair of
 weight 1, routed tokens k pairs, all in one LoRAPairs pass. On CPU the plain tokens keep
 the plain path (its grids) and each router's tokens run dense over its experts
-(reference.lora_delta_mixture), which there costs less than grouping pairs by slot.
+(mixture.lora_delta_mixture), which there costs less than grouping pairs by slot.
 """
 
 from collections.abc import Mapping
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tandem.kernels.lora import LoRABatch, LoRAPairs, LoRAWeights, lora_delta, lora_delta_pairs, plain_pairs
-from tandem.kernels.lora.reference import lora_delta_mixture, uniform_rank
+from tandem.kernels.lora.mixture import lora_delta_mixture, uniform_rank
 from tandem.server.model.mixed_rows import MixedRows
 
 
@@ -96,8 +96,9 @@ class RoutedRows:
                     if key in r.gates:
                         stack[i, : len(r.expert_slots)] = r.gates[key]
                 gates[key] = stack
-            ungated = ~torch.tensor(present)[which][:, None]
-            empty[key] = (past_top_k | ungated).to(device) if short or not all(present) else None
+            empty[key] = None
+            if short or not all(present):
+                empty[key] = (past_top_k | ~torch.tensor(present)[which][:, None]).to(device)
         first = tokens[0] if tokens == list(range(tokens[0], tokens[0] + len(tokens))) else None
         return cls(
             tokens=torch.tensor(tokens, dtype=torch.int64).to(device),
@@ -167,15 +168,16 @@ class RoutedRows:
         self.usage.add_(mix)
         if len(self.step_routers) == 1:
             router = self.step_routers[0]
-            delta = lora_delta_mixture(xs, w, router.expert_slots, ranks[0], mix[:, : len(router.expert_slots)])
-            if delta is not None:
-                _add_rows(y, delta, self.tokens, self.first_token)
+            mix = mix[:, : len(router.expert_slots)]
+            if self.first_token is not None:  # consecutive rows: added into y's own rows
+                lora_delta_mixture(xs, w, router.expert_slots, ranks[0], mix, out=self.rows_of(y))
+            else:
+                _add_rows(y, lora_delta_mixture(xs, w, router.expert_slots, ranks[0], mix), self.tokens)
             return
         for router, rank, positions in zip(self.step_routers, ranks, self.router_rows):
             n = len(router.expert_slots)
             delta = lora_delta_mixture(xs.index_select(0, positions), w, router.expert_slots, rank, mix.index_select(0, positions)[:, :n])
-            if delta is not None:
-                _add_rows(y, delta, self.tokens.index_select(0, positions), None)
+            _add_rows(y, delta, self.tokens.index_select(0, positions))
 
     def trained_delta(self, x: Tensor, w: LoRAWeights, key: tuple[int, str], num_rows: int) -> Tensor:
         """The routed rows' delta at `key` as a new [num_rows, N] tensor, differentiable in x
@@ -230,12 +232,10 @@ class RoutedRows:
         return LoRAPairs.build(all_slots, all_weights, num_slots)
 
 
-def _add_rows(y: Tensor, delta: Tensor, rows: Tensor, first: int | None) -> None:
-    """y[rows] += delta (rows first, first + 1, ... when first is given: a slice, no scatter)."""
-    if first is None:
+def _add_rows(y: Tensor, delta: Tensor | None, rows: Tensor) -> None:
+    """y[rows] += delta; nothing when delta is None (experts of rank 0 at this linear)."""
+    if delta is not None:
         y.index_add_(0, rows, delta.to(y.dtype))
-    else:
-        y[first : first + delta.shape[0]] += delta.to(y.dtype)
 
 
 class _AddLoss(torch.autograd.Function):
