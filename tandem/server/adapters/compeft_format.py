@@ -89,6 +89,7 @@ class PackedAdapter:
         self.keys, self.shapes, self.kept = keys, shapes, kept
         self.masks, self.signs, self.scales = masks, signs, scales
         self.a_init_seed = a_init_seed
+        self.scale_values = scales.tolist()  # read per tensor by the checks: no tensor indexing
         self.sparse = [k < r * c for k, (r, c) in zip(kept, shapes)]
         self.mask_bytes = [math.ceil(r * c / 8) if sparse else 0 for sparse, (r, c) in zip(self.sparse, shapes)]
         sign_bytes = [math.ceil(k / 8) for k in kept]
@@ -160,7 +161,7 @@ class TernaryTensor:
 
     def magnitude(self) -> float:
         """The largest |entry| it can unpack to (without reading its bits)."""
-        largest = float(self.packed.scales[self.index]) if self.packed.kept[self.index] else 0.0
+        largest = self.packed.scale_values[self.index] if self.packed.kept[self.index] else 0.0
         return largest + (initial_a_bound(self.shape[1]) if self.packed.residual[self.index] else 0.0)
 
     def pin_memory(self) -> "TernaryTensor":
