@@ -372,7 +372,7 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     compress = actions.add_parser("compress", help="publish a ComPEFT-compressed copy of adapter SOURCE as NAME (admin)")
     compress.add_argument("name")
     compress.add_argument("source")
-    compress.add_argument("--density", type=float, help="fraction of each A and B kept (default 0.1)")
+    compress.add_argument("--density", type=float, help="fraction of each A and B (of its update, for an adapter trained here) kept (default 0.5)")
 
     for parser in (generate, chat, model, health, listing, load, unload, merge, compress):
         add_connection_flags(parser, add_flag)

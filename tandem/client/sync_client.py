@@ -167,7 +167,7 @@ class TandemClient:
         return convert.merge_result(response)
 
     def compress_adapter(self, name: str, source: str, density: float | None = None, timeout: float | None = None) -> AdapterInfo:
-        """Publishes the ComPEFT-compressed form of adapter `source` as `name` (density unset = 0.1); admin."""
+        """Publishes the ComPEFT-compressed form of adapter `source` as `name` (density unset = 0.5); admin."""
         request = adapters_pb2.CompressAdapterRequest(name=name, source=source, **({} if density is None else {"density": density}))
         response, _ = self._unary(self._adapters.CompressAdapter, request, timeout, None)
         return convert.adapter_info(response.adapter)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from tandem.server.engine.outputs import ModelInfo
 
 DEFAULT_MAX_NEW_TOKENS = SamplingParams.max_new_tokens
-DEFAULT_COMPRESS_DENSITY = 0.1
+DEFAULT_COMPRESS_DENSITY = 0.5  # the best of 0.3, 0.5 and 1 on the task adapters (README)
 _MERGE_METHODS = {
     adapters_pb2.MERGE_METHOD_LINEAR: "linear",
     adapters_pb2.MERGE_METHOD_TIES: "ties",
