@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -73,7 +74,6 @@ _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 # unpack is one table lookup per byte.
 _BITS = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).to(torch.uint8)
 _SIGNS = 1.0 - 2.0 * _BITS.float()
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 class PackedAdapter:
@@ -89,7 +89,6 @@ class PackedAdapter:
         self.keys, self.shapes, self.kept = keys, shapes, kept
         self.masks, self.signs, self.scales = masks, signs, scales
         self.a_init_seed = a_init_seed
-        self.scale_values = scales.tolist()  # read per tensor by the checks: no tensor indexing
         self.sparse = [k < r * c for k, (r, c) in zip(kept, shapes)]
         self.mask_bytes = [math.ceil(r * c / 8) if sparse else 0 for sparse, (r, c) in zip(self.sparse, shapes)]
         sign_bytes = [math.ceil(k / 8) for k in kept]
@@ -97,6 +96,12 @@ class PackedAdapter:
         self.sign_at = _starts(sign_bytes)
         self.nbytes = [m + s + 4 for m, s in zip(self.mask_bytes, sign_bytes)]
         self.residual = [a_init_seed is not None and key.endswith(".lora_A.weight") for key in keys]
+        # The largest |entry| each tensor can unpack to, for the checks every read runs (as a
+        # list: indexing a tensor per check costs microseconds, and a read checks ~400).
+        self.magnitudes = [
+            (scale if k else 0.0) + (initial_a_bound(c) if residual else 0.0)
+            for scale, k, (_, c), residual in zip(scales.tolist(), kept, shapes, self.residual)
+        ]
         self._pinned: PackedAdapter | None = None
 
     def tensors(self) -> dict[str, "TernaryTensor"]:
@@ -161,8 +166,7 @@ class TernaryTensor:
 
     def magnitude(self) -> float:
         """The largest |entry| it can unpack to (without reading its bits)."""
-        largest = self.packed.scale_values[self.index] if self.packed.kept[self.index] else 0.0
-        return largest + (initial_a_bound(self.shape[1]) if self.packed.residual[self.index] else 0.0)
+        return self.packed.magnitudes[self.index]
 
     def pin_memory(self) -> "TernaryTensor":
         return replace(self, packed=self.packed.pin_memory())
@@ -287,21 +291,22 @@ def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
 def _check_bits(packed: PackedAdapter) -> None:
     """Every tensor's mask and signs lie inside the arrays, which hold nothing else; each mask
     sets exactly its kept count of bits and none in its padding."""
-    mask_bytes = packed.mask_bytes
-    _check_size("masks", packed.mask_at[-1] + mask_bytes[-1], packed.masks)
-    # Bits set per tensor from a per-byte count: one pass, not an unpack per tensor.
-    per_byte = torch.cat([torch.zeros(1, dtype=torch.int64), _POPCOUNT[packed.masks.long()].cumsum(0)])
-    starts = torch.tensor(packed.mask_at)
-    marked = (per_byte[starts + torch.tensor(mask_bytes)] - per_byte[starts]).tolist()
-    for i, key in enumerate(packed.keys):
-        (rows, cols), kept = packed.shapes[i], packed.kept[i]
-        if not packed.sparse[i]:
-            continue
-        tail = rows * cols % 8
-        if tail and int(packed.masks[packed.mask_at[i] + mask_bytes[i] - 1]) & ((1 << (8 - tail)) - 1):
-            raise ValueError(f"tensor {excerpt(key)} sets mask bits past its {rows * cols} entries")
-        if marked[i] != kept:
-            raise ValueError(f"tensor {excerpt(key)} lists {kept} kept entries but its mask sets {marked[i]}")
+    _check_size("masks", packed.mask_at[-1] + packed.mask_bytes[-1], packed.masks)
+    sparse = [i for i, s in enumerate(packed.sparse) if s]
+    # Bits set per mask from a per-byte count summed per tensor: one vectorised pass over
+    # the masks (a read's largest cost when done with a lookup table and a cumsum).
+    masks = packed.masks.numpy()
+    starts = [packed.mask_at[i] for i in sparse]
+    marked = numpy.add.reduceat(numpy.bitwise_count(masks), starts, dtype=numpy.int64).tolist() if sparse else []
+    # A mask's last byte holds (entries % 8 or 8) of its bits, high first; the rest is padding.
+    last = masks[[packed.mask_at[i] + packed.mask_bytes[i] - 1 for i in sparse]]
+    padding = (1 << ((-numpy.array([packed.shapes[i][0] * packed.shapes[i][1] for i in sparse], dtype=numpy.int64)) % 8)) - 1
+    for j in numpy.flatnonzero(last & padding).tolist()[:1]:
+        (rows, cols), key = packed.shapes[sparse[j]], packed.keys[sparse[j]]
+        raise ValueError(f"tensor {excerpt(key)} sets mask bits past its {rows * cols} entries")
+    for i, set_bits in zip(sparse, marked):
+        if set_bits != packed.kept[i]:
+            raise ValueError(f"tensor {excerpt(packed.keys[i])} lists {packed.kept[i]} kept entries but its mask sets {set_bits}")
     _check_size("signs", packed.sign_at[-1] + math.ceil(packed.kept[-1] / 8), packed.signs)
 
 

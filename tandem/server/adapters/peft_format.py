@@ -27,7 +27,7 @@ from tandem.server.adapters.patterns import MAX_ADAPTER_CHOICES, MAX_PATTERN_KEY
 from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
-from tandem.server.model.lora_targets import TARGET_SLICES, group_linears
+from tandem.server.model.lora_targets import TARGET_SLICES, linear_shapes
 
 CONFIG_FILE = "adapter_config.json"
 # Far past any real adapter's dimension, and below what torch's shapes hold (2^63).
@@ -166,28 +166,31 @@ def adapter_of_modules(
 ) -> LoRAAdapter:
     """The adapter of PEFT module path -> (A, B), checked against the base model and the config."""
     alphas = _alpha_patterns(config)
-    linears = group_linears(model)
+    # Looked up once per read, not per module (an adapter has ~200 modules).
+    shapes, num_layers, limit = linear_shapes(model), len(model.layers), torch.finfo(slot_dtype).max
+    scale_of = _scales(name, config, alphas)
     per_group: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     targets = set()
     for module, (a, b) in modules.items():
-        layer, kind = _locate(name, module, len(model.layers))
+        layer, kind = _locate(name, module, num_layers)
         group, slice_idx = TARGET_SLICES[kind]
-        linear = linears[(layer, group)]
-        want_in, want_out = linear.in_features, linear.out_slices[slice_idx]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[1] != want_in or b.shape[0] != want_out:
+        want_in, out_slices = shapes[(layer, group)]
+        want_out = out_slices[slice_idx]
+        a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+        if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0] or a_shape[1] != want_in or b_shape[0] != want_out:
             raise IncompatibleAdapter(
-                f"adapter {name!r} does not fit the base model: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"adapter {name!r} does not fit the base model: {module} has A {a_shape} and B {b_shape}, "
                 f"the base layer needs A [r, {want_in}] and B [{want_out}, r]"
             )
-        r = a.shape[0]
+        r = a_shape[0]
         if r == 0:
             raise IncompatibleAdapter(f"adapter {name!r} has rank 0 on {module}; a LoRA rank is at least 1")
         if r > max_rank:
             raise IncompatibleAdapter(
                 f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
             )
-        scale = _scale(name, config, alphas, module, r)
-        _check_finite(name, module, a, b, scale, slot_dtype)
+        scale = scale_of(module, r)
+        _check_finite(name, module, a, b, scale, slot_dtype, limit)
         per_group.setdefault((layer, group), {})[slice_idx] = (a, b, scale)
         targets.add(kind)
     groups = {key: GroupDelta(slices, max(a.shape[0] for a, _, _ in slices.values())) for key, slices in per_group.items()}
@@ -430,6 +433,21 @@ def _alpha_patterns(config: dict) -> list[tuple[re.Pattern, object]]:
     return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in (config.get("alpha_pattern") or {}).items()]
 
 
+def _scales(name: str, config: dict, alphas: list[tuple[re.Pattern, object]]) -> Callable[[str, int], float]:
+    """(module, rank) -> its B scale; without alpha_pattern the scale depends on the rank
+    alone and is worked out once per rank, not once per module."""
+    if alphas:
+        return lambda module, r: _scale(name, config, alphas, module, r)
+    per_rank: dict[int, float] = {}
+
+    def scale(module: str, r: int) -> float:
+        if r not in per_rank:
+            per_rank[r] = _scale(name, config, alphas, module, r)
+        return per_rank[r]
+
+    return scale
+
+
 def _scale(name: str, config: dict, alphas: list[tuple[re.Pattern, object]], module: str, r: int) -> float:
     alpha = next((value for pattern, value in alphas if pattern.match(module)), config["lora_alpha"])
     if not _is_finite_number(alpha):
@@ -446,15 +464,16 @@ def _is_finite_number(value: object) -> bool:
         return False
 
 
-def _check_finite(name: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, slot_dtype: torch.dtype) -> None:
-    """Refuse NaN/inf weights, and weights that overflow slot_dtype as a slot holds them (B scaled)."""
-    magnitudes = []
-    for label, t in (("lora_A", a), ("lora_B", b)):
-        magnitudes.append(_magnitude(t))
-        if not math.isfinite(magnitudes[-1]):
+def _check_finite(
+    name: str, module: str, a: torch.Tensor, b: torch.Tensor, scale: float, slot_dtype: torch.dtype, limit: float
+) -> None:
+    """Refuse NaN/inf weights, and weights that overflow slot_dtype (whose largest value is
+    limit) as a slot holds them (B scaled)."""
+    a_max, b_max = _magnitude(a), _magnitude(b)
+    for label, magnitude in (("lora_A", a_max), ("lora_B", b_max)):
+        if not math.isfinite(magnitude):
             raise IncompatibleAdapter(f"adapter {name!r} has NaN or infinite values in {module}.{label}")
-    largest = max(magnitudes[0], magnitudes[1] * abs(scale))
-    limit = torch.finfo(slot_dtype).max
+    largest = max(a_max, b_max * abs(scale))
     if not largest <= limit:
         raise IncompatibleAdapter(
             f"adapter {name!r} overflows {str(slot_dtype).removeprefix('torch.')} in {module}: "

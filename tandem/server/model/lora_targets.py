@@ -5,6 +5,7 @@ slice of a group: (layer, group) names a fused linear, the slice index its part.
 adapter reader, the slot pool, the trainer and the PEFT writer all go through here.
 """
 
+import weakref
 from collections.abc import Callable
 
 from tandem.server.model.linear import FusedLinear
@@ -37,6 +38,19 @@ def group_linears(model: LlamaModel) -> dict[tuple[int, str], FusedLinear]:
         for group, ((block, attr), _) in _GROUPS.items():
             out[(i, group)] = getattr(getattr(layer, block), attr)
     return out
+
+
+_SHAPES: "weakref.WeakKeyDictionary[LlamaModel, dict[tuple[int, str], tuple[int, tuple[int, ...]]]]" = weakref.WeakKeyDictionary()
+
+
+def linear_shapes(model: LlamaModel) -> dict[tuple[int, str], tuple[int, tuple[int, ...]]]:
+    """(layer, group) -> (in_features, out_slices) of every LoRA-able linear, worked out once
+    per model (a linear swapped by replace_linears keeps its shape): every adapter read
+    checks its ~200 modules against these, and module attribute lookups cost microseconds."""
+    shapes = _SHAPES.get(model)
+    if shapes is None:
+        shapes = _SHAPES[model] = {key: (linear.in_features, linear.out_slices) for key, linear in group_linears(model).items()}
+    return shapes
 
 
 def replace_linears(model: LlamaModel, wrap: Callable[[tuple[int, str], FusedLinear], FusedLinear]) -> None:
