@@ -5,23 +5,24 @@ A compressed adapter is a folder of the adapters directory holding PEFT's own
 `adapter_config.json` (so ranks, alphas and targets keep PEFT's meaning) and, instead of
 `adapter_model.safetensors`, `adapter_model.compeft`: a safetensors container (readable by
 the `safetensors` package) whose `__metadata__` is
-    {"format": "compeft", "version": "2",
-     "tensors": "[[<PEFT key>, rows, cols, kept], ...]",   (a JSON string, in storage order)
+    {"format": "compeft", "version": "3",
+     "tensors": "[[<PEFT key>, rows, cols, kept], ...]",   (a JSON string: the codes, in storage order)
      "a_init_seed": "<integer>"}                            (optional)
-for every PEFT tensor key K (`base_model.model.<module>.lora_A.weight`, ...), and which holds
-three tensors, each the concatenation over those keys in that order:
+where every PEFT tensor key K (`base_model.model.<module>.lora_A.weight`, ...) is listed
+once per code of K (each code with K's shape), and which holds three tensors, each the
+concatenation over the codes in that order:
     masks   U8 [sum ceil(rows * cols / 8)]  the kept entries, one bit each, row-major, most
                                            significant bit first (numpy.packbits), each
-                                           tensor's bits padded with zeros to a whole byte;
-                                           none for a tensor that keeps every entry
+                                           code's bits padded with zeros to a whole byte;
+                                           none for a code that keeps every entry
     signs   U8 [sum ceil(kept / 8)]         per kept entry in order, 1 = negative, padded alike
-    scales  F32 [number of keys]            the magnitude of every kept entry of each tensor
-so entry i of K is scale * (1 - 2 * sign) where its mask bit i is set (or K keeps every
-entry), else 0. With
-a_init_seed, each lora_A tensor stores its fine-tuned residual, and entry i of it is that
-plus entry i of the trainer's initial A for the seed (lora_init.py), drawn for the lora_A
-keys in storage order, which the writer makes the trainer's draw order. Version 1 is
-version 2 without a_init_seed; both are read.
+    scales  F32 [number of codes]           the magnitude of every kept entry of each code
+so entry i of a code is scale * (1 - 2 * sign) where its mask bit i is set (or the code
+keeps every entry), else 0, and tensor K is the sum of its codes. With a_init_seed, each
+lora_A tensor stores its fine-tuned residual, and entry i of it is that plus entry i of the
+trainer's initial A for the seed (lora_init.py), drawn for the lora_A keys in the order of
+their first code, which the writer makes the trainer's draw order. Version 2 is version 3
+with one code per key; version 1 is version 2 without a_init_seed; all three are read.
 
 ComPEFT compresses the update training made, not the weights: a trained A is mostly its
 random initial draw, which no sparse sign code keeps (an adapter compressed whole lost most
@@ -29,11 +30,14 @@ of its task accuracy at density 0.3), while the move is small and sign-like (Ada
 B starts at zero, so B is its own residual. An adapter whose start is unknown (not trained
 here from a seed) is compressed whole.
 
-Compressing keeps each tensor's ceil(density * numel) largest magnitudes (at least one) and
+Compressing keeps each code's ceil(density * numel) largest magnitudes (at least one) and
 sets the scale to their mean magnitude, the one value that minimises the squared error of
-the kept entries for those signs. About 32 / (1 + density) times smaller than float32, and
-32 times at density 1 (signs alone, as in BitDelta, Liu et al. 2024), which also unpacks
-fastest: no mask to scatter through.
+the kept entries for those signs. A code of A's move leaves ~8% of the adapter's product
+B·A in error, but one code of a tensor coded whole (B) leaves ~40%, which cost the task
+adapters 6-13% of their accuracy at density 0.5 (bench/algebra_eval.py): so a tensor coded
+whole gets a second code, of what the first left (residual coding, as in multi-stage vector
+quantisers), which brings the product's error to ~19% and the accuracy back within 5%.
+About 32 / (1 + density) times smaller than float32 per code: ~14x at density 0.5 overall.
 
 The server reads these files directly: the host cache holds the packed bits (and counts
 their bytes); a slot load unpacks the whole adapter in one pass on the slot's device, with
@@ -67,8 +71,8 @@ from tandem.server.model.llama import LlamaModel
 
 WEIGHTS_FILE = "adapter_model.compeft"
 FORMAT = "compeft"
-VERSION = "2"
-_READ_VERSIONS = ("1", "2")
+VERSION = "3"
+_READ_VERSIONS = ("1", "2", "3")
 _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 # Byte -> its 8 bits (most significant first), as 0/1 and as the sign +1 (0) / -1 (1): an
 # unpack is one table lookup per byte.
@@ -79,14 +83,16 @@ _SIGNS = 1.0 - 2.0 * _BITS.float()
 class PackedAdapter:
     """A compressed adapter's three packed arrays and its listing, as its file holds them.
 
-    Its tensors (TernaryTensor) are views of it, so the whole adapter unpacks in one pass of
-    a few vectorised operations (unpacked) rather than a handful per tensor."""
+    The listing holds codes: code i is a ternary code of tensor code_keys[i]; a tensor is the
+    sum of its codes (one, or a refinement after the first). Its tensors (TernaryTensor) are
+    views of it, so the whole adapter unpacks in one pass of a few vectorised operations
+    (unpacked) rather than a handful per tensor."""
 
     def __init__(
-        self, keys: list[str], shapes: list[tuple[int, int]], kept: list[int],
+        self, code_keys: list[str], shapes: list[tuple[int, int]], kept: list[int],
         masks: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, a_init_seed: int | None,
     ):
-        self.keys, self.shapes, self.kept = keys, shapes, kept
+        self.code_keys, self.shapes, self.kept = code_keys, shapes, kept
         self.masks, self.signs, self.scales = masks, signs, scales
         self.a_init_seed = a_init_seed
         self.sparse = [k < r * c for k, (r, c) in zip(kept, shapes)]
@@ -94,21 +100,28 @@ class PackedAdapter:
         sign_bytes = [math.ceil(k / 8) for k in kept]
         self.mask_at = _starts(self.mask_bytes)
         self.sign_at = _starts(sign_bytes)
-        self.nbytes = [m + s + 4 for m, s in zip(self.mask_bytes, sign_bytes)]
-        self.residual = [a_init_seed is not None and key.endswith(".lora_A.weight") for key in keys]
+        # Tensors in the order of their first code; each code's tensor index.
+        index: dict[str, int] = {}
+        self.code_tensor = [index.setdefault(key, len(index)) for key in code_keys]
+        self.keys = list(index)
+        self.tensor_shapes: list[tuple[int, int]] = [(0, 0)] * len(self.keys)
+        for t, shape in zip(self.code_tensor, shapes):
+            self.tensor_shapes[t] = shape  # every code of a tensor has its shape (parse_compressed checks)
+        self.residual = [a_init_seed is not None and key.endswith(".lora_A.weight") for key in self.keys]
+        self.nbytes = [0] * len(self.keys)
         # The largest |entry| each tensor can unpack to, for the checks every read runs (as a
         # list: indexing a tensor per check costs microseconds, and a read checks ~400).
-        self.magnitudes = [
-            (scale if k else 0.0) + (initial_a_bound(c) if residual else 0.0)
-            for scale, k, (_, c), residual in zip(scales.tolist(), kept, shapes, self.residual)
-        ]
+        self.magnitudes = [initial_a_bound(c) if residual else 0.0 for (_, c), residual in zip(self.tensor_shapes, self.residual)]
+        for t, m, sb, scale, k in zip(self.code_tensor, self.mask_bytes, sign_bytes, scales.tolist(), kept):
+            self.nbytes[t] += m + sb + 4
+            self.magnitudes[t] += scale if k else 0.0
         self._pinned: PackedAdapter | None = None
 
     def tensors(self) -> dict[str, "TernaryTensor"]:
         return {key: TernaryTensor(self, i) for i, key in enumerate(self.keys)}
 
     def unpacked(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """Every tensor, dense float32 on device, in listing order."""
+        """Every tensor, dense float32 on device, in the order of keys."""
         signs = F.embedding(self.signs.to(device, non_blocking=True).long(), _SIGNS.to(device)).flatten()
         values = torch.cat([signs[8 * at : 8 * at + k] for at, k in zip(self.sign_at, self.kept)])
         counts = torch.tensor(self.kept, device=device)
@@ -120,10 +133,10 @@ class PackedAdapter:
                 [values[at : at + k] for at, k, sparse in zip(value_at, self.kept, self.sparse) if sparse]
             )
             flat = torch.zeros(kept.numel(), dtype=torch.float32, device=device).masked_scatter_(kept, scattered)
-        out = [
-            (flat[8 * m : 8 * m + r * c] if sparse else values[v : v + r * c]).view(r, c)
-            for sparse, m, v, (r, c) in zip(self.sparse, self.mask_at, value_at, self.shapes)
-        ]
+        out: list[torch.Tensor | None] = [None] * len(self.keys)
+        for t, sparse, m, v, (r, c) in zip(self.code_tensor, self.sparse, self.mask_at, value_at, self.shapes):
+            code = (flat[8 * m : 8 * m + r * c] if sparse else values[v : v + r * c]).view(r, c)
+            out[t] = code if out[t] is None else out[t] + code
         if self.a_init_seed is not None:
             moved = [t for t, residual in zip(out, self.residual) if residual]
             for t, start in zip(moved, initial_a([tuple(t.shape) for t in moved], self.a_init_seed)):
@@ -134,7 +147,7 @@ class PackedAdapter:
         """The same adapter with its arrays in page-locked memory (made once)."""
         if self._pinned is None:
             self._pinned = PackedAdapter(
-                self.keys, self.shapes, self.kept, self.masks.pin_memory(), self.signs.pin_memory(), self.scales.pin_memory(),
+                self.code_keys, self.shapes, self.kept, self.masks.pin_memory(), self.signs.pin_memory(), self.scales.pin_memory(),
                 self.a_init_seed,
             )
         return self._pinned
@@ -151,7 +164,7 @@ class TernaryTensor:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.shapes[self.index]
+        return self.packed.tensor_shapes[self.index]
 
     @property
     def nbytes(self) -> int:
@@ -220,25 +233,39 @@ def compressed_files(config: dict, tensors: dict[str, torch.Tensor], density: fl
     """The two files of the compressed form of a PEFT adapter (config and PEFT-keyed tensors).
     With a_init_seed (the adapter was trained here from that seed), tensors must list the
     lora_A keys in the trainer's draw order (lora_init.draw_order), and each A is stored as
-    its move from its initial draw."""
+    its move from its initial draw. A tensor coded whole (every B; an A without a seed) gets
+    a second code, of what its first one left (see the module's docstring)."""
     if not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise InvalidRequest(f"density must lie in (0, 1], got {density}")
     tensors = {k: t.detach().to("cpu", torch.float32) for k, t in tensors.items()}
+    moved = set()
     if a_init_seed is not None:
         a_keys = [k for k in tensors if k.endswith(".lora_A.weight")]
         for key, start in zip(a_keys, initial_a([tuple(tensors[k].shape) for k in a_keys], a_init_seed)):
             tensors[key] = tensors[key] - start
-    codes = {key: sparsify(t, density) for key, t in tensors.items()}
+        moved = set(a_keys)
+    codes: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
+    for key, t in tensors.items():
+        codes.append((key, *sparsify(t, density)))
+        if key not in moved:
+            codes.append((key, *sparsify(t - _decoded(*codes[-1][1:]).view_as(t), density)))
     packed = {
-        "masks": torch.cat([_pack(mask) for mask, _, _ in codes.values() if not mask.all()] or [torch.zeros(0, dtype=torch.uint8)]),
-        "signs": torch.cat([_pack(negative) for _, negative, _ in codes.values()]),
-        "scales": torch.tensor([scale for *_, scale in codes.values()], dtype=torch.float32),
+        "masks": torch.cat([_pack(mask) for _, mask, _, _ in codes if not mask.all()] or [torch.zeros(0, dtype=torch.uint8)]),
+        "signs": torch.cat([_pack(negative) for _, _, negative, _ in codes]),
+        "scales": torch.tensor([scale for *_, scale in codes], dtype=torch.float32),
     }
-    listing = [[key, *tensors[key].shape, int(mask.sum())] for key, (mask, _, _) in codes.items()]
+    listing = [[key, *tensors[key].shape, int(mask.sum())] for key, mask, _, _ in codes]
     metadata = {"format": FORMAT, "version": VERSION, "tensors": json.dumps(listing)}
     if a_init_seed is not None:
         metadata["a_init_seed"] = str(a_init_seed)
     return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: save_safetensors(packed, metadata)}
+
+
+def _decoded(mask: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
+    """The flat float32 tensor a code (sparsify's) stands for."""
+    out = torch.zeros(mask.numel(), dtype=torch.float32)
+    out[mask] = scale * (1.0 - 2.0 * negative.float())
+    return out
 
 
 def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slot_dtype: torch.dtype = torch.float32) -> LoRAAdapter:
@@ -278,8 +305,12 @@ def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
     if scales.numel() != len(listing) or not torch.isfinite(scales).all():
         raise ValueError(f"it lists {len(listing)} tensors but holds {scales.numel()} finite scales")
     entries = [_entry(e) for e in listing]
-    if len({key for key, *_ in entries}) != len(entries):
-        raise ValueError("its tensors list names a key twice")
+    shapes: dict[str, tuple[int, int]] = {}
+    for key, rows, cols, _ in entries:
+        if shapes.setdefault(key, (rows, cols)) != (rows, cols):
+            raise ValueError(f"its tensors list gives {excerpt(key)} two shapes; every code of a tensor has the tensor's shape")
+    if len(shapes) != len(entries) and metadata["version"] != "3":
+        raise ValueError(f"its tensors list names a key twice, which only version 3 allows (it is version {metadata['version']})")
     packed = PackedAdapter(
         [key for key, *_ in entries], [(rows, cols) for _, rows, cols, _ in entries], [kept for *_, kept in entries],
         masks, signs, scales, _seed(metadata),
@@ -302,11 +333,11 @@ def _check_bits(packed: PackedAdapter) -> None:
     last = masks[[packed.mask_at[i] + packed.mask_bytes[i] - 1 for i in sparse]]
     padding = (1 << ((-numpy.array([packed.shapes[i][0] * packed.shapes[i][1] for i in sparse], dtype=numpy.int64)) % 8)) - 1
     for j in numpy.flatnonzero(last & padding).tolist()[:1]:
-        (rows, cols), key = packed.shapes[sparse[j]], packed.keys[sparse[j]]
+        (rows, cols), key = packed.shapes[sparse[j]], packed.code_keys[sparse[j]]
         raise ValueError(f"tensor {excerpt(key)} sets mask bits past its {rows * cols} entries")
     for i, set_bits in zip(sparse, marked):
         if set_bits != packed.kept[i]:
-            raise ValueError(f"tensor {excerpt(packed.keys[i])} lists {packed.kept[i]} kept entries but its mask sets {set_bits}")
+            raise ValueError(f"tensor {excerpt(packed.code_keys[i])} lists {packed.kept[i]} kept entries but its mask sets {set_bits}")
     _check_size("signs", packed.sign_at[-1] + math.ceil(packed.kept[-1] / 8), packed.signs)
 
 
@@ -325,7 +356,7 @@ def _seed(metadata: dict) -> int | None:
     if seed is None:
         return None
     if metadata.get("version") == "1" or not (isinstance(seed, str) and seed.isdigit() and int(seed) < 1 << 63):
-        raise ValueError(f"its a_init_seed {excerpt(seed)} is not a version-2 non-negative 64-bit integer")
+        raise ValueError(f"its a_init_seed {excerpt(seed)} is not a non-negative 64-bit integer of version 2 or later")
     return int(seed)
 
 
