@@ -232,11 +232,13 @@ def test_corrupt_or_truncated_files_are_refused_with_the_reason(tiny_hf_model, s
         registry.load("small")
 
 
-def test_a_kept_count_that_does_not_match_the_mask_is_refused():
-    files = compressed_files({}, {"k": torch.randn(4, 8)}, 0.5)
-    data = files[WEIGHTS_FILE].replace(b'[[\\"k\\", 4, 8, 16]', b'[[\\"k\\", 4, 8, 17]')
+@pytest.mark.parametrize("rows, cols", [(4, 8), (8, 64)])  # masks counted byte by byte, and 8 bytes at a time
+def test_a_kept_count_that_does_not_match_the_mask_is_refused(rows, cols):
+    files = compressed_files({}, {"k": torch.randn(rows, cols)}, 0.5)
+    kept = rows * cols // 2
+    data = files[WEIGHTS_FILE].replace(f'[[\\"k\\", {rows}, {cols}, {kept}]'.encode(), f'[[\\"k\\", {rows}, {cols}, {kept + 1}]'.encode())
     assert data != files[WEIGHTS_FILE]
-    with pytest.raises(ValueError, match="lists 17 kept entries but its mask sets 16"):
+    with pytest.raises(ValueError, match=f"lists {kept + 1} kept entries but its mask sets {kept}"):
         parse_compressed(data)
 
 

@@ -44,9 +44,9 @@ their bytes); a slot load unpacks the whole adapter in one pass on the slot's de
 no dense copy on disk or in the cache.
 """
 
+import functools
 import json
 import math
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy
@@ -80,61 +80,109 @@ _BITS = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).to(torch.u
 _SIGNS = 1.0 - 2.0 * _BITS.float()
 
 
-class PackedAdapter:
-    """A compressed adapter's three packed arrays and its listing, as its file holds them.
+class Listing:
+    """What a file's tensors listing determines: the codes (code i is a ternary code of tensor
+    code_keys[i], with its shape and kept count), where each one's bits lie in the packed
+    arrays, and the tensors (in the order of their first code; a tensor is the sum of its
+    codes). Validated once per distinct listing (listing_of): every compressed adapter of one
+    base model at one density has the same listing, and a read would otherwise spend most of
+    its time on these few thousand Python values."""
 
-    The listing holds codes: code i is a ternary code of tensor code_keys[i]; a tensor is the
-    sum of its codes (one, or a refinement after the first). Its tensors (TernaryTensor) are
-    views of it, so the whole adapter unpacks in one pass of a few vectorised operations
-    (unpacked) rather than a handful per tensor."""
-
-    def __init__(
-        self, code_keys: list[str], shapes: list[tuple[int, int]], kept: list[int],
-        masks: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, a_init_seed: int | None,
-    ):
-        self.code_keys, self.shapes, self.kept = code_keys, shapes, kept
-        self.masks, self.signs, self.scales = masks, signs, scales
-        self.a_init_seed = a_init_seed
-        self.sparse = [k < r * c for k, (r, c) in zip(kept, shapes)]
-        self.mask_bytes = [math.ceil(r * c / 8) if sparse else 0 for sparse, (r, c) in zip(self.sparse, shapes)]
-        sign_bytes = [math.ceil(k / 8) for k in kept]
+    def __init__(self, entries: list[tuple[str, int, int, int]]):
+        self.code_keys = [key for key, *_ in entries]
+        self.shapes = [(rows, cols) for _, rows, cols, _ in entries]
+        self.kept = [kept for *_, kept in entries]
+        self.sparse = [k < r * c for k, (r, c) in zip(self.kept, self.shapes)]
+        self.mask_bytes = [math.ceil(r * c / 8) if sparse else 0 for sparse, (r, c) in zip(self.sparse, self.shapes)]
+        self.sign_bytes = [math.ceil(k / 8) for k in self.kept]
         self.mask_at = _starts(self.mask_bytes)
-        self.sign_at = _starts(sign_bytes)
-        # Tensors in the order of their first code; each code's tensor index.
+        self.sign_at = _starts(self.sign_bytes)
+        self.value_at = _starts(self.kept)
         index: dict[str, int] = {}
-        self.code_tensor = [index.setdefault(key, len(index)) for key in code_keys]
+        self.code_tensor = [index.setdefault(key, len(index)) for key in self.code_keys]
         self.keys = list(index)
         self.tensor_shapes: list[tuple[int, int]] = [(0, 0)] * len(self.keys)
-        for t, shape in zip(self.code_tensor, shapes):
-            self.tensor_shapes[t] = shape  # every code of a tensor has its shape (parse_compressed checks)
-        self.residual = [a_init_seed is not None and key.endswith(".lora_A.weight") for key in self.keys]
         self.nbytes = [0] * len(self.keys)
+        for t, shape, m, sb in zip(self.code_tensor, self.shapes, self.mask_bytes, self.sign_bytes):
+            self.tensor_shapes[t] = shape  # every code of a tensor has its shape (listing_of checks)
+            self.nbytes[t] += m + sb + 4
+        self.is_a = [key.endswith(".lora_A.weight") for key in self.keys]
+        # The largest |entry| of an A's initial draw, for a seeded adapter's A (its move is coded).
+        self.a_bounds = torch.tensor(
+            [initial_a_bound(c) if is_a else 0.0 for is_a, (_, c) in zip(self.is_a, self.tensor_shapes)], dtype=torch.float64
+        )
+        # For _check_bits, as arrays: the masked codes, where their masks start, their last
+        # byte, the padding bits of that byte, and their kept counts.
+        self.masked = numpy.flatnonzero(numpy.array(self.sparse, dtype=bool))
+        mask_at, mask_bytes = numpy.array(self.mask_at, dtype=numpy.int64), numpy.array(self.mask_bytes, dtype=numpy.int64)
+        self.masked_at = mask_at[self.masked]
+        self.masked_last = self.masked_at + mask_bytes[self.masked] - 1
+        entries_of = numpy.array([r * c for r, c in self.shapes], dtype=numpy.int64)[self.masked]
+        self.masked_padding = ((1 << (-entries_of % 8)) - 1).astype(numpy.uint8)
+        self.masked_kept = numpy.array(self.kept, dtype=numpy.int64)[self.masked]
+        # Masks that all start and end on 8-byte boundaries (every real LoRA shape: rank 8, 16,
+        # ... times the width) are counted 8 bytes at a time.
+        self.whole_words = (self.mask_at[-1] + self.mask_bytes[-1]) % 8 == 0 and not (self.masked_at % 8).any()
+        self.code_tensor_index = torch.tensor(self.code_tensor, dtype=torch.int64)
+        self.has_codes = torch.tensor([k > 0 for k in self.kept])
+
+
+@functools.lru_cache(maxsize=64)
+def listing_of(listing_json: str, repeats_allowed: bool) -> Listing:
+    """The Listing of a tensors metadata string; ValueError saying what is wrong."""
+    try:
+        listing = json.loads(listing_json)
+    except ValueError as exc:
+        raise ValueError("its tensors metadata is not a JSON list") from exc
+    if not isinstance(listing, list) or not listing:
+        raise ValueError("it must hold a non-empty tensors list in its metadata and exactly the tensors masks, signs and scales")
+    entries = [_entry(e) for e in listing]
+    shapes: dict[str, tuple[int, int]] = {}
+    for key, rows, cols, _ in entries:
+        if shapes.setdefault(key, (rows, cols)) != (rows, cols):
+            raise ValueError(f"its tensors list gives {excerpt(key)} two shapes; every code of a tensor has the tensor's shape")
+    if len(shapes) != len(entries) and not repeats_allowed:
+        raise ValueError("its tensors list names a key twice, which only version 3 allows")
+    return Listing(entries)
+
+
+class PackedAdapter:
+    """A compressed adapter's three packed arrays and its Listing, as its file holds them.
+
+    Its tensors (TernaryTensor) are views of it, so the whole adapter unpacks in one pass of
+    a few vectorised operations (unpacked) rather than a handful per tensor."""
+
+    def __init__(self, listing: Listing, masks: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, a_init_seed: int | None):
+        self.listing = listing
+        self.masks, self.signs, self.scales = masks, signs, scales
+        self.a_init_seed = a_init_seed
+        self.residual = [a_init_seed is not None and is_a for is_a in listing.is_a]
         # The largest |entry| each tensor can unpack to, for the checks every read runs (as a
         # list: indexing a tensor per check costs microseconds, and a read checks ~400).
-        self.magnitudes = [initial_a_bound(c) if residual else 0.0 for (_, c), residual in zip(self.tensor_shapes, self.residual)]
-        for t, m, sb, scale, k in zip(self.code_tensor, self.mask_bytes, sign_bytes, scales.tolist(), kept):
-            self.nbytes[t] += m + sb + 4
-            self.magnitudes[t] += scale if k else 0.0
+        per_code = torch.where(listing.has_codes, scales, 0.0).double()
+        largest = torch.zeros(len(listing.keys), dtype=torch.float64).index_add_(0, listing.code_tensor_index, per_code)
+        self.magnitudes = (largest if a_init_seed is None else largest + listing.a_bounds).tolist()
         self._pinned: PackedAdapter | None = None
 
     def tensors(self) -> dict[str, "TernaryTensor"]:
-        return {key: TernaryTensor(self, i) for i, key in enumerate(self.keys)}
+        return {key: TernaryTensor(self, i) for i, key in enumerate(self.listing.keys)}
 
     def unpacked(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """Every tensor, dense float32 on device, in the order of keys."""
+        """Every tensor, dense float32 on device, in the order of the listing's keys."""
+        listing = self.listing
         signs = F.embedding(self.signs.to(device, non_blocking=True).long(), _SIGNS.to(device)).flatten()
-        values = torch.cat([signs[8 * at : 8 * at + k] for at, k in zip(self.sign_at, self.kept)])
-        counts = torch.tensor(self.kept, device=device)
+        values = torch.cat([signs[8 * at : 8 * at + k] for at, k in zip(listing.sign_at, listing.kept)])
+        counts = torch.tensor(listing.kept, device=device)
         values *= self.scales.to(device, non_blocking=True).repeat_interleave(counts, output_size=values.numel())
-        value_at = _starts(self.kept)
-        if any(self.sparse):  # their kept values scatter through their masks, one pass for all
+        value_at = listing.value_at
+        if any(listing.sparse):  # their kept values scatter through their masks, one pass for all
             kept = F.embedding(self.masks.to(device, non_blocking=True).long(), _BITS.to(device)).view(torch.bool).flatten()
-            scattered = values if all(self.sparse) else torch.cat(
-                [values[at : at + k] for at, k, sparse in zip(value_at, self.kept, self.sparse) if sparse]
+            scattered = values if all(listing.sparse) else torch.cat(
+                [values[at : at + k] for at, k, sparse in zip(value_at, listing.kept, listing.sparse) if sparse]
             )
             flat = torch.zeros(kept.numel(), dtype=torch.float32, device=device).masked_scatter_(kept, scattered)
-        out: list[torch.Tensor | None] = [None] * len(self.keys)
-        for t, sparse, m, v, (r, c) in zip(self.code_tensor, self.sparse, self.mask_at, value_at, self.shapes):
+        out: list[torch.Tensor | None] = [None] * len(listing.keys)
+        for t, sparse, m, v, (r, c) in zip(listing.code_tensor, listing.sparse, listing.mask_at, value_at, listing.shapes):
             code = (flat[8 * m : 8 * m + r * c] if sparse else values[v : v + r * c]).view(r, c)
             out[t] = code if out[t] is None else out[t] + code
         if self.a_init_seed is not None:
@@ -147,28 +195,28 @@ class PackedAdapter:
         """The same adapter with its arrays in page-locked memory (made once)."""
         if self._pinned is None:
             self._pinned = PackedAdapter(
-                self.code_keys, self.shapes, self.kept, self.masks.pin_memory(), self.signs.pin_memory(), self.scales.pin_memory(),
-                self.a_init_seed,
+                self.listing, self.masks.pin_memory(), self.signs.pin_memory(), self.scales.pin_memory(), self.a_init_seed
             )
         return self._pinned
 
 
-@dataclass(frozen=True)
 class TernaryTensor:
     """One [rows, cols] tensor of a PackedAdapter: tensor-like enough for the checks a PEFT
     tensor goes through (shape, dim, magnitude), unpacked with its whole adapter
-    (dense_slices)."""
+    (dense_slices). A plain slotted class: a read makes ~400 of them."""
 
-    packed: PackedAdapter
-    index: int
+    __slots__ = ("packed", "index")
+
+    def __init__(self, packed: PackedAdapter, index: int):
+        self.packed, self.index = packed, index
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.tensor_shapes[self.index]
+        return self.packed.listing.tensor_shapes[self.index]
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes[self.index]
+        return self.packed.listing.nbytes[self.index]
 
     def dim(self) -> int:
         return 2
@@ -182,7 +230,7 @@ class TernaryTensor:
         return self.packed.magnitudes[self.index]
 
     def pin_memory(self) -> "TernaryTensor":
-        return replace(self, packed=self.packed.pin_memory())
+        return TernaryTensor(self.packed.pin_memory(), self.index)
 
 
 def _starts(sizes: list[int]) -> list[int]:
@@ -292,53 +340,42 @@ def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
         raise ValueError(f"it is not a readable safetensors container ({exc})") from exc
     if metadata.get("format") != FORMAT or metadata.get("version") not in _READ_VERSIONS:
         raise ValueError(f"its metadata must name format {FORMAT!r} and a version in {', '.join(_READ_VERSIONS)}")
-    try:
-        listing = json.loads(metadata.get("tensors", ""))
-    except ValueError as exc:
-        raise ValueError("its tensors metadata is not a JSON list") from exc
-    if not isinstance(listing, list) or not listing or set(tensors) != {"masks", "signs", "scales"}:
+    if set(tensors) != {"masks", "signs", "scales"}:
         raise ValueError("it must hold a non-empty tensors list in its metadata and exactly the tensors masks, signs and scales")
+    listing_json = metadata.get("tensors")
+    listing = listing_of(listing_json if isinstance(listing_json, str) else "", metadata["version"] == "3")
     for part, dtype in (("masks", torch.uint8), ("signs", torch.uint8), ("scales", torch.float32)):
         if tensors[part].dtype != dtype or tensors[part].dim() != 1:
             raise ValueError(f"its {part} must be a 1-d {str(dtype).removeprefix('torch.')} tensor")
     masks, signs, scales = tensors["masks"], tensors["signs"], tensors["scales"]
-    if scales.numel() != len(listing) or not torch.isfinite(scales).all():
-        raise ValueError(f"it lists {len(listing)} tensors but holds {scales.numel()} finite scales")
-    entries = [_entry(e) for e in listing]
-    shapes: dict[str, tuple[int, int]] = {}
-    for key, rows, cols, _ in entries:
-        if shapes.setdefault(key, (rows, cols)) != (rows, cols):
-            raise ValueError(f"its tensors list gives {excerpt(key)} two shapes; every code of a tensor has the tensor's shape")
-    if len(shapes) != len(entries) and metadata["version"] != "3":
-        raise ValueError(f"its tensors list names a key twice, which only version 3 allows (it is version {metadata['version']})")
-    packed = PackedAdapter(
-        [key for key, *_ in entries], [(rows, cols) for _, rows, cols, _ in entries], [kept for *_, kept in entries],
-        masks, signs, scales, _seed(metadata),
-    )
+    if scales.numel() != len(listing.kept) or not torch.isfinite(scales).all():
+        raise ValueError(f"it lists {len(listing.kept)} tensors but holds {scales.numel()} finite scales")
+    packed = PackedAdapter(listing, masks, signs, scales, _seed(metadata))
     _check_bits(packed)
     return packed.tensors()
 
 
 def _check_bits(packed: PackedAdapter) -> None:
-    """Every tensor's mask and signs lie inside the arrays, which hold nothing else; each mask
+    """Every code's mask and signs lie inside the arrays, which hold nothing else; each mask
     sets exactly its kept count of bits and none in its padding."""
-    _check_size("masks", packed.mask_at[-1] + packed.mask_bytes[-1], packed.masks)
-    sparse = [i for i, s in enumerate(packed.sparse) if s]
-    # Bits set per mask from a per-byte count summed per tensor: one vectorised pass over
-    # the masks (a read's largest cost when done with a lookup table and a cumsum).
-    masks = packed.masks.numpy()
-    starts = [packed.mask_at[i] for i in sparse]
-    marked = numpy.add.reduceat(numpy.bitwise_count(masks), starts, dtype=numpy.int64).tolist() if sparse else []
-    # A mask's last byte holds (entries % 8 or 8) of its bits, high first; the rest is padding.
-    last = masks[[packed.mask_at[i] + packed.mask_bytes[i] - 1 for i in sparse]]
-    padding = (1 << ((-numpy.array([packed.shapes[i][0] * packed.shapes[i][1] for i in sparse], dtype=numpy.int64)) % 8)) - 1
-    for j in numpy.flatnonzero(last & padding).tolist()[:1]:
-        (rows, cols), key = packed.shapes[sparse[j]], packed.code_keys[sparse[j]]
-        raise ValueError(f"tensor {excerpt(key)} sets mask bits past its {rows * cols} entries")
-    for i, set_bits in zip(sparse, marked):
-        if set_bits != packed.kept[i]:
-            raise ValueError(f"tensor {excerpt(packed.code_keys[i])} lists {packed.kept[i]} kept entries but its mask sets {set_bits}")
-    _check_size("signs", packed.sign_at[-1] + math.ceil(packed.kept[-1] / 8), packed.signs)
+    listing = packed.listing
+    _check_size("masks", listing.mask_at[-1] + listing.mask_bytes[-1], packed.masks)
+    if listing.masked.size:
+        # Bits set per mask from a per-byte count summed per code: one vectorised pass over
+        # the masks (a read's largest cost when done with a lookup table and a cumsum).
+        masks = packed.masks.numpy()
+        for j in numpy.flatnonzero(masks[listing.masked_last] & listing.masked_padding)[:1].tolist():
+            i = int(listing.masked[j])
+            (rows, cols), key = listing.shapes[i], listing.code_keys[i]
+            raise ValueError(f"tensor {excerpt(key)} sets mask bits past its {rows * cols} entries")
+        if listing.whole_words and masks.ctypes.data % 8 == 0:
+            marked = numpy.add.reduceat(numpy.bitwise_count(masks.view(numpy.uint64)), listing.masked_at // 8, dtype=numpy.int64)
+        else:
+            marked = numpy.add.reduceat(numpy.bitwise_count(masks), listing.masked_at, dtype=numpy.int64)
+        for j in numpy.flatnonzero(marked != listing.masked_kept)[:1].tolist():
+            i = int(listing.masked[j])
+            raise ValueError(f"tensor {excerpt(listing.code_keys[i])} lists {listing.kept[i]} kept entries but its mask sets {marked[j]}")
+    _check_size("signs", listing.sign_at[-1] + math.ceil(listing.kept[-1] / 8), packed.signs)
 
 
 def _check_size(part: str, needed: int, array: torch.Tensor) -> None:
