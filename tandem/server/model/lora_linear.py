@@ -30,7 +30,10 @@ class LoRALinear(FusedLinear):
             if self.key in trained.routing.gates:
                 y = y + trained.routing.trained_delta(_dropout(x, trained), trained.weights[self.key], self.key, x.shape[0])
         elif trained is not None and self.key in trained.weights:
-            y = lora_add_autograd(y, _dropout(x, trained), trained.weights[self.key], trained.tokens)
+            if torch.is_grad_enabled():
+                y = lora_add_autograd(y, _dropout(x, trained), trained.weights[self.key], trained.tokens)
+            else:  # a co-served forward chunk keeps no graph: the served path's in-place add
+                lora_delta(_dropout(x, trained), trained.weights[self.key], trained.tokens, y)
         return y
 
     def add_served(self, x: torch.Tensor, served: LoRARows, y: torch.Tensor) -> None:
