@@ -78,8 +78,8 @@ def test_token_budget_and_sequence_cap_are_respected(tiny_hf_model, smollm2_toke
     batches = []
     schedule = engine.scheduler.schedule
 
-    def recording():
-        batch = schedule()
+    def recording(budget=None):
+        batch = schedule(budget)
         batches.append({c.seq.request_id: c.num_tokens for c in batch.inference})
         assert len(engine.scheduler.running) <= 3
         return batch

@@ -3,10 +3,13 @@
 inputs) gives the gradients of the same micro-batch trained alone, and the inference
 requests in those iterations give the tokens they give without it."""
 
+import math
+import random
+
 import pytest
 import torch
 
-from tandem.server.engine.iteration import IGNORE_INDEX, TrainingHead, TrainingSequence, TrainingWork
+from tandem.server.engine.iteration import IGNORE_INDEX, TrainingBackward, TrainingHead, TrainingSequence, TrainingWork
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.sampling_params import SamplingParams
@@ -65,8 +68,14 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
 
     alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
     expected = grads(adapter)
+    slices, backward = [], engine.runner.backward
+    engine.runner.backward = lambda work: slices.append(work) or backward(work)
     batch, _ = coserve(engine, adapter, seqs, 1 / targets)
     got = grads(adapter)
+    # An iteration's budget pays for budget / 3 backward token-layers per layer; less than the
+    # 68 tokens of the micro-batch and its layers split by sequence.
+    split = [w for w in slices if isinstance(w, TrainingBackward) and len(w.sequences) < len(seqs)]
+    assert bool(split) == (budget / 3 * engine.runner.model.shape.num_layers < 68)
 
     assert batch.num_targets == alone.num_targets == targets
     assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
@@ -250,8 +259,9 @@ def test_the_share_fills_an_iteration_up_to_the_target():
     """Taught that an iteration costs 5 ms + 1 ms per inference token + 2 ms per forward
     token + 0.25 ms per head row + 4 ms per backward unit (not the prior's proportions), and
     carrying forward work at all 6 ms, the guard lets a 40 ms target beside 5 inference tokens
-    hold 12 forward tokens, 120 head rows or 7.5 backward units; nothing when inference fills
-    it; the whole budget with no inference; half of it without a target."""
+    hold up to 12 forward tokens, 120 head rows or 7.5 backward units (less its margin); nothing
+    when inference fills it; the whole budget with no inference; half of it without a
+    target."""
     share = FinetuneShare(0.040, budget=256, prior=PRIOR)
     cost = {"inference": 0.001, "forward": 0.002, "head": 0.00025, "backward": 0.004}
     mixes = [(10, 0, 0, 0), (4, 20, 0, 0), (30, 0, 40, 0), (2, 0, 0, 8), (20, 10, 0, 0), (6, 0, 80, 0),
@@ -259,16 +269,58 @@ def test_the_share_fills_an_iteration_up_to_the_target():
     for mix in mixes * 4:  # a few seconds of iterations
         work = dict(zip(cost, mix))
         overhead = 0.006 if work["forward"] else 0.0
-        share.observe(0.005 + overhead + sum(cost[k] * units for k, units in work.items()), work, decoded=False)
-    assert share.allowance(5, True, "forward") == pytest.approx(12, rel=0.05)
-    assert share.allowance(5, True, "head") == pytest.approx(120, rel=0.05)
-    assert share.allowance(5, True, "backward") == pytest.approx(7.5, rel=0.05)
+        share.observe(0.005 + overhead + sum(cost[k] * units for k, units in work.items()), work, interval=None)
+    # Exact times leave only the early fits' misses as spread: a margin of a few percent.
+    room = share.gain * 0.040 - 0.005 - 5 * 0.001
+    assert 0.9 < share.gain <= 1.0
+    assert share.allowance(5, True, "forward") == pytest.approx((room - 0.006) / 0.002, rel=0.05)
+    assert share.allowance(5, True, "head") == pytest.approx(room / 0.00025, rel=0.05)
+    assert share.allowance(5, True, "backward") == pytest.approx(room / 0.004, rel=0.05)
     assert share.allowance(40, True, "forward") == 0
     assert share.allowance(0, False, "forward") == 256
     assert share.allowance(0, False, "head") == 512
-    share.observe(0.060, {"inference": 5, "forward": 12}, decoded=True)  # over the target: cut by 0.7 (and refitted)
-    assert 0 < share.allowance(5, True, "forward") <= 0.7 * 12 + 1
     assert FinetuneShare(None, budget=256, prior=PRIOR).allowance(100, True, "forward") == 128
+
+
+def guarded_intervals(slowdown, iterations: int = 6000, sigma: float = 0.1) -> tuple[list[float], list[int]]:
+    """Iterations that cost 10 ms + 2 ms per forward token beside 5 inference tokens, times
+    slowdown(i) (the machine's speed), with what requests see between tokens varying around
+    that by a log-normal factor; the guard fills each to its allowance of a 40 ms target.
+    Returns each iteration's interval and forward tokens."""
+    share = FinetuneShare(0.040, budget=256, prior=PRIOR)
+    rng = random.Random(0)
+    intervals, forwarded = [], []
+    for i in range(iterations):
+        n = int(share.allowance(5, True, "forward"))
+        seconds = (0.010 + 0.002 * n) * slowdown(i)
+        intervals.append(seconds * math.exp(rng.gauss(0.0, sigma)))
+        forwarded.append(n)
+        share.observe(seconds, {"inference": 5, "forward": n}, interval=intervals[-1])
+    return intervals, forwarded
+
+
+def test_the_margin_keeps_all_but_half_a_percent_of_intervals_within_the_target():
+    """Intervals vary by a log-normal factor (sigma 0.1) around what the cost model learns:
+    filled to the margin the measured spread asks for, about 0.5% exceed the target (a p99
+    within it), and fine-tuning still gets most of the room."""
+    intervals, forwarded = guarded_intervals(lambda i: 1.0)
+    over = sum(t > 0.040 for t in intervals[1000:]) / len(intervals[1000:])
+    assert over < 0.012
+    # The spread around a level that follows the last intervals is ~0.115; exp(-2.58 x 0.115)
+    # x 40 ms = 29.7 ms: (29.7 - 10) / 2 = 9.9 forward tokens per iteration.
+    assert sum(forwarded[1000:]) / len(forwarded[1000:]) >= 8
+
+
+def test_the_margin_follows_a_machine_that_slows_down():
+    """The same work runs 30% slower for 500 iterations, as on a host whose neighbours got
+    busy: the guard gives fine-tuning less within a few iterations, so the target still
+    holds for all but a few intervals, and gives it back when the machine recovers."""
+    slow = range(3000, 3500)
+    intervals, forwarded = guarded_intervals(lambda i: 1.3 if i in slow else 1.0)
+    assert sum(t > 0.040 for t in intervals[slow.start : slow.stop]) <= 10
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(forwarded[3100:3500]) < 0.8 * mean(forwarded[2500:3000])
+    assert mean(forwarded[3600:4000]) > 0.9 * mean(forwarded[2500:3000])
 
 
 def test_a_kind_not_seen_yet_is_priced_by_its_prior():
@@ -276,7 +328,7 @@ def test_a_kind_not_seen_yet_is_priced_by_its_prior():
     prior's half a token, a backward unit at three."""
     share = FinetuneShare(0.040, budget=256, prior=PRIOR)
     for n in [10, 20, 30, 15, 25, 5, 35, 12, 22, 18]:
-        share.observe(0.001 * n, {"forward": n}, decoded=False)
+        share.observe(0.001 * n, {"forward": n}, interval=None)
     costs = share.costs()
     assert costs["head"] == pytest.approx(0.0005, rel=0.05)
     assert costs["backward"] == pytest.approx(0.003, rel=0.05)

@@ -14,7 +14,10 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
 3. Backward, top layer first, a few layers per iteration: each layer is recomputed from its
    stored input with autograd and backpropagated, handing the gradient at its input to the
    next slice. A slice of k layers over T tokens costs about 3kT token-layers (recompute +
-   backward), the forward of a chunk of n tokens nL.
+   backward), the forward of a chunk of n tokens nL. Where not even one layer over the whole
+   micro-batch fits, a slice is one layer over some of its sequences (attention stays within
+   a sequence, so a layer's backward splits exactly by sequence): a layer never has to wait
+   for an iteration with room for all of it, which beside steady inference may never come.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
 the optimizer. Memory held for training: the micro-batch's KV blocks and its stored layer
@@ -65,6 +68,10 @@ class CoservedBatch:
     next_pos: int = 0
     next_head: int = 0
     next_layer: int = -1
+    # The first sequence of next_layer not backpropagated yet, and the rows the slice in
+    # flight covers.
+    next_layer_seq: int = 0
+    backward_rows: tuple[int, int] = (0, 0)
     grad: torch.Tensor | None = None
     loss_sum: float = 0.0
     num_targets: int = 0
@@ -149,8 +156,12 @@ class CoServer:
             batch.num_targets += result.num_targets
             batch.next_head = head.stop
             return
-        batch.grad = result.grad
-        batch.next_layer = scheduled.train_backward.first - 1
+        start, stop = batch.backward_rows
+        batch.grad[start:stop] = result.grad
+        backward = scheduled.train_backward
+        batch.next_layer_seq += len(backward.sequences) if backward.first == backward.last else 0
+        if batch.next_layer_seq in (0, len(batch.work.sequences)):
+            batch.next_layer, batch.next_layer_seq = backward.first - 1, 0
         if batch.next_layer < 0:
             self._release(batch)
             batch.done = True
@@ -214,12 +225,23 @@ class CoServer:
         return TrainingHead(batch.work.sequences, batch.inputs[-1], start, stop, batch.loss_scale)
 
     def _backward(self, batch: CoservedBatch, units: float, least: int) -> TrainingBackward | None:
-        """The next k layers down, as many as `units` (token-layers / num_layers) pay for, at
-        least `least`."""
+        """The next layers down, as many as `units` (token-layers / num_layers) pay for; where
+        not one whole layer fits, the next sequences of the current layer that do; at least
+        `least` of either."""
+        sequences = batch.work.sequences
         tokens = batch.inputs.shape[1]
-        layers = max(least, int(units * self.num_layers / tokens))
-        if not layers:
-            return None
+        token_layers = units * self.num_layers
         last = batch.next_layer
-        first = max(0, last - layers + 1)
-        return TrainingBackward(batch.work.sequences, batch.work.weights, batch.inputs, first, last, batch.grad)
+        if batch.next_layer_seq == 0 and int(token_layers / tokens) >= max(1, least):
+            first = max(0, last - int(token_layers / tokens) + 1)
+            batch.backward_rows = (0, tokens)
+            return TrainingBackward(sequences, batch.work.weights, batch.inputs, first, last, batch.grad)
+        begin = end = batch.next_layer_seq
+        while end < len(sequences) and (sequences[end].num_tokens <= token_layers or end - begin < least):
+            token_layers -= sequences[end].num_tokens
+            end += 1
+        if end == begin:
+            return None
+        start, stop = batch.rows[begin], batch.rows[end - 1] + sequences[end - 1].num_tokens
+        batch.backward_rows = (start, stop)
+        return TrainingBackward(sequences[begin:end], batch.work.weights, batch.inputs[:, start:stop], last, last, batch.grad[start:stop])

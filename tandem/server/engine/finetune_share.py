@@ -14,11 +14,23 @@ backward unit a recompute and a backward), and carrying a kind at all costs its 
 trained adapter's LoRA to every layer), so each has its own; a kind not seen yet is priced
 by its prior (cost relative to a forward token, from the model's shape) times the forward
 token's, with no overhead. Units: inference and
-forward tokens, head rows, backward token-layers / num_layers. A gain in (0, 1] absorbs the
-model's error: an iteration over the target cuts it (multiplicatively), one under it lets
-it recover (additively).
+forward tokens, head rows, backward token-layers / num_layers.
+
+A gain in (0, 1.25] scales the target the model fills to, by what the model misses: its
+error, the machine's speed drifting (a shared host runs the same work 30% slower for tens of
+iterations, then faster again), and what runs between iterations (the trainer's optimizer
+step, handing tokens to their streams). What a request sees is the interval between two of
+its tokens, from one decoding iteration's end to the next's. The log of measured / predicted
+time has a level, tracked by a fast moving average (the drift), and a spread around that
+level (its root mean square over the last iterations, intervals where they decoded): gain = exp(-(level + Z x
+spread)), so that about 0.5% of the intervals exceed the target (Z for a normal's 99.5%:
+half of a p99's 1%). A margin from measurement, not a controller that cuts on every miss:
+that one settles where misses are as frequent as its cut and recovery steps make them (~8%
+of intervals for a cut of 0.7 and a recovery of 0.02), far above 1%.
 """
 
+import math
+from collections import deque
 from collections.abc import Mapping
 
 import torch
@@ -26,12 +38,19 @@ import torch
 KINDS = ("inference", "forward", "head", "backward")
 TRAINING = KINDS[1:]
 FIXED_SHARE = 0.5
+MIN_PROMPT_TOKENS = 16
 # Until the cost model has seen this many iterations, co-served work stays small.
 _WARMUP = 8
 _COLD_SHARE = 0.1
 # Recent iterations weigh in with this factor (an exponential moving window of ~50).
 _DECAY = 0.98
-_CUT, _RECOVER, _MIN_GAIN = 0.7, 0.02, 0.05
+# The margin: Z; the level's moving-average weight; the spread over the last _RATIOS
+# iterations, once _MIN_RATIOS are in (until then _COLD_GAIN, the margin of a spread of
+# 0.14, as measured on a shared 2-core host); within [_MIN_GAIN, _MAX_GAIN].
+Z = 2.58
+_LEVEL_WEIGHT = 0.5
+_RATIOS, _MIN_RATIOS, _COLD_GAIN = 100, 10, 0.7
+_MIN_GAIN, _MAX_GAIN = 0.05, 1.25
 # Pull towards the prior, in iterations' worth of evidence per kind; and the least a fitted
 # cost may be, as a fraction of its prior (a fit on few points can say anything).
 _PRIOR_WEIGHT, _FLOOR = 0.1, 0.25
@@ -43,7 +62,9 @@ class FinetuneShare:
         self.target = itl_p99_target
         self.budget = budget
         self.prior = {kind: float(prior[kind]) for kind in KINDS}
-        self.gain = 1.0
+        self.gain = _COLD_GAIN
+        self._level = 0.0
+        self._misses: deque[float] = deque(maxlen=_RATIOS)
         self.share = FIXED_SHARE if itl_p99_target is None else _COLD_SHARE
         self._seen = 0
         n = 1 + len(KINDS) + len(TRAINING)
@@ -68,22 +89,47 @@ class FinetuneShare:
             return min(room, units)
         return min(room, self.share * self.budget / self.prior[kind])
 
-    def observe(self, seconds: float, work: Mapping[str, float], decoded: bool) -> None:
-        """Learn from one finished iteration: its time, its units of each kind of work,
-        whether it decoded (only those are inter-token intervals)."""
+    def inference_budget(self, running: int) -> int:
+        """Inference tokens the next iteration may schedule. With a target, as many as fit in
+        it by the cost model and margin: at 50% load a burst of arrivals would otherwise put
+        two or three whole prompts into one iteration and stretch every running request's
+        interval far past the target, fine-tuning or not. At least one per running sequence
+        (every decode goes on) plus MIN_PROMPT_TOKENS (prompts move); the whole budget without
+        a target or before the model has learned."""
+        if self.target is None or self._seen < _WARMUP:
+            return self.budget
+        cost = self.costs()
+        fits = int((self.gain * self.target - cost["fixed"]) / cost["inference"])
+        return min(self.budget, max(fits, running + MIN_PROMPT_TOKENS))
+
+    def observe(self, seconds: float, work: Mapping[str, float], interval: float | None) -> None:
+        """Learn from one finished iteration: its time, its units of each kind of work, and,
+        when it decoded, the interval its requests saw since their previous token (None when
+        it decoded nothing: only decoding iterations end an inter-token interval)."""
         if self.target is None:
             return
         units = [float(work.get(kind, 0.0)) for kind in KINDS]
         present = [float(work.get(kind, 0.0) > 0) for kind in TRAINING]
+        if self._seen >= _WARMUP:
+            self._update_gain(math.log((interval or seconds) / self.predict(work)))
         x = torch.tensor([1.0, *units, *present], dtype=torch.float64)
         self._xx.mul_(_DECAY).add_(torch.outer(x, x))
         self._xy.mul_(_DECAY).add_(x * seconds)
         self._seen += 1
-        if decoded:
-            if seconds > self.target:
-                self.gain = max(_MIN_GAIN, self.gain * _CUT)
-            else:
-                self.gain = min(1.0, self.gain + _RECOVER)
+
+    def _update_gain(self, log_ratio: float) -> None:
+        """log_ratio: log(measured / predicted) of an iteration (its interval if it decoded)."""
+        self._misses.append(log_ratio - self._level)
+        self._level += _LEVEL_WEIGHT * (log_ratio - self._level)
+        if len(self._misses) >= _MIN_RATIOS:
+            spread = math.sqrt(sum(m * m for m in self._misses) / len(self._misses))
+            self.gain = min(_MAX_GAIN, max(_MIN_GAIN, math.exp(-(self._level + Z * spread))))
+
+    def predict(self, work: Mapping[str, float]) -> float:
+        """Seconds the cost model expects an iteration with this work to take."""
+        cost = self.costs()
+        seconds = cost["fixed"] + sum(cost[kind] * work.get(kind, 0.0) for kind in KINDS)
+        return seconds + sum(cost[kind + "_overhead"] for kind in TRAINING if work.get(kind, 0.0) > 0)
 
     def costs(self) -> dict[str, float]:
         """Seconds of the fixed part, per unit of each kind, and of each training kind's

@@ -54,6 +54,9 @@ class Engine:
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         self.sampler = Sampler(self.device)
         self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens, prior_costs(model))
+        # When the last iteration ended, if it decoded: the next decoding one ends an
+        # inter-token interval that began there (whatever ran between the two counts).
+        self._decoded_at: float | None = None
         self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_head", "train_backward")}
@@ -175,10 +178,11 @@ class Engine:
         no_grad when it carries training chunks (their stored layer inputs must stay usable
         by autograd); a backward slice then runs on its own, from stored inputs."""
         started = time.perf_counter()
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()
         self.coserve.plan(scheduled, bool(self.scheduler.running))
         if not scheduled:
+            self._decoded_at = None
             return []
         try:
             with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
@@ -196,7 +200,10 @@ class Engine:
             raise
         self.coserve.finish(scheduled, backward)
         self._count(scheduled)
-        self.share.observe(time.perf_counter() - started, self.coserve.work(scheduled), bool(scheduled.decodes))
+        ended = time.perf_counter()
+        interval = ended - (self._decoded_at or started) if scheduled.decodes else None
+        self._decoded_at = ended if scheduled.decodes else None
+        self.share.observe(ended - started, self.coserve.work(scheduled), interval)
         for chunk in scheduled.inference:
             if chunk.seq.first_scheduled_at is None:
                 chunk.seq.first_scheduled_at = scheduled_at

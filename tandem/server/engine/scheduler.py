@@ -59,14 +59,17 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+    def schedule(self, budget: int | None = None) -> SchedulerOutput:
+        """The next iteration's chunks, within `budget` tokens (max_num_batched_tokens when
+        None). Running sequences first, in arrival order; a prompt chunk leaves a token for
+        each running sequence after it, so that no decode waits behind a long prompt."""
+        budget = self.config.max_num_batched_tokens if budget is None else budget
         chunks: list[ScheduledChunk] = []
         preempted = 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            n = max(1, min(seq.num_uncomputed, budget - (len(self.running) - i - 1)))
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
