@@ -5,7 +5,9 @@ On SmolLM2-135M-Instruct, in one run:
 - fine-tuning alone: tokens/s of a job on an idle server;
 - at 25%, 50% and 90% of the maximum (Poisson arrivals), inference (a) alone, (b) beside a
   co-served job (--finetune-mode coserve, --coserve-itl-p99 = 1.15 x the p99 inter-token
-  latency measured alone at 50%), (c) beside a time-sliced job (--finetune-mode timeslice).
+  latency measured alone at 50%), (c) beside a time-sliced job (--finetune-mode timeslice);
+  at the first level also (a') alone under the co-serving target (the guard caps prompt
+  tokens per iteration to the target with or without a job).
 Each reports TTFT and ITL p50/p99 (engine-side: AsyncEngine streams, no gRPC) and the job's
 training tokens/s in the window. Goals (issue 5): at 50% load, co-served inference p99 ITL
 within 1.15x of alone while fine-tuning keeps at least 50% of its solo tokens/s; at 90%,
@@ -191,6 +193,8 @@ def goal_figures(loads: list[dict], solo: dict) -> dict:
     if half is not None:
         goals["load50_itl_p99_ratio"] = half["coserve"]["itl_p99"] / half["alone"]["itl_p99"]
         goals["load50_finetune_fraction_of_solo"] = half["coserve"]["train_tokens_per_s"] / solo["train_tokens_per_s"]
+        if "alone_guarded" in half:
+            goals["load50_itl_p99_ratio_to_alone_guarded"] = half["coserve"]["itl_p99"] / half["alone_guarded"]["itl_p99"]
     high = next((run for run in loads if run["load"] == 0.9), None)
     if high is not None:
         within = [r for r in [high["timeslice"], *high["timeslice_sweep"]] if r["itl_p99"] <= high["coserve"]["itl_p99"]]
@@ -257,9 +261,14 @@ def main() -> None:
             run["alone"] = measure(root, "coserve", None, False, poisson_load)
             if target is None:
                 target = 1.15 * run["alone"]["itl_p99"]
+                # The guard also caps prompt tokens per iteration to the target: inference
+                # alone under the same guard shows what that does without a job.
+                run["alone_guarded"] = measure(root, "coserve", target, False, poisson_load)
             run["coserve"] = measure(root, "coserve", target, True, poisson_load)
             run["timeslice"] = measure(root, "timeslice", None, True, poisson_load)
-            for mode in ("alone", "coserve", "timeslice"):
+            for mode in ("alone", "alone_guarded", "coserve", "timeslice"):
+                if mode not in run:
+                    continue
                 r = run[mode]
                 print(
                     f"load {load:.0%} {mode:9s}: ITL p50 {1000 * r['itl_p50']:.0f} ms p99 {1000 * r['itl_p99']:.0f} ms, "
