@@ -9,7 +9,16 @@ autograd: oneDNN's linear has no backward, so a forward that trains (activation 
 through the frozen base) keeps `F.linear` on the plain weight, which stays the weight of
 record. Without oneDNN, on other devices or dtypes, prepack returns None and every call is
 `F.linear`, so the engine runs the same everywhere.
+
+float32 `F.linear` runs through MKL, which is fast on Intel CPUs and slow on others: on a
+2-core AMD EPYC the reordered weight ran 1.1-2.9x faster on every SmolLM2 shape up to 256
+rows (lm_head 3.5x at 5 rows), on a 2-core Xeon it lost on most (0.6-0.9x on o_proj and
+down_proj). So float32 weights are reordered where the CPU is not Intel's
+(bench/results/base_linears_cpu_*.json, one file per CPU kind).
 """
+
+import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +26,15 @@ import torch.nn.functional as F
 from tandem.kernels import row_buckets
 
 # Measured on a 2-core Xeon with AMX over SmolLM2's shapes, weights streamed from memory
-# (bench/results/base_linears_cpu.json): up to 256 rows the reordered weight ran 1.2-1.6x
+# (bench/results/base_linears_cpu_intel.json): up to 256 rows the reordered weight ran 1.2-1.6x
 # faster than F.linear on every shape; at 512 it lost on two (0.76-0.81x) and tied over a
 # layer, so rows past this (long prefill chunks) keep F.linear.
 PACKED_MAX_ROWS = 256
 
 
 def supported(weight: torch.Tensor) -> bool:
-    """Whether this build and CPU run oneDNN's linear on a reordered weight of this dtype.
-    bfloat16 only: in float32 the reordered weight lost to F.linear (MKL) on SmolLM2's
-    smaller shapes and at 1-2 rows, and won only on the lm_head and gate/up (the bench)."""
+    """Whether this build and CPU run oneDNN's linear on a reordered weight of this dtype, and
+    it pays: bfloat16 wherever oneDNN has it, float32 on CPUs that are not Intel's."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
@@ -34,7 +42,17 @@ def supported(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype == torch.bfloat16:
         return ops._is_mkldnn_bf16_supported()
-    return False
+    return weight.dtype == torch.float32 and cpu_vendor() not in ("GenuineIntel", "")
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), "" where Linux does not say."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:

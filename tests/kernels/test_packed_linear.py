@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from tandem.kernels import packed_linear, row_buckets
 from tandem.kernels.packed_linear import Prepacked
 
-needs_packing = pytest.mark.skipif(
-    not packed_linear.supported(torch.zeros(1, 1, dtype=torch.bfloat16)), reason="this CPU has no oneDNN bfloat16 linear"
+# The dtypes this CPU reorders weights for (none: the tests of the packed path skip).
+PACKED_DTYPES = [d for d in (torch.bfloat16, torch.float32) if packed_linear.supported(torch.zeros(1, 1, dtype=d))]
+packed_dtypes = pytest.mark.parametrize(
+    "dtype", PACKED_DTYPES or [pytest.param(None, marks=pytest.mark.skip(reason="this CPU reorders no dtype for oneDNN"))]
 )
+# bfloat16: both accumulate in float32 and round once, at most one bf16 step apart.
+TOLERANCE = {torch.bfloat16: {"atol": 1 / 64, "rtol": 1 / 128}, torch.float32: {"atol": 1e-5, "rtol": 1e-5}}
 
 
 def weights(dtype: torch.dtype = torch.bfloat16, bias: bool = True):
@@ -19,25 +23,24 @@ def weights(dtype: torch.dtype = torch.bfloat16, bias: bool = True):
     return w, (torch.randn(96) * 0.1).to(dtype) if bias else None
 
 
-@needs_packing
+@packed_dtypes
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 100])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_rows_match_f_linear(rows, bias):
-    w, b = weights(bias=bias)
-    x = torch.randn(rows, 40).to(torch.bfloat16)
+def test_packed_rows_match_f_linear(rows, bias, dtype):
+    w, b = weights(dtype, bias=bias)
+    x = torch.randn(rows, 40).to(dtype)
     packed = Prepacked()
     with torch.inference_mode():
         y = packed.linear(x, w, b)
     assert packed._packed is not None
-    assert y.shape == (rows, 96) and y.dtype == torch.bfloat16 and y.is_contiguous()
-    # Both accumulate in float32 and round once to bfloat16: at most one bf16 step apart.
-    torch.testing.assert_close(y, F.linear(x, w, b), atol=1 / 64, rtol=1 / 128)
+    assert y.shape == (rows, 96) and y.dtype == dtype and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(x, w, b), **TOLERANCE[dtype])
 
 
-@needs_packing
-def test_a_graph_being_recorded_runs_f_linear_and_gets_its_gradient():
-    w, b = weights()
-    x = torch.randn(7, 40).to(torch.bfloat16).requires_grad_()
+@packed_dtypes
+def test_a_graph_being_recorded_runs_f_linear_and_gets_its_gradient(dtype):
+    w, b = weights(dtype)
+    x = torch.randn(7, 40).to(dtype).requires_grad_()
     y = Prepacked().linear(x, w, b)
     assert y.grad_fn is not None
     y.float().sum().backward()
@@ -46,15 +49,15 @@ def test_a_graph_being_recorded_runs_f_linear_and_gets_its_gradient():
     torch.testing.assert_close(x.grad, ref.grad, atol=0, rtol=0)
 
 
-@needs_packing
-def test_a_replaced_weight_is_packed_again():
-    w, _ = weights(bias=False)
-    x = torch.randn(3, 40).to(torch.bfloat16)
+@packed_dtypes
+def test_a_replaced_weight_is_packed_again(dtype):
+    w, _ = weights(dtype, bias=False)
+    x = torch.randn(3, 40).to(dtype)
     packed = Prepacked()
     with torch.no_grad():
         packed.linear(x, w)
         other = -w
-        torch.testing.assert_close(packed.linear(x, other), F.linear(x, other), atol=1 / 64, rtol=1 / 128)
+        torch.testing.assert_close(packed.linear(x, other), F.linear(x, other), **TOLERANCE[dtype])
 
 
 def test_without_onednn_f_linear_serves(monkeypatch):
@@ -68,15 +71,25 @@ def test_without_onednn_f_linear_serves(monkeypatch):
     assert torch.equal(y, F.linear(x, w, b))
 
 
-def test_float32_and_non_cpu_weights_are_not_packed():
-    assert packed_linear.prepack(torch.zeros(8, 4)) is None
+def test_non_cpu_weights_are_not_packed():
     assert not packed_linear.supported(torch.zeros(8, 4, dtype=torch.bfloat16, device="meta"))
+    assert not packed_linear.supported(torch.zeros(8, 4, device="meta"))
 
 
-@needs_packing
-def test_rows_past_the_measured_limit_run_f_linear():
-    w, b = weights()
-    x = torch.randn(packed_linear.PACKED_MAX_ROWS + 1, 40).to(torch.bfloat16)
+@pytest.mark.parametrize("vendor, packs", [("GenuineIntel", False), ("", False), ("AuthenticAMD", True), ("HygonGenuine", True)])
+def test_float32_is_packed_only_where_the_cpu_is_not_intels(monkeypatch, vendor, packs):
+    """MKL runs float32 F.linear fast on Intel CPUs only (bench/results/base_linears_cpu_*.json);
+    a CPU that does not say keeps F.linear."""
+    monkeypatch.setattr(packed_linear, "cpu_vendor", lambda: vendor)
+    w = torch.zeros(8, 4)
+    assert packed_linear.supported(w) is (packs and torch.backends.mkldnn.is_available())
+    assert (packed_linear.prepack(w) is None) is not packed_linear.supported(w)
+
+
+@packed_dtypes
+def test_rows_past_the_measured_limit_run_f_linear(dtype):
+    w, b = weights(dtype)
+    x = torch.randn(packed_linear.PACKED_MAX_ROWS + 1, 40).to(dtype)
     packed = Prepacked()
     with torch.inference_mode():
         y = packed.linear(x, w, b)
