@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import machine_info, write_result  # noqa: E402
-from tandem.kernels import packed_linear, row_buckets  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
+from tandem.kernels import row_buckets  # noqa: E402
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64; vocabulary 49152.
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
@@ -85,8 +85,7 @@ def main() -> None:
                     table.append(row)
                     cells = "  ".join(f"{row['ms'][m]:>21.3f} ms" if m in row["ms"] else f"{'-':>24}" for m in METHODS)
                     print(f"{sname:8} {dname:9} {rows:5d} {cells}  {row['prepacked_speedup']:5.2f}x", flush=True)
-    kind = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(packed_linear.cpu_vendor(), "other")
-    write_result(f"base_linears_cpu_{kind}" + ("_quick" if args.quick else ""), {"machine": machine_info(), "threads": args.threads, "table": table})
+    write_result(f"base_linears_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), {"machine": machine_info(), "threads": args.threads, "table": table})
 
 
 if __name__ == "__main__":

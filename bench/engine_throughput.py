@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import machine_info, write_result  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
 from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
@@ -181,7 +181,7 @@ def main() -> None:
     )
     result = {"machine": info, "dtype": args.dtype, "threads": args.threads, "matmul_peak_tflops": peak, "fixed": fixed, "staggered": staggered,
               "latencies": {"tandem": ours_lat, "transformers_static": hf_lat}}
-    write_result(f"engine_throughput_cpu_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
+    write_result(f"engine_throughput_cpu_{cpu_kind()}_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -13,6 +13,14 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_kind() -> str:
+    """"intel", "amd" or "other": results whose ratios differ by CPU vendor (MKL's float32
+    GEMMs, and so which base path the engine takes) are kept one file per kind."""
+    from tandem.kernels.packed_linear import cpu_vendor
+
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpu_vendor(), "other")
+
+
 def machine_info() -> dict:
     cpu = platform.processor()
     try:
@@ -30,6 +38,7 @@ def machine_info() -> dict:
         "commit": commit + ("-dirty" if dirty else ""),
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_kind": cpu_kind(),
         "threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0],
         "python": platform.python_version(),

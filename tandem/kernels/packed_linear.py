@@ -74,10 +74,12 @@ class Prepacked:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out] = x weight^T (+ bias). Through the reordered weight when there
-        is one, T <= PACKED_MAX_ROWS and no graph is being recorded, else F.linear; rows
+        is one, T <= PACKED_MAX_ROWS and grad mode is off, else F.linear (a training forward
+        runs F.linear throughout, even where an input needs no gradient, so its numbers are
+        those of peft's forward on the same base); rows
         padded to their bucket either way (oneDNN keeps a kernel per shape)."""
         rows = x.shape[0]
-        if rows > PACKED_MAX_ROWS or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if rows > PACKED_MAX_ROWS or torch.is_grad_enabled():
             return row_buckets.linear(x, weight, bias)
         key = (weight.data_ptr(), weight.dtype, weight.device, weight.shape)
         if key != self._key:

@@ -129,8 +129,12 @@ def test_compressed_adapter_serves_like_its_tensors_as_peft_and_is_small(tiny_hf
 
     seen = record_logits(engine)
     prompt = [5, 17, 300, 42, 9]
-    outputs = run(engine, {0: [("c", prompt, greedy(), registry.get("small")), ("p", prompt, greedy(), registry.get("twin")),
-                               ("f", prompt, greedy(), registry.get("full"))]})
+    # One request at a time: each runs in the same rows of the same batch shapes, so the
+    # base GEMMs round alike (oneDNN's may round a row by its place in the batch) and any
+    # difference is the adapters'.
+    outputs = {}
+    for rid, name in (("c", "small"), ("p", "twin"), ("f", "full")):
+        outputs |= run(engine, {0: [(rid, prompt, greedy(), registry.get(name))]})
     assert outputs["c"] == outputs["p"]
     torch.testing.assert_close(torch.stack(seen["c"]), torch.stack(seen["p"]), rtol=0, atol=1e-6)
     # Compression changed the adapter: the comparison is not of one tensor with itself.
