@@ -332,3 +332,72 @@ def test_a_kind_not_seen_yet_is_priced_by_its_prior():
     costs = share.costs()
     assert costs["head"] == pytest.approx(0.0005, rel=0.05)
     assert costs["backward"] == pytest.approx(0.003, rel=0.05)
+
+
+def test_the_margin_moves_only_with_iterations_that_carry_inference():
+    """A job alone for 200 iterations (forward chunks of 400-512 tokens: 100 ms + 2 ms a
+    token), then decodes beside it (100 ms + 1 ms a token + the forward work). The guard waits
+    for iterations with inference before it trusts its cost model beside them, and only those
+    move its margin: the training-only ones, well predicted, had left a gain of ~0.95 that
+    overfilled the first iterations with decodes (9 of 400 over the target here); on the
+    2-core EPYC a model fitted to them priced the first decodes at a quarter of their time,
+    and those misses cut the gain to ~0.1 for a hundred iterations."""
+    share = FinetuneShare(0.400, budget=512, prior=PRIOR)
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(400, 512)
+        share.observe(0.100 + 0.002 * n, {"forward": n}, interval=None)
+    gains, intervals, forwarded = [], [], []
+    for _ in range(400):
+        n = int(share.allowance(5, True, "forward"))
+        seconds = 0.100 + 0.001 * 5 + 0.002 * n
+        intervals.append(seconds * math.exp(rng.gauss(0.0, 0.05)))
+        share.observe(seconds, {"inference": 5, "forward": n}, interval=intervals[-1])
+        gains.append(share.gain)
+        forwarded.append(n)
+    assert sum(t > 0.400 for t in intervals) <= 4
+    assert min(gains) > 0.6
+    # exp(-2.58 x ~0.058) x 400 ms = 345 ms: (345 - 105) / 2 = 120 forward tokens an iteration.
+    assert sum(forwarded[100:]) / len(forwarded[100:]) >= 100
+
+
+def test_one_mispriced_iteration_does_not_hold_the_margin_down():
+    """Intervals vary by a log-normal factor (sigma 0.05) around what the model learns; then
+    one takes 3x its prediction (a mix the model barely knows). The level reacts at once and
+    lets go within a few iterations; the spread takes that miss clipped, so ten iterations
+    later fine-tuning has its room back (unclipped, the squared miss alone would add ~0.1 to
+    the spread and cut the gain by a fifth for a hundred iterations)."""
+    share = FinetuneShare(0.040, budget=256, prior=PRIOR)
+    rng = random.Random(0)
+
+    def iteration(factor: float = 1.0) -> None:
+        n = int(share.allowance(5, True, "forward"))
+        seconds = 0.010 + 0.002 * n
+        share.observe(seconds, {"inference": 5, "forward": n}, interval=seconds * factor * math.exp(rng.gauss(0.0, 0.05)))
+
+    for _ in range(300):
+        iteration()
+    before = share.gain
+    iteration(3.0)
+    assert share.gain < 0.6 * before  # the level moves half the miss: exp(-0.55)
+    for _ in range(10):
+        iteration()
+    assert share.gain > 0.9 * before
+
+
+def test_a_mix_of_work_the_model_has_barely_seen_does_not_move_the_margin():
+    """Every iteration so far carried backward work beside the decodes; the first iterations
+    with decodes alone (between two micro-batches) are priced from a fit that never saw one,
+    so the first four leave the margin alone, and the model learns from them."""
+    share = FinetuneShare(0.040, budget=256, prior=PRIOR)
+    rng = random.Random(0)
+    for _ in range(300):
+        units = rng.uniform(2.0, 6.0)
+        seconds = 0.010 + 0.001 * 5 + 0.004 * units + 0.003
+        share.observe(seconds, {"inference": 5, "backward": units}, interval=seconds * math.exp(rng.gauss(0.0, 0.05)))
+    before = share.gain
+    for _ in range(4):
+        share.observe(0.015, {"inference": 5}, interval=0.030)
+        assert share.gain == before
+    share.observe(0.015, {"inference": 5}, interval=0.030)
+    assert share.gain < before

@@ -39,7 +39,8 @@ KINDS = ("inference", "forward", "head", "backward")
 TRAINING = KINDS[1:]
 FIXED_SHARE = 0.5
 MIN_PROMPT_TOKENS = 16
-# Until the cost model has seen this many iterations, co-served work stays small.
+# Until the cost model has this much recent evidence of iterations that carry inference
+# (iterations, decayed by _DECAY), co-served work beside inference stays small.
 _WARMUP = 8
 _COLD_SHARE = 0.1
 # Recent iterations weigh in with this factor (an exponential moving window of ~50).
@@ -54,6 +55,14 @@ _MIN_GAIN, _MAX_GAIN = 0.05, 1.25
 # Pull towards the prior, in iterations' worth of evidence per kind; and the least a fitted
 # cost may be, as a fraction of its prior (a fit on few points can say anything).
 _PRIOR_WEIGHT, _FLOOR = 0.1, 0.25
+_OVERHEAD_PRIOR_WEIGHT = 1.0
+# A mix of work (which training kinds an iteration carries, or none) moves the margin once
+# the cost model has seen four recent iterations of it (their weights, decayed by _DECAY,
+# sum to 3.88).
+_MIX_WARMUP = 3.5
+# The largest miss (log of measured / predicted, from the level) the spread takes whole:
+# about 4 spreads of a shared 2-core host.
+_MAX_MISS = 0.5
 
 
 class FinetuneShare:
@@ -66,7 +75,8 @@ class FinetuneShare:
         self._level = 0.0
         self._misses: deque[float] = deque(maxlen=_RATIOS)
         self.share = FIXED_SHARE if itl_p99_target is None else _COLD_SHARE
-        self._seen = 0
+        self._inference_evidence = 0.0
+        self._mix_evidence: dict[tuple[str, ...], float] = {}
         n = 1 + len(KINDS) + len(TRAINING)
         # Decayed normal equations of seconds against [1, units per kind, training kind present].
         self._xx = torch.zeros(n, n, dtype=torch.float64)
@@ -79,7 +89,7 @@ class FinetuneShare:
             self.share = 1.0
         elif self.target is None:
             self.share = FIXED_SHARE
-        elif self._seen < _WARMUP:
+        elif not self.warm:
             self.share = _COLD_SHARE
         else:
             cost = self.costs()
@@ -96,30 +106,55 @@ class FinetuneShare:
         interval far past the target, fine-tuning or not. At least one per running sequence
         (every decode goes on) plus MIN_PROMPT_TOKENS (prompts move); the whole budget without
         a target or before the model has learned."""
-        if self.target is None or self._seen < _WARMUP:
+        if self.target is None or not self.warm:
             return self.budget
         cost = self.costs()
         fits = int((self.gain * self.target - cost["fixed"]) / cost["inference"])
         return min(self.budget, max(fits, running + MIN_PROMPT_TOKENS))
 
+    @property
+    def warm(self) -> bool:
+        """Whether the cost model has recently seen enough iterations that carry inference to
+        be trusted beside it. A job that ran alone for a while leaves a model fitted to
+        training-only iterations, which cannot tell an iteration's fixed cost from its
+        training work: it priced the first decodes after it at a quarter of their time, and
+        those misses cut the margin's gain to ~0.1 for the next hundred iterations."""
+        return self._inference_evidence >= _WARMUP
+
     def observe(self, seconds: float, work: Mapping[str, float], interval: float | None) -> None:
         """Learn from one finished iteration: its time, its units of each kind of work, and,
         when it decoded, the interval its requests saw since their previous token (None when
-        it decoded nothing: only decoding iterations end an inter-token interval)."""
+        it decoded nothing: only decoding iterations end an inter-token interval).
+
+        Only iterations that carry inference move the margin (they are the ones the target
+        is for), and only once the model has seen a few of their mix: a mix it has not seen
+        (the first decodes with no training work, between two micro-batches, after a run of
+        iterations that all carried some) it cannot price, whatever its fit elsewhere. On the
+        2-core EPYC such first decodes ran at 2-7x their prediction, and those few misses
+        held the gain near 0.1 for the next hundred iterations."""
         if self.target is None:
             return
         units = [float(work.get(kind, 0.0)) for kind in KINDS]
         present = [float(work.get(kind, 0.0) > 0) for kind in TRAINING]
-        if self._seen >= _WARMUP:
+        inference = work.get("inference", 0.0) > 0
+        mix = tuple(kind for kind in TRAINING if work.get(kind, 0.0) > 0)
+        if inference and self.warm and self._mix_evidence.get(mix, 0.0) >= _MIX_WARMUP:
             self._update_gain(math.log((interval or seconds) / self.predict(work)))
         x = torch.tensor([1.0, *units, *present], dtype=torch.float64)
         self._xx.mul_(_DECAY).add_(torch.outer(x, x))
         self._xy.mul_(_DECAY).add_(x * seconds)
-        self._seen += 1
+        self._inference_evidence = _DECAY * self._inference_evidence + inference
+        for seen in self._mix_evidence:
+            self._mix_evidence[seen] *= _DECAY
+        self._mix_evidence[mix] = self._mix_evidence.get(mix, 0.0) + 1.0
 
     def _update_gain(self, log_ratio: float) -> None:
-        """log_ratio: log(measured / predicted) of an iteration (its interval if it decoded)."""
-        self._misses.append(log_ratio - self._level)
+        """log_ratio: log(measured / predicted) of an iteration (its interval if it decoded).
+        The spread takes each miss clipped to _MAX_MISS: one far larger is the model failing
+        to price a mix it has barely seen, not the machine's spread, and squared it would hold
+        the margin down for the whole window; the level follows it unclipped."""
+        miss = log_ratio - self._level
+        self._misses.append(max(-_MAX_MISS, min(_MAX_MISS, miss)))
         self._level += _LEVEL_WEIGHT * (log_ratio - self._level)
         if len(self._misses) >= _MIN_RATIOS:
             spread = math.sqrt(sum(m * m for m in self._misses) / len(self._misses))
@@ -141,8 +176,13 @@ class FinetuneShare:
         prior = torch.tensor(
             [0.0, *(per_token * self.prior[kind] for kind in KINDS), *(0.0 for _ in TRAINING)], dtype=torch.float64
         )
-        # Ridge towards the prior, scaled to each feature's mean square (at least one unit).
+        # Ridge towards the prior, scaled to each feature's mean square (at least one unit);
+        # the overheads held harder to none: where a kind ran in every recent iteration, its
+        # overhead and the fixed part cannot be told apart, and the fixed part must take the
+        # shared cost, or the first iteration without that kind (a decode between micro-batches)
+        # is priced far below its time.
         scale = torch.clamp(self._xx.diagonal() / n, min=1.0) * _PRIOR_WEIGHT
+        scale[1 + len(KINDS) :] = _OVERHEAD_PRIOR_WEIGHT
         theta = torch.linalg.solve(self._xx + torch.diag(scale), self._xy + scale * prior)
         fitted = {"fixed": max(0.0, theta[0].item())}
         for i, kind in enumerate(KINDS):
