@@ -60,9 +60,6 @@ _OVERHEAD_PRIOR_WEIGHT = 1.0
 # the cost model has seen four recent iterations of it (their weights, decayed by _DECAY,
 # sum to 3.88).
 _MIX_WARMUP = 3.5
-# The largest miss (log of measured / predicted, from the level) the spread takes whole:
-# about 4 spreads of a shared 2-core host.
-_MAX_MISS = 0.5
 
 
 class FinetuneShare:
@@ -149,12 +146,8 @@ class FinetuneShare:
         self._mix_evidence[mix] = self._mix_evidence.get(mix, 0.0) + 1.0
 
     def _update_gain(self, log_ratio: float) -> None:
-        """log_ratio: log(measured / predicted) of an iteration (its interval if it decoded).
-        The spread takes each miss clipped to _MAX_MISS: one far larger is the model failing
-        to price a mix it has barely seen, not the machine's spread, and squared it would hold
-        the margin down for the whole window; the level follows it unclipped."""
-        miss = log_ratio - self._level
-        self._misses.append(max(-_MAX_MISS, min(_MAX_MISS, miss)))
+        """log_ratio: log(measured / predicted) of an iteration (its interval if it decoded)."""
+        self._misses.append(log_ratio - self._level)
         self._level += _LEVEL_WEIGHT * (log_ratio - self._level)
         if len(self._misses) >= _MIN_RATIOS:
             spread = math.sqrt(sum(m * m for m in self._misses) / len(self._misses))
