@@ -8,7 +8,7 @@ and row count, so the engine's choice rests on numbers. Each call reads a differ
 the weight, about 256 MB of them in turn, as a decode step reads each layer's weight once:
 one weight called in a loop stays in cache and measures a speed the engine never sees.
 
-    .venv/bin/python bench/base_linears.py [--quick]
+    .venv/bin/python bench/base_linears.py [--quick] [--dtypes float32 bfloat16]
 """
 
 import argparse
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="rows 1, 32, 256 only")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="default: all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows_list = (1, 32, 256) if args.quick else ROWS
@@ -72,7 +73,7 @@ def main() -> None:
     table = []
     print(f"{'shape':8} {'dtype':9} {'rows':>5} " + "  ".join(f"{m:>24}" for m in METHODS) + "  speedup")
     with torch.inference_mode():
-        for dname, dtype in DTYPES.items():
+        for dname, dtype in ((d, DTYPES[d]) for d in args.dtypes):
             for sname, (n, k) in SHAPES.items():
                 copies = max(1, STREAM_BYTES // (n * k * dtype.itemsize))
                 weights = [(torch.randn(n, k) * 0.05).to(dtype) for _ in range(copies)]

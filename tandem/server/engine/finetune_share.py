@@ -30,7 +30,7 @@ of intervals for a cut of 0.7 and a recovery of 0.02), far above 1%.
 """
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 
 import torch
@@ -57,9 +57,8 @@ _MIN_GAIN, _MAX_GAIN = 0.05, 1.25
 _PRIOR_WEIGHT, _FLOOR = 0.1, 0.25
 _OVERHEAD_PRIOR_WEIGHT = 1.0
 # A mix of work (which training kinds an iteration carries, or none) moves the margin once
-# the cost model has seen four recent iterations of it (their weights, decayed by _DECAY,
-# sum to 3.88).
-_MIX_WARMUP = 3.5
+# the cost model has seen this many iterations of it.
+_MIX_WARMUP = 4
 
 
 class FinetuneShare:
@@ -73,7 +72,7 @@ class FinetuneShare:
         self._misses: deque[float] = deque(maxlen=_RATIOS)
         self.share = FIXED_SHARE if itl_p99_target is None else _COLD_SHARE
         self._inference_evidence = 0.0
-        self._mix_evidence: dict[tuple[str, ...], float] = {}
+        self._mix_seen: Counter[tuple[str, ...]] = Counter()
         n = 1 + len(KINDS) + len(TRAINING)
         # Decayed normal equations of seconds against [1, units per kind, training kind present].
         self._xx = torch.zeros(n, n, dtype=torch.float64)
@@ -124,7 +123,7 @@ class FinetuneShare:
         it decoded nothing: only decoding iterations end an inter-token interval).
 
         Only iterations that carry inference move the margin (they are the ones the target
-        is for), and only once the model has seen a few of their mix: a mix it has not seen
+        is for), and only once the model has seen a few of their mix: a mix it has never seen
         (the first decodes with no training work, between two micro-batches, after a run of
         iterations that all carried some) it cannot price, whatever its fit elsewhere. On the
         2-core EPYC such first decodes ran at 2-7x their prediction, and those few misses
@@ -135,15 +134,13 @@ class FinetuneShare:
         present = [float(work.get(kind, 0.0) > 0) for kind in TRAINING]
         inference = work.get("inference", 0.0) > 0
         mix = tuple(kind for kind in TRAINING if work.get(kind, 0.0) > 0)
-        if inference and self.warm and self._mix_evidence.get(mix, 0.0) >= _MIX_WARMUP:
+        if inference and self.warm and self._mix_seen[mix] >= _MIX_WARMUP:
             self._update_gain(math.log((interval or seconds) / self.predict(work)))
         x = torch.tensor([1.0, *units, *present], dtype=torch.float64)
         self._xx.mul_(_DECAY).add_(torch.outer(x, x))
         self._xy.mul_(_DECAY).add_(x * seconds)
         self._inference_evidence = _DECAY * self._inference_evidence + inference
-        for seen in self._mix_evidence:
-            self._mix_evidence[seen] *= _DECAY
-        self._mix_evidence[mix] = self._mix_evidence.get(mix, 0.0) + 1.0
+        self._mix_seen[mix] += 1
 
     def _update_gain(self, log_ratio: float) -> None:
         """log_ratio: log(measured / predicted) of an iteration (its interval if it decoded)."""
