@@ -11,10 +11,10 @@ record. Without oneDNN, on other devices or dtypes, prepack returns None and eve
 `F.linear`, so the engine runs the same everywhere.
 
 float32 `F.linear` runs through MKL, which is fast on Intel CPUs and slow on others: on a
-2-core AMD EPYC the reordered weight ran 1.1-2.9x faster on every SmolLM2 shape up to 256
-rows (lm_head 3.5x at 5 rows), on a 2-core Xeon it lost on most (0.6-0.9x on o_proj and
-down_proj). So float32 weights are reordered where the CPU is not Intel's
-(bench/results/base_linears_cpu_*.json, one file per CPU kind).
+2-core AMD EPYC the reordered weight ran 1.0-4.2x faster on every SmolLM2 shape up to 64
+rows (lm_head 1.2-4.2x at every row count) and within 7% either way at 128-512, on a 2-core
+Xeon it lost on most (0.6-0.9x on o_proj and down_proj). So float32 weights are reordered
+where the CPU is not Intel's (bench/results/base_linears_cpu_{amd,intel}.json).
 """
 
 import functools
