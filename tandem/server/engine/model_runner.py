@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tandem.kernels.lora import LoRABatch
 from tandem.server.adapters.mixture import Mixture
@@ -107,8 +106,7 @@ class ModelRunner:
         if rows:
             out.prompt_logits = self.model.compute_logits(hidden[self._index(rows)])
         if training is not None:
-            train_logits = self.model.compute_logits(hidden[training.rows])
-            out.train_loss = F.cross_entropy(train_logits, training.targets, reduction="sum")
+            out.train_loss = self.model.token_loss(hidden[training.rows], training.targets)
             out.train_targets = int(training.targets.numel())
         return out
 
@@ -157,8 +155,7 @@ class ModelRunner:
         if not len(rows):
             return BackwardResult(torch.zeros_like(x), 0.0, 0)
         with torch.enable_grad():
-            logits = self.model.compute_logits(self.model.norm(x[rows]))
-            loss = F.cross_entropy(logits, targets, reduction="sum")
+            loss = self.model.token_loss(self.model.norm(x[rows]), targets)
             (loss * work.loss_scale).backward()
         return BackwardResult(x.grad, loss.item(), int(targets.numel()))
 

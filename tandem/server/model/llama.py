@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.kernels.linear_cross_entropy import linear_cross_entropy
 from tandem.kernels.packed_linear import Prepacked
 from tandem.server.model.attention import attention
 from tandem.server.model.batch import ForwardBatch
@@ -138,3 +139,8 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head_packed.linear(hidden, self.lm_head).float()
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of hidden [N, hidden] against targets [N], float32,
+        differentiable in hidden; the logits are never materialised whole."""
+        return linear_cross_entropy(hidden, self.lm_head, targets, lambda h: self.lm_head_packed.linear(h, self.lm_head))
