@@ -1,20 +1,21 @@
-"""Frozen weights reordered once for oneDNN, for inference matmuls on CPU.
+"""Frozen weights reordered once for oneDNN, for the base model's matmuls on CPU.
 
 `F.linear` in bfloat16 on CPU hands oneDNN the weight in its plain layout, and oneDNN
 repacks it into the blocked layout its (AMX / AVX-512) kernels read on every call: for
 SmolLM2's lm_head that is 56 MB copied per decode step. Reordering once, on first use, and
 calling oneDNN's linear with the reordered weight skips that (bench/base_linears.py
-measures it per shape and row count). The reordered copy serves only forwards without
-autograd: oneDNN's linear has no backward, so a forward that trains (activation gradients
-through the frozen base) keeps `F.linear` on the plain weight, which stays the weight of
-record. Without oneDNN, on other devices or dtypes, prepack returns None and every call is
-`F.linear`, so the engine runs the same everywhere.
+measures it per shape and row count). oneDNN's linear has no backward, so a forward that
+trains runs through _PackedLinear: the activation gradient dy W is oneDNN's linear on W^T,
+reordered once more on the first backward (the frozen weight gets no gradient). The plain
+weight stays the weight of record. Without oneDNN, on other devices or dtypes, prepack
+returns None and every call is `F.linear`, so the engine runs the same everywhere.
 
 float32 `F.linear` runs through MKL, which is fast on Intel CPUs and slow on others: on a
-2-core AMD EPYC the reordered weight ran 1.0-4.2x faster on every SmolLM2 shape up to 64
-rows (lm_head 1.2-4.2x at every row count) and within 7% either way at 128-512, on a 2-core
-Xeon it lost on most (0.6-0.9x on o_proj and down_proj). So float32 weights are reordered
-where the CPU is not Intel's (bench/results/base_linears_cpu_{amd,intel}.json).
+2-core AMD EPYC (AVX2) the reordered weight ran 1.0-4.2x faster on every SmolLM2 shape up to
+64 rows (lm_head 1.2-4.2x at every row count) and within 11% either way at 128-512, on a
+2-core Zen 5 EPYC (AVX-512) 2.2-2.4x faster at 512-1024 rows, on a 2-core Xeon it lost on
+most (0.6-0.9x on o_proj and down_proj). So float32 weights are reordered where the CPU is
+not Intel's (bench/results/base_linears_cpu_{amd,intel}.json).
 """
 
 import functools
@@ -22,14 +23,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from tandem.kernels import row_buckets
 
-# Measured on a 2-core Xeon with AMX over SmolLM2's shapes, weights streamed from memory
+# The most rows a call runs through the reordered weight, per dtype. bfloat16, measured on a
+# 2-core Xeon with AMX over SmolLM2's shapes, weights streamed from memory
 # (bench/results/base_linears_cpu_intel.json): up to 256 rows the reordered weight ran 1.2-1.6x
 # faster than F.linear on every shape; at 512 it lost on two (0.76-0.81x) and tied over a
-# layer, so rows past this (long prefill chunks) keep F.linear.
-PACKED_MAX_ROWS = 256
+# layer, so rows past this (long prefill chunks, training batches) keep F.linear. float32 (only
+# reordered off Intel): no limit. On a 2-core EPYC with AVX2 it was within 11% either way at 512
+# rows (lm_head 1.18x); on a 2-core Zen 5 EPYC (AVX-512) it ran 420-450 GFLOP/s against MKL's
+# 180-190 at 512 and 1024 rows, forward and transposed (bench/results/base_linears_cpu_amd*.json).
+PACKED_MAX_ROWS = {torch.bfloat16: 256}
+
+
+def max_rows(dtype: torch.dtype) -> int | float:
+    return PACKED_MAX_ROWS.get(dtype, float("inf"))
 
 
 def supported(weight: torch.Tensor) -> bool:
@@ -64,30 +74,62 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Prepacked:
-    """One frozen weight's oneDNN copy, made on its first forward without autograd and then
-    kept; made again if the weight passed in is another tensor (replaced, moved, recast).
-    Lazy, so a layer rebuilt around the same weight (LoRA attaching) packs it only once."""
+    """One frozen weight's oneDNN copies, made on first use and then kept; made again if the
+    weight passed in is another tensor (replaced, moved, recast). Lazy, so a layer rebuilt
+    around the same weight (LoRA attaching) packs it only once, and the transposed copy that
+    a training backward multiplies by exists only on a server that has trained."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._packed: torch.Tensor | None = None
+        self._transposed: torch.Tensor | None = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out] = x weight^T (+ bias). Through the reordered weight when there
-        is one, T <= PACKED_MAX_ROWS and grad mode is off, else F.linear (a training forward
-        runs F.linear throughout, even where an input needs no gradient, so its numbers are
-        those of peft's forward on the same base); rows
-        padded to their bucket either way (oneDNN keeps a kernel per shape)."""
-        rows = x.shape[0]
-        if rows > PACKED_MAX_ROWS or torch.is_grad_enabled():
+        is one and T <= max_rows(dtype), else F.linear; rows padded to their bucket either way
+        (oneDNN keeps a kernel per shape). Under autograd the activation gradient runs through
+        a reordered weight^T (the frozen weight itself gets none; a weight or bias that
+        requires grad keeps F.linear)."""
+        trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+        if x.shape[0] > max_rows(x.dtype) or trainable or self._packed_for(weight) is None:
             return row_buckets.linear(x, weight, bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinear.apply(x, weight, bias, self)
+        return _run(x, self._packed, bias)
+
+    def _packed_for(self, weight: torch.Tensor) -> torch.Tensor | None:
         key = (weight.data_ptr(), weight.dtype, weight.device, weight.shape)
         if key != self._key:
-            self._packed, self._key = prepack(weight), key
-        if self._packed is None:
-            return row_buckets.linear(x, weight, bias)
-        padded = row_buckets.bucket_rows(rows)
-        if padded != rows:
-            x = F.pad(x, (0, 0, 0, padded - rows))
-        y = torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
-        return y if padded == rows else y[:rows]
+            self._packed, self._transposed, self._key = prepack(weight), None, key
+        return self._packed
+
+    def transposed_linear(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """dy [T, out] -> [T, in] = dy weight, through weight^T reordered once."""
+        if self._transposed is None:
+            self._packed_for(weight)
+            self._transposed = prepack(weight.t().contiguous())
+        return _run(dy.contiguous(), self._transposed, None)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x weight^T (+ bias) for a frozen weight, forward and activation gradient through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Prepacked) -> torch.Tensor:
+        ctx.weight, ctx.packed = weight, packed
+        return _run(x, packed._packed, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return ctx.packed.transposed_linear(dy, ctx.weight), None, None, None
+
+
+def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear on a reordered weight, x's rows padded to their bucket."""
+    rows = x.shape[0]
+    padded = row_buckets.bucket_rows(rows)
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return y if padded == rows else y[:rows]

@@ -38,15 +38,31 @@ def test_packed_rows_match_f_linear(rows, bias, dtype):
 
 
 @packed_dtypes
-def test_a_graph_being_recorded_runs_f_linear_and_gets_its_gradient(dtype):
+@pytest.mark.parametrize("rows", [7, 40])
+def test_a_graph_being_recorded_gets_f_linears_gradient_through_onednn(rows, dtype):
     w, b = weights(dtype)
-    x = torch.randn(7, 40).to(dtype).requires_grad_()
-    y = Prepacked().linear(x, w, b)
-    assert y.grad_fn is not None
-    y.float().sum().backward()
+    x = torch.randn(rows, 40).to(dtype).requires_grad_()
+    packed = Prepacked()
+    y = packed.linear(x, w, b)
+    assert y.grad_fn is not None and packed._packed is not None
+    dy = torch.randn(rows, 96).to(dtype)
+    y.backward(dy)
+    assert packed._transposed is not None
     ref = x.detach().clone().requires_grad_()
-    F.linear(ref, w, b).float().sum().backward()
-    torch.testing.assert_close(x.grad, ref.grad, atol=0, rtol=0)
+    want = F.linear(ref, w, b)
+    want.backward(dy)
+    torch.testing.assert_close(y, want, **TOLERANCE[dtype])
+    torch.testing.assert_close(x.grad, ref.grad, **TOLERANCE[dtype])
+
+
+@packed_dtypes
+def test_a_weight_that_trains_keeps_f_linear(dtype):
+    w, b = weights(dtype)
+    w.requires_grad_()
+    x = torch.randn(5, 40).to(dtype).requires_grad_()
+    packed = Prepacked()
+    packed.linear(x, w, b).float().sum().backward()
+    assert packed._packed is None and w.grad is not None
 
 
 @packed_dtypes
@@ -86,10 +102,12 @@ def test_float32_is_packed_only_where_the_cpu_is_not_intels(monkeypatch, vendor,
     assert (packed_linear.prepack(w) is None) is not packed_linear.supported(w)
 
 
-@packed_dtypes
-def test_rows_past_the_measured_limit_run_f_linear(dtype):
+def test_rows_past_the_measured_limit_run_f_linear():
+    dtype = torch.bfloat16
+    if dtype not in PACKED_DTYPES:
+        pytest.skip("this CPU does not reorder bfloat16 weights")
     w, b = weights(dtype)
-    x = torch.randn(packed_linear.PACKED_MAX_ROWS + 1, 40).to(dtype)
+    x = torch.randn(packed_linear.PACKED_MAX_ROWS[dtype] + 1, 40).to(dtype)
     packed = Prepacked()
     with torch.inference_mode():
         y = packed.linear(x, w, b)
