@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import machine_info, write_result  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
 from tandem.server.finetune.dataset import TrainingExample  # noqa: E402
@@ -780,10 +780,10 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--floor-only", action="store_true", help="measure the floor and add it to bench/results/finetune_cpu.json")
+    ap.add_argument("--floor-only", action="store_true", help="measure the floor and add it to this CPU kind's bench/results/finetune_cpu_<kind>.json")
     args = ap.parse_args()
     if args.floor_only:
-        path = Path(__file__).resolve().parent / "results" / "finetune_cpu.json"
+        path = Path(__file__).resolve().parent / "results" / f"finetune_cpu_{cpu_kind()}.json"
         result = json.loads(path.read_text())
         result["floor"] = compute_floor(load_gguf()[0], args.threads) | {"measured": machine_info()}
         print_floor(result["floor"])
@@ -892,7 +892,7 @@ def main() -> None:
         "floor": floor, "runs": runs, "summary": summary, "ratios": ratios, "profile_comparison": comparisons, "profiles": profiles,
         "wall_s": time.perf_counter() - started,
     }
-    stem = "finetune_cpu" + ("" if args.threads == 2 else f"_threads{args.threads}") + ("_quick" if args.quick else "")
+    stem = f"finetune_cpu_{cpu_kind()}" + ("" if args.threads == 2 else f"_threads{args.threads}") + ("_quick" if args.quick else "")
     write_result(stem, result, plot)
 
 

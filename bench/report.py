@@ -14,11 +14,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def cpu_kind() -> str:
-    """"intel", "amd" or "other": results whose ratios differ by CPU vendor (MKL's float32
-    GEMMs, and so which base path the engine takes) are kept one file per kind."""
+    """The vendor ("intel", "amd", "other"), with "_bf16" where the CPU computes bfloat16
+    natively: results whose ratios differ by kind (MKL's float32 GEMMs, which base path and
+    dtype the engine takes) are kept one file per kind."""
     from tandem.kernels.packed_linear import cpu_vendor
+    from tandem.server.config import cpu_has_bf16
 
-    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpu_vendor(), "other")
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(cpu_vendor(), "other")
+    return vendor + ("_bf16" if cpu_has_bf16() else "")
 
 
 def machine_info() -> dict:

@@ -29,7 +29,7 @@ from tandem.kernels import row_buckets
 
 # The most rows a call runs through the reordered weight, per dtype. bfloat16, measured on a
 # 2-core Xeon with AMX over SmolLM2's shapes, weights streamed from memory
-# (bench/results/base_linears_cpu_intel.json): up to 256 rows the reordered weight ran 1.2-1.6x
+# (bench/results/base_linears_cpu_intel_bf16.json): up to 256 rows the reordered weight ran 1.2-1.6x
 # faster than F.linear on every shape; at 512 it lost on two (0.76-0.81x) and tied over a
 # layer, so rows past this (long prefill chunks, training batches) keep F.linear. float32 (only
 # reordered off Intel): no limit. On a 2-core EPYC with AVX2 it was within 11% either way at 512

@@ -96,12 +96,13 @@ class EngineConfig:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         device = self.resolve_device()
-        if device.type == "cuda" or _cpu_has_bf16():
+        if device.type == "cuda" or cpu_has_bf16():
             return torch.bfloat16
         return torch.float32
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there bf16 is the faster dtype."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
