@@ -4,12 +4,14 @@ ever holding the [rows, vocab] logits or their gradient.
 A training step's head is the largest GEMM pair of a small model (SmolLM2: 49152 x 576 per
 row, twice) and, done the plain way, three more passes over a [rows, vocab] float32 tensor
 each way (log-softmax, its backward, the one-hot fill): at 1024 rows that is 200 MB a pass,
-~1.0 s of a ~5 s step on a 2-core EPYC. Here rows go through in chunks small enough to stay
-in cache; each chunk's gradient (softmax minus one-hot) is formed in the forward, in place
-of its logits, and multiplied straight back through the weight, so the backward is one
-scale of a [rows, hidden] tensor. The logits are computed outside autograd, so they may come
-from a reordered (oneDNN) copy of the weight: the head ran 1.6-2x faster than the plain path
-on that EPYC (chunks of 128 rows; 64 and 256 were slower).
+~1.0 s of a ~5 s step on a 2-core EPYC. Here each chunk of rows' gradient (softmax minus
+one-hot) is formed in the forward, in place of its logits, and multiplied straight back
+through the weight, so the backward is one scale of a [rows, hidden] tensor. The logits are
+computed outside autograd, so they may come from a reordered (oneDNN) copy of the weight:
+the head ran 1.6-2x faster than the plain path on that EPYC (chunks of 128 rows; 64 and 256
+were slower). Within a chunk the float32 passes go SUB_ROWS rows at a time through two
+buffers that stay in cache: [128, 49152] in float32 is 25 MB, and the passes over it ran at
+DRAM speed (a 2 x 512 bf16 step's head: ~450 ms with per-chunk tensors, ~290 ms so).
 
 Numerics follow `compute_logits` + `F.cross_entropy` op for op (logits in the weight's dtype,
 cast to float32, log-softmax, its exp minus the one-hot, cast back to the hidden states'
@@ -25,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 CHUNK_ROWS = 128
+SUB_ROWS = 16
 
 Project = Callable[[Tensor], Tensor]
 
@@ -60,15 +63,28 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, projec
 
 
 def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, project: Project, with_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """The summed loss and, with_grad, d(loss)/d(hidden), a chunk of rows at a time."""
+    """The summed loss and, with_grad, d(loss)/d(hidden), a chunk of rows at a time.
+
+    The float32 passes (cast, log-softmax, exp, one-hot) run SUB_ROWS rows at a time in two
+    buffers that stay in cache; only the chunk's logits and gradient in the weight's dtype go
+    through memory. Every buffer is made once per call, not per chunk."""
+    rows, vocab = min(CHUNK_ROWS, hidden.shape[0]), weight.shape[0]
+    logits32 = torch.empty(min(SUB_ROWS, rows), vocab, dtype=torch.float32, device=hidden.device)
+    logp = torch.empty_like(logits32)
+    minus_one = torch.full((logits32.shape[0], 1), -1.0, device=hidden.device)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad = torch.empty_like(hidden) if with_grad else None
+    probs = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device) if with_grad else None
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
-        h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS, None]
-        logp = torch.log_softmax(project(h).float(), dim=-1)
-        loss -= logp.gather(1, t).sum()
+        logits = project(hidden[start : start + CHUNK_ROWS])
+        for sub in range(0, logits.shape[0], SUB_ROWS):
+            n = min(SUB_ROWS, logits.shape[0] - sub)
+            t = targets[start + sub : start + sub + n, None]
+            lp = torch.log_softmax(logits32[:n].copy_(logits[sub : sub + n]), dim=-1, out=logp[:n])
+            loss -= lp.gather(1, t).sum()
+            if probs is not None:
+                lp.exp_().scatter_add_(1, t, minus_one[:n])
+                probs[sub : sub + n].copy_(lp)
         if grad is not None:
-            probs = logp.exp_()
-            probs.scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
-            torch.mm(probs.to(hidden.dtype), weight, out=grad[start : start + CHUNK_ROWS])
+            torch.mm(probs[: logits.shape[0]], weight, out=grad[start : start + CHUNK_ROWS])
     return loss, grad
