@@ -14,6 +14,7 @@ from torch import nn
 
 from tandem.kernels.linear_cross_entropy import linear_cross_entropy
 from tandem.kernels.packed_linear import Prepacked
+from tandem.kernels.rms_norm import rms_norm
 from tandem.server.model.attention import attention
 from tandem.server.model.batch import ForwardBatch
 from tandem.server.model.linear import FusedLinear
@@ -41,10 +42,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
