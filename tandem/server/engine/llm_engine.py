@@ -15,6 +15,7 @@ from tandem.server.config import EngineConfig
 from tandem.server.engine.coserve import CoServer, prior_costs
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
 from tandem.server.engine.finetune_share import FinetuneShare
+from tandem.server.engine.host_allocator import keep_freed_memory
 from tandem.server.engine.iteration import ModelRunnerOutput, SchedulerOutput, TrainingResult, TrainingWork
 from tandem.server.engine.kv_cache import BlockAllocator, KVCache
 from tandem.server.engine.model_runner import ModelRunner
@@ -38,6 +39,8 @@ class Engine:
         model = loaded.model
         shape = model.shape
         self.device = model.embed.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = model.embed.dtype
         num_blocks = config.kv_cache_bytes // KVCache.bytes_per_block(shape, config.block_size, self.dtype)
         if num_blocks < 1:
