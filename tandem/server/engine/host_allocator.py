@@ -6,8 +6,12 @@ With glibc's defaults a freed block over the mmap threshold goes back to the ker
 does the free top of a heap past the trim threshold; the next step's tensor of the same size
 is faulted in again page by page, zeroed by the kernel. A 2 x 512-token bf16 training step of
 SmolLM2 took ~100k such faults (400 MB) and ran 2.0 s; with the settings below it took none
-after its first step and ran 1.7 s, at no higher peak RSS: the memory a step needs is kept
+after its first steps and ran 1.7 s, at no higher peak RSS: the memory a step needs is kept
 for the next, which is what the process's peak already counted.
+
+The same step on a thread of its own (the engine's) ran as fast with either: glibc's
+per-thread arenas kept the step's memory there. With these settings the engine's speed does
+not depend on the thread that drives it (the benchmarks and tests drive it from the main one).
 """
 
 import ctypes
