@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.report import machine_info, write_result  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from bench.synthetic_task import TRAIN_SEED, make_examples, to_messages, write_jsonl  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
 from tandem.server.engine.async_engine import AsyncEngine  # noqa: E402
@@ -306,7 +306,7 @@ def main() -> None:
         "goals": goals,
     }
     levels = "" if sorted(args.loads) == [0.25, 0.5, 0.9] else "_load" + "_".join(f"{100 * x:.0f}" for x in args.loads)
-    write_result("coserve_cpu" + levels + ("_quick" if args.quick else ""), result, plot)
+    write_result(f"coserve_cpu_{cpu_kind()}" + levels + ("_quick" if args.quick else ""), result, plot)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ float32 `F.linear` runs through MKL, which is fast on Intel CPUs and slow on oth
 64 rows (lm_head 1.2-4.2x at every row count) and within 11% either way at 128-512, on a
 2-core Zen 5 EPYC (AVX-512) 2.2-2.4x faster at 512-1024 rows, on a 2-core Xeon it lost on
 most (0.6-0.9x on o_proj and down_proj). So float32 weights are reordered where the CPU is
-not Intel's (bench/results/base_linears_cpu_{amd,intel}.json).
+not Intel's (bench/results/base_linears_cpu_{amd,intel_bf16}.json).
 """
 
 import functools
