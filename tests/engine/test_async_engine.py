@@ -150,3 +150,20 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
     finally:
         eng.shutdown()
+
+
+def test_the_model_is_built_on_a_thread_that_ends(tiny_model_dir, monkeypatch):
+    """The calling thread runs none of the load's parallel torch ops: OpenMP would keep its
+    worker team for as long as the caller lives and slow the engine thread's GEMMs."""
+    import threading
+
+    from tandem.server.engine import async_engine
+
+    built_on = []
+    from_config = async_engine.Engine.from_config
+    monkeypatch.setattr(async_engine.Engine, "from_config", lambda config: built_on.append(threading.current_thread()) or from_config(config))
+    with pytest.raises(ValueError, match="max_model_len"):  # an error on that thread reaches the caller
+        AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=10**9))
+    AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    assert len(built_on) == 2 and threading.current_thread() not in built_on
+    assert not any(thread.is_alive() for thread in built_on)
