@@ -4,8 +4,9 @@ or y += sum_i w_i B_slot_i(A_slot_i x) where a token has k weighted (slot, weigh
 
 The model's LoRA layer calls lora_delta once per linear group per step; the engine builds
 one LoRABatch per step and shares it across layers. The Triton kernels run when the
-tensors are on CUDA; the torch reference (also the production CPU path) runs otherwise.
-backend="triton" forces the kernels, e.g. on CPU tensors when they were imported with
+tensors are on CUDA; on CPU lora_delta runs native_cpu.py's C kernel where it is built and
+the layout fits (the CPU slot pool's), the torch reference otherwise (and for every other
+call). backend="triton" forces the kernels, e.g. on CPU tensors when they were imported with
 TRITON_INTERPRET=1 (tests); backend="torch" forces the reference.
 
 lora_delta_autograd is the differentiable form, for fine-tuning on the serving model;
@@ -15,7 +16,7 @@ every row trains one adapter (a fine-tuning micro-batch).
 
 from torch import Tensor
 
-from . import autograd, reference, single_adapter
+from . import autograd, native_cpu, reference, single_adapter
 from .batch import LoRABatch, LoRAPairs, LoRAWeights, Segment, plain_pairs
 
 __all__ = [
@@ -68,10 +69,13 @@ def lora_delta(
 
     x: [T, in_features]; y: [T, sum(out_slices)] (the base layer's output), updated in place;
     rows of tokens without an adapter are left bit-identical. On Triton, steps of up to
-    triton_sgmv.FUSED_MAX_TOKENS tokens take one fused launch; the torch path picks between
-    a segment loop and one batched matmul pair (see reference). Forward only: lora_delta_autograd
-    is the differentiable form.
+    triton_sgmv.FUSED_MAX_TOKENS tokens take one fused launch; on CPU the C kernel takes the
+    call when it applies (native_cpu.applies), else the torch path picks between a segment
+    loop and one batched matmul pair (see reference). Forward only: lora_delta_autograd is
+    the differentiable form.
     """
+    if backend is None and not x.is_cuda and native_cpu.lora_delta(x, w, batch, y):
+        return
     _impl(x, backend).lora_delta(x, w, batch, y)
 
 

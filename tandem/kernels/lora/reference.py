@@ -1,4 +1,5 @@
-"""Plain-torch batched LoRA: the Triton kernels' twin and the production CPU path.
+"""Plain-torch batched LoRA: the Triton kernels' twin, the oracle of the C kernel
+(native_cpu.py), and the CPU path for every call that kernel does not take.
 
 One loop over the segments (adapters present in the step), never over tokens: each segment
 is one shrink matmul for all slices at once and one expand, trimmed to the slot's real rank.

@@ -57,7 +57,7 @@ class SlotPool:
             s = len(linear.out_slices)
             self.weights[key] = LoRAWeights(
                 a=torch.zeros(num_slots, s * max_rank, linear.in_features, dtype=dtype, device=device),
-                b=torch.zeros(num_slots, sum(linear.out_slices), max_rank, dtype=dtype, device=device),
+                b=_b_pool(num_slots, sum(linear.out_slices), max_rank, dtype, device),
                 slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
                 out_slices=linear.out_slices,
             )
@@ -205,6 +205,15 @@ class SlotPool:
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1
         self.load_seconds += time.perf_counter() - start
+
+
+def _b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The pool's B, [num_slots, out_features, max_rank]; on CPU a transposed view of
+    [num_slots, max_rank, out_features] storage, the layout the C kernel's expand reads as
+    contiguous rows (kernels/lora/native_cpu.py)."""
+    if device.type == "cpu":
+        return torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device).transpose(1, 2)
+    return torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
 
 
 def _experts(adapter: LoRAAdapter | Router | Mixture) -> tuple[LoRAAdapter, ...]:

@@ -1,0 +1,183 @@
+/* Batched multi-LoRA on the CPU: y[t] += B_slot(t) (A_slot(t) x[t]) for every token of every
+   segment, in one call per linear group (see native_cpu.py, which compiles and calls it).
+
+   Why C: on 2 cores a step's 120 LoRA calls through torch ran ~7-27 small ops each, every op
+   5-60 us (MKL's small GEMMs, dtype casts, gathers, index_add_), for 3-10 us of arithmetic.
+   Here a call gathers and converts its token rows, multiplies and adds into y in place, each
+   weight element read once per block of TB tokens, with torch's own OpenMP team splitting
+   the (segment, token block) items.
+
+   Layouts: x [T, fin], y [T, N] (float32, or bfloat16 when *_bf16), rows contiguous;
+   a [slots, S*R, fin] float32; bt [slots, R, N] float32 (B transposed, so the expand is a
+   run of contiguous axpys); ranks [slots]; segments (slot, start, len) over sorted, the
+   token rows grouped by slot. Slice s of a slot uses rows s*R .. s*R+rank of a and columns
+   sum(widths[:s]) .. + widths[s] of bt. Plain C with GCC vector types: no intrinsics, so
+   it builds for whatever -march=native offers (AVX2 or AVX-512). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+
+/* Tokens per block: each weight row loaded once serves TB tokens. */
+#define TB 4
+/* Output columns per expand block (two vectors per token stay in registers). */
+#define NB 32
+
+static inline f32x16 load(const float *p) { f32x16 r; memcpy(&r, p, 64); return r; }
+static inline void store(float *p, f32x16 v) { memcpy(p, &v, 64); }
+
+static inline f32x16 load_bf16(const uint16_t *p) {
+    u16x16 h; memcpy(&h, p, 32);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 f; memcpy(&f, &u, 64); return f;
+}
+
+/* Round to nearest even, as torch does; NaNs stay NaN (quieted). */
+static inline void store_bf16(uint16_t *p, f32x16 f) {
+    u32x16 u; memcpy(&u, &f, 64);
+    u32x16 rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    u32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;
+    u32x16 r = (nan & (u | 0x400000u)) | (~nan & rounded);
+    u16x16 h = __builtin_convertvector(r >> 16, u16x16);
+    memcpy(p, &h, 32);
+}
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float hsum(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+
+/* Per-thread scratch: TB token rows of x in float32, then their v. */
+static __thread float *scratch;
+static __thread size_t scratch_floats;
+
+static float *scratch_for(size_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = malloc(floats * sizeof(float));
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+/* x rows of the block as float32, zero rows past nb (they feed lanes whose results are dropped). */
+static void gather(const void *x, int x_bf16, int64_t fin, const int64_t *toks, int nb, float *xb) {
+    for (int t = 0; t < TB; t++) {
+        float *dst = xb + (size_t)t * fin;
+        if (t >= nb) { memset(dst, 0, fin * sizeof(float)); continue; }
+        if (x_bf16) {
+            const uint16_t *src = (const uint16_t *)x + toks[t] * fin;
+            int64_t i = 0;
+            for (; i + 16 <= fin; i += 16) store(dst + i, load_bf16(src + i));
+            for (; i < fin; i++) dst[i] = bf16_to_f32(src[i]);
+        } else {
+            memcpy(dst, (const float *)x + toks[t] * fin, fin * sizeof(float));
+        }
+    }
+}
+
+/* v[t, s*R + k] = x[t] . a_row(s, k) for the block's TB rows. */
+static void shrink(const float *xb, int64_t fin, const float *a_slot, int S, int R, int rank, float *v) {
+    for (int s = 0; s < S; s++)
+        for (int k = 0; k < rank; k++) {
+            const float *row = a_slot + ((int64_t)s * R + k) * fin;
+            f32x16 acc[TB] = {{0}};
+            int64_t i = 0;
+            for (; i + 16 <= fin; i += 16) {
+                f32x16 r = load(row + i);
+                for (int t = 0; t < TB; t++) acc[t] += load(xb + (size_t)t * fin + i) * r;
+            }
+            for (int t = 0; t < TB; t++) {
+                float sum = hsum(acc[t]);
+                for (int64_t j = i; j < fin; j++) sum += xb[(size_t)t * fin + j] * row[j];
+                v[((size_t)t * S + s) * R + k] = sum;
+            }
+        }
+}
+
+static void add_row(void *y, int y_bf16, int64_t N, int64_t tok, int64_t col, const float *d, int n) {
+    if (y_bf16) {
+        uint16_t *yr = (uint16_t *)y + tok * N + col;
+        int j = 0;
+        for (; j + 16 <= n; j += 16) store_bf16(yr + j, load_bf16(yr + j) + load(d + j));
+        for (; j < n; j++) yr[j] = f32_to_bf16(bf16_to_f32(yr[j]) + d[j]);
+    } else {
+        float *yr = (float *)y + tok * N + col;
+        for (int j = 0; j < n; j++) yr[j] += d[j];
+    }
+}
+
+/* y[tok, slice s] += v[t, s] @ bt_slot[:rank, slice s] for the block's nb real rows. */
+static void expand(const float *v, const float *bt_slot, int64_t N, int S, int R, int rank, const int32_t *widths,
+                   const int64_t *toks, int nb, void *y, int y_bf16) {
+    int64_t col0 = 0;
+    for (int s = 0; s < S; s++) {
+        int64_t w = widths[s];
+        for (int64_t n0 = 0; n0 < w; n0 += NB) {
+            f32x16 lo[TB] = {{0}}, hi[TB] = {{0}};
+            float out[TB][NB];
+            if (n0 + NB <= w) {
+                for (int k = 0; k < rank; k++) {
+                    const float *br = bt_slot + (int64_t)k * N + col0 + n0;
+                    f32x16 b0 = load(br), b1 = load(br + 16);
+                    for (int t = 0; t < TB; t++) {
+                        float c = v[((size_t)t * S + s) * R + k];
+                        lo[t] += c * b0;
+                        hi[t] += c * b1;
+                    }
+                }
+                for (int t = 0; t < nb; t++) { store(out[t], lo[t]); store(out[t] + 16, hi[t]); }
+            } else {
+                for (int t = 0; t < nb; t++)
+                    for (int j = 0; j < w - n0; j++) {
+                        float sum = 0.f;
+                        for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * bt_slot[(int64_t)k * N + col0 + n0 + j];
+                        out[t][j] = sum;
+                    }
+            }
+            int n = (int)(w - n0 < NB ? w - n0 : NB);
+            for (int t = 0; t < nb; t++) add_row(y, y_bf16, N, toks[t], col0 + n0, out[t], n);
+        }
+        col0 += w;
+    }
+}
+
+/* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
+   only if a thread failed mid-way, which the caller treats as fatal). */
+int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
+                     const float *a, const float *bt, const int32_t *ranks, int32_t S, int32_t R,
+                     const int32_t *widths, const int32_t *seg_slot, const int32_t *seg_start,
+                     const int32_t *seg_len, int32_t nseg, const int64_t *sorted) {
+    int nitems = 0;
+    for (int g = 0; g < nseg; g++)
+        if (ranks[seg_slot[g]]) nitems += (seg_len[g] + TB - 1) / TB;
+    int32_t *items = malloc(sizeof(int32_t) * 2 * (size_t)(nitems + 1));
+    if (!items) return -1;
+    int n = 0;
+    for (int g = 0; g < nseg; g++)
+        if (ranks[seg_slot[g]])
+            for (int t0 = 0; t0 < seg_len[g]; t0 += TB) { items[2 * n] = g; items[2 * n + 1] = t0; n++; }
+    int failed = 0;
+#pragma omp parallel for schedule(static) if (nitems > 1)
+    for (int it = 0; it < nitems; it++) {
+        int g = items[2 * it], t0 = items[2 * it + 1];
+        int slot = seg_slot[g], rank = ranks[slot];
+        int nb = seg_len[g] - t0 < TB ? seg_len[g] - t0 : TB;
+        const int64_t *toks = sorted + seg_start[g] + t0;
+        float *xb = scratch_for((size_t)TB * fin + (size_t)TB * S * R);
+        if (!xb) { failed = 1; continue; }
+        float *v = xb + (size_t)TB * fin;
+        gather(x, x_bf16, fin, toks, nb, xb);
+        shrink(xb, fin, a + (int64_t)slot * S * R * fin, S, R, rank, v);
+        expand(v, bt + (int64_t)slot * R * N, N, S, R, rank, widths, toks, nb, y, y_bf16);
+    }
+    free(items);
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,120 @@
+"""The C batched-LoRA kernel (kernels/lora/native_cpu.py) against the float64 token oracle,
+with the weights past each slot's rank poisoned with NaN, in the layout the CPU slot pool keeps."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tandem.kernels.lora import LoRAWeights, lora_delta, native_cpu, reference
+from tests.kernels.test_lora_kernels import SHAPES, Case, assert_close, lora_rows, make_case
+
+needs_native = pytest.mark.skipif(native_cpu.library() is None, reason="no C compiler to build the native kernel")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def pool_layout(case: Case, dtype: torch.dtype = torch.float32) -> Case:
+    """The case as the CPU slot pool serves it: float32 weights with b stored [slots, max_rank, N]
+    in memory, activations (x, y) in dtype."""
+    w = case.w
+    case.w = LoRAWeights(w.a, w.b.transpose(1, 2).contiguous().transpose(1, 2), w.slot_ranks, w.out_slices)
+    case.x, case.y = case.x.to(dtype), case.y.to(dtype)
+    return case
+
+
+def check_native(case: Case, dtype: torch.dtype) -> None:
+    y = case.y.clone()
+    assert native_cpu.lora_delta(case.x, case.w, case.batch, y)
+    assert y.dtype == dtype
+    assert_close(y, case.oracle_expand(case.oracle_v()), dtype)
+    rows = lora_rows(case)
+    assert torch.equal(y[~rows], case.y[~rows]), "rows without an adapter must stay bit-identical"
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", SHAPES)
+def test_native_matches_token_oracle(name, dtype):
+    check_native(pool_layout(make_case(name, torch.float32, device="cpu"), dtype), dtype)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16), num_tokens=st.integers(1, 70), in_features=st.sampled_from([8, 16, 33, 576]),
+    out_slices=st.sampled_from([(8,), (40, 16, 16), (72, 72), (33, 7)]), max_rank=st.sampled_from([1, 4, 16]),
+    num_slots=st.integers(1, 6), dtype=st.sampled_from(DTYPES), no_adapter=st.sampled_from([0.0, 0.3, 1.0]),
+    data=st.data(),
+)
+def test_native_matches_token_oracle_random(seed, num_tokens, in_features, out_slices, max_rank, num_slots, dtype, no_adapter, data):
+    ranks = data.draw(st.lists(st.integers(0, max_rank), min_size=num_slots, max_size=num_slots))
+    case = Case(seed, num_tokens, in_features, out_slices, ranks, max_rank, torch.float32, "cpu", no_adapter=no_adapter)
+    check_native(pool_layout(case, dtype), dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dispatcher_takes_the_native_kernel_for_the_pool_layout(dtype):
+    """lora_delta on CPU runs the C kernel for the pool's layout (same result as calling it),
+    and backend="torch" still forces the reference."""
+    case = pool_layout(make_case("qkv_gqa", torch.float32, device="cpu"), dtype)
+    y_native, y_dispatch, y_ref = case.y.clone(), case.y.clone(), case.y.clone()
+    native_cpu.lora_delta(case.x, case.w, case.batch, y_native)
+    lora_delta(case.x, case.w, case.batch, y_dispatch)
+    assert torch.equal(y_dispatch, y_native)
+    lora_delta(case.x, case.w, case.batch, y_ref, backend="torch")
+    expected = case.y.clone()
+    reference.lora_delta(case.x, case.w, case.batch, expected)
+    assert torch.equal(y_ref, expected)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["plain_b_layout", "float64_x", "strided_x", "x_requires_grad", "bfloat16_pool"],
+)
+def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
+    case = pool_layout(make_case("down", torch.float32, device="cpu"))
+    x, w = case.x, case.w
+    if change == "plain_b_layout":
+        w = make_case("down", torch.float32, device="cpu").w
+    elif change == "float64_x":
+        x = x.double()
+    elif change == "strided_x":
+        x = torch.cat([x, x], 1)[:, ::2]
+    elif change == "x_requires_grad":
+        x = x.clone().requires_grad_()
+    else:
+        w = LoRAWeights(w.a.bfloat16(), w.b.bfloat16(), w.slot_ranks, w.out_slices)
+    y = case.y.clone()
+    assert not native_cpu.lora_delta(x, w, case.batch, y)
+    assert torch.equal(y, case.y)
+
+
+def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path):
+    """A machine where the build fails (here: a compiler that always fails) serves through
+    the reference: library() is None and lora_delta still adds the right deltas."""
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    native_cpu.library.cache_clear()
+    try:
+        assert native_cpu.library() is None
+        case = pool_layout(make_case("qkv_gqa", torch.float32, device="cpu"))
+        y = case.y.clone()
+        lora_delta(case.x, case.w, case.batch, y)
+        assert_close(y, case.oracle_expand(case.oracle_v()), torch.float32)
+        assert not list(tmp_path.rglob("*.tmp")), "a failed build leaves no temporary file"
+    finally:
+        native_cpu.library.cache_clear()
+
+
+@needs_native
+def test_build_lands_whole_in_the_cache(monkeypatch, tmp_path):
+    """A fresh cache gets one complete library (built in a temp file, renamed) that loads."""
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    native_cpu.library.cache_clear()
+    try:
+        assert native_cpu.library() is not None
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+    finally:
+        native_cpu.library.cache_clear()
