@@ -13,11 +13,12 @@ needs_native = pytest.mark.skipif(native_cpu.library() is None, reason="no C com
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def pool_layout(case: Case, dtype: torch.dtype = torch.float32) -> Case:
-    """The case as the CPU slot pool serves it: float32 weights with b stored [slots, max_rank, N]
-    in memory, activations (x, y) in dtype."""
+def pool_layout(case: Case, dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype = torch.float32) -> Case:
+    """The case as the CPU slot pool serves it: weights in weight_dtype with b stored
+    [slots, max_rank, N] in memory, activations (x, y) in dtype."""
     w = case.w
-    case.w = LoRAWeights(w.a, w.b.transpose(1, 2).contiguous().transpose(1, 2), w.slot_ranks, w.out_slices)
+    a, b = w.a.to(weight_dtype), w.b.to(weight_dtype)
+    case.w = LoRAWeights(a, b.transpose(1, 2).contiguous().transpose(1, 2), w.slot_ranks, w.out_slices)
     case.x, case.y = case.x.to(dtype), case.y.to(dtype)
     return case
 
@@ -32,10 +33,11 @@ def check_native(case: Case, dtype: torch.dtype) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("weight_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", SHAPES)
-def test_native_matches_token_oracle(name, dtype):
-    check_native(pool_layout(make_case(name, torch.float32, device="cpu"), dtype), dtype)
+def test_native_matches_token_oracle(name, dtype, weight_dtype):
+    check_native(pool_layout(make_case(name, torch.float32, device="cpu"), dtype, weight_dtype), dtype)
 
 
 @needs_native
@@ -43,13 +45,15 @@ def test_native_matches_token_oracle(name, dtype):
 @given(
     seed=st.integers(0, 2**16), num_tokens=st.integers(1, 70), in_features=st.sampled_from([8, 16, 33, 576]),
     out_slices=st.sampled_from([(8,), (40, 16, 16), (72, 72), (33, 7)]), max_rank=st.sampled_from([1, 4, 16]),
-    num_slots=st.integers(1, 6), dtype=st.sampled_from(DTYPES), no_adapter=st.sampled_from([0.0, 0.3, 1.0]),
-    data=st.data(),
+    num_slots=st.integers(1, 6), dtype=st.sampled_from(DTYPES), weight_dtype=st.sampled_from(DTYPES),
+    no_adapter=st.sampled_from([0.0, 0.3, 1.0]), data=st.data(),
 )
-def test_native_matches_token_oracle_random(seed, num_tokens, in_features, out_slices, max_rank, num_slots, dtype, no_adapter, data):
+def test_native_matches_token_oracle_random(
+    seed, num_tokens, in_features, out_slices, max_rank, num_slots, dtype, weight_dtype, no_adapter, data
+):
     ranks = data.draw(st.lists(st.integers(0, max_rank), min_size=num_slots, max_size=num_slots))
     case = Case(seed, num_tokens, in_features, out_slices, ranks, max_rank, torch.float32, "cpu", no_adapter=no_adapter)
-    check_native(pool_layout(case, dtype), dtype)
+    check_native(pool_layout(case, dtype, weight_dtype), dtype)
 
 
 @needs_native
@@ -70,7 +74,7 @@ def test_dispatcher_takes_the_native_kernel_for_the_pool_layout(dtype):
 
 @pytest.mark.parametrize(
     "change",
-    ["plain_b_layout", "float64_x", "strided_x", "x_requires_grad", "bfloat16_pool"],
+    ["plain_b_layout", "float64_x", "strided_x", "x_requires_grad", "float16_pool", "mixed_pool_dtypes"],
 )
 def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
     case = pool_layout(make_case("down", torch.float32, device="cpu"))
@@ -83,8 +87,10 @@ def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
         x = torch.cat([x, x], 1)[:, ::2]
     elif change == "x_requires_grad":
         x = x.clone().requires_grad_()
-    else:
-        w = LoRAWeights(w.a.bfloat16(), w.b.bfloat16(), w.slot_ranks, w.out_slices)
+    elif change == "float16_pool":
+        w = LoRAWeights(w.a.half(), w.b.half(), w.slot_ranks, w.out_slices)
+    else:  # LoRAWeights refuses mixed dtypes; a pool mutated into them must not reach the kernel
+        w.b = w.b.bfloat16()
     y = case.y.clone()
     assert not native_cpu.lora_delta(x, w, case.batch, y)
     assert torch.equal(y, case.y)
@@ -118,3 +124,15 @@ def test_build_lands_whole_in_the_cache(monkeypatch, tmp_path):
         assert len(built) == 1 and built[0].suffix == ".so"
     finally:
         native_cpu.library.cache_clear()
+
+
+def test_slot_dtype_follows_the_kernel():
+    """CPU slots are bfloat16 for bfloat16 serving only where the C kernel reads them; float32
+    otherwise (the torch path's small matmuls are faster there); CUDA slots take the serving dtype."""
+    from tandem.server.adapters.slot_pool import slot_dtype
+
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native_cpu.library() is not None else torch.float32
+    assert slot_dtype(cpu, torch.bfloat16) == expected
+    assert slot_dtype(cpu, torch.float32) == torch.float32
+    assert slot_dtype(torch.device("cuda"), torch.float16) == torch.float16

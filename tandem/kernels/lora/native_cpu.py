@@ -94,18 +94,18 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.tandem_lora_sgmv
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    fn.argtypes = [p, i32, i64, p, i32, i64, p, p, p, i32, i32, p, p, p, p, i32, p]
+    fn.argtypes = [p, i32, i64, p, i32, i64, p, p, i32, p, i32, i32, p, p, p, p, i32, p]
     fn.restype = ctypes.c_int
     return lib
 
 
 def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """Whether the kernel can take this call: CPU tensors, x and y float32 or bfloat16 with
-    contiguous rows, a float32 pool whose b is stored transposed ([slots, max_rank, N] in
-    memory, as the CPU slot pool keeps it)."""
+    contiguous rows, a float32 or bfloat16 pool whose b is stored transposed ([slots,
+    max_rank, N] in memory, as the CPU slot pool keeps it)."""
     on_cpu = all(t.device.type == "cpu" for t in (x, y, w.a, w.slot_ranks, batch.sorted_tokens))
     return (
-        on_cpu and x.dtype in _DTYPES and y.dtype in _DTYPES and w.a.dtype == w.b.dtype == torch.float32
+        on_cpu and x.dtype in _DTYPES and y.dtype in _DTYPES and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
         and x.dim() == y.dim() == 2 and x.is_contiguous() and y.is_contiguous()
         and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
         and not (x.requires_grad or y.requires_grad)
@@ -125,7 +125,7 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     bt = w.b.transpose(1, 2)
     status = lib.tandem_lora_sgmv(
         x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], y.data_ptr(), y.dtype == torch.bfloat16, y.shape[1],
-        w.a.data_ptr(), bt.data_ptr(), w.slot_ranks.data_ptr(), w.num_slices, w.max_rank, w.slice_widths.data_ptr(),
+        w.a.data_ptr(), bt.data_ptr(), w.a.dtype == torch.bfloat16, w.slot_ranks.data_ptr(), w.num_slices, w.max_rank, w.slice_widths.data_ptr(),
         batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(), len(batch.segments),
         batch.sorted_tokens.data_ptr(),
     )

@@ -8,7 +8,8 @@
    the (segment, token block) items.
 
    Layouts: x [T, fin], y [T, N] (float32, or bfloat16 when *_bf16), rows contiguous;
-   a [slots, S*R, fin] float32; bt [slots, R, N] float32 (B transposed, so the expand is a
+   a [slots, S*R, fin] and bt [slots, R, N] float32, or both bfloat16 when w_bf16 (half the
+   bytes to stream; every product and sum is float32 either way) (bt: B transposed, so the expand is a
    run of contiguous axpys); ranks [slots]; segments (slot, start, len) over sorted, the
    token rows grouped by slot. Slice s of a slot uses rows s*R .. s*R+rank of a and columns
    sum(widths[:s]) .. + widths[s] of bt. Plain C with GCC vector types: no intrinsics, so
@@ -52,6 +53,14 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* Weights in either dtype, as float32. */
+static inline f32x16 load_w(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : load((const float *)p + i);
+}
+static inline float w_at(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 static inline float hsum(f32x16 v) { float s = 0.f; for (int i = 0; i < 16; i++) s += v[i]; return s; }
 
 /* Per-thread scratch: TB token rows of x in float32, then their v. */
@@ -84,19 +93,19 @@ static void gather(const void *x, int x_bf16, int64_t fin, const int64_t *toks, 
 }
 
 /* v[t, s*R + k] = x[t] . a_row(s, k) for the block's TB rows. */
-static void shrink(const float *xb, int64_t fin, const float *a_slot, int S, int R, int rank, float *v) {
+static void shrink(const float *xb, int64_t fin, const void *a, int64_t a_off, int w_bf16, int S, int R, int rank, float *v) {
     for (int s = 0; s < S; s++)
         for (int k = 0; k < rank; k++) {
-            const float *row = a_slot + ((int64_t)s * R + k) * fin;
+            int64_t row = a_off + ((int64_t)s * R + k) * fin;
             f32x16 acc[TB] = {{0}};
             int64_t i = 0;
             for (; i + 16 <= fin; i += 16) {
-                f32x16 r = load(row + i);
+                f32x16 r = load_w(a, row + i, w_bf16);
                 for (int t = 0; t < TB; t++) acc[t] += load(xb + (size_t)t * fin + i) * r;
             }
             for (int t = 0; t < TB; t++) {
                 float sum = hsum(acc[t]);
-                for (int64_t j = i; j < fin; j++) sum += xb[(size_t)t * fin + j] * row[j];
+                for (int64_t j = i; j < fin; j++) sum += xb[(size_t)t * fin + j] * w_at(a, row + j, w_bf16);
                 v[((size_t)t * S + s) * R + k] = sum;
             }
         }
@@ -115,7 +124,7 @@ static void add_row(void *y, int y_bf16, int64_t N, int64_t tok, int64_t col, co
 }
 
 /* y[tok, slice s] += v[t, s] @ bt_slot[:rank, slice s] for the block's nb real rows. */
-static void expand(const float *v, const float *bt_slot, int64_t N, int S, int R, int rank, const int32_t *widths,
+static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, int64_t N, int S, int R, int rank, const int32_t *widths,
                    const int64_t *toks, int nb, void *y, int y_bf16) {
     int64_t col0 = 0;
     for (int s = 0; s < S; s++) {
@@ -125,8 +134,8 @@ static void expand(const float *v, const float *bt_slot, int64_t N, int S, int R
             float out[TB][NB];
             if (n0 + NB <= w) {
                 for (int k = 0; k < rank; k++) {
-                    const float *br = bt_slot + (int64_t)k * N + col0 + n0;
-                    f32x16 b0 = load(br), b1 = load(br + 16);
+                    int64_t br = bt_off + (int64_t)k * N + col0 + n0;
+                    f32x16 b0 = load_w(bt, br, w_bf16), b1 = load_w(bt, br + 16, w_bf16);
                     for (int t = 0; t < TB; t++) {
                         float c = v[((size_t)t * S + s) * R + k];
                         lo[t] += c * b0;
@@ -138,7 +147,7 @@ static void expand(const float *v, const float *bt_slot, int64_t N, int S, int R
                 for (int t = 0; t < nb; t++)
                     for (int j = 0; j < w - n0; j++) {
                         float sum = 0.f;
-                        for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * bt_slot[(int64_t)k * N + col0 + n0 + j];
+                        for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * w_at(bt, bt_off + (int64_t)k * N + col0 + n0 + j, w_bf16);
                         out[t][j] = sum;
                     }
             }
@@ -152,7 +161,7 @@ static void expand(const float *v, const float *bt_slot, int64_t N, int S, int R
 /* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
    only if a thread failed mid-way, which the caller treats as fatal). */
 int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
-                     const float *a, const float *bt, const int32_t *ranks, int32_t S, int32_t R,
+                     const void *a, const void *bt, int w_bf16, const int32_t *ranks, int32_t S, int32_t R,
                      const int32_t *widths, const int32_t *seg_slot, const int32_t *seg_start,
                      const int32_t *seg_len, int32_t nseg, const int64_t *sorted) {
     int nitems = 0;
@@ -175,8 +184,8 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
         if (!xb) { failed = 1; continue; }
         float *v = xb + (size_t)TB * fin;
         gather(x, x_bf16, fin, toks, nb, xb);
-        shrink(xb, fin, a + (int64_t)slot * S * R * fin, S, R, rank, v);
-        expand(v, bt + (int64_t)slot * R * N, N, S, R, rank, widths, toks, nb, y, y_bf16);
+        shrink(xb, fin, a, (int64_t)slot * S * R * fin, w_bf16, S, R, rank, v);
+        expand(v, bt, (int64_t)slot * R * N, w_bf16, N, S, R, rank, widths, toks, nb, y, y_bf16);
     }
     free(items);
     return failed ? -1 : 0;

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.kernels.lora import LoRAWeights
+from tandem.kernels.lora import LoRAWeights, native_cpu
 from tandem.server.adapters.compeft_format import dense_slices
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
@@ -205,6 +205,17 @@ class SlotPool:
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1
         self.load_seconds += time.perf_counter() - start
+
+
+def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
+    """The slots' dtype: the serving dtype on CUDA. On CPU bfloat16 when serving in bfloat16
+    with the C kernel built (it reads slots at half float32's bytes and computes in float32),
+    else float32 (torch's small LoRA matmuls run faster in float32 than in bf16 on CPU)."""
+    if device.type != "cpu":
+        return serving_dtype
+    if serving_dtype == torch.bfloat16 and native_cpu.library() is not None:
+        return torch.bfloat16
+    return torch.float32
 
 
 def _b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.registry import AdapterRegistry
-from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.adapters.slot_pool import SlotPool, slot_dtype
 from tandem.server.config import EngineConfig
 from tandem.server.engine.coserve import CoServer, prior_costs
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
@@ -83,8 +83,7 @@ class Engine:
         """The adapter tiers, when the server has an adapters directory."""
         if config.adapters_dir is None:
             return None
-        # Small LoRA matmuls run faster in float32 than in bf16 on CPU, so CPU slots are float32.
-        dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        dtype = slot_dtype(self.device, self.dtype)
         per_slot = SlotPool.slot_bytes(model, config.max_lora_rank, dtype)
         num_slots = min(config.max_loras, config.lora_pool_bytes // per_slot)
         if num_slots < 1:
