@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lora_kernels import copy_bandwidth, timeit  # noqa: E402
-from bench.report import machine_info, write_result  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.server.adapters.slot_pool import SlotPool  # noqa: E402
 from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
@@ -159,7 +159,7 @@ def engine_run(
 ) -> dict:
     """A fresh engine; CONCURRENCY requests in flight until every prompt has run."""
     engine = Engine(loaded, engine_config(adapters_dir))
-    # An adapter's bytes in a slot (read as float32; slots are float32 on CPU, the serving dtype on CUDA).
+    # An adapter's bytes in a slot (read as float32; slots hold the pool's dtype, slot_pool.slot_dtype).
     pool_itemsize = 0 if engine.registry is None else engine.registry.pool.dtype.itemsize
     params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
     get_s = step_s = 0.0
@@ -436,13 +436,15 @@ def main() -> None:
             f"lora_share: the served LoRA calls' share of step time under torch's profiler, {PROFILED_STEPS} steps of a "
             "full decode batch with the run's first 32 adapters (a separate untimed engine); ops_per_lora_call: the "
             "top-level torch ops each call dispatches.",
-            "Slots are float32 on CPU by the engine's design (small LoRA matmuls are faster in float32 there), the serving "
-            "dtype on CUDA; the peft model is entirely in the serving dtype, adapters included.",
+            "Slots hold slot_pool.slot_dtype: the serving dtype on CUDA; on CPU bfloat16 for bfloat16 serving where the C "
+            "kernel is built (kernels/lora/native_cpu.py), else float32 (slot_dtype in each run); the peft model is "
+            "entirely in the serving dtype, adapters included.",
         ],
         "adapter_creation": made, "baselines": baselines, "runs": results, "peft": peft, "goals": goals,
     }
     model = "" if args.model == "smollm2" else f"_{args.model}"
-    write_result(f"lora_serving_{device.type}{model}_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
+    where = f"cpu_{cpu_kind()}" if device.type == "cpu" else device.type
+    write_result(f"lora_serving_{where}{model}_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

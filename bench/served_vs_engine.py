@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import serve_process  # noqa: E402
-from bench.report import machine_info, write_result  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.client import AsyncTandemClient  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
     for side in ("engine", "served"):
         print(f"{side:7} {s[side]['tokens_per_s']:9.1f} {s[side]['spread']:7.2f}")
     print(f"served / engine {s['served_over_engine']:.3f}: goal {'met' if s['goal_met'] else 'NOT met'}")
-    write_result("served_vs_engine" + ("_quick" if args.quick else ""), result)
+    write_result(f"served_vs_engine_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 
 
 if __name__ == "__main__":
