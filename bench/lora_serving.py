@@ -7,14 +7,15 @@ adapter from 1, 8, 64, 512 or 2048 distinct adapters, uniformly or with Zipf (al
 popularity; one more run uses 8 adapters on q_proj and v_proj only (PEFT's default targets).
 Every run gets a fresh engine (cold host cache and slot pool), so adapter reads
 (disk -> host: hash, parse, regroup) and slot loads (host -> slot copy) are inside the
-timed run and reported apart. Baseline runs (the same engine, no adapters) are interleaved,
-and each run is compared with the mean of the baselines just before and after it, so drift
-of a shared machine hits both sides alike. `peft` runs the 8-adapter case as mixed-adapter
+timed run and reported apart. Each run is paired with a baseline (a fresh engine without
+adapters, the same requests) in lock step: one step of each in turn, each side timed over
+its own steps (plus the adapter side's reads), so the drift of a shared machine, which moved
+back-to-back runs 10-15% apart here, hits both sides alike. `peft` runs the 8-adapter case as mixed-adapter
 batched `generate` (one adapter name per row), in the serving dtype, between two Tandem runs
 of the same requests.
 
 Beside each ratio: the floor this machine allows for that run (measured in the same run): the
-interleaved baselines' time, plus the adapter bytes the run streams (each decode or prefill
+paired baseline's time, plus the adapter bytes the run streams (each decode or prefill
 step reads every adapter in its batch once, and each slot load copies one) over a large copy's
 bandwidth, plus the LoRA FLOPs over a large GEMM's rate in the slots' dtype. And the share of
 step time spent in the served LoRA calls, from torch's profiler over a few steps of a full batch
@@ -153,63 +154,104 @@ def engine_config(adapters_dir: Path | None) -> EngineConfig:
     )
 
 
+class Workload:
+    """A fresh engine working through the prompts, CONCURRENCY requests in flight, one step
+    per call of step(), so that two workloads can alternate steps (paired_run)."""
+
+    def __init__(
+        self, loaded: LoadedModel, prompts: list[list[int]], out_len: int, adapters_dir: Path | None = None,
+        choice: list[int] | None = None, naming=adapter_name,
+    ):
+        self.engine = Engine(loaded, engine_config(adapters_dir))
+        # An adapter's bytes in a slot (read as float32; slots hold the pool's dtype, slot_pool.slot_dtype).
+        self.pool_itemsize = 0 if self.engine.registry is None else self.engine.registry.pool.dtype.itemsize
+        self.prompts, self.out_len, self.choice, self.naming = prompts, out_len, choice, naming
+        self.params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
+        self.get_s = self.step_s = 0.0
+        self.nxt = self.generated = self.steps = self.lora_flops = self.streamed = 0
+        self.distinct_per_step: list[int] = []
+        self.adapter_bytes: list[int] = []
+        while self.nxt < min(CONCURRENCY, len(prompts)):
+            self._submit()
+
+    def _submit(self) -> None:
+        adapter = None
+        if self.choice is not None:
+            t = time.perf_counter()
+            adapter = self.engine.registry.get(self.naming(self.choice[self.nxt]))
+            self.get_s += time.perf_counter() - t
+            self.adapter_bytes.append(adapter.nbytes // 4 * self.pool_itemsize)
+            # 2 FLOPs per adapter parameter per token through the model (the last one sampled is not).
+            self.lora_flops += 2 * (adapter.nbytes // 4) * (len(self.prompts[self.nxt]) + self.out_len - 1)
+        self.engine.add_request(str(self.nxt), self.prompts[self.nxt], self.params, adapter)
+        self.nxt += 1
+
+    def step(self) -> bool:
+        """One engine step (and the submissions it makes room for); False once all is done."""
+        engine = self.engine
+        if not engine.has_work():
+            return False
+        in_step = {seq.slot: seq.adapter.nbytes // 4 * self.pool_itemsize for seq in engine.scheduler.running if seq.slot is not None}
+        self.distinct_per_step.append(len(in_step))
+        self.streamed += sum(in_step.values())
+        t = time.perf_counter()
+        outs = engine.step()
+        self.step_s += time.perf_counter() - t
+        self.steps += 1
+        for o in outs:
+            self.generated += len(o.token_ids)
+            if o.finished and self.nxt < len(self.prompts):
+                self._submit()
+        return True
+
+    def result(self, wall: float) -> dict:
+        assert self.generated == len(self.prompts) * self.out_len, (self.generated, len(self.prompts) * self.out_len)
+        generated, engine = self.generated, self.engine
+        result = {"tok_s": generated / wall, "wall_s": wall, "step_s": self.step_s, "get_s": self.get_s, "steps": self.steps,
+                  "generated": generated}
+        if engine.registry is not None:
+            s = engine.registry.slot_stats()
+            result.update(
+                distinct=len(set(self.choice)), mean_adapters_per_step=statistics.mean(self.distinct_per_step),
+                adapter_bytes=statistics.mean(self.adapter_bytes), slot_itemsize=self.pool_itemsize,
+                slot_dtype=str(engine.registry.pool.dtype).removeprefix("torch."), lora_flops=self.lora_flops,
+                adapter_bytes_streamed=self.streamed, slot_loads=s.loads, slot_evictions=s.evictions,
+                slot_load_s=s.load_seconds_total, host_evictions=s.host_evictions, tok_s_without_reads=generated / (wall - self.get_s),
+            )
+        return result
+
+
 def engine_run(
     loaded: LoadedModel, prompts: list[list[int]], out_len: int, adapters_dir: Path | None = None,
     choice: list[int] | None = None, naming=adapter_name,
 ) -> dict:
     """A fresh engine; CONCURRENCY requests in flight until every prompt has run."""
-    engine = Engine(loaded, engine_config(adapters_dir))
-    # An adapter's bytes in a slot (read as float32; slots hold the pool's dtype, slot_pool.slot_dtype).
-    pool_itemsize = 0 if engine.registry is None else engine.registry.pool.dtype.itemsize
-    params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
-    get_s = step_s = 0.0
-    nxt = generated = steps = lora_flops = streamed = 0
-    distinct_per_step = []
-    adapter_bytes = []
-
-    def submit() -> None:
-        nonlocal nxt, get_s, lora_flops
-        adapter = None
-        if choice is not None:
-            t = time.perf_counter()
-            adapter = engine.registry.get(naming(choice[nxt]))
-            get_s += time.perf_counter() - t
-            adapter_bytes.append(adapter.nbytes // 4 * pool_itemsize)
-            # 2 FLOPs per adapter parameter per token through the model (the last one sampled is not).
-            lora_flops += 2 * (adapter.nbytes // 4) * (len(prompts[nxt]) + out_len - 1)
-        engine.add_request(str(nxt), prompts[nxt], params, adapter)
-        nxt += 1
-
     gc.collect()
     start = time.perf_counter()
-    while nxt < min(CONCURRENCY, len(prompts)):
-        submit()
-    while engine.has_work():
-        in_step = {seq.slot: seq.adapter.nbytes // 4 * pool_itemsize for seq in engine.scheduler.running if seq.slot is not None}
-        distinct_per_step.append(len(in_step))
-        streamed += sum(in_step.values())
-        t = time.perf_counter()
-        outs = engine.step()
-        step_s += time.perf_counter() - t
-        steps += 1
-        for o in outs:
-            generated += len(o.token_ids)
-            if o.finished and nxt < len(prompts):
-                submit()
-    wall = time.perf_counter() - start
-    assert generated == len(prompts) * out_len, (generated, len(prompts) * out_len)
-    result = {"tok_s": generated / wall, "wall_s": wall, "step_s": step_s, "get_s": get_s, "steps": steps, "generated": generated}
-    if engine.registry is not None:
-        s = engine.registry.slot_stats()
-        result.update(
-            distinct=len(set(choice)), mean_adapters_per_step=statistics.mean(distinct_per_step),
-            adapter_bytes=statistics.mean(adapter_bytes), slot_itemsize=pool_itemsize, slot_dtype=str(engine.registry.pool.dtype).removeprefix("torch."),
-            lora_flops=lora_flops, adapter_bytes_streamed=streamed, slot_loads=s.loads, slot_evictions=s.evictions, slot_load_s=s.load_seconds_total,
-            host_evictions=s.host_evictions, tok_s_without_reads=generated / (wall - get_s),
-        )
-    del engine
+    work = Workload(loaded, prompts, out_len, adapters_dir, choice, naming)
+    while work.step():
+        pass
+    result = work.result(time.perf_counter() - start)
+    del work
     gc.collect()
     return result
+
+
+def paired_run(
+    loaded: LoadedModel, prompts: list[list[int]], out_len: int, adapters_dir: Path, choice: list[int], naming
+) -> tuple[dict, dict]:
+    """The adapter workload and the same workload without adapters, in lock step: one step of
+    each in turn, so a shared machine's drift falls on both alike. Each side's time is its own
+    steps (plus, for the adapter side, its adapter reads): (adapters, baseline)."""
+    gc.collect()
+    base = Workload(loaded, prompts, out_len)
+    lora = Workload(loaded, prompts, out_len, adapters_dir, choice, naming)
+    while lora.step() | base.step():
+        pass
+    results = lora.result(lora.step_s + lora.get_s), base.result(base.step_s)
+    del base, lora
+    gc.collect()
+    return results
 
 
 def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path, choice: list[int], naming) -> dict:
@@ -353,22 +395,19 @@ def main() -> None:
             peft_run(pm, warm, peft_names[: len(warm)], 4, pad)
         rates = [machine_rates(device, slot_dtype)]
 
-        baselines = [engine_run(loaded, prompts, OUT_LEN)]
-        print(f"baseline (no adapters)          {baselines[-1]['tok_s']:7.1f} tok/s", flush=True)
         results = []
         base_bytes = sizes(loaded, dtype)["base_bytes"]
         for n, pop, targets in runs:
             choice = draw(n, pop, n_req, seed=1000 + n + (0 if pop == "uniform" else 1))
             naming = adapter_name if targets == "all" else qv_name
-            r = {"adapters": n, "popularity": pop, "targets": targets, **engine_run(loaded, prompts, OUT_LEN, adapters_dir, choice, naming)}
-            baselines.append(engine_run(loaded, prompts, OUT_LEN))
-            base = statistics.mean(b["tok_s"] for b in baselines[-2:])
-            r["baseline_tok_s"] = base
-            r["ratio"] = r["tok_s"] / base
-            r["ratio_without_reads"] = r["tok_s_without_reads"] / base
+            ours, base = paired_run(loaded, prompts, OUT_LEN, adapters_dir, choice, naming)
+            r = {"adapters": n, "popularity": pop, "targets": targets, **ours, "baseline": base}
+            r["baseline_tok_s"] = base["tok_s"]
+            r["ratio"] = r["tok_s"] / base["tok_s"]
+            r["ratio_without_reads"] = r["tok_s_without_reads"] / base["tok_s"]
             # What a step streams besides the base weights: each adapter in the batch once, as the pool holds it.
             r["adapter_bytes_per_step_vs_base"] = r["mean_adapters_per_step"] * r["adapter_bytes"] / base_bytes
-            r["floor_ratio"] = floor_ratio(r, statistics.mean(b["wall_s"] for b in baselines[-2:]), rates[0])
+            r["floor_ratio"] = floor_ratio(r, base["step_s"], rates[0])
             r.update(lora_share(loaded, prompts, adapters_dir, choice, naming))
             results.append(r)
             print(
@@ -379,7 +418,7 @@ def main() -> None:
                 f"LoRA {100 * r['lora_share']:4.1f}% of a step ({r['lora_calls_per_step']:.0f} calls x {r['ops_per_lora_call']:.1f} ops)  "
                 f"reads {r['get_s']:5.2f}s  "
                 f"slot loads {r['slot_loads']:4d} evictions {r['slot_evictions']:4d} {r['slot_load_s']:5.2f}s  "
-                f"host evictions {r['host_evictions']:4d}  wall {r['wall_s']:5.1f}s  [next baseline {baselines[-1]['tok_s']:.1f}]",
+                f"host evictions {r['host_evictions']:4d}  steps {r['step_s']:5.1f}s  [paired baseline {base['tok_s']:.1f} tok/s]",
                 flush=True,
             )
         peft = None
@@ -424,12 +463,14 @@ def main() -> None:
             "Closed loop: 32 requests in flight; each finished request is replaced by the next until requests_per_run have run. "
             "Each run uses a fresh engine (cold host cache and slot pool); tok_s includes adapter reads (registry.get) and "
             "slot loads; tok_s_without_reads leaves out registry.get.",
-            "ratio: against the mean of the baseline runs just before and after (interleaved against machine drift).",
+            "ratio: tok_s over the paired baseline's (a fresh engine without adapters on the same requests, stepped in "
+            "lock step with the run: one step of each in turn). In a paired run tok_s = generated / (own step time + "
+            "adapter reads), wall_s is that sum, and the baseline's is generated / its own step time.",
             "adapter_bytes_per_step_vs_base: mean distinct adapters in the running batch x one adapter's bytes in a slot "
             "(slot_dtype), over the base model's bytes in the serving dtype: what each decode step streams for LoRA besides "
             "the base weights. A rank-16 all-linear adapter is ~0.6% of a 7B model's bytes; here it is 3.6% (in float32).",
             "targets 'qv': 8 adapters on q_proj and v_proj only (PEFT's default), rank 16.",
-            "floor_ratio: baseline wall / (baseline wall + (adapter_bytes_streamed + 2 x slot_loads x adapter_bytes) / "
+            "floor_ratio: baseline steps' time / (that + (adapter_bytes_streamed + 2 x slot_loads x adapter_bytes) / "
             "copy bandwidth + lora_flops / GEMM rate), with machine_rates[0] (measured after the warm-up; [1] at the end, "
             "for drift). adapter_bytes_streamed: every step's distinct adapters' bytes as the slots hold them; lora_flops: "
             "2 per adapter parameter per token through the model. Adapter reads (disk -> host) are not in the floor.",
@@ -440,7 +481,7 @@ def main() -> None:
             "kernel is built (kernels/lora/native_cpu.py), else float32 (slot_dtype in each run); the peft model is "
             "entirely in the serving dtype, adapters included.",
         ],
-        "adapter_creation": made, "baselines": baselines, "runs": results, "peft": peft, "goals": goals,
+        "adapter_creation": made, "runs": results, "peft": peft, "goals": goals,
     }
     model = "" if args.model == "smollm2" else f"_{args.model}"
     where = f"cpu_{cpu_kind()}" if device.type == "cpu" else device.type
@@ -454,7 +495,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    base = statistics.mean(x["tok_s"] for x in result["baselines"])
+    base = statistics.mean(r["baseline_tok_s"] for r in result["runs"])
     runs = [r for r in result["runs"] if r["targets"] == "all"]
     for pop, marker in (("uniform", "o"), ("zipf", "s")):
         rs = [r for r in runs if r["popularity"] == pop or r["adapters"] == 1]
@@ -487,7 +528,7 @@ def plot(result: dict, path: Path) -> None:
     b.set_xlabel("distinct adapters")
     b.set_ylabel("throughput / no-adapter baseline")
     b.set_ylim(0, 1.2)
-    b.set_title("ratio to the interleaved baseline", fontsize=9)
+    b.set_title("ratio to the paired baseline (steps alternating)", fontsize=9)
     b.legend(fontsize=8)
     counts = sorted({r["adapters"] for r in result["runs"]})
     for ax in (a, b):
