@@ -57,6 +57,19 @@ def test_native_matches_token_oracle_random(
 
 
 @needs_native
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_rows", [0, 3, 40])
+def test_long_segments_go_to_torch_and_still_match(monkeypatch, max_rows, dtype, weight_dtype):
+    """Segments past MAX_SEGMENT_ROWS (prefill chunks) run through the torch reference, the
+    rest through the kernel, in one call: the sum is still the oracle's."""
+    monkeypatch.setattr(native_cpu, "MAX_SEGMENT_ROWS", max_rows)
+    case = Case(3, 120, 48, (40, 24, 24), [16, 5, 0, 9], 16, torch.float32, "cpu",
+                slots=[0] * 50 + [1] * 30 + [-1] * 10 + [2] * 5 + [3] * 20 + [1] * 5)
+    check_native(pool_layout(case, dtype, weight_dtype), dtype)
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dispatcher_takes_the_native_kernel_for_the_pool_layout(dtype):
     """lora_delta on CPU runs the C kernel for the pool's layout (same result as calling it),

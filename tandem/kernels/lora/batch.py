@@ -79,7 +79,7 @@ class CPUPlan:
                     for r, segs in classes.items()
                     if len(segs) > 1
                 ),
-                tuple(_loose(segs[0], self.host_tokens, self.device) for segs in classes.values() if len(segs) == 1),
+                tuple(loose_segment(segs[0], self.host_tokens, self.device) for segs in classes.values() if len(segs) == 1),
             )
         return self._by_rank[key]
 
@@ -270,7 +270,7 @@ def _cpu_plan(segments: tuple[Segment, ...], sorted_tokens: Tensor, device: torc
     in_grids = {seg for run in runs for seg in run}
     return CPUPlan(
         tuple(_grid(tuple(run), sorted_tokens, length, device) for run in runs),
-        tuple(_loose(seg, sorted_tokens, device) for seg in segments if seg not in in_grids),
+        tuple(loose_segment(seg, sorted_tokens, device) for seg in segments if seg not in in_grids),
         sorted_tokens,
         device,
     )
@@ -288,7 +288,7 @@ def _runs(short: list[Segment], length: int) -> list[list[Segment]]:
     return [run for run in runs if len(run) > 1]
 
 
-def _loose(segment: Segment, sorted_tokens: Tensor, device: torch.device) -> Loose:
+def loose_segment(segment: Segment, sorted_tokens: Tensor, device: torch.device) -> Loose:
     """A segment to compute on its own; sorted_tokens on the host, the result on device."""
     tokens = sorted_tokens[segment.start : segment.start + segment.length]
     contiguous = bool(torch.all(tokens.diff() == 1))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import reference
 from .batch import LoRABatch, LoRAWeights
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("sgmv_cpu.c")
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 _DTYPES = (torch.float32, torch.bfloat16)
+# Segments longer than this go to torch, whose GEMMs (oneDNN, MKL) win on long ones: over one
+# SmolLM2 layer's four calls (2 cores, bf16) the kernel took 0.83x torch's time at 256 rows
+# of one adapter and 1.07x at 384 (a 512-row prefill chunk: 1.2x); 0.3-0.7x up to 128 rows.
+MAX_SEGMENT_ROWS = 320
 
 
 def cache_dir() -> Path:
@@ -94,7 +99,7 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = lib.tandem_lora_sgmv
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    fn.argtypes = [p, i32, i64, p, i32, i64, p, p, i32, p, i32, i32, p, p, p, p, i32, p]
+    fn.argtypes = [p, i32, i64, p, i32, i64, p, p, i32, p, i32, i32, p, p, p, p, i32, p, i32]
     fn.restype = ctypes.c_int
     return lib
 
@@ -114,7 +119,8 @@ def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """y += LoRA(x) for every token with an adapter, in place, if the kernel applies (see
-    applies) and is built; False, with y untouched, otherwise."""
+    applies) and is built (segments past MAX_SEGMENT_ROWS through the torch reference);
+    False, with y untouched, otherwise."""
     if not applies(x, w, batch, y):
         return False
     lib = library()
@@ -127,8 +133,11 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
         x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], y.data_ptr(), y.dtype == torch.bfloat16, y.shape[1],
         w.a.data_ptr(), bt.data_ptr(), w.a.dtype == torch.bfloat16, w.slot_ranks.data_ptr(), w.num_slices, w.max_rank, w.slice_widths.data_ptr(),
         batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(), len(batch.segments),
-        batch.sorted_tokens.data_ptr(),
+        batch.sorted_tokens.data_ptr(), MAX_SEGMENT_ROWS,
     )
     if status != 0:
         raise MemoryError("the native LoRA kernel could not allocate its scratch memory")
+    for segment in batch.segments:
+        if segment.length > MAX_SEGMENT_ROWS:
+            reference.add_segment(x, w, batch, segment, y)
     return True

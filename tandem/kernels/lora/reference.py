@@ -21,7 +21,7 @@ pool's weights converted per call: there float32 costs 3x more (see _matmul_dtyp
 import torch
 from torch import Tensor
 
-from .batch import Grid, LoRABatch, LoRAPairs, LoRAWeights, Loose
+from .batch import Grid, LoRABatch, LoRAPairs, LoRAWeights, Loose, Segment, loose_segment
 
 # When to multiply in the activations' half precision instead of float32 (measured on
 # SmolLM2 shapes, two threads): with a half-precision pool past 32 rows; with a float32 pool,
@@ -176,6 +176,13 @@ def _delta_loose(x: Tensor, w: LoRAWeights, item: Loose, y: Tensor) -> None:
         y.index_add_(0, item.tokens, delta.to(y.dtype))
     else:
         y[first : first + seg.length] += delta
+
+
+def add_segment(x: Tensor, w: LoRAWeights, batch: LoRABatch, segment: Segment, y: Tensor) -> None:
+    """y[tokens of one segment] += its LoRA delta: one shrink and one expand (the segments a
+    caller leaves to torch, e.g. native_cpu's long ones)."""
+    if w.host_ranks[segment.slot]:
+        _delta_loose(x, w, loose_segment(segment, batch.sorted_tokens, batch.sorted_tokens.device), y)
 
 
 def _delta_grid(x: Tensor, w: LoRAWeights, grid: Grid, rank: int, cdt: torch.dtype) -> Tensor:

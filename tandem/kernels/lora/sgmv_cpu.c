@@ -174,20 +174,21 @@ static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, i
     }
 }
 
-/* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
+/* Segments longer than max_len are left to the caller (a GEMM library does them faster).
+   Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
    only if a thread failed mid-way, which the caller treats as fatal). */
 int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
                      const void *a, const void *bt, int w_bf16, const int32_t *ranks, int32_t S, int32_t R,
                      const int32_t *widths, const int32_t *seg_slot, const int32_t *seg_start,
-                     const int32_t *seg_len, int32_t nseg, const int64_t *sorted) {
+                     const int32_t *seg_len, int32_t nseg, const int64_t *sorted, int32_t max_len) {
     int nitems = 0;
     for (int g = 0; g < nseg; g++)
-        if (ranks[seg_slot[g]]) nitems += (seg_len[g] + TB - 1) / TB;
+        if (ranks[seg_slot[g]] && seg_len[g] <= max_len) nitems += (seg_len[g] + TB - 1) / TB;
     int32_t *items = malloc(sizeof(int32_t) * 2 * (size_t)(nitems + 1));
     if (!items) return -1;
     int n = 0;
     for (int g = 0; g < nseg; g++)
-        if (ranks[seg_slot[g]])
+        if (ranks[seg_slot[g]] && seg_len[g] <= max_len)
             for (int t0 = 0; t0 < seg_len[g]; t0 += TB) { items[2 * n] = g; items[2 * n + 1] = t0; n++; }
     int failed = 0;
 #pragma omp parallel for schedule(static) if (nitems > 1)
