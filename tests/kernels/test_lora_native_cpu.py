@@ -149,3 +149,16 @@ def test_slot_dtype_follows_the_kernel():
     assert slot_dtype(cpu, torch.bfloat16) == expected
     assert slot_dtype(cpu, torch.float32) == torch.float32
     assert slot_dtype(torch.device("cuda"), torch.float16) == torch.float16
+
+
+@needs_native
+def test_a_pool_whose_tensors_change_is_checked_again():
+    """The kernel keeps a pool's arguments between calls; a pool given another b (here in the
+    plain layout the kernel cannot read) must be declined, not read through stale pointers."""
+    case = pool_layout(make_case("down", torch.float32, device="cpu"))
+    y = case.y.clone()
+    assert native_cpu.lora_delta(case.x, case.w, case.batch, y)
+    case.w.b = case.w.b.contiguous()
+    y = case.y.clone()
+    assert not native_cpu.lora_delta(case.x, case.w, case.batch, y)
+    assert torch.equal(y, case.y)

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -108,32 +109,78 @@ def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """Whether the kernel can take this call: CPU tensors, x and y float32 or bfloat16 with
     contiguous rows, a float32 or bfloat16 pool whose b is stored transposed ([slots,
     max_rank, N] in memory, as the CPU slot pool keeps it)."""
-    on_cpu = all(t.device.type == "cpu" for t in (x, y, w.a, w.slot_ranks, batch.sorted_tokens))
+    return _activations_fit(x, y) and _pool_args(w) is not None and _batch_args(batch) is not None
+
+
+def _activations_fit(x: Tensor, y: Tensor) -> bool:
     return (
-        on_cpu and x.dtype in _DTYPES and y.dtype in _DTYPES and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
+        x.device.type == y.device.type == "cpu" and x.dtype in _DTYPES and y.dtype in _DTYPES
         and x.dim() == y.dim() == 2 and x.is_contiguous() and y.is_contiguous()
-        and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
         and not (x.requires_grad or y.requires_grad)
     )
+
+
+# The kernel's arguments for a pool, worked out once per LoRAWeights (its tensors stay put:
+# slots are written in place) and dropped with it; None where the kernel cannot take it.
+# Keyed by id, checked against the tensors it was made from (a field may be replaced).
+_pools: dict[int, tuple[tuple, tuple | None]] = {}
+
+
+def _pool_args(w: LoRAWeights) -> tuple | None:
+    tensors = (w.a, w.b, w.slot_ranks, w.slice_widths)
+    entry = _pools.get(id(w))
+    if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
+        return entry[1]
+    fits = (
+        all(t.device.type == "cpu" for t in tensors) and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
+        and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
+    )
+    p = ctypes.c_void_p
+    args = (
+        p(w.a.data_ptr()), p(w.b.data_ptr()), w.a.dtype == torch.bfloat16, p(w.slot_ranks.data_ptr()),
+        w.num_slices, w.max_rank, p(w.slice_widths.data_ptr()),
+    ) if fits else None
+    if entry is None:
+        weakref.finalize(w, _pools.pop, id(w), None)
+    _pools[id(w)] = (tuple(weakref.ref(t) for t in tensors), args)
+    return args
+
+
+# The last step's batch arguments: a step's ~120 calls share one LoRABatch.
+_last_batch: tuple = (lambda: None, None)
+
+
+def _batch_args(batch: LoRABatch) -> tuple | None:
+    global _last_batch
+    ref, args = _last_batch
+    if ref() is batch:
+        return args
+    p = ctypes.c_void_p
+    args = (
+        p(batch.seg_slots.data_ptr()), p(batch.seg_starts.data_ptr()), p(batch.seg_lens.data_ptr()), len(batch.segments),
+        p(batch.sorted_tokens.data_ptr()),
+    ) if batch.sorted_tokens.device.type == "cpu" else None
+    _last_batch = (weakref.ref(batch), args)
+    return args
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """y += LoRA(x) for every token with an adapter, in place, if the kernel applies (see
     applies) and is built (segments past MAX_SEGMENT_ROWS through the torch reference);
     False, with y untouched, otherwise."""
-    if not applies(x, w, batch, y):
+    if not _activations_fit(x, y):
+        return False
+    pool, step = _pool_args(w), _batch_args(batch)
+    if pool is None or step is None:
         return False
     lib = library()
     if lib is None:
         return False
     if batch.num_lora_tokens == 0:
         return True
-    bt = w.b.transpose(1, 2)
     status = lib.tandem_lora_sgmv(
         x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], y.data_ptr(), y.dtype == torch.bfloat16, y.shape[1],
-        w.a.data_ptr(), bt.data_ptr(), w.a.dtype == torch.bfloat16, w.slot_ranks.data_ptr(), w.num_slices, w.max_rank, w.slice_widths.data_ptr(),
-        batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(), len(batch.segments),
-        batch.sorted_tokens.data_ptr(), MAX_SEGMENT_ROWS,
+        *pool, *step, MAX_SEGMENT_ROWS,
     )
     if status != 0:
         raise MemoryError("the native LoRA kernel could not allocate its scratch memory")
