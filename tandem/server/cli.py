@@ -21,6 +21,16 @@ def port_or_off(text: str) -> int | None:
     return None if text.strip().lower() == "off" else int(text)
 
 
+def boolean(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0, in any case."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(text)
+
+
 # (flag, type, help); the default comes from the config dataclass, the env twin from the flag.
 ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--model", str, "Hugging Face model directory or .gguf file; unset = the embedded SmolLM2-135M-Instruct"),
@@ -38,6 +48,7 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-loras", int, "device adapter slots: distinct adapters in one iteration"),
     ("--lora-pool-bytes", int, "memory cap for the device adapter slots (may lower --max-loras)"),
     ("--adapter-cache-bytes", int, "host memory for parsed adapters, LRU; in-use adapters are pinned"),
+    ("--adapter-cache-prefault", boolean, "touch the adapter cache's whole budget at start (true), so reads while serving fault no pages; false grows it on demand"),
     ("--adapter-refresh-seconds", float, "how often a cached adapter's files are checked for a new version (shared adapters directory); 0 = every request"),
     ("--data-dir", str, "fine-tuning: training files and job state (needs --adapters-dir); unset = no fine-tuning"),
     ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),

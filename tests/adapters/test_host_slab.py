@@ -128,8 +128,9 @@ def test_a_file_overwritten_before_its_bytes_are_read_is_read_whole_and_hashed_a
     assert torch.equal(adapter.groups[q].slices[0][0], b.groups[q].slices[0][0])
 
 
-def registry_of(root: Path, base, host_bytes: int) -> AdapterRegistry:
-    return AdapterRegistry(str(root), base, MAX_RANK, host_bytes, SlotPool(base, 2, MAX_RANK, torch.float32, torch.device("cpu")))
+def registry_of(root: Path, base, host_bytes: int, prefault: bool = False) -> AdapterRegistry:
+    pool = SlotPool(base, 2, MAX_RANK, torch.float32, torch.device("cpu"))
+    return AdapterRegistry(str(root), base, MAX_RANK, host_bytes, pool, prefault=prefault)
 
 
 def test_evicted_adapters_give_their_slab_space_to_later_reads(sources, base, tmp_path):
@@ -176,3 +177,32 @@ def test_reads_past_the_free_space_take_new_memory_when_every_cached_adapter_is_
     registry.unpin(a)
     registry.unpin(big)
     assert list(registry._cache) == ["b"]
+
+
+def test_a_prefaulted_cache_holds_its_whole_budget_from_the_start_and_reads_map_nothing_more(sources, base, tmp_path):
+    for name in "abc":
+        shutil.copytree(sources / name, tmp_path / name)
+    budget = 3 * block_size(sources / "a")
+    registry = registry_of(tmp_path, base, budget, prefault=True)
+    assert registry.slab.stats() == SlabStats(budget, budget, 0, 0, 0)
+    adapters = [registry.get(name) for name in "abc"]
+    assert all(in_slab(a, registry.slab) for a in adapters)
+    assert registry.slab.stats() == SlabStats(budget, budget, budget, 3, 0) and len(registry.slab._chunks) == 1
+    assert [a.content_hash for a in adapters] == [file_digest(tmp_path / name) for name in "abc"]
+
+
+def test_a_prefaulted_cache_fits_an_adapter_in_the_space_two_evicted_ones_leave(sources, base, tmp_path, monkeypatch):
+    # Made on demand the slab is separate chunks (here one per adapter), and an adapter
+    # larger than any chunk is read into new memory; prefaulted it is one run, which
+    # evictions free contiguously.
+    monkeypatch.setattr("tandem.server.adapters.host_slab.MAX_CHUNK_BYTES", ALIGN)
+    monkeypatch.setattr("tandem.server.adapters.host_slab.MIN_CHUNK_BYTES", ALIGN)
+    for name in ("a", "b", "big"):
+        shutil.copytree(sources / name, tmp_path / name)
+    budget = max(2 * block_size(sources / "a"), block_size(sources / "big"))
+    assert block_size(sources / "big") > block_size(sources / "a")
+    for prefault in (False, True):
+        registry = registry_of(tmp_path, base, budget, prefault=prefault)
+        registry.get("a"), registry.get("b")
+        big = registry.get("big")
+        assert in_slab(big, registry.slab) is prefault and list(registry._cache) == ["big"]

@@ -72,3 +72,23 @@ def test_a_bad_environment_value_exits_2_with_its_name(capsys, monkeypatch):
         main(["model"])
     assert info.value.code == 2
     assert "tandem: error: TANDEM_TIMEOUT='soon' is not a valid float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [([], None, True), (["--adapter-cache-prefault", "false"], None, False), ([], "No", False), (["--adapter-cache-prefault", "on"], "0", True)],
+)
+def test_the_adapter_cache_prefault_switch_reads_words_from_the_flag_or_its_twin(monkeypatch, argv, env, expected):
+    from tandem.server.cli import build_parser
+
+    if env is not None:
+        monkeypatch.setenv("TANDEM_ADAPTER_CACHE_PREFAULT", env)
+    assert build_parser().parse_args(["serve", *argv]).adapter_cache_prefault is expected
+
+
+def test_a_switch_that_is_not_a_yes_or_no_exits_2(capsys, monkeypatch):
+    monkeypatch.setenv("TANDEM_ADAPTER_CACHE_PREFAULT", "maybe")
+    with pytest.raises(SystemExit) as info:
+        main(["serve"])
+    assert info.value.code == 2
+    assert "TANDEM_ADAPTER_CACHE_PREFAULT='maybe' is not a valid boolean" in capsys.readouterr().err

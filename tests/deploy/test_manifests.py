@@ -29,6 +29,17 @@ CUSTOM_SCHEMAS = {
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 READINESS_SERVICE = next(s for s in SERVICES if s.startswith("tandem.v1.Generation"))
 METRICS_SOURCE = (REPO / "tandem" / "server" / "metrics.py").read_text()
+# The embedded SmolLM2 in float32 (~0.5 GiB), torch and the server's own memory, with room.
+MODEL_AND_RUNTIME_BYTES = 3 << 29
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ("4Gi", "512Mi", "1000000") in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, scale in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * scale
+    return int(quantity)
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
@@ -196,6 +207,10 @@ def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, m
         engine, server = EngineConfig(**fields(args, ENGINE_FLAGS)), ServerConfig(**fields(args, SERVER_FLAGS))
         assert engine.adapters_dir == "/adapters" and server.auth_tokens_file == "/etc/tandem/auth/tokens"
         assert (engine.data_dir is not None) == (workload["kind"] == "StatefulSet")
+        # What the server touches at start (KV cache, the prefaulted adapter cache) must
+        # leave the model and the runtime room under the limit, or the pod is killed at start.
+        reserved = engine.kv_cache_bytes + engine.adapter_cache_prefault * engine.adapter_cache_bytes
+        assert reserved + MODEL_AND_RUNTIME_BYTES <= memory_bytes(container(workload)["resources"]["limits"]["memory"])
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])

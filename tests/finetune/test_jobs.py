@@ -42,7 +42,7 @@ def start(model_dir: Path, dirs: tuple[Path, Path]) -> AsyncEngine:
     adapters, data = dirs
     config = EngineConfig(
         model=str(model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(adapters), data_dir=str(data),
-        max_lora_rank=MAX_RANK, max_num_batched_tokens=32, finetune_micro_batch_tokens=32,
+        max_lora_rank=MAX_RANK, max_num_batched_tokens=32, finetune_micro_batch_tokens=32, adapter_cache_prefault=False,
     )
     engine = AsyncEngine(config)
     engine.start()

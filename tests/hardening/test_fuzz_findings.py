@@ -95,7 +95,7 @@ def test_every_seed_createjob_accepts_trains(tiny_model_dir, tmp_path):
     (tmp_path / "adapters").mkdir()
     config = EngineConfig(
         model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(tmp_path / "adapters"),
-        data_dir=str(tmp_path / "data"), max_lora_rank=8,
+        data_dir=str(tmp_path / "data"), max_lora_rank=8, adapter_cache_prefault=False,
     )
     engine = AsyncEngine(config)
     engine.start()

@@ -4,10 +4,12 @@ new memory each time.
 Memory a process has never touched costs a page fault per 4 KiB page on first write, and in
 a serving process those faults are slow (bench/adapter_reads.py measures a 20 MB read into
 new memory against a read into touched memory). The slab is the host cache's byte budget
-(`--adapter-cache-bytes`) as a few large chunks, made on demand (so a server that reads three
-small adapters does not hold its whole budget), each mapped with transparent huge pages
-where the kernel allows them, touched once when made (page-locked on CUDA, so slot copies
-can overlap compute) and kept until the slab goes. Blocks are carved from the chunks first
+(`--adapter-cache-bytes`): one chunk of the whole budget touched at start when the server
+prefaults it (`--adapter-cache-prefault`, the default: no read while serving pays a fault),
+else a few large chunks made on demand (a process that reads three small adapters does not
+hold its whole budget). Each chunk is mapped with transparent huge pages where the kernel
+allows them, touched once when made (page-locked on CUDA, so slot copies can overlap
+compute) and kept until the slab goes. Blocks are carved from the chunks first
 fit, page aligned; a block goes back to its chunk's free list when the last object viewing
 it dies, not when the cache drops it: a request still holding an evicted adapter keeps its
 bytes, and a later read reuses the space only once no tensor can see it.
@@ -74,12 +76,14 @@ class _Chunk:
 
 
 class HostSlab:
-    """Host memory up to `capacity` bytes, handed out as writable blocks (memoryviews)."""
+    """Host memory up to `capacity` bytes, handed out as writable blocks (memoryviews).
+    prefault makes and touches all of it now, as one chunk, so a block of any size up to the
+    capacity fits wherever free space is contiguous."""
 
-    def __init__(self, capacity: int, pin: bool = False):
+    def __init__(self, capacity: int, pin: bool = False, prefault: bool = False):
         self.capacity = capacity
         self.pin = pin
-        self._chunks: list[_Chunk] = []
+        self._chunks: list[_Chunk] = [_Chunk(capacity, pin)] if prefault else []
         self._lock = threading.Lock()
         # Blocks whose last view died, given back at the next call: a view can die anywhere,
         # even in a garbage collection inside this class's own critical section.

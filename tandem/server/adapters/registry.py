@@ -148,7 +148,7 @@ def file_stamp(directory: Path) -> FileStamp | None:
 class AdapterRegistry:
     def __init__(
         self, adapters_dir: str | None, model: LlamaModel, max_rank: int, host_bytes: int, pool: SlotPool,
-        refresh_seconds: float = 2.0,
+        refresh_seconds: float = 2.0, prefault: bool = False,
     ):
         self.adapters_dir = None if adapters_dir is None else Path(adapters_dir).resolve()
         self.model = model
@@ -157,7 +157,7 @@ class AdapterRegistry:
         self.pool = pool
         self.refresh_seconds = refresh_seconds
         # The cache's budget as memory touched once (page-locked on CUDA) that reads fill.
-        self.slab = HostSlab(host_bytes, pin=pool.device.type == "cuda")
+        self.slab = HostSlab(host_bytes, pin=pool.device.type == "cuda", prefault=prefault)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         # name -> (stamp of the files the cached version was read from, when last checked)

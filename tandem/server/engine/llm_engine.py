@@ -93,7 +93,8 @@ class Engine:
             )
         pool = SlotPool(model, num_slots, config.max_lora_rank, dtype, self.device)
         return AdapterRegistry(
-            config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool, config.adapter_refresh_seconds
+            config.adapters_dir, model, config.max_lora_rank, config.adapter_cache_bytes, pool,
+            config.adapter_refresh_seconds, config.adapter_cache_prefault,
         )
 
     @classmethod
