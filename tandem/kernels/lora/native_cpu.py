@@ -99,8 +99,8 @@ def library() -> ctypes.CDLL | None:
         log.info("the native LoRA kernel is unavailable: %s", exc)
         return None
     fn = lib.tandem_lora_sgmv
-    p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    fn.argtypes = [p, i32, i64, p, i32, i64, p, p, i32, p, i32, i32, p, p, p, p, i32, p, i32]
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, ctypes.c_int, i64, p, ctypes.c_int, i64, ctypes.POINTER(_Pool), ctypes.POINTER(_Step)]
     fn.restype = ctypes.c_int
     return lib
 
@@ -114,19 +114,37 @@ def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
 
 def _activations_fit(x: Tensor, y: Tensor) -> bool:
     return (
-        x.device.type == y.device.type == "cpu" and x.dtype in _DTYPES and y.dtype in _DTYPES
+        x.is_cpu and y.is_cpu and x.dtype in _DTYPES and y.dtype in _DTYPES
         and x.dim() == y.dim() == 2 and x.is_contiguous() and y.is_contiguous()
         and not (x.requires_grad or y.requires_grad)
     )
 
 
-# The kernel's arguments for a pool, worked out once per LoRAWeights (its tensors stay put:
-# slots are written in place) and dropped with it; None where the kernel cannot take it.
-# Keyed by id, checked against the tensors it was made from (a field may be replaced).
-_pools: dict[int, tuple[tuple, tuple | None]] = {}
+class _Pool(ctypes.Structure):
+    """sgmv_cpu.c's struct tandem_lora_pool."""
+
+    _fields_ = [
+        ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("widths", ctypes.c_void_p),
+        ("w_bf16", ctypes.c_int32), ("S", ctypes.c_int32), ("R", ctypes.c_int32),
+    ]
 
 
-def _pool_args(w: LoRAWeights) -> tuple | None:
+class _Step(ctypes.Structure):
+    """sgmv_cpu.c's struct tandem_lora_step."""
+
+    _fields_ = [
+        ("seg_slot", ctypes.c_void_p), ("seg_start", ctypes.c_void_p), ("seg_len", ctypes.c_void_p),
+        ("sorted", ctypes.c_void_p), ("nseg", ctypes.c_int32), ("max_len", ctypes.c_int32),
+    ]
+
+
+# A pool's struct, made once per LoRAWeights (its tensors stay put: slots are written in
+# place) and dropped with it; None where the kernel cannot take it. Keyed by id, checked
+# against the tensors it was made from (a field may be replaced).
+_pools: dict[int, tuple[tuple, _Pool | None]] = {}
+
+
+def _pool_args(w: LoRAWeights) -> _Pool | None:
     tensors = (w.a, w.b, w.slot_ranks, w.slice_widths)
     entry = _pools.get(id(w))
     if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
@@ -135,33 +153,31 @@ def _pool_args(w: LoRAWeights) -> tuple | None:
         all(t.device.type == "cpu" for t in tensors) and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
         and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
     )
-    p = ctypes.c_void_p
-    args = (
-        p(w.a.data_ptr()), p(w.b.data_ptr()), w.a.dtype == torch.bfloat16, p(w.slot_ranks.data_ptr()),
-        w.num_slices, w.max_rank, p(w.slice_widths.data_ptr()),
+    pool = _Pool(
+        w.a.data_ptr(), w.b.data_ptr(), w.slot_ranks.data_ptr(), w.slice_widths.data_ptr(),
+        w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
     ) if fits else None
     if entry is None:
         weakref.finalize(w, _pools.pop, id(w), None)
-    _pools[id(w)] = (tuple(weakref.ref(t) for t in tensors), args)
-    return args
+    _pools[id(w)] = (tuple(weakref.ref(t) for t in tensors), pool)
+    return pool
 
 
-# The last step's batch arguments: a step's ~120 calls share one LoRABatch.
+# The last step's struct: a step's ~120 calls share one LoRABatch.
 _last_batch: tuple = (lambda: None, None)
 
 
-def _batch_args(batch: LoRABatch) -> tuple | None:
+def _batch_args(batch: LoRABatch) -> _Step | None:
     global _last_batch
-    ref, args = _last_batch
+    ref, step = _last_batch
     if ref() is batch:
-        return args
-    p = ctypes.c_void_p
-    args = (
-        p(batch.seg_slots.data_ptr()), p(batch.seg_starts.data_ptr()), p(batch.seg_lens.data_ptr()), len(batch.segments),
-        p(batch.sorted_tokens.data_ptr()),
+        return step
+    step = _Step(
+        batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(),
+        batch.sorted_tokens.data_ptr(), len(batch.segments), MAX_SEGMENT_ROWS,
     ) if batch.sorted_tokens.device.type == "cpu" else None
-    _last_batch = (weakref.ref(batch), args)
-    return args
+    _last_batch = (weakref.ref(batch), step)
+    return step
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
@@ -179,8 +195,7 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     if batch.num_lora_tokens == 0:
         return True
     status = lib.tandem_lora_sgmv(
-        x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], y.data_ptr(), y.dtype == torch.bfloat16, y.shape[1],
-        *pool, *step, MAX_SEGMENT_ROWS,
+        x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], y.data_ptr(), y.dtype == torch.bfloat16, y.shape[1], pool, step
     )
     if status != 0:
         raise MemoryError("the native LoRA kernel could not allocate its scratch memory")

@@ -174,13 +174,31 @@ static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, i
     }
 }
 
-/* Segments longer than max_len are left to the caller (a GEMM library does them faster).
-   Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
+/* A pool's layout, fixed while the pool lives (native_cpu.py builds it once per pool). */
+struct tandem_lora_pool {
+    const void *a, *bt;
+    const int32_t *ranks, *widths;
+    int32_t w_bf16, S, R;
+};
+
+/* A step's segments, shared by its ~120 calls (built once per LoRABatch). Segments longer
+   than max_len are left to the caller (a GEMM library does them faster). */
+struct tandem_lora_step {
+    const int32_t *seg_slot, *seg_start, *seg_len;
+    const int64_t *sorted;
+    int32_t nseg, max_len;
+};
+
+/* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
    only if a thread failed mid-way, which the caller treats as fatal). */
 int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
-                     const void *a, const void *bt, int w_bf16, const int32_t *ranks, int32_t S, int32_t R,
-                     const int32_t *widths, const int32_t *seg_slot, const int32_t *seg_start,
-                     const int32_t *seg_len, int32_t nseg, const int64_t *sorted, int32_t max_len) {
+                     const struct tandem_lora_pool *pool, const struct tandem_lora_step *step) {
+    const void *a = pool->a, *bt = pool->bt;
+    const int32_t *ranks = pool->ranks, *widths = pool->widths;
+    int w_bf16 = pool->w_bf16, S = pool->S, R = pool->R;
+    const int32_t *seg_slot = step->seg_slot, *seg_start = step->seg_start, *seg_len = step->seg_len;
+    const int64_t *sorted = step->sorted;
+    int nseg = step->nseg, max_len = step->max_len;
     int nitems = 0;
     for (int g = 0; g < nseg; g++)
         if (ranks[seg_slot[g]] && seg_len[g] <= max_len) nitems += (seg_len[g] + TB - 1) / TB;
