@@ -30,6 +30,10 @@ typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
 #define TB 4
 /* Output columns per expand block (two vectors per token stay in registers). */
 #define NB 32
+/* How far ahead of its loads a shrink asks for a's rows, in bytes. In paired SmolLM2 decode
+   steps (2 Zen 5 cores, bf16) 6 KiB took the kernel from 15.8 to 13.2 ms a step with 32
+   adapters and from 4.9 to 4.2 with 8 against 1 KiB; 12 KiB was no better. */
+#define A_PREFETCH 6144
 
 static inline f32x16 load(const float *p) { f32x16 r; memcpy(&r, p, 64); return r; }
 static inline void store(float *p, f32x16 v) { memcpy(p, &v, 64); }
@@ -40,6 +44,13 @@ static inline f32x16 load_bf16(const uint16_t *p) {
     f32x16 f; memcpy(&f, &u, 64); return f;
 }
 
+#if defined(__AVX512BF16__)
+/* Round to nearest even in one instruction (NaNs stay NaN; bf16 denormals flush to zero). */
+static inline void store_bf16(uint16_t *p, f32x16 f) {
+    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+    memcpy(p, &h, 32);
+}
+#else
 /* Round to nearest even, as torch does; NaNs stay NaN (quieted). */
 static inline void store_bf16(uint16_t *p, f32x16 f) {
     u32x16 u; memcpy(&u, &f, 64);
@@ -49,6 +60,7 @@ static inline void store_bf16(uint16_t *p, f32x16 f) {
     u16x16 h = __builtin_convertvector(r >> 16, u16x16);
     memcpy(p, &h, 32);
 }
+#endif
 
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f32_to_bf16(float f) {
@@ -118,7 +130,7 @@ static void shrink(const float *xb, int64_t fin, const void *a, int64_t a_off, i
             int64_t i = 0;
             for (; i + 16 <= fin; i += 16) {
                 /* Weights stream from memory: ask for them ahead of the loads (measured: 20-30% faster). */
-                __builtin_prefetch((const char *)a + (row + i) * (w_bf16 ? 2 : 4) + 1024);
+                __builtin_prefetch((const char *)a + (row + i) * (w_bf16 ? 2 : 4) + A_PREFETCH);
                 f32x16 r = load_w(a, row + i, w_bf16);
                 for (int t = 0; t < TB; t++) acc[t] += load(xb + (size_t)t * fin + i) * r;
             }
@@ -144,8 +156,8 @@ static void shrink_dp(const uint16_t *xb, int64_t fin, const uint16_t *a, int64_
             for (int t = 0; t < TB; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
             int64_t i = 0;
             for (; i + 32 <= fin; i += 32) {
-                __builtin_prefetch((const char *)(row0 + i) + 1024);
-                __builtin_prefetch((const char *)(row1 + i) + 1024);
+                __builtin_prefetch((const char *)(row0 + i) + A_PREFETCH);
+                __builtin_prefetch((const char *)(row1 + i) + A_PREFETCH);
                 __m512bh r0 = (__m512bh)_mm512_loadu_si512(row0 + i), r1 = (__m512bh)_mm512_loadu_si512(row1 + i);
                 for (int t = 0; t < TB; t++) {
                     __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (size_t)t * fin + i);
