@@ -11,6 +11,7 @@ scaling it in place, costs ~30-40 ms of page faults on our hosts. The server rea
 host slab (host_slab.py), memory touched once, for the same reason.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -68,12 +69,13 @@ class LoRAAdapter:
     # from one: its A is that draw plus what training moved, and compresses as the move.
     a_init_seed: int | None = None
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """Bytes its weights hold in host memory (packed ones for a compressed adapter)."""
+        """Bytes its weights hold in host memory (packed ones for a compressed adapter).
+        Worked out once: the cache sums it over every adapter it holds at each read."""
         return sum(t.nbytes for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b))
 
-    @property
+    @functools.cached_property
     def float32_bytes(self) -> int:
         """Bytes its weights would take as float32 PEFT tensors."""
         return sum(4 * t.shape[0] * t.shape[1] for g in self.groups.values() for a, b, _ in g.slices.values() for t in (a, b))
