@@ -27,7 +27,7 @@ class EngineConfig:
     max_lora_rank: largest adapter rank accepted; slot storage is padded to it.
     max_loras: device slots, i.e. distinct adapters in one iteration, capped by lora_pool_bytes.
     adapter_cache_bytes: host-memory budget for parsed adapters (LRU, in-use ones pinned).
-    adapter_cache_prefault: touch that whole budget at start (one pass, ~0.3-4 s for 2 GiB
+    adapter_cache_prefault: touch that whole budget at start (one pass, ~0.3-9 s for 2 GiB
         on our VMs), so that no adapter read while serving pays page faults (they made a
         20 MB read 50-140 ms instead of ~20); False grows it as reads need it.
     adapter_refresh_seconds: how often a cached adapter's files are checked (one stat each,
