@@ -448,7 +448,8 @@ def main() -> None:
         "workload": {
             "concurrency": CONCURRENCY, "requests_per_run": n_req, "prompt_len": PROMPT_LEN, "output_len": OUT_LEN,
             "greedy": True, "ignore_eos": True, "rank": RANK, "target_modules": list(ALL_LINEAR), "slots": SLOTS,
-            "adapter_cache_bytes": EngineConfig().adapter_cache_bytes, "max_num_batched_tokens": 512,
+            "adapter_cache_bytes": EngineConfig().adapter_cache_bytes,
+            "adapter_cache_prefault": EngineConfig().adapter_cache_prefault, "max_num_batched_tokens": 512,
         },
         "sizes": sizes(loaded, dtype), "machine_rates": rates,
         "notes": [
