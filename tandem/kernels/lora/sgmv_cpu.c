@@ -31,8 +31,9 @@ typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
 /* Output columns per expand block (two vectors per token stay in registers). */
 #define NB 32
 /* How far ahead of its loads a shrink asks for a's rows, in bytes. In paired SmolLM2 decode
-   steps (2 Zen 5 cores, bf16) 6 KiB took the kernel from 15.8 to 13.2 ms a step with 32
-   adapters and from 4.9 to 4.2 with 8 against 1 KiB; 12 KiB was no better. */
+   steps (2 Zen 5 cores, bf16), against 1 KiB: 3 KiB (with store_bf16's one instruction)
+   took the kernel from 15.8 to 13.2 ms a step with 32 adapters, 4.9 to 4.2 with 8; 6 KiB
+   then 11.9 -> 10.5 and 3.7 -> 3.4 against 3 KiB; 12 KiB was no better. */
 #define A_PREFETCH 6144
 
 static inline f32x16 load(const float *p) { f32x16 r; memcpy(&r, p, 64); return r; }
