@@ -42,6 +42,7 @@ from tandem.server.engine.async_engine import AsyncEngine  # noqa: E402
 from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
 from tandem.server.finetune.jobs import JobRequest  # noqa: E402
 from tandem.server.finetune.trainer import Hyperparameters  # noqa: E402
+from tandem.server.heap import frozen_heap  # noqa: E402
 
 PROMPT_TOKENS = (48, 160)
 OUTPUT_TOKENS = 48
@@ -167,6 +168,11 @@ def measure(root: Path, mode: str, target: float | None, job: bool, load, micro_
     """Start an engine, optionally a job (warmed up to its first finished micro-batch), then run
     the load coroutine factory in a measured window."""
     engine = AsyncEngine(engine_config(root, mode, target, micro_batch))
+    with frozen_heap():  # as `tandem serve` does once loaded
+        return _measure(engine, job, load)
+
+
+def _measure(engine: AsyncEngine, job: bool, load) -> dict:
     engine.start()
     window = Window()
     try:

@@ -54,6 +54,7 @@ from tandem.server.adapters.slot_pool import SlotPool  # noqa: E402
 from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
 from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
+from tandem.server.heap import frozen_heap  # noqa: E402
 from tandem.server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
 from tandem.server.model.lora_linear import LoRALinear  # noqa: E402
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
@@ -229,8 +230,9 @@ def engine_run(
     its steps and adapter reads, not its start (which touches the adapter cache's budget)."""
     gc.collect()
     work = Workload(loaded, prompts, out_len, adapters_dir, choice, naming)
-    while work.step():
-        pass
+    with frozen_heap():
+        while work.step():
+            pass
     result = work.result(work.step_s + work.get_s)
     del work
     gc.collect()
@@ -246,8 +248,9 @@ def paired_run(
     gc.collect()
     base = Workload(loaded, prompts, out_len)
     lora = Workload(loaded, prompts, out_len, adapters_dir, choice, naming)
-    while lora.step() | base.step():
-        pass
+    with frozen_heap():
+        while lora.step() | base.step():
+            pass
     results = lora.result(lora.step_s + lora.get_s), base.result(base.step_s)
     del base, lora
     gc.collect()
@@ -324,18 +327,18 @@ def peft_model(hf, adapters_root: Path, names: list[str], dtype: torch.dtype, de
 
 def peft_run(model, prompts: list[list[int]], names: list[str], out_len: int, pad_id: int) -> dict:
     """Batches of CONCURRENCY rows, each row with its own adapter (peft's mixed batches)."""
-    gc.collect()
-    start = time.perf_counter()
     generated = 0
-    for i in range(0, len(prompts), CONCURRENCY):
-        ids = torch.tensor(prompts[i : i + CONCURRENCY], device=model.device)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names[i : i + CONCURRENCY],
-                max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=pad_id,
-            )
-        generated += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    wall = time.perf_counter() - start
+    with frozen_heap():
+        start = time.perf_counter()
+        for i in range(0, len(prompts), CONCURRENCY):
+            ids = torch.tensor(prompts[i : i + CONCURRENCY], device=model.device)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names[i : i + CONCURRENCY],
+                    max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=pad_id,
+                )
+            generated += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        wall = time.perf_counter() - start
     return {"tok_s": generated / wall, "wall_s": wall, "generated": generated}
 
 

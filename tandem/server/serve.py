@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 from tandem.server.api.grpc_server import TandemServer, build_server
 from tandem.server.config import EngineConfig, ServerConfig
 from tandem.server.errors import ModelLoadError
+from tandem.server.heap import frozen_heap
 
 log = logging.getLogger("tandem.serve")
 
@@ -42,12 +43,13 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
         log.error("cannot load the model: %s", exc)
         await server.drain(grace=0)
         return 1
-    engine.start()
-    await server.attach_engine(engine)
-    await stopping
-    log.info("signal received: draining")
-    await server.drain()
-    engine.shutdown()
+    with frozen_heap():
+        engine.start()
+        await server.attach_engine(engine)
+        await stopping
+        log.info("signal received: draining")
+        await server.drain()
+        engine.shutdown()
     return 0
 
 
