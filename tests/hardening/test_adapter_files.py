@@ -309,6 +309,27 @@ def test_a_tiled_file_in_any_header_order_is_read(adapter, base):
     assert torch.equal(a_read, a) and torch.equal(b_read, b)
 
 
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16], ids=["one-dtype", "mixed-dtypes"])
+def test_a_nan_is_refused_in_files_of_one_dtype_or_several(adapter, base, b_dtype):
+    """Reads check a file of one dtype in one pass over its data and one of mixed dtypes tensor
+    by tensor: both read the file's values, and both find a NaN and name its tensor."""
+    tensors = load_file(weights_file(adapter))
+    a, b = tensors[A_KEY].clone(), tensors[B_KEY].clone().to(b_dtype)  # load_file maps the file we rewrite
+    header = {A_KEY: {"dtype": "F32", "shape": list(a.shape), "data_offsets": [0, a.nbytes]},
+              B_KEY: {"dtype": "F32" if b_dtype == torch.float32 else "BF16", "shape": list(b.shape),
+                      "data_offsets": [a.nbytes, a.nbytes + b.nbytes]}}
+
+    def write() -> None:
+        write_safetensors(weights_file(adapter), header, bytes(a.view(torch.uint8).numpy()) + bytes(b.view(torch.uint8).numpy()))
+
+    write()
+    (_, (a_read, b_read, _)), = read_adapter("x", adapter, base, 8).groups[(0, "qkv")].slices.items()
+    assert torch.equal(a_read, a) and torch.equal(b_read, b.float())
+    b[-1, -1] = math.nan
+    write()
+    assert refusal(adapter, base) == f"adapter 'x' has NaN or infinite values in {Q}.lora_B"
+
+
 # Over gRPC: every one of these is a status with its reason, and the server serves on.
 
 

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -142,12 +143,12 @@ def read_adapter(
     except OSError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
     try:
-        tensors = _parse_safetensors(weights)
-        seed = _a_init_seed(weights)
+        parsed = _parse_safetensors(weights)
+        seed = _a_init_seed(parsed.metadata)
     except ValueError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-    modules = pair_tensors(name, tensors)
-    adapter = adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype)
+    modules = pair_tensors(name, parsed.tensors)
+    adapter = adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype, parsed.magnitude())
     return replace(adapter, a_init_seed=seed)
 
 
@@ -164,9 +165,12 @@ def read_config(name: str, path: Path) -> tuple[bytes, dict]:
 
 def adapter_of_modules(
     name: str, path: Path, config: dict, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], digest: str,
-    model: LlamaModel, max_rank: int, slot_dtype: torch.dtype,
+    model: LlamaModel, max_rank: int, slot_dtype: torch.dtype, magnitude: float | None = None,
 ) -> LoRAAdapter:
-    """The adapter of PEFT module path -> (A, B), checked against the base model and the config."""
+    """The adapter of PEFT module path -> (A, B), checked against the base model and the config.
+    magnitude: the largest |value| of every A and B, when one pass over the file found it
+    (NaN if any is NaN): a module's own pass is needed only where that bound, scaled, could
+    overflow slot_dtype or is not finite (then it finds the module to name)."""
     alphas = _alpha_patterns(config)
     # Looked up once per read, not per module (an adapter has ~200 modules).
     shapes, num_layers, limit = linear_shapes(model), len(model.layers), torch.finfo(slot_dtype).max
@@ -192,7 +196,8 @@ def adapter_of_modules(
                 f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
             )
         scale = scale_of(module, r)
-        _check_finite(name, module, a, b, scale, slot_dtype, limit)
+        if not (magnitude is not None and magnitude * max(1.0, abs(scale)) <= limit):
+            _check_finite(name, module, a, b, scale, slot_dtype, limit)
         per_group.setdefault((layer, group), {})[slice_idx] = (a, b, scale)
         targets.add(kind)
     groups = {key: GroupDelta(slices, max(a.shape[0] for a, _, _ in slices.values())) for key, slices in per_group.items()}
@@ -218,8 +223,7 @@ def _own_file(name: str, directory: Path, file: str) -> Path:
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class _TensorEntry:
+class _TensorEntry(NamedTuple):
     """One tensor of a safetensors header: its bytes are data[begin:end] of the data section."""
 
     key: str
@@ -229,8 +233,24 @@ class _TensorEntry:
     end: int
 
 
-def _parse_safetensors(data: bytearray | memoryview) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in data, as views of it: an 8-byte little-endian
+@dataclass(frozen=True)
+class _Safetensors:
+    """A safetensors file held in memory: its tensors (views of the bytes), its header's
+    __metadata__ ({} without one), and its data section."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict
+    # The data section in its tensors' dtype, when they share one (they tile the section).
+    section: torch.Tensor | None
+
+    def magnitude(self) -> float | None:
+        """The largest |value| of every tensor, NaN if one holds a NaN, in one pass over the
+        section; None when the tensors have several dtypes."""
+        return None if self.section is None else _magnitude(self.section)
+
+
+def _parse_safetensors(data: bytearray | memoryview) -> _Safetensors:
+    """A safetensors file held in data, its tensors as views of it: an 8-byte little-endian
     header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data. Raises
     ValueError saying what is wrong and where."""
     if len(data) < 8:
@@ -245,15 +265,22 @@ def _parse_safetensors(data: bytearray | memoryview) -> dict[str, torch.Tensor]:
     base = 8 + header_len
     entries = [_tensor_entry(key, info) for key, info in header.items() if key != "__metadata__"]
     _check_layout(entries, len(data) - base)
-    return {e.key: _view(data, base, e) for e in entries}
-
-
-def _a_init_seed(data: bytearray | memoryview) -> int | None:
-    """The trainer's init seed a weights file records in its safetensors metadata (a header
-    _parse_safetensors has checked), or None. PEFT ignores the entry."""
-    header = _json_object(bytes(data[8 : 8 + int.from_bytes(data[:8], "little")]))
     metadata = header.get("__metadata__")
-    seed = metadata.get(A_INIT_SEED_KEY) if isinstance(metadata, dict) else None
+    dtypes = {e.dtype for e in entries}
+    section = None
+    if len(dtypes) <= 1:
+        dtype = dtypes.pop() if dtypes else torch.float32
+        count = (len(data) - base) // dtype.itemsize
+        section = torch.frombuffer(data, dtype=dtype, count=count, offset=base) if count else torch.empty(0, dtype=dtype)
+    return _Safetensors(
+        {e.key: _view(data, base, e, section) for e in entries}, metadata if isinstance(metadata, dict) else {}, section
+    )
+
+
+def _a_init_seed(metadata: dict) -> int | None:
+    """The trainer's init seed a weights file records in its safetensors metadata, or None.
+    PEFT ignores the entry."""
+    seed = metadata.get(A_INIT_SEED_KEY)
     if seed is None:
         return None
     if not (isinstance(seed, str) and seed.isdigit() and int(seed) < 1 << 63):
@@ -278,7 +305,8 @@ def _tensor_entry(key: str, info: object) -> _TensorEntry:
 
 
 def _is_size_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+    # type() is int: a JSON true is a bool, which isinstance(d, int) lets through.
+    return type(value) is list and all(type(d) is int and d >= 0 for d in value)
 
 
 def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
@@ -299,9 +327,17 @@ def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
         raise ValueError(f"the data section has {data_bytes - position} bytes after its last tensor")
 
 
-def _view(data: bytearray | memoryview, base: int, e: _TensorEntry) -> torch.Tensor:
+def _view(data: bytearray | memoryview, base: int, e: _TensorEntry, section: torch.Tensor | None) -> torch.Tensor:
+    """The tensor as a view of data: of the section in one call where it has the tensor's
+    dtype (_check_layout has put the tensor inside it, aligned), else of the bytes."""
     if any(d >= MAX_DIMENSION for d in e.shape):
         raise ValueError(f"tensor {excerpt(e.key)} has a dimension of {max(e.shape)}, more than any adapter has")
+    if section is not None:
+        strides, size = [], 1
+        for d in reversed(e.shape):
+            strides.append(size)
+            size *= d
+        return section.as_strided(e.shape, strides[::-1], e.begin // e.dtype.itemsize)
     count = math.prod(e.shape)
     flat = torch.frombuffer(data, dtype=e.dtype, count=count, offset=base + e.begin) if count else torch.empty(0, dtype=e.dtype)
     return flat.view(e.shape)

@@ -97,7 +97,7 @@ def read_router(name: str, path: Path, model: LlamaModel) -> Router:
     experts, top_k, temperature = _check_config(name, config)
     try:
         data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes)
-        tensors = _parse_safetensors(data)
+        tensors = _parse_safetensors(data).tensors
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {GATES_FILE}: {exc}") from exc
     return Router(
