@@ -4,6 +4,7 @@ the host cache's budget, and reloading an adapter while a request still uses the
 The oracle for every output is the same request run alone (greedy, float32) on an engine
 with enough slots for every adapter."""
 
+import math
 import os
 import shutil
 from collections import Counter
@@ -11,14 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from tandem.kernels.lora import native_cpu
 from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.engine.sequence import SequenceStatus
 from tandem.server.model.loader import build_from_hf
-from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter, weights_file
+from tests.conftest import make_tiny_hf_model
 from tests.engine.helpers import make_engine, random_prompts
 
 MAX_RANK = 16
@@ -436,3 +440,37 @@ def test_a_half_precision_pool_rounds_scaled_b_once(tiny_hf_model, adapters_dir)
     a, b, scale = adapter.groups[(0, "qkv")].slices[0]
     assert scale not in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     assert torch.equal(pool.weights[(0, "qkv")].b[slot, : b.shape[0], : b.shape[1]], (b * scale).bfloat16())
+
+
+@pytest.mark.skipif(native_cpu.library() is None, reason="no C compiler to build the native kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_slot_load_writes_what_torch_copies_write(smollm2_tokenizer, tmp_path, monkeypatch, dtype):
+    """One C call loads a slot on CPU (native_cpu.load_slot); it must write the bits the torch
+    copies write: per-projection ranks and scales, projections left out, widths that are not a
+    multiple of 16, scaled values that are bfloat16 denormals, and nothing outside the slot."""
+    hf = make_tiny_hf_model(smollm2_tokenizer, hidden_size=72, intermediate_size=100)
+    model = build_from_hf(hf, torch.float32, torch.device("cpu"))
+    path = make_adapter(hf, tmp_path / "x", r=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                        rank_pattern={"v_proj": 3, "down_proj": 5}, alpha_pattern={"up_proj": 7}, use_rslora=True)
+    tensors = load_file(weights_file(path))
+    tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"][:, 0] = 3e-39  # x 7/sqrt(8): a bf16 denormal
+    save_file(tensors, weights_file(path))
+    adapter = read_adapter("x", path, model, MAX_RANK)
+    pools = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(native_cpu, "load_slot", lambda slot, slices: False)
+        pool = SlotPool(model, 3, MAX_RANK, dtype, torch.device("cpu"))
+        for w in pool.weights.values():
+            w.a.fill_(math.nan)
+            w.b.fill_(math.nan)
+        pool._load(1, adapter)
+        pools.append(pool)
+    for key, w in pools[0].weights.items():
+        torch_w = pools[1].weights[key]
+        rank = w.host_ranks[1]
+        assert rank == torch_w.host_ranks[1] == (adapter.groups[key].rank if key in adapter.groups else 0)
+        read = (lambda p: p.a[1].view(p.num_slices, MAX_RANK, -1)[:, :rank], lambda p: p.b[1][:, :rank])
+        for part in read:
+            assert torch.equal(part(w), part(torch_w)), key
+        assert w.a[[0, 2]].isnan().all() and w.b[[0, 2]].isnan().all(), "other slots must stay untouched"

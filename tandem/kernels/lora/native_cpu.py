@@ -1,9 +1,11 @@
-"""The C batched-LoRA kernel for CPU serving (sgmv_cpu.c): built on first use, called through ctypes.
+"""The C batched-LoRA kernel for CPU serving (sgmv_cpu.c), and the slot load in one call:
+built on first use, called through ctypes.
 
 On 2 cores a decode step's 120 LoRA calls through torch cost 7-27 small ops each (MKL's
 small GEMMs, casts, gathers, index_add_), and the step with one adapter ran at ~0.73x of the
 base, with 8 at ~0.63x. The C kernel does a call in one pass over the weights, in torch's
-OpenMP team (bench/lora_serving.py measures it).
+OpenMP team (bench/lora_serving.py measures it). A slot load through torch was ~8 ms per
+SmolLM2 adapter (420 copies, B transposed element by element); load_slot does it in ~3.7.
 
 Built with the machine's C compiler (`cc -O3 -march=native -fopenmp`) into a cache folder
 ($TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem), under a name keyed
@@ -102,6 +104,8 @@ def library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, ctypes.c_int, i64, p, ctypes.c_int, i64, ctypes.POINTER(_Pool), ctypes.POINTER(_Step)]
     fn.restype = ctypes.c_int
+    lib.tandem_lora_load.argtypes = [ctypes.POINTER(_Slice), ctypes.c_int, ctypes.c_int]
+    lib.tandem_lora_load.restype = None
     return lib
 
 
@@ -135,6 +139,15 @@ class _Step(ctypes.Structure):
     _fields_ = [
         ("seg_slot", ctypes.c_void_p), ("seg_start", ctypes.c_void_p), ("seg_len", ctypes.c_void_p),
         ("sorted", ctypes.c_void_p), ("nseg", ctypes.c_int32), ("max_len", ctypes.c_int32),
+    ]
+
+
+class _Slice(ctypes.Structure):
+    """sgmv_cpu.c's struct tandem_lora_slice."""
+
+    _fields_ = [
+        ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("a_dst", ctypes.c_void_p), ("bt_dst", ctypes.c_void_p),
+        ("fin", ctypes.c_int64), ("w", ctypes.c_int64), ("r", ctypes.c_int64), ("n", ctypes.c_int64), ("scale", ctypes.c_float),
     ]
 
 
@@ -203,3 +216,34 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
         if segment.length > MAX_SEGMENT_ROWS:
             reference.add_segment(x, w, batch, segment, y)
     return True
+
+
+def load_slot(slot: int, slices: list[tuple[LoRAWeights, int, int, Tensor, Tensor, float]]) -> bool:
+    """Copy an adapter into slot `slot` of its pools in one call: per slice (pool, slice index,
+    its first output column, a [r, fin], b [w, r], scale), a and b float32 and contiguous on
+    the CPU, b scaled into the pool's transposed b, every value rounded once into the pool's
+    dtype as torch's copies round it. False, with nothing written, where the kernel cannot
+    take them (the caller copies through torch)."""
+    if not slices or not slices[0][0].a.is_cpu or (lib := library()) is None:
+        return False
+    dtype = slices[0][0].a.dtype
+    structs, dst_of = [], {}
+    for w, s, col, a, b, scale in slices:
+        dst = dst_of.get(id(w))
+        if dst is None:
+            if _pool_args(w) is None or w.a.dtype != dtype:
+                return False
+            item, rows, fin, n = w.a.element_size(), w.max_rank, w.in_features, w.out_features
+            # Slot `slot`'s A rows, and its B^T (b's storage is [slots, max_rank, N]).
+            dst = dst_of[id(w)] = (w.a.data_ptr() + slot * w.num_slices * rows * fin * item, rows * fin * item,
+                                   w.b.data_ptr() + slot * rows * n * item, item, fin, n)
+        if not (_is_cpu_float32_rows(a) and _is_cpu_float32_rows(b)):
+            return False
+        a_dst, slice_bytes, bt_dst, item, fin, n = dst
+        structs.append(_Slice(a.data_ptr(), b.data_ptr(), a_dst + s * slice_bytes, bt_dst + col * item, fin, b.shape[0], a.shape[0], n, scale))
+    lib.tandem_lora_load((_Slice * len(structs))(*structs), len(structs), dtype == torch.bfloat16)
+    return True
+
+
+def _is_cpu_float32_rows(t: Tensor) -> bool:
+    return t.is_cpu and t.dtype == torch.float32 and t.dim() == 2 and t.is_contiguous()

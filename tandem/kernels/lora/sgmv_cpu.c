@@ -45,15 +45,8 @@ static inline f32x16 load_bf16(const uint16_t *p) {
     f32x16 f; memcpy(&f, &u, 64); return f;
 }
 
-#if defined(__AVX512BF16__)
-/* Round to nearest even in one instruction (NaNs stay NaN; bf16 denormals flush to zero). */
-static inline void store_bf16(uint16_t *p, f32x16 f) {
-    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
-    memcpy(p, &h, 32);
-}
-#else
-/* Round to nearest even, as torch does; NaNs stay NaN (quieted). */
-static inline void store_bf16(uint16_t *p, f32x16 f) {
+/* Round to nearest even, as torch does, denormals included; NaNs stay NaN (quieted). */
+static inline void store_bf16_exact(uint16_t *p, f32x16 f) {
     u32x16 u; memcpy(&u, &f, 64);
     u32x16 rounded = u + 0x7fffu + ((u >> 16) & 1u);
     u32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;
@@ -61,6 +54,15 @@ static inline void store_bf16(uint16_t *p, f32x16 f) {
     u16x16 h = __builtin_convertvector(r >> 16, u16x16);
     memcpy(p, &h, 32);
 }
+
+#if defined(__AVX512BF16__)
+/* Round to nearest even in one instruction (NaNs stay NaN; bf16 denormals flush to zero). */
+static inline void store_bf16(uint16_t *p, f32x16 f) {
+    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+    memcpy(p, &h, 32);
+}
+#else
+static inline void store_bf16(uint16_t *p, f32x16 f) { store_bf16_exact(p, f); }
 #endif
 
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -289,4 +291,45 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
     }
     free(items);
     return failed ? -1 : 0;
+}
+
+/* One slice of an adapter going into a slot: a [r, fin] and b [w, r], float32 rows as the
+   adapter file holds them, to the slot's rows of A (a_dst, rows of fin) and its columns of
+   B transposed (bt_dst, rows of n), b times scale in float32, each value rounded once into
+   the slot's dtype as torch rounds it. */
+struct tandem_lora_slice {
+    const float *a, *b;
+    void *a_dst, *bt_dst;
+    int64_t fin, w, r, n;
+    float scale;
+};
+
+static void put(void *dst, int bf16, int64_t i, const float *v, int64_t count) {
+    int64_t j = 0;
+    if (bf16) {
+        uint16_t *d = (uint16_t *)dst + i;
+        for (; j + 16 <= count; j += 16) store_bf16_exact(d + j, load(v + j));
+        for (; j < count; j++) d[j] = f32_to_bf16(v[j]);
+    } else {
+        memcpy((float *)dst + i, v, count * sizeof(float));
+    }
+}
+
+/* A slot load in one call (SlotPool._load): the per-slice torch copies it replaces cost
+   ~8 ms an adapter, 5 of them transposing B element by element. */
+void tandem_lora_load(const struct tandem_lora_slice *slices, int count, int w_bf16) {
+#pragma omp parallel for schedule(dynamic) if (count > 1)
+    for (int i = 0; i < count; i++) {
+        const struct tandem_lora_slice *sl = &slices[i];
+        for (int64_t k = 0; k < sl->r; k++) put(sl->a_dst, w_bf16, k * sl->fin, sl->a + k * sl->fin, sl->fin);
+        /* Blocks of 16 rows of b (16 r floats, in cache), read down each column k. */
+        for (int64_t i0 = 0; i0 < sl->w; i0 += 16) {
+            int64_t nb = sl->w - i0 < 16 ? sl->w - i0 : 16;
+            for (int64_t k = 0; k < sl->r; k++) {
+                float col[16];
+                for (int64_t t = 0; t < nb; t++) col[t] = sl->b[(i0 + t) * sl->r + k] * sl->scale;
+                put(sl->bt_dst, w_bf16, k * sl->n + i0, col, nb);
+            }
+        }
+    }
 }

@@ -61,6 +61,8 @@ class SlotPool:
                 slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
                 out_slices=linear.out_slices,
             )
+        # Each group's first output column per slice, for loads.
+        self._starts = {key: [sum(w.out_slices[:s]) for s in range(w.num_slices)] for key, w in self.weights.items()}
         self._owner: list[str | None] = [None] * num_slots
         self._slot_of: dict[str, int] = {}
         self._pins = [0] * num_slots
@@ -178,26 +180,28 @@ class SlotPool:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             # A compressed adapter's packed bits unpack on the slot's device, all in one pass.
             dense = dense_slices(adapter, self.device)
+            slices = []
             for key, w in self.weights.items():
                 delta = adapter.groups.get(key)
                 if delta is None:
                     w.set_rank(slot, 0)
                     continue
-                # Zero what the kernels read (up to the group's rank), then the slices over it.
-                a_slot = w.a[slot].view(w.num_slices, self.max_rank, -1)[:, : delta.rank]
-                b_slot = w.b[slot][:, : delta.rank]
-                a_slot.zero_()
-                b_slot.zero_()
-                for s, (_, _, scale) in delta.slices.items():
-                    a, b = dense[(key, s)]
-                    col = sum(w.out_slices[:s])
-                    a_slot[s, : a.shape[0]].copy_(a, non_blocking=True)
-                    b_dst = b_slot[col : col + b.shape[0], : b.shape[1]]
+                # What the kernels read is up to the group's rank: zeroed unless every slice
+                # is there at that rank (the copies then cover all of it).
+                if len(delta.slices) < w.num_slices or any(a.shape[0] < delta.rank for a, _, _ in delta.slices.values()):
+                    w.a[slot].view(w.num_slices, self.max_rank, -1)[:, : delta.rank].zero_()
+                    w.b[slot][:, : delta.rank].zero_()
+                starts = self._starts[key]
+                slices += [(w, s, starts[s], *dense[(key, s)], scale) for s, (_, _, scale) in delta.slices.items()]
+                w.set_rank(slot, delta.rank)
+            if not native_cpu.load_slot(slot, slices):
+                for w, s, col, a, b, scale in slices:
+                    w.a[slot].view(w.num_slices, self.max_rank, -1)[s, : a.shape[0]].copy_(a, non_blocking=True)
+                    b_dst = w.b[slot][col : col + b.shape[0], : b.shape[1]]
                     if b_dst.dtype == torch.float32:
                         b_dst.copy_(b, non_blocking=True).mul_(scale)
                     else:  # scaled in float32 on the device, then rounded once into the slot
                         b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
-                w.set_rank(slot, delta.rank)
         if stream is not None:
             self._pending[slot] = torch.cuda.Event()
             self._pending[slot].record(stream)
