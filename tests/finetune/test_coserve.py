@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from tandem.kernels.lora import LoRABatch, native_cpu
 from tandem.server.engine.iteration import IGNORE_INDEX, TrainingBackward, TrainingHead, TrainingSequence, TrainingWork
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
@@ -83,6 +84,20 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.coserve.has_work()
+
+
+def test_the_trained_slots_are_laid_out_for_the_c_kernel(tiny_hf_model, smollm2_tokenizer):
+    """A forward chunk keeps no graph, so its trained adapter can run the C kernel: its slots
+    are laid out as the CPU slot pool's (B transposed). Through the torch reference the 120
+    LoRA calls of a SmolLM2 chunk added ~18 ms to its iteration on a 2-core EPYC."""
+    if native_cpu.library() is None:
+        pytest.skip("no C compiler: the torch reference serves")
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    rows = LoRABatch.build([-1, 0, 0], 1, torch.device("cpu"))
+    for w in adapter.slot_weights().values():
+        x, y = torch.randn(3, w.in_features), torch.zeros(3, w.b.shape[1])
+        assert native_cpu.applies(x, w, rows, y)
 
 
 def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_tokenizer):

@@ -123,7 +123,9 @@ class TrainableAdapter(nn.Module):
                 b_parts.append(self._zeros(width, r))
             row += width
         a = torch.cat(a_parts).unsqueeze(0).requires_grad_()
-        b = torch.cat(b_parts).unsqueeze(0).requires_grad_()
+        # b [1, N, r] laid out as its transpose, the CPU slot pool's layout: a co-served
+        # forward chunk (no graph) then runs the C kernel rather than the torch reference.
+        b = torch.cat(b_parts).t().contiguous().t().unsqueeze(0).requires_grad_()
         a_parts = [(self.a[n], rows) for n, rows, _ in masters]
         b_parts = [(self.b[n], rows) for n, _, rows in masters]
         a.register_post_accumulate_grad_hook(lambda leaf: _to_masters(leaf, a_parts, 1.0))
@@ -169,7 +171,9 @@ def _to_masters(leaf: torch.Tensor, parts: list[tuple[nn.Parameter, slice]], sca
     grad = leaf.grad[0]
     leaf.grad = None
     for master, rows in parts:
-        part = grad[rows] * scale
+        # Contiguous, as the masters are: the fused AdamW on CPU reads a gradient in memory
+        # order whatever its strides (torch 2.13), and b's slot is laid out transposed.
+        part = (grad[rows] * scale).contiguous()
         if master.grad is None:
             master.grad = part
         else:
