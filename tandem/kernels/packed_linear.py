@@ -103,11 +103,19 @@ class Prepacked:
             self._packed, self._transposed, self._key = prepack(weight), None, key
         return self._packed
 
-    def transposed_linear(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """dy [T, out] -> [T, in] = dy weight, through weight^T reordered once."""
-        if self._transposed is None:
-            self._packed_for(weight)
+    def prepare(self, weight: torch.Tensor, transposed: bool = False) -> None:
+        """Make the reordered copy (and, transposed, that of weight^T) now rather than on
+        first use: a first use inside a served iteration waits for it (SmolLM2's forward
+        copies took 0.84 s on a 2-core Zen 5 EPYC, the transposed ones 0.65 s)."""
+        if self._packed_for(weight) is not None and transposed and self._transposed is None:
             self._transposed = prepack(weight.t().contiguous())
+
+    def transposed_linear(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """dy [T, out] -> [T, in] = dy weight, through weight^T reordered once (a plain
+        matmul where the weight cannot be reordered)."""
+        self.prepare(weight, transposed=True)
+        if self._transposed is None:
+            return dy @ weight
         return _run(dy.contiguous(), self._transposed, None)
 
 

@@ -22,6 +22,7 @@ from tandem.server.errors import AlreadyExists, FailedPrecondition, Incompatible
 from tandem.server.finetune.job import Job, JobStatus
 from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainer import Hyperparameters
+from tandem.server.model.lora_targets import group_linears
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
 
@@ -144,6 +145,27 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
     finally:
         engine.shutdown()
     assert not (adapters / "tuned").exists()
+
+
+@pytest.mark.parametrize("mode, reordered", [("coserve", True), ("timeslice", False)])
+def test_a_coserved_job_gets_the_backward_weights_reordered_before_it_is_queued(tiny_model_dir, dirs, mode, reordered):
+    """Its first backward slices would otherwise wait for them beside inference; time-sliced
+    micro-batches run past the reordered path's rows and need none."""
+    adapters, data = dirs
+    engine = AsyncEngine(EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(adapters), data_dir=str(data),
+        max_lora_rank=MAX_RANK, finetune_mode=mode, adapter_cache_prefault=False,
+    ))  # not started: no iteration can make them first
+    model = engine.engine.runner.model
+    if model.lm_head_packed._packed is None:
+        pytest.skip("this CPU reorders no float32 weights")
+    try:
+        engine.jobs.create(request())
+        transposed = [linear.packed._transposed is not None for linear in group_linears(model).values()]
+        assert transposed == [reordered] * len(transposed)
+        assert (model.lm_head_packed._transposed is not None) is reordered
+    finally:
+        engine.shutdown()
 
 
 def test_a_cancelled_running_job_publishes_nothing(tiny_model_dir, dirs):

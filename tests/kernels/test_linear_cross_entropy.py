@@ -41,12 +41,16 @@ def test_loss_and_gradient_equal_the_plain_head(monkeypatch, rows, dtype):
     torch.testing.assert_close(x.grad, want_grad, **TOLERANCE[dtype])
 
 
-def test_through_a_prepacked_weight_and_without_grad():
+@pytest.mark.parametrize("back", [False, True], ids=["mm-back", "packed-back"])
+def test_through_a_prepacked_weight_and_without_grad(back):
+    """Logits through the reordered weight; the gradient back through torch.mm or through the
+    reordered transpose (project_back)."""
     h, w, t = head(40, torch.float32)
     want_loss, want_grad = plain(h, w, t)
     packed = Prepacked()
     x = h.clone().requires_grad_()
-    loss = lce.linear_cross_entropy(x, w, t, lambda c: packed.linear(c, w))
+    project_back = (lambda g: packed.transposed_linear(g, w)) if back else None
+    loss = lce.linear_cross_entropy(x, w, t, lambda c: packed.linear(c, w), project_back)
     (loss * 0.37).backward()
     torch.testing.assert_close(x.grad, want_grad, **TOLERANCE[torch.float32])
     with torch.inference_mode():

@@ -56,6 +56,28 @@ def test_a_graph_being_recorded_gets_f_linears_gradient_through_onednn(rows, dty
 
 
 @packed_dtypes
+@pytest.mark.parametrize("rows", [7, 40])
+def test_prepared_copies_give_f_linears_product_and_transposed_product(rows, dtype):
+    """prepare makes both copies before any call; transposed_linear is dy @ weight."""
+    w, _ = weights(dtype, bias=False)
+    packed = Prepacked()
+    packed.prepare(w, transposed=True)
+    assert packed._packed is not None and packed._transposed is not None
+    x, dy = torch.randn(rows, 40).to(dtype), torch.randn(rows, 96).to(dtype)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.linear(x, w), F.linear(x, w), **TOLERANCE[dtype])
+        torch.testing.assert_close(packed.transposed_linear(dy, w), dy @ w, **TOLERANCE[dtype])
+
+
+def test_without_onednn_the_transposed_product_is_a_plain_matmul(monkeypatch):
+    w, _ = weights(bias=False)
+    dy = torch.randn(5, 96).to(torch.bfloat16)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    packed = Prepacked()
+    assert torch.equal(packed.transposed_linear(dy, w), dy @ w) and packed._transposed is None
+
+
+@packed_dtypes
 def test_a_weight_that_trains_keeps_f_linear(dtype):
     w, b = weights(dtype)
     w.requires_grad_()

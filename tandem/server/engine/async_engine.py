@@ -12,9 +12,8 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
@@ -23,6 +22,7 @@ from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.outputs import EngineStats, ModelInfo, RequestOutput
+from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
 from tandem.server.finetune.jobs import JobManager
@@ -67,33 +67,6 @@ class _Abort:
     """Inbox command: stop a request and free what it holds."""
 
     request_id: str
-
-
-T = TypeVar("T")
-
-
-def in_passing_thread(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) on a thread that ends with it. The model's load runs torch's parallel ops,
-    and OpenMP keeps a team of worker threads for every thread that ran one for as long as
-    that thread lives; with more such workers than cores libgomp stops spinning between
-    parallel regions, and the engine thread's small GEMMs ran ~1.7x slower (a bf16 LoRA
-    shrink 18 -> 32 us, a 64-row MLP projection 155 -> 228 us, after the constructing thread
-    had run torch work and stayed alive: an in-process AsyncEngine built on the main thread)."""
-    box: list = []
-
-    def run() -> None:
-        try:
-            box.append((fn(*args), None))
-        except BaseException as exc:  # re-raised on the calling thread
-            box.append((None, exc))
-
-    thread = threading.Thread(target=run, name="tandem-build")
-    thread.start()
-    thread.join()
-    result, error = box[0]
-    if error is not None:
-        raise error
-    return result
 
 
 class AsyncEngine:

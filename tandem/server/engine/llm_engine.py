@@ -50,6 +50,7 @@ class Engine:
         self.max_model_len = min(config.max_model_len or shape.max_position, num_blocks * config.block_size)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         attach_lora(model)
+        model.prepack()
         self.registry = self._adapter_registry(model, config)
         pool = None if self.registry is None else self.registry.pool
         self.scheduler = Scheduler(config, self.allocator, pool)

@@ -141,4 +141,15 @@ class LlamaModel(nn.Module):
     def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The summed cross-entropy of hidden [N, hidden] against targets [N], float32,
         differentiable in hidden; the logits are never materialised whole."""
-        return linear_cross_entropy(hidden, self.lm_head, targets, lambda h: self.lm_head_packed.linear(h, self.lm_head))
+        packed, weight = self.lm_head_packed, self.lm_head
+        return linear_cross_entropy(
+            hidden, weight, targets, lambda h: packed.linear(h, weight), lambda g: packed.transposed_linear(g, weight)
+        )
+
+    def prepack(self, for_training: bool = False) -> None:
+        """Reorder every frozen weight for oneDNN now (for_training: also the transposes that a
+        backward multiplies by) rather than on first use, inside an iteration someone waits for."""
+        for module in self.modules():
+            if isinstance(module, FusedLinear):
+                module.packed.prepare(module.weight, for_training)
+        self.lm_head_packed.prepare(self.lm_head, for_training)
