@@ -12,6 +12,9 @@ Each reports TTFT and ITL p50/p99 (engine-side: AsyncEngine streams, no gRPC) an
 training tokens/s in the window. Goals (issue 5): at 50% load, co-served inference p99 ITL
 within 1.15x of alone while fine-tuning keeps at least 50% of its solo tokens/s; at 90%,
 at least 2x time-slicing's fine-tuning throughput (the p99s are printed beside it).
+Guarded runs also say where their time went (GuardRoom): the share of the window the guard
+left for training and the share training used, and at what cost per token against solo's;
+the fraction of solo tokens/s is their product, and the room bounds it.
 
     .venv/bin/python bench/coserve.py            # ~15 minutes on 2 cores
     .venv/bin/python bench/coserve.py --quick    # a smoke run
@@ -111,6 +114,49 @@ class TrainedTokens:
         return self._timesliced + sum(b.work.num_tokens for b in self._coserved if b.done)
 
 
+class GuardRoom:
+    """Where the guarded iterations' time went, from the share's own cost model: how much of
+    the window the guard left for training (each iteration with decodes filled to gain x
+    target, less its fitted fixed and inference cost) and how much training used. The first
+    bounds the fine-tuning share: at solo speed, training can take no more of the window."""
+
+    def __init__(self, engine: AsyncEngine):
+        share = engine.engine.share
+        self._share, observe = share, share.observe
+        self.iterations: list[tuple[float, dict, float]] = []
+        self.recording = False
+
+        def recorded(seconds, work, interval):
+            if self.recording:
+                self.iterations.append((seconds, dict(work), share.gain))
+            observe(seconds, work, interval)
+
+        share.observe = recorded
+
+    def summary(self, window_seconds: float, train_tokens: int) -> dict | None:
+        share = self._share
+        if share.target is None or not self.iterations:
+            return None
+        cost = share.costs()
+        room = training = 0.0
+        for seconds, work, gain in self.iterations:
+            base = cost["fixed"] + cost["inference"] * work.get("inference", 0.0)
+            if work.get("inference"):
+                room += max(0.0, gain * share.target - base)
+            if any(work.get(kind) for kind in ("forward", "head", "backward")):
+                training += max(0.0, seconds - base)
+        return {
+            "iterations": len(self.iterations),
+            "mean_iteration_ms": 1000 * sum(i[0] for i in self.iterations) / len(self.iterations),
+            "fixed_ms": 1000 * cost["fixed"],
+            "inference_ms_per_token": 1000 * cost["inference"],
+            "mean_gain": sum(i[2] for i in self.iterations) / len(self.iterations),
+            "room_share": room / window_seconds,
+            "training_share": training / window_seconds,
+            "training_ms_per_token": 1000 * training / train_tokens if train_tokens else None,
+        }
+
+
 def start_job(engine: AsyncEngine) -> None:
     hp = Hyperparameters(learning_rate=1e-3, max_steps=100_000, tokens_per_step=1024, checkpoint_interval=100_000, seed=0)
     engine.jobs.create(JobRequest("bench-job", hp, training_file="train.jsonl", lora={"r": 16}))
@@ -177,16 +223,23 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
     window = Window()
     try:
         trained = TrainedTokens(engine)
+        room = GuardRoom(engine) if job else None
         if job:
             start_job(engine)
             while trained() == 0:
                 time.sleep(0.2)
         before = trained()
         started = time.perf_counter()
+        if room is not None:
+            room.recording = True
         asyncio.run(load(engine, window))
+        if room is not None:
+            room.recording = False
         window.seconds = time.perf_counter() - started
         window.train_tokens = trained() - before
         summary = window.summary() | {"finetune_share": engine.stats().finetune_share}
+        if room is not None and (guard := room.summary(window.seconds, window.train_tokens)) is not None:
+            summary["guard"] = guard
     finally:
         engine.shutdown()
     return summary
@@ -199,6 +252,12 @@ def goal_figures(loads: list[dict], solo: dict) -> dict:
     if half is not None:
         goals["load50_itl_p99_ratio"] = half["coserve"]["itl_p99"] / half["alone"]["itl_p99"]
         goals["load50_finetune_fraction_of_solo"] = half["coserve"]["train_tokens_per_s"] / solo["train_tokens_per_s"]
+        guard = half["coserve"].get("guard")
+        if guard is not None and guard["training_ms_per_token"]:
+            # fraction of solo = training_share x coserved speed; training_share <= room_share.
+            goals["load50_guard_room_share"] = guard["room_share"]
+            goals["load50_training_share"] = guard["training_share"]
+            goals["load50_coserved_speed_of_solo"] = 1000 / solo["train_tokens_per_s"] / guard["training_ms_per_token"]
         if "alone_guarded" in half:
             goals["load50_itl_p99_ratio_to_alone_guarded"] = half["coserve"]["itl_p99"] / half["alone_guarded"]["itl_p99"]
     high = next((run for run in loads if run["load"] == 0.9), None)
@@ -281,6 +340,13 @@ def main() -> None:
                     f"TTFT p99 {1000 * r['ttft_p99']:.0f} ms, fine-tuning {r['train_tokens_per_s']:.0f} tokens/s",
                     flush=True,
                 )
+                if (g := r.get("guard")) is not None:
+                    print(
+                        f"    guard: {g['iterations']} iterations of {g['mean_iteration_ms']:.0f} ms (fixed {g['fixed_ms']:.0f} ms, "
+                        f"gain {g['mean_gain']:.2f}); room for training {g['room_share']:.0%} of the window, used "
+                        f"{g['training_share']:.0%}" + (f" at {g['training_ms_per_token']:.1f} ms a token" if g["training_ms_per_token"] else ""),
+                        flush=True,
+                    )
             loads.append(run)
         # Time-slicing at 90% with smaller micro-batches (shorter waits): the one that keeps
         # within co-serving's p99 is what co-serving is compared with "at the same p99".
