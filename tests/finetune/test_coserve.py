@@ -86,6 +86,38 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.coserve.has_work()
 
 
+def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(tiny_hf_model, smollm2_tokenizer):
+    """Beside decodes, a whole-layer slice is planned down to the bottom layer and the share's
+    deadline stops it between layers: with the deadline always past, every such slice runs
+    only its top layer, the next slice goes on from there, and the micro-batch still has the
+    gradients of training it alone."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20)
+    engine.share.deadline = lambda interval_start: 0.0
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(len(smollm2_tokenizer))
+    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
+    engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
+    expected = grads(adapter)
+    slices, backward = [], engine.runner.backward
+
+    def recording(work):
+        result = backward(work)
+        slices.append((work, result))
+        return result
+
+    engine.runner.backward = recording
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    coserve(engine, adapter, seqs, 1 / targets, {0: [("r", random_prompts([5], len(smollm2_tokenizer), seed=8)[0], params)]})
+    got = grads(adapter)
+
+    cut = [(w, r) for w, r in slices if isinstance(w, TrainingBackward) and w.deadline is not None]
+    layers = engine.runner.model.shape.num_layers
+    assert [(w.first, w.last, r.first) for w, r in cut] == [(0, layer, layer) for layer in range(layers - 1, -1, -1)]
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_trained_slots_are_laid_out_for_the_c_kernel(tiny_hf_model, smollm2_tokenizer):
     """A forward chunk keeps no graph, so its trained adapter can run the C kernel: its slots
     are laid out as the CPU slot pool's (B transposed). Through the torch reference the 120
@@ -138,25 +170,40 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
 
 class FakeClock:
     """Iteration time as a function of the work in it: cost per token of forward, three
-    times that per token-layer of a backward slice (as BACKWARD_COST assumes), and a head
-    row as costly as the lm_head's share of the model says."""
+    times that per token-layer of a backward slice (as BACKWARD_COST assumes), charged as
+    each layer runs (a deadline may stop a slice between layers), and a head row as costly
+    as the lm_head's share of the model says."""
 
     def __init__(self, engine, seconds_per_token: float):
         self.now = 0.0
         execute, backward = engine.runner.execute, engine.runner.backward
-        layers = engine.runner.model.shape.num_layers
+        layers = engine.runner.model.layers
+        slice_tokens = 0
 
         def timed_execute(scheduled):
             self.now += scheduled.num_tokens * seconds_per_token
             return execute(scheduled)
 
         def timed_backward(work):
+            nonlocal slice_tokens
             if isinstance(work, TrainingHead):
                 self.now += engine.share.prior["head"] * work.num_tokens * seconds_per_token
-            else:
-                self.now += 3 * work.num_tokens * (work.last - work.first + 1) / layers * seconds_per_token
-            return backward(work)
+                return backward(work)
+            slice_tokens = work.num_tokens
+            try:
+                return backward(work)
+            finally:
+                slice_tokens = 0
 
+        def timed_layer(forward):
+            def charged(x, *args):
+                self.now += 3 * slice_tokens / len(layers) * seconds_per_token
+                return forward(x, *args)
+
+            return charged
+
+        for layer in layers:
+            layer.forward = timed_layer(layer.forward)
         engine.runner.execute, engine.runner.backward = timed_execute, timed_backward
 
     def __call__(self) -> float:

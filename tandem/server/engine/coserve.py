@@ -14,17 +14,20 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
 3. Backward, top layer first, a few layers per iteration: each layer is recomputed from its
    stored input with autograd and backpropagated, handing the gradient at its input to the
    next slice. A slice of k layers over T tokens costs about 3kT token-layers (recompute +
-   backward), the forward of a chunk of n tokens nL. Where not even one layer over the whole
-   micro-batch fits, a slice is one layer over some of its sequences (attention stays within
-   a sequence, so a layer's backward splits exactly by sequence): a layer never has to wait
-   for an iteration with room for all of it, which beside steady inference may never come.
+   backward), the forward of a chunk of n tokens nL. Beside decodes under a target, a slice
+   that one layer fits in goes on down until the share's deadline (finetune_share.py): it
+   fills the interval by the clock, where the forward and the head are planned by the cost
+   model and its margin. Where not even one layer over the whole micro-batch fits, a slice is
+   one layer over some of its sequences (attention stays within a sequence, so a layer's
+   backward splits exactly by sequence): a layer never has to wait for an iteration with
+   room for all of it, which beside steady inference may never come.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
 the optimizer. Memory held for training: the micro-batch's KV blocks and its stored layer
 inputs ((num_layers + 1) x tokens x hidden), both bounded by the micro-batch's token count.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -123,9 +126,11 @@ class CoServer:
             batch.error = error
         self._queue.clear()
 
-    def plan(self, scheduled: SchedulerOutput, inference_running: bool) -> None:
+    def plan(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float) -> None:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
-        backward slice of the running micro-batch, within the share of the token budget left."""
+        backward slice of the running micro-batch, within the share of the token budget left.
+        Beside decodes under a target, a slice that one whole layer fits in may go down to the
+        bottom layer: the share's deadline from interval_start (perf_counter) stops it."""
         if not self._queue:
             return
         batch = self._queue[0]
@@ -142,10 +147,12 @@ class CoServer:
         elif kind == "head":
             scheduled.train_head = self._head(batch, max(least, int(units)))
         else:
-            scheduled.train_backward = self._backward(batch, units, least)
+            deadline = self.share.deadline(interval_start) if scheduled.decodes else None
+            scheduled.train_backward = self._backward(batch, units, least, deadline)
 
     def finish(self, scheduled: SchedulerOutput, result: BackwardResult | None) -> None:
-        """Advance the running micro-batch past what this iteration did."""
+        """Advance the running micro-batch past what this iteration did; a slice its deadline
+        stopped early is cut to the layers it ran in `scheduled` too (what work() reports)."""
         if result is None:
             return
         batch = self._queue[0]
@@ -158,7 +165,7 @@ class CoServer:
             return
         start, stop = batch.backward_rows
         batch.grad[start:stop] = result.grad
-        backward = scheduled.train_backward
+        backward = scheduled.train_backward = replace(scheduled.train_backward, first=result.first)
         batch.next_layer_seq += len(backward.sequences) if backward.first == backward.last else 0
         if batch.next_layer_seq in (0, len(batch.work.sequences)):
             batch.next_layer, batch.next_layer_seq = backward.first - 1, 0
@@ -224,18 +231,18 @@ class CoServer:
         stop = min(batch.inputs.shape[1], start + rows)
         return TrainingHead(batch.work.sequences, batch.inputs[-1], start, stop, batch.loss_scale)
 
-    def _backward(self, batch: CoservedBatch, units: float, least: int) -> TrainingBackward | None:
-        """The next layers down, as many as `units` (token-layers / num_layers) pay for; where
-        not one whole layer fits, the next sequences of the current layer that do; at least
-        `least` of either."""
+    def _backward(self, batch: CoservedBatch, units: float, least: int, deadline: float | None) -> TrainingBackward | None:
+        """The next layers down, as many as `units` (token-layers / num_layers) pay for, or
+        with a deadline all of them until it; where not one whole layer fits, the next
+        sequences of the current layer that do; at least `least` of either."""
         sequences = batch.work.sequences
         tokens = batch.inputs.shape[1]
         token_layers = units * self.num_layers
         last = batch.next_layer
         if batch.next_layer_seq == 0 and int(token_layers / tokens) >= max(1, least):
-            first = max(0, last - int(token_layers / tokens) + 1)
+            first = 0 if deadline is not None else max(0, last - int(token_layers / tokens) + 1)
             batch.backward_rows = (0, tokens)
-            return TrainingBackward(sequences, batch.work.weights, batch.inputs, first, last, batch.grad)
+            return TrainingBackward(sequences, batch.work.weights, batch.inputs, first, last, batch.grad, deadline)
         begin = end = batch.next_layer_seq
         while end < len(sequences) and (sequences[end].num_tokens <= token_layers or end - begin < least):
             token_layers -= sequences[end].num_tokens

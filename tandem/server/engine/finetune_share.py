@@ -27,6 +27,13 @@ spread)), so that about 0.5% of the intervals exceed the target (Z for a normal'
 half of a p99's 1%). A margin from measurement, not a controller that cuts on every miss:
 that one settles where misses are as frequent as its cut and recovery steps make them (~8%
 of intervals for a cut of 0.7 and a recovery of 0.02), far above 1%.
+
+That margin is for work that cannot stop once started (a forward, a head block). A backward
+slice can, between layers: beside decodes it runs layer after layer until the next would end
+past FILL x target from the interval's start (`deadline`), so on a host whose speed swings it
+fills the interval by the clock instead of by a prediction shrunk for the worst case. On the
+2-core EPYC the margin's gain sat at 0.64-0.75: slices planned by it ended near two thirds of
+the target, and a slow spell still carried one past it.
 """
 
 import math
@@ -59,6 +66,9 @@ _OVERHEAD_PRIOR_WEIGHT = 1.0
 # A mix of work (which training kinds an iteration carries, or none) moves the margin once
 # the cost model has seen this many iterations of it.
 _MIX_WARMUP = 4
+# The share of the target a backward slice beside decodes may fill by the clock; the rest
+# is room for one layer running slower than the one before it, and for the iteration's end.
+FILL = 0.9
 
 
 class FinetuneShare:
@@ -107,6 +117,11 @@ class FinetuneShare:
         cost = self.costs()
         fits = int((self.gain * self.target - cost["fixed"]) / cost["inference"])
         return min(self.budget, max(fits, running + MIN_PROMPT_TOKENS))
+
+    def deadline(self, interval_start: float) -> float | None:
+        """When a backward slice in an interval that began at interval_start (perf_counter)
+        must stop adding layers; None without a target."""
+        return None if self.target is None else interval_start + FILL * self.target
 
     @property
     def warm(self) -> bool:

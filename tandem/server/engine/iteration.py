@@ -119,7 +119,10 @@ class TrainingBackward:
     """Backward through layers [first, last] (top down, last first) of a co-served micro-batch:
     each layer is recomputed from its stored input with autograd, then backpropagated.
 
-    grad: the gradient at the output of layer `last` (from the head, for the top layer)."""
+    grad: the gradient at the output of layer `last` (from the head, for the top layer).
+    deadline: a time.perf_counter() instant, or None. With one, layers first..last are the
+    most the slice runs: it stops before a layer that the time of the one before says would
+    end past the deadline (layer `last` always runs); BackwardResult.first says where."""
 
     sequences: list[TrainingSequence]
     weights: Mapping[tuple[int, str], LoRAWeights]
@@ -127,6 +130,7 @@ class TrainingBackward:
     first: int
     last: int
     grad: torch.Tensor
+    deadline: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -137,11 +141,12 @@ class TrainingBackward:
 class BackwardResult:
     """What a head or backward slice leaves: the gradient at its input (the head's rows of the
     top-layer output, or the first layer's input), and for the head the summed token loss
-    and target count of its rows."""
+    and target count of its rows; for a slice, the lowest layer it backpropagated."""
 
     grad: torch.Tensor
     loss_sum: float | None
     num_targets: int
+    first: int | None = None
 
 
 @dataclass

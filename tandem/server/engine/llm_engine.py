@@ -184,7 +184,7 @@ class Engine:
         started = time.perf_counter()
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()
-        self.coserve.plan(scheduled, bool(self.scheduler.running))
+        self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started)
         if not scheduled:
             self._decoded_at = None
             return []

@@ -12,6 +12,7 @@ head block (some rows' loss, back to the top layer's output) or backward slice (
 recomputed from their stored inputs, then backpropagated).
 """
 
+import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -131,19 +132,24 @@ class ModelRunner:
     def backward(self, work: TrainingHead | TrainingBackward) -> BackwardResult:
         """A co-served head block or backward slice. A slice: layers work.last .. work.first,
         each recomputed from its stored input over the micro-batch's whole sequences (fresh
-        attention, trained LoRA with autograd) and backpropagated; the LoRA masters accumulate
-        gradients."""
+        attention, trained LoRA with autograd) and backpropagated, down to work.first or to
+        where work.deadline stops it; the LoRA masters accumulate gradients."""
         if isinstance(work, TrainingHead):
             return self._head(work)
         batch = self._recompute_batch(work)
         rope = self.model.rotary.table(batch.positions)
         grad = work.grad
+        layer = work.last
         with torch.enable_grad():
-            for layer in range(work.last, work.first - 1, -1):
+            while True:
+                started = time.perf_counter()
                 x = work.inputs[layer].detach().requires_grad_()
                 self.model.layers[layer](x, batch, rope).backward(grad)
                 grad = x.grad
-        return BackwardResult(grad, None, 0)
+                now = time.perf_counter()
+                if layer == work.first or (work.deadline is not None and 2 * now - started > work.deadline):
+                    return BackwardResult(grad, None, 0, first=layer)
+                layer -= 1
 
     def _head(self, work: TrainingHead) -> BackwardResult:
         """Rows [start, stop) of the top layer's output: their loss_scale * summed loss, back
