@@ -7,35 +7,24 @@ base, with 8 at ~0.63x. The C kernel does a call in one pass over the weights, i
 OpenMP team (bench/lora_serving.py measures it). A slot load through torch was ~8 ms per
 SmolLM2 adapter (420 copies, B transposed element by element); load_slot does it in ~3.7.
 
-Built with the machine's C compiler (`cc -O3 -march=native -fopenmp`) into a cache folder
-($TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem), under a name keyed
-by the source, the compiler and the CPU's flags, written to a temporary file and renamed.
-Without a compiler, or where the build fails, lora_delta returns False and the torch
-reference serves (the same results to float32 rounding). TANDEM_NATIVE_LORA=0 turns it off.
+Built once per machine by kernels/native_build.py. Without a compiler, or where the build
+fails, lora_delta returns False and the torch reference serves (the same results to float32
+rounding). TANDEM_NATIVE_LORA=0 turns it off.
 """
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .. import native_build
 from . import reference
 from .batch import LoRABatch, LoRAWeights
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("sgmv_cpu.c")
-_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 _DTYPES = (torch.float32, torch.bfloat16)
 # Segments longer than this go to torch, whose GEMMs (oneDNN, MKL) win on long ones: over one
 # SmolLM2 layer's four calls (2 cores, bf16) the kernel took 0.83x torch's time at 256 rows
@@ -43,62 +32,11 @@ _DTYPES = (torch.float32, torch.bfloat16)
 MAX_SEGMENT_ROWS = 320
 
 
-def cache_dir() -> Path:
-    if os.environ.get("TANDEM_CACHE_DIR"):
-        return Path(os.environ["TANDEM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-
-
-def _compile(compiler: str, out: Path) -> bool:
-    """Build the library at out (OpenMP if the compiler has it); False when it cannot."""
-    for extra in (("-fopenmp",), ()):
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.stem, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            done = subprocess.run(
-                [compiler, *_FLAGS, *extra, "-o", str(tmp_path), str(SOURCE)], capture_output=True, text=True, timeout=120
-            )
-            if done.returncode == 0:
-                with open(tmp_path, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp_path, out)
-                return True
-            log.info("building the native LoRA kernel with %s failed: %s", " ".join(extra) or "no OpenMP", done.stderr[-500:])
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.info("building the native LoRA kernel failed: %s", exc)
-        finally:
-            tmp_path.unlink(missing_ok=True)
-    return False
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The kernel's library, built if this machine has none yet; None where it cannot be."""
-    if os.environ.get("TANDEM_NATIVE_LORA", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler: CPU LoRA runs on the torch path")
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
-        path = cache_dir() / "kernels" / f"sgmv_cpu-{key}.so"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not _compile(compiler, path):
-                return None
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.info("the native LoRA kernel is unavailable: %s", exc)
+    lib = native_build.build(SOURCE, "TANDEM_NATIVE_LORA")
+    if lib is None:
         return None
     fn = lib.tandem_lora_sgmv
     p, i64 = ctypes.c_void_p, ctypes.c_int64

@@ -253,6 +253,7 @@ class ModelRunner:
         context = self._context_slots([c.seq.block_table for c in decodes], ctx)
         attn.decode_slots = torch.where(valid, context, self.kv_cache.null_slot).to(self.device)
         attn.decode_mask = valid.view(len(decodes), 1, 1, width).to(self.device)
+        attn.decode_lens = lens.to(torch.int32).to(self.device)
 
     def _prefill_chunk(self, computed: int, block_table: list[int], n: int, row: int) -> PrefillChunk:
         """Rows [row, row + n) hold positions computed .. computed + n - 1 of a sequence."""

@@ -2,11 +2,15 @@
 
 Grouped-query attention is done without repeating K/V: the G query heads that share a KV
 head are laid along the query-length axis of one SDPA call, so each KV head is read once.
+On CPU, decode rows go to the C kernel of kernels/decode_attention.py where it is built,
+which reads each context from its cache slots in place; SDPA over the gathered context
+elsewhere.
 """
 
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels.decode_attention import decode_attention
 from tandem.server.model.batch import AttentionMetadata, FreshChunk
 
 # Fresh sequences up to this many tokens, in bfloat16 or float16 on CPU, attend by two
@@ -70,7 +74,9 @@ def paged_attention(
     group = num_heads // num_kv_heads
     out = q.new_empty(num_tokens, num_heads * head_dim)
     nd = meta.num_decodes
-    if nd:
+    if nd and meta.decode_lens is not None and (o := decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_lens)) is not None:
+        out[:nd] = o
+    elif nd:
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
         k = _gather(k_cache, meta.decode_slots).transpose(1, 2)
         v = _gather(v_cache, meta.decode_slots).transpose(1, 2)

@@ -49,6 +49,7 @@ class AttentionMetadata:
     decode_slots: [Nd, Lmax] flat KV slots of each decode sequence's context, padded with
         the cache's null slot.
     decode_mask: [Nd, 1, 1, Lmax] bool, False on padding.
+    decode_lens: [Nd] int32, each decode sequence's context length (its unpadded slots).
     """
 
     slot_mapping: torch.Tensor
@@ -57,6 +58,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]
     fresh: list[FreshChunk]
+    decode_lens: torch.Tensor | None = None
 
     @property
     def num_cached_rows(self) -> int:

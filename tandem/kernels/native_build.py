@@ -1,0 +1,85 @@
+"""Building the CPU kernels written in C (LoRA's sgmv_cpu.c, decode_attention_cpu.c) into
+shared libraries, once per machine.
+
+Built with the machine's C compiler (`cc -O3 -march=native -fopenmp`: the kernels run in
+torch's OpenMP team) into a cache folder ($TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem,
+else ~/.cache/tandem), under a name keyed by the source and the headers beside it, the
+compiler and the CPU's flags, written to a temporary file, fsynced and renamed: a build
+killed halfway leaves nothing another process could load. Without a compiler, or where the
+build fails, there is no library and the caller's torch path serves.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+_HEADERS = sorted(Path(__file__).parent.rglob("*.h"))
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TANDEM_CACHE_DIR"):
+        return Path(os.environ["TANDEM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+def _compile(compiler: str, source: Path, out: Path) -> bool:
+    """Build the library at out (OpenMP if the compiler has it); False when it cannot."""
+    for extra in (("-fopenmp",), ()):
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.stem, suffix=".tmp", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            done = subprocess.run(
+                [compiler, *_FLAGS, *extra, "-o", str(tmp_path), str(source)], capture_output=True, text=True, timeout=120
+            )
+            if done.returncode == 0:
+                with open(tmp_path, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp_path, out)
+                return True
+            log.info("building %s with %s failed: %s", source.name, " ".join(extra) or "no OpenMP", done.stderr[-500:])
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("building %s failed: %s", source.name, exc)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    return False
+
+
+def build(source: Path, switch: str) -> ctypes.CDLL | None:
+    """source's library, built if this machine has none yet; None where the environment
+    variable `switch` is "0", there is no compiler, or the build fails."""
+    if os.environ.get(switch, "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: %s is not built, the torch path serves", source.name)
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        texts = [source.read_text(), *(h.read_text() for h in _HEADERS), version, " ".join(_FLAGS), _cpu_flags()]
+        key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+        path = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not _compile(compiler, source, path):
+                return None
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("%s is unavailable: %s", source.name, exc)
+        return None

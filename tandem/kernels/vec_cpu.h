@@ -1,0 +1,91 @@
+/* Float32 vectors of 16 lanes over float32 or bfloat16 memory, and a per-thread scratch
+   buffer, for the CPU kernels (plain C with GCC vector types: it builds for whatever
+   -march=native offers, AVX2 or AVX-512). */
+#ifndef TANDEM_VEC_CPU_H
+#define TANDEM_VEC_CPU_H
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+
+static inline f32x16 load(const float *p) { f32x16 r; memcpy(&r, p, 64); return r; }
+static inline void store(float *p, f32x16 v) { memcpy(p, &v, 64); }
+
+static inline f32x16 load_bf16(const uint16_t *p) {
+    u16x16 h; memcpy(&h, p, 32);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 f; memcpy(&f, &u, 64); return f;
+}
+
+/* Round to nearest even, as torch does, denormals included; NaNs stay NaN (quieted). */
+static inline void store_bf16_exact(uint16_t *p, f32x16 f) {
+    u32x16 u; memcpy(&u, &f, 64);
+    u32x16 rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    u32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;
+    u32x16 r = (nan & (u | 0x400000u)) | (~nan & rounded);
+    u16x16 h = __builtin_convertvector(r >> 16, u16x16);
+    memcpy(p, &h, 32);
+}
+
+#if defined(__AVX512BF16__)
+/* Round to nearest even in one instruction (NaNs stay NaN; bf16 denormals flush to zero). */
+static inline void store_bf16(uint16_t *p, f32x16 f) {
+    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+    memcpy(p, &h, 32);
+}
+#else
+static inline void store_bf16(uint16_t *p, f32x16 f) { store_bf16_exact(p, f); }
+#endif
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Weights in either dtype, as float32. */
+static inline f32x16 load_w(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : load((const float *)p + i);
+}
+static inline float w_at(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+typedef float f32x4 __attribute__((vector_size(16), aligned(4)));
+/* A tree over halves: a scalar loop would chain 16 dependent adds. */
+static inline float hsum(f32x16 v) {
+    f32x8 lo, hi;
+    memcpy(&lo, &v, 32);
+    memcpy(&hi, (const char *)&v + 32, 32);
+    f32x8 h = lo + hi;
+    f32x4 qa, qb;
+    memcpy(&qa, &h, 16);
+    memcpy(&qb, (const char *)&h + 16, 16);
+    f32x4 q = qa + qb;
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* Scratch of at least `floats` floats, kept per thread and grown on demand (sgmv: TB token
+   rows of x in float32, then their v; decode attention: a sequence's scores). NULL when out
+   of memory. */
+static __thread float *scratch;
+static __thread size_t scratch_floats;
+
+static inline float *scratch_for(size_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = malloc(floats * sizeof(float));
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+#endif
