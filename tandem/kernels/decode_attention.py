@@ -3,8 +3,9 @@ token's query heads over its sequence's context, read from the KV cache in place
 
 On a 2-core Zen 5 EPYC, SmolLM2 shapes (9 query over 3 KV heads of 64), bfloat16: in a
 decode step of 24 sequences (~180 tokens of context) its 30 calls took 6-7 ms against ~15
-for gathering the contexts and SDPA, and the step 31 against 38-43 ms; its error against a
-float64 reference is at most SDPA's (tests/kernels/test_decode_attention.py). Built once per machine by kernels/native_build.py;
+for gathering the contexts and SDPA, and the step 31 against 38-43 ms (bench/
+decode_attention.py); against a float64 reference its bfloat16 error stays within 1.25x of
+SDPA's own (tests/kernels/test_decode_attention.py; below it in every shape measured). Built once per machine by kernels/native_build.py;
 without it (no compiler, TANDEM_NATIVE_ATTENTION=0), or for what it does not take,
 decode_attention returns None and the torch path serves.
 """
@@ -39,16 +40,21 @@ def library() -> ctypes.CDLL | None:
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lens: Tensor) -> Tensor | None:
     """q [N, H, D], one query row per sequence; k_cache, v_cache [num_slots, Hkv, D]; slots
-    [N, W] int64 whose first lens[i] (int32) entries are sequence i's context slots, in
-    order. Returns softmax(q k^T / sqrt(D)) v as [N, H * D] in q's dtype, or None where the
-    kernel cannot take the call (not CPU, mixed or other dtypes, shapes past its limits,
-    a graph to record, no library)."""
+    [N, W] int64 whose first lens[i] (int32, at most W) entries are sequence i's context
+    slots, in order, each below num_slots (not checked: the runner builds them from block
+    tables; the kernel reads the cache at them). Returns softmax(q k^T / sqrt(D)) v as
+    [N, H * D] in q's dtype, or None where the kernel cannot take the call (not CPU, mixed
+    or other dtypes, shapes past its limits, a graph to record, no library)."""
+    if q.dim() != 3 or k_cache.dim() != 3 or slots.dim() != 2 or lens.dim() != 1:
+        return None
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     fits = (
-        q.is_cpu and q.dtype in _DTYPES and k_cache.dtype == v_cache.dtype == q.dtype
+        all(t.is_cpu for t in (q, k_cache, v_cache, slots, lens))
+        and q.dtype in _DTYPES and k_cache.dtype == v_cache.dtype == q.dtype
         and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
         and slots.dtype == torch.int64 and lens.dtype == torch.int32 and slots.is_contiguous() and lens.is_contiguous()
+        and slots.shape[0] == lens.shape[0] == n
         and head_dim % 16 == 0 and head_dim <= _MAX_HEAD_DIM and k_cache.shape[2] == head_dim
         and num_heads % num_kv_heads == 0 and num_heads <= _MAX_HEADS
         and not (torch.is_grad_enabled() and q.requires_grad)

@@ -36,7 +36,7 @@ typedef int32_t i32x16 __attribute__((vector_size(64), aligned(4)));
    of them). Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r a degree-7 polynomial, 2^n
    put in the exponent bits; 0 below -87, where e^x leaves float's normal range. */
 static inline f32x16 exp_nonpositive(f32x16 x) {
-    i32x16 normal = x >= -87.0f;
+    i32x16 normal = ~(x < -87.0f); /* NaN stays NaN */
     f32x16 t = x * 1.44269504088896341f + 0.5f;
     i32x16 n = __builtin_convertvector(t, i32x16);
     n += __builtin_convertvector(n, f32x16) > t; /* truncation towards zero, made floor */
@@ -74,8 +74,8 @@ static inline void prefetch_row(const void *base, int64_t at, int64_t n, int bf1
 static int attend(const void *q, const void *k, const void *v, void *out, const int64_t *slots, int L, int H,
                   int Hkv, int D, float scale, int bf16) {
     int C = D / 16, G = H / Hkv;
-    f32x16 qv[MAX_HEADS][MAX_D / 16], acc[MAX_HEADS][MAX_D / 16];
-    float m[MAX_HEADS], inv[MAX_HEADS];
+    f32x16 qv[H][C], acc[H][C];
+    float m[H], inv[H];
     float *s = scratch_for((size_t)H * (L > 0 ? L : 1));
     if (!s) return -1;
     for (int i = 0; i < H; i++) {
@@ -139,7 +139,7 @@ int tandem_decode_attention(const void *q, const void *k, const void *v, void *o
     if (D % 16 || D > MAX_D || H > MAX_HEADS || Hkv <= 0 || H % Hkv) return -1;
     int failed = 0;
     size_t row = (size_t)H * D * (bf16 ? 2 : 4);
-#pragma omp parallel for schedule(dynamic) if (nd > 1)
+#pragma omp parallel for schedule(dynamic) reduction(|| : failed) if (nd > 1)
     for (int s = 0; s < nd; s++)
         if (attend((const char *)q + s * row, k, v, (char *)out + s * row, slots + (int64_t)s * W, lens[s], H, Hkv, D, scale, bf16))
             failed = 1;

@@ -50,6 +50,15 @@ def test_the_wheel_installs_one_top_level_package_with_type_information(wheel):
     assert "tandem/py.typed" in names
 
 
+def test_the_wheel_carries_every_c_kernel_source_and_header(wheel):
+    """The CPU kernels are built from their sources on the serving machine: an install that
+    lacked one (or the header they share) would serve through torch without a word."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    kernels = REPO / "tandem" / "kernels"
+    needed = {f"tandem/{p.relative_to(REPO / 'tandem').as_posix()}" for p in [*kernels.rglob("*.c"), *kernels.rglob("*.h")]}
+    assert needed and needed <= names, sorted(needed - names)
+
+
 def test_the_base_install_is_the_client_without_torch(client_venv):
     python = client_venv / "bin" / "python"
     assert run(python, "-c", "import torch").returncode != 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tandem.kernels.lora import LoRABatch, native_cpu
+from tandem.server.engine import model_runner
 from tandem.server.engine.iteration import IGNORE_INDEX, TrainingBackward, TrainingHead, TrainingSequence, TrainingWork
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
@@ -18,6 +19,7 @@ from tandem.server.finetune.dataset import TrainingExample
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
 from tandem.server.finetune.trainer import Hyperparameters, Trainer
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.conftest import make_tiny_hf_model
 from tests.engine.helpers import make_engine, random_prompts, run
 from tests.finetune.test_gradients import randomize
 
@@ -86,13 +88,30 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.coserve.has_work()
 
 
-def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(tiny_hf_model, smollm2_tokenizer):
+class LayerClock:
+    """The runner's clock, restarted at 0 by every backward slice and moved on by 1 at each
+    reading: a layer starts at an even reading and ends one later, so against a deadline of
+    3.5 the first layer (0 -> 1) says the next would end at 2 (runs), the second (2 -> 3) at
+    4 (stops): every cut slice runs two layers."""
+
+    def __init__(self):
+        self.now = -1
+
+    def perf_counter(self) -> float:
+        self.now += 1
+        return float(self.now)
+
+
+def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(smollm2_tokenizer, monkeypatch):
     """Beside decodes, a whole-layer slice is planned down to the bottom layer and the share's
-    deadline stops it between layers: with the deadline always past, every such slice runs
-    only its top layer, the next slice goes on from there, and the micro-batch still has the
+    deadline stops it between layers: on a 4-layer model with room for two layers a slice,
+    the first slice runs layers 3-2, the next 1-0, and the micro-batch still has the
     gradients of training it alone."""
-    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20)
-    engine.share.deadline = lambda interval_start: 0.0
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=3, num_hidden_layers=4)
+    engine = make_engine(model, smollm2_tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20)
+    engine.share.deadline = lambda interval_start: 3.5
+    clock = LayerClock()
+    monkeypatch.setattr(model_runner, "time", clock)
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
     randomize(adapter, seed=1)
     seqs = sequences(len(smollm2_tokenizer))
@@ -102,8 +121,9 @@ def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(tiny_hf_mode
     slices, backward = [], engine.runner.backward
 
     def recording(work):
+        clock.now = -1
         result = backward(work)
-        slices.append((work, result))
+        slices.append((work.first, work.last, result.first, work.deadline) if isinstance(work, TrainingBackward) else None)
         return result
 
     engine.runner.backward = recording
@@ -111,9 +131,7 @@ def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(tiny_hf_mode
     coserve(engine, adapter, seqs, 1 / targets, {0: [("r", random_prompts([5], len(smollm2_tokenizer), seed=8)[0], params)]})
     got = grads(adapter)
 
-    cut = [(w, r) for w, r in slices if isinstance(w, TrainingBackward) and w.deadline is not None]
-    layers = engine.runner.model.shape.num_layers
-    assert [(w.first, w.last, r.first) for w, r in cut] == [(0, layer, layer) for layer in range(layers - 1, -1, -1)]
+    assert [s for s in slices if s is not None] == [(0, 3, 2, 3.5), (0, 1, 0, 3.5)]
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 

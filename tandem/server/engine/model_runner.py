@@ -146,6 +146,8 @@ class ModelRunner:
                 x = work.inputs[layer].detach().requires_grad_()
                 self.model.layers[layer](x, batch, rope).backward(grad)
                 grad = x.grad
+                if work.deadline is not None and grad.is_cuda:
+                    torch.cuda.synchronize(grad.device)  # the clock must see the layer's work, not its launch
                 now = time.perf_counter()
                 if layer == work.first or (work.deadline is not None and 2 * now - started > work.deadline):
                     return BackwardResult(grad, None, 0, first=layer)
