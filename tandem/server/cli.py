@@ -54,6 +54,7 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),
     ("--finetune-mode", str, "coserve (training tokens inside inference iterations) or timeslice (between them)"),
     ("--finetune-micro-batch-tokens", int, "training tokens per gradient computation (bounds training memory; time-sliced, inference's wait)"),
+    ("--timeslice-share", float, "timeslice mode: the most of the engine's time training takes while inference has work (0-1]"),
     ("--coserve-itl-p99", float, "inter-token latency target in seconds that steers co-served fine-tuning's share; unset = a fixed half"),
 ]
 SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [

@@ -43,6 +43,10 @@ class EngineConfig:
     finetune_micro_batch_tokens: training tokens whose gradients are computed together (a
         step of more tokens accumulates several). Co-served, it bounds the memory training
         holds (its KV blocks and stored layer inputs); time-sliced, how long inference waits.
+    timeslice_share: time-sliced mode only, the most of the engine's time training takes
+        while inference has work: a micro-batch of t seconds is followed by at least
+        t x (1 - share) / share of inference alone. 1.0 runs one after every inference
+        iteration; lower shares trade training throughput for inference latency.
     """
 
     model: str | None = None
@@ -67,6 +71,7 @@ class EngineConfig:
     finetune_mode: str = "coserve"
     coserve_itl_p99: float | None = None
     finetune_micro_batch_tokens: int = 512
+    timeslice_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -88,6 +93,8 @@ class EngineConfig:
             raise ValueError(f"adapter_refresh_seconds must be >= 0, got {self.adapter_refresh_seconds}")
         if self.coserve_itl_p99 is not None and not self.coserve_itl_p99 > 0:
             raise ValueError(f"coserve_itl_p99 must be a positive number of seconds, got {self.coserve_itl_p99}")
+        if not 0 < self.timeslice_share <= 1:
+            raise ValueError(f"timeslice_share must be in (0, 1], got {self.timeslice_share}")
         if self.data_dir is not None and self.adapters_dir is None:
             raise ValueError("--data-dir (fine-tuning) needs --adapters-dir too: trained adapters are published there")
 

@@ -3,7 +3,9 @@ peft loads and that Tandem serves with peft's tokens; bad requests are refused b
 exists; cancelled and diverging jobs publish nothing; a restarted server resumes a job from
 its checkpoint and ends with the adapter an uninterrupted run makes."""
 
+import asyncio
 import copy
+import itertools
 import json
 import threading
 import time
@@ -236,3 +238,62 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
     assert resumed.status is JobStatus.SUCCEEDED and resumed.step == 6 and resumed.mode == "timeslice"
     a, b = load_file(whole[0] / "tuned" / WEIGHTS_FILE), load_file(cut[0] / "tuned" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_sliced_training_keeps_to_its_share_of_the_engine_while_inference_waits(tiny_model_dir, dirs, monkeypatch):
+    """timeslice_share 0.25: after a micro-batch of t seconds, inference runs alone for at
+    least 3t before the next one; the job still finishes."""
+    adapters, data = dirs
+    engine = AsyncEngine(EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(adapters), data_dir=str(data),
+        max_lora_rank=MAX_RANK, max_num_batched_tokens=32, finetune_micro_batch_tokens=32, adapter_cache_prefault=False,
+        finetune_mode="timeslice", timeslice_share=0.25, max_num_seqs=4,
+    ))
+    trains: list[tuple[float, float]] = []
+    steps: list[float] = []
+    train, step = engine.engine.train, engine.engine.step
+
+    def timed_train(*args, **kwargs):
+        started = time.monotonic()
+        result = train(*args, **kwargs)
+        trains.append((started, time.monotonic()))
+        return result
+
+    def timed_step():
+        steps.append(time.monotonic())
+        return step()
+
+    monkeypatch.setattr(engine.engine, "train", timed_train)
+    monkeypatch.setattr(engine.engine, "step", timed_step)
+    params = SamplingParams(temperature=0.0, max_new_tokens=60, ignore_eos=True)
+
+    async def serve_until(job_id: str) -> None:
+        """Twice as many streams as sequences run: inference never runs out of work."""
+
+        async def client(i: int) -> None:
+            for n in itertools.count():
+                if engine.jobs.get(job_id).status.terminal:
+                    return
+                async for _ in engine.generate([5 + i, 6, 7], params, f"r{i}-{n}"):
+                    pass
+
+        await asyncio.gather(*(client(i) for i in range(8)))
+
+    engine.start()
+    try:
+        job = engine.jobs.create(request(hyperparameters=Hyperparameters(learning_rate=1e-2, max_steps=3, tokens_per_step=48, seed=4)))
+        asyncio.run(serve_until(job.id))
+        job = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED and job.mode == "timeslice"
+    paced = [(a, b) for a, b in zip(trains, trains[1:]) if any(a[1] < s < b[0] for s in steps) and b[0] < steps[-1]]
+    assert len(paced) >= 3
+    for (start, end), (next_start, _) in paced:
+        assert next_start - end >= 3 * (end - start)
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5, float("nan")])
+def test_a_timeslice_share_outside_zero_to_one_is_refused(share):
+    with pytest.raises(ValueError, match="timeslice_share must be in"):
+        EngineConfig(timeslice_share=share)

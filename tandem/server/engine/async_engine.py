@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ class AsyncEngine:
         self._pending: list[tuple[_Stream, RequestOutput | Exception]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Time-sliced training waits until then while inference has work (timeslice_share).
+        self._training_due = 0.0
         self.jobs: JobManager | None = None
         if config.data_dir is not None:
             self.jobs = JobManager(self.engine, config.data_dir, config.max_training_file_bytes, wake=self._wake.set)
@@ -220,9 +223,19 @@ class AsyncEngine:
                 self._step()
                 self._flush()
             # One training micro-batch between inference iterations (issue 5 fuses them).
-            if training:
-                self.jobs.run_once()
+            if training and (not inference or time.monotonic() >= self._training_due):
+                self._train_once()
         self.engine.abort_all()
+
+    def _train_once(self) -> None:
+        """One call of the job manager; time-sliced, paced to timeslice_share of the engine's
+        time while inference waits (co-served work is paced inside the iterations)."""
+        started = time.monotonic()
+        self.jobs.run_once()
+        share = self.config.timeslice_share
+        if self.config.finetune_mode == "timeslice" and share < 1:
+            ended = time.monotonic()
+            self._training_due = ended + (ended - started) * (1 - share) / share
 
     def _step(self) -> None:
         try:
