@@ -7,7 +7,9 @@ default model (SmolLM2-135M-Instruct) with the server's default configuration:
 - served: the same work through `tandem serve` (a child process, same configuration) over
   gRPC, streaming, from Tandem's asyncio client in this process.
 Rounds alternate (after a warm-up of each), so that the machine's noise falls on both. Each
-side reports its median tokens/s and its spread (max/min over its rounds). Goals (issue 10):
+side reports its median tokens/s and its spread (max/min over its rounds), and the CPU
+seconds its rounds took: the engine's (this process), the server's and the client's (served
+rounds), so that what the client costs on a machine it shares with the server is seen. Goals (issue 10):
 served >= 0.95x in-process, with a spread no wider than the in-process engine's.
 
     .venv/bin/python bench/served_vs_engine.py            # 6 rounds each
@@ -16,6 +18,7 @@ served >= 0.95x in-process, with a spread no wider than the in-process engine's.
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -72,11 +75,30 @@ async def served_round(port: int, work: list[list[int]], tokens: int) -> float:
     return generated / wall
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn, server_pid: int) -> dict:
+    """fn()'s tokens/s with the CPU seconds this process and the server took meanwhile."""
+    own, server = time.process_time(), process_cpu_s(server_pid)
+    rate = fn()
+    return {"tokens_per_s": rate, "cpu_s": time.process_time() - own, "server_cpu_s": process_cpu_s(server_pid) - server}
+
+
 def summarize(rounds: list[dict]) -> dict:
     sides = {}
     for side in ("engine", "served"):
-        rates = [r["tokens_per_s"] for r in rounds if r["side"] == side]
-        sides[side] = {"tokens_per_s": statistics.median(rates), "spread": max(rates) / min(rates)}
+        mine = [r for r in rounds if r["side"] == side]
+        rates = [r["tokens_per_s"] for r in mine]
+        sides[side] = {
+            "tokens_per_s": statistics.median(rates), "spread": max(rates) / min(rates),
+            # engine: the in-process engine's; served: the client's (this process)
+            "cpu_s": statistics.median(r["cpu_s"] for r in mine),
+            "server_cpu_s": statistics.median(r["server_cpu_s"] for r in mine),
+        }
     ratio = sides["served"]["tokens_per_s"] / sides["engine"]["tokens_per_s"]
     return {
         **sides,
@@ -108,9 +130,10 @@ def main() -> None:
             with frozen_heap():  # this process's loaded heap, as `tandem serve` freezes its own
                 for i in range(args.rounds):
                     for side in ("engine", "served") if i % 2 == 0 else ("served", "engine"):
-                        rate = run[side]()
-                        rounds.append({"side": side, "tokens_per_s": rate})
-                        print(f"  round {i + 1} {side:6} {rate:7.1f} tokens/s", flush=True)
+                        record = timed(run[side], process.pid)
+                        rounds.append({"side": side, **record})
+                        print(f"  round {i + 1} {side:6} {record['tokens_per_s']:7.1f} tokens/s, CPU s: this process "
+                              f"{record['cpu_s']:.1f}, server {record['server_cpu_s']:.1f}", flush=True)
         finally:
             serve_process.stop_server(process)
     result = {
@@ -123,9 +146,9 @@ def main() -> None:
         "rounds": rounds,
     }
     s = result["summary"]
-    print(f"\n{'side':7} {'tokens/s':>9} {'spread':>7}")
+    print(f"\n{'side':7} {'tokens/s':>9} {'spread':>7} {'CPU s here':>11} {'server':>7}")
     for side in ("engine", "served"):
-        print(f"{side:7} {s[side]['tokens_per_s']:9.1f} {s[side]['spread']:7.2f}")
+        print(f"{side:7} {s[side]['tokens_per_s']:9.1f} {s[side]['spread']:7.2f} {s[side]['cpu_s']:11.1f} {s[side]['server_cpu_s']:7.1f}")
     print(f"served / engine {s['served_over_engine']:.3f}: goal {'met' if s['goal_met'] else 'NOT met'}")
     write_result(f"served_vs_engine_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 
