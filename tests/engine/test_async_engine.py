@@ -167,3 +167,23 @@ def test_the_model_is_built_on_a_thread_that_ends(tiny_model_dir, monkeypatch):
     AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
     assert len(built_on) == 2 and threading.current_thread() not in built_on
     assert not any(thread.is_alive() for thread in built_on)
+
+
+def test_a_reader_that_falls_behind_gets_what_piled_up_as_one_output(engine):
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True, logprobs=0)
+
+    async def behind():
+        stream = engine.generate("Slow reader", params, "behind")
+        first = await stream.__anext__()
+        while engine.stats().num_running:  # the engine finishes while nothing is read
+            await asyncio.sleep(0.01)
+        return [first] + [out async for out in stream]
+
+    kept_up = asyncio.run(collect(engine, "Slow reader", params, "kept-up"))
+    fell_behind = asyncio.run(behind())
+    assert len(fell_behind) == 2
+    assert [t for o in fell_behind for t in o.token_ids] == [t for o in kept_up for t in o.token_ids]
+    assert "".join(o.text for o in fell_behind) == "".join(o.text for o in kept_up)
+    assert [lp.token_id for o in fell_behind for lp in o.logprobs] == [t for o in kept_up for t in o.token_ids]
+    assert fell_behind[-1].finished and fell_behind[-1].generated_tokens == 12
+

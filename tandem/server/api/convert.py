@@ -1,6 +1,7 @@
 """Proto messages ⇄ engine types. Structural checks live here (which of the prompt fields
 is set, roles); value ranges are checked by SamplingParams.validate inside the engine."""
 
+import functools
 from typing import TYPE_CHECKING
 
 from tandem import __version__
@@ -129,31 +130,32 @@ def generate_response(
 ) -> generation_pb2.GenerateResponse:
     """Joins the increments of one finished request into the unary answer: completion 0 in
     the top-level fields, and with n > 1 every completion in `completions`."""
-    completions = [_completion(i, [o for o in outputs if o.index == i], request) for i in range(request.n or 1)]
-    first = completions[0]
+    joined = [functools.reduce(RequestOutput.followed_by, [o for o in outputs if o.index == i]) for i in range(request.n or 1)]
+    completions = [_completion(out) for out in joined]
+    first = joined[0]
     response = generation_pb2.GenerateResponse(
         text=first.text,
         token_ids=first.token_ids,
-        logprobs=first.logprobs,
-        finish_reason=first.finish_reason,
-        usage=generation_pb2.Usage(prompt_tokens=outputs[-1].prompt_tokens, generated_tokens=sum(c.generated_tokens for c in completions)),
-        top_experts=[e for o in outputs if o.index == 0 for e in o.top_experts or []] if request.return_top_experts else [],
+        logprobs=_logprobs(first.logprobs),
+        finish_reason=_finish_reason(first),
+        usage=generation_pb2.Usage(prompt_tokens=first.prompt_tokens, generated_tokens=sum(o.generated_tokens for o in joined)),
+        top_experts=(first.top_experts or []) if request.return_top_experts else [],
         completions=completions if len(completions) > 1 else [],
-        prompt_logprobs=[lp for o in outputs for lp in _logprobs(o.prompt_logprobs)],
+        prompt_logprobs=_logprobs(first.prompt_logprobs),
     )
     if request.HasField("seed"):
         response.seed = request.seed
     return response
 
 
-def _completion(index: int, outputs: list[RequestOutput], request: generation_pb2.GenerateRequest) -> generation_pb2.Completion:
+def _completion(out: RequestOutput) -> generation_pb2.Completion:
     return generation_pb2.Completion(
-        index=index,
-        text="".join(o.text for o in outputs),
-        token_ids=[t for o in outputs for t in o.token_ids],
-        logprobs=[lp for o in outputs for lp in _logprobs(o.logprobs)],
-        finish_reason=_finish_reason(outputs[-1]),
-        generated_tokens=outputs[-1].generated_tokens,
+        index=out.index,
+        text=out.text,
+        token_ids=out.token_ids,
+        logprobs=_logprobs(out.logprobs),
+        finish_reason=_finish_reason(out),
+        generated_tokens=out.generated_tokens,
     )
 
 

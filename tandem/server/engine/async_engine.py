@@ -3,8 +3,10 @@
 The event loop never runs model code: submissions and aborts go through a thread-safe inbox,
 the engine thread steps whenever there is work, and a step's outputs are handed to their
 requests' asyncio queues in one call_soon_threadsafe per event loop (one wake-up of the loop
-per step, not one per stream). Leaving a stream early aborts its request, so a
-client that disconnects frees its KV blocks within one iteration.
+per step, not one per stream). A reader that falls behind (a busy loop, a slow client) gets
+the increments that piled up as one, as vLLM's output collector does: each message costs
+the loop far more than its tokens. Leaving a stream early aborts its request, so a client
+that disconnects frees its KV blocks within one iteration.
 """
 
 import asyncio
@@ -12,9 +14,9 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
@@ -41,16 +43,48 @@ MAX_CHARS_PER_TOKEN = 32
 @dataclass
 class _Stream:
     """A request's outputs on their way to its reader. delivered is counted by the engine
-    thread, read by the reader's loop: each counter has one writer."""
+    thread, read by the reader's loop: each counter has one writer. items and waiter are
+    touched only on the reader's loop."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    items: deque = field(default_factory=deque)
+    waiter: asyncio.Future | None = None
     delivered: int = 0
     read: int = 0
 
     @property
     def unread(self) -> int:
         return self.delivered - self.read
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[RequestOutput | Exception]:
+        """Everything delivered and not yet read, waiting for at least one item."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items = list(self.items)
+        self.items.clear()
+        self.read += len(items)
+        return items
+
+
+def _coalesced(items: list[RequestOutput | Exception]) -> list[RequestOutput | Exception]:
+    """items with each completion's consecutive increments joined into one, in order; an
+    error ends the list (nothing after it is read)."""
+    joined: dict[int, RequestOutput] = {}
+    for item in items:
+        if isinstance(item, Exception):
+            return [*joined.values(), item]
+        earlier = joined.get(item.index)
+        joined[item.index] = item if earlier is None else earlier.followed_by(item)
+    return list(joined.values())
 
 
 @dataclass(frozen=True)
@@ -111,7 +145,7 @@ class AsyncEngine:
         with self._lock:
             streams = list(self._streams.values())
         for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, Unavailable("the server is shutting down"))
+            stream.loop.call_soon_threadsafe(stream.put, Unavailable("the server is shutting down"))
         if self.jobs is not None:
             self.jobs.close()
 
@@ -182,7 +216,7 @@ class AsyncEngine:
         is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         prompt_ids = await self.encode(prompt) if is_text else list(prompt)
         self.engine.validate(prompt_ids, params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -193,12 +227,11 @@ class AsyncEngine:
         unfinished = params.n
         try:
             while unfinished:
-                item = await stream.queue.get()
-                stream.read += 1
-                if isinstance(item, Exception):
-                    raise item
-                unfinished -= item.finished
-                yield item
+                for item in _coalesced(await stream.take()):
+                    if isinstance(item, Exception):
+                        raise item
+                    unfinished -= item.finished
+                    yield item
         finally:
             with self._lock:
                 del self._streams[request_id]
@@ -292,14 +325,14 @@ class AsyncEngine:
 
     def _flush(self) -> None:
         """Post the pending deliveries: one callback per event loop, in delivery order."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | Exception]]] = defaultdict(list)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | Exception]]] = defaultdict(list)
         for stream, item in self._pending:
-            by_loop[stream.loop].append((stream.queue, item))
+            by_loop[stream.loop].append((stream, item))
         self._pending = []
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | Exception]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+def _put_all(items: list[tuple[_Stream, RequestOutput | Exception]]) -> None:
+    for stream, item in items:
+        stream.put(item)

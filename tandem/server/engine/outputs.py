@@ -1,6 +1,6 @@
 """What the engine streams back for each request."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from tandem.server.engine.token_histogram import TokenHistogram
@@ -46,6 +46,23 @@ class RequestOutput:
     first_scheduled_at: float | None = None
     index: int = 0
     prompt_logprobs: list[TokenLogprob] | None = None
+
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """This increment and a later one of the same completion as one increment: what a
+        reader that fell behind receives, and how a whole completion is joined."""
+        return replace(
+            later,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            logprobs=_joined(self.logprobs, later.logprobs),
+            top_experts=_joined(self.top_experts, later.top_experts),
+            first_scheduled_at=self.first_scheduled_at if self.first_scheduled_at is not None else later.first_scheduled_at,
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )
+
+
+def _joined(first: list | None, second: list | None) -> list | None:
+    return None if first is None and second is None else (first or []) + (second or [])
 
 
 @dataclass
