@@ -47,6 +47,10 @@ class EngineConfig:
         while inference has work: a micro-batch of t seconds is followed by at least
         t x (1 - share) / share of inference alone. 1.0 runs one after every inference
         iteration; lower shares trade training throughput for inference latency.
+    stream_interval: tokens per streamed message after a completion's first (sent at once)
+        and until its last (sent when it ends), as vLLM's and SGLang's --stream-interval: 1
+        streams every token; more send fewer messages, each costing the event loop and the
+        client far more than its tokens, at that many tokens' delay between messages.
     """
 
     model: str | None = None
@@ -72,6 +76,7 @@ class EngineConfig:
     coserve_itl_p99: float | None = None
     finetune_micro_batch_tokens: int = 512
     timeslice_share: float = 1.0
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -81,7 +86,7 @@ class EngineConfig:
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
             "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes",
-            "finetune_micro_batch_tokens",
+            "finetune_micro_batch_tokens", "stream_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

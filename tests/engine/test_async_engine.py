@@ -1,6 +1,7 @@
 """The asyncio face of the engine: streams, early exits that free resources, errors up front."""
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -169,6 +170,17 @@ def test_the_model_is_built_on_a_thread_that_ends(tiny_model_dir, monkeypatch):
     assert not any(thread.is_alive() for thread in built_on)
 
 
+async def collect_until_error(engine, prompt, params, rid):
+    """(outputs read, the error that ended the stream or None)."""
+    outs = []
+    try:
+        async for out in engine.generate(prompt, params, rid):
+            outs.append(out)
+    except Exception as exc:
+        return outs, exc
+    return outs, None
+
+
 def test_a_reader_that_falls_behind_gets_what_piled_up_as_one_output(engine):
     params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True, logprobs=0)
 
@@ -187,3 +199,48 @@ def test_a_reader_that_falls_behind_gets_what_piled_up_as_one_output(engine):
     assert [lp.token_id for o in fell_behind for lp in o.logprobs] == [t for o in kept_up for t in o.token_ids]
     assert fell_behind[-1].finished and fell_behind[-1].generated_tokens == 12
 
+
+def test_stream_interval_sends_that_many_tokens_per_message_after_the_first(tiny_model_dir, engine):
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", stream_interval=4))
+    eng.start()
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=11, ignore_eos=True, n=2)
+        outs = asyncio.run(collect(eng, "Every few tokens", params, "interval"))
+        every = asyncio.run(collect(engine, "Every few tokens", params, "every"))
+    finally:
+        eng.shutdown()
+    for index in (0, 1):
+        mine = [o for o in outs if o.index == index]
+        # First token at once, then every 4, the rest when it ends (a reader that falls
+        # behind may get two of these messages as one, never a message between them).
+        sent = list(itertools.accumulate(len(o.token_ids) for o in mine))
+        assert set(sent) <= {1, 5, 9, 11} and sent[-1] == 11 and sent[0] in (1, 5)
+        assert mine[-1].finished and not any(o.finished for o in mine[:-1])
+        assert [t for o in mine for t in o.token_ids] == [t for o in every if o.index == index for t in o.token_ids]
+
+
+def test_held_tokens_reach_the_reader_before_a_failure(tiny_model_dir):
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", stream_interval=8))
+    execute = eng.engine.runner.execute
+    calls = {"n": 0}
+
+    def fail_fourth(scheduled):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("boom")
+        return execute(scheduled)
+
+    eng.engine.runner.execute = fail_fourth
+    eng.start()
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+        outs, error = asyncio.run(collect_until_error(eng, "held", params, "held"))
+    finally:
+        eng.shutdown()
+    assert isinstance(error, RuntimeError) and "boom" in str(error)
+    assert sum(len(o.token_ids) for o in outs) == 3  # the first token, then the two held when step 4 failed
+
+
+def test_a_stream_interval_below_one_is_refused():
+    with pytest.raises(ValueError, match="stream_interval must be positive"):
+        EngineConfig(stream_interval=0)

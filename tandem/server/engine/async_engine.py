@@ -44,17 +44,38 @@ MAX_CHARS_PER_TOKEN = 32
 class _Stream:
     """A request's outputs on their way to its reader. delivered is counted by the engine
     thread, read by the reader's loop: each counter has one writer. items and waiter are
-    touched only on the reader's loop."""
+    touched only on the reader's loop; held and started only on the engine thread."""
 
     loop: asyncio.AbstractEventLoop
     items: deque = field(default_factory=deque)
     waiter: asyncio.Future | None = None
     delivered: int = 0
     read: int = 0
+    # Per completion index: the increments held back until stream_interval tokens are due.
+    held: dict[int, RequestOutput] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)
 
     @property
     def unread(self) -> int:
         return self.delivered - self.read
+
+    def due(self, out: RequestOutput, interval: int) -> RequestOutput | None:
+        """out joined with what was held for its completion if it is to be sent now (its
+        completion's first output, a finished one, or interval tokens), else None (held)."""
+        earlier = self.held.pop(out.index, None)
+        if earlier is not None:
+            out = earlier.followed_by(out)
+        if out.finished or out.index not in self.started or len(out.token_ids) >= interval:
+            self.started.add(out.index)
+            return out
+        self.held[out.index] = out
+        return None
+
+    def release_held(self) -> list[RequestOutput]:
+        """What is held, to be sent before an error ends the stream."""
+        held = list(self.held.values())
+        self.held.clear()
+        return held
 
     def put(self, item: RequestOutput | Exception) -> None:
         self.items.append(item)
@@ -319,9 +340,17 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.delivered += 1
-            self._pending.append((stream, item))
+        if stream is None:
+            return
+        if self.config.stream_interval > 1:
+            if isinstance(item, Exception):
+                for out in stream.release_held():
+                    stream.delivered += 1
+                    self._pending.append((stream, out))
+            elif (item := stream.due(item, self.config.stream_interval)) is None:
+                return
+        stream.delivered += 1
+        self._pending.append((stream, item))
 
     def _flush(self) -> None:
         """Post the pending deliveries: one callback per event loop, in delivery order."""
