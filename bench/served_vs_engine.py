@@ -5,14 +5,20 @@ default model (SmolLM2-135M-Instruct) with the server's default configuration:
 - engine: `Engine.from_config(EngineConfig())` in this process, stepped until done (what the
   engine can do, no server around it);
 - served: the same work through `tandem serve` (a child process, same configuration) over
-  gRPC, streaming, from Tandem's asyncio client in this process.
-Rounds alternate (after a warm-up of each), so that the machine's noise falls on both. Each
+  gRPC, streaming, from Tandem's asyncio client in this process;
+- served_interval_K: the same through a second server started with `--stream-interval K`
+  (a message every K tokens instead of every token), which shows what the per-message cost
+  of streaming is.
+Rounds alternate (after a warm-up of each), so that the machine's noise falls on all. Each
 side reports its median tokens/s and its spread (max/min over its rounds), and the CPU
-seconds its rounds took: the engine's (this process), the server's and the client's (served
-rounds), so that what the client costs on a machine it shares with the server is seen. Goals (issue 10):
-served >= 0.95x in-process, with a spread no wider than the in-process engine's.
+seconds its rounds took: the engine's (this process), the server's, of it its event loop's
+(the main thread, where every streamed message is built and handed to gRPC while holding
+the GIL the engine thread needs between its torch ops), and the client's (served rounds),
+so that what the client costs on a machine it shares with the server is seen. Goals
+(issue 10): served (the default, every token) >= 0.95x in-process, with a spread no wider
+than the in-process engine's.
 
-    .venv/bin/python bench/served_vs_engine.py            # 6 rounds each
+    .venv/bin/python bench/served_vs_engine.py            # 6 rounds each, --stream-interval 4 beside the default
     .venv/bin/python bench/served_vs_engine.py --quick    # 8 concurrent x 16 tokens, 2 rounds (smoke)
 """
 
@@ -75,31 +81,36 @@ async def served_round(port: int, work: list[list[int]], tokens: int) -> float:
     return generated / wall
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_s(stat: Path) -> float:
+    """CPU seconds (user + system) from a /proc stat file: a process's (all threads) or a thread's."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn, server_pid: int) -> dict:
-    """fn()'s tokens/s with the CPU seconds this process and the server took meanwhile."""
-    own, server = time.process_time(), process_cpu_s(server_pid)
+def timed(fn, server_pid: int | None) -> dict:
+    """fn()'s tokens/s with the CPU seconds this process, the server and the server's event
+    loop (its main thread) took meanwhile (server_pid None: no server)."""
+    stats = {} if server_pid is None else {
+        "server_cpu_s": Path(f"/proc/{server_pid}/stat"), "server_loop_cpu_s": Path(f"/proc/{server_pid}/task/{server_pid}/stat")}
+    own, before = time.process_time(), {k: cpu_s(v) for k, v in stats.items()}
     rate = fn()
-    return {"tokens_per_s": rate, "cpu_s": time.process_time() - own, "server_cpu_s": process_cpu_s(server_pid) - server}
+    return {"tokens_per_s": rate, "cpu_s": time.process_time() - own, **{k: cpu_s(v) - before[k] for k, v in stats.items()}}
 
 
 def summarize(rounds: list[dict]) -> dict:
     sides = {}
-    for side in ("engine", "served"):
+    for side in dict.fromkeys(r["side"] for r in rounds):
         mine = [r for r in rounds if r["side"] == side]
         rates = [r["tokens_per_s"] for r in mine]
         sides[side] = {
             "tokens_per_s": statistics.median(rates), "spread": max(rates) / min(rates),
             # engine: the in-process engine's; served: the client's (this process)
             "cpu_s": statistics.median(r["cpu_s"] for r in mine),
-            "server_cpu_s": statistics.median(r["server_cpu_s"] for r in mine),
+            **{k: statistics.median(r[k] for r in mine) for k in ("server_cpu_s", "server_loop_cpu_s") if k in mine[0]},
         }
-    ratio = sides["served"]["tokens_per_s"] / sides["engine"]["tokens_per_s"]
+    for side in sides:
+        sides[side]["over_engine"] = sides[side]["tokens_per_s"] / sides["engine"]["tokens_per_s"]
+    ratio = sides["served"]["over_engine"]
     return {
         **sides,
         "served_over_engine": ratio,
@@ -112,6 +123,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--stream-interval", type=int, default=4, help="a second server's --stream-interval (1: no second server)")
     ap.add_argument("--quick", action="store_true", help="8 concurrent x 16 tokens, 2 rounds")
     args = ap.parse_args()
     if args.quick:
@@ -120,35 +132,46 @@ def main() -> None:
     engine = Engine.from_config(config)
     work = prompts(args.concurrency, engine.info.vocab_size)
     rounds = []
+    servers = {"served": []} | ({f"served_interval_{args.stream_interval}": ["--stream-interval", str(args.stream_interval)]}
+                                 if args.stream_interval > 1 else {})
     with tempfile.TemporaryDirectory() as tmp:
-        process, listening = serve_process.start_server(Path(tmp), [])
+        processes = {}
         try:
-            run = {"engine": lambda: engine_round(engine, work, args.tokens),
-                   "served": lambda: asyncio.run(served_round(listening["port"], work, args.tokens))}
-            for side in ("engine", "served"):  # warm-up: first-call paths and shapes on both
-                run[side]()
+            for side, flags in servers.items():
+                (Path(tmp) / side).mkdir()
+                processes[side] = serve_process.start_server(Path(tmp) / side, ["--http-port", "0", *flags])
+            run = {"engine": (lambda: engine_round(engine, work, args.tokens), None)}
+            for side, (process, listening) in processes.items():
+                run[side] = (lambda port=listening["port"]: asyncio.run(served_round(port, work, args.tokens)), process.pid)
+            for fn, _ in run.values():  # warm-up: first-call paths and shapes on every side
+                fn()
             with frozen_heap():  # this process's loaded heap, as `tandem serve` freezes its own
                 for i in range(args.rounds):
-                    for side in ("engine", "served") if i % 2 == 0 else ("served", "engine"):
-                        record = timed(run[side], process.pid)
+                    for side in list(run) if i % 2 == 0 else list(run)[::-1]:
+                        record = timed(*run[side])
                         rounds.append({"side": side, **record})
-                        print(f"  round {i + 1} {side:6} {record['tokens_per_s']:7.1f} tokens/s, CPU s: this process "
-                              f"{record['cpu_s']:.1f}, server {record['server_cpu_s']:.1f}", flush=True)
+                        server = "" if run[side][1] is None else (
+                            f", server {record['server_cpu_s']:.1f} (its event loop {record['server_loop_cpu_s']:.2f})")
+                        print(f"  round {i + 1} {side:18} {record['tokens_per_s']:7.1f} tokens/s, CPU s: this process "
+                              f"{record['cpu_s']:.2f}{server}", flush=True)
         finally:
-            serve_process.stop_server(process)
+            for process, _ in processes.values():
+                serve_process.stop_server(process)
     result = {
         "benchmark": "served_vs_engine",
         "machine": machine_info(),
         "workload": {"concurrency": args.concurrency, "prompt_tokens": PROMPT_TOKENS, "tokens": args.tokens,
-                     "rounds": args.rounds, "dtype": engine.info.dtype},
+                     "rounds": args.rounds, "dtype": engine.info.dtype, "stream_interval": args.stream_interval},
         "goals": GOALS,
         "summary": summarize(rounds),
         "rounds": rounds,
     }
     s = result["summary"]
-    print(f"\n{'side':7} {'tokens/s':>9} {'spread':>7} {'CPU s here':>11} {'server':>7}")
-    for side in ("engine", "served"):
-        print(f"{side:7} {s[side]['tokens_per_s']:9.1f} {s[side]['spread']:7.2f} {s[side]['cpu_s']:11.1f} {s[side]['server_cpu_s']:7.1f}")
+    print(f"\n{'side':18} {'tokens/s':>9} {'x engine':>9} {'spread':>7} {'CPU s here':>11} {'server':>7} {'its loop':>9}")
+    for side in run:
+        row = s[side]
+        print(f"{side:18} {row['tokens_per_s']:9.1f} {row['over_engine']:9.3f} {row['spread']:7.2f} {row['cpu_s']:11.2f} "
+              f"{row.get('server_cpu_s', 0):7.1f} {row.get('server_loop_cpu_s', 0):9.2f}")
     print(f"served / engine {s['served_over_engine']:.3f}: goal {'met' if s['goal_met'] else 'NOT met'}")
     write_result(f"served_vs_engine_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 
