@@ -19,7 +19,10 @@ within 1.15x of alone while fine-tuning keeps at least 50% of its solo tokens/s;
 at least 2x time-slicing's fine-tuning throughput (the p99s are printed beside it).
 Guarded runs also say where their time went (GuardRoom): the share of the window the guard
 left for training and the share training used, and at what cost per token against solo's;
-the fraction of solo tokens/s is their product, and the room bounds it.
+the fraction of solo tokens/s is their product, and the room bounds it. Every run also says
+how busy the engine thread was (the share of the window inside Engine.step or Engine.train):
+at 90%, what inference alone leaves idle, times solo tokens/s, is what a job training at solo
+speed can get beside it without taking time from inference, in either mode (the ceiling).
 
     .venv/bin/python bench/coserve.py            # ~15 minutes on 2 cores
     .venv/bin/python bench/coserve.py --quick    # a smoke run
@@ -123,6 +126,29 @@ class TrainedTokens:
 
     def __call__(self) -> int:
         return self._timesliced + sum(b.work.num_tokens for b in self._coserved if b.done)
+
+
+class BusyTime:
+    """Seconds the engine thread spent in Engine.step (inference iterations, with co-served
+    training inside) and Engine.train (time-sliced micro-batches) while recording."""
+
+    def __init__(self, engine: AsyncEngine):
+        core = engine.engine
+        self.seconds = 0.0
+        self.recording = False
+        for name in ("step", "train"):
+            setattr(core, name, self._timed(getattr(core, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.recording:
+                    self.seconds += time.perf_counter() - started
+
+        return timed
 
 
 class GuardRoom:
@@ -234,6 +260,7 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
     window = Window()
     try:
         trained = TrainedTokens(engine)
+        busy = BusyTime(engine)
         room = GuardRoom(engine) if job else None
         if job:
             start_job(engine)
@@ -241,14 +268,16 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
                 time.sleep(0.2)
         before = trained()
         started = time.perf_counter()
+        busy.recording = True
         if room is not None:
             room.recording = True
         asyncio.run(load(engine, window))
         if room is not None:
             room.recording = False
+        busy.recording = False
         window.seconds = time.perf_counter() - started
         window.train_tokens = trained() - before
-        summary = window.summary() | {"finetune_share": engine.stats().finetune_share}
+        summary = window.summary() | {"finetune_share": engine.stats().finetune_share, "engine_busy_share": busy.seconds / window.seconds}
         if room is not None and (guard := room.summary(window.seconds, window.train_tokens)) is not None:
             summary["guard"] = guard
     finally:
@@ -287,6 +316,17 @@ def goal_figures(loads: list[dict], solo: dict, solo_timeslice: dict) -> dict:
             }
         goals["load90_coserve_over_timeslice_at_same_p99"] = high["coserve"]["train_tokens_per_s"] / best_within if best_within else None
         goals["load90_itl_p99"] = {mode: high[mode]["itl_p99"] for mode in ("alone", "alone_guarded", "coserve", "timeslice")}
+        # What inference alone leaves idle, at solo speed: a job that takes no time from
+        # inference gets at most this, in either mode, unless its tokens cost less than solo's.
+        fastest = max(solo["train_tokens_per_s"], solo_timeslice["train_tokens_per_s"])
+        idle = 1 - high["alone_guarded"]["engine_busy_share"]
+        goals["load90_idle_share"] = idle
+        goals["load90_idle_ceiling_tokens_per_s"] = idle * fastest
+        goals["load90_coserve_of_ceiling"] = high["coserve"]["train_tokens_per_s"] / (idle * fastest) if idle > 0 else None
+        goals["load90_ceiling_over_timeslice_at_same_p99"] = idle * fastest / best_within if best_within else None
+        guard = high["coserve"].get("guard")
+        if guard is not None and guard["training_ms_per_token"]:
+            goals["load90_coserved_speed_of_solo"] = 1000 / fastest / guard["training_ms_per_token"]
         if not best_within:
             goals["note"] = "load90 ratio None: no time-sliced configuration kept inference within co-serving's p99"
     return goals
@@ -358,7 +398,8 @@ def main() -> None:
                 r = run[mode]
                 print(
                     f"load {load:.0%} {mode:9s}: ITL p50 {1000 * r['itl_p50']:.0f} ms p99 {1000 * r['itl_p99']:.0f} ms, "
-                    f"TTFT p99 {1000 * r['ttft_p99']:.0f} ms, fine-tuning {r['train_tokens_per_s']:.0f} tokens/s",
+                    f"TTFT p99 {1000 * r['ttft_p99']:.0f} ms, fine-tuning {r['train_tokens_per_s']:.0f} tokens/s, "
+                    f"engine busy {r['engine_busy_share']:.0%}",
                     flush=True,
                 )
                 if (g := r.get("guard")) is not None:
