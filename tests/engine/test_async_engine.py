@@ -129,19 +129,25 @@ def test_not_started_is_unavailable(tiny_model_dir):
         asyncio.run(main())
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):
-    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+def failing_at(config: EngineConfig, call: int) -> AsyncEngine:
+    """A started engine whose model runner raises RuntimeError("boom") on its call-th batch."""
+    eng = AsyncEngine(config)
     execute = eng.engine.runner.execute
     calls = {"n": 0}
 
     def fail_once(scheduled):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == call:
             raise RuntimeError("boom")
         return execute(scheduled)
 
     eng.engine.runner.execute = fail_once
     eng.start()
+    return eng
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):
+    eng = failing_at(EngineConfig(model=str(tiny_model_dir), dtype="float32"), call=1)
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
         with pytest.raises(RuntimeError, match="internal engine error: RuntimeError: boom"):
@@ -220,18 +226,7 @@ def test_stream_interval_sends_that_many_tokens_per_message_after_the_first(tiny
 
 
 def test_held_tokens_reach_the_reader_before_a_failure(tiny_model_dir):
-    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", stream_interval=8))
-    execute = eng.engine.runner.execute
-    calls = {"n": 0}
-
-    def fail_fourth(scheduled):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("boom")
-        return execute(scheduled)
-
-    eng.engine.runner.execute = fail_fourth
-    eng.start()
+    eng = failing_at(EngineConfig(model=str(tiny_model_dir), dtype="float32", stream_interval=8), call=4)
     try:
         params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
         outs, error = asyncio.run(collect_until_error(eng, "held", params, "held"))
