@@ -110,6 +110,17 @@ class Prepacked:
         if self._packed_for(weight) is not None and transposed and self._transposed is None:
             self._transposed = prepack(weight.t().contiguous())
 
+    def replayed(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """y, the output of linear(x, weight) computed before, as if computed now: the
+        activation gradient flows to x as it would from linear, without the forward GEMM."""
+        return _Replayed.apply(x, y, weight, self)
+
+    def activation_grad(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """dy [T, out] -> [T, in] = dy weight, by the path linear's backward takes for T rows."""
+        if dy.shape[0] > max_rows(dy.dtype):
+            return dy @ weight
+        return self.transposed_linear(dy, weight)
+
     def transposed_linear(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """dy [T, out] -> [T, in] = dy weight, through weight^T reordered once (a plain
         matmul where the weight cannot be reordered)."""
@@ -131,6 +142,20 @@ class _PackedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return ctx.packed.transposed_linear(dy, ctx.weight), None, None, None
+
+
+class _Replayed(torch.autograd.Function):
+    """A frozen linear's output computed in an earlier forward, with its activation gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, packed: Prepacked) -> torch.Tensor:
+        ctx.weight, ctx.packed = weight, packed
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return ctx.packed.activation_grad(dy, ctx.weight), None, None, None
 
 
 def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -42,7 +42,7 @@ class EngineConfig:
         fine-tuning's share of each iteration; None keeps the share fixed at one half.
     finetune_micro_batch_tokens: training tokens whose gradients are computed together (a
         step of more tokens accumulates several). Co-served, it bounds the memory training
-        holds (its KV blocks and stored layer inputs); time-sliced, how long inference waits.
+        holds (its KV blocks and kept activations); time-sliced, how long inference waits.
     timeslice_share: time-sliced mode only, the most of the engine's time training takes
         while inference has work: a micro-batch of t seconds is followed by at least
         t x (1 - share) / share of inference alone. 1.0 runs one after every inference

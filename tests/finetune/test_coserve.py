@@ -1,6 +1,6 @@
 """Co-served fine-tuning is exact: a micro-batch worked off inside inference iterations
-(forward chunks through the paged cache, backward slices recomputed from stored layer
-inputs) gives the gradients of the same micro-batch trained alone, and the inference
+(forward chunks through the paged cache, backward slices rebuilt from the activations
+they kept) gives the gradients of the same micro-batch trained alone, and the inference
 requests in those iterations give the tokens they give without it."""
 
 import math
@@ -9,8 +9,10 @@ import random
 import pytest
 import torch
 
+from tandem.kernels import packed_linear
 from tandem.kernels.lora import LoRABatch, native_cpu
 from tandem.server.engine import model_runner
+from tandem.server.engine.coserve import BACKWARD_COST
 from tandem.server.engine.iteration import IGNORE_INDEX, TrainingBackward, TrainingHead, TrainingSequence, TrainingWork
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
@@ -75,10 +77,10 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
     engine.runner.backward = lambda work: slices.append(work) or backward(work)
     batch, _ = coserve(engine, adapter, seqs, 1 / targets)
     got = grads(adapter)
-    # An iteration's budget pays for budget / 3 backward token-layers per layer; less than the
+    # An iteration's budget pays for budget / BACKWARD_COST backward token-layers per layer; less than the
     # 68 tokens of the micro-batch and its layers split by sequence.
     split = [w for w in slices if isinstance(w, TrainingBackward) and len(w.sequences) < len(seqs)]
-    assert bool(split) == (budget / 3 * engine.runner.model.shape.num_layers < 68)
+    assert bool(split) == (budget / BACKWARD_COST * engine.runner.model.shape.num_layers < 68)
 
     assert batch.num_targets == alone.num_targets == targets
     assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
@@ -136,6 +138,35 @@ def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(smollm2_toke
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_backward_slice_multiplies_by_no_frozen_weight(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """The forward chunks keep each frozen linear's output for the micro-batch's rows, so the
+    backward slices rebuild the graph without running those GEMMs again (the recompute was
+    as costly as the backward proper); the head's lm_head is the only frozen product left."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_batched_tokens=64, block_size=4, kv_cache_bytes=4 << 20)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    in_slice, forward_gemms, slice_gemms = False, [0], [0]
+    linear = packed_linear.Prepacked.linear
+
+    def counting(self, x, weight, bias=None):
+        (slice_gemms if in_slice else forward_gemms)[0] += weight.shape[0] != tiny_hf_model.config.vocab_size
+        return linear(self, x, weight, bias)
+
+    monkeypatch.setattr(packed_linear.Prepacked, "linear", counting)
+    backward = engine.runner.backward
+
+    def recording(work):
+        nonlocal in_slice
+        in_slice = isinstance(work, TrainingBackward)
+        try:
+            return backward(work)
+        finally:
+            in_slice = False
+
+    engine.runner.backward = recording
+    batch, _ = coserve(engine, adapter, sequences(len(smollm2_tokenizer)), 0.01)
+    assert batch.done and forward_gemms[0] > 0 and slice_gemms[0] == 0
+
+
 def test_the_trained_slots_are_laid_out_for_the_c_kernel(tiny_hf_model, smollm2_tokenizer):
     """A forward chunk keeps no graph, so its trained adapter can run the C kernel: its slots
     are laid out as the CPU slot pool's (B transposed). Through the torch reference the 120
@@ -188,7 +219,8 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
 
 class FakeClock:
     """Iteration time as a function of the work in it: cost per token of forward, three
-    times that per token-layer of a backward slice (as BACKWARD_COST assumes), charged as
+    times that per token-layer of a backward slice (more than the prior's BACKWARD_COST: the
+    guard has to learn it), charged as
     each layer runs (a deadline may stop a slice between layers), and a head row as costly
     as the lm_head's share of the model says."""
 

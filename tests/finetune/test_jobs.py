@@ -234,7 +234,7 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
         resumed = wait_for(engine, job.id)
     finally:
         engine.shutdown()
-    # lora_dropout: time-sliced (co-serving recomputes layers, which dropout would change).
+    # lora_dropout: time-sliced (co-serving computes the adapter's delta twice, which dropout would change).
     assert resumed.status is JobStatus.SUCCEEDED and resumed.step == 6 and resumed.mode == "timeslice"
     a, b = load_file(whole[0] / "tuned" / WEIGHTS_FILE), load_file(cut[0] / "tuned" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -135,3 +135,23 @@ def test_rows_past_the_measured_limit_run_f_linear():
         y = packed.linear(x, w, b)
     assert packed._packed is None
     assert torch.equal(y, row_buckets.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [7, 300])
+def test_a_replayed_output_is_the_one_given_with_f_linears_gradient(rows, dtype):
+    """What a co-served backward slice relies on: the output computed in an earlier forward,
+    handed back as is, and the activation gradient F.linear's backward gives (through oneDNN
+    up to the row limit, a plain matmul past it)."""
+    w, b = weights(dtype)
+    x = torch.randn(rows, 40).to(dtype)
+    kept = F.linear(x, w, b)
+    packed = Prepacked()
+    mine = x.clone().requires_grad_()
+    y = packed.replayed(mine, kept, w)
+    dy = torch.randn(rows, 96).to(dtype)
+    y.backward(dy)
+    ref = x.clone().requires_grad_()
+    F.linear(ref, w, b).backward(dy)
+    assert torch.equal(y, kept)
+    torch.testing.assert_close(mine.grad, ref.grad, **TOLERANCE[dtype])

@@ -6,27 +6,31 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
 
 1. Forward: the sequences' tokens run in chunks, like prefill chunks, through KV blocks
    taken from the free list only (never from inference) and held until the micro-batch
-   ends. No graph: each layer's input for the training rows is stored instead.
+   ends. No graph: each layer's input and each frozen linear's output for the training rows
+   are kept instead (server/model/kept_activations.py).
 2. Head, a block of rows per iteration: final norm, lm_head and the loss of those rows from
    the stored top-layer output, back to that output (a row's loss depends on its row only).
    For a small model the vocabulary-wide GEMM and its dX weigh as much as several layers:
    done at once it was one long iteration per micro-batch, over any latency target.
-3. Backward, top layer first, a few layers per iteration: each layer is recomputed from its
-   stored input with autograd and backpropagated, handing the gradient at its input to the
-   next slice. A slice of k layers over T tokens costs about 3kT token-layers (recompute +
-   backward), the forward of a chunk of n tokens nL. Beside decodes under a target, a slice
-   that one layer fits in goes on down until the share's deadline (finetune_share.py): it
-   fills the interval by the clock, where the forward and the head are planned by the cost
-   model and its margin. Where not even one layer over the whole micro-batch fits, a slice is
+3. Backward, top layer first, a few layers per iteration: each layer's graph is rebuilt
+   from its kept input with autograd, its frozen linears replaying their kept outputs (only
+   attention, norms, SiLU and the trained adapter's rank-r GEMMs run again), and
+   backpropagated, handing the gradient at its input to the next slice. A slice of k layers
+   over T tokens costs about 1.25kT token-layers, the forward of a chunk of n tokens nL.
+   Beside decodes under a target, a slice that one layer fits in goes on down until the
+   share's deadline (finetune_share.py): it fills the interval by the clock, where the
+   forward and the head are planned by the cost model and its margin. Where not even one layer over the whole micro-batch fits, a slice is
    one layer over some of its sequences (attention stays within a sequence, so a layer's
    backward splits exactly by sequence): a layer never has to wait for an iteration with
    room for all of it, which beside steady inference may never come.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
-the optimizer. Memory held for training: the micro-batch's KV blocks and its stored layer
-inputs ((num_layers + 1) x tokens x hidden), both bounded by the micro-batch's token count.
+the optimizer. Memory held for training: the micro-batch's KV blocks and its kept
+activations (per token and layer the input and the frozen linears' outputs: about 9 x hidden
+for a Llama), both bounded by the micro-batch's token count.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -42,9 +46,13 @@ from tandem.server.engine.iteration import (
 )
 from tandem.server.engine.kv_cache import BlockAllocator
 from tandem.server.engine.finetune_share import FinetuneShare
+from tandem.server.model.kept_activations import KeptActivations
 
-# A backward layer costs about three forward layers: the recompute, then dX and dW.
-BACKWARD_COST = 3
+# A backward layer against a forward layer: the replay (no frozen GEMMs), then the activation
+# gradient and the trained adapter's gradients. 2-core EPYC (Zen 4), SmolLM2, bfloat16, 512
+# tokens, r 16 on every linear: forward 19 ms a layer, replay + backward 23 (recomputing the
+# frozen GEMMs instead: 43).
+BACKWARD_COST = 1.25
 
 
 def prior_costs(model: torch.nn.Module) -> dict[str, float]:
@@ -64,7 +72,7 @@ class CoservedBatch:
 
     work: TrainingWork
     loss_scale: float
-    inputs: torch.Tensor | None = None
+    kept: KeptActivations | None = None
     block_tables: list[list[int]] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     next_seq: int = 0
@@ -83,7 +91,7 @@ class CoservedBatch:
 
     @property
     def started(self) -> bool:
-        return self.inputs is not None
+        return self.kept is not None
 
     @property
     def forwarding(self) -> bool:
@@ -91,17 +99,20 @@ class CoservedBatch:
 
     @property
     def in_head(self) -> bool:
-        return not self.forwarding and self.next_head < self.inputs.shape[1]
+        return not self.forwarding and self.next_head < self.grad.shape[0]
 
 
 class CoServer:
     def __init__(
-        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, share: FinetuneShare, dtype: torch.dtype,
-        device: torch.device,
+        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, linear_widths: Mapping[tuple[int, str], int],
+        share: FinetuneShare, dtype: torch.dtype, device: torch.device,
     ):
+        """linear_widths: out_features of each LoRA-able linear (layer, group), whose outputs
+        a micro-batch keeps."""
         self.allocator = allocator
         self.num_layers = num_layers
         self.hidden_size = hidden_size
+        self.linear_widths = linear_widths
         self.share = share
         self.dtype = dtype
         self.device = device
@@ -185,15 +196,15 @@ class CoServer:
             self.allocator.grow(table, n)
             batch.block_tables.append(table)
         batch.rows = [sum(lengths[:i]) for i in range(len(lengths))]
-        batch.inputs = torch.empty(self.num_layers + 1, sum(lengths), self.hidden_size, dtype=self.dtype, device=self.device)
-        batch.grad = torch.empty_like(batch.inputs[-1])
+        batch.kept = KeptActivations.empty(self.num_layers, sum(lengths), self.hidden_size, self.linear_widths, self.dtype, self.device)
+        batch.grad = torch.empty_like(batch.kept.inputs[-1])
         batch.next_layer = self.num_layers - 1
         return True
 
     def _release(self, batch: CoservedBatch) -> None:
         for table in batch.block_tables:
             self.allocator.free(table)
-        batch.inputs = batch.grad = None
+        batch.kept = batch.grad = None
 
     def _forward(self, batch: CoservedBatch, allowance: int) -> TrainingForward:
         """Chunks of the next allowance tokens, in sequence order."""
@@ -209,7 +220,7 @@ class CoServer:
             batch.next_pos += n
             if batch.next_pos == seq.num_tokens:
                 batch.next_seq, batch.next_pos = batch.next_seq + 1, 0
-        return TrainingForward(chunks, batch.work.weights, batch.inputs)
+        return TrainingForward(chunks, batch.work.weights, batch.kept)
 
     def work(self, scheduled: SchedulerOutput) -> dict[str, float]:
         """The iteration's units of each kind of work, what the share's cost model is fitted to:
@@ -228,21 +239,21 @@ class CoServer:
         if not rows:
             return None
         start = batch.next_head
-        stop = min(batch.inputs.shape[1], start + rows)
-        return TrainingHead(batch.work.sequences, batch.inputs[-1], start, stop, batch.loss_scale)
+        stop = min(batch.grad.shape[0], start + rows)
+        return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, stop, batch.loss_scale)
 
     def _backward(self, batch: CoservedBatch, units: float, least: int, deadline: float | None) -> TrainingBackward | None:
         """The next layers down, as many as `units` (token-layers / num_layers) pay for, or
         with a deadline all of them until it; where not one whole layer fits, the next
         sequences of the current layer that do; at least `least` of either."""
         sequences = batch.work.sequences
-        tokens = batch.inputs.shape[1]
+        tokens = batch.grad.shape[0]
         token_layers = units * self.num_layers
         last = batch.next_layer
         if batch.next_layer_seq == 0 and int(token_layers / tokens) >= max(1, least):
             first = 0 if deadline is not None else max(0, last - int(token_layers / tokens) + 1)
             batch.backward_rows = (0, tokens)
-            return TrainingBackward(sequences, batch.work.weights, batch.inputs, first, last, batch.grad, deadline)
+            return TrainingBackward(sequences, batch.work.weights, batch.kept, first, last, batch.grad, deadline)
         begin = end = batch.next_layer_seq
         while end < len(sequences) and (sequences[end].num_tokens <= token_layers or end - begin < least):
             token_layers -= sequences[end].num_tokens
@@ -251,4 +262,5 @@ class CoServer:
             return None
         start, stop = batch.rows[begin], batch.rows[end - 1] + sequences[end - 1].num_tokens
         batch.backward_rows = (start, stop)
-        return TrainingBackward(sequences[begin:end], batch.work.weights, batch.inputs[:, start:stop], last, last, batch.grad[start:stop])
+        kept = batch.kept.rows_between(start, stop)
+        return TrainingBackward(sequences[begin:end], batch.work.weights, kept, last, last, batch.grad[start:stop])

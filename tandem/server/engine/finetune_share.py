@@ -9,7 +9,7 @@ A cost model learned from measured iteration times says how much fits: seconds =
 sum over kinds of (cost[kind] x units[kind] + overhead[kind] when the kind is present),
 fitted by least squares over recent iterations. The kinds cost differently per unit and in
 different proportions on each machine (a head row is a vocabulary-wide GEMM and its dX, a
-backward unit a recompute and a backward), and carrying a kind at all costs its own ops
+backward unit a replay and a backward), and carrying a kind at all costs its own ops
 (on CPU, per-op overhead: a forward chunk adds attention calls, layer-input copies and the
 trained adapter's LoRA to every layer), so each has its own; a kind not seen yet is priced
 by its prior (cost relative to a forward token, from the model's shape) times the forward

@@ -12,6 +12,7 @@ import torch
 
 from tandem.kernels.lora import LoRAWeights
 from tandem.server.engine.sequence import Sequence
+from tandem.server.model.kept_activations import KeptActivations
 from tandem.server.model.routing import RoutedRows
 
 # A label that asks for no loss (Hugging Face's convention).
@@ -71,7 +72,7 @@ class TrainingChunk:
     """Tokens [start, start + num_tokens) of a co-served training sequence, forwarded like a
     prefill chunk through the paged cache (block_table holds blocks only training uses).
 
-    input_row: where the chunk's first token sits in its micro-batch's stored layer inputs."""
+    input_row: where the chunk's first token sits in its micro-batch's kept activations."""
 
     seq: TrainingSequence
     start: int
@@ -83,13 +84,13 @@ class TrainingChunk:
 @dataclass
 class TrainingForward:
     """Forward chunks of co-served training sequences, in the same forward as inference and
-    without a graph: each layer's input for the chunks' rows is stored in inputs
-    [num_layers + 1, micro-batch tokens, hidden] (the last: the top layer's output), from
-    which the head and the backward slices recompute."""
+    without a graph: each layer's input and each frozen linear's output for the chunks' rows
+    go into the micro-batch's kept activations, from which the head and the backward slices
+    start."""
 
     chunks: list[TrainingChunk]
     weights: Mapping[tuple[int, str], LoRAWeights]
-    inputs: torch.Tensor
+    kept: KeptActivations
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +118,8 @@ class TrainingHead:
 @dataclass
 class TrainingBackward:
     """Backward through layers [first, last] (top down, last first) of a co-served micro-batch:
-    each layer is recomputed from its stored input with autograd, then backpropagated.
+    each layer's graph is rebuilt from its kept input, replaying its frozen linears' kept
+    outputs, then backpropagated.
 
     grad: the gradient at the output of layer `last` (from the head, for the top layer).
     deadline: a time.perf_counter() instant, or None. With one, layers first..last are the
@@ -126,7 +128,7 @@ class TrainingBackward:
 
     sequences: list[TrainingSequence]
     weights: Mapping[tuple[int, str], LoRAWeights]
-    inputs: torch.Tensor
+    kept: KeptActivations
     first: int
     last: int
     grad: torch.Tensor

@@ -29,6 +29,7 @@ from tandem.server.errors import InvalidRequest, ResourceExhausted
 from tandem.server.load_phases import load_phase
 from tandem.server.model.loader import LoadedModel, load_model
 from tandem.server.model.lora_linear import attach_lora
+from tandem.server.model.lora_targets import linear_shapes
 
 
 class Engine:
@@ -61,7 +62,8 @@ class Engine:
         # When the last iteration ended, if it decoded: the next decoding one ends an
         # inter-token interval that began there (whatever ran between the two counts).
         self._decoded_at: float | None = None
-        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, self.share, self.dtype, self.device)
+        widths = {key: sum(out_slices) for key, (_, out_slices) in linear_shapes(model).items()}
+        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, widths, self.share, self.dtype, self.device)
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_head", "train_backward")}
         self.iteration_histogram = TokenHistogram(ITERATION_TOKEN_BUCKETS)
@@ -179,8 +181,8 @@ class Engine:
         """One iteration: inference, plus co-served fine-tuning work within its share.
 
         Inference rows never enter a graph: the forward runs under inference_mode, or under
-        no_grad when it carries training chunks (their stored layer inputs must stay usable
-        by autograd); a backward slice then runs on its own, from stored inputs."""
+        no_grad when it carries training chunks (the activations they keep must stay usable
+        by autograd); a backward slice then runs on its own, from those."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()

@@ -4,12 +4,13 @@ for training rows, their loss.
 The runner has no policy: the scheduler decided who runs and how many tokens each computes.
 A chunk of one token is a decode (batched into one attention call); longer chunks are
 prefills (one attention call each); co-served training chunks run like prefills through
-blocks of their own, with each layer's input for their rows stored on the way (a forward
-pre-hook per layer, and one on the final norm for the top layer's output); time-sliced training sequences come last and attend to their own rows
-only. Only rows that finish a sequence's known tokens get logits, since only those sample;
+blocks of their own, keeping their rows' activations on the way (each layer's input by a
+forward pre-hook per layer, and one on the final norm for the top layer's output; each
+frozen linear's output in the linear); time-sliced training sequences come last and attend
+to their own rows only. Only rows that finish a sequence's known tokens get logits, since only those sample;
 training rows get logits only where a label asks for them. `backward` runs a co-served
 head block (some rows' loss, back to the top layer's output) or backward slice (layers
-recomputed from their stored inputs, then backpropagated).
+rebuilt from their kept activations, then backpropagated).
 """
 
 import time
@@ -36,6 +37,7 @@ from tandem.server.engine.iteration import (
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.sequence import Sequence
 from tandem.server.model.batch import AttentionMetadata, ForwardBatch, FreshChunk, LoRARows, PrefillChunk
+from tandem.server.model.kept_activations import KeptActivations
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.mixed_rows import MixedRows
 from tandem.server.model.routing import RoutedRows, StepRouter
@@ -49,15 +51,6 @@ class _TrainingRows:
     targets: torch.Tensor
 
 
-@dataclass
-class _Capture:
-    """Store each layer's input rows [rows] into inputs[layer, dest] during one forward."""
-
-    rows: torch.Tensor
-    inputs: torch.Tensor
-    dest: torch.Tensor
-
-
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int, device: torch.device, pool: SlotPool | None = None):
         self.model = model
@@ -65,16 +58,17 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
-        self._capture: _Capture | None = None
+        # The co-served rows' activations the forward in progress keeps, if any.
+        self._keeping: KeptActivations | None = None
         # The last forward's routing, until record_top_experts reads it.
         self._routed: tuple[RoutedRows, list[tuple[Sequence, int, int]]] | None = None
         # (router, expert) -> routed tokens whose top expert it was, since start.
         self.router_expert_tokens: Counter[tuple[str, str]] = Counter()
         for i, module in enumerate([*model.layers, model.norm]):
-            self._add_capture_hook(module, i)
+            self._add_keep_hook(module, i)
 
-    def _add_capture_hook(self, module: torch.nn.Module, layer: int) -> None:
-        """A pre-hook on module that copies its input rows while a capture is set. It holds
+    def _add_keep_hook(self, module: torch.nn.Module, layer: int) -> None:
+        """A pre-hook on module that keeps its input rows while a forward keeps any. It holds
         the runner weakly and removes itself once the runner is gone: a model outlives the
         engines built on it (a benchmark builds dozens), whose KV caches it must not keep."""
         runner = weakref.ref(self)
@@ -83,9 +77,8 @@ class ModelRunner:
             me = runner()
             if me is None:
                 handle.remove()
-            elif me._capture is not None:
-                c = me._capture
-                c.inputs[layer].index_copy_(0, c.dest, args[0].index_select(0, c.rows))
+            elif me._keeping is not None:
+                me._keeping.keep_input(layer, args[0])
 
         handle = module.register_forward_pre_hook(hook)
 
@@ -97,11 +90,11 @@ class ModelRunner:
         if scheduled.block_copies:
             self.kv_cache.copy_blocks(scheduled.block_copies, self.block_size)
         batch, sampled, training = self.prepare(scheduled)
-        self._capture = self._capture_of(scheduled.train_forward, len(batch.attn.slot_mapping))
+        self._keeping = batch.kept
         try:
             hidden = self.model(batch)
         finally:
-            self._capture = None
+            self._keeping = None
         out = ModelRunnerOutput(sampled, self.model.compute_logits(hidden[batch.logits_indices]))
         out.prompt_rows, rows = self._prompt_positions(scheduled)
         if rows:
@@ -131,19 +124,20 @@ class ModelRunner:
 
     def backward(self, work: TrainingHead | TrainingBackward) -> BackwardResult:
         """A co-served head block or backward slice. A slice: layers work.last .. work.first,
-        each recomputed from its stored input over the micro-batch's whole sequences (fresh
-        attention, trained LoRA with autograd) and backpropagated, down to work.first or to
-        where work.deadline stops it; the LoRA masters accumulate gradients."""
+        each rebuilt from its kept activations over the micro-batch's whole sequences (fresh
+        attention, trained LoRA with autograd, frozen linears replayed) and backpropagated,
+        down to work.first or to where work.deadline stops it; the LoRA masters accumulate
+        gradients."""
         if isinstance(work, TrainingHead):
             return self._head(work)
-        batch = self._recompute_batch(work)
+        batch = self._replay_batch(work)
         rope = self.model.rotary.table(batch.positions)
         grad = work.grad
         layer = work.last
         with torch.enable_grad():
             while True:
                 started = time.perf_counter()
-                x = work.inputs[layer].detach().requires_grad_()
+                x = work.kept.inputs[layer].detach().requires_grad_()
                 self.model.layers[layer](x, batch, rope).backward(grad)
                 grad = x.grad
                 if work.deadline is not None and grad.is_cuda:
@@ -167,8 +161,8 @@ class ModelRunner:
             (loss * work.loss_scale).backward()
         return BackwardResult(x.grad, loss.item(), int(targets.numel()))
 
-    def _recompute_batch(self, work: TrainingBackward) -> ForwardBatch:
-        """The micro-batch's sequences as fresh chunks, rows in order, for recomputing layers."""
+    def _replay_batch(self, work: TrainingBackward) -> ForwardBatch:
+        """The micro-batch's sequences as fresh chunks, rows in order, replaying its kept activations."""
         input_ids: list[int] = []
         positions: list[int] = []
         attn = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [], [])
@@ -181,6 +175,7 @@ class ModelRunner:
             kv_caches=self.kv_cache.layers,
             logits_indices=self._index([]),
             train_lora=self._trained_lora(as_work, len(input_ids)),
+            kept=work.kept,
         )
 
     def prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence], _TrainingRows | None]:
@@ -242,6 +237,7 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(self.device),
             lora=self._served_lora(adapter_slots + [-1] * (len(input_ids) - num_inference), routed, mixed),
             train_lora=None if trained is None else self._trained_lora(trained, len(input_ids)),
+            kept=None if forward is None else self._kept_rows(forward, len(slots)),
         )
         return batch, sampled, training
 
@@ -281,17 +277,16 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
 
-    def _capture_of(self, forward: TrainingForward | None, first_row: int) -> _Capture | None:
-        """Where the layer inputs of the co-served chunks' rows go (they follow the inference rows)."""
-        if forward is None:
-            return None
+    def _kept_rows(self, forward: TrainingForward, end: int) -> KeptActivations:
+        """The micro-batch's activations, kept from the co-served chunks' rows: the rows up to
+        `end`, after the inference rows."""
         rows, dest = [], []
-        row = first_row - forward.num_tokens
+        row = end - forward.num_tokens
         for chunk in forward.chunks:
             rows.extend(range(row, row + chunk.num_tokens))
             dest.extend(range(chunk.input_row, chunk.input_row + chunk.num_tokens))
             row += chunk.num_tokens
-        return _Capture(self._index(rows), forward.inputs, self._index(dest))
+        return forward.kept.keeping(self._index(rows), self._index(dest))
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -278,8 +278,9 @@ class JobManager:
             self._publish(self._running)
 
     def _coserves(self, lora: LoRASpec, router: RouterSpec | None) -> bool:
-        """Whether a job runs co-served. Co-served steps recompute layers from inputs stored by
-        a gradient-free forward, which lora_dropout would make disagree with the recompute:
+        """Whether a job runs co-served. Co-served steps rebuild each layer's graph from
+        activations kept by a gradient-free forward, computing the trained adapter's delta
+        again, which lora_dropout would make disagree with the forward's:
         those jobs run time-sliced, and so do gate-training jobs (their routed rows train in
         iterations of their own)."""
         return self.engine.config.finetune_mode == "coserve" and not lora.lora_dropout and router is None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.kernels.lora import LoRABatch, LoRAWeights
+from tandem.server.model.kept_activations import KeptActivations
 from tandem.server.model.mixed_rows import MixedRows
 from tandem.server.model.routing import RoutedRows
 
@@ -98,6 +99,8 @@ class ForwardBatch:
     lora: the served adapters' rows (device slots, no autograd); None when no row has one.
     train_lora: the rows of adapters being trained, whose weights carry autograd; None when
         the batch trains nothing.
+    kept: a co-served micro-batch's activations: kept from its rows by a forward chunk, or
+        replayed by its backward slice; None otherwise.
     """
 
     input_ids: torch.Tensor
@@ -107,3 +110,4 @@ class ForwardBatch:
     logits_indices: torch.Tensor
     lora: LoRARows | None = None
     train_lora: LoRARows | None = None
+    kept: KeptActivations | None = None

@@ -1,5 +1,7 @@
 """FusedLinear plus per-token LoRA deltas: served adapters from device slots, and adapters
-being trained, whose weights carry autograd.
+being trained, whose weights carry autograd. For a co-served micro-batch it also keeps the
+frozen weight's output of its rows in a forward chunk and replays it in the backward slice
+(server/model/kept_activations.py).
 
 Attached after the model is built (the gpt-fast way): the model file knows nothing of LoRA.
 Each linear knows only its (layer, group) key; the weights and each token's slot come with
@@ -21,7 +23,13 @@ class LoRALinear(FusedLinear):
         self.key = key
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        y = super().forward(x, batch)
+        kept = batch.kept
+        if kept is not None and kept.replaying:
+            y = self.packed.replayed(x, kept.outputs[self.key], self.weight)
+        else:
+            y = super().forward(x, batch)
+            if kept is not None:  # before any delta lands in y in place
+                kept.keep_output(self.key, y)
         served = batch.lora
         if served is not None and self.key in served.weights:
             self.add_served(x, served, y)
