@@ -59,10 +59,10 @@ def random_smollm2():
 
 def serve_a_little(hf) -> None:
     """What a serving process holds and has churned: an engine with its KV cache, 32 requests."""
-    from bench.lora_serving import word_tokenizer
     from tandem.server.engine.llm_engine import Engine
     from tandem.server.engine.sampling_params import SamplingParams
     from tandem.server.model.loader import LoadedModel, build_from_hf
+    from tests.word_tokenizer import word_tokenizer
 
     loaded = LoadedModel(build_from_hf(hf, torch.bfloat16, torch.device("cpu")), word_tokenizer(49152), "random", "llama", [1])
     engine = Engine(loaded, EngineConfig(max_num_seqs=64, max_num_batched_tokens=512))

@@ -1,16 +1,20 @@
 """Batched-LoRA shrink+expand vs a loop over adapters and vs the base GEMM of the same layer.
 
-SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536), 8 adapters of rank 16,
-tokens spread round-robin over the adapters. Runs on CPU (the torch reference, which is
-the CPU serving path) and, when CUDA is present, on the GPU (Triton kernels). Achieved
-bandwidth: the least bytes lora_delta must move (each active slot's A and B at its rank,
-x, y read and written) over its time, against a large copy's bandwidth on the same device.
+SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536) or Llama-8B's (--model
+llama-8b), 8 adapters of rank 16 (--adapters), tokens spread round-robin over the adapters.
+Runs on CPU (the torch reference, which is the CPU serving path) and, when CUDA is present,
+on the GPU (Triton kernels; there also replayed in CUDA graphs over weights past the L2
+cache, as a decode step meets them). Achieved bandwidth: the least bytes lora_delta must
+move (each active slot's A and B at its rank, x, y read and written) over its time, against
+a large copy's bandwidth on the same device.
 
     python bench/lora_kernels.py            # writes bench/results/lora_kernels_<device>.json
+    PYTHONPATH=. python bench/lora_kernels.py --model llama-8b --adapters 64   # on a GPU host
 """
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,25 +26,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine_info, write_result  # noqa: E402
 from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
 
-HIDDEN, Q, KV, INTER = 576, 576, 192, 1536
-# name -> (in_features, output slices)
-GROUPS = {
-    "qkv": (HIDDEN, (Q, KV, KV)),
-    "o": (Q, (HIDDEN,)),
-    "gate_up": (HIDDEN, (INTER, INTER)),
-    "down": (INTER, (HIDDEN,)),
-}
-NUM_ADAPTERS, RANK = 8, 16
+# Hidden, q, kv and intermediate widths of the models the kernels serve.
+MODELS = {"smollm2": (576, 576, 192, 1536), "llama-8b": (4096, 4096, 1024, 14336)}
+RANK = 16
 TOKENS = (1, 8, 32, 128)
 
 
-def make_layer(in_features, out_slices, dtype, device):
+def layer_groups(model: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (in_features, output slices) of one decoder layer's fused linears."""
+    hidden, q, kv, inter = MODELS[model]
+    return {"qkv": (hidden, (q, kv, kv)), "o": (q, (hidden,)), "gate_up": (hidden, (inter, inter)), "down": (inter, (hidden,))}
+
+
+def make_lora(num_adapters, in_features, out_slices, dtype, device) -> LoRAWeights:
     num_slices, n_out = len(out_slices), sum(out_slices)
-    a = torch.randn(NUM_ADAPTERS, num_slices * RANK, in_features, dtype=dtype, device=device) / in_features**0.5
-    b = torch.randn(NUM_ADAPTERS, n_out, RANK, dtype=dtype, device=device) / RANK
-    ranks = torch.full((NUM_ADAPTERS,), RANK, dtype=torch.int32, device=device)
-    base = torch.randn(n_out, in_features, dtype=dtype, device=device) / in_features**0.5
-    return LoRAWeights(a, b, ranks, out_slices), base
+    a = torch.randn(num_adapters, num_slices * RANK, in_features, dtype=dtype, device=device) / in_features**0.5
+    b = torch.randn(num_adapters, n_out, RANK, dtype=dtype, device=device) / RANK
+    ranks = torch.full((num_adapters,), RANK, dtype=torch.int32, device=device)
+    return LoRAWeights(a, b, ranks, out_slices)
+
+
+def make_base(in_features, out_slices, dtype, device) -> torch.Tensor:
+    return torch.randn(sum(out_slices), in_features, dtype=dtype, device=device) / in_features**0.5
+
+
+def copies_past_l2(nbytes: int, device) -> int:
+    """How many copies of an input set of nbytes together exceed three times the L2 cache, so
+    that a graph cycling through them reads each from device memory, as a decode step does."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, -(-3 * l2 // nbytes))
+
+
+def graph_time(calls) -> float:
+    """Seconds per call on CUDA: one CUDA graph replays every call once (no launch gaps from
+    Python); the median of 10 replays timed with events."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return statistics.median(times)
 
 
 def naive_delta(x, w, token_slots, y):
@@ -113,23 +152,23 @@ def timeit(fns, device, calls=300, budget=1.0):
     return best
 
 
-def run(device, dtypes, peak_gb_s):
+def run(device, dtypes, peak_gb_s, groups, num_adapters):
     rows = []
     for dtype in dtypes:
-        for name, (in_features, out_slices) in GROUPS.items():
+        for name, (in_features, out_slices) in groups.items():
             torch.manual_seed(0)
-            w, base = make_layer(in_features, out_slices, dtype, device)
+            w, base = make_lora(num_adapters, in_features, out_slices, dtype, device), make_base(in_features, out_slices, dtype, device)
             for num_tokens in TOKENS:
                 x = torch.randn(num_tokens, in_features, dtype=dtype, device=device)
                 y = torch.zeros(num_tokens, w.out_features, dtype=dtype, device=device)
-                slots = [t % NUM_ADAPTERS for t in range(num_tokens)]
-                batch = LoRABatch.build(slots, NUM_ADAPTERS, device=device)
+                slots = [t % num_adapters for t in range(num_tokens)]
+                batch = LoRABatch.build(slots, num_adapters, device=device)
                 token_slots = batch.token_slots
                 fns = {
                     "base_gemm_us": lambda: F.linear(x, base),
                     "lora_delta_us": lambda: lora_delta(x, w, batch, y),
                     "naive_loop_us": lambda: naive_delta(x, w, token_slots, y),
-                    "batch_build_us": lambda: LoRABatch.build(slots, NUM_ADAPTERS, device=device),
+                    "batch_build_us": lambda: LoRABatch.build(slots, num_adapters, device=device),
                 }
                 if device.type == "cpu" and dtype != torch.float32:
                     w32 = LoRAWeights(w.a.float(), w.b.float(), w.slot_ranks, w.out_slices)
@@ -144,6 +183,9 @@ def run(device, dtypes, peak_gb_s):
                 times = dict(zip(fns, timeit(list(fns.values()), device)))
                 row = {"dtype": str(dtype).removeprefix("torch."), "group": name, "tokens": num_tokens}
                 row.update({key: t * 1e6 for key, t in times.items()})
+                if device.type == "cuda":
+                    row.update(graphed(w, base, x, batch, device))
+                    times["lora_delta_us"], times["base_gemm_us"] = row["graph_lora_delta_us"] / 1e6, row["graph_base_gemm_us"] / 1e6
                 row["lora_over_base"] = times["lora_delta_us"] / times["base_gemm_us"]
                 row["lora_bytes"] = lora_bytes(x, w, batch, y)
                 row["lora_gb_s"] = row["lora_bytes"] / times["lora_delta_us"] / 1e9
@@ -153,8 +195,19 @@ def run(device, dtypes, peak_gb_s):
     return rows
 
 
+def graphed(w: LoRAWeights, base: torch.Tensor, x: torch.Tensor, batch: LoRABatch, device) -> dict:
+    """lora_delta and the base GEMM timed in CUDA graphs over fresh copies of their weights
+    (together past the L2 cache): what a decode step sees, without Python's launch cost."""
+    lora_sets = [(LoRAWeights(torch.randn_like(w.a), torch.randn_like(w.b), w.slot_ranks, w.out_slices), torch.zeros(x.shape[0], w.out_features, dtype=x.dtype, device=device))
+                 for _ in range(copies_past_l2(w.a.nbytes + w.b.nbytes, device))]
+    bases = [torch.randn_like(base) for _ in range(copies_past_l2(base.nbytes, device))]
+    lora_s = graph_time([lambda w=w_i, y=y_i: lora_delta(x, w, batch, y) for w_i, y_i in lora_sets])
+    base_s = graph_time([lambda b=b: F.linear(x, b) for b in bases])
+    return {"graph_lora_delta_us": lora_s * 1e6, "graph_base_gemm_us": base_s * 1e6, "graph_weight_copies": len(lora_sets)}
+
+
 # Optional columns: printed when a row has them (CPU bf16 rows, CUDA rows).
-EXTRA_COLUMNS = {"lora_delta_fp32_pool_us": "f32pool_us", "triton_two_launch_us": "2launch_us",
+EXTRA_COLUMNS = {"lora_delta_fp32_pool_us": "f32pool_us", "graph_lora_delta_us": "g_lora_us", "graph_base_gemm_us": "g_base_us", "triton_two_launch_us": "2launch_us",
                  "torch_reference_us": "torch_us", "lora_gb_s": "lora_GB/s", "of_copy_bandwidth": "of_copy_bw"}
 
 
@@ -175,7 +228,8 @@ def print_row(r, rows):
 
 
 def summarise(rows, peak_gb_s):
-    """Per decoder layer (all four groups): each timing summed, for each dtype and token count."""
+    """Per decoder layer (all four groups): each timing summed, for each dtype and token count.
+    Ratios and bandwidth use the graph-replayed times where there are some (CUDA)."""
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):
         for num_tokens in TOKENS:
@@ -183,10 +237,12 @@ def summarise(rows, peak_gb_s):
             keys = [k for k in sel[0] if k.endswith("_us") and all(k in r for r in sel)]
             layer = {"dtype": dtype, "tokens": num_tokens}
             layer.update({k: sum(r[k] for r in sel) for k in keys})
-            layer["lora_over_base"] = layer["lora_delta_us"] / layer["base_gemm_us"]
-            layer["naive_over_lora"] = layer["naive_loop_us"] / layer["lora_delta_us"]
+            lora, base = (("graph_lora_delta_us", "graph_base_gemm_us") if "graph_lora_delta_us" in layer
+                          else ("lora_delta_us", "base_gemm_us"))
+            layer["lora_over_base"] = layer[lora] / layer[base]
+            layer["naive_over_lora"] = layer["naive_loop_us"] / layer[lora]
             layer["lora_bytes"] = sum(r["lora_bytes"] for r in sel)
-            layer["lora_gb_s"] = layer["lora_bytes"] / layer["lora_delta_us"] / 1e3
+            layer["lora_gb_s"] = layer["lora_bytes"] / layer[lora] / 1e3
             layer["of_copy_bandwidth"] = layer["lora_gb_s"] / peak_gb_s
             out.append(layer)
     return out
@@ -196,7 +252,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS), help="whose layer shapes")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters, tokens spread round-robin over them")
     args = parser.parse_args()
+    groups = layer_groups(args.model)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load_at_start = os.getloadavg()[0]
@@ -205,7 +264,7 @@ def main():
     dtypes = (torch.bfloat16, torch.float32) if device.type == "cpu" else (torch.bfloat16, torch.float16)
     peak_gb_s = copy_bandwidth(device) / 1e9
     print(f"copy bandwidth (read + write) on {device.type}: {peak_gb_s:.1f} GB/s")
-    rows = run(device, dtypes, peak_gb_s)
+    rows = run(device, dtypes, peak_gb_s, groups, args.adapters)
     per_layer = summarise(rows, peak_gb_s)
     print_header(rows)
     for r in rows:
@@ -219,22 +278,26 @@ def main():
         "machine": machine_info(),
         "load_average_1m_at_start": load_at_start,
         "setup": {
-            "adapters": NUM_ADAPTERS,
+            "model": args.model,
+            "adapters": args.adapters,
             "rank": RANK,
-            "groups": {k: {"in": i, "out_slices": list(o)} for k, (i, o) in GROUPS.items()},
+            "groups": {k: {"in": i, "out_slices": list(o)} for k, (i, o) in groups.items()},
             "token_assignment": "round-robin over the adapters",
             "lora_delta_fp32_pool_us": "bf16 activations with the slot pool stored in float32",
             "lora_gb_s": "the least bytes lora_delta must move (active slots' A and B at their rank, x, y read and "
             "written) over its time; of_copy_bandwidth: that over copy_bandwidth_gb_s, a 1 GiB (CUDA) or 256 MiB (CPU) "
             "copy on the same device. CPU timings are fastest calls, so the weights may sit in cache.",
-            "timing": "CPU: fastest of up to 300 interleaved single calls; CUDA: best of 10 rounds of 50; "
-            "lora_delta adds into a preallocated y",
+            "timing": "CPU: fastest of up to 300 interleaved single calls; CUDA: best of 10 rounds of 50 calls from "
+            "Python, and (graph_*) the median of 10 replays of a CUDA graph that runs the call once on each of "
+            "graph_weight_copies fresh weight sets (together over 3x the L2 cache), per call; CUDA ratios and "
+            "bandwidth use the graph times. lora_delta adds into a preallocated y",
         },
         "copy_bandwidth_gb_s": peak_gb_s,
         "rows": rows,
         "per_layer": per_layer,
     }
-    write_result(f"lora_kernels_{device.type}", result)
+    suffix = ("" if args.model == "smollm2" else f"_{args.model}") + ("" if args.adapters == 8 else f"_{args.adapters}_adapters")
+    write_result(f"lora_kernels_{device.type}{suffix}", result)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from tandem.server.heap import frozen_heap  # noqa: E402
 from tandem.server.model.loader import LoadedModel, build_from_hf, default_model_path, eos_token_ids  # noqa: E402
 from tandem.server.model.lora_linear import LoRALinear  # noqa: E402
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
+from tests.word_tokenizer import word_tokenizer  # noqa: E402
 
 CONCURRENCY, PROMPT_LEN, OUT_LEN = 32, 32, 64
 RANK, SLOTS, DISTINCT_FILES = 16, 64, 8
@@ -103,16 +104,6 @@ def load(model: str, dtype: torch.dtype, device: torch.device):
         name = f"random {model}"
     loaded = LoadedModel(build_from_hf(hf, dtype, device), tok, name, "llama", eos_token_ids(hf, tok))
     return loaded, hf.eval(), tok
-
-
-def word_tokenizer(vocab_size: int):
-    """A tokenizer whose token i is the word t<i>: enough to decode random ids offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1")
 
 
 def adapter_name(i: int) -> str:

@@ -7,8 +7,8 @@ from tandem.server.engine.llm_engine import Engine
 from tandem.server.model.loader import LoadedModel, build_from_hf, eos_token_ids
 
 
-def make_engine(hf_model, tokenizer, dtype: torch.dtype = torch.float32, **config) -> Engine:
-    model = build_from_hf(hf_model, dtype, torch.device("cpu"))
+def make_engine(hf_model, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu", **config) -> Engine:
+    model = build_from_hf(hf_model, dtype, torch.device(device))
     loaded = LoadedModel(model, tokenizer, "test-model", hf_model.config.model_type, eos_token_ids(hf_model, tokenizer))
     config.setdefault("adapter_cache_prefault", False)  # 2 GiB touched per test engine: too much
     return Engine(loaded, EngineConfig(**config))

@@ -25,7 +25,7 @@ def record_logits(engine: Engine) -> dict[str, list[torch.Tensor]]:
 
 
 def assert_matches_transformers(hf_model, prompt_ids, generated, logits_rows):
-    full = torch.tensor([prompt_ids + generated])
+    full = torch.tensor([prompt_ids + generated], device=hf_model.device)
     with torch.no_grad():
         ref = hf_model(full).logits[0].float()
     expected = ref[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(generated)]

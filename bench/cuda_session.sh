@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# What one call on a lent GPU host runs (its own python3, torch and Triton; no network):
+#   bash bench/cuda_session.sh check   # the CUDA tests, the kernel bench on Llama-8B shapes, a quick serving run
+#   bash bench/cuda_session.sh serve   # the serving bench on Llama-8B shapes against the base model and peft
+# Each step has its own time limit and a failing one does not stop the next. Logs and the
+# bench results (bench/results/*cuda*) come back as a few files under $OUT.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/tandem-cuda}
+mkdir -p "$out"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - start))s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,temperature.gpu --format=csv >"$out/gpu.txt" 2>&1
+python3 -c "import sys, torch, triton, transformers, peft; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())" >>"$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+case "${1:-check}" in
+check)
+    step tests 240 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels tests/engine/test_cuda.py
+    step kernels_8b 150 python3 bench/lora_kernels.py --model llama-8b
+    step serving_1b 170 python3 bench/lora_serving.py --model llama-1b --quick
+    ;;
+serve)
+    step serving_8b 540 python3 bench/lora_serving.py --model llama-8b
+    ;;
+esac
+tar czf "$out/results.tgz" bench/results/*cuda* 2>/dev/null
+for log in "$out"/*.log; do
+    echo "---- $(basename "$log")"
+    tail -n 25 "$log"
+done
