@@ -24,9 +24,9 @@ cat "$out/gpu.txt"
 
 case "${1:-check}" in
 check)
-    step tests 240 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels tests/engine/test_cuda.py
-    step kernels_8b 150 python3 bench/lora_kernels.py --model llama-8b
-    step serving_1b 170 python3 bench/lora_serving.py --model llama-1b --quick
+    step tests 200 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels tests/engine/test_cuda.py
+    step kernels_8b 120 python3 bench/lora_kernels.py --model llama-8b
+    step serving_1b 150 python3 bench/lora_serving.py --model llama-1b --quick
     ;;
 serve)
     step serving_8b 540 python3 bench/lora_serving.py --model llama-8b
