@@ -195,9 +195,7 @@ class GuardRoom:
 
 
 def start_job(engine: AsyncEngine) -> None:
-    # The server's default step (4096 tokens: 8 micro-batches of 512), which co-serving
-    # pipelines (the next micro-batch's forward beside the previous one's backward) within.
-    hp = Hyperparameters(learning_rate=1e-3, max_steps=100_000, checkpoint_interval=100_000, seed=0)
+    hp = Hyperparameters(learning_rate=1e-3, max_steps=100_000, tokens_per_step=1024, checkpoint_interval=100_000, seed=0)
     engine.jobs.create(JobRequest("bench-job", hp, training_file="train.jsonl", lora={"r": 16}))
 
 
@@ -428,7 +426,7 @@ def main() -> None:
         "machine": machine_info(),
         "workload": {
             "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "window_seconds": seconds,
-            "job": f"record-to-JSON messages, r 16 all-linear, {Hyperparameters().tokens_per_step} tokens/step, micro-batch 512",
+            "job": "record-to-JSON messages, r 16 all-linear, 1024 tokens/step, micro-batch 512",
         },
         "max_requests_per_s": max_rate,
         "saturated": saturated,
