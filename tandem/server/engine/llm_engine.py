@@ -199,13 +199,12 @@ class Engine:
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
-            # The head's rows first: they were planned; a backward slice beside them tops up.
-            head = None if scheduled.train_head is None else self.runner.backward(scheduled.train_head)
-            backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
+            backward_work = scheduled.train_head or scheduled.train_backward
+            backward = None if backward_work is None else self.runner.backward(backward_work)
         except Exception as exc:
             self.coserve.abort(exc)
             raise
-        self.coserve.finish(scheduled, head, backward)
+        self.coserve.finish(scheduled, backward)
         self._count(scheduled)
         ended = time.perf_counter()
         interval = ended - (self._decoded_at or started) if scheduled.decodes else None
