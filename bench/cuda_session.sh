@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one call on a lent GPU host runs (its own python3, torch and Triton; no network):
-#   bash bench/cuda_session.sh check   # the CUDA tests, the kernel bench on Llama-8B shapes, a quick serving run
-#   bash bench/cuda_session.sh serve   # the serving bench on Llama-8B shapes against the base model and peft
+#   bash bench/cuda_session.sh check   # the CUDA tests, the kernel bench and a quick serving run (1, 8, 64 adapters) on Llama-8B shapes
+#   bash bench/cuda_session.sh serve   # the whole serving bench on Llama-8B shapes (1..2048 adapters, Zipf, peft)
 # Each step has its own time limit and a failing one does not stop the next. Logs and the
 # bench results (bench/results/*cuda*) come back as a few files under $OUT.
 set -u
@@ -23,13 +23,13 @@ python3 -c "import sys, torch, triton, transformers, peft; print(sys.version.spl
 cat "$out/gpu.txt"
 
 case "${1:-check}" in
-check)
-    step tests 200 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels tests/engine/test_cuda.py
+check)  # at most 540 s: fits one call (10 min) and leaves a restart and a shorter rerun inside 15 min of device time
+    step tests 150 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels tests/engine/test_cuda.py
     step kernels_8b 120 python3 bench/lora_kernels.py --model llama-8b
-    step serving_1b 150 python3 bench/lora_serving.py --model llama-1b --quick
+    step serving_8b 270 python3 bench/lora_serving.py --model llama-8b --quick --threads 8
     ;;
-serve)
-    step serving_8b 540 python3 bench/lora_serving.py --model llama-8b
+serve)  # the whole serving bench (1..2048 adapters, Zipf, peft): for a session with more device time
+    step serving_8b_full 540 python3 bench/lora_serving.py --model llama-8b --threads 8
     ;;
 esac
 tar czf "$out/results.tgz" bench/results/*cuda* 2>/dev/null

@@ -139,10 +139,13 @@ def draw(num_adapters: int, popularity: str, n: int, seed: int) -> list[int]:
     return rng.choices(range(num_adapters), cum_weights=cum, k=n)
 
 
-def engine_config(adapters_dir: Path | None) -> EngineConfig:
+def engine_config(loaded: LoadedModel, adapters_dir: Path | None) -> EngineConfig:
+    """SLOTS device slots whatever the model: the pool's budget fits SLOTS float32 slots (the
+    default 4 GiB holds 51 of Llama-8B's in bf16)."""
     return EngineConfig(
         max_num_seqs=256, max_num_batched_tokens=512,
         adapters_dir=None if adapters_dir is None else str(adapters_dir), max_lora_rank=RANK, max_loras=SLOTS,
+        lora_pool_bytes=SLOTS * SlotPool.slot_bytes(loaded.model, RANK, torch.float32),
     )
 
 
@@ -154,7 +157,7 @@ class Workload:
         self, loaded: LoadedModel, prompts: list[list[int]], out_len: int, adapters_dir: Path | None = None,
         choice: list[int] | None = None, naming=adapter_name,
     ):
-        self.engine = Engine(loaded, engine_config(adapters_dir))
+        self.engine = Engine(loaded, engine_config(loaded, adapters_dir))
         # An adapter's bytes in a slot (read as float32; slots hold the pool's dtype, slot_pool.slot_dtype).
         self.pool_itemsize = 0 if self.engine.registry is None else self.engine.registry.pool.dtype.itemsize
         self.prompts, self.out_len, self.choice, self.naming = prompts, out_len, choice, naming
@@ -254,7 +257,7 @@ def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path
     first CONCURRENCY requests of the run, every prompt prefilled before profiling starts.
     Also the LoRA calls per step and the torch ops each dispatches (the profiler's top-level
     events inside a call). The profiler's own cost per op inflates both sides a little."""
-    engine = Engine(loaded, engine_config(adapters_dir))
+    engine = Engine(loaded, engine_config(loaded, adapters_dir))
     params = SamplingParams(temperature=0.0, max_new_tokens=OUT_LEN, ignore_eos=True)
     for i in range(CONCURRENCY):
         engine.add_request(str(i), prompts[i], params, engine.registry.get(naming(choice[i])))
