@@ -279,14 +279,12 @@ class ModelRunner:
 
     def _kept_rows(self, forward: TrainingForward, end: int) -> KeptActivations:
         """The micro-batch's activations, kept from the co-served chunks' rows: the rows up to
-        `end`, after the inference rows."""
-        rows, dest = [], []
-        row = end - forward.num_tokens
-        for chunk in forward.chunks:
-            rows.extend(range(row, row + chunk.num_tokens))
-            dest.extend(range(chunk.input_row, chunk.input_row + chunk.num_tokens))
-            row += chunk.num_tokens
-        return forward.kept.keeping(self._index(rows), self._index(dest))
+        `end`, after the inference rows. The chunks run in sequence order, so they are one run
+        of rows here and one in the micro-batch."""
+        first = forward.chunks[0].input_row
+        n = forward.num_tokens
+        assert forward.chunks[-1].input_row + forward.chunks[-1].num_tokens - first == n, "chunks not consecutive"
+        return forward.kept.keeping(slice(end - n, end), slice(first, first + n))
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
