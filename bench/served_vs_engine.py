@@ -9,6 +9,11 @@ default model (SmolLM2-135M-Instruct) with the server's default configuration:
 - served_interval_K: the same through a second server started with `--stream-interval K`
   (a message every K tokens instead of every token), which shows what the per-message cost
   of streaming is.
+- bare_grpc: the same number of streamed messages from a gRPC server with no model behind it
+  (bench/bare_grpc.py) to a bare stub: the transport's own CPU per message, server and client.
+  With the engine's CPU per round that gives the ceiling of the served ratio on this host,
+  engine CPU / (engine CPU + transport CPU): the 2 cores the engine fills must also run the
+  transport, whatever the server does around it.
 Rounds alternate (after a warm-up of each), so that the machine's noise falls on all. Each
 side reports its median tokens/s and its spread (max/min over its rounds), and the CPU
 seconds its rounds took: the engine's (this process), the server's, of it its event loop's
@@ -27,6 +32,7 @@ import asyncio
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import serve_process  # noqa: E402
+from bench import bare_grpc, serve_process  # noqa: E402
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.client import AsyncTandemClient  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
@@ -81,6 +87,24 @@ async def served_round(port: int, work: list[list[int]], tokens: int) -> float:
     return generated / wall
 
 
+def bare_round(port: int, work: list[list[int]], tokens: int) -> float:
+    """Messages/s of bare gRPC streams, one per request of work, each of `tokens` messages."""
+    started = time.perf_counter()
+    messages = asyncio.run(bare_grpc.read_streams(port, len(work), tokens))
+    assert messages == len(work) * tokens
+    return messages / (time.perf_counter() - started)
+
+
+def start_bare_server(root: Path) -> tuple[subprocess.Popen, int]:
+    port_file = root / "bare_grpc.port"
+    process = subprocess.Popen([sys.executable, str(Path(bare_grpc.__file__)), str(port_file)])
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, "the bare gRPC server did not start"
+        time.sleep(0.1)
+    return process, int(port_file.read_text())
+
+
 def cpu_s(stat: Path) -> float:
     """CPU seconds (user + system) from a /proc stat file: a process's (all threads) or a thread's."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -108,11 +132,18 @@ def summarize(rounds: list[dict]) -> dict:
             "cpu_s": statistics.median(r["cpu_s"] for r in mine),
             **{k: statistics.median(r[k] for r in mine) for k in ("server_cpu_s", "server_loop_cpu_s") if k in mine[0]},
         }
+    bare = sides.pop("bare_grpc", None)
     for side in sides:
         sides[side]["over_engine"] = sides[side]["tokens_per_s"] / sides["engine"]["tokens_per_s"]
     ratio = sides["served"]["over_engine"]
+    ceiling = {}
+    if bare is not None:
+        engine_cpu, transport_cpu = sides["engine"]["cpu_s"], bare["cpu_s"] + bare["server_cpu_s"]
+        ceiling = {"bare_grpc": bare | {"transport_cpu_s": transport_cpu},
+                   "served_ceiling_over_engine": engine_cpu / (engine_cpu + transport_cpu)}
     return {
         **sides,
+        **ceiling,
         "served_over_engine": ratio,
         "goal_met": ratio >= GOALS["served_over_engine"] and sides["served"]["spread"] <= sides["engine"]["spread"],
     }
@@ -143,6 +174,9 @@ def main() -> None:
             run = {"engine": (lambda: engine_round(engine, work, args.tokens), None)}
             for side, (process, listening) in processes.items():
                 run[side] = (lambda port=listening["port"]: asyncio.run(served_round(port, work, args.tokens)), process.pid)
+            bare, bare_port = start_bare_server(Path(tmp))
+            processes["bare_grpc"] = (bare, None)
+            run["bare_grpc"] = (lambda: bare_round(bare_port, work, args.tokens), bare.pid)
             for fn, _ in run.values():  # warm-up: first-call paths and shapes on every side
                 fn()
             with frozen_heap():  # this process's loaded heap, as `tandem serve` freezes its own
@@ -152,7 +186,7 @@ def main() -> None:
                         rounds.append({"side": side, **record})
                         server = "" if run[side][1] is None else (
                             f", server {record['server_cpu_s']:.1f} (its event loop {record['server_loop_cpu_s']:.2f})")
-                        print(f"  round {i + 1} {side:18} {record['tokens_per_s']:7.1f} tokens/s, CPU s: this process "
+                        print(f"  round {i + 1} {side:18} {record['tokens_per_s']:7.1f} {'messages' if side == 'bare_grpc' else 'tokens'}/s, CPU s: this process "
                               f"{record['cpu_s']:.2f}{server}", flush=True)
         finally:
             for process, _ in processes.values():
@@ -169,9 +203,14 @@ def main() -> None:
     s = result["summary"]
     print(f"\n{'side':18} {'tokens/s':>9} {'x engine':>9} {'spread':>7} {'CPU s here':>11} {'server':>7} {'its loop':>9}")
     for side in run:
+        if side == "bare_grpc":
+            continue
         row = s[side]
         print(f"{side:18} {row['tokens_per_s']:9.1f} {row['over_engine']:9.3f} {row['spread']:7.2f} {row['cpu_s']:11.2f} "
               f"{row.get('server_cpu_s', 0):7.1f} {row.get('server_loop_cpu_s', 0):9.2f}")
+    bare = s["bare_grpc"]
+    print(f"bare gRPC, {len(work) * args.tokens} messages a round: CPU s server {bare['server_cpu_s']:.2f} + client {bare['cpu_s']:.2f}; "
+          f"so the served ratio's ceiling here is {s['served_ceiling_over_engine']:.3f}")
     print(f"served / engine {s['served_over_engine']:.3f}: goal {'met' if s['goal_met'] else 'NOT met'}")
     write_result(f"served_vs_engine_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 

@@ -1,0 +1,83 @@
+"""gRPC streaming with nothing behind it: what the transport alone costs per streamed message.
+
+A served token costs the server a message built and written by grpc.aio and the client one
+read; on a host whose cores the engine fills, that CPU comes out of the engine's time. This
+server answers GenerationService.GenerateStream with max_new_tokens one-token messages, one
+per tick for every open stream at once (as the engine hands out one token per stream per
+step), and no model; the client reads them with a bare stub. bench/served_vs_engine.py runs
+it beside the real server to put a measured floor under the served path's ratio.
+
+    .venv/bin/python bench/bare_grpc.py PORT_FILE [--tick SECONDS]   # serve until killed
+"""
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tandem.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
+
+
+class _Ticker:
+    """Wakes every waiting stream at once, every `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._tick = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds)
+            self._tick.set()
+            self._tick = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._tick.wait()
+
+
+class _Streamer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, ticker: _Ticker):
+        self._ticker = ticker
+
+    async def GenerateStream(self, request, context):
+        for i in range(request.max_new_tokens):
+            await self._ticker.wait()
+            yield generation_pb2.GenerateStreamResponse(text="x", token_ids=[i])
+
+
+async def serve(port_file: Path, tick: float) -> None:
+    ticker = _Ticker(tick)
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(_Streamer(ticker), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(str(port))
+    await ticker.run()
+
+
+async def read_streams(port: int, streams: int, messages: int) -> int:
+    """Open `streams` streams of `messages` messages each at once; the messages read."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        async def one() -> int:
+            request = generation_pb2.GenerateStreamRequest(max_new_tokens=messages)
+            return sum([1 async for _ in stub.GenerateStream(request)])
+
+        return sum(await asyncio.gather(*(one() for _ in range(streams))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("port_file", type=Path)
+    ap.add_argument("--tick", type=float, default=0.02)
+    args = ap.parse_args()
+    asyncio.run(serve(args.port_file, args.tick))
+
+
+if __name__ == "__main__":
+    main()
