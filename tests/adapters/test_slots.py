@@ -4,9 +4,11 @@ the host cache's budget, and reloading an adapter while a request still uses the
 The oracle for every output is the same request run alone (greedy, float32) on an engine
 with enough slots for every adapter."""
 
+import gc
 import math
 import os
 import shutil
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -389,6 +391,24 @@ def test_cuda_prefetch_copies_on_a_side_stream_and_acquire_waits_for_it(tiny_hf_
             assert torch.equal(a_slot[s, : a.shape[0]], a)
             torch.testing.assert_close(w.b[slot][start : start + b.shape[0], : b.shape[1]].cpu(), b * scale)
         assert int(w.slot_ranks[slot]) == delta.rank == w.host_ranks[slot]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetch_holds_the_adapter_until_its_copy_has_read_it(tiny_hf_model, adapters_dir):
+    # The copy reads the adapter's host block, which the slab reuses once nothing views it:
+    # a waiting request aborted mid-copy must not free it under the copy.
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    pool = SlotPool(model, 2, MAX_RANK, torch.float32, torch.device("cuda"))
+    adapter = read_adapter("all8", adapters_dir / "all8", model, MAX_RANK).pin_memory()
+    alive = weakref.ref(adapter)
+    assert pool.prefetch([adapter]) == 1
+    del adapter
+    gc.collect()
+    assert alive() is not None
+    torch.cuda.synchronize()
+    pool.prefetch([])
+    gc.collect()
+    assert alive() is None
 
 
 def test_a_cached_adapter_keeps_its_weights_when_its_file_is_overwritten_in_place(tiny_hf_model, adapters_dir, tmp_path):

@@ -12,7 +12,10 @@ Prefetch: after an iteration's forward is queued, the scheduler hands the adapte
 waiting sequences need to prefetch(), which loads them into unpinned slots. On CUDA those
 copies run on a side stream from pinned host memory, so they overlap the iteration's
 compute; an event per slot makes the compute stream wait for its copy before any kernel
-reads the slot (at acquire, or before the slot is written again). On CPU there is nothing
+reads the slot (at acquire, or before the slot is written again). A copy in flight reads
+the adapter's host block, which the host slab hands to another read once nothing views it
+(a waiting request aborted meanwhile drops the last view), so the pool holds the adapter
+until its copy's event has completed. On CPU there is nothing
 to overlap, so the engine leaves prefetch_ahead at 0 there.
 
 A router (a mixture of expert adapters) holds a slot per expert: acquiring it pins every
@@ -78,6 +81,8 @@ class SlotPool:
         self.compact_slots = device.type == "cpu"
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending: dict[int, torch.cuda.Event] = {}
+        # (event, adapter) of each side-stream copy that may still be reading the adapter's host memory.
+        self._in_flight: list[tuple[torch.cuda.Event, LoRAAdapter]] = []
 
     @staticmethod
     def slot_bytes(model: LlamaModel, max_rank: int, dtype: torch.dtype) -> int:
@@ -118,6 +123,7 @@ class SlotPool:
         """Load the adapters of upcoming sequences (soonest first; a router's experts) that
         are not resident, without evicting a pinned slot or one that holds another upcoming
         adapter. Returns how many were loaded."""
+        self._in_flight = [(event, adapter) for event, adapter in self._in_flight if not event.query()]
         upcoming = [a for item in upcoming for a in _experts(item)]
         keep = {self._slot_of[a.content_hash] for a in upcoming if a.content_hash in self._slot_of}
         loaded = 0
@@ -203,8 +209,9 @@ class SlotPool:
                     else:  # scaled in float32 on the device, then rounded once into the slot
                         b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
         if stream is not None:
-            self._pending[slot] = torch.cuda.Event()
-            self._pending[slot].record(stream)
+            event = self._pending[slot] = torch.cuda.Event()
+            event.record(stream)
+            self._in_flight.append((event, adapter))
         self._owner[slot] = adapter.content_hash
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1
