@@ -25,10 +25,15 @@ def cpu_kind() -> str:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
+    cpu, family = platform.processor(), None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        cpu = fields.get("model name", cpu)
+        # "AMD EPYC" names both Zen 4 (family 25) and Zen 5 (family 26) hosts, whose GEMMs
+        # differ ~2x: the family and model say which one a result came from.
+        family = f"family {fields.get('cpu family')} model {fields.get('model')}"
     except OSError:
         pass
     try:
@@ -41,6 +46,7 @@ def machine_info() -> dict:
         "commit": commit + ("-dirty" if dirty else ""),
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_family": family,
         "cpu_kind": cpu_kind(),
         "threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0],
