@@ -113,6 +113,8 @@ SHAPES = {
     "no_tokens": (0, 56, (40, 24, 24), [7, 3], 8),
     # Rank 0: the adapter leaves this linear alone (the slot is NaN throughout).
     "rank_zero": (29, 40, (24, 8, 8), [0, 6, 0, 3], 8),
+    # Slots padded far past their adapters' ranks, as the default --max-lora-rank 256 pads them.
+    "padded_to_256": (21, 40, (48, 16, 16), [8, 16, 3], 256),
 }
 
 
@@ -183,7 +185,7 @@ def test_triton_delta_matches_reference(name, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("num_n_groups", [1, 2, 5])
-@pytest.mark.parametrize("name", ["qkv_gqa", "gate_up_rank128", "long_segments", "no_tokens"])
+@pytest.mark.parametrize("name", ["qkv_gqa", "gate_up_rank128", "long_segments", "no_tokens", "padded_to_256"])
 def test_triton_fused_delta_matches_reference(name, num_n_groups):
     case = make_case(name, torch.float32, seed=3)
     y_fused, y_ref = case.y.clone(), case.y.clone()
@@ -192,6 +194,23 @@ def test_triton_fused_delta_matches_reference(name, num_n_groups):
     assert_close(y_fused, y_ref, torch.float32)
     rows = lora_rows(case)
     assert torch.equal(y_fused[~rows], case.y[~rows])
+
+
+@needs_triton
+def test_triton_decode_step_fuses_when_the_adapters_ranks_fit_whatever_the_padding(monkeypatch):
+    # The fused kernel keeps v on chip up to rank 128: a pool padded to 256 whose adapters
+    # are of rank <= 128 must still take it, and one holding a rank-200 adapter must not.
+    fused = []
+    run_fused = triton_sgmv.fused_delta
+    monkeypatch.setattr(triton_sgmv, "fused_delta", lambda *args, **kw: fused.append(1) or run_fused(*args, **kw))
+    for ranks, expect_fused in (([8, 16, 3], True), ([8, 200, 3], False)):
+        fused.clear()
+        case = Case(4, 21, 40, (48, 16, 16), ranks, 256)
+        y, y_ref = case.y.clone(), case.y.clone()
+        lora_delta(case.x, case.w, case.batch, y, backend="triton")
+        reference.lora_delta(case.x, case.w, case.batch, y_ref)
+        assert_close(y, y_ref, torch.float32)
+        assert bool(fused) == expect_fused
 
 
 @needs_triton

@@ -69,7 +69,8 @@ def lora_delta(
 
     x: [T, in_features]; y: [T, sum(out_slices)] (the base layer's output), updated in place;
     rows of tokens without an adapter are left bit-identical. On Triton, steps of up to
-    triton_sgmv.FUSED_MAX_TOKENS tokens take one fused launch; on CPU the C kernel takes the
+    triton_sgmv.FUSED_MAX_TOKENS tokens whose slots hold ranks up to FUSED_MAX_RANK take one
+    fused launch; on CPU the C kernel takes the
     call when it applies (native_cpu.applies), else the torch path picks between a segment
     loop and one batched matmul pair (see reference). Forward only: lora_delta_autograd is
     the differentiable form.

@@ -149,7 +149,7 @@ def _fused_kernel(
 ):
     """Shrink and expand in one program: the [BLOCK_M, rank] tile of v never leaves the chip.
 
-    BLOCK_R covers max_rank; loads past the slot's rank are masked, so memory traffic is
+    BLOCK_R covers every slot's rank; loads past the slot's rank are masked, so memory traffic is
     proportional to the real rank. Program group g expands the slice's column tiles
     g, g + NUM_N_GROUPS, ...; each group recomputes the (cheap) shrink.
     """
@@ -314,19 +314,32 @@ def fused_delta(
         w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
         MAX_RANK=w.max_rank, NUM_N_GROUPS=num_n_groups,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block(w.in_features, 16, 64),
-        BLOCK_R=_block(w.max_rank, 16, 128), PRECISION=_precision(x.dtype), PAIRS=pairs,
+        BLOCK_R=_block(_top_rank(w), 16, 128), PRECISION=_precision(x.dtype), PAIRS=pairs,
     )
+
+
+def _top_rank(w: LoRAWeights) -> int:
+    """The highest real rank of any slot: the fused kernel's rank tile must cover it, and
+    only it. The slots are padded to --max-lora-rank (256 by default), but the adapters in
+    them are usually of rank 8-64: tiling by the padding would keep them off the fused path."""
+    return max(w.host_ranks, default=0)
+
+
+def _fuses(entries: int, w: LoRAWeights) -> bool:
+    return entries <= FUSED_MAX_TOKENS and _top_rank(w) <= FUSED_MAX_RANK
 
 
 # Steps up to this many tokens (or pair entries) take the fused kernel. Chosen without GPU
 # measurements: bench/lora_kernels.py on a GPU compares both paths.
 FUSED_MAX_TOKENS = 64
+# The largest rank tile the fused kernel keeps on chip ([BLOCK_M, rank] of v).
+FUSED_MAX_RANK = 128
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     """y += LoRA(x): the fused kernel for decode-sized steps, else shrink then expand
     (two launches, v through global memory as float32)."""
-    if batch.num_tokens <= FUSED_MAX_TOKENS and w.max_rank <= 128:
+    if _fuses(batch.num_tokens, w):
         fused_delta(x, w, batch, y)
     else:
         lora_expand(lora_shrink(x, w, batch), w, batch, y)
@@ -337,7 +350,7 @@ def lora_delta_pairs(x: Tensor, w: LoRAWeights, pairs: LoRAPairs, y: Tensor) -> 
     (fused, or shrink then expand), never one per expert. The weighted adds are atomic and
     in float32: a half-precision y gets them through a float32 buffer, added once."""
     out = y if y.dtype == torch.float32 else torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    if pairs.num_entries <= FUSED_MAX_TOKENS and w.max_rank <= 128:
+    if _fuses(pairs.num_entries, w):
         fused_delta(x, w, pairs, out)
     else:
         lora_expand(lora_shrink(x, w, pairs), w, pairs, out)
