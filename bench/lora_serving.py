@@ -256,7 +256,9 @@ def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path
     from torch's profiler over PROFILED_STEPS steps of a full batch: a fresh engine with the
     first CONCURRENCY requests of the run, every prompt prefilled before profiling starts.
     Also the LoRA calls per step and the torch ops each dispatches (the profiler's top-level
-    events inside a call). The profiler's own cost per op inflates both sides a little."""
+    events inside a call). The profiler's own cost per op inflates both sides a little. On
+    CUDA the CPU time of a call is its launches, so there the share is also taken of the
+    kernel time: what the calls launched against all that the steps launched."""
     engine = Engine(loaded, engine_config(loaded, adapters_dir))
     params = SamplingParams(temperature=0.0, max_new_tokens=OUT_LEN, ignore_eos=True)
     for i in range(CONCURRENCY):
@@ -271,8 +273,10 @@ def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path
             add_served(self, *args)
 
     LoRALinear.add_served = recorded
+    on_cuda = next(loaded.model.parameters()).is_cuda
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(PROFILED_STEPS):
                 with torch.profiler.record_function("step"):
                     engine.step()
@@ -285,11 +289,20 @@ def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path
     ops = sum(len(e.cpu_children) for e in calls)
     del engine
     gc.collect()
-    return {
+    share = {
         "lora_share": lora_us / step_us, "profiled_step_ms": step_us / 1e3 / PROFILED_STEPS,
         "lora_ms_per_step": lora_us / 1e3 / PROFILED_STEPS, "lora_calls_per_step": len(calls) / PROFILED_STEPS,
         "ops_per_lora_call": ops / max(len(calls), 1),
     }
+    if on_cuda:
+        step_kernel_us = sum(e.device_time_total for e in events if e.name == "step")
+        lora_kernel_us = sum(e.device_time_total for e in calls)
+        share |= {
+            "lora_kernel_share": lora_kernel_us / step_kernel_us if step_kernel_us else None,
+            "lora_kernel_ms_per_step": lora_kernel_us / 1e3 / PROFILED_STEPS,
+            "step_kernel_ms": step_kernel_us / 1e3 / PROFILED_STEPS,
+        }
+    return share
 
 
 def machine_rates(device: torch.device, dtype: torch.dtype) -> dict:
@@ -412,7 +425,8 @@ def main() -> None:
                 f"{r['adapter_bytes_per_step_vs_base']:4.2f}x base bytes)  "
                 f"{r['tok_s']:7.1f} tok/s  {r['ratio']:4.2f}x base "
                 f"({r['ratio_without_reads']:4.2f}x without adapter reads; floor {r['floor_ratio']:4.2f}x)  "
-                f"LoRA {100 * r['lora_share']:4.1f}% of a step ({r['lora_calls_per_step']:.0f} calls x {r['ops_per_lora_call']:.1f} ops)  "
+                f"LoRA {100 * r['lora_share']:4.1f}% of a step ({r['lora_calls_per_step']:.0f} calls x {r['ops_per_lora_call']:.1f} ops"
+                + (f"; {100 * r['lora_kernel_share']:4.1f}% of its kernel time" if r.get("lora_kernel_share") is not None else "") + ")  "
                 f"reads {r['get_s']:5.2f}s  "
                 f"slot loads {r['slot_loads']:4d} evictions {r['slot_evictions']:4d} {r['slot_load_s']:5.2f}s  "
                 f"host evictions {r['host_evictions']:4d}  steps {r['step_s']:5.1f}s  [paired baseline {base['tok_s']:.1f} tok/s]",
@@ -474,7 +488,8 @@ def main() -> None:
             "2 per adapter parameter per token through the model. Adapter reads (disk -> host) are not in the floor.",
             f"lora_share: the served LoRA calls' share of step time under torch's profiler, {PROFILED_STEPS} steps of a "
             "full decode batch with the run's first 32 adapters (a separate untimed engine); ops_per_lora_call: the "
-            "top-level torch ops each call dispatches.",
+            "top-level torch ops each call dispatches. On CUDA also lora_kernel_share: the kernel time the calls "
+            "launched against all the profiled steps launched (their CPU time there is launch time).",
             "Slots hold slot_pool.slot_dtype: the serving dtype on CUDA; on CPU bfloat16 for bfloat16 serving where the C "
             "kernel is built (kernels/lora/native_cpu.py), else float32 (slot_dtype in each run); the peft model is "
             "entirely in the serving dtype, adapters included.",
