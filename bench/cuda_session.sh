@@ -24,7 +24,8 @@ cat "$out/gpu.txt"
 
 case "${1:-check}" in
 check)  # at most 540 s: fits one call (10 min) and leaves a restart and a shorter rerun inside 15 min of device time
-    step tests 150 python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/kernels tests/engine/test_cuda.py
+    # eight workers: the kernel tests spend most of their time compiling Triton kernels on the CPU
+    step tests 150 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 --durations 15 tests/kernels tests/engine/test_cuda.py
     step kernels_8b 120 python3 bench/lora_kernels.py --model llama-8b
     step serving_8b 270 python3 bench/lora_serving.py --model llama-8b --quick --threads 8
     ;;
