@@ -30,7 +30,7 @@ def assert_matches_transformers(hf_model, prompt_ids, generated, logits_rows):
         ref = hf_model(full).logits[0].float()
     expected = ref[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(generated)]
     assert len(logits_rows) == len(generated)
-    got = torch.stack(logits_rows)
+    got = torch.stack(logits_rows).to(expected.device)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert got.argmax(-1).tolist() == generated
 

@@ -205,7 +205,7 @@ def test_triton_decode_step_fuses_when_the_adapters_ranks_fit_whatever_the_paddi
     monkeypatch.setattr(triton_sgmv, "fused_delta", lambda *args, **kw: fused.append(1) or run_fused(*args, **kw))
     for ranks, expect_fused in (([8, 16, 3], True), ([8, 200, 3], False)):
         fused.clear()
-        case = Case(4, 21, 40, (48, 16, 16), ranks, 256)
+        case = Case(4, 21, 40, (48, 16, 16), ranks, 256, device=DEVICE)
         y, y_ref = case.y.clone(), case.y.clone()
         lora_delta(case.x, case.w, case.batch, y, backend="triton")
         reference.lora_delta(case.x, case.w, case.batch, y_ref)

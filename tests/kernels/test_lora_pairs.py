@@ -96,7 +96,7 @@ def _on_cpu(w):
 def test_plain_pairs_equal_the_plain_path(backend):
     """A plain step as pairs (k = 2, the second pair empty) computes what lora_delta does."""
     num_tokens, in_features, out_slices, ranks, max_rank = PAIR_SHAPES["qkv_gqa"]
-    case = Case(3, num_tokens, in_features, out_slices, ranks, max_rank)
+    case = Case(3, num_tokens, in_features, out_slices, ranks, max_rank, device=DEVICE)
     slots, weights = plain_pairs(case.batch, 2)
     pairs = LoRAPairs.build(slots, weights, case.num_slots)
     y_pairs, y_plain = case.y.clone(), case.y.clone()
