@@ -1,5 +1,6 @@
-"""The C paged decode attention for CPU serving (decode_attention_cpu.c): each decode
-token's query heads over its sequence's context, read from the KV cache in place.
+"""Paged decode attention: each decode token's query heads over its sequence's context,
+read from the KV cache in place. On CUDA the Triton kernel of decode_attention_triton.py;
+on CPU the C kernel of decode_attention_cpu.c, described here.
 
 On a 2-core Zen 5 EPYC, SmolLM2 shapes (9 query over 3 KV heads of 64), bfloat16: in a
 decode step of 24 sequences (~180 tokens of context) its 30 calls took 6-7 ms against ~15
@@ -43,12 +44,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     [N, W] int64 whose first lens[i] (int32, at most W) entries are sequence i's context
     slots, in order, each below num_slots (not checked: the runner builds them from block
     tables; the kernel reads the cache at them). Returns softmax(q k^T / sqrt(D)) v as
-    [N, H * D] in q's dtype, or None where the kernel cannot take the call (not CPU, mixed
-    or other dtypes, shapes past its limits, a graph to record, no library)."""
+    [N, H * D] in q's dtype, or None where no kernel can take the call (mixed or other
+    dtypes, shapes past the C kernel's limits, a graph to record, no library on CPU)."""
     if q.dim() != 3 or k_cache.dim() != 3 or slots.dim() != 2 or lens.dim() != 1:
         return None
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
+    if q.is_cuda:
+        return _on_cuda(q, k_cache, v_cache, slots, lens)
     fits = (
         all(t.is_cpu for t in (q, k_cache, v_cache, slots, lens))
         and q.dtype in _DTYPES and k_cache.dtype == v_cache.dtype == q.dtype
@@ -68,3 +71,21 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
         slots.shape[1], n, num_heads, num_kv_heads, head_dim, head_dim**-0.5, q.dtype == torch.bfloat16,
     )
     return out if rc == 0 else None
+
+
+def _on_cuda(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lens: Tensor) -> Tensor | None:
+    n, num_heads, head_dim = q.shape
+    fits = (
+        all(t.device == q.device for t in (k_cache, v_cache, slots, lens))
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and k_cache.dtype == v_cache.dtype == q.dtype
+        and k_cache.shape == v_cache.shape and k_cache.shape[2] == head_dim
+        and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+        and slots.dtype == torch.int64 and lens.dtype == torch.int32 and slots.stride(1) == 1 and lens.is_contiguous()
+        and slots.shape[0] == lens.shape[0] == n and num_heads % k_cache.shape[1] == 0
+        and not (torch.is_grad_enabled() and q.requires_grad)
+    )
+    if not fits:
+        return None
+    from .decode_attention_triton import paged_decode  # CPU serving never imports triton
+
+    return paged_decode(q, k_cache, v_cache, slots, lens)

@@ -77,6 +77,8 @@ def paged_attention(
     if nd and meta.decode_lens is not None and (o := decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_lens)) is not None:
         out[:nd] = o
     elif nd:
+        if meta.decode_mask is None:  # a captured decode step has no mask: its contexts are not gathered
+            raise RuntimeError("decode rows without a mask need the paged decode kernel, which did not take them")
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
         k = _gather(k_cache, meta.decode_slots).transpose(1, 2)
         v = _gather(v_cache, meta.decode_slots).transpose(1, 2)
