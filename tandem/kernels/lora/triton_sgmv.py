@@ -12,6 +12,12 @@ shrink+expand that keeps each token tile's v on chip. The two-launch path keeps 
 float32 in global memory; every matmul accumulates in float32.
 """
 
+import functools
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import triton
 import triton.language as tl
 import torch
@@ -289,13 +295,15 @@ def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tens
 
 
 def fused_delta(
-    x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tensor, num_n_groups: int | None = None
+    x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tensor, num_n_groups: int | None = None,
+    block_k: int | None = None, num_warps: int = 4, num_stages: int = 3,
 ) -> None:
     """y += LoRA(x) in one launch, v kept on chip (decode-sized steps); with pairs, each
     entry's weighted delta, added atomically (y float32).
 
     Grid (tiles of T x num_n_groups, slices, num_slots); each program shrinks its token
-    tile for its slice, then expands into every num_n_groups-th column tile of the slice.
+    tile for its slice (K in steps of block_k), then expands into every num_n_groups-th
+    column tile of the slice. The tiling defaults are untuned; DecodeConfig carries tuned ones.
     """
     rows = _entries(batch)
     if rows == 0:
@@ -313,8 +321,9 @@ def fused_delta(
         x.stride(0), x.stride(1), w.a.stride(0), w.a.stride(1), w.a.stride(2),
         w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
         MAX_RANK=w.max_rank, NUM_N_GROUPS=num_n_groups,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block(w.in_features, 16, 64),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or _block(w.in_features, 16, 64),
         BLOCK_R=_block(_top_rank(w), 16, 128), PRECISION=_precision(x.dtype), PAIRS=pairs,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -336,10 +345,85 @@ FUSED_MAX_TOKENS = 64
 FUSED_MAX_RANK = 128
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How a decode-sized step runs, as bench/lora_tune.py measured best on a device for a
+    linear's shape: one fused launch with its tiling, or a shrink split over K then expand."""
+
+    fused: bool
+    block_k: int = 64
+    num_n_groups: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+    def run(self, x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
+        if self.fused:
+            fused_delta(x, w, batch, y, self.num_n_groups, self.block_k, self.num_warps, self.num_stages)
+        else:
+            v = torch.zeros((_entries(batch), w.num_slices * w.max_rank), dtype=torch.float32, device=x.device)
+            shrink_into(x, w, batch, v, split_k=self.split_k)
+            lora_expand(v, w, batch, y)
+
+
+# Per device, the tuned decode configs: TUNED_DIR / "<device name>.json" (spaces as "_"),
+# written by bench/lora_tune.py on that device. {"configs": {shape_key: [entries]}}, each
+# entry a DecodeConfig's fields plus max_tokens, entries in ascending max_tokens.
+TUNED_DIR = Path(__file__).with_name("tuned")
+
+
+def shape_key(in_features: int, out_slices: tuple[int, ...]) -> str:
+    """A linear group's shape as the tuned tables name it: "in_features:out,out,..."."""
+    return f"{in_features}:{','.join(map(str, out_slices))}"
+
+
+def tuned_table_path(device: torch.device) -> Path:
+    return TUNED_DIR / f"{torch.cuda.get_device_name(device).replace(' ', '_')}.json"
+
+
+@functools.cache
+def _tuned_tables(device: torch.device) -> dict[str, list[tuple[int, DecodeConfig]]]:
+    path = tuned_table_path(device)
+    if not path.is_file():
+        return {}
+    configs = json.loads(path.read_text())["configs"]
+    return {
+        key: [(e["max_tokens"], DecodeConfig(**{k: v for k, v in e.items() if k != "max_tokens"})) for e in entries]
+        for key, entries in configs.items()
+    }
+
+
+def config_entry(config: DecodeConfig, max_tokens: int) -> dict:
+    """A tuned table's entry (the inverse of _tuned_tables' reading)."""
+    return {"max_tokens": max_tokens, **asdict(config)}
+
+
+def decode_config(x: Tensor, w: LoRAWeights, num_tokens: int) -> DecodeConfig | None:
+    """The tuned config for a step of num_tokens through w on x's device, if its table has one
+    (a fused one only where the slots' ranks fit on chip)."""
+    if not x.is_cuda:
+        return None
+    for max_tokens, config in _tuned_tables(x.device).get(shape_key(w.in_features, w.out_slices), ()):
+        if num_tokens <= max_tokens:
+            return None if config.fused and _top_rank(w) > FUSED_MAX_RANK else config
+    return None
+
+
+def launch_key(weights: Iterable[LoRAWeights]) -> tuple[int, ...]:
+    """What lora_delta decides on the host for a plain step through each of these weight
+    groups, besides the step's row count: the fused kernel's rank tile, or 0 where the
+    slots' ranks keep the step off the fused kernel. A CUDA graph that recorded the launches
+    replays correctly while this is unchanged (slot loads change the ranks)."""
+    return tuple(_block(top, 16, 128) if (top := _top_rank(w)) <= FUSED_MAX_RANK else 0 for w in weights)
+
+
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
-    """y += LoRA(x): the fused kernel for decode-sized steps, else shrink then expand
-    (two launches, v through global memory as float32)."""
-    if _fuses(batch.num_tokens, w):
+    """y += LoRA(x): a decode-sized step as its device's tuned table says, else the fused
+    kernel for decode-sized steps, else shrink then expand (two launches, v through global
+    memory as float32)."""
+    if (config := decode_config(x, w, batch.num_tokens)) is not None:
+        config.run(x, w, batch, y)
+    elif _fuses(batch.num_tokens, w):
         fused_delta(x, w, batch, y)
     else:
         lora_expand(lora_shrink(x, w, batch), w, batch, y)
