@@ -56,6 +56,7 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--finetune-micro-batch-tokens", int, "training tokens per gradient computation (bounds training memory; time-sliced, inference's wait)"),
     ("--timeslice-share", float, "timeslice mode: the most of the engine's time training takes while inference has work (0-1]"),
     ("--stream-interval", int, "tokens per streamed message after a completion's first (1 = every token; more = fewer messages, less CPU per token)"),
+    ("--cuda-graphs", boolean, "on CUDA, replay decode steps from CUDA graphs captured per batch-size bucket (false: launch every op)"),
     ("--coserve-itl-p99", float, "inter-token latency target in seconds that steers co-served fine-tuning's share; unset = a fixed half"),
 ]
 SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [

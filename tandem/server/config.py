@@ -51,6 +51,8 @@ class EngineConfig:
         and until its last (sent when it ends), as vLLM's and SGLang's --stream-interval: 1
         streams every token; more send fewer messages, each costing the event loop and the
         client far more than its tokens, at that many tokens' delay between messages.
+    cuda_graphs: on CUDA, capture decode forwards as CUDA graphs per batch-size bucket and
+        replay them (engine/decode_graphs.py); False launches every op of every step.
     """
 
     model: str | None = None
@@ -77,6 +79,7 @@ class EngineConfig:
     finetune_micro_batch_tokens: int = 512
     timeslice_share: float = 1.0
     stream_interval: int = 1
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

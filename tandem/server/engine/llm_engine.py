@@ -13,6 +13,7 @@ from tandem.server.adapters.registry import AdapterRegistry
 from tandem.server.adapters.slot_pool import SlotPool, slot_dtype
 from tandem.server.config import EngineConfig
 from tandem.server.engine.coserve import CoServer, prior_costs
+from tandem.server.engine.decode_graphs import DecodeGraphs
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.host_allocator import keep_freed_memory
@@ -57,6 +58,8 @@ class Engine:
         self.scheduler = Scheduler(config, self.allocator, pool)
         kv_cache = KVCache(shape, num_blocks, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.runner.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, self.max_model_len, 0 if pool is None else pool.num_slots)
         self.sampler = Sampler(self.device)
         self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens, prior_costs(model))
         # When the last iteration ended, if it decoded: the next decoding one ends an

@@ -23,6 +23,7 @@ import torch
 from tandem.kernels.lora import LoRABatch
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.slot_pool import SlotPool
+from tandem.server.engine.decode_graphs import DecodeGraphs
 from tandem.server.engine.iteration import (
     IGNORE_INDEX,
     BackwardResult,
@@ -60,6 +61,8 @@ class ModelRunner:
         self.device = device
         # The co-served rows' activations the forward in progress keeps, if any.
         self._keeping: KeptActivations | None = None
+        # Captured decode forwards (CUDA), set by the engine; None runs every forward eagerly.
+        self.graphs: DecodeGraphs | None = None
         # The last forward's routing, until record_top_experts reads it.
         self._routed: tuple[RoutedRows, list[tuple[Sequence, int, int]]] | None = None
         # (router, expert) -> routed tokens whose top expert it was, since start.
@@ -92,7 +95,10 @@ class ModelRunner:
         batch, sampled, training = self.prepare(scheduled)
         self._keeping = batch.kept
         try:
-            hidden = self.model(batch)
+            if self.graphs is not None and self.graphs.takes(batch, len(scheduled.decodes)):
+                hidden = self.graphs.forward(batch)
+            else:
+                hidden = self.model(batch)
         finally:
             self._keeping = None
         out = ModelRunnerOutput(sampled, self.model.compute_logits(hidden[batch.logits_indices]))

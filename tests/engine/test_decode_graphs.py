@@ -1,0 +1,93 @@
+"""Decode graphs' static-buffer forward on CPU (capture=False: the same buffers, padding and
+copies a CUDA graph replays, run eagerly) against the engine without it: same tokens, same
+logits, batches of every size so that rows are padded. The capture itself, and steps with
+adapters, are checked on CUDA (tests/engine/test_cuda.py)."""
+
+import pytest
+import torch
+
+from tandem.kernels import decode_attention
+from tandem.server.engine.decode_graphs import DecodeGraphs, buckets
+from tandem.server.engine.sampling_params import SamplingParams
+from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
+from tests.engine.helpers import make_engine, random_prompts, run
+from tests.engine.test_forward_oracle import record_logits
+
+needs_native = pytest.mark.skipif(
+    decode_attention.library() is None, reason="on CPU the static forward needs the C decode kernel (no compiler here)"
+)
+
+
+def test_buckets_cover_every_batch_size_up_to_the_largest():
+    sizes = buckets(100)
+    assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 104 and all(b % 8 == 0 for b in sizes[3:])
+    assert buckets(3) == [1, 2, 8]
+    assert buckets(256)[-1] == 256
+
+
+def with_static_decode(engine) -> list[int]:
+    """Route the engine's decode steps through a non-capturing DecodeGraphs; returns a list
+    that records the row count of each forward it took."""
+    runner = engine.runner
+    pool = engine.registry.pool if engine.registry is not None else None
+    graphs = DecodeGraphs(runner.model, runner.kv_cache, engine.config.max_num_seqs, engine.max_model_len,
+                          0 if pool is None else pool.num_slots, capture=False)
+    taken: list[int] = []
+    forward = graphs.forward
+    graphs.forward = lambda batch: taken.append(batch.input_ids.shape[0]) or forward(batch)
+    runner.graphs = graphs
+    return taken
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, tiny_hf_model):
+    root = tmp_path_factory.mktemp("graph-adapters")
+    make_adapter(tiny_hf_model, root / "all", r=8, target_modules=ALL_LINEAR, seed=1)
+    make_adapter(tiny_hf_model, root / "qv", r=4, target_modules=["q_proj", "v_proj"], seed=2)
+    return root
+
+
+def arrivals(engine, names: list[str]) -> dict[int, list[tuple]]:
+    """Seven requests arriving every other iteration, each decoding past the last arrival,
+    so that decode batches of 1 to 7 rows (padded to 1, 2, 4 or 8) run, with the adapters
+    named (\"\" for none)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=14, ignore_eos=True)
+    prompts = random_prompts([5, 9, 3, 12, 7, 4, 6], 400, seed=4)
+    out: dict[int, list[tuple]] = {}
+    for i, prompt in enumerate(prompts):
+        name = names[i % len(names)]
+        adapter = engine.registry.get(name) if name else None
+        out.setdefault(2 * i, []).append((f"r{i}", prompt, params, adapter))
+    return out
+
+
+@needs_native
+def test_static_decode_forward_equals_the_eager_one(tiny_hf_model, smollm2_tokenizer):
+    eager = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=16)
+    static = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=16)
+    taken = with_static_decode(static)
+    seen_eager, seen_static = record_logits(eager), record_logits(static)
+    out_eager = run(eager, arrivals(eager, [""]))
+    out_static = run(static, arrivals(static, [""]))
+    assert out_static == out_eager
+    assert set(taken) >= {1, 2, 3, 4, 5, 6, 7}  # padded to buckets 1, 2, 4 and 8
+    for rid in out_eager:
+        torch.testing.assert_close(torch.stack(seen_static[rid]), torch.stack(seen_eager[rid]), rtol=1e-5, atol=1e-5)
+
+
+def test_without_capture_steps_with_adapters_stay_eager(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=8, max_loras=4)
+    taken = with_static_decode(engine)
+    run(engine, arrivals(engine, ["all", "qv"]))
+    assert not taken
+
+
+def test_steps_with_prefills_training_or_mixtures_stay_eager(tiny_hf_model, smollm2_tokenizer):
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=4)
+    taken = with_static_decode(engine)
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    prompts = random_prompts([6, 6], 400)
+    # Step 0 prefills a; step 1 decodes a beside b's prefill; then decodes only.
+    run(engine, {0: [("a", prompts[0], params)], 1: [("b", prompts[1], params)]})
+    assert taken and all(n <= 2 for n in taken)
+    assert len(taken) < 4  # the mixed steps were not taken
