@@ -31,6 +31,7 @@ into a slot like a real one. The adapters live in a temp dir removed at the end.
 """
 
 import argparse
+import collections
 import copy
 import gc
 import itertools
@@ -67,6 +68,8 @@ QV_ONLY = ("q_proj", "v_proj")
 # Issue 10's goals on the CPU.
 GOALS = {"8_adapters_vs_base": 0.85, "8_qv_adapters_vs_base": 0.9, "2048_zipf_adapters_vs_base": 0.7, "vs_peft": 4.0}
 PROFILED_STEPS = 5
+# The Triton kernels a served LoRA call launches (kernels/lora/triton_sgmv.py).
+LORA_KERNELS = ("_fused_kernel", "_shrink_kernel", "_expand_kernel")
 
 
 # Randomly initialised Llama shapes for machines without the SmolLM2 file (the GPU hosts):
@@ -139,11 +142,15 @@ def draw(num_adapters: int, popularity: str, n: int, seed: int) -> list[int]:
     return rng.choices(range(num_adapters), cum_weights=cum, k=n)
 
 
+# --eager: every step launches every op (no CUDA graphs), for the comparison.
+CUDA_GRAPHS = True
+
+
 def engine_config(loaded: LoadedModel, adapters_dir: Path | None) -> EngineConfig:
     """SLOTS device slots whatever the model: the pool's budget fits SLOTS float32 slots (the
     default 4 GiB holds 51 of Llama-8B's in bf16)."""
     return EngineConfig(
-        max_num_seqs=256, max_num_batched_tokens=512,
+        max_num_seqs=256, max_num_batched_tokens=512, cuda_graphs=CUDA_GRAPHS,
         adapters_dir=None if adapters_dir is None else str(adapters_dir), max_lora_rank=RANK, max_loras=SLOTS,
         lora_pool_bytes=SLOTS * SlotPool.slot_bytes(loaded.model, RANK, torch.float32),
     )
@@ -251,18 +258,21 @@ def paired_run(
     return results
 
 
-def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path, choice: list[int], naming) -> dict:
+def lora_share(
+    loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path | None, choice: list[int] | None, naming=adapter_name
+) -> dict:
     """The share of decode-step time spent in the served LoRA calls (LoRALinear.add_served),
     from torch's profiler over PROFILED_STEPS steps of a full batch: a fresh engine with the
     first CONCURRENCY requests of the run, every prompt prefilled before profiling starts.
     Also the LoRA calls per step and the torch ops each dispatches (the profiler's top-level
     events inside a call). The profiler's own cost per op inflates both sides a little. On
     CUDA the CPU time of a call is its launches, so there the share is also taken of the
-    kernel time: what the calls launched against all that the steps launched."""
+    kernel time: the LoRA kernels' time against all that the steps launched, with the
+    kernels that took the most time. Without adapters (choice None): the base step's profile."""
     engine = Engine(loaded, engine_config(loaded, adapters_dir))
     params = SamplingParams(temperature=0.0, max_new_tokens=OUT_LEN, ignore_eos=True)
     for i in range(CONCURRENCY):
-        engine.add_request(str(i), prompts[i], params, engine.registry.get(naming(choice[i])))
+        engine.add_request(str(i), prompts[i], params, None if choice is None else engine.registry.get(naming(choice[i])))
     while engine.scheduler.waiting or any(seq.num_generated == 0 for seq in engine.scheduler.running):
         engine.step()
     engine.step()
@@ -295,14 +305,36 @@ def lora_share(loaded: LoadedModel, prompts: list[list[int]], adapters_dir: Path
         "ops_per_lora_call": ops / max(len(calls), 1),
     }
     if on_cuda:
-        step_kernel_us = sum(e.device_time_total for e in events if e.name == "step")
-        lora_kernel_us = sum(e.device_time_total for e in calls)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        step_kernel_us = sum(e.device_time_total for e in kernels)
+        # By name, not by call: a replayed CUDA graph runs no Python, so no call is recorded.
+        lora_kernel_us = sum(e.device_time_total for e in kernels if e.name in LORA_KERNELS)
+        by_name = collections.Counter()
+        launches = collections.Counter()
+        for e in kernels:
+            by_name[e.name] += e.device_time_total
+            launches[e.name] += 1
         share |= {
             "lora_kernel_share": lora_kernel_us / step_kernel_us if step_kernel_us else None,
             "lora_kernel_ms_per_step": lora_kernel_us / 1e3 / PROFILED_STEPS,
             "step_kernel_ms": step_kernel_us / 1e3 / PROFILED_STEPS,
+            "kernel_launches_per_step": len(kernels) / PROFILED_STEPS,
+            "top_kernels": [
+                {"kernel": name[:160], "us_per_step": us / PROFILED_STEPS, "launches_per_step": launches[name] / PROFILED_STEPS}
+                for name, us in by_name.most_common(12)
+            ],
         }
     return share
+
+
+def profile_line(label: str, profile: dict) -> str:
+    """A profiled step in one line: its CPU time, and on CUDA its kernel time and top kernels."""
+    line = f"{label}: {profile['profiled_step_ms']:.1f} ms of CPU time"
+    if "step_kernel_ms" in profile:
+        top = "; ".join(f"{k['kernel'][:48]} {k['us_per_step'] / 1e3:.2f} ms" for k in profile["top_kernels"][:4])
+        line += (f", {profile['step_kernel_ms']:.1f} ms of kernels in {profile['kernel_launches_per_step']:.0f} launches "
+                 f"(top: {top})")
+    return line
 
 
 def machine_rates(device: torch.device, dtype: torch.dtype) -> dict:
@@ -370,7 +402,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--requests", type=int, help=f"requests per run (default 96, quick 32), {CONCURRENCY} in flight")
     ap.add_argument("--quick", action="store_true", help="1, 8 and 64 adapters, uniform only, no peft")
+    ap.add_argument("--eager", action="store_true", help="CUDA: no decode graphs (every op launched), for comparison")
     args = ap.parse_args()
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = not args.eager
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     n_req = args.requests or (32 if args.quick else 96)
@@ -404,6 +439,8 @@ def main() -> None:
         if pm is not None:
             peft_run(pm, warm, peft_names[: len(warm)], 4, pad)
         rates = [machine_rates(device, slot_dtype)]
+        base_profile = lora_share(loaded, prompts, None, None)
+        print(profile_line("base step", base_profile), flush=True)
 
         results = []
         base_bytes = sizes(loaded, dtype)["base_bytes"]
@@ -432,6 +469,7 @@ def main() -> None:
                 f"host evictions {r['host_evictions']:4d}  steps {r['step_s']:5.1f}s  [paired baseline {base['tok_s']:.1f} tok/s]",
                 flush=True,
             )
+            print(profile_line("  its step", r), flush=True)
         peft = None
         if pm is not None:
             # Tandem on the same requests (same adapters per row) just before and after peft.
@@ -461,6 +499,7 @@ def main() -> None:
             "greedy": True, "ignore_eos": True, "rank": RANK, "target_modules": list(ALL_LINEAR), "slots": SLOTS,
             "adapter_cache_bytes": EngineConfig().adapter_cache_bytes,
             "adapter_cache_prefault": EngineConfig().adapter_cache_prefault, "max_num_batched_tokens": 512,
+            "cuda_graphs": device.type == "cuda" and CUDA_GRAPHS,
         },
         "sizes": sizes(loaded, dtype), "machine_rates": rates,
         "notes": [
@@ -488,16 +527,19 @@ def main() -> None:
             "2 per adapter parameter per token through the model. Adapter reads (disk -> host) are not in the floor.",
             f"lora_share: the served LoRA calls' share of step time under torch's profiler, {PROFILED_STEPS} steps of a "
             "full decode batch with the run's first 32 adapters (a separate untimed engine); ops_per_lora_call: the "
-            "top-level torch ops each call dispatches. On CUDA also lora_kernel_share: the kernel time the calls "
-            "launched against all the profiled steps launched (their CPU time there is launch time).",
+            "top-level torch ops each call dispatches (with CUDA graphs a replayed step runs no Python: no calls are "
+            "seen). On CUDA also lora_kernel_share: the LoRA kernels' time (by name) against all the profiled steps "
+            "launched (a call's CPU time there is launch time), the kernel time "
+            "per step (step_kernel_ms, every kernel and copy the profiler saw), launches per step and the top kernels; "
+            "baseline_profile: the same for the engine without adapters.",
             "Slots hold slot_pool.slot_dtype: the serving dtype on CUDA; on CPU bfloat16 for bfloat16 serving where the C "
             "kernel is built (kernels/lora/native_cpu.py), else float32 (slot_dtype in each run); the peft model is "
             "entirely in the serving dtype, adapters included.",
         ],
-        "adapter_creation": made, "runs": results, "peft": peft, "goals": goals,
+        "adapter_creation": made, "baseline_profile": base_profile, "runs": results, "peft": peft, "goals": goals,
     }
     model = "" if args.model == "smollm2" else f"_{args.model}"
-    where = f"cpu_{cpu_kind()}" if device.type == "cpu" else device.type
+    where = f"cpu_{cpu_kind()}" if device.type == "cpu" else device.type + ("_eager" if args.eager else "")
     write_result(f"lora_serving_{where}{model}_{args.dtype}" + ("_quick" if args.quick else ""), result, plot)
 
 
