@@ -1,8 +1,8 @@
 """Triton batched-LoRA kernels (segmented gather matrix-vector, "SGMV") and their launchers.
 
-Every kernel's grid is (tiles of T x tiles of the N or rank dim, slices, num_slots): it
-depends on the shapes of the step, never on its content, so a launch can be captured in a
-CUDA graph. A program finds its segment through LoRABatch.seg_*, gathers its tokens' rows
+Every kernel's grid is (tiles of T x tiles of the N or rank dim, slices, segments), the
+segments being min(num_slots, T) for a plain batch and num_slots for pairs: it depends on
+the shapes of the step, never on its content, so a launch can be captured in a CUDA graph. A program finds its segment through LoRABatch.seg_*, gathers its tokens' rows
 through sorted_tokens, and exits at once when its segment is empty, its token tile lies
 past the segment, or its rank tile lies past the slot's real rank.
 
@@ -234,6 +234,16 @@ def _entries(batch: LoRABatch | LoRAPairs) -> int:
     return batch.sorted_tokens.shape[0]
 
 
+def _segments(batch: LoRABatch | LoRAPairs, w: LoRAWeights) -> int:
+    """The grid's segment dimension. A plain batch lists its active segments first and has
+    at most one per row, so min(slots, rows) programs cover them (a decode step of 8 rows in
+    a 64-slot pool launched 8x fewer programs than one per slot; the bound depends on shapes
+    only). Pairs index their segments by slot: every slot."""
+    if isinstance(batch, LoRAPairs):
+        return w.num_slots
+    return min(w.num_slots, _entries(batch))
+
+
 def _pair_args(batch: LoRABatch | LoRAPairs) -> tuple[Tensor, bool]:
     """The weights pointer and PAIRS flag (a plain batch passes any tensor; it is never read)."""
     if isinstance(batch, LoRAPairs):
@@ -241,7 +251,9 @@ def _pair_args(batch: LoRABatch | LoRAPairs) -> tuple[Tensor, bool]:
     return batch.sorted_tokens, False
 
 
-def shrink_into(x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, v: Tensor, split_k: int = 1) -> None:
+def shrink_into(
+    x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, v: Tensor, split_k: int = 1, num_warps: int = 4
+) -> None:
     """Write v[t, s * max_rank + j] for tokens with an adapter and j < their slot's rank
     (with pairs: v[e, ...] for each entry e of batch.sorted_tokens, in slot order).
 
@@ -255,13 +267,13 @@ def shrink_into(x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, v: Tens
     block_n = _block(w.max_rank, 16, 32)
     block_k = _block(w.in_features, 16, 128)
     num_n_tiles = triton.cdiv(w.max_rank, block_n)
-    grid = (triton.cdiv(rows, block_m) * num_n_tiles * split_k, w.num_slices, w.num_slots)
+    grid = (triton.cdiv(rows, block_m) * num_n_tiles * split_k, w.num_slices, _segments(batch, w))
     _shrink_kernel[grid](
         x, w.a, v, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
         w.in_features,
         x.stride(0), x.stride(1), w.a.stride(0), w.a.stride(1), w.a.stride(2), v.stride(0), v.stride(1),
         MAX_RANK=w.max_rank, NUM_N_TILES=num_n_tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, PRECISION=_precision(x.dtype), PAIRS=isinstance(batch, LoRAPairs),
+        SPLIT_K=split_k, PRECISION=_precision(x.dtype), PAIRS=isinstance(batch, LoRAPairs), num_warps=num_warps,
     )
 
 
@@ -273,24 +285,28 @@ def lora_shrink(x: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs) -> Tens
     return v
 
 
-def lora_expand(v: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tensor) -> None:
+def lora_expand(
+    v: Tensor, w: LoRAWeights, batch: LoRABatch | LoRAPairs, y: Tensor, block_n: int | None = None, num_warps: int = 4
+) -> None:
     """Same contract as reference.lora_expand: y [T, N] += per-slice v_s @ b_s[:, :rank].T
-    (with pairs weighted by each entry's weight, y float32: adds are atomic)."""
+    (with pairs weighted by each entry's weight, y float32: adds are atomic). block_n: the
+    output column tile (default: the widest slice's, up to 128)."""
     rows = _entries(batch)
     if rows == 0:
         return
     weights, pairs = _pair_args(batch)
     block_m = _block_m(rows)
-    block_n = _block(max(w.out_slices), 16, 128)
+    block_n = block_n or _block(max(w.out_slices), 16, 128)
     block_r = _block(w.max_rank, 16, 32)
     num_n_tiles = triton.cdiv(max(w.out_slices), block_n)
-    grid = (triton.cdiv(rows, block_m) * num_n_tiles, w.num_slices, w.num_slots)
+    grid = (triton.cdiv(rows, block_m) * num_n_tiles, w.num_slices, _segments(batch, w))
     _expand_kernel[grid](
         v, w.b, y, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
         w.slice_starts, w.slice_widths, weights,
         v.stride(0), v.stride(1), w.b.stride(0), w.b.stride(1), w.b.stride(2), y.stride(0), y.stride(1),
         MAX_RANK=w.max_rank, NUM_N_TILES=num_n_tiles,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_precision(w.b.dtype), PAIRS=pairs,
+        num_warps=num_warps,
     )
 
 
@@ -301,7 +317,7 @@ def fused_delta(
     """y += LoRA(x) in one launch, v kept on chip (decode-sized steps); with pairs, each
     entry's weighted delta, added atomically (y float32).
 
-    Grid (tiles of T x num_n_groups, slices, num_slots); each program shrinks its token
+    Grid (tiles of T x num_n_groups, slices, segments); each program shrinks its token
     tile for its slice (K in steps of block_k), then expands into every num_n_groups-th
     column tile of the slice. The tiling defaults are untuned; DecodeConfig carries tuned ones.
     """
@@ -313,7 +329,7 @@ def fused_delta(
     block_n = _block(max(w.out_slices), 16, 64)
     if num_n_groups is None:
         num_n_groups = max(1, min(8, triton.cdiv(max(w.out_slices), 4 * block_n)))
-    grid = (triton.cdiv(rows, block_m) * num_n_groups, w.num_slices, w.num_slots)
+    grid = (triton.cdiv(rows, block_m) * num_n_groups, w.num_slices, _segments(batch, w))
     _fused_kernel[grid](
         x, w.a, w.b, y, w.slot_ranks, batch.sorted_tokens, batch.seg_slots, batch.seg_starts, batch.seg_lens,
         w.slice_starts, w.slice_widths, weights,
@@ -356,14 +372,15 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    block_n: int = 128  # the two-launch path's expand column tile
 
     def run(self, x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
         if self.fused:
             fused_delta(x, w, batch, y, self.num_n_groups, self.block_k, self.num_warps, self.num_stages)
         else:
             v = torch.zeros((_entries(batch), w.num_slices * w.max_rank), dtype=torch.float32, device=x.device)
-            shrink_into(x, w, batch, v, split_k=self.split_k)
-            lora_expand(v, w, batch, y)
+            shrink_into(x, w, batch, v, self.split_k, self.num_warps)
+            lora_expand(v, w, batch, y, self.block_n, self.num_warps)
 
 
 # Per device, the tuned decode configs: TUNED_DIR / "<device name>.json" (spaces as "_"),
@@ -398,12 +415,12 @@ def config_entry(config: DecodeConfig, max_tokens: int) -> dict:
     return {"max_tokens": max_tokens, **asdict(config)}
 
 
-def decode_config(x: Tensor, w: LoRAWeights, num_tokens: int) -> DecodeConfig | None:
-    """The tuned config for a step of num_tokens through w on x's device, if its table has one
-    (a fused one only where the slots' ranks fit on chip)."""
-    if not x.is_cuda:
+def decode_config(device: torch.device, w: LoRAWeights, num_tokens: int) -> DecodeConfig | None:
+    """The tuned config for a step of num_tokens through w on a CUDA device, if its table has
+    one (a fused one only where the slots' ranks fit on chip)."""
+    if device.type != "cuda":
         return None
-    for max_tokens, config in _tuned_tables(x.device).get(shape_key(w.in_features, w.out_slices), ()):
+    for max_tokens, config in _tuned_tables(device).get(shape_key(w.in_features, w.out_slices), ()):
         if num_tokens <= max_tokens:
             return None if config.fused and _top_rank(w) > FUSED_MAX_RANK else config
     return None
@@ -421,7 +438,7 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> None:
     """y += LoRA(x): a decode-sized step as its device's tuned table says, else the fused
     kernel for decode-sized steps, else shrink then expand (two launches, v through global
     memory as float32)."""
-    if (config := decode_config(x, w, batch.num_tokens)) is not None:
+    if (config := decode_config(x.device, w, batch.num_tokens)) is not None:
         config.run(x, w, batch, y)
     elif _fuses(batch.num_tokens, w):
         fused_delta(x, w, batch, y)
