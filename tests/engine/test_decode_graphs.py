@@ -91,3 +91,18 @@ def test_steps_with_prefills_training_or_mixtures_stay_eager(tiny_hf_model, smol
     run(engine, {0: [("a", prompts[0], params)], 1: [("b", prompts[1], params)]})
     assert taken and all(n <= 2 for n in taken)
     assert len(taken) < 4  # the mixed steps were not taken
+
+
+@needs_native
+def test_a_bucket_without_memory_to_capture_runs_eagerly(tiny_hf_model, smollm2_tokenizer, monkeypatch, caplog):
+    eager = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=8)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=8)
+    with_static_decode(engine)
+
+    def out_of_memory(size, lora):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.runner.graphs, "_record", out_of_memory)
+    with caplog.at_level("WARNING"):
+        assert run(engine, arrivals(engine, [""])) == run(eager, arrivals(eager, [""]))
+    assert "runs eagerly" in caplog.text

@@ -21,6 +21,7 @@ prefills, training rows, routers or mixtures, or more rows than the largest buck
 eagerly.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ from tandem.kernels.lora import LoRABatch
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.model.batch import AttentionMetadata, ForwardBatch, LoRARows
 from tandem.server.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
 
 # The largest bucket: decode batches past it run eagerly (their launches are a smaller
 # share of a step that big).
@@ -72,7 +75,8 @@ class DecodeGraphs:
         self.num_slots = num_slots
         self.capture = capture
         self._static: _Static | None = None
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]] = {}
+        # key -> (graph, its batch, its output); None where capturing ran out of memory.
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None] | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
 
@@ -94,7 +98,15 @@ class DecodeGraphs:
         self._fill(batch, n, size)
         key = (size, None if batch.lora is None else self._launch_key(batch.lora))
         if key not in self._graphs:
-            self._graphs[key] = self._record(size, batch.lora)
+            try:
+                self._graphs[key] = self._record(size, batch.lora)
+            except torch.cuda.OutOfMemoryError:
+                # The KV cache and the slots may leave no room for a graph's activations:
+                # this bucket then runs eagerly, as every step did before graphs.
+                log.warning("no memory to capture the decode graph of %d rows; that bucket runs eagerly", size)
+                self._graphs[key] = None
+        if self._graphs[key] is None:
+            return self.model(batch)
         graph, static_batch, out = self._graphs[key]
         if graph is None:
             return self.model(static_batch)[:n]
