@@ -33,10 +33,12 @@ into a slot like a real one. The adapters live in a temp dir removed at the end.
 import argparse
 import collections
 import copy
+import cProfile
 import gc
 import itertools
 import json
 import os
+import pstats
 import random
 import shutil
 import statistics
@@ -293,6 +295,7 @@ def lora_share(
     finally:
         LoRALinear.add_served = add_served
     events = prof.events()
+    host = host_profile(engine)
     step_us = sum(e.cpu_time_total for e in events if e.name == "step")
     calls = [e for e in events if e.name == "lora"]
     lora_us = sum(e.cpu_time_total for e in calls)
@@ -302,7 +305,7 @@ def lora_share(
     share = {
         "lora_share": lora_us / step_us, "profiled_step_ms": step_us / 1e3 / PROFILED_STEPS,
         "lora_ms_per_step": lora_us / 1e3 / PROFILED_STEPS, "lora_calls_per_step": len(calls) / PROFILED_STEPS,
-        "ops_per_lora_call": ops / max(len(calls), 1),
+        "ops_per_lora_call": ops / max(len(calls), 1), "host_top": host,
     }
     if on_cuda:
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -327,6 +330,21 @@ def lora_share(
     return share
 
 
+def host_profile(engine: Engine) -> list[dict]:
+    """Where a step's host time goes: cProfile over PROFILED_STEPS more steps, the functions
+    with the most time of their own (a sync's wait for the device shows as the op that syncs)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(PROFILED_STEPS):
+        engine.step()
+    profiler.disable()
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: item[1][2], reverse=True)[:15]
+    return [
+        {"function": f"{Path(file).name}:{line}({name})", "ms_per_step": own * 1e3 / PROFILED_STEPS, "calls_per_step": calls / PROFILED_STEPS}
+        for (file, line, name), (_, calls, own, _, _) in rows
+    ]
+
+
 def profile_line(label: str, profile: dict) -> str:
     """A profiled step in one line: its CPU time, and on CUDA its kernel time and top kernels."""
     line = f"{label}: {profile['profiled_step_ms']:.1f} ms of CPU time"
@@ -334,7 +352,8 @@ def profile_line(label: str, profile: dict) -> str:
         top = "; ".join(f"{k['kernel'][:48]} {k['us_per_step'] / 1e3:.2f} ms" for k in profile["top_kernels"][:4])
         line += (f", {profile['step_kernel_ms']:.1f} ms of kernels in {profile['kernel_launches_per_step']:.0f} launches "
                  f"(top: {top})")
-    return line
+    host = "; ".join(f"{h['function']} {h['ms_per_step']:.2f} ms" for h in profile["host_top"][:5])
+    return line + f"\n    host, own time per step: {host}"
 
 
 def machine_rates(device: torch.device, dtype: torch.dtype) -> dict:
@@ -531,7 +550,8 @@ def main() -> None:
             "seen). On CUDA also lora_kernel_share: the LoRA kernels' time (by name) against all the profiled steps "
             "launched (a call's CPU time there is launch time), the kernel time "
             "per step (step_kernel_ms, every kernel and copy the profiler saw), launches per step and the top kernels; "
-            "baseline_profile: the same for the engine without adapters.",
+            "baseline_profile: the same for the engine without adapters. host_top: cProfile over as many more steps, "
+            "the functions with the most time of their own per step (a wait for the device shows in the op that syncs).",
             "Slots hold slot_pool.slot_dtype: the serving dtype on CUDA; on CPU bfloat16 for bfloat16 serving where the C "
             "kernel is built (kernels/lora/native_cpu.py), else float32 (slot_dtype in each run); the peft model is "
             "entirely in the serving dtype, adapters included.",
