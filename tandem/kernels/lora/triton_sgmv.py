@@ -2,9 +2,10 @@
 
 Every kernel's grid is (tiles of T x tiles of the N or rank dim, slices, segments), the
 segments being min(num_slots, T) for a plain batch and num_slots for pairs: it depends on
-the shapes of the step, never on its content, so a launch can be captured in a CUDA graph. A program finds its segment through LoRABatch.seg_*, gathers its tokens' rows
-through sorted_tokens, and exits at once when its segment is empty, its token tile lies
-past the segment, or its rank tile lies past the slot's real rank.
+the shapes of the step, never on its content, so a launch can be captured in a CUDA graph.
+A program finds its segment through LoRABatch.seg_*, gathers its tokens' rows through
+sorted_tokens, and exits at once when its segment is empty, its token tile lies past the
+segment, or its rank tile lies past the slot's real rank.
 
 Three kernels: shrink (v = x A^T per slice, optionally split over K), expand (y += v B^T
 per slice, the reduction stopping at the real rank) and, for decode-sized steps, a fused

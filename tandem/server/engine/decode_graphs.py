@@ -22,6 +22,7 @@ eagerly.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -197,8 +198,11 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             self.model(batch)
         torch.cuda.current_stream().wait_stream(side)
+        started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.model(batch)
         self.captures += 1
+        log.info("captured the decode graph of %d rows%s in %.2f s", size, "" if lora is None else " with adapters",
+                 time.perf_counter() - started)
         return graph, batch, out
