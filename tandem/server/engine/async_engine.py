@@ -23,7 +23,7 @@ from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
-from tandem.server.engine.llm_engine import Engine
+from tandem.server.engine.llm_engine import Engine, use_device
 from tandem.server.engine.outputs import EngineStats, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
@@ -264,6 +264,8 @@ class AsyncEngine:
         self._wake.set()
 
     def _loop(self) -> None:
+        if self.engine.device.type == "cuda":
+            use_device(self.engine.device)
         while not self._stopping:
             self._drain_inbox()
             self._flush()

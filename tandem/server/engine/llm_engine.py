@@ -33,6 +33,13 @@ from tandem.server.model.lora_linear import attach_lora
 from tandem.server.model.lora_targets import linear_shapes
 
 
+def use_device(device: torch.device) -> None:
+    """Make a CUDA device the calling thread's current one. Triton launches its kernels on
+    the current device whatever their tensors' device, so an engine on cuda:1 must be current
+    on every thread that steps it (the constructing one here, AsyncEngine's loop at its start)."""
+    torch.cuda.set_device(device)
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
@@ -43,6 +50,8 @@ class Engine:
         self.device = model.embed.device
         if self.device.type == "cpu":
             keep_freed_memory()
+        elif self.device.type == "cuda":
+            use_device(self.device)
         self.dtype = model.embed.dtype
         num_blocks = config.kv_cache_bytes // KVCache.bytes_per_block(shape, config.block_size, self.dtype)
         if num_blocks < 1:
