@@ -8,6 +8,7 @@ word-level tokenizer, since GPU hosts have no SmolLM2 file.
 
 import contextlib
 import copy
+import json
 
 import pytest
 import torch
@@ -88,12 +89,42 @@ def test_ragged_batch_on_cuda_in_bfloat16_stays_near_float32_transformers(hf_cud
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_adapter_batch_on_cuda_matches_peft(hf_cuda, tokenizer, adapters_dir, dtype):
-    from peft import PeftModel
-
     engine = make_engine(
         hf_cuda, tokenizer, dtype=dtype, device="cuda", adapters_dir=str(adapters_dir), max_lora_rank=16, max_loras=4,
         max_num_batched_tokens=64,
     )
+    check_mixed_adapters_match_peft(engine, hf_cuda, adapters_dir, dtype)
+
+
+@pytest.mark.parametrize("config", [dict(fused=False, split_k=4, block_n=32, num_warps=2), dict(fused=True, block_k=32, num_n_groups=2)],
+                         ids=["two-launch", "fused"])
+def test_tuned_decode_configs_serve_what_peft_computes(hf_cuda, tokenizer, adapters_dir, config, monkeypatch, tmp_path):
+    """The committed tables are for Llama shapes: here a table for the tiny model's shapes
+    sends its decode steps (in graphs) through the tuned launches."""
+    from tandem.kernels.lora import triton_sgmv
+
+    engine = make_engine(
+        hf_cuda, tokenizer, dtype=torch.float32, device="cuda", adapters_dir=str(adapters_dir), max_lora_rank=16,
+        max_loras=4, max_num_batched_tokens=64,
+    )
+    entry = triton_sgmv.config_entry(triton_sgmv.DecodeConfig(**config), 64)
+    keys = {triton_sgmv.shape_key(w.in_features, w.out_slices) for w in engine.registry.pool.weights.values()}
+    (tmp_path / "table.json").write_text(json.dumps({"configs": {key: [entry] for key in keys}}))
+    monkeypatch.setattr(triton_sgmv, "tuned_table_path", lambda device: tmp_path / "table.json")
+    triton_sgmv._tuned_tables.cache_clear()
+    runs = []
+    run_config = triton_sgmv.DecodeConfig.run
+    monkeypatch.setattr(triton_sgmv.DecodeConfig, "run", lambda self, *a: runs.append(1) or run_config(self, *a))
+    try:
+        check_mixed_adapters_match_peft(engine, hf_cuda, adapters_dir, torch.float32)
+    finally:
+        triton_sgmv._tuned_tables.cache_clear()
+    assert runs
+
+
+def check_mixed_adapters_match_peft(engine, hf_cuda, adapters_dir, dtype):
+    from peft import PeftModel
+
     seen = record_logits(engine)
     params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
     names = [*ADAPTERS, "", "r8-all"]
