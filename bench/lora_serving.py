@@ -308,7 +308,8 @@ def lora_share(
         "ops_per_lora_call": ops / max(len(calls), 1), "host_top": host,
     }
     if on_cuda:
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        # The record_function ranges ("step", "lora") also show as device events spanning their kernels.
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name not in ("step", "lora")]
         step_kernel_us = sum(e.device_time_total for e in kernels)
         # By name, not by call: a replayed CUDA graph runs no Python, so no call is recorded.
         lora_kernel_us = sum(e.device_time_total for e in kernels if e.name in LORA_KERNELS)
