@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What one call on a lent GPU host runs (its own python3, torch and Triton; no network):
-#   bash bench/cuda_session.sh check   # the CUDA tests, the LoRA tuning and kernel benches, quick serving runs (1, 8, 64 adapters; graphs and eager) on Llama-8B shapes
+#   bash bench/cuda_session.sh check   # the CUDA tests, the LoRA tuning and kernel benches, quick serving runs (1, 8, 64 adapters) on Llama-8B shapes
+#   bash bench/cuda_session.sh quick   # the quick serving runs alone, with decode graphs and eager (every op launched)
 #   bash bench/cuda_session.sh serve   # the whole serving bench on Llama-8B shapes (1..2048 adapters, Zipf, peft)
 # Each step has its own time limit and a failing one does not stop the next. Logs and the
 # bench results (bench/results/*cuda*) come back as a few files under $OUT.
@@ -23,12 +24,15 @@ python3 -c "import sys, torch, triton, transformers, peft; print(sys.version.spl
 cat "$out/gpu.txt"
 
 case "${1:-check}" in
-check)  # at most 560 s: one call inside the 15 minutes of device time, with the machine's start
+check)  # at most 500 s: one call inside the 15 minutes of device time, with the machine's start
     # eight workers: the kernel tests spend most of their time compiling Triton kernels on the CPU
     step tests 100 python3 -m pytest -q -p no:cacheprovider --timeout 90 -n 8 --durations 15 tests/kernels tests/engine/test_cuda.py
     step tune_8b 130 python3 bench/lora_tune.py --model llama-8b
     step kernels_8b 70 python3 bench/lora_kernels.py --model llama-8b
-    step serving_8b 140 python3 bench/lora_serving.py --model llama-8b --quick --threads 8
+    step serving_8b 200 python3 bench/lora_serving.py --model llama-8b --quick --threads 8
+    ;;
+quick)
+    step serving_8b 200 python3 bench/lora_serving.py --model llama-8b --quick --threads 8
     step serving_8b_eager 120 python3 bench/lora_serving.py --model llama-8b --quick --threads 8 --eager
     ;;
 serve)  # the whole serving bench (1..2048 adapters, Zipf, peft): for a session with more device time

@@ -158,7 +158,8 @@ def check_mixed_adapters_match_peft(engine, hf_cuda, adapters_dir, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_graphs_replay_what_the_eager_engine_computes(hf_cuda, tokenizer, adapters_dir, dtype):
     """The same requests (adapters of ranks 4-16 loading as they arrive, batches of 1-5 rows
-    padded to their bucket) through captured decode steps and through eager ones."""
+    padded to their bucket) through captured decode steps and through eager ones. Every
+    bucket was captured at start-up, with and without adapters: serving captures nothing."""
     outputs, logits, engines = {}, {}, {}
     for graphs in (True, False):
         engine = make_engine(
@@ -176,7 +177,9 @@ def test_decode_graphs_replay_what_the_eager_engine_computes(hf_cuda, tokenizer,
         logits[graphs] = {rid: torch.stack(rows).float() for rid, rows in seen.items()}
         engines[graphs] = engine
     assert engines[False].runner.graphs is None
-    assert engines[True].runner.graphs.captures >= 3  # several buckets, and rank tiles that grew
+    graphs = engines[True].runner.graphs
+    # At start-up (these batches alone would capture 4 buckets twice); ranks 4-16 take the empty pool's tile.
+    assert graphs.captures == 2 * len(graphs.sizes) > 8
     for rid, rows in logits[False].items():
         if dtype == torch.float32:
             assert outputs[True][rid] == outputs[False][rid]

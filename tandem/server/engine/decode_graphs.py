@@ -16,18 +16,21 @@ which reads each context up to its length on the device.
 
 What the launches bake in is the key of a graph besides B: whether the step has served
 adapters, and per LoRA weight group the rank tile the kernels were launched with (a slot
-loaded with a higher rank changes it, and the next step captures again). Steps with
+loaded with a higher rank changes it, and the next step captures again). The engine
+captures every bucket at start-up, with and without adapters (the empty pool's rank tile,
+that of ranks up to 16); only a higher rank tile captures while serving. Steps with
 prefills, training rows, routers or mixtures, or more rows than the largest bucket run
 eagerly.
 """
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from tandem.kernels.lora import LoRABatch
+from tandem.kernels.lora import LoRABatch, LoRAWeights
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.model.batch import AttentionMetadata, ForwardBatch, LoRARows
 from tandem.server.model.llama import LlamaModel
@@ -97,28 +100,55 @@ class DecodeGraphs:
         n = batch.input_ids.shape[0]
         size = next(b for b in self.sizes if b >= n)
         self._fill(batch, n, size)
-        key = (size, None if batch.lora is None else self._launch_key(batch.lora))
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._record(size, batch.lora)
-            except torch.cuda.OutOfMemoryError:
-                # The KV cache and the slots may leave no room for a graph's activations:
-                # this bucket then runs eagerly, as every step did before graphs.
-                log.warning("no memory to capture the decode graph of %d rows; that bucket runs eagerly", size)
-                self._graphs[key] = None
-        if self._graphs[key] is None:
+        captures = self.captures
+        recorded = self._graph(size, None if batch.lora is None else batch.lora.weights)
+        if self.captures > captures:
+            log.info("captured the decode graph of %d rows while serving: a slot's rank tile grew past those captured", size)
+        if recorded is None:
             return self.model(batch)
-        graph, static_batch, out = self._graphs[key]
+        graph, static_batch, out = recorded
         if graph is None:
             return self.model(static_batch)[:n]
         graph.replay()
         return out[:n]
 
+    def capture_all(self, device: torch.device, weights: Mapping[tuple[int, str], LoRAWeights] | None) -> None:
+        """Capture every bucket now, without adapters and, given the slot pool's weights, with
+        them at the rank tiles their slots have now: at start-up, as vLLM does, so that no
+        request waits on a capture or on compiling the kernels it records. Largest first, so
+        that the smaller buckets reuse the shared pool's memory. A slot loaded later with a
+        higher rank tile than any before captures lazily, at its first step."""
+        started = time.perf_counter()
+        with torch.inference_mode():  # as the steps that replay them run
+            self._buffers(device)
+            for size in reversed(self.sizes):
+                self._graph(size, None)
+                if weights is not None:
+                    self._graph(size, weights)
+        log.info("captured %d decode graphs (%d batch sizes%s) in %.1f s", self.captures, len(self.sizes),
+                 "" if weights is None else ", with and without adapters", time.perf_counter() - started)
+
+    def _graph(
+        self, size: int, weights: Mapping[tuple[int, str], LoRAWeights] | None
+    ) -> tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None] | None:
+        """The recorded forward of size rows with these weights' launches, recorded now if it
+        is not yet; None where capturing it ran out of memory."""
+        key = (size, None if weights is None else self._launch_key(weights))
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._record(size, weights)
+            except torch.cuda.OutOfMemoryError:
+                # The KV cache and the slots may leave no room for a graph's activations:
+                # this bucket then runs eagerly, as every step did before graphs.
+                log.warning("no memory to capture the decode graph of %d rows; that bucket runs eagerly", size)
+                self._graphs[key] = None
+        return self._graphs[key]
+
     @staticmethod
-    def _launch_key(lora: LoRARows) -> tuple:
+    def _launch_key(weights: Mapping[tuple[int, str], LoRAWeights]) -> tuple:
         from tandem.kernels.lora.triton_sgmv import launch_key  # CPU serving never imports triton
 
-        return launch_key(lora.weights.values())
+        return launch_key(weights.values())
 
     def _buffers(self, device: torch.device) -> _Static:
         if self._static is None:
@@ -166,31 +196,33 @@ class DecodeGraphs:
             s.seg_lens.copy_(tokens.seg_lens)
         return s
 
-    def _static_batch(self, size: int, lora: LoRARows | None) -> ForwardBatch:
+    def _static_batch(self, size: int, weights: Mapping[tuple[int, str], LoRAWeights] | None) -> ForwardBatch:
         s = self._static
         attn = AttentionMetadata(
             slot_mapping=s.slot_mapping[:size], num_decodes=size, decode_slots=s.decode_slots[:size],
             decode_mask=None, prefills=[], fresh=[], decode_lens=s.decode_lens[:size],
         )
         rows = None
-        if lora is not None:
+        if weights is not None:
             # Every row counts as adapted so that the launches are recorded; rows whose slot is
             # -1 (in no segment) are left alone by the kernels.
             tokens = LoRABatch(
                 token_slots=s.token_slots[:size], sorted_tokens=s.sorted_tokens[:size], seg_slots=s.seg_slots,
                 seg_starts=s.seg_starts, seg_lens=s.seg_lens, segments=(), num_lora_tokens=size,
             )
-            rows = LoRARows(tokens, lora.weights)
+            rows = LoRARows(tokens, weights)
         return ForwardBatch(
             input_ids=s.input_ids[:size], positions=s.positions[:size], attn=attn, kv_caches=self.kv_cache.layers,
             logits_indices=s.rows[:0], lora=rows,
         )
 
-    def _record(self, size: int, lora: LoRARows | None) -> tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]:
+    def _record(
+        self, size: int, weights: Mapping[tuple[int, str], LoRAWeights] | None
+    ) -> tuple[torch.cuda.CUDAGraph | None, ForwardBatch, torch.Tensor | None]:
         """A bucket's graph: one eager run on a side stream first (Triton compiles, cuBLAS
         picks its kernels and workspaces), then the capture, into the memory pool all
         buckets share (one replay at a time)."""
-        batch = self._static_batch(size, lora)
+        batch = self._static_batch(size, weights)
         if not self.capture:
             return None, batch, None
         side = torch.cuda.Stream()
@@ -203,6 +235,6 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             out = self.model(batch)
         self.captures += 1
-        log.info("captured the decode graph of %d rows%s in %.2f s", size, "" if lora is None else " with adapters",
-                 time.perf_counter() - started)
+        log.debug("captured the decode graph of %d rows%s in %.2f s", size, "" if weights is None else " with adapters",
+                  time.perf_counter() - started)
         return graph, batch, out

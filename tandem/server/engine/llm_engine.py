@@ -69,6 +69,7 @@ class Engine:
         self.runner = ModelRunner(model, kv_cache, config.block_size, self.device, pool)
         if self.device.type == "cuda" and config.cuda_graphs:
             self.runner.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, self.max_model_len, 0 if pool is None else pool.num_slots)
+            self.runner.graphs.capture_all(self.device, None if pool is None else pool.weights)
         self.sampler = Sampler(self.device)
         self.share = FinetuneShare(config.coserve_itl_p99, config.max_num_batched_tokens, prior_costs(model))
         # When the last iteration ended, if it decoded: the next decoding one ends an
