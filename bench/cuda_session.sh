@@ -26,7 +26,11 @@ cat "$out/gpu.txt"
 case "${1:-check}" in
 check)  # at most 500 s: one call inside the 15 minutes of device time, with the machine's start
     # eight workers: the kernel tests spend most of their time compiling Triton kernels on the CPU
-    step tests 100 python3 -m pytest -q -p no:cacheprovider --timeout 90 -n 8 --durations 15 tests/kernels tests/engine/test_cuda.py
+    step tests 100 python3 -m pytest -q -p no:cacheprovider --timeout 90 -n 8 --durations 15 tests/kernels tests/engine/test_cuda.py \
+        "tests/adapters/test_slots.py::test_a_load_stages_an_adapters_tensors_in_one_copy[cuda]" \
+        tests/adapters/test_slots.py::test_cuda_prefetch_copies_on_a_side_stream_and_acquire_waits_for_it \
+        tests/adapters/test_slots.py::test_cuda_prefetch_holds_the_adapter_until_its_copy_has_read_it \
+        tests/adapters/test_slots.py::test_on_cuda_new_adapters_take_empty_slots_then_the_least_recently_used
     step tune_8b 130 python3 bench/lora_tune.py --model llama-8b
     step kernels_8b 70 python3 bench/lora_kernels.py --model llama-8b
     step serving_8b 200 python3 bench/lora_serving.py --model llama-8b --quick --threads 8

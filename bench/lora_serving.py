@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -177,24 +178,32 @@ class Workload:
         self.pool_itemsize = 0 if self.engine.registry is None else self.engine.registry.pool.dtype.itemsize
         self.prompts, self.out_len, self.choice, self.naming = prompts, out_len, choice, naming
         self.params = SamplingParams(temperature=0.0, max_new_tokens=out_len, ignore_eos=True)
-        self.get_s = self.step_s = 0.0
+        self.get_s = self.step_s = self.decode_step_s = 0.0
+        self.decode_steps = 0
         self.nxt = self.generated = self.steps = self.lora_flops = self.streamed = 0
         self.distinct_per_step: list[int] = []
         self.adapter_bytes: list[int] = []
-        while self.nxt < min(CONCURRENCY, len(prompts)):
-            self._submit()
+        self._submit(min(CONCURRENCY, len(prompts)))
 
-    def _submit(self) -> None:
-        adapter = None
-        if self.choice is not None:
+    def _submit(self, count: int) -> None:
+        """The next count requests, arriving together: their adapters resolved at once, each
+        in a thread, as the server's AsyncEngine resolves each request's (asyncio.to_thread,
+        whose default pool this is); the registry reads an adapter once however many ask.
+        The wait is the run's, not overlapped with its steps."""
+        indices = range(self.nxt, min(self.nxt + count, len(self.prompts)))
+        adapters = [None] * len(indices)
+        if self.choice is not None and indices:
             t = time.perf_counter()
-            adapter = self.engine.registry.get(self.naming(self.choice[self.nxt]))
+            with ThreadPoolExecutor() as pool:
+                adapters = list(pool.map(self.engine.registry.get, [self.naming(self.choice[i]) for i in indices]))
             self.get_s += time.perf_counter() - t
-            self.adapter_bytes.append(adapter.nbytes // 4 * self.pool_itemsize)
-            # 2 FLOPs per adapter parameter per token through the model (the last one sampled is not).
-            self.lora_flops += 2 * (adapter.nbytes // 4) * (len(self.prompts[self.nxt]) + self.out_len - 1)
-        self.engine.add_request(str(self.nxt), self.prompts[self.nxt], self.params, adapter)
-        self.nxt += 1
+        for i, adapter in zip(indices, adapters):
+            if adapter is not None:
+                self.adapter_bytes.append(adapter.nbytes // 4 * self.pool_itemsize)
+                # 2 FLOPs per adapter parameter per token through the model (the last one sampled is not).
+                self.lora_flops += 2 * (adapter.nbytes // 4) * (len(self.prompts[i]) + self.out_len - 1)
+            self.engine.add_request(str(i), self.prompts[i], self.params, adapter)
+        self.nxt = indices.stop
 
     def step(self) -> bool:
         """One engine step (and the submissions it makes room for); False once all is done."""
@@ -204,14 +213,17 @@ class Workload:
         in_step = {seq.slot: seq.adapter.nbytes // 4 * self.pool_itemsize for seq in engine.scheduler.running if seq.slot is not None}
         self.distinct_per_step.append(len(in_step))
         self.streamed += sum(in_step.values())
+        prefilled = engine.iteration_tokens["prefill"]
         t = time.perf_counter()
         outs = engine.step()
-        self.step_s += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.step_s += took
         self.steps += 1
-        for o in outs:
-            self.generated += len(o.token_ids)
-            if o.finished and self.nxt < len(self.prompts):
-                self._submit()
+        if engine.iteration_tokens["prefill"] == prefilled:
+            self.decode_steps += 1
+            self.decode_step_s += took
+        self.generated += sum(len(o.token_ids) for o in outs)
+        self._submit(sum(o.finished for o in outs))
         return True
 
     def result(self, wall: float) -> dict:
@@ -219,7 +231,8 @@ class Workload:
         generated, engine = self.generated, self.engine
         graphs = engine.runner.graphs
         result = {"tok_s": generated / wall, "wall_s": wall, "step_s": self.step_s, "get_s": self.get_s, "steps": self.steps,
-                  "generated": generated, "engine_start_s": self.start_s, "graphs_captured_at_start": self.captured_at_start,
+                  "generated": generated, "decode_steps": self.decode_steps,
+                  "decode_step_ms": 1e3 * self.decode_step_s / max(self.decode_steps, 1), "engine_start_s": self.start_s, "graphs_captured_at_start": self.captured_at_start,
                   "graphs_captured_while_serving": 0 if graphs is None else graphs.captures - self.captured_at_start}
         if engine.registry is not None:
             s = engine.registry.slot_stats()
@@ -494,7 +507,8 @@ def main() -> None:
                 + (f"; {100 * r['lora_kernel_share']:4.1f}% of its kernel time" if r.get("lora_kernel_share") is not None else "") + ")  "
                 f"reads {r['get_s']:5.2f}s  "
                 f"slot loads {r['slot_loads']:4d} evictions {r['slot_evictions']:4d} {r['slot_load_s']:5.2f}s  "
-                f"host evictions {r['host_evictions']:4d}  steps {r['step_s']:5.1f}s  start {r['engine_start_s']:4.1f}s "
+                f"host evictions {r['host_evictions']:4d}  steps {r['step_s']:5.1f}s (a decode step {r['decode_step_ms']:.2f} ms, "
+                f"the baseline's {base['decode_step_ms']:.2f})  start {r['engine_start_s']:4.1f}s "
                 f"({r['graphs_captured_at_start']} graphs; {r['graphs_captured_while_serving']} later)  "
                 f"[paired baseline {base['tok_s']:.1f} tok/s]",
                 flush=True,
@@ -542,8 +556,12 @@ def main() -> None:
             "holding a model and its KV cache, 8 ms in a fresh one (page faults on new memory are slow here); that dominates "
             "reads.",
             "Closed loop: 32 requests in flight; each finished request is replaced by the next until requests_per_run have run. "
-            "Each run uses a fresh engine (cold host cache and slot pool); tok_s includes adapter reads (registry.get) and "
-            "slot loads; tok_s_without_reads leaves out registry.get. Not the engine's start (engine_start_s), which on "
+            "Each run uses a fresh engine (cold host cache and slot pool); tok_s includes adapter reads (registry.get: "
+            "the requests that arrive together, the first 32 and those that replace the ones a step finished, get their "
+            "adapters at once, each in a thread, as the server's AsyncEngine does; the registry reads an adapter once "
+            "however many ask; the wait is not overlapped with steps) and "
+            "slot loads; tok_s_without_reads leaves out registry.get; decode_step_ms: the mean time of the steps that "
+            "prefilled nothing (decode_steps of them). Not the engine's start (engine_start_s), which on "
             "CUDA captures every decode graph (graphs_captured_at_start: each batch-size bucket up to 32 rows, with and "
             "without adapters); graphs_captured_while_serving counts those captured later, inside the run's time.",
             "ratio: tok_s over the paired baseline's (a fresh engine without adapters on the same requests, stepped in "

@@ -5,11 +5,13 @@ The oracle for every output is the same request run alone (greedy, float32) on a
 with enough slots for every adapter."""
 
 import gc
+import time
 import math
 import os
 import shutil
 import weakref
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -494,3 +496,61 @@ def test_the_native_slot_load_writes_what_torch_copies_write(smollm2_tokenizer, 
         for part in read:
             assert torch.equal(part(w), part(torch_w)), key
         assert w.a[[0, 2]].isnan().all() and w.b[[0, 2]].isnan().all(), "other slots must stay untouched"
+
+
+def test_a_burst_of_requests_for_an_uncached_adapter_reads_it_once(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, monkeypatch):
+    """The server resolves each request's adapter in a thread of its own: a burst for an
+    adapter not in memory must share one read (and one failure), not read the file per request."""
+    from tandem.server.adapters import registry as registry_module
+    from tandem.server.errors import IncompatibleAdapter
+
+    shutil.copytree(adapters_dir, tmp_path / "adapters")
+    weights_file(tmp_path / "adapters" / "mlp16").write_bytes(b"not a safetensors file")
+    engine = adapter_engine(tiny_hf_model, smollm2_tokenizer, tmp_path / "adapters")
+    reads = Counter()
+    read = registry_module.read_adapter
+
+    def slow_read(name, *args, **kwargs):
+        reads[name] += 1
+        time.sleep(0.3)  # long enough for every thread to ask while it runs
+        return read(name, *args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "read_adapter", slow_read)
+
+    def get(name):
+        try:
+            return engine.registry.get(name)
+        except IncompatibleAdapter as exc:
+            return exc
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(get, ["all8"] * 3 + ["mlp16"] * 3))
+    assert reads == {"all8": 1, "mlp16": 1}
+    assert all(a is got[0] for a in got[:3]) and isinstance(got[0], LoRAAdapter)
+    assert all(isinstance(e, IncompatibleAdapter) and "mlp16" in str(e) for e in got[3:])
+    assert engine.registry.get("all8") is got[0]  # cached: no read
+    with pytest.raises(IncompatibleAdapter):  # a failed read is not remembered: asked again, read again
+        engine.registry.get("mlp16")
+    assert reads == {"all8": 1, "mlp16": 2}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
+def test_a_load_stages_an_adapters_tensors_in_one_copy(tiny_hf_model, adapters_dir, device):
+    """On CUDA a load copies the span of the file's bytes that the adapter's tensors view once,
+    then reads each slice from that copy: every slice must come back exactly, from one buffer."""
+    from tandem.server.adapters.compeft_format import dense_slices
+    from tandem.server.adapters.slot_pool import staged
+
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    adapter = read_adapter("pattern", adapters_dir / "pattern", model, MAX_RANK)
+    dense = dense_slices(adapter)
+    slices = [(key, s, 0, a, b, scale) for key, g in adapter.groups.items() for s, (_, _, scale) in g.slices.items()
+              for a, b in [dense[(key, s)]]]
+    out = staged(slices, torch.device(device))
+    storages = {t.untyped_storage().data_ptr() for *_, a, b, _ in out for t in (a, b)}
+    assert len(storages) == 1 and storages.isdisjoint({slices[0][3].untyped_storage().data_ptr()})
+    for before, after in zip(slices, out):
+        assert before[:3] == after[:3] and before[5] == after[5] and after[3].device.type == device
+        assert torch.equal(before[3], after[3].cpu()) and torch.equal(before[4], after[4].cpu())
+    apart = [(k, s, c, a.clone(), b, scale) for k, s, c, a, b, scale in slices]  # not views of one buffer
+    assert staged(apart, torch.device(device)) is apart

@@ -332,6 +332,8 @@ class LoRAWeights:
     # [S] int32 start column and width of each slice.
     slice_starts: Tensor = field(init=False, repr=False)
     slice_widths: Tensor = field(init=False, repr=False)
+    # max(host_ranks): what a launch's rank tile must cover, read per linear per step.
+    top_rank: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.out_slices = tuple(int(w) for w in self.out_slices)
@@ -352,6 +354,7 @@ class LoRAWeights:
             self.host_ranks = self.slot_ranks.tolist()
         if len(self.host_ranks) != num_slots or not all(0 <= r <= max_rank for r in self.host_ranks):
             raise ValueError(f"slot ranks must lie in [0, {max_rank}], got {self.host_ranks}")
+        self.top_rank = max(self.host_ranks, default=0)
         starts = [sum(self.out_slices[:s]) for s in range(self.num_slices)]
         self.slice_starts = torch.tensor(starts, dtype=torch.int32, device=self.b.device)
         self.slice_widths = torch.tensor(self.out_slices, dtype=torch.int32, device=self.b.device)
@@ -382,3 +385,4 @@ class LoRAWeights:
             raise ValueError(f"rank must lie in [0, {self.max_rank}], got {rank}")
         self.slot_ranks[slot] = rank
         self.host_ranks[slot] = rank
+        self.top_rank = max(self.host_ranks)

@@ -213,7 +213,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    # Plain Python: triton.next_power_of_2 is a jitted call, ~2 us, and launch_key makes
+    # one per LoRA linear per graph step.
+    return max(lo, min(hi, 1 << max(n - 1, 0).bit_length()))
 
 
 def _block_m(num_tokens: int) -> int:
@@ -348,7 +350,7 @@ def _top_rank(w: LoRAWeights) -> int:
     """The highest real rank of any slot: the fused kernel's rank tile must cover it, and
     only it. The slots are padded to --max-lora-rank (256 by default), but the adapters in
     them are usually of rank 8-64: tiling by the padding would keep them off the fused path."""
-    return max(w.host_ranks, default=0)
+    return w.top_rank
 
 
 def _fuses(entries: int, w: LoRAWeights) -> bool:

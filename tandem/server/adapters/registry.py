@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -165,6 +166,8 @@ class AdapterRegistry:
         self._known: dict[str, AdapterInfo] = {}
         self._routers: dict[str, Router] = {}
         self._in_use: dict[str, int] = {}
+        # Cold reads under way: name -> the adapter they will give (get's single flight).
+        self._reading: dict[str, Future[LoRAAdapter]] = {}
         # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
         self._unloaded: set[str] = set()
         self.host_evictions = 0
@@ -199,8 +202,30 @@ class AdapterRegistry:
             directory = resolve_adapter_dir(self.adapters_dir, name, "")
             if is_router(directory):
                 return self._with_experts(self._read_router(name, directory))
-            return self._read_and_cache(name, directory)
+            return self._read_once(name, directory)
         return self._refreshed(adapter, stamp)
+
+    def _read_once(self, name: str, directory: Path) -> LoRAAdapter:
+        """A cold read of name that every request asking for it meanwhile shares: a burst of
+        requests for an adapter not in memory (each resolved in its own thread) reads,
+        hashes and parses its file once, not once per request; a failure reaches them all."""
+        with self._lock:
+            pending = self._reading.get(name)
+            reader = pending is None
+            if reader:
+                pending = self._reading[name] = Future()
+        if not reader:
+            return pending.result()
+        try:
+            adapter = self._read_and_cache(name, directory)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._reading[name]
+        pending.set_result(adapter)
+        return adapter
 
     def mixture(self, members: list[tuple[str, float]]) -> Mixture:
         """The current versions of a per-request mixture's adapters, with their weights;

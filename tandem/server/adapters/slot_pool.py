@@ -201,10 +201,13 @@ class SlotPool:
                 slices += [(w, s, starts[s], *dense[(key, s)], scale) for s, (_, _, scale) in delta.slices.items()]
                 w.set_rank(slot, delta.rank)
             if not native_cpu.load_slot(slot, slices):
-                for w, s, col, a, b, scale in slices:
+                # On CPU a staged copy would be one more pass over the adapter's bytes.
+                for w, s, col, a, b, scale in slices if self.device.type == "cpu" else staged(slices, self.device):
                     w.a[slot].view(w.num_slices, self.max_rank, -1)[s, : a.shape[0]].copy_(a, non_blocking=True)
                     b_dst = w.b[slot][col : col + b.shape[0], : b.shape[1]]
-                    if b_dst.dtype == torch.float32:
+                    if b.dtype == torch.float32 and b.device == b_dst.device:  # scaled in float32, rounded once
+                        torch.mul(b, scale, out=b_dst)
+                    elif b_dst.dtype == torch.float32:
                         b_dst.copy_(b, non_blocking=True).mul_(scale)
                     else:  # scaled in float32 on the device, then rounded once into the slot
                         b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
@@ -216,6 +219,38 @@ class SlotPool:
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1
         self.load_seconds += time.perf_counter() - start
+
+
+# Larger spans are copied slice by slice rather than doubled on the device for a moment.
+STAGE_MAX_BYTES = 1 << 30
+
+
+def staged(slices: list[tuple], device: torch.device) -> list[tuple]:
+    """The load's slices (w, s, col, A, B, scale) with A and B on device, from one copy when
+    they are views of one host buffer, as a PEFT adapter's tensors are of its file's bytes:
+    the span they cover crosses once, not as two transfers per slice (~450 for an 8B model's
+    adapter on every linear, each a launch). Slices that are not (a compressed adapter's,
+    unpacked on the device; tensors pinned one by one) come back as they are."""
+    tensors = [t for _, _, _, a, b, _ in slices for t in (a, b)]
+    if not tensors or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return slices
+    storage = tensors[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() for t in tensors):
+        return slices
+    starts = [t.storage_offset() * t.element_size() for t in tensors]
+    lo = min(starts)
+    hi = max(start + t.numel() * t.element_size() for start, t in zip(starts, tensors))
+    if hi - lo > STAGE_MAX_BYTES or any((start - lo) % t.element_size() for start, t in zip(starts, tensors)):
+        return slices
+    host = torch.empty(0, dtype=torch.uint8).set_(storage, lo, (hi - lo,))
+    span = torch.empty(hi - lo, dtype=torch.uint8, device=device)
+    span.copy_(host, non_blocking=True)
+
+    def on_device(t: torch.Tensor, start: int) -> torch.Tensor:
+        return span[start - lo : start - lo + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
+    moved = iter(on_device(t, start) for t, start in zip(tensors, starts))
+    return [(w, s, col, next(moved), next(moved), scale) for w, s, col, _, _, scale in slices]
 
 
 def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
