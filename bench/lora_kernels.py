@@ -82,6 +82,22 @@ def graph_time(calls) -> float:
     return statistics.median(times)
 
 
+def launch_floor_us() -> float:
+    """What one kernel costs in a graph whatever its work: a 1-element fill, 200 of them in one
+    graph, per fill. A decode-sized LoRA call is a few such launches on little data, so its
+    floor is its launches times this plus its bytes at copy bandwidth, not its bytes alone."""
+    t = torch.zeros(1, device="cuda")
+    return graph_time([lambda: t.fill_(1.0)] * 200) * 1e6
+
+
+def kernels_per_call(call) -> int:
+    """Kernels (and memsets) one call launches, from torch's profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def naive_delta(x, w, token_slots, y):
     """What a straightforward port does: per adapter a boolean mask, per slice two matmuls."""
     for slot in token_slots.unique().tolist():
@@ -152,7 +168,7 @@ def timeit(fns, device, calls=300, budget=1.0):
     return best
 
 
-def run(device, dtypes, peak_gb_s, groups, num_adapters):
+def run(device, dtypes, peak_gb_s, groups, num_adapters, floor_us):
     rows = []
     for dtype in dtypes:
         for name, (in_features, out_slices) in groups.items():
@@ -190,6 +206,10 @@ def run(device, dtypes, peak_gb_s, groups, num_adapters):
                 row["lora_bytes"] = lora_bytes(x, w, batch, y)
                 row["lora_gb_s"] = row["lora_bytes"] / times["lora_delta_us"] / 1e9
                 row["of_copy_bandwidth"] = row["lora_gb_s"] / peak_gb_s
+                if device.type == "cuda":
+                    row["launches"] = kernels_per_call(lambda: lora_delta(x, w, batch, y))
+                    row["floor_us"] = row["launches"] * floor_us + row["lora_bytes"] / peak_gb_s / 1e3
+                    row["of_floor"] = row["floor_us"] / row["graph_lora_delta_us"]
                 row["naive_over_lora"] = times["naive_loop_us"] / times["lora_delta_us"]
                 rows.append(row)
     return rows
@@ -208,7 +228,8 @@ def graphed(w: LoRAWeights, base: torch.Tensor, x: torch.Tensor, batch: LoRABatc
 
 # Optional columns: printed when a row has them (CPU bf16 rows, CUDA rows).
 EXTRA_COLUMNS = {"lora_delta_fp32_pool_us": "f32pool_us", "graph_lora_delta_us": "g_lora_us", "graph_base_gemm_us": "g_base_us", "triton_two_launch_us": "2launch_us",
-                 "torch_reference_us": "torch_us", "lora_gb_s": "lora_GB/s", "of_copy_bandwidth": "of_copy_bw"}
+                 "torch_reference_us": "torch_us", "lora_gb_s": "lora_GB/s", "of_copy_bandwidth": "of_copy_bw",
+                 "launches": "launches", "floor_us": "floor_us", "of_floor": "of_floor"}
 
 
 def print_header(rows):
@@ -223,7 +244,7 @@ def print_row(r, rows):
         f"{r['dtype']:>8} {r['group']:>7} {r['tokens']:>4} "
         f"{r['base_gemm_us']:>9.1f} {r['lora_delta_us']:>9.1f} {r['naive_loop_us']:>9.1f} "
         f"{r['lora_over_base']:>9.2f} {r['naive_over_lora']:>10.2f}"
-        + "".join(f" {r[key]:>11.{2 if key == 'of_copy_bandwidth' else 1}f}" if key in r else f" {'-':>11}" for key in extra),
+        + "".join(f" {r[key]:>11.{2 if key in ('of_copy_bandwidth', 'of_floor') else 1}f}" if key in r else f" {'-':>11}" for key in extra),
     )
 
 
@@ -244,6 +265,9 @@ def summarise(rows, peak_gb_s):
             layer["lora_bytes"] = sum(r["lora_bytes"] for r in sel)
             layer["lora_gb_s"] = layer["lora_bytes"] / layer[lora] / 1e3
             layer["of_copy_bandwidth"] = layer["lora_gb_s"] / peak_gb_s
+            if all("floor_us" in r for r in sel):
+                layer["launches"] = sum(r["launches"] for r in sel)
+                layer["of_floor"] = layer["floor_us"] / layer[lora]
             out.append(layer)
     return out
 
@@ -264,7 +288,10 @@ def main():
     dtypes = (torch.bfloat16, torch.float32) if device.type == "cpu" else (torch.bfloat16, torch.float16)
     peak_gb_s = copy_bandwidth(device) / 1e9
     print(f"copy bandwidth (read + write) on {device.type}: {peak_gb_s:.1f} GB/s")
-    rows = run(device, dtypes, peak_gb_s, groups, args.adapters)
+    floor_us = launch_floor_us() if device.type == "cuda" else None
+    if floor_us is not None:
+        print(f"one launch in a graph (a 1-element fill): {floor_us:.2f} us")
+    rows = run(device, dtypes, peak_gb_s, groups, args.adapters, floor_us)
     per_layer = summarise(rows, peak_gb_s)
     print_header(rows)
     for r in rows:
@@ -291,8 +318,12 @@ def main():
             "Python, and (graph_*) the median of 10 replays of a CUDA graph that runs the call once on each of "
             "graph_weight_copies fresh weight sets (together over 3x the L2 cache), per call; CUDA ratios and "
             "bandwidth use the graph times. lora_delta adds into a preallocated y",
+            "floor_us": "CUDA: the call's kernel launches (launches, counted by torch's profiler) x launch_floor_us (one "
+            "1-element fill in a graph of 200) + lora_bytes at copy bandwidth: what the call could take at best in "
+            "those launches; of_floor: floor_us over graph_lora_delta_us",
         },
         "copy_bandwidth_gb_s": peak_gb_s,
+        "launch_floor_us": floor_us,
         "rows": rows,
         "per_layer": per_layer,
     }
