@@ -50,6 +50,15 @@ def adapters_dir(tmp_path_factory, hf_cuda):
     return root
 
 
+def test_a_cuda_slot_load_stages_the_adapter_from_its_pinned_file_bytes(hf_cuda, tokenizer, adapters_dir):
+    from tests.adapters.test_slots import check_staged
+
+    engine = make_engine(hf_cuda, tokenizer, dtype=torch.bfloat16, device="cuda", adapters_dir=str(adapters_dir), max_lora_rank=16)
+    adapter = engine.registry.get("r8-all")
+    assert next(iter(adapter.groups.values())).slices[0][0].is_pinned()  # read into the page-locked slab
+    check_staged(adapter, torch.device("cuda"))
+
+
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
