@@ -50,12 +50,17 @@ def adapters_dir(tmp_path_factory, hf_cuda):
     return root
 
 
-def test_a_cuda_slot_load_stages_the_adapter_from_its_pinned_file_bytes(hf_cuda, tokenizer, adapters_dir):
+@pytest.mark.parametrize("cache_bytes", [2 << 30, 1], ids=["slab", "over-budget"])
+def test_a_cuda_slot_load_stages_the_adapter_from_its_pinned_file_bytes(hf_cuda, tokenizer, adapters_dir, cache_bytes):
+    """Read into the page-locked slab, or (no room in the cache) into page-locked memory of
+    its own: either way one buffer, which a slot load copies to the GPU at once."""
     from tests.adapters.test_slots import check_staged
 
-    engine = make_engine(hf_cuda, tokenizer, dtype=torch.bfloat16, device="cuda", adapters_dir=str(adapters_dir), max_lora_rank=16)
+    engine = make_engine(hf_cuda, tokenizer, dtype=torch.bfloat16, device="cuda", adapters_dir=str(adapters_dir),
+                         max_lora_rank=16, adapter_cache_bytes=cache_bytes)
     adapter = engine.registry.get("r8-all")
-    assert next(iter(adapter.groups.values())).slices[0][0].is_pinned()  # read into the page-locked slab
+    assert next(iter(adapter.groups.values())).slices[0][0].is_pinned()
+    assert engine.registry.slab.stats().misses == (cache_bytes == 1)
     check_staged(adapter, torch.device("cuda"))
 
 

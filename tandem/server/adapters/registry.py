@@ -408,7 +408,7 @@ class AdapterRegistry:
         else:
             adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype, lambda n: self._memory(name, n))
         if self.pool.device.type == "cuda":
-            adapter = adapter.pin_memory()  # a no-op for tensors in the (page-locked) slab
+            adapter = adapter.pin_memory()  # a no-op for tensors read into page-locked memory (_memory's)
         with self._lock:
             # An unload while this read was under way wins (load clears the mark first).
             self._check_not_unloaded(name)
@@ -429,16 +429,23 @@ class AdapterRegistry:
         """Memory to read `size` bytes of name's weights into: a slab block, evicting least
         recently used adapters not in use (but not name's cached version, kept if the read
         fails) until one fits; new memory when none does (the cache then runs over budget
-        while the adapters in use need it, as it always has)."""
+        while the adapters in use need it, as it always has). On CUDA that memory is
+        page-locked from torch's caching host allocator, as the slab is: the file's bytes stay
+        one buffer, which a slot load copies to the device in one transfer, where pinning
+        the adapter after the read made a copy per tensor."""
         with self._lock:
             while (block := self.slab.block(size)) is None:
                 victim = next((n for n in self._cache if n != name and not self._in_use.get(n)), None)
                 if victim is None:
-                    return bytearray(size)
+                    break
                 self._cache.pop(victim)
                 self._stamps.pop(victim, None)
                 self.host_evictions += 1
+        if block is not None:
             return block
+        if self.slab.pin:  # allocated outside the lock: other requests' reads go on meanwhile
+            return memoryview(torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy())
+        return bytearray(size)
 
     def _evict_over_budget(self) -> None:
         """Drop least recently used adapters not in use; the newest stays even over budget,
