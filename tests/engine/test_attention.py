@@ -1,14 +1,15 @@
 """Fresh (training) sequences' attention: the short-sequence path in reduced precision on CPU
 (two matmuls and a float32 softmax instead of SDPA's flash kernel) is as accurate as SDPA,
-forward and backward, and long sequences keep SDPA."""
+forward and backward, and long sequences keep SDPA. Paged prefill chunks: alike ones
+(as many rows, as long a context) attend in one call, as each would alone."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tandem.server.model import attention as attention_module
-from tandem.server.model.attention import EXPLICIT_MAX_TOKENS, attention
-from tandem.server.model.batch import AttentionMetadata, FreshChunk
+from tandem.server.model.attention import EXPLICIT_MAX_TOKENS, attention, paged_attention
+from tandem.server.model.batch import AttentionMetadata, FreshChunk, PrefillChunk
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -67,3 +68,32 @@ def test_long_fresh_sequences_keep_sdpa(monkeypatch):
         calls.clear()
         run([n], torch.bfloat16, lambda q, k, v: attention(q, k, v, None, None, fresh_batch([n])))
         assert len(calls) == expected, n
+
+
+def test_alike_prefill_chunks_attend_in_one_call_as_each_would_alone(monkeypatch):
+    """Three prompts of 8 tokens, a chunk of 8 continuing a 12-token context, two prompts of 5:
+    three attention calls, each chunk's rows what SDPA gives it over its own context."""
+    gen = torch.Generator().manual_seed(0)
+    num_slots = 128
+    k_cache, v_cache = (torch.randn(num_slots, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(2))
+    shapes = [(8, 0), (8, 0), (8, 0), (8, 12), (5, 0), (5, 0)]  # (new tokens, cached before them)
+    order = torch.randperm(num_slots, generator=gen).tolist()
+    meta = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [], [])
+    row = 0
+    for n, cached in shapes:
+        total = cached + n
+        slots = torch.tensor([order.pop() for _ in range(total)])
+        mask = torch.arange(total)[None, :] <= torch.arange(cached, total)[:, None]
+        meta.prefills.append(PrefillChunk(row, row + n, slots, mask))
+        row += n
+    q = torch.randn(row, HEADS, HEAD_DIM, generator=gen)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    out = paged_attention(q, k_cache, v_cache, meta)
+    assert len(calls) == 3
+    for chunk in meta.prefills:
+        qs = q[chunk.start : chunk.end].transpose(0, 1).double()
+        ks, vs = (c[chunk.context_slots].repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1).double() for c in (k_cache, v_cache))
+        ref = sdpa(qs, ks, vs, attn_mask=chunk.mask).transpose(0, 1).reshape(chunk.end - chunk.start, -1)
+        torch.testing.assert_close(out[chunk.start : chunk.end].double(), ref, rtol=1e-5, atol=1e-5)

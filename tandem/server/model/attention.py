@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels.decode_attention import decode_attention
-from tandem.server.model.batch import AttentionMetadata, FreshChunk
+from tandem.server.model.batch import AttentionMetadata, FreshChunk, PrefillChunk
 
 # Fresh sequences up to this many tokens, in bfloat16 or float16 on CPU, attend by two
 # matmuls and a float32 softmax instead of SDPA, whose CPU flash kernel is slow in these
@@ -84,11 +84,30 @@ def paged_attention(
         v = _gather(v_cache, meta.decode_slots).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask)
         out[:nd] = o.reshape(nd, num_heads * head_dim)
-    for chunk in meta.prefills:
-        k = _gather(k_cache, chunk.context_slots).unsqueeze(0)
-        v = _gather(v_cache, chunk.context_slots).unsqueeze(0)
-        out[chunk.start : chunk.end] = _chunk_attention(q[chunk.start : chunk.end].unsqueeze(0), k, v, chunk.mask)
+    for run in _alike_runs(meta.prefills):
+        first, last, n = run[0], run[-1], run[0].end - run[0].start
+        slots = run[0].context_slots[None] if len(run) == 1 else torch.stack([c.context_slots for c in run])
+        rows = slice(first.start, last.end)
+        out[rows] = _chunk_attention(_batched(q[rows], n), _gather(k_cache, slots), _gather(v_cache, slots), first.mask)
     return out
+
+
+def _alike_runs(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Runs of consecutive prefill chunks with as many rows and as long a context, hence the
+    same mask (a chunk's mask depends only on those): one attention call per run. A burst of
+    prompts of one length is one call per layer, not one per prompt; on CPU 16 prompts of 32
+    tokens spent 54 ms of a 380 ms SmolLM2 prefill step in 480 per-chunk calls."""
+    runs: list[list[PrefillChunk]] = []
+    for chunk in chunks:
+        last = runs[-1][-1] if runs else None
+        if (
+            last is not None and chunk.start == last.end and chunk.end - chunk.start == last.end - last.start
+            and chunk.context_slots.shape == last.context_slots.shape
+        ):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs
 
 
 def _fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
