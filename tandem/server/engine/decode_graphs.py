@@ -232,7 +232,10 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a capture while serving (a rank tile that grew) must not fail the
+        # adapter reads other threads run meanwhile, which allocate page-locked memory; the
+        # default global mode makes such calls (unsafe during a capture) error in any thread.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self.model(batch)
         self.captures += 1
         log.debug("captured the decode graph of %d rows%s in %.2f s", size, "" if weights is None else " with adapters",
