@@ -467,10 +467,14 @@ def test_weights_validate_shapes_and_ranks():
     w = LoRAWeights(a, b, ranks, (24, 8, 8))
     assert (w.num_slices, w.max_rank, w.in_features, w.out_features) == (3, 8, 16, 40)
     assert w.slice_starts.tolist() == [0, 24, 32]
+    assert w.top_rank == 8  # what a launch's rank tile (and a decode graph's key) must cover
     w.set_rank(1, 5)
     assert w.host_ranks == [8, 5] and w.slot_ranks.tolist() == [8, 5]
+    w.set_rank(0, 3)  # the highest slot reloaded lower: the top follows it down
+    assert w.top_rank == 5
+    w.set_rank(0, 8)
     w.set_rank(1, 0)  # the slot's adapter leaves this linear alone
-    assert w.host_ranks == [8, 0] and w.slot_ranks.tolist() == [8, 0]
+    assert w.host_ranks == [8, 0] and w.slot_ranks.tolist() == [8, 0] and w.top_rank == 8
     with pytest.raises(ValueError, match="rank must"):
         w.set_rank(0, 9)
     with pytest.raises(ValueError, match="out_slices"):
