@@ -3,7 +3,11 @@
 On SmolLM2-135M-Instruct, in one run:
 - the inference maximum: requests/s of a saturated closed loop (the load levels' 100%);
 - fine-tuning alone: tokens/s of a job on an idle server, in either mode (the faster is the
-  "solo" the goal counts against);
+  "solo" the goal counts against), at the start; and again at 50% load right before its
+  co-served window (co-serving mode) and right after it (time-sliced): the host's speed
+  drifts over a run (one job alone made 229-309 tokens/s within an hour on the 2-core EPYC),
+  so the goal's fraction counts against the faster of those adjacent solos; the fraction of
+  the start-of-run solo is reported beside it;
 - at 25%, 50% and 90% of the maximum (Poisson arrivals), inference (a) alone, (b) beside a
   co-served job (--finetune-mode coserve, --coserve-itl-p99 = 1.15 x the p99 inter-token
   latency measured alone at 50%), (c) beside a time-sliced job (--finetune-mode timeslice;
@@ -24,7 +28,7 @@ how busy the engine thread was (the share of the window inside Engine.step or En
 with continuous batching it steps most of the time even at 50% load, so the room for
 training is inside the iterations (larger batches), not between them.
 
-    .venv/bin/python bench/coserve.py            # ~15 minutes on 2 cores
+    .venv/bin/python bench/coserve.py            # ~18 minutes on 2 cores
     .venv/bin/python bench/coserve.py --quick    # a smoke run
 """
 
@@ -287,15 +291,18 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
 
 def goal_figures(loads: list[dict], solo: dict, solo_timeslice: dict) -> dict:
     """Issue 5's goals from the load levels that ran (a level left out leaves its goals out).
-    solo: the job alone in co-serving mode; solo_timeslice: alone, time-sliced. The fraction of
-    solo counts against the faster of the two."""
-    goals: dict = {"targets": {"load50_itl_p99_ratio": 1.15, "load50_finetune_fraction_of_solo": 0.5, "load90_coserve_over_timeslice_at_same_p99": 2.0}}
+    solo: the job alone in co-serving mode; solo_timeslice: alone, time-sliced, both at the
+    run's start (load50_finetune_fraction_of_solo counts against the faster). The goal's
+    fraction counts against the faster of the solos beside the 50% co-served window."""
+    goals: dict = {"targets": {"load50_itl_p99_ratio": 1.15, "load50_finetune_fraction_of_adjacent_solo": 0.5, "load90_coserve_over_timeslice_at_same_p99": 2.0}}
     half = next((run for run in loads if run["load"] == 0.5), None)
     if half is not None:
         goals["load50_itl_p99_ratio"] = half["coserve"]["itl_p99"] / half["alone"]["itl_p99"]
         fastest = max(solo["train_tokens_per_s"], solo_timeslice["train_tokens_per_s"])
         goals["load50_finetune_fraction_of_solo"] = half["coserve"]["train_tokens_per_s"] / fastest
         goals["load50_finetune_fraction_of_coserve_solo"] = half["coserve"]["train_tokens_per_s"] / solo["train_tokens_per_s"]
+        adjacent = max(half["solo_before"]["train_tokens_per_s"], half["solo_after"]["train_tokens_per_s"])
+        goals["load50_finetune_fraction_of_adjacent_solo"] = half["coserve"]["train_tokens_per_s"] / adjacent
         guard = half["coserve"].get("guard")
         if guard is not None and guard["training_ms_per_token"]:
             # fraction of co-serving's solo = training_share x coserved speed; training_share <= room_share.
@@ -386,8 +393,15 @@ def main() -> None:
             # The guard also caps prompt tokens per iteration to the target: inference alone
             # under the same guard shows what that does without a job.
             run["alone_guarded"] = measure(root, "coserve", target, False, poisson_load)
+            if load == 0.5:  # the goal's solo, beside its co-served window in time
+                run["solo_before"] = measure(root, "coserve", None, True, partial(idle, seconds=seconds))
             run["coserve"] = measure(root, "coserve", target, True, poisson_load)
+            if load == 0.5:
+                run["solo_after"] = measure(root, "timeslice", None, True, partial(idle, seconds=seconds))
             run["timeslice"] = measure(root, "timeslice", None, True, poisson_load)
+            for mode in ("solo_before", "solo_after"):
+                if mode in run:
+                    print(f"load {load:.0%} {mode}: fine-tuning alone {run[mode]['train_tokens_per_s']:.0f} tokens/s", flush=True)
             for mode in ("alone", "alone_guarded", "coserve", "timeslice"):
                 r = run[mode]
                 print(
