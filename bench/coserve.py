@@ -347,12 +347,15 @@ def goal_figures(loads: list[dict], solo: dict, solo_timeslice: dict) -> dict:
         goals["load50_finetune_fraction_of_adjacent_solo"] = median_pair(half["pairs"])["fraction"]
         goals["load50_finetune_fraction_of_adjacent_solo_each"] = [pair["fraction"] for pair in half["pairs"]]
         goals["load50_itl_p99_ratio_each"] = [pair["coserve"]["itl_p99"] / half["alone"]["itl_p99"] for pair in half["pairs"]]
-        guard = half["coserve"].get("guard")
+        median = median_pair(half["pairs"])
+        guard = median["coserve"].get("guard")
         if guard is not None and guard["training_ms_per_token"]:
-            # fraction of co-serving's solo = training_share x coserved speed; training_share <= room_share.
+            # The goal's fraction = training_share x co-served speed (against the median pair's
+            # faster solo); training_share <= room_share.
+            adjacent = max(median["solo_before"]["train_tokens_per_s"], median["solo_after"]["train_tokens_per_s"])
             goals["load50_guard_room_share"] = guard["room_share"]
             goals["load50_training_share"] = guard["training_share"]
-            goals["load50_coserved_speed_of_solo"] = 1000 / solo["train_tokens_per_s"] / guard["training_ms_per_token"]
+            goals["load50_coserved_speed_of_adjacent_solo"] = 1000 / adjacent / guard["training_ms_per_token"]
         goals["load50_itl_p99_ratio_to_alone_guarded"] = half["coserve"]["itl_p99"] / half["alone_guarded"]["itl_p99"]
     high = next((run for run in loads if run["load"] == 0.9), None)
     if high is not None:
