@@ -199,7 +199,8 @@ class Engine:
         started = time.perf_counter()
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()
-        self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started)
+        interval_start = self._decoded_at or started
+        self.coserve.plan(scheduled, bool(self.scheduler.running), interval_start)
         if not scheduled:
             self._decoded_at = None
             return []
@@ -212,17 +213,20 @@ class Engine:
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
-            backward_work = scheduled.train_head or scheduled.train_backward
-            backward = None if backward_work is None else self.runner.backward(backward_work)
+            # The head's rows first: they were planned; a backward slice beside them tops up.
+            head = None if scheduled.train_head is None else self.runner.backward(scheduled.train_head)
+            backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
         except Exception as exc:
             self.coserve.abort(exc)
             raise
-        self.coserve.finish(scheduled, backward)
+        self.coserve.finish(scheduled, head, backward)
         self._count(scheduled)
         ended = time.perf_counter()
-        interval = ended - (self._decoded_at or started) if scheduled.decodes else None
+        interval = ended - interval_start if scheduled.decodes else None
         self._decoded_at = ended if scheduled.decodes else None
-        self.share.observe(ended - started, self.coserve.work(scheduled), interval)
+        stopped_at = self.coserve.stopped_at(scheduled)
+        clocked = None if stopped_at is None else stopped_at - interval_start
+        self.share.observe(ended - started, self.coserve.work(scheduled), interval, clocked)
         for chunk in scheduled.inference:
             if chunk.seq.first_scheduled_at is None:
                 chunk.seq.first_scheduled_at = scheduled_at
