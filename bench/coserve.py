@@ -135,9 +135,9 @@ class TrainedTokens:
             submitted.append(batch := submit(work, scale))
             return batch
 
-        def counted_finish(scheduled, result):
-            finish(scheduled, result)
-            while submitted and (submitted[0].done or submitted[0].error is not None):  # one at a time, in order
+        def counted_finish(scheduled, *results):
+            finish(scheduled, *results)
+            while submitted and (submitted[0].done or submitted[0].error is not None):  # done in order
                 batch = submitted.pop(0)
                 if batch.done:
                     self.finished.append((time.perf_counter(), batch.work.num_tokens))

@@ -218,18 +218,16 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
 
 
 def test_the_next_micro_batch_runs_its_forward_beside_the_backward_of_the_one_before(smollm2_tokenizer, monkeypatch):
-    """Two micro-batches submitted together beside decodes under a deadline: iterations carry
-    the second one's forward chunks or head rows and, after them, layers of the first one's
-    backward (a top-up the deadline stops); the gradients are those of training the two
-    alone one after the other, and at no time do both hold KV blocks."""
+    """Two micro-batches submitted together beside decodes under a target: iterations carry
+    layers of the first one's backward, which the split stops (two of four layers here), and
+    after them the second one's forward chunks or head rows; the gradients are those of
+    training the two alone one after the other, and at no time do both hold KV blocks."""
     model = make_tiny_hf_model(smollm2_tokenizer, seed=3, num_hidden_layers=4)
     engine = smollm2_head(
         make_engine(model, smollm2_tokenizer, max_num_batched_tokens=48, block_size=4, kv_cache_bytes=4 << 20, coserve_itl_p99=1.0)
     )
-    engine.share.deadline = lambda interval_start: 3.5
-    # The deadline is on the layers' fake clock, the intervals on the real one: fill stays.
-    observe = engine.share.observe
-    engine.share.observe = lambda seconds, work, interval, clocked=None: observe(seconds, work, interval)
+    split = engine.share.split
+    engine.share.split = lambda start, tokens, kind: None if split(start, tokens, kind) is None else 3.5  # the layers' clock
     clock = LayerClock()
     monkeypatch.setattr(model_runner, "time", clock)
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
@@ -265,6 +263,7 @@ def test_the_next_micro_batch_runs_its_forward_beside_the_backward_of_the_one_be
     got = grads(adapter)
 
     assert any(ahead and layers > 0 for ahead, layers, _ in iterations)
+    assert all(layers <= 2 for ahead, layers, _ in iterations if ahead)
     assert all(holding <= 1 for _, _, holding in iterations)
     assert [b.loss_sum for b in batches] == pytest.approx([a.loss_sum for a in alone], rel=1e-5)
     for name in expected:

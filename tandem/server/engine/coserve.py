@@ -25,12 +25,17 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
    room for all of it, which beside steady inference may never come.
 
 The trainer submits a step's micro-batches together. Beside decodes under a target, while
-the running one is in its backward, the next one runs its forward chunks or head rows (planned
-by the cost model and its margin), and the running one's backward tops the same interval up
-by the clock. Without that, an iteration carrying a forward or head filled the interval only
-to the margin's gain (~0.7 of the target on the 2-core EPYC), against ~0.9 for a slice.
-Gradients accumulate in the same order as before: the next micro-batch's backward waits for
-the running one's to end, and its head touches no trained weight.
+the running one is in its backward, an iteration runs a slice of it first, by the clock, to
+half of the room the cost model leaves beside the inference (`split`), and then the next
+one's forward chunks or head rows, planned for the time left, in the same forward as the
+decodes. Without that, a backward slice's iteration ran its decodes as a forward of their own
+(a memory-bound pass over every weight: 23-38 ms on the 2-core Zen 4 at 1-16 sequences), and
+an iteration carrying a forward or head filled the interval only to the margin's gain.
+The slice goes first because it can stop between layers and the forward cannot: planned
+after a forward, a slice's first layer had to be priced, and the first layer after a forward
+ran 1-3x its cost model's price (the p99 went past the target). Gradients accumulate in the
+same order as before: the next micro-batch's backward waits for the running one's to end, and
+its head touches no trained weight.
 
 Then the trainer reads the micro-batches' losses, and after a step's last micro-batch steps
 the optimizer. Memory held for training: the KV blocks of the micro-batch in its forward
@@ -39,6 +44,7 @@ activations of at most two micro-batches (per token and layer the input and the 
 linears' outputs: about 9 x hidden for a Llama), bounded by the micro-batch's token count.
 """
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -130,8 +136,10 @@ class CoServer:
         self.dtype = dtype
         self.device = device
         self._queue: list[CoservedBatch] = []
-        # The micro-batch each kind of work in the iteration in flight belongs to.
+        # The micro-batch each kind of work in the iteration in flight belongs to, and the one
+        # whose forward or head follows a slice that runs first (see plan).
         self._planned: dict[str, CoservedBatch] = {}
+        self.slice_first: CoservedBatch | None = None
 
     def submit(self, work: TrainingWork, loss_scale: float) -> CoservedBatch:
         """Queue a micro-batch; its gradients of loss_scale * (summed token loss) accumulate
@@ -156,28 +164,43 @@ class CoServer:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
         backward slice of the running micro-batch, within the share of the token budget left.
         Beside decodes under a target, a slice that one whole layer fits in may go down to the
-        bottom layer: the share's deadline from interval_start (perf_counter) stops it; and
-        while the running micro-batch is in its backward, the next one's forward or head goes
-        first, the running one's backward topping the interval up to the deadline."""
-        self._planned = {}
+        bottom layer: the share's deadline from interval_start (perf_counter) stops it. While
+        the running micro-batch is in its backward and the next one has forward or head work,
+        the slice runs first, to the share's split, and plan_ahead adds the next one's work
+        after it (slice_first)."""
+        self._planned, self.slice_first = {}, None
         if not self._queue:
             return
         front = self._queue[0]
         if not front.started and not self._start(front):
             return  # waits for free KV blocks
-        deadline = self.share.deadline(interval_start) if scheduled.decodes else None
-        ahead = None if deadline is None else self._ahead()
-        if ahead is not None and self._plan_forward_or_head(ahead, scheduled, inference_running):
-            scheduled.train_backward = self._top_up(front, deadline)
-            return
+        ahead = self._ahead() if scheduled.decodes else None
+        if ahead is not None:
+            kind = "forward" if ahead.forwarding else "head"
+            split = self.share.split(interval_start, scheduled.num_tokens, kind)
+            if split is not None:
+                scheduled.train_backward = self._slice_until(front, split)
+                self._planned["backward"], self.slice_first = front, ahead
+                return
         if front.forwarding or front.in_head:
             self._plan_forward_or_head(front, scheduled, inference_running)
             return
+        deadline = self.share.deadline(interval_start) if scheduled.decodes else None
         units = self.share.allowance(scheduled.num_tokens, inference_running, "backward")
         # Beside inference, a backward layer that does not fit waits; alone, one always runs.
         scheduled.train_backward = self._backward(front, units, 0 if inference_running else 1, deadline)
         if scheduled.train_backward is not None:
             self._planned["backward"] = front
+
+    def plan_ahead(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float) -> None:
+        """After a slice that ran first, the next micro-batch's forward chunks or head rows, as
+        many as the time left in the interval holds."""
+        self._plan_forward_or_head(self.slice_first, scheduled, inference_running, time.perf_counter() - interval_start)
+
+    def _slice_until(self, batch: CoservedBatch, deadline: float) -> TrainingBackward:
+        """batch's next layers down, whole, until the deadline stops them (at least one)."""
+        batch.backward_rows = (0, batch.grad.shape[0])
+        return TrainingBackward(batch.work.sequences, batch.work.weights, batch.kept, 0, batch.next_layer, batch.grad, deadline)
 
     def _ahead(self) -> CoservedBatch | None:
         """The next micro-batch, where it may run beside the running one: that one is in its
@@ -191,31 +214,21 @@ class CoServer:
             return None
         return ahead if ahead.forwarding or ahead.in_head else None
 
-    def _plan_forward_or_head(self, batch: CoservedBatch, scheduled: SchedulerOutput, inference_running: bool) -> bool:
-        """batch's next forward chunks or head rows, as many as the share allows (beside
-        inference possibly none; alone at least one head row); whether there are any."""
+    def _plan_forward_or_head(
+        self, batch: CoservedBatch, scheduled: SchedulerOutput, inference_running: bool, elapsed: float = 0.0
+    ) -> None:
+        """batch's next forward chunks or head rows, as many as the share allows in what is
+        left of the interval after `elapsed` seconds (beside inference possibly none; alone at
+        least one head row)."""
         kind = "forward" if batch.forwarding else "head"
-        units = self.share.allowance(scheduled.num_tokens, inference_running, kind)
+        units = self.share.allowance(scheduled.num_tokens, inference_running, kind, elapsed)
         if kind == "forward":
             if int(units) > 0:
                 scheduled.train_forward = self._forward(batch, int(units))
         else:
             scheduled.train_head = self._head(batch, max(0 if inference_running else 1, int(units)))
-        if scheduled.train_forward is None and scheduled.train_head is None:
-            return False
-        self._planned[kind] = batch
-        return True
-
-    def _top_up(self, batch: CoservedBatch, deadline: float) -> TrainingBackward:
-        """batch's next layers down after the iteration's other work, while the deadline
-        allows, priced by the cost model before the first: possibly none."""
-        tokens = batch.grad.shape[0]
-        batch.backward_rows = (0, tokens)
-        self._planned["backward"] = batch
-        return TrainingBackward(
-            batch.work.sequences, batch.work.weights, batch.kept, 0, batch.next_layer, batch.grad, deadline,
-            first_layer_seconds=self.share.costs()["backward"] * tokens / self.num_layers,
-        )
+        if scheduled.train_forward is not None or scheduled.train_head is not None:
+            self._planned[kind] = batch
 
     def finish(self, scheduled: SchedulerOutput, head: BackwardResult | None, backward: BackwardResult | None) -> None:
         """Advance the micro-batches past what this iteration did; a slice its deadline
@@ -233,8 +246,6 @@ class CoServer:
             return
         batch = self._planned["backward"]
         slice_ = scheduled.train_backward = replace(scheduled.train_backward, first=backward.first)
-        if slice_.first > slice_.last:
-            return  # a top-up that found no time for a layer
         start, stop = batch.backward_rows
         batch.grad[start:stop] = backward.grad
         batch.next_layer_seq += len(slice_.sequences) if slice_.first == slice_.last else 0
@@ -245,12 +256,11 @@ class CoServer:
             batch.done = True
             self._queue.remove(batch)
 
-    @staticmethod
-    def stopped_at(scheduled: SchedulerOutput) -> float | None:
-        """The deadline that stopped this iteration's backward slice after at least one layer
-        (read after finish), or None: no slice, no deadline, or it reached its first layer."""
+    def stopped_at(self, scheduled: SchedulerOutput) -> float | None:
+        """The deadline that ended this iteration by stopping its backward slice (read after
+        finish), or None: no slice, no deadline, it reached its first layer, or it ran first."""
         slice_ = scheduled.train_backward
-        if slice_ is None or slice_.deadline is None or not 0 < slice_.first <= slice_.last:
+        if slice_ is None or slice_.deadline is None or slice_.first == 0 or self.slice_first is not None:
             return None
         return slice_.deadline
 

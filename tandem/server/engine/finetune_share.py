@@ -77,6 +77,9 @@ _MIX_WARMUP = 4
 # within [_MIN_FILL, FILL].
 FILL = 0.9
 _MIN_FILL = 0.5
+# The share of an interval's room for training that a backward slice running before the next
+# micro-batch's forward or head may take (see split).
+SPLIT = 0.5
 
 
 class FinetuneShare:
@@ -98,8 +101,9 @@ class FinetuneShare:
         self._xx = torch.zeros(n, n, dtype=torch.float64)
         self._xy = torch.zeros(n, dtype=torch.float64)
 
-    def allowance(self, inference_tokens: int, inference_running: bool, kind: str) -> float:
-        """Units of `kind` of training work the next iteration may carry."""
+    def allowance(self, inference_tokens: int, inference_running: bool, kind: str, elapsed: float = 0.0) -> float:
+        """Units of `kind` of training work the next iteration may carry, `elapsed` seconds
+        of its interval gone already (a backward slice ran first)."""
         room = max(0, self.budget - inference_tokens) / self.prior[kind]
         if not inference_running:
             self.share = 1.0
@@ -109,7 +113,8 @@ class FinetuneShare:
             self.share = _COLD_SHARE
         else:
             cost = self.costs()
-            left = self.gain * self.target - cost["fixed"] - cost["inference"] * inference_tokens - cost[kind + "_overhead"]
+            # The margin covers what is still a prediction: the interval left after `elapsed`.
+            left = self.gain * (self.target - elapsed) - cost["fixed"] - cost["inference"] * inference_tokens - cost[kind + "_overhead"]
             units = max(0.0, left / cost[kind])
             self.share = units * self.prior[kind] / self.budget
             return min(room, units)
@@ -127,6 +132,19 @@ class FinetuneShare:
         cost = self.costs()
         fits = int((self.gain * self.target - cost["fixed"]) / cost["inference"])
         return min(self.budget, max(fits, running + MIN_PROMPT_TOKENS))
+
+    def split(self, interval_start: float, inference_tokens: int, kind: str) -> float | None:
+        """When a backward slice that runs before the forward must stop, so that `kind` work of
+        the next micro-batch (forward or head) has the rest of the room the cost model and its
+        margin leave beside the inference: half of it, about the two micro-batches' work in
+        their proportions (a token's backward ~1.25 forward tokens, its forward and head ~1.5).
+        None where there is none, or no target, or the model is not trusted yet."""
+        if self.target is None or not self.warm:
+            return None
+        cost = self.costs()
+        room = self.gain * self.target - cost["fixed"] - cost["inference"] * inference_tokens
+        room -= cost["backward_overhead"] + cost[kind + "_overhead"]
+        return None if room <= 0 else interval_start + SPLIT * room
 
     def deadline(self, interval_start: float) -> float | None:
         """When a backward slice in an interval that began at interval_start (perf_counter)

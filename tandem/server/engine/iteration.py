@@ -124,10 +124,7 @@ class TrainingBackward:
     grad: the gradient at the output of layer `last` (from the head, for the top layer).
     deadline: a time.perf_counter() instant, or None. With one, layers first..last are the
     most the slice runs: it stops before a layer that the time of the one before says would
-    end past the deadline (layer `last` always runs); BackwardResult.first says where.
-    first_layer_seconds: for a slice that tops up an iteration after its other work, what
-    layer `last` is expected to take: it runs only if that ends before the deadline, so the
-    slice may run no layer (BackwardResult.first = last + 1)."""
+    end past the deadline (layer `last` always runs); BackwardResult.first says where."""
 
     sequences: list[TrainingSequence]
     weights: Mapping[tuple[int, str], LoRAWeights]
@@ -136,7 +133,6 @@ class TrainingBackward:
     last: int
     grad: torch.Tensor
     deadline: float | None = None
-    first_layer_seconds: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -195,7 +195,9 @@ class Engine:
 
         Inference rows never enter a graph: the forward runs under inference_mode, or under
         no_grad when it carries training chunks (the activations they keep must stay usable
-        by autograd); a backward slice then runs on its own, from those."""
+        by autograd); a backward slice then runs on its own, from those, or before the
+        forward where the next micro-batch's work fills the rest of the interval
+        (engine/coserve.py)."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()
@@ -205,6 +207,10 @@ class Engine:
             self._decoded_at = None
             return []
         try:
+            backward = None
+            if self.coserve.slice_first is not None:
+                backward = self.runner.backward(scheduled.train_backward)
+                self.coserve.plan_ahead(scheduled, bool(self.scheduler.running), interval_start)
             with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
                 result = self.runner.execute(scheduled)
                 # Queued after the forward and before the sampler's sync: on CUDA the adapter
@@ -213,9 +219,9 @@ class Engine:
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
-            # The head's rows first: they were planned; a backward slice beside them tops up.
             head = None if scheduled.train_head is None else self.runner.backward(scheduled.train_head)
-            backward = None if scheduled.train_backward is None else self.runner.backward(scheduled.train_backward)
+            if scheduled.train_backward is not None and self.coserve.slice_first is None:
+                backward = self.runner.backward(scheduled.train_backward)
         except Exception as exc:
             self.coserve.abort(exc)
             raise

@@ -132,12 +132,10 @@ class ModelRunner:
         """A co-served head block or backward slice. A slice: layers work.last .. work.first,
         each rebuilt from its kept activations over the micro-batch's whole sequences (fresh
         attention, trained LoRA with autograd, frozen linears replayed) and backpropagated,
-        down to work.first or to where work.deadline stops it (a top-up slice: possibly before
-        its first layer); the LoRA masters accumulate gradients."""
+        down to work.first or to where work.deadline stops it; the LoRA masters accumulate
+        gradients."""
         if isinstance(work, TrainingHead):
             return self._head(work)
-        if work.first_layer_seconds is not None and time.perf_counter() + work.first_layer_seconds > work.deadline:
-            return BackwardResult(work.grad, None, 0, first=work.last + 1)
         batch = self._replay_batch(work)
         rope = self.model.rotary.table(batch.positions)
         grad = work.grad
