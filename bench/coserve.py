@@ -135,9 +135,9 @@ class TrainedTokens:
             submitted.append(batch := submit(work, scale))
             return batch
 
-        def counted_finish(scheduled, *results):
-            finish(scheduled, *results)
-            while submitted and (submitted[0].done or submitted[0].error is not None):  # done in order
+        def counted_finish(scheduled, result):
+            finish(scheduled, result)
+            while submitted and (submitted[0].done or submitted[0].error is not None):  # one at a time, in order
                 batch = submitted.pop(0)
                 if batch.done:
                     self.finished.append((time.perf_counter(), batch.work.num_tokens))
@@ -188,13 +188,13 @@ class GuardRoom:
     def __init__(self, engine: AsyncEngine):
         share = engine.engine.share
         self._share, observe = share, share.observe
-        self.iterations: list[tuple[float, dict, float, float]] = []
+        self.iterations: list[tuple[float, dict, float]] = []
         self.recording = False
 
-        def recorded(seconds, work, interval, clocked=None):
+        def recorded(seconds, work, interval):
             if self.recording:
-                self.iterations.append((seconds, dict(work), share.gain, share.fill))
-            observe(seconds, work, interval, clocked)
+                self.iterations.append((seconds, dict(work), share.gain))
+            observe(seconds, work, interval)
 
         share.observe = recorded
 
@@ -204,7 +204,7 @@ class GuardRoom:
             return None
         cost = share.costs()
         room = training = 0.0
-        for seconds, work, gain, _ in self.iterations:
+        for seconds, work, gain in self.iterations:
             base = cost["fixed"] + cost["inference"] * work.get("inference", 0.0)
             if work.get("inference"):
                 room += max(0.0, gain * share.target - base)
@@ -216,7 +216,6 @@ class GuardRoom:
             "fixed_ms": 1000 * cost["fixed"],
             "inference_ms_per_token": 1000 * cost["inference"],
             "mean_gain": sum(i[2] for i in self.iterations) / len(self.iterations),
-            "mean_fill": sum(i[3] for i in self.iterations) / len(self.iterations),
             "room_share": room / window_seconds,
             "training_share": training / window_seconds,
             "training_ms_per_token": 1000 * training / train_tokens if train_tokens else None,
@@ -469,7 +468,7 @@ def main() -> None:
                 if (g := r.get("guard")) is not None:
                     print(
                         f"    guard: {g['iterations']} iterations of {g['mean_iteration_ms']:.0f} ms (fixed {g['fixed_ms']:.0f} ms, "
-                        f"gain {g['mean_gain']:.2f}, fill {g['mean_fill']:.2f}); room for training {g['room_share']:.0%} of the window, used "
+                        f"gain {g['mean_gain']:.2f}); room for training {g['room_share']:.0%} of the window, used "
                         f"{g['training_share']:.0%}" + (f" at {g['training_ms_per_token']:.1f} ms a token" if g["training_ms_per_token"] else ""),
                         flush=True,
                     )

@@ -217,63 +217,6 @@ def test_inference_beside_coserved_training_is_unchanged(tiny_hf_model, smollm2_
     assert engine.iteration_tokens["train_forward"] == 2 * sum(s.num_tokens for s in seqs)
 
 
-def test_the_next_micro_batch_runs_its_forward_beside_the_backward_of_the_one_before(smollm2_tokenizer, monkeypatch):
-    """Two micro-batches submitted together beside decodes under a target: iterations carry
-    layers of the first one's backward, which the split stops (two of four layers here), and
-    after them the second one's forward chunks or head rows; the gradients are those of
-    training the two alone one after the other, and at no time do both hold KV blocks."""
-    model = make_tiny_hf_model(smollm2_tokenizer, seed=3, num_hidden_layers=4)
-    engine = smollm2_head(
-        make_engine(model, smollm2_tokenizer, max_num_batched_tokens=48, block_size=4, kv_cache_bytes=4 << 20, coserve_itl_p99=1.0)
-    )
-    split = engine.share.split
-    engine.share.split = lambda start, tokens, kind: None if split(start, tokens, kind) is None else 3.5  # the layers' clock
-    clock = LayerClock()
-    monkeypatch.setattr(model_runner, "time", clock)
-    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
-    randomize(adapter, seed=1)
-    vocab = len(smollm2_tokenizer)
-    first = sequences(vocab)
-    second = [TrainingSequence(ids, ids) for ids in random_prompts([30, 14, 25], vocab, seed=9)]
-    scale = 0.01
-    alone = [engine.train(TrainingWork(seqs, adapter.slot_weights()), scale) for seqs in (first, second)]
-    expected = grads(adapter)
-
-    backward = engine.runner.backward
-
-    def restarting(work):
-        clock.now = -1
-        return backward(work)
-
-    iterations, finish = [], engine.coserve.finish
-
-    def recording(scheduled, *results):
-        holding = sum(bool(b.block_tables) for b in engine.coserve._queue)
-        finish(scheduled, *results)
-        slice_ = scheduled.train_backward
-        ahead = scheduled.train_forward is not None or scheduled.train_head is not None
-        iterations.append((ahead, 0 if slice_ is None else slice_.last - slice_.first + 1, holding))
-
-    engine.runner.backward, engine.coserve.finish = restarting, recording
-    batches = [engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), scale) for seqs in (first, second)]
-    params = SamplingParams(temperature=0.0, max_new_tokens=120, ignore_eos=True)
-    engine.add_request("r", random_prompts([5], vocab, seed=8)[0], params)
-    while engine.coserve.has_work():
-        engine.step()
-    got = grads(adapter)
-
-    assert any(ahead and layers > 0 for ahead, layers, _ in iterations)
-    assert all(layers <= 2 for ahead, layers, _ in iterations if ahead)
-    assert all(holding <= 1 for _, _, holding in iterations)
-    assert [b.loss_sum for b in batches] == pytest.approx([a.loss_sum for a in alone], rel=1e-5)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
-    engine.abort("r")
-    engine.step()
-    stats = engine.stats()
-    assert stats.num_free_blocks == stats.num_total_blocks
-
-
 class FakeClock:
     """Iteration time as a function of the work in it: cost per token of forward, three
     times that per token-layer of a backward slice (more than the prior's BACKWARD_COST: the
@@ -546,28 +489,3 @@ def test_a_mix_of_work_the_model_has_barely_seen_does_not_move_the_margin():
         assert share.gain == before
     share.observe(0.015, {"inference": 5}, interval=0.030)
     assert share.gain < before
-
-
-def clocked_intervals(mean: float, sigma: float, iterations: int = 3000) -> tuple[FinetuneShare, list[float]]:
-    """Intervals a deadline stopped, each ending at its deadline (fill x a 40 ms target) times
-    a log-normal factor around exp(mean): a slow last layer or iteration end runs past it."""
-    share = FinetuneShare(0.040, budget=256, prior=PRIOR)
-    rng = random.Random(0)
-    intervals = []
-    for _ in range(iterations):
-        offset = share.deadline(0.0)
-        intervals.append(offset * math.exp(rng.gauss(mean, sigma)))
-        share.observe(intervals[-1], {"inference": 5, "backward": 4.0}, interval=intervals[-1], clocked=offset)
-    return share, intervals[500:]
-
-
-def test_the_clock_fills_less_where_slices_run_past_their_deadline():
-    """Slices stopped by their deadline whose intervals end 2% past it, spread 5%: a fill of
-    0.9 would put ~4% of them over the target; the guard lowers it until about 0.5% are
-    (exp(-(0.02 + 2.58 x 0.05)) = 0.86). Where they end well before it, fill stays at 0.9."""
-    share, intervals = clocked_intervals(0.02, 0.05)
-    over = sum(t > 0.040 for t in intervals) / len(intervals)
-    assert over < 0.012
-    assert share.fill == pytest.approx(0.86, abs=0.02)
-    early, _ = clocked_intervals(-0.08, 0.02)
-    assert early.fill == 0.9

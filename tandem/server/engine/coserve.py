@@ -24,27 +24,12 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
    backward splits exactly by sequence): a layer never has to wait for an iteration with
    room for all of it, which beside steady inference may never come.
 
-The trainer submits a step's micro-batches together. Beside decodes under a target, while
-the running one is in its backward, an iteration runs a slice of it first, by the clock, to
-half of the room the cost model leaves beside the inference (`split`), and then the next
-one's forward chunks or head rows, planned for the time left, in the same forward as the
-decodes. Without that, a backward slice's iteration ran its decodes as a forward of their own
-(a memory-bound pass over every weight: 23-38 ms on the 2-core Zen 4 at 1-16 sequences), and
-an iteration carrying a forward or head filled the interval only to the margin's gain.
-The slice goes first because it can stop between layers and the forward cannot: planned
-after a forward, a slice's first layer had to be priced, and the first layer after a forward
-ran 1-3x its cost model's price (the p99 went past the target). Gradients accumulate in the
-same order as before: the next micro-batch's backward waits for the running one's to end, and
-its head touches no trained weight.
-
-Then the trainer reads the micro-batches' losses, and after a step's last micro-batch steps
-the optimizer. Memory held for training: the KV blocks of the micro-batch in its forward
-(freed when its forward ends: the head and backward read kept activations only) and the kept
-activations of at most two micro-batches (per token and layer the input and the frozen
-linears' outputs: about 9 x hidden for a Llama), bounded by the micro-batch's token count.
+Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
+the optimizer. Memory held for training: the micro-batch's KV blocks and its kept
+activations (per token and layer the input and the frozen linears' outputs: about 9 x hidden
+for a Llama), both bounded by the micro-batch's token count.
 """
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -116,10 +101,6 @@ class CoservedBatch:
     def in_head(self) -> bool:
         return not self.forwarding and self.next_head < self.grad.shape[0]
 
-    @property
-    def in_backward(self) -> bool:
-        return self.started and not self.forwarding and not self.in_head and not self.done
-
 
 class CoServer:
     def __init__(
@@ -136,10 +117,6 @@ class CoServer:
         self.dtype = dtype
         self.device = device
         self._queue: list[CoservedBatch] = []
-        # The micro-batch each kind of work in the iteration in flight belongs to, and the one
-        # whose forward or head follows a slice that runs first (see plan).
-        self._planned: dict[str, CoservedBatch] = {}
-        self.slice_first: CoservedBatch | None = None
 
     def submit(self, work: TrainingWork, loss_scale: float) -> CoservedBatch:
         """Queue a micro-batch; its gradients of loss_scale * (summed token loss) accumulate
@@ -153,10 +130,10 @@ class CoServer:
 
     def abort(self, error: Exception | None = None) -> None:
         """Drop every queued micro-batch (each marked with error, when given) and give back
-        what the running ones hold."""
+        what the running one holds."""
+        if self._queue and self._queue[0].started:
+            self._release(self._queue[0])
         for batch in self._queue:
-            if batch.started:
-                self._release(batch)
             batch.error = error
         self._queue.clear()
 
@@ -164,105 +141,49 @@ class CoServer:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
         backward slice of the running micro-batch, within the share of the token budget left.
         Beside decodes under a target, a slice that one whole layer fits in may go down to the
-        bottom layer: the share's deadline from interval_start (perf_counter) stops it. While
-        the running micro-batch is in its backward and the next one has forward or head work,
-        the slice runs first, to the share's split, and plan_ahead adds the next one's work
-        after it (slice_first)."""
-        self._planned, self.slice_first = {}, None
+        bottom layer: the share's deadline from interval_start (perf_counter) stops it."""
         if not self._queue:
             return
-        front = self._queue[0]
-        if not front.started and not self._start(front):
+        batch = self._queue[0]
+        if not batch.started and not self._start(batch):
             return  # waits for free KV blocks
-        ahead = self._ahead() if scheduled.decodes else None
-        if ahead is not None:
-            kind = "forward" if ahead.forwarding else "head"
-            split = self.share.split(interval_start, scheduled.num_tokens, kind)
-            if split is not None:
-                scheduled.train_backward = self._slice_until(front, split)
-                self._planned["backward"], self.slice_first = front, ahead
-                return
-        if front.forwarding or front.in_head:
-            self._plan_forward_or_head(front, scheduled, inference_running)
-            return
-        deadline = self.share.deadline(interval_start) if scheduled.decodes else None
-        units = self.share.allowance(scheduled.num_tokens, inference_running, "backward")
-        # Beside inference, a backward layer that does not fit waits; alone, one always runs.
-        scheduled.train_backward = self._backward(front, units, 0 if inference_running else 1, deadline)
-        if scheduled.train_backward is not None:
-            self._planned["backward"] = front
-
-    def plan_ahead(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float) -> None:
-        """After a slice that ran first, the next micro-batch's forward chunks or head rows, as
-        many as the time left in the interval holds."""
-        self._plan_forward_or_head(self.slice_first, scheduled, inference_running, time.perf_counter() - interval_start)
-
-    def _slice_until(self, batch: CoservedBatch, deadline: float) -> TrainingBackward:
-        """batch's next layers down, whole, until the deadline stops them (at least one)."""
-        batch.backward_rows = (0, batch.grad.shape[0])
-        return TrainingBackward(batch.work.sequences, batch.work.weights, batch.kept, 0, batch.next_layer, batch.grad, deadline)
-
-    def _ahead(self) -> CoservedBatch | None:
-        """The next micro-batch, where it may run beside the running one: that one is in its
-        backward at a layer boundary, and this one has forward or head work and its KV blocks."""
-        if len(self._queue) < 2:
-            return None
-        front, ahead = self._queue[0], self._queue[1]
-        if not front.in_backward or front.next_layer_seq:
-            return None
-        if not ahead.started and not self._start(ahead):
-            return None
-        return ahead if ahead.forwarding or ahead.in_head else None
-
-    def _plan_forward_or_head(
-        self, batch: CoservedBatch, scheduled: SchedulerOutput, inference_running: bool, elapsed: float = 0.0
-    ) -> None:
-        """batch's next forward chunks or head rows, as many as the share allows in what is
-        left of the interval after `elapsed` seconds (beside inference possibly none; alone at
-        least one head row)."""
-        kind = "forward" if batch.forwarding else "head"
-        units = self.share.allowance(scheduled.num_tokens, inference_running, kind, elapsed)
+        kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
+        units = self.share.allowance(scheduled.num_tokens, inference_running, kind)
+        # Beside inference, a head row or backward layer that does not fit waits; alone, one
+        # always runs, so that the micro-batch moves.
+        least = 0 if inference_running else 1
         if kind == "forward":
             if int(units) > 0:
                 scheduled.train_forward = self._forward(batch, int(units))
+        elif kind == "head":
+            scheduled.train_head = self._head(batch, max(least, int(units)))
         else:
-            scheduled.train_head = self._head(batch, max(0 if inference_running else 1, int(units)))
-        if scheduled.train_forward is not None or scheduled.train_head is not None:
-            self._planned[kind] = batch
+            deadline = self.share.deadline(interval_start) if scheduled.decodes else None
+            scheduled.train_backward = self._backward(batch, units, least, deadline)
 
-    def finish(self, scheduled: SchedulerOutput, head: BackwardResult | None, backward: BackwardResult | None) -> None:
-        """Advance the micro-batches past what this iteration did; a slice its deadline
+    def finish(self, scheduled: SchedulerOutput, result: BackwardResult | None) -> None:
+        """Advance the running micro-batch past what this iteration did; a slice its deadline
         stopped early is cut to the layers it ran in `scheduled` too (what work() reports)."""
-        forwarded = self._planned.get("forward")
-        if forwarded is not None and not forwarded.forwarding:
-            self._free_blocks(forwarded)  # its chunks' attention is done; head and backward read kept activations
-        if head is not None:
-            batch, rows = self._planned["head"], scheduled.train_head
-            batch.grad[rows.start : rows.stop] = head.grad
-            batch.loss_sum += head.loss_sum
-            batch.num_targets += head.num_targets
-            batch.next_head = rows.stop
-        if backward is None:
+        if result is None:
             return
-        batch = self._planned["backward"]
-        slice_ = scheduled.train_backward = replace(scheduled.train_backward, first=backward.first)
+        batch = self._queue[0]
+        head = scheduled.train_head
+        if head is not None:
+            batch.grad[head.start : head.stop] = result.grad
+            batch.loss_sum += result.loss_sum
+            batch.num_targets += result.num_targets
+            batch.next_head = head.stop
+            return
         start, stop = batch.backward_rows
-        batch.grad[start:stop] = backward.grad
-        batch.next_layer_seq += len(slice_.sequences) if slice_.first == slice_.last else 0
+        batch.grad[start:stop] = result.grad
+        backward = scheduled.train_backward = replace(scheduled.train_backward, first=result.first)
+        batch.next_layer_seq += len(backward.sequences) if backward.first == backward.last else 0
         if batch.next_layer_seq in (0, len(batch.work.sequences)):
-            batch.next_layer, batch.next_layer_seq = slice_.first - 1, 0
+            batch.next_layer, batch.next_layer_seq = backward.first - 1, 0
         if batch.next_layer < 0:
             self._release(batch)
             batch.done = True
-            self._queue.remove(batch)
-
-    def stopped_at(self, scheduled: SchedulerOutput) -> float | None:
-        """The deadline that ended this iteration by stopping its backward slice (read after
-        finish), or None: no slice, no deadline, it reached its first layer, or it ran first."""
-        slice_ = scheduled.train_backward
-        if slice_ is None or slice_.deadline is None or slice_.first == 0 or self.slice_first is not None:
-            return None
-        return slice_.deadline
+            self._queue.pop(0)
 
     def _start(self, batch: CoservedBatch) -> bool:
         """Take KV blocks for the whole micro-batch from the free list, if there are enough."""
@@ -280,13 +201,9 @@ class CoServer:
         batch.next_layer = self.num_layers - 1
         return True
 
-    def _free_blocks(self, batch: CoservedBatch) -> None:
+    def _release(self, batch: CoservedBatch) -> None:
         for table in batch.block_tables:
             self.allocator.free(table)
-        batch.block_tables = []
-
-    def _release(self, batch: CoservedBatch) -> None:
-        self._free_blocks(batch)
         batch.kept = batch.grad = None
 
     def _forward(self, batch: CoservedBatch, allowance: int) -> TrainingForward:

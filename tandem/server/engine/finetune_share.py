@@ -30,15 +30,10 @@ of intervals for a cut of 0.7 and a recovery of 0.02), far above 1%.
 
 That margin is for work that cannot stop once started (a forward, a head block). A backward
 slice can, between layers: beside decodes it runs layer after layer until the next would end
-past fill x target from the interval's start (`deadline`), so on a host whose speed swings it
+past FILL x target from the interval's start (`deadline`), so on a host whose speed swings it
 fills the interval by the clock instead of by a prediction shrunk for the worst case. On the
 2-core EPYC the margin's gain sat at 0.64-0.75: slices planned by it ended near two thirds of
-the target, and a slow spell still carried one past it. Where the deadline stopped a slice,
-what the interval ran past it (a layer slower than the one before, the iteration's end) is
-measured the same way as the margin's misses, and fill is the most that keeps ~0.5% of such
-intervals past the target, FILL at most: when every interval ends by the clock (a step's
-next micro-batch forwarding beside the backward, engine/coserve.py), a fixed 0.9 put the
-p99 past the target on the 2-core EPYC.
+the target, and a slow spell still carried one past it.
 """
 
 import math
@@ -71,15 +66,9 @@ _OVERHEAD_PRIOR_WEIGHT = 1.0
 # A mix of work (which training kinds an iteration carries, or none) moves the margin once
 # the cost model has seen this many iterations of it.
 _MIX_WARMUP = 4
-# The most of the target a backward slice beside decodes may fill by the clock; the rest is
-# room for one layer running slower than the one before it, and for the iteration's end.
-# Lowered by what intervals stopped by the clock are measured to run past the deadline,
-# within [_MIN_FILL, FILL].
+# The share of the target a backward slice beside decodes may fill by the clock; the rest
+# is room for one layer running slower than the one before it, and for the iteration's end.
 FILL = 0.9
-_MIN_FILL = 0.5
-# The share of an interval's room for training that a backward slice running before the next
-# micro-batch's forward or head may take (see split).
-SPLIT = 0.5
 
 
 class FinetuneShare:
@@ -91,8 +80,6 @@ class FinetuneShare:
         self.gain = _COLD_GAIN
         self._level = 0.0
         self._misses: deque[float] = deque(maxlen=_RATIOS)
-        self.fill = FILL
-        self._overruns: deque[float] = deque(maxlen=_RATIOS)
         self.share = FIXED_SHARE if itl_p99_target is None else _COLD_SHARE
         self._inference_evidence = 0.0
         self._mix_seen: Counter[tuple[str, ...]] = Counter()
@@ -101,9 +88,8 @@ class FinetuneShare:
         self._xx = torch.zeros(n, n, dtype=torch.float64)
         self._xy = torch.zeros(n, dtype=torch.float64)
 
-    def allowance(self, inference_tokens: int, inference_running: bool, kind: str, elapsed: float = 0.0) -> float:
-        """Units of `kind` of training work the next iteration may carry, `elapsed` seconds
-        of its interval gone already (a backward slice ran first)."""
+    def allowance(self, inference_tokens: int, inference_running: bool, kind: str) -> float:
+        """Units of `kind` of training work the next iteration may carry."""
         room = max(0, self.budget - inference_tokens) / self.prior[kind]
         if not inference_running:
             self.share = 1.0
@@ -113,8 +99,7 @@ class FinetuneShare:
             self.share = _COLD_SHARE
         else:
             cost = self.costs()
-            # The margin covers what is still a prediction: the interval left after `elapsed`.
-            left = self.gain * (self.target - elapsed) - cost["fixed"] - cost["inference"] * inference_tokens - cost[kind + "_overhead"]
+            left = self.gain * self.target - cost["fixed"] - cost["inference"] * inference_tokens - cost[kind + "_overhead"]
             units = max(0.0, left / cost[kind])
             self.share = units * self.prior[kind] / self.budget
             return min(room, units)
@@ -133,23 +118,10 @@ class FinetuneShare:
         fits = int((self.gain * self.target - cost["fixed"]) / cost["inference"])
         return min(self.budget, max(fits, running + MIN_PROMPT_TOKENS))
 
-    def split(self, interval_start: float, inference_tokens: int, kind: str) -> float | None:
-        """When a backward slice that runs before the forward must stop, so that `kind` work of
-        the next micro-batch (forward or head) has the rest of the room the cost model and its
-        margin leave beside the inference: half of it, about the two micro-batches' work in
-        their proportions (a token's backward ~1.25 forward tokens, its forward and head ~1.5).
-        None where there is none, or no target, or the model is not trusted yet."""
-        if self.target is None or not self.warm:
-            return None
-        cost = self.costs()
-        room = self.gain * self.target - cost["fixed"] - cost["inference"] * inference_tokens
-        room -= cost["backward_overhead"] + cost[kind + "_overhead"]
-        return None if room <= 0 else interval_start + SPLIT * room
-
     def deadline(self, interval_start: float) -> float | None:
         """When a backward slice in an interval that began at interval_start (perf_counter)
         must stop adding layers; None without a target."""
-        return None if self.target is None else interval_start + self.fill * self.target
+        return None if self.target is None else interval_start + FILL * self.target
 
     @property
     def warm(self) -> bool:
@@ -160,12 +132,10 @@ class FinetuneShare:
         those misses cut the margin's gain to ~0.1 for the next hundred iterations."""
         return self._inference_evidence >= _WARMUP
 
-    def observe(self, seconds: float, work: Mapping[str, float], interval: float | None, clocked: float | None = None) -> None:
+    def observe(self, seconds: float, work: Mapping[str, float], interval: float | None) -> None:
         """Learn from one finished iteration: its time, its units of each kind of work, and,
         when it decoded, the interval its requests saw since their previous token (None when
-        it decoded nothing: only decoding iterations end an inter-token interval). clocked:
-        where a deadline stopped its backward slice, that deadline's offset from the
-        interval's start (seconds); it moves fill.
+        it decoded nothing: only decoding iterations end an inter-token interval).
 
         Only iterations that carry inference move the margin (they are the ones the target
         is for), and only once the model has seen a few of their mix: a mix it has never seen
@@ -175,8 +145,6 @@ class FinetuneShare:
         held the gain near 0.1 for the next hundred iterations."""
         if self.target is None:
             return
-        if clocked is not None and interval is not None:
-            self._update_fill(math.log(interval / clocked))
         units = [float(work.get(kind, 0.0)) for kind in KINDS]
         present = [float(work.get(kind, 0.0) > 0) for kind in TRAINING]
         inference = work.get("inference", 0.0) > 0
@@ -196,16 +164,6 @@ class FinetuneShare:
         if len(self._misses) >= _MIN_RATIOS:
             spread = math.sqrt(sum(m * m for m in self._misses) / len(self._misses))
             self.gain = min(_MAX_GAIN, max(_MIN_GAIN, math.exp(-(self._level + Z * spread))))
-
-    def _update_fill(self, log_ratio: float) -> None:
-        """log_ratio: log(interval / deadline offset) of an interval a deadline stopped: the
-        fill that keeps its level + Z x spread within the target (the level a plain mean: the
-        clock, not a prediction, placed these ends, so the host's drift does not move it)."""
-        self._overruns.append(log_ratio)
-        if len(self._overruns) >= _MIN_RATIOS:
-            mean = sum(self._overruns) / len(self._overruns)
-            spread = math.sqrt(sum((r - mean) ** 2 for r in self._overruns) / len(self._overruns))
-            self.fill = min(FILL, max(_MIN_FILL, math.exp(-(mean + Z * spread))))
 
     def predict(self, work: Mapping[str, float]) -> float:
         """Seconds the cost model expects an iteration with this work to take."""

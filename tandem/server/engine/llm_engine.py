@@ -195,22 +195,15 @@ class Engine:
 
         Inference rows never enter a graph: the forward runs under inference_mode, or under
         no_grad when it carries training chunks (the activations they keep must stay usable
-        by autograd); a backward slice then runs on its own, from those, or before the
-        forward where the next micro-batch's work fills the rest of the interval
-        (engine/coserve.py)."""
+        by autograd); a backward slice then runs on its own, from those."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()
-        interval_start = self._decoded_at or started
-        self.coserve.plan(scheduled, bool(self.scheduler.running), interval_start)
+        self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started)
         if not scheduled:
             self._decoded_at = None
             return []
         try:
-            backward = None
-            if self.coserve.slice_first is not None:
-                backward = self.runner.backward(scheduled.train_backward)
-                self.coserve.plan_ahead(scheduled, bool(self.scheduler.running), interval_start)
             with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
                 result = self.runner.execute(scheduled)
                 # Queued after the forward and before the sampler's sync: on CUDA the adapter
@@ -219,20 +212,17 @@ class Engine:
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
-            head = None if scheduled.train_head is None else self.runner.backward(scheduled.train_head)
-            if scheduled.train_backward is not None and self.coserve.slice_first is None:
-                backward = self.runner.backward(scheduled.train_backward)
+            backward_work = scheduled.train_head or scheduled.train_backward
+            backward = None if backward_work is None else self.runner.backward(backward_work)
         except Exception as exc:
             self.coserve.abort(exc)
             raise
-        self.coserve.finish(scheduled, head, backward)
+        self.coserve.finish(scheduled, backward)
         self._count(scheduled)
         ended = time.perf_counter()
-        interval = ended - interval_start if scheduled.decodes else None
+        interval = ended - (self._decoded_at or started) if scheduled.decodes else None
         self._decoded_at = ended if scheduled.decodes else None
-        stopped_at = self.coserve.stopped_at(scheduled)
-        clocked = None if stopped_at is None else stopped_at - interval_start
-        self.share.observe(ended - started, self.coserve.work(scheduled), interval, clocked)
+        self.share.observe(ended - started, self.coserve.work(scheduled), interval)
         for chunk in scheduled.inference:
             if chunk.seq.first_scheduled_at is None:
                 chunk.seq.first_scheduled_at = scheduled_at

@@ -197,12 +197,10 @@ class Trainer:
             examples = [self.train[i] for i in self.plan[self.step]]
             targets = sum(e.num_target_tokens for e in examples)
             generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
-            works = [self.adapter.work(group, self.adapter.dropout, generator, 1 / targets)
-                     for group in micro_batches(examples, self.micro_batch_tokens)]
-            if coserve:
-                loss_sum = yield from self._coserved(engine, works, 1 / targets)
-            else:
-                loss_sum = yield from self._time_sliced(engine, works, 1 / targets)
+            loss_sum = 0.0
+            for group in micro_batches(examples, self.micro_batch_tokens):
+                work = self.adapter.work(group, self.adapter.dropout, generator, 1 / targets)
+                loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
             report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
             if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
                 eval_loss = yield from self._evaluate(engine)
@@ -210,27 +208,19 @@ class Trainer:
             yield report
 
     @staticmethod
-    def _time_sliced(engine: Engine, works: list[TrainingWork], loss_scale: float) -> Iterator[None]:
-        """A step's micro-batches, each forward and backward in one call of the engine; returns
-        their summed token loss."""
-        loss_sum = 0.0
-        for work in works:
-            loss_sum += engine.train(work, loss_scale).loss_sum
+    def _micro_batch(engine: Engine, work: TrainingWork, loss_scale: float, coserve: bool) -> Iterator[None]:
+        """Forward and backward of one micro-batch; returns its summed token loss. Time-sliced:
+        in one call of the engine. Co-served: inside the engine's iterations, waited for."""
+        if not coserve:
+            loss_sum = engine.train(work, loss_scale).loss_sum
             yield None
-        return loss_sum
-
-    @staticmethod
-    def _coserved(engine: Engine, works: list[TrainingWork], loss_scale: float) -> Iterator[None]:
-        """A step's micro-batches inside the engine's iterations, submitted together (the next
-        one's forward runs beside the previous one's backward, engine/coserve.py) and waited
-        for; returns their summed token loss."""
-        batches = [engine.coserve.submit(work, loss_scale) for work in works]
-        while not all(batch.done for batch in batches):
-            for batch in batches:
-                if batch.error is not None:
-                    raise batch.error
+            return loss_sum
+        batch = engine.coserve.submit(work, loss_scale)
+        while not batch.done:
+            if batch.error is not None:
+                raise batch.error
             yield None
-        return sum(batch.loss_sum for batch in batches)
+        return batch.loss_sum
 
     def _optimizer_step(self, loss: float, tokens: int) -> StepReport:
         params = list(self.adapter.parameters())
