@@ -29,35 +29,6 @@ static inline void store_x(void *p, int64_t i, f32x16 v, int bf16) {
     else store((float *)p + i, v);
 }
 
-typedef int32_t i32x16 __attribute__((vector_size(64), aligned(4)));
-
-/* e^x for x <= 0 (a score less its row's maximum), within ~2 ulp of expf, 16 at a time:
-   libm's scalar expf took most of the kernel's time (a 24-sequence SmolLM2 step makes ~1.3M
-   of them). Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r a degree-7 polynomial, 2^n
-   put in the exponent bits; 0 below -87, where e^x leaves float's normal range. */
-static inline f32x16 exp_nonpositive(f32x16 x) {
-    i32x16 normal = ~(x < -87.0f); /* NaN stays NaN */
-    f32x16 t = x * 1.44269504088896341f + 0.5f;
-    i32x16 n = __builtin_convertvector(t, i32x16);
-    n += __builtin_convertvector(n, f32x16) > t; /* truncation towards zero, made floor */
-    f32x16 nf = __builtin_convertvector(n, f32x16);
-    f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    f32x16 y = p * r * r + r + 1.0f;
-    i32x16 bits = (n + 127) << 23, yb;
-    f32x16 two_n;
-    memcpy(&two_n, &bits, 64);
-    y *= two_n;
-    memcpy(&yb, &y, 64);
-    yb &= normal;
-    memcpy(&y, &yb, 64);
-    return y;
-}
-
 /* How many slots ahead a walk asks for a slot's row (all its KV heads), and asks for it
    whole: a context's slots run in blocks, but each block lies anywhere in the cache. */
 #define AHEAD 8

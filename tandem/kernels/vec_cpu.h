@@ -60,17 +60,44 @@ static inline float w_at(const void *p, int64_t i, int bf16) {
 
 typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
 typedef float f32x4 __attribute__((vector_size(16), aligned(4)));
-/* A tree over halves: a scalar loop would chain 16 dependent adds. */
+/* A tree over halves: a scalar loop would chain 16 dependent adds. Lanes are read as
+   elements, not copied out through memory: a memcpy from the vector's address kept the
+   caller's accumulator on the stack, a store and a load in every iteration of its loop. */
 static inline float hsum(f32x16 v) {
-    f32x8 lo, hi;
-    memcpy(&lo, &v, 32);
-    memcpy(&hi, (const char *)&v + 32, 32);
-    f32x8 h = lo + hi;
-    f32x4 qa, qb;
-    memcpy(&qa, &h, 16);
-    memcpy(&qb, (const char *)&h + 16, 16);
-    f32x4 q = qa + qb;
+    f32x8 h;
+    for (int i = 0; i < 8; i++) h[i] = v[i] + v[i + 8];
+    f32x4 q;
+    for (int i = 0; i < 4; i++) q[i] = h[i] + h[i + 4];
     return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+typedef int32_t i32x16 __attribute__((vector_size(64), aligned(4)));
+
+/* e^x for x <= 0 (a score less its row's maximum), within ~2 ulp of expf, 16 at a time:
+   libm's scalar expf took most of the kernel's time (a 24-sequence SmolLM2 step makes ~1.3M
+   of them). Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r a degree-7 polynomial, 2^n
+   put in the exponent bits; 0 below -87, where e^x leaves float's normal range. */
+static inline f32x16 exp_nonpositive(f32x16 x) {
+    i32x16 normal = ~(x < -87.0f); /* NaN stays NaN */
+    f32x16 t = x * 1.44269504088896341f + 0.5f;
+    i32x16 n = __builtin_convertvector(t, i32x16);
+    n += __builtin_convertvector(n, f32x16) > t; /* truncation towards zero, made floor */
+    f32x16 nf = __builtin_convertvector(n, f32x16);
+    f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    f32x16 y = p * r * r + r + 1.0f;
+    i32x16 bits = (n + 127) << 23, yb;
+    f32x16 two_n;
+    memcpy(&two_n, &bits, 64);
+    y *= two_n;
+    memcpy(&yb, &y, 64);
+    yb &= normal;
+    memcpy(&y, &yb, 64);
+    return y;
 }
 
 /* Scratch of at least `floats` floats, kept per thread and grown on demand (sgmv: TB token
