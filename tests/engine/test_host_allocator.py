@@ -1,5 +1,6 @@
 """keep_freed_memory: a CPU engine's per-step tensors are not faulted in again each step."""
 
+import os
 import subprocess
 import sys
 
@@ -30,11 +31,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
 
 
 def faults_per_step(mode: str, processes: int = 3) -> float:
-    """The fewest over a few processes: some processes also fault ~8 MB a step whatever the
-    settings (0-2304 faults a step in identical runs of the kept probe, 2048 in one CI run
-    where the defaults took 8192; the source is not traced), which says nothing about the
-    head's freed chunks (24 MB a step with the defaults)."""
-    runs = [subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True) for _ in range(processes)]
+    """The fewest over a few processes, each with one malloc arena. With more, about one
+    process in three also faulted 8 MB a step whatever the settings (2048 faults; 0 in the
+    others): a block freed by one of torch's worker threads emptied a secondary arena's heap,
+    which glibc unmaps whatever its thresholds, and that says nothing about the settings
+    keep_freed_memory makes (with MALLOC_ARENA_MAX=1, 0-16 faults a step in 8 runs)."""
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    runs = [subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env) for _ in range(processes)]
     return min(float(out.stdout) for out in runs)
 
 
