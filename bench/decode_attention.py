@@ -13,9 +13,6 @@ path it replaces (each context gathered out of the paged cache, then SDPA), in o
 """
 
 import argparse
-import os
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,11 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
+from bench.toggled_steps import toggled_decode_steps  # noqa: E402
 from tandem.kernels import decode_attention  # noqa: E402
-from tandem.server.config import EngineConfig  # noqa: E402
-from tandem.server.engine.llm_engine import Engine  # noqa: E402
-from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
-from tandem.server.heap import frozen_heap  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 9, 3, 64, 30, 16
 CALL_SHAPES = ((1, 128), (8, 256), (24, 200), (32, 512), (64, 1024))
@@ -87,33 +81,6 @@ def per_call(n: int, context: int, dtype: torch.dtype, rounds: int) -> dict:
     }
 
 
-def engine_steps(n: int, rounds: int, steps: int) -> dict:
-    """Median decode-step seconds with the kernel on and off, n sequences decoding."""
-    engine = Engine.from_config(EngineConfig(num_threads=torch.get_num_threads(), kv_cache_bytes=256 << 20))
-    rng = random.Random(n)
-    params = SamplingParams(temperature=0.0, max_new_tokens=2 * rounds * steps + 8, ignore_eos=True)
-    for i in range(n):
-        engine.add_request(f"r{i}", [rng.randrange(1000, 20000) for _ in range(rng.randrange(48, 160))], params)
-    medians: dict[str, list[float]] = {"kernel": [], "torch": []}
-    with frozen_heap():
-        while engine.scheduler.waiting or any(s.num_computed < s.prompt_len for s in engine.scheduler.running):
-            engine.step()
-        for _ in range(rounds):
-            for name, switch in (("kernel", "1"), ("torch", "0")):
-                os.environ["TANDEM_NATIVE_ATTENTION"] = switch
-                decode_attention.library.cache_clear()
-                times = []
-                for _ in range(steps):
-                    started = time.perf_counter()
-                    engine.step()
-                    times.append(time.perf_counter() - started)
-                medians[name].append(statistics.median(times))
-    os.environ.pop("TANDEM_NATIVE_ATTENTION")
-    decode_attention.library.cache_clear()
-    kernel, plain = statistics.median(medians["kernel"]), statistics.median(medians["torch"])
-    return {"sequences": n, "dtype": str(engine.dtype).removeprefix("torch."), "kernel_step_ms": 1000 * kernel, "torch_step_ms": 1000 * plain, "speedup": plain / kernel}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shapes (a smoke run)")
@@ -127,7 +94,8 @@ def main() -> None:
     print(f"{'dtype':>8} {'seqs':>5} {'context':>8} {'kernel ms':>10} {'torch ms':>9} {'speedup':>8} {'kernel GB/s':>12}")
     for c in calls:
         print(f"{c['dtype']:>8} {c['sequences']:>5} {c['context']:>8} {c['kernel_ms']:>10.3f} {c['torch_ms']:>9.3f} {c['speedup']:>7.2f}x {c['kernel_gb_per_s']:>12.1f}")
-    steps = [engine_steps(n, rounds=2 if args.quick else 6, steps=4 if args.quick else 8) for n in STEP_SEQUENCES]
+    rounds, count = (2, 4) if args.quick else (6, 8)
+    steps = [toggled_decode_steps(n, rounds, count, "TANDEM_NATIVE_ATTENTION", decode_attention.library.cache_clear) for n in STEP_SEQUENCES]
     print(f"\nSmolLM2 decode step ({steps[0]['dtype']}): sequences, kernel ms, torch ms, speedup")
     for s in steps:
         print(f"{s['sequences']:>5} {s['kernel_step_ms']:>8.1f} {s['torch_step_ms']:>8.1f} {s['speedup']:>7.2f}x")

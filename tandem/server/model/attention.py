@@ -72,9 +72,12 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    out = q.new_empty(num_tokens, num_heads * head_dim)
     nd = meta.num_decodes
-    if nd and meta.decode_lens is not None and (o := decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_lens)) is not None:
+    o = None if not nd or meta.decode_lens is None else decode_attention(q[:nd], k_cache, v_cache, meta.decode_slots, meta.decode_lens)
+    if o is not None and nd == num_tokens:
+        return o
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    if o is not None:
         out[:nd] = o
     elif nd:
         if meta.decode_mask is None:  # a captured decode step has no mask: its contexts are not gathered

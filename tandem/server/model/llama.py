@@ -14,7 +14,8 @@ from torch import nn
 
 from tandem.kernels.linear_cross_entropy import linear_cross_entropy
 from tandem.kernels.packed_linear import Prepacked
-from tandem.kernels.rms_norm import rms_norm
+from tandem.kernels import fused_elementwise
+from tandem.kernels.rms_norm import add_rms_norm, rms_norm
 from tandem.server.model.attention import attention
 from tandem.server.model.batch import ForwardBatch
 from tandem.server.model.linear import FusedLinear
@@ -44,6 +45,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): the residual add before this norm, fused where it can be."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
+
 
 class Rotary(nn.Module):
     """Rotate-half RoPE from a precomputed cos/sin table indexed by position."""
@@ -58,6 +63,17 @@ class Rotary(nn.Module):
     def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for each token, [T, 1, D]; looked up once per forward, used by every layer."""
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+
+    @staticmethod
+    def apply_qk(
+        qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_heads: int, num_kv_heads: int, split: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated q [T, H, D] and k [T, Hkv, D] of a fused qkv output, split its (q, k, v)."""
+        cos, sin = rope
+        if (fused := fused_elementwise.rope(qkv, cos, sin, num_heads, num_kv_heads)) is not None:
+            return fused
+        t, head_dim = qkv.shape[0], cos.shape[-1]
+        return Rotary.apply(split[0].view(t, num_heads, head_dim), rope), Rotary.apply(split[1].view(t, num_kv_heads, head_dim), rope)
 
     @staticmethod
     def apply(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -79,11 +95,10 @@ class Attention(nn.Module):
         self.o_proj = o_proj
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.qkv.split(self.qkv(x, batch))
-        t = x.shape[0]
-        q = Rotary.apply(q.view(t, self.num_heads, self.head_dim), rope)
-        k = Rotary.apply(k.view(t, self.num_kv_heads, self.head_dim), rope)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(x, batch)
+        split = self.qkv.split(qkv)
+        q, k = Rotary.apply_qk(qkv, rope, self.num_heads, self.num_kv_heads, split)
+        v = split[2].view(x.shape[0], self.num_kv_heads, self.head_dim)
         k_cache, v_cache = batch.kv_caches[self.layer_idx]
         return self.o_proj(attention(q, k, v, k_cache, v_cache, batch.attn), batch)
 
@@ -95,8 +110,12 @@ class MLP(nn.Module):
         self.down = down
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up.split(self.gate_up(x, batch))
-        return self.down(F.silu(gate) * up, batch)
+        gate_up = self.gate_up(x, batch)
+        act = fused_elementwise.silu_mul(gate_up)
+        if act is None:
+            gate, up = self.gate_up.split(gate_up)
+            act = F.silu(gate) * up
+        return self.down(act, batch)
 
 
 class DecoderLayer(nn.Module):
@@ -108,8 +127,8 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), batch, rope)
-        return x + self.mlp(self.post_norm(x), batch)
+        h, x = self.post_norm.add(x, self.attn(self.input_norm(x), batch, rope))
+        return x + self.mlp(h, batch)
 
 
 class LlamaModel(nn.Module):
