@@ -8,7 +8,8 @@
    over torch's OpenMP team when there are enough of them.
 
    Numerics are torch's, op by op: every intermediate that torch rounds to the model's dtype
-   is rounded here too (round to nearest even), float32 statistics as transformers' RMSNorm,
+   is rounded here too (round to nearest even; with AVX512-BF16 by its instruction, which
+   flushes bf16 denormals to zero), float32 statistics as transformers' RMSNorm,
    and no fused multiply-adds (pragma below), so float32 rope and residual adds are bit-equal
    to torch's. What differs is the order of the squares' sum in RMSNorm and the exponential in
    SiLU (~2 ulp of float32): a bfloat16 result then lands one bf16 step away in rare ties.
