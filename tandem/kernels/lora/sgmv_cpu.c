@@ -9,12 +9,12 @@
 
    Layouts: x [T, fin], y [T, N] (float32, or bfloat16 when *_bf16), rows contiguous;
    a [slots, S*R, fin] and bt [slots, R, N] float32, or both bfloat16 when w_bf16 (half the
-   bytes to stream; every product and sum is float32 either way) (bt: B transposed, so the expand is a
+   bytes to stream; every sum is float32 either way) (bt: B transposed, so the expand is a
    run of contiguous axpys); ranks [slots]; segments (slot, start, len) over sorted, the
    token rows grouped by slot. Slice s of a slot uses rows s*R .. s*R+rank of a and columns
    sum(widths[:s]) .. + widths[s] of bt. Plain C with GCC vector types, so it builds for
    whatever -march=native offers (AVX2 or AVX-512); AVX512-BF16's dot product where the
-   CPU has it (shrink_dp), the one intrinsic path. */
+   CPU has it and x and the weights are bf16 (shrink_dp, expand_dp: the intrinsic paths). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
