@@ -1,10 +1,12 @@
-"""The base model's linears in isolation: F.linear against weights prepacked once for oneDNN.
+"""The base model's linears in isolation: F.linear, weights prepacked once for oneDNN, and the
+skinny C kernel for a decode's few rows (bfloat16, AVX512-BF16).
 
 A decode step on CPU is mostly the base GEMMs. `F.linear` in bfloat16 hands the weight to
 oneDNN in its plain layout on every call, and oneDNN reorders it into the blocked layout its
 kernels read; weights reordered once at load skip that. This measures both (and MKL's
 packed float32 GEMM, whose packing is tied to one row count) per SmolLM2-135M shape, dtype
-and row count, so the engine's choice rests on numbers. Each call reads a different copy of
+and row count, so the engine's choice rests on numbers; beside each, the weight bytes per second against this
+run's copy bandwidth (read + write), the floor of a call whose time is its weight. Each call reads a different copy of
 the weight, about 256 MB of them in turn, as a decode step reads each layer's weight once:
 one weight called in a loop stays in cache and measures a speed the engine never sees.
 
@@ -22,12 +24,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
-from tandem.kernels import row_buckets  # noqa: E402
+from bench.lora_kernels import copy_bandwidth  # noqa: E402
+from tandem.kernels import row_buckets, skinny_linear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query / 3 kv heads of 64; vocabulary 49152.
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-METHODS = ("F.linear", "prepacked", "mkl packed (rows fixed)")
+METHODS = ("F.linear", "prepacked", "skinny", "mkl packed (rows fixed)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STREAM_BYTES = 256 << 20
 
@@ -55,6 +58,9 @@ def methods(weights: list[torch.Tensor], rows: int) -> dict:
     if torch.backends.mkldnn.is_available() and (w0.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
         out["prepacked"] = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+    if rows <= skinny_linear.MAX_ROWS and skinny_linear.pack(w0) is not None:
+        skinny = [skinny_linear.pack(w) for w in weights]
+        out["skinny"] = [lambda x, p=p: skinny_linear.linear(x, p, w0.shape[0]) for p in skinny]
     if w0.dtype == torch.float32 and hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear"):
         mkl = [(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w) for w in weights]
         out["mkl packed (rows fixed)"] = [lambda x, m=m, w=w: torch.ops.mkl._mkl_linear(x, m, w, None, rows) for m, w in mkl]
@@ -70,8 +76,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows_list = (1, 32, 256) if args.quick else ROWS
     torch.manual_seed(0)
+    bandwidth = copy_bandwidth(torch.device("cpu"))
+    print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
     table = []
-    print(f"{'shape':8} {'dtype':9} {'rows':>5} " + "  ".join(f"{m:>24}" for m in METHODS) + "  speedup")
+    print(f"{'shape':8} {'dtype':9} {'rows':>5} " + "  ".join(f"{m:>24}" for m in METHODS) + "  speedup  skinny  GB/s (prepacked, skinny)")
     with torch.inference_mode():
         for dname, dtype in ((d, DTYPES[d]) for d in args.dtypes):
             for sname, (n, k) in SHAPES.items():
@@ -83,10 +91,17 @@ def main() -> None:
                     row = {"shape": sname, "out_features": n, "in_features": k, "dtype": dname, "rows": rows, "weight_copies": copies}
                     row["ms"] = {name: 1e3 * t for name, t in times.items()}
                     row["prepacked_speedup"] = row["ms"]["F.linear"] / row["ms"].get("prepacked", row["ms"]["F.linear"])
+                    weight_bytes = n * k * dtype.itemsize
+                    row["weight_gb_per_s"] = {name: weight_bytes / t / 1e9 for name, t in times.items()}
+                    if "skinny" in times and "prepacked" in times:
+                        row["skinny_vs_prepacked"] = times["prepacked"] / times["skinny"]
                     table.append(row)
                     cells = "  ".join(f"{row['ms'][m]:>21.3f} ms" if m in row["ms"] else f"{'-':>24}" for m in METHODS)
-                    print(f"{sname:8} {dname:9} {rows:5d} {cells}  {row['prepacked_speedup']:5.2f}x", flush=True)
-    write_result(f"base_linears_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), {"machine": machine_info(), "threads": args.threads, "table": table})
+                    skinny = f"{row['skinny_vs_prepacked']:5.2f}x" if "skinny_vs_prepacked" in row else f"{'-':>6}"
+                    rates = ", ".join(f"{row['weight_gb_per_s'][m]:.1f}" for m in ("prepacked", "skinny") if m in times)
+                    print(f"{sname:8} {dname:9} {rows:5d} {cells}  {row['prepacked_speedup']:5.2f}x  {skinny}  {rates}", flush=True)
+    result = {"machine": machine_info(), "threads": args.threads, "copy_gb_per_s": bandwidth / 1e9, "table": table}
+    write_result(f"base_linears_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from tandem.kernels import row_buckets
+from tandem.kernels import row_buckets, skinny_linear
 
 # The most rows a call runs through the reordered weight, per dtype. bfloat16, measured on a
 # 2-core Xeon with AMX over SmolLM2's shapes, weights streamed from memory
@@ -74,7 +74,8 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Prepacked:
-    """One frozen weight's oneDNN copies, made on first use and then kept; made again if the
+    """One frozen weight's oneDNN copies (and, for bfloat16 on CPUs with AVX512-BF16, the
+    skinny kernel's: kernels/skinny_linear.py), made on first use and then kept; made again if the
     weight passed in is another tensor (replaced, moved, recast). Lazy, so a layer rebuilt
     around the same weight (LoRA attaching) packs it only once, and the transposed copy that
     a training backward multiplies by exists only on a server that has trained."""
@@ -82,11 +83,13 @@ class Prepacked:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._packed: torch.Tensor | None = None
+        self._skinny: torch.Tensor | None = None
         self._transposed: torch.Tensor | None = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, in] -> [T, out] = x weight^T (+ bias). Through the reordered weight when there
-        is one and T <= max_rows(dtype), else F.linear; rows padded to their bucket either way
+        """x [T, in] -> [T, out] = x weight^T (+ bias). Without autograd, up to
+        skinny_linear.MAX_ROWS rows through the skinny kernel where it has a copy; else through
+        the reordered weight when there is one and T <= max_rows(dtype), else F.linear; rows padded to their bucket either way
         (oneDNN keeps a kernel per shape). Under autograd the activation gradient runs through
         a reordered weight^T (the frozen weight itself gets none; a weight or bias that
         requires grad keeps F.linear)."""
@@ -95,12 +98,15 @@ class Prepacked:
             return row_buckets.linear(x, weight, bias)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinear.apply(x, weight, bias, self)
+        if (y := skinny_linear.linear(x, self._skinny, weight.shape[0], bias)) is not None:
+            return y
         return _run(x, self._packed, bias)
 
     def _packed_for(self, weight: torch.Tensor) -> torch.Tensor | None:
         key = (weight.data_ptr(), weight.dtype, weight.device, weight.shape)
         if key != self._key:
             self._packed, self._transposed, self._key = prepack(weight), None, key
+            self._skinny = skinny_linear.pack(weight) if self._packed is not None else None
         return self._packed
 
     def prepare(self, weight: torch.Tensor, transposed: bool = False) -> None:

@@ -1,0 +1,82 @@
+/* y = x W^T (+ bias) for a few rows of bfloat16 x (a decode step's), one pass over W (see
+   skinny_linear.py, which packs W, builds and calls it).
+
+   Why: at 1-32 rows a linear streams its weight once and does little arithmetic, and
+   oneDNN's bf16 linear on its reordered weight streamed SmolLM2's at 15-40 GB/s on 2 Zen 4
+   cores, where this loop reaches 30-60 GB/s (bench/base_linears.py): a decode step of one
+   sequence went from ~20 to ~13 ms.
+
+   Layout: W packed as [ceil(N / 64)][K / 2][64][2] bfloat16 (zero rows pad N): a tile of 64
+   output columns is one contiguous stream, and each 64-byte line holds one pair of inputs
+   (k, k+1) for 16 columns, what AVX512-BF16's dot product of pairs takes. Per pair of
+   inputs, a row's (x[k], x[k+1]) is broadcast and multiplied into the tile's 4 vectors:
+   float32 sums, rounded to bfloat16 once at the end (with the bias added in float32).
+   Tiles split over torch's OpenMP team; rows go through a tile 6 at a time (24
+   accumulators), so from 7 rows on the tile is read again from cache, not memory. */
+#include <stdint.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#define TILE_COLS 64
+#define MAX_GROUP 6
+
+#define TILE(R)                                                                                        \
+    static void tile_##R(const uint32_t *x, int64_t pairs, const uint16_t *p, const uint16_t *bias,    \
+                         int64_t col, int cols, uint16_t *y, int64_t N) {                               \
+        __m512 acc[R][4];                                                                              \
+        for (int r = 0; r < R; r++)                                                                    \
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();                               \
+        for (int64_t kp = 0; kp < pairs; kp++) {                                                       \
+            const uint16_t *w = p + kp * 2 * TILE_COLS;                                                \
+            __m512bh wv[4];                                                                            \
+            for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_loadu_si512(w + 32 * j);              \
+            for (int r = 0; r < R; r++) {                                                              \
+                __m512bh b = (__m512bh)_mm512_set1_epi32((int)x[r * pairs + kp]);                      \
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], b, wv[j]);         \
+            }                                                                                          \
+        }                                                                                              \
+        for (int j = 0; j < 4 && cols > 16 * j; j++) {                                                 \
+            int n = cols - 16 * j;                                                                     \
+            __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);                    \
+            __m512 bv = _mm512_setzero_ps();                                                           \
+            if (bias) {                                                                                \
+                __m256i h = _mm256_maskz_loadu_epi16(m, bias + col + 16 * j);                          \
+                bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));            \
+            }                                                                                          \
+            for (int r = 0; r < R; r++) {                                                              \
+                __m256bh h = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], bv));                         \
+                _mm256_mask_storeu_epi16(y + r * N + col + 16 * j, m, (__m256i)h);                     \
+            }                                                                                          \
+        }                                                                                              \
+    }
+TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+
+typedef void (*tile_fn)(const uint32_t *, int64_t, const uint16_t *, const uint16_t *, int64_t, int, uint16_t *, int64_t);
+static const tile_fn tile_of_rows[MAX_GROUP + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+
+int tandem_skinny_tile_cols(void) { return TILE_COLS; }
+
+/* x [M, K], y [M, N] bfloat16, rows contiguous; K even; bias [N] or NULL. */
+void tandem_skinny_linear(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int M, int64_t N,
+                          int64_t K) {
+    int64_t pairs = K / 2, tiles = (N + TILE_COLS - 1) / TILE_COLS;
+#pragma omp parallel for schedule(static) if (tiles > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint16_t *p = packed + t * pairs * 2 * TILE_COLS;
+        int cols = N - t * TILE_COLS < TILE_COLS ? (int)(N - t * TILE_COLS) : TILE_COLS;
+        for (int m0 = 0; m0 < M;) {
+            int rows = M - m0 < MAX_GROUP ? M - m0 : MAX_GROUP;
+            tile_of_rows[rows]((const uint32_t *)x + m0 * pairs, pairs, p, bias, t * TILE_COLS, cols, y + m0 * N, N);
+            m0 += rows;
+        }
+    }
+}
+#else
+/* Without AVX512-BF16 there is no kernel: skinny_linear.py keeps oneDNN's path. */
+int tandem_skinny_tile_cols(void) { return 0; }
+void tandem_skinny_linear(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int M, int64_t N,
+                          int64_t K) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K;
+}
+#endif
