@@ -11,8 +11,10 @@
    (k, k+1) for 16 columns, what AVX512-BF16's dot product of pairs takes. Per pair of
    inputs, a row's (x[k], x[k+1]) is broadcast and multiplied into the tile's 4 vectors:
    float32 sums, rounded to bfloat16 once at the end (with the bias added in float32).
-   Tiles split over torch's OpenMP team; rows go through a tile 6 at a time (24
-   accumulators), so from 7 rows on the tile is read again from cache, not memory. */
+   Tiles are taken one at a time by torch's OpenMP team (dynamic: in a server the event
+   loop's thread shares the cores, and a thread it preempts would hold up a static half);
+   rows go through a tile 6 at a time (24 accumulators), so from 7 rows on the tile is read
+   again from cache, not memory. */
 #include <stdint.h>
 
 #if defined(__AVX512BF16__)
@@ -61,7 +63,7 @@ int tandem_skinny_tile_cols(void) { return TILE_COLS; }
 void tandem_skinny_linear(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int M, int64_t N,
                           int64_t K) {
     int64_t pairs = K / 2, tiles = (N + TILE_COLS - 1) / TILE_COLS;
-#pragma omp parallel for schedule(static) if (tiles > 1)
+#pragma omp parallel for schedule(dynamic) if (tiles > 1)
     for (int64_t t = 0; t < tiles; t++) {
         const uint16_t *p = packed + t * pairs * 2 * TILE_COLS;
         int cols = N - t * TILE_COLS < TILE_COLS ? (int)(N - t * TILE_COLS) : TILE_COLS;
