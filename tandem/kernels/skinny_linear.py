@@ -1,7 +1,7 @@
 """A frozen bfloat16 linear over a few rows in one pass over its weight (skinny_linear_cpu.c),
 for decode steps on CPUs with AVX512-BF16.
 
-A decode step's linears see as many rows as running sequences, and at 1-32 rows their time
+A decode step's linears see as many rows as running sequences, and at a few rows their time
 is the weight's bytes: oneDNN's bf16 linear on its reordered weight streamed SmolLM2's at
 15-40 GB/s on 2 Zen 4 cores, the C loop at 30-60 GB/s (bench/base_linears.py), and a decode
 step of 1-16 sequences ran 1.3-1.5x faster, 1.16x at 32. Its copy of the weight, packed in
@@ -26,9 +26,9 @@ from . import native_build
 
 SOURCE = Path(__file__).with_name("skinny_linear_cpu.c")
 # The most rows a call takes; past it oneDNN's GEMM, which blocks for the caches, wins or
-# ties. 2 Zen 4 cores, SmolLM2's shapes from memory: 1.3-2.2x oneDNN at 1-8 rows, 1.2-1.5x
-# at 16, 1.1-1.3x at 32.
-MAX_ROWS = 32
+# ties. 2 Zen 4 cores, SmolLM2's shapes from memory: 1.5-2.0x oneDNN at 1-8 rows, 1.1-1.3x
+# at 32, 0.99-1.3x at 64 (gate_up ties), at 96 the lm_head 0.91x.
+MAX_ROWS = 64
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 /* y = x W^T (+ bias) for a few rows of bfloat16 x (a decode step's), one pass over W (see
    skinny_linear.py, which packs W, builds and calls it).
 
-   Why: at 1-32 rows a linear streams its weight once and does little arithmetic, and
+   Why: at a few rows a linear streams its weight once and does little arithmetic, and
    oneDNN's bf16 linear on its reordered weight streamed SmolLM2's at 15-40 GB/s on 2 Zen 4
    cores, where this loop reaches 30-60 GB/s (bench/base_linears.py): a decode step of one
    sequence went from ~20 to ~13 ms.
