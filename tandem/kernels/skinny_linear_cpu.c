@@ -75,10 +75,6 @@ void tandem_skinny_linear(const uint16_t *x, const uint16_t *packed, const uint1
     }
 }
 #else
-/* Without AVX512-BF16 there is no kernel: skinny_linear.py keeps oneDNN's path. */
+/* Without AVX512-BF16 there is no kernel (no tiles): skinny_linear.py keeps oneDNN's path. */
 int tandem_skinny_tile_cols(void) { return 0; }
-void tandem_skinny_linear(const uint16_t *x, const uint16_t *packed, const uint16_t *bias, uint16_t *y, int M, int64_t N,
-                          int64_t K) {
-    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K;
-}
 #endif
