@@ -9,6 +9,10 @@ default model (SmolLM2-135M-Instruct) with the server's default configuration:
 - served_interval_K: the same through a second server started with `--stream-interval K`
   (a message every K tokens instead of every token), which shows what the per-message cost
   of streaming is.
+- split_engine: the same through the engine in a process of its own behind the least gRPC
+  front there can be (bench/split_engine.py): what vLLM v1's split of the engine from the
+  API server's interpreter could reach here, the GIL no longer shared (its "server" CPU is
+  its front's; the engine process's is not counted);
 - bare_grpc: the same number of streamed messages from a gRPC server with no model behind it
   (bench/bare_grpc.py) to a bare stub: the transport's own CPU per message, server and client.
   With the engine's CPU per round that gives the ceiling of the served ratio on this host,
@@ -40,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import bare_grpc, serve_process  # noqa: E402
+from bench import bare_grpc, serve_process, split_engine  # noqa: E402
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.client import AsyncTandemClient  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
@@ -95,12 +99,13 @@ def bare_round(port: int, work: list[list[int]], tokens: int) -> float:
     return messages / (time.perf_counter() - started)
 
 
-def start_bare_server(root: Path) -> tuple[subprocess.Popen, int]:
-    port_file = root / "bare_grpc.port"
-    process = subprocess.Popen([sys.executable, str(Path(bare_grpc.__file__)), str(port_file)])
-    deadline = time.monotonic() + 60
+def start_script(root: Path, script: Path, timeout_s: float) -> tuple[subprocess.Popen, int]:
+    """`python script PORT_FILE` (bare_grpc.py, split_engine.py) started, and its port."""
+    port_file = root / f"{script.stem}.port"
+    process = subprocess.Popen([sys.executable, str(script), str(port_file)])
+    deadline = time.monotonic() + timeout_s
     while not port_file.exists() or not port_file.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, "the bare gRPC server did not start"
+        assert process.poll() is None and time.monotonic() < deadline, f"{script.name} did not start"
         time.sleep(0.1)
     return process, int(port_file.read_text())
 
@@ -174,7 +179,10 @@ def main() -> None:
             run = {"engine": (lambda: engine_round(engine, work, args.tokens), None)}
             for side, (process, listening) in processes.items():
                 run[side] = (lambda port=listening["port"]: asyncio.run(served_round(port, work, args.tokens)), process.pid)
-            bare, bare_port = start_bare_server(Path(tmp))
+            split, split_port = start_script(Path(tmp), Path(split_engine.__file__), serve_process.START_TIMEOUT_S)
+            processes["split_engine"] = (split, None)
+            run["split_engine"] = (lambda: asyncio.run(served_round(split_port, work, args.tokens)), split.pid)
+            bare, bare_port = start_script(Path(tmp), Path(bare_grpc.__file__), 60)
             processes["bare_grpc"] = (bare, None)
             run["bare_grpc"] = (lambda: bare_round(bare_port, work, args.tokens), bare.pid)
             for fn, _ in run.values():  # warm-up: first-call paths and shapes on every side
@@ -211,6 +219,7 @@ def main() -> None:
     bare = s["bare_grpc"]
     print(f"bare gRPC, {len(work) * args.tokens} messages a round: CPU s server {bare['server_cpu_s']:.2f} + client {bare['cpu_s']:.2f}; "
           f"so the served ratio's ceiling here is {s['served_ceiling_over_engine']:.3f}")
+    print(f"split engine (its front's CPU in 'server'; the engine process's not counted) / engine {s['split_engine']['over_engine']:.3f}")
     print(f"served / engine {s['served_over_engine']:.3f}: goal {'met' if s['goal_met'] else 'NOT met'}")
     write_result(f"served_vs_engine_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 
