@@ -49,14 +49,21 @@ class _Streamer(generation_pb2_grpc.GenerationServiceServicer):
             yield generation_pb2.GenerateStreamResponse(text="x", token_ids=[i])
 
 
-async def serve(port_file: Path, tick: float) -> None:
-    ticker = _Ticker(tick)
+async def start_generation_server(servicer: generation_pb2_grpc.GenerationServiceServicer, port_file: Path) -> grpc.aio.Server:
+    """A gRPC server with servicer as its GenerationService, started on a free local port,
+    which port_file then holds (what the bench waits for)."""
     server = grpc.aio.server()
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(_Streamer(ticker), server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     port_file.write_text(str(port))
-    await ticker.run()
+    return server
+
+
+async def serve(port_file: Path, tick: float) -> None:
+    ticker = _Ticker(tick)
+    server = await start_generation_server(_Streamer(ticker), port_file)  # kept: a server collected stops
+    await asyncio.gather(ticker.run(), server.wait_for_termination())
 
 
 async def read_streams(port: int, streams: int, messages: int) -> int:

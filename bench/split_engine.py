@@ -19,10 +19,9 @@ import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bare_grpc import start_generation_server  # noqa: E402
 from tandem.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
 
 
@@ -82,11 +81,7 @@ class _Front(generation_pb2_grpc.GenerationServiceServicer):
 
 
 async def serve(port_file: Path, conn: Connection) -> None:
-    server = grpc.aio.server()
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(_Front(conn), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    port_file.write_text(str(port))
+    server = await start_generation_server(_Front(conn), port_file)
     await server.wait_for_termination()
 
 
