@@ -17,7 +17,12 @@ default model (SmolLM2-135M-Instruct) with the server's default configuration:
   (bench/bare_grpc.py) to a bare stub: the transport's own CPU per message, server and client.
   With the engine's CPU per round that gives the ceiling of the served ratio on this host,
   engine CPU / (engine CPU + transport CPU): the 2 cores the engine fills must also run the
-  transport, whatever the server does around it.
+  transport, whatever the server does around it. The bare server sends a message to each
+  stream per tick, the tick the engine's step (from its warm-up rounds);
+- engine_beside_transport: the engine in-process again, while that bare server streams to a
+  bare reader (two processes, 32 streams at the engine's pace) beside it: the served ratio's
+  floor measured rather than computed, what sharing the cores with the transport costs the
+  engine (an OpenMP worker preempted mid-region stalls its team) with no server code at all.
 Rounds alternate (after a warm-up of each), so that the machine's noise falls on all. Each
 side reports its median tokens/s and its spread (max/min over its rounds), and the CPU
 seconds its rounds took: the engine's (this process), the server's, of it its event loop's
@@ -99,10 +104,26 @@ def bare_round(port: int, work: list[list[int]], tokens: int) -> float:
     return messages / (time.perf_counter() - started)
 
 
-def start_script(root: Path, script: Path, timeout_s: float) -> tuple[subprocess.Popen, int]:
-    """`python script PORT_FILE` (bare_grpc.py, split_engine.py) started, and its port."""
+def engine_beside_round(engine: Engine, work: list[list[int]], tokens: int, bare_port: int) -> tuple[float, dict]:
+    """engine_round's tokens/s while a bare reader streams len(work) streams from the bare
+    server at bare_port, and the reader's CPU seconds meanwhile."""
+    command = [sys.executable, bare_grpc.__file__, "--read", str(bare_port), "--streams", str(len(work))]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "reading", "the bare reader did not start"
+        stat = Path(f"/proc/{reader.pid}/stat")
+        before = cpu_s(stat)
+        rate = engine_round(engine, work, tokens)
+        return rate, {"reader_cpu_s": cpu_s(stat) - before}
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def start_script(root: Path, script: Path, timeout_s: float, *args: str) -> tuple[subprocess.Popen, int]:
+    """`python script PORT_FILE args` (bare_grpc.py, split_engine.py) started, and its port."""
     port_file = root / f"{script.stem}.port"
-    process = subprocess.Popen([sys.executable, str(script), str(port_file)])
+    process = subprocess.Popen([sys.executable, str(script), str(port_file), *args])
     deadline = time.monotonic() + timeout_s
     while not port_file.exists() or not port_file.read_text():
         assert process.poll() is None and time.monotonic() < deadline, f"{script.name} did not start"
@@ -122,8 +143,10 @@ def timed(fn, server_pid: int | None) -> dict:
     stats = {} if server_pid is None else {
         "server_cpu_s": Path(f"/proc/{server_pid}/stat"), "server_loop_cpu_s": Path(f"/proc/{server_pid}/task/{server_pid}/stat")}
     own, before = time.process_time(), {k: cpu_s(v) for k, v in stats.items()}
-    rate = fn()
-    return {"tokens_per_s": rate, "cpu_s": time.process_time() - own, **{k: cpu_s(v) - before[k] for k, v in stats.items()}}
+    rate, extra = fn(), {}
+    if isinstance(rate, tuple):  # (tokens/s, more CPU seconds it measured itself)
+        rate, extra = rate
+    return {"tokens_per_s": rate, "cpu_s": time.process_time() - own, **{k: cpu_s(v) - before[k] for k, v in stats.items()}, **extra}
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -135,7 +158,7 @@ def summarize(rounds: list[dict]) -> dict:
             "tokens_per_s": statistics.median(rates), "spread": max(rates) / min(rates),
             # engine: the in-process engine's; served: the client's (this process)
             "cpu_s": statistics.median(r["cpu_s"] for r in mine),
-            **{k: statistics.median(r[k] for r in mine) for k in ("server_cpu_s", "server_loop_cpu_s") if k in mine[0]},
+            **{k: statistics.median(r[k] for r in mine) for k in ("server_cpu_s", "server_loop_cpu_s", "reader_cpu_s") if k in mine[0]},
         }
     bare = sides.pop("bare_grpc", None)
     for side in sides:
@@ -146,6 +169,8 @@ def summarize(rounds: list[dict]) -> dict:
         engine_cpu, transport_cpu = sides["engine"]["cpu_s"], bare["cpu_s"] + bare["server_cpu_s"]
         ceiling = {"bare_grpc": bare | {"transport_cpu_s": transport_cpu},
                    "served_ceiling_over_engine": engine_cpu / (engine_cpu + transport_cpu)}
+    if "engine_beside_transport" in sides:
+        ceiling["served_over_engine_beside_transport"] = ratio / sides["engine_beside_transport"]["over_engine"]
     return {
         **sides,
         **ceiling,
@@ -179,12 +204,15 @@ def main() -> None:
             run = {"engine": (lambda: engine_round(engine, work, args.tokens), None)}
             for side, (process, listening) in processes.items():
                 run[side] = (lambda port=listening["port"]: asyncio.run(served_round(port, work, args.tokens)), process.pid)
+            # The bare server's tick: the engine's step, from its warm-up (the second round).
+            pace = [engine_round(engine, work, args.tokens) for _ in range(2)][-1]
+            bare, bare_port = start_script(Path(tmp), Path(bare_grpc.__file__), 60, "--tick", f"{len(work) / pace:.4f}")
+            processes["bare_grpc"] = (bare, None)
             split, split_port = start_script(Path(tmp), Path(split_engine.__file__), serve_process.START_TIMEOUT_S)
             processes["split_engine"] = (split, None)
             run["split_engine"] = (lambda: asyncio.run(served_round(split_port, work, args.tokens)), split.pid)
-            bare, bare_port = start_script(Path(tmp), Path(bare_grpc.__file__), 60)
-            processes["bare_grpc"] = (bare, None)
             run["bare_grpc"] = (lambda: bare_round(bare_port, work, args.tokens), bare.pid)
+            run["engine_beside_transport"] = (lambda: engine_beside_round(engine, work, args.tokens, bare_port), bare.pid)
             for fn, _ in run.values():  # warm-up: first-call paths and shapes on every side
                 fn()
             with frozen_heap():  # this process's loaded heap, as `tandem serve` freezes its own
@@ -194,7 +222,7 @@ def main() -> None:
                         rounds.append({"side": side, **record})
                         server = "" if run[side][1] is None else (
                             f", server {record['server_cpu_s']:.1f} (its event loop {record['server_loop_cpu_s']:.2f})")
-                        print(f"  round {i + 1} {side:18} {record['tokens_per_s']:7.1f} {'messages' if side == 'bare_grpc' else 'tokens'}/s, CPU s: this process "
+                        print(f"  round {i + 1} {side:24} {record['tokens_per_s']:7.1f} {'messages' if side == 'bare_grpc' else 'tokens'}/s, CPU s: this process "
                               f"{record['cpu_s']:.2f}{server}", flush=True)
         finally:
             for process, _ in processes.values():
@@ -209,17 +237,20 @@ def main() -> None:
         "rounds": rounds,
     }
     s = result["summary"]
-    print(f"\n{'side':18} {'tokens/s':>9} {'x engine':>9} {'spread':>7} {'CPU s here':>11} {'server':>7} {'its loop':>9}")
+    print(f"\n{'side':24} {'tokens/s':>9} {'x engine':>9} {'spread':>7} {'CPU s here':>11} {'server':>7} {'its loop':>9}")
     for side in run:
         if side == "bare_grpc":
             continue
         row = s[side]
-        print(f"{side:18} {row['tokens_per_s']:9.1f} {row['over_engine']:9.3f} {row['spread']:7.2f} {row['cpu_s']:11.2f} "
+        print(f"{side:24} {row['tokens_per_s']:9.1f} {row['over_engine']:9.3f} {row['spread']:7.2f} {row['cpu_s']:11.2f} "
               f"{row.get('server_cpu_s', 0):7.1f} {row.get('server_loop_cpu_s', 0):9.2f}")
     bare = s["bare_grpc"]
     print(f"bare gRPC, {len(work) * args.tokens} messages a round: CPU s server {bare['server_cpu_s']:.2f} + client {bare['cpu_s']:.2f}; "
           f"so the served ratio's ceiling here is {s['served_ceiling_over_engine']:.3f}")
     print(f"split engine (its front's CPU in 'server'; the engine process's not counted) / engine {s['split_engine']['over_engine']:.3f}")
+    beside = s["engine_beside_transport"]
+    print(f"engine beside the bare transport (its server {beside['server_cpu_s']:.2f} + reader {beside['reader_cpu_s']:.2f} CPU s a round) "
+          f"/ engine {beside['over_engine']:.3f}; served / that {s['served_over_engine_beside_transport']:.3f}")
     print(f"served / engine {s['served_over_engine']:.3f}: goal {'met' if s['goal_met'] else 'NOT met'}")
     write_result(f"served_vs_engine_cpu_{cpu_kind()}" + ("_quick" if args.quick else ""), result)
 
