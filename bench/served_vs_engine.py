@@ -20,9 +20,10 @@ default model (SmolLM2-135M-Instruct) with the server's default configuration:
   transport, whatever the server does around it. The bare server sends a message to each
   stream per tick, the tick the engine's step (from its warm-up rounds);
 - engine_beside_transport: the engine in-process again, while that bare server streams to a
-  bare reader (two processes, 32 streams at the engine's pace) beside it: the served ratio's
-  floor measured rather than computed, what sharing the cores with the transport costs the
-  engine (an OpenMP worker preempted mid-region stalls its team) with no server code at all.
+  bare reader (two processes, 32 streams at the engine's pace) beside it: what sharing the
+  cores with the transport costs the engine (an OpenMP worker preempted mid-region stalls its
+  team) with no server code at all, measured rather than computed. Not a floor: its rounds
+  are as noisy as the served ones (on a 2-core Zen 4 they fell into two modes 14% apart).
 Rounds alternate (after a warm-up of each), so that the machine's noise falls on all. Each
 side reports its median tokens/s and its spread (max/min over its rounds), and the CPU
 seconds its rounds took: the engine's (this process), the server's, of it its event loop's
