@@ -292,4 +292,5 @@ def finetune_job(job: finetuning_pb2.Job) -> FinetuneJob:
         hyperparameters=_fields(job.hyperparameters),
         mode=job.mode,
         finetune_share=job.finetune_share,
+        step_iteration_tokens=dict(job.step_iteration_tokens),
     )

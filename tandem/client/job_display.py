@@ -41,7 +41,13 @@ def progress_line(job: FinetuneJob, now: float) -> str:
 
 
 def _share(job: FinetuneJob) -> str:
-    return f"  share {job.finetune_share:.0%}" if job.mode == "coserve" and job.status == "running" else ""
+    """A running co-served job's share of the token budget, and the inference tokens the
+    server ran beside its last step."""
+    if job.mode != "coserve" or job.status != "running":
+        return ""
+    tokens = job.step_iteration_tokens
+    beside = f", last step beside {tokens.get('decode', 0) + tokens.get('prefill', 0):.0f} inference tokens" if tokens else ""
+    return f"  share {job.finetune_share:.0%}{beside}"
 
 
 def progress_bar(job: FinetuneJob, width: int = BAR_WIDTH) -> str:

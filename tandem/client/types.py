@@ -196,7 +196,9 @@ class FinetuneJob:
     None before there is one. content_hash: the adapter version a succeeded job published.
     lora and hyperparameters: the settings the job actually uses, defaults filled in.
     mode: "coserve" or "timeslice"; finetune_share: a co-served job's share of each
-    iteration's token budget now.
+    iteration's token budget now. step_iteration_tokens: what the server's engine ran over
+    the job's last step, by kind: "decode" and "prefill" (inference served beside it),
+    "train_forward" and "train_head" (tokens), "train_backward" (token-layers / layers).
     """
 
     id: str
@@ -221,6 +223,7 @@ class FinetuneJob:
     hyperparameters: dict
     mode: str = ""
     finetune_share: float = 0.0
+    step_iteration_tokens: dict[str, float] = field(default_factory=dict)
 
     @property
     def ended(self) -> bool:

@@ -43,6 +43,10 @@ class EngineConfig:
     finetune_micro_batch_tokens: training tokens whose gradients are computed together (a
         step of more tokens accumulates several). Co-served, it bounds the memory training
         holds (its KV blocks and kept activations); time-sliced, how long inference waits.
+    finetune_activation_bytes: the most memory a co-served micro-batch's kept activations
+        (each layer's input and frozen linears' outputs for its rows, and the gradient at the
+        top) may take; its KV blocks come from the free list only, never from inference's.
+        Micro-batches are cut to fit; a co-served job with a longer example is refused.
     timeslice_share: time-sliced mode only, the most of the engine's time training takes
         while inference has work: a micro-batch of t seconds is followed by at least
         t x (1 - share) / share of inference alone. 1.0 runs one after every inference
@@ -77,6 +81,7 @@ class EngineConfig:
     finetune_mode: str = "coserve"
     coserve_itl_p99: float | None = None
     finetune_micro_batch_tokens: int = 512
+    finetune_activation_bytes: int = 4 << 30
     timeslice_share: float = 1.0
     stream_interval: int = 1
     cuda_graphs: bool = True
@@ -89,7 +94,7 @@ class EngineConfig:
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
             "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes",
-            "finetune_micro_batch_tokens", "stream_interval",
+            "finetune_micro_batch_tokens", "finetune_activation_bytes", "stream_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

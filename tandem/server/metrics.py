@@ -107,6 +107,11 @@ class _PulledMetrics(Collector):
                 "tandem:finetune_share", "Share of the next iteration's token budget co-served fine-tuning may use.",
                 stats.finetune_share,
             )
+            yield GaugeMetricFamily(
+                "tandem:finetune_activation_bytes",
+                "Memory the running co-served training micro-batch keeps for its backward (capped by --finetune-activation-bytes).",
+                stats.finetune_activation_bytes,
+            )
             experts = CounterMetricFamily(
                 "tandem:router_expert_tokens",
                 "Tokens a router ran, by the expert its gates weighted most (summed over the gated linears).",

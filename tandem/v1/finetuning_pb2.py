@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/finetuning.proto\x12\ttandem.v1\"\x81\x01\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\x17\n\nlora_alpha\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nuse_rslora\x18\x03 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x14\n\x0clora_dropout\x18\x05 \x01(\x02\x42\r\n\x0b_lora_alpha\"\xc7\x02\n\x0fHyperparameters\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0clr_scheduler\x18\x02 \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x03 \x01(\r\x12\x10\n\x08n_epochs\x18\x04 \x01(\r\x12\x11\n\tmax_steps\x18\x05 \x01(\r\x12\x17\n\x0ftokens_per_step\x18\x06 \x01(\r\x12\x16\n\x0emax_seq_length\x18\x07 \x01(\r\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x1a\n\rmax_grad_norm\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x15\n\reval_fraction\x18\n \x01(\x01\x12\x1b\n\x13\x63heckpoint_interval\x18\x0b \x01(\r\x12\x0c\n\x04seed\x18\x0c \x01(\x04\x42\x10\n\x0e_learning_rateB\x10\n\x0e_max_grad_norm\"\xf8\x01\n\x10\x43reateJobRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_adapter\x18\x02 \x01(\t\x12\x17\n\rtraining_file\x18\x03 \x01(\tH\x00\x12\x17\n\rtraining_data\x18\x04 \x01(\tH\x00\x12#\n\x04lora\x18\x05 \x01(\x0b\x32\x15.tandem.v1.LoraConfig\x12\x33\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12)\n\x06router\x18\x07 \x01(\x0b\x32\x19.tandem.v1.RouterTrainingB\x06\n\x04\x64\x61ta\"\x94\x01\n\x0eRouterTraining\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13routing_loss_weight\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x16\n\x14_routing_loss_weight\"8\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"\xc4\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_adapter\x18\x03 \x01(\t\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.tandem.v1.JobStatus\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nstarted_at\x18\x06 \x01(\x03\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\x03\x12\x0c\n\x04step\x18\x08 \x01(\r\x12\x13\n\x0btotal_steps\x18\t \x01(\r\x12\x14\n\x0cnum_examples\x18\n \x01(\r\x12\x19\n\x11num_eval_examples\x18\x0b \x01(\r\x12\x16\n\x0etrained_tokens\x18\x0c \x01(\x04\x12\x17\n\ntrain_loss\x18\r \x01(\x02H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x0e \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x11tokens_per_second\x18\x0f \x01(\x02\x12\x18\n\x10\x65stimated_finish\x18\x10 \x01(\x03\x12\"\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x13.tandem.v1.JobError\x12\x14\n\x0c\x63ontent_hash\x18\x12 \x01(\t\x12#\n\x04lora\x18\x13 \x01(\x0b\x32\x15.tandem.v1.LoraConfig\x12\x33\n\x0fhyperparameters\x18\x14 \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12\x0c\n\x04mode\x18\x15 \x01(\t\x12\x16\n\x0e\x66inetune_share\x18\x16 \x01(\x02\x42\r\n\x0b_train_lossB\x0c\n\n_eval_loss\"0\n\x11\x43reateJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x0eGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.tandem.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x11\x43\x61ncelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x10WatchJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job*\xc2\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bJOB_STATUS_VALIDATING_FILES\x10\x01\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x02\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x03\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x04\x12\x15\n\x11JOB_STATUS_FAILED\x10\x05\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x06\x32\xee\x02\n\x11\x46ineTuningService\x12\x46\n\tCreateJob\x12\x1b.tandem.v1.CreateJobRequest\x1a\x1c.tandem.v1.CreateJobResponse\x12=\n\x06GetJob\x12\x18.tandem.v1.GetJobRequest\x1a\x19.tandem.v1.GetJobResponse\x12\x43\n\x08ListJobs\x12\x1a.tandem.v1.ListJobsRequest\x1a\x1b.tandem.v1.ListJobsResponse\x12\x46\n\tCancelJob\x12\x1b.tandem.v1.CancelJobRequest\x1a\x1c.tandem.v1.CancelJobResponse\x12\x45\n\x08WatchJob\x12\x1a.tandem.v1.WatchJobRequest\x1a\x1b.tandem.v1.WatchJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/finetuning.proto\x12\ttandem.v1\"\x81\x01\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\x17\n\nlora_alpha\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\nuse_rslora\x18\x03 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x14\n\x0clora_dropout\x18\x05 \x01(\x02\x42\r\n\x0b_lora_alpha\"\xc7\x02\n\x0fHyperparameters\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0clr_scheduler\x18\x02 \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x03 \x01(\r\x12\x10\n\x08n_epochs\x18\x04 \x01(\r\x12\x11\n\tmax_steps\x18\x05 \x01(\r\x12\x17\n\x0ftokens_per_step\x18\x06 \x01(\r\x12\x16\n\x0emax_seq_length\x18\x07 \x01(\r\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x1a\n\rmax_grad_norm\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x15\n\reval_fraction\x18\n \x01(\x01\x12\x1b\n\x13\x63heckpoint_interval\x18\x0b \x01(\r\x12\x0c\n\x04seed\x18\x0c \x01(\x04\x42\x10\n\x0e_learning_rateB\x10\n\x0e_max_grad_norm\"\xf8\x01\n\x10\x43reateJobRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x14\n\x0c\x62\x61se_adapter\x18\x02 \x01(\t\x12\x17\n\rtraining_file\x18\x03 \x01(\tH\x00\x12\x17\n\rtraining_data\x18\x04 \x01(\tH\x00\x12#\n\x04lora\x18\x05 \x01(\x0b\x32\x15.tandem.v1.LoraConfig\x12\x33\n\x0fhyperparameters\x18\x06 \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12)\n\x06router\x18\x07 \x01(\x0b\x32\x19.tandem.v1.RouterTrainingB\x06\n\x04\x64\x61ta\"\x94\x01\n\x0eRouterTraining\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13routing_loss_weight\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x16\n\x14_routing_loss_weight\"8\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"\xc8\x05\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_adapter\x18\x03 \x01(\t\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.tandem.v1.JobStatus\x12\x12\n\ncreated_at\x18\x05 \x01(\x03\x12\x12\n\nstarted_at\x18\x06 \x01(\x03\x12\x13\n\x0b\x66inished_at\x18\x07 \x01(\x03\x12\x0c\n\x04step\x18\x08 \x01(\r\x12\x13\n\x0btotal_steps\x18\t \x01(\r\x12\x14\n\x0cnum_examples\x18\n \x01(\r\x12\x19\n\x11num_eval_examples\x18\x0b \x01(\r\x12\x16\n\x0etrained_tokens\x18\x0c \x01(\x04\x12\x17\n\ntrain_loss\x18\r \x01(\x02H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x0e \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x11tokens_per_second\x18\x0f \x01(\x02\x12\x18\n\x10\x65stimated_finish\x18\x10 \x01(\x03\x12\"\n\x05\x65rror\x18\x11 \x01(\x0b\x32\x13.tandem.v1.JobError\x12\x14\n\x0c\x63ontent_hash\x18\x12 \x01(\t\x12#\n\x04lora\x18\x13 \x01(\x0b\x32\x15.tandem.v1.LoraConfig\x12\x33\n\x0fhyperparameters\x18\x14 \x01(\x0b\x32\x1a.tandem.v1.Hyperparameters\x12\x0c\n\x04mode\x18\x15 \x01(\t\x12\x16\n\x0e\x66inetune_share\x18\x16 \x01(\x02\x12\x46\n\x15step_iteration_tokens\x18\x17 \x03(\x0b\x32\'.tandem.v1.Job.StepIterationTokensEntry\x1a:\n\x18StepIterationTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_train_lossB\x0c\n\n_eval_loss\"0\n\x11\x43reateJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x0eGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.tandem.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x11\x43\x61ncelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"/\n\x10WatchJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.tandem.v1.Job*\xc2\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bJOB_STATUS_VALIDATING_FILES\x10\x01\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x02\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x03\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x04\x12\x15\n\x11JOB_STATUS_FAILED\x10\x05\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x06\x32\xee\x02\n\x11\x46ineTuningService\x12\x46\n\tCreateJob\x12\x1b.tandem.v1.CreateJobRequest\x1a\x1c.tandem.v1.CreateJobResponse\x12=\n\x06GetJob\x12\x18.tandem.v1.GetJobRequest\x1a\x19.tandem.v1.GetJobResponse\x12\x43\n\x08ListJobs\x12\x1a.tandem.v1.ListJobsRequest\x1a\x1b.tandem.v1.ListJobsResponse\x12\x46\n\tCancelJob\x12\x1b.tandem.v1.CancelJobRequest\x1a\x1c.tandem.v1.CancelJobResponse\x12\x45\n\x08WatchJob\x12\x1a.tandem.v1.WatchJobRequest\x1a\x1b.tandem.v1.WatchJobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.finetuning_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATUS']._serialized_start=1904
-  _globals['_JOBSTATUS']._serialized_end=2098
+  _globals['_JOB_STEPITERATIONTOKENSENTRY']._loaded_options = None
+  _globals['_JOB_STEPITERATIONTOKENSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATUS']._serialized_start=2036
+  _globals['_JOBSTATUS']._serialized_end=2230
   _globals['_LORACONFIG']._serialized_start=42
   _globals['_LORACONFIG']._serialized_end=171
   _globals['_HYPERPARAMETERS']._serialized_start=174
@@ -44,25 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBERROR']._serialized_start=905
   _globals['_JOBERROR']._serialized_end=961
   _globals['_JOB']._serialized_start=964
-  _globals['_JOB']._serialized_end=1544
-  _globals['_CREATEJOBRESPONSE']._serialized_start=1546
-  _globals['_CREATEJOBRESPONSE']._serialized_end=1594
-  _globals['_GETJOBREQUEST']._serialized_start=1596
-  _globals['_GETJOBREQUEST']._serialized_end=1623
-  _globals['_GETJOBRESPONSE']._serialized_start=1625
-  _globals['_GETJOBRESPONSE']._serialized_end=1670
-  _globals['_LISTJOBSREQUEST']._serialized_start=1672
-  _globals['_LISTJOBSREQUEST']._serialized_end=1689
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1691
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1739
-  _globals['_CANCELJOBREQUEST']._serialized_start=1741
-  _globals['_CANCELJOBREQUEST']._serialized_end=1771
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1773
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1821
-  _globals['_WATCHJOBREQUEST']._serialized_start=1823
-  _globals['_WATCHJOBREQUEST']._serialized_end=1852
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1854
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1901
-  _globals['_FINETUNINGSERVICE']._serialized_start=2101
-  _globals['_FINETUNINGSERVICE']._serialized_end=2467
+  _globals['_JOB']._serialized_end=1676
+  _globals['_JOB_STEPITERATIONTOKENSENTRY']._serialized_start=1589
+  _globals['_JOB_STEPITERATIONTOKENSENTRY']._serialized_end=1647
+  _globals['_CREATEJOBRESPONSE']._serialized_start=1678
+  _globals['_CREATEJOBRESPONSE']._serialized_end=1726
+  _globals['_GETJOBREQUEST']._serialized_start=1728
+  _globals['_GETJOBREQUEST']._serialized_end=1755
+  _globals['_GETJOBRESPONSE']._serialized_start=1757
+  _globals['_GETJOBRESPONSE']._serialized_end=1802
+  _globals['_LISTJOBSREQUEST']._serialized_start=1804
+  _globals['_LISTJOBSREQUEST']._serialized_end=1821
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1823
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1871
+  _globals['_CANCELJOBREQUEST']._serialized_start=1873
+  _globals['_CANCELJOBREQUEST']._serialized_end=1903
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1905
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1953
+  _globals['_WATCHJOBREQUEST']._serialized_start=1955
+  _globals['_WATCHJOBREQUEST']._serialized_end=1984
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1986
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2033
+  _globals['_FINETUNINGSERVICE']._serialized_start=2233
+  _globals['_FINETUNINGSERVICE']._serialized_end=2599
 # @@protoc_insertion_point(module_scope)

@@ -107,7 +107,14 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter", "base_adapter", "status", "created_at", "started_at", "finished_at", "step", "total_steps", "num_examples", "num_eval_examples", "trained_tokens", "train_loss", "eval_loss", "tokens_per_second", "estimated_finish", "error", "content_hash", "lora", "hyperparameters", "mode", "finetune_share")
+    __slots__ = ("id", "adapter", "base_adapter", "status", "created_at", "started_at", "finished_at", "step", "total_steps", "num_examples", "num_eval_examples", "trained_tokens", "train_loss", "eval_loss", "tokens_per_second", "estimated_finish", "error", "content_hash", "lora", "hyperparameters", "mode", "finetune_share", "step_iteration_tokens")
+    class StepIterationTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     BASE_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +137,7 @@ class Job(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     FINETUNE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    STEP_ITERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter: str
     base_adapter: str
@@ -152,7 +160,8 @@ class Job(_message.Message):
     hyperparameters: Hyperparameters
     mode: str
     finetune_share: float
-    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., base_adapter: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., estimated_finish: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., content_hash: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., mode: _Optional[str] = ..., finetune_share: _Optional[float] = ...) -> None: ...
+    step_iteration_tokens: _containers.ScalarMap[str, float]
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., base_adapter: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., estimated_finish: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., content_hash: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., mode: _Optional[str] = ..., finetune_share: _Optional[float] = ..., step_iteration_tokens: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
     __slots__ = ("job",)

@@ -151,6 +151,18 @@ def test_plain_progress_writes_a_line_per_change():
     assert [line.split("  ")[1] for line in log.getvalue().splitlines()] == ["step 3/12", "step 4/12"]
 
 
+def test_a_coserved_job_shows_its_share_and_the_inference_beside_its_last_step():
+    log = io.StringIO()
+    display = ProgressDisplay(log)
+    split = {"decode": 410.0, "prefill": 1200.0, "train_forward": 512.0, "train_head": 512.0, "train_backward": 512.0}
+    display.show(make_job(mode="coserve", finetune_share=0.42, step_iteration_tokens=split))
+    display.show(make_job(mode="timeslice", step=4))
+    display.close()
+    coserved, sliced = log.getvalue().splitlines()
+    assert coserved.endswith("  share 42%, last step beside 1610 inference tokens")
+    assert "share" not in sliced
+
+
 class FakeClient:
     def __init__(self, *snapshots: FinetuneJob):
         self.snapshots = snapshots

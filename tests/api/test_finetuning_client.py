@@ -171,11 +171,13 @@ def test_a_coserved_job_shows_in_the_metrics(ft_client, ft_server):
     job = ft_client.create_finetune_job("ft-metrics", training_data=LINES, lora={"r": 4}, hyperparameters=QUICK)
     final = list(ft_client.watch_finetune_job(job.id))[-1]
     assert final.status == "succeeded" and final.mode == "coserve"
+    assert final.step_iteration_tokens["train_forward"] > 0 and "decode" in final.step_iteration_tokens
     url = f"http://127.0.0.1:{ft_server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for kind in ("train_forward", "train_backward"):
         value = re.search(rf'^tandem:iteration_tokens_by_kind_total{{kind="{kind}",model_name="[^"]*"}} (\S+)$', text, re.M)
         assert value and float(value.group(1)) > 0, kind
     assert re.search(r'^tandem:finetune_share\{model_name="[^"]*"\} \S+$', text, re.M)
+    assert re.search(r'^tandem:finetune_activation_bytes\{model_name="[^"]*"\} 0\.0$', text, re.M)  # nothing held after
     assert re.search(r'^tandem:finetune_jobs\{model_name="[^"]*",state="succeeded"\} [1-9]', text, re.M)
     assert re.search(r'^tandem:finetune_tokens_total\{model_name="[^"]*"\} [1-9]', text, re.M)

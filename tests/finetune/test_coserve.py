@@ -17,6 +17,7 @@ from tandem.server.engine.iteration import IGNORE_INDEX, TrainingBackward, Train
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import ResourceExhausted
 from tandem.server.finetune.dataset import TrainingExample
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
 from tandem.server.finetune.trainer import Hyperparameters, Trainer
@@ -489,3 +490,41 @@ def test_a_mix_of_work_the_model_has_barely_seen_does_not_move_the_margin():
         assert share.gain == before
     share.observe(0.015, {"inference": 5}, interval=0.030)
     assert share.gain < before
+
+
+def test_a_micro_batch_that_could_never_start_fails_at_once(tiny_hf_model, smollm2_tokenizer):
+    """Over the activation cap, or needing more KV blocks than the whole cache, a micro-batch
+    would wait for room forever: it fails with what to change, holding nothing, and the
+    next one runs."""
+    probe = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
+    per_token = probe.coserve.bytes_per_token
+    c = tiny_hf_model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    linears = (c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim + 2 * c.hidden_size + 2 * c.intermediate_size
+    # float32: each layer's input, the top layer's output and its gradient, every linear's output.
+    assert per_token == ((c.num_hidden_layers + 2) * c.hidden_size + c.num_hidden_layers * linears) * 4
+    engine = make_engine(
+        tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20, finetune_activation_bytes=60 * per_token + 1
+    )
+    assert engine.coserve.max_tokens == 60
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    seqs = sequences(len(smollm2_tokenizer))  # 68 tokens
+    too_big = engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
+    fits = engine.coserve.submit(TrainingWork(seqs[:2], adapter.slot_weights()), 1.0)
+    while engine.has_work():
+        engine.step()
+    assert isinstance(too_big.error, ResourceExhausted) and not too_big.done
+    assert "68 tokens" in str(too_big.error) and "at most 60 tokens" in str(too_big.error)
+    assert "--finetune-activation-bytes" in str(too_big.error)
+    assert fits.done and fits.error is None
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
+
+    small_cache = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
+    blocks = small_cache.allocator.num_blocks
+    long = [TrainingSequence(list(range(5, 5 + 4 * blocks + 1)), list(range(5, 5 + 4 * blocks + 1)))]
+    adapter = TrainableAdapter(small_cache.runner.model, LoRASpec(r=4), seed=0)
+    batch = small_cache.coserve.submit(TrainingWork(long, adapter.slot_weights()), 1.0)
+    small_cache.step()
+    assert isinstance(batch.error, ResourceExhausted) and f"the whole cache has {blocks}" in str(batch.error)
+    assert not small_cache.coserve.has_work() and small_cache.allocator.num_free == blocks

@@ -4,6 +4,7 @@ exists; cancelled and diverging jobs publish nothing; a restarted server resumes
 its checkpoint and ends with the adapter an uninterrupted run makes."""
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -41,12 +42,13 @@ def dirs(tmp_path) -> tuple[Path, Path]:
     return adapters, data
 
 
-def start(model_dir: Path, dirs: tuple[Path, Path]) -> AsyncEngine:
+def start(model_dir: Path, dirs: tuple[Path, Path], **changes) -> AsyncEngine:
     adapters, data = dirs
-    config = EngineConfig(
-        model=str(model_dir), dtype="float32", kv_cache_bytes=16 << 20, adapters_dir=str(adapters), data_dir=str(data),
-        max_lora_rank=MAX_RANK, max_num_batched_tokens=32, finetune_micro_batch_tokens=32, adapter_cache_prefault=False,
-    )
+    config = EngineConfig(**{
+        "model": str(model_dir), "dtype": "float32", "kv_cache_bytes": 16 << 20, "adapters_dir": str(adapters),
+        "data_dir": str(data), "max_lora_rank": MAX_RANK, "max_num_batched_tokens": 32, "finetune_micro_batch_tokens": 32,
+        "adapter_cache_prefault": False, **changes,
+    })
     engine = AsyncEngine(config)
     engine.start()
     return engine
@@ -73,9 +75,19 @@ def test_a_job_trains_publishes_and_serves_what_peft_serves(tiny_model_dir, tiny
         job = engine.jobs.create(request())
         engine.jobs.watch(job.id, events.append)
         job = wait_for(engine, job.id)
+        stats = engine.stats()
     finally:
         engine.shutdown()
     assert job.status is JobStatus.SUCCEEDED and job.error is None and job.mode == "coserve"
+    # Each step reports what the engine ran meanwhile: its own tokens forward, and backward
+    # through every layer once (token-layers / layers), nothing else here.
+    splits = {e.step: e.step_iteration_tokens for e in events if e.status is JobStatus.RUNNING and e.step}
+    assert sorted(splits) == [1, 2, 3, 4, 5, 6]
+    assert sum(split["train_forward"] for split in splits.values()) == job.trained_tokens
+    for split in splits.values():
+        assert split["train_backward"] == pytest.approx(split["train_forward"])
+        assert split["decode"] == split["prefill"] == 0
+    assert stats.finetune_activation_bytes == 0 and stats.num_free_blocks == stats.num_total_blocks
     assert (job.step, job.total_steps, job.num_examples) == (6, 6, 24)
     assert job.content_hash == content_hash(dirs[0] / "tuned")
     assert job.trained_tokens > 6 * 30 and job.tokens_per_second > 0 and job.finished_at >= job.started_at > 0
@@ -170,18 +182,66 @@ def test_a_coserved_job_gets_the_backward_weights_reordered_before_it_is_queued(
         engine.shutdown()
 
 
-def test_a_cancelled_running_job_publishes_nothing(tiny_model_dir, dirs):
+async def read_then_leave(engine: AsyncEngine, request_id: str, tokens: int) -> int:
+    """Read a long generation's first `tokens` tokens, then leave it (which aborts it)."""
+    read = 0
+    params = SamplingParams(temperature=0.0, max_new_tokens=500, ignore_eos=True)
+    async with contextlib.aclosing(engine.generate([5, 6, 7, 8], params, request_id)) as stream:
+        async for out in stream:
+            read += len(out.token_ids)
+            if read >= tokens:
+                break
+    return read
+
+
+def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_dir, dirs):
+    """Cancelled mid-step beside inference that is itself abandoned mid-stream: no KV block,
+    slot pin or kept activation stays held, and the engine serves on."""
     engine = start(tiny_model_dir, dirs)
     try:
         job = engine.jobs.create(request(hyperparameters=Hyperparameters(max_steps=1000, tokens_per_step=48)))
         wait_for(engine, job.id, lambda j: j.step >= 2)
+        held = [engine.stats().finetune_activation_bytes for _ in range(2000) if not time.sleep(0.001)]
+        assert max(held) > 0  # a micro-batch was in flight, and the gauge showed it
+        reader = threading.Thread(target=lambda: asyncio.run(read_then_leave(engine, "beside", 20)))
+        reader.start()
         assert engine.jobs.cancel(job.id).status is JobStatus.CANCELLED
+        reader.join(timeout=60)
         time.sleep(0.3)
         job = engine.jobs.get(job.id)
         assert job.status is JobStatus.CANCELLED and not engine.jobs.has_work()
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
+        assert not engine.engine.coserve.has_work() and all(p == 0 for p in engine.engine.registry.pool._pins)
+        assert asyncio.run(read_then_leave(engine, "after", 5)) == 5
     finally:
         engine.shutdown()
     assert not (dirs[0] / "tuned").exists()
+
+
+def test_coserved_training_memory_stays_within_the_activation_cap(tiny_model_dir, dirs):
+    """Micro-batches are cut to what --finetune-activation-bytes keeps; a co-served job with
+    an example longer than that is refused at creation (a time-sliced one is not)."""
+    probe = start(tiny_model_dir, dirs)
+    per_token = probe.engine.coserve.bytes_per_token
+    probe.shutdown()
+    engine = start(tiny_model_dir, dirs, finetune_activation_bytes=20 * per_token)
+    try:
+        coserve = engine.engine.coserve
+        sizes: list[int] = []
+        submit = coserve.submit
+        coserve.submit = lambda work, scale: sizes.append(work.num_tokens) or submit(work, scale)
+        long_line = json.dumps({"prompt": "Item 99: " + " ".join(["word"] * 30), "completion": " value"})
+        with pytest.raises(InvalidRequest, match=r"training example 25 has \d+ tokens; .* at most 20 tokens fit"):
+            engine.jobs.create(request(training_data=DATA + "\n" + long_line))
+        sliced = engine.jobs.create(request("sliced", training_data=DATA + "\n" + long_line, lora={"r": 8, "lora_dropout": 0.1}))
+        assert sliced.status is JobStatus.QUEUED
+        engine.jobs.cancel(sliced.id)
+        job = wait_for(engine, engine.jobs.create(request()).id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED and job.mode == "coserve"
+    assert sizes and max(sizes) <= 20 < 32  # cut below finetune_micro_batch_tokens
 
 
 def test_a_diverging_job_fails_and_publishes_nothing(tiny_model_dir, tiny_hf_model, dirs):

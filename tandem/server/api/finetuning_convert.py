@@ -99,6 +99,7 @@ def job(job: Job) -> finetuning_pb2.Job:
         content_hash=job.content_hash,
         mode=job.mode,
         finetune_share=job.finetune_share,
+        step_iteration_tokens=job.step_iteration_tokens,
         lora=finetuning_pb2.LoraConfig(
             r=spec.r, lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora,
             target_modules=list(spec.target_modules), lora_dropout=spec.lora_dropout,

@@ -25,9 +25,11 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
    room for all of it, which beside steady inference may never come.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
-the optimizer. Memory held for training: the micro-batch's KV blocks and its kept
-activations (per token and layer the input and the frozen linears' outputs: about 9 x hidden
-for a Llama), both bounded by the micro-batch's token count.
+the optimizer. Memory held for training: the micro-batch's KV blocks, taken from the free
+list only, and its kept activations (per token and layer the input and the frozen linears'
+outputs: about 9 x hidden for a Llama), capped by the engine's finetune_activation_bytes. A
+micro-batch over that cap, or needing more KV blocks than the whole cache has, would wait
+forever: it fails at once instead, with what to change.
 """
 
 from collections.abc import Mapping
@@ -46,6 +48,7 @@ from tandem.server.engine.iteration import (
 )
 from tandem.server.engine.kv_cache import BlockAllocator
 from tandem.server.engine.finetune_share import FinetuneShare
+from tandem.server.errors import ResourceExhausted
 from tandem.server.model.kept_activations import KeptActivations
 
 # A backward layer against a forward layer: the replay (no frozen GEMMs), then the activation
@@ -105,10 +108,10 @@ class CoservedBatch:
 class CoServer:
     def __init__(
         self, allocator: BlockAllocator, num_layers: int, hidden_size: int, linear_widths: Mapping[tuple[int, str], int],
-        share: FinetuneShare, dtype: torch.dtype, device: torch.device,
+        share: FinetuneShare, dtype: torch.dtype, device: torch.device, activation_bytes: int,
     ):
         """linear_widths: out_features of each LoRA-able linear (layer, group), whose outputs
-        a micro-batch keeps."""
+        a micro-batch keeps; activation_bytes: the most its kept activations may take."""
         self.allocator = allocator
         self.num_layers = num_layers
         self.hidden_size = hidden_size
@@ -116,7 +119,23 @@ class CoServer:
         self.share = share
         self.dtype = dtype
         self.device = device
+        self.activation_bytes = activation_bytes
+        # What KeptActivations.empty and the gradient at the top hold per token.
+        item = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = ((num_layers + 2) * hidden_size + sum(linear_widths.values())) * item
         self._queue: list[CoservedBatch] = []
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens a micro-batch may hold within activation_bytes."""
+        return self.activation_bytes // self.bytes_per_token
+
+    @property
+    def held_bytes(self) -> int:
+        """Training activations held now: the running micro-batch's, 0 when none runs (read
+        from any thread: metrics)."""
+        batch = next(iter(self._queue), None)
+        return batch.work.num_tokens * self.bytes_per_token if batch is not None and batch.started else 0
 
     def submit(self, work: TrainingWork, loss_scale: float) -> CoservedBatch:
         """Queue a micro-batch; its gradients of loss_scale * (summed token loss) accumulate
@@ -145,6 +164,10 @@ class CoServer:
         if not self._queue:
             return
         batch = self._queue[0]
+        if not batch.started and (error := self._refusal(batch)) is not None:
+            batch.error = error
+            self._queue.pop(0)
+            return
         if not batch.started and not self._start(batch):
             return  # waits for free KV blocks
         kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
@@ -185,11 +208,27 @@ class CoServer:
             batch.done = True
             self._queue.pop(0)
 
+    def _refusal(self, batch: CoservedBatch) -> ResourceExhausted | None:
+        """Why a micro-batch can never start here, if it cannot."""
+        tokens = batch.work.num_tokens
+        if tokens > self.max_tokens:
+            return ResourceExhausted(
+                f"a co-served micro-batch of {tokens} tokens keeps {tokens * self.bytes_per_token} bytes of activations, "
+                f"over finetune_activation_bytes {self.activation_bytes} (at most {self.max_tokens} tokens): "
+                "raise --finetune-activation-bytes or lower --finetune-micro-batch-tokens"
+            )
+        needed = self._blocks_needed(batch)
+        if needed > self.allocator.num_blocks:
+            return ResourceExhausted(
+                f"a co-served micro-batch of {tokens} tokens needs {needed} KV blocks; the whole cache has "
+                f"{self.allocator.num_blocks}: raise --kv-cache-bytes or lower --finetune-micro-batch-tokens"
+            )
+        return None
+
     def _start(self, batch: CoservedBatch) -> bool:
         """Take KV blocks for the whole micro-batch from the free list, if there are enough."""
         lengths = [s.num_tokens for s in batch.work.sequences]
-        needed = sum(self.allocator.blocks_needed([], n) for n in lengths)
-        if needed > self.allocator.num_free:
+        if self._blocks_needed(batch) > self.allocator.num_free:
             return False
         for n in lengths:
             table: list[int] = []
@@ -200,6 +239,9 @@ class CoServer:
         batch.grad = torch.empty_like(batch.kept.inputs[-1])
         batch.next_layer = self.num_layers - 1
         return True
+
+    def _blocks_needed(self, batch: CoservedBatch) -> int:
+        return sum(self.allocator.blocks_needed([], s.num_tokens) for s in batch.work.sequences)
 
     def _release(self, batch: CoservedBatch) -> None:
         for table in batch.block_tables:

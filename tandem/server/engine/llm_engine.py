@@ -76,7 +76,10 @@ class Engine:
         # inter-token interval that began there (whatever ran between the two counts).
         self._decoded_at: float | None = None
         widths = {key: sum(out_slices) for key, (_, out_slices) in linear_shapes(model).items()}
-        self.coserve = CoServer(self.allocator, shape.num_layers, shape.hidden_size, widths, self.share, self.dtype, self.device)
+        self.coserve = CoServer(
+            self.allocator, shape.num_layers, shape.hidden_size, widths, self.share, self.dtype, self.device,
+            config.finetune_activation_bytes,
+        )
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_head", "train_backward")}
         self.iteration_histogram = TokenHistogram(ITERATION_TOKEN_BUCKETS)
@@ -290,6 +293,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             iteration_tokens=dict(self.iteration_tokens),
             finetune_share=self.share.share,
+            finetune_activation_bytes=self.coserve.held_bytes,
             router_expert_tokens=dict(self.runner.router_expert_tokens),
             iteration_token_histogram=self.iteration_histogram.snapshot(),
             cache_config={

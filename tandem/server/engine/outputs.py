@@ -90,6 +90,8 @@ class EngineStats:
     num_preemptions: int
     iteration_tokens: dict[str, float] = field(default_factory=dict)
     finetune_share: float = 0.0
+    # Bytes the running co-served micro-batch keeps for its backward (0 when none runs).
+    finetune_activation_bytes: int = 0
     # (router, expert) -> routed tokens whose top expert it was, since start.
     router_expert_tokens: dict[tuple[str, str], int] = field(default_factory=dict)
     # Inference tokens (decode + prefill) per iteration since start.

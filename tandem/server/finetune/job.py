@@ -5,7 +5,7 @@ killed with the server is queued again at restart and resumes from its last chec
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from tandem.server.finetune.trainable_adapter import LoRASpec
@@ -42,6 +42,8 @@ class Job:
 
     Times are Unix seconds (0 = not yet). train_loss / eval_loss: of the last step and the
     last eval point (None before). content_hash: of the adapter version it published.
+    step_iteration_tokens: the engine's tokens by kind of work over the job's last step
+    (Engine.iteration_tokens' kinds): inference served beside it and its own training.
     router: set for a gate-training job: it trains the gates of a router named `adapter`
     over frozen experts (lora is then unused).
     """
@@ -68,6 +70,7 @@ class Job:
     content_hash: str = ""
     mode: str = ""
     finetune_share: float = 0.0
+    step_iteration_tokens: dict[str, float] = field(default_factory=dict)
     router: RouterSpec | None = None
 
     def replace(self, **changes) -> "Job":

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.server.adapters.peft_format import WEIGHTS_FILE, LoRAAdapter, adapter_files, peft_config
@@ -90,6 +90,8 @@ class _Running:
     steps: Iterator[StepReport | None]
     last_step_at: float
     seconds_per_step: float | None = None
+    # The engine's Engine.iteration_tokens when the last step ended (or the job started).
+    tokens_at_step: dict[str, float] = field(default_factory=dict)
 
 
 class JobManager:
@@ -136,7 +138,7 @@ class JobManager:
         # A gate-training job trains no LoRA weights: its lora is a placeholder.
         spec = self._spec(request, base) if request.router is None else LoRASpec(r=1)
         data = self._dataset_bytes(request)
-        prepared = self._prepare(data, hp, base, request.router)
+        prepared = self._prepare(data, hp, base, request.router, self._coserves(spec, request.router))
         self._prepack_for(spec, request.router)
         job = Job(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
@@ -257,10 +259,11 @@ class JobManager:
             adapter = TrainableAdapter(model, job.lora, seed=job.hyperparameters.seed)
         else:
             adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
-        trainer = Trainer(
-            adapter, job.hyperparameters, prepared.train, prepared.evaluation, self.engine.config.finetune_micro_batch_tokens,
-            prepared.plan,
-        )
+        coserve = self._coserves(job.lora, job.router)
+        micro_batch_tokens = self.engine.config.finetune_micro_batch_tokens
+        if coserve:
+            micro_batch_tokens = min(micro_batch_tokens, self.engine.coserve.max_tokens)
+        trainer = Trainer(adapter, job.hyperparameters, prepared.train, prepared.evaluation, micro_batch_tokens, prepared.plan)
         resumed = checkpoints.latest(self._job_dir(job.id) / "checkpoints")
         if resumed is not None:
             tensors, state = checkpoints.load(resumed, GATES_FILE if job.router is not None else WEIGHTS_FILE)
@@ -270,8 +273,9 @@ class JobManager:
                 adapter.load_peft_tensors(tensors)
             trainer.load_state_dict(state)
             log.info("job resumed", extra={"fields": {"job_id": job.id, "from_step": trainer.step}})
-        coserve = self._coserves(job.lora, job.router)
-        self._running = _Running(job.id, trainer, trainer.run(self.engine, coserve), time.monotonic())
+        self._running = _Running(
+            job.id, trainer, trainer.run(self.engine, coserve), time.monotonic(), tokens_at_step=dict(self.engine.iteration_tokens)
+        )
         mode = "coserve" if coserve else "timeslice"
         self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step, mode=mode)
         if trainer.done:  # killed after its last checkpoint, before publishing
@@ -302,6 +306,9 @@ class JobManager:
         running.seconds_per_step = average
         job = self.get(running.job_id)
         self.tokens_total += report.tokens
+        tokens = dict(self.engine.iteration_tokens)
+        split = {kind: count - running.tokens_at_step.get(kind, 0.0) for kind, count in tokens.items()}
+        running.tokens_at_step = tokens
         self._update(
             job.id,
             step=report.step,
@@ -310,6 +317,7 @@ class JobManager:
             trained_tokens=job.trained_tokens + report.tokens,
             tokens_per_second=report.tokens / elapsed if elapsed > 0 else 0.0,
             finetune_share=self.engine.stats().finetune_share if job.mode == "coserve" else 0.0,
+            step_iteration_tokens=split,
             estimated_finish=time.time() + average * (report.total_steps - report.step),
         )
         trainer = running.trainer
@@ -393,11 +401,28 @@ class JobManager:
             raise InvalidRequest(f"training_data has {len(data)} bytes, more than the limit of {self.max_training_file_bytes}")
         return data
 
-    def _prepare(self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None, router: RouterSpec | None = None) -> _Prepared:
+    def _prepare(
+        self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None, router: RouterSpec | None, coserve: bool
+    ) -> _Prepared:
         examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length)
+        if coserve:
+            self._check_coserved_memory(examples)
         experts = None if router is None else self._experts(router, examples)
         train, evaluation = split_eval(examples, hp.eval_fraction, hp.seed)
         return _Prepared(train, evaluation, StepPlan(train, hp), base, experts)
+
+    def _check_coserved_memory(self, examples: list[TrainingExample]) -> None:
+        """Refuse examples a co-served micro-batch could not keep within the activation cap
+        (one example is the least a micro-batch holds)."""
+        coserve = self.engine.coserve
+        for number, example in enumerate(examples, start=1):
+            if example.num_tokens > coserve.max_tokens:
+                raise InvalidRequest(
+                    f"training example {number} has {example.num_tokens} tokens; co-served training keeps "
+                    f"{coserve.bytes_per_token} bytes of activations a token on this model, so at most "
+                    f"{coserve.max_tokens} tokens fit the server's --finetune-activation-bytes "
+                    f"({coserve.activation_bytes}): shorten it, or run the server with a larger cap or --finetune-mode timeslice"
+                )
 
     def _experts(self, router: RouterSpec, examples: list[TrainingExample]) -> list[LoRAAdapter]:
         """A gate-training job's experts (current versions), refused when one is unknown
@@ -428,7 +453,8 @@ class JobManager:
             try:
                 remove_leftovers(self._job_dir(job_id))
                 base = self.registry.get(job.base_adapter) if job.base_adapter else None
-                prepared = self._prepare((self._job_dir(job_id) / DATASET_FILE).read_bytes(), job.hyperparameters, base, job.router)
+                data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
+                prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router))
                 self._prepack_for(job.lora, job.router)
             except (OSError, TandemError) as exc:
                 error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
