@@ -29,11 +29,14 @@ the optimizer. Memory held for training: the micro-batch's KV blocks, taken from
 list only, and its kept activations (per token and layer the input and the frozen linears'
 outputs: about 9 x hidden for a Llama), capped by the engine's finetune_activation_bytes. A
 micro-batch over that cap, or needing more KV blocks than the whole cache has, would wait
-forever: it fails at once instead, with what to change.
+forever: it fails at once instead, with what to change. Inference comes first for KV
+blocks: when a running request has no block to grow into, a micro-batch that has not begun
+its backward (no gradient accumulated yet) gives its blocks and kept activations back and
+starts over once there is room, before any request is preempted.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -124,6 +127,21 @@ class CoServer:
         item = torch.empty((), dtype=dtype).element_size()
         self.bytes_per_token = ((num_layers + 2) * hidden_size + sum(linear_widths.values())) * item
         self._queue: list[CoservedBatch] = []
+        self.num_reclaims = 0
+
+    def reclaim(self) -> bool:
+        """Give the running micro-batch's KV blocks back for inference, if it has not begun
+        its backward (its gradients not yet added into the weights'): it starts over once
+        there is room. False when nothing could be given."""
+        batch = next(iter(self._queue), None)
+        if batch is None or not batch.started or batch.next_layer < self.num_layers - 1 or batch.next_layer_seq:
+            return False
+        self._release(batch)
+        fresh = CoservedBatch(batch.work, batch.loss_scale)
+        for f in fields(batch):  # the trainer waits on this object: reset it in place
+            setattr(batch, f.name, getattr(fresh, f.name))
+        self.num_reclaims += 1
+        return True
 
     @property
     def max_tokens(self) -> int:

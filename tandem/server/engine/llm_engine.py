@@ -80,6 +80,7 @@ class Engine:
             self.allocator, shape.num_layers, shape.hidden_size, widths, self.share, self.dtype, self.device,
             config.finetune_activation_bytes,
         )
+        self.scheduler.reclaim = self.coserve.reclaim
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
         self.iteration_tokens = {kind: 0.0 for kind in ("decode", "prefill", "train_forward", "train_head", "train_backward")}
         self.iteration_histogram = TokenHistogram(ITERATION_TOKEN_BUCKETS)

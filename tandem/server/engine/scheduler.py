@@ -3,8 +3,9 @@
 The scheduler is the only owner of request state. Each iteration it fills a token budget:
 first the running sequences (oldest first; one token for a decode, a chunk for a prefill
 in progress), then new or preempted sequences from the queue, preempted first. When the KV
-cache has no block for a running sequence, the newest running sequence is preempted (its
-blocks freed, to be recomputed later) rather than failing anything.
+cache has no block for a running sequence, co-served training gives its blocks back first
+if it can (`reclaim`); otherwise the newest running sequence is preempted (its blocks
+freed, to be recomputed later) rather than failing anything.
 
 A sequence with an adapter runs only while its adapter holds a device slot. When the oldest
 waiting sequence cannot get a slot (all pinned by running sequences), nobody behind it may
@@ -14,6 +15,7 @@ so its slot comes, and an unpopular adapter is never starved by popular ones.
 
 import bisect
 from collections import deque
+from collections.abc import Callable
 
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.slot_pool import SlotPool
@@ -32,6 +34,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Frees KV blocks held by training, if it can; True when it freed some.
+        self.reclaim: Callable[[], bool] = lambda: False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,6 +75,8 @@ class Scheduler:
             seq = self.running[i]
             n = max(1, min(seq.num_uncomputed, budget - (len(self.running) - i - 1)))
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+                if self.reclaim():
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted += 1
