@@ -1,7 +1,8 @@
 """Co-served fine-tuning is exact: a micro-batch worked off inside inference iterations
 (forward chunks through the paged cache, backward slices rebuilt from the activations
-they kept) gives the gradients of the same micro-batch trained alone, and the inference
-requests in those iterations give the tokens they give without it."""
+they kept; or, started with no inference running, its whole forward with a graph and
+slices that backpropagate it) gives the gradients of the same micro-batch trained alone,
+and the inference requests in those iterations give the tokens they give without it."""
 
 import math
 import random
@@ -13,7 +14,14 @@ from tandem.kernels import packed_linear
 from tandem.kernels.lora import LoRABatch, native_cpu
 from tandem.server.engine import model_runner
 from tandem.server.engine.coserve import BACKWARD_COST
-from tandem.server.engine.iteration import IGNORE_INDEX, TrainingBackward, TrainingHead, TrainingSequence, TrainingWork
+from tandem.server.engine.iteration import (
+    IGNORE_INDEX,
+    SchedulerOutput,
+    TrainingBackward,
+    TrainingHead,
+    TrainingSequence,
+    TrainingWork,
+)
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.sampling_params import SamplingParams
@@ -48,6 +56,13 @@ def smollm2_head(engine):
     return engine
 
 
+def kept_only(engine, seqs: list[TrainingSequence]):
+    """The engine with room for the micro-batch's kept activations and not its graphs: even
+    alone, it runs in forward chunks through KV blocks and replays its backward."""
+    engine.coserve.activation_bytes = sum(s.num_tokens for s in seqs) * engine.coserve.bytes_per_token
+    return engine
+
+
 def coserve(engine, adapter: TrainableAdapter, seqs: list[TrainingSequence], scale: float, arrivals: dict | None = None):
     """Work one micro-batch off through engine.step(), with inference requests arriving."""
     arrivals = arrivals or {}
@@ -76,7 +91,7 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
     expected = grads(adapter)
     slices, backward = [], engine.runner.backward
     engine.runner.backward = lambda work: slices.append(work) or backward(work)
-    batch, _ = coserve(engine, adapter, seqs, 1 / targets)
+    batch, _ = coserve(kept_only(engine, seqs), adapter, seqs, 1 / targets)
     got = grads(adapter)
     # An iteration's budget pays for budget / BACKWARD_COST backward token-layers per layer; less than the
     # 68 tokens of the micro-batch and its layers split by sequence.
@@ -89,6 +104,79 @@ def test_a_coserved_micro_batch_has_the_gradients_of_training_it_alone(tiny_hf_m
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks and not engine.coserve.has_work()
+
+
+def test_a_micro_batch_started_alone_backpropagates_the_graph_of_its_whole_forward(tiny_hf_model, smollm2_tokenizer):
+    """With no inference running, a micro-batch's forward runs whole, with autograd, in one
+    iteration that takes no KV block, and its backward slices run the graphs it kept. Requests
+    arriving after its top layer's slice get their blocks and decodes; beside them not one
+    whole layer fits, so its slices run over some of a layer's sequences, replaying what the
+    forward kept instead.
+    It ends with the gradients of training it alone, the requests with their tokens on an
+    idle engine, and nothing is left held."""
+    # Budget 80: alone, the 68 tokens fit one iteration (step 0), the head the next, then one
+    # layer of the two a slice; beside inference the fixed half of it pays for 32 backward
+    # token-layers a slice, under one layer of 2 x 68.
+    config = dict(max_num_batched_tokens=80, block_size=4, kv_cache_bytes=4 << 20)
+    vocab = len(smollm2_tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    arrivals = {3: [(f"r{i}", prompt, params) for i, prompt in enumerate(random_prompts([9, 14], vocab, seed=4))]}
+    expected_tokens = run(make_engine(tiny_hf_model, smollm2_tokenizer, **config), arrivals)
+
+    engine = smollm2_head(make_engine(tiny_hf_model, smollm2_tokenizer, **config))
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(vocab)
+    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
+    alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
+    expected = grads(adapter)
+
+    held, slices = [], []
+    forward_graph, backward = engine.runner.forward_graph, engine.runner.backward
+
+    def recording_forward(work):
+        graph = forward_graph(work)
+        held.append((engine.allocator.num_free, engine.coserve.held_bytes))
+        return graph
+
+    engine.runner.forward_graph = recording_forward
+    engine.runner.backward = lambda work: slices.append(work) or backward(work)
+    batch, outputs = coserve(engine, adapter, seqs, 1 / targets, arrivals)
+
+    assert held == [(engine.allocator.num_blocks, 68 * engine.coserve.bytes_per_token + engine.coserve.graph_bytes(batch.work))]
+    whole = [w for w in slices if isinstance(w, TrainingBackward) and w.graph is not None]
+    split = [w for w in slices if isinstance(w, TrainingBackward) and w.graph is None]
+    assert whole and split and all(len(w.sequences) < len(seqs) for w in split)
+    assert outputs == expected_tokens
+    assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
+    for name, value in grads(adapter).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
+
+
+@pytest.mark.parametrize("lengths", [(37, 9, 22), (64,)], ids=["short", "one-long"])
+def test_a_graph_holds_no_more_than_the_cap_counts(tiny_hf_model, smollm2_tokenizer, lengths):
+    """The cap admits a whole forward with a graph by CoServer.graph_bytes: an upper bound
+    on what autograd saves for it (counted here by storage)."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    seqs = [TrainingSequence(ids, ids) for ids in random_prompts(list(lengths), len(smollm2_tokenizer), seed=5)]
+    work = TrainingWork(seqs, adapter.slot_weights())
+    engine.coserve.submit(work, 1.0)
+    scheduled = SchedulerOutput()
+    engine.coserve.plan(scheduled, False, 0.0)
+    storages: dict[int, int] = {}
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        engine.runner.forward_graph(scheduled.train_graph)
+    weights = sum(p.numel() * p.element_size() for p in adapter.parameters())  # saved, not held for the micro-batch
+    assert 0 < sum(storages.values()) - weights <= engine.coserve.graph_bytes(work)
+    engine.coserve.abort()
 
 
 class LayerClock:
@@ -164,7 +252,8 @@ def test_a_backward_slice_multiplies_by_no_frozen_weight(tiny_hf_model, smollm2_
             in_slice = False
 
     engine.runner.backward = recording
-    batch, _ = coserve(engine, adapter, sequences(len(smollm2_tokenizer)), 0.01)
+    seqs = sequences(len(smollm2_tokenizer))
+    batch, _ = coserve(kept_only(engine, seqs), adapter, seqs, 0.01)
     assert batch.done and forward_gemms[0] > 0 and slice_gemms[0] == 0
 
 
@@ -562,7 +651,7 @@ def test_inference_takes_kv_blocks_back_from_a_micro_batch_before_its_backward(t
     seqs = sequences(vocab)  # 68 tokens: 19 blocks, which the two requests' 2 x 13 cannot spare
     alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 0.01)
     want = grads(adapter)
-    batch, got_tokens = coserve(engine, adapter, seqs, 0.01, {1: arrivals[0]})
+    batch, got_tokens = coserve(kept_only(engine, seqs), adapter, seqs, 0.01, {1: arrivals[0]})
     assert engine.coserve.num_reclaims >= 1 and engine.scheduler.num_preemptions == 0
     assert got_tokens == expected
     assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)

@@ -24,6 +24,14 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
    backward splits exactly by sequence): a layer never has to wait for an iteration with
    room for all of it, which beside steady inference may never come.
 
+A micro-batch that starts with no inference running runs its whole forward in one iteration
+instead, with autograd, cut at every layer's input (ModelRunner.forward_graph), and its
+backward slices run those graphs rather than replaying: alone, it costs what a time-sliced
+step costs, and it needs no KV blocks. It keeps the same activations as well, so that beside
+inference a slice over some of a layer's sequences can still replay them. Its graphs take
+more memory than the kept activations (GRAPH_BYTES below): it runs so only where both fit
+under the cap.
+
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
 the optimizer. Memory held for training: the micro-batch's KV blocks, taken from the free
 list only, and its kept activations (per token and layer the input and the frozen linears'
@@ -46,19 +54,28 @@ from tandem.server.engine.iteration import (
     TrainingBackward,
     TrainingChunk,
     TrainingForward,
+    TrainingGraph,
     TrainingHead,
     TrainingWork,
 )
 from tandem.server.engine.kv_cache import BlockAllocator
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.errors import ResourceExhausted
-from tandem.server.model.kept_activations import KeptActivations
+from tandem.server.model.kept_activations import KeptActivations, KeptGraph
+from tandem.server.model.llama import ModelShape
 
 # A backward layer against a forward layer: the replay (no frozen GEMMs), then the activation
 # gradient and the trained adapter's gradients. 2-core EPYC (Zen 4), SmolLM2, bfloat16, 512
 # tokens, r 16 on every linear: forward 19 ms a layer, replay + backward 23 (recomputing the
 # frozen GEMMs instead: 43).
 BACKWARD_COST = 1.25
+# What a layer's graph saves per token, at most, in tensors of the model's dtype: widths of
+# hidden and intermediate (norm inputs, q/k/v, attention output, linear inputs, gate/up and
+# the SiLU product, and the whole tensors that saved views keep alive); and per token and
+# query head, the attention probabilities over its sequence (float32 and a copy in the
+# model's dtype: 8 bytes each). SmolLM2 in bfloat16 (storages saved by autograd, r 16 on
+# every linear) held 0.79x this bound at 8 x 64, 4 x 128 and 2 x 256 tokens, 0.50x at 1 x 512.
+GRAPH_HIDDEN_WIDTHS, GRAPH_INTERMEDIATE_WIDTHS, GRAPH_SCORE_BYTES = 16, 8, 8
 
 
 def prior_costs(model: torch.nn.Module) -> dict[str, float]:
@@ -79,6 +96,9 @@ class CoservedBatch:
     work: TrainingWork
     loss_scale: float
     kept: KeptActivations | None = None
+    # Started with its whole forward and a graph (no KV blocks), and that graph once run.
+    graphed: bool = False
+    graph: KeptGraph | None = None
     block_tables: list[list[int]] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     next_seq: int = 0
@@ -110,14 +130,15 @@ class CoservedBatch:
 
 class CoServer:
     def __init__(
-        self, allocator: BlockAllocator, num_layers: int, hidden_size: int, linear_widths: Mapping[tuple[int, str], int],
+        self, allocator: BlockAllocator, shape: ModelShape, linear_widths: Mapping[tuple[int, str], int],
         share: FinetuneShare, dtype: torch.dtype, device: torch.device, activation_bytes: int,
     ):
         """linear_widths: out_features of each LoRA-able linear (layer, group), whose outputs
         a micro-batch keeps; activation_bytes: the most its kept activations may take."""
         self.allocator = allocator
-        self.num_layers = num_layers
-        self.hidden_size = hidden_size
+        self.shape = shape
+        self.num_layers = shape.num_layers
+        self.hidden_size = shape.hidden_size
         self.linear_widths = linear_widths
         self.share = share
         self.dtype = dtype
@@ -125,7 +146,8 @@ class CoServer:
         self.activation_bytes = activation_bytes
         # What KeptActivations.empty and the gradient at the top hold per token.
         item = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = ((num_layers + 2) * hidden_size + sum(linear_widths.values())) * item
+        self.bytes_per_token = ((shape.num_layers + 2) * shape.hidden_size + sum(linear_widths.values())) * item
+        self._graph_widths = (GRAPH_HIDDEN_WIDTHS * shape.hidden_size + GRAPH_INTERMEDIATE_WIDTHS * shape.intermediate_size) * item
         self._queue: list[CoservedBatch] = []
         self.num_reclaims = 0
 
@@ -134,7 +156,7 @@ class CoServer:
         its backward (its gradients not yet added into the weights'): it starts over once
         there is room. False when nothing could be given."""
         batch = next(iter(self._queue), None)
-        if batch is None or not batch.started or batch.next_layer < self.num_layers - 1 or batch.next_layer_seq:
+        if batch is None or not batch.started or batch.graphed or batch.next_layer < self.num_layers - 1 or batch.next_layer_seq:
             return False
         self._release(batch)
         fresh = CoservedBatch(batch.work, batch.loss_scale)
@@ -153,7 +175,15 @@ class CoServer:
         """Training activations held now: the running micro-batch's, 0 when none runs (read
         from any thread: metrics)."""
         batch = next(iter(self._queue), None)
-        return batch.work.num_tokens * self.bytes_per_token if batch is not None and batch.started else 0
+        if batch is None or not batch.started:
+            return 0
+        return batch.work.num_tokens * self.bytes_per_token + (self.graph_bytes(batch.work) if batch.graphed else 0)
+
+    def graph_bytes(self, work: TrainingWork) -> int:
+        """The most a micro-batch's graphs (KeptGraph) hold, over every layer."""
+        longest = max(s.num_tokens for s in work.sequences)
+        per_token = self._graph_widths + GRAPH_SCORE_BYTES * self.shape.num_heads * longest
+        return work.num_tokens * self.num_layers * per_token
 
     def submit(self, work: TrainingWork, loss_scale: float) -> CoservedBatch:
         """Queue a micro-batch; its gradients of loss_scale * (summed token loss) accumulate
@@ -176,8 +206,9 @@ class CoServer:
 
     def plan(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float) -> None:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
-        backward slice of the running micro-batch, within the share of the token budget left.
-        Beside decodes under a target, a slice that one whole layer fits in may go down to the
+        backward slice of the running micro-batch, within the share of the token budget left;
+        with no inference, a micro-batch within the budget whose graphs fit the cap starts
+        with its whole forward (train_graph). Beside decodes under a target, a slice that one whole layer fits in may go down to the
         bottom layer: the share's deadline from interval_start (perf_counter) stops it."""
         if not self._queue:
             return
@@ -186,6 +217,12 @@ class CoServer:
             batch.error = error
             self._queue.pop(0)
             return
+        if not batch.started and not (inference_running or scheduled.inference) and self._graph_fits(batch):
+            if batch.work.num_tokens <= self.share.allowance(0, False, "forward"):
+                self._start(batch, with_blocks=False)
+                batch.graphed = True
+                scheduled.train_graph = TrainingGraph(batch.work.sequences, batch.work.weights, batch.kept)
+                return
         if not batch.started and not self._start(batch):
             return  # waits for free KV blocks
         kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
@@ -202,12 +239,16 @@ class CoServer:
             deadline = self.share.deadline(interval_start) if scheduled.decodes else None
             scheduled.train_backward = self._backward(batch, units, least, deadline)
 
-    def finish(self, scheduled: SchedulerOutput, result: BackwardResult | None) -> None:
+    def finish(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> None:
         """Advance the running micro-batch past what this iteration did; a slice its deadline
         stopped early is cut to the layers it ran in `scheduled` too (what work() reports)."""
         if result is None:
             return
         batch = self._queue[0]
+        if isinstance(result, KeptGraph):
+            batch.graph = result
+            batch.next_seq = len(batch.work.sequences)
+            return
         head = scheduled.train_head
         if head is not None:
             batch.grad[head.start : head.stop] = result.grad
@@ -221,6 +262,8 @@ class CoServer:
         batch.next_layer_seq += len(backward.sequences) if backward.first == backward.last else 0
         if batch.next_layer_seq in (0, len(batch.work.sequences)):
             batch.next_layer, batch.next_layer_seq = backward.first - 1, 0
+            if batch.graph is not None:  # a layer whose sequences were replayed: its graph is done with too
+                batch.graph.drop(backward.first)
         if batch.next_layer < 0:
             self._release(batch)
             batch.done = True
@@ -243,12 +286,17 @@ class CoServer:
             )
         return None
 
-    def _start(self, batch: CoservedBatch) -> bool:
-        """Take KV blocks for the whole micro-batch from the free list, if there are enough."""
+    def _graph_fits(self, batch: CoservedBatch) -> bool:
+        """Whether the micro-batch's graphs and kept activations fit under the cap together."""
+        return batch.work.num_tokens * self.bytes_per_token + self.graph_bytes(batch.work) <= self.activation_bytes
+
+    def _start(self, batch: CoservedBatch, with_blocks: bool = True) -> bool:
+        """Take KV blocks for the whole micro-batch from the free list, if there are enough
+        (with_blocks: its forward runs in chunks, through them), and room for its activations."""
         lengths = [s.num_tokens for s in batch.work.sequences]
-        if self._blocks_needed(batch) > self.allocator.num_free:
+        if with_blocks and self._blocks_needed(batch) > self.allocator.num_free:
             return False
-        for n in lengths:
+        for n in lengths if with_blocks else ():
             table: list[int] = []
             self.allocator.grow(table, n)
             batch.block_tables.append(table)
@@ -264,7 +312,8 @@ class CoServer:
     def _release(self, batch: CoservedBatch) -> None:
         for table in batch.block_tables:
             self.allocator.free(table)
-        batch.kept = batch.grad = None
+        batch.block_tables = []
+        batch.kept = batch.grad = batch.graph = None
 
     def _forward(self, batch: CoservedBatch, allowance: int) -> TrainingForward:
         """Chunks of the next allowance tokens, in sequence order."""
@@ -286,8 +335,9 @@ class CoServer:
         """The iteration's units of each kind of work, what the share's cost model is fitted to:
         inference and forward tokens, head rows, backward token-layers / num_layers."""
         work = {"inference": float(sum(c.num_tokens for c in scheduled.inference))}
-        if scheduled.train_forward is not None:
-            work["forward"] = float(scheduled.train_forward.num_tokens)
+        for forward in (scheduled.train_forward, scheduled.train_graph):
+            if forward is not None:
+                work["forward"] = float(forward.num_tokens)
         if scheduled.train_head is not None:
             work["head"] = float(scheduled.train_head.num_tokens)
         if (backward := scheduled.train_backward) is not None:
@@ -313,7 +363,7 @@ class CoServer:
         if batch.next_layer_seq == 0 and int(token_layers / tokens) >= max(1, least):
             first = 0 if deadline is not None else max(0, last - int(token_layers / tokens) + 1)
             batch.backward_rows = (0, tokens)
-            return TrainingBackward(sequences, batch.work.weights, batch.kept, first, last, batch.grad, deadline)
+            return TrainingBackward(sequences, batch.work.weights, batch.kept, first, last, batch.grad, deadline, batch.graph)
         begin = end = batch.next_layer_seq
         while end < len(sequences) and (sequences[end].num_tokens <= token_layers or end - begin < least):
             token_layers -= sequences[end].num_tokens

@@ -12,7 +12,7 @@ import torch
 
 from tandem.kernels.lora import LoRAWeights
 from tandem.server.engine.sequence import Sequence
-from tandem.server.model.kept_activations import KeptActivations
+from tandem.server.model.kept_activations import KeptActivations, KeptGraph
 from tandem.server.model.routing import RoutedRows
 
 # A label that asks for no loss (Hugging Face's convention).
@@ -98,6 +98,22 @@ class TrainingForward:
 
 
 @dataclass
+class TrainingGraph:
+    """A co-served micro-batch's whole forward, in an iteration with no inference: with
+    autograd, each layer's graph kept for its backward slices (KeptGraph), and the same
+    activations kept as a forward chunk keeps (for a slice over some of a layer's sequences,
+    which replays)."""
+
+    sequences: list[TrainingSequence]
+    weights: Mapping[tuple[int, str], LoRAWeights]
+    kept: KeptActivations
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.sequences)
+
+
+@dataclass
 class TrainingHead:
     """Where a co-served micro-batch's backward starts, for its rows [start, stop): final norm,
     lm_head and loss_scale * summed cross-entropy from the stored top-layer output, back to
@@ -119,7 +135,7 @@ class TrainingHead:
 class TrainingBackward:
     """Backward through layers [first, last] (top down, last first) of a co-served micro-batch:
     each layer's graph is rebuilt from its kept input, replaying its frozen linears' kept
-    outputs, then backpropagated.
+    outputs, then backpropagated; or, with graph, the graph its forward kept is.
 
     grad: the gradient at the output of layer `last` (from the head, for the top layer).
     deadline: a time.perf_counter() instant, or None. With one, layers first..last are the
@@ -133,6 +149,7 @@ class TrainingBackward:
     last: int
     grad: torch.Tensor
     deadline: float | None = None
+    graph: KeptGraph | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -155,7 +172,8 @@ class BackwardResult:
 class SchedulerOutput:
     """The work of one iteration. decodes: one token each; prefills: longer chunks; training:
     whole sequences trained in their own iteration (time-sliced fine-tuning); train_forward /
-    train_head / train_backward: co-served fine-tuning work that shares the iteration with inference.
+    train_head / train_backward: co-served fine-tuning work that shares the iteration with
+    inference; train_graph: a co-served micro-batch's whole forward, with no inference.
     block_copies: (source, destination) KV blocks to copy before the forward: a completion
     forking from its group's first sequence takes the shared prompt's keys and values."""
 
@@ -165,6 +183,7 @@ class SchedulerOutput:
     train_forward: TrainingForward | None = None
     train_head: TrainingHead | None = None
     train_backward: TrainingBackward | None = None
+    train_graph: TrainingGraph | None = None
     block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -179,7 +198,8 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.inference) + train
 
     def __bool__(self) -> bool:
-        return bool(self.decodes or self.prefills or self.training or self.train_forward or self.train_head or self.train_backward)
+        training = (self.training, self.train_forward, self.train_head, self.train_backward, self.train_graph)
+        return bool(self.decodes or self.prefills or any(w is not None for w in training))
 
 
 @dataclass

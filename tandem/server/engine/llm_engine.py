@@ -77,8 +77,7 @@ class Engine:
         self._decoded_at: float | None = None
         widths = {key: sum(out_slices) for key, (_, out_slices) in linear_shapes(model).items()}
         self.coserve = CoServer(
-            self.allocator, shape.num_layers, shape.hidden_size, widths, self.share, self.dtype, self.device,
-            config.finetune_activation_bytes,
+            self.allocator, shape, widths, self.share, self.dtype, self.device, config.finetune_activation_bytes
         )
         self.scheduler.reclaim = self.coserve.reclaim
         # Tokens run per kind of work since start (backward as token-layers / num_layers).
@@ -217,11 +216,14 @@ class Engine:
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
             backward_work = scheduled.train_head or scheduled.train_backward
-            backward = None if backward_work is None else self.runner.backward(backward_work)
+            if scheduled.train_graph is not None:
+                trained = self.runner.forward_graph(scheduled.train_graph)
+            else:
+                trained = None if backward_work is None else self.runner.backward(backward_work)
         except Exception as exc:
             self.coserve.abort(exc)
             raise
-        self.coserve.finish(scheduled, backward)
+        self.coserve.finish(scheduled, trained)
         self._count(scheduled)
         ended = time.perf_counter()
         interval = ended - (self._decoded_at or started) if scheduled.decodes else None
@@ -259,8 +261,9 @@ class Engine:
         tokens["prefill"] += prefill
         if scheduled.decodes or prefill:
             self.iteration_histogram.observe(len(scheduled.decodes) + prefill)
-        if scheduled.train_forward is not None:
-            tokens["train_forward"] += scheduled.train_forward.num_tokens
+        for forward in (scheduled.train_forward, scheduled.train_graph):
+            if forward is not None:
+                tokens["train_forward"] += forward.num_tokens
         if scheduled.train_head is not None:
             tokens["train_head"] += scheduled.train_head.num_tokens
         backward = scheduled.train_backward

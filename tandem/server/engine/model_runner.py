@@ -10,7 +10,8 @@ frozen linear's output in the linear); time-sliced training sequences come last 
 to their own rows only. Only rows that finish a sequence's known tokens get logits, since only those sample;
 training rows get logits only where a label asks for them. `backward` runs a co-served
 head block (some rows' loss, back to the top layer's output) or backward slice (layers
-rebuilt from their kept activations, then backpropagated).
+rebuilt from their kept activations, or their kept graphs, then backpropagated);
+`forward_graph` a co-served micro-batch's whole forward with autograd, when nothing else runs.
 """
 
 import time
@@ -19,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tandem.kernels.lora import LoRABatch
 from tandem.server.adapters.mixture import Mixture
@@ -31,6 +33,7 @@ from tandem.server.engine.iteration import (
     SchedulerOutput,
     TrainingBackward,
     TrainingForward,
+    TrainingGraph,
     TrainingHead,
     TrainingSequence,
     TrainingWork,
@@ -38,7 +41,7 @@ from tandem.server.engine.iteration import (
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.sequence import Sequence
 from tandem.server.model.batch import AttentionMetadata, ForwardBatch, FreshChunk, LoRARows, PrefillChunk
-from tandem.server.model.kept_activations import KeptActivations
+from tandem.server.model.kept_activations import KeptActivations, KeptGraph
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.mixed_rows import MixedRows
 from tandem.server.model.routing import RoutedRows, StepRouter
@@ -130,28 +133,54 @@ class ModelRunner:
 
     def backward(self, work: TrainingHead | TrainingBackward) -> BackwardResult:
         """A co-served head block or backward slice. A slice: layers work.last .. work.first,
-        each rebuilt from its kept activations over the micro-batch's whole sequences (fresh
-        attention, trained LoRA with autograd, frozen linears replayed) and backpropagated,
-        down to work.first or to where work.deadline stops it; the LoRA masters accumulate
-        gradients."""
+        each backpropagated through the graph its forward kept (work.graph) or rebuilt from
+        its kept activations over the slice's sequences (fresh attention, trained LoRA with
+        autograd, frozen linears replayed), down to work.first or to where work.deadline
+        stops it; the LoRA masters accumulate gradients."""
         if isinstance(work, TrainingHead):
             return self._head(work)
-        batch = self._replay_batch(work)
-        rope = self.model.rotary.table(batch.positions)
+        graph = work.graph
+        if graph is None:
+            batch = self._fresh_batch(work, work.kept)
+            rope = self.model.rotary.table(batch.positions)
         grad = work.grad
         layer = work.last
         with torch.enable_grad():
             while True:
                 started = time.perf_counter()
-                x = work.kept.inputs[layer].detach().requires_grad_()
-                self.model.layers[layer](x, batch, rope).backward(grad)
-                grad = x.grad
+                if graph is not None:
+                    grad = graph.backward(layer, grad)
+                else:
+                    x = work.kept.inputs[layer].detach().requires_grad_()
+                    self.model.layers[layer](x, batch, rope).backward(grad)
+                    grad = x.grad
                 if work.deadline is not None and grad.is_cuda:
                     torch.cuda.synchronize(grad.device)  # the clock must see the layer's work, not its launch
                 now = time.perf_counter()
                 if layer == work.first or (work.deadline is not None and 2 * now - started > work.deadline):
                     return BackwardResult(grad, None, 0, first=layer)
                 layer -= 1
+
+    def forward_graph(self, work: TrainingGraph) -> KeptGraph:
+        """A co-served micro-batch's whole forward with autograd, as a time-sliced step runs
+        it but cut at every layer's input, so that backward slices can take it layer by layer;
+        its activations go into work.kept as a forward chunk's would (the top layer's output,
+        where the head starts, included)."""
+        n = work.num_tokens
+        kept = work.kept.keeping(slice(0, n), slice(0, n))
+        batch = self._fresh_batch(work, kept)
+        rope = self.model.rotary.table(batch.positions)
+        x = F.embedding(batch.input_ids, self.model.embed)
+        graph = KeptGraph([], [])
+        with torch.enable_grad():
+            for i, layer in enumerate(self.model.layers):
+                x = x.detach().requires_grad_()
+                kept.keep_input(i, x)
+                graph.inputs.append(x)
+                x = layer(x, batch, rope)
+                graph.outputs.append(x)
+        kept.keep_input(len(graph.inputs), x)
+        return graph
 
     def _head(self, work: TrainingHead) -> BackwardResult:
         """Rows [start, stop) of the top layer's output: their loss_scale * summed loss, back
@@ -167,8 +196,8 @@ class ModelRunner:
             (loss * work.loss_scale).backward()
         return BackwardResult(x.grad, loss.item(), int(targets.numel()))
 
-    def _replay_batch(self, work: TrainingBackward) -> ForwardBatch:
-        """The micro-batch's sequences as fresh chunks, rows in order, replaying its kept activations."""
+    def _fresh_batch(self, work: TrainingBackward | TrainingGraph, kept: KeptActivations) -> ForwardBatch:
+        """The work's sequences as fresh chunks, rows in order, keeping into or replaying kept."""
         input_ids: list[int] = []
         positions: list[int] = []
         attn = AttentionMetadata(torch.empty(0, dtype=torch.long), 0, None, None, [], [])
@@ -181,7 +210,7 @@ class ModelRunner:
             kv_caches=self.kv_cache.layers,
             logits_indices=self._index([]),
             train_lora=self._trained_lora(as_work, len(input_ids)),
-            kept=work.kept,
+            kept=kept,
         )
 
     def prepare(self, scheduled: SchedulerOutput) -> tuple[ForwardBatch, list[Sequence], _TrainingRows | None]:
