@@ -54,7 +54,7 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),
     ("--finetune-mode", str, "coserve (training tokens inside inference iterations) or timeslice (between them)"),
     ("--finetune-micro-batch-tokens", int, "training tokens per gradient computation (bounds training memory; time-sliced, inference's wait)"),
-    ("--finetune-activation-bytes", int, "co-serve mode: memory cap for a training micro-batch's kept activations (cuts micro-batches; longer examples are refused)"),
+    ("--finetune-activation-bytes", int, "co-serve mode: memory cap for a training micro-batch's kept activations, and its graphs when it starts with no inference running (cuts micro-batches; longer examples are refused)"),
     ("--timeslice-share", float, "timeslice mode: the most of the engine's time training takes while inference has work (0-1]"),
     ("--stream-interval", int, "tokens per streamed message after a completion's first (1 = every token; more = fewer messages, less CPU per token)"),
     ("--cuda-graphs", boolean, "on CUDA, replay decode steps from CUDA graphs captured per batch-size bucket (false: launch every op)"),

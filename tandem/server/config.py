@@ -46,7 +46,9 @@ class EngineConfig:
     finetune_activation_bytes: the most memory a co-served micro-batch's kept activations
         (each layer's input and frozen linears' outputs for its rows, and the gradient at the
         top) may take; its KV blocks come from the free list only, never from inference's.
-        Micro-batches are cut to fit; a co-served job with a longer example is refused.
+        Micro-batches are cut to fit; a co-served job with a longer example is refused. A
+        micro-batch that starts with no inference running keeps its forward's graphs as well
+        where both fit under it (a time-sliced step's cost instead of a replay).
     timeslice_share: time-sliced mode only, the most of the engine's time training takes
         while inference has work: a micro-batch of t seconds is followed by at least
         t x (1 - share) / share of inference alone. 1.0 runs one after every inference

@@ -29,18 +29,19 @@ instead, with autograd, cut at every layer's input (ModelRunner.forward_graph), 
 backward slices run those graphs rather than replaying: alone, it costs what a time-sliced
 step costs, and it needs no KV blocks. It keeps the same activations as well, so that beside
 inference a slice over some of a layer's sequences can still replay them. Its graphs take
-more memory than the kept activations (GRAPH_BYTES below): it runs so only where both fit
+more memory than the kept activations (CoServer.graph_bytes): it runs so only where both fit
 under the cap.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
 the optimizer. Memory held for training: the micro-batch's KV blocks, taken from the free
 list only, and its kept activations (per token and layer the input and the frozen linears'
-outputs: about 9 x hidden for a Llama), capped by the engine's finetune_activation_bytes. A
-micro-batch over that cap, or needing more KV blocks than the whole cache has, would wait
-forever: it fails at once instead, with what to change. Inference comes first for KV
-blocks: when a running request has no block to grow into, a micro-batch that has not begun
-its backward (no gradient accumulated yet) gives its blocks and kept activations back and
-starts over once there is room, before any request is preempted.
+outputs: about 9 x hidden for a Llama; a graphed one's graphs too), capped by the engine's
+finetune_activation_bytes. A micro-batch over that cap, or needing more KV blocks than the
+whole cache has, would wait forever: it fails at once instead, with what to change.
+Inference comes first for KV blocks: when a running request has no block to grow into, a
+micro-batch that has not begun its backward (no gradient accumulated yet) gives its blocks
+and kept activations back and starts over once there is room, before any request is
+preempted.
 """
 
 from collections.abc import Mapping
@@ -147,7 +148,8 @@ class CoServer:
         # What KeptActivations.empty and the gradient at the top hold per token.
         item = torch.empty((), dtype=dtype).element_size()
         self.bytes_per_token = ((shape.num_layers + 2) * shape.hidden_size + sum(linear_widths.values())) * item
-        self._graph_widths = (GRAPH_HIDDEN_WIDTHS * shape.hidden_size + GRAPH_INTERMEDIATE_WIDTHS * shape.intermediate_size) * item
+        widths = GRAPH_HIDDEN_WIDTHS * shape.hidden_size + GRAPH_INTERMEDIATE_WIDTHS * shape.intermediate_size
+        self._graph_widths = widths * item
         self._queue: list[CoservedBatch] = []
         self.num_reclaims = 0
 
@@ -156,7 +158,9 @@ class CoServer:
         its backward (its gradients not yet added into the weights'): it starts over once
         there is room. False when nothing could be given."""
         batch = next(iter(self._queue), None)
-        if batch is None or not batch.started or batch.graphed or batch.next_layer < self.num_layers - 1 or batch.next_layer_seq:
+        if batch is None or not batch.started or batch.graphed:  # a graphed one holds no KV blocks
+            return False
+        if batch.next_layer < self.num_layers - 1 or batch.next_layer_seq:
             return False
         self._release(batch)
         fresh = CoservedBatch(batch.work, batch.loss_scale)
@@ -208,8 +212,9 @@ class CoServer:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
         backward slice of the running micro-batch, within the share of the token budget left;
         with no inference, a micro-batch within the budget whose graphs fit the cap starts
-        with its whole forward (train_graph). Beside decodes under a target, a slice that one whole layer fits in may go down to the
-        bottom layer: the share's deadline from interval_start (perf_counter) stops it."""
+        with its whole forward (train_graph). Beside decodes under a target, a slice that one
+        whole layer fits in may go down to the bottom layer: the share's deadline from
+        interval_start (perf_counter) stops it."""
         if not self._queue:
             return
         batch = self._queue[0]
