@@ -35,9 +35,10 @@ check | verify)  # check at most 530 s (verify 400 s, no tuning): one call insid
     step kernels_8b 100 python3 bench/lora_kernels.py --model llama-8b
     step serving_8b 200 python3 bench/lora_serving.py --model llama-8b --quick --threads 8
     ;;
-kernels)  # the CUDA tests and the kernel bench alone (~150 s)
+kernels)  # the CUDA tests and the kernel bench alone, Llama-8B and Llama-1B shapes (~200 s)
     step tests 100 python3 -m pytest -q -p no:cacheprovider --timeout 90 -n 8 --durations 15 tests/kernels tests/engine/test_cuda.py
     step kernels_8b 100 python3 bench/lora_kernels.py --model llama-8b
+    step kernels_1b 60 python3 bench/lora_kernels.py --model llama-1b
     ;;
 quick)
     step serving_8b 200 python3 bench/lora_serving.py --model llama-8b --quick --threads 8

@@ -1,7 +1,7 @@
 """Batched-LoRA shrink+expand vs a loop over adapters and vs the base GEMM of the same layer.
 
-SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536) or Llama-8B's (--model
-llama-8b), 8 adapters of rank 16 (--adapters), tokens spread round-robin over the adapters.
+SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536), Llama-3.2-1B's (--model
+llama-1b) or Llama-8B's (--model llama-8b), 8 adapters of rank 16 (--adapters), tokens spread round-robin over the adapters.
 Runs on CPU (the torch reference, which is the CPU serving path) and, when CUDA is present,
 on the GPU (Triton kernels; there also replayed in CUDA graphs over weights past the L2
 cache, as a decode step meets them). Achieved bandwidth: the least bytes lora_delta must
@@ -27,7 +27,8 @@ from bench.report import machine_info, write_result  # noqa: E402
 from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
 
 # Hidden, q, kv and intermediate widths of the models the kernels serve.
-MODELS = {"smollm2": (576, 576, 192, 1536), "llama-8b": (4096, 4096, 1024, 14336)}
+# llama-1b and llama-8b as bench/lora_serving.py's random models.
+MODELS = {"smollm2": (576, 576, 192, 1536), "llama-1b": (2048, 2048, 512, 8192), "llama-8b": (4096, 4096, 1024, 14336)}
 RANK = 16
 TOKENS = (1, 8, 32, 128)
 
