@@ -12,6 +12,7 @@ import torch
 
 from tandem.kernels import packed_linear
 from tandem.kernels.lora import LoRABatch, native_cpu
+from tandem.server.engine import coserve as coserve_module
 from tandem.server.engine import model_runner
 from tandem.server.engine.coserve import BACKWARD_COST
 from tandem.server.engine.iteration import (
@@ -225,6 +226,44 @@ def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(smollm2_toke
     assert [s for s in slices if s is not None] == [(0, 3, 2, 3.5), (0, 1, 0, 3.5)]
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_head_stops_at_its_deadline_between_blocks_and_the_gradients_stay_exact(smollm2_tokenizer, monkeypatch):
+    """Beside decodes, a head that one block fits is planned to its last row and the share's
+    deadline stops it between blocks: with blocks of 16 rows and room for two a head
+    iteration, the 68 rows run as 32, 32 and 4, and the micro-batch still has the gradients
+    of training it alone."""
+    monkeypatch.setattr(model_runner, "HEAD_BLOCK_ROWS", 16)
+    monkeypatch.setattr(coserve_module, "HEAD_BLOCK_ROWS", 16)
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=3)
+    engine = smollm2_head(make_engine(model, smollm2_tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20))
+    engine.share.deadline = lambda interval_start: 3.5
+    clock = LayerClock()
+    monkeypatch.setattr(model_runner, "time", clock)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(len(smollm2_tokenizer))
+    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
+    alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
+    expected = grads(adapter)
+    heads, backward = [], engine.runner.backward
+
+    def recording(work):
+        clock.now = -1
+        result = backward(work)
+        if isinstance(work, TrainingHead):
+            heads.append((work.start, work.start + result.grad.shape[0], work.deadline))
+        return result
+
+    engine.runner.backward = recording
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    batch, _ = coserve(engine, adapter, seqs, 1 / targets, {0: [("r", random_prompts([5], len(smollm2_tokenizer), seed=8)[0], params)]})
+
+    assert heads == [(0, 32, 3.5), (32, 64, 3.5), (64, 68, 3.5)]
+    assert engine.iteration_tokens["train_head"] == 68
+    assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
+    for name, value in grads(adapter).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_backward_slice_multiplies_by_no_frozen_weight(tiny_hf_model, smollm2_tokenizer, monkeypatch):

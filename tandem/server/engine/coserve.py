@@ -11,7 +11,11 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
 2. Head, a block of rows per iteration: final norm, lm_head and the loss of those rows from
    the stored top-layer output, back to that output (a row's loss depends on its row only).
    For a small model the vocabulary-wide GEMM and its dX weigh as much as several layers:
-   done at once it was one long iteration per micro-batch, over any latency target.
+   done at once it was one long iteration per micro-batch, over any latency target. Beside
+   decodes under a target, where one block of HEAD_BLOCK_ROWS fits, the rows left go on
+   block by block until the share's deadline, as a backward slice's layers do (planned by
+   the cost model and its margin instead, head iterations used 3.5% of a 50%-load window
+   where the guard left 6.0%).
 3. Backward, top layer first, a few layers per iteration: each layer's graph is rebuilt
    from its kept input with autograd, its frozen linears replaying their kept outputs (only
    attention, norms, SiLU and the trained adapter's rank-r GEMMs run again), and
@@ -19,8 +23,8 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
    over T tokens costs about 1.25kT token-layers, the forward of a chunk of n tokens nL.
    Beside decodes under a target, a slice that one layer fits in goes on down until the
    share's deadline (finetune_share.py): it fills the interval by the clock, where the
-   forward and the head are planned by the cost model and its margin. Where not even one layer over the whole micro-batch fits, a slice is
-   one layer over some of its sequences (attention stays within a sequence, so a layer's
+   forward is planned by the cost model and its margin. Where not even one layer over the
+   whole micro-batch fits, a slice is one layer over some of its sequences (attention stays within a sequence, so a layer's
    backward splits exactly by sequence): a layer never has to wait for an iteration with
    room for all of it, which beside steady inference may never come.
 
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from tandem.server.engine.iteration import (
+    HEAD_BLOCK_ROWS,
     BackwardResult,
     SchedulerOutput,
     TrainingBackward,
@@ -238,11 +243,12 @@ class CoServer:
         if kind == "forward":
             if int(units) > 0:
                 scheduled.train_forward = self._forward(batch, int(units))
-        elif kind == "head":
-            scheduled.train_head = self._head(batch, max(least, int(units)))
         else:
             deadline = self.share.deadline(interval_start) if scheduled.decodes else None
-            scheduled.train_backward = self._backward(batch, units, least, deadline)
+            if kind == "head":
+                scheduled.train_head = self._head(batch, max(least, int(units)), deadline)
+            else:
+                scheduled.train_backward = self._backward(batch, units, least, deadline)
 
     def finish(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> None:
         """Advance the running micro-batch past what this iteration did; a slice its deadline
@@ -256,10 +262,12 @@ class CoServer:
             return
         head = scheduled.train_head
         if head is not None:
-            batch.grad[head.start : head.stop] = result.grad
+            stop = head.start + result.grad.shape[0]
+            batch.grad[head.start : stop] = result.grad
             batch.loss_sum += result.loss_sum
             batch.num_targets += result.num_targets
-            batch.next_head = head.stop
+            batch.next_head = stop
+            scheduled.train_head = replace(head, stop=stop)
             return
         start, stop = batch.backward_rows
         batch.grad[start:stop] = result.grad
@@ -349,13 +357,16 @@ class CoServer:
             work["backward"] = backward.num_tokens * (backward.last - backward.first + 1) / self.num_layers
         return work
 
-    def _head(self, batch: CoservedBatch, rows: int) -> TrainingHead | None:
-        """The next `rows` rows of the head."""
+    def _head(self, batch: CoservedBatch, rows: int, deadline: float | None) -> TrainingHead | None:
+        """The next `rows` rows of the head; with a deadline, where a whole block fits, all the
+        rows left, for the deadline to stop between blocks."""
         if not rows:
             return None
         start = batch.next_head
-        stop = min(batch.grad.shape[0], start + rows)
-        return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, stop, batch.loss_scale)
+        end = batch.grad.shape[0]
+        if deadline is not None and rows >= HEAD_BLOCK_ROWS:
+            return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, end, batch.loss_scale, deadline)
+        return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, min(end, start + rows), batch.loss_scale)
 
     def _backward(self, batch: CoservedBatch, units: float, least: int, deadline: float | None) -> TrainingBackward | None:
         """The next layers down, as many as `units` (token-layers / num_layers) pay for, or

@@ -113,18 +113,28 @@ class TrainingGraph:
         return sum(s.num_tokens for s in self.sequences)
 
 
+# A head block's rows, where a deadline stops the head between blocks: on SmolLM2 (2-core
+# EPYC, bf16) a row is ~0.3 ms of lm_head GEMM and its dX, so a block ~20 ms, a layer's worth.
+HEAD_BLOCK_ROWS = 64
+
+
 @dataclass
 class TrainingHead:
     """Where a co-served micro-batch's backward starts, for its rows [start, stop): final norm,
     lm_head and loss_scale * summed cross-entropy from the stored top-layer output, back to
     that output. A row's loss and gradient depend on that row only, so the head (as costly as
-    several layers: a vocabulary-wide GEMM and its dX) splits over iterations by rows."""
+    several layers: a vocabulary-wide GEMM and its dX) splits over iterations by rows.
+    deadline: a time.perf_counter() instant, or None. With one, rows [start, stop) are the
+    most it runs, in blocks of HEAD_BLOCK_ROWS: it stops before a block that the time of the
+    one before says would end past the deadline (the first block always runs);
+    BackwardResult.grad's rows say how far it got."""
 
     sequences: list[TrainingSequence]
     output: torch.Tensor
     start: int
     stop: int
     loss_scale: float
+    deadline: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -27,6 +27,7 @@ from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.decode_graphs import DecodeGraphs
 from tandem.server.engine.iteration import (
+    HEAD_BLOCK_ROWS,
     IGNORE_INDEX,
     BackwardResult,
     ModelRunnerOutput,
@@ -184,17 +185,34 @@ class ModelRunner:
 
     def _head(self, work: TrainingHead) -> BackwardResult:
         """Rows [start, stop) of the top layer's output: their loss_scale * summed loss, back
-        to those rows (zero for rows without a label)."""
+        to those rows (zero for rows without a label); with a deadline, block by block until
+        it, the rows done those of the gradient returned."""
         training = self._loss_rows(work.sequences, 0)
-        keep = (training.rows >= work.start) & (training.rows < work.stop)
-        rows, targets = training.rows[keep] - work.start, training.targets[keep]
-        x = work.output[work.start : work.stop].detach().requires_grad_()
+        grads, loss_sum, num_targets = [], 0.0, 0
+        start = work.start
+        while start < work.stop:
+            if work.deadline is None:
+                stop = work.stop
+            else:
+                began, stop = time.perf_counter(), min(work.stop, start + HEAD_BLOCK_ROWS)
+            grad, loss, targets = self._head_rows(work, training, start, stop)
+            grads.append(grad)
+            loss_sum, num_targets, start = loss_sum + loss, num_targets + targets, stop
+            if work.deadline is not None and start < work.stop and 2 * time.perf_counter() - began > work.deadline:
+                break
+        return BackwardResult(grads[0] if len(grads) == 1 else torch.cat(grads), loss_sum, num_targets)
+
+    def _head_rows(self, work: TrainingHead, training: _TrainingRows, start: int, stop: int) -> tuple[torch.Tensor, float, int]:
+        """The gradient at rows [start, stop) of the top layer's output, their summed loss and targets."""
+        keep = (training.rows >= start) & (training.rows < stop)
+        rows, targets = training.rows[keep] - start, training.targets[keep]
+        x = work.output[start:stop].detach().requires_grad_()
         if not len(rows):
-            return BackwardResult(torch.zeros_like(x), 0.0, 0)
+            return torch.zeros_like(x), 0.0, 0
         with torch.enable_grad():
             loss = self.model.token_loss(self.model.norm(x[rows]), targets)
             (loss * work.loss_scale).backward()
-        return BackwardResult(x.grad, loss.item(), int(targets.numel()))
+        return x.grad, loss.item(), int(targets.numel())
 
     def _fresh_batch(self, work: TrainingBackward | TrainingGraph, kept: KeptActivations) -> ForwardBatch:
         """The work's sequences as fresh chunks, rows in order, keeping into or replaying kept."""
