@@ -194,22 +194,29 @@ class LayerClock:
         return float(self.now)
 
 
+def clocked(model, tokenizer, monkeypatch):
+    """An engine on model whose share's deadline is 3.5 on a LayerClock (a head row priced as
+    in SmolLM2), a randomized adapter, the test micro-batch, its target count, and what
+    training it alone gives: (engine, clock, adapter, seqs, targets, result, gradients)."""
+    engine = smollm2_head(make_engine(model, tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20))
+    engine.share.deadline = lambda interval_start: 3.5
+    clock = LayerClock()
+    monkeypatch.setattr(model_runner, "time", clock)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(len(tokenizer))
+    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
+    alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
+    return engine, clock, adapter, seqs, targets, alone, grads(adapter)
+
+
 def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(smollm2_tokenizer, monkeypatch):
     """Beside decodes, a whole-layer slice is planned down to the bottom layer and the share's
     deadline stops it between layers: on a 4-layer model with room for two layers a slice,
     the first slice runs layers 3-2, the next 1-0, and the micro-batch still has the
     gradients of training it alone."""
     model = make_tiny_hf_model(smollm2_tokenizer, seed=3, num_hidden_layers=4)
-    engine = make_engine(model, smollm2_tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20)
-    engine.share.deadline = lambda interval_start: 3.5
-    clock = LayerClock()
-    monkeypatch.setattr(model_runner, "time", clock)
-    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
-    randomize(adapter, seed=1)
-    seqs = sequences(len(smollm2_tokenizer))
-    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
-    engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
-    expected = grads(adapter)
+    engine, clock, adapter, seqs, targets, _, expected = clocked(model, smollm2_tokenizer, monkeypatch)
     slices, backward = [], engine.runner.backward
 
     def recording(work):
@@ -236,16 +243,7 @@ def test_a_head_stops_at_its_deadline_between_blocks_and_the_gradients_stay_exac
     monkeypatch.setattr(model_runner, "HEAD_BLOCK_ROWS", 16)
     monkeypatch.setattr(coserve_module, "HEAD_BLOCK_ROWS", 16)
     model = make_tiny_hf_model(smollm2_tokenizer, seed=3)
-    engine = smollm2_head(make_engine(model, smollm2_tokenizer, max_num_batched_tokens=512, block_size=4, kv_cache_bytes=4 << 20))
-    engine.share.deadline = lambda interval_start: 3.5
-    clock = LayerClock()
-    monkeypatch.setattr(model_runner, "time", clock)
-    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
-    randomize(adapter, seed=1)
-    seqs = sequences(len(smollm2_tokenizer))
-    targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
-    alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
-    expected = grads(adapter)
+    engine, clock, adapter, seqs, targets, alone, expected = clocked(model, smollm2_tokenizer, monkeypatch)
     heads, backward = [], engine.runner.backward
 
     def recording(work):
