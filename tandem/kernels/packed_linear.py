@@ -88,7 +88,7 @@ class Prepacked:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out] = x weight^T (+ bias). Without autograd, up to
-        skinny_linear.MAX_ROWS rows through the skinny kernel where it has a copy; else through
+        skinny_linear.ROUTED_ROWS rows through the skinny kernel where it has a copy; else through
         the reordered weight when there is one and T <= max_rows(dtype), else F.linear; rows padded to their bucket either way
         (oneDNN keeps a kernel per shape). Under autograd the activation gradient runs through
         a reordered weight^T (the frozen weight itself gets none; a weight or bias that
@@ -98,7 +98,7 @@ class Prepacked:
             return row_buckets.linear(x, weight, bias)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinear.apply(x, weight, bias, self)
-        if (y := skinny_linear.linear(x, self._skinny, weight.shape[0], bias)) is not None:
+        if x.shape[0] <= skinny_linear.ROUTED_ROWS and (y := skinny_linear.linear(x, self._skinny, weight.shape[0], bias)) is not None:
             return y
         return _run(x, self._packed, bias)
 

@@ -29,6 +29,12 @@ SOURCE = Path(__file__).with_name("skinny_linear_cpu.c")
 # ties. 2 Zen 4 cores, SmolLM2's shapes from memory: 1.5-2.0x oneDNN at 1-8 rows, 1.1-1.3x
 # at 32, 0.99-1.3x at 64 (gate_up ties), at 96 the lm_head 0.91x.
 MAX_ROWS = 64
+# The most rows Prepacked routes to it. Where oneDNN runs bfloat16 GEMMs on AMX tiles, its
+# linear wins from 8 rows: on a 2-core Xeon (Emerald Rapids) the kernel ran 1.2-1.7x oneDNN
+# at 1-2 rows and 0.16-0.5x at 16-64 (bench/results/base_linears_cpu_intel_bf16.json), and
+# SmolLM2 decode steps with the kernel up to 4 rows against up to 64 took 34.2 vs 34.6 ms at
+# 4 sequences, 46.2 vs 51.1 at 8, 67.4 vs 105.8 at 32.
+ROUTED_ROWS = 4 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else MAX_ROWS
 
 
 @functools.cache
