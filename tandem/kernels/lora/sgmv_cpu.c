@@ -19,6 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include "../vec_cpu.h"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 /* Tokens per block: each weight row loaded once serves TB tokens. */
 #define TB 4
@@ -316,6 +319,15 @@ struct tandem_lora_step {
     int32_t nseg, max_len;
 };
 
+/* The (segment, block of `block` tokens) items of a step: the segments past max_len and those of
+   rank-0 slots are left out. */
+static int count_items(const struct tandem_lora_step *step, const int32_t *ranks, int block) {
+    int n = 0;
+    for (int g = 0; g < step->nseg; g++)
+        if (ranks[step->seg_slot[g]] && step->seg_len[g] <= step->max_len) n += (step->seg_len[g] + block - 1) / block;
+    return n;
+}
+
 /* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
    only if a thread failed mid-way, which the caller treats as fatal). */
 int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
@@ -328,11 +340,18 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
     int nseg = step->nseg, max_len = step->max_len;
     int block = TB;
 #if defined(__AVX512BF16__)
-    if (x_bf16 && w_bf16) block = TB_DP;
+    if (x_bf16 && w_bf16) {
+        /* Halved while there are fewer items than threads: one 8-token segment in one block
+           would leave the other cores idle. */
+#if defined(_OPENMP)
+        int threads = omp_get_max_threads();
+#else
+        int threads = 1;
 #endif
-    int nitems = 0;
-    for (int g = 0; g < nseg; g++)
-        if (ranks[seg_slot[g]] && seg_len[g] <= max_len) nitems += (seg_len[g] + block - 1) / block;
+        for (block = TB_DP; block > 1 && count_items(step, ranks, block) < threads; block /= 2) {}
+    }
+#endif
+    int nitems = count_items(step, ranks, block);
     int32_t *items = malloc(sizeof(int32_t) * 2 * (size_t)(nitems + 1));
     if (!items) return -1;
     int n = 0;
