@@ -29,8 +29,9 @@
    (dispatch_dp): a block does its real tokens' arithmetic (at TB 4, a 1-token segment, common
    with many adapters, did four tokens' worth), and a segment of up to TB_DP tokens reads its
    weights once. In alternated SmolLM2 decode steps' 120 calls (32 tokens, 2-core Emerald
-   Rapids Xeon, bf16), against TB 4 for every block: 0.90x the time with 8 adapters, 0.95x
-   with one, 0.90x with 64 drawn by Zipf. */
+   Rapids Xeon, bf16, where vdpbf16ps bounds these calls), against TB 4 for every block, over
+   four runs on a noisy host: 0.85-0.97x the time with 8 adapters, 0.96-1.02x with one,
+   0.87-0.95x with 64 drawn by Zipf. */
 #define TB_DP 8
 /* Output columns per expand block (two vectors per token stay in registers). */
 #define NB 32
@@ -117,7 +118,7 @@ static void shrink(const float *xb, int64_t fin, const void *a, int64_t a_off, i
 #if defined(__AVX512BF16__)
 /* bf16 x and weights on a CPU with AVX512-BF16: vdpbf16ps multiplies 32 pairs a step with
    no conversions (exact products, float32 sums in another order); two rows of a a pass, so
-   2*TB sums are under way at once. Measured in a SmolLM2 decode step (2 Zen 5 cores): the
+   2*tb sums are under way at once. Measured in a SmolLM2 decode step (2 Zen 5 cores): the
    kernel's time 3.9 -> 3.4 ms with one adapter. */
 static inline __attribute__((always_inline)) void shrink_dp(const uint16_t *xb, int64_t fin, const uint16_t *a, int64_t a_off,
                                                            int S, int R, int rank, float *v, struct trickle *tr, const int tb) {
