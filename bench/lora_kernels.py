@@ -2,9 +2,10 @@
 
 SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536), Llama-3.2-1B's (--model
 llama-1b) or Llama-8B's (--model llama-8b), 8 adapters of rank 16 (--adapters), tokens spread round-robin over the adapters.
-Runs on CPU (the torch reference, which is the CPU serving path) and, when CUDA is present,
-on the GPU (Triton kernels; there also replayed in CUDA graphs over weights past the L2
-cache, as a decode step meets them). Achieved bandwidth: the least bytes lora_delta must
+Runs on CPU (the C kernel, kernels/lora/native_cpu.py, on weights in the CPU slot pool's
+layout, as serving calls it; the torch reference beside it) and, when CUDA is present, on the
+GPU (Triton kernels; there also replayed in CUDA graphs over weights past the L2 cache, as a
+decode step meets them). Achieved bandwidth: the least bytes lora_delta must
 move (each active slot's A and B at its rank, x, y read and written) over its time, against
 a large copy's bandwidth on the same device.
 
@@ -23,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.report import machine_info, write_result  # noqa: E402
+from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
+from tandem.server.adapters.slot_pool import b_pool  # noqa: E402
 
 # Hidden, q, kv and intermediate widths of the models the kernels serve.
 # llama-1b and llama-8b as bench/lora_serving.py's random models.
@@ -40,9 +42,12 @@ def layer_groups(model: str) -> dict[str, tuple[int, tuple[int, ...]]]:
 
 
 def make_lora(num_adapters, in_features, out_slices, dtype, device) -> LoRAWeights:
+    """Random slots, B in the layout the slot pool keeps on this device (on CPU the one the C
+    kernel takes)."""
     num_slices, n_out = len(out_slices), sum(out_slices)
     a = torch.randn(num_adapters, num_slices * RANK, in_features, dtype=dtype, device=device) / in_features**0.5
-    b = torch.randn(num_adapters, n_out, RANK, dtype=dtype, device=device) / RANK
+    b = b_pool(num_adapters, n_out, RANK, dtype, device)
+    b.copy_(torch.randn(num_adapters, n_out, RANK, dtype=dtype, device=device) / RANK)
     ranks = torch.full((num_adapters,), RANK, dtype=torch.int32, device=device)
     return LoRAWeights(a, b, ranks, out_slices)
 
@@ -190,7 +195,9 @@ def run(device, dtypes, peak_gb_s, groups, num_adapters, floor_us):
                     "batch_build_us": lambda: LoRABatch.build(slots, num_adapters, device=device),
                 }
                 if device.type == "cpu" and dtype != torch.float32:
-                    w32 = LoRAWeights(w.a.float(), w.b.float(), w.slot_ranks, w.out_slices)
+                    b32 = b_pool(num_adapters, w.out_features, RANK, torch.float32, device)
+                    b32.copy_(w.b)
+                    w32 = LoRAWeights(w.a.float(), b32, w.slot_ranks, w.out_slices)
                     fns["lora_delta_fp32_pool_us"] = lambda: lora_delta(x, w32, batch, y)
                 if device.type == "cuda":
                     from tandem.kernels.lora import triton_sgmv
@@ -198,7 +205,7 @@ def run(device, dtypes, peak_gb_s, groups, num_adapters, floor_us):
                     fns["triton_two_launch_us"] = lambda: triton_sgmv.lora_expand(
                         triton_sgmv.lora_shrink(x, w, batch), w, batch, y
                     )
-                    fns["torch_reference_us"] = lambda: lora_delta(x, w, batch, y, backend="torch")
+                fns["torch_reference_us"] = lambda: lora_delta(x, w, batch, y, backend="torch")
                 times = dict(zip(fns, timeit(list(fns.values()), device)))
                 row = {"dtype": str(dtype).removeprefix("torch."), "group": name, "tokens": num_tokens}
                 row.update({key: t * 1e6 for key, t in times.items()})
@@ -333,7 +340,8 @@ def main():
         "per_layer": per_layer,
     }
     suffix = ("" if args.model == "smollm2" else f"_{args.model}") + ("" if args.adapters == 8 else f"_{args.adapters}_adapters")
-    write_result(f"lora_kernels_{device.type}{suffix}", result)
+    kind = f"cpu_{cpu_kind()}" if device.type == "cpu" else device.type
+    write_result(f"lora_kernels_{kind}{suffix}", result)
 
 
 if __name__ == "__main__":

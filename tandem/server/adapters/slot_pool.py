@@ -60,7 +60,7 @@ class SlotPool:
             s = len(linear.out_slices)
             self.weights[key] = LoRAWeights(
                 a=torch.zeros(num_slots, s * max_rank, linear.in_features, dtype=dtype, device=device),
-                b=_b_pool(num_slots, sum(linear.out_slices), max_rank, dtype, device),
+                b=b_pool(num_slots, sum(linear.out_slices), max_rank, dtype, device),
                 slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
                 out_slices=linear.out_slices,
             )
@@ -264,7 +264,7 @@ def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def _b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The pool's B, [num_slots, out_features, max_rank]; on CPU a transposed view of
     [num_slots, max_rank, out_features] storage, the layout the C kernel's expand reads as
     contiguous rows (kernels/lora/native_cpu.py)."""
