@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
-from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta  # noqa: E402
+from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta, native_cpu  # noqa: E402
 from tandem.server.adapters.slot_pool import b_pool  # noqa: E402
 
 # Hidden, q, kv and intermediate widths of the models the kernels serve.
@@ -188,6 +188,8 @@ def run(device, dtypes, peak_gb_s, groups, num_adapters, floor_us):
                 slots = [t % num_adapters for t in range(num_tokens)]
                 batch = LoRABatch.build(slots, num_adapters, device=device)
                 token_slots = batch.token_slots
+                if device.type == "cpu" and native_cpu.library() is not None and not native_cpu.applies(x, w, batch, y):
+                    raise SystemExit(f"the C kernel does not take the {name} call: 'lora_delta' would time the torch path")
                 fns = {
                     "base_gemm_us": lambda: F.linear(x, base),
                     "lora_delta_us": lambda: lora_delta(x, w, batch, y),
