@@ -30,7 +30,7 @@
    with many adapters, did four tokens' worth), and a segment of up to TB_DP tokens reads its
    weights once. In alternated SmolLM2 decode steps' 120 calls (32 tokens, 2-core Emerald
    Rapids Xeon, bf16, where vdpbf16ps bounds these calls), against TB 4 for every block, over
-   four runs on a noisy host: 0.85-0.97x the time with 8 adapters, 0.96-1.02x with one,
+   four to seven runs on a noisy host: 0.85-0.97x the time with 8 adapters, 0.92-1.02x with one,
    0.87-0.95x with 64 drawn by Zipf. */
 #define TB_DP 8
 /* Output columns per expand block (two vectors per token stay in registers). */
