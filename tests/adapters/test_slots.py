@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tandem.kernels.lora import native_cpu
+from tandem.kernels.lora import LoRABatch, lora_delta, native_cpu
 from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.kv_cache import KVCache
@@ -557,3 +557,31 @@ def check_staged(adapter: LoRAAdapter, device: torch.device) -> None:
         assert torch.equal(before[3], after[3].cpu()) and torch.equal(before[4], after[4].cpu())
     apart = [(k, s, c, a.clone(), b, scale) for k, s, c, a, b, scale in slices]  # not views of one buffer
     assert staged(apart, device) is apart
+
+
+@pytest.mark.skipif(native_cpu.library() is None, reason="no C compiler to build the native kernel")
+def test_a_reused_slot_serves_its_new_adapter_on_the_kernels_amx_copy(smollm2_tokenizer, tmp_path):
+    """A bfloat16 CPU pool keeps each slot's AMX copy where the CPU has the tiles (elsewhere
+    the kernel's vector path serves and this checks it the same way): after a slot's adapter
+    is evicted for one of other ranks and projections, the kernel's delta is the new adapter's
+    (torch's over the pool's own weights), never the old one's."""
+    hf = make_tiny_hf_model(smollm2_tokenizer, hidden_size=72, intermediate_size=100)
+    model = build_from_hf(hf, torch.float32, torch.device("cpu"))
+    first = read_adapter("a", make_adapter(hf, tmp_path / "a", r=16, target_modules=ALL_LINEAR, seed=1), model, MAX_RANK)
+    second = read_adapter("b", make_adapter(hf, tmp_path / "b", r=8, target_modules=["q_proj", "down_proj"],
+                                           rank_pattern={"down_proj": 3}, seed=2), model, MAX_RANK)
+    pool = SlotPool(model, 1, MAX_RANK, torch.bfloat16, torch.device("cpu"))
+    torch.manual_seed(0)
+    slots = [0] * 20 + [-1] * 3 + [0] * 3
+    batch = LoRABatch.build(slots, 1)
+    for adapter in (first, second):
+        pool.acquire(adapter)
+        pool.release(0)
+        for key, w in pool.weights.items():
+            assert (w.packed is not None) == (native_cpu.packed_words(w.in_features, w.out_slices, MAX_RANK, w.a.dtype) > 0)
+            x = torch.randn(len(slots), w.in_features).bfloat16()
+            y = torch.randn(len(slots), w.out_features).bfloat16()
+            expected = y.clone()
+            lora_delta(x, w, batch, expected, backend="torch")
+            lora_delta(x, w, batch, y)
+            torch.testing.assert_close(y.float(), expected.float(), atol=2e-2, rtol=2e-2, msg=f"{adapter.name} {key}")

@@ -14,7 +14,8 @@
    token rows grouped by slot. Slice s of a slot uses rows s*R .. s*R+rank of a and columns
    sum(widths[:s]) .. + widths[s] of bt. Plain C with GCC vector types, so it builds for
    whatever -march=native offers (AVX2 or AVX-512); AVX512-BF16's dot product where the
-   CPU has it and x and the weights are bf16 (shrink_dp, expand_dp: the intrinsic paths). */
+   CPU has it and x and the weights are bf16 (shrink_dp, expand_dp: the intrinsic paths), and
+   AMX's tiles where it has those too (amx_item, from a repacked copy of the weights). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -305,11 +306,305 @@ static void dispatch_dp(int nb, const uint16_t *x, int64_t fin, const uint16_t *
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* Intel AMX: a tile multiply does a 16 x 16 x 32 bfloat16 product with float32 sums in one
+   instruction, where vdpbf16ps bounds the dp paths above (85 GFLOP/s a core against AMX's 1.7
+   TFLOP/s on a 2-core Emerald Rapids Xeon). A tile multiply reads its right operand as the
+   (k, k+1) pairs of each column, a layout neither A nor B^T is kept in, so the weights go
+   through a repacked copy:
+   - shrink: v [tokens x S*R] = x [tokens x fin] A^T. x's rows are the left operand as they
+     are (gathered); A^T's pairs (`at`) come from 16 x 16 transposes of A's 32-bit pairs,
+     tile (chunk c of 32 fin columns, group j of 16 v columns) at (c * groups + j) * 256, so
+     a shrink reads them in order.
+   - expand: y [tokens x N] += v [tokens x R] B^T: v rounded to bfloat16 (as expand_dp does)
+     is the left operand as it is; B^T's rows k and k+1 interleave into pairs (`bp`), in
+     blocks of 16 columns of a slice (zero past its width), each block's tiles together.
+   Rows of A and B^T past a slot's rank are packed as zeros (the pool may hold anything there).
+   The CPU slot pool keeps this copy of every slot (tandem_lora_pack, at each load), and then
+   every segment takes the tiles; a pool without it has an item repack its slot's weights,
+   which only a long segment's tokens pay back (tried: slower below 16 tokens). The kernel asks
+   Linux for leave to use the tiles once; without it the dp paths run. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Without the pool's copy, segments of at least AMX_MIN_ROWS tokens take this path. */
+#define AMX_MIN_ROWS 16
+/* Tokens an item takes at most (four tiles of 16 rows). */
+#define AMX_ROWS 64
+/* Output columns an expand writes out before adding them into y. */
+#define AMX_PANEL 256
+/* Chunks of fin a shrink asks for ahead of its tile loads. */
+#define AMX_AHEAD 2
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* Tiles 0-3: sums (shrink: four groups of 16 columns of v; expand: four blocks of 16 columns
+   of y); then x's rows, at's pairs (in the expand, a second tile of bp's pairs), v's rows and
+   bp's pairs. Macros, not an enum: the intrinsics paste the number into the instruction. */
+#define T_X 4
+#define T_AT 5
+#define T_BP2 5
+#define T_V 6
+#define T_BP 7
+
+static int amx_allowed(void) {
+    static int allowed = -1;
+    if (allowed < 0) allowed = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return allowed;
+}
+
+/* The packed shapes: fin in chunks of 32, v's S*R columns in groups of 16, the rank in kp
+   columns (even; past 32 a multiple of 32) taken kc at a time (nq passes), and room for
+   `blocks` blocks of 16 columns (each slice's last one may be partial). */
+struct amx_shape {
+    int64_t fin_p, chunks, groups, blocks;
+    int kp, kc, nq;
+};
+
+static struct amx_shape amx_shape_of(int64_t fin, int64_t N, int S, int R) {
+    struct amx_shape sh;
+    sh.chunks = (fin + 31) / 32;
+    sh.fin_p = sh.chunks * 32;
+    sh.groups = ((int64_t)S * R + 15) / 16;
+    sh.blocks = N / 16 + S;
+    sh.kp = R + (R & 1) <= 32 ? R + (R & 1) : (R + 31) / 32 * 32;
+    sh.kc = sh.kp < 32 ? sh.kp : 32;
+    sh.nq = sh.kp / sh.kc;
+    return sh;
+}
+
+/* 32-bit words: a slot's at, one block of bp, a slot's copy. */
+static int64_t amx_at_words(const struct amx_shape *sh) { return sh->chunks * sh->groups * 256; }
+static int64_t amx_block_words(const struct amx_shape *sh) { return (int64_t)sh->kp / 2 * 16; }
+static int64_t amx_packed_words(const struct amx_shape *sh) { return amx_at_words(sh) + sh->blocks * amx_block_words(sh); }
+
+/* The tiles' shapes for the shrink, or (expand) for the expand: tile 5 is at's there, bp's
+   here; m rows of x a tile (16, or an item's tokens where it has fewer). */
+static void amx_configure(const struct amx_shape *sh, int expand, int m) {
+    struct tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = (uint8_t)(t < 4 || t == T_X || t == T_V ? m : 16), c.colsb[t] = 64;
+    c.colsb[T_V] = (uint16_t)(sh->kc * 2);
+    c.rows[T_BP] = (uint8_t)(sh->kc / 2);
+    if (expand) c.rows[T_BP2] = (uint8_t)(sh->kc / 2);
+    _tile_loadconfig(&c);
+}
+
+/* An item's scratch in floats: x's rows, a copy (when the pool has none), v's rows, two tiles
+   of sums, 16 rows of a panel's deltas. */
+static size_t amx_scratch_floats(const struct amx_shape *sh, int S) {
+    return (size_t)AMX_ROWS * sh->fin_p / 2 + (size_t)amx_packed_words(sh) + (size_t)AMX_ROWS * S * sh->kp / 2 + 2 * 256
+           + 16 * AMX_PANEL + 16;
+}
+
+/* out[p][i] = in[i][p] for a 16 x 16 block of 32-bit elements (unpacks, then 128-bit lanes). */
+static inline void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int k = 0; k < 8; k++) {
+        a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    /* b[4k + m], lane L: column 4L + m of rows 4k .. 4k+3. */
+    for (int k = 0; k < 4; k++) {
+        b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i e0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0x44), e1 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0xEE);
+        __m512i e2 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0x44), e3 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        r[4 + m] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        r[8 + m] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        r[12 + m] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
+}
+
+/* A slot's copy from its a [S*R, fin] and bt [R, N] (see above), packed in `packed`. */
+static void amx_pack(const uint16_t *a, const uint16_t *bt, int64_t fin, int64_t N, int S, int R, const int32_t *widths, int rank,
+                     const struct amx_shape *sh, uint32_t *packed) {
+    for (int64_t c = 0; c < sh->chunks; c++) {
+        int64_t left = fin - c * 32;
+        __mmask32 m = left >= 32 ? ~(__mmask32)0 : ((__mmask32)1 << left) - 1;
+        for (int64_t j = 0; j < sh->groups; j++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                int64_t row = j * 16 + i;
+                int live = row < (int64_t)S * R && row % R < rank;
+                r[i] = live ? _mm512_maskz_loadu_epi16(m, a + row * fin + c * 32) : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            uint32_t *tile = packed + (c * sh->groups + j) * 256;
+            for (int p = 0; p < 16; p++) _mm512_storeu_si512(tile + p * 16, r[p]);
+        }
+    }
+    uint32_t *block = packed + amx_at_words(sh);
+    int64_t col0 = 0;
+    for (int s = 0; s < S; s++) {
+        for (int64_t b0 = 0; b0 < widths[s]; b0 += 16, block += amx_block_words(sh)) {
+            int64_t n = widths[s] - b0 < 16 ? widths[s] - b0 : 16;
+            __mmask16 m = (__mmask16)((1u << n) - 1);
+            for (int k = 0; k < sh->kp; k += 2) {
+                __m512i b0k = _mm512_setzero_si512(), b1k = _mm512_setzero_si512();
+                if (k < rank) b0k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bt + (int64_t)k * N + col0 + b0));
+                if (k + 1 < rank) b1k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bt + (int64_t)(k + 1) * N + col0 + b0));
+                _mm512_storeu_si512(block + (int64_t)(k / 2) * 16, _mm512_or_si512(b0k, _mm512_slli_epi32(b1k, 16)));
+            }
+        }
+        col0 += widths[s];
+    }
+}
+
+static inline void amx_prefetch(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i);
+}
+
+/* Sums of up to four groups of v's columns for the rows of x (tile numbers are immediates). */
+#define AMX_GROUP(g)                                                                            \
+    if (ng > g) {                                                                               \
+        _tile_loadd(T_AT, at + (c * sh->groups + j0 + g) * 256, 64);                            \
+        _tile_dpbf16ps(g, T_X, T_AT);                                                           \
+    }
+
+/* One item: nb (<= AMX_ROWS) tokens of one slot through shrink and expand, from the slot's
+   copy `packed` (NULL: packed here, into scratch, from a and bt). */
+static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const uint16_t *bt, const uint32_t *packed, int64_t N,
+                     int S, int R, int rank, const int32_t *widths, const int64_t *toks, int nb, void *y, int y_bf16,
+                     const struct amx_shape *sh, float *scratch_base) {
+    uint16_t *xg = (uint16_t *)scratch_base;
+    uint32_t *copy = (uint32_t *)(xg + (size_t)AMX_ROWS * sh->fin_p);
+    uint16_t *vb = (uint16_t *)(copy + amx_packed_words(sh));
+    float *sums = (float *)(vb + (size_t)AMX_ROWS * S * sh->kp), *out = sums + 2 * 256;
+    if (!packed) {
+        amx_pack(a, bt, fin, N, S, R, widths, rank, sh, copy);
+        packed = copy;
+    }
+    const uint32_t *at = packed, *bp = packed + amx_at_words(sh);
+    /* An item of one tile has its tokens' rows only (m of them); of more, 16 a tile, the last
+       tile's rows past nb zero. */
+    int tiles = (nb + 15) / 16, m = tiles == 1 ? nb : 16, rows_p = (tiles - 1) * 16 + m;
+    for (int t = 0; t < rows_p; t++) {
+        uint16_t *dst = xg + (size_t)t * sh->fin_p;
+        if (t < nb) memcpy(dst, x + toks[t] * fin, fin * 2);
+        memset(dst + (t < nb ? fin : 0), 0, (sh->fin_p - (t < nb ? fin : 0)) * 2);
+    }
+    int64_t vstride = (int64_t)S * sh->kp;
+    memset(vb, 0, (size_t)rows_p * vstride * 2);
+    amx_configure(sh, 0, m);
+    for (int mt = 0; mt < tiles; mt++)
+        for (int64_t j0 = 0; j0 < sh->groups; j0 += 4) {
+            int ng = sh->groups - j0 < 4 ? (int)(sh->groups - j0) : 4;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t c = 0; c < sh->chunks; c++) {
+                if (mt == 0 && c + AMX_AHEAD < sh->chunks) amx_prefetch(at + ((c + AMX_AHEAD) * sh->groups + j0) * 256, ng * 1024);
+                _tile_loadd(T_X, xg + (size_t)mt * 16 * sh->fin_p + c * 32, sh->fin_p * 2);
+                AMX_GROUP(0) AMX_GROUP(1) AMX_GROUP(2) AMX_GROUP(3)
+            }
+            _tile_stored(0, sums, 64);
+            if (ng > 1) _tile_stored(1, sums + 256, 64);
+            for (int g = 0; g < ng; g++) {
+                if (g == 2) _tile_stored(2, sums, 64);
+                if (g == 3) _tile_stored(3, sums + 256, 64);
+                /* v rounded into vb, 0 past the rank (already there); a group of 16 columns lies
+                   within one slice when R is a multiple of 16. */
+                const float *gs = sums + (g & 1) * 256;
+                uint16_t *rows = vb + (size_t)mt * 16 * vstride;
+                int64_t vcol = (j0 + g) * 16;
+                if (R % 16 == 0 && vcol % R + 16 <= rank) {
+                    uint16_t *dst = rows + (vcol / R) * sh->kp + vcol % R;
+                    for (int t = 0; t < m; t++) store_bf16_exact(dst + (size_t)t * vstride, load(gs + t * 16));
+                    continue;
+                }
+                for (int col = 0; col < 16; col++) {
+                    int s = (int)((vcol + col) / R), k = (int)((vcol + col) % R);
+                    if (s >= S || k >= rank) continue;
+                    for (int t = 0; t < m; t++) rows[(size_t)t * vstride + (size_t)s * sh->kp + k] = f32_to_bf16(gs[t * 16 + col]);
+                }
+            }
+        }
+    /* A panel of up to AMX_PANEL columns at a time: its blocks of bp serve every 16 rows from
+       L1, and the rows' deltas go into out (in L1), then into y. Rows of a whole N in out,
+       12 KB apart, made every tile store wait on its lines. Four blocks at a time, each in its
+       own tile of sums, so that a block's multiply does not wait for the previous one's store. */
+    amx_configure(sh, 1, m);
+    int64_t bw = amx_block_words(sh), qw = (int64_t)sh->kc / 2 * 16, col0 = 0;
+    const uint32_t *slice_blocks = bp;
+    for (int s = 0; s < S; s++) {
+        int64_t w = widths[s];
+        for (int64_t p0 = 0; p0 < w; p0 += AMX_PANEL) {
+            int64_t pw = w - p0 < AMX_PANEL ? w - p0 : AMX_PANEL, pb = (pw + 15) / 16;
+            const uint32_t *panel = slice_blocks + p0 / 16 * bw;
+            for (int mt = 0; mt < tiles; mt++) {
+                const uint16_t *vs = vb + (size_t)mt * 16 * vstride + (size_t)s * sh->kp;
+                /* Blocks in pairs, the pairs in tiles 0-1 and 2-3 by turns: a pair's sums are
+                   stored after the next pair's multiplies are issued, not right after its own
+                   (a store waits for its multiply's result, and the tiles' work runs in order). */
+                int pending = 0; /* blocks of the previous pair in tiles 2-3 not stored yet */
+                float *pending_out = out;
+                for (int64_t i0 = 0; i0 < pb; i0 += 4) {
+                    int nblk = pb - i0 < 4 ? (int)(pb - i0) : 4;
+                    const uint32_t *bq = panel + i0 * bw;
+                    float *o = out + i0 * 16;
+                    if (mt == 0 && i0 + 4 < pb) amx_prefetch(bq + 4 * bw, (pb - i0 - 4 < 4 ? pb - i0 - 4 : 4) * bw * 4);
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    for (int q = 0; q < sh->nq; q++) {
+                        _tile_loadd(T_V, vs + q * sh->kc, vstride * 2);
+                        _tile_loadd(T_BP, bq + q * qw, 64);
+                        _tile_dpbf16ps(0, T_V, T_BP);
+                        if (nblk > 1) { _tile_loadd(T_BP2, bq + bw + q * qw, 64); _tile_dpbf16ps(1, T_V, T_BP2); }
+                    }
+                    if (pending > 0) _tile_stored(2, pending_out, AMX_PANEL * 4);
+                    if (pending > 1) _tile_stored(3, pending_out + 16, AMX_PANEL * 4);
+                    pending = nblk - 2 > 0 ? nblk - 2 : 0;
+                    pending_out = o + 32;
+                    if (pending) {
+                        _tile_zero(2);
+                        _tile_zero(3);
+                        for (int q = 0; q < sh->nq; q++) {
+                            _tile_loadd(T_V, vs + q * sh->kc, vstride * 2);
+                            _tile_loadd(T_BP, bq + 2 * bw + q * qw, 64);
+                            _tile_dpbf16ps(2, T_V, T_BP);
+                            if (pending > 1) { _tile_loadd(T_BP2, bq + 3 * bw + q * qw, 64); _tile_dpbf16ps(3, T_V, T_BP2); }
+                        }
+                    }
+                    _tile_stored(0, o, AMX_PANEL * 4);
+                    if (nblk > 1) _tile_stored(1, o + 16, AMX_PANEL * 4);
+                }
+                if (pending > 0) _tile_stored(2, pending_out, AMX_PANEL * 4);
+                if (pending > 1) _tile_stored(3, pending_out + 16, AMX_PANEL * 4);
+                int rows = nb - mt * 16 < 16 ? nb - mt * 16 : 16;
+                for (int t = 0; t < rows; t++)
+                    add_row(y, y_bf16, N, toks[mt * 16 + t], col0 + p0, out + (size_t)t * AMX_PANEL, (int)pw);
+            }
+        }
+        slice_blocks += (w + 15) / 16 * bw;
+        col0 += w;
+    }
+}
+#undef AMX_GROUP
+#endif
+
 /* A pool's layout, fixed while the pool lives (native_cpu.py builds it once per pool). */
 struct tandem_lora_pool {
     const void *a, *bt;
     const int32_t *ranks, *widths;
     int32_t w_bf16, S, R;
+    /* Each slot's AMX copy (tandem_lora_pack), packed_words 32-bit words a slot; NULL where
+       the pool keeps none. fin, N: the group's in and out features. */
+    uint32_t *packed;
+    int64_t packed_words, fin, N;
 };
 
 /* A step's segments, shared by its ~120 calls (built once per LoRABatch). Segments longer
@@ -320,13 +615,59 @@ struct tandem_lora_step {
     int32_t nseg, max_len;
 };
 
-/* The (segment, block of `block` tokens) items of a step: the segments past max_len and those of
-   rank-0 slots are left out. */
-static int count_items(const struct tandem_lora_step *step, const int32_t *ranks, int block) {
+/* The items of a step: (segment, first token, tokens) in blocks of `block` tokens, and of
+   `long_block` for segments of at least long_min; the segments past max_len and those of
+   rank-0 slots are left out. Fills items (3 ints each) when given; returns their count. */
+static int plan_items(const struct tandem_lora_step *step, const int32_t *ranks, int block, int long_min, int long_block,
+                      int32_t *items) {
     int n = 0;
-    for (int g = 0; g < step->nseg; g++)
-        if (ranks[step->seg_slot[g]] && step->seg_len[g] <= step->max_len) n += (step->seg_len[g] + block - 1) / block;
+    for (int g = 0; g < step->nseg; g++) {
+        int len = step->seg_len[g];
+        if (!ranks[step->seg_slot[g]] || len > step->max_len) continue;
+        int b = len >= long_min ? long_block : block;
+        for (int t0 = 0; t0 < len; t0 += b, n++)
+            if (items) items[3 * n] = g, items[3 * n + 1] = t0, items[3 * n + 2] = len - t0 < b ? len - t0 : b;
+    }
     return n;
+}
+
+/* 1 where the kernel has its AMX path (compiled for this CPU and allowed by Linux). */
+int tandem_lora_amx(void) {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    return amx_allowed();
+#else
+    return 0;
+#endif
+}
+
+/* The 32-bit words of a slot's AMX copy for a bfloat16 pool of these shapes; 0 where the
+   kernel has no AMX path. */
+int64_t tandem_lora_packed_words(int64_t fin, int64_t N, int S, int R) {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx_allowed()) {
+        struct amx_shape sh = amx_shape_of(fin, N, S, R);
+        return amx_packed_words(&sh);
+    }
+#endif
+    (void)fin, (void)N, (void)S, (void)R;
+    return 0;
+}
+
+/* Write slot `slot`'s AMX copy in each of `count` pools from its a and bt at its rank: whoever
+   writes a slot calls it after (the rank decides which rows are packed as zeros). */
+void tandem_lora_pack(struct tandem_lora_pool *const *pools, int count, int slot) {
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#pragma omp parallel for schedule(dynamic) if (count > 1)
+    for (int i = 0; i < count; i++) {
+        const struct tandem_lora_pool *pool = pools[i];
+        int S = pool->S, R = pool->R;
+        struct amx_shape sh = amx_shape_of(pool->fin, pool->N, S, R);
+        amx_pack((const uint16_t *)pool->a + (int64_t)slot * S * R * pool->fin, (const uint16_t *)pool->bt + (int64_t)slot * R * pool->N,
+                 pool->fin, pool->N, S, R, pool->widths, pool->ranks[slot], &sh, pool->packed + (int64_t)slot * pool->packed_words);
+    }
+#else
+    (void)pools, (void)count, (void)slot;
+#endif
 }
 
 /* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
@@ -338,34 +679,49 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
     int w_bf16 = pool->w_bf16, S = pool->S, R = pool->R;
     const int32_t *seg_slot = step->seg_slot, *seg_start = step->seg_start, *seg_len = step->seg_len;
     const int64_t *sorted = step->sorted;
-    int nseg = step->nseg, max_len = step->max_len;
-    int block = TB;
+    int block = TB, long_min = INT32_MAX, long_block = TB;
 #if defined(__AVX512BF16__)
     if (x_bf16 && w_bf16) {
-        /* Halved while there are fewer items than threads: one 8-token segment in one block
-           would leave the other cores idle. */
 #if defined(_OPENMP)
         int threads = omp_get_max_threads();
 #else
         int threads = 1;
 #endif
-        for (block = TB_DP; block > 1 && count_items(step, ranks, block) < threads; block /= 2) {}
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        /* With the slots' AMX copy every segment takes the tiles (nothing to repack); without,
+           the long ones, whose repacking their tokens pay back. */
+        if (amx_allowed()) long_min = pool->packed ? 1 : AMX_MIN_ROWS;
+        int least = pool->packed ? 1 : 8;
+        for (long_block = AMX_ROWS; long_block > least && plan_items(step, ranks, TB_DP, long_min, long_block, NULL) < threads;
+             long_block /= 2) {}
+#endif
+        /* Halved while there are fewer items than threads: one 8-token segment in one block
+           would leave the other cores idle. */
+        for (block = TB_DP; block > 1 && plan_items(step, ranks, block, long_min, long_block, NULL) < threads; block /= 2) {}
     }
 #endif
-    int nitems = count_items(step, ranks, block);
-    int32_t *items = malloc(sizeof(int32_t) * 2 * (size_t)(nitems + 1));
+    int nitems = plan_items(step, ranks, block, long_min, long_block, NULL);
+    int32_t *items = malloc(sizeof(int32_t) * 3 * (size_t)(nitems + 1));
     if (!items) return -1;
-    int n = 0;
-    for (int g = 0; g < nseg; g++)
-        if (ranks[seg_slot[g]] && seg_len[g] <= max_len)
-            for (int t0 = 0; t0 < seg_len[g]; t0 += block) { items[2 * n] = g; items[2 * n + 1] = t0; n++; }
+    plan_items(step, ranks, block, long_min, long_block, items);
     int failed = 0;
 #pragma omp parallel for schedule(static) if (nitems > 1)
     for (int it = 0; it < nitems; it++) {
-        int g = items[2 * it], t0 = items[2 * it + 1];
+        int g = items[3 * it], t0 = items[3 * it + 1], nb = items[3 * it + 2];
         int slot = seg_slot[g], rank = ranks[slot];
-        int nb = seg_len[g] - t0 < block ? seg_len[g] - t0 : block;
         const int64_t *toks = sorted + seg_start[g] + t0;
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (seg_len[g] >= long_min) {
+            struct amx_shape sh = amx_shape_of(fin, N, S, R);
+            float *buf = scratch_for(amx_scratch_floats(&sh, S));
+            if (!buf) { failed = 1; continue; }
+            amx_item((const uint16_t *)x, fin, (const uint16_t *)a + (int64_t)slot * S * R * fin,
+                     (const uint16_t *)bt + (int64_t)slot * R * N, pool->packed ? pool->packed + slot * pool->packed_words : NULL,
+                     N, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
+            _tile_release();
+            continue;
+        }
+#endif
         /* x's block, v, and (bfloat16 expand) v's pairs. */
         float *xb = scratch_for((size_t)block * fin + (size_t)block * S * R + (size_t)block * S * (R + 1) / 2 + 1);
         if (!xb) { failed = 1; continue; }
@@ -374,7 +730,7 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
         /* This item's B rows (those below the rank are contiguous), and the next item's A when it
            is another slot's. */
         struct trickle b_rows = trickle_of((const char *)bt + (int64_t)slot * R * N * wsize, (int64_t)rank * N * wsize, 0, 1);
-        int next = it + 1 < nitems ? seg_slot[items[2 * it + 2]] : slot;
+        int next = it + 1 < nitems ? seg_slot[items[3 * it + 3]] : slot;
         struct trickle a_next = trickle_of((const char *)a + (int64_t)next * S * R * fin * wsize,
                                            next == slot ? 0 : (int64_t)ranks[next] * fin * wsize, (int64_t)R * fin * wsize, S);
 #if defined(__AVX512BF16__)
