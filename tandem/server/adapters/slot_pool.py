@@ -65,11 +65,7 @@ class SlotPool:
                 slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
                 out_slices=linear.out_slices,
             )
-            # On a CPU with AMX tiles the C kernel multiplies from a second copy of each slot in
-            # their layout (repacked at every load, _load): repacking per call cost more than
-            # the tiles saved below 16 tokens of an adapter, a decode step's usual share.
-            if words := _packed_words(linear, max_rank, dtype, device):
-                w.packed = torch.zeros(num_slots, words, dtype=torch.int32)
+            add_amx_copy(w)
         # Each group's first output column per slice, for loads.
         self._starts = {key: [sum(w.out_slices[:s]) for s in range(w.num_slices)] for key, w in self.weights.items()}
         self._owner: list[str | None] = [None] * num_slots
@@ -275,6 +271,18 @@ def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
 def _packed_words(linear: FusedLinear, max_rank: int, dtype: torch.dtype, device: torch.device) -> int:
     """The words of a slot's AMX copy of one group (LoRAWeights.packed); 0: the pool keeps none."""
     return native_cpu.packed_words(linear.in_features, linear.out_slices, max_rank, dtype) if device.type == "cpu" else 0
+
+
+def add_amx_copy(w: LoRAWeights) -> None:
+    """Give w the C kernel's AMX copy of its slots (LoRAWeights.packed), packed from what they
+    hold now, where the kernel has an AMX path for it (bfloat16 on a CPU with AMX tiles); the
+    pool repacks a slot at every load (_load). Repacking per call instead cost more than the
+    tiles saved below 16 tokens of an adapter, a decode step's usual share."""
+    words = native_cpu.packed_words(w.in_features, w.out_slices, w.max_rank, w.a.dtype) if w.a.is_cpu else 0
+    if words:
+        w.packed = torch.zeros(w.num_slots, words, dtype=torch.int32)
+        for slot in range(w.num_slots):
+            native_cpu.pack_slot([w], slot)
 
 
 def b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
