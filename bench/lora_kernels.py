@@ -3,8 +3,7 @@
 SmolLM2-135M shapes (hidden 576, q 576 / kv 192, intermediate 1536), Llama-3.2-1B's (--model
 llama-1b) or Llama-8B's (--model llama-8b), 8 adapters of rank 16 (--adapters), tokens spread round-robin over the adapters.
 Runs on CPU (the C kernel, kernels/lora/native_cpu.py, on weights in the CPU slot pool's
-layout, with its AMX copy where the pool keeps one, as serving calls it; the kernel without
-that copy and the torch reference beside it) and, when CUDA is present, on the
+layout, as serving calls it; the torch reference beside it) and, when CUDA is present, on the
 GPU (Triton kernels; there also replayed in CUDA graphs over weights past the L2 cache, as a
 decode step meets them). Achieved bandwidth: the least bytes lora_delta must
 move (each active slot's A and B at its rank, x, y read and written) over its time, against
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta, native_cpu  # noqa: E402
-from tandem.server.adapters.slot_pool import add_amx_copy, b_pool  # noqa: E402
+from tandem.server.adapters.slot_pool import b_pool  # noqa: E402
 
 # Hidden, q, kv and intermediate widths of the models the kernels serve.
 # llama-1b and llama-8b as bench/lora_serving.py's random models.
@@ -44,15 +43,13 @@ def layer_groups(model: str) -> dict[str, tuple[int, tuple[int, ...]]]:
 
 def make_lora(num_adapters, in_features, out_slices, dtype, device) -> LoRAWeights:
     """Random slots, B in the layout the slot pool keeps on this device (on CPU the one the C
-    kernel takes), with the pool's AMX copy where it keeps one."""
+    kernel takes)."""
     num_slices, n_out = len(out_slices), sum(out_slices)
     a = torch.randn(num_adapters, num_slices * RANK, in_features, dtype=dtype, device=device) / in_features**0.5
     b = b_pool(num_adapters, n_out, RANK, dtype, device)
     b.copy_(torch.randn(num_adapters, n_out, RANK, dtype=dtype, device=device) / RANK)
     ranks = torch.full((num_adapters,), RANK, dtype=torch.int32, device=device)
-    w = LoRAWeights(a, b, ranks, out_slices)
-    add_amx_copy(w)
-    return w
+    return LoRAWeights(a, b, ranks, out_slices)
 
 
 def make_base(in_features, out_slices, dtype, device) -> torch.Tensor:
@@ -204,9 +201,6 @@ def run(device, dtypes, peak_gb_s, groups, num_adapters, floor_us):
                     b32.copy_(w.b)
                     w32 = LoRAWeights(w.a.float(), b32, w.slot_ranks, w.out_slices)
                     fns["lora_delta_fp32_pool_us"] = lambda: lora_delta(x, w32, batch, y)
-                if w.packed is not None:  # the pool's AMX copy: also time the kernel without it
-                    w_plain = LoRAWeights(w.a, w.b, w.slot_ranks, w.out_slices)
-                    fns["lora_delta_without_amx_copy_us"] = lambda: lora_delta(x, w_plain, batch, y)
                 if device.type == "cuda":
                     from tandem.kernels.lora import triton_sgmv
 
@@ -247,7 +241,7 @@ def graphed(w: LoRAWeights, base: torch.Tensor, x: torch.Tensor, batch: LoRABatc
 
 
 # Optional columns: printed when a row has them (CPU bf16 rows, CUDA rows).
-EXTRA_COLUMNS = {"lora_delta_without_amx_copy_us": "no_copy_us", "lora_delta_fp32_pool_us": "f32pool_us", "graph_lora_delta_us": "g_lora_us", "graph_base_gemm_us": "g_base_us", "triton_two_launch_us": "2launch_us",
+EXTRA_COLUMNS = {"lora_delta_fp32_pool_us": "f32pool_us", "graph_lora_delta_us": "g_lora_us", "graph_base_gemm_us": "g_base_us", "triton_two_launch_us": "2launch_us",
                  "torch_reference_us": "torch_us", "lora_gb_s": "lora_GB/s", "of_copy_bandwidth": "of_copy_bw",
                  "launches": "launches", "floor_us": "floor_us", "of_floor": "of_floor"}
 

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lora_kernels import copy_bandwidth, timeit  # noqa: E402
 from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
-from tandem.server.adapters.slot_pool import SlotPool, slot_dtype  # noqa: E402
+from tandem.server.adapters.slot_pool import SlotPool  # noqa: E402
 from tandem.server.config import DTYPES, EngineConfig  # noqa: E402
 from tandem.server.engine.llm_engine import Engine  # noqa: E402
 from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
@@ -150,15 +150,13 @@ CUDA_GRAPHS = True
 
 
 def engine_config(loaded: LoadedModel, adapters_dir: Path | None) -> EngineConfig:
-    """SLOTS device slots whatever the model: the pool's budget fits SLOTS of its slots (the
+    """SLOTS device slots whatever the model: the pool's budget fits SLOTS float32 slots (the
     default 4 GiB holds 51 of Llama-8B's in bf16). No more sequences than the workload keeps in
     flight: on CUDA the engine captures a decode graph per batch-size bucket up to that at start."""
-    weight = loaded.model.lm_head
-    per_slot = SlotPool.slot_bytes(loaded.model, RANK, slot_dtype(weight.device, weight.dtype), weight.device)
     return EngineConfig(
         max_num_seqs=CONCURRENCY, max_num_batched_tokens=512, cuda_graphs=CUDA_GRAPHS,
         adapters_dir=None if adapters_dir is None else str(adapters_dir), max_lora_rank=RANK, max_loras=SLOTS,
-        lora_pool_bytes=SLOTS * per_slot,
+        lora_pool_bytes=SLOTS * SlotPool.slot_bytes(loaded.model, RANK, torch.float32),
     )
 
 
@@ -428,7 +426,7 @@ def sizes(loaded: LoadedModel, dtype: torch.dtype) -> dict:
     """Bytes a decode step streams: the base linears (serving dtype) and one adapter's slot."""
     m = loaded.model
     base = sum(p.numel() for layer in m.layers for p in layer.parameters()) + m.lm_head.numel()
-    lora = SlotPool.slot_bytes(m, RANK, torch.float32, torch.device("cpu")) // 4  # float32: no AMX copy
+    lora = SlotPool.slot_bytes(m, RANK, torch.float32) // 4
     item = torch.empty((), dtype=dtype).element_size()
     return {
         "base_params_per_token": base, "base_bytes": base * item, "adapter_params": lora,

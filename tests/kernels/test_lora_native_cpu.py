@@ -13,23 +13,13 @@ needs_native = pytest.mark.skipif(native_cpu.library() is None, reason="no C com
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def pool_layout(
-    case: Case, dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype = torch.float32, packed: bool = False
-) -> Case:
+def pool_layout(case: Case, dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype = torch.float32) -> Case:
     """The case as the CPU slot pool serves it: weights in weight_dtype with b stored
-    [slots, max_rank, N] in memory, activations (x, y) in dtype; with packed, where this CPU
-    has AMX tiles and the weights are bfloat16, each slot's AMX copy too (else skipped)."""
+    [slots, max_rank, N] in memory, activations (x, y) in dtype."""
     w = case.w
     a, b = w.a.to(weight_dtype), w.b.to(weight_dtype)
     case.w = LoRAWeights(a, b.transpose(1, 2).contiguous().transpose(1, 2), w.slot_ranks, w.out_slices)
     case.x, case.y = case.x.to(dtype), case.y.to(dtype)
-    if packed:
-        words = native_cpu.packed_words(w.in_features, w.out_slices, w.max_rank, weight_dtype)
-        if not words:
-            pytest.skip("no AMX copy for these weights on this CPU")
-        case.w.packed = torch.full((w.num_slots, words), -1, dtype=torch.int32)  # NaN pairs until packed
-        for slot in range(w.num_slots):
-            native_cpu.pack_slot([case.w], slot)
     return case
 
 
@@ -56,15 +46,14 @@ def test_native_matches_token_oracle(name, dtype, weight_dtype):
     seed=st.integers(0, 2**16), num_tokens=st.integers(1, 70), in_features=st.sampled_from([8, 16, 33, 576]),
     out_slices=st.sampled_from([(8,), (40, 16, 16), (72, 72), (33, 7)]), max_rank=st.sampled_from([1, 4, 16]),
     num_slots=st.integers(1, 6), dtype=st.sampled_from(DTYPES), weight_dtype=st.sampled_from(DTYPES),
-    no_adapter=st.sampled_from([0.0, 0.3, 1.0]), packed=st.booleans(), data=st.data(),
+    no_adapter=st.sampled_from([0.0, 0.3, 1.0]), data=st.data(),
 )
 def test_native_matches_token_oracle_random(
-    seed, num_tokens, in_features, out_slices, max_rank, num_slots, dtype, weight_dtype, no_adapter, packed, data
+    seed, num_tokens, in_features, out_slices, max_rank, num_slots, dtype, weight_dtype, no_adapter, data
 ):
     ranks = data.draw(st.lists(st.integers(0, max_rank), min_size=num_slots, max_size=num_slots))
     case = Case(seed, num_tokens, in_features, out_slices, ranks, max_rank, torch.float32, "cpu", no_adapter=no_adapter)
-    packed = packed and weight_dtype == torch.bfloat16 and native_cpu.packed_words(in_features, out_slices, max_rank, weight_dtype) > 0
-    check_native(pool_layout(case, dtype, weight_dtype, packed), dtype)
+    check_native(pool_layout(case, dtype, weight_dtype), dtype)
 
 
 @needs_native
@@ -88,23 +77,20 @@ AMX_SHAPES = [(576, (576, 192, 192)), (33, (49, 1)), (1536, (40, 24, 24))]
 
 
 @needs_native
-@pytest.mark.parametrize("packed", [False, True], ids=["repacked-per-item", "pool-copy"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_rank, ranks", [(16, [16, 5, 0, 9]), (8, [8, 3, 1, 7]), (48, [48, 33, 0, 2]), (1, [1, 1, 0, 1])])
 @pytest.mark.parametrize("in_features, out_slices", AMX_SHAPES)
-def test_long_segments_match_in_bfloat16(dtype, max_rank, ranks, in_features, out_slices, packed):
+def test_long_segments_match_in_bfloat16(dtype, max_rank, ranks, in_features, out_slices):
     """bfloat16 weights and x, y in either dtype: segments of 16 to 150 tokens, their rows
-    interleaved with short segments' and rows without an adapter, match the oracle, whether
-    the kernel repacks the weights per item or reads the slots' AMX copy (which it then uses
-    for the short segments too)."""
+    interleaved with short segments' and rows without an adapter, match the oracle."""
     slots = [0, 1] * 40 + [-1] * 7 + [3] * 16 + [2] * 9 + [0] * 70 + [1, 3, -1] * 5
     case = Case(7, len(slots), in_features, out_slices, ranks, max_rank, torch.float32, "cpu", slots=slots)
-    check_native(pool_layout(case, dtype, torch.bfloat16, packed), dtype)
+    check_native(pool_layout(case, dtype, torch.bfloat16), dtype)
 
 
 @needs_native
 def test_long_segments_take_the_amx_tiles_where_the_cpu_has_them():
-    """Where torch sees AMX, the kernel is built with its path and takes every segment (a
+    """Where torch sees AMX, the kernel is built with its path and takes every long segment (a
     fallback to the vector path or to torch would still be correct, only slower)."""
     if not torch.cpu._is_amx_tile_supported():
         pytest.skip("this CPU has no AMX tiles")

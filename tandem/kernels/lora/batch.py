@@ -322,9 +322,6 @@ class LoRAWeights:
     host_ranks: host copy of slot_ranks (the CPU path reads it without a device sync);
        whoever writes a slot keeps both in step, e.g. through set_rank.
     out_slices: output width of each slice, e.g. (q_dim, kv_dim, kv_dim).
-    packed: [num_slots, words] int32, each slot's copy in the layout the C kernel's AMX path
-       multiplies from (native_cpu.packed_words), or None; whoever writes a slot repacks it
-       after (native_cpu.pack_slot), as the CPU slot pool does.
     """
 
     a: Tensor
@@ -332,7 +329,6 @@ class LoRAWeights:
     slot_ranks: Tensor
     out_slices: tuple[int, ...]
     host_ranks: list[int] = field(default_factory=list)
-    packed: Tensor | None = None
     # [S] int32 start column and width of each slice.
     slice_starts: Tensor = field(init=False, repr=False)
     slice_widths: Tensor = field(init=False, repr=False)

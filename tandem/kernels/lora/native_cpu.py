@@ -48,10 +48,6 @@ def library() -> ctypes.CDLL | None:
     lib.tandem_lora_load.restype = None
     lib.tandem_lora_amx.argtypes = []
     lib.tandem_lora_amx.restype = ctypes.c_int
-    lib.tandem_lora_packed_words.argtypes = [i64, i64, ctypes.c_int, ctypes.c_int]
-    lib.tandem_lora_packed_words.restype = i64
-    lib.tandem_lora_pack.argtypes = [ctypes.POINTER(ctypes.POINTER(_Pool)), ctypes.c_int, ctypes.c_int]
-    lib.tandem_lora_pack.restype = None
     return lib
 
 
@@ -76,7 +72,6 @@ class _Pool(ctypes.Structure):
     _fields_ = [
         ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("widths", ctypes.c_void_p),
         ("w_bf16", ctypes.c_int32), ("S", ctypes.c_int32), ("R", ctypes.c_int32),
-        ("packed", ctypes.c_void_p), ("packed_words", ctypes.c_int64), ("fin", ctypes.c_int64), ("N", ctypes.c_int64),
     ]
 
 
@@ -105,46 +100,22 @@ _pools: dict[int, tuple[tuple, _Pool | None]] = {}
 
 
 def _pool_args(w: LoRAWeights) -> _Pool | None:
-    tensors = (w.a, w.b, w.slot_ranks, w.slice_widths, w.packed)
+    tensors = (w.a, w.b, w.slot_ranks, w.slice_widths)
     entry = _pools.get(id(w))
     if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
         return entry[1]
-    words = 0 if w.packed is None else packed_words(w.in_features, w.out_slices, w.max_rank, w.a.dtype)
     fits = (
-        all(t.device.type == "cpu" for t in tensors if t is not None) and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
+        all(t.device.type == "cpu" for t in tensors) and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
         and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
-        and (w.packed is None or (words > 0 and w.packed.dtype == torch.int32 and w.packed.is_contiguous()
-                                  and tuple(w.packed.shape) == (w.num_slots, words)))
     )
     pool = _Pool(
         w.a.data_ptr(), w.b.data_ptr(), w.slot_ranks.data_ptr(), w.slice_widths.data_ptr(),
         w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
-        None if w.packed is None else w.packed.data_ptr(), words, w.in_features, w.out_features,
     ) if fits else None
     if entry is None:
         weakref.finalize(w, _pools.pop, id(w), None)
-    _pools[id(w)] = (tuple(weakref.ref(t) if t is not None else (lambda: None) for t in tensors), pool)
+    _pools[id(w)] = (tuple(weakref.ref(t) for t in tensors), pool)
     return pool
-
-
-def packed_words(in_features: int, out_slices: tuple[int, ...], max_rank: int, dtype: torch.dtype) -> int:
-    """The int32 words of a slot's AMX copy (LoRAWeights.packed) for a group of these shapes
-    in a CPU pool of dtype: 0 where the kernel has no AMX path (not bfloat16, no AMX tiles, no
-    kernel)."""
-    lib = library()
-    if lib is None or dtype != torch.bfloat16:
-        return 0
-    return lib.tandem_lora_packed_words(in_features, sum(out_slices), len(out_slices), max_rank)
-
-
-def pack_slot(weights: list[LoRAWeights], slot: int) -> None:
-    """Rewrite slot `slot`'s AMX copy in each of weights (those with one) from its a, b and
-    rank: after every write to the slot, or the kernel would multiply the old weights."""
-    pools = [_pool_args(w) for w in weights if w.packed is not None]
-    if any(p is None for p in pools):
-        raise ValueError("a LoRAWeights.packed that the C kernel cannot take (shape, dtype or layout)")
-    if pools:
-        library().tandem_lora_pack((ctypes.POINTER(_Pool) * len(pools))(*(ctypes.pointer(p) for p in pools)), len(pools), slot)
 
 
 # The last step's struct: a step's ~120 calls share one LoRABatch.

@@ -320,26 +320,21 @@ static void dispatch_dp(int nb, const uint16_t *x, int64_t fin, const uint16_t *
      is the left operand as it is; B^T's rows k and k+1 interleave into pairs (`bp`), in
      blocks of 16 columns of a slice (zero past its width), each block's tiles together.
    Rows of A and B^T past a slot's rank are packed as zeros (the pool may hold anything there).
-   The CPU slot pool keeps this copy of every slot (tandem_lora_pack, at each load), and then
-   every segment takes the tiles; a pool without it has an item repack its slot's weights,
-   which only a long segment's tokens pay back (tried: slower below 16 tokens). The kernel asks
-   Linux for leave to use the tiles once; without it the dp paths run. */
+   An item repacks its slot's weights, which only a long segment's tokens pay back (tried:
+   slower below 16 tokens). A copy of every slot kept by the pool, repacked at each load, let
+   every segment take the tiles: a decode step's calls took 0.75-0.84x the dp path's time over
+   weights out of cache, but alternated serving runs (five sets on a 2-core Emerald Rapids)
+   gained nothing beyond the host's noise for twice the slot memory, and it went. The kernel
+   asks Linux for leave to use the tiles once; without it the dp paths run. */
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* Without the pool's copy, segments of at least AMX_MIN_ROWS tokens take this path. */
+/* Segments of at least AMX_MIN_ROWS tokens take this path. */
 #define AMX_MIN_ROWS 16
 /* Tokens an item takes at most (four tiles of 16 rows). */
 #define AMX_ROWS 64
 /* Output columns an expand writes out before adding them into y. */
 #define AMX_PANEL 256
-/* Chunks of fin a shrink asks for ahead of its tile loads (an expand asks for the next four
-   blocks of bp): tile loads from memory did not overlap enough on their own. A step's 120
-   calls over weights out of cache, alternated in one process (2-core Emerald Rapids): with
-   neither, 8.80 against 7.84 ms (8 adapters x 4 tokens) and 16.45 against 13.37 (32 adapters);
-   the shrink's distance at 0, 1, 2, 4 chunks: 9.41, 8.85, 8.60, 8.71 and 16.99, 15.41, 15.17,
-   15.23 ms. Asking for the next item's first chunks as well changed nothing. */
-#define AMX_AHEAD 2
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -402,8 +397,8 @@ static void amx_configure(const struct amx_shape *sh, int expand, int m) {
     _tile_loadconfig(&c);
 }
 
-/* An item's scratch in floats: x's rows, a copy (when the pool has none), v's rows, two tiles
-   of sums, 16 rows of a panel's deltas. */
+/* An item's scratch in floats: x's rows, the slot's repacked weights, v's rows, two tiles of
+   sums, 16 rows of a panel's deltas. */
 static size_t amx_scratch_floats(const struct amx_shape *sh, int S) {
     return (size_t)AMX_ROWS * sh->fin_p / 2 + (size_t)amx_packed_words(sh) + (size_t)AMX_ROWS * S * sh->kp / 2 + 2 * 256
            + 16 * AMX_PANEL + 16;
@@ -468,10 +463,6 @@ static void amx_pack(const uint16_t *a, const uint16_t *bt, int64_t fin, int64_t
     }
 }
 
-static inline void amx_prefetch(const void *p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i);
-}
-
 /* Sums of up to four groups of v's columns for the rows of x (tile numbers are immediates). */
 #define AMX_GROUP(g)                                                                            \
     if (ng > g) {                                                                               \
@@ -479,19 +470,16 @@ static inline void amx_prefetch(const void *p, int64_t bytes) {
         _tile_dpbf16ps(g, T_X, T_AT);                                                           \
     }
 
-/* One item: nb (<= AMX_ROWS) tokens of one slot through shrink and expand, from the slot's
-   copy `packed` (NULL: packed here, into scratch, from a and bt). */
-static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const uint16_t *bt, const uint32_t *packed, int64_t N,
+/* One item: nb (<= AMX_ROWS) tokens of one slot through shrink and expand, its weights
+   repacked into scratch from a and bt. */
+static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const uint16_t *bt, int64_t N,
                      int S, int R, int rank, const int32_t *widths, const int64_t *toks, int nb, void *y, int y_bf16,
                      const struct amx_shape *sh, float *scratch_base) {
     uint16_t *xg = (uint16_t *)scratch_base;
-    uint32_t *copy = (uint32_t *)(xg + (size_t)AMX_ROWS * sh->fin_p);
-    uint16_t *vb = (uint16_t *)(copy + amx_packed_words(sh));
+    uint32_t *packed = (uint32_t *)(xg + (size_t)AMX_ROWS * sh->fin_p);
+    uint16_t *vb = (uint16_t *)(packed + amx_packed_words(sh));
     float *sums = (float *)(vb + (size_t)AMX_ROWS * S * sh->kp), *out = sums + 2 * 256;
-    if (!packed) {
-        amx_pack(a, bt, fin, N, S, R, widths, rank, sh, copy);
-        packed = copy;
-    }
+    amx_pack(a, bt, fin, N, S, R, widths, rank, sh, packed);
     const uint32_t *at = packed, *bp = packed + amx_at_words(sh);
     /* An item of one tile has its tokens' rows only (m of them); of more, 16 a tile, the last
        tile's rows past nb zero. */
@@ -512,7 +500,6 @@ static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const ui
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t c = 0; c < sh->chunks; c++) {
-                if (mt == 0 && c + AMX_AHEAD < sh->chunks) amx_prefetch(at + ((c + AMX_AHEAD) * sh->groups + j0) * 256, ng * 1024);
                 _tile_loadd(T_X, xg + (size_t)mt * 16 * sh->fin_p + c * 32, sh->fin_p * 2);
                 AMX_GROUP(0) AMX_GROUP(1) AMX_GROUP(2) AMX_GROUP(3)
             }
@@ -561,7 +548,6 @@ static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const ui
                     int nblk = pb - i0 < 4 ? (int)(pb - i0) : 4;
                     const uint32_t *bq = panel + i0 * bw;
                     float *o = out + i0 * 16;
-                    if (mt == 0 && i0 + 4 < pb) amx_prefetch(bq + 4 * bw, (pb - i0 - 4 < 4 ? pb - i0 - 4 : 4) * bw * 4);
                     _tile_zero(0);
                     _tile_zero(1);
                     for (int q = 0; q < sh->nq; q++) {
@@ -606,10 +592,6 @@ struct tandem_lora_pool {
     const void *a, *bt;
     const int32_t *ranks, *widths;
     int32_t w_bf16, S, R;
-    /* Each slot's AMX copy (tandem_lora_pack), packed_words 32-bit words a slot; NULL where
-       the pool keeps none. fin, N: the group's in and out features. */
-    uint32_t *packed;
-    int64_t packed_words, fin, N;
 };
 
 /* A step's segments, shared by its ~120 calls (built once per LoRABatch). Segments longer
@@ -645,36 +627,6 @@ int tandem_lora_amx(void) {
 #endif
 }
 
-/* The 32-bit words of a slot's AMX copy for a bfloat16 pool of these shapes; 0 where the
-   kernel has no AMX path. */
-int64_t tandem_lora_packed_words(int64_t fin, int64_t N, int S, int R) {
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_allowed()) {
-        struct amx_shape sh = amx_shape_of(fin, N, S, R);
-        return amx_packed_words(&sh);
-    }
-#endif
-    (void)fin, (void)N, (void)S, (void)R;
-    return 0;
-}
-
-/* Write slot `slot`'s AMX copy in each of `count` pools from its a and bt at its rank: whoever
-   writes a slot calls it after (the rank decides which rows are packed as zeros). */
-void tandem_lora_pack(struct tandem_lora_pool *const *pools, int count, int slot) {
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#pragma omp parallel for schedule(dynamic) if (count > 1)
-    for (int i = 0; i < count; i++) {
-        const struct tandem_lora_pool *pool = pools[i];
-        int S = pool->S, R = pool->R;
-        struct amx_shape sh = amx_shape_of(pool->fin, pool->N, S, R);
-        amx_pack((const uint16_t *)pool->a + (int64_t)slot * S * R * pool->fin, (const uint16_t *)pool->bt + (int64_t)slot * R * pool->N,
-                 pool->fin, pool->N, S, R, pool->widths, pool->ranks[slot], &sh, pool->packed + (int64_t)slot * pool->packed_words);
-    }
-#else
-    (void)pools, (void)count, (void)slot;
-#endif
-}
-
 /* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
    only if a thread failed mid-way, which the caller treats as fatal). */
 int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
@@ -693,11 +645,9 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
         int threads = 1;
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-        /* With the slots' AMX copy every segment takes the tiles (nothing to repack); without,
-           the long ones, whose repacking their tokens pay back. */
-        if (amx_allowed()) long_min = pool->packed ? 1 : AMX_MIN_ROWS;
-        int least = pool->packed ? 1 : 8;
-        for (long_block = AMX_ROWS; long_block > least && plan_items(step, ranks, TB_DP, long_min, long_block, NULL) < threads;
+        /* The long segments take the tiles, their repacking paid back by their tokens. */
+        if (amx_allowed()) long_min = AMX_MIN_ROWS;
+        for (long_block = AMX_ROWS; long_block > 8 && plan_items(step, ranks, TB_DP, long_min, long_block, NULL) < threads;
              long_block /= 2) {}
 #endif
         /* Halved while there are fewer items than threads: one 8-token segment in one block
@@ -721,8 +671,7 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
             float *buf = scratch_for(amx_scratch_floats(&sh, S));
             if (!buf) { failed = 1; continue; }
             amx_item((const uint16_t *)x, fin, (const uint16_t *)a + (int64_t)slot * S * R * fin,
-                     (const uint16_t *)bt + (int64_t)slot * R * N, pool->packed ? pool->packed + slot * pool->packed_words : NULL,
-                     N, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
+                     (const uint16_t *)bt + (int64_t)slot * R * N, N, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
             _tile_release();
             continue;
         }

@@ -35,7 +35,6 @@ from tandem.server.adapters.compeft_format import dense_slices
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.router_format import Router
-from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import group_linears
 
@@ -59,13 +58,12 @@ class SlotPool:
         self.weights: dict[tuple[int, str], LoRAWeights] = {}
         for key, linear in group_linears(model).items():
             s = len(linear.out_slices)
-            w = self.weights[key] = LoRAWeights(
+            self.weights[key] = LoRAWeights(
                 a=torch.zeros(num_slots, s * max_rank, linear.in_features, dtype=dtype, device=device),
                 b=b_pool(num_slots, sum(linear.out_slices), max_rank, dtype, device),
                 slot_ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
                 out_slices=linear.out_slices,
             )
-            add_amx_copy(w)
         # Each group's first output column per slice, for loads.
         self._starts = {key: [sum(w.out_slices[:s]) for s in range(w.num_slices)] for key, w in self.weights.items()}
         self._owner: list[str | None] = [None] * num_slots
@@ -87,13 +85,12 @@ class SlotPool:
         self._in_flight: list[tuple[torch.cuda.Event, LoRAAdapter]] = []
 
     @staticmethod
-    def slot_bytes(model: LlamaModel, max_rank: int, dtype: torch.dtype, device: torch.device) -> int:
-        """What a slot takes on `device`: its weights, and their AMX copy where the pool keeps one."""
+    def slot_bytes(model: LlamaModel, max_rank: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return sum(
-            (len(l.out_slices) * l.in_features + sum(l.out_slices)) * max_rank * itemsize + 4 * _packed_words(l, max_rank, dtype, device)
-            for l in group_linears(model).values()
+        per_slot = sum(
+            (len(l.out_slices) * l.in_features + sum(l.out_slices)) * max_rank for l in group_linears(model).values()
         )
+        return per_slot * itemsize
 
     def resident(self, content_hash: str) -> bool:
         return content_hash in self._slot_of
@@ -214,7 +211,6 @@ class SlotPool:
                         b_dst.copy_(b, non_blocking=True).mul_(scale)
                     else:  # scaled in float32 on the device, then rounded once into the slot
                         b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
-            native_cpu.pack_slot(list(self.weights.values()), slot)
         if stream is not None:
             event = self._pending[slot] = torch.cuda.Event()
             event.record(stream)
@@ -266,23 +262,6 @@ def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
     if serving_dtype == torch.bfloat16 and native_cpu.library() is not None:
         return torch.bfloat16
     return torch.float32
-
-
-def _packed_words(linear: FusedLinear, max_rank: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The words of a slot's AMX copy of one group (LoRAWeights.packed); 0: the pool keeps none."""
-    return native_cpu.packed_words(linear.in_features, linear.out_slices, max_rank, dtype) if device.type == "cpu" else 0
-
-
-def add_amx_copy(w: LoRAWeights) -> None:
-    """Give w the C kernel's AMX copy of its slots (LoRAWeights.packed), packed from what they
-    hold now, where the kernel has an AMX path for it (bfloat16 on a CPU with AMX tiles); the
-    pool repacks a slot at every load (_load). Repacking per call instead cost more than the
-    tiles saved below 16 tokens of an adapter, a decode step's usual share."""
-    words = native_cpu.packed_words(w.in_features, w.out_slices, w.max_rank, w.a.dtype) if w.a.is_cpu else 0
-    if words:
-        w.packed = torch.zeros(w.num_slots, words, dtype=torch.int32)
-        for slot in range(w.num_slots):
-            native_cpu.pack_slot([w], slot)
 
 
 def b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

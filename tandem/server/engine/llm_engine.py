@@ -103,7 +103,7 @@ class Engine:
         if config.adapters_dir is None:
             return None
         dtype = slot_dtype(self.device, self.dtype)
-        per_slot = SlotPool.slot_bytes(model, config.max_lora_rank, dtype, self.device)
+        per_slot = SlotPool.slot_bytes(model, config.max_lora_rank, dtype)
         num_slots = min(config.max_loras, config.lora_pool_bytes // per_slot)
         if num_slots < 1:
             raise ValueError(
