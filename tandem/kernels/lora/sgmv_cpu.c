@@ -47,7 +47,17 @@
    its expand will read and the expand for the next item's A. Asked all at once, they would
    overflow what a core keeps in flight. The range: `runs` runs of `run_bytes`, `stride` apart
    (a slot's slices of A, their rows past the rank left out). Measured in SmolLM2 decode steps
-   (8 adapters, 32 tokens, 2 Zen 4 cores, bf16): the kernel's time 5.4 -> 4.7 ms a step. */
+   (8 adapters, 32 tokens, 2 Zen 4 cores, bf16): the kernel's time 5.4 -> 4.7 ms a step. On a
+   2-core Emerald Rapids Xeon it cost instead: paired bench/lora_serving.py runs alternated in
+   one process, seven rounds, 8 adapters 0.782x -> 0.805x of the base without it (0.83x when
+   the calls only read their bytes), 64 Zipf 0.695x -> 0.708x (why was not measured: perhaps
+   the extra requests hold fill buffers the waiting loads need). CPUs with AMX tiles (Intel's,
+   from Sapphire Rapids) build without it (TRICKLE). */
+#if defined(__AMX_TILE__)
+#define TRICKLE 0
+#else
+#define TRICKLE 1
+#endif
 struct trickle {
     const char *run;
     int64_t run_bytes, stride, off, lines, iters, owed;
@@ -68,6 +78,7 @@ static inline void trickle_start(struct trickle *tr, int64_t iters) {
 }
 
 static inline void trickle_step(struct trickle *tr) {
+    if (!TRICKLE) return;
     for (tr->owed += tr->lines; tr->owed >= tr->iters && tr->runs; tr->owed -= tr->iters) {
         __builtin_prefetch(tr->run + tr->off);
         tr->off += 64;
