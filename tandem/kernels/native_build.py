@@ -39,14 +39,14 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
-def _compile(compiler: str, source: Path, out: Path) -> bool:
+def _compile(compiler: str, source: Path, out: Path, defines: tuple[str, ...]) -> bool:
     """Build the library at out (OpenMP if the compiler has it); False when it cannot."""
     for extra in (("-fopenmp",), ()):
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.stem, suffix=".tmp", delete=False) as tmp:
             tmp_path = Path(tmp.name)
         try:
             done = subprocess.run(
-                [compiler, *_FLAGS, *extra, "-o", str(tmp_path), str(source)], capture_output=True, text=True, timeout=120
+                [compiler, *_FLAGS, *(f"-D{d}" for d in defines), *extra, "-o", str(tmp_path), str(source)], capture_output=True, text=True, timeout=120
             )
             if done.returncode == 0:
                 with open(tmp_path, "rb") as f:
@@ -61,9 +61,10 @@ def _compile(compiler: str, source: Path, out: Path) -> bool:
     return False
 
 
-def build(source: Path, switch: str) -> ctypes.CDLL | None:
+def build(source: Path, switch: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """source's library, built if this machine has none yet; None where the environment
-    variable `switch` is "0", there is no compiler, or the build fails."""
+    variable `switch` is "0", there is no compiler, or the build fails. defines: macros
+    (NAME=VALUE) for a variant of the source, e.g. a benchmark's."""
     if os.environ.get(switch, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -72,12 +73,12 @@ def build(source: Path, switch: str) -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        texts = [source.read_text(), *(h.read_text() for h in _HEADERS), version, " ".join(_FLAGS), _cpu_flags()]
+        texts = [source.read_text(), *(h.read_text() for h in _HEADERS), version, " ".join(_FLAGS + defines), _cpu_flags()]
         key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
         path = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not _compile(compiler, source, path):
+            if not _compile(compiler, source, path, defines):
                 return None
         return ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:

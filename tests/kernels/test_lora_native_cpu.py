@@ -191,3 +191,19 @@ def test_a_pool_whose_tensors_change_is_checked_again():
     y = case.y.clone()
     assert not native_cpu.lora_delta(case.x, case.w, case.batch, y)
     assert torch.equal(y, case.y)
+
+
+@needs_native
+@pytest.mark.parametrize("floor", [1, 2], ids=["calls-do-nothing", "calls-only-read"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_floor_builds_change_nothing(monkeypatch, floor, dtype):
+    """bench/lora_floor.py's builds of the kernel (native_cpu.library(floor)) are separate
+    libraries whose calls succeed and leave y as it was, short segments and long alike: one
+    does nothing, the other only reads the weights."""
+    assert native_cpu.library(floor) is not native_cpu.library()
+    slots = [0, 1] * 10 + [-1] * 3 + [2] * 40
+    case = pool_layout(Case(3, len(slots), 576, (576, 192, 192), [16, 5, 9], 16, torch.float32, "cpu", slots=slots), dtype, dtype)
+    monkeypatch.setattr(native_cpu, "library", lambda floor=floor, lib=native_cpu.library(floor): lib)
+    y = case.y.clone()
+    assert native_cpu.lora_delta(case.x, case.w, case.batch, y)
+    assert torch.equal(y, case.y)

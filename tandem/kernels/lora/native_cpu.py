@@ -35,9 +35,11 @@ MAX_SEGMENT_ROWS = 1 << 30 if getattr(torch.cpu, "_is_amx_tile_supported", lambd
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The kernel's library, built if this machine has none yet; None where it cannot be."""
-    lib = native_build.build(SOURCE, "TANDEM_NATIVE_LORA")
+def library(floor: int = 0) -> ctypes.CDLL | None:
+    """The kernel's library, built if this machine has none yet; None where it cannot be.
+    floor: 1 or 2 build variants for bench/lora_floor.py whose calls do nothing, or only read
+    the weights each item would."""
+    lib = native_build.build(SOURCE, "TANDEM_NATIVE_LORA", (f"TANDEM_LORA_FLOOR={floor}",) if floor else ())
     if lib is None:
         return None
     fn = lib.tandem_lora_sgmv

@@ -638,10 +638,36 @@ int tandem_lora_amx(void) {
 #endif
 }
 
+#if defined(TANDEM_LORA_FLOOR) && TANDEM_LORA_FLOOR == 2
+/* What an item of a read-only build does (bench/lora_floor.py): read the weights the item
+   would, A's rows below the rank in each slice and B^T's, asked for ahead as shrink_dp asks
+   for A, a word of every line (the line is what memory moves), and nothing else. */
+static uint64_t read_lines(const char *p, int64_t bytes) {
+    uint64_t sum = 0, word;
+    for (int64_t i = 0; i < bytes; i += 64) {
+        __builtin_prefetch(p + i + A_PREFETCH);
+        memcpy(&word, p + i, 8);
+        sum += word;
+    }
+    return sum;
+}
+
+static uint64_t read_item(const char *a, const char *bt, int64_t fin, int64_t N, int S, int R, int rank, int64_t wsize) {
+    uint64_t sum = read_lines(bt, (int64_t)rank * N * wsize);
+    for (int s = 0; s < S; s++) sum += read_lines(a + (int64_t)s * R * fin * wsize, (int64_t)rank * fin * wsize);
+    return sum;
+}
+#endif
+
 /* Returns 0, or -1 when scratch memory could not be had (y is then untouched or partly updated
    only if a thread failed mid-way, which the caller treats as fatal). */
 int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16, int64_t N,
                      const struct tandem_lora_pool *pool, const struct tandem_lora_step *step) {
+#if defined(TANDEM_LORA_FLOOR) && TANDEM_LORA_FLOOR == 1
+    /* A build whose calls do nothing (bench/lora_floor.py): what the engine spends around them. */
+    (void)x, (void)x_bf16, (void)fin, (void)y, (void)y_bf16, (void)N, (void)pool, (void)step;
+    return 0;
+#endif
     const void *a = pool->a, *bt = pool->bt;
     const int32_t *ranks = pool->ranks, *widths = pool->widths;
     int w_bf16 = pool->w_bf16, S = pool->S, R = pool->R;
@@ -676,6 +702,15 @@ int tandem_lora_sgmv(const void *x, int x_bf16, int64_t fin, void *y, int y_bf16
         int g = items[3 * it], t0 = items[3 * it + 1], nb = items[3 * it + 2];
         int slot = seg_slot[g], rank = ranks[slot];
         const int64_t *toks = sorted + seg_start[g] + t0;
+#if defined(TANDEM_LORA_FLOOR) && TANDEM_LORA_FLOOR == 2
+        {
+            int64_t ws = w_bf16 ? 2 : 4;
+            volatile uint64_t sink = read_item((const char *)a + (int64_t)slot * S * R * fin * ws, (const char *)bt + (int64_t)slot * R * N * ws,
+                                            fin, N, S, R, rank, ws);
+            (void)sink, (void)toks, (void)nb;
+            continue;
+        }
+#endif
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
         if (seg_len[g] >= long_min) {
             struct amx_shape sh = amx_shape_of(fin, N, S, R);
