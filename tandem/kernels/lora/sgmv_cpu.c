@@ -49,7 +49,7 @@
    (a slot's slices of A, their rows past the rank left out). Measured in SmolLM2 decode steps
    (8 adapters, 32 tokens, 2 Zen 4 cores, bf16): the kernel's time 5.4 -> 4.7 ms a step. On a
    2-core Emerald Rapids Xeon it cost instead: paired bench/lora_serving.py runs alternated in
-   one process, seven rounds, 8 adapters 0.782x -> 0.805x of the base without it (0.83x when
+   one process, seven rounds, 8 adapters 0.788x -> 0.805x of the base without it (0.83x when
    the calls only read their bytes), 64 Zipf 0.695x -> 0.708x (why was not measured: perhaps
    the extra requests hold fill buffers the waiting loads need). CPUs with AMX tiles (Intel's,
    from Sapphire Rapids) build without it (TRICKLE). */
