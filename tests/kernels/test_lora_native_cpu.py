@@ -116,12 +116,23 @@ def test_dispatcher_takes_the_native_kernel_for_the_pool_layout(dtype):
 
 @pytest.mark.parametrize(
     "change",
-    ["plain_b_layout", "float64_x", "strided_x", "x_requires_grad", "float16_pool", "mixed_pool_dtypes"],
+    [
+        "plain_b_layout", "float64_x", "strided_x", "x_requires_grad", "float16_pool", "mixed_pool_dtypes",
+        "x_narrower_than_the_pool", "y_wider_than_the_pool", "fewer_rows_than_the_batch",
+    ],
 )
 def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
+    """The kernel reads x's rows at the pool's width and the batch's token indices: a call
+    that does not match them would read and write past the tensors, so it is declined."""
     case = pool_layout(make_case("down", torch.float32, device="cpu"))
-    x, w = case.x, case.w
-    if change == "plain_b_layout":
+    x, w, y = case.x, case.w, case.y.clone()
+    if change == "x_narrower_than_the_pool":
+        x = x[:, :-1].contiguous()
+    elif change == "y_wider_than_the_pool":
+        y = torch.cat([y, y[:, :1]], 1)
+    elif change == "fewer_rows_than_the_batch":
+        x, y = x[:-1].contiguous(), y[:-1].contiguous()
+    elif change == "plain_b_layout":
         w = make_case("down", torch.float32, device="cpu").w
     elif change == "float64_x":
         x = x.double()
@@ -133,9 +144,9 @@ def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
         w = LoRAWeights(w.a.half(), w.b.half(), w.slot_ranks, w.out_slices)
     else:  # LoRAWeights refuses mixed dtypes; a pool mutated into them must not reach the kernel
         w.b = w.b.bfloat16()
-    y = case.y.clone()
+    before = y.clone()
     assert not native_cpu.lora_delta(x, w, case.batch, y)
-    assert torch.equal(y, case.y)
+    assert torch.equal(y, before)
 
 
 def test_without_a_compiler_the_torch_path_serves(monkeypatch, tmp_path):

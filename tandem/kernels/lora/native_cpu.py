@@ -43,8 +43,8 @@ def library(floor: int = 0) -> ctypes.CDLL | None:
     if lib is None:
         return None
     fn = lib.tandem_lora_sgmv
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, ctypes.c_int, i64, p, ctypes.c_int, i64, ctypes.POINTER(_Pool), ctypes.POINTER(_Step)]
+    p = ctypes.c_void_p
+    fn.argtypes = [p, p, ctypes.c_int, ctypes.POINTER(_Pool), ctypes.POINTER(_Step)]
     fn.restype = ctypes.c_int
     lib.tandem_lora_load.argtypes = [ctypes.POINTER(_Slice), ctypes.c_int, ctypes.c_int]
     lib.tandem_lora_load.restype = None
@@ -54,18 +54,11 @@ def library(floor: int = 0) -> ctypes.CDLL | None:
 
 
 def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
-    """Whether the kernel can take this call: CPU tensors, x and y float32 or bfloat16 with
-    contiguous rows, a float32 or bfloat16 pool whose b is stored transposed ([slots,
-    max_rank, N] in memory, as the CPU slot pool keeps it)."""
-    return _activations_fit(x, y) and _pool_args(w) is not None and _batch_args(batch) is not None
-
-
-def _activations_fit(x: Tensor, y: Tensor) -> bool:
-    return (
-        x.is_cpu and y.is_cpu and x.dtype in _DTYPES and y.dtype in _DTYPES
-        and x.dim() == y.dim() == 2 and x.is_contiguous() and y.is_contiguous()
-        and not (x.requires_grad or y.requires_grad)
-    )
+    """Whether the kernel can take this call: CPU tensors, x [T, in_features] and y [T,
+    out_features] float32 or bfloat16 with contiguous rows, outside autograd, a float32 or
+    bfloat16 pool whose b is stored transposed ([slots, max_rank, N] in memory, as the CPU
+    slot pool keeps it), and a batch of T tokens on the CPU."""
+    return _call_args(x, w, batch, y) is not None
 
 
 class _Pool(ctypes.Structure):
@@ -73,7 +66,7 @@ class _Pool(ctypes.Structure):
 
     _fields_ = [
         ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("widths", ctypes.c_void_p),
-        ("w_bf16", ctypes.c_int32), ("S", ctypes.c_int32), ("R", ctypes.c_int32),
+        ("fin", ctypes.c_int64), ("N", ctypes.c_int64), ("w_bf16", ctypes.c_int32), ("S", ctypes.c_int32), ("R", ctypes.c_int32),
     ]
 
 
@@ -95,70 +88,84 @@ class _Slice(ctypes.Structure):
     ]
 
 
+# The call's dtypes argument: bit 0 for a bfloat16 x, bit 1 for a bfloat16 y.
+_DTYPE_BITS = {
+    (x, y): (x == torch.bfloat16) | (y == torch.bfloat16) << 1 for x in (torch.float32, torch.bfloat16)
+    for y in (torch.float32, torch.bfloat16)
+}
+
+# The served path makes ~120 calls a step, and every Python attribute read of a tensor costs
+# ~0.15 us on the CPUs we serve from: what can be settled once is, per pool and per step.
 # A pool's struct, made once per LoRAWeights (its tensors stay put: slots are written in
-# place) and dropped with it; None where the kernel cannot take it. Keyed by id, checked
-# against the tensors it was made from (a field may be replaced).
-_pools: dict[int, tuple[tuple, _Pool | None]] = {}
+# place) and dropped with it, with the tensors it was made from (a field may be replaced)
+# and its in/out features; None where the kernel cannot take it. Keyed by id.
+_pools: dict[int, tuple] = {}
 
 
-def _pool_args(w: LoRAWeights) -> _Pool | None:
-    tensors = (w.a, w.b, w.slot_ranks, w.slice_widths)
+def _pool_args(w: LoRAWeights) -> tuple | None:
+    """(pool struct, in_features, out_features) for w, or None."""
     entry = _pools.get(id(w))
-    if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
-        return entry[1]
+    if entry is not None and entry[0] is w.a and entry[1] is w.b and entry[2] is w.slot_ranks and entry[3] is w.slice_widths:
+        return entry[4]
     fits = (
-        all(t.device.type == "cpu" for t in tensors) and w.a.dtype in _DTYPES and w.b.dtype == w.a.dtype
-        and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
+        all(t.device.type == "cpu" for t in (w.a, w.b, w.slot_ranks, w.slice_widths)) and w.a.dtype in _DTYPES
+        and w.b.dtype == w.a.dtype and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
     )
-    pool = _Pool(
-        w.a.data_ptr(), w.b.data_ptr(), w.slot_ranks.data_ptr(), w.slice_widths.data_ptr(),
-        w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
-    ) if fits else None
+    args = (_Pool(
+        w.a.data_ptr(), w.b.data_ptr(), w.slot_ranks.data_ptr(), w.slice_widths.data_ptr(), w.in_features,
+        w.out_features, w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
+    ), w.in_features, w.out_features) if fits else None
     if entry is None:
         weakref.finalize(w, _pools.pop, id(w), None)
-    _pools[id(w)] = (tuple(weakref.ref(t) for t in tensors), pool)
-    return pool
+    _pools[id(w)] = (w.a, w.b, w.slot_ranks, w.slice_widths, args)
+    return args
 
 
-# The last step's struct: a step's ~120 calls share one LoRABatch.
+# The last step's struct, its token count and its segments past MAX_SEGMENT_ROWS: a step's
+# ~120 calls share one LoRABatch.
 _last_batch: tuple = (lambda: None, None)
 
 
-def _batch_args(batch: LoRABatch) -> _Step | None:
+def _batch_args(batch: LoRABatch) -> tuple | None:
+    """(step struct, tokens, long segments) for batch, or None."""
     global _last_batch
-    ref, step = _last_batch
+    ref, args = _last_batch
     if ref() is batch:
-        return step
-    step = _Step(
+        return args
+    args = (_Step(
         batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(),
         batch.sorted_tokens.data_ptr(), len(batch.segments), MAX_SEGMENT_ROWS,
-    ) if batch.sorted_tokens.device.type == "cpu" else None
-    _last_batch = (weakref.ref(batch), step)
-    return step
+    ), batch.num_tokens, [s for s in batch.segments if s.length > MAX_SEGMENT_ROWS]) if batch.sorted_tokens.is_cpu else None
+    _last_batch = (weakref.ref(batch), args)
+    return args
+
+
+def _call_args(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> tuple | None:
+    """(dtypes, pool struct, step args) for a call the kernel can take, else None."""
+    pool, step = _pool_args(w), _batch_args(batch)
+    dtypes = _DTYPE_BITS.get((x.dtype, y.dtype))
+    if pool is None or step is None or dtypes is None:
+        return None
+    xs, ys = x.shape, y.shape
+    if not (xs == (step[1], pool[1]) and ys == (step[1], pool[2]) and x.is_contiguous() and y.is_contiguous()
+            and x.is_cpu and y.is_cpu) or x.requires_grad or y.requires_grad:
+        return None
+    return dtypes, pool[0], step
 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """y += LoRA(x) for every token with an adapter, in place, if the kernel applies (see
     applies) and is built (segments past MAX_SEGMENT_ROWS through the torch reference);
     False, with y untouched, otherwise."""
-    if not _activations_fit(x, y):
-        return False
-    pool, step = _pool_args(w), _batch_args(batch)
-    if pool is None or step is None:
-        return False
+    args = _call_args(x, w, batch, y)
     lib = library()
-    if lib is None:
+    if args is None or lib is None:
         return False
-    if batch.num_lora_tokens == 0:
-        return True
-    status = lib.tandem_lora_sgmv(
-        x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], y.data_ptr(), y.dtype == torch.bfloat16, y.shape[1], pool, step
-    )
-    if status != 0:
+    dtypes, pool, (step, _, long_segments) = args
+    if batch.num_lora_tokens and lib.tandem_lora_sgmv(x.data_ptr(), y.data_ptr(), dtypes, pool, step):
         raise MemoryError("the native LoRA kernel could not allocate its scratch memory")
-    for segment in batch.segments:
-        if segment.length > MAX_SEGMENT_ROWS:
-            reference.add_segment(x, w, batch, segment, y)
+    for segment in long_segments:
+        reference.add_segment(x, w, batch, segment, y)
     return True
 
 
