@@ -178,6 +178,22 @@ static void add_row(void *y, int y_bf16, int64_t N, int64_t tok, int64_t col, co
     }
 }
 
+#if defined(__AVX512BF16__)
+/* y[tok, col .. col + NB) += (d0, d1), the sums of add_row rounded the same way. */
+static inline __attribute__((always_inline)) void add_block(void *y, int y_bf16, int64_t N, int64_t tok, int64_t col,
+                                                            __m512 d0, __m512 d1) {
+    if (y_bf16) {
+        uint16_t *yr = (uint16_t *)y + tok * N + col;
+        store_bf16(yr, load_bf16(yr) + (f32x16)d0);
+        store_bf16(yr + 16, load_bf16(yr + 16) + (f32x16)d1);
+    } else {
+        float *yr = (float *)y + tok * N + col;
+        _mm512_storeu_ps(yr, _mm512_add_ps(_mm512_loadu_ps(yr), d0));
+        _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_loadu_ps(yr + 16), d1));
+    }
+}
+#endif
+
 /* Column blocks of NB in the slices (an expand's iterations per rank step). */
 static int64_t full_blocks(const int32_t *widths, int S) {
     int64_t n = 0;
@@ -253,7 +269,6 @@ static inline __attribute__((always_inline)) void expand_dp(const float *v, cons
     for (int s = 0; s < S; s++) {
         int64_t w = widths[s];
         for (int64_t n0 = 0; n0 < w; n0 += NB) {
-            float out[TB_DP][NB];
             int n = (int)(w - n0 < NB ? w - n0 : NB);
             if (n == NB) {
                 __m512 lo[TB_DP], hi[TB_DP];
@@ -274,14 +289,17 @@ static inline __attribute__((always_inline)) void expand_dp(const float *v, cons
                         hi[t] = _mm512_dpbf16_ps(hi[t], ph, c);
                     }
                 }
-                for (int t = 0; t < tb; t++) {
-                    _mm512_storeu_ps(out[t], _mm512_permutex2var_ps(lo[t], first, hi[t]));
-                    _mm512_storeu_ps(out[t] + 16, _mm512_permutex2var_ps(lo[t], second, hi[t]));
-                }
+                /* Added into y from the registers: through a buffer and add_row, the same sums
+                   cost 1.3 points of the base's speed (SmolLM2 bf16 decode, 8 adapters, 2-core
+                   Emerald Rapids Xeon: 0.829x -> 0.842x, four paired rounds, every one higher). */
+                for (int t = 0; t < tb; t++)
+                    add_block(y, y_bf16, N, toks[t], col0 + n0, _mm512_permutex2var_ps(lo[t], first, hi[t]),
+                              _mm512_permutex2var_ps(lo[t], second, hi[t]));
             } else {
+                float out[TB_DP][NB];
                 expand_tail(v, bt, bt_off, 1, N, S, R, rank, s, col0 + n0, n, tb, out);
+                for (int t = 0; t < tb; t++) add_row(y, y_bf16, N, toks[t], col0 + n0, out[t], n);
             }
-            for (int t = 0; t < tb; t++) add_row(y, y_bf16, N, toks[t], col0 + n0, out[t], n);
         }
         col0 += w;
     }
