@@ -97,8 +97,9 @@ _DTYPE_BITS = {
 # The served path makes ~120 calls a step, and every Python attribute read of a tensor costs
 # ~0.15 us on the CPUs we serve from: what can be settled once is, per pool and per step.
 # A pool's struct, made once per LoRAWeights (its tensors stay put: slots are written in
-# place) and dropped with it, with the tensors it was made from (a field may be replaced)
-# and its in/out features; None where the kernel cannot take it. Keyed by id.
+# place) and dropped with it, with its in/out features; None where the kernel cannot take
+# it. Keyed by id, with the tensors it was made from: a call checks them by identity (a
+# field may be replaced; the entry then holds the old tensor until the next call).
 _pools: dict[int, tuple] = {}
 
 
