@@ -2,13 +2,17 @@
 costs nothing but itself: the engine keeps serving other adapters and the base model."""
 
 import copy
+import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoHaConfig, get_peft_model
 
+from tandem.server.adapters import peft_format
 from tandem.server.adapters.peft_format import read_adapter
 from tandem.server.adapters.registry import resolve_adapter_dir
 from tandem.server.engine.sampling_params import SamplingParams
@@ -136,11 +140,32 @@ def _cut_header(path: Path) -> None:
     weights_file(path).write_bytes(weights_file(path).read_bytes()[:20])
 
 
+_SHA256 = hashlib.sha256
+
+
+class _SlowSha256:
+    """hashlib.sha256 taking its time, so that a read's check fails while its hash still runs."""
+
+    def __init__(self, prefix: bytes):
+        self._h = _SHA256(prefix)
+
+    def update(self, data) -> None:
+        time.sleep(0.2)
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 @pytest.mark.parametrize("damage", [_truncate, _garble, _cut_header], ids=["truncated", "garbage", "cut-header"])
-def test_corrupt_weights_are_refused(tiny_hf_model, base, tmp_path, damage):
+def test_corrupt_weights_are_refused_once_nothing_reads_them(tiny_hf_model, base, tmp_path, damage, monkeypatch):
+    """The weights are parsed while hashed on another thread; a refusal waits for that thread,
+    so that no thread reads the bytes once their memory goes back to the host slab."""
+    monkeypatch.setattr(peft_format.hashlib, "sha256", _SlowSha256)
     path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj"])
     damage(path)
     assert refusal(IncompatibleAdapter, "x", path, base).startswith("adapter 'x' has a corrupt adapter_model.safetensors: ")
+    assert not [t for t in threading.enumerate() if t.name == "tandem-sha256"]
 
 
 def test_missing_adapters_are_not_found(base, root, tmp_path):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,10 +101,18 @@ def content_hash(path: Path) -> str:
 
 
 def read_hashed(path: Path, prefix: bytes, buffer: Buffer = bytearray) -> tuple[bytearray | memoryview, str]:
-    """The file's bytes, in memory from buffer(its size), and sha256(prefix + those bytes),
-    in one pass. The bytes are ours: a file overwritten later leaves them as read. OSError
-    when the file cannot be read or changes size while being read."""
-    h = hashlib.sha256(prefix)
+    """The file's bytes, in memory from buffer(its size), and sha256(prefix + those bytes)."""
+    data, digest = read_hashing(path, prefix, buffer)
+    return data, digest()
+
+
+def read_hashing(path: Path, prefix: bytes, buffer: Buffer = bytearray) -> tuple[bytearray | memoryview, Callable[[], str]]:
+    """The file's bytes, in memory from buffer(its size), and a function that returns
+    sha256(prefix + those bytes), hashed meanwhile on a thread of its own (hashlib lets go of
+    the GIL): a caller parses and checks the bytes while they are hashed, and a read takes
+    about its hash's time instead of the hash's plus the parse's (a 19.6 MB adapter: SHA-256
+    ~14 ms, the rest ~9). The bytes are ours: a file overwritten later leaves them as read.
+    OSError when the file cannot be read or changes size while being read."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         data = buffer(size)
@@ -113,11 +122,18 @@ def read_hashed(path: Path, prefix: bytes, buffer: Buffer = bytearray) -> tuple[
             got = f.readinto(view[done : done + READ_PIECE_BYTES])
             if not got:
                 break
-            h.update(view[done : done + got])
             done += got
         if done != size or f.read(1):
             raise OSError(f"{path} changed size while being read")
-    return data, h.hexdigest()
+    h = hashlib.sha256(prefix)
+    hashing = threading.Thread(target=h.update, args=(view,), name="tandem-sha256", daemon=True)
+    hashing.start()
+
+    def digest() -> str:
+        hashing.join()
+        return h.hexdigest()
+
+    return data, digest
 
 
 def read_adapter(
@@ -139,17 +155,22 @@ def read_adapter(
     # are views of them (a mapping of the file would change under a cached adapter if the
     # file were overwritten in place; a copy per tensor costs another pass of page faults).
     try:
-        weights, digest = read_hashed(weights_path, config_bytes, buffer)
+        weights, digest = read_hashing(weights_path, config_bytes, buffer)
     except OSError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
+    # Checked while hashed; the hash is waited for even when a check fails, so that no
+    # thread still reads the bytes once their memory goes back to the slab.
     try:
-        parsed = _parse_safetensors(weights)
-        seed = _a_init_seed(parsed.metadata)
-    except ValueError as exc:
-        raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-    modules = pair_tensors(name, parsed.tensors)
-    adapter = adapter_of_modules(name, path, config, modules, digest, model, max_rank, slot_dtype, parsed.magnitude())
-    return replace(adapter, a_init_seed=seed)
+        try:
+            parsed = _parse_safetensors(weights)
+            seed = _a_init_seed(parsed.metadata)
+        except ValueError as exc:
+            raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
+        modules = pair_tensors(name, parsed.tensors)
+        adapter = adapter_of_modules(name, path, config, modules, "", model, max_rank, slot_dtype, parsed.magnitude())
+    finally:
+        content = digest()
+    return replace(adapter, content_hash=content, a_init_seed=seed)
 
 
 def read_config(name: str, path: Path) -> tuple[bytes, dict]:
