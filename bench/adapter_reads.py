@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
-from tandem.server.adapters.host_slab import HostSlab  # noqa: E402
+from tandem.server.adapters.host_slab import ALIGN, HostSlab  # noqa: E402
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_hashed  # noqa: E402
 from tandem.server.adapters.registry import AdapterRegistry  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
@@ -84,8 +84,9 @@ def read_times(model, dirs: list[Path], reads: int) -> dict:
         d = dirs[r % len(dirs)]
         config = (d / CONFIG_FILE).read_bytes()
         for path in PATHS if r % 2 == 0 else reversed(PATHS):
-            # A growing slab is a new one: its chunk, the block's size, is made (and touched) inside the read.
-            buffer = {"new_memory": bytearray, "slab_full": full.block}.get(path) or HostSlab(adapter_bytes).block
+            # A growing slab is a new one: its chunk, the block's size, is made (and touched) inside
+            # the read. Blocks are whole pages (host_slab.ALIGN): a slab of the file's size holds none.
+            buffer = {"new_memory": bytearray, "slab_full": full.block}.get(path) or HostSlab(-(-adapter_bytes // ALIGN) * ALIGN).block
             start = time.perf_counter()
             data = read_hashed(d / WEIGHTS_FILE, config, buffer)
             times[path]["read_and_hash"].append(time.perf_counter() - start)
