@@ -124,7 +124,7 @@ class Prepacked:
     def activation_grad(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """dy [T, out] -> [T, in] = dy weight, by the path linear's backward takes for T rows."""
         if dy.shape[0] > max_rows(dy.dtype):
-            return dy @ weight
+            return row_buckets.mm(dy, weight)
         return self.transposed_linear(dy, weight)
 
     def transposed_linear(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

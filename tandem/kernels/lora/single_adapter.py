@@ -9,7 +9,9 @@ whose zeros add nothing), the delta is added to the base output in the same op, 
 weights are converted to the compute dtype once per version of the weights, not per call.
 
 Products run in the dtype the general path picks (reference._matmul_dtype), so gradients
-are the same to rounding: a bf16 training batch of 128+ rows multiplies in bf16.
+are the same to rounding: a bf16 training batch of 128+ rows multiplies in bf16, its rows
+split at a bucket (row_buckets.mm): micro-batches and co-served slices come in every row
+count, and oneDNN compiles and keeps kernels for each one it meets.
 """
 
 import weakref
@@ -19,6 +21,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import row_buckets
 from .batch import LoRABatch, LoRAWeights
 from .reference import _matmul_dtype
 
@@ -79,11 +82,11 @@ class SingleLoRAAdd(torch.autograd.Function):
         mdt = _matmul_dtype(x.dtype, w, x.shape[0], x.shape[0])
         a_c, b_c = compute_weights(w, mdt)
         xc = x.to(mdt)
-        v = torch.mm(xc, a_c.t())
+        v = row_buckets.mm(xc, a_c.t())
         if y.dtype == mdt:
-            out = torch.addmm(y, v, b_c.t())
+            out = row_buckets.addmm(y, v, b_c.t())
         else:
-            out = torch.mm(v, b_c.t()).to(y.dtype)
+            out = row_buckets.mm(v, b_c.t()).to(y.dtype)
             out += y
         _, _, needs_a, needs_b = ctx.needs_input_grad[:4]
         # a and b are saved so that autograd refuses a backward after they change in place.
@@ -101,11 +104,11 @@ class SingleLoRAAdd(torch.autograd.Function):
         dy = dout.to(ctx.mdt)
         dx = da = db = None
         if needs_x or needs_a:
-            dv = torch.mm(dy, b_c)
-            dx = torch.mm(dv, a_c).to(ctx.x_dtype) if needs_x else None
-            da = torch.mm(dv.t(), xc).to(a.dtype).unsqueeze(0) if needs_a else None
+            dv = row_buckets.mm(dy, b_c)
+            dx = row_buckets.mm(dv, a_c).to(ctx.x_dtype) if needs_x else None
+            da = row_buckets.mm_over_rows(dv, xc).to(a.dtype).unsqueeze(0) if needs_a else None
         if needs_b:
-            db = _diagonal_blocks(torch.mm(dy.t(), v), w).to(b.dtype).unsqueeze(0)
+            db = _diagonal_blocks(row_buckets.mm_over_rows(dy, v), w).to(b.dtype).unsqueeze(0)
         return dout, dx, da, db, None
 
 
