@@ -33,7 +33,7 @@ how busy the engine thread was (the share of the window inside Engine.step or En
 with continuous batching it steps most of the time even at 50% load, so the room for
 training is inside the iterations (larger batches), not between them.
 
-    .venv/bin/python bench/coserve.py            # ~18 minutes on 2 cores
+    .venv/bin/python bench/coserve.py            # ~45 minutes on 2 cores (--loads 0.5: ~30)
     .venv/bin/python bench/coserve.py --quick    # a smoke run
 """
 
