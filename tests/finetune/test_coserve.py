@@ -264,6 +264,51 @@ def test_a_head_stops_at_its_deadline_between_blocks_and_the_gradients_stay_exac
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_head_fills_what_the_forward_chunks_leave_and_the_gradients_stay_exact(smollm2_tokenizer, monkeypatch):
+    """Beside decodes, an iteration that forwards a chunk goes on with the head of the rows
+    forwarded so far, by the clock: with blocks of 16 rows, a block priced at one clock
+    reading and room for two, the iteration that forwards the micro-batch (a request
+    decoding) heads its first 32 rows, and the head's own iterations the rest; the
+    micro-batch still has the loss and gradients of training it alone. Priced past the
+    deadline, no block runs there."""
+    monkeypatch.setattr(model_runner, "HEAD_BLOCK_ROWS", 16)
+    monkeypatch.setattr(coserve_module, "HEAD_BLOCK_ROWS", 16)
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=3)
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    prompt = random_prompts([5], len(smollm2_tokenizer), seed=8)[0]
+    for block_seconds, expected_heads in [
+        (1.0, [(0, 32, True), (32, 64, False), (64, 68, False)]),
+        (4.0, [(0, 0, True), (0, 32, False), (32, 64, False), (64, 68, False)]),
+    ]:
+        engine, clock, adapter, seqs, targets, alone, expected = clocked(model, smollm2_tokenizer, monkeypatch)
+        engine.share.seconds = lambda kind, units: block_seconds
+        forwarding, heads, backward, execute = [False], [], engine.runner.backward, engine.runner.execute
+
+        def executing(scheduled):
+            forwarding[0] = scheduled.train_forward is not None
+            return execute(scheduled)
+
+        def recording(work):
+            clock.now = -1
+            result = backward(work)
+            if isinstance(work, TrainingHead):
+                heads.append((work.start, work.start + result.grad.shape[0], forwarding[0]))
+            return result
+
+        engine.runner.execute, engine.runner.backward = executing, recording
+        engine.add_request("r", prompt, params)
+        engine.step()  # its prefill: the micro-batch's forward then runs beside its decodes
+        batch = engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1 / targets)
+        while engine.has_work():
+            engine.step()
+
+        assert batch.done and heads == expected_heads
+        assert engine.iteration_tokens["train_head"] == 68
+        assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
+        for name, value in grads(adapter).items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_backward_slice_multiplies_by_no_frozen_weight(tiny_hf_model, smollm2_tokenizer, monkeypatch):
     """The forward chunks keep each frozen linear's output for the micro-batch's rows, so the
     backward slices rebuild the graph without running those GEMMs again (the recompute was
@@ -363,9 +408,10 @@ class FakeClock:
 
         def timed_backward(work):
             nonlocal slice_tokens
-            if isinstance(work, TrainingHead):
-                self.now += engine.share.prior["head"] * work.num_tokens * seconds_per_token
-                return backward(work)
+            if isinstance(work, TrainingHead):  # charged for the rows it ran (a deadline may stop it)
+                result = backward(work)
+                self.now += engine.share.prior["head"] * result.grad.shape[0] * seconds_per_token
+                return result
             slice_tokens = work.num_tokens
             try:
                 return backward(work)

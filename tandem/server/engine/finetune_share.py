@@ -171,6 +171,14 @@ class FinetuneShare:
         seconds = cost["fixed"] + sum(cost[kind] * work.get(kind, 0.0) for kind in KINDS)
         return seconds + sum(cost[kind + "_overhead"] for kind in TRAINING if work.get(kind, 0.0) > 0)
 
+    def seconds(self, kind: str, units: float) -> float:
+        """What the cost model expects `units` of one training kind to add to an iteration
+        beside inference; until it is warm there, more than any interval (nothing fits)."""
+        if not self.warm:
+            return math.inf
+        cost = self.costs()
+        return cost[kind] * units + cost[kind + "_overhead"]
+
     def costs(self) -> dict[str, float]:
         """Seconds of the fixed part, per unit of each kind, and of each training kind's
         presence (`<kind>_overhead`), from recent iterations."""

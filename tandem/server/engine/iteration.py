@@ -126,8 +126,10 @@ class TrainingHead:
     several layers: a vocabulary-wide GEMM and its dX) splits over iterations by rows.
     deadline: a time.perf_counter() instant, or None. With one, rows [start, stop) are the
     most it runs, in blocks of HEAD_BLOCK_ROWS: it stops before a block that the time of the
-    one before says would end past the deadline (the first block always runs);
-    BackwardResult.grad's rows say how far it got."""
+    one before says would end past the deadline; BackwardResult.grad's rows say how far it
+    got. The first block always runs, unless block_seconds (what a block is expected to take)
+    says it would end past the deadline too: a head that fills what a forward chunk left of
+    its iteration may run no row at all."""
 
     sequences: list[TrainingSequence]
     output: torch.Tensor
@@ -135,6 +137,7 @@ class TrainingHead:
     stop: int
     loss_scale: float
     deadline: float | None = None
+    block_seconds: float | None = None
 
     @property
     def num_tokens(self) -> int:

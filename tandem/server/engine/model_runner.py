@@ -186,21 +186,24 @@ class ModelRunner:
     def _head(self, work: TrainingHead) -> BackwardResult:
         """Rows [start, stop) of the top layer's output: their loss_scale * summed loss, back
         to those rows (zero for rows without a label); with a deadline, block by block until
-        it, the rows done those of the gradient returned."""
+        it (from the first block, given its expected time), the rows done those of the
+        gradient returned."""
         training = self._loss_rows(work.sequences, 0)
-        grads, loss_sum, num_targets = [], 0.0, 0
-        start = work.start
+        grads, loss_sum, num_targets = [work.output[work.start : work.start]], 0.0, 0
+        start, block = work.start, work.block_seconds
         while start < work.stop:
             if work.deadline is None:
                 stop = work.stop
             else:
                 began, stop = time.perf_counter(), min(work.stop, start + HEAD_BLOCK_ROWS)
+                if block is not None and began + block > work.deadline:
+                    break
             grad, loss, targets = self._head_rows(work, training, start, stop)
             grads.append(grad)
             loss_sum, num_targets, start = loss_sum + loss, num_targets + targets, stop
-            if work.deadline is not None and start < work.stop and 2 * time.perf_counter() - began > work.deadline:
-                break
-        return BackwardResult(grads[0] if len(grads) == 1 else torch.cat(grads), loss_sum, num_targets)
+            if work.deadline is not None:
+                block = time.perf_counter() - began
+        return BackwardResult(torch.cat(grads), loss_sum, num_targets)
 
     def _head_rows(self, work: TrainingHead, training: _TrainingRows, start: int, stop: int) -> tuple[torch.Tensor, float, int]:
         """The gradient at rows [start, stop) of the top layer's output, their summed loss and targets."""
