@@ -1,6 +1,7 @@
 """The HTTP front's bearer tokens (the gRPC API's tokens file and roles) and its part in the
 graceful drain: new connections refused, streams in flight finished."""
 
+import asyncio
 import http.client
 import json
 import urllib.error
@@ -54,9 +55,19 @@ def _refuses_connections(port: int) -> bool:
     return False
 
 
-def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_engine, base_model):
+def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_engine, base_model, monkeypatch):
     server = ServerThread(loopback(), adapter_engine)
     port = server.server.http_port
+    # Readiness updates that take a while: a connection made once the state says draining
+    # must still be refused, not accepted (or reset when the listener closes after it).
+    health = server.server.state._health
+    update = health.set
+
+    async def slow_update(service: str, status: int) -> None:
+        await asyncio.sleep(0.2)
+        await update(service, status)
+
+    monkeypatch.setattr(health, "set", slow_update)
     stream = _sdk(server).completions.create(
         model=base_model, prompt="Once upon a time", max_tokens=300, temperature=1.0, seed=3, n=4, stream=True,
         extra_body={"ignore_eos": True},

@@ -82,9 +82,11 @@ class TandemServer:
         seconds (default: the config's); then generations end with FINISH_REASON_ABORT and
         what is left is cancelled. True if all finished within the grace period."""
         grace = self.config.drain_grace_seconds if grace is None else grace
-        await self.state.begin_drain()
+        # The listener closes first, so that once the state says draining no new HTTP
+        # connection can land in its backlog (to be reset when it closes, not refused).
         if self.http is not None:
             self.http.stop_accepting()
+        await self.state.begin_drain()
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         finished = await self.state.wait_idle(grace)
         if not finished:
