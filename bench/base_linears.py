@@ -1,5 +1,5 @@
 """The base model's linears in isolation: F.linear, weights prepacked once for oneDNN, and the
-skinny C kernel for a decode's few rows (bfloat16, AVX512-BF16).
+skinny C kernel for a decode's few rows (bfloat16 on AVX512-BF16, float32 on AVX2).
 
 A decode step on CPU is mostly the base GEMMs. `F.linear` in bfloat16 hands the weight to
 oneDNN in its plain layout on every call, and oneDNN reorders it into the blocked layout its
@@ -58,7 +58,7 @@ def methods(weights: list[torch.Tensor], rows: int) -> dict:
     if torch.backends.mkldnn.is_available() and (w0.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
         out["prepacked"] = [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
-    if rows <= skinny_linear.MAX_ROWS and skinny_linear.pack(w0) is not None:
+    if rows <= skinny_linear.MAX_ROWS.get(w0.dtype, 0) and skinny_linear.pack(w0) is not None:
         skinny = [skinny_linear.pack(w) for w in weights]
         out["skinny"] = [lambda x, p=p: skinny_linear.linear(x, p, w0.shape[0]) for p in skinny]
     if w0.dtype == torch.float32 and hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear"):

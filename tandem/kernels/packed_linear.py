@@ -74,8 +74,8 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Prepacked:
-    """One frozen weight's oneDNN copies (and, for bfloat16 on CPUs with AVX512-BF16, the
-    skinny kernel's: kernels/skinny_linear.py), made on first use and then kept; made again if the
+    """One frozen weight's oneDNN copies (and, where it is routed rows, the skinny kernel's:
+    kernels/skinny_linear.py), made on first use and then kept; made again if the
     weight passed in is another tensor (replaced, moved, recast). Lazy, so a layer rebuilt
     around the same weight (LoRA attaching) packs it only once, and the transposed copy that
     a training backward multiplies by exists only on a server that has trained."""
@@ -88,7 +88,7 @@ class Prepacked:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, in] -> [T, out] = x weight^T (+ bias). Without autograd, up to
-        skinny_linear.ROUTED_ROWS rows through the skinny kernel where it has a copy; else through
+        skinny_linear.ROUTED_ROWS[dtype] rows through the skinny kernel where it has a copy; else through
         the reordered weight when there is one and T <= max_rows(dtype), else F.linear; rows padded to their bucket either way
         (oneDNN keeps a kernel per shape). Under autograd the activation gradient runs through
         a reordered weight^T (the frozen weight itself gets none; a weight or bias that
@@ -98,7 +98,7 @@ class Prepacked:
             return row_buckets.linear(x, weight, bias)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinear.apply(x, weight, bias, self)
-        if x.shape[0] <= skinny_linear.ROUTED_ROWS and (y := skinny_linear.linear(x, self._skinny, weight.shape[0], bias)) is not None:
+        if x.shape[0] <= skinny_linear.ROUTED_ROWS.get(x.dtype, 0) and (y := skinny_linear.linear(x, self._skinny, weight.shape[0], bias)) is not None:
             return y
         return _run(x, self._packed, bias)
 
@@ -106,7 +106,8 @@ class Prepacked:
         key = (weight.data_ptr(), weight.dtype, weight.device, weight.shape)
         if key != self._key:
             self._packed, self._transposed, self._key = prepack(weight), None, key
-            self._skinny = skinny_linear.pack(weight) if self._packed is not None else None
+            routed = self._packed is not None and skinny_linear.ROUTED_ROWS.get(weight.dtype, 0) > 0
+            self._skinny = skinny_linear.pack(weight) if routed else None
         return self._packed
 
     def prepare(self, weight: torch.Tensor, transposed: bool = False) -> None:

@@ -1,20 +1,23 @@
-/* y = x W^T (+ bias) for a few rows of bfloat16 x (a decode step's), one pass over W (see
-   skinny_linear.py, which packs W, builds and calls it).
+/* y = x W^T (+ bias) for a few rows of x (a decode step's), one pass over W per group of
+   rows (see skinny_linear.py, which packs W, builds and calls it). Two kernels: bfloat16 for
+   CPUs with AVX512-BF16, float32 for CPUs with AVX2 and FMA.
 
    Why: at a few rows a linear streams its weight once and does little arithmetic, and
    oneDNN's bf16 linear on its reordered weight streamed SmolLM2's at 15-40 GB/s on 2 Zen 4
    cores, where this loop reaches 30-60 GB/s (bench/base_linears.py): a decode step of one
-   sequence went from ~20 to ~13 ms.
+   sequence went from ~20 to ~13 ms. In float32 on 2 Zen 3 cores (AVX2), oneDNN's kernels
+   ran SmolLM2's shapes at 105-125 GFLOP/s at 32 rows where this loop runs 130-150.
 
-   Layout: W packed as [ceil(N / 64)][K / 2][64][2] bfloat16 (zero rows pad N): a tile of 64
+   bfloat16 layout: W packed as [ceil(N / 64)][K / 2][64][2] (zero rows pad N): a tile of 64
    output columns is one contiguous stream, and each 64-byte line holds one pair of inputs
    (k, k+1) for 16 columns, what AVX512-BF16's dot product of pairs takes. Per pair of
    inputs, a row's (x[k], x[k+1]) is broadcast and multiplied into the tile's 4 vectors:
    float32 sums, rounded to bfloat16 once at the end (with the bias added in float32).
+   float32 layout: [ceil(N / 16)][K][16], a 64-byte line per input for the tile's 2 vectors.
    Tiles are taken one at a time by torch's OpenMP team (dynamic: in a server the event
    loop's thread shares the cores, and a thread it preempts would hold up a static half);
-   rows go through a tile 6 at a time (24 accumulators), so from 7 rows on the tile is read
-   again from cache, not memory. */
+   rows go through a tile 6 at a time (24 accumulators in bfloat16, 12 in float32), so from
+   7 rows on the tile is read again from cache, not memory. */
 #include <stdint.h>
 
 #if defined(__AVX512BF16__)
@@ -77,4 +80,63 @@ void tandem_skinny_linear(const uint16_t *x, const uint16_t *packed, const uint1
 #else
 /* Without AVX512-BF16 there is no kernel (no tiles): skinny_linear.py keeps oneDNN's path. */
 int tandem_skinny_tile_cols(void) { return 0; }
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#define F32_TILE_COLS 16
+
+/* The accumulators are indexed only by constants once the row loops unroll: an index the
+   compiler cannot resolve keeps them in memory, a store per FMA (it halved the rate). */
+#define F32_TILE(R)                                                                                    \
+    static void f32_tile_##R(const float *x, int64_t K, const float *p, const float *bias, int64_t col, \
+                             int cols, float *y, int64_t N) {                                           \
+        __m256 acc[R][2];                                                                              \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps(); \
+        for (int64_t k = 0; k < K; k++) {                                                              \
+            __m256 w0 = _mm256_loadu_ps(p + k * F32_TILE_COLS), w1 = _mm256_loadu_ps(p + k * F32_TILE_COLS + 8); \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                      \
+                __m256 b = _mm256_broadcast_ss(x + r * K + k);                                         \
+                acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);                                         \
+                acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);                                         \
+            }                                                                                          \
+        }                                                                                              \
+        __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);                                      \
+        __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);                                \
+        __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8), lane);                            \
+        __m256 b0 = bias ? _mm256_maskload_ps(bias + col, m0) : _mm256_setzero_ps();                   \
+        __m256 b1 = bias ? _mm256_maskload_ps(bias + col + 8, m1) : _mm256_setzero_ps();               \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                          \
+            _mm256_maskstore_ps(y + r * N + col, m0, _mm256_add_ps(acc[r][0], b0));                    \
+            _mm256_maskstore_ps(y + r * N + col + 8, m1, _mm256_add_ps(acc[r][1], b1));                \
+        }                                                                                              \
+    }
+F32_TILE(1) F32_TILE(2) F32_TILE(3) F32_TILE(4) F32_TILE(5) F32_TILE(6)
+
+typedef void (*f32_tile_fn)(const float *, int64_t, const float *, const float *, int64_t, int, float *, int64_t);
+static const f32_tile_fn f32_tile_of_rows[7] = {0, f32_tile_1, f32_tile_2, f32_tile_3, f32_tile_4, f32_tile_5, f32_tile_6};
+
+int tandem_skinny_f32_tile_cols(void) { return F32_TILE_COLS; }
+
+/* x [M, K], y [M, N] float32, rows contiguous; bias [N] or NULL. Rows go in balanced groups of
+   at most 6 (32 rows: 5, 5, 5, 5, 6, 6): a group of 2 would leave 4 accumulators, too few
+   to cover the FMA's latency. */
+void tandem_skinny_linear_f32(const float *x, const float *packed, const float *bias, float *y, int M, int64_t N, int64_t K) {
+    int64_t tiles = (N + F32_TILE_COLS - 1) / F32_TILE_COLS;
+    int groups = (M + 5) / 6;
+#pragma omp parallel for schedule(dynamic) if (tiles > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        const float *p = packed + t * K * F32_TILE_COLS;
+        int cols = N - t * F32_TILE_COLS < F32_TILE_COLS ? (int)(N - t * F32_TILE_COLS) : F32_TILE_COLS;
+        for (int g = 0, m0 = 0; g < groups; g++) {
+            int rows = (M - m0) / (groups - g);
+            f32_tile_of_rows[rows](x + (int64_t)m0 * K, K, p, bias, t * F32_TILE_COLS, cols, y + (int64_t)m0 * N, N);
+            m0 += rows;
+        }
+    }
+}
+#else
+/* Without AVX2 and FMA there is no float32 kernel: skinny_linear.py keeps oneDNN's path. */
+int tandem_skinny_f32_tile_cols(void) { return 0; }
 #endif

@@ -33,11 +33,11 @@ def greedy_run(hf_model, tokenizer, dtype):
 def test_an_engine_reorders_its_weights_when_built_not_in_its_first_request(tiny_hf_model, smollm2_tokenizer, dtype):
     """The first request would otherwise wait for every copy (SmolLM2: 0.84 s on 2 cores);
     the transposes a backward needs are made only for training (by a co-served job's creation).
-    The skinny kernel's copies (bfloat16 on CPUs with AVX512-BF16) are made with oneDNN's."""
+    The skinny kernel's copies (where it is routed rows) are made with oneDNN's."""
     model = make_engine(tiny_hf_model, smollm2_tokenizer, dtype=dtype).runner.model
     assert all(linear.packed._packed is not None for linear in group_linears(model).values())
     assert model.lm_head_packed._packed is not None
-    skinny = dtype == torch.bfloat16 and skinny_linear.library() is not None
+    skinny = skinny_linear.ROUTED_ROWS[dtype] > 0 and skinny_linear.tile_cols(dtype) > 0
     assert all((linear.packed._skinny is not None) == skinny for linear in group_linears(model).values())
     assert (model.lm_head_packed._skinny is not None) == skinny
     assert all(linear.packed._transposed is None for linear in group_linears(model).values())
