@@ -6,8 +6,8 @@ A decode step's linears see as many rows as running sequences, and at a few rows
 is the weight's bytes: oneDNN's bf16 linear on its reordered weight streamed SmolLM2's at
 15-40 GB/s on 2 Zen 4 cores, the C loop at 30-60 GB/s (bench/base_linears.py), and a decode
 step of 1-16 sequences ran 1.3-1.5x faster, 1.16x at 32. In float32 on 2 Zen 3 cores (AVX2,
-no AVX-512) the loop ran 1.04-1.69x oneDNN's reordered weight at every SmolLM2 shape from 1
-to 512 rows (the lm_head 1.0-1.2x), 140-168 GFLOP/s from 32 rows. Its copy of the weight,
+no AVX-512) the loop ran 1.0-1.5x oneDNN's reordered weight at every SmolLM2 shape from 1
+to 256 rows (the lm_head 1.0-1.24x), 115-150 GFLOP/s at 32 rows. Its copy of the weight,
 packed for the kernel, is made beside oneDNN's (which keeps the rows past the routed limit
 and training's forwards): one more copy of the base weights in memory.
 
@@ -32,8 +32,10 @@ SOURCE = Path(__file__).with_name("skinny_linear_cpu.c")
 # The most rows a call takes, per dtype. bfloat16: past it oneDNN's GEMM, which blocks for
 # the caches, wins or ties; 2 Zen 4 cores, SmolLM2's shapes from memory: 1.5-2.0x oneDNN at
 # 1-8 rows, 1.1-1.3x at 32, 0.99-1.3x at 64 (gate_up ties), at 96 the lm_head 0.91x.
-# float32: won at every count measured, up to 512 (2 Zen 3 cores, 1.04-1.10x at 512).
-MAX_ROWS = {torch.bfloat16: 64, torch.float32: 512}
+# float32, 2 Zen 3 cores (bench/results/base_linears_cpu_amd.json): 1.0-1.5x oneDNN at every
+# shape from 1 to 256 rows (1.03-1.16x at 256); at 512 the lm_head fell to 0.86x, its x (1.2 MB)
+# no longer held in the core's cache across 3072 tiles.
+MAX_ROWS = {torch.bfloat16: 64, torch.float32: 256}
 _AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # The most rows Prepacked routes to it (0: none). Where oneDNN runs bfloat16 GEMMs on AMX

@@ -6,7 +6,7 @@
    oneDNN's bf16 linear on its reordered weight streamed SmolLM2's at 15-40 GB/s on 2 Zen 4
    cores, where this loop reaches 30-60 GB/s (bench/base_linears.py): a decode step of one
    sequence went from ~20 to ~13 ms. In float32 on 2 Zen 3 cores (AVX2), oneDNN's kernels
-   ran SmolLM2's shapes at 105-125 GFLOP/s at 32 rows where this loop runs 130-150.
+   ran SmolLM2's shapes at 100-125 GFLOP/s at 32 rows where this loop ran 115-150.
 
    bfloat16 layout: W packed as [ceil(N / 64)][K / 2][64][2] (zero rows pad N): a tile of 64
    output columns is one contiguous stream, and each 64-byte line holds one pair of inputs
