@@ -105,7 +105,7 @@ static inline __attribute__((always_inline)) void silu_mul_row(const void *gu, v
     int64_t g0 = r * 2 * inter, u0 = g0 + inter;
     for (int64_t j = 0; j < inter; j += 16) {
         f32x16 g = ld(gu, g0 + j, bf16);
-        u32x16 neg = (u32x16)(g < 0.0f);
+        u32x16 neg = (u32x16)((i32x16)g >> 31); /* the sign bit: a float compare has no AVX2 form at 16 lanes */
         f32x16 e = exp_nonpositive((f32x16)((u32x16)g | 0x80000000u)); /* e^-|g| */
         /* g < 0: g e^g / (1 + e^g); else g / (1 + e^-g), torch's formula */
         f32x16 one = (f32x16){0} + 1.0f;
