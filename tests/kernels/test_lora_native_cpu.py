@@ -103,9 +103,9 @@ def test_long_segments_take_the_amx_tiles_where_the_cpu_has_them():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dispatcher_takes_the_native_kernel_for_the_pool_layout_where_it_serves(dtype, serves, monkeypatch):
     """lora_delta on CPU runs the C kernel for the pool's layout where it serves (same result
-    as calling it), the torch path where it does not (CPUs without AVX-512: native_cpu.SERVES),
-    and backend="torch" always forces the reference."""
-    monkeypatch.setattr(native_cpu, "SERVES", serves)
+    as calling it), the torch path where it does not (bfloat16 on CPUs without AVX-512:
+    native_cpu.serves), and backend="torch" always forces the reference."""
+    monkeypatch.setattr(native_cpu, "serves", lambda x, w, y: serves)
     case = pool_layout(make_case("qkv_gqa", torch.float32, device="cpu"), dtype)
     y_native, y_dispatch, y_ref = case.y.clone(), case.y.clone(), case.y.clone()
     native_cpu.lora_delta(case.x, case.w, case.batch, y_native)

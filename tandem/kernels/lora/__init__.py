@@ -71,11 +71,11 @@ def lora_delta(
     rows of tokens without an adapter are left bit-identical. On Triton, steps of up to
     triton_sgmv.FUSED_MAX_TOKENS tokens whose slots hold ranks up to FUSED_MAX_RANK take one
     fused launch; on CPU the C kernel takes the
-    call where it serves (native_cpu.SERVES) and applies (native_cpu.applies), else the torch path picks between a segment
+    call where it serves (native_cpu.serves) and applies (native_cpu.applies), else the torch path picks between a segment
     loop and one batched matmul pair (see reference). Forward only: lora_delta_autograd is
     the differentiable form.
     """
-    if backend is None and not x.is_cuda and native_cpu.SERVES and native_cpu.lora_delta(x, w, batch, y):
+    if backend is None and not x.is_cuda and native_cpu.serves(x, w, y) and native_cpu.lora_delta(x, w, batch, y):
         return
     _impl(x, backend).lora_delta(x, w, batch, y)
 

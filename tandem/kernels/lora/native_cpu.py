@@ -32,14 +32,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # rows. Where the CPU has AMX the kernel runs long segments on its tiles and takes them all: on
 # a 2-core Xeon (Emerald Rapids) it took 0.19-0.25x torch's time from 16 to 1024 rows.
 MAX_SEGMENT_ROWS = 1 << 30 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else 320
-# Whether lora_delta's calls come here on this CPU. The kernel's generic loops are written in
-# 16-lane vectors; without AVX-512 GCC compiles them to register pairs passed through the stack
-# (a token's broadcast built from 16 scalar stores, accumulators in memory): on a 2-core Zen 3
-# EPYC (AVX2) a SmolLM2 gate_up call took 2.8-10x the torch path's time at 1-32 tokens and 1-32
-# adapters in float32 (1 token: 240 against 85 us; 32 tokens of 8 adapters: 990 against 280),
-# 2-3.7x in bfloat16. There the torch path serves; the kernel is still built (slot loads,
-# tests).
-SERVES = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @functools.cache
@@ -56,9 +49,27 @@ def library(floor: int = 0) -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     lib.tandem_lora_load.argtypes = [ctypes.POINTER(_Slice), ctypes.c_int, ctypes.c_int]
     lib.tandem_lora_load.restype = None
-    lib.tandem_lora_amx.argtypes = []
-    lib.tandem_lora_amx.restype = ctypes.c_int
+    for fn in (lib.tandem_lora_amx, lib.tandem_lora_avx2_f32):
+        fn.argtypes = []
+        fn.restype = ctypes.c_int
     return lib
+
+
+def serves(x: Tensor, w: LoRAWeights, y: Tensor) -> bool:
+    """Whether lora_delta sends this call here on this CPU: every call where it has AVX-512;
+    without, only float32 ones, which take the kernel's 8-lane loops. Its 16-lane loops
+    compile there to register pairs passed through the stack (a token's broadcast built from
+    16 scalar stores): on a 2-core Zen 3 EPYC (AVX2) a SmolLM2 gate_up call took 2.8-10x the
+    torch path's time at 1-32 tokens and 1-32 adapters (bfloat16 2-3.7x), where the 8-lane
+    float32 loops take 0.25-0.4x (1 token: 24 against ~90 us; 32 tokens of 8 adapters: 118
+    against ~290)."""
+    return _AVX512 or (_avx2_f32() and x.dtype == w.a.dtype == y.dtype == torch.float32)
+
+
+@functools.cache
+def _avx2_f32() -> bool:
+    lib = library()
+    return lib is not None and lib.tandem_lora_avx2_f32() == 1
 
 
 def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
