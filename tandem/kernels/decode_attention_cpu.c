@@ -39,11 +39,11 @@ static inline void prefetch_row(const void *base, int64_t at, int64_t n, int bf1
 }
 
 
-/* Each of the H rows of scores s [H, L] made e^(score - its maximum m[i]), in place, and
-   inv[i] the reciprocal of the row's sum. */
-static void softmax(float *s, int L, int H, const float *m, float *inv) {
+/* The first L of each of the H rows of scores s [H, stride] made e^(score - its maximum
+   m[i]), in place, and inv[i] the reciprocal of the row's sum. */
+static void softmax(float *s, int L, int stride, int H, const float *m, float *inv) {
     for (int i = 0; i < H; i++) {
-        float *si = s + (size_t)i * L;
+        float *si = s + (size_t)i * stride;
         f32x16 sums = {0};
         int j = 0;
         for (; j + 16 <= L; j += 16) {
@@ -94,7 +94,7 @@ static int attend(const void *q, const void *k, const void *v, void *out, const 
             }
         }
     }
-    softmax(s, L, H, m, inv);
+    softmax(s, L, L, H, m, inv);
     for (int j = 0; j < L; j++) {
         if (j + AHEAD < L) prefetch_row(v, slots[j + AHEAD] * stride, stride, bf16);
         for (int h = 0; h < Hkv; h++) {
@@ -114,11 +114,8 @@ static int attend(const void *q, const void *k, const void *v, void *out, const 
 #include <immintrin.h>
 /* With AVX2 (8 lanes) and no AVX-512, the 16-lane vectors above are pairs of registers and
    attend's per-head accumulators and queries live on the stack; on 2 Zen 3 cores it read the
-   cache at 6-8 GB/s in float32 (copy bandwidth 26 GB/s). This variant keeps its sums in
-   registers: scores 8 slots at a time (8 dot products reduced together, one horizontal
-   reduction per 8 scores rather than per score), and the weighted sum of values per KV head
-   in chunks of 32 dimensions for up to 3 of its query heads (12 accumulators). For D a
-   multiple of 32; attend serves the rest. */
+   cache at 6-8 GB/s in float32. This variant keeps its dot products in registers and reads
+   the cache in the order it lies (below). */
 static inline __m256 load8(const void *p, int64_t i, int bf16) {
     if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
     return _mm256_loadu_ps((const float *)p + i);
@@ -131,79 +128,135 @@ static inline __m256 sums_of_8(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
-#define GROUP 3 /* query heads of a KV head per pass over its values */
-#define CHUNK 4 /* vectors of 8 dimensions per pass */
+static inline float hmax8(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
 
-static int attend_avx2(const void *q, const void *k, const void *v, void *out, const int64_t *slots, int L, int H,
-                       int Hkv, int D, float scale, int bf16) {
-    int G = H / Hkv, C = D / 8;
-    float m[MAX_HEADS], inv[MAX_HEADS];
-    float *s = scratch_for((size_t)H * (L > 0 ? L : 1) + (size_t)H * D);
-    if (!s) return -1;
-    float *qs = s + (size_t)H * (L > 0 ? L : 1);
-    for (int i = 0; i < H * D; i++) qs[i] = (bf16 ? bf16_to_f32(((const uint16_t *)q)[i]) : ((const float *)q)[i]) * scale;
-    for (int i = 0; i < H; i++) m[i] = -INFINITY;
-    int64_t stride = (int64_t)Hkv * D;
-    for (int j0 = 0; j0 < L; j0 += 8) {
-        int n = L - j0 < 8 ? L - j0 : 8;
-        int64_t row[8];
-        for (int t = 0; t < 8; t++) row[t] = slots[j0 + (t < n ? t : n - 1)] * stride;
-        for (int t = 8; t < 16 && j0 + t < L; t++) prefetch_row(k, slots[j0 + t] * stride, stride, bf16);
-        for (int h = 0; h < Hkv; h++) {
-            for (int g = 0; g < G; g++) {
-                int i = h * G + g;
-                __m256 acc[8];
-                _Pragma("GCC unroll 8") for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-                for (int c = 0; c < C; c++) {
-                    __m256 qc = _mm256_loadu_ps(qs + (int64_t)i * D + c * 8);
-                    _Pragma("GCC unroll 8") for (int t = 0; t < 8; t++)
-                        acc[t] = _mm256_fmadd_ps(qc, load8(k, row[t] + (int64_t)h * D + c * 8, bf16), acc[t]);
-                }
-                float sc[8];
-                _mm256_storeu_ps(sc, sums_of_8(acc));
-                for (int t = 0; t < n; t++) {
-                    s[(size_t)i * L + j0 + t] = sc[t];
-                    if (sc[t] > m[i]) m[i] = sc[t];
-                }
-            }
+/* R query heads (rows of qs from qi, D = 8C apart) against one key row kr: each head's 8
+   partial sums into part[i * 8], for sums_of_8 once 8 slots are in. */
+static inline __attribute__((always_inline)) void dots(const float *qi, const void *k, int64_t kr, int C, __m256 *part,
+                                                       int R, int bf16) {
+    __m256 acc[4];
+    for (int u = 0; u < R; u++) acc[u] = _mm256_setzero_ps();
+    for (int c = 0; c < C; c++) {
+        __m256 kc = load8(k, kr + c * 8, bf16);
+        for (int u = 0; u < R; u++) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qi + (int64_t)u * C * 8 + c * 8), kc, acc[u]);
+    }
+    for (int u = 0; u < R; u++) part[u * 8] = acc[u];
+}
+
+/* R heads' sums oi (D = 8C apart) plus their weights pa (and pb, when two) times value rows
+   va (and vb): two slots a pass halve the sums' loads and stores, which bound this loop. */
+static inline __attribute__((always_inline)) void weigh(float *oi, const float *pa, const float *pb, const void *v,
+                                                        int64_t va, int64_t vb, int C, int R, int two, int bf16) {
+    __m256 a[4], b[4];
+    for (int u = 0; u < R; u++) {
+        a[u] = _mm256_broadcast_ss(pa + u);
+        if (two) b[u] = _mm256_broadcast_ss(pb + u);
+    }
+    for (int c = 0; c < C; c++) {
+        __m256 x = load8(v, va + c * 8, bf16), y = two ? load8(v, vb + c * 8, bf16) : x;
+        for (int u = 0; u < R; u++) {
+            float *at = oi + (int64_t)u * C * 8 + c * 8;
+            __m256 acc = _mm256_fmadd_ps(a[u], x, _mm256_loadu_ps(at));
+            if (two) acc = _mm256_fmadd_ps(b[u], y, acc);
+            _mm256_storeu_ps(at, acc);
         }
     }
-    softmax(s, L, H, m, inv);
-    for (int h = 0; h < Hkv; h++) {
-        for (int g0 = 0; g0 < G; g0 += GROUP) {
-            const float *sg[GROUP];
-            for (int u = 0; u < GROUP; u++) sg[u] = s + (size_t)(h * G + (g0 + u < G ? g0 + u : G - 1)) * L;
-            for (int c0 = 0; c0 < D; c0 += 8 * CHUNK) {
-                __m256 acc[GROUP][CHUNK];
-                _Pragma("GCC unroll 4") for (int u = 0; u < GROUP; u++)
-                    _Pragma("GCC unroll 4") for (int w = 0; w < CHUNK; w++) acc[u][w] = _mm256_setzero_ps();
-                int64_t at = (int64_t)h * D + c0;
-                for (int j = 0; j < L; j++) {
-                    if (j + AHEAD < L) prefetch_row(v, slots[j + AHEAD] * stride + at, 8 * CHUNK, bf16);
-                    __m256 vc[CHUNK];
-                    _Pragma("GCC unroll 4") for (int w = 0; w < CHUNK; w++) vc[w] = load8(v, slots[j] * stride + at + w * 8, bf16);
-                    _Pragma("GCC unroll 4") for (int u = 0; u < GROUP; u++) {
-                        __m256 b = _mm256_broadcast_ss(sg[u] + j);
-                        _Pragma("GCC unroll 4") for (int w = 0; w < CHUNK; w++) acc[u][w] = _mm256_fmadd_ps(b, vc[w], acc[u][w]);
-                    }
+}
+
+/* How many slots ahead the walk asks for a row: 4 beat 8 and 16 on the Zen 3. */
+#define ROWS_AHEAD 4
+
+#define BY_ROWS(R, call) \
+    do { switch (R) { case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; default: call(4); } } while (0)
+
+/* Slots are walked in order, each row (all KV heads) read whole, as it lies in its block:
+   on 2 Zen 3 cores, SmolLM2's heads, 32 sequences of ~190 slots from memory, the same bytes
+   streamed at 21 GB/s read in that order and at 14 GB/s read 8 rows at once a head at a time
+   (this kernel's first form, whose whole call reached 11 GB/s; this one 16-18). Scores of 8
+   slots are reduced together (sums_of_8), their maxima kept as vectors; the probabilities
+   are transposed to [L, H], so a slot's weights for its heads lie together. Sums and outputs
+   in the order of the first form's: the results are the same bits. bf16 a constant where inlined. */
+static inline __attribute__((always_inline)) int attend_avx2_body(const void *q, const void *k, const void *v, void *out,
+                                                                  const int64_t *slots, int L, int H, int Hkv, int D,
+                                                                  float scale, int bf16) {
+    int G = H / Hkv, C = D / 8, Lp = (L + 7) & ~7;
+    float m[MAX_HEADS], inv[MAX_HEADS];
+    __m256 mv[MAX_HEADS], part[MAX_HEADS * 8];
+    float *s = scratch_for(2 * (size_t)H * (Lp > 0 ? Lp : 8) + 2 * (size_t)H * D);
+    if (!s) return -1;
+    float *p = s + (size_t)H * (Lp > 0 ? Lp : 8), *qs = p + (size_t)H * (Lp > 0 ? Lp : 8), *o = qs + (size_t)H * D;
+    for (int i = 0; i < H * D; i++) qs[i] = (bf16 ? bf16_to_f32(((const uint16_t *)q)[i]) : ((const float *)q)[i]) * scale;
+    memset(o, 0, sizeof(float) * H * D);
+    for (int i = 0; i < H; i++) mv[i] = _mm256_set1_ps(-INFINITY);
+    int64_t stride = (int64_t)Hkv * D;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j0 = 0; j0 < L; j0 += 8) {
+        int n = L - j0 < 8 ? L - j0 : 8;
+        for (int t = 0; t < 8; t++) {
+            if (t >= n) {
+                for (int i = 0; i < H; i++) part[i * 8 + t] = _mm256_setzero_ps();
+                continue;
+            }
+            int64_t row = slots[j0 + t] * stride;
+            if (j0 + t + ROWS_AHEAD < L) prefetch_row(k, slots[j0 + t + ROWS_AHEAD] * stride, stride, bf16);
+            for (int h = 0; h < Hkv; h++)
+                for (int g0 = 0; g0 < G; g0 += 4) {
+                    int i = h * G + g0;
+#define DOTS(R) dots(qs + (int64_t)i * D, k, row + (int64_t)h * D, C, part + i * 8 + t, R, bf16)
+                    BY_ROWS(G - g0, DOTS);
+#undef DOTS
                 }
-                for (int u = 0; u < GROUP && g0 + u < G; u++) {
-                    int i = h * G + g0 + u;
-                    float o[8 * CHUNK];
-                    __m256 scale_i = _mm256_set1_ps(inv[i]);
-                    _Pragma("GCC unroll 4") for (int w = 0; w < CHUNK; w++) _mm256_storeu_ps(o + w * 8, _mm256_mul_ps(acc[u][w], scale_i));
-                    for (int d = 0; d < 8 * CHUNK; d++) {
-                        int64_t x = (int64_t)i * D + c0 + d;
-                        if (bf16) ((uint16_t *)out)[x] = f32_to_bf16(o[d]);
-                        else ((float *)out)[x] = o[d];
-                    }
-                }
+        }
+        __m256 past = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lanes, _mm256_set1_epi32(n - 1)));
+        for (int i = 0; i < H; i++) {
+            __m256 sc = _mm256_blendv_ps(sums_of_8(part + i * 8), _mm256_set1_ps(-INFINITY), past);
+            _mm256_storeu_ps(s + (size_t)i * Lp + j0, sc);
+            mv[i] = _mm256_max_ps(mv[i], sc);
+        }
+    }
+    for (int i = 0; i < H; i++) m[i] = hmax8(mv[i]);
+    softmax(s, L, Lp, H, m, inv);
+    for (int i = 0; i < H; i++)
+        for (int j = 0; j < L; j++) p[(size_t)j * H + i] = s[(size_t)i * Lp + j];
+    for (int j = 0; j < L; j += 2) {
+        int two = j + 1 < L;
+        int64_t ra = slots[j] * stride, rb = two ? slots[j + 1] * stride : ra;
+        for (int a = 2 * ROWS_AHEAD; a < 2 * ROWS_AHEAD + 2 && j + a < L; a++) prefetch_row(v, slots[j + a] * stride, stride, bf16);
+        for (int h = 0; h < Hkv; h++)
+            for (int g0 = 0; g0 < G; g0 += 4) {
+                int i = h * G + g0;
+                const float *pa = p + (size_t)j * H + i, *pb = pa + H;
+#define WEIGH(R) (two ? weigh(o + (int64_t)i * D, pa, pb, v, ra + (int64_t)h * D, rb + (int64_t)h * D, C, R, 1, bf16) \
+                      : weigh(o + (int64_t)i * D, pa, pb, v, ra + (int64_t)h * D, rb + (int64_t)h * D, C, R, 0, bf16))
+                BY_ROWS(G - g0, WEIGH);
+#undef WEIGH
+            }
+    }
+    for (int i = 0; i < H; i++) {
+        __m256 scale_i = _mm256_set1_ps(inv[i]);
+        for (int d = 0; d < D; d += 8) {
+            float r[8];
+            _mm256_storeu_ps(r, _mm256_mul_ps(_mm256_loadu_ps(o + (size_t)i * D + d), scale_i));
+            for (int e = 0; e < 8; e++) {
+                int64_t x = (int64_t)i * D + d + e;
+                if (bf16) ((uint16_t *)out)[x] = f32_to_bf16(r[e]);
+                else ((float *)out)[x] = r[e];
             }
         }
     }
     return 0;
 }
-#define ATTEND(D) ((D) % (8 * CHUNK) == 0 ? attend_avx2 : attend)
+
+static int attend_avx2(const void *q, const void *k, const void *v, void *out, const int64_t *slots, int L, int H,
+                       int Hkv, int D, float scale, int bf16) {
+    return bf16 ? attend_avx2_body(q, k, v, out, slots, L, H, Hkv, D, scale, 1)
+                : attend_avx2_body(q, k, v, out, slots, L, H, Hkv, D, scale, 0);
+}
+#define ATTEND(D) attend_avx2
 #else
 #define ATTEND(D) attend
 #endif

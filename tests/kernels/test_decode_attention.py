@@ -45,7 +45,9 @@ SHAPES = {
     "mha-128": (5, 70, 4, 4, 128),
     "gqa-8-to-1": (4, 300, 8, 1, 32),
     "one-sequence-long": (1, 2000, 9, 3, 64),
-    "head-48": (3, 50, 6, 2, 48),  # not a multiple of 32: the generic loop on AVX2
+    "head-48": (3, 50, 6, 2, 48),
+    "gqa-2-to-1": (2, 9, 4, 2, 64),
+    "gqa-6-to-1-head-16": (3, 37, 6, 1, 16),  # on AVX2, heads in a group of 4 and one of 2
 }
 
 
