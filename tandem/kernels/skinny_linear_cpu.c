@@ -15,7 +15,8 @@
    float32 sums, rounded to bfloat16 once at the end (with the bias added in float32).
    float32 layout: [ceil(N / 16)][K][16], a 64-byte line per input for the tile's 2 vectors.
    Tiles are taken one at a time by torch's OpenMP team (dynamic: in a server the event
-   loop's thread shares the cores, and a thread it preempts would hold up a static half);
+   loop's thread shares the cores, and a thread it preempts would hold up a static half;
+   in float32 each thread claims one tile ahead, to ask for its lines early);
    rows go through a tile 6 at a time (24 accumulators in bfloat16, 12 in float32), so from
    7 rows on the tile is read again from cache, not memory. */
 #include <stdint.h>
@@ -91,15 +92,19 @@ int tandem_skinny_tile_cols(void) { return 0; }
    compiler cannot resolve keeps them in memory, a store per FMA (it halved the rate). */
 #define F32_TILE(R)                                                                                    \
     static void f32_tile_##R(const float *x, int64_t K, const float *p, const float *bias, int64_t col, \
-                             int cols, float *y, int64_t N) {                                           \
+                             int cols, float *y, int64_t N, const char *ahead, int every) {             \
         __m256 acc[R][2];                                                                              \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps(); \
-        for (int64_t k = 0; k < K; k++) {                                                              \
-            __m256 w0 = _mm256_loadu_ps(p + k * F32_TILE_COLS), w1 = _mm256_loadu_ps(p + k * F32_TILE_COLS + 8); \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                      \
-                __m256 b = _mm256_broadcast_ss(x + r * K + k);                                         \
-                acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);                                         \
-                acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);                                         \
+        for (int64_t k0 = 0; k0 < K; k0 += every) {                                                   \
+            if (ahead) _mm_prefetch(ahead + k0 / every * 64, _MM_HINT_T1);                             \
+            int64_t k1 = k0 + every < K ? k0 + every : K;                                              \
+            for (int64_t k = k0; k < k1; k++) {                                                        \
+                __m256 w0 = _mm256_loadu_ps(p + k * F32_TILE_COLS), w1 = _mm256_loadu_ps(p + k * F32_TILE_COLS + 8); \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                  \
+                    __m256 b = _mm256_broadcast_ss(x + r * K + k);                                     \
+                    acc[r][0] = _mm256_fmadd_ps(b, w0, acc[r][0]);                                     \
+                    acc[r][1] = _mm256_fmadd_ps(b, w1, acc[r][1]);                                     \
+                }                                                                                      \
             }                                                                                          \
         }                                                                                              \
         __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);                                      \
@@ -114,25 +119,37 @@ int tandem_skinny_tile_cols(void) { return 0; }
     }
 F32_TILE(1) F32_TILE(2) F32_TILE(3) F32_TILE(4) F32_TILE(5) F32_TILE(6)
 
-typedef void (*f32_tile_fn)(const float *, int64_t, const float *, const float *, int64_t, int, float *, int64_t);
+typedef void (*f32_tile_fn)(const float *, int64_t, const float *, const float *, int64_t, int, float *, int64_t, const char *, int);
 static const f32_tile_fn f32_tile_of_rows[7] = {0, f32_tile_1, f32_tile_2, f32_tile_3, f32_tile_4, f32_tile_5, f32_tile_6};
 
 int tandem_skinny_f32_tile_cols(void) { return F32_TILE_COLS; }
 
 /* x [M, K], y [M, N] float32, rows contiguous; bias [N] or NULL. Rows go in balanced groups of
    at most 6 (32 rows: 5, 5, 5, 5, 6, 6): a group of 2 would leave 4 accumulators, too few
-   to cover the FMA's latency. */
+   to cover the FMA's latency. A thread claims its next tile when it starts one, and with two
+   groups or more each group asks for its share of the next tile's lines, one every `groups`
+   inputs: the first group then reads its tile from cache, not at memory's pace. On 2 Zen 3
+   cores, SmolLM2's shapes at 32 rows went from 116-133 to 139-164 GFLOP/s (the weights of
+   12 layers in turn, so not in cache); up to 6 rows the walk is as before. */
 void tandem_skinny_linear_f32(const float *x, const float *packed, const float *bias, float *y, int M, int64_t N, int64_t K) {
-    int64_t tiles = (N + F32_TILE_COLS - 1) / F32_TILE_COLS;
+    int64_t tiles = (N + F32_TILE_COLS - 1) / F32_TILE_COLS, claimed = 0;
     int groups = (M + 5) / 6;
-#pragma omp parallel for schedule(dynamic) if (tiles > 1)
-    for (int64_t t = 0; t < tiles; t++) {
-        const float *p = packed + t * K * F32_TILE_COLS;
-        int cols = N - t * F32_TILE_COLS < F32_TILE_COLS ? (int)(N - t * F32_TILE_COLS) : F32_TILE_COLS;
-        for (int g = 0, m0 = 0; g < groups; g++) {
-            int rows = (M - m0) / (groups - g);
-            f32_tile_of_rows[rows](x + (int64_t)m0 * K, K, p, bias, t * F32_TILE_COLS, cols, y + (int64_t)m0 * N, N);
-            m0 += rows;
+#pragma omp parallel if (tiles > 1)
+    {
+        int64_t t = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+        while (t < tiles) {
+            int64_t next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+            const float *p = packed + t * K * F32_TILE_COLS;
+            const char *ahead = next < tiles && groups > 1 ? (const char *)(packed + next * K * F32_TILE_COLS) : 0;
+            int cols = N - t * F32_TILE_COLS < F32_TILE_COLS ? (int)(N - t * F32_TILE_COLS) : F32_TILE_COLS;
+            for (int g = 0, m0 = 0; g < groups; g++) {
+                int rows = (M - m0) / (groups - g);
+                int64_t lines = (K * g) / groups; /* this group asks for the next tile's lines [K g / G, K (g + 1) / G) */
+                f32_tile_of_rows[rows](x + (int64_t)m0 * K, K, p, bias, t * F32_TILE_COLS, cols, y + (int64_t)m0 * N, N,
+                                       ahead ? ahead + lines * 64 : 0, ahead ? groups : (int)K);
+                m0 += rows;
+            }
+            t = next;
         }
     }
 }
