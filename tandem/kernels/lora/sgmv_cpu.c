@@ -26,13 +26,13 @@
 
 /* Tokens per block: each weight row loaded once serves TB tokens. */
 #define TB 4
-/* Tokens per block on the AVX512-BF16 paths, which are compiled once per count up to TB_DP
-   (dispatch_dp): a block does its real tokens' arithmetic (at TB 4, a 1-token segment, common
-   with many adapters, did four tokens' worth), and a segment of up to TB_DP tokens reads its
-   weights once. In alternated SmolLM2 decode steps' 120 calls (32 tokens, 2-core Emerald
-   Rapids Xeon, bf16, where vdpbf16ps bounds these calls), against TB 4 for every block, over
-   four to seven runs on a noisy host: 0.85-0.97x the time with 8 adapters, 0.92-1.02x with one,
-   0.87-0.95x with 64 drawn by Zipf. */
+/* Tokens per block on the AVX512-BF16 paths and AVX2's float32 one, compiled once per count
+   up to TB_DP (dispatch_dp, dispatch_f32): a block does its real tokens' arithmetic (at TB 4,
+   a 1-token segment, common with many adapters, did four tokens' worth), and a segment of up
+   to TB_DP tokens reads its weights once. In alternated SmolLM2 decode steps' 120 calls (32
+   tokens, 2-core Emerald Rapids Xeon, bf16, where vdpbf16ps bounds these calls), against TB 4
+   for every block, over four to seven runs on a noisy host: 0.85-0.97x the time with 8
+   adapters, 0.92-1.02x with one, 0.87-0.95x with 64 drawn by Zipf. */
 #define TB_DP 8
 /* Output columns per expand block (two vectors per token stay in registers). */
 #define NB 32
@@ -621,72 +621,139 @@ static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const ui
 /* With AVX2 and no AVX-512, the 16-lane loops above compile to register pairs passed through
    the stack (a token's broadcast built from 16 scalar stores, the expand's accumulators in
    memory) and ran 2.8-10x slower than torch's GEMMs on a Zen 3. For float32 x, weights and y
-   these 8-lane loops serve instead, every sum in a register: the shrink's TB rows of v one
-   rank row at a time, the expand's 16 columns at a time (2 vectors for each of TB tokens). */
+   these 8-lane loops serve instead, every sum in a register, in blocks of up to TB_DP tokens
+   compiled per count (dispatch_f32), the tokens four at a time over each weight row, the
+   shrink asking for the expand's B as it goes (trickle). Against blocks of TB 4 tokens, one
+   rank row a pass and the loops rolled (2-core Zen 3, SmolLM2 float32, 8 adapters, 32 tokens):
+   a decode step's 120 calls took 0.84-0.85x the time, in cache or past it. */
 #define AVX2_F32 1
 #define NB8 16
 
-/* Lane t of the result (t < 4): the sum of v[t]'s lanes. */
-static inline __m128 sums_of_4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+/* The sum of v's lanes. */
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-static void shrink_f32(const float *xb, int64_t fin, const float *a, int64_t a_off, int S, int R, int rank, float *v) {
+/* v[t, s*R + k] = x[t] . a_row(s, k) for tb tokens: P rows of a a pass, the tokens four at a
+   time over them (the first four's loads bring the rows into L1 for the rest), so that 8
+   sums are under way (FMA's latency bounds fewer) and x's 8 floats load once for P rows;
+   the loop over fin unrolled twice (in-L2 SmolLM2 shapes on a Zen 3 core: 3.7 -> 5.6 FMAs
+   a ns, of its 6.4). xi: x's rows interleaved by 8 floats ([fin/8][tb][8]), so one pointer
+   walks them (a pointer a token ran out of registers and was reloaded from the stack every
+   step); xr: the rows, for the last fin % 8. Rows past the rank in the last pass repeat the
+   rank's last row, dropped. */
+static inline __attribute__((always_inline)) void shrink_f32(const float *xi, const float *const *xr, int64_t fin, const float *a,
+                                                            int S, int R, int rank, float *v, struct trickle *tr, const int tb) {
+    const int P = tb <= 2 ? 4 : 2;
+    trickle_start(tr, (int64_t)S * ((rank + P - 1) / P) * (fin / 8));
     for (int s = 0; s < S; s++)
-        for (int k = 0; k < rank; k++) {
-            const float *row = a + a_off + ((int64_t)s * R + k) * fin;
-            __m256 acc[TB];
-            _Pragma("GCC unroll 4") for (int t = 0; t < TB; t++) acc[t] = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= fin; i += 8) {
-                __builtin_prefetch((const char *)(row + i) + A_PREFETCH);
-                __m256 r = _mm256_loadu_ps(row + i);
-                _Pragma("GCC unroll 4") for (int t = 0; t < TB; t++)
-                    acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + (size_t)t * fin + i), r, acc[t]);
-            }
-            float sums[4];
-            _mm_storeu_ps(sums, sums_of_4(acc[0], acc[1], acc[2], acc[3]));
-            for (int t = 0; t < TB; t++) {
-                for (int64_t j = i; j < fin; j++) sums[t] += xb[(size_t)t * fin + j] * row[j];
-                v[((size_t)t * S + s) * R + k] = sums[t];
+        for (int k = 0; k < rank; k += P) {
+            const float *row[4];
+            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) row[p] = a + ((int64_t)s * R + (k + p < rank ? k + p : rank - 1)) * fin;
+            _Pragma("GCC unroll 2") for (int g = 0; g < tb; g += 4) {
+                const int n = tb - g < 4 ? tb - g : 4;
+                __m256 acc[4][4];
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
+                    _Pragma("GCC unroll 4") for (int t = 0; t < n; t++) acc[p][t] = _mm256_setzero_ps();
+                const float *xp = xi + g * 8;
+                int64_t i = 0;
+                _Pragma("GCC unroll 2") for (; i + 8 <= fin; i += 8, xp += tb * 8) {
+                    __m256 r[4];
+                    _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                        if (g == 0) __builtin_prefetch((const char *)(row[p] + i) + A_PREFETCH);
+                        r[p] = _mm256_loadu_ps(row[p] + i);
+                    }
+                    if (g == 0) trickle_step(tr);
+                    _Pragma("GCC unroll 4") for (int t = 0; t < n; t++) {
+                        __m256 xv = _mm256_loadu_ps(xp + t * 8);
+                        _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[p][t] = _mm256_fmadd_ps(xv, r[p], acc[p][t]);
+                    }
+                }
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
+                    _Pragma("GCC unroll 4") for (int t = 0; t < n; t++) {
+                        float sum = hsum8(acc[p][t]);
+                        for (int64_t j = i; j < fin; j++) sum += xr[g + t][j] * row[p][j];
+                        if (k + p < rank) v[((size_t)(g + t) * S + s) * R + k + p] = sum;
+                    }
             }
         }
 }
 
-static void expand_f32(const float *v, const float *bt, int64_t bt_off, int64_t N, int S, int R, int rank, const int32_t *widths,
-                       const int64_t *toks, int nb, float *y) {
+/* y[tok, slice s] += v[t, s] @ bt[:rank, slice s] for tb tokens, 16 columns at a time: the
+   tokens four at a time over the block's rank rows (the first four's loads bring its lines
+   into L1 for the rest), 2 vectors of sums each, or 4 (even and odd k apart) for two tokens
+   or fewer, so that FMA's latency does not bound them. */
+static inline __attribute__((always_inline)) void expand_f32(const float *v, const float *bt, int64_t N, int S, int R, int rank,
+                                                            const int32_t *widths, const int64_t *toks, float *y, const int tb) {
     int64_t col0 = 0;
     for (int s = 0; s < S; s++) {
         int64_t w = widths[s], n0 = 0;
-        for (; n0 + NB8 <= w; n0 += NB8) {
-            __m256 lo[TB], hi[TB];
-            _Pragma("GCC unroll 4") for (int t = 0; t < TB; t++) lo[t] = hi[t] = _mm256_setzero_ps();
-            for (int k = 0; k < rank; k++) {
-                const float *br = bt + bt_off + (int64_t)k * N + col0 + n0;
-                __builtin_prefetch((const char *)br + 256);
-                __m256 b0 = _mm256_loadu_ps(br), b1 = _mm256_loadu_ps(br + 8);
-                _Pragma("GCC unroll 4") for (int t = 0; t < TB; t++) {
-                    __m256 c = _mm256_broadcast_ss(v + ((size_t)t * S + s) * R + k);
-                    lo[t] = _mm256_fmadd_ps(c, b0, lo[t]);
-                    hi[t] = _mm256_fmadd_ps(c, b1, hi[t]);
+        for (; n0 + NB8 <= w; n0 += NB8)
+            _Pragma("GCC unroll 2") for (int g = 0; g < tb; g += 4) {
+                const int n = tb - g < 4 ? tb - g : 4, split = n <= 2 ? 2 : 1;
+                __m256 lo[2][4], hi[2][4];
+                _Pragma("GCC unroll 8") for (int h = 0; h < split; h++)
+                    _Pragma("GCC unroll 8") for (int t = 0; t < n; t++) lo[h][t] = hi[h][t] = _mm256_setzero_ps();
+                _Pragma("GCC unroll 4") for (int k = 0; k < rank; k += split) {
+                    _Pragma("GCC unroll 2") for (int h = 0; h < split; h++) {
+                        if (k + h == rank) break;
+                        const float *br = bt + (int64_t)(k + h) * N + col0 + n0;
+                        if (g == 0) __builtin_prefetch((const char *)br + 256);
+                        __m256 b0 = _mm256_loadu_ps(br), b1 = _mm256_loadu_ps(br + 8);
+                        _Pragma("GCC unroll 8") for (int t = 0; t < n; t++) {
+                            __m256 c = _mm256_broadcast_ss(v + ((size_t)(g + t) * S + s) * R + k + h);
+                            lo[h][t] = _mm256_fmadd_ps(c, b0, lo[h][t]);
+                            hi[h][t] = _mm256_fmadd_ps(c, b1, hi[h][t]);
+                        }
+                    }
+                }
+                _Pragma("GCC unroll 8") for (int t = 0; t < n; t++) {
+                    __m256 l = lo[0][t], u = hi[0][t];
+                    if (split == 2) l = _mm256_add_ps(l, lo[1][t]), u = _mm256_add_ps(u, hi[1][t]);
+                    float *yr = y + toks[g + t] * N + col0 + n0;
+                    _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), l));
+                    _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), u));
                 }
             }
-            _Pragma("GCC unroll 4") for (int t = 0; t < TB; t++) {
-                if (t >= nb) break;
-                float *yr = y + toks[t] * N + col0 + n0;
-                _mm256_storeu_ps(yr, _mm256_add_ps(_mm256_loadu_ps(yr), lo[t]));
-                _mm256_storeu_ps(yr + 8, _mm256_add_ps(_mm256_loadu_ps(yr + 8), hi[t]));
-            }
-        }
-        for (int t = 0; t < nb; t++)
+        for (int t = 0; t < tb; t++)
             for (int64_t j = n0; j < w; j++) {
                 float sum = 0.f;
-                for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * bt[bt_off + (int64_t)k * N + col0 + j];
+                for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * bt[(int64_t)k * N + col0 + j];
                 y[toks[t] * N + col0 + j] += sum;
             }
         col0 += w;
     }
+}
+
+/* One block of tb float32 tokens of a slot (a, bt: its weights) through shrink_f32 and expand_f32. */
+static inline __attribute__((always_inline)) void block_f32(const float *x, int64_t fin, const float *a, const float *bt, int64_t N,
+                                                           int S, int R, int rank, const int32_t *widths, const int64_t *toks,
+                                                           float *y, float *xi, float *v, struct trickle *tr, const int tb) {
+    const float *xr[TB_DP];
+    _Pragma("GCC unroll 8") for (int t = 0; t < tb; t++) xr[t] = x + toks[t] * fin;
+    for (int64_t i = 0; i + 8 <= fin; i += 8)
+        _Pragma("GCC unroll 8") for (int t = 0; t < tb; t++) _mm256_storeu_ps(xi + i * tb + t * 8, _mm256_loadu_ps(xr[t] + i));
+    shrink_f32(xi, xr, fin, a, S, R, rank, v, tr, tb);
+    expand_f32(v, bt, N, S, R, rank, widths, toks, y, tb);
+}
+
+/* block_f32 compiled for each count, its loops over tokens and rows unrolled, sums in registers. */
+static void dispatch_f32(int nb, const float *x, int64_t fin, const float *a, const float *bt, int64_t N, int S, int R, int rank,
+                         const int32_t *widths, const int64_t *toks, float *y, float *xi, float *v, struct trickle *tr) {
+#define BLOCK_F32(tb) block_f32(x, fin, a, bt, N, S, R, rank, widths, toks, y, xi, v, tr, tb)
+    switch (nb) {
+    case 1: BLOCK_F32(1); break;
+    case 2: BLOCK_F32(2); break;
+    case 3: BLOCK_F32(3); break;
+    case 4: BLOCK_F32(4); break;
+    case 5: BLOCK_F32(5); break;
+    case 6: BLOCK_F32(6); break;
+    case 7: BLOCK_F32(7); break;
+    default: BLOCK_F32(8); break;
+    }
+#undef BLOCK_F32
 }
 #else
 #define AVX2_F32 0
@@ -779,14 +846,18 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
     const int32_t *seg_slot = step->seg_slot, *seg_start = step->seg_start, *seg_len = step->seg_len;
     const int64_t *sorted = step->sorted;
     int block = TB, long_min = INT32_MAX, long_block = TB;
+    /* Paths whose blocks are compiled per token count (up to TB_DP). */
+    int per_count = AVX2_F32 && !x_bf16 && !w_bf16 && !y_bf16;
 #if defined(__AVX512BF16__)
-    if (x_bf16 && w_bf16) {
+    per_count = x_bf16 && w_bf16;
+#endif
+    if (per_count) {
 #if defined(_OPENMP)
         int threads = omp_get_max_threads();
 #else
         int threads = 1;
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
         /* The long segments take the tiles, their repacking paid back by their tokens. */
         if (amx_allowed()) long_min = AMX_MIN_ROWS;
         for (long_block = AMX_ROWS; long_block > 8 && plan_items(step, ranks, TB_DP, long_min, long_block, NULL) < threads;
@@ -796,7 +867,6 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
            would leave the other cores idle. */
         for (block = TB_DP; block > 1 && plan_items(step, ranks, block, long_min, long_block, NULL) < threads; block /= 2) {}
     }
-#endif
     int nitems = plan_items(step, ranks, block, long_min, long_block, NULL);
     int32_t *items = malloc(sizeof(int32_t) * 3 * (size_t)(nitems + 1));
     if (!items) return -1;
@@ -846,14 +916,14 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
             continue;
         }
 #endif
-        gather(x, x_bf16, fin, toks, nb, xb);
 #if AVX2_F32
-        if (!x_bf16 && !w_bf16 && !y_bf16) {
-            shrink_f32(xb, fin, (const float *)a, (int64_t)slot * S * R * fin, S, R, rank, v);
-            expand_f32(v, (const float *)bt, (int64_t)slot * R * N, N, S, R, rank, widths, toks, nb, (float *)y);
+        if (per_count) {
+            dispatch_f32(nb, (const float *)x, fin, (const float *)a + (int64_t)slot * S * R * fin, (const float *)bt + (int64_t)slot * R * N,
+                         N, S, R, rank, widths, toks, (float *)y, xb, v, &b_rows);
             continue;
         }
 #endif
+        gather(x, x_bf16, fin, toks, nb, xb);
         shrink(xb, fin, a, (int64_t)slot * S * R * fin, w_bf16, S, R, rank, v, &b_rows);
         expand(v, bt, (int64_t)slot * R * N, w_bf16, N, S, R, rank, widths, toks, nb, y, y_bf16, &a_next);
     }
