@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.kernels.lora import LoRAWeights, lora_delta, native_cpu, reference
+from tandem.server.adapters.slot_pool import b_pool, b_row
 from tests.kernels.test_lora_kernels import SHAPES, Case, assert_close, lora_rows, make_case
 
 needs_native = pytest.mark.skipif(native_cpu.library() is None, reason="no C compiler to build the native kernel")
@@ -15,10 +16,15 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def pool_layout(case: Case, dtype: torch.dtype = torch.float32, weight_dtype: torch.dtype = torch.float32) -> Case:
     """The case as the CPU slot pool serves it: weights in weight_dtype with b stored
-    [slots, max_rank, N] in memory, activations (x, y) in dtype."""
+    [slots, max_rank, b_row(N)] in memory (slot_pool.b_pool; the padding past N poisoned with
+    NaN too), activations (x, y) in dtype."""
     w = case.w
-    a, b = w.a.to(weight_dtype), w.b.to(weight_dtype)
-    case.w = LoRAWeights(a, b.transpose(1, 2).contiguous().transpose(1, 2), w.slot_ranks, w.out_slices)
+    slots, n, rank = w.b.shape
+    b = b_pool(slots, n, rank, weight_dtype, torch.device("cpu"))
+    row = b_row(n, weight_dtype)
+    torch.as_strided(b, (slots, rank, row), (rank * row, row, 1)).fill_(float("nan"))
+    b.copy_(w.b)
+    case.w = LoRAWeights(w.a.to(weight_dtype), b, w.slot_ranks, w.out_slices)
     case.x, case.y = case.x.to(dtype), case.y.to(dtype)
     return case
 
@@ -66,6 +72,19 @@ def test_long_segments_go_to_torch_and_still_match(monkeypatch, max_rows, dtype,
     monkeypatch.setattr(native_cpu, "MAX_SEGMENT_ROWS", max_rows)
     case = Case(3, 120, 48, (40, 24, 24), [16, 5, 0, 9], 16, torch.float32, "cpu",
                 slots=[0] * 50 + [1] * 30 + [-1] * 10 + [2] * 5 + [3] * 20 + [1] * 5)
+    check_native(pool_layout(case, dtype, weight_dtype), dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_b_rows_padded_past_a_multiple_of_8_lines_match_the_oracle(dtype, weight_dtype):
+    """Rows of B whose lines are a multiple of 8 (4 KiB apart for SmolLM2's gate_up) are
+    padded by a line in the slot pool, and the kernel reads them at that stride."""
+    out_slices = (128, 128)
+    assert b_row(sum(out_slices), weight_dtype) > sum(out_slices)
+    assert b_row(576, torch.float32) == 576 and b_row(3072, torch.float32) == 3088 and b_row(3072, torch.bfloat16) == 3104
+    case = Case(5, 70, 48, out_slices, [16, 3, 0, 9], 16, torch.float32, "cpu", slots=[0, 1, 3, -1] * 10 + [0] * 20 + [3] * 10)
     check_native(pool_layout(case, dtype, weight_dtype), dtype)
 
 

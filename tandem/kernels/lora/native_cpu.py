@@ -75,7 +75,7 @@ def _avx2_f32() -> bool:
 def applies(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """Whether the kernel can take this call: CPU tensors, x [T, in_features] and y [T,
     out_features] float32 or bfloat16 with contiguous rows, outside autograd, a float32 or
-    bfloat16 pool whose b is stored transposed ([slots, max_rank, N] in memory, as the CPU
+    bfloat16 pool whose b is stored transposed ([slots, max_rank, >= N] in memory, as the CPU
     slot pool keeps it), and a batch of T tokens on the CPU."""
     return _call_args(x, w, batch, y) is not None
 
@@ -85,7 +85,8 @@ class _Pool(ctypes.Structure):
 
     _fields_ = [
         ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("widths", ctypes.c_void_p),
-        ("fin", ctypes.c_int64), ("N", ctypes.c_int64), ("w_bf16", ctypes.c_int32), ("S", ctypes.c_int32), ("R", ctypes.c_int32),
+        ("fin", ctypes.c_int64), ("N", ctypes.c_int64), ("ldb", ctypes.c_int64), ("w_bf16", ctypes.c_int32), ("S", ctypes.c_int32),
+        ("R", ctypes.c_int32),
     ]
 
 
@@ -129,11 +130,11 @@ def _pool_args(w: LoRAWeights) -> tuple | None:
         return entry[4]
     fits = (
         all(t.device.type == "cpu" for t in (w.a, w.b, w.slot_ranks, w.slice_widths)) and w.a.dtype in _DTYPES
-        and w.b.dtype == w.a.dtype and w.a.is_contiguous() and w.b.transpose(1, 2).is_contiguous()
+        and w.b.dtype == w.a.dtype and w.a.is_contiguous() and _rows_of_b(w.b) is not None
     )
     args = (_Pool(
         w.a.data_ptr(), w.b.data_ptr(), w.slot_ranks.data_ptr(), w.slice_widths.data_ptr(), w.in_features,
-        w.out_features, w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
+        w.out_features, _rows_of_b(w.b), w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
     ), w.in_features, w.out_features) if fits else None
     if entry is None:
         weakref.finalize(w, _pools.pop, id(w), None)
@@ -158,6 +159,16 @@ def _batch_args(batch: LoRABatch) -> tuple | None:
     ), batch.num_tokens, [s for s in batch.segments if s.length > MAX_SEGMENT_ROWS]) if batch.sorted_tokens.is_cpu else None
     _last_batch = (weakref.ref(batch), args)
     return args
+
+
+def _rows_of_b(b: Tensor) -> int | None:
+    """The elements from one rank row of b's storage to the next where b [slots, N, R] is the
+    transposed view of [slots, R, row >= N] storage (slot_pool.b_pool's layout), else None."""
+    slots, n, rank = b.shape
+    # A dimension of size 1 may carry any stride.
+    row = b.stride(2) if rank > 1 else b.stride(0) if slots > 1 else n
+    fits = (b.stride(1) == 1 or n == 1) and row >= n and (slots == 1 or b.stride(0) == rank * row)
+    return row if fits else None
 
 
 def _call_args(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> tuple | None:
@@ -204,8 +215,8 @@ def load_slot(slot: int, slices: list[tuple[LoRAWeights, int, int, Tensor, Tenso
         if dst is None:
             if _pool_args(w) is None or w.a.dtype != dtype:
                 return False
-            item, rows, fin, n = w.a.element_size(), w.max_rank, w.in_features, w.out_features
-            # Slot `slot`'s A rows, and its B^T (b's storage is [slots, max_rank, N]).
+            item, rows, fin, n = w.a.element_size(), w.max_rank, w.in_features, _rows_of_b(w.b)
+            # Slot `slot`'s A rows, and its B^T (b's storage is [slots, max_rank, n >= N]).
             dst = dst_of[id(w)] = (w.a.data_ptr() + slot * w.num_slices * rows * fin * item, rows * fin * item,
                                    w.b.data_ptr() + slot * rows * n * item, item, fin, n)
         if not (_is_cpu_float32_rows(a) and _is_cpu_float32_rows(b)):

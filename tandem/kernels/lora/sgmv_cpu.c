@@ -8,9 +8,10 @@
    the (segment, token block) items.
 
    Layouts: x [T, fin], y [T, N] (float32, or bfloat16 when *_bf16), rows contiguous;
-   a [slots, S*R, fin] and bt [slots, R, N] float32, or both bfloat16 when w_bf16 (half the
+   a [slots, S*R, fin] and bt [slots, R, ldb] float32, or both bfloat16 when w_bf16 (half the
    bytes to stream; every sum is float32 either way) (bt: B transposed, so the expand is a
-   run of contiguous axpys); ranks [slots]; segments (slot, start, len) over sorted, the
+   run of contiguous axpys; its rows ldb >= N apart, see slot_pool.b_row); ranks [slots];
+   segments (slot, start, len) over sorted, the
    token rows grouped by slot. Slice s of a slot uses rows s*R .. s*R+rank of a and columns
    sum(widths[:s]) .. + widths[s] of bt. Plain C with GCC vector types, so it builds for
    whatever -march=native offers (AVX2 or AVX-512); AVX512-BF16's dot product where the
@@ -203,19 +204,19 @@ static int64_t full_blocks(const int32_t *widths, int S) {
 
 /* out[t][j] = v[t, s] . bt_slot[:rank, col + j] for the block's nb real rows, j < n: a slice's
    last columns when its width is no multiple of NB. */
-static void expand_tail(const float *v, const void *bt, int64_t bt_off, int w_bf16, int64_t N, int S, int R, int rank, int s,
+static void expand_tail(const float *v, const void *bt, int64_t bt_off, int w_bf16, int64_t ldb, int S, int R, int rank, int s,
                         int64_t col, int n, int nb, float (*out)[NB]) {
     for (int t = 0; t < nb; t++)
         for (int j = 0; j < n; j++) {
             float sum = 0.f;
-            for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * w_at(bt, bt_off + (int64_t)k * N + col + j, w_bf16);
+            for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * w_at(bt, bt_off + (int64_t)k * ldb + col + j, w_bf16);
             out[t][j] = sum;
         }
 }
 
 /* y[tok, slice s] += v[t, s] @ bt_slot[:rank, slice s] for the block's nb real rows. */
-static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, int64_t N, int S, int R, int rank, const int32_t *widths,
-                   const int64_t *toks, int nb, void *y, int y_bf16, struct trickle *tr) {
+static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, int64_t N, int64_t ldb, int S, int R, int rank,
+                   const int32_t *widths, const int64_t *toks, int nb, void *y, int y_bf16, struct trickle *tr) {
     trickle_start(tr, full_blocks(widths, S) * rank);
     int64_t col0 = 0;
     for (int s = 0; s < S; s++) {
@@ -226,7 +227,7 @@ static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, i
             int n = (int)(w - n0 < NB ? w - n0 : NB);
             if (n == NB) {
                 for (int k = 0; k < rank; k++) {
-                    int64_t br = bt_off + (int64_t)k * N + col0 + n0;
+                    int64_t br = bt_off + (int64_t)k * ldb + col0 + n0;
                     __builtin_prefetch((const char *)bt + br * (w_bf16 ? 2 : 4) + 256);
                     trickle_step(tr);
                     f32x16 b0 = load_w(bt, br, w_bf16), b1 = load_w(bt, br + 16, w_bf16);
@@ -238,7 +239,7 @@ static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, i
                 }
                 for (int t = 0; t < nb; t++) { store(out[t], lo[t]); store(out[t] + 16, hi[t]); }
             } else {
-                expand_tail(v, bt, bt_off, w_bf16, N, S, R, rank, s, col0 + n0, n, nb, out);
+                expand_tail(v, bt, bt_off, w_bf16, ldb, S, R, rank, s, col0 + n0, n, nb, out);
             }
             for (int t = 0; t < nb; t++) add_row(y, y_bf16, N, toks[t], col0 + n0, out[t], n);
         }
@@ -254,7 +255,7 @@ static void expand(const float *v, const void *bt, int64_t bt_off, int w_bf16, i
    calls (32 tokens, 2 Zen 4 cores, weights in cache) took 99 -> 69 us with 8 adapters, 121 ->
    72 us with one. The lanes come out in the interleave's column order; one permute per 16
    outputs puts them back. vb: scratch for the pairs. */
-static inline __attribute__((always_inline)) void expand_dp(const float *v, const uint16_t *bt, int64_t bt_off, int64_t N, int S,
+static inline __attribute__((always_inline)) void expand_dp(const float *v, const uint16_t *bt, int64_t bt_off, int64_t N, int64_t ldb, int S,
                                                            int R, int rank, const int32_t *widths, const int64_t *toks, void *y,
                                                            int y_bf16, uint16_t *vb, struct trickle *tr, const int tb) {
     trickle_start(tr, full_blocks(widths, S) * ((rank + 1) / 2));
@@ -275,7 +276,7 @@ static inline __attribute__((always_inline)) void expand_dp(const float *v, cons
                 for (int t = 0; t < tb; t++) lo[t] = hi[t] = _mm512_setzero_ps();
                 for (int k = 0; k < rank; k += 2) {
                     /* Past an odd rank, row k again, against v's zero. */
-                    const uint16_t *r0 = bt + bt_off + (int64_t)k * N + col0 + n0, *r1 = k + 1 < rank ? r0 + N : r0;
+                    const uint16_t *r0 = bt + bt_off + (int64_t)k * ldb + col0 + n0, *r1 = k + 1 < rank ? r0 + ldb : r0;
                     __builtin_prefetch((const char *)r0 + 256);
                     __builtin_prefetch((const char *)r1 + 256);
                     trickle_step(tr);
@@ -297,7 +298,7 @@ static inline __attribute__((always_inline)) void expand_dp(const float *v, cons
                               _mm512_permutex2var_ps(lo[t], second, hi[t]));
             } else {
                 float out[TB_DP][NB];
-                expand_tail(v, bt, bt_off, 1, N, S, R, rank, s, col0 + n0, n, tb, out);
+                expand_tail(v, bt, bt_off, 1, ldb, S, R, rank, s, col0 + n0, n, tb, out);
                 for (int t = 0; t < tb; t++) add_row(y, y_bf16, N, toks[t], col0 + n0, out[t], n);
             }
         }
@@ -307,20 +308,20 @@ static inline __attribute__((always_inline)) void expand_dp(const float *v, cons
 
 /* One block of tb bfloat16 tokens through shrink_dp and expand_dp; xb: room for its x rows. */
 static inline __attribute__((always_inline)) void block_dp(const uint16_t *x, int64_t fin, const uint16_t *a, int64_t a_off,
-                                                          const uint16_t *bt, int64_t bt_off, int64_t N, int S, int R, int rank,
+                                                          const uint16_t *bt, int64_t bt_off, int64_t N, int64_t ldb, int S, int R, int rank,
                                                           const int32_t *widths, const int64_t *toks, void *y, int y_bf16,
                                                           uint16_t *xb, float *v, uint16_t *vb, struct trickle *b_rows,
                                                           struct trickle *a_next, const int tb) {
     for (int t = 0; t < tb; t++) memcpy(xb + (size_t)t * fin, x + toks[t] * fin, fin * 2);
     shrink_dp(xb, fin, a, a_off, S, R, rank, v, b_rows, tb);
-    expand_dp(v, bt, bt_off, N, S, R, rank, widths, toks, y, y_bf16, vb, a_next, tb);
+    expand_dp(v, bt, bt_off, N, ldb, S, R, rank, widths, toks, y, y_bf16, vb, a_next, tb);
 }
 
 /* block_dp compiled for each count, its loops over tokens unrolled and their sums in registers. */
 static void dispatch_dp(int nb, const uint16_t *x, int64_t fin, const uint16_t *a, int64_t a_off, const uint16_t *bt,
-                        int64_t bt_off, int64_t N, int S, int R, int rank, const int32_t *widths, const int64_t *toks, void *y,
+                        int64_t bt_off, int64_t N, int64_t ldb, int S, int R, int rank, const int32_t *widths, const int64_t *toks, void *y,
                         int y_bf16, uint16_t *xb, float *v, uint16_t *vb, struct trickle *b_rows, struct trickle *a_next) {
-#define BLOCK_DP(tb) block_dp(x, fin, a, a_off, bt, bt_off, N, S, R, rank, widths, toks, y, y_bf16, xb, v, vb, b_rows, a_next, tb)
+#define BLOCK_DP(tb) block_dp(x, fin, a, a_off, bt, bt_off, N, ldb, S, R, rank, widths, toks, y, y_bf16, xb, v, vb, b_rows, a_next, tb)
     switch (nb) {
     case 1: BLOCK_DP(1); break;
     case 2: BLOCK_DP(2); break;
@@ -458,7 +459,7 @@ static inline void transpose16(__m512i r[16]) {
 }
 
 /* A slot's copy from its a [S*R, fin] and bt [R, N] (see above), packed in `packed`. */
-static void amx_pack(const uint16_t *a, const uint16_t *bt, int64_t fin, int64_t N, int S, int R, const int32_t *widths, int rank,
+static void amx_pack(const uint16_t *a, const uint16_t *bt, int64_t fin, int64_t ldb, int S, int R, const int32_t *widths, int rank,
                      const struct amx_shape *sh, uint32_t *packed) {
     for (int64_t c = 0; c < sh->chunks; c++) {
         int64_t left = fin - c * 32;
@@ -483,8 +484,8 @@ static void amx_pack(const uint16_t *a, const uint16_t *bt, int64_t fin, int64_t
             __mmask16 m = (__mmask16)((1u << n) - 1);
             for (int k = 0; k < sh->kp; k += 2) {
                 __m512i b0k = _mm512_setzero_si512(), b1k = _mm512_setzero_si512();
-                if (k < rank) b0k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bt + (int64_t)k * N + col0 + b0));
-                if (k + 1 < rank) b1k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bt + (int64_t)(k + 1) * N + col0 + b0));
+                if (k < rank) b0k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bt + (int64_t)k * ldb + col0 + b0));
+                if (k + 1 < rank) b1k = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bt + (int64_t)(k + 1) * ldb + col0 + b0));
                 _mm512_storeu_si512(block + (int64_t)(k / 2) * 16, _mm512_or_si512(b0k, _mm512_slli_epi32(b1k, 16)));
             }
         }
@@ -501,14 +502,14 @@ static void amx_pack(const uint16_t *a, const uint16_t *bt, int64_t fin, int64_t
 
 /* One item: nb (<= AMX_ROWS) tokens of one slot through shrink and expand, its weights
    repacked into scratch from a and bt. */
-static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const uint16_t *bt, int64_t N,
+static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const uint16_t *bt, int64_t N, int64_t ldb,
                      int S, int R, int rank, const int32_t *widths, const int64_t *toks, int nb, void *y, int y_bf16,
                      const struct amx_shape *sh, float *scratch_base) {
     uint16_t *xg = (uint16_t *)scratch_base;
     uint32_t *packed = (uint32_t *)(xg + (size_t)AMX_ROWS * sh->fin_p);
     uint16_t *vb = (uint16_t *)(packed + amx_packed_words(sh));
     float *sums = (float *)(vb + (size_t)AMX_ROWS * S * sh->kp), *out = sums + 2 * 256;
-    amx_pack(a, bt, fin, N, S, R, widths, rank, sh, packed);
+    amx_pack(a, bt, fin, ldb, S, R, widths, rank, sh, packed);
     const uint32_t *at = packed, *bp = packed + amx_at_words(sh);
     /* An item of one tile has its tokens' rows only (m of them); of more, 16 a tile, the last
        tile's rows past nb zero. */
@@ -625,7 +626,9 @@ static void amx_item(const uint16_t *x, int64_t fin, const uint16_t *a, const ui
    compiled per count (dispatch_f32), the tokens four at a time over each weight row, the
    shrink asking for the expand's B as it goes (trickle). Against blocks of TB 4 tokens, one
    rank row a pass and the loops rolled (2-core Zen 3, SmolLM2 float32, 8 adapters, 32 tokens):
-   a decode step's 120 calls took 0.84-0.85x the time, in cache or past it. */
+   a decode step's 120 calls took 0.84-0.85x the time, in cache or past it, and (with B's rows
+   padded, slot_pool.b_row) bench/lora_floor.py's step with the kernel went from 0.851x to
+   0.885x of the base's speed. */
 #define AVX2_F32 1
 #define NB8 16
 
@@ -685,7 +688,7 @@ static inline __attribute__((always_inline)) void shrink_f32(const float *xi, co
    tokens four at a time over the block's rank rows (the first four's loads bring its lines
    into L1 for the rest), 2 vectors of sums each, or 4 (even and odd k apart) for two tokens
    or fewer, so that FMA's latency does not bound them. */
-static inline __attribute__((always_inline)) void expand_f32(const float *v, const float *bt, int64_t N, int S, int R, int rank,
+static inline __attribute__((always_inline)) void expand_f32(const float *v, const float *bt, int64_t N, int64_t ldb, int S, int R, int rank,
                                                             const int32_t *widths, const int64_t *toks, float *y, const int tb) {
     int64_t col0 = 0;
     for (int s = 0; s < S; s++) {
@@ -699,7 +702,7 @@ static inline __attribute__((always_inline)) void expand_f32(const float *v, con
                 _Pragma("GCC unroll 4") for (int k = 0; k < rank; k += split) {
                     _Pragma("GCC unroll 2") for (int h = 0; h < split; h++) {
                         if (k + h == rank) break;
-                        const float *br = bt + (int64_t)(k + h) * N + col0 + n0;
+                        const float *br = bt + (int64_t)(k + h) * ldb + col0 + n0;
                         if (g == 0) __builtin_prefetch((const char *)br + 256);
                         __m256 b0 = _mm256_loadu_ps(br), b1 = _mm256_loadu_ps(br + 8);
                         _Pragma("GCC unroll 8") for (int t = 0; t < n; t++) {
@@ -720,7 +723,7 @@ static inline __attribute__((always_inline)) void expand_f32(const float *v, con
         for (int t = 0; t < tb; t++)
             for (int64_t j = n0; j < w; j++) {
                 float sum = 0.f;
-                for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * bt[(int64_t)k * N + col0 + j];
+                for (int k = 0; k < rank; k++) sum += v[((size_t)t * S + s) * R + k] * bt[(int64_t)k * ldb + col0 + j];
                 y[toks[t] * N + col0 + j] += sum;
             }
         col0 += w;
@@ -728,7 +731,7 @@ static inline __attribute__((always_inline)) void expand_f32(const float *v, con
 }
 
 /* One block of tb float32 tokens of a slot (a, bt: its weights) through shrink_f32 and expand_f32. */
-static inline __attribute__((always_inline)) void block_f32(const float *x, int64_t fin, const float *a, const float *bt, int64_t N,
+static inline __attribute__((always_inline)) void block_f32(const float *x, int64_t fin, const float *a, const float *bt, int64_t N, int64_t ldb,
                                                            int S, int R, int rank, const int32_t *widths, const int64_t *toks,
                                                            float *y, float *xi, float *v, struct trickle *tr, const int tb) {
     const float *xr[TB_DP];
@@ -736,13 +739,13 @@ static inline __attribute__((always_inline)) void block_f32(const float *x, int6
     for (int64_t i = 0; i + 8 <= fin; i += 8)
         _Pragma("GCC unroll 8") for (int t = 0; t < tb; t++) _mm256_storeu_ps(xi + i * tb + t * 8, _mm256_loadu_ps(xr[t] + i));
     shrink_f32(xi, xr, fin, a, S, R, rank, v, tr, tb);
-    expand_f32(v, bt, N, S, R, rank, widths, toks, y, tb);
+    expand_f32(v, bt, N, ldb, S, R, rank, widths, toks, y, tb);
 }
 
 /* block_f32 compiled for each count, its loops over tokens and rows unrolled, sums in registers. */
-static void dispatch_f32(int nb, const float *x, int64_t fin, const float *a, const float *bt, int64_t N, int S, int R, int rank,
+static void dispatch_f32(int nb, const float *x, int64_t fin, const float *a, const float *bt, int64_t N, int64_t ldb, int S, int R, int rank,
                          const int32_t *widths, const int64_t *toks, float *y, float *xi, float *v, struct trickle *tr) {
-#define BLOCK_F32(tb) block_f32(x, fin, a, bt, N, S, R, rank, widths, toks, y, xi, v, tr, tb)
+#define BLOCK_F32(tb) block_f32(x, fin, a, bt, N, ldb, S, R, rank, widths, toks, y, xi, v, tr, tb)
     switch (nb) {
     case 1: BLOCK_F32(1); break;
     case 2: BLOCK_F32(2); break;
@@ -764,7 +767,7 @@ static void dispatch_f32(int nb, const float *x, int64_t fin, const float *a, co
 struct tandem_lora_pool {
     const void *a, *bt;
     const int32_t *ranks, *widths;
-    int64_t fin, N;
+    int64_t fin, N, ldb;
     int32_t w_bf16, S, R;
 };
 
@@ -818,8 +821,8 @@ static uint64_t read_lines(const char *p, int64_t bytes) {
     return sum;
 }
 
-static uint64_t read_item(const char *a, const char *bt, int64_t fin, int64_t N, int S, int R, int rank, int64_t wsize) {
-    uint64_t sum = read_lines(bt, (int64_t)rank * N * wsize);
+static uint64_t read_item(const char *a, const char *bt, int64_t fin, int64_t ldb, int S, int R, int rank, int64_t wsize) {
+    uint64_t sum = read_lines(bt, (int64_t)rank * ldb * wsize);
     for (int s = 0; s < S; s++) sum += read_lines(a + (int64_t)s * R * fin * wsize, (int64_t)rank * fin * wsize);
     return sum;
 }
@@ -839,7 +842,7 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
     return 0;
 #endif
     int x_bf16 = dtypes & 1, y_bf16 = dtypes >> 1 & 1;
-    int64_t fin = pool->fin, N = pool->N;
+    int64_t fin = pool->fin, N = pool->N, ldb = pool->ldb;
     const void *a = pool->a, *bt = pool->bt;
     const int32_t *ranks = pool->ranks, *widths = pool->widths;
     int w_bf16 = pool->w_bf16, S = pool->S, R = pool->R;
@@ -880,8 +883,8 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
 #if defined(TANDEM_LORA_FLOOR) && TANDEM_LORA_FLOOR == 2
         {
             int64_t ws = w_bf16 ? 2 : 4;
-            volatile uint64_t sink = read_item((const char *)a + (int64_t)slot * S * R * fin * ws, (const char *)bt + (int64_t)slot * R * N * ws,
-                                            fin, N, S, R, rank, ws);
+            volatile uint64_t sink = read_item((const char *)a + (int64_t)slot * S * R * fin * ws,
+                                               (const char *)bt + (int64_t)slot * R * ldb * ws, fin, ldb, S, R, rank, ws);
             (void)sink, (void)toks, (void)nb;
             continue;
         }
@@ -892,7 +895,7 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
             float *buf = scratch_for(amx_scratch_floats(&sh, S));
             if (!buf) { failed = 1; continue; }
             amx_item((const uint16_t *)x, fin, (const uint16_t *)a + (int64_t)slot * S * R * fin,
-                     (const uint16_t *)bt + (int64_t)slot * R * N, N, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
+                     (const uint16_t *)bt + (int64_t)slot * R * ldb, N, ldb, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
             _tile_release();
             continue;
         }
@@ -904,28 +907,28 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
         int64_t wsize = w_bf16 ? 2 : 4;
         /* This item's B rows (those below the rank are contiguous), and the next item's A when it
            is another slot's. */
-        struct trickle b_rows = trickle_of((const char *)bt + (int64_t)slot * R * N * wsize, (int64_t)rank * N * wsize, 0, 1);
+        struct trickle b_rows = trickle_of((const char *)bt + (int64_t)slot * R * ldb * wsize, (int64_t)rank * ldb * wsize, 0, 1);
         int next = it + 1 < nitems ? seg_slot[items[3 * it + 3]] : slot;
         struct trickle a_next = trickle_of((const char *)a + (int64_t)next * S * R * fin * wsize,
                                            next == slot ? 0 : (int64_t)ranks[next] * fin * wsize, (int64_t)R * fin * wsize, S);
 #if defined(__AVX512BF16__)
         if (x_bf16 && w_bf16) {
             dispatch_dp(nb, (const uint16_t *)x, fin, (const uint16_t *)a, (int64_t)slot * S * R * fin, (const uint16_t *)bt,
-                        (int64_t)slot * R * N, N, S, R, rank, widths, toks, y, y_bf16, (uint16_t *)xb, v,
+                        (int64_t)slot * R * ldb, N, ldb, S, R, rank, widths, toks, y, y_bf16, (uint16_t *)xb, v,
                         (uint16_t *)(v + (size_t)block * S * R), &b_rows, &a_next);
             continue;
         }
 #endif
 #if AVX2_F32
         if (per_count) {
-            dispatch_f32(nb, (const float *)x, fin, (const float *)a + (int64_t)slot * S * R * fin, (const float *)bt + (int64_t)slot * R * N,
-                         N, S, R, rank, widths, toks, (float *)y, xb, v, &b_rows);
+            dispatch_f32(nb, (const float *)x, fin, (const float *)a + (int64_t)slot * S * R * fin, (const float *)bt + (int64_t)slot * R * ldb,
+                         N, ldb, S, R, rank, widths, toks, (float *)y, xb, v, &b_rows);
             continue;
         }
 #endif
         gather(x, x_bf16, fin, toks, nb, xb);
         shrink(xb, fin, a, (int64_t)slot * S * R * fin, w_bf16, S, R, rank, v, &b_rows);
-        expand(v, bt, (int64_t)slot * R * N, w_bf16, N, S, R, rank, widths, toks, nb, y, y_bf16, &a_next);
+        expand(v, bt, (int64_t)slot * R * ldb, w_bf16, N, ldb, S, R, rank, widths, toks, nb, y, y_bf16, &a_next);
     }
     free(items);
     return failed ? -1 : 0;

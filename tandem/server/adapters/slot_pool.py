@@ -266,11 +266,24 @@ def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
 
 def b_pool(num_slots: int, out_features: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The pool's B, [num_slots, out_features, max_rank]; on CPU a transposed view of
-    [num_slots, max_rank, out_features] storage, the layout the C kernel's expand reads as
-    contiguous rows (kernels/lora/native_cpu.py)."""
+    [num_slots, max_rank, b_row(out_features)] storage, the layout the C kernel's expand reads
+    as rows (kernels/lora/native_cpu.py)."""
     if device.type == "cpu":
-        return torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device).transpose(1, 2)
+        rows = torch.zeros(num_slots, max_rank, b_row(out_features, dtype), dtype=dtype, device=device)
+        return rows[:, :, :out_features].transpose(1, 2)
     return torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+
+
+def b_row(out_features: int, dtype: torch.dtype) -> int:
+    """Elements from one rank row of a CPU slot's B to the next: out_features, one cache line
+    more where the row's lines are a multiple of 8. The C kernel's expand reads a line of
+    every rank row at a time; rows 4 KiB apart (SmolLM2's gate_up, 3072 floats) map to one
+    set of an 8-way L1 and evict each other. Padded to 3088, gate_up's calls for 30 layers (8
+    adapters, 32 tokens, weights past the caches, alternated in one process on a Zen 3) took
+    0.88x the time on 2 cores (3.42 -> 3.02 ms, 3.57 -> 3.16) and 0.90-0.92x on one."""
+    per_line = 64 // torch.empty((), dtype=dtype).element_size()
+    lines = -(-out_features // per_line)
+    return out_features + per_line if lines % 8 == 0 else out_features
 
 
 def _experts(adapter: LoRAAdapter | Router | Mixture) -> tuple[LoRAAdapter, ...]:
