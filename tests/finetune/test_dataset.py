@@ -140,10 +140,18 @@ def test_every_invalid_line_is_listed_with_its_number_and_reason(smollm2_tokeniz
          "messages[1].content starts with whitespace, which tokenizes together with the chat template's turn "
          "header: strip it"),
         ({"text": "Hello"}, "has no tokens to train on (a text line needs at least two tokens)"),
+        ('{"text": ' + "9" * 5000 + "}", "not valid JSON (a number longer than 4300 digits)"),
+        ('{"text": "caf\\u00e9 \\ud83d!"}', "not valid Unicode: an unpaired surrogate (\\ud83d at column 21)"),
+        ('{"prompt": "a\\udc00", "completion": "b"}', "not valid Unicode: an unpaired surrogate (\\udc00 at column 14)"),
     ],
 )
 def test_invalid_line_reasons(smollm2_tokenizer, line, reason):
     assert refusal(jsonl(line), smollm2_tokenizer) == f"training data has 1 invalid line: line 1: {reason}"
+
+
+def test_an_escaped_surrogate_pair_is_one_character(smollm2_tokenizer):
+    example = only('{"text": "smile \\ud83d\\ude00 please"}', smollm2_tokenizer)
+    assert smollm2_tokenizer.decode(example.input_ids) == "smile \U0001f600 please"
 
 
 def test_invalid_utf8_is_refused_with_its_byte(smollm2_tokenizer):

@@ -20,6 +20,8 @@ trains on something the user did not write.
 import difflib
 import json
 import random
+import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +39,11 @@ TASK_KEY = "task"
 MAX_ERROR_CHARS = 1000
 # Enough of a user's string to recognise it, not enough to copy their data into logs.
 EXCERPT_CHARS = 24
+# A JSON escape of half a surrogate pair without its other half.
+_UNPAIRED = re.compile(
+    r"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    r"|\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
 
 
 @dataclass(frozen=True)
@@ -178,11 +185,26 @@ def _load(line: str | bytes) -> object | None:
     if not line.strip():
         return None
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except json.JSONDecodeError as e:
         raise _LineError(f"not valid JSON ({e.msg} at column {e.colno})") from None
     except RecursionError:
         raise _LineError("not valid JSON (nested too deeply)") from None
+    except ValueError:
+        raise _LineError(f"not valid JSON (a number longer than {sys.get_int_max_str_digits()} digits)") from None
+    _check_unicode(line, record)
+    return record
+
+
+def _check_unicode(line: str, record: object) -> None:
+    """JSON may escape half of a surrogate pair (\\ud800), which is no character: the
+    tokenizer cannot encode it, and an error message that echoed it could not be sent."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        escape = _UNPAIRED.search(line)
+        where = f" ({escape.group()} at column {escape.start() + 1})" if escape else ""
+        raise _LineError(f"not valid Unicode: an unpaired surrogate{where}") from None
 
 
 def _format_of(record: object) -> str:
