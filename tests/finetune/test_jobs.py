@@ -213,10 +213,48 @@ def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
         assert not engine.engine.coserve.has_work() and all(p == 0 for p in engine.engine.registry.pool._pins)
+        assert not engine.jobs._prepared  # its tokenized dataset and step plan are let go
         assert asyncio.run(read_then_leave(engine, "after", 5)) == 5
     finally:
         engine.shutdown()
     assert not (dirs[0] / "tuned").exists()
+
+
+def test_a_cancelled_queued_job_holds_nothing(tiny_model_dir, dirs):
+    engine = start(tiny_model_dir, dirs)
+    try:
+        running = engine.jobs.create(request(hyperparameters=Hyperparameters(max_steps=1000, tokens_per_step=48)))
+        queued = engine.jobs.create(request("other"))
+        assert engine.jobs.cancel(queued.id).status is JobStatus.CANCELLED
+        assert set(engine.jobs._prepared) <= {running.id}
+        engine.jobs.cancel(running.id)
+        wait_for(engine, running.id)
+        assert not engine.jobs._prepared
+    finally:
+        engine.shutdown()
+
+
+def test_a_cancel_while_the_job_ends_cannot_mark_a_published_job_cancelled(tiny_model_dir, dirs, monkeypatch):
+    """The adapter is on disk and served once publishing returns: a cancel that arrives before
+    the job is recorded as succeeded is refused, and the job ends succeeded with its hash."""
+    engine = start(tiny_model_dir, dirs)
+    refusals = []
+    end = engine.jobs._end
+
+    def cancel_then_end(job_id, error, **changes):
+        try:
+            refusals.append(engine.jobs.cancel(job_id).status.value)
+        except FailedPrecondition as e:
+            refusals.append(str(e))
+        end(job_id, error, **changes)
+
+    monkeypatch.setattr(engine.jobs, "_end", cancel_then_end)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+    finally:
+        engine.shutdown()
+    assert refusals == [f"job {job.id} is publishing its adapter; it can no longer be cancelled"]
+    assert job.status is JobStatus.SUCCEEDED and job.content_hash == content_hash(dirs[0] / "tuned")
 
 
 def test_coserved_training_memory_stays_within_the_activation_cap(tiny_model_dir, dirs):
@@ -272,7 +310,7 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
         d.mkdir(parents=True)
     engine = start(tiny_model_dir, whole)
     try:
-        wait_for(engine, engine.jobs.create(request(lora={"r": 8, "lora_dropout": 0.1})).id)
+        uninterrupted = wait_for(engine, engine.jobs.create(request(lora={"r": 8, "lora_dropout": 0.1})).id)
     finally:
         engine.shutdown()
 
@@ -296,6 +334,7 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
         engine.shutdown()
     # lora_dropout: time-sliced (co-serving computes the adapter's delta twice, which dropout would change).
     assert resumed.status is JobStatus.SUCCEEDED and resumed.step == 6 and resumed.mode == "timeslice"
+    assert resumed.trained_tokens == uninterrupted.trained_tokens  # the steps after the checkpoint count once
     a, b = load_file(whole[0] / "tuned" / WEIGHTS_FILE), load_file(cut[0] / "tuned" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

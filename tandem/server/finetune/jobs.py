@@ -188,6 +188,7 @@ class JobManager:
                 raise FailedPrecondition(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
             if self._publishing == job_id:
                 raise FailedPrecondition(f"job {job_id} is publishing its adapter; it can no longer be cancelled")
+            self._prepared.pop(job_id, None)
             return self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time())
 
     def watch(self, job_id: str, callback: Callable[[Job], None]) -> Callable[[], None]:
@@ -251,7 +252,10 @@ class JobManager:
         return min(queued, key=lambda j: (j.created_at, j.id)).id if queued else None
 
     def _start(self, job: Job) -> None:
-        prepared = self._prepared[job.id]
+        with self._lock:
+            prepared = self._prepared.get(job.id)
+        if prepared is None:  # cancelled since it was picked
+            return
         model = self.engine.runner.model
         if job.router is not None:
             adapter = TrainableGates(model, prepared.experts, self.engine.config.max_lora_rank, job.router, seed=job.hyperparameters.seed)
@@ -277,7 +281,14 @@ class JobManager:
             job.id, trainer, trainer.run(self.engine, coserve), time.monotonic(), tokens_at_step=dict(self.engine.iteration_tokens)
         )
         mode = "coserve" if coserve else "timeslice"
-        self._update(job.id, status=JobStatus.RUNNING, started_at=job.started_at or time.time(), step=trainer.step, mode=mode)
+        self._update(
+            job.id,
+            status=JobStatus.RUNNING,
+            started_at=job.started_at or time.time(),
+            step=trainer.step,
+            trained_tokens=trainer.tokens,
+            mode=mode,
+        )
         if trainer.done:  # killed after its last checkpoint, before publishing
             self._publish(self._running)
 
@@ -314,7 +325,7 @@ class JobManager:
             step=report.step,
             train_loss=report.train_loss,
             eval_loss=job.eval_loss if report.eval_loss is None else report.eval_loss,
-            trained_tokens=job.trained_tokens + report.tokens,
+            trained_tokens=running.trainer.tokens,
             tokens_per_second=report.tokens / elapsed if elapsed > 0 else 0.0,
             finetune_share=self.engine.stats().finetune_share if job.mode == "coserve" else 0.0,
             step_iteration_tokens=split,
@@ -344,9 +355,12 @@ class JobManager:
             log.exception("publishing the adapter of job %s failed", job.id)
             self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r}: {exc}"[:500]))
             return
+        else:
+            self._end(job.id, None, content_hash=info.content_hash)
         finally:
+            # Only once the job has ended: a cancel in between would find it neither
+            # publishing nor over, and mark cancelled a job whose adapter is live.
             self._publishing = None
-        self._end(job.id, None, content_hash=info.content_hash)
         log.info("job succeeded", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "content_hash": info.content_hash}})
 
     def _drop(self) -> None:
@@ -461,6 +475,8 @@ class JobManager:
                 self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error)
                 continue
             with self._lock:
+                if self._jobs[job_id].status.terminal:  # cancelled while it was validated
+                    continue
                 self._prepared[job_id] = prepared
             self._update(job_id, status=JobStatus.QUEUED)
             self._wake()

@@ -165,6 +165,9 @@ class Trainer:
         self.micro_batch_tokens = micro_batch_tokens
         self.plan = StepPlan(train, hp) if plan is None else plan
         self.step = 0
+        # Tokens of the steps done: a resumed job counts from its checkpoint, not from what
+        # the job record said when the server stopped, which may be steps past it.
+        self.tokens = 0
         # fused: one kernel over all the masters. The per-tensor loop took ~150 ms for a rank-16
         # all-linear SmolLM2 adapter on CPU, between two co-served iterations (the ITL tail).
         self.optimizer = torch.optim.AdamW(
@@ -182,10 +185,12 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs beyond the adapter's weights to resume exactly."""
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        # A checkpoint written before the count was kept resumes counting from 0.
+        self.tokens = state.get("tokens", 0)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -240,6 +245,7 @@ class Trainer:
         if not self.adapter.all_finite():
             raise TrainingDiverged(f"training diverged at step {step}: a weight became NaN or infinite")
         self.step = step
+        self.tokens += tokens
         return StepReport(step, self.total_steps, loss, grad_norm, lr, tokens)
 
     def _evaluate(self, engine: Engine) -> Iterator[None]:
