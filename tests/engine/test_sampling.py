@@ -101,6 +101,7 @@ def test_no_logprobs_unless_asked():
     ("top_p", 0.0, "top_p"),
     ("top_p", 1.5, "top_p"),
     ("top_k", -1, "top_k"),
+    ("top_k", 2**32, "top_k"),
     ("repetition_penalty", 0.0, "repetition_penalty"),
     ("max_new_tokens", 0, "max_new_tokens"),
     ("max_new_tokens", 10_000, "context limit"),

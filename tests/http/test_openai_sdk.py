@@ -125,6 +125,23 @@ def test_bad_requests_are_400_and_name_the_field(oai, base_model):
         oai.chat.completions.create(model=base_model, messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
 
 
+@pytest.mark.parametrize("field, value, streamed", [
+    ("top_k", 10**30, False), ("top_k", 10**30, True), ("seed", 10**30, False), ("n", 10**30, False),
+    ("n", 10**30, True), ("logprobs", 10**30, False), ("max_tokens", 10**30, False), ("prompt_logprobs", 10**30, False),
+    ("stop_token_ids", [10**30], False), ("prompt", [10**30], False),
+])
+def test_integers_past_any_machine_word_are_400_and_others_generate_on(oai, grpc_client, base_model, field, value, streamed):
+    """JSON integers have no bound: one that reached a tensor unchecked failed the whole
+    engine step, and every caller's generation with it."""
+    stream = grpc_client.stream(PROMPT, max_new_tokens=24, ignore_eos=True, temperature=0)
+    first = next(stream)
+    body = {"prompt": PROMPT, "max_tokens": 4, "stream": streamed, field: value}
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(model=base_model, **{k: body.pop(k) for k in ("prompt", "max_tokens")}, extra_body=body)
+    assert (field if field != "max_tokens" else "max_new_tokens") in caught.value.message or "vocabulary" in caught.value.message
+    assert len(first.token_ids) + sum(len(chunk.token_ids) for chunk in stream) == 24
+
+
 def test_framework_refusals_are_in_openai_shape(http_server):
     port = http_server.server.http_port
     too_large = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

@@ -7,6 +7,8 @@ from tandem.server.errors import InvalidRequest
 MAX_LOGPROBS = 20
 # Completions of one prompt per request: each holds its own KV blocks once forked.
 MAX_N = 16
+# gRPC's top_k is a uint32; HTTP's JSON integers have no bound of their own.
+MAX_TOP_K = 2**32 - 1
 # OpenAI's range for presence and frequency penalties.
 MAX_PENALTY = 2.0
 # Stop lists are matched at every token: their size is bounded so one request cannot slow
@@ -75,8 +77,8 @@ class SamplingParams:
             )
         if not self.temperature >= 0.0 or self.temperature == float("inf"):
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k must be in [0, {MAX_TOP_K}] (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.repetition_penalty < float("inf"):

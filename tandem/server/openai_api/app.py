@@ -168,18 +168,19 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = stream(outputs, first, renderer, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        choices = responses.Choices(params.n)
         seen: list[RequestOutput] = []
 
         async def collect() -> None:
             async with aclosing(outputs):
                 async for out in outputs:
-                    choices.add(out)
                     seen.append(out)
 
         if not await _unless_disconnected(request, collect()):
             record.close("CANCELLED")
             return Response(status_code=499)  # nobody is there to read it
+        choices = responses.Choices(params.n)  # n is in range now: the engine took the request
+        for out in seen:
+            choices.add(out)
         reply = renderer.whole(choices, await token_texts(seen))
         record.close("OK")
         return JSONResponse(reply, headers=headers)
