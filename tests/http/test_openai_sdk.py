@@ -142,6 +142,21 @@ def test_integers_past_any_machine_word_are_400_and_others_generate_on(oai, grpc
     assert len(first.token_ids) + sum(len(chunk.token_ids) for chunk in stream) == 24
 
 
+def test_unpaired_surrogates_are_400_and_name_the_field(http_server, base_model):
+    """JSON can escape half a surrogate pair; the tokenizer cannot take it (it was a 500).
+    The SDK cannot send one (it encodes its body as UTF-8): json.dumps escapes it."""
+    url = f"http://127.0.0.1:{http_server.server.http_port}/v1"
+    for path, body, message in [
+        ("completions", {"prompt": "hi \ud800"}, "prompt is not valid Unicode: an unpaired surrogate (\\ud800) at character 3"),
+        ("chat/completions", {"messages": [*CHAT, {"role": "user", "content": "\udc00"}]}, "messages[1].content is not valid Unicode"),
+    ]:
+        data = json.dumps({"model": base_model, "max_tokens": 2, **body}).encode()
+        request = urllib.request.Request(f"{url}/{path}", data=data, headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["message"].startswith(message)
+
+
 def test_framework_refusals_are_in_openai_shape(http_server):
     port = http_server.server.http_port
     too_large = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

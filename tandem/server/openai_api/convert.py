@@ -2,7 +2,8 @@
 
 Value ranges are checked where the gRPC front's are (SamplingParams.validate, chat checks in
 AsyncEngine.encode); here only what is OpenAI's own: which fields Tandem does not serve,
-one prompt per request, the `model` name, and OpenAI's defaults.
+one prompt per request, the `model` name, OpenAI's defaults, and text that JSON can carry
+and protobuf cannot (half a surrogate pair).
 """
 
 from tandem.server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -31,14 +32,17 @@ def completion_prompt(body: CompletionRequest) -> str | list[int]:
         prompt = prompt[0]
     if not prompt:
         raise InvalidRequest("prompt is empty: send at least one token")
+    if isinstance(prompt, str):
+        _check_unicode(prompt, "prompt")
     return prompt
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     """Messages as the chat template takes them: a role and text (parts joined)."""
     messages = []
-    for m in body.messages:
+    for i, m in enumerate(body.messages):
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        _check_unicode(content, f"messages[{i}].content")
         messages.append({"role": _ROLE_ALIASES.get(m.role, m.role), "content": content})
     return messages
 
@@ -62,6 +66,17 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _params(body, DEFAULT_CHAT_TOKENS if given is None else given, logprobs)
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """JSON may escape half of a surrogate pair ("\\ud800"), which is no character and which
+    the tokenizer cannot take; protobuf strings cannot hold one, so only this front checks."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(
+            f"{name} is not valid Unicode: an unpaired surrogate (\\u{ord(text[e.start]):04x}) at character {e.start}"
+        ) from None
 
 
 def _refuse(value: object, name: str) -> None:
