@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from tandem.server.adapters.router_format import CONFIG_FILE, GATES_FILE, router_config, write_router
+from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters.router_format import CONFIG_FILE, GATES_FILE, Router, router_config, write_router
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, NotFound
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
@@ -189,8 +190,36 @@ def test_routers_are_listed_and_unloaded_like_adapters(tiny_hf_model, smollm2_to
         registry.get("mix")
 
 
+def test_a_name_republished_as_the_other_kind_is_served_as_the_new_kind(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path):
+    """A router's name published as a LoRA adapter (a merge, a fine-tune) serves the adapter,
+    also after its cached version is checked again (the router stayed cached beside it and
+    came back), and a LoRA adapter's name published as a router serves the router."""
+    root = tmp_path / "adapters"
+    root.mkdir()
+    for name in ["e0", "e1", "e2", "mix"]:
+        shutil.copytree(adapters_dir / name, root / name)
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=4, adapter_refresh_seconds=0).registry
+    assert isinstance(registry.get("mix"), Router)
+    shutil.rmtree(root / "mix")
+    shutil.copytree(adapters_dir / "e1", root / "mix")
+    registry.load("mix")
+    assert [type(registry.get("mix")) for _ in range(2)] == [LoRAAdapter, LoRAAdapter]
+    assert [i.format for i in registry.list() if i.name == "mix"] == ["peft"]
+    shutil.rmtree(root / "e2")
+    write(root, "e2", ["e0", "e1"], random_gates(tiny_hf_model, 2, 0))
+    assert isinstance(registry.get("e2"), LoRAAdapter)
+    registry.load("e2")
+    assert [type(registry.get("e2")) for _ in range(2)] == [Router, Router]
+
+
 def write(root: Path, name: str, experts: list[str], gates: dict, **config) -> None:
     write_router(root / name, {**router_config(experts), **config}, gates)
+
+
+def write_gates(root: Path, name: str, gates: dict[str, torch.Tensor]) -> None:
+    """A router of two experts whose gates file holds exactly `gates` (keys as written)."""
+    write(root, name, ["e0", "e1"], {})
+    save_file(gates, str(root / name / GATES_FILE))
 
 
 @pytest.mark.parametrize(
@@ -209,8 +238,11 @@ def write(root: Path, name: str, experts: list[str], gates: dict, **config) -> N
          "mixes 3 experts, more than the server's 2 adapter slots"),
         (lambda m, d: (d / "r").mkdir() or (d / "r" / CONFIG_FILE).write_text("{}"), IncompatibleAdapter,
          f"has no {GATES_FILE}"),
+        (lambda m, d: write_gates(d, "r", {f"layers.{'9' * 5000}.qkv.weight": torch.randn(2, 64)}), IncompatibleAdapter,
+         "has an unexpected tensor 'layers.999"),
     ],
-    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "slots", "no-gates"],
+    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "slots", "no-gates",
+         "layer-of-5000-digits"],
 )
 def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, make, error, message):
     root = tmp_path / "adapters"

@@ -289,6 +289,19 @@ def test_host_cache_evicts_the_least_recent_unused_adapter(tiny_hf_model, smollm
     assert_clean(engine)
 
 
+def test_an_adapter_loaded_from_a_path_is_read_from_there_again_after_eviction(tiny_hf_model, smollm2_tokenizer, tmp_path, adapters_dir):
+    for name, source in zip(("a", "v2", "b"), SAME_SIZE):
+        shutil.copytree(adapters_dir / source, tmp_path / name)
+    engine = adapter_engine(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2, adapter_cache_bytes=1)
+    registry = engine.registry
+    loaded = registry.load("a", "v2")
+    registry.get("b")
+    assert list(registry._cache) == ["b"]  # a was evicted: a cache of one adapter
+    again = registry.get("a")
+    assert again.content_hash == loaded.content_hash and again.path == (tmp_path / "v2").resolve()
+    assert {i.name: i.path for i in registry.list()} == {"a": "v2", "b": "b"}
+
+
 def test_reload_keeps_versions_apart(tiny_hf_model, smollm2_tokenizer, tmp_path, alone, adapters_dir):
     """A request holds the version it started with; after a reload new requests get the new one."""
     old, new = adapters_dir / NAMES[1], adapters_dir / NAMES[3]

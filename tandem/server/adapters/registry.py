@@ -119,7 +119,8 @@ def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path
     root = Path(adapters_dir).resolve()
     directory = (root / (path or name)).resolve()
     if not directory.is_relative_to(root):
-        raise InvalidRequest(f"path {excerpt(path, 200)} is outside the adapters directory")
+        named = f"path {excerpt(path, 200)}" if path else f"adapter {excerpt(name)} (a link out of it)"
+        raise InvalidRequest(f"{named} is outside the adapters directory")
     _check_file_name("path", str(directory / "adapter_config.json"), PATH_MAX_BYTES - 1)
     if not (directory / "adapter_config.json").is_file() and not is_router(directory):
         shown = excerpt(f"{directory.relative_to(root)}/adapter_config.json", 200)
@@ -185,11 +186,13 @@ class AdapterRegistry:
     def get(self, name: str) -> LoRAAdapter | Router:
         """The adapter a new request should use: from the host cache (re-read if its files
         changed since, checked at most every refresh_seconds), else from disk (unless an
-        admin unloaded it). A router comes with its experts' current versions."""
+        admin unloaded it; from where it was last loaded, which LoadAdapter's path may have
+        set). A router comes with its experts' current versions."""
         with self._lock:
             self._check_not_unloaded(name)
             router = self._routers.get(name)
             adapter = self._cache.get(name)
+            known = self._known.get(name)
             if adapter is not None:
                 self._cache.move_to_end(name)
                 stamp, checked_at = self._stamps[name]
@@ -199,7 +202,7 @@ class AdapterRegistry:
         if router is not None:
             return self._with_experts(router)
         if adapter is None:
-            directory = resolve_adapter_dir(self.adapters_dir, name, "")
+            directory = resolve_adapter_dir(self.adapters_dir, name, known.path if known is not None else "")
             if is_router(directory):
                 return self._with_experts(self._read_router(name, directory))
             return self._read_once(name, directory)
@@ -251,6 +254,9 @@ class AdapterRegistry:
         with self._lock:
             self._check_not_unloaded(name)
             self._routers[name] = router
+            # A name is one thing at a time: a LoRA version cached under it is no longer served.
+            self._cache.pop(name, None)
+            self._stamps.pop(name, None)
             self._known[name] = AdapterInfo(
                 name=name, rank=max(a.rank for a in experts), target_modules=_union(a.targets for a in experts),
                 content_hash=router.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
@@ -412,6 +418,7 @@ class AdapterRegistry:
         with self._lock:
             # An unload while this read was under way wins (load clears the mark first).
             self._check_not_unloaded(name)
+            self._routers.pop(name, None)  # as in _read_router: the name is a LoRA adapter now
             self._cache[name] = adapter
             self._cache.move_to_end(name)
             self._stamps[name] = (stamp, time.monotonic())

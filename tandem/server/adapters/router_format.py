@@ -44,7 +44,9 @@ GATES_FILE = "router_gates.safetensors"
 FORMAT = "tandem-router"
 VERSION = 1
 DEFAULT_TOP_K = 2
-_GATE_KEY = re.compile(r"layers\.(?P<layer>\d+)\.(?P<group>qkv|o|gate_up|down)\.weight")
+# At most 9 digits: int() refuses thousands (a ValueError, an INTERNAL), and no model has a
+# billion layers.
+_GATE_KEY = re.compile(r"layers\.(?P<layer>\d{1,9})\.(?P<group>qkv|o|gate_up|down)\.weight")
 
 
 @dataclass
