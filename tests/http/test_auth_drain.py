@@ -40,6 +40,13 @@ def test_bearer_tokens(auth_server, base_model):
         _sdk(auth_server, token="wrong").models.list()
     ok = _sdk(auth_server, token=TOKEN).completions.create(model=base_model, prompt="Hi", max_tokens=2, temperature=0)
     assert ok.usage.completion_tokens == 2
+    # A body that is not JSON is refused only after the token is.
+    for token, status in (("", 401), (TOKEN, 400)):
+        headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {token}"} if token else {})
+        broken = urllib.request.Request(request.full_url, data=b'{"prompt": ', headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(broken, timeout=30)
+        assert caught.value.code == status
     # Probes send no token.
     with urllib.request.urlopen(f"http://127.0.0.1:{auth_server.server.http_port}/health", timeout=10) as reply:
         assert reply.status == 200

@@ -107,19 +107,29 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
     def new_record(request: Request) -> CallRecord:
         return CallRecord(request_id_of(request.headers.get(REQUEST_ID_HEADER, "")), METHODS[request.url.path], metrics)
 
+    def authorize(request: Request) -> None:
+        if tokens is not None:
+            tokens.authorize(request.url.path, {"authorization": request.headers.get("authorization", "")})
+
     async def open_call(request: Request) -> CallRecord:
         """Opens the call's record (async: it must run in the endpoint's own context), then
         checks its token before anything of the body is used."""
         record = new_record(request)
         set_current_call(record)
         request.state.record = record
-        if tokens is not None:
-            tokens.authorize(request.url.path, {"authorization": request.headers.get("authorization", "")})
+        authorize(request)
         return record
 
     async def handle_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, RequestValidationError):
             exc = InvalidRequest(_validation_message(exc))
+            # A body that is not JSON is refused before any dependency runs: a caller without
+            # a valid token learns that, not what was wrong with the body (as over gRPC).
+            if request.url.path in METHODS:
+                try:
+                    authorize(request)
+                except TandemError as refused:
+                    exc = refused
         record = getattr(request.state, "record", None)
         if record is None and request.url.path in METHODS:
             record = new_record(request)
