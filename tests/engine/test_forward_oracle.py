@@ -1,11 +1,13 @@
 """Our forward over a ragged, paged batch must give transformers' logits."""
 
+import pytest
 import torch
 
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.model.loader import build_from_hf
+from tests.conftest import make_tiny_hf_model
 from tests.engine.helpers import make_engine, random_prompts, run
 
 
@@ -65,3 +67,45 @@ def test_preempted_sequence_is_recomputed_exactly(tiny_hf_model, smollm2_tokeniz
         assert_matches_transformers(tiny_hf_model, prompt, outputs[rid], seen[rid])
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
+
+
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [4.0 + i for i in range(8)],
+            "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"attention_bias": True},
+    {"mlp_bias": True},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    {"rope_scaling": LONGROPE},
+], ids=["attention-bias", "mlp-bias", "linear-rope", "llama3-rope", "yarn-rope", "longrope"])
+def test_supported_config_variants_match_transformers(smollm2_tokenizer, overrides):
+    """Every option the loader accepts changes the logits as transformers' does (a bias it
+    dropped or a RoPE it half applied served wrong logits without an error), on a prompt past
+    the scaled RoPEs' original length."""
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=5, **overrides)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):  # transformers starts them at 0, which proves nothing
+                parameter.normal_(0, 0.5)
+    engine = make_engine(model, smollm2_tokenizer)
+    seen = record_logits(engine)
+    prompt = random_prompts([100], len(smollm2_tokenizer), seed=3)[0]
+    engine.add_request("r", prompt, SamplingParams(max_new_tokens=4, temperature=0, prompt_logprobs=0, ignore_eos=True))
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    got = torch.tensor([lp.logprob for lp in outputs[0].prompt_logprobs])
+    torch.testing.assert_close(got, expected[torch.arange(len(prompt) - 1), prompt[1:]], rtol=1e-4, atol=1e-4)
+    assert_matches_transformers(model, prompt, [t for out in outputs for t in out.token_ids], seen["r"])  # decode steps too
+
+
+def test_longrope_serves_its_original_window(smollm2_tokenizer):
+    """Past it transformers turns every position to the long factors, cached keys included."""
+    engine = make_engine(make_tiny_hf_model(smollm2_tokenizer, **{"rope_scaling": LONGROPE}), smollm2_tokenizer)
+    assert engine.max_model_len == LONGROPE["original_max_position_embeddings"]

@@ -50,3 +50,12 @@ def test_truncated_safetensors(tmp_path, tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="could not load the weights"):
         load_model(str(broken), torch.float32, CPU)
+
+
+def test_an_activation_other_than_silu_is_refused(tmp_path, smollm2_tokenizer):
+    from tests.conftest import make_tiny_hf_model
+
+    make_tiny_hf_model(smollm2_tokenizer, hidden_act="gelu").save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"unsupported MLP activation 'gelu': Tandem's MLP is SwiGLU \(silu\)"):
+        load_model(str(tmp_path), torch.float32, CPU)

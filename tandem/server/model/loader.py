@@ -81,11 +81,14 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
 
 
 def check_supported(config: Any) -> None:
-    """Refuse architectures and RoPE variants our forward pass does not implement."""
+    """Refuse architectures, activations and RoPE variants our forward pass does not implement."""
     if config.model_type not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"unsupported architecture {config.model_type!r}: Tandem serves {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    activation = getattr(config, "hidden_act", "silu")
+    if activation != "silu":
+        raise ModelLoadError(f"unsupported MLP activation {activation!r}: Tandem's MLP is SwiGLU (silu)")
     rope_type = _rope_parameters(config).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(f"unsupported RoPE type {rope_type!r}: Tandem supports {', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -128,13 +131,14 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> Ll
         qkv = FusedLinear(
             cat(qkv_names), optional_cat([n.replace(".weight", ".bias") for n in qkv_names]), (q_dim, kv_dim, kv_dim)
         )
-        o_proj = FusedLinear(t(p + "self_attn.o_proj.weight"), None, (shape.hidden_size,))
+        # Biases where the checkpoint has them (Qwen2's q/k/v; Llama's attention_bias and mlp_bias).
+        o_proj = FusedLinear(t(p + "self_attn.o_proj.weight"), optional_cat([p + "self_attn.o_proj.bias"]), (shape.hidden_size,))
         gate_up = FusedLinear(
             cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-            None,
+            optional_cat([p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"]),
             (shape.intermediate_size, shape.intermediate_size),
         )
-        down = FusedLinear(t(p + "mlp.down_proj.weight"), None, (shape.hidden_size,))
+        down = FusedLinear(t(p + "mlp.down_proj.weight"), optional_cat([p + "mlp.down_proj.bias"]), (shape.hidden_size,))
         layers.append(
             DecoderLayer(
                 RMSNorm(t(p + "input_layernorm.weight"), shape.rms_norm_eps),
@@ -219,6 +223,12 @@ def _rope_frequencies(hf_model: Any) -> tuple[torch.Tensor, float]:
 
 def _max_position(config: Any) -> int:
     limit = config.max_position_embeddings
+    rope = _rope_parameters(config)
+    if rope.get("rope_type") == "longrope":
+        # Past its original length transformers turns every position of the sequence to the
+        # long factors, keys already cached included, which a KV cache cannot follow: serve
+        # the original window, where the short factors hold for every position.
+        limit = min(limit, rope.get("original_max_position_embeddings") or config.original_max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True):
         limit = min(limit, window)
