@@ -54,6 +54,18 @@ def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
     fsync_dir(path.parent)
 
 
+def make_directories(path: Path) -> None:
+    """mkdir -p that lasts: each directory it creates is fsynced into its parent, so files
+    written into it durably are not lost with it after a power failure."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+
 def remove_leftovers(directory: Path, min_age_seconds: float = 0.0) -> list[Path]:
     """Delete what interrupted writes left in directory; returns what was removed. In a
     directory other processes may write too, min_age_seconds spares their writes in flight."""

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tandem.server.adapters.peft_format import WEIGHTS_FILE, content_hash
+from tandem.server import atomic_files
 from tandem.server.atomic_files import TEMP_PREFIX
 from tandem.server.finetune.job import JobStatus
 from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
@@ -150,3 +151,16 @@ def test_kill_during_publishing_keeps_the_old_version_whole(tiny_model_dir, tiny
     got = load_file(dirs[0] / "tuned" / WEIGHTS_FILE)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert sorted(p.name for p in dirs[0].iterdir() if not p.name.startswith(TEMP_PREFIX)) == ["tuned"]
+
+
+def test_directories_for_durable_files_are_synced_into_their_parents(tmp_path, monkeypatch):
+    """A file fsynced into a new directory is lost with it after a power failure unless the
+    directory's own entry was fsynced into its parent (a job's dataset, its first checkpoint)."""
+    synced = []
+    monkeypatch.setattr(atomic_files, "fsync_dir", lambda path: synced.append(path))
+    (tmp_path / "jobs").mkdir()
+    atomic_files.make_directories(tmp_path / "jobs" / "ftjob-1" / "checkpoints")
+    assert (tmp_path / "jobs" / "ftjob-1" / "checkpoints").is_dir()
+    assert synced == [tmp_path / "jobs", tmp_path / "jobs" / "ftjob-1"]
+    atomic_files.make_directories(tmp_path / "jobs")
+    assert len(synced) == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from tandem.server.atomic_files import remove_leftovers, write_directory
+from tandem.server.atomic_files import make_directories, remove_leftovers, write_directory
 
 STATE_FILE = "trainer_state.pt"
 _PREFIX = "step-"
@@ -24,7 +24,7 @@ _PREFIX = "step-"
 
 def save(checkpoints: Path, step: int, files: dict[str, bytes], state: dict, keep: int = 2) -> Path:
     """Write the checkpoint after `step` (files: what is trained, as its own files); returns its directory."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    make_directories(checkpoints)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     path = checkpoints / f"{_PREFIX}{step:08d}"

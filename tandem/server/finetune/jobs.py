@@ -26,7 +26,7 @@ from pathlib import Path
 from tandem.server.adapters.peft_format import WEIGHTS_FILE, LoRAAdapter, adapter_files, peft_config
 from tandem.server.adapters.registry import check_adapter_name
 from tandem.server.adapters.router_format import GATES_FILE, Router
-from tandem.server.atomic_files import remove_leftovers, write_file
+from tandem.server.atomic_files import make_directories, remove_leftovers, write_file
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError, excerpt
@@ -102,7 +102,7 @@ class JobManager:
         self.registry = engine.registry
         self.data_dir = Path(data_dir).resolve()
         self.state_dir = self.data_dir / STATE_DIR
-        (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        make_directories(self.state_dir / "jobs")
         self.max_training_file_bytes = max_training_file_bytes
         self._wake = wake
         self._lock = threading.RLock()
@@ -159,7 +159,7 @@ class JobManager:
                 raise AlreadyExists(
                     f"adapter {job.adapter!r} is already being trained by job {busy[0].id}: wait for it or cancel it"
                 )
-            self._job_dir(job.id).mkdir(parents=True)
+            make_directories(self._job_dir(job.id))
             write_file(self._job_dir(job.id) / DATASET_FILE, data)
             self._prepared[job.id] = prepared
             self._jobs[job.id] = job
