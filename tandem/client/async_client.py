@@ -73,12 +73,13 @@ class AsyncTandemClient:
     async def _watch(self, call: Call[T], timeout: float | None) -> AsyncIterator[T]:
         """As TandemClient._watch: reconnects on UNAVAILABLE at any point; no deadline unless given."""
         request_id = new_request_id(None)
-        attempts = Attempts(self.settings, timeout)
+        attempts = Attempts(self.settings, timeout, watch=True)
         method = getattr(self._stub(call.stub), call.method)
         while True:
             responses = method(call.request, timeout=attempts.deadline.remaining(), metadata=self.settings.metadata(request_id))
             try:
                 async for response in responses:
+                    attempts.responded()
                     yield call.result(response)
                 return
             except grpc.RpcError as error:

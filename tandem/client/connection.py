@@ -1,6 +1,7 @@
 """Channel settings shared by the sync and asyncio clients: address, TLS, token, deadline,
 retries. The token travels as `authorization: Bearer` metadata."""
 
+import itertools
 import random
 import time
 import uuid
@@ -20,7 +21,9 @@ class ConnectionSettings:
     """target: "host:port". tls: use TLS (implied by ca_cert / client_cert); ca_cert: PEM
     file of the CA to trust (default: system roots); client_cert + client_key: mutual TLS.
     timeout: seconds for a whole call, retries included; None = no deadline.
-    max_retries: extra attempts on UNAVAILABLE before any token arrived."""
+    max_retries: extra attempts on UNAVAILABLE before any token arrived.
+    reconnect_seconds: how long a watch (WatchJob) goes on reconnecting on UNAVAILABLE since
+    its last response, whatever max_retries says: a restarting server loads its model first."""
 
     target: str = "localhost:50051"
     token: str | None = None
@@ -30,6 +33,7 @@ class ConnectionSettings:
     client_key: str | None = None
     timeout: float | None = 60.0
     max_retries: int = 3
+    reconnect_seconds: float = 120.0
     backoff_seconds: float = 0.2
     max_backoff_seconds: float = 5.0
     max_message_bytes: int = 4 << 20
@@ -82,10 +86,10 @@ class Deadline:
         return None if self._end is None else max(0.0, self._end - time.monotonic())
 
 
-def retry_delays(settings: ConnectionSettings) -> Iterator[float]:
-    """Exponential backoff with full jitter, max_retries delays long."""
-    for attempt in range(settings.max_retries):
-        yield random.uniform(0, min(settings.max_backoff_seconds, settings.backoff_seconds * 2**attempt))
+def retry_delays(settings: ConnectionSettings, endless: bool = False) -> Iterator[float]:
+    """Exponential backoff with full jitter, max_retries delays long (endless: without end)."""
+    for attempt in itertools.count() if endless else range(settings.max_retries):
+        yield random.uniform(0, min(settings.max_backoff_seconds, settings.backoff_seconds * 2 ** min(attempt, 32)))
 
 
 def is_retryable(error: grpc.RpcError) -> bool:
@@ -95,17 +99,26 @@ def is_retryable(error: grpc.RpcError) -> bool:
 
 
 class Attempts:
-    """The deadline and the retry budget of one call, shared by all its attempts."""
+    """The deadline and the retry budget of one call, shared by all its attempts. A watch's
+    budget is time instead (settings.reconnect_seconds since its last response), renewed by
+    every response: it may run for hours across server restarts."""
 
-    def __init__(self, settings: ConnectionSettings, timeout: float | None):
+    def __init__(self, settings: ConnectionSettings, timeout: float | None, watch: bool = False):
         self.deadline = Deadline(timeout)
-        self._delays = retry_delays(settings)
+        self._settings = settings
+        self._watch = watch
+        self.responded()
+
+    def responded(self) -> None:
+        """A response arrived: a later failure starts a fresh budget."""
+        self._delays = retry_delays(self._settings, endless=self._watch)
+        self._patience = Deadline(self._settings.reconnect_seconds if self._watch else None)
 
     def pause_after(self, error: grpc.RpcError, request_id: str | None, retry: bool = True) -> float:
         """Seconds to wait before the next attempt; raises the call's TandemRpcError when
         there is none (retry False, not retryable, retries spent, or the deadline would pass first)."""
         delay = next(self._delays, None) if retry and is_retryable(error) else None
-        remaining = self.deadline.remaining()
-        if delay is None or (remaining is not None and delay >= remaining):
+        remaining = [r for r in (self.deadline.remaining(), self._patience.remaining()) if r is not None]
+        if delay is None or any(delay >= r for r in remaining):
             raise TandemRpcError.wrap(error, request_id) from None
         return delay

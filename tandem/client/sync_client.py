@@ -76,12 +76,13 @@ class TandemClient:
         so it reconnects on UNAVAILABLE even after responses arrived. Such a stream may last
         hours: no deadline unless `timeout` is given."""
         request_id = new_request_id(None)
-        attempts = Attempts(self.settings, timeout)
+        attempts = Attempts(self.settings, timeout, watch=True)
         method = getattr(self._stub(call.stub), call.method)
         while True:
             responses = method(call.request, timeout=attempts.deadline.remaining(), metadata=self.settings.metadata(request_id))
             try:
                 for response in responses:
+                    attempts.responded()
                     yield call.result(response)
                 return
             except grpc.RpcError as error:

@@ -6,6 +6,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from tandem.client.async_client import AsyncTandemClient
@@ -18,6 +19,7 @@ from tandem.client.bench.runner import BenchError, FinetuneLoad, LoadPlan, Point
 from tandem.client.bench.stats import parse_slo
 from tandem.client.bench.workload import BenchRequest, build_requests
 from tandem.client.cli_connection import EXIT_RPC_BASE, connection_settings, rpc_failure
+from tandem.client.connection import Deadline
 from tandem.client.errors import TandemRpcError
 from tandem.client.types import ModelInfo, SamplingOptions
 
@@ -25,6 +27,8 @@ from tandem.client.types import ModelInfo, SamplingOptions
 DURATION_POOL = 1000
 # Settings left out of the JSON: secrets, and argparse's own entries.
 NOT_RECORDED = ("token", "token_file", "run", "command")
+# How often a server not answering yet is asked again.
+CONNECT_POLL_SECONDS = 0.25
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -60,12 +64,18 @@ def metrics_url(args: argparse.Namespace) -> str | None:
 
 
 async def _connect(client: AsyncTandemClient, args: argparse.Namespace) -> ModelInfo:
-    """The server's first answer, or an error that says where and how long we tried."""
-    try:
-        return await client.model_info(timeout=args.connect_timeout)
-    except TandemRpcError as error:
-        message = f"cannot reach the server at {args.target} within {args.connect_timeout:g} s: {error.message}"
-        raise TandemRpcError(error.code, message) from None
+    """The server's first answer, asked again while it is UNAVAILABLE (not listening yet, or
+    loading its model) until --connect-timeout; else an error that says where and how long
+    we tried. (The bench's client never retries: a measured request that fails counts.)"""
+    deadline = Deadline(args.connect_timeout)
+    while True:
+        try:
+            return await client.model_info(timeout=deadline.remaining())
+        except TandemRpcError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE or deadline.remaining() <= CONNECT_POLL_SECONDS:
+                message = f"cannot reach the server at {args.target} within {args.connect_timeout:g} s: {error.message}"
+                raise TandemRpcError(error.code, message) from None
+        await asyncio.sleep(CONNECT_POLL_SECONDS)
 
 
 async def _prompts(args: argparse.Namespace, client: AsyncTandemClient, info: ModelInfo, count: int,

@@ -1,0 +1,107 @@
+"""A job watch outlives a server restart (jobs resume after one): the client reconnects on
+UNAVAILABLE for as long as settings.reconnect_seconds since the last response, however
+many attempts that takes, and gives up with UNAVAILABLE after it. A fake FineTuningService
+stands in for the server, so the restart's timing is the test's."""
+
+import asyncio
+import socket
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from tandem.client import AsyncTandemClient, TandemClient
+from tandem.client.errors import TandemRpcError
+from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
+
+# Longer than the default retry budget (3 retries of at most 0.2, 0.4 and 0.8 s) can wait.
+DOWN_SECONDS = 2.5
+
+
+class Jobs(finetuning_pb2_grpc.FineTuningServiceServicer):
+    """Streams one job's state; before the restart it then drops the stream, as a draining server does."""
+
+    def __init__(self, status: str, drop: bool):
+        self.status = finetuning_pb2.JobStatus.Value(status)
+        self.drop = drop
+
+    def WatchJob(self, request, context):
+        yield finetuning_pb2.WatchJobResponse(job=finetuning_pb2.Job(id=request.id, adapter="a", status=self.status))
+        if self.drop:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+
+def serve(port: int, jobs: Jobs) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    finetuning_pb2_grpc.add_FineTuningServiceServicer_to_server(jobs, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server
+
+
+@pytest.fixture
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def restart_later(port: int, first: grpc.Server, servers: list[grpc.Server]) -> threading.Thread:
+    def restart() -> None:
+        first.stop(0)
+        time.sleep(DOWN_SECONDS)
+        servers.append(serve(port, Jobs("JOB_STATUS_SUCCEEDED", drop=False)))
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_watch_reconnects_across_a_restart(port):
+    servers = [serve(port, Jobs("JOB_STATUS_RUNNING", drop=True))]
+    try:
+        with TandemClient(f"127.0.0.1:{port}", max_backoff_seconds=0.5) as client:
+            seen = []
+            for job in client.watch_finetune_job("ftjob-x"):
+                seen.append(job.status)
+                if len(seen) == 1:
+                    restart_later(port, servers[0], servers)
+        assert seen[0] == "running" and seen[-1] == "succeeded"
+    finally:
+        for server in servers:
+            server.stop(0)
+
+
+def test_an_async_watch_reconnects_across_a_restart(port):
+    servers = [serve(port, Jobs("JOB_STATUS_RUNNING", drop=True))]
+
+    async def watch() -> list[str]:
+        seen = []
+        async with AsyncTandemClient(f"127.0.0.1:{port}", max_backoff_seconds=0.5) as client:
+            async for job in client.watch_finetune_job("ftjob-x"):
+                seen.append(job.status)
+                if len(seen) == 1:
+                    restart_later(port, servers[0], servers)
+        return seen
+
+    try:
+        seen = asyncio.run(watch())
+        assert seen[0] == "running" and seen[-1] == "succeeded"
+    finally:
+        for server in servers:
+            server.stop(0)
+
+
+def test_a_watch_gives_up_reconnect_seconds_after_its_last_response(port):
+    server = serve(port, Jobs("JOB_STATUS_RUNNING", drop=True))
+    with TandemClient(f"127.0.0.1:{port}", reconnect_seconds=1.0) as client:
+        watch = client.watch_finetune_job("ftjob-x")
+        next(watch)
+        server.stop(0)
+        started = time.monotonic()
+        with pytest.raises(TandemRpcError) as caught:
+            for _ in watch:
+                pass
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 3
