@@ -7,12 +7,17 @@ once the model has loaded). Each Metrics owns its registries (no process-global 
 tests can run many servers.
 """
 
+import socket
+import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Iterator, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -248,8 +253,22 @@ class Metrics:
             self.request_decode_time.observe(call.last_token - call.first_token)
 
     def serve(self, host: str, port: int) -> int:
-        """Starts the /metrics HTTP endpoint in a thread; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Starts the /metrics HTTP endpoint in a thread; returns the bound port. It always
+        answers in Prometheus' text format: asked for OpenMetrics (Prometheus 2's first
+        choice), prometheus_client escapes the ':' of every sample's name but not of its
+        TYPE line, and every tandem:* series is stored as tandem_* (dashboards, the HPA's
+        adapter and alerts then find nothing)."""
+        app = make_wsgi_app(self.registry)
+
+        def text_format(environ: dict, start_response: Callable) -> Iterable[bytes]:
+            environ["HTTP_ACCEPT"] = "text/plain; version=0.0.4"
+            return app(environ, start_response)
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._http = make_server(host, port, text_format, Server, handler_class=_Quiet)
+        threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()
         return self._http.server_port
 
     def close(self) -> None:
@@ -257,3 +276,10 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _Quiet(WSGIRequestHandler):
+    """Scrapes every few seconds are no news: the access log stays off."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

@@ -69,6 +69,17 @@ def test_every_series_carries_model_name(after_known_requests, metrics_server):
     assert unlabelled == set()
 
 
+def test_a_scrape_asking_for_openmetrics_gets_the_same_names(after_known_requests, metrics_server):
+    """Prometheus 2 asks for OpenMetrics first; in it prometheus_client wrote every sample as
+    tandem_* under a TYPE line of tandem:*, so no tandem:* series was stored."""
+    accept = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+    request = urllib.request.Request(f"http://127.0.0.1:{metrics_server.server.metrics_port}/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        text = reply.read().decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert "tandem:num_requests_waiting" in names and not any(n.startswith("tandem_") for n in names)
+
+
 def test_finished_reasons_and_calls(after_known_requests):
     s = after_known_requests
     assert {labels["finished_reason"]: v for labels, v in s["tandem:request_success_total"]} == {"length": 1, "stop": 1, "abort": 1}
