@@ -10,6 +10,9 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FINETUNE_MODES = ("coserve", "timeslice")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# gRPC's message size options are C ints.
+MAX_MESSAGE_BYTES = 2**31 - 1
 
 
 @dataclass
@@ -100,8 +103,9 @@ class EngineConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        for name in ("max_model_len", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.finetune_mode not in FINETUNE_MODES:
             raise ValueError(f"finetune_mode must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune_mode!r}")
         if not self.adapter_refresh_seconds >= 0:
@@ -116,6 +120,8 @@ class EngineConfig:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} asked for, but this torch has no CUDA or sees no GPU: use --device cpu or auto")
         return torch.device(self.device)
 
     def resolve_dtype(self) -> torch.dtype:
@@ -170,9 +176,11 @@ class ServerConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
-        if self.max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
-        if self.drain_grace_seconds < 0:
+        if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must be in [1, {MAX_MESSAGE_BYTES}] (gRPC's limit), got {self.max_message_bytes}")
+        if not self.drain_grace_seconds >= 0:
             raise ValueError(f"drain_grace_seconds must be >= 0, got {self.drain_grace_seconds}")
         if self.log_format not in ("json", "text"):
             raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

@@ -43,6 +43,10 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
         log.error("cannot load the model: %s", exc)
         await server.drain(grace=0)
         return 1
+    except Exception:  # out of memory for the KV cache, a library's own error: still a clean stop
+        log.exception("cannot load the model")
+        await server.drain(grace=0)
+        return 1
     with frozen_heap():
         engine.start()
         await server.attach_engine(engine)

@@ -4,8 +4,10 @@ import io
 import json
 
 import pytest
+import torch
 
 from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name, main
+from tandem.server.config import EngineConfig
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -87,3 +89,26 @@ def test_the_adapter_cache_prefault_switch_reads_words_from_the_flag_or_its_twin
         monkeypatch.setenv("TANDEM_ADAPTER_CACHE_PREFAULT", env)
     assert build_parser().parse_args(["serve", *argv]).adapter_cache_prefault is expected
 
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--num-threads", "-1", "num_threads must be positive, got -1"),
+        ("--num-threads", "0", "num_threads must be positive, got 0"),
+        ("--log-level", "verbose", "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'"),
+        ("--max-message-bytes", "3000000000", "max_message_bytes must be in [1, 2147483647] (gRPC's limit), got 3000000000"),
+        ("--drain-grace-seconds", "nan", "drain_grace_seconds must be >= 0, got nan"),
+    ],
+)
+def test_a_serve_value_that_cannot_work_exits_2_before_anything_starts(capsys, flag, value, message):
+    """Each was accepted and then crashed with a traceback after "listening", or (a NaN
+    grace) aborted every generation in flight at the first SIGTERM."""
+    assert main(["serve", flag, value]) == 2
+    assert capsys.readouterr().err == f"tandem serve: error: {message}\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a host without CUDA")
+def test_cuda_asked_for_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="device cuda asked for, but this torch has no CUDA or sees no GPU: use --device cpu or auto"):
+        EngineConfig(device="cuda").resolve_device()
