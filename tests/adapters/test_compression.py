@@ -210,6 +210,16 @@ def test_mask_bits_past_a_tensors_end_repeated_keys_before_version_3_and_codes_o
         parse_compressed(save(tensors, metadata | {"tensors": json.dumps([["k", 2, 8, 8], ["k", 8, 2, 8]])}))
 
 
+@pytest.mark.parametrize("scale", [-1e38, -1.0, float("nan"), float("inf")])
+def test_a_scale_that_is_not_a_finite_magnitude_is_refused(scale):
+    """A negative scale made the bound on the tensor's entries negative, so an adapter that
+    unpacks to NaN passed the overflow check (and served NaN)."""
+    tensors, metadata = parse_safetensors_parts(compressed_files({}, {"k": torch.randn(2, 8)}, 0.5)[WEIGHTS_FILE])
+    tensors["scales"][0] = scale
+    with pytest.raises(ValueError, match=r"^it lists 2 tensors but holds 2 finite, non-negative scales$"):
+        parse_compressed(save(tensors, metadata))
+
+
 def parse_safetensors_parts(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A safetensors file's tensors and metadata, to damage and save again."""
     return load(data), json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]

@@ -184,3 +184,9 @@ def test_bad_merges_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer
     with pytest.raises(error, match=message):
         registry.merge("out", spec)
     assert not (merge_dir / "out").exists()
+
+
+def test_breadcrumbs_takes_gamma_at_one_minus_density_as_grpc_carries_them():
+    """Both arrive as float32: gamma 0.4 with density 0.6 lands 3e-8 past 1 - density."""
+    density, gamma = (float(np.float32(v)) for v in (0.6, 0.4))
+    MergeSpec(("m0", "m1"), (), "breadcrumbs", density=density, gamma=gamma).check(max_rank=8)

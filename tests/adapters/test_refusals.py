@@ -50,6 +50,9 @@ def test_a_good_adapter_is_read(tiny_hf_model, base, root):
     assert len(adapter.content_hash) == 64
 
 
+VARIANT = "a LoRA variant whose forward pass differs from plain LoRA's: Tandem serves plain LoRA (with rsLoRA and rank or alpha patterns)"
+
+
 @pytest.mark.parametrize(
     "options, reason",
     [
@@ -60,8 +63,10 @@ def test_a_good_adapter_is_read(tiny_hf_model, base, root):
         ),
         (dict(bias="all"), "adapter 'x' trains biases (bias='all'), which Tandem does not serve"),
         (dict(bias="lora_only"), "adapter 'x' trains biases (bias='lora_only'), which Tandem does not serve"),
+        (dict(alora_invocation_tokens=[300, 42]), f"adapter 'x' sets alora_invocation_tokens, {VARIANT}"),
+        (dict(lora_bias=True), f"adapter 'x' sets lora_bias, {VARIANT}"),
     ],
-    ids=["dora", "modules_to_save", "bias-all", "bias-lora_only"],
+    ids=["dora", "modules_to_save", "bias-all", "bias-lora_only", "activated-lora", "lora-bias"],
 )
 def test_config_refusals(tiny_hf_model, base, tmp_path, options, reason):
     path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, **options)

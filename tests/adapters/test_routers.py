@@ -234,6 +234,8 @@ def write_gates(root: Path, name: str, gates: dict[str, torch.Tensor]) -> None:
          "gates layer 5; the base model has 2 layers"),
         (lambda m, d: write(d, "r", ["e0", "mix"], random_gates(m, 2, 0)), FailedPrecondition, "'mix', a router"),
         (lambda m, d: write(d, "r", ["e0", "e1"], random_gates(m, 2, 0), top_k=3), IncompatibleAdapter, "top_k 3"),
+        (lambda m, d: write(d, "r", ["e0", "e1"], random_gates(m, 2, 0), temperature=1e-40), IncompatibleAdapter,
+         "has temperature 1e-40; it must be a finite number of at least 0.0001"),
         (lambda m, d: write(d, "r", ["e0", "e1", "e2"], random_gates(m, 3, 0)), FailedPrecondition,
          "mixes 3 experts, more than the server's 2 adapter slots"),
         (lambda m, d: (d / "r").mkdir() or (d / "r" / CONFIG_FILE).write_text("{}"), IncompatibleAdapter,
@@ -241,7 +243,7 @@ def write_gates(root: Path, name: str, gates: dict[str, torch.Tensor]) -> None:
         (lambda m, d: write_gates(d, "r", {f"layers.{'9' * 5000}.qkv.weight": torch.randn(2, 64)}), IncompatibleAdapter,
          "has an unexpected tensor 'layers.999"),
     ],
-    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "slots", "no-gates",
+    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "tiny-temperature", "slots", "no-gates",
          "layer-of-5000-digits"],
 )
 def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, make, error, message):

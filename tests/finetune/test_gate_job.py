@@ -87,3 +87,6 @@ def test_the_api_request_carries_the_router_spec():
     assert job_request(finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}")).router is None
     with pytest.raises(InvalidRequest, match="router.top_k must lie in"):
         job_request(finetuning_pb2.CreateJobRequest(adapter="r", router=finetuning_pb2.RouterTraining(experts=["a"], top_k=3)))
+    # 1 / 1e-40 is inf in float32: every routed token's mixture would be NaN.
+    with pytest.raises(InvalidRequest, match=r"^router.temperature must be a finite number >= 0.0001, got 1e-40$"):
+        RouterSpec(("a", "b"), temperature=1e-40)

@@ -348,8 +348,10 @@ def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
         if tensors[part].dtype != dtype or tensors[part].dim() != 1:
             raise ValueError(f"its {part} must be a 1-d {str(dtype).removeprefix('torch.')} tensor")
     masks, signs, scales = tensors["masks"], tensors["signs"], tensors["scales"]
-    if scales.numel() != len(listing.kept) or not torch.isfinite(scales).all():
-        raise ValueError(f"it lists {len(listing.kept)} tensors but holds {scales.numel()} finite scales")
+    # Magnitudes (the signs are their own array): a negative one made the bound on every
+    # entry, a sum of scales, negative or zero, and an overflow to NaN passed the check.
+    if scales.numel() != len(listing.kept) or not (torch.isfinite(scales) & (scales >= 0)).all():
+        raise ValueError(f"it lists {len(listing.kept)} tensors but holds {scales.numel()} finite, non-negative scales")
     packed = PackedAdapter(listing, masks, signs, scales, _seed(metadata))
     _check_bits(packed)
     return packed.tensors()

@@ -38,6 +38,13 @@ MAX_DIMENSION = 1 << 40
 # Bytes read per system call, each hashed at once while it is still in the CPU's cache.
 READ_PIECE_BYTES = 1 << 20
 WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT LoraConfig fields that, when set, change what the adapter computes at inference:
+# activated LoRA (only from invocation tokens on), a bias in B, replicated layers, trained
+# embedding rows, LoRA on raw parameters, and the routing or decomposition variants.
+FORWARD_VARIANTS = (
+    "alora_invocation_tokens", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
+    "arrow_config", "kasa_config", "use_bdlora", "monteclora_config",
+)
 # The safetensors metadata entry of a weights file that records its trainer's init seed.
 A_INIT_SEED_KEY = "tandem.lora_a_init_seed"
 
@@ -401,6 +408,12 @@ def _check_config(name: str, config: dict) -> None:
         raise IncompatibleAdapter(f"adapter {name!r} is a {kind} adapter; only LoRA is served")
     if config.get("use_dora"):
         raise IncompatibleAdapter(f"adapter {name!r} uses DoRA, which Tandem does not serve")
+    variants = [field for field in FORWARD_VARIANTS if config.get(field)]
+    if variants:
+        raise IncompatibleAdapter(
+            f"adapter {name!r} sets {', '.join(variants)}, a LoRA variant whose forward pass differs from plain LoRA's: "
+            "Tandem serves plain LoRA (with rsLoRA and rank or alpha patterns)"
+        )
     if config.get("modules_to_save"):
         raise IncompatibleAdapter(
             f"adapter {name!r} has modules_to_save {_shown(config['modules_to_save'])}: full-weight modules are not served"

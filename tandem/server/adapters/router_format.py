@@ -46,6 +46,9 @@ VERSION = 1
 DEFAULT_TOP_K = 2
 # At most 9 digits: int() refuses thousands (a ValueError, an INTERNAL), and no model has a
 # billion layers.
+# The least temperature: gate logits are multiplied by 1 / temperature in float32, and at
+# 1e-40 that is inf, every routed token's mixture NaN. At 1e-4 routing is already top-1.
+MIN_TEMPERATURE = 1e-4
 _GATE_KEY = re.compile(r"layers\.(?P<layer>\d{1,9})\.(?P<group>qkv|o|gate_up|down)\.weight")
 
 
@@ -129,9 +132,11 @@ def _check_config(name: str, config: dict) -> tuple[tuple[str, ...], int, float]
         raise IncompatibleAdapter(f"router {name!r} has top_k {_shown(top_k)}; it must lie in [1, {len(experts)}] (its experts)")
     temperature = config.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
-        math.isfinite(temperature) and temperature > 0
+        math.isfinite(temperature) and temperature >= MIN_TEMPERATURE
     ):
-        raise IncompatibleAdapter(f"router {name!r} has temperature {_shown(temperature)}; it must be a positive number")
+        raise IncompatibleAdapter(
+            f"router {name!r} has temperature {_shown(temperature)}; it must be a finite number of at least {MIN_TEMPERATURE:g}"
+        )
     return tuple(experts), top_k, float(temperature)
 
 

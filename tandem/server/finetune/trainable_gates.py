@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tandem.server.adapters.peft_format import LoRAAdapter
-from tandem.server.adapters.router_format import DEFAULT_TOP_K, gate_key, gates_of, router_config, router_files
+from tandem.server.adapters.router_format import DEFAULT_TOP_K, MIN_TEMPERATURE, gate_key, gates_of, router_config, router_files
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.iteration import TrainingSequence, TrainingWork
 from tandem.server.errors import InvalidRequest, excerpt
@@ -46,8 +46,8 @@ class RouterSpec:
             raise InvalidRequest(f"router.experts must be distinct adapter names, at least one, got {excerpt(list(self.experts), 200)}")
         if not 1 <= self.top_k <= len(self.experts):
             raise InvalidRequest(f"router.top_k must lie in [1, {len(self.experts)}] (the experts), got {self.top_k}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise InvalidRequest(f"router.temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
+            raise InvalidRequest(f"router.temperature must be a finite number >= {MIN_TEMPERATURE:g}, got {self.temperature}")
         if not (math.isfinite(self.routing_loss_weight) and self.routing_loss_weight >= 0):
             raise InvalidRequest(f"router.routing_loss_weight must be a finite number >= 0, got {self.routing_loss_weight}")
 
