@@ -229,3 +229,34 @@ def test_a_corrupt_adapter_fails_alone(tiny_hf_model, smollm2_tokenizer, tmp_pat
     assert [a.name for a in engine.registry.list()] == ["good"]
     assert generate("good") == good and generate(None) == plain
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"target_modules": ["q_proj", "v_proj"]},
+         "adapter 'x' has weights for 'model.layers.0.self_attn.k_proj', which its config does not target "
+         "(target_modules ['q_proj', 'v_proj']): peft would not load them"),
+        ({"target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"], "layers_to_transform": [0], "layers_pattern": "layers"},
+         "adapter 'x' has weights for 'model.layers.1.self_attn.k_proj', which its config does not target "
+         "(target_modules ['k_proj', 'o_proj', 'q_proj', 'v_proj'], layers_to_transform [0]): peft would not load them"),
+        ({"target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"], "exclude_modules": r".*\.1\.self_attn\.o_proj"},
+         "adapter 'x' has weights for 'model.layers.1.self_attn.o_proj', which its config does not target "
+         r"(target_modules ['k_proj', 'o_proj', 'q_proj', 'v_proj'], exclude_modules '.*\\.1\\.self_attn\\.o_proj'): peft would not load them"),
+        ({"layers_to_transform": "all"}, "adapter 'x' has layers_to_transform 'all'; it must be a layer index or a list of them"),
+    ],
+    ids=["target-modules", "layers-to-transform", "exclude-modules", "layers-not-indices"],
+)
+def test_weights_the_config_does_not_target_are_refused(tiny_hf_model, base, tmp_path, fields, reason):
+    """peft loads only what the config targets and ignores the file's other tensors: serving
+    them made logits up to 4.5 away from peft's."""
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4)
+    edit_config(path, **fields)
+    assert refusal(IncompatibleAdapter, "x", path, base) == reason
+
+
+def test_an_adapter_peft_made_for_some_layers_and_not_others_is_read(tiny_hf_model, base, tmp_path):
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                        layers_pattern="layers", exclude_modules=["model.layers.1.self_attn.v_proj"])
+    adapter = read_adapter("x", path, base, MAX_RANK)
+    assert sorted(adapter.groups) == [(1, "qkv")] and adapter.targets == ["q_proj"]

@@ -106,7 +106,7 @@ def test_deeply_nested_json_is_refused(adapter, base, template):
         (dict(r=0), "has r 0; a LoRA rank is an integer of at least 1"),
         (dict(r=-4), "has r -4; a LoRA rank is an integer of at least 1"),
         (dict(r=4.5), "has r 4.5; a LoRA rank is an integer of at least 1"),
-        (dict(r=[4]), "has r an array; a LoRA rank is an integer of at least 1"),
+        (dict(r=[4]), "has r [4]; a LoRA rank is an integer of at least 1"),
         (dict(lora_alpha={"q": 1}), f"has lora_alpha an object for {Q}; it must be a finite number"),
         (dict(lora_alpha="x" * 100), f"has lora_alpha a string for {Q}; it must be a finite number"),
         (dict(alpha_pattern=["q_proj"]), "has alpha_pattern ['q_proj']; it must be an object of at most 1024 pattern keys"),

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -199,6 +199,7 @@ def adapter_of_modules(
     magnitude: the largest |value| of every A and B, when one pass over the file found it
     (NaN if any is NaN): a module's own pass is needed only where that bound, scaled, could
     overflow slot_dtype or is not finite (then it finds the module to name)."""
+    check_targeted(name, config, modules)
     alphas = _alpha_patterns(config)
     # Looked up once per read, not per module (an adapter has ~200 modules).
     shapes, num_layers, limit = linear_shapes(model), len(model.layers), torch.finfo(slot_dtype).max
@@ -381,7 +382,7 @@ def _json_type(value: object) -> str:
 def _shown(value: object) -> str:
     """A file's value as an error message may show it: short names and numbers as written,
     anything else only by its JSON type (messages must not carry a file's contents)."""
-    plain = isinstance(value, (str, int, float)) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    plain = isinstance(value, (str, int, float)) or (isinstance(value, list) and all(isinstance(v, (str, int)) for v in value))
     text = repr(value) if plain else ""
     return text if 0 < len(text) <= 64 else _json_type(value)
 
@@ -431,6 +432,14 @@ def _is_rank(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 def _check_patterns(name: str, config: dict) -> None:
     """PEFT's regexes (alpha_pattern and rank_pattern keys, a string target_modules) must be
     simple (server/adapters/patterns.py): a pathological one would hold the GIL for hours."""
@@ -447,8 +456,17 @@ def _check_patterns(name: str, config: dict) -> None:
         raise IncompatibleAdapter(
             f"adapter {name!r} has rank_pattern key {_shown(bad_ranks[0])} with a rank that is not an integer of at least 1"
         )
-    if isinstance(config.get("target_modules"), str):
-        patterns.append(("target_modules", config["target_modules"]))
+    for field in ("target_modules", "exclude_modules", "layers_pattern"):
+        value = config.get(field)
+        if value is not None and not _is_names(value):
+            raise IncompatibleAdapter(f"adapter {name!r} has {field} {_shown(value)}; it must be a string (a regex) or a list of names")
+        if field == "layers_pattern" and isinstance(value, list):
+            patterns += [(field, p) for p in value]
+        elif isinstance(value, str):
+            patterns.append((field, value))
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))):
+        raise IncompatibleAdapter(f"adapter {name!r} has layers_to_transform {_shown(layers)}; it must be a layer index or a list of them")
     choices = 0
     for field, pattern in patterns:
         try:
@@ -482,6 +500,51 @@ def pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple
             raise IncompatibleAdapter(f"adapter {name!r} has lora_A without lora_B (or the reverse) for {excerpt(module)}")
         pairs[module] = (ab["A"], ab["B"])
     return pairs
+
+
+def check_targeted(name: str, config: dict, modules: Iterable[str]) -> None:
+    """Refuse weights for a module the config does not target: peft builds LoRA layers only
+    where target_modules, layers_to_transform and exclude_modules say, and ignores any other
+    tensor of the file, so serving it would not be the adapter peft serves. (Without
+    target_modules peft picks the model type's defaults; such a config is taken as it is.)"""
+    if config.get("target_modules") is None:
+        return
+    for module in modules:
+        if not _targeted(config, module):
+            fields = {f: config[f] for f in ("target_modules", "layers_to_transform", "exclude_modules") if config.get(f) is not None}
+            raise IncompatibleAdapter(
+                f"adapter {name!r} has weights for {excerpt(module)}, which its config does not target "
+                f"({', '.join(f'{f} {_shown(v)}' for f, v in fields.items())}): peft would not load them"
+            )
+
+
+def _targeted(config: dict, module: str) -> bool:
+    """peft's rule (check_target_module_exists and the exclusions): a string is a regex the
+    whole module path must match, a list names modules by their dotted suffix; a layer index
+    in layers_to_transform (found after layers_pattern, or after any path component)."""
+    if _names_module(config.get("exclude_modules"), module):
+        return False
+    targets = config["target_modules"]
+    if targets != "all-linear" and not _names_module(targets, module):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return True
+    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    found = next((m for m in (re.match(rf".*\.{p}\.(\d+)\.", module) for p in patterns) if m), None)
+    if found is None:
+        return False
+    index = int(found.group(1))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _names_module(names: str | list | None, module: str) -> bool:
+    if not names:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return module in names or any(module.endswith(f".{n}") for n in names)
 
 
 def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
