@@ -1,5 +1,5 @@
 """The regexes an adapter config may hold (PEFT's alpha_pattern / rank_pattern keys, a string
-target_modules), kept to a simple subset so that matching them cannot backtrack for long.
+target_modules or exclude_modules, layers_pattern), kept to a simple subset so that matching them cannot backtrack for long.
 
 Python's re backtracks: `(a+)+$` takes hours on a 40-character module name, and the matching
 holds the GIL. A simple pattern is what PEFT users write: literal names, dotted paths, `.`,
