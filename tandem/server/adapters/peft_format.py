@@ -442,8 +442,8 @@ def _is_names(value: object) -> bool:
 
 def _check_patterns(name: str, config: dict) -> None:
     """PEFT's regexes (alpha_pattern and rank_pattern keys, a string target_modules or
-    exclude_modules, layers_pattern) must be
-    simple (server/adapters/patterns.py): a pathological one would hold the GIL for hours."""
+    exclude_modules, layers_pattern) must be simple (server/adapters/patterns.py): a
+    pathological one would hold the GIL for hours."""
     patterns = []
     for field in ("alpha_pattern", "rank_pattern"):
         given = config.get(field) or {}
