@@ -1,7 +1,8 @@
 """The one place configuration lives.
 
 Every knob of the process is a field here. The CLI (server/cli.py) builds these objects
-from flags and their `TANDEM_*` environment twins; nothing else reads the environment.
+from flags and their `TANDEM_*` environment twins; besides it only the native kernels' build
+(tandem/kernels/native_build.py: TANDEM_CACHE_DIR, TANDEM_NATIVE_*) reads the environment.
 """
 
 from dataclasses import dataclass

@@ -96,6 +96,15 @@ def test_prompt_logprobs_extension(oai, base_model):
     assert all(1 <= len(entry) <= 2 for entry in prompt_logprobs[1:])
 
 
+def test_prompt_logprobs_on_chat_beside_the_choices_and_refused_when_streamed(oai, base_model):
+    """They were accepted and dropped: a 200 without them."""
+    body = oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 1})
+    prompt_logprobs = body.model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == body.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs is not served on streamed chat completions"):
+        oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1})
+
+
 def test_adapter_as_model(oai, grpc_client, base_model):
     models = oai.models.list().data
     assert [(m.id, m.model_extra["parent"]) for m in models] == [(base_model, None), (ADAPTER, base_model)]

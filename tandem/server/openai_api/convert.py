@@ -63,6 +63,8 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
         raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true")
+    if body.stream and body.prompt_logprobs is not None:
+        raise InvalidRequest("prompt_logprobs is not served on streamed chat completions: set stream to false")
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _params(body, DEFAULT_CHAT_TOKENS if given is None else given, logprobs)

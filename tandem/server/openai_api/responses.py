@@ -190,4 +190,8 @@ class ChatRenderer(CompletionRenderer):
             }
             for i in range(self.n)
         ]
-        return {**self.base, "object": "chat.completion", "choices": items, "usage": choices.usage()}
+        reply = {**self.base, "object": "chat.completion", "choices": items, "usage": choices.usage()}
+        prompt = prompt_logprobs(choices.prompt_logprobs, texts)
+        if prompt is not None:  # vLLM's place for them in a chat completion: beside the choices
+            reply["prompt_logprobs"] = prompt
+        return reply
