@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from tandem.client import TandemClient, TandemRpcError
-from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, loopback, wait_until
+from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,3 +111,30 @@ def test_serve_drains_on_sigterm_and_exits_0(tiny_model_dir):
             logged.append(json.loads(line))
     requests = [entry for entry in logged if entry.get("msg") == "request"]
     assert any(r["method"] == "GenerateStream" and r["status"] == "OK" and r["generated_tokens"] == 200 for r in requests)
+
+
+def test_an_engine_thread_that_dies_fails_its_streams_and_takes_the_replica_out(tiny_model_dir):
+    """Every stream ends UNAVAILABLE (they hung on a thread that was gone), new calls are
+    refused, and liveness goes off so the orchestrator restarts the process (readiness had
+    stayed SERVING)."""
+    engine = start_engine(tiny_model_dir)
+    thread = ServerThread(loopback(), engine)
+    try:
+        with TandemClient(thread.target, max_retries=0, timeout=30) as client:
+            stream = client.stream("Once upon a time", max_new_tokens=300, ignore_eos=True)
+            next(stream)
+
+            def broken() -> bool:
+                raise RuntimeError("a bug outside any step")
+
+            engine.engine.has_work = broken
+            with pytest.raises(TandemRpcError) as info:
+                list(stream)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "engine stopped on an internal error" in info.value.message
+            with pytest.raises(TandemRpcError) as info:
+                client.generate("hi", max_new_tokens=1)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "must be restarted" in info.value.message
+            assert wait_until(lambda: client.health() == "NOT_SERVING") and client.health(READY) == "NOT_SERVING"
+    finally:
+        thread.stop()
+        engine.shutdown()

@@ -47,13 +47,22 @@ class ServingState:
             await self._health.set(service, NOT_SERVING)
 
     async def attach(self, engine: "AsyncEngine") -> None:
-        """Makes a started engine (and its adapter registry, if any) available; readiness on."""
+        """Makes a started engine (and its adapter registry, if any) available; readiness on,
+        until the engine thread stops on an error (then liveness goes off too)."""
         self._engine = engine
+        loop = asyncio.get_running_loop()
+        engine.on_failure = lambda: asyncio.run_coroutine_threadsafe(self._mark_failed(), loop)
         if engine.engine.registry is not None:
             self.catalog = engine.engine.registry
         if not self._draining:
             for service in self._services:
                 await self._health.set(service, SERVING)
+
+    async def _mark_failed(self) -> None:
+        """Liveness and readiness NOT_SERVING: the process is up but cannot serve, so the
+        orchestrator restarts it."""
+        for service in ("", *self._services):
+            await self._health.set(service, NOT_SERVING)
 
     async def begin_drain(self) -> None:
         """Readiness off and new work refused; calls already admitted keep running."""
@@ -92,6 +101,8 @@ class ServingState:
             raise Unavailable("the server is shutting down: retry on another replica")
         if self._engine is None:
             raise Unavailable("the model is still loading: retry in a few seconds")
+        if self._engine.failure is not None:
+            raise Unavailable("this replica's engine stopped on an internal error and must be restarted: retry on another replica")
         record = current_call()
         self._in_flight[id(record)] = record
         self._idle.clear()

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from tandem.server.adapters.mixture import Mixture
@@ -137,6 +137,11 @@ class AsyncEngine:
         self._pending: list[tuple[_Stream, RequestOutput | Exception]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # What stopped the engine thread, if an error escaped it; then nothing is served.
+        self.failure: Exception | None = None
+        # Called (on the engine thread) when it stops on such an error: readiness and
+        # liveness go off, so the replica leaves the load balancer and is restarted.
+        self.on_failure: Callable[[], None] | None = None
         # Time-sliced training waits until then while inference has work (timeslice_share).
         self._training_due = 0.0
         self.jobs: JobManager | None = None
@@ -222,6 +227,7 @@ class AsyncEngine:
         mixture: (adapter, weight) pairs served as one weighted sum, instead of adapter."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
+        self._check_alive()
         if adapter and mixture:
             raise InvalidRequest("name one adapter or a mixture of adapters, not both")
         lora = None
@@ -239,6 +245,7 @@ class AsyncEngine:
         self.engine.validate(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
+            self._check_alive()  # under the lock: a failure after it still finds this stream
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             self.engine.check_capacity(len(self._streams))
@@ -263,7 +270,31 @@ class AsyncEngine:
         self._inbox.put(_Abort(request_id))
         self._wake.set()
 
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise Unavailable(
+                "this replica's engine stopped on an internal error (its log has the trace) and must be restarted: "
+                "retry on another replica"
+            )
+
     def _loop(self) -> None:
+        """The engine thread. An error that escapes an iteration (the per-step and per-job
+        handlers catch their own) stops it: every stream ends with UNAVAILABLE and new calls
+        are refused, rather than waiting forever on a thread that is gone."""
+        try:
+            self._serve()
+        except Exception as exc:
+            log.exception("the engine thread stopped on an internal error; this replica can no longer generate")
+            with self._lock:
+                self.failure = exc
+                streams = list(self._streams)
+            for request_id in streams:
+                self._deliver(request_id, Unavailable(f"this replica's engine stopped on an internal error ({type(exc).__name__}): retry on another replica"))
+            self._flush()
+            if self.on_failure is not None:
+                self.on_failure()
+
+    def _serve(self) -> None:
         if self.engine.device.type == "cuda":
             use_device(self.engine.device)
         while not self._stopping:
