@@ -5,6 +5,7 @@ status codes."""
 import asyncio
 import json
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from functools import partial
@@ -181,3 +182,20 @@ def test_a_coserved_job_shows_in_the_metrics(ft_client, ft_server):
     assert re.search(r'^tandem:finetune_activation_bytes\{model_name="[^"]*"\} 0\.0$', text, re.M)  # nothing held after
     assert re.search(r'^tandem:finetune_jobs\{model_name="[^"]*",state="succeeded"\} [1-9]', text, re.M)
     assert re.search(r'^tandem:finetune_tokens_total\{model_name="[^"]*"\} [1-9]', text, re.M)
+
+
+def test_a_watch_does_not_hold_up_a_drain(ft_engine):
+    """A watch lasts as long as its job: counted as work in flight, it made every drain run
+    out its grace (30 s by default) and then some."""
+    thread = ServerThread(loopback(), ft_engine)
+    try:
+        with TandemClient(thread.target, timeout=60) as client:
+            job = client.create_finetune_job("watched", training_data=LINES, hyperparameters=ENDLESS)
+            watch = client.watch_finetune_job(job.id)
+            next(watch)
+            started = time.monotonic()
+            assert thread.submit(thread.server.drain(grace=20)).result(30) is True
+            assert time.monotonic() - started < 5
+    finally:
+        ft_engine.jobs.cancel(job.id)
+        thread.close()

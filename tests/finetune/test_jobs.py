@@ -23,6 +23,7 @@ from tandem.server.engine.async_engine import AsyncEngine
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound
 from tandem.server.finetune.job import Job, JobStatus
+from tandem.server.finetune import jobs as jobs_module
 from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainer import Hyperparameters
 from tandem.server.model.lora_targets import group_linears
@@ -396,3 +397,34 @@ def test_time_sliced_training_keeps_to_its_share_of_the_engine_while_inference_w
 def test_a_timeslice_share_outside_zero_to_one_is_refused(share):
     with pytest.raises(ValueError, match="timeslice_share must be in"):
         EngineConfig(timeslice_share=share)
+
+
+def test_writing_a_dataset_holds_up_neither_the_engine_thread_nor_other_calls(tiny_model_dir, dirs, monkeypatch):
+    """The write and sync of a dataset (hundreds of MB take a second) ran under the lock that
+    the engine thread takes every iteration and GetJob/ListJobs take on the event loop."""
+    engine = start(tiny_model_dir, dirs)
+    writing, release = threading.Event(), threading.Event()
+    write_file = jobs_module.write_file
+
+    def slow_write(path, data):
+        writing.set()
+        release.wait(10)
+        write_file(path, data)
+
+    monkeypatch.setattr(jobs_module, "write_file", slow_write)
+    try:
+        creating = threading.Thread(target=engine.jobs.create, args=(request(),))
+        creating.start()
+        assert writing.wait(30)
+        started = time.monotonic()
+        engine.jobs.has_work()
+        engine.jobs.list_jobs()
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(AlreadyExists, match="is already being trained by a job being created"):
+            engine.jobs.create(request())
+        release.set()
+        creating.join(30)
+        assert [job.adapter for job in engine.jobs.list_jobs()] == ["tuned"]
+    finally:
+        release.set()
+        engine.shutdown()

@@ -44,20 +44,24 @@ class FineTuningServicer(finetuning_pb2_grpc.FineTuningServiceServicer):
 
     async def CancelJob(self, request: finetuning_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.CancelJobResponse:
         with self._state.admit() as engine:
-            return finetuning_pb2.CancelJobResponse(job=convert.job(_jobs(engine).cancel(request.id)))
+            # Saving the job commits to SQLite with a sync: off the event loop.
+            return finetuning_pb2.CancelJobResponse(job=convert.job(await asyncio.to_thread(_jobs(engine).cancel, request.id)))
 
     async def WatchJob(
         self, request: finetuning_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[finetuning_pb2.WatchJobResponse]:
+        # Admitted to start, not counted while it lasts: a watch is no work a drain should
+        # wait for (it ran out every drain's grace); the server's stop ends it, and clients
+        # reconnect to a replica that serves.
         with self._state.admit() as engine:
             loop = asyncio.get_running_loop()
             updates: asyncio.Queue[Job] = asyncio.Queue()
             stop = _jobs(engine).watch(request.id, lambda job: loop.call_soon_threadsafe(updates.put_nowait, job))
-            try:
-                while True:
-                    job = await updates.get()
-                    yield finetuning_pb2.WatchJobResponse(job=convert.job(job))
-                    if job.status.terminal:
-                        return
-            finally:
-                stop()
+        try:
+            while True:
+                job = await updates.get()
+                yield finetuning_pb2.WatchJobResponse(job=convert.job(job))
+                if job.status.terminal:
+                    return
+        finally:
+            stop()

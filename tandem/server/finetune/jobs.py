@@ -16,6 +16,7 @@ dataset and queued again; it resumes from its newest complete checkpoint.
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -109,6 +110,8 @@ class JobManager:
         self._store = JobStore(self.state_dir)
         self._jobs = {job.id: job for job in self._store.load_all()}
         self._prepared: dict[str, _Prepared] = {}
+        # Adapters whose job is being created (its dataset written): one job per adapter.
+        self._creating: set[str] = set()
         self._watchers: dict[str, list[Callable[[Job], None]]] = {}
         self._running: _Running | None = None
         self._publishing: str | None = None
@@ -155,15 +158,25 @@ class JobManager:
         )
         with self._lock:
             busy = [j for j in self._jobs.values() if j.adapter == job.adapter and not j.status.terminal]
-            if busy:
-                raise AlreadyExists(
-                    f"adapter {job.adapter!r} is already being trained by job {busy[0].id}: wait for it or cancel it"
-                )
+            if busy or job.adapter in self._creating:
+                owner = f"job {busy[0].id}" if busy else "a job being created"
+                raise AlreadyExists(f"adapter {job.adapter!r} is already being trained by {owner}: wait for it or cancel it")
+            self._creating.add(job.adapter)
+        try:
+            # Outside the lock: the engine thread takes it every iteration, and a dataset of
+            # hundreds of MB takes a second to write and sync.
             make_directories(self._job_dir(job.id))
             write_file(self._job_dir(job.id) / DATASET_FILE, data)
-            self._prepared[job.id] = prepared
-            self._jobs[job.id] = job
-            self._store.save(job)
+            with self._lock:
+                self._store.save(job)
+                self._prepared[job.id] = prepared
+                self._jobs[job.id] = job
+        except BaseException:
+            shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
+            raise
+        finally:
+            with self._lock:
+                self._creating.discard(job.adapter)
         log.info("job created", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "total_steps": job.total_steps}})
         self._wake()
         return job
