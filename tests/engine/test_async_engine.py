@@ -9,6 +9,7 @@ from tandem.server.config import EngineConfig
 from tandem.server.engine.async_engine import AsyncEngine
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
+from tests.engine.helpers import make_engine
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,30 @@ def test_held_tokens_reach_the_reader_before_a_failure(tiny_model_dir):
 def test_a_stream_interval_below_one_is_refused():
     with pytest.raises(ValueError, match="stream_interval must be positive"):
         EngineConfig(stream_interval=0)
+
+
+def test_increments_join_into_the_whole_completion():
+    """What a unary Generate returns and what a reader that fell behind receives."""
+    from tandem.server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+
+    def piece(i: int, logprobs: bool) -> RequestOutput:
+        return RequestOutput(
+            "r", f"t{i} ", [i, i + 100], finished=i == 3, finish_reason=FinishReason.LENGTH if i == 3 else None,
+            prompt_tokens=5, generated_tokens=2 * (i + 1), logprobs=[TokenLogprob(i, -1.0)] if logprobs else None,
+            first_scheduled_at=None if i == 0 else 7.0 + i, prompt_logprobs=[TokenLogprob(9, -2.0)] if i == 1 else None,
+        )
+
+    pieces = [piece(i, logprobs=i != 2) for i in range(4)]
+    whole = RequestOutput.joined(pieces)
+    assert (whole.text, whole.token_ids) == ("t0 t1 t2 t3 ", [0, 100, 1, 101, 2, 102, 3, 103])
+    assert [lp.token_id for lp in whole.logprobs] == [0, 1, 3] and whole.top_experts is None
+    assert whole.first_scheduled_at == 8.0 and whole.prompt_logprobs == [TokenLogprob(9, -2.0)]
+    assert (whole.finished, whole.generated_tokens) == (True, 8)
+    assert pieces[0].followed_by(pieces[1]) == RequestOutput.joined(pieces[:2])
+
+
+def test_the_prompts_length_is_checked_before_its_ids(tiny_hf_model, smollm2_tokenizer):
+    """Millions of ids fit a 4 MB message: refused by their count before any is read."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    with pytest.raises(InvalidRequest, match="the context limit is"):
+        engine.validate([10**9] * 100_000, SamplingParams())

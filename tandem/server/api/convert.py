@@ -1,7 +1,7 @@
 """Proto messages ⇄ engine types. Structural checks live here (which of the prompt fields
 is set, roles); value ranges are checked by SamplingParams.validate inside the engine."""
 
-import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tandem import __version__
@@ -43,8 +43,9 @@ def _messages(messages) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def prompt_of(request: GenerationRequest) -> str | list[int] | list[dict[str, str]]:
-    """The engine prompt: text, chat messages, or the given token ids."""
+def prompt_of(request: GenerationRequest) -> str | Sequence[int] | list[dict[str, str]]:
+    """The engine prompt: text, chat messages, or the given token ids (as the message holds
+    them: the engine checks their count before it copies them)."""
     given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(request, name)]
     if len(given) != 1:
         raise InvalidRequest(
@@ -53,7 +54,7 @@ def prompt_of(request: GenerationRequest) -> str | list[int] | list[dict[str, st
     if request.messages:
         return _messages(request.messages)
     if request.prompt_token_ids:
-        return list(request.prompt_token_ids)
+        return request.prompt_token_ids
     return request.prompt
 
 
@@ -130,7 +131,7 @@ def generate_response(
 ) -> generation_pb2.GenerateResponse:
     """Joins the increments of one finished request into the unary answer: completion 0 in
     the top-level fields, and with n > 1 every completion in `completions`."""
-    joined = [functools.reduce(RequestOutput.followed_by, [o for o in outputs if o.index == i]) for i in range(request.n or 1)]
+    joined = [RequestOutput.joined([o for o in outputs if o.index == i]) for i in range(request.n or 1)]
     completions = [_completion(out) for out in joined]
     first = joined[0]
     response = generation_pb2.GenerateResponse(

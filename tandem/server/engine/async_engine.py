@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from tandem.server.adapters.mixture import Mixture
@@ -215,7 +215,7 @@ class AsyncEngine:
 
     async def generate(
         self,
-        prompt: "str | list[int] | list[dict[str, str]]",
+        prompt: "str | Sequence[int] | list[dict[str, str]]",
         params: SamplingParams,
         request_id: str,
         adapter: str | None = None,
@@ -241,8 +241,9 @@ class AsyncEngine:
             else:
                 lora = await asyncio.to_thread(self.engine.registry.get, adapter)
         is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
-        prompt_ids = await self.encode(prompt) if is_text else list(prompt)
+        prompt_ids = await self.encode(prompt) if is_text else prompt
         self.engine.validate(prompt_ids, params)
+        prompt_ids = list(prompt_ids)  # token ids as given may be a protobuf container: copied once checked
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             self._check_alive()  # under the lock: a failure after it still finds this stream

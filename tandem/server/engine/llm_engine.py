@@ -5,6 +5,7 @@ It is not thread-safe; AsyncEngine drives it from a single thread.
 """
 
 import time
+from collections.abc import Sequence as Ids
 
 import torch
 
@@ -124,12 +125,13 @@ class Engine:
         with load_phase("engine", kv_cache_bytes=config.kv_cache_bytes):
             return cls(loaded, config)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise InvalidRequest for anything this request could never run with."""
+    def validate(self, prompt_ids: Ids[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest for anything this request could never run with. The length
+        first: a message of millions of ids is refused before any of them is read."""
         vocab = self.info.vocab_size
+        params.validate(len(prompt_ids), self.max_model_len, vocab)
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
-        params.validate(len(prompt_ids), self.max_model_len, vocab)
 
     @property
     def capacity(self) -> int:

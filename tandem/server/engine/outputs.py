@@ -1,5 +1,6 @@
 """What the engine streams back for each request."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -49,20 +50,29 @@ class RequestOutput:
 
     def followed_by(self, later: "RequestOutput") -> "RequestOutput":
         """This increment and a later one of the same completion as one increment: what a
-        reader that fell behind receives, and how a whole completion is joined."""
+        reader that fell behind receives."""
+        return RequestOutput.joined([self, later])
+
+    @staticmethod
+    def joined(increments: Sequence["RequestOutput"]) -> "RequestOutput":
+        """Consecutive increments of one completion as one, in one pass (joining them pair by
+        pair copied the growing lists at every step: 0.2 s for 8000 tokens with logprobs)."""
+        def first_of(name: str) -> object:
+            return next((value for o in increments if (value := getattr(o, name)) is not None), None)
+
         return replace(
-            later,
-            text=self.text + later.text,
-            token_ids=self.token_ids + later.token_ids,
-            logprobs=_joined(self.logprobs, later.logprobs),
-            top_experts=_joined(self.top_experts, later.top_experts),
-            first_scheduled_at=self.first_scheduled_at if self.first_scheduled_at is not None else later.first_scheduled_at,
-            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            increments[-1],
+            text="".join(o.text for o in increments),
+            token_ids=[t for o in increments for t in o.token_ids],
+            logprobs=_joined([o.logprobs for o in increments]),
+            top_experts=_joined([o.top_experts for o in increments]),
+            first_scheduled_at=first_of("first_scheduled_at"),
+            prompt_logprobs=first_of("prompt_logprobs"),
         )
 
 
-def _joined(first: list | None, second: list | None) -> list | None:
-    return None if first is None and second is None else (first or []) + (second or [])
+def _joined(parts: list[list | None]) -> list | None:
+    return None if all(p is None for p in parts) else [x for p in parts if p for x in p]
 
 
 @dataclass
