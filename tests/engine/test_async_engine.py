@@ -267,3 +267,14 @@ def test_the_prompts_length_is_checked_before_its_ids(tiny_hf_model, smollm2_tok
     engine = make_engine(tiny_hf_model, smollm2_tokenizer)
     with pytest.raises(InvalidRequest, match="the context limit is"):
         engine.validate([10**9] * 100_000, SamplingParams())
+
+
+def test_an_abort_before_the_request_is_queued_ends_it_as_soon_as_it_would_be(engine):
+    """A drain's end aborts every call in flight, some still reading their adapter or prompt:
+    those ran on to the end (its abort found no request), past the drain."""
+    engine.abort("early")
+    outputs = asyncio.run(collect(engine, [5, 6, 7], SamplingParams(max_new_tokens=50, n=2), "early"))
+    assert [(o.index, o.finish_reason.value, o.token_ids) for o in outputs] == [(0, "abort", []), (1, "abort", [])]
+    again = asyncio.run(collect(engine, [5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True), "early"))  # once only
+    assert again[-1].finish_reason.value == "length" and sum(len(o.token_ids) for o in again) == 3
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks

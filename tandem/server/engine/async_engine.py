@@ -24,7 +24,7 @@ from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
 from tandem.server.engine.llm_engine import Engine, use_device
-from tandem.server.engine.outputs import EngineStats, ModelInfo, RequestOutput
+from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
@@ -38,6 +38,8 @@ MAX_UNREAD_OUTPUTS = 256
 # No token of the tokenizers we serve spans this many characters: a longer text cannot fit
 # the context, so it is refused before any tokenizing.
 MAX_CHARS_PER_TOKEN = 32
+# Early aborts remembered for requests that have not been queued yet (a drain's, one per call).
+MAX_EARLY_ABORTS = 4096
 
 
 @dataclass
@@ -137,6 +139,8 @@ class AsyncEngine:
         self._pending: list[tuple[_Stream, RequestOutput | Exception]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Requests aborted before they were queued (abort), in the order they came.
+        self._aborted_early: dict[str, bool] = {}
         # What stopped the engine thread, if an error escaped it; then nothing is served.
         self.failure: Exception | None = None
         # Called (on the engine thread) when it stops on such an error: readiness and
@@ -249,8 +253,14 @@ class AsyncEngine:
             self._check_alive()  # under the lock: a failure after it still finds this stream
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
-            self.engine.check_capacity(len(self._streams))
-            self._streams[request_id] = stream
+            aborted = self._aborted_early.pop(request_id, False)
+            if not aborted:
+                self.engine.check_capacity(len(self._streams))
+                self._streams[request_id] = stream
+        if aborted:  # before it got here (a drain's end while its adapter was read): ends as it would have
+            for i in range(params.n):
+                yield RequestOutput(request_id, "", [], True, FinishReason.ABORT, len(prompt_ids), 0, index=i)
+            return
         self._inbox.put(_Add(request_id, prompt_ids, params, lora))
         self._wake.set()
         unfinished = params.n
@@ -265,9 +275,17 @@ class AsyncEngine:
             with self._lock:
                 del self._streams[request_id]
             if unfinished:
-                self.abort(request_id)
+                self._inbox.put(_Abort(request_id))
+                self._wake.set()
 
     def abort(self, request_id: str) -> None:
+        """Stop a request, with finish reason ABORT; one not yet queued (its adapter or prompt
+        still being read) ends so as soon as it would be."""
+        with self._lock:
+            if request_id not in self._streams:
+                self._aborted_early[request_id] = True
+                while len(self._aborted_early) > MAX_EARLY_ABORTS:  # ids that never came: the oldest go
+                    del self._aborted_early[next(iter(self._aborted_early))]
         self._inbox.put(_Abort(request_id))
         self._wake.set()
 
