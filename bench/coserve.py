@@ -22,8 +22,12 @@ On SmolLM2-135M-Instruct, in one run:
   90% sweep's time-sliced runs are given it too, so that both modes schedule inference alike
   where they are compared at the same p99. (The full-share time-sliced runs are not: with
   one micro-batch after every iteration, capped prefills drained their backlog for minutes.)
-Each reports TTFT and ITL p50/p99 (engine-side: AsyncEngine streams, no gRPC) and the job's
-training tokens/s in the window. Goals (issue 5): at 50% load, co-served inference p99 ITL
+Each reports TTFT and ITL p50/p99 (engine-side: AsyncEngine streams, no gRPC; inclusive
+percentiles, with their sample counts) and the job's training tokens/s in the window. A
+window ends when its load stops sending requests: the requests sent in it are measured to
+their end, but training, requests/s and the engine's busy share count only up to then (the
+drain after it, with inference falling away, gave co-served training up to a fifth of its
+window before 2026-12-06). Goals (issue 5): at 50% load, co-served inference p99 ITL
 within 1.15x of alone while fine-tuning keeps at least 50% of its solo tokens/s; at 90%,
 at least 2x time-slicing's fine-tuning throughput (the p99s are printed beside it).
 Guarded runs also say where their time went (GuardRoom): the share of the window the guard
@@ -76,24 +80,40 @@ TIMESLICE_MICRO_BATCHES = (512, 128)
 
 @dataclass
 class Window:
-    """One measured run: per-request TTFT and inter-token gaps, training tokens finished in
-    it and the job's rate (TrainedTokens.rate)."""
+    """One measured run: per-request TTFT and inter-token gaps (every request that arrived
+    in it, to its end), when requests completed, training tokens finished in it and the
+    job's rate (TrainedTokens.rate).
+
+    The window ends when the load stops starting requests (`end_load`), not once the last
+    one has finished: while those drain, inference falls to nothing and co-served training
+    takes the freed time (4-20% of the window in earlier runs, counted as training under load)."""
 
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    completed: list[float] = field(default_factory=list)
     requests: int = 0
     seconds: float = 0.0
     train_tokens: int = 0
     train_rate: float = 0.0
+    ended: float | None = None
+    on_end: list = field(default_factory=list)
+
+    def end_load(self) -> None:
+        self.ended = time.perf_counter()
+        for hook in self.on_end:
+            hook()
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float | None:
-            return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else None
+            # Inclusive: with fewer than 100 samples the default (exclusive) method extrapolates past the largest.
+            return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) >= 2 else None
 
+        inside = sum(t <= self.ended for t in self.completed) if self.ended is not None else self.requests
         return {
             "requests": self.requests,
             "seconds": round(self.seconds, 2),
-            "requests_per_s": self.requests / self.seconds if self.seconds else 0.0,
+            "requests_per_s": inside / self.seconds if self.seconds else 0.0,
+            "ttft_samples": len(self.ttft), "itl_samples": len(self.itl),
             "ttft_p50": pct(self.ttft, 50), "ttft_p99": pct(self.ttft, 99),
             "itl_p50": pct(self.itl, 50), "itl_p99": pct(self.itl, 99),
             "train_tokens": self.train_tokens,
@@ -149,6 +169,9 @@ class TrainedTokens:
 
     def __call__(self) -> int:
         return sum(tokens for _, tokens in self.finished)
+
+    def tokens(self, start: float, stop: float) -> int:
+        return sum(tokens for t, tokens in self.finished if start <= t <= stop)
 
     def rate(self, start: float, stop: float) -> float:
         """Tokens/s of the micro-batches finished in [start, stop]: those after the first,
@@ -250,6 +273,7 @@ async def one_request(engine: AsyncEngine, prompt: list[int], rid: str, window: 
                 window.itl.extend([(now - last) / len(out.token_ids)] * len(out.token_ids))
             last = now
     window.requests += 1
+    window.completed.append(time.perf_counter())
 
 
 def prompts(n: int, seed: int, vocab: int) -> list[list[int]]:
@@ -265,11 +289,13 @@ async def poisson(engine: AsyncEngine, window: Window, rate: float, seconds: flo
         tasks.append(asyncio.create_task(one_request(engine, pool[i % len(pool)], f"p{seed}-{i}", window)))
         i += 1
         await asyncio.sleep(rng.expovariate(rate))
+    window.end_load()
     await asyncio.gather(*tasks)
 
 
 async def idle(engine: AsyncEngine, window: Window, seconds: float) -> None:
     await asyncio.sleep(seconds)
+    window.end_load()
 
 
 async def closed_loop(engine: AsyncEngine, window: Window, concurrency: int, seconds: float) -> None:
@@ -282,7 +308,11 @@ async def closed_loop(engine: AsyncEngine, window: Window, concurrency: int, sec
             i = next(counter)
             await one_request(engine, pool[i % len(pool)], f"c{i}", window)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    async def end() -> None:
+        await asyncio.sleep(seconds)
+        window.end_load()
+
+    await asyncio.gather(end(), *(worker() for _ in range(concurrency)))
 
 
 def measure(root: Path, mode: str, target: float | None, job: bool, load, micro_batch: int = 512, share: float = 1.0) -> dict:
@@ -304,18 +334,16 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
             start_job(engine)
             while trained() == 0:
                 time.sleep(0.2)
-        before = trained()
         started = time.perf_counter()
         busy.recording = True
+        window.on_end.append(lambda: setattr(busy, "recording", False))
         if room is not None:
             room.recording = True
+            window.on_end.append(lambda: setattr(room, "recording", False))
         asyncio.run(load(engine, window))
-        if room is not None:
-            room.recording = False
-        busy.recording = False
-        stopped = time.perf_counter()
+        stopped = window.ended
         window.seconds = stopped - started
-        window.train_tokens = trained() - before
+        window.train_tokens = trained.tokens(started, stopped)
         window.train_rate = trained.rate(started, stopped)
         summary = window.summary() | {"finetune_share": engine.stats().finetune_share, "engine_busy_share": busy.seconds / window.seconds}
         if room is not None and (guard := room.summary(window.seconds, window.train_rate * window.seconds)) is not None:
@@ -339,7 +367,7 @@ def adjacent_pair(root: Path, level: float, seconds: float, seed: int) -> dict:
     after = measure(root, "timeslice", None, True, partial(idle, seconds=seconds))
     fastest = max(before["train_tokens_per_s"], after["train_tokens_per_s"])
     return {
-        "max_requests_per_s": saturated["requests_per_s"], "alone": alone, "itl_p99_target": target,
+        "max_requests_per_s": saturated["requests_per_s"], "rate": level * saturated["requests_per_s"], "alone": alone, "itl_p99_target": target,
         "solo_before": before, "coserve": coserve, "solo_after": after, "fraction": coserve["train_tokens_per_s"] / fastest,
     }
 
@@ -477,7 +505,10 @@ def main() -> None:
                         f"alone after {pair['solo_after']['train_tokens_per_s']:.0f}: {pair['fraction']:.1%}",
                         flush=True,
                     )
+                # Its own pair's load, which differs from the row's other windows' (the maximum
+                # measured again): the goal compares only windows of one pair.
                 run["coserve"] = median_pair(run["pairs"])["coserve"]
+                run["coserve_rate"] = median_pair(run["pairs"])["rate"]
             else:
                 run["coserve"] = measure(root, "coserve", target, True, poisson_load)
             run["timeslice"] = measure(root, "timeslice", None, True, poisson_load)
