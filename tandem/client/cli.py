@@ -16,6 +16,7 @@ from typing import Any, cast
 from tandem.client.bench.cli import add_command as add_bench_command
 from tandem.client.cli_connection import AddFlag, add_connection_flags, connection_settings, rpc_failure
 from tandem.client.errors import TandemRpcError
+from tandem.client.flag_types import seconds
 from tandem.client.job_display import ProgressDisplay, job_details, job_table, outcome
 from tandem.client.live_line import LiveLine
 from tandem.client.sync_client import TandemClient
@@ -204,7 +205,8 @@ def _run_adapters(args: argparse.Namespace, client: TandemClient) -> int:
         _print_json(asdict(client.load_adapter(args.name, args.path)))
     elif args.action == "merge":
         if args.weights and len(args.weights) != len(args.adapters):
-            raise SystemExit(f"--weights gives {len(args.weights)} weights for {len(args.adapters)} adapters")
+            print(f"tandem adapters merge: error: --weights gives {len(args.weights)} weights for {len(args.adapters)} adapters", file=sys.stderr)
+            return 2
         adapters = dict(zip(args.adapters, args.weights)) if args.weights else args.adapters
         result = client.merge_adapters(
             args.name, adapters, args.method, args.rank, density=args.density, gamma=args.gamma, seed=args.seed
@@ -348,7 +350,7 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
 
     health = commands.add_parser("health", help="check liveness, or readiness of a service")
     health.add_argument("--service", default="", help="'' = liveness; tandem.v1.GenerationService = readiness")
-    health.add_argument("--wait", type=float, default=0.0, help="poll up to this many seconds for SERVING")
+    health.add_argument("--wait", type=seconds, default=0.0, help="poll up to this many seconds for SERVING")
     health.set_defaults(run=_runner(_run_health))
 
     adapters = commands.add_parser("adapters", help="list, load, unload, merge or compress adapters")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.client.errors import TandemRpcError
+from tandem.client.flag_types import positive_seconds
 
 EXIT_RPC_BASE = 10  # exit status 10 + gRPC status code
 
@@ -23,7 +24,7 @@ def add_connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag, tim
     add_flag(group, "--ca-cert", str, "PEM CA to trust (default: system roots)", None)
     add_flag(group, "--client-cert", str, "PEM client certificate (mutual TLS)", None)
     add_flag(group, "--client-key", str, "PEM key of --client-cert", None)
-    add_flag(group, "--timeout", float, timeout_help, 300.0)
+    add_flag(group, "--timeout", positive_seconds, timeout_help, 300.0)
 
 
 def connection_settings(args: argparse.Namespace) -> dict[str, Any]:

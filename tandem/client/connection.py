@@ -41,6 +41,8 @@ class ConnectionSettings:
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("mutual TLS needs both client_cert and client_key")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout is seconds > 0 (None or inf: no deadline), got {self.timeout}")
 
     @property
     def uses_tls(self) -> bool:
@@ -76,11 +78,19 @@ def request_id_from(initial_metadata, fallback: str) -> str:
     return fallback
 
 
+# gRPC fails a call at once as DEADLINE_EXCEEDED when its deadline overflows (~1e10 s from
+# now): a timeout this long is no deadline.
+NO_DEADLINE_SECONDS = 1e9
+
+
 class Deadline:
-    """One deadline across all attempts of a call."""
+    """One deadline across all attempts of a call. timeout None or inf (or past
+    NO_DEADLINE_SECONDS): none; 0: already passed."""
 
     def __init__(self, timeout: float | None):
-        self._end = None if timeout is None else time.monotonic() + timeout
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"a timeout is seconds >= 0 (None or inf: no deadline), got {timeout}")
+        self._end = None if timeout is None or timeout >= NO_DEADLINE_SECONDS else time.monotonic() + timeout
 
     def remaining(self) -> float | None:
         return None if self._end is None else max(0.0, self._end - time.monotonic())

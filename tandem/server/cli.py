@@ -86,9 +86,10 @@ def add_env_flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str
     if env in os.environ:
         try:
             default = kind(os.environ[env])
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError) as error:
             # parser may be an argument group, which has no error(): exit as argparse would.
-            print(f"tandem: error: {env}={os.environ[env]!r} is not a valid {kind.__name__}", file=sys.stderr)
+            why = f"is not valid: {error}" if isinstance(error, argparse.ArgumentTypeError) else f"is not a valid {kind.__name__}"
+            print(f"tandem: error: {env}={os.environ[env]!r} {why}", file=sys.stderr)
             raise SystemExit(2) from None
     shown = "unset" if default is None else default
     parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {shown}]")

@@ -69,15 +69,19 @@ def test_serve_help_documents_every_flag_and_its_env_twin(capsys):
 
 
 @pytest.mark.parametrize(
-    ("command", "variable", "value", "kind"),
-    [("model", "TANDEM_TIMEOUT", "soon", "float"), ("serve", "TANDEM_ADAPTER_CACHE_PREFAULT", "maybe", "boolean")],
+    ("command", "variable", "value", "why"),
+    [
+        ("model", "TANDEM_TIMEOUT", "soon", "is not valid: expected a number > 0 (inf: no limit), got 'soon'"),
+        ("model", "TANDEM_TIMEOUT", "0", "is not valid: expected a number > 0 (inf: no limit), got '0'"),
+        ("serve", "TANDEM_ADAPTER_CACHE_PREFAULT", "maybe", "is not a valid boolean"),
+    ],
 )
-def test_a_bad_environment_value_exits_2_with_its_name(capsys, monkeypatch, command, variable, value, kind):
+def test_a_bad_environment_value_exits_2_with_its_name(capsys, monkeypatch, command, variable, value, why):
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as info:
         main([command])
     assert info.value.code == 2
-    assert f"tandem: error: {variable}={value!r} is not a valid {kind}" in capsys.readouterr().err
+    assert f"tandem: error: {variable}={value!r} {why}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,8 @@ class LoadPoint:
 
 def inter_arrival_gaps(rate: float, count: int, rng: np.random.Generator, burstiness: float = 1.0) -> np.ndarray:
     """`count` gaps in seconds between consecutive sends, mean 1/rate (zeros at rate inf)."""
-    if not burstiness > 0:
-        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    if not (burstiness > 0 and math.isfinite(burstiness)):
+        raise ValueError(f"burstiness must be a finite number > 0, got {burstiness}")
     if math.isinf(rate):
         return np.zeros(count)
     return rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=count)

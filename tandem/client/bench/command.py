@@ -12,7 +12,7 @@ import numpy as np
 from tandem.client.async_client import AsyncTandemClient
 from tandem.client.bench.arrivals import LoadPoint, parse_concurrencies, parse_rates
 from tandem.client.bench.cli import DEFAULT_METRICS_PORT, DEFAULT_NUM_REQUESTS
-from tandem.client.bench.popularity import build_popularity
+from tandem.client.bench.popularity import POPULARITIES, build_popularity
 from tandem.client.bench.prompts import Prompt, random_prompts, sharegpt_prompts, synthetic_prompts
 from tandem.client.bench.report import build_result, render, write_json
 from tandem.client.bench.runner import BenchError, FinetuneLoad, LoadPlan, PointResult, run_sweep
@@ -32,9 +32,16 @@ CONNECT_POLL_SECONDS = 0.25
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Runs the sweep; the exit status follows the epilog of `tandem bench --help`."""
+    """Runs the sweep; the exit status follows the epilog of `tandem bench --help`. A bad
+    command line is refused (exit 2) before anything connects."""
     try:
-        return asyncio.run(_bench(args))
+        plan = load_plan(args)
+        _check_workload(args)
+    except ValueError as error:
+        print(f"tandem bench: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_bench(args, plan))
     except TandemRpcError as error:
         return rpc_failure(error, "tandem bench")
     except BenchError as error:
@@ -56,11 +63,27 @@ def load_plan(args: argparse.Namespace) -> LoadPlan:
     return LoadPlan(points, num_requests, args.duration, args.burstiness, args.warmup_requests, args.timeout, parse_slo(args.slo))
 
 
+def _check_workload(args: argparse.Namespace) -> None:
+    """What the workload flags need of each other (the adapters' names may come from the server)."""
+    if args.popularity not in POPULARITIES:
+        raise ValueError(f"unknown --popularity {args.popularity!r}: choose one of {', '.join(POPULARITIES)}")
+    if args.popularity == "weights" and not args.adapter_weights:
+        raise ValueError("--popularity weights needs --adapter-weights FILE")
+    if args.dataset == "sharegpt" and not args.dataset_path:
+        raise ValueError("--dataset sharegpt needs --dataset-path FILE")
+
+
 def metrics_url(args: argparse.Namespace) -> str | None:
+    """--metrics-url, else the target's host (localhost for a unix socket) at the default port."""
     if args.metrics_url is not None:
         return None if args.metrics_url == "none" else args.metrics_url
-    host = args.target.split("///")[-1].rsplit(":", 1)[0] or "localhost"
-    return f"http://{host}:{DEFAULT_METRICS_PORT}/metrics"
+    target = args.target
+    if target.startswith("unix:"):
+        return f"http://localhost:{DEFAULT_METRICS_PORT}/metrics"
+    for scheme in ("dns:///", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    return f"http://{host or 'localhost'}:{DEFAULT_METRICS_PORT}/metrics"
 
 
 async def _connect(client: AsyncTandemClient, args: argparse.Namespace) -> ModelInfo:
@@ -83,8 +106,6 @@ async def _prompts(args: argparse.Namespace, client: AsyncTandemClient, info: Mo
     if args.dataset == "random":
         return random_prompts(count, args.random_input_len, args.random_output_len, info.vocab_size, rng, args.random_range_ratio)
     if args.dataset == "sharegpt":
-        if not args.dataset_path:
-            raise ValueError("--dataset sharegpt needs --dataset-path FILE")
         return await sharegpt_prompts(args.dataset_path, count, rng, client.tokenize, info.max_model_len)
     return synthetic_prompts()
 
@@ -116,8 +137,7 @@ def _settings(args: argparse.Namespace) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key not in NOT_RECORDED}
 
 
-async def _bench(args: argparse.Namespace) -> int:
-    plan = load_plan(args)
+async def _bench(args: argparse.Namespace, plan: LoadPlan) -> int:
     async with AsyncTandemClient(args.target, **connection_settings(args) | {"max_retries": 0}) as client:
         info = await _connect(client, args)
         requests = await _requests(args, client, info, plan.num_requests or DURATION_POOL)

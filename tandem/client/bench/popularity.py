@@ -3,6 +3,7 @@ with exponent alpha over N (rank i drawn with weight 1/i^alpha, the power law S-
 measured), or explicit weights from a JSON file {"adapter": weight, ...}."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,8 @@ def zipf_probabilities(n: int, alpha: float) -> np.ndarray:
     """P(rank i) proportional to 1 / i^alpha for i = 1..n (alpha 0 = uniform)."""
     if n < 1:
         raise ValueError("Zipf popularity needs at least one adapter")
-    if alpha < 0:
-        raise ValueError(f"the Zipf exponent must be >= 0, got {alpha}")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"the Zipf exponent must be a finite number >= 0, got {alpha}")
     weights = 1.0 / np.arange(1, n + 1, dtype=float) ** alpha
     return weights / weights.sum()
 
@@ -62,10 +63,12 @@ def build_popularity(kind: str, names: list[str], num_adapters: int | None = Non
         return AdapterPopularity(tuple(weights), tuple(w / total for w in weights.values()))
     if kind not in POPULARITIES:
         raise ValueError(f"unknown popularity {kind!r}: choose one of {', '.join(POPULARITIES)}")
-    chosen = names[:num_adapters] if num_adapters else names
+    if num_adapters is not None and num_adapters < 1:
+        raise ValueError(f"--num-adapters must be >= 1, got {num_adapters}")
+    chosen = names[:num_adapters] if num_adapters is not None else names
     if not chosen:
-        raise ValueError(f"--popularity {kind} needs adapter names (--adapters or --adapter-names-from)")
-    if num_adapters and len(chosen) < num_adapters:
+        raise ValueError(f"--popularity {kind} needs adapter names: give --adapters, or load adapters on the server")
+    if num_adapters is not None and len(chosen) < num_adapters:
         raise ValueError(f"--num-adapters {num_adapters} but only {len(chosen)} adapter names are known")
     probabilities = zipf_probabilities(len(chosen), zipf_alpha if kind == "zipf" else 0.0)
     return AdapterPopularity(tuple(chosen), tuple(float(p) for p in probabilities))

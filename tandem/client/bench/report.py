@@ -1,6 +1,7 @@
 """What a sweep reports: the result document (JSON), and the tables printed at the end."""
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict
@@ -30,9 +31,21 @@ def build_result(settings: dict, model: dict, results: list[PointResult], save_r
     }
 
 
+def _strict(value):
+    """JSON has no infinity or NaN (json.dumps writes them anyway, and strict readers refuse
+    the file): inf is written "inf" (a setting such as --duration inf), NaN null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
 def write_json(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(_strict(result), indent=2, allow_nan=False) + "\n")
 
 
 def _ms(value: float | None) -> str:

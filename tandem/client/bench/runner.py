@@ -60,6 +60,8 @@ class LoadPlan:
             raise ValueError("--num-requests must be >= 1")
         if self.duration is not None and not self.duration > 0:
             raise ValueError("--duration must be > 0")
+        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+            raise ValueError(f"--burstiness must be a finite number > 0, got {self.burstiness}")
         if self.num_requests is None and any(p.rate is not None and math.isinf(p.rate) for p in self.points):
             raise ValueError("rate inf sends every request at once: bound it with --num-requests")
 
@@ -128,7 +130,8 @@ async def _closed_loop(send: Callable[[], Awaitable[None]], plan: LoadPlan, conc
         while not _limits_reached(plan, next(sent), loop.time() - start):
             await send()
 
-    return [asyncio.create_task(worker()) for _ in range(concurrency)]
+    workers = concurrency if plan.num_requests is None else min(concurrency, plan.num_requests)
+    return [asyncio.create_task(worker()) for _ in range(workers)]
 
 
 async def run_point(client: AsyncTandemClient, requests: Iterator[BenchRequest], point: LoadPoint, plan: LoadPlan,

@@ -6,6 +6,7 @@ changes nothing), and a family is found by its short name, with the `tandem:`-st
 and a counter's `_total` suffix taken off.
 """
 
+import http.client
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -59,8 +60,10 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, Family]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode("utf-8")
-    except (urllib.error.URLError, OSError) as error:
-        raise ScrapeError(f"cannot read the server's metrics at {url}: {error}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
+        # ValueError: a malformed URL, or a body that is not UTF-8 (UnicodeDecodeError); an
+        # HTTPException: not an HTTP server (the gRPC port given by mistake).
+        raise ScrapeError(f"cannot read the server's metrics at {url}: {error!r}") from None
     try:
         return parse(text)
     except ValueError as error:
