@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tandem.kernels.lora import LoRABatch, lora_delta, native_cpu
+from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.kv_cache import KVCache
@@ -365,6 +366,28 @@ def test_new_adapters_fill_gaps_between_pinned_slots(tiny_hf_model):
     assert pool.acquire(adapter("c")) == 3
     assert pool.acquire(adapter("d")) == 0
     assert not pool.resident("hash-a2") and pool.resident("hash-a5")
+
+
+def test_a_mixture_whose_expert_fails_to_load_keeps_no_pin(tiny_hf_model):
+    """Its experts are pinned one by one: those pinned before the failed load are unpinned,
+    or their slots could never be evicted again."""
+    pool = SlotPool(build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu")), 3, 4, torch.float32, torch.device("cpu"))
+    experts = [LoRAAdapter(n, Path(n), f"hash-{n}", 4, [], {}) for n in ("a", "b")]
+    load = pool._load
+
+    def failing(slot, adapter, stream=None):
+        if adapter.name == "b":
+            raise torch.OutOfMemoryError("simulated")
+        load(slot, adapter, stream)
+
+    pool._load = failing
+    with pytest.raises(torch.OutOfMemoryError):
+        pool.acquire(Mixture(tuple(experts), (0.5, 0.5)))
+    assert pool._pins == [0, 0, 0]
+    pool._load = load
+    slots = pool.acquire(Mixture(tuple(experts), (0.5, 0.5)))
+    pool.release(slots)
+    assert pool._pins == [0, 0, 0]
 
 
 def test_prefetch_loads_upcoming_adapters_without_evicting_pinned_or_upcoming(tiny_hf_model):

@@ -109,3 +109,35 @@ def test_an_engine_dropped_frees_its_kv_cache_and_hooks(tiny_hf_model, smollm2_t
     second.add_request("r", random_prompts([4], len(smollm2_tokenizer))[0], SamplingParams(max_new_tokens=2, temperature=0.0))
     drain(second)
     assert len(second.runner.model.norm._forward_pre_hooks) == hooks
+
+
+def test_a_slot_load_that_fails_leaves_the_request_waiting_and_holding_nothing(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """The failed step fails what it carried; the request is still where it was (it had left
+    the queue with blocks, and finishing it raised, which stopped the engine thread), so
+    aborting it frees everything and the engine serves on."""
+    from tests.adapters.make_adapters import make_adapter
+
+    make_adapter(tiny_hf_model, tmp_path / "a1", r=4)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, max_loras=2)
+    pool, total = engine.registry.pool, engine.allocator.num_blocks
+    acquire = pool.acquire
+
+    def failing(adapter):
+        raise torch.OutOfMemoryError("simulated: no memory to load the adapter into its slot")
+
+    pool.acquire = failing
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    prompt = random_prompts([10], len(smollm2_tokenizer))[0]
+    engine.add_request("r", prompt, params, engine.registry.get("a1"))
+    try:
+        engine.step()
+        raise AssertionError("the failed load did not surface")
+    except torch.OutOfMemoryError:
+        pass
+    assert [seq.request_id for seq in engine.scheduler.waiting] == ["r"] and not engine.scheduler.running
+    assert engine.allocator.num_free == total
+    assert [out.finish_reason for out in engine.abort_all()] == [FinishReason.ABORT]
+    pool.acquire = acquire
+    engine.add_request("next", prompt, params, engine.registry.get("a1"))
+    assert drain(engine)["next"].generated_tokens == 3
+    assert engine.allocator.num_free == total and sum(pool._pins) == 0

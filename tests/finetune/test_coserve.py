@@ -6,6 +6,7 @@ and the inference requests in those iterations give the tokens they give without
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from tandem.kernels import packed_linear
 from tandem.kernels.lora import LoRABatch, native_cpu
 from tandem.server.engine import coserve as coserve_module
-from tandem.server.engine import model_runner
+from tandem.server.engine import llm_engine, model_runner
 from tandem.server.engine.coserve import BACKWARD_COST
 from tandem.server.engine.iteration import (
     IGNORE_INDEX,
@@ -741,3 +742,66 @@ def test_inference_takes_kv_blocks_back_from_a_micro_batch_before_its_backward(t
     for name, value in grads(adapter).items():
         torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-6)
     assert engine.allocator.num_free == 30 and engine.stats().finetune_activation_bytes == 0
+
+
+def test_a_micro_batch_holds_kv_blocks_only_through_its_forward(tiny_hf_model, smollm2_tokenizer):
+    """The head and the backward read the kept activations only: the blocks go back once the
+    last chunk has run, and requests growing during the backward take them instead of
+    preempting each other (with the 19 blocks held to the end: 8 preemptions here)."""
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    config = dict(max_num_batched_tokens=16, block_size=4, kv_cache_bytes=30 * KVCache.bytes_per_block(shape, 4, torch.float32))
+    vocab = len(smollm2_tokenizer)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    seqs = sequences(vocab)  # 68 tokens: 19 blocks
+    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    while batch.forwarding or not batch.started:
+        engine.step()
+    assert not batch.done and engine.allocator.num_free == 30
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts([20, 20], vocab, seed=3)):
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.has_work():
+        engine.step()
+    assert batch.done and engine.scheduler.num_preemptions == 0 and engine.coserve.num_reclaims == 0
+
+
+def test_a_micro_batch_whose_activations_cannot_be_allocated_fails_holding_nothing(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """It took its KV blocks first and kept them, unfailed, at every retry, until the cache
+    was gone and it waited forever with every request behind it."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    seqs = sequences(len(smollm2_tokenizer))
+    empty = coserve_module.KeptActivations.empty
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated: no memory for the activations")
+
+    monkeypatch.setattr(coserve_module.KeptActivations, "empty", out_of_memory)
+    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step()
+    assert isinstance(batch.error, torch.OutOfMemoryError) and not engine.coserve.has_work()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    monkeypatch.setattr(coserve_module.KeptActivations, "empty", empty)
+    assert coserve(engine, adapter, seqs, 1.0)[0].error is None
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_an_idle_spell_is_not_an_inter_token_interval(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """The first decode after the engine sat idle was charged the whole idle time: one such
+    interval cut the guard's margin to its floor for the next hundred iterations."""
+    now = [0.0]
+    monkeypatch.setattr(llm_engine, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=lambda: now[0]))
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, coserve_itl_p99=0.05)
+    intervals = []
+    observe = engine.share.observe
+    engine.share.observe = lambda seconds, work, interval: (intervals.append(interval), observe(seconds, work, interval))
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    for request, idle in (("before", 0.0), ("after", 2.0)):
+        now[0] += idle
+        engine.add_request(request, [42], params)  # a one-token prompt: its first iteration is a decode
+        while engine.has_work():
+            now[0] += 0.01
+            engine.step()
+    assert max(i for i in intervals if i is not None) < 0.05

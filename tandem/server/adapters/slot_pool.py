@@ -108,7 +108,14 @@ class SlotPool:
         adapters' slots, resident ones first); call can_acquire before."""
         if isinstance(adapter, (Router, Mixture)):
             order = sorted(adapter.adapters, key=lambda a: not self.resident(a.content_hash))
-            slots = {a.content_hash: self.acquire(a) for a in order}
+            acquired: list[int] = []
+            try:
+                for expert in order:
+                    acquired.append(self.acquire(expert))
+            except BaseException:  # a load that failed: unpin the experts pinned before it
+                self.release(tuple(acquired))
+                raise
+            slots = {a.content_hash: slot for a, slot in zip(order, acquired)}
             return tuple(slots[a.content_hash] for a in adapter.adapters)
         slot = self._slot_of.get(adapter.content_hash)
         if slot is None:

@@ -5,8 +5,8 @@ trainer and worked off over several iterations, after the inference tokens, with
 fine-tuning share of the token budget (server/engine/finetune_share.py):
 
 1. Forward: the sequences' tokens run in chunks, like prefill chunks, through KV blocks
-   taken from the free list only (never from inference) and held until the micro-batch
-   ends. No graph: each layer's input and each frozen linear's output for the training rows
+   taken from the free list only (never from inference) and held until its last chunk has
+   run (the head and the backward read only what is kept). No graph: each layer's input and each frozen linear's output for the training rows
    are kept instead (server/model/kept_activations.py).
 2. Head, a block of rows per iteration: final norm, lm_head and the loss of those rows from
    the stored top-layer output, back to that output (a row's loss depends on its row only).
@@ -40,15 +40,14 @@ more memory than the kept activations (CoServer.graph_bytes): it runs so only wh
 under the cap.
 
 Then the trainer reads the micro-batch's loss, and after a step's last micro-batch steps
-the optimizer. Memory held for training: the micro-batch's KV blocks, taken from the free
-list only, and its kept activations (per token and layer the input and the frozen linears'
+the optimizer. Memory held for training: the micro-batch's KV blocks during its forward,
+taken from the free list only, and its kept activations (per token and layer the input and the frozen linears'
 outputs: about 9 x hidden for a Llama; a graphed one's graphs too), capped by the engine's
 finetune_activation_bytes. A micro-batch over that cap, or needing more KV blocks than the
 whole cache has, would wait forever: it fails at once instead, with what to change.
 Inference comes first for KV blocks: when a running request has no block to grow into, a
-micro-batch that has not begun its backward (no gradient accumulated yet) gives its blocks
-and kept activations back and starts over once there is room, before any request is
-preempted.
+micro-batch still in its forward (no gradient accumulated yet) gives its blocks and kept
+activations back and starts over once there is room, before any request is preempted.
 """
 
 from collections.abc import Mapping
@@ -162,13 +161,11 @@ class CoServer:
         self.num_reclaims = 0
 
     def reclaim(self) -> bool:
-        """Give the running micro-batch's KV blocks back for inference, if it has not begun
-        its backward (its gradients not yet added into the weights'): it starts over once
-        there is room. False when nothing could be given."""
+        """Give the running micro-batch's KV blocks back for inference: it holds them only
+        during its forward (a graphed one never), and starts over once there is room. False
+        when nothing could be given."""
         batch = next(iter(self._queue), None)
-        if batch is None or not batch.started or batch.graphed:  # a graphed one holds no KV blocks
-            return False
-        if batch.next_layer < self.num_layers - 1 or batch.next_layer_seq:
+        if batch is None or not batch.block_tables:
             return False
         self._release(batch)
         fresh = CoservedBatch(batch.work, batch.loss_scale)
@@ -210,7 +207,7 @@ class CoServer:
     def abort(self, error: Exception | None = None) -> None:
         """Drop every queued micro-batch (each marked with error, when given) and give back
         what the running one holds."""
-        if self._queue and self._queue[0].started:
+        if self._queue:
             self._release(self._queue[0])
         for batch in self._queue:
             batch.error = error
@@ -257,10 +254,14 @@ class CoServer:
 
     def finish(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> None:
         """Advance the running micro-batch past what this iteration did; a slice its deadline
-        stopped early is cut to the layers it ran in `scheduled` too (what work() reports)."""
+        stopped early is cut to the layers it ran in `scheduled` too (what work() reports).
+        Once its forward has run, its KV blocks go back: the head and the backward read the
+        kept activations only."""
+        batch = next(iter(self._queue), None)
+        if batch is not None and batch.block_tables and not batch.forwarding:
+            self._free_blocks(batch)
         if result is None:
             return
-        batch = self._queue[0]
         if isinstance(result, KeptGraph):
             batch.graph = result
             batch.next_seq = len(batch.work.sequences)
@@ -310,17 +311,19 @@ class CoServer:
 
     def _start(self, batch: CoservedBatch, with_blocks: bool = True) -> bool:
         """Take KV blocks for the whole micro-batch from the free list, if there are enough
-        (with_blocks: its forward runs in chunks, through them), and room for its activations."""
+        (with_blocks: its forward runs in chunks, through them), and room for its activations.
+        The activations first: an allocation that fails leaves nothing held."""
         lengths = [s.num_tokens for s in batch.work.sequences]
         if with_blocks and self._blocks_needed(batch) > self.allocator.num_free:
             return False
+        kept = KeptActivations.empty(self.num_layers, sum(lengths), self.hidden_size, self.linear_widths, self.dtype, self.device)
+        grad = torch.empty_like(kept.inputs[-1])
         for n in lengths if with_blocks else ():
             table: list[int] = []
             self.allocator.grow(table, n)
             batch.block_tables.append(table)
         batch.rows = [sum(lengths[:i]) for i in range(len(lengths))]
-        batch.kept = KeptActivations.empty(self.num_layers, sum(lengths), self.hidden_size, self.linear_widths, self.dtype, self.device)
-        batch.grad = torch.empty_like(batch.kept.inputs[-1])
+        batch.kept, batch.grad = kept, grad
         batch.next_layer = self.num_layers - 1
         return True
 
@@ -328,10 +331,13 @@ class CoServer:
         return sum(self.allocator.blocks_needed([], s.num_tokens) for s in batch.work.sequences)
 
     def _release(self, batch: CoservedBatch) -> None:
+        self._free_blocks(batch)
+        batch.kept = batch.grad = batch.graph = None
+
+    def _free_blocks(self, batch: CoservedBatch) -> None:
         for table in batch.block_tables:
             self.allocator.free(table)
         batch.block_tables = []
-        batch.kept = batch.grad = batch.graph = None
 
     def _forward(self, batch: CoservedBatch, allowance: int) -> TrainingForward:
         """Chunks of the next allowance tokens, in sequence order."""

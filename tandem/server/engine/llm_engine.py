@@ -202,13 +202,17 @@ class Engine:
         no_grad when it carries training chunks (the activations they keep must stay usable
         by autograd); a backward slice then runs on its own, from those."""
         started = time.perf_counter()
+        if not self.scheduler.running:  # nothing decoded since: an idle spell is no inter-token interval
+            self._decoded_at = None
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         scheduled_at = time.monotonic()
-        self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started)
-        if not scheduled:
-            self._decoded_at = None
-            return []
         try:
+            # Inside: a micro-batch that fails to start (its activations not allocated) is
+            # dropped with the error, as one whose iteration fails.
+            self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started)
+            if not scheduled:
+                self._decoded_at = None
+                return []
             with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
                 result = self.runner.execute(scheduled)
                 # Queued after the forward and before the sampler's sync: on CUDA the adapter

@@ -104,14 +104,16 @@ class Scheduler:
             n = min(len(seq.token_ids) - start, budget)
             if not self.allocator.can_grow(seq.block_table, start + n):
                 break
+            # The slot first: a load that fails leaves the sequence waiting as it was (moved
+            # first, it was in neither queue, holding blocks, and finishing it raised).
+            if seq.adapter is not None:
+                seq.slot = self.pool.acquire(seq.adapter)
             self.waiting.remove(seq)
             self.allocator.grow(seq.block_table, start + n)
             if start > seq.num_computed:
                 shared = -(-start // self.allocator.block_size)
                 copies.extend(zip(seq.fork_of.block_table[:shared], seq.block_table[:shared]))
                 seq.num_computed = start
-            if seq.adapter is not None:
-                seq.slot = self.pool.acquire(seq.adapter)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunks.append(ScheduledChunk(seq, n))
