@@ -73,7 +73,8 @@ def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
 
 def test_proto_defaults_mean_unset():
     params = convert.sampling_params_of(generation_pb2.GenerateRequest(prompt="hi"))
-    assert params.greedy and params.max_new_tokens == 256
+    assert params.greedy and params.max_new_tokens == 256 and params.default_max_new_tokens  # capped by the context left
+    assert not convert.sampling_params_of(generation_pb2.GenerateRequest(prompt="hi", max_new_tokens=8)).default_max_new_tokens
     assert (params.top_p, params.repetition_penalty, params.seed, params.logprobs) == (1.0, 1.0, None, None)
     explicit = convert.sampling_params_of(generation_pb2.GenerateRequest(prompt="hi", top_p=0.5, seed=0, logprobs=0))
     assert (explicit.top_p, explicit.seed, explicit.logprobs) == (0.5, 0, 0)

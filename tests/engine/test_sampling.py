@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tandem.server.engine.outputs import FinishReason
 from tandem.server.engine.sampler import Sampler, _filter_top_k_top_p
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.engine.sequence import Sequence
@@ -116,6 +117,22 @@ def test_invalid_sampling_params_are_refused_with_the_field_named(field, value, 
     params = SamplingParams(**{field: value})
     with pytest.raises(InvalidRequest, match=message):
         params.validate(prompt_len=5, max_model_len=512, vocab_size=1000)
+
+
+def test_a_default_max_new_tokens_ends_at_the_context_instead_of_refusing(tiny_hf_model, smollm2_tokenizer):
+    """A caller who left max_tokens out asked for no number: a 500-token prompt in a
+    512-token context generates to its end (it was refused over the default's 256)."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, default_max_new_tokens=True)
+    engine.add_request("long", [5] * 500, params)
+    generated = []
+    while engine.has_work():
+        for out in engine.step():
+            generated += out.token_ids
+            last = out
+    assert len(generated) == 12 and last.finish_reason is FinishReason.LENGTH
+    engine.add_request("short", [5, 6], SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=3, default_max_new_tokens=True))
+    assert sum(len(out.token_ids) for _ in range(6) for out in engine.step()) == 3
 
 
 def test_prompts_that_cannot_run_are_refused(tiny_hf_model, smollm2_tokenizer):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.api.conftest import all_blocks_free, loopback, wait_until
+from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 from tests.http.conftest import TOKEN
 
@@ -112,3 +112,37 @@ def test_a_client_that_leaves_a_unary_call_frees_its_generation(http_server, ada
     connection.close()
     # Eight 400-token completions take many seconds here; the abort frees them at once.
     assert wait_until(lambda: all_blocks_free(adapter_engine), timeout=3)
+
+
+def test_a_client_that_leaves_a_stream_before_its_first_token_frees_its_request(tiny_model_dir, base_model):
+    """The framework watches a stream's client only once it streams: a request still queued
+    when its client left stayed in the engine until it ran."""
+    engine = start_engine(tiny_model_dir, max_num_seqs=1)
+    thread = ServerThread(loopback(), engine)
+    scheduler = engine.engine.scheduler
+    try:
+        def post(body: dict, request_id: str) -> http.client.HTTPConnection:
+            connection = http.client.HTTPConnection("127.0.0.1", thread.server.http_port, timeout=30)
+            headers = {"content-type": "application/json", "x-request-id": request_id}
+            connection.request("POST", "/v1/completions", body=json.dumps(body).encode(), headers=headers)
+            return connection
+
+        def in_engine(request_id: str) -> bool:  # the engine's ids are the call's plus a suffix
+            while True:
+                try:
+                    return any(s.request_id.startswith(request_id + "-") for s in (*scheduler.waiting, *scheduler.running))
+                except RuntimeError:  # the engine thread changed the queue meanwhile
+                    continue
+
+        # Eight 400-token sequences, one at a time: the stream waits behind them for seconds.
+        blocker = post({"model": base_model, "prompt": "Hi", "max_tokens": 400, "n": 8, "ignore_eos": True}, "blocker")
+        assert wait_until(lambda: in_engine("blocker"))
+        queued = post({"model": base_model, "prompt": "Hello", "max_tokens": 50, "stream": True}, "queued")
+        assert wait_until(lambda: in_engine("queued"))
+        queued.close()
+        assert wait_until(lambda: not in_engine("queued"), timeout=3) and in_engine("blocker")
+        blocker.close()
+        assert wait_until(lambda: all_blocks_free(engine), timeout=3)
+    finally:
+        thread.stop()
+        engine.shutdown()

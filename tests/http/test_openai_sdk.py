@@ -158,6 +158,7 @@ def test_unpaired_surrogates_are_400_and_name_the_field(http_server, base_model)
     for path, body, message in [
         ("completions", {"prompt": "hi \ud800"}, "prompt is not valid Unicode: an unpaired surrogate (\\ud800) at character 3"),
         ("chat/completions", {"messages": [*CHAT, {"role": "user", "content": "\udc00"}]}, "messages[1].content is not valid Unicode"),
+        ("completions", {"prompt": "hi", "model": "a\ud800"}, "model is not valid Unicode"),  # it was a 500
     ]:
         data = json.dumps({"model": base_model, "max_tokens": 2, **body}).encode()
         request = urllib.request.Request(f"{url}/{path}", data=data, headers={"content-type": "application/json"})
@@ -184,3 +185,55 @@ def test_framework_refusals_are_in_openai_shape(http_server):
             urllib.request.urlopen(request, timeout=30)
         assert caught.value.code == status
         assert json.loads(caught.value.read())["error"]["message"]
+
+
+def _post(server, path: str, body: dict) -> tuple[int, dict]:
+    """A raw POST (the SDK leaves out what it does not know, or nulls): (status, JSON body)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.server.http_port}/v1/{path}", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_nulls_mean_the_default_and_vllms_top_k_minus_one_is_no_top_k(http_server, base_model):
+    """OpenAI marks these nullable and vLLM takes -1 for "no top-k": each was a 400."""
+    nulls = {"n": None, "stream": None, "echo": None, "ignore_eos": None, "model": None}
+    status, body = _post(http_server, "completions", {"prompt": PROMPT, "max_tokens": 2, "top_k": -1, **nulls})
+    assert status == 200 and len(body["choices"]) == 1
+    status, body = _post(http_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, "logprobs": None, "n": None})
+    assert status == 200 and body["choices"][0]["logprobs"] is None
+
+
+def test_the_older_function_calling_fields_are_refused_like_tools(http_server, base_model):
+    """They were ignored: a function-calling client got plain text and a 200."""
+    for field, value in (("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto")):
+        status, body = _post(http_server, "chat/completions", {"model": base_model, "messages": CHAT, "max_tokens": 2, field: value})
+        assert status == 400 and body["error"]["message"] == f"{field} is not supported by this server: drop it from the request"
+
+
+def test_max_tokens_left_out_generates_to_the_end_of_the_context(oai, base_model):
+    """The default (16, or 256 for chat) past the context was a 400 naming max_new_tokens,
+    a field the caller never sent."""
+    prompt = [5] * 500  # the tiny model's context: 512 tokens
+    body = oai.completions.create(model=base_model, prompt=prompt, temperature=0, extra_body={"ignore_eos": True})
+    assert body.choices[0].finish_reason == "length" and body.usage.completion_tokens == 12
+
+
+def test_a_stream_holding_text_back_still_sends_offsets_and_prompt_logprobs_as_a_whole_reply_does(oai, base_model):
+    """A stop string the text might still complete holds it back: the stream's text offsets
+    lagged (counted from the characters sent) and a first chunk with no text dropped its
+    prompt_logprobs."""
+    ask = dict(model=base_model, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=1, stop=["Z" * 30], extra_body={"prompt_logprobs": 1})
+    whole = oai.completions.create(**ask).choices[0]
+    offsets, prompt_logprobs = [], None
+    for chunk in oai.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                offsets += choice.logprobs.text_offset
+            prompt_logprobs = (choice.model_extra or {}).get("prompt_logprobs", prompt_logprobs)
+    assert offsets == whole.logprobs.text_offset and len(offsets) == 12
+    assert prompt_logprobs == whole.model_extra["prompt_logprobs"]

@@ -74,6 +74,7 @@ def sampling_params_of(request: GenerationRequest) -> SamplingParams:
     """Proto defaults mean "unset": temperature 0 is greedy, max_new_tokens 0 is the default."""
     return SamplingParams(
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        default_max_new_tokens=not request.max_new_tokens,
         temperature=request.temperature,
         top_k=request.top_k,
         top_p=request.top_p if request.HasField("top_p") else 1.0,

@@ -54,6 +54,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # max_new_tokens is the front's default, not the caller's ask (max_tokens / max_new_tokens
+    # left out): a prompt that leaves less room generates to the context's end, as OpenAI's
+    # and vLLM's servers do, instead of being refused over a number the caller never sent.
+    default_max_new_tokens: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -70,7 +74,7 @@ class SamplingParams:
             )
         if self.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if prompt_len + self.max_new_tokens > max_model_len:
+        if prompt_len + self.max_new_tokens > max_model_len and not self.default_max_new_tokens:
             raise InvalidRequest(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
                 f"context limit of {max_model_len}: ask for at most {max_model_len - prompt_len} new tokens"

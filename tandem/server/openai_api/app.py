@@ -174,7 +174,18 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         outputs = generation.generate(state, prompt, params, convert.adapter_of(body.model, base_model))
         headers = {REQUEST_ID_HEADER: record.request_id}
         if body.stream:
-            first = await anext(outputs)
+            # The framework watches a stream's client only once it streams: a client that
+            # leaves while its request still waits for a first token must abort it here.
+            firsts: list[RequestOutput] = []
+
+            async def first_output() -> None:
+                firsts.append(await anext(outputs))
+
+            if not await _unless_disconnected(request, first_output()):
+                await outputs.aclose()
+                record.close("CANCELLED")
+                return Response(status_code=499)
+            first = firsts[0]
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = stream(outputs, first, renderer, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -207,9 +218,10 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             async with aclosing(outputs):
                 out: RequestOutput | None = first
                 while out is not None:
-                    for chunk in renderer.chunks(out, await token_texts([out]), progress):
+                    texts = await token_texts([out])
+                    for chunk in renderer.chunks(out, texts, progress):
                         yield _sse(chunk)
-                    progress.add(out)
+                    progress.add(out, texts)
                     out = await anext(outputs, None)
             if include_usage:
                 yield _sse({**renderer.base, "choices": [], "usage": progress.usage()})
@@ -263,8 +275,8 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, None]) -> bool:
     """Runs work to its end (True), or cancels it when the client disconnects first (False):
-    a generation nobody waits for is aborted, as a cancelled gRPC call's is. (Streams need
-    none of this: the framework cancels a stream whose client has gone.)"""
+    a generation nobody waits for is aborted, as a cancelled gRPC call's is. (Once a stream
+    streams, the framework cancels it when its client has gone.)"""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnect(request))
     try:

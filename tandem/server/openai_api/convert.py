@@ -20,6 +20,7 @@ _ROLE_ALIASES = {"developer": "system"}
 def adapter_of(model: str, base_model: str) -> str:
     """The adapter a request's `model` names: "" (the base model) for the base model's name
     or an empty one, else the adapter of that name."""
+    _check_unicode(model, "model")
     return "" if model in ("", base_model) else model
 
 
@@ -54,11 +55,13 @@ def completion_params(body: CompletionRequest) -> SamplingParams:
         raise InvalidRequest("best_of is not supported (only best_of = n): drop it, or use n")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
-    return _params(body, DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens, body.logprobs)
+    return _params(body, body.max_tokens, DEFAULT_COMPLETION_TOKENS, body.logprobs)
 
 
 def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     _refuse(body.tools, "tools")
+    _refuse(body.functions, "functions")  # the older form of tools
+    _refuse(body.function_call, "function_call")
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
     if body.top_logprobs is not None and not body.logprobs:
@@ -67,7 +70,7 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
         raise InvalidRequest("prompt_logprobs is not served on streamed chat completions: set stream to false")
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _params(body, DEFAULT_CHAT_TOKENS if given is None else given, logprobs)
+    return _params(body, given, DEFAULT_CHAT_TOKENS, logprobs)
 
 
 def _check_unicode(text: str, name: str) -> None:
@@ -86,13 +89,15 @@ def _refuse(value: object, name: str) -> None:
         raise InvalidRequest(f"{name} is not supported by this server: drop it from the request")
 
 
-def _params(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _params(body: SamplingFields, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """max_tokens None: default_max_tokens, or to the context's end where that comes first."""
     _refuse(body.logit_bias, "logit_bias")
     return SamplingParams(
-        max_new_tokens=max_tokens,
+        max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        default_max_new_tokens=max_tokens is None,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's -1: no top-k, as 0
         min_p=body.min_p or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0,

@@ -8,7 +8,7 @@ repetition_penalty, ignore_eos, stop_token_ids, prompt_logprobs.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -19,6 +19,16 @@ class SamplingFields(BaseModel):
     """What both APIs share. Defaults are OpenAI's (temperature 1: sampling)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: object) -> object:
+        """OpenAI's nullable fields (n, stream, echo, chat logprobs...): null means the default,
+        as in OpenAI's and vLLM's servers (it was a 400 here)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if not (v is None and k in fields and fields[k].default is not None)}
 
     model: str = ""
     n: int = 1
@@ -71,4 +81,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
     response_format: dict | None = None

@@ -107,18 +107,19 @@ class Choices:
 
 
 class Progress:
-    """What a stream has sent so far, per choice: whether it started, its characters (the
-    text offsets of completion logprobs) and tokens (usage)."""
+    """What a stream has sent so far, per choice: whether it started, the characters of the
+    tokens it sent log-probabilities for (the text offset of the next one: the text itself
+    may lag them, held back for a stop string or a character's last bytes) and tokens (usage)."""
 
     def __init__(self, n: int):
         self.started = [False] * n
-        self.chars = [0] * n
+        self.token_chars = [0] * n
         self.generated = [0] * n
         self.prompt_tokens = 0
 
-    def add(self, out: RequestOutput) -> None:
+    def add(self, out: RequestOutput, texts: TokenTexts) -> None:
         self.started[out.index] = True
-        self.chars[out.index] += len(out.text)
+        self.token_chars[out.index] += sum(len(texts[lp.token_id]) for lp in out.logprobs or [])
         self.generated[out.index] = out.generated_tokens
         self.prompt_tokens = out.prompt_tokens
 
@@ -138,11 +139,11 @@ class CompletionRenderer:
 
     def chunks(self, out: RequestOutput, texts: TokenTexts, progress: Progress) -> list[dict]:
         reason = finish_reason(out)
-        if not out.text and reason is None and out.logprobs is None:
+        if not out.text and reason is None and out.logprobs is None and out.prompt_logprobs is None:
             return []
         choice = {
             "index": out.index, "text": out.text,
-            "logprobs": completion_logprobs(out.logprobs, texts, progress.chars[out.index]), "finish_reason": reason,
+            "logprobs": completion_logprobs(out.logprobs, texts, progress.token_chars[out.index]), "finish_reason": reason,
         }
         if out.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs(out.prompt_logprobs, texts)
