@@ -91,7 +91,7 @@ def silu_mul(gate_up: Tensor) -> Tensor | None:
     """silu(gate) * up for gate_up [T, 2 I] holding gate then up in each row -> [T, I]; None
     where the kernel cannot take it."""
     inter = gate_up.shape[-1] // 2
-    if gate_up.dim() != 2 or inter % 16 or (lib := _takes(gate_up)) is None:
+    if gate_up.dim() != 2 or inter % 16 or gate_up.shape[-1] != 2 * inter or (lib := _takes(gate_up)) is None:
         return None
     out = gate_up.new_empty(gate_up.shape[0], inter)
     lib.tandem_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], inter, gate_up.dtype == torch.bfloat16)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tandem.kernels.lora import LoRABatch, lora_delta, native_cpu
+from tandem.kernels.lora.mixture import lora_delta_mixture
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter
 from tandem.server.adapters.slot_pool import SlotPool
@@ -388,6 +389,24 @@ def test_a_mixture_whose_expert_fails_to_load_keeps_no_pin(tiny_hf_model):
     slots = pool.acquire(Mixture(tuple(experts), (0.5, 0.5)))
     pool.release(slots)
     assert pool._pins == [0, 0, 0]
+
+
+def test_a_mixture_reads_the_adapter_a_slot_holds_now_after_a_reload(tiny_hf_model, tmp_path):
+    """The native CPU load wrote the pools without bumping their versions: a mixture's
+    stacked weights, cached by version, went on serving the evicted adapter (off by ~20)."""
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    adapters = [read_adapter(n, make_adapter(tiny_hf_model, tmp_path / n, r=4, seed=i, b_std=0.5), model, MAX_RANK) for i, n in enumerate("ab")]
+    pool = SlotPool(model, 1, MAX_RANK, torch.float32, torch.device("cpu"))
+    key = next(iter(pool.weights))
+    w = pool.weights[key]
+    xs, mix = torch.randn(3, w.in_features, generator=torch.Generator().manual_seed(0)), torch.ones(3, 1)
+    for adapter in adapters:
+        slot = pool.acquire(adapter)
+        served = lora_delta_mixture(xs, w, (slot,), adapter.groups[key].rank, mix)
+        want = torch.zeros_like(served)
+        lora_delta(xs, w, LoRABatch.build([slot] * 3, 1), want)
+        torch.testing.assert_close(served, want, rtol=1e-4, atol=1e-4)
+        pool.release(slot)
 
 
 def test_prefetch_loads_upcoming_adapters_without_evicting_pinned_or_upcoming(tiny_hf_model):

@@ -92,6 +92,12 @@ def test_silu_mul_equals_torch(dtype: torch.dtype, rows: int) -> None:
         assert_near(ours, ref, 1e-3)
 
 
+def test_silu_mul_leaves_an_odd_width_to_torch() -> None:
+    """A width of 2 x 16 + 1 passed the kernel's check and its rows after the first were read
+    at the wrong stride."""
+    assert fe.silu_mul(torch.randn(3, 33)) is None
+
+
 def test_threaded_rows_equal_rows_one_by_one() -> None:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(700, 576, generator=g).to(torch.bfloat16)

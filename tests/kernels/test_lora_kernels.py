@@ -484,6 +484,8 @@ def test_weights_validate_shapes_and_ranks():
     for bad in ([-1, 2], [9, 2]):
         with pytest.raises(ValueError, match="ranks"):
             LoRAWeights(a, b, torch.tensor(bad, dtype=torch.int32), (24, 8, 8))
+    with pytest.raises(ValueError, match="slot_ranks must be int32"):  # the C kernel read int64 [8, 2] as [8, 0]
+        LoRAWeights(a, b, ranks.long(), (24, 8, 8))
 
 
 @needs_cuda

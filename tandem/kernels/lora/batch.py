@@ -348,8 +348,9 @@ class LoRAWeights:
             )
         if self.a.dtype != self.b.dtype:
             raise ValueError(f"a and b must share a dtype, got {self.a.dtype} and {self.b.dtype}")
-        if tuple(self.slot_ranks.shape) != (num_slots,):
-            raise ValueError(f"slot_ranks must be [{num_slots}], got {tuple(self.slot_ranks.shape)}")
+        if tuple(self.slot_ranks.shape) != (num_slots,) or self.slot_ranks.dtype != torch.int32:
+            # int32: the kernels read it so (an int64 one read ranks [4, 4] as [4, 0]).
+            raise ValueError(f"slot_ranks must be int32 [{num_slots}], got {self.slot_ranks.dtype} {tuple(self.slot_ranks.shape)}")
         if not self.host_ranks:
             self.host_ranks = self.slot_ranks.tolist()
         if len(self.host_ranks) != num_slots or not all(0 <= r <= max_rank for r in self.host_ranks):

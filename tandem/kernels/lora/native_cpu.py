@@ -224,6 +224,10 @@ def load_slot(slot: int, slices: list[tuple[LoRAWeights, int, int, Tensor, Tenso
         a_dst, slice_bytes, bt_dst, item, fin, n = dst
         structs.append(_Slice(a.data_ptr(), b.data_ptr(), a_dst + s * slice_bytes, bt_dst + col * item, fin, b.shape[0], a.shape[0], n, scale))
     lib.tandem_lora_load((_Slice * len(structs))(*structs), len(structs), dtype == torch.bfloat16)
+    # Written behind torch's back: bump the pools' versions as its copies would, or whatever
+    # is cached by version (a mixture's stacked weights) goes on serving the evicted adapter.
+    written = {id(w): w for w, *_ in slices}.values()
+    torch.autograd.graph.increment_version([t for w in written for t in (w.a, w.b)])
     return True
 
 
