@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -135,6 +137,36 @@ def test_an_engine_thread_that_dies_fails_its_streams_and_takes_the_replica_out(
                 client.generate("hi", max_new_tokens=1)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE and "must be restarted" in info.value.message
             assert wait_until(lambda: client.health() == "NOT_SERVING") and client.health(READY) == "NOT_SERVING"
+            assert _http_health(thread) == 503  # it said 200: a balancer polling HTTP kept sending traffic
+    finally:
+        thread.stop()
+        engine.shutdown()
+
+
+def _http_health(thread: ServerThread) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{thread.server.http_port}/health", timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_an_engine_that_died_before_the_server_attached_it_is_not_served(tiny_model_dir):
+    """On a GPU the engine thread can fail at its first line, before serve attaches it and
+    installs on_failure: the replica said live and ready forever, refusing every call."""
+    engine = start_engine(tiny_model_dir)
+
+    def broken() -> bool:
+        raise RuntimeError("the device failed at start")
+
+    engine.engine.has_work = broken
+    engine.abort("none")  # wakes the idle engine thread, which then fails
+    assert wait_until(lambda: engine.failure is not None)
+    thread = ServerThread(loopback(), engine)
+    try:
+        with TandemClient(thread.target, max_retries=0, timeout=30) as client:
+            assert wait_until(lambda: client.health() == "NOT_SERVING") and client.health(READY) == "NOT_SERVING"
+        assert _http_health(thread) == 503
     finally:
         thread.stop()
         engine.shutdown()

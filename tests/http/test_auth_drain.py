@@ -50,6 +50,13 @@ def test_bearer_tokens(auth_server, base_model):
     # Probes send no token.
     with urllib.request.urlopen(f"http://127.0.0.1:{auth_server.server.http_port}/health", timeout=10) as reply:
         assert reply.status == 200
+    # The API port's metrics name the adapters in use and the jobs' losses: a token's (they were open).
+    metrics = f"http://127.0.0.1:{auth_server.server.http_port}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(metrics, timeout=10)
+    assert caught.value.code == 401
+    with urllib.request.urlopen(urllib.request.Request(metrics, headers={"authorization": f"Bearer {TOKEN}"}), timeout=10) as reply:
+        assert reply.status == 200 and b"tandem:" in reply.read()
 
 
 def _refuses_connections(port: int) -> bool:

@@ -54,7 +54,9 @@ class ServingState:
         engine.on_failure = lambda: asyncio.run_coroutine_threadsafe(self._mark_failed(), loop)
         if engine.engine.registry is not None:
             self.catalog = engine.engine.registry
-        if not self._draining:
+        if engine.failure is not None:  # it failed before on_failure was there to tell us
+            await self._mark_failed()
+        elif not self._draining:
             for service in self._services:
                 await self._health.set(service, SERVING)
 
@@ -80,6 +82,8 @@ class ServingState:
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no admitted call is left, False if `timeout` seconds pass first."""
+        if self._idle.is_set():  # wait_for with a timeout of 0 gives up even on a set event
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

@@ -261,13 +261,19 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
 
     @app.get("/health")
     async def health() -> Response:
-        """200 once the model is loaded and while not draining (readiness), else 503."""
+        """200 once the model is loaded and while not draining (readiness), else 503; 503 too
+        once the engine thread has stopped on an error (gRPC health says NOT_SERVING then)."""
         if state.engine is None or state.draining:
             return _error(Unavailable("not ready: the model is loading or the server is draining"), request_id_of(""))
+        if state.engine.failure is not None:
+            return _error(Unavailable(f"the engine stopped on an error: {state.engine.failure!r}"), request_id_of(""))
         return Response(status_code=200)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        """With tokens, any role's token: on the API port the metrics name adapters in use and
+        the jobs' losses (the metrics port is for the cluster's scraper, behind its policy)."""
+        authorize(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
