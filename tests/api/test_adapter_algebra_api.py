@@ -54,6 +54,14 @@ def test_a_mixture_is_served_beside_plain_and_base_requests(admin):
     assert len(base.token_ids) == 6
 
 
+def test_a_mixture_in_flight_shows_its_adapters_names_in_the_metrics(server, admin):
+    """Its weights were part of the label value: any caller could mint a series per request."""
+    stream = admin.stream(adapter={"a0": 0.123456, "a1": 0.654321}, **(GREEDY | {"max_new_tokens": 200}))
+    next(stream)
+    assert sorted(server.server.state.lora_activity().running) == ["a0", "a1"]
+    stream.close()
+
+
 @pytest.mark.parametrize(
     "adapter, code, reason",
     [

@@ -8,6 +8,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -132,3 +133,23 @@ def test_the_grafana_dashboard_queries_only_exposed_series(after_known_requests)
     queried = {name for expr in exprs for name in re.findall(r"tandem:[a-z0-9_:]+", expr)}
     assert len(queried) >= 15
     assert sorted(queried - set(after_known_requests)) == []
+
+
+def test_inter_token_latency_follows_each_completion_of_n(monkeypatch):
+    """n completions' outputs interleave: each output after the first in a step read as a
+    ~0 s gap, and the other completions' first tokens counted as intervals."""
+    from tandem.server.api import call_record
+    from tandem.server.engine.outputs import RequestOutput
+    from tandem.server.metrics import Metrics
+
+    now = [0.0]
+    monkeypatch.setattr(call_record, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    metrics = Metrics("m")
+    record = call_record.CallRecord("r", "Generate", metrics)
+    for step in range(3):  # every step, 50 ms apart, one token for each of 4 completions
+        now[0] += 0.05
+        for index in range(4):
+            record.on_output(RequestOutput("r", "x", [7], False, None, 3, step + 1, index=index))
+    samples = {s.name: s.value for s in metrics.inter_token_latency.collect()[0].samples if not s.labels.get("le")}
+    assert samples["tandem:inter_token_latency_seconds_count"] == 8  # 4 completions x 2 intervals
+    assert samples["tandem:inter_token_latency_seconds_sum"] == pytest.approx(8 * 0.05)

@@ -34,6 +34,7 @@ class CallRecord:
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
     adapter: str = ""
+    adapters: tuple[str, ...] = ()  # the adapters' names, a mixture's each (what the metrics show)
     engine_request_id: str = ""
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -42,6 +43,7 @@ class CallRecord:
     last_token_at: float | None = None
     role: Role = Role.ADMIN
     scheduled_at: float | None = None  # when the engine first scheduled the generation
+    _last_token_of: dict[int, float] = field(default_factory=dict, repr=False)  # per completion index
 
     def on_output(self, out: RequestOutput) -> None:
         """Records one engine increment: TTFT on the first token, inter-token latency after."""
@@ -49,17 +51,22 @@ class CallRecord:
         if self.scheduled_at is None:
             self.scheduled_at = out.first_scheduled_at
         self.prompt_tokens = out.prompt_tokens
-        # Counted from the increment itself: the outputs of n completions interleave.
+        # Counted from the increment itself, per completion: the outputs of n completions
+        # interleave, and one's tokens follow its own last one, not another's (n = 4 read
+        # three quarters of its gaps as ~0).
         new_tokens = len(out.token_ids)
         if new_tokens > 0:
             if self.first_token_at is None:
                 self.first_token_at = now
                 self.metrics.time_to_first_token.observe(now - self.started)
+            last = self._last_token_of.get(out.index)
+            if last is None:  # this completion's first token ends no interval
                 new_tokens -= 1
-            if new_tokens > 0 and self.last_token_at is not None:
-                gap = (now - self.last_token_at) / new_tokens
+            elif new_tokens > 0:
+                gap = (now - last) / new_tokens
                 for _ in range(new_tokens):
                     self.metrics.inter_token_latency.observe(gap)
+            self._last_token_of[out.index] = now
             self.last_token_at = now
         self.generated_tokens += len(out.token_ids)
         if out.finished and out.finish_reason is not None:

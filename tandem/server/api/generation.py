@@ -23,8 +23,10 @@ async def generate(
     """
     with state.admit() as engine:
         call = current_call()
-        # A mixture shows as its adapters and weights, e.g. "sql*0.7+json*0.3".
+        # A mixture shows as its adapters and weights in the log, e.g. "sql*0.7+json*0.3", and
+        # as its adapters' names in the metrics (weights there would mint a series per request).
         call.adapter = adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or [])
+        call.adapters = (adapter,) if adapter else tuple(name for name, _ in mixture or [])
         # Callers may reuse a request id (retries do); engine ids must stay unique.
         engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
         call.engine_request_id = engine_id

@@ -128,8 +128,8 @@ class ServingState:
         return self.catalog.slot_stats()
 
     def lora_activity(self) -> LoraActivity:
-        calls = [c for c in list(self._in_flight.values()) if c.adapter]
+        calls = list(self._in_flight.values())
         return LoraActivity(
-            running=[c.adapter for c in calls if not c.waiting],
-            waiting=[c.adapter for c in calls if c.waiting],
+            running=[name for c in calls if not c.waiting for name in c.adapters],
+            waiting=[name for c in calls if c.waiting for name in c.adapters],
         )
