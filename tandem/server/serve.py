@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Runs until SIGTERM or SIGINT; returns the process exit status."""
+    """Runs until SIGTERM or SIGINT, then drains and ends the process (exit status 0; 1 on a
+    second signal during the drain); returns 1 when the model cannot be loaded."""
     from tandem.server.engine.async_engine import AsyncEngine  # torch import: only when serving
 
     server = build_server(server_config)
@@ -52,9 +53,18 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
         await server.attach_engine(engine)
         await stopping
         log.info("signal received: draining")
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second one: stop waiting
+            loop.add_signal_handler(sig, _second_signal)
         await server.drain()
         engine.shutdown()
-    return 0
+    # Not a return: asyncio.run would then wait, without end, for the worker threads of calls
+    # the drain cancelled (a merge, a job's dataset write: their files are written atomically).
+    _exit_now(0)
+
+
+def _second_signal() -> NoReturn:
+    log.info("second signal received: exiting without finishing the drain")
+    _exit_now(1)
 
 
 async def _in_own_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -90,7 +100,12 @@ async def _exit_during_load(server: TandemServer) -> NoReturn:
     the interpreter its threads) for up to minutes, past Kubernetes' grace period."""
     log.info("signal received while loading the model: exiting without waiting for the load")
     await server.drain(grace=0)
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Ends the process now, logs flushed, without joining threads that may not end soon."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -99,3 +99,44 @@ def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
         assert "ready" not in messages
     finally:
         process.kill()
+
+
+SLOW_ADAPTER_LOAD = """
+import sys, time
+from tandem.server.adapters import registry
+
+def slow_load(self, name, path=""):
+    time.sleep(120)  # a LoadAdapter still reading when the drain ends
+
+registry.AdapterRegistry.load = slow_load
+from tandem.server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("grace", "signals", "status"), [(1, 1, 0), (120, 2, 1)], ids=["drain-ends", "second-signal"])
+def test_the_process_ends_with_its_drain_or_a_second_signal_whatever_its_worker_threads_do(tiny_model_dir, tmp_path, grace, signals, status):
+    """A call's worker thread (asyncio.to_thread) kept the process alive after its drain (asyncio.run
+    joins them without a bound: SIGKILL at the grace period), and further signals were ignored."""
+    env = {**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_PORT": "0", "TANDEM_METRICS_PORT": "0", "TANDEM_HTTP_PORT": "0"}
+    command = [sys.executable, "-c", SLOW_ADAPTER_LOAD, "serve", "--model", str(tiny_model_dir), "--dtype", "float32",
+               "--adapters-dir", str(tmp_path), "--drain-grace-seconds", str(grace)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        logged = []
+        while not any(entry.get("msg") == "ready" for entry in logged):
+            line = process.stderr.readline()
+            assert line, "the server ended before it was ready"
+            if line.startswith("{"):
+                logged.append(json.loads(line))
+        port = next(entry["port"] for entry in logged if entry.get("msg") == "listening")
+        with TandemClient(f"127.0.0.1:{port}", max_retries=0, timeout=300) as client, ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.load_adapter, "slow")
+            time.sleep(1.0)  # the call is in its worker thread
+            for _ in range(signals):
+                process.send_signal(signal.SIGTERM)
+                time.sleep(1.0)
+            assert process.wait(timeout=20) == status
+            assert call.exception(timeout=30) is not None
+    finally:
+        process.kill()
