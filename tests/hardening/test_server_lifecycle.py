@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,14 @@ def test_a_second_server_on_the_same_port_is_an_error():
 
         with pytest.raises(OSError, match=rf"^cannot listen on 127\.0\.0\.1:{first.server.port}: is another process using it\?"):
             asyncio.run(second())
+
+        async def metrics_taken() -> None:  # bound last, after the others served, with no port named
+            server = build_server(replace(loopback(), metrics_port=first.server.metrics_port))
+            with pytest.raises(OSError, match=rf"^cannot listen for metrics on 127\.0\.0\.1:{first.server.metrics_port}: is another"):
+                await server.start()
+            socket.create_server(("127.0.0.1", server.http_port)).close()  # its HTTP port was let go
+
+        asyncio.run(metrics_taken())
     finally:
         first.stop()
 

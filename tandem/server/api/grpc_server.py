@@ -62,11 +62,20 @@ class TandemServer:
         return None if self.http is None else self.http.port
 
     async def start(self) -> None:
+        """Serves health, the HTTP front and metrics. Metrics bind first: a port in use there
+        fails before anything serves, with what to change, and leaves nothing bound."""
+        try:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        except OSError as exc:
+            await self._server.stop(grace=0)
+            if self.http is not None:
+                await self.http.close()
+            where = f"{self.config.host}:{self.config.metrics_port}"
+            raise OSError(f"cannot listen for metrics on {where}: is another process using it? ({exc})") from exc
         await self.state.mark_loading()
         await self._server.start()
         if self.http is not None:
             await self.http.start()
-        self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         log.info(
             "listening",
             extra={"fields": {"port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}},
