@@ -260,3 +260,25 @@ def test_a_kept_count_that_does_not_match_the_mask_is_refused(rows, cols):
 def test_density_out_of_range_is_refused(density):
     with pytest.raises(InvalidRequest, match=r"density must lie in \(0, 1\]"):
         compressed_files({}, {"k": torch.randn(2, 2)}, density)
+
+
+def test_an_adapters_directory_it_cannot_write_is_a_failed_precondition(tiny_hf_model, smollm2_tokenizer, source_dir, tmp_path, monkeypatch):
+    """Kubernetes mounts the serving replicas' adapters read-only: a merge or compress there
+    was an INTERNAL error with a trace, not a refusal saying where to publish."""
+    import errno
+
+    from tandem.server.adapters import registry as registry_module
+    from tandem.server.adapters.merging import MergeSpec
+    from tandem.server.errors import FailedPrecondition
+
+    root = tmp_path / "adapters"
+    shutil.copytree(source_dir, root)
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=4).registry
+
+    def read_only(path, files):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(registry_module, "write_directory", read_only)
+    for publish in (lambda: registry.compress("small", "full", 0.1), lambda: registry.merge("merged", MergeSpec(("full",), (), "linear"))):
+        with pytest.raises(FailedPrecondition, match="cannot write adapter '.*' into the adapters directory \\(Read-only file system\\): publish"):
+            publish()

@@ -21,11 +21,13 @@ to their current versions each time, and refuses experts that are unknown, route
 themselves, or that do not adapt what its gates route.
 """
 
+import errno
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -39,7 +41,7 @@ from tandem.server.adapters.host_slab import HostSlab
 from tandem.server.adapters.lora_init import draw_order
 from tandem.server.adapters.merging import MergeSpec, merge_adapters
 from tandem.server.adapters.mixture import Mixture, check_members
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, read_adapter, read_config, write_adapter
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, adapter_files, read_adapter, read_config
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import remove_leftovers, write_directory
@@ -317,7 +319,7 @@ class AdapterRegistry:
         check_adapter_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
-        write_adapter(self.adapters_dir / name, config, tensors, a_init_seed)
+        self._publish(name, adapter_files(config, tensors, a_init_seed))
         return self.load(name)
 
     def publish_router(self, name: str, files: dict[str, bytes]) -> AdapterInfo:
@@ -325,7 +327,7 @@ class AdapterRegistry:
         check_adapter_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing a router needs an adapters directory (start the server with --adapters-dir)")
-        write_directory(self.adapters_dir / name, files)
+        self._publish(name, files)
         return self.load(name)
 
     def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]:
@@ -352,8 +354,21 @@ class AdapterRegistry:
         files = compressed_files(config, tensors, density, adapter.a_init_seed)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("writing an adapter needs an adapters directory (start the server with --adapters-dir)")
-        write_directory(self.adapters_dir / name, files)
+        self._publish(name, files)
         return self.load(name)
+
+    def _publish(self, name: str, files: Mapping[str, bytes]) -> None:
+        """Writes a new adapter's folder; a directory this server cannot write (Kubernetes
+        mounts the serving replicas' read-only) is the caller's to fix, not an internal error."""
+        try:
+            write_directory(self.adapters_dir / name, files)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise FailedPrecondition(
+                f"cannot write adapter {name!r} into the adapters directory ({exc.strerror}): publish it on a server "
+                "whose --adapters-dir is writable (in the Kubernetes layout, the trainer)"
+            ) from exc
 
     def _plain(self, name: str, action: str) -> LoRAAdapter:
         """The current version of a LoRA adapter (InvalidRequest for a router)."""
