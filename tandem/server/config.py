@@ -170,6 +170,8 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        if self.host.startswith("["):
+            raise ValueError(f"host is an address without brackets (an IPv6 one as ::1 or ::), got {self.host!r}")
         for name in ("port", "metrics_port", "http_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")

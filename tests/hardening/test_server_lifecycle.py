@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -149,3 +151,28 @@ def test_the_process_ends_with_its_drain_or_a_second_signal_whatever_its_worker_
             assert call.exception(timeout=30) is not None
     finally:
         process.kill()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_host_serves_every_port_and_a_bracketed_one_is_refused_with_the_form():
+    """:: was read as "::" plus ":port" by gRPC (reported as a port in use), and the HTTP
+    front opened an IPv4 socket for it."""
+    thread = ServerThread(replace(loopback(), host="::1"), None)
+    try:
+        with TandemClient(f"[::1]:{thread.server.port}", max_retries=0, timeout=10) as client:
+            assert client.health() == "SERVING"
+        with pytest.raises(urllib.error.HTTPError) as loading:  # served, not ready: 503
+            urllib.request.urlopen(f"http://[::1]:{thread.server.http_port}/health", timeout=10)
+        assert loading.value.code == 503
+    finally:
+        thread.stop()
+    with pytest.raises(ValueError, match=r"host is an address without brackets \(an IPv6 one as ::1 or ::\), got '\[::\]'"):
+        replace(loopback(), host="[::]")

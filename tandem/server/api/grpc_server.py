@@ -148,7 +148,7 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     finetuning_pb2_grpc.add_FineTuningServiceServicer_to_server(FineTuningServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
-    address = f"{config.host}:{config.port}"
+    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"  # IPv6 in brackets
     credentials = _credentials(config)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

@@ -21,7 +21,8 @@ CLOSE_GRACE_SECONDS = 5
 
 class HttpFront:
     def __init__(self, app: FastAPI, host: str, port: int):
-        self._sock = socket.create_server((host, port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, reuse_port=False)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=CLOSE_GRACE_SECONDS
