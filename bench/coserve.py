@@ -15,13 +15,16 @@ On SmolLM2-135M-Instruct, in one run:
   it later kept the engine alone 99% busy: a load past half the host's capacity by then);
 - at 25%, 50% and 90% of the maximum (Poisson arrivals), inference (a) alone, (b) beside a
   co-served job (--finetune-mode coserve, --coserve-itl-p99 = 1.15 x the p99 inter-token
-  latency measured alone at 50%; at 50% each pair's own), (c) beside a time-sliced job (--finetune-mode timeslice;
+  latency measured alone at 50%: the median pair's; at 50% each pair's own), (c) beside a
+  time-sliced job (--finetune-mode timeslice;
   at 90% also with smaller shares of the engine's time, --timeslice-share, and smaller
   micro-batches, --finetune-micro-batch-tokens); (a') alone under the co-serving target.
   The target caps prompt tokens per iteration with or without a job, in either mode: the
   90% sweep's time-sliced runs are given it too, so that both modes schedule inference alike
   where they are compared at the same p99. (The full-share time-sliced runs are not: with
   one micro-batch after every iteration, capped prefills drained their backlog for minutes.)
+  The 50% row is its median pair's (rate, inference alone, co-served window); its (a') and
+  (c) windows run at that pair's rate, not at half the start-of-run maximum.
 Each reports TTFT and ITL p50/p99 (engine-side: AsyncEngine streams, no gRPC; inclusive
 percentiles, with their sample counts) and the job's training tokens/s in the window. A
 window ends when its load stops sending requests: the requests sent in it are measured to
@@ -63,6 +66,7 @@ from bench.report import cpu_kind, machine_info, write_result  # noqa: E402
 from bench.synthetic_task import TRAIN_SEED, make_examples, to_messages, write_jsonl  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
 from tandem.server.engine.async_engine import AsyncEngine  # noqa: E402
+from tandem.server.engine.finetune_share import TRAINING  # noqa: E402
 from tandem.server.engine.sampling_params import SamplingParams  # noqa: E402
 from tandem.server.finetune.jobs import JobRequest  # noqa: E402
 from tandem.server.finetune.trainer import Hyperparameters  # noqa: E402
@@ -242,13 +246,20 @@ class GuardRoom:
             return None
         cost = share.costs()
         room = training = inference_tokens = 0.0
+        mixes: dict[str, dict] = {}
         for seconds, work, gain in self.iterations:
             inference_tokens += work.get("inference", 0.0)
             base = cost["fixed"] + cost["inference"] * work.get("inference", 0.0)
             if work.get("inference"):
                 room += max(0.0, gain * share.target - base)
-            if any(work.get(kind) for kind in ("forward", "head", "backward")):
-                training += max(0.0, seconds - base)
+            if present := [kind for kind in TRAINING if work.get(kind)]:
+                spent = max(0.0, seconds - base)
+                training += spent
+                mix = mixes.setdefault("+".join(present), {"iterations": 0, "seconds": 0.0} | {kind: 0.0 for kind in present})
+                mix["iterations"] += 1
+                mix["seconds"] += spent
+                for kind in present:
+                    mix[kind] += work[kind]
         return {
             "iterations": len(self.iterations),
             "mean_iteration_ms": 1000 * sum(i[0] for i in self.iterations) / len(self.iterations),
@@ -260,6 +271,11 @@ class GuardRoom:
             "inference_tokens": inference_tokens,
             "training_bound_share": 1 - (cost["inference"] * inference_tokens + cost["fixed"] * window_seconds / share.target) / window_seconds,
             "training_ms_per_token": 1000 * training / train_tokens if train_tokens else None,
+            # Where training's time went, by the mix of training kinds an iteration carried
+            # ("forward", "forward+head", ...): iterations, their time past the fitted fixed and
+            # inference cost (as training_share counts it), and each kind's units (forward
+            # tokens, head rows, backward token-layers / num_layers).
+            "mixes": mixes,
         }
 
 
@@ -342,6 +358,8 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
             start_job(engine)
             while trained() == 0:
                 time.sleep(0.2)
+        core = engine.engine
+        preemptions, reclaims = core.scheduler.num_preemptions, core.coserve.num_reclaims
         started = time.perf_counter()
         busy.recording = True
         window.on_end.append(lambda: setattr(busy, "recording", False))
@@ -353,7 +371,12 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
         window.seconds = stopped - started
         window.train_tokens = trained.tokens(started, stopped)
         window.train_rate = trained.rate(started, stopped)
-        summary = window.summary() | {"finetune_share": engine.stats().finetune_share, "engine_busy_share": busy.seconds / window.seconds}
+        summary = window.summary() | {
+            "finetune_share": engine.stats().finetune_share, "engine_busy_share": busy.seconds / window.seconds,
+            # Requests preempted for KV blocks (recomputed later) and micro-batches that gave
+            # theirs back and started over, in the window and its drain.
+            "preemptions": core.scheduler.num_preemptions - preemptions, "training_restarts": core.coserve.num_reclaims - reclaims,
+        }
         if room is not None and (guard := room.summary(window.seconds, window.train_rate * window.seconds)) is not None:
             summary["guard"] = guard
     finally:
@@ -495,15 +518,7 @@ def main() -> None:
 
         loads, target = [], None
         for load in args.loads:  # 50% first: it sets the co-serving target
-            rate = load * max_rate
-            run = {"load": load, "rate": rate}
-            poisson_load = partial(poisson, rate=rate, seconds=seconds, seed=int(load * 100))
-            run["alone"] = measure(root, "coserve", None, False, poisson_load)
-            if target is None:
-                target = 1.15 * run["alone"]["itl_p99"]
-            # The guard also caps prompt tokens per iteration to the target: inference alone
-            # under the same guard shows what that does without a job.
-            run["alone_guarded"] = measure(root, "coserve", target, False, poisson_load)
+            run = {"load": load}
             if load == 0.5:  # the goal's windows, each co-served one between two solos
                 run["pairs"] = [adjacent_pair(root, load, seconds, seed=int(load * 100)) for _ in range(args.pairs)]
                 for i, pair in enumerate(run["pairs"]):
@@ -515,11 +530,24 @@ def main() -> None:
                         f"alone after {pair['solo_after']['train_tokens_per_s']:.0f}: {pair['fraction']:.1%}",
                         flush=True,
                     )
-                # Its own pair's load, which differs from the row's other windows' (the maximum
-                # measured again): the goal compares only windows of one pair.
-                run["coserve"] = median_pair(run["pairs"])["coserve"]
-                run["coserve_rate"] = median_pair(run["pairs"])["rate"]
+                # The row is the median pair's: its rate (from the maximum it measured again),
+                # its inference alone and target, its co-served window; the row's guarded and
+                # time-sliced windows run at that rate too, so the row compares one load.
+                median = median_pair(run["pairs"])
+                run |= {"rate": median["rate"], "alone": median["alone"], "coserve": median["coserve"]}
+                if target is None:
+                    target = median["itl_p99_target"]
             else:
+                run["rate"] = load * max_rate
+            poisson_load = partial(poisson, rate=run["rate"], seconds=seconds, seed=int(load * 100))
+            if load != 0.5:
+                run["alone"] = measure(root, "coserve", None, False, poisson_load)
+                if target is None:
+                    target = 1.15 * run["alone"]["itl_p99"]
+            # The guard also caps prompt tokens per iteration to the target: inference alone
+            # under the same guard shows what that does without a job.
+            run["alone_guarded"] = measure(root, "coserve", target, False, poisson_load)
+            if load != 0.5:
                 run["coserve"] = measure(root, "coserve", target, True, poisson_load)
             run["timeslice"] = measure(root, "timeslice", None, True, poisson_load)
             for mode in ("alone", "alone_guarded", "coserve", "timeslice"):
@@ -527,7 +555,7 @@ def main() -> None:
                 print(
                     f"load {load:.0%} {mode:9s}: ITL p50 {1000 * r['itl_p50']:.0f} ms p99 {1000 * r['itl_p99']:.0f} ms, "
                     f"TTFT p99 {1000 * r['ttft_p99']:.0f} ms, fine-tuning {r['train_tokens_per_s']:.0f} tokens/s, "
-                    f"engine busy {r['engine_busy_share']:.0%}",
+                    f"engine busy {r['engine_busy_share']:.0%}, {r['preemptions']} preemptions, {r['training_restarts']} training restarts",
                     flush=True,
                 )
                 if (g := r.get("guard")) is not None:
@@ -537,6 +565,11 @@ def main() -> None:
                         f"iteration at the target: {g['training_bound_share']:.0%}), used {g['training_share']:.0%}" + (f" at {g['training_ms_per_token']:.1f} ms a token" if g["training_ms_per_token"] else ""),
                         flush=True,
                     )
+                    print("    training by mix: " + "; ".join(
+                        f"{name} {m['iterations']} iterations, {m['seconds']:.1f} s, "
+                        + ", ".join(f"{m[kind]:.0f} {kind} units" for kind in name.split("+"))
+                        for name, m in g["mixes"].items()
+                    ), flush=True)
             loads.append(run)
         # Time-slicing at 90% with smaller shares of the engine's time (rarer waits) and smaller
         # micro-batches (shorter waits): the best that keeps within co-serving's p99 is what
