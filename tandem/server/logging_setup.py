@@ -33,8 +33,14 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        suffix = " ".join(f"{k}={v}" for k, v in fields.items())
+        suffix = " ".join(f"{k}={_text_field(v)}" for k, v in fields.items())
         return f"{super().format(record)} {suffix}".rstrip()
+
+
+def _text_field(value: object) -> object:
+    """A string a caller chose (an adapter name, a request id) quoted and escaped where it has
+    spaces or control characters: a newline in one forged a log line of its own."""
+    return json.dumps(value) if isinstance(value, str) and (not value.isprintable() or " " in value) else value
 
 
 class TerminalHandler(logging.StreamHandler):

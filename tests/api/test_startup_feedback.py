@@ -84,3 +84,13 @@ def test_serve_on_a_terminal_shows_the_phase_under_way_as_one_live_line(monkeypa
     _, live, done = terminal.getvalue().split("\r")
     assert live == "loading the model: read (1/4)\x1b[K"
     assert done.startswith("\x1b[K{") and '"state": "done"' in done and done.endswith("}\n")
+
+
+def test_text_logs_quote_a_field_a_caller_chose_so_it_cannot_forge_a_line():
+    from tandem.server.logging_setup import TextFormatter
+
+    record = logging.LogRecord("tandem.request", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"adapter": "x\n2026-01-01 00:00:00 INFO forged: admin login", "status": "OK", "path": "a b"}
+    line = TextFormatter().format(record)
+    assert "\n" not in line
+    assert line.endswith('adapter="x\\n2026-01-01 00:00:00 INFO forged: admin login" status=OK path="a b"')
