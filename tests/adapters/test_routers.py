@@ -164,6 +164,25 @@ def test_each_token_reports_the_expert_its_gates_weighted_most(tiny_hf_model, sm
     assert sum(counts.values()) == len(prompt) + NEW_TOKENS - 1
 
 
+def test_tokens_a_preemption_recomputes_are_counted_once_per_expert(tiny_hf_model, smollm2_tokenizer, adapters_dir):
+    """router_expert_tokens counted every routed row of every forward: a preempted request's
+    recomputed prompt and tokens counted again (79 for 63 tokens)."""
+    from tandem.server.engine.kv_cache import KVCache
+    from tests.engine.helpers import random_prompts
+
+    shape = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir).runner.model.shape
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(adapters_dir), max_lora_rank=8, max_loras=4,
+                         block_size=4, kv_cache_bytes=12 * KVCache.bytes_per_block(shape, 4, torch.float32))
+    prompts = random_prompts([10, 9, 11], len(smollm2_tokenizer), seed=2)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params, engine.registry.get("same"))
+    while engine.has_work():
+        engine.step()
+    assert engine.stats().num_preemptions >= 1
+    assert sum(engine.stats().router_expert_tokens.values()) == sum(len(p) + 12 - 1 for p in prompts)
+
+
 def test_a_running_router_pins_its_experts_and_releases_them(tiny_hf_model, smollm2_tokenizer, adapters_dir):
     engine = engine_for(tiny_hf_model, smollm2_tokenizer, adapters_dir, max_loras=3)
     pool = engine.registry.pool
@@ -242,9 +261,12 @@ def write_gates(root: Path, name: str, gates: dict[str, torch.Tensor]) -> None:
          f"has no {GATES_FILE}"),
         (lambda m, d: write_gates(d, "r", {f"layers.{'9' * 5000}.qkv.weight": torch.randn(2, 64)}), IncompatibleAdapter,
          "has an unexpected tensor 'layers.999"),
+        # One gate spelled twice: which copy served depended on the file's key order.
+        (lambda m, d: write_gates(d, "r", {"layers.1.qkv.weight": torch.randn(2, 64), "layers.01.qkv.weight": torch.randn(2, 64)}),
+         IncompatibleAdapter, "has an unexpected tensor 'layers.01.qkv.weight'"),
     ],
     ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "tiny-temperature", "slots", "no-gates",
-         "layer-of-5000-digits"],
+         "layer-of-5000-digits", "leading-zero"],
 )
 def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, make, error, message):
     root = tmp_path / "adapters"
@@ -255,3 +277,20 @@ def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_t
     registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=2).registry
     with pytest.raises(error, match=message):
         registry.get("r")
+
+
+def test_tied_gates_pick_the_first_experts_whatever_shares_the_step():
+    """Zero gates (how gate training starts) tie every expert: topk's order among ties changed
+    with the step's widest router, so one request's experts, and its tokens, changed with the
+    routers batched beside it."""
+    from tandem.server.model.routing import RoutedRows, StepRouter
+
+    x, cpu = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)), torch.device("cpu")
+    zero4 = StepRouter({(0, "qkv"): torch.zeros(4, 64)}, (0, 1, 2, 3), 2, 1.0)
+    wide = StepRouter({(0, "qkv"): torch.randn(8, 64)}, tuple(range(4, 12)), 2, 1.0)
+    zero8 = StepRouter({(0, "qkv"): torch.zeros(8, 64)}, tuple(range(8)), 2, 1.0)
+    alone = RoutedRows.build([zero4], [0], [0], cpu).route(x, (0, "qkv"))
+    beside = RoutedRows.build([zero4, wide], [0, 1], [0, 1], cpu).route(torch.cat([x, x]), (0, "qkv"))
+    eight = RoutedRows.build([zero8], [0], [0], cpu).route(x, (0, "qkv"))
+    assert alone[0][0].tolist() == beside[0][0].tolist() == eight[0][0].tolist() == [0, 1]
+    assert alone[1][0].tolist() == [0.5, 0.5]

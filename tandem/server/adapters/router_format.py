@@ -45,11 +45,11 @@ FORMAT = "tandem-router"
 VERSION = 1
 DEFAULT_TOP_K = 2
 # At most 9 digits: int() refuses thousands (a ValueError, an INTERNAL), and no model has a
-# billion layers.
+# billion layers; no leading zero: "layers.01" and "layers.1" would be one gate twice.
 # The least temperature: gate logits are multiplied by 1 / temperature in float32, and at
 # 1e-40 that is inf, every routed token's mixture NaN. At 1e-4 routing is already top-1.
 MIN_TEMPERATURE = 1e-4
-_GATE_KEY = re.compile(r"layers\.(?P<layer>\d{1,9})\.(?P<group>qkv|o|gate_up|down)\.weight")
+_GATE_KEY = re.compile(r"layers\.(?P<layer>0|[1-9]\d{0,8})\.(?P<group>qkv|o|gate_up|down)\.weight")
 
 
 @dataclass

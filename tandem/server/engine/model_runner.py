@@ -418,8 +418,11 @@ class ModelRunner:
         row = 0
         for seq, start, n in routed:
             router = seq.adapter
-            self.router_expert_tokens.update((router.name, router.experts[e]) for e in top[row : row + n])
-            if seq.num_computed + n == len(seq.token_ids):  # its last row samples a token
+            end = seq.num_computed + n
+            first = row + n - max(0, end - max(seq.routed_counted, seq.num_computed))  # rows not counted before
+            self.router_expert_tokens.update((router.name, router.experts[e]) for e in top[first : row + n])
+            seq.routed_counted = max(seq.routed_counted, end)
+            if end == len(seq.token_ids):  # its last row samples a token
                 seq.top_experts.append(top[row + n - 1])
             row += n
 

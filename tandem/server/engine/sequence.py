@@ -55,6 +55,9 @@ class Sequence:
     first_scheduled_at: float | None = None  # time.monotonic() of its first scheduled chunk
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     top_experts: list[int] = field(default_factory=list)
+    # Tokens of a router's sequence counted in router_expert_tokens: those a preemption makes
+    # it compute again are not counted again.
+    routed_counted: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property

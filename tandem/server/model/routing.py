@@ -139,7 +139,11 @@ class RoutedRows:
         logits = logits * self.inv_temperature
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
-        top_logits, experts = logits.topk(self.k, dim=1)
+        # Ties (zero gates: a uniform start) go to the lower expert index: topk's order among
+        # equal values changed with the tensor's width, the step's widest router, so a token's
+        # experts depended on which routers shared its batch.
+        top_logits, experts = logits.sort(dim=1, descending=True, stable=True)
+        top_logits, experts = top_logits[:, : self.k], experts[:, : self.k]
         empty = self.empty[key]
         if empty is None:
             return experts, torch.softmax(top_logits, dim=1), None
