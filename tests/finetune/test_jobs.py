@@ -302,6 +302,38 @@ def test_a_diverging_job_fails_and_publishes_nothing(tiny_model_dir, tiny_hf_mod
     assert content_hash(base) == before and job.content_hash == ""
 
 
+def test_a_job_store_that_cannot_be_written_fails_the_job_not_the_engine(tiny_model_dir, dirs):
+    """With the data disk full, saving the job's progress failed, then saving its failure
+    failed too, and that error stopped the engine thread: every request after it was refused."""
+    import sqlite3
+
+    class FullDisk:
+        def execute(self, *args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    engine = start(tiny_model_dir, dirs)
+    store = engine.jobs._store
+    database = store._db
+    try:
+        job = engine.jobs.create(request())
+        wait_for(engine, job.id, lambda j: j.status is JobStatus.RUNNING)
+        store._db = FullDisk()
+        job = wait_for(engine, job.id)
+        assert job.status is JobStatus.FAILED and job.error.code == "storage_error"
+        assert "database or disk is full" in job.error.message and "free space in the data directory" in job.error.message
+        assert engine.failure is None
+        store._db = database
+
+        async def generate() -> list[int]:
+            params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+            return [t async for out in engine.generate("Item 3:", params, "after") for t in out.token_ids]
+
+        assert len(asyncio.run(generate())) == 3
+    finally:
+        store._db = database
+        engine.shutdown()
+
+
 def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_model_dir, tmp_path):
     """Stop the server after step 3 (checkpoints at 2, 4, 6): the restarted one resumes from
     its newest checkpoint and publishes bit-identical weights to an uninterrupted run's."""

@@ -9,9 +9,14 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from tandem.server.errors import ResourceExhausted
 from tandem.server.finetune.job import Job
 
 STORE_FILE = "jobs.sqlite"
+
+
+class StoreUnwritable(ResourceExhausted):
+    """The store could not be written (a full disk, most likely): RESOURCE_EXHAUSTED to a caller."""
 
 
 class JobStore:
@@ -24,12 +29,15 @@ class JobStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at REAL, record TEXT)")
 
     def save(self, job: Job) -> None:
-        """Insert or replace the job's row."""
+        """Insert or replace the job's row; StoreUnwritable when it cannot be written."""
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO jobs (id, created_at, record) VALUES (?, ?, ?)",
-                (job.id, job.created_at, json.dumps(job.to_dict())),
-            )
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO jobs (id, created_at, record) VALUES (?, ?, ?)",
+                    (job.id, job.created_at, json.dumps(job.to_dict())),
+                )
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreUnwritable(f"could not save job {job.id} in the data directory's {STORE_FILE} ({exc})") from exc
 
     def load_all(self) -> list[Job]:
         """Every job, oldest first."""

@@ -15,6 +15,7 @@ dataset and queued again; it resumes from its newest complete checkpoint.
 """
 
 import dataclasses
+import errno
 import logging
 import shutil
 import threading
@@ -34,7 +35,7 @@ from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidReque
 from tandem.server.finetune import checkpoints
 from tandem.server.finetune.dataset import TrainingExample, parse_dataset, resolve_training_file, split_eval
 from tandem.server.finetune.job import Job, JobError, JobStatus
-from tandem.server.finetune.job_store import JobStore
+from tandem.server.finetune.job_store import JobStore, StoreUnwritable
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter, spec_of
 from tandem.server.finetune.trainable_gates import RouterSpec, TrainableGates
 from tandem.server.finetune.trainer import Hyperparameters, StepPlan, StepReport, Trainer, TrainingDiverged
@@ -251,10 +252,24 @@ class JobManager:
                 if report is not None:
                     self._on_step(self._running, report)
         except TrainingDiverged as exc:
-            self._end(job_id, JobError("training_diverged", str(exc)))
+            self._fail(job_id, JobError("training_diverged", str(exc)))
+        except StoreUnwritable as exc:
+            log.exception("fine-tuning job %s stopped", job_id)
+            message = f"{exc}: free space in the data directory, then restart the server (the job resumes from its last checkpoint) or create it again"
+            self._fail(job_id, JobError("storage_error", message[:500]))
         except Exception as exc:
             log.exception("fine-tuning job %s failed", job_id)
-            self._end(job_id, JobError("internal_error", f"{type(exc).__name__}: {exc}"[:500]))
+            code = "storage_error" if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) else "internal_error"
+            self._fail(job_id, JobError(code, f"{type(exc).__name__}: {exc}"[:500]))
+
+    def _fail(self, job_id: str, error: JobError) -> None:
+        """End the running job as failed. A store that cannot take that either (a full disk)
+        fails this job, in memory and to its watchers, not the engine thread that serves
+        everyone: the store keeps the job's last saved state, from which a restart resumes it."""
+        try:
+            self._end(job_id, error)
+        except StoreUnwritable:
+            log.exception("fine-tuning job %s: its failure could not be saved", job_id)
 
     def close(self) -> None:
         self._store.close()
@@ -505,14 +520,20 @@ class JobManager:
 
     def _update(self, job_id: str, **changes) -> Job:
         """Save a changed job, then tell its watchers. A cancelled job stays cancelled."""
+        unsaved = None
         with self._lock:
             job = self._jobs[job_id]
             if job.status is JobStatus.CANCELLED and changes.get("status") is not JobStatus.CANCELLED:
                 return job
             job = job.replace(**changes)
             self._jobs[job_id] = job
-            self._store.save(job)
+            try:
+                self._store.save(job)
+            except StoreUnwritable as exc:  # raised once the watchers know
+                unsaved = exc
             watchers = list(self._watchers.get(job_id, ()))
         for callback in watchers:
             callback(job)
+        if unsaved is not None:
+            raise unsaved
         return job
