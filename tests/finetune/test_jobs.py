@@ -5,9 +5,11 @@ its checkpoint and ends with the adapter an uninterrupted run makes."""
 
 import asyncio
 import contextlib
+import dataclasses
 import copy
 import itertools
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -370,6 +372,52 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
     assert resumed.trained_tokens == uninterrupted.trained_tokens  # the steps after the checkpoint count once
     a, b = load_file(whole[0] / "tuned" / WEIGHTS_FILE), load_file(cut[0] / "tuned" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_continued_job_uses_its_checkpoint_or_the_base_version_it_started_from(tiny_model_dir, tiny_hf_model, tmp_path):
+    """A continued job re-read its base adapter's current version on restart: past a
+    checkpoint it needs none (a removed base failed the resume), and before one a base
+    republished meanwhile was trained on silently (other weights than an uninterrupted run)."""
+    roots = {name: (tmp_path / name / "adapters", tmp_path / name / "data") for name in ("whole", "cut", "early")}
+    for adapters, data in roots.values():
+        data.mkdir(parents=True)
+        make_adapter(tiny_hf_model, adapters / "plain", r=8, seed=5)
+    continued = dict(base_adapter="plain", lora={})
+
+    def stopped_after(root, step: int, **changes) -> str:
+        engine = start(tiny_model_dir, root)
+        stepped = threading.Event()
+        try:
+            job = engine.jobs.create(request(**continued, **changes))
+            engine.jobs.watch(job.id, lambda j: j.step >= step and stepped.set())
+            assert stepped.wait(60)
+        finally:
+            engine.shutdown()
+        return job.id
+
+    engine = start(tiny_model_dir, roots["whole"])
+    try:
+        uninterrupted = wait_for(engine, engine.jobs.create(request(**continued)).id)
+    finally:
+        engine.shutdown()
+    cut = stopped_after(roots["cut"], 3)  # checkpoints at 2, 4, 6
+    shutil.rmtree(roots["cut"][0] / "plain")
+    early = stopped_after(roots["early"], 1, hyperparameters=dataclasses.replace(HP, checkpoint_interval=100))
+    make_adapter(tiny_hf_model, roots["early"][0] / "plain", r=8, seed=6)  # republished before the first checkpoint
+    for name, job_id in (("cut", cut), ("early", early)):
+        engine = start(tiny_model_dir, roots[name])
+        try:
+            resumed = wait_for(engine, job_id)
+        finally:
+            engine.shutdown()
+        if name == "cut":
+            assert resumed.status is JobStatus.SUCCEEDED, resumed.error
+            a, b = load_file(roots["whole"][0] / "tuned" / WEIGHTS_FILE), load_file(roots["cut"][0] / "tuned" / WEIGHTS_FILE)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert resumed.status is JobStatus.FAILED and resumed.error.code == "validation_failed"
+            assert "base adapter 'plain' changed since the job was created, before its first checkpoint: create the job again" in resumed.error.message
+    assert uninterrupted.status is JobStatus.SUCCEEDED
 
 
 def test_time_sliced_training_keeps_to_its_share_of_the_engine_while_inference_waits(tiny_model_dir, dirs, monkeypatch):

@@ -72,6 +72,9 @@ class Job:
     finetune_share: float = 0.0
     step_iteration_tokens: dict[str, float] = field(default_factory=dict)
     router: RouterSpec | None = None
+    # The content hash of base_adapter's version the job started from: a resume before the
+    # first checkpoint needs that version (after it, the checkpoint holds every weight).
+    base_hash: str = ""
 
     def replace(self, **changes) -> "Job":
         return dataclasses.replace(self, **changes)

@@ -148,6 +148,7 @@ class JobManager:
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
             adapter=request.adapter,
             base_adapter=request.base_adapter,
+            base_hash=base.content_hash if base is not None else "",
             lora=spec,
             hyperparameters=hp,
             router=request.router,
@@ -289,6 +290,8 @@ class JobManager:
             adapter = TrainableGates(model, prepared.experts, self.engine.config.max_lora_rank, job.router, seed=job.hyperparameters.seed)
         elif prepared.base is None:
             adapter = TrainableAdapter(model, job.lora, seed=job.hyperparameters.seed)
+            if job.base_adapter:  # a continued job resumed from its checkpoint, which holds every weight
+                adapter.a_init_seed = None
         else:
             adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
         coserve = self._coserves(job.lora, job.router)
@@ -494,7 +497,7 @@ class JobManager:
             job = self.get(job_id)
             try:
                 remove_leftovers(self._job_dir(job_id))
-                base = self.registry.get(job.base_adapter) if job.base_adapter else None
+                base = self._resumed_base(job)
                 data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
                 prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router))
                 self._prepack_for(job.lora, job.router)
@@ -508,6 +511,20 @@ class JobManager:
                 self._prepared[job_id] = prepared
             self._update(job_id, status=JobStatus.QUEUED)
             self._wake()
+
+    def _resumed_base(self, job: Job) -> LoRAAdapter | None:
+        """The base adapter an interrupted job needs to go on: none once it has a checkpoint
+        (which holds every weight), else the exact version it started from. The registry's
+        current one could be another (republished since: the resumed job then ended with
+        other weights than an uninterrupted one) or gone."""
+        if not job.base_adapter or checkpoints.latest(self._job_dir(job.id) / "checkpoints") is not None:
+            return None
+        base = self.registry.get(job.base_adapter)
+        if base.content_hash != job.base_hash:
+            raise FailedPrecondition(
+                f"base adapter {job.base_adapter!r} changed since the job was created, before its first checkpoint: create the job again"
+            )
+        return base
 
     def _peft_config(self, job: Job) -> dict:
         spec = job.lora
