@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 
 from tandem.server.adapters.router_format import GATES_FILE, Router, gates_of, router_config, write_router
 from tandem.server.api.finetuning_convert import job_request
 from tandem.server.errors import FailedPrecondition, InvalidRequest, NotFound
 from tandem.server.finetune.job import JobStatus
+from tandem.server.finetune import jobs as jobs_module
 from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainable_gates import RouterSpec
 from tandem.server.model.lora_targets import group_linears
@@ -40,7 +41,10 @@ def gate_request(**changes) -> JobRequest:
     return JobRequest(**{**fields, **changes})
 
 
-def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_dir, experts):
+def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_dir, experts, monkeypatch):
+    saved_files = []
+    save = jobs_module.checkpoints.save
+    monkeypatch.setattr(jobs_module.checkpoints, "save", lambda path, step, files, state: saved_files.append(files) or save(path, step, files, state))
     engine = start(tiny_model_dir, experts)
     try:
         job = wait_for(engine, engine.jobs.create(gate_request()).id)
@@ -51,11 +55,12 @@ def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_
     assert (job.step, job.total_steps) == (6, 6) and job.train_loss is not None
     assert isinstance(router, Router) and router.experts == ("e0", "e1") and router.top_k == 1
     assert [a.name for a in router.adapters] == ["e0", "e1"]
-    # The gates moved off their zero start, and the last checkpoint holds what was published.
+    # The gates moved off their zero start, and the last checkpoint held what was published
+    # (the checkpoints themselves go once the job has ended).
     assert all(g.abs().max() > 0 for g in router.gates.values())
-    checkpoint = sorted((experts[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir())[-1]
-    saved = gates_of(load_file(str(checkpoint / GATES_FILE)))
+    saved = gates_of(safetensors_load(saved_files[-1][GATES_FILE]))
     assert saved.keys() == router.gates.keys() and all(torch.equal(saved[k], router.gates[k]) for k in saved)
+    assert not (experts[1] / ".tandem" / "jobs" / job.id / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ def test_kill_during_a_checkpoint_write(tiny_model_dir, tmp_path, dirs):
     assert leftovers(checkpoints), "the kill should have left a partial write behind"
 
     resume(tiny_model_dir, dirs, job_id)
-    assert not leftovers(checkpoints)
+    assert not checkpoints.exists()  # gone with the job's end, the partial write with them
     got = load_file(dirs[0] / "tuned" / WEIGHTS_FILE)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 

@@ -400,11 +400,14 @@ class JobManager:
         self.engine.coserve.abort()
 
     def _end(self, job_id: str, error: JobError | None, **changes) -> None:
-        """The running job is over: succeeded (error None) or failed."""
+        """The running job is over: succeeded (error None) or failed. Once that is saved its
+        checkpoints go (about 3x the adapter each, two kept, never read again: a finished job
+        held them forever); if it cannot be saved they stay for the resume after a restart."""
         self._drop()
         self._prepared.pop(job_id, None)
         status = JobStatus.SUCCEEDED if error is None else JobStatus.FAILED
         self._update(job_id, status=status, finished_at=time.time(), error=error, estimated_finish=0.0, **changes)
+        shutil.rmtree(self._job_dir(job_id) / "checkpoints", ignore_errors=True)
 
     # Helpers
 
