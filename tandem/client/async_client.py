@@ -197,7 +197,13 @@ class AsyncTandemClient:
         return await self._call(convert.get_finetune_job(job_id), timeout)
 
     async def list_finetune_jobs(self, timeout: float | None = None) -> list[FinetuneJob]:
-        return await self._call(convert.list_finetune_jobs(), timeout)
+        """Every job, newest first, a page per call (timeout: each call's)."""
+        jobs, token = [], ""
+        while True:
+            page, token = await self._call(convert.list_finetune_jobs(token), timeout)
+            jobs += page
+            if not token:
+                return jobs
 
     async def cancel_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:
         return await self._call(convert.cancel_finetune_job(job_id), timeout)

@@ -222,12 +222,18 @@ def get_finetune_job(job_id: str) -> Call[FinetuneJob]:
     return Call(finetuning_pb2_grpc.FineTuningServiceStub, "GetJob", finetuning_pb2.GetJobRequest(id=job_id), _job_of)
 
 
-def list_finetune_jobs() -> Call[list[FinetuneJob]]:
+# Jobs per ListJobs reply (~1 KB each): every job in one reply passed the 4 MB message limit
+# at ~10,000 jobs.
+LIST_PAGE_SIZE = 500
+
+
+def list_finetune_jobs(page_token: str) -> Call[tuple[list[FinetuneJob], str]]:
+    """One page of jobs, newest first, and the next page's token ("" after the last)."""
     return Call(
         finetuning_pb2_grpc.FineTuningServiceStub,
         "ListJobs",
-        finetuning_pb2.ListJobsRequest(),
-        lambda response: [finetune_job(job) for job in response.jobs],
+        finetuning_pb2.ListJobsRequest(page_size=LIST_PAGE_SIZE, page_token=page_token),
+        lambda response: ([finetune_job(job) for job in response.jobs], response.next_page_token),
     )
 
 

@@ -210,8 +210,13 @@ class TandemClient:
         return self._call(convert.get_finetune_job(job_id), timeout)
 
     def list_finetune_jobs(self, timeout: float | None = None) -> list[FinetuneJob]:
-        """Every job, newest first."""
-        return self._call(convert.list_finetune_jobs(), timeout)
+        """Every job, newest first, a page per call (timeout: each call's)."""
+        jobs, token = [], ""
+        while True:
+            page, token = self._call(convert.list_finetune_jobs(token), timeout)
+            jobs += page
+            if not token:
+                return jobs
 
     def cancel_finetune_job(self, job_id: str, timeout: float | None = None) -> FinetuneJob:
         """Stops a queued or running job; nothing is published. FAILED_PRECONDITION once it ended."""

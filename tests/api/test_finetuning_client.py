@@ -125,6 +125,29 @@ def test_cancel_and_one_job_per_adapter_name(ft_client):
     assert list(ft_client.watch_finetune_job(again.id))[-1].status == "succeeded"
 
 
+def test_jobs_are_listed_a_page_at_a_time(ft_client, ft_engine, ft_server, monkeypatch):
+    """Every job went in one reply, past the 4 MB message limit at ~10,000 jobs, and a
+    request had no field to ask for less."""
+    from tandem.client import convert
+    from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
+
+    for i in range(3):
+        ft_client.cancel_finetune_job(ft_client.create_finetune_job(f"ft-page-{i}", training_data=LINES, hyperparameters=ENDLESS).id)
+    newest_first = [j.id for j in ft_engine.jobs.list_jobs()]
+    monkeypatch.setattr(convert, "LIST_PAGE_SIZE", 2)
+    assert [j.id for j in ft_client.list_finetune_jobs()] == newest_first and len(newest_first) >= 3
+    with grpc.insecure_channel(ft_server.target) as channel:
+        list_jobs = finetuning_pb2_grpc.FineTuningServiceStub(channel).ListJobs
+        first = list_jobs(finetuning_pb2.ListJobsRequest(page_size=2))
+        assert [j.id for j in first.jobs] == newest_first[:2] and first.next_page_token == newest_first[1]
+        rest = list_jobs(finetuning_pb2.ListJobsRequest(page_token=first.next_page_token))
+        assert [j.id for j in rest.jobs] == newest_first[2:] and rest.next_page_token == ""
+        assert [j.id for j in list_jobs(finetuning_pb2.ListJobsRequest()).jobs] == newest_first  # 0: every job, as before
+        with pytest.raises(grpc.RpcError) as refused:
+            list_jobs(finetuning_pb2.ListJobsRequest(page_token="ftjob-none"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "list again from the first page" in refused.value.details()
+
+
 def test_refusals(ft_client):
     bad = json.dumps(LINES[0]) + "\nnot json\n" + json.dumps({"prompt": "no completion"}) + "\n"
     error = rpc_error(lambda: ft_client.create_finetune_job("ft-bad", training_data=bad))

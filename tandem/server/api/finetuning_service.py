@@ -40,7 +40,8 @@ class FineTuningServicer(finetuning_pb2_grpc.FineTuningServiceServicer):
 
     async def ListJobs(self, request: finetuning_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.ListJobsResponse:
         with self._state.admit() as engine:
-            return finetuning_pb2.ListJobsResponse(jobs=[convert.job(j) for j in _jobs(engine).list_jobs()])
+            jobs, next_token = _jobs(engine).list_page(request.page_size, request.page_token)
+            return finetuning_pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs], next_page_token=next_token)
 
     async def CancelJob(self, request: finetuning_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.CancelJobResponse:
         with self._state.admit() as engine:

@@ -195,6 +195,19 @@ class JobManager:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)
 
+    def list_page(self, size: int, token: str) -> tuple[list[Job], str]:
+        """Up to `size` jobs (0: all), newest first, after the job whose id is `token` (empty:
+        from the newest); and the token of the next page, empty after the last. Jobs created
+        meanwhile come before the first page, never inside a later one."""
+        jobs = self.list_jobs()
+        start = 0
+        if token:
+            start = next((i + 1 for i, job in enumerate(jobs) if job.id == token), -1)
+            if start < 0:
+                raise InvalidRequest(f"page_token {excerpt(token)} is no job this server listed: list again from the first page")
+        end = len(jobs) if size == 0 else start + size
+        return jobs[start:end], jobs[end - 1].id if end < len(jobs) else ""
+
     def cancel(self, job_id: str) -> Job:
         """Stop a job; a running one stops before its next micro-batch and publishes nothing."""
         with self._lock:
