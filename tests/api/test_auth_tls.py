@@ -107,5 +107,10 @@ def test_mutual_tls(tiny_engine, certs):
             assert client.generate("hi", max_new_tokens=2).generated_tokens == 2
         with TandemClient(thread.target, ca_cert=ca, max_retries=0, timeout=5) as no_cert:
             assert code_of(lambda: no_cert.model_info()) == grpc.StatusCode.UNAVAILABLE
+        # The TLS component's probes present the server's own certificate (they had none:
+        # with mutual TLS every probe failed and no pod got ready).
+        own = dict(ca_cert=ca, client_cert=str(certs / "server.pem"), client_key=str(certs / "server.key"))
+        with TandemClient(thread.target, **own) as probe:
+            assert probe.health("tandem.v1.GenerationService") == "SERVING"
     finally:
         thread.stop()

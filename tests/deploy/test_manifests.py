@@ -89,12 +89,16 @@ def test_probes_ask_the_grpc_port_about_the_generation_service(rendered, name):
 
 def test_with_tls_the_probes_run_tandem_health_inside_the_pod(rendered):
     # The kubelet's gRPC probes cannot speak TLS.
+    data = config_map(rendered["cpu-tls"])
     for workload in tandem_workloads(rendered["cpu-tls"]):
         c = container(workload)
         readiness = c["readinessProbe"]["exec"]["command"]
         assert readiness[:2] == ["tandem", "health"] and readiness[-2:] == ["--service", READINESS_SERVICE]
         assert "--ca-cert" in readiness and "grpc" not in c["startupProbe"]
-    data = config_map(rendered["cpu-tls"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # mutual TLS asks them for a certificate
+            command = c[probe]["exec"]["command"]
+            assert command[command.index("--client-cert") + 1] == data["TANDEM_TLS_CERT"]
+            assert command[command.index("--client-key") + 1] == data["TANDEM_TLS_KEY"]
     assert data["TANDEM_TLS_CERT"].startswith("/etc/tandem/tls/") and data["TANDEM_TLS_KEY"].startswith("/etc/tandem/tls/")
 
 
