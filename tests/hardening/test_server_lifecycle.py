@@ -88,19 +88,28 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
+def _serve(script: str, model_dir: Path, *flags: str) -> subprocess.Popen:
+    """`tandem serve` through script (an entry point with a part patched) on free loopback ports."""
     env = {**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_PORT": "0", "TANDEM_METRICS_PORT": "0", "TANDEM_HTTP_PORT": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_LOAD, "serve", "--model", str(tiny_model_dir), "--dtype", "float32"],
-        cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )
+    command = [sys.executable, "-c", script, "serve", "--model", str(model_dir), "--dtype", "float32", *flags]
+    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def _logged_until(process: subprocess.Popen, message: str) -> list[dict]:
+    """The server's JSON log lines, up to the first whose msg is `message`."""
+    logged: list[dict] = []
+    while not any(entry.get("msg") == message for entry in logged):
+        line = process.stderr.readline()
+        assert line, f"the server ended before {message!r}"
+        if line.startswith("{"):
+            logged.append(json.loads(line))
+    return logged
+
+
+def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
+    process = _serve(SLOW_LOAD, tiny_model_dir)
     try:
-        logged = []
-        while not any(entry.get("msg") == "listening" for entry in logged):
-            line = process.stderr.readline()
-            assert line, "the server ended before listening"
-            if line.startswith("{"):
-                logged.append(json.loads(line))
+        _logged_until(process, "listening")
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert process.wait(timeout=20) == 0
@@ -129,18 +138,9 @@ sys.exit(main(sys.argv[1:]))
 def test_the_process_ends_with_its_drain_or_a_second_signal_whatever_its_worker_threads_do(tiny_model_dir, tmp_path, grace, signals, status):
     """A call's worker thread (asyncio.to_thread) kept the process alive after its drain (asyncio.run
     joins them without a bound: SIGKILL at the grace period), and further signals were ignored."""
-    env = {**os.environ, "TANDEM_HOST": "127.0.0.1", "TANDEM_PORT": "0", "TANDEM_METRICS_PORT": "0", "TANDEM_HTTP_PORT": "0"}
-    command = [sys.executable, "-c", SLOW_ADAPTER_LOAD, "serve", "--model", str(tiny_model_dir), "--dtype", "float32",
-               "--adapters-dir", str(tmp_path), "--drain-grace-seconds", str(grace)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = _serve(SLOW_ADAPTER_LOAD, tiny_model_dir, "--adapters-dir", str(tmp_path), "--drain-grace-seconds", str(grace))
     try:
-        logged = []
-        while not any(entry.get("msg") == "ready" for entry in logged):
-            line = process.stderr.readline()
-            assert line, "the server ended before it was ready"
-            if line.startswith("{"):
-                logged.append(json.loads(line))
-        port = next(entry["port"] for entry in logged if entry.get("msg") == "listening")
+        port = next(entry["port"] for entry in _logged_until(process, "ready") if entry.get("msg") == "listening")
         with TandemClient(f"127.0.0.1:{port}", max_retries=0, timeout=300) as client, ThreadPoolExecutor(1) as pool:
             call = pool.submit(client.load_adapter, "slow")
             time.sleep(1.0)  # the call is in its worker thread
