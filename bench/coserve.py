@@ -220,7 +220,8 @@ class BusyTime:
 class GuardRoom:
     """Where the guarded iterations' time went, from the share's own cost model: how much of
     the window the guard left for training (each iteration with decodes filled to gain x
-    target, less its fitted fixed and inference cost) and how much training used. The first
+    target, or fill x target where it carried a head or a backward slice, which fill by the
+    clock, less its fitted fixed and inference cost) and how much training used. The first
     bounds the fine-tuning share: at solo speed, training can take no more of the window.
     Looser, and free of the margin: had every iteration run to the target itself (the fewest
     iterations the target allows, window / target, each paying the fixed cost), inference
@@ -230,13 +231,13 @@ class GuardRoom:
     def __init__(self, engine: AsyncEngine):
         share = engine.engine.share
         self._share, observe = share, share.observe
-        self.iterations: list[tuple[float, dict, float]] = []
+        self.iterations: list[tuple[float, dict, float, float]] = []
         self.recording = False
 
-        def recorded(seconds, work, interval):
+        def recorded(seconds, work, interval, cut=False):
             if self.recording:
-                self.iterations.append((seconds, dict(work), share.gain))
-            observe(seconds, work, interval)
+                self.iterations.append((seconds, dict(work), share.gain, share.fill))
+            observe(seconds, work, interval, cut)
 
         share.observe = recorded
 
@@ -247,11 +248,12 @@ class GuardRoom:
         cost = share.costs()
         room = training = inference_tokens = 0.0
         mixes: dict[str, dict] = {}
-        for seconds, work, gain in self.iterations:
+        for seconds, work, gain, fill in self.iterations:
             inference_tokens += work.get("inference", 0.0)
             base = cost["fixed"] + cost["inference"] * work.get("inference", 0.0)
             if work.get("inference"):
-                room += max(0.0, gain * share.target - base)
+                clocked = work.get("head") or work.get("backward")
+                room += max(0.0, (fill if clocked else gain) * share.target - base)
             if present := [kind for kind in TRAINING if work.get(kind)]:
                 spent = max(0.0, seconds - base)
                 training += spent
@@ -266,6 +268,7 @@ class GuardRoom:
             "fixed_ms": 1000 * cost["fixed"],
             "inference_ms_per_token": 1000 * cost["inference"],
             "mean_gain": sum(i[2] for i in self.iterations) / len(self.iterations),
+            "mean_fill": sum(i[3] for i in self.iterations) / len(self.iterations),
             "room_share": room / window_seconds,
             "training_share": training / window_seconds,
             "inference_tokens": inference_tokens,
@@ -561,7 +564,7 @@ def main() -> None:
                 if (g := r.get("guard")) is not None:
                     print(
                         f"    guard: {g['iterations']} iterations of {g['mean_iteration_ms']:.0f} ms (fixed {g['fixed_ms']:.0f} ms, "
-                        f"gain {g['mean_gain']:.2f}); room for training {g['room_share']:.0%} of the window (every "
+                        f"gain {g['mean_gain']:.2f}, fill {g['mean_fill']:.2f}); room for training {g['room_share']:.0%} of the window (every "
                         f"iteration at the target: {g['training_bound_share']:.0%}), used {g['training_share']:.0%}" + (f" at {g['training_ms_per_token']:.1f} ms a token" if g["training_ms_per_token"] else ""),
                         flush=True,
                     )

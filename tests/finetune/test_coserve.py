@@ -621,6 +621,54 @@ def test_the_margin_follows_a_machine_that_slows_down():
     assert mean(forwarded[3600:4000]) > 0.9 * mean(forwarded[2500:3000])
 
 
+def clock_filled_intervals(target: float, unit: float, sigma: float, learn: bool = True) -> list[float]:
+    """Iterations of 17 ms fixed work, then backward layers of `unit` seconds each (times a
+    log-normal factor) run as ModelRunner.backward runs them: until the next, priced at what
+    the last took, would end past the share's deadline; then 2 ms to the stream. Returns each
+    interval in targets, after the first 500 (learn=False: the fill stays FILL)."""
+    share = FinetuneShare(target, budget=256, prior=PRIOR)
+    if not learn:
+        share._update_fill = lambda overshoot: None
+    rng = random.Random(0)
+    jitter = lambda: math.exp(rng.gauss(0.0, sigma))  # noqa: E731
+    intervals = []
+    for _ in range(3000):
+        deadline = share.deadline(0.0)
+        now, layers = 0.017 * jitter(), 0
+        while True:
+            started, layers = now, layers + 1
+            now += unit * jitter()
+            if 2 * now - started > deadline:
+                break
+        interval = now + 0.002 * jitter()
+        share.observe(interval, {"inference": 5, "backward": layers}, interval, cut=True)
+        intervals.append(interval / target)
+    return intervals[500:]
+
+
+def test_the_clock_fills_intervals_up_to_what_their_overshoot_leaves():
+    """At a 400 ms target, layers of 50 ms: a fixed fill of 0.85 ends intervals near 0.8 of the
+    target with the top percent still ~12% under it; the fill measured from the intervals'
+    overshoot past their deadline takes most of that room, and still ~0.5% exceed it."""
+    fixed = clock_filled_intervals(0.400, 0.050, 0.1, learn=False)
+    learnt = clock_filled_intervals(0.400, 0.050, 0.1)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert sorted(fixed)[int(0.99 * len(fixed))] < 0.9
+    assert mean(learnt) > mean(fixed) + 0.07
+    assert sum(t > 1.0 for t in learnt) / len(learnt) < 0.01
+
+
+def test_the_fill_shrinks_where_a_layer_is_a_large_and_unsteady_part_of_the_target():
+    """At a 68 ms target, layers of 15 ms that vary by a log-normal factor of sigma 0.3: a fixed
+    fill of 0.85 lets ~2.4% of intervals past the target (a p99 over it); the measured fill
+    goes under 0.85, and half as many pass."""
+    fixed = clock_filled_intervals(0.068, 0.015, 0.3, learn=False)
+    learnt = clock_filled_intervals(0.068, 0.015, 0.3)
+    over = lambda xs: sum(t > 1.0 for t in xs) / len(xs)  # noqa: E731
+    assert over(fixed) > 0.02
+    assert over(learnt) < 0.6 * over(fixed)
+
+
 def test_a_kind_not_seen_yet_is_priced_by_its_prior():
     """Only forward work measured (1 ms per token, no fixed part): a head row is priced at the
     prior's half a token, a backward unit at three."""
@@ -796,7 +844,7 @@ def test_an_idle_spell_is_not_an_inter_token_interval(tiny_hf_model, smollm2_tok
     engine = make_engine(tiny_hf_model, smollm2_tokenizer, coserve_itl_p99=0.05)
     intervals = []
     observe = engine.share.observe
-    engine.share.observe = lambda seconds, work, interval: (intervals.append(interval), observe(seconds, work, interval))
+    engine.share.observe = lambda seconds, work, interval, cut: (intervals.append(interval), observe(seconds, work, interval, cut))
     params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
     for request, idle in (("before", 0.0), ("after", 2.0)):
         now[0] += idle

@@ -252,20 +252,20 @@ class CoServer:
             else:
                 scheduled.train_backward = self._backward(batch, units, least, deadline)
 
-    def finish(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> None:
-        """Advance the running micro-batch past what this iteration did; a slice its deadline
-        stopped early is cut to the layers it ran in `scheduled` too (what work() reports).
+    def finish(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> bool:
+        """Advance the running micro-batch past what this iteration did; a slice or head its
+        deadline stopped early is cut to what it ran in `scheduled` too (what work() reports).
         Once its forward has run, its KV blocks go back: the head and the backward read the
-        kept activations only."""
+        kept activations only. Returns whether a deadline cut the iteration's training work."""
         batch = next(iter(self._queue), None)
         if batch is not None and batch.block_tables and not batch.forwarding:
             self._free_blocks(batch)
         if result is None:
-            return
+            return False
         if isinstance(result, KeptGraph):
             batch.graph = result
             batch.next_seq = len(batch.work.sequences)
-            return
+            return False
         head = scheduled.train_head
         if head is not None:
             stop = head.start + result.grad.shape[0]
@@ -274,9 +274,10 @@ class CoServer:
             batch.num_targets += result.num_targets
             batch.next_head = stop
             scheduled.train_head = replace(head, stop=stop)
-            return
+            return stop < head.stop
         start, stop = batch.backward_rows
         batch.grad[start:stop] = result.grad
+        cut = result.first > scheduled.train_backward.first
         backward = scheduled.train_backward = replace(scheduled.train_backward, first=result.first)
         batch.next_layer_seq += len(backward.sequences) if backward.first == backward.last else 0
         if batch.next_layer_seq in (0, len(batch.work.sequences)):
@@ -287,6 +288,7 @@ class CoServer:
             self._release(batch)
             batch.done = True
             self._queue.pop(0)
+        return cut
 
     def _refusal(self, batch: CoservedBatch) -> ResourceExhausted | None:
         """Why a micro-batch can never start here, if it cannot."""

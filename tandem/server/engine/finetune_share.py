@@ -29,11 +29,18 @@ that one settles where misses are as frequent as its cut and recovery steps make
 of intervals for a cut of 0.7 and a recovery of 0.02), far above 1%.
 
 That margin is for work that cannot stop once started (a forward, a head block). A backward
-slice can, between layers: beside decodes it runs layer after layer until the next would end
-past FILL x target from the interval's start (`deadline`), so on a host whose speed swings it
-fills the interval by the clock instead of by a prediction shrunk for the worst case. On the
-2-core EPYC the margin's gain sat at 0.64-0.75: slices planned by it ended near two thirds of
-the target, and a slow spell still carried one past it.
+slice can, between layers, and a head between blocks: beside decodes they run unit after
+unit until the next would end past fill x target from the interval's start (`deadline`), so
+on a host whose speed swings they fill the interval by the clock instead of by a prediction
+shrunk for the worst case. On the 2-core EPYC the margin's gain sat at 0.64-0.75: slices
+planned by it ended near two thirds of the target, and a slow spell still carried one past it.
+The fill has a margin of its own, from measurement too: an interval a deadline cut ends past
+it by its overshoot (a unit that ran slower than the one before, what the step does after
+its training work, handing tokens to their streams; less the part of a unit left unrun), so
+fill = 1 - (mean + Z x spread) of the last cut intervals' overshoots, in targets. A fixed
+fill cannot be right for every target: a layer is a larger part of a small one. At a 394 ms
+target on the 2-core EPYC (50% load) a fixed 0.85 ended co-served intervals at ITL p99 0.88x
+the target, the room left above it unused.
 """
 
 import math
@@ -66,13 +73,14 @@ _OVERHEAD_PRIOR_WEIGHT = 1.0
 # A mix of work (which training kinds an iteration carries, or none) moves the margin once
 # the cost model has seen this many iterations of it.
 _MIX_WARMUP = 4
-# The share of the target a backward slice beside decodes may fill by the clock; the rest
-# is room for one layer running slower than the one before it, and for the iteration's end.
-# Now that the head fills forward iterations by the clock too, nearly every interval ends
-# near it: at a 68 ms target (Poisson 4.2 requests/s, SmolLM2 bf16, the 2-core Xeon, three
-# rounds of 40 s windows alternated in one process) 0.9 gave ITL p99s of 73, 66 and 72 ms
-# and 0.85 gave 66, 65 and 67, training 146/226/156 against 207/184/107 tokens/s.
+# The share of the target work beside decodes may fill by the clock until _MIN_RATIOS
+# intervals a deadline cut are in; the rest is room for one layer running slower than the
+# one before it, and for the iteration's end. At a 68 ms target (Poisson 4.2 requests/s,
+# SmolLM2 bf16, the 2-core Xeon, three rounds of 40 s windows alternated in one process) 0.9
+# gave ITL p99s of 73, 66 and 72 ms and 0.85 gave 66, 65 and 67. Measured, within
+# [_MIN_FILL, _MAX_FILL].
 FILL = 0.85
+_MIN_FILL, _MAX_FILL = 0.5, 1.0
 
 
 class FinetuneShare:
@@ -84,6 +92,8 @@ class FinetuneShare:
         self.gain = _COLD_GAIN
         self._level = 0.0
         self._misses: deque[float] = deque(maxlen=_RATIOS)
+        self.fill = FILL
+        self._overshoots: deque[float] = deque(maxlen=_RATIOS)
         self.share = FIXED_SHARE if itl_p99_target is None else _COLD_SHARE
         self._inference_evidence = 0.0
         self._mix_seen: Counter[tuple[str, ...]] = Counter()
@@ -123,9 +133,9 @@ class FinetuneShare:
         return min(self.budget, max(fits, running + MIN_PROMPT_TOKENS))
 
     def deadline(self, interval_start: float) -> float | None:
-        """When a backward slice in an interval that began at interval_start (perf_counter)
-        must stop adding layers; None without a target."""
-        return None if self.target is None else interval_start + FILL * self.target
+        """When a backward slice or head in an interval that began at interval_start
+        (perf_counter) must stop adding layers or blocks; None without a target."""
+        return None if self.target is None else interval_start + self.fill * self.target
 
     @property
     def warm(self) -> bool:
@@ -136,10 +146,11 @@ class FinetuneShare:
         those misses cut the margin's gain to ~0.1 for the next hundred iterations."""
         return self._inference_evidence >= _WARMUP
 
-    def observe(self, seconds: float, work: Mapping[str, float], interval: float | None) -> None:
+    def observe(self, seconds: float, work: Mapping[str, float], interval: float | None, cut: bool = False) -> None:
         """Learn from one finished iteration: its time, its units of each kind of work, and,
         when it decoded, the interval its requests saw since their previous token (None when
-        it decoded nothing: only decoding iterations end an inter-token interval).
+        it decoded nothing: only decoding iterations end an inter-token interval); cut: a
+        deadline stopped its training work before its end (the fill learns from those).
 
         Only iterations that carry inference move the margin (they are the ones the target
         is for), and only once the model has seen a few of their mix: a mix it has never seen
@@ -155,6 +166,8 @@ class FinetuneShare:
         mix = tuple(kind for kind in TRAINING if work.get(kind, 0.0) > 0)
         if inference and self.warm and self._mix_seen[mix] >= _MIX_WARMUP:
             self._update_gain(math.log((interval or seconds) / self.predict(work)))
+        if cut and interval is not None:
+            self._update_fill(interval / self.target - self.fill)
         x = torch.tensor([1.0, *units, *present], dtype=torch.float64)
         self._xx.mul_(_DECAY).add_(torch.outer(x, x))
         self._xy.mul_(_DECAY).add_(x * seconds)
@@ -168,6 +181,15 @@ class FinetuneShare:
         if len(self._misses) >= _MIN_RATIOS:
             spread = math.sqrt(sum(m * m for m in self._misses) / len(self._misses))
             self.gain = min(_MAX_GAIN, max(_MIN_GAIN, math.exp(-(self._level + Z * spread))))
+
+    def _update_fill(self, overshoot: float) -> None:
+        """overshoot: how far past the deadline a cut interval ended, in targets."""
+        self._overshoots.append(overshoot)
+        if len(self._overshoots) >= _MIN_RATIOS:
+            n = len(self._overshoots)
+            mean = sum(self._overshoots) / n
+            spread = math.sqrt(sum((o - mean) ** 2 for o in self._overshoots) / n)
+            self.fill = min(_MAX_FILL, max(_MIN_FILL, 1.0 - (mean + Z * spread)))
 
     def predict(self, work: Mapping[str, float]) -> float:
         """Seconds the cost model expects an iteration with this work to take."""

@@ -229,12 +229,12 @@ class Engine:
         except Exception as exc:
             self.coserve.abort(exc)
             raise
-        self.coserve.finish(scheduled, trained)
+        cut = self.coserve.finish(scheduled, trained)
         self._count(scheduled)
         ended = time.perf_counter()
         interval = ended - (self._decoded_at or started) if scheduled.decodes else None
         self._decoded_at = ended if scheduled.decodes else None
-        self.share.observe(ended - started, self.coserve.work(scheduled), interval)
+        self.share.observe(ended - started, self.coserve.work(scheduled), interval, cut)
         for chunk in scheduled.inference:
             if chunk.seq.first_scheduled_at is None:
                 chunk.seq.first_scheduled_at = scheduled_at
