@@ -8,6 +8,7 @@ area: its tensors are fused (q/k/v, gate/up) into a LlamaModel and then dropped.
 import contextlib
 import importlib.util
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,11 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
     # GGUF weights are dequantised to float32 here (under a raw tqdm bar that no setting
     # turns off: it goes to a sink); a safetensors directory is only read.
     with load_phase("dequantise", gguf=model_path.is_file()), contextlib.redirect_stderr(io.StringIO()):
-        hf_model = _call(
-            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=torch.float32, **kwargs
+        hf_model, info = _call(
+            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=torch.float32,
+            output_loading_info=True, **kwargs,
         )
+    check_complete(model_path, info)
     with load_phase("build", dtype=str(dtype).removeprefix("torch."), device=str(device)):
         model = build_from_hf(hf_model, dtype, device)
     return LoadedModel(
@@ -94,11 +97,37 @@ def check_supported(config: Any) -> None:
         raise ModelLoadError(f"unsupported RoPE type {rope_type!r}: Tandem supports {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
+def check_complete(model_path: Path, info: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint that lacks weights the model needs: transformers fills them with
+    random values and only logs it, so a bare LlamaModel save (no lm_head, untied), a
+    classification head's checkpoint or a shard set missing a file would serve garbage that
+    changes on every restart."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(
+            f"{str(model_path)!r} lacks {len(missing)} weight(s) a causal LM needs ({shown}): it is not a complete "
+            "causal-LM checkpoint (a base-model or classifier save, or a missing shard)"
+        )
+
+
+def check_full_precision(sd: Mapping[str, torch.Tensor]) -> None:
+    """Refuse quantized weights: copied as they are, float8 codes or packed integers without
+    their scales would serve numbers off by orders of magnitude."""
+    for name, tensor in sd.items():
+        if not tensor.is_floating_point() or tensor.element_size() < 2:
+            raise ModelLoadError(
+                f"quantized weights ({name}: {str(tensor.dtype).removeprefix('torch.')}) are not supported: "
+                "serve the checkpoint in bfloat16, float16 or float32 (or a GGUF file, which is dequantised on load)"
+            )
+
+
 def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> LlamaModel:
     """Copy a transformers Llama-family model's weights into our fused layout."""
     config = hf_model.config
     check_supported(config)
     sd = hf_model.state_dict()
+    check_full_precision(sd)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = ModelShape(
         vocab_size=config.vocab_size,
