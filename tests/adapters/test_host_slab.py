@@ -206,3 +206,26 @@ def test_a_prefaulted_cache_fits_an_adapter_in_the_space_two_evicted_ones_leave(
         registry.get("a"), registry.get("b")
         big = registry.get("big")
         assert in_slab(big, registry.slab) is prefault and list(registry._cache) == ["big"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_adapter_is_held_as_its_file_and_loads_the_slot_float32_would(sources, base, tmp_path, dtype):
+    """Most hub adapters ship in bfloat16: held as float32 copies they took twice the file's
+    memory outside the slab (the slab block freed at once), so the cache held half as many.
+    The slot gets the same numbers as from the file converted to float32."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(sources / "a" / WEIGHTS_FILE)
+    for name, tensor_dtype in (("half", dtype), ("full", torch.float32)):
+        (tmp_path / name).mkdir()
+        shutil.copy(sources / "a" / CONFIG_FILE, tmp_path / name / CONFIG_FILE)
+        save_file({k: v.to(dtype).to(tensor_dtype) for k, v in tensors.items()}, tmp_path / name / WEIGHTS_FILE)
+    registry = registry_of(tmp_path, base, 4 * block_size(sources / "a"))
+    half = registry.get("half")
+    held = [t for g in half.groups.values() for a, b, _ in g.slices.values() for t in (a, b)]
+    assert in_slab(half, registry.slab) and {t.dtype for t in held} == {dtype}
+    assert half.nbytes == sum(v.numel() for v in tensors.values()) * 2 and half.float32_bytes == 2 * half.nbytes
+    pool = registry.pool
+    slots = [pool.acquire(registry.get(name)) for name in ("half", "full")]
+    for w in pool.weights.values():
+        assert torch.equal(w.a[slots[0]], w.a[slots[1]]) and torch.equal(w.b[slots[0]], w.b[slots[1]])

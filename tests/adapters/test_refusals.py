@@ -260,3 +260,73 @@ def test_an_adapter_peft_made_for_some_layers_and_not_others_is_read(tiny_hf_mod
                         layers_pattern="layers", exclude_modules=["model.layers.1.self_attn.v_proj"])
     adapter = read_adapter("x", path, base, MAX_RANK)
     assert sorted(adapter.groups) == [(1, "qkv")] and adapter.targets == ["q_proj"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_an_adapter_whose_init_rewrote_its_base_is_refused(tiny_hf_model, base, tmp_path, init):
+    """PiSSA, OLoRA, CorDA and LoftQ train against a rewritten base (W less the initial B·A,
+    or W quantized), which peft redoes on load: on the unchanged base such an adapter served
+    logits 4.0-4.5 away from the model it was trained as."""
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj"])
+    edit_config(path, init_lora_weights=init)
+    assert refusal(IncompatibleAdapter, "x", path, base) == (
+        f"adapter 'x' was initialised with init_lora_weights '{init}', which rewrites the base weights it trains against, "
+        "and Tandem serves the unchanged base: save it from peft with path_initial_model_for_weight_conversion, "
+        "which turns it into a plain LoRA"
+    )
+    edit_config(path, init_lora_weights="gaussian")  # an init of A and B only
+    assert read_adapter("x", path, base, MAX_RANK).targets == ["q_proj"]
+
+
+def test_a_rank_the_config_does_not_state_is_refused(tiny_hf_model, base, tmp_path):
+    """peft refuses the file (size mismatch); served, its scale alpha/r would be off by r_config/r_tensor."""
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj", "v_proj"])
+    edit_config(path, r=8)
+    assert refusal(IncompatibleAdapter, "x", path, base) == (
+        f"adapter 'x' has rank 4 on {Q}, where its config says 8 (r, or rank_pattern): "
+        "its scale alpha/r would not be the one it was trained with, and peft refuses the file too"
+    )
+    edit_config(path, r=4, rank_pattern={"v_proj": 2})
+    assert "has rank 4 on model.layers.0.self_attn.v_proj, where its config says 2" in refusal(IncompatibleAdapter, "x", path, base)
+
+
+def test_without_target_modules_only_peft_s_defaults_are_served(tiny_hf_model, base, tmp_path):
+    """peft fills an unset target_modules with the model type's defaults (q_proj and v_proj
+    for every architecture served) and ignores the file's other tensors."""
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4)
+    edit_config(path, target_modules=None)
+    assert "has weights for 'model.layers.0.self_attn.k_proj', which its config does not target" in refusal(
+        IncompatibleAdapter, "x", path, base
+    )
+    path = make_adapter(tiny_hf_model, tmp_path / "y", r=4, target_modules=["q_proj", "v_proj"])
+    edit_config(path, target_modules=None)
+    assert read_adapter("y", path, base, MAX_RANK).targets == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"target_modules": ["q_proj"], "layers_to_transform": []},
+        {"target_modules": ["q_proj"], "layers_to_transform": [1]},
+        {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+        {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": "model.layers"},
+        {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": ["h", "layers"]},
+        {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]},
+        {"target_modules": r".*\.layers\.0\..*_proj", "layers_to_transform": [1]},
+        {"target_modules": ["q_proj", "down_proj"], "exclude_modules": ["model.layers.1.mlp.down_proj"]},
+        {"target_modules": r".*proj", "exclude_modules": r".*\.0\..*"},
+    ],
+)
+def test_the_modules_a_config_targets_are_the_ones_peft_targets(fields):
+    """peft's own check_target_module_exists is the oracle, over every projection of a 2-layer model."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = {"target_modules": None, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None} | fields
+    oracle = SimpleNamespace(**config, modules_to_save=None, target_parameters=None)
+    modules = [f"model.layers.{i}.{part}.{p}_proj" for i in range(2) for part, names in
+               (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in names]
+    for module in modules:
+        assert peft_format._targeted(config, module) == bool(check_target_module_exists(oracle, module)), module

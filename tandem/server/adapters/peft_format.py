@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save as save_safetensors
 
-from tandem.server.adapters.patterns import MAX_ADAPTER_CHOICES, MAX_PATTERN_KEYS, NotSimple, pattern_choices
+from tandem.server.adapters.patterns import MAX_ADAPTER_COST, MAX_PATTERN_KEYS, NotSimple, pattern_cost
 from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
@@ -45,6 +45,14 @@ FORWARD_VARIANTS = (
     "alora_invocation_tokens", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
     "arrow_config", "kasa_config", "use_bdlora", "monteclora_config",
 )
+# init_lora_weights values (prefixes, any case) whose init rewrites the base weights (W less
+# the initial s·B·A, or W quantized): peft redoes it on load, so an adapter saved without
+# converting it is right only on that rewritten base, and Tandem serves the unchanged one.
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq")
+# What peft targets where target_modules is unset, for every architecture Tandem serves.
+DEFAULT_TARGET_MODULES = ["q_proj", "v_proj"]
+# Weights held in the host cache as the file has them; any other float dtype as float32.
+HELD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The safetensors metadata entry of a weights file that records its trainer's init seed.
 A_INIT_SEED_KEY = "tandem.lora_a_init_seed"
 
@@ -200,7 +208,7 @@ def adapter_of_modules(
     (NaN if any is NaN): a module's own pass is needed only where that bound, scaled, could
     overflow slot_dtype or is not finite (then it finds the module to name)."""
     check_targeted(name, config, modules)
-    alphas = _alpha_patterns(config)
+    alphas, ranks = _patterns(config, "alpha_pattern"), _patterns(config, "rank_pattern")
     # Looked up once per read, not per module (an adapter has ~200 modules).
     shapes, num_layers, limit = linear_shapes(model), len(model.layers), torch.finfo(slot_dtype).max
     scale_of = _scales(name, config, alphas)
@@ -220,6 +228,12 @@ def adapter_of_modules(
         r = a_shape[0]
         if r == 0:
             raise IncompatibleAdapter(f"adapter {name!r} has rank 0 on {module}; a LoRA rank is at least 1")
+        stated = next((value for pattern, value in ranks if pattern.match(module)), config["r"])
+        if r != stated:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} has rank {r} on {module}, where its config says {stated} (r, or rank_pattern): "
+                "its scale alpha/r would not be the one it was trained with, and peft refuses the file too"
+            )
         if r > max_rank:
             raise IncompatibleAdapter(
                 f"adapter {name!r} has rank {r} on {module}, the server's maximum is {max_rank} (--max-lora-rank)"
@@ -415,6 +429,13 @@ def _check_config(name: str, config: dict) -> None:
             f"adapter {name!r} sets {', '.join(variants)}, a LoRA variant whose forward pass differs from plain LoRA's: "
             "Tandem serves plain LoRA (with rsLoRA and rank or alpha patterns)"
         )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise IncompatibleAdapter(
+            f"adapter {name!r} was initialised with init_lora_weights {_shown(init)}, which rewrites the base weights it "
+            "trains against, and Tandem serves the unchanged base: save it from peft with "
+            "path_initial_model_for_weight_conversion, which turns it into a plain LoRA"
+        )
     if config.get("modules_to_save"):
         raise IncompatibleAdapter(
             f"adapter {name!r} has modules_to_save {_shown(config['modules_to_save'])}: full-weight modules are not served"
@@ -468,15 +489,16 @@ def _check_patterns(name: str, config: dict) -> None:
     layers = config.get("layers_to_transform")
     if layers is not None and not (_is_index(layers) or (isinstance(layers, list) and all(_is_index(i) for i in layers))):
         raise IncompatibleAdapter(f"adapter {name!r} has layers_to_transform {_shown(layers)}; it must be a layer index or a list of them")
-    choices = 0
+    cost = 0
     for field, pattern in patterns:
         try:
-            choices += pattern_choices(pattern)
+            cost += pattern_cost(pattern)
         except NotSimple as exc:
             raise IncompatibleAdapter(f"adapter {name!r} has {field} {_shown(pattern)}, which {exc}") from exc
-    if choices > MAX_ADAPTER_CHOICES:
+    if cost > MAX_ADAPTER_COST:
         raise IncompatibleAdapter(
-            f"adapter {name!r} has {choices} quantifiers and alternations in its patterns, more than {MAX_ADAPTER_CHOICES}"
+            f"adapter {name!r} has patterns that could backtrack {cost} ways on a module name together, more than "
+            f"{MAX_ADAPTER_COST} (server/adapters/patterns.py): use fewer quantifiers"
         )
 
 
@@ -492,7 +514,10 @@ def pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple
             raise IncompatibleAdapter(f"adapter {name!r} adapts {excerpt(module)}: LoRA on embeddings or lm_head is not served")
         if m is None:
             raise IncompatibleAdapter(f"adapter {name!r} has an unexpected tensor {excerpt(key)}: only LoRA A/B weights are served")
-        found.setdefault(m["module"], {})[m["ab"]] = tensor.float()
+        # Half precision stays as it is, a view of the buffer read: a float32 copy was new
+        # memory twice the file's, beside the slab block the file was read into.
+        held = tensor if getattr(tensor, "dtype", None) in HELD_DTYPES else tensor.float()  # (a compressed one's is its own)
+        found.setdefault(m["module"], {})[m["ab"]] = held
     if not found:
         raise IncompatibleAdapter(f"adapter {name!r} has no LoRA weights")
     pairs = {}
@@ -505,11 +530,9 @@ def pair_tensors(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple
 
 def check_targeted(name: str, config: dict, modules: Iterable[str]) -> None:
     """Refuse weights for a module the config does not target: peft builds LoRA layers only
-    where target_modules, layers_to_transform and exclude_modules say, and ignores any other
-    tensor of the file, so serving it would not be the adapter peft serves. (Without
-    target_modules peft picks the model type's defaults; such a config is taken as it is.)"""
-    if config.get("target_modules") is None:
-        return
+    where target_modules (without it, the model type's defaults), layers_to_transform and
+    exclude_modules say, and ignores any other tensor of the file, so serving it would not be
+    the adapter peft serves."""
     for module in modules:
         if not _targeted(config, module):
             fields = {f: config[f] for f in ("target_modules", "layers_to_transform", "exclude_modules") if config.get(f) is not None}
@@ -521,19 +544,28 @@ def check_targeted(name: str, config: dict, modules: Iterable[str]) -> None:
 
 def _targeted(config: dict, module: str) -> bool:
     """peft's rule (check_target_module_exists and the exclusions): a string is a regex the
-    whole module path must match, a list names modules by their dotted suffix; a layer index
-    in layers_to_transform (found after layers_pattern, or after any path component)."""
+    whole module path must match; a list names a module by its whole path, or by its dotted
+    suffix (as all-linear's names do), and only then does layers_to_transform (a non-empty
+    one) apply: the first layer index in the path, after layers_pattern or any component."""
     if _names_module(config.get("exclude_modules"), module):
         return False
-    targets = config["target_modules"]
-    if targets != "all-linear" and not _names_module(targets, module):
-        return False
+    targets = config.get("target_modules") or DEFAULT_TARGET_MODULES
+    if isinstance(targets, str) and targets != "all-linear":
+        return re.fullmatch(targets, module) is not None
+    if targets != "all-linear":
+        if module in targets:
+            return True
+        if not any(module.endswith(f".{t}") for t in targets):
+            return False
     layers = config.get("layers_to_transform")
-    if layers is None:
+    if layers is None or layers == []:
         return True
-    patterns = config.get("layers_pattern") or [r"[^.]*"]
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    found = next((m for m in (re.match(rf".*\.{p}\.(\d+)\.", module) for p in patterns) if m), None)
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        found = next((m for m in (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", module) for p in patterns) if m), None)
     if found is None:
         return False
     index = int(found.group(1))
@@ -563,10 +595,10 @@ def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
     return layer, m["name"]
 
 
-def _alpha_patterns(config: dict) -> list[tuple[re.Pattern, object]]:
-    """alpha_pattern compiled once per adapter, in PEFT's rule: a key matches a module name
-    by its dotted suffix, and the first key that matches wins."""
-    return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in (config.get("alpha_pattern") or {}).items()]
+def _patterns(config: dict, field: str) -> list[tuple[re.Pattern, object]]:
+    """alpha_pattern or rank_pattern compiled once per adapter, in PEFT's rule: a key matches
+    a module name by its dotted suffix, and the first key that matches wins."""
+    return [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in (config.get(field) or {}).items()]
 
 
 def _scales(name: str, config: dict, alphas: list[tuple[re.Pattern, object]]) -> Callable[[str, int], float]:
