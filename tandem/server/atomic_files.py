@@ -43,15 +43,24 @@ def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
         fsync_dir(temp)
         if path.exists() and _exchange(temp, path):
             # temp now holds the old version.
-            shutil.rmtree(temp)
+            _remove(temp)
         else:
             if path.exists():
-                shutil.rmtree(path)
+                _remove(path)
             os.rename(temp, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    """Remove a replaced version: a directory, or a symlink to one (an admin's prod -> prod-v1
+    layout), whose target stays."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def make_directories(path: Path) -> None:

@@ -27,3 +27,40 @@ def test_an_unloaded_adapter_stays_unloaded_until_loaded(tiny_hf_model, smollm2_
         registry.unload("style")
     assert registry.load("style").content_hash == first.content_hash
     assert registry.get("style").content_hash == first.content_hash
+
+
+def test_a_failed_load_leaves_an_unloaded_adapter_unloaded(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """An admin unloads a bad adapter, then loads a new version from a path that turns out
+    broken: the old files must not be served again."""
+    from tandem.server.errors import IncompatibleAdapter
+
+    make_adapter(tiny_hf_model, tmp_path / "style", r=4)
+    (tmp_path / "style-v2").mkdir()
+    (tmp_path / "style-v2" / "adapter_config.json").write_text("{not json")
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    registry = engine.registry
+    registry.get("style")
+    registry.unload("style")
+    with pytest.raises(IncompatibleAdapter):
+        registry.load("style", path="style-v2")
+    with pytest.raises(NotFound, match="was unloaded"):
+        registry.get("style")
+    assert registry.load("style").name == "style"
+
+
+def test_an_unload_during_a_load_wins_with_a_clear_error(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch):
+    """An unload landing between a load's read and its answer raised KeyError (INTERNAL, and a
+    fine-tuning job publishing its adapter was marked internal_error)."""
+    make_adapter(tiny_hf_model, tmp_path / "style", r=4)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    registry = engine.registry
+    read = registry._read_and_cache
+
+    def read_then_unloaded(name, directory, revive=False):
+        adapter = read(name, directory, revive)
+        registry.unload(name)
+        return adapter
+
+    monkeypatch.setattr(registry, "_read_and_cache", read_then_unloaded)
+    with pytest.raises(NotFound, match="^adapter 'style' was unloaded while it was being loaded: load it again to serve it$"):
+        registry.load("style")

@@ -245,7 +245,8 @@ class AdapterRegistry:
             adapters.append(adapter)
         return Mixture(tuple(adapters), tuple(float(w) for _, w in members))
 
-    def _read_router(self, name: str, directory: Path) -> Router:
+    def _read_router(self, name: str, directory: Path, revive: bool = False) -> Router:
+        """revive: an admin's load, which serves an unloaded name again once its read succeeds."""
         router = read_router(name, directory, self.model)
         if router.num_experts > self.pool.num_slots:
             raise FailedPrecondition(
@@ -254,7 +255,7 @@ class AdapterRegistry:
             )
         experts = self._with_experts(router).adapters
         with self._lock:
-            self._check_not_unloaded(name)
+            self._commit_name(name, revive)
             self._routers[name] = router
             # A name is one thing at a time: a LoRA version cached under it is no longer served.
             self._cache.pop(name, None)
@@ -302,14 +303,14 @@ class AdapterRegistry:
         """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
         a changed file becomes a new version at once, and an unloaded name is usable again."""
         directory = resolve_adapter_dir(self.adapters_dir, name, path)
-        with self._lock:
-            self._unloaded.discard(name)
         if is_router(directory):
-            self._read_router(name, directory)
+            self._read_router(name, directory, revive=True)
         else:
-            self._read_and_cache(name, directory)
+            self._read_and_cache(name, directory, revive=True)
         with self._lock:
-            return self._live(self._known[name])
+            if (info := self._known.get(name)) is None:
+                raise NotFound(f"adapter {excerpt(name)} was unloaded while it was being loaded: load it again to serve it")
+            return self._live(info)
 
     def publish(self, name: str, config: dict, tensors: dict[str, torch.Tensor], a_init_seed: int | None = None) -> AdapterInfo:
         """Write a new version of `name` into the adapters directory, atomically, and make it
@@ -388,6 +389,15 @@ class AdapterRegistry:
             self._stamps.pop(name, None)
             self._unloaded.add(name)
 
+    def _commit_name(self, name: str, revive: bool) -> None:
+        """Under the lock, before a read's result is cached: an unload while it was under way
+        wins, unless the read is an admin's load (which makes the name servable again only
+        now, once it succeeded: a failed load leaves an unloaded name unloaded)."""
+        if revive:
+            self._unloaded.discard(name)
+        else:
+            self._check_not_unloaded(name)
+
     def _check_not_unloaded(self, name: str) -> None:
         if name in self._unloaded:
             raise NotFound(f"adapter {excerpt(name)} was unloaded: an admin must load it (LoadAdapter) before it is served again")
@@ -419,7 +429,7 @@ class AdapterRegistry:
             s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions, s.prefetches
         )
 
-    def _read_and_cache(self, name: str, directory: Path) -> LoRAAdapter:
+    def _read_and_cache(self, name: str, directory: Path, revive: bool = False) -> LoRAAdapter:
         # A failed read leaves the version already cached (if any) in place. The stamp is
         # taken first: a change during the read is seen (and read again) at the next check.
         stamp = file_stamp(directory)
@@ -431,8 +441,7 @@ class AdapterRegistry:
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()  # a no-op for tensors read into page-locked memory (_memory's)
         with self._lock:
-            # An unload while this read was under way wins (load clears the mark first).
-            self._check_not_unloaded(name)
+            self._commit_name(name, revive)
             self._routers.pop(name, None)  # as in _read_router: the name is a LoRA adapter now
             self._cache[name] = adapter
             self._cache.move_to_end(name)
