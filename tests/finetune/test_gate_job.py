@@ -3,6 +3,7 @@ gates over frozen experts from task-labelled lines, checkpoints and publishes ro
 and the router is then served; bad gate-training requests are refused before a job exists."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -67,8 +68,10 @@ def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_
     "changes, error, message",
     [
         ({"router": RouterSpec(("e0", "nope"))}, NotFound, "'nope' not found"),
-        ({"router": RouterSpec(("e0", "e1"), top_k=1), "training_data": json.dumps({"text": "a b c", "task": "e7"})},
-         InvalidRequest, "training example 1: task 'e7' is not one of the router's experts"),
+        # Every bad label, each by its line in the file (blank lines count).
+        ({"router": RouterSpec(("e0", "e1"), top_k=1), "training_data": "\n".join(
+            [json.dumps({"text": "a b c", "task": "e0"}), "", json.dumps({"text": "a b c", "task": "e7"}), json.dumps({"text": "a b", "task": "e8"})])},
+         InvalidRequest, re.escape("training data has 2 invalid lines: line 3: task 'e7' is not one of the router's experts ['e0', 'e1']; line 4: task 'e8'")),
         ({"lora": {"r": 4}}, InvalidRequest, "trains only gates"),
         ({"router": RouterSpec(("e0", "learned-before"))}, FailedPrecondition, "'learned-before' is not a LoRA adapter"),
     ],

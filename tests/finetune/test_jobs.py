@@ -142,6 +142,11 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
                 request(hyperparameters=Hyperparameters(max_seq_length=4096)),
                 "hyperparameters.max_seq_length 4096 exceeds the server's context limit 512",
             ),
+            (
+                InvalidRequest,
+                request(hyperparameters=Hyperparameters(max_steps=4, tokens_per_step=48, warmup_steps=4)),
+                "warmup_steps 4 is not less than the job's 4 steps: the learning rate would never reach learning_rate",
+            ),
         ]
         for cls, bad, message in cases:
             with pytest.raises(cls) as info:
@@ -217,6 +222,8 @@ def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_
         assert stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
         assert not engine.engine.coserve.has_work() and all(p == 0 for p in engine.engine.registry.pool._pins)
         assert not engine.jobs._prepared  # its tokenized dataset and step plan are let go
+        # Its checkpoints and dataset copy, read only by a resume, are gone from disk too.
+        assert [p.name for p in engine.jobs._job_dir(job.id).iterdir()] == []
         assert asyncio.run(read_then_leave(engine, "after", 5)) == 5
     finally:
         engine.shutdown()
@@ -230,6 +237,7 @@ def test_a_cancelled_queued_job_holds_nothing(tiny_model_dir, dirs):
         queued = engine.jobs.create(request("other"))
         assert engine.jobs.cancel(queued.id).status is JobStatus.CANCELLED
         assert set(engine.jobs._prepared) <= {running.id}
+        assert [p.name for p in engine.jobs._job_dir(queued.id).iterdir()] == []
         engine.jobs.cancel(running.id)
         wait_for(engine, running.id)
         assert not engine.jobs._prepared
@@ -273,8 +281,9 @@ def test_coserved_training_memory_stays_within_the_activation_cap(tiny_model_dir
         submit = coserve.submit
         coserve.submit = lambda work, scale: sizes.append(work.num_tokens) or submit(work, scale)
         long_line = json.dumps({"prompt": "Item 99: " + " ".join(["word"] * 30), "completion": " value"})
-        with pytest.raises(InvalidRequest, match=r"training example 25 has \d+ tokens; .* at most 20 tokens fit"):
-            engine.jobs.create(request(training_data=DATA + "\n" + long_line))
+        # Named by its line in the file, blank lines counted.
+        with pytest.raises(InvalidRequest, match=r"training data has 1 invalid line: line 27: has \d+ tokens; .* at most 20 tokens fit"):
+            engine.jobs.create(request(training_data=DATA + "\n\n\n" + long_line))
         sliced = engine.jobs.create(request("sliced", training_data=DATA + "\n" + long_line, lora={"r": 8, "lora_dropout": 0.1}))
         assert sliced.status is JobStatus.QUEUED
         engine.jobs.cancel(sliced.id)

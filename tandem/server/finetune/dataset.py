@@ -22,6 +22,7 @@ import json
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -84,11 +85,16 @@ class _AssistantTurn:
     through: str
 
 
-def parse_dataset(data: str | bytes, tokenizer, max_seq_length: int, *, max_errors: int = 20) -> list[TrainingExample]:
+def parse_dataset(
+    data: str | bytes, tokenizer, max_seq_length: int, *, check: Callable[[TrainingExample], str | None] | None = None,
+    max_errors: int = 20,
+) -> list[TrainingExample]:
     """Every non-blank line of a JSONL dataset as a training example, in file order.
 
-    Raises InvalidRequest naming every invalid line (line number and reason; the first
-    max_errors of them) if any line is invalid, or if there are no examples at all.
+    check: the job's own rule for an example (what the server can hold, which task labels its
+    router knows): the reason it is refused, or None. Raises InvalidRequest naming every
+    invalid line (line number and reason; the first max_errors of them) if any line is
+    invalid, or if there are no examples at all.
     """
     errors: dict[int, str] = {}
     examples: dict[int, TrainingExample] = {}
@@ -107,6 +113,8 @@ def parse_dataset(data: str | bytes, tokenizer, max_seq_length: int, *, max_erro
             )
         elif example.num_target_tokens == 0:
             errors[number] = "has no tokens to train on (a text line needs at least two tokens)"
+        elif check is not None and (reason := check(example)) is not None:
+            errors[number] = reason
     if errors:
         raise InvalidRequest(_summarize(errors, max_errors))
     if not examples:

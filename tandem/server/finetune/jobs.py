@@ -217,7 +217,10 @@ class JobManager:
             if self._publishing == job_id:
                 raise FailedPrecondition(f"job {job_id} is publishing its adapter; it can no longer be cancelled")
             self._prepared.pop(job_id, None)
-            return self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time())
+            job = self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time())
+            if self._running is None or self._running.job_id != job_id:
+                self._remove_resume_files(job_id)  # the running one's go on the engine thread, between its writes
+            return job
 
     def watch(self, job_id: str, callback: Callable[[Job], None]) -> Callable[[], None]:
         """Call callback(job) on every change of the job, from whatever thread makes it;
@@ -261,6 +264,7 @@ class JobManager:
                 self._start(self.get(job_id))
             elif self.get(job_id).status is not JobStatus.RUNNING:
                 self._drop()  # cancelled: publish nothing
+                self._remove_resume_files(job_id)
             else:
                 report = next(self._running.steps)
                 if report is not None:
@@ -414,13 +418,19 @@ class JobManager:
 
     def _end(self, job_id: str, error: JobError | None, **changes) -> None:
         """The running job is over: succeeded (error None) or failed. Once that is saved its
-        checkpoints go (about 3x the adapter each, two kept, never read again: a finished job
-        held them forever); if it cannot be saved they stay for the resume after a restart."""
+        resume files go; if it cannot be saved they stay for the resume after a restart."""
         self._drop()
         self._prepared.pop(job_id, None)
         status = JobStatus.SUCCEEDED if error is None else JobStatus.FAILED
         self._update(job_id, status=status, finished_at=time.time(), error=error, estimated_finish=0.0, **changes)
+        self._remove_resume_files(job_id)
+
+    def _remove_resume_files(self, job_id: str) -> None:
+        """What only a resume after a restart reads, for a job that has ended (its record saved
+        as such): its checkpoints (about 3x the adapter each, two kept: a finished or cancelled
+        job held them forever) and its copy of the dataset."""
         shutil.rmtree(self._job_dir(job_id) / "checkpoints", ignore_errors=True)
+        (self._job_dir(job_id) / DATASET_FILE).unlink(missing_ok=True)
 
     # Helpers
 
@@ -465,40 +475,50 @@ class JobManager:
     def _prepare(
         self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None, router: RouterSpec | None, coserve: bool
     ) -> _Prepared:
-        examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length)
-        if coserve:
-            self._check_coserved_memory(examples)
-        experts = None if router is None else self._experts(router, examples)
+        experts = None if router is None else self._experts(router)  # an unknown expert first: the labels name them
+        examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length, check=self._example_check(coserve, router))
         train, evaluation = split_eval(examples, hp.eval_fraction, hp.seed)
-        return _Prepared(train, evaluation, StepPlan(train, hp), base, experts)
+        plan = StepPlan(train, hp)
+        if 0 < len(plan) <= hp.warmup_steps:
+            raise InvalidRequest(
+                f"warmup_steps {hp.warmup_steps} is not less than the job's {len(plan)} steps: the learning rate would never "
+                f"reach learning_rate {hp.learning_rate:g} (with warmup_steps >= steps every step of a one-step job has 0): "
+                "lower warmup_steps, or train for more steps"
+            )
+        return _Prepared(train, evaluation, plan, base, experts)
 
-    def _check_coserved_memory(self, examples: list[TrainingExample]) -> None:
-        """Refuse examples a co-served micro-batch could not keep within the activation cap
-        (one example is the least a micro-batch holds)."""
-        coserve = self.engine.coserve
-        for number, example in enumerate(examples, start=1):
-            if example.num_tokens > coserve.max_tokens:
-                raise InvalidRequest(
-                    f"training example {number} has {example.num_tokens} tokens; co-served training keeps "
-                    f"{coserve.bytes_per_token} bytes of activations a token on this model, so at most "
-                    f"{coserve.max_tokens} tokens fit the server's --finetune-activation-bytes "
-                    f"({coserve.activation_bytes}): shorten it, or run the server with a larger cap or --finetune-mode timeslice"
+    def _example_check(self, coserve: bool, router: RouterSpec | None) -> Callable[[TrainingExample], str | None]:
+        """What this job refuses in a line beyond the dataset's own rules, for parse_dataset to
+        list with the other invalid lines: an example a co-served micro-batch could not keep
+        within the activation cap (one example is the least a micro-batch holds); a task label
+        that is not one of the router's experts."""
+        cap = self.engine.coserve
+
+        def check(example: TrainingExample) -> str | None:
+            if coserve and example.num_tokens > cap.max_tokens:
+                return (
+                    f"has {example.num_tokens} tokens; co-served training keeps {cap.bytes_per_token} bytes of activations "
+                    f"a token on this model, so at most {cap.max_tokens} tokens fit the server's --finetune-activation-bytes "
+                    f"({cap.activation_bytes}): shorten it, or run the server with a larger cap or --finetune-mode timeslice"
                 )
+            if router is not None:
+                try:
+                    router.task_index(example.task)
+                except InvalidRequest as exc:
+                    return str(exc)
+            return None
 
-    def _experts(self, router: RouterSpec, examples: list[TrainingExample]) -> list[LoRAAdapter]:
+        return check
+
+    def _experts(self, router: RouterSpec) -> list[LoRAAdapter]:
         """A gate-training job's experts (current versions), refused when one is unknown
-        (NotFound) or a router, or when a line's task is not an expert (InvalidRequest)."""
+        (NotFound) or a router."""
         experts = []
         for name in router.experts:
             expert = self.registry.get(name)
             if not isinstance(expert, LoRAAdapter):
                 raise FailedPrecondition(f"router expert {name!r} is not a LoRA adapter: experts must be adapters")
             experts.append(expert)
-        for number, example in enumerate(examples, start=1):
-            try:
-                router.task_index(example.task)
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"training example {number}: {exc}") from None
         return experts
 
     def _files(self, job: Job, trained: TrainableAdapter | TrainableGates) -> dict[str, bytes]:
@@ -516,10 +536,12 @@ class JobManager:
                 base = self._resumed_base(job)
                 data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
                 prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router))
+                prepared.plan.locate(job.step)  # here, not on the engine thread where the job resumes near it
                 self._prepack_for(job.lora, job.router)
             except (OSError, TandemError) as exc:
                 error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
                 self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error)
+                self._remove_resume_files(job_id)
                 continue
             with self._lock:
                 if self._jobs[job_id].status.terminal:  # cancelled while it was validated

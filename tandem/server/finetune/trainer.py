@@ -11,6 +11,9 @@ each micro-batch's summed loss is scaled by 1 / (the step's target tokens).
 run inference iterations in between: inference waits at most one micro-batch.
 """
 
+import bisect
+import concurrent.futures
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -88,19 +91,28 @@ class StepReport:
     eval_loss: float | None = None
 
 
+# One thread packs the epoch after the one being read, for every plan.
+_PACKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-step-plan")
+
+
 class StepPlan:
     """The example indices of every optimizer step, in order: each epoch's examples in a
     seeded order, packed greedily into steps of up to tokens_per_step tokens.
 
     Built an epoch at a time as steps are read (a plan of a million steps costs seconds
-    and memory when built whole); counting the steps of n_epochs packs each epoch once,
-    so build a plan off the engine thread."""
+    and memory when built whole), straight from the epoch a step is in: where each epoch
+    starts is counted once (packing each epoch), for n_epochs when the plan is made and up
+    to a step by locate(), so make a plan, and locate a resumed job's step, off the engine
+    thread. Read in order, the next epoch is packed on a thread of its own meanwhile (a
+    shuffle of 200k examples took 0.3 s: every request would have waited for it)."""
 
     def __init__(self, examples: list[TrainingExample], hp: Hyperparameters):
         self._tokens = [e.num_tokens for e in examples]
         self._hp = hp
-        self._epoch, self._start, self._steps = 0, 0, self._pack(0)
-        self._len = hp.max_steps or sum(len(self._pack(epoch)) for epoch in range(hp.n_epochs))
+        self._epoch, self._steps = 0, self._pack(0)
+        self._starts = [0, len(self._steps)]  # the first step of each epoch counted so far, and the next's
+        self._len = hp.max_steps or self.locate(math.inf, hp.n_epochs)
+        self._ahead: tuple[int, concurrent.futures.Future] | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -108,25 +120,38 @@ class StepPlan:
     def __getitem__(self, step: int) -> list[int]:
         if not 0 <= step < self._len:
             raise IndexError(f"step {step} is outside the plan of {self._len} steps")
-        if step < self._start:
-            self._epoch, self._start, self._steps = 0, 0, self._pack(0)
-        while step >= self._start + len(self._steps):
-            self._start += len(self._steps)
-            self._epoch += 1
-            self._steps = self._pack(self._epoch)
-        return self._steps[step - self._start]
+        if step >= self._starts[-1] and self._ahead is not None and self._ahead[0] == len(self._starts) - 1:
+            # The epoch packed ahead is the next one to count: counted from it, not packed again here.
+            epoch, steps = self._ahead[0], self._ahead[1].result()
+            self._starts.append(self._starts[-1] + len(steps))
+            self._epoch, self._steps, self._ahead = epoch, steps, None
+        self.locate(step)
+        epoch = bisect.bisect_right(self._starts, step) - 1
+        if epoch != self._epoch:
+            ahead = self._ahead[1].result() if self._ahead is not None and self._ahead[0] == epoch else None
+            self._epoch, self._steps, self._ahead = epoch, ahead or self._pack(epoch), None
+        if self._ahead is None and self._starts[epoch] + len(self._steps) < self._len:
+            self._ahead = (epoch + 1, _PACKER.submit(self._pack, epoch + 1))
+        return self._steps[step - self._starts[epoch]]
+
+    def locate(self, step: float, epochs: float = math.inf) -> int:
+        """Count epochs (packing each) until the one holding `step` is known, or `epochs` of
+        them are; returns the steps they hold."""
+        while self._starts[-1] <= step and len(self._starts) - 1 < epochs and self._tokens:
+            self._starts.append(self._starts[-1] + len(self._pack(len(self._starts) - 1)))
+        return self._starts[-1]
 
     def _pack(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self._tokens)))
         random.Random(self._hp.seed * 1_000_003 + epoch).shuffle(order)
-        steps: list[list[int]] = [[]]
-        tokens = 0
-        for i in order:
-            if steps[-1] and tokens + self._tokens[i] > self._hp.tokens_per_step:
-                steps.append([])
-                tokens = 0
-            steps[-1].append(i)
-            tokens += self._tokens[i]
+        ends = list(itertools.accumulate(map(self._tokens.__getitem__, order)))
+        steps, start, before = [], 0, 0
+        while start < len(order):
+            # As many of the next examples as fit (at least one), found by bisection: a
+            # Python loop over every example cost ~2.4 us each on the engine thread.
+            stop = max(start + 1, bisect.bisect_right(ends, before + self._hp.tokens_per_step, lo=start))
+            steps.append(order[start:stop])
+            before, start = ends[stop - 1], stop
         return steps
 
 
