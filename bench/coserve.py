@@ -171,11 +171,12 @@ class TrainedTokens:
             return batch
 
         def counted_finish(scheduled, result):
-            finish(scheduled, result)
+            cut = finish(scheduled, result)
             while submitted and (submitted[0].done or submitted[0].error is not None):  # one at a time, in order
                 batch = submitted.pop(0)
                 if batch.done:
                     self.finished.append((time.perf_counter(), batch.work.num_tokens))
+            return cut  # whether a deadline cut the iteration's training work: the share's fill learns from it
 
         core.train, core.coserve.submit, core.coserve.finish = counted_train, recorded_submit, counted_finish
 

@@ -227,11 +227,14 @@ def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(smollm2_toke
         return result
 
     engine.runner.backward = recording
+    cuts, observe = [], engine.share.observe
+    engine.share.observe = lambda seconds, work, interval, cut: (cuts.append(cut) if "backward" in work else None, observe(seconds, work, interval, cut))
     params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
     coserve(engine, adapter, seqs, 1 / targets, {0: [("r", random_prompts([5], len(smollm2_tokenizer), seed=8)[0], params)]})
     got = grads(adapter)
 
     assert [s for s in slices if s is not None] == [(0, 3, 2, 3.5), (0, 1, 0, 3.5)]
+    assert cuts == [True, False]  # what the share's fill learns from: the first slice the deadline stopped
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
