@@ -672,6 +672,21 @@ def test_the_fill_shrinks_where_a_layer_is_a_large_and_unsteady_part_of_the_targ
     assert over(learnt) < 0.6 * over(fixed)
 
 
+def test_the_fill_learns_only_once_the_cost_model_is_warm():
+    """A cold engine schedules prompts uncapped: a burst of them beside the first head block
+    overran its deadline by 0.65 of the target. That overshoot is the prompts', not the
+    deadline's unit: the fill does not learn from it, and ten warm intervals that ended on
+    their deadline take the fill to its top (with it, the fill would sit at its floor)."""
+    share = FinetuneShare(0.4, budget=256, prior=PRIOR)
+    share.observe(0.6, {"inference": 180, "head": 64}, 0.6, cut=True)
+    for _ in range(10):
+        share.observe(0.2, {"inference": 5}, 0.2)
+    assert share.warm
+    for _ in range(10):
+        share.observe(0.34, {"inference": 5, "backward": 3}, 0.34, cut=True)
+    assert share.fill == pytest.approx(1.0)
+
+
 def test_a_kind_not_seen_yet_is_priced_by_its_prior():
     """Only forward work measured (1 ms per token, no fixed part): a head row is priced at the
     prior's half a token, a backward unit at three."""

@@ -150,7 +150,11 @@ class FinetuneShare:
         """Learn from one finished iteration: its time, its units of each kind of work, and,
         when it decoded, the interval its requests saw since their previous token (None when
         it decoded nothing: only decoding iterations end an inter-token interval); cut: a
-        deadline stopped its training work before its end (the fill learns from those).
+        deadline stopped its training work before its end (the fill learns from those,
+        once the cost model is warm: before, prompts are not capped to the target, and the
+        first burst of them overran it by up to half of it on the 2-core EPYC, not the
+        deadline's unit; two such overshoots held the fill at its floor, 0.5, for a hundred
+        cut intervals, 40 s of a 90 s window).
 
         Only iterations that carry inference move the margin (they are the ones the target
         is for), and only once the model has seen a few of their mix: a mix it has never seen
@@ -166,7 +170,7 @@ class FinetuneShare:
         mix = tuple(kind for kind in TRAINING if work.get(kind, 0.0) > 0)
         if inference and self.warm and self._mix_seen[mix] >= _MIX_WARMUP:
             self._update_gain(math.log((interval or seconds) / self.predict(work)))
-        if cut and interval is not None:
+        if cut and interval is not None and self.warm:
             self._update_fill(interval / self.target - self.fill)
         x = torch.tensor([1.0, *units, *present], dtype=torch.float64)
         self._xx.mul_(_DECAY).add_(torch.outer(x, x))
