@@ -239,6 +239,48 @@ def test_a_slice_stops_at_its_deadline_and_the_gradients_stay_exact(smollm2_toke
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("price", [1.0, 4.0], ids=["fits", "past-the-deadline"])
+def test_a_backward_the_margin_leaves_no_room_for_runs_by_the_clock(smollm2_tokenizer, monkeypatch, price):
+    """Beside decodes, where the cost model and its margin fit no row of the head and no
+    layer (a prefill took their room), the head and a slice are planned anyway, their first
+    block or layer run only where the cost model says it ends by the deadline, on the clock
+    once the inference forward has run: the head, priced at one clock reading, runs whole
+    beside the decodes; so do the layers, two a slice, where a layer is priced so too, and
+    priced past the deadline, none runs until the request is over. Either way the gradients
+    stay exact and each layer is counted once."""
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=3, num_hidden_layers=4)
+    engine, clock, adapter, seqs, targets, alone, expected = clocked(model, smollm2_tokenizer, monkeypatch)
+    allowance = engine.share.allowance
+    engine.share.allowance = lambda tokens, running, kind: 0.0 if running and kind != "forward" else allowance(tokens, running, kind)
+    engine.share.seconds = lambda kind, units: price if kind == "backward" else 1.0
+    work_done, backward = [], engine.runner.backward
+
+    def recording(work):
+        clock.now = -1
+        result = backward(work)
+        if isinstance(work, TrainingBackward):
+            work_done.append(("backward", work.first, work.last, result.first, work.deadline is not None))
+        else:
+            work_done.append(("head", work.start, work.start + result.grad.shape[0], work.deadline is not None))
+        return result
+
+    engine.runner.backward = recording
+    params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    batch, _ = coserve(engine, adapter, seqs, 1 / targets, {0: [("r", random_prompts([5], len(smollm2_tokenizer), seed=8)[0], params)]})
+
+    ran = [w for w in work_done if (w[1] < w[2] if w[0] == "head" else w[3] <= w[2])]
+    refused = [w for w in work_done if w[0] == "backward" and w[3] > w[2]]
+    if price == 1.0:
+        assert ran == [("head", 0, 68, True), ("backward", 0, 3, 2, True), ("backward", 0, 1, 0, True)] and not refused
+    else:
+        assert ran == [("head", 0, 68, True), ("backward", 0, 3, 0, False)]
+        assert refused and all(w[1:] == (0, 3, 4, True) for w in refused)
+    assert engine.iteration_tokens["train_head"] == 68 and engine.iteration_tokens["train_backward"] == 68
+    assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
+    for name, value in grads(adapter).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_head_stops_at_its_deadline_between_blocks_and_the_gradients_stay_exact(smollm2_tokenizer, monkeypatch):
     """Beside decodes, a head that one block fits is planned to its last row and the share's
     deadline stops it between blocks: with blocks of 16 rows and room for two a head

@@ -29,7 +29,10 @@ fine-tuning share of the token budget (server/engine/finetune_share.py):
    forward is planned by the cost model and its margin. Where not even one layer over the
    whole micro-batch fits, a slice is one layer over some of its sequences (attention stays within a sequence, so a layer's
    backward splits exactly by sequence): a layer never has to wait for an iteration with
-   room for all of it, which beside steady inference may never come.
+   room for all of it, which beside steady inference may never come. Where the cost model
+   and its margin fit nothing (a prefill took their room), the head and a slice are
+   planned anyway and their first block or layer runs only where the cost model says it
+   ends by the deadline, on the clock once the inference forward has run.
 
 A micro-batch that starts with no inference running runs its whole forward in one iteration
 instead, with autograd, cut at every layer's input (ModelRunner.forward_graph), and its
@@ -274,11 +277,14 @@ class CoServer:
             batch.num_targets += result.num_targets
             batch.next_head = stop
             scheduled.train_head = replace(head, stop=stop)
-            return stop < head.stop
+            return head.start < stop < head.stop
+        planned = scheduled.train_backward
+        backward = scheduled.train_backward = replace(planned, first=result.first)
+        if result.first > planned.last:  # its first layer was not expected to end by the deadline
+            return False
         start, stop = batch.backward_rows
         batch.grad[start:stop] = result.grad
-        cut = result.first > scheduled.train_backward.first
-        backward = scheduled.train_backward = replace(scheduled.train_backward, first=result.first)
+        cut = result.first > planned.first
         batch.next_layer_seq += len(backward.sequences) if backward.first == backward.last else 0
         if batch.next_layer_seq in (0, len(batch.work.sequences)):
             batch.next_layer, batch.next_layer_seq = backward.first - 1, 0
@@ -373,12 +379,13 @@ class CoServer:
     def _head(self, batch: CoservedBatch, rows: int, deadline: float | None) -> TrainingHead | None:
         """The next `rows` rows of the head; with a deadline, where a whole block fits, all the
         rows left, for the deadline to stop between blocks."""
-        if not rows:
-            return None
         start = batch.next_head
         end = batch.grad.shape[0]
-        if deadline is not None and rows >= HEAD_BLOCK_ROWS:
-            return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, end, batch.loss_scale, deadline)
+        if deadline is not None and (rows >= HEAD_BLOCK_ROWS or not rows):
+            block = None if rows else self.share.seconds("head", HEAD_BLOCK_ROWS)
+            return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, end, batch.loss_scale, deadline, block)
+        if not rows:
+            return None
         return TrainingHead(batch.work.sequences, batch.kept.inputs[-1], start, min(end, start + rows), batch.loss_scale)
 
     def _head_behind(self, batch: CoservedBatch, deadline: float) -> TrainingHead | None:
@@ -409,8 +416,26 @@ class CoServer:
             token_layers -= sequences[end].num_tokens
             end += 1
         if end == begin:
-            return None
+            return None if deadline is None else self._backward_by_clock(batch, deadline)
         start, stop = batch.rows[begin], batch.rows[end - 1] + sequences[end - 1].num_tokens
         batch.backward_rows = (start, stop)
         kept = batch.kept.rows_between(start, stop)
         return TrainingBackward(sequences[begin:end], batch.work.weights, kept, last, last, batch.grad[start:stop])
+
+    def _backward_by_clock(self, batch: CoservedBatch, deadline: float) -> TrainingBackward:
+        """Where the cost model and its margin fit no part of a layer beside decodes (a
+        prefill took the margin's room): the rest of the current layer, and at a layer
+        boundary the layers below it until the deadline, its first layer run only where the
+        cost model says it ends by the deadline, checked on the clock once the inference
+        forward has run (at a 50%-load window on the 2-core EPYC a sixth of the decoding
+        iterations in the backward carried no training work, ending 0.2x the target short
+        of the deadline)."""
+        sequences, begin = batch.work.sequences, batch.next_layer_seq
+        start, stop = batch.rows[begin], batch.grad.shape[0]
+        seconds = self.share.seconds("backward", (stop - start) / self.num_layers)
+        batch.backward_rows = (start, stop)
+        last = batch.next_layer
+        if begin == 0:
+            return TrainingBackward(sequences, batch.work.weights, batch.kept, 0, last, batch.grad, deadline, batch.graph, seconds)
+        kept = batch.kept.rows_between(start, stop)
+        return TrainingBackward(sequences[begin:], batch.work.weights, kept, last, last, batch.grad[start:stop], deadline, None, seconds)

@@ -153,7 +153,9 @@ class TrainingBackward:
     grad: the gradient at the output of layer `last` (from the head, for the top layer).
     deadline: a time.perf_counter() instant, or None. With one, layers first..last are the
     most the slice runs: it stops before a layer that the time of the one before says would
-    end past the deadline (layer `last` always runs); BackwardResult.first says where."""
+    end past the deadline (layer `last` always runs, unless first_seconds, what it is expected
+    to take, says it would end past the deadline too: then BackwardResult.first is last + 1);
+    BackwardResult.first says where."""
 
     sequences: list[TrainingSequence]
     weights: Mapping[tuple[int, str], LoRAWeights]
@@ -163,6 +165,7 @@ class TrainingBackward:
     grad: torch.Tensor
     deadline: float | None = None
     graph: KeptGraph | None = None
+    first_seconds: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -137,9 +137,12 @@ class ModelRunner:
         each backpropagated through the graph its forward kept (work.graph) or rebuilt from
         its kept activations over the slice's sequences (fresh attention, trained LoRA with
         autograd, frozen linears replayed), down to work.first or to where work.deadline
-        stops it; the LoRA masters accumulate gradients."""
+        stops it (none, where work.first_seconds says the first would end past it); the LoRA
+        masters accumulate gradients."""
         if isinstance(work, TrainingHead):
             return self._head(work)
+        if work.first_seconds is not None and time.perf_counter() + work.first_seconds > work.deadline:
+            return BackwardResult(work.grad, None, 0, first=work.last + 1)
         graph = work.graph
         if graph is None:
             batch = self._fresh_batch(work, work.kept)
