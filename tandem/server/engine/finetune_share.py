@@ -152,7 +152,7 @@ class FinetuneShare:
         it decoded nothing: only decoding iterations end an inter-token interval); cut: a
         deadline stopped its training work before its end (the fill learns from those,
         once the cost model is warm: before, prompts are not capped to the target, and the
-        first burst of them overran it by up to half of it on the 2-core EPYC, not the
+        first burst of them overran it by up to 0.64x the target on the 2-core EPYC, not the
         deadline's unit; two such overshoots held the fill at its floor, 0.5, for a hundred
         cut intervals, 40 s of a 90 s window).
 
