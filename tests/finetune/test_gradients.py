@@ -35,9 +35,10 @@ def peft_twin(hf_model, adapter: TrainableAdapter, dtype: torch.dtype = torch.fl
     spec = adapter.spec
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.lora_alpha, target_modules=list(spec.target_modules), use_rslora=spec.use_rslora,
-        lora_dropout=0.0,
+        lora_dropout=spec.lora_dropout,
     )
     model = get_peft_model(copy.deepcopy(hf_model).to(dtype), config)
+    model.train(spec.lora_dropout > 0)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in adapter.peft_tensors().items():
@@ -79,9 +80,13 @@ def assert_gradients_equal_peft(
     seqs = sequences(len(tokenizer), lengths, prompt_lens)
     num_targets = sum(sum(label != IGNORE_INDEX for label in s.labels[1:]) for s in seqs)
 
-    result = engine.train(TrainingWork(seqs, adapter.slot_weights()), loss_scale=1 / num_targets)
+    # With lora_dropout both draw their masks from the global generator, module by module.
+    torch.manual_seed(11)
+    work = TrainingWork(seqs, adapter.slot_weights(), dropout=spec.lora_dropout)
+    result = engine.train(work, loss_scale=1 / num_targets)
 
     twin = peft_twin(hf_model, adapter, oracle)
+    torch.manual_seed(11)
     loss = peft_loss(twin, seqs)
     loss.backward()
     assert (result.num_targets, result.num_tokens) == (num_targets, sum(lengths))
@@ -106,6 +111,14 @@ def assert_gradients_equal_peft(
 def test_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec):
     """Sequences of different lengths in one step, some with a prompt that carries no loss."""
     assert_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec, [5, 23, 12], [2, 10, 0])
+
+
+def test_gradients_equal_peft_with_lora_dropout(tiny_hf_model, smollm2_tokenizer):
+    """lora_dropout draws a mask per module, as peft's do, also inside a fused q/k/v or
+    gate/up group: with the same generator state, the same masks, the same gradients. (One
+    sequence: peft draws over its padded batch.)"""
+    spec = LoRASpec(r=4, lora_alpha=8, target_modules=ALL_LINEAR, lora_dropout=0.3)
+    assert_gradients_equal_peft(tiny_hf_model, smollm2_tokenizer, spec, [19], [4])
 
 
 @pytest.mark.smollm

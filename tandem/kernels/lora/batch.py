@@ -380,6 +380,13 @@ class LoRAWeights:
     def out_features(self) -> int:
         return self.b.shape[1]
 
+    def slice(self, s: int) -> "LoRAWeights":
+        """Slice s alone (views of a and b: gradients flow back to them), e.g. v_proj of a
+        fused q/k/v group."""
+        start, r = sum(self.out_slices[:s]), self.max_rank
+        b = self.b[:, start : start + self.out_slices[s]]
+        return LoRAWeights(self.a[:, s * r : (s + 1) * r], b, self.slot_ranks, (self.out_slices[s],), list(self.host_ranks))
+
     def set_rank(self, slot: int, rank: int) -> None:
         """Record the real rank of a slot just written (device tensor and host copy)."""
         if not 0 <= rank <= self.max_rank:

@@ -10,7 +10,7 @@ the batch, so one call serves every adapter at once and the layer holds no state
 
 import torch
 
-from tandem.kernels.lora import lora_add_autograd, lora_delta, lora_delta_pairs
+from tandem.kernels.lora import LoRAWeights, lora_add_autograd, lora_delta, lora_delta_autograd, lora_delta_pairs
 from tandem.server.model.batch import ForwardBatch, LoRARows
 from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import LlamaModel
@@ -38,10 +38,13 @@ class LoRALinear(FusedLinear):
             if self.key in trained.routing.gates:
                 y = y + trained.routing.trained_delta(_dropout(x, trained), trained.weights[self.key], self.key, x.shape[0])
         elif trained is not None and self.key in trained.weights:
-            if torch.is_grad_enabled():
-                y = lora_add_autograd(y, _dropout(x, trained), trained.weights[self.key], trained.tokens)
+            w = trained.weights[self.key]
+            if trained.dropout and w.num_slices > 1:
+                y = y + _dropped_per_slice(x, w, trained)
+            elif torch.is_grad_enabled():
+                y = lora_add_autograd(y, _dropout(x, trained), w, trained.tokens)
             else:  # a co-served forward chunk keeps no graph: the served path's in-place add
-                lora_delta(_dropout(x, trained), trained.weights[self.key], trained.tokens, y)
+                lora_delta(_dropout(x, trained), w, trained.tokens, y)
         return y
 
     def add_served(self, x: torch.Tensor, served: LoRARows, y: torch.Tensor) -> None:
@@ -63,8 +66,15 @@ class LoRALinear(FusedLinear):
             lora_delta(x, w, served.tokens, y)
 
 
+def _dropped_per_slice(x: torch.Tensor, w: LoRAWeights, rows: LoRARows) -> torch.Tensor:
+    """The trained delta of a fused group (q/k/v, gate/up) under lora_dropout: PEFT draws a
+    mask per module, so each slice gets its own mask and shrink (one shared mask would drop
+    the same input features for q, k and v alike)."""
+    return torch.cat([lora_delta_autograd(_dropout(x, rows), w.slice(s), rows.tokens) for s in range(w.num_slices)], dim=1)
+
+
 def _dropout(x: torch.Tensor, rows: LoRARows) -> torch.Tensor:
-    """PEFT's lora_dropout on the LoRA input; the fused q/k/v (or gate/up) slices share one mask."""
+    """PEFT's lora_dropout on the LoRA input of one module."""
     if not rows.dropout:
         return x
     keep = torch.empty_like(x).bernoulli_(1 - rows.dropout, generator=rows.generator)
