@@ -343,7 +343,8 @@ def _tensor_entry(key: str, info: object) -> _TensorEntry:
         raise ValueError(f"tensor {excerpt(key)} needs a shape and data_offsets [begin, end] of non-negative integers")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"tensor {excerpt(key)} has {end - begin} bytes, its shape {excerpt(shape)} needs {math.prod(shape) * dtype.itemsize}")
+        needed = math.prod(shape) * dtype.itemsize  # sizes from the file: any length, so quoted cut
+        raise ValueError(f"tensor {excerpt(key)} has {excerpt(end - begin)} bytes, its shape {excerpt(shape)} needs {excerpt(needed)}")
     return _TensorEntry(key, dtype, shape, begin, end)
 
 
