@@ -9,7 +9,8 @@ import torch
 from tandem.server.engine.iteration import IGNORE_INDEX, TrainingSequence
 from tandem.server.finetune.dataset import TrainingExample
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
-from tandem.server.finetune.trainer import MAX_STEPS, Hyperparameters, StepPlan, Trainer, TrainingDiverged, micro_batches, plan_steps
+from tandem.server.errors import InvalidRequest
+from tandem.server.finetune.trainer import MAX_EPOCHS, MAX_STEPS, Hyperparameters, StepPlan, Trainer, TrainingDiverged, micro_batches, plan_steps
 from tests.adapters.make_adapters import ALL_LINEAR
 from tests.engine.helpers import make_engine, random_prompts
 from tests.finetune.test_gradients import peft_loss, peft_twin, randomize
@@ -105,6 +106,18 @@ def test_the_engine_thread_packs_no_epoch_of_a_plan_read_in_order_or_located(mon
     packed_here.clear()
     assert resumed[1700] == expected_long[1700]
     assert len(packed_here) == 1
+
+
+def test_n_epochs_is_bounded_only_where_it_counts():
+    """With max_steps set a job runs that many steps whatever n_epochs says (Hugging Face's
+    rule): a config carrying a large epoch count beside max_steps is accepted. Without it,
+    the epochs are planned, and bounded."""
+    assert Hyperparameters(n_epochs=10 * MAX_EPOCHS, max_steps=10).max_steps == 10
+    allowed = rf"in \[1, {MAX_EPOCHS}\] \(any count >= 1 with max_steps set\)"
+    with pytest.raises(InvalidRequest, match=rf"^hyperparameters.n_epochs must be {allowed}, got {10 * MAX_EPOCHS}$"):
+        Hyperparameters(n_epochs=10 * MAX_EPOCHS)
+    with pytest.raises(InvalidRequest, match=rf"^hyperparameters.n_epochs must be {allowed}, got 0$"):
+        Hyperparameters(n_epochs=0, max_steps=10)
 
 
 def test_a_resumed_trainer_ends_with_the_same_weights(tiny_hf_model, smollm2_tokenizer):

@@ -62,7 +62,9 @@ class Hyperparameters:
             ("learning_rate", math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1, "in (0, 1]"),
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("n_epochs", 1 <= self.n_epochs <= MAX_EPOCHS, f"in [1, {MAX_EPOCHS}]"),
+            # With max_steps set n_epochs is unused (Hugging Face's rule), and nothing to bound.
+            ("n_epochs", self.n_epochs >= 1 and (self.max_steps > 0 or self.n_epochs <= MAX_EPOCHS),
+             f"in [1, {MAX_EPOCHS}] (any count >= 1 with max_steps set)"),
             ("max_steps", 0 <= self.max_steps <= MAX_STEPS, f"in [0, {MAX_STEPS}] (0: n_epochs over the data)"),
             ("tokens_per_step", self.tokens_per_step >= 1, ">= 1"),
             ("max_seq_length", self.max_seq_length >= 2 or self.max_seq_length == 0, ">= 2 (0: the context limit)"),
