@@ -283,3 +283,14 @@ def test_the_endpoint_picker_reads_metrics_the_server_exports(rendered):
     assert pool["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "tandem"}
     (service,) = find(objects, "Service", pool["spec"]["endpointPickerRef"]["name"])
     assert pool["spec"]["endpointPickerRef"]["port"]["number"] in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_the_endpoint_picker_watches_the_pool_in_its_own_namespace(rendered):
+    """The v1.0 picker takes the pool's namespace from --pool-namespace only ("default"
+    without it), and its Role grants reads in the namespace it is deployed to."""
+    (picker,) = find(rendered["gpu"], "Deployment", "tandem-endpoint-picker")
+    epp = container(picker, "epp")
+    args = dict(a.removeprefix("--").split("=", 1) for a in epp["args"])
+    assert args["pool-name"] == "tandem" and args["pool-namespace"] == "$(NAMESPACE)"
+    (namespace,) = [e for e in epp["env"] if e["name"] == "NAMESPACE"]
+    assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
