@@ -87,7 +87,7 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (server default 256)")
     group.add_argument("--temperature", type=float, help="0 (default) = greedy")
-    group.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1] (0: the top token only)")
     group.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats")
     group.add_argument("--seed", type=int, help="reproducible sampling")

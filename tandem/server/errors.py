@@ -21,6 +21,11 @@ class InvalidRequest(TandemError):
     """The request itself is malformed (maps to INVALID_ARGUMENT)."""
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, or the prompt and the tokens asked for, do not fit the model's context
+    (INVALID_ARGUMENT; OpenAI's `context_length_exceeded`, which clients fall back on)."""
+
+
 class NotFound(TandemError):
     """An adapter, router or job named in the request does not exist (NOT_FOUND)."""
 

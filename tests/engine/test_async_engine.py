@@ -265,7 +265,7 @@ def test_increments_join_into_the_whole_completion():
 def test_the_prompts_length_is_checked_before_its_ids(tiny_hf_model, smollm2_tokenizer):
     """Millions of ids fit a 4 MB message: refused by their count before any is read."""
     engine = make_engine(tiny_hf_model, smollm2_tokenizer)
-    with pytest.raises(InvalidRequest, match="the context limit is"):
+    with pytest.raises(InvalidRequest, match="the maximum context length is"):
         engine.validate([10**9] * 100_000, SamplingParams())
 
 

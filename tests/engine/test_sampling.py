@@ -96,17 +96,32 @@ def test_no_logprobs_unless_asked():
     assert out.logprobs == [None]
 
 
+def test_top_p_zero_keeps_the_top_token_only_and_a_negative_seed_seeds(tiny_hf_model, smollm2_tokenizer):
+    """OpenAI takes top_p in [0, 1] (0: the most likely token alone) and any signed 64-bit
+    seed: a negative seed reproduces its tokens and differs from its absolute value."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    kept = _filter_top_k_top_p(logits, [0, 0, 0], [0.0, 0.0, 0.0]).isfinite()
+    assert kept.sum(1).tolist() == [1, 1, 1] and kept.float().argmax(1).tolist() == logits.argmax(1).tolist()
+    (prompt,) = random_prompts([7], len(smollm2_tokenizer), seed=3)
+    params = lambda **kw: SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, **kw)  # noqa: E731
+    tokens = lambda p: run(make_engine(tiny_hf_model, smollm2_tokenizer), {0: [("t", prompt, p)]})["t"]  # noqa: E731
+    negative = tokens(params(seed=-5))
+    assert negative == tokens(params(seed=-5)) and negative != tokens(params(seed=5))
+    assert tokens(params(top_p=0.0, seed=1)) == tokens(SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("temperature", -0.1, "temperature"),
     ("temperature", float("nan"), "temperature"),
-    ("top_p", 0.0, "top_p"),
+    ("top_p", -0.1, "top_p"),
     ("top_p", 1.5, "top_p"),
     ("top_k", -1, "top_k"),
     ("top_k", 2**32, "top_k"),
     ("repetition_penalty", 0.0, "repetition_penalty"),
     ("max_new_tokens", 0, "max_new_tokens"),
-    ("max_new_tokens", 10_000, "context limit"),
-    ("seed", -1, "seed"),
+    ("max_new_tokens", 10_000, "maximum context length"),
+    ("seed", -(2**63) - 1, "seed"),
+    ("seed", 2**63, "seed"),
     ("stop", [""], "stop strings"),
     ("stop_token_ids", [10**9], "stop_token_ids"),
     ("logprobs", 21, "logprobs"),
@@ -141,7 +156,7 @@ def test_prompts_that_cannot_run_are_refused(tiny_hf_model, smollm2_tokenizer):
     engine = make_engine(tiny_hf_model, smollm2_tokenizer)
     with pytest.raises(InvalidRequest, match="empty"):
         engine.add_request("a", [], SamplingParams())
-    with pytest.raises(InvalidRequest, match="context limit"):
+    with pytest.raises(InvalidRequest, match="maximum context length"):
         engine.add_request("b", [5] * 600, SamplingParams(max_new_tokens=1))
     with pytest.raises(InvalidRequest, match="vocabulary|token ids"):
         engine.add_request("c", [len(smollm2_tokenizer) + 5], SamplingParams())

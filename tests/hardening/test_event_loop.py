@@ -73,5 +73,5 @@ def test_the_refusal_says_what_fits(client):
         client.tokenize("x" * 20_000)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.message == (
-        "the text is 20000 characters long; no more than 16384 can fit the context limit of 512 tokens: shorten it"
+        "the text is 20000 characters long; no more than 16384 can fit the maximum context length of 512 tokens: shorten it"
     )

@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -109,6 +110,25 @@ def test_a_stream_past_the_grace_period_ends_with_abort(adapter_engine, base_mod
     assert drained.result(60) is False
     server.close()
     assert chunks[-1].choices[0].finish_reason == "abort"
+
+
+def test_a_unary_call_past_the_grace_period_is_a_503_the_client_retries(adapter_engine, base_model):
+    """Cut off by the server's stop, a non-streamed reply is not whole: OpenAI's clients
+    retry a 5xx, and would take a 200 with partial text for the answer."""
+    server = ServerThread(loopback(), adapter_engine)
+    sdk = _sdk(server)
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(
+            sdk.completions.create, model=base_model, prompt="Once upon a time", max_tokens=400, temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert wait_until(lambda: adapter_engine.stats().num_running > 0)
+        drained = server.submit(server.server.drain(grace=0))
+        with pytest.raises(openai.InternalServerError) as caught:
+            call.result(60)
+    assert drained.result(60) is False
+    server.close()
+    assert caught.value.status_code == 503 and "retry" in caught.value.body["message"]
 
 
 def test_a_client_that_leaves_a_unary_call_frees_its_generation(http_server, adapter_engine, base_model):

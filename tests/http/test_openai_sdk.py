@@ -134,6 +134,24 @@ def test_bad_requests_are_400_and_name_the_field(oai, base_model):
         oai.chat.completions.create(model=base_model, messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
 
 
+def test_a_chat_without_max_tokens_runs_to_the_contexts_end(oai, base_model, adapter_engine):
+    """OpenAI's chat has no default cap, and its SDK sends none: a cap of 256 cut answers short."""
+    reply = oai.chat.completions.create(model=base_model, messages=CHAT, temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.total_tokens == adapter_engine.info.max_model_len
+
+
+def test_a_prompt_over_the_context_is_openais_context_length_exceeded(oai, base_model):
+    """The code LiteLLM and LangChain catch to fall back on a model with a longer context."""
+    for ask in (
+        lambda: oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=100_000),
+        lambda: oai.chat.completions.create(model=base_model, messages=[{"role": "user", "content": "hi " * 100_000}], max_tokens=2),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask()
+        assert caught.value.code == "context_length_exceeded" and "maximum context length" in caught.value.message
+
+
 @pytest.mark.parametrize("field, value, streamed", [
     ("top_k", 10**30, False), ("top_k", 10**30, True), ("seed", 10**30, False), ("n", 10**30, False),
     ("n", 10**30, True), ("logprobs", 10**30, False), ("max_tokens", 10**30, False), ("prompt_logprobs", 10**30, False),

@@ -27,7 +27,7 @@ from tandem.server.engine.llm_engine import Engine, use_device
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
-from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
+from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
 from tandem.server.finetune.jobs import JobManager
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,8 @@ class AsyncEngine:
     def _check_length(self, chars: int, what: str) -> None:
         limit = self.info.max_model_len * MAX_CHARS_PER_TOKEN
         if chars > limit:
-            raise InvalidRequest(
-                f"{what} is {chars} characters long; no more than {limit} can fit the context limit of "
+            raise ContextLengthExceeded(
+                f"{what} is {chars} characters long; no more than {limit} can fit the maximum context length of "
                 f"{self.info.max_model_len} tokens: shorten it"
             )
 

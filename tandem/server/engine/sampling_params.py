@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from tandem.server.errors import InvalidRequest
+from tandem.server.errors import ContextLengthExceeded, InvalidRequest
 
 MAX_LOGPROBS = 20
 # Completions of one prompt per request: each holds its own KV blocks once forked.
@@ -68,23 +68,23 @@ class SamplingParams:
         if prompt_len == 0:
             raise InvalidRequest("the prompt is empty: send at least one token")
         if prompt_len >= max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {prompt_len} tokens but the context limit is {max_model_len}: "
-                "shorten the prompt"
+            raise ContextLengthExceeded(
+                f"the prompt has {prompt_len} tokens but the maximum context length is {max_model_len} "
+                "(with room for one new token): shorten the prompt"
             )
         if self.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if prompt_len + self.max_new_tokens > max_model_len and not self.default_max_new_tokens:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
-                f"context limit of {max_model_len}: ask for at most {max_model_len - prompt_len} new tokens"
+                f"maximum context length of {max_model_len}: ask for at most {max_model_len - prompt_len} new tokens"
             )
         if not self.temperature >= 0.0 or self.temperature == float("inf"):
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 <= self.top_k <= MAX_TOP_K:
             raise InvalidRequest(f"top_k must be in [0, {MAX_TOP_K}] (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in [0, 1] (0 keeps the top token only), got {self.top_p}")
         if not 0.0 < self.repetition_penalty < float("inf"):
             raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -94,8 +94,8 @@ class SamplingParams:
             raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidRequest(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be a signed 64-bit integer, in [-2^63, 2^63), got {self.seed}")
         self._validate_stops()
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:

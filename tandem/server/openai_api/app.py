@@ -28,9 +28,9 @@ from tandem.server.api.auth import TokenTable
 from tandem.server.api.call_record import CallRecord, current_call, request_id_of, set_current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.api.status_mapping import http_error_for, status_for
-from tandem.server.engine.outputs import RequestOutput
+from tandem.server.engine.outputs import FinishReason, RequestOutput
 from tandem.server.engine.sampling_params import SamplingParams
-from tandem.server.errors import InvalidRequest, NotFound, TandemError, Unavailable
+from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, TandemError, Unavailable
 from tandem.server.metrics import Metrics
 from tandem.server.openai_api import convert, responses
 from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -47,10 +47,16 @@ def _error_body(message: str, kind: str, code: str | None, param: str | None = N
 
 
 def _error(exc: BaseException, request_id: str) -> JSONResponse:
-    """The reply to a call that failed; NotFound is always the `model` (an adapter) here."""
+    """The reply to a call that failed, with OpenAI's own codes where clients act on them:
+    NotFound is always the `model` (an adapter) here, and a prompt over the context is
+    `context_length_exceeded`, which LiteLLM and LangChain catch to fall back on."""
     error = http_error_for(exc, request_id)
-    missing = isinstance(exc, NotFound)
-    body = _error_body(error.message, error.type, "model_not_found" if missing else error.code, "model" if missing else None)
+    code, param = error.code, None
+    if isinstance(exc, NotFound):
+        code, param = "model_not_found", "model"
+    elif isinstance(exc, ContextLengthExceeded):
+        code = "context_length_exceeded"
+    body = _error_body(error.message, error.type, code, param)
     return JSONResponse(body, status_code=error.status, headers={REQUEST_ID_HEADER: request_id})
 
 
@@ -199,6 +205,11 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         if not await _unless_disconnected(request, collect()):
             record.close("CANCELLED")
             return Response(status_code=499)  # nobody is there to read it
+        if any(out.finish_reason == FinishReason.ABORT for out in seen):
+            # The server stopped before the reply was whole: a 5xx, which clients retry,
+            # rather than a 200 with a finish_reason OpenAI never sends.
+            record.close("UNAVAILABLE")
+            return _error(Unavailable("the server stopped before the completion was whole: retry the request"), record.request_id)
         choices = responses.Choices(params.n)  # n is in range now: the engine took the request
         for out in seen:
             choices.add(out)

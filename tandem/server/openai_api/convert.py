@@ -10,9 +10,10 @@ from tandem.server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from tandem.server.errors import InvalidRequest
 from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
-# OpenAI's default for /v1/completions; chat has none (until the end), Tandem uses gRPC's.
+# OpenAI's default for /v1/completions; chat has none: it runs to the context's end, as
+# OpenAI's and vLLM's do (the SDK and LangChain send no max_tokens by default).
 DEFAULT_COMPLETION_TOKENS = 16
-DEFAULT_CHAT_TOKENS = SamplingParams.max_new_tokens
+UNTIL_THE_CONTEXT_ENDS = 2**31 - 1
 # OpenAI's newer name for the system role.
 _ROLE_ALIASES = {"developer": "system"}
 
@@ -70,7 +71,7 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
         raise InvalidRequest("prompt_logprobs is not served on streamed chat completions: set stream to false")
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _params(body, given, DEFAULT_CHAT_TOKENS, logprobs)
+    return _params(body, given, UNTIL_THE_CONTEXT_ENDS, logprobs)
 
 
 def _check_unicode(text: str, name: str) -> None:
