@@ -27,6 +27,7 @@ from tandem.server.engine.llm_engine import Engine, use_device
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.engine.token_bytes import TokenBytes, piece_text
 from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
 from tandem.server.finetune.jobs import JobManager
 
@@ -131,6 +132,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: Engine | None = None):
         self.config = config
         self.engine = engine if engine is not None else in_passing_thread(Engine.from_config, config)
+        self._token_bytes = TokenBytes(self.engine.tokenizer)
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -205,9 +207,13 @@ class AsyncEngine:
         self._check_length(sum(len(m["content"]) for m in prompt), "the messages' text")
         return await asyncio.to_thread(self.apply_chat_template, prompt)
 
+    async def token_bytes(self, token_ids: list[int]) -> list[bytes]:
+        """Each token's own bytes (server/engine/token_bytes.py), off the event loop."""
+        return await asyncio.to_thread(self._token_bytes, token_ids)
+
     async def token_texts(self, token_ids: list[int]) -> list[str]:
-        """Each token's text on its own, off the event loop."""
-        return await asyncio.to_thread(self.tokenizer.batch_decode, [[t] for t in token_ids], skip_special_tokens=True)
+        """Each token's text on its own: its bytes as UTF-8, U+FFFD for part of a character."""
+        return [piece_text(piece) for piece in await self.token_bytes(token_ids)]
 
     def _check_length(self, chars: int, what: str) -> None:
         limit = self.info.max_model_len * MAX_CHARS_PER_TOKEN

@@ -161,11 +161,11 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
     app.add_exception_handler(RequestValidationError, handle_error)
     app.add_exception_handler(HTTPException, handle_http)
 
-    async def token_texts(outputs: list[RequestOutput]) -> responses.TokenTexts:
+    async def token_pieces(outputs: list[RequestOutput]) -> responses.TokenPieces:
         ids = responses.token_ids_in(outputs)
         if not ids or state.engine is None:
             return {}
-        return dict(zip(ids, await state.engine.token_texts(ids)))
+        return dict(zip(ids, await state.engine.token_bytes(ids)))
 
     async def run(
         request: Request,
@@ -213,7 +213,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         choices = responses.Choices(params.n)  # n is in range now: the engine took the request
         for out in seen:
             choices.add(out)
-        reply = renderer.whole(choices, await token_texts(seen))
+        reply = renderer.whole(choices, await token_pieces(seen))
         record.close("OK")
         return JSONResponse(reply, headers=headers)
 
@@ -229,10 +229,10 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             async with aclosing(outputs):
                 out: RequestOutput | None = first
                 while out is not None:
-                    texts = await token_texts([out])
-                    for chunk in renderer.chunks(out, texts, progress):
+                    pieces = await token_pieces([out])
+                    for chunk in renderer.chunks(out, pieces, progress):
                         yield _sse(chunk)
-                    progress.add(out, texts)
+                    progress.add(out)
                     out = await anext(outputs, None)
             if include_usage:
                 yield _sse({**renderer.base, "choices": [], "usage": progress.usage()})

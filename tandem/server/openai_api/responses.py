@@ -1,18 +1,22 @@
 """Engine outputs -> OpenAI response bodies (plain dicts, serialised once by the app).
 
-Log-probabilities name tokens by their text: the caller looks up the texts of every token id
-the outputs mention (`token_ids_in`) and passes them as `texts`.
+Log-probabilities name tokens by their text and bytes: the caller looks up the bytes of every
+token id the outputs mention (`token_ids_in`, AsyncEngine.token_bytes) and passes them as
+`pieces`. A token's text is its bytes as UTF-8 (U+FFFD for part of a character); its bytes,
+joined with the other tokens', make the completion's text.
 """
 
+import codecs
 import time
 from collections.abc import Iterable
 
 from tandem.server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from tandem.server.engine.token_bytes import piece_text
 
 # OpenAI has one "stop" for both; "abort" is vLLM's value for a request the server ended.
 FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
-TokenTexts = dict[int, str]
+TokenPieces = dict[int, bytes]
 
 
 def token_ids_in(outputs: Iterable[RequestOutput]) -> list[int]:
@@ -33,41 +37,60 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts, offset: int) -> dict | None:
-    """The legacy Completions format; offset: characters of this choice's text before these tokens."""
+class TextOffsets:
+    """Where each of a choice's tokens starts in the text they make, in characters: a token
+    that ends inside a character adds none until the one that completes it."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0
+
+    def add(self, piece: bytes) -> int:
+        """The offset of the token with these bytes, the tokens before it added."""
+        start = self._chars
+        self._chars += len(self._decoder.decode(piece))
+        return start
+
+
+def _top_texts(top: list[tuple[int, float]], pieces: TokenPieces) -> dict[str, float]:
+    """The legacy format's alternatives, keyed by text: where two decode alike (two halves
+    of characters, special tokens) the likelier one stays (top comes likeliest first)."""
+    texts: dict[str, float] = {}
+    for token_id, logprob in top:
+        texts.setdefault(piece_text(pieces[token_id]), logprob)
+    return texts
+
+
+def completion_logprobs(logprobs: list[TokenLogprob] | None, pieces: TokenPieces, offsets: TextOffsets) -> dict | None:
+    """The legacy Completions format; offsets: the choice's, past its tokens before these."""
     if logprobs is None:
         return None
-    tokens = [texts[lp.token_id] for lp in logprobs]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
     return {
-        "tokens": tokens,
+        "tokens": [piece_text(pieces[lp.token_id]) for lp in logprobs],
         "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{texts[t]: p for t, p in lp.top} for lp in logprobs] if any(lp.top for lp in logprobs) else None,
-        "text_offset": offsets,
+        "top_logprobs": [_top_texts(lp.top, pieces) for lp in logprobs] if any(lp.top for lp in logprobs) else None,
+        "text_offset": [offsets.add(pieces[lp.token_id]) for lp in logprobs],
     }
 
 
-def _chat_token(token_id: int, logprob: float, texts: TokenTexts) -> dict:
-    text = texts[token_id]
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+def _chat_token(token_id: int, logprob: float, pieces: TokenPieces) -> dict:
+    piece = pieces[token_id]
+    return {"token": piece_text(piece), "logprob": logprob, "bytes": list(piece)}
 
 
-def chat_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts) -> dict | None:
+def chat_logprobs(logprobs: list[TokenLogprob] | None, pieces: TokenPieces) -> dict | None:
     """The Chat Completions format."""
     if logprobs is None:
         return None
     return {
         "content": [
-            {**_chat_token(lp.token_id, lp.logprob, texts), "top_logprobs": [_chat_token(t, p, texts) for t, p in lp.top]}
+            {**_chat_token(lp.token_id, lp.logprob, pieces), "top_logprobs": [_chat_token(t, p, pieces) for t, p in lp.top]}
             for lp in logprobs
         ]
     }
 
 
-def prompt_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts) -> list | None:
+def prompt_logprobs(logprobs: list[TokenLogprob] | None, pieces: TokenPieces) -> list | None:
     """vLLM's format: None for the first prompt token, then per token {token id: {logprob,
     decoded_token}} for the token itself and the top alternatives."""
     if logprobs is None:
@@ -75,7 +98,7 @@ def prompt_logprobs(logprobs: list[TokenLogprob] | None, texts: TokenTexts) -> l
     entries: list[dict | None] = [None]
     for lp in logprobs:
         entries.append(
-            {str(t): {"logprob": p, "decoded_token": texts[t]} for t, p in [(lp.token_id, lp.logprob), *lp.top]}
+            {str(t): {"logprob": p, "decoded_token": piece_text(pieces[t])} for t, p in [(lp.token_id, lp.logprob), *lp.top]}
         )
     return entries
 
@@ -107,19 +130,18 @@ class Choices:
 
 
 class Progress:
-    """What a stream has sent so far, per choice: whether it started, the characters of the
-    tokens it sent log-probabilities for (the text offset of the next one: the text itself
-    may lag them, held back for a stop string or a character's last bytes) and tokens (usage)."""
+    """What a stream has sent so far, per choice: whether it started, the text offsets of the
+    tokens it sent log-probabilities for (the text itself may lag them, held back for a stop
+    string or a character's last bytes) and tokens (usage)."""
 
     def __init__(self, n: int):
         self.started = [False] * n
-        self.token_chars = [0] * n
+        self.offsets = [TextOffsets() for _ in range(n)]
         self.generated = [0] * n
         self.prompt_tokens = 0
 
-    def add(self, out: RequestOutput, texts: TokenTexts) -> None:
+    def add(self, out: RequestOutput) -> None:
         self.started[out.index] = True
-        self.token_chars[out.index] += sum(len(texts[lp.token_id]) for lp in out.logprobs or [])
         self.generated[out.index] = out.generated_tokens
         self.prompt_tokens = out.prompt_tokens
 
@@ -137,25 +159,25 @@ class CompletionRenderer:
         self.n = n
         self.base = {"id": response_id, "object": self.chunk_object, "created": int(time.time()), "model": model}
 
-    def chunks(self, out: RequestOutput, texts: TokenTexts, progress: Progress) -> list[dict]:
+    def chunks(self, out: RequestOutput, pieces: TokenPieces, progress: Progress) -> list[dict]:
         reason = finish_reason(out)
         if not out.text and reason is None and out.logprobs is None and out.prompt_logprobs is None:
             return []
         choice = {
             "index": out.index, "text": out.text,
-            "logprobs": completion_logprobs(out.logprobs, texts, progress.token_chars[out.index]), "finish_reason": reason,
+            "logprobs": completion_logprobs(out.logprobs, pieces, progress.offsets[out.index]), "finish_reason": reason,
         }
         if out.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = prompt_logprobs(out.prompt_logprobs, texts)
+            choice["prompt_logprobs"] = prompt_logprobs(out.prompt_logprobs, pieces)
         return [{**self.base, "choices": [choice]}]
 
-    def whole(self, choices: Choices, texts: TokenTexts) -> dict:
-        prompt = prompt_logprobs(choices.prompt_logprobs, texts)
+    def whole(self, choices: Choices, pieces: TokenPieces) -> dict:
+        prompt = prompt_logprobs(choices.prompt_logprobs, pieces)
         items = []
         for i in range(self.n):
             item = {
                 "index": i, "text": choices.text[i],
-                "logprobs": completion_logprobs(choices.logprobs[i], texts, 0), "finish_reason": choices.finish[i],
+                "logprobs": completion_logprobs(choices.logprobs[i], pieces, TextOffsets()), "finish_reason": choices.finish[i],
             }
             if prompt is not None:
                 item["prompt_logprobs"] = prompt
@@ -169,7 +191,7 @@ class ChatRenderer(CompletionRenderer):
 
     chunk_object = "chat.completion.chunk"
 
-    def chunks(self, out: RequestOutput, texts: TokenTexts, progress: Progress) -> list[dict]:
+    def chunks(self, out: RequestOutput, pieces: TokenPieces, progress: Progress) -> list[dict]:
         events = []
         if not progress.started[out.index]:
             role = {"index": out.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -178,21 +200,21 @@ class ChatRenderer(CompletionRenderer):
         if out.text or reason is not None or out.logprobs:
             choice = {
                 "index": out.index, "delta": {"content": out.text} if out.text else {},
-                "logprobs": chat_logprobs(out.logprobs, texts), "finish_reason": reason,
+                "logprobs": chat_logprobs(out.logprobs, pieces), "finish_reason": reason,
             }
             events.append({**self.base, "choices": [choice]})
         return events
 
-    def whole(self, choices: Choices, texts: TokenTexts) -> dict:
+    def whole(self, choices: Choices, pieces: TokenPieces) -> dict:
         items = [
             {
                 "index": i, "message": {"role": "assistant", "content": choices.text[i]},
-                "logprobs": chat_logprobs(choices.logprobs[i], texts), "finish_reason": choices.finish[i],
+                "logprobs": chat_logprobs(choices.logprobs[i], pieces), "finish_reason": choices.finish[i],
             }
             for i in range(self.n)
         ]
         reply = {**self.base, "object": "chat.completion", "choices": items, "usage": choices.usage()}
-        prompt = prompt_logprobs(choices.prompt_logprobs, texts)
+        prompt = prompt_logprobs(choices.prompt_logprobs, pieces)
         if prompt is not None:  # vLLM's place for them in a chat completion: beside the choices
             reply["prompt_logprobs"] = prompt
         return reply
