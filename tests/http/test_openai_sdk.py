@@ -132,6 +132,13 @@ def test_bad_requests_are_400_and_name_the_field(oai, base_model):
         oai.chat.completions.create(model=base_model, messages=[], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="role"):
         oai.chat.completions.create(model=base_model, messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
+    # Named as the caller sent them, not by the engine's (gRPC's) names.
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+        oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens must be at least 1"):
+        oai.chat.completions.create(model=base_model, messages=CHAT, max_completion_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be in"):
+        oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=25)
 
 
 def test_a_chat_without_max_tokens_runs_to_the_contexts_end(oai, base_model, adapter_engine):

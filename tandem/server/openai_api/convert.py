@@ -56,6 +56,7 @@ def completion_params(body: CompletionRequest) -> SamplingParams:
         raise InvalidRequest("best_of is not supported (only best_of = n): drop it, or use n")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+    _check_max_tokens("max_tokens", body.max_tokens)
     return _params(body, body.max_tokens, DEFAULT_COMPLETION_TOKENS, body.logprobs)
 
 
@@ -69,9 +70,20 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
         raise InvalidRequest("top_logprobs needs logprobs: true")
     if body.stream and body.prompt_logprobs is not None:
         raise InvalidRequest("prompt_logprobs is not served on streamed chat completions: set stream to false")
-    given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}")
+    name, given = "max_tokens", body.max_tokens
+    if body.max_completion_tokens is not None:
+        name, given = "max_completion_tokens", body.max_completion_tokens
+    _check_max_tokens(name, given)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _params(body, given, UNTIL_THE_CONTEXT_ENDS, logprobs)
+
+
+def _check_max_tokens(name: str, value: int | None) -> None:
+    """Named as the caller sent it (the engine's check says max_new_tokens, gRPC's name)."""
+    if value is not None and value < 1:
+        raise InvalidRequest(f"{name} must be at least 1, got {value}")
 
 
 def _check_unicode(text: str, name: str) -> None:
