@@ -114,6 +114,16 @@ def test_adapter_as_model(oai, grpc_client, base_model):
     assert oai.completions.create(model="", prompt=PROMPT, max_tokens=3, temperature=0).model == ""
 
 
+def test_a_model_is_retrieved_by_its_id(oai, base_model):
+    """The SDK's models.retrieve: the list's entry, the base model's id slashes and all."""
+    listed = {m.id: m for m in oai.models.list().data}
+    for name in (base_model, ADAPTER):
+        assert oai.models.retrieve(name) == listed[name]
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.models.retrieve("no-such-adapter")
+    assert caught.value.code == "model_not_found" and "GET /v1/models" in caught.value.message
+
+
 def test_unknown_model_is_404_in_openai_shape(oai):
     with pytest.raises(openai.NotFoundError) as caught:
         oai.chat.completions.create(model="no-such-adapter", messages=CHAT, max_tokens=2)

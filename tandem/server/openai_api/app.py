@@ -30,7 +30,7 @@ from tandem.server.api.serving_state import ServingState
 from tandem.server.api.status_mapping import http_error_for, status_for
 from tandem.server.engine.outputs import FinishReason, RequestOutput
 from tandem.server.engine.sampling_params import SamplingParams
-from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, TandemError, Unavailable
+from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, TandemError, Unavailable, excerpt
 from tandem.server.metrics import Metrics
 from tandem.server.openai_api import convert, responses
 from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -38,6 +38,12 @@ from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionR
 log = logging.getLogger("tandem.requests")
 
 METHODS = {"/v1/completions": "Completions", "/v1/chat/completions": "ChatCompletions", "/v1/models": "ListModels"}
+MODEL_PATH = "/v1/models/"  # + a model's id (a base model's may hold slashes): RetrieveModel
+
+
+def method_of(path: str) -> str | None:
+    """The method name a path's calls are recorded under; None outside the API."""
+    return "RetrieveModel" if path.startswith(MODEL_PATH) else METHODS.get(path)
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -111,7 +117,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
     created = int(time.time())
 
     def new_record(request: Request) -> CallRecord:
-        return CallRecord(request_id_of(request.headers.get(REQUEST_ID_HEADER, "")), METHODS[request.url.path], metrics)
+        return CallRecord(request_id_of(request.headers.get(REQUEST_ID_HEADER, "")), method_of(request.url.path), metrics)
 
     def authorize(request: Request) -> None:
         if tokens is not None:
@@ -131,13 +137,13 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             exc = InvalidRequest(_validation_message(exc))
             # A body that is not JSON is refused before any dependency runs: a caller without
             # a valid token learns that, not what was wrong with the body (as over gRPC).
-            if request.url.path in METHODS:
+            if method_of(request.url.path) is not None:
                 try:
                     authorize(request)
                 except TandemError as refused:
                     exc = refused
         record = getattr(request.state, "record", None)
-        if record is None and request.url.path in METHODS:
+        if record is None and method_of(request.url.path) is not None:
             record = new_record(request)
         request_id = record.request_id if record else request_id_of("")
         code, _ = status_for(exc, request_id)
@@ -257,18 +263,31 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", body.model, body.n)
         return await run(request, record, body, convert.chat_messages(body), convert.chat_params(body), renderer)
 
-    @app.get("/v1/models")
-    async def models(record: CallRecord = Depends(open_call)) -> Response:
+    def model_entries() -> list[dict]:
+        """The base model, then every adapter read or on disk, as vLLM lists LoRA adapters."""
         with state.admit() as engine:
             base = engine.info.name
             names = {a.name for a in state.catalog.list()} | _adapters_on_disk(engine.config.adapters_dir)
         data = [{"id": base, "object": "model", "created": created, "owned_by": "tandem", "root": base, "parent": None, "max_model_len": engine.info.max_model_len}]
-        data += [
+        return data + [
             {"id": name, "object": "model", "created": created, "owned_by": "tandem", "root": name, "parent": base}
             for name in sorted(names)
         ]
+
+    @app.get("/v1/models")
+    async def models(record: CallRecord = Depends(open_call)) -> Response:
+        data = model_entries()
         record.close("OK")
         return JSONResponse({"object": "list", "data": data}, headers={REQUEST_ID_HEADER: record.request_id})
+
+    @app.get(MODEL_PATH + "{model_id:path}")
+    async def model(model_id: str, record: CallRecord = Depends(open_call)) -> Response:
+        """One entry of the list (the SDK's models.retrieve)."""
+        found = next((m for m in model_entries() if m["id"] == model_id), None)
+        if found is None:
+            raise NotFound(f"no model or adapter {excerpt(model_id)} is served here: GET /v1/models lists them")
+        record.close("OK")
+        return JSONResponse(found, headers={REQUEST_ID_HEADER: record.request_id})
 
     @app.get("/health")
     async def health() -> Response:
