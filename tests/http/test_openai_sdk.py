@@ -149,6 +149,19 @@ def test_bad_requests_are_400_and_name_the_field(oai, base_model):
         oai.chat.completions.create(model=base_model, messages=CHAT, max_completion_tokens=0)
     with pytest.raises(openai.BadRequestError, match="top_logprobs must be in"):
         oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=25)
+    # What would change the answer is refused, never dropped in silence.
+    called = [{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+    for refused, ask in [
+        ("tool_choice", dict(tool_choice="auto")),
+        ("modalities", dict(modalities=["text", "audio"])),
+        ("audio", dict(audio={"voice": "alloy", "format": "wav"})),
+        ("messages\\[1\\].tool_calls", dict(messages=CHAT + called)),
+        ("stream_options", dict(stream_options={"include_usage": True})),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=refused):
+            oai.chat.completions.create(**{"model": base_model, "messages": CHAT, "max_tokens": 2} | ask)
+    allowed = oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=2, tool_choice="none", modalities=["text"])
+    assert allowed.usage.completion_tokens == 2
 
 
 def test_a_chat_without_max_tokens_runs_to_the_contexts_end(oai, base_model, adapter_engine):

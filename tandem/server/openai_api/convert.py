@@ -62,8 +62,13 @@ def completion_params(body: CompletionRequest) -> SamplingParams:
 
 def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     _refuse(body.tools, "tools")
+    _refuse(None if body.tool_choice == "none" else body.tool_choice, "tool_choice")
     _refuse(body.functions, "functions")  # the older form of tools
     _refuse(body.function_call, "function_call")
+    _refuse(body.audio, "audio")
+    _refuse(None if body.modalities == ["text"] else body.modalities, 'modalities other than ["text"]')
+    for i, message in enumerate(body.messages):
+        _refuse(message.tool_calls, f"messages[{i}].tool_calls")
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
     if body.top_logprobs is not None and not body.logprobs:
@@ -105,6 +110,8 @@ def _refuse(value: object, name: str) -> None:
 def _params(body: SamplingFields, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
     """max_tokens None: default_max_tokens, or to the context's end where that comes first."""
     _refuse(body.logit_bias, "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequest("stream_options is only allowed with stream: true")
     return SamplingParams(
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
         default_max_new_tokens=max_tokens is None,

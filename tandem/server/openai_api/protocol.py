@@ -71,6 +71,7 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -81,6 +82,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     response_format: dict | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
