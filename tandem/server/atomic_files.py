@@ -21,9 +21,18 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _temp_beside(path: Path) -> Path:
+    """Where a write of path goes first: a hidden, unique name beside it."""
+    return path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+
+
+# What the temp name adds to a name: a name within NAME_MAX less this is one a write can take.
+TEMP_NAME_BYTES = len(_temp_beside(Path("x")).name) - 1
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Replace path's content with data atomically and durably."""
-    temp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    temp = _temp_beside(path)
     try:
         _write_synced(temp, data)
         os.replace(temp, path)
@@ -35,7 +44,7 @@ def write_file(path: Path, data: bytes) -> None:
 
 def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
     """Make path a directory holding exactly these files, atomically and durably."""
-    temp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    temp = _temp_beside(path)
     temp.mkdir(parents=True)
     try:
         for name, data in files.items():

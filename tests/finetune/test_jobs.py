@@ -130,6 +130,8 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
             (InvalidRequest, request(lora={"r": 32}), "lora.r 32 is above the server's --max-lora-rank 16"),
             (InvalidRequest, request(adapter="a/b"), "adapter name must be a non-empty single path component"),
             (InvalidRequest, request(adapter=".hidden"), "adapter name must not start with '.'"),
+            # Within NAME_MAX, but not with the temp directory's prefix that publishing adds.
+            (InvalidRequest, request(adapter="a" * 250), "adapter name is too long: 250 bytes where the file system allows 210"),
             (IncompatibleAdapter, request(base_adapter="patterned", lora={}), "adapter 'patterned' has several ranks or scales"),
             (
                 InvalidRequest,
@@ -225,6 +227,33 @@ def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_
         # Its checkpoints and dataset copy, read only by a resume, are gone from disk too.
         assert [p.name for p in engine.jobs._job_dir(job.id).iterdir()] == []
         assert asyncio.run(read_then_leave(engine, "after", 5)) == 5
+    finally:
+        engine.shutdown()
+    assert not (dirs[0] / "tuned").exists()
+
+
+def test_a_job_cancelled_while_its_last_checkpoint_is_written_holds_nothing(tiny_model_dir, dirs, monkeypatch):
+    """The cancel leaves a running job's files to the engine thread, which then publishes
+    nothing: it kept the checkpoints and the dataset copy for good. An ended job reports no
+    pace either (it reported a finish minutes ahead)."""
+    engine = start(tiny_model_dir, dirs)
+    save = jobs_module.checkpoints.save
+
+    def save_then_cancel(directory, step, files, state):
+        save(directory, step, files, state)
+        if step == HP.max_steps:
+            engine.jobs.cancel(directory.parent.name)
+
+    monkeypatch.setattr(jobs_module.checkpoints, "save", save_then_cancel)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+        assert job.status is JobStatus.CANCELLED and job.step == HP.max_steps
+        assert (job.estimated_finish, job.tokens_per_second, job.finetune_share) == (0.0, 0.0, 0.0)
+        job_dir = engine.jobs._job_dir(job.id)
+        deadline = time.monotonic() + 10
+        while any(job_dir.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [p.name for p in job_dir.iterdir()] == []
     finally:
         engine.shutdown()
     assert not (dirs[0] / "tuned").exists()

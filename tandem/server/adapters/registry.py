@@ -44,7 +44,7 @@ from tandem.server.adapters.mixture import Mixture, check_members
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, adapter_files, read_adapter, read_config
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
-from tandem.server.atomic_files import remove_leftovers, write_directory
+from tandem.server.atomic_files import TEMP_NAME_BYTES, remove_leftovers, write_directory
 from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGETS, module_path, target_of
@@ -105,6 +105,14 @@ def check_adapter_name(name: str) -> None:
     if name.startswith("."):
         raise InvalidRequest(f"adapter name must not start with '.', got {excerpt(name)}")
     _check_file_name("adapter name", name, NAME_MAX_BYTES)
+
+
+def check_writable_name(name: str) -> None:
+    """A name the server may write an adapter under: check_adapter_name's, short enough for
+    the temp directory an atomic write builds beside it (InvalidRequest otherwise: a 250-byte
+    name passed, and its job trained to the end before publishing failed)."""
+    check_adapter_name(name)
+    _check_file_name("adapter name", name, NAME_MAX_BYTES - TEMP_NAME_BYTES)
 
 
 def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path:
@@ -317,7 +325,7 @@ class AdapterRegistry:
         the version new requests get (loading it, as an admin would); requests already
         running finish on theirs. a_init_seed: the trainer's, for an adapter trained here
         from a seed (LoRAAdapter.a_init_seed)."""
-        check_adapter_name(name)
+        check_writable_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
         self._publish(name, adapter_files(config, tensors, a_init_seed))
@@ -325,7 +333,7 @@ class AdapterRegistry:
 
     def publish_router(self, name: str, files: dict[str, bytes]) -> AdapterInfo:
         """Write a new version of router `name` (router_format's files) atomically and load it."""
-        check_adapter_name(name)
+        check_writable_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("publishing a router needs an adapters directory (start the server with --adapters-dir)")
         self._publish(name, files)
@@ -335,7 +343,7 @@ class AdapterRegistry:
         """Merge adapters into a new version of `name` (merging.py), published like a trained
         adapter; returns it and each projection's relative reconstruction error."""
         spec.check(self.max_rank)
-        check_adapter_name(name)
+        check_writable_name(name)
         adapters = [self._plain(n, "merge") for n in spec.adapters]
         base_model = read_config(adapters[0].name, adapters[0].path)[1].get("base_model_name_or_path", "")
         result = merge_adapters(adapters, spec, base_model)
@@ -344,7 +352,7 @@ class AdapterRegistry:
     def compress(self, name: str, source: str, density: float) -> AdapterInfo:
         """Write the ComPEFT-compressed form of adapter `source` (compeft_format.py) as a new
         version of `name`, and load it."""
-        check_adapter_name(name)
+        check_writable_name(name)
         adapter = self._plain(source, "compress")
         _, config = read_config(adapter.name, adapter.path)
         modules = {(layer, target_of(layer, group, s)): ab for ((layer, group), s), ab in dense_slices(adapter).items()}

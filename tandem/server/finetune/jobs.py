@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tandem.server.adapters.peft_format import WEIGHTS_FILE, LoRAAdapter, adapter_files, peft_config
-from tandem.server.adapters.registry import check_adapter_name
+from tandem.server.adapters.registry import check_writable_name
 from tandem.server.adapters.router_format import GATES_FILE, Router
 from tandem.server.atomic_files import make_directories, remove_leftovers, write_file
 from tandem.server.engine.llm_engine import Engine
@@ -44,6 +44,8 @@ log = logging.getLogger("tandem.finetune")
 
 STATE_DIR = ".tandem"
 DATASET_FILE = "train.jsonl"
+# What a job that is not running reports of its pace (the proto: 0 when unknown or ended).
+NOT_RUNNING = {"estimated_finish": 0.0, "tokens_per_second": 0.0, "finetune_share": 0.0}
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class JobManager:
         self.tokens_total = 0
         interrupted = [job for job in self._jobs.values() if not job.status.terminal]
         for job in interrupted:
-            self._update(job.id, status=JobStatus.VALIDATING_FILES)
+            self._update(job.id, status=JobStatus.VALIDATING_FILES, **NOT_RUNNING)
         if interrupted:
             threading.Thread(target=self._revalidate, args=([j.id for j in interrupted],), name="tandem-jobs", daemon=True).start()
 
@@ -128,7 +130,7 @@ class JobManager:
     def create(self, request: JobRequest) -> Job:
         """Validate everything (dataset included), then queue the job. Raises InvalidRequest
         naming every bad dataset line, AlreadyExists, NotFound or FailedPrecondition."""
-        check_adapter_name(request.adapter)
+        check_writable_name(request.adapter)
         hp = request.hyperparameters
         limit = self.engine.max_model_len
         if hp.max_seq_length > limit:
@@ -139,6 +141,11 @@ class JobManager:
             raise FailedPrecondition(f"base_adapter {request.base_adapter!r} is a router: fine-tuning starts from a LoRA adapter")
         if request.router is not None and (request.base_adapter or request.lora):
             raise InvalidRequest("a gate-training job (router) trains only gates: give no base_adapter and no lora")
+        if request.router is not None and request.adapter in request.router.experts:
+            raise InvalidRequest(
+                f"adapter {excerpt(request.adapter)} is one of router.experts: the router is published under its own "
+                "name, which would replace that expert's files; name it otherwise"
+            )
         # A gate-training job trains no LoRA weights: its lora is a placeholder.
         spec = self._spec(request, base) if request.router is None else LoRASpec(r=1)
         data = self._dataset_bytes(request)
@@ -217,7 +224,7 @@ class JobManager:
             if self._publishing == job_id:
                 raise FailedPrecondition(f"job {job_id} is publishing its adapter; it can no longer be cancelled")
             self._prepared.pop(job_id, None)
-            job = self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time())
+            job = self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time(), **NOT_RUNNING)
             if self._running is None or self._running.job_id != job_id:
                 self._remove_resume_files(job_id)  # the running one's go on the engine thread, between its writes
             return job
@@ -263,8 +270,7 @@ class JobManager:
             if self._running is None:
                 self._start(self.get(job_id))
             elif self.get(job_id).status is not JobStatus.RUNNING:
-                self._drop()  # cancelled: publish nothing
-                self._remove_resume_files(job_id)
+                self._drop_cancelled(job_id)
             else:
                 report = next(self._running.steps)
                 if report is not None:
@@ -389,7 +395,7 @@ class JobManager:
         """Publish the finished adapter; from here on the job can no longer be cancelled."""
         with self._lock:
             if self._jobs[running.job_id].status is not JobStatus.RUNNING:
-                self._drop()
+                self._drop_cancelled(running.job_id)
                 return
             self._publishing = running.job_id
         job = self.get(running.job_id)
@@ -416,13 +422,20 @@ class JobManager:
         self._running = None
         self.engine.coserve.abort()
 
+    def _drop_cancelled(self, job_id: str) -> None:
+        """The running job was cancelled: publish nothing, and remove its resume files (cancel
+        leaves a running job's to the engine thread, between its writes; one cancelled while
+        its last checkpoint was written kept them for good)."""
+        self._drop()
+        self._remove_resume_files(job_id)
+
     def _end(self, job_id: str, error: JobError | None, **changes) -> None:
         """The running job is over: succeeded (error None) or failed. Once that is saved its
         resume files go; if it cannot be saved they stay for the resume after a restart."""
         self._drop()
         self._prepared.pop(job_id, None)
         status = JobStatus.SUCCEEDED if error is None else JobStatus.FAILED
-        self._update(job_id, status=status, finished_at=time.time(), error=error, estimated_finish=0.0, **changes)
+        self._update(job_id, status=status, finished_at=time.time(), error=error, **NOT_RUNNING | changes)
         self._remove_resume_files(job_id)
 
     def _remove_resume_files(self, job_id: str) -> None:
@@ -540,7 +553,7 @@ class JobManager:
                 self._prepack_for(job.lora, job.router)
             except (OSError, TandemError) as exc:
                 error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
-                self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error)
+                self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error, **NOT_RUNNING)
                 self._remove_resume_files(job_id)
                 continue
             with self._lock:
