@@ -16,7 +16,7 @@ from typing import Any, cast
 from tandem.client.bench.cli import add_command as add_bench_command
 from tandem.client.cli_connection import AddFlag, add_connection_flags, connection_settings, rpc_failure
 from tandem.client.errors import TandemRpcError
-from tandem.client.flag_types import seconds
+from tandem.client.flag_types import seconds, uint32, uint64
 from tandem.client.job_display import ProgressDisplay, job_details, job_table, outcome
 from tandem.client.live_line import LiveLine
 from tandem.client.sync_client import TandemClient
@@ -33,7 +33,7 @@ def _comma_list(text: str) -> list[str]:
 
 # `finetune create` flags with TANDEM_* twins; unset ones leave the server's default.
 LORA_FLAGS: list[FlagSpec] = [
-    ("--r", int, "LoRA rank (server default 16; at most its --max-lora-rank)"),
+    ("--r", uint32, "LoRA rank (server default 16; at most its --max-lora-rank)"),
     ("--lora-alpha", float, "scale numerator (default 2 * r)"),
     ("--target-modules", _comma_list, "comma-separated, e.g. q_proj,v_proj (default: all seven projections)"),
     ("--lora-dropout", float, "dropout on each adapted linear's input, in [0, 1)"),
@@ -41,16 +41,16 @@ LORA_FLAGS: list[FlagSpec] = [
 HYPERPARAMETER_FLAGS: list[FlagSpec] = [
     ("--learning-rate", float, "AdamW learning rate (default 2e-4)"),
     ("--lr-scheduler", str, "linear (default), cosine or constant, after the warm-up"),
-    ("--warmup-steps", int, "linear warm-up steps"),
-    ("--n-epochs", int, "passes over the data (default 1; ignored with --max-steps)"),
-    ("--max-steps", int, "optimizer steps to run (default: n-epochs over the data)"),
-    ("--tokens-per-step", int, "tokens per optimizer step (default 4096)"),
-    ("--max-seq-length", int, "longest example in tokens; longer ones are refused (default: the context limit)"),
+    ("--warmup-steps", uint32, "linear warm-up steps"),
+    ("--n-epochs", uint32, "passes over the data (default 1; ignored with --max-steps)"),
+    ("--max-steps", uint32, "optimizer steps to run (default: n-epochs over the data)"),
+    ("--tokens-per-step", uint32, "tokens per optimizer step (default 4096)"),
+    ("--max-seq-length", uint32, "longest example in tokens; longer ones are refused (default: the context limit)"),
     ("--weight-decay", float, "AdamW weight decay"),
     ("--max-grad-norm", float, "gradient clipping by global norm (default 1.0, 0 = off)"),
     ("--eval-fraction", float, "share of the examples held out for eval loss, in [0, 0.5]"),
-    ("--checkpoint-interval", int, "optimizer steps between checkpoints and eval points (default 50)"),
-    ("--seed", int, "data order, initialisation and dropout"),
+    ("--checkpoint-interval", uint32, "optimizer steps between checkpoints and eval points (default 50)"),
+    ("--seed", uint64, "data order, initialisation and dropout"),
 ]
 
 

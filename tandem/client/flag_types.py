@@ -32,3 +32,6 @@ positive_seconds = ranged(float, 0, strict=True, infinite=True)
 seconds = ranged(float, 0, infinite=True)
 positive_int = ranged(int, 1)
 count = ranged(int, 0)
+# A proto's unsigned fields: protobuf's own refusal names no flag ("Value out of range: -1").
+uint32 = ranged(int, 0, high=2**32)
+uint64 = ranged(int, 0, high=2**64)

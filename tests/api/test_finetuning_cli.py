@@ -114,6 +114,11 @@ def test_finetune_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit) as info:
         main(["finetune", "create", "x"])  # neither --training-file nor --data
     assert info.value.code == 2 and "--training-file" in capsys.readouterr().err
+    # Numbers the proto's unsigned fields cannot hold are refused naming the flag.
+    for flag, value in (("--r", "-1"), ("--seed", "-5"), ("--max-steps", str(2**32))):
+        with pytest.raises(SystemExit) as info:
+            main(["finetune", "create", "x", "--training-file", "d.jsonl", flag, value])
+        assert info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
 def make_job(**changes) -> FinetuneJob:
