@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import copy
+import errno
 import itertools
 import json
 import shutil
@@ -23,7 +24,7 @@ from tandem.server.adapters.peft_format import WEIGHTS_FILE, content_hash
 from tandem.server.config import EngineConfig
 from tandem.server.engine.async_engine import AsyncEngine
 from tandem.server.engine.sampling_params import SamplingParams
-from tandem.server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound
+from tandem.server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, ResourceExhausted
 from tandem.server.finetune.job import Job, JobStatus
 from tandem.server.finetune import jobs as jobs_module
 from tandem.server.finetune.jobs import JobRequest
@@ -230,6 +231,33 @@ def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_
     finally:
         engine.shutdown()
     assert not (dirs[0] / "tuned").exists()
+
+
+def _locked(path: Path) -> bytes:
+    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+
+def test_a_full_disk_refuses_the_job_as_resource_exhausted_holding_nothing(tiny_model_dir, dirs, monkeypatch):
+    """The job's copy of its dataset is its first write: ENOSPC there was INTERNAL, as was a
+    training file the server may not read."""
+    engine = start(tiny_model_dir, dirs)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobs_module, "write_file", full)
+    (dirs[1] / "locked.jsonl").write_text(DATA)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: _locked(p) if p.name == "locked.jsonl" else read_bytes(p))
+    try:
+        with pytest.raises(ResourceExhausted, match="no room for the job's copy of its dataset"):
+            engine.jobs.create(request())
+        # A training file the server's user may not read (root reads any here) is the file's fault, not the server's.
+        with pytest.raises(FailedPrecondition, match="training_file 'locked.jsonl' cannot be read by the server \\(Permission denied\\)"):
+            engine.jobs.create(request(training_data="", training_file="locked.jsonl"))
+        assert engine.jobs.list_jobs() == [] and not any((engine.jobs.state_dir / "jobs").iterdir())
+    finally:
+        engine.shutdown()
 
 
 def test_a_job_cancelled_while_its_last_checkpoint_is_written_holds_nothing(tiny_model_dir, dirs, monkeypatch):

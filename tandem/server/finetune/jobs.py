@@ -31,7 +31,7 @@ from tandem.server.adapters.router_format import GATES_FILE, Router
 from tandem.server.atomic_files import make_directories, remove_leftovers, write_file
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.passing_thread import in_passing_thread
-from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, TandemError, excerpt
+from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, TandemError, excerpt
 from tandem.server.finetune import checkpoints
 from tandem.server.finetune.dataset import TrainingExample, parse_dataset, resolve_training_file, split_eval
 from tandem.server.finetune.job import Job, JobError, JobStatus
@@ -180,8 +180,12 @@ class JobManager:
                 self._store.save(job)
                 self._prepared[job.id] = prepared
                 self._jobs[job.id] = job
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(self._job_dir(job.id), ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(
+                    f"the data directory has no room for the job's copy of its dataset ({len(data)} bytes): free space there"
+                ) from exc
             raise
         finally:
             with self._lock:
@@ -474,13 +478,19 @@ class JobManager:
             path = resolve_training_file(self.data_dir, request.training_file)
             if path.is_relative_to(self.state_dir):
                 raise InvalidRequest(f"training_file {request.training_file!r} is inside the server's own {STATE_DIR} directory")
-            size = path.stat().st_size
-            if size > self.max_training_file_bytes:
-                raise InvalidRequest(
-                    f"training_file {request.training_file!r} has {size} bytes, more than the limit of "
-                    f"{self.max_training_file_bytes} (--max-training-file-bytes)"
-                )
-            data = path.read_bytes()
+            try:
+                size = path.stat().st_size
+                if size > self.max_training_file_bytes:
+                    raise InvalidRequest(
+                        f"training_file {request.training_file!r} has {size} bytes, more than the limit of "
+                        f"{self.max_training_file_bytes} (--max-training-file-bytes)"
+                    )
+                data = path.read_bytes()
+            except PermissionError as exc:  # the file's mode, not the server's fault
+                raise FailedPrecondition(
+                    f"training_file {request.training_file!r} cannot be read by the server ({exc.strerror}): "
+                    "make it a file the server's user may read"
+                ) from None
         if len(data) > self.max_training_file_bytes:
             raise InvalidRequest(f"training_data has {len(data)} bytes, more than the limit of {self.max_training_file_bytes}")
         return data
