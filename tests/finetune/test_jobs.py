@@ -263,7 +263,7 @@ def test_a_full_disk_refuses_the_job_as_resource_exhausted_holding_nothing(tiny_
 def test_a_job_cancelled_while_its_last_checkpoint_is_written_holds_nothing(tiny_model_dir, dirs, monkeypatch):
     """The cancel leaves a running job's files to the engine thread, which then publishes
     nothing: it kept the checkpoints and the dataset copy for good. An ended job reports no
-    pace either (it reported a finish minutes ahead)."""
+    finish ahead either (it reported one minutes ahead), and keeps its last pace."""
     engine = start(tiny_model_dir, dirs)
     save = jobs_module.checkpoints.save
 
@@ -276,7 +276,7 @@ def test_a_job_cancelled_while_its_last_checkpoint_is_written_holds_nothing(tiny
     try:
         job = wait_for(engine, engine.jobs.create(request()).id)
         assert job.status is JobStatus.CANCELLED and job.step == HP.max_steps
-        assert (job.estimated_finish, job.tokens_per_second, job.finetune_share) == (0.0, 0.0, 0.0)
+        assert (job.estimated_finish, job.finetune_share) == (0.0, 0.0) and job.tokens_per_second > 0
         job_dir = engine.jobs._job_dir(job.id)
         deadline = time.monotonic() + 10
         while any(job_dir.iterdir()) and time.monotonic() < deadline:

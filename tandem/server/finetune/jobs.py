@@ -44,8 +44,9 @@ log = logging.getLogger("tandem.finetune")
 
 STATE_DIR = ".tandem"
 DATASET_FILE = "train.jsonl"
-# What a job that is not running reports of its pace (the proto: 0 when unknown or ended).
-NOT_RUNNING = {"estimated_finish": 0.0, "tokens_per_second": 0.0, "finetune_share": 0.0}
+# What a job that is not running reports of what is ahead (the proto: 0 when unknown or
+# ended); its tokens_per_second stays its last step's.
+NOT_RUNNING = {"estimated_finish": 0.0, "finetune_share": 0.0}
 
 
 @dataclass(frozen=True)
