@@ -73,11 +73,13 @@ def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_
             [json.dumps({"text": "a b c", "task": "e0"}), "", json.dumps({"text": "a b c", "task": "e7"}), json.dumps({"text": "a b", "task": "e8"})])},
          InvalidRequest, re.escape("training data has 2 invalid lines: line 3: task 'e7' is not one of the router's experts ['e0', 'e1']; line 4: task 'e8'")),
         ({"lora": {"r": 4}}, InvalidRequest, "trains only gates"),
+        # The conflict first: looking the base up said NOT_FOUND, which no base would cure.
+        ({"base_adapter": "ghost"}, InvalidRequest, "trains only gates"),
         ({"router": RouterSpec(("e0", "learned-before"))}, FailedPrecondition, "'learned-before' is not a LoRA adapter"),
         # Published under its own name, the router would replace that expert's files.
         ({"adapter": "e0"}, InvalidRequest, "adapter 'e0' is one of router.experts"),
     ],
-    ids=["unknown-expert", "unknown-task", "lora-too", "router-expert", "named-as-an-expert"],
+    ids=["unknown-expert", "unknown-task", "lora-too", "unknown-base-too", "router-expert", "named-as-an-expert"],
 )
 def test_bad_gate_jobs_are_refused(tiny_model_dir, experts, changes, error, message):
     engine = start(tiny_model_dir, experts)

@@ -427,6 +427,18 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
     kept = sorted(p.name for p in (cut[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir())
     assert kept in (["step-00000002"], ["step-00000002", "step-00000004"])
 
+    # Restarted (on a copy of its data) with a context shorter than the job's max_seq_length,
+    # it could not train its examples: the resume fails saying why, not inside the engine.
+    shorter = tmp_path / "shorter"
+    shutil.copytree(cut[1], shorter)
+    engine = start(tiny_model_dir, (cut[0], shorter), max_model_len=64)
+    try:
+        failed = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert failed.status is JobStatus.FAILED and failed.error.code == "validation_failed"
+    assert "max_seq_length 512 exceeds the server's context limit 64 now" in failed.error.message
+
     engine = start(tiny_model_dir, cut)
     try:
         assert engine.jobs.get(job.id).status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)

@@ -137,11 +137,11 @@ class JobManager:
         if hp.max_seq_length > limit:
             raise InvalidRequest(f"hyperparameters.max_seq_length {hp.max_seq_length} exceeds the server's context limit {limit}")
         hp = dataclasses.replace(hp, max_seq_length=hp.max_seq_length or limit)
+        if request.router is not None and (request.base_adapter or request.lora):
+            raise InvalidRequest("a gate-training job (router) trains only gates: give no base_adapter and no lora")
         base = self.registry.get(request.base_adapter) if request.base_adapter else None
         if isinstance(base, Router):
             raise FailedPrecondition(f"base_adapter {request.base_adapter!r} is a router: fine-tuning starts from a LoRA adapter")
-        if request.router is not None and (request.base_adapter or request.lora):
-            raise InvalidRequest("a gate-training job (router) trains only gates: give no base_adapter and no lora")
         if request.router is not None and request.adapter in request.router.experts:
             raise InvalidRequest(
                 f"adapter {excerpt(request.adapter)} is one of router.experts: the router is published under its own "
@@ -557,6 +557,12 @@ class JobManager:
             job = self.get(job_id)
             try:
                 remove_leftovers(self._job_dir(job_id))
+                limit = self.engine.max_model_len
+                if job.hyperparameters.max_seq_length > limit:  # the server restarted with a shorter context
+                    raise InvalidRequest(
+                        f"its max_seq_length {job.hyperparameters.max_seq_length} exceeds the server's context limit {limit} "
+                        "now: create it again with a max_seq_length that fits, or on a server with the longer context"
+                    )
                 base = self._resumed_base(job)
                 data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
                 prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router))
