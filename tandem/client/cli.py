@@ -244,12 +244,23 @@ def _follow(client: TandemClient, job_id: str, as_json: bool) -> int:
     return 0 if job.status == "succeeded" else EXIT_JOB_FAILED
 
 
+def _read_jsonl(path: Path) -> str:
+    """A local training file's text; bytes that are not UTF-8 are refused naming their line,
+    as the server names a bad JSON line (the codec's error gives a byte offset)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 ({error.reason} at byte {error.start}): save the file as UTF-8") from None
+
+
 def _run_finetune_create(args: argparse.Namespace, client: TandemClient) -> int:
     lora = _given(args, LORA_FLAGS) | ({"use_rslora": True} if args.use_rslora else {})
     job = client.create_finetune_job(
         args.adapter,
         training_file=args.training_file,
-        training_data=Path(args.data).read_text(encoding="utf-8") if args.data else None,
+        training_data=_read_jsonl(Path(args.data)) if args.data else None,
         base_adapter=args.base_adapter,
         lora=cast(LoraOptions, lora),
         hyperparameters=cast(Hyperparameters, _given(args, HYPERPARAMETER_FLAGS)),

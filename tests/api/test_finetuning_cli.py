@@ -103,6 +103,10 @@ def test_errors_exit_10_plus_the_status_code(ft_server, tmp_path, capsys):
     assert code == 10 + 3 and "line 2" in err
     code, _, err = run(capsys, "finetune", "create", "bad", "--data", str(tmp_path / "absent.jsonl"), "--target", ft_server.target)
     assert code == 1 and "absent.jsonl" in err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(LINES[0]).encode() + b"\n" + '{"text": "café"}'.encode("latin-1") + b"\n")
+    code, _, err = run(capsys, "finetune", "create", "bad", "--data", str(latin1), "--target", ft_server.target)
+    assert code == 1 and "line 2 is not UTF-8" in err
 
 
 def test_finetune_help_lists_the_subcommands(capsys):
