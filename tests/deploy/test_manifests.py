@@ -218,9 +218,12 @@ def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, m
         assert (engine.data_dir is not None) == (workload["kind"] == "StatefulSet")
         # What the server touches at start (KV cache, the prefaulted adapter cache, the
         # adapter slots) must leave the model and the runtime room under the limit, or the
-        # pod is killed at start.
+        # pod is killed at start; on CPU the trainer's co-served activations (at most their
+        # cap) come on top, or its first micro-batch beside requests could be.
         slots = min(engine.lora_pool_bytes, engine.max_loras * engine.max_lora_rank * SLOT_FLOATS_PER_RANK * 4)
         reserved = engine.kv_cache_bytes + engine.adapter_cache_prefault * engine.adapter_cache_bytes + slots
+        if engine.data_dir is not None and engine.device != "cuda":
+            reserved += engine.finetune_activation_bytes
         assert reserved + MODEL_AND_RUNTIME_BYTES <= memory_bytes(container(workload)["resources"]["limits"]["memory"])
 
 
