@@ -44,9 +44,8 @@ def coded_whole(t: torch.Tensor, density: float) -> torch.Tensor:
 
 def unpacked(data: bytes) -> dict[str, torch.Tensor]:
     """Every tensor of a compressed file, unpacked the way a slot load unpacks it."""
-    tensors = parse_compressed(data)
-    packed = next(iter(tensors.values())).packed
-    return dict(zip(tensors, packed.unpacked()))
+    packed = parse_compressed(data)
+    return dict(zip(packed.listing.keys, packed.unpacked()))
 
 
 @pytest.mark.parametrize("shape, density", [((8, 64), 0.1), ((96, 4), 0.05), ((3, 5), 0.3), ((7, 9), 1.0)])
@@ -171,6 +170,15 @@ def test_a_trained_adapter_records_its_seed_and_compresses_as_its_move(tiny_hf_m
         else:
             assert torch.equal(moved[key], coded_whole(t, 0.3)), key
         assert torch.equal(whole[key], coded_whole(t, 0.3)), key
+
+    # Read back, the compressed adapter keeps its seed: compressed again, each A is still
+    # draw + move (the move, already ternary, codes as itself), not the dense draw coded whole.
+    assert engine.registry.get("moved").a_init_seed == 7
+    engine.registry.compress("again", "moved", 0.3)
+    again = module_tensors(engine.registry.get("again"))
+    for key in weights:
+        if ".lora_A." in key:
+            torch.testing.assert_close(again[key], moved[key], rtol=0, atol=1e-6, msg=key)
 
 
 def module_tensors(adapter) -> dict[str, torch.Tensor]:

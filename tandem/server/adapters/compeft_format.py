@@ -47,6 +47,7 @@ no dense copy on disk or in the cache.
 import functools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy
@@ -325,14 +326,17 @@ def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slo
     config_bytes, config = read_config(name, path)
     try:
         data, digest = read_hashed(_own_file(name, path, WEIGHTS_FILE), config_bytes)
-        ternary = parse_compressed(bytes(data))
+        packed = parse_compressed(bytes(data))
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-    return adapter_of_modules(name, path, config, pair_tensors(name, ternary), digest, model, max_rank, slot_dtype)
+    adapter = adapter_of_modules(name, path, config, pair_tensors(name, packed.tensors()), digest, model, max_rank, slot_dtype)
+    # The seed stays the adapter's: compressing it again codes its A as the move once more
+    # (without it, each A's dense seeded draw was coded whole and lost).
+    return replace(adapter, a_init_seed=packed.a_init_seed)
 
 
-def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
-    """The tensors of an adapter_model.compeft, packed; ValueError saying what is wrong."""
+def parse_compressed(data: bytes) -> PackedAdapter:
+    """An adapter_model.compeft's tensors, packed, and its seed; ValueError saying what is wrong."""
     try:
         tensors = load_safetensors(data)
         metadata = _metadata(data)
@@ -354,7 +358,7 @@ def parse_compressed(data: bytes) -> dict[str, TernaryTensor]:
         raise ValueError(f"it lists {len(listing.kept)} tensors but holds {scales.numel()} finite, non-negative scales")
     packed = PackedAdapter(listing, masks, signs, scales, _seed(metadata))
     _check_bits(packed)
-    return packed.tensors()
+    return packed
 
 
 def _check_bits(packed: PackedAdapter) -> None:
