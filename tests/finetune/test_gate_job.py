@@ -4,6 +4,7 @@ and the router is then served; bad gate-training requests are refused before a j
 
 import json
 import re
+import threading
 
 import pytest
 import torch
@@ -62,6 +63,34 @@ def test_a_gate_job_trains_checkpoints_and_publishes_a_served_router(tiny_model_
     saved = gates_of(safetensors_load(saved_files[-1][GATES_FILE]))
     assert saved.keys() == router.gates.keys() and all(torch.equal(saved[k], router.gates[k]) for k in saved)
     assert not (experts[1] / ".tandem" / "jobs" / job.id / "checkpoints").exists()
+
+
+def test_a_resumed_gate_job_goes_on_only_over_the_expert_versions_it_started_with(tiny_model_dir, tiny_hf_model, experts):
+    """Its checkpoints hold only gates: resumed over an expert republished meanwhile, it
+    trained the rest of its steps over other weights than its first ones, silently."""
+
+    def resumed_after_a_stop(adapter: str, republish: bool):
+        engine = start(tiny_model_dir, experts)
+        stepped = threading.Event()
+        try:
+            job = engine.jobs.create(gate_request(adapter=adapter))
+            engine.jobs.watch(job.id, lambda j: j.step >= 3 and stepped.set())  # checkpoints at 2, 4, 6
+            assert stepped.wait(60)
+        finally:
+            engine.shutdown()
+        if republish:
+            make_adapter(tiny_hf_model, experts[0] / "e1", r=8, target_modules=ALL_LINEAR, seed=7, b_std=0.2)
+        engine = start(tiny_model_dir, experts)
+        try:
+            return wait_for(engine, job.id)
+        finally:
+            engine.shutdown()
+
+    kept = resumed_after_a_stop("kept", republish=False)
+    assert kept.status is JobStatus.SUCCEEDED, kept.error
+    changed = resumed_after_a_stop("changed", republish=True)
+    assert changed.status is JobStatus.FAILED and changed.error.code == "validation_failed"
+    assert "router expert 'e1' changed since the job was created: its gates were trained over the earlier version" in changed.error.message
 
 
 @pytest.mark.parametrize(

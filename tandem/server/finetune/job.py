@@ -75,6 +75,9 @@ class Job:
     # The content hash of base_adapter's version the job started from: a resume before the
     # first checkpoint needs that version (after it, the checkpoint holds every weight).
     base_hash: str = ""
+    # A gate-training job's experts' content hashes when it was created: its checkpoints hold
+    # only gates, fitted to those versions, so a resume needs them still.
+    expert_hashes: tuple[str, ...] = ()
 
     def replace(self, **changes) -> "Job":
         return dataclasses.replace(self, **changes)
@@ -97,4 +100,5 @@ class Job:
         record["hyperparameters"] = Hyperparameters(**record["hyperparameters"])
         record["error"] = None if record["error"] is None else JobError(**record["error"])
         record["router"] = None if record.get("router") is None else RouterSpec(**record["router"])
+        record["expert_hashes"] = tuple(record.get("expert_hashes", ()))
         return cls(**record)

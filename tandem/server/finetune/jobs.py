@@ -157,6 +157,7 @@ class JobManager:
             adapter=request.adapter,
             base_adapter=request.base_adapter,
             base_hash=base.content_hash if base is not None else "",
+            expert_hashes=tuple(expert.content_hash for expert in prepared.experts or ()),
             lora=spec,
             hyperparameters=hp,
             router=request.router,
@@ -566,6 +567,7 @@ class JobManager:
                 base = self._resumed_base(job)
                 data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
                 prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router))
+                self._check_experts(job, prepared.experts)
                 prepared.plan.locate(job.step)  # here, not on the engine thread where the job resumes near it
                 self._prepack_for(job.lora, job.router)
             except (OSError, TandemError) as exc:
@@ -593,6 +595,20 @@ class JobManager:
                 f"base adapter {job.base_adapter!r} changed since the job was created, before its first checkpoint: create the job again"
             )
         return base
+
+    @staticmethod
+    def _check_experts(job: Job, experts: list[LoRAAdapter] | None) -> None:
+        """A resumed gate-training job goes on only over the expert versions it started with:
+        its gates were fitted to them, and its checkpoints hold no expert weights. (A job
+        saved before the hashes were recorded has none to compare.)"""
+        if not job.expert_hashes:
+            return
+        for expert, content_hash in zip(experts or (), job.expert_hashes):
+            if expert.content_hash != content_hash:
+                raise FailedPrecondition(
+                    f"router expert {expert.name!r} changed since the job was created: its gates were trained over the "
+                    "earlier version; create the job again"
+                )
 
     def _peft_config(self, job: Job) -> dict:
         spec = job.lora
