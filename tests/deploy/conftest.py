@@ -11,8 +11,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 TOKENS = "inference rendered-test-inference-token\nadmin rendered-test-admin-token\n"
-# What the tests render: the two overlays, and the laptop one with TLS on.
-RENDERINGS = ("cpu", "gpu", "cpu-tls")
+# What the tests render: the two overlays, the laptop one with TLS on, and the GPU one behind
+# an Istio gateway.
+RENDERINGS = ("cpu", "gpu", "cpu-tls", "gpu-istio")
 # deploy/k8s itself renders the laptop overlay.
 DEFAULT = "default"
 
@@ -27,6 +28,12 @@ def _prepare(root: Path) -> None:
     (tls / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../cpu]\ncomponents: [../../components/tls]\n"
+    )
+    istio = root / "overlays" / "gpu-istio"
+    istio.mkdir()
+    (istio / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../gpu]\ncomponents: [../../components/inference-gateway-istio]\n"
     )
 
 

@@ -23,6 +23,7 @@ CUSTOM_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
     ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepool-inference.networking.k8s.io-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute-gateway.networking.k8s.io-v1.json",
+    ("networking.istio.io/v1", "DestinationRule"): "destinationrule-networking.istio.io-v1.json",
 }
 # The oldest Kubernetes we support (native gRPC probes are GA from 1.27) and the newest
 # kubernetes-validate knows.
@@ -297,3 +298,16 @@ def test_the_endpoint_picker_watches_the_pool_in_its_own_namespace(rendered):
     assert args["pool-name"] == "tandem" and args["pool-namespace"] == "$(NAMESPACE)"
     (namespace,) = [e for e in epp["env"] if e["name"] == "NAMESPACE"]
     assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_behind_istio_the_gateway_speaks_tls_to_the_picker(rendered):
+    """The v1.0 picker serves ext-proc with TLS alone (--secure-serving, on by default, on a
+    certificate it signs itself): Istio's gateway, which speaks plaintext to a Service unless
+    a DestinationRule says otherwise, failed every request through the pool."""
+    (picker,) = find(rendered["gpu-istio"], "Deployment", "tandem-endpoint-picker")
+    assert not any(a.startswith("--secure-serving") for a in container(picker, "epp")["args"])
+    (pool,) = find(rendered["gpu-istio"], "InferencePool")
+    (rule,) = find(rendered["gpu-istio"], "DestinationRule")
+    assert rule["spec"]["host"] == pool["spec"]["endpointPickerRef"]["name"]
+    assert rule["spec"]["trafficPolicy"]["tls"] == {"mode": "SIMPLE", "insecureSkipVerify": True}
+    assert not find(rendered["gpu"], "DestinationRule")  # Istio's CRDs are not everyone's
