@@ -13,8 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
+
 from tandem.client.bench.cli import add_command as add_bench_command
-from tandem.client.cli_connection import AddFlag, add_connection_flags, connection_settings, rpc_failure
+from tandem.client.cli_connection import EXIT_RPC_BASE, AddFlag, add_connection_flags, connection_settings, rpc_failure
 from tandem.client.errors import TandemRpcError
 from tandem.client.flag_types import seconds, uint32, uint64
 from tandem.client.job_display import ProgressDisplay, job_details, job_table, outcome
@@ -85,12 +87,12 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
         "--adapter", default="", type=_adapter_arg,
         help="adapter name (default: the base model), or a mixture NAME=WEIGHT,NAME=WEIGHT served as one weighted sum",
     )
-    group.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (server default 256)")
+    group.add_argument("--max-new-tokens", type=uint32, help="tokens to generate at most (server default 256)")
     group.add_argument("--temperature", type=float, help="0 (default) = greedy")
     group.add_argument("--top-p", type=float, help="nucleus sampling mass in [0, 1] (0: the top token only)")
-    group.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    group.add_argument("--top-k", type=uint32, help="sample among the k most likely tokens")
     group.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats")
-    group.add_argument("--seed", type=int, help="reproducible sampling")
+    group.add_argument("--seed", type=uint64, help="reproducible sampling")
     group.add_argument("--stop", action="append", help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
 
@@ -126,16 +128,27 @@ def _run_generate(args: argparse.Namespace, client: TandemClient) -> int:
     request: dict[str, Any] = {"messages": [{"role": "user", "content": text}]} if args.chat else {"prompt": text}
     options = _sampling_options(args)
     if args.json:
-        _print_json(asdict(client.generate(adapter=args.adapter, **request, **options)))
-        return 0
+        completion = client.generate(adapter=args.adapter, **request, **options)
+        _print_json(asdict(completion))
+        return _aborted_status(completion.finish_reason)
     last = None
     for chunk in client.stream(adapter=args.adapter, **request, **options):
         print(chunk.text, end="", flush=True)
         last = chunk
     print()
-    if last is not None:
-        print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + {last.generated_tokens} generated tokens]", file=sys.stderr)
-    return 0
+    if last is None:
+        return 0
+    print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + {last.generated_tokens} generated tokens]", file=sys.stderr)
+    return _aborted_status(last.finish_reason)
+
+
+def _aborted_status(finish_reason: str | None) -> int:
+    """A generation the server aborted (it was stopping) is cut short, though its call
+    succeeded: exit as for UNAVAILABLE, which tells a script to try again."""
+    if finish_reason != "abort":
+        return 0
+    print("tandem: the server aborted the generation (it was stopping): run it again", file=sys.stderr)
+    return EXIT_RPC_BASE + grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 def _run_chat(args: argparse.Namespace, client: TandemClient) -> int:
@@ -378,10 +391,10 @@ def add_commands(commands: argparse._SubParsersAction, add_flag: AddFlag) -> Non
     merge.add_argument("adapters", nargs="+", help="the adapters to merge")
     merge.add_argument("--method", required=True, choices=["linear", "ties", "dare_ties", "breadcrumbs"])
     merge.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
-    merge.add_argument("--rank", type=int, default=0, help="the merged rank (default: the inputs' largest)")
+    merge.add_argument("--rank", type=uint32, default=0, help="the merged rank (default: the inputs' largest)")
     merge.add_argument("--density", type=float, help="fraction of each delta kept (ties, dare_ties, breadcrumbs; default 0.5)")
     merge.add_argument("--gamma", type=float, help="breadcrumbs: fraction of largest magnitudes dropped (default 0.01)")
-    merge.add_argument("--seed", type=int, help="dare_ties: the random drop's seed")
+    merge.add_argument("--seed", type=uint64, help="dare_ties: the random drop's seed")
     compress = actions.add_parser("compress", help="publish a ComPEFT-compressed copy of adapter SOURCE as NAME (admin)")
     compress.add_argument("name")
     compress.add_argument("source")

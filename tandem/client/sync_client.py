@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.client import convert
-from tandem.client.connection import Attempts, ConnectionSettings, new_request_id, request_id_from
+from tandem.client.connection import Attempts, ConnectionSettings, Deadline, new_request_id, request_id_from
 from tandem.client.convert import Call, Messages, TrainingData
 from tandem.client.errors import TandemRpcError
 from tandem.client.types import (
@@ -179,8 +179,9 @@ class TandemClient:
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING" or "SERVICE_UNKNOWN"; "" asks about the process, a
         service name ("tandem.v1.GenerationService") about readiness."""
+        deadline = Deadline(self.settings.timeout if timeout is None else timeout)  # inf: none, as for every call
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.settings.timeout)
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=deadline.remaining())
         except grpc.RpcError as error:
             raise TandemRpcError.wrap(error, None) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from tandem.client.sync_client import TandemClient
+from tandem.client.types import StreamChunk
 from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name, main
 from tandem.server.config import EngineConfig
 
@@ -20,6 +22,19 @@ def test_generate_streams_and_reports(server, capsys):
     code, out, err = run(capsys, "generate", "Hello", "--max-new-tokens", "4", "--target", server.target)
     assert code == 0 and out.strip()
     assert "[length; " in err and "4 generated" in err
+
+
+def test_a_generation_the_server_aborted_exits_as_unavailable(capsys, monkeypatch):
+    """A draining server ends a generation with finish reason abort and status OK: a script
+    took the cut-short text for an answer (exit 0)."""
+    chunks = [
+        StreamChunk(text="Par", token_ids=[1], finish_reason=None, prompt_tokens=3, generated_tokens=1, logprobs=[]),
+        StreamChunk(text="", token_ids=[], finish_reason="abort", prompt_tokens=3, generated_tokens=1, logprobs=[]),
+    ]
+    monkeypatch.setattr(TandemClient, "stream", lambda self, **kwargs: iter(chunks))
+    code, out, err = run(capsys, "generate", "hi", "--target", "127.0.0.1:1")
+    assert code == 10 + 14 and out == "Par\n"
+    assert "[abort; 3 prompt + 1 generated tokens]" in err and "the server aborted the generation" in err
 
 
 def test_generate_json(server, capsys):

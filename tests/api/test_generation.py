@@ -3,6 +3,7 @@ info, request ids, request log line, metrics, reflection, cancellation and deadl
 
 import asyncio
 import logging
+import math
 import urllib.request
 
 import grpc
@@ -117,6 +118,8 @@ def test_health_is_serving(client):
     assert client.health() == "SERVING"
     assert client.health("tandem.v1.GenerationService") == "SERVING"
     assert client.health("tandem.v1.AdaptersService") == "SERVING"
+    # inf is no deadline, as for every other call (gRPC failed it at once as DEADLINE_EXCEEDED).
+    assert client.health(timeout=math.inf) == "SERVING"
 
 
 def _logged_status(caplog, request_id: str) -> str | None:

@@ -10,15 +10,17 @@ import threading
 import time
 from argparse import Namespace
 
+import grpc
 import pytest
 
-from tandem.client.bench import server_metrics
+from tandem.client.bench import command, server_metrics
 from tandem.client.bench.arrivals import LoadPoint
 from tandem.client.bench.command import metrics_url
 from tandem.client.bench.popularity import build_popularity
 from tandem.client.bench.report import write_json
 from tandem.client.bench.runner import LoadPlan, _closed_loop
 from tandem.client.connection import ConnectionSettings, Deadline
+from tandem.client.errors import TandemRpcError
 from tandem.server.cli import main
 
 NOWHERE = "127.0.0.1:1"  # nothing listens: a flag error must come before any connection
@@ -51,6 +53,9 @@ def exit_code(capsys, *argv: str) -> tuple[int, str]:
         (["--popularity", "bogus"], "unknown --popularity 'bogus'"),
         (["--popularity", "weights"], "--popularity weights needs --adapter-weights FILE"),
         (["--dataset", "sharegpt"], "--dataset sharegpt needs --dataset-path FILE"),
+        # Protobuf's own refusal named no flag, after the warm-up had begun.
+        (["--top-k", "-1"], "--top-k: expected an integer >= 0 and < 4.29497e+09, got '-1'"),
+        (["--sampling-seed", "-1"], "--sampling-seed: expected an integer >= 0 and < 1.84467e+19, got '-1'"),
     ],
 )
 def test_a_bad_bench_flag_exits_2_before_connecting(capsys, argv, message):
@@ -58,6 +63,23 @@ def test_a_bad_bench_flag_exits_2_before_connecting(capsys, argv, message):
     code, err = exit_code(capsys, "bench", "--target", NOWHERE, "--no-progress", *argv)
     assert code == 2 and message in err
     assert time.monotonic() - started < 5  # no connection attempt, no warm-up
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["generate", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["generate", "hi", "--top-k", "-2"], "--top-k"),
+        (["generate", "hi", "--seed", "-3"], "--seed"),
+        (["adapters", "merge", "m", "a", "b", "--method", "linear", "--rank", "-1"], "--rank"),
+        (["adapters", "merge", "m", "a", "b", "--method", "dare_ties", "--seed", "-1"], "--seed"),
+    ],
+    ids=["max-new-tokens", "top-k", "seed", "merge-rank", "merge-seed"],
+)
+def test_a_negative_unsigned_field_exits_2_naming_its_flag(capsys, argv, flag):
+    """Protobuf refused them after connecting, exit 1, naming no flag ("Value out of range: -1")."""
+    code, err = exit_code(capsys, *argv, "--target", NOWHERE)
+    assert code == 2 and f"{flag}: expected an integer >= 0" in err
 
 
 def test_health_wait_nan_and_merge_weights_mismatch_exit_2(capsys):
@@ -160,3 +182,21 @@ def test_the_json_report_is_strict_json(tmp_path):
 
     document = json.loads(path.read_text(), parse_constant=refuse)
     assert document == {"settings": {"duration": "inf", "slo": {"e2e": "inf"}}, "points": [{"x": None, "y": ["-inf"]}]}
+
+
+def test_a_connect_timeout_of_inf_asks_again_until_the_server_answers(monkeypatch):
+    """inf is no limit: the poll compared the deadline's None with a float, a TypeError."""
+    monkeypatch.setattr(command, "CONNECT_POLL_SECONDS", 0.01)
+
+    class Loading:
+        calls = 0
+
+        async def model_info(self, timeout):
+            self.calls += 1
+            if self.calls < 3:
+                raise TandemRpcError(grpc.StatusCode.UNAVAILABLE, "loading its model")
+            return "info"
+
+    client = Loading()
+    assert asyncio.run(command._connect(client, Namespace(connect_timeout=math.inf, target=NOWHERE))) == "info"
+    assert client.calls == 3

@@ -64,3 +64,13 @@ def test_an_rpc_error_ends_in_the_record(clock):
     record = asyncio.run(measurement.timed_stream(client, REQUEST, timeout=5))
     assert (record.status, record.error, record.ok) == ("UNAVAILABLE", "draining", False)
     assert record.ttft == pytest.approx(0.2) and record.e2e == pytest.approx(0.3)
+
+
+def test_a_generation_the_server_aborted_is_a_failure_not_a_served_request(clock):
+    """A draining server ends its generations with finish reason abort and status OK: counted
+    as completed, they lowered E2E and raised throughput and goodput."""
+    clock.extend([0.0, 0.2, 0.3, 0.4])
+    client = FakeClient([chunk(1, 1), chunk(0, 1, "abort")])
+    record = asyncio.run(measurement.timed_stream(client, REQUEST, timeout=5))
+    assert (record.status, record.ok, record.finish_reason) == ("ABORTED", False, "abort")
+    assert "aborted" in record.error

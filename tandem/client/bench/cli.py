@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tandem.client.cli_connection import AddFlag, add_connection_flags
-from tandem.client.flag_types import count, positive_int, positive_seconds, ranged
+from tandem.client.flag_types import count, positive_int, positive_seconds, ranged, uint32, uint64
 
 DEFAULT_NUM_REQUESTS = 100
 DEFAULT_METRICS_PORT = 9090
@@ -60,8 +60,8 @@ def add_command(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, help="0 (server default) = greedy")
     sampling.add_argument("--top-p", type=float)
-    sampling.add_argument("--top-k", type=int)
-    sampling.add_argument("--sampling-seed", type=int, help="seed sent with every request")
+    sampling.add_argument("--top-k", type=uint32)
+    sampling.add_argument("--sampling-seed", type=uint64, help="seed sent with every request")
     finetune = parser.add_argument_group("fine-tuning while serving")
     finetune.add_argument("--finetune-data", help="local JSONL file: start a fine-tuning job on it after the warm-up")
     finetune.add_argument("--finetune-adapter", default="bench-finetune", help="name the job publishes")

@@ -95,7 +95,8 @@ async def _connect(client: AsyncTandemClient, args: argparse.Namespace) -> Model
         try:
             return await client.model_info(timeout=deadline.remaining())
         except TandemRpcError as error:
-            if error.code != grpc.StatusCode.UNAVAILABLE or deadline.remaining() <= CONNECT_POLL_SECONDS:
+            left = deadline.remaining()  # None: --connect-timeout inf, no deadline
+            if error.code != grpc.StatusCode.UNAVAILABLE or (left is not None and left <= CONNECT_POLL_SECONDS):
                 message = f"cannot reach the server at {args.target} within {args.connect_timeout:g} s: {error.message}"
                 raise TandemRpcError(error.code, message) from None
         await asyncio.sleep(CONNECT_POLL_SECONDS)

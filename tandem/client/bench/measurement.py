@@ -20,7 +20,8 @@ DEADLINE_SLACK_S = 5.0
 
 @dataclass
 class RequestRecord:
-    """What one request measured; times in seconds. status is "OK" or a gRPC status name."""
+    """What one request measured; times in seconds. status is "OK", a gRPC status name, or
+    "ABORTED" for a stream the server ended with finish reason abort."""
 
     adapter: str
     sent_at: float
@@ -62,6 +63,9 @@ async def timed_stream(client: AsyncTandemClient, request: BenchRequest, timeout
         record.status, record.error = error.code.name, error.message
     except TimeoutError:
         record.status, record.error = "DEADLINE_EXCEEDED", f"the stream did not end within {timeout:g} s (client side)"
+    if record.ok and record.finish_reason == "abort":
+        # A draining server ends its generations so, with status OK: not a served request.
+        record.status, record.error = "ABORTED", "the server aborted the generation (it was stopping)"
     record.e2e = time.perf_counter() - sent_at
     return record
 

@@ -36,6 +36,10 @@ def _tandem_options(parser) -> None:
     parser.add_argument("--token", default=None, help="bearer token, when the server has auth on")
 
 
+class GenerationAborted(Exception):
+    """A stream the server ended with finish reason abort: a failure, not a served request."""
+
+
 class TandemUser(User):
     """One closed-loop client: a request, then the next as soon as it ends."""
 
@@ -66,16 +70,19 @@ class TandemUser(User):
         prompt = self.prompts[int(self.rng.integers(len(self.prompts)))]
         started = time.perf_counter()
         first_token = None
-        tokens = 0
+        tokens, finish_reason = 0, None
         try:
             for chunk in self.client.stream(adapter=adapter, max_new_tokens=self.max_new_tokens, ignore_eos=True,
                                             **prompt.request_fields()):
                 if first_token is None and chunk.token_ids:
                     first_token = time.perf_counter()
-                tokens = chunk.generated_tokens
+                tokens, finish_reason = chunk.generated_tokens, chunk.finish_reason or finish_reason
         except TandemRpcError as error:
             self._report("E2E", adapter, time.perf_counter() - started, tokens, error)
             return
         ended = time.perf_counter()
+        if finish_reason == "abort":  # a draining server ends its generations so, with status OK
+            self._report("E2E", adapter, ended - started, tokens, GenerationAborted("the server aborted the generation (it was stopping)"))
+            return
         self._report("TTFT", adapter, (first_token or ended) - started, tokens)
         self._report("E2E", adapter, ended - started, tokens)
