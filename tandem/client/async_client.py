@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.client import convert
-from tandem.client.connection import Attempts, ConnectionSettings, Deadline, new_request_id, request_id_from
+from tandem.client.connection import Attempts, ConnectionSettings, Deadline, never_sent, new_request_id, request_id_from
 from tandem.client.convert import Call, Messages, TrainingData
 from tandem.client.errors import TandemRpcError
 from tandem.client.types import (
@@ -49,7 +49,10 @@ class AsyncTandemClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _unary(self, method: Callable, request: Any, timeout: float | None, request_id: str | None) -> tuple[Any, str]:
+    async def _unary(
+        self, method: Callable, request: Any, timeout: float | None, request_id: str | None, idempotent: bool = True
+    ) -> tuple[Any, str]:
+        """As TandemClient._unary."""
         request_id = new_request_id(request_id)
         attempts = Attempts(self.settings, self.settings.timeout if timeout is None else timeout)
         while True:
@@ -58,7 +61,7 @@ class AsyncTandemClient:
                 response = await call
                 return response, request_id_from(await call.initial_metadata(), request_id)
             except grpc.RpcError as error:
-                delay = attempts.pause_after(error, request_id)
+                delay = attempts.pause_after(error, request_id, retry=idempotent or never_sent(error))
             await asyncio.sleep(delay)
 
     def _stub(self, kind: type) -> Any:
@@ -67,7 +70,7 @@ class AsyncTandemClient:
         return self._stubs[kind]
 
     async def _call(self, call: Call[T], timeout: float | None) -> T:
-        response, _ = await self._unary(getattr(self._stub(call.stub), call.method), call.request, timeout, None)
+        response, _ = await self._unary(getattr(self._stub(call.stub), call.method), call.request, timeout, None, call.idempotent)
         return call.result(response)
 
     async def _watch(self, call: Call[T], timeout: float | None) -> AsyncIterator[T]:
@@ -158,17 +161,17 @@ class AsyncTandemClient:
         """Merges adapters (names, or name -> weight) into a new adapter `name` by method
         linear, ties, dare_ties or breadcrumbs, at `rank` (0 = the inputs' largest); admin."""
         request = convert.merge_request(name, adapters, method, rank, density=density, gamma=gamma, seed=seed)
-        response, _ = await self._unary(self._adapters.MergeAdapters, request, timeout, None)
+        response, _ = await self._unary(self._adapters.MergeAdapters, request, timeout, None, idempotent=False)
         return convert.merge_result(response)
 
     async def compress_adapter(self, name: str, source: str, density: float | None = None, timeout: float | None = None) -> AdapterInfo:
         """Publishes the ComPEFT-compressed form of adapter `source` as `name` (density unset = 0.5); admin."""
         request = adapters_pb2.CompressAdapterRequest(name=name, source=source, **({} if density is None else {"density": density}))
-        response, _ = await self._unary(self._adapters.CompressAdapter, request, timeout, None)
+        response, _ = await self._unary(self._adapters.CompressAdapter, request, timeout, None, idempotent=False)
         return convert.adapter_info(response.adapter)
 
     async def unload_adapter(self, name: str, timeout: float | None = None) -> None:
-        await self._unary(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(name=name), timeout, None)
+        await self._unary(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(name=name), timeout, None, idempotent=False)
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         deadline = Deadline(self.settings.timeout if timeout is None else timeout)  # inf: none, as for every call

@@ -21,7 +21,9 @@ class ConnectionSettings:
     """target: "host:port". tls: use TLS (implied by ca_cert / client_cert); ca_cert: PEM
     file of the CA to trust (default: system roots); client_cert + client_key: mutual TLS.
     timeout: seconds for a whole call, retries included; None = no deadline.
-    max_retries: extra attempts on UNAVAILABLE before any token arrived.
+    max_retries: extra attempts on UNAVAILABLE before any token arrived; a call that creates
+    or changes something (CreateJob, CancelJob, MergeAdapters, CompressAdapter, UnloadAdapter)
+    is sent again only when the first never reached a server (a second could do it twice).
     reconnect_seconds: how long a watch (WatchJob) goes on reconnecting on UNAVAILABLE since
     its last response, whatever max_retries says: a restarting server loads its model first."""
 
@@ -103,9 +105,21 @@ def retry_delays(settings: ConnectionSettings, endless: bool = False) -> Iterato
 
 
 def is_retryable(error: grpc.RpcError) -> bool:
-    """Only UNAVAILABLE: the server did no work (loading, draining, unreachable)."""
+    """Only UNAVAILABLE: the server was loading, draining or unreachable. Not always before
+    any work: a server that stops with calls still running, or a connection reset after the
+    request went out, fails them with UNAVAILABLE too (never_sent tells those apart)."""
     code = getattr(error, "code", None)
     return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+
+
+# gRPC's own words for a call that found no server to send it to.
+_NOT_SENT = ("failed to connect to all addresses", "DNS resolution failed", "errors resolving")
+
+
+def never_sent(error: grpc.RpcError) -> bool:
+    """The call never reached a server: safe to send again whatever it does."""
+    details = getattr(error, "details", None)
+    return is_retryable(error) and callable(details) and (details() or "").startswith(_NOT_SENT)
 
 
 class Attempts:

@@ -172,6 +172,8 @@ class Call(Generic[T]):
     method: str
     request: Message
     result: Callable[[Any], T]
+    # False for a call that creates or changes something: a retry could do it twice.
+    idempotent: bool = True
 
 
 TrainingData = str | Sequence[Mapping[str, Any]]
@@ -215,7 +217,7 @@ def create_finetune_job(
         hyperparameters=finetuning_pb2.Hyperparameters(**hyperparameters) if hyperparameters else None,
         router=finetuning_pb2.RouterTraining(**router) if router else None,
     )
-    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CreateJob", request, _job_of)
+    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CreateJob", request, _job_of, idempotent=False)
 
 
 def get_finetune_job(job_id: str) -> Call[FinetuneJob]:
@@ -238,7 +240,7 @@ def list_finetune_jobs(page_token: str) -> Call[tuple[list[FinetuneJob], str]]:
 
 
 def cancel_finetune_job(job_id: str) -> Call[FinetuneJob]:
-    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CancelJob", finetuning_pb2.CancelJobRequest(id=job_id), _job_of)
+    return Call(finetuning_pb2_grpc.FineTuningServiceStub, "CancelJob", finetuning_pb2.CancelJobRequest(id=job_id), _job_of, idempotent=False)
 
 
 def watch_finetune_job(job_id: str) -> Call[FinetuneJob]:

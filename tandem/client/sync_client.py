@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.client import convert
-from tandem.client.connection import Attempts, ConnectionSettings, Deadline, new_request_id, request_id_from
+from tandem.client.connection import Attempts, ConnectionSettings, Deadline, never_sent, new_request_id, request_id_from
 from tandem.client.convert import Call, Messages, TrainingData
 from tandem.client.errors import TandemRpcError
 from tandem.client.types import (
@@ -48,8 +48,11 @@ class TandemClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _unary(self, method: Callable, request: Any, timeout: float | None, request_id: str | None) -> tuple[Any, str]:
-        """Calls with the deadline, metadata and retries; returns (response, server request id)."""
+    def _unary(
+        self, method: Callable, request: Any, timeout: float | None, request_id: str | None, idempotent: bool = True
+    ) -> tuple[Any, str]:
+        """Calls with the deadline, metadata and retries (of a call that is not idempotent, only
+        when it never reached a server); returns (response, server request id)."""
         request_id = new_request_id(request_id)
         attempts = Attempts(self.settings, self.settings.timeout if timeout is None else timeout)
         while True:
@@ -59,7 +62,7 @@ class TandemClient:
                 )
                 return response, request_id_from(call.initial_metadata(), request_id)
             except grpc.RpcError as error:
-                delay = attempts.pause_after(error, request_id)
+                delay = attempts.pause_after(error, request_id, retry=idempotent or never_sent(error))
             time.sleep(delay)
 
     def _stub(self, kind: type) -> Any:
@@ -68,7 +71,7 @@ class TandemClient:
         return self._stubs[kind]
 
     def _call(self, call: Call[T], timeout: float | None) -> T:
-        response, _ = self._unary(getattr(self._stub(call.stub), call.method), call.request, timeout, None)
+        response, _ = self._unary(getattr(self._stub(call.stub), call.method), call.request, timeout, None, call.idempotent)
         return call.result(response)
 
     def _watch(self, call: Call[T], timeout: float | None) -> Iterator[T]:
@@ -164,17 +167,17 @@ class TandemClient:
         """Merges adapters (names, or name -> weight) into a new adapter `name` by method
         linear, ties, dare_ties or breadcrumbs, at `rank` (0 = the inputs' largest); admin."""
         request = convert.merge_request(name, adapters, method, rank, density=density, gamma=gamma, seed=seed)
-        response, _ = self._unary(self._adapters.MergeAdapters, request, timeout, None)
+        response, _ = self._unary(self._adapters.MergeAdapters, request, timeout, None, idempotent=False)
         return convert.merge_result(response)
 
     def compress_adapter(self, name: str, source: str, density: float | None = None, timeout: float | None = None) -> AdapterInfo:
         """Publishes the ComPEFT-compressed form of adapter `source` as `name` (density unset = 0.5); admin."""
         request = adapters_pb2.CompressAdapterRequest(name=name, source=source, **({} if density is None else {"density": density}))
-        response, _ = self._unary(self._adapters.CompressAdapter, request, timeout, None)
+        response, _ = self._unary(self._adapters.CompressAdapter, request, timeout, None, idempotent=False)
         return convert.adapter_info(response.adapter)
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
-        self._unary(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(name=name), timeout, None)
+        self._unary(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(name=name), timeout, None, idempotent=False)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING" or "SERVICE_UNKNOWN"; "" asks about the process, a

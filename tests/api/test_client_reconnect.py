@@ -1,6 +1,7 @@
 """A job watch outlives a server restart (jobs resume after one): the client reconnects on
 UNAVAILABLE for as long as settings.reconnect_seconds since the last response, however
-many attempts that takes, and gives up with UNAVAILABLE after it. A fake FineTuningService
+many attempts that takes, and gives up with UNAVAILABLE after it; a call that creates
+something is sent again only when it never reached a server. A fake FineTuningService
 stands in for the server, so the restart's timing is the test's."""
 
 import asyncio
@@ -33,7 +34,28 @@ class Jobs(finetuning_pb2_grpc.FineTuningServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
 
-def serve(port: int, jobs: Jobs) -> grpc.Server:
+class Stopping(finetuning_pb2_grpc.FineTuningServiceServicer):
+    """Fails every call with UNAVAILABLE as a server that stops with calls running does
+    (grpc's "Cancelling all calls"): the call may have done its work."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def CreateJob(self, request, context):
+        self.calls.append("CreateJob")
+        context.abort(grpc.StatusCode.UNAVAILABLE, "Cancelling all calls")
+
+    def GetJob(self, request, context):
+        self.calls.append("GetJob")
+        context.abort(grpc.StatusCode.UNAVAILABLE, "Cancelling all calls")
+
+
+class Creating(finetuning_pb2_grpc.FineTuningServiceServicer):
+    def CreateJob(self, request, context):
+        return finetuning_pb2.CreateJobResponse(job=finetuning_pb2.Job(id="ftjob-new", adapter=request.adapter, status=finetuning_pb2.JOB_STATUS_QUEUED))
+
+
+def serve(port: int, jobs: finetuning_pb2_grpc.FineTuningServiceServicer) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(2))
     finetuning_pb2_grpc.add_FineTuningServiceServicer_to_server(jobs, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -105,3 +127,31 @@ def test_a_watch_gives_up_reconnect_seconds_after_its_last_response(port):
             for _ in watch:
                 pass
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 3
+
+
+def test_a_call_that_creates_something_is_sent_again_only_when_it_never_reached_a_server(port):
+    """UNAVAILABLE came also from a server stopping with the call running, after its work:
+    CreateJob sent again queued a second job (or said ALREADY_EXISTS about the first)."""
+    stopping = Stopping()
+    server = serve(port, stopping)
+    try:
+        with TandemClient(f"127.0.0.1:{port}", max_retries=3, backoff_seconds=0.01) as client:
+            with pytest.raises(TandemRpcError):
+                client.create_finetune_job("a", training_data="{}")
+            with pytest.raises(TandemRpcError):
+                client.get_finetune_job("ftjob-x")  # a read: asked again
+    finally:
+        server.stop(0)
+    assert stopping.calls == ["CreateJob"] + ["GetJob"] * 4
+
+    async def create() -> str:  # not listening yet: refused before it was sent, so sent again
+        async with AsyncTandemClient(f"127.0.0.1:{port}", max_retries=20, backoff_seconds=0.2, max_backoff_seconds=0.5, timeout=30) as client:
+            threading.Timer(0.5, lambda: servers.append(serve(port, Creating()))).start()
+            return (await client.create_finetune_job("a", training_data="{}")).id
+
+    servers: list[grpc.Server] = []
+    try:
+        assert asyncio.run(create()) == "ftjob-new"
+    finally:
+        for server in servers:
+            server.stop(0)
