@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from tandem.client.errors import TandemRpcError
-from tandem.client.flag_types import positive_seconds
+from tandem.client.flag_types import message_bytes, positive_seconds
 
 EXIT_RPC_BASE = 10  # exit status 10 + gRPC status code
 
@@ -25,17 +27,21 @@ def add_connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag, tim
     add_flag(group, "--client-cert", str, "PEM client certificate (mutual TLS)", None)
     add_flag(group, "--client-key", str, "PEM key of --client-cert", None)
     add_flag(group, "--timeout", positive_seconds, timeout_help, 300.0)
+    # The server's flag has the same name and environment variable: one setting for both ends.
+    add_flag(group, "--max-message-bytes", message_bytes, "largest message sent or received (the server's --max-message-bytes)", 4 << 20)
 
 
 def connection_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for TandemClient / AsyncTandemClient (after the target)."""
     token = Path(args.token_file).read_text().strip() if args.token_file else args.token
     return dict(token=token, tls=args.tls, ca_cert=args.ca_cert, client_cert=args.client_cert,
-                client_key=args.client_key, timeout=args.timeout)
+                client_key=args.client_key, timeout=args.timeout, max_message_bytes=args.max_message_bytes)
 
 
 def rpc_failure(error: TandemRpcError, prefix: str = "tandem") -> int:
     """Prints the failed call's status and message; returns the exit status for it."""
     suffix = f" (request id {error.request_id})" if error.request_id else ""
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in error.message:  # gRPC's words
+        suffix += ": raise --max-message-bytes, here and on the server"
     print(f"{prefix}: {error}{suffix}", file=sys.stderr)
     return EXIT_RPC_BASE + error.code.value[0]

@@ -35,3 +35,5 @@ count = ranged(int, 0)
 # A proto's unsigned fields: protobuf's own refusal names no flag ("Value out of range: -1").
 uint32 = ranged(int, 0, high=2**32)
 uint64 = ranged(int, 0, high=2**64)
+# gRPC's message size limit: a signed 32-bit length.
+message_bytes = ranged(int, 1, high=2**31)

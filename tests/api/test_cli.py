@@ -131,3 +131,13 @@ def test_a_serve_value_that_cannot_work_exits_2_before_anything_starts(capsys, f
 def test_cuda_asked_for_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="device cuda asked for, but this torch has no CUDA or sees no GPU: use --device cpu or auto"):
         EngineConfig(device="cuda").resolve_device()
+
+
+def test_a_message_over_the_clients_limit_names_the_flag_that_raises_it(server, capsys):
+    """The client's limit was gRPC's fixed 4 MiB: a server started with a larger
+    --max-message-bytes still could not be sent a larger dataset or prompt."""
+    prompt = "x" * (5 << 20)
+    code, _, err = run(capsys, "generate", prompt, "--target", server.target)
+    assert code == 10 + 8 and "Sent message larger than max" in err and "raise --max-message-bytes" in err
+    code, _, err = run(capsys, "generate", prompt, "--target", server.target, "--max-message-bytes", str(8 << 20))
+    assert code == 10 + 8 and "Sent message larger than max" not in err  # sent: this server's own limit is 4 MiB
