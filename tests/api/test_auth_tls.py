@@ -1,10 +1,7 @@
 """Bearer-token roles, and TLS / mutual TLS, against real servers."""
 
 import logging
-import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -63,28 +60,6 @@ def test_tokens_never_reach_the_logs(auth_server, caplog):
     logged = " ".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
     assert "Generate" in logged
     assert not any(t in logged for t in (INFERENCE_TOKEN, ADMIN_TOKEN, "wrong-token-123"))
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all EC P-256."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("certs")
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *key, "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "1", "-subj", "/CN=tandem-test-ca")
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", *key, "-keyout", f"{d}/{name}.key", "-out", f"{d}/{name}.csr", "-subj", f"/CN={name}")
-        (d / f"{name}.ext").write_text(extension + "\n")
-        _openssl(
-            "x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
-            "-CAcreateserial", "-out", f"{d}/{name}.pem", "-days", "1", "-extfile", f"{d}/{name}.ext",
-        )
-    return d
 
 
 def test_tls(tiny_engine, certs):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.api.conftest import certs, loopback  # noqa: F401 (certs: a fixture)
+from tests.api.harness import ServerThread
 from tests.client_bench.conftest import ADAPTERS
 
 # Never imported here: importing locust monkey-patches this whole process for gevent.
@@ -33,3 +35,21 @@ def test_locustfile_records_ttft_and_e2e_per_adapter(server, tmp_path):
     assert {row["Name"] for row in by_kind["E2E"]} <= set(ADAPTERS)
     assert sum(int(row["Request Count"]) for row in by_kind["E2E"]) > 0
     assert all(int(row["Failure Count"]) == 0 for rows_ in by_kind.values() for row in rows_)
+
+
+def test_locustfile_reaches_a_server_over_mutual_tls(engine, certs, tmp_path):
+    """It had only --token: against a TLS server every request failed with UNAVAILABLE."""
+    config = loopback(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    thread = ServerThread(config, engine)
+    try:
+        prefix = tmp_path / "run"
+        command = [
+            sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "1", "-r", "1", "-t", "3s",
+            "--host", thread.target, "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING", "--max-new-tokens", "2",
+            "--ca-cert", str(certs / "ca.pem"), "--client-cert", str(certs / "client.pem"), "--client-key", str(certs / "client.key"),
+        ]
+        subprocess.run(command, check=True, timeout=60, capture_output=True, cwd=tmp_path)
+    finally:
+        thread.stop()
+    (total,) = [row for row in csv.DictReader((prefix.parent / "run_stats.csv").open()) if row["Name"] == "Aggregated"]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0

@@ -9,6 +9,7 @@ web UI, CSV output and distributed mode work unchanged. Needs `pip install 'tand
         --popularity zipf --adapters a,b,c --max-new-tokens 64 --headless -u 16 -r 4 -t 2m
 """
 
+import os
 import time
 
 # gRPC must cooperate with gevent's greenlets before the first channel exists.
@@ -33,7 +34,11 @@ def _tandem_options(parser) -> None:
     parser.add_argument("--adapter-weights", default=None, help="JSON file of adapter -> weight for --popularity weights")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (generated past end-of-sequence)")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds each request may take")
-    parser.add_argument("--token", default=None, help="bearer token, when the server has auth on")
+    parser.add_argument("--token", default=os.environ.get("TANDEM_TOKEN"), help="bearer token, when the server has auth on [env TANDEM_TOKEN]")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca-cert)")
+    parser.add_argument("--ca-cert", default=None, help="PEM CA to trust (default: system roots)")
+    parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--client-key", default=None, help="PEM key of --client-cert")
 
 
 class GenerationAborted(Exception):
@@ -53,7 +58,10 @@ class TandemUser(User):
         self.prompts = synthetic_prompts()
         self.rng = np.random.default_rng()
         self.max_new_tokens = options.max_new_tokens
-        self.client = TandemClient(self.host, token=options.token, timeout=options.request_timeout, max_retries=0)
+        self.client = TandemClient(
+            self.host, token=options.token, tls=options.tls, ca_cert=options.ca_cert, client_cert=options.client_cert,
+            client_key=options.client_key, timeout=options.request_timeout, max_retries=0,
+        )
 
     def on_stop(self) -> None:
         self.client.close()
@@ -78,7 +86,10 @@ class TandemUser(User):
                     first_token = time.perf_counter()
                 tokens, finish_reason = chunk.generated_tokens, chunk.finish_reason or finish_reason
         except TandemRpcError as error:
-            self._report("E2E", adapter, time.perf_counter() - started, tokens, error)
+            failed = time.perf_counter() - started
+            if first_token is None:  # no first token: a failed TTFT too, not a request missing from its row
+                self._report("TTFT", adapter, failed, tokens, error)
+            self._report("E2E", adapter, failed, tokens, error)
             return
         ended = time.perf_counter()
         if finish_reason == "abort":  # a draining server ends its generations so, with status OK
