@@ -6,6 +6,7 @@ TANDEM_* environment twin; this module never reads the environment itself.
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -239,12 +240,12 @@ def _print_job(job: FinetuneJob, as_json: bool) -> None:
         print("\n".join(job_details(job)))
 
 
-def _follow(client: TandemClient, job_id: str, as_json: bool) -> int:
+def _follow(client: TandemClient, job_id: str, as_json: bool, timeout: float | None = None) -> int:
     """Shows the job's progress on stderr until it ends, then its outcome; 0 only if it succeeded."""
     display = ProgressDisplay(sys.stderr)
     job = None
     try:
-        for job in client.watch_finetune_job(job_id):
+        for job in client.watch_finetune_job(job_id, timeout):
             display.show(job)
     finally:
         display.close()
@@ -306,7 +307,7 @@ def _run_finetune_cancel(args: argparse.Namespace, client: TandemClient) -> int:
 
 
 def _run_finetune_watch(args: argparse.Namespace, client: TandemClient) -> int:
-    return _follow(client, args.id, args.json)
+    return _follow(client, args.id, args.json, args.timeout)
 
 
 def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callable[[argparse.Namespace], int]:
@@ -348,7 +349,11 @@ def _add_finetune_command(commands: argparse._SubParsersAction, add_flag: AddFla
         parser.add_argument("--json", action="store_true")
     runs = {create: _run_finetune_create, listing: _run_finetune_list, get: _run_finetune_get, cancel: _run_finetune_cancel}
     for parser, run in (runs | {watch: _run_finetune_watch}).items():
-        add_connection_flags(parser, add_flag)
+        # A job runs for hours: following one has no deadline unless watch's --timeout sets one.
+        if parser is watch:
+            add_connection_flags(parser, add_flag, "seconds the watch may last (inf: until the job ends)", math.inf)
+        else:
+            add_connection_flags(parser, add_flag, "seconds per call" + ("; following the job (--watch) has no limit" if parser is create else ""))
         parser.set_defaults(run=_runner(run))
 
 

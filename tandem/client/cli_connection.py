@@ -17,7 +17,9 @@ EXIT_RPC_BASE = 10  # exit status 10 + gRPC status code
 AddFlag = Callable[[argparse.ArgumentParser, str, Callable[[str], Any], str, Any], None]
 
 
-def add_connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag, timeout_help: str = "seconds per call, retries included") -> None:
+def add_connection_flags(
+    parser: argparse.ArgumentParser, add_flag: AddFlag, timeout_help: str = "seconds per call, retries included", timeout: float = 300.0
+) -> None:
     group = parser.add_argument_group("connection")
     add_flag(group, "--target", str, "server address host:port", "localhost:50051")
     add_flag(group, "--token-file", str, "file holding the bearer token (or set TANDEM_TOKEN)", None)
@@ -26,7 +28,7 @@ def add_connection_flags(parser: argparse.ArgumentParser, add_flag: AddFlag, tim
     add_flag(group, "--ca-cert", str, "PEM CA to trust (default: system roots)", None)
     add_flag(group, "--client-cert", str, "PEM client certificate (mutual TLS)", None)
     add_flag(group, "--client-key", str, "PEM key of --client-cert", None)
-    add_flag(group, "--timeout", positive_seconds, timeout_help, 300.0)
+    add_flag(group, "--timeout", positive_seconds, timeout_help, timeout)
     # The server's flag has the same name and environment variable: one setting for both ends.
     add_flag(group, "--max-message-bytes", message_bytes, "largest message sent or received (the server's --max-message-bytes)", 4 << 20)
 

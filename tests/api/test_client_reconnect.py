@@ -5,6 +5,7 @@ something is sent again only when it never reached a server. A fake FineTuningSe
 stands in for the server, so the restart's timing is the test's."""
 
 import asyncio
+import math
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from tandem.client import AsyncTandemClient, TandemClient
 from tandem.client.errors import TandemRpcError
+from tandem.server.cli import build_parser, main
 from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
 
 # Longer than the default retry budget (3 retries of at most 0.2, 0.4 and 0.8 s) can wait.
@@ -155,3 +157,25 @@ def test_a_call_that_creates_something_is_sent_again_only_when_it_never_reached_
     finally:
         for server in servers:
             server.stop(0)
+
+
+class Holding(finetuning_pb2_grpc.FineTuningServiceServicer):
+    """Sends a running job's state, then holds the stream open, as for a job that runs for hours."""
+
+    def WatchJob(self, request, context):
+        yield finetuning_pb2.WatchJobResponse(job=finetuning_pb2.Job(id=request.id, adapter="a", status=finetuning_pb2.JOB_STATUS_RUNNING))
+        while context.is_active():
+            time.sleep(0.05)
+
+
+def test_finetune_watch_ends_at_its_timeout_and_has_none_by_default(port, capsys, monkeypatch):
+    """--timeout was accepted and ignored: `finetune watch ID --timeout 10` watched for hours."""
+    server = serve(port, Holding())
+    try:
+        started = time.monotonic()
+        assert main(["finetune", "watch", "ftjob-x", "--target", f"127.0.0.1:{port}", "--timeout", "1"]) == 10 + 4
+        assert 1 <= time.monotonic() - started < 5 and "DEADLINE_EXCEEDED" in capsys.readouterr().err
+        monkeypatch.delenv("TANDEM_TIMEOUT", raising=False)
+        assert build_parser("finetune").parse_args(["finetune", "watch", "ftjob-x"]).timeout == math.inf
+    finally:
+        server.stop(0)
