@@ -74,8 +74,9 @@ def test_dare_ties_drops_with_the_seed_and_rescales(small):
     dropped = np.stack([d.numpy() * (torch.rand(d.shape, generator=g, dtype=torch.float64) < 0.6).numpy() / 0.6 for d in deltas])
     # DARE's drop then TIES' election on the kept values (no trim: all of them count).
     expected = numpy_ties(dropped, weights.numpy(), 1.0)
-    np.testing.assert_allclose(merge_methods.dare_ties(deltas, weights, 0.6, seed=7).numpy(), expected, rtol=1e-12, atol=1e-12)
-    assert not torch.equal(merge_methods.dare_ties(deltas, weights, 0.6, seed=8), merge_methods.dare_ties(deltas, weights, 0.6, seed=7))
+    seeded = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    np.testing.assert_allclose(merge_methods.dare_ties(deltas, weights, 0.6, seeded(7)).numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(merge_methods.dare_ties(deltas, weights, 0.6, seeded(8)), merge_methods.dare_ties(deltas, weights, 0.6, seeded(7)))
 
 
 def test_breadcrumbs_drops_tiny_and_outlier_magnitudes(small):
@@ -137,6 +138,28 @@ def test_merges_equal_peft_add_weighted_adapter(tiny_hf_model, smollm2_tokenizer
     assert set(errors) == set(ours)
     if method == "linear":  # two rank-4 deltas sum to rank 8: exact at rank 8
         assert max(errors.values()) < 1e-5
+
+
+def test_dare_ties_drops_independently_in_every_projection_and_repeats_with_its_seed(tiny_hf_model, smollm2_tokenizer, merge_dir, tmp_path, monkeypatch):
+    """Each projection drew its drop from a generator seeded afresh: every projection of a
+    shape dropped the same entries of each adapter, where DARE drops each independently."""
+    root = tmp_path / "adapters"
+    shutil.copytree(merge_dir, root)
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=4).registry
+    combined: list[torch.Tensor] = []
+    refactor = merge_methods.refactor
+    monkeypatch.setattr(merge_methods, "refactor", lambda delta, rank: combined.append(delta) or refactor(delta, rank))
+    spec = MergeSpec(("m0", "m1"), (1.0, 1.0), "dare_ties", rank=8, density=0.5, seed=3)
+    registry.merge("dropped", spec)
+    first, combined = combined, []
+    registry.merge("again", spec)
+    assert all(torch.equal(a, b) for a, b in zip(first, combined))  # the seed repeats the merge
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for delta in first:  # both adapters dropped an entry: 0 in the merge
+        by_shape.setdefault(tuple(delta.shape), []).append(delta == 0)
+    for masks in by_shape.values():
+        assert all(0 < int(m.sum()) < m.numel() for m in masks)
+        assert len(masks) > 1 and not all(torch.equal(masks[0], m) for m in masks[1:])
 
 
 def test_reported_errors_are_measured_and_peft_greedy_equals_tandem(tiny_hf_model, smollm2_tokenizer, merge_dir, tmp_path):

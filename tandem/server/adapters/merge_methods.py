@@ -9,7 +9,8 @@ Every method takes the adapters' full deltas of one projection stacked as [N, ou
   parameter's sign as the sign of the trimmed deltas' sum, and take the disjoint mean: the
   weighted deltas that agree with the elected sign, summed, over how many agree.
 - DARE-TIES (Yu et al. 2024): DARE's drop (each parameter kept with probability density,
-  from a seeded generator, the kept rescaled by 1 / density) instead of TIES' trim.
+  independently, from the merge's seeded generator, the kept rescaled by 1 / density)
+  instead of TIES' trim.
 - Breadcrumbs (Davari & Belilovsky 2024): per delta, drop the `gamma` fraction of largest
   magnitudes (outliers) and keep only the next `density` fraction (dropping the tiny ones),
   then sum weighted.
@@ -27,8 +28,9 @@ def ties(deltas: Tensor, weights: Tensor, density: float) -> Tensor:
     return _elect_and_merge(torch.stack([magnitude_trim(d, density) for d in deltas]), weights)
 
 
-def dare_ties(deltas: Tensor, weights: Tensor, density: float, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
+def dare_ties(deltas: Tensor, weights: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """generator: the merge's one stream of draws, on through its projections: a fresh one
+    seeded per projection dropped the same entries in every projection of a shape."""
     kept = torch.stack([_dare_drop(d, density, generator) for d in deltas])
     return _elect_and_merge(kept, weights)
 

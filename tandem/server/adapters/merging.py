@@ -106,9 +106,10 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str
             )
     rank = spec.rank or max(a.rank for a in adapters)
     tensors, errors = {}, {}
+    generator = torch.Generator().manual_seed(spec.seed)  # dare_ties: one stream, on through the modules in order
     for module in modules:
         deltas = torch.stack([scale * (b.double() @ a.double()) for a, b, scale in (m[module] for m in per_adapter)])
-        b, a, errors[module] = merge_methods.refactor(_combine(deltas, weights, spec), rank)
+        b, a, errors[module] = merge_methods.refactor(_combine(deltas, weights, spec, generator), rank)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     targets = [t for t in TARGETS if any(m.endswith(f".{t}") for m in modules)]
@@ -116,12 +117,12 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str
     return MergeResult(config, tensors, errors)
 
 
-def _combine(deltas: torch.Tensor, weights: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+def _combine(deltas: torch.Tensor, weights: torch.Tensor, spec: MergeSpec, generator: torch.Generator) -> torch.Tensor:
     density = spec.density_or_default
     if spec.method == "linear":
         return merge_methods.linear(deltas, weights)
     if spec.method == "ties":
         return merge_methods.ties(deltas, weights, density)
     if spec.method == "dare_ties":
-        return merge_methods.dare_ties(deltas, weights, density, spec.seed)
+        return merge_methods.dare_ties(deltas, weights, density, generator)
     return merge_methods.breadcrumbs(deltas, weights, density, spec.gamma_or_default)
