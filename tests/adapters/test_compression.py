@@ -265,9 +265,13 @@ def test_a_kept_count_that_does_not_match_the_mask_is_refused(rows, cols):
 
 
 @pytest.mark.parametrize("density", [0.0, 1.5, -0.1])
-def test_density_out_of_range_is_refused(density):
+def test_density_out_of_range_is_refused(density, tiny_hf_model, smollm2_tokenizer, tmp_path):
     with pytest.raises(InvalidRequest, match=r"density must lie in \(0, 1\]"):
         compressed_files({}, {"k": torch.randn(2, 2)}, density)
+    # Before the source is looked up: a NOT_FOUND said nothing of the density to fix.
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2).registry
+    with pytest.raises(InvalidRequest, match=r"density must lie in \(0, 1\]"):
+        registry.compress("small", "no-such-adapter", density)
 
 
 def test_an_adapters_directory_it_cannot_write_is_a_failed_precondition(tiny_hf_model, smollm2_tokenizer, source_dir, tmp_path, monkeypatch):

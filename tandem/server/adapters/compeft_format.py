@@ -278,14 +278,19 @@ def is_compressed(directory: Path) -> bool:
     return (directory / WEIGHTS_FILE).is_file()
 
 
+def check_density(density: float) -> None:
+    """InvalidRequest unless 0 < density <= 1 (the share of each tensor's entries a code keeps)."""
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise InvalidRequest(f"density must lie in (0, 1], got {density}")
+
+
 def compressed_files(config: dict, tensors: dict[str, torch.Tensor], density: float, a_init_seed: int | None = None) -> dict[str, bytes]:
     """The two files of the compressed form of a PEFT adapter (config and PEFT-keyed tensors).
     With a_init_seed (the adapter was trained here from that seed), tensors must list the
     lora_A keys in the trainer's draw order (lora_init.draw_order), and each A is stored as
     its move from its initial draw. A tensor coded whole (every B; an A without a seed) gets
     a second code, of what its first one left (see the module's docstring)."""
-    if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise InvalidRequest(f"density must lie in (0, 1], got {density}")
+    check_density(density)
     tensors = {k: t.detach().to("cpu", torch.float32) for k, t in tensors.items()}
     moved = set()
     if a_init_seed is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from tandem.server.adapters.compeft_format import WEIGHTS_FILE as COMPRESSED_FILE
-from tandem.server.adapters.compeft_format import compressed_files, dense_slices, is_compressed, read_compressed
+from tandem.server.adapters.compeft_format import check_density, compressed_files, dense_slices, is_compressed, read_compressed
 from tandem.server.adapters.host_slab import HostSlab
 from tandem.server.adapters.lora_init import draw_order
 from tandem.server.adapters.merging import MergeSpec, merge_adapters
@@ -353,6 +353,7 @@ class AdapterRegistry:
         """Write the ComPEFT-compressed form of adapter `source` (compeft_format.py) as a new
         version of `name`, and load it."""
         check_writable_name(name)
+        check_density(density)  # before the source is looked up and read
         adapter = self._plain(source, "compress")
         _, config = read_config(adapter.name, adapter.path)
         modules = {(layer, target_of(layer, group, s)): ab for ((layer, group), s), ab in dense_slices(adapter).items()}
