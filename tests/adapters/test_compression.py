@@ -181,6 +181,20 @@ def test_a_trained_adapter_records_its_seed_and_compresses_as_its_move(tiny_hf_m
             torch.testing.assert_close(again[key], moved[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_compress_writes_the_config_read_with_the_weights_it_compresses(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """It read the config from disk and the weights from the cache: inside the refresh window
+    after another replica republished the source (lora_alpha 32 for 16), it paired the old
+    weights with the new scale, and served them so."""
+    make_adapter(tiny_hf_model, tmp_path / "src", r=8, lora_alpha=16, seed=4)
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2, adapter_refresh_seconds=3600).registry
+    served = registry.get("src")
+    make_adapter(tiny_hf_model, tmp_path / "src", r=8, lora_alpha=32, seed=4)  # republished meanwhile
+    info = registry.compress("small", "src", 1.0)
+    config = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 16 and info.rank == 8
+    assert served.config["lora_alpha"] == 16
+
+
 def module_tensors(adapter) -> dict[str, torch.Tensor]:
     """An adapter's weights, unpacked, under PEFT's keys."""
     out = {}

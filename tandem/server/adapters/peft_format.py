@@ -19,7 +19,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,6 +85,9 @@ class LoRAAdapter:
     # The seed the trainer drew its initial A from (lora_init.py), when it was trained here
     # from one: its A is that draw plus what training moved, and compresses as the move.
     a_init_seed: int | None = None
+    # Its adapter_config.json as read with these weights: what a compress or merge writes
+    # from (the file on disk may be a newer version than this one).
+    config: dict = field(default_factory=dict)
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -251,6 +254,7 @@ def adapter_of_modules(
         rank=max(g.rank for g in groups.values()),
         targets=sorted(targets, key=list(TARGET_SLICES).index),
         groups=groups,
+        config=config,
     )
 
 

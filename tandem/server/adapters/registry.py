@@ -41,7 +41,7 @@ from tandem.server.adapters.host_slab import HostSlab
 from tandem.server.adapters.lora_init import draw_order
 from tandem.server.adapters.merging import MergeSpec, merge_adapters
 from tandem.server.adapters.mixture import Mixture, check_members
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, adapter_files, read_adapter, read_config
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, adapter_files, read_adapter
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import TEMP_NAME_BYTES, remove_leftovers, write_directory
@@ -345,7 +345,7 @@ class AdapterRegistry:
         spec.check(self.max_rank)
         check_writable_name(name)
         adapters = [self._plain(n, "merge") for n in spec.adapters]
-        base_model = read_config(adapters[0].name, adapters[0].path)[1].get("base_model_name_or_path", "")
+        base_model = adapters[0].config.get("base_model_name_or_path", "")
         result = merge_adapters(adapters, spec, base_model)
         return self.publish(name, result.config, result.tensors), result.errors
 
@@ -355,13 +355,13 @@ class AdapterRegistry:
         check_writable_name(name)
         check_density(density)  # before the source is looked up and read
         adapter = self._plain(source, "compress")
-        _, config = read_config(adapter.name, adapter.path)
         modules = {(layer, target_of(layer, group, s)): ab for ((layer, group), s), ab in dense_slices(adapter).items()}
         tensors = {}
         for layer, target in draw_order(modules):  # the order compressed_files draws the initial As in
             prefix = f"base_model.model.{module_path(layer, target)}"
             tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = modules[(layer, target)]
-        files = compressed_files(config, tensors, density, adapter.a_init_seed)
+        # The config read with these weights: the file may hold a newer version, of another rank or scale.
+        files = compressed_files(adapter.config, tensors, density, adapter.a_init_seed)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("writing an adapter needs an adapters directory (start the server with --adapters-dir)")
         self._publish(name, files)
