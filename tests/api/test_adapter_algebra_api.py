@@ -2,6 +2,7 @@
 and base requests, MergeAdapters and CompressAdapter published and served, ListAdapters'
 format and ratio, refusals as status codes with the reason, and the admin role."""
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +11,7 @@ import grpc
 import pytest
 
 from tandem.client import TandemClient
+from tandem.server.adapters import registry as registry_module
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
@@ -60,6 +62,32 @@ def test_a_mixture_in_flight_shows_its_adapters_names_in_the_metrics(server, adm
     next(stream)
     assert sorted(server.server.state.lora_activity().running) == ["a0", "a1"]
     stream.close()
+
+
+def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
+    """Its thread ran on past the caller's deadline and published: a merge timed out on, then
+    sent again corrected, could end last and replace the corrected one."""
+    registry = server.server.state.catalog
+    release, finished = threading.Event(), threading.Event()
+    merge_adapters, merge = registry_module.merge_adapters, registry.merge
+
+    def slow_merge_adapters(*args, **kwargs):
+        release.wait(30)
+        return merge_adapters(*args, **kwargs)
+
+    def merge_to_the_end(*args, **kwargs):
+        try:
+            return merge(*args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(registry_module, "merge_adapters", slow_merge_adapters)
+    monkeypatch.setattr(registry, "merge", merge_to_the_end)
+    with TandemClient(server.target, token=ADMIN_TOKEN, timeout=0.5, max_retries=0) as impatient:
+        assert rpc_error(lambda: impatient.merge_adapters("late", ["a0", "a1"], "linear")).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    release.set()
+    assert finished.wait(30)
+    assert not (registry.adapters_dir / "late").exists() and "late" not in {a.name for a in registry.list()}
 
 
 @pytest.mark.parametrize(

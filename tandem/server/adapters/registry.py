@@ -325,33 +325,26 @@ class AdapterRegistry:
         the version new requests get (loading it, as an admin would); requests already
         running finish on theirs. a_init_seed: the trainer's, for an adapter trained here
         from a seed (LoRAAdapter.a_init_seed)."""
-        check_writable_name(name)
-        if self.adapters_dir is None:
-            raise IncompatibleAdapter("publishing an adapter needs an adapters directory (start the server with --adapters-dir)")
-        self._publish(name, adapter_files(config, tensors, a_init_seed))
-        return self.load(name)
+        return self._publish(name, adapter_files(config, tensors, a_init_seed))
 
     def publish_router(self, name: str, files: dict[str, bytes]) -> AdapterInfo:
         """Write a new version of router `name` (router_format's files) atomically and load it."""
-        check_writable_name(name)
-        if self.adapters_dir is None:
-            raise IncompatibleAdapter("publishing a router needs an adapters directory (start the server with --adapters-dir)")
-        self._publish(name, files)
-        return self.load(name)
+        return self._publish(name, files)
 
-    def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]:
+    def merge(self, name: str, spec: MergeSpec, abandoned: threading.Event | None = None) -> tuple[AdapterInfo, dict[str, float]]:
         """Merge adapters into a new version of `name` (merging.py), published like a trained
-        adapter; returns it and each projection's relative reconstruction error."""
+        adapter; returns it and each projection's relative reconstruction error. abandoned:
+        set once the caller has gone (its deadline passed): then nothing is published."""
         spec.check(self.max_rank)
         check_writable_name(name)
         adapters = [self._plain(n, "merge") for n in spec.adapters]
         base_model = adapters[0].config.get("base_model_name_or_path", "")
         result = merge_adapters(adapters, spec, base_model)
-        return self.publish(name, result.config, result.tensors), result.errors
+        return self._publish(name, adapter_files(result.config, result.tensors), abandoned), result.errors
 
-    def compress(self, name: str, source: str, density: float) -> AdapterInfo:
+    def compress(self, name: str, source: str, density: float, abandoned: threading.Event | None = None) -> AdapterInfo:
         """Write the ComPEFT-compressed form of adapter `source` (compeft_format.py) as a new
-        version of `name`, and load it."""
+        version of `name`, and load it; abandoned as for merge."""
         check_writable_name(name)
         check_density(density)  # before the source is looked up and read
         adapter = self._plain(source, "compress")
@@ -361,15 +354,18 @@ class AdapterRegistry:
             prefix = f"base_model.model.{module_path(layer, target)}"
             tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = modules[(layer, target)]
         # The config read with these weights: the file may hold a newer version, of another rank or scale.
-        files = compressed_files(adapter.config, tensors, density, adapter.a_init_seed)
+        return self._publish(name, compressed_files(adapter.config, tensors, density, adapter.a_init_seed), abandoned)
+
+    def _publish(self, name: str, files: Mapping[str, bytes], abandoned: threading.Event | None = None) -> AdapterInfo:
+        """Writes a new adapter's folder and loads it. A directory this server cannot write
+        (Kubernetes mounts the serving replicas' read-only) is the caller's to fix, not an
+        internal error. A caller that has gone gets nothing written: a merge it timed out on
+        and sent again, corrected, was overwritten by the first when that one ended last."""
+        check_writable_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("writing an adapter needs an adapters directory (start the server with --adapters-dir)")
-        self._publish(name, files)
-        return self.load(name)
-
-    def _publish(self, name: str, files: Mapping[str, bytes]) -> None:
-        """Writes a new adapter's folder; a directory this server cannot write (Kubernetes
-        mounts the serving replicas' read-only) is the caller's to fix, not an internal error."""
+        if abandoned is not None and abandoned.is_set():
+            raise FailedPrecondition(f"the call that would write adapter {name!r} was cancelled: nothing was written")
         try:
             write_directory(self.adapters_dir / name, files)
         except OSError as exc:
@@ -379,6 +375,7 @@ class AdapterRegistry:
                 f"cannot write adapter {name!r} into the adapters directory ({exc.strerror}): publish it on a server "
                 "whose --adapters-dir is writable (in the Kubernetes layout, the trainer)"
             ) from exc
+        return self.load(name)
 
     def _plain(self, name: str, action: str) -> LoRAAdapter:
         """The current version of a LoRA adapter (InvalidRequest for a router)."""

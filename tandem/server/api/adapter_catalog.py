@@ -4,6 +4,7 @@ that serves no adapters.
 server/adapters/registry.py implements AdapterCatalog; the servicer knows nothing else of it.
 """
 
+import threading
 from typing import Protocol
 
 from tandem.server.adapters.merging import MergeSpec
@@ -20,9 +21,9 @@ class AdapterCatalog(Protocol):
 
     def unload(self, name: str) -> None: ...
 
-    def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]: ...
+    def merge(self, name: str, spec: MergeSpec, abandoned: threading.Event | None = None) -> tuple[AdapterInfo, dict[str, float]]: ...
 
-    def compress(self, name: str, source: str, density: float) -> AdapterInfo: ...
+    def compress(self, name: str, source: str, density: float, abandoned: threading.Event | None = None) -> AdapterInfo: ...
 
     def slot_stats(self) -> SlotStats: ...
 
@@ -41,10 +42,10 @@ class NoAdapterServing:
     def unload(self, name: str) -> None:
         raise NotFound(f"adapter {excerpt(name)} is not loaded")
 
-    def merge(self, name: str, spec: MergeSpec) -> tuple[AdapterInfo, dict[str, float]]:
+    def merge(self, name: str, spec: MergeSpec, abandoned: threading.Event | None = None) -> tuple[AdapterInfo, dict[str, float]]:
         raise NotFound(f"adapter {excerpt(spec.adapters[0] if spec.adapters else name)} not found: the server has no adapters directory (start it with --adapters-dir)")
 
-    def compress(self, name: str, source: str, density: float) -> AdapterInfo:
+    def compress(self, name: str, source: str, density: float, abandoned: threading.Event | None = None) -> AdapterInfo:
         raise NotFound(f"adapter {excerpt(source)} not found: the server has no adapters directory (start it with --adapters-dir)")
 
     def slot_stats(self) -> SlotStats:

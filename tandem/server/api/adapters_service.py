@@ -1,6 +1,9 @@
 """tandem.v1.AdaptersService: proto in, adapter catalog call, proto out."""
 
 import asyncio
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -10,6 +13,8 @@ from tandem.server.api.call_record import current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.metrics import Metrics
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc
+
+T = TypeVar("T")
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
@@ -32,7 +37,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     async def MergeAdapters(self, request: adapters_pb2.MergeAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.MergeAdaptersResponse:
         with self._state.admit():
             # Reading, merging and factorising every projection takes seconds: off the event loop.
-            info, errors = await asyncio.to_thread(self._state.catalog.merge, request.name, convert.merge_spec_of(request))
+            spec = convert.merge_spec_of(request)
+            info, errors = await _writing(lambda abandoned: self._state.catalog.merge(request.name, spec, abandoned))
             return convert.merge_response(info, errors)
 
     async def CompressAdapter(
@@ -40,7 +46,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     ) -> adapters_pb2.CompressAdapterResponse:
         with self._state.admit():
             density = request.density if request.HasField("density") else convert.DEFAULT_COMPRESS_DENSITY
-            info = await asyncio.to_thread(self._state.catalog.compress, request.name, request.source, density)
+            info = await _writing(lambda abandoned: self._state.catalog.compress(request.name, request.source, density, abandoned))
             return adapters_pb2.CompressAdapterResponse(adapter=convert.adapter_info(info))
 
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
@@ -48,3 +54,15 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             show_path = current_call().role == Role.ADMIN
             adapters = [convert.adapter_info(a, show_path) for a in self._state.catalog.list()]
             return adapters_pb2.ListAdaptersResponse(adapters=adapters)
+
+
+async def _writing(write: Callable[[threading.Event], T]) -> T:
+    """Runs a call that writes an adapter on a thread of its own. A thread cannot be stopped:
+    when the caller goes (its deadline passed, it cancelled), the event tells the write not
+    to publish, or a merge timed out on, then sent again corrected, could end last and win."""
+    abandoned = threading.Event()
+    try:
+        return await asyncio.to_thread(write, abandoned)
+    except asyncio.CancelledError:
+        abandoned.set()
+        raise
