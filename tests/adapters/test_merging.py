@@ -99,6 +99,21 @@ def test_svd_refactor_reports_the_error_it_makes():
     assert merge_methods.refactor(delta, 9)[2] < 1e-6
 
 
+def test_refactoring_a_product_equals_refactoring_the_full_delta():
+    """A linear merge re-factorises the stacked factors without forming the out x in delta:
+    the same rank-r factors' product and the same error as the full delta's SVD."""
+    g = torch.Generator().manual_seed(2)
+    b, a = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    for rank in (4, 8):
+        full_b, full_a, full_error = merge_methods.refactor(b @ a, rank)
+        product_b, product_a, product_error = merge_methods.refactor_product(b, a, rank)
+        assert product_b.shape == (40, rank) and product_a.shape == (rank, 30)
+        torch.testing.assert_close(product_b.double() @ product_a.double(), full_b.double() @ full_a.double(), rtol=1e-5, atol=1e-5)
+        assert product_error == pytest.approx(full_error, rel=1e-4, abs=1e-6)
+    assert 0 < merge_methods.refactor_product(b, a, 4)[2] < 1 and merge_methods.refactor_product(b, a, 8)[2] < 1e-12
+    assert merge_methods.refactor_product(torch.zeros(5, 2), torch.zeros(2, 3), 2)[2] == 0.0
+
+
 @pytest.fixture(scope="module")
 def merge_dir(tmp_path_factory, tiny_hf_model):
     root = tmp_path_factory.mktemp("merge-adapters")

@@ -2,6 +2,8 @@
 adapter's full delta dW = scale * B A, combined by a method of merge_methods.py, then
 re-factorised to the requested rank by truncated SVD and written as a PEFT adapter whose
 scale is 1 (lora_alpha = r), with the relative reconstruction error of every projection.
+A linear merge never forms the full deltas: its sum is a product of the stacked factors,
+re-factorised from those (merge_methods.refactor_product).
 
 Every adapter must adapt the same projections (a merge over a projection that only some of
 them adapt is refused rather than silently treating the others' delta as zero).
@@ -108,8 +110,13 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str
     tensors, errors = {}, {}
     generator = torch.Generator().manual_seed(spec.seed)  # dare_ties: one stream, on through the modules in order
     for module in modules:
-        deltas = torch.stack([scale * (b.double() @ a.double()) for a, b, scale in (m[module] for m in per_adapter)])
-        b, a, errors[module] = merge_methods.refactor(_combine(deltas, weights, spec, generator), rank)
+        factors = [m[module] for m in per_adapter]
+        if spec.method == "linear":  # sum_i w_i s_i B_i A_i = [w_i s_i B_i] [A_i]: re-factorised without the full deltas
+            stacked_b = torch.cat([float(w) * scale * b.double() for w, (_, b, scale) in zip(weights, factors)], dim=1)
+            b, a, errors[module] = merge_methods.refactor_product(stacked_b, torch.cat([a.double() for a, _, _ in factors]), rank)
+        else:  # per-entry methods: the full deltas
+            deltas = torch.stack([scale * (b.double() @ a.double()) for a, b, scale in factors])
+            b, a, errors[module] = merge_methods.refactor(_combine(deltas, weights, spec, generator), rank)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     targets = [t for t in TARGETS if any(m.endswith(f".{t}") for m in modules)]
@@ -119,8 +126,6 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str
 
 def _combine(deltas: torch.Tensor, weights: torch.Tensor, spec: MergeSpec, generator: torch.Generator) -> torch.Tensor:
     density = spec.density_or_default
-    if spec.method == "linear":
-        return merge_methods.linear(deltas, weights)
     if spec.method == "ties":
         return merge_methods.ties(deltas, weights, density)
     if spec.method == "dare_ties":
