@@ -93,6 +93,7 @@ class EngineConfig:
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        refuse_empty_paths(self, ("model", "adapters_dir", "data_dir"))
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -134,6 +135,16 @@ class EngineConfig:
         return torch.float32
 
 
+def refuse_empty_paths(config: object, names: tuple[str, ...]) -> None:
+    """An empty path is an error, not "unset": `TANDEM_AUTH_TOKENS_FILE=` (an env file's empty
+    line, a template's missing value) ran the server with authentication off, every call
+    admin; an empty adapters or data directory was the working directory."""
+    for name in names:
+        if getattr(config, name) == "":
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} is empty ({flag} '' or TANDEM_{name.upper()}= set to nothing): give a path, or leave it unset")
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): there bf16 is the faster dtype."""
     try:
@@ -170,6 +181,7 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        refuse_empty_paths(self, ("auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca"))
         if self.host.startswith("["):
             raise ValueError(f"host is an address without brackets (an IPv6 one as ::1 or ::), got {self.host!r}")
         for name in ("port", "metrics_port", "http_port"):

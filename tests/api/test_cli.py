@@ -118,13 +118,17 @@ def test_the_adapter_cache_prefault_switch_reads_words_from_the_flag_or_its_twin
         ("--log-level", "verbose", "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'verbose'"),
         ("--max-message-bytes", "3000000000", "max_message_bytes must be in [1, 2147483647] (gRPC's limit), got 3000000000"),
         ("--drain-grace-seconds", "nan", "drain_grace_seconds must be >= 0, got nan"),
+        # Empty was "unset" to the server: authentication off, every call admin.
+        ("--auth-tokens-file", "", "auth_tokens_file is empty (--auth-tokens-file '' or TANDEM_AUTH_TOKENS_FILE= set to nothing)"),
+        ("--tls-client-ca", "", "tls_client_ca is empty"),
+        ("--adapters-dir", "", "adapters_dir is empty"),
     ],
 )
 def test_a_serve_value_that_cannot_work_exits_2_before_anything_starts(capsys, flag, value, message):
     """Each was accepted and then crashed with a traceback after "listening", or (a NaN
     grace) aborted every generation in flight at the first SIGTERM."""
     assert main(["serve", flag, value]) == 2
-    assert capsys.readouterr().err == f"tandem serve: error: {message}\n"
+    assert capsys.readouterr().err.startswith(f"tandem serve: error: {message}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a host without CUDA")
@@ -141,3 +145,10 @@ def test_a_message_over_the_clients_limit_names_the_flag_that_raises_it(server, 
     assert code == 10 + 8 and "Sent message larger than max" in err and "raise --max-message-bytes" in err
     code, _, err = run(capsys, "generate", prompt, "--target", server.target, "--max-message-bytes", str(8 << 20))
     assert code == 10 + 8 and "Sent message larger than max" not in err  # sent: this server's own limit is 4 MiB
+
+
+def test_an_empty_auth_tokens_file_in_the_environment_is_refused(capsys, monkeypatch):
+    """An env file's `TANDEM_AUTH_TOKENS_FILE=` served every call as admin."""
+    monkeypatch.setenv("TANDEM_AUTH_TOKENS_FILE", "")
+    assert main(["serve"]) == 2
+    assert "auth_tokens_file is empty" in capsys.readouterr().err

@@ -78,7 +78,11 @@ class TandemServer:
             await self.http.start()
         log.info(
             "listening",
-            extra={"fields": {"port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port, "tls": self.config.tls_cert is not None}},
+            extra={"fields": {
+                "port": self.port, "http_port": self.http_port, "metrics_port": self.metrics_port,
+                "tls": self.config.tls_cert is not None, "mutual_tls": self.config.tls_client_ca is not None,
+                "auth": self.config.auth_tokens_file is not None,
+            }},
         )
 
     async def attach_engine(self, engine: "AsyncEngine") -> None:
@@ -115,7 +119,7 @@ class TandemServer:
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
-    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca is not None else None
     return grpc.ssl_server_credentials(
         [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
         root_certificates=client_ca,
@@ -129,7 +133,7 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     Call it inside the asyncio loop that will run the server.
     """
     metrics = metrics or Metrics()
-    tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file else None
+    tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file is not None else None
     server = grpc.aio.server(
         interceptors=[CallInterceptor(tokens, metrics, config.max_message_bytes)],
         options=[
