@@ -135,6 +135,16 @@ def test_the_grafana_dashboard_queries_only_exposed_series(after_known_requests)
     assert sorted(queried - set(after_known_requests)) == []
 
 
+def test_the_dashboards_heatmaps_read_prometheus_buckets_as_buckets():
+    """Without format heatmap Grafana took the cumulative buckets as they are: each row
+    counted every smaller request, +Inf the hottest, rows in the text order of le."""
+    heatmaps = [panel for panel in json.loads(DASHBOARD.read_text())["panels"] if panel["type"] == "heatmap"]
+    assert len(heatmaps) >= 2
+    for panel in heatmaps:
+        assert panel["options"]["calculate"] is False, panel["title"]
+        assert all(t["format"] == "heatmap" and "_bucket" in t["expr"] for t in panel["targets"]), panel["title"]
+
+
 def test_inter_token_latency_follows_each_completion_of_n(monkeypatch):
     """n completions' outputs interleave: each output after the first in a step read as a
     ~0 s gap, and the other completions' first tokens counted as intervals."""
