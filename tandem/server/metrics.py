@@ -241,7 +241,8 @@ class Metrics:
         self.e2e_request_latency.observe(call.ended - call.arrived)
         self.prompt_tokens.inc(call.prompt_tokens)
         self.generation_tokens.inc(call.generated_tokens)
-        self.request_prompt_tokens.observe(call.prompt_tokens)
+        if call.prompt_tokens:  # 0: it ended (cancelled, past its deadline) before the engine reported its prompt's length
+            self.request_prompt_tokens.observe(call.prompt_tokens)
         self.request_generation_tokens.observe(call.generated_tokens)
         if call.scheduled is None:
             return

@@ -135,6 +135,19 @@ def test_the_grafana_dashboard_queries_only_exposed_series(after_known_requests)
     assert sorted(queried - set(after_known_requests)) == []
 
 
+def test_a_generation_cancelled_before_the_engine_reported_it_observes_no_prompt_length():
+    """It observed a prompt of 0 tokens: the histogram's lowest bucket filled exactly when
+    the server was overloaded and requests timed out in the queue."""
+    from tandem.server.metrics import Metrics
+
+    metrics = Metrics("m")
+    metrics.observe_call(CallSummary("GenerateStream", "CANCELLED", "", True, 0, 0, arrived=0.0, ended=1.0))
+    metrics.observe_call(CallSummary("Generate", "OK", "length", True, 7, 2, arrived=0.0, ended=1.0))
+    assert metrics.request_prompt_tokens._sum.get() == 7 and metrics.request_success.labels("abort")._value.get() == 1
+    samples = {s.labels["le"]: s.value for s in metrics.request_prompt_tokens.collect()[0].samples if s.name.endswith("_bucket")}
+    assert samples["+Inf"] == 1 and samples["1.0"] == 0
+
+
 def test_the_dashboards_heatmaps_read_prometheus_buckets_as_buckets():
     """Without format heatmap Grafana took the cumulative buckets as they are: each row
     counted every smaller request, +Inf the hottest, rows in the text order of le."""
