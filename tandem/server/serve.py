@@ -56,7 +56,9 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second one: stop waiting
             loop.add_signal_handler(sig, _second_signal)
         await server.drain()
-        engine.shutdown()
+        # Off the loop: the engine thread ends its iteration first (a time-sliced training
+        # micro-batch, a checkpoint, a publish), and a second signal must still be heard.
+        await _in_own_thread(engine.shutdown)
     # Not a return: asyncio.run would then wait, without end, for the worker threads of calls
     # the drain cancelled (a merge, a job's dataset write: their files are written atomically).
     _exit_now(0)

@@ -153,6 +153,33 @@ def test_the_process_ends_with_its_drain_or_a_second_signal_whatever_its_worker_
         process.kill()
 
 
+SLOW_ENGINE_STOP = """
+import sys, time
+from tandem.server.engine import async_engine
+
+def slow_shutdown(self):
+    time.sleep(120)  # the engine thread still in a long iteration (a training micro-batch, a checkpoint)
+
+async_engine.AsyncEngine.shutdown = slow_shutdown
+from tandem.server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_signal_ends_the_process_while_the_engine_finishes_its_iteration(tiny_model_dir):
+    """The engine's shutdown ran on the event loop: the second signal's handler never ran
+    until the engine thread ended its work (Kubernetes' SIGKILL at the grace period)."""
+    process = _serve(SLOW_ENGINE_STOP, tiny_model_dir, "--drain-grace-seconds", "0")
+    try:
+        _logged_until(process, "ready")
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # drained, in the engine's shutdown
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 1
+    finally:
+        process.kill()
+
+
 def _ipv6_loopback() -> bool:
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
