@@ -1,6 +1,8 @@
 """Streaming text: pieces must concatenate to the full decode, stop strings cut the text."""
 
-from tandem.server.engine.detokenizer import IncrementalDetokenizer
+import copy
+
+from tandem.server.engine.detokenizer import IncrementalDetokenizer, decode_text
 
 
 def stream(tokenizer, prompt_ids, output_ids, stop=()):
@@ -46,3 +48,21 @@ def test_special_tokens_are_not_in_the_text(smollm2_tokenizer):
     ids = smollm2_tokenizer("Paris.", add_special_tokens=False).input_ids + [eos]
     pieces, _ = stream(smollm2_tokenizer, [1], ids)
     assert "".join(pieces) == "Paris."
+
+
+def test_a_tokenizer_that_cleans_up_spaces_streams_the_text_as_generated(smollm2_tokenizer):
+    """Llama 3's tokenizers clean up spaces before punctuation on decode: " x != y" came back
+    " x!= y", and where the clean-up broke the windowed decode's prefix, characters vanished
+    (" it 's" streamed as " it '")."""
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.clean_up_tokenization_spaces = True
+    # transformers 5 skips the clean-up for byte-level BPE unless forced; 4.x (which our
+    # requirements allow) applies it to Llama 3's.
+    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    text = " if x != y . it 's done ?"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) != text  # the clean-up is on
+    pieces, _ = stream(tokenizer, [1], ids)
+    assert "".join(pieces) == text == decode_text(tokenizer, ids)
+    pieces, stopped = stream(tokenizer, [1], ids, stop=[" !="])
+    assert stopped and "".join(pieces) == " if x"

@@ -23,6 +23,7 @@ from tandem.server.adapters.peft_format import LoRAAdapter
 from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
+from tandem.server.engine.detokenizer import decode_text
 from tandem.server.engine.llm_engine import Engine, use_device
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
@@ -188,7 +189,7 @@ class AsyncEngine:
         return self.tokenizer(text).input_ids
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return decode_text(self.tokenizer, token_ids)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Render chat messages with the model's template, ready for the assistant's turn."""

@@ -50,4 +50,12 @@ class IncrementalDetokenizer:
         return piece
 
     def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
+        return decode_text(self.tokenizer, self.ids[start:end])
+
+
+def decode_text(tokenizer, token_ids: list[int]) -> str:
+    """Token ids' text as served: no special tokens, and no clean-up of spaces before
+    punctuation, which Llama 3's tokenizers turn on: " x != y" came back " x!= y", a stop
+    string " !=" could never match, and the windowed decode, whose earlier window's text must
+    be a prefix of the next one's, lost whole characters where the clean-up broke that."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
