@@ -50,6 +50,19 @@ def test_chat_tokens_and_token_ids_prompt(client):
     assert chat.token_ids == by_ids.token_ids
 
 
+def test_messages_a_chat_template_refuses_are_invalid_argument_with_its_reason(client, tiny_engine, monkeypatch):
+    """Mistral's template raises on a system role or roles that do not alternate: that was
+    INTERNAL, "see the server log", for Generate and Tokenize alike."""
+    template = "{% if messages[0].role == 'system' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}x"
+    monkeypatch.setattr(tiny_engine.tokenizer, "chat_template", template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for call in (lambda: client.generate(messages=messages, max_new_tokens=2), lambda: client.tokenize(messages=messages)):
+        with pytest.raises(TandemRpcError) as refused:
+            call()
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the model's chat template refused the messages: 'Conversation roles must alternate user/assistant'" in refused.value.message
+
+
 def test_sampling_options_round_trip(client):
     result = client.generate("Hello", max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7, logprobs=2)
     again = client.generate("Hello", max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7, logprobs=2)

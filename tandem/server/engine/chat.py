@@ -3,7 +3,9 @@ rendering with the model's chat template (the one rendering requests and trainin
 
 from typing import Any
 
-from tandem.server.errors import InvalidRequest
+from jinja2 import TemplateError
+
+from tandem.server.errors import InvalidRequest, excerpt
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -21,7 +23,20 @@ def check_messages(messages: list[dict[str, str]]) -> None:
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """The conversation as the model's template writes it; with add_generation_prompt, ready
-    for the assistant's turn (what a request sends the model)."""
+    for the assistant's turn (what a request sends the model). A template that refuses the
+    messages (Mistral's: roles must alternate user/assistant, no system role) raises its
+    reason as InvalidRequest: it was an INTERNAL error with a traceback."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template: send a plain prompt instead of messages")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except TemplateError as e:
+        raise TemplateRefused(str(e)) from None
+
+
+class TemplateRefused(InvalidRequest):
+    """The chat template raised on these messages (its raise_exception): the caller's to change."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the model's chat template refused the messages: {excerpt(reason, 200)}")
+        self.reason = reason

@@ -26,9 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from jinja2 import TemplateError
-
-from tandem.server.engine.chat import CHAT_ROLES, render_chat
+from tandem.server.engine.chat import CHAT_ROLES, TemplateRefused, render_chat
 from tandem.server.engine.iteration import IGNORE_INDEX
 from tandem.server.errors import InvalidRequest, NotFound
 
@@ -323,8 +321,8 @@ def _render_turns(messages: list[dict], tokenizer) -> tuple[str, list[_Assistant
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
         return render_chat(tokenizer, messages, add_generation_prompt)
-    except TemplateError as e:
-        raise _LineError(f"the chat template refused it ({_excerpt(str(e), 80)})") from None
+    except TemplateRefused as e:
+        raise _LineError(f"the chat template refused it ({_excerpt(e.reason, 80)})") from None
 
 
 def _turn_texts(turns: list[_AssistantTurn]) -> list[str]:
