@@ -42,3 +42,29 @@ def test_a_reader_that_stops_reading_stops_its_request(tiny_model_dir):
     assert received == [1, MAX_UNREAD_OUTPUTS + 1]
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_the_bound_is_per_completion(tiny_model_dir):
+    """Each step delivers an output per completion: n = 4 was stopped after 64 steps of a
+    paused reader, a quarter of the slack one completion gets."""
+    engine = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", kv_cache_bytes=16 << 20))
+    engine.start()
+    steps = MAX_UNREAD_OUTPUTS // 2  # 4 x 128 outputs unread: past the bound for one completion
+
+    async def main() -> list[int]:
+        params = SamplingParams(temperature=1.0, seed=1, n=4, max_new_tokens=steps, ignore_eos=True)
+        paused = engine.generate("Once upon a time", params, "four")
+        generated = [0] * 4
+        first = await paused.__anext__()
+        generated[first.index] += len(first.token_ids)
+        deadline = time.monotonic() + 60
+        while engine.stats().num_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        async for out in paused:
+            generated[out.index] += len(out.token_ids)
+        return generated
+
+    try:
+        assert asyncio.run(main()) == [steps] * 4
+    finally:
+        engine.shutdown()

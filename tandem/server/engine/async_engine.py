@@ -34,8 +34,9 @@ from tandem.server.finetune.jobs import JobManager
 
 log = logging.getLogger(__name__)
 
-# A reader this many outputs behind has stopped reading (gRPC's own buffers absorb far more
-# before a stream's handler waits); its request is stopped rather than buffered without bound.
+# A reader this many outputs behind per completion has stopped reading (gRPC's own buffers
+# absorb far more before a stream's handler waits); its request is stopped rather than
+# buffered without bound.
 MAX_UNREAD_OUTPUTS = 256
 # No token of the tokenizers we serve spans this many characters: a longer text cannot fit
 # the context, so it is refused before any tokenizing.
@@ -51,6 +52,7 @@ class _Stream:
     touched only on the reader's loop; held and started only on the engine thread."""
 
     loop: asyncio.AbstractEventLoop
+    completions: int = 1  # n: each step delivers an output per completion
     items: deque = field(default_factory=deque)
     waiter: asyncio.Future | None = None
     delivered: int = 0
@@ -255,7 +257,7 @@ class AsyncEngine:
         prompt_ids = await self.encode(prompt) if is_text else prompt
         self.engine.validate(prompt_ids, params)
         prompt_ids = list(prompt_ids)  # token ids as given may be a protobuf container: copied once checked
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), params.n)
         with self._lock:
             self._check_alive()  # under the lock: a failure after it still finds this stream
             if request_id in self._streams:
@@ -366,7 +368,8 @@ class AsyncEngine:
         up in memory without bound) and end its stream with RESOURCE_EXHAUSTED."""
         with self._lock:
             stream = self._streams.get(out.request_id)
-        if stream is None or out.finished or stream.unread <= MAX_UNREAD_OUTPUTS:
+        # Per completion: n = 16 fell 256 outputs behind 16 steps after its reader paused.
+        if stream is None or out.finished or stream.unread <= MAX_UNREAD_OUTPUTS * stream.completions:
             return
         self.engine.abort(out.request_id)
         self._deliver(
