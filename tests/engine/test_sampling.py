@@ -107,6 +107,9 @@ def test_top_p_zero_keeps_the_top_token_only_and_a_negative_seed_seeds(tiny_hf_m
     tokens = lambda p: run(make_engine(tiny_hf_model, smollm2_tokenizer), {0: [("t", prompt, p)]})["t"]  # noqa: E731
     negative = tokens(params(seed=-5))
     assert negative == tokens(params(seed=-5)) and negative != tokens(params(seed=5))
+    # The gRPC field is a uint64: its upper half was refused (a client drawing 64 random bits failed half the time).
+    upper = tokens(params(seed=2**64 - 1))
+    assert upper == tokens(params(seed=2**64 - 1)) and upper != negative
     assert tokens(params(top_p=0.0, seed=1)) == tokens(SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
 
 
@@ -121,7 +124,7 @@ def test_top_p_zero_keeps_the_top_token_only_and_a_negative_seed_seeds(tiny_hf_m
     ("max_new_tokens", 0, "max_new_tokens"),
     ("max_new_tokens", 10_000, "maximum context length"),
     ("seed", -(2**63) - 1, "seed"),
-    ("seed", 2**63, "seed"),
+    ("seed", 2**64, "seed"),
     ("stop", [""], "stop strings"),
     ("stop_token_ids", [10**9], "stop_token_ids"),
     ("logprobs", 21, "logprobs"),

@@ -222,7 +222,7 @@ GENERATE_VALID = {
     "top_p": st.none() | st.floats(0.0625, 1.0, width=32),
     "top_k": st.integers(0, 50),
     "repetition_penalty": st.none() | st.floats(0.5, 2.0, width=32),
-    "seed": st.none() | st.integers(0, 2**63 - 1),
+    "seed": st.none() | UINT64,
     "stop": st.lists(st.text(min_size=1, max_size=8), max_size=3),
     "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=4),
     "ignore_eos": st.booleans(),

@@ -174,11 +174,12 @@ class Engine:
         self._groups[request_id] = group
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
-        """Completion index of a seeded request draws from seed + index (mod 2^63)."""
+        """Completion index of a seeded request draws from seed + index (mod 2^64: torch's seed
+        range; mod 2^63 made completion 1 of seed 2^63 - 1 draw as seed 0 does)."""
         if params.seed is None:
             return None
         generator = torch.Generator(device=self.device)
-        generator.manual_seed((params.seed + index) % 2**63)
+        generator.manual_seed((params.seed + index) % 2**64)
         return generator
 
     def abort(self, request_id: str) -> list[RequestOutput]:

@@ -94,8 +94,9 @@ class SamplingParams:
             raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise InvalidRequest(f"seed must be a signed 64-bit integer, in [-2^63, 2^63), got {self.seed}")
+        # The gRPC field is a uint64, OpenAI's a signed integer: either 64-bit range.
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidRequest(f"seed must be a 64-bit integer, in [-2^63, 2^64), got {self.seed}")
         self._validate_stops()
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
