@@ -160,6 +160,34 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         eng.shutdown()
 
 
+def test_a_failing_step_fails_only_the_requests_it_carried(tiny_model_dir):
+    """Every queued request failed with INTERNAL beside the batch's, though none of them had
+    run and a retry would have served each."""
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", max_num_seqs=1))
+    execute, failed = eng.engine.runner.execute, []
+
+    def fail_while_one_waits(scheduled):
+        if not failed and eng.engine.scheduler.waiting:  # the second request queued behind the first
+            failed.append(True)
+            raise RuntimeError("boom")
+        return execute(scheduled)
+
+    eng.engine.runner.execute = fail_while_one_waits
+    eng.start()
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+
+    async def both() -> list:
+        return await asyncio.gather(collect(eng, "first", params, "running"), collect(eng, "second", params, "queued"), return_exceptions=True)
+
+    try:
+        running, queued = asyncio.run(both())
+        assert failed and isinstance(running, RuntimeError) and "internal engine error: RuntimeError: boom" in str(running)
+        assert not isinstance(queued, BaseException) and queued[-1].finished and queued[-1].generated_tokens == 8
+        assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    finally:
+        eng.shutdown()
+
+
 def test_the_model_is_built_on_a_thread_that_ends(tiny_model_dir, monkeypatch):
     """The calling thread runs none of the load's parallel torch ops: OpenMP would keep its
     worker team for as long as the caller lives and slow the engine thread's GEMMs."""

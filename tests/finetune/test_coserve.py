@@ -887,8 +887,9 @@ def test_a_micro_batch_whose_activations_cannot_be_allocated_fails_holding_nothi
 
     monkeypatch.setattr(coserve_module.KeptActivations, "empty", out_of_memory)
     batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(llm_engine.StepFailed) as failed:
         engine.step()
+    assert isinstance(failed.value.__cause__, torch.OutOfMemoryError)
     assert isinstance(batch.error, torch.OutOfMemoryError) and not engine.coserve.has_work()
     assert engine.allocator.num_free == engine.allocator.num_blocks
     monkeypatch.setattr(coserve_module.KeptActivations, "empty", empty)

@@ -24,7 +24,7 @@ from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
 from tandem.server.engine.detokenizer import decode_text
-from tandem.server.engine.llm_engine import Engine, use_device
+from tandem.server.engine.llm_engine import Engine, StepFailed, use_device
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
@@ -355,9 +355,13 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:
-            log.exception("engine step failed; failing the requests in the batch")
-            self._fail_all(exc)
+        except StepFailed as failed:
+            log.exception("engine step failed; failing the requests in its batch")
+            self._fail(failed.outputs, failed.__cause__)
+            return
+        except Exception as exc:  # outside the iteration's work (scheduling): nothing says whom it concerns
+            log.exception("engine step failed; failing every request")
+            self._fail(self.engine.abort_all(), exc)
             return
         for out in outputs:
             self._deliver(out.request_id, out)
@@ -395,8 +399,8 @@ class AsyncEngine:
                 for out in self.engine.abort(command.request_id):
                     self._deliver(out.request_id, out)
 
-    def _fail_all(self, exc: Exception) -> None:
-        for out in self.engine.abort_all():
+    def _fail(self, aborted: list[RequestOutput], exc: BaseException | None) -> None:
+        for out in aborted:
             self._deliver(out.request_id, RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}"))
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:

@@ -41,6 +41,15 @@ def use_device(device: torch.device) -> None:
     torch.cuda.set_device(device)
 
 
+class StepFailed(Exception):
+    """An iteration raised (its cause chained): outputs are the final ones of the requests it
+    carried, which were aborted."""
+
+    def __init__(self, outputs: list[RequestOutput]):
+        super().__init__(f"an iteration failed; {len(outputs)} sequences it carried were aborted")
+        self.outputs = outputs
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
@@ -229,7 +238,11 @@ class Engine:
                 trained = None if backward_work is None else self.runner.backward(backward_work)
         except Exception as exc:
             self.coserve.abort(exc)
-            raise
+            # Only the requests this iteration carried: their state may be half updated. The
+            # others (queued, or running but not in it) go on; failing them too turned one bad
+            # step into INTERNAL for every queued request, each of which a retry would serve.
+            carried = dict.fromkeys(chunk.seq.group for chunk in scheduled.inference)
+            raise StepFailed([out for group in carried for out in self.abort(group)]) from exc
         cut = self.coserve.finish(scheduled, trained)
         self._count(scheduled)
         ended = time.perf_counter()
