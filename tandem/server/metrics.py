@@ -56,10 +56,14 @@ class CallSummary:
 
     @property
     def finished_reason(self) -> str:
-        """vLLM's finished_reason: stop, length or abort ("" for a call that generated nothing)."""
+        """vLLM's finished_reason: stop, length or abort; "" for a call that never ran (refused).
+        A generation the engine scheduled that ended on an error (a stream's reader too far
+        behind, a failed iteration) is an abort, as the caller's cancel is: it was counted
+        nowhere, its tokens neither."""
         if self.finish_reason:
             return VLLM_FINISHED_REASONS.get(self.finish_reason, self.finish_reason)
-        return "abort" if self.generation and self.status in ABORT_STATUSES else ""
+        ran = self.status in ABORT_STATUSES or self.scheduled is not None
+        return "abort" if self.generation and ran else ""
 
 
 @dataclass
@@ -235,7 +239,9 @@ class Metrics:
         vLLM's request histograms."""
         reason = call.finished_reason
         self.requests.labels(call.method, call.status, reason).inc()
-        if not call.generation or not (call.status == "OK" or reason == "abort"):
+        # Every generation that ended, whatever its status: one the caller left once its last
+        # token was out (CANCELLED, finish reason length) was counted in TTFT and ITL only.
+        if not call.generation or not reason:
             return
         self.request_success.labels(reason).inc()
         self.e2e_request_latency.observe(call.ended - call.arrived)

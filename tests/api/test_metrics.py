@@ -148,6 +148,24 @@ def test_a_generation_cancelled_before_the_engine_reported_it_observes_no_prompt
     assert samples["+Inf"] == 1 and samples["1.0"] == 0
 
 
+def test_every_generation_that_ran_is_counted_whatever_status_ended_it():
+    """A stream stopped for a reader too far behind (RESOURCE_EXHAUSTED), or a completion its
+    caller left after its last token (CANCELLED, length), was in no request count and its
+    tokens in no token counter; one refused before it ran still counts in neither."""
+    from tandem.server.metrics import Metrics
+
+    metrics = Metrics("m")
+    for call in (
+        CallSummary("GenerateStream", "RESOURCE_EXHAUSTED", "", True, 3, 256, arrived=0.0, ended=1.0, scheduled=0.1),
+        CallSummary("GenerateStream", "CANCELLED", "length", True, 3, 8, arrived=0.0, ended=1.0, scheduled=0.1),
+        CallSummary("Generate", "RESOURCE_EXHAUSTED", "", True, 0, 0, arrived=0.0, ended=0.1),  # the queue was full
+    ):
+        metrics.observe_call(call)
+    assert metrics.request_success.labels("abort")._value.get() == 1 and metrics.request_success.labels("length")._value.get() == 1
+    assert metrics.generation_tokens._value.get() == 264 and metrics.prompt_tokens._value.get() == 6
+    assert metrics.e2e_request_latency._sum.get() == 2.0
+
+
 def test_the_dashboards_heatmaps_read_prometheus_buckets_as_buckets():
     """Without format heatmap Grafana took the cumulative buckets as they are: each row
     counted every smaller request, +Inf the hottest, rows in the text order of le."""
