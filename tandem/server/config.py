@@ -187,6 +187,11 @@ class ServerConfig:
         for name in ("port", "metrics_port", "http_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        taken = [p for p in (self.port, self.metrics_port, self.http_port) if p]  # 0: a free one each
+        if len(set(taken)) < len(taken):
+            raise ValueError(
+                f"port {self.port}, metrics_port {self.metrics_port} and http_port {self.http_port} must differ: each serves its own listener"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:

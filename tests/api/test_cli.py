@@ -122,6 +122,8 @@ def test_the_adapter_cache_prefault_switch_reads_words_from_the_flag_or_its_twin
         ("--auth-tokens-file", "", "auth_tokens_file is empty (--auth-tokens-file '' or TANDEM_AUTH_TOKENS_FILE= set to nothing)"),
         ("--tls-client-ca", "", "tls_client_ca is empty"),
         ("--adapters-dir", "", "adapters_dir is empty"),
+        # It failed at start saying "is another process using it?" of its own other listener.
+        ("--metrics-port", "50051", "port 50051, metrics_port 50051 and http_port 8000 must differ"),
     ],
 )
 def test_a_serve_value_that_cannot_work_exits_2_before_anything_starts(capsys, flag, value, message):
