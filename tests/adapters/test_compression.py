@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save
 
+from tandem.server.adapters import registry as registry_module
 from tandem.server.adapters.compeft_format import WEIGHTS_FILE, compressed_files, dense_slices, parse_compressed
 from tandem.server.adapters.lora_init import initial_a
 from tandem.server.adapters.peft_format import peft_config, write_adapter
+from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
 from tandem.server.model.lora_targets import module_path, target_of
@@ -193,6 +195,26 @@ def test_compress_writes_the_config_read_with_the_weights_it_compresses(tiny_hf_
     config = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
     assert config["lora_alpha"] == 16 and info.rank == 8
     assert served.config["lora_alpha"] == 16
+
+
+def test_a_read_whose_folder_was_replaced_midway_reads_the_new_version(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch):
+    """A compress under the adapter's own name replaced its PEFT folder between the read's
+    look at the folder and its open of the weights: the read failed, "has no
+    adapter_model.safetensors", and every request waiting on it with it."""
+    make_adapter(tiny_hf_model, tmp_path / "x", r=4, seed=1)
+    config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    compressed = compressed_files(config, load_file(str(tmp_path / "x" / "adapter_model.safetensors")), 0.5)
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2).registry
+    read_adapter, replaced = registry_module.read_adapter, []
+
+    def replaced_midway(*args, **kwargs):
+        if not replaced:
+            replaced.append(True)
+            write_directory(tmp_path / "x", compressed)
+        return read_adapter(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "read_adapter", replaced_midway)
+    assert registry.load("x").format == "compeft" and replaced
 
 
 def module_tensors(adapter) -> dict[str, torch.Tensor]:

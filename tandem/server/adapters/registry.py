@@ -45,7 +45,7 @@ from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAd
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import TEMP_NAME_BYTES, remove_leftovers, write_directory
-from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, excerpt
+from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, TandemError, excerpt
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGETS, module_path, target_of
 
@@ -145,6 +145,11 @@ def _check_file_name(label: str, text: str, limit: int) -> None:
     size = len(text.encode(errors="surrogatepass"))
     if size > limit:
         raise InvalidRequest(f"{label} is too long: {size} bytes where the file system allows {limit}")
+
+
+# Reads of an adapter whose files keep changing under them before the last one stands (its
+# stamp then says to read it again at the next check).
+_READ_ATTEMPTS = 3
 
 
 def file_stamp(directory: Path) -> FileStamp | None:
@@ -436,14 +441,8 @@ class AdapterRegistry:
         )
 
     def _read_and_cache(self, name: str, directory: Path, revive: bool = False) -> LoRAAdapter:
-        # A failed read leaves the version already cached (if any) in place. The stamp is
-        # taken first: a change during the read is seen (and read again) at the next check.
-        stamp = file_stamp(directory)
-        compressed = is_compressed(directory)
-        if compressed:  # packed bits, a small copy of the file: no slab block outlives the read
-            adapter = read_compressed(name, directory, self.model, self.max_rank, self.pool.dtype)
-        else:
-            adapter = read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype, lambda n: self._memory(name, n))
+        # A failed read leaves the version already cached (if any) in place.
+        stamp, compressed, adapter = self._read_whole(name, directory)
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()  # a no-op for tensors read into page-locked memory (_memory's)
         with self._lock:
@@ -461,6 +460,30 @@ class AdapterRegistry:
             )
             self._evict_over_budget()
         return adapter
+
+    def _read_whole(self, name: str, directory: Path) -> tuple[FileStamp | None, bool, LoRAAdapter]:
+        """(stamp, compressed, adapter) of one version. The config and the weights are two
+        files: a publish that replaces the folder between their reads (a compress of a PEFT
+        adapter under its own name) made a read fail saying the weights file was missing, or
+        pair one version's config with the other's weights. Read again while the files
+        changed during the read; a failure of files that stayed put is the files'."""
+        for _ in range(_READ_ATTEMPTS - 1):
+            stamp = file_stamp(directory)
+            try:
+                compressed, adapter = self._read_files(name, directory)
+            except (TandemError, OSError):
+                if file_stamp(directory) != stamp:
+                    continue
+                raise
+            if file_stamp(directory) == stamp:
+                return stamp, compressed, adapter
+        stamp = file_stamp(directory)
+        return (stamp, *self._read_files(name, directory))
+
+    def _read_files(self, name: str, directory: Path) -> tuple[bool, LoRAAdapter]:
+        if is_compressed(directory):  # packed bits, a small copy of the file: no slab block outlives the read
+            return True, read_compressed(name, directory, self.model, self.max_rank, self.pool.dtype)
+        return False, read_adapter(name, directory, self.model, self.max_rank, self.pool.dtype, lambda n: self._memory(name, n))
 
     def _memory(self, name: str, size: int) -> "memoryview | bytearray":
         """Memory to read `size` bytes of name's weights into: a slab block, evicting least
