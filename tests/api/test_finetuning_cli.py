@@ -176,7 +176,7 @@ class FakeClient:
     def __init__(self, *snapshots: FinetuneJob):
         self.snapshots = snapshots
 
-    def watch_finetune_job(self, job_id: str) -> Iterator[FinetuneJob]:
+    def watch_finetune_job(self, job_id: str, timeout: float | None = None) -> Iterator[FinetuneJob]:
         return iter(self.snapshots)
 
 
