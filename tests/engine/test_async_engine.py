@@ -4,6 +4,7 @@ import asyncio
 import itertools
 
 import pytest
+import torch
 
 from tandem.server.config import EngineConfig
 from tandem.server.engine.async_engine import AsyncEngine
@@ -183,6 +184,37 @@ def test_a_failing_step_fails_only_the_requests_it_carried(tiny_model_dir):
         running, queued = asyncio.run(both())
         assert failed and isinstance(running, RuntimeError) and "internal engine error: RuntimeError: boom" in str(running)
         assert not isinstance(queued, BaseException) and queued[-1].finished and queued[-1].generated_tokens == 8
+        assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    finally:
+        eng.shutdown()
+
+
+def test_an_adapter_that_cannot_be_loaded_fails_its_request_alone(tiny_model_dir, tiny_hf_model, tmp_path):
+    """Its load's error left the scheduler and the server failed every request in flight."""
+    from tests.adapters.make_adapters import make_adapter
+
+    make_adapter(tiny_hf_model, tmp_path / "big", r=4)
+    eng = AsyncEngine(EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", adapters_dir=str(tmp_path), max_lora_rank=8, adapter_cache_prefault=False,
+    ))
+
+    def out_of_memory(adapter):
+        raise torch.OutOfMemoryError("simulated")
+
+    eng.engine.registry.pool.acquire = out_of_memory
+    eng.start()
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+
+    async def adapted() -> list:
+        return [out async for out in eng.generate("second", params, "adapted", adapter="big")]
+
+    async def run() -> list:
+        return await asyncio.gather(collect(eng, "first", params, "base"), adapted(), return_exceptions=True)
+
+    try:
+        base, adapted = asyncio.run(run())
+        assert not isinstance(base, BaseException) and base[-1].finished and base[-1].generated_tokens == 8
+        assert isinstance(adapted, ResourceExhausted) and "adapter 'big' could not be loaded into a slot" in str(adapted)
         assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
     finally:
         eng.shutdown()

@@ -10,6 +10,7 @@ from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.outputs import FinishReason
 from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import ResourceExhausted
 from tandem.server.model.loader import LoadedModel
 from tests.engine.helpers import make_engine, random_prompts
 
@@ -111,33 +112,47 @@ def test_an_engine_dropped_frees_its_kv_cache_and_hooks(tiny_hf_model, smollm2_t
     assert len(second.runner.model.norm._forward_pre_hooks) == hooks
 
 
-def test_a_slot_load_that_fails_leaves_the_request_waiting_and_holding_nothing(tiny_hf_model, smollm2_tokenizer, tmp_path):
-    """The failed step fails what it carried; the request is still where it was (it had left
-    the queue with blocks, and finishing it raised, which stopped the engine thread), so
-    aborting it frees everything and the engine serves on."""
+def test_a_slot_load_that_fails_fails_its_request_alone(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """The load's error left schedule(): a fork admitted before it in the same iteration lost
+    its prompt's block copies (and decoded from stale keys), and the server failed every
+    request. Now the request whose adapter cannot be loaded ends with the error (out of
+    memory: RESOURCE_EXHAUSTED), holding nothing, and the iteration runs on with the others."""
     from tests.adapters.make_adapters import make_adapter
 
-    make_adapter(tiny_hf_model, tmp_path / "a1", r=4)
+    make_adapter(tiny_hf_model, tmp_path / "a1", r=4, seed=1)
+    make_adapter(tiny_hf_model, tmp_path / "a2", r=4, seed=2)
     engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, max_loras=2)
     pool, total = engine.registry.pool, engine.allocator.num_blocks
     acquire = pool.acquire
 
-    def failing(adapter):
-        raise torch.OutOfMemoryError("simulated: no memory to load the adapter into its slot")
+    def failing_for_a2(adapter):
+        if adapter.name == "a2":
+            raise torch.OutOfMemoryError("simulated: no memory to load the adapter into its slot")
+        return acquire(adapter)
 
-    pool.acquire = failing
     params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
     prompt = random_prompts([10], len(smollm2_tokenizer))[0]
-    engine.add_request("r", prompt, params, engine.registry.get("a1"))
-    try:
-        engine.step()
-        raise AssertionError("the failed load did not surface")
-    except torch.OutOfMemoryError:
-        pass
-    assert [seq.request_id for seq in engine.scheduler.waiting] == ["r"] and not engine.scheduler.running
-    assert engine.allocator.num_free == total
-    assert [out.finish_reason for out in engine.abort_all()] == [FinishReason.ABORT]
-    pool.acquire = acquire
-    engine.add_request("next", prompt, params, engine.registry.get("a1"))
-    assert drain(engine)["next"].generated_tokens == 3
+    alone = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, max_loras=2)
+    alone.add_request("r", prompt, SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True, n=2), alone.registry.get("a1"))
+    expected = {out.index: out.token_ids for out in drain_all(alone)}
+
+    pool.acquire = failing_for_a2
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True, n=2), engine.registry.get("a1"))
+    engine.step()  # r's first sequence computes the prompt: its fork is admitted at the next step
+    engine.add_request("s", prompt, params, engine.registry.get("a2"))
+    finals = {out.index: out.token_ids for out in drain_all(engine)}
+    (failure,) = engine.take_failures()
+    assert failure[0] == "s" and isinstance(failure[1], ResourceExhausted) and "adapter 'a2' could not be loaded" in str(failure[1])
+    assert finals == expected  # the fork decoded from the prompt's keys, copied
     assert engine.allocator.num_free == total and sum(pool._pins) == 0
+    pool.acquire = acquire
+    engine.add_request("next", prompt, params, engine.registry.get("a2"))
+    assert drain(engine)["next"].generated_tokens == 3
+
+
+def drain_all(engine) -> list:
+    """Every request's final outputs, each completion of n."""
+    finals = []
+    while engine.has_work():
+        finals += [out for out in engine.step() if out.finished and out.request_id == "r"]
+    return finals

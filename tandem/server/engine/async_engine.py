@@ -356,6 +356,7 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except StepFailed as failed:
+            self._deliver_failures()
             log.exception("engine step failed; failing the requests in its batch")
             self._fail(failed.outputs, failed.__cause__)
             return
@@ -363,6 +364,7 @@ class AsyncEngine:
             log.exception("engine step failed; failing every request")
             self._fail(self.engine.abort_all(), exc)
             return
+        self._deliver_failures()
         for out in outputs:
             self._deliver(out.request_id, out)
             self._stop_if_unread(out)
@@ -398,6 +400,11 @@ class AsyncEngine:
             else:
                 for out in self.engine.abort(command.request_id):
                     self._deliver(out.request_id, out)
+
+    def _deliver_failures(self) -> None:
+        for request_id, exc in self.engine.take_failures():
+            log.error("request %s failed: %s", request_id, exc)
+            self._deliver(request_id, exc)
 
     def _fail(self, aborted: list[RequestOutput], exc: BaseException | None) -> None:
         for out in aborted:

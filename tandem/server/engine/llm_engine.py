@@ -26,7 +26,7 @@ from tandem.server.engine.sampler import Sampler, token_logprobs
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.engine.scheduler import Scheduler
 from tandem.server.engine.token_histogram import ITERATION_TOKEN_BUCKETS, TokenHistogram
-from tandem.server.engine.sequence import Sequence
+from tandem.server.engine.sequence import Sequence, SequenceStatus
 from tandem.server.errors import InvalidRequest, ResourceExhausted
 from tandem.server.load_phases import load_phase
 from tandem.server.model.loader import LoadedModel, load_model
@@ -104,6 +104,7 @@ class Engine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._groups: dict[str, list[Sequence]] = {}
+        self.failures: list[tuple[str, Exception]] = []  # take_failures
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._reported: dict[str, int] = {}
         self._arrivals = 0
@@ -199,6 +200,23 @@ class Engine:
             self.scheduler.finish(seq, FinishReason.ABORT)
         return [self._output(seq) for seq in live]
 
+    def _fail_loads(self) -> None:
+        """End the requests whose adapter could not be loaded into a slot (out of device
+        memory for it, say): their errors wait in failures for the server to deliver."""
+        for seq, exc in self.scheduler.failed_loads:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.abort(seq.group)
+                if isinstance(exc, torch.OutOfMemoryError):
+                    exc = ResourceExhausted(f"adapter {seq.adapter.name!r} could not be loaded into a slot: out of memory ({exc})"[:500])
+                self.failures.append((seq.group, exc))
+        self.scheduler.failed_loads.clear()
+
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """(request id, error) of the requests ended since the last call for an error of their
+        own (an adapter that could not be loaded), while the others went on."""
+        failures, self.failures = self.failures, []
+        return failures
+
     def abort_all(self) -> list[RequestOutput]:
         return [out for request_id in list(self._groups) for out in self.abort(request_id)]
 
@@ -215,6 +233,7 @@ class Engine:
         if not self.scheduler.running:  # nothing decoded since: an idle spell is no inter-token interval
             self._decoded_at = None
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
+        self._fail_loads()
         scheduled_at = time.monotonic()
         try:
             # Inside: a micro-batch that fails to start (its activations not allocated) is

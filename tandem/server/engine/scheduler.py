@@ -36,6 +36,9 @@ class Scheduler:
         self.num_preemptions = 0
         # Frees KV blocks held by training, if it can; True when it freed some.
         self.reclaim: Callable[[], bool] = lambda: False
+        # Waiting sequences whose adapter failed to load into a slot, with the error: the
+        # engine ends their requests after each schedule.
+        self.failed_loads: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -105,9 +108,16 @@ class Scheduler:
             if not self.allocator.can_grow(seq.block_table, start + n):
                 break
             # The slot first: a load that fails leaves the sequence waiting as it was (moved
-            # first, it was in neither queue, holding blocks, and finishing it raised).
+            # first, it was in neither queue, holding blocks, and finishing it raised). Its
+            # request fails (failed_loads, for the engine to end); this iteration goes on with
+            # what it has admitted (raised from here, a fork admitted before lost its block
+            # copies, and the server failed every request).
             if seq.adapter is not None:
-                seq.slot = self.pool.acquire(seq.adapter)
+                try:
+                    seq.slot = self.pool.acquire(seq.adapter)
+                except Exception as exc:
+                    self.failed_loads.append((seq, exc))
+                    break
             self.waiting.remove(seq)
             self.allocator.grow(seq.block_table, start + n)
             if start > seq.num_computed:
