@@ -10,6 +10,7 @@ them adapt is refused rather than silently treating the others' delta as zero).
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,9 +115,8 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str
         if spec.method == "linear":  # sum_i w_i s_i B_i A_i = [w_i s_i B_i] [A_i]: re-factorised without the full deltas
             stacked_b = torch.cat([float(w) * scale * b.double() for w, (_, b, scale) in zip(weights, factors)], dim=1)
             b, a, errors[module] = merge_methods.refactor_product(stacked_b, torch.cat([a.double() for a, _, _ in factors]), rank)
-        else:  # per-entry methods: the full deltas
-            deltas = torch.stack([scale * (b.double() @ a.double()) for a, b, scale in factors])
-            b, a, errors[module] = merge_methods.refactor(_combine(deltas, weights, spec, generator), rank)
+        else:  # per-entry methods: the full deltas, one at a time
+            b, a, errors[module] = merge_methods.refactor(_combine(_Deltas(factors), weights, spec, generator), rank)
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     targets = [t for t in TARGETS if any(m.endswith(f".{t}") for m in modules)]
@@ -124,7 +124,22 @@ def merge_adapters(adapters: list[LoRAAdapter], spec: MergeSpec, base_model: str
     return MergeResult(config, tensors, errors)
 
 
-def _combine(deltas: torch.Tensor, weights: torch.Tensor, spec: MergeSpec, generator: torch.Generator) -> torch.Tensor:
+class _Deltas(Sequence[torch.Tensor]):
+    """The adapters' full deltas of one projection, dW_i = scale_i B_i A_i in float64, each
+    computed when asked for: the merge methods hold one or two at a time."""
+
+    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor, float]]):
+        self._factors = factors
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]  (no slices here)
+        a, b, scale = self._factors[i]
+        return scale * (b.double() @ a.double())
+
+
+def _combine(deltas: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeSpec, generator: torch.Generator) -> torch.Tensor:
     density = spec.density_or_default
     if spec.method == "ties":
         return merge_methods.ties(deltas, weights, density)
