@@ -914,3 +914,28 @@ def test_an_idle_spell_is_not_an_inter_token_interval(tiny_hf_model, smollm2_tok
             now[0] += 0.01
             engine.step()
     assert max(i for i in intervals if i is not None) < 0.05
+
+
+def test_no_micro_batch_takes_kv_blocks_a_waiting_request_was_turned_away_for(tiny_hf_model, smollm2_tokenizer):
+    """Started beside a request the cache could not take yet, a micro-batch held its blocks
+    through its whole chunked forward, and the request waited that long for its first token."""
+    probe = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
+    per_block = (4 << 20) // probe.allocator.num_blocks
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=40 * per_block, max_model_len=160)
+    total, vocab = engine.allocator.num_blocks, len(smollm2_tokenizer)
+    assert total == 40
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    training = [TrainingSequence(ids, ids) for ids in random_prompts([8, 8], vocab, seed=5)]  # 4 blocks
+    running, waiting = random_prompts([100, 60], vocab, seed=6)  # 25 blocks, then 15 of the 14 left
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+    engine.add_request("running", running, params)
+    engine.step()
+    batch = engine.coserve.submit(TrainingWork(training, adapter.slot_weights()), 1.0)
+    engine.add_request("waiting", waiting, params)
+    engine.step()
+    assert not batch.started
+    assert engine.scheduler.kv_blocked
+    assert engine.allocator.num_free >= 4  # room for the micro-batch, kept for the request
+    while engine.has_work():
+        engine.step()
+    assert batch.done and batch.error is None and engine.allocator.num_free == total

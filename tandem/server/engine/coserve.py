@@ -216,13 +216,16 @@ class CoServer:
             batch.error = error
         self._queue.clear()
 
-    def plan(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float) -> None:
+    def plan(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float, kv_wanted: bool = False) -> None:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
         backward slice of the running micro-batch, within the share of the token budget left;
         with no inference, a micro-batch within the budget whose graphs fit the cap starts
         with its whole forward (train_graph). Beside decodes under a target, a slice that one
         whole layer fits in may go down to the bottom layer: the share's deadline from
-        interval_start (perf_counter) stops it."""
+        interval_start (perf_counter) stops it. kv_wanted: a waiting request was just turned
+        away for want of KV blocks; no micro-batch takes free ones before it (started, one
+        held them through its whole forward, and the request waited that long for its first
+        token)."""
         if not self._queue:
             return
         batch = self._queue[0]
@@ -236,8 +239,8 @@ class CoServer:
                 batch.graphed = True
                 scheduled.train_graph = TrainingGraph(batch.work.sequences, batch.work.weights, batch.kept)
                 return
-        if not batch.started and not self._start(batch):
-            return  # waits for free KV blocks
+        if not batch.started and (kv_wanted or not self._start(batch)):
+            return  # waits for free KV blocks, inference's first
         kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
         units = self.share.allowance(scheduled.num_tokens, inference_running, kind)
         # Beside inference, a head row or backward layer that does not fit waits; alone, one

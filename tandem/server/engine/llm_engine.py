@@ -238,7 +238,7 @@ class Engine:
         try:
             # Inside: a micro-batch that fails to start (its activations not allocated) is
             # dropped with the error, as one whose iteration fails.
-            self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started)
+            self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started, self.scheduler.kv_blocked)
             if not scheduled:
                 self._decoded_at = None
                 return []

@@ -39,6 +39,8 @@ class Scheduler:
         # Waiting sequences whose adapter failed to load into a slot, with the error: the
         # engine ends their requests after each schedule.
         self.failed_loads: list[tuple[Sequence, Exception]] = []
+        # Whether the last schedule turned a waiting sequence away for want of KV blocks.
+        self.kv_blocked = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,6 +95,7 @@ class Scheduler:
                 continue
             break
         slot_blocked = False
+        self.kv_blocked = False
         copies: list[tuple[int, int]] = []
         for seq in list(self.waiting):
             if preempted or budget == 0 or len(self.running) >= self.config.max_num_seqs:
@@ -106,6 +109,7 @@ class Scheduler:
             start = max(seq.num_computed, fork)
             n = min(len(seq.token_ids) - start, budget)
             if not self.allocator.can_grow(seq.block_table, start + n):
+                self.kv_blocked = True
                 break
             # The slot first: a load that fails leaves the sequence waiting as it was (moved
             # first, it was in neither queue, holding blocks, and finishing it raised). Its
