@@ -117,6 +117,7 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
     (data / "ok.jsonl").write_text(DATA)
     make_adapter(tiny_hf_model, adapters / "patterned", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 8})
     make_adapter(tiny_hf_model, adapters / "plain", r=4)
+    make_adapter(tiny_hf_model, adapters / "first-layer", r=4, layers_to_transform=[0])
     engine = start(tiny_model_dir, dirs)
     try:
         jobs = engine.jobs
@@ -134,6 +135,8 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
             # Within NAME_MAX, but not with the temp directory's prefix that publishing adds.
             (InvalidRequest, request(adapter="a" * 250), "adapter name is too long: 250 bytes where the file system allows 210"),
             (IncompatibleAdapter, request(base_adapter="patterned", lora={}), "adapter 'patterned' has several ranks or scales"),
+            # Continued, every other layer's q_proj trained from a fresh start and was published.
+            (IncompatibleAdapter, request(base_adapter="first-layer", lora={}), "adapter 'first-layer' adapts q_proj on some layers only (not layer 1"),
             (
                 InvalidRequest,
                 request(base_adapter="plain", lora={"r": 8}),

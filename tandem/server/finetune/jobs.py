@@ -459,7 +459,7 @@ class JobManager:
         if base is None:
             spec = LoRASpec(**request.lora)
         else:
-            continued = spec_of(base, 0.0)
+            continued = spec_of(base, 0.0, len(self.engine.runner.model.layers))
             spec = LoRASpec(**{**dataclasses.asdict(continued), **request.lora})
             if dataclasses.replace(spec, lora_dropout=0.0) != continued:
                 raise InvalidRequest(

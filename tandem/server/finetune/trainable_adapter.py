@@ -82,7 +82,7 @@ class TrainableAdapter(nn.Module):
     @classmethod
     def from_adapter(cls, model: LlamaModel, adapter: LoRAAdapter, lora_dropout: float) -> "TrainableAdapter":
         """Continue training a served adapter: same rank, targets and scale, its weights as the start."""
-        trainable = cls(model, spec_of(adapter, lora_dropout), seed=0)
+        trainable = cls(model, spec_of(adapter, lora_dropout, len(model.layers)), seed=0)
         trainable.a_init_seed = None  # it starts from the served weights, not from a draw
         with torch.no_grad():
             for ((layer, group), s), (a, b) in dense_slices(adapter).items():  # a compressed adapter unpacks here
@@ -180,9 +180,11 @@ def _to_masters(leaf: torch.Tensor, parts: list[tuple[nn.Parameter, slice]], sca
             master.grad += part
 
 
-def spec_of(adapter: LoRAAdapter, lora_dropout: float) -> LoRASpec:
+def spec_of(adapter: LoRAAdapter, lora_dropout: float, num_layers: int) -> LoRASpec:
     """The LoRA settings to continue training a served adapter with; refuses adapters whose
-    projections differ in rank or scale (rank_pattern / alpha_pattern)."""
+    projections differ in rank or scale (rank_pattern / alpha_pattern), and those that adapt a
+    projection on some layers only (layers_to_transform / exclude_modules): trained further,
+    every layer's would have been trained from a fresh start and published beside them."""
     slices = [(layer, group, s, a.shape[0], scale) for (layer, group), g in adapter.groups.items() for s, (a, _, scale) in g.slices.items()]
     ranks = {r for *_, r, _ in slices}
     scales = {scale for *_, scale in slices}
@@ -193,6 +195,14 @@ def spec_of(adapter: LoRAAdapter, lora_dropout: float) -> LoRASpec:
         )
     r, scale = ranks.pop(), scales.pop()
     targets = {target_of(layer, group, s) for layer, group, s, *_ in slices}
+    adapted = {(layer, target_of(layer, group, s)) for layer, group, s, *_ in slices}
+    missing = sorted({(layer, t) for layer in range(num_layers) for t in targets} - adapted, key=lambda m: (m[0], TARGETS.index(m[1])))
+    if missing:
+        layer, target = missing[0]
+        raise IncompatibleAdapter(
+            f"adapter {adapter.name!r} adapts {target} on some layers only (not layer {layer}: layers_to_transform or "
+            "exclude_modules); only adapters that adapt each of their projections on every layer can be trained further"
+        )
     # Serving knows only the scale; alpha is derived back from it with the plain rule.
     return LoRASpec(r=r, lora_alpha=scale * r, target_modules=tuple(targets), lora_dropout=lora_dropout)
 
