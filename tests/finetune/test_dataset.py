@@ -288,3 +288,28 @@ def test_split_eval_edge_cases():
 
 def test_position_zero_is_never_a_target():
     assert TrainingExample((5, 6, 7), (5, 6, 7)).num_target_tokens == 2
+
+
+def sentencepiece_like():
+    """A tokenizer that marks words as Llama 2's and Mistral's do: a leading "▁" prepended to
+    the text, spaces as "▁"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", "▁The", "▁capital", "▁is", "▁Paris", "P", "a", "r", "i", "s"]
+    tokenizer = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -5.0) for p in pieces], unk_id=0))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_completion_is_labelled_as_the_whole_text_tokenizes_it(smollm2_tokenizer):
+    """Tokenized alone, " Paris" took a word marker of its own on a SentencePiece tokenizer
+    (["▁", "▁Paris"]): the model learned to answer with a double space."""
+    tok = sentencepiece_like()
+    example = only(jsonl({"prompt": "The capital is", "completion": " Paris"}), tok)
+    assert tok.convert_ids_to_tokens(list(example.input_ids)) == ["▁The", "▁capital", "▁is", "▁Paris", "</s>"]
+    assert labelled_spans(tok, example) == [tok.decode(tok.convert_tokens_to_ids(["▁Paris", "</s>"]))]
+    # Byte-level BPE, a prompt ending in a space: the completion as it follows that prompt served.
+    example = only(jsonl({"prompt": "Say hi: ", "completion": "Hello there"}), smollm2_tokenizer)
+    assert example.input_ids[-3:-1] == tuple(smollm2_tokenizer("Hello there", add_special_tokens=False).input_ids)

@@ -272,14 +272,22 @@ def _check_text(value: object, name: str) -> None:
 
 
 def _encode_prompts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample]:
-    """The prompt tokenized as the server tokenizes a prompt, then the completion and eos as targets."""
+    """The prompt tokenized as the server tokenizes a prompt, then the completion and eos as
+    targets. The completion's tokens are those the whole text has after the prompt's, where
+    the prompt's start it: tokenized alone, a SentencePiece tokenizer (Llama 2's, Mistral's)
+    gave it a word marker of its own (" Paris" became ["▁", "▁Paris"]), and every example
+    taught the model a double space. Where the two do not line up (a prompt ending in a space,
+    on a byte-level BPE tokenizer), the completion alone: what follows that prompt served."""
     prompts = tokenizer([r["prompt"] for r in records.values()]).input_ids
-    completions = tokenizer([r["completion"] for r in records.values()], add_special_tokens=False).input_ids
+    whole = tokenizer([r["prompt"] + r["completion"] for r in records.values()]).input_ids
+    alone = tokenizer([r["completion"] for r in records.values()], add_special_tokens=False).input_ids
     eos = [tokenizer.eos_token_id]
-    return {
-        number: TrainingExample(tuple(prompt + completion + eos), (IGNORE_INDEX,) * len(prompt) + tuple(completion + eos))
-        for number, prompt, completion in zip(records, prompts, completions)
-    }
+    examples = {}
+    for number, prompt, text, completion in zip(records, prompts, whole, alone):
+        if text[: len(prompt)] == prompt and len(text) > len(prompt):
+            completion = text[len(prompt) :]
+        examples[number] = TrainingExample(tuple(prompt + completion + eos), (IGNORE_INDEX,) * len(prompt) + tuple(completion + eos))
+    return examples
 
 
 def _encode_texts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample]:
