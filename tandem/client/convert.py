@@ -109,6 +109,7 @@ def stream_chunk(response: generation_pb2.GenerateStreamResponse) -> StreamChunk
         top_experts=list(response.top_experts),
         index=response.index,
         prompt_logprobs=_logprobs(response.prompt_logprobs),
+        seed=response.seed if response.HasField("seed") else None,
     )
 
 

@@ -83,6 +83,7 @@ class StreamChunk:
     top_experts: list[str] = field(default_factory=list)
     index: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    seed: int | None = None  # the request's, when it set one
 
 
 @dataclass

@@ -63,6 +63,12 @@ def test_messages_a_chat_template_refuses_are_invalid_argument_with_its_reason(c
         assert "the model's chat template refused the messages: 'Conversation roles must alternate user/assistant'" in refused.value.message
 
 
+def test_a_streamed_chunk_carries_the_requests_seed(client):
+    """Every stream message echoes the seed; the client's chunks dropped it."""
+    assert {chunk.seed for chunk in client.stream("Hello", max_new_tokens=3, temperature=0.8, seed=2**64 - 1)} == {2**64 - 1}
+    assert {chunk.seed for chunk in client.stream("Hello", max_new_tokens=2)} == {None}
+
+
 def test_sampling_options_round_trip(client):
     result = client.generate("Hello", max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7, logprobs=2)
     again = client.generate("Hello", max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7, logprobs=2)
