@@ -85,6 +85,25 @@ def test_n_completions_share_one_prefill_and_sample_as_separate_seeded_requests(
     assert len({tuple(t) for t in together.values()}) == 3
 
 
+def test_forks_admitted_after_the_first_completion_ended_copy_the_prompt_from_a_sibling(tiny_hf_model, smollm2_tokenizer):
+    """With two seats, completions 2 and 3 wait until 0 and 1 finish: they copy the prompt's
+    keys from a sibling still running (each computed the whole prompt again before) and
+    still return what separately seeded requests return."""
+    (prompt,) = random_prompts([29], len(smollm2_tokenizer), seed=9)
+    config = dict(block_size=8, max_num_seqs=2)
+    sampled = dict(temperature=1.0, max_new_tokens=6, ignore_eos=True)
+    forked = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    forked.add_request("r", prompt, SamplingParams(n=4, seed=3, **sampled))
+    together = _completions(forked, "r")
+    assert forked.iteration_tokens["prefill"] == len(prompt)
+    assert forked.allocator.num_free == forked.allocator.num_blocks
+
+    separate = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    for i in range(4):
+        separate.add_request(f"s{i}", prompt, SamplingParams(seed=3 + i, **sampled))
+        assert _completions(separate, f"s{i}")[0] == together[i]
+
+
 def test_aborting_an_n_request_ends_every_completion(tiny_hf_model, smollm2_tokenizer):
     engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=8)
     (prompt,) = random_prompts([20], len(smollm2_tokenizer), seed=6)

@@ -67,6 +67,25 @@ class Scheduler:
         self._release_slot(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self._hand_over_prompt(seq)
+
+    def _hand_over_prompt(self, gone: Sequence) -> None:
+        """Waiting forks of a sequence that finished copy the prompt from a running sibling
+        instead (else the first of them computes it and the rest copy from that one): when
+        the group's first completion ended before its forks were admitted, each of them
+        computed the whole prompt again."""
+        for seq in self.running:
+            if seq.fork_of is gone:
+                seq.fork_of = None  # it holds its copy; preempted later, it computes the prompt
+        forks = [s for s in self.waiting if s.fork_of is gone]
+        if not forks:
+            return
+        source = next((s for s in self.running if s.group == gone.group), None)
+        if source is None:
+            source = forks.pop(0)
+            source.fork_of = None
+        for fork in forks:
+            fork.fork_of = source
 
     def schedule(self, budget: int | None = None) -> SchedulerOutput:
         """The next iteration's chunks, within `budget` tokens (max_num_batched_tokens when
@@ -141,17 +160,15 @@ class Scheduler:
 
     @staticmethod
     def _fork_point(seq: Sequence) -> int | None:
-        """How many prompt tokens seq may copy from its group's first sequence instead of
-        computing them: all but the last (whose logits it needs) once the first has computed
-        them and holds them; 0 when it computes its prompt itself; None while it should wait
-        for the first to get there."""
-        first = seq.fork_of
-        if first is None or seq.num_computed > 0:
-            return 0
-        if first.status is SequenceStatus.FINISHED:
+        """How many prompt tokens seq may copy from the sibling it forks from instead of
+        computing them: all but the last (whose logits it needs) once that sibling has
+        computed them and holds them; 0 when it computes its prompt itself; None while it
+        should wait for the sibling to get there."""
+        source = seq.fork_of
+        if source is None or seq.num_computed > 0:
             return 0
         shared = seq.prompt_len - 1
-        if first.status is SequenceStatus.RUNNING and first.num_computed >= shared:
+        if source.status is SequenceStatus.RUNNING and source.num_computed >= shared:
             return shared
         return None
 

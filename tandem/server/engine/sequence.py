@@ -32,8 +32,9 @@ class Sequence:
     the index of the expert its gates weighted most. A per-request mixture's slot is the
     tuple of its adapters' slots, in the request's order.
     A request for n completions is n sequences of one group (group_id, the request's id),
-    completion `index` each. fork_of is the group's first sequence, which computes the shared
-    prompt: the others copy its KV blocks instead of computing the prompt again.
+    completion `index` each. fork_of is the sibling whose KV blocks it copies instead of
+    computing the prompt again: the group's first sequence, which computes the prompt, or,
+    once that one finished, a sibling still running (Scheduler.finish hands it over).
     prompt_logprobs[p] is the log-probability of prompt token p + 1 (when asked for).
     """
 
