@@ -852,6 +852,44 @@ def test_inference_takes_kv_blocks_back_from_a_micro_batch_before_its_backward(t
     assert engine.allocator.num_free == 30 and engine.stats().finetune_activation_bytes == 0
 
 
+def test_a_waiting_request_takes_kv_blocks_back_from_a_micro_batch_forward(tiny_hf_model, smollm2_tokenizer):
+    """A request the free blocks could not take waited through the micro-batch's whole
+    chunked forward for its first token; the blocks the forward holds admit it at once (not
+    given for a request they would not admit), and the micro-batch starts over after it,
+    with the gradients of training it alone."""
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    config = dict(max_num_batched_tokens=16, block_size=4, kv_cache_bytes=22 * KVCache.bytes_per_block(shape, 4, torch.float32))
+    vocab = len(smollm2_tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    (prompt,) = random_prompts([20], vocab, seed=4)  # its first chunk needs 4 blocks
+    expected = run(make_engine(tiny_hf_model, smollm2_tokenizer, **config), {0: [("late", prompt, params)]})
+
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    randomize(adapter, seed=1)
+    seqs = sequences(vocab)  # 68 tokens: 19 of the 22 blocks
+    alone = engine.train(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    want = grads(adapter)
+    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    engine.step()
+    assert batch.forwarding and engine.allocator.num_free == 3
+    assert not engine.coserve.reclaim(20)  # a request 20 blocks short would wait anyway: the forward goes on
+    assert batch.forwarding and engine.allocator.num_free == 3
+    engine.add_request("late", prompt, params)
+    outputs: dict[str, list[int]] = {}
+    for out in engine.step():
+        outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    assert engine.scheduler.running and engine.coserve.num_reclaims == 1
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    assert outputs == expected and batch.done and batch.error is None
+    assert batch.loss_sum == pytest.approx(alone.loss_sum, rel=1e-5)
+    for name, value in grads(adapter).items():
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-6)
+    assert engine.allocator.num_free == 22 and engine.stats().finetune_activation_bytes == 0
+
+
 def test_a_micro_batch_holds_kv_blocks_only_through_its_forward(tiny_hf_model, smollm2_tokenizer):
     """The head and the backward read the kept activations only: the blocks go back once the
     last chunk has run, and requests growing during the backward take them instead of

@@ -163,12 +163,13 @@ class CoServer:
         self._queue: list[CoservedBatch] = []
         self.num_reclaims = 0
 
-    def reclaim(self) -> bool:
+    def reclaim(self, at_least: int) -> bool:
         """Give the running micro-batch's KV blocks back for inference: it holds them only
-        during its forward (a graphed one never), and starts over once there is room. False
-        when nothing could be given."""
+        during its forward (a graphed one never), and starts over once there is room. False,
+        giving nothing, when it holds fewer than at_least blocks (a waiting request it would
+        not admit must not cost training its forward)."""
         batch = next(iter(self._queue), None)
-        if batch is None or not batch.block_tables:
+        if batch is None or sum(map(len, batch.block_tables)) < max(1, at_least):
             return False
         self._release(batch)
         fresh = CoservedBatch(batch.work, batch.loss_scale)

@@ -5,7 +5,8 @@ first the running sequences (oldest first; one token for a decode, a chunk for a
 in progress), then new or preempted sequences from the queue, preempted first. When the KV
 cache has no block for a running sequence, co-served training gives its blocks back first
 if it can (`reclaim`); otherwise the newest running sequence is preempted (its blocks
-freed, to be recomputed later) rather than failing anything.
+freed, to be recomputed later) rather than failing anything. A waiting sequence takes
+training's blocks too, when they are enough to admit it.
 
 A sequence with an adapter runs only while its adapter holds a device slot. When the oldest
 waiting sequence cannot get a slot (all pinned by running sequences), nobody behind it may
@@ -34,8 +35,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        # Frees KV blocks held by training, if it can; True when it freed some.
-        self.reclaim: Callable[[], bool] = lambda: False
+        # Frees KV blocks held by training if it holds at least the given number; True when
+        # it freed them.
+        self.reclaim: Callable[[int], bool] = lambda at_least: False
         # Waiting sequences whose adapter failed to load into a slot, with the error: the
         # engine ends their requests after each schedule.
         self.failed_loads: list[tuple[Sequence, Exception]] = []
@@ -99,7 +101,7 @@ class Scheduler:
             seq = self.running[i]
             n = max(1, min(seq.num_uncomputed, budget - (len(self.running) - i - 1)))
             while not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
-                if self.reclaim():
+                if self.reclaim(1):
                     continue
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -127,7 +129,8 @@ class Scheduler:
                 continue
             start = max(seq.num_computed, fork)
             n = min(len(seq.token_ids) - start, budget)
-            if not self.allocator.can_grow(seq.block_table, start + n):
+            short = self.allocator.blocks_needed(seq.block_table, start + n) - self.allocator.num_free
+            if short > 0 and not self.reclaim(short):
                 self.kv_blocked = True
                 break
             # The slot first: a load that fails leaves the sequence waiting as it was (moved
