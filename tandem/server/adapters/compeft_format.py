@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from tandem.server.adapters.lora_init import initial_a, initial_a_bound
 from tandem.server.adapters.peft_format import (
@@ -67,6 +66,7 @@ from tandem.server.adapters.peft_format import (
     read_config,
     read_hashed,
 )
+from tandem.server.adapters.safetensors_bytes import safetensors_bytes
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
 
@@ -312,7 +312,7 @@ def compressed_files(config: dict, tensors: dict[str, torch.Tensor], density: fl
     metadata = {"format": FORMAT, "version": VERSION, "tensors": json.dumps(listing)}
     if a_init_seed is not None:
         metadata["a_init_seed"] = str(a_init_seed)
-    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: save_safetensors(packed, metadata)}
+    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: safetensors_bytes(packed, metadata)}
 
 
 def _decoded(mask: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:

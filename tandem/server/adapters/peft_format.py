@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from tandem.server.adapters.patterns import MAX_ADAPTER_COST, MAX_PATTERN_KEYS, NotSimple, pattern_cost
+from tandem.server.adapters.safetensors_bytes import safetensors_bytes
 from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
@@ -694,7 +694,7 @@ def adapter_files(config: dict, tensors: dict[str, torch.Tensor], a_init_seed: i
     """The two files of a PEFT adapter, as bytes: what write_adapter and checkpoints store;
     a_init_seed (LoRAAdapter's) goes into the weights file's safetensors metadata."""
     metadata = {"format": "pt"} | ({} if a_init_seed is None else {A_INIT_SEED_KEY: str(a_init_seed)})
-    weights = save_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata)
+    weights = safetensors_bytes({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, metadata)
     return {CONFIG_FILE: json.dumps(config, indent=2).encode(), WEIGHTS_FILE: weights}
 
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from tandem.server.adapters.peft_format import (
     LoRAAdapter,
@@ -34,6 +33,7 @@ from tandem.server.adapters.peft_format import (
     _shown,
     read_hashed,
 )
+from tandem.server.adapters.safetensors_bytes import safetensors_bytes
 from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, NotFound
 from tandem.server.model.llama import LlamaModel
@@ -188,7 +188,7 @@ def gate_key(layer: int, group: str) -> str:
 def router_files(config: dict, gates: dict[tuple[int, str], torch.Tensor]) -> dict[str, bytes]:
     """The two files of a router, as bytes: what write_router and gate-training checkpoints store."""
     tensors = {gate_key(*key): g.detach().to("cpu", torch.float32).contiguous() for key, g in gates.items()}
-    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), GATES_FILE: save_safetensors(tensors, {"format": "pt"})}
+    return {CONFIG_FILE: json.dumps(config, indent=2).encode(), GATES_FILE: safetensors_bytes(tensors, {"format": "pt"})}
 
 
 def gates_of(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
