@@ -391,6 +391,36 @@ def test_a_mixture_whose_expert_fails_to_load_keeps_no_pin(tiny_hf_model):
     assert pool._pins == [0, 0, 0]
 
 
+def test_a_load_that_fails_leaves_its_slot_empty_not_named_for_the_adapter_it_evicted(tiny_hf_model, monkeypatch):
+    """The evicted adapter's mapping went before the copy and the slot's owner only after
+    it: a copy that raised (out of memory) left the slot named for the adapter it no longer
+    held, and every later eviction of it raised KeyError (INTERNAL for every cold load)."""
+    from tandem.server.adapters import slot_pool
+
+    pool = SlotPool(build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu")), 2, 4, torch.float32, torch.device("cpu"))
+
+    def adapter(name: str) -> LoRAAdapter:
+        return LoRAAdapter(name, Path(name), f"hash-{name}", 4, [], {})
+
+    for slot in (pool.acquire(adapter("a0")), pool.acquire(adapter("a1"))):
+        pool.release(slot)
+    dense = slot_pool.dense_slices
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(slot_pool, "dense_slices", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        pool.acquire(adapter("b"))
+    assert not pool.resident("hash-a0") and not pool.resident("hash-b") and pool.resident("hash-a1")
+    assert pool.stats().slots_in_use == 1
+    monkeypatch.setattr(slot_pool, "dense_slices", dense)
+    for name in ("b", "c", "a0"):
+        pool.release(pool.acquire(adapter(name)))
+    assert [pool.resident(f"hash-{n}") for n in ("a0", "a1", "b", "c")] == [True, False, False, True]
+    assert pool._pins == [0, 0]
+
+
 def test_a_mixture_reads_the_adapter_a_slot_holds_now_after_a_reload(tiny_hf_model, tmp_path):
     """The native CPU load wrote the pools without bumping their versions: a mixture's
     stacked weights, cached by version, went on serving the evicted adapter (off by ~20)."""

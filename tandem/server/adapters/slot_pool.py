@@ -186,6 +186,9 @@ class SlotPool:
         old = self._owner[slot]
         if old is not None:
             del self._slot_of[old]
+            # Empty until the copy is done: a copy that raises (out of memory) left the slot
+            # named for the adapter it no longer held, and the next eviction of it a KeyError.
+            self._owner[slot] = None
             self.evictions += 1
         # No wait on the compute stream: the iteration in flight reads only pinned slots, and
         # every earlier one has finished (the engine syncs once per step, in the sampler).
