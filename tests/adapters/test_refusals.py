@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoHaConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from tandem.server.adapters import peft_format
 from tandem.server.adapters.peft_format import read_adapter
@@ -104,6 +105,20 @@ def test_shapes_that_do_not_fit_the_base_are_refused(smollm2_tokenizer, base, tm
     deeper = make_tiny_hf_model(smollm2_tokenizer, num_hidden_layers=3)
     path = make_adapter(deeper, tmp_path / "y", r=4, target_modules=["q_proj"])
     assert refusal(IncompatibleAdapter, "y", path, base) == "adapter 'y' targets layer 2; the base model has 2 layers"
+
+
+@pytest.mark.parametrize("module", ["model.layers.00.self_attn.q_proj", "model.layers.0.mlp.q_proj"], ids=["leading-zero", "other-parent"])
+def test_a_module_spelled_unlike_the_base_model_s_is_refused(tiny_hf_model, base, tmp_path, module):
+    """Two spellings of one module were read as one (layer "00" as layer 0, a q_proj under
+    mlp as the attention's): the last read replaced the other's weights in silence."""
+    path = make_adapter(tiny_hf_model, tmp_path / "x", r=4, target_modules=["q_proj"])
+    tensors = load_file(weights_file(path))
+    for ab in "AB":
+        tensors[f"base_model.model.{module}.lora_{ab}.weight"] = 2 * tensors[f"base_model.model.{Q}.lora_{ab}.weight"]
+    save_file(tensors, weights_file(path))
+    assert refusal(IncompatibleAdapter, "x", path, base) == (
+        f"adapter 'x' targets '{module}', which is no module of the base model: did you mean {Q}?"
+    )
 
 
 def test_rank_above_the_maximum_is_refused(tiny_hf_model, base, tmp_path):

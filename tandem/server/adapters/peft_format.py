@@ -30,7 +30,7 @@ from tandem.server.adapters.safetensors_bytes import safetensors_bytes
 from tandem.server.atomic_files import write_directory
 from tandem.server.errors import IncompatibleAdapter, NotFound, excerpt
 from tandem.server.model.llama import LlamaModel
-from tandem.server.model.lora_targets import TARGET_SLICES, linear_shapes
+from tandem.server.model.lora_targets import TARGET_SLICES, linear_shapes, module_path
 
 CONFIG_FILE = "adapter_config.json"
 # Far past any real adapter's dimension, and below what torch's shapes hold (2^63).
@@ -597,6 +597,13 @@ def _locate(name: str, module: str, num_layers: int) -> tuple[int, str]:
     if layer >= num_layers:
         shown = digits if len(digits) <= 9 else f"index of {len(digits)} digits"
         raise IncompatibleAdapter(f"adapter {name!r} targets layer {shown}; the base model has {num_layers} layers")
+    # One spelling per module ("layers.07", or q_proj under mlp, named one already named, and
+    # the last read replaced the other's weights in silence).
+    if module != module_path(layer, m["name"]):
+        raise IncompatibleAdapter(
+            f"adapter {name!r} targets {excerpt(module)}, which is no module of the base model: did you mean "
+            f"{module_path(layer, m['name'])}?"
+        )
     return layer, m["name"]
 
 
