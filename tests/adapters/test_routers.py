@@ -255,6 +255,9 @@ def write_gates(root: Path, name: str, gates: dict[str, torch.Tensor]) -> None:
         (lambda m, d: write(d, "r", ["e0", "e1"], random_gates(m, 2, 0), top_k=3), IncompatibleAdapter, "top_k 3"),
         (lambda m, d: write(d, "r", ["e0", "e1"], random_gates(m, 2, 0), temperature=1e-40), IncompatibleAdapter,
          "has temperature 1e-40; it must be a finite number of at least 0.0001"),
+        # An integer past any float: math.isfinite raised OverflowError (INTERNAL for every request).
+        (lambda m, d: write(d, "r", ["e0", "e1"], random_gates(m, 2, 0), temperature=10**400), IncompatibleAdapter,
+         "has temperature .*; it must be a finite number of at least 0.0001"),
         (lambda m, d: write(d, "r", ["e0", "e1", "e2"], random_gates(m, 3, 0)), FailedPrecondition,
          "mixes 3 experts, more than the server's 2 adapter slots"),
         (lambda m, d: (d / "r").mkdir() or (d / "r" / CONFIG_FILE).write_text("{}"), IncompatibleAdapter,
@@ -265,7 +268,7 @@ def write_gates(root: Path, name: str, gates: dict[str, torch.Tensor]) -> None:
         (lambda m, d: write_gates(d, "r", {"layers.1.qkv.weight": torch.randn(2, 64), "layers.01.qkv.weight": torch.randn(2, 64)}),
          IncompatibleAdapter, "has an unexpected tensor 'layers.01.qkv.weight'"),
     ],
-    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "tiny-temperature", "slots", "no-gates",
+    ids=["unknown-expert", "missing-target", "other-base", "too-many-layers", "nested-router", "top-k", "tiny-temperature", "huge-temperature", "slots", "no-gates",
          "layer-of-5000-digits", "leading-zero"],
 )
 def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, make, error, message):

@@ -131,13 +131,18 @@ def _check_config(name: str, config: dict) -> tuple[tuple[str, ...], int, float]
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(experts):
         raise IncompatibleAdapter(f"router {name!r} has top_k {_shown(top_k)}; it must lie in [1, {len(experts)}] (its experts)")
     temperature = config.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
-        math.isfinite(temperature) and temperature >= MIN_TEMPERATURE
-    ):
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not _finite_at_least(temperature, MIN_TEMPERATURE):
         raise IncompatibleAdapter(
             f"router {name!r} has temperature {_shown(temperature)}; it must be a finite number of at least {MIN_TEMPERATURE:g}"
         )
     return tuple(experts), top_k, float(temperature)
+
+
+def _finite_at_least(value: int | float, least: float) -> bool:
+    try:
+        return math.isfinite(value) and value >= least
+    except OverflowError:  # a JSON integer past any float: it was INTERNAL for every request
+        return False
 
 
 def _check_gates(name: str, tensors: dict[str, torch.Tensor], num_experts: int, model: LlamaModel) -> dict[tuple[int, str], torch.Tensor]:
