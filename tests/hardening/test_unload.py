@@ -64,3 +64,59 @@ def test_an_unload_during_a_load_wins_with_a_clear_error(tiny_hf_model, smollm2_
     monkeypatch.setattr(registry, "_read_and_cache", read_then_unloaded)
     with pytest.raises(NotFound, match="^adapter 'style' was unloaded while it was being loaded: load it again to serve it$"):
         registry.load("style")
+
+
+def test_an_adapter_not_read_yet_is_unloaded_too_and_no_longer_offered(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """A replica that had not served an adapter answered its unload NOT_FOUND, then served it
+    at its first request; and the names offered (/v1/models) held unloaded adapters and the
+    server's own interrupted writes."""
+    import shutil
+
+    make_adapter(tiny_hf_model, tmp_path / "style", r=4)
+    make_adapter(tiny_hf_model, tmp_path / "tone", r=4)
+    shutil.copytree(tmp_path / "tone", tmp_path / ".tandem-tmp-0123abcd-tone")
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    registry = engine.registry
+    assert registry.servable_names() == {"style", "tone"}
+    registry.unload("style")
+    with pytest.raises(NotFound, match="was unloaded"):
+        registry.get("style")
+    assert registry.servable_names() == {"tone"}
+    with pytest.raises(NotFound, match="^adapter 'style' is not loaded$"):
+        registry.unload("style")
+    with pytest.raises(NotFound, match="'nothing' not found"):
+        registry.unload("nothing")
+    registry.load("style")
+    assert registry.servable_names() == {"style", "tone"}
+
+
+def test_a_request_s_read_overtaken_by_a_load_does_not_replace_what_the_load_made_current(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch):
+    """A cold read of chat-v1 for a request, finishing after LoadAdapter(chat, path=chat-v2),
+    cached v1 and its path over v2: every later request got v1 until the next load."""
+    import threading
+
+    make_adapter(tiny_hf_model, tmp_path / "chat", r=4, seed=1)
+    make_adapter(tiny_hf_model, tmp_path / "chat-v2", r=4, seed=2)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    registry = engine.registry
+    read = registry._read_whole
+    reading, loaded = threading.Event(), threading.Event()
+
+    def slow_request_read(name, directory):
+        result = read(name, directory)
+        if directory.name == "chat":
+            reading.set()
+            assert loaded.wait(30)
+        return result
+
+    monkeypatch.setattr(registry, "_read_whole", slow_request_read)
+    results = {}
+    request = threading.Thread(target=lambda: results.setdefault("request", registry.get("chat")))
+    request.start()
+    assert reading.wait(30)
+    v2 = registry.load("chat", path="chat-v2")
+    loaded.set()
+    request.join(30)
+    assert results["request"].content_hash != v2.content_hash  # it asked first: it is served what it read
+    assert registry.get("chat").content_hash == v2.content_hash
+    assert [(a.name, a.path, a.content_hash) for a in registry.list()] == [("chat", "chat-v2", v2.content_hash)]

@@ -186,6 +186,8 @@ class AdapterRegistry:
         self._reading: dict[str, Future[LoRAAdapter]] = {}
         # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
         self._unloaded: set[str] = set()
+        # name -> how many admin loads and unloads it has had (see _commit_name).
+        self._admin_changes: dict[str, int] = {}
         self.host_evictions = 0
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
             self._remove_leftovers()
@@ -260,15 +262,14 @@ class AdapterRegistry:
 
     def _read_router(self, name: str, directory: Path, revive: bool = False) -> Router:
         """revive: an admin's load, which serves an unloaded name again once its read succeeds."""
+        with self._lock:
+            seen = self._admin_changes.get(name, 0)
         router = read_router(name, directory, self.model)
-        if router.num_experts > self.pool.num_slots:
-            raise FailedPrecondition(
-                f"router {name!r} mixes {router.num_experts} experts, more than the server's {self.pool.num_slots} "
-                "adapter slots: raise --max-loras (and --lora-pool-bytes)"
-            )
+        self.check_router_fits(name, router.num_experts)
         experts = self._with_experts(router).adapters
         with self._lock:
-            self._commit_name(name, revive)
+            if not self._commit_name(name, revive, seen):
+                return router
             self._routers[name] = router
             # A name is one thing at a time: a LoRA version cached under it is no longer served.
             self._cache.pop(name, None)
@@ -279,6 +280,14 @@ class AdapterRegistry:
                 experts=list(router.experts), format="router", compression_ratio=0.0,
             )
         return router
+
+    def check_router_fits(self, name: str, num_experts: int) -> None:
+        """A router runs only with all its experts in device slots at once."""
+        if num_experts > self.pool.num_slots:
+            raise FailedPrecondition(
+                f"router {name!r} mixes {num_experts} experts, more than the server's {self.pool.num_slots} "
+                "adapter slots: raise --max-loras (and --lora-pool-bytes)"
+            )
 
     def _with_experts(self, router: Router) -> Router:
         """The router with its experts' current versions; refused with the exact reason
@@ -391,23 +400,38 @@ class AdapterRegistry:
 
     def unload(self, name: str) -> None:
         """Forget an adapter and refuse it until an admin loads it again (its files stay on
-        disk); requests already using it finish with the version they hold."""
+        disk); requests already using it finish with the version they hold. One on disk that
+        this server has not read yet is refused from now on too (a replica that had not
+        served it answered NOT_FOUND, then served it at its first request)."""
         with self._lock:
-            if self._known.pop(name, None) is None:
+            if name in self._unloaded:
                 raise NotFound(f"adapter {excerpt(name)} is not loaded")
+        if name not in self._known:
+            try:
+                resolve_adapter_dir(self.adapters_dir, name, "")  # NotFound unless on disk
+            except InvalidRequest:  # no adapter can have that name: none is loaded under it
+                raise NotFound(f"adapter {excerpt(name)} is not loaded") from None
+        with self._lock:
+            self._known.pop(name, None)
             self._cache.pop(name, None)
             self._routers.pop(name, None)
             self._stamps.pop(name, None)
             self._unloaded.add(name)
+            self._admin_changes[name] = self._admin_changes.get(name, 0) + 1
 
-    def _commit_name(self, name: str, revive: bool) -> None:
-        """Under the lock, before a read's result is cached: an unload while it was under way
-        wins, unless the read is an admin's load (which makes the name servable again only
-        now, once it succeeded: a failed load leaves an unloaded name unloaded)."""
+    def _commit_name(self, name: str, revive: bool, seen: int) -> bool:
+        """Under the lock, before a read's result is cached: whether to cache it. An unload
+        while it was under way wins, unless the read is an admin's load (which makes the name
+        servable again only now, once it succeeded: a failed load leaves an unloaded name
+        unloaded). A request's read that an admin's load or unload overtook (seen: the count
+        of those when it began) serves its request and is not cached: it may hold the older
+        version, and cached it replaced a LoadAdapter's newer path until the next load."""
         if revive:
             self._unloaded.discard(name)
-        else:
-            self._check_not_unloaded(name)
+            self._admin_changes[name] = self._admin_changes.get(name, 0) + 1
+            return True
+        self._check_not_unloaded(name)
+        return self._admin_changes.get(name, 0) == seen
 
     def _check_not_unloaded(self, name: str) -> None:
         if name in self._unloaded:
@@ -434,6 +458,16 @@ class AdapterRegistry:
         with self._lock:
             return [self._live(info) for _, info in sorted(self._known.items())]
 
+    def servable_names(self) -> set[str]:
+        """Every name a request may use now: those read so far and every adapter or router
+        folder on disk (read at first use), less those an admin unloaded and the server's own
+        hidden folders (interrupted writes)."""
+        on_disk = set()
+        if self.adapters_dir is not None and self.adapters_dir.is_dir():
+            on_disk = {p.name for p in self.adapters_dir.iterdir() if (p / CONFIG_FILE).is_file() or is_router(p)}
+        with self._lock:
+            return ({name for name in on_disk if not name.startswith(".")} | set(self._known)) - self._unloaded
+
     def slot_stats(self) -> SlotStats:
         s = self.pool.stats()
         return SlotStats(
@@ -442,11 +476,14 @@ class AdapterRegistry:
 
     def _read_and_cache(self, name: str, directory: Path, revive: bool = False) -> LoRAAdapter:
         # A failed read leaves the version already cached (if any) in place.
+        with self._lock:
+            seen = self._admin_changes.get(name, 0)
         stamp, compressed, adapter = self._read_whole(name, directory)
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()  # a no-op for tensors read into page-locked memory (_memory's)
         with self._lock:
-            self._commit_name(name, revive)
+            if not self._commit_name(name, revive, seen):
+                return adapter
             self._routers.pop(name, None)  # as in _read_router: the name is a LoRA adapter now
             self._cache[name] = adapter
             self._cache.move_to_end(name)

@@ -17,6 +17,8 @@ class AdapterCatalog(Protocol):
 
     def list(self) -> list[AdapterInfo]: ...
 
+    def servable_names(self) -> set[str]: ...
+
     def load(self, name: str, path: str = "") -> AdapterInfo: ...
 
     def unload(self, name: str) -> None: ...
@@ -35,6 +37,9 @@ class NoAdapterServing:
 
     def list(self) -> list[AdapterInfo]:
         return []
+
+    def servable_names(self) -> set[str]:
+        return set()
 
     def load(self, name: str, path: str = "") -> AdapterInfo:
         raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
