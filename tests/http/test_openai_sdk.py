@@ -34,6 +34,14 @@ def test_chat_equals_grpc_greedy(oai, grpc_client, base_model):
     assert http.usage.prompt_tokens == grpc.prompt_tokens
 
 
+def test_text_parts_are_joined_as_vllm_joins_them(oai, grpc_client, base_model):
+    """Parts were joined with nothing between them: "Hello" and "world" read "Helloworld"."""
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    http = oai.chat.completions.create(model=base_model, messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0)
+    grpc = grpc_client.generate(messages=[{"role": "user", "content": "What is the capital\nof France?"}], max_new_tokens=8)
+    assert http.choices[0].message.content == grpc.text and http.usage.prompt_tokens == grpc.prompt_tokens
+
+
 def test_chat_stream_with_usage(oai, grpc_client, base_model):
     chunks = list(
         oai.chat.completions.create(
@@ -111,7 +119,7 @@ def test_adapter_as_model(oai, grpc_client, base_model):
     tuned = oai.completions.create(model=ADAPTER, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
     assert tuned == grpc_client.generate(PROMPT, max_new_tokens=10, adapter=ADAPTER).text
     assert tuned != oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
-    assert oai.completions.create(model="", prompt=PROMPT, max_tokens=3, temperature=0).model == ""
+    assert oai.completions.create(model="", prompt=PROMPT, max_tokens=3, temperature=0).model == base_model
 
 
 def test_a_model_is_retrieved_by_its_id(oai, base_model):
@@ -130,6 +138,10 @@ def test_unknown_model_is_404_in_openai_shape(oai):
     error = caught.value
     assert error.status_code == 404 and error.code == "model_not_found" and error.param == "model"
     assert "no-such-adapter" in error.message and error.type == "not_found_error"
+    # A Hugging Face id, which no adapter can be named: a 400 about adapter names before.
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.chat.completions.create(model="meta-llama/Llama-3.2-1B-Instruct", messages=CHAT, max_tokens=2)
+    assert caught.value.code == "model_not_found" and "GET /v1/models" in caught.value.message
 
 
 def test_bad_requests_are_400_and_name_the_field(oai, base_model):
@@ -261,6 +273,29 @@ def test_the_older_function_calling_fields_are_refused_like_tools(http_server, b
     for field, value in (("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto")):
         status, body = _post(http_server, "chat/completions", {"model": base_model, "messages": CHAT, "max_tokens": 2, field: value})
         assert status == 400 and body["error"]["message"] == f"{field} is not supported by this server: drop it from the request"
+
+
+def test_vllms_fields_that_change_the_output_are_refused_by_name(http_server, base_model):
+    """vLLM serves them and clients written for it send them (extra_body): a 200 that ignored
+    a guided_json schema or min_tokens broke the caller's contract without a word. Sent with
+    the value that changes nothing, they pass."""
+    refused = (
+        ("completions", "guided_json", {"type": "object"}), ("chat/completions", "guided_choice", ["yes", "no"]),
+        ("completions", "min_tokens", 4), ("chat/completions", "chat_template_kwargs", {"enable_thinking": False}),
+        ("chat/completions", "add_generation_prompt", False), ("completions", "include_stop_str_in_output", True),
+    )
+    for path, field, value in refused:
+        ask = {"prompt": PROMPT} if path == "completions" else {"messages": CHAT}
+        status, body = _post(http_server, path, {"model": base_model, "max_tokens": 2, field: value, **ask})
+        assert status == 400 and body["error"]["message"] == f"{field} is not supported by this server: drop it from the request"
+    status, body = _post(http_server, "completions", {"prompt": PROMPT, "max_tokens": 2, "response_format": {"type": "json_object"}})
+    assert status == 400 and "response_format" in body["error"]["message"]
+    stream = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    status, body = _post(http_server, "completions", {"prompt": PROMPT, "max_tokens": 2, **stream})
+    assert status == 400 and body["error"]["message"].startswith("stream_options.continuous_usage_stats is not supported")
+    neutral = {"min_tokens": 0, "skip_special_tokens": True, "guided_json": None, "add_generation_prompt": True, "priority": 0}
+    status, body = _post(http_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **neutral})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 2
 
 
 def test_max_tokens_left_out_generates_to_the_end_of_the_context(oai, base_model):

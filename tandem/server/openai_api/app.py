@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -253,21 +252,27 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         finally:
             record.close(status)
 
+    def served_name(model: str) -> str:
+        """The `model` a reply names: the one asked for, the base model's when none was (an
+        empty name broke clients' cost tracking, which reads it)."""
+        return model or (state.engine.info.name if state.engine is not None else "")
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, record: CallRecord = Depends(open_call)) -> Response:
-        renderer = responses.CompletionRenderer(f"cmpl-{record.request_id}", body.model, body.n)
+        renderer = responses.CompletionRenderer(f"cmpl-{record.request_id}", served_name(body.model), body.n)
         return await run(request, record, body, convert.completion_prompt(body), convert.completion_params(body), renderer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, record: CallRecord = Depends(open_call)) -> Response:
-        renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", body.model, body.n)
+        renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", served_name(body.model), body.n)
         return await run(request, record, body, convert.chat_messages(body), convert.chat_params(body), renderer)
 
     def model_entries() -> list[dict]:
-        """The base model, then every adapter read or on disk, as vLLM lists LoRA adapters."""
+        """The base model, then every adapter or router a request may name, as vLLM lists
+        LoRA adapters."""
         with state.admit() as engine:
             base = engine.info.name
-            names = {a.name for a in state.catalog.list()} | _adapters_on_disk(engine.config.adapters_dir)
+            names = state.catalog.servable_names()
         data = [{"id": base, "object": "model", "created": created, "owned_by": "tandem", "root": base, "parent": None, "max_model_len": engine.info.max_model_len}]
         return data + [
             {"id": name, "object": "model", "created": created, "owned_by": "tandem", "root": name, "parent": base}
@@ -332,12 +337,3 @@ async def _disconnect(request: Request) -> None:
     """Returns when the client closes the connection (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _adapters_on_disk(adapters_dir: str | None) -> set[str]:
-    """Adapter folders (with an adapter_config.json) in the adapters directory, read lazily
-    on first use and so not yet in the registry's list."""
-    if adapters_dir is None:
-        return set()
-    root = Path(adapters_dir)
-    return {p.parent.name for p in root.glob("*/adapter_config.json")} if root.is_dir() else set()

@@ -7,8 +7,9 @@ and protobuf cannot (half a surrogate pair).
 """
 
 from tandem.server.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from tandem.server.errors import InvalidRequest
-from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tandem.server.adapters.registry import check_adapter_name
+from tandem.server.errors import InvalidRequest, NotFound, excerpt
+from tandem.server.openai_api.protocol import VLLM_UNSERVED, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 # OpenAI's default for /v1/completions; chat has none: it runs to the context's end, as
 # OpenAI's and vLLM's do (the SDK and LangChain send no max_tokens by default).
@@ -20,9 +21,17 @@ _ROLE_ALIASES = {"developer": "system"}
 
 def adapter_of(model: str, base_model: str) -> str:
     """The adapter a request's `model` names: "" (the base model) for the base model's name
-    or an empty one, else the adapter of that name."""
+    or an empty one, else the adapter of that name. A name no adapter can have (a Hugging
+    Face id such as "org/model") is a model this server does not serve: 404, which clients
+    fall back on, not 400 about adapter names."""
     _check_unicode(model, "model")
-    return "" if model in ("", base_model) else model
+    if model in ("", base_model):
+        return ""
+    try:
+        check_adapter_name(model)
+    except InvalidRequest:
+        raise NotFound(f"no model or adapter {excerpt(model)} is served here: GET /v1/models lists them") from None
+    return model
 
 
 def completion_prompt(body: CompletionRequest) -> str | list[int]:
@@ -40,10 +49,11 @@ def completion_prompt(body: CompletionRequest) -> str | list[int]:
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the chat template takes them: a role and text (parts joined)."""
+    """Messages as the chat template takes them: a role and text (parts joined by a newline,
+    as vLLM joins them: joined by nothing, "Hello" and "world" read "Helloworld")."""
     messages = []
     for i, m in enumerate(body.messages):
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
         _check_unicode(content, f"messages[{i}].content")
         messages.append({"role": _ROLE_ALIASES.get(m.role, m.role), "content": content})
     return messages
@@ -69,8 +79,6 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     _refuse(None if body.modalities == ["text"] else body.modalities, 'modalities other than ["text"]')
     for i, message in enumerate(body.messages):
         _refuse(message.tool_calls, f"messages[{i}].tool_calls")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true")
     if body.stream and body.prompt_logprobs is not None:
@@ -110,8 +118,14 @@ def _refuse(value: object, name: str) -> None:
 def _params(body: SamplingFields, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
     """max_tokens None: default_max_tokens, or to the context's end where that comes first."""
     _refuse(body.logit_bias, "logit_bias")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
+    for name, value in (body.model_extra or {}).items():
+        if name in VLLM_UNSERVED and value not in (None, [], {}, VLLM_UNSERVED[name]):
+            raise InvalidRequest(f"{name} is not supported by this server: drop it from the request")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed with stream: true")
+    _refuse(body.stream_options and body.stream_options.continuous_usage_stats, "stream_options.continuous_usage_stats")
     return SamplingParams(
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
         default_max_new_tokens=max_tokens is None,

@@ -1,6 +1,7 @@
 """The request bodies of OpenAI's Completions and Chat Completions APIs, as far as Tandem
 serves them. Fields Tandem does not support are refused by name (400), never ignored in
-silence; unknown extra fields are ignored, as OpenAI's SDKs send some.
+silence, and so are vLLM's own fields that would change the output (VLLM_UNSERVED, kept in
+model_extra); other unknown fields are ignored, as OpenAI's SDKs send some.
 
 Tandem's own sampling options ride along as extra fields, named as in vLLM: top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, prompt_logprobs.
@@ -11,14 +12,29 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# vLLM's request fields that change what is generated, with the value that changes nothing
+# (None: also null, an empty list or object): clients written for vLLM send them through
+# the SDK's extra_body, and a 200 that ignored them (a guided_json schema, min_tokens) gave
+# output that broke the caller's contract without a word.
+VLLM_UNSERVED: dict[str, object] = {
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "structured_outputs": None, "min_tokens": 0, "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "chat_template": None,
+    "chat_template_kwargs": None, "add_generation_prompt": True, "continue_final_message": False,
+    "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": None, "use_beam_search": False,
+    "length_penalty": 1.0, "logits_processors": None, "documents": None,
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class SamplingFields(BaseModel):
     """What both APIs share. Defaults are OpenAI's (temperature 1: sampling)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
@@ -49,6 +65,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
+    response_format: dict | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -85,6 +102,5 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
-    response_format: dict | None = None
     modalities: list[str] | None = None
     audio: dict | None = None
