@@ -78,6 +78,20 @@ def test_the_plan_covers_every_epoch_and_is_deterministic():
     assert [len(g) for g in micro_batches([data[i] for i in (0, 2, 1, 3)], 10)] == [2, 1, 1]
 
 
+def test_epochs_that_come_to_more_steps_than_a_job_may_take_are_refused_before_they_are_packed(monkeypatch):
+    """Nothing bounded n_epochs x steps per epoch: 50 epochs of a large file of short lines
+    packed for minutes at every create and restart, and past 10^8 steps the checkpoints'
+    numbers no longer sorted (a resume from an old one)."""
+    data = [TrainingExample((1, 1), (1, 1))] * (MAX_STEPS // 40 + 1)  # a step each at tokens_per_step 2
+    packed = []
+    pack = StepPlan._pack
+    monkeypatch.setattr(StepPlan, "_pack", lambda self, epoch: packed.append(epoch) or pack(self, epoch))
+    with pytest.raises(InvalidRequest, match=rf"^40 epochs of about {MAX_STEPS // 40 + 1} steps each is more than the {MAX_STEPS} steps"):
+        StepPlan(data, Hyperparameters(n_epochs=40, tokens_per_step=2))
+    assert packed == [0]
+    assert len(StepPlan(data, Hyperparameters(n_epochs=39, tokens_per_step=2))) == 39 * (MAX_STEPS // 40 + 1)
+
+
 def test_the_engine_thread_packs_no_epoch_of_a_plan_read_in_order_or_located(monkeypatch):
     """The engine thread reads the plan step by step: packing an epoch there (a shuffle of 200k
     examples took 0.3 s, and a resume packed every epoch before its step) held up every

@@ -113,6 +113,13 @@ class StepPlan:
         self._hp = hp
         self._epoch, self._steps = 0, self._pack(0)
         self._starts = [0, len(self._steps)]  # the first step of each epoch counted so far, and the next's
+        if not hp.max_steps and len(self._steps) * hp.n_epochs > MAX_STEPS:
+            # Before the other epochs are packed (each a shuffle of the whole dataset), and
+            # within the step count checkpoints are numbered for.
+            raise InvalidRequest(
+                f"{hp.n_epochs} epochs of about {len(self._steps)} steps each is more than the {MAX_STEPS} steps a job "
+                "may take: raise hyperparameters.tokens_per_step, lower n_epochs, or set max_steps"
+            )
         self._len = hp.max_steps or self.locate(math.inf, hp.n_epochs)
         self._ahead: tuple[int, concurrent.futures.Future] | None = None
 
