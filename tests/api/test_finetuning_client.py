@@ -8,14 +8,21 @@ import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from tandem.client import AsyncTandemClient, FinetuneJob, TandemClient, TandemRpcError
+from tandem.server.api.finetuning_service import FineTuningServicer
 from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.finetune.job import Job, JobStatus
+from tandem.server.finetune.trainable_adapter import LoRASpec
+from tandem.server.finetune.trainer import Hyperparameters
+from tandem.v1 import finetuning_pb2
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
 
@@ -222,3 +229,33 @@ def test_a_watch_does_not_hold_up_a_drain(ft_engine):
     finally:
         ft_engine.jobs.cancel(job.id)
         thread.close()
+
+
+def test_a_slow_watcher_gets_the_newest_state_then_the_last_not_a_backlog():
+    """A watch queued every step's state for a client that read slower than the job stepped,
+    until the job ended; it now holds the newest only, and the job's end always comes."""
+    job = Job("j1", "a", "", LoRASpec(), Hyperparameters(), status=JobStatus.RUNNING, total_steps=1000)
+    watchers = []
+
+    class Jobs:
+        def watch(self, job_id, callback):
+            watchers.append(callback)
+            callback(job)
+            return lambda: watchers.remove(callback)
+
+    @contextmanager
+    def admit():
+        yield SimpleNamespace(jobs=Jobs())
+
+    async def watch() -> list[tuple[int, int]]:
+        stream = FineTuningServicer(SimpleNamespace(admit=admit)).WatchJob(SimpleNamespace(id="j1"), None)
+        seen = [await anext(stream)]
+        for step in range(1, 1001):  # the job steps while the client reads nothing
+            watchers[0](job.replace(step=step))
+        watchers[0](job.replace(step=1000, status=JobStatus.SUCCEEDED))
+        seen += [response async for response in stream]
+        return [(r.job.step, r.job.status) for r in seen]
+
+    seen = asyncio.run(watch())
+    assert len(seen) == 2 and seen[0][0] == 0 and seen[1][0] == 1000
+    assert seen[1][1] == finetuning_pb2.JOB_STATUS_SUCCEEDED and not watchers

@@ -122,6 +122,32 @@ def test_bad_gate_jobs_are_refused(tiny_model_dir, experts, changes, error, mess
         engine.shutdown()
 
 
+def test_gate_jobs_the_server_could_not_train_or_serve_are_refused_at_creation(tiny_model_dir, tiny_hf_model, experts):
+    """Experts sharing no adapted linear failed only once the job started (internal_error);
+    more experts than slots trained to the end, then failed to publish over the router's
+    files; top_k 1 with no task label trained nothing (a top-1 choice has no gradient) and
+    published the gates it began with."""
+    make_adapter(tiny_hf_model, experts[0] / "down", r=4, target_modules=["down_proj"], seed=3)
+    unlabelled = "\n".join(json.dumps({"prompt": f"Count: {i}", "completion": f" {3 * i}"}) for i in range(12))
+    engine = start(tiny_model_dir, experts, max_loras=2)
+    try:
+        refused = (
+            (RouterSpec(("e0", "e1", "qv")), FailedPrecondition, "mixes 3 experts, more than the server's 2 adapter slots: raise --max-loras"),
+            (RouterSpec(("qv", "down")), InvalidRequest, re.escape("experts ['qv', 'down'] adapt no linear in common")),
+        )
+        for spec, error, message in refused:
+            with pytest.raises(error, match=message):
+                engine.jobs.create(gate_request(router=spec))
+        with pytest.raises(InvalidRequest, match="router.top_k 1 gives the gates no gradient"):
+            engine.jobs.create(gate_request(training_data=unlabelled))
+        with pytest.raises(InvalidRequest, match="router.top_k 1 gives the gates no gradient"):
+            engine.jobs.create(gate_request(router=RouterSpec(("e0", "e1"), top_k=1, routing_loss_weight=0.0)))
+        assert engine.jobs.list_jobs() == []
+        assert engine.jobs.create(gate_request(router=RouterSpec(("e0", "e1"), top_k=2), training_data=unlabelled)).router.top_k == 2
+    finally:
+        engine.shutdown()
+
+
 def test_the_api_request_carries_the_router_spec():
     request = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=["a", "b"], temperature=0.5))
     assert job_request(request).router == RouterSpec(("a", "b"), top_k=2, temperature=0.5, routing_loss_weight=1.0)

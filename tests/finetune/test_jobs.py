@@ -27,6 +27,7 @@ from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, ResourceExhausted
 from tandem.server.finetune.job import Job, JobStatus
 from tandem.server.finetune import jobs as jobs_module
+from tandem.server.finetune.job_store import StoreUnwritable
 from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainer import Hyperparameters
 from tandem.server.model.lora_targets import group_linears
@@ -589,3 +590,118 @@ def test_writing_a_dataset_holds_up_neither_the_engine_thread_nor_other_calls(ti
     finally:
         release.set()
         engine.shutdown()
+
+
+def test_a_success_the_store_cannot_save_stays_a_success_and_a_restart_saves_it(tiny_model_dir, dirs):
+    """Saving SUCCEEDED failed after the adapter was published: the error reached the job's
+    failure path, which turned the job FAILED ("nothing was published") with its adapter live.
+    It stays SUCCEEDED, keeps its resume files, and the restart saves it."""
+    engine = start(tiny_model_dir, dirs)
+    store = engine.jobs._store
+    save = store.save
+
+    def no_success(job: Job) -> None:
+        if job.status is JobStatus.SUCCEEDED:
+            raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
+        save(job)
+
+    store.save = no_success
+    events: list[Job] = []
+    try:
+        job = engine.jobs.create(request())
+        engine.jobs.watch(job.id, events.append)
+        job = wait_for(engine, job.id)
+        assert job.status is JobStatus.SUCCEEDED and job.content_hash and engine.failure is None
+        assert [e.status for e in events if e.status.terminal] == [JobStatus.SUCCEEDED]
+        assert (engine.jobs._job_dir(job.id) / "checkpoints").is_dir()
+    finally:
+        engine.shutdown()
+    engine = start(tiny_model_dir, dirs)
+    try:
+        again = wait_for(engine, job.id)
+        assert again.status is JobStatus.SUCCEEDED and again.content_hash == job.content_hash
+        assert not (engine.jobs._job_dir(job.id) / "checkpoints").exists()
+    finally:
+        engine.shutdown()
+
+
+def test_a_cancel_the_store_cannot_save_is_refused_and_can_be_tried_again(tiny_model_dir, dirs):
+    """The cancel changed the job in memory, then failed to save: the retry answered "already
+    ended", and the restart, reading the store, resumed the job and published it."""
+    engine = start(tiny_model_dir, dirs)
+    store = engine.jobs._store
+    save = store.save
+
+    def no_cancel(job: Job) -> None:
+        if job.status is JobStatus.CANCELLED:
+            raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
+        save(job)
+
+    try:
+        job = engine.jobs.create(request(hyperparameters=dataclasses.replace(HP, max_steps=100_000)))
+        wait_for(engine, job.id, lambda j: j.status is JobStatus.RUNNING)
+        store.save = no_cancel
+        with pytest.raises(StoreUnwritable):
+            engine.jobs.cancel(job.id)
+        assert engine.jobs.get(job.id).status is JobStatus.RUNNING
+        store.save = save
+        assert engine.jobs.cancel(job.id).status is JobStatus.CANCELLED
+        assert {j.id: j.status for j in store.load_all()}[job.id] is JobStatus.CANCELLED
+    finally:
+        store.save = save
+        engine.shutdown()
+
+
+def test_a_restart_removes_the_files_no_resume_will_read(tiny_model_dir, dirs):
+    """Resume files of a job that ended (a server stopped right after a cancel, or killed
+    between saving the end and removing them) and the folder of a job never saved (killed
+    inside create) stayed for good."""
+    engine = start(tiny_model_dir, dirs)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+        folder = engine.jobs._job_dir(job.id)
+    finally:
+        engine.shutdown()
+    (folder / "checkpoints" / "step-00000006").mkdir(parents=True)
+    (folder / "train.jsonl").write_text(DATA)
+    orphan = folder.parent / "ftjob-never-saved"
+    orphan.mkdir()
+    (orphan / "train.jsonl").write_text(DATA)
+    engine = start(tiny_model_dir, dirs)
+    try:
+        assert not (folder / "checkpoints").exists() and not (folder / "train.jsonl").exists() and not orphan.exists()
+        assert engine.jobs.get(job.id).status is JobStatus.SUCCEEDED
+    finally:
+        engine.shutdown()
+
+
+def test_a_job_that_cannot_be_resumed_fails_alone_and_the_next_resumes(tiny_model_dir, dirs, monkeypatch):
+    """An unforeseen error re-validating one interrupted job stopped the thread: it and every
+    job after it stayed VALIDATING_FILES for good, their watchers waiting."""
+    engine = start(tiny_model_dir, dirs)
+    stepped = threading.Event()
+    try:
+        first = engine.jobs.create(request())
+        second = engine.jobs.create(request("second"))
+        engine.jobs.watch(first.id, lambda j: j.step >= 1 and stepped.set())
+        assert stepped.wait(60)
+    finally:
+        engine.shutdown()
+    prepare = jobs_module.JobManager._prepare
+    calls = []
+
+    def broken_first(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated")
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(jobs_module.JobManager, "_prepare", broken_first)
+    engine = start(tiny_model_dir, dirs)
+    try:
+        failed, resumed = wait_for(engine, first.id), wait_for(engine, second.id)
+    finally:
+        engine.shutdown()
+    assert failed.status is JobStatus.FAILED and failed.error.code == "internal_error"
+    assert failed.error.message == "could not resume after a restart: RuntimeError: simulated"
+    assert resumed.status is JobStatus.SUCCEEDED

@@ -54,13 +54,24 @@ class FineTuningServicer(finetuning_pb2_grpc.FineTuningServiceServicer):
         # Admitted to start, not counted while it lasts: a watch is no work a drain should
         # wait for (it ran out every drain's grace); the server's stop ends it, and clients
         # reconnect to a replica that serves.
+        # Only the newest state waits to be sent: a client reading slower than the job steps
+        # skips states, and held a queue of every step's until the job ended. The last state
+        # is the terminal one (an ended job never changes), so it is always sent.
         with self._state.admit() as engine:
             loop = asyncio.get_running_loop()
-            updates: asyncio.Queue[Job] = asyncio.Queue()
-            stop = _jobs(engine).watch(request.id, lambda job: loop.call_soon_threadsafe(updates.put_nowait, job))
+            newest: list[Job] = []
+            changed = asyncio.Event()
+
+            def keep(job: Job) -> None:
+                newest[:] = [job]
+                changed.set()
+
+            stop = _jobs(engine).watch(request.id, lambda job: loop.call_soon_threadsafe(keep, job))
         try:
             while True:
-                job = await updates.get()
+                await changed.wait()
+                changed.clear()
+                job = newest[0]
                 yield finetuning_pb2.WatchJobResponse(job=convert.job(job))
                 if job.status.terminal:
                     return

@@ -14,6 +14,7 @@ At start-up, a job the server was running (or had queued) is re-validated from i
 dataset and queued again; it resumes from its newest complete checkpoint.
 """
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -37,7 +38,7 @@ from tandem.server.finetune.dataset import TrainingExample, parse_dataset, resol
 from tandem.server.finetune.job import Job, JobError, JobStatus
 from tandem.server.finetune.job_store import JobStore, StoreUnwritable
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter, spec_of
-from tandem.server.finetune.trainable_gates import RouterSpec, TrainableGates
+from tandem.server.finetune.trainable_gates import RouterSpec, TrainableGates, gated_linears
 from tandem.server.finetune.trainer import Hyperparameters, StepPlan, StepReport, Trainer, TrainingDiverged
 
 log = logging.getLogger("tandem.finetune")
@@ -120,11 +121,23 @@ class JobManager:
         self._running: _Running | None = None
         self._publishing: str | None = None
         self.tokens_total = 0
+        self._remove_ended_jobs_files()
         interrupted = [job for job in self._jobs.values() if not job.status.terminal]
         for job in interrupted:
             self._update(job.id, status=JobStatus.VALIDATING_FILES, **NOT_RUNNING)
         if interrupted:
             threading.Thread(target=self._revalidate, args=([j.id for j in interrupted],), name="tandem-jobs", daemon=True).start()
+
+    def _remove_ended_jobs_files(self) -> None:
+        """Resume files no restart will read: those of jobs that ended (a server stopped right
+        after a cancel, or killed between saving a job's end and removing them, kept them for
+        good) and the folders of jobs never saved (killed inside create)."""
+        for job in self._jobs.values():
+            if job.status.terminal:
+                self._remove_resume_files(job.id)
+        for folder in (self.state_dir / "jobs").iterdir():
+            if folder.name not in self._jobs:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # API side (any thread)
 
@@ -150,7 +163,7 @@ class JobManager:
         # A gate-training job trains no LoRA weights: its lora is a placeholder.
         spec = self._spec(request, base) if request.router is None else LoRASpec(r=1)
         data = self._dataset_bytes(request)
-        prepared = self._prepare(data, hp, base, request.router, self._coserves(spec, request.router))
+        prepared = self._prepare(data, hp, base, request.router, self._coserves(spec, request.router), request.adapter)
         self._prepack_for(spec, request.router)
         job = Job(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
@@ -229,8 +242,8 @@ class JobManager:
                 raise FailedPrecondition(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
             if self._publishing == job_id:
                 raise FailedPrecondition(f"job {job_id} is publishing its adapter; it can no longer be cancelled")
+            job = self._update(job_id, durable=True, status=JobStatus.CANCELLED, finished_at=time.time(), **NOT_RUNNING)
             self._prepared.pop(job_id, None)
-            job = self._update(job_id, status=JobStatus.CANCELLED, finished_at=time.time(), **NOT_RUNNING)
             if self._running is None or self._running.job_id != job_id:
                 self._remove_resume_files(job_id)  # the running one's go on the engine thread, between its writes
             return job
@@ -247,6 +260,8 @@ class JobManager:
         def stop() -> None:
             with self._lock:
                 self._watchers[job_id].remove(callback)
+                if not self._watchers[job_id]:
+                    del self._watchers[job_id]
 
         return stop
 
@@ -255,7 +270,8 @@ class JobManager:
             counts = {status.value: 0 for status in JobStatus}
             for job in self._jobs.values():
                 counts[job.status.value] += 1
-            running = self._jobs[self._running.job_id] if self._running else None
+            job = self._running  # the engine thread may end it meanwhile, outside the lock
+            running = self._jobs[job.job_id] if job else None
         return FinetuneStats(counts, self.tokens_total, running.adapter if running else "", running.train_loss if running else None)
 
     # Engine thread
@@ -416,7 +432,13 @@ class JobManager:
             self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r}: {exc}"[:500]))
             return
         else:
-            self._end(job.id, None, content_hash=info.content_hash)
+            try:
+                self._end(job.id, None, content_hash=info.content_hash)
+            except StoreUnwritable:
+                # The adapter is live: the job succeeded, whatever the store says. Its resume
+                # files stay, and a restart publishes the same files again from its last
+                # checkpoint (the final step's) and saves the success then.
+                log.exception("fine-tuning job %s: its success could not be saved", job.id)
         finally:
             # Only once the job has ended: a cancel in between would find it neither
             # publishing nor over, and mark cancelled a job whose adapter is live.
@@ -498,10 +520,17 @@ class JobManager:
         return data
 
     def _prepare(
-        self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None, router: RouterSpec | None, coserve: bool
+        self, data: bytes, hp: Hyperparameters, base: LoRAAdapter | None, router: RouterSpec | None, coserve: bool, adapter: str,
     ) -> _Prepared:
-        experts = None if router is None else self._experts(router)  # an unknown expert first: the labels name them
+        experts = None if router is None else self._experts(router, adapter)  # an unknown expert first: the labels name them
         examples = parse_dataset(data, self.engine.tokenizer, hp.max_seq_length, check=self._example_check(coserve, router))
+        if router is not None and router.top_k == 1 and not (router.routing_loss_weight > 0 and any(e.task for e in examples)):
+            # A top-1 choice has no gradient and its one weight is always 1: only the routing
+            # loss moves the gates, and without it the job published the gates it began with.
+            raise InvalidRequest(
+                "router.top_k 1 gives the gates no gradient from the language-model loss: label lines with \"task\" "
+                "(and keep routing_loss_weight above 0), or use top_k >= 2"
+            )
         train, evaluation = split_eval(examples, hp.eval_fraction, hp.seed)
         plan = StepPlan(train, hp)
         if 0 < len(plan) <= hp.warmup_steps:
@@ -535,15 +564,19 @@ class JobManager:
 
         return check
 
-    def _experts(self, router: RouterSpec) -> list[LoRAAdapter]:
+    def _experts(self, router: RouterSpec, name: str) -> list[LoRAAdapter]:
         """A gate-training job's experts (current versions), refused when one is unknown
-        (NotFound) or a router."""
+        (NotFound) or a router, when they share no adapted linear, or when the server could
+        not serve the router (more experts than slots): each of those was found only after
+        the job was queued (as internal_error) or trained (as publish_failed)."""
+        self.registry.check_router_fits(name, len(router.experts))
         experts = []
-        for name in router.experts:
-            expert = self.registry.get(name)
+        for expert_name in router.experts:
+            expert = self.registry.get(expert_name)
             if not isinstance(expert, LoRAAdapter):
-                raise FailedPrecondition(f"router expert {name!r} is not a LoRA adapter: experts must be adapters")
+                raise FailedPrecondition(f"router expert {expert_name!r} is not a LoRA adapter: experts must be adapters")
             experts.append(expert)
+        gated_linears(router, experts)
         return experts
 
     def _files(self, job: Job, trained: TrainableAdapter | TrainableGates) -> dict[str, bytes]:
@@ -553,34 +586,49 @@ class JobManager:
         return adapter_files(self._peft_config(job), trained.peft_tensors(), trained.a_init_seed)
 
     def _revalidate(self, job_ids: list[str]) -> None:
-        """Re-tokenize interrupted jobs' stored datasets (off the engine thread), then queue them."""
+        """Re-tokenize interrupted jobs' stored datasets (off the engine thread), then queue
+        them. One that cannot be resumed fails alone (a store that could not save that, or
+        an unforeseen error, stopped this thread and left every later job validating, its
+        watchers waiting for good)."""
         for job_id in job_ids:
-            job = self.get(job_id)
             try:
-                remove_leftovers(self._job_dir(job_id))
-                limit = self.engine.max_model_len
-                if job.hyperparameters.max_seq_length > limit:  # the server restarted with a shorter context
-                    raise InvalidRequest(
-                        f"its max_seq_length {job.hyperparameters.max_seq_length} exceeds the server's context limit {limit} "
-                        "now: create it again with a max_seq_length that fits, or on a server with the longer context"
-                    )
-                base = self._resumed_base(job)
-                data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
-                prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router))
-                self._check_experts(job, prepared.experts)
-                prepared.plan.locate(job.step)  # here, not on the engine thread where the job resumes near it
-                self._prepack_for(job.lora, job.router)
-            except (OSError, TandemError) as exc:
-                error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
-                self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error, **NOT_RUNNING)
-                self._remove_resume_files(job_id)
-                continue
-            with self._lock:
-                if self._jobs[job_id].status.terminal:  # cancelled while it was validated
-                    continue
-                self._prepared[job_id] = prepared
-            self._update(job_id, status=JobStatus.QUEUED)
-            self._wake()
+                self._revalidate_one(job_id)
+            except StoreUnwritable:
+                log.exception("fine-tuning job %s: its state after the restart could not be saved", job_id)
+            except Exception as exc:
+                log.exception("fine-tuning job %s could not be resumed", job_id)
+                error = JobError("internal_error", f"could not resume after a restart: {type(exc).__name__}: {exc}"[:500])
+                with contextlib.suppress(StoreUnwritable):
+                    self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error, **NOT_RUNNING)
+            finally:
+                self._wake()
+
+    def _revalidate_one(self, job_id: str) -> None:
+        job = self.get(job_id)
+        try:
+            remove_leftovers(self._job_dir(job_id))
+            limit = self.engine.max_model_len
+            if job.hyperparameters.max_seq_length > limit:  # the server restarted with a shorter context
+                raise InvalidRequest(
+                    f"its max_seq_length {job.hyperparameters.max_seq_length} exceeds the server's context limit {limit} "
+                    "now: create it again with a max_seq_length that fits, or on a server with the longer context"
+                )
+            base = self._resumed_base(job)
+            data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
+            prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router), job.adapter)
+            self._check_experts(job, prepared.experts)
+            prepared.plan.locate(job.step)  # here, not on the engine thread where the job resumes near it
+            self._prepack_for(job.lora, job.router)
+        except (OSError, TandemError) as exc:
+            error = JobError("validation_failed", f"could not resume after a restart: {exc}"[:500])
+            self._update(job_id, status=JobStatus.FAILED, finished_at=time.time(), error=error, **NOT_RUNNING)
+            self._remove_resume_files(job_id)
+            return
+        with self._lock:
+            if self._jobs[job_id].status.terminal:  # cancelled while it was validated
+                return
+            self._prepared[job_id] = prepared
+        self._update(job_id, status=JobStatus.QUEUED)
 
     def _resumed_base(self, job: Job) -> LoRAAdapter | None:
         """The base adapter an interrupted job needs to go on: none once it has a checkpoint
@@ -619,19 +667,24 @@ class JobManager:
     def _job_dir(self, job_id: str) -> Path:
         return self.state_dir / "jobs" / job_id
 
-    def _update(self, job_id: str, **changes) -> Job:
-        """Save a changed job, then tell its watchers. A cancelled job stays cancelled."""
+    def _update(self, job_id: str, durable: bool = False, **changes) -> Job:
+        """Save a changed job, then tell its watchers. A job that ended stays as it ended (a
+        failure to save a success turned a published job into a failed one). durable: the
+        change is made only once saved (a user's cancel: one the store could not take was
+        lost at the restart, which resumed the job, and could not be tried again)."""
         unsaved = None
         with self._lock:
             job = self._jobs[job_id]
-            if job.status is JobStatus.CANCELLED and changes.get("status") is not JobStatus.CANCELLED:
+            if job.status.terminal:
                 return job
             job = job.replace(**changes)
-            self._jobs[job_id] = job
             try:
                 self._store.save(job)
             except StoreUnwritable as exc:  # raised once the watchers know
+                if durable:
+                    raise
                 unsaved = exc
+            self._jobs[job_id] = job
             watchers = list(self._watchers.get(job_id, ()))
         for callback in watchers:
             callback(job)

@@ -30,6 +30,14 @@ from tandem.server.model.lora_targets import group_linears
 from tandem.server.model.routing import RoutedRows, StepRouter
 
 
+def gated_linears(spec: "RouterSpec", experts: list[LoRAAdapter]) -> list[tuple[int, str]]:
+    """The (layer, group) linears every expert adapts: the ones a router gates."""
+    keys = sorted(set.intersection(*(set(adapter.groups) for adapter in experts)))
+    if not keys:
+        raise InvalidRequest(f"experts {list(spec.experts)} adapt no linear in common: there is nothing to gate")
+    return keys
+
+
 @dataclass(frozen=True)
 class RouterSpec:
     """What a gate-training job trains: a router over these experts (adapter names, in gate
@@ -79,9 +87,7 @@ class TrainableGates(nn.Module):
         self.pool = SlotPool(model, len(experts), max_rank, torch.float32, device)
         self.pool.compact_slots = False
         self.expert_slots = tuple(self.pool.acquire(adapter) for adapter in experts)
-        self.keys = sorted(set.intersection(*(set(adapter.groups) for adapter in experts)))
-        if not self.keys:
-            raise InvalidRequest(f"experts {list(spec.experts)} adapt no linear in common: there is nothing to gate")
+        self.keys = gated_linears(spec, experts)
         generator = torch.Generator().manual_seed(seed)
         linears = group_linears(model)
         for layer, group in self.keys:
