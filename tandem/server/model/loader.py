@@ -17,6 +17,7 @@ import torch
 
 from tandem.server.errors import ModelLoadError
 from tandem.server.load_phases import load_phase
+from tandem.server.model.gguf_extras import GGUFExtras, scale_rope
 from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import MLP, Attention, DecoderLayer, LlamaModel, ModelShape, RMSNorm, Rotary
 
@@ -63,6 +64,8 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
     with load_phase("read", model=str(model_path)):
         config = _call(model_path, "read the model config", _auto("AutoConfig").from_pretrained, source, **kwargs)
         check_supported(config)
+        gguf = GGUFExtras(model_path) if model_path.is_file() else None
+        rope_factors = None if gguf is None else gguf.rope_factors()
         tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
     # GGUF weights are dequantised to float32 here (under a raw tqdm bar that no setting
     # turns off: it goes to a sink); a safetensors directory is only read.
@@ -72,6 +75,9 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
             output_loading_info=True, **kwargs,
         )
     check_complete(model_path, info)
+    if rope_factors is not None:
+        rotary = hf_model.model.rotary_emb
+        rotary.inv_freq = scale_rope(rotary.inv_freq, rope_factors, model_path)
     with load_phase("build", dtype=str(dtype).removeprefix("torch."), device=str(device)):
         model = build_from_hf(hf_model, dtype, device)
     return LoadedModel(
@@ -79,7 +85,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
         tokenizer=tokenizer,
         name=model_path.stem if model_path.is_file() else model_path.name,
         architecture=config.model_type,
-        eos_token_ids=eos_token_ids(hf_model, tokenizer),
+        eos_token_ids=sorted(set(eos_token_ids(hf_model, tokenizer)) | set(gguf.end_token_ids() if gguf else ())),
     )
 
 
