@@ -3,6 +3,7 @@
 import gc
 import weakref
 
+import pytest
 import torch
 
 from tandem.server.config import EngineConfig
@@ -156,3 +157,14 @@ def drain_all(engine) -> list:
     while engine.has_work():
         finals += [out for out in engine.step() if out.finished and out.request_id == "r"]
     return finals
+
+
+def test_a_context_limit_the_kv_cache_cannot_hold_is_refused_not_cut(tiny_hf_model, smollm2_tokenizer):
+    """An explicit --max-model-len past what --kv-cache-bytes holds was cut to it in silence:
+    requests failed later naming a limit nobody had set (vLLM refuses it at start)."""
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    cache = 16 * KVCache.bytes_per_block(shape, 16, torch.float32)  # 256 tokens; the model's limit is 512
+    with pytest.raises(ValueError, match=r"^max_model_len 300 is more than the KV cache holds \(256 tokens in kv_cache_bytes=\d+\): raise --kv-cache-bytes"):
+        make_engine(tiny_hf_model, smollm2_tokenizer, block_size=16, kv_cache_bytes=cache, max_model_len=300)
+    assert make_engine(tiny_hf_model, smollm2_tokenizer, block_size=16, kv_cache_bytes=cache, max_model_len=256).max_model_len == 256
+    assert make_engine(tiny_hf_model, smollm2_tokenizer, block_size=16, kv_cache_bytes=cache).max_model_len == 256

@@ -4,6 +4,7 @@ A step is: schedule -> run the model -> sample -> update sequences (stops, detok
 It is not thread-safe; AsyncEngine drives it from a single thread.
 """
 
+import logging
 import time
 from collections.abc import Sequence as Ids
 
@@ -32,6 +33,8 @@ from tandem.server.load_phases import load_phase
 from tandem.server.model.loader import LoadedModel, load_model
 from tandem.server.model.lora_linear import attach_lora
 from tandem.server.model.lora_targets import linear_shapes
+
+log = logging.getLogger("tandem.engine")
 
 
 def use_device(device: torch.device) -> None:
@@ -68,7 +71,16 @@ class Engine:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is too small for one KV block of this model")
         if config.max_model_len is not None and config.max_model_len > shape.max_position:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {shape.max_position}")
-        self.max_model_len = min(config.max_model_len or shape.max_position, num_blocks * config.block_size)
+        cache_tokens = num_blocks * config.block_size
+        if config.max_model_len is not None and config.max_model_len > cache_tokens:
+            # As vLLM refuses it: cut in silence, requests failed later naming a limit nobody set.
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is more than the KV cache holds ({cache_tokens} tokens in "
+                f"kv_cache_bytes={config.kv_cache_bytes}): raise --kv-cache-bytes or lower --max-model-len"
+            )
+        self.max_model_len = min(config.max_model_len or shape.max_position, cache_tokens)
+        if self.max_model_len < shape.max_position and config.max_model_len is None:
+            log.info("context limit %d tokens: the model's %d do not fit the KV cache (--kv-cache-bytes)", self.max_model_len, shape.max_position)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         attach_lora(model)
         model.prepack()
