@@ -130,9 +130,10 @@ class EngineConfig:
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         device = self.resolve_device()
-        if device.type == "cuda" or cpu_has_bf16():
-            return torch.bfloat16
-        return torch.float32
+        if device.type == "cuda":
+            # Below compute capability 8 (T4, V100) bfloat16 is emulated: float16, as vLLM picks there.
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def refuse_empty_paths(config: object, names: tuple[str, ...]) -> None:

@@ -338,3 +338,11 @@ def test_an_abort_before_the_request_is_queued_ends_it_as_soon_as_it_would_be(en
     again = asyncio.run(collect(engine, [5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True), "early"))  # once only
     assert again[-1].finish_reason.value == "length" and sum(len(o.token_ids) for o in again) == 3
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_on_a_gpu_is_bfloat16_only_where_it_runs_natively(monkeypatch, capability, dtype):
+    """bfloat16 below compute capability 8 (T4, V100) is emulated: auto took it there too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert EngineConfig(device="cuda", dtype="auto").resolve_dtype() is dtype
