@@ -220,6 +220,46 @@ def test_an_adapter_that_cannot_be_loaded_fails_its_request_alone(tiny_model_dir
         eng.shutdown()
 
 
+def test_an_adapter_load_failure_reaches_its_caller_when_the_same_step_fails_too(tiny_model_dir, tiny_hf_model, tmp_path):
+    """A step that raised outside its iteration's work failed every request in a group, but
+    the request whose adapter had failed to load in it was in none any more: its caller
+    waited for good on an idle server."""
+    from tests.adapters.make_adapters import make_adapter
+
+    make_adapter(tiny_hf_model, tmp_path / "big", r=4)
+    eng = AsyncEngine(EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", adapters_dir=str(tmp_path), max_lora_rank=8, adapter_cache_prefault=False,
+    ))
+
+    def out_of_memory(adapter):
+        raise torch.OutOfMemoryError("simulated")
+
+    finish = eng.engine.coserve.finish
+
+    def failing_beside_a_failed_load(scheduled, trained):
+        if eng.engine.failures:
+            raise RuntimeError("boom")
+        return finish(scheduled, trained)
+
+    eng.engine.registry.pool.acquire = out_of_memory
+    eng.engine.coserve.finish = failing_beside_a_failed_load
+    eng.start()
+    params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True)
+
+    async def adapted() -> list:
+        return [out async for out in eng.generate("second", params, "adapted", adapter="big")]
+
+    async def run() -> list:
+        return await asyncio.wait_for(asyncio.gather(collect(eng, "first", params, "base"), adapted(), return_exceptions=True), 60)
+
+    try:
+        base, adapted = asyncio.run(run())
+        assert isinstance(adapted, ResourceExhausted) and "adapter 'big' could not be loaded into a slot" in str(adapted)
+        assert isinstance(base, RuntimeError) and "internal engine error: RuntimeError: boom" in str(base)
+    finally:
+        eng.shutdown()
+
+
 def test_the_model_is_built_on_a_thread_that_ends(tiny_model_dir, monkeypatch):
     """The calling thread runs none of the load's parallel torch ops: OpenMP would keep its
     worker team for as long as the caller lives and slow the engine thread's GEMMs."""

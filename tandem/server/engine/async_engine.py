@@ -356,7 +356,6 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except StepFailed as failed:
-            self._deliver_failures()
             log.exception("engine step failed; failing the requests in its batch")
             self._fail(failed.outputs, failed.__cause__)
             return
@@ -364,7 +363,10 @@ class AsyncEngine:
             log.exception("engine step failed; failing every request")
             self._fail(self.engine.abort_all(), exc)
             return
-        self._deliver_failures()
+        finally:
+            # Requests whose adapter failed to load are in no group any more: on every path
+            # (one that failed the step too left their callers waiting for good).
+            self._deliver_failures()
         for out in outputs:
             self._deliver(out.request_id, out)
             self._stop_if_unread(out)
