@@ -173,3 +173,31 @@ def test_a_client_that_leaves_a_stream_before_its_first_token_frees_its_request(
     finally:
         thread.stop()
         engine.shutdown()
+
+
+def test_a_stream_the_servers_stop_ends_before_its_first_token_is_a_503_the_client_retries(tiny_model_dir, base_model):
+    """Queued behind others when the drain's grace ran out, it was answered 200 with an empty
+    completion and finish_reason "abort" (counted a success): nothing had been streamed, so
+    it is a 503, as a whole reply cut off is."""
+    engine = start_engine(tiny_model_dir, max_num_seqs=1)
+    server = ServerThread(loopback(), engine)
+    sdk = _sdk(server)
+    scheduler = engine.engine.scheduler
+    with ThreadPoolExecutor(2) as pool:
+        blocker = pool.submit(
+            sdk.completions.create, model=base_model, prompt="Hi", max_tokens=400, temperature=0, extra_body={"ignore_eos": True},
+        )
+        assert wait_until(lambda: engine.stats().num_running > 0)
+        queued = pool.submit(
+            lambda: list(sdk.completions.create(model=base_model, prompt="Hello", max_tokens=50, temperature=0, stream=True)),
+        )
+        assert wait_until(lambda: len(scheduler.waiting) > 0)
+        drained = server.submit(server.server.drain(grace=0))
+        with pytest.raises(openai.InternalServerError) as caught:
+            queued.result(60)
+        with pytest.raises(openai.InternalServerError):
+            blocker.result(60)
+    assert drained.result(60) is False
+    server.close()
+    engine.shutdown()
+    assert caught.value.status_code == 503 and "retry" in caught.value.body["message"]

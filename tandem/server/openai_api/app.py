@@ -197,6 +197,12 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
                 record.close("CANCELLED")
                 return Response(status_code=499)
             first = firsts[0]
+            if first.finish_reason == FinishReason.ABORT and not first.token_ids:
+                # Stopped (a drain) before anything was generated: nothing is streamed yet, so
+                # a 503 the client retries, as a whole reply gets, not a 200 with empty text.
+                await outputs.aclose()
+                record.close("UNAVAILABLE")
+                return _error(Unavailable("the server stopped before the completion began: retry the request"), record.request_id)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = stream(outputs, first, renderer, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
