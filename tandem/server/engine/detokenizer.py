@@ -30,6 +30,10 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         prefix = self._decode(self.prefix_offset, self.read_offset)
         full = self._decode(self.prefix_offset, len(self.ids))
+        if not full.startswith(prefix):
+            # Prompt ids that end inside a character decode to U+FFFD there: the generated
+            # tokens complete it, and the character is theirs to emit (it was dropped).
+            prefix = prefix.rstrip("\ufffd")
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return False
         start = max(len(self.text) - self.hold_back, 0)
