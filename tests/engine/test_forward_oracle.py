@@ -81,7 +81,11 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range
                       "original_max_position_embeddings": 64}},
     {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
     {"rope_scaling": LONGROPE},
-], ids=["attention-bias", "mlp-bias", "linear-rope", "llama3-rope", "yarn-rope", "longrope"])
+    {"head_dim": 32},  # wider than hidden_size / heads, as Mistral-Nemo's
+    {"num_key_value_heads": 4},  # one key/value head per query head
+    {"num_key_value_heads": 1},  # four query heads a key/value head
+    {"tie_word_embeddings": True},
+], ids=["attention-bias", "mlp-bias", "linear-rope", "llama3-rope", "yarn-rope", "longrope", "head-dim", "mha", "gqa-4", "tied"])
 def test_supported_config_variants_match_transformers(smollm2_tokenizer, overrides):
     """Every option the loader accepts changes the logits as transformers' does (a bias it
     dropped or a RoPE it half applied served wrong logits without an error), on a prompt past
@@ -103,6 +107,33 @@ def test_supported_config_variants_match_transformers(smollm2_tokenizer, overrid
     got = torch.tensor([lp.logprob for lp in outputs[0].prompt_logprobs])
     torch.testing.assert_close(got, expected[torch.arange(len(prompt) - 1), prompt[1:]], rtol=1e-4, atol=1e-4)
     assert_matches_transformers(model, prompt, [t for out in outputs for t in out.token_ids], seen["r"])  # decode steps too
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_models_match_transformers(smollm2_tokenizer, architecture):
+    """The other architectures the loader accepts, each through its own transformers class
+    (Qwen2's q/k/v biases, given values; Mistral's window past the prompt)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY_CONFIG
+
+    torch.manual_seed(7)
+    extra = {"sliding_window": 512} if architecture == "mistral" else {}
+    config = AutoConfig.for_model(
+        architecture, vocab_size=len(smollm2_tokenizer), bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id, **TINY_CONFIG, **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0, 0.5)
+    assert architecture != "qwen2" or any(name.endswith("q_proj.bias") for name, _ in model.named_parameters())
+    engine = make_engine(model, smollm2_tokenizer)
+    seen = record_logits(engine)
+    prompt = random_prompts([60], len(smollm2_tokenizer), seed=4)[0]
+    outputs = run(engine, {0: [("r", prompt, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))]})
+    assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
 
 
 def test_longrope_serves_its_original_window(smollm2_tokenizer):
