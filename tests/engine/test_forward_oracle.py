@@ -136,6 +136,19 @@ def test_qwen2_and_mistral_models_match_transformers(smollm2_tokenizer, architec
     assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
 
 
+def test_yarn_serves_the_context_its_factor_reaches(smollm2_tokenizer):
+    """Qwen2.5's recipe leaves max_position_embeddings at the original length: the limit was
+    capped there, and the factor bought nothing. Past it, the logits are transformers'."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=6, max_position_embeddings=64, rope_scaling=yarn)
+    engine = make_engine(model, smollm2_tokenizer)
+    assert engine.max_model_len == 256
+    seen = record_logits(engine)
+    prompt = random_prompts([150], len(smollm2_tokenizer), seed=5)[0]
+    outputs = run(engine, {0: [("r", prompt, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))]})
+    assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
+
+
 def test_longrope_serves_its_original_window(smollm2_tokenizer):
     """Past it transformers turns every position to the long factors, cached keys included."""
     engine = make_engine(make_tiny_hf_model(smollm2_tokenizer, **{"rope_scaling": LONGROPE}), smollm2_tokenizer)

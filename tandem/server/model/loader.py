@@ -264,6 +264,10 @@ def _max_position(config: Any) -> int:
         # long factors, keys already cached included, which a KV cache cannot follow: serve
         # the original window, where the short factors hold for every position.
         limit = min(limit, rope.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    elif rope.get("rope_type") == "yarn" and rope.get("original_max_position_embeddings"):
+        # YaRN's factor is the context it reaches over the original one; Qwen2.5's recipe leaves
+        # max_position_embeddings at the original, which capped it there (vLLM serves the product).
+        limit = max(limit, int(rope["factor"] * rope["original_max_position_embeddings"]))
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True):
         limit = min(limit, window)
