@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -28,7 +29,12 @@ _HEADERS = sorted(Path(__file__).parent.rglob("*.h"))
 def cache_dir() -> Path:
     if os.environ.get("TANDEM_CACHE_DIR"):
         return Path(os.environ["TANDEM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "tandem"
+    try:
+        return Path.home() / ".cache" / "tandem"
+    except RuntimeError:  # no HOME and a UID with no passwd entry (a container's arbitrary user)
+        return Path(tempfile.gettempdir()) / f"tandem-cache-{os.getuid()}"
 
 
 def _cpu_flags() -> str:
@@ -39,14 +45,14 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
-def _compile(compiler: str, source: Path, out: Path, defines: tuple[str, ...]) -> bool:
+def _compile(compiler: list[str], source: Path, out: Path, defines: tuple[str, ...]) -> bool:
     """Build the library at out (OpenMP if the compiler has it); False when it cannot."""
     for extra in (("-fopenmp",), ()):
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.stem, suffix=".tmp", delete=False) as tmp:
             tmp_path = Path(tmp.name)
         try:
             done = subprocess.run(
-                [compiler, *_FLAGS, *(f"-D{d}" for d in defines), *extra, "-o", str(tmp_path), str(source)], capture_output=True, text=True, timeout=120
+                [*compiler, *_FLAGS, *(f"-D{d}" for d in defines), *extra, "-o", str(tmp_path), str(source)], capture_output=True, text=True, timeout=120
             )
             if done.returncode == 0:
                 with open(tmp_path, "rb") as f:
@@ -67,12 +73,14 @@ def build(source: Path, switch: str, defines: tuple[str, ...] = ()) -> ctypes.CD
     (NAME=VALUE) for a variant of the source, e.g. a benchmark's."""
     if os.environ.get(switch, "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    # CC may carry arguments ("ccache gcc", "gcc -m64"), as make takes it: run as one program
+    # name it failed, and every native kernel was off with an info line to say so.
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not compiler:
         log.info("no C compiler: %s is not built, the torch path serves", source.name)
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         texts = [source.read_text(), *(h.read_text() for h in _HEADERS), version, " ".join(_FLAGS + defines), _cpu_flags()]
         key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
         path = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
