@@ -203,13 +203,17 @@ def test_build_lands_whole_in_the_cache(monkeypatch, tmp_path):
         native_cpu.library.cache_clear()
 
 
-def test_slot_dtype_follows_the_kernel():
-    """CPU slots are bfloat16 for bfloat16 serving only where the C kernel reads them; float32
-    otherwise (the torch path's small matmuls are faster there); CUDA slots take the serving dtype."""
+@pytest.mark.parametrize("avx512", [True, False])
+def test_slot_dtype_follows_the_kernel(monkeypatch, avx512):
+    """CPU slots are bfloat16 for bfloat16 serving only where the C kernel reads them (an
+    AVX2 CPU's kernel takes float32 calls only: bf16 slots were converted at every call);
+    float32 otherwise (the torch path's small matmuls are faster there); CUDA slots take the
+    serving dtype."""
     from tandem.server.adapters.slot_pool import slot_dtype
 
+    monkeypatch.setattr(native_cpu, "_AVX512", avx512)
     cpu = torch.device("cpu")
-    expected = torch.bfloat16 if native_cpu.library() is not None else torch.float32
+    expected = torch.bfloat16 if avx512 and native_cpu.library() is not None else torch.float32
     assert slot_dtype(cpu, torch.bfloat16) == expected
     assert slot_dtype(cpu, torch.float32) == torch.float32
     assert slot_dtype(torch.device("cuda"), torch.float16) == torch.float16

@@ -66,6 +66,11 @@ def serves(x: Tensor, w: LoRAWeights, y: Tensor) -> bool:
     return _AVX512 or (_avx2_f32() and x.dtype == w.a.dtype == y.dtype == torch.float32)
 
 
+def serves_bf16() -> bool:
+    """Whether bfloat16 calls come here on this CPU (with AVX-512 and the library built)."""
+    return _AVX512 and library() is not None
+
+
 @functools.cache
 def _avx2_f32() -> bool:
     lib = library()

@@ -265,11 +265,13 @@ def staged(slices: list[tuple], device: torch.device) -> list[tuple]:
 
 def slot_dtype(device: torch.device, serving_dtype: torch.dtype) -> torch.dtype:
     """The slots' dtype: the serving dtype on CUDA. On CPU bfloat16 when serving in bfloat16
-    with the C kernel built (it reads slots at half float32's bytes and computes in float32),
-    else float32 (torch's small LoRA matmuls run faster in float32 than in bf16 on CPU)."""
+    where the C kernel takes bfloat16 calls (it reads slots at half float32's bytes and
+    computes in float32), else float32 (torch's small LoRA matmuls run faster in float32 than
+    in bf16 on CPU; on an AVX2 CPU, where the kernel takes float32 only, bf16 slots were
+    converted at every call)."""
     if device.type != "cpu":
         return serving_dtype
-    if serving_dtype == torch.bfloat16 and native_cpu.library() is not None:
+    if serving_dtype == torch.bfloat16 and native_cpu.serves_bf16():
         return torch.bfloat16
     return torch.float32
 
