@@ -159,6 +159,11 @@ def test_bad_requests_are_400_and_name_the_field(oai, base_model):
         oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="max_completion_tokens must be at least 1"):
         oai.chat.completions.create(model=base_model, messages=CHAT, max_completion_tokens=0)
+    # Past the context too (it named max_new_tokens, a field the caller never sent).
+    with pytest.raises(openai.BadRequestError, match=r"\+ max_tokens \(100000\) exceeds the maximum context length"):
+        oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match=r"\+ max_completion_tokens \(100000\) exceeds the maximum context length"):
+        oai.chat.completions.create(model=base_model, messages=CHAT, max_completion_tokens=100_000)
     with pytest.raises(openai.BadRequestError, match="top_logprobs must be in"):
         oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=25)
     # What would change the answer is refused, never dropped in silence.
@@ -207,7 +212,7 @@ def test_integers_past_any_machine_word_are_400_and_others_generate_on(oai, grpc
     body = {"prompt": PROMPT, "max_tokens": 4, "stream": streamed, field: value}
     with pytest.raises(openai.BadRequestError) as caught:
         oai.completions.create(model=base_model, **{k: body.pop(k) for k in ("prompt", "max_tokens")}, extra_body=body)
-    assert (field if field != "max_tokens" else "max_new_tokens") in caught.value.message or "vocabulary" in caught.value.message
+    assert field in caught.value.message or "vocabulary" in caught.value.message
     assert len(first.token_ids) + sum(len(chunk.token_ids) for chunk in stream) == 24
 
 

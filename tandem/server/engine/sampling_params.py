@@ -58,6 +58,9 @@ class SamplingParams:
     # left out): a prompt that leaves less room generates to the context's end, as OpenAI's
     # and vLLM's servers do, instead of being refused over a number the caller never sent.
     default_max_new_tokens: bool = False
+    # What the caller named max_new_tokens (the OpenAI front: max_tokens or
+    # max_completion_tokens), for the errors that name it.
+    max_new_tokens_field: str = "max_new_tokens"
 
     @property
     def greedy(self) -> bool:
@@ -73,10 +76,10 @@ class SamplingParams:
                 "(with room for one new token): shorten the prompt"
             )
         if self.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise InvalidRequest(f"{self.max_new_tokens_field} must be at least 1, got {self.max_new_tokens}")
         if prompt_len + self.max_new_tokens > max_model_len and not self.default_max_new_tokens:
             raise ContextLengthExceeded(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds the "
+                f"prompt ({prompt_len} tokens) + {self.max_new_tokens_field} ({self.max_new_tokens}) exceeds the "
                 f"maximum context length of {max_model_len}: ask for at most {max_model_len - prompt_len} new tokens"
             )
         if not self.temperature >= 0.0 or self.temperature == float("inf"):

@@ -66,8 +66,7 @@ def completion_params(body: CompletionRequest) -> SamplingParams:
         raise InvalidRequest("best_of is not supported (only best_of = n): drop it, or use n")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
-    _check_max_tokens("max_tokens", body.max_tokens)
-    return _params(body, body.max_tokens, DEFAULT_COMPLETION_TOKENS, body.logprobs)
+    return _params(body, "max_tokens", body.max_tokens, DEFAULT_COMPLETION_TOKENS, body.logprobs)
 
 
 def chat_params(body: ChatCompletionRequest) -> SamplingParams:
@@ -88,15 +87,8 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     name, given = "max_tokens", body.max_tokens
     if body.max_completion_tokens is not None:
         name, given = "max_completion_tokens", body.max_completion_tokens
-    _check_max_tokens(name, given)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _params(body, given, UNTIL_THE_CONTEXT_ENDS, logprobs)
-
-
-def _check_max_tokens(name: str, value: int | None) -> None:
-    """Named as the caller sent it (the engine's check says max_new_tokens, gRPC's name)."""
-    if value is not None and value < 1:
-        raise InvalidRequest(f"{name} must be at least 1, got {value}")
+    return _params(body, name, given, UNTIL_THE_CONTEXT_ENDS, logprobs)
 
 
 def _check_unicode(text: str, name: str) -> None:
@@ -115,8 +107,9 @@ def _refuse(value: object, name: str) -> None:
         raise InvalidRequest(f"{name} is not supported by this server: drop it from the request")
 
 
-def _params(body: SamplingFields, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """max_tokens None: default_max_tokens, or to the context's end where that comes first."""
+def _params(body: SamplingFields, field: str, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """max_tokens None: default_max_tokens, or to the context's end where that comes first;
+    field: the name the caller gave it, which the engine's errors use."""
     _refuse(body.logit_bias, "logit_bias")
     if body.response_format is not None and body.response_format.get("type") != "text":
         raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
@@ -129,6 +122,7 @@ def _params(body: SamplingFields, max_tokens: int | None, default_max_tokens: in
     return SamplingParams(
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
         default_max_new_tokens=max_tokens is None,
+        max_new_tokens_field=field,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if body.top_k in (None, -1) else body.top_k,  # vLLM's -1: no top-k, as 0
