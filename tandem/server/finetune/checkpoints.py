@@ -54,3 +54,8 @@ def load(path: Path, weights_file: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _all(checkpoints: Path) -> list[Path]:
     return sorted(p for p in checkpoints.iterdir() if p.name.startswith(_PREFIX) and p.is_dir())
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint was written after."""
+    return int(checkpoint.name.removeprefix(_PREFIX))

@@ -318,6 +318,21 @@ class JobManager:
             log.exception("fine-tuning job %s: its failure could not be saved", job_id)
 
     def close(self) -> None:
+        """At shutdown, once the engine thread has stopped: the running job's last finished
+        step is checkpointed, so a restart resumes there (it went back to its last interval's
+        checkpoint: up to checkpoint_interval - 1 steps lost at every rolling restart). Its
+        partial step's gradients are not kept: the restart computes that step again, the same."""
+        running = self._running
+        if running is not None and not running.trainer.done and self.get(running.job_id).status is JobStatus.RUNNING:
+            folder = self._job_dir(running.job_id) / "checkpoints"
+            step = running.trainer.step
+            latest = checkpoints.latest(folder)
+            if step > 0 and (latest is None or checkpoints.step_of(latest) < step):
+                try:
+                    checkpoints.save(folder, step, self._files(self.get(running.job_id), running.trainer.adapter), running.trainer.state_dict())
+                    log.info("job checkpointed at shutdown", extra={"fields": {"job_id": running.job_id, "step": step}})
+                except OSError:
+                    log.exception("fine-tuning job %s: its checkpoint at shutdown could not be written", running.job_id)
         self._store.close()
 
     def _next_queued(self) -> str | None:
