@@ -64,23 +64,31 @@ def _completions(engine, request_id: str) -> dict[int, list[int]]:
     return tokens
 
 
+def _forked_and_separate(model, tokenizer, prompt: list[int], n: int, seed: int, config: dict, sampled: dict):
+    """The completions of one request for n (seed) and of n requests seeded seed + i, each
+    on an engine of its own; the forked engine must have computed the prompt once and
+    hold nothing after."""
+    forked = make_engine(model, tokenizer, **config)
+    forked.add_request("r", prompt, SamplingParams(n=n, seed=seed, **sampled))
+    together = _completions(forked, "r")
+    assert forked.iteration_tokens["prefill"] == len(prompt)
+    assert forked.allocator.num_free == forked.allocator.num_blocks
+    separate = make_engine(model, tokenizer, **config)
+    alone = {}
+    for i in range(n):
+        separate.add_request(f"s{i}", prompt, SamplingParams(seed=seed + i, **sampled))
+        alone[i] = _completions(separate, f"s{i}")[0]
+    return together, alone
+
+
 def test_n_completions_share_one_prefill_and_sample_as_separate_seeded_requests(tiny_hf_model, smollm2_tokenizer):
     """A request for n = 3 (seed s) computes its prompt once and returns what three requests
     seeded s, s+1, s+2 return, through chunked prefill and copied KV blocks."""
     (prompt,) = random_prompts([37], len(smollm2_tokenizer), seed=5)
-    config = dict(block_size=8, max_num_batched_tokens=16)
     sampled = dict(temperature=1.0, max_new_tokens=10, ignore_eos=True)
-    forked = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
-    forked.add_request("r", prompt, SamplingParams(n=3, seed=11, **sampled))
-    together = _completions(forked, "r")
-    assert forked.iteration_tokens["prefill"] == len(prompt)
-    assert forked.allocator.num_free == forked.allocator.num_blocks
-
-    separate = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
-    alone = {}
-    for i in range(3):
-        separate.add_request(f"s{i}", prompt, SamplingParams(seed=11 + i, **sampled))
-        alone[i] = _completions(separate, f"s{i}")[0]
+    together, alone = _forked_and_separate(
+        tiny_hf_model, smollm2_tokenizer, prompt, 3, 11, dict(block_size=8, max_num_batched_tokens=16), sampled
+    )
     assert together == alone
     assert len({tuple(t) for t in together.values()}) == 3
 
@@ -90,18 +98,9 @@ def test_forks_admitted_after_the_first_completion_ended_copy_the_prompt_from_a_
     keys from a sibling still running (each computed the whole prompt again before) and
     still return what separately seeded requests return."""
     (prompt,) = random_prompts([29], len(smollm2_tokenizer), seed=9)
-    config = dict(block_size=8, max_num_seqs=2)
     sampled = dict(temperature=1.0, max_new_tokens=6, ignore_eos=True)
-    forked = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
-    forked.add_request("r", prompt, SamplingParams(n=4, seed=3, **sampled))
-    together = _completions(forked, "r")
-    assert forked.iteration_tokens["prefill"] == len(prompt)
-    assert forked.allocator.num_free == forked.allocator.num_blocks
-
-    separate = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
-    for i in range(4):
-        separate.add_request(f"s{i}", prompt, SamplingParams(seed=3 + i, **sampled))
-        assert _completions(separate, f"s{i}")[0] == together[i]
+    together, alone = _forked_and_separate(tiny_hf_model, smollm2_tokenizer, prompt, 4, 3, dict(block_size=8, max_num_seqs=2), sampled)
+    assert together == alone
 
 
 def test_aborting_an_n_request_ends_every_completion(tiny_hf_model, smollm2_tokenizer):

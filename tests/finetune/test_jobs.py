@@ -595,20 +595,24 @@ def test_writing_a_dataset_holds_up_neither_the_engine_thread_nor_other_calls(ti
         engine.shutdown()
 
 
+def refusing(store, status: JobStatus):
+    """store.save, refusing (as a full disk would) to save a job in `status`."""
+    save = store.save
+
+    def save_unless(job: Job) -> None:
+        if job.status is status:
+            raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
+        save(job)
+
+    return save_unless
+
+
 def test_a_success_the_store_cannot_save_stays_a_success_and_a_restart_saves_it(tiny_model_dir, dirs):
     """Saving SUCCEEDED failed after the adapter was published: the error reached the job's
     failure path, which turned the job FAILED ("nothing was published") with its adapter live.
     It stays SUCCEEDED, keeps its resume files, and the restart saves it."""
     engine = start(tiny_model_dir, dirs)
-    store = engine.jobs._store
-    save = store.save
-
-    def no_success(job: Job) -> None:
-        if job.status is JobStatus.SUCCEEDED:
-            raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
-        save(job)
-
-    store.save = no_success
+    engine.jobs._store.save = refusing(engine.jobs._store, JobStatus.SUCCEEDED)
     events: list[Job] = []
     try:
         job = engine.jobs.create(request())
@@ -634,16 +638,10 @@ def test_a_cancel_the_store_cannot_save_is_refused_and_can_be_tried_again(tiny_m
     engine = start(tiny_model_dir, dirs)
     store = engine.jobs._store
     save = store.save
-
-    def no_cancel(job: Job) -> None:
-        if job.status is JobStatus.CANCELLED:
-            raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
-        save(job)
-
     try:
         job = engine.jobs.create(request(hyperparameters=dataclasses.replace(HP, max_steps=100_000)))
         wait_for(engine, job.id, lambda j: j.status is JobStatus.RUNNING)
-        store.save = no_cancel
+        store.save = refusing(store, JobStatus.CANCELLED)
         with pytest.raises(StoreUnwritable):
             engine.jobs.cancel(job.id)
         assert engine.jobs.get(job.id).status is JobStatus.RUNNING
