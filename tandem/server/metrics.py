@@ -81,6 +81,8 @@ class MetricsSource(Protocol):
 
     def lora_activity(self) -> LoraActivity: ...
 
+    def adapter_names(self) -> set[str]: ...
+
     def finetune_stats(self) -> "FinetuneStats | None": ...
 
 
@@ -126,8 +128,11 @@ class _PulledMetrics(Collector):
                 "Tokens a router ran, by the expert its gates weighted most (summed over the gated linears).",
                 labels=["router", "expert"],
             )
+            # Only loaded routers': an unloaded one's series stayed in every scrape for good.
+            loaded = self._source.adapter_names()
             for (router, expert), count in sorted(stats.router_expert_tokens.items()):
-                experts.add_metric([router, expert], count)
+                if router in loaded:
+                    experts.add_metric([router, expert], count)
             yield experts
         slots = self._source.slot_stats()
         yield GaugeMetricFamily("tandem:lora_slots_in_use", "Device adapter slots holding an adapter.", slots.slots_in_use)

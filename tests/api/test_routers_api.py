@@ -73,6 +73,15 @@ def test_metrics_count_routed_tokens_by_top_expert(client, server):
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
     counts = re.findall(r'^tandem:router_expert_tokens_total\{.*expert="(e\d)".*router="mix"\} (\S+)$', text, re.MULTILINE)
     assert counts and sum(float(c) for _, c in counts) >= len(PROMPT) + 2
+    # An unloaded router's series go (they stayed in every scrape for good), and come back with it.
+    client.unload_adapter("mix")
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'router="mix"' not in text
+    finally:
+        client.load_adapter("mix")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    assert re.findall(r'^tandem:router_expert_tokens_total\{.*router="mix"\} (\S+)$', text, re.MULTILINE) == [c for _, c in counts]
 
 
 @pytest.mark.parametrize(

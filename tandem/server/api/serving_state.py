@@ -127,6 +127,10 @@ class ServingState:
     def slot_stats(self) -> SlotStats:
         return self.catalog.slot_stats()
 
+    def adapter_names(self) -> set[str]:
+        """The adapters and routers loaded now (read, and not unloaded since)."""
+        return {info.name for info in self.catalog.list()}
+
     def lora_activity(self) -> LoraActivity:
         calls = list(self._in_flight.values())
         return LoraActivity(
