@@ -2,6 +2,7 @@
 
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
@@ -168,9 +169,15 @@ def test_a_failing_step_fails_only_the_requests_it_carried(tiny_model_dir):
     execute, failed = eng.engine.runner.execute, []
 
     def fail_while_one_waits(scheduled):
-        if not failed and eng.engine.scheduler.waiting:  # the second request queued behind the first
-            failed.append(True)
-            raise RuntimeError("boom")
+        if not failed:
+            if eng.engine.scheduler.waiting:  # the second request queued behind the first
+                failed.append(True)
+                raise RuntimeError("boom")
+            # The first request's step waits for the second to be sent, so that a slow host
+            # cannot finish the first before the second is queued.
+            deadline = time.monotonic() + 30
+            while eng._inbox.empty() and time.monotonic() < deadline:
+                time.sleep(0.001)
         return execute(scheduled)
 
     eng.engine.runner.execute = fail_while_one_waits
@@ -178,7 +185,8 @@ def test_a_failing_step_fails_only_the_requests_it_carried(tiny_model_dir):
     params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
 
     async def both() -> list:
-        return await asyncio.gather(collect(eng, "first", params, "running"), collect(eng, "second", params, "queued"), return_exceptions=True)
+        # Token ids, not text: no tokeniser thread between the two sends, so the first is queued first.
+        return await asyncio.gather(collect(eng, [1, 2], params, "running"), collect(eng, [3, 4], params, "queued"), return_exceptions=True)
 
     try:
         running, queued = asyncio.run(both())
