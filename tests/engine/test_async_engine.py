@@ -162,6 +162,14 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         eng.shutdown()
 
 
+def wait_for_a_send(eng: AsyncEngine) -> None:
+    """Hold the engine thread until a request is sent: a first request's step that waits so
+    cannot finish it on a slow host before the second request is queued."""
+    deadline = time.monotonic() + 30
+    while eng._inbox.empty() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def test_a_failing_step_fails_only_the_requests_it_carried(tiny_model_dir):
     """Every queued request failed with INTERNAL beside the batch's, though none of them had
     run and a retry would have served each."""
@@ -173,11 +181,7 @@ def test_a_failing_step_fails_only_the_requests_it_carried(tiny_model_dir):
             if eng.engine.scheduler.waiting:  # the second request queued behind the first
                 failed.append(True)
                 raise RuntimeError("boom")
-            # The first request's step waits for the second to be sent, so that a slow host
-            # cannot finish the first before the second is queued.
-            deadline = time.monotonic() + 30
-            while eng._inbox.empty() and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_for_a_send(eng)
         return execute(scheduled)
 
     eng.engine.runner.execute = fail_while_one_waits
@@ -249,8 +253,17 @@ def test_an_adapter_load_failure_reaches_its_caller_when_the_same_step_fails_too
             raise RuntimeError("boom")
         return finish(scheduled, trained)
 
+    execute, held = eng.engine.runner.execute, []
+
+    def first_waits_for_the_second(scheduled):
+        if not held:
+            held.append(True)
+            wait_for_a_send(eng)
+        return execute(scheduled)
+
     eng.engine.registry.pool.acquire = out_of_memory
     eng.engine.coserve.finish = failing_beside_a_failed_load
+    eng.engine.runner.execute = first_waits_for_the_second
     eng.start()
     params = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True)
 
@@ -258,7 +271,8 @@ def test_an_adapter_load_failure_reaches_its_caller_when_the_same_step_fails_too
         return [out async for out in eng.generate("second", params, "adapted", adapter="big")]
 
     async def run() -> list:
-        return await asyncio.wait_for(asyncio.gather(collect(eng, "first", params, "base"), adapted(), return_exceptions=True), 60)
+        # The base request as token ids: it is sent before the adapter's read ends.
+        return await asyncio.wait_for(asyncio.gather(collect(eng, [1, 2], params, "base"), adapted(), return_exceptions=True), 60)
 
     try:
         base, adapted = asyncio.run(run())
