@@ -325,3 +325,39 @@ def test_a_stream_holding_text_back_still_sends_offsets_and_prompt_logprobs_as_a
             prompt_logprobs = (choice.model_extra or {}).get("prompt_logprobs", prompt_logprobs)
     assert offsets == whole.logprobs.text_offset and len(offsets) == 12
     assert prompt_logprobs == whole.model_extra["prompt_logprobs"]
+
+
+def test_a_batch_of_prompts_answers_each_as_its_own_request_would(oai, base_model, adapter_engine):
+    """A list of prompts (LangChain's legacy LLM batches them) was refused. Prompt p's
+    completion i is choice p * n + i, each the same tokens as the prompt sent alone."""
+    prompts = [PROMPT, "Once upon a time", "1, 2, 3,"]
+    ask = dict(model=base_model, max_tokens=6, temperature=1.0, seed=3, n=2, logprobs=1, extra_body={"prompt_logprobs": 1})
+    batch = oai.completions.create(prompt=prompts, **ask)
+    alone = [oai.completions.create(prompt=p, **ask) for p in prompts]
+    assert [c.index for c in batch.choices] == list(range(6))
+    for p, reply in enumerate(alone):
+        for i in range(2):
+            got, want = batch.choices[p * 2 + i], reply.choices[i]
+            assert (got.text, got.logprobs.tokens) == (want.text, want.logprobs.tokens)
+            assert got.model_extra["prompt_logprobs"] == want.model_extra["prompt_logprobs"]
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone)
+    assert batch.usage.completion_tokens == 6 * 6
+    streamed = list(oai.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **ask))
+    for i, choice in enumerate(batch.choices):
+        assert "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) == choice.text
+    assert streamed[-1].usage.prompt_tokens == batch.usage.prompt_tokens
+    assert adapter_engine.stats().num_free_blocks == adapter_engine.stats().num_total_blocks
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_one_bad_prompt_in_a_batch_fails_the_call_before_anything_is_sent(oai, base_model, adapter_engine, streamed):
+    """A 400 naming the prompt, not an error event after the other prompts' tokens, and no
+    prompt left running."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        reply = oai.completions.create(model=base_model, prompt=[[1, 2, 3], [5] * 600], max_tokens=4, stream=streamed)
+        list(reply) if streamed else reply
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match=r"prompt\[1\] is empty"):
+        oai.completions.create(model=base_model, prompt=[PROMPT, ""], max_tokens=4, stream=streamed)
+    assert adapter_engine.stats().num_free_blocks == adapter_engine.stats().num_total_blocks
+    assert oai.completions.create(model=base_model, prompt=[PROMPT], max_tokens=2).usage.completion_tokens == 2

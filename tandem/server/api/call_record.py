@@ -26,8 +26,8 @@ def request_id_of(given: str) -> str:
 @dataclass
 class CallRecord:
     """One RPC from arrival to its final status; times are time.monotonic() seconds.
-    engine_request_id: the engine's id of the generation this call runs ("" if none), by
-    which a drain aborts it. role: the caller's (admin when auth is off, as every method is open then)."""
+    engine_request_ids: the engine's ids of the generations this call runs (one per prompt),
+    by which a drain aborts them. role: the caller's (admin when auth is off, as every method is open then)."""
 
     request_id: str
     method: str
@@ -35,7 +35,7 @@ class CallRecord:
     started: float = field(default_factory=time.monotonic)
     adapter: str = ""
     adapters: tuple[str, ...] = ()  # the adapters' names, a mixture's each (what the metrics show)
-    engine_request_id: str = ""
+    engine_request_ids: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finish_reason: str = ""
@@ -44,13 +44,15 @@ class CallRecord:
     role: Role = Role.ADMIN
     scheduled_at: float | None = None  # when the engine first scheduled the generation
     _last_token_of: dict[int, float] = field(default_factory=dict, repr=False)  # per completion index
+    _prompt_tokens_of: dict[str, int] = field(default_factory=dict, repr=False)  # per engine request
 
     def on_output(self, out: RequestOutput) -> None:
         """Records one engine increment: TTFT on the first token, inter-token latency after."""
         now = time.monotonic()
         if self.scheduled_at is None:
             self.scheduled_at = out.first_scheduled_at
-        self.prompt_tokens = out.prompt_tokens
+        self._prompt_tokens_of[out.request_id] = out.prompt_tokens
+        self.prompt_tokens = sum(self._prompt_tokens_of.values())
         # Counted from the increment itself, per completion: the outputs of n completions
         # interleave, and one's tokens follow its own last one, not another's (n = 4 read
         # three quarters of its gaps as ~0).
@@ -97,7 +99,7 @@ class CallRecord:
     def summary(self, status: str) -> CallSummary:
         """The call as the request metrics count it, ending now with `status`."""
         return CallSummary(
-            self.method, status, self.finish_reason, bool(self.engine_request_id), self.prompt_tokens,
+            self.method, status, self.finish_reason, bool(self.engine_request_ids), self.prompt_tokens,
             self.generated_tokens, self.started, time.monotonic(), self.scheduled_at, self.first_token_at, self.last_token_at,
         )
 

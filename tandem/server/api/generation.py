@@ -1,14 +1,21 @@
 """One generation on behalf of a call, whichever front it came through: admission (ready,
-not draining), the call record, a unique engine id, and the engine's stream."""
+not draining), the call record, a unique engine id, and the engine's stream; and several
+prompts' generations as one call's stream (OpenAI's completions take a list of prompts)."""
 
+import asyncio
+import dataclasses
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import TYPE_CHECKING
 
-from tandem.server.api.call_record import current_call
+from tandem.server.api.call_record import CallRecord, current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.engine.outputs import RequestOutput
 from tandem.server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.server.engine.async_engine import AsyncEngine
 
 
 async def generate(
@@ -27,11 +34,70 @@ async def generate(
         # as its adapters' names in the metrics (weights there would mint a series per request).
         call.adapter = adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or [])
         call.adapters = (adapter,) if adapter else tuple(name for name, _ in mixture or [])
-        # Callers may reuse a request id (retries do); engine ids must stay unique.
-        engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
-        call.engine_request_id = engine_id
-        stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture)
-        async with aclosing(stream):
+        async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture)) as stream:
             async for out in stream:
-                call.on_output(out)
                 yield out
+
+
+async def generate_each(
+    state: ServingState, prompts: Sequence[str | list[int] | list[dict[str, str]]], params: SamplingParams, adapter: str
+) -> AsyncIterator[RequestOutput]:
+    """The generations of several prompts as one stream: prompt p's completion i is index
+    p * n + i, as OpenAI numbers them. Nothing is yielded until every prompt has its first
+    output, so that a prompt the engine refuses fails the whole call before it streams (a
+    400, not an error event after another prompt's tokens); any error ends every prompt."""
+    if len(prompts) == 1:
+        async with aclosing(generate(state, prompts[0], params, adapter)) as only:
+            async for out in only:
+                yield out
+        return
+    with state.admit() as engine:
+        call = current_call()
+        call.adapter = adapter
+        call.adapters = (adapter,) if adapter else ()
+        streams = [_engine_stream(engine, call, prompt, params, adapter, None, p * params.n) for p, prompt in enumerate(prompts)]
+        # One read ahead per prompt, no more: a slow reader holds the engine's streams back
+        # (and meets their slow-reader limit) as a one-prompt call does.
+        reads = {asyncio.ensure_future(anext(stream)): p for p, stream in enumerate(streams)}
+        held: list[RequestOutput] = []
+        started: set[int] = set()
+        try:
+            while reads:
+                done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+                for read in sorted(done, key=reads.__getitem__):
+                    p = reads.pop(read)
+                    try:
+                        held.append(read.result())
+                    except StopAsyncIteration:
+                        pass
+                    else:
+                        reads[asyncio.ensure_future(anext(streams[p]))] = p
+                    started.add(p)
+                    if len(started) == len(prompts):
+                        for out in held:
+                            yield out
+                        held.clear()
+        finally:
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            for stream in streams:
+                await stream.aclose()
+
+
+async def _engine_stream(
+    engine: "AsyncEngine", call: CallRecord, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
+    adapter: str, mixture: list[tuple[str, float]] | None, first_index: int = 0,
+) -> AsyncIterator[RequestOutput]:
+    """One engine request of the call, recorded in it; first_index is added to each output's
+    completion index (a call's later prompts number their completions on)."""
+    # Callers may reuse a request id (retries do); engine ids must stay unique.
+    engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
+    call.engine_request_ids.append(engine_id)
+    stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture)
+    async with aclosing(stream):
+        async for out in stream:
+            if first_index:
+                out = dataclasses.replace(out, index=out.index + first_index)
+            call.on_output(out)
+            yield out

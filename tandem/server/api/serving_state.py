@@ -77,8 +77,8 @@ class ServingState:
         message, as the proto promises, instead of an error when the server stops."""
         if self._engine is not None:
             for call in list(self._in_flight.values()):
-                if call.engine_request_id:
-                    self._engine.abort(call.engine_request_id)
+                for engine_id in call.engine_request_ids:
+                    self._engine.abort(engine_id)
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no admitted call is left, False if `timeout` seconds pass first."""

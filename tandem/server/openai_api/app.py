@@ -176,13 +176,14 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         request: Request,
         record: CallRecord,
         body: SamplingFields,
-        prompt: str | list[int] | list[dict[str, str]],
+        prompts: list[str | list[int]] | list[list[dict[str, str]]],
         params: SamplingParams,
         renderer: responses.CompletionRenderer,
     ) -> Response:
-        """Starts the generation; errors before its first output are the call's HTTP status."""
+        """Starts the generation (one per prompt); errors before its first output are the
+        call's HTTP status."""
         base_model = state.engine.info.name if state.engine is not None else ""
-        outputs = generation.generate(state, prompt, params, convert.adapter_of(body.model, base_model))
+        outputs = generation.generate_each(state, prompts, params, convert.adapter_of(body.model, base_model))
         headers = {REQUEST_ID_HEADER: record.request_id}
         if body.stream:
             # The framework watches a stream's client only once it streams: a client that
@@ -221,7 +222,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             # rather than a 200 with a finish_reason OpenAI never sends.
             record.close("UNAVAILABLE")
             return _error(Unavailable("the server stopped before the completion was whole: retry the request"), record.request_id)
-        choices = responses.Choices(params.n)  # n is in range now: the engine took the request
+        choices = responses.Choices(params.n, len(prompts))  # n is in range now: the engine took the request
         for out in seen:
             choices.add(out)
         reply = renderer.whole(choices, await token_pieces(seen))
@@ -235,7 +236,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         error event, as OpenAI's servers do. The record closes with how the stream ended."""
         record = current_call()
         status = "CANCELLED"
-        progress = responses.Progress(renderer.n)
+        progress = responses.Progress(renderer.choices)
         try:
             async with aclosing(outputs):
                 out: RequestOutput | None = first
@@ -265,13 +266,14 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, record: CallRecord = Depends(open_call)) -> Response:
-        renderer = responses.CompletionRenderer(f"cmpl-{record.request_id}", served_name(body.model), body.n)
-        return await run(request, record, body, convert.completion_prompt(body), convert.completion_params(body), renderer)
+        prompts = convert.completion_prompts(body)
+        renderer = responses.CompletionRenderer(f"cmpl-{record.request_id}", served_name(body.model), body.n, len(prompts))
+        return await run(request, record, body, prompts, convert.completion_params(body), renderer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, record: CallRecord = Depends(open_call)) -> Response:
         renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", served_name(body.model), body.n)
-        return await run(request, record, body, convert.chat_messages(body), convert.chat_params(body), renderer)
+        return await run(request, record, body, [convert.chat_messages(body)], convert.chat_params(body), renderer)
 
     def model_entries() -> list[dict]:
         """The base model, then every adapter or router a request may name, as vLLM lists

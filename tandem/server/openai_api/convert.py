@@ -2,7 +2,7 @@
 
 Value ranges are checked where the gRPC front's are (SamplingParams.validate, chat checks in
 AsyncEngine.encode); here only what is OpenAI's own: which fields Tandem does not serve,
-one prompt per request, the `model` name, OpenAI's defaults, and text that JSON can carry
+the `model` name, OpenAI's defaults, and text that JSON can carry
 and protobuf cannot (half a surrogate pair).
 """
 
@@ -34,18 +34,19 @@ def adapter_of(model: str, base_model: str) -> str:
     return model
 
 
-def completion_prompt(body: CompletionRequest) -> str | list[int]:
-    """One text or one list of token ids (a list holding one of them counts as it)."""
+def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The prompts: one text or list of token ids, or a list of them (a batch, which
+    LangChain's legacy LLM and vLLM's clients send)."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise InvalidRequest(f"prompt holds {len(prompt)} prompts; send one prompt per request (use n for several completions)")
-        prompt = prompt[0]
-    if not prompt:
-        raise InvalidRequest("prompt is empty: send at least one token")
-    if isinstance(prompt, str):
-        _check_unicode(prompt, "prompt")
-    return prompt
+    batch = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    prompts = list(prompt) if batch else [prompt]
+    for i, each in enumerate(prompts):
+        field = f"prompt[{i}]" if batch else "prompt"
+        if not each:
+            raise InvalidRequest(f"{field} is empty: send at least one token")
+        if isinstance(each, str):
+            _check_unicode(each, field)
+    return prompts
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:

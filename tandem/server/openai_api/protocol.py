@@ -69,7 +69,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions. prompt: one text or one list of token ids."""
+    """POST /v1/completions. prompt: one text or list of token ids, or a list of them."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None

@@ -104,15 +104,17 @@ def prompt_logprobs(logprobs: list[TokenLogprob] | None, pieces: TokenPieces) ->
 
 
 class Choices:
-    """The n choices of a non-streamed response, joined from interleaved increments."""
+    """The choices of a non-streamed response (n per prompt), joined from interleaved
+    increments: prompt p's completion i is choice p * n + i."""
 
-    def __init__(self, n: int):
-        self.text = [""] * n
-        self.logprobs: list[list[TokenLogprob] | None] = [None] * n
-        self.finish: list[str | None] = [None] * n
-        self.generated = [0] * n
-        self.prompt_tokens = 0
-        self.prompt_logprobs: list[TokenLogprob] | None = None
+    def __init__(self, n: int, prompts: int = 1):
+        self.n = n
+        self.text = [""] * (n * prompts)
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * (n * prompts)
+        self.finish: list[str | None] = [None] * (n * prompts)
+        self.generated = [0] * (n * prompts)
+        self.prompt_tokens: dict[str, int] = {}  # per engine request: one per prompt
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * prompts
 
     def add(self, out: RequestOutput) -> None:
         i = out.index
@@ -121,12 +123,12 @@ class Choices:
             self.logprobs[i] = (self.logprobs[i] or []) + out.logprobs
         self.finish[i] = finish_reason(out) or self.finish[i]
         self.generated[i] = out.generated_tokens
-        self.prompt_tokens = out.prompt_tokens
+        self.prompt_tokens[out.request_id] = out.prompt_tokens
         if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_logprobs[i // self.n] = out.prompt_logprobs
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, sum(self.generated))
+        return usage(sum(self.prompt_tokens.values()), sum(self.generated))
 
 
 class Progress:
@@ -134,29 +136,31 @@ class Progress:
     tokens it sent log-probabilities for (the text itself may lag them, held back for a stop
     string or a character's last bytes) and tokens (usage)."""
 
-    def __init__(self, n: int):
-        self.started = [False] * n
-        self.offsets = [TextOffsets() for _ in range(n)]
-        self.generated = [0] * n
-        self.prompt_tokens = 0
+    def __init__(self, choices: int):
+        self.started = [False] * choices
+        self.offsets = [TextOffsets() for _ in range(choices)]
+        self.generated = [0] * choices
+        self.prompt_tokens: dict[str, int] = {}  # per engine request: one per prompt
 
     def add(self, out: RequestOutput) -> None:
         self.started[out.index] = True
         self.generated[out.index] = out.generated_tokens
-        self.prompt_tokens = out.prompt_tokens
+        self.prompt_tokens[out.request_id] = out.prompt_tokens
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, sum(self.generated))
+        return usage(sum(self.prompt_tokens.values()), sum(self.generated))
 
 
 class CompletionRenderer:
     """Bodies of /v1/completions: text choices with the legacy logprobs format, and vLLM's
-    prompt_logprobs on each choice when asked for."""
+    prompt_logprobs on each choice when asked for. n completions per prompt; choices: of
+    all prompts."""
 
     chunk_object = "text_completion"
 
-    def __init__(self, response_id: str, model: str, n: int):
+    def __init__(self, response_id: str, model: str, n: int, prompts: int = 1):
         self.n = n
+        self.choices = n * prompts
         self.base = {"id": response_id, "object": self.chunk_object, "created": int(time.time()), "model": model}
 
     def chunks(self, out: RequestOutput, pieces: TokenPieces, progress: Progress) -> list[dict]:
@@ -172,15 +176,15 @@ class CompletionRenderer:
         return [{**self.base, "choices": [choice]}]
 
     def whole(self, choices: Choices, pieces: TokenPieces) -> dict:
-        prompt = prompt_logprobs(choices.prompt_logprobs, pieces)
+        prompts = [prompt_logprobs(logprobs, pieces) for logprobs in choices.prompt_logprobs]
         items = []
-        for i in range(self.n):
+        for i in range(self.choices):
             item = {
                 "index": i, "text": choices.text[i],
                 "logprobs": completion_logprobs(choices.logprobs[i], pieces, TextOffsets()), "finish_reason": choices.finish[i],
             }
-            if prompt is not None:
-                item["prompt_logprobs"] = prompt
+            if prompts[i // self.n] is not None:
+                item["prompt_logprobs"] = prompts[i // self.n]
             items.append(item)
         return {**self.base, "choices": items, "usage": choices.usage()}
 
@@ -211,10 +215,10 @@ class ChatRenderer(CompletionRenderer):
                 "index": i, "message": {"role": "assistant", "content": choices.text[i]},
                 "logprobs": chat_logprobs(choices.logprobs[i], pieces), "finish_reason": choices.finish[i],
             }
-            for i in range(self.n)
+            for i in range(self.choices)
         ]
         reply = {**self.base, "object": "chat.completion", "choices": items, "usage": choices.usage()}
-        prompt = prompt_logprobs(choices.prompt_logprobs, pieces)
+        prompt = prompt_logprobs(choices.prompt_logprobs[0], pieces)
         if prompt is not None:  # vLLM's place for them in a chat completion: beside the choices
             reply["prompt_logprobs"] = prompt
         return reply
