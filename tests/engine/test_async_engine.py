@@ -132,8 +132,8 @@ def test_not_started_is_unavailable(tiny_model_dir):
         asyncio.run(main())
 
 
-def failing_at(config: EngineConfig, call: int) -> AsyncEngine:
-    """A started engine whose model runner raises RuntimeError("boom") on its call-th batch."""
+def failing_at(config: EngineConfig, call: int, error: Exception | None = None) -> AsyncEngine:
+    """A started engine whose model runner raises error (RuntimeError("boom")) on its call-th batch."""
     eng = AsyncEngine(config)
     execute = eng.engine.runner.execute
     calls = {"n": 0}
@@ -141,7 +141,7 @@ def failing_at(config: EngineConfig, call: int) -> AsyncEngine:
     def fail_once(scheduled):
         calls["n"] += 1
         if calls["n"] == call:
-            raise RuntimeError("boom")
+            raise error or RuntimeError("boom")
         return execute(scheduled)
 
     eng.engine.runner.execute = fail_once
@@ -158,6 +158,22 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
         outs = asyncio.run(collect(eng, "second", params, "survivor"))
         assert outs[-1].finished and outs[-1].generated_tokens == 4
         assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+], ids=["cpu", "cuda"])
+def test_a_step_out_of_memory_fails_its_requests_as_resource_exhausted(tiny_model_dir, error):
+    """It was an internal error, which clients do not retry, though the next iteration may fit."""
+    eng = failing_at(EngineConfig(model=str(tiny_model_dir), dtype="float32"), call=1, error=error)
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+        with pytest.raises(ResourceExhausted, match="the iteration that carried this request ran out of memory .*: retry"):
+            asyncio.run(collect(eng, "first", params, "victim"))
+        assert asyncio.run(collect(eng, "second", params, "survivor"))[-1].generated_tokens == 4
     finally:
         eng.shutdown()
 

@@ -24,7 +24,7 @@ from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
 from tandem.server.engine.detokenizer import decode_text
-from tandem.server.engine.llm_engine import Engine, StepFailed, use_device
+from tandem.server.engine.llm_engine import Engine, StepFailed, out_of_memory, use_device
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams
@@ -409,8 +409,16 @@ class AsyncEngine:
             self._deliver(request_id, exc)
 
     def _fail(self, aborted: list[RequestOutput], exc: BaseException | None) -> None:
+        """Each aborted request's error: out of memory is RESOURCE_EXHAUSTED, which clients
+        retry (the next iteration may fit), anything else an internal error."""
         for out in aborted:
-            self._deliver(out.request_id, RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}"))
+            if exc is not None and out_of_memory(exc):
+                error: Exception = ResourceExhausted(
+                    f"the iteration that carried this request ran out of memory ({str(exc)[:200]}): retry, or ask for fewer tokens"
+                )
+            else:
+                error = RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}")
+            self._deliver(out.request_id, error)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         with self._lock:

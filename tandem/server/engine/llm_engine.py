@@ -44,6 +44,12 @@ def use_device(device: torch.device) -> None:
     torch.cuda.set_device(device)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an allocation failed: torch.OutOfMemoryError on a GPU; on a CPU torch raises a
+    plain RuntimeError from its allocator."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 class StepFailed(Exception):
     """An iteration raised (its cause chained): outputs are the final ones of the requests it
     carried, which were aborted."""
@@ -218,7 +224,7 @@ class Engine:
         for seq, exc in self.scheduler.failed_loads:
             if seq.status is not SequenceStatus.FINISHED:
                 self.abort(seq.group)
-                if isinstance(exc, torch.OutOfMemoryError):
+                if out_of_memory(exc):
                     exc = ResourceExhausted(f"adapter {seq.adapter.name!r} could not be loaded into a slot: out of memory ({exc})"[:500])
                 self.failures.append((seq.group, exc))
         self.scheduler.failed_loads.clear()
