@@ -68,6 +68,16 @@ def test_top_experts_come_back_when_asked(client):
     assert streamed == unary.top_experts
 
 
+@pytest.mark.parametrize("target, named", [
+    (dict(adapter="e1"), "'e1' is an adapter"), (dict(adapter=""), "the base model"), (dict(adapter={"e0": 0.5, "e1": 0.5}), "a mixture"),
+])
+def test_top_experts_asked_of_what_is_no_router_is_refused(client, target, named):
+    """It answered an empty list, which reads as "no token had an expert"."""
+    for call in (client.generate, lambda **kw: list(client.stream(**kw))):
+        error = rpc_error(lambda: call(prompt_token_ids=PROMPT, max_new_tokens=2, return_top_experts=True, **target))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and f"return_top_experts needs a router in adapter, and {named}" in str(error)
+
+
 def test_metrics_count_routed_tokens_by_top_expert(client, server):
     client.generate(prompt_token_ids=PROMPT, adapter="mix", max_new_tokens=3, temperature=0.0, ignore_eos=True)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 
 async def generate(
     state: ServingState, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams, adapter: str,
-    mixture: list[tuple[str, float]] | None = None,
+    mixture: list[tuple[str, float]] | None = None, top_experts: bool = False,
 ) -> AsyncIterator[RequestOutput]:
     """The engine's increments for one request (adapter "" = the base model; mixture:
-    (adapter, weight) pairs served as one weighted sum instead).
+    (adapter, weight) pairs served as one weighted sum instead; top_experts: each token's
+    top expert is asked for, which needs a router).
 
     aclosing() makes a cancelled call (client gone, deadline) close the engine's generator
     at once, which aborts the request and frees its KV blocks.
@@ -34,7 +35,7 @@ async def generate(
         # as its adapters' names in the metrics (weights there would mint a series per request).
         call.adapter = adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or [])
         call.adapters = (adapter,) if adapter else tuple(name for name, _ in mixture or [])
-        async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture)) as stream:
+        async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture, top_experts=top_experts)) as stream:
             async for out in stream:
                 yield out
 
@@ -87,14 +88,14 @@ async def generate_each(
 
 async def _engine_stream(
     engine: "AsyncEngine", call: CallRecord, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
-    adapter: str, mixture: list[tuple[str, float]] | None, first_index: int = 0,
+    adapter: str, mixture: list[tuple[str, float]] | None, first_index: int = 0, top_experts: bool = False,
 ) -> AsyncIterator[RequestOutput]:
     """One engine request of the call, recorded in it; first_index is added to each output's
     completion index (a call's later prompts number their completions on)."""
     # Callers may reuse a request id (retries do); engine ids must stay unique.
     engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
     call.engine_request_ids.append(engine_id)
-    stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture)
+    stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture, top_experts=top_experts)
     async with aclosing(stream):
         async for out in stream:
             if first_index:

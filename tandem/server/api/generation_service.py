@@ -18,7 +18,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _outputs(self, request: convert.GenerationRequest) -> AsyncIterator[RequestOutput]:
         prompt = convert.prompt_of(request)
         params = convert.sampling_params_of(request)
-        return generation.generate(self._state, prompt, params, request.adapter, convert.mixture_of(request))
+        return generation.generate(self._state, prompt, params, request.adapter, convert.mixture_of(request), request.return_top_experts)
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> generation_pb2.GenerateResponse:
         outputs = [out async for out in self._outputs(request)]

@@ -233,11 +233,13 @@ class AsyncEngine:
         request_id: str,
         adapter: str | None = None,
         mixture: list[tuple[str, float]] | None = None,
+        top_experts: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs for a text, token ids, or chat messages; errors are
         raised before the first output. With params.n > 1 the n completions' outputs
         interleave (RequestOutput.index tells them apart); the stream ends when all have.
-        mixture: (adapter, weight) pairs served as one weighted sum, instead of adapter."""
+        mixture: (adapter, weight) pairs served as one weighted sum, instead of adapter.
+        top_experts: the caller wants each token's top expert, which only a router has."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
         self._check_alive()
@@ -253,6 +255,9 @@ class AsyncEngine:
                 lora = await asyncio.to_thread(self.engine.registry.mixture, mixture)
             else:
                 lora = await asyncio.to_thread(self.engine.registry.get, adapter)
+        if top_experts and not isinstance(lora, Router):
+            what = "the base model" if lora is None else f"{excerpt(adapter)} is an adapter" if adapter else "a mixture"
+            raise InvalidRequest(f"return_top_experts needs a router in adapter, and {what} has no experts to name: drop the flag or name a router")
         is_text = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         prompt_ids = await self.encode(prompt) if is_text else prompt
         self.engine.validate(prompt_ids, params)
