@@ -1,8 +1,13 @@
-"""Building engines around in-memory transformers models, and running them to completion."""
+"""Building engines around in-memory transformers models, running them to completion, and
+waiting for an async engine's stream to end."""
+
+import asyncio
+import time
 
 import torch
 
 from tandem.server.config import EngineConfig
+from tandem.server.engine.async_engine import AsyncEngine
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.model.loader import LoadedModel, build_from_hf, eos_token_ids
 
@@ -31,3 +36,13 @@ def run(engine: Engine, arrivals: dict[int, list[tuple]]) -> dict[str, list[int]
 def random_prompts(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+async def stream_ended(engine: AsyncEngine, request_id: str) -> None:
+    """Until the request's last output or error has reached its stream's loop: the engine
+    ends the request (num_running 0) before it delivers the last output."""
+    stream = engine._streams[request_id]
+    deadline = time.monotonic() + 60
+    while not (stream.items and (isinstance(stream.items[-1], Exception) or stream.items[-1].finished)):
+        assert time.monotonic() < deadline, "the stream did not end"
+        await asyncio.sleep(0.01)

@@ -11,7 +11,7 @@ from tandem.server.config import EngineConfig
 from tandem.server.engine.async_engine import AsyncEngine
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
-from tests.engine.helpers import make_engine
+from tests.engine.helpers import make_engine, stream_ended
 
 
 @pytest.fixture(scope="module")
@@ -332,8 +332,7 @@ def test_a_reader_that_falls_behind_gets_what_piled_up_as_one_output(engine):
     async def behind():
         stream = engine.generate("Slow reader", params, "behind")
         first = await stream.__anext__()
-        while engine.stats().num_running:  # the engine finishes while nothing is read
-            await asyncio.sleep(0.01)
+        await stream_ended(engine, "behind")  # the engine finishes while nothing is read
         return [first] + [out async for out in stream]
 
     kept_up = asyncio.run(collect(engine, "Slow reader", params, "kept-up"))

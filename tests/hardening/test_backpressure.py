@@ -10,6 +10,7 @@ from tandem.server.config import EngineConfig
 from tandem.server.engine.async_engine import MAX_UNREAD_OUTPUTS, AsyncEngine
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import ResourceExhausted
+from tests.engine.helpers import stream_ended
 
 
 def test_a_reader_that_stops_reading_stops_its_request(tiny_model_dir):
@@ -20,9 +21,7 @@ def test_a_reader_that_stops_reading_stops_its_request(tiny_model_dir):
         stalled = engine.generate("Once upon a time", SamplingParams(temperature=0, max_new_tokens=480, ignore_eos=True), "slow")
         await stalled.__anext__()
         reader = [out async for out in engine.generate("Hi", SamplingParams(max_new_tokens=4), "fast")]
-        deadline = time.monotonic() + 60
-        while engine.stats().num_running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await stream_ended(engine, "slow")
         running = engine.stats().num_running
         received, error = [1], None
         try:
