@@ -11,7 +11,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hypothesis import settings
+
 from tandem.server.model.loader import default_model_path
+
+# Property tests draw the same inputs on every run (a seed from each test's name, no example
+# database): a release is never blocked by an input no earlier run tried. For a wider hunt,
+# HYPOTHESIS_PROFILE=explore draws new inputs each run and keeps the failing ones.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY_CONFIG = dict(
     hidden_size=64,

@@ -5,13 +5,13 @@ The oracle for every output is the same request run alone (greedy, float32) on a
 with enough slots for every adapter."""
 
 import gc
-import time
 import math
 import os
 import shutil
+import threading
 import weakref
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -594,12 +594,26 @@ def test_a_burst_of_requests_for_an_uncached_adapter_reads_it_once(tiny_hf_model
     engine = adapter_engine(tiny_hf_model, smollm2_tokenizer, tmp_path / "adapters")
     reads = Counter()
     read = registry_module.read_adapter
+    joined = threading.Condition()
+    waiters = 0
+
+    class CountedFuture(Future):
+        """A read in progress that counts the callers waiting on it."""
+
+        def result(self, timeout=None):
+            nonlocal waiters
+            with joined:
+                waiters += 1
+                joined.notify_all()
+            return super().result(timeout)
 
     def slow_read(name, *args, **kwargs):
         reads[name] += 1
-        time.sleep(0.3)  # long enough for every thread to ask while it runs
+        with joined:  # until the other two callers of each name wait on its read
+            joined.wait_for(lambda: waiters == 4, timeout=30)
         return read(name, *args, **kwargs)
 
+    monkeypatch.setattr(registry_module, "Future", CountedFuture)
     monkeypatch.setattr(registry_module, "read_adapter", slow_read)
 
     def get(name):

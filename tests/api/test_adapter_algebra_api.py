@@ -2,6 +2,7 @@
 and base requests, MergeAdapters and CompressAdapter published and served, ListAdapters'
 format and ratio, refusals as status codes with the reason, and the admin role."""
 
+import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,7 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
     sent again corrected, could end last and replace the corrected one."""
     registry = server.server.state.catalog
     release, finished = threading.Event(), threading.Event()
+    abandoned = queue.Queue()  # the merge's event the server sets when its caller goes
     merge_adapters, merge = registry_module.merge_adapters, registry.merge
 
     def slow_merge_adapters(*args, **kwargs):
@@ -76,6 +78,7 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
         return merge_adapters(*args, **kwargs)
 
     def merge_to_the_end(*args, **kwargs):
+        abandoned.put(args[2])  # the service calls merge(name, spec, abandoned)
         try:
             return merge(*args, **kwargs)
         finally:
@@ -83,8 +86,11 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
 
     monkeypatch.setattr(registry_module, "merge_adapters", slow_merge_adapters)
     monkeypatch.setattr(registry, "merge", merge_to_the_end)
-    with TandemClient(server.target, token=ADMIN_TOKEN, timeout=0.5, max_retries=0) as impatient:
+    with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:  # time for a slow host to start the merge
         assert rpc_error(lambda: impatient.merge_adapters("late", ["a0", "a1"], "linear")).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client's own timer ends its call; the server cancels the handler, which sets the
+    # event, only later: released before that, the merge would publish.
+    assert abandoned.get(timeout=30).wait(30)
     release.set()
     assert finished.wait(30)
     assert not (registry.adapters_dir / "late").exists() and "late" not in {a.name for a in registry.list()}

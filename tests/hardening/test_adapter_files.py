@@ -170,7 +170,8 @@ def test_catastrophic_patterns_are_refused_within_milliseconds(adapter, base, fi
     edit_config(adapter, **{field: pattern if field == "target_modules" else {pattern: 8}})
     started = time.perf_counter()
     reason = refusal(adapter, base)
-    assert time.perf_counter() - started < 0.5  # the whole read; matching these would take hours
+    # The whole read, with room for a slow host: matching these would take hours.
+    assert time.perf_counter() - started < 5
     label = field if field == "target_modules" else f"{field} key"
     assert reason.startswith(f"adapter 'x' has {label} ")
     assert ", which repeats a group" in reason or ", which could backtrack " in reason
@@ -223,7 +224,7 @@ def test_the_costliest_simple_pattern_matches_every_module_name_within_milliseco
         matcher = re.compile(rf"(.*\.)?({pattern})$")  # as alpha_pattern and rank_pattern keys are matched
         started = time.perf_counter()
         assert not any(matcher.match(name) for name in names)
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < 5  # catastrophic backtracking would take hours
 
 
 def test_simple_patterns_still_apply(tiny_hf_model, base, tmp_path):

@@ -81,8 +81,9 @@ METHODS = {
 
 
 def fuzz(examples: int) -> settings:
-    """Bounded examples keep the whole file well under two minutes on 2 cores; for a longer
-    hunt, raise them or run with --hypothesis-seed=<n> for other inputs."""
+    """Bounded examples keep the whole file well under two minutes on 2 cores. The inputs are
+    the same on every run (tests/conftest.py); for a longer hunt, raise the examples and run
+    with HYPOTHESIS_PROFILE=explore."""
     return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
