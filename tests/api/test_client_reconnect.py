@@ -128,7 +128,8 @@ def test_a_watch_gives_up_reconnect_seconds_after_its_last_response(port):
         with pytest.raises(TandemRpcError) as caught:
             for _ in watch:
                 pass
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 3
+    # 1 s of reconnecting, with room for a slow host (the default is 120 s).
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 15
 
 
 def test_a_call_that_creates_something_is_sent_again_only_when_it_never_reached_a_server(port):
@@ -174,7 +175,7 @@ def test_finetune_watch_ends_at_its_timeout_and_has_none_by_default(port, capsys
     try:
         started = time.monotonic()
         assert main(["finetune", "watch", "ftjob-x", "--target", f"127.0.0.1:{port}", "--timeout", "1"]) == 10 + 4
-        assert 1 <= time.monotonic() - started < 5 and "DEADLINE_EXCEEDED" in capsys.readouterr().err
+        assert 1 <= time.monotonic() - started < 15 and "DEADLINE_EXCEEDED" in capsys.readouterr().err  # not hours
         monkeypatch.delenv("TANDEM_TIMEOUT", raising=False)
         assert build_parser("finetune").parse_args(["finetune", "watch", "ftjob-x"]).timeout == math.inf
     finally:

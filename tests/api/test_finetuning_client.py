@@ -225,7 +225,7 @@ def test_a_watch_does_not_hold_up_a_drain(ft_engine):
             next(watch)
             started = time.monotonic()
             assert thread.submit(thread.server.drain(grace=20)).result(30) is True
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 15  # not the drain's 20 s grace
     finally:
         ft_engine.jobs.cancel(job.id)
         thread.close()

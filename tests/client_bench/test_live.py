@@ -70,7 +70,7 @@ def test_unreachable_server_is_a_clear_error_after_the_timeout(target, capsys):
     """It is asked again until then: a server just started is not listening yet, then loads its model."""
     started = time.monotonic()
     status = main(["bench", "--target", target, "--connect-timeout", "2", "--no-progress", "--metrics-url", "none"])
-    assert 2 - CONNECT_POLL_SECONDS <= time.monotonic() - started < 12
+    assert 2 - CONNECT_POLL_SECONDS <= time.monotonic() - started < 30  # a 2 s timeout, with room for a slow host
     assert status == 10 + 14  # UNAVAILABLE
     assert f"cannot reach the server at {target}" in capsys.readouterr().err
 
