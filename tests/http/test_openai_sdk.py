@@ -10,6 +10,7 @@ import urllib.request
 import openai
 import pytest
 
+from tests.api.conftest import wait_until
 from tests.http.conftest import ADAPTER
 
 PROMPT = "The capital of France is"
@@ -359,5 +360,6 @@ def test_one_bad_prompt_in_a_batch_fails_the_call_before_anything_is_sent(oai, b
     assert caught.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match=r"prompt\[1\] is empty"):
         oai.completions.create(model=base_model, prompt=[PROMPT, ""], max_tokens=4, stream=streamed)
-    assert adapter_engine.stats().num_free_blocks == adapter_engine.stats().num_total_blocks
+    # The first prompt's abort reaches the engine thread after the reply.
+    assert wait_until(lambda: adapter_engine.stats().num_free_blocks == adapter_engine.stats().num_total_blocks, timeout=30)
     assert oai.completions.create(model=base_model, prompt=[PROMPT], max_tokens=2).usage.completion_tokens == 2
