@@ -389,7 +389,7 @@ class AsyncEngine:
             out.request_id,
             ResourceExhausted(
                 f"the stream's reader fell {stream.unread} outputs behind, so the request was stopped: "
-                "read a stream as it arrives (or use the unary call)"
+                "read a stream as it arrives, or ask for the whole reply at once (gRPC's Generate, or \"stream\": false over HTTP)"
             ),
         )
 
