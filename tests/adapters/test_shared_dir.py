@@ -85,3 +85,25 @@ def test_a_replica_starts_on_a_read_only_shared_directory_with_leftovers(
     monkeypatch.setattr(registry_module, "remove_leftovers", read_only)
     server = replica(tiny_hf_model, smollm2_tokenizer, shared)
     assert server.registry.get("style").rank == 4
+
+
+def test_a_link_swapped_to_another_folder_serves_that_folder(tiny_hf_model, smollm2_tokenizer, tmp_path, versions):
+    """git-sync and Kubernetes volumes publish by re-pointing a link at a new folder and
+    deleting the old one: the name kept serving the old folder's version for good."""
+    root = tmp_path / "synced"
+    root.mkdir()
+    for version in versions:
+        publish(version, root / f".rev-{version.name}")
+    (root / "style").symlink_to(f".rev-{versions[0].name}")
+    server = replica(tiny_hf_model, smollm2_tokenizer, root, adapter_refresh_seconds=0)
+    old = server.registry.get("style")
+    swap = root / "style.swap"
+    swap.symlink_to(f".rev-{versions[1].name}")
+    swap.replace(root / "style")  # the atomic swap
+    new = server.registry.get("style")
+    assert new.content_hash != old.content_hash and new.path == (root / f".rev-{versions[1].name}").resolve()
+    assert [(i.name, i.path, i.content_hash) for i in server.registry.list()] == [("style", "style", new.content_hash)]
+    # Re-pointed out of the adapters directory: refused as at a first read, the version served stays.
+    swap.symlink_to(versions[0])
+    swap.replace(root / "style")
+    assert server.registry.get("style") is new

@@ -56,8 +56,8 @@ def test_an_unload_during_a_load_wins_with_a_clear_error(tiny_hf_model, smollm2_
     registry = engine.registry
     read = registry._read_and_cache
 
-    def read_then_unloaded(name, directory, revive=False):
-        adapter = read(name, directory, revive)
+    def read_then_unloaded(name, directory, asked, revive=False):
+        adapter = read(name, directory, asked, revive)
         registry.unload(name)
         return adapter
 

@@ -218,14 +218,15 @@ class AdapterRegistry:
                 self._stamps[name] = (stamp, time.monotonic())
         if router is not None:
             return self._with_experts(router)
+        asked = known.path if known is not None else name
         if adapter is None:
-            directory = resolve_adapter_dir(self.adapters_dir, name, known.path if known is not None else "")
+            directory = resolve_adapter_dir(self.adapters_dir, name, asked)
             if is_router(directory):
-                return self._with_experts(self._read_router(name, directory))
-            return self._read_once(name, directory)
-        return self._refreshed(adapter, stamp)
+                return self._with_experts(self._read_router(name, directory, asked))
+            return self._read_once(name, directory, asked)
+        return self._refreshed(adapter, stamp, asked)
 
-    def _read_once(self, name: str, directory: Path) -> LoRAAdapter:
+    def _read_once(self, name: str, directory: Path, asked: str) -> LoRAAdapter:
         """A cold read of name that every request asking for it meanwhile shares: a burst of
         requests for an adapter not in memory (each resolved in its own thread) reads,
         hashes and parses its file once, not once per request; a failure reaches them all."""
@@ -237,7 +238,7 @@ class AdapterRegistry:
         if not reader:
             return pending.result()
         try:
-            adapter = self._read_and_cache(name, directory)
+            adapter = self._read_and_cache(name, directory, asked)
         except BaseException as exc:
             pending.set_exception(exc)
             raise
@@ -260,8 +261,10 @@ class AdapterRegistry:
             adapters.append(adapter)
         return Mixture(tuple(adapters), tuple(float(w) for _, w in members))
 
-    def _read_router(self, name: str, directory: Path, revive: bool = False) -> Router:
-        """revive: an admin's load, which serves an unloaded name again once its read succeeds."""
+    def _read_router(self, name: str, directory: Path, asked: str, revive: bool = False) -> Router:
+        """asked: the path it was read by (relative to the adapters directory, links not
+        followed). revive: an admin's load, which serves an unloaded name again once its read
+        succeeds."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
         router = read_router(name, directory, self.model)
@@ -276,8 +279,7 @@ class AdapterRegistry:
             self._stamps.pop(name, None)
             self._known[name] = AdapterInfo(
                 name=name, rank=max(a.rank for a in experts), target_modules=_union(a.targets for a in experts),
-                content_hash=router.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
-                experts=list(router.experts), format="router", compression_ratio=0.0,
+                content_hash=router.content_hash, path=asked, experts=list(router.experts), format="router", compression_ratio=0.0,
             )
         return router
 
@@ -308,16 +310,19 @@ class AdapterRegistry:
         check_experts(router, adapters)
         return replace(router, adapters=tuple(adapters))
 
-    def _refreshed(self, adapter: LoRAAdapter, stamp: FileStamp | None) -> LoRAAdapter:
-        """`adapter`, or the newer version its files hold now. Files missing (an adapter being
-        replaced) or unreadable (copied by hand, half written) keep the cached version: a
-        request is never failed for a version it did not ask for."""
-        now = file_stamp(adapter.path)
-        if now is None or now == stamp:
-            return adapter
+    def _refreshed(self, adapter: LoRAAdapter, stamp: FileStamp | None, asked: str) -> LoRAAdapter:
+        """`adapter`, or the newer version its files hold now, found again by the path it was
+        read by: a link re-pointed to another folder (git-sync's and Kubernetes volumes'
+        atomic swap) serves the new folder. Files missing (an adapter being replaced) or
+        unreadable (copied by hand, half written) keep the cached version: a request is never
+        failed for a version it did not ask for."""
         try:
-            return self._read_and_cache(adapter.name, adapter.path)
-        except (IncompatibleAdapter, NotFound) as exc:
+            directory = resolve_adapter_dir(self.adapters_dir, adapter.name, asked)
+            now = file_stamp(directory)
+            if now is None or (now == stamp and directory == adapter.path):
+                return adapter
+            return self._read_and_cache(adapter.name, directory, asked)
+        except (IncompatibleAdapter, NotFound, InvalidRequest) as exc:
             log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
             return adapter
 
@@ -326,9 +331,9 @@ class AdapterRegistry:
         a changed file becomes a new version at once, and an unloaded name is usable again."""
         directory = resolve_adapter_dir(self.adapters_dir, name, path)
         if is_router(directory):
-            self._read_router(name, directory, revive=True)
+            self._read_router(name, directory, path or name, revive=True)
         else:
-            self._read_and_cache(name, directory, revive=True)
+            self._read_and_cache(name, directory, path or name, revive=True)
         with self._lock:
             if (info := self._known.get(name)) is None:
                 raise NotFound(f"adapter {excerpt(name)} was unloaded while it was being loaded: load it again to serve it")
@@ -474,8 +479,9 @@ class AdapterRegistry:
             s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions, s.prefetches
         )
 
-    def _read_and_cache(self, name: str, directory: Path, revive: bool = False) -> LoRAAdapter:
-        # A failed read leaves the version already cached (if any) in place.
+    def _read_and_cache(self, name: str, directory: Path, asked: str, revive: bool = False) -> LoRAAdapter:
+        """asked: the path it was read by, as _read_router's. A failed read leaves the version
+        already cached (if any) in place."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
         stamp, compressed, adapter = self._read_whole(name, directory)
@@ -491,7 +497,7 @@ class AdapterRegistry:
             self._known[name] = AdapterInfo(
                 name=name, rank=adapter.rank, target_modules=adapter.targets,
                 # Relative to the adapters directory, as the proto says: never the server's layout.
-                content_hash=adapter.content_hash, path=str(directory.relative_to(Path(self.adapters_dir).resolve())),
+                content_hash=adapter.content_hash, path=asked,
                 format="compeft" if compressed else "peft",
                 compression_ratio=adapter.float32_bytes / adapter.nbytes,
             )
