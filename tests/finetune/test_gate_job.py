@@ -4,7 +4,6 @@ and the router is then served; bad gate-training requests are refused before a j
 
 import json
 import re
-import threading
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from tandem.server.finetune.trainable_gates import RouterSpec
 from tandem.server.model.lora_targets import group_linears
 from tandem.v1 import finetuning_pb2
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
-from tests.finetune.test_jobs import HP, dirs, start, wait_for  # noqa: F401 (dirs: a fixture)
+from tests.finetune.test_jobs import HP, dirs, run_until_step, start, unstarted, wait_for  # noqa: F401 (dirs: a fixture)
 
 TASKS = {"e0": "Count:", "e1": "Spell:"}
 DATA = "\n".join(
@@ -70,12 +69,10 @@ def test_a_resumed_gate_job_goes_on_only_over_the_expert_versions_it_started_wit
     trained the rest of its steps over other weights than its first ones, silently."""
 
     def resumed_after_a_stop(adapter: str, republish: bool):
-        engine = start(tiny_model_dir, experts)
-        stepped = threading.Event()
+        engine = unstarted(tiny_model_dir, experts)
         try:
             job = engine.jobs.create(gate_request(adapter=adapter))
-            engine.jobs.watch(job.id, lambda j: j.step >= 3 and stepped.set())  # checkpoints at 2, 4, 6
-            assert stepped.wait(60)
+            run_until_step(engine, job.id, 3)  # checkpoints at 2, 4, 6
         finally:
             engine.shutdown()
         if republish:

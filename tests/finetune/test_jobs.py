@@ -32,6 +32,7 @@ from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainer import Hyperparameters
 from tandem.server.model.lora_targets import group_linears
 from tests.adapters.make_adapters import make_adapter
+from tests.api.conftest import wait_until
 from tests.engine.helpers import make_engine
 
 MAX_RANK = 16
@@ -47,16 +48,37 @@ def dirs(tmp_path) -> tuple[Path, Path]:
     return adapters, data
 
 
-def start(model_dir: Path, dirs: tuple[Path, Path], **changes) -> AsyncEngine:
+def unstarted(model_dir: Path, dirs: tuple[Path, Path], **changes) -> AsyncEngine:
+    """An engine whose thread is not running yet: jobs can be created and watched before any step."""
     adapters, data = dirs
-    config = EngineConfig(**{
+    return AsyncEngine(EngineConfig(**{
         "model": str(model_dir), "dtype": "float32", "kv_cache_bytes": 16 << 20, "adapters_dir": str(adapters),
         "data_dir": str(data), "max_lora_rank": MAX_RANK, "max_num_batched_tokens": 32, "finetune_micro_batch_tokens": 32,
         "adapter_cache_prefault": False, **changes,
-    })
-    engine = AsyncEngine(config)
+    }))
+
+
+def start(model_dir: Path, dirs: tuple[Path, Path], **changes) -> AsyncEngine:
+    engine = unstarted(model_dir, dirs, **changes)
     engine.start()
     return engine
+
+
+def run_until_step(engine: AsyncEngine, job_id: str, step: int) -> None:
+    """Start the unstarted `engine` and return once job `job_id` has finished `step`. The watch
+    callback holds the engine thread until shutdown has set its stop flag, so the engine's stop
+    lands right after that step however late this thread wakes (on a loaded host it landed one
+    to three steps later, or after the job had ended)."""
+    stepped = threading.Event()
+
+    def hold(job: Job) -> None:
+        if job.step >= step:
+            stepped.set()
+            wait_until(lambda: engine._stopping, 120)  # no public sign that shutdown has begun
+
+    engine.jobs.watch(job_id, hold)
+    engine.start()
+    assert stepped.wait(60)
 
 
 def wait_for(engine: AsyncEngine, job_id: str, done=lambda job: job.status.terminal, timeout: float = 120) -> Job:
@@ -222,7 +244,17 @@ def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_
         reader.start()
         assert engine.jobs.cancel(job.id).status is JobStatus.CANCELLED
         reader.join(timeout=60)
-        time.sleep(0.3)
+        job_dir = engine.jobs._job_dir(job.id)
+
+        def let_go() -> bool:
+            stats = engine.stats()
+            return (
+                not engine.jobs.has_work() and stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
+                and not engine.engine.coserve.has_work() and all(p == 0 for p in engine.engine.registry.pool._pins) and not any(job_dir.iterdir())
+            )
+
+        # The engine thread drains the reader's abort and drops the cancelled job after join and cancel return.
+        wait_until(let_go, 30)
         job = engine.jobs.get(job.id)
         assert job.status is JobStatus.CANCELLED and not engine.jobs.has_work()
         stats = engine.stats()
@@ -230,7 +262,7 @@ def test_a_cancelled_running_job_publishes_nothing_and_holds_nothing(tiny_model_
         assert not engine.engine.coserve.has_work() and all(p == 0 for p in engine.engine.registry.pool._pins)
         assert not engine.jobs._prepared  # its tokenized dataset and step plan are let go
         # Its checkpoints and dataset copy, read only by a resume, are gone from disk too.
-        assert [p.name for p in engine.jobs._job_dir(job.id).iterdir()] == []
+        assert [p.name for p in job_dir.iterdir()] == []
         assert asyncio.run(read_then_leave(engine, "after", 5)) == 5
     finally:
         engine.shutdown()
@@ -419,18 +451,15 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
     finally:
         engine.shutdown()
 
-    engine = start(tiny_model_dir, cut)
-    stepped = threading.Event()
+    engine = unstarted(tiny_model_dir, cut)
     try:
         job = engine.jobs.create(request(lora={"r": 8, "lora_dropout": 0.1}))
-        engine.jobs.watch(job.id, lambda j: j.step >= 3 and stepped.set())
-        assert stepped.wait(60)
+        run_until_step(engine, job.id, 3)
     finally:
         engine.shutdown()
-    # The engine thread finishes the micro-batch it is in, so the stop lands after step 3 or 4;
-    # the shutdown checkpoints the last finished step (it went back to step 2 before).
+    # The shutdown checkpoints the last finished step (it went back to step 2 before).
     kept = sorted(p.name for p in (cut[1] / ".tandem" / "jobs" / job.id / "checkpoints").iterdir())
-    assert kept in (["step-00000002", "step-00000003"], ["step-00000002", "step-00000004"])
+    assert kept == ["step-00000002", "step-00000003"]
 
     # Restarted (on a copy of its data) with a context shorter than the job's max_seq_length,
     # it could not train its examples: the resume fails saying why, not inside the engine.
@@ -468,12 +497,10 @@ def test_a_resumed_continued_job_uses_its_checkpoint_or_the_base_version_it_star
     continued = dict(base_adapter="plain", lora={})
 
     def stopped_after(root, step: int, **changes) -> str:
-        engine = start(tiny_model_dir, root)
-        stepped = threading.Event()
+        engine = unstarted(tiny_model_dir, root)
         try:
             job = engine.jobs.create(request(**continued, **changes))
-            engine.jobs.watch(job.id, lambda j: j.step >= step and stepped.set())
-            assert stepped.wait(60)
+            run_until_step(engine, job.id, step)
         finally:
             engine.shutdown()
         return job.id
@@ -679,13 +706,11 @@ def test_a_restart_removes_the_files_no_resume_will_read(tiny_model_dir, dirs):
 def test_a_job_that_cannot_be_resumed_fails_alone_and_the_next_resumes(tiny_model_dir, dirs, monkeypatch):
     """An unforeseen error re-validating one interrupted job stopped the thread: it and every
     job after it stayed VALIDATING_FILES for good, their watchers waiting."""
-    engine = start(tiny_model_dir, dirs)
-    stepped = threading.Event()
+    engine = unstarted(tiny_model_dir, dirs)
     try:
         first = engine.jobs.create(request())
         second = engine.jobs.create(request("second"))
-        engine.jobs.watch(first.id, lambda j: j.step >= 1 and stepped.set())
-        assert stepped.wait(60)
+        run_until_step(engine, first.id, 1)
     finally:
         engine.shutdown()
     prepare = jobs_module.JobManager._prepare
