@@ -3,8 +3,10 @@ loopback ports. Engines are shared across servers to keep model loading to a min
 
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,39 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
 def all_blocks_free(engine: AsyncEngine) -> bool:
     stats = engine.stats()
     return stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0 and stats.num_waiting == 0
+
+
+@contextmanager
+def held(engine: AsyncEngine, once: Callable[[int], bool] = lambda steps: steps >= 1) -> Iterator[Callable[[], None]]:
+    """Holds the engine's generations from the first step on where once(steps taken) is true,
+    until the release it yields is called (or the block ends): its thread then only takes
+    commands (new requests, aborts), so no generation ends on its own, whatever the host's
+    speed, while an abort still ends one at once."""
+    step = engine.engine.step
+    steps = 0
+    holding = False
+    released = threading.Event()
+
+    def held_step() -> list:
+        nonlocal steps, holding
+        holding = holding or once(steps)
+        if released.is_set() or not holding:
+            steps += 1
+            return step()
+        engine._wake.wait()  # set by every command the engine thread is sent
+        engine._wake.clear()
+        return []  # the thread takes its commands, then comes back here while work is left
+
+    def release() -> None:
+        released.set()
+        engine._wake.set()
+
+    engine.engine.step = held_step
+    try:
+        yield release
+    finally:
+        del engine.engine.step
+        release()
 
 
 def _openssl(*args: str) -> None:

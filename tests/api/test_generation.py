@@ -12,7 +12,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tandem.client import AsyncTandemClient, TandemRpcError
-from tests.api.conftest import all_blocks_free, wait_until
+from tests.api.conftest import all_blocks_free, held, wait_until
 
 PROMPTS = ["Hello there", "The capital of France is", "1, 2, 3,", "Once upon a time"]
 
@@ -149,22 +149,24 @@ def _logged_status(caplog, request_id: str) -> str | None:
 def test_cancelled_stream_frees_its_kv_blocks(client, tiny_engine, caplog):
     caplog.set_level(logging.INFO, logger="tandem.requests")
     assert wait_until(lambda: all_blocks_free(tiny_engine))
-    stream = client.stream("Once upon a time", max_new_tokens=400, ignore_eos=True, request_id="gone")
-    for _ in range(3):
-        next(stream)
-    assert tiny_engine.stats().num_free_blocks < tiny_engine.stats().num_total_blocks
-    stream.close()  # cancels the call
-    assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=5)
+    with held(tiny_engine, lambda steps: steps >= 3):  # only the cancel can end it and free its blocks
+        stream = client.stream("Once upon a time", max_new_tokens=400, ignore_eos=True, request_id="gone")
+        while next(stream).generated_tokens < 3:  # chunks read late come joined
+            pass
+        assert tiny_engine.stats().num_free_blocks < tiny_engine.stats().num_total_blocks
+        stream.close()  # cancels the call
+        assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=30)
     assert wait_until(lambda: _logged_status(caplog, "gone") == "CANCELLED"), _logged_status(caplog, "gone")
 
 
 def test_deadline_stops_generation_and_frees_blocks(client, tiny_engine, caplog):
     caplog.set_level(logging.INFO, logger="tandem.requests")
     assert wait_until(lambda: all_blocks_free(tiny_engine))
-    with pytest.raises(TandemRpcError) as info:
-        client.generate("Once upon a time", max_new_tokens=480, ignore_eos=True, timeout=0.3, request_id="late")
-    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=5)
+    with held(tiny_engine):  # only the deadline can end it and free its blocks
+        with pytest.raises(TandemRpcError) as info:
+            client.generate("Once upon a time", max_new_tokens=480, ignore_eos=True, timeout=0.3, request_id="late")
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=30)
     assert wait_until(lambda: _logged_status(caplog, "late") == "DEADLINE_EXCEEDED")
 
 

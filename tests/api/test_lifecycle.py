@@ -15,15 +15,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.client import TandemClient, TandemRpcError
-from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, loopback, start_engine, wait_until
+from tandem.client import TandemClient, TandemRpcError, connection
+from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, held, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
 READY = "tandem.v1.GenerationService"
 
 
-def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine):
+def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine, monkeypatch):
     thread = ServerThread(loopback(), None)
     try:
         with TandemClient(thread.target, max_retries=0) as impatient:
@@ -33,7 +33,15 @@ def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine):
             with pytest.raises(TandemRpcError) as info:
                 impatient.generate("hi", max_new_tokens=1)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.message
-        threading.Timer(0.5, thread.attach, [tiny_engine]).start()
+        # Attached once the first attempt has been refused: the retry finds it, whatever the
+        # backoff's jitter and the host's speed (a 0.5 s timer raced them).
+        delays = connection.retry_delays
+
+        def attach_then_back_off(*args, **kwargs):  # a generator: its body runs at the first retry, not at the call
+            thread.attach(tiny_engine)
+            yield from delays(*args, **kwargs)
+
+        monkeypatch.setattr(connection, "retry_delays", attach_then_back_off)
         with TandemClient(thread.target, max_retries=8, backoff_seconds=0.2, max_backoff_seconds=0.5) as patient:
             assert patient.generate("hi", max_new_tokens=2).generated_tokens == 2  # retried UNAVAILABLE
             assert patient.health(READY) == "SERVING"
@@ -44,15 +52,17 @@ def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine):
 def test_drain_finishes_in_flight_work_and_refuses_new_work(tiny_engine):
     thread = ServerThread(loopback(), tiny_engine)
     with TandemClient(thread.target, max_retries=0) as client:
-        stream = client.stream("Once upon a time", max_new_tokens=300, ignore_eos=True)
-        first = next(stream)
-        drained = thread.submit(thread.server.drain(grace=30))
-        assert wait_until(lambda: client.health(READY) == "NOT_SERVING")
-        assert client.health() == "SERVING"
-        with pytest.raises(TandemRpcError) as info:
-            client.generate("hi", max_new_tokens=1)
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.message
-        chunks = [first, *stream]
+        with held(tiny_engine) as release:  # still in flight, the server still up, for the refusal
+            stream = client.stream("Once upon a time", max_new_tokens=300, ignore_eos=True)
+            first = next(stream)
+            drained = thread.submit(thread.server.drain(grace=30))
+            assert wait_until(lambda: client.health(READY) == "NOT_SERVING")
+            assert client.health() == "SERVING"
+            with pytest.raises(TandemRpcError) as info:
+                client.generate("hi", max_new_tokens=1)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.message
+            release()
+            chunks = [first, *stream]
         assert chunks[-1].finish_reason == "length" and chunks[-1].generated_tokens == 300
     assert drained.result(30) is True
     thread.close()
@@ -60,12 +70,12 @@ def test_drain_finishes_in_flight_work_and_refuses_new_work(tiny_engine):
 
 def test_drain_aborts_what_outlives_the_grace_period(tiny_engine):
     thread = ServerThread(loopback(), tiny_engine)
-    with TandemClient(thread.target, max_retries=0) as client:
+    with TandemClient(thread.target, max_retries=0) as client, held(tiny_engine):  # only the drain's abort can end it
         stream = client.stream("Once upon a time", max_new_tokens=480, ignore_eos=True)
         next(stream)
         assert thread.run(thread.server.drain(grace=0.1)) is False
         assert list(stream)[-1].finish_reason == "abort"  # a last message, as the proto promises
-    assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=5)
+        assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=30)
     thread.close()
 
 

@@ -22,7 +22,7 @@ import pytest
 from tandem.client import TandemClient
 from tandem.server.api.grpc_server import build_server
 from tandem.server.engine.async_engine import AsyncEngine
-from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
+from tests.api.conftest import all_blocks_free, held, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +59,8 @@ def test_generations_cut_by_a_drain_end_with_finish_reason_abort(engine):
     """A stream gets a last message with FINISH_REASON_ABORT and a unary Generate its partial
     completion with it, instead of CANCELLED / UNAVAILABLE errors."""
     thread = ServerThread(loopback(), engine)
-    with TandemClient(thread.target, max_retries=0) as client:
+    # Both run until the drain's abort ends them, from their first tokens on.
+    with TandemClient(thread.target, max_retries=0) as client, held(engine, lambda steps: engine.stats().num_running == 2):
         stream = client.stream("Once upon a time", max_new_tokens=480, ignore_eos=True)
         first = next(stream)
         unary = ThreadPoolExecutor(1).submit(client.generate, "A long story", max_new_tokens=480, ignore_eos=True)
@@ -67,9 +68,9 @@ def test_generations_cut_by_a_drain_end_with_finish_reason_abort(engine):
         assert thread.run(thread.server.drain(grace=0.1)) is False
         chunks = [first, *stream]
         completion = unary.result(10)
+        assert wait_until(lambda: all_blocks_free(engine), timeout=30)
     assert chunks[-1].finish_reason == "abort" and 0 < chunks[-1].generated_tokens < 480
     assert completion.finish_reason == "abort" and 0 < completion.generated_tokens < 480
-    assert wait_until(lambda: all_blocks_free(engine), timeout=5)
     thread.close()
 
 
@@ -122,10 +123,12 @@ def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
 
 
 SLOW_ADAPTER_LOAD = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from tandem.server.adapters import registry
 
 def slow_load(self, name, path=""):
+    Path(os.environ["LOAD_STARTED_MARKER"]).touch()  # the call is in its worker thread
     time.sleep(120)  # a LoadAdapter still reading when the drain ends
 
 registry.AdapterRegistry.load = slow_load
@@ -135,18 +138,27 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize(("grace", "signals", "status"), [(1, 1, 0), (120, 2, 1)], ids=["drain-ends", "second-signal"])
-def test_the_process_ends_with_its_drain_or_a_second_signal_whatever_its_worker_threads_do(tiny_model_dir, tmp_path, grace, signals, status):
+def test_the_process_ends_with_its_drain_or_a_second_signal_whatever_its_worker_threads_do(
+    tiny_model_dir, tmp_path, monkeypatch, grace, signals, status
+):
     """A call's worker thread (asyncio.to_thread) kept the process alive after its drain (asyncio.run
     joins them without a bound: SIGKILL at the grace period), and further signals were ignored."""
-    process = _serve(SLOW_ADAPTER_LOAD, tiny_model_dir, "--adapters-dir", str(tmp_path), "--drain-grace-seconds", str(grace))
+    marker = tmp_path / "load-started"
+    monkeypatch.setenv("LOAD_STARTED_MARKER", str(marker))
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    process = _serve(SLOW_ADAPTER_LOAD, tiny_model_dir, "--adapters-dir", str(adapters), "--drain-grace-seconds", str(grace))
     try:
         port = next(entry["port"] for entry in _logged_until(process, "ready") if entry.get("msg") == "listening")
         with TandemClient(f"127.0.0.1:{port}", max_retries=0, timeout=300) as client, ThreadPoolExecutor(1) as pool:
             call = pool.submit(client.load_adapter, "slow")
-            time.sleep(1.0)  # the call is in its worker thread
-            for _ in range(signals):
+            assert wait_until(marker.exists, timeout=30), "LoadAdapter never reached the server's worker thread"
+            process.send_signal(signal.SIGTERM)
+            if signals == 2:
+                # Logged in the same step of the event loop that installs the second signal's
+                # handler, before any signal is dispatched: one sent now reaches that handler.
+                _logged_until(process, "signal received: draining")
                 process.send_signal(signal.SIGTERM)
-                time.sleep(1.0)
             assert process.wait(timeout=20) == status
             assert call.exception(timeout=30) is not None
     finally:
@@ -173,7 +185,7 @@ def test_a_second_signal_ends_the_process_while_the_engine_finishes_its_iteratio
     try:
         _logged_until(process, "ready")
         process.send_signal(signal.SIGTERM)
-        time.sleep(1.0)  # drained, in the engine's shutdown
+        _logged_until(process, "stopped")  # drained: next, and from here on, in the engine's shutdown
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 1
     finally:

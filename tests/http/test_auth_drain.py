@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.api.conftest import all_blocks_free, loopback, start_engine, wait_until
+from tests.api.conftest import all_blocks_free, held, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 from tests.http.conftest import TOKEN
 
@@ -83,16 +83,18 @@ def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_en
         await update(service, status)
 
     monkeypatch.setattr(health, "set", slow_update)
-    stream = _sdk(server).completions.create(
-        model=base_model, prompt="Once upon a time", max_tokens=300, temperature=1.0, seed=3, n=4, stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    chunks = [next(stream)]
-    drained = server.submit(server.server.drain(grace=60))
-    assert wait_until(lambda: server.server.state.draining)
-    assert _refuses_connections(port)
-    assert not drained.done()  # waiting for the stream
-    chunks.extend(stream)
+    with held(adapter_engine) as release:  # the stream is still in flight when the drain looks
+        stream = _sdk(server).completions.create(
+            model=base_model, prompt="Once upon a time", max_tokens=300, temperature=1.0, seed=3, n=4, stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = [next(stream)]
+        drained = server.submit(server.server.drain(grace=60))
+        assert wait_until(lambda: server.server.state.draining)
+        assert _refuses_connections(port)
+        assert not drained.done()  # waiting for the stream
+        release()
+        chunks.extend(stream)
     assert drained.result(60) is True
     server.close()
     finished = [c.choices[0] for c in chunks if c.choices[0].finish_reason]
@@ -101,12 +103,13 @@ def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_en
 
 def test_a_stream_past_the_grace_period_ends_with_abort(adapter_engine, base_model):
     server = ServerThread(loopback(), adapter_engine)
-    stream = _sdk(server).completions.create(
-        model=base_model, prompt="Once upon a time", max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True}
-    )
-    chunks = [next(stream)]
-    drained = server.submit(server.server.drain(grace=0))
-    chunks.extend(stream)
+    with held(adapter_engine):  # not over before the drain comes
+        stream = _sdk(server).completions.create(
+            model=base_model, prompt="Once upon a time", max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = [next(stream)]
+        drained = server.submit(server.server.drain(grace=0))
+        chunks.extend(stream)
     assert drained.result(60) is False
     server.close()
     assert chunks[-1].choices[0].finish_reason == "abort"
@@ -117,7 +120,7 @@ def test_a_unary_call_past_the_grace_period_is_a_503_the_client_retries(adapter_
     retry a 5xx, and would take a 200 with partial text for the answer."""
     server = ServerThread(loopback(), adapter_engine)
     sdk = _sdk(server)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, held(adapter_engine):  # not over before the drain comes
         call = pool.submit(
             sdk.completions.create, model=base_model, prompt="Once upon a time", max_tokens=400, temperature=0,
             extra_body={"ignore_eos": True},
@@ -133,12 +136,12 @@ def test_a_unary_call_past_the_grace_period_is_a_503_the_client_retries(adapter_
 
 def test_a_client_that_leaves_a_unary_call_frees_its_generation(http_server, adapter_engine, base_model):
     body = json.dumps({"model": base_model, "prompt": "Hi", "max_tokens": 400, "n": 8, "ignore_eos": True}).encode()
-    connection = http.client.HTTPConnection("127.0.0.1", http_server.server.http_port, timeout=30)
-    connection.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
-    assert wait_until(lambda: adapter_engine.stats().num_running > 0)
-    connection.close()
-    # Eight 400-token completions take many seconds here; the abort frees them at once.
-    assert wait_until(lambda: all_blocks_free(adapter_engine), timeout=3)
+    with held(adapter_engine):  # only the abort can end the generation and free its blocks
+        connection = http.client.HTTPConnection("127.0.0.1", http_server.server.http_port, timeout=30)
+        connection.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+        assert wait_until(lambda: adapter_engine.stats().num_running > 0)
+        connection.close()
+        assert wait_until(lambda: all_blocks_free(adapter_engine), timeout=30)
 
 
 def test_a_client_that_leaves_a_stream_before_its_first_token_frees_its_request(tiny_model_dir, base_model):
@@ -161,15 +164,17 @@ def test_a_client_that_leaves_a_stream_before_its_first_token_frees_its_request(
                 except RuntimeError:  # the engine thread changed the queue meanwhile
                     continue
 
-        # Eight 400-token sequences, one at a time: the stream waits behind them for seconds.
-        blocker = post({"model": base_model, "prompt": "Hi", "max_tokens": 400, "n": 8, "ignore_eos": True}, "blocker")
-        assert wait_until(lambda: in_engine("blocker"))
-        queued = post({"model": base_model, "prompt": "Hello", "max_tokens": 50, "stream": True}, "queued")
-        assert wait_until(lambda: in_engine("queued"))
-        queued.close()
-        assert wait_until(lambda: not in_engine("queued"), timeout=3) and in_engine("blocker")
-        blocker.close()
-        assert wait_until(lambda: all_blocks_free(engine), timeout=3)
+        # Eight 400-token sequences, one at a time, held: the stream waits behind them until
+        # an abort ends it; only an abort can end either.
+        with held(engine):
+            blocker = post({"model": base_model, "prompt": "Hi", "max_tokens": 400, "n": 8, "ignore_eos": True}, "blocker")
+            assert wait_until(lambda: in_engine("blocker"))
+            queued = post({"model": base_model, "prompt": "Hello", "max_tokens": 50, "stream": True}, "queued")
+            assert wait_until(lambda: in_engine("queued"))
+            queued.close()
+            assert wait_until(lambda: not in_engine("queued"), timeout=30) and in_engine("blocker")
+            blocker.close()
+            assert wait_until(lambda: all_blocks_free(engine), timeout=30)
     finally:
         thread.stop()
         engine.shutdown()
@@ -183,7 +188,7 @@ def test_a_stream_the_servers_stop_ends_before_its_first_token_is_a_503_the_clie
     server = ServerThread(loopback(), engine)
     sdk = _sdk(server)
     scheduler = engine.engine.scheduler
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool, held(engine):  # the blocker still runs, the stream still waits, at the drain
         blocker = pool.submit(
             sdk.completions.create, model=base_model, prompt="Hi", max_tokens=400, temperature=0, extra_body={"ignore_eos": True},
         )
