@@ -85,17 +85,21 @@ def test_multi_turn_chat_labels_every_assistant_turn_and_nothing_else(smollm2_to
     assert labelled_spans(smollm2_tokenizer, example) == ["Paris.<|im_end|>", "Lima.<|im_end|>"]
 
 
-def test_text_labels_every_token_but_the_first(smollm2_tokenizer):
+def test_text_labels_every_token_but_the_first_and_ends_with_eos(smollm2_tokenizer):
+    """Without the eos (TRL's SFTTrainer adds one) a model trained on documents never learnt
+    to end one."""
     example = only(jsonl({"text": "The quick brown fox"}), smollm2_tokenizer)
-    assert example.input_ids == tuple(smollm2_tokenizer("The quick brown fox").input_ids)
+    assert example.input_ids == (*smollm2_tokenizer("The quick brown fox").input_ids, smollm2_tokenizer.eos_token_id)
     assert example.labels == (IGNORE_INDEX, *example.input_ids[1:])
     assert example.num_target_tokens == example.num_tokens - 1
+    # One eos, not two, when the text ends with it.
+    assert only(jsonl({"text": "The quick brown fox<|im_end|>"}), smollm2_tokenizer).input_ids == example.input_ids
 
 
 def test_a_file_may_mix_formats_and_blank_lines_are_skipped(smollm2_tokenizer):
     data = jsonl({"text": "one two"}, "", {"messages": CHAT[1:3]}, "   ", {"prompt": "a", "completion": "b"}, "")
     examples = parse_dataset(data.encode(), smollm2_tokenizer, 512)
-    assert [labelled_spans(smollm2_tokenizer, e) for e in examples] == [[" two"], ["Paris.<|im_end|>"], ["b<|im_end|>"]]
+    assert [labelled_spans(smollm2_tokenizer, e) for e in examples] == [[" two<|im_end|>"], ["Paris.<|im_end|>"], ["b<|im_end|>"]]
 
 
 def test_every_invalid_line_is_listed_with_its_number_and_reason(smollm2_tokenizer):
@@ -112,7 +116,7 @@ def test_every_invalid_line_is_listed_with_its_number_and_reason(smollm2_tokeniz
         'line 3: "completion" must be a string, got number; '
         "line 4: not valid JSON (Expecting ',' delimiter at column 16); "
         'line 5: missing "completion", unknown key "completon" (did you mean "completion"?); '
-        "line 6: has 40 tokens, more than max_seq_length 32 (raise max_seq_length or shorten it)"
+        "line 6: has 41 tokens, more than max_seq_length 32 (raise max_seq_length or shorten it)"
     )
 
 
@@ -139,7 +143,6 @@ def test_every_invalid_line_is_listed_with_its_number_and_reason(smollm2_tokeniz
         ({"messages": [CHAT[1], {"role": "assistant", "content": "\n\nParis."}]},
          "messages[1].content starts with whitespace, which tokenizes together with the chat template's turn "
          "header: strip it"),
-        ({"text": "Hello"}, "has no tokens to train on (a text line needs at least two tokens)"),
         ('{"text": ' + "9" * 5000 + "}", "not valid JSON (a number longer than 4300 digits)"),
         ('{"text": "caf\\u00e9 \\ud83d!"}', "not valid Unicode: an unpaired surrogate (\\ud83d at column 21)"),
         ('{"prompt": "a\\udc00", "completion": "b"}', "not valid Unicode: an unpaired surrogate (\\udc00 at column 14)"),
@@ -151,7 +154,7 @@ def test_invalid_line_reasons(smollm2_tokenizer, line, reason):
 
 def test_an_escaped_surrogate_pair_is_one_character(smollm2_tokenizer):
     example = only('{"text": "smile \\ud83d\\ude00 please"}', smollm2_tokenizer)
-    assert smollm2_tokenizer.decode(example.input_ids) == "smile \U0001f600 please"
+    assert smollm2_tokenizer.decode(example.input_ids[:-1]) == "smile \U0001f600 please"
 
 
 def test_invalid_utf8_is_refused_with_its_byte(smollm2_tokenizer):

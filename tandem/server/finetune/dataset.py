@@ -8,7 +8,8 @@ Each line is one of three formats, and a file may mix them:
 - {"messages": [{"role": ..., "content": ...}, ...]}: rendered with the chat template as the
   server renders chat requests; the loss applies to each assistant turn (its content and the
   end-of-turn token closing it), never to a turn header or another role's turn;
-- {"text": str}: the loss applies to every token.
+- {"text": str}: the loss applies to every token and an eos after the text (as TRL's
+  SFTTrainer adds one): a model trained on documents learns where one ends.
 
 Any line may also carry "task": str, a label for training a router's gates (the expert that
 task calls for; server/finetune/trainable_gates.py); other jobs ignore it.
@@ -110,7 +111,7 @@ def parse_dataset(
                 "(raise max_seq_length or shorten it)"
             )
         elif example.num_target_tokens == 0:
-            errors[number] = "has no tokens to train on (a text line needs at least two tokens)"
+            errors[number] = "has no tokens to train on (its text tokenizes to nothing)"
         elif check is not None and (reason := check(example)) is not None:
             errors[number] = reason
     if errors:
@@ -292,7 +293,12 @@ def _encode_prompts(records: dict[int, dict], tokenizer) -> dict[int, TrainingEx
 
 def _encode_texts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample]:
     texts = tokenizer([r["text"] for r in records.values()]).input_ids
-    return {number: TrainingExample(tuple(ids), (IGNORE_INDEX, *ids[1:])) for number, ids in zip(records, texts)}
+    eos = tokenizer.eos_token_id
+    examples = {}
+    for number, ids in zip(records, texts):
+        ids = ids if ids[-1:] == [eos] else ids + [eos]  # a tokenizer that adds one already: not twice
+        examples[number] = TrainingExample(tuple(ids), (IGNORE_INDEX, *ids[1:]))
+    return examples
 
 
 def _encode_chats(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample | str]:
