@@ -611,7 +611,7 @@ def test_writing_a_dataset_holds_up_neither_the_engine_thread_nor_other_calls(ti
         started = time.monotonic()
         engine.jobs.has_work()
         engine.jobs.list_jobs()
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 5  # not blocked behind the held write (10 s)
         with pytest.raises(AlreadyExists, match="is already being trained by a job being created"):
             engine.jobs.create(request())
         release.set()
