@@ -10,9 +10,12 @@ On SmolLM2-135M-Instruct, in one run:
   the goal's figure is the median of --pairs such windows (default 3; one run's fraction
   swung 33-53% between runs of the same code); the fraction of the start-of-run solo is
   reported beside it. Each such window also has its own 50%: the maximum and inference alone
-  at half of it are measured again right before its first solo, and its target is 1.15x that
-  p99 (on the 2-core Xeon the maximum read 8.4-8.9 requests/s at a run's start, and "50%" of
-  it later kept the engine alone 99% busy: a load past half the host's capacity by then);
+  at half of it (unguarded, and under the guard, whose cap on prompt tokens per iteration
+  lowers the p99 by itself) are measured again right before its first solo; the lower p99 is
+  the window's baseline, which the latency goal counts against, and its target is 1.15x it
+  (on the 2-core Xeon the maximum read 8.4-8.9 requests/s at a run's start, and "50%" of
+  it later kept the engine alone 99% busy: a load past half the host's capacity by then; the
+  90% level measures the maximum again right before it for the same reason);
 - at 25%, 50% and 90% of the maximum (Poisson arrivals), inference (a) alone, (b) beside a
   co-served job (--finetune-mode coserve, --coserve-itl-p99 = 1.15 x the p99 inter-token
   latency measured alone at 50%: the median pair's; at 50% each pair's own), (c) beside a
@@ -389,20 +392,26 @@ def _measure(engine: AsyncEngine, job: bool, load) -> dict:
 
 
 def adjacent_pair(root: Path, level: float, seconds: float, seed: int) -> dict:
-    """The inference maximum measured again, inference alone at `level` of it and the target
-    from its p99; then a co-served window at that load between two windows of the job alone
-    (before: co-serving mode, after: time-sliced), and its fine-tuning tokens/s as a fraction
-    of the faster of them."""
+    """The inference maximum measured again; inference alone at `level` of it, unguarded and
+    under the guard (which caps prompt tokens per iteration with or without a job, and so
+    lowers the p99 by itself): the lower p99 is the baseline, and the target is 1.15x it;
+    then a co-served window at that load between two windows of the job alone (before:
+    co-serving mode, after: time-sliced), and its fine-tuning tokens/s as a fraction of the
+    faster of them. Against the unguarded p99 alone, the guard's own gain had hidden 10-15%
+    of co-serving's cost (1.107x read where like for like was 1.24x)."""
     saturated = measure(root, "coserve", None, False, partial(closed_loop, concurrency=16, seconds=seconds))
     load = partial(poisson, rate=level * saturated["requests_per_s"], seconds=seconds, seed=seed)
     alone = measure(root, "coserve", None, False, load)
-    target = 1.15 * alone["itl_p99"]
+    guarded = measure(root, "coserve", 1.15 * alone["itl_p99"], False, load)
+    baseline = min(alone["itl_p99"], guarded["itl_p99"])
+    target = 1.15 * baseline
     before = measure(root, "coserve", None, True, partial(idle, seconds=seconds))
     coserve = measure(root, "coserve", target, True, load)
     after = measure(root, "timeslice", None, True, partial(idle, seconds=seconds))
     fastest = max(before["train_tokens_per_s"], after["train_tokens_per_s"])
     return {
-        "max_requests_per_s": saturated["requests_per_s"], "rate": level * saturated["requests_per_s"], "alone": alone, "itl_p99_target": target,
+        "max_requests_per_s": saturated["requests_per_s"], "rate": level * saturated["requests_per_s"], "alone": alone,
+        "alone_guarded": guarded, "baseline_itl_p99": baseline, "itl_p99_target": target,
         "solo_before": before, "coserve": coserve, "solo_after": after, "fraction": coserve["train_tokens_per_s"] / fastest,
     }
 
@@ -421,9 +430,9 @@ def goal_figures(loads: list[dict], solo: dict, solo_timeslice: dict) -> dict:
     goals: dict = {"targets": {"load50_itl_p99_ratio": 1.15, "load50_finetune_fraction_of_adjacent_solo": 0.5, "load90_coserve_over_timeslice_at_same_p99": 2.0}}
     half = next((run for run in loads if run["load"] == 0.5), None)
     if half is not None:
-        # The latency goal holds only if every co-served window keeps it (against inference
-        # alone at its own load): the worst of them.
-        ratios = [pair["coserve"]["itl_p99"] / pair["alone"]["itl_p99"] for pair in half["pairs"]]
+        # The latency goal holds only if every co-served window keeps it (against the better
+        # of inference alone, unguarded or guarded, at its own load): the worst of them.
+        ratios = [pair["coserve"]["itl_p99"] / pair["baseline_itl_p99"] for pair in half["pairs"]]
         goals["load50_itl_p99_ratio"] = max(ratios)
         fastest = max(solo["train_tokens_per_s"], solo_timeslice["train_tokens_per_s"])
         goals["load50_finetune_fraction_of_solo"] = half["coserve"]["train_tokens_per_s"] / fastest
@@ -506,6 +515,7 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 12.0 if args.quick else args.seconds
     torch.set_num_threads(THREADS)
+    machine = machine_info()  # at the start: its date and load average, not the run's own
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_jsonl(root / "train.jsonl", [to_messages(e) for e in make_examples(2000, TRAIN_SEED)])
@@ -528,7 +538,7 @@ def main() -> None:
                 for i, pair in enumerate(run["pairs"]):
                     print(
                         f"load 50% pair {i + 1}: maximum {pair['max_requests_per_s']:.2f} requests/s, inference alone at half of it "
-                        f"ITL p99 {1000 * pair['alone']['itl_p99']:.0f} ms; "
+                        f"ITL p99 {1000 * pair['alone']['itl_p99']:.0f} ms (guarded {1000 * pair['alone_guarded']['itl_p99']:.0f} ms); "
                         f"job alone before {pair['solo_before']['train_tokens_per_s']:.0f} tokens/s, "
                         f"co-served {pair['coserve']['train_tokens_per_s']:.0f} (ITL p99 {1000 * pair['coserve']['itl_p99']:.0f} ms), "
                         f"alone after {pair['solo_after']['train_tokens_per_s']:.0f}: {pair['fraction']:.1%}",
@@ -538,19 +548,26 @@ def main() -> None:
                 # its inference alone and target, its co-served window; the row's guarded and
                 # time-sliced windows run at that rate too, so the row compares one load.
                 median = median_pair(run["pairs"])
-                run |= {"rate": median["rate"], "alone": median["alone"], "coserve": median["coserve"]}
+                run |= {"rate": median["rate"], "alone": median["alone"], "alone_guarded": median["alone_guarded"], "coserve": median["coserve"]}
                 if target is None:
                     target = median["itl_p99_target"]
             else:
-                run["rate"] = load * max_rate
+                maximum = max_rate
+                if load == 0.9 and 0.5 in args.loads:
+                    # Measured again right before the level: 90% of the start-of-run maximum
+                    # can be past capacity by then (the pairs read it 3% lower to 13% higher).
+                    maximum = measure(root, "coserve", None, False, partial(closed_loop, concurrency=16, seconds=seconds))["requests_per_s"]
+                    run["max_requests_per_s"] = maximum
+                run["rate"] = load * maximum
             poisson_load = partial(poisson, rate=run["rate"], seconds=seconds, seed=int(load * 100))
             if load != 0.5:
                 run["alone"] = measure(root, "coserve", None, False, poisson_load)
                 if target is None:
                     target = 1.15 * run["alone"]["itl_p99"]
             # The guard also caps prompt tokens per iteration to the target: inference alone
-            # under the same guard shows what that does without a job.
-            run["alone_guarded"] = measure(root, "coserve", target, False, poisson_load)
+            # under the same guard shows what that does without a job (the 50% pairs measured it).
+            if load != 0.5:
+                run["alone_guarded"] = measure(root, "coserve", target, False, poisson_load)
             if load != 0.5:
                 run["coserve"] = measure(root, "coserve", target, True, poisson_load)
             run["timeslice"] = measure(root, "timeslice", None, True, poisson_load)
@@ -583,7 +600,7 @@ def main() -> None:
             sweep = []
             for micro_batch in TIMESLICE_MICRO_BATCHES:
                 for share in TIMESLICE_SHARES:
-                    poisson_load = partial(poisson, rate=0.9 * max_rate, seconds=seconds, seed=90)
+                    poisson_load = partial(poisson, rate=high["rate"], seconds=seconds, seed=90)
                     r = measure(root, "timeslice", target, True, poisson_load, micro_batch=micro_batch, share=share)
                     sweep.append(r | {"timeslice_share": share, "micro_batch_tokens": micro_batch})
                     print(f"load 90% timeslice, share {share:.1%}, micro-batch {micro_batch}: ITL p99 {1000 * r['itl_p99']:.0f} ms, "
@@ -594,7 +611,7 @@ def main() -> None:
     print(json.dumps(goals, indent=1))
     result = {
         "benchmark": "coserve",
-        "machine": machine_info(),
+        "machine": machine,
         "workload": {
             "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS, "window_seconds": seconds,
             "job": "record-to-JSON messages, r 16 all-linear, 1024 tokens/step, micro-batch 512",

@@ -190,6 +190,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.concurrency, args.tokens, args.rounds = 8, 16, 2
+    machine = machine_info()  # at the start: its date and load average, not the run's own
     config = EngineConfig()
     engine = Engine.from_config(config)
     work = prompts(args.concurrency, engine.info.vocab_size)
@@ -230,7 +231,7 @@ def main() -> None:
                 serve_process.stop_server(process)
     result = {
         "benchmark": "served_vs_engine",
-        "machine": machine_info(),
+        "machine": machine,
         "workload": {"concurrency": args.concurrency, "prompt_tokens": PROMPT_TOKENS, "tokens": args.tokens,
                      "rounds": args.rounds, "dtype": engine.info.dtype, "stream_interval": args.stream_interval},
         "goals": GOALS,
