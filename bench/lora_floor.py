@@ -43,6 +43,9 @@ def main() -> None:
     libs = {name: native_cpu.library(floor) for name, floor in BUILDS.items()}
     if any(lib is None for lib in libs.values()):
         raise SystemExit("the C LoRA kernel cannot be built here (no compiler, or TANDEM_NATIVE_LORA=0)")
+    if not (native_cpu.serves_bf16() if args.dtype == "bfloat16" else native_cpu.serves_float32()):
+        # Every call would take the torch path: the three builds would run the same code.
+        raise SystemExit(f"the C LoRA kernel serves no {args.dtype} call on this CPU: try --dtype float32 (AVX2) or an AVX-512 host")
     dtype = getattr(torch, args.dtype)
     loaded, hf, _ = lora_serving.load("smollm2", dtype, torch.device("cpu"))
     rng = random.Random(0)
@@ -55,6 +58,8 @@ def main() -> None:
     real_library = native_cpu.library
     try:
         lora_serving.make_adapters(hf, tmp, max(n for n, _ in cases))
+        # One untimed run first: the first round's first build ran cold.
+        lora_serving.paired_run(loaded, prompts, lora_serving.OUT_LEN, tmp / "adapters", lora_serving.draw(8, "uniform", n_req, seed=1), lora_serving.adapter_name)
         for rnd in range(args.rounds):
             for n, pop in cases:
                 choice = lora_serving.draw(n, pop, n_req, seed=1000 + n + (0 if pop == "uniform" else 1))

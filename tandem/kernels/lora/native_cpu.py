@@ -71,6 +71,11 @@ def serves_bf16() -> bool:
     return _AVX512 and library() is not None
 
 
+def serves_float32() -> bool:
+    """Whether float32 calls come here on this CPU (AVX-512, or AVX2's 8-lane loops)."""
+    return serves_bf16() or _avx2_f32()
+
+
 @functools.cache
 def _avx2_f32() -> bool:
     lib = library()
