@@ -2,6 +2,7 @@
 they make, and the exit status of a failed call (10 + its gRPC status code)."""
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +35,32 @@ def add_connection_flags(
 
 
 def connection_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for TandemClient / AsyncTandemClient (after the target)."""
-    token = Path(args.token_file).read_text().strip() if args.token_file else args.token
-    return dict(token=token, tls=args.tls, ca_cert=args.ca_cert, client_cert=args.client_cert,
+    """Keyword arguments for TandemClient / AsyncTandemClient (after the target). A file
+    flag set empty (often an environment variable left blank) and half a client certificate
+    are usage errors (exit 2): an empty TANDEM_TOKEN_FILE had sent no token, an empty
+    TANDEM_CA_CERT turned TLS on."""
+    for flag in ("token_file", "ca_cert", "client_cert", "client_key"):
+        if getattr(args, flag) == "":
+            _usage_error(f"--{flag.replace('_', '-')} is empty (TANDEM_{flag.upper()} set blank?): unset it or name a file")
+    if (args.client_cert is None) != (args.client_key is None):
+        _usage_error("--client-cert and --client-key go together (mutual TLS): give both")
+    return dict(token=_token(args), tls=args.tls, ca_cert=args.ca_cert, client_cert=args.client_cert,
                 client_key=args.client_key, timeout=args.timeout, max_message_bytes=args.max_message_bytes)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token: a flag on the command line beats the environment (an admin's
+    --token beat TANDEM_TOKEN_FILE set by CI before); from the same source the file wins."""
+    typed = {flag: getattr(args, flag) is not None and getattr(args, flag) != os.environ.get(f"TANDEM_{flag.upper()}")
+             for flag in ("token_file", "token")}
+    if typed["token"] and not typed["token_file"]:
+        return args.token
+    return Path(args.token_file).read_text().strip() if args.token_file else args.token
+
+
+def _usage_error(message: str) -> None:
+    print(f"tandem: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def rpc_failure(error: TandemRpcError, prefix: str = "tandem") -> int:

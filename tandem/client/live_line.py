@@ -1,6 +1,7 @@
 """One status line that keeps a terminal informed: redrawn in place on a terminal, written as
 a new line only when it changes elsewhere (a log file, a pipe)."""
 
+import shutil
 from typing import TextIO
 
 
@@ -12,8 +13,11 @@ class LiveLine:
 
     def show(self, line: str) -> None:
         if self.live:
-            # \r back to the start, \x1b[K clears what a longer previous line left.
-            self._stream.write(f"\r{line}\x1b[K")
+            # \r back to the start, \x1b[K clears what a longer previous line left. Cut to
+            # the terminal's width: \r returns only to the start of a wrapped line's last row,
+            # so a wider line scrolled a new row at every redraw.
+            width = shutil.get_terminal_size().columns - 1
+            self._stream.write(f"\r{line[:width]}\x1b[K")
             self._stream.flush()
         elif line != self._last:
             print(line, file=self._stream, flush=True)

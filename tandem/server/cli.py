@@ -76,6 +76,10 @@ SERVER_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
 ]
 
 
+# Flags whose values --help must not print.
+SECRET_FLAGS = {"--token"}
+
+
 def env_name(flag: str) -> str:
     return "TANDEM_" + flag.lstrip("-").replace("-", "_").upper()
 
@@ -91,7 +95,8 @@ def add_env_flag(parser: argparse.ArgumentParser, flag: str, kind: Callable[[str
             why = f"is not valid: {error}" if isinstance(error, argparse.ArgumentTypeError) else f"is not a valid {kind.__name__}"
             print(f"tandem: error: {env}={os.environ[env]!r} {why}", file=sys.stderr)
             raise SystemExit(2) from None
-    shown = "unset" if default is None else default
+    # A secret's value never shows in --help (a CI log); argparse %-formats help text.
+    shown = "unset" if default is None else "set, not shown" if flag in SECRET_FLAGS else str(default).replace("%", "%%")
     parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {shown}]")
 
 
@@ -99,9 +104,14 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+# What `pip install 'tandem[server]'` adds that `tandem serve` imports (a client install
+# beside torch, as ML users have, lacked the rest and failed with a traceback).
+SERVER_MODULES = ("torch", "transformers", "safetensors", "gguf", "grpc_reflection", "prometheus_client", "fastapi", "uvicorn")
+
+
 def server_installed() -> bool:
-    """Whether `tandem serve` can run here: the base install is the client alone, without torch."""
-    return importlib.util.find_spec("torch") is not None
+    """Whether `tandem serve` can run here: the base install is the client alone."""
+    return all(importlib.util.find_spec(module) is not None for module in SERVER_MODULES)
 
 
 def add_serve_command(commands: argparse._SubParsersAction, with_flags: bool = True) -> None:

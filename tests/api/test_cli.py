@@ -154,3 +154,51 @@ def test_an_empty_auth_tokens_file_in_the_environment_is_refused(capsys, monkeyp
     monkeypatch.setenv("TANDEM_AUTH_TOKENS_FILE", "")
     assert main(["serve"]) == 2
     assert "auth_tokens_file is empty" in capsys.readouterr().err
+
+
+def test_help_hides_the_token_and_takes_a_percent_sign(capsys, monkeypatch):
+    """The token from the environment was printed in --help (into CI logs), and a % in any
+    environment value made --help a traceback."""
+    monkeypatch.setenv("TANDEM_TOKEN", "s3cret%token")
+    monkeypatch.setenv("TANDEM_TARGET", "host:1%2")
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    out = " ".join(out.split())
+    assert info.value.code == 0 and "s3cret" not in out and "set, not shown" in out and "host:1%2" in out, out
+
+
+@pytest.mark.parametrize(("variable", "flag"), [("TANDEM_TOKEN_FILE", "--token-file"), ("TANDEM_CA_CERT", "--ca-cert")])
+def test_a_blank_file_variable_is_a_usage_error(capsys, monkeypatch, variable, flag):
+    """TANDEM_TOKEN_FILE= sent no token, TANDEM_CA_CERT= turned TLS on, without a word."""
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(SystemExit) as info:
+        main(["model", "--target", "127.0.0.1:1"])
+    assert info.value.code == 2 and f"{flag} is empty ({variable} set blank?)" in capsys.readouterr().err
+
+
+def test_half_a_client_certificate_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["model", "--target", "127.0.0.1:1", "--client-cert", str(tmp_path / "c.pem")])
+    assert info.value.code == 2 and "--client-cert and --client-key go together" in capsys.readouterr().err
+
+
+def test_a_token_on_the_command_line_beats_a_token_file_from_the_environment(monkeypatch, tmp_path):
+    from tandem.client.cli_connection import connection_settings
+
+    (tmp_path / "ci-token").write_text("from-ci\n")
+    monkeypatch.setenv("TANDEM_TOKEN_FILE", str(tmp_path / "ci-token"))
+    settings = lambda *argv: connection_settings(build_parser("model").parse_args(["model", *argv]))  # noqa: E731
+    assert settings()["token"] == "from-ci"
+    assert settings("--token", "admin")["token"] == "admin"
+    (tmp_path / "mine").write_text("mine")
+    assert settings("--token", "admin", "--token-file", str(tmp_path / "mine"))["token"] == "mine"  # both typed: the file, as before
+
+
+def test_serve_on_a_client_install_beside_torch_prints_the_install_hint(capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a))
+    assert main(["serve"]) == 1
+    assert "install the server with: pip install 'tandem[server]'" in capsys.readouterr().err

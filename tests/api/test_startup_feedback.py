@@ -94,3 +94,17 @@ def test_text_logs_quote_a_field_a_caller_chose_so_it_cannot_forge_a_line():
     line = TextFormatter().format(record)
     assert "\n" not in line
     assert line.endswith('adapter="x\\n2026-01-01 00:00:00 INFO forged: admin login" status=OK path="a b"')
+
+
+def test_a_live_line_wider_than_the_terminal_is_cut_to_fit(monkeypatch):
+    """\r returns to the start of a wrapped line's last row only: `finetune watch`'s ~146
+    characters scrolled a new row at every redraw on an 80-column terminal."""
+    import os
+    import shutil
+
+    from tandem.client.live_line import LiveLine
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((80, 24)))
+    terminal = Terminal()
+    LiveLine(terminal).show("x" * 146)
+    assert terminal.getvalue() == "\r" + "x" * 79 + "\x1b[K"
