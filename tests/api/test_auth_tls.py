@@ -89,3 +89,21 @@ def test_mutual_tls(tiny_engine, certs):
             assert probe.health("tandem.v1.GenerationService") == "SERVING"
     finally:
         thread.stop()
+
+
+@pytest.mark.parametrize("broken", ["swapped", "garbled", "client-ca"])
+def test_bad_tls_files_are_named_not_read_as_a_busy_port(certs, tmp_path, broken):
+    """gRPC refuses them only by failing to bind: the server said another process used the port."""
+    from tandem.server.api.grpc_server import build_server
+
+    files = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
+    if broken == "swapped":
+        files = dict(tls_cert=str(certs / "server.key"), tls_key=str(certs / "server.pem"))
+    elif broken == "garbled":
+        (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        files["tls_cert"] = str(tmp_path / "cert.pem")
+    else:
+        (tmp_path / "ca.pem").write_text("not a CA\n")
+        files["tls_client_ca"] = str(tmp_path / "ca.pem")
+    with pytest.raises(ValueError, match="--tls-client-ca .* is not a PEM CA bundle" if broken == "client-ca" else "--tls-cert .* are not a PEM certificate chain and its private key"):
+        build_server(loopback(**files))

@@ -2,6 +2,7 @@
 the start → attach engine → drain lifecycle. `build_server()` is what the CLI and tests call."""
 
 import logging
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,8 +118,22 @@ class TandemServer:
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """The TLS credentials, the files checked first: gRPC refuses a bad certificate or key
+    only by failing to bind, which read as "is another process using the port?"."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"--tls-cert {config.tls_cert} and --tls-key {config.tls_key} are not a PEM certificate chain and its private key ({exc})"
+        ) from exc
+    if config.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--tls-client-ca {config.tls_client_ca} is not a PEM CA bundle ({exc})") from exc
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca is not None else None
     return grpc.ssl_server_credentials(
         [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
