@@ -63,6 +63,14 @@ def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
     fsync_dir(path.parent)
 
 
+def check_writable(directory: Path) -> None:
+    """Raises OSError when directory cannot take what write_directory writes there (a temp
+    folder made and removed), so that a server finds out at start, not at its first write."""
+    probe = _temp_beside(directory / "write-check")
+    os.mkdir(probe)
+    os.rmdir(probe)
+
+
 def _remove(path: Path) -> None:
     """Remove a replaced version: a directory, or a symlink to one (an admin's prod -> prod-v1
     layout), whose target stays."""

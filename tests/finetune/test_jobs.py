@@ -731,3 +731,21 @@ def test_a_job_that_cannot_be_resumed_fails_alone_and_the_next_resumes(tiny_mode
     assert failed.status is JobStatus.FAILED and failed.error.code == "internal_error"
     assert failed.error.message == "could not resume after a restart: RuntimeError: simulated"
     assert resumed.status is JobStatus.SUCCEEDED
+
+
+def test_an_adapters_directory_the_server_cannot_write_stops_the_start_not_a_job(tiny_model_dir, dirs, monkeypatch):
+    """A read-only --adapters-dir (a ReadWriteMany volume fsGroup does not reach) was found
+    out at a job's publish, after its whole run, which its checkpoints' removal then lost."""
+    import os
+
+    adapters = str(dirs[0].resolve())
+    mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(adapters):
+            raise PermissionError(13, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(ValueError, match=r"fine-tuning publishes into --adapters-dir .*, which this server cannot write \(Permission denied\): give user \d+ write access"):
+        unstarted(tiny_model_dir, dirs)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import shutil
 import threading
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from tandem.server.adapters.peft_format import WEIGHTS_FILE, LoRAAdapter, adapter_files, peft_config
 from tandem.server.adapters.registry import check_writable_name
 from tandem.server.adapters.router_format import GATES_FILE, Router
-from tandem.server.atomic_files import make_directories, remove_leftovers, write_file
+from tandem.server.atomic_files import check_writable, make_directories, remove_leftovers, write_file
 from tandem.server.engine.llm_engine import Engine
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, TandemError, excerpt
@@ -104,6 +105,15 @@ class JobManager:
     def __init__(self, engine: Engine, data_dir: str | Path, max_training_file_bytes: int, wake: Callable[[], None]):
         if engine.registry is None:
             raise ValueError("fine-tuning publishes adapters: start the server with --adapters-dir as well as --data-dir")
+        try:
+            check_writable(Path(engine.registry.adapters_dir))
+        except OSError as exc:
+            # Else a job found out at its publish, after its whole run, and lost it.
+            raise ValueError(
+                f"fine-tuning publishes into --adapters-dir {engine.registry.adapters_dir}, which this server cannot write "
+                f"({exc.strerror or exc}): give user {os.getuid()} write access to it (Kubernetes' fsGroup does not apply to "
+                "every ReadWriteMany volume: deploy/README.md), or serve without --data-dir"
+            ) from exc
         self.engine = engine
         self.registry = engine.registry
         self.data_dir = Path(data_dir).resolve()
