@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tandem.server.api.grpc_server import ABORT_WAIT_SECONDS, SERVICES
+from tandem.server.openai_api.front import CLOSE_GRACE_SECONDS
 from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name
 from tandem.server.config import EngineConfig, ServerConfig
 from tests.deploy.conftest import DEFAULT, K8S, REPO, RENDERINGS, TOKENS, config_map, container, find, tandem_workloads
@@ -103,8 +104,16 @@ def test_with_tls_the_probes_run_tandem_health_inside_the_pod(rendered):
     assert data["TANDEM_TLS_CERT"].startswith("/etc/tandem/tls/") and data["TANDEM_TLS_KEY"].startswith("/etc/tandem/tls/")
 
 
+# After the HTTP front closes, the engine stops: its iteration ends, and on the trainer the
+# running job's last step is checkpointed (a GPU model's adapter and optimizer state, fsynced).
+ENGINE_STOP_SECONDS = {"server": 10, "trainer": 40}
+
+
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
-def test_the_grace_period_outlasts_the_pre_stop_delay_and_the_drain(rendered, name):
+def test_the_grace_period_outlasts_the_whole_shutdown(rendered, name):
+    """preStop, the drain, the aborted generations' end, the HTTP front's close and the
+    engine's stop: a budget that left out the last two let the kubelet kill a trainer
+    writing its checkpoint."""
     drain = float(config_map(rendered[name])["TANDEM_DRAIN_GRACE_SECONDS"])
     for workload in tandem_workloads(rendered[name]):
         c = container(workload)
@@ -113,7 +122,8 @@ def test_the_grace_period_outlasts_the_pre_stop_delay_and_the_drain(rendered, na
         pre_stop = float(command[1])
         assert pre_stop >= 5, "endpoints need a few seconds to drop the pod before it drains"
         grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert grace > pre_stop + drain + ABORT_WAIT_SECONDS
+        role = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert grace >= pre_stop + drain + ABORT_WAIT_SECONDS + CLOSE_GRACE_SECONDS + ENGINE_STOP_SECONDS[role], role
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
