@@ -104,15 +104,18 @@ class Window:
     train_rate: float = 0.0
     ended: float | None = None
     on_end: list = field(default_factory=list)
+    first_wave: int = 1  # requests that start together (a closed loop's concurrency)
 
     def completion_rate(self) -> float:
-        """Requests/s completed in the window, from its first completion to its last (as
-        TrainedTokens.rate: a closed loop's requests all start at once and none ends for a
-        request's length, so counting over the whole window reads low)."""
+        """Requests/s completed in the window, from the end of its first wave of completions
+        to its last (as TrainedTokens.rate: a closed loop's requests all start at once and
+        none ends for a request's length, so counting over the whole window reads low; and
+        its first wave ends almost at once, so counting from the first completion read 3.6%
+        high over 60 s, ~20% over 12 s)."""
         inside = sorted(t for t in self.completed if self.ended is None or t <= self.ended)
-        if len(inside) < 2:
+        if len(inside) <= self.first_wave:
             return len(inside) / self.seconds if self.seconds else 0.0
-        return (len(inside) - 1) / (inside[-1] - inside[0])
+        return (len(inside) - self.first_wave) / (inside[-1] - inside[self.first_wave - 1])
 
     def end_load(self) -> None:
         self.ended = time.perf_counter()
@@ -331,6 +334,7 @@ async def idle(engine: AsyncEngine, window: Window, seconds: float) -> None:
 
 async def closed_loop(engine: AsyncEngine, window: Window, concurrency: int, seconds: float) -> None:
     pool = prompts(512, 99, engine.info.vocab_size)
+    window.first_wave = concurrency
     started = time.perf_counter()
     counter = iter(range(10**9))
 
