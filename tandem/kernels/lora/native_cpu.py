@@ -152,22 +152,24 @@ def _pool_args(w: LoRAWeights) -> tuple | None:
     return args
 
 
-# The last step's struct, its token count and its segments past MAX_SEGMENT_ROWS: a step's
-# ~120 calls share one LoRABatch.
-_last_batch: tuple = (lambda: None, None)
+# The latest batches' structs, token counts and segments past MAX_SEGMENT_ROWS, newest first:
+# a step's ~120 calls share one LoRABatch, and a co-served step alternates between a few
+# (inference rows, training rows), which one remembered batch rebuilt at every call.
+_recent_batches: list[tuple[weakref.ref, tuple | None]] = []
+RECENT_BATCHES = 4
 
 
 def _batch_args(batch: LoRABatch) -> tuple | None:
     """(step struct, tokens, long segments) for batch, or None."""
-    global _last_batch
-    ref, args = _last_batch
-    if ref() is batch:
-        return args
+    for ref, args in _recent_batches:
+        if ref() is batch:
+            return args
     args = (_Step(
         batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(),
         batch.sorted_tokens.data_ptr(), len(batch.segments), MAX_SEGMENT_ROWS,
     ), batch.num_tokens, [s for s in batch.segments if s.length > MAX_SEGMENT_ROWS]) if batch.sorted_tokens.is_cpu else None
-    _last_batch = (weakref.ref(batch), args)
+    _recent_batches.insert(0, (weakref.ref(batch), args))
+    del _recent_batches[RECENT_BATCHES:]
     return args
 
 
