@@ -100,11 +100,17 @@ def test_a_live_line_wider_than_the_terminal_is_cut_to_fit(monkeypatch):
     """\r returns to the start of a wrapped line's last row only: `finetune watch`'s ~146
     characters scrolled a new row at every redraw on an 80-column terminal."""
     import os
-    import shutil
 
     from tandem.client.live_line import LiveLine
 
-    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((80, 24)))
-    terminal = Terminal()
+    class Sized(Terminal):
+        def fileno(self) -> int:
+            return 99
+
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd: os.terminal_size((80, 24)) if fd == 99 else os.terminal_size((500, 24)))
+    terminal = Sized()
     LiveLine(terminal).show("x" * 146)
     assert terminal.getvalue() == "\r" + "x" * 79 + "\x1b[K"
+    unsized = Terminal()  # no terminal size to read: the whole line
+    LiveLine(unsized).show("x" * 146)
+    assert unsized.getvalue() == "\r" + "x" * 146 + "\x1b[K"
