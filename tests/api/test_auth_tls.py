@@ -1,5 +1,6 @@
 """Bearer-token roles, and TLS / mutual TLS, against real servers."""
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -94,8 +95,6 @@ def test_mutual_tls(tiny_engine, certs):
 @pytest.mark.parametrize("broken", ["swapped", "garbled", "client-ca"])
 def test_bad_tls_files_are_named_not_read_as_a_busy_port(certs, tmp_path, broken):
     """gRPC refuses them only by failing to bind: the server said another process used the port."""
-    from tandem.server.api.grpc_server import build_server
-
     files = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
     if broken == "swapped":
         files = dict(tls_cert=str(certs / "server.key"), tls_key=str(certs / "server.pem"))
@@ -106,4 +105,10 @@ def test_bad_tls_files_are_named_not_read_as_a_busy_port(certs, tmp_path, broken
         (tmp_path / "ca.pem").write_text("not a CA\n")
         files["tls_client_ca"] = str(tmp_path / "ca.pem")
     with pytest.raises(ValueError, match="--tls-client-ca .* is not a PEM CA bundle" if broken == "client-ca" else "--tls-cert .* are not a PEM certificate chain and its private key"):
-        build_server(loopback(**files))
+        asyncio.run(_built(loopback(**files)))  # built inside a loop, as serve builds it
+
+
+async def _built(config) -> None:
+    from tandem.server.api.grpc_server import build_server
+
+    build_server(config)

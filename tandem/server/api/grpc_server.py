@@ -147,6 +147,7 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
 
     Call it inside the asyncio loop that will run the server.
     """
+    credentials = _credentials(config)  # before anything is made: a bad file fails the start at once
     metrics = metrics or Metrics()
     tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file is not None else None
     server = grpc.aio.server(
@@ -168,7 +169,6 @@ def build_server(config: ServerConfig, metrics: Metrics | None = None) -> Tandem
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"  # IPv6 in brackets
-    credentials = _credentials(config)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
