@@ -28,7 +28,13 @@ adapter directory hard-links one of them and has its own adapter_config.json (an
 "revision" field), so every adapter has its own content hash and is read, parsed and copied
 into a slot like a real one. The adapters live in a temp dir removed at the end.
 
-    .venv/bin/python bench/lora_serving.py [--dtype bfloat16] [--quick]
+With 2048 adapters drawn by Zipf, 96 requests are three waves of the closed loop: 61
+distinct adapters, all of which the host cache holds, so none is read twice. --zipf-requests
+runs that case (and its paired baseline) on more requests (1024: 405 distinct, more than the
+2 GiB host cache holds), so that the host cache evicts and reads again as a long-running
+server's does; the other runs keep --requests.
+
+    .venv/bin/python bench/lora_serving.py [--dtype bfloat16] [--quick] [--zipf-requests 1024]
     PYTHONPATH=. python bench/lora_serving.py --model llama-8b --device cuda   # on a GPU host
 """
 
@@ -459,6 +465,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--requests", type=int, help=f"requests per run (default 96, quick 32), {CONCURRENCY} in flight")
     ap.add_argument("--quick", action="store_true", help="1, 8 and 64 adapters, uniform only, no peft")
+    ap.add_argument("--zipf-requests", type=int, help="requests of the 2048-adapter Zipf run (default: --requests)")
     ap.add_argument("--eager", action="store_true", help="CUDA: no decode graphs (every op launched), for comparison")
     args = ap.parse_args()
     global CUDA_GRAPHS
@@ -474,7 +481,9 @@ def main() -> None:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     vocab = loaded.model.shape.vocab_size
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(n_req)]
+    zipf_req = max(n_req, args.zipf_requests or n_req)
+    longest = [[rng.randrange(100, vocab) for _ in range(PROMPT_LEN)] for _ in range(zipf_req)]
+    prompts = longest[:n_req]
     tmp = Path(tempfile.mkdtemp(prefix="tandem-lora-bench-"))
     try:
         made = make_adapters(hf, tmp, max(counts))
@@ -502,10 +511,11 @@ def main() -> None:
         results = []
         base_bytes = sizes(loaded, dtype)["base_bytes"]
         for n, pop, targets in runs:
-            choice = draw(n, pop, n_req, seed=1000 + n + (0 if pop == "uniform" else 1))
+            run_prompts = longest if (n, pop) == (2048, "zipf") else prompts
+            choice = draw(n, pop, len(run_prompts), seed=1000 + n + (0 if pop == "uniform" else 1))
             naming = adapter_name if targets == "all" else qv_name
-            ours, base = paired_run(loaded, prompts, OUT_LEN, adapters_dir, choice, naming)
-            r = {"adapters": n, "popularity": pop, "targets": targets, **ours, "baseline": base}
+            ours, base = paired_run(loaded, run_prompts, OUT_LEN, adapters_dir, choice, naming)
+            r = {"adapters": n, "popularity": pop, "targets": targets, "requests": len(run_prompts), **ours, "baseline": base}
             r["baseline_tok_s"] = base["tok_s"]
             r["ratio"] = r["tok_s"] / base["tok_s"]
             r["ratio_without_reads"] = r["tok_s_without_reads"] / base["tok_s"]
@@ -560,7 +570,7 @@ def main() -> None:
     result = {
         "machine": info, "model": loaded.name, "device": device.type, "dtype": args.dtype, "threads": args.threads,
         "workload": {
-            "concurrency": CONCURRENCY, "requests_per_run": n_req, "prompt_len": PROMPT_LEN, "output_len": OUT_LEN,
+            "concurrency": CONCURRENCY, "requests_per_run": n_req, "zipf_2048_requests": zipf_req, "prompt_len": PROMPT_LEN, "output_len": OUT_LEN,
             "greedy": True, "ignore_eos": True, "rank": RANK, "target_modules": list(ALL_LINEAR), "slots": SLOTS,
             "adapter_cache_bytes": EngineConfig().adapter_cache_bytes,
             "adapter_cache_prefault": EngineConfig().adapter_cache_prefault, "max_num_batched_tokens": 512,
