@@ -96,6 +96,38 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
     assert not (registry.adapters_dir / "late").exists() and "late" not in {a.name for a in registry.list()}
 
 
+def test_a_load_whose_caller_gave_up_loads_nothing(server, admin, monkeypatch):
+    """LoadAdapter on a slow disk ran on in its thread past the caller's deadline and, ending
+    after the admin's next call for the name, served its version anyway: undoing that call."""
+    registry = server.server.state.catalog
+    before = admin.load_adapter("late-load", path="a0")
+    release, finished = threading.Event(), threading.Event()
+    abandoned = queue.Queue()  # the load's event the server sets when its caller goes
+    read_whole, load = registry._read_whole, registry.load
+
+    def slow_read_whole(name, directory):
+        if directory.name == "a1":
+            release.wait(30)
+        return read_whole(name, directory)
+
+    def load_to_the_end(*args, **kwargs):
+        abandoned.put(args[2])  # the service calls load(name, path, abandoned)
+        try:
+            return load(*args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(registry, "_read_whole", slow_read_whole)
+    monkeypatch.setattr(registry, "load", load_to_the_end)
+    with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:
+        assert rpc_error(lambda: impatient.load_adapter("late-load", path="a1")).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert abandoned.get(timeout=30).wait(30)  # as for the merge: the server sets it only later
+    release.set()
+    assert finished.wait(30)
+    listed = {a.name: a for a in admin.list_adapters()}
+    assert (listed["late-load"].path, listed["late-load"].content_hash) == ("a0", before.content_hash)
+
+
 @pytest.mark.parametrize(
     "adapter, code, reason",
     [

@@ -127,7 +127,7 @@ import os, sys, time
 from pathlib import Path
 from tandem.server.adapters import registry
 
-def slow_load(self, name, path=""):
+def slow_load(self, name, path="", abandoned=None):
     Path(os.environ["LOAD_STARTED_MARKER"]).touch()  # the call is in its worker thread
     time.sleep(120)  # a LoadAdapter still reading when the drain ends
 

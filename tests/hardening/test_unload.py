@@ -56,14 +56,51 @@ def test_an_unload_during_a_load_wins_with_a_clear_error(tiny_hf_model, smollm2_
     registry = engine.registry
     read = registry._read_and_cache
 
-    def read_then_unloaded(name, directory, asked, revive=False):
-        adapter = read(name, directory, asked, revive)
+    def read_then_unloaded(name, directory, asked, revive=False, abandoned=None):
+        adapter = read(name, directory, asked, revive, abandoned)
         registry.unload(name)
         return adapter
 
     monkeypatch.setattr(registry, "_read_and_cache", read_then_unloaded)
     with pytest.raises(NotFound, match="^adapter 'style' was unloaded while it was being loaded: load it again to serve it$"):
         registry.load("style")
+
+
+def test_a_load_whose_caller_gave_up_loads_nothing(tiny_hf_model, smollm2_tokenizer, tmp_path):
+    """LoadAdapter(sql, path=sql-v2) timed out on a slow disk; its read went on in its thread and,
+    ending after the admin's next call (an unload, another load), served its version anyway."""
+    import threading
+
+    from tandem.server.adapters.router_format import router_config, write_router
+    from tandem.server.errors import FailedPrecondition
+    from tests.adapters.make_adapters import ALL_LINEAR
+    from tests.adapters.test_routers import random_gates
+
+    make_adapter(tiny_hf_model, tmp_path / "sql", r=4, target_modules=ALL_LINEAR, seed=1)  # a router's experts adapt
+    make_adapter(tiny_hf_model, tmp_path / "sql-v2", r=4, target_modules=ALL_LINEAR, seed=2)  # all it gates
+    write_router(tmp_path / "mix", router_config(["sql", "sql-v2"]), random_gates(tiny_hf_model, 2, seed=3))
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    registry = engine.registry
+    v1 = registry.load("sql")
+    abandoned = threading.Event()
+    abandoned.set()
+
+    def refused(name):
+        return pytest.raises(FailedPrecondition, match=f"^the call that would load adapter '{name}' was cancelled: nothing was loaded$")
+
+    with refused("sql"):
+        registry.load("sql", path="sql-v2", abandoned=abandoned)
+    assert registry.get("sql").content_hash == v1.content_hash
+    assert [(a.name, a.path, a.content_hash) for a in registry.list()] == [("sql", "sql", v1.content_hash)]
+    with refused("mix"):  # a router is read, then committed, the same way
+        registry.load("mix", abandoned=abandoned)
+    assert "mix" not in {a.name for a in registry.list()}
+    registry.unload("sql")
+    with refused("sql"):
+        registry.load("sql", path="sql-v2", abandoned=abandoned)
+    with pytest.raises(NotFound, match="was unloaded"):
+        registry.get("sql")
+    assert registry.load("sql", path="sql-v2", abandoned=threading.Event()).path == "sql-v2"  # not set: loaded
 
 
 def test_an_adapter_not_read_yet_is_unloaded_too_and_no_longer_offered(tiny_hf_model, smollm2_tokenizer, tmp_path):

@@ -261,17 +261,19 @@ class AdapterRegistry:
             adapters.append(adapter)
         return Mixture(tuple(adapters), tuple(float(w) for _, w in members))
 
-    def _read_router(self, name: str, directory: Path, asked: str, revive: bool = False) -> Router:
+    def _read_router(
+        self, name: str, directory: Path, asked: str, revive: bool = False, abandoned: threading.Event | None = None
+    ) -> Router:
         """asked: the path it was read by (relative to the adapters directory, links not
         followed). revive: an admin's load, which serves an unloaded name again once its read
-        succeeds."""
+        succeeds. abandoned: as for load."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
         router = read_router(name, directory, self.model)
         self.check_router_fits(name, router.num_experts)
         experts = self._with_experts(router).adapters
         with self._lock:
-            if not self._commit_name(name, revive, seen):
+            if not self._commit_name(name, revive, seen, abandoned):
                 return router
             self._routers[name] = router
             # A name is one thing at a time: a LoRA version cached under it is no longer served.
@@ -326,14 +328,16 @@ class AdapterRegistry:
             log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
             return adapter
 
-    def load(self, name: str, path: str = "") -> AdapterInfo:
+    def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo:
         """(Re)read an adapter from disk (adapters_dir/path, default adapters_dir/name);
-        a changed file becomes a new version at once, and an unloaded name is usable again."""
+        a changed file becomes a new version at once, and an unloaded name is usable again.
+        abandoned: set once the caller has gone: then nothing is loaded, or a load timed out
+        on a slow disk, ending after a later unload or load of the name, undid it."""
         directory = resolve_adapter_dir(self.adapters_dir, name, path)
         if is_router(directory):
-            self._read_router(name, directory, path or name, revive=True)
+            self._read_router(name, directory, path or name, revive=True, abandoned=abandoned)
         else:
-            self._read_and_cache(name, directory, path or name, revive=True)
+            self._read_and_cache(name, directory, path or name, revive=True, abandoned=abandoned)
         with self._lock:
             if (info := self._known.get(name)) is None:
                 raise NotFound(f"adapter {excerpt(name)} was unloaded while it was being loaded: load it again to serve it")
@@ -424,13 +428,17 @@ class AdapterRegistry:
             self._unloaded.add(name)
             self._admin_changes[name] = self._admin_changes.get(name, 0) + 1
 
-    def _commit_name(self, name: str, revive: bool, seen: int) -> bool:
+    def _commit_name(self, name: str, revive: bool, seen: int, abandoned: threading.Event | None = None) -> bool:
         """Under the lock, before a read's result is cached: whether to cache it. An unload
         while it was under way wins, unless the read is an admin's load (which makes the name
         servable again only now, once it succeeded: a failed load leaves an unloaded name
         unloaded). A request's read that an admin's load or unload overtook (seen: the count
         of those when it began) serves its request and is not cached: it may hold the older
-        version, and cached it replaced a LoadAdapter's newer path until the next load."""
+        version, and cached it replaced a LoadAdapter's newer path until the next load. A load
+        whose caller has gone (abandoned set) is refused: checked here, under the lock, so that
+        it cannot land after a later load or unload of the name."""
+        if abandoned is not None and abandoned.is_set():
+            raise FailedPrecondition(f"the call that would load adapter {name!r} was cancelled: nothing was loaded")
         if revive:
             self._unloaded.discard(name)
             self._admin_changes[name] = self._admin_changes.get(name, 0) + 1
@@ -479,8 +487,10 @@ class AdapterRegistry:
             s.num_slots, s.slots_in_use, s.loads, s.evictions, s.load_seconds_total, self.host_evictions, s.prefetches
         )
 
-    def _read_and_cache(self, name: str, directory: Path, asked: str, revive: bool = False) -> LoRAAdapter:
-        """asked: the path it was read by, as _read_router's. A failed read leaves the version
+    def _read_and_cache(
+        self, name: str, directory: Path, asked: str, revive: bool = False, abandoned: threading.Event | None = None
+    ) -> LoRAAdapter:
+        """asked, revive and abandoned: as _read_router's. A failed read leaves the version
         already cached (if any) in place."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
@@ -488,7 +498,7 @@ class AdapterRegistry:
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()  # a no-op for tensors read into page-locked memory (_memory's)
         with self._lock:
-            if not self._commit_name(name, revive, seen):
+            if not self._commit_name(name, revive, seen, abandoned):
                 return adapter
             self._routers.pop(name, None)  # as in _read_router: the name is a LoRA adapter now
             self._cache[name] = adapter

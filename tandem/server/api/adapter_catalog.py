@@ -19,7 +19,7 @@ class AdapterCatalog(Protocol):
 
     def servable_names(self) -> set[str]: ...
 
-    def load(self, name: str, path: str = "") -> AdapterInfo: ...
+    def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo: ...
 
     def unload(self, name: str) -> None: ...
 
@@ -41,7 +41,7 @@ class NoAdapterServing:
     def servable_names(self) -> set[str]:
         return set()
 
-    def load(self, name: str, path: str = "") -> AdapterInfo:
+    def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo:
         raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
 
     def unload(self, name: str) -> None:

@@ -1,20 +1,14 @@
 """tandem.v1.AdaptersService: proto in, adapter catalog call, proto out."""
 
-import asyncio
-import threading
-from collections.abc import Callable
-from typing import TypeVar
-
 import grpc
 
 from tandem.server.api import convert
+from tandem.server.api.abandonable import run_abandonable
 from tandem.server.api.auth import Role
 from tandem.server.api.call_record import current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.metrics import Metrics
 from tandem.v1 import adapters_pb2, adapters_pb2_grpc
-
-T = TypeVar("T")
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
@@ -24,8 +18,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
 
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
         with self._state.admit():
-            # Reading adapter weights takes disk time: keep it off the event loop.
-            info = await asyncio.to_thread(self._state.catalog.load, request.name, request.path)
+            # Reading adapter weights takes disk time: off the event loop, and not published
+            # once the caller has gone.
+            info = await run_abandonable(lambda abandoned: self._state.catalog.load(request.name, request.path, abandoned))
             self._metrics.lora_adapter_loads.inc()
             return adapters_pb2.LoadAdapterResponse(adapter=convert.adapter_info(info))
 
@@ -38,7 +33,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
         with self._state.admit():
             # Reading, merging and factorising every projection takes seconds: off the event loop.
             spec = convert.merge_spec_of(request)
-            info, errors = await _writing(lambda abandoned: self._state.catalog.merge(request.name, spec, abandoned))
+            info, errors = await run_abandonable(lambda abandoned: self._state.catalog.merge(request.name, spec, abandoned))
             return convert.merge_response(info, errors)
 
     async def CompressAdapter(
@@ -46,7 +41,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     ) -> adapters_pb2.CompressAdapterResponse:
         with self._state.admit():
             density = request.density if request.HasField("density") else convert.DEFAULT_COMPRESS_DENSITY
-            info = await _writing(lambda abandoned: self._state.catalog.compress(request.name, request.source, density, abandoned))
+            info = await run_abandonable(lambda abandoned: self._state.catalog.compress(request.name, request.source, density, abandoned))
             return adapters_pb2.CompressAdapterResponse(adapter=convert.adapter_info(info))
 
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
@@ -54,15 +49,3 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
             show_path = current_call().role == Role.ADMIN
             adapters = [convert.adapter_info(a, show_path) for a in self._state.catalog.list()]
             return adapters_pb2.ListAdaptersResponse(adapters=adapters)
-
-
-async def _writing(write: Callable[[threading.Event], T]) -> T:
-    """Runs a call that writes an adapter on a thread of its own. A thread cannot be stopped:
-    when the caller goes (its deadline passed, it cancelled), the event tells the write not
-    to publish, or a merge timed out on, then sent again corrected, could end last and win."""
-    abandoned = threading.Event()
-    try:
-        return await asyncio.to_thread(write, abandoned)
-    except asyncio.CancelledError:
-        abandoned.set()
-        raise
