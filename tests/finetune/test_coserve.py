@@ -914,66 +914,122 @@ def test_a_micro_batch_holds_kv_blocks_only_through_its_forward(tiny_hf_model, s
 
 def test_a_micro_batch_whose_activations_cannot_be_allocated_fails_holding_nothing(tiny_hf_model, smollm2_tokenizer, monkeypatch):
     """It took its KV blocks first and kept them, unfailed, at every retry, until the cache
-    was gone and it waited forever with every request behind it."""
+    was gone and it waited forever with every request behind it. Its failure is its job's:
+    the request beside it goes on (the iteration failed it, as INTERNAL)."""
+    vocab = len(smollm2_tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    prompt = random_prompts([12], vocab, seed=5)[0]
+    expected = run(make_engine(tiny_hf_model, smollm2_tokenizer), {0: [("beside", prompt, params)]})["beside"]
     engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
-    seqs = sequences(len(smollm2_tokenizer))
+    seqs = sequences(vocab)
     empty = coserve_module.KeptActivations.empty
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("simulated: no memory for the activations")
 
     monkeypatch.setattr(coserve_module.KeptActivations, "empty", out_of_memory)
+    engine.add_request("beside", prompt, params)
     batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
-    with pytest.raises(llm_engine.StepFailed) as failed:
-        engine.step()
-    assert isinstance(failed.value.__cause__, torch.OutOfMemoryError)
+    tokens = [t for _ in range(2) for out in engine.step() for t in out.token_ids]
     assert isinstance(batch.error, torch.OutOfMemoryError) and not engine.coserve.has_work()
+    while engine.has_work():
+        tokens += [t for out in engine.step() for t in out.token_ids]
+    assert tokens == expected
     assert engine.allocator.num_free == engine.allocator.num_blocks
     monkeypatch.setattr(coserve_module.KeptActivations, "empty", empty)
     assert coserve(engine, adapter, seqs, 1.0)[0].error is None
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
-def test_an_idle_spell_is_not_an_inter_token_interval(tiny_hf_model, smollm2_tokenizer, monkeypatch):
-    """The first decode after the engine sat idle was charged the whole idle time: one such
-    interval cut the guard's margin to its floor for the next hundred iterations."""
-    now = [0.0]
-    monkeypatch.setattr(llm_engine, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=lambda: now[0]))
-    engine = make_engine(tiny_hf_model, smollm2_tokenizer, coserve_itl_p99=0.05)
-    intervals = []
-    observe = engine.share.observe
-    engine.share.observe = lambda seconds, work, interval, cut: (intervals.append(interval), observe(seconds, work, interval, cut))
-    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-    for request, idle in (("before", 0.0), ("after", 2.0)):
-        now[0] += idle
-        engine.add_request(request, [42], params)  # a one-token prompt: its first iteration is a decode
-        while engine.has_work():
-            now[0] += 0.01
-            engine.step()
-    assert max(i for i in intervals if i is not None) < 0.05
-
-
-def test_no_micro_batch_takes_kv_blocks_a_waiting_request_was_turned_away_for(tiny_hf_model, smollm2_tokenizer):
-    """Started beside a request the cache could not take yet, a micro-batch held its blocks
-    through its whole chunked forward, and the request waited that long for its first token."""
-    probe = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
-    per_block = (4 << 20) // probe.allocator.num_blocks
-    engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=40 * per_block, max_model_len=160)
-    total, vocab = engine.allocator.num_blocks, len(smollm2_tokenizer)
-    assert total == 40
+def test_a_backward_slice_that_fails_fails_its_job_not_the_requests_beside_it(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """A replayed layer out of memory ran after the decodes had their tokens, inside the
+    iteration's error handling: every request in it failed as INTERNAL."""
+    vocab = len(smollm2_tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    prompts = random_prompts([9, 14], vocab, seed=6)
+    expected = run(make_engine(tiny_hf_model, smollm2_tokenizer), {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]})
+    engine = kept_only(make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20), sequences(vocab))
     adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
-    training = [TrainingSequence(ids, ids) for ids in random_prompts([8, 8], vocab, seed=5)]  # 4 blocks
-    running, waiting = random_prompts([100, 60], vocab, seed=6)  # 25 blocks, then 15 of the 14 left
-    params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
-    engine.add_request("running", running, params)
-    engine.step()
-    batch = engine.coserve.submit(TrainingWork(training, adapter.slot_weights()), 1.0)
-    engine.add_request("waiting", waiting, params)
-    engine.step()
-    assert not batch.started
-    assert engine.scheduler.kv_blocked
-    assert engine.allocator.num_free >= 4  # room for the micro-batch, kept for the request
+
+    def out_of_memory(work):
+        raise torch.OutOfMemoryError("simulated: a layer's replay")
+
+    monkeypatch.setattr(engine.runner, "backward", out_of_memory)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    batch = engine.coserve.submit(TrainingWork(sequences(vocab), adapter.slot_weights()), 1.0)
+    outputs: dict[str, list[int]] = {}
     while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    assert outputs == expected
+    assert isinstance(batch.error, torch.OutOfMemoryError) and not batch.done
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.finetune_activation_bytes == 0
+
+
+def test_a_failed_inference_iteration_leaves_a_micro_batch_it_did_not_carry_alone(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """Any failed iteration dropped the co-served micro-batch, and so failed its job, even one
+    that carried none of it: one request's bad sampling ended someone's hours of training."""
+    vocab = len(smollm2_tokenizer)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    seqs = sequences(vocab)
+    sampler = engine.sampler
+
+    def failing(logits, sampled):
+        if scheduled.train_forward is None and scheduled.train_graph is None:
+            raise RuntimeError("simulated: a sampler failure")
+        return sampler(logits, sampled)
+
+    schedule = engine.scheduler.schedule
+    scheduled = None
+
+    def remembered(*args):
+        nonlocal scheduled
+        scheduled = schedule(*args)
+        return scheduled
+
+    monkeypatch.setattr(engine.scheduler, "schedule", remembered)
+    monkeypatch.setattr(engine, "sampler", failing)
+    batch = engine.coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 1.0)
+    engine.step()  # alone: its whole forward, with a graph
+    engine.add_request("doomed", random_prompts([8], vocab, seed=9)[0], SamplingParams(max_new_tokens=4))
+    with pytest.raises(llm_engine.StepFailed):
         engine.step()
-    assert batch.done and batch.error is None and engine.allocator.num_free == total
+    assert batch.error is None and engine.coserve.has_work()
+    monkeypatch.setattr(engine, "sampler", sampler)
+    while not batch.done:
+        engine.step()
+    assert batch.error is None and batch.num_targets > 0
+
+
+def test_a_micro_batch_the_guard_never_has_room_for_still_moves(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """The least unit of a backward, one layer over one sequence, may never fit the room the
+    latency guard leaves beside steady decodes: the job waited for good, holding its
+    activations. After STARVED_ITERATIONS iterations without progress its next unit runs."""
+    vocab = len(smollm2_tokenizer)
+
+    def iterations_to_finish(starved_limit: int) -> int | None:
+        engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20, coserve_itl_p99=0.05)
+        engine = smollm2_head(kept_only(engine, sequences(vocab)))
+        monkeypatch.setattr(coserve_module, "STARVED_ITERATIONS", starved_limit)
+        share = engine.share
+        allowance, seconds = share.allowance, share.seconds
+        # Beside decodes not one sequence-layer of the backward fits, by the model or the clock.
+        share.allowance = lambda tokens, running, kind: 0.0 if kind == "backward" and running else allowance(tokens, running, kind)
+        share.seconds = lambda kind, units: math.inf if kind == "backward" else seconds(kind, units)
+        adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+        engine.add_request("steady", random_prompts([4], vocab, seed=2)[0], SamplingParams(max_new_tokens=400, ignore_eos=True))
+        engine.step()
+        batch = engine.coserve.submit(TrainingWork(sequences(vocab), adapter.slot_weights()), 1.0)
+        for i in range(150):
+            engine.step()
+            if batch.done:
+                assert batch.error is None and engine.scheduler.running  # the decodes went on all along
+                return i + 1
+        return None
+
+    assert iterations_to_finish(10**9) is None
+    assert iterations_to_finish(5) is not None

@@ -87,6 +87,12 @@ BACKWARD_COST = 1.25
 # model's dtype: 8 bytes each). SmolLM2 in bfloat16 (storages saved by autograd, r 16 on
 # every linear) held 0.79x this bound at 8 x 64, 4 x 128 and 2 x 256 tokens, 0.50x at 1 x 512.
 GRAPH_HIDDEN_WIDTHS, GRAPH_INTERMEDIATE_WIDTHS, GRAPH_SCORE_BYTES = 16, 8, 8
+# Iterations in a row a started micro-batch may go without progress beside inference before
+# its next unit runs whatever the target: the least unit of a backward is one layer over one
+# sequence, which for a long sequence beside steady decodes may never fit the room the guard
+# leaves (the job then waited for good, holding its activations). One interval in this many
+# runs late at most: within a p99's 1%.
+STARVED_ITERATIONS = 200
 
 
 def prior_costs(model: torch.nn.Module) -> dict[str, float]:
@@ -120,6 +126,8 @@ class CoservedBatch:
     # flight covers.
     next_layer_seq: int = 0
     backward_rows: tuple[int, int] = (0, 0)
+    # Iterations in a row since it last moved, while started.
+    starved: int = 0
     grad: torch.Tensor | None = None
     loss_sum: float = 0.0
     num_targets: int = 0
@@ -137,6 +145,11 @@ class CoservedBatch:
     @property
     def in_head(self) -> bool:
         return not self.forwarding and self.next_head < self.grad.shape[0]
+
+    @property
+    def position(self) -> tuple:
+        """Where its work stands: changed by every iteration that runs any of it."""
+        return self.next_seq, self.next_pos, self.next_head, self.next_layer, self.next_layer_seq, self.graph is not None, self.done
 
 
 class CoServer:
@@ -244,13 +257,14 @@ class CoServer:
             return  # waits for free KV blocks, inference's first
         kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
         units = self.share.allowance(scheduled.num_tokens, inference_running, kind)
-        # Beside inference, a head row or backward layer that does not fit waits; alone, one
-        # always runs, so that the micro-batch moves.
-        least = 0 if inference_running else 1
+        # Beside inference, a head row or backward layer that does not fit waits; alone, or
+        # once it has waited STARVED_ITERATIONS iterations, one always runs, so that the
+        # micro-batch moves.
+        least = 0 if inference_running and batch.starved < STARVED_ITERATIONS else 1
         deadline = self.share.deadline(interval_start) if scheduled.decodes else None
         if kind == "forward":
-            if int(units) > 0:
-                scheduled.train_forward = self._forward(batch, int(units))
+            if max(least, int(units)) > 0:
+                scheduled.train_forward = self._forward(batch, max(least, int(units)))
             if deadline is not None:
                 scheduled.train_head = self._head_behind(batch, deadline)
         else:
@@ -264,6 +278,14 @@ class CoServer:
         deadline stopped early is cut to what it ran in `scheduled` too (what work() reports).
         Once its forward has run, its KV blocks go back: the head and the backward read the
         kept activations only. Returns whether a deadline cut the iteration's training work."""
+        batch = next(iter(self._queue), None)
+        before = None if batch is None else batch.position
+        cut = self._advance(scheduled, result)
+        if batch is not None and batch.started:
+            batch.starved = 0 if batch.position != before else batch.starved + 1
+        return cut
+
+    def _advance(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> bool:
         batch = next(iter(self._queue), None)
         if batch is not None and batch.block_tables and not batch.forwarding:
             self._free_blocks(batch)

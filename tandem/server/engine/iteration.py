@@ -213,6 +213,10 @@ class SchedulerOutput:
         train = sum(w.num_tokens for w in (self.training, self.train_forward) if w is not None)
         return sum(c.num_tokens for c in self.inference) + train
 
+    def drop_coserved(self) -> None:
+        """Forget the co-served work planned: its micro-batch was dropped."""
+        self.train_forward = self.train_head = self.train_backward = self.train_graph = None
+
     def __bool__(self) -> bool:
         training = (self.training, self.train_forward, self.train_head, self.train_backward, self.train_graph)
         return bool(self.decodes or self.prefills or any(w is not None for w in training))

@@ -6,7 +6,8 @@ It is not thread-safe; AsyncEngine drives it from a single thread.
 
 import logging
 import time
-from collections.abc import Sequence as Ids
+from collections.abc import Callable, Sequence as Ids
+from typing import TypeVar
 
 import torch
 
@@ -19,7 +20,7 @@ from tandem.server.engine.decode_graphs import DecodeGraphs
 from tandem.server.engine.detokenizer import IncrementalDetokenizer
 from tandem.server.engine.finetune_share import FinetuneShare
 from tandem.server.engine.host_allocator import keep_freed_memory
-from tandem.server.engine.iteration import ModelRunnerOutput, SchedulerOutput, TrainingResult, TrainingWork
+from tandem.server.engine.iteration import BackwardResult, ModelRunnerOutput, SchedulerOutput, TrainingResult, TrainingWork
 from tandem.server.engine.kv_cache import BlockAllocator, KVCache
 from tandem.server.engine.model_runner import ModelRunner
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
@@ -32,9 +33,11 @@ from tandem.server.errors import InvalidRequest, ResourceExhausted
 from tandem.server.load_phases import load_phase
 from tandem.server.model.loader import LoadedModel, load_model
 from tandem.server.model.lora_linear import attach_lora
+from tandem.server.model.kept_activations import KeptGraph
 from tandem.server.model.lora_targets import linear_shapes
 
 log = logging.getLogger("tandem.engine")
+T = TypeVar("T")
 
 
 def use_device(device: torch.device) -> None:
@@ -253,13 +256,13 @@ class Engine:
         scheduled = self.scheduler.schedule(self.share.inference_budget(len(self.scheduler.running)))
         self._fail_loads()
         scheduled_at = time.monotonic()
+        # A micro-batch that fails to start (its activations not allocated) is dropped with
+        # the error; the iteration's inference goes on without it.
+        self._coserved(scheduled, lambda: self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started, self.scheduler.kv_blocked))
+        if not scheduled:
+            self._decoded_at = None
+            return []
         try:
-            # Inside: a micro-batch that fails to start (its activations not allocated) is
-            # dropped with the error, as one whose iteration fails.
-            self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started, self.scheduler.kv_blocked)
-            if not scheduled:
-                self._decoded_at = None
-                return []
             with torch.no_grad() if scheduled.train_forward is not None else torch.inference_mode():
                 result = self.runner.execute(scheduled)
                 # Queued after the forward and before the sampler's sync: on CUDA the adapter
@@ -268,18 +271,18 @@ class Engine:
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
-            backward_work = scheduled.train_head or scheduled.train_backward
-            if scheduled.train_graph is not None:
-                trained = self.runner.forward_graph(scheduled.train_graph)
-            else:
-                trained = None if backward_work is None else self.runner.backward(backward_work)
         except Exception as exc:
-            self.coserve.abort(exc)
+            # A micro-batch whose chunk shared the forward has moved on by it: it goes too. One
+            # that only waited in the queue is untouched (an inference request's failure
+            # failed a fine-tuning job that had no part in it).
+            if scheduled.train_forward is not None:
+                self.coserve.abort(exc)
             # Only the requests this iteration carried: their state may be half updated. The
             # others (queued, or running but not in it) go on; failing them too turned one bad
             # step into INTERNAL for every queued request, each of which a retry would serve.
             carried = dict.fromkeys(chunk.seq.group for chunk in scheduled.inference)
             raise StepFailed([out for group in carried for out in self.abort(group)]) from exc
+        trained = self._coserved(scheduled, lambda: self._train_after_forward(scheduled))
         cut = self.coserve.finish(scheduled, trained)
         self._count(scheduled)
         ended = time.perf_counter()
@@ -310,6 +313,27 @@ class Engine:
             logits = result.prompt_logits[row : row + count]
             seq.prompt_logprobs.extend(token_logprobs(logits, targets, seq.params.prompt_logprobs))
             row += count
+
+    def _train_after_forward(self, scheduled: SchedulerOutput) -> BackwardResult | KeptGraph | None:
+        """The co-served work that runs after the inference forward: a micro-batch's whole
+        forward with a graph, or a head block or backward slice."""
+        if scheduled.train_graph is not None:
+            return self.runner.forward_graph(scheduled.train_graph)
+        work = scheduled.train_head or scheduled.train_backward
+        return None if work is None else self.runner.backward(work)
+
+    def _coserved(self, scheduled: SchedulerOutput, work: Callable[[], T]) -> T | None:
+        """Run co-served training work that no inference row shares. Its failure (out of
+        memory for a micro-batch's activations, or in a layer's replay) is the job's: the
+        micro-batch is dropped with the error for its trainer, and the iteration goes on
+        without it. Raised, it failed every request the iteration carried, as INTERNAL."""
+        try:
+            return work()
+        except Exception as exc:
+            log.exception("a co-served micro-batch failed; its job gets the error, inference goes on")
+            self.coserve.abort(exc)
+            scheduled.drop_coserved()
+            return None
 
     def _count(self, scheduled: SchedulerOutput) -> None:
         tokens = self.iteration_tokens
