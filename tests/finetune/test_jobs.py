@@ -749,3 +749,152 @@ def test_an_adapters_directory_the_server_cannot_write_stops_the_start_not_a_job
     monkeypatch.setattr(os, "mkdir", read_only)
     with pytest.raises(ValueError, match=r"fine-tuning publishes into --adapters-dir .*, which this server cannot write \(Permission denied\): give user \d+ write access"):
         unstarted(tiny_model_dir, dirs)
+
+
+def failing_backward(monkeypatch, failures: set[int]):
+    """ModelRunner.backward raising out of memory on the given calls (1-based)."""
+    from tandem.server.engine.model_runner import ModelRunner
+
+    backward, calls = ModelRunner.backward, itertools.count(1)
+
+    def flaky(self, work):
+        if next(calls) in failures:
+            raise torch.OutOfMemoryError("simulated: out of memory in a layer's replay")
+        return backward(self, work)
+
+    monkeypatch.setattr(ModelRunner, "backward", flaky)
+
+
+def test_a_step_whose_iteration_fails_runs_again_and_ends_with_the_uninterrupted_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    """A co-served micro-batch shares its iterations with inference: one that failed (out of
+    memory on a burst of prompts) failed the job for good, as internal_error."""
+    roots = {name: (tmp_path / name / "adapters", tmp_path / name / "data") for name in ("whole", "flaky")}
+    for d in (d for pair in roots.values() for d in pair):
+        d.mkdir(parents=True)
+    engine = start(tiny_model_dir, roots["whole"])
+    try:
+        whole = wait_for(engine, engine.jobs.create(request()).id)
+    finally:
+        engine.shutdown()
+    failing_backward(monkeypatch, {3, 9})
+    engine = start(tiny_model_dir, roots["flaky"])
+    try:
+        flaky = wait_for(engine, engine.jobs.create(request()).id)
+    finally:
+        engine.shutdown()
+    assert whole.status is flaky.status is JobStatus.SUCCEEDED and flaky.mode == "coserve"
+    assert flaky.trained_tokens == whole.trained_tokens  # a step run again counts once
+    a, b = load_file(roots["whole"][0] / "tuned" / WEIGHTS_FILE), load_file(roots["flaky"][0] / "tuned" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_that_keeps_failing_fails_its_job_and_the_engine_serves_on(tiny_model_dir, dirs, monkeypatch):
+    failing_backward(monkeypatch, set(range(1, 10_000)))
+    engine = start(tiny_model_dir, dirs)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+        assert job.status is JobStatus.FAILED and job.error.code == "internal_error" and job.step == 0
+        assert "simulated: out of memory in a layer's replay" in job.error.message and engine.failure is None
+
+        async def generate() -> list[int]:
+            params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+            return [t async for out in engine.generate("Item 3:", params, "after") for t in out.token_ids]
+
+        assert len(asyncio.run(generate())) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_job(tiny_model_dir, dirs, monkeypatch):
+    """A full data disk at a checkpoint failed the job and removed the checkpoints it had; at
+    the last step, with its trained weights, which the adapters directory would have taken."""
+    save = jobs_module.checkpoints.save
+
+    def full_at_step_two(folder, step, files, state, **kwargs):
+        if step in (2, 6):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(folder, step, files, state, **kwargs)
+
+    monkeypatch.setattr(jobs_module.checkpoints, "save", full_at_step_two)
+    engine = start(tiny_model_dir, dirs)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED and job.step == 6
+    assert job.content_hash == content_hash(dirs[0] / "tuned")
+
+
+def test_a_failed_publish_keeps_the_trained_weights_where_its_error_says(tiny_model_dir, tiny_hf_model, dirs, monkeypatch):
+    """The job ended FAILED and its end removed its checkpoints: the only copy of what it had
+    trained, though its error said to publish it on a server that could."""
+    engine = start(tiny_model_dir, dirs)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.engine.registry, "publish", full)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+        folder = engine.jobs._job_dir(job.id)
+    finally:
+        engine.shutdown()
+    kept = folder / "checkpoints" / "step-00000006"
+    assert job.status is JobStatus.FAILED and job.error.code == "publish_failed"
+    assert job.error.message.startswith(f"could not publish adapter 'tuned' (its trained weights are kept in {kept}: copy that directory")
+    assert "No space left on device" in job.error.message
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == [kept.name] and not (folder / "train.jsonl").exists()
+    PeftModel.from_pretrained(copy.deepcopy(tiny_hf_model), str(kept))  # a PEFT adapter as it stands
+    engine = start(tiny_model_dir, dirs)  # a restart removes ended jobs' files, not these
+    try:
+        assert engine.jobs.get(job.id).status is JobStatus.FAILED and kept.is_dir()
+    finally:
+        engine.shutdown()
+
+
+def test_reading_jobs_does_not_wait_for_a_job_being_saved(tiny_model_dir, dirs):
+    """Each step's save (a SQLite commit with a sync) ran under the lock that GetJob, ListJobs
+    and WatchJob take on the event loop: a slow disk paused every stream on the replica."""
+    engine = unstarted(tiny_model_dir, dirs)
+    try:
+        job = engine.jobs.create(request())
+        store = engine.jobs._store
+        saving, release = threading.Event(), threading.Event()
+        save = store.save
+
+        def slow_save(saved: Job) -> None:
+            saving.set()
+            release.wait(10)
+            save(saved)
+
+        store.save = slow_save
+        updating = threading.Thread(target=engine.jobs._update, args=(job.id,), kwargs={"train_loss": 1.5})
+        updating.start()
+        assert saving.wait(10)
+        started = time.monotonic()
+        seen = []
+        assert engine.jobs.get(job.id).train_loss is None and len(engine.jobs.list_jobs()) == 1
+        stop = engine.jobs.watch(job.id, seen.append)
+        assert time.monotonic() - started < 5  # not behind the held save (10 s)
+        release.set()
+        updating.join(10)
+        stop()
+        assert [j.train_loss for j in seen] == [None, 1.5] and engine.jobs.get(job.id).train_loss == 1.5
+    finally:
+        release.set()
+        engine.shutdown()
+
+
+def test_a_job_whose_caller_gave_up_is_not_created(tiny_model_dir, dirs):
+    """CreateJob's deadline passed while a large dataset was read: the job was created anyway,
+    trained for nobody, and the caller's retry was refused as ALREADY_EXISTS."""
+    engine = unstarted(tiny_model_dir, dirs)
+    try:
+        gone = threading.Event()
+        gone.set()
+        with pytest.raises(FailedPrecondition, match="the call that would create a job for adapter 'tuned' was cancelled: no job was created"):
+            engine.jobs.create(request(), gone)
+        assert engine.jobs.list_jobs() == [] and not any((engine.jobs.state_dir / "jobs").iterdir())
+        assert engine.jobs.create(request(), threading.Event()).status is JobStatus.QUEUED  # the retry
+    finally:
+        engine.shutdown()

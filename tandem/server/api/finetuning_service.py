@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from tandem.server.api import finetuning_convert as convert
+from tandem.server.api.abandonable import run_abandonable
 from tandem.server.api.serving_state import ServingState
 from tandem.server.errors import FailedPrecondition
 from tandem.server.finetune.job import Job
@@ -30,8 +31,10 @@ class FineTuningServicer(finetuning_pb2_grpc.FineTuningServiceServicer):
     async def CreateJob(self, request: finetuning_pb2.CreateJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.CreateJobResponse:
         with self._state.admit() as engine:
             jobs = _jobs(engine)
-            # Reading and tokenizing the whole dataset takes a while: off the event loop.
-            job = await asyncio.to_thread(jobs.create, convert.job_request(request))
+            # Reading and tokenizing the whole dataset takes a while: off the event loop, and
+            # nothing is queued once the caller has gone.
+            job_request = convert.job_request(request)
+            job = await run_abandonable(lambda abandoned: jobs.create(job_request, abandoned))
             return finetuning_pb2.CreateJobResponse(job=convert.job(job))
 
     async def GetJob(self, request: finetuning_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> finetuning_pb2.GetJobResponse:

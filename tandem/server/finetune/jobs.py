@@ -122,6 +122,10 @@ class JobManager:
         self.max_training_file_bytes = max_training_file_bytes
         self._wake = wake
         self._lock = threading.RLock()
+        # Held across a change's save (a SQLite commit with a sync, tens of ms on a cloud
+        # disk), taken before _lock: the saves go in order while _lock, which GetJob, ListJobs
+        # and WatchJob take on the event loop, is held only to read or swap the job.
+        self._save_lock = threading.RLock()
         self._store = JobStore(self.state_dir)
         self._jobs = {job.id: job for job in self._store.load_all()}
         self._prepared: dict[str, _Prepared] = {}
@@ -151,9 +155,12 @@ class JobManager:
 
     # API side (any thread)
 
-    def create(self, request: JobRequest) -> Job:
+    def create(self, request: JobRequest, abandoned: threading.Event | None = None) -> Job:
         """Validate everything (dataset included), then queue the job. Raises InvalidRequest
-        naming every bad dataset line, AlreadyExists, NotFound or FailedPrecondition."""
+        naming every bad dataset line, AlreadyExists, NotFound or FailedPrecondition.
+        abandoned: set once the caller has gone (its deadline passed while a large dataset was
+        read): then no job is created, where one trained for nobody and its retry was refused
+        as ALREADY_EXISTS."""
         check_writable_name(request.adapter)
         hp = request.hyperparameters
         limit = self.engine.max_model_len
@@ -201,8 +208,10 @@ class JobManager:
             # hundreds of MB takes a second to write and sync.
             make_directories(self._job_dir(job.id))
             write_file(self._job_dir(job.id) / DATASET_FILE, data)
+            if abandoned is not None and abandoned.is_set():
+                raise FailedPrecondition(f"the call that would create a job for adapter {job.adapter!r} was cancelled: no job was created")
+            self._store.save(job)  # a new job: no change of it can come before this one
             with self._lock:
-                self._store.save(job)
                 self._prepared[job.id] = prepared
                 self._jobs[job.id] = job
         except BaseException as exc:
@@ -246,7 +255,7 @@ class JobManager:
 
     def cancel(self, job_id: str) -> Job:
         """Stop a job; a running one stops before its next micro-batch and publishes nothing."""
-        with self._lock:
+        with self._save_lock, self._lock:
             job = self.get(job_id)
             if job.status.terminal:
                 raise FailedPrecondition(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
@@ -434,9 +443,20 @@ class JobManager:
         )
         trainer = running.trainer
         if report.step % job.hyperparameters.checkpoint_interval == 0 or trainer.done:
-            checkpoints.save(self._job_dir(job.id) / "checkpoints", report.step, self._files(job, trainer.adapter), trainer.state_dict())
+            self._checkpoint(job, trainer)
         if trainer.done:
             self._publish(running)
+
+    def _checkpoint(self, job: Job, trainer: Trainer) -> None:
+        """Write the trainer's checkpoint. It serves only a resume after a restart: one that
+        cannot be written (a full or failing data disk) is logged and training goes on, a
+        restart resuming from the checkpoint before it. Failing the job for it removed every
+        checkpoint it had, and at the last step the trained weights, which the adapters
+        directory, often another volume, would have taken."""
+        try:
+            checkpoints.save(self._job_dir(job.id) / "checkpoints", trainer.step, self._files(job, trainer.adapter), trainer.state_dict())
+        except OSError:
+            log.exception("fine-tuning job %s: its checkpoint at step %d could not be written; training goes on", job.id, trainer.step)
 
     def _publish(self, running: _Running) -> None:
         """Publish the finished adapter; from here on the job can no longer be cancelled."""
@@ -454,7 +474,12 @@ class JobManager:
                 info = self.registry.publish(job.adapter, self._peft_config(job), trained.peft_tensors(), trained.a_init_seed)
         except (OSError, TandemError) as exc:
             log.exception("publishing the adapter of job %s failed", job.id)
-            self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r}: {exc}"[:500]))
+            kept = self._final_checkpoint(job.id, running.trainer.step)
+            where = (
+                f"its trained weights are kept in {kept}: copy that directory into --adapters-dir and load it"
+                if kept is not None else "no checkpoint of its last step could be written either: its weights are lost"
+            )
+            self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r} ({where}): {exc}"[:500]))
             return
         else:
             try:
@@ -494,9 +519,23 @@ class JobManager:
     def _remove_resume_files(self, job_id: str) -> None:
         """What only a resume after a restart reads, for a job that has ended (its record saved
         as such): its checkpoints (about 3x the adapter each, two kept: a finished or cancelled
-        job held them forever) and its copy of the dataset."""
-        shutil.rmtree(self._job_dir(job_id) / "checkpoints", ignore_errors=True)
+        job held them forever) and its copy of the dataset. A job whose publish failed keeps
+        its final checkpoint: the only copy of what it trained, which its error names."""
+        folder = self._job_dir(job_id) / "checkpoints"
+        job = self._jobs.get(job_id)
+        final = self._final_checkpoint(job_id, job.step) if job is not None and job.error is not None and job.error.code == "publish_failed" else None
+        if final is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for other in folder.iterdir():
+                if other != final:
+                    shutil.rmtree(other, ignore_errors=True)
         (self._job_dir(job_id) / DATASET_FILE).unlink(missing_ok=True)
+
+    def _final_checkpoint(self, job_id: str, step: int) -> Path | None:
+        """The job's checkpoint of `step`, its last, if it was written."""
+        newest = checkpoints.latest(self._job_dir(job_id) / "checkpoints")
+        return newest if newest is not None and checkpoints.step_of(newest) == step else None
 
     # Helpers
 
@@ -698,8 +737,9 @@ class JobManager:
         change is made only once saved (a user's cancel: one the store could not take was
         lost at the restart, which resumed the job, and could not be tried again)."""
         unsaved = None
-        with self._lock:
-            job = self._jobs[job_id]
+        with self._save_lock:
+            with self._lock:
+                job = self._jobs[job_id]
             if job.status.terminal:
                 return job
             job = job.replace(**changes)
@@ -709,10 +749,11 @@ class JobManager:
                 if durable:
                     raise
                 unsaved = exc
-            self._jobs[job_id] = job
-            watchers = list(self._watchers.get(job_id, ()))
-        for callback in watchers:
-            callback(job)
+            with self._lock:
+                self._jobs[job_id] = job
+                watchers = list(self._watchers.get(job_id, ()))
+            for callback in watchers:  # in the saves' order: a watcher's last state is the job's
+                callback(job)
         if unsaved is not None:
             raise unsaved
         return job

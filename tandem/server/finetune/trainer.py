@@ -14,6 +14,7 @@ run inference iterations in between: inference waits at most one micro-batch.
 import bisect
 import concurrent.futures
 import itertools
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -28,7 +29,13 @@ from tandem.server.finetune.dataset import TrainingExample
 from tandem.server.finetune.trainable_adapter import TrainableAdapter
 from tandem.server.finetune.trainable_gates import TrainableGates
 
+log = logging.getLogger(__name__)
+
 LR_SCHEDULERS = ("linear", "cosine", "constant")
+# Runs of a step whose engine iterations failed, before the job fails: a co-served
+# micro-batch shares its iterations with inference, whose failures (out of memory on a
+# burst of prompts) are not the job's.
+STEP_ATTEMPTS = 3
 # OpenAI's limit on epochs; a million steps is weeks of CPU time.
 MAX_EPOCHS = 50
 MAX_STEPS = 1_000_000
@@ -231,20 +238,41 @@ class Trainer:
     def run(self, engine: Engine, coserve: bool = False) -> Iterator[StepReport | None]:
         """Train to the end of the plan; yields None after every micro-batch (co-served: after
         every engine iteration that works on one) and a StepReport after every optimizer step.
-        Raises TrainingDiverged on a non-finite loss or weight."""
+        A step whose engine iteration failed runs again, up to STEP_ATTEMPTS times. Raises
+        TrainingDiverged on a non-finite loss or weight."""
         while not self.done:
             examples = [self.train[i] for i in self.plan[self.step]]
             targets = sum(e.num_target_tokens for e in examples)
-            generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
-            loss_sum = 0.0
-            for group in micro_batches(examples, self.micro_batch_tokens):
-                work = self.adapter.work(group, self.adapter.dropout, generator, 1 / targets)
-                loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
+            for attempt in range(1, STEP_ATTEMPTS + 1):
+                try:
+                    loss_sum = yield from self._gradients(engine, examples, targets, coserve)
+                    break
+                except TandemError:
+                    raise  # a refusal (a micro-batch over the activation cap): the same every time
+                except Exception:
+                    # An iteration that failed (out of memory on a burst of prompts beside it)
+                    # drops its micro-batch and whatever gradients it had added: the step runs
+                    # again from its first micro-batch, the same (its randomness is reseeded).
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if attempt == STEP_ATTEMPTS:
+                        raise
+                    log.warning("step %d failed in an engine iteration; running it again (attempt %d of %d)",
+                                self.step + 1, attempt + 1, STEP_ATTEMPTS, exc_info=True)
+                    yield None
             report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
             if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
                 eval_loss = yield from self._evaluate(engine)
                 report = StepReport(**{**report.__dict__, "eval_loss": eval_loss})
             yield report
+
+    def _gradients(self, engine: Engine, examples: list[TrainingExample], targets: int, coserve: bool) -> Iterator[None]:
+        """The step's gradients, accumulated micro-batch by micro-batch; returns its summed loss."""
+        generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
+        loss_sum = 0.0
+        for group in micro_batches(examples, self.micro_batch_tokens):
+            work = self.adapter.work(group, self.adapter.dropout, generator, 1 / targets)
+            loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
+        return loss_sum
 
     @staticmethod
     def _micro_batch(engine: Engine, work: TrainingWork, loss_scale: float, coserve: bool) -> Iterator[None]:
