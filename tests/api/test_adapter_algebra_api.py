@@ -65,6 +65,20 @@ def test_a_mixture_in_flight_shows_its_adapters_names_in_the_metrics(server, adm
     stream.close()
 
 
+def to_the_end(call, events: queue.Queue, finished: threading.Event):
+    """call, putting the event its caller's going sets (its third argument) on events, and
+    setting finished once it has returned or raised."""
+
+    def watched(*args, **kwargs):
+        events.put(args[2])
+        try:
+            return call(*args, **kwargs)
+        finally:
+            finished.set()
+
+    return watched
+
+
 def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
     """Its thread ran on past the caller's deadline and published: a merge timed out on, then
     sent again corrected, could end last and replace the corrected one."""
@@ -77,15 +91,8 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
         release.wait(30)
         return merge_adapters(*args, **kwargs)
 
-    def merge_to_the_end(*args, **kwargs):
-        abandoned.put(args[2])  # the service calls merge(name, spec, abandoned)
-        try:
-            return merge(*args, **kwargs)
-        finally:
-            finished.set()
-
     monkeypatch.setattr(registry_module, "merge_adapters", slow_merge_adapters)
-    monkeypatch.setattr(registry, "merge", merge_to_the_end)
+    monkeypatch.setattr(registry, "merge", to_the_end(merge, abandoned, finished))  # the service calls merge(name, spec, abandoned)
     with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:  # time for a slow host to start the merge
         assert rpc_error(lambda: impatient.merge_adapters("late", ["a0", "a1"], "linear")).code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The client's own timer ends its call; the server cancels the handler, which sets the
@@ -110,15 +117,8 @@ def test_a_load_whose_caller_gave_up_loads_nothing(server, admin, monkeypatch):
             release.wait(30)
         return read_whole(name, directory)
 
-    def load_to_the_end(*args, **kwargs):
-        abandoned.put(args[2])  # the service calls load(name, path, abandoned)
-        try:
-            return load(*args, **kwargs)
-        finally:
-            finished.set()
-
     monkeypatch.setattr(registry, "_read_whole", slow_read_whole)
-    monkeypatch.setattr(registry, "load", load_to_the_end)
+    monkeypatch.setattr(registry, "load", to_the_end(load, abandoned, finished))  # the service calls load(name, path, abandoned)
     with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:
         assert rpc_error(lambda: impatient.load_adapter("late-load", path="a1")).code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert abandoned.get(timeout=30).wait(30)  # as for the merge: the server sets it only later
