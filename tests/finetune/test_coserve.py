@@ -890,6 +890,56 @@ def test_a_waiting_request_takes_kv_blocks_back_from_a_micro_batch_forward(tiny_
     assert engine.allocator.num_free == 22 and engine.stats().finetune_activation_bytes == 0
 
 
+def test_a_micro_batch_starts_with_room_for_the_running_requests_to_grow(tiny_hf_model, smollm2_tokenizer):
+    """It started wherever its own blocks were free: on a nearly full cache the first decode to
+    cross a block boundary took them back, and it started and threw its forward away again."""
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    config = dict(max_num_batched_tokens=16, block_size=4, kv_cache_bytes=30 * KVCache.bytes_per_block(shape, 4, torch.float32))
+    vocab = len(smollm2_tokenizer)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts([20, 16], vocab, seed=3)):
+        engine.add_request(f"r{i}", prompt, params)
+    while any(not seq.token_ids[seq.prompt_len :] for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    seqs = sequences(vocab)  # 68 tokens: 19 blocks; 20 are free, and the requests need one more in 4 tokens and 1
+    assert engine.allocator.num_free == 20
+    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    while engine.has_work():
+        engine.step()
+    assert batch.done and batch.error is None
+    assert engine.coserve.num_reclaims == 0 and engine.scheduler.num_preemptions == 0
+
+
+def test_a_micro_batch_waits_for_headroom_no_longer_than_starved_iterations(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """Beside requests that decode for as long as traffic lasts, the headroom it waits for
+    may never come: after STARVED_ITERATIONS it starts without it."""
+    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
+    config = dict(max_num_batched_tokens=16, block_size=4, kv_cache_bytes=30 * KVCache.bytes_per_block(shape, 4, torch.float32))
+    vocab = len(smollm2_tokenizer)
+    monkeypatch.setattr(coserve_module, "STARVED_ITERATIONS", 1)
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts([20, 16], vocab, seed=3)):
+        engine.add_request(f"r{i}", prompt, params)
+    while any(not seq.token_ids[seq.prompt_len :] for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    seqs = sequences(vocab)
+    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    waited = 0
+    while not batch.started:
+        engine.step()
+        waited += 1
+    # 20 blocks free, 19 its own: one iteration waiting for the headroom of 2 (in which a
+    # request grew into one of them), then it starts beside the requests without it.
+    assert waited == 2 and engine.scheduler.running
+    while engine.has_work():
+        engine.step()
+    assert batch.done and batch.error is None
+
+
 def test_a_micro_batch_holds_kv_blocks_only_through_its_forward(tiny_hf_model, smollm2_tokenizer):
     """The head and the backward read the kept activations only: the blocks go back once the
     last chunk has run, and requests growing during the backward take them instead of
@@ -1033,3 +1083,47 @@ def test_a_micro_batch_the_guard_never_has_room_for_still_moves(tiny_hf_model, s
 
     assert iterations_to_finish(10**9) is None
     assert iterations_to_finish(5) is not None
+
+
+def test_an_idle_spell_is_not_an_inter_token_interval(tiny_hf_model, smollm2_tokenizer, monkeypatch):
+    """The first decode after the engine sat idle was charged the whole idle time: one such
+    interval cut the guard's margin to its floor for the next hundred iterations."""
+    now = [0.0]
+    monkeypatch.setattr(llm_engine, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=lambda: now[0]))
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, coserve_itl_p99=0.05)
+    intervals = []
+    observe = engine.share.observe
+    engine.share.observe = lambda seconds, work, interval, cut: (intervals.append(interval), observe(seconds, work, interval, cut))
+    params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+    for request, idle in (("before", 0.0), ("after", 2.0)):
+        now[0] += idle
+        engine.add_request(request, [42], params)  # a one-token prompt: its first iteration is a decode
+        while engine.has_work():
+            now[0] += 0.01
+            engine.step()
+    assert max(i for i in intervals if i is not None) < 0.05
+
+
+def test_no_micro_batch_takes_kv_blocks_a_waiting_request_was_turned_away_for(tiny_hf_model, smollm2_tokenizer):
+    """Started beside a request the cache could not take yet, a micro-batch held its blocks
+    through its whole chunked forward, and the request waited that long for its first token."""
+    probe = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=4 << 20)
+    per_block = (4 << 20) // probe.allocator.num_blocks
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, block_size=4, kv_cache_bytes=40 * per_block, max_model_len=160)
+    total, vocab = engine.allocator.num_blocks, len(smollm2_tokenizer)
+    assert total == 40
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    training = [TrainingSequence(ids, ids) for ids in random_prompts([8, 8], vocab, seed=5)]  # 4 blocks
+    running, waiting = random_prompts([100, 60], vocab, seed=6)  # 25 blocks, then 15 of the 14 left
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+    engine.add_request("running", running, params)
+    engine.step()
+    batch = engine.coserve.submit(TrainingWork(training, adapter.slot_weights()), 1.0)
+    engine.add_request("waiting", waiting, params)
+    engine.step()
+    assert not batch.started
+    assert engine.scheduler.kv_blocked
+    assert engine.allocator.num_free >= 4  # room for the micro-batch, kept for the request
+    while engine.has_work():
+        engine.step()
+    assert batch.done and batch.error is None and engine.allocator.num_free == total

@@ -90,6 +90,24 @@ def test_a_resumed_gate_job_goes_on_only_over_the_expert_versions_it_started_wit
     assert "router expert 'e1' changed since the job was created: its gates were trained over the earlier version" in changed.error.message
 
 
+def test_a_gate_job_whose_expert_was_republished_while_it_trained_publishes_no_router(tiny_model_dir, tiny_hf_model, experts):
+    """It trained over frozen copies of its experts and published its gates over whatever
+    versions were current by then: gates fitted to weights the router would never serve."""
+    engine = unstarted(tiny_model_dir, experts)
+    try:
+        job = engine.jobs.create(gate_request())
+        make_adapter(tiny_hf_model, experts[0] / "e1", r=8, target_modules=ALL_LINEAR, seed=7, b_std=0.2)
+        engine.engine.registry.load("e1")
+        engine.start()
+        job = wait_for(engine, job.id)
+        folder = engine.jobs._job_dir(job.id)
+    finally:
+        engine.shutdown()
+    assert job.status is JobStatus.FAILED and job.error.code == "validation_failed" and job.step == 6
+    assert job.error.message.startswith("could not publish router 'learned': router expert 'e1' changed since the job was created")
+    assert not (experts[0] / "learned").exists() and not (folder / "checkpoints").exists()  # its gates fit no served version
+
+
 @pytest.mark.parametrize(
     "changes, error, message",
     [

@@ -880,6 +880,18 @@ def test_reading_jobs_does_not_wait_for_a_job_being_saved(tiny_model_dir, dirs):
         updating.join(10)
         stop()
         assert [j.train_loss for j in seen] == [None, 1.5] and engine.jobs.get(job.id).train_loss == 1.5
+        # A cancel (an API thread's) saves durably, as slowly: reads go on beside it too.
+        saving.clear()
+        release.clear()
+        cancelling = threading.Thread(target=engine.jobs.cancel, args=(job.id,))
+        cancelling.start()
+        assert saving.wait(10)
+        started = time.monotonic()
+        assert engine.jobs.get(job.id).status is JobStatus.QUEUED and len(engine.jobs.list_jobs()) == 1
+        assert time.monotonic() - started < 5
+        release.set()
+        cancelling.join(10)
+        assert engine.jobs.get(job.id).status is JobStatus.CANCELLED
     finally:
         release.set()
         engine.shutdown()
@@ -898,3 +910,30 @@ def test_a_job_whose_caller_gave_up_is_not_created(tiny_model_dir, dirs):
         assert engine.jobs.create(request(), threading.Event()).status is JobStatus.QUEUED  # the retry
     finally:
         engine.shutdown()
+
+
+def test_a_failed_publish_the_store_cannot_save_is_published_by_the_restart(tiny_model_dir, dirs, monkeypatch):
+    """Saving publish_failed failed too: the error reached the job's failure path, which ended
+    it again and removed its dataset; the restart, reading RUNNING from the store, resumed it
+    without its dataset and removed the checkpoint its error said was kept."""
+    engine = start(tiny_model_dir, dirs)
+    engine.jobs._store.save = refusing(engine.jobs._store, JobStatus.FAILED)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.engine.registry, "publish", full)
+    try:
+        job = wait_for(engine, engine.jobs.create(request()).id)
+        folder = engine.jobs._job_dir(job.id)
+        assert job.status is JobStatus.FAILED and job.error.code == "publish_failed" and engine.failure is None
+        assert (folder / "train.jsonl").exists() and (folder / "checkpoints" / "step-00000006").is_dir()
+    finally:
+        engine.shutdown()
+    engine = start(tiny_model_dir, dirs)  # the store says RUNNING: it resumes at its last step and publishes
+    try:
+        again = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert again.status is JobStatus.SUCCEEDED and again.content_hash == content_hash(dirs[0] / "tuned")
+    assert not (folder / "checkpoints").exists() and not (folder / "train.jsonl").exists()

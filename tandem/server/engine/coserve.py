@@ -126,7 +126,7 @@ class CoservedBatch:
     # flight covers.
     next_layer_seq: int = 0
     backward_rows: tuple[int, int] = (0, 0)
-    # Iterations in a row since it last moved, while started.
+    # Iterations in a row it waited to start, or since it last moved once started.
     starved: int = 0
     grad: torch.Tensor | None = None
     loss_sum: float = 0.0
@@ -230,7 +230,7 @@ class CoServer:
             batch.error = error
         self._queue.clear()
 
-    def plan(self, scheduled: SchedulerOutput, inference_running: bool, interval_start: float, kv_wanted: bool = False) -> None:
+    def plan(self, scheduled: SchedulerOutput, running: int, interval_start: float, kv_wanted: bool = False) -> None:
         """Add this iteration's training work to `scheduled`: forward chunks, head rows or a
         backward slice of the running micro-batch, within the share of the token budget left;
         with no inference, a micro-batch within the budget whose graphs fit the cap starts
@@ -239,9 +239,10 @@ class CoServer:
         interval_start (perf_counter) stops it. kv_wanted: a waiting request was just turned
         away for want of KV blocks; no micro-batch takes free ones before it (started, one
         held them through its whole forward, and the request waited that long for its first
-        token)."""
+        token). running: the inference sequences running."""
         if not self._queue:
             return
+        inference_running = running > 0
         batch = self._queue[0]
         if not batch.started and (error := self._refusal(batch)) is not None:
             batch.error = error
@@ -253,8 +254,12 @@ class CoServer:
                 batch.graphed = True
                 scheduled.train_graph = TrainingGraph(batch.work.sequences, batch.work.weights, batch.kept)
                 return
-        if not batch.started and (kv_wanted or not self._start(batch)):
-            return  # waits for free KV blocks, inference's first
+        if not batch.started:
+            # Past STARVED_ITERATIONS of waiting for the headroom, it starts without it.
+            headroom = running if batch.starved < STARVED_ITERATIONS else 0
+            if kv_wanted or not self._start(batch, headroom=headroom):
+                batch.starved += 1
+                return  # waits for free KV blocks, inference's first
         kind = "forward" if batch.forwarding else "head" if batch.in_head else "backward"
         units = self.share.allowance(scheduled.num_tokens, inference_running, kind)
         # Beside inference, a head row or backward layer that does not fit waits; alone, or
@@ -282,7 +287,9 @@ class CoServer:
         before = None if batch is None else batch.position
         cut = self._advance(scheduled, result)
         if batch is not None and batch.started:
-            batch.starved = 0 if batch.position != before else batch.starved + 1
+            # A forward chunk moved it in plan already, before `before` was taken.
+            moved = batch.position != before or scheduled.train_forward is not None or scheduled.train_graph is not None
+            batch.starved = 0 if moved else batch.starved + 1
         return cut
 
     def _advance(self, scheduled: SchedulerOutput, result: BackwardResult | KeptGraph | None) -> bool:
@@ -343,12 +350,15 @@ class CoServer:
         """Whether the micro-batch's graphs and kept activations fit under the cap together."""
         return batch.work.num_tokens * self.bytes_per_token + self.graph_bytes(batch.work) <= self.activation_bytes
 
-    def _start(self, batch: CoservedBatch, with_blocks: bool = True) -> bool:
+    def _start(self, batch: CoservedBatch, with_blocks: bool = True, headroom: int = 0) -> bool:
         """Take KV blocks for the whole micro-batch from the free list, if there are enough
-        (with_blocks: its forward runs in chunks, through them), and room for its activations.
-        The activations first: an allocation that fails leaves nothing held."""
+        (with_blocks: its forward runs in chunks, through them) with `headroom` left free, and
+        room for its activations. The activations first: an allocation that fails leaves
+        nothing held. Headroom, a block for each running sequence to grow into during the
+        forward: started wherever its own blocks were free, on a nearly full cache the first
+        decode to cross a block boundary took them back (reclaim), again at every start."""
         lengths = [s.num_tokens for s in batch.work.sequences]
-        if with_blocks and self._blocks_needed(batch) > self.allocator.num_free:
+        if with_blocks and self._blocks_needed(batch) + headroom > self.allocator.num_free:
             return False
         kept = KeptActivations.empty(self.num_layers, sum(lengths), self.hidden_size, self.linear_widths, self.dtype, self.device)
         grad = torch.empty_like(kept.inputs[-1])

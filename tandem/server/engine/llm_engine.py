@@ -258,7 +258,7 @@ class Engine:
         scheduled_at = time.monotonic()
         # A micro-batch that fails to start (its activations not allocated) is dropped with
         # the error; the iteration's inference goes on without it.
-        self._coserved(scheduled, lambda: self.coserve.plan(scheduled, bool(self.scheduler.running), self._decoded_at or started, self.scheduler.kv_blocked))
+        self._coserved(scheduled, lambda: self.coserve.plan(scheduled, len(self.scheduler.running), self._decoded_at or started, self.scheduler.kv_blocked))
         if not scheduled:
             self._decoded_at = None
             return []
@@ -272,10 +272,10 @@ class Engine:
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
         except Exception as exc:
-            # A micro-batch whose chunk shared the forward has moved on by it: it goes too. One
-            # that only waited in the queue is untouched (an inference request's failure
+            # A micro-batch whose forward this iteration carried has moved on by it: it goes
+            # too. One that only waited in the queue is untouched (an inference request's failure
             # failed a fine-tuning job that had no part in it).
-            if scheduled.train_forward is not None:
+            if scheduled.train_forward is not None or scheduled.train_graph is not None:
                 self.coserve.abort(exc)
             # Only the requests this iteration carried: their state may be half updated. The
             # others (queued, or running but not in it) go on; failing them too turned one bad

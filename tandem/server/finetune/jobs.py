@@ -254,16 +254,20 @@ class JobManager:
         return jobs[start:end], jobs[end - 1].id if end < len(jobs) else ""
 
     def cancel(self, job_id: str) -> Job:
-        """Stop a job; a running one stops before its next micro-batch and publishes nothing."""
-        with self._save_lock, self._lock:
+        """Stop a job; a running one stops before its next micro-batch and publishes nothing.
+        Its check and save go under _save_lock, which _publish takes too, and not _lock, which
+        GetJob, ListJobs and WatchJob wait on (on the event loop) while a sync or a removal runs."""
+        with self._save_lock:
             job = self.get(job_id)
             if job.status.terminal:
                 raise FailedPrecondition(f"job {job_id} already ended ({job.status.value}); nothing to cancel")
             if self._publishing == job_id:
                 raise FailedPrecondition(f"job {job_id} is publishing its adapter; it can no longer be cancelled")
             job = self._update(job_id, durable=True, status=JobStatus.CANCELLED, finished_at=time.time(), **NOT_RUNNING)
-            self._prepared.pop(job_id, None)
-            if self._running is None or self._running.job_id != job_id:
+            with self._lock:
+                self._prepared.pop(job_id, None)
+            running = self._running
+            if running is None or running.job_id != job_id:
                 self._remove_resume_files(job_id)  # the running one's go on the engine thread, between its writes
             return job
 
@@ -460,26 +464,30 @@ class JobManager:
 
     def _publish(self, running: _Running) -> None:
         """Publish the finished adapter; from here on the job can no longer be cancelled."""
-        with self._lock:
-            if self._jobs[running.job_id].status is not JobStatus.RUNNING:
-                self._drop_cancelled(running.job_id)
-                return
-            self._publishing = running.job_id
-        job = self.get(running.job_id)
+        with self._save_lock:  # as cancel's check and save: one or the other first
+            job = self.get(running.job_id)
+            if job.status is JobStatus.RUNNING:
+                self._publishing = job.id
+        if job.status is not JobStatus.RUNNING:
+            self._drop_cancelled(job.id)
+            return
         try:
             if job.router is not None:
+                # Its gates were fitted to the expert versions it started with: served over a
+                # version republished meanwhile, they route by weights they never saw (a resumed
+                # job refuses that already).
+                try:
+                    self._check_experts(job, [self.registry.get(expert) for expert in job.router.experts])
+                except TandemError as exc:
+                    self._end(job.id, JobError("validation_failed", f"could not publish router {job.adapter!r}: {exc}"[:500]))
+                    return
                 info = self.registry.publish_router(job.adapter, running.trainer.adapter.files())
             else:
                 trained = running.trainer.adapter
                 info = self.registry.publish(job.adapter, self._peft_config(job), trained.peft_tensors(), trained.a_init_seed)
         except (OSError, TandemError) as exc:
             log.exception("publishing the adapter of job %s failed", job.id)
-            kept = self._final_checkpoint(job.id, running.trainer.step)
-            where = (
-                f"its trained weights are kept in {kept}: copy that directory into --adapters-dir and load it"
-                if kept is not None else "no checkpoint of its last step could be written either: its weights are lost"
-            )
-            self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r} ({where}): {exc}"[:500]))
+            self._end(job.id, JobError("publish_failed", f"could not publish adapter {job.adapter!r} ({self._kept(job.id, running.trainer.step)}): {exc}"[:500]))
             return
         else:
             try:
@@ -495,6 +503,15 @@ class JobManager:
             self._publishing = None
         log.info("job succeeded", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "content_hash": info.content_hash}})
 
+    def _kept(self, job_id: str, step: int) -> str:
+        """Where a job whose publish failed keeps what it trained: its newest checkpoint."""
+        newest = checkpoints.latest(self._job_dir(job_id) / "checkpoints")
+        if newest is None:
+            return "no checkpoint of it could be written: its weights are lost"
+        if checkpoints.step_of(newest) == step:
+            return f"its trained weights are kept in {newest}: copy that directory into --adapters-dir and load it"
+        return f"its last steps' checkpoints could not be written: its weights at step {checkpoints.step_of(newest)} are kept in {newest}"
+
     def _drop(self) -> None:
         """Forget the running job's trainer and whatever it has in flight in the engine."""
         self._running = None
@@ -509,7 +526,15 @@ class JobManager:
 
     def _end(self, job_id: str, error: JobError | None, **changes) -> None:
         """The running job is over: succeeded (error None) or failed. Once that is saved its
-        resume files go; if it cannot be saved they stay for the resume after a restart."""
+        resume files go; if it cannot be saved they stay for the resume after a restart. One
+        that ended already (an end its store could not save, reaching the failure path) keeps
+        them: removed then, a restart resumed it without its dataset and lost its weights."""
+        if (ended := self.get(job_id)).status.terminal:
+            if ended.status is JobStatus.CANCELLED:
+                self._drop_cancelled(job_id)
+            else:
+                self._drop()
+            return
         self._drop()
         self._prepared.pop(job_id, None)
         status = JobStatus.SUCCEEDED if error is None else JobStatus.FAILED
@@ -520,22 +545,20 @@ class JobManager:
         """What only a resume after a restart reads, for a job that has ended (its record saved
         as such): its checkpoints (about 3x the adapter each, two kept: a finished or cancelled
         job held them forever) and its copy of the dataset. A job whose publish failed keeps
-        its final checkpoint: the only copy of what it trained, which its error names."""
+        its newest checkpoint: the only copy of what it trained, which its error names."""
         folder = self._job_dir(job_id) / "checkpoints"
         job = self._jobs.get(job_id)
-        final = self._final_checkpoint(job_id, job.step) if job is not None and job.error is not None and job.error.code == "publish_failed" else None
-        if final is None:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            for other in folder.iterdir():
-                if other != final:
+        try:
+            newest = checkpoints.latest(folder) if job is not None and job.error is not None and job.error.code == "publish_failed" else None
+            for other in folder.iterdir() if newest is not None else ():
+                if other != newest:
                     shutil.rmtree(other, ignore_errors=True)
+        except OSError:  # a server that cannot list it still starts; the files stay
+            log.exception("fine-tuning job %s: its checkpoints could not be listed", job_id)
+            return
+        if newest is None:
+            shutil.rmtree(folder, ignore_errors=True)
         (self._job_dir(job_id) / DATASET_FILE).unlink(missing_ok=True)
-
-    def _final_checkpoint(self, job_id: str, step: int) -> Path | None:
-        """The job's checkpoint of `step`, its last, if it was written."""
-        newest = checkpoints.latest(self._job_dir(job_id) / "checkpoints")
-        return newest if newest is not None and checkpoints.step_of(newest) == step else None
 
     # Helpers
 
