@@ -4,8 +4,12 @@ the new, never a half-written file or directory.
 Files: write a temp file beside the target, fsync it, rename it over the target, fsync the
 directory. Directories: build the whole new directory beside the target, fsync it, then
 swap it into place in one step (Linux's renameat2 RENAME_EXCHANGE, so readers never see
-the name missing), then remove the old one. Leftover temp entries (from a kill mid-write)
-start with TEMP_PREFIX; `remove_leftovers` clears them at start-up.
+the name missing), then remove the old one. Where the file system cannot swap (NFS, CIFS,
+many FUSE mounts: Kubernetes' ReadWriteMany volumes), the old version is renamed aside
+whole (ASIDE_PREFIX), the new one renamed in, and the old removed: the name is missing for
+a moment, never half there. Leftover temp entries (from a kill mid-write) start with
+TEMP_PREFIX; `remove_leftovers` clears them at start-up, and puts back an old version set
+aside whose name a kill left missing.
 """
 
 import ctypes
@@ -17,17 +21,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 TEMP_PREFIX = ".tandem-tmp-"
+# An old version set aside whole while its new one is renamed in (no atomic swap there).
+ASIDE_PREFIX = TEMP_PREFIX + "old-"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _temp_beside(path: Path) -> Path:
+def _temp_beside(path: Path, prefix: str = TEMP_PREFIX) -> Path:
     """Where a write of path goes first: a hidden, unique name beside it."""
-    return path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}"
+    return path.parent / f"{prefix}{uuid.uuid4().hex}-{path.name}"
 
 
-# What the temp name adds to a name: a name within NAME_MAX less this is one a write can take.
-TEMP_NAME_BYTES = len(_temp_beside(Path("x")).name) - 1
+# What the longer temp name adds to a name: a name within NAME_MAX less this is one a write can take.
+TEMP_NAME_BYTES = len(_temp_beside(Path("x"), ASIDE_PREFIX).name) - 1
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -50,17 +56,33 @@ def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
         for name, data in files.items():
             _write_synced(temp / name, data)
         fsync_dir(temp)
-        if path.exists() and _exchange(temp, path):
-            # temp now holds the old version.
-            _remove(temp)
-        else:
-            if path.exists():
-                _remove(path)
+        if not (path.exists() or path.is_symlink()):
             os.rename(temp, path)
+        elif _exchange(temp, path):
+            _remove(temp)  # temp now holds the old version
+        else:
+            _swap_aside(temp, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def _swap_aside(new: Path, path: Path) -> None:
+    """Put directory `new` at path where no atomic swap is possible: the old version renamed
+    aside whole, the new renamed in, the old removed. Removing the old first (file by file)
+    left a killed write's adapter half deleted; now a kill leaves it whole, aside, and
+    remove_leftovers puts it back."""
+    aside = _temp_beside(path, ASIDE_PREFIX)
+    os.rename(path, aside)
+    os.utime(aside, follow_symlinks=False)  # fresh: another replica's start spares it (min_age_seconds)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    fsync_dir(path.parent)
+    _remove(aside)
 
 
 def check_writable(directory: Path) -> None:
@@ -93,13 +115,19 @@ def make_directories(path: Path) -> None:
 
 
 def remove_leftovers(directory: Path, min_age_seconds: float = 0.0) -> list[Path]:
-    """Delete what interrupted writes left in directory; returns what was removed. In a
+    """Delete what interrupted writes left in directory; returns what was removed. An old
+    version set aside (ASIDE_PREFIX) whose name a kill left missing goes back instead. In a
     directory other processes may write too, min_age_seconds spares their writes in flight."""
     removed = []
     now = time.time()
-    for entry in directory.glob(f"{TEMP_PREFIX}*"):
+    for entry in sorted(directory.glob(f"{TEMP_PREFIX}*"), key=lambda e: not e.name.startswith(ASIDE_PREFIX)):
         if now - entry.lstat().st_mtime < min_age_seconds:
             continue
+        if entry.name.startswith(ASIDE_PREFIX):
+            target = directory / entry.name[len(ASIDE_PREFIX) + 33 :]  # past "<32 hex>-"
+            if not (target.exists() or target.is_symlink()):
+                os.rename(entry, target)
+                continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

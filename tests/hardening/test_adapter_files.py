@@ -402,3 +402,43 @@ def test_a_new_version_replaces_a_symlinked_adapter_and_leaves_its_target(tmp_pa
     assert not (tmp_path / "prod").is_symlink() and (tmp_path / "prod" / "adapter_config.json").read_text() == "new"
     assert (tmp_path / "prod-v1" / "adapter_config.json").read_text() == "old"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_without_an_atomic_swap_a_new_version_never_leaves_the_old_half_deleted(tmp_path, monkeypatch):
+    """NFS, CIFS and many FUSE mounts (Kubernetes' ReadWriteMany volumes) refuse renameat2's
+    exchange: the fallback removed the old version file by file, then renamed the new one in,
+    so a kill mid-removal left an adapter with half its files."""
+    import os
+    import uuid
+
+    from tandem.server import atomic_files
+    from tandem.server.atomic_files import ASIDE_PREFIX, TEMP_PREFIX, remove_leftovers, write_directory
+
+    monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)
+    files = {"adapter_config.json": b"old", "adapter_model.safetensors": b"old weights"}
+    write_directory(tmp_path / "prod", files)
+    write_directory(tmp_path / "prod", {"adapter_config.json": b"new"})
+    assert [p.name for p in tmp_path.iterdir()] == ["prod"] and (tmp_path / "prod" / "adapter_config.json").read_text() == "new"
+
+    # The new version's rename fails (a kill's signal, an I/O error): the old one is back, whole.
+    rename = os.rename
+
+    def interrupted_putting_the_new_one_in(source, target):
+        if Path(source).name.startswith(TEMP_PREFIX) and not Path(source).name.startswith(ASIDE_PREFIX):
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    monkeypatch.setattr(atomic_files.os, "rename", interrupted_putting_the_new_one_in)
+    with pytest.raises(KeyboardInterrupt):
+        write_directory(tmp_path / "prod", files)
+    monkeypatch.setattr(atomic_files.os, "rename", rename)
+    assert [p.name for p in tmp_path.iterdir()] == ["prod"] and (tmp_path / "prod" / "adapter_config.json").read_text() == "new"
+
+    # A kill between the two renames runs no handler: the old version aside, the new one under
+    # its temp name, the name missing. The start-up clean-up puts the old one back.
+    aside = tmp_path / f"{ASIDE_PREFIX}{uuid.uuid4().hex}-prod"
+    rename(tmp_path / "prod", aside)
+    write_directory(tmp_path / f"{TEMP_PREFIX}{uuid.uuid4().hex}-prod", files)
+    removed = remove_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["prod"] and (tmp_path / "prod" / "adapter_config.json").read_text() == "new"
+    assert len(removed) == 1 and removed[0].name.startswith(TEMP_PREFIX)
