@@ -890,9 +890,9 @@ def test_a_waiting_request_takes_kv_blocks_back_from_a_micro_batch_forward(tiny_
     assert engine.allocator.num_free == 22 and engine.stats().finetune_activation_bytes == 0
 
 
-def test_a_micro_batch_starts_with_room_for_the_running_requests_to_grow(tiny_hf_model, smollm2_tokenizer):
-    """It started wherever its own blocks were free: on a nearly full cache the first decode to
-    cross a block boundary took them back, and it started and threw its forward away again."""
+def beside_growing_requests(tiny_hf_model, smollm2_tokenizer):
+    """An engine of 30 KV blocks with two requests decoding in 20 of them, due to grow in 4
+    tokens and 1, and the micro-batch of `sequences` (19 blocks) submitted beside them."""
     shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
     config = dict(max_num_batched_tokens=16, block_size=4, kv_cache_bytes=30 * KVCache.bytes_per_block(shape, 4, torch.float32))
     vocab = len(smollm2_tokenizer)
@@ -903,9 +903,15 @@ def test_a_micro_batch_starts_with_room_for_the_running_requests_to_grow(tiny_hf
         engine.add_request(f"r{i}", prompt, params)
     while any(not seq.token_ids[seq.prompt_len :] for seq in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
-    seqs = sequences(vocab)  # 68 tokens: 19 blocks; 20 are free, and the requests need one more in 4 tokens and 1
     assert engine.allocator.num_free == 20
-    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    seqs = sequences(vocab)
+    return engine, kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+
+
+def test_a_micro_batch_starts_with_room_for_the_running_requests_to_grow(tiny_hf_model, smollm2_tokenizer):
+    """It started wherever its own blocks were free: on a nearly full cache the first decode to
+    cross a block boundary took them back, and it started and threw its forward away again."""
+    engine, batch = beside_growing_requests(tiny_hf_model, smollm2_tokenizer)
     while engine.has_work():
         engine.step()
     assert batch.done and batch.error is None
@@ -915,19 +921,8 @@ def test_a_micro_batch_starts_with_room_for_the_running_requests_to_grow(tiny_hf
 def test_a_micro_batch_waits_for_headroom_no_longer_than_starved_iterations(tiny_hf_model, smollm2_tokenizer, monkeypatch):
     """Beside requests that decode for as long as traffic lasts, the headroom it waits for
     may never come: after STARVED_ITERATIONS it starts without it."""
-    shape = make_engine(tiny_hf_model, smollm2_tokenizer).runner.model.shape
-    config = dict(max_num_batched_tokens=16, block_size=4, kv_cache_bytes=30 * KVCache.bytes_per_block(shape, 4, torch.float32))
-    vocab = len(smollm2_tokenizer)
     monkeypatch.setattr(coserve_module, "STARVED_ITERATIONS", 1)
-    engine = make_engine(tiny_hf_model, smollm2_tokenizer, **config)
-    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=8, target_modules=ALL_LINEAR), seed=0)
-    params = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
-    for i, prompt in enumerate(random_prompts([20, 16], vocab, seed=3)):
-        engine.add_request(f"r{i}", prompt, params)
-    while any(not seq.token_ids[seq.prompt_len :] for seq in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    seqs = sequences(vocab)
-    batch = kept_only(engine, seqs).coserve.submit(TrainingWork(seqs, adapter.slot_weights()), 0.01)
+    engine, batch = beside_growing_requests(tiny_hf_model, smollm2_tokenizer)
     waited = 0
     while not batch.started:
         engine.step()

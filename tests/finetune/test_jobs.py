@@ -156,7 +156,7 @@ def test_bad_requests_are_refused_before_a_job_exists(tiny_model_dir, tiny_hf_mo
             (InvalidRequest, request(adapter="a/b"), "adapter name must be a non-empty single path component"),
             (InvalidRequest, request(adapter=".hidden"), "adapter name must not start with '.'"),
             # Within NAME_MAX, but not with the temp directory's prefix that publishing adds.
-            (InvalidRequest, request(adapter="a" * 250), "adapter name is too long: 250 bytes where the file system allows 210"),
+            (InvalidRequest, request(adapter="a" * 250), "adapter name is too long: 250 bytes where the file system allows 206"),
             (IncompatibleAdapter, request(base_adapter="patterned", lora={}), "adapter 'patterned' has several ranks or scales"),
             # Continued, every other layer's q_proj trained from a fresh start and was published.
             (IncompatibleAdapter, request(base_adapter="first-layer", lora={}), "adapter 'first-layer' adapts q_proj on some layers only (not layer 1"),
@@ -825,15 +825,15 @@ def test_a_checkpoint_that_cannot_be_written_does_not_end_the_job(tiny_model_dir
     assert job.content_hash == content_hash(dirs[0] / "tuned")
 
 
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_a_failed_publish_keeps_the_trained_weights_where_its_error_says(tiny_model_dir, tiny_hf_model, dirs, monkeypatch):
     """The job ended FAILED and its end removed its checkpoints: the only copy of what it had
     trained, though its error said to publish it on a server that could."""
     engine = start(tiny_model_dir, dirs)
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(engine.engine.registry, "publish", full)
+    monkeypatch.setattr(engine.engine.registry, "publish", disk_full)
     try:
         job = wait_for(engine, engine.jobs.create(request()).id)
         folder = engine.jobs._job_dir(job.id)
@@ -918,11 +918,7 @@ def test_a_failed_publish_the_store_cannot_save_is_published_by_the_restart(tiny
     without its dataset and removed the checkpoint its error said was kept."""
     engine = start(tiny_model_dir, dirs)
     engine.jobs._store.save = refusing(engine.jobs._store, JobStatus.FAILED)
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(engine.engine.registry, "publish", full)
+    monkeypatch.setattr(engine.engine.registry, "publish", disk_full)
     try:
         job = wait_for(engine, engine.jobs.create(request()).id)
         folder = engine.jobs._job_dir(job.id)
