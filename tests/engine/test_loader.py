@@ -1,6 +1,9 @@
 """Loading a model: clear errors, never a traceback, for paths we cannot serve."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,60 @@ def test_quantized_weights_are_refused_not_served_without_their_scales(tiny_hf_m
     sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"].to(torch.float8_e4m3fn)
     with pytest.raises(ModelLoadError, match=r"quantized weights \(model\.layers\.0\.self_attn\.q_proj\.weight: float8_e4m3fn\)"):
         check_full_precision(sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_directory_loads_straight_into_the_serving_dtype_with_the_cast_weights(tiny_model_dir, tiny_hf_model, dtype):
+    """Read into the serving dtype, not float32 first: the same numbers as casting the
+    float32 weights, and none of them shared with the staging model."""
+    from tandem.server.model.loader import build_from_hf
+
+    loaded = load_model(str(tiny_model_dir), dtype, CPU).model.state_dict()
+    cast = build_from_hf(tiny_hf_model, dtype, CPU).state_dict()
+    assert loaded.keys() == cast.keys()
+    for name, tensor in loaded.items():
+        assert tensor.dtype == dtype, name
+        assert torch.equal(tensor, cast[name]), name
+    staged = {t.untyped_storage().data_ptr() for t in tiny_hf_model.state_dict().values()}
+    same_dtype = build_from_hf(tiny_hf_model, torch.float32, CPU).state_dict().values()
+    assert not staged & {t.untyped_storage().data_ptr() for t in same_dtype}
+
+
+LOAD_PEAK = """
+import sys, threading, time
+import torch
+from tandem.server.model.loader import load_model
+
+def anon_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon"))
+
+load_model(sys.argv[2], torch.bfloat16, torch.device("cpu"))  # imports, tokenizer: not what is measured
+base, peak, done = anon_mb(), [0.0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_mb())
+        time.sleep(0.001)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+model = load_model(sys.argv[1], torch.bfloat16, torch.device("cpu")).model
+done.set()
+sampler.join()
+print((peak[0] - base) * 2**20 / sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the anonymous memory of /proc/self/status")
+def test_loading_a_bfloat16_directory_holds_about_one_copy_of_the_weights(tmp_path, tiny_model_dir, smollm2_tokenizer):
+    """A float32 staging copy beside the built model peaked at 3.4x a bfloat16 model's size
+    (an 8B model: 55 GB): the load must stay under 2x, staging freed as the layers are built."""
+    from tests.conftest import make_tiny_hf_model
+
+    big = tmp_path / "big"
+    make_tiny_hf_model(smollm2_tokenizer, hidden_size=512, intermediate_size=2048, num_hidden_layers=4).to(torch.bfloat16).save_pretrained(big)
+    smollm2_tokenizer.save_pretrained(big)
+    run = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(big), str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 2.0

@@ -68,10 +68,14 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
         rope_factors = None if gguf is None else gguf.rope_factors()
         tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
     # GGUF weights are dequantised to float32 here (under a raw tqdm bar that no setting
-    # turns off: it goes to a sink); a safetensors directory is only read.
+    # turns off: it goes to a sink), whatever dtype is asked (transformers decodes its blocks
+    # to float32 first); a safetensors directory is only read, straight into the serving
+    # dtype (the same per-tensor cast build_from_hf would make), not into a float32 copy twice
+    # the size of a bfloat16 model's.
+    load_dtype = torch.float32 if model_path.is_file() else dtype
     with load_phase("dequantise", gguf=model_path.is_file()), contextlib.redirect_stderr(io.StringIO()):
         hf_model, info = _call(
-            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=torch.float32,
+            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=load_dtype,
             output_loading_info=True, **kwargs,
         )
     check_complete(model_path, info)
@@ -79,7 +83,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
         rotary = hf_model.model.rotary_emb
         rotary.inv_freq = scale_rope(rotary.inv_freq, rope_factors, model_path)
     with load_phase("build", dtype=str(dtype).removeprefix("torch."), device=str(device)):
-        model = build_from_hf(hf_model, dtype, device)
+        model = build_from_hf(hf_model, dtype, device, release=True)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -128,12 +132,24 @@ def check_full_precision(sd: Mapping[str, torch.Tensor]) -> None:
             )
 
 
-def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> LlamaModel:
-    """Copy a transformers Llama-family model's weights into our fused layout."""
+def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device, release: bool = False) -> LlamaModel:
+    """Copy a transformers Llama-family model's weights into our fused layout; never sharing
+    its storage (which may map the checkpoint file).
+
+    release: the transformers model is only a staging area: its weights are freed (it is
+    left on the meta device) as each is copied, so a load holds one copy of the weights and
+    a tensor, not two copies (for an 8B model in bfloat16 from float32 staging, 48 GB)."""
     config = hf_model.config
     check_supported(config)
     sd = hf_model.state_dict()
     check_full_precision(sd)
+    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in sd
+    inv_freq, scaling = _rope_frequencies(hf_model)
+    if release:
+        hf_model.to("meta")  # sd now holds the only references to the weights
+
+    def take(name: str) -> torch.Tensor:
+        return sd.pop(name) if release else sd[name]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = ModelShape(
         vocab_size=config.vocab_size,
@@ -148,15 +164,14 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> Ll
     )
 
     def t(name: str) -> torch.Tensor:
-        return sd[name].to(device=device, dtype=dtype).contiguous()
+        return take(name).to(device=device, dtype=dtype, copy=True).contiguous()
 
     def cat(names: list[str]) -> torch.Tensor:
-        return torch.cat([sd[n] for n in names]).to(device=device, dtype=dtype).contiguous()
+        return torch.cat([take(n) for n in names]).to(device=device, dtype=dtype).contiguous()
 
     def optional_cat(names: list[str]) -> torch.Tensor | None:
         return cat(names) if all(n in sd for n in names) else None
 
-    inv_freq, scaling = _rope_frequencies(hf_model)
     rotary = Rotary(inv_freq, scaling, shape.max_position, dtype).to(device)
     q_dim, kv_dim = shape.num_heads * head_dim, shape.num_kv_heads * head_dim
     layers = []
@@ -182,8 +197,7 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> Ll
                 MLP(gate_up, down),
             )
         )
-    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in sd
-    return LlamaModel(
+    model = LlamaModel(
         shape,
         t("model.embed_tokens.weight"),
         rotary,
@@ -191,6 +205,9 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device) -> Ll
         RMSNorm(t("model.norm.weight"), shape.rms_norm_eps),
         None if tied else t("lm_head.weight"),
     )
+    if release:
+        sd.clear()  # a tied lm_head's alias, buffers
+    return model
 
 
 def eos_token_ids(hf_model: Any, tokenizer: Any) -> list[int]:
