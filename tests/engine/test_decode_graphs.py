@@ -84,15 +84,15 @@ def test_without_capture_steps_with_adapters_stay_eager(tiny_hf_model, smollm2_t
     assert not taken
 
 
-def test_steps_with_prefills_training_or_mixtures_stay_eager(tiny_hf_model, smollm2_tokenizer):
+def test_steps_with_prefills_stay_eager(tiny_hf_model, smollm2_tokenizer):
     engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=4)
     taken = with_static_decode(engine)
     params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
     prompts = random_prompts([6, 6], 400)
-    # Step 0 prefills a; step 1 decodes a beside b's prefill; then decodes only.
+    # Step 0 prefills a; step 1 decodes a beside b's prefill; step 2 decodes a and b (a's
+    # last token), step 3 b alone: only those two.
     run(engine, {0: [("a", prompts[0], params)], 1: [("b", prompts[1], params)]})
-    assert taken and all(n <= 2 for n in taken)
-    assert len(taken) < 4  # the mixed steps were not taken
+    assert taken == [2, 1]
 
 
 @needs_native
@@ -108,3 +108,48 @@ def test_a_bucket_without_memory_to_capture_runs_eagerly(tiny_hf_model, smollm2_
         with_static_decode(engine)  # the start-up captures fail
         assert "runs eagerly" in caplog.text
         assert run(engine, arrivals(engine, [""])) == run(eager, arrivals(eager, [""]))
+
+
+@needs_native
+def test_decodes_beside_coserved_training_go_through_the_graphs_and_both_stay_exact(tiny_hf_model, smollm2_tokenizer):
+    """Decode-only steps beside a co-served micro-batch's head and backward slices replay the
+    graphs; a step that carries its forward chunk's training rows never does. The requests'
+    tokens are those of an idle engine, the gradients those of the micro-batch alone."""
+    from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter
+    from tests.finetune.test_coserve import coserve, grads, sequences, smollm2_head
+    from tests.finetune.test_gradients import randomize
+
+    prompts = random_prompts([30, 5, 12], len(smollm2_tokenizer), seed=11)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+    arrivals = {0: [("a", prompts[0], params)], 2: [("b", prompts[1], params), ("c", prompts[2], params)]}
+    config = dict(max_num_batched_tokens=48, block_size=4, kv_cache_bytes=4 << 20, max_num_seqs=8)
+    expected_tokens = run(make_engine(tiny_hf_model, smollm2_tokenizer, **config), arrivals)
+
+    engine = smollm2_head(make_engine(tiny_hf_model, smollm2_tokenizer, **config))
+    adapter = TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0)
+    randomize(adapter, seed=2)
+    seqs = sequences(len(smollm2_tokenizer))
+    coserve(engine, adapter, seqs, 0.01)
+    alone = grads(adapter)
+
+    with_static_decode(engine)
+    steps, graphed = [], []
+    execute, forward = engine.runner.execute, engine.runner.graphs.forward
+
+    def recording(scheduled):
+        steps.append(scheduled)
+        return execute(scheduled)
+
+    def replayed(batch):
+        graphed.append((steps[-1], batch.train_lora is not None or batch.kept is not None))
+        return forward(batch)
+
+    engine.runner.execute, engine.runner.graphs.forward = recording, replayed
+    _, outputs = coserve(engine, adapter, seqs, 0.01, arrivals)
+
+    assert outputs == expected_tokens
+    for name, grad in grads(adapter).items():
+        torch.testing.assert_close(grad, alone[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(carried for _, carried in graphed)
+    assert any(s.train_forward is not None and s.decodes for s in steps)  # forward chunks beside decodes ran eagerly
+    assert any(s.train_backward is not None or s.train_head is not None for s, _ in graphed)
