@@ -114,15 +114,19 @@ def test_mixed_adapter_batch_on_cuda_matches_peft(hf_cuda, tokenizer, adapters_d
                          ids=["two-launch", "fused"])
 def test_tuned_decode_configs_serve_what_peft_computes(hf_cuda, tokenizer, adapters_dir, config, monkeypatch, tmp_path):
     """The committed tables are for Llama shapes: here a table for the tiny model's shapes
-    sends its decode steps (in graphs) through the tuned launches."""
+    sends its decode steps (in graphs) through the tuned launches. The table is in place
+    before the engine captures its decode graphs at start-up: captured with the default
+    launches, the graphs would replay those, whatever the table says."""
     from tandem.kernels.lora import triton_sgmv
 
-    engine = make_engine(
-        hf_cuda, tokenizer, dtype=torch.float32, device="cuda", adapters_dir=str(adapters_dir), max_lora_rank=16,
-        max_loras=4, max_num_batched_tokens=64,
-    )
+    def engine():
+        return make_engine(
+            hf_cuda, tokenizer, dtype=torch.float32, device="cuda", adapters_dir=str(adapters_dir), max_lora_rank=16,
+            max_loras=4, max_num_batched_tokens=64,
+        )
+
     entry = triton_sgmv.config_entry(triton_sgmv.DecodeConfig(**config), 64)
-    keys = {triton_sgmv.shape_key(w.in_features, w.out_slices) for w in engine.registry.pool.weights.values()}
+    keys = {triton_sgmv.shape_key(w.in_features, w.out_slices) for w in engine().registry.pool.weights.values()}
     (tmp_path / "table.json").write_text(json.dumps({"configs": {key: [entry] for key in keys}}))
     monkeypatch.setattr(triton_sgmv, "tuned_table_path", lambda device: tmp_path / "table.json")
     triton_sgmv._tuned_tables.cache_clear()
@@ -130,10 +134,11 @@ def test_tuned_decode_configs_serve_what_peft_computes(hf_cuda, tokenizer, adapt
     run_config = triton_sgmv.DecodeConfig.run
     monkeypatch.setattr(triton_sgmv.DecodeConfig, "run", lambda self, *a: runs.append(1) or run_config(self, *a))
     try:
-        check_mixed_adapters_match_peft(engine, hf_cuda, adapters_dir, torch.float32)
+        tuned = engine()
+        assert tuned.runner.graphs is not None and runs  # the decode graphs were captured through the tuned launches
+        check_mixed_adapters_match_peft(tuned, hf_cuda, adapters_dir, torch.float32)
     finally:
         triton_sgmv._tuned_tables.cache_clear()
-    assert runs
 
 
 def check_mixed_adapters_match_peft(engine, hf_cuda, adapters_dir, dtype):
@@ -181,6 +186,9 @@ def test_decode_graphs_replay_what_the_eager_engine_computes(hf_cuda, tokenizer,
             max_loras=4, max_num_batched_tokens=64, cuda_graphs=graphs,
         )
         seen = record_logits(engine)
+        if graphs:  # what the served steps replayed: (rows, with adapters)
+            replayed, forward = [], engine.runner.graphs.forward
+            engine.runner.graphs.forward = lambda batch: replayed.append((batch.input_ids.shape[0], batch.lora is not None)) or forward(batch)
         params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
         names = ["r4-mlp", "", "r8-all", "r16-qv", "r8-all"]
         prompts = random_prompts([7, 30, 3, 19, 11], VOCAB, seed=5)
@@ -194,6 +202,8 @@ def test_decode_graphs_replay_what_the_eager_engine_computes(hf_cuda, tokenizer,
     graphs = engines[True].runner.graphs
     # At start-up (these batches alone would capture 4 buckets twice); ranks 4-16 take the empty pool's tile.
     assert graphs.captures == 2 * len(graphs.sizes) > 8
+    # Requests arrive every other step: the steps between arrivals decode 1 to 5 rows alone.
+    assert {rows for rows, _ in replayed} >= {1, 2, 3, 4, 5} and all(lora for rows, lora in replayed if rows > 1)
     for rid, rows in logits[False].items():
         if dtype == torch.float32:
             assert outputs[True][rid] == outputs[False][rid]
