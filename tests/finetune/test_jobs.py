@@ -101,6 +101,15 @@ def test_a_job_trains_publishes_and_serves_what_peft_serves(tiny_model_dir, tiny
         events: list[Job] = []
         job = engine.jobs.create(request())
         engine.jobs.watch(job.id, events.append)
+        final: dict[str, torch.Tensor] = {}
+
+        def keep_final_weights(e: Job) -> None:
+            # On the engine thread, right after the last step's update and before the publish:
+            # the trainer's final weights, taken from the trainer, not from what was published.
+            if e.status is JobStatus.RUNNING and e.step == HP.max_steps:
+                final.update({k: v.clone() for k, v in engine.jobs._running.trainer.adapter.peft_tensors().items()})
+
+        engine.jobs.watch(job.id, keep_final_weights)
         job = wait_for(engine, job.id)
         stats = engine.stats()
     finally:
@@ -124,10 +133,22 @@ def test_a_job_trains_publishes_and_serves_what_peft_serves(tiny_model_dir, tiny
     losses = [e.train_loss for e in events if e.train_loss is not None]
     assert losses[-1] < losses[0]  # it learns something even in six steps
 
+    # What was published is the trainer's final weights, and they are trained: every B has
+    # left its zero init (initial weights published would make the adapter a no-op).
+    published = load_file(dirs[0] / "tuned" / WEIGHTS_FILE)
+    assert final and published.keys() == final.keys() and all(torch.equal(published[k], final[k]) for k in final)
+    b_weights = [v for k, v in published.items() if "lora_B" in k]
+    assert b_weights and all(bool(v.any()) for v in b_weights)
+
     # The published files are a PEFT adapter; peft's greedy tokens are Tandem's.
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_hf_model), str(dirs[0] / "tuned")).eval()
-    served = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(dirs[0]), max_lora_rank=MAX_RANK, kv_cache_bytes=8 << 20)
     prompt = smollm2_tokenizer("Item 3:").input_ids
+    with torch.no_grad():  # and peft's output with the adapter is not the base model's
+        adapted = peft_model(input_ids=torch.tensor([prompt])).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=torch.tensor([prompt])).logits
+    assert (adapted - plain).abs().max() > 1e-2
+    served = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(dirs[0]), max_lora_rank=MAX_RANK, kv_cache_bytes=8 << 20)
     served.add_request("r", prompt, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True), served.registry.get("tuned"))
     ours = [t for _ in iter(served.has_work, False) for out in served.step() for t in out.token_ids]
     with torch.no_grad():
@@ -473,12 +494,18 @@ def test_a_restarted_server_resumes_the_job_and_ends_with_the_same_adapter(tiny_
     assert failed.status is JobStatus.FAILED and failed.error.code == "validation_failed"
     assert "max_seq_length 512 exceeds the server's context limit 64 now" in failed.error.message
 
-    engine = start(tiny_model_dir, cut)
+    engine = unstarted(tiny_model_dir, cut)
+    events: list[Job] = []
     try:
+        engine.jobs.watch(job.id, events.append)
+        engine.start()
         assert engine.jobs.get(job.id).status in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
         resumed = wait_for(engine, job.id)
     finally:
         engine.shutdown()
+    # It started from its newest checkpoint (step 3), not from step 0: the first step it
+    # reports running is 3, and it trains only the steps after it.
+    assert [e.step for e in events if e.status is JobStatus.RUNNING] == [3, 4, 5, 6]
     # lora_dropout: time-sliced (co-serving computes the adapter's delta twice, which dropout would change).
     assert resumed.status is JobStatus.SUCCEEDED and resumed.step == 6 and resumed.mode == "timeslice"
     assert resumed.trained_tokens == uninterrupted.trained_tokens  # the steps after the checkpoint count once

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from tandem.server.adapters.peft_format import WEIGHTS_FILE, content_hash
 from tandem.server import atomic_files
 from tandem.server.atomic_files import TEMP_PREFIX
-from tandem.server.finetune.job import JobStatus
+from tandem.server.finetune.job import Job, JobStatus
 from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
 from tests.adapters.make_adapters import make_adapter
-from tests.finetune.test_jobs import DATA, request, start, wait_for
+from tests.finetune.test_jobs import DATA, request, start, unstarted, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,13 +90,20 @@ def kill_at_marker(process: subprocess.Popen, marker: Path) -> None:
     process.wait(10)
 
 
-def resume(model_dir: Path, dirs: tuple[Path, Path], job_id: str) -> None:
-    engine = start(model_dir, dirs)
+def resume(model_dir: Path, dirs: tuple[Path, Path], job_id: str, from_step: int | None = None) -> None:
+    """Restart in-process and run the job to its end. from_step: the checkpoint step it must
+    resume from (the first step it reports running), not a retraining from step 0."""
+    engine = unstarted(model_dir, dirs)
+    events: list[Job] = []
     try:
+        engine.jobs.watch(job_id, events.append)
+        engine.start()
         job = wait_for(engine, job_id)
     finally:
         engine.shutdown()
     assert job.status is JobStatus.SUCCEEDED and job.step == job.total_steps == 6
+    if from_step is not None:
+        assert [e.step for e in events if e.status is JobStatus.RUNNING] == list(range(from_step, 7))
 
 
 def leftovers(directory: Path) -> list[Path]:
@@ -126,7 +133,7 @@ def test_kill_during_a_checkpoint_write(tiny_model_dir, tmp_path, dirs):
     assert [p.name for p in checkpoints.iterdir() if not p.name.startswith(TEMP_PREFIX)] == ["step-00000002"]
     assert leftovers(checkpoints), "the kill should have left a partial write behind"
 
-    resume(tiny_model_dir, dirs, job_id)
+    resume(tiny_model_dir, dirs, job_id, from_step=2)  # the newest complete checkpoint, not the partial step 4
     assert not checkpoints.exists()  # gone with the job's end, the partial write with them
     got = load_file(dirs[0] / "tuned" / WEIGHTS_FILE)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
