@@ -161,3 +161,18 @@ def test_loading_a_bfloat16_directory_holds_about_one_copy_of_the_weights(tmp_pa
     run = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(big), str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) < 2.0
+
+
+def test_a_gguf_file_loads_in_bfloat16_as_the_cast_of_its_float32_weights_without_warnings(smollm2_path, smollm2_hf, caplog):
+    """Dequantised straight into bfloat16: the same numbers as the float32 load cast, and no
+    warning from transformers that packed GGUF weights are fastest in float32 (they are
+    always unpacked here)."""
+    from tandem.server.model.loader import build_from_hf
+
+    with caplog.at_level("WARNING"):
+        loaded = load_model(str(smollm2_path), torch.bfloat16, CPU).model.state_dict()
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    cast = build_from_hf(smollm2_hf, torch.bfloat16, CPU).state_dict()
+    assert loaded.keys() == cast.keys()
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, cast[name]), name

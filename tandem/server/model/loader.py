@@ -67,16 +67,13 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
         gguf = GGUFExtras(model_path) if model_path.is_file() else None
         rope_factors = None if gguf is None else gguf.rope_factors()
         tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
-    # GGUF weights are dequantised to float32 here (under a raw tqdm bar that no setting
-    # turns off: it goes to a sink), whatever dtype is asked (transformers decodes its blocks
-    # to float32 first); a safetensors directory is only read, straight into the serving
-    # dtype (the same per-tensor cast build_from_hf would make), not into a float32 copy twice
-    # the size of a bfloat16 model's.
-    load_dtype = torch.float32 if model_path.is_file() else dtype
+    # Straight into the serving dtype (the same per-tensor cast build_from_hf would make), not
+    # into a float32 copy twice the size of a bfloat16 model's. GGUF weights are dequantised
+    # here (under a raw tqdm bar that no setting turns off: it goes to a sink).
     with load_phase("dequantise", gguf=model_path.is_file()), contextlib.redirect_stderr(io.StringIO()):
         hf_model, info = _call(
-            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=load_dtype,
-            output_loading_info=True, **kwargs,
+            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=dtype,
+            output_loading_info=True, **kwargs, **(_dequantised() if model_path.is_file() else {}),
         )
     check_complete(model_path, info)
     if rope_factors is not None:
@@ -234,6 +231,18 @@ def _source(model_path: Path) -> tuple[str, dict[str, Any]]:
     if not (model_path / "config.json").exists():
         raise ModelLoadError(f"{str(model_path)!r} has no config.json: it is not a Hugging Face model directory")
     return str(model_path), {"local_files_only": True}
+
+
+def _dequantised() -> dict[str, Any]:
+    """transformers 5 may keep a GGUF file's blocks packed, multiplied by kernels the `kernels`
+    package fetches from the Hub: Tandem fuses dense weights and reaches no hub at run time,
+    so they are always unpacked (asked for outright, a bfloat16 load also skips the warning
+    that packed weights are fastest in float32)."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # transformers 4 always unpacks
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _call(model_path: Path, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
