@@ -56,7 +56,7 @@ def test_a_slab_read_holds_the_files_bytes_and_their_sha256(sources, base, monke
     monkeypatch.setattr(peft_format, "READ_PIECE_BYTES", piece)
     slab = HostSlab(1 << 20)
     weights = sources / "a" / WEIGHTS_FILE
-    data, digest = read_hashed(weights, b"prefix", slab.block)
+    data, digest = read_hashed(weights, b"prefix", 1 << 30, slab.block)
     assert isinstance(data, memoryview) and bytes(data) == weights.read_bytes()
     assert digest == hashlib.sha256(b"prefix" + weights.read_bytes()).hexdigest()
 
@@ -229,3 +229,28 @@ def test_a_half_precision_adapter_is_held_as_its_file_and_loads_the_slot_float32
     slots = [pool.acquire(registry.get(name)) for name in ("half", "full")]
     for w in pool.weights.values():
         assert torch.equal(w.a[slots[0]], w.a[slots[1]]) and torch.equal(w.b[slots[0]], w.b[slots[1]])
+
+
+def test_a_slab_grown_on_demand_says_which_blocks_could_ever_fit():
+    """Chunks made on demand stay as made: past the largest chunk, with the capacity mapped,
+    no block can fit however many are given back."""
+    slab = HostSlab(3 << 20)
+    blocks = [slab.block(600 << 10) for _ in range(3)]  # each in a 1 MiB chunk of its own
+    assert all(b is not None for b in blocks) and slab.stats().mapped == 3 << 20
+    assert slab.could_hold(1 << 20) and not slab.could_hold((1 << 20) + 1)
+    assert HostSlab(3 << 20).could_hold(3 << 20) and not HostSlab(3 << 20).could_hold((3 << 20) + 1)
+
+
+def test_a_read_no_eviction_could_make_room_for_evicts_nothing(sources, base, tmp_path):
+    """A file larger than the whole cache (here a corrupt one) emptied the cache of every
+    adapter not in use to make room it could never make, and then was refused."""
+    for name in "ab":
+        shutil.copytree(sources / name, tmp_path / name)
+    shutil.copytree(sources / "a", tmp_path / "bad")
+    registry = registry_of(tmp_path, base, 2 * block_size(sources / "a"))
+    registry.get("a")
+    registry.get("b")
+    (tmp_path / "bad" / WEIGHTS_FILE).write_bytes(b"\xff" * (4 * registry.host_bytes))
+    with pytest.raises(IncompatibleAdapter, match="corrupt adapter_model.safetensors"):
+        registry.get("bad")
+    assert list(registry._cache) == ["a", "b"] and registry.host_evictions == 0

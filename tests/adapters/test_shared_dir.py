@@ -74,6 +74,21 @@ def test_a_half_copied_new_version_keeps_the_cached_one_until_the_copy_is_whole(
     assert server.registry.get("style").content_hash != old.content_hash
 
 
+def test_a_broken_new_version_is_read_once_not_at_every_refresh(tiny_hf_model, smollm2_tokenizer, shared, versions, monkeypatch):
+    """Each refresh read the whole of a broken file again, on a request's thread; it is read
+    again once its files change."""
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    old = server.registry.get("style")
+    reads, read_files = [], server.registry._read_files
+    monkeypatch.setattr(server.registry, "_read_files", lambda *args: reads.append(args[0]) or read_files(*args))
+    weights = (versions[1] / WEIGHTS_FILE).read_bytes()
+    (shared / "style" / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    assert all(server.registry.get("style") is old for _ in range(3))
+    assert reads == ["style"]
+    (shared / "style" / WEIGHTS_FILE).write_bytes(weights)
+    assert server.registry.get("style").content_hash != old.content_hash and reads == ["style", "style"]
+
+
 def test_a_replica_starts_on_a_read_only_shared_directory_with_leftovers(
     tiny_hf_model, smollm2_tokenizer, shared, monkeypatch
 ):

@@ -6,6 +6,7 @@ misaligned are refused."""
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tandem.client import TandemClient, TandemRpcError
 from tandem.server.adapters.patterns import NotSimple, pattern_cost
-from tandem.server.adapters.peft_format import read_adapter
+from tandem.server.adapters.peft_format import CONFIG_FILE, max_file_bytes, read_adapter
 from tandem.server.adapters.registry import resolve_adapter_dir
 from tandem.server.errors import IncompatibleAdapter, InvalidRequest
 from tests.adapters.make_adapters import edit_config, make_adapter, weights_file
@@ -139,12 +140,38 @@ def test_malformed_config_fields_are_refused_with_the_reason(adapter, base, fiel
         ({A_KEY: {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, f"tensor {A_KEY!r} needs a shape and data_offsets [begin, end] of non-negative integers"),
         ({A_KEY: {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, f"tensor {A_KEY!r} needs a shape and data_offsets [begin, end] of non-negative integers"),
         ({A_KEY: {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, f"tensor {A_KEY!r} needs a shape and data_offsets [begin, end] of non-negative integers"),
+        # A million dimensions near 2^40 held the GIL for half an hour multiplying them out.
+        ({A_KEY: {"dtype": "F32", "shape": [(1 << 40) - 1] * 10000, "data_offsets": [0, 4]}}, f"tensor {A_KEY!r} has 10000 dimensions; an adapter's tensors have at most 4"),
+        ({A_KEY: {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4]}}, f"tensor {A_KEY!r} has a dimension of 1099511627776, more than any adapter has"),
+        # Empty, but with strides past torch's int64: INTERNAL.
+        ({A_KEY: {"dtype": "F32", "shape": [0, 1 << 39, 1 << 39], "data_offsets": [0, 0]}}, f"tensor {A_KEY!r} has a shape [0, 549755813888, 549755813888] past any adapter's"),
     ],
-    ids=["list", "number", "string", "entry-list", "dtype-list", "bool-dim", "negative-dim", "one-offset", "reversed-offsets"],
+    ids=["list", "number", "string", "entry-list", "dtype-list", "bool-dim", "negative-dim", "one-offset", "reversed-offsets",
+         "many-dims", "huge-dim", "empty-huge-strides"],
 )
 def test_malformed_safetensors_headers_are_refused_with_the_reason(adapter, base, header, reason):
     write_safetensors(weights_file(adapter), header, bytes(4))
     assert refusal(adapter, base) == f"adapter 'x' has a corrupt adapter_model.safetensors: {reason}"
+
+
+def test_a_weights_file_larger_than_any_adapter_of_the_base_is_refused_before_memory_is_taken(adapter, base):
+    """A sparse 100 GB file was read into memory (after the host cache was emptied for it)."""
+    os.truncate(weights_file(adapter), 100 << 30)
+    taken = []
+    with pytest.raises(IncompatibleAdapter) as info:
+        read_adapter("x", adapter, base, 8, buffer=lambda n: taken.append(n) or bytearray(n))
+    limit = max_file_bytes(base, 8)
+    assert str(info.value) == (
+        "adapter 'x' has an unreadable adapter_model.safetensors: it is 107,374,182,400 bytes, more than a file of its kind "
+        f"holds for this base model ({limit:,})"
+    )
+    assert not taken and limit < 32 << 20
+
+
+def test_a_config_file_of_megabytes_is_refused_unread(adapter, base):
+    config = adapter / CONFIG_FILE
+    config.write_text(config.read_text() + " " * (2 << 20))
+    assert refusal(adapter, base) == "adapter 'x' has an unreadable adapter_config.json: it holds more than 1,048,576 bytes: not a config file"
 
 
 def test_rank_0_tensors_are_refused(adapter, base):

@@ -62,6 +62,7 @@ from tandem.server.adapters.peft_format import (
     LoRAAdapter,
     _own_file,
     adapter_of_modules,
+    max_file_bytes,
     pair_tensors,
     read_config,
     read_hashed,
@@ -330,7 +331,7 @@ def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slo
         raise NotFound(f"adapter {name!r} not found: {path} has no {WEIGHTS_FILE}")
     config_bytes, config = read_config(name, path)
     try:
-        data, digest = read_hashed(_own_file(name, path, WEIGHTS_FILE), config_bytes)
+        data, digest = read_hashed(_own_file(name, path, WEIGHTS_FILE), config_bytes, max_file_bytes(model, max_rank))
         packed = parse_compressed(bytes(data))
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
@@ -347,6 +348,8 @@ def parse_compressed(data: bytes) -> PackedAdapter:
         metadata = _metadata(data)
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"it is not a readable safetensors container ({exc})") from exc
+    except KeyError as exc:  # a dtype safetensors' parser takes and its torch table lacks (F8_E8M0, F4, F6_*)
+        raise ValueError(f"it holds a tensor of dtype {exc}, which no compressed adapter has") from exc
     if metadata.get("format") != FORMAT or metadata.get("version") not in _READ_VERSIONS:
         raise ValueError(f"its metadata must name format {FORMAT!r} and a version in {', '.join(_READ_VERSIONS)}")
     if set(tensors) != {"masks", "signs", "scales"}:

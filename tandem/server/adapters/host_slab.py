@@ -113,6 +113,14 @@ class HostSlab:
             self._chunks.append(chunk)
             return self._handed_out(chunk, chunk.take(need), need, size)
 
+    def could_hold(self, size: int) -> bool:
+        """Whether a block of size bytes could fit once blocks are given back: a chunk that
+        large, or room left to map one. Where none could, evicting adapters to make room
+        only empties the cache (chunks made on demand stay as they were made)."""
+        need = max(ALIGN, -(-size // ALIGN) * ALIGN)
+        with self._lock:
+            return any(c.size >= need for c in self._chunks) or self.capacity - sum(c.size for c in self._chunks) >= need
+
     def _handed_out(self, chunk: _Chunk, start: int, need: int, size: int) -> memoryview:
         self._used += need
         self._blocks += 1

@@ -33,8 +33,15 @@ from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGET_SLICES, linear_shapes, module_path
 
 CONFIG_FILE = "adapter_config.json"
-# Far past any real adapter's dimension, and below what torch's shapes hold (2^63).
+# Far past any real adapter's dimension, and below what torch's shapes hold (2^63); an
+# adapter's tensors have 1 or 2 dimensions (a file may describe any number: a million of
+# them, each near 2^40, took Python half an hour to multiply out, holding the GIL).
 MAX_DIMENSION = 1 << 40
+MAX_DIMENSIONS = 4
+# An adapter_config.json is a few KB; and the room in a weights file for its header (every
+# tensor's name, shape and offsets) and metadata, beyond its tensors' bytes.
+MAX_CONFIG_BYTES = 1 << 20
+HEADER_BYTES = 16 << 20
 # Bytes read per system call, each hashed at once while it is still in the CPU's cache.
 READ_PIECE_BYTES = 1 << 20
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -115,24 +122,48 @@ Buffer = Callable[[int], "bytearray | memoryview"]
 
 def content_hash(path: Path) -> str:
     """sha256 over the config and the weights: a re-uploaded adapter gets a new identity."""
-    return read_hashed(path / WEIGHTS_FILE, (path / CONFIG_FILE).read_bytes())[1]
+    return hashlib.sha256((path / CONFIG_FILE).read_bytes() + (path / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
-def read_hashed(path: Path, prefix: bytes, buffer: Buffer = bytearray) -> tuple[bytearray | memoryview, str]:
+def max_file_bytes(model: LlamaModel, rank: int) -> int:
+    """The most bytes a weights file for this base model can hold at `rank`: an A [rank, in]
+    and a B [out, rank] for every projection, in float64 (the widest dtype read), and a
+    header; a router's gates ([experts, in] per linear) at rank = its experts fit too. A
+    larger file is refused before any memory is taken for it: a sparse 100 GB file was read
+    into memory, after emptying the host cache to make room."""
+    per_rank = sum(len(outs) * in_features + sum(outs) for in_features, outs in linear_shapes(model).values())
+    return 8 * rank * per_rank + HEADER_BYTES
+
+
+def read_small(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """A config file's bytes; OSError when it cannot be read or holds more than max_bytes."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(f"it holds more than {max_bytes:,} bytes: not a config file")
+    return data
+
+
+def read_hashed(path: Path, prefix: bytes, max_bytes: int, buffer: Buffer = bytearray) -> tuple[bytearray | memoryview, str]:
     """The file's bytes, in memory from buffer(its size), and sha256(prefix + those bytes)."""
-    data, digest = read_hashing(path, prefix, buffer)
+    data, digest = read_hashing(path, prefix, max_bytes, buffer)
     return data, digest()
 
 
-def read_hashing(path: Path, prefix: bytes, buffer: Buffer = bytearray) -> tuple[bytearray | memoryview, Callable[[], str]]:
+def read_hashing(
+    path: Path, prefix: bytes, max_bytes: int, buffer: Buffer = bytearray
+) -> tuple[bytearray | memoryview, Callable[[], str]]:
     """The file's bytes, in memory from buffer(its size), and a function that returns
     sha256(prefix + those bytes), hashed meanwhile on a thread of its own (hashlib lets go of
     the GIL): a caller parses and checks the bytes while they are hashed, and a read takes
     about its hash's time instead of the hash's plus the parse's (a 19.6 MB adapter: SHA-256
     ~14 ms, the rest ~9). The bytes are ours: a file overwritten later leaves them as read.
-    OSError when the file cannot be read or changes size while being read."""
+    OSError when the file cannot be read, is larger than max_bytes (max_file_bytes), or
+    changes size while being read."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise OSError(f"it is {size:,} bytes, more than a file of its kind holds for this base model ({max_bytes:,})")
         data = buffer(size)
         view = memoryview(data)
         done = 0
@@ -173,7 +204,7 @@ def read_adapter(
     # are views of them (a mapping of the file would change under a cached adapter if the
     # file were overwritten in place; a copy per tensor costs another pass of page faults).
     try:
-        weights, digest = read_hashing(weights_path, config_bytes, buffer)
+        weights, digest = read_hashing(weights_path, config_bytes, max_file_bytes(model, max_rank), buffer)
     except OSError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {WEIGHTS_FILE}: {exc}") from exc
     # Checked while hashed; the hash is waited for even when a check fails, so that no
@@ -194,7 +225,7 @@ def read_adapter(
 def read_config(name: str, path: Path) -> tuple[bytes, dict]:
     """An adapter's adapter_config.json, as bytes and checked (IncompatibleAdapter otherwise)."""
     try:
-        config_bytes = _own_file(name, path, CONFIG_FILE).read_bytes()
+        config_bytes = read_small(_own_file(name, path, CONFIG_FILE))
         config = _json_object(config_bytes)
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
@@ -345,6 +376,12 @@ def _tensor_entry(key: str, info: object) -> _TensorEntry:
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (_is_size_list(shape) and _is_size_list(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
         raise ValueError(f"tensor {excerpt(key)} needs a shape and data_offsets [begin, end] of non-negative integers")
+    if len(shape) > MAX_DIMENSIONS:
+        raise ValueError(f"tensor {excerpt(key)} has {len(shape)} dimensions; an adapter's tensors have at most {MAX_DIMENSIONS}")
+    if any(d >= MAX_DIMENSION for d in shape):
+        raise ValueError(f"tensor {excerpt(key)} has a dimension of {max(shape)}, more than any adapter has")
+    if math.prod(max(d, 1) for d in shape) >= 1 << 62:  # an empty tensor's strides must still fit torch's int64
+        raise ValueError(f"tensor {excerpt(key)} has a shape {shape} past any adapter's")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
         needed = math.prod(shape) * dtype.itemsize  # sizes from the file: any length, so quoted cut
@@ -378,8 +415,6 @@ def _check_layout(entries: list[_TensorEntry], data_bytes: int) -> None:
 def _view(data: bytearray | memoryview, base: int, e: _TensorEntry, section: torch.Tensor | None) -> torch.Tensor:
     """The tensor as a view of data: of the section in one call where it has the tensor's
     dtype (_check_layout has put the tensor inside it, aligned), else of the bytes."""
-    if any(d >= MAX_DIMENSION for d in e.shape):
-        raise ValueError(f"tensor {excerpt(e.key)} has a dimension of {max(e.shape)}, more than any adapter has")
     if section is not None:
         strides, size = [], 1
         for d in reversed(e.shape):

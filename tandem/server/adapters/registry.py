@@ -179,6 +179,8 @@ class AdapterRegistry:
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         # name -> (stamp of the files the cached version was read from, when last checked)
         self._stamps: dict[str, tuple[FileStamp | None, float]] = {}
+        # A cached adapter's newer version on disk that failed to read: (directory, stamp).
+        self._unreadable: dict[str, tuple[Path, FileStamp]] = {}
         self._known: dict[str, AdapterInfo] = {}
         self._routers: dict[str, Router] = {}
         self._in_use: dict[str, int] = {}
@@ -317,15 +319,20 @@ class AdapterRegistry:
         read by: a link re-pointed to another folder (git-sync's and Kubernetes volumes'
         atomic swap) serves the new folder. Files missing (an adapter being replaced) or
         unreadable (copied by hand, half written) keep the cached version: a request is never
-        failed for a version it did not ask for."""
+        failed for a version it did not ask for. A version that failed is not read again until
+        its files change: each refresh read all of a broken file on a request's thread."""
+        directory = now = None
         try:
             directory = resolve_adapter_dir(self.adapters_dir, adapter.name, asked)
             now = file_stamp(directory)
-            if now is None or (now == stamp and directory == adapter.path):
+            if now is None or (now == stamp and directory == adapter.path) or self._unreadable.get(adapter.name) == (directory, now):
                 return adapter
             return self._read_and_cache(adapter.name, directory, asked)
-        except (IncompatibleAdapter, NotFound, InvalidRequest) as exc:
+        except (IncompatibleAdapter, NotFound, InvalidRequest, OSError) as exc:
             log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
+            if now is not None:
+                with self._lock:
+                    self._unreadable[adapter.name] = (directory, now)
             return adapter
 
     def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo:
@@ -547,7 +554,7 @@ class AdapterRegistry:
         one buffer, which a slot load copies to the device in one transfer, where pinning
         the adapter after the read made a copy per tensor."""
         with self._lock:
-            while (block := self.slab.block(size)) is None:
+            while (block := self.slab.block(size)) is None and self.slab.could_hold(size):
                 victim = next((n for n in self._cache if n != name and not self._in_use.get(n)), None)
                 if victim is None:
                     break

@@ -31,7 +31,9 @@ from tandem.server.adapters.peft_format import (
     _own_file,
     _parse_safetensors,
     _shown,
+    max_file_bytes,
     read_hashed,
+    read_small,
 )
 from tandem.server.adapters.safetensors_bytes import safetensors_bytes
 from tandem.server.atomic_files import write_directory
@@ -95,13 +97,13 @@ def read_router(name: str, path: Path, model: LlamaModel) -> Router:
     if not (path / GATES_FILE).is_file():
         raise IncompatibleAdapter(f"router {name!r} has no {GATES_FILE}")
     try:
-        config_bytes = _own_file(name, path, CONFIG_FILE).read_bytes()
+        config_bytes = read_small(_own_file(name, path, CONFIG_FILE))
         config = _json_object(config_bytes)
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
     experts, top_k, temperature = _check_config(name, config)
     try:
-        data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes)
+        data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes, max_file_bytes(model, len(experts)))
         tensors = _parse_safetensors(data).tensors
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {GATES_FILE}: {exc}") from exc
