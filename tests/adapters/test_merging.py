@@ -205,9 +205,11 @@ def test_dare_ties_drops_independently_in_every_projection_and_repeats_with_its_
     refactor = merge_methods.refactor
     monkeypatch.setattr(merge_methods, "refactor", lambda delta, rank: combined.append(delta) or refactor(delta, rank))
     spec = MergeSpec(("m0", "m1"), (1.0, 1.0), "dare_ties", rank=8, density=0.5, seed=3)
-    registry.merge("dropped", spec)
+    _, errors = registry.merge("dropped", spec)
     first, combined = combined, []
     registry.merge("again", spec)
+    # One combined delta per projection, each merge: 2 layers x 7 projections (ALL_LINEAR).
+    assert len(first) == len(combined) == len(errors) == 2 * 7
     assert all(torch.equal(a, b) for a, b in zip(first, combined))  # the seed repeats the merge
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for delta in first:  # both adapters dropped an entry: 0 in the merge

@@ -13,6 +13,8 @@ import pytest
 
 from tandem.client import TandemClient
 from tandem.server.adapters import registry as registry_module
+from tandem.server.api.status_mapping import status_for
+from tandem.server.errors import FailedPrecondition
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
@@ -65,14 +67,20 @@ def test_a_mixture_in_flight_shows_its_adapters_names_in_the_metrics(server, adm
     stream.close()
 
 
-def to_the_end(call, events: queue.Queue, finished: threading.Event):
-    """call, putting the event its caller's going sets (its third argument) on events, and
-    setting finished once it has returned or raised."""
+def to_the_end(call, events: queue.Queue, finished: threading.Event, ended: list):
+    """call, putting the event its caller's going sets (its third argument) on events,
+    appending what it raised (or returned) to ended, and setting finished once it has
+    returned or raised."""
 
     def watched(*args, **kwargs):
         events.put(args[2])
         try:
-            return call(*args, **kwargs)
+            result = call(*args, **kwargs)
+            ended.append(result)
+            return result
+        except BaseException as exc:
+            ended.append(exc)
+            raise
         finally:
             finished.set()
 
@@ -83,16 +91,18 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
     """Its thread ran on past the caller's deadline and published: a merge timed out on, then
     sent again corrected, could end last and replace the corrected one."""
     registry = server.server.state.catalog
-    release, finished = threading.Event(), threading.Event()
+    release, finished, entered = threading.Event(), threading.Event(), threading.Event()
     abandoned = queue.Queue()  # the merge's event the server sets when its caller goes
+    ended: list = []  # what the merge raised or returned
     merge_adapters, merge = registry_module.merge_adapters, registry.merge
 
     def slow_merge_adapters(*args, **kwargs):
+        entered.set()
         release.wait(30)
         return merge_adapters(*args, **kwargs)
 
     monkeypatch.setattr(registry_module, "merge_adapters", slow_merge_adapters)
-    monkeypatch.setattr(registry, "merge", to_the_end(merge, abandoned, finished))  # the service calls merge(name, spec, abandoned)
+    monkeypatch.setattr(registry, "merge", to_the_end(merge, abandoned, finished, ended))  # the service calls merge(name, spec, abandoned)
     with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:  # time for a slow host to start the merge
         assert rpc_error(lambda: impatient.merge_adapters("late", ["a0", "a1"], "linear")).code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The client's own timer ends its call; the server cancels the handler, which sets the
@@ -100,6 +110,12 @@ def test_a_merge_whose_caller_gave_up_publishes_nothing(server, monkeypatch):
     assert abandoned.get(timeout=30).wait(30)
     release.set()
     assert finished.wait(30)
+    assert entered.is_set()  # it was the slow merge that ran on, not a merge refused earlier
+    # Refused for its caller's going, not for any other reason, with the status it maps to.
+    assert len(ended) == 1 and isinstance(ended[0], FailedPrecondition), ended
+    assert status_for(ended[0], "late") == (
+        grpc.StatusCode.FAILED_PRECONDITION, "the call that would write adapter 'late' was cancelled: nothing was written"
+    )
     assert not (registry.adapters_dir / "late").exists() and "late" not in {a.name for a in registry.list()}
 
 
@@ -108,22 +124,29 @@ def test_a_load_whose_caller_gave_up_loads_nothing(server, admin, monkeypatch):
     after the admin's next call for the name, served its version anyway: undoing that call."""
     registry = server.server.state.catalog
     before = admin.load_adapter("late-load", path="a0")
-    release, finished = threading.Event(), threading.Event()
+    release, finished, entered = threading.Event(), threading.Event(), threading.Event()
     abandoned = queue.Queue()  # the load's event the server sets when its caller goes
+    ended: list = []  # what the load raised or returned
     read_whole, load = registry._read_whole, registry.load
 
     def slow_read_whole(name, directory):
         if directory.name == "a1":
+            entered.set()
             release.wait(30)
         return read_whole(name, directory)
 
     monkeypatch.setattr(registry, "_read_whole", slow_read_whole)
-    monkeypatch.setattr(registry, "load", to_the_end(load, abandoned, finished))  # the service calls load(name, path, abandoned)
+    monkeypatch.setattr(registry, "load", to_the_end(load, abandoned, finished, ended))  # the service calls load(name, path, abandoned)
     with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:
         assert rpc_error(lambda: impatient.load_adapter("late-load", path="a1")).code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert abandoned.get(timeout=30).wait(30)  # as for the merge: the server sets it only later
     release.set()
     assert finished.wait(30)
+    assert entered.is_set()  # it was the slow read that ran on
+    assert len(ended) == 1 and isinstance(ended[0], FailedPrecondition), ended
+    assert status_for(ended[0], "late-load") == (
+        grpc.StatusCode.FAILED_PRECONDITION, "the call that would load adapter 'late-load' was cancelled: nothing was loaded"
+    )
     listed = {a.name: a for a in admin.list_adapters()}
     assert (listed["late-load"].path, listed["late-load"].content_hash) == ("a0", before.content_hash)
 

@@ -120,16 +120,23 @@ def test_an_async_watch_reconnects_across_a_restart(port):
 
 def test_a_watch_gives_up_reconnect_seconds_after_its_last_response(port):
     server = serve(port, Jobs("JOB_STATUS_RUNNING", drop=True))
-    with TandemClient(f"127.0.0.1:{port}", reconnect_seconds=1.0) as client:
+    # Pauses of at most 0.1 s: it gives up once the next would end past reconnect_seconds, so
+    # no earlier than 0.9 s after its last response (with the default 5 s, at any time).
+    with TandemClient(f"127.0.0.1:{port}", reconnect_seconds=1.0, max_backoff_seconds=0.1) as client:
         watch = client.watch_finetune_job("ftjob-x")
         next(watch)
+        responded = time.monotonic()  # just after the client took its last response
         server.stop(0)
         started = time.monotonic()
         with pytest.raises(TandemRpcError) as caught:
             for _ in watch:
                 pass
+        gave_up = time.monotonic()
     # 1 s of reconnecting, with room for a slow host (the default is 120 s).
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 15
+    # It kept reconnecting for about reconnect_seconds: its 3 retries' pauses (at most 0.1 s
+    # each), or giving up at once, end well before.
+    assert gave_up - responded >= 0.7
 
 
 def test_a_call_that_creates_something_is_sent_again_only_when_it_never_reached_a_server(port):

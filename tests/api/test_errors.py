@@ -37,8 +37,16 @@ def test_invalid_argument(client, kwargs, words):
 
 
 def test_invalid_argument_in_a_stream_comes_before_any_chunk(client):
-    code, _ = code_of(lambda: list(client.stream("hi", temperature=-1.0)))
+    chunks = []
+
+    def read() -> None:
+        for chunk in client.stream("hi", temperature=-1.0):
+            chunks.append(chunk)
+
+    code, message = code_of(read)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "temperature" in message
+    assert chunks == []  # the error came first
 
 
 def test_tokenize_needs_exactly_one_input(client):

@@ -141,9 +141,14 @@ def test_health_is_serving(client):
     assert client.health(timeout=math.inf) == "SERVING"
 
 
-def _logged_status(caplog, request_id: str) -> str | None:
+def _logged_line(caplog, request_id: str) -> dict | None:
     lines = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") == request_id]
-    return lines[0]["status"] if lines else None
+    return lines[0] if lines else None
+
+
+def _logged_status(caplog, request_id: str) -> str | None:
+    line = _logged_line(caplog, request_id)
+    return line["status"] if line else None
 
 
 def test_cancelled_stream_frees_its_kv_blocks(client, tiny_engine, caplog):
@@ -168,6 +173,9 @@ def test_deadline_stops_generation_and_frees_blocks(client, tiny_engine, caplog)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert wait_until(lambda: all_blocks_free(tiny_engine), timeout=30)
     assert wait_until(lambda: _logged_status(caplog, "late") == "DEADLINE_EXCEEDED")
+    # It was running, its first token out, when the deadline stopped it: not refused before the engine.
+    line = _logged_line(caplog, "late")
+    assert line["generated_tokens"] >= 1 and line["ttft_ms"] is not None, line
 
 
 def test_errors_are_logged_with_their_status(client, caplog):
