@@ -1122,3 +1122,38 @@ def test_no_micro_batch_takes_kv_blocks_a_waiting_request_was_turned_away_for(ti
     while engine.has_work():
         engine.step()
     assert batch.done and batch.error is None and engine.allocator.num_free == total
+
+
+@pytest.mark.parametrize("serving", [True, False], ids=["beside-inference", "alone"])
+def test_a_step_run_again_waits_while_inference_runs(tiny_hf_model, smollm2_tokenizer, monkeypatch, serving):
+    """A step's three attempts went in well under a second, inside the burst of prompts that
+    ran the host out of memory. Beside inference, attempt k + 1 waits RETRY_PAUSE_SECONDS x k;
+    with none running it goes at once."""
+    from tandem.server.finetune import trainer as trainer_module
+    from tests.finetune.test_jobs import failing_backward
+
+    engine = smollm2_head(make_engine(tiny_hf_model, smollm2_tokenizer, max_num_batched_tokens=64, block_size=4, kv_cache_bytes=4 << 20))
+    examples = [TrainingExample(tuple(ids), tuple(ids)) for ids in random_prompts([14, 9], len(smollm2_tokenizer), seed=5)]
+    trainer = Trainer(TrainableAdapter(engine.runner.model, LoRASpec(r=4), seed=0), Hyperparameters(max_steps=1, tokens_per_step=23), examples, [], 64)
+    now = [0.0]
+    monkeypatch.setattr(trainer_module, "monotonic", lambda: now[0])
+    failing_backward(monkeypatch, {1, 2})  # the first two attempts fail
+    submitted, submit = [], engine.coserve.submit
+    turn = 0
+    monkeypatch.setattr(engine.coserve, "submit", lambda *args: submitted.append(turn) or submit(*args))
+    if serving:
+        params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
+        engine.add_request("steady", random_prompts([6], len(smollm2_tokenizer), seed=1)[0], params)
+    steps = trainer.run(engine, coserve=True)
+    while not trainer.done:
+        engine.step()
+        next(steps, None)
+        now[0] += 0.25
+        turn += 1
+        assert turn < 200
+    assert len(submitted) == 3
+    gaps = [b - a for a, b in zip(submitted, submitted[1:])]
+    if serving:  # 1 s, then 2 s, of 0.25 s turns (plus the turn the failure took to show)
+        assert 4 <= gaps[0] <= 6 and 8 <= gaps[1] <= 10, gaps
+    else:  # the failing attempt's own turns (its graphed forward, the backward that fails), then the next
+        assert max(gaps) <= 3, gaps

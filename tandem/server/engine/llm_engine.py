@@ -244,6 +244,11 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self.coserve.has_work()
 
+    @property
+    def serving(self) -> bool:
+        """Whether inference requests are running or waiting."""
+        return self.scheduler.has_work()
+
     def step(self) -> list[RequestOutput]:
         """One iteration: inference, plus co-served fine-tuning work within its share.
 

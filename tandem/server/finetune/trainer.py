@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from time import monotonic
 
 import torch
 
@@ -36,6 +37,10 @@ LR_SCHEDULERS = ("linear", "cosine", "constant")
 # micro-batch shares its iterations with inference, whose failures (out of memory on a
 # burst of prompts) are not the job's.
 STEP_ATTEMPTS = 3
+# While inference runs, a step run again waits this long times the attempts made so far:
+# the burst of prompts that ran the host out of memory is still there an iteration later,
+# and the three attempts went in well under a second. With no inference it runs at once.
+RETRY_PAUSE_SECONDS = 1.0
 # OpenAI's limit on epochs; a million steps is weeks of CPU time.
 MAX_EPOCHS = 50
 MAX_STEPS = 1_000_000
@@ -189,6 +194,15 @@ def micro_batches(examples: list[TrainingExample], max_tokens: int) -> list[list
     return groups
 
 
+def _pause(engine: Engine, seconds: float) -> Iterator[None]:
+    """Yield to the engine (it serves meanwhile) until `seconds` have passed, or at once once
+    no inference request is running or waiting."""
+    until = monotonic() + seconds
+    yield None
+    while engine.serving and monotonic() < until:
+        yield None
+
+
 class Trainer:
     def __init__(
         self,
@@ -258,7 +272,7 @@ class Trainer:
                         raise
                     log.warning("step %d failed in an engine iteration; running it again (attempt %d of %d)",
                                 self.step + 1, attempt + 1, STEP_ATTEMPTS, exc_info=True)
-                    yield None
+                    yield from _pause(engine, RETRY_PAUSE_SECONDS * attempt)
             report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
             if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
                 eval_loss = yield from self._evaluate(engine)
