@@ -266,6 +266,14 @@ def test_bad_merges_are_refused_with_the_reason(tiny_hf_model, smollm2_tokenizer
     assert not (merge_dir / "out").exists()
 
 
+def test_a_merge_of_more_adapters_than_the_cap_is_refused_before_its_names_are_compared():
+    """200k names fit a 4 MiB request: finding the duplicates by count() took hours, and the
+    merge's worker thread outlives any deadline."""
+    with pytest.raises(InvalidRequest) as refused:
+        MergeSpec(("a",) * 200_000, (), "linear").check(max_rank=8)
+    assert str(refused.value) == "a merge names 200000 adapters; at most 64 can be merged in one call: merge fewer"
+
+
 def test_breadcrumbs_takes_gamma_at_one_minus_density_as_grpc_carries_them():
     """Both arrive as float32: gamma 0.4 with density 0.6 lands 3e-8 past 1 - density."""
     density, gamma = (float(np.float32(v)) for v in (0.6, 0.4))

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tandem.server.adapters.peft_format import LoRAAdapter
+from tandem.server.adapters import router_format
+from tandem.server.adapters.peft_format import LoRAAdapter, max_file_bytes
 from tandem.server.adapters.router_format import CONFIG_FILE, GATES_FILE, Router, router_config, write_router
 from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, NotFound
@@ -280,6 +281,23 @@ def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_t
     registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=2).registry
     with pytest.raises(error, match=message):
         registry.get("r")
+
+
+def test_a_router_of_more_experts_than_slots_is_refused_before_its_gates_file_is_read(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch):
+    """The gates file's size limit grows with the experts the config lists (1 MiB of config
+    lists 200k): the whole file was read before the slot check refused the router."""
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2).registry
+    write(tmp_path, "r", [f"e{i}" for i in range(1000)], {})
+    with open(tmp_path / "r" / GATES_FILE, "r+b") as f:  # sparse, as large as 1000 experts' gates may be
+        f.truncate(max_file_bytes(registry.model, 1000))
+    reads, read_hashed = [], router_format.read_hashed
+    monkeypatch.setattr(router_format, "read_hashed", lambda path, *args: reads.append(path) or read_hashed(path, *args))
+    with pytest.raises(FailedPrecondition) as refused:
+        registry.get("r")
+    assert str(refused.value) == (
+        "router 'r' mixes 1000 experts, more than the server's 2 adapter slots: raise --max-loras (and --lora-pool-bytes)"
+    )
+    assert reads == []
 
 
 def test_tied_gates_pick_the_first_experts_whatever_shares_the_step():

@@ -179,7 +179,11 @@ def test_rank_0_tensors_are_refused(adapter, base):
     assert refusal(adapter, base) == f"adapter 'x' has rank 0 on {Q}; a LoRA rank is at least 1"
 
 
-def test_a_layer_index_of_thousands_of_digits_is_refused(adapter, base):
+# With layers_to_transform, the check that the config targets the module read the index first.
+@pytest.mark.parametrize("layers", [None, [0, 1]], ids=["all-layers", "layers_to_transform"])
+def test_a_layer_index_of_thousands_of_digits_is_refused(adapter, base, layers):
+    if layers is not None:
+        edit_config(adapter, layers_to_transform=layers)
     tensors = load_file(weights_file(adapter))
     huge = "7" * 5000
     save_file({k.replace("layers.0.", f"layers.{huge}."): v.clone() for k, v in tensors.items()}, weights_file(adapter))

@@ -608,7 +608,10 @@ def _targeted(config: dict, module: str) -> bool:
         found = next((m for m in (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", module) for p in patterns) if m), None)
     if found is None:
         return False
-    index = int(found.group(1))
+    digits = found.group(1)
+    if len(digits) > 9:  # int() refuses thousands of digits: _locate refuses any layer past the model's, naming it
+        return True
+    index = int(digits)
     return index == layers if isinstance(layers, int) else index in layers
 
 

@@ -271,8 +271,7 @@ class AdapterRegistry:
         succeeds. abandoned: as for load."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
-        router = read_router(name, directory, self.model)
-        self.check_router_fits(name, router.num_experts)
+        router = read_router(name, directory, self.model, self.check_router_fits)
         experts = self._with_experts(router).adapters
         with self._lock:
             if not self._commit_name(name, revive, seen, abandoned):

@@ -20,6 +20,7 @@ gate gets no expert delta. Every expert must adapt every gated linear.
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,10 @@ def is_router(directory: Path) -> bool:
     return (directory / CONFIG_FILE).is_file()
 
 
-def read_router(name: str, path: Path, model: LlamaModel) -> Router:
-    """Load and validate a router; every refusal says what is wrong and where."""
+def read_router(name: str, path: Path, model: LlamaModel, check_fits: Callable[[str, int], None]) -> Router:
+    """Load and validate a router; every refusal says what is wrong and where. check_fits(name,
+    num_experts): the server's refusal of more experts than its slots hold, run before the
+    gates file is read: that file's size limit grows with the experts its config lists."""
     if not (path / CONFIG_FILE).is_file():
         raise NotFound(f"router {name!r} not found: {path} has no {CONFIG_FILE}")
     if not (path / GATES_FILE).is_file():
@@ -102,6 +105,7 @@ def read_router(name: str, path: Path, model: LlamaModel) -> Router:
     except (OSError, ValueError) as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
     experts, top_k, temperature = _check_config(name, config)
+    check_fits(name, len(experts))
     try:
         data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes, max_file_bytes(model, len(experts)))
         tensors = _parse_safetensors(data).tensors
