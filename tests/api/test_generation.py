@@ -183,3 +183,16 @@ def test_errors_are_logged_with_their_status(client, caplog):
     with pytest.raises(TandemRpcError):
         client.generate("hi", adapter="missing", request_id="bad-adapter")
     assert wait_until(lambda: _logged_status(caplog, "bad-adapter") == "NOT_FOUND")
+
+
+@pytest.mark.parametrize("adapter", ["a" * (1 << 20), {"a" * (1 << 20): 1.0}], ids=["name", "mixture"])
+def test_a_megabyte_adapter_name_is_refused_and_logged_cut(client, caplog, adapter):
+    """The name was logged as given, before it was checked: a megabyte's log line, written
+    on the event loop."""
+    caplog.set_level(logging.INFO, logger="tandem.requests")
+    with pytest.raises(TandemRpcError) as refused:
+        client.generate("hi", adapter=adapter, request_id="long-adapter")
+    assert refused.value.code == grpc.StatusCode.NOT_FOUND
+    assert wait_until(lambda: _logged_status(caplog, "long-adapter") == "NOT_FOUND")
+    logged = _logged_line(caplog, "long-adapter")["adapter"]
+    assert logged.startswith("'aaa") and logged.endswith("…") and len(logged) < 300

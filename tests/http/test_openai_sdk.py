@@ -4,8 +4,11 @@ the same greedy tokens as the gRPC API."""
 
 import http.client
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -363,3 +366,63 @@ def test_one_bad_prompt_in_a_batch_fails_the_call_before_anything_is_sent(oai, b
     # The first prompt's abort reaches the engine thread after the reply.
     assert wait_until(lambda: adapter_engine.stats().num_free_blocks == adapter_engine.stats().num_total_blocks, timeout=30)
     assert oai.completions.create(model=base_model, prompt=[PROMPT], max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("n, streamed", [(1, False), (2, True)])
+def test_a_batch_larger_than_the_engine_holds_is_400_before_any_request_is_made(oai, base_model, adapter_engine, monkeypatch, n, streamed):
+    """A million prompts in a 4 MiB body made a million engine streams and tasks on the event
+    loop (a minute of it, gigabytes) before the engine's capacity check refused them."""
+    made = []
+    generate = adapter_engine.generate
+    monkeypatch.setattr(adapter_engine, "generate", lambda *args, **kwargs: made.append(args) or generate(*args, **kwargs))
+    limit = adapter_engine.engine.capacity
+    prompts = limit // n + 1
+    with pytest.raises(openai.BadRequestError, match=f"ask for {prompts * n} completions at once; the server holds at most {limit}"):
+        reply = oai.completions.create(model=base_model, prompt=[[0]] * prompts, n=n, max_tokens=1, stream=streamed)
+        list(reply) if streamed else reply
+    assert made == []
+    within = oai.completions.create(model=base_model, prompt=[[0], [1]], n=n, max_tokens=1)
+    assert len(within.choices) == 2 * n and len(made) == 2
+
+
+def test_a_whole_reply_of_several_choices_with_logprobs_is_its_stream_joined(oai, base_model):
+    """Each choice's text, finish and log-probabilities, joined from its interleaved increments."""
+    ask = dict(model=base_model, prompt=[PROMPT, "1, 2, 3,"], max_tokens=7, temperature=1.0, seed=11, n=2, logprobs=1)
+    whole = oai.completions.create(**ask)
+    streamed = [c.choices[0] for c in oai.completions.create(**ask, stream=True) if c.choices]
+    for choice in whole.choices:
+        parts = [c for c in streamed if c.index == choice.index]
+        assert choice.text == "".join(c.text for c in parts) and choice.finish_reason == parts[-1].finish_reason
+        assert choice.logprobs.tokens == [t for c in parts if c.logprobs for t in c.logprobs.tokens]
+        assert choice.logprobs.token_logprobs == [p for c in parts if c.logprobs for p in c.logprobs.token_logprobs]
+        assert choice.logprobs.text_offset == [o for c in parts if c.logprobs for o in c.logprobs.text_offset]
+    chat = dict(model=base_model, messages=CHAT, max_tokens=5, temperature=1.0, seed=11, n=2, logprobs=True, top_logprobs=2)
+    whole = oai.chat.completions.create(**chat)
+    streamed = [c.choices[0] for c in oai.chat.completions.create(**chat, stream=True) if c.choices]
+    for choice in whole.choices:
+        parts = [c for c in streamed if c.index == choice.index]
+        assert choice.message.content == "".join(c.delta.content or "" for c in parts)
+        assert choice.logprobs.content == [t for c in parts if c.logprobs for t in c.logprobs.content]
+
+
+def test_listing_the_models_leaves_the_event_loop_free(http_server, oai, base_model, adapter_engine, monkeypatch):
+    """The adapters directory was listed on the event loop: every other call, health probes
+    included, waited for it."""
+    registry = adapter_engine.engine.registry
+    servable_names = registry.servable_names
+    listing, listed = threading.Event(), threading.Event()
+
+    def slow_listing() -> set[str]:
+        listing.set()
+        time.sleep(1)
+        listed.set()
+        return servable_names()
+
+    monkeypatch.setattr(registry, "servable_names", slow_listing)
+    with ThreadPoolExecutor(1) as pool:
+        models = pool.submit(oai.models.list)
+        assert listing.wait(30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_server.server.http_port}/health", timeout=30) as reply:
+            assert reply.status == 200 and not listed.is_set()
+        assert [m.id for m in models.result().data] == [base_model, ADAPTER]
+

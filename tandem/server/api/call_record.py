@@ -51,8 +51,9 @@ class CallRecord:
         now = time.monotonic()
         if self.scheduled_at is None:
             self.scheduled_at = out.first_scheduled_at
+        # A running total: re-summing every prompt's count at each output was quadratic in a batch's prompts.
+        self.prompt_tokens += out.prompt_tokens - self._prompt_tokens_of.get(out.request_id, 0)
         self._prompt_tokens_of[out.request_id] = out.prompt_tokens
-        self.prompt_tokens = sum(self._prompt_tokens_of.values())
         # Counted from the increment itself, per completion: the outputs of n completions
         # interleave, and one's tokens follow its own last one, not another's (n = 4 read
         # three quarters of its gaps as ~0).

@@ -13,9 +13,18 @@ from tandem.server.api.call_record import CallRecord, current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.engine.outputs import RequestOutput
 from tandem.server.engine.sampling_params import SamplingParams
+from tandem.server.errors import InvalidRequest, excerpt
 
 if TYPE_CHECKING:
     from tandem.server.engine.async_engine import AsyncEngine
+
+# The adapter is logged as the caller gave it, before it is checked: past this length (a
+# caller may send megabytes) it is cut, by excerpt(), which marks the cut.
+LOGGED_ADAPTER_CHARS = 256
+
+
+def _logged(adapter: str) -> str:
+    return adapter if len(adapter) <= LOGGED_ADAPTER_CHARS else excerpt(adapter, LOGGED_ADAPTER_CHARS)
 
 
 async def generate(
@@ -33,7 +42,7 @@ async def generate(
         call = current_call()
         # A mixture shows as its adapters and weights in the log, e.g. "sql*0.7+json*0.3", and
         # as its adapters' names in the metrics (weights there would mint a series per request).
-        call.adapter = adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or [])
+        call.adapter = _logged(adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or []))
         call.adapters = (adapter,) if adapter else tuple(name for name, _ in mixture or [])
         async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture, top_experts=top_experts)) as stream:
             async for out in stream:
@@ -53,8 +62,9 @@ async def generate_each(
                 yield out
         return
     with state.admit() as engine:
+        _check_batch(engine, len(prompts), params.n)
         call = current_call()
-        call.adapter = adapter
+        call.adapter = _logged(adapter)
         call.adapters = (adapter,) if adapter else ()
         streams = [_engine_stream(engine, call, prompt, params, adapter, None, p * params.n) for p, prompt in enumerate(prompts)]
         # One read ahead per prompt, no more: a slow reader holds the engine's streams back
@@ -84,6 +94,19 @@ async def generate_each(
             await asyncio.gather(*reads, return_exceptions=True)
             for stream in streams:
                 await stream.aclose()
+
+
+def _check_batch(engine: "AsyncEngine", prompts: int, n: int) -> None:
+    """Refuses a batch the engine could never hold at once (prompts times n completions over
+    its requests running plus queued) before any of its requests is made: a 4 MiB body lists
+    a million prompts, each an engine stream and a task."""
+    limit = engine.engine.capacity
+    if prompts * n > limit:
+        config = engine.engine.config
+        raise InvalidRequest(
+            f"{prompts} prompts with n = {n} ask for {prompts * n} completions at once; the server holds at most {limit} "
+            f"({config.max_num_seqs} running + {config.max_waiting} queued): send fewer prompts per request"
+        )
 
 
 async def _engine_stream(

@@ -222,9 +222,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             # rather than a 200 with a finish_reason OpenAI never sends.
             record.close("UNAVAILABLE")
             return _error(Unavailable("the server stopped before the completion was whole: retry the request"), record.request_id)
-        choices = responses.Choices(params.n, len(prompts))  # n is in range now: the engine took the request
-        for out in seen:
-            choices.add(out)
+        choices = responses.Choices(seen, params.n, len(prompts))  # n is in range now: the engine took the request
         reply = renderer.whole(choices, await token_pieces(seen))
         record.close("OK")
         return JSONResponse(reply, headers=headers)
@@ -275,12 +273,12 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         renderer = responses.ChatRenderer(f"chatcmpl-{record.request_id}", served_name(body.model), body.n)
         return await run(request, record, body, [convert.chat_messages(body)], convert.chat_params(body), renderer)
 
-    def model_entries() -> list[dict]:
+    async def model_entries() -> list[dict]:
         """The base model, then every adapter or router a request may name, as vLLM lists
-        LoRA adapters."""
+        LoRA adapters (read off the event loop: it lists the adapters directory)."""
         with state.admit() as engine:
             base = engine.info.name
-            names = state.catalog.servable_names()
+            names = await asyncio.to_thread(state.catalog.servable_names)
         data = [{"id": base, "object": "model", "created": created, "owned_by": "tandem", "root": base, "parent": None, "max_model_len": engine.info.max_model_len}]
         return data + [
             {"id": name, "object": "model", "created": created, "owned_by": "tandem", "root": name, "parent": base}
@@ -289,14 +287,14 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
 
     @app.get("/v1/models")
     async def models(record: CallRecord = Depends(open_call)) -> Response:
-        data = model_entries()
+        data = await model_entries()
         record.close("OK")
         return JSONResponse({"object": "list", "data": data}, headers={REQUEST_ID_HEADER: record.request_id})
 
     @app.get(MODEL_PATH + "{model_id:path}")
     async def model(model_id: str, record: CallRecord = Depends(open_call)) -> Response:
         """One entry of the list (the SDK's models.retrieve)."""
-        found = next((m for m in model_entries() if m["id"] == model_id), None)
+        found = next((m for m in await model_entries() if m["id"] == model_id), None)
         if found is None:
             raise NotFound(f"no model or adapter {excerpt(model_id)} is served here: GET /v1/models lists them")
         record.close("OK")

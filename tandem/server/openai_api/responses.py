@@ -104,28 +104,24 @@ def prompt_logprobs(logprobs: list[TokenLogprob] | None, pieces: TokenPieces) ->
 
 
 class Choices:
-    """The choices of a non-streamed response (n per prompt), joined from interleaved
-    increments: prompt p's completion i is choice p * n + i."""
+    """The choices of a non-streamed response (n per prompt): prompt p's completion i is
+    choice p * n + i, its interleaved increments joined once (joining them as they came
+    copied the growing text and logprobs at every one)."""
 
-    def __init__(self, n: int, prompts: int = 1):
-        self.n = n
-        self.text = [""] * (n * prompts)
-        self.logprobs: list[list[TokenLogprob] | None] = [None] * (n * prompts)
-        self.finish: list[str | None] = [None] * (n * prompts)
-        self.generated = [0] * (n * prompts)
-        self.prompt_tokens: dict[str, int] = {}  # per engine request: one per prompt
+    def __init__(self, outputs: Iterable[RequestOutput], n: int, prompts: int = 1):
+        parts: list[list[RequestOutput]] = [[] for _ in range(n * prompts)]
+        for out in outputs:
+            parts[out.index].append(out)
+        whole = [RequestOutput.joined(p) if p else None for p in parts]
+        self.text = [o.text if o else "" for o in whole]
+        self.logprobs: list[list[TokenLogprob] | None] = [o.logprobs if o else None for o in whole]
+        self.finish: list[str | None] = [finish_reason(o) if o else None for o in whole]
+        self.generated = [o.generated_tokens if o else 0 for o in whole]
+        self.prompt_tokens = {o.request_id: o.prompt_tokens for o in whole if o}  # per engine request: one per prompt
         self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * prompts
-
-    def add(self, out: RequestOutput) -> None:
-        i = out.index
-        self.text[i] += out.text
-        if out.logprobs is not None:
-            self.logprobs[i] = (self.logprobs[i] or []) + out.logprobs
-        self.finish[i] = finish_reason(out) or self.finish[i]
-        self.generated[i] = out.generated_tokens
-        self.prompt_tokens[out.request_id] = out.prompt_tokens
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs[i // self.n] = out.prompt_logprobs
+        for i, o in enumerate(whole):
+            if o and o.prompt_logprobs is not None:
+                self.prompt_logprobs[i // n] = o.prompt_logprobs
 
     def usage(self) -> dict:
         return usage(sum(self.prompt_tokens.values()), sum(self.generated))
