@@ -3,6 +3,7 @@ should learn, and every bad line is refused with its line number and a reason to
 
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,61 @@ def test_too_long_sequences_are_refused_not_truncated(smollm2_tokenizer):
         f"training data has 1 invalid line: line 1: has {length} tokens, more than max_seq_length {length - 1} "
         "(raise max_seq_length or shorten it)"
     )
+
+
+def test_a_chat_line_is_labelled_at_max_seq_length_and_refused_past_it(smollm2_tokenizer):
+    line = jsonl({"messages": CHAT})
+    length = len(render(smollm2_tokenizer, CHAT, add_generation_prompt=False))
+    example = only(line, smollm2_tokenizer, max_seq_length=length)
+    assert list(example.input_ids) == render(smollm2_tokenizer, CHAT, add_generation_prompt=False)
+    assert labelled_spans(smollm2_tokenizer, example) == ["Paris.<|im_end|>", "Lima.<|im_end|>"]
+    assert refusal(line, smollm2_tokenizer, max_seq_length=length - 1) == (
+        f"training data has 1 invalid line: line 1: has {length} tokens, more than max_seq_length {length - 1} "
+        "(raise max_seq_length or shorten it)"
+    )
+
+
+def test_a_chat_line_over_max_seq_length_is_refused_before_its_turns_are_rendered(smollm2_tokenizer, monkeypatch):
+    """Each assistant turn is located by rendering the turns up to it, which costs the square of
+    the conversation's length: a line of 20,000 one-word messages (0.8 MB) took half an hour and GBs to
+    be refused for its length. Rendered once whole, it is refused at once."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}] * 10_000
+    length = len(render(smollm2_tokenizer, messages, add_generation_prompt=False))
+    apply_chat_template, renders = smollm2_tokenizer.apply_chat_template, []
+
+    def render_once(*args, **kwargs):
+        renders.append(args)
+        assert len(renders) == 1, "the conversation was rendered turn by turn"
+        return apply_chat_template(*args, **kwargs)
+
+    monkeypatch.setattr(smollm2_tokenizer, "apply_chat_template", render_once)
+    assert refusal(jsonl({"messages": messages}), smollm2_tokenizer, max_seq_length=4096) == (
+        f"training data has 1 invalid line: line 1: has {length} tokens, more than max_seq_length 4096 "
+        "(raise max_seq_length or shorten it)"
+    )
+
+
+def test_invalid_lines_past_those_listed_are_only_counted(smollm2_tokenizer):
+    """A file of a million bad lines held a reason for each (and each line as an object of its
+    own) to list 20: past those listed, a bad line costs no memory of its own."""
+    data = jsonl({"text": " ".join(["word"] * 40)}, *["[]"] * 100_000).encode()
+    tracing = tracemalloc.is_tracing()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    try:
+        # Line 1's reason comes last (its length is checked after every line is read) and is listed first.
+        message = refusal(data, smollm2_tokenizer, max_seq_length=32, max_errors=2)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    assert message == (
+        "training data has 100001 invalid lines: "
+        "line 1: has 41 tokens, more than max_seq_length 32 (raise max_seq_length or shorten it); "
+        "line 2: not a JSON object, got array; ... and 99999 more"
+    )
+    assert peak < len(data) / 2
 
 
 @pytest.mark.parametrize("data", ["", "\n  \n", b"\xef\xbb\xbf\n"])

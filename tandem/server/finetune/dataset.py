@@ -23,8 +23,9 @@ import json
 import random
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from tandem.server.engine.chat import CHAT_ROLES, TemplateRefused, render_chat
@@ -74,14 +75,20 @@ class _LineError(Exception):
     """Why one line is refused; collected so that every bad line is reported at once."""
 
 
-@dataclass(frozen=True)
-class _AssistantTurn:
-    """messages[index] is an assistant turn; `before` renders the turns before it ready for the
-    assistant (what the server would prompt with), `through` the turns up to and including it."""
+class _Errors:
+    """The reasons of the first `keep` invalid lines (by line number) and how many there are: a
+    file of a million bad lines held a message for each, to report 20."""
 
-    index: int
-    before: str
-    through: str
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.count = 0
+        self.first: dict[int, str] = {}
+
+    def __setitem__(self, number: int, reason: str) -> None:
+        self.count += 1
+        self.first[number] = reason
+        if len(self.first) > 2 * self.keep:  # lines come out of order (by format): trim now and then
+            self.first = dict(sorted(self.first.items())[: self.keep])
 
 
 def parse_dataset(
@@ -95,9 +102,13 @@ def parse_dataset(
     invalid line (line number and reason; the first max_errors of them) if any line is
     invalid, or if there are no examples at all.
     """
-    errors: dict[int, str] = {}
+    errors = _Errors(max_errors)
     examples: dict[int, TrainingExample] = {}
-    encoders = {"prompt/completion": _encode_prompts, "messages": _encode_chats, "text": _encode_texts}
+    encoders = {
+        "prompt/completion": _encode_prompts,
+        "messages": partial(_encode_chats, max_seq_length=max_seq_length),
+        "text": _encode_texts,
+    }
     for name, records in _read_records(data, errors).items():
         for number, result in encoders[name](records, tokenizer).items():
             if isinstance(result, str):
@@ -106,16 +117,13 @@ def parse_dataset(
                 examples[number] = replace(result, task=records[number].get(TASK_KEY, ""))
     for number, example in examples.items():
         if example.num_tokens > max_seq_length:
-            errors[number] = (
-                f"has {example.num_tokens} tokens, more than max_seq_length {max_seq_length} "
-                "(raise max_seq_length or shorten it)"
-            )
+            errors[number] = _too_long(example.num_tokens, max_seq_length)
         elif example.num_target_tokens == 0:
             errors[number] = "has no tokens to train on (its text tokenizes to nothing)"
         elif check is not None and (reason := check(example)) is not None:
             errors[number] = reason
-    if errors:
-        raise InvalidRequest(_summarize(errors, max_errors))
+    if errors.count:
+        raise InvalidRequest(_summarize(errors))
     if not examples:
         raise InvalidRequest("training data has no examples: give one JSON object per line")
     return [examples[number] for number in sorted(examples)]
@@ -167,12 +175,11 @@ def split_eval(
     return train, [e for i, e in enumerate(examples) if i in held_out]
 
 
-def _read_records(data: str | bytes, errors: dict[int, str]) -> dict[str, dict[int, dict]]:
+def _read_records(data: str | bytes, errors: _Errors) -> dict[str, dict[int, dict]]:
     """Each valid line's JSON object, by format and line number; each invalid line's reason goes
     into errors."""
-    data = data.removeprefix(b"\xef\xbb\xbf" if isinstance(data, bytes) else "\ufeff")
     by_format: dict[str, dict[int, dict]] = {}
-    for number, line in enumerate(data.split(b"\n" if isinstance(data, bytes) else "\n"), start=1):
+    for number, line in enumerate(_lines(data), start=1):
         try:
             record = _load(line)
             if record is not None:
@@ -180,6 +187,17 @@ def _read_records(data: str | bytes, errors: dict[int, str]) -> dict[str, dict[i
         except _LineError as e:
             errors[number] = str(e)
     return by_format
+
+
+def _lines(data: str | bytes) -> Iterator[str | bytes]:
+    """data.split("\n") less a byte order mark, one line at a time: split() held a second copy of
+    the whole file, and for short lines several (each line an object of its own)."""
+    newline, bom = (b"\n", b"\xef\xbb\xbf") if isinstance(data, bytes) else ("\n", "\ufeff")
+    start = len(bom) if data.startswith(bom) else 0
+    while (end := data.find(newline, start)) >= 0:
+        yield data[start:end]
+        start = end + 1
+    yield data[start:]
 
 
 def _load(line: str | bytes) -> object | None:
@@ -301,35 +319,45 @@ def _encode_texts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExam
     return examples
 
 
-def _encode_chats(records: dict[int, dict], tokenizer) -> dict[int, TrainingExample | str]:
+def _encode_chats(records: dict[int, dict], tokenizer, max_seq_length: int) -> dict[int, TrainingExample | str]:
     """Conversations rendered whole, each assistant turn located by rendering the turns up to it;
     a reason instead of an example for each line that cannot be labelled."""
     if not getattr(tokenizer, "chat_template", None):
         return {number: '"messages" needs a chat template and this model has none' for number in records}
     results: dict[int, TrainingExample | str] = {}
-    rendered: dict[int, tuple[str, list[_AssistantTurn]]] = {}
     for number, record in records.items():
         try:
-            rendered[number] = _render_turns(record["messages"], tokenizer)
-        except _LineError as e:
-            results[number] = str(e)
-    texts = list({text for full, turns in rendered.values() for text in (full, *_turn_texts(turns))})
-    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False).input_ids)) if texts else {}
-    for number, (full, turns) in rendered.items():
-        try:
-            results[number] = _label_turns(ids[full], turns, ids, records[number]["messages"], tokenizer)
+            results[number] = _encode_chat(record["messages"], tokenizer, max_seq_length)
         except _LineError as e:
             results[number] = str(e)
     return results
 
 
-def _render_turns(messages: list[dict], tokenizer) -> tuple[str, list[_AssistantTurn]]:
-    turns = [
-        _AssistantTurn(i, _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False))
-        for i, message in enumerate(messages)
-        if message["role"] == "assistant"
-    ]
-    return _render(tokenizer, messages, False), turns
+def _encode_chat(messages: list[dict], tokenizer, max_seq_length: int) -> TrainingExample:
+    """Labels on each assistant turn's tokens, found as the tokens rendering the turns through it
+    adds to rendering those before it (ready for the assistant: what the server would prompt with).
+
+    That is only sound if both renderings tokenize to prefixes of the whole conversation's
+    tokens: a template that renders earlier turns differently later, or text that merges into
+    one token across the turn boundary, would shift the span, so such lines are refused.
+    Rendering every turn's prefixes costs the square of the conversation's length (a line of
+    20,000 one-word messages: half an hour, and GBs of prefixes), so only a line that fits max_seq_length
+    gets that far, and one turn's two renderings are held at a time.
+    """
+    full = tokenizer(_render(tokenizer, messages, False), add_special_tokens=False).input_ids
+    if len(full) > max_seq_length:
+        raise _LineError(_too_long(len(full), max_seq_length))
+    labels = [IGNORE_INDEX] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        texts = [_render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False)]
+        before, through = tokenizer(texts, add_special_tokens=False).input_ids
+        if not (len(before) < len(through) and full[: len(through)] == through and through[: len(before)] == before):
+            raise _LineError(_unlocatable(i, message["content"]))
+        end = _turn_end(through, len(before), tokenizer)
+        labels[len(before) : end] = full[len(before) : end]
+    return TrainingExample(tuple(full), tuple(labels))
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -337,29 +365,6 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
         return render_chat(tokenizer, messages, add_generation_prompt)
     except TemplateRefused as e:
         raise _LineError(f"the chat template refused it ({_excerpt(e.reason, 80)})") from None
-
-
-def _turn_texts(turns: list[_AssistantTurn]) -> list[str]:
-    return [text for turn in turns for text in (turn.before, turn.through)]
-
-
-def _label_turns(
-    full: list[int], turns: list[_AssistantTurn], ids: dict[str, list[int]], messages: list[dict], tokenizer
-) -> TrainingExample:
-    """Labels on each assistant turn's tokens, found as the tokens `through` adds to `before`.
-
-    That is only sound if both renderings tokenize to prefixes of the whole conversation's
-    tokens: a template that renders earlier turns differently later, or text that merges into
-    one token across the turn boundary, would shift the span, so such lines are refused.
-    """
-    labels = [IGNORE_INDEX] * len(full)
-    for turn in turns:
-        before, through = ids[turn.before], ids[turn.through]
-        if not (len(before) < len(through) and full[: len(through)] == through and through[: len(before)] == before):
-            raise _LineError(_unlocatable(turn.index, messages[turn.index]["content"]))
-        end = _turn_end(through, len(before), tokenizer)
-        labels[len(before) : end] = full[len(before) : end]
-    return TrainingExample(tuple(full), tuple(labels))
 
 
 def _turn_end(tokens: list[int], start: int, tokenizer) -> int:
@@ -384,18 +389,22 @@ def _unlocatable(index: int, content: str) -> str:
     )
 
 
-def _summarize(errors: dict[int, str], max_errors: int) -> str:
+def _too_long(num_tokens: int, max_seq_length: int) -> str:
+    return f"has {num_tokens} tokens, more than max_seq_length {max_seq_length} (raise max_seq_length or shorten it)"
+
+
+def _summarize(errors: _Errors) -> str:
     """One message naming the first invalid lines, short enough for gRPC trailers."""
-    head = f"training data has {len(errors)} invalid line{'s' if len(errors) != 1 else ''}: "
+    head = f"training data has {errors.count} invalid line{'s' if errors.count != 1 else ''}: "
     # Room for the longest possible tail, "; ... and <count> more".
-    budget = MAX_ERROR_CHARS - len(head) - len(f"; ... and {len(errors)} more")
+    budget = MAX_ERROR_CHARS - len(head) - len(f"; ... and {errors.count} more")
     parts: list[str] = []
-    for number, reason in sorted(errors.items())[:max_errors]:
+    for number, reason in sorted(errors.first.items())[: errors.keep]:
         part = f"line {number}: {reason}"
         if parts and len("; ".join(parts)) + 2 + len(part) > budget:
             break
         parts.append(part)
-    rest = len(errors) - len(parts)
+    rest = errors.count - len(parts)
     return head + "; ".join(parts) + (f"; ... and {rest} more" if rest else "")
 
 
