@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
 from tandem.server.adapters.host_slab import ALIGN, HostSlab  # noqa: E402
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_hashed  # noqa: E402
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, max_file_bytes, read_adapter, read_hashed  # noqa: E402
 from tandem.server.adapters.registry import AdapterRegistry  # noqa: E402
 from tandem.server.config import EngineConfig  # noqa: E402
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter  # noqa: E402
@@ -88,7 +88,7 @@ def read_times(model, dirs: list[Path], reads: int) -> dict:
             # the read. Blocks are whole pages (host_slab.ALIGN): a slab of the file's size holds none.
             buffer = {"new_memory": bytearray, "slab_full": full.block}.get(path) or HostSlab(-(-adapter_bytes // ALIGN) * ALIGN).block
             start = time.perf_counter()
-            data = read_hashed(d / WEIGHTS_FILE, config, buffer)
+            data = read_hashed(d / WEIGHTS_FILE, config, max_file_bytes(model, RANK), buffer)
             times[path]["read_and_hash"].append(time.perf_counter() - start)
             del data
             start = time.perf_counter()

@@ -89,6 +89,25 @@ def test_a_broken_new_version_is_read_once_not_at_every_refresh(tiny_hf_model, s
     assert server.registry.get("style").content_hash != old.content_hash and reads == ["style", "style"]
 
 
+def test_a_new_version_whose_read_failed_is_tried_again_at_the_next_refresh(tiny_hf_model, smollm2_tokenizer, shared, versions, monkeypatch):
+    """A failure of the read itself (permissions fixed by a chmod, which leaves the file's
+    stamp as it was; an I/O error; memory) is not the files' refusal: it may pass."""
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    old = server.registry.get("style")
+    publish(versions[1], shared / "style")
+    reads, read_files = [], server.registry._read_files
+
+    def denied_once(*args):
+        reads.append(args[0])
+        if len(reads) == 1:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return read_files(*args)
+
+    monkeypatch.setattr(server.registry, "_read_files", denied_once)
+    assert server.registry.get("style") is old
+    assert server.registry.get("style").content_hash != old.content_hash and reads == ["style", "style"]
+
+
 def test_a_replica_starts_on_a_read_only_shared_directory_with_leftovers(
     tiny_hf_model, smollm2_tokenizer, shared, monkeypatch
 ):

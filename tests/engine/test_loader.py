@@ -176,3 +176,17 @@ def test_a_gguf_file_loads_in_bfloat16_as_the_cast_of_its_float32_weights_withou
     assert loaded.keys() == cast.keys()
     for name, tensor in loaded.items():
         assert torch.equal(tensor, cast[name]), name
+
+
+def test_a_released_staging_model_is_freed_and_the_built_model_is_the_same(smollm2_tokenizer):
+    """release: the staging model's weights are let go as the layers are built (a bfloat16
+    directory's staging is a mapping of its file, which the peak test above cannot see), and
+    what is built is what building without release gives."""
+    from tandem.server.model.loader import build_from_hf
+    from tests.conftest import make_tiny_hf_model
+
+    kept = build_from_hf(make_tiny_hf_model(smollm2_tokenizer, seed=3), torch.bfloat16, CPU).state_dict()
+    staging = make_tiny_hf_model(smollm2_tokenizer, seed=3)
+    released = build_from_hf(staging, torch.bfloat16, CPU, release=True).state_dict()
+    assert all(p.is_meta for p in staging.parameters())
+    assert released.keys() == kept.keys() and all(torch.equal(released[k], kept[k]) for k in kept)

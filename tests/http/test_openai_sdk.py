@@ -381,6 +381,10 @@ def test_a_batch_larger_than_the_engine_holds_is_400_before_any_request_is_made(
         reply = oai.completions.create(model=base_model, prompt=[[0]] * prompts, n=n, max_tokens=1, stream=streamed)
         list(reply) if streamed else reply
     assert made == []
+    # n is checked before the product it sizes: n = 0 made a product of 0 that passed.
+    with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 16\], got 0"):
+        oai.completions.create(model=base_model, prompt=[[0]] * prompts, n=0, max_tokens=1, stream=streamed)
+    assert made == []
     within = oai.completions.create(model=base_model, prompt=[[0], [1]], n=n, max_tokens=1)
     assert len(within.choices) == 2 * n and len(made) == 2
 

@@ -179,7 +179,7 @@ class AdapterRegistry:
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         # name -> (stamp of the files the cached version was read from, when last checked)
         self._stamps: dict[str, tuple[FileStamp | None, float]] = {}
-        # A cached adapter's newer version on disk that failed to read: (directory, stamp).
+        # A cached adapter's newer version on disk whose files were refused: (directory, stamp).
         self._unreadable: dict[str, tuple[Path, FileStamp]] = {}
         self._known: dict[str, AdapterInfo] = {}
         self._routers: dict[str, Router] = {}
@@ -318,18 +318,21 @@ class AdapterRegistry:
         read by: a link re-pointed to another folder (git-sync's and Kubernetes volumes'
         atomic swap) serves the new folder. Files missing (an adapter being replaced) or
         unreadable (copied by hand, half written) keep the cached version: a request is never
-        failed for a version it did not ask for. A version that failed is not read again until
-        its files change: each refresh read all of a broken file on a request's thread."""
+        failed for a version it did not ask for. A version whose files were refused is not read
+        again until they change (each refresh read all of a broken file on a request's thread);
+        one whose read failed (permissions, an I/O error, memory) is tried at the next refresh."""
         directory = now = None
         try:
             directory = resolve_adapter_dir(self.adapters_dir, adapter.name, asked)
             now = file_stamp(directory)
-            if now is None or (now == stamp and directory == adapter.path) or self._unreadable.get(adapter.name) == (directory, now):
+            with self._lock:
+                refused = self._unreadable.get(adapter.name) == (directory, now)
+            if now is None or (now == stamp and directory == adapter.path) or refused:
                 return adapter
             return self._read_and_cache(adapter.name, directory, asked)
         except (IncompatibleAdapter, NotFound, InvalidRequest, OSError) as exc:
             log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
-            if now is not None:
+            if now is not None and not isinstance(exc, OSError) and not isinstance(exc.__cause__, OSError):
                 with self._lock:
                     self._unreadable[adapter.name] = (directory, now)
             return adapter
@@ -507,6 +510,7 @@ class AdapterRegistry:
             if not self._commit_name(name, revive, seen, abandoned):
                 return adapter
             self._routers.pop(name, None)  # as in _read_router: the name is a LoRA adapter now
+            self._unreadable.pop(name, None)
             self._cache[name] = adapter
             self._cache.move_to_end(name)
             self._stamps[name] = (stamp, time.monotonic())

@@ -62,6 +62,7 @@ async def generate_each(
                 yield out
         return
     with state.admit() as engine:
+        params.check_n()
         _check_batch(engine, len(prompts), params.n)
         call = current_call()
         call.adapter = _logged(adapter)

@@ -66,6 +66,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
+    def check_n(self) -> None:
+        """n alone: a batch of prompts is sized by it before any prompt is validated."""
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}")
+
     def validate(self, prompt_len: int, max_model_len: int, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first bad field and its allowed range."""
         if prompt_len == 0:
@@ -95,8 +100,7 @@ class SamplingParams:
                 raise InvalidRequest(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {getattr(self, name)}")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 1 <= self.n <= MAX_N:
-            raise InvalidRequest(f"n must be in [1, {MAX_N}], got {self.n}")
+        self.check_n()
         # The gRPC field is a uint64, OpenAI's a signed integer: either 64-bit range.
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise InvalidRequest(f"seed must be a 64-bit integer, in [-2^63, 2^64), got {self.seed}")
