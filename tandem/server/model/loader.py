@@ -67,13 +67,16 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
         gguf = GGUFExtras(model_path) if model_path.is_file() else None
         rope_factors = None if gguf is None else gguf.rope_factors()
         tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
-    # Straight into the serving dtype (the same per-tensor cast build_from_hf would make), not
-    # into a float32 copy twice the size of a bfloat16 model's. GGUF weights are dequantised
-    # here (under a raw tqdm bar that no setting turns off: it goes to a sink).
-    with load_phase("dequantise", gguf=model_path.is_file()), contextlib.redirect_stderr(io.StringIO()):
+    # A directory's weights stay as stored, mapped from their files, and build_from_hf casts
+    # each once into the model's own memory: staged in another dtype they were a second copy
+    # in the process's memory (2x to 3.4x the model at the peak). A GGUF file's blocks are
+    # dequantised here, into the serving dtype (under a raw tqdm bar that no setting turns
+    # off: it goes to a sink).
+    gguf_file = model_path.is_file()
+    with load_phase("dequantise", gguf=gguf_file), contextlib.redirect_stderr(io.StringIO()):
         hf_model, info = _call(
-            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source, dtype=dtype,
-            output_loading_info=True, **kwargs, **(_dequantised() if model_path.is_file() else {}),
+            model_path, "load the weights", _auto("AutoModelForCausalLM").from_pretrained, source,
+            dtype=dtype if gguf_file else "auto", output_loading_info=True, **kwargs, **(_dequantised() if gguf_file else {}),
         )
     check_complete(model_path, info)
     if rope_factors is not None:
