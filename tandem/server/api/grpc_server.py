@@ -35,6 +35,11 @@ SERVICES = [
 ]
 # How long aborted generations get to send their last message before the server stops.
 ABORT_WAIT_SECONDS = 5.0
+# Then how long calls get to finish on the wire: a call is idle once its handler is past its
+# last message, before gRPC has sent that message's status; stopped at once, such a call
+# ended CANCELLED ("Cancelling all calls") instead of OK after its last message, once in a CI
+# run under load. A call still open after it (a watch) is cancelled.
+STOP_GRACE_SECONDS = 1.0
 # Long generations stream for minutes: let clients keep the connection alive with pings.
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -106,7 +111,7 @@ class TandemServer:
         if not finished:
             self.state.abort_generations()
             await self.state.wait_idle(ABORT_WAIT_SECONDS)
-        await self._server.stop(grace=0)
+        await self._server.stop(grace=STOP_GRACE_SECONDS)
         if self.http is not None:
             await self.http.close()
         self.metrics.close()
