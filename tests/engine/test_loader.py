@@ -1,8 +1,6 @@
 """Loading a model: clear errors, never a traceback, for paths we cannot serve."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -123,46 +121,20 @@ def test_a_directory_loads_straight_into_the_serving_dtype_with_the_cast_weights
     assert not staged & {t.untyped_storage().data_ptr() for t in same_dtype}
 
 
-LOAD_PEAK = """
-import sys, threading, time
-import torch
-from tandem.server.model.loader import load_model
-
-def anon_mb():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon"))
-
-load_model(sys.argv[2], torch.bfloat16, torch.device("cpu"))  # imports, tokenizer: not what is measured
-base, peak, done = anon_mb(), [0.0], threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon_mb())
-        time.sleep(0.001)
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-model = load_model(sys.argv[1], torch.bfloat16, torch.device("cpu")).model
-done.set()
-sampler.join()
-print((peak[0] - base) * 2**20 / sum(p.numel() * p.element_size() for p in model.parameters()))
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the anonymous memory of /proc/self/status")
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
 def test_loading_a_directory_into_bfloat16_holds_one_copy_of_the_weights(tmp_path, tiny_model_dir, smollm2_tokenizer, stored):
     """Staged in float32 beside the built model, a bfloat16 directory's load peaked at 3.1x the
     model's size (an 8B model: 50 GB); staged in the serving dtype, a float32 directory's at
     2x. The files are mapped as stored and each tensor cast once: about 1x (bench/load_memory.py)."""
+    from bench.load_memory import measure
     from tests.conftest import make_tiny_hf_model
 
     big = tmp_path / "big"
     make_tiny_hf_model(smollm2_tokenizer, hidden_size=512, intermediate_size=2048, num_hidden_layers=4).to(stored).save_pretrained(big)
     smollm2_tokenizer.save_pretrained(big)
-    run = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(big), str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.split()[-1]) < 1.5
+    load = measure(big, "bfloat16", tiny_model_dir, "tandem")
+    assert load["peak_mb"] / load["model_mb"] < 1.5
 
 
 def test_a_gguf_file_loads_in_bfloat16_as_the_cast_of_its_float32_weights_without_warnings(smollm2_path, smollm2_hf, caplog):
