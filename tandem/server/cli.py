@@ -52,6 +52,7 @@ ENGINE_FLAGS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--adapter-refresh-seconds", float, "how often a cached adapter's files are checked for a new version (shared adapters directory); 0 = every request"),
     ("--data-dir", str, "fine-tuning: training files and job state (needs --adapters-dir); unset = no fine-tuning"),
     ("--max-training-file-bytes", int, "largest dataset a fine-tuning job accepts"),
+    ("--max-active-jobs", int, "fine-tuning jobs queued or running at once; beyond it CreateJob gets RESOURCE_EXHAUSTED"),
     ("--finetune-mode", str, "coserve (training tokens inside inference iterations) or timeslice (between them)"),
     ("--finetune-micro-batch-tokens", int, "training tokens per gradient computation (bounds training memory; time-sliced, inference's wait)"),
     ("--finetune-activation-bytes", int, "co-serve mode: memory cap for a training micro-batch's kept activations, and its graphs when it starts with no inference running (cuts micro-batches; longer examples are refused)"),

@@ -39,6 +39,8 @@ class EngineConfig:
     data_dir: where fine-tuning jobs read training files and keep their state; None turns
         fine-tuning off (it also needs adapters_dir, where trained adapters are published).
     max_training_file_bytes: the largest dataset a fine-tuning job accepts.
+    max_active_jobs: fine-tuning jobs queued or running at once (each holds its parsed
+        dataset in memory, ~10 bytes a token); CreateJob past it is RESOURCE_EXHAUSTED.
     finetune_mode: "coserve" runs training tokens inside the inference iterations (forward
         chunks, then backward slices of a few layers, within a share of the token budget);
         "timeslice" runs one training micro-batch between inference iterations.
@@ -84,6 +86,7 @@ class EngineConfig:
     adapter_refresh_seconds: float = 2.0
     data_dir: str | None = None
     max_training_file_bytes: int = 256 << 20
+    max_active_jobs: int = 8
     finetune_mode: str = "coserve"
     coserve_itl_p99: float | None = None
     finetune_micro_batch_tokens: int = 512
@@ -100,7 +103,7 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
-            "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes",
+            "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes", "max_active_jobs",
             "finetune_micro_batch_tokens", "finetune_activation_bytes", "stream_interval",
         ):
             if getattr(self, name) <= 0:

@@ -63,8 +63,8 @@ def test_prompt_completion_labels_the_completion_and_eos(smollm2_tokenizer):
     tok = smollm2_tokenizer
     example = only(jsonl({"prompt": "Say hi: ", "completion": "Hello there"}), tok)
     prompt = tok("Say hi: ").input_ids
-    assert example.input_ids == (*prompt, *tok("Hello there", add_special_tokens=False).input_ids, tok.eos_token_id)
-    assert example.labels[: len(prompt)] == (IGNORE_INDEX,) * len(prompt)
+    assert tuple(example.input_ids) == (*prompt, *tok("Hello there", add_special_tokens=False).input_ids, tok.eos_token_id)
+    assert tuple(example.labels[: len(prompt)]) == (IGNORE_INDEX,) * len(prompt)
     assert labelled_spans(tok, example) == ["Hello there" + tok.eos_token]
     assert example.num_target_tokens == example.num_tokens - len(prompt)
 
@@ -90,8 +90,8 @@ def test_text_labels_every_token_but_the_first_and_ends_with_eos(smollm2_tokeniz
     """Without the eos (TRL's SFTTrainer adds one) a model trained on documents never learnt
     to end one."""
     example = only(jsonl({"text": "The quick brown fox"}), smollm2_tokenizer)
-    assert example.input_ids == (*smollm2_tokenizer("The quick brown fox").input_ids, smollm2_tokenizer.eos_token_id)
-    assert example.labels == (IGNORE_INDEX, *example.input_ids[1:])
+    assert tuple(example.input_ids) == (*smollm2_tokenizer("The quick brown fox").input_ids, smollm2_tokenizer.eos_token_id)
+    assert tuple(example.labels) == (IGNORE_INDEX, *example.input_ids[1:])
     assert example.num_target_tokens == example.num_tokens - 1
     # One eos, not two, when the text ends with it.
     assert only(jsonl({"text": "The quick brown fox<|im_end|>"}), smollm2_tokenizer).input_ids == example.input_ids
@@ -248,6 +248,29 @@ def test_invalid_lines_past_those_listed_are_only_counted(smollm2_tokenizer):
     assert peak < len(data) / 2
 
 
+def test_a_parsed_dataset_is_held_in_a_few_bytes_a_token(smollm2_tokenizer):
+    """Every queued job holds its parsed dataset: as tuples of Python ints it took 48 bytes a
+    token (a 256 MB file, ~2.5 GB a job), and tokenizing the whole file at once peaked higher."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rows = [{"prompt": " ".join(words[i % 7 :] * 4), "completion": " ".join(words[: 3 + i % 5] * 4)} for i in range(1500)]
+    rows += [{"text": " ".join(words[i % 5 :] * 12)} for i in range(1500)]
+    data = jsonl(*rows).encode()
+    tracing = tracemalloc.is_tracing()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    try:
+        examples = parse_dataset(data, smollm2_tokenizer, 512)
+        held, peak = (m - start for m in tracemalloc.get_traced_memory())
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    tokens = sum(e.num_tokens for e in examples)
+    assert len(examples) == 3000 and tokens > 200_000
+    assert held / tokens < 16, f"{held / tokens:.1f} bytes a token held"
+    assert peak < 8 * len(data), f"peak {peak} bytes for a {len(data)}-byte file"
+
+
 @pytest.mark.parametrize("data", ["", "\n  \n", b"\xef\xbb\xbf\n"])
 def test_an_empty_dataset_is_refused(smollm2_tokenizer, data):
     assert refusal(data, smollm2_tokenizer) == "training data has no examples: give one JSON object per line"
@@ -371,4 +394,4 @@ def test_a_completion_is_labelled_as_the_whole_text_tokenizes_it(smollm2_tokeniz
     assert labelled_spans(tok, example) == [tok.decode(tok.convert_tokens_to_ids(["▁Paris", "</s>"]))]
     # Byte-level BPE, a prompt ending in a space: the completion as it follows that prompt served.
     example = only(jsonl({"prompt": "Say hi: ", "completion": "Hello there"}), smollm2_tokenizer)
-    assert example.input_ids[-3:-1] == tuple(smollm2_tokenizer("Hello there", add_special_tokens=False).input_ids)
+    assert tuple(example.input_ids[-3:-1]) == tuple(smollm2_tokenizer("Hello there", add_special_tokens=False).input_ids)

@@ -359,6 +359,27 @@ def test_a_cancelled_queued_job_holds_nothing(tiny_model_dir, dirs):
         engine.shutdown()
 
 
+def test_jobs_past_max_active_jobs_are_refused_before_their_dataset_is_read(tiny_model_dir, dirs):
+    """Each queued job holds its parsed dataset in memory until it ends: without a cap, a
+    caller's queue of large jobs could take the server's memory from inference."""
+    engine = unstarted(tiny_model_dir, dirs, max_active_jobs=2)
+    try:
+        first, second = engine.jobs.create(request("one")), engine.jobs.create(request("two"))
+        refusal = (
+            r"^2 fine-tuning jobs are queued or running, the most this server holds \(--max-active-jobs 2\): "
+            r"wait for one to end, or cancel one$"
+        )
+        for refused in (request("three"), request("three", training_data="", training_file="no-such-file.jsonl")):
+            with pytest.raises(ResourceExhausted, match=refusal):
+                engine.jobs.create(refused)
+        assert {j.id for j in engine.jobs.list_jobs()} == {first.id, second.id}
+        assert sorted(p.name for p in (dirs[1] / jobs_module.STATE_DIR / "jobs").iterdir()) == sorted([first.id, second.id])
+        engine.jobs.cancel(second.id)
+        assert engine.jobs.create(request("three")).status is JobStatus.QUEUED
+    finally:
+        engine.shutdown()
+
+
 def test_a_cancel_while_the_job_ends_cannot_mark_a_published_job_cancelled(tiny_model_dir, dirs, monkeypatch):
     """The adapter is on disk and served once publishing returns: a cancel that arrives before
     the job is recorded as succeeded is refused, and the job ends succeeded with its hash."""

@@ -19,11 +19,13 @@ trains on something the user did not write.
 """
 
 import difflib
+import itertools
 import json
 import random
 import re
 import sys
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -34,6 +36,9 @@ from tandem.server.errors import InvalidRequest, NotFound
 
 # The keys of each line format; a line has exactly one format's keys.
 FORMATS = {"prompt/completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+# Characters of text tokenized at once (about 64k tokens): the tokenizer's lists are Python
+# ints, ~40 bytes a token.
+ENCODE_CHARS = 1 << 18
 # The optional task label a line of any format may carry.
 TASK_KEY = "task"
 # The refusal travels in gRPC trailers, which proxies cap at a few KB.
@@ -47,17 +52,22 @@ _UNPAIRED = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrainingExample:
     """One training sequence. input_ids: [n] token ids; labels: [n], labels[i] = input_ids[i] where the
     loss applies to token i (predicted from tokens < i), IGNORE_INDEX elsewhere (the Hugging Face convention:
-    the model shifts internally)."""
+    the model shifts internally).
 
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
+    Both are kept as int32 arrays: every queued job holds its whole dataset, and tuples of ints
+    took 48 bytes a token (a 256 MB file: ~2.5 GB per job) where the arrays take 8."""
+
+    input_ids: Sequence[int]
+    labels: Sequence[int]
     task: str = ""
 
     def __post_init__(self):
+        object.__setattr__(self, "input_ids", _int32(self.input_ids))
+        object.__setattr__(self, "labels", _int32(self.labels))
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"input_ids has {len(self.input_ids)} tokens but labels has {len(self.labels)}")
 
@@ -69,6 +79,10 @@ class TrainingExample:
     def num_target_tokens(self) -> int:
         """Tokens the loss applies to; position 0 has no tokens before it to be predicted from."""
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+def _int32(values: Sequence[int]) -> array:
+    return values if isinstance(values, array) and values.typecode == "i" else array("i", values)
 
 
 class _LineError(Exception):
@@ -110,7 +124,8 @@ def parse_dataset(
         "text": _encode_texts,
     }
     for name, records in _read_records(data, errors).items():
-        for number, result in encoders[name](records, tokenizer).items():
+        results = (encoders[name](chunk, tokenizer) for chunk in _chunks(records, ENCODE_CHARS))
+        for number, result in itertools.chain.from_iterable(r.items() for r in results):
             if isinstance(result, str):
                 errors[number] = result
             else:
@@ -127,6 +142,21 @@ def parse_dataset(
     if not examples:
         raise InvalidRequest("training data has no examples: give one JSON object per line")
     return [examples[number] for number in sorted(examples)]
+
+
+def _chunks(records: dict[int, dict], chars: int) -> Iterator[dict[int, dict]]:
+    """The records in runs of about `chars` characters of text: the tokenizer hands back Python
+    ints, ~40 bytes a token, and a whole file's at once peaked at several times the file."""
+    chunk: dict[int, dict] = {}
+    size = 0
+    for number, record in records.items():
+        chunk[number] = record
+        size += sum(len(value) for value in record.values() if isinstance(value, str))
+        if size >= chars:
+            yield chunk
+            chunk, size = {}, 0
+    if chunk:
+        yield chunk
 
 
 def resolve_training_file(data_dir: str | Path | None, name: str) -> Path:
@@ -305,7 +335,7 @@ def _encode_prompts(records: dict[int, dict], tokenizer) -> dict[int, TrainingEx
     for number, prompt, text, completion in zip(records, prompts, whole, alone):
         if text[: len(prompt)] == prompt and len(text) > len(prompt):
             completion = text[len(prompt) :]
-        examples[number] = TrainingExample(tuple(prompt + completion + eos), (IGNORE_INDEX,) * len(prompt) + tuple(completion + eos))
+        examples[number] = TrainingExample(prompt + completion + eos, [IGNORE_INDEX] * len(prompt) + completion + eos)
     return examples
 
 
@@ -315,7 +345,7 @@ def _encode_texts(records: dict[int, dict], tokenizer) -> dict[int, TrainingExam
     examples = {}
     for number, ids in zip(records, texts):
         ids = ids if ids[-1:] == [eos] else ids + [eos]  # a tokenizer that adds one already: not twice
-        examples[number] = TrainingExample(tuple(ids), (IGNORE_INDEX, *ids[1:]))
+        examples[number] = TrainingExample(ids, [IGNORE_INDEX, *ids[1:]])
     return examples
 
 
@@ -357,7 +387,7 @@ def _encode_chat(messages: list[dict], tokenizer, max_seq_length: int) -> Traini
             raise _LineError(_unlocatable(i, message["content"]))
         end = _turn_end(through, len(before), tokenizer)
         labels[len(before) : end] = full[len(before) : end]
-    return TrainingExample(tuple(full), tuple(labels))
+    return TrainingExample(full, labels)
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:

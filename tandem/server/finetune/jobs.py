@@ -162,6 +162,8 @@ class JobManager:
         read): then no job is created, where one trained for nobody and its retry was refused
         as ALREADY_EXISTS."""
         check_writable_name(request.adapter)
+        with self._lock:
+            self._check_room()  # before the dataset is read: a full server refuses at once
         hp = request.hyperparameters
         limit = self.engine.max_model_len
         if hp.max_seq_length > limit:
@@ -202,6 +204,7 @@ class JobManager:
             if busy or job.adapter in self._creating:
                 owner = f"job {busy[0].id}" if busy else "a job being created"
                 raise AlreadyExists(f"adapter {job.adapter!r} is already being trained by {owner}: wait for it or cancel it")
+            self._check_room()
             self._creating.add(job.adapter)
         try:
             # Outside the lock: the engine thread takes it every iteration, and a dataset of
@@ -227,6 +230,17 @@ class JobManager:
         log.info("job created", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "total_steps": job.total_steps}})
         self._wake()
         return job
+
+    def _check_room(self) -> None:
+        """Refuse a new job where max_active_jobs are queued, running or being created: each
+        holds its parsed dataset in memory until it ends. Called under _lock."""
+        active = sum(not j.status.terminal for j in self._jobs.values()) + len(self._creating)
+        limit = self.engine.config.max_active_jobs
+        if active >= limit:
+            raise ResourceExhausted(
+                f"{active} fine-tuning jobs are queued or running, the most this server holds (--max-active-jobs {limit}): "
+                "wait for one to end, or cancel one"
+            )
 
     def get(self, job_id: str) -> Job:
         with self._lock:
