@@ -82,6 +82,7 @@ def test_repetition_penalty_matches_transformers():
 
 
 def test_logprobs_are_raw_log_softmax_with_top_alternatives():
+    """vLLM's default: the model's own distribution, before penalties, temperature and filters."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     out = Sampler(torch.device("cpu"))(logits, seqs_for([SamplingParams(temperature=0.0, logprobs=2)]))
     lp = out.logprobs[0]
@@ -89,6 +90,14 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
     assert lp.token_id == 0 and math.isclose(lp.logprob, expected[0].item(), rel_tol=1e-6)
     assert [t for t, _ in lp.top] == [0, 1]
     assert out.logprobs == [lp]
+    # Penalised, at a temperature, filtered: the same raw numbers.
+    params = SamplingParams(temperature=0.5, presence_penalty=1.5, repetition_penalty=1.4, top_k=2, logprobs=4, seed=1)
+    seqs = seqs_for([params], [0, 0, 1])
+    out = Sampler(torch.device("cpu"))(logits, seqs)
+    lp = out.logprobs[0]
+    assert math.isclose(lp.logprob, expected[lp.token_id].item(), rel_tol=1e-6)
+    assert [t for t, _ in lp.top] == [0, 1, 2, 3]
+    assert all(math.isclose(v, expected[t].item(), rel_tol=1e-6) for t, v in lp.top)
 
 
 def test_no_logprobs_unless_asked():

@@ -12,8 +12,10 @@ from tests.engine.helpers import make_engine, random_prompts
 
 
 def reference_token(logits: torch.Tensor, output: list[int], params: SamplingParams, noise: torch.Tensor) -> int:
-    """What one row should sample, written out: penalties on the raw logits, temperature,
-    min_p on the probabilities, then the exponential race with the row's own noise."""
+    """What one row should sample, written out in vLLM's order: penalties on the raw logits,
+    temperature, min_p on the probabilities, top-k, then top-p over what is left (a token
+    goes once the tokens ranked above it cover top_p), then the exponential race with the
+    row's own noise."""
     counts = torch.zeros_like(logits)
     for t in output:
         counts[t] += 1
@@ -21,12 +23,24 @@ def reference_token(logits: torch.Tensor, output: list[int], params: SamplingPar
     if params.greedy:
         return int(penalized.argmax())
     probs = torch.softmax(penalized / params.temperature, dim=-1)
-    probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))
+    kept = probs >= params.min_p * probs.max()
+    ranked = sorted(range(len(probs)), key=lambda t: -float(probs[t]))
+    for rank, t in enumerate(ranked):
+        if params.top_k > 0 and rank >= params.top_k:
+            kept[t] = False
+    mass = probs.where(kept, torch.zeros_like(probs))
+    mass = mass / mass.sum()
+    covered = 0.0
+    for rank, t in enumerate(ranked):
+        if rank > 0 and covered > params.top_p:
+            kept[t] = False
+        covered += float(mass[t])
+    probs = probs.where(kept, torch.zeros_like(probs))
     return int((probs / noise).argmax())
 
 
-def test_penalties_and_min_p_match_a_torch_reference():
-    vocab, rows = 40, 96
+def test_penalties_min_p_top_k_and_top_p_match_a_torch_reference():
+    vocab, rows = 40, 288
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, vocab, generator=g) * 2
     seqs, expected = [], []
@@ -38,6 +52,8 @@ def test_penalties_and_min_p_match_a_torch_reference():
             presence_penalty=[0.0, 0.8, -0.5, 2.0][i // 4 % 4],
             frequency_penalty=[0.0, 0.6, 1.2][i // 16 % 3],
             min_p=[0.0, 0.05, 0.3][i % 3],
+            top_k=[0, 3, 12][i // 96 % 3],
+            top_p=[1.0, 0.5, 0.9][i // 48 % 3],
             seed=1000 + i,
         )
         seqs.append(Sequence(f"s{i}", len(prompt), prompt + output, params, i, torch.Generator().manual_seed(1000 + i)))
@@ -53,6 +69,14 @@ def test_min_p_never_samples_below_its_floor():
     counts = torch.bincount(torch.tensor(Sampler(torch.device("cpu"), seed=1)(logits, seqs).token_ids), minlength=4)
     assert counts[3] == 0 and counts[2] > 0  # the floor is 0.2 * 0.5: 0.08 is below it, 0.12 is not
     assert abs(counts[0] / 3000 - 0.5 / 0.92) < 0.04
+
+
+def test_min_p_cuts_before_top_p_as_vllm_does():
+    """[0.4, 0.35, 0.25] with min_p 0.7 leaves [0.53, 0.47], whose top_p 0.5 nucleus is the
+    first token alone; top_p first (as before) kept two tokens and min_p neither of them."""
+    logits = torch.tensor([0.4, 0.35, 0.25]).log().expand(2000, 3).clone()
+    seqs = [Sequence(f"s{i}", 1, [0], SamplingParams(temperature=1.0, top_p=0.5, min_p=0.7), i) for i in range(2000)]
+    assert set(Sampler(torch.device("cpu"), seed=3)(logits, seqs).token_ids) == {0}
 
 
 def _completions(engine, request_id: str) -> dict[int, list[int]]:

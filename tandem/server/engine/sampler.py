@@ -66,14 +66,15 @@ class Sampler:
         device = logits.device
         temps = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=device)
         scaled = logits / temps[:, None]
+        # vLLM's order: temperature, min_p, then top-k / top-p over what min_p left.
+        min_p = [s.params.min_p for s in seqs]
+        if any(min_p):
+            scaled = _filter_min_p(scaled, torch.tensor(min_p, device=device, dtype=scaled.dtype))
         top_k = [s.params.top_k for s in seqs]
         top_p = [s.params.top_p for s in seqs]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             scaled = _filter_top_k_top_p(scaled, top_k, top_p)
         probs = torch.softmax(scaled, dim=-1)
-        min_p = [s.params.min_p for s in seqs]
-        if any(min_p):
-            probs = _filter_min_p(probs, torch.tensor(min_p, device=device, dtype=probs.dtype))
         noise = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
         if unseeded:
@@ -103,11 +104,11 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[floa
     return logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
 
 
-def _filter_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Zero the probabilities below min_p [N] times each row's largest (renormalising is not
-    needed: the exponential race samples in proportion to what is left)."""
+def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits whose probability is below min_p [N] times the row's largest."""
+    probs = torch.softmax(logits, dim=-1)
     floor = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
-    return probs.masked_fill(probs < floor, 0.0)
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def _logprobs(raw: torch.Tensor, seqs: list[Sequence], token_ids: list[int]) -> list[TokenLogprob | None]:
