@@ -44,11 +44,12 @@ def examples(task_a: str = "e2") -> list[TrainingExample]:
     ]
 
 
-def oracle_loss(hf_model, adapters_dir: Path, gates: dict, example: TrainingExample, task: int, loss_scale: float, num_gated: int):
-    """loss_scale * LM loss + routing loss of one example, by plain autograd through hooks,
-    in float64: the mixture's gate gradient subtracts expert outputs from their weighted mean,
-    and a float32 oracle's own rounding (4e-4 of the gradient's norm at layer 0 on an AMD
-    EPYC) exceeds any bound a float32 engine could be held to against it."""
+def oracle_loss(hf_model, adapters_dir: Path, gates: dict, example: TrainingExample, task: int) -> tuple[torch.Tensor, list]:
+    """One example's summed LM loss and, per gated linear, its tokens' routing cross-entropy
+    (empty for an unlabelled example), by plain autograd through hooks, in float64: the
+    mixture's gate gradient subtracts expert outputs from their weighted mean, and a float32
+    oracle's own rounding (4e-4 of the gradient's norm at layer 0 on an AMD EPYC) exceeds any
+    bound a float32 engine could be held to against it."""
     model = copy.deepcopy(hf_model).double()
     weights = [{m: (a.double(), b.double(), scale) for m, (a, b, scale) in expert_weights(adapters_dir / e).items()} for e in EXPERTS]
     routing_losses = []
@@ -62,8 +63,16 @@ def oracle_loss(hf_model, adapters_dir: Path, gates: dict, example: TrainingExam
     ids = torch.tensor([example.input_ids])
     logits = model(ids).logits[0, :-1]
     lm = F.cross_entropy(logits, torch.tensor(example.labels[1:]), ignore_index=IGNORE_INDEX, reduction="sum")
-    aux = sum(routing_losses) * ROUTING_WEIGHT * loss_scale / num_gated if routing_losses else 0.0
-    return lm * loss_scale + aux
+    return lm, routing_losses
+
+
+def step_loss(hf_model, adapters_dir: Path, gates: dict, data: list[TrainingExample], tasks: list[int]) -> torch.Tensor:
+    """The step's loss as defined for users: the mean LM loss over the step's target tokens,
+    plus routing_loss_weight x the routing cross-entropy averaged over the step's labelled
+    tokens, then over the gated linears."""
+    lm, routing = zip(*(oracle_loss(hf_model, adapters_dir, gates, e, t) for e, t in zip(data, tasks)))
+    per_linear = [torch.cat(losses).mean() for losses in zip(*(r for r in routing if r))]
+    return sum(lm) / sum(e.num_target_tokens for e in data) + ROUTING_WEIGHT * torch.stack(per_linear).mean()
 
 
 def _hook(expert_weights, gate, task, routing_losses):
@@ -75,7 +84,7 @@ def _hook(expert_weights, gate, task, routing_losses):
         for e, (a, b, scale) in enumerate(expert_weights):
             output = output + mix[..., e : e + 1] * ((x @ a.t()) @ b.t()) * scale
         if routing_losses is not None and task >= 0:
-            routing_losses.append(F.cross_entropy(logits[0], torch.full((x.shape[1],), task), reduction="sum"))
+            routing_losses.append(F.cross_entropy(logits[0], torch.full((x.shape[1],), task), reduction="none"))
         return output
 
     return hook
@@ -91,10 +100,9 @@ def test_gate_gradient_equals_plain_autograd(engine, tiny_hf_model, adapters_dir
     gates = make_gates(engine)
     data, tasks = examples(), [2, -1]
     targets = sum(e.num_target_tokens for e in data)
-    engine.train(gates.work(data, loss_scale=1 / targets), 1 / targets)
+    engine.train(gates.work(data), 1 / targets)
     oracle_gates = {key: g.detach().double().requires_grad_() for key, g in gates.gates().items()}
-    total = sum(oracle_loss(tiny_hf_model, adapters_dir, oracle_gates, e, t, 1 / targets, len(gates.keys)) for e, t in zip(data, tasks))
-    total.backward()
+    step_loss(tiny_hf_model, adapters_dir, oracle_gates, data, tasks).backward()
     for key, g in gates.gates().items():
         # Within float32's reach of the exact gradient: 1e-3 of its norm, and of its largest
         # entry for every entry (the engine measured 2e-4 and 1.7e-4 at worst).
@@ -105,14 +113,29 @@ def test_gate_gradient_equals_plain_autograd(engine, tiny_hf_model, adapters_dir
     assert not any(w.a.requires_grad or w.b.requires_grad for w in gates.pool.weights.values())
 
 
+def test_a_step_in_micro_batches_gives_the_whole_steps_gate_gradient(engine):
+    """The trainer cuts a step into micro-batches: each scales its routing loss by the whole
+    step's labelled tokens, so the sum is the step's gradient however it was cut."""
+    gates = make_gates(engine)
+    data = examples("e2") + examples("e0")[:1]
+    targets = sum(e.num_target_tokens for e in data)
+    engine.train(gates.work(data), 1 / targets)
+    whole = {key: g.grad.clone() for key, g in gates.gates().items()}
+    gates.zero_grad()
+    for part in (data[:1], data[1:]):
+        engine.train(gates.work(part, step=data), 1 / targets)
+    for key, g in gates.gates().items():
+        torch.testing.assert_close(g.grad, whole[key], rtol=0, atol=1e-5 * whole[key].abs().max().item())
+
+
 def test_routing_loss_teaches_the_gates_a_labelled_task(engine):
     gates = make_gates(engine)
     data = examples("e1")[:1]
     optimizer = torch.optim.Adam(gates.parameters(), lr=0.2)
     targets = data[0].num_target_tokens
     shares = []
-    for _ in range(15):
-        work = gates.work(data, loss_scale=1 / targets)
+    for _ in range(25):
+        work = gates.work(data)
         engine.train(work, 1 / targets)
         optimizer.step()
         optimizer.zero_grad()

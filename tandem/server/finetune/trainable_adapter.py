@@ -137,9 +137,9 @@ class TrainableAdapter(nn.Module):
     def dropout(self) -> float:
         return self.spec.lora_dropout
 
-    def work(self, examples: list, dropout: float = 0.0, generator: torch.Generator | None = None, loss_scale: float = 1.0) -> TrainingWork:
-        """A training micro-batch of these examples on this adapter (loss_scale: unused here;
-        the trainer scales the loss)."""
+    def work(self, examples: list, dropout: float = 0.0, generator: torch.Generator | None = None, step: list | None = None) -> TrainingWork:
+        """A training micro-batch of these examples on this adapter (step, the whole step's
+        examples: unused here; the trainer scales the loss)."""
         sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]
         return TrainingWork(sequences, self.slot_weights(), dropout, generator)
 

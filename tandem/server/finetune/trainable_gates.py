@@ -98,17 +98,22 @@ class TrainableGates(nn.Module):
         return {key: getattr(self, _name(key)) for key in self.keys}
 
     def work(
-        self, examples: list[TrainingExample], dropout: float = 0.0, generator: torch.Generator | None = None, loss_scale: float = 1.0,
+        self, examples: list[TrainingExample], dropout: float = 0.0, generator: torch.Generator | None = None,
+        step: list[TrainingExample] | None = None,
     ) -> TrainingWork:
         """A training micro-batch: every row routed over the experts by the gates (with
-        autograd), labelled with its example's task (the routing loss); loss_scale: what the
-        trainer scales this micro-batch's summed token loss by (the routing loss is too)."""
+        autograd), each token of a labelled example labelled with its task. The routing loss
+        is routing_loss_weight x the cross-entropy of those labels, averaged over the labelled
+        tokens of the step (step: its examples; None: these) and over the gated linears, as
+        the language-model loss is a mean over the step's target tokens: a sum over tokens
+        divided by the targets made the weight grow with the prompt's share of the tokens."""
         sequences = [TrainingSequence(e.input_ids, e.labels) for e in examples]
         rows = sum(e.num_tokens for e in examples)
         tasks = [self.spec.task_index(e.task) for e in examples]
         labels = [task for e, task in zip(examples, tasks) for _ in range(e.num_tokens)]
         router = StepRouter(self.gates(), self.expert_slots, self.spec.top_k, self.spec.temperature)
-        aux_scale = self.spec.routing_loss_weight * loss_scale / len(self.keys)
+        labelled = sum(e.num_tokens for e in (examples if step is None else step) if e.task)
+        aux_scale = self.spec.routing_loss_weight / max(labelled, 1) / len(self.keys)
         routing = RoutedRows.build(
             [router], [0] * rows, list(range(rows)), self.pool.device, labels if any(t >= 0 for t in tasks) else None, aux_scale,
         )

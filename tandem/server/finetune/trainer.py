@@ -284,7 +284,7 @@ class Trainer:
         generator = torch.Generator(device=engine.device).manual_seed((self.hp.seed * 1_000_003 + self.step) % 2**63)
         loss_sum = 0.0
         for group in micro_batches(examples, self.micro_batch_tokens):
-            work = self.adapter.work(group, self.adapter.dropout, generator, 1 / targets)
+            work = self.adapter.work(group, self.adapter.dropout, generator, examples)
             loss_sum += yield from self._micro_batch(engine, work, 1 / targets, coserve)
         return loss_sum
 
