@@ -60,6 +60,11 @@ def _compile(compiler: list[str], source: Path, out: Path, defines: tuple[str, .
                 os.replace(tmp_path, out)
                 return True
             log.info("building %s with %s failed: %s", source.name, " ".join(extra) or "no OpenMP", done.stderr[-500:])
+        except subprocess.TimeoutExpired as exc:
+            # A slow host, not a compiler without OpenMP: a build without it would be cached
+            # under this name for good, single-threaded. Nothing is cached; the next start tries again.
+            log.info("building %s timed out: %s", source.name, exc)
+            return False
         except (OSError, subprocess.SubprocessError) as exc:
             log.info("building %s failed: %s", source.name, exc)
         finally:
@@ -73,22 +78,28 @@ def build(source: Path, switch: str, defines: tuple[str, ...] = ()) -> ctypes.CD
     (NAME=VALUE) for a variant of the source, e.g. a benchmark's."""
     if os.environ.get(switch, "1") == "0":
         return None
-    # CC may carry arguments ("ccache gcc", "gcc -m64"), as make takes it: run as one program
-    # name it failed, and every native kernel was off with an info line to say so.
-    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
-    if not compiler:
-        log.info("no C compiler: %s is not built, the torch path serves", source.name)
-        return None
     try:
+        # CC may carry arguments ("ccache gcc", "gcc -m64"), as make takes it: run as one program
+        # name it failed, and every native kernel was off with an info line to say so.
+        compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+        if not compiler:
+            log.info("no C compiler: %s is not built, the torch path serves", source.name)
+            return None
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        texts = [source.read_text(), *(h.read_text() for h in _HEADERS), version, " ".join(_FLAGS + defines), _cpu_flags()]
+        # The whole command, not only its --version: "gcc -m32" says what gcc says.
+        texts = [source.read_text(), *(h.read_text() for h in _HEADERS), version, shlex.join(compiler), " ".join(_FLAGS + defines), _cpu_flags()]
         key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
         path = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not _compile(compiler, source, path, defines):
-                return None
+        if path.exists():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError as exc:  # a library this process cannot load: built again, once
+                log.info("%s's cached build does not load (%s): building it again", source.name, exc)
+                path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not _compile(compiler, source, path, defines):
+            return None
         return ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:  # ValueError: a CC shlex cannot split
         log.info("%s is unavailable: %s", source.name, exc)
         return None

@@ -2,7 +2,10 @@
 is, and a CC that carries arguments, still get them (the torch path serves only where no
 compiler works)."""
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,3 +36,47 @@ def test_a_cc_with_arguments_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", f"env {shutil.which('cc')}")
     library = native_build.build(source, "TANDEM_NATIVE_TEST")
     assert library is not None and library.tandem_answer() == 42
+
+
+def test_a_cc_shlex_cannot_split_leaves_the_torch_path(tmp_path, monkeypatch):
+    """CC='gcc "' raised ValueError out of the first kernel's use, and the server's start."""
+    source = tmp_path / "answer.c"
+    source.write_text("int tandem_answer(void) { return 42; }\n")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", 'gcc "')
+    assert native_build.build(source, "TANDEM_NATIVE_TEST") is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    """A cached file CDLL refuses (cut short by a full disk, another CC's) made every start
+    serve the torch path for good."""
+    source = tmp_path / "answer.c"
+    source.write_text("int tandem_answer(void) { return 42; }\n")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    # Built in another process: this one must not have the library loaded already.
+    subprocess.run(
+        [sys.executable, "-c", f"from tandem.kernels import native_build; native_build.build(__import__('pathlib').Path({str(source)!r}), 'X')"],
+        check=True, env={**os.environ, "TANDEM_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    (cached,) = (tmp_path / "cache" / "kernels").iterdir()
+    cached.write_bytes(b"not a shared library")
+    library = native_build.build(source, "TANDEM_NATIVE_TEST")
+    assert library is not None and library.tandem_answer() == 42
+
+
+def test_a_build_that_times_out_caches_no_single_threaded_library(tmp_path, monkeypatch):
+    """On a loaded host the OpenMP build ran past its timeout, and the build without OpenMP
+    that followed was cached under the same name: single-threaded kernels for good."""
+    source = tmp_path / "answer.c"
+    source.write_text("int tandem_answer(void) { return 42; }\n")
+    out = tmp_path / "answer.so"
+    commands = []
+
+    def slow(command, **kwargs):
+        commands.append(command)
+        raise native_build.subprocess.TimeoutExpired(command, 120)
+
+    monkeypatch.setattr(native_build.subprocess, "run", slow)
+    assert not native_build._compile(["cc"], source, out, ())
+    assert len(commands) == 1 and "-fopenmp" in commands[0] and not out.exists()
