@@ -114,7 +114,28 @@ def test_long_segments_take_the_amx_tiles_where_the_cpu_has_them():
     if not torch.cpu._is_amx_tile_supported():
         pytest.skip("this CPU has no AMX tiles")
     assert native_cpu.library().tandem_lora_amx() == 1
-    assert native_cpu.MAX_SEGMENT_ROWS >= 1 << 20
+    bf16 = pool_layout(make_case(SHAPES[0], torch.float32, device="cpu"), torch.bfloat16, torch.bfloat16)
+    assert native_cpu._segment_rows(bf16.x, bf16.w) >= 1 << 20
+
+
+@needs_native
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_segments_stay_in_the_kernel_only_where_it_runs_them_on_amx(monkeypatch, amx, dtype, weight_dtype):
+    """The kernel runs long segments on AMX tiles only for bfloat16 x and weights, and only
+    where it was built with them and may use them; elsewhere its small blocks lose to torch
+    past MAX_SEGMENT_ROWS. Keyed on the CPU alone, a float32 server on an AMX host kept every
+    2k-token prompt in the small blocks."""
+    monkeypatch.setattr(native_cpu, "_amx", lambda: amx)
+    monkeypatch.setattr(native_cpu, "MAX_SEGMENT_ROWS", 40)
+    sent = []
+    monkeypatch.setattr(reference, "add_segment", lambda x, w, batch, segment, y: sent.append(segment.length))
+    case = pool_layout(Case(3, 120, 48, (40, 24, 24), [16, 5, 0, 9], 16, torch.float32, "cpu",
+                            slots=[0] * 50 + [1] * 30 + [-1] * 10 + [2] * 5 + [3] * 20 + [1] * 5), dtype, weight_dtype)
+    assert native_cpu.lora_delta(case.x, case.w, case.batch, case.y.clone())
+    takes_all = amx and dtype == weight_dtype == torch.bfloat16
+    assert sent == ([] if takes_all else [50])
 
 
 @needs_native

@@ -29,9 +29,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # Segments longer than this go to torch, whose GEMMs (oneDNN, MKL) win on long ones: over one
 # SmolLM2 layer's four calls (2 Zen 4 cores, bf16) the kernel took 0.83x torch's time at 256
 # rows of one adapter and 1.07x at 384 (a 512-row prefill chunk: 1.2x); 0.3-0.7x up to 128
-# rows. Where the CPU has AMX the kernel runs long segments on its tiles and takes them all: on
-# a 2-core Xeon (Emerald Rapids) it took 0.19-0.25x torch's time from 16 to 1024 rows.
-MAX_SEGMENT_ROWS = 1 << 30 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else 320
+# rows. Where the kernel runs long segments on AMX tiles it takes them all: on a 2-core Xeon
+# (Emerald Rapids) it took 0.19-0.25x torch's time from 16 to 1024 rows (_segment_rows).
+MAX_SEGMENT_ROWS = 320
+AMX_SEGMENT_ROWS = 1 << 30
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
@@ -152,23 +153,39 @@ def _pool_args(w: LoRAWeights) -> tuple | None:
     return args
 
 
-# The latest batches' structs, token counts and segments past MAX_SEGMENT_ROWS, newest first:
+# The latest batches' structs, token counts and segments past their limit, newest first:
 # a step's ~120 calls share one LoRABatch, and a co-served step alternates between a few
 # (inference rows, training rows), which one remembered batch rebuilt at every call.
-_recent_batches: list[tuple[weakref.ref, tuple | None]] = []
+_recent_batches: list[tuple[weakref.ref, int, tuple | None]] = []
 RECENT_BATCHES = 4
 
 
-def _batch_args(batch: LoRABatch) -> tuple | None:
-    """(step struct, tokens, long segments) for batch, or None."""
-    for ref, args in _recent_batches:
-        if ref() is batch:
+@functools.cache
+def _amx() -> bool:
+    """Whether the built kernel runs on AMX tiles here (compiled with them, and the kernel let
+    this process use them): a CPU that has them is not enough."""
+    lib = library()
+    return lib is not None and lib.tandem_lora_amx() == 1
+
+
+def _segment_rows(x: Tensor, w: LoRAWeights) -> int:
+    """The longest segment the kernel takes in this call: all of them where it runs long ones
+    on AMX tiles (bfloat16 x and weights, as the kernel requires), else MAX_SEGMENT_ROWS.
+    Keyed on the CPU alone, float32 serving on an AMX host sent 2k-token prompts through the
+    kernel's small blocks, which lose to torch past ~320 rows."""
+    return AMX_SEGMENT_ROWS if x.dtype == w.a.dtype == torch.bfloat16 and _amx() else MAX_SEGMENT_ROWS
+
+
+def _batch_args(batch: LoRABatch, max_rows: int) -> tuple | None:
+    """(step struct, tokens, segments past max_rows) for batch, or None."""
+    for ref, rows, args in _recent_batches:
+        if ref() is batch and rows == max_rows:
             return args
     args = (_Step(
         batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(),
-        batch.sorted_tokens.data_ptr(), len(batch.segments), MAX_SEGMENT_ROWS,
-    ), batch.num_tokens, [s for s in batch.segments if s.length > MAX_SEGMENT_ROWS]) if batch.sorted_tokens.is_cpu else None
-    _recent_batches.insert(0, (weakref.ref(batch), args))
+        batch.sorted_tokens.data_ptr(), len(batch.segments), max_rows,
+    ), batch.num_tokens, [s for s in batch.segments if s.length > max_rows]) if batch.sorted_tokens.is_cpu else None
+    _recent_batches.insert(0, (weakref.ref(batch), max_rows, args))
     del _recent_batches[RECENT_BATCHES:]
     return args
 
@@ -185,7 +202,7 @@ def _rows_of_b(b: Tensor) -> int | None:
 
 def _call_args(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> tuple | None:
     """(dtypes, pool struct, step args) for a call the kernel can take, else None."""
-    pool, step = _pool_args(w), _batch_args(batch)
+    pool, step = _pool_args(w), _batch_args(batch, _segment_rows(x, w))
     dtypes = _DTYPE_BITS.get((x.dtype, y.dtype))
     if pool is None or step is None or dtypes is None:
         return None
@@ -198,7 +215,7 @@ def _call_args(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> tuple 
 
 def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     """y += LoRA(x) for every token with an adapter, in place, if the kernel applies (see
-    applies) and is built (segments past MAX_SEGMENT_ROWS through the torch reference);
+    applies) and is built (segments past _segment_rows through the torch reference);
     False, with y untouched, otherwise."""
     args = _call_args(x, w, batch, y)
     lib = library()
