@@ -44,24 +44,45 @@ def test_concurrent_streams_end_with_usage(engine):
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
 
-def test_leaving_a_stream_early_aborts_and_frees_blocks(engine):
+def spy_aborts(engine, monkeypatch) -> list[str]:
+    """The request ids the engine thread aborts from now on."""
+    aborted, abort = [], engine.engine.abort
+    monkeypatch.setattr(engine.engine, "abort", lambda request_id: aborted.append(request_id) or abort(request_id))
+    return aborted
+
+
+async def until_idle(engine) -> None:
+    for _ in range(500):
+        if engine.stats().num_running == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+# Both asserted that the request ended, which a request of 400 tokens does on its own when
+# the host runs them within the wait: they passed with the abort removed. Now the request
+# must stop far short of its 400 tokens, aborted by the engine.
+def test_leaving_a_stream_early_aborts_and_frees_blocks(engine, monkeypatch):
+    aborted = spy_aborts(engine, monkeypatch)
+    decoded = engine.stats().iteration_tokens["decode"]
+
     async def main():
         params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
         stream = engine.generate("A long story", params, "early")
         await stream.__anext__()
         assert engine.stats().num_free_blocks < engine.stats().num_total_blocks
         await stream.aclose()
-        for _ in range(200):
-            if engine.stats().num_running == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until_idle(engine)
 
     asyncio.run(main())
-    assert engine.stats().num_running == 0
+    assert engine.stats().num_running == 0 and aborted == ["early"]
+    assert engine.stats().iteration_tokens["decode"] - decoded < 100
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
 
-def test_cancelled_task_aborts(engine):
+def test_cancelled_task_aborts(engine, monkeypatch):
+    aborted = spy_aborts(engine, monkeypatch)
+    decoded = engine.stats().iteration_tokens["decode"]
+
     async def main():
         params = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True)
         task = asyncio.create_task(collect(engine, "Cancel me", params, "cancel"))
@@ -70,13 +91,45 @@ def test_cancelled_task_aborts(engine):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(200):
-            if engine.stats().num_running == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until_idle(engine)
 
     asyncio.run(main())
+    assert engine.stats().num_running == 0 and aborted == ["cancel"]
+    assert engine.stats().iteration_tokens["decode"] - decoded < 100
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+def test_a_call_that_arrives_as_shutdown_begins_is_refused_not_left_waiting(tiny_model_dir):
+    """generate checked only for a failed engine under its lock: a call past its first check
+    (its text still being tokenized) that registered after shutdown() had taken its list of
+    streams to end was never ended, and waited for good."""
+    import threading
+
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    tokenizing, go_on = threading.Event(), threading.Event()
+    tokenize = eng.tokenize
+
+    def held(text):
+        tokenizing.set()
+        go_on.wait(30)
+        return tokenize(text)
+
+    eng.tokenize = held
+    eng.start()
+
+    async def main():
+        call = asyncio.create_task(collect(eng, "late", SamplingParams(max_new_tokens=4), "late"))
+        assert await asyncio.to_thread(tokenizing.wait, 30)
+        eng.shutdown()
+        go_on.set()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await asyncio.wait_for(call, 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        go_on.set()
+        eng.shutdown()
 
 
 def test_errors_come_before_any_output(engine):

@@ -265,6 +265,8 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop(), params.n)
         with self._lock:
             self._check_alive()  # under the lock: a failure after it still finds this stream
+            if self._stopping:  # shutdown's snapshot of the streams, taken or due, would miss this one
+                raise Unavailable("the engine is shutting down: retry on another replica")
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             aborted = self._aborted_early.pop(request_id, False)

@@ -272,7 +272,7 @@ class Engine:
                 result = self.runner.execute(scheduled)
                 # Queued after the forward and before the sampler's sync: on CUDA the adapter
                 # copies for the next iterations overlap this one's compute.
-                self.scheduler.prefetch()
+                self._prefetch()
                 sampled = self.sampler(result.logits, result.sampled)
                 self.runner.record_top_experts()
                 self._add_prompt_logprobs(result)
@@ -308,6 +308,15 @@ class Engine:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._output(seq))
         return outputs
+
+    def _prefetch(self) -> None:
+        """Load the next waiting requests' adapters ahead. Only a hint: acquire loads what is
+        missing again and charges its error to its request alone (failed_loads); raised here,
+        a failed load (out of memory for a slot) failed every request the iteration carried."""
+        try:
+            self.scheduler.prefetch()
+        except Exception:
+            log.warning("an adapter prefetch failed; the requests that need it load it when admitted", exc_info=True)
 
     def _add_prompt_logprobs(self, result: ModelRunnerOutput) -> None:
         """Append the prompt tokens' log-probabilities the forward computed to their sequences."""
@@ -395,13 +404,15 @@ class Engine:
         )
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Why seq ends with token, None if it goes on. A token that stops it (a stop token id,
+        or EOS unless ignored) is in its token ids but not its text, as in vLLM: it never
+        reaches the detokenizer (fed first, stop_token_ids=[id of "."] gave "Hello world.")."""
         params = seq.params
-        hit_stop_string = self._detok[seq.request_id].add(token)
         if token in params.stop_token_ids:
             return FinishReason.STOP
         if token in self.eos_token_ids and not params.ignore_eos:
             return FinishReason.EOS
-        if hit_stop_string:
+        if self._detok[seq.request_id].add(token):  # a stop string: the text is cut before it
             return FinishReason.STOP
         if seq.num_generated >= params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
             return FinishReason.LENGTH

@@ -92,6 +92,10 @@ class ModelRunner:
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """One forward. Run it under inference_mode unless scheduled.training is set; then
         train_loss carries the graph back to the trained weights."""
+        # No routing until this forward's: one that computes no rows (below) left the last
+        # forward's, whose record_top_experts had not run (its step failed after it), to be
+        # counted again by this step's.
+        self._routed = None
         if not scheduled.num_tokens:  # a co-served backward slice alone
             return ModelRunnerOutput([], torch.empty(0, self.model.shape.vocab_size, device=self.device))
         if scheduled.block_copies:
