@@ -430,3 +430,108 @@ def test_listing_the_models_leaves_the_event_loop_free(http_server, oai, base_mo
             assert reply.status == 200 and not listed.is_set()
         assert [m.id for m in models.result().data] == [base_model, ADAPTER]
 
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("chat/completions", "echo", True), ("completions", "add_special_tokens", False),
+    ("chat/completions", "add_special_tokens", True), ("completions", "return_tokens_as_token_ids", True),
+    ("chat/completions", "return_tokens_as_token_ids", True), ("chat/completions", "reasoning_effort", "low"),
+    ("chat/completions", "reasoning_effort", "none"),
+])
+def test_more_fields_that_change_the_output_are_refused_by_name(http_server, base_model, path, field, value):
+    """Each was accepted and ignored: chat's echo (the reply prefixed with the last message),
+    add_special_tokens other than its endpoint's default (completions true, chat false, as
+    vLLM), return_tokens_as_token_ids, and reasoning_effort (the model has no reasoning mode)."""
+    ask = {"prompt": PROMPT} if path == "completions" else {"messages": CHAT}
+    status, body = _post(http_server, path, {"model": base_model, "max_tokens": 2, field: value, **ask})
+    assert status == 400 and body["error"]["message"] == f"{field} is not supported by this server: drop it from the request"
+
+
+def test_those_fields_at_their_neutral_values_pass(http_server):
+    """echo false, add_special_tokens at its endpoint's default, return_tokens_as_token_ids false, nulls."""
+    neutral = {"add_special_tokens": True, "return_tokens_as_token_ids": False, "echo": False}
+    status, body = _post(http_server, "completions", {"prompt": PROMPT, "max_tokens": 2, **neutral})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    neutral = {"add_special_tokens": False, "return_tokens_as_token_ids": False, "echo": False, "reasoning_effort": None}
+    status, body = _post(http_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **neutral})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    status, body = _post(http_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, "echo": None, "add_special_tokens": None})
+    assert status == 200
+
+
+NAMED_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}{% if m.name is defined %} ({{ m.name }}){% endif %}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_a_messages_name_reaches_the_chat_template(oai, grpc_client, base_model, adapter_engine, monkeypatch):
+    """vLLM passes a message's `name` to the template; it was dropped. Without one, the
+    messages render as before (SmolLM2's template, the gRPC API's tokens)."""
+    import tandem.server.engine.async_engine as async_engine
+
+    rendered = []
+    render_chat = async_engine.render_chat
+    monkeypatch.setattr(async_engine, "render_chat", lambda *args, **kwargs: rendered.append(render_chat(*args, **kwargs)) or rendered[-1])
+    plain = oai.chat.completions.create(model=base_model, messages=CHAT, max_tokens=4, temperature=0)
+    smollm2 = adapter_engine.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert rendered == [smollm2]
+    grpc = grpc_client.generate(messages=CHAT, max_new_tokens=4)
+    assert (plain.choices[0].message.content, plain.usage.prompt_tokens) == (grpc.text, grpc.prompt_tokens)
+    rendered.clear()
+    monkeypatch.setattr(adapter_engine.tokenizer, "chat_template", NAMED_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ada"}]
+    reply = oai.chat.completions.create(model=base_model, messages=messages, max_tokens=2, temperature=0)
+    assert rendered == ["system: Be brief.\nuser (ada): Hi\nassistant: "]
+    assert reply.usage.prompt_tokens == len(adapter_engine.tokenize(rendered[0]))
+
+
+def test_legacy_top_logprobs_always_hold_the_sampled_token(oai, base_model):
+    """OpenAI's legacy format: "the API will always return the logprob of the sampled token,
+    so there may be up to logprobs+1 elements" (vLLM too). A sampled token outside the top N
+    was left out, and logprobs 0 gave no top_logprobs at all."""
+    ask = dict(model=base_model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5)
+    choice = oai.completions.create(**ask, logprobs=1).choices[0]
+    lp = choice.logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == pytest.approx(logprob) and len(top) in (1, 2)
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # the sampled token was not the likeliest
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(**ask, logprobs=1, stream=True) if c.choices[0].logprobs]
+    assert [top for part in streamed for top in part.top_logprobs] == lp.top_logprobs
+
+
+def test_legacy_logprobs_zero_gives_the_sampled_token_alone(oai, base_model):
+    """As vLLM: one entry per token, the sampled one (top_logprobs was null)."""
+    lp = oai.completions.create(model=base_model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, logprobs=0).choices[0].logprobs
+    assert len(lp.tokens) == 8
+    assert lp.top_logprobs == [{t: p} for t, p in zip(lp.tokens, lp.token_logprobs, strict=True)]
+
+
+def test_refusals_name_the_field_as_openais_param(http_server, base_model):
+    """OpenAI's `param` names the field a refusal is about; it was null for all but `model`.
+    The engine's own range checks (SamplingParams, shared with gRPC) leave it null."""
+    called = {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    for path, ask, param in [
+        ("completions", {"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ("completions", {"guided_json": {"type": "object"}}, "guided_json"),
+        ("completions", {"logprobs": 30}, "logprobs"),
+        ("completions", {"prompt": [PROMPT, ""]}, "prompt[1]"),
+        ("completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("completions", {"temperature": "hot"}, "temperature"),  # the protocol's own validation
+        ("completions", {"n": [1]}, "n"),
+        ("chat/completions", {"modalities": ["audio"]}, "modalities"),
+        ("chat/completions", {"messages": [*CHAT, called]}, "messages[1].tool_calls"),
+        ("chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ("chat/completions", {"messages": [{"content": "hi"}]}, "messages[0].role"),
+        ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ("chat/completions", {"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
+        ("chat/completions", {"model": "no-such-adapter"}, "model"),
+        ("completions", {"temperature": -1}, None),  # SamplingParams.validate
+        ("completions", {"max_tokens": 0}, None),
+        ("chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None),  # the engine's check
+    ]:
+        base = {"prompt": PROMPT} if path == "completions" else {"messages": CHAT}
+        status, body = _post(http_server, path, {"model": base_model, "max_tokens": 2, **base, **ask})
+        assert status in (400, 404) and body["error"]["param"] == param, (ask, body)
+    status, body = _post(http_server, "chat/completions", ["not", "an", "object"])
+    assert status == 400 and body["error"]["param"] is None

@@ -33,7 +33,8 @@ def test_special_tokens_have_no_bytes_and_sentencepiece_pieces_keep_their_spaces
 
 def test_alternatives_that_read_alike_keep_the_likelier():
     """Two halves of characters both read U+FFFD: the legacy format keys alternatives by
-    text, and the later, less likely one overwrote the first."""
+    text, and the later, less likely one overwrote the first. The sampled token is always
+    among them (it is not in the top here)."""
     pieces = {1: b"a", 2: b"\xe4", 3: b"\xe7"}
-    legacy = completion_logprobs([TokenLogprob(1, -0.1, [(2, -1.0), (3, -2.0)])], pieces, TextOffsets())
-    assert legacy["top_logprobs"] == [{"\ufffd": -1.0}]
+    legacy = completion_logprobs([TokenLogprob(1, -3.0, [(2, -1.0), (3, -2.0)])], pieces, TextOffsets())
+    assert legacy["top_logprobs"] == [{"\ufffd": -1.0, "a": -3.0}]

@@ -32,7 +32,8 @@ from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, TandemError, Unavailable, excerpt
 from tandem.server.metrics import Metrics
 from tandem.server.openai_api import convert, responses
-from tandem.server.openai_api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tandem.server.openai_api.convert import FieldError
+from tandem.server.openai_api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, StreamOptions, TextPart
 
 log = logging.getLogger("tandem.requests")
 
@@ -54,9 +55,10 @@ def _error_body(message: str, kind: str, code: str | None, param: str | None = N
 def _error(exc: BaseException, request_id: str) -> JSONResponse:
     """The reply to a call that failed, with OpenAI's own codes where clients act on them:
     NotFound is always the `model` (an adapter) here, and a prompt over the context is
-    `context_length_exceeded`, which LiteLLM and LangChain catch to fall back on."""
+    `context_length_exceeded`, which LiteLLM and LangChain catch to fall back on. `param`
+    is the field a refusal of this front names (FieldError); null for the engine's checks."""
     error = http_error_for(exc, request_id)
-    code, param = error.code, None
+    code, param = error.code, exc.param if isinstance(exc, FieldError) else None
     if isinstance(exc, NotFound):
         code, param = "model_not_found", "model"
     elif isinstance(exc, ContextLengthExceeded):
@@ -65,12 +67,33 @@ def _error(exc: BaseException, request_id: str) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers={REQUEST_ID_HEADER: request_id})
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+# Every field name of the request bodies: in a validation error's location, what is not one
+# of them (nor an index) names a member of a union ("str", "list[TextPart]"), no field.
+_FIELD_NAMES = frozenset(
+    name for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions) for name in model.model_fields
+)
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """The body's first problems, and its first one's field as OpenAI's `param`
+    ("messages[0].content"), where it is one."""
     problems = []
     for e in exc.errors()[:5]:
         where = ".".join(str(part) for part in e["loc"] if part != "body")
         problems.append(f"{where}: {e['msg']}" if where else e["msg"])
-    return "invalid request body: " + "; ".join(problems)
+    message = "invalid request body: " + "; ".join(problems)
+    loc = exc.errors()[0]["loc"] if exc.errors() else ()
+    if loc[:1] != ("body",) or len(loc) < 2 or loc[1] not in _FIELD_NAMES:
+        return InvalidRequest(message)  # not JSON, or not an object
+    param = loc[1]
+    for part in loc[2:]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _FIELD_NAMES:
+            param += f".{part}"
+        else:
+            break
+    return FieldError(message, param)
 
 
 def _sse(payload: dict) -> str:
@@ -133,7 +156,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
 
     async def handle_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, RequestValidationError):
-            exc = InvalidRequest(_validation_message(exc))
+            exc = _validation_error(exc)
             # A body that is not JSON is refused before any dependency runs: a caller without
             # a valid token learns that, not what was wrong with the body (as over gRPC).
             if method_of(request.url.path) is not None:

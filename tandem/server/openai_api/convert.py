@@ -19,6 +19,15 @@ UNTIL_THE_CONTEXT_ENDS = 2**31 - 1
 _ROLE_ALIASES = {"developer": "system"}
 
 
+class FieldError(InvalidRequest):
+    """A request refused for one field of its body, which OpenAI's error names as `param`
+    (as the caller sent it: "temperature", "messages[1].tool_calls")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def adapter_of(model: str, base_model: str) -> str:
     """The adapter a request's `model` names: "" (the base model) for the base model's name
     or an empty one, else the adapter of that name. A name no adapter can have (a Hugging
@@ -43,7 +52,7 @@ def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
     for i, each in enumerate(prompts):
         field = f"prompt[{i}]" if batch else "prompt"
         if not each:
-            raise InvalidRequest(f"{field} is empty: send at least one token")
+            raise FieldError(f"{field} is empty: send at least one token", field)
         if isinstance(each, str):
             _check_unicode(each, field)
     return prompts
@@ -51,22 +60,28 @@ def completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     """Messages as the chat template takes them: a role and text (parts joined by a newline,
-    as vLLM joins them: joined by nothing, "Hello" and "world" read "Helloworld")."""
+    as vLLM joins them: joined by nothing, "Hello" and "world" read "Helloworld"), and the
+    message's `name` where it has one, which the template may write (vLLM passes it too)."""
     messages = []
     for i, m in enumerate(body.messages):
         content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
         _check_unicode(content, f"messages[{i}].content")
-        messages.append({"role": _ROLE_ALIASES.get(m.role, m.role), "content": content})
+        message = {"role": _ROLE_ALIASES.get(m.role, m.role), "content": content}
+        if m.name is not None:
+            _check_unicode(m.name, f"messages[{i}].name")
+            message["name"] = m.name
+        messages.append(message)
     return messages
 
 
 def completion_params(body: CompletionRequest) -> SamplingParams:
     _refuse(body.echo, "echo")
     _refuse(body.suffix, "suffix")
+    _refuse(not body.add_special_tokens, "add_special_tokens")  # false: a prompt without them
     if body.best_of is not None and body.best_of != body.n:
-        raise InvalidRequest("best_of is not supported (only best_of = n): drop it, or use n")
+        raise FieldError("best_of is not supported (only best_of = n): drop it, or use n", "best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-        raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+        raise FieldError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}", "logprobs")
     return _params(body, "max_tokens", body.max_tokens, DEFAULT_COMPLETION_TOKENS, body.logprobs)
 
 
@@ -76,15 +91,17 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     _refuse(body.functions, "functions")  # the older form of tools
     _refuse(body.function_call, "function_call")
     _refuse(body.audio, "audio")
-    _refuse(None if body.modalities == ["text"] else body.modalities, 'modalities other than ["text"]')
+    _refuse(None if body.modalities == ["text"] else body.modalities, 'modalities other than ["text"]', "modalities")
+    _refuse(body.echo, "echo")  # vLLM's: the reply prefixed with the last message
+    _refuse(body.add_special_tokens, "add_special_tokens")  # true: the template's and the tokenizer's both
     for i, message in enumerate(body.messages):
         _refuse(message.tool_calls, f"messages[{i}].tool_calls")
     if body.top_logprobs is not None and not body.logprobs:
-        raise InvalidRequest("top_logprobs needs logprobs: true")
+        raise FieldError("top_logprobs needs logprobs: true", "top_logprobs")
     if body.stream and body.prompt_logprobs is not None:
-        raise InvalidRequest("prompt_logprobs is not served on streamed chat completions: set stream to false")
+        raise FieldError("prompt_logprobs is not served on streamed chat completions: set stream to false", "prompt_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-        raise InvalidRequest(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}")
+        raise FieldError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
     name, given = "max_tokens", body.max_tokens
     if body.max_completion_tokens is not None:
         name, given = "max_completion_tokens", body.max_completion_tokens
@@ -98,14 +115,16 @@ def _check_unicode(text: str, name: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InvalidRequest(
-            f"{name} is not valid Unicode: an unpaired surrogate (\\u{ord(text[e.start]):04x}) at character {e.start}"
+        raise FieldError(
+            f"{name} is not valid Unicode: an unpaired surrogate (\\u{ord(text[e.start]):04x}) at character {e.start}", name
         ) from None
 
 
-def _refuse(value: object, name: str) -> None:
+def _refuse(value: object, name: str, param: str | None = None) -> None:
+    """Refuses a field sent with a value Tandem does not serve; param: the field, where name
+    says more than its name."""
     if value:
-        raise InvalidRequest(f"{name} is not supported by this server: drop it from the request")
+        raise FieldError(f"{name} is not supported by this server: drop it from the request", param or name)
 
 
 def _params(body: SamplingFields, field: str, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -113,12 +132,12 @@ def _params(body: SamplingFields, field: str, max_tokens: int | None, default_ma
     field: the name the caller gave it, which the engine's errors use."""
     _refuse(body.logit_bias, "logit_bias")
     if body.response_format is not None and body.response_format.get("type") != "text":
-        raise InvalidRequest("response_format other than {\"type\": \"text\"} is not supported")
+        raise FieldError("response_format other than {\"type\": \"text\"} is not supported", "response_format")
     for name, value in (body.model_extra or {}).items():
         if name in VLLM_UNSERVED and value not in (None, [], {}, VLLM_UNSERVED[name]):
-            raise InvalidRequest(f"{name} is not supported by this server: drop it from the request")
+            _refuse(True, name)
     if body.stream_options is not None and not body.stream:
-        raise InvalidRequest("stream_options is only allowed with stream: true")
+        raise FieldError("stream_options is only allowed with stream: true", "stream_options")
     _refuse(body.stream_options and body.stream_options.continuous_usage_stats, "stream_options.continuous_usage_stats")
     return SamplingParams(
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,

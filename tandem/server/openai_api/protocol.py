@@ -23,6 +23,8 @@ VLLM_UNSERVED: dict[str, object] = {
     "chat_template_kwargs": None, "add_generation_prompt": True, "continue_final_message": False,
     "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": None, "use_beam_search": False,
     "length_penalty": 1.0, "logits_processors": None, "documents": None,
+    "return_tokens_as_token_ids": False,  # tokens named "token_id:N": a format not served
+    "reasoning_effort": None,  # any value: the model has no reasoning mode
 }
 
 
@@ -76,6 +78,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's; the default is what the prompt's tokenization does
 
 
 class TextPart(BaseModel):
@@ -88,6 +91,7 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None  # passed to the chat template, as vLLM passes it
     tool_calls: list[dict] | None = None
 
 
@@ -104,3 +108,5 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict | None = None
     modalities: list[str] | None = None
     audio: dict | None = None
+    echo: bool = False  # vLLM's: the reply prefixed with the last message
+    add_special_tokens: bool = False  # vLLM's; the template writes the special tokens

@@ -52,11 +52,13 @@ class TextOffsets:
         return start
 
 
-def _top_texts(top: list[tuple[int, float]], pieces: TokenPieces) -> dict[str, float]:
-    """The legacy format's alternatives, keyed by text: where two decode alike (two halves
-    of characters, special tokens) the likelier one stays (top comes likeliest first)."""
+def _top_texts(lp: TokenLogprob, pieces: TokenPieces) -> dict[str, float]:
+    """The legacy format's alternatives, keyed by text: the top N and the sampled token, as
+    OpenAI and vLLM always add it (up to logprobs + 1 of them; logprobs 0: the sampled token
+    alone). Where two decode alike (two halves of characters, special tokens) the likelier
+    one stays (top comes likeliest first)."""
     texts: dict[str, float] = {}
-    for token_id, logprob in top:
+    for token_id, logprob in [*lp.top, (lp.token_id, lp.logprob)]:
         texts.setdefault(piece_text(pieces[token_id]), logprob)
     return texts
 
@@ -68,7 +70,7 @@ def completion_logprobs(logprobs: list[TokenLogprob] | None, pieces: TokenPieces
     return {
         "tokens": [piece_text(pieces[lp.token_id]) for lp in logprobs],
         "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [_top_texts(lp.top, pieces) for lp in logprobs] if any(lp.top for lp in logprobs) else None,
+        "top_logprobs": [_top_texts(lp, pieces) for lp in logprobs],
         "text_offset": [offsets.add(pieces[lp.token_id]) for lp in logprobs],
     }
 
