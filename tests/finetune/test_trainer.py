@@ -63,6 +63,28 @@ def test_steps_equal_peft_with_adamw(tiny_hf_model, smollm2_tokenizer):
         torch.testing.assert_close(value, twin_params[key.replace(".weight", ".default.weight")], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("warmup", [0, 3])
+@pytest.mark.parametrize("name, theirs", [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")])
+def test_the_learning_rate_follows_transformers_schedules(name, theirs, warmup):
+    """Every step's learning rate is the one transformers' scheduler of that name gives (our
+    "constant" warms up, as its constant_with_warmup)."""
+    from transformers import get_scheduler
+
+    data = [TrainingExample((1,) * 4, (1,) * 4) for _ in range(10)]
+    hp = Hyperparameters(learning_rate=2e-3, lr_scheduler=name, warmup_steps=warmup, max_steps=10, tokens_per_step=4)
+    trainer = Trainer(torch.nn.Linear(2, 2), hp, data, [], micro_batch_tokens=4)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=2e-3)
+    schedule = get_scheduler(theirs, optimizer, num_warmup_steps=warmup, num_training_steps=10)
+    expected = []
+    for _ in range(10):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    ours = [2e-3 * trainer._lr_factor(step) for step in range(10)]
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert len(set(ours)) == (warmup + 1 if name == "constant" else 10)  # the comparison covers warm-up and decay
+
+
 def test_the_plan_covers_every_epoch_and_is_deterministic():
     data = [TrainingExample((1,) * n, (1,) * n) for n in (5, 9, 3, 7, 4)]
     hp = Hyperparameters(n_epochs=3, tokens_per_step=10, seed=11)
