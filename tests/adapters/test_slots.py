@@ -22,6 +22,7 @@ from tandem.kernels.lora import LoRABatch, lora_delta, native_cpu
 from tandem.kernels.lora.mixture import lora_delta_mixture
 from tandem.server.adapters.mixture import Mixture
 from tandem.server.adapters.peft_format import LoRAAdapter, read_adapter
+from tandem.server.adapters import slot_pool as slot_pool_module
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.engine.kv_cache import KVCache
 from tandem.server.engine.sampling_params import SamplingParams
@@ -496,6 +497,27 @@ def test_cuda_prefetch_holds_the_adapter_until_its_copy_has_read_it(tiny_hf_mode
     pool.prefetch([])
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_a_load_that_fails_halfway_is_still_waited_for(tiny_hf_model, adapters_dir, monkeypatch):
+    """A prefetch that ran out of memory after queueing some copies (Engine._prefetch logs it
+    and serving goes on) left them untracked: the slot's next load raced them, and the
+    adapter's host bytes could be reused under them."""
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    pool = SlotPool(model, 1, MAX_RANK, torch.float32, torch.device("cuda"))
+    adapter = read_adapter("all8", adapters_dir / "all8", model, MAX_RANK).pin_memory()
+    real = slot_pool_module.staged
+
+    def failing(slices, device):
+        yield from real(slices, device)[:1]
+        raise torch.OutOfMemoryError("staging")
+
+    monkeypatch.setattr(slot_pool_module, "staged", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        pool.prefetch([adapter])
+    assert 0 in pool._pending and [a for _, a in pool._in_flight] == [adapter]
+    assert not pool.resident(adapter.content_hash)
 
 
 def test_a_cached_adapter_keeps_its_weights_when_its_file_is_overwritten_in_place(tiny_hf_model, adapters_dir, tmp_path):

@@ -130,7 +130,7 @@ class SlotPool:
         """Load the adapters of upcoming sequences (soonest first; a router's experts) that
         are not resident, without evicting a pinned slot or one that holds another upcoming
         adapter. Returns how many were loaded."""
-        self._in_flight = [(event, adapter) for event, adapter in self._in_flight if not event.query()]
+        self._retire()
         upcoming = [a for item in upcoming for a in _experts(item)]
         keep = {self._slot_of[a.content_hash] for a in upcoming if a.content_hash in self._slot_of}
         loaded = 0
@@ -162,6 +162,10 @@ class SlotPool:
         # min() keeps the first of equals, and _lru iterates least recently used first.
         return min((s for s in self._lru if self._pins[s] == 0 and s not in keep), key=cost, default=None)
 
+    def _retire(self) -> None:
+        """Let go of the adapters whose copies have run (their host bytes may be reused)."""
+        self._in_flight = [(event, adapter) for event, adapter in self._in_flight if not event.query()]
+
     def _wait_for(self, slot: int, stream: "torch.cuda.Stream | None" = None) -> None:
         """Order `stream` (default: the current one) after a prefetch into the slot, no host sync."""
         event = self._pending.pop(slot, None)
@@ -180,8 +184,10 @@ class SlotPool:
         )
 
     def _load(self, slot: int, adapter: LoRAAdapter, stream: "torch.cuda.Stream | None" = None) -> None:
-        """Copy an adapter into a slot, on `stream` (then recorded as pending) or the current one."""
+        """Copy an adapter into a slot, on `stream` or the current one (on CUDA recorded as
+        pending either way, until its copies have run)."""
         start = time.perf_counter()
+        self._retire()
         self._wait_for(slot, stream)
         old = self._owner[slot]
         if old is not None:
@@ -193,38 +199,45 @@ class SlotPool:
         # No wait on the compute stream: the iteration in flight reads only pinned slots, and
         # every earlier one has finished (the engine syncs once per step, in the sampler).
         # Overlapping iterations (async scheduling) would need the side stream to wait here.
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            # A compressed adapter's packed bits unpack on the slot's device, all in one pass.
-            dense = dense_slices(adapter, self.device)
-            slices = []
-            for key, w in self.weights.items():
-                delta = adapter.groups.get(key)
-                if delta is None:
-                    w.set_rank(slot, 0)
-                    continue
-                # What the kernels read is up to the group's rank: zeroed unless every slice
-                # is there at that rank (the copies then cover all of it).
-                if len(delta.slices) < w.num_slices or any(a.shape[0] < delta.rank for a, _, _ in delta.slices.values()):
-                    w.a[slot].view(w.num_slices, self.max_rank, -1)[:, : delta.rank].zero_()
-                    w.b[slot][:, : delta.rank].zero_()
-                starts = self._starts[key]
-                slices += [(w, s, starts[s], *dense[(key, s)], scale) for s, (_, _, scale) in delta.slices.items()]
-                w.set_rank(slot, delta.rank)
-            if not native_cpu.load_slot(slot, slices):
-                # On CPU a staged copy would be one more pass over the adapter's bytes.
-                for w, s, col, a, b, scale in slices if self.device.type == "cpu" else staged(slices, self.device):
-                    w.a[slot].view(w.num_slices, self.max_rank, -1)[s, : a.shape[0]].copy_(a, non_blocking=True)
-                    b_dst = w.b[slot][col : col + b.shape[0], : b.shape[1]]
-                    if b.dtype == torch.float32 and b.device == b_dst.device:  # scaled in float32, rounded once
-                        torch.mul(b, scale, out=b_dst)
-                    elif b_dst.dtype == torch.float32:
-                        b_dst.copy_(b, non_blocking=True).mul_(scale)
-                    else:  # scaled in float32 on the device, then rounded once into the slot
-                        b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
-        if stream is not None:
-            event = self._pending[slot] = torch.cuda.Event()
-            event.record(stream)
-            self._in_flight.append((event, adapter))
+        try:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                # A compressed adapter's packed bits unpack on the slot's device, all in one pass.
+                dense = dense_slices(adapter, self.device)
+                slices = []
+                for key, w in self.weights.items():
+                    delta = adapter.groups.get(key)
+                    if delta is None:
+                        w.set_rank(slot, 0)
+                        continue
+                    # What the kernels read is up to the group's rank: zeroed unless every slice
+                    # is there at that rank (the copies then cover all of it).
+                    if len(delta.slices) < w.num_slices or any(a.shape[0] < delta.rank for a, _, _ in delta.slices.values()):
+                        w.a[slot].view(w.num_slices, self.max_rank, -1)[:, : delta.rank].zero_()
+                        w.b[slot][:, : delta.rank].zero_()
+                    starts = self._starts[key]
+                    slices += [(w, s, starts[s], *dense[(key, s)], scale) for s, (_, _, scale) in delta.slices.items()]
+                    w.set_rank(slot, delta.rank)
+                if not native_cpu.load_slot(slot, slices):
+                    # On CPU a staged copy would be one more pass over the adapter's bytes.
+                    for w, s, col, a, b, scale in slices if self.device.type == "cpu" else staged(slices, self.device):
+                        w.a[slot].view(w.num_slices, self.max_rank, -1)[s, : a.shape[0]].copy_(a, non_blocking=True)
+                        b_dst = w.b[slot][col : col + b.shape[0], : b.shape[1]]
+                        if b.dtype == torch.float32 and b.device == b_dst.device:  # scaled in float32, rounded once
+                            torch.mul(b, scale, out=b_dst)
+                        elif b_dst.dtype == torch.float32:
+                            b_dst.copy_(b, non_blocking=True).mul_(scale)
+                        else:  # scaled in float32 on the device, then rounded once into the slot
+                            b_dst.copy_(b.to(b_dst.device, torch.float32, non_blocking=True, copy=True).mul_(scale))
+        finally:
+            if self.device.type == "cuda":
+                # Every load's copies, those queued before one raised (out of memory) too: the
+                # slot's next writer on another stream waits for them, and its host bytes stay
+                # alive until they have run. Recorded for prefetches only, a prefetch that failed
+                # halfway (or a load on the compute stream before a failed acquire) left copies
+                # that the slot's next load raced.
+                event = self._pending[slot] = torch.cuda.Event()
+                event.record(stream or torch.cuda.current_stream(self.device))
+                self._in_flight.append((event, adapter))
         self._owner[slot] = adapter.content_hash
         self._slot_of[adapter.content_hash] = slot
         self.loads += 1
