@@ -35,6 +35,8 @@ def test_counts_equal_the_servers_and_files_are_written(server, tmp_path, capsys
             match = point["client_vs_server"][figure]
             assert match["client"] == match["server"], figure
         assert point["server"]["histograms"]["time_to_first_token_seconds"]["count"] == 6
+        aborted = point["client_vs_server"]["aborted"]  # request_success's abort series, apart from completed
+        assert (aborted["client"], aborted["server"]) == (0, 0.0)
         assert set(point["per_adapter"]) <= set(ADAPTERS) and sum(a["requests"] for a in point["per_adapter"].values()) == 6
         assert point["goodput"]["good_requests"] == 6
         assert point["latency"]["itl"]["count"] == 6 * 4 and point["latency"]["ttft"]["p99"] > 0

@@ -1,6 +1,7 @@
 """The locustfile runs headless against a live server and records successes per adapter."""
 
 import csv
+import json
 import importlib.util
 import subprocess
 import sys
@@ -33,8 +34,15 @@ def test_locustfile_records_ttft_and_e2e_per_adapter(server, tmp_path):
             by_kind.setdefault(row["Type"], []).append(row)
     assert set(by_kind) == {"TTFT", "E2E"}
     assert {row["Name"] for row in by_kind["E2E"]} <= set(ADAPTERS)
-    assert sum(int(row["Request Count"]) for row in by_kind["E2E"]) > 0
+    assert {row["Name"] for row in by_kind["TTFT"]} <= set(ADAPTERS)
+    requests = sum(int(row["Request Count"]) for row in by_kind["E2E"])
+    assert requests > 0
     assert all(int(row["Failure Count"]) == 0 for rows_ in by_kind.values() for row in rows_)
+    # Every request once in the totals: its TTFT has a row of its own but is no second request
+    # (fired as one, the Aggregated row, RPS and CSV totals counted each request twice).
+    (total,) = [row for row in rows if row["Name"] == "Aggregated"]
+    assert int(total["Request Count"]) == requests
+    assert sum(int(row["Request Count"]) for row in by_kind["TTFT"]) == requests
 
 
 def test_locustfile_reaches_a_server_over_mutual_tls(engine, certs, tmp_path):
@@ -53,3 +61,72 @@ def test_locustfile_reaches_a_server_over_mutual_tls(engine, certs, tmp_path):
         thread.stop()
     (total,) = [row for row in csv.DictReader((prefix.parent / "run_stats.csv").open()) if row["Name"] == "Aggregated"]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+
+
+USER_SCRIPT = r"""
+import json, sys
+from types import SimpleNamespace
+import grpc
+import numpy as np
+from locust.env import Environment
+sys.path.insert(0, sys.argv[2])
+import importlib.util
+spec = importlib.util.spec_from_file_location("tandem_locustfile", sys.argv[1])
+locustfile = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(locustfile)
+from tandem.client import TandemRpcError
+from tandem.client.bench.popularity import build_popularity
+from tandem.client.bench.prompts import synthetic_prompts
+
+
+class FakeClient:
+    def __init__(self, script):
+        self.script = script
+
+    def stream(self, **kwargs):
+        for item in self.script.pop(0):
+            if isinstance(item, Exception):
+                raise item
+            yield SimpleNamespace(token_ids=[1] * item[0], generated_tokens=item[1], finish_reason=item[2])
+
+
+environment = Environment(user_classes=[locustfile.TandemUser])
+environment.create_local_runner()
+user = locustfile.TandemUser(environment)
+user.popularity, user.prompts, user.rng = build_popularity("none", []), synthetic_prompts(), np.random.default_rng(0)
+user.max_new_tokens = 2
+user.client = FakeClient([
+    [(1, 1, None), (1, 2, "length")],                                        # served
+    [TandemRpcError(grpc.StatusCode.UNAVAILABLE, "down")],                   # failed before its first token
+    [(1, 1, None), TandemRpcError(grpc.StatusCode.UNAVAILABLE, "down")],     # failed after it
+    [(1, 1, None), (0, 1, "abort")],                                         # aborted by a draining server
+])
+for _ in range(4):
+    user.stream()
+stats = environment.stats
+entry = lambda kind: stats.get("(base)", kind)
+print(json.dumps({
+    "total": [stats.total.num_requests, stats.total.num_failures],
+    "E2E": [entry("E2E").num_requests, entry("E2E").num_failures],
+    "TTFT": [entry("TTFT").num_requests, entry("TTFT").num_failures],
+    "errors": sorted(e.method for e in stats.errors.values()),
+}))
+"""
+
+
+def test_each_request_counts_once_in_locusts_totals_and_its_ttft_apart(tmp_path):
+    """Fired as a second request event, TTFT doubled every request in the Aggregated row,
+    RPS and CSV totals and mixed its times into their percentiles. (Run apart: importing
+    locust monkey-patches the process for gevent.)"""
+    script = tmp_path / "user.py"
+    script.write_text(USER_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(LOCUSTFILE), str(Path(__file__).parents[2])],
+                          check=True, timeout=60, capture_output=True, text=True)
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["total"] == [4, 3]  # 4 requests, 3 failed: the E2E events alone
+    assert counts["E2E"] == [4, 3]
+    # A TTFT for the request served, and a failed one for the request that never had a first
+    # token (not a request missing from its row); none for those that failed or were aborted
+    # after it, as before.
+    assert counts["TTFT"] == [2, 1]
+    assert counts["errors"] == ["E2E", "E2E"]  # locust's failures table: the requests' own

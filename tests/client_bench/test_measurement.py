@@ -1,5 +1,5 @@
-"""One request's timings from its stream, on a controlled clock: TTFT, ITL split over the
-tokens of a message, TPOT, E2E, and an RPC error kept in the record."""
+"""One request's timings from its stream, on a controlled clock: TTFT, ITL one sample per
+message (vLLM's), TPOT per token, E2E, and an RPC error kept in the record."""
 
 import asyncio
 
@@ -54,8 +54,21 @@ def test_timings_of_a_stream(clock):
     assert client.kwargs == {"adapter": "alpha", "prompt_token_ids": [1, 2, 3], "max_new_tokens": 4, "ignore_eos": True, "timeout": 5}
     assert record.ok and record.finish_reason == "length" and (record.prompt_tokens, record.output_tokens) == (3, 4)
     assert record.ttft == pytest.approx(0.5) and record.e2e == pytest.approx(0.9)
-    assert record.itls == pytest.approx([0.1, 0.1, 0.1])  # the 0.2 s gap carried two tokens
+    assert record.itls == pytest.approx([0.2, 0.1])  # one gap per message: the 0.2 s one carried two tokens
     assert record.tpot == pytest.approx(0.4 / 3)
+
+
+def test_itl_is_one_sample_per_message_however_many_tokens_it_carries(clock):
+    """vLLM's benchmark_serving records one ITL per streamed chunk: a 440 ms stall before a
+    message of 8 tokens is one 440 ms ITL, not eight of 55 ms, which hid stalls from the ITL
+    percentiles and weighted multi-token messages eight times. TPOT stays per token."""
+    clock.extend([0.0, 0.1, 0.15, 0.59, 0.64, 0.65, 0.7])
+    client = FakeClient([chunk(3, 3), chunk(1, 4), chunk(8, 12), chunk(2, 14), chunk(0, 14, "length")])
+    record = asyncio.run(measurement.timed_stream(client, REQUEST, timeout=5))
+    # The first message's extra tokens end no gap; then 0.05, the 0.44 stall, 0.05.
+    assert record.itls == pytest.approx([0.05, 0.44, 0.05])
+    assert record.ttft == pytest.approx(0.1) and record.output_tokens == 14
+    assert record.tpot == pytest.approx((0.7 - 0.1) / 13)
 
 
 def test_an_rpc_error_ends_in_the_record(clock):

@@ -3,7 +3,9 @@
 import pytest
 
 from tandem.client.bench.measurement import RequestRecord
-from tandem.client.bench.server_metrics import bucket_quantile, client_vs_server, counter_by_label, counter_total, histogram_summary, parse
+from tandem.client.bench.server_metrics import (
+    bucket_quantile, client_vs_server, completed_total, counter_by_label, counter_total, histogram_summary, parse, server_view,
+)
 from tandem.client.bench.stats import meets_slo, parse_slo, summarize, summarize_run
 
 
@@ -39,6 +41,12 @@ def test_run_summary_counts_throughput_goodput_errors_and_adapters():
     assert summary["request_throughput"] == pytest.approx(0.75) and summary["output_throughput"] == pytest.approx(10.5)
     assert summary["goodput"]["good_requests"] == 1
     assert summary["latency"]["itl"]["count"] == 9
+    # The failed request (NOT_FOUND after 0.5 s, no first token) is in no latency: its 0.5 s
+    # would lower the E2E mean to 1.625 and count 4.
+    assert (summary["latency"]["e2e"]["count"], summary["latency"]["e2e"]["mean"]) == (3, pytest.approx(2.0))
+    assert (summary["latency"]["ttft"]["count"], summary["latency"]["ttft"]["mean"]) == (3, pytest.approx(0.4))
+    assert summary["latency"]["tpot"]["count"] == 3
+    assert summary["per_adapter"]["(base)"]["latency"]["e2e"]["count"] == 0
     assert list(summary["per_adapter"]) == ["a", "(base)", "b"]  # most requested first, then by name
     assert summary["per_adapter"]["(base)"]["errors"] == {"NOT_FOUND": 1}
 
@@ -107,3 +115,65 @@ def test_client_vs_server_pairs_counts_and_means():
     assert rows["output_tokens"] == {"client": 42, "server": 42.0, "server_metric": "generation_tokens"}
     assert rows["completed"]["server"] is None  # the server has no request_success here
     assert rows["ttft_mean"]["server"] == pytest.approx(0.5)
+
+
+RESTART_BEFORE = """# TYPE tandem:generation_tokens_total counter
+tandem:generation_tokens_total{model_name="m"} 50000.0
+# TYPE tandem:e2e_request_latency_seconds histogram
+tandem:e2e_request_latency_seconds_bucket{le="1.0"} 3.0
+tandem:e2e_request_latency_seconds_bucket{le="+Inf"} 900.0
+tandem:e2e_request_latency_seconds_count 900.0
+tandem:e2e_request_latency_seconds_sum 4500.0
+"""
+# The server restarted between the scrapes and counted again from zero. The le="1.0" bucket
+# grew past its old value after the restart: on its own it does not look like a reset.
+RESTART_AFTER = """# TYPE tandem:generation_tokens_total counter
+tandem:generation_tokens_total{model_name="m"} 1200.0
+# TYPE tandem:e2e_request_latency_seconds histogram
+tandem:e2e_request_latency_seconds_bucket{le="1.0"} 8.0
+tandem:e2e_request_latency_seconds_bucket{le="+Inf"} 10.0
+tandem:e2e_request_latency_seconds_count 10.0
+tandem:e2e_request_latency_seconds_sum 7.0
+"""
+
+
+def test_a_counter_that_went_down_was_reset_and_its_increase_is_its_new_value():
+    """As Prometheus' increase(): 50,000 -> 1,200 is a restart and 1,200 new tokens, not -48,800."""
+    before, after = parse(RESTART_BEFORE), parse(RESTART_AFTER)
+    assert counter_total(before, after, "generation_tokens") == 1200.0
+    assert server_view(before, after)["counters"]["generation_tokens"]["total"] == 1200.0
+    e2e = histogram_summary(before, after, "e2e_request_latency_seconds")
+    # The whole histogram restarted: 10 observations, 8 of them <= 1 s (not 5 and -890).
+    assert e2e["count"] == 10 and e2e["mean"] == pytest.approx(0.7)
+    assert e2e["median"] == pytest.approx(5 / 8)
+    # No reset: the plain difference.
+    assert counter_total(after, parse(RESTART_AFTER.replace("1200.0", "1250.0")), "generation_tokens") == 50.0
+
+
+SUCCESS_BEFORE = """# TYPE tandem:request_success_total counter
+tandem:request_success_total{finished_reason="length"} 10.0
+tandem:request_success_total{finished_reason="abort"} 1.0
+"""
+SUCCESS_AFTER = """# TYPE tandem:request_success_total counter
+tandem:request_success_total{finished_reason="length"} 16.0
+tandem:request_success_total{finished_reason="stop"} 2.0
+tandem:request_success_total{finished_reason="abort"} 4.0
+"""
+
+
+def test_completed_requests_compare_like_with_like_aborts_apart():
+    """The server counts aborted generations in request_success; the client's "completed"
+    leaves its ABORTED streams out: the server's column is request_success less its abort
+    series, and the aborts are a row of their own."""
+    before, after = parse(SUCCESS_BEFORE), parse(SUCCESS_AFTER)
+    assert counter_total(before, after, "request_success") == 11.0
+    assert completed_total(before, after) == 8.0
+    summary = {"completed": 8, "output_tokens": 0, "prompt_tokens": 0, "errors": {"ABORTED": 3}, "latency": {}}
+    rows = client_vs_server(summary, before, after)
+    assert (rows["completed"]["client"], rows["completed"]["server"]) == (8, 8.0)
+    assert 'finished_reason!="abort"' in rows["completed"]["server_metric"]
+    assert (rows["aborted"]["client"], rows["aborted"]["server"]) == (3, 3.0)
+    # A server whose request_success has no finished_reason label: the whole counter, no abort row.
+    plain = parse("# TYPE tandem:request_success_total counter\ntandem:request_success_total 5.0\n")
+    assert completed_total({}, plain) == 5.0 and "aborted" not in client_vs_server(summary, {}, plain)
+    assert completed_total(before, parse(BEFORE)) is None

@@ -1,9 +1,12 @@
 """Timing one streamed request: time to first token, the gaps between tokens, end to end.
 
-Definitions follow vLLM's benchmark and Tandem's server histograms, so both can be compared:
-TTFT = first token - send; ITL = gap between token arrivals (a message carrying k tokens after
-a gap g counts k gaps of g/k; extra tokens in the first message count none);
-TPOT = (E2E - TTFT) / (output tokens - 1); E2E = end of stream - send.
+Definitions follow vLLM's benchmark_serving: TTFT = first token - send; ITL = the gap between
+consecutive streamed messages that carry tokens, one sample per message after the first
+whatever its number of tokens (a 440 ms stall before a message of 8 tokens is one ITL of
+440 ms, not eight of 55 ms); TPOT = (E2E - TTFT) / (output tokens - 1), per token;
+E2E = end of stream - send. Tandem's server histogram `inter_token_latency_seconds` instead
+splits a message's gap over its k tokens (k samples of g/k), so its mean is a per-token
+figure, like TPOT: the two ITLs agree only when every message carries one token.
 """
 
 import asyncio
@@ -21,7 +24,8 @@ DEADLINE_SLACK_S = 5.0
 @dataclass
 class RequestRecord:
     """What one request measured; times in seconds. status is "OK", a gRPC status name, or
-    "ABORTED" for a stream the server ended with finish reason abort."""
+    "ABORTED" for a stream the server ended with finish reason abort. itls: one gap per
+    message with tokens after the first (vLLM's ITL), not per token."""
 
     adapter: str
     sent_at: float
@@ -71,13 +75,15 @@ async def timed_stream(client: AsyncTandemClient, request: BenchRequest, timeout
 
 
 def _observe(record: RequestRecord, chunk: StreamChunk, sent_at: float, last_token_at: float) -> float:
-    """Adds one streamed message to the record; returns when its tokens arrived (or the last did)."""
+    """Adds one streamed message to the record; returns when its tokens arrived (or the last did).
+    A message with tokens after the first adds one ITL sample, its gap since the last one,
+    however many tokens it carries (as vLLM's benchmark_serving records a chunk)."""
     now = time.perf_counter()
     new_tokens = len(chunk.token_ids)
     if new_tokens and record.ttft is None:
         record.ttft = now - sent_at
     elif new_tokens:
-        record.itls.extend([(now - last_token_at) / new_tokens] * new_tokens)
+        record.itls.append(now - last_token_at)
     record.prompt_tokens, record.output_tokens = chunk.prompt_tokens, chunk.generated_tokens
     record.finish_reason = chunk.finish_reason or record.finish_reason
     return now if new_tokens else last_token_at

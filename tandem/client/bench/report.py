@@ -12,23 +12,49 @@ from tandem.client.bench.stats import BASE_MODEL
 
 PER_ADAPTER_ROWS = 8
 
+# What the JSON's numbers are in (the printed tables show latencies in ms; the JSON keeps
+# seconds, and its keys, which plots and scripts read, carry no unit).
+UNITS = {
+    "latency": "s (ttft, tpot, itl, e2e: mean, median, p90, p99; count is a number of samples)",
+    "per_adapter.latency": "s, as latency",
+    "duration_s": "s",
+    "request_throughput": "requests/s",
+    "output_throughput": "output tokens/s",
+    "total_token_throughput": "prompt + output tokens/s",
+    "goodput.requests_per_second": "requests/s",
+    "goodput.slo": "s",
+    "client_vs_server": "counts as counted; *_mean rows in s",
+    "server.histograms": "the metric's own unit: s for *_seconds, tokens for *_tokens",
+    "request_records": "s: sent_at from the point's first send; ttft, e2e and each of itls from the request's send or last token",
+    "settings": "as given on the command line (--timeout, --duration: s; --request-rate: requests/s)",
+}
+
 
 def build_result(settings: dict, model: dict, results: list[PointResult], save_requests: bool = False) -> dict:
-    """The JSON document: how the run was set up, what it measured, and the server's view."""
+    """The JSON document: how the run was set up, what it measured, and the server's view;
+    "units" says what its numbers are in."""
     points = []
     for result in results:
         point = dict(result.summary)
         if save_requests:
-            point["request_records"] = [asdict(r) for r in result.records]
+            point["request_records"] = request_records(result)
         points.append(point)
     return {
         "tool": "tandem bench",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "client_host": platform.node(),
+        "units": UNITS,
         "model": model,
         "settings": settings,
         "points": points,
     }
+
+
+def request_records(result: PointResult) -> list[dict]:
+    """Each request of a point, in the order they ended; sent_at in seconds from the point's
+    first send (a raw perf_counter reading means nothing outside the process that took it)."""
+    first = min((r.sent_at for r in result.records), default=0.0)
+    return [asdict(r) | {"sent_at": r.sent_at - first} for r in result.records]
 
 
 def _strict(value):

@@ -8,6 +8,7 @@ Every loop is bounded: a point sends at most `num_requests` requests or for at m
 import asyncio
 import itertools
 import math
+import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from tandem.client.bench.workload import BenchRequest, cycle
 from tandem.client.errors import TandemRpcError
 from tandem.client.types import FinetuneJob, Hyperparameters
 
+# Mixed into the seed of every point's arrivals: a stream apart from the request content's
+# (command._requests draws prompts, adapters and lengths from default_rng(seed)).
+ARRIVALS_STREAM = 0x4152524956  # "ARRIV"
 # After a point, the server may still be closing its last calls when the client has read them.
 SETTLE_SCRAPES = 30
 SETTLE_PAUSE_S = 0.1
@@ -103,6 +107,18 @@ class _Tracker:
 
     def _show(self) -> None:
         self.progress.update(len(self.records), self.running, self.failed)
+
+
+def arrival_rng(seed: int, point: LoadPoint) -> np.random.Generator:
+    """The generator of one point's arrival gaps, seeded from (seed, the point's rate): the
+    rate-2 point of `--request-rate 1,2` sends on the same schedule as `--request-rate 2`
+    alone, whatever points came before it, and no draw is shared with the request content's
+    generator. A concurrency point draws nothing; it is keyed by its concurrency."""
+    if point.rate is not None:
+        key = int.from_bytes(struct.pack(">d", point.rate), "big")  # the rate's exact bits
+    else:
+        key = int(point.concurrency)
+    return np.random.default_rng(np.random.SeedSequence([seed, ARRIVALS_STREAM, int(point.rate is None), key]))
 
 
 def _limits_reached(plan: LoadPlan, sent: int, elapsed: float) -> bool:
@@ -184,7 +200,7 @@ class ServerScraper:
         after = None
         for _ in range(SETTLE_SCRAPES):
             after = await self.scrape()
-            counted = None if after is None else server_metrics.counter_total(before, after, "request_success")
+            counted = None if after is None else server_metrics.completed_total(before, after)
             if counted is None or counted >= completed:
                 return after
             await asyncio.sleep(SETTLE_PAUSE_S)
@@ -199,8 +215,8 @@ def _job_state(job: FinetuneJob) -> dict:
 async def run_sweep(client: AsyncTandemClient, requests: list[BenchRequest], plan: LoadPlan, seed: int,
                     metrics_url: str | None, finetune: FinetuneLoad | None = None, progress: bool = True,
                     log: TextIO = sys.stderr) -> list[PointResult]:
-    """Runs every point of the plan in order, each over the same requests in the same order."""
-    rng = np.random.default_rng(seed)
+    """Runs every point of the plan in order, each over the same requests in the same order,
+    each on arrivals of its own (arrival_rng)."""
     scraper = ServerScraper(metrics_url, log)
     await _warm_up(client, cycle(requests), plan)
     job = None
@@ -212,7 +228,7 @@ async def run_sweep(client: AsyncTandemClient, requests: list[BenchRequest], pla
         for point in plan.points:
             before = await scraper.scrape()
             bar = Progress(point.label, plan.num_requests, plan.duration, stream=log, enabled=progress)
-            records = await run_point(client, cycle(requests), point, plan, rng, bar)
+            records = await run_point(client, cycle(requests), point, plan, arrival_rng(seed, point), bar)
             summary = summarize_run(records, plan.slo)
             summary["load"] = {"label": point.label, "rate": _json_rate(point.rate), "concurrency": point.concurrency,
                                "burstiness": plan.burstiness if point.rate is not None else None}

@@ -71,11 +71,19 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, Family]:
 
 
 def _delta(before: dict[str, Family], after: dict[str, Family], name: str) -> dict[tuple[str, Labels], float]:
+    """Each series' increase between the scrapes. A counter never goes down: one that did means
+    the server restarted in between and counted again from zero, so its increase is its new
+    value, as Prometheus' increase() takes it (50,000 -> 1,200 is 1,200, not -48,800). Done for
+    the whole family at once, so that a histogram's buckets, count and sum stay one consistent
+    set (a bucket that grew past its old value after the restart is not a reset on its own)."""
     old = before.get(name)
     new = after.get(name)
     if new is None:
         return {}
-    return {key: value - (old.samples.get(key, 0.0) if old else 0.0) for key, value in new.samples.items()}
+    previous = old.samples if old is not None else {}
+    if any(value < previous.get(key, 0.0) for key, value in new.samples.items()):
+        return dict(new.samples)
+    return {key: value - previous.get(key, 0.0) for key, value in new.samples.items()}
 
 
 def counter_total(before: dict[str, Family], after: dict[str, Family], name: str) -> float | None:
@@ -83,6 +91,36 @@ def counter_total(before: dict[str, Family], after: dict[str, Family], name: str
     if name not in after:
         return None
     return sum(_delta(before, after, name).values())
+
+
+SUCCESS = "request_success"
+ABORT = "abort"
+
+
+def _success_by_abort(before: dict[str, Family], after: dict[str, Family]) -> tuple[float, float | None] | None:
+    """request_success's increase as (generations not aborted, aborted ones); aborted is None
+    when the family has no finished_reason label to tell them apart; None without the family."""
+    if SUCCESS not in after:
+        return None
+    kept = aborted = 0.0
+    labelled = False
+    for (_, labels), value in _delta(before, after, SUCCESS).items():
+        reason = dict(labels).get("finished_reason")
+        labelled = labelled or reason is not None
+        if reason == ABORT:
+            aborted += value
+        else:
+            kept += value
+    return kept, (aborted if labelled else None)
+
+
+def completed_total(before: dict[str, Family], after: dict[str, Family]) -> float | None:
+    """The server's count of what the client calls completed: request_success less its
+    finished_reason="abort" series. Tandem's server counts an aborted generation there too
+    (a draining server's, or one the caller cancelled or let pass its deadline), while the
+    client counts an aborted stream as an ABORTED error, not a completed request."""
+    split = _success_by_abort(before, after)
+    return None if split is None else split[0]
 
 
 def counter_by_label(before: dict[str, Family], after: dict[str, Family], name: str) -> dict[str, dict[str, float]]:
@@ -143,7 +181,11 @@ def server_view(before: dict[str, Family], after: dict[str, Family]) -> dict:
 
 
 # Client figure -> (server counter or histogram short name); the histogram's mean is compared.
+# "completed" is request_success without its abort series (completed_total).
 COUNT_MATCHES = {"completed": "request_success", "output_tokens": "generation_tokens", "prompt_tokens": "prompt_tokens"}
+ABORTED_METRIC = 'request_success{finished_reason="abort"}'
+ITL_NOTE = ("client: one gap per streamed message (vLLM's ITL); server: a message's gap split over its tokens, "
+            "so the server's mean is lower when messages carry several tokens")
 LATENCY_MATCHES = {
     "ttft": "time_to_first_token_seconds",
     "itl": "inter_token_latency_seconds",
@@ -153,12 +195,23 @@ LATENCY_MATCHES = {
 
 
 def client_vs_server(summary: dict, before: dict[str, Family], after: dict[str, Family]) -> dict:
-    """The client's counts and mean latencies beside the server's for the same run."""
+    """The client's counts and mean latencies beside the server's for the same run. Completed
+    requests are compared like with like: the server's request_success less its aborted
+    generations, which come in a row of their own ("aborted": the client's ABORTED streams
+    against the server's abort series, which also holds generations the client gave up on,
+    e.g. past their deadline)."""
     rows = {}
     for figure, name in COUNT_MATCHES.items():
-        rows[figure] = {"client": summary[figure], "server": counter_total(before, after, name), "server_metric": name}
+        server = completed_total(before, after) if figure == "completed" else counter_total(before, after, name)
+        rows[figure] = {"client": summary[figure], "server": server, "server_metric": name}
+    split = _success_by_abort(before, after)
+    if split is not None and split[1] is not None:
+        rows["completed"]["server_metric"] = f'{SUCCESS}{{finished_reason!="{ABORT}"}}'
+        rows["aborted"] = {"client": summary.get("errors", {}).get("ABORTED", 0), "server": split[1], "server_metric": ABORTED_METRIC}
     for figure, name in LATENCY_MATCHES.items():
         server = histogram_summary(before, after, name)
         if server is not None:
             rows[f"{figure}_mean"] = {"client": summary["latency"][figure]["mean"], "server": server["mean"], "server_metric": name}
+            if figure == "itl":
+                rows["itl_mean"]["note"] = ITL_NOTE
     return rows

@@ -1,9 +1,12 @@
 """Locust over Tandem's Python client, for teams already load-testing with locust.
 
-Each user streams requests back to back through `TandemClient` and reports two request
-events per request, named by adapter ("(base)" for the base model): "TTFT" (time to first
-token) and "E2E" (end to end), with the tokens generated as the response length. Locust's
-web UI, CSV output and distributed mode work unchanged. Needs `pip install 'tandem[locust]'`.
+Each user streams requests back to back through `TandemClient` and fires one locust request
+event per request, type "E2E" (end to end), named by adapter ("(base)" for the base model),
+with the tokens generated as the response length: locust's Aggregated row, RPS and CSV totals
+count each request once. Its time to first token goes into a stats entry of its own, type
+"TTFT" under the same name, which is shown and written to the CSV beside the others but feeds
+no total (a request with no first token is a failure there too). Locust's web UI, CSV output
+and distributed mode work unchanged. Needs `pip install 'tandem[locust]'`.
 
     locust -f tandem/client/locust/locustfile.py --host localhost:50051 \\
         --popularity zipf --adapters a,b,c --max-new-tokens 64 --headless -u 16 -r 4 -t 2m
@@ -66,11 +69,22 @@ class TandemUser(User):
     def on_stop(self) -> None:
         self.client.close()
 
-    def _report(self, kind: str, adapter: str, seconds: float, tokens: int, error: Exception | None = None) -> None:
+    def _report(self, adapter: str, seconds: float, tokens: int, error: Exception | None = None) -> None:
+        """The request itself, end to end: the one event locust's totals count."""
         self.environment.events.request.fire(
-            request_type=kind, name=adapter or BASE_MODEL, response_time=seconds * 1000, response_length=tokens,
+            request_type="E2E", name=adapter or BASE_MODEL, response_time=seconds * 1000, response_length=tokens,
             exception=error, context={},
         )
+
+    def _report_ttft(self, adapter: str, seconds: float, tokens: int, error: Exception | None = None) -> None:
+        """Time to first token, logged straight into its own stats entry: fired as a request
+        event it would count every request twice in the Aggregated row, RPS and CSV totals,
+        and mix TTFT into the E2E percentiles there. A worker sends the entry to the master
+        with the others (distributed mode), its total apart."""
+        entry = self.environment.stats.get(adapter or BASE_MODEL, "TTFT")
+        entry.log(seconds * 1000, tokens)
+        if error is not None:
+            entry.log_error(error)
 
     @task
     def stream(self) -> None:
@@ -88,12 +102,12 @@ class TandemUser(User):
         except TandemRpcError as error:
             failed = time.perf_counter() - started
             if first_token is None:  # no first token: a failed TTFT too, not a request missing from its row
-                self._report("TTFT", adapter, failed, tokens, error)
-            self._report("E2E", adapter, failed, tokens, error)
+                self._report_ttft(adapter, failed, tokens, error)
+            self._report(adapter, failed, tokens, error)
             return
         ended = time.perf_counter()
         if finish_reason == "abort":  # a draining server ends its generations so, with status OK
-            self._report("E2E", adapter, ended - started, tokens, GenerationAborted("the server aborted the generation (it was stopping)"))
+            self._report(adapter, ended - started, tokens, GenerationAborted("the server aborted the generation (it was stopping)"))
             return
-        self._report("TTFT", adapter, (first_token or ended) - started, tokens)
-        self._report("E2E", adapter, ended - started, tokens)
+        self._report_ttft(adapter, (first_token or ended) - started, tokens)
+        self._report(adapter, ended - started, tokens)
