@@ -2,8 +2,9 @@
 
 Latencies and token counts are pushed by the API layer as requests end; engine and
 adapter gauges are pulled from a MetricsSource at scrape time, so they are never stale.
-Every series carries vLLM's `model_name` label, added at scrape time (the name is known
-once the model has loaded). Each Metrics owns its registries (no process-global state), so
+Every series carries vLLM's `model_name` label, added at scrape time; the server knows the
+name from its configuration before the model loads (model/loader.py's served_name), so what
+is counted while it loads is under the name it keeps. Each Metrics owns its registries (no process-global state), so
 tests can run many servers.
 """
 
@@ -11,7 +12,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Iterator, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -91,6 +92,8 @@ class _PulledMetrics(Collector):
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
+        # The adapters and routers loaded now: the only names a label may carry (see below).
+        loaded = self._source.adapter_names()
         stats = self._source.engine_stats()
         if stats is not None:
             yield GaugeMetricFamily("tandem:num_requests_running", "Sequences in the running batch.", stats.num_running)
@@ -129,7 +132,6 @@ class _PulledMetrics(Collector):
                 labels=["router", "expert"],
             )
             # Only loaded routers': an unloaded one's series stayed in every scrape for good.
-            loaded = self._source.adapter_names()
             for (router, expert), count in sorted(stats.router_expert_tokens.items()):
                 if router in loaded:
                     experts.add_metric([router, expert], count)
@@ -151,10 +153,13 @@ class _PulledMetrics(Collector):
             "Adapters in flight (vLLM shape, read by the Gateway API Inference Extension); value = scrape time.",
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
-        info.add_metric(
-            [str(slots.max_loras), ",".join(sorted(set(activity.running))), ",".join(sorted(set(activity.waiting)))],
-            time.time(),
-        )
+        # Only names of adapters the server has loaded: a call's names are the caller's, shown
+        # while the engine still reads (or refuses) them, and calls naming made-up adapters
+        # made the values as long, and the series as many, as callers chose. (A loaded name
+        # holds no comma, the values' separator: check_adapter_name refuses one.)
+        running = sorted(set(activity.running) & loaded)
+        waiting = sorted(set(activity.waiting) & loaded)
+        info.add_metric([str(slots.max_loras), ",".join(running), ",".join(waiting)], time.time())
         yield info
         yield from _finetune_metrics(self._source.finetune_stats())
 
@@ -190,7 +195,7 @@ class _ModelNameLabel(Collector):
 
 class Metrics:
     """All instruments of one server. model_name labels every series (vLLM's label); the
-    server sets it when the model has loaded."""
+    server sets it when it is built (from its configuration), else when the model has loaded."""
 
     def __init__(self, model_name: str = "") -> None:
         self.model_name = model_name
@@ -239,11 +244,17 @@ class Metrics:
         """Adds the gauges read from the engine and the adapter pool at scrape time."""
         self._instruments.register(_PulledMetrics(source))
 
-    def observe_call(self, call: CallSummary) -> None:
-        """Counts one ended RPC; a generation that finished (or was aborted) also goes into
-        vLLM's request histograms."""
+    def observe_call(self, call: CallSummary, requests: Sequence[CallSummary] | None = None) -> None:
+        """Counts one ended RPC in tandem:requests; and each of its engine requests
+        (`requests`, default the call as one) that finished or was aborted in vLLM's request
+        metrics, as vLLM counts them: each prompt of a batch, and each of a prompt's n
+        completions, is a request of its own (a 3-prompt completions call is 3 successes)."""
+        self.requests.labels(call.method, call.status, call.finished_reason).inc()
+        for request in (call,) if requests is None else requests:
+            self._observe_request(request)
+
+    def _observe_request(self, call: CallSummary) -> None:
         reason = call.finished_reason
-        self.requests.labels(call.method, call.status, reason).inc()
         # Every generation that ended, whatever its status: one the caller left once its last
         # token was out (CANCELLED, finish reason length) was counted in TTFT and ITL only.
         if not call.generation or not reason:

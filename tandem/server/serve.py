@@ -24,8 +24,9 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
     """Runs until SIGTERM or SIGINT, then drains and ends the process (exit status 0; 1 on a
     second signal during the drain); returns 1 when the model cannot be loaded."""
     from tandem.server.engine.async_engine import AsyncEngine  # torch import: only when serving
+    from tandem.server.model.loader import served_name
 
-    server = build_server(server_config)
+    server = build_server(server_config, model_name=served_name(engine_config.model))
     # Before start() logs "listening": a SIGTERM from then on must drain, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,18 +13,19 @@ from tandem.server.engine.async_engine import AsyncEngine
 
 
 class ServerThread:
-    def __init__(self, config: ServerConfig, engine: AsyncEngine | None):
-        """engine: a started engine the caller owns; None leaves the server loading (not ready)."""
+    def __init__(self, config: ServerConfig, engine: AsyncEngine | None, model_name: str = ""):
+        """engine: a started engine the caller owns; None leaves the server loading (not ready).
+        model_name: build_server's, the model's name known before it loads ("" = at attach)."""
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self._thread.start()
         self.engine: AsyncEngine | None = None
-        self.server: TandemServer = self.run(self._start(config))
+        self.server: TandemServer = self.run(self._start(config, model_name))
         if engine is not None:
             self.attach(engine)
 
-    async def _start(self, config: ServerConfig) -> TandemServer:
-        server = build_server(config)
+    async def _start(self, config: ServerConfig, model_name: str = "") -> TandemServer:
+        server = build_server(config, model_name=model_name)
         await server.start()
         return server
 

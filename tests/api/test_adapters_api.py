@@ -3,12 +3,16 @@ streamed, fewer device slots than adapters), refusals as status codes, metrics, 
 
 import asyncio
 import re
+import shutil
+import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.client import AsyncTandemClient, TandemClient, TandemRpcError
 from tandem.server.adapters.peft_format import content_hash
@@ -167,6 +171,64 @@ def test_metrics_show_adapter_slots(client, lora_server):
     # Copying a tiny adapter into a slot takes well under a second (not a clock difference gone wrong).
     assert load_seconds is not None and 0 < float(load_seconds[1]) < 5
     assert re.search(r'^tandem:lora_host_evictions_total\{model_name="[^"]*"\} \S+$', text, re.MULTILINE)
+
+
+def _lora_requests_info(server: ServerThread) -> dict[str, str]:
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "tandem:lora_requests_info"]
+    (sample,) = family.samples
+    return sample.labels
+
+
+def test_a_call_waiting_on_a_made_up_adapter_is_not_in_lora_requests_info(client, lora_server, lora_engine, monkeypatch):
+    """The caller's names were exported before the engine checked them: calls held waiting
+    on made-up names put any text, of any length, in the label values (a series each). A
+    loaded adapter's waiting call still shows."""
+    client.load_adapter("alpha")
+    registry = lora_engine.engine.registry
+    release = threading.Event()
+    read = registry.get
+
+    def slow_read(name: str):  # the engine reads the named adapter off the loop: held here
+        release.wait(30)
+        return read(name)
+
+    monkeypatch.setattr(registry, "get", slow_read)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            calls = {
+                name: pool.submit(lambda n=name: client.generate(prompt_token_ids=PROMPTS[0], adapter=n, max_new_tokens=2))
+                for name in ("alpha", "made-up-" + "x" * 200)
+            }
+            assert wait_until(lambda: len(lora_server.server.state.lora_activity().waiting) == 2)
+            labels = _lora_requests_info(lora_server)
+            assert (labels["waiting_lora_adapters"], labels["running_lora_adapters"]) == ("alpha", "")
+        finally:
+            release.set()
+        assert calls["alpha"].result(60).generated_tokens == 2
+        with pytest.raises(TandemRpcError) as unknown:
+            calls["made-up-" + "x" * 200].result(60)
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    assert wait_until(lambda: idle(lora_engine))
+
+
+def test_an_adapter_name_with_a_comma_is_refused(client, adapters_dir, tiny_hf_model):
+    """lora_requests_info lists names comma-separated: an adapter "x,beta" in flight read, to
+    the Gateway API Inference Extension, as this replica serving beta. Refused even when such
+    a folder exists."""
+    make_adapter(tiny_hf_model, adapters_dir / "x,beta", r=4, seed=5)
+    try:
+        for call in (
+            lambda: client.generate(prompt_token_ids=PROMPTS[0], adapter="x,beta", max_new_tokens=2),
+            lambda: client.generate(prompt_token_ids=PROMPTS[0], adapter={"alpha": 0.5, "x,beta": 0.5}, max_new_tokens=2),
+            lambda: client.load_adapter("x,beta"),
+        ):
+            error = rpc_error(call)
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "must not contain ','" in str(error)
+        assert "x,beta" not in {a.name for a in client.list_adapters()}
+    finally:
+        shutil.rmtree(adapters_dir / "x,beta")
 
 
 @pytest.fixture(scope="module")

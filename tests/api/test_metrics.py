@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.client import TandemClient
+from tandem.client import TandemClient, TandemRpcError
 from tandem.server.metrics import CallSummary
 from tests.api.conftest import loopback, wait_until
 from tests.api.harness import ServerThread
@@ -194,3 +195,94 @@ def test_inter_token_latency_follows_each_completion_of_n(monkeypatch):
     samples = {s.name: s.value for s in metrics.inter_token_latency.collect()[0].samples if not s.labels.get("le")}
     assert samples["tandem:inter_token_latency_seconds_count"] == 8  # 4 completions x 2 intervals
     assert samples["tandem:inter_token_latency_seconds_sum"] == pytest.approx(8 * 0.05)
+
+
+class _Source:
+    """A MetricsSource with adapters in flight and a set of loaded ones, no engine."""
+
+    def __init__(self, running: list[str], waiting: list[str], loaded: set[str]):
+        from tandem.server.adapters.registry import SlotStats
+        from tandem.server.metrics import LoraActivity
+
+        self._activity = LoraActivity(running, waiting)
+        self._loaded = loaded
+        self._slots = SlotStats(max_loras=4, slots_in_use=0, loads=0, evictions=0, load_seconds_total=0.0, host_evictions=0, prefetches=0)
+
+    def engine_stats(self):
+        return None
+
+    def slot_stats(self):
+        return self._slots
+
+    def lora_activity(self):
+        return self._activity
+
+    def adapter_names(self) -> set[str]:
+        return self._loaded
+
+    def finetune_stats(self):
+        return None
+
+
+def _lora_info(source: _Source) -> dict[str, str]:
+    from prometheus_client import generate_latest
+
+    from tandem.server.metrics import Metrics
+
+    metrics = Metrics("m")
+    metrics.bind(source)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
+    (sample,) = families["tandem:lora_requests_info"].samples
+    return sample.labels
+
+
+def test_lora_requests_info_names_only_loaded_adapters():
+    """A call's adapter names are the caller's until the engine has checked them: calls
+    waiting on made-up names (thousands of them, or mixtures of thousands) put every name
+    in the label values, a new series each scrape; and "x,sql-expert" read, to the Gateway
+    API Inference Extension, as this replica serving sql-expert."""
+    labels = _lora_info(_Source(
+        running=["sql", "ghost-1", "x,sql-expert"], waiting=["json", "ghost-2", *(f"made-up-{i}" for i in range(1000))],
+        loaded={"sql", "json", "unused"},
+    ))
+    assert (labels["running_lora_adapters"], labels["waiting_lora_adapters"]) == ("sql", "json")
+    assert _lora_info(_Source(running=[], waiting=["made-up"], loaded=set()))["waiting_lora_adapters"] == ""
+
+
+def test_a_call_refused_while_the_model_loads_counts_under_the_models_name(tiny_engine, tiny_model_dir):
+    """model_name was set only when the engine attached: refusals while loading were counted
+    under model_name="", then moved, counts and all, to the model's name, and rate() never
+    showed them."""
+    from tandem.server.model.loader import served_name
+
+    name = served_name(str(tiny_model_dir))
+    assert name == tiny_engine.info.name  # the loader's own name for it
+    thread = ServerThread(loopback(), None, model_name=name)
+    try:
+        with TandemClient(thread.target, timeout=30, max_retries=0) as client:
+            with pytest.raises(TandemRpcError) as refused:
+                client.generate(prompt_token_ids=PROMPT, max_new_tokens=1)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "still loading" in refused.value.message
+        refusals = lambda: [v for l, v in scrape(thread).get("tandem:requests_total", []) if l["status"] == "UNAVAILABLE"]
+        assert wait_until(refusals)  # the call is counted as it closes, which can be after its status reached us
+        loading = scrape(thread)
+        assert value(loading, "tandem:requests_total", method="Generate", status="UNAVAILABLE", model_name=name) == 1
+        assert {labels["model_name"] for rows in loading.values() for labels, _ in rows} == {name}
+        thread.attach(tiny_engine)
+        loaded = scrape(thread)
+        assert value(loaded, "tandem:requests_total", method="Generate", status="UNAVAILABLE", model_name=name) == 1
+        assert {labels["model_name"] for rows in loaded.values() for labels, _ in rows} == {name}
+    finally:
+        thread.stop()
+
+
+def test_a_model_is_served_under_its_files_stem_or_its_directorys_name(tmp_path):
+    """What the metrics carry before the model loads and the loader names it after."""
+    from tandem.server.model.loader import default_model_path, served_name
+
+    (tmp_path / "Llama-3-8B.Q4_K_M.gguf").write_bytes(b"GGUF")
+    (tmp_path / "qwen2-0.5b").mkdir()
+    assert served_name(str(tmp_path / "Llama-3-8B.Q4_K_M.gguf")) == "Llama-3-8B.Q4_K_M"
+    assert served_name(str(tmp_path / "qwen2-0.5b")) == "qwen2-0.5b"
+    assert served_name(str(tmp_path / "qwen2-0.5b") + "/") == "qwen2-0.5b"
+    assert served_name(None) == default_model_path().stem

@@ -5,7 +5,7 @@ import pytest
 
 from tandem.server import errors
 from tandem.server.api import convert
-from tandem.server.adapters.registry import resolve_adapter_dir
+from tandem.server.adapters.registry import check_adapter_name, resolve_adapter_dir
 from tandem.server.api.auth import PermissionDenied, Role, TokenTable, Unauthenticated
 from tandem.server.api.status_mapping import status_for
 from tandem.v1 import generation_pb2
@@ -69,6 +69,17 @@ def test_adapter_paths_stay_inside_the_adapters_dir(tmp_path):
         resolve_adapter_dir(str(tmp_path), "missing", "")
     with pytest.raises(errors.NotFound, match="--adapters-dir"):
         resolve_adapter_dir(None, "ok", "")
+
+
+def test_an_adapter_name_holds_no_comma():
+    """The metrics' lora_requests_info lists names comma-separated: "x,sql-expert" in flight
+    read as this replica serving sql-expert. A refusal of the caller's (INVALID_ARGUMENT)."""
+    for name in ("x,sql-expert", ",", "a,"):
+        with pytest.raises(errors.InvalidRequest) as info:
+            check_adapter_name(name)
+        assert str(info.value) == f"adapter name must not contain ',' (the metrics list adapters comma-separated), got {name!r}"
+        assert status_for(info.value, "rid")[0] == grpc.StatusCode.INVALID_ARGUMENT
+    check_adapter_name("sql-expert_v2.1")
 
 
 def test_proto_defaults_mean_unset():

@@ -104,6 +104,10 @@ def check_adapter_name(name: str) -> None:
     # Hidden entries of the adapters directory are the server's own (interrupted writes).
     if name.startswith("."):
         raise InvalidRequest(f"adapter name must not start with '.', got {excerpt(name)}")
+    # vLLM's lora_requests_info lists adapters comma-separated: "x,sql-expert" read there as
+    # two adapters, and the Gateway API Inference Extension sent sql-expert's traffic here.
+    if "," in name:
+        raise InvalidRequest(f"adapter name must not contain ',' (the metrics list adapters comma-separated), got {excerpt(name)}")
     _check_file_name("adapter name", name, NAME_MAX_BYTES)
 
 

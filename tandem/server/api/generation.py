@@ -42,6 +42,8 @@ async def generate(
         call = current_call()
         # A mixture shows as its adapters and weights in the log, e.g. "sql*0.7+json*0.3", and
         # as its adapters' names in the metrics (weights there would mint a series per request).
+        # The names are the caller's, not checked yet: the metrics show only those the server
+        # has loaded (metrics.py), never a made-up one.
         call.adapter = _logged(adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or []))
         call.adapters = (adapter,) if adapter else tuple(name for name, _ in mixture or [])
         async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture, top_experts=top_experts)) as stream:
@@ -118,7 +120,7 @@ async def _engine_stream(
     completion index (a call's later prompts number their completions on)."""
     # Callers may reuse a request id (retries do); engine ids must stay unique.
     engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
-    call.engine_request_ids.append(engine_id)
+    call.add_engine_request(engine_id, first_index, params.n)
     stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture, top_experts=top_experts)
     async with aclosing(stream):
         async for out in stream:

@@ -92,7 +92,12 @@ class TandemServer:
         )
 
     async def attach_engine(self, engine: "AsyncEngine") -> None:
-        self.metrics.model_name = engine.info.name
+        if self.metrics.model_name != engine.info.name:
+            if self.metrics.model_name:  # the name given to build_server was not the loaded one: every series jumps
+                log.warning(
+                    "model name changed on load", extra={"fields": {"expected": self.metrics.model_name, "loaded": engine.info.name}}
+                )
+            self.metrics.model_name = engine.info.name
         await self.state.attach(engine)
         log.info("ready", extra={"fields": {"model": engine.info.name}})
 
@@ -147,13 +152,20 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def build_server(config: ServerConfig, metrics: Metrics | None = None) -> TandemServer:
+def build_server(config: ServerConfig, metrics: Metrics | None = None, model_name: str = "") -> TandemServer:
     """Builds (but does not start) a server bound to config.host:config.port.
+
+    model_name: the model's name as model/loader.py's served_name gives it, so that every series
+    carries it from the start: calls refused while the model loads were counted under
+    model_name="" and then moved, counts and all, to the model's name when it attached, so
+    rate() never saw them. "" leaves it to attach_engine.
 
     Call it inside the asyncio loop that will run the server.
     """
     credentials = _credentials(config)  # before anything is made: a bad file fails the start at once
     metrics = metrics or Metrics()
+    if model_name:
+        metrics.model_name = model_name
     tokens = TokenTable.from_file(config.auth_tokens_file) if config.auth_tokens_file is not None else None
     server = grpc.aio.server(
         interceptors=[CallInterceptor(tokens, metrics, config.max_message_bytes)],

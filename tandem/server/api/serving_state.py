@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# What callers are told once the engine thread has stopped on an error: never the error itself
+# (its text can hold paths, tensor shapes, a library's internals); the log has the trace.
+ENGINE_FAILED = "this replica's engine stopped on an internal error and must be restarted: retry on another replica"
 
 
 class ServingState:
@@ -98,20 +101,26 @@ class ServingState:
     def engine(self) -> "AsyncEngine | None":
         return self._engine
 
-    @contextmanager
-    def admit(self) -> Iterator["AsyncEngine"]:
-        """Yields the engine for one call, or raises Unavailable while loading or draining."""
+    def check_ready(self) -> "AsyncEngine":
+        """The engine, or Unavailable while loading or draining, or once the engine has
+        failed: what every call is refused with, and what HTTP /health answers (no token needed)."""
         if self._draining:
             raise Unavailable("the server is shutting down: retry on another replica")
         if self._engine is None:
             raise Unavailable("the model is still loading: retry in a few seconds")
         if self._engine.failure is not None:
-            raise Unavailable("this replica's engine stopped on an internal error and must be restarted: retry on another replica")
+            raise Unavailable(ENGINE_FAILED)
+        return self._engine
+
+    @contextmanager
+    def admit(self) -> Iterator["AsyncEngine"]:
+        """Yields the engine for one call, or raises Unavailable while loading or draining."""
+        engine = self.check_ready()
         record = current_call()
         self._in_flight[id(record)] = record
         self._idle.clear()
         try:
-            yield self._engine
+            yield engine
         finally:
             del self._in_flight[id(record)]
             if not self._in_flight:

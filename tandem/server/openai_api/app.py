@@ -326,11 +326,13 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
     @app.get("/health")
     async def health() -> Response:
         """200 once the model is loaded and while not draining (readiness), else 503; 503 too
-        once the engine thread has stopped on an error (gRPC health says NOT_SERVING then)."""
-        if state.engine is None or state.draining:
-            return _error(Unavailable("not ready: the model is loading or the server is draining"), request_id_of(""))
-        if state.engine.failure is not None:
-            return _error(Unavailable(f"the engine stopped on an error: {state.engine.failure!r}"), request_id_of(""))
+        once the engine thread has stopped on an error (gRPC health says NOT_SERVING then).
+        No token is needed, so the body says what a refused call is told, never the engine's
+        error itself (its text is for the log)."""
+        try:
+            state.check_ready()
+        except Unavailable as exc:
+            return _error(exc, request_id_of(""))
         return Response(status_code=200)
 
     @app.get("/metrics")
