@@ -13,11 +13,12 @@ aside whose name a kill left missing.
 """
 
 import ctypes
+import errno
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 TEMP_PREFIX = ".tandem-tmp-"
@@ -48,24 +49,42 @@ def write_file(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_directory(path: Path, files: Mapping[str, bytes]) -> None:
-    """Make path a directory holding exactly these files, atomically and durably."""
+def write_directory(path: Path, files: Mapping[str, bytes], before_swap: Callable[[], None] | None = None) -> None:
+    """Make path a directory holding exactly these files, atomically and durably.
+    before_swap: called once the new version is whole, just before it takes the name; what
+    it raises leaves the name as it was (a publish whose caller has gone writes nothing)."""
     temp = _temp_beside(path)
     temp.mkdir(parents=True)
     try:
         for name, data in files.items():
             _write_synced(temp / name, data)
         fsync_dir(temp)
-        if not (path.exists() or path.is_symlink()):
-            os.rename(temp, path)
-        elif _exchange(temp, path):
-            _remove(temp)  # temp now holds the old version
-        else:
-            _swap_aside(temp, path)
+        if before_swap is not None:
+            before_swap()
+        _put_in_place(temp, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def _put_in_place(new: Path, path: Path) -> None:
+    """Give directory `new` the name path, replacing the version there if any."""
+    if not (path.exists() or path.is_symlink()):
+        try:
+            os.rename(new, path)
+            return
+        except OSError as exc:
+            # Another writer made path since it was looked at (two first publishes of one
+            # name at once, here or on another replica): the rename onto its folder failed
+            # with ENOTEMPTY (INTERNAL, or a fine-tuning job failed after its whole run).
+            # Its version is replaced like any other.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if _exchange(new, path):
+        _remove(new)  # new now holds the old version
+    else:
+        _swap_aside(new, path)
 
 
 def _swap_aside(new: Path, path: Path) -> None:

@@ -335,7 +335,7 @@ def test_an_adapters_directory_it_cannot_write_is_a_failed_precondition(tiny_hf_
     shutil.copytree(source_dir, root)
     registry = engine_for(tiny_hf_model, smollm2_tokenizer, root, max_loras=4).registry
 
-    def read_only(path, files):
+    def read_only(path, files, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(registry_module, "write_directory", read_only)

@@ -3,12 +3,16 @@ replica publishes the others serve without a restart, within --adapter-refresh-s
 
 import errno
 import json
+import os
+import time
 
 import pytest
 from safetensors.torch import load_file
 
+from tandem.server.adapters import peft_format
 from tandem.server.adapters import registry as registry_module
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, write_adapter
+from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, content_hash, write_adapter
+from tandem.server.errors import Unavailable
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
 
@@ -83,6 +87,7 @@ def test_a_broken_new_version_is_read_once_not_at_every_refresh(tiny_hf_model, s
     monkeypatch.setattr(server.registry, "_read_files", lambda *args: reads.append(args[0]) or read_files(*args))
     weights = (versions[1] / WEIGHTS_FILE).read_bytes()
     (shared / "style" / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+    age(shared / "style")  # a broken file that stays: one just written is read again until its stamp can be trusted
     assert all(server.registry.get("style") is old for _ in range(3))
     assert reads == ["style"]
     (shared / "style" / WEIGHTS_FILE).write_bytes(weights)
@@ -141,3 +146,77 @@ def test_a_link_swapped_to_another_folder_serves_that_folder(tiny_hf_model, smol
     swap.symlink_to(versions[0])
     swap.replace(root / "style")
     assert server.registry.get("style") is new
+
+
+def age(directory, seconds: float = 3600) -> None:
+    """Files last written long ago: their stamps are trusted at once."""
+    then = time.time_ns() - int(seconds * 1e9)
+    for path in directory.iterdir():
+        os.utime(path, ns=(then, then))
+
+
+def count_reads(registry, monkeypatch) -> list[str]:
+    reads, read_files = [], registry._read_files
+    monkeypatch.setattr(registry, "_read_files", lambda *args: reads.append(args[0]) or read_files(*args))
+    return reads
+
+
+def test_a_same_size_rewrite_in_place_within_the_mtime_tick_of_the_read_is_read_at_the_next_refresh(
+    tiny_hf_model, smollm2_tokenizer, shared, versions
+):
+    """cp or rsync --inplace of a version of the same size, within the timestamp tick of the
+    server's read (a few ms on Linux's coarse clock, 1-2 s on NFS, SMB, FUSE), left the
+    (inode, size, mtime) stamp as it was: the old or a torn version was served until a
+    restart or a LoadAdapter."""
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    weights = shared / "style" / WEIGHTS_FILE
+    stamp, seen = registry_module.file_stamp(shared / "style"), os.stat(weights)
+    old = server.registry.get("style")
+    rewritten = (versions[1] / WEIGHTS_FILE).read_bytes()
+    assert len(rewritten) == seen.st_size and rewritten != weights.read_bytes()
+    with open(weights, "r+b") as f:  # in place: the same inode
+        f.write(rewritten)
+    os.utime(weights, ns=(seen.st_atime_ns, seen.st_mtime_ns))  # the same mtime tick
+    assert registry_module.file_stamp(shared / "style") == stamp
+    new = server.registry.get("style")
+    assert new.content_hash == content_hash(shared / "style") != old.content_hash
+
+
+def test_files_untouched_for_long_are_not_read_again_at_each_refresh(tiny_hf_model, smollm2_tokenizer, shared, monkeypatch):
+    age(shared / "style")
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    reads = count_reads(server.registry, monkeypatch)
+    first = server.registry.get("style")
+    assert all(server.registry.get("style") is first for _ in range(5))
+    assert reads == ["style"]
+
+
+def test_recent_files_are_read_again_until_their_stamp_can_be_trusted(tiny_hf_model, smollm2_tokenizer, shared, monkeypatch):
+    """A version published just now is read again at the next check (the same object kept
+    when its content is unchanged), and no longer once its files are old enough."""
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    reads = count_reads(server.registry, monkeypatch)
+    first = server.registry.get("style")
+    assert server.registry.get("style") is first and reads == ["style", "style"]
+    later = time.time_ns() + registry_module.RACY_STAMP_NS + 10**9
+    monkeypatch.setattr(registry_module.time, "time_ns", lambda: later)
+    assert all(server.registry.get("style") is first for _ in range(3))
+    assert reads == ["style"] * 3
+
+
+def test_files_swapped_during_every_read_are_refused_not_paired(tiny_hf_model, smollm2_tokenizer, shared, versions, monkeypatch):
+    """The last of the read's attempts went unchecked: a version swapped in between the config
+    read and the weights read served one version's config with the other's weights."""
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared)
+    read_config, swaps = peft_format.read_config, []
+
+    def swapped_after_the_config(name, path):
+        config = read_config(name, path)
+        swaps.append(path)
+        publish(versions[len(swaps) % 2], shared / "style")  # the other version, before the weights are read
+        return config
+
+    monkeypatch.setattr(peft_format, "read_config", swapped_after_the_config)
+    with pytest.raises(Unavailable, match="adapter 'style' changed on disk during each of 3 reads of its files"):
+        server.registry.get("style")
+    assert len(swaps) == 3 and server.registry.list() == []

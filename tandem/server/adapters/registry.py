@@ -27,7 +27,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -45,7 +46,7 @@ from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAd
 from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import TEMP_NAME_BYTES, remove_leftovers, write_directory
-from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, TandemError, excerpt
+from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, TandemError, Unavailable, excerpt
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGETS, module_path, target_of
 
@@ -58,8 +59,18 @@ NAME_MAX_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
 PATH_MAX_BYTES = 4096  # and the longest path (PATH_MAX)
 # What identifies one version of an adapter's files without reading them: (inode, size,
 # mtime) of the config and the weights. An atomic publish makes new inodes; a copy in place
-# changes the size or the mtime.
+# changes the size or the mtime, unless it keeps the size and lands within the mtime tick of
+# the server's look at the files (see RACY_STAMP_NS).
 FileStamp = tuple[tuple[int, int, int], ...]
+# A stamp is trusted only once its files' mtimes are this much older than the start of the
+# read it was taken for (git's "racy" index entries). A file rewritten in place at the same
+# size (cp, rsync --inplace) within the tick of its mtime keeps its stamp: the old or a torn
+# version was served until a restart or a LoadAdapter. A tick is a jiffy's few ms on Linux's
+# coarse clock, 1 s on NFS servers with second timestamps, 2 s on FAT-style SMB and some FUSE
+# mounts: 2 s covers them all. A file that recent is read again at the next check instead
+# (its stamp stored as unknown, None), so a new version's files are read about once more.
+# The mtimes of a network file system are its server's clock: a skew beyond this is not covered.
+RACY_STAMP_NS = 2_000_000_000
 
 
 class AdapterTier(str, Enum):
@@ -151,8 +162,8 @@ def _check_file_name(label: str, text: str, limit: int) -> None:
         raise InvalidRequest(f"{label} is too long: {size} bytes where the file system allows {limit}")
 
 
-# Reads of an adapter whose files keep changing under them before the last one stands (its
-# stamp then says to read it again at the next check).
+# Reads of an adapter whose files keep changing under them before it is refused (Unavailable;
+# a cached version stays served).
 _READ_ATTEMPTS = 3
 
 
@@ -164,6 +175,15 @@ def file_stamp(directory: Path) -> FileStamp | None:
     except OSError:
         return None
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+def trusted_stamp(stamp: FileStamp | None, looked_at_ns: int) -> FileStamp | None:
+    """stamp, or None (unknown: read the files again at the next check) while one of its
+    files was modified too close to looked_at_ns (time.time_ns() before the stamp was taken)
+    for a later write in the same mtime tick to be told apart (RACY_STAMP_NS)."""
+    if stamp is None or any(mtime_ns >= looked_at_ns - RACY_STAMP_NS for _, _, mtime_ns in stamp):
+        return None
+    return stamp
 
 
 class AdapterRegistry:
@@ -194,6 +214,8 @@ class AdapterRegistry:
         self._unloaded: set[str] = set()
         # name -> how many admin loads and unloads it has had (see _commit_name).
         self._admin_changes: dict[str, int] = {}
+        # name -> (its publishes' lock, how many publishes hold or wait for it): _publishing_lock.
+        self._publishing: dict[str, tuple[threading.Lock, int]] = {}
         self.host_evictions = 0
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
             self._remove_leftovers()
@@ -326,6 +348,7 @@ class AdapterRegistry:
         again until they change (each refresh read all of a broken file on a request's thread);
         one whose read failed (permissions, an I/O error, memory) is tried at the next refresh."""
         directory = now = None
+        looked_at = time.time_ns()
         try:
             directory = resolve_adapter_dir(self.adapters_dir, adapter.name, asked)
             now = file_stamp(directory)
@@ -334,9 +357,13 @@ class AdapterRegistry:
             if now is None or (now == stamp and directory == adapter.path) or refused:
                 return adapter
             return self._read_and_cache(adapter.name, directory, asked)
-        except (IncompatibleAdapter, NotFound, InvalidRequest, OSError) as exc:
+        except (IncompatibleAdapter, NotFound, InvalidRequest, Unavailable, OSError) as exc:
             log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
-            if now is not None and not isinstance(exc, OSError) and not isinstance(exc.__cause__, OSError):
+            # Refused files are not read again until their stamp changes: only a stamp that
+            # can be trusted to change (an in-place copy still being made may end within
+            # the tick of the mtime seen here, at the same size).
+            refusal = not isinstance(exc, (OSError, Unavailable)) and not isinstance(exc.__cause__, OSError)
+            if refusal and trusted_stamp(now, looked_at) is not None:
                 with self._lock:
                     self._unreadable[adapter.name] = (directory, now)
             return adapter
@@ -396,22 +423,51 @@ class AdapterRegistry:
         """Writes a new adapter's folder and loads it. A directory this server cannot write
         (Kubernetes mounts the serving replicas' read-only) is the caller's to fix, not an
         internal error. A caller that has gone gets nothing written: a merge it timed out on
-        and sent again, corrected, was overwritten by the first when that one ended last."""
+        and sent again, corrected, was overwritten by the first when that one ended last.
+        Publishes of one name run one at a time, the write and the load together, and a
+        caller's going is checked again just before its version takes the name: a merge whose
+        caller gave up mid-write (fsyncs) landed and was loaded after the corrected merge sent
+        again meanwhile, which was then overwritten on disk and in the cache."""
         check_writable_name(name)
         if self.adapters_dir is None:
             raise IncompatibleAdapter("writing an adapter needs an adapters directory (start the server with --adapters-dir)")
-        if abandoned is not None and abandoned.is_set():
-            raise FailedPrecondition(f"the call that would write adapter {name!r} was cancelled: nothing was written")
+
+        def check_not_abandoned() -> None:
+            if abandoned is not None and abandoned.is_set():
+                raise FailedPrecondition(f"the call that would write adapter {name!r} was cancelled: nothing was written")
+
+        check_not_abandoned()
+        with self._publishing_lock(name):
+            try:
+                write_directory(self.adapters_dir / name, files, before_swap=check_not_abandoned)
+            except OSError as exc:
+                if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise FailedPrecondition(
+                    f"cannot write adapter {name!r} into the adapters directory ({exc.strerror}): publish it on a server "
+                    "whose --adapters-dir is writable (in the Kubernetes layout, the trainer)"
+                ) from exc
+            # Loaded whatever `abandoned` says now: these files are the name's version on
+            # disk, and no later publish of the name can land before this load (the lock).
+            return self.load(name)
+
+    @contextmanager
+    def _publishing_lock(self, name: str) -> Iterator[None]:
+        """Held by a publish of name while it writes and loads (never the registry's lock,
+        which no file I/O may hold): requests and other names go on meanwhile."""
+        with self._lock:
+            lock, holders = self._publishing.get(name) or (threading.Lock(), 0)
+            self._publishing[name] = (lock, holders + 1)
         try:
-            write_directory(self.adapters_dir / name, files)
-        except OSError as exc:
-            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise FailedPrecondition(
-                f"cannot write adapter {name!r} into the adapters directory ({exc.strerror}): publish it on a server "
-                "whose --adapters-dir is writable (in the Kubernetes layout, the trainer)"
-            ) from exc
-        return self.load(name)
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                holders = self._publishing[name][1] - 1
+                if holders:
+                    self._publishing[name] = (lock, holders)
+                else:
+                    del self._publishing[name]
 
     def _plain(self, name: str, action: str) -> LoRAAdapter:
         """The current version of a LoRA adapter (InvalidRequest for a router)."""
@@ -513,6 +569,11 @@ class AdapterRegistry:
         with self._lock:
             if not self._commit_name(name, revive, seen, abandoned):
                 return adapter
+            cached = self._cache.get(name)
+            if cached is not None and (cached.content_hash, cached.path) == (adapter.content_hash, adapter.path):
+                # The same version read again (its stamp was not trusted yet, or a LoadAdapter
+                # of unchanged files): requests go on sharing one object, and its memory.
+                adapter = cached
             self._routers.pop(name, None)  # as in _read_router: the name is a LoRA adapter now
             self._unreadable.pop(name, None)
             self._cache[name] = adapter
@@ -529,23 +590,29 @@ class AdapterRegistry:
         return adapter
 
     def _read_whole(self, name: str, directory: Path) -> tuple[FileStamp | None, bool, LoRAAdapter]:
-        """(stamp, compressed, adapter) of one version. The config and the weights are two
+        """(stamp, compressed, adapter) of one version; the stamp None (unknown) while the
+        files are too recent to trust it (trusted_stamp). The config and the weights are two
         files: a publish that replaces the folder between their reads (a compress of a PEFT
         adapter under its own name) made a read fail saying the weights file was missing, or
         pair one version's config with the other's weights. Read again while the files
-        changed during the read; a failure of files that stayed put is the files'."""
-        for _ in range(_READ_ATTEMPTS - 1):
+        changed during the read; a failure of files that stayed put is the files'. Files that
+        changed during every attempt are refused (Unavailable): the last attempt went
+        unchecked, and could serve one version's config with another's weights."""
+        for attempt in range(_READ_ATTEMPTS):
+            looked_at = time.time_ns()
             stamp = file_stamp(directory)
             try:
                 compressed, adapter = self._read_files(name, directory)
             except (TandemError, OSError):
-                if file_stamp(directory) != stamp:
+                if attempt < _READ_ATTEMPTS - 1 and file_stamp(directory) != stamp:
                     continue
                 raise
             if file_stamp(directory) == stamp:
-                return stamp, compressed, adapter
-        stamp = file_stamp(directory)
-        return (stamp, *self._read_files(name, directory))
+                return trusted_stamp(stamp, looked_at), compressed, adapter
+        raise Unavailable(
+            f"adapter {excerpt(name)} changed on disk during each of {_READ_ATTEMPTS} reads of its files: "
+            "retry once it is no longer being written"
+        )
 
     def _read_files(self, name: str, directory: Path) -> tuple[bool, LoRAAdapter]:
         if is_compressed(directory):  # packed bits, a small copy of the file: no slab block outlives the read

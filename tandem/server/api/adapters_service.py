@@ -1,5 +1,7 @@
 """tandem.v1.AdaptersService: proto in, adapter catalog call, proto out."""
 
+import asyncio
+
 import grpc
 
 from tandem.server.api import convert
@@ -26,7 +28,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
 
     async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
         with self._state.admit():
-            self._state.catalog.unload(request.name)
+            # It looks for the name's folder on disk (a slow or hung shared volume): off the
+            # event loop, where it held every other call, health checks included.
+            await asyncio.to_thread(self._state.catalog.unload, request.name)
             return adapters_pb2.UnloadAdapterResponse()
 
     async def MergeAdapters(self, request: adapters_pb2.MergeAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.MergeAdaptersResponse:
