@@ -99,8 +99,8 @@ def linear(x: Tensor, packed: Tensor | None, out_features: int, bias: Tensor | N
         return None
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
-        return None
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous() or not bias.is_cpu or bias.shape != (out_features,)):
+        return None  # the kernel reads out_features values from its pointer: torch's path says what is wrong
     in_features = packed.shape[1] * (2 if x.dtype == torch.bfloat16 else 1)
     if x.shape[1] != in_features or out_features > packed.shape[0] * tile_cols(x.dtype):
         raise ValueError(f"x [{x.shape[0]}, {x.shape[1]}] does not fit a packed weight of {tuple(packed.shape)}")

@@ -605,6 +605,31 @@ def test_the_native_slot_load_writes_what_torch_copies_write(smollm2_tokenizer, 
         assert w.a[[0, 2]].isnan().all() and w.b[[0, 2]].isnan().all(), "other slots must stay untouched"
 
 
+@pytest.mark.skipif(native_cpu.library() is None, reason="no C compiler to build the native kernel")
+def test_the_native_slot_load_refuses_slices_that_do_not_fit_and_writes_nothing(tiny_hf_model):
+    """The C load writes where its pointers say: a rank past the pool's, a wrong input width,
+    columns past the pool's outputs or a slot past its slots wrote outside the slot (or the
+    pool), where torch's copies raise. It refuses them, and the caller's torch copy says why."""
+    model = build_from_hf(tiny_hf_model, torch.float32, torch.device("cpu"))
+    pool = SlotPool(model, 2, MAX_RANK, torch.float32, torch.device("cpu"))
+    w = pool.weights[(0, "qkv")]
+    before = (w.a.clone(), w.b.clone())
+    fin, n = w.in_features, w.b.shape[1]
+    good = (w, 0, 0, torch.ones(4, fin), torch.ones(w.out_slices[0], 4), 1.0)
+    bad = [
+        (0, (w, 0, 0, torch.ones(MAX_RANK + 1, fin), torch.ones(w.out_slices[0], MAX_RANK + 1), 1.0)),
+        (0, (w, 0, 0, torch.ones(4, fin + 1), torch.ones(w.out_slices[0], 4), 1.0)),
+        (0, (w, 0, n - 2, torch.ones(4, fin), torch.ones(w.out_slices[0], 4), 1.0)),
+        (0, (w, 0, 0, torch.ones(4, fin), torch.ones(w.out_slices[0], 3), 1.0)),
+        (0, (w, w.num_slices, 0, torch.ones(4, fin), torch.ones(w.out_slices[0], 4), 1.0)),
+        (2, good),
+    ]
+    for slot, piece in bad:
+        assert not native_cpu.load_slot(slot, [good, piece] if slot == 0 else [piece])
+        assert torch.equal(w.a, before[0]) and torch.equal(w.b, before[1])
+    assert native_cpu.load_slot(0, [good])
+
+
 def test_a_burst_of_requests_for_an_uncached_adapter_reads_it_once(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, monkeypatch):
     """The server resolves each request's adapter in a thread of its own: a burst for an
     adapter not in memory must share one read (and one failure), not read the file per request."""

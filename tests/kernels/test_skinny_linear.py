@@ -92,3 +92,6 @@ def test_declines_what_it_cannot_take(dtype: torch.dtype) -> None:
         skinny_linear.linear(torch.randn(2, 30).to(dtype), packed, 64)
     with pytest.raises(ValueError, match="does not fit"):
         skinny_linear.linear(x.detach(), packed, 65)
+    # A bias the kernel would read past (it reads out_features values from its pointer).
+    assert skinny_linear.linear(x.detach(), packed, 64, torch.zeros(63, dtype=dtype)) is None
+    assert skinny_linear.linear(x.detach(), packed, 64, torch.zeros(64, 1, dtype=dtype)) is None

@@ -229,6 +229,14 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     return True
 
 
+def _fits(w: LoRAWeights, slot: int, s: int, col: int, a: Tensor, b: Tensor) -> bool:
+    """Whether a [r, fin] and b [width, r] fit slice s of slot `slot` at column col: the kernel
+    writes where the pointers say, where torch's copies would raise."""
+    rank = a.shape[0]
+    return (0 <= slot < w.a.shape[0] and 0 <= s < w.num_slices and rank <= w.max_rank and a.shape[1] == w.in_features
+            and b.shape[1] == rank and 0 <= col and col + b.shape[0] <= w.b.shape[1])
+
+
 def load_slot(slot: int, slices: list[tuple[LoRAWeights, int, int, Tensor, Tensor, float]]) -> bool:
     """Copy an adapter into slot `slot` of its pools in one call: per slice (pool, slice index,
     its first output column, a [r, fin], b [w, r], scale), a and b float32 and contiguous on
@@ -248,7 +256,7 @@ def load_slot(slot: int, slices: list[tuple[LoRAWeights, int, int, Tensor, Tenso
             # Slot `slot`'s A rows, and its B^T (b's storage is [slots, max_rank, n >= N]).
             dst = dst_of[id(w)] = (w.a.data_ptr() + slot * w.num_slices * rows * fin * item, rows * fin * item,
                                    w.b.data_ptr() + slot * rows * n * item, item, fin, n)
-        if not (_is_cpu_float32_rows(a) and _is_cpu_float32_rows(b)):
+        if not (_is_cpu_float32_rows(a) and _is_cpu_float32_rows(b) and _fits(w, slot, s, col, a, b)):
             return False
         a_dst, slice_bytes, bt_dst, item, fin, n = dst
         structs.append(_Slice(a.data_ptr(), b.data_ptr(), a_dst + s * slice_bytes, bt_dst + col * item, fin, b.shape[0], a.shape[0], n, scale))
