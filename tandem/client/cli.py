@@ -7,6 +7,7 @@ TANDEM_* environment twin; this module never reads the environment itself.
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from tandem.client.types import FinetuneJob, Hyperparameters, LoraOptions, Sampl
 
 EXIT_NOT_SERVING = 1
 EXIT_JOB_FAILED = 1  # a watched fine-tuning job failed or was cancelled
+# What a server that is starting, restarting or slow answers a health check: `health --wait` asks again.
+HEALTH_NOT_YET = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 FlagSpec = tuple[str, Callable[[str], Any], str]  # (flag, type, help)
 
 
@@ -111,9 +114,13 @@ def _adapter_arg(value: str) -> str | dict[str, float]:
     if "=" not in value:
         return value
     try:
-        return {name: float(weight) for name, weight in (part.split("=", 1) for part in value.split(","))}
+        pairs = [(name, float(weight)) for name, weight in (part.split("=", 1) for part in value.split(","))]
     except ValueError:
         raise argparse.ArgumentTypeError(f"a mixture is NAME=WEIGHT,NAME=WEIGHT with numeric weights, got {value!r}") from None
+    mixture = dict(pairs)
+    if len(mixture) < len(pairs):  # the mapping kept the last weight of a name given twice
+        raise argparse.ArgumentTypeError(f"a mixture names each adapter once, with its total weight, got {value!r}")
+    return mixture
 
 
 def _client(args: argparse.Namespace) -> TandemClient:
@@ -188,22 +195,36 @@ def _run_model(args: argparse.Namespace, client: TandemClient) -> int:
 
 def _run_health(args: argparse.Namespace, client: TandemClient) -> int:
     """Prints the status; with --wait polls until SERVING or the time is up, showing on
-    stderr what it waits for (a line redrawn on a terminal, a line per change elsewhere)."""
+    stderr what it waits for (a line redrawn on a terminal, a line per change elsewhere).
+    Only a server not up yet is waited for: another failure (NOT_FOUND for a mistyped
+    --service, UNAUTHENTICATED) will not pass by itself, so it fails at once as any call does."""
     started = time.monotonic()
     progress = LiveLine(sys.stderr)
     what = args.service or "the server"
-    while True:
-        try:
-            status = client.health(args.service, timeout=min(5.0, args.timeout))
-        except TandemRpcError as error:
-            status = error.code.name
-        waited = time.monotonic() - started
-        if status == "SERVING" or waited >= args.wait:
-            progress.close()
-            print(status)
-            return 0 if status == "SERVING" else EXIT_NOT_SERVING
-        progress.show(f"waiting for {what}: {status}" + (f", {waited:.0f} s of {args.wait:.0f}" if progress.live else ""))
-        time.sleep(0.5)
+    try:
+        while True:
+            status, error = _health_status(args, client)
+            waited = time.monotonic() - started
+            if status == "SERVING" or waited >= args.wait:
+                break
+            progress.show(f"waiting for {what}: {status}" + (f", {waited:.0f} s of {args.wait:.0f}" if progress.live else ""))
+            time.sleep(0.5)
+    finally:
+        progress.close()
+    if error is not None:
+        print(f"tandem: {error}", file=sys.stderr)
+    print(status)
+    return 0 if status == "SERVING" else EXIT_NOT_SERVING
+
+
+def _health_status(args: argparse.Namespace, client: TandemClient) -> tuple[str, TandemRpcError | None]:
+    """The serving status, or the code of a server not up yet with its error; raises any other failure."""
+    try:
+        return client.health(args.service, timeout=min(5.0, args.timeout)), None
+    except TandemRpcError as error:
+        if error.code not in HEALTH_NOT_YET:
+            raise
+        return error.code.name, error
 
 
 def _run_adapters(args: argparse.Namespace, client: TandemClient) -> int:
@@ -220,6 +241,11 @@ def _run_adapters(args: argparse.Namespace, client: TandemClient) -> int:
     elif args.action == "merge":
         if args.weights and len(args.weights) != len(args.adapters):
             print(f"tandem adapters merge: error: --weights gives {len(args.weights)} weights for {len(args.adapters)} adapters", file=sys.stderr)
+            return 2
+        twice = sorted({a for a in args.adapters if args.adapters.count(a) > 1})
+        if twice:
+            # The server refuses it too; with --weights, the name -> weight mapping kept only the last.
+            print(f"tandem adapters merge: error: adapter {twice[0]!r} is named twice: give each adapter once, with its total weight", file=sys.stderr)
             return 2
         adapters = dict(zip(args.adapters, args.weights)) if args.weights else args.adapters
         result = client.merge_adapters(
@@ -310,6 +336,15 @@ def _run_finetune_watch(args: argparse.Namespace, client: TandemClient) -> int:
     return _follow(client, args.id, args.json, args.timeout)
 
 
+def _reader_gone() -> int:
+    """Standard output's reader left early (`tandem generate ... | head -c 100`): it took what
+    it wanted, so this is no failure: exit 0 without a word, not 1 with "Broken pipe" (nor
+    141, SIGPIPE's, which fails a `set -o pipefail` script). stdout goes to devnull, so that
+    the interpreter's last flush at exit finds no broken pipe either (Python's recipe)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callable[[argparse.Namespace], int]:
     """Connects, runs `action`, and turns failures into a message and an exit status."""
 
@@ -319,6 +354,8 @@ def _runner(action: Callable[[argparse.Namespace, TandemClient], int]) -> Callab
                 return action(args, client)
         except TandemRpcError as error:
             return rpc_failure(error)
+        except BrokenPipeError:
+            return _reader_gone()
         except (OSError, ValueError) as error:
             print(f"tandem: {error}", file=sys.stderr)
             return 1

@@ -55,7 +55,7 @@ def _token(args: argparse.Namespace) -> str | None:
              for flag in ("token_file", "token")}
     if typed["token"] and not typed["token_file"]:
         return args.token
-    return Path(args.token_file).read_text().strip() if args.token_file else args.token
+    return Path(args.token_file).read_text() if args.token_file else args.token
 
 
 def _usage_error(message: str) -> None:

@@ -24,8 +24,11 @@ class ConnectionSettings:
     max_retries: extra attempts on UNAVAILABLE before any token arrived; a call that creates
     or changes something (CreateJob, CancelJob, MergeAdapters, CompressAdapter, UnloadAdapter)
     is sent again only when the first never reached a server (a second could do it twice).
-    reconnect_seconds: how long a watch (WatchJob) goes on reconnecting on UNAVAILABLE since
-    its last response, whatever max_retries says: a restarting server loads its model first."""
+    reconnect_seconds: how long a watch (WatchJob) goes on reconnecting on UNAVAILABLE, from
+    the first failure after its last response, whatever max_retries says: a restarting server
+    loads its model first.
+    token: surrounding whitespace is dropped (a file's or a variable's trailing newline made
+    the call fail as invalid metadata); whitespace inside is refused (a server's token is one word)."""
 
     target: str = "localhost:50051"
     token: str | None = None
@@ -45,6 +48,10 @@ class ConnectionSettings:
             raise ValueError("mutual TLS needs both client_cert and client_key")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"timeout is seconds > 0 (None or inf: no deadline), got {self.timeout}")
+        if self.token is not None:
+            self.token = self.token.strip()
+            if any(c.isspace() for c in self.token):
+                raise ValueError("the token has whitespace inside it: a bearer token is one word (check the file or variable it came from)")
 
     @property
     def uses_tls(self) -> bool:
@@ -124,8 +131,9 @@ def never_sent(error: grpc.RpcError) -> bool:
 
 class Attempts:
     """The deadline and the retry budget of one call, shared by all its attempts. A watch's
-    budget is time instead (settings.reconnect_seconds since its last response), renewed by
-    every response: it may run for hours across server restarts."""
+    budget is time instead (settings.reconnect_seconds from the first failure after its last
+    response, not from the response: a queued job or a slow step is quiet for longer), renewed
+    by every response: it may run for hours across server restarts."""
 
     def __init__(self, settings: ConnectionSettings, timeout: float | None, watch: bool = False):
         self.deadline = Deadline(timeout)
@@ -136,13 +144,22 @@ class Attempts:
     def responded(self) -> None:
         """A response arrived: a later failure starts a fresh budget."""
         self._delays = retry_delays(self._settings, endless=self._watch)
-        self._patience = Deadline(self._settings.reconnect_seconds if self._watch else None)
+        self._patience: Deadline | None = None
 
-    def pause_after(self, error: grpc.RpcError, request_id: str | None, retry: bool = True) -> float:
+    def pause_after(self, error: grpc.RpcError, request_id: str, retry: bool = True) -> float:
         """Seconds to wait before the next attempt; raises the call's TandemRpcError when
         there is none (retry False, not retryable, retries spent, or the deadline would pass first)."""
+        if self._patience is None:
+            self._patience = Deadline(self._settings.reconnect_seconds if self._watch else None)
         delay = next(self._delays, None) if retry and is_retryable(error) else None
         remaining = [r for r in (self.deadline.remaining(), self._patience.remaining()) if r is not None]
         if delay is None or any(delay >= r for r in remaining):
-            raise TandemRpcError.wrap(error, request_id) from None
+            raise TandemRpcError.wrap(error, _server_request_id(error, request_id)) from None
         return delay
+
+
+def _server_request_id(error: grpc.RpcError, sent: str) -> str:
+    """The id the server used for a failed call: it sends it in the initial metadata, which
+    a call that never reached it has none of."""
+    initial_metadata = getattr(error, "initial_metadata", None)
+    return request_id_from(initial_metadata() if callable(initial_metadata) else None, sent)

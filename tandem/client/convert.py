@@ -59,6 +59,8 @@ def generate_request(
 ) -> GenerationRequest:
     """Generate's request, or GenerateStream's (kind): the two messages have the same fields.
     adapter: a name, or name -> weight for a per-request mixture."""
+    if isinstance(adapter, Mapping) and not adapter:
+        raise ValueError('an adapter mixture needs at least one adapter (adapter="" is the base model)')
     mixture = [generation_pb2.AdapterWeight(name=n, weight=w) for n, w in adapter.items()] if isinstance(adapter, Mapping) else []
     return kind(
         prompt=prompt or "",

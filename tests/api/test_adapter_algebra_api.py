@@ -163,6 +163,15 @@ def test_bad_mixtures_are_refused_with_the_reason(admin, adapter, code, reason):
     assert error.code == code and reason in str(error)
 
 
+def test_an_empty_mixture_is_refused_before_it_is_sent():
+    """{} was sent as the adapter named "{}": NOT_FOUND for an adapter nobody named."""
+    with TandemClient("127.0.0.1:1", max_retries=0) as client:
+        with pytest.raises(ValueError, match="at least one adapter"):
+            client.generate(adapter={}, **GREEDY)
+        with pytest.raises(ValueError, match="at least one adapter"):
+            next(client.stream(adapter={}, **GREEDY))
+
+
 def test_merge_and_compress_publish_servable_adapters(admin):
     result = admin.merge_adapters("ties-ab", {"a0": 1.0, "a1": 0.5}, "ties", rank=6, density=0.4)
     assert result.adapter.name == "ties-ab" and result.adapter.rank == 6 and result.adapter.format == "peft"

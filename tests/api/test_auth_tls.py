@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from tandem.client import TandemClient, TandemRpcError
+from tandem.server.cli import main
 from tests.api.conftest import loopback
 from tests.api.harness import ServerThread
 
@@ -48,6 +49,17 @@ def test_roles(auth_server):
     with TandemClient(auth_server.target, token=ADMIN_TOKEN) as admin:
         assert admin.generate("hi", max_new_tokens=1).generated_tokens == 1
         assert code_of(lambda: admin.unload_adapter("x")) == grpc.StatusCode.NOT_FOUND  # past auth
+
+
+def test_a_token_with_a_trailing_newline_is_sent_without_it(auth_server, capsys, monkeypatch):
+    """A token that came with its file's newline (TANDEM_TOKEN, --token, the library's token=)
+    failed every call with INTERNAL "Invalid metadata": only --token-file's was stripped."""
+    with TandemClient(auth_server.target, token=f" {INFERENCE_TOKEN}\n") as user:
+        assert user.list_adapters() == []
+    monkeypatch.setenv("TANDEM_TOKEN", f"{INFERENCE_TOKEN}\n")
+    assert main(["adapters", "list", "--target", auth_server.target]) == 0, capsys.readouterr().err
+    with pytest.raises(ValueError, match="whitespace inside"):
+        TandemClient(auth_server.target, token=f"{INFERENCE_TOKEN} {ADMIN_TOKEN}")
 
 
 def test_tokens_never_reach_the_logs(auth_server, caplog):

@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -72,6 +74,46 @@ def test_errors_have_readable_messages_and_scriptable_exit_codes(server, capsys)
     assert code == 10 + 3 and "temperature" in err
     code, out, _ = run(capsys, "health", "--target", "127.0.0.1:1", "--timeout", "1")
     assert code == 1 and out.strip() != "SERVING"
+
+
+def test_health_waits_only_for_a_server_not_up_yet(server, capsys):
+    """A mistyped --service (NOT_FOUND), like a missing token, will not pass by waiting: --wait
+    polled until it ran out, then printed only the code name, exit 1."""
+    started = time.monotonic()
+    code, out, err = run(capsys, "health", "--service", "tandem.v1.Mistyped", "--wait", "5", "--target", server.target)
+    assert code == 10 + 5 and out == "" and "NOT_FOUND" in err and time.monotonic() - started < 4
+    code, out, err = run(capsys, "health", "--service", "tandem.v1.GenerationService", "--wait", "5", "--target", server.target)
+    assert (code, out) == (0, "SERVING\n")
+    # Not up yet when the wait ran out: the status on stdout, exit 1, and gRPC's words on stderr.
+    code, out, err = run(capsys, "health", "--wait", "0.5", "--timeout", "1", "--target", "127.0.0.1:1")
+    assert (code, out) == (1, "UNAVAILABLE\n") and "tandem: UNAVAILABLE: " in err
+
+
+def test_adapters_merge_refuses_an_adapter_named_twice(capsys):
+    """--weights 1 2 for `a a` became {"a": 2}: a merge of one adapter at the last weight."""
+    for weights in (["--weights", "1", "2"], []):
+        code, _, err = run(capsys, "adapters", "merge", "out", "a", "a", "--method", "linear", *weights, "--target", "127.0.0.1:1")
+        assert code == 2 and "adapter 'a' is named twice" in err
+
+
+def test_generate_refuses_a_mixture_that_names_an_adapter_twice(capsys):
+    """--adapter a=0.5,a=0.5 became {"a": 0.5}: half the weight the caller gave, sent without a word."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "hi", "--adapter", "a=0.5,a=0.5", "--target", "127.0.0.1:1"])
+    assert info.value.code == 2 and "names each adapter once" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(capsys, monkeypatch):
+    """`tandem generate ... | head -c 100`: "[Errno 32] Broken pipe" on stderr and exit 1."""
+    chunk = StreamChunk(text="Paris", token_ids=[1], finish_reason=None, prompt_tokens=3, generated_tokens=1, logprobs=[])
+    monkeypatch.setattr(TandemClient, "stream", lambda self, **kwargs: iter([chunk]))
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        code, _, err = run(capsys, "generate", "hi", "--target", "127.0.0.1:1")
+        assert (code, err) == (0, "")
+        print("after", file=stdout, flush=True)  # stdout now goes nowhere: the exit's flush cannot fail
 
 
 def test_serve_help_documents_every_flag_and_its_env_twin(capsys):
@@ -185,14 +227,15 @@ def test_half_a_client_certificate_is_a_usage_error(capsys, tmp_path):
 
 def test_a_token_on_the_command_line_beats_a_token_file_from_the_environment(monkeypatch, tmp_path):
     from tandem.client.cli_connection import connection_settings
+    from tandem.client.connection import ConnectionSettings
 
     (tmp_path / "ci-token").write_text("from-ci\n")
     monkeypatch.setenv("TANDEM_TOKEN_FILE", str(tmp_path / "ci-token"))
-    settings = lambda *argv: connection_settings(build_parser("model").parse_args(["model", *argv]))  # noqa: E731
-    assert settings()["token"] == "from-ci"
-    assert settings("--token", "admin")["token"] == "admin"
+    token = lambda *argv: ConnectionSettings(**connection_settings(build_parser("model").parse_args(["model", *argv]))).token  # noqa: E731
+    assert token() == "from-ci"
+    assert token("--token", "admin") == "admin"
     (tmp_path / "mine").write_text("mine")
-    assert settings("--token", "admin", "--token-file", str(tmp_path / "mine"))["token"] == "mine"  # both typed: the file, as before
+    assert token("--token", "admin", "--token-file", str(tmp_path / "mine")) == "mine"  # both typed: the file, as before
 
 
 def test_serve_on_a_client_install_beside_torch_prints_the_install_hint(capsys, monkeypatch):

@@ -1,6 +1,6 @@
 """A job watch outlives a server restart (jobs resume after one): the client reconnects on
-UNAVAILABLE for as long as settings.reconnect_seconds since the last response, however
-many attempts that takes, and gives up with UNAVAILABLE after it; a call that creates
+UNAVAILABLE for as long as settings.reconnect_seconds from the first failure after the last
+response, however many attempts that takes, and gives up with UNAVAILABLE after it; a call that creates
 something is sent again only when it never reached a server. A fake FineTuningService
 stands in for the server, so the restart's timing is the test's."""
 
@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from tandem.client import AsyncTandemClient, TandemClient
+from tandem.client.connection import Attempts, ConnectionSettings
 from tandem.client.errors import TandemRpcError
 from tandem.server.cli import build_parser, main
 from tandem.v1 import finetuning_pb2, finetuning_pb2_grpc
@@ -118,10 +119,10 @@ def test_an_async_watch_reconnects_across_a_restart(port):
             server.stop(0)
 
 
-def test_a_watch_gives_up_reconnect_seconds_after_its_last_response(port):
+def test_a_watch_gives_up_reconnect_seconds_after_it_lost_the_server(port):
     server = serve(port, Jobs("JOB_STATUS_RUNNING", drop=True))
     # Pauses of at most 0.1 s: it gives up once the next would end past reconnect_seconds, so
-    # no earlier than 0.9 s after its last response (with the default 5 s, at any time).
+    # no earlier than 0.9 s after its first failure (with the default 5 s, at any time).
     with TandemClient(f"127.0.0.1:{port}", reconnect_seconds=1.0, max_backoff_seconds=0.1) as client:
         watch = client.watch_finetune_job("ftjob-x")
         next(watch)
@@ -137,6 +138,30 @@ def test_a_watch_gives_up_reconnect_seconds_after_its_last_response(port):
     # It kept reconnecting for about reconnect_seconds: its 3 retries' pauses (at most 0.1 s
     # each), or giving up at once, end well before.
     assert gave_up - responded >= 0.7
+
+
+class Restarting(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the server is shutting down"
+
+
+def test_a_quiet_watch_has_its_whole_reconnect_allowance_at_its_first_failure():
+    """A queued job, or steps slower than reconnect_seconds, send nothing for longer than it:
+    the allowance ran from the last response, so the first UNAVAILABLE of a restart ended the watch."""
+    attempts = Attempts(ConnectionSettings(reconnect_seconds=0.3, max_backoff_seconds=0.01), None, watch=True)
+    attempts.responded()
+    time.sleep(0.4)  # a quiet job: no response, no failure
+    assert attempts.pause_after(Restarting(), "id") <= 0.01
+    time.sleep(0.4)  # failing since: the allowance is spent
+    with pytest.raises(TandemRpcError) as caught:
+        attempts.pause_after(Restarting(), "id")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    attempts.responded()  # reconnected: a later failure has the whole allowance again
+    time.sleep(0.4)
+    assert attempts.pause_after(Restarting(), "id") <= 0.01
 
 
 def test_a_call_that_creates_something_is_sent_again_only_when_it_never_reached_a_server(port):

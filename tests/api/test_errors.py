@@ -61,6 +61,28 @@ def test_not_found(client):
     assert code == grpc.StatusCode.NOT_FOUND and "--adapters-dir" in message
 
 
+def test_an_error_names_the_request_id_the_server_used(client):
+    """The server replaces an id it finds malformed and says so in the initial metadata: a
+    success reported its id, an error the caller's, which no log line holds."""
+
+    def request_id_of(call) -> str:
+        with pytest.raises(TandemRpcError) as info:
+            call()
+        return info.value.request_id
+
+    async def failed_async() -> None:
+        async with AsyncTandemClient(client.settings.target) as aio:
+            await aio.generate("hi", adapter="no-such-adapter", request_id="not an id")
+
+    ids = [
+        request_id_of(lambda: client.generate("hi", adapter="no-such-adapter", request_id="not an id")),
+        request_id_of(lambda: list(client.stream("hi", adapter="no-such-adapter", request_id="not an id"))),
+        request_id_of(lambda: asyncio.run(failed_async())),
+    ]
+    assert all(len(rid) == 32 and rid != "not an id" for rid in ids), ids  # the server's uuid4 hex
+    assert request_id_of(lambda: client.generate("hi", adapter="no-such-adapter", request_id="trace-7")) == "trace-7"
+
+
 @pytest.fixture(scope="module")
 def limited(tiny_model_dir, tmp_path_factory) -> Iterator[ServerThread]:
     """One running sequence, one waiting, 64 KiB messages, and an adapters directory."""
