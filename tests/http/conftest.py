@@ -18,6 +18,11 @@ TOKEN = "http-inference-token"
 ADAPTER = "style"
 
 
+def sse_data(raw: bytes) -> list[str]:
+    """The data of each server-sent event of a stream's body."""
+    return [event.removeprefix("data: ") for event in raw.decode().split("\n\n") if event]
+
+
 @pytest.fixture(scope="session")
 def tiny_adapters_dir(tmp_path_factory, tiny_hf_model) -> Path:
     root = tmp_path_factory.mktemp("http-adapters")

@@ -14,11 +14,23 @@ import pytest
 
 from tests.api.conftest import all_blocks_free, held, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
-from tests.http.conftest import TOKEN
+from tests.http.conftest import TOKEN, sse_data
 
 
 def _sdk(server: ServerThread, token: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key=token, max_retries=0, timeout=60)
+
+
+def _calls(server: ServerThread) -> dict[tuple[str, str], float]:
+    """The calls counted in tandem:requests, by (method, status), read off the registry: a
+    drain closes the metrics port."""
+    calls: dict[tuple[str, str], float] = {}
+    for family in server.server.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "tandem:requests_total":
+                key = sample.labels["method"], sample.labels["status"]
+                calls[key] = calls.get(key, 0) + sample.value
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +70,45 @@ def test_bearer_tokens(auth_server, base_model):
     assert caught.value.code == 401
     with urllib.request.urlopen(urllib.request.Request(metrics, headers={"authorization": f"Bearer {TOKEN}"}), timeout=10) as reply:
         assert reply.status == 200 and b"tandem:" in reply.read()
+
+
+def test_a_body_the_framework_refuses_is_authorized_counted_and_in_openai_shape(adapter_engine, tmp_path):
+    """A body that is not UTF-8, or one over --max-message-bytes, was refused by the framework
+    before the token was checked (a caller without one learnt of the body), uncounted, with no
+    x-request-id, and a chunked one's 413 had code null where a declared length's had
+    resource_exhausted."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"inference {TOKEN}\n")
+    server = ServerThread(loopback(auth_tokens_file=str(tokens), max_message_bytes=1000), adapter_engine)
+
+    def post(path: str, body: bytes | list[bytes] | None, token: str) -> tuple[int, str | None, dict]:
+        """body: bytes, chunks sent chunked, or None: a declared length over the limit, no body sent."""
+        connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=30)
+        headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {token}"} if token else {})
+        if body is None:
+            headers["content-length"] = "5000"
+        connection.request("POST", path, body=iter(body) if isinstance(body, list) else body, headers=headers)
+        reply = connection.getresponse()
+        return reply.status, reply.getheader("x-request-id"), json.loads(reply.read())
+
+    try:
+        not_utf8 = b'{"messages": [{"role": "user", "content": "\xff"}]}'
+        chunked = [b" " * 600, b" " * 600]
+        for path, body in [("/v1/chat/completions", not_utf8), ("/v1/completions", chunked), ("/v1/completions", None)]:
+            status, request_id, reply = post(path, body, "")
+            assert (status, reply["error"]["type"]) == (401, "authentication_error") and request_id, path
+        status, request_id, reply = post("/v1/chat/completions", not_utf8, TOKEN)
+        assert status == 400 and request_id and (reply["error"]["type"], reply["error"]["code"]) == ("invalid_request_error", "invalid_argument")
+        declared = post("/v1/completions", None, TOKEN)
+        status, request_id, reply = post("/v1/completions", chunked, TOKEN)
+        assert status == declared[0] == 413 and request_id and reply == declared[2]
+        assert reply["error"]["code"] == "resource_exhausted" and "--max-message-bytes" in reply["error"]["message"]
+        assert _calls(server) == {
+            ("ChatCompletions", "UNAUTHENTICATED"): 1, ("Completions", "UNAUTHENTICATED"): 2,
+            ("ChatCompletions", "INVALID_ARGUMENT"): 1, ("Completions", "RESOURCE_EXHAUSTED"): 2,
+        }
+    finally:
+        server.stop()
 
 
 def _refuses_connections(port: int) -> bool:
@@ -101,18 +152,31 @@ def test_drain_refuses_new_connections_and_finishes_streams_in_flight(adapter_en
     assert sorted((c.index, c.finish_reason) for c in finished) == [(i, "length") for i in range(4)]
 
 
-def test_a_stream_past_the_grace_period_ends_with_abort(adapter_engine, base_model):
+def test_a_stream_past_the_grace_period_ends_with_an_error_not_a_finish(adapter_engine, base_model):
+    """Cut off by the drain, a stream ended with finish_reason "abort", its usage and [DONE],
+    and was counted OK: the SDK took the part for the whole completion. Its text still comes,
+    then the error event a failed stream ends with (the SDK raises it), no usage, no [DONE]."""
     server = ServerThread(loopback(), adapter_engine)
+    body = {
+        "model": base_model, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}, "ignore_eos": True,
+    }
     with held(adapter_engine):  # not over before the drain comes
-        stream = _sdk(server).completions.create(
-            model=base_model, prompt="Once upon a time", max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True}
-        )
-        chunks = [next(stream)]
+        connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=60)
+        connection.request("POST", "/v1/completions", body=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        reply = connection.getresponse()
+        first = reply.readline()
         drained = server.submit(server.server.drain(grace=0))
-        chunks.extend(stream)
+        raw = first + reply.read()
     assert drained.result(60) is False
+    assert wait_until(lambda: _calls(server) == {("Completions", "UNAVAILABLE"): 1})
     server.close()
-    assert chunks[-1].choices[0].finish_reason == "abort"
+    *chunks, last = sse_data(raw)
+    assert "[DONE]" not in chunks and last != "[DONE]"
+    choices = [c for chunk in map(json.loads, chunks) for c in chunk["choices"]]
+    assert choices and "".join(c["text"] for c in choices) and all(c["finish_reason"] is None for c in choices)
+    error = json.loads(last)["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable_error", "unavailable") and "retry" in error["message"]
 
 
 def test_a_unary_call_past_the_grace_period_is_a_503_the_client_retries(adapter_engine, base_model):

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.api.conftest import wait_until
-from tests.http.conftest import ADAPTER
+from tests.http.conftest import ADAPTER, sse_data
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -282,6 +282,39 @@ def test_the_older_function_calling_fields_are_refused_like_tools(http_server, b
     for field, value in (("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto")):
         status, body = _post(http_server, "chat/completions", {"model": base_model, "messages": CHAT, "max_tokens": 2, field: value})
         assert status == 400 and body["error"]["message"] == f"{field} is not supported by this server: drop it from the request"
+
+
+def test_function_call_none_passes_as_tool_choice_none_does(http_server, base_model):
+    """Legacy clients send function_call "none" to call no function: a 400, where tool_choice
+    "none" passed."""
+    for field in ("tool_choice", "function_call"):
+        status, body = _post(http_server, "chat/completions", {"model": base_model, "messages": CHAT, "max_tokens": 2, field: "none"})
+        assert status == 200 and body["usage"]["completion_tokens"] <= 2, (field, body)
+
+
+@pytest.mark.parametrize("path", ["completions", "chat/completions"])
+def test_with_include_usage_every_chunk_before_the_usage_has_it_null(http_server, base_model, path):
+    """OpenAI's spec: with include_usage every chunk has a usage field, null but in the last
+    chunk's; it was left out. Without include_usage there is none."""
+    ask = {"prompt": PROMPT} if path == "completions" else {"messages": CHAT}
+    for include_usage in (True, False):
+        body = {"model": base_model, "max_tokens": 3, "temperature": 0, "stream": True, **ask}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_server.server.http_port}/v1/{path}", data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            *chunks, done = sse_data(reply.read())
+        chunks = [json.loads(chunk) for chunk in chunks]
+        assert done == "[DONE]" and len(chunks) > 2
+        if include_usage:
+            *chunks, last = chunks
+            assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
+            assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks)
+        else:
+            assert all("usage" not in chunk for chunk in chunks)
 
 
 def test_vllms_fields_that_change_the_output_are_refused_by_name(http_server, base_model):

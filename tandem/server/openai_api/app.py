@@ -29,7 +29,7 @@ from tandem.server.api.serving_state import ServingState
 from tandem.server.api.status_mapping import http_error_for, status_for
 from tandem.server.engine.outputs import FinishReason, RequestOutput
 from tandem.server.engine.sampling_params import SamplingParams
-from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, TandemError, Unavailable, excerpt
+from tandem.server.errors import ContextLengthExceeded, InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt
 from tandem.server.metrics import Metrics
 from tandem.server.openai_api import convert, responses
 from tandem.server.openai_api.convert import FieldError
@@ -45,6 +45,16 @@ def method_of(path: str) -> str | None:
     """The method name a path's calls are recorded under; None outside the API."""
     return "RetrieveModel" if path.startswith(MODEL_PATH) else METHODS.get(path)
 REQUEST_ID_HEADER = "x-request-id"
+# What a call the server's stop cut short is told, streamed or not.
+CUT_SHORT = "the server stopped before the completion was whole: retry the request"
+
+
+class BodyTooLarge(ResourceExhausted):
+    """A body over --max-message-bytes (RESOURCE_EXHAUSTED, as over gRPC): 413 here, which says
+    the request itself is at fault, where the code's 429 would invite the same request again."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than the server's limit of {limit} bytes (--max-message-bytes)")
 
 
 def _error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
@@ -58,13 +68,15 @@ def _error(exc: BaseException, request_id: str) -> JSONResponse:
     `context_length_exceeded`, which LiteLLM and LangChain catch to fall back on. `param`
     is the field a refusal of this front names (FieldError); null for the engine's checks."""
     error = http_error_for(exc, request_id)
-    code, param = error.code, exc.param if isinstance(exc, FieldError) else None
+    status, kind, code, param = error.status, error.type, error.code, exc.param if isinstance(exc, FieldError) else None
     if isinstance(exc, NotFound):
         code, param = "model_not_found", "model"
     elif isinstance(exc, ContextLengthExceeded):
         code = "context_length_exceeded"
-    body = _error_body(error.message, error.type, code, param)
-    return JSONResponse(body, status_code=error.status, headers={REQUEST_ID_HEADER: request_id})
+    elif isinstance(exc, BodyTooLarge):
+        status, kind = 413, "invalid_request_error"
+    body = _error_body(error.message, kind, code, param)
+    return JSONResponse(body, status_code=status, headers={REQUEST_ID_HEADER: request_id})
 
 
 # Every field name of the request bodies: in a validation error's location, what is not one
@@ -101,9 +113,10 @@ def _sse(payload: dict) -> str:
 
 
 class BodyLimit:
-    """Refuses a body over --max-message-bytes with 413 in OpenAI's error shape: at once when
-    its Content-Length says so, else once the bytes read pass the limit. (FastAPI's own
-    max_body_size answers a declared length in plain text whatever the app replies.)"""
+    """Refuses a body over --max-message-bytes: its first read fails with 413 when its
+    Content-Length says so (none of it is read), else the read that passes the limit does. The
+    app answers that as its own refusals (BodyTooLarge). (FastAPI's own max_body_size answers a
+    declared length in plain text whatever the app replies.)"""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app = app
@@ -113,12 +126,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+        too_large = declared.isdigit() and int(declared) > self.limit
         read = 0
 
         async def counted() -> Message:
             nonlocal read
+            if too_large:
+                raise HTTPException(413)
             message = await receive()
             read += len(message.get("body", b""))
             if read > self.limit:
@@ -126,10 +140,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body is larger than the server's limit of {self.limit} bytes (--max-message-bytes)"
-        await JSONResponse(_error_body(message, "invalid_request_error", "resource_exhausted"), status_code=413)(scope, receive, send)
 
 
 def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, max_body_bytes: int) -> FastAPI:
@@ -157,16 +167,16 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
     async def handle_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, RequestValidationError):
             exc = _validation_error(exc)
-            # A body that is not JSON is refused before any dependency runs: a caller without
-            # a valid token learns that, not what was wrong with the body (as over gRPC).
-            if method_of(request.url.path) is not None:
-                try:
-                    authorize(request)
-                except TandemError as refused:
-                    exc = refused
         record = getattr(request.state, "record", None)
         if record is None and method_of(request.url.path) is not None:
+            # Refused before open_call ran (a body that is not JSON, not UTF-8, too large): a
+            # caller without a valid token learns that, not what was wrong with the body (as
+            # over gRPC).
             record = new_record(request)
+            try:
+                authorize(request)
+            except TandemError as refused:
+                exc = refused
         request_id = record.request_id if record else request_id_of("")
         code, _ = status_for(exc, request_id)
         if code == grpc.StatusCode.INTERNAL:
@@ -176,8 +186,12 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         return _error(exc, request_id)
 
     async def handle_http(request: Request, exc: HTTPException) -> Response:
-        """The framework's own refusals (no such route, wrong method, a body too large) in
-        OpenAI's error shape."""
+        """The framework's own refusals in OpenAI's error shape: of a body (not UTF-8, too large)
+        as the app's own refusals are answered; of a route (none there, wrong method) as they are."""
+        if exc.status_code == 413:
+            return await handle_error(request, BodyTooLarge(max_body_bytes))
+        if exc.status_code == 400:
+            return await handle_error(request, InvalidRequest(f"invalid request body: {exc.detail}"))
         message = f"{request.method} {request.url.path}: {exc.detail}"
         body = _error_body(message, "invalid_request_error", None)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -244,7 +258,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             # The server stopped before the reply was whole: a 5xx, which clients retry,
             # rather than a 200 with a finish_reason OpenAI never sends.
             record.close("UNAVAILABLE")
-            return _error(Unavailable("the server stopped before the completion was whole: retry the request"), record.request_id)
+            return _error(Unavailable(CUT_SHORT), record.request_id)
         choices = responses.Choices(seen, params.n, len(prompts))  # n is in range now: the engine took the request
         reply = renderer.whole(choices, await token_pieces(seen))
         record.close("OK")
@@ -254,7 +268,10 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         outputs: AsyncIterator[RequestOutput], first: RequestOutput, renderer: responses.CompletionRenderer, include_usage: bool
     ) -> AsyncIterator[str]:
         """SSE events until [DONE]; an error after the first event ends the stream with an
-        error event, as OpenAI's servers do. The record closes with how the stream ended."""
+        error event, as OpenAI's servers do, and so does the server's stop (an abort): its text
+        is sent, but no finish, usage or [DONE], which would pass the part for the whole. With
+        include_usage each chunk has a usage, null until the last. The record closes with how
+        the stream ended."""
         record = current_call()
         status = "CANCELLED"
         progress = responses.Progress(renderer.choices)
@@ -264,7 +281,9 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
                 while out is not None:
                     pieces = await token_pieces([out])
                     for chunk in renderer.chunks(out, pieces, progress):
-                        yield _sse(chunk)
+                        yield _sse({**chunk, "usage": None} if include_usage else chunk)
+                    if out.finish_reason == FinishReason.ABORT:
+                        raise Unavailable(CUT_SHORT)
                     progress.add(out)
                     out = await anext(outputs, None)
             if include_usage:

@@ -89,7 +89,7 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     _refuse(body.tools, "tools")
     _refuse(None if body.tool_choice == "none" else body.tool_choice, "tool_choice")
     _refuse(body.functions, "functions")  # the older form of tools
-    _refuse(body.function_call, "function_call")
+    _refuse(None if body.function_call == "none" else body.function_call, "function_call")  # "none": no function, as tool_choice's
     _refuse(body.audio, "audio")
     _refuse(None if body.modalities == ["text"] else body.modalities, 'modalities other than ["text"]', "modalities")
     _refuse(body.echo, "echo")  # vLLM's: the reply prefixed with the last message

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from tandem.server.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from tandem.server.engine.token_bytes import piece_text
 
-# OpenAI has one "stop" for both; "abort" is vLLM's value for a request the server ended.
-FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+# OpenAI has one "stop" for both, and none for an abort: a completion the server ended is not
+# whole, and the app answers it with an error instead.
+FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 TokenPieces = dict[int, bytes]
 
@@ -30,7 +31,7 @@ def token_ids_in(outputs: Iterable[RequestOutput]) -> list[int]:
 
 
 def finish_reason(out: RequestOutput) -> str | None:
-    return FINISH_REASONS[out.finish_reason] if out.finished and out.finish_reason else None
+    return FINISH_REASONS.get(out.finish_reason) if out.finished and out.finish_reason else None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
