@@ -3,11 +3,14 @@ the only place that reads the environment."""
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 from tandem.client import cli as client_cli
 
@@ -164,11 +167,36 @@ def build_parser(command: str | None = "serve") -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_during_start_up(signum: int, frame: object) -> NoReturn:
+    os.write(2, b"tandem serve: SIGTERM during start-up: exiting\n")
+    os._exit(0)
+
+
+@contextlib.contextmanager
+def _sigterm_ends_start_up() -> Iterator[None]:
+    """SIGTERM ends `tandem serve` at once (exit status 0) until serve() installs its drain,
+    which replaces this handler. In its container the server is PID 1, to which the kernel
+    delivers no signal it has no handler for: a pod deleted while torch and the server's
+    modules imported dropped its SIGTERM and waited out its grace period for SIGKILL. A
+    handler rather than an init (tini) in the image: it holds wherever `tandem serve` runs as
+    PID 1, whatever the image, and a test sees it. Restored afterwards for callers in-process."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal would refuse
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_during_start_up)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _exit_during_start_up:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
-    return args.run(args)
+    with _sigterm_ends_start_up() if command == "serve" else contextlib.nullcontext():
+        args = build_parser(command).parse_args(argv)
+        return args.run(args)
 
 
 if __name__ == "__main__":

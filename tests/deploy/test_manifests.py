@@ -38,6 +38,12 @@ MODEL_AND_RUNTIME_BYTES = 2_100_000_000 + (1 << 29)
 # An adapter slot's floats per unit of rank: SmolLM2's 30 layers, each projection's inputs +
 # outputs (q, k, v, o, gate, up, down).
 SLOT_FLOATS_PER_RANK = 30 * (1152 + 768 + 768 + 1152 + 2112 + 2112 + 2112)
+# The smallest GPU the gpu overlay must start on: a 16 GB card (T4: 15360 MiB usable; V100
+# 16GB: 16160 MiB). On it, beside what the server allocates whole at start, an estimate (not
+# measured): the CUDA context and cuBLAS workspaces (~0.5-1 GB), SmolLM2-135M in float16
+# (0.27 GB), decode CUDA graphs and one iteration's activations.
+SMALLEST_GPU_BYTES = 15360 << 20
+GPU_MODEL_AND_RUNTIME_BYTES = 2 << 30
 
 
 def memory_bytes(quantity: str) -> int:
@@ -104,6 +110,16 @@ def test_with_tls_the_probes_run_tandem_health_inside_the_pod(rendered):
     assert data["TANDEM_TLS_CERT"].startswith("/etc/tandem/tls/") and data["TANDEM_TLS_KEY"].startswith("/etc/tandem/tls/")
 
 
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_probes_wait_longer_than_the_default_second(rendered, name):
+    """The health answer comes from the event loop that streams every token: with the
+    default 1 s timeout, start-up and readiness probes took pods under load out of service."""
+    for workload in tandem_workloads(rendered[name]):
+        c = container(workload)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe].get("timeoutSeconds", 1) >= 5, (workload["metadata"]["name"], probe)
+
+
 # After the HTTP front closes, the engine stops: its iteration ends, and on the trainer the
 # running job's last step is checkpointed (a GPU model's adapter and optimizer state, fsynced).
 ENGINE_STOP_SECONDS = {"server": 10, "trainer": 40}
@@ -124,6 +140,13 @@ def test_the_grace_period_outlasts_the_whole_shutdown(rendered, name):
         grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         role = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         assert grace >= pre_stop + drain + ABORT_WAIT_SECONDS + CLOSE_GRACE_SECONDS + ENGINE_STOP_SECONDS[role], role
+
+
+def test_the_endpoint_picker_outlasts_the_pools_pods(rendered):
+    objects = rendered["gpu"]
+    (picker,) = find(objects, "Deployment", "tandem-endpoint-picker")
+    longest = max(w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] for w in tandem_workloads(objects))
+    assert picker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= longest
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
@@ -209,22 +232,27 @@ def test_config_holds_only_variables_tandem_serve_reads(rendered, name):
         assert {v["name"] for v in container(workload)["env"]} <= known
 
 
-@pytest.mark.parametrize("name", RENDERINGS)
-def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, monkeypatch):
-    # What `tandem serve` would refuse at start: a bad value, fine-tuning without adapters.
+def serve_config(objects: list[dict], workload: dict, monkeypatch) -> tuple[EngineConfig, ServerConfig]:
+    """What `tandem serve` makes of the pod's environment (it refuses a bad value)."""
     def fields(args, flags) -> dict:
         return {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in flags}
 
+    env = dict(config_map(objects))
+    # Values from the downward API (the thread count) stand in as "2".
+    env.update({v["name"]: v.get("value", "2") for v in container(workload)["env"]})
+    for var in [v for v in os.environ if v.startswith("TANDEM_")]:
+        monkeypatch.delenv(var)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    args = build_parser().parse_args(["serve"])
+    return EngineConfig(**fields(args, ENGINE_FLAGS)), ServerConfig(**fields(args, SERVER_FLAGS))
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, monkeypatch):
+    # What `tandem serve` would refuse at start: a bad value, fine-tuning without adapters.
     for workload in tandem_workloads(rendered[name]):
-        env = dict(config_map(rendered[name]))
-        # Values from the downward API (the thread count) stand in as "2".
-        env.update({v["name"]: v.get("value", "2") for v in container(workload)["env"]})
-        for var in [v for v in os.environ if v.startswith("TANDEM_")]:
-            monkeypatch.delenv(var)
-        for var, value in env.items():
-            monkeypatch.setenv(var, value)
-        args = build_parser().parse_args(["serve"])
-        engine, server = EngineConfig(**fields(args, ENGINE_FLAGS)), ServerConfig(**fields(args, SERVER_FLAGS))
+        engine, server = serve_config(rendered[name], workload, monkeypatch)
         assert engine.adapters_dir == "/adapters" and server.auth_tokens_file == "/etc/tandem/auth/tokens"
         assert (engine.data_dir is not None) == (workload["kind"] == "StatefulSet")
         # What the server touches at start (KV cache, the prefaulted adapter cache, the
@@ -236,6 +264,18 @@ def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, m
         if engine.data_dir is not None and engine.device != "cuda":
             reserved += engine.finetune_activation_bytes
         assert reserved + MODEL_AND_RUNTIME_BYTES <= memory_bytes(container(workload)["resources"]["limits"]["memory"])
+
+
+def test_a_gpu_replica_starts_on_a_16_gb_gpu(rendered, monkeypatch):
+    """The KV cache, the adapter slots (float16 or bfloat16 on CUDA) and, on the trainer,
+    fine-tuning's activations are GPU memory; the KV cache is allocated whole at start. A
+    16 GiB cache crash-looped every pod on a 16 GB card with the default model."""
+    for workload in tandem_workloads(rendered["gpu"]):
+        engine, _ = serve_config(rendered["gpu"], workload, monkeypatch)
+        assert engine.device == "cuda"
+        slots = min(engine.lora_pool_bytes, engine.max_loras * engine.max_lora_rank * SLOT_FLOATS_PER_RANK * 2)
+        reserved = engine.kv_cache_bytes + slots + (engine.finetune_activation_bytes if engine.data_dir else 0)
+        assert reserved + GPU_MODEL_AND_RUNTIME_BYTES <= SMALLEST_GPU_BYTES, workload["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
@@ -265,6 +305,36 @@ def test_services_balance_per_request_or_per_replica(rendered):
     assert headless["spec"]["clusterIP"] == "None"
     (trainer,) = find(objects, "Service", "tandem-trainer")
     assert trainer["spec"]["selector"]["app.kubernetes.io/component"] == "trainer"
+
+
+def mesh_protocol(port: dict) -> str:
+    """The protocol Istio reads for a Service port: its appProtocol, else its name's
+    prefix (<protocol>[-<suffix>])."""
+    return port.get("appProtocol") or port["name"].split("-")[0]
+
+
+def test_with_tls_meshes_pass_the_grpc_port_through_as_tls(rendered):
+    """Removing h2c left the port's name, grpc, which Istio reads as plaintext gRPC: its
+    sidecars parsed the TLS bytes as HTTP/2 and every meshed call failed."""
+    plain = {s["metadata"]["name"]: s for s in find(rendered["cpu"], "Service")}
+    services = find(rendered["cpu-tls"], "Service")
+    assert {s["metadata"]["name"] for s in services} == set(plain)
+    for service in services:
+        for port, before in zip(service["spec"]["ports"], plain[service["metadata"]["name"]]["spec"]["ports"], strict=True):
+            if port["targetPort"] == "grpc":
+                assert mesh_protocol(before) == "kubernetes.io/h2c"
+                assert mesh_protocol(port) in ("https", "tls"), service["metadata"]["name"]
+            else:  # HTTP and metrics stay plaintext
+                assert port == before
+
+
+def test_prometheus_selects_the_service_monitor(rendered):
+    """A default kube-prometheus-stack selects ServiceMonitors by its release label: without
+    one nothing was scraped and the autoscaler never scaled."""
+    (monitor,) = find(rendered["gpu"], "ServiceMonitor")
+    assert monitor["metadata"]["labels"].get("release")
+    readme = (REPO / "deploy" / "README.md").read_text()
+    assert "release" in readme and "service-monitor.yaml" in readme, "the GPU steps must say to set it"
 
 
 def test_the_autoscaler_scales_the_servers_on_a_metric_the_adapter_serves(rendered):

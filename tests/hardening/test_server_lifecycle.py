@@ -122,6 +122,42 @@ def test_sigterm_during_the_model_load_exits_at_once(tiny_model_dir):
         process.kill()
 
 
+SLOW_START = """
+import os, signal, sys, time
+from pathlib import Path
+
+# As the kernel treats PID 1, which `tandem serve` is in its container: a signal with no
+# handler is dropped.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+from tandem.server import cli
+
+installed = cli.server_installed
+
+def slow_imports():
+    Path(os.environ["START_MARKER"]).touch()
+    time.sleep(120)  # torch's import on a cold node, before serve() installs its drain
+    return installed()
+
+cli.server_installed = slow_imports
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_start_up_ends_the_server_as_pid_1(tmp_path, monkeypatch):
+    """The drain's handler comes after torch's import: until then PID 1 dropped SIGTERM, and a
+    pod deleted while starting waited out its grace period for SIGKILL."""
+    marker = tmp_path / "starting"
+    monkeypatch.setenv("START_MARKER", str(marker))
+    process = _serve(SLOW_START, tmp_path)
+    try:
+        assert wait_until(marker.exists, timeout=30), "the server never reached its imports"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert "SIGTERM during start-up" in process.stderr.read()
+    finally:
+        process.kill()
+
+
 SLOW_ADAPTER_LOAD = """
 import os, sys, time
 from pathlib import Path
