@@ -1,6 +1,6 @@
 """Publishes of one adapter name that overlap: two writers of a new name at once, and a
 publish whose caller gave up while its files were being written (a MergeAdapters timed out
-on, then sent again corrected)."""
+on, then sent again corrected); and a publish of files the server would refuse to load."""
 
 import json
 import threading
@@ -9,13 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tandem.server import atomic_files
 from tandem.server.adapters import registry as registry_module
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, content_hash
+from tandem.server.adapters.router_format import router_config, router_files
 from tandem.server.atomic_files import TEMP_PREFIX, write_directory
-from tandem.server.errors import FailedPrecondition
+from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, NotFound
+from tandem.server.model.lora_targets import group_linears
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
 
@@ -182,3 +185,32 @@ def test_a_publish_abandoned_mid_write_does_not_overwrite_the_one_sent_again(tin
     assert registry.get("style").content_hash == m2_info.content_hash
     assert [(i.name, i.content_hash) for i in registry.list() if i.name == "style"] == [("style", m2_info.content_hash)]
     assert no_leftovers(root)
+
+
+@pytest.mark.parametrize("refused", ["rank", "overflow", "router"])
+def test_files_the_load_would_refuse_are_not_published(tiny_hf_model, smollm2_tokenizer, root, tmp_path, refused):
+    """The files were written over the name, then loaded: a version the load refused (a rank
+    past --max-lora-rank, weights that overflow the slots once scaled, a router over an
+    expert that cannot be served) failed the publish, "nothing published", and stayed the
+    name's version on disk, served after an eviction, a restart or by another replica."""
+    registry = registry_of(tiny_hf_model, smollm2_tokenizer, root)
+    before = registry.get("style").content_hash
+    on_disk = {p.name: p.read_bytes() for p in (root / "style").iterdir()}
+    config, tensors = weights_of(root / "src1")
+    if refused == "rank":
+        config, tensors = weights_of(make_adapter(tiny_hf_model, tmp_path / "r16", r=16))
+        files, error, message = None, IncompatibleAdapter, "adapter 'style' has rank 16 on .*, the server's maximum is 8"
+    elif refused == "overflow":
+        config["lora_alpha"] = 1e6  # B scaled by 1e6 / 4 as a slot holds it: past float32's 3.4e38
+        tensors[next(k for k in tensors if "lora_B" in k)][0, 0] = 1e36
+        files, error, message = None, IncompatibleAdapter, "adapter 'style' overflows float32 in .*: its largest scaled weight is 2.5e\\+41"
+    else:
+        gates = {key: torch.zeros(2, linear.in_features) for key, linear in group_linears(registry.model).items() if key[1] in ("qkv", "o")}
+        files, error, message = router_files(router_config(["src1", "ghost"]), gates), NotFound, "router 'style' uses expert 'ghost'"
+    with pytest.raises(error, match=message):
+        if files is None:
+            registry.publish("style", config, tensors)
+        else:
+            registry.publish_router("style", files)
+    assert {p.name: p.read_bytes() for p in (root / "style").iterdir()} == on_disk
+    assert registry.get("style").content_hash == before and no_leftovers(root)

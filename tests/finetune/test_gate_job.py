@@ -19,7 +19,7 @@ from tandem.server.finetune.trainable_gates import RouterSpec
 from tandem.server.model.lora_targets import group_linears
 from tandem.v1 import finetuning_pb2
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
-from tests.finetune.test_jobs import HP, dirs, run_until_step, start, unstarted, wait_for  # noqa: F401 (dirs: a fixture)
+from tests.finetune.test_jobs import HP, dirs, request, run_until_step, start, unstarted, wait_for  # noqa: F401 (dirs: a fixture)
 
 TASKS = {"e0": "Count:", "e1": "Spell:"}
 DATA = "\n".join(
@@ -106,6 +106,24 @@ def test_a_gate_job_whose_expert_was_republished_while_it_trained_publishes_no_r
     assert job.status is JobStatus.FAILED and job.error.code == "validation_failed" and job.step == 6
     assert job.error.message.startswith("could not publish router 'learned': router expert 'e1' changed since the job was created")
     assert not (experts[0] / "learned").exists() and not (folder / "checkpoints").exists()  # its gates fit no served version
+
+
+def test_a_gate_job_and_a_job_that_trains_one_of_its_experts_are_never_both_active(tiny_model_dir, experts):
+    """A gate job created while a job trained one of its experts trained to its end, then
+    failed its publish: the expert's job, the older, ran first and replaced the expert
+    version the gates were fitted to. Refused at creation, either way round."""
+    engine = unstarted(tiny_model_dir, experts)
+    try:
+        expert_job = engine.jobs.create(request("e1"))
+        with pytest.raises(FailedPrecondition, match=f"router expert 'e1' is being trained by job {expert_job.id}: .* wait for that job"):
+            engine.jobs.create(gate_request())
+        engine.jobs.cancel(expert_job.id)
+        gate_job = engine.jobs.create(gate_request())
+        with pytest.raises(FailedPrecondition, match=f"adapter 'e0' is an expert of router 'learned', whose gates job {gate_job.id} trains"):
+            engine.jobs.create(request("e0"))
+        assert engine.jobs.create(request("qv")).status is JobStatus.QUEUED  # no expert of it
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.errors import AlreadyExists, FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, ResourceExhausted
 from tandem.server.finetune.job import Job, JobStatus
 from tandem.server.finetune import jobs as jobs_module
-from tandem.server.finetune.job_store import StoreUnwritable
+from tandem.server.finetune.job_store import JobStore, StoreUnwritable
 from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainer import Hyperparameters
 from tandem.server.model.lora_targets import group_linears
@@ -981,3 +981,156 @@ def test_a_failed_publish_the_store_cannot_save_is_published_by_the_restart(tiny
         engine.shutdown()
     assert again.status is JobStatus.SUCCEEDED and again.content_hash == content_hash(dirs[0] / "tuned")
     assert not (folder / "checkpoints").exists() and not (folder / "train.jsonl").exists()
+
+
+def test_a_job_resumed_under_a_lower_max_lora_rank_fails_saying_why(tiny_model_dir, dirs):
+    """Created with lora.r 8 under --max-lora-rank 16 and resumed under 4: the resume did not
+    check the rank again, and the job trained to its end only to fail its publish."""
+    engine = unstarted(tiny_model_dir, dirs)
+    try:
+        job = engine.jobs.create(request())
+        run_until_step(engine, job.id, 1)
+    finally:
+        engine.shutdown()
+    engine = start(tiny_model_dir, dirs, max_lora_rank=4)
+    try:
+        failed = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert failed.status is JobStatus.FAILED and failed.error.code == "validation_failed" and failed.step == 1
+    assert failed.error.message == (
+        "could not resume after a restart: lora.r 8 is above the server's --max-lora-rank 4: the adapter could not be served"
+    )
+    assert not (dirs[0] / "tuned").exists()
+
+
+def test_an_end_the_store_could_not_save_is_saved_by_the_next_save(tiny_model_dir, dirs):
+    """The store refused a job's success once (a disk full for a moment): it kept the job
+    running for good, and a restart resumed it and published its weights again, over those
+    of a later job for the same adapter."""
+    engine = start(tiny_model_dir, dirs)
+    store = engine.jobs._store
+    save = store.save
+    try:
+        store.save = refusing(store, JobStatus.SUCCEEDED)
+        first = wait_for(engine, engine.jobs.create(request()).id)
+        store.save = save
+        later = wait_for(engine, engine.jobs.create(request(hyperparameters=dataclasses.replace(HP, seed=5))).id)
+        assert first.status is later.status is JobStatus.SUCCEEDED and first.content_hash != later.content_hash
+        assert {j.id: j.status for j in store.load_all()} == {first.id: JobStatus.SUCCEEDED, later.id: JobStatus.SUCCEEDED}
+    finally:
+        store.save = save
+        engine.shutdown()
+    engine = start(tiny_model_dir, dirs)
+    try:
+        assert wait_for(engine, first.id).status is JobStatus.SUCCEEDED
+    finally:
+        engine.shutdown()
+    assert content_hash(dirs[0] / "tuned") == later.content_hash
+
+
+def test_an_end_the_store_could_not_save_is_saved_at_shutdown(tiny_model_dir, dirs):
+    engine = start(tiny_model_dir, dirs)
+    store = engine.jobs._store
+    save = store.save
+    try:
+        store.save = refusing(store, JobStatus.SUCCEEDED)
+        job = wait_for(engine, engine.jobs.create(request()).id)
+    finally:
+        store.save = save
+        engine.shutdown()
+    assert job.status is JobStatus.SUCCEEDED
+    assert [j.status for j in JobStore(dirs[1] / ".tandem").load_all()] == [JobStatus.SUCCEEDED]
+
+
+def test_a_store_that_cannot_save_at_start_up_does_not_stop_the_server(tiny_model_dir, dirs, monkeypatch):
+    """Saving an interrupted job's VALIDATING_FILES as the server started raised out of the
+    start on a full data disk: the server crash-looped, and inference was down with it."""
+    engine = unstarted(tiny_model_dir, dirs)
+    try:
+        job = engine.jobs.create(request())
+        run_until_step(engine, job.id, 1)
+    finally:
+        engine.shutdown()
+
+    def full(store, saved: Job) -> None:
+        raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
+
+    monkeypatch.setattr(jobs_module.JobStore, "save", full)
+    engine = start(tiny_model_dir, dirs)
+    try:
+        failed = wait_for(engine, job.id)
+        assert failed.status is JobStatus.FAILED and failed.error.code == "storage_error" and engine.failure is None
+
+        async def generate() -> list[int]:
+            params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+            return [t async for out in engine.generate("Item 3:", params, "after") for t in out.token_ids]
+
+        assert len(asyncio.run(generate())) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_a_shutdown_in_the_final_eval_checkpoints_the_last_step(tiny_model_dir, dirs, monkeypatch):
+    """The trainer counts its last step done before that step's eval, and the shutdown
+    checkpoint skipped a done trainer: a stop during the final eval lost the steps since the
+    last interval's checkpoint, trained again after the restart."""
+    engine = unstarted(tiny_model_dir, dirs)
+    loss, in_final_eval = engine.engine.loss, threading.Event()
+
+    def held_in_final_eval(work):
+        if engine.jobs._running.trainer.done:
+            in_final_eval.set()
+            wait_until(lambda: engine._stopping, 120)  # no public sign that shutdown has begun
+        return loss(work)
+
+    monkeypatch.setattr(engine.engine, "loss", held_in_final_eval)
+    try:
+        job = engine.jobs.create(request(hyperparameters=dataclasses.replace(HP, checkpoint_interval=4, eval_fraction=0.2)))
+        engine.start()
+        assert in_final_eval.wait(60)
+    finally:
+        engine.shutdown()
+    kept = sorted(p.name for p in (engine.jobs._job_dir(job.id) / "checkpoints").iterdir())
+    assert kept == ["step-00000004", "step-00000006"]
+    engine = unstarted(tiny_model_dir, dirs)
+    events: list[Job] = []
+    try:
+        engine.jobs.watch(job.id, events.append)
+        engine.start()
+        resumed = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert resumed.status is JobStatus.SUCCEEDED and [e.step for e in events if e.status is JobStatus.RUNNING] == [6]
+
+
+def test_a_cancel_removes_the_job_s_files_without_holding_up_the_engine_thread(tiny_model_dir, dirs, monkeypatch):
+    """A queued job's cancel removed its dataset and checkpoints under the lock that each
+    step's save takes: the engine thread, and inference with it, waited for the removal."""
+    engine = unstarted(tiny_model_dir, dirs)
+    removing, release = threading.Event(), threading.Event()
+    remove = engine.jobs._remove_resume_files
+
+    def slow_remove(job_id: str) -> None:
+        removing.set()
+        release.wait(10)
+        remove(job_id)
+
+    monkeypatch.setattr(engine.jobs, "_remove_resume_files", slow_remove)
+    try:
+        cancelled, other = engine.jobs.create(request()), engine.jobs.create(request("other"))
+        cancelling = threading.Thread(target=engine.jobs.cancel, args=(cancelled.id,))
+        cancelling.start()
+        assert removing.wait(10)
+        # What the engine thread does at every step.
+        stepping = threading.Thread(target=engine.jobs._update, args=(other.id,), kwargs={"train_loss": 1.5})
+        stepping.start()
+        stepping.join(5)
+        assert not stepping.is_alive() and engine.jobs.get(other.id).train_loss == 1.5
+        release.set()
+        cancelling.join(10)
+        assert engine.jobs.get(cancelled.id).status is JobStatus.CANCELLED
+        assert [p.name for p in engine.jobs._job_dir(cancelled.id).iterdir()] == []
+    finally:
+        release.set()
+        engine.shutdown()

@@ -332,10 +332,23 @@ def read_compressed(name: str, path: Path, model: LlamaModel, max_rank: int, slo
     config_bytes, config = read_config(name, path)
     try:
         data, digest = read_hashed(_own_file(name, path, WEIGHTS_FILE), config_bytes, max_file_bytes(model, max_rank))
-        packed = parse_compressed(bytes(data))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-    adapter = adapter_of_modules(name, path, config, pair_tensors(name, packed.tensors()), digest, model, max_rank, slot_dtype)
+    return replace(compressed_of_bytes(name, path, config, data, model, max_rank, slot_dtype), content_hash=digest)
+
+
+def compressed_of_bytes(
+    name: str, path: Path, config: dict, data: bytes | bytearray, model: LlamaModel, max_rank: int,
+    slot_dtype: torch.dtype = torch.float32,
+) -> LoRAAdapter:
+    """The compressed adapter a weights file's bytes hold with its checked config
+    (config_of_bytes'), refused as read_compressed refuses it; no content hash. A publish
+    checks its files by it before they take the adapter's name."""
+    try:
+        packed = parse_compressed(bytes(data))
+    except ValueError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
+    adapter = adapter_of_modules(name, path, config, pair_tensors(name, packed.tensors()), "", model, max_rank, slot_dtype)
     # The seed stays the adapter's: compressing it again codes its A as the move once more
     # (without it, each A's dense seeded draw was coded whole and lost).
     return replace(adapter, a_init_seed=packed.a_init_seed)

@@ -210,27 +210,46 @@ def read_adapter(
     # Checked while hashed; the hash is waited for even when a check fails, so that no
     # thread still reads the bytes once their memory goes back to the slab.
     try:
-        try:
-            parsed = _parse_safetensors(weights)
-            seed = _a_init_seed(parsed.metadata)
-        except ValueError as exc:
-            raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
-        modules = pair_tensors(name, parsed.tensors)
-        adapter = adapter_of_modules(name, path, config, modules, "", model, max_rank, slot_dtype, parsed.magnitude())
+        adapter = adapter_of_bytes(name, path, config, weights, model, max_rank, slot_dtype)
     finally:
         content = digest()
-    return replace(adapter, content_hash=content, a_init_seed=seed)
+    return replace(adapter, content_hash=content)
+
+
+def adapter_of_bytes(
+    name: str, path: Path, config: dict, weights: bytearray | memoryview, model: LlamaModel, max_rank: int,
+    slot_dtype: torch.dtype = torch.float32,
+) -> LoRAAdapter:
+    """The adapter a weights file's bytes hold with its checked config (config_of_bytes'), its
+    tensors views of them, refused as read_adapter refuses it; no content hash. A publish
+    checks its files by it before they take the adapter's name."""
+    try:
+        parsed = _parse_safetensors(weights)
+        seed = _a_init_seed(parsed.metadata)
+    except ValueError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has a corrupt {WEIGHTS_FILE}: {exc}") from exc
+    modules = pair_tensors(name, parsed.tensors)
+    adapter = adapter_of_modules(name, path, config, modules, "", model, max_rank, slot_dtype, parsed.magnitude())
+    return replace(adapter, a_init_seed=seed)
 
 
 def read_config(name: str, path: Path) -> tuple[bytes, dict]:
     """An adapter's adapter_config.json, as bytes and checked (IncompatibleAdapter otherwise)."""
     try:
         config_bytes = read_small(_own_file(name, path, CONFIG_FILE))
-        config = _json_object(config_bytes)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
+    return config_bytes, config_of_bytes(name, config_bytes)
+
+
+def config_of_bytes(name: str, data: bytes) -> dict:
+    """An adapter_config.json's bytes as a config, checked (IncompatibleAdapter otherwise)."""
+    try:
+        config = _json_object(data)
+    except ValueError as exc:
         raise IncompatibleAdapter(f"adapter {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
     _check_config(name, config)
-    return config_bytes, config
+    return config
 
 
 def adapter_of_modules(

@@ -37,13 +37,18 @@ from pathlib import Path
 import torch
 
 from tandem.server.adapters.compeft_format import WEIGHTS_FILE as COMPRESSED_FILE
-from tandem.server.adapters.compeft_format import check_density, compressed_files, dense_slices, is_compressed, read_compressed
+from tandem.server.adapters.compeft_format import (
+    check_density, compressed_files, compressed_of_bytes, dense_slices, is_compressed, read_compressed,
+)
 from tandem.server.adapters.host_slab import HostSlab
 from tandem.server.adapters.lora_init import draw_order
 from tandem.server.adapters.merging import MergeSpec, merge_adapters
 from tandem.server.adapters.mixture import Mixture, check_members
-from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, adapter_files, read_adapter
-from tandem.server.adapters.router_format import Router, check_experts, is_router, read_router
+from tandem.server.adapters.peft_format import (
+    CONFIG_FILE, WEIGHTS_FILE, LoRAAdapter, adapter_files, adapter_of_bytes, config_of_bytes, read_adapter,
+)
+from tandem.server.adapters.router_format import CONFIG_FILE as ROUTER_CONFIG_FILE
+from tandem.server.adapters.router_format import GATES_FILE, Router, check_experts, is_router, read_router, router_of_bytes, router_settings
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import TEMP_NAME_BYTES, remove_leftovers, write_directory
 from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, TandemError, Unavailable, excerpt
@@ -420,7 +425,8 @@ class AdapterRegistry:
         return self._publish(name, compressed_files(adapter.config, tensors, density, adapter.a_init_seed), abandoned)
 
     def _publish(self, name: str, files: Mapping[str, bytes], abandoned: threading.Event | None = None) -> AdapterInfo:
-        """Writes a new adapter's folder and loads it. A directory this server cannot write
+        """Writes a new adapter's folder, once its files pass the checks of the load that
+        follows (_check_files), and loads it. A directory this server cannot write
         (Kubernetes mounts the serving replicas' read-only) is the caller's to fix, not an
         internal error. A caller that has gone gets nothing written: a merge it timed out on
         and sent again, corrected, was overwritten by the first when that one ended last.
@@ -437,6 +443,7 @@ class AdapterRegistry:
                 raise FailedPrecondition(f"the call that would write adapter {name!r} was cancelled: nothing was written")
 
         check_not_abandoned()
+        self._check_files(name, files)
         with self._publishing_lock(name):
             try:
                 write_directory(self.adapters_dir / name, files, before_swap=check_not_abandoned)
@@ -450,6 +457,23 @@ class AdapterRegistry:
             # Loaded whatever `abandoned` says now: these files are the name's version on
             # disk, and no later publish of the name can land before this load (the lock).
             return self.load(name)
+
+    def _check_files(self, name: str, files: Mapping[str, bytes]) -> None:
+        """Refuse files that the load after their write would refuse, by the readers' own checks
+        (a rank past --max-lora-rank, weights that overflow the slots' dtype, a router whose
+        experts cannot serve under it): written first, they took the name and stayed its
+        version on disk, served after an eviction, a restart or by another replica, though the
+        publish had failed."""
+        path = self.adapters_dir / name
+        if ROUTER_CONFIG_FILE in files:
+            settings = router_settings(name, files[ROUTER_CONFIG_FILE], self.check_router_fits)
+            self._with_experts(router_of_bytes(name, path, settings, bytearray(files[GATES_FILE]), self.model))
+            return
+        config = config_of_bytes(name, files[CONFIG_FILE])
+        if COMPRESSED_FILE in files:
+            compressed_of_bytes(name, path, config, files[COMPRESSED_FILE], self.model, self.max_rank, self.pool.dtype)
+        else:
+            adapter_of_bytes(name, path, config, bytearray(files[WEIGHTS_FILE]), self.model, self.max_rank, self.pool.dtype)
 
     @contextmanager
     def _publishing_lock(self, name: str) -> Iterator[None]:

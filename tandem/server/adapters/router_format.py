@@ -101,15 +101,38 @@ def read_router(name: str, path: Path, model: LlamaModel, check_fits: Callable[[
         raise IncompatibleAdapter(f"router {name!r} has no {GATES_FILE}")
     try:
         config_bytes = read_small(_own_file(name, path, CONFIG_FILE))
-        config = _json_object(config_bytes)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
-    experts, top_k, temperature = _check_config(name, config)
-    check_fits(name, len(experts))
+    settings = router_settings(name, config_bytes, check_fits)
     try:
-        data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes, max_file_bytes(model, len(experts)))
-        tensors = _parse_safetensors(data).tensors
-    except (OSError, ValueError) as exc:
+        data, digest = read_hashed(_own_file(name, path, GATES_FILE), config_bytes, max_file_bytes(model, len(settings[0])))
+    except OSError as exc:
+        raise IncompatibleAdapter(f"router {name!r} has an unreadable {GATES_FILE}: {exc}") from exc
+    return router_of_bytes(name, path, settings, data, model, digest)
+
+
+def router_settings(name: str, data: bytes, check_fits: Callable[[str, int], None]) -> tuple[tuple[str, ...], int, float]:
+    """A router_config.json's bytes, checked (check_fits as read_router's): (experts, top_k, temperature)."""
+    try:
+        config = _json_object(data)
+    except ValueError as exc:
+        raise IncompatibleAdapter(f"router {name!r} has an unreadable {CONFIG_FILE}: {exc}") from exc
+    settings = _check_config(name, config)
+    check_fits(name, len(settings[0]))
+    return settings
+
+
+def router_of_bytes(
+    name: str, path: Path, settings: tuple[tuple[str, ...], int, float], gates: bytearray | memoryview, model: LlamaModel,
+    digest: str = "",
+) -> Router:
+    """The router a gates file's bytes hold with its checked settings (router_settings'),
+    refused as read_router refuses it. A publish checks its files by it before they take the
+    router's name."""
+    experts, top_k, temperature = settings
+    try:
+        tensors = _parse_safetensors(gates).tensors
+    except ValueError as exc:
         raise IncompatibleAdapter(f"router {name!r} has an unreadable {GATES_FILE}: {exc}") from exc
     return Router(
         name=name,

@@ -128,9 +128,13 @@ class JobManager:
         self._save_lock = threading.RLock()
         self._store = JobStore(self.state_dir)
         self._jobs = {job.id: job for job in self._store.load_all()}
+        # Jobs whose end the store could not take (a full disk): saved at the next save that
+        # succeeds, or at close. Else the store kept them running, and a restart resumed one
+        # and published it again, over a later job's version of its adapter. Under _save_lock.
+        self._unsaved_ends: set[str] = set()
         self._prepared: dict[str, _Prepared] = {}
-        # Adapters whose job is being created (its dataset written): one job per adapter.
-        self._creating: set[str] = set()
+        # Jobs being created (their dataset written), by adapter: one job per adapter.
+        self._creating: dict[str, Job] = {}
         self._watchers: dict[str, list[Callable[[Job], None]]] = {}
         self._running: _Running | None = None
         self._publishing: str | None = None
@@ -138,7 +142,10 @@ class JobManager:
         self._remove_ended_jobs_files()
         interrupted = [job for job in self._jobs.values() if not job.status.terminal]
         for job in interrupted:
-            self._update(job.id, status=JobStatus.VALIDATING_FILES, **NOT_RUNNING)
+            try:
+                self._update(job.id, status=JobStatus.VALIDATING_FILES, **NOT_RUNNING)
+            except StoreUnwritable:  # a full data disk must not stop the server: inference goes on
+                log.exception("fine-tuning job %s: its state after the restart could not be saved", job.id)
         if interrupted:
             threading.Thread(target=self._revalidate, args=([j.id for j in interrupted],), name="tandem-jobs", daemon=True).start()
 
@@ -204,8 +211,9 @@ class JobManager:
             if busy or job.adapter in self._creating:
                 owner = f"job {busy[0].id}" if busy else "a job being created"
                 raise AlreadyExists(f"adapter {job.adapter!r} is already being trained by {owner}: wait for it or cancel it")
+            self._check_experts_untrained(job)
             self._check_room()
-            self._creating.add(job.adapter)
+            self._creating[job.adapter] = job
         try:
             # Outside the lock: the engine thread takes it every iteration, and a dataset of
             # hundreds of MB takes a second to write and sync.
@@ -226,10 +234,29 @@ class JobManager:
             raise
         finally:
             with self._lock:
-                self._creating.discard(job.adapter)
+                del self._creating[job.adapter]
         log.info("job created", extra={"fields": {"job_id": job.id, "adapter": job.adapter, "total_steps": job.total_steps}})
         self._wake()
         return job
+
+    def _check_experts_untrained(self, job: Job) -> None:
+        """Refuse a gate-training job one of whose experts an active job trains, and a job
+        that trains an expert of an active gate-training job. The gates are fitted to the
+        expert versions they start over, and publish only over those: the expert's job, the
+        older, ran first and the gates' job failed at its publish, after its whole run; or it
+        replaced an expert under gates just published. Called under _lock."""
+        active = [j for j in self._jobs.values() if not j.status.terminal] + list(self._creating.values())
+        for other in active:
+            if job.router is not None and other.adapter in job.router.experts:
+                raise FailedPrecondition(
+                    f"router expert {other.adapter!r} is being trained by job {other.id}: the gates would be fitted to the "
+                    "version it replaces, and could not be published; wait for that job to end, or cancel it"
+                )
+            if other.router is not None and job.adapter in other.router.experts:
+                raise FailedPrecondition(
+                    f"adapter {job.adapter!r} is an expert of router {other.adapter!r}, whose gates job {other.id} trains over "
+                    "its current version: wait for that job to end, or cancel it"
+                )
 
     def _check_room(self) -> None:
         """Refuse a new job where max_active_jobs are queued, running or being created: each
@@ -270,7 +297,10 @@ class JobManager:
     def cancel(self, job_id: str) -> Job:
         """Stop a job; a running one stops before its next micro-batch and publishes nothing.
         Its check and save go under _save_lock, which _publish takes too, and not _lock, which
-        GetJob, ListJobs and WatchJob wait on (on the event loop) while a sync or a removal runs."""
+        GetJob, ListJobs and WatchJob wait on (on the event loop) while a sync runs. Its files
+        go after _save_lock is let go: the engine thread takes it at every step, and inference
+        waited for the removal. A start or a re-validation of the job racing with it sees the
+        job cancelled at its next save and drops it (and its files) itself."""
         with self._save_lock:
             job = self.get(job_id)
             if job.status.terminal:
@@ -281,9 +311,11 @@ class JobManager:
             with self._lock:
                 self._prepared.pop(job_id, None)
             running = self._running
-            if running is None or running.job_id != job_id:
-                self._remove_resume_files(job_id)  # the running one's go on the engine thread, between its writes
-            return job
+            # The running one's files go on the engine thread, between its writes.
+            not_running = running is None or running.job_id != job_id
+        if not_running:
+            self._remove_resume_files(job_id)
+        return job
 
     def watch(self, job_id: str, callback: Callable[[Job], None]) -> Callable[[], None]:
         """Call callback(job) on every change of the job, from whatever thread makes it;
@@ -358,9 +390,12 @@ class JobManager:
         """At shutdown, once the engine thread has stopped: the running job's last finished
         step is checkpointed, so a restart resumes there (it went back to its last interval's
         checkpoint: up to checkpoint_interval - 1 steps lost at every rolling restart). Its
-        partial step's gradients are not kept: the restart computes that step again, the same."""
+        partial step's gradients are not kept: the restart computes that step again, the same.
+        A job stopped in its final eval, its last step done but not yet checkpointed, is
+        checkpointed too: the restart publishes it (_start). Ends the store could not save are
+        tried once more."""
         running = self._running
-        if running is not None and not running.trainer.done and self.get(running.job_id).status is JobStatus.RUNNING:
+        if running is not None and self.get(running.job_id).status is JobStatus.RUNNING:
             folder = self._job_dir(running.job_id) / "checkpoints"
             step = running.trainer.step
             latest = checkpoints.latest(folder)
@@ -370,6 +405,10 @@ class JobManager:
                     log.info("job checkpointed at shutdown", extra={"fields": {"job_id": running.job_id, "step": step}})
                 except OSError:
                     log.exception("fine-tuning job %s: its checkpoint at shutdown could not be written", running.job_id)
+        with self._save_lock:
+            self._save_unsaved_ends()
+            for job_id in self._unsaved_ends:
+                log.error("fine-tuning job %s: its end could not be saved; a restart resumes it", job_id)
         self._store.close()
 
     def _next_queued(self) -> str | None:
@@ -589,10 +628,15 @@ class JobManager:
                     f"lora {excerpt(request.lora, 200)} disagrees with base adapter {base.name!r} (r {continued.r}, lora_alpha "
                     f"{continued.lora_alpha:g}, target_modules {list(continued.target_modules)}): set only lora_dropout to continue it"
                 )
+        self._check_rank(spec)
+        return spec
+
+    def _check_rank(self, spec: LoRASpec) -> None:
+        """At creation, and again at a resume: a job created under a larger --max-lora-rank
+        than the restarted server's trained to the end and failed its publish."""
         max_rank = self.engine.config.max_lora_rank
         if spec.r > max_rank:
             raise InvalidRequest(f"lora.r {spec.r} is above the server's --max-lora-rank {max_rank}: the adapter could not be served")
-        return spec
 
     def _dataset_bytes(self, request: JobRequest) -> bytes:
         if bool(request.training_file) == bool(request.training_data):
@@ -714,6 +758,7 @@ class JobManager:
                     f"its max_seq_length {job.hyperparameters.max_seq_length} exceeds the server's context limit {limit} "
                     "now: create it again with a max_seq_length that fits, or on a server with the longer context"
                 )
+            self._check_rank(job.lora)
             base = self._resumed_base(job)
             data = (self._job_dir(job_id) / DATASET_FILE).read_bytes()
             prepared = self._prepare(data, job.hyperparameters, base, job.router, self._coserves(job.lora, job.router), job.adapter)
@@ -786,6 +831,10 @@ class JobManager:
                 if durable:
                     raise
                 unsaved = exc
+                if job.status.terminal:  # no later change of it will be saved
+                    self._unsaved_ends.add(job_id)
+            else:
+                self._save_unsaved_ends()
             with self._lock:
                 self._jobs[job_id] = job
                 watchers = list(self._watchers.get(job_id, ()))
@@ -794,3 +843,14 @@ class JobManager:
         if unsaved is not None:
             raise unsaved
         return job
+
+    def _save_unsaved_ends(self) -> None:
+        """Save the ends the store could not take when they came (under _save_lock)."""
+        for job_id in sorted(self._unsaved_ends):
+            with self._lock:
+                job = self._jobs[job_id]
+            try:
+                self._store.save(job)
+            except StoreUnwritable:
+                return
+            self._unsaved_ends.discard(job_id)
