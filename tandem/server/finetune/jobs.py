@@ -3,7 +3,8 @@ thread between inference iterations, checkpointed, and published as a new adapte
 
 Threads: API calls (create, get, list, cancel, watch) run on worker threads; `run_once`
 runs on the engine thread, one micro-batch per call, so inference waits at most one
-micro-batch. One lock guards the job table; every change is saved to the job store first,
+micro-batch; checkpoints are copied there and written on a thread of their own
+(checkpoints.Writer). One lock guards the job table; every change is saved to the job store first,
 then announced to watchers.
 
 On disk, under <data-dir>/.tandem/ (the rest of the data directory holds users' files):
@@ -15,6 +16,7 @@ dataset and queued again; it resumes from its newest complete checkpoint.
 """
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import logging
@@ -138,6 +140,7 @@ class JobManager:
         self._watchers: dict[str, list[Callable[[Job], None]]] = {}
         self._running: _Running | None = None
         self._publishing: str | None = None
+        self._checkpoints = checkpoints.Writer()
         self.tokens_total = 0
         self._remove_ended_jobs_files()
         interrupted = [job for job in self._jobs.values() if not job.status.terminal]
@@ -394,6 +397,7 @@ class JobManager:
         A job stopped in its final eval, its last step done but not yet checkpointed, is
         checkpointed too: the restart publishes it (_start). Ends the store could not save are
         tried once more."""
+        self._checkpoints.wait()
         running = self._running
         if running is not None and self.get(running.job_id).status is JobStatus.RUNNING:
             folder = self._job_dir(running.job_id) / "checkpoints"
@@ -502,18 +506,27 @@ class JobManager:
         if report.step % job.hyperparameters.checkpoint_interval == 0 or trainer.done:
             self._checkpoint(job, trainer)
         if trainer.done:
+            self._checkpoints.wait()  # a kill during the publish resumes from the last step, not the one before
             self._publish(running)
 
     def _checkpoint(self, job: Job, trainer: Trainer) -> None:
-        """Write the trainer's checkpoint. It serves only a resume after a restart: one that
-        cannot be written (a full or failing data disk) is logged and training goes on, a
-        restart resuming from the checkpoint before it. Failing the job for it removed every
-        checkpoint it had, and at the last step the trained weights, which the adapters
-        directory, often another volume, would have taken."""
-        try:
-            checkpoints.save(self._job_dir(job.id) / "checkpoints", trainer.step, self._files(job, trainer.adapter), trainer.state_dict())
-        except OSError:
-            log.exception("fine-tuning job %s: its checkpoint at step %d could not be written; training goes on", job.id, trainer.step)
+        """Have the trainer's checkpoint written, off the engine thread (checkpoints.Writer),
+        from a copy taken now: the steps after it change the weights and the optimizer's state
+        in place. It serves only a resume after a restart: one that cannot be written (a full
+        or failing data disk) is logged and training goes on, a restart resuming from the
+        checkpoint before it. Failing the job for it removed every checkpoint it had, and at
+        the last step the trained weights, which the adapters directory, often another volume,
+        would have taken."""
+        folder, step = self._job_dir(job.id) / "checkpoints", trainer.step
+        files, state = self._files(job, trainer.adapter), copy.deepcopy(trainer.state_dict())
+
+        def write() -> None:
+            try:
+                checkpoints.save(folder, step, files, state)
+            except OSError:
+                log.exception("fine-tuning job %s: its checkpoint at step %d could not be written; training goes on", job.id, step)
+
+        self._checkpoints.submit(write)
 
     def _publish(self, running: _Running) -> None:
         """Publish the finished adapter; from here on the job can no longer be cancelled."""
@@ -598,7 +611,9 @@ class JobManager:
         """What only a resume after a restart reads, for a job that has ended (its record saved
         as such): its checkpoints (about 3x the adapter each, two kept: a finished or cancelled
         job held them forever) and its copy of the dataset. A job whose publish failed keeps
-        its newest checkpoint: the only copy of what it trained, which its error names."""
+        its newest checkpoint: the only copy of what it trained, which its error names. A
+        checkpoint being written is waited for: it made the folder again after the removal."""
+        self._checkpoints.wait()
         folder = self._job_dir(job_id) / "checkpoints"
         job = self._jobs.get(job_id)
         try:
