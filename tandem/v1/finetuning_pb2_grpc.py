@@ -36,7 +36,8 @@ class FineTuningServiceStub:
     Status codes: INVALID_ARGUMENT (a bad field, or a dataset with invalid lines: every one is
     listed with its line number, before the job is created), NOT_FOUND (unknown job, training
     file or base adapter), FAILED_PRECONDITION (fine-tuning is off, the base adapter cannot be
-    trained further, cancelling a job that ended), ALREADY_EXISTS (the adapter name is being
+    trained further, cancelling a job that ended, a gate-training job over an expert another
+    active job trains or the reverse), ALREADY_EXISTS (the adapter name is being
     trained by another job), UNAVAILABLE (loading or draining).
     """
 
@@ -84,7 +85,8 @@ class FineTuningServiceServicer:
     Status codes: INVALID_ARGUMENT (a bad field, or a dataset with invalid lines: every one is
     listed with its line number, before the job is created), NOT_FOUND (unknown job, training
     file or base adapter), FAILED_PRECONDITION (fine-tuning is off, the base adapter cannot be
-    trained further, cancelling a job that ended), ALREADY_EXISTS (the adapter name is being
+    trained further, cancelling a job that ended, a gate-training job over an expert another
+    active job trains or the reverse), ALREADY_EXISTS (the adapter name is being
     trained by another job), UNAVAILABLE (loading or draining).
     """
 
@@ -169,7 +171,8 @@ class FineTuningService:
     Status codes: INVALID_ARGUMENT (a bad field, or a dataset with invalid lines: every one is
     listed with its line number, before the job is created), NOT_FOUND (unknown job, training
     file or base adapter), FAILED_PRECONDITION (fine-tuning is off, the base adapter cannot be
-    trained further, cancelling a job that ended), ALREADY_EXISTS (the adapter name is being
+    trained further, cancelling a job that ended, a gate-training job over an expert another
+    active job trains or the reverse), ALREADY_EXISTS (the adapter name is being
     trained by another job), UNAVAILABLE (loading or draining).
     """
 

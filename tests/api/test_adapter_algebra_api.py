@@ -2,6 +2,7 @@
 and base requests, MergeAdapters and CompressAdapter published and served, ListAdapters'
 format and ratio, refusals as status codes with the reason, and the admin role."""
 
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from tandem.client import TandemClient
 from tandem.server.adapters import registry as registry_module
 from tandem.server.api.status_mapping import status_for
 from tandem.server.errors import FailedPrecondition
+from tandem.v1 import generation_pb2, generation_pb2_grpc
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.api.conftest import loopback, start_engine
 from tests.api.harness import ServerThread
@@ -149,6 +152,18 @@ def test_a_load_whose_caller_gave_up_loads_nothing(server, admin, monkeypatch):
     )
     listed = {a.name: a for a in admin.list_adapters()}
     assert (listed["late-load"].path, listed["late-load"].content_hash) == ("a0", before.content_hash)
+
+
+def test_a_mixture_member_without_a_weight_weighs_1(server, admin):
+    """A weight left out (grpcurl's JSON, a client that sends names only) was 0: the call
+    was served by the base model, silently, in an adapter's slot."""
+    body = json.dumps({"promptTokenIds": PROMPT, "maxNewTokens": 6, "ignoreEos": True, "adapters": [{"name": "a1"}]})
+    with grpc.insecure_channel(server.target) as channel:
+        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            json_format.Parse(body, generation_pb2.GenerateRequest()), metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")], timeout=60
+        )
+    plain, base = admin.generate(adapter="a1", **GREEDY), admin.generate(**GREEDY)
+    assert list(reply.token_ids) == plain.token_ids != base.token_ids
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import torch
 
 from tandem.client import AsyncTandemClient, TandemClient, TandemRpcError
 from tests.api.conftest import all_blocks_free, held, loopback, start_engine, wait_until
@@ -57,8 +58,43 @@ def test_not_found(client):
     code, message = code_of(lambda: client.generate("hi", adapter="no-such-adapter"))
     assert code == grpc.StatusCode.NOT_FOUND and "no-such-adapter" in message
     assert code_of(lambda: client.unload_adapter("no-such-adapter"))[0] == grpc.StatusCode.NOT_FOUND
-    code, message = code_of(lambda: client.load_adapter("no-such-adapter"))
-    assert code == grpc.StatusCode.NOT_FOUND and "--adapters-dir" in message
+
+
+def test_adapter_files_without_an_adapters_dir_are_a_failed_precondition(client):
+    """They were NOT_FOUND, which clients read as a wrong name; fine-tuning off is FAILED_PRECONDITION.
+    A malformed merge or compression is still the caller's INVALID_ARGUMENT."""
+    for call in (
+        lambda: client.load_adapter("sql"),
+        lambda: client.merge_adapters("m", ["a0", "a1"], "ties"),
+        lambda: client.compress_adapter("s", "a0"),
+    ):
+        code, message = code_of(call)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "start it with --adapters-dir" in message
+    code, message = code_of(lambda: client.merge_adapters("m", ["a0", "a1"], "ties", density=1.5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "density must lie in (0, 1]" in message
+    code, message = code_of(lambda: client.compress_adapter("s", "a0", density=0.0))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "density must lie in (0, 1]" in message
+
+
+def test_out_of_memory_tells_the_caller_what_to_do_and_the_log_the_rest(client, tiny_engine, monkeypatch, caplog):
+    """The caller's message held the allocator's text: CUDA's names the GPU's memory layout
+    and the PIDs of other processes on it."""
+    cuda_text = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB. Process 4242 has 61.5 GiB in use"
+    execute = tiny_engine.engine.runner.execute
+    failed = []
+
+    def out_of_memory_once(scheduled):
+        if not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError(cuda_text)
+        return execute(scheduled)
+
+    monkeypatch.setattr(tiny_engine.engine.runner, "execute", out_of_memory_once)
+    with TandemClient(client.settings.target, max_retries=0) as impatient:
+        code, message = code_of(lambda: impatient.generate("hi", max_new_tokens=2, request_id="oom-7"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert message == "the iteration that carried this request ran out of memory on this replica: retry, or ask for fewer tokens"
+    assert any(r.getMessage().startswith("request oom-7-") and "Process 4242" in r.getMessage() for r in caplog.records)
 
 
 def test_an_error_names_the_request_id_the_server_used(client):

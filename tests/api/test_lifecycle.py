@@ -5,15 +5,18 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.client import TandemClient, TandemRpcError, connection
 from tests.api.conftest import KV_CACHE_BYTES, all_blocks_free, held, loopback, start_engine, wait_until
@@ -49,23 +52,61 @@ def test_not_ready_until_the_engine_is_attached_and_clients_retry(tiny_engine, m
         thread.stop()
 
 
+def _refused(port: int) -> bool:
+    """Whether a new connection to the port is refused: nothing listens there."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_drain_finishes_in_flight_work_and_refuses_new_work(tiny_engine):
+    """Readiness goes off first, for the health watchers (a client-side balancer); then the
+    listener closes, as the HTTP front's does, and the stream in flight runs to its end."""
     thread = ServerThread(loopback(), tiny_engine)
-    with TandemClient(thread.target, max_retries=0) as client:
+    with TandemClient(thread.target, max_retries=0) as client, grpc.insecure_channel(thread.target) as channel:
+        readiness = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=READY))
+        assert next(readiness).status == health_pb2.HealthCheckResponse.SERVING
         with held(tiny_engine) as release:  # still in flight, the server still up, for the refusal
             stream = client.stream("Once upon a time", max_new_tokens=300, ignore_eos=True)
             first = next(stream)
             drained = thread.submit(thread.server.drain(grace=30))
-            assert wait_until(lambda: client.health(READY) == "NOT_SERVING")
-            assert client.health() == "SERVING"
+            assert next(readiness).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert wait_until(lambda: _refused(thread.server.port))
             with pytest.raises(TandemRpcError) as info:
                 client.generate("hi", max_new_tokens=1)
-            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.message
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "Connection refused" in info.value.message
             release()
             chunks = [first, *stream]
         assert chunks[-1].finish_reason == "length" and chunks[-1].generated_tokens == 300
     assert drained.result(30) is True
     thread.close()
+
+
+def test_a_drain_sends_the_clients_connected_to_it_to_another_replica(tiny_engine):
+    """gRPC was stopped only at the drain's end, and its stop is what sends HTTP/2 GOAWAY: a
+    client on a connection opened before (kube-proxy keeps it to the draining pod) had its
+    calls refused there, "shutting down", for the whole grace (30 s by default), instead of
+    reconnecting to a replica that serves. Here the replica takes over the draining one's port."""
+    draining = ServerThread(loopback(), tiny_engine)
+    with TandemClient(draining.target, max_retries=0) as client:
+        assert client.tokenize("hi")  # the connection is open
+        with held(tiny_engine) as release:  # a generation in flight keeps the drain going
+            stream = client.stream("Once upon a time", max_new_tokens=64, ignore_eos=True)
+            first = next(stream)
+            drained = draining.submit(draining.server.drain(grace=30))
+            assert wait_until(lambda: _refused(draining.server.port)), "the draining server still listens"
+            replica = ServerThread(replace(loopback(), port=draining.server.port), tiny_engine)
+            try:
+                assert client.tokenize("hi")  # the same client, reconnected: the draining one refuses it
+            finally:
+                release()
+                replica.stop()
+            chunks = [first, *stream]
+        assert chunks[-1].finish_reason == "length" and chunks[-1].generated_tokens == 64
+    assert drained.result(30) is True
+    draining.close()
 
 
 def test_drain_aborts_what_outlives_the_grace_period(tiny_engine):

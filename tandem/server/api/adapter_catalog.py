@@ -7,9 +7,12 @@ server/adapters/registry.py implements AdapterCatalog; the servicer knows nothin
 import threading
 from typing import Protocol
 
+from tandem.server.adapters.compeft_format import check_density
 from tandem.server.adapters.merging import MergeSpec
-from tandem.server.adapters.registry import AdapterInfo, SlotStats
-from tandem.server.errors import NotFound, excerpt
+from tandem.server.adapters.registry import AdapterInfo, SlotStats, check_writable_name
+from tandem.server.errors import FailedPrecondition, NotFound, excerpt
+
+NO_ADAPTERS_DIR = "the server has no adapters directory (start it with --adapters-dir)"
 
 
 class AdapterCatalog(Protocol):
@@ -31,7 +34,9 @@ class AdapterCatalog(Protocol):
 
 
 class NoAdapterServing:
-    """The catalog of a server started without --adapters-dir: adapters cannot be served."""
+    """The catalog of a server started without --adapters-dir: adapters cannot be served.
+    Reading or writing one is FAILED_PRECONDITION, as fine-tuning is when it is off: NOT_FOUND
+    told clients the name was wrong. A malformed merge or compression is still INVALID_ARGUMENT."""
 
     max_rank = 0
 
@@ -42,16 +47,20 @@ class NoAdapterServing:
         return set()
 
     def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo:
-        raise NotFound(f"adapter {excerpt(name)} not found: the server has no adapters directory (start it with --adapters-dir)")
+        raise FailedPrecondition(f"cannot load adapter {excerpt(name)}: {NO_ADAPTERS_DIR}")
 
     def unload(self, name: str) -> None:
         raise NotFound(f"adapter {excerpt(name)} is not loaded")
 
     def merge(self, name: str, spec: MergeSpec, abandoned: threading.Event | None = None) -> tuple[AdapterInfo, dict[str, float]]:
-        raise NotFound(f"adapter {excerpt(spec.adapters[0] if spec.adapters else name)} not found: the server has no adapters directory (start it with --adapters-dir)")
+        spec.check(max_rank=spec.rank)  # no slots to hold its rank to: the spec's other checks
+        check_writable_name(name)
+        raise FailedPrecondition(f"cannot merge into adapter {excerpt(name)}: {NO_ADAPTERS_DIR}")
 
     def compress(self, name: str, source: str, density: float, abandoned: threading.Event | None = None) -> AdapterInfo:
-        raise NotFound(f"adapter {excerpt(source)} not found: the server has no adapters directory (start it with --adapters-dir)")
+        check_writable_name(name)
+        check_density(density)
+        raise FailedPrecondition(f"cannot compress adapter {excerpt(source)}: {NO_ADAPTERS_DIR}")
 
     def slot_stats(self) -> SlotStats:
         return SlotStats(

@@ -59,8 +59,9 @@ def prompt_of(request: GenerationRequest) -> str | Sequence[int] | list[dict[str
 
 
 def mixture_of(request: GenerationRequest) -> list[tuple[str, float]] | None:
-    """The request's per-request mixture as (adapter, weight) pairs; None when it names none."""
-    return [(a.name, a.weight) for a in request.adapters] or None
+    """The request's per-request mixture as (adapter, weight) pairs; None when it names none.
+    An unset weight is 1: read as 0 it served the base model, silently, in an adapter's slot."""
+    return [(a.name, a.weight if a.HasField("weight") else 1.0) for a in request.adapters] or None
 
 
 def text_of(request: generation_pb2.TokenizeRequest) -> str | list[dict[str, str]]:

@@ -1,6 +1,7 @@
 """Assembles the gRPC server: services, health, reflection, interceptor, limits, TLS, and
 the start → attach engine → drain lifecycle. `build_server()` is what the CLI and tests call."""
 
+import asyncio
 import logging
 import ssl
 from pathlib import Path
@@ -102,21 +103,27 @@ class TandemServer:
         log.info("ready", extra={"fields": {"model": engine.info.name}})
 
     async def drain(self, grace: float | None = None) -> bool:
-        """Readiness off, new calls refused with UNAVAILABLE, in-flight calls given `grace`
-        seconds (default: the config's); then generations end with FINISH_REASON_ABORT and
-        what is left is cancelled. True if all finished within the grace period."""
+        """Readiness off, new calls refused, in-flight calls given `grace` seconds (default:
+        the config's); then generations end with FINISH_REASON_ABORT and what is left is
+        cancelled. True if all finished within the grace period."""
         grace = self.config.drain_grace_seconds if grace is None else grace
         # The listener closes first, so that once the state says draining no new HTTP
         # connection can land in its backlog (to be reset when it closes, not refused).
         if self.http is not None:
             self.http.stop_accepting()
         await self.state.begin_drain()
+        # gRPC's stop closes the listener and sends GOAWAY at once, so that clients still
+        # connected here (kube-proxy keeps their TCP connection) reconnect to another replica
+        # instead of being refused UNAVAILABLE for the whole grace; the calls in flight run on.
+        stopping = asyncio.create_task(self._server.stop(grace=grace + ABORT_WAIT_SECONDS + STOP_GRACE_SECONDS))
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         finished = await self.state.wait_idle(grace)
         if not finished:
             self.state.abort_generations()
             await self.state.wait_idle(ABORT_WAIT_SECONDS)
+        # The most restrictive grace wins: a call still open (a watch) is not waited for past it.
         await self._server.stop(grace=STOP_GRACE_SECONDS)
+        await stopping
         if self.http is not None:
             await self.http.close()
         self.metrics.close()

@@ -417,11 +417,13 @@ class AsyncEngine:
 
     def _fail(self, aborted: list[RequestOutput], exc: BaseException | None) -> None:
         """Each aborted request's error: out of memory is RESOURCE_EXHAUSTED, which clients
-        retry (the next iteration may fit), anything else an internal error."""
+        retry (the next iteration may fit), anything else an internal error. The allocator's
+        text stays in the log: CUDA's names the GPU's memory layout and other processes' PIDs."""
         for out in aborted:
             if exc is not None and out_of_memory(exc):
+                log.error("request %s failed: out of memory: %s", out.request_id, exc)
                 error: Exception = ResourceExhausted(
-                    f"the iteration that carried this request ran out of memory ({str(exc)[:200]}): retry, or ask for fewer tokens"
+                    "the iteration that carried this request ran out of memory on this replica: retry, or ask for fewer tokens"
                 )
             else:
                 error = RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}")
