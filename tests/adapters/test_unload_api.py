@@ -31,10 +31,10 @@ def test_an_unload_held_on_a_slow_disk_leaves_the_event_loop_free(server, monkey
     unload = registry.unload
     unloading, release = threading.Event(), threading.Event()
 
-    def slow_unload(name: str) -> None:
+    def slow_unload(name: str, abandoned: threading.Event | None = None) -> None:
         unloading.set()
         release.wait(30)
-        unload(name)
+        unload(name, abandoned)
 
     monkeypatch.setattr(registry, "unload", slow_unload)
     with TandemClient(server.target, timeout=60) as client, ThreadPoolExecutor(1) as pool:

@@ -4,6 +4,7 @@ format and ratio, refusals as status codes with the reason, and the admin role."
 
 import json
 import queue
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,12 +72,12 @@ def test_a_mixture_in_flight_shows_its_adapters_names_in_the_metrics(server, adm
 
 
 def to_the_end(call, events: queue.Queue, finished: threading.Event, ended: list):
-    """call, putting the event its caller's going sets (its third argument) on events,
+    """call, putting the event its caller's going sets (its last argument) on events,
     appending what it raised (or returned) to ended, and setting finished once it has
     returned or raised."""
 
     def watched(*args, **kwargs):
-        events.put(args[2])
+        events.put(args[-1])
         try:
             result = call(*args, **kwargs)
             ended.append(result)
@@ -152,6 +153,42 @@ def test_a_load_whose_caller_gave_up_loads_nothing(server, admin, monkeypatch):
     )
     listed = {a.name: a for a in admin.list_adapters()}
     assert (listed["late-load"].path, listed["late-load"].content_hash) == ("a0", before.content_hash)
+
+
+def test_an_unload_whose_caller_gave_up_unloads_nothing(server, admin, monkeypatch):
+    """UnloadAdapter on a slow adapters volume ran on in its thread past the caller's deadline
+    and, ending after the admin's next LoadAdapter of the name, unloaded it: requests got
+    NOT_FOUND although the admin's last call to succeed was the load."""
+    registry = server.server.state.catalog
+    # On disk and never read: the unload looks for its folder.
+    shutil.copytree(registry.adapters_dir / "a0", registry.adapters_dir / "late-unload")
+    release, finished, entered = threading.Event(), threading.Event(), threading.Event()
+    abandoned = queue.Queue()  # the unload's event the server sets when its caller goes
+    ended: list = []  # what the unload raised or returned
+    resolve_adapter_dir, unload = registry_module.resolve_adapter_dir, registry.unload
+
+    def slow_resolve_adapter_dir(adapters_dir, name, path):
+        if name == "late-unload" and not entered.is_set():  # the unload's look, not the load's after it
+            entered.set()
+            release.wait(30)
+        return resolve_adapter_dir(adapters_dir, name, path)
+
+    monkeypatch.setattr(registry_module, "resolve_adapter_dir", slow_resolve_adapter_dir)
+    monkeypatch.setattr(registry, "unload", to_the_end(unload, abandoned, finished, ended))  # the service calls unload(name, abandoned)
+    with TandemClient(server.target, token=ADMIN_TOKEN, timeout=3, max_retries=0) as impatient:
+        assert rpc_error(lambda: impatient.unload_adapter("late-unload")).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert server.run(server.server.state.wait_idle(30))  # the server has given up on the unload's handler
+    loaded = admin.load_adapter("late-unload")
+    release.set()
+    assert finished.wait(30)
+    assert entered.is_set()  # it was the slow unload that ran on
+    assert {a.name: a.content_hash for a in admin.list_adapters()}.get("late-unload") == loaded.content_hash
+    assert len(admin.generate(adapter="late-unload", **GREEDY).token_ids) == 6
+    assert abandoned.get_nowait().is_set()
+    assert len(ended) == 1 and isinstance(ended[0], FailedPrecondition), ended
+    assert status_for(ended[0], "late-unload") == (
+        grpc.StatusCode.FAILED_PRECONDITION, "the call that would unload adapter 'late-unload' was cancelled: nothing was unloaded"
+    )
 
 
 def test_a_mixture_member_without_a_weight_weighs_1(server, admin):

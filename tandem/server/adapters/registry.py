@@ -500,11 +500,13 @@ class AdapterRegistry:
             raise InvalidRequest(f"cannot {action} {excerpt(name)}: it is a router, and only LoRA adapters can be {action}d")
         return adapter
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, abandoned: threading.Event | None = None) -> None:
         """Forget an adapter and refuse it until an admin loads it again (its files stay on
         disk); requests already using it finish with the version they hold. One on disk that
         this server has not read yet is refused from now on too (a replica that had not
-        served it answered NOT_FOUND, then served it at its first request)."""
+        served it answered NOT_FOUND, then served it at its first request). abandoned: as for
+        load; an unload timed out on a slow disk, ending after the admin's next load of the
+        name, made it NOT_FOUND."""
         with self._lock:
             if name in self._unloaded:
                 raise NotFound(f"adapter {excerpt(name)} is not loaded")
@@ -514,6 +516,7 @@ class AdapterRegistry:
             except InvalidRequest:  # no adapter can have that name: none is loaded under it
                 raise NotFound(f"adapter {excerpt(name)} is not loaded") from None
         with self._lock:
+            self._check_not_abandoned(name, "unload", abandoned)
             self._known.pop(name, None)
             self._cache.pop(name, None)
             self._routers.pop(name, None)
@@ -528,16 +531,21 @@ class AdapterRegistry:
         unloaded). A request's read that an admin's load or unload overtook (seen: the count
         of those when it began) serves its request and is not cached: it may hold the older
         version, and cached it replaced a LoadAdapter's newer path until the next load. A load
-        whose caller has gone (abandoned set) is refused: checked here, under the lock, so that
-        it cannot land after a later load or unload of the name."""
-        if abandoned is not None and abandoned.is_set():
-            raise FailedPrecondition(f"the call that would load adapter {name!r} was cancelled: nothing was loaded")
+        whose caller has gone is refused (_check_not_abandoned)."""
+        self._check_not_abandoned(name, "load", abandoned)
         if revive:
             self._unloaded.discard(name)
             self._admin_changes[name] = self._admin_changes.get(name, 0) + 1
             return True
         self._check_not_unloaded(name)
         return self._admin_changes.get(name, 0) == seen
+
+    def _check_not_abandoned(self, name: str, action: str, abandoned: threading.Event | None) -> None:
+        """Under the lock, right before an admin's load or unload takes effect: refused once its
+        caller has gone (abandoned set), so that it cannot land after a later load or unload of
+        the name."""
+        if abandoned is not None and abandoned.is_set():
+            raise FailedPrecondition(f"the call that would {action} adapter {name!r} was cancelled: nothing was {action}ed")
 
     def _check_not_unloaded(self, name: str) -> None:
         if name in self._unloaded:

@@ -24,7 +24,7 @@ class AdapterCatalog(Protocol):
 
     def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo: ...
 
-    def unload(self, name: str) -> None: ...
+    def unload(self, name: str, abandoned: threading.Event | None = None) -> None: ...
 
     def merge(self, name: str, spec: MergeSpec, abandoned: threading.Event | None = None) -> tuple[AdapterInfo, dict[str, float]]: ...
 
@@ -49,7 +49,7 @@ class NoAdapterServing:
     def load(self, name: str, path: str = "", abandoned: threading.Event | None = None) -> AdapterInfo:
         raise FailedPrecondition(f"cannot load adapter {excerpt(name)}: {NO_ADAPTERS_DIR}")
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, abandoned: threading.Event | None = None) -> None:
         raise NotFound(f"adapter {excerpt(name)} is not loaded")
 
     def merge(self, name: str, spec: MergeSpec, abandoned: threading.Event | None = None) -> tuple[AdapterInfo, dict[str, float]]:

@@ -1,7 +1,5 @@
 """tandem.v1.AdaptersService: proto in, adapter catalog call, proto out."""
 
-import asyncio
-
 import grpc
 
 from tandem.server.api import convert
@@ -29,8 +27,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServiceServicer):
     async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
         with self._state.admit():
             # It looks for the name's folder on disk (a slow or hung shared volume): off the
-            # event loop, where it held every other call, health checks included.
-            await asyncio.to_thread(self._state.catalog.unload, request.name)
+            # event loop, where it held every other call, health checks included, and not
+            # committed once the caller has gone.
+            await run_abandonable(lambda abandoned: self._state.catalog.unload(request.name, abandoned))
             return adapters_pb2.UnloadAdapterResponse()
 
     async def MergeAdapters(self, request: adapters_pb2.MergeAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.MergeAdaptersResponse:
