@@ -186,7 +186,8 @@ class BackwardResult:
 
 @dataclass
 class SchedulerOutput:
-    """The work of one iteration. decodes: one token each; prefills: longer chunks; training:
+    """The work of one iteration. decodes: one token each, that samples; prefills: prompt
+    chunks (one token long too, where the budget or the free blocks cut it); training:
     whole sequences trained in their own iteration (time-sliced fine-tuning); train_forward /
     train_head / train_backward: co-served fine-tuning work that shares the iteration with
     inference; train_graph: a co-served micro-batch's whole forward, with no inference.
