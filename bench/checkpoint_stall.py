@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine_info, write_result  # noqa: E402
 from tandem.server.adapters.peft_format import adapter_files, peft_config  # noqa: E402
+from tandem.server.engine.host_allocator import keep_freed_memory  # noqa: E402
 from tandem.server.finetune import checkpoints  # noqa: E402
 from tandem.server.finetune.trainable_adapter import LoRASpec, TrainableAdapter  # noqa: E402
 from tandem.server.model.loader import load_model  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="where the checkpoints go (default: a temporary directory)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()  # as the CPU engine: the copies reuse what the last ones freed
     loaded = load_model(None, torch.float32, torch.device("cpu"))
     spec = LoRASpec()
     adapter = TrainableAdapter(loaded.model, spec, seed=0)
