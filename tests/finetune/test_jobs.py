@@ -91,6 +91,16 @@ def wait_for(engine: AsyncEngine, job_id: str, done=lambda job: job.status.termi
     raise AssertionError(f"job {job_id} did not get there in {timeout}s: {engine.jobs.get(job_id)}")
 
 
+def three_tokens(engine: AsyncEngine, request_id: str) -> list[int]:
+    """A greedy request's tokens: the server serves beside (or after) what a test did to a job."""
+
+    async def generate() -> list[int]:
+        params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+        return [t async for out in engine.generate("Item 3:", params, request_id) for t in out.token_ids]
+
+    return asyncio.run(generate())
+
+
 def request(adapter: str = "tuned", **changes) -> JobRequest:
     return JobRequest(**{"adapter": adapter, "hyperparameters": HP, "training_data": DATA, "lora": {"r": 8}, **changes})
 
@@ -470,11 +480,7 @@ def test_a_job_store_that_cannot_be_written_fails_the_job_not_the_engine(tiny_mo
         assert engine.failure is None
         store._db = database
 
-        async def generate() -> list[int]:
-            params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-            return [t async for out in engine.generate("Item 3:", params, "after") for t in out.token_ids]
-
-        assert len(asyncio.run(generate())) == 3
+        assert len(three_tokens(engine, "after")) == 3
     finally:
         store._db = database
         engine.shutdown()
@@ -844,11 +850,7 @@ def test_a_step_that_keeps_failing_fails_its_job_and_the_engine_serves_on(tiny_m
         assert job.status is JobStatus.FAILED and job.error.code == "internal_error" and job.step == 0
         assert "simulated: out of memory in a layer's replay" in job.error.message and engine.failure is None
 
-        async def generate() -> list[int]:
-            params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-            return [t async for out in engine.generate("Item 3:", params, "after") for t in out.token_ids]
-
-        assert len(asyncio.run(generate())) == 3
+        assert len(three_tokens(engine, "after")) == 3
     finally:
         engine.shutdown()
 
@@ -890,11 +892,7 @@ def test_a_checkpoint_is_written_while_training_and_serving_go_on(tiny_model_dir
         try:
             assert wait_until(lambda: engine.jobs.get(job_id).step >= 3, timeout=30), "training waited for the checkpoint's write"
 
-            async def generate() -> list[int]:
-                params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-                return [t async for out in engine.generate("Item 3:", params, "during") for t in out.token_ids]
-
-            assert len(asyncio.run(generate())) == 3  # served while step 2's checkpoint is still being written
+            assert len(three_tokens(engine, "during")) == 3  # served while step 2's checkpoint is still being written
             assert not (engine.jobs._job_dir(job_id) / "checkpoints" / "step-00000002").exists()
         finally:
             release.set()
@@ -1093,11 +1091,7 @@ def test_a_store_that_cannot_save_at_start_up_does_not_stop_the_server(tiny_mode
         failed = wait_for(engine, job.id)
         assert failed.status is JobStatus.FAILED and failed.error.code == "storage_error" and engine.failure is None
 
-        async def generate() -> list[int]:
-            params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-            return [t async for out in engine.generate("Item 3:", params, "after") for t in out.token_ids]
-
-        assert len(asyncio.run(generate())) == 3
+        assert len(three_tokens(engine, "after")) == 3
     finally:
         engine.shutdown()
 
