@@ -81,6 +81,17 @@ def run_until_step(engine: AsyncEngine, job_id: str, step: int) -> None:
     assert stepped.wait(60)
 
 
+def stopped_after_step_one(model_dir: Path, dirs: tuple[Path, Path]) -> Job:
+    """A job whose server stopped after its first step: what a restart finds interrupted."""
+    engine = unstarted(model_dir, dirs)
+    try:
+        job = engine.jobs.create(request())
+        run_until_step(engine, job.id, 1)
+    finally:
+        engine.shutdown()
+    return job
+
+
 def wait_for(engine: AsyncEngine, job_id: str, done=lambda job: job.status.terminal, timeout: float = 120) -> Job:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -1015,12 +1026,7 @@ def test_a_failed_publish_the_store_cannot_save_is_published_by_the_restart(tiny
 def test_a_job_resumed_under_a_lower_max_lora_rank_fails_saying_why(tiny_model_dir, dirs):
     """Created with lora.r 8 under --max-lora-rank 16 and resumed under 4: the resume did not
     check the rank again, and the job trained to its end only to fail its publish."""
-    engine = unstarted(tiny_model_dir, dirs)
-    try:
-        job = engine.jobs.create(request())
-        run_until_step(engine, job.id, 1)
-    finally:
-        engine.shutdown()
+    job = stopped_after_step_one(tiny_model_dir, dirs)
     engine = start(tiny_model_dir, dirs, max_lora_rank=4)
     try:
         failed = wait_for(engine, job.id)
@@ -1075,12 +1081,7 @@ def test_an_end_the_store_could_not_save_is_saved_at_shutdown(tiny_model_dir, di
 def test_a_store_that_cannot_save_at_start_up_does_not_stop_the_server(tiny_model_dir, dirs, monkeypatch):
     """Saving an interrupted job's VALIDATING_FILES as the server started raised out of the
     start on a full data disk: the server crash-looped, and inference was down with it."""
-    engine = unstarted(tiny_model_dir, dirs)
-    try:
-        job = engine.jobs.create(request())
-        run_until_step(engine, job.id, 1)
-    finally:
-        engine.shutdown()
+    job = stopped_after_step_one(tiny_model_dir, dirs)
 
     def full(store, saved: Job) -> None:
         raise StoreUnwritable("could not save the job (simulated: database or disk is full)")
