@@ -12,16 +12,42 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+# pyproject.toml's requires-python: an older interpreter failed only at the project's install,
+# minutes in, and an older .venv was never made again.
+new_enough='import sys; sys.exit(sys.version_info < (3, 11))'
+if ! .venv/bin/python -c "$new_enough" 2>/dev/null; then
+    if ! "$python" -c "$new_enough" 2>/dev/null; then
+        echo "scripts/setup.sh: Tandem needs Python 3.11 or newer; $python is $("$python" --version 2>/dev/null || echo 'not found')." >&2
+        echo "Name a newer one, e.g.: PYTHON=python3.11 bash scripts/setup.sh" >&2
+        exit 1
+    fi
+    if [ -e .venv ]; then
+        echo "scripts/setup.sh: .venv's Python is older than 3.11 (or broken): making .venv again with $python" >&2
+    fi
+    rm -rf .venv
+    "$python" -m venv .venv
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch, from PyTorch's CPU wheel index (named here: a bare `torch` from PyPI
 # is a multi-GB CUDA build), its dependencies from PyPI. Where that index cannot be reached,
 # the same pin from pip's own configuration (a local mirror or wheel folder with the CPU build).
-# On a GPU machine, install a CUDA torch into .venv before running this script.
-.venv/bin/python -c "import torch" 2>/dev/null \
-    || .venv/bin/python -m pip install -q --retries 0 --timeout 20 -c deploy/constraints.txt \
-        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple torch \
-    || .venv/bin/python -m pip install -q -c deploy/constraints.txt torch
+# Whenever the installed version (its +cpu or +cuXXX part aside) is not the pin: otherwise the
+# project's install below would fetch the pin from PyPI. On a GPU machine, install a CUDA torch
+# of the pinned version into .venv before running this script: one of another version is
+# refused here, not replaced by the CPU build.
+torch_pin=$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' deploy/constraints.txt)
+torch_now=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torch').split('+')[0])" 2>/dev/null || true)
+if [ -n "$torch_now" ] && [ "$torch_now" != "$torch_pin" ] \
+    && [ "$(.venv/bin/python -c 'import torch; print(bool(torch.version.cuda or torch.version.hip))' 2>/dev/null)" = True ]; then
+    echo "scripts/setup.sh: .venv has a GPU build of torch $torch_now, but deploy/constraints.txt pins torch==$torch_pin:" >&2
+    echo "install the GPU build of torch==$torch_pin into .venv (or uninstall torch there for the CPU build)" >&2
+    exit 1
+fi
+if [ "$torch_now" != "$torch_pin" ]; then
+    .venv/bin/python -m pip install -q --retries 0 --timeout 20 -c deploy/constraints.txt \
+        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple "torch==$torch_pin" \
+        || .venv/bin/python -m pip install -q -c deploy/constraints.txt "torch==$torch_pin"
+fi
 # The server and its test and benchmark tools, at the versions the image pins
 # (deploy/constraints.txt), so CI tests what ships.
 .venv/bin/python -m pip install -q -c deploy/constraints.txt -e '.[server,test,bench]'

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -137,9 +138,6 @@ def add_serve_command(commands: argparse._SubParsersAction, with_flags: bool = T
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    if not server_installed():
-        print("tandem serve: error: this install has the client only; install the server with: pip install 'tandem[server]'", file=sys.stderr)
-        return 1
     from tandem.server.config import EngineConfig, ServerConfig
     from tandem.server.logging_setup import configure_logging
     from tandem.server.serve import serve
@@ -154,7 +152,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(engine_config, server_config))
     except (OSError, ValueError) as exc:
-        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        # Logged, not printed: with --log-format json a plain line broke the stream's parsers.
+        logging.getLogger("tandem.serve").error("cannot start: %s", exc)
         return 1
 
 
@@ -195,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     with _sigterm_ends_start_up() if command == "serve" else contextlib.nullcontext():
+        # Before parsing: without the server, serve has no flags, and one given read as "unrecognized arguments".
+        if command == "serve" and not server_installed():
+            print("tandem serve: error: this install has the client only; install the server with: pip install 'tandem[server]'", file=sys.stderr)
+            return 1
         args = build_parser(command).parse_args(argv)
         return args.run(args)
 

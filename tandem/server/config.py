@@ -5,6 +5,8 @@ from flags and their `TANDEM_*` environment twins; besides it only the native ke
 (tandem/kernels/native_build.py: TANDEM_CACHE_DIR, TANDEM_NATIVE_*) reads the environment.
 """
 
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -99,8 +101,11 @@ class EngineConfig:
         refuse_empty_paths(self, ("model", "adapters_dir", "data_dir"))
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        # A missing directory may be a volume still being filled (the registry warns); a file never serves.
+        if self.adapters_dir is not None and os.path.exists(self.adapters_dir) and not os.path.isdir(self.adapters_dir):
+            raise ValueError(f"--adapters-dir {self.adapters_dir} is not a directory: give the directory that holds one folder per adapter")
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
             "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes", "max_active_jobs",
@@ -123,11 +128,16 @@ class EngineConfig:
             raise ValueError("--data-dir (fine-tuning) needs --adapters-dir too: trained adapters are published there")
 
     def resolve_device(self) -> torch.device:
+        """The device, checked against this host: a GPU index it lacks failed at the first
+        allocation, after the server was listening, with CUDA's "invalid device ordinal"."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} asked for, but this torch has no CUDA or sees no GPU: use --device cpu or auto")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.index is not None and device.index >= (count := torch.cuda.device_count()):
+            raise ValueError(f"--device {self.device}: this host sees {count} GPU(s), so N in cuda:N must be below {count}")
+        return device
 
     def resolve_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
@@ -166,8 +176,9 @@ class ServerConfig:
     port / metrics_port: 0 picks a free port (tests use it).
     http_port: the OpenAI-compatible HTTP front's port (0 picks a free one); None turns it off.
     auth_tokens_file: lines "<role> <token>" (role inference or admin); None = no auth.
-    tls_cert / tls_key: PEM files that turn TLS on; tls_client_ca also requires and checks
-    client certificates (mutual TLS).
+    tls_cert / tls_key: PEM files that turn TLS on, for gRPC only; tls_client_ca also requires
+    and checks client certificates (mutual TLS), so it needs auth_tokens_file or http_port None:
+    the plaintext HTTP front would serve anyone.
     drain_grace_seconds: how long in-flight requests may run after SIGTERM.
     """
 
@@ -200,6 +211,11 @@ class ServerConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        if self.tls_client_ca is not None and self.http_port is not None and self.auth_tokens_file is None:
+            raise ValueError(
+                "--tls-client-ca (mutual TLS) checks gRPC clients only: the HTTP front (plaintext, --http-port "
+                f"{self.http_port}) would serve anyone; turn it off with --http-port off, or require tokens with --auth-tokens-file"
+            )
         if not 0 < self.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must be in [1, {MAX_MESSAGE_BYTES}] (gRPC's limit), got {self.max_message_bytes}")
         if not self.drain_grace_seconds >= 0:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tandem.server.adapters import peft_format
 from tandem.server.adapters import registry as registry_module
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, content_hash, write_adapter
-from tandem.server.errors import Unavailable
+from tandem.server.errors import NotFound, Unavailable
 from tests.adapters.make_adapters import make_adapter
 from tests.engine.helpers import make_engine
 
@@ -51,6 +51,21 @@ def test_a_replica_serves_the_version_another_replica_published(tiny_hf_model, s
     assert new.content_hash != old.content_hash
     assert server.registry.get("style").content_hash == new.content_hash
     assert [(i.name, i.content_hash) for i in server.registry.list()] == [("style", new.content_hash)]
+
+
+def test_an_adapters_directory_created_after_start_is_served_and_named_until_then(
+    tiny_hf_model, smollm2_tokenizer, tmp_path, versions, caplog
+):
+    """A volume still being filled at start: warned of, each request's NOT_FOUND names the
+    missing directory (it said only that the adapter had no config), served once it exists."""
+    root = tmp_path / "not-yet"
+    server = replica(tiny_hf_model, smollm2_tokenizer, root)
+    assert any(r.levelname == "WARNING" and getattr(r, "fields", None) == {"adapters_dir": str(root)} for r in caplog.records)
+    with pytest.raises(NotFound, match=r"^adapter 'style' not found: the server's adapters directory \(--adapters-dir\) does not exist yet$"):
+        server.registry.get("style")
+    root.mkdir()
+    publish(versions[0], root / "style")
+    assert server.registry.get("style").name == "style"
 
 
 def test_a_cached_version_is_checked_again_only_after_the_refresh_interval(

@@ -20,7 +20,7 @@ KV_CACHE_BYTES = 16 << 20  # plenty for the tiny model, small enough to allocate
 
 
 def loopback(**overrides) -> ServerConfig:
-    return ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0, log_format="text", **overrides)
+    return ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "http_port": 0, "log_format": "text", **overrides})
 
 
 def start_engine(model_dir: Path, **overrides) -> AsyncEngine:

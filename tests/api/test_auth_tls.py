@@ -87,7 +87,9 @@ def test_tls(tiny_engine, certs):
 
 
 def test_mutual_tls(tiny_engine, certs):
-    config = loopback(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    config = loopback(
+        tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"), http_port=None
+    )
     thread = ServerThread(config, tiny_engine)
     try:
         ca = str(certs / "ca.pem")
@@ -117,10 +119,28 @@ def test_bad_tls_files_are_named_not_read_as_a_busy_port(certs, tmp_path, broken
         (tmp_path / "ca.pem").write_text("not a CA\n")
         files["tls_client_ca"] = str(tmp_path / "ca.pem")
     with pytest.raises(ValueError, match="--tls-client-ca .* is not a PEM CA bundle" if broken == "client-ca" else "--tls-cert .* are not a PEM certificate chain and its private key"):
-        asyncio.run(_built(loopback(**files)))  # built inside a loop, as serve builds it
+        asyncio.run(_built(loopback(**files, http_port=None)))  # built inside a loop, as serve builds it
 
 
 async def _built(config) -> None:
     from tandem.server.api.grpc_server import build_server
 
     build_server(config)
+
+
+@pytest.mark.parametrize("missing", ["tls_cert", "tls_key", "tls_client_ca"])
+def test_a_missing_tls_file_is_named_with_its_flag(certs, tmp_path, missing):
+    """It failed with OSError's "[Errno 2] No such file or directory", naming neither."""
+    files = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    files[missing] = str(tmp_path / "absent.pem")
+    flag = "--" + missing.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{flag} {tmp_path / 'absent.pem'} cannot be read: No such file or directory$"):
+        asyncio.run(_built(loopback(**files, http_port=None)))
+
+
+def test_tls_with_the_http_front_on_warns_that_http_is_plaintext(certs, caplog):
+    tls = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
+    for http_port, warned in ((0, True), (None, False)):
+        caplog.clear()
+        ServerThread(loopback(**tls, http_port=http_port), None).stop()
+        assert ("TLS covers the gRPC port only: the HTTP front is plaintext" in caplog.text) is warned

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import time
 
@@ -11,7 +12,7 @@ import torch
 from tandem.client.sync_client import TandemClient
 from tandem.client.types import StreamChunk
 from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name, main
-from tandem.server.config import EngineConfig
+from tandem.server.config import EngineConfig, ServerConfig
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -181,6 +182,61 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error():
         EngineConfig(device="cuda").resolve_device()
 
 
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "cuda:-1", "cuda:1x", "cuda:0:1"])
+def test_a_malformed_cuda_device_is_refused_before_anything_starts(device):
+    """cuda:abc passed and failed in torch after the server was listening, with a traceback."""
+    with pytest.raises(ValueError, match=rf"^device must be auto, cpu or cuda\[:N\], got '{device}'$"):
+        EngineConfig(device=device)
+
+
+def test_a_gpu_index_the_host_lacks_names_the_flag_and_the_gpu_count(monkeypatch):
+    """cuda:1 on a one-GPU host failed at the first allocation ("invalid device ordinal")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^--device cuda:1: this host sees 1 GPU\(s\), so N in cuda:N must be below 1$"):
+        EngineConfig(device="cuda:1").resolve_device()
+    assert EngineConfig(device="cuda:0").resolve_device() == torch.device("cuda:0")
+    assert EngineConfig(device="cuda").resolve_device() == torch.device("cuda")
+
+
+def test_mutual_tls_beside_an_http_front_without_tokens_is_refused(capsys):
+    """Client certificates guard the gRPC port only: the plaintext HTTP front served anyone."""
+    tls = dict(tls_cert="server.pem", tls_key="server.key", tls_client_ca="ca.pem")
+    with pytest.raises(ValueError, match="^--tls-client-ca .* would serve anyone; turn it off with --http-port off, or require tokens with --auth-tokens-file$"):
+        ServerConfig(**tls)
+    ServerConfig(**tls, http_port=None)
+    ServerConfig(**tls, auth_tokens_file="tokens")
+    ServerConfig(tls_cert="server.pem", tls_key="server.key")  # no client certificates: no access control to bypass
+    assert main(["serve", *(f"--{k.replace('_', '-')}={v}" for k, v in tls.items())]) == 2
+    assert "--http-port 8000) would serve anyone" in capsys.readouterr().err
+
+
+def test_an_adapters_dir_that_is_a_file_is_refused_and_a_missing_one_is_not(tmp_path):
+    """A file served nothing, every request NOT_FOUND; a missing directory may be a volume still being filled."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=f"^--adapters-dir {tmp_path / 'file'} is not a directory"):
+        EngineConfig(adapters_dir=str(tmp_path / "file"))
+    EngineConfig(adapters_dir=str(tmp_path / "not-yet"))
+
+
+def test_a_start_up_failure_is_a_json_log_line_with_json_logs(capsys, tmp_path):
+    """It was a plain print in the JSON stream, which log collectors failed to parse."""
+    missing = str(tmp_path / "absent.pem")
+    argv = ["serve", "--log-format", "json", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "off",
+            "--tls-cert", missing, "--tls-key", missing]
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(argv) == 1
+    finally:  # serve configured the process's logging: pytest's handlers back
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert any(
+        line["level"] == "error" and line["msg"] == f"cannot start: --tls-cert {missing} cannot be read: No such file or directory" for line in lines
+    ), lines
+
+
 def test_a_message_over_the_clients_limit_names_the_flag_that_raises_it(server, capsys):
     """The client's limit was gRPC's fixed 4 MiB: a server started with a larger
     --max-message-bytes still could not be sent a larger dataset or prompt."""
@@ -238,10 +294,12 @@ def test_a_token_on_the_command_line_beats_a_token_file_from_the_environment(mon
     assert token("--token", "admin", "--token-file", str(tmp_path / "mine")) == "mine"  # both typed: the file, as before
 
 
-def test_serve_on_a_client_install_beside_torch_prints_the_install_hint(capsys, monkeypatch):
+@pytest.mark.parametrize("flags", [[], ["--port", "1"]])
+def test_serve_on_a_client_install_beside_torch_prints_the_install_hint(capsys, monkeypatch, flags):
+    """With a flag, argparse said "unrecognized arguments": without the server serve has none."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a))
-    assert main(["serve"]) == 1
+    assert main(["serve", *flags]) == 1
     assert "install the server with: pip install 'tandem[server]'" in capsys.readouterr().err

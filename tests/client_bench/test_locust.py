@@ -47,7 +47,9 @@ def test_locustfile_records_ttft_and_e2e_per_adapter(server, tmp_path):
 
 def test_locustfile_reaches_a_server_over_mutual_tls(engine, certs, tmp_path):
     """It had only --token: against a TLS server every request failed with UNAVAILABLE."""
-    config = loopback(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    config = loopback(
+        tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"), http_port=None
+    )
     thread = ServerThread(config, engine)
     try:
         prefix = tmp_path / "run"

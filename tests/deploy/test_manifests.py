@@ -232,14 +232,16 @@ def test_config_holds_only_variables_tandem_serve_reads(rendered, name):
         assert {v["name"] for v in container(workload)["env"]} <= known
 
 
-def serve_config(objects: list[dict], workload: dict, monkeypatch) -> tuple[EngineConfig, ServerConfig]:
-    """What `tandem serve` makes of the pod's environment (it refuses a bad value)."""
+def serve_config(objects: list[dict], workload: dict, monkeypatch, **added: str) -> tuple[EngineConfig, ServerConfig]:
+    """What `tandem serve` makes of the pod's environment (it refuses a bad value), with the
+    variables `added` (what a user adds to the config map) on top."""
     def fields(args, flags) -> dict:
         return {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in flags}
 
     env = dict(config_map(objects))
     # Values from the downward API (the thread count) stand in as "2".
     env.update({v["name"]: v.get("value", "2") for v in container(workload)["env"]})
+    env.update(added)
     for var in [v for v in os.environ if v.startswith("TANDEM_")]:
         monkeypatch.delenv(var)
     for var, value in env.items():
@@ -264,6 +266,14 @@ def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, m
         if engine.data_dir is not None and engine.device != "cuda":
             reserved += engine.finetune_activation_bytes
         assert reserved + MODEL_AND_RUNTIME_BYTES <= memory_bytes(container(workload)["resources"]["limits"]["memory"])
+
+
+def test_the_tls_component_with_mutual_tls_added_is_a_valid_serve_configuration(rendered, monkeypatch):
+    """Its comment invites TANDEM_TLS_CLIENT_CA. The server refuses mutual TLS beside an HTTP
+    front without tokens (the plaintext front would serve anyone): the base sets the tokens."""
+    for workload in tandem_workloads(rendered["cpu-tls"]):
+        _, server = serve_config(rendered["cpu-tls"], workload, monkeypatch, TANDEM_TLS_CLIENT_CA="/etc/tandem/tls/ca.crt")
+        assert server.tls_client_ca is not None and server.http_port is not None and server.auth_tokens_file is not None
 
 
 def test_a_gpu_replica_starts_on_a_16_gb_gpu(rendered, monkeypatch):

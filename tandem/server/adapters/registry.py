@@ -151,6 +151,9 @@ def resolve_adapter_dir(adapters_dir: Path | None, name: str, path: str) -> Path
     if not directory.is_relative_to(root):
         named = f"path {excerpt(path, 200)}" if path else f"adapter {excerpt(name)} (a link out of it)"
         raise InvalidRequest(f"{named} is outside the adapters directory")
+    if not root.is_dir():
+        # The path is the server's own (its start-up warning names it), not the caller's to see.
+        raise NotFound(f"adapter {excerpt(name)} not found: the server's adapters directory (--adapters-dir) does not exist yet")
     _check_file_name("path", str(directory / "adapter_config.json"), PATH_MAX_BYTES - 1)
     if not (directory / "adapter_config.json").is_file() and not is_router(directory):
         shown = excerpt(f"{directory.relative_to(root)}/adapter_config.json", 200)
@@ -224,6 +227,12 @@ class AdapterRegistry:
         self.host_evictions = 0
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
             self._remove_leftovers()
+        elif self.adapters_dir is not None:
+            # Served once it appears (a volume still being filled): until then every adapter is NOT_FOUND.
+            log.warning(
+                "the adapters directory does not exist (yet): no adapter can be served until it does",
+                extra={"fields": {"adapters_dir": str(self.adapters_dir)}},
+            )
 
     def _remove_leftovers(self) -> None:
         # A serving replica may mount a shared adapters directory read-only: only the

@@ -91,6 +91,11 @@ class TandemServer:
                 "auth": self.config.auth_tokens_file is not None,
             }},
         )
+        if self.http is not None and self.config.tls_cert is not None:
+            log.warning(
+                "TLS covers the gRPC port only: the HTTP front is plaintext; terminate HTTPS in front of it, or --http-port off",
+                extra={"fields": {"http_port": self.http_port}},
+            )
 
     async def attach_engine(self, engine: "AsyncEngine") -> None:
         if self.metrics.model_name != engine.info.name:
@@ -139,6 +144,8 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     only by failing to bind, which read as "is another process using the port?"."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    cert, key = _read_tls_file("--tls-cert", config.tls_cert), _read_tls_file("--tls-key", config.tls_key)
+    client_ca = _read_tls_file("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca is not None else None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
@@ -146,17 +153,21 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         raise ValueError(
             f"--tls-cert {config.tls_cert} and --tls-key {config.tls_key} are not a PEM certificate chain and its private key ({exc})"
         ) from exc
-    if config.tls_client_ca is not None:
+    if client_ca is not None:
         try:
             context.load_verify_locations(config.tls_client_ca)
         except ssl.SSLError as exc:
             raise ValueError(f"--tls-client-ca {config.tls_client_ca} is not a PEM CA bundle ({exc})") from exc
-    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca is not None else None
-    return grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _read_tls_file(flag: str, path: str) -> bytes:
+    """The file's bytes; an unreadable one named with its flag (OSError said only "[Errno 2]
+    No such file or directory")."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path} cannot be read: {exc.strerror or exc}") from exc
 
 
 def build_server(config: ServerConfig, metrics: Metrics | None = None, model_name: str = "") -> TandemServer:
