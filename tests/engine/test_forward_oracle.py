@@ -85,7 +85,11 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range
     {"num_key_value_heads": 4},  # one key/value head per query head
     {"num_key_value_heads": 1},  # four query heads a key/value head
     {"tie_word_embeddings": True},
-], ids=["attention-bias", "mlp-bias", "linear-rope", "llama3-rope", "yarn-rope", "longrope", "head-dim", "mha", "gqa-4", "tied"])
+    {"hidden_act": "swish"},  # transformers' other name for SiLU
+    # RoPE over the first half of each head, the rest left unrotated (zero frequencies).
+    {"rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 0.5}},
+], ids=["attention-bias", "mlp-bias", "linear-rope", "llama3-rope", "yarn-rope", "longrope", "head-dim", "mha", "gqa-4", "tied",
+        "swish", "proportional-rope"])
 def test_supported_config_variants_match_transformers(smollm2_tokenizer, overrides):
     """Every option the loader accepts changes the logits as transformers' does (a bias it
     dropped or a RoPE it half applied served wrong logits without an error), on a prompt past
@@ -109,30 +113,56 @@ def test_supported_config_variants_match_transformers(smollm2_tokenizer, overrid
     assert_matches_transformers(model, prompt, [t for out in outputs for t in out.token_ids], seen["r"])  # decode steps too
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "mistral"])
-def test_qwen2_and_mistral_models_match_transformers(smollm2_tokenizer, architecture):
-    """The other architectures the loader accepts, each through its own transformers class
-    (Qwen2's q/k/v biases, given values; Mistral's window past the prompt)."""
+def make_tiny_model(tokenizer, architecture: str, **overrides):
+    """A tiny model of one of the loader's architectures, through its own transformers class,
+    its biases (Qwen2's q/k/v) given values."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tests.conftest import TINY_CONFIG
 
     torch.manual_seed(7)
-    extra = {"sliding_window": 512} if architecture == "mistral" else {}
     config = AutoConfig.for_model(
-        architecture, vocab_size=len(smollm2_tokenizer), bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id, **TINY_CONFIG, **extra,
+        architecture, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **{**TINY_CONFIG, **overrides},
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(".bias"):
                 parameter.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_models_match_transformers(smollm2_tokenizer, architecture):
+    """The other architectures the loader accepts, each through its own transformers class
+    (Qwen2's q/k/v biases, given values; Mistral's window past the prompt)."""
+    extra = {"sliding_window": 512} if architecture == "mistral" else {}
+    model = make_tiny_model(smollm2_tokenizer, architecture, **extra)
     assert architecture != "qwen2" or any(name.endswith("q_proj.bias") for name, _ in model.named_parameters())
     engine = make_engine(model, smollm2_tokenizer)
     seen = record_logits(engine)
     prompt = random_prompts([60], len(smollm2_tokenizer), seed=4)[0]
     outputs = run(engine, {0: [("r", prompt, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))]})
+    assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
+
+
+@pytest.mark.parametrize("architecture, overrides, limit", [
+    ("mistral", {"sliding_window": 16, "use_sliding_window": False}, 16),
+    ("qwen2", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 1}, 16),
+    ("qwen2", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 2}, 512),
+    ("llama", {"sliding_window": 16}, 512),
+], ids=["mistral-ignores-use-sliding-window", "qwen2-sliding-layer", "qwen2-all-full-layers", "llama-ignores-it"])
+def test_a_sliding_window_is_read_as_transformers_reads_it(smollm2_tokenizer, architecture, overrides, limit):
+    """Tandem attends to the whole context, so a sliding window caps it. Mistral slides whenever
+    the window is set (use_sliding_window=false was served past it, logits off by ~3); Qwen2
+    only on its "sliding_attention" layers and Llama never (both were capped for nothing)."""
+    model = make_tiny_model(smollm2_tokenizer, architecture, **overrides)
+    engine = make_engine(model, smollm2_tokenizer)
+    assert engine.max_model_len == limit
+    seen = record_logits(engine)
+    prompt = random_prompts([min(limit, 44) - 4], len(smollm2_tokenizer), seed=8)[0]
+    outputs = run(engine, {0: [("r", prompt, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))]})
     assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
 
 
@@ -145,6 +175,19 @@ def test_yarn_serves_the_context_its_factor_reaches(smollm2_tokenizer):
     assert engine.max_model_len == 256
     seen = record_logits(engine)
     prompt = random_prompts([150], len(smollm2_tokenizer), seed=5)[0]
+    outputs = run(engine, {0: [("r", prompt, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))]})
+    assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
+
+
+def test_dynamic_rope_serves_max_position_embeddings_unscaled(smollm2_tokenizer):
+    """Up to max_position_embeddings transformers' dynamic NTK keeps the unscaled frequencies,
+    and the served context stops there: the logits to its last position are transformers'."""
+    dynamic = {"rope_type": "dynamic", "factor": 4.0}
+    model = make_tiny_hf_model(smollm2_tokenizer, seed=9, max_position_embeddings=64, rope_scaling=dynamic)
+    engine = make_engine(model, smollm2_tokenizer)
+    assert engine.max_model_len == 64
+    seen = record_logits(engine)
+    prompt = random_prompts([60], len(smollm2_tokenizer), seed=9)[0]
     outputs = run(engine, {0: [("r", prompt, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))]})
     assert_matches_transformers(model, prompt, outputs["r"], seen["r"])
 

