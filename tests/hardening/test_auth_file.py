@@ -35,6 +35,12 @@ def test_a_line_of_only_a_comment_after_the_role_is_still_an_error(tmp_path):
         TokenTable.from_file(path)
 
 
+def test_a_tokens_file_that_cannot_be_read_is_named_with_its_flag(tmp_path):
+    """`tandem serve --auth-tokens-file /typo` said only "[Errno 2] No such file or directory"."""
+    with pytest.raises(ValueError, match=rf"^--auth-tokens-file {tmp_path / 'typo'} cannot be read: No such file or directory$"):
+        TokenTable.from_file(tmp_path / "typo")
+
+
 def test_reflection_and_health_need_no_token_and_the_api_does(tmp_path):
     path = tmp_path / "tokens"
     path.write_text("inference secret-token\n")

@@ -51,9 +51,14 @@ class TokenTable:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TokenTable":
-        """Parses the tokens file; errors name the line, never the token."""
+        """Parses the tokens file; errors name the line, never the token, and a file that
+        cannot be read its flag (OSError said only "[Errno 2] No such file or directory")."""
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"--auth-tokens-file {path} cannot be read: {exc.strerror or exc}") from exc
         roles: dict[bytes, Role] = {}
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             line = _COMMENT.sub("", line, count=1).strip()
             if not line:
                 continue
