@@ -1,7 +1,8 @@
 """Prometheus metrics with vLLM's names and labels under the `tandem:` prefix.
 
-Latencies and token counts are pushed by the API layer as requests end; engine and
-adapter gauges are pulled from a MetricsSource at scrape time, so they are never stale.
+Latencies and token counts are pushed by the API layer (the token counters as each output
+comes, the histograms as requests end); engine and adapter gauges are pulled from a
+MetricsSource at scrape time, so they are never stale.
 Every series carries vLLM's `model_name` label, added at scrape time; the server knows the
 name from its configuration before the model loads (model/loader.py's served_name), so what
 is counted while it loads is under the name it keeps. Each Metrics owns its registries (no process-global state), so
@@ -41,7 +42,9 @@ ABORT_STATUSES = frozenset({"CANCELLED", "DEADLINE_EXCEEDED"})
 @dataclass
 class CallSummary:
     """One RPC as the request metrics see it when it ends. Times are time.monotonic()
-    seconds; None where the call never got there. generation: it reached the engine."""
+    seconds; None where the call never got there. generation: it reached the engine.
+    prompt_tokens_counted, generated_tokens_counted: those of its tokens already in the
+    token counters, added as its outputs came (vLLM counts them per engine iteration)."""
 
     method: str
     status: str
@@ -54,6 +57,8 @@ class CallSummary:
     scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
+    prompt_tokens_counted: int = 0
+    generated_tokens_counted: int = 0
 
     @property
     def finished_reason(self) -> str:
@@ -97,7 +102,11 @@ class _PulledMetrics(Collector):
         stats = self._source.engine_stats()
         if stats is not None:
             yield GaugeMetricFamily("tandem:num_requests_running", "Sequences in the running batch.", stats.num_running)
-            yield GaugeMetricFamily("tandem:num_requests_waiting", "Requests queued for admission.", stats.num_waiting)
+            yield GaugeMetricFamily(
+                "tandem:num_requests_waiting",
+                "Requests queued for admission (n completions count as one until their prompt is computed).",
+                stats.num_waiting,
+            )
             yield GaugeMetricFamily("tandem:kv_cache_usage_perc", "KV cache blocks in use (0 to 1).", stats.kv_usage)
             yield CounterMetricFamily("tandem:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
             tokens = CounterMetricFamily(
@@ -219,6 +228,13 @@ class Metrics:
         self.requests = Counter(
             "tandem:requests", "RPCs by method, status code and finish reason.", ["method", "status", "finished_reason"], registry=r
         )
+        self.calls_received = Counter(
+            "tandem:calls_received",
+            "tandem.v1 gRPC calls by method, counted as they arrive; less tandem:requests_total of the same method: "
+            "the calls gRPC ended before their handler ran (cancelled or past their deadline before their request "
+            "was read, or a request over --max-message-bytes).",
+            ["method"], registry=r,
+        )
         self.lora_adapter_loads = Counter("tandem:lora_adapter_loads", "Successful LoadAdapter calls.", registry=r)
         self.request_prompt_tokens = Histogram(
             "tandem:request_prompt_tokens", "Prompt tokens of each finished generation.", buckets=REQUEST_TOKEN_BUCKETS, registry=r
@@ -261,8 +277,9 @@ class Metrics:
             return
         self.request_success.labels(reason).inc()
         self.e2e_request_latency.observe(call.ended - call.arrived)
-        self.prompt_tokens.inc(call.prompt_tokens)
-        self.generation_tokens.inc(call.generated_tokens)
+        # The rest of its tokens: a completion aborted before its first token adds its prompt here.
+        self.prompt_tokens.inc(call.prompt_tokens - call.prompt_tokens_counted)
+        self.generation_tokens.inc(call.generated_tokens - call.generated_tokens_counted)
         if call.prompt_tokens:  # 0: it ended (cancelled, past its deadline) before the engine reported its prompt's length
             self.request_prompt_tokens.observe(call.prompt_tokens)
         self.request_generation_tokens.observe(call.generated_tokens)

@@ -286,3 +286,31 @@ def test_a_model_is_served_under_its_files_stem_or_its_directorys_name(tmp_path)
     assert served_name(str(tmp_path / "qwen2-0.5b")) == "qwen2-0.5b"
     assert served_name(str(tmp_path / "qwen2-0.5b") + "/") == "qwen2-0.5b"
     assert served_name(None) == default_model_path().stem
+
+
+def test_token_counters_move_as_outputs_come_and_end_at_the_same_totals():
+    """tandem:prompt_tokens and generation_tokens were added when the call ended: a stream
+    of minutes added nothing, then all of it at once, and rate() over them showed a spike.
+    vLLM counts them per iteration. A completion that never sent a token still adds its
+    prompt when the call ends, as before."""
+    from tandem.server.api.call_record import CallRecord
+    from tandem.server.engine.outputs import FinishReason, RequestOutput
+    from tandem.server.metrics import Metrics
+
+    metrics = Metrics("m")
+    counted = lambda: (metrics.prompt_tokens._value.get(), metrics.generation_tokens._value.get())
+    record = CallRecord("r", "GenerateStream", metrics)
+    record.add_engine_request("e", 0, 2)
+    output = lambda tokens, generated, reason=None: RequestOutput(
+        "e", "x", tokens, reason is not None, reason, len(PROMPT), generated, first_scheduled_at=0.0, index=0
+    )
+    record.on_output(output([7], 1))
+    assert counted() == (len(PROMPT), 1)
+    for generated in range(2, 10):
+        record.on_output(output([7], generated))
+    assert counted() == (len(PROMPT), 9)
+    record.on_output(output([7, 8], 11, FinishReason.LENGTH))
+    assert counted() == (len(PROMPT), 11)
+    record.close("CANCELLED")  # completion 1 was still queued: aborted, its prompt counted now
+    assert counted() == (2 * len(PROMPT), 11)
+    assert (metrics.request_prompt_tokens._sum.get(), metrics.request_generation_tokens._sum.get()) == (2 * len(PROMPT), 11)

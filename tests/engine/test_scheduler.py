@@ -184,3 +184,21 @@ def test_a_full_cache_recomputes_little():
     their first chunk fitted, 41% of the tokens computed were computed again."""
     result = replay(PATTERNS["every20"], seed=0, iterations=4000)
     assert result["recomputed_share"] < 0.2 and result["finished"] >= 140
+
+
+def test_forks_waiting_for_their_groups_prompt_are_not_queued_requests(tiny_hf_model, smollm2_tokenizer):
+    """n completions are one sequence that computes the prompt and n - 1 forks that wait for
+    it to copy it: tandem:num_requests_waiting (the HPA's and the endpoint picker's queue
+    depth) read a request for n = 4 as 4 queued. Forks the batch has no room for once the
+    prompt is computed are queued as any request is."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, max_num_seqs=2, max_num_batched_tokens=4)
+    (prompt,) = random_prompts([6], len(smollm2_tokenizer))
+    engine.add_request("r", prompt, SamplingParams(n=4, max_new_tokens=50, ignore_eos=True))
+    counts = lambda: (engine.stats().num_running, engine.stats().num_waiting)
+    assert counts() == (0, 1)
+    engine.step()  # the first sequence computes 4 of the prompt's 6 tokens; its forks wait for it
+    assert counts() == (1, 0)
+    engine.step()  # the prompt is computed: the forks may copy it, at the next admission
+    assert counts() == (1, 3)
+    engine.step()  # one fork joins; the batch has no room for the other two
+    assert counts() == (2, 2)

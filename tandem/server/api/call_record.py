@@ -28,10 +28,12 @@ def request_id_of(given: str) -> str:
 class _Completion:
     """One completion of an engine request as vLLM's request metrics count it: vLLM runs
     each prompt of a batch, and each of a prompt's n completions, as a request of its own.
-    Times are time.monotonic() seconds; None where it never got there."""
+    Times are time.monotonic() seconds; None where it never got there. prompt_tokens_counted:
+    its prompt's tokens in the token counter, added with its first token."""
 
     engine_request_id: str
     generated_tokens: int = 0
+    prompt_tokens_counted: int = 0
     finish_reason: str = ""
     scheduled: float | None = None
     first_token: float | None = None
@@ -74,7 +76,9 @@ class CallRecord:
 
     def on_output(self, out: RequestOutput) -> None:
         """Records one engine increment: TTFT on each completion's first token, inter-token
-        latency after."""
+        latency after; its tokens in the token counters as they come, the prompt's with the
+        first token (counted when the call ended, a long stream added nothing for minutes,
+        then all of it at once)."""
         now = time.monotonic()
         completion = self._completions.setdefault(out.index, _Completion(out.request_id))
         if completion.scheduled is None:
@@ -95,6 +99,8 @@ class CallRecord:
             if last is None:  # this completion's first token ends no interval: it is its TTFT
                 completion.first_token = now
                 self.metrics.time_to_first_token.observe(now - self.started)
+                self.metrics.prompt_tokens.inc(out.prompt_tokens)
+                completion.prompt_tokens_counted = out.prompt_tokens
                 new_tokens -= 1
             elif new_tokens > 0:
                 gap = (now - last) / new_tokens
@@ -104,6 +110,7 @@ class CallRecord:
             self.last_token_at = now
         completion.generated_tokens += len(out.token_ids)
         self.generated_tokens += len(out.token_ids)
+        self.metrics.generation_tokens.inc(len(out.token_ids))
         if out.finished and out.finish_reason is not None:
             completion.finish_reason = out.finish_reason.value
             completion.finished = now
@@ -153,6 +160,7 @@ class CallRecord:
             CallSummary(
                 self.method, status, c.finish_reason, True, self._prompt_tokens_of.get(c.engine_request_id, 0),
                 c.generated_tokens, self.started, now if c.finished is None else c.finished, c.scheduled, c.first_token, c.last_token,
+                prompt_tokens_counted=c.prompt_tokens_counted, generated_tokens_counted=c.generated_tokens,
             )
             for _, c in sorted(self._completions.items())
         ]

@@ -1,6 +1,10 @@
 """Every tandem.v1 call passes through here: request id, auth, error mapping, one log line
 and the request metrics. Health and reflection are left alone (probes send no token).
 
+Each call is counted in tandem:calls_received as it arrives, before grpc reads its request:
+grpc ends a call whose cancel or deadline comes first, or whose request is too large,
+without running its handler, so that only the difference from tandem:requests shows them.
+
 A request that does not parse (invalid protobuf, a string field that is not UTF-8) reaches
 the handler as Undecodable, so that it too is authorized, logged and counted, and answered
 INVALID_ARGUMENT; a reply larger than max_reply_bytes becomes RESOURCE_EXHAUSTED here,
@@ -63,6 +67,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(API_PREFIX):
             return handler
+        self._metrics.calls_received.labels(_short(details.method)).inc()
         metadata = {m.key: m.value for m in details.invocation_metadata or ()}
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
@@ -78,10 +83,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str, metadata: dict[str, str]):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            record = await self._open(method, metadata, context)
+            record = self._open(method, metadata)
             ended: BaseException | None = None
             try:
-                self._admit(request, record, method, metadata)
+                await self._admit(request, record, method, metadata, context)
                 return self._sized(await behavior(request, context))
             except BaseException as exc:
                 ended = exc
@@ -93,10 +98,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str, metadata: dict[str, str]):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = await self._open(method, metadata, context)
+            record = self._open(method, metadata)
             ended: BaseException | None = None
             try:
-                self._admit(request, record, method, metadata)
+                await self._admit(request, record, method, metadata, context)
                 async for response in behavior(request, context):
                     yield self._sized(response)
             except BaseException as exc:
@@ -107,14 +112,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    async def _open(self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext) -> CallRecord:
-        record = CallRecord(request_id=request_id_of(metadata.get(REQUEST_ID_KEY, "")), method=method.rsplit("/", 1)[-1], metrics=self._metrics)
-        await context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
+    def _open(self, method: str, metadata: dict[str, str]) -> CallRecord:
+        record = CallRecord(request_id=request_id_of(metadata.get(REQUEST_ID_KEY, "")), method=_short(method), metrics=self._metrics)
         set_current_call(record)
         return record
 
-    def _admit(self, request: Any, record: CallRecord, method: str, metadata: dict[str, str]) -> None:
-        """Auth first, so that a caller without a token learns nothing about its request."""
+    async def _admit(
+        self, request: Any, record: CallRecord, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Sends the request id, then checks auth, so that a caller without a token learns
+        nothing about its request. Within the call's try: a cancel or deadline landing on the
+        send is closed and counted as any other."""
+        await context.send_initial_metadata(((REQUEST_ID_KEY, record.request_id),))
         if self._tokens is not None:
             record.role = self._tokens.authorize(method, metadata)
         if isinstance(request, Undecodable):
@@ -141,6 +150,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _close(self, record: CallRecord, context: grpc.aio.ServicerContext, ended: BaseException | None) -> None:
         record.close(_final_status(context, ended))
+
+
+def _short(method: str) -> str:
+    """The method label of the metrics: Generate for /tandem.v1.GenerationService/Generate."""
+    return method.rsplit("/", 1)[-1]
 
 
 def _final_status(context: grpc.aio.ServicerContext, ended: BaseException | None) -> str:

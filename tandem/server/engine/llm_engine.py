@@ -385,7 +385,7 @@ class Engine:
         free = self.allocator.num_free
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=self.scheduler.num_queued(),
             num_free_blocks=free,
             num_total_blocks=total,
             kv_usage=(total - free) / total,

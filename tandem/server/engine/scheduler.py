@@ -58,6 +58,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_queued(self) -> int:
+        """Waiting sequences, less the forks waiting only for the sibling whose prompt they
+        copy to compute it (that sibling is waiting or running itself): a request for n
+        completions queues as one, not n, until its prompt is computed. Read by the metrics
+        thread while the engine thread schedules: the queue is copied first (one C call),
+        as a deque iterated while it changes raises."""
+        return sum(1 for seq in tuple(self.waiting) if self._fork_point(seq) is not None)
+
     def find(self, request_id: str) -> Sequence | None:
         for seq in self.running:
             if seq.request_id == request_id:

@@ -37,7 +37,10 @@ _BYTE_LEVEL = _byte_level_alphabet()
 class TokenBytes:
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
-        self._special = set(tokenizer.all_special_ids)
+        # Added tokens marked special are skipped by the detokenizer too, listed among the
+        # special tokens or not (Llama 3's <|python_tag|> is not).
+        added = tokenizer.added_tokens_decoder
+        self._special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_level = "ByteLevel" in type(decoder).__name__
 
