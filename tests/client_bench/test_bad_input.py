@@ -21,7 +21,7 @@ from tandem.client.bench.report import write_json
 from tandem.client.bench.runner import LoadPlan, _closed_loop
 from tandem.client.connection import ConnectionSettings, Deadline
 from tandem.client.errors import TandemRpcError
-from tandem.server.cli import main
+from tandem.server.cli import build_parser, main
 
 NOWHERE = "127.0.0.1:1"  # nothing listens: a flag error must come before any connection
 
@@ -53,6 +53,22 @@ def exit_code(capsys, *argv: str) -> tuple[int, str]:
         (["--popularity", "bogus"], "unknown --popularity 'bogus'"),
         (["--popularity", "weights"], "--popularity weights needs --adapter-weights FILE"),
         (["--dataset", "sharegpt"], "--dataset sharegpt needs --dataset-path FILE"),
+        # A NaN bound made every request good; a rate point with --duration inf never ended.
+        (["--slo", "ttft=nan"], "bad SLO 'ttft=nan': the bound must be seconds >= 0"),
+        (["--slo", "e2e=-1"], "bad SLO 'e2e=-1': the bound must be seconds >= 0"),
+        (["--request-rate", "4", "--duration", "inf"], "--duration inf never ends a point: bound it with --num-requests"),
+        (["--concurrency", "2", "--duration", "inf"], "--duration inf never ends a point: bound it with --num-requests"),
+        # Adapter flags the chosen popularity does not read: every request went to the base model.
+        (["--adapters", "a,b,c"], "--adapters has no effect under --popularity none (every request goes to the base model): "
+                                  "add --popularity uniform or zipf"),
+        (["--num-adapters", "2"], "--num-adapters has no effect under --popularity none"),
+        (["--popularity", "uniform", "--zipf-alpha", "1.5"],
+         "--zipf-alpha has no effect under --popularity uniform: add --popularity zipf"),
+        (["--zipf-alpha", "1.5"], "--zipf-alpha has no effect under --popularity none"),
+        (["--popularity", "zipf", "--adapter-weights", "w.json"],
+         "--adapter-weights has no effect under --popularity zipf: add --popularity weights"),
+        (["--popularity", "weights", "--adapter-weights", "w.json", "--adapters", "a"],
+         "--adapters has no effect under --popularity weights: the adapters are the names in --adapter-weights"),
         # Protobuf's own refusal named no flag, after the warm-up had begun.
         (["--top-k", "-1"], "--top-k: expected an integer >= 0 and < 4.29497e+09, got '-1'"),
         (["--sampling-seed", "-1"], "--sampling-seed: expected an integer >= 0 and < 1.84467e+19, got '-1'"),
@@ -63,6 +79,22 @@ def test_a_bad_bench_flag_exits_2_before_connecting(capsys, argv, message):
     code, err = exit_code(capsys, "bench", "--target", NOWHERE, "--no-progress", *argv)
     assert code == 2 and message in err
     assert time.monotonic() - started < 5  # no connection attempt, no warm-up
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--popularity", "uniform", "--adapters", "a,b,c", "--num-adapters", "2"],
+        ["--popularity", "zipf", "--zipf-alpha", "1.5", "--num-adapters", "2"],
+        ["--popularity", "weights", "--adapter-weights", "w.json"],
+        ["--request-rate", "4", "--duration", "inf", "--num-requests", "10", "--slo", "ttft=0,e2e=inf"],
+    ],
+)
+def test_the_flags_a_popularity_reads_pass_the_checks(argv):
+    args = build_parser("bench").parse_args(["bench", "--target", NOWHERE, *argv])
+    command.load_plan(args)
+    command._check_workload(args)
 
 
 @pytest.mark.parametrize(

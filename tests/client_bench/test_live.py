@@ -56,6 +56,19 @@ def test_closed_loop_bounded_by_duration_stops_by_itself(server, tmp_path):
     assert point["client_vs_server"]["completed"]["server"] == point["completed"]
 
 
+def test_sharegpt_prompts_are_measured_by_the_servers_chat_template(server, tmp_path):
+    """The length filter tokenizes each prompt as the request sends it (chat messages): every
+    prompt it keeps is served."""
+    data = [{"conversations": [{"from": "human", "value": f"question {i} " * (1 + i)}, {"from": "gpt", "value": "an answer " * 4}]}
+            for i in range(8)]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(data))
+    out = tmp_path / "sharegpt_run.json"
+    assert bench(server, "--dataset", "sharegpt", "--dataset-path", str(tmp_path / "sharegpt.json"), "--output-len", "3",
+                 "--num-requests", "4", "--warmup-requests", "0", "--json", str(out), "--no-plots") == 0
+    point = json.loads(out.read_text())["points"][0]
+    assert (point["completed"], point["failed"]) == (4, 0)
+
+
 def test_unknown_adapter_in_every_warmup_request_is_an_error(server, capsys):
     assert bench(server, "--popularity", "uniform", "--adapters", "no-such-adapter", "--num-requests", "2") == 10 + 5
     assert "every warm-up request failed, e.g. NOT_FOUND" in capsys.readouterr().err

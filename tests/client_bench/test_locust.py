@@ -97,13 +97,8 @@ environment.create_local_runner()
 user = locustfile.TandemUser(environment)
 user.popularity, user.prompts, user.rng = build_popularity("none", []), synthetic_prompts(), np.random.default_rng(0)
 user.max_new_tokens = 2
-user.client = FakeClient([
-    [(1, 1, None), (1, 2, "length")],                                        # served
-    [TandemRpcError(grpc.StatusCode.UNAVAILABLE, "down")],                   # failed before its first token
-    [(1, 1, None), TandemRpcError(grpc.StatusCode.UNAVAILABLE, "down")],     # failed after it
-    [(1, 1, None), (0, 1, "abort")],                                         # aborted by a draining server
-])
-for _ in range(4):
+user.client = FakeClient(SCRIPT)
+for _ in range(len(user.client.script)):
     user.stream()
 stats = environment.stats
 entry = lambda kind: stats.get("(base)", kind)
@@ -116,15 +111,26 @@ print(json.dumps({
 """
 
 
+def user_counts(tmp_path, script: str) -> dict:
+    """Locust's counts after one user streamed once per item of `script` (the fake server's
+    replies: (tokens in the message, generated so far, finish reason) tuples or errors). Run
+    apart: importing locust monkey-patches the process for gevent."""
+    path = tmp_path / "user.py"
+    path.write_text(USER_SCRIPT.replace("FakeClient(SCRIPT)", f"FakeClient({script})"))
+    done = subprocess.run([sys.executable, str(path), str(LOCUSTFILE), str(Path(__file__).parents[2])],
+                          check=True, timeout=60, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_each_request_counts_once_in_locusts_totals_and_its_ttft_apart(tmp_path):
     """Fired as a second request event, TTFT doubled every request in the Aggregated row,
-    RPS and CSV totals and mixed its times into their percentiles. (Run apart: importing
-    locust monkey-patches the process for gevent.)"""
-    script = tmp_path / "user.py"
-    script.write_text(USER_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(LOCUSTFILE), str(Path(__file__).parents[2])],
-                          check=True, timeout=60, capture_output=True, text=True)
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    RPS and CSV totals and mixed its times into their percentiles."""
+    counts = user_counts(tmp_path, """[
+        [(1, 1, None), (1, 2, "length")],                                        # served
+        [TandemRpcError(grpc.StatusCode.UNAVAILABLE, "down")],                   # failed before its first token
+        [(1, 1, None), TandemRpcError(grpc.StatusCode.UNAVAILABLE, "down")],     # failed after it
+        [(1, 1, None), (0, 1, "abort")],                                         # aborted by a draining server
+    ]""")
     assert counts["total"] == [4, 3]  # 4 requests, 3 failed: the E2E events alone
     assert counts["E2E"] == [4, 3]
     # A TTFT for the request served, and a failed one for the request that never had a first
@@ -132,3 +138,23 @@ def test_each_request_counts_once_in_locusts_totals_and_its_ttft_apart(tmp_path)
     # after it, as before.
     assert counts["TTFT"] == [2, 1]
     assert counts["errors"] == ["E2E", "E2E"]  # locust's failures table: the requests' own
+
+
+def test_a_stream_with_no_first_token_is_a_failed_ttft_however_it_ended(tmp_path):
+    """An aborted stream with no token fired no TTFT at all, and a stream that ended OK with
+    no token logged its E2E as a successful TTFT (the bench leaves its TTFT empty)."""
+    counts = user_counts(tmp_path, """[
+        [(0, 0, "abort")],      # aborted before its first token
+        [(0, 0, "length")],     # ended OK without a token
+    ]""")
+    assert counts["E2E"] == [2, 1]  # the aborted one failed; the empty one was served
+    assert counts["TTFT"] == [2, 2]
+
+
+@pytest.mark.parametrize("alpha", ["nan", "-1"])
+def test_a_zipf_alpha_that_cannot_be_drawn_is_refused_at_start(tmp_path, alpha):
+    """A plain float: NaN or a negative exponent killed every user in on_start."""
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "1", "-t", "1s",
+               "--host", "127.0.0.1:1", "--popularity", "zipf", "--adapters", "a,b", "--zipf-alpha", alpha]
+    done = subprocess.run(command, timeout=60, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and f"--zipf-alpha: expected a number >= 0, got '{alpha}'" in done.stderr

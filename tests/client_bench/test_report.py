@@ -48,3 +48,16 @@ def test_saved_requests_are_sent_at_seconds_from_the_points_first_send():
     assert RECORDS[1].sent_at == 81234.5  # the records themselves are left as they were
     assert "request_records" not in build_result({}, {}, [point(RECORDS)])["points"][0]
     assert build_result({}, {}, [point([])], save_requests=True)["points"][0]["request_records"] == []
+
+
+def test_the_table_shows_the_rate_achieved_and_how_late_requests_started():
+    """The offered rate alone hid a client that could not keep up; TTFT counts from a late
+    start, so the lateness is shown beside it."""
+    records = [RequestRecord("a", 0.5 * i, ttft=0.1, e2e=0.2, output_tokens=2, send_lag=0.01 * i) for i in range(5)]
+    result = build_result({}, {}, [point(records)])
+    assert result["points"][0]["send_rate"] == pytest.approx(2.0)
+    assert result["points"][0]["send_lag"] == {"p99": pytest.approx(0.0396), "max": pytest.approx(0.04)}
+    header, _, row = render(result).splitlines()[2:5]
+    assert header.split()[:2] == ["load", "sent/s"] and header.split()[-3:] == ["lag", "p99", "max"]
+    assert row.split()[:3] == ["rate", "2/s", "2.00"]  # offered, then sent
+    assert row.split()[-2:] == ["39.6", "40.0"]  # lag p99 and max, ms

@@ -3,13 +3,19 @@ the closed loop keeps exactly N requests in flight, and each point of a sweep dr
 arrivals, whatever points came before it."""
 
 import asyncio
+import io
+import time
 
 import numpy as np
 import pytest
 
 from tandem.client.bench import runner
 from tandem.client.bench.arrivals import LoadPoint, send_times
-from tandem.client.bench.runner import LoadPlan, _closed_loop, _open_loop, run_sweep
+from tandem.client.bench.progress import Progress
+from tandem.client.bench.prompts import Prompt
+from tandem.client.bench.runner import LoadPlan, _closed_loop, _open_loop, run_point, run_sweep
+from tandem.client.bench.workload import BenchRequest, cycle
+from tandem.client.types import StreamChunk
 
 
 class VirtualAsyncio:
@@ -44,7 +50,7 @@ def open_loop_sends(clock: VirtualAsyncio, plan: LoadPlan, rate: float, rng: np.
     """When _open_loop sent each request, on the virtual clock."""
     sent: list[float] = []
 
-    async def send() -> None:
+    async def send(scheduled: float | None = None) -> None:
         sent.append(clock.now)
 
     async def main() -> None:
@@ -120,7 +126,7 @@ def sweep_schedules(monkeypatch, rates: list[float], seed: int = 0, count: int =
         virtual = VirtualAsyncio()
         sent: list[float] = []
 
-        async def send() -> None:
+        async def send(scheduled: float | None = None) -> None:
             sent.append(virtual.now)
 
         with monkeypatch.context() as patch:
@@ -146,3 +152,33 @@ def test_a_points_arrivals_do_not_depend_on_the_points_before_it(monkeypatch):
     assert sweep_schedules(monkeypatch, [2.0])[2.0] == alone != sweep_schedules(monkeypatch, [2.0], seed=1)[2.0]
     # Apart from the request content's generator (default_rng(seed) in command._requests).
     assert alone != pytest.approx(list(send_times(2.0, 30, np.random.default_rng(0))))
+
+
+class BusyClient:
+    """Streams one token per request after holding the event loop for `busy` seconds, as a
+    client busy on the loop (a large prompt to serialize, a slow progress line) would."""
+
+    def __init__(self, busy: float):
+        self.busy = busy
+
+    async def stream(self, **kwargs):
+        time.sleep(self.busy)
+        yield StreamChunk(text="x", token_ids=[7], finish_reason="length", prompt_tokens=1, generated_tokens=1, logprobs=[])
+
+
+def test_a_request_that_starts_after_its_scheduled_send_records_how_late():
+    """TTFT and E2E count from when a request's task first runs: five requests due at once on
+    a loop that each request holds for 50 ms started up to 200 ms late, unseen in the report."""
+    requests = cycle([BenchRequest(Prompt(prompt_token_ids=(1,)), "", {"max_new_tokens": 1})])
+
+    def records(point: LoadPoint) -> list:
+        plan = LoadPlan([point], num_requests=5)
+        progress = Progress(point.label, 5, None, stream=io.StringIO(), enabled=False)
+        return asyncio.run(run_point(BusyClient(0.05), requests, point, plan, np.random.default_rng(0), progress))
+
+    lags = sorted(r.send_lag for r in records(LoadPoint(rate=float("inf"))))
+    assert len(lags) == 5 and lags[0] >= 0
+    assert [later - earlier >= 0.045 for earlier, later in zip(lags, lags[1:])] == [True] * 4
+    assert lags[-1] >= 0.18
+    # The closed loop has no schedule: a request goes when the last one ends.
+    assert [r.send_lag for r in records(LoadPoint(concurrency=1))] == [None] * 5

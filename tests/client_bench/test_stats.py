@@ -51,6 +51,39 @@ def test_run_summary_counts_throughput_goodput_errors_and_adapters():
     assert summary["per_adapter"]["(base)"]["errors"] == {"NOT_FOUND": 1}
 
 
+def test_a_request_failing_at_its_deadline_does_not_stretch_the_run():
+    """99 requests served at 4/s and one that failed at its 305 s deadline: the run lasted
+    25.5 s, not 305, so 3.88 requests/s, not 0.324."""
+    records = [record("a", 0.25 * i, e2e=0.75) for i in range(1, 100)]
+    records.append(record("a", 0.0, ttft=None, e2e=305.0, tokens=0, status="DEADLINE_EXCEEDED"))
+    summary = summarize_run(records, parse_slo("e2e=1"))
+    assert summary["duration_s"] == pytest.approx(24.75 + 0.75)
+    assert summary["request_throughput"] == pytest.approx(99 / 25.5)
+    assert summary["goodput"]["requests_per_second"] == pytest.approx(99 / 25.5)
+    assert summary["send_rate"] == pytest.approx(4.0)  # 99 gaps over 24.75 s: the achieved rate beside the offered one
+    # Nothing served: the run is its sends, however long the failures took.
+    failed = [record("a", t, ttft=None, e2e=300.0, status="UNAVAILABLE") for t in (0.0, 2.0)]
+    assert summarize_run(failed, {})["duration_s"] == pytest.approx(2.0)
+    # One send, or all at one instant: no rate to measure.
+    assert summarize_run([record()], {})["send_rate"] is None
+
+
+def test_the_open_loops_send_lag_is_summarized():
+    records = [record(sent_at=0.1 * i) for i in range(100)]
+    for i, r in enumerate(records):
+        r.send_lag = 0.001 * i
+    lag = summarize_run(records, {})["send_lag"]
+    assert lag["max"] == pytest.approx(0.099) and lag["p99"] == pytest.approx(0.09801)
+    assert summarize_run([record(), record(sent_at=1.0)], {})["send_lag"] is None  # closed loop: no schedule
+
+
+@pytest.mark.parametrize("text", ["ttft=nan", "tpot=-0.1", "e2e=-inf", "ttft=0.5,e2e=NaN"])
+def test_an_slo_bound_of_nan_or_below_zero_is_refused(text):
+    """A NaN bound compares false with every latency: every request met it."""
+    with pytest.raises(ValueError, match="the bound must be seconds >= 0"):
+        parse_slo(text)
+
+
 def test_slo_parsing_and_one_token_answers():
     assert parse_slo("ttft=0.5, tpot=0.05") == {"ttft": 0.5, "tpot": 0.05}
     with pytest.raises(ValueError, match="METRIC=SECONDS"):

@@ -15,8 +15,17 @@ from tandem.client.bench.runner import LoadPlan
 from tandem.client.bench.workload import build_requests
 
 
-async def word_count(text: str) -> list[int]:
-    return list(range(len(text.split())))
+async def word_count(text: str | None = None, *, messages: list[dict] | None = None) -> list[int]:
+    words = text.split() if text is not None else [w for m in messages for w in m["content"].split()]
+    return list(range(len(words)))
+
+
+TEMPLATE_TOKENS = 10
+
+
+async def chat_word_count(text: str | None = None, *, messages: list[dict] | None = None) -> list[int]:
+    """Words, plus a chat template's tokens around messages, as the server renders them."""
+    return list(range(len(await word_count(text, messages=messages)) + (TEMPLATE_TOKENS if messages is not None else 0)))
 
 
 def test_sharegpt_takes_first_exchanges_that_fit(tmp_path):
@@ -34,6 +43,23 @@ def test_sharegpt_takes_first_exchanges_that_fit(tmp_path):
     path.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="JSON list"):
         asyncio.run(sharegpt_prompts(path, 10, np.random.default_rng(0), word_count, max_total_len=20))
+
+
+def test_sharegpt_counts_the_prompt_as_sent_and_the_output_length_asked(tmp_path):
+    """The filter counted the raw prompt text and the reply, but the request sends a chat
+    message (the template adds tokens) and --output-len replaces the reply's length: prompts
+    it let through were refused by the server (prompt + max_new_tokens > max_model_len)."""
+    data = [
+        {"conversations": [{"from": "human", "value": "w " * 5}, {"from": "gpt", "value": "a " * 5}]},   # 15 + 5 as sent
+        {"conversations": [{"from": "human", "value": "w " * 2}, {"from": "gpt", "value": "a " * 6}]},   # 12 + 6
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    load = lambda fixed: asyncio.run(sharegpt_prompts(path, 10, np.random.default_rng(0), chat_word_count, 18, fixed))  # noqa: E731
+    assert [p.messages[0]["content"].count("w") for p in load(None)] == [2]  # 10 raw tokens, 20 as sent: left out
+    assert [p.output_len for p in load(4)] == [6]  # 12 + 4 fits; 15 + 4 does not; the reply's length kept as reference
+    with pytest.raises(ValueError, match="fit 18 tokens"):
+        load(7)  # 12 + 7: no request fits
 
 
 def test_random_prompts_have_the_asked_lengths_and_no_low_ids():
@@ -61,6 +87,14 @@ def test_requests_cycle_prompts_and_carry_output_length_and_sampling():
     assert sorted(r.options["max_new_tokens"] for r in from_dataset) == [10, 11, 12]
     assert "ignore_eos" not in from_dataset[0].options
     assert from_dataset[0].stream_kwargs()["adapter"] in ("a", "b")
+
+
+def test_an_infinite_duration_needs_a_request_count():
+    """`--duration inf` with a rate and no --num-requests sent forever."""
+    for point in (LoadPoint(rate=1.0), LoadPoint(concurrency=2)):
+        with pytest.raises(ValueError, match="--duration inf never ends a point: bound it with --num-requests"):
+            LoadPlan([point], duration=math.inf)
+        assert LoadPlan([point], num_requests=5, duration=math.inf).num_requests == 5
 
 
 def test_load_plans_are_bounded():

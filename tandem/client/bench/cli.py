@@ -11,6 +11,7 @@ from tandem.client.flag_types import count, positive_int, positive_seconds, rang
 
 DEFAULT_NUM_REQUESTS = 100
 DEFAULT_METRICS_PORT = 9090
+DEFAULT_ZIPF_ALPHA = 1.0
 
 EPILOG = """examples:
   tandem bench --request-rate 1,2,4,inf --num-requests 100 --slo ttft=0.5,tpot=0.05 --json out/sweep.json
@@ -38,7 +39,8 @@ def add_command(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None
     arrival.add_argument("--concurrency", default=None, help="closed loop: requests in flight, comma-separated for a sweep")
     load.add_argument("--burstiness", type=ranged(float, 0, strict=True), default=1.0, help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier")
     load.add_argument("--num-requests", type=positive_int, help=f"requests per point (default {DEFAULT_NUM_REQUESTS} unless --duration)")
-    load.add_argument("--duration", type=positive_seconds, help="seconds of sending per point (with --num-requests: whichever ends first)")
+    load.add_argument("--duration", type=positive_seconds,
+                      help="seconds of sending per point (with --num-requests: whichever ends first; inf only with --num-requests)")
     load.add_argument("--warmup-requests", type=count, default=2, help="unmeasured requests sent before the sweep")
     load.add_argument("--seed", type=int, default=0, help="seeds arrivals, prompt order and adapter choice")
     workload = parser.add_argument_group("workload")
@@ -53,9 +55,11 @@ def add_command(commands: argparse._SubParsersAction, add_flag: AddFlag) -> None
                           help="generate the full length past end-of-sequence (default: on with --output-len or random prompts)")
     workload.add_argument("--popularity", default="none",
                           help="which adapter each request names: none (the base model), uniform, zipf or weights")
-    workload.add_argument("--adapters", help="adapter names in popularity order, comma-separated (default: the server's list)")
-    workload.add_argument("--num-adapters", type=positive_int, help="use the first N names")
-    workload.add_argument("--zipf-alpha", type=ranged(float, 0), default=1.0, help="Zipf exponent: rank i has weight 1/i^alpha")
+    workload.add_argument("--adapters", help="with --popularity uniform or zipf: adapter names in popularity order, "
+                                             "comma-separated (default: the server's list)")
+    workload.add_argument("--num-adapters", type=positive_int, help="with --popularity uniform or zipf: use the first N names")
+    workload.add_argument("--zipf-alpha", type=ranged(float, 0),
+                          help=f"with --popularity zipf: rank i has weight 1/i^alpha (default {DEFAULT_ZIPF_ALPHA:g})")
     workload.add_argument("--adapter-weights", help='JSON file {"adapter": weight, ...} for --popularity weights')
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, help="0 (server default) = greedy")

@@ -11,7 +11,7 @@ import numpy as np
 
 from tandem.client.async_client import AsyncTandemClient
 from tandem.client.bench.arrivals import LoadPoint, parse_concurrencies, parse_rates
-from tandem.client.bench.cli import DEFAULT_METRICS_PORT, DEFAULT_NUM_REQUESTS
+from tandem.client.bench.cli import DEFAULT_METRICS_PORT, DEFAULT_NUM_REQUESTS, DEFAULT_ZIPF_ALPHA
 from tandem.client.bench.popularity import POPULARITIES, build_popularity
 from tandem.client.bench.prompts import Prompt, random_prompts, sharegpt_prompts, synthetic_prompts
 from tandem.client.bench.report import build_result, render, write_json
@@ -69,8 +69,25 @@ def _check_workload(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown --popularity {args.popularity!r}: choose one of {', '.join(POPULARITIES)}")
     if args.popularity == "weights" and not args.adapter_weights:
         raise ValueError("--popularity weights needs --adapter-weights FILE")
+    _check_popularity_flags(args)
     if args.dataset == "sharegpt" and not args.dataset_path:
         raise ValueError("--dataset sharegpt needs --dataset-path FILE")
+
+
+def _check_popularity_flags(args: argparse.Namespace) -> None:
+    """An adapter flag the chosen --popularity does not read is refused: under the default
+    `none` every request went to the base model while `--adapters a,b,c` looked accepted."""
+    kind = args.popularity
+    names_flags = [flag for flag, value in (("--adapters", args.adapters), ("--num-adapters", args.num_adapters)) if value is not None]
+    if kind == "none" and names_flags:
+        raise ValueError(f"{names_flags[0]} has no effect under --popularity none (every request goes to the base model): "
+                         "add --popularity uniform or zipf")
+    if kind == "weights" and names_flags:
+        raise ValueError(f"{names_flags[0]} has no effect under --popularity weights: the adapters are the names in --adapter-weights")
+    if args.zipf_alpha is not None and kind != "zipf":
+        raise ValueError(f"--zipf-alpha has no effect under --popularity {kind}: add --popularity zipf")
+    if args.adapter_weights is not None and kind != "weights":
+        raise ValueError(f"--adapter-weights has no effect under --popularity {kind}: add --popularity weights")
 
 
 def metrics_url(args: argparse.Namespace) -> str | None:
@@ -107,7 +124,7 @@ async def _prompts(args: argparse.Namespace, client: AsyncTandemClient, info: Mo
     if args.dataset == "random":
         return random_prompts(count, args.random_input_len, args.random_output_len, info.vocab_size, rng, args.random_range_ratio)
     if args.dataset == "sharegpt":
-        return await sharegpt_prompts(args.dataset_path, count, rng, client.tokenize, info.max_model_len)
+        return await sharegpt_prompts(args.dataset_path, count, rng, client.tokenize, info.max_model_len, args.output_len)
     return synthetic_prompts()
 
 
@@ -117,7 +134,8 @@ async def _requests(args: argparse.Namespace, client: AsyncTandemClient, info: M
     names = [n.strip() for n in args.adapters.split(",") if n.strip()] if args.adapters else []
     if not names and args.popularity in ("uniform", "zipf"):
         names = [a.name for a in await client.list_adapters()]
-    popularity = build_popularity(args.popularity, names, args.num_adapters, args.zipf_alpha, args.adapter_weights)
+    alpha = DEFAULT_ZIPF_ALPHA if args.zipf_alpha is None else args.zipf_alpha
+    popularity = build_popularity(args.popularity, names, args.num_adapters, alpha, args.adapter_weights)
     fixed_len = args.output_len if args.output_len is not None else None
     ignore_eos = args.ignore_eos if args.ignore_eos is not None else (fixed_len is not None or args.dataset == "random")
     sampling: SamplingOptions = {}

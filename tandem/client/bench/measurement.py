@@ -25,7 +25,9 @@ DEADLINE_SLACK_S = 5.0
 class RequestRecord:
     """What one request measured; times in seconds. status is "OK", a gRPC status name, or
     "ABORTED" for a stream the server ended with finish reason abort. itls: one gap per
-    message with tokens after the first (vLLM's ITL), not per token."""
+    message with tokens after the first (vLLM's ITL), not per token. send_lag: in the open
+    loop, how long after its scheduled send the request started (TTFT and E2E count from the
+    start, so a late start hides queueing in the client); None in the closed loop."""
 
     adapter: str
     sent_at: float
@@ -37,6 +39,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str | None = None
+    send_lag: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -2,7 +2,7 @@
 human turn of each ShareGPT conversation, or random token ids of given lengths.
 
 Datasets carry a reference output length (the synthetic set's `output_len`, a ShareGPT
-reply's token count) that `--output-len dataset` uses as max_new_tokens.
+reply's token count), each request's max_new_tokens unless --output-len sets one for all.
 """
 
 import json
@@ -16,7 +16,9 @@ SYNTHETIC_PROMPTS = Path(__file__).with_name("synthetic_prompts.jsonl")
 # Random prompts avoid the lowest ids, where tokenizers keep their special tokens.
 RANDOM_TOKEN_FLOOR = 100
 
-Tokenize = Callable[[str], Awaitable[list[int]]]
+# The client's tokenize: a text positionally, or chat messages (rendered with the model's chat
+# template, as a request's messages are) by keyword.
+Tokenize = Callable[..., Awaitable[list[int]]]
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,12 @@ def _first_exchange(conversation: object) -> tuple[str, str] | None:
 
 
 async def sharegpt_prompts(path: str | Path, count: int, rng: np.random.Generator, tokenize: Tokenize,
-                           max_total_len: int) -> list[Prompt]:
-    """Up to `count` conversations in a random order whose prompt + reply fit max_total_len
-    tokens; replies of fewer than 4 tokens are skipped (as vLLM's benchmark does)."""
+                           max_total_len: int, fixed_output_len: int | None = None) -> list[Prompt]:
+    """Up to `count` conversations in a random order whose request fits max_total_len tokens:
+    the prompt as sent (a chat message, in the model's template) plus the max_new_tokens it
+    will ask (fixed_output_len, else the reply's length), which is what the server checks;
+    the raw text's tokens undercount it, and a prompt let through was then refused. Replies
+    of fewer than 4 tokens are skipped (as vLLM's benchmark does)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, list):
         raise ValueError(f"{path}: a ShareGPT file is a JSON list of {{'conversations': [...]}} objects")
@@ -74,8 +79,12 @@ async def sharegpt_prompts(path: str | Path, count: int, rng: np.random.Generato
             break
         prompt, answer = exchanges[index]
         output_len = len(await tokenize(answer))
-        if output_len >= 4 and len(await tokenize(prompt)) + output_len <= max_total_len:
-            prompts.append(Prompt(messages=_user(prompt), output_len=output_len))
+        if output_len < 4:
+            continue
+        candidate = Prompt(messages=_user(prompt), output_len=output_len)
+        asked = fixed_output_len if fixed_output_len is not None else output_len
+        if len(await tokenize(**candidate.request_fields())) + asked <= max_total_len:
+            prompts.append(candidate)
     if not prompts:
         raise ValueError(f"{path}: no conversation has a human turn and a reply that fit {max_total_len} tokens")
     return prompts

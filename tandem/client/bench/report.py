@@ -18,6 +18,8 @@ UNITS = {
     "latency": "s (ttft, tpot, itl, e2e: mean, median, p90, p99; count is a number of samples)",
     "per_adapter.latency": "s, as latency",
     "duration_s": "s",
+    "send_rate": "requests/s actually sent (the offered rate is load.rate): (requests - 1) / (last send - first send)",
+    "send_lag": "s: p99 and max of how late open-loop requests started after their scheduled send; null in the closed loop",
     "request_throughput": "requests/s",
     "output_throughput": "output tokens/s",
     "total_token_throughput": "prompt + output tokens/s",
@@ -25,7 +27,8 @@ UNITS = {
     "goodput.slo": "s",
     "client_vs_server": "counts as counted; *_mean rows in s",
     "server.histograms": "the metric's own unit: s for *_seconds, tokens for *_tokens",
-    "request_records": "s: sent_at from the point's first send; ttft, e2e and each of itls from the request's send or last token",
+    "request_records": "s: sent_at from the point's first send; ttft, e2e and each of itls from the request's send or last token; "
+                       "send_lag as send_lag",
     "settings": "as given on the command line (--timeout, --duration: s; --request-rate: requests/s)",
 }
 
@@ -89,18 +92,22 @@ def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def sweep_table(result: dict) -> list[str]:
-    """One row per load point: throughput, latency percentiles (ms), goodput."""
-    header = ["load", "ok", "failed", "req/s", "out tok/s", "TTFT mean", "p50", "p99", "TPOT mean", "p99",
-              "ITL p50", "p99", "E2E p50", "p99", "goodput/s"]
+    """One row per load point: the rate achieved, throughput, latency percentiles (ms), goodput,
+    and how late the open loop started its requests (ms)."""
+    header = ["load", "sent/s", "ok", "failed", "req/s", "out tok/s", "TTFT mean", "p50", "p99", "TPOT mean", "p99",
+              "ITL p50", "p99", "E2E p50", "p99", "goodput/s", "lag p99", "max"]
     rows = []
     for p in result["points"]:
         lat = p["latency"]
         goodput = p.get("goodput", {}).get("requests_per_second")
+        sent, lag = p["send_rate"], p["send_lag"] or {}
         rows.append([
-            p["load"]["label"], str(p["completed"]), str(p["failed"]), f"{p['request_throughput']:.2f}",
+            p["load"]["label"], "-" if sent is None else f"{sent:.2f}", str(p["completed"]), str(p["failed"]),
+            f"{p['request_throughput']:.2f}",
             f"{p['output_throughput']:.1f}", _ms(lat["ttft"]["mean"]), _ms(lat["ttft"]["median"]), _ms(lat["ttft"]["p99"]),
             _ms(lat["tpot"]["mean"]), _ms(lat["tpot"]["p99"]), _ms(lat["itl"]["median"]), _ms(lat["itl"]["p99"]),
             _ms(lat["e2e"]["median"]), _ms(lat["e2e"]["p99"]), "-" if goodput is None else f"{goodput:.2f}",
+            _ms(lag.get("p99")), _ms(lag.get("max")),
         ])
     return _rows(header, rows)
 
@@ -126,7 +133,7 @@ def adapter_table(point: dict) -> list[str]:
 
 def render(result: dict) -> str:
     """The text printed at the end of a run."""
-    lines = ["", "latencies in ms; goodput = requests/s within every SLO"]
+    lines = ["", "latencies in ms; goodput = requests/s within every SLO; lag = how late the open loop started requests"]
     lines += sweep_table(result)
     errors = [(p["load"]["label"], code, n) for p in result["points"] for code, n in p["errors"].items()]
     if errors:

@@ -2,7 +2,8 @@
 requests, waits for them, and summarizes them beside the server's metrics.
 
 Every loop is bounded: a point sends at most `num_requests` requests or for at most
-`duration` seconds, and each request ends by its own deadline (measurement.timed_stream).
+`duration` seconds (an infinite duration only beside a count), and each request ends by its
+own deadline (measurement.timed_stream).
 """
 
 import asyncio
@@ -64,6 +65,8 @@ class LoadPlan:
             raise ValueError("--num-requests must be >= 1")
         if self.duration is not None and not self.duration > 0:
             raise ValueError("--duration must be > 0")
+        if self.num_requests is None and self.duration is not None and math.isinf(self.duration):
+            raise ValueError("--duration inf never ends a point: bound it with --num-requests")
         if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
             raise ValueError(f"--burstiness must be a finite number > 0, got {self.burstiness}")
         if self.num_requests is None and any(p.rate is not None and math.isinf(p.rate) for p in self.points):
@@ -94,13 +97,17 @@ class _Tracker:
         self.records: list[RequestRecord] = []
         self.running = self.failed = 0
 
-    async def run(self, request: Awaitable[RequestRecord]) -> None:
+    async def run(self, request: Awaitable[RequestRecord], scheduled: float | None = None) -> None:
+        """Awaits one request; `scheduled` (the loop's clock) is when the open loop meant it to
+        start, and the record keeps how late it did (send_lag)."""
         self.running += 1
         self._show()
+        lag = None if scheduled is None else max(0.0, asyncio.get_running_loop().time() - scheduled)
         try:
             record = await request
         finally:
             self.running -= 1
+        record.send_lag = lag
         self.records.append(record)
         self.failed += not record.ok
         self._show()
@@ -125,14 +132,15 @@ def _limits_reached(plan: LoadPlan, sent: int, elapsed: float) -> bool:
     return (plan.num_requests is not None and sent >= plan.num_requests) or (plan.duration is not None and elapsed >= plan.duration)
 
 
-async def _open_loop(send: Callable[[], Awaitable[None]], plan: LoadPlan, rate: float,
+async def _open_loop(send: Callable[[float], Awaitable[None]], plan: LoadPlan, rate: float,
                      rng: np.random.Generator) -> list[asyncio.Task]:
-    """Sends at Poisson / gamma times regardless of how many are in flight."""
+    """Sends at Poisson / gamma times regardless of how many are in flight; each send is
+    given its scheduled time on the loop's clock."""
     loop = asyncio.get_running_loop()
     start, offset, tasks = loop.time(), 0.0, []
     while not _limits_reached(plan, len(tasks), offset):
         await asyncio.sleep(max(0.0, start + offset - loop.time()))
-        tasks.append(asyncio.create_task(send()))
+        tasks.append(asyncio.create_task(send(start + offset)))
         offset += float(inter_arrival_gaps(rate, 1, rng, plan.burstiness)[0])
     return tasks
 
@@ -155,8 +163,8 @@ async def run_point(client: AsyncTandemClient, requests: Iterator[BenchRequest],
     """Every request of one point, in the order they ended. Each ends by its own deadline."""
     tracker = _Tracker(progress)
 
-    def send() -> Awaitable[None]:
-        return tracker.run(timed_stream(client, next(requests), plan.request_timeout))
+    def send(scheduled: float | None = None) -> Awaitable[None]:
+        return tracker.run(timed_stream(client, next(requests), plan.request_timeout), scheduled)
 
     if point.concurrency is not None:
         tasks = await _closed_loop(send, plan, point.concurrency)

@@ -4,6 +4,7 @@ and the same per adapter.
 Percentiles interpolate linearly between samples (numpy's default, as vLLM's benchmark does).
 """
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -26,13 +27,18 @@ def summarize(values: Iterable[float]) -> dict[str, float | int | None]:
 
 
 def parse_slo(text: str) -> dict[str, float]:
-    """"ttft=0.5,tpot=0.05" -> {"ttft": 0.5, "tpot": 0.05}; seconds, keys among ttft, tpot, e2e."""
+    """"ttft=0.5,tpot=0.05" -> {"ttft": 0.5, "tpot": 0.05}; seconds, keys among ttft, tpot, e2e.
+    A NaN bound compares false with every latency, so every request would meet it: refused,
+    as is a negative one."""
     slo = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in SLO_METRICS:
             raise ValueError(f"bad SLO {item!r}: expected METRIC=SECONDS with METRIC one of {', '.join(SLO_METRICS)}")
-        slo[key.strip()] = float(value)
+        bound = float(value)
+        if math.isnan(bound) or bound < 0:
+            raise ValueError(f"bad SLO {item!r}: the bound must be seconds >= 0")
+        slo[key.strip()] = bound
     return slo
 
 
@@ -61,10 +67,31 @@ def latency_summaries(records: Sequence[RequestRecord]) -> dict[str, dict]:
 
 
 def run_duration(records: Sequence[RequestRecord]) -> float:
-    """From the first send to the last end, as vLLM's benchmark measures it."""
+    """From the first send to the last send or the last successful end, whichever is later.
+    vLLM's benchmark ends at the last end of any request, but one request failing at its
+    deadline (--timeout 300) then stretches the run by minutes that served nothing, and
+    divides every throughput by them."""
     if not records:
         return 0.0
-    return max(r.finished_at for r in records) - min(r.sent_at for r in records)
+    end = max([r.sent_at for r in records] + [r.finished_at for r in records if r.ok])
+    return end - min(r.sent_at for r in records)
+
+
+def send_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Requests/s actually sent: the gaps between the first and last send over their span
+    (None with fewer than two sends, or all at the same instant)."""
+    sends = [r.sent_at for r in records]
+    span = max(sends, default=0.0) - min(sends, default=0.0)
+    return (len(sends) - 1) / span if span > 0 else None
+
+
+def send_lag(records: Sequence[RequestRecord]) -> dict[str, float] | None:
+    """p99 and max of how late requests started after their scheduled send (open loop only:
+    None when no request had a schedule)."""
+    lags = [r.send_lag for r in records if r.send_lag is not None]
+    if not lags:
+        return None
+    return {"p99": float(np.percentile(lags, 99)), "max": max(lags)}
 
 
 def summarize_run(records: Sequence[RequestRecord], slo: dict[str, float]) -> dict:
@@ -76,6 +103,8 @@ def summarize_run(records: Sequence[RequestRecord], slo: dict[str, float]) -> di
     output_tokens = sum(r.output_tokens for r in ok)
     summary = {
         "duration_s": duration,
+        "send_rate": send_rate(records),
+        "send_lag": send_lag(records),
         "requests": len(records),
         "completed": len(ok),
         "failed": len(records) - len(ok),

@@ -5,8 +5,10 @@ event per request, type "E2E" (end to end), named by adapter ("(base)" for the b
 with the tokens generated as the response length: locust's Aggregated row, RPS and CSV totals
 count each request once. Its time to first token goes into a stats entry of its own, type
 "TTFT" under the same name, which is shown and written to the CSV beside the others but feeds
-no total (a request with no first token is a failure there too). Locust's web UI, CSV output
-and distributed mode work unchanged. Needs `pip install 'tandem[locust]'`.
+no total: a request served logs its TTFT there, a request with no first token (failed,
+aborted, or a stream that ended without a token) is a failure there too, and one that failed
+after its first token logs nothing. Locust's web UI, CSV output and distributed mode work
+unchanged. Needs `pip install 'tandem[locust]'`.
 
     locust -f tandem/client/locust/locustfile.py --host localhost:50051 \\
         --popularity zipf --adapters a,b,c --max-new-tokens 64 --headless -u 16 -r 4 -t 2m
@@ -27,13 +29,14 @@ from tandem.client import TandemClient, TandemRpcError  # noqa: E402
 from tandem.client.bench.popularity import POPULARITIES, build_popularity  # noqa: E402
 from tandem.client.bench.prompts import synthetic_prompts  # noqa: E402
 from tandem.client.bench.stats import BASE_MODEL  # noqa: E402
+from tandem.client.flag_types import ranged  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener
 def _tandem_options(parser) -> None:
     parser.add_argument("--popularity", choices=POPULARITIES, default="none", help="adapter choice per request")
     parser.add_argument("--adapters", default="", help="adapter names in popularity order, comma-separated")
-    parser.add_argument("--zipf-alpha", type=float, default=1.0, help="Zipf exponent for --popularity zipf")
+    parser.add_argument("--zipf-alpha", type=ranged(float, 0), default=1.0, help="Zipf exponent for --popularity zipf")
     parser.add_argument("--adapter-weights", default=None, help="JSON file of adapter -> weight for --popularity weights")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (generated past end-of-sequence)")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds each request may take")
@@ -46,6 +49,10 @@ def _tandem_options(parser) -> None:
 
 class GenerationAborted(Exception):
     """A stream the server ended with finish reason abort: a failure, not a served request."""
+
+
+class NoFirstToken(Exception):
+    """A stream that ended without a token: it has no time to first token."""
 
 
 class TandemUser(User):
@@ -93,21 +100,20 @@ class TandemUser(User):
         started = time.perf_counter()
         first_token = None
         tokens, finish_reason = 0, None
+        error: Exception | None = None
         try:
             for chunk in self.client.stream(adapter=adapter, max_new_tokens=self.max_new_tokens, ignore_eos=True,
                                             **prompt.request_fields()):
                 if first_token is None and chunk.token_ids:
                     first_token = time.perf_counter()
                 tokens, finish_reason = chunk.generated_tokens, chunk.finish_reason or finish_reason
-        except TandemRpcError as error:
-            failed = time.perf_counter() - started
-            if first_token is None:  # no first token: a failed TTFT too, not a request missing from its row
-                self._report_ttft(adapter, failed, tokens, error)
-            self._report(adapter, failed, tokens, error)
-            return
+        except TandemRpcError as rpc_error:
+            error = rpc_error
         ended = time.perf_counter()
-        if finish_reason == "abort":  # a draining server ends its generations so, with status OK
-            self._report(adapter, ended - started, tokens, GenerationAborted("the server aborted the generation (it was stopping)"))
-            return
-        self._report_ttft(adapter, (first_token or ended) - started, tokens)
-        self._report(adapter, ended - started, tokens)
+        if error is None and finish_reason == "abort":  # a draining server ends its generations so, with status OK
+            error = GenerationAborted("the server aborted the generation (it was stopping)")
+        if first_token is None:  # a failed TTFT, not a request missing from its row nor its E2E as a TTFT
+            self._report_ttft(adapter, ended - started, tokens, error or NoFirstToken("the stream ended without a token"))
+        elif error is None:
+            self._report_ttft(adapter, first_token - started, tokens)
+        self._report(adapter, ended - started, tokens, error)
