@@ -5,8 +5,10 @@ Built with the machine's C compiler (`cc -O3 -march=native -fopenmp`: the kernel
 torch's OpenMP team) into a cache folder ($TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem,
 else ~/.cache/tandem), under a name keyed by the source and the headers beside it, the
 compiler and the CPU's flags, written to a temporary file, fsynced and renamed: a build
-killed halfway leaves nothing another process could load. Without a compiler, or where the
-build fails, there is no library and the caller's torch path serves.
+killed halfway leaves nothing another process could load. Built without OpenMP only where the
+compiler says it has none. Without a compiler, or where the build fails, there is no library
+and the caller's torch path serves; a failure that may pass (out of memory, a compiler killed,
+a timeout) caches nothing, so the next start tries again.
 """
 
 import ctypes
@@ -14,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 _HEADERS = sorted(Path(__file__).parent.rglob("*.h"))
+# A compiler without OpenMP: GCC without libgomp ("cannot read spec file 'libgomp.spec'",
+# "cannot find -lgomp"), clang without libomp ("-lomp", "'omp.h' file not found"), Apple's
+# clang ("unsupported option '-fopenmp'").
+_NO_OPENMP = re.compile(r"openmp|gomp|-lomp|omp\.h", re.IGNORECASE)
 
 
 def cache_dir() -> Path:
@@ -46,7 +53,10 @@ def _cpu_flags() -> str:
 
 
 def _compile(compiler: list[str], source: Path, out: Path, defines: tuple[str, ...]) -> bool:
-    """Build the library at out (OpenMP if the compiler has it); False when it cannot."""
+    """Build the library at out (OpenMP unless the compiler says it has none); False when it
+    cannot. Any other failure of the OpenMP build (fork out of memory, a compiler the OOM
+    killer ended, a timeout) is not retried without OpenMP: that build would be cached under
+    this name for good, single-threaded. Nothing is cached; the next start tries again."""
     for extra in (("-fopenmp",), ()):
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=out.stem, suffix=".tmp", delete=False) as tmp:
             tmp_path = Path(tmp.name)
@@ -60,13 +70,13 @@ def _compile(compiler: list[str], source: Path, out: Path, defines: tuple[str, .
                 os.replace(tmp_path, out)
                 return True
             log.info("building %s with %s failed: %s", source.name, " ".join(extra) or "no OpenMP", done.stderr[-500:])
-        except subprocess.TimeoutExpired as exc:
-            # A slow host, not a compiler without OpenMP: a build without it would be cached
-            # under this name for good, single-threaded. Nothing is cached; the next start tries again.
-            log.info("building %s timed out: %s", source.name, exc)
-            return False
+            # Without OpenMP only where the compiler exited saying so (a negative code: a
+            # signal ended it, whatever it had printed).
+            if not (extra and done.returncode > 0 and _NO_OPENMP.search(done.stderr)):
+                return False
         except (OSError, subprocess.SubprocessError) as exc:
             log.info("building %s failed: %s", source.name, exc)
+            return False
         finally:
             tmp_path.unlink(missing_ok=True)
     return False

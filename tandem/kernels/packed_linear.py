@@ -119,7 +119,8 @@ class Prepacked:
 
     def replayed(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """y, the output of linear(x, weight) computed before, as if computed now: the
-        activation gradient flows to x as it would from linear, without the forward GEMM."""
+        activation gradient flows to x as it would from linear, without the forward GEMM.
+        The result shares y's storage: a delta added into it in place lands in y too."""
         return _Replayed.apply(x, y, weight, self)
 
     def activation_grad(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,10 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: Prepacked) -> torch.Tensor:
         ctx.weight, ctx.packed = weight, packed
-        return _run(x, packed._packed, bias)
+        # Detached: where rows were padded, _run returns a view of the padded output, and
+        # autograd refuses any later use of a custom Function's view output that was added
+        # into in place (served deltas go into it under no_grad). Shares the storage, no copy.
+        return _run(x, packed._packed, bias).detach()
 
     @staticmethod
     @once_differentiable
@@ -157,7 +161,9 @@ class _Replayed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, packed: Prepacked) -> torch.Tensor:
         ctx.weight, ctx.packed = weight, packed
-        return y
+        # Not y itself: autograd would hand back a view of it, which then refuses any later
+        # use once added into in place (as _PackedLinear's padded output would).
+        return y.detach()
 
     @staticmethod
     @once_differentiable

@@ -1,11 +1,14 @@
 """The C batched-LoRA kernel (kernels/lora/native_cpu.py) against the float64 token oracle,
 with the weights past each slot's rank poisoned with NaN, in the layout the CPU slot pool keeps."""
 
+import ctypes
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tandem.kernels import native_build
 from tandem.kernels.lora import LoRAWeights, lora_delta, native_cpu, reference
 from tandem.server.adapters.slot_pool import b_pool, b_row
 from tests.kernels.test_lora_kernels import SHAPES, Case, assert_close, lora_rows, make_case
@@ -267,3 +270,46 @@ def test_floor_builds_change_nothing(monkeypatch, floor, dtype):
     y = case.y.clone()
     assert native_cpu.lora_delta(case.x, case.w, case.batch, y)
     assert torch.equal(y, case.y)
+
+
+# malloc for a kernel built with -Dmalloc=tandem_test_malloc: allocations of at least
+# tandem_test_big bytes succeed tandem_test_allowed times, then fail.
+FAILING_MALLOC = r"""
+#include <omp.h>
+#include <stdlib.h>
+size_t tandem_test_big = (size_t)-1;
+int tandem_test_allowed;
+void *tandem_test_malloc(size_t n) {
+    if (n >= tandem_test_big && __atomic_fetch_sub(&tandem_test_allowed, 1, __ATOMIC_SEQ_CST) <= 0) return NULL;
+    return malloc(n);
+}
+int tandem_test_threads(void) { return omp_get_max_threads(); }
+"""
+
+
+@needs_native
+def test_a_call_without_memory_for_its_scratch_leaves_y_untouched(monkeypatch, tmp_path):
+    """Each thread took its scratch at its first item: where one could not, it left its
+    items out while the others had added theirs, and the MemoryError left y half updated."""
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    source = tmp_path / "failing_malloc.c"
+    source.write_text(FAILING_MALLOC)
+    shim = native_build.build(source, "TANDEM_NATIVE_TEST")
+    assert shim is not None
+    shim = ctypes.CDLL(shim._name, mode=ctypes.RTLD_GLOBAL)  # where the kernel's malloc resolves
+    if shim.tandem_test_threads() < 2:
+        pytest.skip("one OpenMP thread: a call's items share one scratch")
+    build = native_build.build
+    monkeypatch.setattr(native_build, "build", lambda source, switch, defines=(): build(source, switch, (*defines, "malloc=tandem_test_malloc")))
+    lib = native_cpu.library.__wrapped__()
+    monkeypatch.setattr(native_cpu, "library", lambda floor=0: lib)
+    # float32: blocks of a few tokens, so each thread has items of both adapters.
+    case = pool_layout(Case(5, 16, 576, (576,), [8, 8], 8, torch.float32, "cpu", slots=[0] * 8 + [1] * 8))
+    ctypes.c_size_t.in_dll(shim, "tandem_test_big").value = 4 * 576  # the scratch, not the item list
+    ctypes.c_int.in_dll(shim, "tandem_test_allowed").value = 1
+    y = case.y.clone()
+    with pytest.raises(MemoryError):
+        native_cpu.lora_delta(case.x, case.w, case.batch, y)
+    assert torch.equal(y, case.y)
+    ctypes.c_int.in_dll(shim, "tandem_test_allowed").value = 1 << 30
+    check_native(case, torch.float32)

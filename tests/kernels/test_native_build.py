@@ -80,3 +80,60 @@ def test_a_build_that_times_out_caches_no_single_threaded_library(tmp_path, monk
     monkeypatch.setattr(native_build.subprocess, "run", slow)
     assert not native_build._compile(["cc"], source, out, ())
     assert len(commands) == 1 and "-fopenmp" in commands[0] and not out.exists()
+
+
+def _fake_compiler(monkeypatch, returncode: int, stderr: str = "", error: OSError | None = None) -> list[list[str]]:
+    """subprocess.run as a compiler whose OpenMP build ends so (and whose plain build works);
+    the commands it was given."""
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        if "-fopenmp" not in command:
+            return subprocess.CompletedProcess(command, 0, "", "")
+        if error is not None:
+            raise error
+        return subprocess.CompletedProcess(command, returncode, "", stderr)
+
+    monkeypatch.setattr(native_build.subprocess, "run", run)
+    return commands
+
+
+@pytest.mark.parametrize(
+    "returncode, stderr, error",
+    [
+        (4, "gcc: fatal error: Killed signal terminated program cc1\ncompilation terminated.", None),
+        (-9, "", None),
+        (1, "sgmv_cpu.c:3:1: error: expected ';' before '}' token", None),
+        (0, "", OSError(12, "Cannot allocate memory")),
+    ],
+    ids=["cc1-killed", "driver-killed", "compile-error", "fork-enomem"],
+)
+def test_an_openmp_build_that_fails_otherwise_caches_no_single_threaded_library(tmp_path, monkeypatch, returncode, stderr, error):
+    """Any failure of the OpenMP build (the OOM killer, fork out of memory) was followed by a
+    build without OpenMP, cached under the same name: single-threaded kernels for good."""
+    source = tmp_path / "answer.c"
+    source.write_text("int tandem_answer(void) { return 42; }\n")
+    out = tmp_path / "answer.so"
+    commands = _fake_compiler(monkeypatch, returncode, stderr, error)
+    assert not native_build._compile(["cc"], source, out, ())
+    assert len(commands) == 1 and "-fopenmp" in commands[0] and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "gcc: fatal error: cannot read spec file 'libgomp.spec': No such file or directory",
+        "/usr/bin/ld: cannot find -lgomp: No such file or directory",
+        "clang: error: unsupported option '-fopenmp'",
+        "sgmv_cpu.c:25:10: fatal error: 'omp.h' file not found",
+        "ld: library not found for -lomp",
+    ],
+)
+def test_a_compiler_without_openmp_builds_without_it(tmp_path, monkeypatch, stderr):
+    source = tmp_path / "answer.c"
+    source.write_text("int tandem_answer(void) { return 42; }\n")
+    out = tmp_path / "answer.so"
+    commands = _fake_compiler(monkeypatch, 1, stderr)
+    assert native_build._compile(["cc"], source, out, ())
+    assert len(commands) == 2 and "-fopenmp" not in commands[1] and out.exists()

@@ -155,3 +155,30 @@ def test_a_replayed_output_is_the_one_given_with_f_linears_gradient(rows, dtype)
     F.linear(ref, w, b).backward(dy)
     assert torch.equal(y, kept)
     torch.testing.assert_close(mine.grad, ref.grad, **TOLERANCE[dtype])
+
+
+@packed_dtypes
+@pytest.mark.parametrize("rows", [16, 17])
+@pytest.mark.parametrize("replayed", [False, True], ids=["linear", "replayed"])
+def test_an_output_added_into_without_grad_still_trains(rows, replayed, dtype):
+    """A forward that trains beside served rows adds their deltas into the frozen linear's
+    output in place under no_grad, then the trained delta uses it with autograd: at 17 rows
+    (padded to a bucket) and on every replayed output autograd refused that use, the output
+    being a view."""
+    w, b = weights(dtype)
+    x = torch.randn(rows, 40).to(dtype)
+    packed = Prepacked()
+    mine = x.clone().requires_grad_()
+    y = packed.replayed(mine, F.linear(x, w, b), w) if replayed else packed.linear(mine, w, b)
+    served = torch.randn(rows, 96).to(dtype)
+    with torch.no_grad():
+        y += served
+    dy = torch.randn(rows, 96).to(dtype)
+    (y * 2).backward(dy)
+    ref = x.clone().requires_grad_()
+    want = F.linear(ref, w, b)
+    with torch.no_grad():
+        want += served
+    (want * 2).backward(dy)
+    torch.testing.assert_close(y, want, **TOLERANCE[dtype])
+    torch.testing.assert_close(mine.grad, ref.grad, **TOLERANCE[dtype])

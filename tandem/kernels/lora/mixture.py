@@ -22,7 +22,11 @@ from .batch import LoRAWeights
 from .reference import _compute_dtype
 
 # LoRAWeights -> {(slots, rank, dtype): ((a's version, b's version), a [E * S * rank, in],
-# b [E * rank, N])}; an entry goes stale when a slot of w is written (that bumps the versions).
+# b [E * rank, N])}; an entry goes stale when a slot of w is written, which must bump the
+# versions: torch's copies do, a write behind torch's back must call
+# torch.autograd.graph.increment_version (native_cpu.load_slot's C copy does; so does the
+# trainer after fused AdamW's step, which writes in place without bumping), or the stale
+# stack goes on serving the old weights.
 _stacked = WeakIdKeyDictionary()
 
 
@@ -59,8 +63,9 @@ def lora_delta_mixture(
 
 def stacked_weights(w: LoRAWeights, slots: tuple[int, ...], rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(a [E * S * rank, in] with rows (expert, slice, j), b [E * rank, N] with rows (expert, j))
-    of these slots in dtype, made once per version of w's weights; a is a view of the pool
-    when the slots are consecutive at its full rank and dtype."""
+    of these slots in dtype, made once per version of w's weights (see _stacked: a write
+    that does not bump the version is not seen); a is a view of the pool when the slots are
+    consecutive at its full rank and dtype."""
     entries = _stacked.setdefault(w, {})
     versions = (w.a._version, w.b._version)
     key = (slots, rank, dtype)

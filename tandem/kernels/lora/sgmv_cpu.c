@@ -877,61 +877,81 @@ int tandem_lora_sgmv(const void *x, void *y, int dtypes, const struct tandem_lor
     int32_t *items = malloc(sizeof(int32_t) * 3 * (size_t)(nitems + 1));
     if (!items) return -1;
     plan_items(step, ranks, block, long_min, long_block, items);
+    /* Each thread's scratch, taken before any item adds into y: a call that cannot have it
+       fails with y untouched (taken per item, a failing thread left its items out while the
+       others had added theirs). Room for the largest of its uses, AMX's where an item runs on
+       the tiles. */
+    size_t floats = (size_t)block * fin + (size_t)block * S * R + (size_t)block * S * (R + 1) / 2 + 1;
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    struct amx_shape sh = amx_shape_of(fin, N, S, R);
+    for (int it = 0; it < nitems; it++)
+        if (seg_len[items[3 * it]] >= long_min && amx_scratch_floats(&sh, S) > floats) floats = amx_scratch_floats(&sh, S);
+#endif
     int failed = 0;
-#pragma omp parallel for schedule(static) if (nitems > 1)
-    for (int it = 0; it < nitems; it++) {
-        int g = items[3 * it], t0 = items[3 * it + 1], nb = items[3 * it + 2];
-        int slot = seg_slot[g], rank = ranks[slot];
-        const int64_t *toks = sorted + seg_start[g] + t0;
-#if defined(TANDEM_LORA_FLOOR) && TANDEM_LORA_FLOOR == 2
-        {
-            int64_t ws = w_bf16 ? 2 : 4;
-            read_item((const char *)a + (int64_t)slot * S * R * fin * ws, (const char *)bt + (int64_t)slot * R * ldb * ws, fin, ldb,
-                      S, R, rank, ws);
-            (void)toks, (void)nb;
-            continue;
+#pragma omp parallel if (nitems > 1)
+    {
+        float *buf = scratch_for(floats);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
         }
+        /* Every thread's verdict in before any reads it: all of them skip the loop, or none. */
+#pragma omp barrier
+        int any_failed;
+#pragma omp atomic read
+        any_failed = failed;
+        if (!any_failed) {
+#pragma omp for schedule(static)
+            for (int it = 0; it < nitems; it++) {
+                int g = items[3 * it], t0 = items[3 * it + 1], nb = items[3 * it + 2];
+                int slot = seg_slot[g], rank = ranks[slot];
+                const int64_t *toks = sorted + seg_start[g] + t0;
+#if defined(TANDEM_LORA_FLOOR) && TANDEM_LORA_FLOOR == 2
+                {
+                    int64_t ws = w_bf16 ? 2 : 4;
+                    read_item((const char *)a + (int64_t)slot * S * R * fin * ws, (const char *)bt + (int64_t)slot * R * ldb * ws, fin, ldb,
+                              S, R, rank, ws);
+                    (void)toks, (void)nb;
+                    continue;
+                }
 #endif
 #if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-        if (seg_len[g] >= long_min) {
-            struct amx_shape sh = amx_shape_of(fin, N, S, R);
-            float *buf = scratch_for(amx_scratch_floats(&sh, S));
-            if (!buf) { failed = 1; continue; }
-            amx_item((const uint16_t *)x, fin, (const uint16_t *)a + (int64_t)slot * S * R * fin,
-                     (const uint16_t *)bt + (int64_t)slot * R * ldb, N, ldb, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
-            _tile_release();
-            continue;
-        }
+                if (seg_len[g] >= long_min) {
+                    amx_item((const uint16_t *)x, fin, (const uint16_t *)a + (int64_t)slot * S * R * fin,
+                             (const uint16_t *)bt + (int64_t)slot * R * ldb, N, ldb, S, R, rank, widths, toks, nb, y, y_bf16, &sh, buf);
+                    _tile_release();
+                    continue;
+                }
 #endif
-        /* x's block, v, and (bfloat16 expand) v's pairs. */
-        float *xb = scratch_for((size_t)block * fin + (size_t)block * S * R + (size_t)block * S * (R + 1) / 2 + 1);
-        if (!xb) { failed = 1; continue; }
-        float *v = xb + (size_t)block * fin;
-        int64_t wsize = w_bf16 ? 2 : 4;
-        /* This item's B rows (those below the rank are contiguous), and the next item's A when it
-           is another slot's. */
-        struct trickle b_rows = trickle_of((const char *)bt + (int64_t)slot * R * ldb * wsize, (int64_t)rank * ldb * wsize, 0, 1);
-        int next = it + 1 < nitems ? seg_slot[items[3 * it + 3]] : slot;
-        struct trickle a_next = trickle_of((const char *)a + (int64_t)next * S * R * fin * wsize,
-                                           next == slot ? 0 : (int64_t)ranks[next] * fin * wsize, (int64_t)R * fin * wsize, S);
+                /* x's block, v, and (bfloat16 expand) v's pairs. */
+                float *xb = buf, *v = xb + (size_t)block * fin;
+                int64_t wsize = w_bf16 ? 2 : 4;
+                /* This item's B rows (those below the rank are contiguous), and the next item's A when it
+                   is another slot's. */
+                struct trickle b_rows = trickle_of((const char *)bt + (int64_t)slot * R * ldb * wsize, (int64_t)rank * ldb * wsize, 0, 1);
+                int next = it + 1 < nitems ? seg_slot[items[3 * it + 3]] : slot;
+                struct trickle a_next = trickle_of((const char *)a + (int64_t)next * S * R * fin * wsize,
+                                                   next == slot ? 0 : (int64_t)ranks[next] * fin * wsize, (int64_t)R * fin * wsize, S);
 #if defined(__AVX512BF16__)
-        if (x_bf16 && w_bf16) {
-            dispatch_dp(nb, (const uint16_t *)x, fin, (const uint16_t *)a, (int64_t)slot * S * R * fin, (const uint16_t *)bt,
-                        (int64_t)slot * R * ldb, N, ldb, S, R, rank, widths, toks, y, y_bf16, (uint16_t *)xb, v,
-                        (uint16_t *)(v + (size_t)block * S * R), &b_rows, &a_next);
-            continue;
-        }
+                if (x_bf16 && w_bf16) {
+                    dispatch_dp(nb, (const uint16_t *)x, fin, (const uint16_t *)a, (int64_t)slot * S * R * fin, (const uint16_t *)bt,
+                                (int64_t)slot * R * ldb, N, ldb, S, R, rank, widths, toks, y, y_bf16, (uint16_t *)xb, v,
+                                (uint16_t *)(v + (size_t)block * S * R), &b_rows, &a_next);
+                    continue;
+                }
 #endif
 #if AVX2_F32
-        if (per_count) {
-            dispatch_f32(nb, (const float *)x, fin, (const float *)a + (int64_t)slot * S * R * fin, (const float *)bt + (int64_t)slot * R * ldb,
-                         N, ldb, S, R, rank, widths, toks, (float *)y, xb, v, &b_rows);
-            continue;
-        }
+                if (per_count) {
+                    dispatch_f32(nb, (const float *)x, fin, (const float *)a + (int64_t)slot * S * R * fin, (const float *)bt + (int64_t)slot * R * ldb,
+                                 N, ldb, S, R, rank, widths, toks, (float *)y, xb, v, &b_rows);
+                    continue;
+                }
 #endif
-        gather(x, x_bf16, fin, toks, nb, xb);
-        shrink(xb, fin, a, (int64_t)slot * S * R * fin, w_bf16, S, R, rank, v, &b_rows);
-        expand(v, bt, (int64_t)slot * R * ldb, w_bf16, N, ldb, S, R, rank, widths, toks, nb, y, y_bf16, &a_next);
+                gather(x, x_bf16, fin, toks, nb, xb);
+                shrink(xb, fin, a, (int64_t)slot * S * R * fin, w_bf16, S, R, rank, v, &b_rows);
+                expand(v, bt, (int64_t)slot * R * ldb, w_bf16, N, ldb, S, R, rank, widths, toks, nb, y, y_bf16, &a_next);
+            }
+        }
     }
     free(items);
     return failed ? -1 : 0;

@@ -27,7 +27,10 @@ from .reference import _matmul_dtype
 
 # w.a -> {compute dtype: (a's and b's versions, a weak reference to b, a [S * r, in] or None,
 # block-diagonal b [N, S * r] or None)}: the conversions, made once per version of the weights
-# (an optimizer step updates them in place, which bumps the versions). Keyed weakly on the
+# (an optimizer step updates them in place). Whatever writes the weights without bumping their
+# version must bump it (torch.autograd.graph.increment_version), or the old conversions go on
+# serving: fused AdamW does not, so the trainer bumps each parameter after its step
+# (Trainer._optimizer_step), as native_cpu.load_slot does after its C copy. Keyed weakly on the
 # weights' own tensor, so an entry dies with them; None where w's own tensor serves as it is
 # (a view of it in the entry would keep the key alive).
 _converted = WeakIdKeyDictionary()
@@ -44,7 +47,9 @@ def applies(w: LoRAWeights, batch: LoRABatch) -> bool:
 
 
 def compute_weights(w: LoRAWeights, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(a [S * r, in], b [N, S * r] block-diagonal) of w's slot in dtype, without autograd."""
+    """(a [S * r, in], b [N, S * r] block-diagonal) of w's slot in dtype, without autograd;
+    converted again only when w.a's or w.b's version changed (see _converted: a write that
+    does not bump it is not seen)."""
     entry = _converted.setdefault(w.a, {})
     versions = (w.a._version, w.b._version)
     cached = entry.get(dtype)
