@@ -1105,7 +1105,8 @@ def test_a_shutdown_in_the_final_eval_checkpoints_the_last_step(tiny_model_dir, 
     loss, in_final_eval = engine.engine.loss, threading.Event()
 
     def held_in_final_eval(work):
-        if engine.jobs._running.trainer.done:
+        trainer = engine.jobs._running.trainer
+        if trainer.step == trainer.total_steps:
             in_final_eval.set()
             wait_until(lambda: engine._stopping, 120)  # no public sign that shutdown has begun
         return loss(work)
@@ -1127,7 +1128,121 @@ def test_a_shutdown_in_the_final_eval_checkpoints_the_last_step(tiny_model_dir, 
         resumed = wait_for(engine, job.id)
     finally:
         engine.shutdown()
-    assert resumed.status is JobStatus.SUCCEEDED and [e.step for e in events if e.status is JobStatus.RUNNING] == [6]
+    running = [e for e in events if e.status is JobStatus.RUNNING]
+    assert resumed.status is JobStatus.SUCCEEDED and [e.step for e in running] == [6, 6]
+    # The final eval, cut by the shutdown, ran at the restart: the job ends with step 6's eval loss, not step 4's.
+    assert running[0].eval_loss != running[-1].eval_loss == resumed.eval_loss
+
+
+def test_a_shutdown_in_an_eval_runs_that_eval_after_the_restart(tiny_model_dir, tmp_path, monkeypatch):
+    """The shutdown checkpointed the step whose eval it cut, and the restart went on from the
+    step after it: that eval point was lost for good, the job showing the eval loss before it
+    until the next one. It runs first after the restart, as in an uninterrupted job."""
+    roots = {name: (tmp_path / name / "adapters", tmp_path / name / "data") for name in ("whole", "cut")}
+    for d in (d for root in roots.values() for d in root):
+        d.mkdir(parents=True)
+    hp = dataclasses.replace(HP, eval_fraction=0.2)  # eval points at steps 2, 4, 6
+
+    def eval_losses(events: list[Job]) -> dict[int, float]:
+        """The eval loss the job showed once each step's report was in (its last event at that step)."""
+        return {e.step: e.eval_loss for e in events if e.status is JobStatus.RUNNING}
+
+    engine = unstarted(tiny_model_dir, roots["whole"])
+    whole: list[Job] = []
+    try:
+        engine.jobs.watch(engine.jobs.create(request(hyperparameters=hp)).id, whole.append)
+        engine.start()
+        wait_for(engine, whole[0].id)
+    finally:
+        engine.shutdown()
+
+    engine = unstarted(tiny_model_dir, roots["cut"])
+    loss, in_eval = engine.engine.loss, threading.Event()
+
+    def held_in_step_4_eval(work):
+        if engine.jobs._running.trainer.step == 4:
+            in_eval.set()
+            wait_until(lambda: engine._stopping, 120)  # no public sign that shutdown has begun
+        return loss(work)
+
+    monkeypatch.setattr(engine.engine, "loss", held_in_step_4_eval)
+    try:
+        job = engine.jobs.create(request(hyperparameters=hp))
+        engine.start()
+        assert in_eval.wait(60)
+    finally:
+        engine.shutdown()
+    kept = sorted(p.name for p in (engine.jobs._job_dir(job.id) / "checkpoints").iterdir())
+    assert kept == ["step-00000002", "step-00000004"]
+    engine = unstarted(tiny_model_dir, roots["cut"])
+    events: list[Job] = []
+    try:
+        engine.jobs.watch(job.id, events.append)
+        engine.start()
+        resumed = wait_for(engine, job.id)
+    finally:
+        engine.shutdown()
+    assert resumed.status is JobStatus.SUCCEEDED
+    expected = eval_losses(whole)
+    assert eval_losses(events) == {step: expected[step] for step in (4, 5, 6)}
+    assert resumed.trained_tokens == whole[-1].trained_tokens
+
+
+def test_a_continued_adapter_keeps_its_init_seed_after_a_resume_too(tiny_model_dir, tmp_path):
+    """An adapter trained here records the seed of its initial A, which a compress codes A
+    against (A coded whole lost most of its task accuracy). A continuation's A is that draw
+    plus a move too, yet it was published without the seed: compressed, it lost that accuracy."""
+    root = (tmp_path / "adapters", tmp_path / "data")
+    for d in root:
+        d.mkdir(parents=True)
+    short = dataclasses.replace(HP, max_steps=3)
+    engine = start(tiny_model_dir, root)
+    try:
+        assert wait_for(engine, engine.jobs.create(request("seeded", hyperparameters=short)).id).status is JobStatus.SUCCEEDED
+        assert engine.engine.registry.get("seeded").a_init_seed == HP.seed
+        continued = wait_for(engine, engine.jobs.create(request("continued", base_adapter="seeded", lora={}, hyperparameters=short)).id)
+        assert continued.status is JobStatus.SUCCEEDED and engine.engine.registry.get("continued").a_init_seed == HP.seed
+    finally:
+        engine.shutdown()
+    engine = unstarted(tiny_model_dir, root)
+    try:
+        # A different job seed: the continuation's init seed is its base's, not its own.
+        cut = engine.jobs.create(request("cut", base_adapter="seeded", lora={}, hyperparameters=dataclasses.replace(HP, seed=9)))
+        run_until_step(engine, cut.id, 3)
+    finally:
+        engine.shutdown()
+    assert (engine.jobs._job_dir(cut.id) / "checkpoints" / "step-00000003").is_dir()  # the resume reads no base
+    engine = start(tiny_model_dir, root)
+    try:
+        assert wait_for(engine, cut.id).status is JobStatus.SUCCEEDED
+        assert engine.engine.registry.get("cut").a_init_seed == HP.seed
+    finally:
+        engine.shutdown()
+    store = JobStore(root[1] / ".tandem")
+    record = next(j for j in store.load_all() if j.id == cut.id).to_dict()
+    store.close()
+    del record["base_a_init_seed"]
+    assert Job.from_dict(record).base_a_init_seed is None  # a record saved before the field still loads
+
+
+@pytest.mark.parametrize("r, lora_alpha, use_rslora", [(7, 29, False), (8, 32, True)])
+def test_a_continued_adapter_keeps_its_own_lora_alpha_and_use_rslora(tiny_model_dir, tiny_hf_model, dirs, r, lora_alpha, use_rslora):
+    """Its alpha was derived back from its scale with the plain rule: 29 at r 7 came out as
+    29.000000000000004, so restating the base's own lora_alpha was refused as disagreeing and
+    the continuation published the odd number; an rsLoRA base's published use_rslora false
+    with alpha 90.5 where it said true and 32."""
+    make_adapter(tiny_hf_model, dirs[0] / "base", r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)
+    engine = start(tiny_model_dir, dirs)
+    try:
+        job = engine.jobs.create(request(base_adapter="base", lora={"lora_alpha": float(lora_alpha)}, hyperparameters=dataclasses.replace(HP, max_steps=2)))
+        assert (job.lora.r, job.lora.lora_alpha, job.lora.use_rslora) == (r, lora_alpha, use_rslora)
+        assert wait_for(engine, job.id).status is JobStatus.SUCCEEDED
+        with pytest.raises(InvalidRequest, match=rf"disagrees with base adapter 'base' \(r {r}, lora_alpha {lora_alpha}{', use_rslora true' if use_rslora else ''}, "):
+            engine.jobs.create(request("other", base_adapter="base", lora={"use_rslora": not use_rslora}))
+    finally:
+        engine.shutdown()
+    config = json.loads((dirs[0] / "tuned" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (r, lora_alpha, use_rslora)
 
 
 def test_a_cancel_removes_the_job_s_files_without_holding_up_the_engine_thread(tiny_model_dir, dirs, monkeypatch):

@@ -210,3 +210,27 @@ def evaluate(trainer: Trainer, engine) -> float:
             next(steps)
         except StopIteration as stop:
             return stop.value
+
+
+def test_a_trainer_checkpointed_in_an_eval_runs_that_eval_first_when_resumed(tiny_hf_model, smollm2_tokenizer):
+    """A state taken while a step's eval runs (a shutdown's checkpoint) resumed after that
+    step, and its eval point was never reported: the resumed trainer reports it first."""
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer)
+    spec = LoRASpec(r=4, target_modules=("q_proj", "v_proj"))
+    data = examples(len(smollm2_tokenizer), [8, 9, 10, 11, 12])
+    held_out = examples(len(smollm2_tokenizer), [7, 15, 9], seed=4)
+    hp = Hyperparameters(max_steps=5, tokens_per_step=10, checkpoint_interval=2, learning_rate=1e-2)
+    whole = run_to_end(Trainer(TrainableAdapter(engine.runner.model, spec, seed=5), hp, data, held_out, 8), engine)
+
+    first = Trainer(TrainableAdapter(engine.runner.model, spec, seed=5), hp, data, held_out, 8)
+    for report in first.run(engine):
+        if report is None and first.step == 2:  # step 2 done, its report not yet out: in its eval
+            break
+    saved_weights = {k: v.clone() for k, v in first.adapter.peft_tensors().items()}
+    resumed = Trainer(TrainableAdapter(engine.runner.model, spec, seed=99), hp, data, held_out, 8)
+    resumed.adapter.load_peft_tensors(saved_weights)
+    resumed.load_state_dict(first.state_dict())
+    assert not resumed.done
+    reports = run_to_end(resumed, engine)
+    assert [(r.step, r.eval_loss, r.resumed) for r in reports] == [(r.step, r.eval_loss, r.step == 2) for r in whole[1:]]
+    assert reports[0].train_loss == whole[1].train_loss and resumed.done

@@ -75,6 +75,9 @@ class Job:
     # The content hash of base_adapter's version the job started from: a resume before the
     # first checkpoint needs that version (after it, the checkpoint holds every weight).
     base_hash: str = ""
+    # That version's init seed (LoRAAdapter.a_init_seed): its A is that draw plus a move, and
+    # so is the continuation's, which publishes the seed, after a resume from a checkpoint too.
+    base_a_init_seed: int | None = None
     # A gate-training job's experts' content hashes when it was created: its checkpoints hold
     # only gates, fitted to those versions, so a resume needs them still.
     expert_hashes: tuple[str, ...] = ()

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import errno
 import logging
+import math
 import os
 import shutil
 import threading
@@ -199,6 +200,7 @@ class JobManager:
             adapter=request.adapter,
             base_adapter=request.base_adapter,
             base_hash=base.content_hash if base is not None else "",
+            base_a_init_seed=base.a_init_seed if base is not None else None,
             expert_hashes=tuple(expert.content_hash for expert in prepared.experts or ()),
             lora=spec,
             hyperparameters=hp,
@@ -394,9 +396,9 @@ class JobManager:
         step is checkpointed, so a restart resumes there (it went back to its last interval's
         checkpoint: up to checkpoint_interval - 1 steps lost at every rolling restart). Its
         partial step's gradients are not kept: the restart computes that step again, the same.
-        A job stopped in its final eval, its last step done but not yet checkpointed, is
-        checkpointed too: the restart publishes it (_start). Ends the store could not save are
-        tried once more."""
+        A job stopped in an eval, its step done but not yet checkpointed, is checkpointed with
+        that eval pending (Trainer.state_dict): the restart runs it first, then goes on or, after
+        the last step, publishes. Ends the store could not save are tried once more."""
         self._checkpoints.wait()
         running = self._running
         if running is not None and self.get(running.job_id).status is JobStatus.RUNNING:
@@ -431,7 +433,7 @@ class JobManager:
         elif prepared.base is None:
             adapter = TrainableAdapter(model, job.lora, seed=job.hyperparameters.seed)
             if job.base_adapter:  # a continued job resumed from its checkpoint, which holds every weight
-                adapter.a_init_seed = None
+                adapter.a_init_seed = job.base_a_init_seed
         else:
             adapter = TrainableAdapter.from_adapter(model, prepared.base, job.lora.lora_dropout)
         coserve = self._coserves(job.lora, job.router)
@@ -483,24 +485,15 @@ class JobManager:
         now = time.monotonic()
         elapsed = now - running.last_step_at
         running.last_step_at = now
-        # A moving average: steps slow down while inference is busy and speed up when idle.
-        average = elapsed if running.seconds_per_step is None else 0.8 * running.seconds_per_step + 0.2 * elapsed
-        running.seconds_per_step = average
         job = self.get(running.job_id)
-        self.tokens_total += report.tokens
-        tokens = dict(self.engine.iteration_tokens)
-        split = {kind: count - running.tokens_at_step.get(kind, 0.0) for kind, count in tokens.items()}
-        running.tokens_at_step = tokens
         self._update(
             job.id,
             step=report.step,
             train_loss=report.train_loss,
             eval_loss=job.eval_loss if report.eval_loss is None else report.eval_loss,
             trained_tokens=running.trainer.tokens,
-            tokens_per_second=report.tokens / elapsed if elapsed > 0 else 0.0,
-            finetune_share=self.engine.stats().finetune_share if job.mode == "coserve" else 0.0,
-            step_iteration_tokens=split,
-            estimated_finish=time.time() + average * (report.total_steps - report.step),
+            # A step trained before the restart, only evaluated since, says nothing of this run's pace.
+            **({} if report.resumed else self._pace(running, job, report, elapsed)),
         )
         trainer = running.trainer
         if report.step % job.hyperparameters.checkpoint_interval == 0 or trainer.done:
@@ -508,6 +501,22 @@ class JobManager:
         if trainer.done:
             self._checkpoints.wait()  # a kill during the publish resumes from the last step, not the one before
             self._publish(running)
+
+    def _pace(self, running: _Running, job: Job, report: StepReport, elapsed: float) -> dict:
+        """The job's speed and share after a step that took `elapsed` seconds, and when it ends."""
+        # A moving average: steps slow down while inference is busy and speed up when idle.
+        average = elapsed if running.seconds_per_step is None else 0.8 * running.seconds_per_step + 0.2 * elapsed
+        running.seconds_per_step = average
+        self.tokens_total += report.tokens
+        tokens = dict(self.engine.iteration_tokens)
+        split = {kind: count - running.tokens_at_step.get(kind, 0.0) for kind, count in tokens.items()}
+        running.tokens_at_step = tokens
+        return {
+            "tokens_per_second": report.tokens / elapsed if elapsed > 0 else 0.0,
+            "finetune_share": self.engine.stats().finetune_share if job.mode == "coserve" else 0.0,
+            "step_iteration_tokens": split,
+            "estimated_finish": time.time() + average * (report.total_steps - report.step),
+        }
 
     def _checkpoint(self, job: Job, trainer: Trainer) -> None:
         """Have the trainer's checkpoint written, off the engine thread (checkpoints.Writer),
@@ -638,10 +647,15 @@ class JobManager:
         else:
             continued = spec_of(base, 0.0, len(self.engine.runner.model.layers))
             spec = LoRASpec(**{**dataclasses.asdict(continued), **request.lora})
+            # A restated alpha came through a float32 field of the API: the base's own is kept.
+            if math.isclose(spec.lora_alpha, continued.lora_alpha, rel_tol=1e-6):
+                spec = dataclasses.replace(spec, lora_alpha=continued.lora_alpha)
             if dataclasses.replace(spec, lora_dropout=0.0) != continued:
+                rslora = ", use_rslora true" if continued.use_rslora else ""
                 raise InvalidRequest(
                     f"lora {excerpt(request.lora, 200)} disagrees with base adapter {base.name!r} (r {continued.r}, lora_alpha "
-                    f"{continued.lora_alpha:g}, target_modules {list(continued.target_modules)}): set only lora_dropout to continue it"
+                    f"{continued.lora_alpha:g}{rslora}, target_modules {list(continued.target_modules)}): "
+                    "set only lora_dropout to continue it"
                 )
         self._check_rank(spec)
         return spec

@@ -81,9 +81,11 @@ class TrainableAdapter(nn.Module):
 
     @classmethod
     def from_adapter(cls, model: LlamaModel, adapter: LoRAAdapter, lora_dropout: float) -> "TrainableAdapter":
-        """Continue training a served adapter: same rank, targets and scale, its weights as the start."""
+        """Continue training a served adapter: same rank, targets and scale, its weights as the
+        start. Its A is still its trainer's draw plus what training moved (same shapes, same
+        draw order), so the continuation keeps the adapter's init seed for a compress."""
         trainable = cls(model, spec_of(adapter, lora_dropout, len(model.layers)), seed=0)
-        trainable.a_init_seed = None  # it starts from the served weights, not from a draw
+        trainable.a_init_seed = adapter.a_init_seed
         with torch.no_grad():
             for ((layer, group), s), (a, b) in dense_slices(adapter).items():  # a compressed adapter unpacks here
                 name = _name(layer, target_of(layer, group, s))
@@ -203,8 +205,20 @@ def spec_of(adapter: LoRAAdapter, lora_dropout: float, num_layers: int) -> LoRAS
             f"adapter {adapter.name!r} adapts {target} on some layers only (not layer {layer}: layers_to_transform or "
             "exclude_modules); only adapters that adapt each of their projections on every layer can be trained further"
         )
-    # Serving knows only the scale; alpha is derived back from it with the plain rule.
-    return LoRASpec(r=r, lora_alpha=scale * r, target_modules=tuple(targets), lora_dropout=lora_dropout)
+    alpha, rslora = _stated_alpha(adapter, r, scale)
+    return LoRASpec(r=r, lora_alpha=alpha, target_modules=tuple(targets), use_rslora=rslora, lora_dropout=lora_dropout)
+
+
+def _stated_alpha(adapter: LoRAAdapter, r: int, scale: float) -> tuple[float, bool]:
+    """lora_alpha and use_rslora as the adapter's config states them, where they give its
+    scale: derived back from the scale, alpha came out as 29.000000000000004 for 29 at r 7,
+    and an rsLoRA adapter's as a plain one's. Else (an alpha_pattern that covers every
+    projection) alpha is derived from the scale with the plain rule."""
+    alpha, rslora = adapter.config.get("lora_alpha"), bool(adapter.config.get("use_rslora"))
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        if math.isclose(alpha / (math.sqrt(r) if rslora else r), scale):
+            return alpha, rslora
+    return scale * r, False
 
 
 def _name(layer: int, target: str) -> str:

@@ -13,6 +13,7 @@ run inference iterations in between: inference waits at most one micro-batch.
 
 import bisect
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import math
@@ -94,7 +95,9 @@ class Hyperparameters:
 @dataclass(frozen=True)
 class StepReport:
     """One optimizer step done: its mean token loss, the gradient norm before clipping, the
-    learning rate it used, its tokens, and the eval loss when it was an eval point."""
+    learning rate it used, its tokens, and the eval loss when it was an eval point. resumed:
+    the step was trained before a restart and only its eval ran since (its tokens and time
+    are not this run's)."""
 
     step: int
     total_steps: int
@@ -103,6 +106,7 @@ class StepReport:
     learning_rate: float
     tokens: int
     eval_loss: float | None = None
+    resumed: bool = False
 
 
 # One thread packs the epoch after the one being read, for every plan.
@@ -223,6 +227,9 @@ class Trainer:
         # Tokens of the steps done: a resumed job counts from its checkpoint, not from what
         # the job record said when the server stopped, which may be steps past it.
         self.tokens = 0
+        # The report of the last step while its eval runs: a checkpoint taken then (at a
+        # shutdown) keeps it, and the resumed trainer runs that eval first (it was lost).
+        self._unevaluated: StepReport | None = None
         # fused: one kernel over all the masters. The per-tensor loop took ~150 ms for a rank-16
         # all-linear SmolLM2 adapter on CPU, between two co-served iterations (the ITL tail).
         self.optimizer = torch.optim.AdamW(
@@ -236,16 +243,23 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        """Every step trained, and the last one's eval run."""
+        return self.step >= self.total_steps and self._unevaluated is None
 
     def state_dict(self) -> dict:
         """What a checkpoint needs beyond the adapter's weights to resume exactly."""
-        return {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        unevaluated = None if self._unevaluated is None else dataclasses.asdict(self._unevaluated)
+        return {
+            "step": self.step, "tokens": self.tokens, "unevaluated": unevaluated,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         # A checkpoint written before the count was kept resumes counting from 0.
         self.tokens = state.get("tokens", 0)
+        unevaluated = state.get("unevaluated")
+        self._unevaluated = None if unevaluated is None else StepReport(**unevaluated | {"resumed": True})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -255,29 +269,38 @@ class Trainer:
         A step whose engine iteration failed runs again, up to STEP_ATTEMPTS times. Raises
         TrainingDiverged on a non-finite loss or weight."""
         while not self.done:
-            examples = [self.train[i] for i in self.plan[self.step]]
-            targets = sum(e.num_target_tokens for e in examples)
-            for attempt in range(1, STEP_ATTEMPTS + 1):
-                try:
-                    loss_sum = yield from self._gradients(engine, examples, targets, coserve)
-                    break
-                except TandemError:
-                    raise  # a refusal (a micro-batch over the activation cap): the same every time
-                except Exception:
-                    # An iteration that failed (out of memory on a burst of prompts beside it)
-                    # drops its micro-batch and whatever gradients it had added: the step runs
-                    # again from its first micro-batch, the same (its randomness is reseeded).
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if attempt == STEP_ATTEMPTS:
-                        raise
-                    log.warning("step %d failed in an engine iteration; running it again (attempt %d of %d)",
-                                self.step + 1, attempt + 1, STEP_ATTEMPTS, exc_info=True)
-                    yield from _pause(engine, RETRY_PAUSE_SECONDS * attempt)
-            report = self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
-            if self.evaluation and (self.step % self.hp.checkpoint_interval == 0 or self.done):
+            report = self._unevaluated or (yield from self._step(engine, coserve))
+            if self._unevaluated is not None or self._eval_point():
+                self._unevaluated = report
                 eval_loss = yield from self._evaluate(engine)
-                report = StepReport(**{**report.__dict__, "eval_loss": eval_loss})
+                report, self._unevaluated = dataclasses.replace(report, eval_loss=eval_loss), None
             yield report
+
+    def _eval_point(self) -> bool:
+        """Whether the step just done is evaluated: at every checkpoint interval, and the last."""
+        return bool(self.evaluation) and (self.step % self.hp.checkpoint_interval == 0 or self.step >= self.total_steps)
+
+    def _step(self, engine: Engine, coserve: bool) -> Iterator[None]:
+        """The next optimizer step, its engine iterations run again after a failure; returns its report."""
+        examples = [self.train[i] for i in self.plan[self.step]]
+        targets = sum(e.num_target_tokens for e in examples)
+        for attempt in range(1, STEP_ATTEMPTS + 1):
+            try:
+                loss_sum = yield from self._gradients(engine, examples, targets, coserve)
+                break
+            except TandemError:
+                raise  # a refusal (a micro-batch over the activation cap): the same every time
+            except Exception:
+                # An iteration that failed (out of memory on a burst of prompts beside it)
+                # drops its micro-batch and whatever gradients it had added: the step runs
+                # again from its first micro-batch, the same (its randomness is reseeded).
+                self.optimizer.zero_grad(set_to_none=True)
+                if attempt == STEP_ATTEMPTS:
+                    raise
+                log.warning("step %d failed in an engine iteration; running it again (attempt %d of %d)",
+                            self.step + 1, attempt + 1, STEP_ATTEMPTS, exc_info=True)
+                yield from _pause(engine, RETRY_PAUSE_SECONDS * attempt)
+        return self._optimizer_step(loss_sum / targets, sum(e.num_tokens for e in examples))
 
     def _gradients(self, engine: Engine, examples: list[TrainingExample], targets: int, coserve: bool) -> Iterator[None]:
         """The step's gradients, accumulated micro-batch by micro-batch; returns its summed loss."""
