@@ -144,17 +144,27 @@ def test_errors_come_before_any_output(engine):
 
 
 def test_a_full_server_refuses_at_once(engine):
+    """Six requests in flight, four running and two queued: the seventh is refused at once.
+    (The test waited for the six's first outputs, which the two queued get only once a
+    running one ends: it relied on four streams stopped for their unread outputs still
+    counting against the limit, which they no longer do.)"""
     async def main():
         params = SamplingParams(temperature=0.0, max_new_tokens=300, ignore_eos=True)
         streams = [engine.generate("busy", params, f"b{i}") for i in range(6)]
-        firsts = [await s.__anext__() for s in streams]
+        firsts = [asyncio.ensure_future(anext(s)) for s in streams]
+        while (stats := engine.stats()).num_running + stats.num_waiting < 6:
+            await asyncio.sleep(0.005)
         with pytest.raises(ResourceExhausted, match="limit of 6"):
             await collect(engine, "one too many", params, "extra")
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
         for s in streams:
             await s.aclose()
-        return firsts
+        return stats
 
-    assert len(asyncio.run(main())) == 6
+    stats = asyncio.run(main())
+    assert (stats.num_running, stats.num_waiting) == (4, 2)
 
 
 def test_chat_template_and_its_errors(engine):
@@ -349,6 +359,39 @@ def test_an_adapter_load_failure_reaches_its_caller_when_the_same_step_fails_too
         assert isinstance(base, RuntimeError) and "internal engine error: RuntimeError: boom" in str(base)
     finally:
         eng.shutdown()
+
+
+def test_a_step_that_fails_after_a_request_finished_in_it_fails_that_request_too(tiny_model_dir):
+    """A step that raised outside its iteration's work failed the requests abort_all still
+    found in the engine; one that had finished earlier in the same step had left it, and
+    its last output was lost with the step's: its caller got nothing and waited for good."""
+    from tandem.server.engine.outputs import FinishReason
+
+    eng = AsyncEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32"))
+    output, finished = eng.engine._output, []
+
+    def failing_once_a_request_has_finished(seq):
+        out = output(seq)  # a finished sequence leaves its group here
+        if out.finish_reason == FinishReason.LENGTH and not finished:
+            finished.append(out.request_id)
+            raise RuntimeError("boom")
+        return out
+
+    eng.engine._output = failing_once_a_request_has_finished
+    eng.start()
+
+    async def both() -> list:
+        short = collect(eng, [1, 2], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True), "short")
+        long = collect(eng, [3, 4], SamplingParams(temperature=0.0, max_new_tokens=100, ignore_eos=True), "long")
+        return await asyncio.wait_for(asyncio.gather(short, long, return_exceptions=True), 60)
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        eng.shutdown()
+    assert finished == ["short"]
+    for result in results:
+        assert isinstance(result, RuntimeError) and "internal engine error: RuntimeError: boom" in str(result)
 
 
 def test_the_model_is_built_on_a_thread_that_ends(tiny_model_dir, monkeypatch):

@@ -1,17 +1,25 @@
-"""The HTTP front's bearer tokens (the gRPC API's tokens file and roles) and its part in the
-graceful drain: new connections refused, streams in flight finished."""
+"""The HTTP front's bearer tokens (the gRPC API's tokens file and roles), its part in the
+graceful drain (new connections refused, streams in flight finished), and calls its clients
+leave: their generations freed, each call logged and counted once."""
 
 import asyncio
 import http.client
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from fastapi import FastAPI
+from grpc_health.v1.health import aio as health_aio
 
+from tandem.server.api.serving_state import ServingState
+from tandem.server.engine import async_engine
+from tandem.server.engine.async_engine import AsyncEngine
+from tandem.server.metrics import Metrics
+from tandem.server.openai_api.app import build_app
 from tests.api.conftest import all_blocks_free, held, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
 from tests.http.conftest import TOKEN, sse_data
@@ -21,11 +29,11 @@ def _sdk(server: ServerThread, token: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key=token, max_retries=0, timeout=60)
 
 
-def _calls(server: ServerThread) -> dict[tuple[str, str], float]:
+def _calls(metrics: Metrics) -> dict[tuple[str, str], float]:
     """The calls counted in tandem:requests, by (method, status), read off the registry: a
     drain closes the metrics port."""
     calls: dict[tuple[str, str], float] = {}
-    for family in server.server.metrics.registry.collect():
+    for family in metrics.registry.collect():
         for sample in family.samples:
             if sample.name == "tandem:requests_total":
                 key = sample.labels["method"], sample.labels["status"]
@@ -103,7 +111,7 @@ def test_a_body_the_framework_refuses_is_authorized_counted_and_in_openai_shape(
         status, request_id, reply = post("/v1/completions", chunked, TOKEN)
         assert status == declared[0] == 413 and request_id and reply == declared[2]
         assert reply["error"]["code"] == "resource_exhausted" and "--max-message-bytes" in reply["error"]["message"]
-        assert _calls(server) == {
+        assert _calls(server.server.metrics) == {
             ("ChatCompletions", "UNAUTHENTICATED"): 1, ("Completions", "UNAUTHENTICATED"): 2,
             ("ChatCompletions", "INVALID_ARGUMENT"): 1, ("Completions", "RESOURCE_EXHAUSTED"): 2,
         }
@@ -169,7 +177,7 @@ def test_a_stream_past_the_grace_period_ends_with_an_error_not_a_finish(adapter_
         drained = server.submit(server.server.drain(grace=0))
         raw = first + reply.read()
     assert drained.result(60) is False
-    assert wait_until(lambda: _calls(server) == {("Completions", "UNAVAILABLE"): 1})
+    assert wait_until(lambda: _calls(server.server.metrics) == {("Completions", "UNAVAILABLE"): 1})
     server.close()
     *chunks, last = sse_data(raw)
     assert "[DONE]" not in chunks and last != "[DONE]"
@@ -270,3 +278,93 @@ def test_a_stream_the_servers_stop_ends_before_its_first_token_is_a_503_the_clie
     server.close()
     engine.shutdown()
     assert caught.value.status_code == 503 and "retry" in caught.value.body["message"]
+
+
+async def _front(engine: AsyncEngine) -> tuple[ServingState, Metrics, FastAPI]:
+    """The HTTP front's app on the running loop, with no server: the test plays uvicorn's
+    part, its receive and send, to hold a send or leave at a chosen moment."""
+    state = ServingState(health_aio.HealthServicer(), [])
+    await state.attach(engine)
+    metrics = Metrics()
+    return state, metrics, build_app(state, None, metrics, 1 << 20)
+
+
+async def _stream(app: FastAPI, body: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    """One streamed POST /v1/completions through the app: its body, then what receive gives."""
+    raw = json.dumps({**body, "stream": True}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "", "state": {},
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+    }
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def messages() -> dict:
+        return pending.pop() if pending else await receive()
+
+    await app(scope, messages, send)
+
+
+def test_a_stream_whose_client_stops_reading_is_ended_and_its_call_released(tiny_model_dir, monkeypatch):
+    """A client that reads nothing more held its call for as long as it kept its connection:
+    the response's send waited on flow control for good, so the stream's end was never
+    taken, and the call stayed admitted (a drain waited for it), unlogged and uncounted.
+    Stopped for falling behind, its reader is now cancelled: the response ends (uvicorn then
+    closes the connection) and the call is released, logged and counted once, CANCELLED."""
+    monkeypatch.setattr(async_engine, "MAX_UNREAD_OUTPUTS", 16)
+    monkeypatch.setattr(async_engine, "STUCK_READER_SECONDS", 0)
+    engine = start_engine(tiny_model_dir)
+    sent: list[dict] = []
+
+    async def main() -> tuple[dict[tuple[str, str], float], bool]:
+        state, metrics, app = await _front(engine)
+        never = asyncio.Event()
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if len(sent) == 3:  # the head and two events went out; then the client reads no more
+                await never.wait()
+
+        body = {"model": engine.info.name, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+        await asyncio.wait_for(_stream(app, body, never.wait, send), 60)
+        return _calls(metrics), not state._in_flight and not engine._streams
+
+    try:
+        calls, released = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(sent) == 3
+    assert calls == {("Completions", "CANCELLED"): 1} and released
+
+
+def test_a_stream_cancelled_before_its_first_event_is_logged_and_counted(tiny_model_dir):
+    """The record was closed by the events' generator alone, which never starts when the
+    response is cancelled before its first event: as uvicorn cancels the calls still open at
+    the end of its shutdown grace, here one whose response start waits on flow control (its
+    connection still holds an earlier response that the client has not read). The call was
+    neither logged nor counted, and its generation was left for the garbage collector to end."""
+    engine = start_engine(tiny_model_dir)
+
+    async def main() -> tuple[dict[tuple[str, str], float], bool]:
+        state, metrics, app = await _front(engine)
+        starting, never = asyncio.Event(), asyncio.Event()
+
+        async def send(message: dict) -> None:
+            starting.set()
+            await never.wait()
+
+        body = {"model": engine.info.name, "prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": True}
+        call = asyncio.create_task(_stream(app, body, never.wait, send))
+        await asyncio.wait_for(starting.wait(), 60)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        return _calls(metrics), not state._in_flight and not engine._streams
+
+    try:
+        calls, released = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert calls == {("Completions", "CANCELLED"): 1}
+    assert released  # by the response itself, not later by the garbage collector

@@ -256,6 +256,27 @@ def test_framework_refusals_are_in_openai_shape(http_server):
         assert json.loads(caught.value.read())["error"]["message"]
 
 
+def test_an_unexpected_error_is_a_500_in_openai_shape_logged_once_with_its_request_id(http_server, adapter_engine, monkeypatch, caplog):
+    """It was logged twice: by the app with the request id, then by uvicorn as "Exception in
+    ASGI application" without it (the framework re-raises what Exception's handler answered)."""
+
+    def broken() -> list[str]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(adapter_engine.engine.registry, "servable_names", broken)
+    url = f"http://127.0.0.1:{http_server.server.http_port}"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers={"x-request-id": "bug-7"}), timeout=30)
+    assert caught.value.code == 500 and caught.value.headers["x-request-id"] == "bug-7"
+    assert json.loads(caught.value.read())["error"] == {
+        "message": "internal error (request id bug-7); see the server log", "type": "server_error", "param": None, "code": "internal",
+    }
+    # The server's loop has served another call since: anything it was to log of the first is logged.
+    urllib.request.urlopen(f"{url}/health", timeout=30).close()
+    logged = [r for r in caplog.records if r.exc_info and str(r.exc_info[1]) == "a bug"]
+    assert [r.getMessage() for r in logged] == ["unexpected error in /v1/models (request id bug-7)"]
+
+
 def _post(server, path: str, body: dict) -> tuple[int, dict]:
     """A raw POST (the SDK leaves out what it does not know, or nulls): (status, JSON body)."""
     request = urllib.request.Request(

@@ -29,11 +29,11 @@ def _logged(adapter: str) -> str:
 
 async def generate(
     state: ServingState, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams, adapter: str,
-    mixture: list[tuple[str, float]] | None = None, top_experts: bool = False,
+    mixture: list[tuple[str, float]] | None = None, top_experts: bool = False, cancel_stuck_reader: bool = False,
 ) -> AsyncIterator[RequestOutput]:
     """The engine's increments for one request (adapter "" = the base model; mixture:
     (adapter, weight) pairs served as one weighted sum instead; top_experts: each token's
-    top expert is asked for, which needs a router).
+    top expert is asked for, which needs a router; cancel_stuck_reader: AsyncEngine.generate's).
 
     aclosing() makes a cancelled call (client gone, deadline) close the engine's generator
     at once, which aborts the request and frees its KV blocks.
@@ -46,20 +46,21 @@ async def generate(
         # has loaded (metrics.py), never a made-up one.
         call.adapter = _logged(adapter or "+".join(f"{name}*{weight:g}" for name, weight in mixture or []))
         call.adapters = (adapter,) if adapter else tuple(name for name, _ in mixture or [])
-        async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture, top_experts=top_experts)) as stream:
+        async with aclosing(_engine_stream(engine, call, prompt, params, adapter, mixture, 0, top_experts, cancel_stuck_reader)) as stream:
             async for out in stream:
                 yield out
 
 
 async def generate_each(
-    state: ServingState, prompts: Sequence[str | list[int] | list[dict[str, str]]], params: SamplingParams, adapter: str
+    state: ServingState, prompts: Sequence[str | list[int] | list[dict[str, str]]], params: SamplingParams, adapter: str,
+    cancel_stuck_reader: bool = False,
 ) -> AsyncIterator[RequestOutput]:
     """The generations of several prompts as one stream: prompt p's completion i is index
     p * n + i, as OpenAI numbers them. Nothing is yielded until every prompt has its first
     output, so that a prompt the engine refuses fails the whole call before it streams (a
     400, not an error event after another prompt's tokens); any error ends every prompt."""
     if len(prompts) == 1:
-        async with aclosing(generate(state, prompts[0], params, adapter)) as only:
+        async with aclosing(generate(state, prompts[0], params, adapter, cancel_stuck_reader=cancel_stuck_reader)) as only:
             async for out in only:
                 yield out
         return
@@ -69,7 +70,10 @@ async def generate_each(
         call = current_call()
         call.adapter = _logged(adapter)
         call.adapters = (adapter,) if adapter else ()
-        streams = [_engine_stream(engine, call, prompt, params, adapter, None, p * params.n) for p, prompt in enumerate(prompts)]
+        streams = [
+            _engine_stream(engine, call, prompt, params, adapter, None, p * params.n, cancel_stuck_reader=cancel_stuck_reader)
+            for p, prompt in enumerate(prompts)
+        ]
         # One read ahead per prompt, no more: a slow reader holds the engine's streams back
         # (and meets their slow-reader limit) as a one-prompt call does.
         reads = {asyncio.ensure_future(anext(stream)): p for p, stream in enumerate(streams)}
@@ -115,13 +119,16 @@ def _check_batch(engine: "AsyncEngine", prompts: int, n: int) -> None:
 async def _engine_stream(
     engine: "AsyncEngine", call: CallRecord, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams,
     adapter: str, mixture: list[tuple[str, float]] | None, first_index: int = 0, top_experts: bool = False,
+    cancel_stuck_reader: bool = False,
 ) -> AsyncIterator[RequestOutput]:
     """One engine request of the call, recorded in it; first_index is added to each output's
     completion index (a call's later prompts number their completions on)."""
     # Callers may reuse a request id (retries do); engine ids must stay unique.
     engine_id = f"{call.request_id}-{secrets.token_hex(4)}"
     call.add_engine_request(engine_id, first_index, params.n)
-    stream = engine.generate(prompt, params, engine_id, adapter=adapter or None, mixture=mixture, top_experts=top_experts)
+    stream = engine.generate(
+        prompt, params, engine_id, adapter=adapter or None, mixture=mixture, top_experts=top_experts, cancel_stuck_reader=cancel_stuck_reader
+    )
     async with aclosing(stream):
         async for out in stream:
             if first_index:

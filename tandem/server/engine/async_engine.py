@@ -7,6 +7,10 @@ per step, not one per stream). A reader that falls behind (a busy loop, a slow c
 the increments that piled up as one, as vLLM's output collector does: each message costs
 the loop far more than its tokens. Leaving a stream early aborts its request, so a client
 that disconnects frees its KV blocks within one iteration.
+
+The capacity counts the requests the engine has or is about to have: a stream whose request
+is over (finished, failed, stopped) no longer counts, though its reader has yet to take the
+end, which a client that stopped reading may never let it do.
 """
 
 import asyncio
@@ -43,27 +47,44 @@ MAX_UNREAD_OUTPUTS = 256
 MAX_CHARS_PER_TOKEN = 32
 # Early aborts remembered for requests that have not been queued yet (a drain's, one per call).
 MAX_EARLY_ABORTS = 4096
+# A reader stopped for falling behind that has still not taken its stream's end this long
+# after is stuck, not slow: its client reads nothing, so the front's send of an earlier output
+# waits on flow control for good. It is cancelled, which ends the call (its connection
+# closed, its admission released). Until then a slow reader gets the stop's explanation.
+STUCK_READER_SECONDS = 10.0
 
 
 @dataclass
 class _Stream:
     """A request's outputs on their way to its reader. delivered is counted by the engine
-    thread, read by the reader's loop: each counter has one writer. items and waiter are
-    touched only on the reader's loop; held and started only on the engine thread."""
+    thread, read by the reader's loop: each counter has one writer. items, waiter and reader
+    are touched only on the reader's loop; held, started and finished only on the engine
+    thread; counted only under AsyncEngine._lock."""
 
     loop: asyncio.AbstractEventLoop
     completions: int = 1  # n: each step delivers an output per completion
     items: deque = field(default_factory=deque)
     waiter: asyncio.Future | None = None
+    reader: asyncio.Task | None = None  # the task that last waited for items
     delivered: int = 0
     read: int = 0
     # Per completion index: the increments held back until stream_interval tokens are due.
     held: dict[int, RequestOutput] = field(default_factory=dict)
     started: set[int] = field(default_factory=set)
+    finished: int = 0  # completions whose last output was delivered
+    counted: bool = True  # against the capacity: until its request is over or its reader has left
+    cancel_stuck_reader: bool = False  # AsyncEngine.generate's
 
     @property
     def unread(self) -> int:
         return self.delivered - self.read
+
+    def ends(self, item: RequestOutput | Exception) -> bool:
+        """Whether item ends the request: an error, or the last completion's last output."""
+        if isinstance(item, Exception):
+            return True
+        self.finished += item.finished
+        return self.finished >= self.completions
 
     def due(self, out: RequestOutput, interval: int) -> RequestOutput | None:
         """out joined with what was held for its completion if it is to be sent now (its
@@ -90,6 +111,7 @@ class _Stream:
 
     async def take(self) -> list[RequestOutput | Exception]:
         """Everything delivered and not yet read, waiting for at least one item."""
+        self.reader = asyncio.current_task()
         while not self.items:
             self.waiter = self.loop.create_future()
             try:
@@ -100,6 +122,12 @@ class _Stream:
         self.items.clear()
         self.read += len(items)
         return items
+
+    def end_stuck_reader(self) -> None:
+        """Cancels the reader if the stream's end is still unread: it has not come back for
+        it since it was stopped, and would hold its call open for as long as its client does."""
+        if self.cancel_stuck_reader and self.items and self.reader is not None:
+            self.reader.cancel()
 
 
 def _coalesced(items: list[RequestOutput | Exception]) -> list[RequestOutput | Exception]:
@@ -139,6 +167,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._counted = 0  # streams counted against the capacity (_Stream.counted)
         self._lock = threading.Lock()
         # Deliveries of the engine thread's current pass, posted together by _flush.
         self._pending: list[tuple[_Stream, RequestOutput | Exception]] = []
@@ -234,12 +263,17 @@ class AsyncEngine:
         adapter: str | None = None,
         mixture: list[tuple[str, float]] | None = None,
         top_experts: bool = False,
+        cancel_stuck_reader: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs for a text, token ids, or chat messages; errors are
         raised before the first output. With params.n > 1 the n completions' outputs
         interleave (RequestOutput.index tells them apart); the stream ends when all have.
         mixture: (adapter, weight) pairs served as one weighted sum, instead of adapter.
-        top_experts: the caller wants each token's top expert, which only a router has."""
+        top_experts: the caller wants each token's top expert, which only a router has.
+        cancel_stuck_reader: a reader stopped for falling behind that has not taken its end
+        STUCK_READER_SECONDS later is cancelled. HTTP's: that closes its connection. Not
+        gRPC's: grpc sends a cancelled handler's client no status, so one that came back to
+        read would wait for its deadline, or for good, where it now reads the stop's error."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running (starting up or shutting down): retry shortly")
         self._check_alive()
@@ -262,7 +296,7 @@ class AsyncEngine:
         prompt_ids = await self.encode(prompt) if is_text else prompt
         self.engine.validate(prompt_ids, params)
         prompt_ids = list(prompt_ids)  # token ids as given may be a protobuf container: copied once checked
-        stream = _Stream(asyncio.get_running_loop(), params.n)
+        stream = _Stream(asyncio.get_running_loop(), params.n, cancel_stuck_reader=cancel_stuck_reader)
         with self._lock:
             self._check_alive()  # under the lock: a failure after it still finds this stream
             if self._stopping:  # shutdown's snapshot of the streams, taken or due, would miss this one
@@ -271,8 +305,9 @@ class AsyncEngine:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             aborted = self._aborted_early.pop(request_id, False)
             if not aborted:
-                self.engine.check_capacity(len(self._streams))
+                self.engine.check_capacity(self._counted)
                 self._streams[request_id] = stream
+                self._counted += 1
         if aborted:  # before it got here (a drain's end while its adapter was read): ends as it would have
             for i in range(params.n):
                 yield RequestOutput(request_id, "", [], True, FinishReason.ABORT, len(prompt_ids), 0, index=i)
@@ -290,6 +325,7 @@ class AsyncEngine:
         finally:
             with self._lock:
                 del self._streams[request_id]
+                self._uncount(stream)
             if unfinished:
                 self._inbox.put(_Abort(request_id))
                 self._wake.set()
@@ -304,6 +340,17 @@ class AsyncEngine:
                     del self._aborted_early[next(iter(self._aborted_early))]
         self._inbox.put(_Abort(request_id))
         self._wake.set()
+
+    def _uncount(self, stream: _Stream) -> None:
+        """Under the lock: the stream no longer counts against the capacity."""
+        if stream.counted:
+            stream.counted = False
+            self._counted -= 1
+
+    def _in_flight(self) -> list[str]:
+        """The requests whose streams still wait for their end."""
+        with self._lock:
+            return [request_id for request_id, stream in self._streams.items() if stream.counted]
 
     def _check_alive(self) -> None:
         if self.failure is not None:
@@ -322,8 +369,7 @@ class AsyncEngine:
             log.exception("the engine thread stopped on an internal error; this replica can no longer generate")
             with self._lock:
                 self.failure = exc
-                streams = list(self._streams)
-            for request_id in streams:
+            for request_id in self._in_flight():
                 self._deliver(request_id, Unavailable(f"this replica's engine stopped on an internal error ({type(exc).__name__}): retry on another replica"))
             self._flush()
             if self.on_failure is not None:
@@ -364,11 +410,15 @@ class AsyncEngine:
             outputs = self.engine.step()
         except StepFailed as failed:
             log.exception("engine step failed; failing the requests in its batch")
-            self._fail(failed.outputs, failed.__cause__)
+            self._fail([out.request_id for out in failed.outputs], failed.__cause__)
             return
         except Exception as exc:  # outside the iteration's work (scheduling): nothing says whom it concerns
             log.exception("engine step failed; failing every request")
-            self._fail(self.engine.abort_all(), exc)
+            self.engine.abort_all()
+            self._deliver_failures()  # first: a request whose adapter failed to load gets that error
+            # Then every stream still waiting, not only abort_all's: a request that finished
+            # earlier in the step has left the engine, and its last output was lost with the step.
+            self._fail(self._in_flight(), exc)
             return
         finally:
             # Requests whose adapter failed to load are in no group any more: on every path
@@ -383,8 +433,9 @@ class AsyncEngine:
         up in memory without bound) and end its stream with RESOURCE_EXHAUSTED."""
         with self._lock:
             stream = self._streams.get(out.request_id)
+            over = stream is None or not stream.counted  # ended, or already stopped
         # Per completion: n = 16 fell 256 outputs behind 16 steps after its reader paused.
-        if stream is None or out.finished or stream.unread <= MAX_UNREAD_OUTPUTS * stream.completions:
+        if over or stream.unread <= MAX_UNREAD_OUTPUTS * stream.completions:
             return
         self.engine.abort(out.request_id)
         self._deliver(
@@ -394,6 +445,7 @@ class AsyncEngine:
                 "read a stream as it arrives, or ask for the whole reply at once (gRPC's Generate, or \"stream\": false over HTTP)"
             ),
         )
+        stream.loop.call_soon_threadsafe(stream.loop.call_later, STUCK_READER_SECONDS, stream.end_stuck_reader)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -415,23 +467,25 @@ class AsyncEngine:
             log.error("request %s failed: %s", request_id, exc)
             self._deliver(request_id, exc)
 
-    def _fail(self, aborted: list[RequestOutput], exc: BaseException | None) -> None:
+    def _fail(self, request_ids: list[str], exc: BaseException | None) -> None:
         """Each aborted request's error: out of memory is RESOURCE_EXHAUSTED, which clients
         retry (the next iteration may fit), anything else an internal error. The allocator's
         text stays in the log: CUDA's names the GPU's memory layout and other processes' PIDs."""
-        for out in aborted:
+        for request_id in dict.fromkeys(request_ids):
             if exc is not None and out_of_memory(exc):
-                log.error("request %s failed: out of memory: %s", out.request_id, exc)
+                log.error("request %s failed: out of memory: %s", request_id, exc)
                 error: Exception = ResourceExhausted(
                     "the iteration that carried this request ran out of memory on this replica: retry, or ask for fewer tokens"
                 )
             else:
                 error = RuntimeError(f"internal engine error: {type(exc).__name__}: {exc}")
-            self._deliver(out.request_id, error)
+            self._deliver(request_id, error)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
+            if stream is not None and stream.ends(item):
+                self._uncount(stream)
         if stream is None:
             return
         if self.config.stream_interval > 1:

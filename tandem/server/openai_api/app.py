@@ -10,8 +10,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem.server.api import generation
 from tandem.server.api.auth import TokenTable
-from tandem.server.api.call_record import CallRecord, current_call, request_id_of, set_current_call
+from tandem.server.api.call_record import CallRecord, request_id_of, set_current_call
 from tandem.server.api.serving_state import ServingState
 from tandem.server.api.status_mapping import http_error_for, status_for
 from tandem.server.engine.outputs import FinishReason, RequestOutput
@@ -112,6 +113,69 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
+class AnswerUnexpected:
+    """Answers an unexpected error (a bug) with the app's 500 in OpenAI's shape, through
+    handler, which logs it once with the call's request id. As the handler of Exception, the
+    framework's outermost middleware re-raised it after answering, and uvicorn logged it a
+    second time ("Exception in ASGI application", without the request id). One that comes
+    after the reply has started is left to uvicorn, which logs it and closes the connection."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[[Request, Exception], Awaitable[Response]]):
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            response = await self.handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
+
+
+@dataclass
+class StreamEnd:
+    """How a streamed call ended: the status its record is closed with, once."""
+
+    record: CallRecord
+    status: str = "CANCELLED"
+
+
+class EventStream(StreamingResponse):
+    """A streamed call's server-sent events. Ending, however it ends, closes the events, then
+    the call's outputs, then its record (with the status the events set). The events alone
+    could not: a client that leaves before the first event makes the framework cancel the
+    response before the generator's first step, so none of its finally runs, and the call was
+    neither logged nor counted."""
+
+    def __init__(
+        self, events: AsyncGenerator[str, None], outputs: AsyncGenerator[RequestOutput, None], end: StreamEnd,
+        headers: dict[str, str],
+    ):
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.events = events
+        self.outputs = outputs
+        self.end = end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
+            await self.outputs.aclose()
+            self.end.record.close(self.end.status)
+
+
 class BodyLimit:
     """Refuses a body over --max-message-bytes: its first read fails with 413 when its
     Content-Length says so (none of it is read), else the read that passes the limit does. The
@@ -197,11 +261,11 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     # TandemError (what users cause) is answered by the framework's exception middleware;
-    # Exception (a bug) by its outermost one, which also re-raises it for uvicorn to log.
+    # Exception (a bug) by AnswerUnexpected, around it.
     app.add_exception_handler(TandemError, handle_error)
-    app.add_exception_handler(Exception, handle_error)
     app.add_exception_handler(RequestValidationError, handle_error)
     app.add_exception_handler(HTTPException, handle_http)
+    app.add_middleware(AnswerUnexpected, handler=handle_error)
 
     async def token_pieces(outputs: list[RequestOutput]) -> responses.TokenPieces:
         ids = responses.token_ids_in(outputs)
@@ -220,7 +284,7 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         """Starts the generation (one per prompt); errors before its first output are the
         call's HTTP status."""
         base_model = state.engine.info.name if state.engine is not None else ""
-        outputs = generation.generate_each(state, prompts, params, convert.adapter_of(body.model, base_model))
+        outputs = generation.generate_each(state, prompts, params, convert.adapter_of(body.model, base_model), cancel_stuck_reader=True)
         headers = {REQUEST_ID_HEADER: record.request_id}
         if body.stream:
             # The framework watches a stream's client only once it streams: a client that
@@ -242,8 +306,8 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
                 record.close("UNAVAILABLE")
                 return _error(Unavailable("the server stopped before the completion began: retry the request"), record.request_id)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream(outputs, first, renderer, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            end = StreamEnd(record)
+            return EventStream(stream(outputs, first, renderer, include_usage, end), outputs, end, headers)
         seen: list[RequestOutput] = []
 
         async def collect() -> None:
@@ -265,15 +329,15 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
         return JSONResponse(reply, headers=headers)
 
     async def stream(
-        outputs: AsyncIterator[RequestOutput], first: RequestOutput, renderer: responses.CompletionRenderer, include_usage: bool
-    ) -> AsyncIterator[str]:
+        outputs: AsyncIterator[RequestOutput], first: RequestOutput, renderer: responses.CompletionRenderer, include_usage: bool,
+        end: StreamEnd,
+    ) -> AsyncGenerator[str, None]:
         """SSE events until [DONE]; an error after the first event ends the stream with an
         error event, as OpenAI's servers do, and so does the server's stop (an abort): its text
         is sent, but no finish, usage or [DONE], which would pass the part for the whole. With
-        include_usage each chunk has a usage, null until the last. The record closes with how
-        the stream ended."""
-        record = current_call()
-        status = "CANCELLED"
+        include_usage each chunk has a usage, null until the last. end.status is how the
+        stream ended (EventStream closes the record with it)."""
+        record = end.record
         progress = responses.Progress(renderer.choices)
         try:
             async with aclosing(outputs):
@@ -289,15 +353,13 @@ def build_app(state: ServingState, tokens: TokenTable | None, metrics: Metrics, 
             if include_usage:
                 yield _sse({**renderer.base, "choices": [], "usage": progress.usage()})
             yield "data: [DONE]\n\n"
-            status = "OK"
+            end.status = "OK"
         except Exception as exc:
             error = http_error_for(exc, record.request_id)
-            status = status_for(exc, record.request_id)[0].name
+            end.status = status_for(exc, record.request_id)[0].name
             if error.status == 500:
                 log.error("unexpected error in a stream (request id %s)", record.request_id, exc_info=exc)
             yield _sse(_error_body(error.message, error.type, error.code))
-        finally:
-            record.close(status)
 
     def served_name(model: str) -> str:
         """The `model` a reply names: the one asked for, the base model's when none was (an
