@@ -89,3 +89,15 @@ def test_proto_defaults_mean_unset():
     assert (params.top_p, params.repetition_penalty, params.seed, params.logprobs) == (1.0, 1.0, None, None)
     explicit = convert.sampling_params_of(generation_pb2.GenerateRequest(prompt="hi", top_p=0.5, seed=0, logprobs=0))
     assert (explicit.top_p, explicit.seed, explicit.logprobs) == (0.5, 0, 0)
+
+
+def test_float32_sampling_fields_read_as_the_decimals_sent():
+    """1e-5 arrives as 9.99999975e-06 through the float32 field, under the greedy threshold
+    that the OpenAI front (float64) compares the same 1e-5 against."""
+    request = generation_pb2.GenerateRequest(
+        prompt="hi", temperature=1e-5, top_p=0.9, min_p=0.05, repetition_penalty=1.1, presence_penalty=-0.3, frequency_penalty=0.7
+    )
+    params = convert.sampling_params_of(request)
+    assert not params.greedy
+    assert (params.temperature, params.top_p, params.min_p, params.repetition_penalty) == (1e-5, 0.9, 0.05, 1.1)
+    assert (params.presence_penalty, params.frequency_penalty) == (-0.3, 0.7)

@@ -55,6 +55,35 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert torch.isfinite(_filter_top_k_top_p(probs.log(), [0], [0.01])[0]).tolist() == [True, False, False, False]
 
 
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """As vLLM and transformers do (by value, not rank): which of two tied tokens survived
+    depended on the sort's order, not on the model."""
+    filtered = _filter_top_k_top_p(torch.tensor([[0.0, 5.0, 5.0, 1.0]]), [1], [1.0])
+    assert torch.isfinite(filtered[0]).tolist() == [False, True, True, False]
+
+
+def test_top_p_cuts_a_token_once_the_tokens_above_it_cover_top_p_exactly():
+    probs = torch.tensor([[0.5, 0.25, 0.25]])
+    assert torch.isfinite(_filter_top_k_top_p(probs.log(), [0], [0.5])[0]).tolist() == [True, False, False]
+
+
+def test_a_row_that_asks_for_no_nucleus_keeps_every_token_beside_one_that_does():
+    """Summed from the top, a float32 softmax over a large vocabulary passes 1.0 before its
+    tail ends: top_p 1 cut tens of thousands of tokens of a row whose neighbour asked for top_p."""
+    logits = torch.randn(2, 128256, generator=torch.Generator().manual_seed(0)) * 4
+    filtered = _filter_top_k_top_p(logits, [0, 0], [1.0, 0.9])
+    assert bool(torch.isfinite(filtered[0]).all())
+    assert not bool(torch.isfinite(filtered[1]).all())
+
+
+def test_a_repetition_penalty_near_zero_boosts_the_repeated_token_instead_of_sampling_token_0():
+    """1e-39 took the repeated token's logit to +inf: the row's softmax was NaN and every draw token 0."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0, -1.0]])
+    params = SamplingParams(temperature=1.0, repetition_penalty=1e-39)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    assert {sampler(logits, seqs_for([params], [1])).token_ids[0] for _ in range(20)} == {1}
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = probs.log().expand(4000, 3).clone()

@@ -14,8 +14,8 @@ from tests.engine.helpers import make_engine, random_prompts
 def reference_token(logits: torch.Tensor, output: list[int], params: SamplingParams, noise: torch.Tensor) -> int:
     """What one row should sample, written out in vLLM's order: penalties on the raw logits,
     temperature, min_p on the probabilities, top-k, then top-p over what is left (a token
-    goes once the tokens ranked above it cover top_p), then the exponential race with the
-    row's own noise."""
+    goes once the tokens ranked above it cover top_p or more), then the exponential race with
+    the row's own noise."""
     counts = torch.zeros_like(logits)
     for t in output:
         counts[t] += 1
@@ -32,7 +32,7 @@ def reference_token(logits: torch.Tensor, output: list[int], params: SamplingPar
     mass = mass / mass.sum()
     covered = 0.0
     for rank, t in enumerate(ranked):
-        if rank > 0 and covered > params.top_p:
+        if rank > 0 and covered >= params.top_p:
             kept[t] = False
         covered += float(mass[t])
     probs = probs.where(kept, torch.zeros_like(probs))

@@ -1,6 +1,7 @@
 """Proto messages ⇄ engine types. Structural checks live here (which of the prompt fields
 is set, roles); value ranges are checked by SamplingParams.validate inside the engine."""
 
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -72,25 +73,37 @@ def text_of(request: generation_pb2.TokenizeRequest) -> str | list[dict[str, str
 
 
 def sampling_params_of(request: GenerationRequest) -> SamplingParams:
-    """Proto defaults mean "unset": temperature 0 is greedy, max_new_tokens 0 is the default."""
+    """Proto defaults mean "unset": temperature 0 is greedy, max_new_tokens 0 is the default.
+    The float fields are float32: each is read as the decimal it was sent as."""
     return SamplingParams(
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         default_max_new_tokens=not request.max_new_tokens,
-        temperature=request.temperature,
+        temperature=_sent(request.temperature),
         top_k=request.top_k,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+        top_p=_sent(request.top_p) if request.HasField("top_p") else 1.0,
+        repetition_penalty=_sent(request.repetition_penalty) if request.HasField("repetition_penalty") else 1.0,
         seed=request.seed if request.HasField("seed") else None,
         stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        min_p=request.min_p,
+        presence_penalty=_sent(request.presence_penalty),
+        frequency_penalty=_sent(request.frequency_penalty),
+        min_p=_sent(request.min_p),
         n=request.n or 1,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
+
+
+def _sent(value: float) -> float:
+    """The shortest decimal that is the same float32 as value: what a caller typed into a
+    float32 field (1e-5 arrives as 9.99999975e-06, which fell below the greedy threshold that
+    the OpenAI front, reading float64, compares 1e-5 against)."""
+    for digits in range(1, 10):
+        shortest = float(f"{value:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", shortest))[0] == value:
+            return shortest
+    return value
 
 
 def _logprobs(logprobs: list[TokenLogprob] | None) -> list[generation_pb2.TokenLogprob]:

@@ -54,7 +54,10 @@ class Sampler:
             ids = torch.tensor(seqs[i].token_ids, device=logits.device).unique()
             penalty = seqs[i].params.repetition_penalty
             picked = logits[i, ids]
-            logits[i, ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+            # Clamped: a penalty near 0 (or huge) took a logit to +-inf, and the softmax of a
+            # row holding +inf is NaN, which sampled token 0 whatever the logits.
+            finite = torch.finfo(logits.dtype).max
+            logits[i, ids] = torch.where(picked < 0, picked * penalty, picked / penalty).clamp(-finite, finite)
         for i in counted:
             params = seqs[i].params
             output = torch.tensor(seqs[i].output_ids, dtype=torch.long, device=logits.device)
@@ -89,18 +92,21 @@ class Sampler:
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Set logits outside each row's top-k / top-p nucleus to -inf (the top token always stays)."""
+    """Set logits outside each row's top-k / top-p nucleus to -inf, as vLLM does: top-k keeps
+    every token tied with the k-th largest; top-p cuts a token once the tokens above it cover
+    top_p, summed from the least likely up (the top token always stays). A row with top_p 1
+    is left whole: summed from the top, a float32 softmax over a large vocabulary passes 1.0
+    before its tail (1 + 1.3e-5 over 128k tokens), which cut tens of thousands of tokens from
+    rows that asked for no nucleus."""
     vocab = logits.shape[1]
     device = logits.device
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=device)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device)
-    remove = ranks[None, :] >= k[:, None]
+    sorted_logits, order = logits.sort(dim=-1)
+    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k], device=device)
+    remove = sorted_logits < sorted_logits.gather(1, (vocab - k)[:, None])
     p = torch.tensor(top_p, device=device, dtype=logits.dtype)
     probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-    # A token is cut when the tokens ranked above it already cover top_p.
-    remove |= (probs.cumsum(dim=-1) - probs) > p[:, None]
-    remove[:, 0] = False
+    remove |= (probs.cumsum(dim=-1) <= 1 - p[:, None]) & (p < 1)[:, None]
+    remove[:, -1] = False
     return logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
 
 
