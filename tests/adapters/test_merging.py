@@ -19,7 +19,7 @@ from tandem.server.adapters import merge_methods
 from tandem.server.adapters.merging import MergeSpec, module_weights
 from tandem.server.errors import FailedPrecondition, InvalidRequest, NotFound
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
-from tests.adapters.test_routers import engine_for, greedy
+from tests.adapters.test_routers import engine_for, greedy, random_gates, write
 from tests.engine.helpers import run
 
 
@@ -272,6 +272,34 @@ def test_a_merge_of_more_adapters_than_the_cap_is_refused_before_its_names_are_c
     with pytest.raises(InvalidRequest) as refused:
         MergeSpec(("a",) * 200_000, (), "linear").check(max_rank=8)
     assert str(refused.value) == "a merge names 200000 adapters; at most 64 can be merged in one call: merge fewer"
+
+
+def test_breadcrumbs_at_a_density_that_leaves_less_than_the_default_gamma_takes_what_it_leaves():
+    """Density 0.995 with gamma unset was refused for the default gamma 0.01 the caller never sent."""
+    for density in (0.995, 1.0):
+        spec = MergeSpec(("m0", "m1"), (), "breadcrumbs", density=density)
+        spec.check(max_rank=8)
+        assert spec.gamma_or_default == pytest.approx(1 - density)
+
+
+def test_a_seed_is_refused_by_the_methods_that_draw_nothing():
+    with pytest.raises(InvalidRequest, match="seed applies to dare_ties only"):
+        MergeSpec(("m0", "m1"), (), "ties", seed=7).check(max_rank=8)
+    MergeSpec(("m0", "m1"), (), "dare_ties", seed=7).check(max_rank=8)
+
+
+def test_a_router_is_no_input_to_a_merge_or_a_compression(tiny_hf_model, smollm2_tokenizer, merge_dir, tmp_path):
+    """FAILED_PRECONDITION, as for inputs adapting other projections (README): it was
+    INVALID_ARGUMENT, and its message said "compressd"."""
+    for name in ("m0", "m1"):
+        shutil.copytree(merge_dir / name, tmp_path / name)
+    write(tmp_path, "rt", ["m0", "m1"], random_gates(tiny_hf_model, 2, 0))
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=4).registry
+    with pytest.raises(FailedPrecondition, match="^cannot merge 'rt': it is a router, and only LoRA adapters can be merged$"):
+        registry.merge("out", MergeSpec(("m0", "rt"), (), "linear"))
+    with pytest.raises(FailedPrecondition, match="^cannot compress 'rt': it is a router, and only LoRA adapters can be compressed$"):
+        registry.compress("out", "rt", 0.5)
+    assert not (tmp_path / "out").exists()
 
 
 def test_breadcrumbs_takes_gamma_at_one_minus_density_as_grpc_carries_them():

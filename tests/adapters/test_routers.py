@@ -283,6 +283,17 @@ def test_mismatched_routers_are_refused_with_the_reason(tiny_hf_model, smollm2_t
         registry.get("r")
 
 
+def test_a_router_of_one_expert_that_names_no_top_k_routes_to_it(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path):
+    """An unset top_k defaulted to 2, over its one expert: refused for a top_k its file never named."""
+    shutil.copytree(adapters_dir / "e0", tmp_path / "e0")
+    write(tmp_path, "r", ["e0"], random_gates(tiny_hf_model, 1, 0))
+    config = json.loads((tmp_path / "r" / CONFIG_FILE).read_text())
+    config.pop("top_k", None)
+    (tmp_path / "r" / CONFIG_FILE).write_text(json.dumps(config))
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2).registry
+    assert registry.get("r").top_k == 1
+
+
 def test_a_router_of_more_experts_than_slots_is_refused_before_its_gates_file_is_read(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch):
     """The gates file's size limit grows with the experts the config lists (1 MiB of config
     lists 200k): the whole file was read before the slot check refused the router."""

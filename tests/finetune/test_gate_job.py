@@ -185,6 +185,9 @@ def test_the_api_request_carries_the_router_spec():
     request = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=["a", "b"], temperature=0.5))
     assert job_request(request).router == RouterSpec(("a", "b"), top_k=2, temperature=0.5, routing_loss_weight=1.0)
     assert job_request(finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}")).router is None
+    # top_k unset over one expert: every expert, not a default of 2 the request then failed on.
+    one = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=["a"]))
+    assert job_request(one).router.top_k == 1
     with pytest.raises(InvalidRequest, match="router.top_k must lie in"):
         job_request(finetuning_pb2.CreateJobRequest(adapter="r", router=finetuning_pb2.RouterTraining(experts=["a"], top_k=3)))
     # 1 / 1e-40 is inf in float32: every routed token's mixture would be NaN.

@@ -66,6 +66,8 @@ class MergeSpec:
             raise InvalidRequest("density applies to ties, dare_ties and breadcrumbs, not to linear")
         if self.method != "breadcrumbs" and self.gamma is not None:
             raise InvalidRequest("gamma applies to breadcrumbs only")
+        if self.method != "dare_ties" and self.seed:
+            raise InvalidRequest("seed applies to dare_ties only (its random drops); the other methods draw nothing")
         density = self.density_or_default
         if not 0 < density <= 1:
             raise InvalidRequest(f"density must lie in (0, 1], got {density}")
@@ -79,7 +81,8 @@ class MergeSpec:
 
     @property
     def gamma_or_default(self) -> float:
-        return DEFAULT_GAMMA if self.gamma is None else self.gamma
+        """Unset, DEFAULT_GAMMA where the density leaves room for it (density 0.995 leaves 0.005)."""
+        return min(DEFAULT_GAMMA, 1 - self.density_or_default) if self.gamma is None else self.gamma
 
 
 @dataclass

@@ -503,10 +503,12 @@ class AdapterRegistry:
                     del self._publishing[name]
 
     def _plain(self, name: str, action: str) -> LoRAAdapter:
-        """The current version of a LoRA adapter (InvalidRequest for a router)."""
+        """The current version of a LoRA adapter (FailedPrecondition for a router: the name is
+        well formed and served, just not a LoRA adapter, as for inputs adapting other projections)."""
         adapter = self.get(name)
         if isinstance(adapter, Router):
-            raise InvalidRequest(f"cannot {action} {excerpt(name)}: it is a router, and only LoRA adapters can be {action}d")
+            done = {"merge": "merged", "compress": "compressed"}[action]
+            raise FailedPrecondition(f"cannot {action} {excerpt(name)}: it is a router, and only LoRA adapters can be {done}")
         return adapter
 
     def unload(self, name: str, abandoned: threading.Event | None = None) -> None:

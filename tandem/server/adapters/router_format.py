@@ -156,7 +156,7 @@ def _check_config(name: str, config: dict) -> tuple[tuple[str, ...], int, float]
         raise IncompatibleAdapter(f"router {name!r}: experts must be a non-empty list of adapter names, got {_shown(experts)}")
     if len(set(experts)) != len(experts):
         raise IncompatibleAdapter(f"router {name!r} lists an expert twice: {_shown(experts)}")
-    top_k = config.get("top_k", DEFAULT_TOP_K)
+    top_k = config.get("top_k", min(DEFAULT_TOP_K, len(experts)))
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(experts):
         raise IncompatibleAdapter(f"router {name!r} has top_k {_shown(top_k)}; it must lie in [1, {len(experts)}] (its experts)")
     temperature = config.get("temperature", 1.0)

@@ -41,10 +41,11 @@ def gated_linears(spec: "RouterSpec", experts: list[LoRAAdapter]) -> list[tuple[
 @dataclass(frozen=True)
 class RouterSpec:
     """What a gate-training job trains: a router over these experts (adapter names, in gate
-    order), with top_k and temperature, the routing loss weighed by routing_loss_weight."""
+    order), with top_k (None: DEFAULT_TOP_K, or every expert where there are fewer) and
+    temperature, the routing loss weighed by routing_loss_weight."""
 
     experts: tuple[str, ...]
-    top_k: int = DEFAULT_TOP_K
+    top_k: int | None = None
     temperature: float = 1.0
     routing_loss_weight: float = 1.0
 
@@ -52,6 +53,8 @@ class RouterSpec:
         object.__setattr__(self, "experts", tuple(self.experts))
         if not self.experts or len(set(self.experts)) != len(self.experts):
             raise InvalidRequest(f"router.experts must be distinct adapter names, at least one, got {excerpt(list(self.experts), 200)}")
+        if self.top_k is None:
+            object.__setattr__(self, "top_k", min(DEFAULT_TOP_K, len(self.experts)))
         if not 1 <= self.top_k <= len(self.experts):
             raise InvalidRequest(f"router.top_k must lie in [1, {len(self.experts)}] (the experts), got {self.top_k}")
         if not (math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE):
