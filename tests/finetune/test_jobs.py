@@ -58,6 +58,18 @@ def unstarted(model_dir: Path, dirs: tuple[Path, Path], **changes) -> AsyncEngin
     }))
 
 
+def restarted(model_dir: Path, dirs: tuple[Path, Path], job_id: str) -> tuple[Job, list[Job]]:
+    """A new server on dirs until the job ends: its end, and every update watched since the start."""
+    engine = unstarted(model_dir, dirs)
+    events: list[Job] = []
+    try:
+        engine.jobs.watch(job_id, events.append)
+        engine.start()
+        return wait_for(engine, job_id), events
+    finally:
+        engine.shutdown()
+
+
 def start(model_dir: Path, dirs: tuple[Path, Path], **changes) -> AsyncEngine:
     engine = unstarted(model_dir, dirs, **changes)
     engine.start()
@@ -1120,14 +1132,7 @@ def test_a_shutdown_in_the_final_eval_checkpoints_the_last_step(tiny_model_dir, 
         engine.shutdown()
     kept = sorted(p.name for p in (engine.jobs._job_dir(job.id) / "checkpoints").iterdir())
     assert kept == ["step-00000004", "step-00000006"]
-    engine = unstarted(tiny_model_dir, dirs)
-    events: list[Job] = []
-    try:
-        engine.jobs.watch(job.id, events.append)
-        engine.start()
-        resumed = wait_for(engine, job.id)
-    finally:
-        engine.shutdown()
+    resumed, events = restarted(tiny_model_dir, dirs, job.id)
     running = [e for e in events if e.status is JobStatus.RUNNING]
     assert resumed.status is JobStatus.SUCCEEDED and [e.step for e in running] == [6, 6]
     # The final eval, cut by the shutdown, ran at the restart: the job ends with step 6's eval loss, not step 4's.
@@ -1174,14 +1179,7 @@ def test_a_shutdown_in_an_eval_runs_that_eval_after_the_restart(tiny_model_dir, 
         engine.shutdown()
     kept = sorted(p.name for p in (engine.jobs._job_dir(job.id) / "checkpoints").iterdir())
     assert kept == ["step-00000002", "step-00000004"]
-    engine = unstarted(tiny_model_dir, roots["cut"])
-    events: list[Job] = []
-    try:
-        engine.jobs.watch(job.id, events.append)
-        engine.start()
-        resumed = wait_for(engine, job.id)
-    finally:
-        engine.shutdown()
+    resumed, events = restarted(tiny_model_dir, roots["cut"], job.id)
     assert resumed.status is JobStatus.SUCCEEDED
     expected = eval_losses(whole)
     assert eval_losses(events) == {step: expected[step] for step in (4, 5, 6)}
