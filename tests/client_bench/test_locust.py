@@ -158,3 +158,18 @@ def test_a_zipf_alpha_that_cannot_be_drawn_is_refused_at_start(tmp_path, alpha):
                "--host", "127.0.0.1:1", "--popularity", "zipf", "--adapters", "a,b", "--zipf-alpha", alpha]
     done = subprocess.run(command, timeout=60, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and f"--zipf-alpha: expected a number >= 0, got '{alpha}'" in done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapters", "a,b"], "--adapters has no effect under --popularity none"),
+    (["--popularity", "uniform", "--zipf-alpha", "2"], "--zipf-alpha has no effect under --popularity uniform"),
+    (["--popularity", "zipf"], "--popularity zipf needs adapter names"),
+    (["--popularity", "weights"], "--popularity weights needs --adapter-weights FILE"),
+])
+def test_adapter_flags_the_popularity_does_not_read_are_refused_at_start(tmp_path, flags, message):
+    """`--adapters a,b` under the default popularity `none` sent every request to the base
+    model while the run looked as asked; a missing flag failed in every user's on_start."""
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "1", "-t", "1s",
+               "--host", "127.0.0.1:1", *flags]
+    done = subprocess.run(command, timeout=60, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and f"locust: error: {message}" in done.stderr, done.stderr

@@ -12,7 +12,7 @@ import numpy as np
 from tandem.client.async_client import AsyncTandemClient
 from tandem.client.bench.arrivals import LoadPoint, parse_concurrencies, parse_rates
 from tandem.client.bench.cli import DEFAULT_METRICS_PORT, DEFAULT_NUM_REQUESTS, DEFAULT_ZIPF_ALPHA
-from tandem.client.bench.popularity import POPULARITIES, build_popularity
+from tandem.client.bench.popularity import POPULARITIES, build_popularity, check_popularity_flags
 from tandem.client.bench.prompts import Prompt, random_prompts, sharegpt_prompts, synthetic_prompts
 from tandem.client.bench.report import build_result, render, write_json
 from tandem.client.bench.runner import BenchError, FinetuneLoad, LoadPlan, PointResult, run_sweep
@@ -69,25 +69,11 @@ def _check_workload(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown --popularity {args.popularity!r}: choose one of {', '.join(POPULARITIES)}")
     if args.popularity == "weights" and not args.adapter_weights:
         raise ValueError("--popularity weights needs --adapter-weights FILE")
-    _check_popularity_flags(args)
+    check_popularity_flags(
+        args.popularity, {"--adapters": args.adapters, "--num-adapters": args.num_adapters}, args.zipf_alpha, args.adapter_weights
+    )
     if args.dataset == "sharegpt" and not args.dataset_path:
         raise ValueError("--dataset sharegpt needs --dataset-path FILE")
-
-
-def _check_popularity_flags(args: argparse.Namespace) -> None:
-    """An adapter flag the chosen --popularity does not read is refused: under the default
-    `none` every request went to the base model while `--adapters a,b,c` looked accepted."""
-    kind = args.popularity
-    names_flags = [flag for flag, value in (("--adapters", args.adapters), ("--num-adapters", args.num_adapters)) if value is not None]
-    if kind == "none" and names_flags:
-        raise ValueError(f"{names_flags[0]} has no effect under --popularity none (every request goes to the base model): "
-                         "add --popularity uniform or zipf")
-    if kind == "weights" and names_flags:
-        raise ValueError(f"{names_flags[0]} has no effect under --popularity weights: the adapters are the names in --adapter-weights")
-    if args.zipf_alpha is not None and kind != "zipf":
-        raise ValueError(f"--zipf-alpha has no effect under --popularity {kind}: add --popularity zipf")
-    if args.adapter_weights is not None and kind != "weights":
-        raise ValueError(f"--adapter-weights has no effect under --popularity {kind}: add --popularity weights")
 
 
 def metrics_url(args: argparse.Namespace) -> str | None:

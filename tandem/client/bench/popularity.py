@@ -49,6 +49,25 @@ def read_weights(path: str | Path) -> dict[str, float]:
     return {str(name): float(weight) for name, weight in weights.items()}
 
 
+def check_popularity_flags(
+    kind: str, names_flags: dict[str, object], zipf_alpha: float | None, weights_file: str | None
+) -> None:
+    """Refuse an adapter flag the chosen popularity does not read: under the default `none`
+    every request went to the base model while `--adapters a,b,c` looked accepted.
+    names_flags: the flags that name adapters (--adapters, --num-adapters) and their values,
+    None where not given."""
+    given = [flag for flag, value in names_flags.items() if value is not None]
+    if kind == "none" and given:
+        raise ValueError(f"{given[0]} has no effect under --popularity none (every request goes to the base model): "
+                         "add --popularity uniform or zipf")
+    if kind == "weights" and given:
+        raise ValueError(f"{given[0]} has no effect under --popularity weights: the adapters are the names in --adapter-weights")
+    if zipf_alpha is not None and kind != "zipf":
+        raise ValueError(f"--zipf-alpha has no effect under --popularity {kind}: add --popularity zipf")
+    if weights_file is not None and kind != "weights":
+        raise ValueError(f"--adapter-weights has no effect under --popularity {kind}: add --popularity weights")
+
+
 def build_popularity(kind: str, names: list[str], num_adapters: int | None = None, zipf_alpha: float = 1.0,
                      weights_file: str | None = None) -> AdapterPopularity:
     """names: the adapters in popularity order (the first is Zipf's rank 1); num_adapters

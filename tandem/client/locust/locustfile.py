@@ -15,6 +15,7 @@ unchanged. Needs `pip install 'tandem[locust]'`.
 """
 
 import os
+import sys
 import time
 
 # gRPC must cooperate with gevent's greenlets before the first channel exists.
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 
 from tandem.client import TandemClient, TandemRpcError  # noqa: E402
-from tandem.client.bench.popularity import POPULARITIES, build_popularity  # noqa: E402
+from tandem.client.bench.popularity import POPULARITIES, build_popularity, check_popularity_flags  # noqa: E402
 from tandem.client.bench.prompts import synthetic_prompts  # noqa: E402
 from tandem.client.bench.stats import BASE_MODEL  # noqa: E402
 from tandem.client.flag_types import ranged  # noqa: E402
@@ -35,8 +36,8 @@ from tandem.client.flag_types import ranged  # noqa: E402
 @events.init_command_line_parser.add_listener
 def _tandem_options(parser) -> None:
     parser.add_argument("--popularity", choices=POPULARITIES, default="none", help="adapter choice per request")
-    parser.add_argument("--adapters", default="", help="adapter names in popularity order, comma-separated")
-    parser.add_argument("--zipf-alpha", type=ranged(float, 0), default=1.0, help="Zipf exponent for --popularity zipf")
+    parser.add_argument("--adapters", default=None, help="adapter names in popularity order, comma-separated")
+    parser.add_argument("--zipf-alpha", type=ranged(float, 0), default=None, help="Zipf exponent for --popularity zipf (default 1)")
     parser.add_argument("--adapter-weights", default=None, help="JSON file of adapter -> weight for --popularity weights")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (generated past end-of-sequence)")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds each request may take")
@@ -45,6 +46,23 @@ def _tandem_options(parser) -> None:
     parser.add_argument("--ca-cert", default=None, help="PEM CA to trust (default: system roots)")
     parser.add_argument("--client-cert", default=None, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--client-key", default=None, help="PEM key of --client-cert")
+
+
+@events.init.add_listener
+def _popularity(environment, **_) -> None:
+    """The adapter choice, built once and checked before any user starts: a flag the chosen
+    --popularity does not read (`--adapters a,b` under the default `none` sent everything to
+    the base model) or a missing one is a usage error, as argparse's are, not an exception
+    in every user's on_start."""
+    options = environment.parsed_options
+    try:
+        check_popularity_flags(options.popularity, {"--adapters": options.adapters}, options.zipf_alpha, options.adapter_weights)
+        names = [n.strip() for n in (options.adapters or "").split(",") if n.strip()]
+        alpha = 1.0 if options.zipf_alpha is None else options.zipf_alpha
+        environment.tandem_popularity = build_popularity(options.popularity, names, None, alpha, options.adapter_weights)
+    except (OSError, ValueError) as error:
+        print(f"locust: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
 
 
 class GenerationAborted(Exception):
@@ -63,8 +81,7 @@ class TandemUser(User):
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        names = [n.strip() for n in options.adapters.split(",") if n.strip()]
-        self.popularity = build_popularity(options.popularity, names, None, options.zipf_alpha, options.adapter_weights)
+        self.popularity = self.environment.tandem_popularity
         self.prompts = synthetic_prompts()
         self.rng = np.random.default_rng()
         self.max_new_tokens = options.max_new_tokens
