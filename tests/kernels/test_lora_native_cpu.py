@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.kernels import native_build
-from tandem.kernels.lora import LoRAWeights, lora_delta, native_cpu, reference
+from tandem.kernels.lora import LoRABatch, LoRAWeights, lora_delta, native_cpu, reference
 from tandem.server.adapters.slot_pool import b_pool, b_row
 from tests.kernels.test_lora_kernels import SHAPES, Case, assert_close, lora_rows, make_case
 
@@ -166,15 +166,18 @@ def test_dispatcher_takes_the_native_kernel_for_the_pool_layout_where_it_serves(
     "change",
     [
         "plain_b_layout", "float64_x", "strided_x", "x_requires_grad", "float16_pool", "mixed_pool_dtypes",
-        "x_narrower_than_the_pool", "y_wider_than_the_pool", "fewer_rows_than_the_batch",
+        "x_narrower_than_the_pool", "y_wider_than_the_pool", "fewer_rows_than_the_batch", "a_slot_past_the_pool",
     ],
 )
 def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
     """The kernel reads x's rows at the pool's width and the batch's token indices: a call
     that does not match them would read and write past the tensors, so it is declined."""
     case = pool_layout(make_case("down", torch.float32, device="cpu"))
-    x, w, y = case.x, case.w, case.y.clone()
-    if change == "x_narrower_than_the_pool":
+    x, w, y, batch = case.x, case.w, case.y.clone(), case.batch
+    if change == "a_slot_past_the_pool":  # built for a larger pool than the one it is applied to
+        slots = w.a.shape[0]
+        batch = LoRABatch.build([slots] * x.shape[0], slots + 1)
+    elif change == "x_narrower_than_the_pool":
         x = x[:, :-1].contiguous()
     elif change == "y_wider_than_the_pool":
         y = torch.cat([y, y[:, :1]], 1)
@@ -193,7 +196,7 @@ def test_native_declines_what_it_cannot_take_and_leaves_y_alone(change):
     else:  # LoRAWeights refuses mixed dtypes; a pool mutated into them must not reach the kernel
         w.b = w.b.bfloat16()
     before = y.clone()
-    assert not native_cpu.lora_delta(x, w, case.batch, y)
+    assert not native_cpu.lora_delta(x, w, batch, y)
     assert torch.equal(y, before)
 
 

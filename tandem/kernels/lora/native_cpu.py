@@ -135,7 +135,7 @@ _pools: dict[int, tuple] = {}
 
 
 def _pool_args(w: LoRAWeights) -> tuple | None:
-    """(pool struct, in_features, out_features) for w, or None."""
+    """(pool struct, in_features, out_features, slots) for w, or None."""
     entry = _pools.get(id(w))
     if entry is not None and entry[0] is w.a and entry[1] is w.b and entry[2] is w.slot_ranks and entry[3] is w.slice_widths:
         return entry[4]
@@ -146,7 +146,7 @@ def _pool_args(w: LoRAWeights) -> tuple | None:
     args = (_Pool(
         w.a.data_ptr(), w.b.data_ptr(), w.slot_ranks.data_ptr(), w.slice_widths.data_ptr(), w.in_features,
         w.out_features, _rows_of_b(w.b), w.a.dtype == torch.bfloat16, w.num_slices, w.max_rank,
-    ), w.in_features, w.out_features) if fits else None
+    ), w.in_features, w.out_features, w.a.shape[0]) if fits else None
     if entry is None:
         weakref.finalize(w, _pools.pop, id(w), None)
     _pools[id(w)] = (w.a, w.b, w.slot_ranks, w.slice_widths, args)
@@ -177,14 +177,15 @@ def _segment_rows(x: Tensor, w: LoRAWeights) -> int:
 
 
 def _batch_args(batch: LoRABatch, max_rows: int) -> tuple | None:
-    """(step struct, tokens, segments past max_rows) for batch, or None."""
+    """(step struct, tokens, segments past max_rows, its highest slot + 1) for batch, or None."""
     for ref, rows, args in _recent_batches:
         if ref() is batch and rows == max_rows:
             return args
     args = (_Step(
         batch.seg_slots.data_ptr(), batch.seg_starts.data_ptr(), batch.seg_lens.data_ptr(),
         batch.sorted_tokens.data_ptr(), len(batch.segments), max_rows,
-    ), batch.num_tokens, [s for s in batch.segments if s.length > max_rows]) if batch.sorted_tokens.is_cpu else None
+    ), batch.num_tokens, [s for s in batch.segments if s.length > max_rows], max((s.slot + 1 for s in batch.segments), default=0),
+    ) if batch.sorted_tokens.is_cpu else None
     _recent_batches.insert(0, (weakref.ref(batch), max_rows, args))
     del _recent_batches[RECENT_BATCHES:]
     return args
@@ -207,8 +208,10 @@ def _call_args(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> tuple 
     if pool is None or step is None or dtypes is None:
         return None
     xs, ys = x.shape, y.shape
+    # The kernel reads each segment's slot where the pool's pointers say: a batch grouped for
+    # a larger pool would read past this one (torch's path raises an IndexError instead).
     if not (xs == (step[1], pool[1]) and ys == (step[1], pool[2]) and x.is_contiguous() and y.is_contiguous()
-            and x.is_cpu and y.is_cpu) or x.requires_grad or y.requires_grad:
+            and x.is_cpu and y.is_cpu and step[3] <= pool[3]) or x.requires_grad or y.requires_grad:
         return None
     return dtypes, pool[0], step
 
@@ -221,7 +224,7 @@ def lora_delta(x: Tensor, w: LoRAWeights, batch: LoRABatch, y: Tensor) -> bool:
     lib = library()
     if args is None or lib is None:
         return False
-    dtypes, pool, (step, _, long_segments) = args
+    dtypes, pool, (step, _, long_segments, _) = args
     if batch.num_lora_tokens and lib.tandem_lora_sgmv(x.data_ptr(), y.data_ptr(), dtypes, pool, step):
         raise MemoryError("the native LoRA kernel could not allocate its scratch memory")
     for segment in long_segments:
