@@ -185,11 +185,26 @@ def test_the_api_request_carries_the_router_spec():
     request = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=["a", "b"], temperature=0.5))
     assert job_request(request).router == RouterSpec(("a", "b"), top_k=2, temperature=0.5, routing_loss_weight=1.0)
     assert job_request(finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}")).router is None
-    # top_k unset over one expert: every expert, not a default of 2 the request then failed on.
-    one = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=["a"]))
-    assert job_request(one).router.top_k == 1
     with pytest.raises(InvalidRequest, match="router.top_k must lie in"):
-        job_request(finetuning_pb2.CreateJobRequest(adapter="r", router=finetuning_pb2.RouterTraining(experts=["a"], top_k=3)))
+        job_request(finetuning_pb2.CreateJobRequest(adapter="r", router=finetuning_pb2.RouterTraining(experts=["a", "b"], top_k=3)))
+    # The documented minimum, as float32 carries it (9.99999975e-05), is the minimum.
+    least = finetuning_pb2.RouterTraining(experts=["a", "b"], temperature=1e-4, routing_loss_weight=0.1)
+    spec = job_request(finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=least)).router
+    assert (spec.temperature, spec.routing_loss_weight) == (1e-4, 0.1)
+    lora = finetuning_pb2.LoraConfig(r=4, lora_alpha=0.1, lora_dropout=0.05)
+    assert job_request(finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", lora=lora)).lora == {
+        "r": 4, "lora_alpha": 0.1, "lora_dropout": 0.05,
+    }
+
+
+@pytest.mark.parametrize("experts", [["a"], []])
+def test_gates_over_fewer_than_two_experts_are_refused(experts):
+    """One expert's weight is always 1: such a job ran to its end and published the gates it
+    began with (with task labels), or was refused with advice to raise top_k, which one expert
+    cannot."""
+    request = finetuning_pb2.CreateJobRequest(adapter="r", training_data="{}", router=finetuning_pb2.RouterTraining(experts=experts))
+    with pytest.raises(InvalidRequest, match=rf"^router.experts names {len(experts)} adapter\(s\): gates over fewer than 2 experts"):
+        job_request(request)
     # 1 / 1e-40 is inf in float32: every routed token's mixture would be NaN.
     with pytest.raises(InvalidRequest, match=r"^router.temperature must be a finite number >= 0.0001, got 1e-40$"):
         RouterSpec(("a", "b"), temperature=1e-40)

@@ -78,24 +78,24 @@ def sampling_params_of(request: GenerationRequest) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         default_max_new_tokens=not request.max_new_tokens,
-        temperature=_sent(request.temperature),
+        temperature=float32_as_sent(request.temperature),
         top_k=request.top_k,
-        top_p=_sent(request.top_p) if request.HasField("top_p") else 1.0,
-        repetition_penalty=_sent(request.repetition_penalty) if request.HasField("repetition_penalty") else 1.0,
+        top_p=float32_as_sent(request.top_p) if request.HasField("top_p") else 1.0,
+        repetition_penalty=float32_as_sent(request.repetition_penalty) if request.HasField("repetition_penalty") else 1.0,
         seed=request.seed if request.HasField("seed") else None,
         stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
-        presence_penalty=_sent(request.presence_penalty),
-        frequency_penalty=_sent(request.frequency_penalty),
-        min_p=_sent(request.min_p),
+        presence_penalty=float32_as_sent(request.presence_penalty),
+        frequency_penalty=float32_as_sent(request.frequency_penalty),
+        min_p=float32_as_sent(request.min_p),
         n=request.n or 1,
         prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
     )
 
 
-def _sent(value: float) -> float:
+def float32_as_sent(value: float) -> float:
     """The shortest decimal that is the same float32 as value: what a caller typed into a
     float32 field (1e-5 arrives as 9.99999975e-06, which fell below the greedy threshold that
     the OpenAI front, reading float64, compares 1e-5 against)."""

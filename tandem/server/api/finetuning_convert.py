@@ -1,6 +1,7 @@
 """tandem.v1.FineTuningService messages <-> fine-tuning job types. Proto3 zeros mean "the default":
 only the fields a request sets reach the dataclasses, whose defaults are the one source."""
 
+from tandem.server.api.convert import float32_as_sent
 from tandem.server.finetune.job import Job, JobStatus
 from tandem.server.finetune.jobs import JobRequest
 from tandem.server.finetune.trainable_gates import RouterSpec
@@ -35,8 +36,8 @@ def _router(router: finetuning_pb2.RouterTraining) -> RouterSpec:
         tuple(router.experts),
         **_given(
             top_k=router.top_k or None,
-            temperature=_optional(router, "temperature"),
-            routing_loss_weight=_optional(router, "routing_loss_weight"),
+            temperature=_optional(router, "temperature", float32_as_sent),
+            routing_loss_weight=_optional(router, "routing_loss_weight", float32_as_sent),
         ),
     )
 
@@ -45,18 +46,19 @@ def _given(**fields) -> dict:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def _optional(message, name: str):
-    return getattr(message, name) if message.HasField(name) else None
+def _optional(message, name: str, read=lambda value: value):
+    """The field's value through read, None where it is unset."""
+    return read(getattr(message, name)) if message.HasField(name) else None
 
 
 def _lora(lora: finetuning_pb2.LoraConfig) -> dict:
     """The LoRASpec fields the request sets."""
     return _given(
         r=lora.r or None,
-        lora_alpha=_optional(lora, "lora_alpha"),
+        lora_alpha=_optional(lora, "lora_alpha", float32_as_sent),
         target_modules=tuple(lora.target_modules) or None,
         use_rslora=lora.use_rslora or None,
-        lora_dropout=lora.lora_dropout or None,
+        lora_dropout=float32_as_sent(lora.lora_dropout) or None,
     )
 
 

@@ -51,8 +51,16 @@ class RouterSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "experts", tuple(self.experts))
-        if not self.experts or len(set(self.experts)) != len(self.experts):
-            raise InvalidRequest(f"router.experts must be distinct adapter names, at least one, got {excerpt(list(self.experts), 200)}")
+        if len(set(self.experts)) != len(self.experts):
+            raise InvalidRequest(f"router.experts must be distinct adapter names, got {excerpt(list(self.experts), 200)}")
+        if len(self.experts) < 2:
+            # One expert's weight is always 1: the language-model loss gives its gate no
+            # gradient and the routing loss over one class is 0, so the job published the
+            # gates it began with.
+            raise InvalidRequest(
+                f"router.experts names {len(self.experts)} adapter(s): gates over fewer than 2 experts have no choice to learn "
+                "(serve the adapter itself, or name at least 2 experts)"
+            )
         if self.top_k is None:
             object.__setattr__(self, "top_k", min(DEFAULT_TOP_K, len(self.experts)))
         if not 1 <= self.top_k <= len(self.experts):
