@@ -44,9 +44,18 @@ if [ -n "$torch_now" ] && [ "$torch_now" != "$torch_pin" ] \
     exit 1
 fi
 if [ "$torch_now" != "$torch_pin" ]; then
-    .venv/bin/python -m pip install -q --retries 0 --timeout 20 -c deploy/constraints.txt \
+    .venv/bin/python -m pip install -q --retries 2 --timeout 20 -c deploy/constraints.txt \
         --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple "torch==$torch_pin" \
         || .venv/bin/python -m pip install -q -c deploy/constraints.txt "torch==$torch_pin"
+    # Where pip's own configuration has no CPU build, that fallback took PyPI's CUDA build
+    # (gigabytes, and not what the image ships or CI should test): refuse it, saying why.
+    if [ "$(.venv/bin/python -c 'import torch; print(bool(torch.version.cuda or torch.version.hip))')" = True ]; then
+        .venv/bin/python -m pip uninstall -q -y torch
+        echo "scripts/setup.sh: PyTorch's CPU wheel index (https://download.pytorch.org/whl/cpu) could not be reached, and pip's" >&2
+        echo "own index gave a GPU build of torch==$torch_pin: run this again once that index answers, or point pip at a CPU build" >&2
+        echo "(PIP_FIND_LINKS=<folder with torch-$torch_pin+cpu wheel>), or install a GPU build into .venv first on a GPU machine" >&2
+        exit 1
+    fi
 fi
 # The server and its test and benchmark tools, at the versions the image pins
 # (deploy/constraints.txt), so CI tests what ships.
