@@ -5,17 +5,20 @@ back to later reads (or, when every adapter is in use, the read takes new memory
 import gc
 import hashlib
 import shutil
+import weakref
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
-from tandem.server.adapters import peft_format
+from tandem.server.adapters import host_slab, peft_format
 from tandem.server.adapters.host_slab import ALIGN, HostSlab, SlabStats
 from tandem.server.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter, read_hashed
 from tandem.server.adapters.registry import AdapterRegistry
 from tandem.server.adapters.slot_pool import SlotPool
-from tandem.server.errors import IncompatibleAdapter
+from tandem.server.api.status_mapping import status_for
+from tandem.server.errors import IncompatibleAdapter, ResourceExhausted
 from tandem.server.model.loader import build_from_hf
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 
@@ -191,10 +194,10 @@ def test_a_prefaulted_cache_holds_its_whole_budget_from_the_start_and_reads_map_
     assert [a.content_hash for a in adapters] == [file_digest(tmp_path / name) for name in "abc"]
 
 
-def test_a_prefaulted_cache_fits_an_adapter_in_the_space_two_evicted_ones_leave(sources, base, tmp_path, monkeypatch):
-    # Made on demand the slab is separate chunks (here one per adapter), and an adapter
-    # larger than any chunk is read into new memory; prefaulted it is one run, which
-    # evictions free contiguously.
+def test_a_cache_fits_an_adapter_in_the_space_two_evicted_ones_leave(sources, base, tmp_path, monkeypatch):
+    # Made on demand the slab is separate chunks (here one per adapter): an adapter larger
+    # than any chunk was read into new memory beside them; the evicted adapters' chunks are
+    # unmapped for one of its size. Prefaulted it is one run, which evictions free contiguously.
     monkeypatch.setattr("tandem.server.adapters.host_slab.MAX_CHUNK_BYTES", ALIGN)
     monkeypatch.setattr("tandem.server.adapters.host_slab.MIN_CHUNK_BYTES", ALIGN)
     for name in ("a", "b", "big"):
@@ -205,7 +208,8 @@ def test_a_prefaulted_cache_fits_an_adapter_in_the_space_two_evicted_ones_leave(
         registry = registry_of(tmp_path, base, budget, prefault=prefault)
         registry.get("a"), registry.get("b")
         big = registry.get("big")
-        assert in_slab(big, registry.slab) is prefault and list(registry._cache) == ["big"]
+        assert in_slab(big, registry.slab) and list(registry._cache) == ["big"]
+        assert registry.slab.stats().mapped <= budget
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -232,13 +236,57 @@ def test_a_half_precision_adapter_is_held_as_its_file_and_loads_the_slot_float32
 
 
 def test_a_slab_grown_on_demand_says_which_blocks_could_ever_fit():
-    """Chunks made on demand stay as made: past the largest chunk, with the capacity mapped,
-    no block can fit however many are given back."""
+    """Chunks made on demand are unmapped for a larger block once no block uses them: any
+    block up to the capacity could fit, none past it; a chunk is remapped only in room that
+    chunks no block uses leave."""
     slab = HostSlab(3 << 20)
     blocks = [slab.block(600 << 10) for _ in range(3)]  # each in a 1 MiB chunk of its own
     assert all(b is not None for b in blocks) and slab.stats().mapped == 3 << 20
-    assert slab.could_hold(1 << 20) and not slab.could_hold((1 << 20) + 1)
-    assert HostSlab(3 << 20).could_hold(3 << 20) and not HostSlab(3 << 20).could_hold((3 << 20) + 1)
+    assert slab.could_hold(3 << 20) and not slab.could_hold((3 << 20) + 1)
+    assert not slab.can_remap(1) and slab.remap_block(1) is None
+    del blocks[:2]
+    assert slab.can_remap(2 << 20) and not slab.can_remap((2 << 20) + 1)
+    assert slab.remap_block(2 << 20) is not None and slab.stats().mapped == 3 << 20
+
+
+def test_chunks_made_on_demand_are_remapped_for_a_larger_block_within_the_budget(monkeypatch):
+    """With --adapter-cache-prefault false, five 10 MB reads left a 64 MB slab chunks of 10,
+    10, 20 and 24 MB, kept for good: once every block was given back a 30 MB read fit none
+    of them and took new memory beside them, the host holding up to twice the budget."""
+    mb, made = 1 << 20, []
+    slab = HostSlab(64 * mb)
+
+    def chunk(size: int, pin: bool):
+        assert sum(c.size for c in (ref() for ref in made) if c is not None) + size <= slab.capacity
+        made.append(weakref.ref(new := real_chunk(size, pin)))
+        return new
+
+    real_chunk = host_slab._Chunk
+    monkeypatch.setattr(host_slab, "_Chunk", chunk)
+    blocks = [slab.block(10 * mb) for _ in range(5)]
+    assert [c.size for c in slab._chunks] == [10 * mb, 10 * mb, 20 * mb, 24 * mb]
+    del blocks
+    assert slab.block(30 * mb) is None and slab.could_hold(30 * mb)
+    block = slab.remap_block(30 * mb)
+    assert block is not None and len(block) == 30 * mb
+    assert sorted(c.size for c in slab._chunks) == [10 * mb, 10 * mb, 30 * mb]
+    assert sum(ref() is not None for ref in made) == 3 and slab.stats().mapped <= slab.capacity
+
+
+@pytest.mark.parametrize("refusal", [MemoryError(), torch.OutOfMemoryError("CUDA error: out of memory")], ids=["python", "torch"])
+def test_a_read_the_host_has_no_memory_for_is_resource_exhausted(sources, base, tmp_path, monkeypatch, refusal):
+    """A MemoryError (or torch's, for page-locked memory on CUDA) taking the read's memory
+    reached the caller as INTERNAL."""
+    shutil.copytree(sources / "a", tmp_path / "a")
+    registry = registry_of(tmp_path, base, 2 * block_size(sources / "a"))
+
+    def no_memory(size: int):
+        raise refusal
+
+    monkeypatch.setattr(registry.slab, "block", no_memory)
+    with pytest.raises(ResourceExhausted, match="not enough host memory to read adapter 'a' .*--adapter-cache-bytes") as info:
+        registry.get("a")
+    assert status_for(info.value, "r")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_read_no_eviction_could_make_room_for_evicts_nothing(sources, base, tmp_path):

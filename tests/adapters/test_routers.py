@@ -4,6 +4,7 @@ PEFT-style deltas) in a batch mixed with plain-adapter and base requests; expert
 while a router runs; mismatched routers are refused with the reason."""
 
 import copy
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,9 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from tandem.server.adapters import router_format
 from tandem.server.adapters.peft_format import LoRAAdapter, max_file_bytes
-from tandem.server.adapters.router_format import CONFIG_FILE, GATES_FILE, Router, router_config, write_router
+from tandem.server.adapters.router_format import CONFIG_FILE, GATES_FILE, Router, router_config, router_files, write_router
+from tandem.server.atomic_files import write_directory
 from tandem.server.engine.sampling_params import SamplingParams
-from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, NotFound
+from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, NotFound, Unavailable
 from tests.adapters.make_adapters import ALL_LINEAR, make_adapter
 from tests.engine.helpers import make_engine, run
 from tests.engine.test_forward_oracle import record_logits
@@ -230,6 +232,38 @@ def test_a_name_republished_as_the_other_kind_is_served_as_the_new_kind(tiny_hf_
     assert isinstance(registry.get("e2"), LoRAAdapter)
     registry.load("e2")
     assert [type(registry.get("e2")) for _ in range(2)] == [Router, Router]
+
+
+def test_a_router_republished_while_it_is_read_is_served_as_one_version(tiny_hf_model, smollm2_tokenizer, adapters_dir, tmp_path, monkeypatch):
+    """A publish landing between the read of router_config.json and that of its gates was
+    served (and cached) as one version's experts, top_k and temperature with the other's
+    gates: the router is read again, whole; one that changes during every read is refused."""
+    for name in ["e0", "e1"]:
+        shutil.copytree(adapters_dir / name, tmp_path / name)
+    gates = [random_gates(tiny_hf_model, 2, seed) for seed in (0, 1)]
+    versions = [router_files(router_config(["e0", "e1"], 1, 1.0), gates[0]), router_files(router_config(["e1", "e0"], 2, 0.5), gates[1])]
+    write_directory(tmp_path / "r", versions[0])
+    registry = engine_for(tiny_hf_model, smollm2_tokenizer, tmp_path, max_loras=2).registry
+    read_hashed, publishes = router_format.read_hashed, []
+
+    def republishing(every_read: bool):
+        def read(*args):  # after the config is read, before the gates are
+            if every_read or not publishes:
+                publishes.append(1)
+                write_directory(tmp_path / "r", versions[len(publishes) % 2])
+            return read_hashed(*args)
+
+        return read
+
+    monkeypatch.setattr(router_format, "read_hashed", republishing(every_read=False))
+    router = registry.get("r")
+    assert router.content_hash == hashlib.sha256(versions[1][CONFIG_FILE] + versions[1][GATES_FILE]).hexdigest()
+    assert (router.experts, router.top_k, router.temperature) == (("e1", "e0"), 2, 0.5)
+    assert all(torch.equal(router.gates[key], gate) for key, gate in gates[1].items())
+    monkeypatch.setattr(router_format, "read_hashed", republishing(every_read=True))
+    with pytest.raises(Unavailable, match="adapter 'r' changed on disk during each of 3 reads of its files"):
+        registry.load("r")
+    assert registry.get("r").content_hash == router.content_hash
 
 
 def write(root: Path, name: str, experts: list[str], gates: dict, **config) -> None:

@@ -128,6 +128,22 @@ def test_a_new_version_whose_read_failed_is_tried_again_at_the_next_refresh(tiny
     assert server.registry.get("style").content_hash != old.content_hash and reads == ["style", "style"]
 
 
+def test_a_new_version_the_host_has_no_memory_to_read_keeps_the_cached_one(tiny_hf_model, smollm2_tokenizer, shared, versions, monkeypatch):
+    """A MemoryError taking the memory to read a changed adapter into failed a request INTERNAL,
+    for a version it did not ask for; the new version is tried again at the next refresh."""
+    server = replica(tiny_hf_model, smollm2_tokenizer, shared, adapter_refresh_seconds=0)
+    old = server.registry.get("style")
+    publish(versions[1], shared / "style")
+
+    def no_memory(size: int):
+        raise MemoryError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.registry.slab, "block", no_memory)
+        assert server.registry.get("style") is old
+    assert server.registry.get("style").content_hash == content_hash(shared / "style") != old.content_hash
+
+
 def test_a_replica_starts_on_a_read_only_shared_directory_with_leftovers(
     tiny_hf_model, smollm2_tokenizer, shared, monkeypatch
 ):

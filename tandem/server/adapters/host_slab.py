@@ -9,8 +9,12 @@ prefaults it (`--adapter-cache-prefault`, the default: no read while serving pay
 else a few large chunks made on demand (a process that reads three small adapters does not
 hold its whole budget). Each chunk is mapped with transparent huge pages where the kernel
 allows them, touched once when made (page-locked on CUDA, so slot copies can overlap
-compute) and kept until the slab goes. Blocks are carved from the chunks first
-fit, page aligned; a block goes back to its chunk's free list when the last object viewing
+compute) and kept until the slab goes, or, made on demand, until a block fits no chunk:
+then chunks no block uses are unmapped to map one of its size (remap_block), where a read
+larger than the first chunks took new memory beside them, up to twice the budget in all (on
+CUDA an unmapped chunk goes back to torch's caching host allocator, which reuses it for
+page-locked memory of its size but does not free it). Blocks are carved from the chunks
+first fit, page aligned; a block goes back to its chunk's free list when the last object viewing
 it dies, not when the cache drops it: a request still holding an evicted adapter keeps its
 bytes, and a later read reuses the space only once no tensor can see it.
 """
@@ -54,6 +58,9 @@ class _Chunk:
         torch.frombuffer(self.buffer, dtype=torch.uint8).zero_()
         self.free: list[tuple[int, int]] = [(0, size)]  # sorted, disjoint, coalesced [start, end)
 
+    def idle(self) -> bool:
+        return self.free == [(0, self.size)]
+
     def take(self, size: int) -> int | None:
         for i, (start, end) in enumerate(self.free):
             if end - start >= size:
@@ -88,6 +95,7 @@ class HostSlab:
         # Blocks whose last view died, given back at the next call: a view can die anywhere,
         # even in a garbage collection inside this class's own critical section.
         self._returned: list[tuple[_Chunk, int, int]] = []
+        self._remapping = 0  # bytes of chunks remap_block is mapping outside the lock
         self._used = 0
         self._blocks = 0
         self.misses = 0
@@ -103,7 +111,7 @@ class HostSlab:
                 start = chunk.take(need)
                 if start is not None:
                     return self._handed_out(chunk, start, need, size)
-            mapped = sum(c.size for c in self._chunks)
+            mapped = sum(c.size for c in self._chunks) + self._remapping
             grow = max(need, min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, mapped)))
             grow = min(grow, self.capacity - mapped)
             if grow < need:
@@ -114,12 +122,54 @@ class HostSlab:
             return self._handed_out(chunk, chunk.take(need), need, size)
 
     def could_hold(self, size: int) -> bool:
-        """Whether a block of size bytes could fit once blocks are given back: a chunk that
-        large, or room left to map one. Where none could, evicting adapters to make room
-        only empties the cache (chunks made on demand stay as they were made)."""
+        """Whether a block of size bytes could fit once blocks are given back (remap_block
+        then maps a chunk of its size); past the capacity, evicting adapters to make room
+        only empties the cache."""
+        return max(ALIGN, -(-size // ALIGN) * ALIGN) <= self.capacity
+
+    def can_remap(self, size: int) -> bool:
+        """Whether remap_block could now map a chunk for a block of size bytes, in room left
+        unmapped and made by unmapping chunks no block uses."""
         need = max(ALIGN, -(-size // ALIGN) * ALIGN)
         with self._lock:
-            return any(c.size >= need for c in self._chunks) or self.capacity - sum(c.size for c in self._chunks) >= need
+            self._take_returned()
+            return self._remappable_room() >= need
+
+    def remap_block(self, size: int) -> memoryview | None:
+        """A block in a chunk mapped for it, once chunks no block uses (largest first) are
+        unmapped to make room for it within the capacity; None when they leave too little.
+        Chunks made on demand are sized by the first reads: a later block larger than each
+        took new memory beside them, the host holding up to twice the budget. The chunk is
+        mapped and touched outside the slab's lock: called holding no lock of its own, the
+        caller keeps those page faults off every other read's path."""
+        need = max(ALIGN, -(-size // ALIGN) * ALIGN)
+        with self._lock:
+            self._take_returned()
+            if not self._unmap_idle(need):
+                return None
+            self._remapping += need
+        try:
+            chunk = _Chunk(need, self.pin)
+        finally:
+            with self._lock:
+                self._remapping -= need
+        with self._lock:
+            self._chunks.append(chunk)
+            return self._handed_out(chunk, chunk.take(need), need, size)
+
+    def _remappable_room(self) -> int:
+        """The room for a new chunk once every chunk no block uses is unmapped."""
+        return self.capacity - self._remapping - sum(c.size for c in self._chunks if not c.idle())
+
+    def _unmap_idle(self, need: int) -> bool:
+        """Unmap chunks no block uses, largest first, until need bytes more fit within the
+        capacity; False, unmapping none, where all of them would leave too little."""
+        if self._remappable_room() < need:
+            return False
+        idle = sorted((c for c in self._chunks if c.idle()), key=lambda c: c.size, reverse=True)
+        while self.capacity - self._remapping - sum(c.size for c in self._chunks) < need:
+            self._chunks.remove(idle.pop(0))
+        return True
 
     def _handed_out(self, chunk: _Chunk, start: int, need: int, size: int) -> memoryview:
         self._used += need

@@ -27,12 +27,13 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -51,9 +52,12 @@ from tandem.server.adapters.router_format import CONFIG_FILE as ROUTER_CONFIG_FI
 from tandem.server.adapters.router_format import GATES_FILE, Router, check_experts, is_router, read_router, router_of_bytes, router_settings
 from tandem.server.adapters.slot_pool import SlotPool
 from tandem.server.atomic_files import TEMP_NAME_BYTES, remove_leftovers, write_directory
-from tandem.server.errors import FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, TandemError, Unavailable, excerpt
+from tandem.server.errors import (
+    FailedPrecondition, IncompatibleAdapter, InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable, excerpt,
+)
 from tandem.server.model.llama import LlamaModel
 from tandem.server.model.lora_targets import TARGETS, module_path, target_of
+from tandem.server.out_of_memory import out_of_memory
 
 log = logging.getLogger("tandem.adapters")
 
@@ -173,13 +177,17 @@ def _check_file_name(label: str, text: str, limit: int) -> None:
 # Reads of an adapter whose files keep changing under them before it is refused (Unavailable;
 # a cached version stays served).
 _READ_ATTEMPTS = 3
+_Read = TypeVar("_Read")
 
 
 def file_stamp(directory: Path) -> FileStamp | None:
-    """The stamp of an adapter's files now; None while they are missing (being replaced)."""
-    weights = COMPRESSED_FILE if is_compressed(directory) else WEIGHTS_FILE
+    """The stamp of an adapter's (or a router's) files now; None while they are missing (being replaced)."""
+    if is_router(directory):
+        names = (ROUTER_CONFIG_FILE, GATES_FILE)
+    else:
+        names = (CONFIG_FILE, COMPRESSED_FILE if is_compressed(directory) else WEIGHTS_FILE)
     try:
-        stats = [os.stat(directory / name) for name in (CONFIG_FILE, weights)]
+        stats = [os.stat(directory / name) for name in names]
     except OSError:
         return None
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
@@ -311,7 +319,7 @@ class AdapterRegistry:
         succeeds. abandoned: as for load."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
-        router = read_router(name, directory, self.model, self.check_router_fits)
+        _, router = self._read_whole(name, directory, lambda: read_router(name, directory, self.model, self.check_router_fits))
         experts = self._with_experts(router).adapters
         with self._lock:
             if not self._commit_name(name, revive, seen, abandoned):
@@ -371,12 +379,12 @@ class AdapterRegistry:
             if now is None or (now == stamp and directory == adapter.path) or refused:
                 return adapter
             return self._read_and_cache(adapter.name, directory, asked)
-        except (IncompatibleAdapter, NotFound, InvalidRequest, Unavailable, OSError) as exc:
+        except (IncompatibleAdapter, NotFound, InvalidRequest, Unavailable, ResourceExhausted, OSError) as exc:
             log.warning("adapter %s changed on disk but cannot be read; serving the cached version: %s", adapter.name, exc)
             # Refused files are not read again until their stamp changes: only a stamp that
             # can be trusted to change (an in-place copy still being made may end within
             # the tick of the mtime seen here, at the same size).
-            refusal = not isinstance(exc, (OSError, Unavailable)) and not isinstance(exc.__cause__, OSError)
+            refusal = not isinstance(exc, (OSError, Unavailable, ResourceExhausted)) and not isinstance(exc.__cause__, OSError)
             if refusal and trusted_stamp(now, looked_at) is not None:
                 with self._lock:
                     self._unreadable[adapter.name] = (directory, now)
@@ -606,7 +614,7 @@ class AdapterRegistry:
         already cached (if any) in place."""
         with self._lock:
             seen = self._admin_changes.get(name, 0)
-        stamp, compressed, adapter = self._read_whole(name, directory)
+        stamp, (compressed, adapter) = self._read_whole(name, directory, lambda: self._read_files(name, directory))
         if self.pool.device.type == "cuda":
             adapter = adapter.pin_memory()  # a no-op for tensors read into page-locked memory (_memory's)
         with self._lock:
@@ -632,26 +640,27 @@ class AdapterRegistry:
             self._evict_over_budget()
         return adapter
 
-    def _read_whole(self, name: str, directory: Path) -> tuple[FileStamp | None, bool, LoRAAdapter]:
-        """(stamp, compressed, adapter) of one version; the stamp None (unknown) while the
-        files are too recent to trust it (trusted_stamp). The config and the weights are two
-        files: a publish that replaces the folder between their reads (a compress of a PEFT
-        adapter under its own name) made a read fail saying the weights file was missing, or
-        pair one version's config with the other's weights. Read again while the files
-        changed during the read; a failure of files that stayed put is the files'. Files that
-        changed during every attempt are refused (Unavailable): the last attempt went
-        unchecked, and could serve one version's config with another's weights."""
+    def _read_whole(self, name: str, directory: Path, read: Callable[[], _Read]) -> tuple[FileStamp | None, _Read]:
+        """(stamp, read()) of one version of name's files, an adapter's or a router's; the
+        stamp None (unknown) while the files are too recent to trust it (trusted_stamp). The
+        config and the weights (or gates) are two files: a publish that replaces the folder
+        between their reads (a compress of a PEFT adapter under its own name, a router
+        republished) made a read fail saying the weights file was missing, or pair one
+        version's config with the other's weights. Read again while the files changed during
+        the read; a failure of files that stayed put is the files'. Files that changed during
+        every attempt are refused (Unavailable): the last attempt went unchecked, and could
+        serve one version's config with another's weights."""
         for attempt in range(_READ_ATTEMPTS):
             looked_at = time.time_ns()
             stamp = file_stamp(directory)
             try:
-                compressed, adapter = self._read_files(name, directory)
+                result = read()
             except (TandemError, OSError):
                 if attempt < _READ_ATTEMPTS - 1 and file_stamp(directory) != stamp:
                     continue
                 raise
             if file_stamp(directory) == stamp:
-                return trusted_stamp(stamp, looked_at), compressed, adapter
+                return trusted_stamp(stamp, looked_at), result
         raise Unavailable(
             f"adapter {excerpt(name)} changed on disk during each of {_READ_ATTEMPTS} reads of its files: "
             "retry once it is no longer being written"
@@ -665,24 +674,36 @@ class AdapterRegistry:
     def _memory(self, name: str, size: int) -> "memoryview | bytearray":
         """Memory to read `size` bytes of name's weights into: a slab block, evicting least
         recently used adapters not in use (but not name's cached version, kept if the read
-        fails) until one fits; new memory when none does (the cache then runs over budget
-        while the adapters in use need it, as it always has). On CUDA that memory is
-        page-locked from torch's caching host allocator, as the slab is: the file's bytes stay
-        one buffer, which a slot load copies to the device in one transfer, where pinning
-        the adapter after the read made a copy per tensor."""
-        with self._lock:
-            while (block := self.slab.block(size)) is None and self.slab.could_hold(size):
-                victim = next((n for n in self._cache if n != name and not self._in_use.get(n)), None)
-                if victim is None:
-                    break
-                self._cache.pop(victim)
-                self._stamps.pop(victim, None)
-                self.host_evictions += 1
-        if block is not None:
-            return block
-        if self.slab.pin:  # allocated outside the lock: other requests' reads go on meanwhile
-            return memoryview(torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy())
-        return bytearray(size)
+        fails) until one fits, or until unmapping the slab's unused chunks makes room for one
+        of its size; new memory when none does (the cache then runs over budget while the
+        adapters in use need it, as it always has). On CUDA that memory is page-locked from
+        torch's caching host allocator, as the slab is: the file's bytes stay one buffer,
+        which a slot load copies to the device in one transfer, where pinning the adapter
+        after the read made a copy per tensor. Memory the host refuses is ResourceExhausted:
+        a MemoryError was INTERNAL, and a cached version's refresh failed its request."""
+        try:
+            with self._lock:
+                while (block := self.slab.block(size)) is None and self.slab.could_hold(size) and not self.slab.can_remap(size):
+                    victim = next((n for n in self._cache if n != name and not self._in_use.get(n)), None)
+                    if victim is None:
+                        break
+                    self._cache.pop(victim)
+                    self._stamps.pop(victim, None)
+                    self.host_evictions += 1
+            # Outside the lock (a chunk's mapping faults its pages): other requests go on meanwhile.
+            block = block if block is not None else self.slab.remap_block(size)
+            if block is not None:
+                return block
+            if self.slab.pin:
+                return memoryview(torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy())
+            return bytearray(size)
+        except (MemoryError, RuntimeError, OSError) as exc:
+            if not out_of_memory(exc):
+                raise
+            raise ResourceExhausted(
+                f"not enough host memory to read adapter {excerpt(name)} ({size:,} bytes): retry, or lower "
+                "--adapter-cache-bytes (or raise the server's memory limit) so that the cache and the adapters in use fit"
+            ) from exc
 
     def _evict_over_budget(self) -> None:
         """Drop least recently used adapters not in use; the newest stays even over budget,

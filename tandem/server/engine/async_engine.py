@@ -28,7 +28,8 @@ from tandem.server.adapters.router_format import Router
 from tandem.server.config import EngineConfig
 from tandem.server.engine.chat import check_messages, render_chat
 from tandem.server.engine.detokenizer import decode_text
-from tandem.server.engine.llm_engine import Engine, StepFailed, out_of_memory, use_device
+from tandem.server.engine.llm_engine import Engine, StepFailed, use_device
+from tandem.server.out_of_memory import out_of_memory
 from tandem.server.engine.outputs import EngineStats, FinishReason, ModelInfo, RequestOutput
 from tandem.server.engine.passing_thread import in_passing_thread
 from tandem.server.engine.sampling_params import SamplingParams

@@ -29,7 +29,8 @@ from tandem.server.engine.sampling_params import SamplingParams
 from tandem.server.engine.scheduler import Scheduler
 from tandem.server.engine.token_histogram import ITERATION_TOKEN_BUCKETS, TokenHistogram
 from tandem.server.engine.sequence import Sequence, SequenceStatus
-from tandem.server.errors import InvalidRequest, ResourceExhausted
+from tandem.server.errors import InvalidRequest, ResourceExhausted, excerpt
+from tandem.server.out_of_memory import out_of_memory
 from tandem.server.load_phases import load_phase
 from tandem.server.model.loader import LoadedModel, load_model
 from tandem.server.model.lora_linear import attach_lora
@@ -45,12 +46,6 @@ def use_device(device: torch.device) -> None:
     the current device whatever their tensors' device, so an engine on cuda:1 must be current
     on every thread that steps it (the constructing one here, AsyncEngine's loop at its start)."""
     torch.cuda.set_device(device)
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether an allocation failed: torch.OutOfMemoryError on a GPU; on a CPU torch raises a
-    plain RuntimeError from its allocator."""
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 class StepFailed(Exception):
@@ -228,7 +223,12 @@ class Engine:
             if seq.status is not SequenceStatus.FINISHED:
                 self.abort(seq.group)
                 if out_of_memory(exc):
-                    exc = ResourceExhausted(f"adapter {seq.adapter.name!r} could not be loaded into a slot: out of memory ({exc})"[:500])
+                    # The allocator's text stays in the log: CUDA's names the GPU's memory layout
+                    # and other processes' PIDs.
+                    log.error("adapter %r could not be loaded into a slot for request %s: %s", seq.adapter.name, seq.group, exc)
+                    exc = ResourceExhausted(
+                        f"adapter {excerpt(seq.adapter.name)} could not be loaded into a slot: out of memory on this replica: retry"
+                    )
                 self.failures.append((seq.group, exc))
         self.scheduler.failed_loads.clear()
 
