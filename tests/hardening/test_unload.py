@@ -127,6 +127,26 @@ def test_an_adapter_not_read_yet_is_unloaded_too_and_no_longer_offered(tiny_hf_m
     assert registry.servable_names() == {"style", "tone"}
 
 
+def test_a_folder_the_server_may_not_enter_is_left_out_of_the_names_offered(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch, caplog):
+    """A shared volume's root-owned lost+found (mode 0700) raised PermissionError from the
+    listing, and every /v1/models call of every replica failed (500)."""
+    from pathlib import Path
+
+    make_adapter(tiny_hf_model, tmp_path / "style", r=4)
+    (tmp_path / "lost+found").mkdir()
+    engine = make_engine(tiny_hf_model, smollm2_tokenizer, adapters_dir=str(tmp_path), max_lora_rank=8, kv_cache_bytes=8 << 20)
+    is_file = Path.is_file
+
+    def not_enterable(path: Path) -> bool:  # as for a non-root user; this test may run as root
+        if path.parent.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", not_enterable)
+    assert [engine.registry.servable_names() for _ in range(2)] == [{"style"}, {"style"}]
+    assert sum("lost+found is left out of the adapters offered" in r.message for r in caplog.records) == 1
+
+
 def test_a_request_s_read_overtaken_by_a_load_does_not_replace_what_the_load_made_current(tiny_hf_model, smollm2_tokenizer, tmp_path, monkeypatch):
     """A cold read of chat-v1 for a request, finishing after LoadAdapter(chat, path=chat-v2),
     cached v1 and its path over v2: every later request got v1 until the next load."""

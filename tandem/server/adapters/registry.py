@@ -228,6 +228,8 @@ class AdapterRegistry:
         self._reading: dict[str, Future[LoRAAdapter]] = {}
         # Names an admin unloaded: refused until loaded again (in memory; a restart forgets).
         self._unloaded: set[str] = set()
+        # Folders of adapters_dir that could not be entered, already logged (servable_names).
+        self._unlistable: set[str] = set()
         # name -> how many admin loads and unloads it has had (see _commit_name).
         self._admin_changes: dict[str, int] = {}
         # name -> (its publishes' lock, how many publishes hold or wait for it): _publishing_lock.
@@ -597,9 +599,21 @@ class AdapterRegistry:
         hidden folders (interrupted writes)."""
         on_disk = set()
         if self.adapters_dir is not None and self.adapters_dir.is_dir():
-            on_disk = {p.name for p in self.adapters_dir.iterdir() if (p / CONFIG_FILE).is_file() or is_router(p)}
+            on_disk = {p.name for p in self.adapters_dir.iterdir() if self._holds_adapter(p)}
         with self._lock:
             return ({name for name in on_disk if not name.startswith(".")} | set(self._known)) - self._unloaded
+
+    def _holds_adapter(self, folder: Path) -> bool:
+        """Whether folder holds an adapter or a router; False for one the server may not enter
+        (a shared volume's root-owned lost+found: its PermissionError failed every listing,
+        /v1/models included), said once in the log."""
+        try:
+            return (folder / CONFIG_FILE).is_file() or is_router(folder)
+        except OSError as exc:
+            if folder.name not in self._unlistable:
+                self._unlistable.add(folder.name)
+                log.warning("%s is left out of the adapters offered: %s", folder, exc)
+            return False
 
     def slot_stats(self) -> SlotStats:
         s = self.pool.stats()
