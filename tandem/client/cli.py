@@ -160,7 +160,8 @@ def _aborted_status(finish_reason: str | None) -> int:
 
 
 def _run_chat(args: argparse.Namespace, client: TandemClient) -> int:
-    """A loop with history; /reset forgets it, /exit or end of input leaves."""
+    """A loop with history; /reset forgets it, /exit or end of input leaves. A failed turn is
+    reported on stderr and left out of the history."""
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -176,9 +177,21 @@ def _run_chat(args: argparse.Namespace, client: TandemClient) -> int:
             continue
         history.append({"role": "user", "content": line.strip()})
         reply = []
-        for chunk in client.stream(messages=history, adapter=args.adapter, **_sampling_options(args)):
-            print(chunk.text, end="", flush=True)
-            reply.append(chunk.text)
+        try:
+            for chunk in client.stream(messages=history, adapter=args.adapter, **_sampling_options(args)):
+                print(chunk.text, end="", flush=True)
+                reply.append(chunk.text)
+        except TandemRpcError as error:
+            # A failed turn (a history past the context, a mistyped adapter, a server briefly
+            # away) is forgotten and the session goes on: ended, it lost the conversation and
+            # /reset could never be typed. Credentials that fail fail every turn: that ends it.
+            if reply:
+                print()
+            del history[-1]
+            if error.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            rpc_failure(error)
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
 

@@ -62,10 +62,16 @@ class ConnectionSettings:
         return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
 
     def options(self) -> list[tuple[str, int]]:
+        """The channel's options. Its reconnect backoff is capped at the client's own: gRPC's
+        grows 1.6x a try up to 120 s, and while it waits every call fails at once, so `tandem
+        health --wait` and job watches saw a server that was back up to half a minute late
+        (and a watch could give up on one that was up)."""
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff_seconds * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, int(self.max_backoff_seconds * 1000))),
         ]
 
     def metadata(self, request_id: str) -> list[tuple[str, str]]:

@@ -2,10 +2,12 @@
 planned calls (`Call`) that both clients execute."""
 
 import json
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from tandem.client.types import (
@@ -62,6 +64,10 @@ def generate_request(
     if isinstance(adapter, Mapping) and not adapter:
         raise ValueError('an adapter mixture needs at least one adapter (adapter="" is the base model)')
     mixture = [generation_pb2.AdapterWeight(name=n, weight=w) for n, w in adapter.items()] if isinstance(adapter, Mapping) else []
+    if isinstance(options.get("stop"), str):
+        # One stop string, as OpenAI's API takes it: a str would otherwise be read as a list
+        # of one-character stops (stop="END" stopped at the first E, N or D).
+        options = {**options, "stop": [options["stop"]]}
     return kind(
         prompt=prompt or "",
         messages=_proto_messages(messages),
@@ -140,7 +146,7 @@ def adapter_info(info: adapters_pb2.AdapterInfo) -> AdapterInfo:
         path=info.path,
         experts=list(info.experts),
         format=info.format,
-        compression_ratio=info.compression_ratio,
+        compression_ratio=_float32(info.compression_ratio),
     )
 
 
@@ -154,15 +160,17 @@ MERGE_METHODS = {
 
 def merge_request(name: str, adapters: Mapping[str, float] | Sequence[str], method: str, rank: int, **params) -> adapters_pb2.MergeAdaptersRequest:
     """adapters: names (weight 1 each) or name -> weight; params: density, gamma, seed (unset = the server's defaults)."""
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}: choose one of {', '.join(sorted(MERGE_METHODS))}")
     weights = list(adapters.values()) if isinstance(adapters, Mapping) else []
     return adapters_pb2.MergeAdaptersRequest(
-        name=name, adapters=list(adapters), weights=weights, method=MERGE_METHODS.get(method, 0), rank=rank,
+        name=name, adapters=list(adapters), weights=weights, method=MERGE_METHODS[method], rank=rank,
         **{k: v for k, v in params.items() if v is not None},
     )
 
 
 def merge_result(response: adapters_pb2.MergeAdaptersResponse) -> MergeResult:
-    return MergeResult(adapter_info(response.adapter), {e.module: e.relative_error for e in response.errors})
+    return MergeResult(adapter_info(response.adapter), {e.module: _float32(e.relative_error) for e in response.errors})
 
 
 @dataclass(frozen=True)
@@ -256,12 +264,24 @@ def watch_finetune_job(job_id: str) -> Call[FinetuneJob]:
     )
 
 
+def _float32(value: float) -> float:
+    """The shortest decimal that is the same float32 as value: a float32 field's 0.1 arrives
+    as 0.10000000149011612, which is not what was sent or what the server meant."""
+    for digits in range(1, 10):
+        shortest = float(f"{value:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", shortest))[0] == value:
+            return shortest
+    return value
+
+
 def _value(message: Message, field) -> Any:
     if field.is_repeated:
-        return list(getattr(message, field.name))
+        values = list(getattr(message, field.name))
+        return [_float32(v) for v in values] if field.type == FieldDescriptor.TYPE_FLOAT else values
     if field.has_presence and not message.HasField(field.name):
         return None
-    return getattr(message, field.name)
+    value = getattr(message, field.name)
+    return _float32(value) if field.type == FieldDescriptor.TYPE_FLOAT else value
 
 
 def _fields(message: Message) -> dict[str, Any]:
@@ -294,14 +314,14 @@ def finetune_job(job: finetuning_pb2.Job) -> FinetuneJob:
         num_examples=job.num_examples,
         num_eval_examples=job.num_eval_examples,
         trained_tokens=job.trained_tokens,
-        train_loss=job.train_loss if job.HasField("train_loss") else None,
-        eval_loss=job.eval_loss if job.HasField("eval_loss") else None,
-        tokens_per_second=job.tokens_per_second,
+        train_loss=_float32(job.train_loss) if job.HasField("train_loss") else None,
+        eval_loss=_float32(job.eval_loss) if job.HasField("eval_loss") else None,
+        tokens_per_second=_float32(job.tokens_per_second),
         error=FinetuneJobError(error.code, error.message, error.param) if job.HasField("error") else None,
         content_hash=job.content_hash,
         lora=_fields(job.lora),
         hyperparameters=_fields(job.hyperparameters),
         mode=job.mode,
-        finetune_share=job.finetune_share,
+        finetune_share=_float32(job.finetune_share),
         step_iteration_tokens=dict(job.step_iteration_tokens),
     )

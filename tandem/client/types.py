@@ -18,7 +18,7 @@ class SamplingOptions(TypedDict, total=False):
     top_k: int
     repetition_penalty: float
     seed: int
-    stop: list[str]
+    stop: str | list[str]  # a str is one stop string, as in OpenAI's API
     stop_token_ids: list[int]
     ignore_eos: bool
     logprobs: int

@@ -6,9 +6,11 @@ import logging
 import os
 import time
 
+import grpc
 import pytest
 import torch
 
+from tandem.client.errors import TandemRpcError
 from tandem.client.sync_client import TandemClient
 from tandem.client.types import StreamChunk
 from tandem.server.cli import ENGINE_FLAGS, SERVER_FLAGS, build_parser, env_name, main
@@ -66,6 +68,34 @@ def test_health_adapters_and_chat(server, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi!\nAnd again?\n/exit\n"))
     code, out, _ = run(capsys, "chat", "--max-new-tokens", "3", "--target", server.target)
     assert code == 0 and len(out.strip().splitlines()) >= 1
+
+
+def test_a_failed_chat_turn_is_reported_and_the_session_goes_on(server, capsys, monkeypatch):
+    """A failed turn (a history past the context, a mistyped adapter) ended the session with
+    its exit status: the conversation was lost and /reset could never be typed."""
+    stream, sent = TandemClient.stream, []
+
+    def first_turn_fails(self, **kwargs):
+        sent.append([m["content"] for m in kwargs["messages"]])
+        if len(sent) == 1:
+            raise TandemRpcError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is longer than the context")
+        return stream(self, **kwargs)
+
+    monkeypatch.setattr(TandemClient, "stream", first_turn_fails)
+    monkeypatch.setattr("sys.stdin", io.StringIO("too long\nHi!\n/exit\n"))
+    code, out, err = run(capsys, "chat", "--max-new-tokens", "3", "--target", server.target)
+    assert code == 0 and "INVALID_ARGUMENT: the prompt is longer than the context" in err
+    assert sent == [["too long"], ["Hi!"]] and out.strip()
+
+
+def test_a_chat_whose_credentials_fail_ends_with_their_status(server, capsys, monkeypatch):
+    def refused(self, **kwargs):
+        raise TandemRpcError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+
+    monkeypatch.setattr(TandemClient, "stream", refused)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi!\nAgain\n/exit\n"))
+    code, _, err = run(capsys, "chat", "--target", server.target)
+    assert code == 10 + grpc.StatusCode.UNAUTHENTICATED.value[0] and err.count("UNAUTHENTICATED") == 1
 
 
 def test_errors_have_readable_messages_and_scriptable_exit_codes(server, capsys):

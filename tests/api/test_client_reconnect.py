@@ -212,3 +212,28 @@ def test_finetune_watch_ends_at_its_timeout_and_has_none_by_default(port, capsys
         assert build_parser("finetune").parse_args(["finetune", "watch", "ftjob-x"]).timeout == math.inf
     finally:
         server.stop(0)
+
+
+def test_a_server_that_comes_back_is_seen_within_the_clients_backoff(port):
+    """The channel's reconnect backoff was gRPC's (1.6x a try up to 120 s), under which every
+    call fails at once: a server back after 7 s was seen seconds later whatever the client's
+    max_backoff_seconds (up at 45 s, seen at 71 s in a probe: `tandem health --wait` gave up
+    on servers that were up)."""
+    assert ("grpc.max_reconnect_backoff_ms", 500) in ConnectionSettings(max_backoff_seconds=0.5).options()
+    servers: list[grpc.Server] = []
+    up: list[float] = []
+
+    def start_later() -> None:
+        time.sleep(7.0)
+        servers.append(serve(port, Jobs("JOB_STATUS_SUCCEEDED", drop=False)))
+        up.append(time.monotonic())
+
+    threading.Thread(target=start_later, daemon=True).start()
+    try:
+        with TandemClient(f"127.0.0.1:{port}", max_backoff_seconds=0.5, reconnect_seconds=30) as client:
+            job = next(iter(client.watch_finetune_job("ftjob-x")))
+            seen = time.monotonic()
+        assert job.status == "succeeded" and seen - up[0] < 1.5
+    finally:
+        for server in servers:
+            server.stop(0)

@@ -159,8 +159,8 @@ def test_a_request_s_read_overtaken_by_a_load_does_not_replace_what_the_load_mad
     read = registry._read_whole
     reading, loaded = threading.Event(), threading.Event()
 
-    def slow_request_read(name, directory):
-        result = read(name, directory)
+    def slow_request_read(name, directory, read_files):
+        result = read(name, directory, read_files)
         if directory.name == "chat":
             reading.set()
             assert loaded.wait(30)
