@@ -106,6 +106,9 @@ class EngineConfig:
         # A missing directory may be a volume still being filled (the registry warns); a file never serves.
         if self.adapters_dir is not None and os.path.exists(self.adapters_dir) and not os.path.isdir(self.adapters_dir):
             raise ValueError(f"--adapters-dir {self.adapters_dir} is not a directory: give the directory that holds one folder per adapter")
+        if self.data_dir is not None and os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+            # Checked here, before the model loads: it failed after the load, a bare OSError naming no flag.
+            raise ValueError(f"--data-dir {self.data_dir} is not a directory: give the directory fine-tuning keeps its files in")
         for name in (
             "block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
             "max_lora_rank", "max_loras", "lora_pool_bytes", "adapter_cache_bytes", "max_training_file_bytes", "max_active_jobs",

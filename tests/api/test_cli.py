@@ -249,6 +249,13 @@ def test_an_adapters_dir_that_is_a_file_is_refused_and_a_missing_one_is_not(tmp_
     EngineConfig(adapters_dir=str(tmp_path / "not-yet"))
 
 
+def test_a_data_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
+    """It failed after the whole load, a bare OSError naming no flag."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=f"^--data-dir {tmp_path / 'file'} is not a directory"):
+        EngineConfig(data_dir=str(tmp_path / "file"), adapters_dir=str(tmp_path))
+
+
 def test_a_start_up_failure_is_a_json_log_line_with_json_logs(capsys, tmp_path):
     """It was a plain print in the JSON stream, which log collectors failed to parse."""
     missing = str(tmp_path / "absent.pem")

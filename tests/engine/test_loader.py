@@ -111,6 +111,57 @@ def test_a_base_model_save_without_its_head_is_refused(tmp_path, smollm2_tokeniz
         load_model(str(tmp_path), torch.float32, CPU)
 
 
+@pytest.mark.parametrize("method", ["gptq", "bitsandbytes", "fp8"])
+def test_a_quantized_checkpoint_is_refused_before_its_weights_load(tmp_path, tiny_model_dir, monkeypatch, method):
+    """transformers first asked for the method's package (`pip install optimum`, ...), advice
+    that ended, after the whole load, in the refusal of its weights; fp8 served on a CPU host
+    (dequantised there) and was refused on a recent GPU."""
+    import shutil
+
+    import transformers
+
+    model = tmp_path / "quantized"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method, "bits": 4}}))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    with pytest.raises(ModelLoadError, match=f"the checkpoint is quantized \\({method}\\)") as info:
+        load_model(str(model), torch.float32, CPU)
+    assert "pip install" not in str(info.value)
+
+
+def test_a_model_directory_given_as_dot_is_served_under_its_name(tiny_model_dir, monkeypatch):
+    """`--model .` served the model as "" (the OpenAI model id, every metric's model_name)."""
+    from tandem.server.model.loader import served_name
+
+    monkeypatch.chdir(tiny_model_dir)
+    assert served_name(".") == served_name("./") == tiny_model_dir.name
+    assert served_name("..") == tiny_model_dir.parent.name
+
+
+def test_yarn_without_a_factor_serves_the_context_transformers_derives(tiny_hf_model):
+    """transformers takes an unset YaRN factor as max_position_embeddings / original; the
+    context limit multiplied None and raised a TypeError outside the load's error handling."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from tandem.server.model.loader import _max_position
+
+    config = copy.deepcopy(tiny_hf_model.config)
+    config.max_position_embeddings = 4096
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": None, "original_max_position_embeddings": 1024}
+    rotary = LlamaForCausalLM(config).model.rotary_emb  # transformers accepts it and scales as for factor 4
+    with_factor = copy.deepcopy(config)
+    with_factor.rope_parameters = {**config.rope_parameters, "factor": 4.0}
+    assert torch.equal(rotary.inv_freq, LlamaForCausalLM(with_factor).model.rotary_emb.inv_freq)
+    assert _max_position(config) == _max_position(with_factor) == 4096
+
+
 def test_quantized_weights_are_refused_not_served_without_their_scales(tiny_hf_model):
     """float8 codes copied without their scales would serve projections off by ~1000x."""
     from tandem.server.model.loader import check_full_precision

@@ -49,7 +49,8 @@ def served_name(model: str | Path | None) -> str:
         path = default_model_path() if model is None else Path(model)
     except ModelLoadError:
         return ""
-    return path.stem if path.is_file() else path.name
+    # resolved: `--model .` was served under the empty name (every model id and metric label).
+    return path.stem if path.is_file() else path.resolve().name
 
 
 def default_model_path() -> Path:
@@ -79,6 +80,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
     with load_phase("read", model=str(model_path)):
         config = _call(model_path, "read the model config", _auto("AutoConfig").from_pretrained, source, **kwargs)
         check_supported(config)
+        check_unquantized(config)
         gguf = GGUFExtras(model_path) if model_path.is_file() else None
         rope_factors = None if gguf is None else gguf.rope_factors()
         tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
@@ -120,6 +122,22 @@ def check_supported(config: Any) -> None:
     rope_type = _rope_parameters(config).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(f"unsupported RoPE type {rope_type!r}: Tandem supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def check_unquantized(config: Any) -> None:
+    """Refuse a quantized checkpoint from its config, before its weights load: transformers
+    first asks for the method's package (`pip install optimum`, bitsandbytes, gptqmodel),
+    advice that ended in check_full_precision's refusal after the whole load; and fp8 is
+    dequantised on a CPU host but kept as float8 on a recent GPU, so the same checkpoint
+    served on one host and not the other. (A GGUF load's own dequantising config is set on
+    the loaded model, not read here.)"""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, Mapping) else getattr(quantization, "quant_method", "?")
+        raise ModelLoadError(
+            f"the checkpoint is quantized ({str(method).removeprefix('QuantizationMethod.')}), which Tandem does not serve: "
+            "serve the unquantized checkpoint (bfloat16, float16 or float32), or a GGUF file, which is dequantised on load"
+        )
 
 
 def check_complete(model_path: Path, info: Mapping[str, Any]) -> None:
@@ -324,7 +342,9 @@ def _max_position(config: Any) -> int:
     elif rope.get("rope_type") == "yarn" and rope.get("original_max_position_embeddings"):
         # YaRN's factor is the context it reaches over the original one; Qwen2.5's recipe leaves
         # max_position_embeddings at the original, which capped it there (vLLM serves the product).
-        limit = max(limit, int(rope["factor"] * rope["original_max_position_embeddings"]))
+        # An unset factor is transformers' ratio of the two (its _compute_yarn_parameters).
+        factor = rope.get("factor") or config.max_position_embeddings / rope["original_max_position_embeddings"]
+        limit = max(limit, int(factor * rope["original_max_position_embeddings"]))
     # Tandem attends to the whole context: a sliding-window model is served within its window,
     # where the two agree (on every layer, sliding or not).
     window = _sliding_window(config)
