@@ -44,6 +44,9 @@ SLOT_FLOATS_PER_RANK = 30 * (1152 + 768 + 768 + 1152 + 2112 + 2112 + 2112)
 # (0.27 GB), decode CUDA graphs and one iteration's activations.
 SMALLEST_GPU_BYTES = 15360 << 20
 GPU_MODEL_AND_RUNTIME_BYTES = 2 << 30
+# A fine-tuning job's parsed dataset per byte of its file, held while it is queued or running,
+# and at the peak of its parse (bench/results/dataset_memory.json: 2.39 and 4.24).
+DATASET_HELD_PER_FILE_BYTE, DATASET_PEAK_PER_FILE_BYTE = 2.4, 4.3
 
 
 def memory_bytes(quantity: str) -> int:
@@ -182,6 +185,9 @@ def test_gpus_are_asked_for_in_the_gpu_overlay_only(rendered):
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
         shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"]["medium"] == "Memory"
+        # The GPU request places the pods: a node label only GPU Feature Discovery sets kept
+        # them Pending on managed GPU pools with the device plugin alone.
+        assert "nodeSelector" not in spec
     assert config_map(rendered["gpu"])["TANDEM_DEVICE"] == "cuda"
 
 
@@ -265,6 +271,10 @@ def test_every_pods_environment_is_a_valid_serve_configuration(rendered, name, m
         reserved = engine.kv_cache_bytes + engine.adapter_cache_prefault * engine.adapter_cache_bytes + slots
         if engine.data_dir is not None and engine.device != "cuda":
             reserved += engine.finetune_activation_bytes
+        if engine.data_dir is not None:
+            # Every active job's dataset, and one more being parsed (a restart reads them all).
+            held = (engine.max_active_jobs - 1) * DATASET_HELD_PER_FILE_BYTE + DATASET_PEAK_PER_FILE_BYTE
+            reserved += int(held * engine.max_training_file_bytes)
         assert reserved + MODEL_AND_RUNTIME_BYTES <= memory_bytes(container(workload)["resources"]["limits"]["memory"])
 
 
