@@ -9,6 +9,7 @@ is counted while it loads is under the name it keeps. Each Metrics owns its regi
 tests can run many servers.
 """
 
+import ipaddress
 import socket
 import threading
 import time
@@ -304,10 +305,17 @@ class Metrics:
             environ["HTTP_ACCEPT"] = "text/plain; version=0.0.4"
             return app(environ, start_response)
 
-        class Server(ThreadingWSGIServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address, dual_stack = listen_address(host)
 
-        self._http = make_server(host, port, text_format, Server, handler_class=_Quiet)
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+            def server_bind(self) -> None:
+                if dual_stack:
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                super().server_bind()
+
+        self._http = make_server(address, port, text_format, Server, handler_class=_Quiet)
         threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()
         return self._http.server_port
 
@@ -316,6 +324,34 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def listen_address(host: str) -> tuple[str, bool]:
+    """The address a listener for host binds, and whether it takes IPv4 beside IPv6.
+
+    The IPv6 wildcard (::) means every address, as gRPC reads it, so that one TANDEM_HOST
+    serves IPv4, IPv6 and dual-stack clusters: both families where sockets can be dual-stack
+    (said explicitly: socket.create_server makes an IPv6 socket IPv6-only, as do the BSDs and
+    Linux with net.ipv6.bindv6only), IPv4's wildcard on a kernel without IPv6 (booted with
+    ipv6.disable=1, as hardening guides advise), where binding :: fails.
+    """
+    try:
+        wildcard = ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
+    except ValueError:
+        wildcard = False
+    if not wildcard:
+        return host, False
+    if socket.has_dualstack_ipv6():
+        return host, True
+    return (host, False) if _has_ipv6() else ("0.0.0.0", False)
+
+
+def _has_ipv6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
 
 
 class _Quiet(WSGIRequestHandler):

@@ -11,9 +11,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 TOKENS = "inference rendered-test-inference-token\nadmin rendered-test-admin-token\n"
-# What the tests render: the two overlays, the laptop one with TLS on, and the GPU one behind
-# an Istio gateway.
-RENDERINGS = ("cpu", "gpu", "cpu-tls", "gpu-istio")
+# What the tests render: the two overlays, the laptop one with TLS on, the GPU one behind an
+# Istio gateway, and each in a mesh (the laptop's Istio, the GPU's Linkerd).
+RENDERINGS = ("cpu", "gpu", "cpu-tls", "gpu-istio", "cpu-mesh-istio", "gpu-mesh-linkerd")
 # deploy/k8s itself renders the laptop overlay.
 DEFAULT = "default"
 
@@ -29,12 +29,16 @@ def _prepare(root: Path) -> None:
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../cpu]\ncomponents: [../../components/tls]\n"
     )
-    istio = root / "overlays" / "gpu-istio"
-    istio.mkdir()
-    (istio / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        "resources: [../gpu]\ncomponents: [../../components/inference-gateway-istio]\n"
-    )
+    for name, overlay, component in (
+        ("gpu-istio", "gpu", "inference-gateway-istio"),
+        ("cpu-mesh-istio", "cpu", "mesh-istio"),
+        ("gpu-mesh-linkerd", "gpu", "mesh-linkerd"),
+    ):
+        (root / "overlays" / name).mkdir()
+        (root / "overlays" / name / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources: [../{overlay}]\ncomponents: [../../components/{component}]\n"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,19 @@ environment, finds every pinned version already there (what CI tests is what shi
 import importlib.util
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
 import sysconfig
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from tests.api.conftest import loopback
+from tests.api.harness import ServerThread
 from tests.deploy.conftest import REPO
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -86,3 +91,33 @@ def test_the_image_install_script_resolves_to_what_is_installed():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     would = [line for line in run.stdout.splitlines() if line.startswith("Would install")]
     assert would and all(line.split()[2:] == [f"tandem-{metadata.version('tandem')}"] for line in would), would
+
+
+def _image_env() -> dict[str, str]:
+    """The runtime image's ENV variables."""
+    env = {}
+    for instruction, args in _instructions():
+        if instruction == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(args))
+    return env
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not (_ipv6_loopback() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 loopback here")
+def test_the_images_host_serves_ipv4_and_ipv6_on_every_port():
+    """On an IPv6-only cluster the Gateway, the endpoint picker and Prometheus reach the pod
+    over IPv6: with 0.0.0.0 its HTTP and metrics ports never answered them."""
+    thread = ServerThread(replace(loopback(), host=_image_env()["TANDEM_HOST"]), None)
+    try:
+        for address in ("127.0.0.1", "::1"):
+            for port in (thread.server.port, thread.server.http_port, thread.server.metrics_port):
+                socket.create_connection((address, port), timeout=10).close()
+    finally:
+        thread.stop()

@@ -3,6 +3,7 @@ SIGTERM during the model load exits at once; streams cut by a drain end with a f
 FINISH_REASON_ABORT message, as the proto promises, not with an error."""
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -251,3 +252,46 @@ def test_an_ipv6_host_serves_every_port_and_a_bracketed_one_is_refused_with_the_
         thread.stop()
     with pytest.raises(ValueError, match=r"host is an address without brackets \(an IPv6 one as ::1 or ::\), got '\[::\]'"):
         replace(loopback(), host="[::]")
+
+
+@pytest.mark.skipif(not (_ipv6_loopback() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 loopback here")
+def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_on_every_port():
+    """The HTTP front opened an IPv6-only socket for :: (IPv4 callers refused), so the image
+    kept 0.0.0.0, whose HTTP and metrics ports no IPv6 caller reaches: on an IPv6-only cluster
+    the Gateway and Prometheus got no answer. The metrics server now asks for both families
+    too, where it had the system's default (IPv6 only with net.ipv6.bindv6only)."""
+    thread = ServerThread(replace(loopback(), host="::"), None)
+    try:
+        for address in ("127.0.0.1", "::1"):
+            for port in (thread.server.port, thread.server.http_port, thread.server.metrics_port):
+                socket.create_connection((address, port), timeout=10).close()
+            url = f"http://{address}:" if address[0].isdigit() else f"http://[{address}]:"
+            with urllib.request.urlopen(f"{url}{thread.server.metrics_port}/metrics", timeout=10) as scrape:
+                assert b"tandem:" in scrape.read()
+            with pytest.raises(urllib.error.HTTPError) as loading:  # served, not ready: 503
+                urllib.request.urlopen(f"{url}{thread.server.http_port}/health", timeout=10)
+            assert loading.value.code == 503
+    finally:
+        thread.stop()
+
+
+class _NoIPv6Socket(socket.socket):
+    """A socket of a kernel booted with ipv6.disable=1: IPv6 ones cannot be made."""
+
+    def __init__(self, family: int = -1, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        super().__init__(family, *args, **kwargs)
+
+
+def test_the_ipv6_wildcard_serves_ipv4_on_a_kernel_without_ipv6(monkeypatch):
+    """The image listens on ::. Where no IPv6 socket can be made, the HTTP front failed the
+    start ("cannot listen for HTTP on :::0"): it and the metrics server take IPv4's wildcard."""
+    monkeypatch.setattr(socket, "socket", _NoIPv6Socket)
+    monkeypatch.setattr(socket, "has_dualstack_ipv6", lambda: False)
+    thread = ServerThread(replace(loopback(), host="::"), None)
+    try:
+        for port in (thread.server.http_port, thread.server.metrics_port):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    finally:
+        thread.stop()

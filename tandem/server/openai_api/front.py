@@ -12,6 +12,8 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
+from tandem.server.metrics import listen_address
+
 log = logging.getLogger("tandem.server")
 
 # Seconds an HTTP connection still open after the drain (an idle keep-alive, a response
@@ -21,8 +23,9 @@ CLOSE_GRACE_SECONDS = 5
 
 class HttpFront:
     def __init__(self, app: FastAPI, host: str, port: int):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, reuse_port=False)
+        address, dual_stack = listen_address(host)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self._sock = socket.create_server((address, port), family=family, dualstack_ipv6=dual_stack, reuse_port=False)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=CLOSE_GRACE_SECONDS
