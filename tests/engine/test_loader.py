@@ -233,3 +233,19 @@ def test_a_released_staging_model_is_freed_and_the_built_model_is_the_same(smoll
     released = build_from_hf(staging, torch.bfloat16, CPU, release=True).state_dict()
     assert all(p.is_meta for p in staging.parameters())
     assert released.keys() == kept.keys() and all(torch.equal(released[k], kept[k]) for k in kept)
+
+
+def test_a_max_model_len_past_the_models_limit_is_refused_before_its_weights_load(tiny_model_dir, monkeypatch):
+    """It was refused by the engine, after the whole load: a large model's minutes spent on a bad flag."""
+    import transformers
+
+    from tandem.server.config import EngineConfig
+    from tandem.server.engine.llm_engine import Engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    config = EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", max_model_len=513)
+    with pytest.raises(ValueError, match="^max_model_len 513 exceeds the model's limit of 512$"):
+        Engine.from_config(config)

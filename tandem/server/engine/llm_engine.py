@@ -32,7 +32,7 @@ from tandem.server.engine.sequence import Sequence, SequenceStatus
 from tandem.server.errors import InvalidRequest, ResourceExhausted, excerpt
 from tandem.server.out_of_memory import out_of_memory
 from tandem.server.load_phases import load_phase
-from tandem.server.model.loader import LoadedModel, load_model
+from tandem.server.model.loader import LoadedModel, check_max_model_len, load_model
 from tandem.server.model.lora_linear import attach_lora
 from tandem.server.model.kept_activations import KeptGraph
 from tandem.server.model.lora_targets import linear_shapes
@@ -73,8 +73,7 @@ class Engine:
         num_blocks = config.kv_cache_bytes // KVCache.bytes_per_block(shape, config.block_size, self.dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} is too small for one KV block of this model")
-        if config.max_model_len is not None and config.max_model_len > shape.max_position:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of {shape.max_position}")
+        check_max_model_len(config.max_model_len, shape.max_position)
         cache_tokens = num_blocks * config.block_size
         if config.max_model_len is not None and config.max_model_len > cache_tokens:
             # As vLLM refuses it: cut in silence, requests failed later naming a limit nobody set.
@@ -147,7 +146,7 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> "Engine":
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        loaded = load_model(config.model, config.resolve_dtype(), config.resolve_device())
+        loaded = load_model(config.model, config.resolve_dtype(), config.resolve_device(), config.max_model_len)
         with load_phase("engine", kv_cache_bytes=config.kv_cache_bytes):
             return cls(loaded, config)
 

@@ -70,8 +70,11 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load a Llama-family model from a HF directory or a .gguf file (None = the default)."""
+def load_model(path: str | None, dtype: torch.dtype, device: torch.device, max_model_len: int | None = None) -> LoadedModel:
+    """Load a Llama-family model from a HF directory or a .gguf file (None = the default).
+
+    max_model_len: the context asked for, refused from the config when the model's is
+    shorter (after the whole load, a large model's minutes were spent on a bad flag)."""
     model_path = default_model_path() if path is None else Path(path)
     if not model_path.exists():
         raise ModelLoadError(f"model path {str(model_path)!r} does not exist")
@@ -81,6 +84,7 @@ def load_model(path: str | None, dtype: torch.dtype, device: torch.device) -> Lo
         config = _call(model_path, "read the model config", _auto("AutoConfig").from_pretrained, source, **kwargs)
         check_supported(config)
         check_unquantized(config)
+        check_max_model_len(max_model_len, _max_position(config))
         gguf = GGUFExtras(model_path) if model_path.is_file() else None
         rope_factors = None if gguf is None else gguf.rope_factors()
         tokenizer = _call(model_path, "load the tokenizer", _auto("AutoTokenizer").from_pretrained, source, **kwargs)
@@ -138,6 +142,12 @@ def check_unquantized(config: Any) -> None:
             f"the checkpoint is quantized ({str(method).removeprefix('QuantizationMethod.')}), which Tandem does not serve: "
             "serve the unquantized checkpoint (bfloat16, float16 or float32), or a GGUF file, which is dequantised on load"
         )
+
+
+def check_max_model_len(max_model_len: int | None, limit: int) -> None:
+    """Refuse a context longer than the model's limit (_max_position)."""
+    if max_model_len is not None and max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit of {limit}")
 
 
 def check_complete(model_path: Path, info: Mapping[str, Any]) -> None:
