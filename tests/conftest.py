@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama (with the real SmolLM2 tokenizer) and the real SmolLM2."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,15 @@ def smollm2_tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name, local_files_only=True)
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host can listen on IPv6's loopback (a container may have no IPv6)."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
 
 
 def make_tiny_hf_model(tokenizer, seed: int = 0, **overrides):

@@ -18,6 +18,7 @@ import pytest
 
 from tests.api.conftest import loopback
 from tests.api.harness import ServerThread
+from tests.conftest import ipv6_loopback
 from tests.deploy.conftest import REPO
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -102,15 +103,7 @@ def _image_env() -> dict[str, str]:
     return env
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not (_ipv6_loopback() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 loopback here")
+@pytest.mark.skipif(not (ipv6_loopback() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 loopback here")
 def test_the_images_host_serves_ipv4_and_ipv6_on_every_port():
     """On an IPv6-only cluster the Gateway, the endpoint picker and Prometheus reach the pod
     over IPv6: with 0.0.0.0 its HTTP and metrics ports never answered them."""

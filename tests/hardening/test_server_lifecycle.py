@@ -25,6 +25,7 @@ from tandem.server.api.grpc_server import build_server
 from tandem.server.engine.async_engine import AsyncEngine
 from tests.api.conftest import all_blocks_free, held, loopback, start_engine, wait_until
 from tests.api.harness import ServerThread
+from tests.conftest import ipv6_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -229,15 +230,7 @@ def test_a_second_signal_ends_the_process_while_the_engine_finishes_its_iteratio
         process.kill()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 def test_an_ipv6_host_serves_every_port_and_a_bracketed_one_is_refused_with_the_form():
     """:: was read as "::" plus ":port" by gRPC (reported as a port in use), and the HTTP
     front opened an IPv4 socket for it."""
@@ -254,7 +247,7 @@ def test_an_ipv6_host_serves_every_port_and_a_bracketed_one_is_refused_with_the_
         replace(loopback(), host="[::]")
 
 
-@pytest.mark.skipif(not (_ipv6_loopback() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 loopback here")
+@pytest.mark.skipif(not (ipv6_loopback() and socket.has_dualstack_ipv6()), reason="no dual-stack IPv6 loopback here")
 def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_on_every_port():
     """The HTTP front opened an IPv6-only socket for :: (IPv4 callers refused), so the image
     kept 0.0.0.0, whose HTTP and metrics ports no IPv6 caller reaches: on an IPv6-only cluster
